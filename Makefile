@@ -1,0 +1,32 @@
+# The two commands of the README: `make test` and `make demo`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+SHARED ?= ../shared
+NIH    ?= $(SHARED)/data/nih
+DEMO   ?= build/demo
+
+.PHONY: install test test-fast demo bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Re-installs only when pyproject.toml changes; quick when the venv is current.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
+
+demo: install
+	CXR_NIH=$(NIH) DEMO=$(DEMO) BIN=$(BIN) bash scripts/demo.sh
+
+clean:
+	rm -rf build .pytest_cache

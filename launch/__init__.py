@@ -1,0 +1,1 @@
+"""Job launchers (submitit on Slurm or locally) around the training and evaluation mains."""

@@ -1,0 +1,123 @@
+"""`python -m shards {split,stats,pack,verify,synth}` — the CPU-side data tool.
+
+Each subcommand's implementation lives in its own module and is imported only
+when that subcommand runs (packing on a login node never imports torch).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+from typing import Sequence
+
+from shards.errors import cli_entry
+
+# subcommand → module whose `run(args) -> int` implements it
+_COMMANDS = {
+    "split": "shards.splits",
+    "stats": "shards.stats",
+    "pack": "shards.pack",
+    "verify": "shards.verify",
+    "synth": "shards.synth",
+}
+
+
+def _add_split(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "split",
+        help="NIH metadata → patient-level train/val/test splits table",
+        description="Read the NIH metadata CSV (2017 or v2020 header) and write a splits "
+        "table (parquet, or csv by extension): one row per image with patient, split, "
+        "the 14 labels as 0/1, age, sex, view. No patient is ever in two splits.",
+    )
+    p.add_argument("--metadata", required=True, help="Data_Entry_2017[_v2020].csv[.gz]")
+    p.add_argument("--scheme", required=True, choices=["official", "stratified", "random"],
+                   help="official: NIH lists, val carved out of train_val by patient; "
+                   "stratified: label prevalence balanced over patients; random: seeded patient split")
+    p.add_argument("--out", required=True, help="output table, .parquet or .csv")
+    p.add_argument("--train-val-list", help="train_val_list.txt[.gz] (official; default: beside --metadata)")
+    p.add_argument("--test-list", help="test_list.txt[.gz] (official; default: beside --metadata)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="official: fraction of train_val patients moved to val (default 0.1)")
+    p.add_argument("--fractions", default=None,
+                   help="train,val,test fractions (stratified default 0.9,0.05,0.05; random 0.7,0.1,0.2)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--with-no-finding", action="store_true",
+                   help="add a 'No Finding' column (1 when all 14 labels are 0)")
+    p.add_argument("--restrict-to", default=None,
+                   help="keep only images present in this folder of PNGs / list file / NIH archives "
+                   "(e.g. a small sample); patients stay whole")
+
+
+def _add_stats(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("stats", help="prevalence per label per split",
+                       description="Print positives, images and prevalence (%%) per label per split.")
+    p.add_argument("splits", help="splits table written by `split` (.parquet or .csv)")
+    p.add_argument("--format", choices=["table", "csv", "markdown"], default="table")
+
+
+def _add_pack(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pack",
+        help="images + splits → WebDataset tar shards with a manifest",
+        description="Write DIR/{split}-NNNNNN.tar shards (+ DALI .idx) and DIR/manifest.json. "
+        "Atomic writes; re-running resumes, skipping shards already complete.",
+    )
+    p.add_argument("--splits", required=True, help="splits table from `split`")
+    p.add_argument("--images", required=True, nargs="+",
+                   help="a folder of PNGs and/or NIH archives images_0NN.tar.gz (streamed, not extracted)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--codec", choices=["png", "jpeg", "j2k"], default="png",
+                   help="png: original bytes, lossless (default); jpeg / j2k (lossless JPEG 2000): GPU-decodable by DALI")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
+    p.add_argument("--resize", type=int, default=None,
+                   help="write derived N×N shards into OUT/resN/ (for lower-resolution training)")
+    p.add_argument("--shard-size-mb", type=float, default=1000.0, help="target shard size (default 1000)")
+    p.add_argument("--workers", type=int, default=None, help="encode/read processes (default: CPU count)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="record images listed in the splits but absent in the manifest instead of failing")
+    p.add_argument("--allow-rejects", action="store_true",
+                   help="exit 0 even if some images were undecodable (they are recorded in the manifest)")
+
+
+def _add_verify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify", help="re-read shards: checksums, counts, decode, labels",
+                       description="Exit 0 only if every shard matches the manifest, every image decodes "
+                       "and every label field matches its json.")
+    p.add_argument("dir", help="shards folder (with manifest.json)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
+
+
+def _add_synth(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "synth",
+        help="synthetic phantom chest X-rays with learnable per-label signatures",
+        description="Write OUT/images/*.png, OUT/Data_Entry_2017.csv (NIH format) and "
+        "OUT/train_val_list.txt / OUT/test_list.txt so `split` and `pack` run unchanged.",
+    )
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--n", type=int, required=True, help="number of images")
+    p.add_argument("--resolution", type=int, default=256, help="image side in pixels (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--metadata", default=None,
+                   help="real NIH metadata CSV: draw label combinations from its co-occurrence")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m shards",
+        description="NIH ChestX-ray14 → patient-level splits → WebDataset shards. "
+        "Typical flow: split → pack → verify (synth makes phantom data for demos).",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_split, _add_stats, _add_pack, _add_verify, _add_synth):
+        add(sub)
+    return parser
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module = importlib.import_module(_COMMANDS[args.command])
+    return module.run(args)

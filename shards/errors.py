@@ -1,0 +1,37 @@
+"""The one error type of cxr and the CLI boundary that prints it.
+
+Raise ``CxrError(f"{path}: {what} — {how to fix}")`` anywhere; CLIs wrap their
+``main`` with :func:`cli_entry`, which prints the message without a traceback
+(``--debug`` or ``CXR_DEBUG=1`` shows it) and exits with status 2.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Sequence
+
+
+class CxrError(Exception):
+    """A user-facing error: the message names the file/row and the fix."""
+
+
+def cli_entry(main: Callable[[Sequence[str] | None], int | None]) -> Callable[[Sequence[str] | None], int]:
+    """Wrap a CLI ``main(argv)`` so a CxrError prints as one line and exits 2."""
+
+    def wrapped(argv: Sequence[str] | None = None) -> int:
+        args = list(sys.argv[1:] if argv is None else argv)
+        debug = "--debug" in args or os.environ.get("CXR_DEBUG") == "1"
+        if "--debug" in args:
+            args.remove("--debug")
+        try:
+            return int(main(args) or 0)
+        except CxrError as err:
+            if debug:
+                raise
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+
+    return wrapped

@@ -1,0 +1,23 @@
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NIH = Path(os.environ.get("CXR_NIH", ROOT.parent / "shared" / "data" / "nih"))
+
+
+@pytest.fixture(scope="session")
+def nih_dir() -> Path:
+    """The real NIH metadata/sample folder (../shared/data/nih); skip visibly if absent."""
+    if not (NIH / "Data_Entry_2017_v2020.csv.gz").exists():
+        pytest.skip(f"real NIH data not found at {NIH} (set CXR_NIH)")
+    return NIH
+
+
+@pytest.fixture(scope="session")
+def nih_sample_dir(nih_dir: Path) -> Path:
+    sample = nih_dir / "sample"
+    if not (sample / "labels.csv").exists():
+        pytest.skip(f"real NIH sample not found at {sample}")
+    return sample
