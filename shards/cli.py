@@ -43,9 +43,16 @@ def _add_split(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--with-no-finding", action="store_true",
                    help="add a 'No Finding' column (1 when all 14 labels are 0)")
-    p.add_argument("--restrict-to", default=None,
-                   help="keep only images present in this folder of PNGs / list file / NIH archives "
-                   "(e.g. a small sample); patients stay whole")
+    p.add_argument("--method", choices=["greedy", "iterstrat"], default="greedy",
+                   help="stratified only. greedy (default): largest patients first into the split whose "
+                   "per-label positive IMAGE counts fall furthest below target — near-equal image-level "
+                   "prevalence (≈0.005 pp mean spread on NIH); iterstrat: iterative stratification "
+                   "(iterative-stratification package) of any-positive patient labels, which ignores how "
+                   "many images a patient has and so stays close to a random split (≈0.6 vs 0.7 pp)")
+    p.add_argument("--restrict-to", nargs="+", default=None, metavar="SRC",
+                   help="keep only images present in these folders of PNGs (searched recursively), list "
+                   "files (one name per line) or NIH archives images_0NN.tar.gz (e.g. the 130-image "
+                   "sample); the split stays patient-level")
 
 
 def _add_stats(sub: argparse._SubParsersAction) -> None:

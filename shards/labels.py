@@ -24,3 +24,33 @@ _INDEX = {name: i for i, name in enumerate(LABELS)}
 # Fixed-size per-sample metadata vector stored in shards (`.meta`, float32 LE).
 # Age is raw years here; loaders z-score it with the train statistics of the manifest.
 META_FIELDS: tuple[str, ...] = ("age", "sex_M", "sex_F", "view_PA", "view_AP")
+
+
+def parse_findings(text: str) -> list[int]:
+    """NIH `Finding Labels` string → 14 ints (0/1) in canonical order.
+
+    Exact: split on '|', every name must be one of LABELS or "No Finding";
+    "No Finding" stands alone (all zeros). Raises ValueError saying what is wrong
+    (the caller adds the file and row).
+    """
+    names = text.strip().split("|") if isinstance(text, str) else [""]
+    vector = [0] * NUM_LABELS
+    if names == [NO_FINDING]:
+        return vector
+    for name in names:
+        if name == NO_FINDING:
+            raise ValueError(f"'{NO_FINDING}' combined with other labels in '{text}'")
+        index = _INDEX.get(name)
+        if index is None:
+            raise ValueError(f"unknown label '{name}' in '{text}' (expected one of "
+                             f"{', '.join(LABELS)} or '{NO_FINDING}')")
+        if vector[index]:
+            raise ValueError(f"label '{name}' repeated in '{text}'")
+        vector[index] = 1
+    return vector
+
+
+def format_findings(vector) -> str:
+    """14 ints (0/1, canonical order) → NIH `Finding Labels` string ("No Finding" if none)."""
+    names = [name for name, on in zip(LABELS, vector) if on]
+    return "|".join(names) if names else NO_FINDING

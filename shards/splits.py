@@ -1,0 +1,280 @@
+"""`python -m shards split`: NIH metadata → patient-level train/val/test splits table.
+
+Schemes (SPEC.md "Splits"): `official` (NIH lists, val carved out of train_val by
+patient), `stratified` (label prevalence even across splits, patients whole),
+`random` (seeded patient split). Every scheme assigns whole patients, and the
+table is checked for patient overlap before it is written.
+
+Stratified methods:
+- `greedy` (default): patients sorted largest first, each placed in the split where
+  it most reduces the squared deviation of per-label positive IMAGE counts (plus
+  No Finding and image counts) from target, scaled by 1/fraction so the error is in
+  prevalence units. Weighting by image counts is what matters: NIH patients have
+  1–184 images, so balancing "patient has label" (what iterative stratification sees)
+  leaves image-level prevalence nearly as uneven as a random split.
+- `iterstrat`: multi-label iterative stratification (iterative-stratification
+  package) over patients with any-positive patient labels; kept for comparison.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from shards.atomic import atomic_write
+from shards.errors import CxrError
+from shards.labels import LABELS, NO_FINDING
+from shards.metadata import read_image_inventory, read_image_list, read_metadata
+from shards.stats import SPLITS, format_prevalence, label_spread, prevalence_table
+
+DEFAULT_FRACTIONS = {"stratified": (0.9, 0.05, 0.05), "random": (0.7, 0.1, 0.2)}
+TABLE_COLUMNS = ("image", "patient", "split", *LABELS, "age", "sex", "view")
+
+
+def parse_fractions(text: str | None, default: tuple[float, float, float]) -> np.ndarray:
+    """'0.9,0.05,0.05' → array of 3 non-negative train,val,test fractions summing to 1."""
+    if text is None:
+        return np.asarray(default, dtype=np.float64)
+    try:
+        values = np.asarray([float(v) for v in text.split(",")], dtype=np.float64)
+    except ValueError as err:
+        raise CxrError(f"--fractions '{text}': not numbers — write e.g. 0.9,0.05,0.05") from err
+    if values.size != 3 or (values < 0).any() or abs(values.sum() - 1) > 1e-6 or values[0] <= 0:
+        raise CxrError(f"--fractions '{text}': need three train,val,test fractions ≥ 0 summing to 1 "
+                       "with train > 0 — e.g. 0.9,0.05,0.05")
+    return values
+
+
+def patient_counts(meta: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Per-patient image counts: (patient ids [P], counts [P, 16] = 14 labels, No Finding, images)."""
+    y = meta[list(LABELS)].to_numpy(dtype=np.int64)
+    per_image = np.column_stack([y, y.sum(axis=1) == 0, np.ones(len(meta), dtype=np.int64)])
+    ids, inverse = np.unique(meta["patient"].to_numpy(), return_inverse=True)
+    counts = np.zeros((ids.size, per_image.shape[1]), dtype=np.float64)
+    np.add.at(counts, inverse, per_image)
+    return ids, counts
+
+
+def greedy_assign(counts: np.ndarray, fractions: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Split index (0 train, 1 val, 2 test) per patient, balancing per-label image counts.
+
+    counts: [P, D] per-patient image counts (labels, No Finding, total images).
+    Largest patients first (ties in seeded random order). Targets track the patients
+    placed so far (fraction × running total), so every split fills at the same pace
+    and the many small patients at the end even out what the large ones left; each
+    patient goes where the squared deviation from target, scaled by 1/fraction²
+    (count error → prevalence error), grows least.
+    """
+    with np.errstate(divide="ignore"):
+        weight = np.where(fractions > 0, 1.0 / np.maximum(fractions, 1e-12) ** 2, np.inf)
+    order = np.lexsort((np.random.default_rng(seed).permutation(len(counts)), -counts[:, -1]))
+    deviation = np.zeros((fractions.size, counts.shape[1]))  # placed − target, per split × dimension
+    assign = np.empty(len(counts), dtype=np.int8)
+    for p in order:  # sequential by nature; a few µs per patient on 3×16 arrays
+        v = counts[p]
+        deviation -= fractions[:, None] * v
+        s = int(np.argmin(((2.0 * deviation + v) * v).sum(axis=1) * weight))
+        deviation[s] += v
+        assign[p] = s
+    return assign
+
+
+def iterstrat_assign(counts: np.ndarray, fractions: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Split index per patient by iterative stratification of any-positive patient labels."""
+    from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
+
+    y = (counts[:, : len(LABELS) + 1] > 0).astype(np.int64)
+    assign = np.zeros(len(counts), dtype=np.int8)
+    rest = np.arange(len(counts))
+    for s, frac in ((2, fractions[2]), (1, fractions[1] / max(fractions[0] + fractions[1], 1e-12))):
+        if frac <= 0:
+            continue
+        splitter = MultilabelStratifiedShuffleSplit(n_splits=1, test_size=float(frac), random_state=seed)
+        keep, take = next(splitter.split(np.zeros((rest.size, 1)), y[rest]))
+        assign[rest[take]] = s
+        rest = rest[keep]
+    return assign
+
+
+def random_assign(n_patients: int, fractions: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Split index per patient: a seeded permutation cut at the cumulative fractions of patients."""
+    cuts = np.round(np.cumsum(fractions)[:-1] * n_patients).astype(int)
+    assign = np.empty(n_patients, dtype=np.int8)
+    for s, chunk in enumerate(np.split(np.random.default_rng(seed).permutation(n_patients), cuts)):
+        assign[chunk] = s
+    return assign
+
+
+def _names_error(where: str, names: list[str], fix: str) -> CxrError:
+    return CxrError(f"{where}: {len(names):,} image(s), first {names[:5]} — {fix}")
+
+
+def official_split(meta: pd.DataFrame, train_val: list[str], test: list[str], val_fraction: float,
+                   seed: int, restricted: bool) -> np.ndarray:
+    """Split name per image from the NIH lists; val = seeded `val_fraction` of train_val patients.
+
+    Unless `restricted`, every list name must be in the metadata; always, every
+    metadata image must be in exactly one list.
+    """
+    images = meta["image"]
+    tv, te = set(train_val), set(test)
+    both = sorted(tv & te)
+    if both:
+        raise _names_error("train_val and test lists overlap", both, "fix the lists")
+    absent = sorted((tv | te) - set(images))
+    if absent and not restricted:
+        raise _names_error("list entries not in the metadata", absent, "use the lists of the same release")
+    unlisted = images[~images.isin(tv | te)].tolist()
+    if unlisted:
+        raise _names_error("metadata images in neither list", unlisted, "pass the matching lists")
+    is_test = images.isin(te).to_numpy()
+    tv_patients = np.unique(meta["patient"].to_numpy()[~is_test])
+    n_val = int(round(val_fraction * tv_patients.size))
+    val_patients = np.random.default_rng(seed).permutation(tv_patients)[:n_val]
+    split = np.where(is_test, "test", "train").astype(object)
+    split[~is_test & meta["patient"].isin(val_patients).to_numpy()] = "val"
+    return split
+
+
+def check_patient_disjoint(table: pd.DataFrame) -> None:
+    """Raise CxrError if any patient has images in more than one split."""
+    per_patient = table.groupby("patient")["split"].nunique()
+    leaked = per_patient.index[per_patient > 1].tolist()
+    if leaked:
+        raise CxrError(f"{len(leaked):,} patient(s) in more than one split, first {leaked[:5]} "
+                       "— splits must be patient-level; this is a bug, please report it")
+
+
+def assign_by_patient(meta: pd.DataFrame, scheme: str, fractions: np.ndarray, seed: int,
+                      method: str = "greedy") -> np.ndarray:
+    """Split name per image for the patient-level `stratified` / `random` schemes."""
+    ids, counts = patient_counts(meta)
+    if scheme == "random":
+        per_patient = random_assign(ids.size, fractions, seed)
+    elif method == "greedy":
+        per_patient = greedy_assign(counts, fractions, seed)
+    elif method == "iterstrat":
+        per_patient = iterstrat_assign(counts, fractions, seed)
+    else:
+        raise CxrError(f"--method '{method}': unknown — use greedy or iterstrat")
+    names = np.asarray(SPLITS, dtype=object)
+    return names[per_patient[np.searchsorted(ids, meta["patient"].to_numpy())]]
+
+
+def build_table(meta: pd.DataFrame, split: np.ndarray, with_no_finding: bool = False) -> pd.DataFrame:
+    """Metadata + split names → the splits table (columns TABLE_COLUMNS [+ No Finding])."""
+    table = meta.assign(split=split)[list(TABLE_COLUMNS)].reset_index(drop=True)
+    if with_no_finding:
+        table[NO_FINDING] = (table[list(LABELS)].sum(axis=1) == 0).astype(np.uint8)
+    return table
+
+
+def write_splits(table: pd.DataFrame, path: Path) -> None:
+    """Write the splits table atomically, parquet or csv by extension, after the overlap check."""
+    check_patient_disjoint(table)
+    if path.suffix == ".parquet":
+        with atomic_write(path, "wb") as fh:
+            table.to_parquet(fh, index=False)
+    elif path.suffix == ".csv":
+        with atomic_write(path, "w") as fh:
+            table.to_csv(fh, index=False, lineterminator="\n")
+    else:
+        raise CxrError(f"{path}: unknown table format — name it .parquet or .csv")
+
+
+def read_splits(path: str | Path) -> pd.DataFrame:
+    """Read a splits table (.parquet or .csv) with its contract dtypes; CxrError if malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise CxrError(f"{path}: splits table not found — write it with `python -m shards split`")
+    try:
+        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(
+            path, dtype={"image": str, "split": str, "sex": str, "view": str})
+    except Exception as err:  # pyarrow/pandas raise many types for a corrupt file
+        raise CxrError(f"{path}: unreadable splits table ({err}) — re-run `python -m shards split`") from err
+    missing = [c for c in TABLE_COLUMNS if c not in table.columns]
+    if missing:
+        raise CxrError(f"{path}: missing column(s) {missing} — re-run `python -m shards split`")
+    labels = table[list(LABELS)]
+    if labels.isna().any().any() or not labels.isin([0, 1]).all().all():
+        raise CxrError(f"{path}: label columns must be 0/1 — re-run `python -m shards split`")
+    table[list(LABELS)] = labels.astype(np.uint8)
+    return table
+
+
+def _load(args) -> tuple[pd.DataFrame, bool]:
+    meta = read_metadata(args.metadata)
+    if not args.restrict_to:
+        return meta, False
+    available = read_image_inventory(args.restrict_to)
+    keep = meta["image"].isin(available)
+    if not keep.any():
+        raise CxrError(f"{args.restrict_to}: none of its {len(available):,} images is in "
+                       f"{args.metadata} — check the names")
+    extra = len(available - set(meta["image"]))
+    print(f"restricted to {int(keep.sum()):,} of {len(meta):,} images"
+          + (f"; {extra:,} inventory image(s) are not in the metadata and were ignored" if extra else ""))
+    return meta[keep].reset_index(drop=True), True
+
+
+def _official_lists(args) -> tuple[list[str], list[str]]:
+    here = Path(args.metadata).parent
+
+    def find(given: str | None, stem: str) -> Path:
+        if given:
+            return Path(given)
+        for name in (f"{stem}.txt", f"{stem}.txt.gz"):
+            if (here / name).is_file():
+                return here / name
+        raise CxrError(f"{here}: no {stem}.txt[.gz] beside the metadata — pass --{stem.replace('_list', '').replace('_', '-')}-list")
+
+    return read_image_list(find(args.train_val_list, "train_val_list")), read_image_list(find(args.test_list, "test_list"))
+
+
+def _split_names(args, meta: pd.DataFrame, restricted: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    if args.scheme == "official":
+        train_val, test = _official_lists(args)
+        if not 0 <= args.val_fraction < 1:
+            raise CxrError(f"--val-fraction {args.val_fraction}: must be in [0, 1)")
+        return official_split(meta, train_val, test, args.val_fraction, args.seed, restricted), None
+    fractions = parse_fractions(args.fractions, DEFAULT_FRACTIONS[args.scheme])
+    split = assign_by_patient(meta, args.scheme, fractions, args.seed, getattr(args, "method", "greedy"))
+    for name, frac in zip(SPLITS, fractions):
+        if frac > 0 and not (split == name).any():
+            raise CxrError(f"{args.metadata}: split '{name}' got no patient ({meta['patient'].nunique()} "
+                           "patients in all) — use more data or larger fractions")
+    return split, fractions
+
+
+def _report(table: pd.DataFrame, args, fractions: np.ndarray | None, meta: pd.DataFrame) -> None:
+    for name in SPLITS:
+        part = table[table["split"] == name]
+        if len(part):
+            print(f"{name:>5}: {len(part):>7,} images {part['patient'].nunique():>7,} patients "
+                  f"({100 * len(part) / len(table):.1f}% of images)")
+    print(format_prevalence(prevalence_table(table), "table"))
+    spread = label_spread(table).mean()
+    line = f"mean per-label prevalence spread (max−min across splits): {spread:.3f} pp"
+    if args.scheme == "stratified":
+        reference = build_table(meta, assign_by_patient(meta, "random", fractions, args.seed))
+        line += (f" ({getattr(args, 'method', 'greedy')}) vs {label_spread(reference).mean():.3f} pp for a "
+                 f"random patient split of the same fractions (seed {args.seed})")
+    print(line)
+
+
+def run(args) -> int:
+    """CLI: read metadata, assign splits per --scheme, check, report and write the table."""
+    start = time.perf_counter()
+    meta, restricted = _load(args)
+    split, fractions = _split_names(args, meta, restricted)
+    table = build_table(meta, split, args.with_no_finding)
+    check_patient_disjoint(table)
+    _report(table, args, fractions, meta)
+    out = Path(args.out)
+    write_splits(table, out)
+    counts = " / ".join(f"{s} {int((table['split'] == s).sum()):,}" for s in SPLITS)
+    print(f"split {args.scheme}: {len(table):,} images, {table['patient'].nunique():,} patients "
+          f"({counts}) → {out} in {time.perf_counter() - start:.1f} s")
+    return 0

@@ -1,0 +1,110 @@
+"""`python -m shards stats`: label prevalence per split of a splits table."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from shards.errors import CxrError
+from shards.labels import LABELS, NO_FINDING
+
+SPLITS = ("train", "val", "test")
+STATS_COLUMNS = ("split", "label", "positives", "images", "prevalence_pct")
+
+
+def _present_splits(df: pd.DataFrame) -> list[str]:
+    unknown = sorted(set(df["split"].astype(str)) - set(SPLITS))
+    if unknown:
+        raise CxrError(f"splits table: unknown split name(s) {unknown} — expected {list(SPLITS)}")
+    return [s for s in SPLITS if (df["split"] == s).any()]
+
+
+def _check_columns(df: pd.DataFrame) -> None:
+    missing = [c for c in ("split", *LABELS) if c not in df.columns]
+    if missing:
+        raise CxrError(f"splits table: missing column(s) {missing} — write it with `python -m shards split`")
+
+
+def positives_by_split(df: pd.DataFrame) -> pd.DataFrame:
+    """Positive-image counts: index = present splits (canonical order), columns = 14 labels + No Finding,
+    plus an `images` column."""
+    _check_columns(df)
+    splits = _present_splits(df)
+    y = df[list(LABELS)].to_numpy(dtype=np.int64)
+    frame = pd.DataFrame(y, columns=list(LABELS))
+    frame[NO_FINDING] = (y.sum(axis=1) == 0).astype(np.int64)
+    frame["images"] = 1
+    frame["split"] = df["split"].to_numpy()
+    return frame.groupby("split").sum().loc[splits]
+
+
+def prevalence_matrix(df: pd.DataFrame) -> pd.DataFrame:
+    """Unrounded prevalence in percent: index = splits, columns = 14 labels + No Finding."""
+    counts = positives_by_split(df)
+    return counts[[*LABELS, NO_FINDING]].div(counts["images"], axis=0) * 100.0
+
+
+def label_spread(df: pd.DataFrame) -> pd.Series:
+    """Per-label prevalence spread (max − min across splits, percentage points), 14 labels."""
+    prev = prevalence_matrix(df)[list(LABELS)]
+    return prev.max(axis=0) - prev.min(axis=0)
+
+
+def prevalence_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Long prevalence table of a splits table.
+
+    Columns exactly split,label,positives,images,prevalence_pct; one row per split
+    (train, val, test order, present ones only) × label (canonical order, then
+    "No Finding" = images with all 14 labels 0); prevalence in percent, 2 decimals.
+    """
+    counts = positives_by_split(df)
+    rows = []
+    for split, row in counts.iterrows():
+        for label in (*LABELS, NO_FINDING):
+            pos, n = int(row[label]), int(row["images"])
+            rows.append((split, label, pos, n, round(100.0 * pos / n, 2)))
+    return pd.DataFrame(rows, columns=list(STATS_COLUMNS))
+
+
+def _wide_cells(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
+    splits = list(dict.fromkeys(table["split"]))
+    images = table.groupby("split", sort=False)["images"].first()
+    header = ["label", *[f"{s} (n={images[s]:,})" for s in splits]]
+    body = []
+    for label in (*LABELS, NO_FINDING):
+        sub = table[table["label"] == label].set_index("split")
+        body.append([label, *[f"{sub.at[s, 'positives']:,} ({sub.at[s, 'prevalence_pct']:.2f}%)"
+                              for s in splits]])
+    return header, body
+
+
+def format_prevalence(table: pd.DataFrame, fmt: str = "table") -> str:
+    """Render a prevalence_table as `csv` (long), `markdown` or aligned `table` (label × split)."""
+    if fmt == "csv":
+        buf = io.StringIO()
+        table.to_csv(buf, index=False, float_format="%.2f", lineterminator="\n")
+        return buf.getvalue().rstrip("\n")
+    header, body = _wide_cells(table)
+    if fmt == "markdown":
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+        return "\n".join(lines)
+    if fmt != "table":
+        raise CxrError(f"unknown format '{fmt}' — use table, csv or markdown")
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+
+    def aligned(row: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
+    return "\n".join([aligned(header), *map(aligned, body)])
+
+
+def run(args) -> int:
+    """CLI: print the prevalence table of `args.splits` in `args.format`."""
+    from shards.splits import read_splits  # splits imports this module
+
+    table = prevalence_table(read_splits(Path(args.splits)))
+    print(format_prevalence(table, args.format))
+    return 0
