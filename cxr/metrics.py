@@ -1,0 +1,438 @@
+"""Evaluation metrics of SPEC.md: numpy arrays in, plain numbers/arrays out, no I/O.
+
+Shapes: ``y_true`` is ``[n, L]`` of 0/1 (bool/int/float), ``y_score`` is ``[n, L]``
+of finite scores (probabilities for the threshold metrics); a 1-D ``[n]`` input is
+treated as one label. Per-label results are ``[L]`` float64 arrays.
+
+Conventions (stated once, tested against scikit-learn):
+
+- A prediction is positive when ``score >= threshold`` (as in sklearn's ``roc_curve``).
+- AUROC is undefined for a label without positives or without negatives; AUPRC
+  for a label without positives. Those labels give NaN and ONE
+  :class:`UndefinedMetricWarning` naming them — never a crash, never a silent
+  0.5 (sklearn raises for AUROC and returns 0 for AUPRC there; we prefer NaN).
+- Ratio metrics with a zero denominator follow sklearn's default
+  ``zero_division="warn"``: the value is 0.0 and one warning names the cases.
+  Sensitivity TP/(TP+FN) = ``recall_score``; specificity TN/(TN+FP) =
+  ``recall_score(pos_label=0)``; PPV TP/(TP+FP) = ``precision_score``; NPV
+  TN/(TN+FN) = ``precision_score(pos_label=0)``; F1 2TP/(2TP+FP+FN) = ``f1_score``
+  (0 when TP+FP+FN = 0). Macro = mean of the per-label values (sklearn
+  ``average="macro"``, zero-division zeros included); micro = the formula on
+  the counts summed over labels (sklearn ``average="micro"``).
+- Mean AUROC / AUPRC (macro) average the labels where they are defined.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from shards.errors import CxrError
+from shards.labels import LABELS
+
+RATIO_METRICS = ("sensitivity", "specificity", "ppv", "npv", "f1")
+
+
+class UndefinedMetricWarning(UserWarning):
+    """A metric is undefined for some labels (NaN) or hit a zero denominator (0.0)."""
+
+
+# --------------------------------------------------------------------------- inputs
+def _as_2d(y_true, y_score) -> tuple[np.ndarray, np.ndarray]:
+    """Validate and return (bool [n, L], float64 [n, L]); 1-D inputs become L = 1."""
+    y = np.asarray(y_true)
+    s = np.asarray(y_score, dtype=np.float64)
+    if y.ndim == 1:
+        y = y[:, None]
+    if s.ndim == 1:
+        s = s[:, None]
+    if y.shape != s.shape or y.ndim != 2 or y.shape[0] == 0:
+        raise CxrError(f"metrics: y_true {y.shape} and y_score {s.shape} must be equal, "
+                       f"non-empty [n, L] arrays — pass one row per image, one column per label")
+    if not np.isin(y, (0, 1)).all():
+        raise CxrError("metrics: y_true holds values other than 0/1 — binarise the labels first")
+    if not np.isfinite(s).all():
+        bad = int((~np.isfinite(s)).sum())
+        raise CxrError(f"metrics: y_score holds {bad} NaN/inf values — check the model outputs")
+    return y.astype(bool), s
+
+
+def _names(n_labels: int, labels: Sequence[str] | None = None) -> list[str]:
+    if labels is not None:
+        if len(labels) != n_labels:
+            raise CxrError(f"metrics: {len(labels)} label names for {n_labels} columns — pass one name per column")
+        return list(labels)
+    return list(LABELS) if n_labels == len(LABELS) else [f"label_{i}" for i in range(n_labels)]
+
+
+def _warn(what: str, cases: list[str]) -> None:
+    if cases:
+        warnings.warn(f"{what}: {', '.join(cases)}", UndefinedMetricWarning, stacklevel=3)
+
+
+def _thresholds(thresholds, n_labels: int) -> np.ndarray:
+    t = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (n_labels,)).copy()
+    if not np.isfinite(t).all():
+        raise CxrError("metrics: thresholds must be finite — tune them with tune_thresholds or use 0.5")
+    return t
+
+
+# ------------------------------------------------------------------ ranking metrics
+def _binary_curve(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cumulative (TP, FP) at each distinct score, scores descending (sklearn's curve).
+
+    Returns (thresholds [k], tps [k], fps [k]); predicting ``s >= thresholds[i]``
+    gives ``tps[i]`` true and ``fps[i]`` false positives.
+    """
+    order = np.argsort(-s, kind="mergesort")
+    s_sorted, y_sorted = s[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s_sorted)), y.size - 1]
+    tps = np.cumsum(y_sorted, dtype=np.float64)[last]
+    fps = (last + 1) - tps
+    return s_sorted[last], tps, fps
+
+
+def _undefined_auroc(y: np.ndarray, names: list[str]) -> np.ndarray:
+    """Boolean [L] of labels lacking positives or negatives; warns once naming them."""
+    n_pos = y.sum(axis=0)
+    undefined = (n_pos == 0) | (n_pos == y.shape[0])
+    cases = [f"{names[c]} (no {'positives' if n_pos[c] == 0 else 'negatives'})"
+             for c in np.flatnonzero(undefined)]
+    _warn("AUROC undefined (NaN) for labels without both classes", cases)
+    return undefined
+
+
+def per_label_auroc(y_true, y_score) -> np.ndarray:
+    """Area under the ROC curve per label, ties counted 1/2 (= sklearn roc_auc_score).
+
+    y_true, y_score: [n, L]. Returns [L] float64; NaN (with one warning) for a label
+    without positives or without negatives.
+    """
+    y, s = _as_2d(y_true, y_score)
+    undefined = _undefined_auroc(y, _names(y.shape[1]))
+    out = np.full(y.shape[1], np.nan)
+    for c in np.flatnonzero(~undefined):
+        _, tps, fps = _binary_curve(y[:, c], s[:, c])
+        tps, fps = np.r_[0.0, tps], np.r_[0.0, fps]
+        # Trapezoids on the ROC step curve give exactly the Mann-Whitney U with ties as 1/2.
+        area = np.sum(np.diff(fps) * (tps[1:] + tps[:-1])) / 2.0
+        out[c] = area / (tps[-1] * fps[-1])
+    return out
+
+
+def per_label_auprc(y_true, y_score) -> np.ndarray:
+    """Average precision per label, sum_k (R_k - R_{k-1}) P_k (= sklearn average_precision_score).
+
+    y_true, y_score: [n, L]. Returns [L] float64; NaN (with one warning) for a label
+    without positives.
+    """
+    y, s = _as_2d(y_true, y_score)
+    names = _names(y.shape[1])
+    n_pos = y.sum(axis=0)
+    _warn("AUPRC undefined (NaN) for labels without positives",
+          [names[c] for c in np.flatnonzero(n_pos == 0)])
+    out = np.full(y.shape[1], np.nan)
+    for c in np.flatnonzero(n_pos > 0):
+        _, tps, fps = _binary_curve(y[:, c], s[:, c])
+        precision = tps / (tps + fps)
+        recall = tps / tps[-1]
+        out[c] = np.sum(np.diff(np.r_[0.0, recall]) * precision)
+    return out
+
+
+# ------------------------------------------------------------------ threshold metrics
+def _safe_ratio(num: np.ndarray, den: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """num/den with 0.0 where den == 0 (sklearn zero_division default); also the mask."""
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    zero = den == 0
+    return np.divide(num, den, out=np.zeros_like(num), where=~zero), zero
+
+
+def _ratios(tp, fp, tn, fn) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The five ratio metrics from confusion counts (any shape): name -> (value, zero-division mask)."""
+    return {
+        "sensitivity": _safe_ratio(tp, tp + fn),
+        "specificity": _safe_ratio(tn, tn + fp),
+        "ppv": _safe_ratio(tp, tp + fp),
+        "npv": _safe_ratio(tn, tn + fn),
+        "f1": _safe_ratio(2 * tp, 2 * tp + fp + fn),
+    }
+
+
+def threshold_metrics(y_true, y_score, thresholds) -> dict:
+    """Confusion-matrix metrics at per-label thresholds (predict positive if score >= t).
+
+    y_true, y_score: [n, L]; thresholds: scalar or [L]. Returns a dict with
+    per-label [L] arrays ``sensitivity, specificity, ppv, npv, f1, tp, fp, tn, fn,
+    thresholds``; ``macro`` and ``micro`` dicts of those five metrics (floats); and
+    ``hamming_loss`` (fraction of wrong label decisions) and ``exact_match`` (fraction
+    of images with all L decisions right). Zero denominators give 0.0 (see module doc).
+    """
+    y, s = _as_2d(y_true, y_score)
+    names = _names(y.shape[1])
+    t = _thresholds(thresholds, y.shape[1])
+    pred = s >= t
+    tp = (pred & y).sum(axis=0)
+    fp = (pred & ~y).sum(axis=0)
+    fn = (~pred & y).sum(axis=0)
+    tn = y.shape[0] - tp - fp - fn
+    out: dict = {"thresholds": t, "tp": tp, "fp": fp, "tn": tn, "fn": fn}
+    out["macro"], out["micro"] = {}, {}
+    cases = []
+    micro = _ratios(tp.sum(), fp.sum(), tn.sum(), fn.sum())
+    for name, (value, zero) in _ratios(tp, fp, tn, fn).items():
+        out[name] = value
+        out["macro"][name] = float(value.mean())
+        out["micro"][name] = float(micro[name][0])
+        cases += [f"{name} of {names[c]}" for c in np.flatnonzero(zero)]
+    _warn("zero denominator, metric set to 0.0", cases)
+    wrong = pred != y
+    out["hamming_loss"] = float(wrong.mean())
+    out["exact_match"] = float((~wrong.any(axis=1)).mean())
+    return out
+
+
+def tune_thresholds(y_true, y_score, method: str = "f1") -> np.ndarray:
+    """Per-label threshold maximising F1 (``f1``) or TPR - FPR (``youden``) on these data.
+
+    y_true, y_score: [n, L] (validation set). Returns [L] thresholds, each one of the
+    observed scores (the highest one among ties of the criterion). A label without
+    positives or negatives gets 0.5, with one warning naming it.
+    """
+    if method not in ("f1", "youden"):
+        raise CxrError(f"tune_thresholds: method={method!r} — choose 'f1' or 'youden'")
+    y, s = _as_2d(y_true, y_score)
+    names = _names(y.shape[1])
+    out = np.full(y.shape[1], 0.5)
+    undefined = []
+    for c in range(y.shape[1]):
+        n_pos = int(y[:, c].sum())
+        if n_pos in (0, y.shape[0]):
+            undefined.append(names[c])
+            continue
+        thr, tps, fps = _binary_curve(y[:, c], s[:, c])
+        if method == "f1":
+            criterion = 2 * tps / (tps + fps + n_pos)
+        else:
+            criterion = tps / n_pos - fps / (y.shape[0] - n_pos)
+        out[c] = thr[np.argmax(criterion)]
+    _warn(f"{method} threshold undefined (0.5 used) for labels without both classes", undefined)
+    return out
+
+
+def calibrate(x, operating_point) -> np.ndarray:
+    """SPEC's operating-point transform: x/(2o) for x <= o, else 1 - (1-x)/(2(1-o)).
+
+    Maps [0, 1] monotonically onto [0, 1] with o -> 0.5. x: [n, L] or [n]
+    probabilities; operating_point: scalar or [L], each strictly inside (0, 1).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    o = np.asarray(operating_point, dtype=np.float64)
+    if not ((o > 0) & (o < 1)).all():
+        raise CxrError(f"calibrate: operating points must lie strictly in (0, 1), got {o} — "
+                       f"tune them with tune_thresholds on validation data")
+    low = x / (2 * o)
+    high = 1 - (1 - x) / (2 * (1 - o))
+    return np.where(x <= o, low, high)
+
+
+# ------------------------------------------------------------------ confidence intervals
+def bootstrap_counts(n: int, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
+    """How often each image is drawn in each bootstrap resample (n draws with replacement).
+
+    Returns float32 [n, n_boot] (column b sums to n). Share one matrix across score
+    sets of the same images so their CIs (and differences) use the same resamples.
+    """
+    rng = np.random.default_rng(seed)
+    counts = np.empty((n, n_boot), dtype=np.float32)
+    # Blocks of ~4M draws keep the scatter cache-friendly and the scratch memory small.
+    block = max(1, min(n_boot, 2**22 // max(n, 1)))
+    index_type = np.int32 if block * n < 2**31 else np.int64
+    for b0 in range(0, n_boot, block):
+        k = min(block, n_boot - b0)
+        draws = rng.integers(0, n, size=(k, n), dtype=index_type)
+        draws += (np.arange(k, dtype=index_type) * n)[:, None]
+        counts[:, b0:b0 + k] = np.bincount(draws.ravel(), minlength=k * n).reshape(k, n).T
+    return counts
+
+
+def _weighted_auroc(y: np.ndarray, s: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """AUROC of one label under each column of integer weights: [n] x [n, B] -> [B].
+
+    Weighted Mann-Whitney: sum over (positive i, negative j) of w_i w_j [s_i > s_j]
+    (1/2 if tied), over W+ W-. With the positives' distinct scores u_1 < ... < u_m,
+    A_t = negative weight below u_t plus half the weight tied at u_t and P_t =
+    positive weight at u_t, the numerator is sum_t P_t A_t. Both are linear in the
+    weights: one sparse [2m, n] matrix times counts gives P and the increments of A
+    (each negative enters at most two rows), then a cumulative sum over t. With
+    integer counts every float32 value here is an exact integer or half-integer
+    below 2**23, and the final sum runs in float64: the result is exact.
+    """
+    pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
+    u = np.unique(s[pos])
+    m = u.size
+    t = np.searchsorted(u, s[neg])
+    tied = (t < m) & (u[np.minimum(t, m - 1)] == s[neg])
+    below = (t < m) & ~tied
+    carry = tied & (t + 1 < m)  # the other half of a tie counts for all higher u_t
+    rows = np.concatenate([t[below], t[tied], t[carry] + 1, m + np.searchsorted(u, s[pos])])
+    cols = np.concatenate([neg[below], neg[tied], neg[carry], pos])
+    vals = np.concatenate([np.ones(below.sum()), np.full(tied.sum(), 0.5),
+                           np.full(carry.sum(), 0.5), np.ones(pos.size)]).astype(counts.dtype)
+    stacked = sp.csr_matrix((vals, (rows, cols)), shape=(2 * m, y.size)) @ counts
+    below_weight = np.cumsum(stacked[:m], axis=0)
+    pos_weight = stacked[m:]
+    numerator = np.einsum("tb,tb->b", pos_weight, below_weight, dtype=np.float64)
+    w_pos = pos_weight.sum(axis=0, dtype=np.float64)
+    w_neg = counts.sum(axis=0, dtype=np.float64) - w_pos
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where((w_pos > 0) & (w_neg > 0), numerator / (w_pos * w_neg), np.nan)
+
+
+def _bootstrap_one(y: np.ndarray, s: np.ndarray, counts: np.ndarray, alpha: float) -> dict:
+    """Bootstrap AUROC CIs of one score set against shared resample counts."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)  # warned once by the caller
+        auroc = per_label_auroc(y, s)
+    defined = ~np.isnan(auroc)
+    samples = np.full((counts.shape[1], y.shape[1]), np.nan)
+    for c in np.flatnonzero(defined):
+        samples[:, c] = _weighted_auroc(y[:, c], s[:, c], counts)
+    q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
+    out = {"auroc": auroc, "n_boot": counts.shape[1], "alpha": alpha, "samples": samples}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns of undefined labels
+        out["ci_low"], out["ci_high"] = np.nanpercentile(samples, q, axis=0)
+        out["std"] = np.nanstd(samples, axis=0, ddof=1)
+    # A resample where a defined label lost all its positives has no mean AUROC.
+    mean_samples = samples[:, defined].mean(axis=1) if defined.any() else samples[:, 0]
+    out["mean_auroc"] = float(auroc[defined].mean()) if defined.any() else float("nan")
+    out["mean_samples"] = mean_samples
+    out["n_valid"] = int(np.isfinite(mean_samples).sum())
+    if out["n_valid"]:
+        out["mean_ci_low"], out["mean_ci_high"] = (float(v) for v in np.nanpercentile(mean_samples, q))
+    else:
+        out["mean_ci_low"] = out["mean_ci_high"] = float("nan")
+    return out
+
+
+def bootstrap_auroc(y_true, y_score, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
+                    counts: np.ndarray | None = None):
+    """Percentile bootstrap CIs (over images) for per-label and mean AUROC.
+
+    y_true: [n, L]; y_score: [n, L], or a list of such score sets (ensemble members),
+    which are then all evaluated on the SAME resamples. counts: optional
+    [n, n_boot] resample counts (:func:`bootstrap_counts`); else drawn from seed.
+    Every resample uses the same images for all labels, so the mean-AUROC CI is a
+    true joint one. Returns a dict (a list of dicts for a list of score sets):
+    ``auroc, ci_low, ci_high, std`` [L]; ``mean_auroc, mean_ci_low, mean_ci_high``;
+    ``samples`` [n_boot, L], ``mean_samples`` [n_boot]; ``n_boot, n_valid, alpha``.
+    Labels with undefined AUROC give NaN everywhere and are left out of the mean.
+    """
+    many = isinstance(y_score, (list, tuple))
+    score_sets = list(y_score) if many else [y_score]
+    if not 0 < alpha < 1:
+        raise CxrError(f"bootstrap_auroc: alpha={alpha} — use a value in (0, 1), e.g. 0.05 for 95 % CIs")
+    y, _ = _as_2d(y_true, score_sets[0])
+    _undefined_auroc(y, _names(y.shape[1]))
+    if counts is None:
+        counts = bootstrap_counts(y.shape[0], n_boot, seed)
+    elif counts.ndim != 2 or counts.shape[0] != y.shape[0]:
+        raise CxrError(f"bootstrap_auroc: counts {counts.shape} do not match {y.shape[0]} images — "
+                       f"build them with bootstrap_counts(n_images, n_boot)")
+    results = [_bootstrap_one(*_as_2d(y, s), counts, alpha) for s in score_sets]
+    return results if many else results[0]
+
+
+def _midranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks with ties given their average rank."""
+    _, inverse, tie_counts = np.unique(x, return_inverse=True, return_counts=True)
+    upper = np.cumsum(tie_counts)
+    return (upper - (tie_counts - 1) / 2.0)[inverse]
+
+
+def delong_auroc_variance(y_true, y_score) -> np.ndarray:
+    """DeLong (1988) variance of each label's AUROC, by Sun & Xu's (2014) midrank algorithm.
+
+    y_true, y_score: [n, L]. Returns [L] variances (NaN where AUROC is undefined);
+    O(n log n) per label. var = var(V10)/m + var(V01)/k with the structural
+    components V10 (m positives) and V01 (k negatives), sample variances (ddof 1).
+    """
+    y, s = _as_2d(y_true, y_score)
+    undefined = _undefined_auroc(y, _names(y.shape[1]))
+    out = np.full(y.shape[1], np.nan)
+    for c in np.flatnonzero(~undefined):
+        pos, neg = s[y[:, c], c], s[~y[:, c], c]
+        m, k = pos.size, neg.size
+        combined = _midranks(np.r_[pos, neg])
+        v10 = (combined[:m] - _midranks(pos)) / k
+        v01 = 1.0 - (combined[m:] - _midranks(neg)) / m
+        var10 = v10.var(ddof=1) if m > 1 else 0.0
+        var01 = v01.var(ddof=1) if k > 1 else 0.0
+        out[c] = var10 / m + var01 / k
+    return out
+
+
+# ------------------------------------------------------------------ reports
+def epoch_metrics(y_true, y_score, threshold=0.5, labels: Sequence[str] | None = None) -> dict[str, float]:
+    """Flat scalars for the per-epoch training CSV.
+
+    y_true, y_score: [n, L] validation labels and probabilities; threshold: scalar
+    or [L]. Keys: ``mean_auroc``, ``auroc_<Label>`` per label, and macro
+    ``recall, specificity, f1, ppv, npv`` plus ``hamming`` and ``exact_match``.
+    """
+    y, s = _as_2d(y_true, y_score)
+    names = _names(y.shape[1], labels)
+    auroc = per_label_auroc(y, s)
+    out = {"mean_auroc": _nanmean(auroc)}
+    out.update({f"auroc_{name}": float(v) for name, v in zip(names, auroc)})
+    tm = threshold_metrics(y, s, threshold)
+    out["recall"] = tm["macro"]["sensitivity"]
+    for name in ("specificity", "f1", "ppv", "npv"):
+        out[name] = tm["macro"][name]
+    out["hamming"] = tm["hamming_loss"]
+    out["exact_match"] = tm["exact_match"]
+    return out
+
+
+def _nanmean(x: np.ndarray) -> float:
+    finite = x[np.isfinite(x)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
+def summary(y_true, y_score, thresholds, labels: Sequence[str] | None = None) -> pd.DataFrame:
+    """One row per label plus ``macro`` and ``micro`` rows of every metric.
+
+    Columns: n_pos, prevalence, auroc, auprc, threshold, sensitivity, specificity,
+    ppv, npv, f1, hamming_loss, exact_match. Micro AUROC/AUPRC pool all (image,
+    label) pairs (sklearn ``average="micro"``); Hamming loss and exact match are
+    whole-matrix numbers, reported on the micro row and in ``df.attrs``.
+    """
+    y, s = _as_2d(y_true, y_score)
+    names = _names(y.shape[1], labels)
+    tm = threshold_metrics(y, s, thresholds)
+    rows = pd.DataFrame(index=pd.Index(names, name="label"))
+    rows["n_pos"] = y.sum(axis=0)
+    rows["prevalence"] = y.mean(axis=0)
+    rows["auroc"] = per_label_auroc(y, s)
+    rows["auprc"] = per_label_auprc(y, s)
+    rows["threshold"] = tm["thresholds"]
+    for name in RATIO_METRICS:
+        rows[name] = tm[name]
+    macro = {"n_pos": rows["n_pos"].sum(), "prevalence": y.mean(),
+             "auroc": _nanmean(rows["auroc"].to_numpy()), "auprc": _nanmean(rows["auprc"].to_numpy()),
+             **tm["macro"]}
+    flat_y, flat_s = y.reshape(-1, 1), s.reshape(-1, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)  # already warned per label
+        micro = {"n_pos": macro["n_pos"], "prevalence": macro["prevalence"],
+                 "auroc": float(per_label_auroc(flat_y, flat_s)[0]),
+                 "auprc": float(per_label_auprc(flat_y, flat_s)[0]), **tm["micro"],
+                 "hamming_loss": tm["hamming_loss"], "exact_match": tm["exact_match"]}
+    table = pd.concat([rows, pd.DataFrame([macro, micro], index=["macro", "micro"])])
+    table.index.name = "label"
+    table.attrs.update(hamming_loss=tm["hamming_loss"], exact_match=tm["exact_match"])
+    return table
