@@ -1,0 +1,115 @@
+"""DataConfig: everything that decides which pixels a model sees, in one dataclass."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from shards.errors import CxrError
+
+BACKENDS = ("dali", "wds")
+DEVICES = ("cpu", "gpu")
+
+
+@dataclass
+class DataConfig:
+    """Loader settings shared by both back ends (`cxr.data.build_loader`)."""
+
+    shards: str = "build/demo/shards"
+    """Shards folder with manifest.json (written by `python -m shards pack`). Derived
+    shards DIR/res{R}/ are used instead of resizing masters when they exist."""
+
+    backend: str = "dali"
+    """dali: NVIDIA DALI pipeline (C++ thread pool; GPU decode with device=gpu).
+    wds: torch DataLoader workers decoding with PIL. Same batches, same contract."""
+
+    resolution: int = 1024
+    """Side R of the square R×R images handed to the model (≥ 16; 224..1024+ in practice)."""
+
+    batch_size: int = 16
+    """Samples per batch per rank in training."""
+
+    eval_batch_size: int | None = None
+    """Samples per batch per rank in evaluation (None: batch_size)."""
+
+    num_threads: int = 2
+    """DALI CPU threads, or DataLoader worker processes for wds (0 = main process)."""
+
+    device: str = "cpu"
+    """cpu | gpu. gpu decodes with DALI device "mixed" on device_id = local rank (JPEG /
+    JPEG 2000 shards decode on the GPU; PNG always decodes on the CPU)."""
+
+    seed: int = 0
+    """Seed of the per-epoch shuffle and of the per-sample augmentation draws."""
+
+    shuffle_buffer: int = 1000
+    """Unused by design: training draws a global permutation per epoch (exact, no
+    buffer). Kept so configs that set it stay valid."""
+
+    strict: bool = False
+    """Training: raise CxrError on a corrupt sample instead of skipping and counting it."""
+
+    augment: bool = True
+    """Apply the train-time augmentation below (never in evaluation)."""
+
+    hflip_p: float = 0.5
+    """Probability of a horizontal flip."""
+
+    rotate_deg: float = 10.0
+    """Rotation angle drawn uniformly from ±rotate_deg degrees."""
+
+    brightness: float = 0.1
+    """Brightness factor drawn uniformly from 1 ± brightness (multiplies intensity)."""
+
+    contrast: float = 0.1
+    """Contrast factor drawn uniformly from 1 ± contrast (around mid-grey 0.5)."""
+
+    translate: float = 0.05
+    """Shift in x and y, each drawn uniformly from ±translate × R pixels."""
+
+    scale: float = 0.05
+    """Zoom factor drawn uniformly from 1 ± scale."""
+
+    mean: float = 0.5176
+    """Normalization mean of [0, 1] intensities: pixel mean of the 130 NIH sample images
+    (1024², grey), measured once."""
+
+    std: float = 0.2542
+    """Normalization std of [0, 1] intensities: pixel std of the same 130 NIH images."""
+
+    def __post_init__(self) -> None:
+        _choice("backend", self.backend, BACKENDS)
+        _choice("device", self.device, DEVICES)
+        _at_least("resolution", self.resolution, 16)
+        _at_least("batch_size", self.batch_size, 1)
+        if self.eval_batch_size is not None:
+            _at_least("eval_batch_size", self.eval_batch_size, 1)
+        _at_least("num_threads", self.num_threads, 0)
+        _at_least("shuffle_buffer", self.shuffle_buffer, 0)
+        if not 0.0 <= self.hflip_p <= 1.0:
+            raise CxrError(f"data.hflip_p={self.hflip_p}: must be in [0, 1] — set a probability")
+        for name in ("rotate_deg", "brightness", "contrast", "translate", "scale"):
+            _at_least(name, getattr(self, name), 0.0)
+        for name in ("brightness", "contrast", "scale", "translate"):
+            if getattr(self, name) >= 1.0:
+                raise CxrError(f"data.{name}={getattr(self, name)}: must be < 1 — use a small jitter like 0.1")
+        if self.std <= 0:
+            raise CxrError(f"data.std={self.std}: must be > 0 — use the pixel std of your images")
+
+    @property
+    def eval_batch(self) -> int:
+        """Evaluation batch size per rank (eval_batch_size, else batch_size)."""
+        return self.eval_batch_size or self.batch_size
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """Names of all settings (for CLI/YAML overrides)."""
+        return [f.name for f in fields(cls)]
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise CxrError(f"data.{name}={value!r}: unknown — choose one of {', '.join(choices)}")
+
+
+def _at_least(name: str, value: float, low: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < low:
+        raise CxrError(f"data.{name}={value!r}: must be a number ≥ {low} — fix the config")

@@ -1,0 +1,110 @@
+"""The torch back end (`backend: wds`): the same WebDataset tar shards, decoded by PIL in DataLoader workers.
+
+It reads members by the `.idx` offsets as the DALI back end does, rather than
+streaming tars through `webdataset.WebDataset` with `split_by_node` /
+`split_by_worker` and a shuffle buffer: those split whole shard files between ranks
+and workers (a run with fewer shards than ranks × workers leaves some idle or
+empty, and per-rank batch counts differ), shuffle only within a buffer, and can
+resume mid-epoch only by replaying the stream. Following the shared `EpochPlan`
+instead gives both back ends identical batches: the same keys in the same order.
+The pixel path and the augmentation parameters are those of cxr/data/augmentation.py.
+"""
+from __future__ import annotations
+
+import io
+from typing import Iterator
+
+import numpy as np
+
+from cxr.data.augmentation import draw_params, intensity_torch, warp_affine_torch
+from cxr.data.config import DataConfig
+from cxr.data.dali_loader import OnCorrupt
+from cxr.data.shard_index import CorruptSample, SampleReader, SplitIndex
+
+
+class WdsBatches:
+    """Runs the plan's batches through a torch DataLoader; yields (images [b,1,R,R], sample ids)."""
+
+    def __init__(self, cfg: DataConfig, index: SplitIndex, resolution: int, epoch: int, augment: bool):
+        self.dataset = DecodedSamples(cfg, index, resolution, epoch, augment)
+        self.cfg = cfg
+
+    def iterate(self, batches: list[np.ndarray], on_corrupt: OnCorrupt) -> Iterator[tuple[object, np.ndarray]]:
+        """Yield every planned batch minus corrupt samples (reported through on_corrupt)."""
+        import torch
+
+        workers = self.cfg.num_threads
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=[b.tolist() for b in batches], num_workers=workers,
+            collate_fn=_collate, pin_memory=self.cfg.device == "gpu",
+            worker_init_fn=_one_thread if workers else None, persistent_workers=False)
+        for images, ids, corrupt in loader:
+            for c in corrupt:
+                on_corrupt(c)  # raises in eval / strict
+            if len(ids):
+                yield images, ids
+
+
+class DecodedSamples:
+    """Map-style dataset: sample id → (id, image float32 [1,R,R]) or the CorruptSample."""
+
+    def __init__(self, cfg: DataConfig, index: SplitIndex, resolution: int, epoch: int, augment: bool):
+        self.cfg, self.index, self.res, self.epoch, self.augment = cfg, index, resolution, epoch, augment
+        self.reader = SampleReader(index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int):
+        try:
+            image, _, _ = self.reader.read(i)
+            pixels = decode_resize(image, self.res, self.index, i)
+        except CorruptSample as corrupt:
+            return i, corrupt
+        return i, self.transform(pixels, self.index.keys[i])
+
+    def transform(self, pixels: np.ndarray, key: str):
+        """uint8 [R,R] → normalized float32 [1,R,R] (augmented in training)."""
+        import torch
+
+        x = torch.from_numpy(pixels).float()[None]
+        if self.augment:
+            p = draw_params([key], self.cfg, self.epoch, self.res)
+            x = warp_affine_torch(x, p.matrix[0]).round_().clamp_(0, 255) / 255.0
+            x = intensity_torch(x, float(p.brightness[0]), float(p.contrast[0]))
+        else:
+            x = x / 255.0
+        return (x - self.cfg.mean) / self.cfg.std
+
+
+def decode_resize(image: bytes, res: int, index: SplitIndex, i: int) -> np.ndarray:
+    """Encoded image → grey uint8 [res, res] (PIL bilinear, antialiased, when not already res×res)."""
+    from PIL import Image
+
+    try:
+        im = Image.open(io.BytesIO(image))
+        im.load()
+    except Exception as err:  # any decoder failure marks the sample corrupt
+        raise CorruptSample(index.shard_paths[index.shard[i]], index.keys[i],
+                            f"{index.codec} does not decode ({err})") from err
+    if im.mode != "L":
+        im = im.convert("L")  # RGBA/RGB radiographs have R=G=B (SPEC); I;16 would lose bits here
+    if im.size != (res, res):
+        im = im.resize((res, res), Image.BILINEAR)
+    return np.array(im)  # writable copy for torch.from_numpy
+
+
+def _collate(items):
+    import torch
+
+    good = [(i, x) for i, x in items if not isinstance(x, CorruptSample)]
+    corrupt = [x for _, x in items if isinstance(x, CorruptSample)]
+    if not good:
+        return None, np.empty(0, np.int64), corrupt
+    return torch.stack([x for _, x in good]), np.asarray([i for i, _ in good], np.int64), corrupt
+
+
+def _one_thread(_worker: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # workers are the parallelism; intra-op threads would oversubscribe
