@@ -1,0 +1,92 @@
+"""`pack --resize N`: derived N×N shards in OUT/resN/, made from the grey master shards.
+
+Each master shard maps to one derived shard of the same name and samples (so
+derived shards are smaller than --shard-size-mb). Images are decoded from the
+master, resized with Lanczos (antialiased) and re-encoded in the master's codec;
+the other members are copied. A journal per folder makes this resumable too.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from shards.atomic import atomic_write, atomic_write_text
+from shards.dali_index import group_samples, index_text, split_name
+from shards.image_codec import CODEC_EXT, resize_encoded
+from shards.manifest import write_manifest
+from shards.pack_journal import Journal
+
+
+def derive_shard(master_tar: str, out_dir: str, size: int, codec: str, quality: int) -> dict[str, Any]:
+    """Write ``out_dir/<same name>`` from one master shard; return its journal entry."""
+    import tarfile  # noqa: PLC0415
+
+    from shards.tar_writer import TarStream  # noqa: PLC0415
+
+    name = Path(master_tar).name
+    image_ext, keys = CODEC_EXT[codec], []
+    with atomic_write(Path(out_dir) / name) as fh, tarfile.open(master_tar, "r:") as tar:
+        stream = TarStream(fh)
+        for info in tar:
+            data = tar.extractfile(info).read()
+            base, ext = split_name(info.name)
+            if ext == image_ext:
+                data = resize_encoded(data, size, codec, quality)
+                keys.append(base)
+            stream.add(info.name, data)
+        sha = stream.finish()
+    index = name[:-4] + ".idx"
+    atomic_write_text(Path(out_dir) / index, index_text(group_samples(stream.members)))
+    return {"name": name, "split": name.rsplit("-", 1)[0], "index": index, "samples": len(keys),
+            "bytes": stream.offset, "sha256": sha, "keys": keys, "converted": [],
+            "sizes": {f"{size}x{size}": len(keys)}}
+
+
+def derive_resized(out: Path, master: dict[str, Any], size: int, workers: int) -> dict[str, Any]:
+    """Write OUT/res{size}/ (shards, indexes, manifest) from the master shards; return its manifest."""
+    res_dir = Path(out) / f"res{size}"
+    res_dir.mkdir(exist_ok=True)
+    for stale in res_dir.glob(".*.tmp"):
+        stale.unlink()
+    codec, quality = master["codec"], master["quality"] or 95
+    journal = Journal(res_dir, {"resolution": size, "codec": codec, "quality": quality}, prefix=False)
+    sources = {s["name"]: s["sha256"] for s in master["shards"]}
+    journal.entries = [e for e in journal.entries if sources.get(e["name"]) == e.get("source_sha256")]
+    todo = [s for s in master["shards"] if s["name"] not in {e["name"] for e in journal.entries}]
+    start = time.perf_counter()
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context) as pool, \
+            tqdm(total=sum(s["samples"] for s in todo), unit="img", desc=f"res{size}", mininterval=0.5) as bar:
+        futures = {pool.submit(derive_shard, str(Path(out) / s["name"]), str(res_dir), size, codec, quality): s
+                   for s in todo}
+        for future in as_completed(futures):
+            entry = future.result()
+            entry["source_sha256"] = futures[future]["sha256"]
+            journal.add(entry)
+            bar.update(entry["samples"])
+    manifest = _derived_manifest(master, journal, size)
+    write_manifest(res_dir, manifest)
+    seconds = time.perf_counter() - start
+    images = sum(s["samples"] for s in todo)
+    print(f"res{size}: {images} images in {seconds:.1f} s ({images / max(seconds, 1e-9):.0f} images/s), "
+          f"{len(master['shards']) - len(todo)} shards already derived; {len(manifest['shards'])} shards, "
+          f"{sum(s['bytes'] for s in manifest['shards']) / 1e9:.2f} GB → {res_dir}", flush=True)
+    return manifest
+
+
+def _derived_manifest(master: dict[str, Any], journal: Journal, size: int) -> dict[str, Any]:
+    by_name = {e["name"]: e for e in journal.entries}
+    shards = [{**s, "bytes": by_name[s["name"]]["bytes"], "sha256": by_name[s["name"]]["sha256"]}
+              for s in master["shards"]]
+    sizes = Counter()
+    for entry in journal.entries:
+        sizes.update(entry["sizes"])
+    return {**master, "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "resolution": size, "derived": True, "shards": shards, "image_sizes": dict(sizes)}

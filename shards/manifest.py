@@ -1,0 +1,93 @@
+"""manifest.json of a shards folder: write, load, validate, and find shard files.
+
+The fields are specified in docs/shards-format.md (format ``cxr-shards/1``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from shards.atomic import atomic_write_text
+from shards.errors import CxrError
+from shards.labels import LABELS
+
+FORMAT = "cxr-shards/1"
+MANIFEST_NAME = "manifest.json"
+SPLITS = ("train", "val", "test")
+CODECS = ("png", "jpeg", "j2k")
+_REQUIRED = {
+    "format": str, "package_version": str, "created": str, "codec": str, "derived": bool,
+    "source": list, "labels": list, "meta_fields": list, "meta_stats": dict,
+    "splits": dict, "shards": list, "missing": list, "rejected": list, "converted": list,
+}
+_SHARD_FIELDS = ("name", "split", "samples", "bytes", "sha256", "index")
+
+
+def manifest_path(directory: str | Path) -> Path:
+    """``DIR/manifest.json`` (a path that already names a .json file is kept)."""
+    path = Path(directory)
+    return path if path.suffix == ".json" else path / MANIFEST_NAME
+
+
+def write_manifest(directory: str | Path, manifest: dict[str, Any]) -> Path:
+    """Validate and write ``DIR/manifest.json`` atomically; return its path."""
+    path = manifest_path(directory)
+    validate_manifest(manifest, path)
+    atomic_write_text(path, json.dumps(manifest, indent=1) + "\n")
+    return path
+
+
+def load_manifest(directory: str | Path) -> dict[str, Any]:
+    """Read and validate ``DIR/manifest.json``; CxrError naming the path if absent or invalid."""
+    path = manifest_path(directory)
+    if not path.is_file():
+        raise CxrError(f"{path}: no shards manifest here — run `python -m shards pack --out {path.parent}` first")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CxrError(f"{path}: unreadable manifest ({err}) — re-run `python -m shards pack`") from None
+    validate_manifest(manifest, path)
+    return manifest
+
+
+def validate_manifest(manifest: Any, path: str | Path = MANIFEST_NAME) -> None:
+    """Check fields, types and internal consistency (per-split counts add up to the shard list)."""
+    def bad(what: str) -> CxrError:
+        return CxrError(f"{path}: invalid shards manifest: {what} — re-run `python -m shards pack`")
+
+    if not isinstance(manifest, dict):
+        raise bad("not a JSON object")
+    if manifest.get("format") != FORMAT:
+        raise bad(f"format is {manifest.get('format')!r}, expected {FORMAT!r}")
+    for key, kind in _REQUIRED.items():
+        if not isinstance(manifest.get(key), kind):
+            raise bad(f"field {key!r} missing or not a {kind.__name__}")
+    if manifest["codec"] not in CODECS:
+        raise bad(f"codec {manifest['codec']!r} not one of {CODECS}")
+    if list(manifest["labels"]) != list(LABELS):
+        raise bad("labels differ from the canonical 14 (shards.labels.LABELS)")
+    for entry in manifest["shards"]:
+        if not isinstance(entry, dict) or any(f not in entry for f in _SHARD_FIELDS):
+            raise bad(f"shard entry {entry!r} lacks one of {_SHARD_FIELDS}")
+    for split, stats in manifest["splits"].items():
+        mine = [s for s in manifest["shards"] if s["split"] == split]
+        if stats.get("samples") != sum(s["samples"] for s in mine) or stats.get("shards") != len(mine):
+            raise bad(f"split {split!r}: samples/shards counts disagree with the shard list")
+
+
+def shard_files(directory: str | Path, split: str) -> list[tuple[Path, Path]]:
+    """(tar, DALI index) paths of one split, in manifest order."""
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    if split not in manifest["splits"]:
+        raise CxrError(f"{manifest_path(directory)}: no split {split!r} — have {sorted(manifest['splits'])}")
+    return [(directory / s["name"], directory / s["index"]) for s in manifest["shards"] if s["split"] == split]
+
+
+def shards_dir_for(directory: str | Path, resolution: int | None) -> Path:
+    """The folder to read for a resolution: ``DIR/res{R}`` when derived shards exist, else DIR."""
+    directory = Path(directory)
+    if resolution is not None and manifest_path(directory / f"res{resolution}").is_file():
+        return directory / f"res{resolution}"
+    return directory

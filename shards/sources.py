@@ -1,0 +1,90 @@
+"""Where images come from: folders of PNGs and NIH archives `images_0NN.tar.gz`.
+
+A folder is scanned recursively for `*.png` (so an extracted NIH download with its
+`images/` sub-folder works as is). An archive is streamed member by member with
+tarfile's `r|*` mode — never extracted, never seeked — so its members come in
+archive order. An image's key is its file name without extension.
+"""
+from __future__ import annotations
+
+import os
+import tarfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+from shards.errors import CxrError
+
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+
+
+@dataclass
+class Sources:
+    """Images found in folders (key → path) and archives to stream, in the order given."""
+
+    files: dict[str, Path] = field(default_factory=dict)
+    archives: list[Path] = field(default_factory=list)
+    roots: list[Path] = field(default_factory=list)
+
+    def describe(self) -> list[str]:
+        """The source list recorded in the manifest (absolute paths)."""
+        folders = sorted({str(p) for p in self.roots})
+        return folders + [str(a) for a in self.archives]
+
+
+def is_archive(path: Path) -> bool:
+    return path.name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def scan_sources(paths: Sequence[str | Path]) -> Sources:
+    """Index the folders' PNGs and check the archives exist; CxrError on a duplicate key."""
+    sources = Sources()
+    for raw in paths:
+        path = Path(raw).resolve()
+        if path.is_dir():
+            sources.roots.append(path)
+            for key, file in _walk_pngs(path):
+                if key in sources.files:
+                    raise CxrError(f"{file}: duplicate image id {key!r}, also at {sources.files[key]} "
+                                   "— remove one copy or pass only one of the folders")
+                sources.files[key] = file
+        elif path.is_file() and is_archive(path):
+            if path in sources.archives:
+                raise CxrError(f"{path}: archive given twice — pass each archive once")
+            sources.archives.append(path)
+        elif path.exists():
+            raise CxrError(f"{path}: not a folder of PNGs nor an archive ({', '.join(ARCHIVE_SUFFIXES)}) "
+                           "— pass a folder or NIH images_0NN.tar.gz files")
+        else:
+            raise CxrError(f"{path}: image source does not exist — check the --images path")
+    return sources
+
+
+def _walk_pngs(root: Path) -> Iterator[tuple[str, Path]]:
+    for folder, dirs, names in os.walk(root):
+        dirs.sort()
+        for name in sorted(names):
+            if name.lower().endswith(".png") and not name.startswith("."):
+                yield name[:-4], Path(folder, name)
+
+
+def iter_archive(path: Path, want: Callable[[str], bool]) -> Iterator[tuple[str, str, bytes | None]]:
+    """Stream (key, member name, bytes) for every PNG member; bytes is None unless want(key).
+
+    Members not wanted are skipped without being read into memory (the gzip stream
+    still has to be decompressed past them).
+    """
+    try:
+        with tarfile.open(path, mode="r|*") as tar:
+            for member in tar:
+                name = member.name
+                base = name.rsplit("/", 1)[-1]
+                if not member.isreg() or not base.lower().endswith(".png") or base.startswith("."):
+                    continue
+                key = base[:-4]
+                data = tar.extractfile(member).read() if want(key) else None
+                yield key, name, data
+    except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
+        raise CxrError(f"{path}: corrupt or truncated archive ({type(err).__name__}: {err}) "
+                       "— re-download it or check it with `gzip -t`") from None

@@ -1,0 +1,185 @@
+"""`python -m shards verify DIR`: re-read every shard and check it against the manifest.
+
+Per shard (in parallel): size and sha256, the DALI index, five members per sample,
+every image decodes to one grey channel (of the stated resolution for derived
+shards), `.labels`/`.meta`/`.id` equal what the `.json` says. Across shards: no key
+twice, per-split samples/patients/positives and train age statistics equal the
+manifest, no shard key also listed as missing or rejected, no unlisted tar.
+"""
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import tarfile
+import time
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from shards.dali_index import index_for_tar, split_name
+from shards.image_codec import CODEC_EXT, BadImage, decode_grey
+from shards.labels import LABELS
+from shards.manifest import load_manifest
+from shards.pack_journal import file_sha256
+from shards.records import id_bytes, labels_bytes, meta_vector
+
+_REPORT_LINES = 50
+
+
+@dataclass
+class Report:
+    """What verify found: failures as 'where: what' lines (empty = all good)."""
+
+    failures: list[str] = field(default_factory=list)
+    shards: int = 0
+    samples: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def run(args: Any) -> int:
+    """CLI entry: 0 when every check holds, else print the failures and return 1."""
+    report = verify(args.dir, workers=args.workers)
+    for line in report.failures[:_REPORT_LINES]:
+        print(f"FAIL {line}")
+    if len(report.failures) > _REPORT_LINES:
+        print(f"… and {len(report.failures) - _REPORT_LINES} more failures")
+    status = "OK" if report.ok else f"FAILED ({len(report.failures)} problems)"
+    print(f"verify: {report.samples} samples in {report.shards} shards checked in {report.seconds:.1f} s "
+          f"({report.samples / max(report.seconds, 1e-9):.0f} samples/s): {status} — {args.dir}", flush=True)
+    return 0 if report.ok else 1
+
+
+def verify(directory: str | Path, workers: int | None = None) -> Report:
+    """Check every shard of ``directory`` against its manifest; return the Report."""
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    report, start = Report(shards=len(manifest["shards"])), time.perf_counter()
+    samples: dict[str, list[tuple[str, dict]]] = defaultdict(list)  # key → [(shard, json)]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers or os.cpu_count() or 1, mp_context=context) as pool, \
+            tqdm(total=sum(s["samples"] for s in manifest["shards"]), unit="img", desc="verify",
+                 mininterval=0.5) as bar:
+        futures = {pool.submit(check_shard, str(directory), entry, manifest["codec"], manifest["resolution"]):
+                   entry for entry in manifest["shards"]}
+        for future in as_completed(futures):
+            failures, records = future.result()
+            report.failures += failures
+            for key, record in records:
+                samples[key].append((futures[future]["name"], record))
+            bar.update(futures[future]["samples"])
+    report.samples = len(samples)
+    report.failures += _check_totals(directory, manifest, samples)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def check_shard(directory: str, entry: dict[str, Any], codec: str, resolution: int | None) \
+        -> tuple[list[str], list[tuple[str, dict]]]:
+    """Check one shard; return (failures, [(key, json record)]) of its samples."""
+    tar_path, name = Path(directory) / entry["name"], entry["name"]
+    if not tar_path.is_file():
+        return [f"{name}: shard file is missing"], []
+    failures = []
+    if tar_path.stat().st_size != entry["bytes"] or file_sha256(tar_path) != entry["sha256"]:
+        failures.append(f"{name}: size/sha256 differ from the manifest (corrupt or replaced shard)")
+    index_path = Path(directory) / entry["index"]
+    try:
+        if not index_path.is_file() or index_path.read_text() != index_for_tar(tar_path):
+            failures.append(f"{entry['index']}: DALI index missing or not matching {name}")
+        groups = _read_samples(tar_path)
+    except (tarfile.TarError, OSError) as err:
+        return failures + [f"{name}: unreadable tar ({err})"], []
+    records = []
+    for key, members in groups:
+        problems, record = _check_sample(key, members, CODEC_EXT[codec], entry["split"], resolution)
+        failures += [f"{name}: {key}: {p}" for p in problems]
+        if record is not None:
+            records.append((key, record))
+    if len(groups) != entry["samples"]:
+        failures.append(f"{name}: {len(groups)} samples, manifest says {entry['samples']}")
+    return failures, records
+
+
+def _read_samples(tar_path: Path) -> list[tuple[str, dict[str, bytes]]]:
+    """[(key, {ext: data})] in tar order; a key seen again later becomes its own group."""
+    groups: list[tuple[str, dict[str, bytes]]] = []
+    with tarfile.open(tar_path, "r:") as tar:
+        for info in tar:
+            base, ext = split_name(info.name)
+            if not groups or groups[-1][0] != base:
+                groups.append((base, {}))
+            groups[-1][1][ext] = tar.extractfile(info).read() if info.isreg() else b""
+    return groups
+
+
+def _check_sample(key: str, members: dict[str, bytes], image_ext: str, split: str,
+                  resolution: int | None) -> tuple[list[str], dict | None]:
+    expected = {image_ext, "labels", "meta", "id", "json"}
+    if set(members) != expected:
+        return [f"members {sorted(members)}, expected {sorted(expected)}"], None
+    problems = []
+    try:
+        image = decode_grey(members[image_ext])
+        if image.mode != "L":
+            problems.append(f"image decodes to mode {image.mode}, expected L (one grey channel)")
+        if resolution is not None and image.size != (resolution, resolution):
+            problems.append(f"image is {image.size[0]}x{image.size[1]}, expected {resolution}x{resolution}")
+    except BadImage as err:
+        problems.append(str(err))
+    try:
+        record = json.loads(members["json"])
+        problems += _json_mismatches(key, record, members, split)
+    except (ValueError, KeyError, TypeError) as err:
+        return problems + [f"unreadable .json ({err})"], None
+    return problems, record
+
+
+def _json_mismatches(key: str, record: dict, members: dict[str, bytes], split: str) -> list[str]:
+    problems = []
+    if Path(record["image"]).stem != key and record["image"] != key:
+        problems.append(f".json image {record['image']!r} is not this key")
+    if record["split"] != split:
+        problems.append(f".json split {record['split']!r} in a {split} shard")
+    if members["labels"] != labels_bytes(record["labels"]) or len(record["labels"]) != len(LABELS):
+        problems.append(".labels differ from the .json labels")
+    if record["findings"] != [n for n, y in zip(LABELS, record["labels"]) if y]:
+        problems.append(".json findings differ from its labels")
+    if members["meta"] != meta_vector(record["age"], record["sex"], record["view"]).tobytes():
+        problems.append(".meta differs from the .json age/sex/view")
+    if members["id"] != id_bytes(key):
+        problems.append(".id is not the NUL-padded key")
+    return problems
+
+
+def _check_totals(directory: Path, manifest: dict, samples: dict[str, list[tuple[str, dict]]]) -> list[str]:
+    failures = [f"{key}: in several shards {[s for s, _ in where]}" for key, where in samples.items()
+                if len(where) > 1]
+    records = {key: where[0][1] for key, where in samples.items()}
+    for split, stats in manifest["splits"].items():
+        mine = [r for r in records.values() if r["split"] == split]
+        positives = {n: sum(r["labels"][i] for r in mine) for i, n in enumerate(LABELS)}
+        if len(mine) != stats["samples"] or len({r["patient"] for r in mine}) != stats["patients"]:
+            failures.append(f"split {split}: {len(mine)} samples / {len({r['patient'] for r in mine})} patients "
+                            f"in shards, manifest says {stats['samples']} / {stats['patients']}")
+        if positives != stats["positives"]:
+            failures.append(f"split {split}: positives per label differ from the manifest")
+    ages = [r["age"] for r in records.values() if r["split"] == "train" and r["age"] is not None]
+    mean = manifest["meta_stats"]["age_mean"]
+    if ages and (mean is None or not math.isclose(sum(ages) / len(ages), mean, abs_tol=1e-4)):
+        failures.append(f"meta_stats age_mean {mean} differs from the train samples' {sum(ages) / len(ages):.4f}")
+    elsewhere = set(manifest["missing"]) | {r["image"] for r in manifest["rejected"]}
+    failures += [f"{key}: in a shard but also listed as missing/rejected" for key in sorted(elsewhere & set(records))]
+    listed = {s["name"] for s in manifest["shards"]}
+    failures += [f"{p.name}: tar file not listed in the manifest" for p in sorted(directory.glob("*.tar"))
+                 if p.name not in listed]
+    return failures
