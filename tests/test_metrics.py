@@ -220,7 +220,7 @@ def test_bootstrap_with_arbitrary_weights_and_float_ties():
     rng = np.random.default_rng(9)
     y = rng.random((300, 2)) < 0.3
     s = rng.integers(0, 5, size=(300, 2)) / 7.0  # heavy ties, non-round floats
-    counts = rng.integers(0, 4, size=(300, 3)).astype(np.float32)
+    counts = rng.integers(0, 4, size=(300, 3))  # int64 weights are accepted too
     res = M.bootstrap_auroc(y, s, counts=counts)
     for b in range(3):
         expected = [roc_auc_score(y[:, c], s[:, c], sample_weight=counts[:, b]) for c in range(2)]
