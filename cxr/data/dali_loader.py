@@ -29,6 +29,7 @@ import numpy as np
 
 from cxr.data.augmentation import draw_params
 from cxr.data.config import DataConfig
+from shards.errors import CxrError
 from cxr.data.shard_index import CorruptSample, SampleReader, SplitIndex
 
 OnCorrupt = Callable[[CorruptSample], None]  # records a skip, or raises CxrError
@@ -135,7 +136,13 @@ def _pipeline(o: DaliBatches, source):
         return fn.transpose((y - cfg.mean) / cfg.std, perm=[2, 0, 1])
 
     p = pipe()
-    p.build()
+    try:
+        p.build()
+    except RuntimeError as err:
+        if gpu:
+            raise CxrError(f"data.device=gpu: DALI could not build a GPU pipeline on device {o.device_id} "
+                           f"({str(err).splitlines()[0]}) — run on a CUDA machine or set data.device=cpu") from err
+        raise
     return p
 
 

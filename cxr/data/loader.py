@@ -108,9 +108,13 @@ class Loader:
 
 
 def _native_size(index: SplitIndex, manifest: dict) -> tuple[int, int] | None:
-    """Pixel size of the shards' images: the manifest's for derived shards, else the first sample's header."""
+    """Pixel size of all the shards' images if known to be uniform (manifest), else the first sample's header."""
     if manifest.get("resolution"):
         return int(manifest["resolution"]), int(manifest["resolution"])
+    sizes = manifest.get("image_sizes") or {}
+    if len(sizes) == 1:
+        width, _, height = next(iter(sizes)).partition("x")
+        return int(width), int(height)
     from PIL import Image
 
     reader = SampleReader(index)
