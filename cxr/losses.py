@@ -163,7 +163,8 @@ class LossConfig:
     eps: float = 1e-7
     """dynamic_weighted_bce: epsilon in the weights 1/(r~+eps), 1/(1-r~+eps)."""
     batch_stats: str = "rank"
-    """dynamic_weighted_bce: positive ratio of this rank's batch (rank) or all-reduced over ranks (global)."""
+    """dynamic_weighted_bce: positive ratio of this rank's batch (rank, default: the reference's
+    per-device statistic, no communication) or of the global batch, all-reduced (global)."""
     gamma: float = 2.0
     """focal: focusing exponent gamma >= 0 (0 gives BCE)."""
     alpha: float | None = None

@@ -232,7 +232,8 @@ def _rank_worker(rank: int, world: int, init_file: str, out_dir: str, z: np.ndar
         lo = sum(sizes[:rank])
         zr = torch.tensor(z[lo:lo + sizes[rank]], requires_grad=True)
         yr = torch.tensor(y[lo:lo + sizes[rank]])
-        out = {"r_global": losses.positive_ratio(yr, "global"), "r_rank": losses.positive_ratio(yr, "rank")}
+        out = {"r_global": losses.positive_ratio(yr, "global"), "r_rank": losses.positive_ratio(yr, "rank"),
+               "r_grad": losses.positive_ratio(yr.clone().requires_grad_(True), "global").requires_grad}
         loss = losses.dynamic_weighted_bce(zr, yr, batch_stats="global")
         loss.backward()
         averaged = loss.detach().clone()
@@ -257,8 +258,9 @@ def test_global_batch_stats_across_two_gloo_ranks(tmp_path):
         out_dir.mkdir()
         mp.spawn(_rank_worker, args=(2, str(out_dir / "pg"), str(out_dir), z, y, sizes), nprocs=2, join=True)
         res = [torch.load(out_dir / f"rank{r}.pt") for r in range(2)]
-        for r in range(2):  # global r = r of the concatenated batch, on every rank
+        for r in range(2):  # global r = r of the concatenated batch, on every rank, without gradient
             np.testing.assert_allclose(res[r]["r_global"].numpy(), y.mean(axis=0), rtol=1e-12)
+            assert res[r]["r_grad"] is False
         assert not np.allclose(res[0]["r_rank"].numpy(), res[1]["r_rank"].numpy())
         assert res[0]["averaged"].item() == res[1]["averaged"].item()  # both ranks see one loss
         if sizes[0] == sizes[1]:
