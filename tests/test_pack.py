@@ -1,0 +1,447 @@
+"""pack: round trips on the real NIH sample, archives, DALI, bad input, resume.
+
+References are independent of the packer: PIL's decode of the original files,
+the sample's labels.csv (labels, age, sex, view, file sha256, PNG mode), DALI's
+own `wds2idx` tool and webdataset reader, Python's tarfile.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from shards.cli import main as cli
+from shards.errors import CxrError
+from shards.labels import LABELS
+from shards.manifest import load_manifest
+from shards.pack import pack
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- helpers
+def sample_splits(sample_dir: Path) -> pd.DataFrame:
+    """A splits table written directly from the sample's labels.csv (not by shards.splits)."""
+    csv = pd.read_csv(sample_dir / "labels.csv")
+    table = pd.DataFrame({"image": csv["Image Index"], "patient": csv["Patient ID"]})
+    table["split"] = ["test" if s == "test" else ("val" if p % 5 == 0 else "train")
+                      for s, p in zip(csv["official_split"], csv["Patient ID"])]
+    for label in LABELS:
+        table[label] = csv["Finding Labels"].map(lambda f, label=label: int(label in f.split("|")))
+    table["age"], table["sex"], table["view"] = csv["Patient Age"], csv["Patient Gender"], csv["View Position"]
+    return table
+
+
+def read_shards(directory: Path) -> dict[str, dict[str, bytes]]:
+    """key → {ext: bytes} for every sample of every shard in the manifest, via tarfile."""
+    samples: dict[str, dict[str, bytes]] = {}
+    for shard in load_manifest(directory)["shards"]:
+        with tarfile.open(directory / shard["name"]) as tar:
+            for info in tar:
+                key, ext = info.name.split(".", 1)
+                samples.setdefault(key, {})[ext] = tar.extractfile(info).read()
+    return samples
+
+
+def grey(data_or_path) -> np.ndarray:
+    source = io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else data_or_path
+    return np.asarray(Image.open(source).convert("L"))
+
+
+def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array, mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def tiny_dataset(tmp: Path, n: int = 6, size: int = 64) -> tuple[pd.DataFrame, Path]:
+    """n random grey PNGs + a splits table (patients 1..n, splits train/val/test)."""
+    rng = np.random.default_rng(0)
+    folder = tmp / "images"
+    folder.mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        key = f"{i + 1:08d}_000"
+        (folder / f"{key}.png").write_bytes(png_bytes(rng.integers(0, 256, (size, size), dtype=np.uint8)))
+        labels = {name: int(rng.random() < 0.3) for name in LABELS}
+        rows.append({"image": f"{key}.png", "patient": i + 1, "split": ("train", "val", "test")[i % 3],
+                     **labels, "age": 30 + i, "sex": "MF"[i % 2], "view": ("PA", "AP")[i % 2]})
+    return pd.DataFrame(rows), folder
+
+
+def make_archive(path: Path, files: list[Path]) -> None:
+    """An NIH-style images_0NN.tar.gz: members images/NNNNNNNN_NNN.png."""
+    with tarfile.open(path, "w:gz") as tar:
+        for file in files:
+            tar.add(file, arcname=f"images/{file.name}")
+
+
+def without_created(manifest: dict) -> dict:
+    return {k: v for k, v in manifest.items() if k != "created"}
+
+
+# ------------------------------------------------------- real sample, png
+@pytest.fixture(scope="module")
+def packed_sample(nih_sample_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("packed") / "shards"
+    table = sample_splits(nih_sample_dir)
+    manifest = pack(table, [nih_sample_dir], out, shard_size_mb=20, workers=2)
+    return out, manifest, table
+
+
+def test_png_round_trip_real_sample(packed_sample, nih_sample_dir):
+    """Every decoded shard image equals PIL's L decode of the original; grey files keep their bytes."""
+    out, manifest, _ = packed_sample
+    csv = pd.read_csv(nih_sample_dir / "labels.csv").set_index("Image Index")
+    samples = read_shards(out)
+    assert len(samples) == 130
+    for key, members in samples.items():
+        row = csv.loc[f"{key}.png"]
+        decoded = Image.open(io.BytesIO(members["png"]))
+        assert decoded.mode == "L", key
+        np.testing.assert_array_equal(np.asarray(decoded), grey(nih_sample_dir / f"{key}.png"), err_msg=key)
+        if row["png_mode"] == "L":  # passthrough: the original file, byte for byte
+            assert hashlib.sha256(members["png"]).hexdigest() == row["sha256"], key
+    rgba = sorted(csv.index[csv["png_mode"] == "RGBA"].str[:-4])
+    assert len(rgba) == 6
+    assert manifest["converted"] == [{"image": k, "from_mode": "RGBA"} for k in rgba]
+    assert manifest["image_sizes"] == {"1024x1024": 130}
+    assert manifest["missing"] == [] and manifest["rejected"] == []
+
+
+def test_labels_meta_json_match_the_table(packed_sample, nih_sample_dir):
+    out, _, table = packed_sample
+    csv = pd.read_csv(nih_sample_dir / "labels.csv").set_index("Image Index")
+    for key, members in read_shards(out).items():
+        row = csv.loc[f"{key}.png"]
+        findings = set(row["Finding Labels"].split("|")) - {"No Finding"}
+        assert list(members["labels"]) == [int(name in findings) for name in LABELS], key
+        meta = np.frombuffer(members["meta"], dtype="<f4")
+        expected = [row["Patient Age"], row["Patient Gender"] == "M", row["Patient Gender"] == "F",
+                    row["View Position"] == "PA", row["View Position"] == "AP"]
+        np.testing.assert_array_equal(meta, np.array(expected, dtype=np.float32), err_msg=key)
+        assert members["id"] == key.encode().ljust(32, b"\0")
+        record = json.loads(members["json"])
+        assert record["patient"] == row["Patient ID"] and record["findings"] == sorted(findings)
+        assert record["split"] == table.set_index("image").loc[f"{key}.png", "split"]
+
+
+def test_manifest_statistics_match_pandas(packed_sample):
+    out, manifest, table = packed_sample
+    assert load_manifest(out) == manifest
+    for split, part in table.groupby("split"):
+        stats = manifest["splits"][split]
+        assert stats["samples"] == len(part) and stats["patients"] == part["patient"].nunique()
+        assert stats["positives"] == {name: int(part[name].sum()) for name in LABELS}
+        for name in LABELS:
+            assert stats["prevalence"][name] == pytest.approx(part[name].mean(), abs=1e-6)
+        assert stats["shards"] == sum(s["split"] == split for s in manifest["shards"])
+    train_age = table.loc[table["split"] == "train", "age"]
+    assert manifest["meta_stats"]["age_mean"] == pytest.approx(train_age.mean(), abs=1e-5)
+    assert manifest["meta_stats"]["age_std"] == pytest.approx(train_age.std(ddof=0), abs=1e-5)
+    for shard in manifest["shards"]:
+        data = (out / shard["name"]).read_bytes()
+        assert len(data) == shard["bytes"] <= 20e6
+        assert hashlib.sha256(data).hexdigest() == shard["sha256"]
+    # samples in a shard follow the splits-table order (folder input)
+    order = {image[:-4]: i for i, image in enumerate(table["image"])}
+    for shard in manifest["shards"]:
+        with tarfile.open(out / shard["name"]) as tar:
+            keys = [m.name.split(".")[0] for m in tar.getmembers() if m.name.endswith(".id")]
+        assert keys == sorted(keys, key=order.get)
+
+
+def test_dali_index_matches_wds2idx_and_dali_reads_shards(packed_sample, tmp_path):
+    """Our .idx files equal DALI's own wds2idx output; DALI's reader yields every key and label."""
+    out, manifest, _ = packed_sample
+    wds2idx = pytest.importorskip("wds2idx")
+    for shard in manifest["shards"]:
+        reference = tmp_path / shard["index"]
+        with wds2idx.IndexCreator(str(out / shard["name"]), str(reference), verbose=False) as creator:
+            creator.create_index()
+        assert (out / shard["index"]).read_text() == reference.read_text(), shard["name"]
+
+    pytest.importorskip("nvidia.dali")
+    from nvidia.dali import fn, pipeline_def
+
+    tars = [str(out / s["name"]) for s in manifest["shards"]]
+    indexes = [str(out / s["index"]) for s in manifest["shards"]]
+
+    @pipeline_def(batch_size=13, num_threads=1, device_id=None)
+    def reader():
+        ids, labels = fn.readers.webdataset(paths=tars, index_paths=indexes, ext=["id", "labels"],
+                                            missing_component_behavior="error", name="r")
+        return ids, labels
+
+    pipe = reader()
+    pipe.build()
+    assert pipe.epoch_size("r") == 130
+    got = {}
+    for _ in range(10):
+        ids, labels = pipe.run()
+        for i in range(len(ids)):
+            got[bytes(np.array(ids.at(i))).rstrip(b"\0").decode()] = bytes(np.array(labels.at(i)))
+    expected = read_shards(out)
+    assert set(got) == set(expected)
+    assert all(got[k] == expected[k]["labels"] for k in got)
+
+
+def test_archive_input_gives_same_pixels(nih_sample_dir, tmp_path):
+    """Packing from NIH-style .tar.gz files (streamed) gives the original pixels, RGBA included."""
+    table = sample_splits(nih_sample_dir)
+    csv = pd.read_csv(nih_sample_dir / "labels.csv")
+    chosen = list(csv.loc[csv["png_mode"] == "RGBA", "Image Index"][:2]) + list(csv["Image Index"][:10])
+    table = table[table["image"].isin(chosen)]
+    files = [nih_sample_dir / name for name in sorted(set(chosen))]
+    make_archive(tmp_path / "images_001.tar.gz", files[: len(files) // 2])
+    make_archive(tmp_path / "images_002.tar.gz", files[len(files) // 2 :])
+    archives = [tmp_path / "images_001.tar.gz", tmp_path / "images_002.tar.gz"]
+    manifest = pack(table, archives, tmp_path / "out", workers=2)
+    samples = read_shards(tmp_path / "out")
+    assert set(samples) == {name[:-4] for name in chosen}
+    for key, members in samples.items():
+        np.testing.assert_array_equal(grey(members["png"]), grey(nih_sample_dir / f"{key}.png"), err_msg=key)
+    assert manifest["source"] == [str(a) for a in archives]
+    assert len(manifest["converted"]) == 2
+    # archive input: samples follow archive order (here: sorted file names)
+    for shard in manifest["shards"]:
+        with tarfile.open(tmp_path / "out" / shard["name"]) as tar:
+            keys = [m.name.split(".")[0] for m in tar.getmembers() if m.name.endswith(".id")]
+        assert keys == sorted(keys)
+
+
+# --------------------------------------------------------------- codecs
+def test_j2k_lossless_and_jpeg_within_tolerance(nih_sample_dir, tmp_path):
+    """j2k: exact pixels. jpeg q95: mean |error| < 1 grey level and PSNR > 40 dB per image."""
+    table = sample_splits(nih_sample_dir)
+    csv = pd.read_csv(nih_sample_dir / "labels.csv")
+    chosen = [csv.loc[csv["png_mode"] == "RGBA", "Image Index"].iloc[-1], *csv["Image Index"][:2]]
+    table = table[table["image"].isin(chosen)]
+    for codec, ext in (("j2k", "jp2"), ("jpeg", "jpg")):
+        manifest = pack(table, [nih_sample_dir], tmp_path / codec, codec=codec, workers=2)
+        assert manifest["codec"] == codec and manifest["quality"] == (95 if codec == "jpeg" else None)
+        for key, members in read_shards(tmp_path / codec).items():
+            assert set(members) == {ext, "labels", "meta", "id", "json"}
+            decoded = Image.open(io.BytesIO(members[ext]))
+            assert decoded.mode == "L"
+            ours, original = np.asarray(decoded).astype(float), grey(nih_sample_dir / f"{key}.png").astype(float)
+            if codec == "j2k":
+                np.testing.assert_array_equal(ours, original, err_msg=key)
+            else:
+                error = ours - original
+                assert np.abs(error).mean() < 1.0, key
+                assert 10 * np.log10(255**2 / np.mean(error**2)) > 40, key
+
+
+def test_resize_gives_n_by_n_close_to_pil(nih_sample_dir, tmp_path):
+    """--resize 64: 64×64 grey; PIL's Lanczos of the original (±1), near a 16×16 box mean."""
+    table = sample_splits(nih_sample_dir)
+    csv = pd.read_csv(nih_sample_dir / "labels.csv")
+    chosen = [csv.loc[csv["png_mode"] == "RGBA", "Image Index"].iloc[-1], *csv["Image Index"][:3]]
+    assert csv.set_index("Image Index").loc[chosen, "png_mode"].tolist().count("RGBA") >= 1 and len(set(chosen)) == 4
+    table = table[table["image"].isin(chosen)]
+    pack(table, [nih_sample_dir], tmp_path / "out", resize=64, workers=2)
+    derived = load_manifest(tmp_path / "out" / "res64")
+    assert derived["resolution"] == 64 and derived["derived"] is True
+    assert derived["image_sizes"] == {"64x64": 4}
+    for key, members in read_shards(tmp_path / "out" / "res64").items():
+        small = np.asarray(Image.open(io.BytesIO(members["png"]))).astype(int)
+        assert small.shape == (64, 64)
+        original = Image.open(nih_sample_dir / f"{key}.png").convert("L")
+        lanczos = np.asarray(original.resize((64, 64), Image.Resampling.LANCZOS)).astype(int)
+        assert np.abs(small - lanczos).max() <= 1, key
+        box = np.asarray(original, dtype=float).reshape(64, 16, 64, 16).mean(axis=(1, 3))
+        assert np.abs(small - box).mean() < 3.0, key
+
+
+# ------------------------------------------------------------ bad input
+def test_missing_images_error_or_recorded(tmp_path):
+    table, folder = tiny_dataset(tmp_path)
+    (folder / "00000002_000.png").unlink()
+    (folder / "00000005_000.png").unlink()
+    with pytest.raises(CxrError, match=r"2 images .* absent .*00000002_000, 00000005_000"):
+        pack(table, [folder], tmp_path / "a")
+    assert not (tmp_path / "a" / "manifest.json").exists()
+    manifest = pack(table, [folder], tmp_path / "b", allow_missing=True)
+    assert manifest["missing"] == ["00000002_000", "00000005_000"]
+    assert sum(s["samples"] for s in manifest["splits"].values()) == 4
+
+
+def _bad_images(folder: Path) -> dict[str, str]:
+    """Write one broken file per failure mode over the tiny set; return key → expected reason."""
+    good = (folder / "00000001_000.png").read_bytes()
+    (folder / "00000001_000.png").write_bytes(good[: len(good) // 2])
+    idat = good.index(b"IDAT") + 20
+    (folder / "00000002_000.png").write_bytes(good[:idat] + bytes([good[idat] ^ 0xFF]) + good[idat + 1 :])
+    rgb = np.zeros((64, 64, 4), np.uint8)
+    rgb[..., 0], rgb[..., 3] = 200, 255
+    (folder / "00000003_000.png").write_bytes(png_bytes(rgb, "RGBA"))
+    see_through = np.full((64, 64, 4), 90, np.uint8)
+    (folder / "00000004_000.png").write_bytes(png_bytes(see_through, "RGBA"))
+    (folder / "00000005_000.png").write_bytes(png_bytes(np.full((64, 64), 40000, np.uint16)))
+    return {"00000001_000": "truncated PNG", "00000002_000": "CRC mismatch in IDAT",
+            "00000003_000": "unequal colour channels", "00000004_000": "transparent pixels",
+            "00000005_000": "16-bit grey"}
+
+
+def test_rejects_recorded_with_reason_and_exit_code(tmp_path):
+    table, folder = tiny_dataset(tmp_path)
+    expected = _bad_images(folder)
+    splits = tmp_path / "splits.csv"
+    table.to_csv(splits, index=False)
+    args = ["pack", "--splits", str(splits), "--images", str(folder), "--workers", "1"]
+    assert cli(args + ["--out", str(tmp_path / "strict")]) != 0
+    strict = load_manifest(tmp_path / "strict")  # written anyway: every image is accounted for
+    assert cli(args + ["--out", str(tmp_path / "lenient"), "--allow-rejects"]) == 0
+    manifest = load_manifest(tmp_path / "lenient")
+    assert without_created(manifest) == without_created(strict)
+    reasons = {r["image"]: r["reason"] for r in manifest["rejected"]}
+    assert set(reasons) == set(expected)
+    for key, words in expected.items():
+        assert words in reasons[key], (key, reasons[key])
+    assert [s["samples"] for s in manifest["splits"].values()] == [0, 0, 1]  # only 00000006 (test) is left
+
+
+def test_grey_rgb_is_converted_with_identical_pixels(tmp_path):
+    table, folder = tiny_dataset(tmp_path, n=3)
+    pixels = np.random.default_rng(1).integers(0, 256, (64, 64), dtype=np.uint8)
+    (folder / "00000002_000.png").write_bytes(png_bytes(np.stack([pixels] * 3, axis=-1), "RGB"))
+    manifest = pack(table, [folder], tmp_path / "out")
+    assert manifest["converted"] == [{"image": "00000002_000", "from_mode": "RGB"}]
+    decoded = Image.open(io.BytesIO(read_shards(tmp_path / "out")["00000002_000"]["png"]))
+    assert decoded.mode == "L"
+    np.testing.assert_array_equal(np.asarray(decoded), pixels)
+
+
+def test_duplicate_ids_are_errors_naming_both_places(tmp_path):
+    table, folder = tiny_dataset(tmp_path, n=3)
+    make_archive(tmp_path / "images_001.tar.gz", [folder / "00000002_000.png"])
+    with pytest.raises(CxrError, match=r"images_001.tar.gz:images/00000002_000.png: duplicate .*"
+                                       r"images/00000002_000.png"):
+        pack(table, [folder, tmp_path / "images_001.tar.gz"], tmp_path / "a")
+    other = tmp_path / "more"
+    other.mkdir()
+    (other / "00000003_000.png").write_bytes((folder / "00000003_000.png").read_bytes())
+    with pytest.raises(CxrError, match=r"duplicate image id '00000003_000'"):
+        pack(table, [folder, other], tmp_path / "b")
+    copy = tmp_path / "images_003.tar.gz"
+    copy.write_bytes((tmp_path / "images_001.tar.gz").read_bytes())
+    with pytest.raises(CxrError, match=r"images_003.tar.gz:images/00000002_000.png: duplicate .*images_001"):
+        pack(table, [tmp_path / "images_001.tar.gz", copy], tmp_path / "c")
+
+
+def test_bad_table_and_options_are_clear_errors(tmp_path):
+    table, folder = tiny_dataset(tmp_path, n=3)
+    bad = table.copy()
+    bad.loc[1, "Mass"] = 2
+    with pytest.raises(CxrError, match="label value other than 0/1"):
+        pack(bad, [folder], tmp_path / "a")
+    with pytest.raises(CxrError, match="duplicate image id"):
+        pack(pd.concat([table, table.iloc[:1]]), [folder], tmp_path / "b")
+    with pytest.raises(CxrError, match="does not exist"):
+        pack(table, [tmp_path / "nowhere"], tmp_path / "c")
+    with pytest.raises(CxrError, match="missing columns"):
+        pack(table.drop(columns=["view"]), [folder], tmp_path / "d")
+
+
+# --------------------------------------------------------------- resume
+def test_rerun_skips_complete_shards_without_reading_images(tmp_path, monkeypatch):
+    table, folder = tiny_dataset(tmp_path, n=9, size=128)
+    first = pack(table, [folder], tmp_path / "out", shard_size_mb=0.04)
+    assert first["splits"]["train"]["shards"] >= 2
+    import shards.pack as pack_module
+
+    calls = []
+    real = pack_module.prepare_image
+    monkeypatch.setattr(pack_module, "prepare_image", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    again = pack(table, [folder], tmp_path / "out", shard_size_mb=0.04, workers=1)
+    assert calls == [] and without_created(again) == without_created(first)
+    # a damaged shard is re-packed (with the later shards of its split), to the same result
+    second = next(s for s in first["shards"] if s["name"] == "train-000001.tar")
+    later = set()
+    for shard in first["shards"]:
+        if shard["split"] == "train" and shard["name"] >= second["name"]:
+            with tarfile.open(tmp_path / "out" / shard["name"]) as tar:
+                later |= {m.name.split(".")[0] for m in tar.getmembers()}
+    damaged = tmp_path / "out" / second["name"]
+    damaged.write_bytes(damaged.read_bytes()[:-1000])
+    repaired = pack(table, [folder], tmp_path / "out", shard_size_mb=0.04, workers=1)
+    assert without_created(repaired) == without_created(first)
+    assert sorted(calls) == sorted(later)
+    with pytest.raises(CxrError, match="other settings"):
+        pack(table, [folder], tmp_path / "out", shard_size_mb=0.05)
+
+
+@pytest.mark.slow
+def test_killed_pack_leaves_no_partial_file_and_resumes_identically(nih_sample_dir, tmp_path):
+    """SIGKILL after the first shard completes; the re-run's manifest equals an uninterrupted run's."""
+    splits = tmp_path / "splits.csv"
+    sample_splits(nih_sample_dir).iloc[:60].to_csv(splits, index=False)
+    args = [sys.executable, "-m", "shards", "pack", "--splits", str(splits), "--images", str(nih_sample_dir),
+            "--codec", "jpeg", "--shard-size-mb", "0.6", "--workers", "1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(args + ["--out", str(killed)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    journal = killed / ".pack-journal.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if journal.exists() and len(journal.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    entries = [json.loads(line) for line in journal.read_text().splitlines()[1:]]
+    assert entries and not (killed / "manifest.json").exists()
+    finished = {e["name"] for e in entries} | {e["index"] for e in entries}
+    for path in killed.iterdir():
+        if not path.name.startswith("."):  # anything under a final name is a complete, journaled shard
+            assert path.name in finished, path.name
+    for entry in entries:
+        assert hashlib.sha256((killed / entry["name"]).read_bytes()).hexdigest() == entry["sha256"]
+
+    subprocess.run(args + ["--out", str(killed)], env=env, check=True, capture_output=True)
+    subprocess.run(args + ["--out", str(tmp_path / "whole")], env=env, check=True, capture_output=True)
+    resumed, whole = load_manifest(killed), load_manifest(tmp_path / "whole")
+    assert without_created(resumed) == without_created(whole)
+    assert len(whole["shards"]) > len(entries)
+    assert not list(killed.glob(".*.tmp"))
+
+
+# ---------------------------------------------------------------- misc
+def test_shards_never_imports_torch():
+    code = ("import sys, shards.pack, shards.verify, shards.derive, shards.sources, shards.cli; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_load_manifest_errors_name_the_path(tmp_path):
+    with pytest.raises(CxrError, match=str(tmp_path / "manifest.json")):
+        load_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(CxrError, match="unreadable manifest"):
+        load_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "cxr-shards/1"}))
+    with pytest.raises(CxrError, match="invalid shards manifest"):
+        load_manifest(tmp_path)
+
+
+def test_pack_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit):
+        cli(["pack", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--splits", "--images", "--out", "--codec", "--quality", "--resize", "--shard-size-mb",
+                   "--workers", "--allow-missing", "--allow-rejects"):
+        assert option in text
