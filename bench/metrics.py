@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import os
 import platform
 import re
 import sys
@@ -131,8 +132,10 @@ def main(argv=None) -> int:
     print("\n".join(lines))
     if args.append:
         command = "python bench/metrics.py " + " ".join(argv if argv is not None else sys.argv[1:])
-        block = (f"{SECTION}\n\n`{command.strip()}` ({platform.processor() or platform.machine()}, "
-                 f"{time.strftime('%Y-%m-%d')})\n\n```\n" + "\n".join(lines) + "\n```\n\n")
+        load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+        block = (f"{SECTION}\n\n`{command.strip()}` ({platform.machine()}, {os.cpu_count()} cores, "
+                 f"load average {load} — shared machine, so wall times are inflated; CPU time is the "
+                 f"process's own, {time.strftime('%Y-%m-%d')})\n\n```\n" + "\n".join(lines) + "\n```\n\n")
         append_results(args.append, block)
     return 0
 
