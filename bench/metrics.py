@@ -81,6 +81,45 @@ def append_results(path: Path, block: str) -> None:
     atomic_write_text(path, text)
 
 
+def measure(y: np.ndarray, score_sets: list[np.ndarray], n_boot: int, loop_resamples: int, source: str
+            ) -> list[str]:
+    """Time both bootstraps side by side, check they agree, return the report lines."""
+    t0 = time.perf_counter()
+    counts = metrics.bootstrap_counts(y.shape[0], n_boot, seed=0)
+    t_counts = time.perf_counter() - t0
+    t0, c0 = time.perf_counter(), time.process_time()
+    results = metrics.bootstrap_auroc(y, score_sets, counts=counts)
+    t_fast, cpu_fast = time.perf_counter() - t0, time.process_time() - c0
+    t0 = time.perf_counter()
+    delong = [metrics.delong_auroc_variance(y, s) for s in score_sets]
+    t_delong = time.perf_counter() - t0
+
+    k = min(loop_resamples, n_boot)
+    t0 = time.perf_counter()
+    reference = sklearn_loop(y, score_sets[0], counts, k)
+    t_loop = time.perf_counter() - t0
+    max_diff = float(np.max(np.abs(reference - results[0]["samples"][:k])))
+    assert max_diff < 1e-12, f"bootstrap differs from sklearn by {max_diff}"
+
+    n_sets = len(score_sets)
+    loop_total = t_loop / k * n_boot * n_sets
+    fast_total = t_counts + t_fast
+    ens = results[-1]
+    return [
+        f"{y.shape[0]} images x {y.shape[1]} labels ({source}), {n_boot} resamples, {n_sets} score sets",
+        f"vectorised: counts {t_counts:.2f} s once + {t_fast:.2f} s for {n_sets} sets "
+        f"= {t_fast / n_sets:.2f} s per score set (CPU time {cpu_fast / n_sets:.2f} s); "
+        f"total {fast_total:.2f} s",
+        f"sklearn loop: {t_loop:.2f} s for {k} resamples x 1 set -> extrapolated {loop_total:.0f} s "
+        f"for {n_boot} x {n_sets} ({t_loop / k * n_boot:.1f} s per score set)",
+        f"speed-up {loop_total / fast_total:.0f}x (goal >= 20x); max |diff| on the {k} common resamples "
+        f"{max_diff:.1e}",
+        f"DeLong variance: {t_delong:.2f} s for {n_sets} sets; ensemble mean AUROC {ens['mean_auroc']:.4f} "
+        f"[{ens['mean_ci_low']:.4f}, {ens['mean_ci_high']:.4f}], Hernia SE bootstrap "
+        f"{ens['std'][7]:.4f} vs DeLong {np.sqrt(delong[-1][7]):.4f}",
+    ]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
@@ -93,42 +132,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
     y, source = test_labels(args.nih, rng)
-    score_sets = member_scores(y, args.members, rng)
-
-    t0 = time.perf_counter()
-    counts = metrics.bootstrap_counts(y.shape[0], args.n_boot, seed=0)
-    t_counts = time.perf_counter() - t0
-    t0, c0 = time.perf_counter(), time.process_time()
-    results = metrics.bootstrap_auroc(y, score_sets, counts=counts)
-    t_fast, cpu_fast = time.perf_counter() - t0, time.process_time() - c0
-    t0 = time.perf_counter()
-    delong = [metrics.delong_auroc_variance(y, s) for s in score_sets]
-    t_delong = time.perf_counter() - t0
-
-    k = min(args.loop_resamples, args.n_boot)
-    t0 = time.perf_counter()
-    reference = sklearn_loop(y, score_sets[0], counts, k)
-    t_loop = time.perf_counter() - t0
-    max_diff = float(np.max(np.abs(reference - results[0]["samples"][:k])))
-    assert max_diff < 1e-12, f"bootstrap differs from sklearn by {max_diff}"
-
-    n_sets = len(score_sets)
-    loop_total = t_loop / k * args.n_boot * n_sets
-    fast_total = t_counts + t_fast
-    ens = results[-1]
-    lines = [
-        f"{y.shape[0]} images x {y.shape[1]} labels ({source}), {args.n_boot} resamples, {n_sets} score sets",
-        f"vectorised: counts {t_counts:.2f} s once + {t_fast:.2f} s for {n_sets} sets "
-        f"= {t_fast / n_sets:.2f} s per score set (CPU time {cpu_fast / n_sets:.2f} s); "
-        f"total {fast_total:.2f} s",
-        f"sklearn loop: {t_loop:.2f} s for {k} resamples x 1 set -> extrapolated {loop_total:.0f} s "
-        f"for {args.n_boot} x {n_sets} ({t_loop / k * args.n_boot:.1f} s per score set)",
-        f"speed-up {loop_total / fast_total:.0f}x (goal >= 20x); max |diff| on the {k} common resamples "
-        f"{max_diff:.1e}",
-        f"DeLong variance: {t_delong:.2f} s for {n_sets} sets; ensemble mean AUROC {ens['mean_auroc']:.4f} "
-        f"[{ens['mean_ci_low']:.4f}, {ens['mean_ci_high']:.4f}], Hernia SE bootstrap "
-        f"{ens['std'][7]:.4f} vs DeLong {np.sqrt(delong[-1][7]):.4f}",
-    ]
+    lines = measure(y, member_scores(y, args.members, rng), args.n_boot, args.loop_resamples, source)
     print("\n".join(lines))
     if args.append:
         command = "python bench/metrics.py " + " ".join(argv if argv is not None else sys.argv[1:])
