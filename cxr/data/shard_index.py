@@ -166,6 +166,9 @@ class CorruptSample(Exception):
         super().__init__(f"{shard}: sample {key}: {reason}")
         self.shard, self.key, self.reason = shard, key, reason
 
+    def __reduce__(self):  # crosses DataLoader worker processes
+        return CorruptSample, (self.shard, self.key, self.reason)
+
     def as_error(self) -> CxrError:
         return CxrError(f"{self.shard}: sample {self.key} is corrupt ({self.reason}) — "
                         "re-pack this shard (python -m shards verify finds all bad samples)")
