@@ -412,7 +412,8 @@ def test_killed_pack_leaves_no_partial_file_and_resumes_identically(nih_sample_d
     for entry in entries:
         assert hashlib.sha256((killed / entry["name"]).read_bytes()).hexdigest() == entry["sha256"]
 
-    subprocess.run(args + ["--out", str(killed)], env=env, check=True, capture_output=True)
+    rerun = subprocess.run(args + ["--out", str(killed)], env=env, check=True, capture_output=True, text=True)
+    assert f"{sum(e['samples'] for e in entries)} already packed" in rerun.stdout
     subprocess.run(args + ["--out", str(tmp_path / "whole")], env=env, check=True, capture_output=True)
     resumed, whole = load_manifest(killed), load_manifest(tmp_path / "whole")
     assert without_created(resumed) == without_created(whole)

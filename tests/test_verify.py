@@ -1,0 +1,130 @@
+"""verify: passes on good shards, and names the shard/key/reason of each kind of damage.
+
+Damage is made with Python's tarfile and hashlib (not the packer's writer), and the
+manifest is patched so that only the intended check can fail.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from shards.cli import main as cli
+from shards.dali_index import index_for_tar
+from shards.labels import LABELS
+from shards.pack import pack
+from shards.verify import verify
+
+
+def _tiny(tmp: Path, n: int = 6) -> Path:
+    rng = np.random.default_rng(0)
+    folder = tmp / "images"
+    folder.mkdir()
+    rows = []
+    for i in range(n):
+        key = f"{i + 1:08d}_000"
+        Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8)).save(folder / f"{key}.png")
+        rows.append({"image": f"{key}.png", "patient": 100 + i // 2, "split": ("train", "test")[i // 4],
+                     **{name: int(rng.random() < 0.4) for name in LABELS},
+                     "age": 20 + 7 * i, "sex": "MF"[i % 2], "view": "PA"})
+    out = tmp / "shards"
+    pack(pd.DataFrame(rows), [folder], out, shard_size_mb=0.03, workers=1)
+    return out
+
+
+@pytest.fixture
+def packed(tmp_path) -> Path:
+    return _tiny(tmp_path)
+
+
+def _rewrite(out: Path, shard: str, change) -> None:
+    """Rewrite one shard with ``change(name, data) -> data``; fix its sha/bytes/index so only content differs."""
+    src = out / shard
+    buf = io.BytesIO()
+    with tarfile.open(src) as tar, tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as new:
+        for info in tar.getmembers():
+            data = change(info.name, tar.extractfile(info).read())
+            info.size = len(data)
+            new.addfile(info, io.BytesIO(data))
+    src.write_bytes(buf.getvalue())
+    manifest = json.loads((out / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        if entry["name"] == shard:
+            entry["bytes"], entry["sha256"] = len(buf.getvalue()), hashlib.sha256(buf.getvalue()).hexdigest()
+            (out / entry["index"]).write_text(index_for_tar(src))
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_good_shards_pass(packed):
+    report = verify(packed, workers=1)
+    assert report.ok, report.failures
+    assert report.samples == 6 and report.shards == len(json.loads((packed / "manifest.json").read_text())["shards"])
+    assert cli(["verify", str(packed), "--workers", "1"]) == 0
+
+
+def test_flipped_byte_fails_checksum(packed, capsys):
+    shard = packed / "train-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert cli(["verify", str(packed), "--workers", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL train-000000.tar: size/sha256 differ" in out
+
+
+def test_undecodable_image_named_by_key(packed):
+    _rewrite(packed, "train-000000.tar", lambda name, d: d[: len(d) // 2] if name.endswith(".png") else d)
+    failures = verify(packed, workers=1).failures
+    assert failures and all(f.startswith("train-000000.tar: 0000000") for f in failures), failures
+    assert any("truncated" in f or "undecodable" in f for f in failures)
+
+
+def test_labels_differing_from_json(packed):
+    flip = lambda name, d: bytes([1 - d[0]]) + d[1:] if name == "00000001_000.labels" else d  # noqa: E731
+    _rewrite(packed, "train-000000.tar", flip)
+    failures = verify(packed, workers=1).failures
+    assert any("00000001_000: .labels differ from the .json labels" in f for f in failures), failures
+
+
+def test_meta_and_id_differing(packed):
+    def change(name, data):
+        if name == "00000002_000.meta":
+            return np.frombuffer(data, "<f4").copy().__iadd__(np.array([1, 0, 0, 0, 0], "<f4")).tobytes()
+        if name == "00000002_000.id":
+            return b"00000009_000".ljust(32, b"\0")
+        return data
+
+    _rewrite(packed, "train-000000.tar", change)
+    failures = " | ".join(verify(packed, workers=1).failures)
+    assert ".meta differs" in failures and ".id is not the NUL-padded key" in failures
+
+
+def test_missing_shard_unlisted_tar_and_stale_index(packed):
+    manifest = json.loads((packed / "manifest.json").read_text())
+    first, last = manifest["shards"][0], manifest["shards"][-1]
+    (packed / first["name"]).rename(packed / "stray.tar")
+    (packed / last["index"]).write_text("v1.2 0\n")
+    failures = " | ".join(verify(packed, workers=1).failures)
+    assert f"{first['name']}: shard file is missing" in failures
+    assert "stray.tar: tar file not listed in the manifest" in failures
+    assert f"{last['index']}: DALI index missing or not matching" in failures
+    assert "samples /" in failures  # split totals no longer add up
+
+
+def test_no_manifest_is_a_clear_error(tmp_path, capsys):
+    assert cli(["verify", str(tmp_path)]) == 2
+    assert "manifest.json: no shards manifest" in capsys.readouterr().err
+
+
+def test_verify_imports_no_torch():
+    code = "import sys, shards.verify; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
