@@ -31,7 +31,7 @@ ENSEMBLES_DIR = Path(__file__).resolve().parent / "ensembles"
 # Keys of the training config (cxr/train.py) the launchers set for every member.
 RUN_DIR_KEY = "checkpoint.run_dir"
 SHARDS_KEY = "data.shards"
-RESUME = "resume=auto"
+RESUME = "checkpoint.resume=auto"
 
 
 @dataclass(frozen=True)

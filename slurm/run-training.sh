@@ -10,8 +10,9 @@
 #   then                -> `scontrol requeue` of this job (array task), and the
 #                          restarted job resumes from `last` (the caller passes
 #                          resume=auto).
-# A requeue also happens when training exits with CXR_REQUEUE_STATUS (its own
-# "requeue me" status) even without our USR1, e.g. after a SIGTERM.
+# The requeue happens when training says it stopped to be requeued: exit status
+# 75 or RUN/status.json "preempted" (launchers hide the status) — also after a
+# SIGTERM or a USR1 that reached training some other way.
 #
 # Environment (set by the callers; defaults for one process):
 #   CXR_REPO                repository root (cwd for training)            ($PWD)
@@ -19,7 +20,7 @@
 #   CXR_ACCELERATE_CONFIG   accelerate config file    (launch/configs/cpu-2proc.yaml)
 #   CXR_PROCS_PER_NODE      training processes per node                         (1)
 #   CXR_THREADS             OMP/MKL threads per process                          (1)
-#   CXR_REQUEUE_STATUS      training's "requeue me" exit status                 (75)
+#   CXR_REQUEUE_STATUS      training's "requeue me" exit status (cxr.train.EXIT_REQUEUE) (75)
 #   CXR_MAX_REQUEUES        give up after this many restarts                    (20)
 #   CXR_RESIGNAL_SECONDS    repeat the forwarded USR1 this often until training stops (10)
 #   CXR_TRAIN_SCRIPT        the script accelerate launches               (cxr/train.py)
@@ -54,6 +55,8 @@ echo "[run-training] job $SELF restart ${SLURM_RESTART_COUNT:-0}: $NNODES node(s
 
 preempted=0
 child=""
+started=$(mktemp "${TMPDIR:-/tmp}/cxr-run-training.XXXXXX")
+trap 'rm -f "$started"' EXIT
 # A signal that lands while training is still importing (its handler not yet
 # installed, USR1 still ignored) would be lost, so repeat it until srun exits;
 # training's handler only sets a flag, so repeats are harmless.
@@ -92,10 +95,25 @@ while :; do
 done
 echo "[run-training] training exited with status $status at $(date -Is)"
 
+# accelerate/torchrun turn any worker status into 1, so training's own record
+# (RUN/status.json, written after this start) says whether it stopped to be requeued.
+run_dir=""
+for arg in "$@"; do [[ $arg == checkpoint.run_dir=* ]] && run_dir=${arg#checkpoint.run_dir=}; done
+stopped_for_requeue() {
+    ((status == CXR_REQUEUE_STATUS)) && return 0
+    if [[ -n $run_dir ]]; then
+        [[ $run_dir == /* ]] || run_dir=$CXR_REPO/$run_dir
+        [[ $run_dir/status.json -nt $started ]] &&
+            grep -q '"state": *"preempted"' "$run_dir/status.json"
+    else
+        ((preempted)) # no run dir given: trust our own signal
+    fi
+}
+
 if ((status == 0)); then
     exit 0
 fi
-if ((preempted || status == CXR_REQUEUE_STATUS)); then
+if stopped_for_requeue; then
     if ((${SLURM_RESTART_COUNT:-0} >= CXR_MAX_REQUEUES)); then
         echo "[run-training] not requeueing: already restarted ${SLURM_RESTART_COUNT} times (CXR_MAX_REQUEUES)" >&2
         exit "$status"
@@ -103,5 +121,7 @@ if ((preempted || status == CXR_REQUEUE_STATUS)); then
     echo "[run-training] requeueing $SELF; it resumes from checkpoints/last"
     scontrol requeue "$SELF" && exit 0
     echo "[run-training] scontrol requeue $SELF failed" >&2
+elif ((preempted)); then
+    echo "[run-training] signalled, but training did not record a checkpoint-and-stop: not requeueing" >&2
 fi
 exit "$status"

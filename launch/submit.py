@@ -1,0 +1,321 @@
+"""Submit training runs, ensembles and resolution ablations with submitit.
+
+    python -m launch.submit train    --cluster slurm --profile g5.24xlarge --shards DIR --runs DIR \\
+                                     [--config cxr/configs/X.yaml] [key=value ...]
+    python -m launch.submit ensemble --cluster slurm --ensemble default --shards DIR --runs DIR
+    python -m launch.submit ablate   --cluster slurm --resolutions 224 512 1024 --shards DIR --runs DIR
+
+``--cluster slurm`` submits with sbatch (one submitit task per training process,
+``--profile`` from launch/profiles.py); ``local`` runs the same tasks as local
+processes (submitit's LocalExecutor); ``debug`` runs them in this process.
+
+Every task calls ``cxr.train.main(argv)`` with RANK / WORLD_SIZE / MASTER_ADDR /
+MASTER_PORT / LOCAL_RANK exported from submitit's environment; training sets up
+its process group from them and never knows how it was started. Preemption:
+submitit's signal (USR2, ``signal_seconds`` before the time limit or from
+``job._interrupt()``) is handed to training as SIGUSR1; every rank saves
+``checkpoints/last`` at the next step and returns the requeue status (75); then
+submitit calls :meth:`TrainTask.checkpoint`, which returns the same task resuming
+from the ``last`` checkpoint training wrote (found with ``cxr.checkpoint``), and
+requeues the job.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from launch.members import RESUME, RUN_DIR_KEY, SHARDS_KEY, load_ensemble, member_argv
+from launch.profiles import DEFAULT_PROFILE, PROFILES, Profile, get_profile, override_profile, submitit_parameters
+from shards.errors import CxrError, cli_entry
+
+EXIT_REQUEUE = 75  # cxr.train.EXIT_REQUEUE; repeated so submitting never imports torch
+RESUME_KEY = RESUME.split("=")[0]
+CLUSTERS = ("slurm", "local", "debug")
+
+
+# ------------------------------------------------------------------ in the job ----
+
+class _Preemption:
+    """Routes submitit's preemption signal into training's own stop request (SIGUSR1).
+
+    submitit's handler would checkpoint from inside a signal handler on rank 0 only;
+    training instead stops every rank at the same step boundary after saving
+    ``last``. A signal that arrives before training has installed its handler is
+    kept and delivered as soon as it has."""
+
+    def __init__(self) -> None:
+        import submitit
+
+        self.signum = submitit.JobEnvironment._usr_sig()
+        self.submitit_handler = signal.getsignal(self.signum)
+        self.pending = threading.Event()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._deliver, name="preemption", daemon=True)
+
+    def __enter__(self) -> "_Preemption":
+        signal.signal(self.signum, lambda signum, frame: self.pending.set())
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.done.set()
+        self.thread.join()
+        signal.signal(self.signum, signal.SIG_IGN)  # a late repeat must not re-enter the requeue
+
+    def _deliver(self) -> None:
+        while not self.done.wait(0.2):
+            if self.pending.is_set() and callable(signal.getsignal(signal.SIGUSR1)):
+                self.pending.clear()
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def export_distributed_env() -> tuple[int, int]:
+    """Export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from submitit; returns (rank, world)."""
+    import submitit
+
+    try:
+        job = submitit.JobEnvironment()
+    except RuntimeError:  # not inside a submitit job (e.g. called directly)
+        return 0, 1
+    if job.num_tasks > 1:
+        # Training and accelerate pick the device from LOCAL_RANK; keep every GPU visible.
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    return job.global_rank, job.num_tasks
+
+
+def _call_main(module: str, argv: list[str]) -> int:
+    """``module.main(argv)`` as an int status, also when it exits through SystemExit."""
+    import importlib
+
+    try:
+        return int(importlib.import_module(module).main(argv) or 0)
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else 1
+
+
+def last_checkpoint(run_dir: str | Path) -> Path | None:
+    """The ``last`` checkpoint folder training wrote in ``run_dir`` (cxr.checkpoint decides the name)."""
+    from cxr.checkpoint import find_checkpoint
+
+    return find_checkpoint(run_dir, "last")
+
+
+@dataclass
+class TrainTask:
+    """One rank of one training run: a picklable callable for submitit (``checkpoint()`` requeues)."""
+
+    argv: list[str]
+    run_dir: str
+    requeues: int = 0
+
+    def __call__(self) -> dict[str, Any]:
+        rank, world = export_distributed_env()
+        with _Preemption() as preemption:
+            status = _call_main("cxr.train", self.argv)
+        if status == 0:
+            return {"run_dir": self.run_dir, "status": "finished", "rank": rank, "world_size": world,
+                    "requeues": self.requeues}
+        if status != EXIT_REQUEUE:
+            raise CxrError(f"{self.run_dir}: training exited with status {status} on rank {rank} — "
+                           f"see {self.run_dir}/train.log and the submitit logs")
+        if callable(preemption.submitit_handler):
+            # submitit's own path: rank 0 calls checkpoint(), dumps it, requeues, exits.
+            preemption.submitit_handler(preemption.signum, None)
+            return {"run_dir": self.run_dir, "status": "requeued", "rank": rank}
+        return self.checkpoint().result()  # no scheduler (debug): resume in this process
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        """The same run, resuming from the ``last`` checkpoint training saved (``submitit.helpers.DelayedSubmission``)."""
+        import submitit
+
+        last = last_checkpoint(self.run_dir)
+        argv = [a for a in self.argv if not a.startswith(f"{RESUME_KEY}=")]
+        argv.append(f"{RESUME_KEY}={last}" if last is not None else RESUME)
+        return submitit.helpers.DelayedSubmission(replace(self, argv=argv, requeues=self.requeues + 1))
+
+
+@dataclass
+class EvaluateTask:
+    """The evaluator (``python -m cxr.evaluate`` argv) as a submitit callable."""
+
+    argv: list[str]
+    report: str
+
+    def __call__(self) -> dict[str, Any]:
+        status = _call_main("cxr.evaluate", self.argv)
+        if status != 0:
+            raise CxrError(f"{self.report}: evaluation exited with status {status} — see the submitit logs")
+        return {"report": self.report, "status": "finished"}
+
+
+# ------------------------------------------------------------------ submitting ----
+
+@dataclass
+class Plan:
+    """What to submit: training runs (name → argv) and evaluations (report → runs)."""
+
+    runs: dict[str, list[str]]
+    run_dirs: dict[str, Path]
+    evaluations: list[tuple[Path, list[str], list[str]]] = field(default_factory=list)
+    """(report dir, member names it needs, extra evaluate options)."""
+
+
+def make_executor(cluster: str, folder: Path, profile: Profile, processes: int | None = None,
+                  name: str = "cxr", **extra: Any):
+    """A submitit executor sized by ``profile`` (debug: one in-process task)."""
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
+    params = submitit_parameters(profile, processes)
+    if cluster == "debug":
+        params = {"timeout_min": params["timeout_min"]}
+    if cluster == "local":
+        params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
+    additional = {**params.pop("slurm_additional_parameters", {}), **extra.pop("slurm_additional_parameters", {})}
+    if additional and cluster == "slurm":
+        params["slurm_additional_parameters"] = additional
+    executor.update_parameters(name=name, **params, **extra)
+    return executor
+
+
+def _eval_profile(profile: Profile) -> Profile:
+    return replace(profile, nodes=1, processes_per_node=1, gpus_per_node=min(profile.gpus_per_node, 1),
+                   mem_gb_per_node=max(2, profile.mem_gb_per_node // max(1, profile.processes_per_node)))
+
+
+def submit_plan(plan: Plan, args: argparse.Namespace, profile: Profile) -> list[Any]:
+    """Submit the runs (as one array) and the evaluations after them; print ids and paths."""
+    logs = Path(args.logs or Path(args.runs) / "submitit")
+    train_ex = make_executor(args.cluster, logs / "%j", profile, args.processes, name=f"cxr-{args.name}")
+    names = list(plan.runs)
+    if args.cluster == "slurm" and len(names) > 1:
+        with train_ex.batch():
+            jobs = [train_ex.submit(TrainTask(plan.runs[n], str(plan.run_dirs[n]))) for n in names]
+    else:
+        jobs = [train_ex.submit(TrainTask(plan.runs[n], str(plan.run_dirs[n]))) for n in names]
+    by_name = dict(zip(names, jobs))
+    for name, job in by_name.items():
+        print(f"train {name}: job {job.job_id} -> {plan.run_dirs[name]}")
+    eval_jobs = []
+    for report, needs, extra in plan.evaluations:
+        eval_argv = ["--runs", *(str(plan.run_dirs[n]) for n in needs), "--shards", str(args.shards),
+                     "--split", args.split, "--out", str(report), *extra]
+        dependency = {}
+        if args.cluster == "slurm":
+            ids = sorted({by_name[n].job_id.split("_")[0] if len(needs) == len(names) else by_name[n].job_id
+                          for n in needs})
+            dependency = {"slurm_additional_parameters": {"dependency": "afterok:" + ":".join(ids),
+                                                          "kill_on_invalid_dep": "yes"}}
+        else:  # no scheduler to hold the evaluator: wait here for its members
+            for n in needs:
+                by_name[n].result()
+        ex = make_executor(args.cluster, logs / "%j", _eval_profile(profile), name=f"cxr-{args.name}-evaluate",
+                           **dependency)
+        job = ex.submit(EvaluateTask(eval_argv, str(report)))
+        print(f"evaluate {report.name}: job {job.job_id} after {', '.join(needs)} -> {report}")
+        eval_jobs.append(job)
+    print(f"logs: {logs}")
+    return jobs + eval_jobs
+
+
+def _base_overrides(args: argparse.Namespace, profile: Profile) -> list[str]:
+    """Overrides every run gets: the profile's loader/thread sizes, then the user's key=value."""
+    extra = [f"data.num_threads={profile.workers_per_process}", f"train.threads={profile.threads_per_process}"]
+    return extra + list(args.overrides)
+
+
+def plan_train(args: argparse.Namespace, profile: Profile) -> Plan:
+    run_dir = Path(args.runs) / args.name
+    argv = (["--config", args.config] if args.config else []) + [
+        f"{SHARDS_KEY}={args.shards}", f"{RUN_DIR_KEY}={run_dir}", RESUME, *_base_overrides(args, profile)]
+    plan = Plan({args.name: argv}, {args.name: run_dir})
+    if args.evaluate:
+        plan.evaluations.append((Path(args.report or run_dir / "report"), [args.name], []))
+    return plan
+
+
+def plan_ensemble(args: argparse.Namespace, profile: Profile) -> Plan:
+    ensemble = load_ensemble(args.ensemble)
+    args.name = args.name if args.name != "run" else ensemble.name
+    runs: dict[str, list[str]] = {}
+    dirs: dict[str, Path] = {}
+    for i, member in enumerate(ensemble.members):
+        runs[member.name] = member_argv(ensemble, i, args.runs, args.shards, _base_overrides(args, profile))
+        dirs[member.name] = Path(args.runs) / member.name
+    report = Path(args.report or Path(args.runs) / "report")
+    return Plan(runs, dirs, [(report, list(runs), ensemble.evaluate)])
+
+
+def plan_ablate(args: argparse.Namespace, profile: Profile) -> Plan:
+    """The same model at each resolution; each gets its own report (members must share a resolution)."""
+    runs: dict[str, list[str]] = {}
+    dirs: dict[str, Path] = {}
+    plan = Plan(runs, dirs)
+    for res in args.resolutions:
+        name = f"res{res}"
+        dirs[name] = Path(args.runs) / name
+        runs[name] = (["--config", args.config] if args.config else []) + [
+            f"{SHARDS_KEY}={args.shards}", f"{RUN_DIR_KEY}={dirs[name]}", RESUME,
+            *_base_overrides(args, profile), f"data.resolution={res}"]
+        derived = Path(args.shards) / f"res{res}" / "manifest.json"
+        print(f"ablate {name}: {'derived shards ' + str(derived.parent) if derived.is_file() else 'masters resized on the fly'}")
+        plan.evaluations.append((Path(args.report or Path(args.runs) / "reports") / name, [name], []))
+    return plan
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m launch.submit", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--cluster", choices=CLUSTERS, default="slurm",
+                        help="slurm: sbatch; local: local processes; debug: in this process (default: slurm)")
+    common.add_argument("--profile", default=DEFAULT_PROFILE, choices=sorted(PROFILES),
+                        help=f"job size from launch/profiles.py (default: {DEFAULT_PROFILE})")
+    common.add_argument("--profile-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="change one profile field, e.g. nodes=2, partition=gpu, time_min=600 (repeatable)")
+    common.add_argument("--processes", type=int, help="training processes per node (default: the profile's)")
+    common.add_argument("--shards", required=True, help="shards directory (python -m shards pack)")
+    common.add_argument("--runs", required=True, help="folder of the run directories")
+    common.add_argument("--report", help="report directory (default: RUNS/report; ablate: RUNS/reports/resR)")
+    common.add_argument("--split", default="test", help="split the evaluator reports (default: test)")
+    common.add_argument("--logs", help="submitit logs and pickles (default: RUNS/submitit)")
+    common.add_argument("--name", default="run", help="run name: its dir is RUNS/NAME (train); job name prefix")
+    common.add_argument("--wait", action="store_true", help="wait for every job and print its result")
+    common.add_argument("overrides", nargs="*", metavar="key=value", help="training config overrides for every run")
+    p = sub.add_parser("train", parents=[common], help="one training run")
+    p.add_argument("--config", help="training config (cxr/configs/*.yaml)")
+    p.add_argument("--evaluate", action="store_true", help="also evaluate the run after it finishes")
+    p = sub.add_parser("ensemble", parents=[common], help="ensemble members as an array, then the evaluator")
+    p.add_argument("--ensemble", default="default", help="ensemble config: name in launch/ensembles/ or a path")
+    p = sub.add_parser("ablate", parents=[common], help="one model at several resolutions, each evaluated")
+    p.add_argument("--config", help="training config (cxr/configs/*.yaml)")
+    p.add_argument("--resolutions", type=int, nargs="+", default=[224, 512, 1024], help="default: 224 512 1024")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for item in args.overrides:
+        if "=" not in item:
+            raise CxrError(f"{item!r}: training overrides are key=value (e.g. train.epochs=3)")
+    args.shards, args.runs = str(Path(args.shards).resolve()), str(Path(args.runs).resolve())
+    profile = override_profile(get_profile(args.profile), args.profile_set)
+    if args.cluster == "debug":
+        args.processes = 1
+    plan = {"train": plan_train, "ensemble": plan_ensemble, "ablate": plan_ablate}[args.command](args, profile)
+    jobs = submit_plan(plan, args, profile)
+    if args.wait:
+        for job in jobs:
+            print(f"job {job.job_id}: {job.result()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_entry(main)())
