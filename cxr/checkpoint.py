@@ -1,0 +1,227 @@
+"""Atomic save and exact restore of a run's ``last`` / ``best`` checkpoints (docs/run-dir.md).
+
+A checkpoint is a folder ``RUN/checkpoints/{name}/``:
+
+- ``model.safetensors`` — the unwrapped model's weights (DeepSpeed: consolidated), what the
+  evaluator loads; no pickled code.
+- ``state.pt``          — optimizer, scheduler, scaler, loop progress, early-stopping state,
+  metrics rows so far and one entry per rank (RNG states, running loss) — loaded with
+  ``torch.load(weights_only=True)``.
+- ``meta.json``         — human-readable summary (epoch, steps, config hash, val metrics).
+- ``deepspeed/``        — DeepSpeed's own sharded save (optimizer partitions of every rank).
+
+Writing is collective (every rank calls :func:`save_checkpoint`): the RNG states and
+running sums of all ranks are gathered to rank 0, DeepSpeed ranks write their shards,
+then rank 0 writes the rest into ``{name}.tmp`` and swaps it in by renames
+(``name`` → ``name.old``, ``name.tmp`` → ``name``, delete ``name.old``). A crash at
+any point leaves either the old or the new checkpoint complete under ``name`` or,
+between the two renames, under ``name.old`` — which :func:`find_checkpoint` falls back to.
+All ranks must see the run dir (a shared filesystem on multi-node jobs).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from shards.errors import CxrError
+
+WEIGHTS, STATE, META, DEEPSPEED_DIR, DEEPSPEED_TAG = "model.safetensors", "state.pt", "meta.json", "deepspeed", "state"
+
+
+# ---------------------------------------------------------------------------- RNG
+def rng_state() -> dict:
+    """This process's python, numpy, torch (and CUDA) RNG states, as weights_only-loadable types."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np.array(keys, dtype=np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore the states saved by :func:`rng_state` in this process."""
+    random.setstate(_as_tuple(state["python"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# ---------------------------------------------------------------------------- collectives
+def gather_objects(obj: Any) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (a collective; [obj] without a process group)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [obj]
+    out: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _barrier(accelerator) -> None:
+    accelerator.wait_for_everyone()
+
+
+# ---------------------------------------------------------------------------- find / read
+def find_checkpoint(run_dir: str | Path, name: str = "last") -> Path | None:
+    """The complete checkpoint folder ``name`` of a run, or None (falls back to ``name.old``
+    left by a crash between the two renames of a save)."""
+    root = Path(run_dir) / "checkpoints"
+    for candidate in (root / name, root / f"{name}.old"):
+        if (candidate / META).is_file():
+            return candidate
+    return None
+
+
+def read_meta(ckpt: str | Path) -> dict:
+    """meta.json of a checkpoint folder."""
+    path = Path(ckpt) / META
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CxrError(f"{path}: unreadable checkpoint metadata ({err}) — delete the folder or pick another") from None
+
+
+# ---------------------------------------------------------------------------- save
+def save_checkpoint(accelerator, run_dir: str | Path, name: str, *, model, meta: dict,
+                    optimizer=None, scheduler=None, state: dict | None = None,
+                    per_rank: dict | None = None) -> Path:
+    """Write checkpoint ``name`` atomically; every rank must call it (it gathers and, under
+    DeepSpeed, writes sharded optimizer states). ``state=None`` writes weights + meta only
+    (``best``). ``per_rank``: this rank's entries (e.g. running loss); RNG states are added."""
+    root = Path(run_dir) / "checkpoints"
+    final, tmp = root / name, root / f"{name}.tmp"
+    full = state is not None
+    ranks = gather_objects({"rng": rng_state(), **(per_rank or {})}) if full else None
+    weights = accelerator.get_state_dict(model)  # collective under ZeRO-3; unwrapped names
+    if accelerator.is_main_process:
+        _recover(root, name)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier(accelerator)
+    if full and _is_deepspeed(accelerator):
+        model.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
+        _barrier(accelerator)
+    if accelerator.is_main_process:
+        _write_weights(tmp / WEIGHTS, weights)
+        if full:
+            payload = {**state, "ranks": ranks, "world_size": accelerator.num_processes,
+                       "optimizer": None if _is_deepspeed(accelerator) or optimizer is None else optimizer.state_dict(),
+                       "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                       "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
+            torch.save(payload, tmp / STATE)
+        (tmp / META).write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
+        _swap(root, name)
+    _barrier(accelerator)
+    return final
+
+
+def _write_weights(path: Path, weights: dict) -> None:
+    # clone: safetensors refuses tensors that share storage (tied or viewed parameters)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in weights.items()}
+    save_file(tensors, str(path))
+
+
+def _recover(root: Path, name: str) -> None:
+    """Undo a crash between the two renames: ``name.old`` is then the only complete copy."""
+    final, old = root / name, root / f"{name}.old"
+    if old.exists() and not final.exists():
+        os.replace(old, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _swap(root: Path, name: str) -> None:
+    """Make ``name.tmp`` durable, then rename it over ``name`` (files inside the not-yet-visible
+    tmp folder need no atomic writes of their own)."""
+    final, tmp, old = root / name, root / f"{name}.tmp", root / f"{name}.old"
+    for path in tmp.rglob("*"):
+        if path.is_file():
+            _fsync(path)
+    _fsync(tmp)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync(root)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _is_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+# ---------------------------------------------------------------------------- load
+def load_weights(model: torch.nn.Module, ckpt: str | Path) -> None:
+    """Load ``ckpt/model.safetensors`` into an unwrapped model (strict: every key must match)."""
+    path = Path(ckpt) / WEIGHTS
+    if not path.is_file():
+        raise CxrError(f"{path}: missing — the checkpoint is incomplete; delete it or pick another")
+    result = model.load_state_dict(load_file(str(path)), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CxrError(f"{path}: weights do not fit the model (missing {result.missing_keys[:3]}, unexpected "
+                       f"{result.unexpected_keys[:3]}) — the config's model section differs from the run's")
+
+
+def load_checkpoint(accelerator, ckpt: str | Path, *, model, optimizer=None, scheduler=None) -> dict:
+    """Restore weights, optimizer, scheduler, scaler and this rank's RNG states from ``ckpt``;
+    return the loop state saved with it (``state["rank"]`` is this rank's own entry).
+
+    With a different world size the RNG streams cannot continue exactly: each rank then
+    keeps its fresh seed and ``state["rank"]`` is None (the caller reports it)."""
+    ckpt = Path(ckpt)
+    path = ckpt / STATE
+    if not path.is_file():
+        raise CxrError(f"{path}: missing — '{ckpt.name}' holds weights only; resume from a 'last' checkpoint")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if _is_deepspeed(accelerator):
+        if not (ckpt / DEEPSPEED_DIR).is_dir():
+            raise CxrError(f"{ckpt}: no deepspeed/ folder — this checkpoint was not written under DeepSpeed; "
+                           f"resume it with the launcher config it was trained with")
+        model.load_checkpoint(str(ckpt / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                              load_lr_scheduler_states=False)
+    else:
+        load_weights(accelerator.unwrap_model(model), ckpt)
+        if optimizer is not None and state.get("optimizer") is not None:
+            optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if accelerator.scaler is not None and state.get("scaler") is not None:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    same_world = state.get("world_size") == accelerator.num_processes
+    state["rank"] = state["ranks"][accelerator.process_index] if same_world else None
+    if state["rank"] is not None:
+        set_rng_state(state["rank"]["rng"])
+    return state

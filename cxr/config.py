@@ -1,0 +1,464 @@
+"""The one typed config of a training run: a dataclass per component, YAML in, YAML out.
+
+Sections (``section.key=value`` on the command line):
+
+- ``data``       :class:`cxr.data.DataConfig`   — shards, resolution, batch, augmentation
+- ``model``      :class:`ModelConfig`           — exactly the keyword arguments of ``cxr.models.build_model``
+- ``loss``       :class:`cxr.losses.LossConfig` — loss and its options
+- ``optim``      :class:`OptimConfig`           — Adam / AdamW
+- ``schedule``   :class:`ScheduleConfig`        — ReduceLROnPlateau or cosine with linear warm-up
+- ``train``      :class:`TrainConfig`           — epochs, precision, accumulation, early stopping, ...
+- ``checkpoint`` :class:`CheckpointConfig`      — run dir, resume policy
+- ``logging``    :class:`LoggingConfig`         — progress bar, log cadence, TensorBoard
+
+:func:`load_config` reads a YAML file, applies overrides (each value parsed with
+``yaml.safe_load``, so ``optim.betas=[0.9,0.99]`` and ``loss.cap=null`` work) and
+checks every key and value: an unknown key or a bad value raises ``CxrError``
+naming the key and the valid choices. :func:`config_hash` fingerprints the fields
+that change the trajectory of training (resume refuses a mismatch).
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import inspect
+import json
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import yaml
+
+from cxr.data import DataConfig
+from cxr.losses import LossConfig
+from shards.atomic import atomic_write_text
+from shards.errors import CxrError
+
+NO_HASH = {"hash": False}  # field metadata: the field does not change what is trained
+
+
+@dataclass
+class ModelConfig:
+    """Which network to build; the keys are ``cxr.models.build_model``'s keyword arguments."""
+
+    name: Literal["densenet121", "densenet121_cbam", "resnet50", "beit", "vit", "cnn"] = "densenet121"
+    """Architecture of the suite (SPEC.md "Models")."""
+    num_labels: int = 14
+    """Number of output logits: the 14 ChestX-ray14 labels in canonical order."""
+    pretrained: str | None = None
+    """Local weights file or cache dir for the backbone (never downloaded); null = random init."""
+    metadata: Literal["none", "concat", "mlp"] = "none"
+    """Fuse patient metadata (age, sex, view) into the head: none | concat | mlp."""
+    meta_dim: int = 5
+    """Length of the metadata vector of a batch (the shards carry 5 fields)."""
+    conv_stem: bool = False
+    """Learned stem taking the full-resolution image down to the backbone's input size."""
+    grad_checkpointing: bool = False
+    """Activation checkpointing in the backbone: less memory, ~30 % more compute."""
+    channels_last: bool = False
+    """NHWC memory format (faster convolutions on tensor-core GPUs; keep off on CPU)."""
+    dropout: float = 0.0
+    """Dropout before the final linear layer."""
+    options: dict = field(default_factory=dict)
+    """Architecture-specific keyword arguments (e.g. ``stem_size``); written flat in YAML
+    as further keys of the ``model:`` section, checked against the builder's signature."""
+
+    def __post_init__(self) -> None:
+        if self.num_labels < 1 or self.meta_dim < 0:
+            raise CxrError("model.num_labels must be ≥ 1 and model.meta_dim ≥ 0 — fix the config")
+        if not 0.0 <= self.dropout < 1.0:
+            raise CxrError(f"model.dropout={self.dropout}: must be in [0, 1) — e.g. 0.2")
+
+    def kwargs(self) -> dict:
+        """The flat ``build_model(**kwargs)`` dictionary (options merged in)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
+        return {**out, **self.options}
+
+
+@dataclass
+class OptimConfig:
+    """The optimizer (SPEC defaults: Adam, betas 0.9/0.999, weight decay 1e-5)."""
+
+    name: Literal["adam", "adamw"] = "adam"
+    """adam: L2 weight decay added to the gradient (coupled); adamw: decoupled decay."""
+    lr: float = 1e-4
+    """Peak learning rate (SPEC: 1e-4 for DenseNet, 1e-3 for ResNet)."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam moment decay rates."""
+    eps: float = 1e-8
+    """Adam denominator epsilon."""
+    weight_decay: float = 1e-5
+    """Weight decay of every parameter not in the model's own L2 group."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.eps <= 0 or self.weight_decay < 0:
+            raise CxrError("optim: lr and eps must be > 0 and weight_decay ≥ 0 — fix the config")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise CxrError(f"optim.betas={list(self.betas)}: each must be in [0, 1) — e.g. [0.9, 0.999]")
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule (SPEC: ReduceLROnPlateau on val loss)."""
+
+    name: Literal["plateau", "cosine", "constant"] = "plateau"
+    """plateau: ReduceLROnPlateau stepped once per epoch on ``monitor``; cosine: per-step
+    cosine decay to ``min_lr`` after a linear warm-up; constant: lr stays at optim.lr."""
+    monitor: Literal["val_loss", "val_mean_auroc"] = "val_loss"
+    """plateau: the validation quantity watched (loss: lower is better; AUROC: higher)."""
+    factor: float = 0.5
+    """plateau: multiply the lr by this when the monitor stalls."""
+    patience: int = 3
+    """plateau: epochs without improvement before the lr is reduced."""
+    min_delta: float = 1e-4
+    """plateau: smallest absolute change that counts as an improvement."""
+    min_lr: float = 1e-6
+    """plateau: floor of the lr; cosine: the lr at the last step."""
+    warmup_epochs: float = 0.0
+    """cosine: linear warm-up from 0 to optim.lr over this many epochs (fractions allowed)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.factor < 1.0:
+            raise CxrError(f"schedule.factor={self.factor}: must be in (0, 1) — e.g. 0.5")
+        if self.patience < 0 or self.min_delta < 0 or self.min_lr < 0 or self.warmup_epochs < 0:
+            raise CxrError("schedule: patience, min_delta, min_lr and warmup_epochs must be ≥ 0 — fix the config")
+        if self.warmup_epochs > 0 and self.name != "cosine":
+            raise CxrError(f"schedule.warmup_epochs={self.warmup_epochs}: only schedule.name=cosine warms up "
+                           f"— set schedule.name=cosine or schedule.warmup_epochs=0")
+
+
+@dataclass
+class TrainConfig:
+    """The loop: length, numerics, accumulation, early stopping, distributed timeouts."""
+
+    epochs: int = 100
+    """Maximum number of epochs (early stopping may end the run sooner)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps in total (0 = no limit); for smoke runs and benchmarks."""
+    seed: int = 0
+    """Seed of weight init and dropout (data order and augmentation follow data.seed)."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step; effective batch = data.batch_size × ranks × this.
+    The last len(loader) % grad_accum_steps micro-batches of an epoch are left out (reported)."""
+    clip_grad_norm: float = 0.0
+    """Clip the global gradient L2 norm to this value (0 = off)."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Autocast precision. auto: the launcher's choice (accelerate config), else no.
+    bf16/fp16 are for GPUs (fp16 adds a loss scaler); CPU runs use no."""
+    compile: bool = False
+    """torch.compile the model (GPU; the first steps are slow while it compiles)."""
+    best_metric: Literal["val_loss", "val_mean_auroc"] = "val_loss"
+    """What makes the ``best`` checkpoint and drives early stopping."""
+    early_stop_patience: int = 10
+    """Stop after this many epochs without an improvement of best_metric (0 = never)."""
+    early_stop_min_delta: float = 1e-5
+    """Smallest absolute change of best_metric that resets early stopping's patience."""
+    restore_best: bool = True
+    """When early stopping ends the run, reload the best weights into the final ``last`` checkpoint."""
+    threads: int = 0
+    """torch intra-op threads per process (0 = torch's default)."""
+    collective_timeout_s: float = 90.0
+    """Timeout of every collective: a job whose peer died exits non-zero after about this long."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms(True) (slower on GPU; CPU kernels already are)."""
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "grad_accum_steps"):
+            if getattr(self, name) < 1:
+                raise CxrError(f"train.{name}={getattr(self, name)}: must be ≥ 1 — fix the config")
+        for name in ("max_steps", "clip_grad_norm", "early_stop_patience", "early_stop_min_delta", "threads"):
+            if getattr(self, name) < 0:
+                raise CxrError(f"train.{name}={getattr(self, name)}: must be ≥ 0 — fix the config")
+        if self.collective_timeout_s <= 0:
+            raise CxrError("train.collective_timeout_s must be > 0 — e.g. 90")
+
+
+@dataclass
+class CheckpointConfig:
+    """Where a run lives and how it resumes (layout: docs/run-dir.md)."""
+
+    run_dir: str = "runs/default"
+    """The run directory: config.yaml, metrics.csv, checkpoints/{last,best}, logs."""
+    resume: str = "auto"
+    """auto: continue from RUN/checkpoints/last when it exists; never: refuse to start over an
+    existing checkpoint; or a path to a checkpoint folder to continue from."""
+    force_resume: bool = False
+    """Resume even though the checkpoint was written under a different config hash."""
+    every_steps: int = 0
+    """Also write ``last`` every N optimizer steps mid-epoch (0 = at epoch ends and on signals only)."""
+
+    def __post_init__(self) -> None:
+        if not self.run_dir:
+            raise CxrError("checkpoint.run_dir is empty — give the run a directory")
+        if self.every_steps < 0:
+            raise CxrError("checkpoint.every_steps must be ≥ 0 — fix the config")
+
+
+@dataclass
+class LoggingConfig:
+    """What rank 0 shows and records while training."""
+
+    progress: bool = True
+    """tqdm progress bar on rank 0 (stderr)."""
+    log_every: int = 20
+    """Optimizer steps between loss readings (a CPU-GPU sync) for the bar and train.log."""
+    tensorboard: bool = False
+    """Also write TensorBoard scalars to RUN/tensorboard (needs the tensorboard package)."""
+
+    def __post_init__(self) -> None:
+        if self.log_every < 1:
+            raise CxrError("logging.log_every must be ≥ 1 — e.g. 20")
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig, "model": ModelConfig, "loss": LossConfig, "optim": OptimConfig,
+    "schedule": ScheduleConfig, "train": TrainConfig, "checkpoint": CheckpointConfig, "logging": LoggingConfig,
+}
+# Settings that do not change what is trained: left out of the config hash.
+UNHASHED = {
+    "checkpoint": {"run_dir", "resume", "force_resume", "every_steps"},
+    "logging": {"progress", "log_every", "tensorboard"},
+    "train": {"threads", "collective_timeout_s"},
+    "data": {"num_threads"},
+}
+
+
+@dataclass
+class Config:
+    """A whole run: one instance per section."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# ---------------------------------------------------------------------------- loading
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config (None: all defaults), apply ``section.key=value`` overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise CxrError(f"{path}: config file not found — pass --config with a YAML file (see cxr/configs/)")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise CxrError(f"{path}: not valid YAML ({str(err).splitlines()[0]}) — fix the syntax") from None
+        if not isinstance(raw, dict):
+            raise CxrError(f"{path}: top level must be a mapping of sections {', '.join(SECTIONS)}")
+    raw = {k: dict(v or {}) if isinstance(v, dict) or v is None else v for k, v in raw.items()}
+    for item in overrides:
+        _apply_override(raw, item)
+    return config_from_dict(raw, where=str(path) if path else "config")
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise CxrError(f"override {item!r}: expected section.key=value, e.g. optim.lr=3e-4 "
+                       f"(sections: {', '.join(SECTIONS)})")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        raise CxrError(f"override {item!r}: value is not valid YAML — quote strings with spaces") from None
+    section = raw.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        raise CxrError(f"config section {parts[0]!r} must be a mapping")
+    section[parts[1]] = value
+
+
+def config_from_dict(raw: dict, where: str = "config") -> Config:
+    """Build and validate a :class:`Config` from ``{section: {key: value}}``."""
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise CxrError(f"{where}: unknown section {unknown[0]!r} — valid sections: {', '.join(SECTIONS)}")
+    built = {}
+    for name, cls in SECTIONS.items():
+        section = raw.get(name) or {}
+        if not isinstance(section, dict):
+            raise CxrError(f"{where}: section {name!r} must be a mapping of key: value")
+        built[name] = _build_section(name, cls, dict(section), where)
+    return Config(**built)
+
+
+def _build_section(section: str, cls: type, values: dict, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    if cls is ModelConfig:
+        values = _split_model_options(values, names)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise CxrError(f"{where}: unknown key {section}.{key} — valid keys of {section}: {', '.join(names)}")
+        kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])
+    try:
+        return cls(**kwargs)
+    except CxrError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise CxrError(f"{where}: section {section}: {err} — fix the config") from None
+
+
+def _split_model_options(values: dict, names: list[str]) -> dict:
+    """Move keys of the flat ``model:`` section that are not ModelConfig fields into ``options``,
+    checked and typed against ``cxr.models.REGISTRY[name].options``."""
+    options = dict(values.pop("options", None) or {})
+    for key in [k for k in values if k not in names]:
+        options[key] = values.pop(key)
+    name = values.get("name", ModelConfig.name)
+    valid = model_options(name)
+    for key in list(options):
+        if valid is not None and key not in valid:
+            shown = ", ".join([n for n in names if n != "options"] + list(valid))
+            raise CxrError(f"unknown key model.{key} for model.name={name} — valid keys of model: {shown}")
+        if valid is not None:
+            options[key] = _coerce(f"model.{key}", options[key], valid[key])
+    if options:
+        values["options"] = options
+    return values
+
+
+def model_options(name: str) -> dict[str, type] | None:
+    """{option: type} of the family options of model ``name`` (None: not a registered model,
+    which the ``name`` check reports)."""
+    from cxr.models import REGISTRY
+
+    spec = REGISTRY.get(name)
+    return dict(spec.options) if spec is not None else None
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against the type hint of ``key``; return it converted (int→float etc.)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0]) if len(inner) == 1 else value
+    if origin is Literal:
+        if value not in args:
+            raise CxrError(f"{key}={value!r}: invalid — valid choices: {' | '.join(map(str, args))}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise CxrError(f"{key}={value!r}: expected true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise CxrError(f"{key}={value!r}: expected an integer")
+        return value
+    if hint is float:
+        return _as_float(key, value)
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise CxrError(f"{key}={value!r}: expected a string")
+        return str(value)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)) or (origin is tuple and len(value) != len(args)):
+            raise CxrError(f"{key}={value!r}: expected a list of {len(args) or 'some'} values, e.g. [0.9, 0.999]")
+        inner = args if origin is tuple else (args[0],) * len(value) if args else (Any,) * len(value)
+        return origin(_coerce(key, v, h) for v, h in zip(value, inner))
+    if hint is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise CxrError(f"{key}={value!r}: expected a mapping")
+        return dict(value)
+    return value
+
+
+def _as_float(key: str, value: Any) -> float:
+    # YAML 1.1 reads "1e-4" (no dot) as a string; accept it as the number it plainly is.
+    if isinstance(value, bool):
+        raise CxrError(f"{key}={value!r}: expected a number")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise CxrError(f"{key}={value!r}: expected a number, e.g. 3e-4") from None
+
+
+# ---------------------------------------------------------------------------- output
+def config_to_dict(cfg: Config) -> dict:
+    """Plain ``{section: {key: value}}`` with the model options flat (as in config.yaml)."""
+    out = {}
+    for name in SECTIONS:
+        section = getattr(cfg, name)
+        if isinstance(section, ModelConfig):
+            out[name] = section.kwargs()
+        else:
+            out[name] = {f.name: _plain(getattr(section, f.name)) for f in dataclasses.fields(section)}
+    return out
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as YAML text (sections in fixed order)."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config to ``path`` atomically."""
+    atomic_write_text(path, config_yaml(cfg))
+
+
+def hashed_dict(cfg: Config) -> dict:
+    """The part of the config that decides what is trained (input of :func:`config_hash`)."""
+    full = config_to_dict(cfg)
+    return {s: {k: v for k, v in keys.items() if k not in UNHASHED.get(s, ())} for s, keys in full.items()}
+
+
+def config_hash(cfg: Config) -> str:
+    """16-hex fingerprint of :func:`hashed_dict` (stable across key order and runs)."""
+    text = json.dumps(hashed_dict(cfg), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def config_diff(a: Config | dict, b: Config | dict) -> list[str]:
+    """Keys (``section.key``) whose hashed values differ between two configs."""
+    da = a if isinstance(a, dict) else hashed_dict(a)
+    db = b if isinstance(b, dict) else hashed_dict(b)
+    keys = {(s, k) for d in (da, db) for s, sec in d.items() for k in sec}
+    return sorted(f"{s}.{k}" for s, k in keys if da.get(s, {}).get(k) != db.get(s, {}).get(k))
+
+
+# ---------------------------------------------------------------------------- help
+def describe_config() -> str:
+    """Every key with its default and the docstring under its field (for ``--help``)."""
+    lines = []
+    for name, cls in SECTIONS.items():
+        docs = field_docs(cls)
+        lines.append(f"{name}:")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            doc = " ".join(docs.get(f.name, "").split())
+            lines.append(f"  {name}.{f.name}={_plain(default)!r}")
+            if doc:
+                lines.extend("      " + ln for ln in textwrap.wrap(doc, 84))
+    return "\n".join(lines)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """{field: docstring} from the string literals written under dataclass fields."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for stmt, nxt in zip(body, body[1:]):
+        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[stmt.target.id] = nxt.value.value
+    return docs

@@ -1,0 +1,676 @@
+"""Train one chest X-ray classifier; one code path for CPU/gloo, GPU/NCCL and DeepSpeed.
+
+    accelerate launch [--config_file launch/configs/X.yaml] cxr/train.py --config cxr/configs/Y.yaml key=value ...
+    torchrun --nproc_per_node N -m cxr.train --config ... key=value ...
+    python -m cxr.train --config ... key=value ...
+
+The run directory (``checkpoint.run_dir``; layout in docs/run-dir.md) gets the resolved
+config, ``metrics.csv`` (one row per epoch), ``checkpoints/{last,best}``, the best epoch's
+``val_predictions.parquet``, ``train.log`` and ``status.json``. With ``checkpoint.resume=auto``
+(default) the same command continues from ``last``, exactly: same weights, same data order,
+same RNG streams as an uninterrupted run.
+
+Exit status (every rank; launchers read RUN/status.json because torchrun/accelerate turn
+any non-zero worker status into 1):
+  0   finished (all epochs, max_steps, early stopping, or nothing left to do)
+  2   bad config or input (one-line error, no traceback; --debug shows it)
+  75  stopped by SIGUSR1 or SIGTERM after saving ``last`` — requeue me (EX_TEMPFAIL)
+  other: a crash; a dead peer makes the others fail within train.collective_timeout_s
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file (`accelerate launch cxr/train.py`): import the package, not cxr/*
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse
+import logging
+import math
+import os
+import signal
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from accelerate import Accelerator, InitProcessGroupKwargs
+from accelerate.utils import DistributedType, set_seed
+
+from cxr import checkpoint as ckpt
+from cxr.config import Config, config_diff, config_hash, config_yaml, describe_config, load_config, save_config
+from cxr.data import build_loader, load_shards_manifest
+from cxr.losses import build_loss
+from cxr.metrics import epoch_metrics
+from cxr.models import build_model
+from shards.atomic import atomic_write, atomic_write_text
+from shards.errors import CxrError, cli_entry
+from shards.labels import LABELS
+
+EXIT_REQUEUE = 75  # sysexits.h EX_TEMPFAIL: "temporary failure, try again" — the launchers requeue
+log = logging.getLogger("cxr.train")
+
+
+@dataclass
+class LoopState:
+    """Where the loop is; saved in every ``last`` checkpoint and restored on resume."""
+
+    epoch: int = 0              # current epoch, 0-based
+    step_in_epoch: int = 0      # optimizer steps already taken in this epoch
+    global_step: int = 0        # optimizer steps since the start of the run
+    best_value: float | None = None   # best train.best_metric so far
+    best_epoch: int = 0         # 1-based epoch of best_value
+    early_best: float | None = None   # the value early stopping compares against (moves by > min_delta)
+    bad_epochs: int = 0         # epochs since early_best last moved
+    finished: bool = False
+    rows: list = field(default_factory=list)   # metrics.csv rows so far
+
+
+# ----------------------------------------------------------------------------- entry point
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cxr.train", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n\n")[0] + "\n\n" + "\n\n".join(__doc__.split("\n\n")[1:]),
+        epilog="config keys (section.key=default):\n" + describe_config())
+    p.add_argument("--config", help="YAML config (cxr/configs/*.yaml); omitted: all defaults")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="override a config value, parsed as YAML (optim.lr=3e-4, loss.cap=null, optim.betas=[0.9,0.99])")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return p
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(config_yaml(cfg), end="")
+        return 0
+    return train(cfg)
+
+
+def train(cfg: Config, loader_fn: Callable = build_loader) -> int:
+    """Run (or resume) training as configured; returns the process exit status (see module doc).
+
+    loader_fn: ``build_loader``-compatible factory (benchmarks pass in-memory data)."""
+    accelerator = make_accelerator(cfg)
+    try:
+        return _train(cfg, accelerator, loader_fn)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- the loop
+def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable) -> int:
+    t_start = time.time()
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    run_dir = Path(cfg.checkpoint.run_dir)
+    setup_logging(run_dir, accelerator.is_main_process)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    torch.use_deterministic_algorithms(cfg.train.deterministic)
+    resume_from = resume_checkpoint(cfg, run_dir)
+
+    # Model, loss, optimizer, schedule. Same seed on every rank → same initial weights.
+    set_seed(cfg.train.seed)
+    model = build_model(**cfg.model.kwargs())
+    uses_meta = cfg.model.metadata != "none"
+    l2_weights, l2_lambda = model.l2_params() if hasattr(model, "l2_params") else ([], 0.0)
+    loss_fn = build_loss(cfg.loss, train_prevalence(cfg))
+    optimizer = build_optimizer(cfg, model, l2_weights)
+    steps_per_epoch = train_steps_per_epoch(cfg, loader_fn, rank, world)
+    scheduler, step_scheduler_each_step = build_scheduler(cfg, optimizer, steps_per_epoch)
+    if cfg.train.compile:
+        model = torch.compile(model)
+    configure_deepspeed(cfg, accelerator)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    net = accelerator.unwrap_model(model)  # no DDP hooks/collectives: evaluation and the L2 term use it
+    # Dropout streams differ per rank (a fresh seed per rank after the common init).
+    set_seed(cfg.train.seed * 1000 + rank)
+
+    st, running = LoopState(), {"loss_sum": 0.0, "batches": 0, "skipped": 0, "skipped_keys": []}
+    if resume_from is not None:
+        st, running = restore(accelerator, resume_from, model, optimizer, scheduler, running)
+    if st.finished:
+        log.info("run %s already finished at epoch %d — nothing to do (use a new checkpoint.run_dir)",
+                 run_dir, st.epoch)
+        return 0
+    if accelerator.is_main_process:
+        save_config(cfg, run_dir / "config.yaml")
+        write_status(run_dir, "running", st)
+    pids = ckpt.gather_objects(os.getpid())
+    log.info("start: %d rank(s) on %s, pids %s, %s, config hash %s, %d steps/epoch, %s",
+             world, device, pids, accelerator.distributed_type.value, config_hash(cfg), steps_per_epoch,
+             f"resumed from {resume_from} at epoch {st.epoch + 1} step {st.step_in_epoch}" if resume_from else "fresh")
+    stop = StopFlag(accelerator)
+    writer = tensorboard_writer(cfg, run_dir, accelerator.is_main_process)
+    accum, log_every = cfg.train.grad_accum_steps, cfg.logging.log_every
+    images_trained = 0
+
+    while not st.finished and st.epoch < cfg.train.epochs:
+        t_epoch = time.time()
+        skip = st.step_in_epoch * accum  # micro-batches already consumed this epoch (resume)
+        loader, batches = open_loader(loader_fn, cfg, "train", rank, world, epoch=st.epoch, skip_batches=skip)
+        micro_total = steps_per_epoch * accum  # leftover micro-batches (< accum) are not used
+        # The loss is summed on the device: reading it is a CPU-GPU sync, done every log_every steps only.
+        loss_sum = torch.tensor(running["loss_sum"], dtype=torch.float64, device=device)
+        n_batches, epoch_images = running["batches"], 0
+        bar = progress_bar(cfg, accelerator, st, steps_per_epoch)
+        model.train()
+        accelerator.step = 0  # accumulation restarts at each epoch (and resume) boundary
+        for i, batch in enumerate(batches):
+            if skip + i >= micro_total:
+                break
+            # non_blocking: the host→device copy overlaps the previous step's kernels on GPU
+            image = batch["image"].to(device, non_blocking=True)
+            labels = batch["labels"].to(device, non_blocking=True)
+            meta = batch["meta"].to(device, non_blocking=True) if uses_meta else None
+            if cfg.model.channels_last:
+                image = image.contiguous(memory_format=torch.channels_last)
+            with accelerator.accumulate(model):
+                logits = model(image, meta)
+                loss = loss_fn(logits, labels)
+                if l2_weights:  # Keras-style L2 penalty on the model's own group (CBAM head)
+                    loss = loss + l2_lambda * sum(w.pow(2).sum() for w in l2_weights)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.train.clip_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.train.clip_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach().double()
+            n_batches += 1
+            epoch_images += image.shape[0]
+            if not accelerator.sync_gradients:
+                continue
+            # ---- an optimizer step has been taken
+            st.step_in_epoch += 1
+            st.global_step += 1
+            if step_scheduler_each_step:
+                scheduler.step()
+            if bar is not None:
+                bar.update(1)
+            if st.global_step % log_every == 0:
+                # loss.item() is a CPU-GPU sync point, hence only every log_every steps
+                log_step(bar, st, loss.item(), current_lr(optimizer))
+            # One all-reduced int per step (gloo, on the CPU: no GPU sync) so that all ranks stop together.
+            if stop.agreed():
+                running.update(loss_sum=loss_sum.item(), batches=n_batches)
+                save_last(cfg, accelerator, run_dir, model, optimizer, scheduler, st, running, loader)
+                return preempted(accelerator, run_dir, st, stop)
+            if cfg.checkpoint.every_steps and st.global_step % cfg.checkpoint.every_steps == 0:
+                running.update(loss_sum=loss_sum.item(), batches=n_batches)
+                save_last(cfg, accelerator, run_dir, model, optimizer, scheduler, st, running, loader)
+            if cfg.train.max_steps and st.global_step >= cfg.train.max_steps:
+                break
+        if bar is not None:
+            bar.close()
+        t_train = time.time() - t_epoch
+        images_trained += epoch_images
+
+        # ---- end of epoch (or of max_steps): loss over all ranks, validation, schedule, checkpoints
+        # all-reduce of [loss sum, batches]: a sync point, once per epoch
+        totals = accelerator.reduce(torch.stack([loss_sum, torch.full_like(loss_sum, n_batches)]), reduction="sum")
+        train_loss = (totals[0] / totals[1].clamp(min=1)).item()
+        skipped = skipped_samples(running, loader, accelerator)
+        val = validate(cfg, accelerator, net, loader_fn, loss_fn, l2_weights, l2_lambda)
+        row = metrics_row(st, train_loss, current_lr(optimizer), val, skipped)
+        st.rows.append(row)
+        improved = update_best(cfg, st, val)
+        early_stop = update_early_stop(cfg, st, val)
+        if scheduler is not None and not step_scheduler_each_step:
+            scheduler.step(val[cfg.schedule.monitor])
+        st.epoch, st.step_in_epoch = st.epoch + 1, 0
+        running = {"loss_sum": 0.0, "batches": 0, "skipped": 0, "skipped_keys": []}
+        out_of_steps = bool(cfg.train.max_steps and st.global_step >= cfg.train.max_steps)
+        st.finished = early_stop or out_of_steps or st.epoch >= cfg.train.epochs
+        if improved:
+            save_best(cfg, accelerator, run_dir, model, st, val)
+        if early_stop and cfg.train.restore_best:
+            ckpt.load_weights(net, run_dir / "checkpoints" / "best")  # on every rank: weights stay identical
+        save_last(cfg, accelerator, run_dir, model, optimizer, scheduler, st, running, None)
+        if accelerator.is_main_process:
+            write_metrics_csv(run_dir / "metrics.csv", st.rows)
+            log_tensorboard(writer, row, st.global_step)
+        log.info(epoch_summary(cfg, st, row, improved, epoch_images * world / max(t_train, 1e-9),
+                               time.time() - t_epoch))
+        if early_stop:
+            log.info("early stopping: no %s improvement > %g for %d epochs%s", cfg.train.best_metric,
+                     cfg.train.early_stop_min_delta, st.bad_epochs,
+                     "; best weights restored" if cfg.train.restore_best else "")
+
+    if accelerator.is_main_process:
+        write_status(run_dir, "finished", st)
+    elapsed = time.time() - t_start
+    best = st.best_value if st.best_value is not None else float("nan")
+    log.info("done: %d epochs, %d steps, %d images (%d rank(s)) in %.1f s (%.1f img/s incl. validation); "
+             "best %s %.4f at epoch %d; run dir %s", st.epoch, st.global_step, images_trained * world, world,
+             elapsed, images_trained * world / max(elapsed, 1e-9), cfg.train.best_metric, best, st.best_epoch,
+             run_dir)
+    return 0
+
+
+# ----------------------------------------------------------------------------- setup
+def make_accelerator(cfg: Config) -> Accelerator:
+    """Accelerator from the launcher's environment: gloo on CPU, NCCL on GPU, both with the
+    collective timeout of the config (a dead peer fails the job instead of hanging it).
+    Resolves ``train.mixed_precision=auto`` in ``cfg`` (the resolved value is what is saved)."""
+    cpu = not torch.cuda.is_available()
+    precision = cfg.train.mixed_precision
+    if precision == "auto":
+        precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no") or "no"
+    if precision not in ("no", "bf16", "fp16"):
+        raise CxrError(f"train.mixed_precision: the launcher asks for {precision!r} — valid: no | bf16 | fp16")
+    if cpu and precision == "fp16":
+        raise CxrError("train.mixed_precision=fp16 needs a GPU — use no (or bf16) on CPU")
+    cfg.train.mixed_precision = precision
+    timeout = timedelta(seconds=cfg.train.collective_timeout_s)
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    # a plain single process has no process group to configure (accelerate would look for one)
+    handlers = [InitProcessGroupKwargs(backend="gloo" if cpu else "nccl", timeout=timeout)] if launched else []
+    return Accelerator(cpu=cpu, mixed_precision=precision, gradient_accumulation_steps=cfg.train.grad_accum_steps,
+                       kwargs_handlers=handlers, step_scheduler_with_optimizer=False)
+
+
+def configure_deepspeed(cfg: Config, accelerator: Accelerator) -> None:
+    """Fill the DeepSpeed config entries our own loader cannot let accelerate infer."""
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+    ds["gradient_accumulation_steps"] = cfg.train.grad_accum_steps
+    ds["train_batch_size"] = cfg.data.batch_size * cfg.train.grad_accum_steps * accelerator.num_processes
+    ds["gradient_clipping"] = cfg.train.clip_grad_norm
+    ds.setdefault("zero_allow_untested_optimizer", True)  # our torch Adam, wrapped by ZeRO
+    if ds.get("zero_optimization", {}).get("stage", 0) >= 3:
+        raise CxrError("DeepSpeed ZeRO-3 is not supported (validation runs the unwrapped model) — use "
+                       "launch/configs/deepspeed_zero1.yaml or deepspeed_zero2.yaml")
+
+
+def setup_logging(run_dir: Path, main: bool) -> None:
+    """Rank 0: INFO to stderr and RUN/train.log, step lines to train.log only; others: warnings."""
+    steps = logging.getLogger("cxr.train.steps")
+    for logger in (log, steps):
+        logger.handlers.clear()
+        logger.propagate = False
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(stream)
+    log.setLevel(logging.INFO if main else logging.WARNING)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(run_dir / "train.log")
+        file.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(file)
+        steps.addHandler(file)
+    steps.setLevel(logging.INFO if main else logging.WARNING)
+
+
+def resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
+    """The checkpoint to continue from under ``checkpoint.resume``, after the config-hash check."""
+    policy = cfg.checkpoint.resume
+    found = ckpt.find_checkpoint(run_dir, "last")
+    if policy == "never":
+        if found is not None:
+            raise CxrError(f"{found}: the run dir already holds a checkpoint and checkpoint.resume=never — "
+                           f"choose a new checkpoint.run_dir or set checkpoint.resume=auto")
+        return None
+    if policy != "auto":
+        found = Path(policy)
+        if not (found / ckpt.META).is_file():
+            raise CxrError(f"checkpoint.resume={policy}: no checkpoint there (no {ckpt.META}) — "
+                           f"use auto, never, or a path like RUN/checkpoints/last")
+    if found is None:
+        return None
+    meta, want = ckpt.read_meta(found), config_hash(cfg)
+    if meta.get("config_hash") != want and not cfg.checkpoint.force_resume:
+        raise CxrError(f"{found}: written under config hash {meta.get('config_hash')}, this config is {want} "
+                       f"(differs in: {', '.join(saved_config_diff(cfg, found)) or 'unknown keys'}) — use a new "
+                       f"checkpoint.run_dir, restore the old values, or set checkpoint.force_resume=true")
+    return found
+
+
+def saved_config_diff(cfg: Config, found: Path) -> list[str]:
+    """Keys that differ between ``cfg`` and the config.yaml of the run the checkpoint belongs to."""
+    saved = found.parent.parent / "config.yaml"
+    try:
+        return config_diff(load_config(saved), cfg)
+    except CxrError:
+        return []
+
+
+def train_prevalence(cfg: Config) -> np.ndarray | None:
+    """[14] train-split prevalence from the shards manifest (only weighted_bce needs it)."""
+    if cfg.loss.name != "weighted_bce":
+        return None
+    folder, manifest = load_shards_manifest(cfg.data.shards, cfg.data.resolution)
+    prevalence = manifest.get("splits", {}).get("train", {}).get("prevalence", {})
+    missing = [name for name in LABELS if name not in prevalence]
+    if missing:
+        raise CxrError(f"{folder}/manifest.json: splits.train.prevalence lacks {missing[:3]} — re-pack the shards")
+    return np.array([prevalence[name] for name in LABELS], dtype=np.float64)
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module, l2_weights: list) -> torch.optim.Optimizer:
+    """Adam/AdamW; weights with the model's own L2 penalty get no weight decay on top."""
+    l2_ids = {id(p) for p in l2_weights}
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in l2_ids],
+               "weight_decay": cfg.optim.weight_decay}]
+    if l2_weights:
+        groups.append({"params": list(l2_weights), "weight_decay": 0.0})
+    cls = torch.optim.Adam if cfg.optim.name == "adam" else torch.optim.AdamW
+    return cls(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+
+
+def train_steps_per_epoch(cfg: Config, loader_fn: Callable, rank: int, world: int) -> int:
+    """Optimizer steps per epoch (every epoch has the same number of train batches per rank)."""
+    with torch.random.fork_rng(devices=[]):
+        batches = len(loader_fn(cfg.data, "train", rank=rank, world_size=world, epoch=0, skip_batches=0))
+    steps = batches // cfg.train.grad_accum_steps
+    if steps < 1:
+        raise CxrError(f"train: {batches} batches per rank per epoch < train.grad_accum_steps="
+                       f"{cfg.train.grad_accum_steps} — lower it or data.batch_size")
+    return steps
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """(scheduler or None, stepped per optimizer step?) — plateau steps per epoch on the monitor."""
+    sc = cfg.schedule
+    if sc.name == "plateau":
+        mode = "min" if sc.monitor == "val_loss" else "max"
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode=mode, factor=sc.factor, patience=sc.patience, threshold=sc.min_delta,
+            threshold_mode="abs", min_lr=sc.min_lr), False
+    if sc.name == "constant":
+        return None, False
+    total = steps_per_epoch * cfg.train.epochs
+    if cfg.train.max_steps:
+        total = min(total, cfg.train.max_steps)
+    warmup = int(round(sc.warmup_epochs * steps_per_epoch))
+    floor = sc.min_lr / cfg.optim.lr
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), True
+
+
+def open_loader(loader_fn: Callable, cfg: Config, split: str, rank: int, world: int, **kwargs):
+    """(loader, iterator) built without touching the global RNG streams: a torch DataLoader draws
+    its worker seed from them, which would make a resumed run's dropout masks differ."""
+    with torch.random.fork_rng(devices=[]):
+        loader = loader_fn(cfg.data, split, rank=rank, world_size=world, **kwargs)
+        return loader, iter(loader)
+
+
+def restore(accelerator: Accelerator, path: Path, model, optimizer, scheduler, running: dict):
+    """Load ``path`` into the prepared objects; return (LoopState, this rank's running sums)."""
+    state = ckpt.load_checkpoint(accelerator, path, model=model, optimizer=optimizer, scheduler=scheduler)
+    for group, lr in zip(optimizer.param_groups, state["lrs"]):
+        group["lr"] = lr
+    st = LoopState(**state["loop"])
+    if state["rank"] is None:
+        log.warning("resume: world size %s → %d — RNG streams and this epoch's running loss restart "
+                    "(the run continues, but not bitwise as an uninterrupted one)",
+                    state.get("world_size"), accelerator.num_processes)
+        return st, running
+    return st, {**running, **{k: v for k, v in state["rank"].items() if k != "rng"}}
+
+
+# ----------------------------------------------------------------------------- signals
+class StopFlag:
+    """SIGUSR1 / SIGTERM set a flag; :meth:`agreed` all-reduces it so every rank stops at the
+    same step boundary, whichever rank (or all) got the signal."""
+
+    def __init__(self, accelerator: Accelerator):
+        self.signum = 0
+        self.group = None
+        self.flag = torch.zeros(1, dtype=torch.int32)
+        self.distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if self.distributed and torch.distributed.get_backend() != "gloo":
+            # a CPU side channel: the check costs no GPU synchronisation
+            self.group = torch.distributed.new_group(backend="gloo")
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.signum = signum
+
+    def agreed(self) -> bool:
+        """True on every rank when any rank has been signalled (a collective: call on all ranks)."""
+        self.flag[0] = self.signum
+        if self.distributed:
+            torch.distributed.all_reduce(self.flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        self.signum = int(self.flag[0])
+        return self.signum != 0
+
+
+def preempted(accelerator: Accelerator, run_dir: Path, st: LoopState, stop: StopFlag) -> int:
+    """After the signal-time save: record it and return the requeue status."""
+    if accelerator.is_main_process:
+        write_status(run_dir, "preempted", st, exit_code=EXIT_REQUEUE)
+    log.info("stopped by %s at epoch %d step %d (global step %d): checkpoint 'last' saved — exit %d "
+             "(requeue: the same command resumes)", signal.Signals(stop.signum).name, st.epoch + 1,
+             st.step_in_epoch, st.global_step, EXIT_REQUEUE)
+    return EXIT_REQUEUE
+
+
+# ----------------------------------------------------------------------------- validation
+@torch.no_grad()
+def validate(cfg: Config, accelerator: Accelerator, net: torch.nn.Module, loader_fn: Callable, loss_fn,
+             l2_weights: list, l2_lambda: float) -> dict:
+    """Predict the val split (each image on exactly one rank), gather all predictions to every
+    rank, and compute the loss and SPEC metrics on the whole set there (identical on all ranks).
+
+    Returns {"val_loss", "val_mean_auroc", "val_<metric>", ..., "keys": [n], "probs": [n, 14]},
+    rows sorted by key so that the result does not depend on the number of ranks."""
+    device = accelerator.device
+    loader, batches = open_loader(loader_fn, cfg, "val", accelerator.process_index, accelerator.num_processes,
+                                  epoch=0, train=False)
+    net.eval()
+    keys, logits, labels = [], [], []
+    for batch in batches:
+        image = batch["image"].to(device, non_blocking=True)
+        meta = batch["meta"].to(device, non_blocking=True) if cfg.model.metadata != "none" else None
+        if cfg.model.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        with accelerator.autocast():
+            logits.append(net(image, meta).float())
+        labels.append(batch["labels"].float())
+        keys.extend(batch["key"])
+    net.train()
+    n = cfg.model.num_labels
+    # .cpu(): a sync point, once per validation
+    local = (keys, torch.cat(logits).cpu().numpy() if logits else np.zeros((0, n), np.float32),
+             torch.cat(labels).numpy() if labels else np.zeros((0, n), np.float32))
+    parts = ckpt.gather_objects(local)
+    all_keys = [k for part in parts for k in part[0]]
+    if len(set(all_keys)) != len(all_keys) or not all_keys:
+        raise CxrError(f"validation: {len(all_keys)} predictions for {len(set(all_keys))} distinct images — "
+                       f"the val loader must deliver every image exactly once across ranks")
+    order = np.argsort(np.array(all_keys))
+    z = np.concatenate([part[1] for part in parts])[order]
+    y = np.concatenate([part[2] for part in parts])[order]
+    loss = loss_fn(torch.from_numpy(z).to(device), torch.from_numpy(y).to(device))
+    if l2_weights:
+        loss = loss + l2_lambda * sum(w.detach().float().pow(2).sum() for w in l2_weights)
+    probs = 1.0 / (1.0 + np.exp(-z.astype(np.float64)))
+    out = {"val_loss": float(loss.item())}
+    with warnings.catch_warnings(record=True) as caught:  # zero-denominator notes: to train.log, not the console
+        warnings.simplefilter("always")
+        out.update({f"val_{k}": float(v) for k, v in epoch_metrics(y, probs).items()})
+    for w in caught:
+        logging.getLogger("cxr.train.steps").info("validation: %s", w.message)
+    out.update(keys=[all_keys[i] for i in order], probs=probs)
+    return out
+
+
+def metrics_row(st: LoopState, train_loss: float, lr: float, val: dict, skipped: int) -> dict:
+    """One metrics.csv row: time, epoch (1-based), step, lr, loss, val_* metrics, skipped samples."""
+    row = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "epoch": st.epoch + 1,
+           "step": st.global_step, "lr": lr, "loss": train_loss}
+    row.update({k: v for k, v in val.items() if k.startswith("val_")})
+    row["skipped"] = skipped
+    return row
+
+
+def _better(cfg: Config, value: float, than: float | None, delta: float = 0.0) -> bool:
+    if not math.isfinite(value):
+        return False
+    if than is None:
+        return True
+    return value < than - delta if cfg.train.best_metric == "val_loss" else value > than + delta
+
+
+def update_best(cfg: Config, st: LoopState, val: dict) -> bool:
+    """Record a new best train.best_metric; True when this epoch is the new best."""
+    value = val[cfg.train.best_metric]
+    if not _better(cfg, value, st.best_value):
+        return False
+    st.best_value, st.best_epoch = value, st.epoch + 1
+    return True
+
+
+def update_early_stop(cfg: Config, st: LoopState, val: dict) -> bool:
+    """Count epochs without an improvement > early_stop_min_delta; True when patience runs out."""
+    value = val[cfg.train.best_metric]
+    if _better(cfg, value, st.early_best, cfg.train.early_stop_min_delta):
+        st.early_best, st.bad_epochs = value, 0
+    else:
+        st.bad_epochs += 1
+    return 0 < cfg.train.early_stop_patience <= st.bad_epochs
+
+
+def skipped_samples(running: dict, loader, accelerator: Accelerator) -> int:
+    """Corrupt samples skipped this epoch over all ranks (keys go to train.log)."""
+    report = loader.report()
+    local = (running["skipped"] + report["skipped"], running["skipped_keys"] + list(report["skipped_keys"]))
+    parts = ckpt.gather_objects(local)
+    keys = [k for part in parts for k in part[1]]
+    if keys:
+        log.warning("skipped %d corrupt training samples this epoch: %s", len(keys), ", ".join(keys[:20]))
+    return sum(part[0] for part in parts)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def checkpoint_meta(cfg: Config, st: LoopState, val: dict | None = None) -> dict:
+    """meta.json of a checkpoint (docs/run-dir.md)."""
+    return {"epoch": st.epoch, "step_in_epoch": st.step_in_epoch, "global_step": st.global_step,
+            "config_hash": config_hash(cfg), "labels": list(LABELS), "resolution": cfg.data.resolution,
+            "model": cfg.model.kwargs(), "finished": st.finished, "best_epoch": st.best_epoch,
+            "val": {k: v for k, v in (val or {}).items() if k.startswith("val_")},
+            "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def save_last(cfg: Config, accelerator: Accelerator, run_dir: Path, model, optimizer, scheduler,
+              st: LoopState, running: dict, loader) -> None:
+    """Write ``last`` (collective). ``loader``: the train loader when saving mid-epoch."""
+    per_rank = dict(running)
+    if loader is not None:
+        report = loader.report()
+        per_rank.update(skipped=running["skipped"] + report["skipped"],
+                        skipped_keys=running["skipped_keys"] + list(report["skipped_keys"]))
+    state = {"loop": asdict(st), "lrs": [g["lr"] for g in optimizer.param_groups],
+             "loader": {"epoch": st.epoch, "skip_batches": st.step_in_epoch * cfg.train.grad_accum_steps}}
+    last_val = {f"val_{k[4:]}": v for k, v in (st.rows[-1] if st.rows else {}).items() if k.startswith("val_")}
+    ckpt.save_checkpoint(accelerator, run_dir, "last", model=model, optimizer=optimizer, scheduler=scheduler,
+                         state=state, per_rank=per_rank, meta=checkpoint_meta(cfg, st, last_val))
+
+
+def save_best(cfg: Config, accelerator: Accelerator, run_dir: Path, model, st: LoopState, val: dict) -> None:
+    """Write ``best`` (weights + meta, collective) and, on rank 0, the val predictions of this epoch."""
+    ckpt.save_checkpoint(accelerator, run_dir, "best", model=model, meta=checkpoint_meta(cfg, st, val))
+    if accelerator.is_main_process:
+        import pandas as pd
+
+        frame = pd.DataFrame(val["probs"], columns=list(LABELS))
+        frame.insert(0, "key", val["keys"])
+        with atomic_write(run_dir / "val_predictions.parquet") as fh:
+            frame.to_parquet(fh, index=False)
+
+
+def write_status(run_dir: Path, state: str, st: LoopState, exit_code: int = 0) -> None:
+    """RUN/status.json: running | preempted | finished, for launchers deciding to requeue."""
+    import json
+
+    payload = {"state": state, "epoch": st.epoch, "step_in_epoch": st.step_in_epoch,
+               "global_step": st.global_step, "exit_code": exit_code,
+               "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    atomic_write_text(run_dir / "status.json", json.dumps(payload, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------- logging
+def write_metrics_csv(path: Path, rows: list[dict]) -> None:
+    """Rewrite metrics.csv from all rows (atomic; a resumed run rewrites the same rows)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def current_lr(optimizer) -> float:
+    return float(optimizer.param_groups[0]["lr"])
+
+
+def progress_bar(cfg: Config, accelerator: Accelerator, st: LoopState, steps_per_epoch: int):
+    """tqdm over the optimizer steps of this epoch, rank 0 only (None elsewhere or when disabled)."""
+    if not (accelerator.is_main_process and cfg.logging.progress):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=steps_per_epoch, initial=st.step_in_epoch, desc=f"epoch {st.epoch + 1}/{cfg.train.epochs}",
+                unit="step", dynamic_ncols=True, leave=False)
+
+
+def log_step(bar, st: LoopState, loss: float, lr: float) -> None:
+    """Progress bar postfix and a train.log line (the marker tests and operators grep for)."""
+    if bar is not None:
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+    logging.getLogger("cxr.train.steps").info("step %d epoch %d step_in_epoch %d loss %.6f lr %.3e",
+                                              st.global_step, st.epoch + 1, st.step_in_epoch, loss, lr)
+
+
+def epoch_summary(cfg: Config, st: LoopState, row: dict, improved: bool, img_s: float, seconds: float) -> str:
+    """The one-line epoch summary."""
+    text = (f"epoch {row['epoch']}/{cfg.train.epochs} step {row['step']} | loss {row['loss']:.4f} | "
+            f"val_loss {row['val_loss']:.4f} | val_auroc {row['val_mean_auroc']:.4f} | lr {row['lr']:.2e} | "
+            f"{img_s:.1f} img/s | {seconds:.1f} s")
+    if row["skipped"]:
+        text += f" | {row['skipped']} skipped"
+    return text + (" | best" if improved else "")
+
+
+def tensorboard_writer(cfg: Config, run_dir: Path, main: bool):
+    """SummaryWriter on RUN/tensorboard (rank 0, when logging.tensorboard), else None."""
+    if not (cfg.logging.tensorboard and main):
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise CxrError("logging.tensorboard=true needs the tensorboard package — pip install tensorboard, "
+                       "or set logging.tensorboard=false") from None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def log_tensorboard(writer, row: dict, step: int) -> None:
+    if writer is None:
+        return
+    for key, value in row.items():
+        if isinstance(value, (int, float)) and key not in ("epoch", "step"):
+            writer.add_scalar(key, value, step)
+    writer.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
