@@ -74,7 +74,10 @@ def _warn(what: str, cases: list[str]) -> None:
 
 
 def _thresholds(thresholds, n_labels: int) -> np.ndarray:
-    t = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (n_labels,)).copy()
+    t = np.asarray(thresholds, dtype=np.float64)
+    if t.ndim > 1 or t.size not in (1, n_labels):
+        raise CxrError(f"metrics: {t.size} thresholds for {n_labels} labels — pass one per label or a scalar")
+    t = np.broadcast_to(t.reshape(-1), (n_labels,)).copy()
     if not np.isfinite(t).all():
         raise CxrError("metrics: thresholds must be finite — tune them with tune_thresholds or use 0.5")
     return t

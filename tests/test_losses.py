@@ -224,23 +224,26 @@ def test_loss_config_lists_choices():
 
 
 # ---- global batch statistics across 2 gloo processes
-def _rank_worker(rank: int, world: int, init_file: str, out_dir: str, z: np.ndarray, y: np.ndarray,
-                 sizes: list[int]) -> None:
+SIZES = ([24, 24], [10, 38])  # equal and unequal per-rank batches
+
+
+def _rank_worker(rank: int, world: int, init_file: str, out_dir: str, z: np.ndarray, y: np.ndarray) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        lo = sum(sizes[:rank])
-        zr = torch.tensor(z[lo:lo + sizes[rank]], requires_grad=True)
-        yr = torch.tensor(y[lo:lo + sizes[rank]])
-        out = {"r_global": losses.positive_ratio(yr, "global"), "r_rank": losses.positive_ratio(yr, "rank"),
-               "r_grad": losses.positive_ratio(yr.clone().requires_grad_(True), "global").requires_grad}
-        loss = losses.dynamic_weighted_bce(zr, yr, batch_stats="global")
-        loss.backward()
-        averaged = loss.detach().clone()
-        dist.all_reduce(averaged)  # what DDP's gradient averaging optimises
-        out.update(loss=loss.detach(), averaged=averaged / world, grad=zr.grad,
-                   rank_loss=losses.dynamic_weighted_bce(zr.detach(), yr, batch_stats="rank"))
-        torch.save(out, f"{out_dir}/rank{rank}.pt")
+        for sizes in SIZES:
+            lo = sum(sizes[:rank])
+            zr = torch.tensor(z[lo:lo + sizes[rank]], requires_grad=True)
+            yr = torch.tensor(y[lo:lo + sizes[rank]])
+            out = {"r_global": losses.positive_ratio(yr, "global"), "r_rank": losses.positive_ratio(yr, "rank"),
+                   "r_grad": losses.positive_ratio(yr.clone().requires_grad_(True), "global").requires_grad}
+            loss = losses.dynamic_weighted_bce(zr, yr, batch_stats="global")
+            loss.backward()
+            averaged = loss.detach().clone()
+            dist.all_reduce(averaged)  # what DDP's gradient averaging optimises
+            out.update(loss=loss.detach(), averaged=averaged / world, grad=zr.grad,
+                       rank_loss=losses.dynamic_weighted_bce(zr.detach(), yr, batch_stats="rank"))
+            torch.save(out, f"{out_dir}/rank{rank}-{sizes[0]}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -253,11 +256,9 @@ def test_global_batch_stats_across_two_gloo_ranks(tmp_path):
     y = (rng.random((n, C)) < 0.15).astype(np.float64)
     y[:24, 2] = 0  # a label positive only on rank 1: the per-rank r differ strongly
     y[24:30, 2] = 1
-    for sizes in ([24, 24], [10, 38]):
-        out_dir = tmp_path / f"{sizes[0]}"
-        out_dir.mkdir()
-        mp.spawn(_rank_worker, args=(2, str(out_dir / "pg"), str(out_dir), z, y, sizes), nprocs=2, join=True)
-        res = [torch.load(out_dir / f"rank{r}.pt") for r in range(2)]
+    mp.spawn(_rank_worker, args=(2, str(tmp_path / "pg"), str(tmp_path), z, y), nprocs=2, join=True)
+    for sizes in SIZES:
+        res = [torch.load(tmp_path / f"rank{r}-{sizes[0]}.pt") for r in range(2)]
         for r in range(2):  # global r = r of the concatenated batch, on every rank, without gradient
             np.testing.assert_allclose(res[r]["r_global"].numpy(), y.mean(axis=0), rtol=1e-12)
             assert res[r]["r_grad"] is False

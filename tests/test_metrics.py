@@ -75,6 +75,8 @@ def test_bad_inputs_are_clear_errors():
         M.per_label_auroc(y, s[:, :3])
     with pytest.raises(CxrError, match="0/1"):
         M.per_label_auroc(y * 2, s)
+    with pytest.raises(CxrError, match="one per label"):
+        M.threshold_metrics(y, s, np.full(13, 0.5))
     s[0, 0] = np.nan
     with pytest.raises(CxrError, match="NaN"):
         M.per_label_auroc(y, s)
