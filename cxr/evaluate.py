@@ -90,9 +90,11 @@ def _read_meta(path: Path) -> dict[str, Any]:
 def find_checkpoint(run_dir: Path) -> Path:
     """The weights file of a run's best checkpoint (safetensors preferred)."""
     best = run_dir / "checkpoints" / "best"
-    for name in CHECKPOINT_FILES:
-        if (best / name).is_file():
-            return best / name
+    # best.old holds the previous best only if training died between the two renames of a save.
+    for folder in (best, best.with_name("best.old")):
+        for name in CHECKPOINT_FILES:
+            if (folder / name).is_file():
+                return folder / name
     raise CxrError(f"{best / CHECKPOINT_FILES[0]}: run {run_dir} has no best checkpoint — "
                    "train it to completion (or copy checkpoints/last to checkpoints/best)")
 
@@ -217,6 +219,7 @@ def build_member_model(member: Member, device: Any) -> Any:
     except RuntimeError as err:
         raise CxrError(f"{member.checkpoint}: run {member.run_dir}: weights do not fit model "
                        f"{name!r} ({str(err).splitlines()[0]}) — was config.yaml edited?") from err
+    member.uses_meta = bool(getattr(model, "uses_meta", member.uses_meta))
     return model.to(device).eval()
 
 

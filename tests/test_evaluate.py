@@ -1,0 +1,347 @@
+"""`python -m cxr.evaluate` end to end on tiny synthetic shards and two tiny members.
+
+References are independent of the evaluator: scikit-learn for every AUROC/AUPRC,
+numpy for the ensemble mean, PIL + tarfile + the model itself for the probabilities,
+the splits table for the key set.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from cxr.evaluate import main as evaluate_main
+from shards.cli import main as shards_main
+from shards.errors import CxrError
+from shards.labels import LABELS
+
+ROOT = Path(__file__).resolve().parents[1]
+RES = 64
+
+
+# ------------------------------------------------------------------ fixtures ---
+
+@pytest.fixture(scope="session")
+def shards_dir(tmp_path_factory) -> Path:
+    """160 synthetic 64 px phantoms, random patient split 40/30/30, packed."""
+    root = tmp_path_factory.mktemp("eval-shards")
+    assert shards_main(["synth", "--out", str(root / "synth"), "--n", "160", "--resolution", str(RES),
+                        "--seed", "3", "--workers", "1"]) == 0
+    assert shards_main(["split", "--metadata", str(root / "synth" / "Data_Entry_2017.csv"),
+                        "--scheme", "random", "--fractions", "0.4,0.3,0.3", "--seed", "1",
+                        "--out", str(root / "splits.parquet")]) == 0
+    assert shards_main(["pack", "--splits", str(root / "splits.parquet"), "--images",
+                        str(root / "synth" / "images"), "--out", str(root / "shards"),
+                        "--workers", "1"]) == 0
+    return root / "shards"
+
+
+def member_config(shards: Path, seed: int, resolution: int = RES) -> dict:
+    """A config.yaml per docs/run-dir.md: data == DataConfig fields, model == build_model kwargs."""
+    return {
+        "data": {"shards": str(shards), "backend": "wds", "resolution": resolution, "batch_size": 8,
+                 "eval_batch_size": 16, "num_threads": 0, "augment": False, "seed": seed},
+        "model": {"name": "cnn", "num_labels": 14, "dropout": 0.0},
+        "loss": {"name": "bce"}, "optim": {"name": "sgd", "lr": 0.05},
+        "train": {"epochs": 1, "seed": seed}, "checkpoint": {"run_dir": "unused"},
+    }
+
+
+def make_member(run_dir: Path, shards: Path, seed: int, steps: int = 12) -> Path:
+    """Build the cnn with a seed, take a few SGD steps on the train split, save a best checkpoint."""
+    from cxr.data import DataConfig, build_loader
+    from cxr.models import build_model
+
+    config = member_config(shards, seed)
+    torch.manual_seed(seed)
+    model = build_model("cnn", 14, dropout=0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    loader = build_loader(DataConfig(**config["data"]), "train", epoch=0, train=True)
+    model.train()
+    for step, batch in zip(range(steps), loader):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(batch["image"]), batch["labels"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    best = run_dir / "checkpoints" / "best"
+    best.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(best / "model.safetensors"))
+    (best / "meta.json").write_text(json.dumps({"epoch": 0, "global_step": steps, "labels": list(LABELS),
+                                                "resolution": RES, "model": "cnn", "val": {"loss": 0.5}}))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def members(tmp_path_factory, shards_dir) -> list[Path]:
+    root = tmp_path_factory.mktemp("eval-runs")
+    return [make_member(root / f"member{s}", shards_dir, seed=s) for s in (1, 2)]
+
+
+@pytest.fixture(scope="session")
+def report(tmp_path_factory, shards_dir, members) -> Path:
+    out = tmp_path_factory.mktemp("eval-report") / "report"
+    code = evaluate_main(["--runs", *map(str, members), "--shards", str(shards_dir), "--split", "test",
+                          "--thresholds-from", "val", "--bootstrap", "200", "--out", str(out)])
+    assert code == 0
+    return out
+
+
+def copy_member(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def run_args(runs, shards, out, *extra) -> list[str]:
+    return ["--runs", *map(str, runs), "--shards", str(shards), "--out", str(out),
+            "--bootstrap", "0", "--no-figures", "--debug", *extra]
+
+
+# ------------------------------------------------------------ the outputs ------
+
+def test_report_files_exist_and_stdout_table(report, capsys):
+    for name in ("predictions.parquet", "aucs.csv", "thresholds.json", "metrics.csv", "members.json",
+                 "roc.png", "pr.png", "report.md"):
+        assert (report / name).stat().st_size > 0, name
+    text = (report / "report.md").read_text()
+    assert "member1" in text and "member2" in text and "ensemble" in text
+    assert "not directly comparable" in text and "Wang 2017" in text and "prevalence" in text
+    for png in ("roc.png", "pr.png"):
+        with Image.open(report / png) as im:
+            assert im.size[0] >= 1000 and im.size[1] >= 1000
+
+
+def _split_frame(report: Path, split: str) -> pd.DataFrame:
+    frame = pd.read_parquet(report / "predictions.parquet")
+    return frame[frame["split"] == split]
+
+
+def test_every_auc_number_equals_sklearn(report):
+    preds = _split_frame(report, "test")
+    aucs = pd.read_csv(report / "aucs.csv")
+    assert set(aucs["member"]) == {"member1", "member2", "ensemble"}
+    checked = 0
+    for member, rows in aucs.groupby("member"):
+        p = preds[preds["member"] == member].sort_values("key")
+        table = rows.set_index("label")
+        per_label = []
+        for label in LABELS:
+            y = p[f"true_{label}"].to_numpy()
+            assert table.loc[label, "prevalence"] == pytest.approx(y.mean(), abs=1e-15)
+            assert table.loc[label, "n_pos"] == y.sum() and table.loc[label, "n"] == len(y)
+            if 0 < y.sum() < len(y):
+                auroc = roc_auc_score(y, p[label])
+                assert table.loc[label, "auroc"] == pytest.approx(auroc, abs=1e-12)
+                assert table.loc[label, "auprc"] == pytest.approx(average_precision_score(y, p[label]), abs=1e-12)
+                per_label.append(auroc)
+                checked += 1
+            else:
+                assert np.isnan(table.loc[label, "auroc"])
+        assert table.loc["mean", "auroc"] == pytest.approx(np.mean(per_label), abs=1e-12)
+    assert checked >= 3 * 8  # most labels have both classes in the test split
+
+
+def test_ensemble_is_mean_of_member_probabilities(report):
+    preds = _split_frame(report, "test")
+    probs = {m: g.sort_values("key")[list(LABELS)].to_numpy() for m, g in preds.groupby("member")}
+    truth = preds[preds["member"] == "member1"].sort_values("key")[[f"true_{c}" for c in LABELS]].to_numpy()
+    mean = (probs["member1"] + probs["member2"]) / 2
+    np.testing.assert_allclose(probs["ensemble"], mean, rtol=0, atol=1e-15)
+    aucs = pd.read_csv(report / "aucs.csv").set_index(["member", "label"])
+    for c, label in enumerate(LABELS):
+        if 0 < truth[:, c].sum() < len(truth):
+            assert aucs.loc[("ensemble", label), "auroc"] == pytest.approx(
+                roc_auc_score(truth[:, c], mean[:, c]), abs=1e-12)
+
+
+def test_keys_are_the_split_exactly_once(report, shards_dir):
+    manifest = json.loads((shards_dir / "manifest.json").read_text())
+    table = pd.read_parquet(manifest["splits_file"])
+    for split in ("test", "val"):
+        expected = {Path(i).stem for i in table.loc[table["split"] == split, "image"]}
+        preds = _split_frame(report, split)
+        for member, g in preds.groupby("member"):
+            assert not g["key"].duplicated().any(), (split, member)
+            assert set(g["key"]) == expected, (split, member)
+
+
+def _reference_probabilities(run_dir: Path, shards: Path, split: str) -> dict[str, np.ndarray]:
+    """Decode the split's PNGs with PIL straight from the tars, normalise, run the model."""
+    from cxr.data import DataConfig
+    from cxr.models import build_model
+
+    cfg = DataConfig()  # the default mean/std, as in the member's config
+    model = build_model("cnn", 14, dropout=0.0)
+    model.load_state_dict(load_file(str(run_dir / "checkpoints" / "best" / "model.safetensors")))
+    model.eval()
+    out = {}
+    for tar_path in sorted(shards.glob(f"{split}-*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".png"):
+                    pixels = np.asarray(Image.open(io.BytesIO(tar.extractfile(member).read())).convert("L"))
+                    x = (torch.from_numpy(pixels.astype(np.float32) / 255) - cfg.mean) / cfg.std
+                    with torch.no_grad():
+                        out[member.name[:-4]] = torch.sigmoid(model(x[None, None]).double())[0].numpy()
+    return out
+
+
+def test_probabilities_equal_direct_inference(report, members, shards_dir):
+    preds = _split_frame(report, "test")
+    for run_dir, name in zip(members, ("member1", "member2")):
+        reference = _reference_probabilities(run_dir, shards_dir, "test")
+        got = preds[preds["member"] == name].set_index("key")
+        assert set(got.index) == set(reference)
+        for key, probs in reference.items():
+            np.testing.assert_allclose(got.loc[key, list(LABELS)].to_numpy(dtype=float), probs, atol=2e-5)
+
+
+def test_from_predictions_reproduces_every_table(report, tmp_path):
+    out = tmp_path / "again"
+    assert evaluate_main(["--from-predictions", str(report / "predictions.parquet"), "--split", "test",
+                          "--thresholds-from", "val", "--bootstrap", "200", "--out", str(out),
+                          "--no-figures"]) == 0
+    for name in ("aucs.csv", "metrics.csv", "thresholds.json"):
+        assert (out / name).read_bytes() == (report / name).read_bytes(), name
+    assert "member1" in (out / "report.md").read_text()  # run configs come from members.json
+
+
+def test_thresholds_are_tuned_on_val(report):
+    """The F1 threshold of each label maximises sklearn's F1 over all candidate thresholds on val."""
+    from sklearn.metrics import f1_score
+
+    doc = json.loads((report / "thresholds.json").read_text())
+    assert doc["tuned_on"] == "val"
+    val = _split_frame(report, "val")
+    g = val[val["member"] == "ensemble"]
+    for label in LABELS:
+        y, s = g[f"true_{label}"].to_numpy(), g[label].to_numpy()
+        if not 0 < y.sum() < len(y):
+            continue
+        best = max(f1_score(y, s >= t) for t in np.unique(s))
+        assert f1_score(y, s >= doc["members"]["ensemble"]["f1"][label]) == pytest.approx(best)
+
+
+# ------------------------------------------------------- refusals and errors ---
+
+class _Payload:
+    """Unpickling this runs Path.touch — proof that code would have executed."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pickled_code_checkpoint_is_refused_not_executed(members, shards_dir, tmp_path):
+    run = copy_member(members[0], tmp_path / "evil")
+    best = run / "checkpoints" / "best"
+    (best / "model.safetensors").unlink()
+    marker = tmp_path / "executed"
+    torch.save({"conv.weight": torch.zeros(1), "payload": _Payload(marker)}, best / "model.pt")
+    with pytest.raises(CxrError, match="not weights-only") as err:
+        evaluate_main(run_args([run], shards_dir, tmp_path / "out"))
+    assert str(best / "model.pt") in str(err.value) and str(run) in str(err.value)
+    assert not marker.exists()
+    # The file really carries code: a full unpickle would have run it.
+    torch.load(best / "model.pt", weights_only=False)
+    assert marker.exists()
+
+
+def test_pickle_disguised_as_safetensors_is_refused(members, shards_dir, tmp_path):
+    run = copy_member(members[0], tmp_path / "disguised")
+    marker = tmp_path / "executed"
+    (run / "checkpoints" / "best" / "model.safetensors").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(CxrError, match="corrupt"):
+        evaluate_main(run_args([run], shards_dir, tmp_path / "out"))
+    assert not marker.exists()
+
+
+def test_missing_checkpoint_names_run_and_file(members, shards_dir, tmp_path):
+    run = copy_member(members[0], tmp_path / "nockpt")
+    (run / "checkpoints" / "best" / "model.safetensors").unlink()
+    with pytest.raises(CxrError) as err:
+        evaluate_main(run_args([run, members[1]], shards_dir, tmp_path / "out"))
+    assert str(run) in str(err.value) and "model.safetensors" in str(err.value)
+
+
+def test_cli_prints_one_line_error(members, shards_dir, tmp_path, capsys):
+    run = copy_member(members[0], tmp_path / "nockpt")
+    (run / "checkpoints" / "best" / "model.safetensors").unlink()
+    args = [a for a in run_args([run], shards_dir, tmp_path / "out") if a != "--debug"]
+    assert evaluate_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err
+
+
+def test_other_label_set_is_refused(members, shards_dir, tmp_path):
+    run = copy_member(members[0], tmp_path / "labels13")
+    meta_path = run / "checkpoints" / "best" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["labels"] = list(LABELS[:13])
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(CxrError, match="13 labels"):
+        evaluate_main(run_args([members[1], run], shards_dir, tmp_path / "out"))
+
+
+def test_other_resolution_refused_unless_resolution_given(members, shards_dir, tmp_path):
+    run = copy_member(members[1], tmp_path / "res32")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["data"]["resolution"] = 32
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    meta_path = run / "checkpoints" / "best" / "meta.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "resolution": 32}))
+    with pytest.raises(CxrError, match="--resolution"):
+        evaluate_main(run_args([members[0], run], shards_dir, tmp_path / "out", "--thresholds-from", "none"))
+    out = tmp_path / "resized"
+    assert evaluate_main(run_args([members[0], run], shards_dir, out, "--thresholds-from", "none",
+                                  "--resolution", str(RES))) == 0
+    infos = json.loads((out / "members.json").read_text())
+    assert [(i["train_resolution"], i["eval_resolution"]) for i in infos] == [(RES, RES), (32, RES)]
+
+
+def test_from_predictions_needs_the_thresholds_split(report, tmp_path):
+    frame = pd.read_parquet(report / "predictions.parquet")
+    only_test = tmp_path / "test_only.parquet"
+    frame[frame["split"] == "test"].to_parquet(only_test)
+    with pytest.raises(CxrError, match="no predictions for split 'val'"):
+        evaluate_main(["--from-predictions", str(only_test), "--out", str(tmp_path / "o"), "--debug"])
+
+
+# --------------------------------------------------------------- distributed ---
+
+@pytest.mark.slow
+def test_two_ranks_give_the_same_predictions_as_one(report, members, shards_dir, tmp_path):
+    out = tmp_path / "two-ranks"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "cxr.evaluate", "--runs", *map(str, members), "--shards", str(shards_dir),
+           "--split", "test", "--thresholds-from", "val", "--bootstrap", "200", "--out", str(out),
+           "--no-figures", "--cpu"]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = pd.read_parquet(report / "predictions.parquet")
+    two = pd.read_parquet(out / "predictions.parquet")
+    assert not two.duplicated(["split", "member", "key"]).any()
+    index = ["split", "member", "key"]
+    one, two = one.set_index(index).sort_index(), two.set_index(index).sort_index()
+    assert one.index.equals(two.index)
+    np.testing.assert_allclose(two[list(LABELS)].to_numpy(), one[list(LABELS)].to_numpy(), atol=2e-6)
+    assert (two.filter(like="true_") == one.filter(like="true_")).all().all()
