@@ -446,3 +446,13 @@ def test_pack_help_lists_every_option(capsys):
     for option in ("--splits", "--images", "--out", "--codec", "--quality", "--resize", "--shard-size-mb",
                    "--workers", "--allow-missing", "--allow-rejects"):
         assert option in text
+
+
+def test_tar_headers_equal_tarfiles():
+    """The fast header builder writes exactly what tarfile writes for the same member."""
+    from shards.tar_writer import _header
+
+    for name, size in [("00000001_000.png", 412345), ("k.labels", 14), ("a" * 100, 0), ("x.json", 8**11 - 1)]:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o644, "", ""
+        assert _header(name, size) == info.tobuf(format=tarfile.USTAR_FORMAT, encoding="ascii", errors="strict")
