@@ -1,0 +1,77 @@
+"""The build arguments every family shares, and timm backbones built from them (never a download)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import timm
+import torch
+from torch import nn
+
+from .stem import ConvStem
+from .weights import load_backbone_weights
+
+
+@dataclass(frozen=True)
+class BuildArgs:
+    """The options common to all models (validated by ``build_model``)."""
+
+    num_labels: int = 14
+    pretrained: str | Path | None = None
+    metadata: str = "none"
+    meta_dim: int = 5
+    conv_stem: bool = False
+    grad_checkpointing: bool = False
+    channels_last: bool = False
+    dropout: float = 0.0
+
+    @property
+    def in_chans(self) -> int:
+        """Backbone input channels: 3 behind the learned stem (pretrained first conv intact), else 1."""
+        return 3 if self.conv_stem else 1
+
+
+def make_stem(args: BuildArgs, stem_size: int) -> nn.Module:
+    """The learned conv stem when ``conv_stem``, else the identity (the backbone takes 1 channel)."""
+    return ConvStem(stem_size) if args.conv_stem else nn.Identity()
+
+
+def timm_backbone(
+    arch: str,
+    args: BuildArgs,
+    convert: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]] | None = None,
+    **kwargs,
+) -> nn.Module:
+    """A headless timm ``arch`` (random init, ``args.in_chans`` inputs), then local weights if ``args.pretrained``.
+
+    Returns the timm model with ``num_classes=0``; ``forward_features`` gives the
+    backbone output. Grad checkpointing uses timm's ``set_grad_checkpointing``.
+    """
+    model = timm.create_model(arch, pretrained=False, num_classes=0, in_chans=args.in_chans, **kwargs)
+    if args.pretrained is not None:
+        cfg = model.pretrained_cfg
+        heads = cfg.get("classifier") or ()
+        load_backbone_weights(model, args.pretrained, first_conv=cfg["first_conv"],
+                              head_prefixes=(heads,) if isinstance(heads, str) else tuple(heads), convert=convert)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+class GlobalAvgPool(nn.Module):
+    """[B,C,h,w] → [B,C], the mean over space."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
+class CnnTrunk(nn.Module):
+    """A timm CNN's ``forward_features``: backbone input → final feature map [B,C,h,w]."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_features(x)

@@ -1,0 +1,58 @@
+"""``cnn`` — the from-scratch baseline: five conv blocks 32→512, adaptive average pool, dropout, linear.
+
+Each block is conv3×3 → BatchNorm → ReLU → max pool 2×2, with widths
+32, 64, 128, 256, 512, so the final map is 512 channels at 1/32 of the input
+(32×32 at 1024²). ``dropout`` (the common argument; set it in the config, e.g.
+0.5) acts on the pooled features; metadata fusion is optional as for every
+model. No pretrained weights exist for it; grad checkpointing recomputes each
+block in backward.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from shards.errors import CxrError
+
+from .backbones import BuildArgs, GlobalAvgPool, make_stem
+from .classifier import CxrClassifier
+from .heads import Head
+
+WIDTHS = (32, 64, 128, 256, 512)
+DESCRIPTION = "from-scratch baseline: 5 conv-BN-ReLU-maxpool blocks 32→512, GAP, dropout, linear"
+
+
+def conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    """conv3×3 (no bias: BN follows) → BN → ReLU → max pool 2×2; halves H and W."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                         nn.ReLU(inplace=True), nn.MaxPool2d(2))
+
+
+class ConvBlocks(nn.Module):
+    """[B,in,H,W] → [B,512,H/32,W/32] through the five blocks, optionally checkpointed."""
+
+    def __init__(self, in_chans: int, grad_checkpointing: bool = False):
+        super().__init__()
+        widths = (in_chans, *WIDTHS)
+        self.blocks = nn.ModuleList(conv_block(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.grad_checkpointing = grad_checkpointing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled() and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+
+def build(args: BuildArgs, *, stem_size: int = 224) -> CxrClassifier:
+    """Five conv blocks → GAP → (meta fusion) → dropout → linear."""
+    if args.pretrained is not None:
+        raise CxrError(f"{args.pretrained}: cnn is trained from scratch and has no pretrained weights — "
+                       "pass pretrained=None (resume a cxr checkpoint through training instead)")
+    trunk = ConvBlocks(args.in_chans, args.grad_checkpointing)
+    head = Head(WIDTHS[-1], args.num_labels, metadata=args.metadata, meta_dim=args.meta_dim, dropout=args.dropout)
+    return CxrClassifier(name="cnn", stem=make_stem(args, stem_size), trunk=trunk, cam_layer=trunk.blocks[-1],
+                         pool=GlobalAvgPool(), head=head, pooled_linear=True, channels_last=args.channels_last)

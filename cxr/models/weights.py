@@ -1,0 +1,116 @@
+"""Loading local pretrained backbone weights into a 1-channel (or conv-stem) backbone.
+
+Nothing here downloads: ``pretrained`` is a path to a torchvision or timm state
+dict (``.pth``/``.pt`` read with ``torch.load(weights_only=True)``, or
+``.safetensors``). The 3-channel first convolution of an ImageNet checkpoint is
+adapted to a grey input by summing its weights over the input channels, which
+gives the same output for a grey image replicated to RGB.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+
+from shards.errors import CxrError
+
+WEIGHTS_HINT = (
+    "put a torchvision/timm state dict (.pth/.pt/.safetensors) at that path — e.g. on a machine "
+    "with internet: `torch.save(torchvision.models.densenet121(weights='DEFAULT').state_dict(), path)` "
+    "or `timm.create_model(name, pretrained=True)` then save its state_dict — or pass pretrained=None "
+    "for random init"
+)
+# Old torchvision DenseNet checkpoints name layers "norm.1", "conv.2", ...
+_OLD_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_WRAPPER_KEYS = ("state_dict", "model", "module", "model_state")
+_SHOW = 5
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a local state dict (.pth/.pt/.safetensors), unwrapping {"state_dict"|"model": ...} and "module." prefixes."""
+    path = Path(path)
+    if not path.is_file():
+        raise CxrError(f"{path}: pretrained weights file not found — {WEIGHTS_HINT}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unreadable or pickled objects beyond tensors
+        raise CxrError(f"{path}: cannot read as a state dict ({type(err).__name__}: {err}) — {WEIGHTS_HINT}") from err
+    for key in _WRAPPER_KEYS:
+        if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
+            state = state[key]
+    if not isinstance(state, Mapping) or not state:
+        raise CxrError(f"{path}: holds no state dict (got {type(state).__name__}) — {WEIGHTS_HINT}")
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CxrError(f"{path}: entries that are not tensors: {bad[:_SHOW]} — save model.state_dict(), not the model")
+    return {_strip_prefix(k): v for k, v in state.items()}
+
+
+def _strip_prefix(key: str) -> str:
+    # DataParallel/DDP checkpoints carry a "module." prefix.
+    return key[len("module."):] if key.startswith("module.") else key
+
+
+def adapt_first_conv(weight: torch.Tensor, in_chans: int, *, where: str) -> torch.Tensor:
+    """Adapt a first-conv weight [O, I, kh, kw] to ``in_chans`` inputs; 3→1 sums over the input channels."""
+    have = weight.shape[1]
+    if have == in_chans:
+        return weight
+    if in_chans == 1:
+        return weight.sum(dim=1, keepdim=True)
+    raise CxrError(f"{where}: first conv has {have} input channels, model needs {in_chans} — use a 1- or {in_chans}-channel checkpoint")
+
+
+def load_backbone_weights(
+    backbone: nn.Module,
+    path: str | Path,
+    *,
+    first_conv: str,
+    head_prefixes: tuple[str, ...],
+    convert: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]] | None = None,
+) -> int:
+    """Load a local checkpoint into ``backbone`` strictly (except its ImageNet head); return tensors loaded.
+
+    ``first_conv`` is the module path of the input convolution (adapted to the
+    backbone's channel count); keys under ``head_prefixes`` are the checkpoint's
+    classifier and are dropped since the cxr head replaces it; ``convert`` is an
+    optional family filter (timm's position-embedding / bias-table resizing).
+    """
+    state = read_state_dict(path)
+    state = {_OLD_DENSENET_KEY.sub(r"\1\2", k): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith(tuple(p + "." for p in head_prefixes))}
+    conv_key = first_conv + ".weight"
+    target = backbone.state_dict()
+    if conv_key in state and conv_key in target:
+        state[conv_key] = adapt_first_conv(state[conv_key], target[conv_key].shape[1], where=str(path))
+    if convert is not None:
+        state = convert(state, backbone)
+    _check_keys(path, state, target)
+    backbone.load_state_dict(state, strict=False)
+    return len(state)
+
+
+def _check_keys(path: str | Path, state: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> None:
+    """Raise a CxrError listing a few missing / unexpected / mis-shaped keys, if any."""
+    # BatchNorm recreates num_batches_tracked when a pre-2018 checkpoint lacks it.
+    missing = [k for k in target if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in target]
+    shapes = [f"{k} {tuple(v.shape)}≠{tuple(target[k].shape)}" for k, v in state.items()
+              if k in target and v.shape != target[k].shape]
+    problems = []
+    for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        if keys:
+            problems.append(f"{len(keys)} {what} (e.g. {', '.join(keys[:_SHOW])})")
+    if problems:
+        raise CxrError(
+            f"{path}: checkpoint does not fit this backbone: {'; '.join(problems)} — "
+            "check that the file is the state dict of the same architecture (torchvision or timm naming)"
+        )
