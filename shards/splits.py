@@ -99,8 +99,14 @@ def iterstrat_assign(counts: np.ndarray, fractions: np.ndarray, seed: int = 0) -
 
 
 def random_assign(n_patients: int, fractions: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Split index per patient: a seeded permutation cut at the cumulative fractions of patients."""
-    cuts = np.round(np.cumsum(fractions)[:-1] * n_patients).astype(int)
+    """Split index per patient: a seeded permutation cut into fraction-sized runs of patients.
+
+    Sizes by largest remainder, so they sum to n_patients and small sets still fill every split.
+    """
+    exact = fractions * n_patients
+    sizes = np.floor(exact).astype(int)
+    sizes[np.argsort(-(exact - sizes), kind="stable")[: n_patients - sizes.sum()]] += 1
+    cuts = np.cumsum(sizes)[:-1]
     assign = np.empty(n_patients, dtype=np.int8)
     for s, chunk in enumerate(np.split(np.random.default_rng(seed).permutation(n_patients), cuts)):
         assign[chunk] = s
