@@ -75,7 +75,6 @@ def pack(splits: Any, images: Sequence[str | Path], out: str | Path, codec: str 
             from shards.derive import derive_resized  # noqa: PLC0415 — only with --resize
 
             derive_resized(out, manifest, resize, workers)
-        _make_readable(out, out / f"res{resize}" if resize else None)
     if manifest["rejected"] and not allow_rejects:
         first = "; ".join(f"{r['image']}: {r['reason']}" for r in manifest["rejected"][:3])
         raise CxrError(f"{out / 'manifest.json'}: {len(manifest['rejected'])} images rejected ({first}) "
@@ -108,16 +107,6 @@ def _exclusive(out: Path) -> Iterator[None]:
         for stale in out.glob(".*.tmp"):
             stale.unlink()
         yield
-
-
-def _make_readable(*folders: Path | None) -> None:
-    """Give shards, indexes and manifests the umask's permissions (temp files are created 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for folder in filter(None, folders):
-        for path in folder.iterdir():
-            if path.is_file() and not path.name.startswith("."):
-                path.chmod(0o666 & ~umask)
 
 
 @dataclass
