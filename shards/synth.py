@@ -138,6 +138,8 @@ class Canvas:
 
     def radius(self, cx: float, cy: float, rx: float, ry: float, angle: float = 0.0) -> np.ndarray:
         """Elliptic radius: < 1 inside the ellipse, 1 on its edge. [R, R] float32."""
+        # Python floats keep the grid float32 (a NumPy float64 scalar would promote every array).
+        cx, cy, rx, ry = float(cx), float(cy), float(rx), float(ry)
         dx, dy = self.x - cx, self.y - cy
         if angle:
             c, s = np.cos(angle), np.sin(angle)
@@ -152,6 +154,7 @@ class Canvas:
 
     def blob(self, cx: float, cy: float, sigma: float) -> np.ndarray:
         """Gaussian bump with peak 1."""
+        cx, cy, sigma = float(cx), float(cy), float(sigma)
         return np.exp(-((self.x - cx) ** 2 + (self.y - cy) ** 2) / (2 * sigma * sigma))
 
     def noise(self, rng: np.random.Generator, cells: int) -> np.ndarray:
@@ -204,7 +207,7 @@ def _anatomy(case: Case, rng_patient: np.random.Generator, rng: np.random.Genera
     """Geometry of one image: the patient's build, jittered per visit, reshaped by some labels."""
     y = dict(zip(LABELS, case.labels))
     scale = rng_patient.uniform(0.93, 1.05) * (0.97 if case.sex == "F" else 1.0) * rng.uniform(0.98, 1.02)
-    dx, dy = rng.normal(0.0, 0.02, size=2)
+    dx, dy = (float(v) for v in rng.normal(0.0, 0.02, size=2))
     cx, cy = 0.5 + dx, 0.46 + dy
     rx, ry = 0.145 * scale * rng_patient.uniform(0.95, 1.05), 0.27 * scale
     lungs = [Lung(cx - 0.175 * scale, cy, rx, ry, -1.0), Lung(cx + 0.175 * scale, cy, rx * 0.95, ry * 0.97, 1.0)]
@@ -246,7 +249,7 @@ def _base(cv: Canvas, a: Anatomy, rng: np.random.Generator) -> np.ndarray:
 def _finish(cv: Canvas, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Exposure variation, mottle and quantum noise → uint8 [R, R]."""
     img = img + 0.03 * cv.noise(rng, 4) + 0.015 * cv.noise(rng, 48)
-    img = img + rng.normal(0.0, 0.012, size=img.shape).astype(np.float32)
+    img = img + 0.012 * rng.standard_normal(size=img.shape, dtype=np.float32)
     img = np.clip(img, 0.0, 1.0) ** rng.uniform(0.85, 1.15)
     img = (img - 0.5) * rng.uniform(0.9, 1.1) + 0.5 + rng.uniform(-0.03, 0.03)
     return np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
@@ -295,7 +298,7 @@ def _effusion(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Generator)
 def _fibrosis(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Generator) -> None:
     # reticular net in the upper zones of both lungs
     p = rng.uniform(0.04, 0.05)
-    phase_x, phase_y = rng.uniform(0, p, size=2)
+    phase_x, phase_y = rng.uniform(0, p), rng.uniform(0, p)
     net = 0.5 + 0.5 * np.maximum(np.cos(2 * np.pi * (cv.x + phase_x) / p), np.cos(2 * np.pi * (cv.y + phase_y) / p))
     for lung in a.lungs:
         upper = np.clip((lung.cy + 0.2 * lung.ry - cv.y) / (0.3 * lung.ry), 0.0, 1.0)
