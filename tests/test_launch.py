@@ -1,0 +1,203 @@
+"""launch/: cluster profiles, ensemble configs, the submitit task (checkpoint/requeue), debug and local runs."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from launch import members, profiles, submit
+from shards.errors import CxrError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def build_synth_shards(base: Path) -> Path:
+    """Small synthetic shards (240 phantoms at 64 px, 60/20/20 split), built once per session."""
+    import subprocess
+    import sys
+
+    out = base / "synth-shards"
+    if (out / "shards" / "manifest.json").is_file():
+        return out / "shards"
+    run = lambda *a: subprocess.run([sys.executable, "-m", "shards", *a], check=True, cwd=ROOT,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run("synth", "--out", str(out / "synth"), "--n", "240", "--resolution", "64", "--seed", "0", "--workers", "1")
+    run("split", "--metadata", str(out / "synth" / "Data_Entry_2017.csv"), "--scheme", "stratified",
+        "--fractions", "0.6,0.2,0.2", "--out", str(out / "splits.parquet"))
+    run("pack", "--splits", str(out / "splits.parquet"), "--images", str(out / "synth" / "images"),
+        "--out", str(out / "shards"))
+    return out / "shards"
+
+
+@pytest.fixture(scope="session")
+def synth_shards(tmp_path_factory) -> Path:
+    return build_synth_shards(tmp_path_factory.getbasetemp())
+
+
+# ---------------------------------------------------------------- profiles ----
+
+def test_profiles_table_matches_the_machines():
+    g5 = profiles.get_profile("g5.24xlarge")
+    # AWS g5.24xlarge: 4 A10G, 96 vCPUs, 384 GiB — the job must fit inside it.
+    assert (g5.nodes, g5.gpus_per_node, g5.processes_per_node) == (1, 4, 4)
+    assert g5.cpus_per_process * g5.processes_per_node <= 96
+    assert g5.workers_per_process < g5.cpus_per_process
+    assert g5.mem_gb_per_node <= 384
+    multi = [p for p in profiles.PROFILES.values() if p.nodes > 1 and p.gpus_per_node]
+    assert multi, "a multi-node GPU profile"
+    local = profiles.get_profile("cpu-local")
+    assert local.gpus_per_node == 0 and local.processes_per_node * local.cpus_per_process <= os.cpu_count()
+    for p in profiles.PROFILES.values():
+        assert (ROOT / p.accelerate_config).suffix == ".yaml"
+
+
+def test_profile_maps_to_sbatch_and_submitit():
+    g5 = profiles.get_profile("g5.24xlarge")
+    args = profiles.sbatch_args(g5)
+    assert "--gpus-per-node=4" in args and "--cpus-per-task=96" in args and "--ntasks-per-node=1" in args
+    params = profiles.submitit_parameters(g5)
+    assert params["tasks_per_node"] == 4 and params["gpus_per_node"] == 4 and params["cpus_per_task"] == 24
+
+
+def test_profile_site_overrides(monkeypatch):
+    monkeypatch.setenv("CXR_PARTITION", "gpu")
+    monkeypatch.setenv("CXR_ACCOUNT", "lab")
+    p = profiles.get_profile("g5.24xlarge")
+    assert "--partition=gpu" in profiles.sbatch_args(p)
+    assert profiles.submitit_parameters(p)["slurm_partition"] == "gpu"
+    assert profiles.submitit_parameters(p)["slurm_additional_parameters"] == {"account": "lab"}
+    changed = profiles.override_profile(p, ["nodes=2", "qos=high"])
+    assert changed.nodes == 2 and changed.qos == "high"
+    with pytest.raises(CxrError, match="key=value"):
+        profiles.override_profile(p, ["gpus=3"])
+    with pytest.raises(CxrError, match="unknown"):
+        profiles.get_profile("no-such-machine")
+
+
+# ---------------------------------------------------------------- ensembles ----
+
+def test_default_ensemble_is_the_five_member_recipe():
+    ens = members.load_ensemble("default")
+    assert len(ens.members) == 5
+    seeds = [m.overrides["train.seed"] for m in ens.members]
+    assert len(set(seeds)) == 5
+    assert ens.overrides["model.name"] == "densenet121"
+    assert ens.overrides["loss.name"] == "dynamic_weighted_bce"
+
+
+@pytest.mark.parametrize("name", ["default", "tiny"])
+def test_member_argv_is_understood_by_training(name, tmp_path):
+    """Every key the launchers set must be a key of the real training config."""
+    from cxr.config import load_config
+
+    ens = members.load_ensemble(name)
+    config = ROOT / ens.config
+    if not config.is_file():
+        pytest.skip(f"{ens.config} not in the tree yet")
+    for i, member in enumerate(ens.members):
+        argv = members.member_argv(ens, i, tmp_path / "runs", tmp_path / "shards", ["train.max_steps=3"])
+        assert argv[:2] == ["--config", ens.config]
+        cfg = load_config(str(config), argv[2:])
+        assert Path(cfg.checkpoint.run_dir) == tmp_path / "runs" / member.name
+        assert Path(cfg.data.shards) == tmp_path / "shards"
+        assert cfg.checkpoint.resume == "auto" and cfg.train.max_steps == 3
+        assert cfg.train.seed == member.overrides["train.seed"]
+
+
+def test_members_cli_prints_argv_lines(capsys):
+    assert members.main(["tiny", "--argv", "1", "--runs", "/r", "--set", "train.epochs=2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "checkpoint.run_dir=/r/seed2" in lines and lines[-1] == "train.epochs=2"
+    assert members.main(["tiny", "--count"]) == 0
+    assert capsys.readouterr().out.strip() == "2"
+
+
+def test_bad_ensemble_configs(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("config: x.yaml\nmembers: [{name: a}, {name: a}]\n")
+    with pytest.raises(CxrError, match="repeat"):
+        members.load_ensemble(bad)
+    with pytest.raises(CxrError, match="no such ensemble"):
+        members.load_ensemble("nope")
+
+
+def test_requeue_status_is_trainings():
+    from cxr import train
+
+    assert submit.EXIT_REQUEUE == train.EXIT_REQUEUE
+
+
+# ------------------------------------------------------- checkpoint / resume ----
+
+def _tiny_argv(shards: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["--config", "cxr/configs/tiny.yaml", f"data.shards={shards}", f"checkpoint.run_dir={run_dir}",
+            "checkpoint.resume=auto", "data.resolution=64", "model.stem_size=64", "data.num_threads=0",
+            "logging.progress=false", "logging.log_every=1", *extra]
+
+
+@pytest.mark.slow
+def test_checkpoint_resumes_from_the_checkpoint_training_wrote(synth_shards, tmp_path, monkeypatch):
+    """MAE's bug was a requeue looking for a checkpoint name training never writes.
+
+    Preempt a real (in-process) run with submitit's signal; the task must stop, and
+    checkpoint() must point at the folder that holds what training saved — found here
+    by listing the run dir, not by asking the code under test — and the resumed run
+    must say it resumed from there."""
+    monkeypatch.chdir(ROOT)
+    run_dir = tmp_path / "run"
+    task = submit.TrainTask(_tiny_argv(synth_shards, run_dir, "train.epochs=3", "train.max_steps=8"),
+                            str(run_dir))
+    log = run_dir / "train.log"
+
+    def preempt_after_step_2():
+        import submitit
+
+        sig = submitit.JobEnvironment._usr_sig()
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if log.is_file() and " step 2 " in log.read_text():
+                os.kill(os.getpid(), sig)
+                return
+            time.sleep(0.2)
+
+    threading.Thread(target=preempt_after_step_2, daemon=True).start()
+    result = task()  # no scheduler: the task resumes in-process through checkpoint()
+    assert result["status"] == "finished" and result["requeues"] == 1
+
+    saved = [p.parent for p in (run_dir / "checkpoints").glob("*/state.pt")]
+    assert saved == [run_dir / "checkpoints" / "last"]
+    text = log.read_text()
+    assert "stopped by SIGUSR1" in text
+    assert f"resumed from {run_dir / 'checkpoints' / 'last'}" in text
+    # and checkpoint() names exactly that folder
+    delayed = task.checkpoint()
+    assert f"checkpoint.resume={run_dir / 'checkpoints' / 'last'}" in delayed.function.argv
+    import json
+
+    assert json.loads((run_dir / "checkpoints" / "last" / "meta.json").read_text())["global_step"] == 8
+
+
+def test_checkpoint_without_a_saved_checkpoint_starts_over(tmp_path):
+    task = submit.TrainTask(["checkpoint.resume=auto", "x=1"], str(tmp_path / "none"))
+    delayed = task.checkpoint()
+    assert delayed.function.argv == ["x=1", "checkpoint.resume=auto"]
+    assert delayed.function.requeues == 1
+
+
+@pytest.mark.slow
+def test_submit_local_two_processes(synth_shards, tmp_path, monkeypatch):
+    """`--cluster local`: submitit's LocalExecutor starts 2 tasks that form one 2-rank run."""
+    monkeypatch.chdir(ROOT)
+    runs = tmp_path / "runs"
+    rc = submit.main(["train", "--cluster", "local", "--profile", "cpu-local", "--shards", str(synth_shards),
+                      "--runs", str(runs), "--config", "cxr/configs/tiny.yaml", "--name", "two", "--wait",
+                      "data.resolution=64", "model.stem_size=64", "logging.progress=false",
+                      "train.epochs=1", "train.max_steps=2"])
+    assert rc == 0
+    text = (runs / "two" / "train.log").read_text()
+    assert "start: 2 rank(s)" in text and "done:" in text
+    assert (runs / "two" / "checkpoints" / "last" / "model.safetensors").is_file()
