@@ -589,6 +589,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="autocast dtype of the forward pass (bf16/fp16 for GPUs)")
     p.add_argument("--cpu", action="store_true", help="run on CPU even if CUDA is available")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads per process (default: torch's choice; 1 on shared CPUs)")
     p.add_argument("--no-figures", action="store_true", help="skip roc.png / pr.png")
     return p
 
@@ -624,6 +626,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         per_split, infos = load_saved(args)
         source = f"predictions {args.from_predictions}"
     else:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         state = _state(args)
         per_split, infos = infer_runs(args, state, _splits_needed(args))
         if per_split is None:  # not rank 0: rank 0 writes everything

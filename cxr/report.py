@@ -231,7 +231,16 @@ def _operating_points(y: np.ndarray, s: np.ndarray, tuned: dict[str, np.ndarray]
 _MARKERS = {"0.5": ("s", "0.5"), "f1": ("o", "F1-tuned"), "youden": ("^", "Youden-tuned")}
 
 
-def _thin(x: np.ndarray, y: np.ndarray, limit: int = 4000) -> tuple[np.ndarray, np.ndarray]:
+def _cumulative_counts(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(TP, FP) when predicting s >= t for each distinct score t, descending, from (0, 0)."""
+    order = np.argsort(-s, kind="mergesort")
+    ys, ss = y[order], s[order]
+    last = np.r_[np.flatnonzero(np.diff(ss)), ys.size - 1]
+    tp = np.cumsum(ys, dtype=np.float64)[last]
+    return np.r_[0.0, tp], np.r_[0.0, last + 1 - tp]
+
+
+def _thin(x: np.ndarray, y: np.ndarray, limit: int = 1000) -> tuple[np.ndarray, np.ndarray]:
     """Keep at most ~limit points of a curve (a 3-inch panel cannot show more)."""
     if x.size <= limit:
         return x, y
@@ -265,8 +274,6 @@ def plot_curves(path: Path, scores: ScoreSet, aucs: pd.DataFrame,
                 tuned: dict[str, dict[str, np.ndarray]], kind: str, split: str) -> None:
     """Write roc.png (kind="roc") or pr.png (kind="pr"): 14 panels, members + ensemble,
     the ensemble's operating points (0.5, F1- and Youden-tuned thresholds) marked."""
-    from sklearn.metrics import precision_recall_curve, roc_curve
-
     title = {"roc": "ROC", "pr": "Precision–recall"}[kind]
     plt, fig, axes = _panel_grid(f"{title} curves — split '{split}', {scores.n} images")
     styles = _member_styles(list(scores.scores))
@@ -288,12 +295,12 @@ def plot_curves(path: Path, scores: ScoreSet, aucs: pd.DataFrame,
         else:
             ax.axhline(y.mean(), color="0.7", lw=0.8, ls="--")
         for member, probs in scores.scores.items():
+            tp, fp = _cumulative_counts(y, probs[:, c])
             if kind == "roc":
-                fpr, tpr, _ = roc_curve(y, probs[:, c])
-                ax.plot(*_thin(fpr, tpr), **styles[member])
+                ax.plot(*_thin(fp / fp[-1], tp / tp[-1]), **styles[member])
             else:
-                precision, recall, _ = precision_recall_curve(y, probs[:, c])
-                ax.plot(*_thin(recall[::-1], precision[::-1]), drawstyle="steps-post", **styles[member])
+                ax.plot(*_thin(tp[1:] / tp[-1], tp[1:] / (tp[1:] + fp[1:])), drawstyle="steps-pre",
+                        **styles[member])
         points = _operating_points(y, scores.scores[focus][:, c], tuned.get(focus, {}), c)
         for name, (fpr, tpr, ppv) in points.items():
             marker, text = _MARKERS[name]
@@ -301,7 +308,8 @@ def plot_curves(path: Path, scores: ScoreSet, aucs: pd.DataFrame,
             ax.plot(*xy, marker=marker, ms=8, mfc="none", mec="red", mew=1.6, ls="none",
                     label=f"{focus} @ {text}")
     _legend_panel(axes, styles, tuned, focus, kind)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    # fixed margins: tight_layout would cost a second full draw
+    fig.subplots_adjust(left=0.05, right=0.98, bottom=0.04, top=0.94, wspace=0.28, hspace=0.32)
     _save_png(fig, path)
     plt.close(fig)
 

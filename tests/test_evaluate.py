@@ -36,6 +36,15 @@ RES = 64
 
 # ------------------------------------------------------------------ fixtures ---
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """2 shared cores: a second intra-op thread only adds contention for these tiny convs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def shards_dir(tmp_path_factory) -> Path:
     """160 synthetic 64 px phantoms, random patient split 40/30/30, packed."""
@@ -189,16 +198,17 @@ def _reference_probabilities(run_dir: Path, shards: Path, split: str) -> dict[st
     model = build_model("cnn", 14, dropout=0.0)
     model.load_state_dict(load_file(str(run_dir / "checkpoints" / "best" / "model.safetensors")))
     model.eval()
-    out = {}
+    keys, images = [], []
     for tar_path in sorted(shards.glob(f"{split}-*.tar")):
         with tarfile.open(tar_path) as tar:
             for member in tar.getmembers():
                 if member.name.endswith(".png"):
                     pixels = np.asarray(Image.open(io.BytesIO(tar.extractfile(member).read())).convert("L"))
-                    x = (torch.from_numpy(pixels.astype(np.float32) / 255) - cfg.mean) / cfg.std
-                    with torch.no_grad():
-                        out[member.name[:-4]] = torch.sigmoid(model(x[None, None]).double())[0].numpy()
-    return out
+                    keys.append(member.name[:-4])
+                    images.append((torch.from_numpy(pixels.astype(np.float32) / 255) - cfg.mean) / cfg.std)
+    with torch.no_grad():
+        probs = torch.sigmoid(model(torch.stack(images)[:, None]).double()).numpy()
+    return dict(zip(keys, probs))
 
 
 def test_probabilities_equal_direct_inference(report, members, shards_dir):
@@ -334,7 +344,7 @@ def test_two_ranks_give_the_same_predictions_as_one(report, members, shards_dir,
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "cxr.evaluate", "--runs", *map(str, members), "--shards", str(shards_dir),
            "--split", "test", "--thresholds-from", "val", "--bootstrap", "200", "--out", str(out),
-           "--no-figures", "--cpu"]
+           "--no-figures", "--cpu", "--threads", "1"]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one = pd.read_parquet(report / "predictions.parquet")
