@@ -228,22 +228,26 @@ def _load(args) -> tuple[pd.DataFrame, bool]:
 def _official_lists(args) -> tuple[list[str], list[str]]:
     here = Path(args.metadata).parent
 
-    def find(given: str | None, stem: str) -> Path:
+    def find(given: str | None, stem: str, flag: str) -> Path:
         if given:
             return Path(given)
         for name in (f"{stem}.txt", f"{stem}.txt.gz"):
             if (here / name).is_file():
                 return here / name
-        raise CxrError(f"{here}: no {stem}.txt[.gz] beside the metadata — pass --{stem.replace('_list', '').replace('_', '-')}-list")
+        raise CxrError(f"{here}: no {stem}.txt[.gz] beside the metadata — pass {flag}")
 
-    return read_image_list(find(args.train_val_list, "train_val_list")), read_image_list(find(args.test_list, "test_list"))
+    return (read_image_list(find(args.train_val_list, "train_val_list", "--train-val-list")),
+            read_image_list(find(args.test_list, "test_list", "--test-list")))
 
 
 def _split_names(args, meta: pd.DataFrame, restricted: bool) -> tuple[np.ndarray, np.ndarray | None]:
     if args.scheme == "official":
-        train_val, test = _official_lists(args)
+        if args.fractions is not None:
+            raise CxrError("--fractions applies to stratified/random — official takes its test set from "
+                           "the lists and val from --val-fraction")
         if not 0 <= args.val_fraction < 1:
             raise CxrError(f"--val-fraction {args.val_fraction}: must be in [0, 1)")
+        train_val, test = _official_lists(args)
         return official_split(meta, train_val, test, args.val_fraction, args.seed, restricted), None
     fractions = parse_fractions(args.fractions, DEFAULT_FRACTIONS[args.scheme])
     split = assign_by_patient(meta, args.scheme, fractions, args.seed, getattr(args, "method", "greedy"))
@@ -273,12 +277,14 @@ def _report(table: pd.DataFrame, args, fractions: np.ndarray | None, meta: pd.Da
 def run(args) -> int:
     """CLI: read metadata, assign splits per --scheme, check, report and write the table."""
     start = time.perf_counter()
+    out = Path(args.out)
+    if out.suffix not in (".parquet", ".csv"):
+        raise CxrError(f"{out}: unknown table format — name it .parquet or .csv")
     meta, restricted = _load(args)
     split, fractions = _split_names(args, meta, restricted)
     table = build_table(meta, split, args.with_no_finding)
     check_patient_disjoint(table)
     _report(table, args, fractions, meta)
-    out = Path(args.out)
     write_splits(table, out)
     counts = " / ".join(f"{s} {int((table['split'] == s).sum()):,}" for s in SPLITS)
     print(f"split {args.scheme}: {len(table):,} images, {table['patient'].nunique():,} patients "

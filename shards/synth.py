@@ -176,6 +176,7 @@ class Lung:
     dome: float = 0.18  # how much lower the diaphragm sits at the edges than in the middle
 
     def mask(self, cv: Canvas) -> np.ndarray:
+        """Soft lung-field mask [R, R]: the ellipse cut by the diaphragm curve."""
         top = cv.ellipse(self.cx, self.cy, self.rx, self.ry * 1.08, edge=0.012)
         u = (cv.x - self.cx) / self.rx
         floor = self.cy + self.ry * (0.72 + self.dome * u * u)
