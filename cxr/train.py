@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # run as a file (`accelerate launch cxr/train.py`
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
+import hashlib
 import logging
 import math
 import os
@@ -213,6 +214,7 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable) -> int:
         images_trained += epoch_images
 
         # ---- end of epoch (or of max_steps): loss over all ranks, validation, schedule, checkpoints
+        sync_buffers(net)
         # all-reduce of [loss sum, batches]: a sync point, once per epoch
         totals = accelerator.reduce(torch.stack([loss_sum, torch.full_like(loss_sum, n_batches)]), reduction="sum")
         train_loss = (totals[0] / totals[1].clamp(min=1)).item()
@@ -243,6 +245,11 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable) -> int:
                      cfg.train.early_stop_min_delta, st.bad_epochs,
                      "; best weights restored" if cfg.train.restore_best else "")
 
+    fingerprints = replica_fingerprints(net)
+    if len(set(fingerprints)) == 1:
+        log.info("replicas: weights sha256 per rank %s — identical", fingerprints)
+    else:
+        log.warning("replicas: weights sha256 per rank %s — the ranks DIVERGED", fingerprints)
     if accelerator.is_main_process:
         write_status(run_dir, "finished", st)
     elapsed = time.time() - t_start
@@ -260,6 +267,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
     collective timeout of the config (a dead peer fails the job instead of hanging it).
     Resolves ``train.mixed_precision=auto`` in ``cfg`` (the resolved value is what is saved)."""
     cpu = not torch.cuda.is_available()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     precision = cfg.train.mixed_precision
     if precision == "auto":
         precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no") or "no"
@@ -269,10 +277,11 @@ def make_accelerator(cfg: Config) -> Accelerator:
         raise CxrError("train.mixed_precision=fp16 needs a GPU — use no (or bf16) on CPU")
     cfg.train.mixed_precision = precision
     timeout = timedelta(seconds=cfg.train.collective_timeout_s)
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or deepspeed
     # a plain single process has no process group to configure (accelerate would look for one)
     handlers = [InitProcessGroupKwargs(backend="gloo" if cpu else "nccl", timeout=timeout)] if launched else []
-    return Accelerator(cpu=cpu, mixed_precision=precision, gradient_accumulation_steps=cfg.train.grad_accum_steps,
+    # cpu=True would turn a DeepSpeed launch into plain CPU DDP; DeepSpeed finds the CPU by itself
+    return Accelerator(cpu=cpu and not deepspeed, mixed_precision=precision, gradient_accumulation_steps=cfg.train.grad_accum_steps,
                        kwargs_handlers=handlers, step_scheduler_with_optimizer=False)
 
 
@@ -557,6 +566,27 @@ def skipped_samples(running: dict, loader, accelerator: Accelerator) -> int:
     if keys:
         log.warning("skipped %d corrupt training samples this epoch: %s", len(keys), ", ".join(keys[:20]))
     return sum(part[0] for part in parts)
+
+
+def sync_buffers(net: torch.nn.Module) -> None:
+    """Broadcast rank 0's buffers (BatchNorm running statistics) to all ranks.
+
+    DDP broadcasts them at the start of each forward, so after the last step of an epoch every
+    rank holds the statistics of its own last batch; validation and checkpoints need one copy."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    for buffer in net.buffers():
+        torch.distributed.broadcast(buffer.data, src=0)
+
+
+def replica_fingerprints(net: torch.nn.Module) -> list[str]:
+    """[sha256 of rank r's state dict (keys and raw bytes in order), 16 hex] for every rank:
+    data-parallel replicas must hold bitwise identical weights (a collective)."""
+    digest = hashlib.sha256()
+    for key, value in net.state_dict().items():
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return ckpt.gather_objects(digest.hexdigest()[:16])
 
 
 # ----------------------------------------------------------------------------- checkpoints

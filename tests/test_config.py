@@ -1,0 +1,146 @@
+"""cxr.config: YAML + dotted overrides, validation messages, hashing, shipped configs."""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cxr.config import (SECTIONS, Config, config_diff, config_hash, config_to_dict, describe_config, load_config,
+                        save_config)
+from cxr.data import DataConfig
+from cxr.models import REGISTRY, build_model
+from shards.errors import CxrError
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "cxr" / "configs").glob("*.yaml"))
+
+
+def test_defaults_and_typed_overrides():
+    cfg = load_config(None, ["optim.lr=3e-4", "optim.betas=[0.8, 0.95]", "loss.cap=null", "train.epochs=7",
+                             "model.name=cnn", "checkpoint.run_dir=/tmp/x", "train.restore_best=false"])
+    assert cfg.optim.lr == 3e-4 and isinstance(cfg.optim.lr, float)  # "3e-4" is a string to YAML 1.1
+    assert cfg.optim.betas == (0.8, 0.95)
+    assert cfg.loss.cap is None and cfg.train.epochs == 7 and cfg.train.restore_best is False
+    assert cfg.model.name == "cnn" and cfg.checkpoint.run_dir == "/tmp/x"
+    assert Config() == load_config(None)  # no file, no overrides: the dataclass defaults
+
+
+def test_yaml_file_then_overrides_win(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 0.01\ntrain:\n  epochs: 3\n")
+    cfg = load_config(path, ["optim.lr=0.5"])
+    assert cfg.optim.lr == 0.5 and cfg.train.epochs == 3
+
+
+@pytest.mark.parametrize("override, must_mention", [
+    ("train.epoch=3", ["train.epoch", "epochs", "grad_accum_steps"]),          # unknown key → valid keys listed
+    ("optim.name=sgd", ["optim.name", "adam", "adamw"]),                       # bad choice → choices listed
+    ("schedule.name=step", ["schedule.name", "plateau", "cosine"]),
+    ("train.mixed_precision=fp8", ["mixed_precision", "bf16", "fp16"]),
+    ("optim.lr=fast", ["optim.lr", "number"]),                                 # bad type
+    ("train.epochs=2.5", ["train.epochs", "integer"]),
+    ("train.compile=maybe", ["train.compile", "true or false"]),
+    ("optim.betas=[0.9]", ["optim.betas"]),
+    ("trian.epochs=3", ["trian", "train", "checkpoint"]),                       # unknown section
+    ("epochs=3", ["section.key=value"]),                                       # malformed override
+    ("data.backend=tfrecord", ["data.backend", "dali", "wds"]),                # DataConfig's own check
+    ("loss.name=mse", ["loss.name", "bce", "focal"]),                          # LossConfig's own check
+    ("model.width=3", ["model.width", "stem_size", "dropout"]),                # not an option of cnn/densenet
+    ("model.stem_size=big", ["model.stem_size", "integer"]),
+    ("schedule.warmup_epochs=1", ["warmup_epochs", "cosine"]),                 # cross-field check
+])
+def test_bad_key_or_value_names_key_and_choices(override, must_mention):
+    with pytest.raises(CxrError) as err:
+        load_config(None, [override])
+    msg = str(err.value)
+    assert "\n" not in msg
+    for word in must_mention:
+        assert word in msg, (word, msg)
+
+
+def test_model_section_is_exactly_build_model_kwargs():
+    cfg = load_config(None, ["model.name=densenet121_cbam", "model.head_dropout=0.25", "model.metadata=mlp"])
+    kwargs = config_to_dict(cfg)["model"]
+    # the reference: build_model's own signature plus the registry's family options
+    inspect.signature(build_model).bind(**kwargs)
+    named = set(inspect.signature(build_model).parameters) - {"options"}
+    assert set(kwargs) == named | {"head_dropout"}
+    assert set(kwargs) - named <= set(REGISTRY["densenet121_cbam"].options)
+
+
+def test_data_section_is_exactly_dataconfig_fields():
+    assert list(config_to_dict(Config())["data"]) == [f.name for f in dataclasses.fields(DataConfig)]
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["model.name=cnn", "model.stem_size=64", "optim.betas=[0.5,0.6]", "loss.cap=20"])
+    save_config(cfg, tmp_path / "config.yaml")
+    raw = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert list(raw) == list(SECTIONS)
+    assert raw["model"]["stem_size"] == 64  # options flat in the model section, as build_model takes them
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_config_hash_tracks_what_is_trained():
+    base = load_config(None)
+    assert config_hash(base) == config_hash(load_config(None))
+    assert len(config_hash(base)) == 16
+    # bookkeeping settings do not change what is trained
+    same = load_config(None, ["checkpoint.run_dir=elsewhere", "logging.log_every=1", "train.threads=3",
+                              "checkpoint.resume=never", "data.num_threads=7"])
+    assert config_hash(same) == config_hash(base)
+    for change in ("optim.lr=0.5", "data.resolution=512", "train.seed=1", "model.dropout=0.1", "loss.name=focal"):
+        other = load_config(None, [change])
+        assert config_hash(other) != config_hash(base), change
+        assert config_diff(base, other) == [change.split("=")[0]]
+
+
+def test_describe_config_documents_every_field():
+    text = describe_config()
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            assert f"{section}.{f.name}=" in text
+    # the docstring under a field is shown (torchtitan style)
+    assert "Micro-batches per optimizer step" in text
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_configs_load_and_build(path):
+    cfg = load_config(path)
+    kwargs = config_to_dict(cfg)["model"]
+    inspect.signature(build_model).bind(**kwargs)
+    assert cfg.model.num_labels == 14
+
+
+def test_suite_configs_are_shipped():
+    names = {p.stem for p in SHIPPED}
+    assert {"densenet121", "densenet121_cbam", "resnet50_meta", "resnet50_convstem_1024", "beit", "cnn",
+            "tiny"} <= names
+
+
+def test_cli_bad_config_is_one_line_without_traceback(tmp_path):
+    """The real command line: exit 2, one line naming the key, no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "cxr.train", "--config", str(ROOT / "cxr/configs/tiny.yaml"),
+                           "optim.nme=adam"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "[WARNING]" not in ln]
+    assert len(lines) == 1, proc.stderr
+    assert "optim.nme" in lines[0] and "lr" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_cli_in_process_errors_and_print_config(capsys):
+    from cxr.train import main
+
+    assert main(["--config", "does/not/exist.yaml"]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["train.best_metric=accuracy"]) == 2
+    err = capsys.readouterr().err
+    assert "val_loss" in err and "val_mean_auroc" in err
+    assert main(["--print-config", "optim.lr=0.25"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["optim"]["lr"] == 0.25 and set(printed) == set(SECTIONS)
