@@ -214,7 +214,7 @@ def submit_plan(plan: Plan, args: argparse.Namespace, profile: Profile) -> list[
                                                           "kill_on_invalid_dep": "yes"}}
         else:  # no scheduler to hold the evaluator: wait here for its members
             for n in needs:
-                by_name[n].result()
+                by_name[n].results()
         ex = make_executor(args.cluster, logs / "%j", _eval_profile(profile), name=f"cxr-{args.name}-evaluate",
                            **dependency)
         job = ex.submit(EvaluateTask(eval_argv, str(report)))
@@ -313,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     jobs = submit_plan(plan, args, profile)
     if args.wait:
         for job in jobs:
-            print(f"job {job.job_id}: {job.result()}")
+            print(f"job {job.job_id}: {job.results()}")
     return 0
 
 

@@ -57,9 +57,20 @@ preempted=0
 child=""
 started=$(mktemp "${TMPDIR:-/tmp}/cxr-run-training.XXXXXX")
 trap 'rm -f "$started"' EXIT
+run_dir=""
+for arg in "$@"; do [[ $arg == checkpoint.run_dir=* ]] && run_dir=${arg#checkpoint.run_dir=}; done
+[[ -z $run_dir || $run_dir == /* ]] || run_dir=$CXR_REPO/$run_dir
+
+# Training wrote "preempted" to RUN/status.json after this job started.
+recorded_preempted() {
+    [[ -n $run_dir && $run_dir/status.json -nt $started ]] &&
+        grep -q '"state": *"preempted"' "$run_dir/status.json"
+}
+
 # A signal that lands while training is still importing (its handler not yet
-# installed, USR1 still ignored) would be lost, so repeat it until srun exits;
-# training's handler only sets a flag, so repeats are harmless.
+# installed, USR1 still ignored) would be lost, so repeat it until training
+# records that it stopped (its handler only sets a flag; but a repeat during
+# interpreter shutdown, handlers reset, would kill it — hence the stop).
 forward_usr1() {
     ((preempted)) && return
     preempted=1
@@ -67,7 +78,7 @@ forward_usr1() {
     [[ -n $child ]] || return
     (
         trap - USR1
-        while kill -USR1 "$child" 2>/dev/null; do sleep "$CXR_RESIGNAL_SECONDS"; done
+        while ! recorded_preempted && kill -USR1 "$child" 2>/dev/null; do sleep "$CXR_RESIGNAL_SECONDS"; done
     ) &
 }
 trap forward_usr1 USR1
@@ -97,14 +108,10 @@ echo "[run-training] training exited with status $status at $(date -Is)"
 
 # accelerate/torchrun turn any worker status into 1, so training's own record
 # (RUN/status.json, written after this start) says whether it stopped to be requeued.
-run_dir=""
-for arg in "$@"; do [[ $arg == checkpoint.run_dir=* ]] && run_dir=${arg#checkpoint.run_dir=}; done
 stopped_for_requeue() {
     ((status == CXR_REQUEUE_STATUS)) && return 0
     if [[ -n $run_dir ]]; then
-        [[ $run_dir == /* ]] || run_dir=$CXR_REPO/$run_dir
-        [[ $run_dir/status.json -nt $started ]] &&
-            grep -q '"state": *"preempted"' "$run_dir/status.json"
+        recorded_preempted
     else
         ((preempted)) # no run dir given: trust our own signal
     fi
