@@ -99,15 +99,17 @@ def train(cfg: Config, loader_fn: Callable = build_loader) -> int:
 
     loader_fn: ``build_loader``-compatible factory (benchmarks pass in-memory data)."""
     accelerator = make_accelerator(cfg)
+    stop = StopFlag(accelerator)  # from here on a signal is honoured at the first step boundary
     try:
-        return _train(cfg, accelerator, loader_fn)
+        return _train(cfg, accelerator, loader_fn, stop)
     finally:
+        stop.close()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- the loop
-def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable) -> int:
+def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: StopFlag) -> int:
     t_start = time.time()
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     run_dir = Path(cfg.checkpoint.run_dir)
@@ -148,7 +150,6 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable) -> int:
     log.info("start: %d rank(s) on %s, pids %s, %s, config hash %s, %d steps/epoch, %s",
              world, device, pids, accelerator.distributed_type.value, config_hash(cfg), steps_per_epoch,
              f"resumed from {resume_from} at epoch {st.epoch + 1} step {st.step_in_epoch}" if resume_from else "fresh")
-    stop = StopFlag(accelerator)
     writer = tensorboard_writer(cfg, run_dir, accelerator.is_main_process)
     accum, log_every = cfg.train.grad_accum_steps, cfg.logging.log_every
     images_trained = 0
@@ -446,8 +447,12 @@ class StopFlag:
         if self.distributed and torch.distributed.get_backend() != "gloo":
             # a CPU side channel: the check costs no GPU synchronisation
             self.group = torch.distributed.new_group(backend="gloo")
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._handler)
+        self.previous = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+
+    def close(self) -> None:
+        """Put back the handlers found at start (training may run inside a longer-lived process)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handler(self, signum, frame) -> None:
         self.signum = signum

@@ -1,0 +1,225 @@
+"""End-to-end training on synthetic phantom shards with real launchers (slow; CI runs them).
+
+Every run: the `tiny` config at 64 px, 2 processes through `accelerate launch` (gloo on CPU).
+References are independent of the training code: the split table written by `shards split`,
+the safetensors files on disk, the worker exit status printed by torchrun, wall-clock time.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+CPU2 = ROOT / "launch" / "configs" / "cpu-2proc.yaml"
+STEPS_PER_EPOCH = 13  # 419 train images // (2 ranks × 16)
+EPOCHS = 2
+RUN_TIMEOUT = 600
+
+
+# ------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="session")
+def train_shards(tmp_path_factory) -> Path:
+    """600 phantoms at 64 px → stratified 70/15/15 patient split → shards (via the real CLI)."""
+    root = tmp_path_factory.mktemp("train_data")
+    py = [sys.executable, "-m", "shards"]
+    for args in (["synth", "--out", root / "synth", "--n", "600", "--resolution", "64", "--seed", "0",
+                  "--workers", "1"],
+                 ["split", "--metadata", root / "synth" / "Data_Entry_2017.csv", "--scheme", "stratified",
+                  "--fractions", "0.7,0.15,0.15", "--out", root / "splits.parquet"],
+                 ["pack", "--splits", root / "splits.parquet", "--images", root / "synth" / "images",
+                  "--out", root / "shards", "--shard-size-mb", "2", "--workers", "1"]):
+        subprocess.run(py + [str(a) for a in args], check=True, cwd=ROOT, capture_output=True, timeout=600)
+    return root / "shards"
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(ROOT / ".torch_extensions"))
+    return env
+
+
+def launch(shards: Path, run_dir: Path, *overrides: str, config_file: Path = CPU2) -> subprocess.Popen:
+    """`accelerate launch --config_file X cxr/train.py --config tiny ...`, output to run_dir.parent/<name>.out."""
+    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(config_file), "cxr/train.py",
+           "--config", "cxr/configs/tiny.yaml", f"data.shards={shards}", f"checkpoint.run_dir={run_dir}",
+           "data.resolution=64", "data.batch_size=16", f"train.epochs={EPOCHS}", "logging.progress=false",
+           "logging.log_every=1", *overrides]
+    out = open(run_dir.parent / f"{run_dir.name}.out", "ab")
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = RUN_TIMEOUT) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+
+
+def output(run_dir: Path) -> str:
+    return (run_dir.parent / f"{run_dir.name}.out").read_text(errors="replace")
+
+
+def wait_for_line(run_dir: Path, pattern: str, proc: subprocess.Popen, timeout: float = RUN_TIMEOUT) -> re.Match:
+    """Poll RUN/train.log until a line matches (the training is still running)."""
+    deadline = time.time() + timeout
+    log = run_dir / "train.log"
+    while time.time() < deadline:
+        if log.exists():
+            found = re.search(pattern, log.read_text(errors="replace"), re.M)
+            if found:
+                return found
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited ({proc.returncode}) before {pattern!r}:\n{output(run_dir)[-3000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"no {pattern!r} in {log} after {timeout} s")
+
+
+def rank_pids(run_dir: Path, proc: subprocess.Popen) -> list[int]:
+    found = wait_for_line(run_dir, r"start: 2 rank\(s\) .* pids \[(\d+), (\d+)\]", proc)
+    return [int(found.group(1)), int(found.group(2))]
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def weights(run_dir: Path, name: str = "last") -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "checkpoints" / name / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def run_a(train_shards, tmp_path_factory) -> Path:
+    """Run A: 2 ranks, uninterrupted, EPOCHS epochs."""
+    run_dir = tmp_path_factory.mktemp("runs") / "a"
+    rc = finish(launch(train_shards, run_dir))
+    assert rc == 0, output(run_dir)[-4000:]
+    return run_dir
+
+
+# ------------------------------------------------------------------------------- tests
+def test_ddp_two_ranks_learn_and_hold_identical_weights(run_a, train_shards):
+    log = (run_a / "train.log").read_text()
+    pids = re.search(r"start: 2 rank\(s\) .* pids \[(\d+), (\d+)\]", log)
+    assert pids and pids.group(1) != pids.group(2), "two worker processes"
+
+    # one metrics row per epoch, in order
+    rows = metrics_rows(run_a)
+    assert [int(r["epoch"]) for r in rows] == list(range(1, EPOCHS + 1))
+    assert [int(r["step"]) for r in rows] == [STEPS_PER_EPOCH * e for e in range(1, EPOCHS + 1)]
+    # the loss decreases: per-step losses logged by rank 0, first vs last quarter of the run
+    losses = [float(x) for x in re.findall(r"^\S+ \S+ step \d+ .* loss ([\d.]+)", log, re.M)]
+    assert len(losses) == STEPS_PER_EPOCH * EPOCHS
+    quarter = len(losses) // 4
+    assert sum(losses[-quarter:]) / quarter < 0.85 * sum(losses[:quarter]) / quarter, losses
+    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
+
+    # both ranks hold the same weights, and rank 0's fingerprint is that of the saved weights,
+    # recomputed here from the safetensors file in the model's state-dict order
+    found = re.search(r"replicas: weights sha256 per rank \['(\w+)', '(\w+)'\] — identical", log)
+    assert found and found.group(1) == found.group(2), log[-2000:]
+    from cxr.models import build_model
+
+    model_kwargs = yaml.safe_load((run_a / "config.yaml").read_text())["model"]
+    order = list(build_model(**model_kwargs).state_dict())
+    saved = weights(run_a)
+    digest = hashlib.sha256()
+    for key in order:
+        digest.update(key.encode())
+        digest.update(saved[key].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    assert digest.hexdigest()[:16] == found.group(1)
+
+    # validation saw every val image exactly once (reference: the split table)
+    splits = pd.read_parquet(train_shards.parent / "splits.parquet")
+    want = sorted(str(Path(x).stem) for x in splits.loc[splits["split"] == "val", "image"])
+    preds = pd.read_parquet(run_a / "val_predictions.parquet")
+    assert sorted(preds["key"]) == want
+    assert ((preds.drop(columns="key") >= 0) & (preds.drop(columns="key") <= 1)).all().all()
+    status = yaml.safe_load((run_a / "status.json").read_text())
+    assert status["state"] == "finished" and status["global_step"] == STEPS_PER_EPOCH * EPOCHS
+
+
+def test_sigusr1_mid_epoch_then_resume_is_bitwise_exact(run_a, train_shards, tmp_path_factory):
+    run_b = tmp_path_factory.mktemp("runs") / "b"
+    proc = launch(train_shards, run_b)
+    pids = rank_pids(run_b, proc)
+    wait_for_line(run_b, rf"step {STEPS_PER_EPOCH + 3} epoch 2 ", proc)  # 3 steps into epoch 2
+    os.kill(pids[1], signal.SIGUSR1)  # only rank 1 is told: the all-reduced flag must stop both
+    rc = finish(proc)
+    out = output(run_b)
+    assert rc != 0, "the launcher reports the requeue status as a failure"
+    assert re.search(r"exitcode\s*:\s*75", out), out[-3000:]
+    status = yaml.safe_load((run_b / "status.json").read_text())
+    assert status["state"] == "preempted" and status["exit_code"] == 75
+    meta = yaml.safe_load((run_b / "checkpoints" / "last" / "meta.json").read_text())
+    assert meta["epoch"] == 1 and 3 <= meta["step_in_epoch"] < STEPS_PER_EPOCH, meta  # mid-epoch
+    assert "stopped by SIGUSR1" in (run_b / "train.log").read_text()
+
+    rc = finish(launch(train_shards, run_b))  # the same command again: resume=auto
+    assert rc == 0, output(run_b)[-3000:]
+    assert f"resumed from {run_b}/checkpoints/last at epoch 2 step {meta['step_in_epoch']}" in \
+        (run_b / "train.log").read_text()
+    for name in ("last", "best"):
+        a, b = weights(run_a, name), weights(run_b, name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}/{key} differs"
+    rows_a, rows_b = metrics_rows(run_a), metrics_rows(run_b)
+    assert [{k: v for k, v in r.items() if k != "time"} for r in rows_a] == \
+           [{k: v for k, v in r.items() if k != "time"} for r in rows_b]
+    pd.testing.assert_frame_equal(pd.read_parquet(run_a / "val_predictions.parquet"),
+                                  pd.read_parquet(run_b / "val_predictions.parquet"))
+
+
+def test_deepspeed_zero2_trains_checkpoints_and_resumes(train_shards, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "ds"
+    # the shipped yaml names its JSON relative to the repo root (the launch cwd)
+    proc = launch(train_shards, run_dir, config_file=ROOT / "launch" / "configs" / "deepspeed_zero2.yaml")
+    pids = rank_pids(run_dir, proc)
+    wait_for_line(run_dir, rf"step {STEPS_PER_EPOCH + 2} epoch 2 ", proc)
+    os.kill(pids[0], signal.SIGUSR1)
+    assert finish(proc) != 0
+    last = run_dir / "checkpoints" / "last"
+    assert "DEEPSPEED" in (run_dir / "train.log").read_text()
+    shards = sorted(p.name for p in (last / "deepspeed" / "state").glob("*optim_states.pt"))
+    assert len(shards) == 2, shards  # ZeRO: one optimizer partition per rank
+    assert yaml.safe_load((last / "meta.json").read_text())["epoch"] == 1
+    rows_before = metrics_rows(run_dir)
+
+    assert finish(launch(train_shards, run_dir, config_file=ROOT / "launch" / "configs" / "deepspeed_zero2.yaml")) == 0
+    log = (run_dir / "train.log").read_text()
+    assert "resumed from" in log and re.search(r"replicas: .* — identical", log)
+    rows = metrics_rows(run_dir)
+    assert [int(r["epoch"]) for r in rows] == [1, 2] and rows[0] == rows_before[0]
+    assert float(rows[1]["loss"]) < float(rows[0]["loss"])
+    assert all(torch.isfinite(t).all() for t in weights(run_dir).values())
+
+
+def test_killed_rank_makes_the_launcher_fail_within_timeout(train_shards, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "killed"
+    proc = launch(train_shards, run_dir, "train.collective_timeout_s=60")
+    pids = rank_pids(run_dir, proc)
+    wait_for_line(run_dir, r"step 3 epoch 1 ", proc)
+    os.kill(pids[1], signal.SIGKILL)
+    t0 = time.time()
+    rc = finish(proc, timeout=300)
+    assert rc != 0
+    assert time.time() - t0 < 120, f"the job took {time.time() - t0:.0f} s to fail"

@@ -1,0 +1,257 @@
+"""Single-process pieces of training: checkpoints, RNG, signals, schedules, early stopping, and an
+in-process exact resume after a real SIGUSR1 (fast; the multi-process versions are in test_train.py)."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+
+from cxr import checkpoint as ckpt
+from cxr.config import load_config
+from cxr.train import EXIT_REQUEUE, LoopState, StopFlag, build_scheduler, train, update_best, update_early_stop
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    return Accelerator(cpu=True)
+
+
+def _draws() -> tuple:
+    return random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist()
+
+
+def test_rng_state_round_trip_through_weights_only_file(tmp_path):
+    state = ckpt.rng_state()
+    expected = _draws()
+    torch.save(state, tmp_path / "rng.pt")
+    _draws()  # move every stream on
+    ckpt.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert _draws() == expected
+
+
+def _model_and_optimizer(seed: int):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    return model, optimizer
+
+
+def _step(model, optimizer):
+    loss = model(torch.randn(6, 4)).pow(2).mean()
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def test_save_then_load_restores_weights_optimizer_scheduler(tmp_path, accelerator):
+    model, optimizer = _model_and_optimizer(0)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+    for _ in range(3):
+        _step(model, optimizer)
+        scheduler.step()
+    state = {"loop": {"epoch": 2}, "lrs": [g["lr"] for g in optimizer.param_groups]}
+    ckpt.save_checkpoint(accelerator, tmp_path, "last", model=model, optimizer=optimizer, scheduler=scheduler,
+                         state=state, per_rank={"loss_sum": 1.5}, meta={"epoch": 2, "config_hash": "abc"})
+    folder = tmp_path / "checkpoints" / "last"
+    assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "model.safetensors", "state.pt"]
+    assert not list((tmp_path / "checkpoints").glob("*.tmp")) and not list((tmp_path / "checkpoints").glob("*.old"))
+    torch.load(folder / "state.pt", weights_only=True)  # no pickled code inside
+
+    model2, optimizer2 = _model_and_optimizer(1)
+    scheduler2 = torch.optim.lr_scheduler.StepLR(optimizer2, step_size=1, gamma=0.5)
+    loaded = ckpt.load_checkpoint(accelerator, folder, model=model2, optimizer=optimizer2, scheduler=scheduler2)
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
+        assert torch.equal(a, b)
+    for pa, pb in zip(model.parameters(), model2.parameters()):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(optimizer.state[pa][key], optimizer2.state[pb][key])
+    assert scheduler2.state_dict() == scheduler.state_dict()
+    assert loaded["loop"] == {"epoch": 2} and loaded["rank"]["loss_sum"] == 1.5
+    assert json.loads((folder / "meta.json").read_text())["config_hash"] == "abc"
+    # the evaluator's path: safetensors keys are the plain module names
+    assert set(load_file(str(folder / "model.safetensors"))) == set(model.state_dict())
+
+
+def test_crash_between_renames_falls_back_and_recovers(tmp_path, accelerator):
+    model, _ = _model_and_optimizer(0)
+    ckpt.save_checkpoint(accelerator, tmp_path, "best", model=model, meta={"epoch": 1})
+    root = tmp_path / "checkpoints"
+    os.replace(root / "best", root / "best.old")  # the state right after the first rename of a swap
+    assert ckpt.find_checkpoint(tmp_path, "best") == root / "best.old"
+    ckpt.save_checkpoint(accelerator, tmp_path, "best", model=model, meta={"epoch": 2})
+    assert sorted(p.name for p in root.iterdir()) == ["best"]
+    assert ckpt.read_meta(root / "best")["epoch"] == 2
+
+
+def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, accelerator, monkeypatch):
+    model, _ = _model_and_optimizer(0)
+    ckpt.save_checkpoint(accelerator, tmp_path, "best", model=model, meta={"epoch": 1})
+    before = (tmp_path / "checkpoints" / "best" / "model.safetensors").read_bytes()
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_file", disk_full)
+    with pytest.raises(OSError):
+        ckpt.save_checkpoint(accelerator, tmp_path, "best", model=model, meta={"epoch": 2})
+    assert ckpt.read_meta(ckpt.find_checkpoint(tmp_path, "best"))["epoch"] == 1
+    assert (tmp_path / "checkpoints" / "best" / "model.safetensors").read_bytes() == before
+
+
+def test_stop_flag_is_set_by_a_real_signal_and_handlers_are_restored(accelerator):
+    before = signal.getsignal(signal.SIGUSR1)
+    flag = StopFlag(accelerator)
+    try:
+        assert not flag.agreed()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert flag.agreed() and flag.signum == signal.SIGUSR1
+    finally:
+        flag.close()
+    assert signal.getsignal(signal.SIGUSR1) == before
+
+
+def test_cosine_with_warmup_matches_the_formula():
+    cfg = load_config(None, ["schedule.name=cosine", "schedule.warmup_epochs=0.5", "schedule.min_lr=1e-4",
+                             "optim.lr=0.01", "train.epochs=3"])
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr)
+    sched, per_step = build_scheduler(cfg, opt, steps_per_epoch=10)
+    assert per_step
+    lrs = []
+    for _ in range(30):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    lr, floor, warm, total = 0.01, 1e-4, 5, 30  # hand transcription: linear warm-up, then cosine to floor
+    want = [lr * (s + 1) / warm if s < warm else
+            floor + (lr - floor) * 0.5 * (1 + math.cos(math.pi * (s - warm) / (total - warm))) for s in range(30)]
+    np.testing.assert_allclose(lrs, want, rtol=1e-12)
+
+
+def test_plateau_follows_spec_defaults():
+    cfg = load_config(None, ["optim.lr=1e-3"])  # SPEC: factor 0.5, patience 3, min_delta 1e-4, min lr 1e-6
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr)
+    sched, per_step = build_scheduler(cfg, opt, steps_per_epoch=10)
+    assert not per_step
+    # 1.0 then changes smaller than min_delta: epochs 2,3,4 are bad → after the 4th bad epoch the lr halves
+    lrs = []
+    for loss in [1.0, 0.99995, 0.99993, 0.99992, 0.99991, 0.5]:
+        sched.step(loss)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == [1e-3, 1e-3, 1e-3, 1e-3, 5e-4, 5e-4]
+
+
+def test_best_and_early_stopping_by_hand():
+    cfg = load_config(None, ["train.early_stop_patience=2", "train.early_stop_min_delta=0.01"])
+    st = LoopState()
+    seq = [1.0, 0.95, 0.945, 0.944, 0.5]
+    out = []
+    for epoch, loss in enumerate(seq):
+        st.epoch = epoch
+        out.append((update_best(cfg, st, {"val_loss": loss}), update_early_stop(cfg, st, {"val_loss": loss})))
+    # 0.945 and 0.944 are new bests but not better by > 0.01: patience 2 runs out at the 4th epoch
+    assert out == [(True, False), (True, False), (True, False), (True, True), (True, False)]
+    assert st.best_epoch == 5
+    auroc = load_config(None, ["train.best_metric=val_mean_auroc"])
+    st = LoopState()
+    assert update_best(auroc, st, {"val_mean_auroc": 0.6}) and not update_best(auroc, st, {"val_mean_auroc": 0.5})
+    assert not update_best(auroc, st, {"val_mean_auroc": float("nan")})
+
+
+# ------------------------------------------------------------------------ in-process exact resume
+class MemoryLoader:
+    """build_loader's contract over in-memory phantoms: per-(seed, epoch) permutation, skip_batches,
+    equal batch counts per rank in training, partial last batch in evaluation."""
+
+    def __init__(self, cfg, split, rank=0, world_size=1, epoch=0, skip_batches=0, train=None, kill_at=None):
+        n = {"train": 96, "val": 40}[split]
+        g = torch.Generator().manual_seed({"train": 1, "val": 2}[split])
+        self.labels = (torch.rand(n, 14, generator=g) < 0.3).float()
+        self.images = torch.randn(n, 1, 32, 32, generator=g) * 0.5
+        for c in range(14):  # label c brightens row band c
+            self.images[:, 0, 2 * c:2 * c + 2, :] += self.labels[:, c, None, None]
+        train = split == "train" if train is None else train
+        bs = cfg.batch_size if train else cfg.eval_batch
+        if train:
+            order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
+            nb = n // (bs * world_size)
+            self.batches = [order[(b * world_size + rank) * bs:(b * world_size + rank + 1) * bs] for b in range(nb)]
+        else:
+            ids = np.arange(n)[rank::world_size]
+            self.batches = [ids[i:i + bs] for i in range(0, len(ids), bs)]
+        self.batches = self.batches[skip_batches:]
+        self.kill_at, self.seen = kill_at, 0
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        for i, ids in enumerate(self.batches):
+            if self.kill_at is not None and i == self.kill_at:
+                os.kill(os.getpid(), signal.SIGUSR1)  # a real signal, delivered mid-epoch
+            self.seen += len(ids)
+            ids = torch.as_tensor(ids)
+            yield {"image": self.images[ids], "labels": self.labels[ids], "meta": torch.zeros(len(ids), 5),
+                   "key": [f"k{int(i):04d}" for i in ids]}
+
+    def report(self):
+        return {"samples": self.seen, "skipped": 0, "skipped_keys": []}
+
+
+def _tiny(run_dir: Path, *extra: str):
+    return load_config(Path(__file__).resolve().parents[1] / "cxr/configs/tiny.yaml", [
+        f"checkpoint.run_dir={run_dir}", "data.batch_size=8", "data.resolution=32", "train.epochs=3",
+        "logging.progress=false", "logging.log_every=1", "schedule.name=plateau", "schedule.warmup_epochs=0",
+        "schedule.patience=0", "train.grad_accum_steps=2", *extra])
+
+
+def test_in_process_signal_mid_epoch_then_resume_is_bitwise_exact(tmp_path):
+    assert train(_tiny(tmp_path / "a"), loader_fn=MemoryLoader) == 0
+
+    state = {"killed": False}
+
+    def killing_loader(cfg, split, **kw):
+        # the first time epoch 2 starts, signal ourselves at its 5th micro-batch
+        kill = split == "train" and kw.get("epoch") == 1 and kw.get("skip_batches") == 0 and not state["killed"]
+        loader = MemoryLoader(cfg, split, kill_at=5 if kill else None, **kw)
+        state["killed"] |= kill
+        return loader
+
+    assert train(_tiny(tmp_path / "b"), loader_fn=killing_loader) == EXIT_REQUEUE
+    meta = ckpt.read_meta(tmp_path / "b" / "checkpoints" / "last")
+    assert meta["epoch"] == 1 and 0 < meta["step_in_epoch"] < 6, meta  # 12 micro-batches = 6 steps per epoch
+    assert json.loads((tmp_path / "b" / "status.json").read_text())["state"] == "preempted"
+    assert train(_tiny(tmp_path / "b"), loader_fn=MemoryLoader) == 0
+
+    for name in ("last", "best"):
+        a = load_file(str(tmp_path / "a" / "checkpoints" / name / "model.safetensors"))
+        b = load_file(str(tmp_path / "b" / "checkpoints" / name / "model.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+    def rows(run):
+        with open(tmp_path / run / "metrics.csv") as fh:
+            return [{k: v for k, v in r.items() if k != "time"} for r in csv.DictReader(fh)]
+
+    assert rows("a") == rows("b") and len(rows("a")) == 3
+    # a finished run started again does nothing
+    assert train(_tiny(tmp_path / "b"), loader_fn=MemoryLoader) == 0
+    assert len(rows("b")) == 3
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    assert train(_tiny(tmp_path / "r", "train.epochs=1"), loader_fn=MemoryLoader) == 0
+    from shards.errors import CxrError
+
+    with pytest.raises(CxrError, match=r"optim\.lr.*force_resume"):
+        train(_tiny(tmp_path / "r", "train.epochs=1", "optim.lr=0.5"), loader_fn=MemoryLoader)
+    with pytest.raises(CxrError, match="resume=never"):
+        train(_tiny(tmp_path / "r", "train.epochs=1", "checkpoint.resume=never"), loader_fn=MemoryLoader)
