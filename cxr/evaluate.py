@@ -238,15 +238,34 @@ def member_info(member: Member, eval_resolution: int) -> dict[str, Any]:
         "run_dir": str(member.run_dir),
         "checkpoint": str(member.checkpoint),
         "model": model_cfg.get("name"),
-        "model_options": {k: v for k, v in model_cfg.items() if k != "name"},
+        "model_options": _non_default_options(model_cfg),
         "loss": loss.get("name", loss.get("kind")) if isinstance(loss, dict) else loss,
         "lr": optim.get("lr") if isinstance(optim, dict) else None,
         "seed": (cfg.get("train") or {}).get("seed") if isinstance(cfg.get("train"), dict) else None,
         "train_resolution": member.resolution,
         "eval_resolution": eval_resolution,
         "best_epoch": member.meta.get("epoch"),
-        "best_val": member.meta.get("val"),
+        "best_val": _headline_val(member.meta.get("val")),
     }
+
+
+def _non_default_options(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The model options that differ from build_model's defaults (what tells members apart)."""
+    import inspect
+
+    from cxr.models import build_model
+
+    defaults = {k: p.default for k, p in inspect.signature(build_model).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return {k: v for k, v in model_cfg.items() if k != "name" and (k not in defaults or defaults[k] != v)}
+
+
+def _headline_val(val: Any) -> Any:
+    """The best checkpoint's validation loss and mean AUROC (meta.json keeps every metric)."""
+    if not isinstance(val, dict):
+        return val
+    keep = ("val_loss", "loss", "val_mean_auroc", "mean_auroc")
+    return {k: val[k] for k in keep if k in val} or val
 
 
 # -------------------------------------------------------------- inference ----
@@ -611,7 +630,8 @@ def _summary_line(result: dict[str, Any], args: argparse.Namespace, elapsed: flo
     row = mean.loc[focus]
     ci = f" [{row.ci_low:.3f}, {row.ci_high:.3f}]" if np.isfinite(row.ci_low) else ""
     n_members = len([m for m in scores.scores if m != ENSEMBLE])
-    return (f"evaluated {n_members} member(s) on {scores.n} images of '{args.split}' in {elapsed:.1f} s "
+    where = f" on {result['ranks']} rank(s)" if result.get("ranks") else " from saved predictions"
+    return (f"evaluated {n_members} member(s) on {scores.n} images of '{args.split}'{where} in {elapsed:.1f} s "
             f"({scores.n * n_members / max(elapsed, 1e-9):.0f} member-images/s); "
             f"{focus} mean AUROC {row.auroc:.3f}{ci}")
 
@@ -636,6 +656,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         source = f"runs {' '.join(map(str, args.runs))}; shards {args.shards}"
     result = analyse_and_write(args, per_split, infos, source)
+    result["ranks"] = None if args.from_predictions else state.num_processes
     from cxr.report import format_stdout_table
 
     print(format_stdout_table(result["analysis"].aucs))

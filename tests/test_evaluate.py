@@ -141,9 +141,14 @@ def _split_frame(report: Path, split: str) -> pd.DataFrame:
 
 
 def test_every_auc_number_equals_sklearn(report):
+    assert _assert_aucs_match_sklearn(report, {"member1", "member2", "ensemble"}) >= 3 * 8
+
+
+def _assert_aucs_match_sklearn(report: Path, members: set[str]) -> int:
+    """Check every aucs.csv number against sklearn on predictions.parquet; return labels checked."""
     preds = _split_frame(report, "test")
     aucs = pd.read_csv(report / "aucs.csv")
-    assert set(aucs["member"]) == {"member1", "member2", "ensemble"}
+    assert set(aucs["member"]) == members
     checked = 0
     for member, rows in aucs.groupby("member"):
         p = preds[preds["member"] == member].sort_values("key")
@@ -162,7 +167,7 @@ def test_every_auc_number_equals_sklearn(report):
             else:
                 assert np.isnan(table.loc[label, "auroc"])
         assert table.loc["mean", "auroc"] == pytest.approx(np.mean(per_label), abs=1e-12)
-    assert checked >= 3 * 8  # most labels have both classes in the test split
+    return checked
 
 
 def test_ensemble_is_mean_of_member_probabilities(report):
@@ -347,6 +352,7 @@ def test_two_ranks_give_the_same_predictions_as_one(report, members, shards_dir,
            "--no-figures", "--cpu", "--threads", "1"]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "on 2 rank(s)" in proc.stdout  # really two processes, not a silent single one
     one = pd.read_parquet(report / "predictions.parquet")
     two = pd.read_parquet(out / "predictions.parquet")
     assert not two.duplicated(["split", "member", "key"]).any()
@@ -355,3 +361,28 @@ def test_two_ranks_give_the_same_predictions_as_one(report, members, shards_dir,
     assert one.index.equals(two.index)
     np.testing.assert_allclose(two[list(LABELS)].to_numpy(), one[list(LABELS)].to_numpy(), atol=2e-6)
     assert (two.filter(like="true_") == one.filter(like="true_")).all().all()
+
+
+@pytest.mark.slow
+def test_members_trained_by_train_py(shards_dir, tmp_path):
+    """Two tiny members written by cxr/train.py itself (real run dirs) evaluate end to end."""
+    runs = []
+    for seed in (1, 2):
+        run = tmp_path / f"trained{seed}"
+        cmd = [sys.executable, "-m", "cxr.train", "--config", str(ROOT / "cxr" / "configs" / "tiny.yaml"),
+               f"data.shards={shards_dir}", f"data.resolution={RES}", f"model.stem_size={RES}",
+               "data.backend=wds", "data.num_threads=0", "train.epochs=1", "train.threads=1",
+               f"train.seed={seed}", f"checkpoint.run_dir={run}"]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs.append(run)
+    out = tmp_path / "report"
+    assert evaluate_main(["--runs", *map(str, runs), "--shards", str(shards_dir), "--bootstrap", "100",
+                          "--out", str(out), "--no-figures"]) == 0
+    assert _assert_aucs_match_sklearn(out, {"trained1", "trained2", "ensemble"}) >= 3 * 8
+    preds = _split_frame(out, "test")
+    probs = {m: g.sort_values("key")[list(LABELS)].to_numpy() for m, g in preds.groupby("member")}
+    np.testing.assert_allclose(probs["ensemble"], (probs["trained1"] + probs["trained2"]) / 2, atol=1e-15)
+    infos = json.loads((out / "members.json").read_text())
+    assert [i["seed"] for i in infos] == [1, 2] and all(i["model"] == "cnn" for i in infos)
