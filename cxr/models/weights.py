@@ -24,7 +24,7 @@ WEIGHTS_HINT = (
     "for random init"
 )
 # Old torchvision DenseNet checkpoints name layers "norm.1", "conv.2", ...
-_OLD_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_OLD_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
 _WRAPPER_KEYS = ("state_dict", "model", "module", "model_state")
 _SHOW = 5
 
