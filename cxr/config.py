@@ -346,6 +346,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(key, value, inner[0]) if len(inner) == 1 else value
     if origin is Literal:
+        if isinstance(value, bool) and ("no" if not value else "yes") in args:
+            value = "no" if not value else "yes"  # YAML 1.1 reads a bare `no` as false
         if value not in args:
             raise CxrError(f"{key}={value!r}: invalid — valid choices: {' | '.join(map(str, args))}")
         return value

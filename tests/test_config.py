@@ -22,11 +22,13 @@ SHIPPED = sorted((ROOT / "cxr" / "configs").glob("*.yaml"))
 
 def test_defaults_and_typed_overrides():
     cfg = load_config(None, ["optim.lr=3e-4", "optim.betas=[0.8, 0.95]", "loss.cap=null", "train.epochs=7",
-                             "model.name=cnn", "checkpoint.run_dir=/tmp/x", "train.restore_best=false"])
+                             "model.name=cnn", "checkpoint.run_dir=/tmp/x", "train.restore_best=false",
+                             "train.mixed_precision=no"])
     assert cfg.optim.lr == 3e-4 and isinstance(cfg.optim.lr, float)  # "3e-4" is a string to YAML 1.1
     assert cfg.optim.betas == (0.8, 0.95)
     assert cfg.loss.cap is None and cfg.train.epochs == 7 and cfg.train.restore_best is False
     assert cfg.model.name == "cnn" and cfg.checkpoint.run_dir == "/tmp/x"
+    assert cfg.train.mixed_precision == "no"  # a bare `no` is false to YAML 1.1; the choice is meant
     assert Config() == load_config(None)  # no file, no overrides: the dataclass defaults
 
 
