@@ -579,20 +579,26 @@ def build_parser() -> argparse.ArgumentParser:
         "per-label AUROC with bootstrap CIs, AUPRC, tuned thresholds, threshold metrics, ROC/PR "
         "figures and report.md. Never trains. Under `accelerate launch` each rank infers a "
         "disjoint part of the split and rank 0 writes the report.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog="Writes OUT/{predictions.parquet, members.json, aucs.csv, thresholds.json, metrics.csv, "
+        "roc.png, pr.png, report.md}. Examples:\n"
+        "  python -m cxr.evaluate --runs runs/m1 runs/m2 --shards shards --split test --out report\n"
+        "  accelerate launch --multi_gpu --num_processes 4 -m cxr.evaluate --runs ... --out report\n"
+        "  python -m cxr.evaluate --from-predictions report/predictions.parquet --out report2\n"
+        "--debug shows the traceback of an error.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="+", metavar="RUN",
                    help="training run dirs (config.yaml + checkpoints/best); each is one member")
     p.add_argument("--shards", help="shards folder with manifest.json (python -m shards pack)")
-    p.add_argument("--split", default="test", help="split to evaluate")
+    p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--out", required=True, help="report folder to write")
     p.add_argument("--thresholds-from", default="val",
-                   help="split on which F1/Youden thresholds are tuned (inferred too); 'none': 0.5 only")
+                   help="split on which F1/Youden thresholds are tuned (inferred too); 'none': 0.5 only (default: val)")
     p.add_argument("--bootstrap", type=int, default=1000,
-                   help="bootstrap resamples for the AUROC CIs (0: no CIs)")
-    p.add_argument("--alpha", type=float, default=0.05, help="CI level is 1 - alpha")
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples")
+                   help="bootstrap resamples for the AUROC CIs; 0: no CIs (default: 1000)")
+    p.add_argument("--alpha", type=float, default=0.05, help="CI level is 1 - alpha (default: 0.05)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples (default: 0)")
     p.add_argument("--ensemble", choices=["mean-prob", "mean-logit"], default="mean-prob",
-                   help="ensemble = mean of member probabilities, or sigmoid of their mean logit")
+                   help="ensemble = mean of member probabilities (default), or sigmoid of their mean logit")
     p.add_argument("--from-predictions", metavar="FILE",
                    help="recompute every output from a saved predictions.parquet (no models, no shards)")
     p.add_argument("--resolution", type=int, default=None,
@@ -602,11 +608,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the first member's data.eval_batch_size / batch_size)")
     p.add_argument("--backend", choices=["dali", "wds"], default=None,
                    help="loader back end (default: the first member's data.backend)")
-    p.add_argument("--num-threads", type=int, default=None, help="loader threads/workers per rank")
+    p.add_argument("--num-threads", type=int, default=None, help="loader threads/workers per rank (default: the first member's data.num_threads)")
     p.add_argument("--loader-device", choices=["cpu", "gpu"], default=None,
                    help="where the loader decodes (default: the first member's data.device)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="autocast dtype of the forward pass (bf16/fp16 for GPUs)")
+                   help="autocast dtype of the forward pass; bf16/fp16 for GPUs (default: fp32)")
     p.add_argument("--cpu", action="store_true", help="run on CPU even if CUDA is available")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads per process (default: torch's choice; 1 on shared CPUs)")

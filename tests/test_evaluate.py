@@ -71,7 +71,7 @@ def member_config(shards: Path, seed: int, resolution: int = RES) -> dict:
     }
 
 
-def make_member(run_dir: Path, shards: Path, seed: int, steps: int = 12) -> Path:
+def make_member(run_dir: Path, shards: Path, seed: int, steps: int = 8) -> Path:
     """Build the cnn with a seed, take a few SGD steps on the train split, save a best checkpoint."""
     from cxr.data import DataConfig, build_loader
     from cxr.models import build_model
