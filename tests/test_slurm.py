@@ -172,7 +172,9 @@ def test_submitit_slurm_two_tasks_preempted(slurm, synth_shards, tmp_path, monke
     assert results[0]["requeues"] == 1
     text = log.read_text()
     assert "start: 2 rank(s)" in text and "stopped by SIG" in text
+    assert "DIVERGED" not in text, "the two ranks ended with different weights after the resume"
     assert f"resumed from {runs / 'two' / 'checkpoints' / 'last'}" in text
+    wait_jobs([job.job_id], timeout=60)  # results exist a moment before Slurm calls the job complete
     assert [r["State"] for r in sacct(job.job_id)] == ["REQUEUED", "COMPLETED"]
     meta = json.loads((runs / "two" / "checkpoints" / "last" / "meta.json").read_text())
     assert meta["global_step"] == 16
