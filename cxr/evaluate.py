@@ -13,6 +13,13 @@ which checks that every image of the split was scored exactly once and writes
 (atomically) ``predictions.parquet``, ``aucs.csv``, ``thresholds.json``,
 ``metrics.csv``, ``members.json``, ``roc.png``, ``pr.png`` and ``report.md``.
 
+predictions.parquet is long: one row per (split, member, key) with the 14 probability
+columns (canonical label names, float64) and the 14 ground-truth columns ``true_<Label>``
+(0/1); the ensemble is member ``ensemble``; both the evaluated split and the threshold
+split are in it, so ``--from-predictions`` needs nothing else. The ensemble is always
+recomputed from the member rows (``--ensemble``), in both modes, so a re-analysis
+reproduces the tables exactly.
+
 Resolution policy: all members must have been trained at the same resolution and
 on the shards' label set, else they are refused. ``--resolution R`` instead
 evaluates every member at R×R (the suite's models take any input size); the report
