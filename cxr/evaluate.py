@@ -277,8 +277,12 @@ def _headline_val(val: Any) -> Any:
 
 # -------------------------------------------------------------- inference ----
 
-def eval_data_config(members: Sequence[Member], args: argparse.Namespace, resolution: int) -> Any:
-    """The loader config: the first member's ``data:`` section, pointed at --shards, eval mode."""
+def eval_data_config(members: Sequence[Member], args: argparse.Namespace, resolution: int,
+                     on_gpu: bool = False) -> Any:
+    """The loader config: the first member's ``data:`` section, pointed at --shards, eval mode.
+
+    A member trained with GPU decoding is evaluated with CPU decoding when this job has no GPU.
+    """
     from cxr.data import DataConfig
 
     known = {f.name for f in dataclasses.fields(DataConfig)}
@@ -293,6 +297,10 @@ def eval_data_config(members: Sequence[Member], args: argparse.Namespace, resolu
         kwargs["num_threads"] = args.num_threads
     if args.loader_device:
         kwargs["device"] = args.loader_device
+    elif kwargs.get("device") == "gpu" and not on_gpu:
+        print("note: data.device=gpu in the run config but this job runs on CPU — decoding on CPU",
+              file=sys.stderr)
+        kwargs["device"] = "cpu"
     return DataConfig(**kwargs)
 
 
@@ -507,7 +515,7 @@ def infer_runs(args: argparse.Namespace, state: Any, splits: Sequence[str]
     resolution = check_compatible(members, _shards_labels(shards), args.resolution)
     for m in members:
         m.model = build_member_model(m, state.device)
-    loader_cfg = eval_data_config(members, args, resolution)
+    loader_cfg = eval_data_config(members, args, resolution, on_gpu=state.device.type == "cuda")
     per_split: dict[str, ScoreSet] = {}
     for split in splits:
         expected_keys(shards, split)  # fail before inference if the split does not exist

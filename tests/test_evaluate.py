@@ -386,3 +386,12 @@ def test_members_trained_by_train_py(shards_dir, tmp_path):
     np.testing.assert_allclose(probs["ensemble"], (probs["trained1"] + probs["trained2"]) / 2, atol=1e-15)
     infos = json.loads((out / "members.json").read_text())
     assert [i["seed"] for i in infos] == [1, 2] and all(i["model"] == "cnn" for i in infos)
+
+
+def test_gpu_decoding_member_is_evaluated_on_cpu(members, shards_dir, tmp_path, capsys):
+    run = copy_member(members[0], tmp_path / "gpu-decoded")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["data"]["device"] = "gpu"
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    assert evaluate_main(run_args([run], shards_dir, tmp_path / "out", "--thresholds-from", "none")) == 0
+    assert "decoding on CPU" in capsys.readouterr().err
