@@ -395,3 +395,22 @@ def test_gpu_decoding_member_is_evaluated_on_cpu(members, shards_dir, tmp_path, 
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     assert evaluate_main(run_args([run], shards_dir, tmp_path / "out", "--thresholds-from", "none")) == 0
     assert "decoding on CPU" in capsys.readouterr().err
+
+
+def test_coverage_check_catches_missing_and_tolerates_duplicates(shards_dir):
+    from cxr.evaluate import check_coverage
+    from cxr.report import ScoreSet
+
+    table = pd.read_parquet(json.loads((shards_dir / "manifest.json").read_text())["splits_file"])
+    keys = sorted(Path(i).stem for i in table.loc[table["split"] == "test", "image"])
+
+    def scores(ks):
+        n = len(ks)
+        return ScoreSet(keys=np.array(ks, dtype=object), y_true=np.zeros((n, 14), np.uint8),
+                        scores={"m": np.zeros((n, 14))})
+
+    check_coverage(scores(keys + keys[:3]).deduplicated(), shards_dir, "test")  # a padded rank
+    with pytest.raises(CxrError, match=keys[5]):
+        check_coverage(scores(keys[:5] + keys[6:]), shards_dir, "test")
+    with pytest.raises(CxrError, match="unexpected"):
+        check_coverage(scores(keys + ["99999999_000"]), shards_dir, "test")
