@@ -97,22 +97,26 @@ class _Notes:
 
 
 def auc_table(scores: ScoreSet, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
-              notes: _Notes | None = None) -> pd.DataFrame:
+              notes: _Notes | None = None, progress: bool = True) -> pd.DataFrame:
     """Per member and label (+ ``mean``): auroc, ci_low, ci_high, auprc, prevalence, n_pos, n.
 
     The CIs are percentile-bootstrap intervals at level 1 − alpha over images; every
     member and the ensemble use the same resamples (``cxr.metrics.bootstrap_counts``
     with ``seed``). ``n_boot=0`` leaves the CI columns NaN.
     """
-    from cxr.metrics import bootstrap_auroc, per_label_auprc, per_label_auroc
+    from tqdm import tqdm
+
+    from cxr.metrics import bootstrap_auroc, bootstrap_counts, per_label_auprc, per_label_auroc
 
     notes = notes or _Notes()
     y, names = scores.y_true, list(scores.scores)
-    if n_boot > 0:
-        boots = notes.run(bootstrap_auroc, y, [scores.scores[m] for m in names],
-                          n_boot=n_boot, seed=seed, alpha=alpha)
-    else:
-        boots = [_point_only(notes.run(per_label_auroc, y, scores.scores[m])) for m in names]
+    counts = bootstrap_counts(scores.n, n_boot, seed) if n_boot > 0 else None
+    boots = []
+    for m in tqdm(names, desc=f"AUROC + {n_boot} bootstrap CIs", unit="score set", disable=not progress):
+        if counts is not None:  # one resample matrix for all: paired CIs
+            boots.append(notes.run(bootstrap_auroc, y, scores.scores[m], alpha=alpha, counts=counts))
+        else:
+            boots.append(_point_only(notes.run(per_label_auroc, y, scores.scores[m])))
     prevalence, n_pos = y.mean(axis=0), y.sum(axis=0)
     rows = []
     for member, boot in zip(names, boots):
