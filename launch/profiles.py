@@ -46,6 +46,8 @@ class Profile:
     """DataLoader workers (or DALI CPU threads) per process: cpus_per_process minus the main thread, capped."""
     threads_per_process: int
     """OMP/MKL threads per process (torch intra-op), kept small so workers are not starved."""
+    mixed_precision: str = "no"
+    """Autocast for runs started without `accelerate launch` (submitit): bf16 on A10G/A100."""
     partition: str = ""
     account: str = ""
     qos: str = ""
@@ -71,18 +73,18 @@ PROFILES: dict[str, Profile] = {p.name: p for p in [
         description="AWS g5.24xlarge: 1 node, 4x A10G 24 GB, 96 vCPUs, 384 GiB",
         nodes=1, processes_per_node=4, gpus_per_node=4, cpus_per_process=24,
         mem_gb_per_node=360, time_min=24 * 60,
-        accelerate_config="launch/configs/g5-24xlarge.yaml",
+        accelerate_config="launch/configs/g5.24xlarge.yaml",
         # 1024 px PNG decode is the bottleneck with the torch loader: ~16 workers
         # keep an A10G fed at batch 16; DALI `mixed` needs only ~4 CPU threads.
-        workers_per_process=16, threads_per_process=4,
+        workers_per_process=16, threads_per_process=4, mixed_precision="bf16",
     ),
     Profile(
         name="p4d.24xlarge-x2",
         description="2 nodes of AWS p4d.24xlarge: 8x A100 40 GB, 96 vCPUs, 1152 GiB each (EFA)",
         nodes=2, processes_per_node=8, gpus_per_node=8, cpus_per_process=12,
         mem_gb_per_node=1000, time_min=24 * 60,
-        accelerate_config="launch/configs/multi-node.yaml",
-        workers_per_process=8, threads_per_process=2,
+        accelerate_config="launch/configs/multinode.yaml",
+        workers_per_process=8, threads_per_process=2, mixed_precision="bf16",
     ),
     Profile(
         name="cpu-local",

@@ -226,7 +226,8 @@ def submit_plan(plan: Plan, args: argparse.Namespace, profile: Profile) -> list[
 
 def _base_overrides(args: argparse.Namespace, profile: Profile) -> list[str]:
     """Overrides every run gets: the profile's loader/thread sizes, then the user's key=value."""
-    extra = [f"data.num_threads={profile.workers_per_process}", f"train.threads={profile.threads_per_process}"]
+    extra = [f"data.num_threads={profile.workers_per_process}", f"train.threads={profile.threads_per_process}",
+             f"train.mixed_precision={profile.mixed_precision}"]
     return extra + list(args.overrides)
 
 

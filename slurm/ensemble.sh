@@ -114,7 +114,9 @@ mapfile -t run_dirs < <("$CXR_PYTHON" -m launch.members "$CXR_ENSEMBLE" --run-di
 # Inside the submit job its own SLURM_* variables would leak into the jobs it
 # submits (srun reads e.g. SLURM_MEM_PER_CPU as an option); drop them.
 for var in $(compgen -e | grep '^SLURM_' | grep -v '^SLURM_CONF$' || true); do unset "$var"; done
-export CXR_ENSEMBLE CXR_SHARDS CXR_RUNS CXR_REPORT CXR_ACCELERATE_CONFIG CXR_PROCS_PER_NODE CXR_THREADS
+# The profile's loader workers and torch threads first, so the user's overrides win.
+CXR_TRAIN_OVERRIDES="data.num_threads=$CXR_PROFILE_WORKERS train.threads=$CXR_THREADS ${CXR_TRAIN_OVERRIDES:-}"
+export CXR_ENSEMBLE CXR_SHARDS CXR_RUNS CXR_REPORT CXR_ACCELERATE_CONFIG CXR_PROCS_PER_NODE CXR_THREADS CXR_TRAIN_OVERRIDES
 export CXR_EVAL_RUNS="${run_dirs[*]}"
 
 parallel=${CXR_MAX_PARALLEL:+%$CXR_MAX_PARALLEL}

@@ -83,17 +83,14 @@ forward_usr1() {
 }
 trap forward_usr1 USR1
 
-# Per node: ignore USR1 in the launcher processes (the ignore is inherited across
+# Per node (the accelerate config's machine count, rank and port are replaced so
+# two runs on one node do not collide): ignore USR1 in the launcher processes (the ignore is inherited across
 # exec, and Python keeps it), so only training — which installs its own handler —
 # reacts when srun forwards the signal to the step.
 launch_node='trap "" USR1
-multi=()
-if (( SLURM_NNODES > 1 )); then
-    multi=(--num_machines "$SLURM_NNODES" --machine_rank "$SLURM_NODEID"
-           --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT")
-fi
 exec "$CXR_PYTHON" -m accelerate.commands.launch --config_file "$CXR_ACCELERATE_CONFIG" \
-    --num_processes "$CXR_NPROC" "${multi[@]}" "$CXR_TRAIN_SCRIPT" "$@"'
+    --num_processes "$CXR_NPROC" --num_machines "$SLURM_NNODES" --machine_rank "$SLURM_NODEID" \
+    --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" "$CXR_TRAIN_SCRIPT" "$@"'
 export CXR_PYTHON CXR_ACCELERATE_CONFIG CXR_TRAIN_SCRIPT
 srun --nodes="$NNODES" --ntasks-per-node=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
     --kill-on-bad-exit=1 bash -c "$launch_node" launch-node "$@" &

@@ -52,7 +52,7 @@ def test_profiles_table_matches_the_machines():
     local = profiles.get_profile("cpu-local")
     assert local.gpus_per_node == 0 and local.processes_per_node * local.cpus_per_process <= os.cpu_count()
     for p in profiles.PROFILES.values():
-        assert (ROOT / p.accelerate_config).suffix == ".yaml"
+        assert (ROOT / p.accelerate_config).is_file(), p.accelerate_config
 
 
 def test_profile_maps_to_sbatch_and_submitit():
