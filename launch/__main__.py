@@ -1,0 +1,7 @@
+"""`python -m launch ...` is `python -m launch.submit ...`."""
+import sys
+
+from launch.submit import main
+from shards.errors import cli_entry
+
+sys.exit(cli_entry(main)())
