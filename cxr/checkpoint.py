@@ -134,7 +134,8 @@ def save_checkpoint(accelerator, run_dir: str | Path, name: str, *, model, meta:
 
 def _write_weights(path: Path, weights: dict) -> None:
     # clone: safetensors refuses tensors that share storage (tied or viewed parameters)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in weights.items()}
+    # the plain module's names: torch.compile adds an `_orig_mod.` level the evaluator does not have
+    tensors = {k.replace("_orig_mod.", ""): v.detach().to("cpu").contiguous().clone() for k, v in weights.items()}
     save_file(tensors, str(path))
 
 
@@ -213,7 +214,7 @@ def load_checkpoint(accelerator, ckpt: str | Path, *, model, optimizer=None, sch
         model.load_checkpoint(str(ckpt / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_optimizer_states=True,
                               load_lr_scheduler_states=False)
     else:
-        load_weights(accelerator.unwrap_model(model), ckpt)
+        load_weights(accelerator.unwrap_model(model, keep_torch_compile=False), ckpt)
         if optimizer is not None and state.get("optimizer") is not None:
             optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state.get("scheduler") is not None:

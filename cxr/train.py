@@ -26,7 +26,10 @@ if __package__ in (None, ""):  # run as a file (`accelerate launch cxr/train.py`
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
+import csv
 import hashlib
+import io
+import json
 import logging
 import math
 import os
@@ -38,6 +41,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Callable, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.utils import DistributedType, set_seed
@@ -75,12 +79,14 @@ class LoopState:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="cxr.train", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=__doc__.split("\n\n")[0] + "\n\n" + "\n\n".join(__doc__.split("\n\n")[1:]),
+        description=__doc__,
         epilog="config keys (section.key=default):\n" + describe_config())
     p.add_argument("--config", help="YAML config (cxr/configs/*.yaml); omitted: all defaults")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
-                   help="override a config value, parsed as YAML (optim.lr=3e-4, loss.cap=null, optim.betas=[0.9,0.99])")
+                   help="override a config value, parsed as YAML "
+                   "(optim.lr=3e-4, loss.cap=null, optim.betas=[0.9,0.99])")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (also CXR_DEBUG=1)")
     return p
 
 
@@ -132,7 +138,8 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
         model = torch.compile(model)
     configure_deepspeed(cfg, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
-    net = accelerator.unwrap_model(model)  # no DDP hooks/collectives: evaluation and the L2 term use it
+    # the plain module (no DDP hooks, no compile wrapper): validation, buffers and restores use it
+    net = accelerator.unwrap_model(model, keep_torch_compile=False)
     # Dropout streams differ per rank (a fresh seed per rank after the common init).
     set_seed(cfg.train.seed * 1000 + rank)
 
@@ -251,6 +258,8 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
         log.info("replicas: weights sha256 per rank %s — identical", fingerprints)
     else:
         log.warning("replicas: weights sha256 per rank %s — the ranks DIVERGED", fingerprints)
+    if writer is not None:
+        writer.close()
     if accelerator.is_main_process:
         write_status(run_dir, "finished", st)
     elapsed = time.time() - t_start
@@ -282,8 +291,8 @@ def make_accelerator(cfg: Config) -> Accelerator:
     # a plain single process has no process group to configure (accelerate would look for one)
     handlers = [InitProcessGroupKwargs(backend="gloo" if cpu else "nccl", timeout=timeout)] if launched else []
     # cpu=True would turn a DeepSpeed launch into plain CPU DDP; DeepSpeed finds the CPU by itself
-    return Accelerator(cpu=cpu and not deepspeed, mixed_precision=precision, gradient_accumulation_steps=cfg.train.grad_accum_steps,
-                       kwargs_handlers=handlers, step_scheduler_with_optimizer=False)
+    return Accelerator(cpu=cpu and not deepspeed, mixed_precision=precision, kwargs_handlers=handlers,
+                       gradient_accumulation_steps=cfg.train.grad_accum_steps, step_scheduler_with_optimizer=False)
 
 
 def configure_deepspeed(cfg: Config, accelerator: Accelerator) -> None:
@@ -381,6 +390,10 @@ def train_steps_per_epoch(cfg: Config, loader_fn: Callable, rank: int, world: in
     with torch.random.fork_rng(devices=[]):
         batches = len(loader_fn(cfg.data, "train", rank=rank, world_size=world, epoch=0, skip_batches=0))
     steps = batches // cfg.train.grad_accum_steps
+    if batches % cfg.train.grad_accum_steps:
+        log.warning("train: %d batches per rank per epoch is not a multiple of train.grad_accum_steps=%d — "
+                    "the last %d micro-batches of every epoch are left out", batches, cfg.train.grad_accum_steps,
+                    batches % cfg.train.grad_accum_steps)
     if steps < 1:
         raise CxrError(f"train: {batches} batches per rank per epoch < train.grad_accum_steps="
                        f"{cfg.train.grad_accum_steps} — lower it or data.batch_size")
@@ -568,7 +581,7 @@ def skipped_samples(running: dict, loader, accelerator: Accelerator) -> int:
     local = (running["skipped"] + report["skipped"], running["skipped_keys"] + list(report["skipped_keys"]))
     parts = ckpt.gather_objects(local)
     keys = [k for part in parts for k in part[1]]
-    if keys:
+    if keys and accelerator.is_main_process:
         log.warning("skipped %d corrupt training samples this epoch: %s", len(keys), ", ".join(keys[:20]))
     return sum(part[0] for part in parts)
 
@@ -623,8 +636,6 @@ def save_best(cfg: Config, accelerator: Accelerator, run_dir: Path, model, st: L
     """Write ``best`` (weights + meta, collective) and, on rank 0, the val predictions of this epoch."""
     ckpt.save_checkpoint(accelerator, run_dir, "best", model=model, meta=checkpoint_meta(cfg, st, val))
     if accelerator.is_main_process:
-        import pandas as pd
-
         frame = pd.DataFrame(val["probs"], columns=list(LABELS))
         frame.insert(0, "key", val["keys"])
         with atomic_write(run_dir / "val_predictions.parquet") as fh:
@@ -633,8 +644,6 @@ def save_best(cfg: Config, accelerator: Accelerator, run_dir: Path, model, st: L
 
 def write_status(run_dir: Path, state: str, st: LoopState, exit_code: int = 0) -> None:
     """RUN/status.json: running | preempted | finished, for launchers deciding to requeue."""
-    import json
-
     payload = {"state": state, "epoch": st.epoch, "step_in_epoch": st.step_in_epoch,
                "global_step": st.global_step, "exit_code": exit_code,
                "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -644,9 +653,6 @@ def write_status(run_dir: Path, state: str, st: LoopState, exit_code: int = 0) -
 # ----------------------------------------------------------------------------- logging
 def write_metrics_csv(path: Path, rows: list[dict]) -> None:
     """Rewrite metrics.csv from all rows (atomic; a resumed run rewrites the same rows)."""
-    import csv
-    import io
-
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
