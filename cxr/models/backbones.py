@@ -46,7 +46,8 @@ def timm_backbone(
     """A headless timm ``arch`` (random init, ``args.in_chans`` inputs), then local weights if ``args.pretrained``.
 
     Returns the timm model with ``num_classes=0``; ``forward_features`` gives the
-    backbone output. Grad checkpointing uses timm's ``set_grad_checkpointing``.
+    backbone output. Checkpointing is left to the family (CNN trunks do their own,
+    BatchNorm-safe; transformers call timm's ``set_grad_checkpointing``).
     """
     model = timm.create_model(arch, pretrained=False, num_classes=0, in_chans=args.in_chans, **kwargs)
     if args.pretrained is not None:
@@ -54,8 +55,6 @@ def timm_backbone(
         heads = cfg.get("classifier") or ()
         load_backbone_weights(model, args.pretrained, first_conv=cfg["first_conv"],
                               head_prefixes=(heads,) if isinstance(heads, str) else tuple(heads), convert=convert)
-    if args.grad_checkpointing:
-        model.set_grad_checkpointing(True)
     return model
 
 
@@ -65,13 +64,3 @@ class GlobalAvgPool(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(dim=(2, 3))
 
-
-class CnnTrunk(nn.Module):
-    """A timm CNN's ``forward_features``: backbone input → final feature map [B,C,h,w]."""
-
-    def __init__(self, backbone: nn.Module):
-        super().__init__()
-        self.backbone = backbone
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone.forward_features(x)

@@ -20,9 +20,9 @@ from torch import nn
 
 from shards.errors import CxrError
 
-from .backbones import BuildArgs, CnnTrunk, GlobalAvgPool, make_stem
+from .backbones import BuildArgs, GlobalAvgPool, make_stem
 from .classifier import CxrClassifier
-from .densenet import NATIVE_SIZE, densenet121_backbone
+from .densenet import NATIVE_SIZE, DenseNetTrunk, densenet121_backbone
 from .heads import Head
 
 DESCRIPTION = "DenseNet-121 + CBAM (channel+spatial attention) + dense 128/64 head, L2 1e-3"
@@ -72,9 +72,9 @@ class Cbam(nn.Module):
 class CbamTrunk(nn.Module):
     """DenseNet-121 features followed by CBAM."""
 
-    def __init__(self, backbone: nn.Module):
+    def __init__(self, backbone: nn.Module, grad_checkpointing: bool = False):
         super().__init__()
-        self.features = CnnTrunk(backbone)
+        self.features = DenseNetTrunk(backbone, grad_checkpointing)
         self.cbam = Cbam(backbone.num_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +89,7 @@ def build(args: BuildArgs, *, head_dropout: float = 0.3, stem_size: int = NATIVE
     if not 0.0 <= head_dropout < 1.0:
         raise CxrError(f"densenet121_cbam: head_dropout={head_dropout} — use a value in [0, 1)")
     backbone = densenet121_backbone(args)
-    trunk = CbamTrunk(backbone)
+    trunk = CbamTrunk(backbone, args.grad_checkpointing)
     head = Head(backbone.num_features, args.num_labels, metadata=args.metadata, meta_dim=args.meta_dim,
                 hidden=DENSE, hidden_dropout=head_dropout)
     return CxrClassifier(name="densenet121_cbam", stem=make_stem(args, stem_size), trunk=trunk,

@@ -5,17 +5,17 @@ Each block is conv3×3 → BatchNorm → ReLU → max pool 2×2, with widths
 (32×32 at 1024²). ``dropout`` (the common argument; set it in the config, e.g.
 0.5) acts on the pooled features; metadata fusion is optional as for every
 model. No pretrained weights exist for it; grad checkpointing recomputes each
-block in backward.
+block in backward (BatchNorm statistics updated once).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from shards.errors import CxrError
 
 from .backbones import BuildArgs, GlobalAvgPool, make_stem
+from .checkpointing import checkpointed, checkpointing_active
 from .classifier import CxrClassifier
 from .heads import Head
 
@@ -39,11 +39,9 @@ class ConvBlocks(nn.Module):
         self.grad_checkpointing = grad_checkpointing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        active = checkpointing_active(self, self.grad_checkpointing)
         for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled() and self.training:
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+            x = checkpointed(block, x, modules=(block,)) if active else block(x)
         return x
 
 

@@ -4,12 +4,17 @@ timm's ResNet-50 (same state-dict names as torchvision's). Options of SPEC.md:
 ``metadata`` (none | concat | mlp, see heads.py) and ``conv_stem`` (the learned
 1→32→16→3 stem of stem.py in front of the intact pretrained first conv, taking
 1024² down to ``stem_size``). The final feature map is ``layer4``'s output, 2048
-channels at 1/32 of the backbone input. Grad checkpointing is timm's (each of the
-four stages recomputed in backward).
+channels at 1/32 of the backbone input. Grad checkpointing (:class:`ResNetTrunk`)
+recomputes the stem and every bottleneck block in backward, storing only block
+inputs; BatchNorm running statistics are updated once per step.
 """
 from __future__ import annotations
 
-from .backbones import BuildArgs, CnnTrunk, GlobalAvgPool, make_stem, timm_backbone
+import torch
+from torch import nn
+
+from .backbones import BuildArgs, GlobalAvgPool, make_stem, timm_backbone
+from .checkpointing import checkpointed, checkpointing_active
 from .classifier import CxrClassifier
 from .heads import Head
 
@@ -17,11 +22,31 @@ NATIVE_SIZE = 224
 DESCRIPTION = "ResNet-50 + new head; options metadata none|concat|mlp, conv_stem"
 
 
+class ResNetTrunk(nn.Module):
+    """timm ResNet ``forward_features``: input → layer4 map [B,2048,H/32,W/32], optionally checkpointed."""
+
+    def __init__(self, backbone: nn.Module, grad_checkpointing: bool = False):
+        super().__init__()
+        self.backbone = backbone
+        self.grad_checkpointing = grad_checkpointing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not checkpointing_active(self, self.grad_checkpointing):
+            return self.backbone.forward_features(x)
+        b = self.backbone
+        stem = (b.conv1, b.bn1, b.act1, b.maxpool)
+        x = checkpointed(nn.Sequential(*stem), x, modules=stem)
+        for stage in (b.layer1, b.layer2, b.layer3, b.layer4):
+            for block in stage:
+                x = checkpointed(block, x, modules=(block,))
+        return x
+
+
 def build(args: BuildArgs, *, stem_size: int = NATIVE_SIZE) -> CxrClassifier:
     """ResNet-50 → GAP → (meta fusion) → dropout → linear."""
     backbone = timm_backbone("resnet50", args)
     head = Head(backbone.num_features, args.num_labels, metadata=args.metadata, meta_dim=args.meta_dim,
                 dropout=args.dropout)
-    return CxrClassifier(name="resnet50", stem=make_stem(args, stem_size), trunk=CnnTrunk(backbone),
+    return CxrClassifier(name="resnet50", stem=make_stem(args, stem_size), trunk=ResNetTrunk(backbone, args.grad_checkpointing),
                          cam_layer=backbone.layer4, pool=GlobalAvgPool(), head=head,
                          pooled_linear=True, channels_last=args.channels_last)

@@ -85,6 +85,8 @@ def build_vit(args: BuildArgs, *, arch: str = VIT_ARCH, stem_size: int = NATIVE_
     _check_arch(arch, "vit")
     backbone = timm_backbone(arch, args, convert=timm_vit.checkpoint_filter_fn, dynamic_img_size=True,
                              global_pool="avg", fc_norm=False)
+    if args.grad_checkpointing:
+        backbone.set_grad_checkpointing(True)  # per block; no BatchNorm in a transformer
     trunk = TokenTrunk(backbone, dynamic=True)
     head = Head(backbone.num_features, args.num_labels, metadata=args.metadata, meta_dim=args.meta_dim,
                 dropout=args.dropout)
@@ -104,6 +106,8 @@ def build_beit(args: BuildArgs, *, arch: str = BEIT_ARCH, img_size: int = NATIVE
     # norm out of the backbone lets features() stop at the token grid.
     pool = nn.Sequential(GlobalAvgPool(), backbone.fc_norm)
     backbone.fc_norm = nn.Identity()
+    if args.grad_checkpointing:
+        backbone.set_grad_checkpointing(True)
     trunk = TokenTrunk(backbone, dynamic=False)
     head = Head(backbone.num_features, args.num_labels, metadata=args.metadata, meta_dim=args.meta_dim,
                 dropout=args.dropout)
