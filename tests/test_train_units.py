@@ -108,16 +108,17 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, accelerator, mo
     assert (tmp_path / "checkpoints" / "best" / "model.safetensors").read_bytes() == before
 
 
-def test_stop_flag_is_set_by_a_real_signal_and_handlers_are_restored(accelerator):
-    before = signal.getsignal(signal.SIGUSR1)
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_stop_flag_is_set_by_a_real_signal_and_handlers_are_restored(accelerator, sig):
+    before = signal.getsignal(sig)
     flag = StopFlag(accelerator)
     try:
         assert not flag.agreed()
-        os.kill(os.getpid(), signal.SIGUSR1)
-        assert flag.agreed() and flag.signum == signal.SIGUSR1
+        os.kill(os.getpid(), sig)
+        assert flag.agreed() and flag.signum == sig
     finally:
         flag.close()
-    assert signal.getsignal(signal.SIGUSR1) == before
+    assert signal.getsignal(sig) == before
 
 
 def test_cosine_with_warmup_matches_the_formula():
