@@ -5,7 +5,9 @@ peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, the process high-water
 mark) belongs to that configuration alone. Configurations are interleaved over
 ``--repeats`` rounds so a change in machine load hits all of them alike;
 medians are reported, then the ratios checkpointed / plain at each batch size
-(goal: ≤ 0.5× peak memory at ≤ 1.4× step time).
+(goal: ≤ 0.5× peak memory at ≤ 1.4× step time). On a shared machine wall time
+swings with other load, so the CPU time of the step (``time.process_time``,
+all threads) is reported beside it: it counts the work, not the waiting.
 
     python bench/memory.py                       # batch 1 and 2, 3 steps, 2 rounds
     python bench/memory.py --results bench/RESULTS.md
@@ -27,6 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## memory"
+MODES = (0, 1, 2)  # plain, cxr grad_checkpointing, timm memory-efficient (densenet only)
+MODE_NAMES = {0: "no", 1: "yes (cxr)", 2: "timm memory-efficient"}
 
 
 def rss_mib() -> float:
@@ -44,20 +48,24 @@ def child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = build_model(args.model, grad_checkpointing=bool(args.ckpt)).train()
+    model = build_model(args.model, grad_checkpointing=args.ckpt == 1).train()
+    if args.ckpt == 2:  # timm's memory-efficient DenseNet: only each layer's bottleneck recomputed
+        model.trunk.backbone.set_grad_checkpointing(True)
     image = torch.randn(args.batch, 1, args.size, args.size)
     target = torch.randint(0, 2, (args.batch, 14)).float()
     built = rss_mib()
-    times = []
+    times, cpu = [], []
     for _ in range(args.steps):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         model.zero_grad(set_to_none=True)
         F.binary_cross_entropy_with_logits(model(image), target).backward()
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
     # The first step also pays allocator growth and one-time setup.
-    steady = times[1:] if len(times) > 1 else times
+    skip = 1 if len(times) > 1 else 0
     print(json.dumps({"batch": args.batch, "ckpt": args.ckpt, "built_mib": built, "peak_mib": rss_mib(),
-                      "step_s": statistics.median(steady), "times": times}))
+                      "step_s": statistics.median(times[skip:]), "cpu_s": statistics.median(cpu[skip:]),
+                      "times": times, "cpu": cpu}))
 
 
 def run_one(args: argparse.Namespace, batch: int, ckpt: int) -> dict:
@@ -73,7 +81,7 @@ def measure(args: argparse.Namespace) -> dict[tuple[int, int], list[dict]]:
     """Every (batch, ckpt) configuration ``repeats`` times, interleaved."""
     from tqdm import tqdm
 
-    configs = [(b, c) for b in args.batches for c in (0, 1)]
+    configs = [(b, c) for b in args.batches for c in MODES[: 3 if args.timm_variant else 2]]
     results: dict[tuple[int, int], list[dict]] = {cfg: [] for cfg in configs}
     with tqdm(total=len(configs) * args.repeats, desc="configurations", unit="run") as bar:
         for _ in range(args.repeats):
@@ -85,19 +93,19 @@ def measure(args: argparse.Namespace) -> dict[tuple[int, int], list[dict]]:
 
 def report(args: argparse.Namespace, results: dict[tuple[int, int], list[dict]], seconds: float) -> str:
     """A markdown table of medians and the ratios checkpointed / plain."""
-    med = {cfg: {k: statistics.median(r[k] for r in runs) for k in ("built_mib", "peak_mib", "step_s")}
-           for cfg, runs in results.items()}
-    lines = ["| batch | checkpointing | peak RSS MiB | activations MiB | step s | peak ratio | activ. ratio | time ratio |",
-             "|---|---|---|---|---|---|---|---|"]
+    keys = ("built_mib", "peak_mib", "step_s", "cpu_s")
+    med = {cfg: {k: statistics.median(r[k] for r in runs) for k in keys} for cfg, runs in results.items()}
+    lines = ["| batch | checkpointing | peak RSS MiB | activations MiB | step s (wall) | step CPU s | peak ratio "
+             "| activ. ratio | wall-time ratio | CPU-time ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
     for batch in args.batches:
         plain = med[(batch, 0)]
-        for ckpt in (0, 1):
+        for ckpt in sorted(c for b, c in med if b == batch):
             m = med[(batch, ckpt)]
             act, act0 = m["peak_mib"] - m["built_mib"], plain["peak_mib"] - plain["built_mib"]
             ratios = (f"{m['peak_mib'] / plain['peak_mib']:.2f}× | {act / act0:.2f}× | "
-                      f"{m['step_s'] / plain['step_s']:.2f}×")
-            lines.append(f"| {batch} | {'yes' if ckpt else 'no'} | {m['peak_mib']:.0f} | {act:.0f} | "
-                         f"{m['step_s']:.2f} | {ratios} |")
+                      f"{m['step_s'] / plain['step_s']:.2f}× | {m['cpu_s'] / plain['cpu_s']:.2f}×")
+            lines.append(f"| {batch} | {MODE_NAMES[ckpt]} | {m['peak_mib']:.0f} | {act:.0f} | "
+                         f"{m['step_s']:.2f} | {m['cpu_s']:.2f} | {ratios} |")
     lines.append(f"\n{args.model} fwd+bwd at {args.size}², {args.threads} thread(s), median of {args.repeats} "
                  f"round(s) × {args.steps - 1} steady step(s); {len(results) * args.repeats} subprocesses in "
                  f"{seconds:.0f} s. Goal: peak ratio ≤ 0.5× at time ratio ≤ 1.4×.")
@@ -129,6 +137,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=1024, help="image side in pixels (default 1024)")
     p.add_argument("--threads", type=int, default=2, help="torch threads, the same for every run (default 2)")
     p.add_argument("--model", default="densenet121", help="model name of cxr.models (default densenet121)")
+    p.add_argument("--timm-variant", action="store_true",
+                   help="also measure timm's memory-efficient DenseNet (bottleneck-only recompute) for comparison")
     p.add_argument("--results", type=Path, help="append the table and command to this RESULTS.md")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)

@@ -25,7 +25,7 @@ class CxrClassifier(nn.Module):
     """Grey image [B,1,H,W] float (+ meta [B,meta_dim]) → logits [B,num_labels]; see the module docstring.
 
     ``pooled_linear`` says the head is GAP + linear on the feature map (CAM
-    applies); ``l2_lambda`` > 0 marks the MLP-body weights for an L2 penalty.
+    applies); ``l2_lambda`` > 0 marks the head's hidden dense kernels for an L2 penalty.
     """
 
     def __init__(self, *, name: str, stem: nn.Module, trunk: nn.Module, cam_layer: nn.Module, pool: nn.Module,

@@ -7,9 +7,10 @@ Grad checkpointing (:class:`DenseNetTrunk`) recomputes in backward every dense
 layer whole, every transition and the stem, storing only their inputs — the
 feature maps DenseNet keeps anyway. timm's "memory-efficient" mode (only the
 concat + BN + ReLU + 1×1 bottleneck recomputed) measured 0.71× peak memory at
-1024², short of the 0.5× goal; whole-layer checkpointing costs about one extra
-forward (see bench/memory.py and bench/RESULTS.md). BatchNorm running
-statistics are updated once per step, as without checkpointing.
+1024², short of the 0.5× goal; whole-layer checkpointing measured 0.49× (batch 1)
+/ 0.42× (batch 2) at 1.20× / 1.40× CPU time per step (bench/memory.py,
+bench/RESULTS.md). BatchNorm running statistics are updated once per step, as
+without checkpointing.
 """
 from __future__ import annotations
 
@@ -75,6 +76,7 @@ def build(args: BuildArgs, *, stem_size: int = NATIVE_SIZE) -> CxrClassifier:
     backbone = densenet121_backbone(args)
     head = Head(backbone.num_features, args.num_labels, metadata=args.metadata, meta_dim=args.meta_dim,
                 dropout=args.dropout)
-    return CxrClassifier(name="densenet121", stem=make_stem(args, stem_size), trunk=DenseNetTrunk(backbone, args.grad_checkpointing),
+    trunk = DenseNetTrunk(backbone, args.grad_checkpointing)
+    return CxrClassifier(name="densenet121", stem=make_stem(args, stem_size), trunk=trunk,
                          cam_layer=backbone.features.norm5, pool=GlobalAvgPool(), head=head,
                          pooled_linear=True, channels_last=args.channels_last)
