@@ -30,8 +30,7 @@ def _shape_cases():
     for name in MODEL_NAMES:
         for size in (224, 512):
             for metadata in ("none", "concat"):
-                marks = [pytest.mark.slow] if name in TRANSFORMERS and size > 224 else []
-                yield pytest.param(name, size, metadata, marks=marks, id=f"{name}-{size}-{metadata}")
+                yield pytest.param(name, size, metadata, id=f"{name}-{size}-{metadata}")
 
 
 @pytest.mark.parametrize("name,size,metadata", list(_shape_cases()))
@@ -66,8 +65,7 @@ def test_resnet50_conv_stem_takes_1024_to_backbone_size():
         assert model(image, torch.randn(1, 5)).shape == (1, 14)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.slow] if n in TRANSFORMERS else [])
-                                  for n in MODEL_NAMES])
+@pytest.mark.parametrize("name", MODEL_NAMES)
 def test_features_pooled_cam_layer(name):
     """features/pooled/classifier_weight shapes, and a hook on cam_layer sees exactly features()."""
     model = cached_model(name)
@@ -92,7 +90,7 @@ def test_features_pooled_cam_layer(name):
 
 
 @pytest.mark.parametrize("name,metadata", [("densenet121", "none"), ("cnn", "concat"),
-                                           pytest.param("vit", "none", marks=pytest.mark.slow)])
+                                           ("vit", "none")])
 def test_cam_identity(name, metadata):
     """logits = mean over space of Σ_k w_{c,k} f_k + b (+ w_meta·meta): what CAM relies on."""
     model = cached_model(name, metadata)
@@ -335,7 +333,6 @@ def test_parameter_counts_match_torchvision_and_hand_count():
     assert count_parameters(cached_model("cnn")) == convs + 512 * 14 + 14
 
 
-@pytest.mark.slow
 def test_list_cli(capsys):
     assert models_cli(["list"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
