@@ -11,6 +11,7 @@ import hashlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -54,9 +55,16 @@ def _env() -> dict:
     return env
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def launch(shards: Path, run_dir: Path, *overrides: str, config_file: Path = CPU2) -> subprocess.Popen:
     """`accelerate launch --config_file X cxr/train.py --config tiny ...`, output to run_dir.parent/<name>.out."""
-    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(config_file), "cxr/train.py",
+    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(config_file),
+           "--main_process_port", str(free_port()), "cxr/train.py",
            "--config", "cxr/configs/tiny.yaml", f"data.shards={shards}", f"checkpoint.run_dir={run_dir}",
            "data.resolution=64", "data.batch_size=16", f"train.epochs={EPOCHS}", "logging.progress=false",
            "logging.log_every=1", *overrides]
@@ -216,7 +224,7 @@ def test_deepspeed_zero2_trains_checkpoints_and_resumes(train_shards, tmp_path_f
 def test_killed_rank_makes_the_launcher_fail_within_timeout(train_shards, tmp_path_factory):
     """Started with torchrun (`-m cxr.train`) this time: the other launch path."""
     run_dir = tmp_path_factory.mktemp("runs") / "killed"
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "0", "-m", "cxr.train",
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "cxr.train",
            "--config", "cxr/configs/tiny.yaml", f"data.shards={train_shards}", f"checkpoint.run_dir={run_dir}",
            "data.resolution=64", "logging.progress=false", "logging.log_every=1", "train.collective_timeout_s=60"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=open(run_dir.parent / "killed.out", "wb"),
