@@ -10,7 +10,8 @@ from . import MODEL_NAMES, REGISTRY, build_model, count_parameters
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m cxr.models", description="The cxr model suite.")
+    parser = argparse.ArgumentParser(prog="python -m cxr.models",
+                                     description="The cxr model suite (--debug shows tracebacks of errors).")
     sub = parser.add_subparsers(dest="command", required=True)
     listing = sub.add_parser("list", help="print name, parameter count and description of every model")
     listing.add_argument("--num-labels", type=int, default=14, help="outputs of the head (default 14)")
