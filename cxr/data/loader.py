@@ -7,7 +7,8 @@ A batch is a dict:
                                sex_M, sex_F, view_PA, view_AP
   key    list[str]             NIH image ids
 B is the batch size except for the last eval batch, and minus any corrupt samples
-skipped in training (the number of batches never changes, so ranks stay in step).
+skipped in training (the number of batches never changes, so ranks stay in step; a
+batch whose every sample is corrupt raises CxrError rather than desynchronise them).
 """
 from __future__ import annotations
 
@@ -51,8 +52,8 @@ class Loader:
         augment = train and cfg.augment
         if cfg.backend == "dali":
             from cxr.data.dali_loader import DaliBatches
-            native = _native_size(self.index, manifest)
-            self._backend = DaliBatches(cfg, self.index, cfg.resolution, epoch, augment, native, rank)
+            native, known = _native_size(self.index, manifest)
+            self._backend = DaliBatches(cfg, self.index, cfg.resolution, epoch, augment, native, known, rank)
         else:
             from cxr.data.wds_loader import WdsBatches
             self._backend = WdsBatches(cfg, self.index, cfg.resolution, epoch, augment)
@@ -107,20 +108,26 @@ class Loader:
         (log.warning if self._skipped else log.info)(msg + (f"; skipped: {self._skipped[:10]}" if self._skipped else ""))
 
 
-def _native_size(index: SplitIndex, manifest: dict) -> tuple[int, int] | None:
-    """Pixel size of all the shards' images if known to be uniform (manifest), else the first sample's header."""
+def _native_size(index: SplitIndex, manifest: dict) -> tuple[tuple[int, int] | None, bool]:
+    """(pixel size of the shards' images, whether the manifest vouches it holds for all of them).
+
+    From the manifest (derived resolution, or a single entry in image_sizes), else the
+    first sample's header (then every sample's header is checked as it is read).
+    """
     if manifest.get("resolution"):
-        return int(manifest["resolution"]), int(manifest["resolution"])
+        return (int(manifest["resolution"]), int(manifest["resolution"])), True
     sizes = manifest.get("image_sizes") or {}
     if len(sizes) == 1:
         width, _, height = next(iter(sizes)).partition("x")
-        return int(width), int(height)
+        return (int(width), int(height)), True
+    if len(sizes) > 1:
+        return None, True  # mixed sizes: resize every image
     from PIL import Image
 
     reader = SampleReader(index)
     try:
-        return Image.open(io.BytesIO(reader.read(0)[0])).size
+        return Image.open(io.BytesIO(reader.read(0)[0])).size, False
     except (CorruptSample, OSError):
-        return None  # resize everything; the corrupt sample is reported when its turn comes
+        return None, False  # resize everything; the corrupt sample is reported when its turn comes
     finally:
         reader.close()

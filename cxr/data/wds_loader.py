@@ -18,7 +18,7 @@ import numpy as np
 
 from cxr.data.augmentation import draw_params, intensity_torch, warp_affine_torch
 from cxr.data.config import DataConfig
-from cxr.data.dali_loader import OnCorrupt
+from cxr.data.dali_loader import OnCorrupt, all_corrupt_error
 from cxr.data.shard_index import CorruptSample, SampleReader, SplitIndex
 
 
@@ -37,12 +37,23 @@ class WdsBatches:
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=[b.tolist() for b in batches], num_workers=workers,
             collate_fn=_collate, pin_memory=self.cfg.device == "gpu",
-            worker_init_fn=_one_thread if workers else None, persistent_workers=False)
-        for images, ids, corrupt in loader:
-            for c in corrupt:
-                on_corrupt(c)  # raises in eval / strict
-            if len(ids):
+            worker_init_fn=_one_thread if workers else None, persistent_workers=False,
+            # forking a process that runs DALI / torch thread pools can deadlock the child
+            multiprocessing_context="forkserver" if workers else None)
+        batches_iter = iter(loader)
+        try:
+            for images, ids, corrupt in batches_iter:
+                for c in corrupt:
+                    on_corrupt(c)  # raises in eval / strict
+                if not len(ids):
+                    raise all_corrupt_error([c.shard for c in corrupt], [c.key for c in corrupt])
                 yield images, ids
+        finally:
+            # a traceback keeps this frame alive; stop the workers now, not at garbage collection,
+            # or the next loader forks while their queue threads hold locks and can deadlock
+            shutdown = getattr(batches_iter, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
 
 class DecodedSamples:

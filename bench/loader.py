@@ -1,0 +1,217 @@
+"""Loader throughput vs the decode ceiling, measured side by side in one run.
+
+Packs the real NIH sample PNGs (1024², replicated under new keys to a few hundred
+samples) with the real `shards split` / `shards pack` (+ `--resize 224`), then times:
+  - ceilings: a DALI decode-only pipeline over the same bytes held in memory, and PIL
+    decode in a thread pool — both with --threads workers;
+  - both back ends at 1024 (decode + normalize, no resize), at 224 and 512 (resize +
+    normalize, with and without augmentation) from the 1024 masters;
+  - both back ends at 224 from the derived res224 shards.
+Every number is the best of --repeats passes over the train split (the machine is
+shared: the best pass is the least disturbed one). Goals: loader ≥ 0.9× the decode
+ceiling at 1024; derived res224 ≥ 5× faster than resizing masters to 224.
+
+    python bench/loader.py --append bench/RESULTS.md
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from shards.atomic import atomic_write_text  # noqa: E402
+from shards.cli import main as shards_main  # noqa: E402
+
+SAMPLE = ROOT.parent / "shared" / "data" / "nih" / "sample"
+
+
+def build_shards(sample: Path, work: Path, replicate: int) -> Path:
+    """Replicated sample → Data_Entry CSV + lists → official split → packed shards (+ res224)."""
+    labels = pd.read_csv(sample / "labels.csv")
+    images = work / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for r in range(replicate):
+        for _, row in labels.iterrows():
+            name = f"{r + 1}{row['Image Index'][1:]}"  # NIH ids start with 000…: a new leading digit per copy
+            target = images / name
+            if not target.exists():
+                os.symlink(sample / row["Image Index"], target)
+            rows.append({**row.to_dict(), "Image Index": name, "Patient ID": int(row["Patient ID"]) + (r + 1) * 10**7})
+    table = pd.DataFrame(rows).drop(columns=["official_split", "png_mode", "sha256"])
+    table.to_csv(work / "Data_Entry_2017.csv", index=False)
+    (work / "train_val_list.txt").write_text("\n".join(table["Image Index"]) + "\n")
+    (work / "test_list.txt").write_text("")
+    splits, out = work / "splits.parquet", work / "shards"
+    for argv in (["split", "--metadata", str(work / "Data_Entry_2017.csv"), "--scheme", "official", "--out", str(splits)],
+                 ["pack", "--splits", str(splits), "--images", str(images), "--out", str(out), "--shard-size-mb", "64"],
+                 ["pack", "--splits", str(splits), "--images", str(images), "--out", str(out), "--shard-size-mb", "64",
+                  "--resize", "224"]):
+        if shards_main(argv) != 0:
+            raise SystemExit(f"shards {argv[0]} failed")
+    return out
+
+
+def best_rate(run, repeats: int) -> float:
+    """Best images/s over `repeats` calls of run() → number of images."""
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        n = run()
+        rates.append(n / (time.perf_counter() - start))
+    return max(rates)
+
+
+def encoded_train_images(shards: Path) -> list[bytes]:
+    from cxr.data.shard_index import SampleReader, SplitIndex, load_shards_manifest
+
+    folder, manifest = load_shards_manifest(shards, 1024)
+    reader = SampleReader(SplitIndex.load(folder, manifest, "train"))
+    return [reader.read(i)[0] for i in range(len(reader.index))]
+
+
+def dali_decode_ceiling(data: list[bytes], threads: int, batch: int):
+    from nvidia.dali import fn, pipeline_def, types
+
+    arrays = [np.frombuffer(d, np.uint8) for d in data]
+
+    def run() -> int:
+        chunks = iter(range(0, len(arrays), batch))
+
+        def source():
+            i = next(chunks)
+            return arrays[i:i + batch]
+
+        @pipeline_def(batch_size=batch, num_threads=threads, device_id=None, prefetch_queue_depth=2)
+        def pipe():
+            return fn.decoders.image(fn.external_source(source=source, batch=True, dtype=types.UINT8),
+                                     device="cpu", output_type=types.GRAY)
+
+        p = pipe()
+        p.build()
+        n = 0
+        try:
+            while True:
+                (out,) = p.run()
+                n += len(out)
+        except StopIteration:
+            return n
+
+    return run
+
+
+def pil_decode_ceiling(data: list[bytes], threads: int):
+    from PIL import Image
+
+    def decode(d: bytes) -> int:
+        im = Image.open(io.BytesIO(d))
+        im.load()
+        return 1
+
+    def run() -> int:
+        with ThreadPoolExecutor(threads) as pool:
+            return sum(pool.map(decode, data))
+
+    return run
+
+
+def loader_run(shards: Path, backend: str, resolution: int, augment: bool, threads: int, batch: int):
+    from cxr.data import DataConfig, build_loader
+
+    cfg = DataConfig(shards=str(shards), backend=backend, resolution=resolution, batch_size=batch,
+                     num_threads=threads, augment=augment)
+
+    def run() -> int:
+        # train=augment: augmentation exists only in training; without it, eval mode reads every sample
+        return sum(len(b["key"]) for b in build_loader(cfg, "train", epoch=0, train=augment))
+
+    return run
+
+
+def measure(shards: Path, masters_only: Path, args) -> list[tuple[str, float]]:
+    data = encoded_train_images(shards)
+    r, t, b = args.repeats, args.threads, args.batch_size
+    rows = [("ceiling: DALI decode only, 1024", best_rate(dali_decode_ceiling(data, t, b), r)),
+            ("ceiling: PIL decode, thread pool, 1024", best_rate(pil_decode_ceiling(data, t), r))]
+    for backend in ("dali", "wds"):
+        rows.append((f"{backend} 1024 (decode+normalize)", best_rate(loader_run(shards, backend, 1024, False, t, b), r)))
+        for res in (224, 512):
+            for aug in (False, True):
+                rows.append((f"{backend} {res} from masters, augment {'on' if aug else 'off'}",
+                             best_rate(loader_run(masters_only, backend, res, aug, t, b), r)))
+        rows.append((f"{backend} 224 from derived res224, augment off",
+                     best_rate(loader_run(shards, backend, 224, False, t, b), r)))
+    return rows
+
+
+def summarize(rows: list[tuple[str, float]], n: int, args) -> str:
+    rate = dict(rows)
+    ceiling = max(rate["ceiling: DALI decode only, 1024"], rate["ceiling: PIL decode, thread pool, 1024"])
+    lines = [f"{n} train images (1024² PNG), {args.threads} threads/workers, batch {args.batch_size}, best of {args.repeats}"]
+    lines += [f"{name:<44} {value:8.1f} img/s" for name, value in rows]
+    for backend, own in (("dali", "ceiling: DALI decode only, 1024"), ("wds", "ceiling: PIL decode, thread pool, 1024")):
+        r1024 = rate[f"{backend} 1024 (decode+normalize)"]
+        speed = rate[f"{backend} 224 from derived res224, augment off"] / rate[f"{backend} 224 from masters, augment off"]
+        lines.append(f"{backend}: 1024 loader / own decode ceiling = {r1024 / rate[own]:.2f}x, / best ceiling = "
+                     f"{r1024 / ceiling:.2f}x (goal >= 0.9); derived res224 / resize masters = {speed:.1f}x (goal >= 5)")
+    return "\n".join(lines)
+
+
+def append_results(path: Path, text: str, command: str) -> None:
+    """Replace this benchmark's own section of RESULTS.md (or append it), leaving other sections alone."""
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    section = (f"## loader\n\n`{command}` ({platform.machine()}, {os.cpu_count()} cores, load average {load} — "
+               f"shared machine, {date.today()})\n\n```\n{text}\n```\n")
+    old = path.read_text() if path.exists() else "# Benchmark results\n"
+    start = old.find("\n## loader\n")
+    if start >= 0:
+        end = old.find("\n## ", start + 1)
+        new = old[:start + 1] + section + (old[end + 1:] if end >= 0 else "")
+    else:
+        new = old.rstrip("\n") + "\n\n" + section
+    atomic_write_text(path, new)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sample", type=Path, default=SAMPLE, help="folder of NIH PNGs with labels.csv")
+    parser.add_argument("--replicate", type=int, default=4, help="copies of the sample (default 4 → 520 images)")
+    parser.add_argument("--threads", type=int, default=2, help="DALI threads / DataLoader workers / PIL threads")
+    parser.add_argument("--batch-size", type=int, default=16, help="batch size (default 16)")
+    parser.add_argument("--repeats", type=int, default=3, help="passes per measurement, best kept (default 3)")
+    parser.add_argument("--work", type=Path, default=None, help="folder for the shards (default: a temp dir)")
+    parser.add_argument("--append", type=Path, default=None, help="write the results into this RESULTS.md")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
+        work = args.work or Path(tmp)
+        shards = build_shards(args.sample, work, args.replicate)
+        masters_only = work / "masters-only"  # same shards without res*/ so 224 must resize the masters
+        masters_only.mkdir(exist_ok=True)
+        for f in shards.iterdir():
+            if f.is_file() and not (masters_only / f.name).exists():
+                os.symlink(f, masters_only / f.name)
+        rows = measure(shards, masters_only, args)
+        n = len(encoded_train_images(shards))
+    text = summarize(rows, n, args)
+    print(text)
+    if args.append:
+        append_results(args.append, text, "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
