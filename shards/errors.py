@@ -30,6 +30,10 @@ def cli_entry(main: Callable[[Sequence[str] | None], int | None]) -> Callable[[S
                 raise
             print(f"error: {err}", file=sys.stderr)
             return 2
+        except BrokenPipeError:
+            # output piped into `head` and closed: not an error of ours
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
