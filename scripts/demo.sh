@@ -9,7 +9,7 @@ DEMO=${DEMO:-build/demo}
 CXR_NIH=${CXR_NIH:-../shared/data/nih}
 PY="$BIN/python"
 N=${DEMO_N:-1200}
-EPOCHS=${DEMO_EPOCHS:-6}
+EPOCHS=${DEMO_EPOCHS:-5}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions}
 start=$(date +%s)
 step() { printf '\n==> %s\n' "$*"; }
@@ -20,8 +20,8 @@ meta_opt=()
 
 step "synthesize $N phantom chest X-rays"
 "$PY" -m shards synth --out "$DEMO/synth" --n "$N" --resolution 256 --seed 0 "${meta_opt[@]}"
-step "patient-level stratified split"
-"$PY" -m shards split --metadata "$DEMO/synth/Data_Entry_2017.csv" --scheme stratified \
+step "patient-level stratified split (70/15/15: enough test images for CIs)"
+"$PY" -m shards split --metadata "$DEMO/synth/Data_Entry_2017.csv" --scheme stratified --fractions 0.7,0.15,0.15 \
   --out "$DEMO/synth/splits.parquet"
 step "pack phantom shards"
 "$PY" -m shards pack --splits "$DEMO/synth/splits.parquet" --images "$DEMO/synth/images" \
