@@ -156,8 +156,7 @@ class _SplitWriter:
         if self.stream is None:
             self._stack = contextlib.ExitStack()
             self.stream = TarStream(self._stack.enter_context(atomic_write(self.out / f"{self.name}.tar")))
-        for name, data in members:
-            self.stream.add(name, data)
+        self.stream.add_sample(members)
         self.keys.append(prepared.key)
         self.sizes[f"{prepared.width}x{prepared.height}"] += 1
         if prepared.from_mode:
@@ -181,6 +180,8 @@ class _SplitWriter:
 
     def abort(self) -> None:
         """Drop the shard being written (its temp file is removed; nothing gets a final name)."""
+        if self.stream is not None:
+            self.stream.close()
         if self._stack is not None:
             err = RuntimeError("pack aborted")
             self._stack.__exit__(type(err), err, None)
