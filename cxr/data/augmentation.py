@@ -90,7 +90,3 @@ def warp_affine_torch(image, matrix: np.ndarray):
     out = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return out[0]
 
-
-def intensity_torch(x, brightness: float, contrast: float):
-    """y = clip(b · (0.5 + c · (x − 0.5)), 0, 1) on intensities x in [0, 1]."""
-    return (brightness * (0.5 + contrast * (x - 0.5))).clamp_(0.0, 1.0)

@@ -9,8 +9,8 @@ whole batch without naming the sample. Instead the Python side follows the share
 `EpochPlan` (cxr/data/plan.py): it reads each sample's tar members by the `.idx`
 offsets (a few preads per image; the same offsets DALI's reader would use) and hands
 DALI the encoded bytes plus the per-sample augmentation parameters. PNG checksums
-are verified by libpng inside DALI's threads rather than in Python (that pass cost
-~15 % of the 1024² throughput on 2 cores); when DALI rejects a batch, its samples are
+are verified by libpng inside DALI's threads rather than in a Python pass that would
+compete with the decoder threads for the same cores; when DALI rejects a batch, its samples are
 checked and decoded one by one with PIL to name the culprit, which is skipped (train)
 or reported (eval), and the pipeline restarts at that batch. Decoding, resizing and warping — the costly part — run in DALI's thread
 pool (or on the GPU), asynchronously to training; batches are prefetched

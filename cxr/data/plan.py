@@ -10,6 +10,12 @@ Both back ends consume the same plan, so their batches hold the same keys:
   rank r takes the r-th B-slice of each. Every rank yields n_b batches (DDP needs
   equal counts), the N − n_b·w·B samples dropped change every epoch, and
   `skip_batches=k` starts at global batch k — exactly batches k.. of the unskipped plan.
+
+What a resume reproduces exactly: the keys and their order, labels and meta, and the
+augmentation parameters (drawn per (seed, epoch, key), cxr/data/augmentation.py), so
+with the same back end and device the images are bit-identical too (tested). The plan
+depends on world_size: resuming with a different number of ranks keeps the epoch's
+permutation but regroups it into batches.
 """
 from __future__ import annotations
 
