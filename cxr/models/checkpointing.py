@@ -52,3 +52,21 @@ def checkpointed(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor, modules
 def checkpointing_active(module: nn.Module, enabled: bool) -> bool:
     """Checkpoint only when it saves something: training with autograd recording."""
     return enabled and module.training and torch.is_grad_enabled()
+
+
+class BackboneTrunk(nn.Module):
+    """A timm CNN's ``forward_features``; with grad checkpointing on (and training),
+    :meth:`checkpointed_forward` — each family's recompute segmentation — runs instead."""
+
+    def __init__(self, backbone: nn.Module, grad_checkpointing: bool = False):
+        super().__init__()
+        self.backbone = backbone
+        self.grad_checkpointing = grad_checkpointing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not checkpointing_active(self, self.grad_checkpointing):
+            return self.backbone.forward_features(x)
+        return self.checkpointed_forward(x)
+
+    def checkpointed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError

@@ -19,7 +19,7 @@ from timm.models.densenet import DenseBlock
 from torch import nn
 
 from .backbones import BuildArgs, GlobalAvgPool, make_stem, timm_backbone
-from .checkpointing import checkpointed, checkpointing_active
+from .checkpointing import BackboneTrunk, checkpointed
 from .classifier import CxrClassifier
 from .heads import Head
 
@@ -27,17 +27,10 @@ NATIVE_SIZE = 224
 DESCRIPTION = "CheXNet: DenseNet-121 + global average pool + linear (CAM-ready)"
 
 
-class DenseNetTrunk(nn.Module):
+class DenseNetTrunk(BackboneTrunk):
     """timm DenseNet ``features``: backbone input → final map [B,1024,H/32,W/32], optionally checkpointed."""
 
-    def __init__(self, backbone: nn.Module, grad_checkpointing: bool = False):
-        super().__init__()
-        self.backbone = backbone
-        self.grad_checkpointing = grad_checkpointing
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not checkpointing_active(self, self.grad_checkpointing):
-            return self.backbone.forward_features(x)
+    def checkpointed_forward(self, x: torch.Tensor) -> torch.Tensor:
         pending: list[nn.Module] = []  # consecutive non-block modules (stem, transitions) form one segment
         for module in self.backbone.features.children():
             if isinstance(module, DenseBlock):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .backbones import BuildArgs, GlobalAvgPool, make_stem, timm_backbone
-from .checkpointing import checkpointed, checkpointing_active
+from .checkpointing import BackboneTrunk, checkpointed
 from .classifier import CxrClassifier
 from .heads import Head
 
@@ -22,17 +22,10 @@ NATIVE_SIZE = 224
 DESCRIPTION = "ResNet-50 + new head; options metadata none|concat|mlp, conv_stem"
 
 
-class ResNetTrunk(nn.Module):
+class ResNetTrunk(BackboneTrunk):
     """timm ResNet ``forward_features``: input → layer4 map [B,2048,H/32,W/32], optionally checkpointed."""
 
-    def __init__(self, backbone: nn.Module, grad_checkpointing: bool = False):
-        super().__init__()
-        self.backbone = backbone
-        self.grad_checkpointing = grad_checkpointing
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not checkpointing_active(self, self.grad_checkpointing):
-            return self.backbone.forward_features(x)
+    def checkpointed_forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.backbone
         stem = (b.conv1, b.bn1, b.act1, b.maxpool)
         x = checkpointed(nn.Sequential(*stem), x, modules=stem)
