@@ -475,8 +475,13 @@ class StopFlag:
         self.flag[0] = self.signum
         if self.distributed:
             torch.distributed.all_reduce(self.flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
-        self.signum = int(self.flag[0])
-        return self.signum != 0
+        # A signal that lands while this rank waits in the all-reduce runs its handler right
+        # after the call returns: never overwrite that pending signum with the agreed 0, or
+        # the signal is lost (the next step's all-reduce carries it instead).
+        agreed = int(self.flag[0])
+        if agreed:
+            self.signum = agreed
+        return agreed != 0
 
 
 def preempted(accelerator: Accelerator, run_dir: Path, st: LoopState, stop: StopFlag) -> int:

@@ -256,3 +256,22 @@ def test_resume_refuses_a_different_config(tmp_path):
         train(_tiny(tmp_path / "r", "train.epochs=1", "optim.lr=0.5"), loader_fn=MemoryLoader)
     with pytest.raises(CxrError, match="resume=never"):
         train(_tiny(tmp_path / "r", "train.epochs=1", "checkpoint.resume=never"), loader_fn=MemoryLoader)
+
+
+def test_signal_during_the_stop_flag_all_reduce_is_not_lost(monkeypatch):
+    """A signal whose handler runs right after the flag's all-reduce returns (the rank was
+    waiting there for its peers) must stop training at the next step, not vanish."""
+    import torch.distributed as dist
+
+    def all_reduce_then_signal(tensor, op=None, group=None):
+        os.kill(os.getpid(), signal.SIGUSR1)  # peers agreed 0; the handler runs after we return
+
+    stop = StopFlag(accelerator=None)
+    try:
+        stop.distributed = True
+        monkeypatch.setattr(dist, "all_reduce", all_reduce_then_signal)
+        assert stop.agreed() is False  # this step's agreement was taken before the signal
+        assert stop.agreed() is True   # ...and the next step carries it
+        assert stop.signum == signal.SIGUSR1
+    finally:
+        stop.close()
