@@ -47,3 +47,13 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` atomically."""
     with atomic_write(path, "w") as fh:
         fh.write(text)
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> int:
+    """Delete temp files that a killed :func:`atomic_write` left in ``folder``; return how many.
+
+    Only safe when no other writer is using the folder (callers hold its lock)."""
+    stale = list(Path(folder).glob(".*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)

@@ -17,7 +17,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from shards.atomic import atomic_write, atomic_write_text
+from shards.atomic import atomic_write, atomic_write_text, remove_stale_temps
 from shards.dali_index import group_samples, index_text, split_name
 from shards.image_codec import CODEC_EXT, resize_encoded
 from shards.manifest import write_manifest
@@ -53,8 +53,7 @@ def derive_resized(out: Path, master: dict[str, Any], size: int, workers: int) -
     """Write OUT/res{size}/ (shards, indexes, manifest) from the master shards; return its manifest."""
     res_dir = Path(out) / f"res{size}"
     res_dir.mkdir(exist_ok=True)
-    for stale in res_dir.glob(".*.tmp"):
-        stale.unlink()
+    remove_stale_temps(res_dir)
     codec, quality = master["codec"], master["quality"] or 95
     journal = Journal(res_dir, {"resolution": size, "codec": codec, "quality": quality}, prefix=False)
     sources = {s["name"]: s["sha256"] for s in master["shards"]}

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from tqdm import tqdm
 
 import shards
-from shards.atomic import atomic_write, atomic_write_text
+from shards.atomic import atomic_write, atomic_write_text, remove_stale_temps
 from shards.dali_index import group_samples, index_text
 from shards.errors import CxrError
 from shards.image_codec import CODEC_EXT, Prepared, prepare_image
@@ -103,9 +103,7 @@ def _exclusive(out: Path) -> Iterator[None]:
         except BlockingIOError:
             raise CxrError(f"{out}: another pack is writing to this folder — wait for it or use another --out") \
                 from None
-        # temp files of a killed run (atomic_write names them .NAME.XXXX.tmp); safe under the lock
-        for stale in out.glob(".*.tmp"):
-            stale.unlink()
+        remove_stale_temps(out)  # a killed run's temp files; safe under the lock
         yield
 
 
