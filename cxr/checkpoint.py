@@ -20,6 +20,7 @@ All ranks must see the run dir (a shared filesystem on multi-node jobs).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -110,26 +111,63 @@ def save_checkpoint(accelerator, run_dir: str | Path, name: str, *, model, meta:
     full = state is not None
     ranks = gather_objects({"rng": rng_state(), **(per_rank or {})}) if full else None
     weights = accelerator.get_state_dict(model)  # collective under ZeRO-3; unwrapped names
+    failure = None
     if accelerator.is_main_process:
         _recover(root, name)
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier(accelerator)
+        failure = _guard_write(tmp, lambda: tmp.mkdir(parents=True))
+    _raise_if_any(failure, tmp)
     if full and _is_deepspeed(accelerator):
         model.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
         _barrier(accelerator)
     if accelerator.is_main_process:
-        _write_weights(tmp / WEIGHTS, weights)
-        if full:
-            payload = {**state, "ranks": ranks, "world_size": accelerator.num_processes,
-                       "optimizer": None if _is_deepspeed(accelerator) or optimizer is None else optimizer.state_dict(),
-                       "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                       "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
-            torch.save(payload, tmp / STATE)
-        (tmp / META).write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
-        _swap(root, name)
-    _barrier(accelerator)
+        def write() -> None:
+            _write_weights(tmp / WEIGHTS, weights)
+            if full:
+                payload = {**state, "ranks": ranks, "world_size": accelerator.num_processes,
+                           "optimizer": None if _is_deepspeed(accelerator) or optimizer is None
+                           else optimizer.state_dict(),
+                           "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                           "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
+                torch.save(payload, tmp / STATE)
+            (tmp / META).write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
+            _swap(root, name)
+
+        failure = _guard_write(tmp, write)
+        if failure is not None:
+            shutil.rmtree(tmp, ignore_errors=True)  # the previous `name` (or name.old) stays the one to resume
+    _raise_if_any(failure, tmp)
     return final
+
+
+_WRITE_ERRORS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded",
+                 errno.EROFS: "read-only filesystem", errno.EACCES: "permission denied"}
+
+
+def _guard_write(tmp: Path, write) -> str | None:
+    """Run ``write``; return a one-line error message instead of raising an I/O failure.
+
+    torch.save reports a full disk as ``RuntimeError: [enforce fail at inline_container.cc:...]
+    unexpected pos ...`` (its zip writer checks the bytes written): that is a short write."""
+    try:
+        write()
+    except OSError as err:
+        what = _WRITE_ERRORS.get(err.errno, err.strerror or str(err))
+        return f"{err.filename or tmp}: {what} writing the checkpoint"
+    except RuntimeError as err:
+        text = str(err)
+        if "inline_container" not in text and "unexpected pos" not in text and "write" not in text.lower():
+            raise
+        return f"{tmp / STATE}: no space left writing the checkpoint (torch.save: {text.splitlines()[0][:80]})"
+    return None
+
+
+def _raise_if_any(failure: str | None, tmp: Path) -> None:
+    """Every rank raises when rank 0 could not write (the others would wait at the next collective)."""
+    failures = [f for f in gather_objects(failure) if f]
+    if failures:
+        raise CxrError(f"{failures[0]} — free space or fix the permissions of {tmp.parent.parent} (or choose "
+                       f"another checkpoint.run_dir); the previous checkpoint is intact and the same command resumes")
 
 
 def _write_weights(path: Path, weights: dict) -> None:
@@ -186,14 +224,71 @@ def _is_deepspeed(accelerator) -> bool:
 
 # ---------------------------------------------------------------------------- load
 def load_weights(model: torch.nn.Module, ckpt: str | Path) -> None:
-    """Load ``ckpt/model.safetensors`` into an unwrapped model (strict: every key must match)."""
+    """Load ``ckpt/model.safetensors`` into an unwrapped model (strict: every key and shape must match)."""
     path = Path(ckpt) / WEIGHTS
+    saved = read_weights(path)
+    check_fits(model, saved, path)
+    model.load_state_dict(saved, strict=True)
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a model.safetensors file; a missing or corrupt file is a CxrError."""
     if not path.is_file():
         raise CxrError(f"{path}: missing — the checkpoint is incomplete; delete it or pick another")
-    result = model.load_state_dict(load_file(str(path)), strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise CxrError(f"{path}: weights do not fit the model (missing {result.missing_keys[:3]}, unexpected "
-                       f"{result.unexpected_keys[:3]}) — the config's model section differs from the run's")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own SafetensorError (and OSError) on a bad file
+        raise CxrError(f"{path}: corrupt checkpoint weights ({str(err).splitlines()[0][:80]}) — delete it "
+                       f"(or use last.old/best) or start a new run") from None
+
+
+def check_fits(model: torch.nn.Module, saved: dict[str, torch.Tensor], path: Path) -> None:
+    """CxrError naming the tensors when ``saved`` does not fit ``model`` (missing, unexpected, other shape)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in saved]
+    unexpected = [k for k in saved if k not in own]
+    shapes = [f"{k} {list(saved[k].shape)} in the checkpoint vs {list(own[k].shape)} here"
+              for k in own if k in saved and saved[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = ([f"other shape: {', '.join(shapes[:3])}"] if shapes else []) + \
+                ([f"missing: {missing[:3]}"] if missing else []) + ([f"unexpected: {unexpected[:3]}"] if unexpected else [])
+        raise CxrError(f"{path}: the model differs from the checkpoint ({'; '.join(parts)}) — use the model "
+                       f"section the run was trained with (RUN/config.yaml), or a new checkpoint.run_dir")
+
+
+def init_weights_from(model: torch.nn.Module, run_dir: str | Path, model_kwargs: dict) -> dict:
+    """Initialise ``model`` with the weights of another run (``model.init_from``): its ``best``
+    checkpoint, else its ``last``. Weights only: no optimizer, schedule or progress.
+
+    The architecture (every model key but num_labels, dropout and pretrained) must be the same;
+    with another number of labels the head is left as built (freshly initialised) and the rest
+    is loaded. Returns {"checkpoint", "loaded", "reinitialised"} for the log and meta.json."""
+    run_dir = Path(run_dir)
+    found = find_checkpoint(run_dir, "best") or find_checkpoint(run_dir, "last")
+    if found is None:
+        raise CxrError(f"model.init_from={run_dir}: no checkpoints/best or checkpoints/last there — "
+                       f"give the run dir of a trained run")
+    theirs = read_meta(found).get("model", {})
+    free = {"num_labels", "dropout", "pretrained", "init_from"}
+    differ = sorted(k for k in set(theirs) | set(model_kwargs)
+                    if k not in free and theirs.get(k) != model_kwargs.get(k))
+    if differ:
+        mine = {k: model_kwargs.get(k) for k in differ}
+        raise CxrError(f"model.init_from={run_dir}: {found} holds a model {theirs.get('name')} "
+                       f"{ {k: theirs.get(k) for k in differ} }, this config builds {model_kwargs.get('name')} "
+                       f"{mine} — set the model section to the source run's, or drop model.init_from")
+    path = found / WEIGHTS
+    saved = read_weights(path)
+    own = model.state_dict()
+    skip = []
+    if theirs.get("num_labels", model_kwargs.get("num_labels")) != model_kwargs.get("num_labels"):
+        skip = [k for k in own if k in saved and saved[k].shape != own[k].shape]
+        if any(not k.startswith("head.") for k in skip):
+            raise CxrError(f"{path}: tensors outside the head differ in shape ({skip[:3]}) — the model "
+                           f"differs from the checkpoint; use the source run's model section")
+    check_fits(model, {**{k: own[k] for k in skip}, **{k: v for k, v in saved.items() if k not in skip}}, path)
+    model.load_state_dict({k: v for k, v in saved.items() if k not in skip}, strict=False)
+    return {"checkpoint": str(found), "loaded": len(saved) - len(skip), "reinitialised": skip}
 
 
 def load_checkpoint(accelerator, ckpt: str | Path, *, model, optimizer=None, scheduler=None) -> dict:
@@ -206,7 +301,11 @@ def load_checkpoint(accelerator, ckpt: str | Path, *, model, optimizer=None, sch
     path = ckpt / STATE
     if not path.is_file():
         raise CxrError(f"{path}: missing — '{ckpt.name}' holds weights only; resume from a 'last' checkpoint")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CxrError(f"{path}: corrupt checkpoint ({str(err).splitlines()[0][:80]}) — delete it "
+                       f"(or use last.old/best) or start a new run") from None
     if _is_deepspeed(accelerator):
         if not (ckpt / DEEPSPEED_DIR).is_dir():
             raise CxrError(f"{ckpt}: no deepspeed/ folder — this checkpoint was not written under DeepSpeed; "

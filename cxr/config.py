@@ -66,6 +66,10 @@ class ModelConfig:
     options: dict = field(default_factory=dict)
     """Architecture-specific keyword arguments (e.g. ``stem_size``); written flat in YAML
     as further keys of the ``model:`` section, checked against the builder's signature."""
+    init_from: str | None = None
+    """Start a new run from the weights of another run dir (its checkpoints/best, else last):
+    weights only, fresh optimizer and schedule. The architecture must match; with another
+    num_labels the head is re-initialised and the rest loaded. null = build as configured."""
 
     def __post_init__(self) -> None:
         if self.num_labels < 1 or self.meta_dim < 0:
@@ -75,7 +79,7 @@ class ModelConfig:
 
     def kwargs(self) -> dict:
         """The flat ``build_model(**kwargs)`` dictionary (options merged in)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("options", "init_from")}
         return {**out, **self.options}
 
 
@@ -161,10 +165,17 @@ class TrainConfig:
     """When early stopping ends the run, reload the best weights into the final ``last`` checkpoint."""
     threads: int = 0
     """torch intra-op threads per process (0 = torch's default)."""
-    collective_timeout_s: float = 90.0
-    """Timeout of every collective: a job whose peer died exits non-zero after about this long."""
+    collective_timeout_s: float = 600.0
+    """Timeout of the collectives (rendezvous, gradient all-reduce, checkpoint barriers): long enough
+    for cold imports on NFS, the first compiled step and rank 0 writing a checkpoint."""
+    stop_flag_timeout_s: float = 90.0
+    """Timeout of the per-step stop-flag all-reduce (its own gloo group): a job whose peer died
+    exits non-zero after about this long."""
     deterministic: bool = False
-    """torch.use_deterministic_algorithms(True) (slower on GPU; CPU kernels already are)."""
+    """Deterministic kernels: torch.use_deterministic_algorithms(True), cuDNN deterministic and, on
+    CUDA, CUBLAS_WORKSPACE_CONFIG=:4096:8 (slower on GPU; CPU kernels already are). docs/run-dir.md."""
+    cudnn_benchmark: bool = True
+    """CUDA only, when not deterministic: let cuDNN pick the fastest convolution algorithms."""
 
     def __post_init__(self) -> None:
         for name in ("epochs", "grad_accum_steps"):
@@ -173,8 +184,8 @@ class TrainConfig:
         for name in ("max_steps", "clip_grad_norm", "early_stop_patience", "early_stop_min_delta", "threads"):
             if getattr(self, name) < 0:
                 raise CxrError(f"train.{name}={getattr(self, name)}: must be ≥ 0 — fix the config")
-        if self.collective_timeout_s <= 0:
-            raise CxrError("train.collective_timeout_s must be > 0 — e.g. 90")
+        if self.collective_timeout_s <= 0 or self.stop_flag_timeout_s <= 0:
+            raise CxrError("train.collective_timeout_s and train.stop_flag_timeout_s must be > 0 — e.g. 600 and 90")
 
 
 @dataclass
@@ -222,7 +233,7 @@ SECTIONS: dict[str, type] = {
 UNHASHED = {
     "checkpoint": {"run_dir", "resume", "force_resume", "every_steps"},
     "logging": {"progress", "log_every", "tensorboard"},
-    "train": {"threads", "collective_timeout_s"},
+    "train": {"threads", "collective_timeout_s", "stop_flag_timeout_s", "cudnn_benchmark"},
     "data": {"num_threads"},
 }
 
@@ -288,7 +299,31 @@ def config_from_dict(raw: dict, where: str = "config") -> Config:
         if not isinstance(section, dict):
             raise CxrError(f"{where}: section {name!r} must be a mapping of key: value")
         built[name] = _build_section(name, cls, dict(section), where)
-    return Config(**built)
+    cfg = Config(**built)
+    check_input_size(cfg)
+    return cfg
+
+
+# Smallest input side each family takes without conv_stem: 2 ** (its stride-2 reductions that
+# shrink an odd or 1-pixel map to zero). cnn: 5 max pools; DenseNets: stem 4× and 3 transition
+# average pools (unpadded); ResNet-50 reduces 32× too (padded, so smaller inputs would run, on a
+# 0-information 1×1 map); ViT: one 16-px patch. BEiT resizes to its img_size itself.
+MIN_INPUT = {"cnn": 32, "densenet121": 32, "densenet121_cbam": 32, "resnet50": 32, "vit": 16}
+
+
+def check_input_size(cfg: Config) -> None:
+    """data.resolution (or, with conv_stem, model.stem_size) must be at least the model's minimum."""
+    need = MIN_INPUT.get(cfg.model.name)
+    if need is None:
+        return
+    if cfg.model.conv_stem:
+        size = cfg.model.options.get("stem_size", 224)
+        if size < need:
+            raise CxrError(f"model.stem_size={size}: model.name={cfg.model.name} needs an input of ≥ {need} px "
+                           f"— raise model.stem_size")
+    elif cfg.data.resolution < need:
+        raise CxrError(f"data.resolution={cfg.data.resolution}: model.name={cfg.model.name} needs ≥ {need} px "
+                       f"(it downsamples by {need}) — raise data.resolution or set model.conv_stem=true")
 
 
 def _build_section(section: str, cls: type, values: dict, where: str) -> Any:
@@ -395,6 +430,8 @@ def config_to_dict(cfg: Config) -> dict:
         section = getattr(cfg, name)
         if isinstance(section, ModelConfig):
             out[name] = section.kwargs()
+            if section.init_from is not None:  # written only when set: older run dirs keep their hash
+                out[name]["init_from"] = section.init_from
         else:
             out[name] = {f.name: _plain(getattr(section, f.name)) for f in dataclasses.fields(section)}
     return out

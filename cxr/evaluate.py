@@ -203,6 +203,7 @@ def build_member_model(member: Member, device: Any) -> Any:
     from cxr.models import build_model
 
     kwargs = dict(member.config["model"])
+    kwargs.pop("init_from", None)  # where training started from: not a build_model argument
     name = kwargs.pop("name", None)
     if name is None:
         raise CxrError(f"{member.run_dir}/config.yaml: model.name missing — restore the run's config")

@@ -52,6 +52,7 @@ from cxr.data import build_loader, load_shards_manifest
 from cxr.losses import build_loss
 from cxr.metrics import epoch_metrics
 from cxr.models import build_model
+from cxr.run_lock import RunLock
 from shards.atomic import atomic_write, atomic_write_text
 from shards.errors import CxrError, cli_entry
 from shards.labels import LABELS
@@ -72,6 +73,7 @@ class LoopState:
     early_best: float | None = None   # the value early stopping compares against (moves by > min_delta)
     bad_epochs: int = 0         # epochs since early_best last moved
     finished: bool = False
+    validating: bool = False    # this epoch's training is done; `last` was saved before its validation
     rows: list = field(default_factory=list)   # metrics.csv rows so far
 
 
@@ -104,51 +106,76 @@ def train(cfg: Config, loader_fn: Callable = build_loader) -> int:
     """Run (or resume) training as configured; returns the process exit status (see module doc).
 
     loader_fn: ``build_loader``-compatible factory (benchmarks pass in-memory data)."""
+    configure_numerics(cfg, torch.cuda.is_available())  # before CUDA is initialised
     accelerator = make_accelerator(cfg)
-    stop = StopFlag(accelerator)  # from here on a signal is honoured at the first step boundary
+    stop = StopFlag(accelerator, cfg.train.stop_flag_timeout_s)  # a signal is honoured at the next step boundary
+    lock, progress = None, LoopState()
     try:
-        return _train(cfg, accelerator, loader_fn, stop)
+        lock = lock_run_dir(cfg, accelerator)  # rank 0 holds it; every rank raises when it is taken
+        return _train(cfg, accelerator, loader_fn, stop, progress)
+    except BaseException as err:
+        if lock is not None:  # only the holder may write the run's status
+            write_failed_status(Path(cfg.checkpoint.run_dir), progress, err)
+        raise
     finally:
+        if lock is not None:
+            lock.release()
         stop.close()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- the loop
-def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: StopFlag) -> int:
+def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: StopFlag, st: LoopState) -> int:
+    """The run; ``st`` is filled in as it goes (the caller reports it when the run fails)."""
     t_start = time.time()
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     run_dir = Path(cfg.checkpoint.run_dir)
     setup_logging(run_dir, accelerator.is_main_process)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    torch.use_deterministic_algorithms(cfg.train.deterministic)
-    resume_from = resume_checkpoint(cfg, run_dir)
+    resume_from, changed = resume_checkpoint(cfg, run_dir)
 
     # Model, loss, optimizer, schedule. Same seed on every rank → same initial weights.
     set_seed(cfg.train.seed)
     model = build_model(**cfg.model.kwargs())
+    init = None
+    if cfg.model.init_from and resume_from is None:
+        init = ckpt.init_weights_from(model, cfg.model.init_from, cfg.model.kwargs())
+        log.info("model.init_from: weights of %s (%d tensors; re-initialised: %s); fresh optimizer and schedule",
+                 init["checkpoint"], init["loaded"], ", ".join(init["reinitialised"]) or "none")
     uses_meta = cfg.model.metadata != "none"
     l2_weights, l2_lambda = model.l2_params() if hasattr(model, "l2_params") else ([], 0.0)
     loss_fn = build_loss(cfg.loss, train_prevalence(cfg))
     optimizer = build_optimizer(cfg, model, l2_weights)
     steps_per_epoch = train_steps_per_epoch(cfg, loader_fn, rank, world)
+    check_val_split(cfg, loader_fn, rank, world)  # an empty or missing val split fails now, not after an epoch
     scheduler, step_scheduler_each_step = build_scheduler(cfg, optimizer, steps_per_epoch)
-    if cfg.train.compile:
-        model = torch.compile(model)
     configure_deepspeed(cfg, accelerator)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # compiled after the DDP wrap, so that DDP's bucketed all-reduce stays outside the graphs;
+    # only the training forward goes through it (checkpoints and accumulation use `model`)
+    forward = torch.compile(model) if cfg.train.compile else model
     # the plain module (no DDP hooks, no compile wrapper): validation, buffers and restores use it
     net = accelerator.unwrap_model(model, keep_torch_compile=False)
     # Dropout streams differ per rank (a fresh seed per rank after the common init).
     set_seed(cfg.train.seed * 1000 + rank)
 
-    st, running = LoopState(), {"loss_sum": 0.0, "batches": 0, "skipped": 0, "skipped_keys": []}
+    running = {"loss_sum": 0.0, "batches": 0, "skipped": 0, "skipped_keys": []}
     if resume_from is not None:
-        st, running = restore(accelerator, resume_from, model, optimizer, scheduler, running)
+        saved, running = restore(cfg, accelerator, resume_from, model, optimizer, scheduler, running,
+                                 steps_per_epoch, step_scheduler_each_step)
+        vars(st).update(vars(saved))
+        if st.finished and changed:
+            continue_finished_run(cfg, st, scheduler, optimizer, step_scheduler_each_step, changed)
     if st.finished:
-        log.info("run %s already finished at epoch %d — nothing to do (use a new checkpoint.run_dir)",
-                 run_dir, st.epoch)
+        if resume_from is not None and resume_from.parent.parent.resolve() != run_dir.resolve():
+            raise CxrError(f"checkpoint.resume={resume_from}: that run finished at epoch {st.epoch} — nothing "
+                           f"to continue; raise train.epochs to continue it, or start from its weights with "
+                           f"model.init_from={resume_from.parent.parent} (fresh optimizer and schedule)")
+        log.info("run %s already finished at epoch %d — nothing to do (raise train.epochs to continue it, or "
+                 "model.init_from=%s in a new checkpoint.run_dir to start from its weights)", run_dir, st.epoch,
+                 run_dir)
         return 0
     if accelerator.is_main_process:
         save_config(cfg, run_dir / "config.yaml")
@@ -164,7 +191,10 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
     while not st.finished and st.epoch < cfg.train.epochs:
         t_epoch = time.time()
         skip = st.step_in_epoch * accum  # micro-batches already consumed this epoch (resume)
-        loader, batches = open_loader(loader_fn, cfg, "train", rank, world, epoch=st.epoch, skip_batches=skip)
+        if st.validating:  # resumed after this epoch's training: only its validation is left
+            loader, batches = None, iter(())
+        else:
+            loader, batches = open_loader(loader_fn, cfg, "train", rank, world, epoch=st.epoch, skip_batches=skip)
         micro_total = steps_per_epoch * accum  # leftover micro-batches (< accum) are not used
         # The loss is summed on the device: reading it is a CPU-GPU sync, done every log_every steps only.
         loss_sum = torch.tensor(running["loss_sum"], dtype=torch.float64, device=device)
@@ -182,7 +212,7 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
             if cfg.model.channels_last:
                 image = image.contiguous(memory_format=torch.channels_last)
             with accelerator.accumulate(model):
-                logits = model(image, meta)
+                logits = forward(image, meta)
                 loss = loss_fn(logits, labels)
                 if l2_weights:  # Keras-style L2 penalty on the model's own group (CBAM head)
                     loss = loss + l2_lambda * sum(w.pow(2).sum() for w in l2_weights)
@@ -221,20 +251,29 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
         t_train = time.time() - t_epoch
         images_trained += epoch_images
 
-        # ---- end of epoch (or of max_steps): loss over all ranks, validation, schedule, checkpoints
-        sync_buffers(net)
+        # ---- end of epoch (or of max_steps): `last` before validation, so that a stop or a failure
+        # there repeats only the validation; then loss over all ranks, validation, schedule, checkpoints
+        if not st.validating:
+            sync_buffers(net)
+            st.validating = True
+            running.update(loss_sum=loss_sum.item(), batches=n_batches)
+            save_last(cfg, accelerator, run_dir, model, optimizer, scheduler, st, running, loader)
+            if stop.agreed():
+                return preempted(accelerator, run_dir, st, stop)
         # all-reduce of [loss sum, batches]: a sync point, once per epoch
         totals = accelerator.reduce(torch.stack([loss_sum, torch.full_like(loss_sum, n_batches)]), reduction="sum")
         train_loss = (totals[0] / totals[1].clamp(min=1)).item()
         skipped = skipped_samples(running, loader, accelerator)
-        val = validate(cfg, accelerator, net, loader_fn, loss_fn, l2_weights, l2_lambda)
+        val = validate(cfg, accelerator, net, loader_fn, loss_fn, l2_weights, l2_lambda, stop)
+        if val is None:  # stopped during validation: `last` holds everything before it
+            return preempted(accelerator, run_dir, st, stop)
         row = metrics_row(st, train_loss, current_lr(optimizer), val, skipped)
         st.rows.append(row)
         improved = update_best(cfg, st, val)
         early_stop = update_early_stop(cfg, st, val)
         if scheduler is not None and not step_scheduler_each_step:
             scheduler.step(val[cfg.schedule.monitor])
-        st.epoch, st.step_in_epoch = st.epoch + 1, 0
+        st.epoch, st.step_in_epoch, st.validating = st.epoch + 1, 0, False
         running = {"loss_sum": 0.0, "batches": 0, "skipped": 0, "skipped_keys": []}
         out_of_steps = bool(cfg.train.max_steps and st.global_step >= cfg.train.max_steps)
         st.finished = early_stop or out_of_steps or st.epoch >= cfg.train.epochs
@@ -252,6 +291,8 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
             log.info("early stopping: no %s improvement > %g for %d epochs%s", cfg.train.best_metric,
                      cfg.train.early_stop_min_delta, st.bad_epochs,
                      "; best weights restored" if cfg.train.restore_best else "")
+        if not st.finished and stop.agreed():  # a signal during the epoch-end work: `last` is complete
+            return preempted(accelerator, run_dir, st, stop)
 
     fingerprints = replica_fingerprints(net)
     if len(set(fingerprints)) == 1:
@@ -272,6 +313,26 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
 
 
 # ----------------------------------------------------------------------------- setup
+def configure_numerics(cfg: Config, cuda: bool) -> None:
+    """Kernel choices of ``train.deterministic`` / ``train.cudnn_benchmark`` (before CUDA starts).
+
+    deterministic: cuBLAS needs a fixed workspace (CUBLAS_WORKSPACE_CONFIG, read when its
+    first handle is created), cuDNN its deterministic algorithms, and torch raises on any
+    kernel without a deterministic version (warn_only=False: a silent fallback would break
+    the bitwise-resume promise; the bilinear resize of the stems has its own deterministic
+    path, cxr/models/stem.py). Otherwise, on CUDA, cuDNN benchmarks its algorithms."""
+    if cfg.train.deterministic:
+        if cuda:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=False)
+    else:
+        torch.use_deterministic_algorithms(False)
+        if cuda:
+            torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+
+
 def make_accelerator(cfg: Config) -> Accelerator:
     """Accelerator from the launcher's environment: gloo on CPU, NCCL on GPU, both with the
     collective timeout of the config (a dead peer fails the job instead of hanging it).
@@ -329,37 +390,119 @@ def setup_logging(run_dir: Path, main: bool) -> None:
     steps.setLevel(logging.INFO if main else logging.WARNING)
 
 
-def resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
-    """The checkpoint to continue from under ``checkpoint.resume``, after the config-hash check."""
+# keys whose change still continues a run exactly: a longer (or shorter) run of the same trajectory
+EXTENDABLE = {"train.epochs", "train.max_steps"}
+
+
+def resume_checkpoint(cfg: Config, run_dir: Path) -> tuple[Path | None, list[str]]:
+    """(checkpoint to continue from under ``checkpoint.resume``, config keys that differ from the
+    run's), after the config-hash check: only EXTENDABLE keys may differ without force_resume."""
     policy = cfg.checkpoint.resume
     found = ckpt.find_checkpoint(run_dir, "last")
     if policy == "never":
         if found is not None:
             raise CxrError(f"{found}: the run dir already holds a checkpoint and checkpoint.resume=never — "
                            f"choose a new checkpoint.run_dir or set checkpoint.resume=auto")
-        return None
+        return None, []
     if policy != "auto":
         found = Path(policy)
         if not (found / ckpt.META).is_file():
             raise CxrError(f"checkpoint.resume={policy}: no checkpoint there (no {ckpt.META}) — "
                            f"use auto, never, or a path like RUN/checkpoints/last")
     if found is None:
-        return None
+        return None, []
     meta, want = ckpt.read_meta(found), config_hash(cfg)
-    if meta.get("config_hash") != want and not cfg.checkpoint.force_resume:
-        raise CxrError(f"{found}: written under config hash {meta.get('config_hash')}, this config is {want} "
-                       f"(differs in: {', '.join(saved_config_diff(cfg, found)) or 'unknown keys'}) — use a new "
-                       f"checkpoint.run_dir, restore the old values, or set checkpoint.force_resume=true")
-    return found
+    if meta.get("config_hash") == want:
+        return found, []
+    changed = saved_config_diff(cfg, found, meta.get("config_hash"))
+    if changed and set(changed) <= EXTENDABLE or cfg.checkpoint.force_resume:
+        return found, changed
+    raise CxrError(f"{found}: written under config hash {meta.get('config_hash')}, this config is {want} "
+                   f"(differs in: {', '.join(changed) or 'unknown keys'}) — use a new "
+                   f"checkpoint.run_dir, restore the old values, or set checkpoint.force_resume=true")
 
 
-def saved_config_diff(cfg: Config, found: Path) -> list[str]:
-    """Keys that differ between ``cfg`` and the config.yaml of the run the checkpoint belongs to."""
+def saved_config_diff(cfg: Config, found: Path, saved_hash: str | None = None) -> list[str]:
+    """Keys that differ between ``cfg`` and the config.yaml of the run the checkpoint belongs to
+    ([] when that file is unreadable or, given ``saved_hash``, is not the checkpoint's config)."""
     saved = found.parent.parent / "config.yaml"
     try:
-        return config_diff(load_config(saved), cfg)
+        old = load_config(saved)
     except CxrError:
         return []
+    if saved_hash is not None and config_hash(old) != saved_hash:
+        return []
+    return config_diff(old, cfg)
+
+
+def continue_finished_run(cfg: Config, st: LoopState, scheduler, optimizer, per_step: bool,
+                          changed: list[str]) -> None:
+    """A finished run resumed with more epochs (or steps): un-finish it when there is work left."""
+    out_of_steps = bool(cfg.train.max_steps and st.global_step >= cfg.train.max_steps)
+    if st.epoch >= cfg.train.epochs or out_of_steps:
+        return
+    st.finished = False
+    how = "plateau: continues from its saved state" if scheduler is not None and not per_step else "constant"
+    if per_step and scheduler is not None:
+        before = current_lr(optimizer)
+        realign_schedule(scheduler, optimizer, scheduler.last_epoch)
+        how = f"recomputed for the new length: lr {before:.3e} → {current_lr(optimizer):.3e}"
+    log.info("continuing the finished run (%s changed) at epoch %d of %d; LR schedule %s",
+             ", ".join(changed), st.epoch + 1, cfg.train.epochs, how)
+
+
+def realign_schedule(scheduler, optimizer, position: int) -> None:
+    """Put a per-step LambdaLR at step ``position`` of the schedule as now configured."""
+    scheduler.last_epoch = position
+    for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * fn(position)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def check_val_split(cfg: Config, loader_fn: Callable, rank: int, world: int) -> None:
+    """Build the val loader once before epoch 1: a missing or empty split fails before any training."""
+    try:
+        with torch.random.fork_rng(devices=[]):
+            batches = len(loader_fn(cfg.data, "val", rank=rank, world_size=world, epoch=0, train=False))
+    except CxrError as err:
+        if "no shards for split 'val'" not in str(err):
+            raise
+        batches = 0
+    if sum(ckpt.gather_objects(batches)) == 0:
+        raise CxrError(f"{cfg.data.shards}: split 'val' has 0 samples — validation needs some: re-split "
+                       f"with a val fraction > 0 (python -m shards split --fractions 0.7,0.15,0.15) and re-pack")
+
+
+def lock_run_dir(cfg: Config, accelerator: Accelerator) -> RunLock | None:
+    """Rank 0 takes the run dir's lock (held until the run ends); every rank raises when it is taken."""
+    lock, refused = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = RunLock(cfg.checkpoint.run_dir).acquire()
+        except CxrError as err:
+            refused = str(err)
+    refused = next((r for r in ckpt.gather_objects(refused) if r), None)
+    if refused:
+        raise CxrError(refused)
+    if lock is not None and lock.stale:
+        log.warning("%s", lock.stale)
+    return lock
+
+
+def write_failed_status(run_dir: Path, st: LoopState, err: BaseException) -> None:
+    """status.json ``failed`` with the exit status the CLI will return and the one-line error."""
+    if isinstance(err, SystemExit):
+        if err.code in (0, None, EXIT_REQUEUE):
+            return
+        code = err.code if isinstance(err.code, int) else 1
+    else:
+        code = 2 if isinstance(err, CxrError) else 130 if isinstance(err, KeyboardInterrupt) else 1
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    line = text if isinstance(err, CxrError) else f"{type(err).__name__}: {text}".rstrip(": ")
+    try:
+        write_status(run_dir, "failed", st, exit_code=code, error=line)
+    except OSError:
+        pass  # a read-only or full run dir: the original error is what the user must see
 
 
 def train_prevalence(cfg: Config) -> np.ndarray | None:
@@ -433,18 +576,53 @@ def open_loader(loader_fn: Callable, cfg: Config, split: str, rank: int, world: 
         return loader, iter(loader)
 
 
-def restore(accelerator: Accelerator, path: Path, model, optimizer, scheduler, running: dict):
-    """Load ``path`` into the prepared objects; return (LoopState, this rank's running sums)."""
+def restore(cfg: Config, accelerator: Accelerator, path: Path, model, optimizer, scheduler, running: dict,
+            steps_per_epoch: int, per_step_schedule: bool):
+    """Load ``path`` into the prepared objects; return (LoopState, this rank's running sums).
+
+    With another world size the position in the epoch's permutation (samples consumed) is kept:
+    the step in the epoch is recomputed for the new global batch, and the running sums of all
+    saved ranks go to rank 0 (the epoch's mean loss stays that of the same samples)."""
     state = ckpt.load_checkpoint(accelerator, path, model=model, optimizer=optimizer, scheduler=scheduler)
     for group, lr in zip(optimizer.param_groups, state["lrs"]):
         group["lr"] = lr
     st = LoopState(**state["loop"])
-    if state["rank"] is None:
-        log.warning("resume: world size %s → %d — RNG streams and this epoch's running loss restart "
-                    "(the run continues, but not bitwise as an uninterrupted one)",
-                    state.get("world_size"), accelerator.num_processes)
-        return st, running
-    return st, {**running, **{k: v for k, v in state["rank"].items() if k != "rng"}}
+    if state["rank"] is not None:
+        return st, {**running, **{k: v for k, v in state["rank"].items() if k != "rng"}}
+    saved_world, world = state.get("world_size"), accelerator.num_processes
+    old_step = st.step_in_epoch
+    st.step_in_epoch = steps_per_epoch if st.validating else resume_step(cfg, state, world, steps_per_epoch, path)
+    if per_step_schedule and scheduler is not None:
+        realign_schedule(scheduler, optimizer, st.epoch * steps_per_epoch + st.step_in_epoch)
+    if accelerator.is_main_process:
+        ranks = state["ranks"]
+        running = {**running, "loss_sum": sum(r.get("loss_sum", 0.0) for r in ranks),
+                   "batches": sum(r.get("batches", 0) for r in ranks),
+                   "skipped": sum(r.get("skipped", 0) for r in ranks),
+                   "skipped_keys": [k for r in ranks for k in r.get("skipped_keys", [])]}
+    log.warning("resume: world size %s → %d — continuing at sample %d of epoch %d's permutation (step %d of "
+                "%d, was step %d); data order is exact, the per-rank RNG streams (dropout) restart",
+                saved_world, world, st.step_in_epoch * world * cfg.data.batch_size * cfg.train.grad_accum_steps,
+                st.epoch + 1, st.step_in_epoch, steps_per_epoch, old_step)
+    return st, running
+
+
+def resume_step(cfg: Config, state: dict, world: int, steps_per_epoch: int, path: Path) -> int:
+    """The step in the epoch at which ``world`` ranks continue the samples consumed by the saved run."""
+    saved_world = state.get("world_size") or 1
+    loader = state.get("loader") or {}
+    st = state["loop"]
+    samples = loader.get("samples")
+    if samples is None:  # checkpoints before samples were stored: micro-batches × batch × ranks
+        samples = loader.get("skip_batches", st["step_in_epoch"] * cfg.train.grad_accum_steps) \
+            * cfg.data.batch_size * saved_world
+    per_step = cfg.data.batch_size * cfg.train.grad_accum_steps * world
+    if samples % per_step:
+        raise CxrError(f"{path}: saved by {saved_world} rank(s) {samples} samples into epoch {st['epoch'] + 1}; "
+                       f"with {world} rank(s) a step takes {per_step} samples (data.batch_size × "
+                       f"train.grad_accum_steps × ranks), which does not divide {samples} — resume with "
+                       f"{saved_world} rank(s), or with a number of ranks for which it does")
+    return min(samples // per_step, steps_per_epoch)
 
 
 # ----------------------------------------------------------------------------- signals
@@ -452,14 +630,15 @@ class StopFlag:
     """SIGUSR1 / SIGTERM set a flag; :meth:`agreed` all-reduces it so every rank stops at the
     same step boundary, whichever rank (or all) got the signal."""
 
-    def __init__(self, accelerator: Accelerator):
+    def __init__(self, accelerator: Accelerator, timeout_s: float = 90.0):
         self.signum = 0
         self.group = None
         self.flag = torch.zeros(1, dtype=torch.int32)
         self.distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if self.distributed and torch.distributed.get_backend() != "gloo":
-            # a CPU side channel: the check costs no GPU synchronisation
-            self.group = torch.distributed.new_group(backend="gloo")
+        if self.distributed:
+            # a CPU side channel: the check costs no GPU synchronisation; its own short timeout
+            # makes a dead peer fail the job within it (the others wait at the next step's check)
+            self.group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
         self.previous = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGUSR1, signal.SIGTERM)}
 
     def close(self) -> None:
@@ -497,18 +676,24 @@ def preempted(accelerator: Accelerator, run_dir: Path, st: LoopState, stop: Stop
 # ----------------------------------------------------------------------------- validation
 @torch.no_grad()
 def validate(cfg: Config, accelerator: Accelerator, net: torch.nn.Module, loader_fn: Callable, loss_fn,
-             l2_weights: list, l2_lambda: float) -> dict:
+             l2_weights: list, l2_lambda: float, stop: StopFlag | None = None) -> dict | None:
     """Predict the val split (each image on exactly one rank), gather all predictions to every
     rank, and compute the loss and SPEC metrics on the whole set there (identical on all ranks).
 
     Returns {"val_loss", "val_mean_auroc", "val_<metric>", ..., "keys": [n], "probs": [n, 14]},
-    rows sorted by key so that the result does not depend on the number of ranks."""
+    rows sorted by key so that the result does not depend on the number of ranks.
+    None when ``stop`` is agreed: checked after each of the first k batches, k the fewest
+    batches of any rank (ranks may hold one batch more than others), and once at the end."""
     device = accelerator.device
     loader, batches = open_loader(loader_fn, cfg, "val", accelerator.process_index, accelerator.num_processes,
                                   epoch=0, train=False)
+    checks = min(ckpt.gather_objects(len(loader))) if stop is not None else 0
     net.eval()
     keys, logits, labels = [], [], []
-    for batch in batches:
+    for i, batch in enumerate(batches):
+        if i < checks and stop.agreed():
+            net.train()
+            return None
         image = batch["image"].to(device, non_blocking=True)
         meta = batch["meta"].to(device, non_blocking=True) if cfg.model.metadata != "none" else None
         if cfg.model.channels_last:
@@ -518,6 +703,8 @@ def validate(cfg: Config, accelerator: Accelerator, net: torch.nn.Module, loader
         labels.append(batch["labels"].float())
         keys.extend(batch["key"])
     net.train()
+    if stop is not None and stop.agreed():
+        return None
     n = cfg.model.num_labels
     # .cpu(): a sync point, once per validation
     local = (keys, torch.cat(logits).cpu().numpy() if logits else np.zeros((0, n), np.float32),
@@ -582,7 +769,7 @@ def update_early_stop(cfg: Config, st: LoopState, val: dict) -> bool:
 
 def skipped_samples(running: dict, loader, accelerator: Accelerator) -> int:
     """Corrupt samples skipped this epoch over all ranks (keys go to train.log)."""
-    report = loader.report()
+    report = loader.report() if loader is not None else {"skipped": 0, "skipped_keys": []}
     local = (running["skipped"] + report["skipped"], running["skipped_keys"] + list(report["skipped_keys"]))
     parts = ckpt.gather_objects(local)
     keys = [k for part in parts for k in part[1]]
@@ -617,7 +804,8 @@ def checkpoint_meta(cfg: Config, st: LoopState, val: dict | None = None) -> dict
     """meta.json of a checkpoint (docs/run-dir.md)."""
     return {"epoch": st.epoch, "step_in_epoch": st.step_in_epoch, "global_step": st.global_step,
             "config_hash": config_hash(cfg), "labels": list(LABELS), "resolution": cfg.data.resolution,
-            "model": cfg.model.kwargs(), "finished": st.finished, "best_epoch": st.best_epoch,
+            "model": cfg.model.kwargs(), "init_from": cfg.model.init_from,
+            "finished": st.finished, "best_epoch": st.best_epoch,
             "val": {k: v for k, v in (val or {}).items() if k.startswith("val_")},
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
@@ -631,7 +819,10 @@ def save_last(cfg: Config, accelerator: Accelerator, run_dir: Path, model, optim
         per_rank.update(skipped=running["skipped"] + report["skipped"],
                         skipped_keys=running["skipped_keys"] + list(report["skipped_keys"]))
     state = {"loop": asdict(st), "lrs": [g["lr"] for g in optimizer.param_groups],
-             "loader": {"epoch": st.epoch, "skip_batches": st.step_in_epoch * cfg.train.grad_accum_steps}}
+             "loader": {"epoch": st.epoch, "skip_batches": st.step_in_epoch * cfg.train.grad_accum_steps,
+                        # the position in the epoch's permutation: what a resume at any world size continues
+                        "samples": st.step_in_epoch * cfg.train.grad_accum_steps * cfg.data.batch_size
+                        * accelerator.num_processes}}
     last_val = {f"val_{k[4:]}": v for k, v in (st.rows[-1] if st.rows else {}).items() if k.startswith("val_")}
     ckpt.save_checkpoint(accelerator, run_dir, "last", model=model, optimizer=optimizer, scheduler=scheduler,
                          state=state, per_rank=per_rank, meta=checkpoint_meta(cfg, st, last_val))
@@ -647,11 +838,13 @@ def save_best(cfg: Config, accelerator: Accelerator, run_dir: Path, model, st: L
             frame.to_parquet(fh, index=False)
 
 
-def write_status(run_dir: Path, state: str, st: LoopState, exit_code: int = 0) -> None:
-    """RUN/status.json: running | preempted | finished, for launchers deciding to requeue."""
+def write_status(run_dir: Path, state: str, st: LoopState, exit_code: int = 0, error: str | None = None) -> None:
+    """RUN/status.json: running | preempted | finished | failed, for launchers deciding to requeue."""
     payload = {"state": state, "epoch": st.epoch, "step_in_epoch": st.step_in_epoch,
                "global_step": st.global_step, "exit_code": exit_code,
                "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if error is not None:
+        payload["error"] = error
     atomic_write_text(run_dir / "status.json", json.dumps(payload, indent=2) + "\n")
 
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from cxr import checkpoint as ckpt
 from cxr.config import load_config
+from shards.errors import CxrError
 from cxr.train import EXIT_REQUEUE, LoopState, StopFlag, build_scheduler, train, update_best, update_early_stop
 
 
@@ -102,8 +103,9 @@ def test_failed_save_leaves_previous_checkpoint_intact(tmp_path, accelerator, mo
         raise OSError("No space left on device")
 
     monkeypatch.setattr(ckpt, "save_file", disk_full)
-    with pytest.raises(OSError):
+    with pytest.raises(CxrError, match=r"checkpoints/best\.tmp: No space left on device writing the checkpoint"):
         ckpt.save_checkpoint(accelerator, tmp_path, "best", model=model, meta={"epoch": 2})
+    assert not (tmp_path / "checkpoints" / "best.tmp").exists()
     assert ckpt.read_meta(ckpt.find_checkpoint(tmp_path, "best"))["epoch"] == 1
     assert (tmp_path / "checkpoints" / "best" / "model.safetensors").read_bytes() == before
 

@@ -27,10 +27,28 @@ class Resize(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[-2:]) == (self.size, self.size):
             return x
+        if x.is_cuda and x.requires_grad and torch.are_deterministic_algorithms_enabled():
+            return separable_resize(x, self.size)  # the CUDA backward of interpolate is not deterministic
         return F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
 
     def extra_repr(self) -> str:
         return f"size={self.size}"
+
+
+def resize_matrix(n_in: int, n_out: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """[n_out, n_in]: the 1-D antialiased bilinear resize as a matrix (interpolate applied to the
+    unit vectors, on the CPU, forward only)."""
+    eye = torch.eye(n_in, dtype=torch.float64).view(n_in, 1, 1, n_in)
+    cols = F.interpolate(eye, size=(1, n_out), mode="bilinear", align_corners=False, antialias=True)
+    return cols.reshape(n_in, n_out).t().to(device=device, dtype=dtype)
+
+
+def separable_resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The resize of :class:`Resize` as two matrix products (deterministic forward and backward):
+    the antialiased bilinear filter is separable, rows then columns."""
+    rows = resize_matrix(x.shape[-2], size, x.dtype, x.device)
+    cols = resize_matrix(x.shape[-1], size, x.dtype, x.device)
+    return rows @ x @ cols.t()
 
 
 class ConvStem(nn.Module):
