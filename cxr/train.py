@@ -131,7 +131,6 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
     t_start = time.time()
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     run_dir = Path(cfg.checkpoint.run_dir)
-    setup_logging(run_dir, accelerator.is_main_process)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     resume_from, changed = resume_checkpoint(cfg, run_dir)
@@ -474,7 +473,8 @@ def check_val_split(cfg: Config, loader_fn: Callable, rank: int, world: int) -> 
 
 
 def lock_run_dir(cfg: Config, accelerator: Accelerator) -> RunLock | None:
-    """Rank 0 takes the run dir's lock (held until the run ends); every rank raises when it is taken."""
+    """Rank 0 takes the run dir's lock (held until the run ends); every rank raises when it is
+    taken. Then logging to RUN/train.log starts."""
     lock, refused = None, None
     if accelerator.is_main_process:
         try:
@@ -484,6 +484,7 @@ def lock_run_dir(cfg: Config, accelerator: Accelerator) -> RunLock | None:
     refused = next((r for r in ckpt.gather_objects(refused) if r), None)
     if refused:
         raise CxrError(refused)
+    setup_logging(Path(cfg.checkpoint.run_dir), accelerator.is_main_process)
     if lock is not None and lock.stale:
         log.warning("%s", lock.stale)
     return lock
