@@ -52,8 +52,13 @@ class RunLock:
 
     def acquire(self) -> "RunLock":
         """Take the lock or raise CxrError naming the holder."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise CxrError(f"{err.filename or self.path}: cannot write the run dir ({err.strerror}) — a training "
+                           f"needs a writable checkpoint.run_dir; free space, fix its permissions or choose "
+                           f"another") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:

@@ -484,7 +484,12 @@ def lock_run_dir(cfg: Config, accelerator: Accelerator) -> RunLock | None:
     refused = next((r for r in ckpt.gather_objects(refused) if r), None)
     if refused:
         raise CxrError(refused)
-    setup_logging(Path(cfg.checkpoint.run_dir), accelerator.is_main_process)
+    try:
+        setup_logging(Path(cfg.checkpoint.run_dir), accelerator.is_main_process)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     if lock is not None and lock.stale:
         log.warning("%s", lock.stale)
     return lock

@@ -357,7 +357,8 @@ def loader(cfg, split, **kw):
                 yield batch
     return Recording()
 
-sys.exit(train(_tiny(run, "train.grad_accum_steps=1", "train.collective_timeout_s=120"), loader_fn=loader))
+sys.exit(train(_tiny(run, "train.epochs=2", "train.grad_accum_steps=1", "train.collective_timeout_s=120"),
+                 loader_fn=loader))
 """
 
 
@@ -391,3 +392,11 @@ def test_two_ranks_stopped_mid_epoch_resume_on_one_rank_at_the_same_sample(tmp_p
     after = after_files[0].read_text().split()
     assert len(before) == 48 and sorted(before) == sorted(perm[:48])  # 3 steps × 2 ranks × 8
     assert after == perm[48:]  # exactly the rest, in order: no sample repeated or skipped
+
+
+def test_a_run_dir_that_cannot_be_written_is_a_one_line_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")  # root ignores permissions; a file in the path fails for everyone
+    with pytest.raises(CxrError, match=rf"{blocker}.*: cannot write the run dir \(.*\) — a training needs a "
+                                       rf"writable checkpoint.run_dir"):
+        train(_tiny(blocker / "run", "train.epochs=1"), loader_fn=MemoryLoader)
