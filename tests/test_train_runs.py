@@ -400,3 +400,17 @@ def test_a_run_dir_that_cannot_be_written_is_a_one_line_error(tmp_path):
     with pytest.raises(CxrError, match=rf"{blocker}.*: cannot write the run dir \(.*\) — a training needs a "
                                        rf"writable checkpoint.run_dir"):
         train(_tiny(blocker / "run", "train.epochs=1"), loader_fn=MemoryLoader)
+
+
+def test_a_world_size_that_cannot_continue_at_the_same_sample_is_refused_naming_both(tmp_path):
+    from cxr.train import resume_step
+
+    cfg = _tiny(tmp_path, "train.grad_accum_steps=1")  # batch 8
+    state = {"world_size": 1, "loop": {"epoch": 1, "step_in_epoch": 3}, "loader": {"samples": 24}}
+    # 24 samples = 3 global batches of 8 at 1 rank; at 3 ranks a step takes 24: one step done
+    assert resume_step(cfg, state, 3, 4, tmp_path) == 1
+    with pytest.raises(CxrError, match=r"saved by 1 rank\(s\) 24 samples into epoch 2; with 2 rank\(s\) a step "
+                                       r"takes 16 samples .* resume with 1 rank\(s\)"):
+        resume_step(cfg, state, 2, 6, tmp_path)
+    old = {"world_size": 2, "loop": {"epoch": 0, "step_in_epoch": 3}, "loader": {"skip_batches": 3}}
+    assert resume_step(cfg, old, 1, 12, tmp_path) == 6  # a checkpoint without "samples": 3 × 8 × 2
