@@ -81,6 +81,8 @@ def test_members_are_lossless_jpeg_equal_to_the_png_pixels(packed):
     assert set(members) == {f"{k}.ljpeg" for k in packed["keys"]}
     for name, data in members.items():
         assert b"\xff\xc3" in data[:512], f"{name}: no lossless (SOF3) frame"
+        sos = data.index(b"\xff\xda")  # scan header: length(2) Ns(1) Ns×(Cs, Td/Ta) then Ss = predictor
+        assert data[sos + 4] == 1 and data[sos + 7] == 1, f"{name}: not one component with predictor 1 (nvJPEG)"
         key = name.split(".")[0]
         # two independent decoders: imagecodecs (lj92) and Pillow's libjpeg-turbo
         np.testing.assert_array_equal(imagecodecs.ljpeg_decode(data), _reference(packed["images"], key))
