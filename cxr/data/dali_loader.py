@@ -56,6 +56,8 @@ class DaliBatches:
             self.decoder = "cpu (DALI threads)"
         elif index.codec in GPU_DECODABLE:
             self.decoder = f"gpu {self.device_id} (DALI mixed)"
+            if index.codec == "ljpeg":  # docs/shards-format.md, "Decoding ljpeg"
+                self.decoder += "; untested for ljpeg: DALI may run its CPU decoder inside mixed"
         else:
             self.decoder = f"cpu (DALI mixed: {index.codec} has no GPU decoder)"
         log.info("decode: %s shards on %s", index.codec, self.decoder)
