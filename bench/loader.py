@@ -243,9 +243,15 @@ def encode_sample(sample: Path, n: int) -> dict[str, list[bytes]]:
 
 
 def decoder_rates(encoded: dict[str, list], repeats: int) -> list[tuple]:
-    """Rows (codec, kB/image, DALI cpu, PIL, imagecodecs or None, exact); rates in images per CPU-second, one thread."""
+    """Rows (codec, kB/image, DALI cpu, PIL, imagecodecs or None, exact); rates in images per CPU-second, one thread.
+
+    imagecodecs: for ljpeg the loaders' decoder (shards.image_codec.decode_ljpeg: marker
+    check + jpeg8_decode), and lj92 (imagecodecs.ljpeg_decode) beside it.
+    """
     import imagecodecs
     from PIL import Image
+
+    from shards.image_codec import decode_ljpeg
 
     def pil(data: list[bytes]):
         def run() -> int:
@@ -259,7 +265,10 @@ def decoder_rates(encoded: dict[str, list], repeats: int) -> list[tuple]:
         data = encoded[codec]
         dali = best_cpu_rate(dali_decode_ceiling(data, 1, 8), repeats)
         pil_rate = best_cpu_rate(pil(data), repeats)
-        ic = best_cpu_rate(lambda: len([imagecodecs.ljpeg_decode(d) for d in data]), repeats) if codec == "ljpeg" else None
+        ic = None
+        if codec == "ljpeg":
+            ic = (best_cpu_rate(lambda: len([decode_ljpeg(d) for d in data]), repeats),
+                  best_cpu_rate(lambda: len([imagecodecs.ljpeg_decode(d) for d in data]), repeats))
         exact = all(np.array_equal(np.asarray(Image.open(io.BytesIO(d))), src)
                     for d, src in zip(data, encoded["source"]))
         rows.append((codec, np.mean([len(d) for d in data]) / 1e3, dali, pil_rate, ic, exact))
@@ -269,9 +278,9 @@ def decoder_rates(encoded: dict[str, list], repeats: int) -> list[tuple]:
 def codec_table(rows: list[tuple], n: int, repeats: int) -> str:
     lines = [f"{n} real NIH 1024² images, one decoder thread, best of {repeats}; images per CPU-second of the process "
              "(DALI's includes its pipeline build per pass)", "",
-             "| codec | kB/image | DALI cpu decode | PIL decode | imagecodecs decode | "
+             "| codec | kB/image | DALI cpu decode | PIL decode | imagecodecs decode (loaders' jpeg8 / lj92) | "
              "PIL decode == source |", "|---|---|---|---|---|---|"]
-    lines += [f"| {c} | {kb:.0f} | {d:.0f} | {p:.0f} | {'' if i is None else f'{i:.0f}'} | {e} |"
+    lines += [f"| {c} | {kb:.0f} | {d:.0f} | {p:.0f} | {'' if i is None else f'{i[0]:.0f} / {i[1]:.0f}'} | {e} |"
               for c, kb, d, p, i, e in rows]
     return "\n".join(lines)
 

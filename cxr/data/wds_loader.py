@@ -1,8 +1,8 @@
 """The torch back end (`backend: wds`): the same WebDataset tar shards, decoded in DataLoader workers.
 
-PIL decodes png / jpeg / j2k; lossless JPEG (`ljpeg`) is decoded by imagecodecs
-(`shards.image_codec.decode_ljpeg`), which does not depend on the libjpeg-turbo
-version Pillow was built with. Decoding is always on the CPU here.
+PIL decodes png / jpeg / j2k; lossless JPEG (`ljpeg`) is decoded by the libjpeg-turbo
+inside imagecodecs (`shards.image_codec.decode_ljpeg`), which does not depend on the
+libjpeg Pillow was built with. Decoding is always on the CPU here.
 
 It reads members by the `.idx` offsets as the DALI back end does, rather than
 streaming tars through `webdataset.WebDataset` with `split_by_node` /
