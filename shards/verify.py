@@ -94,6 +94,9 @@ def verify(directory: str | Path, workers: int | None = None, against: list[str 
 
 
 def _source_files(against: list[str | Path]) -> dict[str, str]:
+    for raw in against:
+        if not Path(raw).exists():
+            raise CxrError(f"{raw}: --against source does not exist — pass the folder of PNGs given to pack --images")
     sources = scan_sources(against)
     if sources.archives:
         raise CxrError(f"{sources.archives[0]}: --against reads folders of PNGs, not archives "

@@ -191,3 +191,24 @@ def test_loaders_reject_truncated_ljpeg(packed, truncated, backend):
     loader = build_loader(cfg, "train")
     keys = [k for b in loader for k in b["key"]]
     assert key not in keys and loader.report()["skipped_keys"] == [key]
+
+
+def test_flipped_ljpeg_byte_caught_by_verify_sha256_and_against(packed, tmp_path):
+    """A flipped byte inside the entropy-coded data still decodes (no JPEG decoder can tell);
+    verify catches it by the shard sha256 and, with --against, names the sample. The
+    loaders catch it only with the per-sample checksum (separate work)."""
+    out = tmp_path / "s"
+    shutil.copytree(packed["dir"], out)
+    shutil.rmtree(out / "res64")
+    key = _first_train_key(out)
+    tar_path = out / "train-000000.tar"
+    with tarfile.open(tar_path) as tar:
+        member = tar.getmember(f"{key}.ljpeg")
+    data = bytearray(tar_path.read_bytes())
+    data[member.offset_data + member.size // 2] ^= 0x10
+    tar_path.write_bytes(bytes(data))
+    member_bytes = bytes(data[member.offset_data: member.offset_data + member.size])
+    assert imagecodecs.jpeg8_decode(member_bytes).shape == (1024, 1024)  # still decodes
+    failures = verify(out, workers=1, against=[packed["images"]]).failures
+    assert failures[0] == "train-000000.tar: size/sha256 differ from the manifest (corrupt or replaced shard)"
+    assert len(failures) == 2 and failures[1].startswith(f"train-000000.tar: {key}: pixels differ from "), failures
