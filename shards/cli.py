@@ -76,8 +76,8 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--codec", choices=["png", "jpeg", "j2k", "ljpeg"], default="png",
                    help="png: original bytes, lossless (default), CPU decode only; ljpeg: lossless JPEG "
-                   "(members .ljpeg), GPU-decodable by DALI, fast to pack; j2k: lossless JPEG 2000, GPU-decodable, "
-                   "slow to pack; jpeg: lossy (--quality). See the codec guide in README.md")
+                   "(members .ljpeg), meant for DALI GPU decode (untested on GPU), fast to pack; j2k: lossless JPEG 2000, "
+                   "GPU-decodable, slower to pack; jpeg: lossy (--quality). See the codec guide in README.md")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
     p.add_argument("--resize", type=int, default=None,
                    help="write derived N×N shards into OUT/resN/ (for lower-resolution training)")
