@@ -12,6 +12,14 @@ shared: the best pass is the least disturbed one). Goals: loader ≥ 0.9× the d
 ceiling at 1024; derived res224 ≥ 5× faster than resizing masters to 224.
 
     python bench/loader.py --append bench/RESULTS.md
+
+`--codecs` instead compares the shard codecs (png, ljpeg, j2k, jpeg q95) on the
+first --images sample PNGs: each is encoded as `pack` would (shards.image_codec),
+then decoded on one CPU thread by DALI (`fn.decoders.image`, device cpu, GRAY) and
+by PIL / imagecodecs; bytes per image and decoded-equals-source are reported. It
+writes its own section ("## codec decode") with --append.
+
+    python bench/loader.py --codecs --images 40 --append bench/RESULTS.md
 """
 from __future__ import annotations
 
@@ -77,6 +85,16 @@ def best_rate(run, repeats: int) -> float:
         start = time.perf_counter()
         n = run()
         rates.append(n / (time.perf_counter() - start))
+    return max(rates)
+
+
+def best_cpu_rate(run, repeats: int) -> float:
+    """Best images per CPU-second of this process (all its threads) over `repeats` calls of run()."""
+    rates = []
+    for _ in range(repeats):
+        start = time.process_time()
+        n = run()
+        rates.append(n / (time.process_time() - start))
     return max(rates)
 
 
@@ -208,6 +226,80 @@ def append_results(path: Path, text: str, command: str) -> None:
     atomic_write_text(path, new)
 
 
+CODECS = ("png", "ljpeg", "j2k", "jpeg")
+
+
+def encode_sample(sample: Path, n: int) -> dict[str, list[bytes]]:
+    """codec → member bytes of the first n sample PNGs, encoded as pack does; + "source" grey pixels."""
+    from PIL import Image
+
+    from shards.image_codec import prepare_image
+
+    names = list(pd.read_csv(sample / "labels.csv")["Image Index"])[:n]
+    out: dict[str, list] = {"source": [np.asarray(Image.open(sample / name).convert("L")) for name in names]}
+    for codec in CODECS:
+        out[codec] = [prepare_image(name[:-4], sample / name, codec).data for name in names]
+    return out
+
+
+def decoder_rates(encoded: dict[str, list], repeats: int) -> list[tuple]:
+    """Rows (codec, kB/image, DALI cpu, PIL, imagecodecs or None, exact); rates in images per CPU-second, one thread.
+
+    imagecodecs: for ljpeg the loaders' decoder (shards.image_codec.decode_ljpeg: marker
+    check + jpeg8_decode), and lj92 (imagecodecs.ljpeg_decode) beside it.
+    """
+    import imagecodecs
+    from PIL import Image
+
+    from shards.image_codec import decode_ljpeg
+
+    def pil(data: list[bytes]):
+        def run() -> int:
+            for d in data:
+                Image.open(io.BytesIO(d)).load()
+            return len(data)
+        return run
+
+    rows = []
+    for codec in CODECS:
+        data = encoded[codec]
+        dali = best_cpu_rate(dali_decode_ceiling(data, 1, 8), repeats)
+        pil_rate = best_cpu_rate(pil(data), repeats)
+        ic = None
+        if codec == "ljpeg":
+            ic = (best_cpu_rate(lambda: len([decode_ljpeg(d) for d in data]), repeats),
+                  best_cpu_rate(lambda: len([imagecodecs.ljpeg_decode(d) for d in data]), repeats))
+        exact = all(np.array_equal(np.asarray(Image.open(io.BytesIO(d))), src)
+                    for d, src in zip(data, encoded["source"]))
+        rows.append((codec, np.mean([len(d) for d in data]) / 1e3, dali, pil_rate, ic, exact))
+    return rows
+
+
+def codec_table(rows: list[tuple], n: int, repeats: int) -> str:
+    lines = [f"{n} real NIH 1024² images, one decoder thread, best of {repeats}; images per CPU-second of the process "
+             "(DALI's includes its pipeline build per pass)", "",
+             "| codec | kB/image | DALI cpu decode | PIL decode | imagecodecs decode (loaders' jpeg8 / lj92) | "
+             "PIL decode == source |", "|---|---|---|---|---|---|"]
+    lines += [f"| {c} | {kb:.0f} | {d:.0f} | {p:.0f} | {'' if i is None else f'{i[0]:.0f} / {i[1]:.0f}'} | {e} |"
+              for c, kb, d, p, i, e in rows]
+    return "\n".join(lines)
+
+
+def append_codec_section(path: Path, text: str, command: str) -> None:
+    """Replace (or append) the "## codec decode" section of RESULTS.md."""
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    section = (f"## codec decode\n\n`{command}` ({platform.machine()}, {os.cpu_count()} cores, load average "
+               f"{load} — shared machine, {date.today()})\n\n{text}\n")
+    old = path.read_text() if path.exists() else "# Benchmark results\n"
+    start = old.find("\n## codec decode\n")
+    if start >= 0:
+        end = old.find("\n## ", start + 1)
+        new = old[:start + 1] + section + (old[end + 1:] if end >= 0 else "")
+    else:
+        new = old.rstrip("\n") + "\n\n" + section
+    atomic_write_text(path, new)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sample", type=Path, default=SAMPLE, help="folder of NIH PNGs with labels.csv")
@@ -217,8 +309,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="passes per measurement, best kept (default 3)")
     parser.add_argument("--work", type=Path, default=None, help="folder for the shards (default: a temp dir)")
     parser.add_argument("--append", type=Path, default=None, help="write the results into this RESULTS.md")
+    parser.add_argument("--codecs", action="store_true",
+                        help="only compare decode speed and size of png / ljpeg / j2k / jpeg (see above)")
+    parser.add_argument("--images", type=int, default=40, help="--codecs: sample images to encode (default 40)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+    if args.codecs:
+        text = codec_table(decoder_rates(encode_sample(args.sample, args.images), args.repeats), args.images,
+                           args.repeats)
+        print(text)
+        if args.append:
+            append_codec_section(args.append, text, command)
+        return
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
         work = args.work or Path(tmp)
         shards = build_shards(args.sample, work, args.replicate)

@@ -5,9 +5,12 @@ The real NIH sample PNGs (130, 6 of them RGBA) are copied under new names to
   cat     `cat FILES > /dev/null` in a subprocess (best of 3)
   png     passthrough pack of all files, and of the grey-only files
   jpeg    re-encode (quality 95)
+  ljpeg   lossless JPEG re-encode (libjpeg-turbo via imagecodecs, predictor 1)
   j2k     lossless JPEG 2000 re-encode (on --j2k-images files: it is slow)
 Shards go to --out (default: a tmpfs under /dev/shm when present, so disk write
-bandwidth and fsync latency are not what is measured). Prints images/s, MB/s
+bandwidth and fsync latency are not what is measured). A second table gives the
+encoder alone per codec in images per CPU-second of this process (one thread), which
+a loaded shared machine disturbs far less than wall time. Prints images/s, MB/s
 (of input PNG bytes), the ratio to cat, and stored bytes per image; with
 --append, adds the results and the command to bench/RESULTS.md (section "pack").
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -61,14 +65,20 @@ def time_cat(files: list[Path]) -> float:
     return best
 
 
-def time_pack(table: pd.DataFrame, folder: Path, out: Path, codec: str, workers: int) -> tuple[float, int]:
-    """Wall time of one fresh pack and the bytes of its shards."""
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (pack's worker pool is joined before it returns)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def time_pack(table: pd.DataFrame, folder: Path, out: Path, codec: str, workers: int) -> tuple[float, int, float]:
+    """Wall time of one fresh pack, the bytes of its shards, and its CPU seconds (all processes)."""
     shutil.rmtree(out, ignore_errors=True)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _cpu_seconds()
     manifest = pack(table.drop(columns="mode"), [folder], out, codec=codec, workers=workers, allow_missing=True)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
     shutil.rmtree(out, ignore_errors=True)
-    return seconds, sum(s["bytes"] for s in manifest["shards"])
+    return seconds, sum(s["bytes"] for s in manifest["shards"]), cpu
 
 
 def main() -> None:
@@ -89,6 +99,7 @@ def main() -> None:
             "png passthrough (all, incl. RGBA→L)": (table, "png"),
             "png passthrough (grey files only)": (table[grey], "png"),
             "jpeg q95 re-encode": (table, "jpeg"),
+            "ljpeg lossless re-encode": (table, "ljpeg"),
             "j2k lossless re-encode": (table.iloc[: args.j2k_images], "j2k"),
         }
         rows = []
@@ -96,26 +107,50 @@ def main() -> None:
         for name, (part, codec) in runs.items():
             part_files = [folder / image for image in part["image"]]
             cat_s = time_cat(part_files)
-            pack_s, stored = time_pack(part, folder, out, codec, args.workers)
+            pack_s, stored, cpu_s = time_pack(part, folder, out, codec, args.workers)
             mb = sum(f.stat().st_size for f in part_files) / 1e6
             rows.append((name, len(part), mb / cat_s, len(part) / pack_s, mb / pack_s, cat_s / pack_s,
-                         stored / len(part) / 1e3))
-    report(rows, args)
+                         stored / len(part) / 1e3, len(part) / cpu_s))
+        cpu_rows = encode_cpu_rates(files[:len(table) // args.copies], args.j2k_images)
+    report(rows, args, cpu_rows)
 
 
-def report(rows: list[tuple], args: argparse.Namespace) -> None:
-    header = "| run | images | cat MB/s | pack images/s | pack MB/s | pack / cat | stored kB/image |"
-    lines = [header, "|---|---|---|---|---|---|---|"]
-    lines += [f"| {n} | {k} | {c:.0f} | {ips:.1f} | {mbs:.0f} | {r:.3f} | {kb:.0f} |"
-              for n, k, c, ips, mbs, r, kb in rows]
+def encode_cpu_rates(files: list[Path], j2k_images: int) -> list[tuple[str, int, float, float]]:
+    """(codec, images, images per CPU-second of the encoder alone, kB/image) on the decoded grey images."""
+    from shards.image_codec import check_png, encode, grey_policy
+
+    images = [grey_policy(data, check_png(data))[0] for data in (f.read_bytes() for f in files)]
+    rows = []
+    for codec in ("png", "ljpeg", "j2k", "jpeg"):
+        part = images[:j2k_images] if codec == "j2k" else images
+        start = time.process_time()
+        sizes = [len(encode(im, codec)) for im in part]
+        rows.append((codec, len(part), len(part) / (time.process_time() - start), sum(sizes) / len(part) / 1e3))
+    return rows
+
+
+def report(rows: list[tuple], args: argparse.Namespace, cpu_rows: list[tuple] = ()) -> None:
+    header = ("| run | images | cat MB/s | pack images/s | pack MB/s | pack / cat | stored kB/image | "
+              "pack images per CPU-second |")
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {k} | {c:.0f} | {ips:.1f} | {mbs:.0f} | {r:.3f} | {kb:.0f} | {cps:.1f} |"
+              for n, k, c, ips, mbs, r, kb, cps in rows]
+    if cpu_rows:
+        lines += ["", "encoder alone, one thread (png: zlib level 6 re-encode — pack passes grey PNGs through and re-encodes only "
+                  "converted RGBA files, at level 1; jpeg q95):",
+                  "", "| codec | images | encode images per CPU-second | kB/image |", "|---|---|---|---|"]
+        lines += [f"| {c} | {k} | {r:.1f} | {kb:.0f} |" for c, k, r, kb in cpu_rows]
     text = "\n".join(lines)
     print(text)
     if args.append:
         command = "python bench/pack.py " + " ".join(sys.argv[1:])
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
         entry = (f"\n### {time.strftime('%Y-%m-%d %H:%M')} — `{command}`\n\n"
-                 f"{os.cpu_count()} CPUs, workers {args.workers}, shards written to {args.out or 'a temp dir'}; "
-                 "MB/s of input PNG bytes; pack / cat = cat time ÷ pack time on the same files.\n\n"
-                 f"{text}\n")
+                 f"{os.cpu_count()} CPUs (load average {load}, shared), workers {args.workers}, "
+                 f"shards written to {args.out or 'a temp dir'}; "
+                 "MB/s of input PNG bytes; pack / cat = cat time ÷ pack time on the same files; CPU-seconds "
+                 "count all processes (pool start-up included).\n\n"
+                 f"{text}\n\n")
         append_section(ROOT / "bench" / "RESULTS.md", "## pack", entry)
 
 

@@ -74,8 +74,10 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--images", required=True, nargs="+",
                    help="a folder of PNGs and/or NIH archives images_0NN.tar.gz (streamed, not extracted)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--codec", choices=["png", "jpeg", "j2k"], default="png",
-                   help="png: original bytes, lossless (default); jpeg / j2k (lossless JPEG 2000): GPU-decodable by DALI")
+    p.add_argument("--codec", choices=["png", "jpeg", "j2k", "ljpeg"], default="png",
+                   help="png: original bytes, lossless (default), CPU decode only; ljpeg: lossless JPEG "
+                   "(members .ljpeg), meant for DALI GPU decode (untested on GPU), fast to pack; j2k: lossless JPEG 2000, "
+                   "GPU-decodable, slower to pack; jpeg: lossy (--quality). See the codec guide in README.md")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
     p.add_argument("--resize", type=int, default=None,
                    help="write derived N×N shards into OUT/resN/ (for lower-resolution training)")
@@ -93,6 +95,10 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
                        "and every label field matches its json.")
     p.add_argument("dir", help="shards folder (with manifest.json)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
+    p.add_argument("--against", nargs="+", default=None, metavar="SRC",
+                   help="also compare every image's pixels with its source PNG in these folders (the --images "
+                   "of pack, after the grey policy; resized with pack's Lanczos for derived shards): exact for "
+                   "png/ljpeg/j2k, mean |diff| <= 2 grey levels for jpeg")
 
 
 def _add_synth(sub: argparse._SubParsersAction) -> None:

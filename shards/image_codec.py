@@ -1,6 +1,8 @@
 """One image in, one grey shard member out: PNG checks, the grey policy, encoders.
 
-Runs inside pack's worker pool, so it imports only PIL, numpy and zlib.
+Runs inside pack's worker pool, so it imports only PIL, numpy and zlib (and
+imagecodecs, lazily, for lossless JPEG: Pillow cannot write ITU T.81 process 14, and
+whether it can read it depends on the libjpeg-turbo it was built with).
 
 Policy (docs/shards-format.md): 8-bit grey PNGs pass through byte for byte after a
 structural check (signature, IHDR, every chunk CRC, IDAT, IEND). 8-bit RGB/RGBA
@@ -20,7 +22,10 @@ import numpy as np
 from PIL import Image
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-CODEC_EXT = {"png": "png", "jpeg": "jpg", "j2k": "jp2"}
+# ljpeg gets its own extension, not .jpg: webdataset's .decode() hands .jpg to PIL and
+# other readers assume baseline JPEG; DALI and our loaders pick the member by name
+# and the decoder by the bytes (docs/shards-format.md)
+CODEC_EXT = {"png": "png", "jpeg": "jpg", "j2k": "jp2", "ljpeg": "ljpeg"}
 _COLOUR_TYPES = {0: "grey", 2: "RGB", 3: "palette", 4: "grey+alpha", 6: "RGBA"}
 RESAMPLE = Image.Resampling.LANCZOS  # antialiasing for large down-scales (1024 → 224)
 
@@ -124,7 +129,15 @@ def _decode(data: bytes) -> Image.Image:
 
 
 def encode(image: Image.Image, codec: str, quality: int = 95, png_level: int = 6) -> bytes:
-    """Encode an 8-bit grey image: png (lossless, zlib level), jpeg (quality), j2k (lossless JP2)."""
+    """Encode an 8-bit grey image: png (lossless, zlib level), jpeg (quality), j2k (lossless JP2),
+    ljpeg (lossless JPEG, ITU T.81 process 14, predictor 1)."""
+    if codec == "ljpeg":
+        import imagecodecs  # noqa: PLC0415 — only this codec needs it
+
+        # libjpeg-turbo's lossless mode with predictor 1 (left neighbour), the one predictor
+        # nvJPEG's lossless decoder is documented to accept (DALI PR #4572); imagecodecs'
+        # ljpeg_encode (lj92) writes predictor 6: ~5 % smaller, but nvJPEG does not take it
+        return bytes(imagecodecs.jpeg8_encode(np.asarray(image, np.uint8), lossless=True, predictor=1))
     buf = io.BytesIO()
     if codec == "png":
         image.save(buf, format="PNG", compress_level=png_level)
@@ -138,15 +151,56 @@ def encode(image: Image.Image, codec: str, quality: int = 95, png_level: int = 6
     return buf.getvalue()
 
 
-def decode_grey(data: bytes) -> Image.Image:
-    """Decode shard image bytes (any codec) to PIL; raise BadImage if undecodable."""
+def decode_grey(data: bytes, codec: str | None = None) -> Image.Image:
+    """Decode shard image bytes to PIL; raise BadImage if undecodable.
+
+    ``codec="ljpeg"`` decodes with imagecodecs (see :func:`decode_ljpeg`); any other
+    value, or None, with PIL.
+    """
+    if codec == "ljpeg":
+        return Image.fromarray(decode_ljpeg(data), mode="L")
     return _decode(data)
+
+
+def decode_ljpeg(data: bytes) -> np.ndarray:
+    """Lossless JPEG bytes → uint8 [H, W]; BadImage on truncation, damage or not one 8-bit channel.
+
+    Decoded by the libjpeg-turbo 3 inside imagecodecs (``jpeg8_decode``): ~1.5x faster
+    than its lj92 ``ljpeg_decode`` (bench/RESULTS.md, codec decode) and independent of
+    the libjpeg Pillow was built with. libjpeg returns an image from data cut short
+    (padding it with a warning), so the start and end markers are checked first; a
+    flipped byte inside the entropy-coded data is not detectable by any JPEG decoder
+    (that needs a checksum).
+    """
+    problem = ljpeg_problem(data)
+    if problem:
+        raise BadImage(problem)
+    import imagecodecs  # noqa: PLC0415
+
+    try:
+        pixels = imagecodecs.jpeg8_decode(data)
+    except Exception as err:  # imagecodecs.Jpeg8Error, ValueError …
+        raise BadImage(f"undecodable lossless JPEG ({type(err).__name__}: {err})") from None
+    if pixels.ndim != 2 or pixels.dtype != np.uint8:
+        raise BadImage(f"lossless JPEG decodes to {pixels.dtype} {pixels.shape}, expected one 8-bit grey channel")
+    return pixels
+
+
+def ljpeg_problem(data: bytes) -> str | None:
+    """Cheap integrity check of lossless JPEG bytes: SOI first, EOI last, a lossless frame (SOF3)."""
+    if data[:2] != b"\xff\xd8":
+        return "lossless JPEG start-of-image marker missing"
+    if data[-2:] != b"\xff\xd9":
+        return "lossless JPEG end-of-image marker missing (truncated)"
+    if b"\xff\xc3" not in data[:4096]:
+        return "not a lossless JPEG (no SOF3 frame header)"
+    return None
 
 
 def prepare_image(key: str, source: str | Path | bytes, codec: str, quality: int = 95) -> Prepared:
     """Read (when given a path), check and encode one image for a shard.
 
-    png: original bytes when already 8-bit grey, else the grey re-encode; jpeg/j2k:
+    png: original bytes when already 8-bit grey, else the grey re-encode; jpeg/j2k/ljpeg:
     decoded grey, re-encoded. A BadImage becomes a Prepared with ``reason`` set.
     """
     data = Path(source).read_bytes() if isinstance(source, (str, Path)) else source
@@ -164,7 +218,7 @@ def prepare_image(key: str, source: str | Path | bytes, codec: str, quality: int
 
 def resize_encoded(data: bytes, size: int, codec: str, quality: int = 95) -> bytes:
     """Decode a grey master image, resize to size×size (Lanczos) and re-encode."""
-    image = decode_grey(data)
+    image = decode_grey(data, codec)
     if image.mode != "L":
         raise BadImage(f"master image is {image.mode}, expected L")
     return encode(image.resize((size, size), RESAMPLE), codec, quality)

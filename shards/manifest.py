@@ -15,7 +15,7 @@ from shards.labels import LABELS
 FORMAT = "cxr-shards/1"
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "val", "test")
-CODECS = ("png", "jpeg", "j2k")
+CODECS = ("png", "jpeg", "j2k", "ljpeg")
 _REQUIRED = {
     "format": str, "package_version": str, "created": str, "codec": str, "derived": bool,
     "source": list, "labels": list, "meta_fields": list, "meta_stats": dict,

@@ -5,6 +5,7 @@ every image decodes to one grey channel (of the stated resolution for derived
 shards), `.labels`/`.meta`/`.id` equal what the `.json` says. Across shards: no key
 twice, per-split samples/patients/positives and train age statistics equal the
 manifest, no shard key also listed as missing or rejected, no unlisted tar.
+With ``--against SRC`` every decoded image is also compared with its source PNG.
 """
 from __future__ import annotations
 
@@ -18,18 +19,22 @@ from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
+import numpy as np
 from tqdm import tqdm
 
 from shards.dali_index import index_for_tar, split_name
-from shards.image_codec import CODEC_EXT, BadImage, decode_grey
+from shards.errors import CxrError
+from shards.image_codec import CODEC_EXT, RESAMPLE, BadImage, check_png, decode_grey, grey_policy
 from shards.labels import LABELS
 from shards.manifest import load_manifest
 from shards.pack_journal import file_sha256
 from shards.records import id_bytes, labels_bytes, meta_vector
+from shards.sources import scan_sources
 
 _REPORT_LINES = 50
+JPEG_TOLERANCE = 2.0  # --against: mean |Δ| in grey levels allowed for jpeg (q95 on NIH images: 0.6, at most 0.9)
 
 
 @dataclass
@@ -48,7 +53,7 @@ class Report:
 
 def run(args: Any) -> int:
     """CLI entry: 0 when every check holds, else print the failures and return 1."""
-    report = verify(args.dir, workers=args.workers)
+    report = verify(args.dir, workers=args.workers, against=getattr(args, "against", None))
     for line in report.failures[:_REPORT_LINES]:
         print(f"FAIL {line}")
     if len(report.failures) > _REPORT_LINES:
@@ -59,18 +64,23 @@ def run(args: Any) -> int:
     return 0 if report.ok else 1
 
 
-def verify(directory: str | Path, workers: int | None = None) -> Report:
-    """Check every shard of ``directory`` against its manifest; return the Report."""
+def verify(directory: str | Path, workers: int | None = None, against: list[str | Path] | None = None) -> Report:
+    """Check every shard of ``directory`` against its manifest; return the Report.
+
+    ``against``: folders of the source PNGs; every image must then equal its source's
+    pixels (after the grey policy, and the Lanczos resize for derived shards).
+    """
     directory = Path(directory)
     manifest = load_manifest(directory)
+    sources = _source_files(against) if against else None
     report, start = Report(shards=len(manifest["shards"])), time.perf_counter()
     samples: dict[str, list[tuple[str, dict]]] = defaultdict(list)  # key → [(shard, json)]
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(workers or os.cpu_count() or 1, mp_context=context) as pool, \
             tqdm(total=sum(s["samples"] for s in manifest["shards"]), unit="img", desc="verify",
                  mininterval=0.5) as bar:
-        futures = {pool.submit(check_shard, str(directory), entry, manifest["codec"], manifest["resolution"]):
-                   entry for entry in manifest["shards"]}
+        futures = {pool.submit(check_shard, str(directory), entry, manifest["codec"], manifest["resolution"],
+                               sources): entry for entry in manifest["shards"]}
         for future in as_completed(futures):
             failures, records = future.result()
             report.failures += failures
@@ -83,9 +93,23 @@ def verify(directory: str | Path, workers: int | None = None) -> Report:
     return report
 
 
-def check_shard(directory: str, entry: dict[str, Any], codec: str, resolution: int | None) \
-        -> tuple[list[str], list[tuple[str, dict]]]:
-    """Check one shard; return (failures, [(key, json record)]) of its samples."""
+def _source_files(against: list[str | Path]) -> dict[str, str]:
+    for raw in against:
+        if not Path(raw).exists():
+            raise CxrError(f"{raw}: --against source does not exist — pass the folder of PNGs given to pack --images")
+    sources = scan_sources(against)
+    if sources.archives:
+        raise CxrError(f"{sources.archives[0]}: --against reads folders of PNGs, not archives "
+                       "— extract the archives and pass the folder")
+    return {key: str(path) for key, path in sources.files.items()}
+
+
+def check_shard(directory: str, entry: dict[str, Any], codec: str, resolution: int | None,
+                sources: Mapping[str, str] | None = None) -> tuple[list[str], list[tuple[str, dict]]]:
+    """Check one shard; return (failures, [(key, json record)]) of its samples.
+
+    ``sources`` (key → source PNG path): also compare each image's pixels with its source.
+    """
     tar_path, name = Path(directory) / entry["name"], entry["name"]
     if not tar_path.is_file():
         return [f"{name}: shard file is missing"], []
@@ -101,7 +125,9 @@ def check_shard(directory: str, entry: dict[str, Any], codec: str, resolution: i
         return failures + [f"{name}: unreadable tar ({err})"], []
     records = []
     for key, members in groups:
-        problems, record = _check_sample(key, members, CODEC_EXT[codec], entry["split"], resolution)
+        problems, record = _check_sample(key, members, CODEC_EXT[codec], entry["split"], resolution, codec)
+        if sources is not None and not problems:
+            problems = _differs_from_source(key, members[CODEC_EXT[codec]], codec, resolution, sources.get(key))
         failures += [f"{name}: {key}: {p}" for p in problems]
         if record is not None:
             records.append((key, record))
@@ -123,13 +149,13 @@ def _read_samples(tar_path: Path) -> list[tuple[str, dict[str, bytes]]]:
 
 
 def _check_sample(key: str, members: dict[str, bytes], image_ext: str, split: str,
-                  resolution: int | None) -> tuple[list[str], dict | None]:
+                  resolution: int | None, codec: str | None = None) -> tuple[list[str], dict | None]:
     expected = {image_ext, "labels", "meta", "id", "json"}
     if set(members) != expected:
         return [f"members {sorted(members)}, expected {sorted(expected)}"], None
     problems = []
     try:
-        image = decode_grey(members[image_ext])
+        image = decode_grey(members[image_ext], codec)
         if image.mode != "L":
             problems.append(f"image decodes to mode {image.mode}, expected L (one grey channel)")
         if resolution is not None and image.size != (resolution, resolution):
@@ -142,6 +168,29 @@ def _check_sample(key: str, members: dict[str, bytes], image_ext: str, split: st
     except (ValueError, KeyError, TypeError) as err:
         return problems + [f"unreadable .json ({err})"], None
     return problems, record
+
+
+def _differs_from_source(key: str, data: bytes, codec: str, resolution: int | None,
+                         source: str | None) -> list[str]:
+    """[] when the decoded image equals its source PNG's grey pixels (within JPEG_TOLERANCE for jpeg)."""
+    if source is None:
+        return ["no source PNG of this key in --against"]
+    raw = Path(source).read_bytes()
+    try:
+        expected, _ = grey_policy(raw, check_png(raw))
+        image = decode_grey(data, codec)
+    except BadImage as err:
+        return [f"source {source}: {err}"]
+    if resolution is not None:
+        expected = expected.resize((resolution, resolution), RESAMPLE)  # as derive.py made it
+    got, want = np.asarray(image, np.int16), np.asarray(expected, np.int16)
+    if got.shape != want.shape:
+        return [f"image is {got.shape[1]}x{got.shape[0]}, source {source} gives {want.shape[1]}x{want.shape[0]}"]
+    diff = np.abs(got - want)
+    if (diff.mean() <= JPEG_TOLERANCE) if codec == "jpeg" else not diff.any():
+        return []
+    return [f"pixels differ from {source} ({np.count_nonzero(diff)} pixels, max |diff| {diff.max()}, "
+            f"mean {diff.mean():.3f})"]
 
 
 def _json_mismatches(key: str, record: dict, members: dict[str, bytes], split: str) -> list[str]:

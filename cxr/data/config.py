@@ -34,8 +34,9 @@ class DataConfig:
     """DALI CPU threads, or DataLoader worker processes for wds (0 = main process)."""
 
     device: str = "cpu"
-    """cpu | gpu. gpu decodes with DALI device "mixed" on device_id = local rank (JPEG /
-    JPEG 2000 shards decode on the GPU; PNG always decodes on the CPU)."""
+    """cpu | gpu. gpu decodes with DALI device "mixed" on device_id = local rank (JPEG and
+    JPEG 2000 shards decode on the GPU; lossless JPEG is meant to, untested; PNG always
+    decodes on the CPU). The loader logs the decode device."""
 
     seed: int = 0
     """Seed of the per-epoch shuffle and of the per-sample augmentation draws."""

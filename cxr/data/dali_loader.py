@@ -18,12 +18,15 @@ pool (or on the GPU), asynchronously to training; batches are prefetched
 reads its own contiguous slice, and the last batch is simply shorter.
 
 `device="gpu"` is the only switch for GPU decoding: decoder device "mixed" and
-device_id = LOCAL_RANK (or the rank). GPU decode helps only JPEG / JPEG 2000 shards;
-PNG decodes on the CPU even in "mixed" mode.
+device_id = LOCAL_RANK (or the rank). GPU decode helps only JPEG, lossless JPEG
+(`ljpeg`, nvJPEG since DALI 1.23) and JPEG 2000 shards; PNG decodes on the CPU even
+in "mixed" mode. The chosen decode device is logged when the loader is built. The
+lossless JPEG GPU path is untested in this repository (no GPU on its test machines).
 """
 from __future__ import annotations
 
 import io
+import logging
 import os
 from collections import deque
 from typing import Callable, Iterator
@@ -36,6 +39,8 @@ from shards.errors import CxrError
 from cxr.data.shard_index import CorruptSample, SampleReader, SplitIndex
 
 OnCorrupt = Callable[[CorruptSample], None]  # records a skip, or raises CxrError
+GPU_DECODABLE = ("jpeg", "ljpeg", "j2k")  # nvJPEG / nvJPEG2000; DALI decodes PNG on the CPU even in "mixed"
+log = logging.getLogger("cxr.data")
 
 
 class DaliBatches:
@@ -47,6 +52,15 @@ class DaliBatches:
         self.resize = native_size != (resolution, resolution)
         self.check_size = not self.resize and not size_known  # sized from one header: check the others
         self.device_id = None if cfg.device == "cpu" else int(os.environ.get("LOCAL_RANK", rank))
+        if cfg.device == "cpu":
+            self.decoder = "cpu (DALI threads)"
+        elif index.codec in GPU_DECODABLE:
+            self.decoder = f"gpu {self.device_id} (DALI mixed)"
+            if index.codec == "ljpeg":  # docs/shards-format.md, "Decoding ljpeg"
+                self.decoder += "; untested for ljpeg: DALI may run its CPU decoder inside mixed"
+        else:
+            self.decoder = f"cpu (DALI mixed: {index.codec} has no GPU decoder)"
+        log.info("decode: %s shards on %s", index.codec, self.decoder)
 
     def iterate(self, batches: list[np.ndarray], on_corrupt: OnCorrupt) -> Iterator[tuple[object, np.ndarray]]:
         """Yield every planned batch minus corrupt samples; a decoder failure restarts at that batch."""
@@ -173,14 +187,19 @@ def _find_undecodable(reader: SampleReader, ids: np.ndarray, codec: str) -> tupl
     """Check and decode each sample of a failed batch (checksums, then PIL) to name the one DALI rejected."""
     from PIL import Image
 
+    from shards.image_codec import decode_ljpeg
+
     for i in ids:
         try:
             image, _, _ = reader.read(int(i))
         except CorruptSample as corrupt:
             return int(i), corrupt
         try:
-            Image.open(io.BytesIO(image)).load()
-        except Exception as err:  # any decoder failure marks the sample
+            if codec == "ljpeg":
+                decode_ljpeg(image)
+            else:
+                Image.open(io.BytesIO(image)).load()
+        except Exception as err:  # any decoder failure marks the sample (BadImage included)
             return int(i), CorruptSample(reader.index.shard_paths[reader.index.shard[i]], reader.index.keys[i],
                                          f"{codec} does not decode ({err})")
     return None

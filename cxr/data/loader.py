@@ -104,7 +104,8 @@ class Loader:
     def _log_summary(self, seconds: float) -> None:
         rate = self._samples / seconds if seconds > 0 else 0.0
         msg = (f"{self.split} epoch {self.epoch}: {self._samples} samples, {len(self._skipped)} corrupt skipped, "
-               f"{seconds:.1f} s, {rate:.0f} images/s ({self.cfg.backend})")
+               f"{seconds:.1f} s, {rate:.0f} images/s ({self.cfg.backend}, decode on "
+               f"{getattr(self._backend, 'decoder', '?')})")
         (log.warning if self._skipped else log.info)(msg + (f"; skipped: {self._skipped[:10]}" if self._skipped else ""))
 
 

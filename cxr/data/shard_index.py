@@ -25,7 +25,7 @@ from shards.labels import META_FIELDS, NUM_LABELS
 log = logging.getLogger("cxr.data")
 
 FORMAT = "cxr-shards/1"
-IMAGE_EXT = {"png": "png", "jpeg": "jpg", "jpg": "jpg", "j2k": "jp2", "jp2": "jp2"}
+IMAGE_EXT = {"png": "png", "jpeg": "jpg", "jpg": "jpg", "j2k": "jp2", "jp2": "jp2", "ljpeg": "ljpeg"}
 META_BYTES = 4 * len(META_FIELDS)
 ID_BYTES = 32
 _PNG_SIG = b"\x89PNG\r\n\x1a\n"
@@ -99,7 +99,7 @@ class SplitIndex:
             raise CxrError(f"{shards_dir / 'manifest.json'}: no shards for split {split!r} — choose one of {known}")
         codec = manifest["codec"]
         if codec not in IMAGE_EXT:
-            raise CxrError(f"{shards_dir / 'manifest.json'}: unknown codec {codec!r} — expected png, jpeg or j2k")
+            raise CxrError(f"{shards_dir / 'manifest.json'}: unknown codec {codec!r} — expected one of {sorted(IMAGE_EXT)}")
         image_ext = IMAGE_EXT[codec]
         paths, keys, shard_ids, ranges = [], [], [], []
         for i, entry in enumerate(entries):
@@ -224,7 +224,7 @@ class SampleReader:
 
 
 def image_problem(data: bytes, codec: str) -> str | None:
-    """Cheap integrity check before decode: PNG chunk CRCs; JPEG / JPEG 2000 start and end markers.
+    """Cheap integrity check before decode: PNG chunk CRCs; (lossless) JPEG / JPEG 2000 start and end markers.
 
     Returns None when the bytes look intact, else the reason. A flipped byte in a PNG
     always fails a CRC; for JPEG only truncation and header damage are caught here (the
@@ -232,6 +232,10 @@ def image_problem(data: bytes, codec: str) -> str | None:
     """
     if codec == "png":
         return _png_problem(data)
+    if codec == "ljpeg":
+        from shards.image_codec import ljpeg_problem
+
+        return ljpeg_problem(data)
     if codec in ("jpeg", "jpg"):
         ok = data[:2] == b"\xff\xd8" and data.rstrip(b"\0")[-2:] == b"\xff\xd9"
         return None if ok else "JPEG start/end marker missing"

@@ -1,4 +1,8 @@
-"""The torch back end (`backend: wds`): the same WebDataset tar shards, decoded by PIL in DataLoader workers.
+"""The torch back end (`backend: wds`): the same WebDataset tar shards, decoded in DataLoader workers.
+
+PIL decodes png / jpeg / j2k; lossless JPEG (`ljpeg`) is decoded by the libjpeg-turbo
+inside imagecodecs (`shards.image_codec.decode_ljpeg`), which does not depend on the
+libjpeg Pillow was built with. Decoding is always on the CPU here.
 
 It reads members by the `.idx` offsets as the DALI back end does, rather than
 streaming tars through `webdataset.WebDataset` with `split_by_node` /
@@ -12,6 +16,7 @@ The pixel path and the augmentation parameters are those of cxr/data/augmentatio
 from __future__ import annotations
 
 import io
+import logging
 from functools import partial
 from typing import Iterator
 
@@ -22,6 +27,8 @@ from cxr.data.config import DataConfig
 from cxr.data.dali_loader import OnCorrupt, all_corrupt_error
 from cxr.data.shard_index import CorruptSample, SampleReader, SplitIndex
 
+log = logging.getLogger("cxr.data")
+
 
 class WdsBatches:
     """Runs the plan's batches through a torch DataLoader; yields (images [b,1,R,R], sample ids)."""
@@ -29,6 +36,8 @@ class WdsBatches:
     def __init__(self, cfg: DataConfig, index: SplitIndex, resolution: int, epoch: int, augment: bool):
         self.dataset = DecodedSamples(cfg, index, resolution, epoch, augment)
         self.cfg = cfg
+        self.decoder = f"cpu ({'imagecodecs' if index.codec == 'ljpeg' else 'PIL'}, DataLoader workers)"
+        log.info("decode: %s shards on %s", index.codec, self.decoder)
 
     def iterate(self, batches: list[np.ndarray], on_corrupt: OnCorrupt) -> Iterator[tuple[object, np.ndarray]]:
         """Yield every planned batch minus corrupt samples (reported through on_corrupt)."""
@@ -95,10 +104,15 @@ def decode_resize(image: bytes, res: int, index: SplitIndex, i: int) -> np.ndarr
     """Encoded image → grey uint8 [res, res] (PIL bilinear, antialiased, when not already res×res)."""
     from PIL import Image
 
+    from shards.image_codec import decode_ljpeg
+
     try:
-        im = Image.open(io.BytesIO(image))
-        im.load()
-    except Exception as err:  # any decoder failure marks the sample corrupt
+        if index.codec == "ljpeg":
+            im = Image.fromarray(decode_ljpeg(image), mode="L")
+        else:
+            im = Image.open(io.BytesIO(image))
+            im.load()
+    except Exception as err:  # any decoder failure (BadImage included) marks the sample corrupt
         raise CorruptSample(index.shard_paths[index.shard[i]], index.keys[i],
                             f"{index.codec} does not decode ({err})") from err
     if im.mode != "L":
@@ -151,7 +165,7 @@ def _worker_context():
     import multiprocessing
 
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "PIL.PngImagePlugin", "cxr.data.wds_loader"])  # no-op once started
+    ctx.set_forkserver_preload(["torch", "PIL.PngImagePlugin", "imagecodecs", "cxr.data.wds_loader"])  # no-op once started
     return ctx
 
 
