@@ -287,9 +287,9 @@ def overlay(master: Any, heat: np.ndarray, caption: Sequence[str], boxes: np.nda
     return rgb
 
 
-def _caption(key: str, label: str, method: str, prob: float, truth: int, run: str) -> list[str]:
+def _caption(key: str, label: str, method: str, prob: float, truth: int, run: str, empty: bool = False) -> list[str]:
     return [f"{key}  {label}  ({METHOD_NAMES[method]}, {run})",
-            f"p = {prob:.3f}   truth: {'positive' if truth else 'negative'}"]
+            f"p = {prob:.3f}   truth: {'positive' if truth else 'negative'}" + ("   map: all zero" if empty else "")]
 
 
 def write_index(out: Path, entries: list[dict], title: str) -> None:
@@ -466,7 +466,8 @@ def _write_overlay(job: Job, masters: Masters, heat: Any, info: dict, run: str) 
     if (info["key"], info["label"]) in job.boxes:
         src = _source_frame(job, masters, info["key"])
         boxes = scale_boxes(job.boxes[(info["key"], info["label"])], src, (width, height))[["x", "y", "w", "h"]].to_numpy()
-    image = overlay(master, full, _caption(info["key"], info["label"], job.method, info["prob"], info["truth"], run), boxes)
+    caption = _caption(info["key"], info["label"], job.method, info["prob"], info["truth"], run, not full.max() > 0)
+    image = overlay(master, full, caption, boxes)
     name = f"{run}/{info['key']}_{info['label']}_{job.method}.png"
     (job.out / run).mkdir(parents=True, exist_ok=True)
     with atomic_write(job.out / name, "wb") as fh:
