@@ -11,6 +11,7 @@ the median of ``--repeats`` calls after one warm-up call.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -26,15 +27,19 @@ from cxr.explain import METHODS, heat_maps  # noqa: E402
 from cxr.models import build_model  # noqa: E402
 
 
-def timed(fn, repeats: int) -> float:
-    """Median seconds of fn() over ``repeats`` calls, after one warm-up."""
+def timed(fn, repeats: int) -> tuple[float, float]:
+    """Median (wall s, process CPU s) of fn() over ``repeats`` calls, after one warm-up.
+
+    CPU seconds are less distorted than wall time when other jobs share the cores.
+    """
     fn()
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def main() -> int:
@@ -49,9 +54,10 @@ def main() -> int:
     torch.manual_seed(0)
     model = build_model(args.model, 14).eval()
     print(f"{args.model}, batch {args.batch}, {args.threads} thread(s), torch {torch.__version__}, "
-          f"{platform.machine()}; median of {args.repeats} after a warm-up")
-    print("| size | method | s / batch | explanations/s | cost vs inference |")
-    print("|---|---|---|---|---|")
+          f"{platform.machine()}; median of {args.repeats} after a warm-up; "
+          f"load average {' '.join(f'{v:.1f}' for v in os.getloadavg())} at start")
+    print("| size | method | wall s | explanations/s (wall) | CPU s | cost vs inference (wall / CPU) |")
+    print("|---|---|---|---|---|---|")
     for size in (int(s) for s in args.sizes.split(",")):
         image = torch.randn(args.batch, 1, size, size)
 
@@ -59,14 +65,15 @@ def main() -> int:
             with torch.inference_mode():
                 model(image)
 
-        base = timed(infer, args.repeats)
-        print(f"| {size} | inference (14 labels) | {base:.3f} | {args.batch / base:.2f} images/s | 1.00× |")
+        base, base_cpu = timed(infer, args.repeats)
+        print(f"| {size} | inference (14 labels) | {base:.3f} | {args.batch / base:.2f} images/s | {base_cpu:.3f} "
+              f"| 1.00× / 1.00× |", flush=True)
         for method in METHODS:
             if method == "cam" and model.classifier_weight is None:
                 continue
-            t = timed(lambda: heat_maps(method, model, image, [1]), args.repeats)
-            print(f"| {size} | {method} (1 label) | {t:.3f} | {args.batch / t:.2f} | {t / base:.2f}× |",
-                  flush=True)
+            t, c = timed(lambda: heat_maps(method, model, image, [1]), args.repeats)
+            print(f"| {size} | {method} (1 label) | {t:.3f} | {args.batch / t:.2f} | {c:.3f} | "
+                  f"{t / base:.2f}× / {c / base_cpu:.2f}× |", flush=True)
     return 0
 
 
