@@ -46,7 +46,12 @@ def one_torch_thread():
 
 # ------------------------------------------------------------ method identities ---
 
-@pytest.mark.parametrize("name, kwargs, res", [("cnn", {}, 128), ("resnet50", {"metadata": "concat"}, 96)])
+@pytest.mark.parametrize("name, kwargs, res", [
+    ("cnn", {}, 128),
+    ("resnet50", {"metadata": "concat"}, 96),
+    ("resnet50", {"conv_stem": True, "stem_size": 64}, 128),   # the learned stem in front of layer4's map
+    ("vit", {"arch": "vit_tiny_patch16_224"}, 64),             # Grad-CAM on the last block's token grid
+])
 def test_cam_equals_gradcam_up_to_positive_scale(name, kwargs, res):
     """GAP + linear: ∂y_c/∂f_k(i,j) = w_ck/(h·w), so Σ_k α_k f_k = CAM/(h·w) exactly (and after ReLU)."""
     torch.manual_seed(0)
