@@ -340,6 +340,10 @@ class Masters:
             data = self.reader.read(self.position[key])[0]
         except CorruptSample as bad:
             raise bad.as_error() from bad
+        if self.index.codec == "ljpeg":  # lossless JPEG masters (pack --codec ljpeg): PIL cannot decode them
+            from shards.image_codec import decode_ljpeg
+
+            return Image.fromarray(decode_ljpeg(data), mode="L")
         return Image.open(io.BytesIO(data)).convert("L")
 
     def size(self, key: str) -> tuple[int, int]:
