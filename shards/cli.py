@@ -106,7 +106,8 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
         "synth",
         help="synthetic phantom chest X-rays with learnable per-label signatures",
         description="Write OUT/images/*.png, OUT/Data_Entry_2017.csv (NIH format) and "
-        "OUT/train_val_list.txt / OUT/test_list.txt so `split` and `pack` run unchanged.",
+        "OUT/train_val_list.txt / OUT/test_list.txt so `split` and `pack` run unchanged, and "
+        "OUT/boxes.csv (BBox_List_2017 layout: where each finding was drawn) for `python -m cxr.explain --bbox`.",
     )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--n", type=int, required=True, help="number of images")

@@ -10,6 +10,14 @@ release so `split` and `pack` run unchanged:
     OUT/images/{patient:08d}_{follow_up:03d}.png
     OUT/Data_Entry_2017.csv       (v2020 column layout)
     OUT/train_val_list.txt, OUT/test_list.txt   (patient-disjoint, ~80/20)
+    OUT/boxes.csv                 (BBox_List_2017 layout: where each signature was drawn)
+
+boxes.csv has one row per drawn element (a lesion, a blob, one lung's effusion, ...):
+``Image Index,Finding Label,Bbox [x,y,w,h]`` in pixels of the phantom (its
+resolution is the box frame, as 1024 is for the NIH file), so the explanation
+tool scores phantoms with the parser of the NIH boxes. A box is the bounding box
+of the pixels where the element's footprint reaches 10 % of its peak (Gaussian
+blobs: ≈ 2.1 σ); Emphysema (whole lungs) has none, Cardiomegaly gets the heart.
 
 Every image is drawn from its own RNG stream seeded by (seed, patient, follow-up),
 so the bytes depend only on --seed, never on --workers.
@@ -42,6 +50,9 @@ _PRIORS = {"Atelectasis": 0.10, "Cardiomegaly": 0.06, "Consolidation": 0.06, "Ed
            "Infiltration": 0.15, "Mass": 0.06, "Nodule": 0.07, "Pleural_Thickening": 0.05,
            "Pneumonia": 0.05, "Pneumothorax": 0.06}
 TEST_FRACTION = 0.2
+BOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"  # the NIH file's header, trailing columns included
+BOX_LEVEL = 0.1  # a box covers the pixels where an element's footprint is ≥ 10 % of its peak
+Box = tuple[int, int, int, int]  # x, y, w, h in pixels at the synth resolution
 
 
 @dataclass(frozen=True)
@@ -257,56 +268,79 @@ def _finish(cv: Canvas, img: np.ndarray, rng: np.random.Generator) -> np.ndarray
 
 
 # ---------------------------------------------------------------- per-label signatures
-# Each adds its finding to `img` in place. Cardiomegaly and Emphysema act through the
-# geometry (`_anatomy`); Atelectasis both there (volume loss) and here (plate band).
+# Each adds its finding to `img` in place and returns the boxes (x, y, w, h; pixels at the
+# synth resolution) of what it drew, one per element (see `footprint_box`). Cardiomegaly
+# and Emphysema act through the geometry (`_anatomy`); Atelectasis both there (volume
+# loss) and here (plate band).
+
+def footprint_box(footprint: np.ndarray, level: float = BOX_LEVEL) -> list[Box]:
+    """[(x, y, w, h)] bounding the pixels where footprint ≥ level × its peak; [] if it is empty."""
+    peak = float(footprint.max()) if footprint.size else 0.0
+    if peak <= 0:
+        return []
+    rows = np.flatnonzero((footprint >= level * peak).any(axis=1))
+    cols = np.flatnonzero((footprint >= level * peak).any(axis=0))
+    return [(int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1))]
 
 def _side(a: Anatomy, rng: np.random.Generator) -> Lung:
     return a.lungs[int(rng.integers(2))]
 
 
-def _atelectasis(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Generator) -> None:
+def _atelectasis(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Generator) -> list[Box]:
     lung = _side(a, rng)
     x, y = lung.cx + rng.uniform(-0.15, 0.15) * lung.rx, lung.cy + rng.uniform(0.3, 0.5) * lung.ry
-    band = cv.ellipse(x, y, 0.65 * lung.rx, 0.02, edge=0.006, angle=rng.uniform(-0.3, 0.3))
-    img += 0.24 * band * lung.mask(cv)
+    band, mask = cv.ellipse(x, y, 0.65 * lung.rx, 0.02, edge=0.006, angle=rng.uniform(-0.3, 0.3)), lung.mask(cv)
+    img += 0.24 * band * mask
+    return footprint_box(band * mask)
 
 
-def _consolidation(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Generator) -> None:
+def _consolidation(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Generator) -> list[Box]:
     lung = _side(a, rng)
     x, y = lung.point(rng, (-0.6, 0.2))
     patch = cv.ellipse(x, y, rng.uniform(0.06, 0.085), rng.uniform(0.05, 0.075), edge=0.008,
                        angle=rng.uniform(-0.5, 0.5))
-    img += 0.27 * patch * lung.mask(cv) * (1.0 + 0.1 * cv.noise(rng, 16))
+    mask = lung.mask(cv)
+    img += 0.27 * patch * mask * (1.0 + 0.1 * cv.noise(rng, 16))
+    return footprint_box(patch * mask)
 
 
-def _edema(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Generator) -> None:
+def _edema(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Generator) -> list[Box]:
     # bilateral perihilar "bat-wing" haze
+    boxes = []
     for lung in a.lungs:
-        haze = cv.blob(lung.cx - lung.lateral * 0.35 * lung.rx, lung.cy + 0.04, rng.uniform(0.065, 0.08))
-        img += 0.3 * haze * lung.mask(cv)
+        haze, mask = cv.blob(lung.cx - lung.lateral * 0.35 * lung.rx, lung.cy + 0.04, rng.uniform(0.065, 0.08)), lung.mask(cv)
+        img += 0.3 * haze * mask
+        boxes += footprint_box(haze * mask)
+    return boxes
 
 
-def _effusion(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Generator) -> None:
+def _effusion(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Generator) -> list[Box]:
     lungs = a.lungs if rng.random() < 0.3 else (_side(a, rng),)
+    boxes = []
     for lung in lungs:
         h = rng.uniform(0.25, 0.4)
         lateral = np.clip(lung.lateral * (cv.x - lung.cx) / lung.rx + 0.3, 0.0, 1.3)
         top = lung.cy + lung.ry * (0.72 - h) - 0.35 * h * lung.ry * lateral  # meniscus rises laterally
         fluid = lung.mask(cv) * np.clip((cv.y - top) / 0.015, 0.0, 1.0)
         img[:] = img * (1 - fluid) + (a.tissue_level + 0.03) * fluid
+        boxes += footprint_box(fluid)
+    return boxes
 
 
-def _fibrosis(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Generator) -> None:
+def _fibrosis(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Generator) -> list[Box]:
     # reticular net in the upper zones of both lungs
     p = rng.uniform(0.04, 0.05)
     phase_x, phase_y = rng.uniform(0, p), rng.uniform(0, p)
     net = 0.5 + 0.5 * np.maximum(np.cos(2 * np.pi * (cv.x + phase_x) / p), np.cos(2 * np.pi * (cv.y + phase_y) / p))
+    boxes = []
     for lung in a.lungs:
-        upper = np.clip((lung.cy + 0.2 * lung.ry - cv.y) / (0.3 * lung.ry), 0.0, 1.0)
-        img += (0.06 + 0.14 * net ** 3) * upper * lung.mask(cv)
+        upper, mask = np.clip((lung.cy + 0.2 * lung.ry - cv.y) / (0.3 * lung.ry), 0.0, 1.0), lung.mask(cv)
+        img += (0.06 + 0.14 * net ** 3) * upper * mask
+        boxes += footprint_box(upper * mask)
+    return boxes
 
 
-def _hernia(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Generator) -> None:
+def _hernia(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Generator) -> list[Box]:
     # retrocardiac gas bubble at the diaphragm with an air-fluid level and a thin wall
     hx, hy, _, hry = a.heart
     x, y, r = hx + rng.uniform(-0.03, 0.01), hy + hry * rng.uniform(0.55, 0.8), rng.uniform(0.04, 0.055)
@@ -314,34 +348,44 @@ def _hernia(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Generator) -
     wall = cv.ellipse(x, y, r * 1.18, r * 1.0, edge=0.004) - inside
     gas = inside * np.clip((y + 0.25 * r - cv.y) / 0.004, 0.0, 1.0)
     img += 0.12 * np.clip(wall, 0.0, 1.0) - 0.32 * gas
+    return footprint_box(np.maximum(wall, inside))
 
 
-def _infiltration(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Generator) -> None:
+def _infiltration(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Generator) -> list[Box]:
+    boxes = []
     for _ in range(int(rng.integers(3, 7))):
         lung = _side(a, rng)
         x, y = lung.point(rng)
-        img += 0.22 * cv.blob(x, y, rng.uniform(0.025, 0.04)) * lung.mask(cv)
+        blob, mask = cv.blob(x, y, rng.uniform(0.025, 0.04)), lung.mask(cv)
+        img += 0.22 * blob * mask
+        boxes += footprint_box(blob * mask)
+    return boxes
 
 
 def _round_lesion(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Generator,
-                  radius: tuple[float, float], level: float) -> None:
+                  radius: tuple[float, float], level: float) -> list[Box]:
     lung = _side(a, rng)
     x, y = lung.point(rng)
     r = rng.uniform(*radius)
-    img += level * cv.ellipse(x, y, r, r * rng.uniform(0.85, 1.0), edge=0.005)
+    lesion = cv.ellipse(x, y, r, r * rng.uniform(0.85, 1.0), edge=0.005)
+    img += level * lesion
+    return footprint_box(lesion)
 
 
-def _mass(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Generator) -> None:
-    _round_lesion(cv, a, img, rng, (0.05, 0.07), 0.3)
+def _mass(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Generator) -> list[Box]:
+    return _round_lesion(cv, a, img, rng, (0.05, 0.07), 0.3)
 
 
-def _nodule(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Generator) -> None:
+def _nodule(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Generator) -> list[Box]:
+    boxes = []
     for _ in range(int(rng.integers(1, 3))):
-        _round_lesion(cv, a, img, rng, (0.018, 0.026), 0.4)
+        boxes += _round_lesion(cv, a, img, rng, (0.018, 0.026), 0.4)
+    return boxes
 
 
-def _pleural_thickening(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Generator) -> None:
+def _pleural_thickening(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Generator) -> list[Box]:
     # a bright shell along the lateral wall and apex, inside the lung outline
+    boxes = []
     for lung in a.lungs if rng.random() < 0.4 else (_side(a, rng),):
         t = rng.uniform(0.03, 0.045)
         rad = cv.radius(lung.cx, lung.cy, lung.rx, lung.ry * 1.08)
@@ -349,17 +393,21 @@ def _pleural_thickening(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.
         lateral = np.clip((lung.lateral * (cv.x - lung.cx) / lung.rx + 0.2) / 0.2, 0.0, 1.0)
         upper = np.clip((lung.cy + 0.5 * lung.ry - cv.y) / 0.02, 0.0, 1.0)
         img += 0.3 * shell * lateral * upper * (rad < 1.0)
+        boxes += footprint_box(shell * lateral * upper * (rad < 1.0))
+    return boxes
 
 
-def _pneumonia(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Generator) -> None:
+def _pneumonia(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Generator) -> list[Box]:
     # soft, patchy lower-zone airspace opacity
     lung = _side(a, rng)
     x, y = lung.point(rng, (0.2, 0.7))
     patchy = np.clip(0.7 + 0.35 * cv.noise(rng, 20), 0.0, 1.2)
-    img += 0.3 * cv.blob(x, y, rng.uniform(0.05, 0.07)) * patchy * lung.mask(cv)
+    blob, mask = cv.blob(x, y, rng.uniform(0.05, 0.07)), lung.mask(cv)
+    img += 0.3 * blob * patchy * mask
+    return footprint_box(blob * patchy * mask)
 
 
-def _pneumothorax(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Generator) -> None:
+def _pneumothorax(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Generator) -> list[Box]:
     # lateral/apical air without vessel markings, bounded by the visceral pleural line
     lung = _side(a, rng)
     k = rng.uniform(0.55, 0.7)
@@ -368,7 +416,9 @@ def _pneumothorax(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Genera
     air = np.clip(lung.mask(cv) - collapsed, 0.0, 1.0)
     img[:] = img * (1 - air) + 0.45 * a.lung_level * air
     rad = cv.radius(ccx, ccy, lung.rx * k, lung.ry * 0.8)
-    img += 0.16 * np.clip(1 - np.abs(rad - 1) * lung.rx * k / 0.004, 0.0, 1.0) * lung.mask(cv)
+    line, mask = np.clip(1 - np.abs(rad - 1) * lung.rx * k / 0.004, 0.0, 1.0), lung.mask(cv)
+    img += 0.16 * line * mask
+    return footprint_box(np.maximum(air, line * mask))
 
 
 _SIGNATURES = {
@@ -381,15 +431,23 @@ _SIGNATURES = {
 
 def render(case: Case, seed: int, resolution: int) -> np.ndarray:
     """Draw one phantom: uint8 [resolution, resolution]; same (case, seed) → same pixels."""
+    return render_with_boxes(case, seed, resolution)[0]
+
+
+def render_with_boxes(case: Case, seed: int, resolution: int) -> tuple[np.ndarray, list[tuple[str, Box]]]:
+    """One phantom and where its findings were drawn: (uint8 [R, R], [(label, (x, y, w, h))])."""
     rng_patient = np.random.default_rng([seed, case.patient])
     rng = np.random.default_rng([seed, case.patient, case.follow_up + 1])
     cv = Canvas(resolution)
     anatomy = _anatomy(case, rng_patient, rng)
     img = _base(cv, anatomy, rng)
+    boxes: list[tuple[str, Box]] = []
+    if case.labels[LABELS.index("Cardiomegaly")]:  # drawn by _base: the (enlarged) heart
+        boxes += [("Cardiomegaly", b) for b in footprint_box(cv.ellipse(*anatomy.heart, edge=0.012))]
     for name, on in zip(LABELS, case.labels):
         if on and name in _SIGNATURES:
-            _SIGNATURES[name](cv, anatomy, img, rng)
-    return _finish(cv, img, rng)
+            boxes += [(name, b) for b in _SIGNATURES[name](cv, anatomy, img, rng)]
+    return _finish(cv, img, rng), boxes
 
 
 # ---------------------------------------------------------------- writing
@@ -400,13 +458,22 @@ def _png_bytes(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _write_one(task: tuple[Case, int, int, str]) -> int:
-    """Worker: render one case and write its PNG atomically; returns bytes written."""
+def _write_one(task: tuple[Case, int, int, str]) -> tuple[int, list[tuple[str, Box]]]:
+    """Worker: render one case and write its PNG atomically; returns (bytes written, its boxes)."""
     case, seed, resolution, folder = task
-    data = _png_bytes(render(case, seed, resolution))
+    pixels, boxes = render_with_boxes(case, seed, resolution)
+    data = _png_bytes(pixels)
     with atomic_write(Path(folder) / case.image, "wb") as fh:
         fh.write(data)
-    return len(data)
+    return len(data), boxes
+
+
+def boxes_csv(cases: list[Case], boxes: dict[str, list[tuple[str, Box]]]) -> str:
+    """boxes.csv text in the BBox_List_2017 layout, cases in order, boxes in drawing order."""
+    lines = [BOX_HEADER]
+    for c in cases:
+        lines += [f"{c.image},{label},{x},{y},{w},{h}" for label, (x, y, w, h) in boxes.get(c.image, [])]
+    return "\n".join(lines) + "\n"
 
 
 def metadata_csv(cases: list[Case], resolution: int) -> str:
@@ -431,21 +498,25 @@ def _check_out(out: Path, cases: list[Case]) -> Path:
     return images
 
 
-def _render_all(cases: list[Case], seed: int, resolution: int, images: Path, workers: int) -> int:
+def _render_all(cases: list[Case], seed: int, resolution: int, images: Path, workers: int
+                ) -> tuple[int, dict[str, list[tuple[str, Box]]]]:
     tasks = [(c, seed, resolution, str(images)) for c in cases]
     bar = tqdm(total=len(tasks), desc="synth", unit=" img")
-    total = 0
+    total, boxes = 0, {}
     if workers <= 1:
-        for task in tasks:
-            total += _write_one(task)
+        for case, task in zip(cases, tasks):
+            size, boxes[case.image] = _write_one(task)
+            total += size
             bar.update()
     else:
         with get_context("fork" if os.name == "posix" else "spawn").Pool(workers) as pool:
-            for size in pool.imap_unordered(_write_one, tasks, chunksize=max(1, min(16, len(tasks) // (4 * workers)))):
+            # imap (ordered): results come back in case order, so boxes pair with their case.
+            for case, (size, drawn) in zip(cases, pool.imap(_write_one, tasks, chunksize=max(1, min(16, len(tasks) // (4 * workers))))):
                 total += size
+                boxes[case.image] = drawn
                 bar.update()
     bar.close()
-    return total
+    return total, boxes
 
 
 def run(args) -> int:
@@ -457,8 +528,9 @@ def run(args) -> int:
     cases = plan_cases(args.n, args.seed, LabelSampler(args.metadata))
     images = _check_out(out, cases)
     workers = args.workers or os.cpu_count() or 1
-    nbytes = _render_all(cases, args.seed, args.resolution, images, min(workers, len(cases)))
+    nbytes, boxes = _render_all(cases, args.seed, args.resolution, images, min(workers, len(cases)))
     atomic_write_text(out / "Data_Entry_2017.csv", metadata_csv(cases, args.resolution))
+    atomic_write_text(out / "boxes.csv", boxes_csv(cases, boxes))
     test = test_patients(cases, args.seed)
     atomic_write_text(out / "test_list.txt", "".join(f"{c.image}\n" for c in cases if c.patient in test))
     atomic_write_text(out / "train_val_list.txt", "".join(f"{c.image}\n" for c in cases if c.patient not in test))

@@ -60,7 +60,7 @@ def signatures(tmp_path_factory) -> tuple[np.ndarray, np.ndarray]:
 def test_same_seed_same_bytes_any_workers(small, tmp_path):
     again = _synth(tmp_path / "b", 40, "--workers", "1")
     a, b = _files(small), _files(again)
-    assert len(a) == 40 + 3 and a == b
+    assert len(a) == 40 + 4 and a == b  # images, Data_Entry, two lists, boxes.csv
 
 
 def test_different_seed_different_images(small, tmp_path):
@@ -176,3 +176,38 @@ def test_stale_images_are_refused(tmp_path, capsys):
     assert main(["synth", "--out", str(out), "--n", "2", "--resolution", "32"]) == 2
     assert "would not write" in capsys.readouterr().err
     assert (out / "images" / "99999999_000.png").read_bytes() == b"x"
+
+
+def test_boxes_csv_records_every_drawn_finding(small, nih_dir):
+    """boxes.csv: the NIH BBox_List header, boxes inside the image, one per drawn finding at least."""
+    text = (small / "boxes.csv").read_text().splitlines()
+    with gzip.open(nih_dir / "BBox_List_2017.csv.gz", "rt") as fh:
+        nih_header = fh.readline().strip()
+    assert text[0] == nih_header == "Image Index,Finding Label,Bbox [x,y,w,h],,,"
+    boxes: dict[str, set[str]] = {}
+    for line in text[1:]:
+        image, label, *xywh = line.split(",")
+        x, y, w, h = map(int, xywh)
+        assert 0 <= x and 0 <= y and w > 0 and h > 0 and x + w <= 64 and y + h <= 64, line
+        boxes.setdefault(image, set()).add(label)
+    for r in _rows(small):
+        drawn = set(r["Finding Labels"].split("|")) - {"No Finding", "Emphysema"}  # Emphysema: whole lungs, no box
+        assert boxes.get(r["Image Index"], set()) == drawn, r["Image Index"]
+
+
+def test_nodule_boxes_hold_the_bright_lesion(tmp_path):
+    """Pixels: a Nodule box is brighter than the ring of lung around it, image by image."""
+    out = _synth(tmp_path / "nod", 60, "--workers", "1", resolution=128, seed=5)
+    brighter, total = 0, 0
+    for line in (out / "boxes.csv").read_text().splitlines()[1:]:
+        image, label, *xywh = line.split(",")
+        if label != "Nodule":
+            continue
+        x, y, w, h = map(int, xywh)
+        px = np.asarray(Image.open(out / "images" / image), dtype=np.float64)
+        inner = px[y:y + h, x:x + w].mean()
+        ring = px[max(y - h, 0):y + 2 * h, max(x - w, 0):x + 2 * w]
+        outer = (ring.sum() - px[y:y + h, x:x + w].sum()) / (ring.size - w * h)
+        brighter += inner > outer
+        total += 1
+    assert total >= 5 and brighter >= 0.9 * total, (brighter, total)

@@ -1,0 +1,703 @@
+"""`python -m cxr.explain` — CAM, Grad-CAM and saliency overlays, and localisation against boxes.
+
+    python -m cxr.explain --run RUN --shards DIR --split test --keys K1,K2 \\
+        --labels Cardiomegaly,Effusion --method gradcam --out DIR          # overlays + index.html
+    python -m cxr.explain --run RUN --shards DIR --bbox BBox_List_2017.csv.gz --out DIR   # localisation
+    python -m cxr.explain --runs R224 R512 R1024 --shards DIR --bbox FILE --out DIR      # across runs
+    accelerate launch [--multi_gpu --num_processes N] -m cxr.explain ...   # each rank a disjoint share
+
+Methods (every map is [B, L, h, w], clipped at 0, for labels L of the batch):
+
+- ``cam`` — M_c = Σ_k w_{c,k} f_k on ``model.features`` with ``model.classifier_weight``
+  (pooled-linear heads only: densenet121, resnet50, cnn, vit; refused for CBAM and BEiT).
+- ``gradcam`` — ReLU(Σ_k α_k f_k), α_k = mean over space of ∂y_c/∂f_k, on the output
+  of ``model.cam_layer``: any CNN of the suite (CBAM: the CBAM output; conv-stem
+  ResNet: layer4 behind the stem). Transformers (vit, beit): Grad-CAM on the last
+  block's patch tokens on their grid (the ``TokenGrid`` cam layer: after ViT's final
+  norm, before BEiT's fc_norm). Attention rollout is not offered: it is class-agnostic
+  (one map for all 14 labels) and timm's fused attention does not expose the weights.
+- ``saliency`` — max(0, Σ_{i∈S} ∂y_i/∂I): the gradient of the summed logits of a label
+  set S with respect to the model's (normalised) input image I; per-label maps use
+  S = {c}. y is always the logit (pre-sigmoid), as in Grad-CAM.
+
+Library: Grad-CAM and saliency are captum's ``LayerGradCam`` and ``Saliency``
+(captum 0.9, pure Python on torch; it owns the hooks and the extra forward
+arguments, so metadata models work unchanged). pytorch-grad-cam (``grad-cam``) was
+not used: it min–max normalises and resizes every map through OpenCV (a new heavy
+dependency), which hides the raw values that the CAM = Grad-CAM identity and the
+energy-fraction score need. CAM is one einsum here (captum has no CAM).
+
+Overlays are drawn on the shard's master image (the full-resolution original, not
+the model's input): the map is upsampled bilinearly to the master's size, coloured
+(jet) and blended where it is high; a caption band says key, label, method,
+predicted probability and ground truth; ground-truth boxes are drawn when --bbox is
+given. ``index.html`` shows them together (one row per image).
+
+Localisation (--bbox): every (image, label) of the split that has a box of that
+label in the file (all boxes of that label on the image form one region). Boxes are
+in the source image's pixels (the NIH file: 1024² originals; `shards synth`'s
+boxes.csv: the phantom's resolution) and are scaled to the model's input size R,
+where the map (upsampled to R×R) is scored:
+
+- hit — the map's maximum lies inside the region (pointing game; an all-zero map is a miss);
+- IoU — of {map ≥ t · max} (t = --threshold, default 0.5) with the region;
+- energy — the fraction of the map's sum inside the region;
+- chance — region area / image area (a uniformly random peak's hit rate).
+
+Means per label and over all pairs, with percentile-bootstrap CIs over images
+(``cxr.metrics.bootstrap_counts``), go to ``localisation.csv`` and ``localisation.md``;
+the per-pair scores to ``localisation_pairs.csv``; ``runs.json`` lists each run's model
+and resolution with the counts. The report says how many of the split's images were scored. Data, models and ranks are handled with cxr.evaluate's
+pieces (run dirs, weights-only checkpoints, the loader config, accelerate's
+``gather_object``); each rank explains a disjoint, contiguous share of the chosen
+images with the evaluator's own loader.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import html
+import io
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from shards.atomic import atomic_write, atomic_write_text
+from shards.errors import CxrError, cli_entry
+from shards.labels import LABELS
+
+METHODS = ("cam", "gradcam", "saliency")
+METHOD_NAMES = {"cam": "CAM", "gradcam": "Grad-CAM", "saliency": "saliency"}
+BOX_SPELLINGS = {"Infiltrate": "Infiltration"}  # BBox_List_2017 spells Infiltration this way
+NIH_BOX_FRAME = 1024
+SCORES = ("hit", "iou", "energy")
+
+
+# ---------------------------------------------------------------- heat maps ---
+
+def _extra(meta: Any) -> tuple | None:
+    return (meta,) if meta is not None else None
+
+
+def cam_maps(model: Any, image: Any, labels: Sequence[int], meta: Any = None) -> Any:
+    """CAM M_c = Σ_k w_{c,k} f_k: [B,len(labels),h,w] (unclipped) on the final feature map."""
+    import torch
+
+    weight = model.classifier_weight
+    if weight is None:
+        raise CxrError(f"model {model.name}: the head is not pooled-linear, so CAM is undefined — "
+                       "use --method gradcam (works for every model of the suite)")
+    with torch.no_grad():
+        return torch.einsum("bkhw,lk->blhw", model.features(image), weight[list(labels)])
+
+
+def gradcam_maps(model: Any, image: Any, labels: Sequence[int], meta: Any = None, relu: bool = True) -> Any:
+    """Grad-CAM on ``model.cam_layer``: [B,len(labels),h,w]; relu=False keeps the signed sum Σ α_k f_k."""
+    import torch
+    from captum.attr import LayerGradCam
+
+    method = LayerGradCam(model, model.cam_layer)
+    with torch.enable_grad():
+        maps = [method.attribute(image, target=int(c), additional_forward_args=_extra(meta),
+                                 relu_attributions=relu) for c in labels]
+    return torch.cat(maps, dim=1).detach()
+
+
+def saliency_map(model: Any, image: Any, labels: Sequence[int], meta: Any = None) -> Any:
+    """max(0, Σ_{i∈labels} ∂y_i/∂I) for input image I [B,1,H,W] → [B,1,H,W] (y: logits)."""
+    import torch
+    from captum.attr import Saliency
+
+    index = list(labels)
+
+    def summed(x, *extra):
+        return model(x, *extra)[:, index].sum(dim=1, keepdim=True)
+
+    image = image.detach().requires_grad_(True)
+    with torch.enable_grad():
+        grad = Saliency(summed).attribute(image, target=0, abs=False, additional_forward_args=_extra(meta))
+    return grad.detach().clamp(min=0)
+
+
+def heat_maps(method: str, model: Any, image: Any, labels: Sequence[int], meta: Any = None) -> Any:
+    """The method's maps [B,len(labels),h,w] at their native size (saliency: the input's), clipped at 0."""
+    import torch
+
+    if method == "cam":
+        return cam_maps(model, image, labels, meta).clamp(min=0)
+    if method == "gradcam":
+        return gradcam_maps(model, image, labels, meta)
+    if method == "saliency":
+        return torch.cat([saliency_map(model, image, [c], meta) for c in labels], dim=1)
+    raise CxrError(f"--method {method}: unknown — choose one of {', '.join(METHODS)}")
+
+
+def upsample(maps: Any, size: tuple[int, int]) -> Any:
+    """Bilinear resize of maps [B,L,h,w] to size (H, W) (align_corners=False), float32."""
+    import torch.nn.functional as F
+
+    maps = maps.float()
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+# -------------------------------------------------------------------- boxes ---
+
+def read_boxes(path: str | Path) -> pd.DataFrame:
+    """A BBox_List_2017-layout CSV → columns key, label, x, y, w, h (source-image pixels).
+
+    Accepts the NIH file as released (gzip or not, trailing empty columns, ``Infiltrate``
+    for Infiltration) and ``shards synth``'s boxes.csv. Unknown labels, missing or
+    non-positive sizes are errors naming the line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CxrError(f"{path}: box file not found — pass BBox_List_2017.csv.gz (NIH) or a synth boxes.csv")
+    opener = gzip.open if path.suffix == ".gz" else open
+    rows = []
+    with opener(path, "rt", newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, [])
+        if [h.strip() for h in header[:2]] != ["Image Index", "Finding Label"]:
+            raise CxrError(f"{path}: header {','.join(header)[:60]!r} is not the BBox_List_2017 layout "
+                           "(Image Index,Finding Label,Bbox [x,y,w,h]) — pass the NIH box file")
+        for line, fields in enumerate(reader, start=2):
+            if not any(f.strip() for f in fields):
+                continue
+            rows.append(_box_row(path, line, fields))
+    return pd.DataFrame(rows, columns=["key", "label", "x", "y", "w", "h"])
+
+
+def _box_row(path: Path, line: int, fields: list[str]) -> tuple:
+    values = [f.strip() for f in fields]
+    if len(values) < 6 or any(values[6:]):
+        raise CxrError(f"{path}:{line}: expected image, label, x, y, w, h (then only empty columns) — fix the row")
+    label = BOX_SPELLINGS.get(values[1], values[1])
+    if label not in LABELS:
+        raise CxrError(f"{path}:{line}: unknown label {values[1]!r} — labels are {', '.join(LABELS)}")
+    try:
+        x, y, w, h = (float(v) for v in values[2:6])
+    except ValueError as err:
+        raise CxrError(f"{path}:{line}: box {values[2:6]} is not four numbers — fix the row") from err
+    if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
+        raise CxrError(f"{path}:{line}: box {values[2:6]} needs finite x, y and w, h > 0 — fix the row")
+    return Path(values[0]).stem, label, x, y, w, h
+
+
+def scale_boxes(boxes: pd.DataFrame, source: tuple[float, float], target: tuple[float, float]) -> pd.DataFrame:
+    """Boxes in a source frame (width, height) → the target frame (e.g. 1024² → the model's R×R)."""
+    sx, sy = target[0] / source[0], target[1] / source[1]
+    out = boxes.copy()
+    out["x"], out["w"] = boxes["x"] * sx, boxes["w"] * sx
+    out["y"], out["h"] = boxes["y"] * sy, boxes["h"] * sy
+    return out
+
+
+def box_mask(boxes: pd.DataFrame | Sequence[Sequence[float]], size: tuple[int, int]) -> np.ndarray:
+    """bool [H,W]: pixels whose centre lies in any box [x, x+w) × [y, y+h); a box that holds no centre keeps the pixel under its own centre."""
+    height, width = size
+    mask = np.zeros((height, width), dtype=bool)
+    rows = boxes[["x", "y", "w", "h"]].to_numpy() if isinstance(boxes, pd.DataFrame) else np.asarray(boxes)
+    cx, cy = np.arange(width) + 0.5, np.arange(height) + 0.5
+    for x, y, w, h in rows:
+        inside = ((cy >= y) & (cy < y + h))[:, None] & ((cx >= x) & (cx < x + w))[None, :]
+        if not inside.any():
+            i = min(max(int(y + h / 2), 0), height - 1)
+            j = min(max(int(x + w / 2), 0), width - 1)
+            inside[i, j] = True
+        mask |= inside
+    return mask
+
+
+def localisation(heat: np.ndarray, region: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """Pointing-game hit, IoU of {heat ≥ threshold·max} with the region, energy inside, chance rate."""
+    heat = np.asarray(heat, dtype=np.float64)
+    peak = heat.max()
+    chance = float(region.mean())
+    if not np.isfinite(peak) or peak <= 0:
+        return {"hit": 0.0, "iou": 0.0, "energy": 0.0, "chance": chance, "empty": 1.0}
+    hot = heat >= threshold * peak
+    i, j = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    return {"hit": float(region[i, j]), "iou": float((hot & region).sum() / (hot | region).sum()),
+            "energy": float(heat[region].sum() / heat.sum()), "chance": chance, "empty": 0.0}
+
+
+def summarise(pairs: pd.DataFrame, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> pd.DataFrame:
+    """Per run and label (+ ``all``): n, mean hit/IoU/energy with bootstrap CIs over images, chance rate.
+
+    ``pairs``: one row per (run, key, label) with the SCORES and ``chance``; every run's
+    images are resampled with the same draws per label set (``cxr.metrics.bootstrap_counts``).
+    """
+    from cxr.metrics import bootstrap_counts
+
+    rows = []
+    for run, part in pairs.groupby("run", sort=False):
+        keys = sorted(set(part["key"]))
+        position = {k: i for i, k in enumerate(keys)}
+        counts = bootstrap_counts(len(keys), n_boot, seed) if n_boot else None
+        groups = [(label, part[part["label"] == label]) for label in LABELS if (part["label"] == label).any()]
+        for label, group in [*groups, ("all", part)]:
+            weights = counts[[position[k] for k in group["key"]]] if counts is not None else None
+            row = {"run": run, "label": label, "pairs": len(group), "images": group["key"].nunique()}
+            for score in (*SCORES, "chance"):
+                values = group[score].to_numpy(dtype=np.float64)
+                row[score] = float(values.mean())
+                if weights is not None and score != "chance":
+                    boot = (weights.T @ values) / np.maximum(weights.sum(axis=0), 1e-12)
+                    row[f"{score}_lo"], row[f"{score}_hi"] = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------ overlays ---
+
+def overlay(master: Any, heat: np.ndarray, caption: Sequence[str], boxes: np.ndarray | None = None) -> Any:
+    """RGB PIL image of the master's size: grey master, jet heat blended where high, caption band, boxes."""
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw, ImageFont
+
+    grey = np.asarray(master.convert("L"), dtype=np.float32)[..., None] / 255.0
+    peak = float(heat.max())
+    h = np.clip(heat / peak, 0.0, 1.0) if peak > 0 else np.zeros_like(heat)
+    colour = colormaps["jet"](h)[..., :3].astype(np.float32)
+    alpha = 0.6 * h[..., None]
+    rgb = Image.fromarray(np.rint(255 * ((1 - alpha) * grey + alpha * colour)).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(rgb, "RGBA")
+    width, height = rgb.size
+    line = max(6, round(width / 48))
+    for x, y, w, bh in ([] if boxes is None else boxes):
+        draw.rectangle([x, y, x + w, y + bh], outline=(0, 255, 0, 255), width=max(1, width // 256))
+    try:
+        font = ImageFont.load_default(size=line)
+    except TypeError:  # Pillow without FreeType: the fixed bitmap font
+        font = ImageFont.load_default()
+    band = int(1.35 * line * len(caption) + line * 0.4)
+    draw.rectangle([0, 0, width, min(band, height)], fill=(0, 0, 0, 170))
+    for k, text in enumerate(caption):
+        draw.text((line * 0.4, line * 0.2 + 1.35 * line * k), text, fill=(255, 255, 255, 255), font=font)
+    return rgb
+
+
+def _caption(key: str, label: str, method: str, prob: float, truth: int, run: str, empty: bool = False) -> list[str]:
+    return [f"{key}  {label}  ({METHOD_NAMES[method]}, {run})",
+            f"p = {prob:.3f}   truth: {'positive' if truth else 'negative'}" + ("   map: all zero" if empty else "")]
+
+
+def write_index(out: Path, entries: list[dict], title: str) -> None:
+    """index.html: one row per image, one captioned overlay per label."""
+    by_key: dict[str, list[dict]] = {}
+    for e in sorted(entries, key=lambda e: (e["run"], e["key"], LABELS.index(e["label"]))):
+        by_key.setdefault(f"{e['run']} · {e['key']}", []).append(e)
+    cells = []
+    for name, row in by_key.items():
+        figs = "".join(
+            f'<figure><a href="{html.escape(e["file"])}"><img src="{html.escape(e["file"])}" width="320"></a>'
+            f'<figcaption>{html.escape(e["label"])}: p = {e["prob"]:.3f}, truth '
+            f'{"positive" if e["truth"] else "negative"}</figcaption></figure>' for e in row)
+        cells.append(f"<h2>{html.escape(name)}</h2><div class=row>{figs}</div>")
+    page = (f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title>"
+            "<style>body{font-family:sans-serif}.row{display:flex;flex-wrap:wrap;gap:8px}"
+            "figure{margin:0}figcaption{font-size:13px}</style>"
+            f"<h1>{html.escape(title)}</h1>{''.join(cells)}\n")
+    atomic_write_text(out / "index.html", page)
+
+
+# -------------------------------------------------------------- data access ---
+
+@dataclass
+class Masters:
+    """The shard's master (full-resolution) images of one split, read by key."""
+
+    index: Any
+    reader: Any
+    position: dict[str, int]
+    sizes: dict[str, int]
+
+    @classmethod
+    def open(cls, shards: Path, split: str) -> "Masters":
+        from cxr.data.shard_index import SampleReader, SplitIndex
+
+        manifest = json.loads((shards / "manifest.json").read_text())
+        index = SplitIndex.load(shards, manifest, split)
+        return cls(index, SampleReader(index), {k: i for i, k in enumerate(index.keys)},
+                   manifest.get("image_sizes") or {})
+
+    def image(self, key: str) -> Any:
+        from PIL import Image
+
+        from cxr.data.shard_index import CorruptSample
+
+        try:
+            data = self.reader.read(self.position[key])[0]
+        except CorruptSample as bad:
+            raise bad.as_error() from bad
+        if self.index.codec == "ljpeg":  # lossless JPEG masters (pack --codec ljpeg): PIL cannot decode them
+            from shards.image_codec import decode_ljpeg
+
+            return Image.fromarray(decode_ljpeg(data), mode="L")
+        return Image.open(io.BytesIO(data)).convert("L")
+
+    def size(self, key: str) -> tuple[int, int]:
+        """(width, height) of a master: the manifest's single size, else the image header."""
+        if len(self.sizes) == 1:
+            w, _, h = next(iter(self.sizes)).partition("x")
+            return int(w), int(h)
+        from PIL import Image
+
+        return Image.open(io.BytesIO(self.reader.read(self.position[key])[0])).size
+
+
+def select_keys(available: Sequence[str], wanted: Sequence[str], shards: Path, split: str) -> list[str]:
+    """The wanted keys (``.png`` suffix allowed), each checked to be in the split."""
+    have = set(available)
+    keys = [Path(k.strip()).stem for k in wanted if k.strip()]
+    missing = [k for k in keys if k not in have]
+    if missing:
+        raise CxrError(f"{shards}/manifest.json: split {split!r} has no image {missing[:3]} — "
+                       "pass keys of that split (NIH ids like 00000001_000), or another --split")
+    return list(dict.fromkeys(keys))
+
+
+def rank_share(indices: Sequence[int], rank: int, world: int) -> list[int]:
+    """This rank's contiguous, disjoint share of the (sorted) indices."""
+    ordered = sorted(indices)
+    n = len(ordered)
+    return ordered[rank * n // world:(rank + 1) * n // world]
+
+
+def subset_loader(loader_cfg: Any, split: str, keys: Sequence[str], rank: int = 0, world: int = 1) -> Any:
+    """The evaluator's loader (same decode, resize, normalisation) over this rank's share of ``keys``.
+
+    The shares of the ranks are disjoint, contiguous in packing order, and cover the keys.
+    """
+    from cxr.data import build_loader
+    from cxr.data.plan import EpochPlan
+
+    loader = build_loader(loader_cfg, split, rank=0, world_size=1, epoch=0, train=False)
+    position = {k: i for i, k in enumerate(loader.index.keys)}
+    ids = np.asarray(rank_share([position[k] for k in keys], rank, world), dtype=np.int64)
+    size = loader_cfg.eval_batch
+    batches = [ids[i:i + size] for i in range(0, len(ids), size)]
+    loader.plan = EpochPlan(batches, len(batches))
+    return loader
+
+
+# ------------------------------------------------------------------ one run ---
+
+@dataclass
+class Job:
+    """What to explain: method, labels per key, boxes per (key, label) in source pixels, outputs."""
+
+    method: str
+    labels: dict[str, list[str]]
+    boxes: dict[tuple[str, str], pd.DataFrame]
+    out: Path
+    overlays: bool
+    threshold: float
+    box_frame: int | None
+
+
+def explain_run(args: argparse.Namespace, run_dir: str, name: str, state: Any, job: Job, masters: Masters
+                ) -> tuple[list[dict], list[dict], dict]:
+    """Explain this rank's share of ``job`` with one run: (score rows, overlay entries, run info)."""
+    import torch
+
+    from cxr.evaluate import (_renormaliser, _shards_labels, build_member_model, check_compatible,
+                              eval_data_config, read_member)
+
+    member = read_member(run_dir, name)
+    resolution = check_compatible([member], _shards_labels(Path(args.shards)), args.resolution)
+    model = build_member_model(member, state.device)
+    for p in model.parameters():
+        p.requires_grad_(False)  # gradients flow to the input and the cam layer only
+    loader_cfg = eval_data_config([member], args, resolution, on_gpu=state.device.type == "cuda")
+    loader = subset_loader(loader_cfg, args.split, list(job.labels), state.process_index, state.num_processes)
+    renorm = _renormaliser(member, loader_cfg, state.device)
+    rows: list[dict] = []
+    entries: list[dict] = []
+    from tqdm import tqdm
+
+    for batch in tqdm(loader, total=len(loader), desc=f"explain {name}", unit="batch",
+                      disable=not state.is_main_process, dynamic_ncols=True):
+        image = renorm(batch["image"].to(state.device))
+        meta = batch["meta"].to(state.device) if member.uses_meta else None
+        with torch.no_grad():
+            probs = torch.sigmoid(model(image, meta).double()).cpu().numpy()
+        truth = batch["labels"].numpy().round().astype(int)
+        keys = list(batch["key"])
+        for label in sorted({lab for k in keys for lab in job.labels[k]}, key=LABELS.index):
+            rows_b = [b for b, k in enumerate(keys) if label in job.labels[k]]
+            c = member.labels.index(label)
+            maps = heat_maps(job.method, model, image[rows_b], [c], None if meta is None else meta[rows_b])
+            for m, b in zip(maps, rows_b):
+                info = {"run": name, "key": keys[b], "label": label, "prob": float(probs[b, c]),
+                        "truth": int(truth[b, c])}
+                if job.boxes:
+                    rows.append({**info, **_score(job, masters, m, keys[b], label, resolution)})
+                if job.overlays:
+                    entries.append({**info, "file": _write_overlay(job, masters, m, info, name)})
+    return rows, entries, {"run": name, "run_dir": str(run_dir), "model": member.config["model"].get("name"),
+                           "resolution": resolution}
+
+
+def _source_frame(job: Job, masters: Masters, key: str) -> tuple[int, int]:
+    return (job.box_frame, job.box_frame) if job.box_frame else masters.size(key)
+
+
+def _score(job: Job, masters: Masters, heat: Any, key: str, label: str, resolution: int) -> dict:
+    """Localisation scores of one map [1,h,w] against the (key, label) region, at the model's R×R."""
+    boxes = scale_boxes(job.boxes[(key, label)], _source_frame(job, masters, key), (resolution, resolution))
+    region = box_mask(boxes, (resolution, resolution))
+    scores = localisation(upsample(heat[None], (resolution, resolution))[0, 0].cpu().numpy(), region,
+                          job.threshold)
+    return {**scores, "map_h": int(heat.shape[-2]), "map_w": int(heat.shape[-1])}
+
+
+def _write_overlay(job: Job, masters: Masters, heat: Any, info: dict, run: str) -> str:
+    master = masters.image(info["key"])
+    width, height = master.size
+    full = upsample(heat[None], (height, width))[0, 0].cpu().numpy()
+    boxes = None
+    if (info["key"], info["label"]) in job.boxes:
+        src = _source_frame(job, masters, info["key"])
+        boxes = scale_boxes(job.boxes[(info["key"], info["label"])], src, (width, height))[["x", "y", "w", "h"]].to_numpy()
+    caption = _caption(info["key"], info["label"], job.method, info["prob"], info["truth"], run, not full.max() > 0)
+    image = overlay(master, full, caption, boxes)
+    name = f"{run}/{info['key']}_{info['label']}_{job.method}.png"
+    (job.out / run).mkdir(parents=True, exist_ok=True)
+    with atomic_write(job.out / name, "wb") as fh:
+        image.save(fh, format="PNG")
+    return name
+
+
+# ------------------------------------------------------------------ outputs ---
+
+def localisation_markdown(summary: pd.DataFrame, runs: list[dict], counts: dict, args: argparse.Namespace) -> str:
+    """localisation.md: what was scored, then the overall table across runs and the per-label table."""
+    def ci(row, score):
+        lo, hi = row.get(f"{score}_lo"), row.get(f"{score}_hi")
+        return f"{row[score]:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and np.isfinite(lo) else "")
+
+    res = {r["run"]: r["resolution"] for r in runs}
+    lines = [f"# Localisation ({METHOD_NAMES[args.method]}) on split `{args.split}`", "",
+             f"Boxes: `{args.bbox}`. Scored {counts['scored_images']} of the split's {counts['split_images']} "
+             f"images ({counts['scored_pairs']} image-label pairs): those with a box; "
+             f"{counts['boxed_elsewhere']} boxed images of the file are not in this split.",
+             f"hit: the map's peak inside the label's box(es) (pointing game); IoU: {{map ≥ {args.threshold:g}·max}} "
+             "vs the boxes; energy: the map's share inside the boxes; chance: box area / image area "
+             f"(the hit rate of a random peak). 95 % CIs: {args.bootstrap} bootstrap resamples over images.", "",
+             "| run | resolution | pairs | hit | IoU | energy | chance |", "|---|---|---|---|---|---|---|"]
+    overall = summary[summary["label"] == "all"]
+    for _, row in overall.iterrows():
+        lines.append(f"| {row['run']} | {res[row['run']]} | {row['pairs']} | {ci(row, 'hit')} | {ci(row, 'iou')} | "
+                     f"{ci(row, 'energy')} | {row['chance']:.3f} |")
+    lines += ["", "## Per label", "", "| run | label | pairs | hit | IoU | energy | chance |",
+              "|---|---|---|---|---|---|---|"]
+    for _, row in summary[summary["label"] != "all"].iterrows():
+        lines.append(f"| {row['run']} | {row['label']} | {row['pairs']} | {ci(row, 'hit')} | {ci(row, 'iou')} | "
+                     f"{ci(row, 'energy')} | {row['chance']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def format_runs_table(summary: pd.DataFrame, runs: list[dict]) -> str:
+    """The across-runs table for the terminal: overall hit/IoU/energy per run, by resolution."""
+    res = {r["run"]: r["resolution"] for r in runs}
+    overall = summary[summary["label"] == "all"].copy()
+    overall["resolution"] = overall["run"].map(res)
+    head = f"{'run':<20} {'res':>5} {'pairs':>6} {'hit':>22} {'IoU':>22} {'energy':>22} {'chance':>7}"
+    lines = [head]
+    for _, r in overall.sort_values("resolution").iterrows():
+        cells = [f"{r[s]:.3f} [{r.get(s + '_lo', np.nan):.3f},{r.get(s + '_hi', np.nan):.3f}]" for s in SCORES]
+        lines.append(f"{str(r['run'])[:20]:<20} {r['resolution']:>5} {r['pairs']:>6} "
+                     f"{cells[0]:>22} {cells[1]:>22} {cells[2]:>22} {r['chance']:>7.3f}")
+    return "\n".join(lines)
+
+
+def write_localisation(out: Path, pairs: pd.DataFrame, runs: list[dict], counts: dict,
+                       args: argparse.Namespace) -> pd.DataFrame:
+    summary = summarise(pairs, args.bootstrap, args.seed, args.alpha)
+    summary.insert(1, "resolution", summary["run"].map({r["run"]: r["resolution"] for r in runs}))
+    summary.insert(2, "method", args.method)
+    with atomic_write(out / "localisation.csv", "w") as fh:
+        summary.to_csv(fh, index=False)
+    with atomic_write(out / "localisation_pairs.csv", "w") as fh:
+        pairs.to_csv(fh, index=False)
+    atomic_write_text(out / "localisation.md", localisation_markdown(summary, runs, counts, args))
+    return summary
+
+
+# ---------------------------------------------------------------------- CLI ---
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m cxr.explain",
+        description="Explain trained runs' predictions: CAM / Grad-CAM / saliency overlays on the full-"
+        "resolution master images (PNG per image and label + index.html), and with --bbox the "
+        "localisation scores against ground-truth boxes (pointing-game hit, IoU at a threshold, "
+        "energy inside the box, chance rate) per label and overall with bootstrap CIs. Under "
+        "`accelerate launch` each rank explains a disjoint share; rank 0 writes the tables.",
+        epilog="Examples:\n"
+        "  python -m cxr.explain --run runs/d121 --shards data/shards --split test --keys 00000001_000 \\\n"
+        "      --labels Cardiomegaly,Effusion --method gradcam --out explain/\n"
+        "  python -m cxr.explain --run runs/d121 --shards data/shards --bbox "
+        "../shared/data/nih/BBox_List_2017.csv.gz --out loc/\n"
+        "  python -m cxr.explain --runs runs/r224 runs/r1024 --shards data/shards --bbox FILE --out loc/\n"
+        "--debug shows the traceback of an error.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    runs = p.add_mutually_exclusive_group(required=True)
+    runs.add_argument("--run", help="one training run dir (config.yaml + checkpoints/best)")
+    runs.add_argument("--runs", nargs="+", metavar="RUN",
+                      help="several run dirs: each is explained, and with --bbox the table across runs "
+                      "(localisation vs resolution) is printed")
+    p.add_argument("--shards", required=True, help="shards folder with manifest.json (masters)")
+    p.add_argument("--split", default="test", help="split to explain (default: test)")
+    p.add_argument("--keys", default=None, help="comma-separated image keys to draw overlays for")
+    p.add_argument("--labels", default=None,
+                   help="comma-separated labels to explain for --keys (default: every label); "
+                   "with --bbox: restrict the scored labels")
+    p.add_argument("--method", choices=METHODS, default="gradcam",
+                   help="cam (pooled-linear heads), gradcam (any model), saliency (default: gradcam)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--bbox", default=None, metavar="FILE",
+                   help="BBox_List_2017.csv[.gz] layout (NIH, or synth's boxes.csv): score localisation "
+                   "on every image of the split with a box")
+    p.add_argument("--bbox-frame", type=int, default=None, metavar="N",
+                   help="pixel frame of the box file (N×N); default: each master image's own size "
+                   "(the NIH masters are the 1024² originals the NIH boxes refer to)")
+    p.add_argument("--threshold", type=float, default=0.5,
+                   help="IoU: the map is thresholded at this fraction of its maximum (default: 0.5)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs; 0: none (default: 1000)")
+    p.add_argument("--alpha", type=float, default=0.05, help="CI level is 1 - alpha (default: 0.05)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+    p.add_argument("--limit", type=int, default=None, help="with --bbox: score at most this many images (quick looks)")
+    p.add_argument("--overlays", action="store_true", help="with --bbox: also write an overlay per scored pair")
+    p.add_argument("--resolution", type=int, default=None, help="explain at R×R (default: each run's training resolution)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per batch per rank (default: the run's eval batch)")
+    p.add_argument("--backend", choices=["dali", "wds"], default=None, help="loader back end (default: the run's)")
+    p.add_argument("--num-threads", type=int, default=None, help="loader threads/workers per rank (default: the run's)")
+    p.add_argument("--loader-device", choices=["cpu", "gpu"], default=None, help="where the loader decodes")
+    p.add_argument("--cpu", action="store_true", help="run on CPU even if CUDA is available")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads per process")
+    return p
+
+
+def _parse_labels(text: str | None, default: Sequence[str]) -> list[str]:
+    if text is None:
+        return list(default)
+    labels = [BOX_SPELLINGS.get(t.strip(), t.strip()) for t in text.split(",") if t.strip()]
+    unknown = [t for t in labels if t not in LABELS]
+    if unknown:
+        raise CxrError(f"--labels {text}: unknown {unknown} — labels are {', '.join(LABELS)}")
+    return labels
+
+
+def plan_job(args: argparse.Namespace, masters: Masters) -> tuple[Job, dict]:
+    """Which (key, label) pairs to explain, their boxes, and the counts the report states."""
+    out = Path(args.out)
+    keys = masters.index.keys
+    boxes: dict[tuple[str, str], pd.DataFrame] = {}
+    counts = {"split_images": len(keys)}
+    if args.bbox:
+        table = read_boxes(args.bbox)
+        wanted = set(_parse_labels(args.labels, LABELS))
+        in_split = table[table["key"].isin(set(keys)) & table["label"].isin(wanted)]
+        chosen = sorted(set(in_split["key"]))
+        if args.keys:  # score (and draw) only these
+            chosen = [k for k in select_keys(keys, args.keys.split(","), Path(args.shards), args.split) if k in set(chosen)]
+        chosen = chosen[: args.limit] if args.limit else chosen
+        in_split = in_split[in_split["key"].isin(set(chosen))]
+        boxes = {kl: g for kl, g in in_split.groupby(["key", "label"])}
+        labels = {k: sorted({lab for kk, lab in boxes if kk == k}, key=LABELS.index) for k in chosen}
+        counts.update(scored_images=len(chosen), scored_pairs=len(boxes),
+                      boxed_elsewhere=len(set(table["key"]) - set(keys)))
+        if not labels:
+            raise CxrError(f"{args.bbox}: no box of {sorted(wanted)} is on an image of split {args.split!r} — "
+                           "NIH boxes are almost all on the official test list; use that split")
+    else:
+        if not args.keys:
+            raise CxrError("--keys: which images to explain? — pass --keys K1,K2 (or --bbox FILE to score a split)")
+        chosen = select_keys(keys, args.keys.split(","), Path(args.shards), args.split)
+        labels = {k: _parse_labels(args.labels, LABELS) for k in chosen}
+    overlays = bool(args.keys) or args.overlays
+    return Job(args.method, labels, boxes, out, overlays, args.threshold, args.bbox_frame), counts
+
+
+def _state(args: argparse.Namespace) -> Any:
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=args.cpu or not torch.cuda.is_available())
+
+
+def _gather(items: list, state: Any) -> list | None:
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        items = gather_object(items)
+    return items if state.is_main_process else None
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.bootstrap < 0 or not 0 < args.alpha < 1 or not 0 < args.threshold <= 1:
+        raise CxrError("--bootstrap must be ≥ 0, --alpha in (0, 1), --threshold in (0, 1] — fix the flags")
+    start = time.perf_counter()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from cxr.evaluate import member_names
+
+    run_dirs = [args.run] if args.run else list(args.runs)
+    shards = Path(args.shards)
+    if not (shards / "manifest.json").is_file():
+        raise CxrError(f"{shards / 'manifest.json'}: shards manifest not found — point --shards at a folder "
+                       "written by `python -m shards pack`")
+    state = _state(args)
+    masters = Masters.open(shards, args.split)
+    job, counts = plan_job(args, masters)
+    rows, entries, runs = [], [], []
+    for run_dir, name in zip(run_dirs, member_names(run_dirs)):
+        r, e, info = explain_run(args, run_dir, name, state, job, masters)
+        rows += r
+        entries += e
+        runs.append(info)
+    rows, entries = _gather(rows, state), _gather(entries, state)
+    masters.reader.close()
+    if rows is None:
+        return 0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if entries:
+        write_index(out, entries, f"{METHOD_NAMES[args.method]} on split {args.split}")
+    atomic_write_text(out / "runs.json", json.dumps({"runs": runs, "counts": counts, "method": args.method},
+                                                    indent=2) + "\n")
+    took = time.perf_counter() - start
+    n_maps = len(rows) if job.boxes else len(entries)
+    if job.boxes:
+        pairs = pd.DataFrame(rows).drop_duplicates(["run", "key", "label"])
+        counts["scored_pairs"] = int(pairs.groupby("run").size().max())
+        summary = write_localisation(out, pairs, runs, counts, args)
+        print(format_runs_table(summary, runs))
+        print(f"localisation: {counts['scored_images']} of {counts['split_images']} images of '{args.split}' scored "
+              f"({counts['scored_pairs']} pairs) × {len(runs)} run(s) on {state.num_processes} rank(s) in {took:.1f} s; "
+              f"report: {out / 'localisation.md'}")
+    if entries:
+        print(f"overlays: {len(entries)} PNG(s) → {out / 'index.html'}")
+    print(f"explained {n_maps} (image, label) pair(s) with {METHOD_NAMES[args.method]} in {took:.1f} s "
+          f"({n_maps / max(took, 1e-9):.2f}/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
