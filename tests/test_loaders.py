@@ -401,3 +401,25 @@ def test_dali_device_id_is_the_local_rank(monkeypatch):
     assert local_device_id() == 3
     monkeypatch.delenv("SLURM_LOCALID")
     assert local_device_id() == 0  # no GPU here: torch's current device would be used on one
+
+
+def test_pin_memory_auto_follows_cuda_and_cpu_default_is_off(synth, monkeypatch):
+    import torch
+
+    from cxr.config import config_hash, load_config
+
+    cfg = load_config(None, [])
+    assert cfg.data.pin_memory == "auto" and cfg.data.pinned is torch.cuda.is_available()
+    assert load_config(None, ["data.pin_memory=true"]).data.pinned is True
+    assert load_config(None, ["data.pin_memory=false"]).data.pinned is False
+    with pytest.raises(CxrError, match="data.pin_memory"):
+        load_config(None, ["data.pin_memory=maybe"])
+    # pinning changes no trained value: old runs' config hash (and so their resume) is kept
+    assert config_hash(load_config(None, ["data.pin_memory=true"])) == config_hash(cfg)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert DataConfig().pinned is True  # auto on a CUDA machine
+    monkeypatch.undo()
+    if not torch.cuda.is_available():  # this machine: the default leaves CPU batches unpinned
+        for backend in BACKENDS:
+            batch = next(iter(build_loader(_cfg(synth["dir"], backend, batch_size=4), "val", train=False)))
+            assert not batch["image"].is_pinned()

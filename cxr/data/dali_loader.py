@@ -161,9 +161,12 @@ class _Feed:
             built.it.reset()
             built.exhausted = False
         finished, built.active = False, True
+        pin = self.o.cfg.pinned and self.o.cfg.device == "cpu"  # "mixed" outputs are already on the GPU
         try:
             for out in built.it:
-                yield out[0]["image"], self.pending.popleft()
+                image = out[0]["image"]
+                # page-locked, so that the loop's non_blocking copy to the GPU does not block
+                yield (image.pin_memory() if pin else image), self.pending.popleft()
             finished = True
         finally:
             built.active = False
