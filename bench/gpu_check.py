@@ -108,8 +108,8 @@ def sync(device: str) -> None:
 
 
 def reset_peak(device: str) -> None:
-    gc.collect()
-    if device == "cuda":
+    if device == "cuda":  # free the last row's blocks so each row's peak is its own
+        gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
@@ -267,6 +267,10 @@ def fits(plan: Plan, tmp: Path, model: str, res: int, batch: int) -> tuple[bool,
         run_train(config(probe, run_dir, model, res, batch), memory_loader(probe, None))
     except torch.cuda.OutOfMemoryError:
         ok = False  # the frames holding the failed step's tensors go with the exception
+    except RuntimeError as err:  # cuDNN / cuBLAS report an allocation failure as a plain RuntimeError
+        if "out of memory" not in str(err).lower() and "ALLOC_FAILED" not in str(err):
+            raise
+        ok = False
     peak = peak_mib(plan.device)
     shutil.rmtree(run_dir, ignore_errors=True)
     reset_peak(plan.device)
@@ -434,7 +438,8 @@ def skipped_row(plan: Plan, check: str, args: tuple, note: str) -> Row:
     if check == "resume":
         return Row(check, args[0], plan.resume_res, note=note)
     model, res, ckpt, compile_ = args
-    return Row(check, model, res, ckpt="on" if ckpt else "off", compile="on" if compile_ else "off", note=note)
+    return Row(check, model, res, ckpt="on" if ckpt else "off", compile=plan.compile_backend if compile_ else "off",
+               note=note)
 
 
 def environment(plan: Plan) -> str:

@@ -68,3 +68,33 @@ def test_cpu_smoke_every_row_finite_without_dali_or_deepspeed(tmp_path):
     assert float(by_check["resume"]["value"]) == 1.0, by_check["resume"]  # bitwise equal after resume
     assert int(by_check["max batch"]["value"]) == 4  # the CPU cap: nothing runs out of memory on CPU
     assert all(float(r["value"]) > 0 for r in rows)
+
+
+def test_max_batch_search_stops_within_6_percent_of_the_oom_edge(tmp_path, monkeypatch):
+    """The search against a fake loop that runs out of memory above 37 (both ways torch reports it)."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_check", gpu_check)  # dataclasses look their module up there
+    spec.loader.exec_module(gpu_check)
+    tried = []
+
+    def fake_train(cfg, loader_fn):
+        b = cfg.data.batch_size
+        tried.append(b)
+        if b > 37:
+            raise (torch.cuda.OutOfMemoryError if b % 2 else RuntimeError)("CUDA out of memory. Tried to allocate")
+        return 0
+
+    monkeypatch.setattr(gpu_check, "run_train", fake_train)
+    plan = gpu_check.build_plan(gpu_check.parse_args(["--device", "cpu", "--batch", "16", "--max-batch-cap", "1024"]))
+    row = gpu_check.max_batch(plan, tmp_path, "cnn", 32, deadline=float("inf"))
+    assert 37 - 37 / 16 <= row.value <= 37, (row, tried)
+    assert max(b for b in tried if b <= 37) == row.value and min(b for b in tried if b > 37) - row.value <= 37 / 16
+    # an error that is not about memory is not taken for a full GPU
+    monkeypatch.setattr(gpu_check, "run_train", lambda cfg, fn: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        gpu_check.fits(plan, tmp_path, "cnn", 32, 4)
