@@ -488,7 +488,7 @@ def build_plan(args) -> Plan:
                    resume_res=32 if cpu else 224, compile_backend="eager" if cpu else "inductor")
     # seconds per row on an H200 (CPU smoke: on 2 shared cores); compile rows include the compilation
     estimates = ({"throughput": 5, "max batch": 30, "resume": 20, "jpeg decode": 5, "compile": 40} if cpu else
-                 {"throughput": 15, "max batch": 90, "resume": 30, "jpeg decode": 15, "compile": 75})
+                 {"throughput": 15, "max batch": 90, "resume": 30, "jpeg decode": 15, "compile": 100})
     for key in default:
         value = getattr(args, key, None)
         if value is not None:
