@@ -29,7 +29,7 @@ Needs only torch, torchvision, timm, accelerate, safetensors, numpy, pandas, pya
 (+ pyyaml, tqdm, scikit-learn, which those pull in).
 
 ``--budget-s`` caps the whole run: a row whose time estimate does not fit in what is left
-is skipped with a note, as is the rest of a section that overruns its own share. The table
+is skipped with a note, and the max-batch search stops at 1.5× its own estimate. The table
 is printed and, with ``--out``, written as markdown.
 """
 from __future__ import annotations
