@@ -234,7 +234,7 @@ UNHASHED = {
     "checkpoint": {"run_dir", "resume", "force_resume", "every_steps"},
     "logging": {"progress", "log_every", "tensorboard"},
     "train": {"threads", "collective_timeout_s", "stop_flag_timeout_s", "cudnn_benchmark"},
-    "data": {"num_threads"},
+    "data": {"num_threads", "pin_memory"},
 }
 
 

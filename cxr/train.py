@@ -107,6 +107,9 @@ def train(cfg: Config, loader_fn: Callable = build_loader) -> int:
 
     loader_fn: ``build_loader``-compatible factory (benchmarks pass in-memory data)."""
     configure_numerics(cfg, torch.cuda.is_available())  # before CUDA is initialised
+    warning = loopback_warning(os.environ)
+    if warning:  # before the process groups: with this problem their creation hangs until the timeout
+        print(f"cxr.train: warning: {warning}", file=sys.stderr, flush=True)
     accelerator = make_accelerator(cfg)
     stop = StopFlag(accelerator, cfg.train.stop_flag_timeout_s)  # a signal is honoured at the next step boundary
     lock, progress = None, LoopState()
@@ -330,6 +333,31 @@ def configure_numerics(cfg: Config, cuda: bool) -> None:
         torch.use_deterministic_algorithms(False)
         if cuda:
             torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+
+def loopback_warning(env, resolve: Callable[[str], str] | None = None) -> str | None:
+    """A warning when this is a multi-node run whose hostname resolves to a loopback address
+    (Debian's /etc/hosts maps it to 127.0.1.1) and GLOO_SOCKET_IFNAME is unset: gloo — the stop
+    flag's group, and every group on CPU — then advertises 127.0.1.1 to the other nodes."""
+    import ipaddress
+    import socket
+
+    world, local = int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", "1")))
+    if world <= local or env.get("GLOO_SOCKET_IFNAME"):
+        return None
+    master = env.get("MASTER_ADDR", "")
+    resolve = resolve or socket.gethostbyname
+    try:
+        if master and ipaddress.ip_address(resolve(master)).is_loopback:
+            return None  # every "node" on this machine (tests): loopback is right
+        host = socket.gethostname()
+        address = resolve(host)
+    except (OSError, ValueError):
+        return None
+    if not ipaddress.ip_address(address).is_loopback:
+        return None
+    return (f"multi-node run ({world} processes, {local} on this node) but hostname {host} resolves to {address}: "
+            f"the gloo group would hang — export GLOO_SOCKET_IFNAME=<this node's interface, e.g. ens5> "
+            f"(and NCCL_SOCKET_IFNAME; see README 'GPU')")
 
 
 def make_accelerator(cfg: Config) -> Accelerator:

@@ -1,4 +1,4 @@
-"""Cluster profiles: the one table of job sizes used by every launcher.
+"""Cluster profiles: the one table of job sizes used by every launcher (data: launch/profiles.yaml).
 
 A profile says how big one training run is (nodes, GPUs, CPUs, memory, wall
 time) and where it may run (partition, account, qos, constraint). The submitit
@@ -8,8 +8,10 @@ node, so the same profile maps to two shapes — see :func:`submitit_parameters`
 and :func:`sbatch_args`. Print a profile's sbatch options with
 ``python -m launch.profiles NAME --sbatch``.
 
-Site-specific fields (partition, account, qos) default to empty and can be
-overridden without editing the table: ``CXR_PARTITION``, ``CXR_ACCOUNT``,
+The table is data: add or override profiles in a site file of the same layout named by
+``CXR_PROFILES=FILE[:FILE...]`` or ``--profiles FILE`` (launch/profiles.yaml says how).
+Site-specific fields (partition, account, qos) default to empty and can also be
+overridden without any file: ``CXR_PARTITION``, ``CXR_ACCOUNT``,
 ``CXR_QOS``, ``CXR_CONSTRAINT`` in the environment, or ``--profile-set key=value``
 on ``python -m launch.submit``.
 """
@@ -20,7 +22,8 @@ import dataclasses
 import os
 import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 from shards.errors import CxrError, cli_entry
@@ -39,6 +42,7 @@ class Profile:
     cpus_per_process: int
     """CPUs for each process: its DataLoader workers / DALI threads plus the main thread."""
     mem_gb_per_node: int
+    """Memory per node in GB; 0 = all of the node's memory (Slurm --mem=0)."""
     time_min: int
     accelerate_config: str
     """accelerate config (repo-relative) for `accelerate launch`; its process count is overridden."""
@@ -54,6 +58,15 @@ class Profile:
     constraint: str = ""
     signal_seconds: int = 300
     """Seconds before the time limit that Slurm sends USR1 (checkpoint, then requeue)."""
+    eval_mem_gb: int = 0
+    """Memory of the one-process evaluator job (0: mem_gb_per_node / processes_per_node)."""
+    env: dict = field(default_factory=dict)
+    """Environment exported into the job (NCCL/EFA/gloo networking); the submitter's own values win."""
+
+    def __post_init__(self) -> None:
+        if self.mem_gb_per_node == 0 and self.eval_mem_gb == 0:
+            raise CxrError(f"profile {self.name!r}: mem_gb_per_node 0 (the whole node) needs eval_mem_gb "
+                           "for the evaluator — set it in the profile table")
 
     @property
     def world_size(self) -> int:
@@ -67,35 +80,70 @@ class Profile:
         return dataclasses.replace(self, **site)
 
 
-PROFILES: dict[str, Profile] = {p.name: p for p in [
-    Profile(
-        name="g5.24xlarge",
-        description="AWS g5.24xlarge: 1 node, 4x A10G 24 GB, 96 vCPUs, 384 GiB",
-        nodes=1, processes_per_node=4, gpus_per_node=4, cpus_per_process=24,
-        mem_gb_per_node=360, time_min=24 * 60,
-        accelerate_config="launch/configs/g5.24xlarge.yaml",
-        # 1024 px PNG decode is the bottleneck with the torch loader: ~16 workers
-        # keep an A10G fed at batch 16; DALI `mixed` needs only ~4 CPU threads.
-        workers_per_process=16, threads_per_process=4, mixed_precision="bf16",
-    ),
-    Profile(
-        name="p4d.24xlarge-x2",
-        description="2 nodes of AWS p4d.24xlarge: 8x A100 40 GB, 96 vCPUs, 1152 GiB each (EFA)",
-        nodes=2, processes_per_node=8, gpus_per_node=8, cpus_per_process=12,
-        mem_gb_per_node=1000, time_min=24 * 60,
-        accelerate_config="launch/configs/multinode.yaml",
-        workers_per_process=8, threads_per_process=2, mixed_precision="bf16",
-    ),
-    Profile(
-        name="cpu-local",
-        description="this machine (2 cores, no GPU) on slurm/local-cluster.sh: 2 gloo processes",
-        nodes=1, processes_per_node=2, gpus_per_node=0, cpus_per_process=1,
-        mem_gb_per_node=4, time_min=60,
-        accelerate_config="launch/configs/cpu-2proc.yaml",
-        workers_per_process=0, threads_per_process=1,
-        signal_seconds=60,
-    ),
-]}
+TABLE = Path(__file__).with_name("profiles.yaml")
+SITE_ENV = "CXR_PROFILES"  # ":"-separated site files read after TABLE
+
+
+def load_profiles(files: Sequence[str | Path] = ()) -> dict[str, Profile]:
+    """Profiles of launch/profiles.yaml, then of each site file in order (later entries win).
+
+    A site entry with a known name changes only the fields it gives (``env`` merged key by
+    key); a new name starts from ``base: NAME`` when given, else must give every field."""
+    raw: dict[str, dict] = {}
+    for path in [TABLE, *files]:
+        for name, entry in _read_table(Path(path)).items():
+            entry = dict(entry)
+            base = entry.pop("base", None)
+            if base is not None and base not in raw:
+                raise CxrError(f"{path}: profile {name!r}: base {base!r} is not defined before it — "
+                               f"use one of {', '.join(raw)}")
+            start = dict(raw[base] if base is not None else raw.get(name, {}))
+            env = {**start.get("env", {}), **entry.pop("env", {})}
+            raw[name] = {**start, **entry, "env": env, "_file": str(path)}
+    return {name: _profile(name, entry) for name, entry in raw.items()}
+
+
+def _read_table(path: Path) -> dict:
+    import yaml
+
+    try:
+        table = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise CxrError(f"{path}: cannot read the profile table ({str(err).splitlines()[0]}) — "
+                       f"fix the file or {SITE_ENV}") from None
+    if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
+        raise CxrError(f"{path}: expected a mapping of profile name → fields — see launch/profiles.yaml")
+    return table
+
+
+def _profile(name: str, entry: dict) -> Profile:
+    path = entry.pop("_file")
+    fields = {f.name: f for f in dataclasses.fields(Profile) if f.name != "name"}
+    unknown = sorted(set(entry) - set(fields))
+    if unknown:
+        raise CxrError(f"{path}: profile {name!r}: unknown field(s) {unknown} — valid: {', '.join(fields)}")
+    missing = [k for k, f in fields.items() if k not in entry and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise CxrError(f"{path}: profile {name!r} lacks {missing} — give them or start from `base: NAME`")
+    try:
+        values = {k: (int(v) if fields[k].type in ("int", int) else
+                      {str(a): str(b) for a, b in v.items()} if k == "env" else str(v)) for k, v in entry.items()}
+    except (TypeError, ValueError, AttributeError) as err:
+        raise CxrError(f"{path}: profile {name!r}: {err} — integers for sizes, a mapping for env") from None
+    return Profile(name=name, **values)
+
+
+PROFILES: dict[str, Profile] = load_profiles([p for p in os.environ.get(SITE_ENV, "").split(":") if p])
+
+
+def use_profile_files(files: Sequence[str | Path]) -> None:
+    """Reload PROFILES with these site files added (``--profiles FILE``)."""
+    extra = [p for p in os.environ.get(SITE_ENV, "").split(":") if p] + list(files)
+    table = load_profiles(extra)
+    PROFILES.clear()
+    PROFILES.update(table)
+
 
 DEFAULT_PROFILE = "cpu-local"
 
@@ -104,7 +152,7 @@ def get_profile(name: str) -> Profile:
     """The profile called ``name``, with site overrides from the environment applied."""
     if name not in PROFILES:
         raise CxrError(f"profile {name!r}: unknown — choose one of {', '.join(PROFILES)} "
-                       "(launch/profiles.py)")
+                       f"(launch/profiles.yaml, or add it in a site file: {SITE_ENV} / --profiles)")
     return PROFILES[name].with_site()
 
 
@@ -114,9 +162,12 @@ def override_profile(profile: Profile, assignments: Sequence[str]) -> Profile:
     changes: dict[str, Any] = {}
     for item in assignments:
         key, sep, value = item.partition("=")
-        if not sep or key not in fields or key == "name":
+        if sep and key.startswith("env.") and len(key) > 4:
+            changes["env"] = {**changes.get("env", profile.env), key[4:]: value}
+            continue
+        if not sep or key not in fields or key in ("name", "env"):
             raise CxrError(f"--profile-set {item!r}: expected key=value with key one of "
-                           f"{', '.join(k for k in fields if k != 'name')}")
+                           f"{', '.join(k for k in fields if k not in ('name', 'env'))}, or env.VARIABLE")
         changes[key] = int(value) if fields[key].type in ("int", int) else value
     return dataclasses.replace(profile, **changes)
 
@@ -128,9 +179,12 @@ def submitit_parameters(profile: Profile, processes: int | None = None) -> dict[
         "nodes": profile.nodes,
         "tasks_per_node": per_node,
         "cpus_per_task": profile.cpus_per_process,
-        "mem_gb": profile.mem_gb_per_node,
         "timeout_min": profile.time_min,
     }
+    if profile.mem_gb_per_node:
+        params["mem_gb"] = profile.mem_gb_per_node
+    else:
+        params["slurm_mem"] = "0"  # the whole node
     if profile.gpus_per_node:
         params["gpus_per_node"] = profile.gpus_per_node
     extra = {key: getattr(profile, key) for key in ("account", "qos", "constraint") if getattr(profile, key)}
@@ -148,7 +202,7 @@ def sbatch_args(profile: Profile) -> list[str]:
         f"--nodes={profile.nodes}",
         "--ntasks-per-node=1",
         f"--cpus-per-task={profile.cpus_per_process * profile.processes_per_node}",
-        f"--mem={profile.mem_gb_per_node}G",
+        f"--mem={profile.mem_gb_per_node}G" if profile.mem_gb_per_node else "--mem=0",
         f"--time={profile.time_min}",
         f"--signal=B:USR1@{profile.signal_seconds}",
     ]
@@ -162,13 +216,23 @@ def sbatch_args(profile: Profile) -> list[str]:
 def evaluate_sbatch_args(profile: Profile) -> list[str]:
     """sbatch options for the evaluator: one process on one GPU (or CPU) of the same partition."""
     args = ["--nodes=1", "--ntasks=1", f"--cpus-per-task={profile.cpus_per_process}",
-            f"--mem={max(2, profile.mem_gb_per_node // max(1, profile.processes_per_node))}G",
+            f"--mem={eval_mem_gb(profile)}G",
             f"--time={min(profile.time_min, 4 * 60)}"]
     if profile.gpus_per_node:
         args.append("--gpus-per-node=1")
     args += [f"--{key}={getattr(profile, key)}" for key in ("partition", "account", "qos", "constraint")
              if getattr(profile, key)]
     return args
+
+
+def eval_mem_gb(profile: Profile) -> int:
+    """GB for the one-process evaluator: eval_mem_gb, else this process's share of the node (≥ 2)."""
+    return profile.eval_mem_gb or max(2, profile.mem_gb_per_node // max(1, profile.processes_per_node))
+
+
+def env_exports(profile: Profile) -> list[str]:
+    """``export KEY="${KEY:-value}"`` lines: the profile's env, a value already set winning."""
+    return [f'export {key}="${{{key}:-{value}}}"' for key, value in sorted(profile.env.items())]
 
 
 def shell_exports(profile: Profile) -> str:
@@ -180,6 +244,7 @@ def shell_exports(profile: Profile) -> str:
         "CXR_PROFILE_ACCELERATE_CONFIG": profile.accelerate_config,
         "CXR_PROFILE_SBATCH_ARGS": " ".join(sbatch_args(profile)),
         "CXR_PROFILE_EVAL_SBATCH_ARGS": " ".join(evaluate_sbatch_args(profile)),
+        "CXR_PROFILE_ENV": "; ".join(env_exports(profile)),
     }
     return "\n".join(f"{key}={shlex.quote(str(value))}" for key, value in values.items())
 
@@ -191,7 +256,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--sbatch", action="store_true", help="print its sbatch options on one line")
     group.add_argument("--shell", action="store_true", help="print KEY=value lines for the sbatch scripts")
+    group.add_argument("--env", action="store_true",
+                       help="print the profile's export lines (eval them before sbatch)")
+    parser.add_argument("--profiles", action="append", default=[], metavar="FILE",
+                        help=f"site profile file read after launch/profiles.yaml (also {SITE_ENV}; repeatable)")
     args = parser.parse_args(argv)
+    if args.profiles:
+        use_profile_files(args.profiles)
     if args.name is None:
         for profile in PROFILES.values():
             print(f"{profile.name:18s} {profile.description}")
@@ -201,6 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(" ".join(shlex.quote(a) for a in sbatch_args(profile)))
     elif args.shell:
         print(shell_exports(profile))
+    elif args.env:
+        print("\n".join(env_exports(profile)))
     else:
         for field in dataclasses.fields(profile):
             print(f"{field.name:20s} {getattr(profile, field.name)}")

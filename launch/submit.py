@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from launch.members import RESUME, RUN_DIR_KEY, SHARDS_KEY, load_ensemble, member_argv
-from launch.profiles import DEFAULT_PROFILE, PROFILES, Profile, get_profile, override_profile, submitit_parameters
+from launch.profiles import (DEFAULT_PROFILE, Profile, env_exports, eval_mem_gb, get_profile, override_profile,
+                             submitit_parameters, use_profile_files)
 from shards.errors import CxrError, cli_entry
 
 EXIT_REQUEUE = 75  # cxr.train.EXIT_REQUEUE; repeated so submitting never imports torch
@@ -180,13 +181,15 @@ def make_executor(cluster: str, folder: Path, profile: Profile, processes: int |
     additional = {**params.pop("slurm_additional_parameters", {}), **extra.pop("slurm_additional_parameters", {})}
     if additional and cluster == "slurm":
         params["slurm_additional_parameters"] = additional
+    if profile.env and cluster == "slurm":  # NCCL/EFA/gloo networking, in the sbatch script
+        params["slurm_setup"] = env_exports(profile)
     executor.update_parameters(name=name, **params, **extra)
     return executor
 
 
 def _eval_profile(profile: Profile) -> Profile:
     return replace(profile, nodes=1, processes_per_node=1, gpus_per_node=min(profile.gpus_per_node, 1),
-                   mem_gb_per_node=max(2, profile.mem_gb_per_node // max(1, profile.processes_per_node)))
+                   mem_gb_per_node=eval_mem_gb(profile))
 
 
 def submit_plan(plan: Plan, args: argparse.Namespace, profile: Profile) -> list[Any]:
@@ -277,8 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--cluster", choices=CLUSTERS, default="slurm",
                         help="slurm: sbatch; local: local processes; debug: in this process (default: slurm)")
-    common.add_argument("--profile", default=DEFAULT_PROFILE, choices=sorted(PROFILES),
-                        help=f"job size from launch/profiles.py (default: {DEFAULT_PROFILE})")
+    common.add_argument("--profile", default=DEFAULT_PROFILE,
+                        help=f"job size from launch/profiles.yaml or a site file (default: {DEFAULT_PROFILE}; "
+                        "list: python -m launch.profiles)")
+    common.add_argument("--profiles", action="append", default=[], metavar="FILE",
+                        help="site profile file read after launch/profiles.yaml (also CXR_PROFILES; repeatable)")
     common.add_argument("--profile-set", action="append", default=[], metavar="KEY=VALUE",
                         help="change one profile field, e.g. nodes=2, partition=gpu, time_min=600 (repeatable)")
     common.add_argument("--processes", type=int, help="training processes per node (default: the profile's)")
@@ -307,6 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "=" not in item:
             raise CxrError(f"{item!r}: training overrides are key=value (e.g. train.epochs=3)")
     args.shards, args.runs = str(Path(args.shards).resolve()), str(Path(args.runs).resolve())
+    if args.profiles:
+        use_profile_files(args.profiles)
     profile = override_profile(get_profile(args.profile), args.profile_set)
     if args.cluster == "debug":
         args.processes = 1

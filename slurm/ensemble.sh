@@ -89,6 +89,7 @@ count=$("$CXR_PYTHON" -m launch.members "$CXR_ENSEMBLE" --count)
 CXR_PROFILE=${CXR_PROFILE:-g5.24xlarge}
 profile=$("$CXR_PYTHON" -m launch.profiles "$CXR_PROFILE" --shell) || die "unknown CXR_PROFILE=$CXR_PROFILE"
 eval "$profile"
+eval "$CXR_PROFILE_ENV"  # the profile's networking variables (NCCL/EFA); values set by the caller win
 
 CXR_SHARDS=$(abspath "${CXR_SHARDS:-data/shards}")
 CXR_RUNS=$(abspath "${CXR_RUNS:-runs/$name}")

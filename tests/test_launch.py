@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import signal
 import threading
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from launch import members, profiles, submit
 from shards.errors import CxrError
@@ -58,9 +61,9 @@ def test_profiles_table_matches_the_machines():
 def test_profile_maps_to_sbatch_and_submitit():
     g5 = profiles.get_profile("g5.24xlarge")
     args = profiles.sbatch_args(g5)
-    assert "--gpus-per-node=4" in args and "--cpus-per-task=96" in args and "--ntasks-per-node=1" in args
+    assert "--gpus-per-node=4" in args and "--cpus-per-task=88" in args and "--ntasks-per-node=1" in args
     params = profiles.submitit_parameters(g5)
-    assert params["tasks_per_node"] == 4 and params["gpus_per_node"] == 4 and params["cpus_per_task"] == 24
+    assert params["tasks_per_node"] == 4 and params["gpus_per_node"] == 4 and params["cpus_per_task"] == 22
 
 
 def test_profile_site_overrides(monkeypatch):
@@ -201,3 +204,78 @@ def test_submit_local_two_processes(synth_shards, tmp_path, monkeypatch):
     text = (runs / "two" / "train.log").read_text()
     assert "start: 2 rank(s)" in text and "done:" in text
     assert (runs / "two" / "checkpoints" / "last" / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------- profiles as data ----
+# The table as it stood in launch/profiles.py before it became launch/profiles.yaml
+# (copied by hand); g5.24xlarge's memory and CPUs changed on purpose (schedulable).
+OLD_TABLE = {
+    "g5.24xlarge": dict(nodes=1, processes_per_node=4, gpus_per_node=4, cpus_per_process=24, mem_gb_per_node=360,
+                        time_min=1440, accelerate_config="launch/configs/g5.24xlarge.yaml", workers_per_process=16,
+                        threads_per_process=4, mixed_precision="bf16", signal_seconds=300),
+    "p4d.24xlarge-x2": dict(nodes=2, processes_per_node=8, gpus_per_node=8, cpus_per_process=12, mem_gb_per_node=1000,
+                            time_min=1440, accelerate_config="launch/configs/multinode.yaml", workers_per_process=8,
+                            threads_per_process=2, mixed_precision="bf16", signal_seconds=300),
+    "cpu-local": dict(nodes=1, processes_per_node=2, gpus_per_node=0, cpus_per_process=1, mem_gb_per_node=4,
+                      time_min=60, accelerate_config="launch/configs/cpu-2proc.yaml", workers_per_process=0,
+                      threads_per_process=1, mixed_precision="no", signal_seconds=60),
+}
+CHANGED = {"g5.24xlarge": {"cpus_per_process": 22, "mem_gb_per_node": 0}}
+
+
+@pytest.mark.parametrize("name", sorted(OLD_TABLE))
+def test_profiles_from_yaml_match_the_old_table(name, monkeypatch):
+    monkeypatch.delenv("CXR_PROFILES", raising=False)
+    p = profiles.load_profiles()[name]
+    want = {**OLD_TABLE[name], **CHANGED.get(name, {})}
+    assert {k: getattr(p, k) for k in want} == want
+    assert (p.partition, p.account, p.qos, p.constraint) == ("", "", "", "")
+    # the evaluator keeps its old size: the old rule was mem_gb_per_node // processes_per_node, at least 2
+    old = OLD_TABLE[name]
+    assert profiles.eval_mem_gb(p) == max(2, old["mem_gb_per_node"] // old["processes_per_node"])
+
+
+def test_g5_is_schedulable_whole_node():
+    g5 = profiles.get_profile("g5.24xlarge")
+    args = profiles.sbatch_args(g5)
+    assert "--mem=0" in args and "--cpus-per-task=88" in args  # 88 of 96 vCPUs, all node memory
+    params = profiles.submitit_parameters(g5)
+    assert params["slurm_mem"] == "0" and "mem_gb" not in params and params["cpus_per_task"] == 22
+
+
+def test_single_node_8gpu_profile():
+    p = profiles.get_profile("gpu8-1node")
+    assert (p.nodes, p.gpus_per_node, p.processes_per_node) == (1, 8, 8)
+    assert p.cpus_per_process * 8 <= 96 - 8 and p.workers_per_process < p.cpus_per_process
+    cfg = yaml.safe_load((ROOT / p.accelerate_config).read_text())
+    assert (cfg["num_machines"], cfg["num_processes"], cfg["distributed_type"]) == (1, 8, "MULTI_GPU")
+
+
+def test_site_file_adds_and_overrides_profiles(tmp_path, monkeypatch):
+    site = tmp_path / "site.yaml"
+    site.write_text("g5.24xlarge:\n  partition: gpu-a10g\n  time_min: 600\n  env: {GLOO_SOCKET_IFNAME: ens5}\n"
+                    "mine:\n  base: p4d.24xlarge-x2\n  nodes: 4\n  env: {NCCL_DEBUG: INFO}\n")
+    monkeypatch.setenv("CXR_PROFILES", str(site))
+    table = profiles.load_profiles([site])
+    g5 = table["g5.24xlarge"]
+    assert (g5.partition, g5.time_min, g5.cpus_per_process) == ("gpu-a10g", 600, 22)
+    assert g5.env == {"GLOO_SOCKET_IFNAME": "ens5"}
+    mine = table["mine"]
+    assert (mine.nodes, mine.gpus_per_node, mine.mem_gb_per_node) == (4, 8, 1000)
+    assert mine.env["NCCL_DEBUG"] == "INFO" and mine.env["FI_PROVIDER"] == "efa"  # merged over the base's env
+    # through the CLI's --profiles, and the variables a site already exports win over the profile's
+    exports = subprocess.run([sys.executable, "-m", "launch.profiles", "mine", "--env", "--profiles", str(site)],
+                             cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(["bash", "-c", exports + "\necho $NCCL_DEBUG $FI_PROVIDER"], capture_output=True, text=True,
+                         env={"FI_PROVIDER": "tcp", "PATH": "/usr/bin:/bin"}).stdout.split()
+    assert out == ["INFO", "tcp"]
+
+
+def test_site_file_errors_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("x:\n  nodes: 1\n")
+    with pytest.raises(CxrError, match=r"bad.yaml: profile 'x' lacks"):
+        profiles.load_profiles([bad])
+    bad.write_text("g5.24xlarge:\n  gpus: 3\n")
+    with pytest.raises(CxrError, match=r"bad.yaml: profile 'g5.24xlarge': unknown field"):
+        profiles.load_profiles([bad])

@@ -359,3 +359,67 @@ def test_inspect_cli_counts_and_key_hash(synth, tmp_path, capsys):
     assert PILImage.open(grid).size[0] > 200
     assert main(["inspect", "--shards", str(tmp_path / "none"), "--split", "test"]) == 2
 
+
+
+def test_dali_pipeline_built_once_per_split_across_epochs(synth, monkeypatch):
+    from cxr.data import dali_loader
+
+    built = []
+    original = dali_loader._pipeline
+    monkeypatch.setattr(dali_loader, "_pipeline", lambda o, source: built.append(o.augment) or original(o, source))
+    monkeypatch.setattr(dali_loader, "_BUILT", dali_loader.OrderedDict())
+    cfg = _cfg(synth["dir"], "dali", batch_size=4, augment=True)
+    runs = {}
+    for epoch in (0, 1):
+        runs[("train", epoch)] = _collect(build_loader(cfg, "train", epoch=epoch))
+        runs[("val", epoch)] = _collect(build_loader(cfg, "val", epoch=0, train=False))
+    assert built == [True, False], "one train and one val pipeline for two epochs"
+    # an epoch left early (max_steps, a break) drops its pipeline: the next epoch is built afresh
+    next(iter(build_loader(cfg, "train", epoch=2)))
+    full = _collect(build_loader(cfg, "train", epoch=2))
+    assert built == [True, False, True]
+    # reference: every epoch on a newly built pipeline (empty cache) gives the same batches
+    for (split, epoch), batches in runs.items():
+        dali_loader._BUILT.clear()
+        fresh = _collect(build_loader(cfg, split, epoch=epoch, train=split == "train"))
+        assert _keys(fresh) == _keys(batches)
+        for a, b in zip(fresh, batches):
+            np.testing.assert_array_equal(a["image"], b["image"])
+    # the epoch after the early exit is exact (no stale prefetched batch leaked into it)
+    dali_loader._BUILT.clear()
+    np.testing.assert_array_equal(np.concatenate([b["image"] for b in full]),
+                                  np.concatenate([b["image"] for b in _collect(build_loader(cfg, "train", epoch=2))]))
+
+
+def test_dali_device_id_is_the_local_rank(monkeypatch):
+    from cxr.data.dali_loader import local_device_id
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("SLURM_LOCALID", "3")
+    assert local_device_id() == 1  # RANK may be 9 on the second node; the GPU index is the local one
+    monkeypatch.delenv("LOCAL_RANK")
+    assert local_device_id() == 3
+    monkeypatch.delenv("SLURM_LOCALID")
+    assert local_device_id() == 0  # no GPU here: torch's current device would be used on one
+
+
+def test_pin_memory_auto_follows_cuda_and_cpu_default_is_off(synth, monkeypatch):
+    import torch
+
+    from cxr.config import config_hash, load_config
+
+    cfg = load_config(None, [])
+    assert cfg.data.pin_memory == "auto" and cfg.data.pinned is torch.cuda.is_available()
+    assert load_config(None, ["data.pin_memory=true"]).data.pinned is True
+    assert load_config(None, ["data.pin_memory=false"]).data.pinned is False
+    with pytest.raises(CxrError, match="data.pin_memory"):
+        load_config(None, ["data.pin_memory=maybe"])
+    # pinning changes no trained value: old runs' config hash (and so their resume) is kept
+    assert config_hash(load_config(None, ["data.pin_memory=true"])) == config_hash(cfg)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert DataConfig().pinned is True  # auto on a CUDA machine
+    monkeypatch.undo()
+    if not torch.cuda.is_available():  # this machine: the default leaves CPU batches unpinned
+        for backend in BACKENDS:
+            batch = next(iter(build_loader(_cfg(synth["dir"], backend, batch_size=4), "val", train=False)))
+            assert not batch["image"].is_pinned()

@@ -61,10 +61,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(shards: Path, run_dir: Path, *overrides: str, config_file: Path = CPU2) -> subprocess.Popen:
+def launch(shards: Path, run_dir: Path, *overrides: str, config_file: Path = CPU2,
+           port: int | None = None) -> subprocess.Popen:
     """`accelerate launch --config_file X cxr/train.py --config tiny ...`, output to run_dir.parent/<name>.out."""
     cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(config_file),
-           "--main_process_port", str(free_port()), "cxr/train.py",
+           "--main_process_port", str(port or free_port()), "cxr/train.py",
            "--config", "cxr/configs/tiny.yaml", f"data.shards={shards}", f"checkpoint.run_dir={run_dir}",
            "data.resolution=64", "data.batch_size=16", f"train.epochs={EPOCHS}", "logging.progress=false",
            "logging.log_every=1", *overrides]
@@ -195,6 +196,32 @@ def test_sigusr1_mid_epoch_then_resume_is_bitwise_exact(run_a, train_shards, tmp
            [{k: v for k, v in r.items() if k != "time"} for r in rows_b]
     pd.testing.assert_frame_equal(pd.read_parquet(run_a / "val_predictions.parquet"),
                                   pd.read_parquet(run_b / "val_predictions.parquet"))
+
+
+def test_two_nodes_on_localhost_match_one_node_bitwise(run_a, train_shards, tmp_path_factory):
+    """2 "machines" × 1 process (accelerate --num_machines 2 over 127.0.0.1) = 1 machine × 2 processes."""
+    tmp = tmp_path_factory.mktemp("two_nodes")
+    base = yaml.safe_load(CPU2.read_text())
+    port = free_port()
+    configs = []
+    for rank in (0, 1):
+        cfg = {**base, "num_machines": 2, "num_processes": 2, "machine_rank": rank,
+               "main_process_ip": "127.0.0.1", "main_process_port": port, "same_network": True}
+        configs.append(tmp / f"machine{rank}.yaml")
+        configs[-1].write_text(yaml.safe_dump(cfg))
+    run_dir = tmp / "run"
+    run_dir.mkdir()  # both "nodes" share the run dir, as on a shared filesystem
+    procs = [launch(train_shards, run_dir, config_file=c, port=port) for c in configs]
+    codes = [finish(p) for p in procs]
+    assert codes == [0, 0], output(run_dir)[-4000:]
+    log = (run_dir / "train.log").read_text()
+    assert re.search(r"start: 2 rank\(s\) .* pids \[(\d+), (\d+)\]", log), log[:2000]
+    assert log.count("start: ") == 1, "only global rank 0 writes train.log (machine 1's local rank 0 must not)"
+    for name in ("last", "best"):
+        a, b = weights(run_a, name), weights(run_dir, name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}/{key} differs"
 
 
 def test_deepspeed_zero2_trains_checkpoints_and_resumes(train_shards, tmp_path_factory):

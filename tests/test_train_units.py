@@ -277,3 +277,20 @@ def test_signal_during_the_stop_flag_all_reduce_is_not_lost(monkeypatch):
         assert stop.signum == signal.SIGUSR1
     finally:
         stop.close()
+
+
+def test_loopback_warning_only_for_multi_node_runs_on_a_loopback_hostname():
+    from cxr.train import loopback_warning
+
+    loop = {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "node-a"}
+    table = {"node-a": "10.0.0.5"}
+
+    def resolve(name):  # this host resolves like Debian's /etc/hosts: 127.0.1.1
+        return table.get(name, "127.0.1.1")
+
+    assert "GLOO_SOCKET_IFNAME" in loopback_warning(loop, resolve)
+    assert loopback_warning({**loop, "GLOO_SOCKET_IFNAME": "ens5"}, resolve) is None
+    assert loopback_warning({**loop, "LOCAL_WORLD_SIZE": "16"}, resolve) is None   # one node
+    assert loopback_warning({**loop, "MASTER_ADDR": "127.0.0.1"}, resolve) is None  # all "nodes" here
+    assert loopback_warning(loop, lambda name: "10.0.0.7") is None                 # a routable hostname
+    assert loopback_warning({}, resolve) is None                                    # a single process

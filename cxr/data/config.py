@@ -38,6 +38,10 @@ class DataConfig:
     JPEG 2000 shards decode on the GPU; lossless JPEG is meant to, untested; PNG always
     decodes on the CPU). The loader logs the decode device."""
 
+    pin_memory: bool | str = "auto"
+    """Page-locked host batches (wds back end, DALI CPU outputs) so the `non_blocking`
+    host→device copy really is asynchronous. auto: on when a CUDA device is visible."""
+
     seed: int = 0
     """Seed of the per-epoch shuffle and of the per-sample augmentation draws."""
 
@@ -79,6 +83,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         _choice("backend", self.backend, BACKENDS)
         _choice("device", self.device, DEVICES)
+        if self.pin_memory not in (True, False, "auto"):
+            raise CxrError(f"data.pin_memory={self.pin_memory!r}: unknown — choose auto, true or false")
         _at_least("resolution", self.resolution, 16)
         _at_least("batch_size", self.batch_size, 1)
         if self.eval_batch_size is not None:
@@ -94,6 +100,15 @@ class DataConfig:
                 raise CxrError(f"data.{name}={getattr(self, name)}: must be < 1 — use a small jitter like 0.1")
         if self.std <= 0:
             raise CxrError(f"data.std={self.std}: must be > 0 — use the pixel std of your images")
+
+    @property
+    def pinned(self) -> bool:
+        """Whether batches are pinned (pin_memory resolved: auto → a CUDA device is visible)."""
+        if self.pin_memory == "auto":
+            import torch
+
+            return torch.cuda.is_available()
+        return bool(self.pin_memory)
 
     @property
     def eval_batch(self) -> int:

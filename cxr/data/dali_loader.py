@@ -17,18 +17,25 @@ pool (or on the GPU), asynchronously to training; batches are prefetched
 `prefetch_queue_depth` deep. Evaluation therefore has no padding at all: each rank
 reads its own contiguous slice, and the last batch is simply shorter.
 
+Each split's pipeline is built once per process and reused: the external source
+calls whichever epoch's feed is current, and the iterator is reset when the next
+epoch starts (a pipeline left mid-epoch — an early break, a decode failure — is
+dropped and rebuilt, never reused with stale prefetched batches).
+
 `device="gpu"` is the only switch for GPU decoding: decoder device "mixed" and
-device_id = LOCAL_RANK (or the rank). GPU decode helps only JPEG, lossless JPEG
-(`ljpeg`, nvJPEG since DALI 1.23) and JPEG 2000 shards; PNG decodes on the CPU even
-in "mixed" mode. The chosen decode device is logged when the loader is built. The
-lossless JPEG GPU path is untested in this repository (no GPU on its test machines).
+device_id = the LOCAL rank (LOCAL_RANK, SLURM_LOCALID, or torch's current device — never
+the global rank, which exceeds the GPU count on every node but the first). GPU decode
+helps only JPEG, lossless JPEG (`ljpeg`, nvJPEG since DALI 1.23) and JPEG 2000 shards;
+PNG decodes on the CPU even in "mixed" mode. The chosen decode device is logged when the
+loader is built. The lossless JPEG GPU path is untested in this repository (no GPU on its
+test machines).
 """
 from __future__ import annotations
 
 import io
 import logging
 import os
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Callable, Iterator
 
 import numpy as np
@@ -51,7 +58,7 @@ class DaliBatches:
         self.cfg, self.index, self.res, self.epoch, self.augment = cfg, index, resolution, epoch, augment
         self.resize = native_size != (resolution, resolution)
         self.check_size = not self.resize and not size_known  # sized from one header: check the others
-        self.device_id = None if cfg.device == "cpu" else int(os.environ.get("LOCAL_RANK", rank))
+        self.device_id = None if cfg.device == "cpu" else local_device_id()
         if cfg.device == "cpu":
             self.decoder = "cpu (DALI threads)"
         elif index.codec in GPU_DECODABLE:
@@ -61,6 +68,9 @@ class DaliBatches:
         else:
             self.decoder = f"cpu (DALI mixed: {index.codec} has no GPU decoder)"
         log.info("decode: %s shards on %s", index.codec, self.decoder)
+        # what the pipeline graph bakes in: equal keys may share one built pipeline
+        self.key = (str(index.shard_paths[0]) if len(index.shard_paths) else "", len(index), repr(cfg),
+                    resolution, augment, self.resize, self.device_id)
 
     def iterate(self, batches: list[np.ndarray], on_corrupt: OnCorrupt) -> Iterator[tuple[object, np.ndarray]]:
         """Yield every planned batch minus corrupt samples; a decoder failure restarts at that batch."""
@@ -82,6 +92,45 @@ class DaliBatches:
                 bad.add(found[0])
             finally:
                 feed.reader.close()
+
+
+def local_device_id() -> int:
+    """CUDA device of this process on its node: LOCAL_RANK (torchrun/accelerate/submitit),
+    SLURM_LOCALID (srun), else the device torch uses (accelerate has set it)."""
+    for name in ("LOCAL_RANK", "SLURM_LOCALID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    import torch
+
+    return torch.cuda.current_device() if torch.cuda.is_available() else 0
+
+
+class _Built:
+    """A built pipeline + iterator, fed by the current epoch's _Feed."""
+
+    def __init__(self, owner: "DaliBatches"):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        self.feed: _Feed | None = None
+        self.exhausted = False  # the last epoch ran to its end: reset before the next
+        self.active = False     # an epoch is being iterated now
+        self.pipe = _pipeline(owner, lambda: self.feed.source())
+        self.it = DALIGenericIterator(self.pipe, ["image"], auto_reset=False, prepare_first_batch=False)
+
+
+_BUILT: "OrderedDict[tuple, _Built]" = OrderedDict()
+_MAX_BUILT = 4  # train + val of a run, with room for an evaluator in the same process
+
+
+def _built_pipeline(owner: "DaliBatches") -> _Built:
+    """The cached pipeline for owner.key, or a new one (cached unless the cached one is busy)."""
+    if owner.key in _BUILT and _BUILT[owner.key].active:
+        return _Built(owner)  # two loaders of the same split iterated at once: each needs its own
+    built = _BUILT.pop(owner.key, None) or _Built(owner)
+    _BUILT[owner.key] = built
+    while len(_BUILT) > _MAX_BUILT:
+        _BUILT.popitem(last=False)
+    return built
 
 
 class _Feed:
@@ -121,12 +170,25 @@ class _Feed:
         return data, list(params.matrix), list(params.brightness[:, None]), list(params.contrast[:, None])
 
     def run(self) -> Iterator[tuple[object, np.ndarray]]:
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator
-
-        pipe = _pipeline(self.o, self.source)
-        it = DALIGenericIterator(pipe, ["image"], auto_reset=False, prepare_first_batch=False)
-        for out in it:
-            yield out[0]["image"], self.pending.popleft()
+        built = _built_pipeline(self.o)
+        built.feed = self  # before reset(): resetting prefetches from the source at once
+        if built.exhausted:
+            built.it.reset()
+            built.exhausted = False
+        finished, built.active = False, True
+        pin = self.o.cfg.pinned and self.o.cfg.device == "cpu"  # "mixed" outputs are already on the GPU
+        try:
+            for out in built.it:
+                image = out[0]["image"]
+                # page-locked, so that the loop's non_blocking copy to the GPU does not block
+                yield (image.pin_memory() if pin else image), self.pending.popleft()
+            finished = True
+        finally:
+            built.active = False
+            if finished:
+                built.exhausted = True
+            elif _BUILT.get(self.o.key) is built:  # left mid-epoch (break, error): its prefetched
+                del _BUILT[self.o.key]                # batches must never reach the next epoch
 
 
 def _pipeline(o: DaliBatches, source):

@@ -47,7 +47,7 @@ class WdsBatches:
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=[b.tolist() for b in batches], num_workers=workers,
             collate_fn=partial(_collate, mean=self.cfg.mean, std=self.cfg.std, augment=self.dataset.augment),
-            pin_memory=self.cfg.device == "gpu",
+            pin_memory=self.cfg.pinned,
             worker_init_fn=_one_thread if workers else None, persistent_workers=False,
             multiprocessing_context=_worker_context() if workers else None)
         batches_iter = iter(loader)

@@ -1,0 +1,566 @@
+"""One-shot GPU check: throughput, memory, largest batch, exact resume and JPEG decode, through cxr's own loop.
+
+Run this first on a new GPU machine (one GPU, ≤ 8 minutes on an H200 by default):
+
+    python bench/gpu_check.py --out gpu_check.md                 # CUDA, defaults below
+    python bench/gpu_check.py --device cpu --out smoke.md        # tiny CPU smoke (the test suite runs it)
+
+Every training row calls ``cxr.train.train(cfg, loader_fn=...)`` — the real loop with
+accelerate, autocast, the stop flag, validation and checkpoint writes — with bf16 autocast
+and channels_last. Rows, in the order they run (later rows are the first to be skipped):
+
+  throughput   images/s for each --models × --resolutions, eager, no checkpointing,
+               timed from batch --warmup to the end of the epoch (CUDA-synchronised at
+               both ends); peak memory = torch.cuda.max_memory_allocated (CPU: the
+               process's peak RSS, which never goes down, so only its first row means much)
+  checkpoint   the same at the largest resolution with model.grad_checkpointing=true
+  max batch    largest micro-batch at the largest resolution that trains two steps
+               without torch.cuda.OutOfMemoryError (doubling, then bisection to ~6 %)
+  resume       train.deterministic=true: run A uninterrupted; run B stopped by SIGUSR1
+               mid-epoch (exit 75), then resumed; 1 = final weights bitwise equal
+  jpeg decode  torchvision.io.decode_jpeg(device=...) on phantom chest X-ray JPEGs
+               (shards.synth) at the largest resolution, batched; images/s
+  compile      train.compile=true, with and without checkpointing, at the largest resolution
+
+Data: ``--data memory`` (default) feeds random tensors (pinned on CUDA) so that the rows
+measure the GPU, not the decoder; ``--data wds`` packs phantom shards into a temp dir and
+runs the wds back end (PIL in DataLoader workers) — no DALI, no DeepSpeed on either path.
+Needs only torch, torchvision, timm, accelerate, safetensors, numpy, pandas, pyarrow, pillow
+(+ pyyaml, tqdm, scikit-learn, which those pull in).
+
+``--budget-s`` caps the whole run: a row whose time estimate does not fit in what is left
+is skipped with a note, and the max-batch search stops at 1.5× its own estimate. The table
+is printed and, with ``--out``, written as markdown.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import io
+import math
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# cuBLAS needs this for train.deterministic=true on CUDA; it must be set before the first matmul
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cxr.config import load_config  # noqa: E402
+from cxr.train import EXIT_REQUEUE, train  # noqa: E402
+
+COLUMNS = ("check", "model", "res", "batch", "ckpt", "compile", "value", "unit", "peak_mib", "seconds", "note")
+
+
+@dataclass
+class Row:
+    check: str
+    model: str = "-"
+    res: int | str = "-"
+    batch: int | str = "-"
+    ckpt: str = "-"
+    compile: str = "-"
+    value: float = math.nan
+    unit: str = ""
+    peak_mib: float = math.nan
+    seconds: float = math.nan
+    note: str = ""
+
+
+@dataclass
+class Plan:
+    """Sizes of one run (GPU defaults, or the tiny CPU smoke)."""
+
+    device: str
+    models: list[str]
+    resolutions: list[int]
+    batch: int
+    warmup: int
+    steps: int
+    max_batch_cap: int
+    jpeg_images: int
+    jpeg_repeats: int
+    resume_res: int
+    compile_backend: str
+    data: str
+    workers: int
+    budget_s: float
+    estimates: dict = field(default_factory=dict)  # seconds a row of each check is expected to take
+
+
+# ----------------------------------------------------------------------------- measurement helpers
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()  # a CPU-GPU sync point: only at the ends of a timed stretch
+
+
+def reset_peak(device: str) -> None:
+    if device == "cuda":  # free the last row's blocks so each row's peak is its own
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_mib(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+
+
+class Clock:
+    """Wall time from the request of train batch `warmup` to the end of the epoch."""
+
+    def __init__(self, warmup: int, device: str):
+        self.warmup, self.device, self.start, self.end = warmup, device, None, None
+
+    def tick(self) -> None:
+        sync(self.device)
+        self.start = time.perf_counter()
+
+    def tock(self) -> None:
+        sync(self.device)
+        self.end = time.perf_counter()
+
+
+def memory_loader(plan: Plan, clock: Clock | None, stop_at: int | None = None):
+    """A ``build_loader``-compatible factory over random tensors, identical for any (epoch, batch i).
+
+    The train split has plan.warmup + plan.steps batches per epoch; val has one small batch.
+    stop_at: send this process SIGUSR1 when train batch `stop_at` of epoch 0 is requested
+    (the loop's stop flag then saves ``last`` and returns 75, as on a preemption)."""
+    pin = plan.device == "cuda"
+
+    class MemoryLoader:
+        def __init__(self, cfg, split, rank=0, world_size=1, epoch=0, skip_batches=0, train=None):
+            self.cfg, self.split, self.epoch, self.skip = cfg, split, epoch, skip_batches
+            self.n = plan.warmup + plan.steps if split == "train" else 1
+
+        def __len__(self):
+            return self.n - self.skip
+
+        def batch(self, i: int) -> dict:
+            b = self.cfg.batch_size if self.split == "train" else min(self.cfg.batch_size, 4)
+            r = self.cfg.resolution
+            g = torch.Generator().manual_seed(1000 * self.epoch + i + (0 if self.split == "train" else 10**6))
+            image = torch.rand(b, 1, r, r, generator=g).sub_(0.5).mul_(4.0)
+            labels = (torch.rand(b, 14, generator=g) < 0.3).float()
+            if pin:
+                image, labels = image.pin_memory(), labels.pin_memory()
+            return {"image": image, "labels": labels, "meta": torch.zeros(b, 5),
+                    "key": [f"{self.split}{i:04d}_{j:04d}" for j in range(b)]}
+
+        def __iter__(self):
+            cached = None
+            for i in range(self.skip, self.n):
+                if self.split == "train" and clock is not None and i == clock.warmup:
+                    clock.tick()
+                if self.split == "train" and stop_at is not None and self.epoch == 0 and i == stop_at:
+                    os.kill(os.getpid(), signal.SIGUSR1)
+                # throughput rows reuse one batch (random generation would dominate at 1024²);
+                # the resume row (clock None) needs every batch different
+                if clock is None or cached is None:
+                    cached = self.batch(i)
+                yield cached
+            if self.split == "train" and clock is not None:
+                clock.tock()
+
+        def report(self):
+            return {"samples": 0, "skipped": 0, "skipped_keys": []}
+
+    return MemoryLoader
+
+
+class TimedLoader:
+    """Wraps the real ``build_loader`` (wds back end) with the same clock as memory_loader."""
+
+    def __init__(self, plan: Plan, clock: Clock):
+        from cxr.data import build_loader
+
+        self.build, self.plan, self.clock = build_loader, plan, clock
+
+    def __call__(self, cfg, split, **kwargs):
+        loader = self.build(cfg, split, **kwargs)
+        clock, n = self.clock, self.plan.warmup + self.plan.steps
+
+        class Timed:
+            def __len__(self):
+                return min(len(loader), n) if split == "train" else len(loader)
+
+            def __iter__(self):
+                for i, batch in enumerate(loader):
+                    if split == "train" and i == clock.warmup:
+                        clock.tick()
+                    if split == "train" and i >= n:
+                        break
+                    yield batch
+                if split == "train":
+                    clock.tock()
+
+            def report(self):
+                return loader.report()
+
+        return Timed()
+
+
+def config(plan: Plan, run_dir: Path, model: str, res: int, batch: int, ckpt: bool = False,
+           compile_: bool = False, extra: tuple[str, ...] = ()):
+    """The training config of one row: bf16 autocast, channels_last, one epoch, constant lr."""
+    overrides = [f"model.name={model}", f"data.resolution={res}", f"data.batch_size={batch}",
+                 f"data.eval_batch_size={min(batch, 4)}", f"model.grad_checkpointing={str(ckpt).lower()}",
+                 "model.channels_last=true", f"train.compile={str(compile_).lower()}",
+                 "train.mixed_precision=bf16", "train.epochs=1", "schedule.name=constant", "optim.lr=1e-4",
+                 "train.early_stop_patience=0", "logging.progress=false", "logging.log_every=1000000",
+                 f"checkpoint.run_dir={run_dir}", "data.augment=false"]
+    if plan.data == "wds":
+        overrides += [f"data.shards={plan.estimates['shards']}", "data.backend=wds",
+                      f"data.num_threads={plan.workers}", f"data.device={'gpu' if plan.device == 'cuda' else 'cpu'}"]
+    return load_config(None, overrides + list(extra))
+
+
+def run_train(cfg, loader_fn) -> int:
+    return train(cfg, loader_fn=loader_fn)
+
+
+# ----------------------------------------------------------------------------- the checks
+def throughput(plan: Plan, tmp: Path, model: str, res: int, batch: int, ckpt: bool, compile_: bool,
+               check: str) -> Row:
+    row = Row(check, model, res, batch, "on" if ckpt else "off", plan.compile_backend if compile_ else "off",
+              unit="img/s")
+    run_dir = tmp / f"{check}-{model}-{res}-{int(ckpt)}{int(compile_)}"
+    clock = Clock(plan.warmup, plan.device)
+    loader_fn = TimedLoader(plan, clock) if plan.data == "wds" else memory_loader(plan, clock)
+    if compile_:
+        torch._dynamo.reset()
+    reset_peak(plan.device)
+    t0 = time.perf_counter()
+    status = run_train(config(plan, run_dir, model, res, batch, ckpt, compile_), loader_fn)
+    row.seconds = time.perf_counter() - t0
+    if status != 0:
+        raise RuntimeError(f"train() exited {status}")
+    row.value = plan.steps * batch / (clock.end - clock.start)
+    row.peak_mib = peak_mib(plan.device)
+    row.note = f"{plan.steps} timed steps after {plan.warmup}; {plan.data} data"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return row
+
+
+def fits(plan: Plan, tmp: Path, model: str, res: int, batch: int) -> tuple[bool, float]:
+    """(two training steps at `batch` ran without running out of device memory, peak MiB)."""
+    probe = Plan(**{**plan.__dict__, "warmup": 0, "steps": 2})
+    run_dir = tmp / f"probe-{batch}"
+    reset_peak(plan.device)
+    ok = True
+    try:
+        run_train(config(probe, run_dir, model, res, batch), memory_loader(probe, None))
+    except torch.cuda.OutOfMemoryError:
+        ok = False  # the frames holding the failed step's tensors go with the exception
+    except RuntimeError as err:  # cuDNN / cuBLAS report an allocation failure as a plain RuntimeError
+        if "out of memory" not in str(err).lower() and "ALLOC_FAILED" not in str(err):
+            raise
+        ok = False
+    peak = peak_mib(plan.device)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    reset_peak(plan.device)
+    return ok, peak
+
+
+def max_batch(plan: Plan, tmp: Path, model: str, res: int, deadline: float) -> Row:
+    """Largest micro-batch that trains: double from plan.batch until OOM or the cap, then bisect."""
+    row = Row("max batch", model, res, ckpt="off", compile="off", unit="micro-batch")
+    t0 = time.perf_counter()
+    lo, hi, peak, probes = 0, None, math.nan, 0
+    b = max(1, plan.batch)
+    while hi is None and b <= plan.max_batch_cap and time.perf_counter() < deadline:
+        ok, p = fits(plan, tmp, model, res, b)
+        probes += 1
+        if not ok:
+            hi = b
+            break
+        lo, peak = b, p
+        b = min(b * 2, plan.max_batch_cap) if b < plan.max_batch_cap else b + 1
+    while hi is not None and hi - lo > max(1, lo // 16) and time.perf_counter() < deadline:
+        mid = (lo + hi) // 2
+        ok, p = fits(plan, tmp, model, res, mid)
+        probes += 1
+        if ok:
+            lo, peak = mid, p
+        else:
+            hi = mid
+    row.seconds = time.perf_counter() - t0
+    row.value, row.batch, row.peak_mib = float(lo), lo, peak
+    if lo == 0:
+        row.value = math.nan
+        row.note = f"batch {plan.batch} does not fit"
+    elif hi is None:
+        row.note = f"≥ {lo}: --max-batch-cap reached ({probes} probes)"
+    elif hi - lo > max(1, lo // 16):
+        row.note = f"{lo} fits, {hi} does not; section budget ran out ({probes} probes)"
+    else:
+        row.note = f"{lo} fits, {hi} runs out of memory ({probes} probes; bf16, channels_last, no checkpointing)"
+    return row
+
+
+def resume_exact(plan: Plan, tmp: Path, model: str) -> Row:
+    """Run A straight; run B signalled mid-epoch 0, then resumed: final weights bitwise equal?"""
+    from safetensors.torch import load_file
+
+    row = Row("resume", model, plan.resume_res, plan.batch, "off", "off", unit="1 = bitwise equal")
+    res_plan = Plan(**{**plan.__dict__, "data": "memory"})
+    extra = ("train.deterministic=true", "train.epochs=2", "data.augment=false")
+    reset_peak(plan.device)
+    t0 = time.perf_counter()
+    a, b = tmp / "resume-a", tmp / "resume-b"
+    status_a = run_train(config(res_plan, a, model, plan.resume_res, plan.batch, extra=extra),
+                         memory_loader(res_plan, None))
+    stop_at = max(1, (plan.warmup + plan.steps) // 2)
+    status_b1 = run_train(config(res_plan, b, model, plan.resume_res, plan.batch, extra=extra),
+                          memory_loader(res_plan, None, stop_at=stop_at))
+    status_b2 = run_train(config(res_plan, b, model, plan.resume_res, plan.batch, extra=extra),
+                          memory_loader(res_plan, None))
+    row.seconds, row.peak_mib = time.perf_counter() - t0, peak_mib(plan.device)
+    if (status_a, status_b1, status_b2) != (0, EXIT_REQUEUE, 0):
+        raise RuntimeError(f"exit statuses A {status_a}, B {status_b1} then {status_b2} (want 0, 75, 0)")
+    wa = load_file(str(a / "checkpoints" / "last" / "model.safetensors"))
+    wb = load_file(str(b / "checkpoints" / "last" / "model.safetensors"))
+    differ = [k for k in wa if k not in wb or not torch.equal(wa[k], wb[k])]
+    row.value = float(not differ and wa.keys() == wb.keys())
+    row.note = (f"2 epochs × {plan.warmup + plan.steps} steps, stopped at step {stop_at + 1} of epoch 1; "
+                + (f"{len(wa)} tensors equal" if not differ else f"{len(differ)} tensors differ, e.g. {differ[:3]}"))
+    shutil.rmtree(a, ignore_errors=True)
+    shutil.rmtree(b, ignore_errors=True)
+    return row
+
+
+def jpeg_files(n: int, res: int) -> list[bytes]:
+    """n phantom chest X-rays (shards.synth) at res², JPEG quality 95 as the NIH-like grey L8."""
+    from PIL import Image
+
+    from shards.synth import LabelSampler, plan_cases, render
+
+    out = []
+    for case in plan_cases(n, 0, LabelSampler(None)):
+        buf = io.BytesIO()
+        Image.fromarray(render(case, 0, res), mode="L").save(buf, format="JPEG", quality=95)
+        out.append(buf.getvalue())
+    return out
+
+
+def jpeg_decode(plan: Plan, res: int) -> Row:
+    """torchvision.io.decode_jpeg on a batch of encoded images (nvJPEG on CUDA); images/s."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    row = Row("jpeg decode", "-", res, plan.jpeg_images, unit="img/s")
+    t0 = time.perf_counter()
+    data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpeg_files(plan.jpeg_images, res)]
+    decoded = decode_jpeg(data, mode=ImageReadMode.GRAY, device=plan.device)  # warm-up (nvJPEG handles)
+    if tuple(decoded[0].shape) != (1, res, res):
+        raise RuntimeError(f"decoded shape {tuple(decoded[0].shape)}, want (1, {res}, {res})")
+    reset_peak(plan.device)
+    sync(plan.device)
+    start = time.perf_counter()
+    for _ in range(plan.jpeg_repeats):
+        decode_jpeg(data, mode=ImageReadMode.GRAY, device=plan.device)
+    sync(plan.device)
+    row.value = plan.jpeg_repeats * len(data) / (time.perf_counter() - start)
+    row.peak_mib = peak_mib(plan.device)
+    row.seconds = time.perf_counter() - t0
+    row.note = (f"decode_jpeg(device={plan.device!r}), batches of {len(data)}, {plan.jpeg_repeats} repeats, "
+                f"{np.mean([len(b) for b in data]) / 1024:.0f} kB/image (phantoms, q95)")
+    return row
+
+
+# ----------------------------------------------------------------------------- orchestration
+def rows_to_run(plan: Plan):
+    """(check, estimated seconds, section, thunk) in run order."""
+    big = max(plan.resolutions)
+    items = []
+    for model in plan.models:
+        for res in plan.resolutions:
+            items.append(("throughput", plan.estimates["throughput"], "throughput", (model, res, False, False)))
+    for model in plan.models:
+        items.append(("checkpoint", plan.estimates["throughput"], "throughput", (model, big, True, False)))
+    items.append(("max batch", plan.estimates["max batch"], "max batch", (plan.models[0], big)))
+    items.append(("resume", plan.estimates["resume"], "resume", (plan.models[0],)))
+    items.append(("jpeg decode", plan.estimates["jpeg decode"], "jpeg decode", (big,)))
+    for model in plan.models:
+        for ckpt in (False, True):
+            items.append(("compile", plan.estimates["compile"], "compile", (model, big, ckpt, True)))
+    return items
+
+
+def run_all(plan: Plan, tmp: Path) -> list[Row]:
+    start = time.perf_counter()
+    rows = []
+    for check, estimate, _section, args in rows_to_run(plan):
+        left = plan.budget_s - (time.perf_counter() - start)
+        label = dict(zip(("model", "res", "ckpt", "compile"), args)) if check != "jpeg decode" else {"res": args[0]}
+        if estimate > left:
+            rows.append(skipped_row(plan, check, args, f"skipped: needs ~{estimate:.0f} s, {max(left, 0):.0f} s of "
+                                                  f"--budget-s left"))
+            continue
+        print(f"[gpu_check] {check} {label} ({left:.0f} s of budget left)", file=sys.stderr, flush=True)
+        try:
+            if check in ("throughput", "checkpoint", "compile"):
+                model, res, ckpt, compile_ = args
+                rows.append(throughput(plan, tmp, model, res, plan.batch, ckpt, compile_, check))
+            elif check == "max batch":
+                deadline = time.perf_counter() + min(left, estimate * 1.5)
+                rows.append(max_batch(plan, tmp, *args, deadline=deadline))
+            elif check == "resume":
+                rows.append(resume_exact(plan, tmp, *args))
+            else:
+                rows.append(jpeg_decode(plan, *args))
+        except Exception as err:  # one failed row must not cost the others; the note says what broke
+            rows.append(skipped_row(plan, check, args, f"FAILED: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                                    if str(err) else f"FAILED: {type(err).__name__}"))
+        reset_peak(plan.device)
+    return rows
+
+
+def skipped_row(plan: Plan, check: str, args: tuple, note: str) -> Row:
+    if check == "jpeg decode":
+        return Row(check, res=args[0], note=note)
+    if check == "max batch":
+        return Row(check, args[0], args[1], note=note)
+    if check == "resume":
+        return Row(check, args[0], plan.resume_res, note=note)
+    model, res, ckpt, compile_ = args
+    return Row(check, model, res, ckpt="on" if ckpt else "off", compile=plan.compile_backend if compile_ else "off",
+               note=note)
+
+
+def environment(plan: Plan) -> str:
+    import accelerate
+    import timm
+    import torchvision
+
+    dev = torch.cuda.get_device_name(0) if plan.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    cuda = f", CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}" if plan.device == "cuda" else ""
+    return (f"{dev}; torch {torch.__version__}{cuda}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
+            f"accelerate {accelerate.__version__}; bf16 autocast, channels_last; data {plan.data}")
+
+
+def markdown(rows: list[Row], header: str) -> str:
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return "nan" if math.isnan(v) else (f"{v:.1f}" if abs(v) >= 10 else f"{v:.3g}")
+        return str(v).replace("|", "/")
+
+    lines = [header, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cell(getattr(r, c)) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def make_shards(plan: Plan, tmp: Path) -> Path:
+    """Phantom shards for --data wds (the real CLI: synth → split → pack) at the largest resolution."""
+    n = max(64, int((plan.warmup + plan.steps) * plan.batch / 0.7) + 16)
+    py = [sys.executable, "-m", "shards"]
+    res = max(plan.resolutions)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for args in (["synth", "--out", tmp / "synth", "--n", str(n), "--resolution", str(res), "--seed", "0",
+                  "--workers", str(plan.workers or 1)],
+                 ["split", "--metadata", tmp / "synth" / "Data_Entry_2017.csv", "--scheme", "stratified",
+                  "--fractions", "0.7,0.15,0.15", "--out", tmp / "splits.parquet"],
+                 ["pack", "--splits", tmp / "splits.parquet", "--images", tmp / "synth" / "images",
+                  "--out", tmp / "shards", "--workers", str(plan.workers or 1)]):
+        subprocess.run(py + [str(a) for a in args], check=True, cwd=ROOT, capture_output=True, env=env)
+    return tmp / "shards"
+
+
+def build_plan(args) -> Plan:
+    cpu = args.device == "cpu"
+    default = dict(models=["densenet121", "resnet50"], resolutions=[32, 64] if cpu else [224, 512, 1024],
+                   batch=2 if cpu else 16, warmup=1 if cpu else 3, steps=2 if cpu else 10,
+                   max_batch_cap=4 if cpu else 1024, jpeg_images=8 if cpu else 64, jpeg_repeats=2 if cpu else 5,
+                   resume_res=32 if cpu else 224, compile_backend="eager" if cpu else "inductor")
+    # seconds per row on an H200 (CPU smoke: on 2 shared cores); compile rows include the compilation
+    estimates = ({"throughput": 5, "max batch": 30, "resume": 20, "jpeg decode": 5, "compile": 40} if cpu else
+                 {"throughput": 15, "max batch": 90, "resume": 30, "jpeg decode": 15, "compile": 100})
+    for key in default:
+        value = getattr(args, key, None)
+        if value is not None:
+            default[key] = value
+    return Plan(device=args.device, data=args.data, workers=args.workers, budget_s=args.budget_s,
+                estimates=estimates, **default)
+
+
+def patch_compile_backend(backend: str) -> None:
+    """Make every torch.compile in the loop use `backend` (the CPU smoke traces with "eager" to stay fast)."""
+    if backend == "inductor":
+        return
+    original = torch.compile
+
+    def compile_with(model=None, **kwargs):
+        kwargs["backend"] = backend
+        return original(model, **kwargs) if model is not None else original(**kwargs)
+
+    torch.compile = compile_with
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="bench/gpu_check.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cuda (default): the real check; cpu: a tiny smoke of every row (32/64 px, 2 steps)")
+    p.add_argument("--out", type=Path, help="also write the table as markdown to this file")
+    p.add_argument("--budget-s", type=float, default=450.0,
+                   help="total time budget; rows that would not fit are skipped with a note (default 450)")
+    p.add_argument("--data", choices=("memory", "wds"), default="memory",
+                   help="memory: random tensors (default); wds: phantom shards through the wds back end")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="wds DataLoader workers")
+    p.add_argument("--models", type=lambda s: s.split(","), help="comma list (default densenet121,resnet50)")
+    p.add_argument("--resolutions", type=lambda s: [int(x) for x in s.split(",")],
+                   help="comma list (default 224,512,1024; cpu 32,64)")
+    p.add_argument("--batch", type=int, help="micro-batch of the throughput rows (default 16; cpu 2)")
+    p.add_argument("--steps", type=int, help="timed steps per row (default 10; cpu 2)")
+    p.add_argument("--warmup", type=int, help="untimed steps first (default 3; cpu 1)")
+    p.add_argument("--max-batch-cap", type=int, help="largest micro-batch probed (default 1024; cpu 4)")
+    p.add_argument("--compile-backend", help="torch.compile backend (default inductor; cpu eager)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench/gpu_check.py: no CUDA device visible — run on a GPU machine, or use --device cpu", file=sys.stderr)
+        return 2
+    plan = build_plan(args)
+    patch_compile_backend(plan.compile_backend)
+    if plan.device == "cpu":
+        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
+        if plan.data == "wds":
+            plan.estimates["shards"] = make_shards(plan, Path(tmp))
+        with contextlib.redirect_stdout(sys.stderr):
+            rows = run_all(plan, Path(tmp))
+    elapsed = time.perf_counter() - t0
+    header = (f"gpu_check: {environment(plan)}; {elapsed:.0f} s (budget {plan.budget_s:.0f} s)\n\n"
+              f"`python bench/gpu_check.py {' '.join(sys.argv[1:] if argv is None else argv)}`")
+    text = markdown(rows, header)
+    print(text)
+    if args.out:
+        from shards.atomic import atomic_write_text
+
+        atomic_write_text(args.out, text)
+    failed = [r for r in rows if r.note.startswith("FAILED")]
+    skipped = [r for r in rows if r.note.startswith("skipped")]
+    print(f"gpu_check: {len(rows)} rows, {len(failed)} failed, {len(skipped)} skipped, {elapsed:.0f} s", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""bench/gpu_check.py in its --device cpu smoke mode: every row present with finite numbers.
+
+The references are independent of the script's own arithmetic: the row list is written out
+here by hand from the script's documented order, and the smoke runs in a subprocess that
+refuses to import DALI, DeepSpeed, webdataset or submitit (the GPU machine has none of them).
+"""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# what the GPU machine lacks: importing any of these on the check's path fails as there
+BLOCK = """
+import sys
+for name in ("deepspeed", "webdataset", "submitit", "nvidia.dali", "transformers"):
+    sys.modules[name] = None  # import raises ImportError, find_spec says absent: as if not installed
+sys.argv = ["bench/gpu_check.py"] + sys.argv[1:]
+sys.path.insert(0, "bench")
+import runpy
+runpy.run_path("bench/gpu_check.py", run_name="__main__")
+"""
+
+
+def expected_rows(models: list[str], resolutions: list[int]) -> list[tuple[str, str, str]]:
+    """(check, model, res) of every row, in the order the module docstring gives."""
+    big = str(max(resolutions))
+    rows = [("throughput", m, str(r)) for m in models for r in resolutions]
+    rows += [("checkpoint", m, big) for m in models]
+    rows += [("max batch", models[0], big), ("resume", models[0], "32"), ("jpeg decode", "-", big)]
+    rows += [("compile", m, big) for m in models for _ in (0, 1)]
+    return rows
+
+
+def run_check(tmp_path: Path, *args: str, timeout: float) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    out = tmp_path / "table.md"
+    proc = subprocess.run([sys.executable, "-c", BLOCK, "--device", "cpu", "--out", str(out), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert out.exists(), proc.stderr[-3000:]
+    lines = [ln for ln in out.read_text().splitlines() if ln.startswith("| ")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [dict(zip(header, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[1:]]
+    return proc, rows
+
+
+def test_budget_zero_skips_every_row_with_a_note(tmp_path):
+    proc, rows = run_check(tmp_path, "--budget-s", "0", "--models", "cnn", "--resolutions", "32,48", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [(r["check"], r["model"], r["res"]) for r in rows] == expected_rows(["cnn"], [32, 48])
+    assert all(r["note"].startswith("skipped: needs") and r["value"] == "nan" for r in rows)
+
+
+@pytest.mark.slow
+def test_cpu_smoke_every_row_finite_without_dali_or_deepspeed(tmp_path):
+    proc, rows = run_check(tmp_path, "--models", "cnn", "--resolutions", "32", "--budget-s", "600", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [(r["check"], r["model"], r["res"]) for r in rows] == expected_rows(["cnn"], [32])
+    for r in rows:
+        assert math.isfinite(float(r["value"])) and math.isfinite(float(r["peak_mib"])), r
+        assert not r["note"].startswith(("FAILED", "skipped")), r
+    by_check = {r["check"]: r for r in rows}
+    assert float(by_check["resume"]["value"]) == 1.0, by_check["resume"]  # bitwise equal after resume
+    assert int(by_check["max batch"]["value"]) == 4  # the CPU cap: nothing runs out of memory on CPU
+    assert all(float(r["value"]) > 0 for r in rows)
+
+
+def test_max_batch_search_stops_within_6_percent_of_the_oom_edge(tmp_path, monkeypatch):
+    """The search against a fake loop that runs out of memory above 37 (both ways torch reports it)."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_check", gpu_check)  # dataclasses look their module up there
+    spec.loader.exec_module(gpu_check)
+    tried = []
+
+    def fake_train(cfg, loader_fn):
+        b = cfg.data.batch_size
+        tried.append(b)
+        if b > 37:
+            raise (torch.cuda.OutOfMemoryError if b % 2 else RuntimeError)("CUDA out of memory. Tried to allocate")
+        return 0
+
+    monkeypatch.setattr(gpu_check, "run_train", fake_train)
+    plan = gpu_check.build_plan(gpu_check.parse_args(["--device", "cpu", "--batch", "16", "--max-batch-cap", "1024"]))
+    row = gpu_check.max_batch(plan, tmp_path, "cnn", 32, deadline=float("inf"))
+    assert 37 - 37 / 16 <= row.value <= 37, (row, tried)
+    assert max(b for b in tried if b <= 37) == row.value and min(b for b in tried if b > 37) - row.value <= 37 / 16
+    # an error that is not about memory is not taken for a full GPU
+    monkeypatch.setattr(gpu_check, "run_train", lambda cfg, fn: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        gpu_check.fits(plan, tmp_path, "cnn", 32, 4)
