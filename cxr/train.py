@@ -334,6 +334,7 @@ def configure_numerics(cfg: Config, cuda: bool) -> None:
         if cuda:
             torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
 
+
 def loopback_warning(env, resolve: Callable[[str], str] | None = None) -> str | None:
     """A warning when this is a multi-node run whose hostname resolves to a loopback address
     (Debian's /etc/hosts maps it to 127.0.1.1) and GLOO_SOCKET_IFNAME is unset: gloo — the stop
