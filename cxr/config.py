@@ -50,7 +50,8 @@ class ModelConfig:
     num_labels: int = 14
     """Number of output logits: the 14 ChestX-ray14 labels in canonical order."""
     pretrained: str | None = None
-    """Local weights file or cache dir for the backbone (never downloaded); null = random init."""
+    """Local weights file for the backbone, or ``imagenet`` (timm's weights from the local Hugging Face
+    cache; ``python -m cxr.models download NAME`` fetches them); never downloaded; null = random init."""
     metadata: Literal["none", "concat", "mlp"] = "none"
     """Fuse patient metadata (age, sex, view) into the head: none | concat | mlp."""
     meta_dim: int = 5

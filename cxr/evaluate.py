@@ -13,8 +13,8 @@ which checks that every image of the split was scored exactly once and writes
 (atomically) ``predictions.parquet``, ``aucs.csv``, ``thresholds.json``,
 ``metrics.csv``, ``members.json``, ``roc.png``, ``pr.png`` and ``report.md``.
 
-predictions.parquet is long: one row per (split, member, key) with the 14 probability
-columns (canonical label names, float64) and the 14 ground-truth columns ``true_<Label>``
+predictions.parquet is long: one row per (split, member, key) with one probability column per label
+(the shards' label names: the 14 NIH ones or a generic table's, float64) and the ground-truth columns ``true_<Label>``
 (0/1); the ensemble is member ``ensemble``; both the evaluated split and the threshold
 split are in it, so ``--from-predictions`` needs nothing else. The ensemble is always
 recomputed from the member rows (``--ensemble``), in both modes, so a re-analysis
@@ -45,7 +45,12 @@ from shards.errors import CxrError, cli_entry
 from shards.labels import LABELS
 
 TRUE_PREFIX = "true_"  # ground-truth columns in predictions.parquet: true_<Label> (0/1)
-PREDICTION_COLUMNS = ["key", "split", "member", *LABELS, *(TRUE_PREFIX + label for label in LABELS)]
+PREDICTION_COLUMNS = ["key", "split", "member", *LABELS, *(TRUE_PREFIX + label for label in LABELS)]  # NIH shards
+
+
+def prediction_columns(labels: Sequence[str]) -> list[str]:
+    """The columns of predictions.parquet for a label set (PREDICTION_COLUMNS for the 14 NIH labels)."""
+    return ["key", "split", "member", *labels, *(TRUE_PREFIX + label for label in labels)]
 CHECKPOINT_FILES = ("model.safetensors", "model.pt", "model.pth", "pytorch_model.bin")
 
 
@@ -359,6 +364,7 @@ def infer_split(members: Sequence[Member], loader_cfg: Any, split: str, state: A
         keys=np.asarray(keys, dtype=object),
         y_true=np.concatenate(truth) if truth else np.zeros((0, n_labels), np.uint8),
         scores={k: np.concatenate(v) if v else np.zeros((0, n_labels)) for k, v in probs.items()},
+        labels=tuple(members[0].labels),
     )
 
 
@@ -376,6 +382,7 @@ def gather_scores(local: ScoreSet, state: Any) -> ScoreSet | None:
         keys=np.concatenate([p.keys for p in parts]),
         y_true=np.concatenate([p.y_true for p in parts]),
         scores={name: np.concatenate([p.scores[name] for p in parts]) for name in local.scores},
+        labels=local.labels,
     )
     return merged.deduplicated()
 
@@ -450,14 +457,14 @@ def predictions_frame(per_split: dict[str, ScoreSet]) -> pd.DataFrame:
     """The long table of predictions.parquet: one row per (split, member, key)."""
     frames = []
     for split, s in per_split.items():
-        truth = pd.DataFrame(s.y_true.astype(np.uint8), columns=[TRUE_PREFIX + c for c in LABELS])
+        truth = pd.DataFrame(s.y_true.astype(np.uint8), columns=[TRUE_PREFIX + c for c in s.labels])
         for member, probs in s.scores.items():
-            frame = pd.DataFrame(np.asarray(probs, dtype=np.float64), columns=list(LABELS))
+            frame = pd.DataFrame(np.asarray(probs, dtype=np.float64), columns=list(s.labels))
             frame.insert(0, "member", member)
             frame.insert(0, "split", split)
             frame.insert(0, "key", s.keys.astype(str))
             frames.append(pd.concat([frame, truth], axis=1))
-    return pd.concat(frames, ignore_index=True)[PREDICTION_COLUMNS]
+    return pd.concat(frames, ignore_index=True)[prediction_columns(next(iter(per_split.values())).labels)]
 
 
 def read_predictions(path: Path) -> dict[str, ScoreSet]:
@@ -467,7 +474,8 @@ def read_predictions(path: Path) -> dict[str, ScoreSet]:
     except Exception as err:  # noqa: BLE001 — pyarrow raises several types for a bad file
         raise CxrError(f"{path}: unreadable predictions ({err}) — pass a predictions.parquet "
                        "written by `python -m cxr.evaluate`") from err
-    missing = [c for c in PREDICTION_COLUMNS if c not in frame.columns]
+    labels = [c[len(TRUE_PREFIX):] for c in frame.columns if str(c).startswith(TRUE_PREFIX)]
+    missing = [c for c in prediction_columns(labels or LABELS) if c not in frame.columns]
     if missing:
         raise CxrError(f"{path}: missing columns {missing[:4]} — not a cxr.evaluate predictions file")
     out: dict[str, ScoreSet] = {}
@@ -481,9 +489,9 @@ def read_predictions(path: Path) -> dict[str, ScoreSet]:
             if not np.array_equal(rows["key"].to_numpy(dtype=object), keys):
                 raise CxrError(f"{path}: split {split!r}: member {member!r} has a different key set "
                                f"than {members[0]!r} — the file was edited or merged wrongly")
-            scores[member] = rows[list(LABELS)].to_numpy(dtype=np.float64)
-        y_true = first[[TRUE_PREFIX + c for c in LABELS]].to_numpy(dtype=np.uint8)
-        out[str(split)] = ScoreSet(keys=keys, y_true=y_true, scores=scores)
+            scores[member] = rows[labels].to_numpy(dtype=np.float64)
+        y_true = first[[TRUE_PREFIX + c for c in labels]].to_numpy(dtype=np.uint8)
+        out[str(split)] = ScoreSet(keys=keys, y_true=y_true, scores=scores, labels=tuple(labels))
     return out
 
 

@@ -45,6 +45,7 @@ class ScoreSet:
     y_true: np.ndarray
     scores: dict[str, np.ndarray]
     duplicates: int = 0
+    labels: tuple[str, ...] = LABELS  # the L column names (the shards' labels)
 
     @property
     def n(self) -> int:
@@ -61,7 +62,7 @@ class ScoreSet:
         return ScoreSet(
             keys=keys[keep].astype(object), y_true=self.y_true[keep],
             scores={k: v[keep] for k, v in self.scores.items()},
-            duplicates=self.duplicates + int(keys.size - keep.size),
+            duplicates=self.duplicates + int(keys.size - keep.size), labels=self.labels,
         )
 
 
@@ -121,7 +122,7 @@ def auc_table(scores: ScoreSet, n_boot: int = 1000, seed: int = 0, alpha: float 
     rows = []
     for member, boot in zip(names, boots):
         auprc = notes.run(per_label_auprc, y, scores.scores[member])
-        for c, label in enumerate(LABELS):
+        for c, label in enumerate(scores.labels):
             rows.append((member, label, boot["auroc"][c], boot["ci_low"][c], boot["ci_high"][c],
                          auprc[c], prevalence[c], int(n_pos[c]), scores.n))
         rows.append((member, MEAN, boot["mean_auroc"], boot["mean_ci_low"], boot["mean_ci_high"],
@@ -169,12 +170,12 @@ def metrics_table(scores: ScoreSet, tuned: dict[str, dict[str, np.ndarray]] | No
     notes = notes or _Notes()
     rows = []
     for member, probs in scores.scores.items():
-        sets = {"0.5": np.full(len(LABELS), 0.5)}
+        sets = {"0.5": np.full(len(scores.labels), 0.5)}
         if tuned:
             sets.update(tuned[member])
         for set_name, thr in sets.items():
             tm = notes.run(threshold_metrics, scores.y_true, probs, thr)
-            for c, label in enumerate(LABELS):
+            for c, label in enumerate(scores.labels):
                 rows.append({"member": member, "thresholds": set_name, "label": label,
                              "threshold": float(thr[c]), **{k: float(tm[k][c]) for k in METRIC_COLUMNS},
                              **{k: int(tm[k][c]) for k in ("tp", "fp", "tn", "fn")}})
@@ -188,13 +189,14 @@ def metrics_table(scores: ScoreSet, tuned: dict[str, dict[str, np.ndarray]] | No
     return table.astype({k: "Int64" for k in ("tp", "fp", "tn", "fn")})
 
 
-def thresholds_document(tuned: dict[str, dict[str, np.ndarray]], split: str, n: int) -> dict[str, Any]:
+def thresholds_document(tuned: dict[str, dict[str, np.ndarray]], split: str, n: int,
+                        labels: Sequence[str] = LABELS) -> dict[str, Any]:
     """The thresholds.json document: per member, per method, per label."""
     return {
         "tuned_on": split, "n_images": n,
         "rule": "predict positive when probability >= threshold",
         "methods": {"f1": "maximises F1 per label", "youden": "maximises TPR - FPR per label"},
-        "members": {m: {method: dict(zip(LABELS, map(float, thr))) for method, thr in by.items()}
+        "members": {m: {method: dict(zip(labels, map(float, thr))) for method, thr in by.items()}
                     for m, by in tuned.items()},
     }
 
@@ -212,7 +214,8 @@ def analyse(scores: ScoreSet, tuning: ScoreSet | None, *, tuning_split: str | No
     t1 = time.perf_counter()
     metrics = metrics_table(scores, tuned, notes)
     seconds["thresholds+metrics"] = time.perf_counter() - t1
-    doc = thresholds_document(tuned, tuning_split or "", tuning.n if tuning is not None else 0)
+    doc = thresholds_document(tuned, tuning_split or "", tuning.n if tuning is not None else 0,
+                              scores.labels)
     return Analysis(aucs=aucs, metrics=metrics, thresholds=doc, tuned=tuned,
                     notes=notes.items, seconds=seconds)
 
@@ -284,7 +287,7 @@ def plot_curves(path: Path, scores: ScoreSet, aucs: pd.DataFrame,
     metric = "auroc" if kind == "roc" else "auprc"
     lookup = aucs.set_index(["member", "label"])[metric]
     focus = ENSEMBLE if ENSEMBLE in scores.scores else list(scores.scores)[-1]
-    for c, (ax, label) in enumerate(zip(axes, LABELS)):
+    for c, (ax, label) in enumerate(zip(axes, scores.labels)):
         y = scores.y_true[:, c].astype(bool)
         ax.set_title(f"{label}  ({metric.upper()} {lookup.get((focus, label), math.nan):.3f})", fontsize=10)
         ax.set_xlim(-0.02, 1.02), ax.set_ylim(-0.02, 1.03)  # room for markers on the edges
@@ -311,17 +314,17 @@ def plot_curves(path: Path, scores: ScoreSet, aucs: pd.DataFrame,
             xy = (fpr, tpr) if kind == "roc" else (tpr, ppv)
             ax.plot(*xy, marker=marker, ms=8, mfc="none", mec="red", mew=1.6, ls="none",
                     label=f"{focus} @ {text}")
-    _legend_panel(axes, styles, tuned, focus, kind)
+    _legend_panel(axes, styles, tuned, focus, kind, len(scores.labels))
     # fixed margins: tight_layout would cost a second full draw
     fig.subplots_adjust(left=0.05, right=0.98, bottom=0.04, top=0.94, wspace=0.28, hspace=0.32)
     _save_png(fig, path)
     plt.close(fig)
 
 
-def _legend_panel(axes, styles, tuned, focus: str, kind: str) -> None:
+def _legend_panel(axes, styles, tuned, focus: str, kind: str, n_labels: int = len(LABELS)) -> None:
     from matplotlib.lines import Line2D
 
-    for ax in axes[len(LABELS):]:
+    for ax in axes[n_labels:]:
         ax.axis("off")
     handles = [Line2D([], [], color=st["color"], lw=st["lw"], label=st["label"]) for st in styles.values()]
     for name in ("0.5", *tuned.get(focus, {})):
@@ -330,7 +333,7 @@ def _legend_panel(axes, styles, tuned, focus: str, kind: str) -> None:
                               label=f"{focus} threshold: {text}"))
     chance = "chance (diagonal)" if kind == "roc" else "chance (prevalence)"
     handles.append(Line2D([], [], color="0.7", lw=0.8, ls="--", label=chance))
-    axes[len(LABELS)].legend(handles=handles, loc="upper left", fontsize=10, frameon=False)
+    axes[n_labels].legend(handles=handles, loc="upper left", fontsize=10, frameon=False)
 
 
 def _save_png(fig, path: Path) -> None:
@@ -349,7 +352,7 @@ def _fmt(x: float, digits: int = 3) -> str:
 def auroc_wide(aucs: pd.DataFrame, with_ci: bool = True) -> pd.DataFrame:
     """Label × member table of AUROC strings ("0.812 [0.80, 0.83]") plus prevalence (%)."""
     members = list(dict.fromkeys(aucs["member"]))
-    table = pd.DataFrame(index=[*LABELS, MEAN])
+    table = pd.DataFrame(index=_label_rows(aucs))
     first = aucs[aucs["member"] == members[0]].set_index("label")
     table["prevalence %"] = [_fmt(100 * first.loc[label, "prevalence"], 2) for label in table.index]
     for member in members:
@@ -360,6 +363,11 @@ def auroc_wide(aucs: pd.DataFrame, with_ci: bool = True) -> pd.DataFrame:
             for r in (rows.loc[label] for label in table.index)]
     table.index.name = "label"
     return table
+
+
+def _label_rows(aucs: pd.DataFrame) -> list[str]:
+    """The table's labels in their order, then the mean row."""
+    return [*dict.fromkeys(label for label in aucs["label"] if label != MEAN), MEAN]
 
 
 def format_stdout_table(aucs: pd.DataFrame) -> str:
@@ -378,6 +386,8 @@ def _markdown(frame: pd.DataFrame, index: bool = True) -> str:
 def _published_columns(table: pd.DataFrame) -> pd.DataFrame:
     from cxr.published import PUBLISHED, published_mean
 
+    if [label for label in table.index if label != MEAN] != list(LABELS):
+        return table  # published numbers exist only for the 14 NIH labels
     for column in PUBLISHED:
         name = column.name + ("" if column.comparable else " †")
         table[name] = [_fmt(column.auroc[label]) if label in column.auroc else _fmt(published_mean(column))
@@ -387,7 +397,7 @@ def _published_columns(table: pd.DataFrame) -> pd.DataFrame:
 
 def _auprc_wide(aucs: pd.DataFrame) -> pd.DataFrame:
     members = list(dict.fromkeys(aucs["member"]))
-    table = pd.DataFrame(index=[*LABELS, MEAN])
+    table = pd.DataFrame(index=_label_rows(aucs))
     for member in members:
         rows = aucs[aucs["member"] == member].set_index("label")
         table[member] = [_fmt(rows.loc[label, "auprc"]) for label in table.index]

@@ -27,6 +27,7 @@ if __package__ in (None, ""):  # run as a file (`accelerate launch cxr/train.py`
 
 import argparse
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -139,6 +140,7 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
     resume_from, changed = resume_checkpoint(cfg, run_dir)
 
     # Model, loss, optimizer, schedule. Same seed on every rank → same initial weights.
+    label_names(cfg)  # the shards' labels must number model.num_labels: fail before any work
     set_seed(cfg.train.seed)
     model = build_model(**cfg.model.kwargs())
     init = None
@@ -540,16 +542,35 @@ def write_failed_status(run_dir: Path, st: LoopState, err: BaseException) -> Non
         pass  # a read-only or full run dir: the original error is what the user must see
 
 
+@functools.lru_cache(maxsize=8)
+def _label_names(shards: str, resolution: int, num_labels: int) -> tuple[str, ...]:
+    if not (Path(shards) / "manifest.json").is_file():  # in-memory loaders of the tests
+        return tuple(LABELS) if num_labels == len(LABELS) else tuple(f"label_{i}" for i in range(num_labels))
+    folder, manifest = load_shards_manifest(shards, resolution)
+    names = tuple(manifest.get("labels") or LABELS)
+    if len(names) != num_labels:
+        raise CxrError(f"{folder}/manifest.json: the shards have {len(names)} label(s) ({', '.join(names[:5])}) "
+                       f"but model.num_labels={num_labels} — set model.num_labels={len(names)}")
+    return names
+
+
+def label_names(cfg: Config) -> list[str]:
+    """The run's label names: the shards manifest's (the 14 NIH ones or a generic table's), which
+    must number model.num_labels; without a manifest, the NIH names or label_0, label_1, ..."""
+    return list(_label_names(str(cfg.data.shards), cfg.data.resolution, cfg.model.num_labels))
+
+
 def train_prevalence(cfg: Config) -> np.ndarray | None:
-    """[14] train-split prevalence from the shards manifest (only weighted_bce needs it)."""
+    """[num_labels] train-split prevalence from the shards manifest (only weighted_bce needs it)."""
     if cfg.loss.name != "weighted_bce":
         return None
     folder, manifest = load_shards_manifest(cfg.data.shards, cfg.data.resolution)
     prevalence = manifest.get("splits", {}).get("train", {}).get("prevalence", {})
-    missing = [name for name in LABELS if name not in prevalence]
+    names = label_names(cfg)
+    missing = [name for name in names if name not in prevalence]
     if missing:
         raise CxrError(f"{folder}/manifest.json: splits.train.prevalence lacks {missing[:3]} — re-pack the shards")
-    return np.array([prevalence[name] for name in LABELS], dtype=np.float64)
+    return np.array([prevalence[name] for name in names], dtype=np.float64)
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module, l2_weights: list) -> torch.optim.Optimizer:
@@ -759,7 +780,7 @@ def validate(cfg: Config, accelerator: Accelerator, net: torch.nn.Module, loader
     out = {"val_loss": float(loss.item())}
     with warnings.catch_warnings(record=True) as caught:  # zero-denominator notes: to train.log, not the console
         warnings.simplefilter("always")
-        out.update({f"val_{k}": float(v) for k, v in epoch_metrics(y, probs).items()})
+        out.update({f"val_{k}": float(v) for k, v in epoch_metrics(y, probs, labels=label_names(cfg)).items()})
     for w in caught:
         logging.getLogger("cxr.train.steps").info("validation: %s", w.message)
     out.update(keys=[all_keys[i] for i in order], probs=probs)
@@ -838,7 +859,7 @@ def replica_fingerprints(net: torch.nn.Module) -> list[str]:
 def checkpoint_meta(cfg: Config, st: LoopState, val: dict | None = None) -> dict:
     """meta.json of a checkpoint (docs/run-dir.md)."""
     return {"epoch": st.epoch, "step_in_epoch": st.step_in_epoch, "global_step": st.global_step,
-            "config_hash": config_hash(cfg), "labels": list(LABELS), "resolution": cfg.data.resolution,
+            "config_hash": config_hash(cfg), "labels": label_names(cfg), "resolution": cfg.data.resolution,
             "model": cfg.model.kwargs(), "init_from": cfg.model.init_from,
             "finished": st.finished, "best_epoch": st.best_epoch,
             "val": {k: v for k, v in (val or {}).items() if k.startswith("val_")},
@@ -867,7 +888,7 @@ def save_best(cfg: Config, accelerator: Accelerator, run_dir: Path, model, st: L
     """Write ``best`` (weights + meta, collective) and, on rank 0, the val predictions of this epoch."""
     ckpt.save_checkpoint(accelerator, run_dir, "best", model=model, meta=checkpoint_meta(cfg, st, val))
     if accelerator.is_main_process:
-        frame = pd.DataFrame(val["probs"], columns=list(LABELS))
+        frame = pd.DataFrame(val["probs"], columns=label_names(cfg))
         frame.insert(0, "key", val["keys"])
         with atomic_write(run_dir / "val_predictions.parquet") as fh:
             frame.to_parquet(fh, index=False)

@@ -21,6 +21,26 @@ NO_FINDING = "No Finding"
 NUM_LABELS = len(LABELS)
 _INDEX = {name: i for i, name in enumerate(LABELS)}
 
+# The non-label columns of a splits table; every other column of a generic table is a label.
+TABLE_FIELDS: tuple[str, ...] = ("image", "patient", "split", "age", "sex", "view")
+
+
+def table_labels(columns) -> list[str]:
+    """The label columns of a splits table: the 14 NIH labels when all are present (an extra
+    ``No Finding`` column stays out), else every column that is not one of TABLE_FIELDS, in order."""
+    columns = list(columns)
+    if all(name in columns for name in LABELS):
+        return list(LABELS)
+    return [c for c in columns if c not in TABLE_FIELDS]
+
+
+def missing_nih_labels(columns) -> list[str]:
+    """The NIH labels a table lacks when it has most (≥ 7) but not all of them: a damaged NIH table,
+    not a generic one (which may reuse a few NIH names)."""
+    missing = [name for name in LABELS if name not in list(columns)]
+    return missing if 0 < len(missing) <= NUM_LABELS // 2 else []
+
+
 # Fixed-size per-sample metadata vector stored in shards (`.meta`, float32 LE).
 # Age is raw years here; loaders z-score it with the train statistics of the manifest.
 META_FIELDS: tuple[str, ...] = ("age", "sex_M", "sex_F", "view_PA", "view_AP")

@@ -1,7 +1,9 @@
 """Reading NIH ChestX-ray14 metadata: the Data_Entry CSV, split lists, image inventories.
 
 `read_metadata` turns `Data_Entry_2017[_v2020].csv[.gz]` into one validated row per
-image; everything downstream (splits, stats, pack) trusts that table.
+image; everything downstream (splits, stats, pack) trusts that table. A generic
+labelled CSV (`image,label1[,label2...]`, optional `patient` column) is read by
+`read_labelled_csv` into the same table, with its own label names.
 """
 from __future__ import annotations
 
@@ -93,6 +95,8 @@ def read_metadata(path: str | Path) -> pd.DataFrame:
     duplicate image id.
     """
     path = Path(path)
+    if _is_labelled_csv(path):
+        return read_labelled_csv(path)
     raw = _load_raw(path)
     table = _parse_columns(path, raw)
     labels = pd.DataFrame(_parse_labels(path, raw), columns=list(LABELS))
@@ -104,6 +108,61 @@ def read_metadata(path: str | Path) -> pd.DataFrame:
         lines = [_line(i) for i in rows if table["image"].iloc[i] == first]
         raise CxrError(f"{path}: image {first} appears on lines {lines} ({int(dup.sum())} rows "
                        "share an id) — keep one row per image")
+    return table
+
+
+def _is_labelled_csv(path: Path) -> bool:
+    """True for a generic labelled CSV: its header has `image` and no NIH `Image Index`."""
+    if not path.is_file() or path.suffix == ".gz":
+        return False
+    with open(path, newline="") as fh:
+        header = [c.strip() for c in fh.readline().split(",")]
+    return "image" in header and "Image Index" not in header
+
+
+def read_labelled_csv(path: str | Path) -> pd.DataFrame:
+    """Read a generic labelled CSV: `image,label1[,label2...]` (+ optional `patient`).
+
+    Every column but `image` and `patient` is a 0/1 label named by its header.
+    Without `patient` every image is its own patient (a patient-level split is then
+    an image-level one). Returns the columns of `read_metadata`: image, patient,
+    age/sex/view unknown (None), then the labels (uint8).
+    """
+    path = Path(path)
+    fix = "write `image,label1[,label2...]` with 0/1 labels (optional integer `patient` column)"
+    try:
+        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError) as err:
+        raise CxrError(f"{path}: not a readable CSV ({err}) — {fix}") from err
+    raw.columns = [c.strip() for c in raw.columns]
+    names = [c for c in raw.columns if c not in ("image", "patient")]
+    if not names:
+        raise CxrError(f"{path}: no label column besides image/patient — {fix}")
+    reserved = [c for c in names if c in ("split", "age", "sex", "view")]
+    if reserved:
+        raise CxrError(f"{path}: column(s) {reserved} are table fields, not labels — rename or drop them")
+    image = raw["image"].str.strip()
+    _first_bad(path, raw.rename(columns={"image": "Image Index"}), ~image.str.fullmatch(r"[^/\\]+\.png").to_numpy(),
+               "Image Index", "a PNG file name")
+    if "patient" in raw.columns:
+        patient = pd.to_numeric(raw["patient"].str.strip(), errors="coerce")
+        bad = (patient.isna() | (patient < 0) | (patient % 1 != 0)).to_numpy()
+        _first_bad(path, raw.rename(columns={"image": "Image Index"}), bad, "patient", "a non-negative integer")
+    else:
+        patient = pd.Series(np.arange(len(raw)))
+    table = pd.DataFrame({"image": image, "patient": patient.astype(np.int64),
+                          "age": pd.Series([None] * len(raw), dtype=object),
+                          "sex": pd.Series([None] * len(raw), dtype=object),
+                          "view": pd.Series([None] * len(raw), dtype=object)})
+    for name in names:
+        value = raw[name].str.strip()
+        _first_bad(path, raw.rename(columns={"image": "Image Index"}), ~value.isin(["0", "1"]).to_numpy(),
+                   name, "0 or 1")
+        table[name] = value.astype(np.uint8)
+    dup = table["image"].duplicated().to_numpy()
+    if dup.any():
+        raise CxrError(f"{path}: image {table['image'].iloc[int(np.argmax(dup))]} appears twice "
+                       "— keep one row per image")
     return table
 
 

@@ -305,7 +305,7 @@ def _manifest(records: list[Record], journal: Journal, stats: _RunStats, setting
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "codec": settings["codec"], "quality": settings["quality"], "resolution": None, "derived": False,
         "source": settings["source"], "splits_file": splits_file, "splits_sha256": settings["splits_sha256"],
-        "labels": list(LABELS), "meta_fields": list(META_FIELDS), "meta_stats": meta_stats(packed_records),
+        "labels": list(records[0].names if records else LABELS), "meta_fields": list(META_FIELDS), "meta_stats": meta_stats(packed_records),
         "splits": split_summary(packed_records, Counter(e["split"] for e in entries)),
         "shards": [{k: e[k] for k in ("name", "split", "samples", "bytes", "sha256", "index")} for e in entries],
         "image_sizes": dict(sorted(sizes.items())),

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from shards.errors import CxrError
-from shards.labels import LABELS
+from shards.labels import LABELS, TABLE_FIELDS, missing_nih_labels, table_labels
 
 ID_BYTES = 32
 SPLITS = ("train", "val", "test")
@@ -37,6 +37,7 @@ class Record:
     age: float | None
     sex: str | None
     view: str | None
+    names: tuple[str, ...] = LABELS  # the table's label names (the 14 NIH ones, or a generic table's)
 
 
 def image_key(image: str) -> str:
@@ -65,7 +66,7 @@ def meta_vector(age: float | None, sex: str | None, view: str | None) -> np.ndar
 def record_json(rec: Record) -> dict[str, Any]:
     age = None if rec.age is None else (int(rec.age) if float(rec.age).is_integer() else rec.age)
     return {"image": rec.image, "patient": rec.patient, "split": rec.split, "labels": list(rec.labels),
-            "findings": [name for name, y in zip(LABELS, rec.labels) if y], "age": age,
+            "findings": [name for name, y in zip(rec.names, rec.labels) if y], "age": age,
             "sex": rec.sex, "view": rec.view}
 
 
@@ -108,7 +109,9 @@ def _file_sha256(path: Path) -> str:
 def _records(frame: Any, where: str) -> list[Record]:
     import pandas as pd
 
-    absent = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
+    names = table_labels(frame.columns)
+    absent = [c for c in TABLE_FIELDS if c not in frame.columns] + ([] if names else ["a label column"])
+    absent += missing_nih_labels(frame.columns)
     if absent:
         raise CxrError(f"{where}: missing columns {absent} — write the table with `python -m shards split`")
 
@@ -125,7 +128,7 @@ def _records(frame: Any, where: str) -> list[Record]:
     fail(keys.map(lambda k: not k.isascii() or len(k) > ID_BYTES or "/" in k or "." in k),
          f"an image id that is not ASCII, contains '/' or '.', or is longer than {ID_BYTES} bytes")
     fail(~frame["split"].isin(SPLITS), f"a split not in {SPLITS}")
-    labels = frame[list(LABELS)].apply(pd.to_numeric, errors="coerce")
+    labels = frame[names].apply(pd.to_numeric, errors="coerce")
     fail(~labels.isin([0, 1]).all(axis=1), "a label value other than 0/1")
     patient = pd.to_numeric(frame["patient"], errors="coerce")
     fail(patient.isna() | (patient != patient.round()), "a patient id that is not an integer")
@@ -136,7 +139,7 @@ def _records(frame: Any, where: str) -> list[Record]:
     label_rows = labels.astype(int).to_numpy()
     return [
         Record(k, img, int(p), s, tuple(int(v) for v in lab), None if math.isnan(a) else float(a),
-               sx if isinstance(sx, str) else None, vw if isinstance(vw, str) else None)
+               sx if isinstance(sx, str) else None, vw if isinstance(vw, str) else None, tuple(names))
         for k, img, p, s, lab, a, sx, vw in zip(keys, images, patient, frame["split"], label_rows,
                                                  age.astype(float), frame["sex"], frame["view"])
     ]
@@ -147,14 +150,15 @@ def split_summary(records: Sequence[Record], shards_per_split: dict[str, int]) -
     summary = {}
     for split in SPLITS:
         mine = [r for r in records if r.split == split]
-        positives = np.sum([r.labels for r in mine], axis=0, dtype=np.int64) if mine else np.zeros(len(LABELS))
+        names = records[0].names if records else LABELS
+        positives = np.sum([r.labels for r in mine], axis=0, dtype=np.int64) if mine else np.zeros(len(names))
         summary[split] = {
             "samples": len(mine),
             "patients": len({r.patient for r in mine}),
             "shards": shards_per_split.get(split, 0),
-            "positives": {name: int(n) for name, n in zip(LABELS, positives)},
+            "positives": {name: int(n) for name, n in zip(names, positives)},
             "prevalence": {name: (round(float(n) / len(mine), 6) if mine else None)
-                           for name, n in zip(LABELS, positives)},
+                           for name, n in zip(names, positives)},
         }
     return summary
 

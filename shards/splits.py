@@ -25,12 +25,12 @@ import pandas as pd
 
 from shards.atomic import atomic_write
 from shards.errors import CxrError
-from shards.labels import LABELS, NO_FINDING
+from shards.labels import LABELS, NO_FINDING, TABLE_FIELDS, missing_nih_labels, table_labels
 from shards.metadata import read_image_inventory, read_image_list, read_metadata
 from shards.stats import SPLITS, format_prevalence, label_spread, prevalence_table
 
 DEFAULT_FRACTIONS = {"stratified": (0.9, 0.05, 0.05), "random": (0.7, 0.1, 0.2)}
-TABLE_COLUMNS = ("image", "patient", "split", *LABELS, "age", "sex", "view")
+TABLE_COLUMNS = ("image", "patient", "split", *LABELS, "age", "sex", "view")  # an NIH table; a generic one has its own labels
 
 
 def parse_fractions(text: str | None, default: tuple[float, float, float]) -> np.ndarray:
@@ -49,7 +49,7 @@ def parse_fractions(text: str | None, default: tuple[float, float, float]) -> np
 
 def patient_counts(meta: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """Per-patient image counts: (patient ids [P], counts [P, 16] = 14 labels, No Finding, images)."""
-    y = meta[list(LABELS)].to_numpy(dtype=np.int64)
+    y = meta[table_labels(meta.columns)].to_numpy(dtype=np.int64)
     per_image = np.column_stack([y, y.sum(axis=1) == 0, np.ones(len(meta), dtype=np.int64)])
     ids, inverse = np.unique(meta["patient"].to_numpy(), return_inverse=True)
     counts = np.zeros((ids.size, per_image.shape[1]), dtype=np.float64)
@@ -85,7 +85,7 @@ def iterstrat_assign(counts: np.ndarray, fractions: np.ndarray, seed: int = 0) -
     """Split index per patient by iterative stratification of any-positive patient labels."""
     from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
 
-    y = (counts[:, : len(LABELS) + 1] > 0).astype(np.int64)
+    y = (counts[:, :-1] > 0).astype(np.int64)
     assign = np.zeros(len(counts), dtype=np.int8)
     rest = np.arange(len(counts))
     for s, frac in ((2, fractions[2]), (1, fractions[1] / max(fractions[0] + fractions[1], 1e-12))):
@@ -171,9 +171,11 @@ def assign_by_patient(meta: pd.DataFrame, scheme: str, fractions: np.ndarray, se
 
 def build_table(meta: pd.DataFrame, split: np.ndarray, with_no_finding: bool = False) -> pd.DataFrame:
     """Metadata + split names → the splits table (columns TABLE_COLUMNS [+ No Finding])."""
-    table = meta.assign(split=split)[list(TABLE_COLUMNS)].reset_index(drop=True)
+    names = table_labels(meta.columns)
+    columns = [*TABLE_FIELDS[:3], *names, *TABLE_FIELDS[3:]]
+    table = meta.assign(split=split)[columns].reset_index(drop=True)
     if with_no_finding:
-        table[NO_FINDING] = (table[list(LABELS)].sum(axis=1) == 0).astype(np.uint8)
+        table[NO_FINDING] = (table[names].sum(axis=1) == 0).astype(np.uint8)
     return table
 
 
@@ -200,13 +202,15 @@ def read_splits(path: str | Path) -> pd.DataFrame:
             path, dtype={"image": str, "split": str, "sex": str, "view": str})
     except Exception as err:  # pyarrow/pandas raise many types for a corrupt file
         raise CxrError(f"{path}: unreadable splits table ({err}) — re-run `python -m shards split`") from err
-    missing = [c for c in TABLE_COLUMNS if c not in table.columns]
+    names = table_labels(table.columns)
+    missing = [c for c in TABLE_FIELDS if c not in table.columns] + ([] if names else ["a label column"])
+    missing += missing_nih_labels(table.columns)
     if missing:
         raise CxrError(f"{path}: missing column(s) {missing} — re-run `python -m shards split`")
-    labels = table[list(LABELS)]
+    labels = table[names]
     if labels.isna().any().any() or not labels.isin([0, 1]).all().all():
         raise CxrError(f"{path}: label columns must be 0/1 — re-run `python -m shards split`")
-    table[list(LABELS)] = labels.astype(np.uint8)
+    table[names] = labels.astype(np.uint8)
     return table
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from shards.errors import CxrError
-from shards.labels import LABELS, NO_FINDING
+from shards.labels import NO_FINDING, missing_nih_labels, table_labels
 
 SPLITS = ("train", "val", "test")
 STATS_COLUMNS = ("split", "label", "positives", "images", "prevalence_pct")
@@ -21,8 +21,14 @@ def _present_splits(df: pd.DataFrame) -> list[str]:
     return [s for s in SPLITS if (df["split"] == s).any()]
 
 
+def _labels(df: pd.DataFrame) -> list[str]:
+    """The table's label columns (the 14 NIH ones, or a generic table's), without No Finding."""
+    return [c for c in table_labels(df.columns) if c != NO_FINDING]
+
+
 def _check_columns(df: pd.DataFrame) -> None:
-    missing = [c for c in ("split", *LABELS) if c not in df.columns]
+    missing = [c for c in ("split",) if c not in df.columns] + ([] if _labels(df) else ["a label column"])
+    missing += missing_nih_labels(df.columns)
     if missing:
         raise CxrError(f"splits table: missing column(s) {missing} — write it with `python -m shards split`")
 
@@ -32,8 +38,8 @@ def positives_by_split(df: pd.DataFrame) -> pd.DataFrame:
     plus an `images` column."""
     _check_columns(df)
     splits = _present_splits(df)
-    y = df[list(LABELS)].to_numpy(dtype=np.int64)
-    frame = pd.DataFrame(y, columns=list(LABELS))
+    y = df[_labels(df)].to_numpy(dtype=np.int64)
+    frame = pd.DataFrame(y, columns=_labels(df))
     frame[NO_FINDING] = (y.sum(axis=1) == 0).astype(np.int64)
     frame["images"] = 1
     frame["split"] = df["split"].to_numpy()
@@ -43,12 +49,12 @@ def positives_by_split(df: pd.DataFrame) -> pd.DataFrame:
 def prevalence_matrix(df: pd.DataFrame) -> pd.DataFrame:
     """Unrounded prevalence in percent: index = splits, columns = 14 labels + No Finding."""
     counts = positives_by_split(df)
-    return counts[[*LABELS, NO_FINDING]].div(counts["images"], axis=0) * 100.0
+    return counts[[*_labels(df), NO_FINDING]].div(counts["images"], axis=0) * 100.0
 
 
 def label_spread(df: pd.DataFrame) -> pd.Series:
     """Per-label prevalence spread (max − min across splits, percentage points), 14 labels."""
-    prev = prevalence_matrix(df)[list(LABELS)]
+    prev = prevalence_matrix(df)[_labels(df)]
     return prev.max(axis=0) - prev.min(axis=0)
 
 
@@ -62,7 +68,7 @@ def prevalence_table(df: pd.DataFrame) -> pd.DataFrame:
     counts = positives_by_split(df)
     rows = []
     for split, row in counts.iterrows():
-        for label in (*LABELS, NO_FINDING):
+        for label in (*_labels(df), NO_FINDING):
             pos, n = int(row[label]), int(row["images"])
             rows.append((split, label, pos, n, round(100.0 * pos / n, 2)))
     return pd.DataFrame(rows, columns=list(STATS_COLUMNS))
@@ -73,7 +79,7 @@ def _wide_cells(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     images = table.groupby("split", sort=False)["images"].first()
     header = ["label", *[f"{s} (n={images[s]:,})" for s in splits]]
     body = []
-    for label in (*LABELS, NO_FINDING):
+    for label in dict.fromkeys(table["label"]):
         sub = table[table["label"] == label].set_index("split")
         body.append([label, *[f"{sub.at[s, 'positives']:,} ({sub.at[s, 'prevalence_pct']:.2f}%)"
                               for s in splits]])

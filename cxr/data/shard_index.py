@@ -71,6 +71,8 @@ def meta_stats(shards_dir: Path, manifest: dict) -> tuple[float, float]:
     stats = manifest.get("meta_stats") or {}
     if "age_mean" not in stats and (shards_dir.parent / "manifest.json").is_file():
         stats = _read_manifest(shards_dir.parent / "manifest.json").get("meta_stats") or {}
+    if "age_mean" in stats and stats["age_mean"] is None:
+        return 0.0, 1.0  # no known age in the train split (a generic table): every age z-scores to 0
     if "age_mean" not in stats or not stats.get("age_std"):
         raise CxrError(f"{shards_dir / 'manifest.json'}: no meta_stats.age_mean/age_std — re-run python -m shards pack")
     return float(stats["age_mean"]), float(stats["age_std"])
@@ -86,6 +88,7 @@ class SplitIndex:
     keys: list[str]
     shard: np.ndarray    # int32 [N] index into shard_paths
     ranges: np.ndarray   # int64 [N, 3, 2] (offset, size) of image, labels, meta
+    num_labels: int = NUM_LABELS  # len(manifest["labels"]): 14 for NIH, any count for a generic table
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -117,7 +120,8 @@ class SplitIndex:
                 keys.append(key)
                 shard_ids.append(i)
             paths.append(tar)
-        return cls(shards_dir, codec, paths, keys, np.asarray(shard_ids, np.int32), np.asarray(ranges, np.int64))
+        return cls(shards_dir, codec, paths, keys, np.asarray(shard_ids, np.int32), np.asarray(ranges, np.int64),
+                   len(manifest.get("labels") or ()) or NUM_LABELS)
 
 
 def _index_shard(tar: Path, idx: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
@@ -183,7 +187,7 @@ class SampleReader:
         self._pid = os.getpid()
 
     def read(self, i: int, check_image: bool = True) -> tuple[bytes, np.ndarray, np.ndarray]:
-        """(encoded image, labels uint8 [14], meta float32 [5]) of sample i; CorruptSample if bad.
+        """(encoded image, labels uint8 [num_labels], meta float32 [5]) of sample i; CorruptSample if bad.
 
         check_image=False skips the image checksum pass (for a decoder that verifies it itself).
         """
@@ -192,8 +196,8 @@ class SampleReader:
         image, labels, meta = os.pread(fd, int(isz), int(io)), os.pread(fd, int(lsz), int(lo)), os.pread(fd, int(msz), int(mo))
         problem = "image truncated" if len(image) != isz else (
             image_problem(image, self.index.codec) if check_image else None)
-        if problem is None and (len(labels) != NUM_LABELS or max(labels, default=0) > 1):
-            problem = f".labels is not {NUM_LABELS} bytes of 0/1"
+        if problem is None and (len(labels) != self.index.num_labels or max(labels, default=0) > 1):
+            problem = f".labels is not {self.index.num_labels} bytes of 0/1"
         if problem is None and len(meta) != META_BYTES:
             problem = f".meta is not {META_BYTES} bytes"
         if problem:

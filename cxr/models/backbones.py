@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .stem import ConvStem
-from .weights import load_backbone_weights
+from .weights import IMAGENET, imagenet_weights_path, load_backbone_weights
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,8 @@ def timm_backbone(
     convert: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]] | None = None,
     **kwargs,
 ) -> nn.Module:
-    """A headless timm ``arch`` (random init, ``args.in_chans`` inputs), then local weights if ``args.pretrained``.
+    """A headless timm ``arch`` (random init, ``args.in_chans`` inputs), then local weights if ``args.pretrained``
+    (a path, or ``imagenet``: the cached timm weights of ``arch``, see weights.py).
 
     Returns the timm model with ``num_classes=0``; ``forward_features`` gives the
     backbone output. Checkpointing is left to the family (CNN trunks do their own,
@@ -53,7 +54,8 @@ def timm_backbone(
     if args.pretrained is not None:
         cfg = model.pretrained_cfg
         heads = cfg.get("classifier") or ()
-        load_backbone_weights(model, args.pretrained, first_conv=cfg["first_conv"],
+        path = imagenet_weights_path(arch) if args.pretrained == IMAGENET else args.pretrained
+        load_backbone_weights(model, path, first_conv=cfg["first_conv"],
                               head_prefixes=(heads,) if isinstance(heads, str) else tuple(heads), convert=convert)
     return model
 

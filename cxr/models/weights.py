@@ -2,12 +2,21 @@
 
 Nothing here downloads: ``pretrained`` is a path to a torchvision or timm state
 dict (``.pth``/``.pt`` read with ``torch.load(weights_only=True)``, or
-``.safetensors``). The 3-channel first convolution of an ImageNet checkpoint is
+``.safetensors``), or ``"imagenet"``: timm's ImageNet weights of the backbone
+from the local Hugging Face cache (``HF_HUB_CACHE``, else ``HF_HOME/hub``,
+default ``~/.cache/huggingface/hub``), put there beforehand by
+``python -m cxr.models download NAME`` on a machine with internet. Sources:
+densenet121 and densenet121_cbam ``timm/densenet121.tv_in1k`` (torchvision's
+weights), resnet50 ``timm/resnet50.a1_in1k``, beit
+``timm/beit_base_patch16_224.in22k_ft_in22k_in1k``, vit
+``timm/vit_base_patch16_224.augreg2_in21k_ft_in1k`` (another ``arch`` option:
+timm's default tag of that arch); cnn has none. The 3-channel first convolution of an ImageNet checkpoint is
 adapted to a grey input by summing its weights over the input channels, which
 gives the same output for a grey image replicated to RGB.
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Callable, Mapping
@@ -114,3 +123,66 @@ def _check_keys(path: str | Path, state: Mapping[str, torch.Tensor], target: Map
             f"{path}: checkpoint does not fit this backbone: {'; '.join(problems)} — "
             "check that the file is the state dict of the same architecture (torchvision or timm naming)"
         )
+
+
+# --- ImageNet weights from the Hugging Face cache (timm's own hub repos) ---------------------------
+IMAGENET = "imagenet"
+"""``pretrained="imagenet"``: the timm ImageNet weights of the backbone, read from the local HF cache."""
+# The tag per timm architecture; others use timm's default tag. densenet121 takes
+# torchvision's weights (the CheXNet starting point), converted to timm names by timm.
+IMAGENET_TAGS = {"densenet121": "densenet121.tv_in1k"}
+WEIGHTS_FILE = "model.safetensors"
+
+
+def imagenet_tag(arch: str) -> str:
+    """The timm ``arch.tag`` whose ImageNet weights ``pretrained=imagenet`` loads (e.g. ``resnet50.a1_in1k``)."""
+    import timm
+
+    if arch in IMAGENET_TAGS:
+        return IMAGENET_TAGS[arch]
+    cfg = timm.models.get_pretrained_cfg(arch)
+    if cfg is None or not cfg.hf_hub_id:
+        raise CxrError(f"{arch}: timm has no ImageNet weights on the Hugging Face hub for it — "
+                       "pass model.pretrained=/path/to/weights or null")
+    return cfg.hf_hub_id.split("/", 1)[1]
+
+
+def imagenet_repo(arch: str) -> str:
+    """The Hugging Face repo id of ``arch``'s ImageNet weights (``timm/densenet121.tv_in1k``)."""
+    return f"timm/{imagenet_tag(arch)}"
+
+
+def hub_cache() -> Path:
+    """The Hugging Face hub cache dir, read from the environment now (HF_HUB_CACHE, else HF_HOME/hub)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def imagenet_weights_path(arch: str) -> Path:
+    """The cached ``model.safetensors`` of ``arch``'s ImageNet weights; never downloads.
+
+    Looked up with ``huggingface_hub.try_to_load_from_cache`` (a cache lookup, no
+    network) in the layout the hub client writes:
+    ``HUB_CACHE/models--timm--TAG/snapshots/REV/model.safetensors`` with
+    ``refs/main`` naming REV. Missing: a CxrError naming the download command.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = imagenet_repo(arch)
+    cache = hub_cache()
+    found = try_to_load_from_cache(repo, WEIGHTS_FILE, cache_dir=cache)
+    if isinstance(found, str) and Path(found).is_file():
+        return Path(found)
+    where = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / "<rev>" / WEIGHTS_FILE
+    raise CxrError(f"{where}: ImageNet weights of {arch} ({repo}) are not cached and training never downloads — "
+                   f"on a machine with internet and the same HF_HOME/HF_HUB_CACHE run "
+                   f"`python -m cxr.models download {arch}`, or pass model.pretrained=/path/to/weights or null")
+
+
+def download_imagenet(arch: str) -> Path:
+    """Fetch ``arch``'s ImageNet weights into the hub cache with ``huggingface_hub.hf_hub_download``."""
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(imagenet_repo(arch), WEIGHTS_FILE, cache_dir=hub_cache()))
