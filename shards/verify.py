@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import os
 import tarfile
 import time
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,9 +24,10 @@ from tqdm import tqdm
 from shards.dali_index import index_for_tar, split_name
 from shards.image_codec import CODEC_EXT, BadImage, decode_grey
 from shards.labels import LABELS
-from shards.manifest import load_manifest
+from shards.manifest import has_checksums, load_manifest
 from shards.pack_journal import file_sha256
-from shards.records import id_bytes, labels_bytes, meta_vector
+from shards.records import CRC_FIELD, checksum_problem, id_bytes, labels_bytes, meta_vector
+from shards.workers import process_pool
 
 _REPORT_LINES = 50
 
@@ -65,12 +65,11 @@ def verify(directory: str | Path, workers: int | None = None) -> Report:
     manifest = load_manifest(directory)
     report, start = Report(shards=len(manifest["shards"])), time.perf_counter()
     samples: dict[str, list[tuple[str, dict]]] = defaultdict(list)  # key → [(shard, json)]
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers or os.cpu_count() or 1, mp_context=context) as pool, \
+    with process_pool(workers or os.cpu_count() or 1) as pool, \
             tqdm(total=sum(s["samples"] for s in manifest["shards"]), unit="img", desc="verify",
                  mininterval=0.5) as bar:
-        futures = {pool.submit(check_shard, str(directory), entry, manifest["codec"], manifest["resolution"]):
-                   entry for entry in manifest["shards"]}
+        futures = {pool.submit(check_shard, str(directory), entry, manifest["codec"], manifest["resolution"],
+                               has_checksums(manifest)): entry for entry in manifest["shards"]}
         for future in as_completed(futures):
             failures, records = future.result()
             report.failures += failures
@@ -83,8 +82,8 @@ def verify(directory: str | Path, workers: int | None = None) -> Report:
     return report
 
 
-def check_shard(directory: str, entry: dict[str, Any], codec: str, resolution: int | None) \
-        -> tuple[list[str], list[tuple[str, dict]]]:
+def check_shard(directory: str, entry: dict[str, Any], codec: str, resolution: int | None,
+                checksums: bool = False) -> tuple[list[str], list[tuple[str, dict]]]:
     """Check one shard; return (failures, [(key, json record)]) of its samples."""
     tar_path, name = Path(directory) / entry["name"], entry["name"]
     if not tar_path.is_file():
@@ -101,7 +100,7 @@ def check_shard(directory: str, entry: dict[str, Any], codec: str, resolution: i
         return failures + [f"{name}: unreadable tar ({err})"], []
     records = []
     for key, members in groups:
-        problems, record = _check_sample(key, members, CODEC_EXT[codec], entry["split"], resolution)
+        problems, record = _check_sample(key, members, CODEC_EXT[codec], entry["split"], resolution, checksums)
         failures += [f"{name}: {key}: {p}" for p in problems]
         if record is not None:
             records.append((key, record))
@@ -123,7 +122,7 @@ def _read_samples(tar_path: Path) -> list[tuple[str, dict[str, bytes]]]:
 
 
 def _check_sample(key: str, members: dict[str, bytes], image_ext: str, split: str,
-                  resolution: int | None) -> tuple[list[str], dict | None]:
+                  resolution: int | None, checksums: bool = False) -> tuple[list[str], dict | None]:
     expected = {image_ext, "labels", "meta", "id", "json"}
     if set(members) != expected:
         return [f"members {sorted(members)}, expected {sorted(expected)}"], None
@@ -138,6 +137,9 @@ def _check_sample(key: str, members: dict[str, bytes], image_ext: str, split: st
         problems.append(str(err))
     try:
         record = json.loads(members["json"])
+        if checksums:  # the loaders' check, on all four members
+            crc = checksum_problem(record.get(CRC_FIELD), {e: members[e] for e in (image_ext, "labels", "meta", "id")})
+            problems += [crc] if crc else []
         problems += _json_mismatches(key, record, members, split)
     except (ValueError, KeyError, TypeError) as err:
         return problems + [f"unreadable .json ({err})"], None
@@ -161,10 +163,22 @@ def _json_mismatches(key: str, record: dict, members: dict[str, bytes], split: s
     return problems
 
 
+def _patient_leaks(records: dict[str, dict]) -> list[str]:
+    """One failure per patient whose samples sit in more than one split (train/val/test leakage)."""
+    by_patient: dict[Any, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for key, record in sorted(records.items()):
+        by_patient[record.get("patient")][record.get("split")].append(key)
+    return [f"patient {patient}: images in several splits ("
+            + ", ".join(f"{split} {keys[:5]}" for split, keys in sorted(splits.items()))
+            + ") — patient leakage; re-split with `python -m shards split` and re-pack"
+            for patient, splits in sorted(by_patient.items(), key=lambda kv: str(kv[0])) if len(splits) > 1]
+
+
 def _check_totals(directory: Path, manifest: dict, samples: dict[str, list[tuple[str, dict]]]) -> list[str]:
     failures = [f"{key}: in several shards {[s for s, _ in where]}" for key, where in samples.items()
                 if len(where) > 1]
     records = {key: where[0][1] for key, where in samples.items()}
+    failures += _patient_leaks(records)
     for split, stats in manifest["splits"].items():
         mine = [r for r in records.values() if r["split"] == split]
         positives = {n: sum(r["labels"][i] for r in mine) for i, n in enumerate(LABELS)}

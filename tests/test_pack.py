@@ -6,6 +6,7 @@ own `wds2idx` tool and webdataset reader, Python's tarfile.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -314,6 +315,32 @@ def test_rejects_recorded_with_reason_and_exit_code(tmp_path):
     assert [s["samples"] for s in manifest["splits"].values()] == [0, 0, 1]  # only 00000006 (test) is left
 
 
+def _undecodable_with_valid_crcs(png: bytes) -> bytes:
+    """Damage the deflate stream of the first IDAT and recompute its CRC (battery 2.11)."""
+    import struct
+    import zlib
+
+    pos = png.index(b"IDAT") - 4
+    (length,) = struct.unpack(">I", png[pos:pos + 4])
+    body = bytearray(png[pos + 8:pos + 8 + length])
+    body[2:length] = bytes(b ^ 0x5A for b in body[2:length])
+    crc = zlib.crc32(b"IDAT" + bytes(body)).to_bytes(4, "big")
+    return png[:pos + 8] + bytes(body) + crc + png[pos + 12 + length:]
+
+
+def test_structurally_valid_but_undecodable_png_is_rejected(tmp_path):
+    table, folder = tiny_dataset(tmp_path, n=3)
+    bad = _undecodable_with_valid_crcs((folder / "00000001_000.png").read_bytes())
+    (folder / "00000001_000.png").write_bytes(bad)
+    with pytest.raises(Exception):  # the reference: PIL cannot decode it either
+        Image.open(io.BytesIO(bad)).load()
+    with pytest.raises(CxrError, match=r"1 images rejected \(00000001_000: undecodable image"):
+        pack(table, [folder], tmp_path / "out", workers=1)
+    manifest = load_manifest(tmp_path / "out")
+    assert [r["image"] for r in manifest["rejected"]] == ["00000001_000"]
+    assert "00000001_000" not in read_shards(tmp_path / "out")
+
+
 def test_grey_rgb_is_converted_with_identical_pixels(tmp_path):
     table, folder = tiny_dataset(tmp_path, n=3)
     pixels = np.random.default_rng(1).integers(0, 256, (64, 64), dtype=np.uint8)
@@ -354,6 +381,37 @@ def test_bad_table_and_options_are_clear_errors(tmp_path):
         pack(table, [tmp_path / "nowhere"], tmp_path / "c")
     with pytest.raises(CxrError, match="missing columns"):
         pack(table.drop(columns=["view"]), [folder], tmp_path / "d")
+
+
+def test_patient_in_two_splits_is_refused_naming_patient_and_images(tmp_path, capsys):
+    table, folder = tiny_dataset(tmp_path, n=6)
+    # the 2nd image (patient 2, val) is given to patient 1, whose image 1 is in train
+    leak = table.assign(patient=[1, 1, 3, 4, 5, 6])
+    assert leak.loc[0, "split"] == "train" and leak.loc[1, "split"] == "val"
+    path = tmp_path / "leak.parquet"
+    leak.to_parquet(path)
+    assert cli(["pack", "--splits", str(path), "--images", str(folder), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {path}: 1 patient(s) have images in more than one split" in err
+    assert "patient 1: " in err and "train ['00000001_000']" in err and "val ['00000002_000']" in err
+    assert not (tmp_path / "out" / "manifest.json").exists() and not list((tmp_path / "out").glob("*.tar"))
+
+
+def test_nih_name_disagreeing_with_patient_is_a_warning(tmp_path, capsys):
+    table, folder = tiny_dataset(tmp_path, n=3)
+    pack(table.assign(patient=[1, 2, 30]), [folder], tmp_path / "out", workers=1)
+    err = capsys.readouterr().err
+    assert "warning: splits table: 1 NIH-named image(s)" in err and "00000003_000 (patient 30)" in err
+
+
+@pytest.mark.parametrize("content", [b"", b"PAR1\x00\x01garbage"])
+def test_corrupt_splits_file_is_a_clean_error(tmp_path, capsys, content):
+    _, folder = tiny_dataset(tmp_path, n=2)
+    path = tmp_path / "splits.parquet"
+    path.write_bytes(content)
+    assert cli(["pack", "--splits", str(path), "--images", str(folder), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: unreadable splits table") and err.count("\n") == 1
 
 
 # --------------------------------------------------------------- resume
@@ -456,3 +514,41 @@ def test_tar_headers_equal_tarfiles():
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o644, "", ""
         assert _header(name, size) == info.tobuf(format=tarfile.USTAR_FORMAT, encoding="ascii", errors="strict")
+
+
+def test_pool_workers_exit_when_the_parent_is_killed(tmp_path):
+    """Battery 3.3: after kill -9 of the parent, its spawn workers must not stay behind."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c",
+         "import multiprocessing, os, sys, threading\n"
+         "from shards.pack import _executor\n"
+         "pool = _executor('jpeg', 2)\n"
+         "[f.result() for f in [pool.submit(os.getpid), pool.submit(os.getpid)]]\n"  # workers started
+         "print(' '.join(str(p.pid) for p in multiprocessing.active_children()), flush=True)\n"
+         "threading.Event().wait()\n"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    workers: list[int] = []
+    try:
+        workers = [int(p) for p in parent.stdout.readline().split()]
+        assert len(workers) >= 1
+        parent.kill()
+        parent.wait(timeout=30)
+
+        def alive(pid: int) -> bool:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (FileNotFoundError, ProcessLookupError):
+                return False
+            return state not in ("Z", "X")  # a zombie has exited; only its reaping is pending
+
+        deadline = time.monotonic() + 30
+        while any(map(alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.05)  # bounded poll on the workers' exit (no event crosses a dead parent)
+        assert not any(map(alive, workers)), f"workers {workers} still running after their parent died"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        for pid in workers:  # leave nothing behind when the check fails
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
