@@ -7,6 +7,7 @@ own `wds2idx` tool and webdataset reader, Python's tarfile.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -552,3 +553,108 @@ def test_pool_workers_exit_when_the_parent_is_killed(tmp_path):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
+
+def test_disk_full_is_one_line_naming_the_shard_and_resumable(tmp_path, monkeypatch, capsys):
+    """Battery 3.10: ENOSPC while writing a shard (os.writev fails as on a full tmpfs)."""
+    table, folder = tiny_dataset(tmp_path, n=6)
+    splits = tmp_path / "splits.csv"
+    table.to_csv(splits, index=False)
+    args = ["pack", "--splits", str(splits), "--images", str(folder), "--out", str(tmp_path / "out"), "--workers", "1"]
+
+    def full(fd, buffers):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "writev", full)
+    assert cli(args) == 2
+    out = capsys.readouterr().err
+    assert "Traceback" not in out
+    (err,) = [line for line in out.split("\n") if line.startswith("error:")]  # besides the progress bar
+    assert err.startswith(f"error: {tmp_path / 'out' / 'train-000000.tar'}: no space left on device — free space")
+    assert "a re-run resumes" in err
+    assert not list((tmp_path / "out").glob(".*.tmp")) and not list((tmp_path / "out").glob("*.tar"))
+    monkeypatch.undo()
+    assert cli(args) == 0 and load_manifest(tmp_path / "out")["splits"]["train"]["samples"] == 2
+
+
+def test_read_only_output_is_one_line(tmp_path, monkeypatch, capsys):
+    """Battery 3.11: --out on a read-only file system (mkdir fails with EROFS)."""
+    table, folder = tiny_dataset(tmp_path, n=3)
+    splits = tmp_path / "splits.csv"
+    table.to_csv(splits, index=False)
+    out = tmp_path / "ro" / "shards"
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    assert cli(["pack", "--splits", str(splits), "--images", str(folder), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {out}: read-only file system — choose a writable --out / checkpoint.run_dir; a re-run resumes\n"
+
+
+def test_other_os_errors_keep_their_traceback():
+    from shards.errors import cli_entry
+
+    def main(argv):
+        raise OSError(errno.EIO, "Input/output error")
+
+    with pytest.raises(OSError, match="Input/output"):
+        cli_entry(main)([])
+
+
+# An editable install maps `shards.*` to the checkout through a finder that runs after the
+# path search, so a cwd folder named shards/ becomes the top-level module (battery 3.12).
+# This launcher reproduces that without depending on how the venv was installed.
+_EDITABLE_LIKE = """
+import importlib.util, runpy, sys  # noqa: E401
+from pathlib import Path
+ROOT = Path(sys.argv.pop(1))
+
+class Editable:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] != "shards":
+            return None
+        base = ROOT.joinpath(*name.split("."))
+        if base.is_dir():
+            return importlib.util.spec_from_file_location(name, base / "__init__.py",
+                                                          submodule_search_locations=[str(base)])
+        return importlib.util.spec_from_file_location(name, base.with_suffix(".py")) if base.with_suffix(".py").is_file() else None
+
+from importlib.machinery import PathFinder
+sys.meta_path.insert(sys.meta_path.index(PathFinder) + 1, Editable())  # before the venv's own finders
+sys.path.insert(0, "")  # the working directory first, as `python -m` puts it
+runpy.run_module("shards", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_cwd_folder_named_shards_does_not_break_pack(tmp_path):
+    from importlib.metadata import version
+
+    table, folder = tiny_dataset(tmp_path, n=3)
+    table.to_csv(tmp_path / "splits.csv", index=False)
+    (tmp_path / "shards").mkdir()  # e.g. the packed shards of an earlier run
+    (tmp_path / "launch.py").write_text(_EDITABLE_LIKE)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    check = subprocess.run([sys.executable, "launch.py", str(ROOT), "-c", "pass"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-I", "launch.py", str(ROOT), "pack", "--splits", "splits.csv",
+                           "--images", str(folder), "--out", "out", "--workers", "1"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert check.returncode != 0  # the launcher runs shards' CLI (which rejects `-c`), nothing else
+    assert done.returncode == 0, done.stderr
+    assert f"warning: {tmp_path / 'shards'}: this folder shadows the cxr package" in done.stderr
+    assert load_manifest(tmp_path / "out")["package_version"] == version("cxr")
+
+
+def test_console_scripts_point_at_cli_entry_points():
+    import importlib
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {"cxr-shards", "cxr-train", "cxr-evaluate", "cxr-data", "cxr-models"} <= set(scripts)
+    for name, target in scripts.items():
+        module, _, attr = target.partition(":")
+        main = getattr(importlib.import_module(module), attr)
+        with pytest.raises(SystemExit) as exit_:  # argparse's --help: each parses its own arguments
+            main(["--help"])
+        assert exit_.value.code == 0, name
