@@ -18,10 +18,11 @@ class CxrError(Exception):
     """A user-facing error: the message names the file/row and the fix."""
 
 
-# errno → (what, how to fix); both pack and training resume after the fix
+# errno → (what, how to fix); after freeing space, pack and training resume where they stopped
+_AGAIN = "; a re-run resumes"
 _STORAGE_ERRORS = {
-    errno.ENOSPC: ("no space left on device", "free space or choose another --out / checkpoint.run_dir"),
-    errno.EDQUOT: ("disk quota exceeded", "free space or choose another --out / checkpoint.run_dir"),
+    errno.ENOSPC: ("no space left on device", "free space or choose another --out / checkpoint.run_dir" + _AGAIN),
+    errno.EDQUOT: ("disk quota exceeded", "free space or choose another --out / checkpoint.run_dir" + _AGAIN),
     errno.EROFS: ("read-only file system", "choose a writable --out / checkpoint.run_dir"),
     errno.EACCES: ("permission denied", "fix the permissions or choose another --out / checkpoint.run_dir"),
 }
@@ -33,7 +34,7 @@ def storage_error_message(err: OSError) -> str | None:
     if known is None:
         return None
     where = err.filename if err.filename is not None else "output"
-    return f"{where}: {known[0]} — {known[1]}; a re-run resumes"
+    return f"{where}: {known[0]} — {known[1]}"
 
 
 def cli_entry(main: Callable[[Sequence[str] | None], int | None]) -> Callable[[Sequence[str] | None], int]:

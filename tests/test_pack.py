@@ -589,7 +589,7 @@ def test_read_only_output_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(Path, "mkdir", read_only)
     assert cli(["pack", "--splits", str(splits), "--images", str(folder), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err == f"error: {out}: read-only file system — choose a writable --out / checkpoint.run_dir; a re-run resumes\n"
+    assert err == f"error: {out}: read-only file system — choose a writable --out / checkpoint.run_dir\n"
 
 
 def test_other_os_errors_keep_their_traceback():

@@ -186,13 +186,16 @@ def header_mismatch(fd: int, name: str, offset: int, size: int) -> str | None:
     header = os.pread(fd, 512, offset - 512) if offset >= 512 else b"x"
     if len(header) < 512 and offset >= 512:
         return None  # the tar is truncated: its samples are reported as such when read
-    found = Path(header[:100].rstrip(b"\0").decode("latin-1")).name
     try:
-        found_size = int(header[124:136].strip(b"\0 ") or b"0", 8)
+        stored = int(header[148:156].strip(b"\0 ") or b"-1", 8)
+        found_size = int(header[124:136].strip(b"\0 ") or b"-1", 8)
     except ValueError:
-        found_size = -1
+        stored = found_size = -1
+    if stored != sum(header[:148]) + 8 * 32 + sum(header[156:]):  # the header checksum (chksum field as spaces)
+        return f"{name} at offset {offset}: no tar header before it (data instead)"
+    found = Path(header[:100].rstrip(b"\0").decode("latin-1")).name
     if found != name or found_size != size:
-        return f"{name} ({size} B) at offset {offset}: the tar has {found[:40]!r} ({found_size} B) there"
+        return f"{name} ({size} B) at offset {offset}: the tar has {found!r} ({found_size} B) there"
     return None
 
 
