@@ -84,7 +84,7 @@ def sample_members(rec: Record, ext: str, image: bytes) -> list[tuple[str, bytes
 
 
 # Per-sample content checksums (format cxr-shards/2): the .json holds {ext: crc32} of the
-# image, .labels, .meta and .id members. crc32 (zlib, ~0.5 ns/byte, GIL released on large
+# image, .labels, .meta and .id members. crc32 (zlib, ≈1 ns/byte, GIL released on large
 # buffers) catches every single- and double-bit flip and every burst of up to 32 bits in a
 # member (up to 512 MB), and any other damage but for a 2^-32 chance, whatever the codec:
 # what a reader needs against silent on-disk or copy damage without hashing whole shards.

@@ -10,7 +10,7 @@ whole batch without naming the sample. Instead the Python side follows the share
 offsets (a few preads per image; the same offsets DALI's reader would use) and hands
 DALI the encoded bytes plus the per-sample augmentation parameters. Each sample's
 bytes are checked against the crc32 its .json recorded at pack time (format /2;
-zlib.crc32 releases the GIL, ~0.5 ns/byte) before DALI sees them, so damage a
+zlib.crc32 releases the GIL, ≈1 ns/byte) before DALI sees them, so damage a
 decoder would not notice — a flipped byte in JPEG entropy data decodes to wrong
 pixels — is caught as in the wds back end. For /1 shards (no checksums) PNG CRCs
 are left to libpng inside DALI's threads; when DALI rejects a batch, its samples are

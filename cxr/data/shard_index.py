@@ -266,7 +266,9 @@ class SampleReader:
         if len(image) != isz:
             problem = "image truncated"
         elif self.index.checksums:
-            problem = _checksum_problem(os.pread(fd, int(jsz), int(jo)), image, labels, meta, self.index.codec)
+            record = os.pread(fd, int(jsz), int(jo))
+            problem = ".json truncated" if len(record) != jsz else \
+                _checksum_problem(record, image, labels, meta, self.index.codec)
         else:
             problem = image_problem(image, self.index.codec) if check_image else None
         if problem is None and (len(labels) != NUM_LABELS or max(labels, default=0) > 1):
