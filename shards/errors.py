@@ -24,7 +24,7 @@ _STORAGE_ERRORS = {
     errno.ENOSPC: ("no space left on device", "free space or choose another --out / checkpoint.run_dir" + _AGAIN),
     errno.EDQUOT: ("disk quota exceeded", "free space or choose another --out / checkpoint.run_dir" + _AGAIN),
     errno.EROFS: ("read-only file system", "choose a writable --out / checkpoint.run_dir"),
-    errno.EACCES: ("permission denied", "fix the permissions or choose another --out / checkpoint.run_dir"),
+    errno.EACCES: ("permission denied", "fix its permissions, or choose another path (--out / checkpoint.run_dir)"),
 }
 
 

@@ -1,10 +1,11 @@
 """`python -m shards verify DIR`: re-read every shard and check it against the manifest.
 
 Per shard (in parallel): size and sha256, the DALI index, five members per sample,
-every image decodes to one grey channel (of the stated resolution for derived
-shards), `.labels`/`.meta`/`.id` equal what the `.json` says. Across shards: no key
-twice, per-split samples/patients/positives and train age statistics equal the
-manifest, no shard key also listed as missing or rejected, no unlisted tar.
+each member's crc32 equals the `.json`'s (format /2), every image decodes to one
+grey channel (of the stated resolution for derived shards), `.labels`/`.meta`/`.id`
+equal what the `.json` says. Across shards: no key twice, no patient in two splits,
+per-split samples/patients/positives and train age statistics equal the manifest,
+no shard key also listed as missing or rejected, no unlisted tar.
 """
 from __future__ import annotations
 

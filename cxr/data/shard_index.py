@@ -22,6 +22,7 @@ import numpy as np
 
 from shards.errors import CxrError
 from shards.labels import META_FIELDS, NUM_LABELS
+from shards.manifest import has_checksums
 from shards.records import CRC_FIELD, checksum_problem
 
 log = logging.getLogger("cxr.data")
@@ -121,7 +122,7 @@ class SplitIndex:
                 shard_ids.append(i)
             paths.append(tar)
         return cls(shards_dir, codec, paths, keys, np.asarray(shard_ids, np.int32),
-                   np.asarray(ranges, np.int64).reshape(-1, 4, 2), manifest.get("format") != "cxr-shards/1")
+                   np.asarray(ranges, np.int64).reshape(-1, 4, 2), has_checksums(manifest))
 
 
 def _index_shard(tar: Path, idx: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
