@@ -4,6 +4,9 @@ A `kill -9` (or an OOM kill) of `pack`/`verify` would otherwise leave its spawn
 workers idle forever, re-parented to init. On Linux each worker asks the kernel for
 SIGKILL when its parent dies (``prctl(PR_SET_PDEATHSIG)``, through ctypes: no
 dependency); elsewhere, or if that call fails, a daemon thread polls the parent pid.
+The kernel sends that signal when the *thread* that started the worker ends; the
+pools here start their workers from the main thread (on submit), so it means the
+process.
 """
 from __future__ import annotations
 
