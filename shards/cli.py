@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
+from pathlib import Path
 from typing import Sequence
 
-from shards.errors import cli_entry
+from shards.errors import CxrError, cli_entry
+
+_HERE = Path(__file__).resolve().parent
 
 # subcommand → module whose `run(args) -> int` implements it
 _COMMANDS = {
@@ -123,7 +127,7 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m shards",
+        prog="cxr-shards",
         description="NIH ChestX-ray14 → patient-level splits → WebDataset shards. "
         "Typical flow: split → pack → verify (synth makes phantom data for demos).",
     )
@@ -137,5 +141,22 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _warn_if_shadowed()
     module = importlib.import_module(_COMMANDS[args.command])
+    if Path(module.__file__).resolve().parent != _HERE:
+        raise CxrError(f"{module.__file__}: `{module.__name__}` is not cxr's ({_HERE}) — a folder named "
+                       "'shards' on the path shadows the package; run from another directory or use `cxr-shards`")
     return module.run(args)
+
+
+def _warn_if_shadowed() -> None:
+    """A folder named ``shards/`` in the working directory (e.g. packed shards) can take the place of
+    this package's top-level module under ``python -m shards`` with an editable install. Every
+    submodule still loads from here (checked in :func:`main`), so say it once and go on."""
+    top = sys.modules.get("shards")
+    where = getattr(top, "__file__", None)
+    if top is not None and (where is None or Path(where).resolve().parent != _HERE):
+        shadow = next(iter(getattr(top, "__path__", [])), where)
+        print(f"warning: {shadow}: this folder shadows the cxr package 'shards' (from {_HERE}) in `python -m "
+              "shards`; it works, but use the `cxr-shards` command or another working directory",
+              file=sys.stderr, flush=True)

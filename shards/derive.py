@@ -3,14 +3,15 @@
 Each master shard maps to one derived shard of the same name and samples (so
 derived shards are smaller than --shard-size-mb). Images are decoded from the
 master, resized with Lanczos (antialiased) and re-encoded in the master's codec;
-the other members are copied. A journal per folder makes this resumable too.
+the other members are copied, except that the .json's crc32 of the image is updated
+(format /2). A journal per folder makes this resumable too.
 """
 from __future__ import annotations
 
-import multiprocessing
+import json
 import time
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,12 @@ from tqdm import tqdm
 
 from shards.atomic import atomic_write, atomic_write_text, remove_stale_temps
 from shards.dali_index import group_samples, index_text, split_name
+from shards.errors import CxrError
 from shards.image_codec import CODEC_EXT, resize_encoded
 from shards.manifest import write_manifest
 from shards.pack_journal import Journal
+from shards.records import CRC_FIELD, json_bytes, member_crcs
+from shards.workers import process_pool
 
 
 def derive_shard(master_tar: str, out_dir: str, size: int, codec: str, quality: int) -> dict[str, Any]:
@@ -31,7 +35,7 @@ def derive_shard(master_tar: str, out_dir: str, size: int, codec: str, quality: 
     from shards.tar_writer import TarStream  # noqa: PLC0415
 
     name = Path(master_tar).name
-    image_ext, keys = CODEC_EXT[codec], []
+    image_ext, keys, image_crc = CODEC_EXT[codec], [], None
     with atomic_write(Path(out_dir) / name) as fh, tarfile.open(master_tar, "r:") as tar:
         stream = TarStream(fh)
         for info in tar:
@@ -40,6 +44,11 @@ def derive_shard(master_tar: str, out_dir: str, size: int, codec: str, quality: 
             if ext == image_ext:
                 data = resize_encoded(data, size, codec, quality)
                 keys.append(base)
+                image_crc = member_crcs({ext: data})[ext]
+            elif ext == "json":
+                # the master's bytes were just checked against the journal's sha256 by pack
+                data = _with_image_crc(data, image_ext, image_crc, f"{master_tar}: {base}")
+                image_crc = None
             stream.add(info.name, data)
         sha = stream.finish()
     index = name[:-4] + ".idx"
@@ -47,6 +56,17 @@ def derive_shard(master_tar: str, out_dir: str, size: int, codec: str, quality: 
     return {"name": name, "split": name.rsplit("-", 1)[0], "index": index, "samples": len(keys),
             "bytes": stream.offset, "sha256": sha, "keys": keys, "converted": [],
             "sizes": {f"{size}x{size}": len(keys)}}
+
+
+def _with_image_crc(data: bytes, image_ext: str, crc: int | None, where: str) -> bytes:
+    """The .json with its image crc32 replaced by the derived image's (unchanged for /1 shards)."""
+    record = json.loads(data)
+    if CRC_FIELD not in record:
+        return data  # a cxr-shards/1 master: no checksums to carry over
+    if crc is None:
+        raise CxrError(f"{where}: .json before its image member — re-pack the master shards")
+    record[CRC_FIELD] = {**record[CRC_FIELD], image_ext: crc}
+    return json_bytes(record)
 
 
 def derive_resized(out: Path, master: dict[str, Any], size: int, workers: int) -> dict[str, Any]:
@@ -60,8 +80,7 @@ def derive_resized(out: Path, master: dict[str, Any], size: int, workers: int) -
     journal.entries = [e for e in journal.entries if sources.get(e["name"]) == e.get("source_sha256")]
     todo = [s for s in master["shards"] if s["name"] not in {e["name"] for e in journal.entries}]
     start = time.perf_counter()
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=context) as pool, \
+    with process_pool(workers) as pool, \
             tqdm(total=sum(s["samples"] for s in todo), unit="img", desc=f"res{size}", mininterval=0.5) as bar:
         futures = {pool.submit(derive_shard, str(Path(out) / s["name"]), str(res_dir), size, codec, quality): s
                    for s in todo}

@@ -2,10 +2,13 @@
 
 Raise ``CxrError(f"{path}: {what} — {how to fix}")`` anywhere; CLIs wrap their
 ``main`` with :func:`cli_entry`, which prints the message without a traceback
-(``--debug`` or ``CXR_DEBUG=1`` shows it) and exits with status 2.
+(``--debug`` or ``CXR_DEBUG=1`` shows it) and exits with status 2. A full disk, a
+read-only or forbidden output (ENOSPC, EDQUOT, EROFS, EACCES) is reported there the
+same way, once for every CLI (shards and training), naming the file.
 """
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from typing import Callable, Sequence
@@ -13,6 +16,25 @@ from typing import Callable, Sequence
 
 class CxrError(Exception):
     """A user-facing error: the message names the file/row and the fix."""
+
+
+# errno → (what, how to fix); after freeing space, pack and training resume where they stopped
+_AGAIN = "; a re-run resumes"
+_STORAGE_ERRORS = {
+    errno.ENOSPC: ("no space left on device", "free space or choose another --out / checkpoint.run_dir" + _AGAIN),
+    errno.EDQUOT: ("disk quota exceeded", "free space or choose another --out / checkpoint.run_dir" + _AGAIN),
+    errno.EROFS: ("read-only file system", "choose a writable --out / checkpoint.run_dir"),
+    errno.EACCES: ("permission denied", "fix its permissions, or choose another path (--out / checkpoint.run_dir)"),
+}
+
+
+def storage_error_message(err: OSError) -> str | None:
+    """One line for a full, read-only or forbidden output (names the file), else None."""
+    known = _STORAGE_ERRORS.get(err.errno)
+    if known is None:
+        return None
+    where = err.filename if err.filename is not None else "output"
+    return f"{where}: {known[0]} — {known[1]}"
 
 
 def cli_entry(main: Callable[[Sequence[str] | None], int | None]) -> Callable[[Sequence[str] | None], int]:
@@ -34,6 +56,12 @@ def cli_entry(main: Callable[[Sequence[str] | None], int | None]) -> Callable[[S
             # output piped into `head` and closed: not an error of ours
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
+        except OSError as err:
+            message = storage_error_message(err)
+            if debug or message is None:
+                raise
+            print(f"error: {message}", file=sys.stderr)
+            return 2
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130

@@ -5,7 +5,7 @@ imagecodecs, lazily, for lossless JPEG: Pillow cannot write ITU T.81 process 14,
 whether it can read it depends on the libjpeg-turbo it was built with).
 
 Policy (docs/shards-format.md): 8-bit grey PNGs pass through byte for byte after a
-structural check (signature, IHDR, every chunk CRC, IDAT, IEND). 8-bit RGB/RGBA
+structural check (signature, IHDR, every chunk CRC, IDAT, IEND) and a full decode. 8-bit RGB/RGBA
 whose three channels are equal and whose alpha is 255 everywhere are re-encoded
 as 8-bit grey with identical pixels. Everything else (unequal channels,
 transparency, 16-bit, 1/2/4-bit, palette, grey+alpha) is rejected with a reason.
@@ -207,6 +207,9 @@ def prepare_image(key: str, source: str | Path | bytes, codec: str, quality: int
     try:
         header = check_png(data)
         if codec == "png" and header.bit_depth == 8 and header.colour_type == 0:
+            # chunk CRCs can be valid around undecodable deflate data: decode once (PIL's
+            # decoder releases the GIL, so the pack threads still overlap) and keep the bytes
+            _decode(data)
             return Prepared(key, "png", data, header.width, header.height, bytes_in=len(data))
         image, from_mode = grey_policy(data, header)
         # zlib level 1: ~5x faster than 6 on 1024² for ~15 % more bytes, on the few converted files

@@ -1,6 +1,7 @@
 """manifest.json of a shards folder: write, load, validate, and find shard files.
 
-The fields are specified in docs/shards-format.md (format ``cxr-shards/1``).
+The fields are specified in docs/shards-format.md (format ``cxr-shards/2``; ``/1``
+shards, without per-sample checksums, are still read and verified).
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from typing import Any
 from shards.atomic import atomic_write_text
 from shards.errors import CxrError
 
-FORMAT = "cxr-shards/1"
+FORMAT = "cxr-shards/2"  # what pack writes: /2 added the per-sample crc32 in each .json
+READ_FORMATS = ("cxr-shards/1", FORMAT)
 MANIFEST_NAME = "manifest.json"
 SPLITS = ("train", "val", "test")
 CODECS = ("png", "jpeg", "j2k", "ljpeg")
@@ -21,6 +23,17 @@ _REQUIRED = {
     "splits": dict, "shards": list, "missing": list, "rejected": list, "converted": list,
 }
 _SHARD_FIELDS = ("name", "split", "samples", "bytes", "sha256", "index")
+
+
+def package_version() -> str:
+    """The installed cxr version (from the distribution metadata, so a cwd folder named
+    ``shards/`` that shadows this package cannot break it); "unknown" when not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cxr")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def manifest_path(directory: str | Path) -> Path:
@@ -57,8 +70,8 @@ def validate_manifest(manifest: Any, path: str | Path = MANIFEST_NAME) -> None:
 
     if not isinstance(manifest, dict):
         raise bad("not a JSON object")
-    if manifest.get("format") != FORMAT:
-        raise bad(f"format is {manifest.get('format')!r}, expected {FORMAT!r}")
+    if manifest.get("format") not in READ_FORMATS:
+        raise bad(f"format is {manifest.get('format')!r}, expected one of {READ_FORMATS}")
     for key, kind in _REQUIRED.items():
         if not isinstance(manifest.get(key), kind):
             raise bad(f"field {key!r} missing or not a {kind.__name__}")
@@ -74,6 +87,11 @@ def validate_manifest(manifest: Any, path: str | Path = MANIFEST_NAME) -> None:
         mine = [s for s in manifest["shards"] if s["split"] == split]
         if stats.get("samples") != sum(s["samples"] for s in mine) or stats.get("shards") != len(mine):
             raise bad(f"split {split!r}: samples/shards counts disagree with the shard list")
+
+
+def has_checksums(manifest: dict[str, Any]) -> bool:
+    """Whether every sample's .json carries crc32 checksums of its members (format /2 on)."""
+    return manifest.get("format") != "cxr-shards/1"
 
 
 def shard_files(directory: str | Path, split: str) -> list[tuple[Path, Path]]:

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from shards.errors import CxrError
 from shards.labels import LABELS, parse_findings
+from shards.records import nih_name_patient
 
 SEX_COLUMNS = ("Patient Gender", "Patient Sex")  # 2017 / newer copies
 _REQUIRED = ("Image Index", "Finding Labels", "Patient ID", "Patient Age", "View Position")
@@ -34,6 +35,8 @@ def _load_raw(path: Path) -> pd.DataFrame:
         raise CxrError(f"{path}: metadata file not found — {_FIX_CSV}")
     try:
         raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise CxrError(f"{path}: empty file (no header, no rows) — {_FIX_CSV}") from None
     except (pd.errors.ParserError, UnicodeDecodeError, OSError, EOFError) as err:
         raise CxrError(f"{path}: not a readable CSV ({err}) — {_FIX_CSV}") from err
     missing = [c for c in _REQUIRED if c not in raw.columns]
@@ -108,6 +111,12 @@ def read_metadata(path: str | Path) -> pd.DataFrame:
         lines = [_line(i) for i in rows if table["image"].iloc[i] == first]
         raise CxrError(f"{path}: image {first} appears on lines {lines} ({int(dup.sum())} rows "
                        "share an id) — keep one row per image")
+    # NIH names are PATIENT_FOLLOWUP.png and NIH guarantees PATIENT == Patient ID; a row that
+    # disagrees (an edited CSV) would put one patient's images into two splits. Names of
+    # another scheme are not checked.
+    implied = nih_name_patient(table["image"].str.removesuffix(".png"))
+    _first_bad(path, raw, (implied.notna() & (implied != table["patient"])).to_numpy(), "Patient ID",
+               "the patient of its NIH image name (the name's first 8 digits)")
     return table
 
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import multiprocessing
 import os
 import time
 from collections import Counter, deque
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
@@ -24,17 +23,17 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
-import shards
 from shards.atomic import atomic_write, atomic_write_text, remove_stale_temps
 from shards.dali_index import group_samples, index_text
 from shards.errors import CxrError
 from shards.image_codec import CODEC_EXT, Prepared, prepare_image
 from shards.labels import LABELS, META_FIELDS
-from shards.manifest import FORMAT, write_manifest
+from shards.manifest import FORMAT, package_version, write_manifest
 from shards.pack_journal import Journal
 from shards.records import SPLITS, Record, meta_stats, read_splits, sample_members, split_summary
 from shards.sources import Sources, iter_archive, scan_sources
 from shards.tar_writer import TarStream, end_bytes, member_bytes
+from shards.workers import process_pool
 
 LOCK_NAME = ".pack.lock"
 
@@ -154,7 +153,12 @@ class _SplitWriter:
         if self.stream is None:
             self._stack = contextlib.ExitStack()
             self.stream = TarStream(self._stack.enter_context(atomic_write(self.out / f"{self.name}.tar")))
-        self.stream.add_sample(members)
+        try:
+            self.stream.add_sample(members)
+        except OSError as err:  # ENOSPC from writev names no file: name the shard for the CLI
+            if err.filename is None:
+                err.filename = str(self.out / f"{self.name}.tar")
+            raise
         self.keys.append(prepared.key)
         self.sizes[f"{prepared.width}x{prepared.height}"] += 1
         if prepared.from_mode:
@@ -274,7 +278,7 @@ def _executor(codec: str, workers: int) -> Executor:
         # bytes with the writer, where processes would copy every image through a pipe
         return ThreadPoolExecutor(workers)
     # re-encoding is CPU-bound Python/PIL work; spawn avoids forking tqdm's thread
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    return process_pool(workers)
 
 
 def _ordered(pool: Executor, fn: Callable[..., Prepared], tasks: Iterable[tuple], ahead: int) -> Iterator[Prepared]:
@@ -301,7 +305,7 @@ def _manifest(records: list[Record], journal: Journal, stats: _RunStats, setting
     for entry in entries:
         sizes.update(entry["sizes"])
     return {
-        "format": FORMAT, "package_version": shards.__version__,
+        "format": FORMAT, "package_version": package_version(),
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "codec": settings["codec"], "quality": settings["quality"], "resolution": None, "derived": False,
         "source": settings["source"], "splits_file": splits_file, "splits_sha256": settings["splits_sha256"],

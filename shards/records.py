@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -71,14 +73,51 @@ def record_json(rec: Record) -> dict[str, Any]:
 
 
 def sample_members(rec: Record, ext: str, image: bytes) -> list[tuple[str, bytes]]:
-    """All five members of one sample, in tar order."""
-    return [
+    """All five members of one sample, in tar order; the .json carries the others' crc32."""
+    members = [
         (f"{rec.key}.{ext}", image),
         (f"{rec.key}.labels", labels_bytes(rec.labels)),
         (f"{rec.key}.meta", meta_vector(rec.age, rec.sex, rec.view).tobytes()),
         (f"{rec.key}.id", id_bytes(rec.key)),
-        (f"{rec.key}.json", json.dumps(record_json(rec), separators=(",", ":")).encode()),
     ]
+    record = {**record_json(rec), CRC_FIELD: member_crcs({n.partition(".")[2]: d for n, d in members})}
+    return [*members, (f"{rec.key}.json", json_bytes(record))]
+
+
+# Per-sample content checksums (format cxr-shards/2): the .json holds {ext: crc32} of the
+# image, .labels, .meta and .id members. crc32 (zlib, ≈1 ns/byte, GIL released on large
+# buffers) catches every single- and double-bit flip and every burst of up to 32 bits in a
+# member (up to 512 MB), and any other damage but for a 2^-32 chance, whatever the codec:
+# what a reader needs against silent on-disk or copy damage without hashing whole shards.
+# It is no defence against tampering (the manifest's per-shard sha256, checked by verify).
+CRC_FIELD = "crc32"
+
+
+def json_bytes(record: dict[str, Any]) -> bytes:
+    """The .json member's bytes (compact separators; the same record always gives the same bytes)."""
+    return json.dumps(record, separators=(",", ":")).encode()
+
+
+def member_crcs(members: dict[str, bytes]) -> dict[str, int]:
+    """{ext: crc32 of the member's bytes} in the given order."""
+    return {ext: zlib.crc32(data) for ext, data in members.items()}
+
+
+def checksum_problem(expected: Any, members: dict[str, bytes]) -> str | None:
+    """None when every given member's crc32 equals the .json's, else the reason (member named).
+
+    ``expected`` is the .json's crc32 field; a member absent from it is a problem, so a
+    damaged field cannot switch the check off.
+    """
+    if not isinstance(expected, dict):
+        return f".json has no {CRC_FIELD} checksums (damaged .json)"
+    for ext, data in members.items():
+        want = expected.get(ext)
+        if want is None:
+            return f".json has no {CRC_FIELD} for .{ext} (damaged .json)"
+        if zlib.crc32(data) != want:
+            return f".{ext} checksum mismatch (crc32 {zlib.crc32(data):08x}, packed {int(want):08x}): bytes changed"
+    return None
 
 
 def read_splits(splits: Any) -> tuple[list[Record], str | None, str]:
@@ -96,9 +135,15 @@ def read_splits(splits: Any) -> tuple[list[Record], str | None, str]:
         path = Path(splits)
         if not path.is_file():
             raise CxrError(f"{path}: splits table not found — write one with `python -m shards split`")
-        frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        try:
+            frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        except Exception as err:  # pyarrow/pandas raise many types for a corrupt or empty file
+            raise CxrError(f"{path}: unreadable splits table ({type(err).__name__}: {err}) "
+                           "— re-write it with `python -m shards split`") from None
         name, digest, where = str(path.resolve()), _file_sha256(path), str(path)
-    return _records(frame, where), name, digest
+    records = _records(frame, where)
+    check_patients(records, where)
+    return records, name, digest
 
 
 def _file_sha256(path: Path) -> str:
@@ -143,6 +188,58 @@ def _records(frame: Any, where: str) -> list[Record]:
         for k, img, p, s, lab, a, sx, vw in zip(keys, images, patient, frame["split"], label_rows,
                                                  age.astype(float), frame["sex"], frame["view"])
     ]
+
+
+NIH_NAME = r"\d{8}_\d{3}"  # NIH image ids: PATIENT(8 digits)_FOLLOWUP(3 digits)
+
+
+def nih_name_patient(keys: Any) -> Any:
+    """Patient id an NIH-style key implies (``00000075_002`` → 75), NaN for other names.
+
+    keys: a pandas Series of image keys (no extension). NIH guarantees this equals the
+    Patient ID column; names of another scheme (a generic CSV) are not checked.
+    """
+    import pandas as pd
+
+    nih = keys.str.fullmatch(NIH_NAME)
+    return pd.to_numeric(keys.str[:8].where(nih), errors="coerce")
+
+
+def patient_leaks(records: Sequence[Record]) -> dict[int, dict[str, list[str]]]:
+    """Patients with images in more than one split: patient → {split: [keys]}."""
+    by_patient: dict[int, dict[str, list[str]]] = {}
+    for rec in records:
+        by_patient.setdefault(rec.patient, {}).setdefault(rec.split, []).append(rec.key)
+    return {p: splits for p, splits in by_patient.items() if len(splits) > 1}
+
+
+def describe_leaks(leaks: dict[int, dict[str, list[str]]], limit: int = 3) -> str:
+    """'patient 75: train [00000075_000], val [00000075_001]; …' for the first ``limit`` patients."""
+    parts = []
+    for patient in sorted(leaks)[:limit]:
+        where = ", ".join(f"{split} {keys[:5]}" for split, keys in sorted(leaks[patient].items()))
+        parts.append(f"patient {patient}: {where}")
+    return "; ".join(parts) + (f"; … {len(leaks) - limit} more" if len(leaks) > limit else "")
+
+
+def check_patients(records: Sequence[Record], where: str) -> None:
+    """CxrError if a patient is in two splits (leakage); warn when an NIH name disagrees with its patient."""
+    import pandas as pd
+
+    leaks = patient_leaks(records)
+    if leaks:
+        raise CxrError(f"{where}: {len(leaks)} patient(s) have images in more than one split "
+                       f"({describe_leaks(leaks)}) — every image of a patient must be in one split; "
+                       "re-split with `python -m shards split`")
+    keys = pd.Series([r.key for r in records], dtype=object)
+    implied = nih_name_patient(keys)
+    patients = pd.Series([r.patient for r in records])
+    odd = (implied.notna() & (implied != patients)).to_numpy()
+    if odd.any():
+        first = [f"{keys[i]} (patient {patients[i]})" for i in np.flatnonzero(odd)[:5]]
+        print(f"warning: {where}: {int(odd.sum())} NIH-named image(s) whose patient differs from the name's "
+              f"first 8 digits, first {first} — NIH names are PATIENT_FOLLOWUP; the split is only "
+              "patient-level if the patient column is right", file=sys.stderr, flush=True)
 
 
 def split_summary(records: Sequence[Record], shards_per_split: dict[str, int]) -> dict[str, Any]:

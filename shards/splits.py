@@ -118,11 +118,13 @@ def _names_error(where: str, names: list[str], fix: str) -> CxrError:
 
 
 def official_split(meta: pd.DataFrame, train_val: list[str], test: list[str], val_fraction: float,
-                   seed: int, restricted: bool) -> np.ndarray:
+                   seed: int, restricted: bool, lists: tuple[str, str] = ("train_val list", "test list")) \
+        -> np.ndarray:
     """Split name per image from the NIH lists; val = seeded `val_fraction` of train_val patients.
 
     Unless `restricted`, every list name must be in the metadata; always, every
-    metadata image must be in exactly one list.
+    metadata image must be in exactly one list, and no patient in both lists
+    (``lists`` names the two list files in that error).
     """
     images = meta["image"]
     tv, te = set(train_val), set(test)
@@ -136,12 +138,28 @@ def official_split(meta: pd.DataFrame, train_val: list[str], test: list[str], va
     if unlisted:
         raise _names_error("metadata images in neither list", unlisted, "pass the matching lists")
     is_test = images.isin(te).to_numpy()
+    _check_lists_patient_level(meta, is_test, lists)
     tv_patients = np.unique(meta["patient"].to_numpy()[~is_test])
     n_val = int(round(val_fraction * tv_patients.size))
     val_patients = np.random.default_rng(seed).permutation(tv_patients)[:n_val]
     split = np.where(is_test, "test", "train").astype(object)
     split[~is_test & meta["patient"].isin(val_patients).to_numpy()] = "val"
     return split
+
+
+def _check_lists_patient_level(meta: pd.DataFrame, is_test: np.ndarray, lists: tuple[str, str]) -> None:
+    """The official lists themselves must not split a patient: name both lists, the patients, their images."""
+    patients = meta["patient"].to_numpy()
+    both = np.intersect1d(patients[is_test], patients[~is_test])
+    if both.size:
+        shown = []
+        for p in both[:3]:
+            mine = meta["patient"].to_numpy() == p
+            shown.append(f"patient {p}: {lists[0]} {meta['image'][mine & ~is_test].tolist()[:4]}, "
+                         f"{lists[1]} {meta['image'][mine & is_test].tolist()[:4]}")
+        raise CxrError(f"{lists[0]} and {lists[1]}: {both.size:,} patient(s) have images in both lists "
+                       f"({'; '.join(shown)}) — the lists are not patient-level; use the official NIH lists "
+                       "of the same release or move each patient's images into one list")
 
 
 def check_patient_disjoint(table: pd.DataFrame) -> None:
@@ -229,7 +247,7 @@ def _load(args) -> tuple[pd.DataFrame, bool]:
     return meta[keep].reset_index(drop=True), True
 
 
-def _official_lists(args) -> tuple[list[str], list[str]]:
+def _official_lists(args) -> tuple[tuple[Path, list[str]], tuple[Path, list[str]]]:
     here = Path(args.metadata).parent
 
     def find(given: str | None, stem: str, flag: str) -> Path:
@@ -240,8 +258,9 @@ def _official_lists(args) -> tuple[list[str], list[str]]:
                 return here / name
         raise CxrError(f"{here}: no {stem}.txt[.gz] beside the metadata — pass {flag}")
 
-    return (read_image_list(find(args.train_val_list, "train_val_list", "--train-val-list")),
-            read_image_list(find(args.test_list, "test_list", "--test-list")))
+    tv = find(args.train_val_list, "train_val_list", "--train-val-list")
+    te = find(args.test_list, "test_list", "--test-list")
+    return (tv, read_image_list(tv)), (te, read_image_list(te))
 
 
 def _split_names(args, meta: pd.DataFrame, restricted: bool) -> tuple[np.ndarray, np.ndarray | None]:
@@ -251,8 +270,9 @@ def _split_names(args, meta: pd.DataFrame, restricted: bool) -> tuple[np.ndarray
                            "the lists and val from --val-fraction")
         if not 0 <= args.val_fraction < 1:
             raise CxrError(f"--val-fraction {args.val_fraction}: must be in [0, 1)")
-        train_val, test = _official_lists(args)
-        return official_split(meta, train_val, test, args.val_fraction, args.seed, restricted), None
+        (tv_path, train_val), (test_path, test) = _official_lists(args)
+        return official_split(meta, train_val, test, args.val_fraction, args.seed, restricted,
+                              lists=(str(tv_path), str(test_path))), None
     fractions = parse_fractions(args.fractions, DEFAULT_FRACTIONS[args.scheme])
     split = assign_by_patient(meta, args.scheme, fractions, args.seed, getattr(args, "method", "greedy"))
     for name, frac in zip(SPLITS, fractions):

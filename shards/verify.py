@@ -1,22 +1,22 @@
 """`python -m shards verify DIR`: re-read every shard and check it against the manifest.
 
 Per shard (in parallel): size and sha256, the DALI index, five members per sample,
-every image decodes to one grey channel (of the stated resolution for derived
-shards), `.labels`/`.meta`/`.id` equal what the `.json` says. Across shards: no key
-twice, per-split samples/patients/positives and train age statistics equal the
-manifest, no shard key also listed as missing or rejected, no unlisted tar.
+each member's crc32 equals the `.json`'s (format /2), every image decodes to one
+grey channel (of the stated resolution for derived shards), `.labels`/`.meta`/`.id`
+equal what the `.json` says. Across shards: no key twice, no patient in two splits,
+per-split samples/patients/positives and train age statistics equal the manifest,
+no shard key also listed as missing or rejected, no unlisted tar.
 With ``--against SRC`` every decoded image is also compared with its source PNG.
 """
 from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import os
 import tarfile
 import time
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -28,10 +28,11 @@ from shards.dali_index import index_for_tar, split_name
 from shards.errors import CxrError
 from shards.image_codec import CODEC_EXT, RESAMPLE, BadImage, check_png, decode_grey, grey_policy
 from shards.labels import LABELS
-from shards.manifest import load_manifest
+from shards.manifest import has_checksums, load_manifest
 from shards.pack_journal import file_sha256
-from shards.records import id_bytes, labels_bytes, meta_vector
+from shards.records import CRC_FIELD, checksum_problem, id_bytes, labels_bytes, meta_vector
 from shards.sources import scan_sources
+from shards.workers import process_pool
 
 _REPORT_LINES = 50
 JPEG_TOLERANCE = 2.0  # --against: mean |Δ| in grey levels allowed for jpeg (q95 on NIH images: 0.6, at most 0.9)
@@ -75,12 +76,11 @@ def verify(directory: str | Path, workers: int | None = None, against: list[str 
     sources = _source_files(against) if against else None
     report, start = Report(shards=len(manifest["shards"])), time.perf_counter()
     samples: dict[str, list[tuple[str, dict]]] = defaultdict(list)  # key → [(shard, json)]
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers or os.cpu_count() or 1, mp_context=context) as pool, \
+    with process_pool(workers or os.cpu_count() or 1) as pool, \
             tqdm(total=sum(s["samples"] for s in manifest["shards"]), unit="img", desc="verify",
                  mininterval=0.5) as bar:
         futures = {pool.submit(check_shard, str(directory), entry, manifest["codec"], manifest["resolution"],
-                               sources): entry for entry in manifest["shards"]}
+                               sources, has_checksums(manifest)): entry for entry in manifest["shards"]}
         for future in as_completed(futures):
             failures, records = future.result()
             report.failures += failures
@@ -105,10 +105,12 @@ def _source_files(against: list[str | Path]) -> dict[str, str]:
 
 
 def check_shard(directory: str, entry: dict[str, Any], codec: str, resolution: int | None,
-                sources: Mapping[str, str] | None = None) -> tuple[list[str], list[tuple[str, dict]]]:
+                sources: Mapping[str, str] | None = None,
+                checksums: bool = False) -> tuple[list[str], list[tuple[str, dict]]]:
     """Check one shard; return (failures, [(key, json record)]) of its samples.
 
     ``sources`` (key → source PNG path): also compare each image's pixels with its source.
+    ``checksums``: the shard's .json records hold per-member crc32s (format /2).
     """
     tar_path, name = Path(directory) / entry["name"], entry["name"]
     if not tar_path.is_file():
@@ -125,7 +127,8 @@ def check_shard(directory: str, entry: dict[str, Any], codec: str, resolution: i
         return failures + [f"{name}: unreadable tar ({err})"], []
     records = []
     for key, members in groups:
-        problems, record = _check_sample(key, members, CODEC_EXT[codec], entry["split"], resolution, codec)
+        problems, record = _check_sample(key, members, CODEC_EXT[codec], entry["split"], resolution, codec,
+                                         checksums)
         if sources is not None and not problems:
             problems = _differs_from_source(key, members[CODEC_EXT[codec]], codec, resolution, sources.get(key))
         failures += [f"{name}: {key}: {p}" for p in problems]
@@ -149,7 +152,8 @@ def _read_samples(tar_path: Path) -> list[tuple[str, dict[str, bytes]]]:
 
 
 def _check_sample(key: str, members: dict[str, bytes], image_ext: str, split: str,
-                  resolution: int | None, codec: str | None = None) -> tuple[list[str], dict | None]:
+                  resolution: int | None, codec: str | None = None,
+                  checksums: bool = False) -> tuple[list[str], dict | None]:
     expected = {image_ext, "labels", "meta", "id", "json"}
     if set(members) != expected:
         return [f"members {sorted(members)}, expected {sorted(expected)}"], None
@@ -164,6 +168,9 @@ def _check_sample(key: str, members: dict[str, bytes], image_ext: str, split: st
         problems.append(str(err))
     try:
         record = json.loads(members["json"])
+        if checksums:  # the loaders' check, on all four members
+            crc = checksum_problem(record.get(CRC_FIELD), {e: members[e] for e in (image_ext, "labels", "meta", "id")})
+            problems += [crc] if crc else []
         problems += _json_mismatches(key, record, members, split)
     except (ValueError, KeyError, TypeError) as err:
         return problems + [f"unreadable .json ({err})"], None
@@ -210,10 +217,22 @@ def _json_mismatches(key: str, record: dict, members: dict[str, bytes], split: s
     return problems
 
 
+def _patient_leaks(records: dict[str, dict]) -> list[str]:
+    """One failure per patient whose samples sit in more than one split (train/val/test leakage)."""
+    by_patient: dict[Any, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for key, record in sorted(records.items()):
+        by_patient[record.get("patient")][record.get("split")].append(key)
+    return [f"patient {patient}: images in several splits ("
+            + ", ".join(f"{split} {keys[:5]}" for split, keys in sorted(splits.items()))
+            + ") — patient leakage; re-split with `python -m shards split` and re-pack"
+            for patient, splits in sorted(by_patient.items(), key=lambda kv: str(kv[0])) if len(splits) > 1]
+
+
 def _check_totals(directory: Path, manifest: dict, samples: dict[str, list[tuple[str, dict]]]) -> list[str]:
     failures = [f"{key}: in several shards {[s for s, _ in where]}" for key, where in samples.items()
                 if len(where) > 1]
     records = {key: where[0][1] for key, where in samples.items()}
+    failures += _patient_leaks(records)
     for split, stats in manifest["splits"].items():
         mine = [r for r in records.values() if r["split"] == split]
         positives = {n: sum(r["labels"][i] for r in mine) for i, n in enumerate(LABELS)}

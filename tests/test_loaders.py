@@ -7,6 +7,7 @@ Two ranks are simulated by building rank 0 and rank 1 loaders in one process.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import shutil
@@ -423,3 +424,155 @@ def test_pin_memory_auto_follows_cuda_and_cpu_default_is_off(synth, monkeypatch)
         for backend in BACKENDS:
             batch = next(iter(build_loader(_cfg(synth["dir"], backend, batch_size=4), "val", train=False)))
             assert not batch["image"].is_pinned()
+
+# ----- per-sample checksums (format cxr-shards/2), old shards, wrong indexes -----
+
+def _member(tar_path: Path, name: str) -> tarfile.TarInfo:
+    with tarfile.open(tar_path) as tar:
+        return tar.getmember(name)
+
+
+def _edit_in_place(tar_path: Path, name: str, change) -> None:
+    """Replace member `name`'s bytes by change(bytes) of the same length (headers and .idx stay valid)."""
+    info = _member(tar_path, name)
+    data = bytearray(tar_path.read_bytes())
+    new = change(bytes(data[info.offset_data: info.offset_data + info.size]))
+    assert len(new) == info.size
+    data[info.offset_data: info.offset_data + info.size] = new
+    tar_path.write_bytes(bytes(data))
+
+
+def _train_and_eval_see_one_corrupt(shards: Path, backend: str, key: str, shard: str, n: int) -> None:
+    batch = next(b for b in (6, 5, 4, 3, 2, 1) if n % b == 0)  # keeps every sample in the plan
+    loader = build_loader(_cfg(shards, backend, batch_size=batch), "train")
+    keys = _keys(_collect(loader))
+    assert key not in keys and len(keys) == n - 1
+    assert loader.report() == {"samples": n - 1, "skipped": 1, "skipped_keys": [key]}
+    with pytest.raises(CxrError, match=rf"{shard}: sample {key} is corrupt \(.*checksum mismatch"):
+        _collect(build_loader(_cfg(shards, backend, batch_size=4), "train", train=False))
+
+
+@pytest.fixture(scope="session")
+def synth_jpeg(synth, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth_jpeg") / "shards"
+    _run(["pack", "--splits", str(synth["dir"].parent / "splits.parquet"), "--images", str(synth["images"]),
+          "--out", str(out), "--codec", "jpeg", "--shard-size-mb", "0.05", "--workers", "1"])
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_jpeg_with_flipped_entropy_bytes_is_skipped_in_train_and_raises_in_eval(synth, synth_jpeg, tmp_path, backend):
+    """Battery 4.10: DALI used to decode such a JPEG silently (wrong pixels, nothing skipped)."""
+    shards = tmp_path / "s"
+    shutil.copytree(synth_jpeg, shards)
+    tar_path = sorted(shards.glob("train-*.tar"))[1]
+    with tarfile.open(tar_path) as tar:
+        name = [m.name for m in tar.getmembers() if m.name.endswith(".jpg")][0]
+
+    def flip(jpg: bytes) -> bytes:
+        start = jpg.index(b"\xff\xda") + 2 + int.from_bytes(jpg[jpg.index(b"\xff\xda") + 2:][:2], "big")
+        mid = start + (len(jpg) - 2 - start) // 2
+        return jpg[:mid] + bytes(b ^ 0x01 for b in jpg[mid:mid + 40]) + jpg[mid + 40:]
+
+    _edit_in_place(tar_path, name, flip)
+    n = int((synth["table"]["split"] == "train").sum())
+    _train_and_eval_see_one_corrupt(shards, backend, name.split(".")[0], tar_path.name, n)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_labels_byte_flipped_to_a_valid_value_is_caught(synth, tmp_path, backend):
+    """Battery 4.6: a .labels byte 0→1 is still 0/1, so only the checksum can tell."""
+    shards = tmp_path / "s"
+    shutil.copytree(synth["dir"], shards)
+    tar_path = sorted(shards.glob("train-*.tar"))[0]
+    with tarfile.open(tar_path) as tar:
+        name = [m.name for m in tar.getmembers() if m.name.endswith(".labels")][2]
+    _edit_in_place(tar_path, name, lambda b: bytes([1 - b[0]]) + b[1:])
+    n = int((synth["table"]["split"] == "train").sum())
+    _train_and_eval_see_one_corrupt(shards, backend, name.split(".")[0], tar_path.name, n)
+
+
+def test_checksums_are_crc32_of_the_members_also_in_derived_shards(synth):
+    for folder in (synth["dir"], synth["dir"] / "res32"):
+        assert json.loads((folder / "manifest.json").read_text())["format"] == "cxr-shards/2"
+        with tarfile.open(sorted(folder.glob("val-*.tar"))[0]) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+        for name, data in members.items():
+            if name.endswith(".json"):
+                key = name[:-5]
+                crc = json.loads(data)["crc32"]
+                assert crc == {ext: zlib.crc32(members[f"{key}.{ext}"]) for ext in ("png", "labels", "meta", "id")}
+    assert shards_main(["verify", str(synth["dir"] / "res32"), "--workers", "1"]) == 0
+
+
+def _as_format_1(src: Path, dst: Path) -> None:
+    """A cxr-shards/1 copy: .json without crc32 (as packed before checksums), manifest format /1."""
+    from shards.dali_index import index_for_tar
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("res*"))
+    manifest = json.loads((dst / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        path = dst / entry["name"]
+        with tarfile.open(path) as tar:
+            members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for info, data in members:
+                if info.name.endswith(".json"):
+                    record = json.loads(data)
+                    del record["crc32"]
+                    data = json.dumps(record, separators=(",", ":")).encode()
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        (dst / entry["index"]).write_text(index_for_tar(path))
+        entry["bytes"], entry["sha256"] = path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest()
+    manifest["format"] = "cxr-shards/1"
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_format_1_shards_without_checksums_still_load(synth, tmp_path, backend):
+    _as_format_1(synth["dir"], tmp_path / "v1")
+    assert shards_main(["verify", str(tmp_path / "v1"), "--workers", "1"]) == 0
+    table = synth["table"]
+    for b in build_loader(_cfg(tmp_path / "v1", backend, batch_size=8), "val", train=False):
+        np.testing.assert_array_equal(b["labels"].numpy(), table.loc[b["key"]][list(LABELS)].to_numpy(np.float32))
+    assert sorted(_keys(_collect(build_loader(_cfg(tmp_path / "v1", backend, batch_size=8), "val", train=False)))) \
+        == sorted(table.index[table["split"] == "val"])
+
+
+def _shift_index(idx: Path, by: int, lines: slice = slice(1, None)) -> None:
+    """Add `by` to every data offset of the index lines selected (battery 4.7 shifted all by 512)."""
+    text = idx.read_text().splitlines()
+    for j in range(len(text))[lines]:
+        tok = text[j].split()
+        text[j] = " ".join(str(int(t) + by) if k % 4 == 1 else t for k, t in enumerate(tok))
+    idx.write_text("\n".join(text) + "\n")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shifted_index_is_rebuilt_with_a_warning_and_nothing_skipped(synth, tmp_path, backend, caplog):
+    shards = tmp_path / "s"
+    shutil.copytree(synth["dir"], shards)
+    idx = sorted(shards.glob("train-*.idx"))[1]
+    _shift_index(idx, 512)
+    n = int((synth["table"]["split"] == "train").sum())
+    batch = next(b for b in (6, 5, 4, 3, 2, 1) if n % b == 0)
+    with caplog.at_level(logging.WARNING, logger="cxr.data"):
+        loader = build_loader(_cfg(shards, backend, batch_size=batch), "train")
+        keys = _keys(_collect(loader))
+    assert sorted(keys) == sorted(synth["table"].index[synth["table"]["split"] == "train"])
+    assert loader.report()["skipped"] == 0
+    assert f"{idx} does not match {idx.with_suffix('.tar').name}" in caplog.text and "rebuilding" in caplog.text
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_index_wrong_in_the_middle_is_named_not_reported_as_corrupt(synth, tmp_path, backend):
+    shards = tmp_path / "s"
+    shutil.copytree(synth["dir"], shards)
+    idx = max(shards.glob("train-*.idx"), key=lambda p: len(p.read_text().splitlines()))
+    assert len(idx.read_text().splitlines()) >= 4  # a middle sample that the open-time check does not look at
+    _shift_index(idx, 512, slice(2, 3))
+    n = int((synth["table"]["split"] == "train").sum())
+    batch = next(b for b in (6, 5, 4, 3, 2, 1) if n % b == 0)
+    with pytest.raises(CxrError, match=rf"{idx}: index does not match .*delete the .idx"):
+        _collect(build_loader(_cfg(shards, backend, batch_size=batch), "train"))

@@ -6,6 +6,8 @@ own `wds2idx` tool and webdataset reader, Python's tarfile.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -314,6 +316,32 @@ def test_rejects_recorded_with_reason_and_exit_code(tmp_path):
     assert [s["samples"] for s in manifest["splits"].values()] == [0, 0, 1]  # only 00000006 (test) is left
 
 
+def _undecodable_with_valid_crcs(png: bytes) -> bytes:
+    """Damage the deflate stream of the first IDAT and recompute its CRC (battery 2.11)."""
+    import struct
+    import zlib
+
+    pos = png.index(b"IDAT") - 4
+    (length,) = struct.unpack(">I", png[pos:pos + 4])
+    body = bytearray(png[pos + 8:pos + 8 + length])
+    body[2:length] = bytes(b ^ 0x5A for b in body[2:length])
+    crc = zlib.crc32(b"IDAT" + bytes(body)).to_bytes(4, "big")
+    return png[:pos + 8] + bytes(body) + crc + png[pos + 12 + length:]
+
+
+def test_structurally_valid_but_undecodable_png_is_rejected(tmp_path):
+    table, folder = tiny_dataset(tmp_path, n=3)
+    bad = _undecodable_with_valid_crcs((folder / "00000001_000.png").read_bytes())
+    (folder / "00000001_000.png").write_bytes(bad)
+    with pytest.raises(Exception):  # the reference: PIL cannot decode it either
+        Image.open(io.BytesIO(bad)).load()
+    with pytest.raises(CxrError, match=r"1 images rejected \(00000001_000: undecodable image"):
+        pack(table, [folder], tmp_path / "out", workers=1)
+    manifest = load_manifest(tmp_path / "out")
+    assert [r["image"] for r in manifest["rejected"]] == ["00000001_000"]
+    assert "00000001_000" not in read_shards(tmp_path / "out")
+
+
 def test_grey_rgb_is_converted_with_identical_pixels(tmp_path):
     table, folder = tiny_dataset(tmp_path, n=3)
     pixels = np.random.default_rng(1).integers(0, 256, (64, 64), dtype=np.uint8)
@@ -354,6 +382,37 @@ def test_bad_table_and_options_are_clear_errors(tmp_path):
         pack(table, [tmp_path / "nowhere"], tmp_path / "c")
     with pytest.raises(CxrError, match="missing columns"):
         pack(table.drop(columns=["view"]), [folder], tmp_path / "d")
+
+
+def test_patient_in_two_splits_is_refused_naming_patient_and_images(tmp_path, capsys):
+    table, folder = tiny_dataset(tmp_path, n=6)
+    # the 2nd image (patient 2, val) is given to patient 1, whose image 1 is in train
+    leak = table.assign(patient=[1, 1, 3, 4, 5, 6])
+    assert leak.loc[0, "split"] == "train" and leak.loc[1, "split"] == "val"
+    path = tmp_path / "leak.parquet"
+    leak.to_parquet(path)
+    assert cli(["pack", "--splits", str(path), "--images", str(folder), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {path}: 1 patient(s) have images in more than one split" in err
+    assert "patient 1: " in err and "train ['00000001_000']" in err and "val ['00000002_000']" in err
+    assert not (tmp_path / "out" / "manifest.json").exists() and not list((tmp_path / "out").glob("*.tar"))
+
+
+def test_nih_name_disagreeing_with_patient_is_a_warning(tmp_path, capsys):
+    table, folder = tiny_dataset(tmp_path, n=3)
+    pack(table.assign(patient=[1, 2, 30]), [folder], tmp_path / "out", workers=1)
+    err = capsys.readouterr().err
+    assert "warning: splits table: 1 NIH-named image(s)" in err and "00000003_000 (patient 30)" in err
+
+
+@pytest.mark.parametrize("content", [b"", b"PAR1\x00\x01garbage"])
+def test_corrupt_splits_file_is_a_clean_error(tmp_path, capsys, content):
+    _, folder = tiny_dataset(tmp_path, n=2)
+    path = tmp_path / "splits.parquet"
+    path.write_bytes(content)
+    assert cli(["pack", "--splits", str(path), "--images", str(folder), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: unreadable splits table") and err.count("\n") == 1
 
 
 # --------------------------------------------------------------- resume
@@ -456,3 +515,146 @@ def test_tar_headers_equal_tarfiles():
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode, info.uname, info.gname = size, 0, 0o644, "", ""
         assert _header(name, size) == info.tobuf(format=tarfile.USTAR_FORMAT, encoding="ascii", errors="strict")
+
+
+def test_pool_workers_exit_when_the_parent_is_killed(tmp_path):
+    """Battery 3.3: after kill -9 of the parent, its spawn workers must not stay behind."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c",
+         "import multiprocessing, os, sys, threading\n"
+         "from shards.pack import _executor\n"
+         "pool = _executor('jpeg', 2)\n"
+         "[f.result() for f in [pool.submit(os.getpid), pool.submit(os.getpid)]]\n"  # workers started
+         "print(' '.join(str(p.pid) for p in multiprocessing.active_children()), flush=True)\n"
+         "threading.Event().wait()\n"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    workers: list[int] = []
+    try:
+        workers = [int(p) for p in parent.stdout.readline().split()]
+        assert len(workers) >= 1
+        parent.kill()
+        parent.wait(timeout=30)
+
+        def alive(pid: int) -> bool:
+            try:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (FileNotFoundError, ProcessLookupError):
+                return False
+            return state not in ("Z", "X")  # a zombie has exited; only its reaping is pending
+
+        deadline = time.monotonic() + 30
+        while any(map(alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.05)  # bounded poll on the workers' exit (no event crosses a dead parent)
+        assert not any(map(alive, workers)), f"workers {workers} still running after their parent died"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        for pid in workers:  # leave nothing behind when the check fails
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_disk_full_is_one_line_naming_the_shard_and_resumable(tmp_path, monkeypatch, capsys):
+    """Battery 3.10: ENOSPC while writing a shard (os.writev fails as on a full tmpfs)."""
+    table, folder = tiny_dataset(tmp_path, n=6)
+    splits = tmp_path / "splits.csv"
+    table.to_csv(splits, index=False)
+    args = ["pack", "--splits", str(splits), "--images", str(folder), "--out", str(tmp_path / "out"), "--workers", "1"]
+
+    def full(fd, buffers):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "writev", full)
+    assert cli(args) == 2
+    out = capsys.readouterr().err
+    assert "Traceback" not in out
+    (err,) = [line for line in out.split("\n") if line.startswith("error:")]  # besides the progress bar
+    assert err.startswith(f"error: {tmp_path / 'out' / 'train-000000.tar'}: no space left on device — free space")
+    assert "a re-run resumes" in err
+    assert not list((tmp_path / "out").glob(".*.tmp")) and not list((tmp_path / "out").glob("*.tar"))
+    monkeypatch.undo()
+    assert cli(args) == 0 and load_manifest(tmp_path / "out")["splits"]["train"]["samples"] == 2
+
+
+def test_read_only_output_is_one_line(tmp_path, monkeypatch, capsys):
+    """Battery 3.11: --out on a read-only file system (mkdir fails with EROFS)."""
+    table, folder = tiny_dataset(tmp_path, n=3)
+    splits = tmp_path / "splits.csv"
+    table.to_csv(splits, index=False)
+    out = tmp_path / "ro" / "shards"
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    assert cli(["pack", "--splits", str(splits), "--images", str(folder), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {out}: read-only file system — choose a writable --out / checkpoint.run_dir\n"
+
+
+def test_other_os_errors_keep_their_traceback():
+    from shards.errors import cli_entry
+
+    def main(argv):
+        raise OSError(errno.EIO, "Input/output error")
+
+    with pytest.raises(OSError, match="Input/output"):
+        cli_entry(main)([])
+
+
+# An editable install maps `shards.*` to the checkout through a finder that runs after the
+# path search, so a cwd folder named shards/ becomes the top-level module (battery 3.12).
+# This launcher reproduces that without depending on how the venv was installed.
+_EDITABLE_LIKE = """
+import importlib.util, runpy, sys  # noqa: E401
+from pathlib import Path
+ROOT = Path(sys.argv.pop(1))
+
+class Editable:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] != "shards":
+            return None
+        base = ROOT.joinpath(*name.split("."))
+        if base.is_dir():
+            return importlib.util.spec_from_file_location(name, base / "__init__.py",
+                                                          submodule_search_locations=[str(base)])
+        return importlib.util.spec_from_file_location(name, base.with_suffix(".py")) if base.with_suffix(".py").is_file() else None
+
+from importlib.machinery import PathFinder
+sys.meta_path.insert(sys.meta_path.index(PathFinder) + 1, Editable())  # before the venv's own finders
+sys.path.insert(0, "")  # the working directory first, as `python -m` puts it
+runpy.run_module("shards", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_cwd_folder_named_shards_does_not_break_pack(tmp_path):
+    from importlib.metadata import version
+
+    table, folder = tiny_dataset(tmp_path, n=3)
+    table.to_csv(tmp_path / "splits.csv", index=False)
+    (tmp_path / "shards").mkdir()  # e.g. the packed shards of an earlier run
+    (tmp_path / "launch.py").write_text(_EDITABLE_LIKE)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    check = subprocess.run([sys.executable, "launch.py", str(ROOT), "-c", "pass"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-I", "launch.py", str(ROOT), "pack", "--splits", "splits.csv",
+                           "--images", str(folder), "--out", "out", "--workers", "1"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert check.returncode != 0  # the launcher runs shards' CLI (which rejects `-c`), nothing else
+    assert done.returncode == 0, done.stderr
+    assert f"warning: {tmp_path / 'shards'}: this folder shadows the cxr package" in done.stderr
+    assert load_manifest(tmp_path / "out")["package_version"] == version("cxr")
+
+
+def test_console_scripts_point_at_cli_entry_points():
+    import importlib
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {"cxr-shards", "cxr-train", "cxr-evaluate", "cxr-data", "cxr-models"} <= set(scripts)
+    for name, target in scripts.items():
+        module, _, attr = target.partition(":")
+        main = getattr(importlib.import_module(module), attr)
+        with pytest.raises(SystemExit) as exit_:  # argparse's --help: each parses its own arguments
+            main(["--help"])
+        assert exit_.value.code == 0, name

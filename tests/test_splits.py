@@ -243,7 +243,11 @@ def test_patient_across_lists_is_refused(tmp_path, capsys):
     (tmp_path / "test_list.txt").write_text("00000001_001.png\n00000003_000.png\n")
     out = tmp_path / "s.parquet"
     assert main(["split", "--metadata", str(meta), "--scheme", "official", "--out", str(out)]) == 2
-    assert "more than one split" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # the lists are to blame (both paths named, the patient and its images on each side), not a bug
+    assert f"{tmp_path / 'train_val_list.txt'} and {tmp_path / 'test_list.txt'}: 1 patient(s)" in err
+    assert "patient 1: " in err and "['00000001_000.png']" in err and "['00000001_001.png']" in err
+    assert "bug" not in err and err.count("\n") == 1
     assert not out.exists() and not list(tmp_path.glob(".s.parquet*"))
 
 
@@ -272,3 +276,27 @@ def test_with_no_finding_and_csv_parquet_agree(tmp_path):
     assert a["No Finding"].tolist() == b["No Finding"].tolist() == [0, 0, 1, 0]
     assert a["split"].tolist() == b["split"].tolist()
     assert sorted(b.groupby("patient")["split"].first()) == ["test", "train", "val"]
+
+
+def test_empty_metadata_file_is_a_clean_error(tmp_path, capsys):
+    empty = tmp_path / "empty.csv"
+    empty.write_bytes(b"")
+    assert main(["split", "--metadata", str(empty), "--scheme", "random", "--out", str(tmp_path / "s.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {empty}: empty file") and err.count("\n") == 1
+
+
+def test_patient_id_disagreeing_with_the_nih_name_names_the_line(tmp_path):
+    # NIH names are PATIENT_FOLLOWUP.png; the 5th data row (line 6) says patient 999999 for 00000003_001
+    rows = [*ROWS, "00000003_001.png,Mass,1,999999,74,F,PA,1,1,1,1"]
+    with pytest.raises(CxrError) as err:
+        read_metadata(_write_csv(tmp_path / "pid.csv", rows))
+    text = str(err.value)
+    assert "line 6 (00000003_001.png): Patient ID '999999'" in text and "NIH image name" in text
+
+
+def test_non_nih_names_are_not_checked_against_the_patient(tmp_path):
+    # a generic CSV (names not PATIENT_FOLLOWUP) keeps whatever patient ids it gives
+    rows = [r.replace("00000001_000.png", "scan-a.png") for r in ROWS]
+    table = read_metadata(_write_csv(tmp_path / "generic.csv", rows))
+    assert "scan-a.png" in set(table["image"])

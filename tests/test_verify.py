@@ -128,3 +128,35 @@ def test_no_manifest_is_a_clear_error(tmp_path, capsys):
 def test_verify_imports_no_torch():
     code = "import sys, shards.verify; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_patient_in_two_splits_fails(packed):
+    # give test sample 00000005_000 (patient 102) the train patient 100, as an edited table would
+    def move(name, data):
+        if name == "00000005_000.json":
+            return data.replace(b'"patient":102', b'"patient":100')
+        return data
+
+    manifest = json.loads((packed / "manifest.json").read_text())
+    shard = next(s["name"] for s in manifest["shards"] if s["split"] == "test")
+    _rewrite(packed, shard, move)
+    failures = verify(packed, workers=1).failures
+    leak = [f for f in failures if f.startswith("patient 100:")]
+    assert leak and "test ['00000005_000']" in leak[0] and "train ['00000001_000', '00000002_000'" in leak[0], failures
+
+
+def test_member_changed_with_a_consistent_json_fails_its_checksum(packed):
+    # .labels and the .json labels/findings edited together: only the pack-time crc32 can tell
+    def change(name, data):
+        if name == "00000001_000.labels":
+            return bytes([1 - data[0]]) + data[1:]
+        if name == "00000001_000.json":
+            record = json.loads(data)
+            record["labels"][0] = 1 - record["labels"][0]
+            record["findings"] = [n for n, y in zip(LABELS, record["labels"]) if y]
+            return json.dumps(record, separators=(",", ":")).encode()
+        return data
+
+    _rewrite(packed, "train-000000.tar", change)
+    failures = verify(packed, workers=1).failures
+    assert any(f.startswith("train-000000.tar: 00000001_000: .labels checksum mismatch") for f in failures), failures

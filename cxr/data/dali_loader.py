@@ -8,9 +8,12 @@ evaluation its padded last batch must be stripped by key, and a corrupt image fa
 whole batch without naming the sample. Instead the Python side follows the shared
 `EpochPlan` (cxr/data/plan.py): it reads each sample's tar members by the `.idx`
 offsets (a few preads per image; the same offsets DALI's reader would use) and hands
-DALI the encoded bytes plus the per-sample augmentation parameters. PNG checksums
-are verified by libpng inside DALI's threads rather than in a Python pass that would
-compete with the decoder threads for the same cores; when DALI rejects a batch, its samples are
+DALI the encoded bytes plus the per-sample augmentation parameters. Each sample's
+bytes are checked against the crc32 its .json recorded at pack time (format /2;
+zlib.crc32 releases the GIL, ≈1 ns/byte) before DALI sees them, so damage a
+decoder would not notice — a flipped byte in JPEG entropy data decodes to wrong
+pixels — is caught as in the wds back end. For /1 shards (no checksums) PNG CRCs
+are left to libpng inside DALI's threads; when DALI rejects a batch, its samples are
 checked and decoded one by one with PIL to name the culprit, which is skipped (train)
 or reported (eval), and the pipeline restarts at that batch. Decoding, resizing and warping — the costly part — run in DALI's thread
 pool (or on the GPU), asynchronously to training; batches are prefetched
@@ -149,7 +152,8 @@ class _Feed:
             if int(i) in self.bad:
                 continue
             try:
-                # libpng checks PNG CRCs inside DALI's threads; a failure is located by _find_undecodable
+                # crc32 of every member (format /2); for /1 shards libpng checks PNG CRCs inside
+                # DALI's threads and a failure is located by _find_undecodable
                 image, _, _ = self.reader.read(int(i), check_image=False)
                 if self.o.check_size:
                     _check_size(image, self.o.res, self.reader.index, int(i))

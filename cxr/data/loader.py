@@ -21,7 +21,8 @@ import numpy as np
 
 from cxr.data.config import DataConfig
 from cxr.data.plan import epoch_plan
-from cxr.data.shard_index import CorruptSample, SampleReader, SplitIndex, load_shards_manifest, meta_stats
+from cxr.data.shard_index import (CorruptSample, IndexMismatch, SampleReader, SplitIndex, load_shards_manifest,
+                                  meta_stats)
 
 log = logging.getLogger("cxr.data")
 
@@ -90,7 +91,7 @@ class Loader:
         return {"samples": self._samples, "skipped": len(self._skipped), "skipped_keys": list(self._skipped)}
 
     def _on_corrupt(self, corrupt: CorruptSample) -> None:
-        if not self.train or self.cfg.strict:
+        if not self.train or self.cfg.strict or isinstance(corrupt, IndexMismatch):  # a wrong index is no skip
             raise corrupt.as_error()
         log.warning("skipping corrupt sample: %s", corrupt)
         self._skipped.append(corrupt.key)

@@ -3,8 +3,9 @@
 `load_shards_manifest` resolves derived shards (DIR/res{R}/) against masters;
 `SplitIndex` lists one split's samples in packing order with the byte offsets of
 their tar members (from the DALI `.idx` files, or a tar header scan when an index
-is absent); `SampleReader` reads those bytes by offset and checks their integrity
-so a corrupt sample is caught before any decoder sees it.
+is absent or does not match its tar); `SampleReader` reads those bytes by offset and
+checks their integrity — the per-sample crc32 of format /2, or PNG chunk CRCs and
+JPEG markers for /1 shards — so a corrupt sample is caught before any decoder sees it.
 """
 from __future__ import annotations
 
@@ -21,10 +22,12 @@ import numpy as np
 
 from shards.errors import CxrError
 from shards.labels import META_FIELDS, NUM_LABELS
+from shards.manifest import has_checksums
+from shards.records import CRC_FIELD, checksum_problem
 
 log = logging.getLogger("cxr.data")
 
-FORMAT = "cxr-shards/1"
+FORMATS = ("cxr-shards/1", "cxr-shards/2")  # /2: per-sample crc32 in each .json
 IMAGE_EXT = {"png": "png", "jpeg": "jpg", "jpg": "jpg", "j2k": "jp2", "jp2": "jp2", "ljpeg": "ljpeg"}
 META_BYTES = 4 * len(META_FIELDS)
 ID_BYTES = 32
@@ -58,8 +61,8 @@ def _read_manifest(path: Path) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise CxrError(f"{path}: unreadable manifest ({err}) — re-run python -m shards pack") from err
-    if manifest.get("format") != FORMAT:
-        raise CxrError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r} — re-pack with this version")
+    if manifest.get("format") not in FORMATS:
+        raise CxrError(f"{path}: format {manifest.get('format')!r} is not one of {FORMATS} — re-pack with this version")
     for field in ("shards", "codec", "splits"):
         if field not in manifest:
             raise CxrError(f"{path}: manifest lacks {field!r} — re-run python -m shards pack")
@@ -87,8 +90,9 @@ class SplitIndex:
     shard_paths: list[Path]
     keys: list[str]
     shard: np.ndarray    # int32 [N] index into shard_paths
-    ranges: np.ndarray   # int64 [N, 3, 2] (offset, size) of image, labels, meta
+    ranges: np.ndarray   # int64 [N, 4, 2] (offset, size) of image, labels, meta, json
     num_labels: int = NUM_LABELS  # len(manifest["labels"]): 14 for NIH, any count for a generic table
+    checksums: bool = False  # each .json holds the crc32 of the other members (format /2)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -114,21 +118,32 @@ class SplitIndex:
                 raise CxrError(f"{tar}: holds {len(samples)} samples, manifest says {entry['samples']} — re-pack it")
             for key, members in samples:
                 try:
-                    ranges.append([members[image_ext], members["labels"], members["meta"]])
+                    ranges.append([members[image_ext], members["labels"], members["meta"], members["json"]])
                 except KeyError as err:
                     raise CxrError(f"{tar}: sample {key} lacks member .{err.args[0]} — re-pack this shard") from err
                 keys.append(key)
                 shard_ids.append(i)
             paths.append(tar)
-        return cls(shards_dir, codec, paths, keys, np.asarray(shard_ids, np.int32), np.asarray(ranges, np.int64),
-                   len(manifest.get("labels") or ()) or NUM_LABELS)
+        return cls(shards_dir, codec, paths, keys, np.asarray(shard_ids, np.int32),
+                   np.asarray(ranges, np.int64).reshape(-1, 4, 2),
+                   len(manifest.get("labels") or ()) or NUM_LABELS, has_checksums(manifest))
 
 
 def _index_shard(tar: Path, idx: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """[(key, {ext: (offset, size)})] in tar order, from the DALI index or a header scan."""
+    """[(key, {ext: (offset, size)})] in tar order, from the DALI index or a header scan.
+
+    An index that does not match its tar (stale, edited, another shard's) is replaced
+    by the scan, with a warning naming it: only the index is wrong, not the samples.
+    """
     if idx.is_file():
-        return _parse_idx(idx)
-    log.warning("shards: %s has no index %s; scanning tar headers (slower start)", tar, idx.name)
+        samples = _parse_idx(idx)
+        problem = index_mismatch(tar, samples)
+        if problem is None:
+            return samples
+        log.warning("shards: %s does not match %s (%s); rebuilding the index in memory by a tar header scan "
+                    "— delete it or re-run `python -m shards verify %s`", idx, tar.name, problem, tar.parent)
+    else:
+        log.warning("shards: %s has no index %s; scanning tar headers (slower start)", tar, idx.name)
     samples: list[tuple[str, dict]] = []
     try:
         with tarfile.open(tar, "r:") as archive:
@@ -142,6 +157,51 @@ def _index_shard(tar: Path, idx: Path) -> list[tuple[str, dict[str, tuple[int, i
     except tarfile.TarError as err:
         raise CxrError(f"{tar}: not a readable tar ({err}) — re-pack this shard") from err
     return samples
+
+
+def index_mismatch(tar: Path, samples: list[tuple[str, dict[str, tuple[int, int]]]]) -> str | None:
+    """Cheap check of an index against its tar: every member of the first and last sample must
+    sit right after a tar header with its name and size, and the last one be followed by the
+    end-of-archive blocks. None when it matches, else what differs.
+
+    Two samples' headers (a few preads per shard) catch an index shifted, truncated or
+    belonging to another shard; a damaged middle is caught when that sample is read.
+    Members past the end of a truncated tar are not index faults: reading them reports
+    the samples as truncated.
+    """
+    if not samples:
+        return "the index lists no samples"
+    file_size = tar.stat().st_size
+    with open(tar, "rb") as fh:
+        fd = fh.fileno()
+        for key, members in {0: samples[0], len(samples) - 1: samples[-1]}.values():
+            for ext, (offset, size) in members.items():
+                problem = header_mismatch(fd, f"{key}.{ext}", offset, size)
+                if problem:
+                    return problem
+        end = max(o + -(-s // 512) * 512 for o, s in samples[-1][1].values())
+        if end + 1024 <= file_size and os.pread(fd, 1024, end) != bytes(1024):
+            return f"more data after the last indexed sample (offset {end})"
+    return None
+
+
+def header_mismatch(fd: int, name: str, offset: int, size: int) -> str | None:
+    """What is wrong when the 512 bytes before ``offset`` are not the tar header of ``name``
+    with ``size``; None when they are, or when the file ends before them (truncated tar)."""
+    header = os.pread(fd, 512, offset - 512) if offset >= 512 else b"x"
+    if len(header) < 512 and offset >= 512:
+        return None  # the tar is truncated: its samples are reported as such when read
+    try:
+        stored = int(header[148:156].strip(b"\0 ") or b"-1", 8)
+        found_size = int(header[124:136].strip(b"\0 ") or b"-1", 8)
+    except ValueError:
+        stored = found_size = -1
+    if stored != sum(header[:148]) + 8 * 32 + sum(header[156:]):  # the header checksum (chksum field as spaces)
+        return f"{name} at offset {offset}: no tar header before it (data instead)"
+    found = Path(header[:100].rstrip(b"\0").decode("latin-1")).name
+    if found != name or found_size != size:
+        return f"{name} ({size} B) at offset {offset}: the tar has {found!r} ({found_size} B) there"
+    return None
 
 
 def _parse_idx(idx: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
@@ -178,6 +238,18 @@ class CorruptSample(Exception):
                         "re-pack this shard (python -m shards verify finds all bad samples)")
 
 
+class IndexMismatch(CorruptSample):
+    """The index points a sample at the wrong bytes: the shard itself may be intact."""
+
+    def __reduce__(self):
+        return IndexMismatch, (self.shard, self.key, self.reason)
+
+    def as_error(self) -> CxrError:
+        return CxrError(f"{self.shard.with_suffix('.idx')}: index does not match {self.shard.name} at sample "
+                        f"{self.key} ({self.reason}); the samples may be intact — delete the .idx (the loader "
+                        "then scans the tar) or re-run `python -m shards verify`")
+
+
 class SampleReader:
     """Reads a sample's raw members by offset; one open file per shard per process."""
 
@@ -189,27 +261,44 @@ class SampleReader:
     def read(self, i: int, check_image: bool = True) -> tuple[bytes, np.ndarray, np.ndarray]:
         """(encoded image, labels uint8 [num_labels], meta float32 [5]) of sample i; CorruptSample if bad.
 
-        check_image=False skips the image checksum pass (for a decoder that verifies it itself).
+        Format /2 shards: the image, labels and meta bytes must equal the crc32 their .json
+        recorded at pack time (any codec, any flipped byte). /1 shards: check_image=False
+        skips the PNG CRC / JPEG marker pass (for a decoder that verifies it itself).
         """
-        (io, isz), (lo, lsz), (mo, msz) = self.index.ranges[i]
+        (io, isz), (lo, lsz), (mo, msz), (jo, jsz) = self.index.ranges[i]
         fd = self._fd(int(self.index.shard[i]))
         image, labels, meta = os.pread(fd, int(isz), int(io)), os.pread(fd, int(lsz), int(lo)), os.pread(fd, int(msz), int(mo))
-        problem = "image truncated" if len(image) != isz else (
-            image_problem(image, self.index.codec) if check_image else None)
+        if len(image) != isz:
+            problem = "image truncated"
+        elif self.index.checksums:
+            record = os.pread(fd, int(jsz), int(jo))
+            problem = ".json truncated" if len(record) != jsz else \
+                _checksum_problem(record, image, labels, meta, self.index.codec)
+        else:
+            problem = image_problem(image, self.index.codec) if check_image else None
         if problem is None and (len(labels) != self.index.num_labels or max(labels, default=0) > 1):
             problem = f".labels is not {self.index.num_labels} bytes of 0/1"
         if problem is None and len(meta) != META_BYTES:
             problem = f".meta is not {META_BYTES} bytes"
         if problem:
+            self._check_index(fd, i)
             raise CorruptSample(self.index.shard_paths[self.index.shard[i]], self.index.keys[i], problem)
         return image, np.frombuffer(labels, np.uint8), np.frombuffer(meta, "<f4")
+
+    def _check_index(self, fd: int, i: int) -> None:
+        """A sample that fails its checks because the index points elsewhere is an index fault."""
+        key, tar = self.index.keys[i], self.index.shard_paths[self.index.shard[i]]
+        for ext, (offset, size) in zip((IMAGE_EXT[self.index.codec], "labels", "meta", "json"), self.index.ranges[i]):
+            problem = header_mismatch(fd, f"{key}.{ext}", int(offset), int(size))
+            if problem:
+                raise IndexMismatch(tar, key, problem)
 
     def __getstate__(self) -> dict:  # sent to worker processes: descriptors do not travel
         return {"index": self.index, "_fds": {}, "_pid": None}
 
     def read_fields(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(labels uint8 [14], meta float32 [5]) of sample i, without touching the image."""
-        _, (lo, lsz), (mo, msz) = self.index.ranges[i]
+        _, (lo, lsz), (mo, msz), _ = self.index.ranges[i]
         fd = self._fd(int(self.index.shard[i]))
         return (np.frombuffer(os.pread(fd, int(lsz), int(lo)), np.uint8),
                 np.frombuffer(os.pread(fd, int(msz), int(mo)), "<f4"))
@@ -225,6 +314,14 @@ class SampleReader:
         for fd in self._fds.values():
             os.close(fd)
         self._fds = {}
+
+
+def _checksum_problem(record: bytes, image: bytes, labels: bytes, meta: bytes, codec: str) -> str | None:
+    try:
+        expected = json.loads(record).get(CRC_FIELD)
+    except (ValueError, AttributeError):
+        return ".json unreadable (damaged)"
+    return checksum_problem(expected, {IMAGE_EXT[codec]: image, "labels": labels, "meta": meta})
 
 
 def image_problem(data: bytes, codec: str) -> str | None:

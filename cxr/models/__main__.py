@@ -66,5 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+cli = cli_entry(main)  # the `cxr-models` console script
+
 if __name__ == "__main__":
-    raise SystemExit(cli_entry(main)())
+    raise SystemExit(cli())
