@@ -161,7 +161,28 @@ def ood_report(run: str | Path, shards: str | Path, split: str, scores) -> dict:
             rows.append({"member": member, "images": subset, "n": int(mask.sum()),
                          "mean_auroc": float(np.nanmean(aucs))})
     return {"n": len(accept), "rejected": int((~accept).sum()), "threshold": thr, "table": pd.DataFrame(rows),
-            "accepted": accept}
+            "accepted": accept, "scores": np.array([by_key[k] for k in scores.keys])}
+
+
+def report_ood(run: str | Path, shards: str | Path, split: str, scores, out: Path) -> str:
+    """Write OUT/ood.csv (mean AUROC per member on all vs accepted images) and OUT/ood_rejected.csv
+    (the rejected keys with their scores); return the lines the evaluator prints."""
+    import pandas as pd
+
+    from shards.atomic import atomic_write
+
+    rep = ood_report(run, shards, split, scores)
+    with atomic_write(out / "ood.csv", "w") as fh:
+        rep["table"].to_csv(fh, index=False)
+    rejected = pd.DataFrame({"key": scores.keys[~rep["accepted"]], "score": rep["scores"][~rep["accepted"]]})
+    with atomic_write(out / "ood_rejected.csv", "w") as fh:
+        rejected.to_csv(fh, index=False)
+    table = rep["table"].pivot(index="member", columns="images", values="mean_auroc")
+    lines = [f"ood gate {run}: rejected {rep['rejected']} of {rep['n']} '{split}' images "
+             f"({rep['rejected'] / max(rep['n'], 1):.1%}; score > {rep['threshold']:.4f}) → {out / 'ood.csv'}",
+             "mean AUROC  all  accepted"]
+    lines += [f"  {m}: {row['all']:.4f}  {row['accepted']:.4f}" for m, row in table.iterrows()]
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- CLI
