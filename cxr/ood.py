@@ -76,6 +76,38 @@ class OodAutoencoder(nn.Module):
         return ssim_score(x01, self.decoder(self.encoder(x01))).unsqueeze(1)
 
 
+class ExportableGate(nn.Module):
+    """The gate with SSIM written out as fixed separable convolutions, for ONNX export.
+
+    pytorch-msssim builds its Gaussian window inside the call, which the ONNX exporter cannot
+    trace as a convolution kernel; this is the same computation (Gaussian 11, σ 1.5, valid
+    region, population statistics, K1 0.01, K2 0.03) with the window as a buffer. The export
+    test compares onnxruntime's output with :class:`OodAutoencoder` (pytorch-msssim)."""
+
+    def __init__(self, gate: OodAutoencoder, size: int = 11, sigma: float = 1.5):
+        super().__init__()
+        self.gate = gate
+        coords = torch.arange(size, dtype=torch.float32) - size // 2
+        g = torch.exp(-(coords ** 2) / (2 * sigma ** 2))
+        g = g / g.sum()
+        self.register_buffer("win_h", g.reshape(1, 1, size, 1), persistent=False)
+        self.register_buffer("win_w", g.reshape(1, 1, 1, size), persistent=False)
+
+    def _blur(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.conv2d(nn.functional.conv2d(x, self.win_h), self.win_w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x01 = self.gate.to_unit(x)
+        y01 = self.gate.decoder(self.gate.encoder(x01))
+        c1, c2 = 0.01 ** 2, 0.03 ** 2
+        mu_x, mu_y = self._blur(x01), self._blur(y01)
+        var_x = self._blur(x01 * x01) - mu_x * mu_x
+        var_y = self._blur(y01 * y01) - mu_y * mu_y
+        cov = self._blur(x01 * y01) - mu_x * mu_y
+        ssim_map = ((2 * mu_x * mu_y + c1) / (mu_x * mu_x + mu_y * mu_y + c1)) * ((2 * cov + c2) / (var_x + var_y + c2))
+        return 1.0 - ssim_map.flatten(1).mean(1, keepdim=True)
+
+
 def build(args, width: int = 16, code: int = 16) -> OodAutoencoder:
     """Registry builder (cxr.models): the classifier options (num_labels, metadata …) do not apply."""
     if args.metadata != "none" or args.conv_stem or args.pretrained:
