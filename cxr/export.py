@@ -37,7 +37,7 @@ from shards.atomic import atomic_write_text
 from shards.errors import CxrError, cli_entry
 from shards.labels import LABELS
 
-OPSET = 17
+OPSET = 18  # Resize's antialias attribute (the fixed-size stems) needs 18
 CALIBRATION = "f(x) = x/(2o) for x <= o, else 1 - (1-x)/(2(1-o)); o maps to 0.5"
 WEB_VENDOR = Path(__file__).resolve().parents[1] / "build" / "npm" / "node_modules" / "onnxruntime-web"
 WEB_FILES = ("ort.wasm.min.js", "ort-wasm-simd-threaded.wasm", "ort-wasm-simd-threaded.mjs")
@@ -68,8 +68,25 @@ class EnsembleGraph(nn.Module):
         return (mean, torch.stack(cams).mean(0)) if self.with_cam else mean
 
 
+def _upsample_bilinear_aa(g, x, output_size, align_corners, scale_factors):
+    """aten::_upsample_bilinear2d_aa (F.interpolate(antialias=True), the fixed-size stems) → ONNX
+    Resize with antialias=1 (opset 18), which the legacy exporter does not map by itself."""
+    from torch.onnx import symbolic_helper as sh
+
+    if sh._maybe_get_const(align_corners, "b"):
+        raise CxrError("export: antialiased resize with align_corners=True has no ONNX equivalent")
+    size = sh._maybe_get_const(output_size, "is")
+    nc = g.op("Slice", g.op("Shape", x), g.op("Constant", value_t=torch.tensor([0])),
+              g.op("Constant", value_t=torch.tensor([2])))
+    sizes = g.op("Concat", nc, g.op("Constant", value_t=torch.tensor(list(size), dtype=torch.int64)), axis_i=0)
+    empty = g.op("Constant", value_t=torch.tensor([], dtype=torch.float32))
+    return g.op("Resize", x, empty, empty, sizes, mode_s="linear", antialias_i=1,
+                coordinate_transformation_mode_s="half_pixel")
+
+
 def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, outputs: Sequence[str]) -> None:
     """torch.onnx.export (legacy exporter), dynamic batch, fixed H×W, input name ``image``."""
+    torch.onnx.register_custom_op_symbolic("aten::_upsample_bilinear2d_aa", _upsample_bilinear_aa, OPSET)
     axes = {"image": {0: "batch"}, **{name: {0: "batch"} for name in outputs}}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
