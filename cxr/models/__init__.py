@@ -58,7 +58,8 @@ REGISTRY: dict[str, ModelSpec] = {
     # not a classifier: the OOD gate's autoencoder (cxr/ood.py), trained with loss.name=ssim_recon
     "ood_ae": ModelSpec(_ood_build, _OOD_DESCRIPTION, {"width": int, "code": int}),
 }
-MODEL_NAMES: tuple[str, ...] = tuple(REGISTRY)
+# the classifier suite (CxrClassifier: logits [B,14]); ood_ae is built by name but is not a classifier
+MODEL_NAMES: tuple[str, ...] = tuple(name for name in REGISTRY if name != "ood_ae")
 
 
 def build_model(
