@@ -210,3 +210,48 @@ def test_evaluate_ood_reports_rejections_and_accepted_metrics(shards_dir, tmp_pa
     aucs = [roc_auc_score(truth[f"true_{c}"], truth[c]) for c in LABELS if 0 < truth[f"true_{c}"].sum() < len(truth)]
     assert table.loc[("member", "accepted"), "n"] == len(accepted)
     assert table.loc[("member", "accepted"), "mean_auroc"] == pytest.approx(np.mean(aucs), abs=1e-9)
+
+
+def test_gate_training_resumes_exactly_through_train_py(shards_dir, tmp_path):
+    """A crash after a mid-epoch `last` save, then the same command: the weights equal an uninterrupted run's."""
+    from safetensors.torch import load_file
+
+    from cxr.data import build_loader
+    from cxr.train import train
+
+    def config(run: Path):
+        return load_config(ROOT / "cxr" / "configs" / "ood_ae.yaml",
+                           ["train.epochs=2", "checkpoint.every_steps=1", f"checkpoint.run_dir={run}",
+                            "logging.progress=false", f"data.shards={shards_dir}", "data.num_threads=0",
+                            "data.batch_size=8"])
+
+    class Crash(RuntimeError):
+        pass
+
+    def crashing_loader(cfg, split, *args, **kwargs):
+        loader = build_loader(cfg, split, *args, **kwargs)
+        if split != "train" or kwargs.get("epoch", 0) != 1 or kwargs.get("skip_batches", 0):
+            return loader
+
+        class Wrapped:
+            def __len__(self):
+                return len(loader)
+
+            def __iter__(self):
+                for i, batch in enumerate(loader):
+                    if i == 2:
+                        raise Crash("simulated crash in epoch 2")
+                    yield batch
+
+            def report(self):
+                return loader.report()
+        return Wrapped()
+
+    assert train(config(tmp_path / "a")) == 0
+    with pytest.raises(Crash):
+        train(config(tmp_path / "b"), loader_fn=crashing_loader)
+    assert train(config(tmp_path / "b")) == 0
+    assert "resumed from" in (tmp_path / "b" / "train.log").read_text()
+    a = load_file(str(tmp_path / "a" / "checkpoints" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "checkpoints" / "last" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
