@@ -132,3 +132,26 @@ def test_page_rejects_a_texture(site, web_tools):
     assert result["rows"] == [] and "Rejected" in result["text"]
     pre = json.loads((site["dir"] / "preprocess.json").read_text())
     assert float(result["ood"]) > pre["ood"]["threshold"]
+
+
+@pytest.mark.parametrize("size,out", [((1000, 913), 224), ((37, 64), 64), ((64, 64), 128), ((1024, 1024), 224)])
+def test_page_resize_is_pillow_bilinear_exactly(size, out, tmp_path):
+    """cxr/web/resize.js (run in node) against PIL Image.resize BILINEAR: every pixel equal."""
+    if not shutil.which("node"):
+        pytest.skip("node missing: install Node.js")
+    rng = np.random.default_rng(size[0])
+    w, h = size
+    pixels = np.asarray(Image.fromarray(rng.integers(0, 256, (h // 4 + 2, w // 4 + 2), dtype=np.uint8)).resize((w, h)))
+    pixels = np.clip(pixels.astype(int) + rng.integers(-20, 21, pixels.shape), 0, 255).astype(np.uint8)
+    (tmp_path / "in.bin").write_bytes(pixels.tobytes())
+    script = f"""
+        globalThis.window = globalThis;
+        require({json.dumps(str(ROOT / "cxr" / "web" / "resize.js"))});
+        const fs = require("fs");
+        const grey = new Uint8Array(fs.readFileSync({json.dumps(str(tmp_path / "in.bin"))}));
+        fs.writeFileSync({json.dumps(str(tmp_path / "out.bin"))}, CxrPixels.resizeGrey(grey, {w}, {h}, {out}, {out}));
+    """
+    subprocess.run(["node", "-e", script], check=True, timeout=60)
+    got = np.frombuffer((tmp_path / "out.bin").read_bytes(), np.uint8).reshape(out, out)
+    want = np.asarray(Image.fromarray(pixels).resize((out, out), Image.BILINEAR))
+    assert np.array_equal(got, want), f"{int((got != want).sum())} pixels differ, max {np.abs(got.astype(int) - want).max()}"
