@@ -68,9 +68,11 @@ class EnsembleGraph(nn.Module):
         return (mean, torch.stack(cams).mean(0)) if self.with_cam else mean
 
 
-def _upsample_bilinear_aa(g, x, output_size, align_corners, scale_factors):
-    """aten::_upsample_bilinear2d_aa (F.interpolate(antialias=True), the fixed-size stems) → ONNX
-    Resize with antialias=1 (opset 18), which the legacy exporter does not map by itself."""
+def _resize_aa(g, x, output_size, align_corners, mode: str):
+    """aten::_upsample_{bilinear,bicubic}2d_aa (F.interpolate(antialias=True): the fixed-size stems,
+    ViT's position-embedding resampling) → ONNX Resize with antialias=1 (opset 18), which the
+    legacy exporter does not map by itself. PyTorch's antialiased cubic is Pillow's (a = −0.5,
+    weights renormalised inside the image)."""
     from torch.onnx import symbolic_helper as sh
 
     if sh._maybe_get_const(align_corners, "b"):
@@ -80,13 +82,25 @@ def _upsample_bilinear_aa(g, x, output_size, align_corners, scale_factors):
               g.op("Constant", value_t=torch.tensor([2])))
     sizes = g.op("Concat", nc, g.op("Constant", value_t=torch.tensor(list(size), dtype=torch.int64)), axis_i=0)
     empty = g.op("Constant", value_t=torch.tensor([], dtype=torch.float32))
+    if mode == "cubic":
+        return g.op("Resize", x, empty, empty, sizes, mode_s="cubic", antialias_i=1, cubic_coeff_a_f=-0.5,
+                    exclude_outside_i=1, coordinate_transformation_mode_s="half_pixel")
     return g.op("Resize", x, empty, empty, sizes, mode_s="linear", antialias_i=1,
                 coordinate_transformation_mode_s="half_pixel")
+
+
+def _upsample_bilinear_aa(g, x, output_size, align_corners, scale_factors):
+    return _resize_aa(g, x, output_size, align_corners, "linear")
+
+
+def _upsample_bicubic_aa(g, x, output_size, align_corners, scale_factors):
+    return _resize_aa(g, x, output_size, align_corners, "cubic")
 
 
 def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, outputs: Sequence[str]) -> None:
     """torch.onnx.export (legacy exporter), dynamic batch, fixed H×W, input name ``image``."""
     torch.onnx.register_custom_op_symbolic("aten::_upsample_bilinear2d_aa", _upsample_bilinear_aa, OPSET)
+    torch.onnx.register_custom_op_symbolic("aten::_upsample_bicubic2d_aa", _upsample_bicubic_aa, OPSET)
     axes = {"image": {0: "batch"}, **{name: {0: "batch"} for name in outputs}}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
