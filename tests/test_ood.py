@@ -99,7 +99,7 @@ def gate(tmp_path_factory, nih_sample_dir):
                          "val": np.concatenate([parts["phantom"][1], parts["nih"][1]])}
     run = root / "run"
     cfg = load_config(ROOT / "cxr" / "configs" / "ood_ae.yaml",
-                      ["model.width=8", "model.code=4", "train.epochs=21", f"checkpoint.run_dir={run}",
+                      ["model.width=8", "model.code=4", "train.epochs=14", f"checkpoint.run_dir={run}",
                        "logging.progress=false", f"data.shards={root}"])
     assert train(cfg, loader_fn=MemoryLoader) == 0
     model, _ = load_gate(run)
