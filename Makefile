@@ -7,7 +7,7 @@ SHARED ?= ../shared
 NIH    ?= $(SHARED)/data/nih
 DEMO   ?= build/demo
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo bench clean web-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test-fast: install
 
 demo: install
 	CXR_NIH=$(NIH) DEMO=$(DEMO) BIN=$(BIN) bash scripts/demo.sh
+
+# onnxruntime-web (npm, into build/npm) for `cxr.export --web`, and Debian's chromium for tests/test_web.py
+web-deps:
+	bash scripts/web-deps.sh all
 
 clean:
 	rm -rf build .pytest_cache

@@ -45,7 +45,7 @@ NO_HASH = {"hash": False}  # field metadata: the field does not change what is t
 class ModelConfig:
     """Which network to build; the keys are ``cxr.models.build_model``'s keyword arguments."""
 
-    name: Literal["densenet121", "densenet121_cbam", "resnet50", "beit", "vit", "cnn"] = "densenet121"
+    name: Literal["densenet121", "densenet121_cbam", "resnet50", "beit", "vit", "cnn", "ood_ae"] = "densenet121"
     """Architecture of the suite (SPEC.md "Models")."""
     num_labels: int = 14
     """Number of output logits: the 14 ChestX-ray14 labels in canonical order."""

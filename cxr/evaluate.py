@@ -641,6 +641,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads per process (default: torch's choice; 1 on shared CPUs)")
     p.add_argument("--no-figures", action="store_true", help="skip roc.png / pr.png")
+    p.add_argument("--ood", metavar="RUN", help="an ood_ae run (cxr/ood.py): reject the split's images the gate "
+                   "rejects and report mean AUROC on the accepted ones beside all (OUT/ood.csv; needs --shards)")
     return p
 
 
@@ -651,6 +653,8 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--runs and --shards are required unless --from-predictions is given")
     if args.bootstrap < 0 or not 0 < args.alpha < 1:
         p.error("--bootstrap must be >= 0 and --alpha in (0, 1)")
+    if args.ood and not args.shards:
+        p.error("--ood needs --shards (the gate scores the split's images)")
 
 
 def _summary_line(result: dict[str, Any], args: argparse.Namespace, elapsed: float) -> str:
@@ -691,6 +695,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(format_stdout_table(result["analysis"].aucs))
     print(_summary_line(result, args, time.perf_counter() - start))
+    if args.ood:
+        from cxr.ood import report_ood
+
+        print(report_ood(args.ood, args.shards, args.split, result["scores"], Path(args.out)))
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
 

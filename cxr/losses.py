@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from shards.errors import CxrError
 
-LOSS_NAMES = ("bce", "weighted_bce", "dynamic_weighted_bce", "focal")
+LOSS_NAMES = ("bce", "weighted_bce", "dynamic_weighted_bce", "focal", "ssim_recon")
 WEIGHTINGS = ("linear", "log")
 BATCH_STATS = ("rank", "global")
 
@@ -153,7 +153,8 @@ class LossConfig:
     """Which loss to train with and its options (``loss.<field>=value`` on the command line)."""
 
     name: str = "bce"
-    """One of bce | weighted_bce | dynamic_weighted_bce | focal."""
+    """One of bce | weighted_bce | dynamic_weighted_bce | focal | ssim_recon (the OOD autoencoder's
+    objective: its output is already the per-image 1 − SSIM, the loss is their mean; see cxr/ood.py)."""
     weighting: str = "linear"
     """weighted_bce: positive weight from train prevalence pi, linear (1-pi)/pi or log log(1+(1-pi)/pi)."""
     cap: float | None = None
@@ -212,6 +213,8 @@ def build_loss(cfg: LossConfig, train_prevalence: np.ndarray | None = None
             return weighted_bce(z, y, on_device[key], label_smoothing=ls)
 
         return loss
+    if cfg.name == "ssim_recon":
+        return lambda score, y: score.mean()
     if cfg.name == "dynamic_weighted_bce":
         return lambda z, y: dynamic_weighted_bce(z, y, smoothing=cfg.smoothing, eps=cfg.eps,
                                                  batch_stats=cfg.batch_stats, label_smoothing=ls)

@@ -780,7 +780,10 @@ def validate(cfg: Config, accelerator: Accelerator, net: torch.nn.Module, loader
     out = {"val_loss": float(loss.item())}
     with warnings.catch_warnings(record=True) as caught:  # zero-denominator notes: to train.log, not the console
         warnings.simplefilter("always")
-        out.update({f"val_{k}": float(v) for k, v in epoch_metrics(y, probs, labels=label_names(cfg)).items()})
+        if z.shape[1] == y.shape[1]:
+            out.update({f"val_{k}": float(v) for k, v in epoch_metrics(y, probs, labels=label_names(cfg)).items()})
+        else:  # not a classifier (cxr/ood.py's autoencoder outputs one score per image): loss only
+            out["val_mean_auroc"] = float("nan")
     for w in caught:
         logging.getLogger("cxr.train.steps").info("validation: %s", w.message)
     out.update(keys=[all_keys[i] for i in order], probs=probs)
@@ -888,7 +891,10 @@ def save_best(cfg: Config, accelerator: Accelerator, run_dir: Path, model, st: L
     """Write ``best`` (weights + meta, collective) and, on rank 0, the val predictions of this epoch."""
     ckpt.save_checkpoint(accelerator, run_dir, "best", model=model, meta=checkpoint_meta(cfg, st, val))
     if accelerator.is_main_process:
-        frame = pd.DataFrame(val["probs"], columns=label_names(cfg))
+        names = label_names(cfg)
+        columns = names if val["probs"].shape[1] == len(names) else None  # None: ood_ae's one score
+        frame = pd.DataFrame(val["probs"], columns=columns)
+        frame.columns = [str(c) for c in frame.columns]
         frame.insert(0, "key", val["keys"])
         with atomic_write(run_dir / "val_predictions.parquet") as fh:
             frame.to_parquet(fh, index=False)

@@ -27,6 +27,15 @@ from .backbones import BuildArgs
 from .classifier import CxrClassifier
 from .heads import METADATA_MODES
 
+
+def _ood_build(args, **options):
+    from cxr import ood  # lazy: cxr.ood imports cxr.evaluate, which imports this package
+
+    return ood.build(args, **options)
+
+
+_OOD_DESCRIPTION = "OOD gate: conv autoencoder, forward returns 1 - SSIM(x, recon) [B,1] (cxr/ood.py)"
+
 __all__ = ["MODEL_NAMES", "REGISTRY", "build_model", "CxrClassifier", "count_parameters", "ModelSpec"]
 
 
@@ -46,8 +55,11 @@ REGISTRY: dict[str, ModelSpec] = {
     "beit": ModelSpec(transformer.build_beit, transformer.BEIT_DESCRIPTION, {"arch": str, "img_size": int}),
     "vit": ModelSpec(transformer.build_vit, transformer.VIT_DESCRIPTION, {"arch": str, "stem_size": int}),
     "cnn": ModelSpec(cnn.build, cnn.DESCRIPTION, {"stem_size": int}),
+    # not a classifier: the OOD gate's autoencoder (cxr/ood.py), trained with loss.name=ssim_recon
+    "ood_ae": ModelSpec(_ood_build, _OOD_DESCRIPTION, {"width": int, "code": int}),
 }
-MODEL_NAMES: tuple[str, ...] = tuple(REGISTRY)
+# the classifier suite (CxrClassifier: logits [B,14]); ood_ae is built by name but is not a classifier
+MODEL_NAMES: tuple[str, ...] = tuple(name for name in REGISTRY if name != "ood_ae")
 
 
 def build_model(

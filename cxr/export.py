@@ -1,0 +1,318 @@
+"""Export trained runs as an ONNX model package (and, with --web, a static page that predicts in the browser).
+
+    python -m cxr.export --run RUN [--run RUN2 ...] --ood OOD_RUN --out DIR
+                         [--thresholds REPORT/thresholds.json] [--resolution R] [--web SITE]
+
+DIR gets
+  model.onnx        the ensemble as ONE graph: image [B,1,R,R] (normalised as the loader does)
+                    → probs [B,14] = mean of the members' sigmoid(logits), and, when every member
+                    is pooled-linear (GAP + linear head), cam [B,14,h,w] = mean of the members'
+                    class activation maps M_c = Σ_k w_ck f_k (gradient-free CAM; h×w = first member's grid)
+  ood.onnx          the gate: image [B,1,r,r] at the autoencoder's resolution → score [B,1] = 1 − SSIM
+  thresholds.json   per-label operating points o (the evaluator's tuned thresholds of the ensemble, or 0.5
+                    without --thresholds) and the calibration f(x) = x/(2o) for x ≤ o, else 1 − (1−x)/(2(1−o))
+  preprocess.json   how the loader makes its input: PIL "L" grey, PIL bilinear resize, (x/255 − mean)/std
+  manifest.json     every file with its sha256 and size, the runs, versions
+
+Members with metadata fusion are refused (the page has no age/sex/view to give them). The legacy
+TorchScript-based exporter (``dynamo=False``) is used: the dynamo exporter needs onnxscript and
+is not needed for these graphs.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from shards.atomic import atomic_write_text
+from shards.errors import CxrError, cli_entry
+from shards.labels import LABELS
+
+OPSET = 18  # Resize's antialias attribute (the fixed-size stems) needs 18
+CALIBRATION = "f(x) = x/(2o) for x <= o, else 1 - (1-x)/(2(1-o)); o maps to 0.5"
+WEB_VENDOR = Path(__file__).resolve().parents[1] / "build" / "npm" / "node_modules" / "onnxruntime-web"
+WEB_FILES = ("ort.wasm.min.js", "ort-wasm-simd-threaded.wasm", "ort-wasm-simd-threaded.mjs")
+WEB_SOURCE = Path(__file__).resolve().parent / "web"
+
+
+class EnsembleGraph(nn.Module):
+    """Members → (probs [B,L] mean of sigmoids, cam [B,L,h,w] mean of CAMs or nothing)."""
+
+    def __init__(self, members: Sequence[nn.Module], with_cam: bool):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.with_cam = with_cam
+
+    def forward(self, image: torch.Tensor):
+        probs, cams = [], []
+        for m in self.members:
+            if not self.with_cam:
+                probs.append(torch.sigmoid(m(image)))
+                continue
+            fmap = m.features(image)
+            probs.append(torch.sigmoid(m.head(m.pool(fmap), None)))
+            cam = torch.einsum("lc,bchw->blhw", m.classifier_weight, fmap)
+            if cams and cam.shape[-2:] != cams[0].shape[-2:]:
+                cam = nn.functional.interpolate(cam, size=cams[0].shape[-2:], mode="bilinear", align_corners=False)
+            cams.append(cam)
+        mean = torch.stack(probs).mean(0)
+        return (mean, torch.stack(cams).mean(0)) if self.with_cam else mean
+
+
+def _aa_filter(kind: str):
+    """Pillow's resampling filters (PyTorch's antialiased kernels are the same): (filter, support)."""
+    if kind == "linear":
+        return (lambda x: max(0.0, 1.0 - abs(x))), 1.0
+    a = -0.5
+
+    def cubic(x: float) -> float:
+        x = abs(x)
+        if x < 1:
+            return ((a + 2) * x - (a + 3)) * x * x + 1
+        return (((x - 5) * x + 8) * x - 4) * a if x < 2 else 0.0
+    return cubic, 2.0
+
+
+def aa_resize_matrix(in_size: int, out_size: int, kind: str) -> np.ndarray:
+    """[out, in] weights of an antialiased resize along one axis (Pillow's precompute_coeffs:
+    support × downscale factor, normalised inside the image)."""
+    filt, support = _aa_filter(kind)
+    scale = in_size / out_size
+    fscale = max(scale, 1.0)
+    support *= fscale
+    w = np.zeros((out_size, in_size))
+    for i in range(out_size):
+        center = (i + 0.5) * scale
+        lo, hi = max(int(center - support + 0.5), 0), min(int(center + support + 0.5), in_size)
+        k = np.array([filt((j - center + 0.5) / fscale) for j in range(lo, hi)])
+        w[i, lo:hi] = k / k.sum() if k.sum() != 0 else k
+    return w
+
+
+def _resize_aa(g, x, output_size, align_corners, mode: str):
+    """aten::_upsample_{bilinear,bicubic}2d_aa (F.interpolate(antialias=True)), which the legacy
+    exporter does not map. With static sizes (the fixed-size stems: conv_stem, BEiT) it becomes
+    two MatMuls with Pillow's/PyTorch's resampling weights — onnxruntime's Resize(antialias=1)
+    differs from them by up to 0.04 on downscaling. A traced output size (timm ViT's position
+    embeddings at other sizes: an upsampling) becomes Resize(antialias=1, cubic a = −0.5), which
+    agrees with PyTorch when upsampling (antialiasing only acts when downscaling)."""
+    from torch.onnx import symbolic_helper as sh
+
+    if sh._maybe_get_const(align_corners, "b"):
+        raise CxrError("export: antialiased resize with align_corners=True has no ONNX equivalent")
+    size = sh._maybe_get_const(output_size, "is")
+    in_hw = (sh._get_tensor_sizes(x) or [None] * 4)[-2:]
+    if not sh._is_value(size) and None not in in_hw:
+        wh = aa_resize_matrix(in_hw[0], size[0], mode).astype(np.float32)
+        ww = aa_resize_matrix(in_hw[1], size[1], mode).astype(np.float32)
+        rows = g.op("MatMul", g.op("Constant", value_t=torch.from_numpy(wh)), x)
+        return g.op("MatMul", rows, g.op("Constant", value_t=torch.from_numpy(np.ascontiguousarray(ww.T))))
+    nc = g.op("Slice", g.op("Shape", x), g.op("Constant", value_t=torch.tensor([0])),
+              g.op("Constant", value_t=torch.tensor([2])))
+    if sh._is_value(size):
+        hw = g.op("Cast", g.op("Concat", *[sh._unsqueeze_helper(g, v, [0]) for v in sh._unpack_list(size)],
+                               axis_i=0), to_i=7)  # int64
+    else:
+        hw = g.op("Constant", value_t=torch.tensor(list(size), dtype=torch.int64))
+    sizes = g.op("Concat", nc, hw, axis_i=0)
+    empty = g.op("Constant", value_t=torch.tensor([], dtype=torch.float32))
+    if mode == "cubic":
+        return g.op("Resize", x, empty, empty, sizes, mode_s="cubic", antialias_i=1, cubic_coeff_a_f=-0.5,
+                    exclude_outside_i=1, coordinate_transformation_mode_s="half_pixel")
+    return g.op("Resize", x, empty, empty, sizes, mode_s="linear", antialias_i=1,
+                coordinate_transformation_mode_s="half_pixel")
+
+
+def _upsample_bilinear_aa(g, x, output_size, align_corners, scale_factors):
+    return _resize_aa(g, x, output_size, align_corners, "linear")
+
+
+def _upsample_bicubic_aa(g, x, output_size, align_corners, scale_factors):
+    return _resize_aa(g, x, output_size, align_corners, "cubic")
+
+
+def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, outputs: Sequence[str]) -> None:
+    """torch.onnx.export (legacy exporter), dynamic batch, fixed H×W, input name ``image``."""
+    torch.onnx.register_custom_op_symbolic("aten::_upsample_bilinear2d_aa", _upsample_bilinear_aa, OPSET)
+    torch.onnx.register_custom_op_symbolic("aten::_upsample_bicubic2d_aa", _upsample_bicubic_aa, OPSET)
+    axes = {"image": {0: "batch"}, **{name: {0: "batch"} for name in outputs}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with torch.no_grad():
+        torch.onnx.export(module.eval(), (example,), str(tmp), input_names=["image"], output_names=list(outputs),
+                          dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+    tmp.replace(path)
+
+
+def load_members(runs: Sequence[str]):
+    """[(member record, model in eval mode on CPU)] of classifier runs; metadata models are refused."""
+    from cxr.evaluate import build_member_model, member_names, read_member
+
+    out = []
+    for run, name in zip(runs, member_names(runs)):
+        member = read_member(run, name)
+        model_name = member.config.get("model", {}).get("name")
+        if model_name == "ood_ae":
+            raise CxrError(f"{run}: an ood_ae run given to --run — pass it to --ood, classifier runs to --run")
+        if member.uses_meta:
+            raise CxrError(f"{run}/config.yaml: model.metadata={member.config['model'].get('metadata')} — the page "
+                           f"has no patient age/sex/view to feed it; export members trained with metadata=none")
+        if list(member.labels) != list(LABELS):
+            raise CxrError(f"{run}: labels {member.labels[:3]}… differ from the 14 NIH labels — export NIH classifiers")
+        out.append((member, build_member_model(member, torch.device("cpu"))))
+    norms = {(m.mean, m.std) for m, _ in out}
+    if len(norms) > 1:
+        raise CxrError(f"--run: the members were trained with different data.mean/std {sorted(norms)} — "
+                       f"export members with one normalisation (the page normalises once)")
+    return out
+
+
+def operating_points(path: str | None, n_members: int, member_name: str, method: str) -> dict:
+    """thresholds.json document: the evaluator's tuned thresholds of the ensemble (or the one member)."""
+    doc = {"labels": list(LABELS), "calibration": CALIBRATION, "method": method, "source": None,
+           "operating_points": [0.5] * len(LABELS)}
+    if path is None:
+        doc["note"] = "no --thresholds given: operating points 0.5 (calibration is the identity)"
+        return doc
+    from cxr.report import ENSEMBLE
+
+    try:
+        tuned = json.loads(Path(path).read_text())
+        key = ENSEMBLE if n_members > 1 else member_name
+        by_label = tuned["members"][key][method]
+    except (OSError, ValueError, KeyError) as err:
+        raise CxrError(f"{path}: no {method} thresholds of member {key!r} ({err}) — pass the evaluator's "
+                       f"REPORT/thresholds.json of the same runs (python -m cxr.evaluate --runs ...)") from None
+    ops = [float(by_label[name]) for name in LABELS]
+    bad = [n for n, o in zip(LABELS, ops) if not 0 < o < 1]
+    if bad:
+        raise CxrError(f"{path}: operating points of {bad[:3]} are not inside (0, 1) — re-tune on a val split "
+                       f"with positives of every label")
+    doc.update(operating_points=ops, source=str(path), tuned_on=tuned.get("tuned_on"))
+    return doc
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json(path: Path, doc: dict) -> None:
+    atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+
+
+def export_package(runs: Sequence[str], ood_run: str, out: Path, resolution: int | None = None,
+                   thresholds: str | None = None, method: str = "f1") -> dict:
+    """Write the package of the module docstring into ``out``; return the manifest."""
+    from cxr.ood import ExportableGate, load_gate, read_threshold
+
+    members = load_members(runs)
+    res = int(resolution or members[0][0].resolution or 224)
+    with_cam = all(getattr(model, "pooled_linear", False) for _, model in members)
+    graph = EnsembleGraph([model for _, model in members], with_cam)
+    outputs = ["probs", "cam"] if with_cam else ["probs"]
+    out.mkdir(parents=True, exist_ok=True)
+    export_onnx(graph, torch.zeros(1, 1, res, res), out / "model.onnx", outputs)
+    gate, gate_member = load_gate(ood_run)
+    ood_res = int(gate_member.resolution or 64)
+    export_onnx(ExportableGate(gate), torch.zeros(1, 1, ood_res, ood_res), out / "ood.onnx", ["score"])
+    ops = operating_points(thresholds, len(members), members[0][0].name, method)
+    write_json(out / "thresholds.json", ops)
+    mean, std = members[0][0].mean, members[0][0].std
+    gate_data = gate_member.config.get("data", {})
+    write_json(out / "preprocess.json", {
+        "grey": "PIL Image.convert('L'): L = (R*19595 + G*38470 + B*7471 + 0x8000) >> 16 (R=G=B stays)",
+        "resize": "PIL Image.resize((R, R), Image.BILINEAR): antialiased triangle filter, support × downscale",
+        "normalise": "float32 (x - mean*255) / (std*255), x the uint8 pixel",
+        "model": {"resolution": res, "mean": 0.5176 if mean is None else mean, "std": 0.2542 if std is None else std,
+                  "input": "image", "outputs": outputs},
+        "ood": {"resolution": ood_res, "mean": gate_data.get("mean", 0.5176), "std": gate_data.get("std", 0.2542),
+                "threshold": read_threshold(ood_run)["threshold"], "percentile": read_threshold(ood_run)["percentile"],
+                "rule": "reject when score > threshold"},
+        "labels": list(LABELS)})
+    files = ["model.onnx", "ood.onnx", "thresholds.json", "preprocess.json"]
+    manifest = {"files": {f: {"sha256": sha256(out / f), "bytes": (out / f).stat().st_size} for f in files},
+                "ensemble": "one graph, mean of member probabilities" if len(members) > 1 else "one member",
+                "members": [{"name": m.name, "run": str(m.run_dir), "checkpoint": str(m.checkpoint),
+                             "model": m.config.get("model", {}).get("name")} for m, _ in members],
+                "ood_run": str(ood_run), "cam": with_cam, "opset": OPSET,
+                "versions": {"torch": torch.__version__, "onnx": _version("onnx")}}
+    write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def _version(module: str) -> str | None:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return None
+
+
+def write_site(package: Path, site: Path, vendor: Path = WEB_VENDOR) -> list[str]:
+    """Copy the page, the package files and onnxruntime-web's wasm build into ``site``; list the files."""
+    dist = vendor / "dist"
+    missing = [f for f in WEB_FILES if not (dist / f).is_file()]
+    if missing:
+        raise CxrError(f"{dist}: onnxruntime-web files {missing} missing — run `make web-deps` "
+                       f"(scripts/web-deps.sh npm: npm install onnxruntime-web into build/npm)")
+    site.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for src in [*(WEB_SOURCE / f for f in ("index.html", "chester.js", "resize.js")),
+                *(package / f for f in ("model.onnx", "ood.onnx", "thresholds.json", "preprocess.json",
+                                        "manifest.json")),
+                *(dist / f for f in WEB_FILES)]:
+        shutil.copyfile(src, site / src.name)
+        copied.append(src.name)
+    version = json.loads((vendor / "package.json").read_text())["version"]
+    write_json(site / "site.json", {"onnxruntime-web": version, "files": {f: sha256(site / f) for f in copied}})
+    return copied + ["site.json"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m cxr.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", action="append", required=True, metavar="RUN",
+                   help="a classifier run dir (repeat for an ensemble member each)")
+    p.add_argument("--ood", required=True, metavar="RUN", help="the ood_ae run dir (with ood_threshold.json)")
+    p.add_argument("--out", required=True, help="package folder to write")
+    p.add_argument("--resolution", type=int, default=None, help="input size R of model.onnx (default: the first "
+                   "member's training resolution)")
+    p.add_argument("--thresholds", metavar="FILE", help="the evaluator's REPORT/thresholds.json of these runs "
+                   "(default: operating points 0.5)")
+    p.add_argument("--method", choices=["f1", "youden"], default="f1", help="which tuned thresholds (default: f1)")
+    p.add_argument("--web", metavar="SITE", help="also write the static page (index.html, JS, ONNX files, "
+                   "onnxruntime-web) into SITE; needs `make web-deps` once")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    return p
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    t0 = time.time()
+    if args.web and not all((WEB_VENDOR / "dist" / f).is_file() for f in WEB_FILES):
+        write_site(Path(args.out), Path(args.web))  # fails before the export, naming the command to run
+    manifest = export_package(args.run, args.ood, Path(args.out), args.resolution, args.thresholds, args.method)
+    line = (f"exported {len(manifest['members'])} member(s) + ood gate → {args.out} "
+            f"({', '.join(manifest['files'])}; cam {'yes' if manifest['cam'] else 'no'})")
+    if args.web:
+        files = write_site(Path(args.out), Path(args.web))
+        line += f"; page {args.web}/index.html ({len(files)} files)"
+    print(f"{line} in {time.time() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+// Chester page: image → loader-exact pixels → OOD gate → ensemble → calibrated probabilities + CAM.
+// Everything runs here, in the browser (onnxruntime-web, wasm, one thread); the only requests
+// are this site's own files. ?image=NAME loads a same-origin image through the same path as the
+// file input (used by tests/test_web.py).
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { pre: null, thr: null, model: null, ood: null };
+
+function setStatus(kind, text) {
+  const el = $("status");
+  el.dataset.state = kind;
+  el.textContent = text;
+}
+
+async function loadJson(name) {
+  const r = await fetch(name);
+  if (!r.ok) throw new Error(`${name}: HTTP ${r.status}`);
+  return r.json();
+}
+
+async function init() {
+  ort.env.wasm.numThreads = 1;           // no SharedArrayBuffer needed (no cross-origin isolation)
+  ort.env.wasm.wasmPaths = "./";          // the vendored wasm next to this page, never a CDN
+  [state.pre, state.thr] = await Promise.all([loadJson("preprocess.json"), loadJson("thresholds.json")]);
+  const opts = { executionProviders: ["wasm"] };
+  [state.model, state.ood] = await Promise.all([ort.InferenceSession.create("model.onnx", opts),
+                                               ort.InferenceSession.create("ood.onnx", opts)]);
+  setStatus("ready", "Ready: choose or drop a PNG/JPEG chest X-ray. Nothing leaves this computer.");
+}
+
+// SPEC's operating-point calibration: o maps to 0.5.
+function calibrate(x, o) {
+  return x <= o ? x / (2 * o) : 1 - (1 - x) / (2 * (1 - o));
+}
+
+async function decodeGrey(blob) {
+  const bitmap = await createImageBitmap(blob, { colorSpaceConversion: "none", premultiplyAlpha: "none" });
+  const canvas = new OffscreenCanvas(bitmap.width, bitmap.height);
+  const ctx = canvas.getContext("2d", { colorSpace: "srgb" });
+  ctx.drawImage(bitmap, 0, 0);
+  const data = ctx.getImageData(0, 0, bitmap.width, bitmap.height).data;
+  return { grey: CxrPixels.toGrey(data, bitmap.width * bitmap.height), w: bitmap.width, h: bitmap.height };
+}
+
+function tensorAt(img, spec) {
+  const px = CxrPixels.resizeGrey(img.grey, img.w, img.h, spec.resolution, spec.resolution);
+  const data = CxrPixels.normalise(px, spec.mean, spec.std);
+  return { px, tensor: new ort.Tensor("float32", data, [1, 1, spec.resolution, spec.resolution]) };
+}
+
+function drawGrey(canvas, px, res) {
+  canvas.width = canvas.height = res;
+  const ctx = canvas.getContext("2d");
+  const im = ctx.createImageData(res, res);
+  for (let i = 0; i < px.length; i++) {
+    im.data[4 * i] = im.data[4 * i + 1] = im.data[4 * i + 2] = px[i];
+    im.data[4 * i + 3] = 255;
+  }
+  ctx.putImageData(im, 0, 0);
+}
+
+// Class activation map of one label, normalised to [0, 1], drawn over the image (bilinear upsampling by the canvas).
+function drawCam(canvas, cam, dims, label) {
+  const [, , h, w] = dims;
+  const off = new OffscreenCanvas(w, h);
+  const ctx = off.getContext("2d");
+  const im = ctx.createImageData(w, h);
+  const slice = cam.subarray(label * h * w, (label + 1) * h * w);
+  let lo = Infinity, hi = -Infinity;
+  for (const v of slice) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
+  for (let i = 0; i < h * w; i++) {
+    const t = hi > lo ? (slice[i] - lo) / (hi - lo) : 0;
+    im.data[4 * i] = Math.round(255 * Math.min(1, 2 * t));
+    im.data[4 * i + 1] = Math.round(255 * Math.max(0, 2 * t - 1));
+    im.data[4 * i + 2] = 0;
+    im.data[4 * i + 3] = Math.round(150 * t);
+  }
+  ctx.putImageData(im, 0, 0);
+  const c = canvas.getContext("2d");
+  c.imageSmoothingEnabled = true;
+  c.drawImage(off, 0, 0, canvas.width, canvas.height);
+}
+
+function showResults(probs, ops, labels) {
+  const rows = labels.map((name, i) => ({ name, p: probs[i], o: ops[i], c: calibrate(probs[i], ops[i]) }));
+  rows.sort((a, b) => b.c - a.c);
+  const list = $("results");
+  list.innerHTML = "";
+  for (const r of rows) {
+    const li = document.createElement("li");
+    li.className = "row" + (r.c >= 0.5 ? " positive" : "");
+    li.dataset.label = r.name;
+    li.dataset.prob = r.p.toPrecision(9);
+    li.dataset.calibrated = r.c.toPrecision(9);
+    li.dataset.operatingPoint = String(r.o);
+    li.innerHTML = `<span class="name">${r.name}</span>
+      <span class="bar"><span class="fill" style="width:${(100 * r.c).toFixed(1)}%"></span>
+      <span class="op" title="operating point (0.5 after calibration)"></span></span>
+      <span class="value">${(100 * r.c).toFixed(1)}%</span>`;
+    list.appendChild(li);
+  }
+  return rows;
+}
+
+async function predict(blob, name) {
+  try {
+    setStatus("busy", `Reading ${name} …`);
+    $("results").innerHTML = "";
+    const img = await decodeGrey(blob);
+    const gate = tensorAt(img, state.pre.ood);
+    const score = (await state.ood.run({ image: gate.tensor })).score.data[0];
+    $("ood").dataset.score = score.toPrecision(9);
+    $("ood").textContent = `OOD score 1 − SSIM = ${score.toFixed(4)} (threshold ${state.pre.ood.threshold.toFixed(4)})`;
+    const view = tensorAt(img, state.pre.model);
+    drawGrey($("image"), view.px, state.pre.model.resolution);
+    if (score > state.pre.ood.threshold) {
+      setStatus("rejected", `Rejected: ${name} does not look like a chest X-ray the models were trained on `
+        + `(reconstruction error ${score.toFixed(3)} > ${state.pre.ood.threshold.toFixed(3)}). No prediction made.`);
+      return;
+    }
+    const out = await state.model.run({ image: view.tensor });
+    const rows = showResults(out.probs.data, state.thr.operating_points, state.pre.labels);
+    if (out.cam) {
+      const top = state.pre.labels.indexOf(rows[0].name);
+      drawCam($("image"), out.cam.data, out.cam.dims, top);
+      $("camlabel").textContent = `CAM of ${rows[0].name}`;
+    }
+    setStatus("done", `${name}: 14 findings, calibrated so that 0.5 is each label's operating point.`);
+  } catch (err) {
+    setStatus("error", `Error: ${err.message || err}`);
+  }
+}
+
+function wire() {
+  $("file").addEventListener("change", (e) => { const f = e.target.files[0]; if (f) predict(f, f.name); });
+  const drop = $("drop");
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault(); drop.classList.remove("over");
+    const f = e.dataTransfer.files[0]; if (f) predict(f, f.name);
+  });
+}
+
+window.addEventListener("load", async () => {
+  wire();
+  try {
+    await init();
+  } catch (err) {
+    setStatus("error", `Could not load the models: ${err.message || err}`);
+    return;
+  }
+  const name = new URLSearchParams(location.search).get("image");
+  if (name) {  // test hook: a same-origin file, through the same predict() as the file input
+    const r = await fetch(name);
+    if (!r.ok) { setStatus("error", `${name}: HTTP ${r.status}`); return; }
+    await predict(await r.blob(), name);
+  }
+});

@@ -1,0 +1,159 @@
+"""cxr/export.py: onnxruntime equals PyTorch for every exportable family (224 and one 1024 forward),
+the ensemble graph, the package files (sha256, operating points) and the web-vendor error."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cxr.export import EnsembleGraph, export_onnx, main as export_main, write_site
+from cxr.models import build_model
+from shards.errors import CxrError
+
+ort = pytest.importorskip("onnxruntime")
+# fp32 ONNX kernels vs PyTorch's: sums are reordered; probabilities agree to ~1e-6, logits/CAMs to ~1e-4 relative
+PROB_TOL = 1e-5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _session(path: Path):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _compare(model: torch.nn.Module, res: int, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    graph = EnsembleGraph([model.eval()], with_cam=bool(model.pooled_linear))
+    export_onnx(graph, torch.zeros(1, 1, res, res), tmp_path / "m.onnx",
+                ["probs", "cam"] if graph.with_cam else ["probs"])
+    x = torch.randn(2, 1, res, res)
+    with torch.no_grad():
+        logits = model(x)
+    got = _session(tmp_path / "m.onnx").run(None, {"image": x.numpy()})
+    np.testing.assert_allclose(got[0], torch.sigmoid(logits).numpy(), atol=PROB_TOL, rtol=0)
+    if graph.with_cam:  # CAM by hand: classifier weights over the feature map
+        with torch.no_grad():
+            fmap = model.features(x).numpy()
+        cam = np.einsum("lc,bchw->blhw", model.classifier_weight.detach().numpy(), fmap)
+        np.testing.assert_allclose(got[1], cam, atol=1e-4 * max(1.0, np.abs(cam).max()), rtol=1e-4)
+
+
+# Exportable families (metadata fusion is refused by the exporter: the page has no age/sex/view).
+FAST = [("cnn", {})]
+SLOW = [("densenet121", {}), ("densenet121_cbam", {}), ("resnet50", {}), ("resnet50", {"conv_stem": True}),
+        ("vit", {}), ("beit", {})]
+
+
+@pytest.mark.parametrize("name,kwargs", FAST + [pytest.param(*c, marks=pytest.mark.slow) for c in SLOW],
+                         ids=lambda v: v if isinstance(v, str) else "-".join(v) or "plain")
+def test_onnxruntime_equals_pytorch_at_224(name, kwargs, tmp_path):
+    _compare(build_model(name, 14, **kwargs), 224, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,kwargs", FAST + SLOW, ids=lambda v: v if isinstance(v, str) else "-".join(v) or "plain")
+def test_onnxruntime_equals_pytorch_at_1024(name, kwargs, tmp_path):
+    _compare(build_model(name, 14, **kwargs), 1024, tmp_path)
+
+
+def test_ensemble_graph_is_mean_of_member_probabilities(tmp_path):
+    torch.manual_seed(1)
+    members = [build_model("cnn", 14).eval() for _ in range(2)]
+    export_onnx(EnsembleGraph(members, with_cam=True), torch.zeros(1, 1, 64, 64), tmp_path / "e.onnx", ["probs", "cam"])
+    x = torch.randn(3, 1, 64, 64)
+    with torch.no_grad():
+        mean = np.mean([torch.sigmoid(m(x)).numpy() for m in members], axis=0)
+    probs, cam = _session(tmp_path / "e.onnx").run(None, {"image": x.numpy()})
+    np.testing.assert_allclose(probs, mean, atol=PROB_TOL, rtol=0)
+    assert cam.shape == (3, 14, 2, 2)
+
+
+# ------------------------------------------------------------------ the package from runs ---
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A trained-for-3-steps ood_ae, two cnn members (the evaluator tests' builder) and their report."""
+    from cxr.config import load_config
+    from cxr.evaluate import main as evaluate_main
+    from cxr.ood import main as ood_main
+    from cxr.train import train
+    from test_evaluate import make_member
+    from shards.cli import main as shards_main
+
+    root = tmp_path_factory.mktemp("export")
+    assert shards_main(["synth", "--out", str(root / "synth"), "--n", "120", "--resolution", "64", "--seed", "3",
+                        "--workers", "1"]) == 0
+    assert shards_main(["split", "--metadata", str(root / "synth" / "Data_Entry_2017.csv"), "--scheme", "random",
+                        "--fractions", "0.5,0.25,0.25", "--seed", "1", "--out", str(root / "splits.parquet")]) == 0
+    assert shards_main(["pack", "--splits", str(root / "splits.parquet"), "--images", str(root / "synth" / "images"),
+                        "--out", str(root / "shards"), "--workers", "1"]) == 0
+    shards = root / "shards"
+    gate = root / "gate"
+    cfg = load_config(Path(__file__).resolve().parents[1] / "cxr" / "configs" / "ood_ae.yaml",
+                      ["train.epochs=1", "train.max_steps=3", f"checkpoint.run_dir={gate}", "logging.progress=false",
+                       f"data.shards={shards}", "data.num_threads=0"])
+    assert train(cfg) == 0
+    assert ood_main(["threshold", "--run", str(gate), "--shards", str(shards), "--percentile", "99"]) == 0
+    members = [make_member(root / f"m{s}", shards, seed=s) for s in (1, 2)]
+    report = root / "report"
+    assert evaluate_main(["--runs", *map(str, members), "--shards", str(shards), "--split", "test", "--out",
+                          str(report), "--bootstrap", "0", "--no-figures"]) == 0
+    return {"shards": shards, "gate": gate, "members": members, "report": report, "root": root}
+
+
+def test_package_files_hashes_and_operating_points(runs, tmp_path):
+    out = tmp_path / "pkg"
+    assert export_main(["--run", str(runs["members"][0]), "--run", str(runs["members"][1]), "--ood", str(runs["gate"]),
+                        "--out", str(out), "--thresholds", str(runs["report"] / "thresholds.json")]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"model.onnx", "ood.onnx", "thresholds.json", "preprocess.json"}
+    for name, entry in manifest["files"].items():
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == entry["sha256"]
+    tuned = json.loads((runs["report"] / "thresholds.json").read_text())["members"]["ensemble"]["f1"]
+    ops = json.loads((out / "thresholds.json").read_text())
+    assert ops["operating_points"] == [tuned[label] for label in ops["labels"]]
+    pre = json.loads((out / "preprocess.json").read_text())
+    gate_doc = json.loads((runs["gate"] / "ood_threshold.json").read_text())
+    assert pre["ood"]["threshold"] == gate_doc["threshold"] and pre["model"]["resolution"] == 64
+
+
+def test_ood_onnx_equals_pytorch_msssim_gate(runs, tmp_path):
+    from cxr.ood import load_gate
+
+    out = tmp_path / "pkg"
+    assert export_main(["--run", str(runs["members"][0]), "--ood", str(runs["gate"]), "--out", str(out)]) == 0
+    gate, _ = load_gate(runs["gate"])
+    torch.manual_seed(2)
+    x = torch.randn(4, 1, 64, 64) * 0.5
+    with torch.no_grad():
+        want = gate(x).numpy()  # pytorch-msssim inside
+    got = _session(out / "ood.onnx").run(None, {"image": x.numpy()})[0]
+    assert np.ptp(want) > 1e-3  # distinct scores, so the comparison means something
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_metadata_member_and_missing_vendor_are_refused(runs, tmp_path):
+    import shutil
+
+    import yaml
+
+    member = tmp_path / "meta"
+    shutil.copytree(runs["members"][0], member)
+    cfg = yaml.safe_load((member / "config.yaml").read_text())
+    cfg["model"]["metadata"] = "concat"
+    (member / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(CxrError, match="metadata=concat"):
+        export_main(["--run", str(member), "--ood", str(runs["gate"]), "--out", str(tmp_path / "x"), "--debug"])
+    with pytest.raises(CxrError, match="make web-deps"):
+        write_site(tmp_path / "x", tmp_path / "site", vendor=tmp_path / "no-such-npm")

@@ -1,0 +1,257 @@
+"""The OOD gate (cxr/ood.py): SSIM against scikit-image, the val-percentile threshold, rejection
+rates of natural-looking outliers vs held-out phantoms and real NIH images, and evaluate --ood."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from cxr.config import load_config
+from cxr.ood import read_threshold, ssim_score, write_threshold
+from ood_data import MEAN, RES, STD, digits, load_grey, normalise, textures
+from shards.cli import main as shards_main
+
+ROOT = Path(__file__).resolve().parents[1]
+PERCENTILE = 95.0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------ SSIM ---
+def test_ssim_score_equals_scikit_image():
+    from skimage.metrics import structural_similarity
+
+    rng = np.random.default_rng(0)
+    a = np.asarray(Image.fromarray(rng.integers(0, 256, (12, 12), dtype=np.uint8)).resize((64, 64)), np.float64) / 255
+    pairs = [(a, np.clip(a + rng.normal(0, s, a.shape), 0, 1)) for s in (0.01, 0.1, 0.3)] + [(a, 1 - a)]
+    for x, y in pairs:
+        # Wang et al.'s Gaussian window (σ 1.5, 11×11), population covariance, valid region only
+        ref = structural_similarity(x, y, data_range=1.0, gaussian_weights=True, sigma=1.5,
+                                    use_sample_covariance=False)
+        got = ssim_score(torch.tensor(x[None, None]), torch.tensor(y[None, None]))
+        assert got.shape == (1,)
+        # 1e-5: pytorch-msssim builds its Gaussian window in float32 (seen: 2e-6 apart)
+        assert abs((1 - float(got[0])) - ref) < 1e-5, (float(got[0]), ref)
+
+
+# ------------------------------------------------------------------ a gate trained in memory ---
+class MemoryLoader:
+    """build_loader-compatible in-memory data for cxr.train.train (the real loop, no shards)."""
+
+    data: dict = {}
+
+    def __init__(self, cfg, split, rank=0, world_size=1, epoch=0, skip_batches=0, train=None):
+        self.split, self.epoch, self.px = split, epoch, self.data[split]
+        self.batch = 16 if split == "train" else len(self.px)
+        self.n = len(self.px) // self.batch
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        rng = np.random.default_rng(self.epoch)
+        order = rng.permutation(len(self.px)) if self.split == "train" else np.arange(len(self.px))
+        for b in range(self.n):
+            sel = order[b * self.batch:(b + 1) * self.batch]
+            x = normalise(self.px[sel])
+            if self.split == "train" and rng.random() < 0.5:
+                x = torch.flip(x, [3])
+            yield {"image": x, "labels": torch.zeros(len(sel), 14), "meta": torch.zeros(len(sel), 5),
+                   "key": [f"{self.split}{i:04d}" for i in sel]}
+
+    def report(self):
+        return {"samples": 0, "skipped": 0, "skipped_keys": []}
+
+
+@pytest.fixture(scope="module")
+def gate(tmp_path_factory, nih_sample_dir):
+    """An ood_ae trained by cxr.train.train on 70 % of 200 phantoms + 70 % of the 130 NIH sample
+    images (64 px); val = 15 % of each, held out = the other 15 %."""
+    from cxr.ood import load_gate
+    from cxr.train import train
+
+    root = tmp_path_factory.mktemp("ood")
+    assert shards_main(["synth", "--out", str(root / "synth"), "--n", "200", "--resolution", str(RES),
+                        "--seed", "5", "--workers", "1"]) == 0
+    phantoms = np.stack([load_grey(p) for p in sorted((root / "synth" / "images").glob("*.png"))])
+    nih = np.stack([load_grey(p) for p in sorted(nih_sample_dir.glob("*.png"))])
+    rng = np.random.default_rng(0)
+    parts = {}
+    for name, px in (("phantom", phantoms), ("nih", nih)):
+        order = rng.permutation(len(px))
+        a, b = int(0.7 * len(px)), int(0.85 * len(px))
+        parts[name] = (px[order[:a]], px[order[a:b]], px[order[b:]])
+    MemoryLoader.data = {"train": np.concatenate([parts["phantom"][0], parts["nih"][0]]),
+                         "val": np.concatenate([parts["phantom"][1], parts["nih"][1]])}
+    run = root / "run"
+    cfg = load_config(ROOT / "cxr" / "configs" / "ood_ae.yaml",
+                      ["model.width=8", "model.code=4", "train.epochs=14", f"checkpoint.run_dir={run}",
+                       "logging.progress=false", f"data.shards={root}"])
+    assert train(cfg, loader_fn=MemoryLoader) == 0
+    model, _ = load_gate(run)
+    with torch.inference_mode():
+        val = model(normalise(MemoryLoader.data["val"])).squeeze(1).double().numpy()
+    return {"model": model, "run": run, "val": val, "held_out": {k: v[2] for k, v in parts.items()}}
+
+
+def _scores(model, pixels: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        return model(normalise(pixels)).squeeze(1).double().numpy()
+
+
+@pytest.mark.slow
+def test_threshold_percentile_is_honoured_on_val(gate):
+    doc = write_threshold(gate["run"], gate["val"], PERCENTILE)
+    assert read_threshold(gate["run"]) == doc
+    v = np.sort(gate["val"])
+    # hand computation of the linear-interpolation percentile: rank p/100·(n−1) between order statistics
+    rank = PERCENTILE / 100 * (len(v) - 1)
+    lo = math.floor(rank)
+    expected = v[lo] + (rank - lo) * (v[min(lo + 1, len(v) - 1)] - v[lo])
+    assert doc["threshold"] == pytest.approx(expected, rel=1e-12)
+    rejected = int((gate["val"] > doc["threshold"]).sum())
+    assert rejected == len(v) - 1 - lo  # everything strictly above the interpolated order statistic
+    assert abs(rejected / len(v) - (1 - PERCENTILE / 100)) <= 1 / len(v)
+
+
+@pytest.mark.slow
+def test_gate_rejects_outliers_far_more_often_than_held_out_x_rays(gate):
+    thr = float(np.percentile(gate["val"], PERCENTILE))
+    nih, phantoms = gate["held_out"]["nih"], gate["held_out"]["phantom"]
+    inliers = {"held-out phantoms": phantoms, "held-out NIH sample": nih}
+    outliers = {"textures": textures(60, 1), "PIL digits": digits(60, 2), "inverted X-rays": 255 - nih,
+                "X-rays rotated 90°": np.rot90(nih, 1, (1, 2)).copy(), "inverted phantoms": 255 - phantoms,
+                "rotated phantoms": np.rot90(phantoms, 1, (1, 2)).copy()}
+    rate = {k: float(np.mean(_scores(gate["model"], v) > thr)) for k, v in {**inliers, **outliers}.items()}
+    print("rejection rates at p%g of val:" % PERCENTILE, json.dumps(rate, ensure_ascii=False))
+    worst_inlier = max(rate[k] for k in inliers)
+    assert worst_inlier <= 0.2, rate
+    for name in outliers:
+        assert rate[name] >= 0.6 and rate[name] >= 3 * max(worst_inlier, 0.05), (name, rate)
+
+
+# ------------------------------------------------------------------ evaluate --ood on shards ---
+@pytest.fixture(scope="module")
+def shards_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ood-shards")
+    assert shards_main(["synth", "--out", str(root / "synth"), "--n", "120", "--resolution", str(RES),
+                        "--seed", "3", "--workers", "1"]) == 0
+    assert shards_main(["split", "--metadata", str(root / "synth" / "Data_Entry_2017.csv"), "--scheme", "random",
+                        "--fractions", "0.5,0.25,0.25", "--seed", "1", "--out", str(root / "splits.parquet")]) == 0
+    assert shards_main(["pack", "--splits", str(root / "splits.parquet"), "--images", str(root / "synth" / "images"),
+                        "--out", str(root / "shards"), "--workers", "1"]) == 0
+    return root / "shards"
+
+
+def _split_pixels(shards: Path, split: str) -> dict[str, np.ndarray]:
+    """{key: uint8 [RES, RES]} straight from the tar files with PIL (not through cxr.data)."""
+    out = {}
+    for tar_path in sorted(shards.glob(f"{split}-*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".png"):
+                    with Image.open(io.BytesIO(tar.extractfile(member).read())) as im:
+                        out[member.name.rsplit(".", 1)[0]] = np.asarray(im.convert("L"))
+    return out
+
+
+def test_evaluate_ood_reports_rejections_and_accepted_metrics(shards_dir, tmp_path, capsys):
+    from sklearn.metrics import roc_auc_score
+
+    from cxr.evaluate import main as evaluate_main
+    from cxr.ood import load_gate, main as ood_main
+    from cxr.train import train
+
+    from test_evaluate import make_member  # noqa: E402 — the evaluator tests' member builder
+
+    run = tmp_path / "gate"
+    cfg = load_config(ROOT / "cxr" / "configs" / "ood_ae.yaml",
+                      ["train.epochs=1", "train.max_steps=3", f"checkpoint.run_dir={run}", "logging.progress=false",
+                       f"data.shards={shards_dir}", "data.num_threads=0"])
+    assert train(cfg) == 0
+    assert ood_main(["threshold", "--run", str(run), "--shards", str(shards_dir), "--percentile", "60"]) == 0
+    thr = read_threshold(run)
+    assert thr["percentile"] == 60.0 and thr["n_images"] == len(_split_pixels(shards_dir, "val"))
+    member = make_member(tmp_path / "member", shards_dir, seed=1)
+    out = tmp_path / "report"
+    assert evaluate_main(["--runs", str(member), "--shards", str(shards_dir), "--split", "test", "--out", str(out),
+                          "--bootstrap", "0", "--no-figures", "--ood", str(run)]) == 0
+    printed = capsys.readouterr().out
+    # independent scoring: PIL-decoded tar members, normalised by hand, through the gate
+    pixels = _split_pixels(shards_dir, "test")
+    model, _ = load_gate(run)
+    keys = sorted(pixels)
+    with torch.inference_mode():
+        x = (torch.from_numpy(np.stack([pixels[k] for k in keys])).float() / 255 - MEAN) / STD
+        score = dict(zip(keys, model(x.unsqueeze(1)).squeeze(1).double().numpy()))
+    rejected = {k for k in keys if score[k] > thr["threshold"]}
+    assert f"rejected {len(rejected)} of {len(keys)} 'test' images" in printed
+    assert set(pd.read_csv(out / "ood_rejected.csv")["key"].astype(str)) == rejected
+    preds = pd.read_parquet(out / "predictions.parquet")
+    preds = preds[(preds["split"] == "test") & (preds["member"] == "member")].set_index("key")
+    table = pd.read_csv(out / "ood.csv").set_index(["member", "images"])
+    accepted = [k for k in keys if k not in rejected]
+    from shards.labels import LABELS
+    truth = preds.loc[accepted]
+    aucs = [roc_auc_score(truth[f"true_{c}"], truth[c]) for c in LABELS if 0 < truth[f"true_{c}"].sum() < len(truth)]
+    assert table.loc[("member", "accepted"), "n"] == len(accepted)
+    assert table.loc[("member", "accepted"), "mean_auroc"] == pytest.approx(np.mean(aucs), abs=1e-9)
+
+
+def test_gate_training_resumes_exactly_through_train_py(shards_dir, tmp_path):
+    """A crash after a mid-epoch `last` save, then the same command: the weights equal an uninterrupted run's."""
+    from safetensors.torch import load_file
+
+    from cxr.data import build_loader
+    from cxr.train import train
+
+    def config(run: Path):
+        return load_config(ROOT / "cxr" / "configs" / "ood_ae.yaml",
+                           ["train.epochs=2", "checkpoint.every_steps=1", f"checkpoint.run_dir={run}",
+                            "logging.progress=false", f"data.shards={shards_dir}", "data.num_threads=0",
+                            "data.batch_size=8"])
+
+    class Crash(RuntimeError):
+        pass
+
+    def crashing_loader(cfg, split, *args, **kwargs):
+        loader = build_loader(cfg, split, *args, **kwargs)
+        if split != "train" or kwargs.get("epoch", 0) != 1 or kwargs.get("skip_batches", 0):
+            return loader
+
+        class Wrapped:
+            def __len__(self):
+                return len(loader)
+
+            def __iter__(self):
+                for i, batch in enumerate(loader):
+                    if i == 2:
+                        raise Crash("simulated crash in epoch 2")
+                    yield batch
+
+            def report(self):
+                return loader.report()
+        return Wrapped()
+
+    assert train(config(tmp_path / "a")) == 0
+    with pytest.raises(Crash):
+        train(config(tmp_path / "b"), loader_fn=crashing_loader)
+    assert train(config(tmp_path / "b")) == 0
+    assert "resumed from" in (tmp_path / "b" / "train.log").read_text()
+    a = load_file(str(tmp_path / "a" / "checkpoints" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "checkpoints" / "last" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

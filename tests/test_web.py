@@ -1,0 +1,157 @@
+"""The exported page in headless Chromium: served from 127.0.0.1, an image fed through the page's own
+input path (?image=NAME → the same predict() as the file input), probabilities read from the DOM
+compared with onnxruntime in Python on loader-made pixels (PIL), OOD rejection of a texture,
+a screenshot in build/web-test/, and the server's request log (nothing but the page's own files).
+
+Needs chromium (apt) and the npm packages (onnxruntime-web, playwright-core): `make web-deps`;
+as root with apt-get the test installs them itself, as tests/test_slurm.py does for Slurm."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxr.export import WEB_VENDOR, main as export_main
+from cxr.metrics import calibrate
+from ood_data import textures
+from test_export import runs  # noqa: F401 — the module fixture: gate, two members, their report
+
+ROOT = Path(__file__).resolve().parents[1]
+SHOTS = ROOT / "build" / "web-test"
+ort = pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def web_tools() -> dict:
+    """Chromium + node + the vendored npm packages; installed by scripts/web-deps.sh when missing."""
+    missing = not shutil.which("chromium") or not (WEB_VENDOR / "package.json").is_file() \
+        or not (WEB_VENDOR.parent / "playwright-core" / "package.json").is_file()
+    if missing:
+        if not shutil.which("node") or not shutil.which("npm"):
+            pytest.skip("node/npm missing: install Node.js, then run `make web-deps`")
+        if not shutil.which("chromium") and (os.geteuid() != 0 or not shutil.which("apt-get")):
+            pytest.skip("chromium is not installed and cannot be (needs root and apt-get): run `make web-deps`")
+        subprocess.run(["bash", str(ROOT / "scripts" / "web-deps.sh"), "all"], check=True, timeout=900)
+    return {"chromium": shutil.which("chromium"), "playwright": str(WEB_VENDOR.parent / "playwright-core")}
+
+
+class CountingHandler(SimpleHTTPRequestHandler):
+    seen: list = []
+
+    def do_GET(self):
+        self.seen.append(self.path)
+        super().do_GET()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def site(runs, web_tools, tmp_path_factory):  # noqa: F811
+    """The page exported from the two members + gate, with test images, served on 127.0.0.1."""
+    root = tmp_path_factory.mktemp("web")
+    member_args = [arg for m in runs["members"] for arg in ("--run", str(m))]
+    assert export_main([*member_args, "--ood",
+                        str(runs["gate"]), "--out", str(root / "pkg"), "--thresholds",
+                        str(runs["report"] / "thresholds.json"), "--web", str(root / "site")]) == 0
+    # an in-distribution image that the page must resize: a phantom of the same generator at 256 px
+    from shards.cli import main as shards_main
+    assert shards_main(["synth", "--out", str(root / "synth"), "--n", "4", "--resolution", "256", "--seed", "9",
+                        "--workers", "1"]) == 0
+    phantom = sorted((root / "synth" / "images").glob("*.png"))[0]
+    shutil.copyfile(phantom, root / "site" / "phantom.png")
+    Image.fromarray(textures(1, 7, res=256)[0]).convert("RGB").save(root / "site" / "texture.jpg", quality=95)
+    handler = type("Handler", (CountingHandler,), {"seen": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(root / "site")))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield {"dir": root / "site", "url": f"http://127.0.0.1:{server.server_address[1]}", "seen": handler.seen}
+    server.shutdown()
+    thread.join()
+
+
+def _open(site, web_tools, image: str, shot: Path | None = None) -> dict:
+    env = {**os.environ, "PLAYWRIGHT_CORE": web_tools["playwright"], "CHROMIUM": web_tools["chromium"]}
+    cmd = ["node", str(ROOT / "tests" / "web_driver.cjs"), f"{site['url']}/index.html?image={image}"]
+    done = subprocess.run(cmd + ([str(shot)] if shot else []), capture_output=True, text=True, env=env, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _loader_pixels(path: Path, res: int, mean: float, std: float) -> np.ndarray:
+    """[1,1,res,res] float32 as cxr/data/wds_loader.py makes it (PIL L, bilinear, float32 normalise)."""
+    with Image.open(path) as im:
+        grey = im.convert("L").resize((res, res), Image.BILINEAR)
+    x = (np.asarray(grey, np.float32) - np.float32(mean * 255)) / np.float32(std * 255)
+    return x[None, None].astype(np.float32)
+
+
+@pytest.mark.slow
+def test_page_probabilities_equal_onnxruntime_and_nothing_else_is_fetched(site, web_tools):
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    before = len(site["seen"])
+    result = _open(site, web_tools, "phantom.png", SHOTS / "phantom.png")
+    assert result["state"] == "done", result
+    pre = json.loads((site["dir"] / "preprocess.json").read_text())
+    ops = np.array(json.loads((site["dir"] / "thresholds.json").read_text())["operating_points"])
+    m, o = pre["model"], pre["ood"]
+    gate = ort.InferenceSession(str(site["dir"] / "ood.onnx"))
+    score = gate.run(None, {"image": _loader_pixels(site["dir"] / "phantom.png", o["resolution"], o["mean"], o["std"])})
+    assert abs(float(result["ood"]) - float(score[0][0, 0])) < 1e-4
+    probs = ort.InferenceSession(str(site["dir"] / "model.onnx")).run(
+        None, {"image": _loader_pixels(site["dir"] / "phantom.png", m["resolution"], m["mean"], m["std"])})[0][0]
+    page = {r["label"]: float(r["prob"]) for r in result["rows"]}
+    assert list(page) != [] and sorted(page) == sorted(pre["labels"])
+    np.testing.assert_allclose([page[label] for label in pre["labels"]], probs, atol=1e-4, rtol=0)
+    # the calibrated values, and their order, against cxr.metrics.calibrate (Python, independent of the JS)
+    calibrated = calibrate(probs, ops)
+    shown = [float(r["calibrated"]) for r in result["rows"]]
+    np.testing.assert_allclose(shown, np.sort(calibrated)[::-1], atol=1e-4, rtol=0)
+    # requests: the server saw the page's own files only, each once, and the page asked no other origin
+    served = {p.split("?")[0].lstrip("/") for p in site["seen"][before:]}
+    expected = {"index.html", "ort.wasm.min.js", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm",
+                "resize.js", "chester.js", "preprocess.json", "thresholds.json", "model.onnx", "ood.onnx", "phantom.png"}
+    assert served == expected, served ^ expected
+    assert len(site["seen"]) - before == len(expected)
+    assert all(u.startswith(site["url"] + "/") for u in result["requests"]), result["requests"]
+
+
+@pytest.mark.slow
+def test_page_rejects_a_texture(site, web_tools):
+    result = _open(site, web_tools, "texture.jpg", SHOTS / "texture.png")
+    assert result["state"] == "rejected", result
+    assert result["rows"] == [] and "Rejected" in result["text"]
+    pre = json.loads((site["dir"] / "preprocess.json").read_text())
+    assert float(result["ood"]) > pre["ood"]["threshold"]
+
+
+@pytest.mark.parametrize("size,out", [((1000, 913), 224), ((37, 64), 64), ((64, 64), 128), ((1024, 1024), 224)])
+def test_page_resize_is_pillow_bilinear_exactly(size, out, tmp_path):
+    """cxr/web/resize.js (run in node) against PIL Image.resize BILINEAR: every pixel equal."""
+    if not shutil.which("node"):
+        pytest.skip("node missing: install Node.js")
+    rng = np.random.default_rng(size[0])
+    w, h = size
+    pixels = np.asarray(Image.fromarray(rng.integers(0, 256, (h // 4 + 2, w // 4 + 2), dtype=np.uint8)).resize((w, h)))
+    pixels = np.clip(pixels.astype(int) + rng.integers(-20, 21, pixels.shape), 0, 255).astype(np.uint8)
+    (tmp_path / "in.bin").write_bytes(pixels.tobytes())
+    script = f"""
+        globalThis.window = globalThis;
+        require({json.dumps(str(ROOT / "cxr" / "web" / "resize.js"))});
+        const fs = require("fs");
+        const grey = new Uint8Array(fs.readFileSync({json.dumps(str(tmp_path / "in.bin"))}));
+        fs.writeFileSync({json.dumps(str(tmp_path / "out.bin"))}, CxrPixels.resizeGrey(grey, {w}, {h}, {out}, {out}));
+    """
+    subprocess.run(["node", "-e", script], check=True, timeout=60)
+    got = np.frombuffer((tmp_path / "out.bin").read_bytes(), np.uint8).reshape(out, out)
+    want = np.asarray(Image.fromarray(pixels).resize((out, out), Image.BILINEAR))
+    assert np.array_equal(got, want), f"{int((got != want).sum())} pixels differ, max {np.abs(got.astype(int) - want).max()}"
