@@ -371,6 +371,27 @@ def _pneumothorax(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Genera
     img += 0.16 * np.clip(1 - np.abs(rad - 1) * lung.rx * k / 0.004, 0.0, 1.0) * lung.mask(cv)
 
 
+def _fine_detail(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Generator) -> list[tuple[int, int, int, int]]:
+    """Tiny bright nodules about 2 px wide AT THE SYNTH RESOLUTION (``--fine-detail LABEL``).
+
+    Sized in pixels, not in image units, so that the finding survives only when the
+    image is seen near its synth resolution: downsampled 4× its contrast drops ~16×
+    into the lung texture, 8× ~64×. The resolution study's tests use it as the label
+    whose AUROC must rise with resolution. Returns the boxes (x, y, w, h) it drew, in
+    pixels of the canvas.
+    """
+    boxes = []
+    radius = 1.1 / cv.size
+    for _ in range(int(rng.integers(3, 6))):
+        lung = _side(a, rng)
+        x, y = lung.point(rng)
+        img += 0.55 * cv.ellipse(x, y, radius, radius, edge=0.5 / cv.size)
+        half = max(1, int(np.ceil(radius * cv.size)))
+        px, py = int(x * cv.size), int(y * cv.size)
+        boxes.append((px - half, py - half, 2 * half + 1, 2 * half + 1))
+    return boxes
+
+
 _SIGNATURES = {
     "Atelectasis": _atelectasis, "Consolidation": _consolidation, "Edema": _edema,
     "Effusion": _effusion, "Fibrosis": _fibrosis, "Hernia": _hernia, "Infiltration": _infiltration,
@@ -379,15 +400,21 @@ _SIGNATURES = {
 }  # Cardiomegaly, Emphysema: geometry only (see _anatomy)
 
 
-def render(case: Case, seed: int, resolution: int) -> np.ndarray:
-    """Draw one phantom: uint8 [resolution, resolution]; same (case, seed) → same pixels."""
+def render(case: Case, seed: int, resolution: int, fine_detail: str | None = None) -> np.ndarray:
+    """Draw one phantom: uint8 [resolution, resolution]; same (case, seed) → same pixels.
+
+    ``fine_detail``: a label whose signature is replaced by :func:`_fine_detail` (tiny
+    nodules that only survive at high resolution); None keeps the default signatures.
+    """
     rng_patient = np.random.default_rng([seed, case.patient])
     rng = np.random.default_rng([seed, case.patient, case.follow_up + 1])
     cv = Canvas(resolution)
     anatomy = _anatomy(case, rng_patient, rng)
     img = _base(cv, anatomy, rng)
     for name, on in zip(LABELS, case.labels):
-        if on and name in _SIGNATURES:
+        if on and name == fine_detail:
+            _fine_detail(cv, anatomy, img, rng)
+        elif on and name in _SIGNATURES:
             _SIGNATURES[name](cv, anatomy, img, rng)
     return _finish(cv, img, rng)
 
@@ -400,10 +427,10 @@ def _png_bytes(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _write_one(task: tuple[Case, int, int, str]) -> int:
+def _write_one(task: tuple[Case, int, int, str, str | None]) -> int:
     """Worker: render one case and write its PNG atomically; returns bytes written."""
-    case, seed, resolution, folder = task
-    data = _png_bytes(render(case, seed, resolution))
+    case, seed, resolution, folder, fine_detail = task
+    data = _png_bytes(render(case, seed, resolution, fine_detail))
     with atomic_write(Path(folder) / case.image, "wb") as fh:
         fh.write(data)
     return len(data)
@@ -431,8 +458,9 @@ def _check_out(out: Path, cases: list[Case]) -> Path:
     return images
 
 
-def _render_all(cases: list[Case], seed: int, resolution: int, images: Path, workers: int) -> int:
-    tasks = [(c, seed, resolution, str(images)) for c in cases]
+def _render_all(cases: list[Case], seed: int, resolution: int, images: Path, workers: int,
+                fine_detail: str | None = None) -> int:
+    tasks = [(c, seed, resolution, str(images), fine_detail) for c in cases]
     bar = tqdm(total=len(tasks), desc="synth", unit=" img")
     total = 0
     if workers <= 1:
@@ -452,12 +480,15 @@ def run(args) -> int:
     """CLI: write N phantom images, the NIH-format metadata CSV and official-style split lists."""
     if args.n < 1 or args.resolution < 32:
         raise CxrError(f"--n {args.n} / --resolution {args.resolution}: need n ≥ 1 and resolution ≥ 32")
+    fine_detail = getattr(args, "fine_detail", None)
+    if fine_detail is not None and fine_detail not in LABELS:
+        raise CxrError(f"--fine-detail {fine_detail}: not a label — use one of {', '.join(LABELS)}")
     start = time.perf_counter()
     out = Path(args.out)
     cases = plan_cases(args.n, args.seed, LabelSampler(args.metadata))
     images = _check_out(out, cases)
     workers = args.workers or os.cpu_count() or 1
-    nbytes = _render_all(cases, args.seed, args.resolution, images, min(workers, len(cases)))
+    nbytes = _render_all(cases, args.seed, args.resolution, images, min(workers, len(cases)), fine_detail)
     atomic_write_text(out / "Data_Entry_2017.csv", metadata_csv(cases, args.resolution))
     test = test_patients(cases, args.seed)
     atomic_write_text(out / "test_list.txt", "".join(f"{c.image}\n" for c in cases if c.patient in test))
