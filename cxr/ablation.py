@@ -18,7 +18,7 @@ over the split per distinct resolution), then, on those predictions:
   lowest): ΔAUROC, a paired bootstrap CI (images resampled once per replicate, shared
   by both), DeLong's paired test (z, p) and the Holm-adjusted p across the labels,
   ``significant`` when the adjusted p < alpha;
-- per run: training images/s, seconds per epoch, peak memory (metrics.csv), the
+- per run: training images/s, seconds per epoch, peak memory (throughput.csv), the
   micro-batch × accumulation and activation checkpointing (config.yaml).
 
 Writes DIR/ablation.md, ablation.csv (variant × label), runs.csv (per run),
@@ -190,18 +190,29 @@ def run_costs(runs: Sequence[Run]) -> pd.DataFrame:
                "micro_batch": data.get("batch_size"), "grad_accum": train.get("grad_accum_steps", 1),
                "checkpointing": model.get("grad_checkpointing", False)}
         row["effective_batch"] = (row["micro_batch"] or 0) * (row["grad_accum"] or 1)
-        metrics = r.run_dir / "metrics.csv"
-        frame = pd.read_csv(metrics) if metrics.is_file() else pd.DataFrame()
+        speed = r.run_dir / "throughput.csv"  # written by cxr.train, one row per epoch
+        frame = pd.read_csv(speed) if speed.is_file() else pd.DataFrame()
         for column, out in (("train_images_per_s", "images_per_s"), ("epoch_seconds", "s_per_epoch"),
                             ("peak_memory_mb", "peak_memory_mb")):
             row[out] = float(frame[column].median()) if column in frame and len(frame) else np.nan
         if "peak_memory_mb" in frame and len(frame):
             row["peak_memory_mb"] = float(frame["peak_memory_mb"].max())
         row["epochs"] = len(frame)
+        row["image_source"] = _image_source(r.run_dir)
         probe = r.run_dir / "probe.json"
         row["probe_peak_mb"] = json.loads(probe.read_text()).get("peak_mb") if probe.is_file() else np.nan
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _image_source(run_dir: Path) -> str:
+    """The images a run trained on, from its best checkpoint's meta.json (cxr.train)."""
+    meta = run_dir / "checkpoints" / "best" / "meta.json"
+    try:
+        images = json.loads(meta.read_text()).get("images") or {}
+    except (OSError, ValueError):
+        return "—"
+    return images.get("source", "—") + (f" ({images['resize_filter']})" if images.get("resize_filter") else "")
 
 
 def cost_summary(costs: pd.DataFrame) -> pd.DataFrame:
