@@ -384,8 +384,9 @@ def plot_delta(path: Path, result: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------ orchestration ----
 
-def infer_predictions(args: argparse.Namespace) -> ScoreSet:
-    """The runs' predictions on ``args.split`` via cxr.evaluate (each member at its own resolution)."""
+def infer_predictions(args: argparse.Namespace) -> tuple[ScoreSet | None, list[dict[str, Any]]]:
+    """The runs' predictions on ``args.split`` via cxr.evaluate (each member at its own resolution)
+    and their members.json entries; None on ranks other than 0."""
     from cxr.evaluate import _state, infer_runs
 
     if args.threads:
@@ -396,10 +397,10 @@ def infer_predictions(args: argparse.Namespace) -> ScoreSet:
                                    batch_size=args.batch_size, num_threads=args.num_threads,
                                    loader_device=None, precision=args.precision, cpu=args.cpu)
     state = _state(eval_args)
-    per_split, _ = infer_runs(eval_args, state, [args.split])
+    per_split, infos = infer_runs(eval_args, state, [args.split])
     if per_split is None:
-        return None
-    return per_split[args.split]
+        return None, infos
+    return per_split[args.split], infos
 
 
 def _default_shards(runs: Sequence[Run]) -> str:
@@ -446,10 +447,10 @@ def report(args: argparse.Namespace) -> int:
         source = f"predictions {args.from_predictions}"
     else:
         args.shards = args.shards or _default_shards(runs)
-        scores = infer_predictions(args)
+        scores, infos = infer_predictions(args)
         if scores is None:  # not rank 0
             return 0
-        write_predictions(out, {args.split: with_ensemble(scores, "mean-prob")}, [])
+        write_predictions(out, {args.split: with_ensemble(scores, "mean-prob")}, infos)
         source = f"runs inferred on shards {args.shards}, each at its own training resolution"
     result = analyse_sweep(scores, runs, args.reference, args.bootstrap, args.seed, args.alpha,
                            by=",".join(by))

@@ -45,7 +45,7 @@ REGISTRY: dict[str, ModelSpec] = {
     "resnet50": ModelSpec(resnet.build, resnet.DESCRIPTION, {"stem_size": int}),
     "beit": ModelSpec(transformer.build_beit, transformer.BEIT_DESCRIPTION, {"arch": str, "img_size": int}),
     "vit": ModelSpec(transformer.build_vit, transformer.VIT_DESCRIPTION, {"arch": str, "stem_size": int}),
-    "cnn": ModelSpec(cnn.build, cnn.DESCRIPTION, {"stem_size": int}),
+    "cnn": ModelSpec(cnn.build, cnn.DESCRIPTION, {"stem_size": int, "width": int}),
 }
 MODEL_NAMES: tuple[str, ...] = tuple(REGISTRY)
 
