@@ -1,7 +1,7 @@
 """The resolution study end to end on phantoms: sweep 32/64/128 px → report → the science.
 
 Phantoms at 128 px carry the fine-detail signature (`synth --fine-detail Nodule`: dots
-~2 px wide) next to the coarse ones (Cardiomegaly: an enlarged heart). References:
+~2 px wide) next to the coarse ones (Edema: a wide perihilar haze). References:
 scikit-learn's roc_auc_score on the runs' saved predictions, and a straightforward
 O(m·n) DeLong written here (not cxr.metrics).
 """
@@ -73,8 +73,9 @@ def test_fine_detail_gains_with_resolution_coarse_flat(sweep):
     assert nodule[2] > nodule[0] + 0.1 and nodule[1] >= nodule[0] - 0.03, nodule
     top = _row(table, 128, "Nodule")
     assert top.significant and top.p_holm < 0.05 and top.delta > 0
-    heart = _row(table, 128, "Cardiomegaly")
-    assert not heart.significant, (heart.delta, heart.p_holm)
+    # Edema: a bilateral perihilar haze ~10 % of the image wide — visible at every resolution
+    coarse = _row(table, 128, "Edema")
+    assert not coarse.significant and abs(coarse.delta) < 0.05, (coarse.delta, coarse.p_holm)
     assert (sweep["report"] / "ablation.md").is_file() and (sweep["report"] / "auroc_vs_resolution.png").is_file()
 
 
