@@ -227,6 +227,7 @@ def cost_summary(costs: pd.DataFrame) -> pd.DataFrame:
                               ("peak_memory_mb", "peak MB")):
             values = part[column].dropna()
             row[title] = _mean_sd(values.to_numpy(), 1 if column != "peak_memory_mb" else 0)
+        row["images"] = "; ".join(sorted(set(part.image_source)))
         out.append(row)
     return pd.DataFrame(out)
 

@@ -87,3 +87,50 @@ def test_paired_bootstrap_uses_shared_resamples():
         assert out["samples"][0, c] == pytest.approx(ref, abs=1e-9)
     # nearly identical models: paired CI is narrow around ~0
     assert (out["ci_high"] - out["ci_low"] < 0.05).all()
+
+
+def test_analyse_sweep_seeds_and_holm_against_references(tmp_path):
+    """Two resolutions × two seeds on random scores: variant AUROC = sklearn on the seeds' mean
+    probability, mean ± sd across seeds = numpy on sklearn AUROCs, Holm p = hand Holm of the
+    O(m·n) DeLong p-values."""
+    from cxr.ablation import ALL, Run, analyse_sweep
+    from cxr.report import ScoreSet
+    from shards.labels import LABELS
+
+    rng = np.random.default_rng(7)
+    n = 120
+    y = (rng.random((n, 14)) < 0.3).astype(np.uint8)
+    y[:2, :] = [[1] * 14, [0] * 14]
+    runs, scores = [], {}
+    for res in (32, 64):
+        for seed in (0, 1):
+            name = f"res{res}_seed{seed}"
+            scores[name] = np.clip(rng.random((n, 14)) * 0.8 + y * (0.1 if res == 32 else 0.4), 0, 1)
+            runs.append(Run(name, tmp_path / name, res, seed, {}))
+    result = analyse_sweep(ScoreSet(np.arange(n).astype(str).astype(object), y, scores), runs, n_boot=50)
+    table = result["table"]
+    assert result["order"] == ["32", "64"] and result["reference"] == "32"
+    mean64 = (scores["res64_seed0"] + scores["res64_seed1"]) / 2
+    mean32 = (scores["res32_seed0"] + scores["res32_seed1"]) / 2
+    rows = table[table.variant == "64"].set_index("label")
+    p_ref = []
+    for c, label in enumerate(LABELS):
+        assert rows.loc[label, "auroc"] == pytest.approx(roc_auc_score(y[:, c], mean64[:, c]), abs=1e-12)
+        single = [roc_auc_score(y[:, c], scores[f"res64_seed{s}"][:, c]) for s in (0, 1)]
+        assert rows.loc[label, "seeds_mean"] == pytest.approx(np.mean(single), abs=1e-12)
+        assert rows.loc[label, "seeds_sd"] == pytest.approx(np.std(single, ddof=1), abs=1e-12)
+        p_ref.append(delong_definition(y[:, c], mean64[:, c], mean32[:, c])[3])
+    p_ref = np.array(p_ref)
+    order = np.argsort(p_ref)
+    holm_ref = np.empty(14)
+    running = 0.0
+    for i, j in enumerate(order):
+        running = max(running, min(1.0, (14 - i) * p_ref[j]))
+        holm_ref[j] = running
+    np.testing.assert_allclose(rows.loc[list(LABELS), "p"].to_numpy(float), p_ref, rtol=1e-9)
+    np.testing.assert_allclose(rows.loc[list(LABELS), "p_holm"].to_numpy(float), holm_ref, rtol=1e-9)
+    assert rows.loc["Nodule", "significant"] == (holm_ref[LABELS.index("Nodule")] < 0.05)
+    everything = np.mean(list(scores.values()), axis=0)
+    all_rows = table[table.variant == ALL].set_index("label")
+    assert all_rows.loc["Edema", "auroc"] == pytest.approx(
+        roc_auc_score(y[:, LABELS.index("Edema")], everything[:, LABELS.index("Edema")]), abs=1e-12)
