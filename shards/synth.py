@@ -498,5 +498,6 @@ def run(args) -> int:
     took = time.perf_counter() - start
     print(f"synth: {len(cases):,} images of {cases[-1].patient:,} patients, {args.resolution} px, seed {args.seed}, "
           f"{nbytes / 1e6:.1f} MB → {out} in {took:.1f} s ({len(cases) / took:.0f} img/s); "
-          f"fewest positives: {LABELS[rarest]} {int(positives[rarest])}")
+          f"fewest positives: {LABELS[rarest]} {int(positives[rarest])}"
+          + (f"; {fine_detail} drawn as fine detail (~2 px nodules)" if fine_detail else ""))
     return 0
