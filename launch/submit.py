@@ -151,17 +151,18 @@ class ProbedTrainTask(TrainTask):
 
     def __call__(self) -> dict[str, Any]:
         if self.probe and not any(a.startswith("data.batch_size=") for a in self.argv):
-            self.argv = [*self.argv, *probe_overrides(Path(self.run_dir), self.probe)]
+            rank, _ = export_distributed_env()
+            self.argv = [*self.argv, *probe_overrides(Path(self.run_dir), self.probe, rank)]
         return super().__call__()
 
 
-def probe_overrides(run_dir: Path, spec: dict[str, Any], timeout_s: float = 1800) -> list[str]:
+def probe_overrides(run_dir: Path, spec: dict[str, Any], rank: int = 0, timeout_s: float = 1800) -> list[str]:
     """The probe's training overrides: measured on rank 0 (RUN/probe.json), read by the others."""
     import json
     import time
 
     path = run_dir / "probe.json"
-    if not path.is_file() and int(os.environ.get("RANK", "0")) == 0:
+    if not path.is_file() and rank == 0:
         from dataclasses import asdict
 
         from cxr.probe import choose
