@@ -20,10 +20,17 @@ split are in it, so ``--from-predictions`` needs nothing else. The ensemble is a
 recomputed from the member rows (``--ensemble``), in both modes, so a re-analysis
 reproduces the tables exactly.
 
-Resolution policy: all members must have been trained at the same resolution and
-on the shards' label set, else they are refused. ``--resolution R`` instead
-evaluates every member at R×R (the suite's models take any input size); the report
-lists each member's training resolution next to it.
+Resolution policy: all members must share the shards' label set, else they are
+refused. Each member is inferred at its own training resolution: members are grouped
+by resolution and the split is read once per distinct resolution (the loader decodes
+and resizes each image to that resolution, with the same filter as training used),
+then the groups' scores are joined by key. One pass per resolution, not one decode
+resized per member, because it reuses the training loaders unchanged (derived
+``resN/`` shards where packed, so high resolutions never decode the 1024² masters
+twice) and every member sees exactly the pixels it was trained on; the extra decodes
+cost a few passes at the lower resolutions, which are the cheap ones. ``--resolution R``
+instead evaluates every member at R×R (the suite's models take any input size); the
+report lists each member's training resolution next to it.
 """
 from __future__ import annotations
 
@@ -148,11 +155,11 @@ def member_names(run_dirs: Sequence[str | Path]) -> list[str]:
 
 
 def check_compatible(members: Sequence[Member], labels: Sequence[str],
-                     resolution: int | None) -> int:
-    """Refuse members whose label set or training resolution differs; return the eval resolution.
+                     resolution: int | None) -> int | None:
+    """Refuse members whose label set differs; return the eval resolution (None: each member's own).
 
     ``labels`` is the shards' label set; ``resolution`` the user's ``--resolution`` (None:
-    every member must share the first member's).
+    the members' shared training resolution, or None when they differ).
     """
     for m in members:
         if list(m.labels) != list(labels):
@@ -166,11 +173,10 @@ def check_compatible(members: Sequence[Member], labels: Sequence[str],
     if first.resolution is None:
         raise CxrError(f"{first.run_dir}/config.yaml: no data.resolution — pass --resolution")
     for m in members[1:]:
+        if m.resolution is None:
+            raise CxrError(f"{m.run_dir}/config.yaml: no data.resolution — pass --resolution")
         if m.resolution != first.resolution:
-            raise CxrError(
-                f"{m.run_dir}: member {m.name} was trained at {m.resolution} px but {first.name} at "
-                f"{first.resolution} px — evaluate them separately, or pass --resolution R to "
-                "score every member at R×R")
+            return None  # mixed: each member at its own training resolution (infer_runs)
     return int(first.resolution)
 
 
@@ -387,6 +393,22 @@ def gather_scores(local: ScoreSet, state: Any) -> ScoreSet | None:
     return merged.deduplicated()
 
 
+def join_members(parts: Sequence[ScoreSet | None], order: Sequence[str], shards: Path,
+                 split: str) -> ScoreSet | None:
+    """Join per-resolution passes (each sorted by key) into one ScoreSet, members in ``order``."""
+    if parts[0] is None:  # not rank 0
+        return None
+    first = parts[0]
+    for part in parts[1:]:
+        if not np.array_equal(part.keys, first.keys) or not np.array_equal(part.y_true, first.y_true):
+            raise CxrError(f"{shards}: split {split!r} gave different images or labels at two "
+                           "resolutions — the derived resN/ shards must hold the masters' samples; "
+                           "re-run `python -m shards pack --resize`")
+    scores = {k: v for part in parts for k, v in part.scores.items()}
+    return dataclasses.replace(first, scores={name: scores[name] for name in order},
+                               duplicates=max(p.duplicates for p in parts))
+
+
 def expected_keys(shards: Path, split: str) -> tuple[int, set[str] | None]:
     """The number of samples of ``split`` in the manifest and, if its splits table is at hand, their keys."""
     manifest_path = shards / "manifest.json"
@@ -524,18 +546,24 @@ def infer_runs(args: argparse.Namespace, state: Any, splits: Sequence[str]
     resolution = check_compatible(members, _shards_labels(shards), args.resolution)
     for m in members:
         m.model = build_member_model(m, state.device)
-    loader_cfg = eval_data_config(members, args, resolution, on_gpu=state.device.type == "cuda")
+    groups: dict[int, list[Member]] = {}  # one pass over the split per distinct resolution
+    for m in members:
+        groups.setdefault(int(resolution or m.resolution), []).append(m)
+    loader_cfgs = {res: eval_data_config(group, args, res, on_gpu=state.device.type == "cuda")
+                   for res, group in groups.items()}
     per_split: dict[str, ScoreSet] = {}
     for split in splits:
         expected_keys(shards, split)  # fail before inference if the split does not exist
-        merged = gather_scores(infer_split(members, loader_cfg, split, state, args.precision), state)
+        parts = [gather_scores(infer_split(group, loader_cfgs[res], split, state, args.precision), state)
+                 for res, group in groups.items()]
+        merged = join_members(parts, [m.name for m in members], shards, split)
         if merged is not None:
             if merged.duplicates:
                 print(f"note: split {split!r}: {merged.duplicates} duplicated keys across ranks dropped",
                       file=sys.stderr)
             check_coverage(merged, shards, split)
             per_split[split] = merged
-    infos = [member_info(m, resolution) for m in members]
+    infos = [member_info(m, resolution or m.resolution) for m in members]
     return (per_split if state.is_main_process else None), infos
 
 

@@ -6,7 +6,7 @@
 
 The run directory (``checkpoint.run_dir``; layout in docs/run-dir.md) gets the resolved
 config, ``metrics.csv`` (one row per epoch), ``checkpoints/{last,best}``, the best epoch's
-``val_predictions.parquet``, ``train.log`` and ``status.json``. With ``checkpoint.resume=auto``
+``val_predictions.parquet``, ``train.log``, ``throughput.csv`` and ``status.json``. With ``checkpoint.resume=auto``
 (default) the same command continues from ``last``, exactly: same weights, same data order,
 same RNG streams as an uninterrupted run.
 
@@ -49,7 +49,7 @@ from accelerate.utils import DistributedType, set_seed
 
 from cxr import checkpoint as ckpt
 from cxr.config import Config, config_diff, config_hash, config_yaml, describe_config, load_config, save_config
-from cxr.data import build_loader, load_shards_manifest
+from cxr.data import build_loader, image_source, load_shards_manifest
 from cxr.losses import build_loss
 from cxr.metrics import epoch_metrics
 from cxr.models import build_model
@@ -188,6 +188,7 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
     log.info("start: %d rank(s) on %s, pids %s, %s, config hash %s, %d steps/epoch, %s",
              world, device, pids, accelerator.distributed_type.value, config_hash(cfg), steps_per_epoch,
              f"resumed from {resume_from} at epoch {st.epoch + 1} step {st.step_in_epoch}" if resume_from else "fresh")
+    log.info("images: %s; resize filter: %s", *image_source(cfg.data.shards, cfg.data.resolution).values())
     writer = tensorboard_writer(cfg, run_dir, accelerator.is_main_process)
     accum, log_every = cfg.train.grad_accum_steps, cfg.logging.log_every
     images_trained = 0
@@ -288,6 +289,7 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
         save_last(cfg, accelerator, run_dir, model, optimizer, scheduler, st, running, None)
         if accelerator.is_main_process:
             write_metrics_csv(run_dir / "metrics.csv", st.rows)
+            record_throughput(run_dir, st.epoch, epoch_images * world, t_train, time.time() - t_epoch, device)
             log_tensorboard(writer, row, st.global_step)
         log.info(epoch_summary(cfg, st, row, improved, epoch_images * world / max(t_train, 1e-9),
                                time.time() - t_epoch))
@@ -865,6 +867,7 @@ def checkpoint_meta(cfg: Config, st: LoopState, val: dict | None = None) -> dict
             "config_hash": config_hash(cfg), "labels": label_names(cfg), "resolution": cfg.data.resolution,
             "model": cfg.model.kwargs(), "init_from": cfg.model.init_from,
             "finished": st.finished, "best_epoch": st.best_epoch,
+            "images": image_source(cfg.data.shards, cfg.data.resolution),
             "val": {k: v for k, v in (val or {}).items() if k.startswith("val_")},
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
@@ -911,6 +914,27 @@ def write_status(run_dir: Path, state: str, st: LoopState, exit_code: int = 0, e
 
 
 # ----------------------------------------------------------------------------- logging
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: torch.cuda.max_memory_allocated on GPU, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def record_throughput(run_dir: Path, epoch: int, images: int, train_s: float, epoch_s: float,
+                      device: torch.device) -> None:
+    """RUN/throughput.csv, one row per epoch (kept out of metrics.csv, whose rows are deterministic):
+    training images/s (loop only, all ranks), seconds, peak memory of rank 0."""
+    path = run_dir / "throughput.csv"
+    rows = [r for r in (list(csv.DictReader(path.open())) if path.is_file() else []) if int(r["epoch"]) < epoch]
+    rows.append({"epoch": epoch, "images": images, "train_seconds": round(train_s, 3),
+                 "epoch_seconds": round(epoch_s, 3), "train_images_per_s": round(images / max(train_s, 1e-9), 3),
+                 "peak_memory_mb": round(peak_memory_mb(device), 1)})
+    write_metrics_csv(path, rows)
+
+
 def write_metrics_csv(path: Path, rows: list[dict]) -> None:
     """Rewrite metrics.csv from all rows (atomic; a resumed run rewrites the same rows)."""
     buf = io.StringIO()

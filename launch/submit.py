@@ -3,7 +3,8 @@
     python -m launch.submit train    --cluster slurm --profile g5.24xlarge --shards DIR --runs DIR \\
                                      [--config cxr/configs/X.yaml] [key=value ...]
     python -m launch.submit ensemble --cluster slurm --ensemble default --shards DIR --runs DIR
-    python -m launch.submit ablate   --cluster slurm --resolutions 224 512 1024 --shards DIR --runs DIR
+    python -m launch.submit ablate   --cluster slurm --config C --resolutions 224 512 1024 [--seeds 0 1] \\
+                                     [--grid loss.name=bce,focal] --shards DIR --runs DIR
 
 ``--cluster slurm`` submits with sbatch (one submitit task per training process,
 ``--profile`` from launch/profiles.py); ``local`` runs the same tasks as local
@@ -142,6 +143,65 @@ class TrainTask:
 
 
 @dataclass
+class ProbedTrainTask(TrainTask):
+    """A sweep run: before training, the memory probe (cxr.probe) picks micro-batch × accumulation
+    for this resolution on the job's own device; rank 0 writes RUN/probe.json, a requeued job
+    reuses it (same config, so resume finds its checkpoint)."""
+
+    probe: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self) -> dict[str, Any]:
+        if self.probe and not any(a.startswith("data.batch_size=") for a in self.argv):
+            rank, _ = export_distributed_env()
+            self.argv = [*self.argv, *probe_overrides(Path(self.run_dir), self.probe, rank)]
+        return super().__call__()
+
+
+def probe_overrides(run_dir: Path, spec: dict[str, Any], rank: int = 0, timeout_s: float = 1800) -> list[str]:
+    """The probe's training overrides: measured on rank 0 (RUN/probe.json), read by the others."""
+    import json
+    import time
+
+    path = run_dir / "probe.json"
+    if not path.is_file() and rank == 0:
+        from dataclasses import asdict
+
+        from cxr.probe import choose
+        from shards.atomic import atomic_write_text
+
+        result = choose(spec.get("config"), spec.get("overrides", []), int(spec["resolution"]),
+                        int(spec["effective_batch"]), fraction=float(spec.get("fraction", 0.8)),
+                        budget_mb=spec.get("budget_mb"))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(asdict(result), indent=2) + "\n")
+        print(f"probe {run_dir.name}: micro-batch {result.micro_batch} × accumulation {result.grad_accum} "
+              f"(checkpointing {result.grad_checkpointing}), predicted peak {result.peak_mb:.0f} of "
+              f"{result.budget_mb:.0f} MB on {result.device}", flush=True)
+    deadline = time.monotonic() + timeout_s
+    while not path.is_file():  # the other ranks wait for rank 0's probe
+        if time.monotonic() > deadline:
+            raise CxrError(f"{path}: rank 0's memory probe did not finish in {timeout_s:.0f} s — see its log")
+        time.sleep(0.5)
+    result = json.loads(path.read_text())
+    return [f"data.batch_size={result['micro_batch']}", f"train.grad_accum_steps={result['grad_accum']}",
+            f"model.grad_checkpointing={str(result['grad_checkpointing']).lower()}"]
+
+
+@dataclass
+class AblationReportTask:
+    """``python -m cxr.ablation report`` (argv) as a submitit callable."""
+
+    argv: list[str]
+    report: str
+
+    def __call__(self) -> dict[str, Any]:
+        status = _call_main("cxr.ablation", self.argv)
+        if status != 0:
+            raise CxrError(f"{self.report}: ablation report exited with status {status} — see the submitit logs")
+        return {"report": self.report, "status": "finished"}
+
+
+@dataclass
 class EvaluateTask:
     """The evaluator (``python -m cxr.evaluate`` argv) as a submitit callable."""
 
@@ -165,6 +225,10 @@ class Plan:
     run_dirs: dict[str, Path]
     evaluations: list[tuple[Path, list[str], list[str]]] = field(default_factory=list)
     """(report dir, member names it needs, extra evaluate options)."""
+    probes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Run name → memory-probe spec (ablate): micro-batch × accumulation chosen in the job."""
+    ablation_report: tuple[Path, list[str]] | None = None
+    """(report dir, extra `cxr.ablation report` options) after every run (ablate)."""
 
 
 def make_executor(cluster: str, folder: Path, profile: Profile, processes: int | None = None,
@@ -197,11 +261,16 @@ def submit_plan(plan: Plan, args: argparse.Namespace, profile: Profile) -> list[
     logs = Path(args.logs or Path(args.runs) / "submitit")
     train_ex = make_executor(args.cluster, logs / "%j", profile, args.processes, name=f"cxr-{args.name}")
     names = list(plan.runs)
+    def task(n: str) -> TrainTask:
+        if n in plan.probes:
+            return ProbedTrainTask(plan.runs[n], str(plan.run_dirs[n]), probe=plan.probes[n])
+        return TrainTask(plan.runs[n], str(plan.run_dirs[n]))
+
     if args.cluster == "slurm" and len(names) > 1:
         with train_ex.batch():
-            jobs = [train_ex.submit(TrainTask(plan.runs[n], str(plan.run_dirs[n]))) for n in names]
+            jobs = [train_ex.submit(task(n)) for n in names]
     else:
-        jobs = [train_ex.submit(TrainTask(plan.runs[n], str(plan.run_dirs[n]))) for n in names]
+        jobs = [train_ex.submit(task(n)) for n in names]
     by_name = dict(zip(names, jobs))
     for name, job in by_name.items():
         print(f"train {name}: job {job.job_id} -> {plan.run_dirs[name]}")
@@ -223,8 +292,32 @@ def submit_plan(plan: Plan, args: argparse.Namespace, profile: Profile) -> list[
         job = ex.submit(EvaluateTask(eval_argv, str(report)))
         print(f"evaluate {report.name}: job {job.job_id} after {', '.join(needs)} -> {report}")
         eval_jobs.append(job)
+    if plan.ablation_report is not None:
+        eval_jobs.append(_submit_ablation_report(plan, args, profile, logs, jobs))
     print(f"logs: {logs}")
     return jobs + eval_jobs
+
+
+def _submit_ablation_report(plan: Plan, args: argparse.Namespace, profile: Profile, logs: Path, jobs: list) -> Any:
+    """The sweep's report after all its runs (Slurm: afterok dependency; else: wait here)."""
+    report, extra = plan.ablation_report
+    argv = ["report", "--runs", *(str(plan.run_dirs[n]) for n in plan.runs), "--shards", str(args.shards),
+            "--split", args.split, "--out", str(report), *extra]
+    dependency = {}
+    if args.cluster == "slurm":
+        ids = sorted({j.job_id.split("_")[0] for j in jobs})
+        dependency = {"slurm_additional_parameters": {"dependency": "afterok:" + ":".join(ids),
+                                                      "kill_on_invalid_dep": "yes"}}
+    else:
+        for job in jobs:
+            job.results()
+    ex = make_executor(args.cluster, logs / "%j", _eval_profile(profile), name=f"cxr-{args.name}-ablation",
+                       **dependency)
+    job = ex.submit(AblationReportTask(argv, str(report)))
+    print(f"ablation report: job {job.job_id} after {len(jobs)} run(s) -> {report / 'ablation.md'}")
+    if args.cluster == "debug":  # debug jobs run when their result is asked for
+        job.result()
+    return job
 
 
 def _base_overrides(args: argparse.Namespace, profile: Profile) -> list[str]:
@@ -256,20 +349,95 @@ def plan_ensemble(args: argparse.Namespace, profile: Profile) -> Plan:
     return Plan(runs, dirs, [(report, list(runs), ensemble.evaluate)])
 
 
+def parse_grid(items: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """``key=v1,v2`` items → [(key, [v1, v2])] (order kept)."""
+    grid = []
+    for item in items:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values or "" in values.split(","):
+            raise CxrError(f"--grid {item!r}: expected key=v1,v2 (e.g. loss.name=bce,focal)")
+        grid.append((key, values.split(",")))
+    return grid
+
+
+def _config_value(config: str | None, key: str, default: Any) -> Any:
+    """A value of the training config YAML (without importing torch), or default."""
+    if not config:
+        return default
+    import yaml
+
+    path = Path(config)
+    if not path.is_file():
+        path = Path(__file__).resolve().parents[1] / "cxr" / "configs" / f"{config}.yaml"
+    if not path.is_file():
+        raise CxrError(f"{config}: config file not found — pass --config with a YAML file (see cxr/configs/)")
+    node: Any = yaml.safe_load(path.read_text()) or {}
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def sweep_points(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """Every (run name, overrides) of the sweep: resolutions × grid values × seeds."""
+    import itertools
+
+    axes: list[list[tuple[str, str]]] = []
+    if args.resolutions:
+        axes.append([(f"res{r}", f"data.resolution={r}") for r in args.resolutions])
+    for key, values in parse_grid(args.grid):
+        short = key.split(".")[-1]
+        axes.append([(f"{short}-{v}", f"{key}={v}") for v in values])
+    if args.seeds:
+        axes.append([(f"seed{s}", f"train.seed={s}") for s in args.seeds])
+    points = []
+    for combo in itertools.product(*axes):
+        points.append(("_".join(name for name, _ in combo), [o for _, o in combo]))
+    return points
+
+
 def plan_ablate(args: argparse.Namespace, profile: Profile) -> Plan:
-    """The same model at each resolution; each gets its own report (members must share a resolution)."""
+    """Resolutions (and --grid values) × seeds, same effective batch and schedule; then one report.
+
+    Each run's micro-batch × accumulation is chosen in its job by the memory probe at its
+    resolution (``--no-probe``: the config's), so every run takes the same optimizer steps.
+    """
+    if not args.resolutions and not args.grid:
+        args.resolutions = [224, 512, 1024]
+    batch = int(_config_value(args.config, "data.batch_size", 16))
+    accum = int(_config_value(args.config, "train.grad_accum_steps", 1))
+    effective = args.effective_batch or batch * accum
     runs: dict[str, list[str]] = {}
     dirs: dict[str, Path] = {}
     plan = Plan(runs, dirs)
-    for res in args.resolutions:
-        name = f"res{res}"
+    for name, point in sweep_points(args):
         dirs[name] = Path(args.runs) / name
-        runs[name] = (["--config", args.config] if args.config else []) + [
+        base = (["--config", args.config] if args.config else []) + [
             f"{SHARDS_KEY}={args.shards}", f"{RUN_DIR_KEY}={dirs[name]}", RESUME,
-            *_base_overrides(args, profile), f"data.resolution={res}"]
-        derived = Path(args.shards) / f"res{res}" / "manifest.json"
-        print(f"ablate {name}: {'derived shards ' + str(derived.parent) if derived.is_file() else 'masters resized on the fly'}")
-        plan.evaluations.append((Path(args.report or Path(args.runs) / "reports") / name, [name], []))
+            *_base_overrides(args, profile), *point]
+        resolution = int(next((o.split("=", 1)[1] for o in reversed(base) if o.startswith("data.resolution=")),
+                              _config_value(args.config, "data.resolution", 224)))
+        if args.probe:
+            plan.probes[name] = {"config": args.config, "resolution": resolution, "effective_batch": effective,
+                                 "overrides": [o for o in base[2 if args.config else 0:] if o.startswith(("model.", "loss."))],
+                                 "fraction": args.probe_fraction}
+            layout = f"micro-batch × accumulation = {effective} chosen by the probe in the job"
+        else:
+            if effective % batch:
+                raise CxrError(f"--effective-batch {effective}: not a multiple of data.batch_size {batch} — "
+                               "pick a multiple, or leave the probe on")
+            base += [f"train.grad_accum_steps={effective // batch}"]
+            layout = f"micro-batch {batch} × accumulation {effective // batch}"
+        runs[name] = base
+        derived = Path(args.shards) / f"res{resolution}" / "manifest.json"
+        source = "derived shards " + str(derived.parent) if derived.is_file() else "masters resized on the fly"
+        print(f"ablate {name}: {source}; {layout}")
+    by = ["data.resolution"] if args.resolutions else []
+    by += [key for key, _ in parse_grid(args.grid)]
+    plan.ablation_report = (Path(args.report or Path(args.runs) / "report"),
+                            ["--by", *by, "--bootstrap", str(args.bootstrap),
+                             *(["--reference", args.reference] if args.reference else [])])
     return plan
 
 
@@ -290,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--processes", type=int, help="training processes per node (default: the profile's)")
     common.add_argument("--shards", required=True, help="shards directory (python -m shards pack)")
     common.add_argument("--runs", required=True, help="folder of the run directories")
-    common.add_argument("--report", help="report directory (default: RUNS/report; ablate: RUNS/reports/resR)")
+    common.add_argument("--report", help="report directory (default: RUNS/report)")
     common.add_argument("--split", default="test", help="split the evaluator reports (default: test)")
     common.add_argument("--logs", help="submitit logs and pickles (default: RUNS/submitit)")
     common.add_argument("--name", default="run", help="run name: its dir is RUNS/NAME (train); job name prefix")
@@ -301,9 +469,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evaluate", action="store_true", help="also evaluate the run after it finishes")
     p = sub.add_parser("ensemble", parents=[common], help="ensemble members as an array, then the evaluator")
     p.add_argument("--ensemble", default="default", help="ensemble config: name in launch/ensembles/ or a path")
-    p = sub.add_parser("ablate", parents=[common], help="one model at several resolutions, each evaluated")
+    p = sub.add_parser("ablate", parents=[common], help="a sweep (resolutions, --grid, seeds), then one comparison report",
+                       description="Train one run per resolution × --grid value × seed with the same effective "
+                       "batch and schedule, then write RUNS/report/ablation.md (python -m cxr.ablation report). "
+                       "Put key=value overrides before --grid.")
     p.add_argument("--config", help="training config (cxr/configs/*.yaml)")
-    p.add_argument("--resolutions", type=int, nargs="+", default=[224, 512, 1024], help="default: 224 512 1024")
+    p.add_argument("--resolutions", type=int, nargs="+", default=None,
+                   help="training resolutions (default: 224 512 1024, or none when --grid is given)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds per point (default: the config's)")
+    p.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2",
+                   help="also sweep config keys, e.g. loss.name=bce,focal model.name=densenet121,resnet50")
+    p.add_argument("--effective-batch", type=int, default=None,
+                   help="micro-batch × accumulation of every run (default: the config's batch × accumulation)")
+    p.add_argument("--no-probe", dest="probe", action="store_false",
+                   help="keep the config's micro-batch (accumulation from --effective-batch) instead of probing memory")
+    p.add_argument("--probe-fraction", type=float, default=0.8, help="share of device memory the probe may fill (0.8)")
+    p.add_argument("--reference", default=None, help="variant the report compares against (default: the lowest)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples of the report (default 1000)")
     return parser
 
 

@@ -123,6 +123,10 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
                    "independent draws with the same floor")
     p.add_argument("--workers", type=int, default=None,
                    help="processes (default: CPU count); the output bytes do not depend on it")
+    p.add_argument("--fine-detail", default=None, metavar="LABEL",
+                   help="draw LABEL as tiny bright nodules ~2 px wide at this resolution, which only "
+                   "survive at high resolution (for resolution studies); default: every label's "
+                   "usual signature")
 
 
 def build_parser() -> argparse.ArgumentParser:

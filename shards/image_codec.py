@@ -28,6 +28,9 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CODEC_EXT = {"png": "png", "jpeg": "jpg", "j2k": "jp2", "ljpeg": "ljpeg"}
 _COLOUR_TYPES = {0: "grey", 2: "RGB", 3: "palette", 4: "grey+alpha", 6: "RGBA"}
 RESAMPLE = Image.Resampling.LANCZOS  # antialiasing for large down-scales (1024 → 224)
+# The one resize filter of cxr: `pack --resize` and both loaders' on-the-fly resize call
+# resize_grey, so a model sees the same pixels from derived shards as from masters.
+RESIZE_FILTER = "PIL Lanczos (antialiased, a=3)"
 
 
 class BadImage(Exception):
@@ -224,4 +227,9 @@ def resize_encoded(data: bytes, size: int, codec: str, quality: int = 95) -> byt
     image = decode_grey(data, codec)
     if image.mode != "L":
         raise BadImage(f"master image is {image.mode}, expected L")
-    return encode(image.resize((size, size), RESAMPLE), codec, quality)
+    return encode(resize_grey(image, size), codec, quality)
+
+
+def resize_grey(image: Image.Image, size: int) -> Image.Image:
+    """size×size with RESIZE_FILTER (the filter of derived shards and of on-the-fly resizing)."""
+    return image.resize((size, size), RESAMPLE)

@@ -421,6 +421,27 @@ def _pneumothorax(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Genera
     return footprint_box(np.maximum(air, line * mask))
 
 
+def _fine_detail(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Generator) -> list[tuple[int, int, int, int]]:
+    """Tiny bright nodules about 2 px wide AT THE SYNTH RESOLUTION (``--fine-detail LABEL``).
+
+    Sized in pixels, not in image units, so that the finding survives only when the
+    image is seen near its synth resolution: downsampled 4× its contrast drops ~16×
+    into the lung texture, 8× ~64×. The resolution study's tests use it as the label
+    whose AUROC must rise with resolution. Returns the boxes (x, y, w, h) it drew, in
+    pixels of the canvas.
+    """
+    boxes = []
+    radius = 1.1 / cv.size
+    for _ in range(int(rng.integers(3, 6))):
+        lung = _side(a, rng)
+        x, y = lung.point(rng)
+        img += 0.55 * cv.ellipse(x, y, radius, radius, edge=0.5 / cv.size)
+        half = max(1, int(np.ceil(radius * cv.size)))
+        px, py = int(x * cv.size), int(y * cv.size)
+        boxes.append((px - half, py - half, 2 * half + 1, 2 * half + 1))
+    return boxes
+
+
 _SIGNATURES = {
     "Atelectasis": _atelectasis, "Consolidation": _consolidation, "Edema": _edema,
     "Effusion": _effusion, "Fibrosis": _fibrosis, "Hernia": _hernia, "Infiltration": _infiltration,
@@ -429,12 +450,17 @@ _SIGNATURES = {
 }  # Cardiomegaly, Emphysema: geometry only (see _anatomy)
 
 
-def render(case: Case, seed: int, resolution: int) -> np.ndarray:
-    """Draw one phantom: uint8 [resolution, resolution]; same (case, seed) → same pixels."""
-    return render_with_boxes(case, seed, resolution)[0]
+def render(case: Case, seed: int, resolution: int, fine_detail: str | None = None) -> np.ndarray:
+    """Draw one phantom: uint8 [resolution, resolution]; same (case, seed) → same pixels.
+
+    ``fine_detail``: a label whose signature is replaced by :func:`_fine_detail` (tiny
+    nodules that only survive at high resolution); None keeps the default signatures.
+    """
+    return render_with_boxes(case, seed, resolution, fine_detail)[0]
 
 
-def render_with_boxes(case: Case, seed: int, resolution: int) -> tuple[np.ndarray, list[tuple[str, Box]]]:
+def render_with_boxes(case: Case, seed: int, resolution: int, fine_detail: str | None = None
+                      ) -> tuple[np.ndarray, list[tuple[str, Box]]]:
     """One phantom and where its findings were drawn: (uint8 [R, R], [(label, (x, y, w, h))])."""
     rng_patient = np.random.default_rng([seed, case.patient])
     rng = np.random.default_rng([seed, case.patient, case.follow_up + 1])
@@ -445,7 +471,9 @@ def render_with_boxes(case: Case, seed: int, resolution: int) -> tuple[np.ndarra
     if case.labels[LABELS.index("Cardiomegaly")]:  # drawn by _base: the (enlarged) heart
         boxes += [("Cardiomegaly", b) for b in footprint_box(cv.ellipse(*anatomy.heart, edge=0.012))]
     for name, on in zip(LABELS, case.labels):
-        if on and name in _SIGNATURES:
+        if on and name == fine_detail:
+            boxes += [(name, b) for b in _fine_detail(cv, anatomy, img, rng)]
+        elif on and name in _SIGNATURES:
             boxes += [(name, b) for b in _SIGNATURES[name](cv, anatomy, img, rng)]
     return _finish(cv, img, rng), boxes
 
@@ -458,10 +486,10 @@ def _png_bytes(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _write_one(task: tuple[Case, int, int, str]) -> tuple[int, list[tuple[str, Box]]]:
+def _write_one(task: tuple[Case, int, int, str, str | None]) -> tuple[int, list[tuple[str, Box]]]:
     """Worker: render one case and write its PNG atomically; returns (bytes written, its boxes)."""
-    case, seed, resolution, folder = task
-    pixels, boxes = render_with_boxes(case, seed, resolution)
+    case, seed, resolution, folder, fine_detail = task
+    pixels, boxes = render_with_boxes(case, seed, resolution, fine_detail)
     data = _png_bytes(pixels)
     with atomic_write(Path(folder) / case.image, "wb") as fh:
         fh.write(data)
@@ -498,9 +526,9 @@ def _check_out(out: Path, cases: list[Case]) -> Path:
     return images
 
 
-def _render_all(cases: list[Case], seed: int, resolution: int, images: Path, workers: int
-                ) -> tuple[int, dict[str, list[tuple[str, Box]]]]:
-    tasks = [(c, seed, resolution, str(images)) for c in cases]
+def _render_all(cases: list[Case], seed: int, resolution: int, images: Path, workers: int,
+                fine_detail: str | None = None) -> tuple[int, dict[str, list[tuple[str, Box]]]]:
+    tasks = [(c, seed, resolution, str(images), fine_detail) for c in cases]
     bar = tqdm(total=len(tasks), desc="synth", unit=" img")
     total, boxes = 0, {}
     if workers <= 1:
@@ -523,12 +551,15 @@ def run(args) -> int:
     """CLI: write N phantom images, the NIH-format metadata CSV and official-style split lists."""
     if args.n < 1 or args.resolution < 32:
         raise CxrError(f"--n {args.n} / --resolution {args.resolution}: need n ≥ 1 and resolution ≥ 32")
+    fine_detail = getattr(args, "fine_detail", None)
+    if fine_detail is not None and fine_detail not in LABELS:
+        raise CxrError(f"--fine-detail {fine_detail}: not a label — use one of {', '.join(LABELS)}")
     start = time.perf_counter()
     out = Path(args.out)
     cases = plan_cases(args.n, args.seed, LabelSampler(args.metadata))
     images = _check_out(out, cases)
     workers = args.workers or os.cpu_count() or 1
-    nbytes, boxes = _render_all(cases, args.seed, args.resolution, images, min(workers, len(cases)))
+    nbytes, boxes = _render_all(cases, args.seed, args.resolution, images, min(workers, len(cases)), fine_detail)
     atomic_write_text(out / "Data_Entry_2017.csv", metadata_csv(cases, args.resolution))
     atomic_write_text(out / "boxes.csv", boxes_csv(cases, boxes))
     test = test_patients(cases, args.seed)
@@ -539,5 +570,6 @@ def run(args) -> int:
     took = time.perf_counter() - start
     print(f"synth: {len(cases):,} images of {cases[-1].patient:,} patients, {args.resolution} px, seed {args.seed}, "
           f"{nbytes / 1e6:.1f} MB → {out} in {took:.1f} s ({len(cases) / took:.0f} img/s); "
-          f"fewest positives: {LABELS[rarest]} {int(positives[rarest])}")
+          f"fewest positives: {LABELS[rarest]} {int(positives[rarest])}"
+          + (f"; {fine_detail} drawn as fine detail (~2 px nodules)" if fine_detail else ""))
     return 0

@@ -315,15 +315,28 @@ def test_other_label_set_is_refused(members, shards_dir, tmp_path):
         evaluate_main(run_args([members[1], run], shards_dir, tmp_path / "out"))
 
 
-def test_other_resolution_refused_unless_resolution_given(members, shards_dir, tmp_path):
+def test_mixed_resolutions_each_member_at_its_own(members, shards_dir, tmp_path):
     run = copy_member(members[1], tmp_path / "res32")
     config = yaml.safe_load((run / "config.yaml").read_text())
     config["data"]["resolution"] = 32
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     meta_path = run / "checkpoints" / "best" / "meta.json"
     meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "resolution": 32}))
-    with pytest.raises(CxrError, match="--resolution"):
-        evaluate_main(run_args([members[0], run], shards_dir, tmp_path / "out", "--thresholds-from", "none"))
+    mixed = tmp_path / "mixed"
+    assert evaluate_main(run_args([members[0], run], shards_dir, mixed, "--thresholds-from", "none")) == 0
+    infos = json.loads((mixed / "members.json").read_text())
+    assert [(i["train_resolution"], i["eval_resolution"]) for i in infos] == [(RES, RES), (32, 32)]
+    # Reference: each member evaluated alone, in its own evaluator run, at its resolution.
+    alone = {}
+    for name, r, res in (("a", members[0], RES), ("b", run, 32)):
+        assert evaluate_main(run_args([r], shards_dir, tmp_path / name, "--thresholds-from", "none",
+                                      "--resolution", str(res))) == 0
+        frame = pd.read_parquet(tmp_path / name / "predictions.parquet")
+        alone[Path(r).name] = frame[frame.member != "ensemble"].sort_values("key")
+    frame = pd.read_parquet(mixed / "predictions.parquet")
+    for member, ref in alone.items():
+        got = frame[frame.member == member].sort_values("key")
+        np.testing.assert_allclose(got[list(LABELS)].to_numpy(), ref[list(LABELS)].to_numpy(), atol=1e-6)
     out = tmp_path / "resized"
     assert evaluate_main(run_args([members[0], run], shards_dir, out, "--thresholds-from", "none",
                                   "--resolution", str(RES))) == 0

@@ -211,3 +211,36 @@ def test_nodule_boxes_hold_the_bright_lesion(tmp_path):
         brighter += inner > outer
         total += 1
     assert total >= 5 and brighter >= 0.9 * total, (brighter, total)
+
+def test_fine_detail_survives_only_at_high_resolution(tmp_path):
+    """--fine-detail: other images byte-identical to the default; the label's tiny nodules are
+    found by a plain top-hat detector at the synth resolution, not after downsampling 4×."""
+    from scipy.ndimage import median_filter
+
+    base = _synth(tmp_path / "base", 160, "--workers", "2", resolution=128, seed=1)
+    fine = _synth(tmp_path / "fine", 160, "--workers", "2", "--fine-detail", "Nodule", resolution=128, seed=1)
+    rows = _rows(fine)
+    y = np.array(["Nodule" in r["Finding Labels"].split("|") for r in rows])
+    assert 5 <= y.sum() < len(y) - 5
+    for r, positive in zip(rows, y):
+        same = (base / "images" / r["Image Index"]).read_bytes() == (fine / "images" / r["Image Index"]).read_bytes()
+        assert same != positive, r["Image Index"]
+
+    def tophat_auroc(size: int) -> float:
+        peaks = []
+        for r in rows:
+            im = Image.open(fine / "images" / r["Image Index"])
+            if size != 128:
+                im = im.resize((size, size), Image.LANCZOS)
+            a = np.asarray(im, dtype=np.float64)
+            c = size // 4
+            peaks.append((a - median_filter(a, size=5))[c:3 * c, size // 8:7 * size // 8].max())
+        return roc_auc_score(y, peaks)
+
+    assert tophat_auroc(128) > 0.95
+    assert tophat_auroc(32) < 0.7
+
+
+def test_fine_detail_unknown_label(tmp_path, capsys):
+    assert main(["synth", "--out", str(tmp_path / "x"), "--n", "4", "--fine-detail", "Nodules"]) == 2
+    assert "--fine-detail Nodules: not a label" in capsys.readouterr().err

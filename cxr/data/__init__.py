@@ -10,6 +10,6 @@ augmentation.py for the pixel path.
 """
 from cxr.data.config import DataConfig
 from cxr.data.loader import Loader, build_loader
-from cxr.data.shard_index import load_shards_manifest
+from cxr.data.shard_index import image_source, load_shards_manifest
 
-__all__ = ["DataConfig", "Loader", "build_loader", "load_shards_manifest"]
+__all__ = ["DataConfig", "Loader", "build_loader", "image_source", "load_shards_manifest"]

@@ -2,7 +2,8 @@
 
 Pipeline order (both back ends):
 
-  decode → grey uint8 → resize to R×R (bilinear, antialiased; skipped when already R×R)
+  decode → grey uint8 → resize to R×R (shards.image_codec.resize_grey, the filter of
+  `pack --resize`: PIL Lanczos, antialiased; skipped when already R×R)
   → [train & augment] one affine warp combining h-flip, rotation, zoom, shift
     (bilinear, black fill, rounded back to uint8)
   → x = pixel / 255 → [train & augment] y = clip(b · (0.5 + c · (x − 0.5)), 0, 1)

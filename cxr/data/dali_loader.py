@@ -1,4 +1,8 @@
-"""The DALI back end: encoded bytes → decode (CPU, or GPU with device "mixed") → resize → augment → normalize.
+"""The DALI back end: encoded bytes → decode (CPU, or GPU with device "mixed") → augment → normalize.
+
+Resizing on the fly (masters at another resolution than asked) decodes and resizes in the
+external source with `pack --resize`'s filter (shards.image_codec.resize_grey), so both
+back ends and derived shards give the same pixels; derived `resN/` shards avoid that cost.
 
 Why `fn.external_source` and not `fn.readers.webdataset`: the reader shards by sample
 count per rank and shuffles with a buffer, so it cannot give the training contract —
@@ -157,12 +161,14 @@ class _Feed:
                 image, _, _ = self.reader.read(int(i), check_image=False)
                 if self.o.check_size:
                     _check_size(image, self.o.res, self.reader.index, int(i))
+                if self.o.resize:  # masters resized on the fly: pixels, with pack's filter
+                    pixels = _decode_resize(image, self.o.res, self.reader.index, int(i))
             except CorruptSample as corrupt:
                 self.bad.add(int(i))  # a restart must not report it twice
                 self.on_corrupt(corrupt)
                 continue
             keep.append(int(i))
-            data.append(np.frombuffer(image, np.uint8))
+            data.append(pixels if self.o.resize else np.frombuffer(image, np.uint8))
         if not data:
             index = self.o.index
             raise all_corrupt_error([index.shard_paths[index.shard[i]] for i in ids], [index.keys[i] for i in ids])
@@ -205,11 +211,15 @@ def _pipeline(o: DaliBatches, source):
     def pipe():
         n_out = 4 if o.augment else 1  # augmentation parameters only when augmenting
         inputs = fn.external_source(source=source, num_outputs=n_out, batch=True,
-                                    dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.FLOAT][:n_out])
-        encoded = inputs[0]
-        image = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.GRAY)
+                                    dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.FLOAT][:n_out],
+                                    layout=["HWC" if o.resize else "", "", "", ""][:n_out])
         if o.resize:
-            image = fn.resize(image, size=[res, res], interp_type=types.INTERP_LINEAR, antialias=True)
+            # Decoded and resized by the source with `pack --resize`'s filter (DALI's own Lanczos
+            # differs from PIL's by up to 16 grey levels on NIH images, its linear by up to 48);
+            # pack derived shards (`--resize R`) to keep this off the training path.
+            image = inputs[0].gpu() if gpu else inputs[0]
+        else:
+            image = fn.decoders.image(inputs[0], device="mixed" if gpu else "cpu", output_type=types.GRAY)
         if not o.augment:
             return fn.crop_mirror_normalize(image, dtype=types.FLOAT, output_layout="CHW",
                                             mean=[cfg.mean * 255], std=[cfg.std * 255])
@@ -237,6 +247,13 @@ def all_corrupt_error(shards: list, keys: list[str]) -> CxrError:
     """Dropping a whole batch would desynchronise the ranks' batch counts (DDP hangs): stop instead."""
     return CxrError(f"{', '.join(sorted(set(map(str, shards))))}: every sample of a batch is corrupt ({keys}) — "
                     "re-pack these shards (python -m shards verify lists all bad samples)")
+
+
+def _decode_resize(image: bytes, res: int, index: SplitIndex, i: int) -> np.ndarray:
+    """Encoded image → uint8 [res, res, 1] with the wds back end's decode and pack's filter."""
+    from cxr.data.wds_loader import decode_resize
+
+    return decode_resize(image, res, index, i)[..., None]
 
 
 def _check_size(image: bytes, res: int, index: SplitIndex, i: int) -> None:

@@ -56,6 +56,23 @@ def load_shards_manifest(shards_dir: str | os.PathLike, resolution: int) -> tupl
     return root, manifest
 
 
+def image_source(shards_dir: str | os.PathLike, resolution: int) -> dict:
+    """What a run at ``resolution`` reads, for meta.json and train.log: derived ``resN/`` shards,
+    masters at their native size, or masters resized on the fly — with the resize filter."""
+    from shards.image_codec import RESIZE_FILTER
+
+    root = Path(shards_dir)
+    if (root / f"res{resolution}" / "manifest.json").is_file():
+        return {"source": f"derived {root / f'res{resolution}'}", "resize_filter": f"{RESIZE_FILTER}, at pack time"}
+    try:
+        native = json.loads((root / "manifest.json").read_text()).get("resolution")
+    except (OSError, ValueError):
+        return {"source": f"unknown (no readable {root / 'manifest.json'})", "resize_filter": None}
+    if native == resolution:
+        return {"source": f"masters {root} at their native {resolution} px", "resize_filter": None}
+    return {"source": f"masters {root} resized on the fly to {resolution} px", "resize_filter": RESIZE_FILTER}
+
+
 def _read_manifest(path: Path) -> dict:
     try:
         manifest = json.loads(path.read_text())

@@ -101,10 +101,11 @@ class DecodedSamples:
 
 
 def decode_resize(image: bytes, res: int, index: SplitIndex, i: int) -> np.ndarray:
-    """Encoded image → grey uint8 [res, res] (PIL bilinear, antialiased, when not already res×res)."""
+    """Encoded image → grey uint8 [res, res] (resized, when not already res×res, with the filter of
+    `pack --resize`: shards.image_codec.resize_grey)."""
     from PIL import Image
 
-    from shards.image_codec import decode_ljpeg
+    from shards.image_codec import decode_ljpeg, resize_grey
 
     try:
         if index.codec == "ljpeg":
@@ -118,7 +119,7 @@ def decode_resize(image: bytes, res: int, index: SplitIndex, i: int) -> np.ndarr
     if im.mode != "L":
         im = im.convert("L")  # RGBA/RGB radiographs have R=G=B (SPEC); I;16 would lose bits here
     if im.size != (res, res):
-        im = im.resize((res, res), Image.BILINEAR)
+        im = resize_grey(im, res)
     return np.array(im)  # writable copy for torch.from_numpy
 
 

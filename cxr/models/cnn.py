@@ -32,9 +32,9 @@ def conv_block(c_in: int, c_out: int) -> nn.Sequential:
 class ConvBlocks(nn.Module):
     """[B,in,H,W] → [B,512,H/32,W/32] through the five blocks, optionally checkpointed."""
 
-    def __init__(self, in_chans: int, grad_checkpointing: bool = False):
+    def __init__(self, in_chans: int, grad_checkpointing: bool = False, widths: tuple[int, ...] = WIDTHS):
         super().__init__()
-        widths = (in_chans, *WIDTHS)
+        widths = (in_chans, *widths)
         self.blocks = nn.ModuleList(conv_block(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.grad_checkpointing = grad_checkpointing
 
@@ -45,12 +45,19 @@ class ConvBlocks(nn.Module):
         return x
 
 
-def build(args: BuildArgs, *, stem_size: int = 224) -> CxrClassifier:
-    """Five conv blocks → GAP → (meta fusion) → dropout → linear."""
+def build(args: BuildArgs, *, stem_size: int = 224, width: int = 32) -> CxrClassifier:
+    """Five conv blocks → GAP → (meta fusion) → dropout → linear.
+
+    ``width``: channels of the first block (32: the baseline's 32→512); the others double.
+    Small widths (e.g. 8) make the fast phantom sweeps of the tests and demos.
+    """
+    if width < 1:
+        raise CxrError(f"model.width={width}: must be ≥ 1 (default 32)")
+    widths = tuple(width * 2**i for i in range(len(WIDTHS)))
     if args.pretrained is not None:
         raise CxrError(f"{args.pretrained}: cnn is trained from scratch and has no pretrained weights — "
                        "pass pretrained=None (resume a cxr checkpoint through training instead)")
-    trunk = ConvBlocks(args.in_chans, args.grad_checkpointing)
-    head = Head(WIDTHS[-1], args.num_labels, metadata=args.metadata, meta_dim=args.meta_dim, dropout=args.dropout)
+    trunk = ConvBlocks(args.in_chans, args.grad_checkpointing, widths)
+    head = Head(widths[-1], args.num_labels, metadata=args.metadata, meta_dim=args.meta_dim, dropout=args.dropout)
     return CxrClassifier(name="cnn", stem=make_stem(args, stem_size), trunk=trunk, cam_layer=trunk.blocks[-1],
                          pool=GlobalAvgPool(), head=head, pooled_linear=True, channels_last=args.channels_last)

@@ -1,0 +1,510 @@
+"""`python -m cxr.ablation report` — compare the runs of a sweep on the same test images.
+
+    python -m cxr.ablation report --runs RUN [RUN ...] --out DIR [--shards DIR] [--split test]
+                                  [--by data.resolution] [--reference R] [--bootstrap 1000]
+    python -m cxr.ablation report --from-predictions DIR/predictions.parquet --runs RUN ... --out DIR2
+
+The question it answers: what does a setting (by default the training resolution)
+buy, per label, and is the difference real? Each run is inferred on the split with
+``cxr.evaluate``'s inference (each member at its own training resolution: one pass
+over the split per distinct resolution), then, on those predictions:
+
+- per variant (a value of ``--by``; the runs sharing it are its seeds) and label:
+  test AUROC with a 95 % percentile-bootstrap CI; with several seeds the variant is
+  scored by the mean of its seeds' probabilities (a seed ensemble) and the table adds
+  the mean ± sd across seeds of the single runs' AUROCs next to the CI;
+- "ensemble of all": the mean probability over every run of the sweep;
+- per variant and label, the difference against the reference variant (default: the
+  lowest): ΔAUROC, a paired bootstrap CI (images resampled once per replicate, shared
+  by both), DeLong's paired test (z, p) and the Holm-adjusted p across the labels,
+  ``significant`` when the adjusted p < alpha;
+- per run: training images/s, seconds per epoch, peak memory (throughput.csv), the
+  micro-batch × accumulation and activation checkpointing (config.yaml).
+
+Writes DIR/ablation.md, ablation.csv (variant × label), runs.csv (per run),
+predictions.parquet (cxr.evaluate's format: re-analyse with --from-predictions),
+auroc_vs_<key>.png (one panel per label, the mean first) and delta_vs_<ref>.png.
+The statistics live in ``cxr.metrics`` (paired_delong, paired_bootstrap_delta, holm).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from cxr.report import MEAN, ScoreSet
+from shards.atomic import atomic_write_text
+from shards.errors import CxrError, cli_entry
+from shards.labels import LABELS
+
+ALL = "ensemble of all"
+DEFAULT_BY = "data.resolution"
+
+
+# ------------------------------------------------------------------ the sweep's runs ----
+
+@dataclass
+class Run:
+    """One run of the sweep: its member name in the predictions, its variant and seed."""
+
+    name: str
+    run_dir: Path
+    variant: Any
+    seed: Any
+    config: dict[str, Any]
+
+
+def config_value(config: dict[str, Any], key: str) -> Any:
+    """``config['a']['b']`` for key ``a.b`` (None when absent)."""
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def read_runs(run_dirs: Sequence[str | Path], by: Sequence[str]) -> list[Run]:
+    """The runs' configs and their variant (the values of ``by``) and seed."""
+    from cxr.evaluate import _read_yaml, member_names
+
+    runs = []
+    for run_dir, name in zip(run_dirs, member_names(run_dirs)):
+        config = _read_yaml(Path(run_dir) / "config.yaml")
+        values = [config_value(config, key) for key in by]
+        missing = [k for k, v in zip(by, values) if v is None]
+        if missing:
+            raise CxrError(f"{run_dir}/config.yaml: no {missing[0]} — --by names config keys every run has")
+        variant = values[0] if len(values) == 1 else ",".join(f"{k}={v}" for k, v in zip(by, values))
+        runs.append(Run(name, Path(run_dir), variant, config_value(config, "train.seed"), config))
+    return runs
+
+
+def variant_order(runs: Sequence[Run]) -> list[Any]:
+    """Variants in ascending order (numbers numerically, else as first seen)."""
+    variants = list(dict.fromkeys(r.variant for r in runs))
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in variants):
+        return sorted(variants)
+    return variants
+
+
+# ------------------------------------------------------------------ the analysis ----
+
+def variant_scores(scores: ScoreSet, runs: Sequence[Run], order: Sequence[Any]) -> ScoreSet:
+    """Score sets per variant (mean probability of its seeds) and the ensemble of all runs."""
+    by_variant = {}
+    for v in order:
+        members = [scores.scores[r.name] for r in runs if r.variant == v]
+        by_variant[str(v)] = np.mean(members, axis=0)
+    by_variant[ALL] = np.mean([scores.scores[r.name] for r in runs], axis=0)
+    return ScoreSet(keys=scores.keys, y_true=scores.y_true, scores=by_variant)
+
+
+def _seed_spread(run_aucs: pd.DataFrame, runs: Sequence[Run]) -> pd.DataFrame:
+    """Mean ± sd (ddof 1) across a variant's seeds of the single runs' AUROCs."""
+    variant_of = {r.name: str(r.variant) for r in runs}
+    frame = run_aucs.assign(variant=run_aucs["member"].map(variant_of))
+    grouped = frame.groupby(["variant", "label"], sort=False)["auroc"]
+    return pd.DataFrame({"seeds": grouped.size(), "seeds_mean": grouped.mean(),
+                         "seeds_sd": grouped.std(ddof=1)}).reset_index()
+
+
+def compare(y: np.ndarray, score: np.ndarray, reference: np.ndarray, n_boot: int, seed: int,
+            alpha: float) -> pd.DataFrame:
+    """Per label (+ mean): ΔAUROC vs the reference, paired bootstrap CI, DeLong z/p, Holm p."""
+    from cxr.metrics import bootstrap_counts, holm, paired_bootstrap_delta, paired_delong
+
+    tests = [paired_delong(y[:, c], score[:, c], reference[:, c]) for c in range(y.shape[1])]
+    p = np.array([t["p"] for t in tests])
+    p_holm = holm(p)
+    if n_boot > 0:
+        # The same seed for every variant: all comparisons share one set of resamples.
+        boot = paired_bootstrap_delta(y, score, reference, alpha=alpha, counts=bootstrap_counts(len(y), n_boot, seed))
+    else:
+        nan = np.full(y.shape[1], np.nan)
+        boot = {"ci_low": nan, "ci_high": nan, "mean_ci_low": np.nan, "mean_ci_high": np.nan}
+    rows = []
+    for c, label in enumerate(LABELS[:y.shape[1]]):
+        rows.append({"label": label, "delta": tests[c]["delta"], "delta_ci_low": boot["ci_low"][c],
+                     "delta_ci_high": boot["ci_high"][c], "delong_z": tests[c]["z"], "p": p[c],
+                     "p_holm": p_holm[c], "significant": bool(p_holm[c] < alpha) if np.isfinite(p_holm[c]) else False})
+    deltas = np.array([t["delta"] for t in tests])
+    rows.append({"label": MEAN, "delta": float(np.nanmean(deltas)) if np.isfinite(deltas).any() else np.nan,
+                 "delta_ci_low": boot["mean_ci_low"], "delta_ci_high": boot["mean_ci_high"],
+                 "delong_z": np.nan, "p": np.nan, "p_holm": np.nan,
+                 # the mean has no DeLong test; its bootstrap CI excluding 0 is the criterion
+                 "significant": bool(np.isfinite(boot["mean_ci_low"]) and
+                                     (boot["mean_ci_low"] > 0 or boot["mean_ci_high"] < 0))})
+    return pd.DataFrame(rows)
+
+
+def analyse_sweep(scores: ScoreSet, runs: Sequence[Run], reference: Any = None, n_boot: int = 1000,
+                  seed: int = 0, alpha: float = 0.05, by: str = DEFAULT_BY) -> dict[str, Any]:
+    """Every table of the report from the runs' predictions (``scores``: one member per run)."""
+    from cxr.report import auc_table
+
+    order = variant_order(runs)
+    if reference is None:
+        reference = order[0]
+    matches = [v for v in order if str(v) == str(reference)]
+    if not matches:
+        raise CxrError(f"--reference {reference}: not a variant of the sweep (has {order}) — choose one of those")
+    reference = matches[0]
+    per_variant = variant_scores(scores, runs, order)
+    variant_aucs = auc_table(per_variant, n_boot=n_boot, seed=seed, alpha=alpha, progress=False)
+    run_aucs = auc_table(ScoreSet(scores.keys, scores.y_true, {r.name: scores.scores[r.name] for r in runs}),
+                         n_boot=0, progress=False)
+    table = variant_aucs.rename(columns={"member": "variant"}).merge(
+        _seed_spread(run_aucs, runs), on=["variant", "label"], how="left")
+    comparisons = []
+    ref_score = per_variant.scores[str(reference)]
+    for v in [*map(str, order), ALL]:
+        if v == str(reference):
+            continue
+        frame = compare(scores.y_true, per_variant.scores[v], ref_score, n_boot, seed, alpha)
+        comparisons.append(frame.assign(variant=v))
+    comparison = pd.concat(comparisons, ignore_index=True) if comparisons else pd.DataFrame(
+        columns=["variant", "label", "delta"])
+    table = table.merge(comparison, on=["variant", "label"], how="left")
+    table.insert(0, "by", by)
+    table["reference"] = str(reference)
+    return {"table": table, "run_aucs": run_aucs, "order": [str(v) for v in order], "reference": str(reference),
+            "alpha": alpha, "n_boot": n_boot, "by": by}
+
+
+# ------------------------------------------------------------------ training costs ----
+
+def run_costs(runs: Sequence[Run]) -> pd.DataFrame:
+    """Per run: variant, seed, micro-batch, accumulation, checkpointing, images/s, s/epoch, peak memory."""
+    rows = []
+    for r in runs:
+        data, train, model = (r.config.get(k) or {} for k in ("data", "train", "model"))
+        row = {"run": r.name, "variant": str(r.variant), "seed": r.seed, "resolution": data.get("resolution"),
+               "micro_batch": data.get("batch_size"), "grad_accum": train.get("grad_accum_steps", 1),
+               "checkpointing": model.get("grad_checkpointing", False)}
+        row["effective_batch"] = (row["micro_batch"] or 0) * (row["grad_accum"] or 1)
+        speed = r.run_dir / "throughput.csv"  # written by cxr.train, one row per epoch
+        frame = pd.read_csv(speed) if speed.is_file() else pd.DataFrame()
+        for column, out in (("train_images_per_s", "images_per_s"), ("epoch_seconds", "s_per_epoch"),
+                            ("peak_memory_mb", "peak_memory_mb")):
+            row[out] = float(frame[column].median()) if column in frame and len(frame) else np.nan
+        if "peak_memory_mb" in frame and len(frame):
+            row["peak_memory_mb"] = float(frame["peak_memory_mb"].max())
+        row["epochs"] = len(frame)
+        row["image_source"] = _image_source(r.run_dir)
+        probe = r.run_dir / "probe.json"
+        row["probe_peak_mb"] = json.loads(probe.read_text()).get("peak_mb") if probe.is_file() else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _image_source(run_dir: Path) -> str:
+    """The images a run trained on, from its best checkpoint's meta.json (cxr.train)."""
+    meta = run_dir / "checkpoints" / "best" / "meta.json"
+    try:
+        images = json.loads(meta.read_text()).get("images") or {}
+    except (OSError, ValueError):
+        return "—"
+    return images.get("source", "—") + (f" ({images['resize_filter']})" if images.get("resize_filter") else "")
+
+
+def cost_summary(costs: pd.DataFrame) -> pd.DataFrame:
+    """Per variant: mean ± sd across seeds of images/s, s/epoch, peak memory; the batch layout."""
+    out = []
+    for variant, part in costs.groupby("variant", sort=False):
+        row = {"variant": variant, "runs": len(part),
+               "micro-batch × accum": ", ".join(sorted({f"{int(a)}×{int(b)}" for a, b in
+                                                        zip(part.micro_batch.fillna(0), part.grad_accum.fillna(1))})),
+               "checkpointing": ", ".join(sorted({str(bool(c)) for c in part.checkpointing}))}
+        for column, title in (("images_per_s", "images/s"), ("s_per_epoch", "s/epoch"),
+                              ("peak_memory_mb", "peak MB")):
+            values = part[column].dropna()
+            row[title] = _mean_sd(values.to_numpy(), 1 if column != "peak_memory_mb" else 0)
+        row["images"] = "; ".join(sorted(set(part.image_source)))
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def _mean_sd(values: np.ndarray, digits: int) -> str:
+    if values.size == 0:
+        return "—"
+    if values.size == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
+
+
+# ------------------------------------------------------------------ report ----
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    return "—" if x is None or not np.isfinite(float(x)) else f"{float(x):.{digits}f}"
+
+
+def _p(x: Any) -> str:
+    if x is None or not np.isfinite(float(x)):
+        return "—"
+    return f"{x:.2g}" if x >= 1e-4 else "<1e-4"
+
+
+def auroc_markdown(table: pd.DataFrame, order: Sequence[str]) -> str:
+    """Label × variant AUROC [95 % CI] (and mean ± sd across seeds when > 1)."""
+    from cxr.report import _markdown
+
+    wide = pd.DataFrame(index=[MEAN, *LABELS])
+    for v in [*order, ALL]:
+        part = table[table.variant == v].set_index("label")
+        cells = []
+        for label in wide.index:
+            r = part.loc[label]
+            cell = f"{_fmt(r.auroc)} [{_fmt(r.ci_low, 2)}, {_fmt(r.ci_high, 2)}]"
+            if v != ALL and r.get("seeds", 1) and float(r.get("seeds", 1)) > 1:
+                cell += f" (seeds {_fmt(r.seeds_mean)} ± {_fmt(r.seeds_sd)})"
+            cells.append(cell)
+        wide[v] = cells
+    wide.index.name = "label"
+    return _markdown(wide)
+
+
+def delta_markdown(table: pd.DataFrame, order: Sequence[str], reference: str) -> str:
+    """Label × variant: ΔAUROC vs the reference [paired bootstrap CI], Holm p, significance mark."""
+    from cxr.report import _markdown
+
+    wide = pd.DataFrame(index=[MEAN, *LABELS])
+    for v in [*order, ALL]:
+        if v == reference:
+            continue
+        part = table[table.variant == v].set_index("label")
+        wide[f"{v} − {reference}"] = [
+            f"{_fmt(r.delta, 3)} [{_fmt(r.delta_ci_low, 3)}, {_fmt(r.delta_ci_high, 3)}] "
+            f"p={_p(r.p)} p_Holm={_p(r.p_holm)}{' **✓**' if r.significant else ''}"
+            for r in (part.loc[label] for label in wide.index)]
+    wide.index.name = "label"
+    return _markdown(wide)
+
+
+def report_markdown(result: dict[str, Any], costs: pd.DataFrame, context: dict[str, Any]) -> str:
+    from cxr.report import _markdown
+
+    table, order, ref = result["table"], result["order"], result["reference"]
+    significant = table[(table.label != MEAN) & table.significant.fillna(False).astype(bool)
+                        & (table.variant != ALL)]
+    gains = ", ".join(f"{r.label} at {r.variant} ({r.delta:+.3f})" for r in significant.itertuples()) or "none"
+    n = int(table.n.iloc[0]) if len(table) else 0
+    lines = [
+        f"# Ablation over `{result['by']}`: {', '.join(order)}",
+        "",
+        f"Split `{context['split']}`, {n} images; {context['runs']} run(s); reference `{ref}`; "
+        f"{result['n_boot']} paired bootstrap resamples; alpha {result['alpha']}. Source: {context['source']}.",
+        "",
+        f"**Significant per-label differences against `{ref}` (DeLong, Holm-corrected over the labels):** {gains}.",
+        "",
+        "## Test AUROC [95 % bootstrap CI]",
+        "",
+        "With several seeds a variant is scored by the mean of its seeds' probabilities; "
+        "the mean ± sd across the single seeds' AUROCs follows in brackets. "
+        f"`{ALL}` is the mean probability of every run of the sweep.",
+        "",
+        auroc_markdown(table, order),
+        "",
+        f"## Difference against `{ref}` (paired, same images)",
+        "",
+        "ΔAUROC [paired bootstrap 95 % CI] with DeLong's two-sided p and the Holm-adjusted p "
+        "across the 14 labels; ✓: adjusted p < alpha (for the mean: bootstrap CI excludes 0).",
+        "",
+        delta_markdown(table, order, ref),
+        "",
+        "## Training cost per variant",
+        "",
+        "images/s and s/epoch are the training loop alone (validation excluded), the median over "
+        "epochs; peak memory is torch.cuda.max_memory_allocated on GPU, peak RSS on CPU; "
+        "mean ± sd across seeds.",
+        "",
+        _markdown(cost_summary(costs), index=False) if len(costs) else "(no runs)",
+        "",
+        "Figures: " + ", ".join(f"`{f}`" for f in context.get("figures", [])) if context.get("figures") else "",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot_auroc(path: Path, result: dict[str, Any]) -> None:
+    """One panel per label (the mean first): AUROC with 95 % CI against the variant."""
+    from cxr.report import _panel_grid, _save_png
+
+    table, order = result["table"], result["order"]
+    plt, fig, axes = _panel_grid(f"test AUROC vs {result['by']} (95 % bootstrap CI)")
+    x = np.arange(len(order))
+    for ax, label in zip(axes, [MEAN, *LABELS]):
+        part = table[table.label == label].set_index("variant")
+        rows = part.loc[order]
+        ax.errorbar(x, rows.auroc, yerr=[rows.auroc - rows.ci_low, rows.ci_high - rows.auroc],
+                    marker="o", capsize=3, color="tab:blue", label="single variant")
+        if ALL in part.index:
+            ax.axhline(part.loc[ALL, "auroc"], color="black", ls="--", lw=1, label=ALL)
+        ax.set_xticks(x, order, fontsize=8)
+        ax.set_title(label, fontsize=11, fontweight="bold" if label == MEAN else None)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    for ax in axes[len(LABELS) + 1:]:
+        ax.axis("off")
+    fig.tight_layout()
+    _save_png(fig, path)
+    plt.close(fig)
+
+
+def plot_delta(path: Path, result: dict[str, Any]) -> None:
+    """One panel per label (the mean first): ΔAUROC vs the reference, paired CI, significant filled."""
+    from cxr.report import _panel_grid, _save_png
+
+    table, ref = result["table"], result["reference"]
+    others = [v for v in [*result["order"], ALL] if v != ref]
+    plt, fig, axes = _panel_grid(f"ΔAUROC vs {ref} (paired bootstrap 95 % CI; filled: Holm-significant)")
+    x = np.arange(len(others))
+    for ax, label in zip(axes, [MEAN, *LABELS]):
+        rows = table[table.label == label].set_index("variant").loc[others]
+        ax.axhline(0, color="grey", lw=1)
+        ax.errorbar(x, rows.delta, yerr=[rows.delta - rows.delta_ci_low, rows.delta_ci_high - rows.delta],
+                    fmt="none", capsize=3, color="tab:red")
+        sig = rows.significant.fillna(False).astype(bool).to_numpy()
+        ax.scatter(x[sig], rows.delta[sig], color="tab:red", zorder=3)
+        ax.scatter(x[~sig], rows.delta[~sig], facecolor="white", edgecolor="tab:red", zorder=3)
+        ax.set_xticks(x, others, fontsize=8)
+        ax.set_title(label, fontsize=11)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(LABELS) + 1:]:
+        ax.axis("off")
+    fig.tight_layout()
+    _save_png(fig, path)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------ orchestration ----
+
+def infer_predictions(args: argparse.Namespace) -> tuple[ScoreSet | None, list[dict[str, Any]]]:
+    """The runs' predictions on ``args.split`` via cxr.evaluate (each member at its own resolution)
+    and their members.json entries; None on ranks other than 0."""
+    from cxr.evaluate import _state, infer_runs
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    eval_args = argparse.Namespace(runs=args.runs, shards=args.shards, resolution=None, backend=args.backend,
+                                   batch_size=args.batch_size, num_threads=args.num_threads,
+                                   loader_device=None, precision=args.precision, cpu=args.cpu)
+    state = _state(eval_args)
+    per_split, infos = infer_runs(eval_args, state, [args.split])
+    if per_split is None:
+        return None, infos
+    return per_split[args.split], infos
+
+
+def _default_shards(runs: Sequence[Run]) -> str:
+    shards = config_value(runs[0].config, "data.shards")
+    if not shards:
+        raise CxrError(f"{runs[0].run_dir}/config.yaml: no data.shards — pass --shards")
+    return str(shards)
+
+
+def write_report(out: Path, result: dict[str, Any], costs: pd.DataFrame, context: dict[str, Any],
+                 figures: bool = True) -> list[Path]:
+    """ablation.md, ablation.csv, runs.csv and the figures, atomically; returns the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "ablation.csv", out / "runs.csv"]
+    atomic_write_text(written[0], result["table"].to_csv(index=False))
+    atomic_write_text(written[1], costs.to_csv(index=False))
+    if figures:
+        key = result["by"].split(".")[-1]
+        names = [f"auroc_vs_{key}.png", f"delta_vs_{result['reference']}.png"]
+        plot_auroc(out / names[0], result)
+        plot_delta(out / names[1], result)
+        context["figures"] = names
+        written += [out / n for n in names]
+    atomic_write_text(out / "ablation.md", report_markdown(result, costs, context))
+    return [out / "ablation.md", *written]
+
+
+def report(args: argparse.Namespace) -> int:
+    from cxr.evaluate import read_predictions, with_ensemble, write_predictions
+
+    start = time.perf_counter()
+    by = args.by
+    runs = read_runs(args.runs, by)
+    out = Path(args.out)
+    if args.from_predictions:
+        per_split = read_predictions(Path(args.from_predictions))
+        if args.split not in per_split:
+            raise CxrError(f"{args.from_predictions}: no split {args.split!r} (has {sorted(per_split)}) — pass --split")
+        scores = per_split[args.split]
+        missing = [r.name for r in runs if r.name not in scores.scores]
+        if missing:
+            raise CxrError(f"{args.from_predictions}: no predictions of run(s) {missing} — "
+                           "pass the same --runs that wrote it")
+        source = f"predictions {args.from_predictions}"
+    else:
+        args.shards = args.shards or _default_shards(runs)
+        scores, infos = infer_predictions(args)
+        if scores is None:  # not rank 0
+            return 0
+        write_predictions(out, {args.split: with_ensemble(scores, "mean-prob")}, infos)
+        source = f"runs inferred on shards {args.shards}, each at its own training resolution"
+    result = analyse_sweep(scores, runs, args.reference, args.bootstrap, args.seed, args.alpha,
+                           by=",".join(by))
+    costs = run_costs(runs)
+    context = {"split": args.split, "runs": len(runs), "source": source}
+    paths = write_report(out, result, costs, context, figures=not args.no_figures)
+    table = result["table"]
+    sig = table[(table.label != MEAN) & table.significant.fillna(False).astype(bool) & (table.variant != ALL)]
+    mean = table[table.label == MEAN].set_index("variant").auroc
+    print("mean AUROC: " + ", ".join(f"{v} {mean[v]:.3f}" for v in [*result["order"], ALL]))
+    print(f"ablation: {len(runs)} runs, {len(result['order'])} variants of {result['by']}, {scores.n} images; "
+          f"{len(sig)} significant (label, variant) gains vs {result['reference']} in "
+          f"{time.perf_counter() - start:.1f} s -> {paths[0]}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m cxr.ablation", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("report", help="paired comparison report of a sweep's runs",
+                       description="Infer every run on --split (each at its own resolution) and write "
+                       "ablation.md / ablation.csv / runs.csv / figures to --out.")
+    p.add_argument("--runs", nargs="+", required=True, metavar="RUN", help="the sweep's training run dirs")
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--shards", help="shards folder (default: the first run's data.shards)")
+    p.add_argument("--split", default="test", help="split to compare on (default: test)")
+    p.add_argument("--by", nargs="+", default=[DEFAULT_BY], metavar="KEY",
+                   help=f"config key(s) whose values are the variants; runs sharing them are seeds "
+                   f"(default: {DEFAULT_BY})")
+    p.add_argument("--reference", default=None, help="variant the others are compared with (default: the lowest)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples; 0: none (default 1000)")
+    p.add_argument("--alpha", type=float, default=0.05, help="level of CIs and tests (default 0.05)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples (default 0)")
+    p.add_argument("--from-predictions", metavar="FILE", help="use a saved predictions.parquet (no inference)")
+    p.add_argument("--batch-size", type=int, default=None, help="inference batch per rank (default: the runs')")
+    p.add_argument("--backend", choices=["dali", "wds"], default=None, help="loader back end (default: the runs')")
+    p.add_argument("--num-threads", type=int, default=None, help="loader threads (default: the runs')")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="inference autocast dtype")
+    p.add_argument("--cpu", action="store_true", help="infer on CPU even if CUDA is available")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    return parser
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.bootstrap < 0 or not 0 < args.alpha < 1:
+        raise CxrError(f"--bootstrap {args.bootstrap} / --alpha {args.alpha}: need bootstrap ≥ 0 and alpha in (0, 1)")
+    return report(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
