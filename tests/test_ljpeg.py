@@ -14,6 +14,7 @@ import json
 import logging
 import shutil
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -151,12 +152,19 @@ def test_verify_against_catches_one_changed_pixel(packed, tmp_path):
     shutil.copytree(packed["dir"], out)
     key = _first_train_key(out)
 
+    reencoded: dict[str, bytes] = {}
+
     def change(name: str, data: bytes) -> bytes:
-        if name != f"{key}.ljpeg":
-            return data
-        pixels = imagecodecs.ljpeg_decode(data).copy()
-        pixels[500, 500] ^= 1
-        return bytes(imagecodecs.ljpeg_encode(pixels))
+        if name == f"{key}.ljpeg":
+            pixels = imagecodecs.ljpeg_decode(data).copy()
+            pixels[500, 500] ^= 1
+            reencoded["image"] = bytes(imagecodecs.ljpeg_encode(pixels))
+            return reencoded["image"]
+        if name == f"{key}.json":  # re-recorded crc32: a valid sample in every structural check
+            record = json.loads(data)
+            record["crc32"]["ljpeg"] = zlib.crc32(reencoded["image"])
+            return json.dumps(record, separators=(",", ":")).encode()
+        return data
 
     _rewrite(out, "train-000000.tar", change)
     assert verify(out, workers=1).ok
@@ -172,14 +180,26 @@ def truncated(packed, tmp_path_factory) -> tuple[Path, str]:
     shutil.copytree(packed["dir"], out)
     shutil.rmtree(out / "res64")
     key = _first_train_key(out)
-    _rewrite(out, "train-000000.tar", lambda name, d: d[: len(d) // 2] if name == f"{key}.ljpeg" else d)
+
+    def cut(name: str, data: bytes) -> bytes:
+        if name != f"{key}.ljpeg":
+            return data
+        (out / "orig.bytes").write_bytes(data)
+        (out / "trunc.bytes").write_bytes(data[: len(data) // 2])
+        return data[: len(data) // 2]
+
+    _rewrite(out, "train-000000.tar", cut)
     return out, key
 
 
 def test_verify_rejects_truncated_ljpeg(truncated):
     out, key = truncated
     failures = verify(out, workers=1).failures
-    assert failures == [f"train-000000.tar: {key}: lossless JPEG end-of-image marker missing (truncated)"]
+    # the decoder's check names the truncation; the per-sample crc32 (format /2) flags the changed bytes too
+    assert sorted(failures) == sorted([f"train-000000.tar: {key}: lossless JPEG end-of-image marker missing (truncated)",
+                                       f"train-000000.tar: {key}: .ljpeg checksum mismatch (crc32 "
+                                       f"{zlib.crc32((out / 'trunc.bytes').read_bytes()):08x}, packed "
+                                       f"{zlib.crc32((out / 'orig.bytes').read_bytes()):08x}): bytes changed"])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -193,10 +213,10 @@ def test_loaders_reject_truncated_ljpeg(packed, truncated, backend):
     assert key not in keys and loader.report()["skipped_keys"] == [key]
 
 
-def test_flipped_ljpeg_byte_caught_by_verify_sha256_and_against(packed, tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flipped_ljpeg_byte_caught_by_verify_and_both_loaders(packed, tmp_path, backend):
     """A flipped byte inside the entropy-coded data still decodes (no JPEG decoder can tell);
-    verify catches it by the shard sha256 and, with --against, names the sample. The
-    loaders catch it only with the per-sample checksum (separate work)."""
+    the per-sample crc32 (format /2) names the sample in verify and in both loaders."""
     out = tmp_path / "s"
     shutil.copytree(packed["dir"], out)
     shutil.rmtree(out / "res64")
@@ -205,10 +225,15 @@ def test_flipped_ljpeg_byte_caught_by_verify_sha256_and_against(packed, tmp_path
     with tarfile.open(tar_path) as tar:
         member = tar.getmember(f"{key}.ljpeg")
     data = bytearray(tar_path.read_bytes())
+    original = bytes(data[member.offset_data: member.offset_data + member.size])
     data[member.offset_data + member.size // 2] ^= 0x10
     tar_path.write_bytes(bytes(data))
     member_bytes = bytes(data[member.offset_data: member.offset_data + member.size])
     assert imagecodecs.jpeg8_decode(member_bytes).shape == (1024, 1024)  # still decodes
-    failures = verify(out, workers=1, against=[packed["images"]]).failures
+    failures = verify(out, workers=1).failures
     assert failures[0] == "train-000000.tar: size/sha256 differ from the manifest (corrupt or replaced shard)"
-    assert len(failures) == 2 and failures[1].startswith(f"train-000000.tar: {key}: pixels differ from "), failures
+    assert failures[1:] == [f"train-000000.tar: {key}: .ljpeg checksum mismatch (crc32 "
+                            f"{zlib.crc32(member_bytes):08x}, packed {zlib.crc32(original):08x}): bytes changed"]
+    cfg = DataConfig(shards=str(out), backend=backend, resolution=128, batch_size=4, num_threads=1)
+    with pytest.raises(CxrError, match=rf"train-000000.tar: sample {key} is corrupt \(.ljpeg checksum mismatch"):
+        list(build_loader(cfg, "train", train=False))
