@@ -246,9 +246,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     """Read a YAML config (None: all defaults), apply ``section.key=value`` overrides, validate."""
     raw: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise CxrError(f"{path}: config file not found — pass --config with a YAML file (see cxr/configs/)")
+        path = resolve_config_path(path)
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
@@ -259,6 +257,29 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     for item in overrides:
         _apply_override(raw, item)
     return config_from_dict(raw, where=str(path) if path else "config")
+
+
+def shipped_configs() -> dict[str, Path]:
+    """{name: path} of the configs shipped inside the package (cxr/configs/*.yaml)."""
+    from importlib.resources import files
+
+    folder = files("cxr") / "configs"
+    return {Path(entry.name).stem: Path(str(entry)) for entry in folder.iterdir()
+            if entry.name.endswith(".yaml") and entry.is_file()}
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """``--config`` as given: a YAML file, or the name of a shipped config (``densenet121`` or
+    ``densenet121.yaml`` → the packaged cxr/configs/densenet121.yaml), from any working directory."""
+    given = Path(path)
+    if given.is_file():
+        return given
+    shipped = shipped_configs()
+    # a bare name, or the repo-relative cxr/configs/NAME.yaml of the docs run from another directory
+    if given.parent in (Path("."), Path("cxr/configs")) and given.stem in shipped and given.suffix in ("", ".yaml"):
+        return shipped[given.stem]
+    raise CxrError(f"{path}: config file not found — pass a YAML file or a shipped config name: "
+                   f"{', '.join(sorted(shipped))}")
 
 
 def _apply_override(raw: dict, item: str) -> None:
