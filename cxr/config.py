@@ -140,7 +140,7 @@ class TrainConfig:
     max_steps: int = 0
     """Stop after this many optimizer steps in total (0 = no limit); for smoke runs and benchmarks."""
     seed: int = 0
-    """Seed of weight init and dropout (data order and augmentation follow data.seed)."""
+    """Seed of weight init and dropout; also of data order and augmentation unless data.seed is set."""
     grad_accum_steps: int = 1
     """Micro-batches per optimizer step; effective batch = data.batch_size × ranks × this.
     The last len(loader) % grad_accum_steps micro-batches of an epoch are left out (reported)."""
@@ -239,6 +239,10 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.seed is None:  # one seed drives init, data order and augmentation
+            self.data.seed = self.train.seed
 
 
 # ---------------------------------------------------------------------------- loading

@@ -37,8 +37,10 @@ class DataConfig:
     """cpu | gpu. gpu decodes with DALI device "mixed" on device_id = local rank (JPEG /
     JPEG 2000 shards decode on the GPU; PNG always decodes on the CPU)."""
 
-    seed: int = 0
-    """Seed of the per-epoch shuffle and of the per-sample augmentation draws."""
+    seed: int | None = None
+    """Seed of the per-epoch shuffle and of the per-sample augmentation draws. None (default):
+    follows train.seed, so one seed varies init, data order and augmentation together; the
+    resolved value is what config.yaml records. Set it to keep the data fixed across seeds."""
 
     shuffle_buffer: int = 1000
     """Unused by design: training draws a global permutation per epoch (exact, no
@@ -93,6 +95,11 @@ class DataConfig:
                 raise CxrError(f"data.{name}={getattr(self, name)}: must be < 1 — use a small jitter like 0.1")
         if self.std <= 0:
             raise CxrError(f"data.std={self.std}: must be > 0 — use the pixel std of your images")
+
+    @property
+    def resolved_seed(self) -> int:
+        """The data seed in use (0 when unset outside a training config, which resolves it)."""
+        return 0 if self.seed is None else self.seed
 
     @property
     def eval_batch(self) -> int:
