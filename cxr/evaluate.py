@@ -391,7 +391,10 @@ def expected_keys(shards: Path, split: str) -> tuple[int, set[str] | None]:
     if split not in splits:
         raise CxrError(f"{manifest_path}: no split {split!r} (has {sorted(splits)}) — choose --split "
                        "/ --thresholds-from among those")
-    count = int(splits[split]["samples"])
+    count = int(splits[split].get("samples", 0) or 0)
+    if count == 0:
+        raise CxrError(f"{manifest_path}: split {split!r} has no samples — use --thresholds-from none "
+                       f"(or --split/--thresholds-from one of {sorted(s for s in splits if splits[s].get('samples'))})")
     table = manifest.get("splits_file")
     table_path = (shards / table) if table and not Path(table).is_absolute() else Path(table or "")
     if not table or not table_path.is_file():
@@ -459,6 +462,32 @@ def predictions_frame(per_split: dict[str, ScoreSet]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)[PREDICTION_COLUMNS]
 
 
+def check_values(where: str, split: str, member: str, keys: np.ndarray, values: np.ndarray,
+                 kind: str) -> None:
+    """Raise naming ``where``, split, member, first key and label when ``values`` [N, L] hold a
+    NaN/inf or a value outside [0, 1] (kind="score") or other than 0/1 (kind="label")."""
+    values = np.asarray(values, dtype=np.float64)
+    bad = ~np.isfinite(values) | (values < 0) | (values > 1)
+    if kind == "label":
+        bad |= (values != 0) & (values != 1)
+    if not bad.any():
+        return
+    row, col = (int(i) for i in np.argwhere(bad)[0])
+    what = ("scores must be probabilities in [0, 1]" if kind == "score" else "labels must be 0 or 1")
+    fix = ("check the model outputs (a diverged member gives NaN)" if kind == "score"
+           else "the ground truth comes from the shards' labels; re-run the evaluation")
+    raise CxrError(f"{where}: split {split!r}, member {member!r}: {int(bad.sum())} bad values, first at key "
+                   f"{keys[row]!r} label {LABELS[col]} = {values[row, col]!r} ({what}) — {fix}")
+
+
+def check_score_sets(per_split: dict[str, ScoreSet], where: str) -> None:
+    """Every score a probability and every label 0/1, before anything is written (see check_values)."""
+    for split, s in per_split.items():
+        check_values(where, split, "(ground truth)", s.keys, s.y_true, "label")
+        for member, probs in s.scores.items():
+            check_values(where, split, member, s.keys, probs, "score")
+
+
 def read_predictions(path: Path) -> dict[str, ScoreSet]:
     """predictions.parquet → {split: ScoreSet} with members in file order, aligned by key."""
     try:
@@ -481,6 +510,9 @@ def read_predictions(path: Path) -> dict[str, ScoreSet]:
                 raise CxrError(f"{path}: split {split!r}: member {member!r} has a different key set "
                                f"than {members[0]!r} — the file was edited or merged wrongly")
             scores[member] = rows[list(LABELS)].to_numpy(dtype=np.float64)
+            check_values(str(path), str(split), member, keys, scores[member], "score")
+            check_values(str(path), str(split), member, keys,
+                         rows[[TRUE_PREFIX + c for c in LABELS]].to_numpy(dtype=np.float64), "label")
         y_true = first[[TRUE_PREFIX + c for c in LABELS]].to_numpy(dtype=np.uint8)
         out[str(split)] = ScoreSet(keys=keys, y_true=y_true, scores=scores)
     return out
@@ -518,7 +550,8 @@ def infer_runs(args: argparse.Namespace, state: Any, splits: Sequence[str]
     loader_cfg = eval_data_config(members, args, resolution, on_gpu=state.device.type == "cuda")
     per_split: dict[str, ScoreSet] = {}
     for split in splits:
-        expected_keys(shards, split)  # fail before inference if the split does not exist
+        expected_keys(shards, split)  # fail before any inference if a split does not exist or is empty
+    for split in splits:
         merged = gather_scores(infer_split(members, loader_cfg, split, state, args.precision), state)
         if merged is not None:
             if merged.duplicates:
@@ -574,6 +607,7 @@ def analyse_and_write(args: argparse.Namespace, per_split: dict[str, ScoreSet],
         if split not in per_split:
             raise CxrError(f"{source}: no predictions for split {split!r} (has {sorted(per_split)}) — "
                            "choose --split/--thresholds-from among those, or --thresholds-from none")
+    check_score_sets(per_split, source)  # freshly inferred scores too: nothing is written before this
     per_split = {k: with_ensemble(v, args.ensemble) for k, v in per_split.items()}
     write_predictions(out, per_split, infos)
     tuning_split = None if args.thresholds_from in (None, "none") else args.thresholds_from
