@@ -379,7 +379,8 @@ def gather_scores(local: ScoreSet, state: Any) -> ScoreSet | None:
     return merged.deduplicated()
 
 
-def expected_keys(shards: Path, split: str) -> tuple[int, set[str] | None]:
+def expected_keys(shards: Path, split: str, if_empty: str = "use --thresholds-from none"
+                  ) -> tuple[int, set[str] | None]:
     """The number of samples of ``split`` in the manifest and, if its splits table is at hand, their keys."""
     manifest_path = shards / "manifest.json"
     try:
@@ -393,8 +394,8 @@ def expected_keys(shards: Path, split: str) -> tuple[int, set[str] | None]:
                        "/ --thresholds-from among those")
     count = int(splits[split].get("samples", 0) or 0)
     if count == 0:
-        raise CxrError(f"{manifest_path}: split {split!r} has no samples — use --thresholds-from none "
-                       f"(or --split/--thresholds-from one of {sorted(s for s in splits if splits[s].get('samples'))})")
+        raise CxrError(f"{manifest_path}: split {split!r} has no samples — {if_empty} "
+                       f"(splits with samples: {sorted(s for s in splits if splits[s].get('samples'))})")
     table = manifest.get("splits_file")
     table_path = (shards / table) if table and not Path(table).is_absolute() else Path(table or "")
     if not table or not table_path.is_file():
@@ -477,7 +478,7 @@ def check_values(where: str, split: str, member: str, keys: np.ndarray, values: 
     fix = ("check the model outputs (a diverged member gives NaN)" if kind == "score"
            else "the ground truth comes from the shards' labels; re-run the evaluation")
     raise CxrError(f"{where}: split {split!r}, member {member!r}: {int(bad.sum())} bad values, first at key "
-                   f"{keys[row]!r} label {LABELS[col]} = {values[row, col]!r} ({what}) — {fix}")
+                   f"{keys[row]!r} label {LABELS[col]} = {float(values[row, col]):g} ({what}) — {fix}")
 
 
 def check_score_sets(per_split: dict[str, ScoreSet], where: str) -> None:
@@ -549,8 +550,8 @@ def infer_runs(args: argparse.Namespace, state: Any, splits: Sequence[str]
         m.model = build_member_model(m, state.device)
     loader_cfg = eval_data_config(members, args, resolution, on_gpu=state.device.type == "cuda")
     per_split: dict[str, ScoreSet] = {}
-    for split in splits:
-        expected_keys(shards, split)  # fail before any inference if a split does not exist or is empty
+    for split in splits:  # fail before any inference if a split does not exist or is empty
+        expected_keys(shards, split, "choose another --split" if split == args.split else "use --thresholds-from none")
     for split in splits:
         merged = gather_scores(infer_split(members, loader_cfg, split, state, args.precision), state)
         if merged is not None:
