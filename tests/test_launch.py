@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -158,11 +159,24 @@ def test_checkpoint_resumes_from_the_checkpoint_training_wrote(synth_shards, tmp
     sent = []
 
     def preempt_at_step_2(record: logging.LogRecord) -> bool:
-        # The event itself: training logs its step-2 line, and the signal is sent from inside
-        # that call (the loop's thread), before the step's stop check. No polling, no race.
-        if not sent and record.getMessage().startswith("step 2 "):
-            sent.append(record.getMessage())
+        # The event itself: training logs its step-2 line, and submitit's signal is sent from
+        # inside that call, before the step's stop check; the call returns once the task has
+        # relayed it to training's own SIGUSR1 handler. Training then stops at step 2, always.
+        if sent or not record.getMessage().startswith("step 2 "):
+            return True
+        sent.append(record.getMessage())
+        stop_handler, relayed = signal.getsignal(signal.SIGUSR1), threading.Event()
+
+        def relay(signum, frame):
+            stop_handler(signum, frame)
+            relayed.set()
+
+        signal.signal(signal.SIGUSR1, relay)
+        try:
             os.kill(os.getpid(), sig)
+            assert relayed.wait(30), "the task did not relay submitit's signal to training"
+        finally:
+            signal.signal(signal.SIGUSR1, stop_handler)
         return True
 
     steps = logging.getLogger("cxr.train.steps")  # setup_logging resets handlers, not filters
