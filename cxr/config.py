@@ -145,7 +145,7 @@ class TrainConfig:
     max_steps: int = 0
     """Stop after this many optimizer steps in total (0 = no limit); for smoke runs and benchmarks."""
     seed: int = 0
-    """Seed of weight init and dropout (data order and augmentation follow data.seed)."""
+    """Seed of weight init and dropout; also of data order and augmentation unless data.seed is set."""
     grad_accum_steps: int = 1
     """Micro-batches per optimizer step; effective batch = data.batch_size × ranks × this.
     The last len(loader) % grad_accum_steps micro-batches of an epoch are left out (reported)."""
@@ -252,15 +252,17 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    def __post_init__(self) -> None:
+        if self.data.seed is None:  # one seed drives init, data order and augmentation
+            self.data.seed = self.train.seed
+
 
 # ---------------------------------------------------------------------------- loading
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML config (None: all defaults), apply ``section.key=value`` overrides, validate."""
     raw: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise CxrError(f"{path}: config file not found — pass --config with a YAML file (see cxr/configs/)")
+        path = resolve_config_path(path)
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
@@ -271,6 +273,29 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     for item in overrides:
         _apply_override(raw, item)
     return config_from_dict(raw, where=str(path) if path else "config")
+
+
+def shipped_configs() -> dict[str, Path]:
+    """{name: path} of the configs shipped inside the package (cxr/configs/*.yaml)."""
+    from importlib.resources import files
+
+    folder = files("cxr") / "configs"
+    return {Path(entry.name).stem: Path(str(entry)) for entry in folder.iterdir()
+            if entry.name.endswith(".yaml") and entry.is_file()}
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """``--config`` as given: a YAML file, or the name of a shipped config (``densenet121`` or
+    ``densenet121.yaml`` → the packaged cxr/configs/densenet121.yaml), from any working directory."""
+    given = Path(path)
+    if given.is_file():
+        return given
+    shipped = shipped_configs()
+    # a bare name, or the repo-relative cxr/configs/NAME.yaml of the docs run from another directory
+    if given.parent in (Path("."), Path("cxr/configs")) and given.stem in shipped and given.suffix in ("", ".yaml"):
+        return shipped[given.stem]
+    raise CxrError(f"{path}: config file not found — pass a YAML file or a shipped config name: "
+                   f"{', '.join(sorted(shipped))}")
 
 
 def _apply_override(raw: dict, item: str) -> None:

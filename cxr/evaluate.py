@@ -409,7 +409,8 @@ def join_members(parts: Sequence[ScoreSet | None], order: Sequence[str], shards:
                                duplicates=max(p.duplicates for p in parts))
 
 
-def expected_keys(shards: Path, split: str) -> tuple[int, set[str] | None]:
+def expected_keys(shards: Path, split: str, if_empty: str = "use --thresholds-from none"
+                  ) -> tuple[int, set[str] | None]:
     """The number of samples of ``split`` in the manifest and, if its splits table is at hand, their keys."""
     manifest_path = shards / "manifest.json"
     try:
@@ -421,7 +422,10 @@ def expected_keys(shards: Path, split: str) -> tuple[int, set[str] | None]:
     if split not in splits:
         raise CxrError(f"{manifest_path}: no split {split!r} (has {sorted(splits)}) — choose --split "
                        "/ --thresholds-from among those")
-    count = int(splits[split]["samples"])
+    count = int(splits[split].get("samples", 0) or 0)
+    if count == 0:
+        raise CxrError(f"{manifest_path}: split {split!r} has no samples — {if_empty} "
+                       f"(splits with samples: {sorted(s for s in splits if splits[s].get('samples'))})")
     table = manifest.get("splits_file")
     table_path = (shards / table) if table and not Path(table).is_absolute() else Path(table or "")
     if not table or not table_path.is_file():
@@ -489,6 +493,32 @@ def predictions_frame(per_split: dict[str, ScoreSet]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)[prediction_columns(next(iter(per_split.values())).labels)]
 
 
+def check_values(where: str, split: str, member: str, keys: np.ndarray, values: np.ndarray,
+                 kind: str) -> None:
+    """Raise naming ``where``, split, member, first key and label when ``values`` [N, L] hold a
+    NaN/inf or a value outside [0, 1] (kind="score") or other than 0/1 (kind="label")."""
+    values = np.asarray(values, dtype=np.float64)
+    bad = ~np.isfinite(values) | (values < 0) | (values > 1)
+    if kind == "label":
+        bad |= (values != 0) & (values != 1)
+    if not bad.any():
+        return
+    row, col = (int(i) for i in np.argwhere(bad)[0])
+    what = ("scores must be probabilities in [0, 1]" if kind == "score" else "labels must be 0 or 1")
+    fix = ("check the model outputs (a diverged member gives NaN)" if kind == "score"
+           else "the ground truth comes from the shards' labels; re-run the evaluation")
+    raise CxrError(f"{where}: split {split!r}, member {member!r}: {int(bad.sum())} bad values, first at key "
+                   f"{keys[row]!r} label {LABELS[col]} = {float(values[row, col]):g} ({what}) — {fix}")
+
+
+def check_score_sets(per_split: dict[str, ScoreSet], where: str) -> None:
+    """Every score a probability and every label 0/1, before anything is written (see check_values)."""
+    for split, s in per_split.items():
+        check_values(where, split, "(ground truth)", s.keys, s.y_true, "label")
+        for member, probs in s.scores.items():
+            check_values(where, split, member, s.keys, probs, "score")
+
+
 def read_predictions(path: Path) -> dict[str, ScoreSet]:
     """predictions.parquet → {split: ScoreSet} with members in file order, aligned by key."""
     try:
@@ -512,6 +542,9 @@ def read_predictions(path: Path) -> dict[str, ScoreSet]:
                 raise CxrError(f"{path}: split {split!r}: member {member!r} has a different key set "
                                f"than {members[0]!r} — the file was edited or merged wrongly")
             scores[member] = rows[labels].to_numpy(dtype=np.float64)
+            check_values(str(path), str(split), member, keys, scores[member], "score")
+            check_values(str(path), str(split), member, keys,
+                         rows[[TRUE_PREFIX + c for c in labels]].to_numpy(dtype=np.float64), "label")
         y_true = first[[TRUE_PREFIX + c for c in labels]].to_numpy(dtype=np.uint8)
         out[str(split)] = ScoreSet(keys=keys, y_true=y_true, scores=scores, labels=tuple(labels))
     return out
@@ -552,8 +585,9 @@ def infer_runs(args: argparse.Namespace, state: Any, splits: Sequence[str]
     loader_cfgs = {res: eval_data_config(group, args, res, on_gpu=state.device.type == "cuda")
                    for res, group in groups.items()}
     per_split: dict[str, ScoreSet] = {}
+    for split in splits:  # fail before any inference if a split does not exist or is empty
+        expected_keys(shards, split, "choose another --split" if split == args.split else "use --thresholds-from none")
     for split in splits:
-        expected_keys(shards, split)  # fail before inference if the split does not exist
         parts = [gather_scores(infer_split(group, loader_cfgs[res], split, state, args.precision), state)
                  for res, group in groups.items()]
         merged = join_members(parts, [m.name for m in members], shards, split)
@@ -611,6 +645,7 @@ def analyse_and_write(args: argparse.Namespace, per_split: dict[str, ScoreSet],
         if split not in per_split:
             raise CxrError(f"{source}: no predictions for split {split!r} (has {sorted(per_split)}) — "
                            "choose --split/--thresholds-from among those, or --thresholds-from none")
+    check_score_sets(per_split, source)  # freshly inferred scores too: nothing is written before this
     per_split = {k: with_ensemble(v, args.ensemble) for k, v in per_split.items()}
     write_predictions(out, per_split, infos)
     tuning_split = None if args.thresholds_from in (None, "none") else args.thresholds_from
@@ -700,6 +735,24 @@ def _summary_line(result: dict[str, Any], args: argparse.Namespace, elapsed: flo
 
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    finally:
+        _destroy_process_group()
+
+
+def _destroy_process_group() -> None:
+    """Tear the launcher's process group down before the interpreter exits, on every rank and
+    every exit path. Left to interpreter shutdown, gloo's threads are destroyed while still
+    joinable: the rank that finishes first (every rank but 0 returns right after the gather)
+    then aborts with "terminate called without an active exception" (SIGABRT)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    torch.distributed.destroy_process_group()
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)

@@ -317,10 +317,17 @@ def _bootstrap_one(y: np.ndarray, s: np.ndarray, counts: np.ndarray, alpha: floa
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns of undefined labels
         out["ci_low"], out["ci_high"] = np.nanpercentile(samples, q, axis=0)
         out["std"] = np.nanstd(samples, axis=0, ddof=1)
-    # A resample where a defined label lost all its positives has no mean AUROC.
-    mean_samples = samples[:, defined].mean(axis=1) if defined.any() else samples[:, 0]
+    # Per-label-mean bootstrap: a resample's mean AUROC is the mean over the labels defined in
+    # that resample. Requiring every label to keep a positive (the joint mean) would condition on
+    # resamples that keep the rarest positives, and with a label of 1-2 positives keep only a few
+    # percent of them: a biased interval that can exclude the estimate.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a resample with no defined label: NaN
+        mean_samples = np.nanmean(samples[:, defined], axis=1) if defined.any() else samples[:, 0]
     out["mean_auroc"] = float(auroc[defined].mean()) if defined.any() else float("nan")
     out["mean_samples"] = mean_samples
+    out["n_valid_labels"] = np.isfinite(samples).sum(axis=0)  # [L] resamples where each label is defined
+    out["n_valid_all"] = int(np.isfinite(samples[:, defined]).all(axis=1).sum()) if defined.any() else 0
     out["n_valid"] = int(np.isfinite(mean_samples).sum())
     if out["n_valid"]:
         out["mean_ci_low"], out["mean_ci_high"] = (float(v) for v in np.nanpercentile(mean_samples, q))
@@ -336,10 +343,13 @@ def bootstrap_auroc(y_true, y_score, n_boot: int = 1000, seed: int = 0, alpha: f
     y_true: [n, L]; y_score: [n, L], or a list of such score sets (ensemble members),
     which are then all evaluated on the SAME resamples. counts: optional
     [n, n_boot] resample counts (:func:`bootstrap_counts`); else drawn from seed.
-    Every resample uses the same images for all labels, so the mean-AUROC CI is a
-    true joint one. Returns a dict (a list of dicts for a list of score sets):
-    ``auroc, ci_low, ci_high, std`` [L]; ``mean_auroc, mean_ci_low, mean_ci_high``;
-    ``samples`` [n_boot, L], ``mean_samples`` [n_boot]; ``n_boot, n_valid, alpha``.
+    Every resample uses the same images for all labels; a resample's mean AUROC is the
+    mean over the labels defined in it (both classes drawn), so a rare label missing its
+    positives does not drop the resample (see _bootstrap_one). Returns a dict (a list of dicts
+    for a list of score sets): ``auroc, ci_low, ci_high, std`` [L]; ``mean_auroc,
+    mean_ci_low, mean_ci_high``; ``samples`` [n_boot, L], ``mean_samples`` [n_boot];
+    ``n_boot, alpha``; ``n_valid`` (resamples with a mean), ``n_valid_labels`` [L] (resamples
+    where each label is defined), ``n_valid_all`` (resamples where every defined label is).
     Labels with undefined AUROC give NaN everywhere and are left out of the mean.
     """
     many = isinstance(y_score, (list, tuple))

@@ -97,6 +97,9 @@ class _Notes:
         return out
 
 
+FEW_POSITIVES = 10  # labels with fewer positives than this are flagged in aucs.csv and report.md
+
+
 def auc_table(scores: ScoreSet, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
               notes: _Notes | None = None, progress: bool = True) -> pd.DataFrame:
     """Per member and label (+ ``mean``): auroc, ci_low, ci_high, auprc, prevalence, n_pos, n.
@@ -122,13 +125,18 @@ def auc_table(scores: ScoreSet, n_boot: int = 1000, seed: int = 0, alpha: float 
     rows = []
     for member, boot in zip(names, boots):
         auprc = notes.run(per_label_auprc, y, scores.scores[member])
+        valid = boot.get("n_valid_labels", np.zeros(len(scores.labels), int))
         for c, label in enumerate(scores.labels):
             rows.append((member, label, boot["auroc"][c], boot["ci_low"][c], boot["ci_high"][c],
-                         auprc[c], prevalence[c], int(n_pos[c]), scores.n))
+                         auprc[c], prevalence[c], int(n_pos[c]), scores.n, int(valid[c]), n_boot,
+                         bool(n_pos[c] < FEW_POSITIVES)))
         rows.append((member, MEAN, boot["mean_auroc"], boot["mean_ci_low"], boot["mean_ci_high"],
-                     _nanmean(auprc), float(prevalence.mean()), int(n_pos.sum()), scores.n))
+                     _nanmean(auprc), float(prevalence.mean()), int(n_pos.sum()), scores.n,
+                     int(boot.get("n_valid", 0)), n_boot, bool((n_pos < FEW_POSITIVES).any())))
+    # n_valid: resamples (of n_boot) in which the AUROC is defined; few_positives: < FEW_POSITIVES
+    # positives in this split (the mean row: any label has), so the CI rests on very few images
     return pd.DataFrame(rows, columns=["member", "label", "auroc", "ci_low", "ci_high", "auprc",
-                                       "prevalence", "n_pos", "n"])
+                                       "prevalence", "n_pos", "n", "n_valid", "n_boot", "few_positives"])
 
 
 def _point_only(auroc: np.ndarray) -> dict[str, Any]:
@@ -432,6 +440,30 @@ def _members_table(members: Sequence[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _validity_note(aucs: pd.DataFrame, focus: str) -> str:
+    """How many resamples each CI rests on, and which labels have too few positives (report.md)."""
+    rows = aucs[aucs["member"] == focus].set_index("label")
+    n_boot = int(rows["n_boot"].iloc[0])
+    text = (f"the mean-AUROC CI is a per-label-mean bootstrap (each resample's mean over the labels "
+            f"with both classes in it): `{focus}` mean from {int(rows.loc[MEAN, 'n_valid'])} of {n_boot} "
+            f"valid resamples")
+    partial = [f"{label} {int(rows.loc[label, 'n_valid'])}/{n_boot}" for label in LABELS
+               if 0 < rows.loc[label, "n_valid"] < n_boot]
+    if partial:
+        text += "; labels defined in fewer resamples: " + ", ".join(partial)
+    return text
+
+
+def _few_positives_note(aucs: pd.DataFrame) -> list[str]:
+    """A report.md bullet naming the labels with fewer than FEW_POSITIVES positives (or nothing)."""
+    rows = aucs[aucs["member"] == aucs["member"].iloc[0]].set_index("label")
+    few = [f"{label} ({int(rows.loc[label, 'n_pos'])})" for label in LABELS if rows.loc[label, "few_positives"]]
+    if not few:
+        return []
+    return [f"- **labels with fewer than {FEW_POSITIVES} positives** (their AUROC and CI rest on very few "
+            f"images; `few_positives` in aucs.csv): " + ", ".join(few)]
+
+
 def report_markdown(analysis: Analysis, scores: ScoreSet, *, split: str, context: dict[str, Any],
                     members: Sequence[dict[str, Any]]) -> str:
     """report.md: per-label AUROC of members vs ensemble with published columns, AUPRC,
@@ -447,7 +479,9 @@ def report_markdown(analysis: Analysis, scores: ScoreSet, *, split: str, context
         f"- images: {scores.n}; members: {len([m for m in scores.scores if m != ENSEMBLE])}; "
         f"ensemble: {context.get('ensemble', 'mean-prob')} of the members' outputs",
         f"- AUROC CI: {level} % percentile bootstrap over images, {boot} resamples shared by all "
-        f"members and the ensemble (seed {context.get('seed', 0)})" if boot else "- AUROC CI: none (--bootstrap 0)",
+        f"members and the ensemble (seed {context.get('seed', 0)}); {_validity_note(analysis.aucs, focus)}"
+        if boot else "- AUROC CI: none (--bootstrap 0)",
+        *_few_positives_note(analysis.aucs),
         f"- thresholds tuned on split `{context.get('thresholds_from')}` "
         f"({analysis.thresholds.get('n_images', 0)} images)" if analysis.tuned else "- thresholds: 0.5 only",
         f"- source: {context.get('source', '')}",

@@ -155,7 +155,7 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
     steps_per_epoch = train_steps_per_epoch(cfg, loader_fn, rank, world)
     check_val_split(cfg, loader_fn, rank, world)  # an empty or missing val split fails now, not after an epoch
     scheduler, step_scheduler_each_step = build_scheduler(cfg, optimizer, steps_per_epoch)
-    configure_deepspeed(cfg, accelerator)
+    configure_deepspeed(cfg, accelerator, model)
     model, optimizer = accelerator.prepare(model, optimizer)
     # compiled after the DDP wrap, so that DDP's bucketed all-reduce stays outside the graphs;
     # only the training forward goes through it (checkpoints and accumulation use `model`)
@@ -388,11 +388,23 @@ def make_accelerator(cfg: Config) -> Accelerator:
                        gradient_accumulation_steps=cfg.train.grad_accum_steps, step_scheduler_with_optimizer=False)
 
 
-def configure_deepspeed(cfg: Config, accelerator: Accelerator) -> None:
-    """Fill the DeepSpeed config entries our own loader cannot let accelerate infer."""
+def configure_deepspeed(cfg: Config, accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """Fill the DeepSpeed config entries our own loader cannot let accelerate infer.
+
+    bf16: DeepSpeed's own bf16 mode casts every weight (BatchNorm included) to bf16 and expects
+    bf16 inputs; a float32 image then fails at the first convolution. Instead the engine keeps
+    fp32 weights (ZeRO partitions the fp32 optimizer state and gradients as before) and the
+    forward runs under torch.autocast(bf16), as accelerate does for DDP: BatchNorm statistics
+    and ``model.safetensors`` stay fp32, outputs are returned in fp32."""
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    if cfg.train.mixed_precision == "bf16":
+        from accelerate.utils import convert_outputs_to_fp32
+
+        ds["bf16"] = {"enabled": False}
+        model.forward = convert_outputs_to_fp32(
+            torch.autocast(accelerator.device.type, dtype=torch.bfloat16)(model.forward))
     ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
     ds["gradient_accumulation_steps"] = cfg.train.grad_accum_steps
     ds["train_batch_size"] = cfg.data.batch_size * cfg.train.grad_accum_steps * accelerator.num_processes

@@ -40,10 +40,14 @@ else
   echo "(real NIH sample not found at $CXR_NIH/sample — skipped)"
 fi
 
+# Members differ in seed (init, data order and augmentation: data.seed follows train.seed)
+# and in hyper-parameters, as the ensembles of launch/ensembles/ do.
+declare -A member_opts=([1]="optim.lr=2.0e-3" [2]="optim.lr=1.0e-3 data.rotate_deg=8.0")
 for seed in 1 2; do
-  step "train ensemble member $seed (2 processes, gloo, tiny CNN at 128 px)"
+  step "train ensemble member $seed (2 processes, gloo, tiny CNN at 128 px; ${member_opts[$seed]})"
+  # shellcheck disable=SC2086  # the member's options are separate words
   "$BIN/accelerate" launch --config_file launch/configs/cpu-2proc.yaml cxr/train.py \
-    --config cxr/configs/tiny.yaml data.shards="$DEMO/shards" train.seed=$seed \
+    --config cxr/configs/tiny.yaml data.shards="$DEMO/shards" train.seed=$seed ${member_opts[$seed]} \
     train.epochs=$EPOCHS checkpoint.run_dir="$DEMO/runs/member$seed"
 done
 

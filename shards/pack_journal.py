@@ -20,9 +20,14 @@ from shards.errors import CxrError
 JOURNAL_NAME = ".pack-journal.jsonl"
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    """sha256 hex digest of a file, read in 1 MiB chunks (``hashlib.file_digest`` needs Python 3.11;
+    the package supports 3.10)."""
+    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class Journal:

@@ -147,8 +147,9 @@ def read_splits(splits: Any) -> tuple[list[Record], str | None, str]:
 
 
 def _file_sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
+    from shards.pack_journal import file_sha256  # chunked: hashlib.file_digest is Python ≥ 3.11
+
+    return file_sha256(path)
 
 
 def _records(frame: Any, where: str) -> list[Record]:

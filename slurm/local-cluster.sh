@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A real single-node Slurm on this machine, for trying the Slurm workflow and
-# for the tests:  slurm/local-cluster.sh start|stop|status
+# for the tests:  slurm/local-cluster.sh start|stop|status|check|conf
 #
 #   start   install the Debian packages if missing (slurmctld slurmd slurm-client
 #           munge slurmdbd mariadb-server; needs root and apt), write the configs,
@@ -9,10 +9,23 @@
 #   stop    stop only the daemons this script started (by the pid files under
 #           $CXR_SLURM_HOME/run); jobs still running are killed with slurmd.
 #   status  which of our daemons run, then `sinfo`.
+#   check   only the safety checks of start (exit 3 when another Slurm is here).
+#   conf    print the path of our slurm.conf: clients need `export SLURM_CONF=$(... conf)`.
+#
+# Everything lives under $CXR_SLURM_HOME: the configs ($CXR_SLURM_HOME/etc/slurm.conf,
+# daemons started with -f, clients through SLURM_CONF), state, spool, pids, logs and the
+# database. Nothing is written to /etc/slurm. start refuses (exit 3, one line naming what
+# it found) where a Slurm it did not start is configured or running: a slurm.conf at
+# $CXR_SLURM_SYSTEM_CONF (or SLURM_CONF) without our marker line, or a slurmctld /
+# slurmd / slurmdbd process that none of our pid files names. A config this script
+# wrote earlier (older versions wrote /etc/slurm/slurm.conf) carries the marker and is
+# not a reason to refuse. munge is shared: a munged that answers is used as it is;
+# otherwise one is started with /etc/munge/munge.key (created only when missing).
 #
 # Environment:
-#   CXR_SLURM_HOME  state, spool, pid, log and database files   (/var/tmp/cxr-slurm)
+#   CXR_SLURM_HOME  configs, state, spool, pid, log and database files   (/var/tmp/cxr-slurm)
 #   CXR_SLURM_DB_PORT  port of the private MariaDB                (3316)
+#   CXR_SLURM_SYSTEM_CONF  where a site's Slurm config would be   (/etc/slurm/slurm.conf)
 #
 # Why the settings below (measured on a 2-core Debian 12 VM without systemd):
 # proctrack/linuxproc + task/none need no cgroups; cons_tres + CR_Core_Memory
@@ -26,7 +39,10 @@ set -euo pipefail
 HOME_DIR=${CXR_SLURM_HOME:-/var/tmp/cxr-slurm}
 DB_PORT=${CXR_SLURM_DB_PORT:-3316}
 CLUSTER=cxrlocal
-CONF_DIR=/etc/slurm
+CONF_DIR=$HOME_DIR/etc
+CONF=$CONF_DIR/slurm.conf
+SYSTEM_CONF=${CXR_SLURM_SYSTEM_CONF:-/etc/slurm/slurm.conf}
+MARKER="# Written by slurm/local-cluster.sh"
 RUN=$HOME_DIR/run
 LOG=$HOME_DIR/log
 DB_SOCK=$RUN/mariadb.sock
@@ -36,6 +52,7 @@ PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server)
 
 say() { echo "local-cluster: $*" >&2; }
 die() { say "error: $*"; exit 2; }
+refuse() { say "refused: $*"; exit 3; }
 
 # A pid is alive when it exists and is not a zombie.
 alive() {
@@ -84,6 +101,28 @@ install_packages() {
     ((rc == 0)) || die "apt-get failed (see $HOME_DIR/apt.log)"
 }
 
+ours_conf() { [[ -f $1 ]] && grep -qF "$MARKER" "$1"; }
+
+# Is a Slurm that this script did not start configured or running here? (exit 3 if so)
+check_foreign() {
+    local conf
+    for conf in "$SYSTEM_CONF" "${ORIG_SLURM_CONF:-}"; do
+        [[ -n $conf && -f $conf && $conf != "$CONF" ]] || continue
+        ours_conf "$conf" ||
+            refuse "$conf: a Slurm configuration not written by local-cluster.sh — this machine has its own Slurm: use it (real-cluster path in docs/cluster.md) or run \`make test-fast\`"
+    done
+    local name pid mine
+    for name in slurmctld slurmd slurmdbd; do
+        mine=""
+        [[ -s $RUN/$name.pid ]] && mine=$(cat "$RUN/$name.pid")
+        for pid in $(pgrep -x "$name" 2>/dev/null || true); do
+            alive "$pid" || continue
+            [[ $pid == "$mine" ]] ||
+                refuse "$name (pid $pid) is running and was not started by local-cluster.sh ($RUN/$name.pid) — stop it, or use that Slurm (\`make test-fast\` skips the local-Slurm tests)"
+        done
+    done
+}
+
 write_slurm_conf() {
     # Node line from slurmd -C (sockets/cores/threads as slurmd sees them) with
     # ~90 % of the memory, so the OS keeps some.
@@ -93,7 +132,7 @@ write_slurm_conf() {
     node_line=$(sed "s/RealMemory=[0-9]*/RealMemory=$((mem * 9 / 10))/; s/^NodeName=[^ ]*/NodeName=$NODE NodeAddr=127.0.0.1/" <<<"$node_line")
     mkdir -p "$CONF_DIR"
     cat >"$CONF_DIR/slurm.conf.tmp" <<EOF
-# Written by slurm/local-cluster.sh: a single-node Slurm for trying the workflow.
+$MARKER: a single-node Slurm for trying the workflow.
 ClusterName=$CLUSTER
 SlurmctldHost=$NODE(127.0.0.1)
 SlurmUser=root
@@ -130,7 +169,7 @@ EOF
     (
         umask 077
         cat >"$CONF_DIR/slurmdbd.conf.tmp" <<EOF
-# Written by slurm/local-cluster.sh.
+$MARKER.
 AuthType=auth/munge
 DbdHost=localhost
 DbdAddr=127.0.0.1
@@ -195,18 +234,20 @@ start_daemon() { # name pidfile command...
 
 cmd_start() {
     local t0=$SECONDS
+    check_foreign
     mkdir -p "$HOME_DIR"/{state,spool,run,log}
     install_packages
     write_slurm_conf
     start_munge
     start_mariadb
+    # slurmdbd reads slurmdbd.conf beside $SLURM_CONF (exported above); the others get -f
     start_daemon slurmdbd "$RUN/slurmdbd.pid" slurmdbd
     wait_for 20 sacctmgr -n show cluster || die "slurmdbd does not answer (see $LOG/slurmdbd.log)"
     sacctmgr -i -Q add cluster "$CLUSTER" >/dev/null 2>&1 || true
-    start_daemon slurmctld "$RUN/slurmctld.pid" slurmctld
-    start_daemon slurmd "$RUN/slurmd.pid" slurmd -N "$NODE"
+    start_daemon slurmctld "$RUN/slurmctld.pid" slurmctld -f "$CONF"
+    start_daemon slurmd "$RUN/slurmd.pid" slurmd -f "$CONF" -N "$NODE"
     wait_for 30 node_ready || die "node $NODE is not idle (sinfo: $(sinfo -h -o '%T %E' 2>&1))"
-    say "up in $((SECONDS - t0)) s: $(sinfo -h -o '%P %D %T %c cpus %m MB')"
+    say "up in $((SECONDS - t0)) s: $(sinfo -h -o '%P %D %T %c cpus %m MB'); clients: export SLURM_CONF=$CONF"
 }
 
 node_ready() {
@@ -256,12 +297,18 @@ cmd_status() {
     return $rc
 }
 
+# Our clients (sinfo, sacctmgr, scontrol) and slurmdbd read our config, never the system's.
+ORIG_SLURM_CONF=${SLURM_CONF:-}
+export SLURM_CONF=$CONF
+
 case ${1:-} in
 start) cmd_start ;;
 stop) cmd_stop ;;
 status) cmd_status ;;
+check) check_foreign; say "no other Slurm found; ours is configured in $CONF" ;;
+conf) echo "$CONF" ;;
 *)
-    echo "usage: $0 start|stop|status   (state in \$CXR_SLURM_HOME, default /var/tmp/cxr-slurm)" >&2
+    echo "usage: $0 start|stop|status|check|conf   (everything in \$CXR_SLURM_HOME, default /var/tmp/cxr-slurm)" >&2
     exit 2
     ;;
 esac

@@ -352,6 +352,61 @@ def test_from_predictions_needs_the_thresholds_split(report, tmp_path):
         evaluate_main(["--from-predictions", str(only_test), "--out", str(tmp_path / "o"), "--debug"])
 
 
+@pytest.mark.parametrize("column, value, what", [
+    ("Hernia", np.nan, "nan"), ("true_Effusion", 3, "3"), ("Mass", 7.5, "7.5")])
+def test_bad_values_in_predictions_are_refused_before_writing(report, tmp_path, capsys, column, value, what):
+    """NaN scores, non-0/1 labels, probabilities outside [0, 1]: one line naming file, split, member,
+    key and label; nothing written to --out."""
+    frame = pd.read_parquet(report / "predictions.parquet")
+    frame[column] = frame[column].astype(np.float64)
+    row = frame.index[(frame["split"] == "test") & (frame["member"] == "member2")][5]
+    frame.loc[row, column] = value
+    bad = tmp_path / "bad.parquet"
+    frame.to_parquet(bad)
+    out = tmp_path / "out"
+    assert evaluate_main(["--from-predictions", str(bad), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    label = column.removeprefix("true_")
+    for part in (str(bad), "'test'", "'member2'", repr(frame.loc[row, "key"]), label, what):
+        assert part in err, (part, err)
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_empty_split_says_no_samples_and_how_to_go_on(members, shards_dir, tmp_path, capsys):
+    shards = tmp_path / "sh_noval"
+    shutil.copytree(shards_dir, shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["splits"]["val"]["samples"] = 0
+    manifest["shards"] = [s for s in manifest["shards"] if s.get("split") != "val"]
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "out"
+    assert evaluate_main(["--runs", *map(str, members), "--shards", str(shards), "--split", "test",
+                          "--thresholds-from", "val", "--bootstrap", "0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "split 'val' has no samples — use --thresholds-from none" in err and "no shards" not in err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_report_counts_valid_resamples_and_flags_few_positives(report):
+    """aucs.csv and report.md say how many of the 200 resamples each CI rests on, and flag labels
+    with < 10 positives (counted here from the predictions' ground truth)."""
+    aucs = pd.read_csv(report / "aucs.csv")
+    truth = _split_frame(report, "test")
+    truth = truth[truth["member"] == truth["member"].iloc[0]]
+    n_pos = {label: int(truth["true_" + label].sum()) for label in LABELS}
+    few = [label for label, n in n_pos.items() if n < 10]
+    assert few, "the fixture's 48-image test split should have rare labels"
+    rows = aucs[aucs["member"] == "ensemble"].set_index("label")
+    assert (rows["n_boot"] == 200).all()
+    for label in LABELS:
+        assert bool(rows.loc[label, "few_positives"]) == (label in few)
+    text = (report / "report.md").read_text()
+    assert f"from {int(rows.loc['mean', 'n_valid'])} of 200 valid resamples" in text
+    assert "per-label-mean bootstrap" in text
+    assert "fewer than 10 positives" in text and all(f"{label} ({n_pos[label]})" in text for label in few)
+
+
 # --------------------------------------------------------------- distributed ---
 
 @pytest.mark.slow

@@ -6,7 +6,6 @@ import subprocess
 import sys
 import signal
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -155,26 +154,47 @@ def test_checkpoint_resumes_from_the_checkpoint_training_wrote(synth_shards, tmp
     task = submit.TrainTask(_tiny_argv(synth_shards, run_dir, "train.epochs=3", "train.max_steps=8"),
                             str(run_dir))
     log = run_dir / "train.log"
+    import logging
 
-    def preempt_after_step_2():
-        import submitit
+    import submitit
 
-        sig = submitit.JobEnvironment._usr_sig()
-        deadline = time.time() + 240
-        while time.time() < deadline:
-            if log.is_file() and " step 2 " in log.read_text():
-                os.kill(os.getpid(), sig)
-                return
-            time.sleep(0.2)
+    sig = submitit.JobEnvironment._usr_sig()
+    sent = []
 
-    threading.Thread(target=preempt_after_step_2, daemon=True).start()
-    result = task()  # no scheduler: the task resumes in-process through checkpoint()
+    def preempt_at_step_2(record: logging.LogRecord) -> bool:
+        # The event itself: training logs its step-2 line, and submitit's signal is sent from
+        # inside that call, before the step's stop check; the call returns once the task has
+        # relayed it to training's own SIGUSR1 handler. Training then stops at step 2, always.
+        if sent or not record.getMessage().startswith("step 2 "):
+            return True
+        sent.append(record.getMessage())
+        stop_handler, relayed = signal.getsignal(signal.SIGUSR1), threading.Event()
+
+        def relay(signum, frame):
+            stop_handler(signum, frame)
+            relayed.set()
+
+        signal.signal(signal.SIGUSR1, relay)
+        try:
+            os.kill(os.getpid(), sig)
+            assert relayed.wait(30), "the task did not relay submitit's signal to training"
+        finally:
+            signal.signal(signal.SIGUSR1, stop_handler)
+        return True
+
+    steps = logging.getLogger("cxr.train.steps")  # setup_logging resets handlers, not filters
+    steps.addFilter(preempt_at_step_2)
+    try:
+        result = task()  # no scheduler: the task resumes in-process through checkpoint()
+    finally:
+        steps.removeFilter(preempt_at_step_2)
+    assert len(sent) == 1
     assert result["status"] == "finished" and result["requeues"] == 1
 
     saved = [p.parent for p in (run_dir / "checkpoints").glob("*/state.pt")]
     assert saved == [run_dir / "checkpoints" / "last"]
     text = log.read_text()
-    assert "stopped by SIGUSR1" in text
+    assert "stopped by SIGUSR1 at epoch 1 step 2 (global step 2)" in text
     assert f"resumed from {run_dir / 'checkpoints' / 'last'}" in text
     # and checkpoint() names exactly that folder
     delayed = task.checkpoint()

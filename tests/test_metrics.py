@@ -241,8 +241,36 @@ def test_bootstrap_undefined_label_and_empty_resamples():
     assert np.isnan(res["samples"][:, 0]).all() and np.isnan(res["ci_low"][0])
     missed = M.bootstrap_counts(60, 200, seed=1)[5] == 0
     assert missed.any() and np.array_equal(np.isnan(res["samples"][:, 1]), missed)
-    assert res["n_valid"] == (~missed).sum()
+    assert res["n_valid_labels"][1] == (~missed).sum() and res["n_valid_all"] == (~missed).sum()
+    assert res["n_valid"] == 200  # per-label mean: a resample without label 1's positive keeps label 2
     assert res["mean_auroc"] == pytest.approx(np.mean([roc_auc_score(y[:, c], s[:, c]) for c in (1, 2)]))
+
+
+def test_mean_auroc_ci_is_per_label_mean_over_resamples_checked_with_sklearn():
+    """A label with 1 positive misses it in ~37 % of resamples; the mean CI still uses every
+    resample (mean over the labels defined in it). Reference: sklearn on each resample."""
+    rng = np.random.default_rng(21)
+    n = 40
+    y = (rng.random((n, 3)) < 0.4).astype(int)
+    y[:, 0] = 0
+    y[7, 0] = 1  # one positive
+    s = np.clip(0.3 * y + rng.random((n, 3)), 0, 1)
+    counts = M.bootstrap_counts(n, 300, seed=2)
+    res = M.bootstrap_auroc(y, s, counts=counts)
+    means, valid_labels = [], np.zeros(3, int)
+    for b in range(counts.shape[1]):
+        rows = np.repeat(np.arange(n), counts[:, b].astype(int))
+        aucs = []
+        for c in range(3):
+            if 0 < y[rows, c].sum() < rows.size:
+                aucs.append(roc_auc_score(y[rows, c], s[rows, c]))
+                valid_labels[c] += 1
+        means.append(np.mean(aucs))
+    assert res["n_valid"] == 300 and list(res["n_valid_labels"]) == list(valid_labels)
+    assert valid_labels[0] < 250 and res["n_valid_all"] == valid_labels[0]
+    np.testing.assert_allclose(res["mean_samples"], means, rtol=1e-12)
+    low, high = np.percentile(means, [2.5, 97.5])
+    assert res["mean_ci_low"] == pytest.approx(low, rel=1e-12) and res["mean_ci_high"] == pytest.approx(high, rel=1e-12)
 
 
 @pytest.mark.parametrize("n_datasets", [200])

@@ -30,15 +30,28 @@ def sh(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="session")
 def slurm():
-    """A running local Slurm: started here (and stopped at the end) unless it already ran."""
+    """A running local Slurm: started here (and stopped at the end) unless it already ran.
+    Its config lives under CXR_SLURM_HOME; SLURM_CONF points every client (sbatch, sacct,
+    submitit, the jobs) at it. Where another Slurm is configured or running, skip visibly."""
     installed = shutil.which("sbatch") and shutil.which("slurmctld")
     if not installed and (os.geteuid() != 0 or not shutil.which("apt-get")):
         pytest.skip("Slurm is not installed and cannot be (needs root and apt-get): run slurm/local-cluster.sh start")
+    check = sh("bash", str(CLUSTER), "check", check=False)
+    if check.returncode == 3:
+        pytest.skip(f"local Slurm not started: {check.stderr.strip()}")
     was_up = sh("bash", str(CLUSTER), "status", check=False).returncode == 0
     started = sh("bash", str(CLUSTER), "start", check=False)
+    if started.returncode == 3:
+        pytest.skip(f"local Slurm not started: {started.stderr.strip()}")
     if started.returncode != 0:
         pytest.fail(f"slurm/local-cluster.sh start failed: {started.stderr}")
+    before = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = sh("bash", str(CLUSTER), "conf").stdout.strip()
     yield
+    if before is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = before
     if not was_up:
         sh("bash", str(CLUSTER), "stop", check=False)
 

@@ -48,7 +48,7 @@ def draw_params(keys: list[str], cfg: DataConfig, epoch: int, resolution: int) -
     bright = np.empty(n, np.float32)
     contr = np.empty(n, np.float32)
     for i, key in enumerate(keys):
-        u = np.random.default_rng([cfg.seed, epoch, key_seed(key)]).random(7)
+        u = np.random.default_rng([cfg.resolved_seed, epoch, key_seed(key)]).random(7)
         flip = u[0] < cfg.hflip_p
         angle = (2 * u[1] - 1) * cfg.rotate_deg
         zoom = 1 + (2 * u[2] - 1) * cfg.scale

@@ -42,8 +42,10 @@ class DataConfig:
     """Page-locked host batches (wds back end, DALI CPU outputs) so the `non_blocking`
     host→device copy really is asynchronous. auto: on when a CUDA device is visible."""
 
-    seed: int = 0
-    """Seed of the per-epoch shuffle and of the per-sample augmentation draws."""
+    seed: int | None = None
+    """Seed of the per-epoch shuffle and of the per-sample augmentation draws. None (default):
+    follows train.seed, so one seed varies init, data order and augmentation together; the
+    resolved value is what config.yaml records. Set it to keep the data fixed across seeds."""
 
     shuffle_buffer: int = 1000
     """Unused by design: training draws a global permutation per epoch (exact, no
@@ -109,6 +111,10 @@ class DataConfig:
 
             return torch.cuda.is_available()
         return bool(self.pin_memory)
+
+    def resolved_seed(self) -> int:
+        """The data seed in use (0 when unset outside a training config, which resolves it)."""
+        return 0 if self.seed is None else self.seed
 
     @property
     def eval_batch(self) -> int:

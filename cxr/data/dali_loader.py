@@ -207,7 +207,7 @@ def _pipeline(o: DaliBatches, source):
     cfg, res, gpu = o.cfg, o.res, o.cfg.device == "gpu"
 
     @pipeline_def(batch_size=max(cfg.batch_size, cfg.eval_batch), num_threads=max(cfg.num_threads, 1),
-                  device_id=o.device_id, seed=cfg.seed, prefetch_queue_depth=2)
+                  device_id=o.device_id, seed=cfg.resolved_seed, prefetch_queue_depth=2)
     def pipe():
         n_out = 4 if o.augment else 1  # augmentation parameters only when augmenting
         inputs = fn.external_source(source=source, num_outputs=n_out, batch=True,

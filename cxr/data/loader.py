@@ -46,7 +46,7 @@ class Loader:
         self.index = SplitIndex.load(self.shards_dir, manifest, split)
         self.age_mean, self.age_std = meta_stats(self.shards_dir, manifest)
         batch = cfg.batch_size if train else cfg.eval_batch
-        self.plan = epoch_plan(len(self.index), batch, rank, world_size, epoch, cfg.seed, train, skip_batches)
+        self.plan = epoch_plan(len(self.index), batch, rank, world_size, epoch, cfg.resolved_seed, train, skip_batches)
         self.batches_per_epoch = self.plan.batches_per_epoch
         self._skipped: list[str] = []
         self._samples = 0

@@ -164,13 +164,35 @@ def _worker_context():
     by a fork of it instead of re-importing torch.
     """
     import multiprocessing
+    import signal
+    from multiprocessing import forkserver
 
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "PIL.PngImagePlugin", "imagecodecs", "cxr.data.wds_loader"])  # no-op once started
+    # The fork server and multiprocessing's resource tracker are started with the job's stop
+    # signals blocked, a mask they (and the workers forked from the server) inherit: a signal to
+    # the whole job then leaves them alone. Blocked, not ignored, in this process: a signal that
+    # arrives meanwhile is delivered to the main process's handler when the mask is restored.
+    stop = {getattr(signal, name) for name in STOP_SIGNALS}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     return ctx
 
 
+STOP_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM")
+
+
 def _one_thread(_worker: int) -> None:
+    import signal
+
     import torch
 
     torch.set_num_threads(1)  # workers are the parallelism; intra-op threads would oversubscribe
+    # srun / scancel --signal / submitit signal every process of the job: a worker that died of
+    # SIGUSR1 would crash the loader before the main process saves. The main process handles
+    # the stop (cxr.train.StopFlag) and ends the workers itself.
+    for name in STOP_SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)

@@ -1,0 +1,63 @@
+"""DeepSpeed ZeRO-2 with bf16 (the GPU recipe of the docs), on CPU: trains, is preempted,
+resumes, and writes fp32 master weights to model.safetensors."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train import (BIN, EPOCHS, ROOT, STEPS_PER_EPOCH, _env, finish, free_port, metrics_rows,  # noqa: E402
+                        output, rank_pids, train_shards, wait_for_line, weights)
+
+pytestmark = pytest.mark.slow
+__all__ = ["train_shards"]  # the session fixture, shared with test_train.py
+
+
+ZERO2 = ROOT / "launch" / "configs" / "deepspeed_zero2.yaml"
+
+
+def launch_bf16(shards: Path, run_dir: Path) -> subprocess.Popen:
+    """The documented GPU command, on CPU: `accelerate launch --config_file deepspeed_zero2.yaml
+    --mixed_precision bf16 cxr/train.py ... train.mixed_precision=auto`."""
+    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(ZERO2), "--mixed_precision", "bf16",
+           "--main_process_port", str(free_port()), "cxr/train.py",
+           "--config", "cxr/configs/tiny.yaml", f"data.shards={shards}", f"checkpoint.run_dir={run_dir}",
+           "data.resolution=64", "data.batch_size=16", f"train.epochs={EPOCHS}", "logging.progress=false",
+           "logging.log_every=1", "train.mixed_precision=auto"]
+    out = open(run_dir.parent / f"{run_dir.name}.out", "ab")
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def test_deepspeed_zero2_bf16_trains_resumes_and_saves_fp32(train_shards, tmp_path):
+    run_dir = tmp_path / "ds-bf16"
+    run_dir.mkdir()
+    proc = launch_bf16(train_shards, run_dir)
+    pids = rank_pids(run_dir, proc)
+    wait_for_line(run_dir, rf"step {STEPS_PER_EPOCH + 2} epoch 2 ", proc)
+    os.kill(pids[0], signal.SIGUSR1)
+    assert finish(proc) != 0, output(run_dir)[-3000:]
+    assert yaml.safe_load((run_dir / "status.json").read_text())["exit_code"] == 75, output(run_dir)[-3000:]
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["train"]["mixed_precision"] == "bf16"  # resolved from the launcher
+    assert "DEEPSPEED" in (run_dir / "train.log").read_text()
+    rows_before = metrics_rows(run_dir)
+
+    assert finish(launch_bf16(train_shards, run_dir)) == 0, \
+        output(run_dir)[-3000:]
+    log = (run_dir / "train.log").read_text()
+    assert "resumed from" in log
+    rows = metrics_rows(run_dir)
+    assert [int(r["epoch"]) for r in rows] == [1, 2] and rows[0] == rows_before[0]
+    assert float(rows[1]["loss"]) < float(rows[0]["loss"])
+    for name in ("last", "best"):
+        for key, tensor in weights(run_dir, name).items():
+            if tensor.is_floating_point():
+                assert tensor.dtype == torch.float32, (name, key, tensor.dtype)  # fp32 master weights
+                assert torch.isfinite(tensor).all(), (name, key)
