@@ -80,7 +80,8 @@ def verify(directory: str | Path, workers: int | None = None, against: list[str 
             tqdm(total=sum(s["samples"] for s in manifest["shards"]), unit="img", desc="verify",
                  mininterval=0.5) as bar:
         futures = {pool.submit(check_shard, str(directory), entry, manifest["codec"], manifest["resolution"],
-                               sources, has_checksums(manifest)): entry for entry in manifest["shards"]}
+                               sources, has_checksums(manifest), _labels(manifest)): entry
+                   for entry in manifest["shards"]}
         for future in as_completed(futures):
             failures, records = future.result()
             report.failures += failures
@@ -105,8 +106,8 @@ def _source_files(against: list[str | Path]) -> dict[str, str]:
 
 
 def check_shard(directory: str, entry: dict[str, Any], codec: str, resolution: int | None,
-                sources: Mapping[str, str] | None = None,
-                checksums: bool = False) -> tuple[list[str], list[tuple[str, dict]]]:
+                sources: Mapping[str, str] | None = None, checksums: bool = False,
+                labels: tuple[str, ...] = LABELS) -> tuple[list[str], list[tuple[str, dict]]]:
     """Check one shard; return (failures, [(key, json record)]) of its samples.
 
     ``sources`` (key → source PNG path): also compare each image's pixels with its source.
@@ -128,7 +129,7 @@ def check_shard(directory: str, entry: dict[str, Any], codec: str, resolution: i
     records = []
     for key, members in groups:
         problems, record = _check_sample(key, members, CODEC_EXT[codec], entry["split"], resolution, codec,
-                                         checksums)
+                                         checksums, labels)
         if sources is not None and not problems:
             problems = _differs_from_source(key, members[CODEC_EXT[codec]], codec, resolution, sources.get(key))
         failures += [f"{name}: {key}: {p}" for p in problems]
@@ -152,8 +153,8 @@ def _read_samples(tar_path: Path) -> list[tuple[str, dict[str, bytes]]]:
 
 
 def _check_sample(key: str, members: dict[str, bytes], image_ext: str, split: str,
-                  resolution: int | None, codec: str | None = None,
-                  checksums: bool = False) -> tuple[list[str], dict | None]:
+                  resolution: int | None, codec: str | None = None, checksums: bool = False,
+                  labels: tuple[str, ...] = LABELS) -> tuple[list[str], dict | None]:
     expected = {image_ext, "labels", "meta", "id", "json"}
     if set(members) != expected:
         return [f"members {sorted(members)}, expected {sorted(expected)}"], None
@@ -171,7 +172,7 @@ def _check_sample(key: str, members: dict[str, bytes], image_ext: str, split: st
         if checksums:  # the loaders' check, on all four members
             crc = checksum_problem(record.get(CRC_FIELD), {e: members[e] for e in (image_ext, "labels", "meta", "id")})
             problems += [crc] if crc else []
-        problems += _json_mismatches(key, record, members, split)
+        problems += _json_mismatches(key, record, members, split, labels)
     except (ValueError, KeyError, TypeError) as err:
         return problems + [f"unreadable .json ({err})"], None
     return problems, record
@@ -200,15 +201,21 @@ def _differs_from_source(key: str, data: bytes, codec: str, resolution: int | No
             f"mean {diff.mean():.3f})"]
 
 
-def _json_mismatches(key: str, record: dict, members: dict[str, bytes], split: str) -> list[str]:
+def _labels(manifest: dict) -> tuple[str, ...]:
+    """The shards' label names: the 14 NIH ones, or a generic table's (manifest ``labels``)."""
+    return tuple(manifest.get("labels") or LABELS)
+
+
+def _json_mismatches(key: str, record: dict, members: dict[str, bytes], split: str,
+                     labels: tuple[str, ...] = LABELS) -> list[str]:
     problems = []
     if Path(record["image"]).stem != key and record["image"] != key:
         problems.append(f".json image {record['image']!r} is not this key")
     if record["split"] != split:
         problems.append(f".json split {record['split']!r} in a {split} shard")
-    if members["labels"] != labels_bytes(record["labels"]) or len(record["labels"]) != len(LABELS):
+    if members["labels"] != labels_bytes(record["labels"]) or len(record["labels"]) != len(labels):
         problems.append(".labels differ from the .json labels")
-    if record["findings"] != [n for n, y in zip(LABELS, record["labels"]) if y]:
+    if record["findings"] != [n for n, y in zip(labels, record["labels"]) if y]:
         problems.append(".json findings differ from its labels")
     if members["meta"] != meta_vector(record["age"], record["sex"], record["view"]).tobytes():
         problems.append(".meta differs from the .json age/sex/view")
@@ -235,7 +242,7 @@ def _check_totals(directory: Path, manifest: dict, samples: dict[str, list[tuple
     failures += _patient_leaks(records)
     for split, stats in manifest["splits"].items():
         mine = [r for r in records.values() if r["split"] == split]
-        positives = {n: sum(r["labels"][i] for r in mine) for i, n in enumerate(LABELS)}
+        positives = {n: sum(r["labels"][i] for r in mine) for i, n in enumerate(_labels(manifest))}
         if len(mine) != stats["samples"] or len({r["patient"] for r in mine}) != stats["patients"]:
             failures.append(f"split {split}: {len(mine)} samples / {len({r['patient'] for r in mine})} patients "
                             f"in shards, manifest says {stats['samples']} / {stats['patients']}")

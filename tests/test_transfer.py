@@ -88,6 +88,11 @@ def test_generic_csv_packs_with_its_own_labels(binary):
     for split, stats in manifest["splits"].items():
         keys = pd.read_csv(shards.parent / "splits.csv").query("split == @split")["image"]
         assert stats["positives"][TASK] == int(task.set_index("image").loc[keys, TASK].sum())
+    from shards.verify import verify
+
+    report = verify(shards, workers=1)  # checks .labels/.json/positives against the manifest's own labels
+    assert report.ok, report.failures
+    assert report.samples == len(task)
 
 
 def test_a_run_fine_tuned_on_one_label_is_evaluated_with_a_correct_report(tmp_path, binary, pretrained):
