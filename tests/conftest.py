@@ -21,3 +21,16 @@ def nih_sample_dir(nih_dir: Path) -> Path:
     if not (sample / "labels.csv").exists():
         pytest.skip(f"real NIH sample not found at {sample}")
     return sample
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """2 shared cores: a second intra-op thread only adds contention for tiny models.
+
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -36,13 +36,7 @@ RES = 64
 
 # ------------------------------------------------------------------ fixtures ---
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """2 shared cores: a second intra-op thread only adds contention for these tiny convs."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.fixture(scope="session")

@@ -36,12 +36,7 @@ from shards.synth import Case, render_with_boxes
 MASTER = 128  # phantom masters; the runs see them at 64 (the loader resizes)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 # ------------------------------------------------------------ method identities ---

@@ -25,12 +25,7 @@ RES = 64
 TASK = "Cardiomegaly"  # a coarse phantom signature (a large heart), visible at 64 px
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def _pack_nih(root: Path, n: int, seed: int) -> Path:
