@@ -112,6 +112,7 @@ class DataConfig:
             return torch.cuda.is_available()
         return bool(self.pin_memory)
 
+    @property
     def resolved_seed(self) -> int:
         """The data seed in use (0 when unset outside a training config, which resolves it)."""
         return 0 if self.seed is None else self.seed
