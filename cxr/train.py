@@ -50,6 +50,7 @@ from accelerate.utils import DistributedType, set_seed
 from cxr import checkpoint as ckpt
 from cxr.config import Config, config_diff, config_hash, config_yaml, describe_config, load_config, save_config
 from cxr.data import build_loader, image_source, load_shards_manifest
+from cxr.data.shard_index import SplitIndex, first_corrupt
 from cxr.losses import build_loss
 from cxr.metrics import epoch_metrics
 from cxr.models import build_model
@@ -504,17 +505,26 @@ def realign_schedule(scheduler, optimizer, position: int) -> None:
 
 
 def check_val_split(cfg: Config, loader_fn: Callable, rank: int, world: int) -> None:
-    """Build the val loader once before epoch 1: a missing or empty split fails before any training."""
+    """Build the val loader once before epoch 1: a missing, empty or corrupt split fails before
+    any training (each rank reads its share of the val samples' bytes with the loaders' checks)."""
+    bad = None
     try:
         with torch.random.fork_rng(devices=[]):
-            batches = len(loader_fn(cfg.data, "val", rank=rank, world_size=world, epoch=0, train=False))
+            loader = loader_fn(cfg.data, "val", rank=rank, world_size=world, epoch=0, train=False)
+        batches = len(loader)
+        if isinstance(getattr(loader, "index", None), SplitIndex):  # shards (not in-memory data)
+            found = first_corrupt(loader.index, rank, world)
+            bad = None if found is None else str(found.as_error())
     except CxrError as err:
         if "no shards for split 'val'" not in str(err):
             raise
         batches = 0
-    if sum(ckpt.gather_objects(batches)) == 0:
+    counts, errors = zip(*ckpt.gather_objects((batches, bad)))
+    if sum(counts) == 0:
         raise CxrError(f"{cfg.data.shards}: split 'val' has 0 samples — validation needs some: re-split "
                        f"with a val fraction > 0 (python -m shards split --fractions 0.7,0.15,0.15) and re-pack")
+    if any(errors):
+        raise CxrError(next(e for e in errors if e))
 
 
 def lock_run_dir(cfg: Config, accelerator: Accelerator) -> RunLock | None:

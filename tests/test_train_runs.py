@@ -414,3 +414,35 @@ def test_a_world_size_that_cannot_continue_at_the_same_sample_is_refused_naming_
         resume_step(cfg, state, 2, 6, tmp_path)
     old = {"world_size": 2, "loop": {"epoch": 0, "step_in_epoch": 3}, "loader": {"skip_batches": 3}}
     assert resume_step(cfg, old, 1, 12, tmp_path) == 6  # a checkpoint without "samples": 3 × 8 × 2
+
+
+def test_a_corrupt_val_sample_fails_before_the_first_training_step(tmp_path):
+    """Battery 4.9: a flipped byte in a val image used to surface after a whole training epoch."""
+    import tarfile
+
+    from shards.cli import main as shards_main
+
+    root = tmp_path / "data"
+    assert shards_main(["synth", "--out", str(root / "synth"), "--n", "40", "--resolution", "32", "--seed", "2",
+                        "--workers", "1"]) == 0
+    assert shards_main(["split", "--metadata", str(root / "synth" / "Data_Entry_2017.csv"), "--scheme", "random",
+                        "--fractions", "0.6,0.2,0.2", "--out", str(root / "splits.parquet")]) == 0
+    assert shards_main(["pack", "--splits", str(root / "splits.parquet"), "--images", str(root / "synth" / "images"),
+                        "--out", str(root / "shards"), "--workers", "1"]) == 0
+    tar_path = sorted((root / "shards").glob("val-*.tar"))[0]
+    with tarfile.open(tar_path) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".png"))
+    data = bytearray(tar_path.read_bytes())
+    data[member.offset_data + member.size // 2] ^= 0x01  # mid-IDAT: headers and .idx stay valid
+    tar_path.write_bytes(bytes(data))
+
+    run = tmp_path / "r"
+    cfg = load_config(ROOT / "cxr" / "configs" / "tiny.yaml", [
+        f"checkpoint.run_dir={run}", f"data.shards={root / 'shards'}", "data.resolution=32", "data.backend=wds",
+        "data.num_threads=0", "data.batch_size=4", "logging.progress=false", "train.epochs=1", "train.threads=1"])
+    key = member.name.split(".")[0]
+    with pytest.raises(CxrError, match=rf"{tar_path.name}: sample {key} is corrupt \(.png checksum mismatch"):
+        train(cfg)
+    assert " step_in_epoch " not in (run / "train.log").read_text()  # no training step was taken
+    assert not (run / "checkpoints" / "last").exists()
+    assert status(run)["state"] == "failed"
