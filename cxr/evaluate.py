@@ -494,7 +494,7 @@ def predictions_frame(per_split: dict[str, ScoreSet]) -> pd.DataFrame:
 
 
 def check_values(where: str, split: str, member: str, keys: np.ndarray, values: np.ndarray,
-                 kind: str) -> None:
+                 kind: str, labels: Sequence[str] = LABELS) -> None:
     """Raise naming ``where``, split, member, first key and label when ``values`` [N, L] hold a
     NaN/inf or a value outside [0, 1] (kind="score") or other than 0/1 (kind="label")."""
     values = np.asarray(values, dtype=np.float64)
@@ -508,15 +508,15 @@ def check_values(where: str, split: str, member: str, keys: np.ndarray, values: 
     fix = ("check the model outputs (a diverged member gives NaN)" if kind == "score"
            else "the ground truth comes from the shards' labels; re-run the evaluation")
     raise CxrError(f"{where}: split {split!r}, member {member!r}: {int(bad.sum())} bad values, first at key "
-                   f"{keys[row]!r} label {LABELS[col]} = {float(values[row, col]):g} ({what}) — {fix}")
+                   f"{keys[row]!r} label {labels[col]} = {float(values[row, col]):g} ({what}) — {fix}")
 
 
 def check_score_sets(per_split: dict[str, ScoreSet], where: str) -> None:
     """Every score a probability and every label 0/1, before anything is written (see check_values)."""
     for split, s in per_split.items():
-        check_values(where, split, "(ground truth)", s.keys, s.y_true, "label")
+        check_values(where, split, "(ground truth)", s.keys, s.y_true, "label", s.labels)
         for member, probs in s.scores.items():
-            check_values(where, split, member, s.keys, probs, "score")
+            check_values(where, split, member, s.keys, probs, "score", s.labels)
 
 
 def read_predictions(path: Path) -> dict[str, ScoreSet]:
@@ -542,9 +542,9 @@ def read_predictions(path: Path) -> dict[str, ScoreSet]:
                 raise CxrError(f"{path}: split {split!r}: member {member!r} has a different key set "
                                f"than {members[0]!r} — the file was edited or merged wrongly")
             scores[member] = rows[labels].to_numpy(dtype=np.float64)
-            check_values(str(path), str(split), member, keys, scores[member], "score")
+            check_values(str(path), str(split), member, keys, scores[member], "score", labels)
             check_values(str(path), str(split), member, keys,
-                         rows[[TRUE_PREFIX + c for c in labels]].to_numpy(dtype=np.float64), "label")
+                         rows[[TRUE_PREFIX + c for c in labels]].to_numpy(dtype=np.float64), "label", labels)
         y_true = first[[TRUE_PREFIX + c for c in labels]].to_numpy(dtype=np.uint8)
         out[str(split)] = ScoreSet(keys=keys, y_true=y_true, scores=scores, labels=tuple(labels))
     return out

@@ -447,8 +447,8 @@ def _validity_note(aucs: pd.DataFrame, focus: str) -> str:
     text = (f"the mean-AUROC CI is a per-label-mean bootstrap (each resample's mean over the labels "
             f"with both classes in it): `{focus}` mean from {int(rows.loc[MEAN, 'n_valid'])} of {n_boot} "
             f"valid resamples")
-    partial = [f"{label} {int(rows.loc[label, 'n_valid'])}/{n_boot}" for label in LABELS
-               if 0 < rows.loc[label, "n_valid"] < n_boot]
+    partial = [f"{label} {int(rows.loc[label, 'n_valid'])}/{n_boot}" for label in rows.index
+               if label != MEAN and 0 < rows.loc[label, "n_valid"] < n_boot]
     if partial:
         text += "; labels defined in fewer resamples: " + ", ".join(partial)
     return text
@@ -457,7 +457,8 @@ def _validity_note(aucs: pd.DataFrame, focus: str) -> str:
 def _few_positives_note(aucs: pd.DataFrame) -> list[str]:
     """A report.md bullet naming the labels with fewer than FEW_POSITIVES positives (or nothing)."""
     rows = aucs[aucs["member"] == aucs["member"].iloc[0]].set_index("label")
-    few = [f"{label} ({int(rows.loc[label, 'n_pos'])})" for label in LABELS if rows.loc[label, "few_positives"]]
+    few = [f"{label} ({int(rows.loc[label, 'n_pos'])})" for label in rows.index
+           if label != MEAN and rows.loc[label, "few_positives"]]
     if not few:
         return []
     return [f"- **labels with fewer than {FEW_POSITIVES} positives** (their AUROC and CI rest on very few "
