@@ -396,7 +396,7 @@ def infer_predictions(args: argparse.Namespace) -> tuple[ScoreSet | None, list[d
         torch.set_num_threads(args.threads)
     eval_args = argparse.Namespace(runs=args.runs, shards=args.shards, resolution=None, backend=args.backend,
                                    batch_size=args.batch_size, num_threads=args.num_threads,
-                                   loader_device=None, precision=args.precision, cpu=args.cpu)
+                                   loader_device=None, precision=args.precision, cpu=args.cpu, split=args.split)
     state = _state(eval_args)
     per_split, infos = infer_runs(eval_args, state, [args.split])
     if per_split is None:
