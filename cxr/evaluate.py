@@ -733,26 +733,8 @@ def _summary_line(result: dict[str, Any], args: argparse.Namespace, elapsed: flo
             f"{focus} mean AUROC {row.auroc:.3f}{ci}")
 
 
-@cli_entry
+@cli_entry  # also tears down the launcher's process group on every exit path (shards.errors)
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        return _main(argv)
-    finally:
-        _destroy_process_group()
-
-
-def _destroy_process_group() -> None:
-    """Tear the launcher's process group down before the interpreter exits, on every rank and
-    every exit path. Left to interpreter shutdown, gloo's threads are destroyed while still
-    joinable: the rank that finishes first (every rank but 0 returns right after the gather)
-    then aborts with "terminate called without an active exception" (SIGABRT)."""
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return
-    torch.distributed.destroy_process_group()
-
-
-def _main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)

@@ -4,7 +4,9 @@ Raise ``CxrError(f"{path}: {what} — {how to fix}")`` anywhere; CLIs wrap their
 ``main`` with :func:`cli_entry`, which prints the message without a traceback
 (``--debug`` or ``CXR_DEBUG=1`` shows it) and exits with status 2. A full disk, a
 read-only or forbidden output (ENOSPC, EDQUOT, EROFS, EACCES) is reported there the
-same way, once for every CLI (shards and training), naming the file.
+same way, once for every CLI (shards and training), naming the file. On every exit
+path it also tears down a torch.distributed process group that the command's
+launcher set up (see :func:`destroy_process_group`).
 """
 from __future__ import annotations
 
@@ -65,5 +67,22 @@ def cli_entry(main: Callable[[Sequence[str] | None], int | None]) -> Callable[[S
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
+        finally:
+            destroy_process_group()
 
     return wrapped
+
+
+def destroy_process_group() -> None:
+    """Tear down an initialised torch.distributed process group (no-op without torch loaded).
+
+    Left to interpreter shutdown, gloo's threads are destroyed while still joinable: a rank
+    that finishes first (under ``accelerate launch``, every rank but 0 returns right after
+    the gather of ``cxr.evaluate`` / ``cxr.explain``) then aborts with "terminate called
+    without an active exception" (SIGABRT). torch is looked up, never imported: shards/
+    runs without it.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    torch.distributed.destroy_process_group()

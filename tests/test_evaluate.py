@@ -29,6 +29,7 @@ from cxr.evaluate import main as evaluate_main
 from shards.cli import main as shards_main
 from shards.errors import CxrError
 from shards.labels import LABELS
+from test_train import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RES = 64
@@ -408,6 +409,7 @@ def test_two_ranks_give_the_same_predictions_as_one(report, members, shards_dir,
     out = tmp_path / "two-ranks"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", str(free_port()),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "cxr.evaluate", "--runs", *map(str, members), "--shards", str(shards_dir),
            "--split", "test", "--thresholds-from", "val", "--bootstrap", "200", "--out", str(out),

@@ -32,6 +32,7 @@ from shards.cli import main as shards_main
 from shards.errors import CxrError
 from shards.labels import LABELS
 from shards.synth import Case, render_with_boxes
+from test_train import free_port
 
 MASTER = 128  # phantom masters; the runs see them at 64 (the loader resizes)
 
@@ -319,6 +320,7 @@ def test_two_ranks_score_the_same_pairs_as_one(phantom_shards, runs, tmp_path):
             str(phantom_shards / "synth" / "boxes.csv"), "--bootstrap", "0", "--threads", "1"]
     assert explain_main([*args, "--out", str(tmp_path / "one")]) == 0
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", str(free_port()),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "cxr.explain",
            *args, "--cpu", "--out", str(tmp_path / "two")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
