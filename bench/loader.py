@@ -211,19 +211,24 @@ def summarize(rows: list[tuple[str, float, float | None]], n: int, args) -> str:
     return "\n".join(lines)
 
 
-def append_results(path: Path, text: str, command: str) -> None:
-    """Replace this benchmark's own section of RESULTS.md (or append it), leaving other sections alone."""
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    section = (f"## loader\n\n`{command}` ({platform.machine()}, {os.cpu_count()} cores, load average {load} — "
-               f"shared machine, {date.today()})\n\n```\n{text}\n```\n\n{NOTE}\n")
+def replace_section(path: Path, title: str, section: str) -> None:
+    """Replace RESULTS.md's "## {title}" section with ``section`` (or append it), other sections untouched."""
     old = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = old.find("\n## loader\n")
+    start = old.find(f"\n## {title}\n")
     if start >= 0:
         end = old.find("\n## ", start + 1)
         new = old[:start + 1] + section + (old[end + 1:] if end >= 0 else "")
     else:
         new = old.rstrip("\n") + "\n\n" + section
     atomic_write_text(path, new)
+
+
+def append_results(path: Path, text: str, command: str) -> None:
+    """Replace this benchmark's own section of RESULTS.md (or append it), leaving other sections alone."""
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    section = (f"## loader\n\n`{command}` ({platform.machine()}, {os.cpu_count()} cores, load average {load} — "
+               f"shared machine, {date.today()})\n\n```\n{text}\n```\n\n{NOTE}\n")
+    replace_section(path, "loader", section)
 
 
 CODECS = ("png", "ljpeg", "j2k", "jpeg")
@@ -290,14 +295,7 @@ def append_codec_section(path: Path, text: str, command: str) -> None:
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     section = (f"## codec decode\n\n`{command}` ({platform.machine()}, {os.cpu_count()} cores, load average "
                f"{load} — shared machine, {date.today()})\n\n{text}\n")
-    old = path.read_text() if path.exists() else "# Benchmark results\n"
-    start = old.find("\n## codec decode\n")
-    if start >= 0:
-        end = old.find("\n## ", start + 1)
-        new = old[:start + 1] + section + (old[end + 1:] if end >= 0 else "")
-    else:
-        new = old.rstrip("\n") + "\n\n" + section
-    atomic_write_text(path, new)
+    replace_section(path, "codec decode", section)
 
 
 def main() -> None:

@@ -8,7 +8,6 @@ the decoders.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -23,9 +22,9 @@ import pytest
 from PIL import Image
 
 from shards.cli import main as shards_main
-from shards.dali_index import index_for_tar
 from shards.errors import CxrError
 from shards.verify import verify
+from test_verify import _rewrite  # one shard-rewriting helper (fixes size, sha256, index)
 
 from cxr.data import DataConfig, build_loader
 
@@ -121,24 +120,6 @@ def test_loaders_decode_ljpeg_pixel_exact(packed, backend, caplog):
     assert seen == packed["keys"]
     decoder = "cpu (DALI threads)" if backend == "dali" else "cpu (imagecodecs, DataLoader workers)"
     assert f"decode: ljpeg shards on {decoder}" in caplog.text
-
-
-def _rewrite(out: Path, shard: str, change) -> None:
-    """Rewrite one shard with ``change(name, data)``; fix its size, sha256 and index so only content differs."""
-    src = out / shard
-    buf = io.BytesIO()
-    with tarfile.open(src) as tar, tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as new:
-        for info in tar.getmembers():
-            data = change(info.name, tar.extractfile(info).read())
-            info.size = len(data)
-            new.addfile(info, io.BytesIO(data))
-    src.write_bytes(buf.getvalue())
-    manifest = json.loads((out / "manifest.json").read_text())
-    for entry in manifest["shards"]:
-        if entry["name"] == shard:
-            entry["bytes"], entry["sha256"] = len(buf.getvalue()), hashlib.sha256(buf.getvalue()).hexdigest()
-            (out / entry["index"]).write_text(index_for_tar(src))
-    (out / "manifest.json").write_text(json.dumps(manifest))
 
 
 def _first_train_key(directory: Path) -> str:
