@@ -111,16 +111,18 @@ check_foreign() {
         ours_conf "$conf" ||
             refuse "$conf: a Slurm configuration not written by local-cluster.sh — this machine has its own Slurm: use it (real-cluster path in docs/cluster.md) or run \`make test-fast\`"
     done
-    local name pid mine
+    local name pid mine foreign=()
     for name in slurmctld slurmd slurmdbd; do
         mine=""
         [[ -s $RUN/$name.pid ]] && mine=$(cat "$RUN/$name.pid")
         for pid in $(pgrep -x "$name" 2>/dev/null || true); do
             alive "$pid" || continue
-            [[ $pid == "$mine" ]] ||
-                refuse "$name (pid $pid) is running and was not started by local-cluster.sh ($RUN/$name.pid) — stop it, or use that Slurm (\`make test-fast\` skips the local-Slurm tests)"
+            [[ $pid == "$mine" ]] || foreign+=("$name (pid $pid)")
         done
     done
+    # every foreign daemon in one message, so the user sees all there is to stop
+    ((${#foreign[@]} == 0)) ||
+        refuse "$(IFS=,; echo "${foreign[*]}" | sed 's/,/, /g') running and not started by local-cluster.sh ($RUN/*.pid) — stop them, or use that Slurm (\`make test-fast\` skips the local-Slurm tests)"
 }
 
 write_slurm_conf() {
