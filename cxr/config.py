@@ -322,17 +322,20 @@ def _apply_override(raw: dict, item: str) -> None:
 
 def config_from_dict(raw: dict, where: str = "config") -> Config:
     """Build and validate a :class:`Config` from ``{section: {key: value}}``."""
-    unknown = sorted(set(raw) - set(SECTIONS))
-    if unknown:
-        raise CxrError(f"{where}: unknown section {unknown[0]!r} — valid sections: {', '.join(SECTIONS)}")
-    built = {}
-    for name, cls in SECTIONS.items():
-        section = raw.get(name) or {}
-        if not isinstance(section, dict):
-            raise CxrError(f"{where}: section {name!r} must be a mapping of key: value")
-        built[name] = _build_section(name, cls, dict(section), where)
-    cfg = Config(**built)
-    check_input_size(cfg)
+    try:  # every message names where the config came from: the YAML file, else "config"
+        unknown = sorted(set(raw) - set(SECTIONS))
+        if unknown:
+            raise CxrError(f"unknown section {unknown[0]!r} — valid sections: {', '.join(SECTIONS)}")
+        built = {}
+        for name, cls in SECTIONS.items():
+            section = raw.get(name) or {}
+            if not isinstance(section, dict):
+                raise CxrError(f"section {name!r} must be a mapping of key: value")
+            built[name] = _build_section(name, cls, dict(section))
+        cfg = Config(**built)
+        check_input_size(cfg)
+    except CxrError as err:
+        raise CxrError(f"{where}: {err}") from err
     return cfg
 
 
@@ -358,7 +361,7 @@ def check_input_size(cfg: Config) -> None:
                        f"(it downsamples by {need}) — raise data.resolution or set model.conv_stem=true")
 
 
-def _build_section(section: str, cls: type, values: dict, where: str) -> Any:
+def _build_section(section: str, cls: type, values: dict) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     if cls is ModelConfig:
@@ -366,14 +369,12 @@ def _build_section(section: str, cls: type, values: dict, where: str) -> Any:
     kwargs = {}
     for key, value in values.items():
         if key not in names:
-            raise CxrError(f"{where}: unknown key {section}.{key} — valid keys of {section}: {', '.join(names)}")
+            raise CxrError(f"unknown key {section}.{key} — valid keys of {section}: {', '.join(names)}")
         kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])
     try:
         return cls(**kwargs)
-    except CxrError:
-        raise
-    except (TypeError, ValueError) as err:
-        raise CxrError(f"{where}: section {section}: {err} — fix the config") from None
+    except (TypeError, ValueError) as err:  # CxrError (an Exception, not a ValueError) passes through
+        raise CxrError(f"section {section}: {err} — fix the config") from None
 
 
 def _split_model_options(values: dict, names: list[str]) -> dict:

@@ -170,3 +170,17 @@ def test_cli_in_process_errors_and_print_config(capsys):
     assert main(["--print-config", "optim.lr=0.25"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["optim"]["lr"] == 0.25 and set(printed) == set(SECTIONS)
+
+
+@pytest.mark.parametrize("text, key", [
+    ("optim:\n  lr: fast\n", "optim.lr"),            # a type error of _coerce
+    ("data:\n  backend: tfrecord\n", "data.backend"),  # a section's own __post_init__ check
+    ("train:\n  epoch: 3\n", "train.epoch"),           # an unknown key
+])
+def test_bad_value_in_a_yaml_file_names_the_file(tmp_path, text, key):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(CxrError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: ") and key in msg and "\n" not in msg
