@@ -590,3 +590,21 @@ def test_index_wrong_in_the_middle_is_named_not_reported_as_corrupt(synth, tmp_p
     batch = next(b for b in (6, 5, 4, 3, 2, 1) if n % b == 0)
     with pytest.raises(CxrError, match=rf"{idx}: index does not match .*delete the .idx"):
         _collect(build_loader(_cfg(shards, backend, batch_size=batch), "train"))
+
+
+def test_format_1_png_check_catches_every_flipped_or_missing_byte():
+    """The loaders' pre-decode PNG check (format /1) is pack's check_png: a PNG written by PIL
+    passes; flipping any one byte (CRC-32 detects every burst of ≤ 32 bits in a chunk's type and
+    data; a damaged length or CRC field cannot match either) or cutting the file short fails."""
+    from cxr.data.shard_index import image_problem
+
+    buf = io.BytesIO()
+    PILImage.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8), mode="L").save(buf, format="PNG")
+    png = buf.getvalue()
+    assert image_problem(png, "png") is None
+    for pos in range(len(png)):
+        flipped = bytearray(png)
+        flipped[pos] ^= 0xFF
+        assert image_problem(bytes(flipped), "png") is not None, pos
+    for end in range(len(png)):
+        assert image_problem(png[:end], "png") is not None, end
