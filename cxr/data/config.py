@@ -1,7 +1,7 @@
 """DataConfig: everything that decides which pixels a model sees, in one dataclass."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from shards.errors import CxrError
 
@@ -121,11 +121,6 @@ class DataConfig:
     def eval_batch(self) -> int:
         """Evaluation batch size per rank (eval_batch_size, else batch_size)."""
         return self.eval_batch_size or self.batch_size
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        """Names of all settings (for CLI/YAML overrides)."""
-        return [f.name for f in fields(cls)]
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
