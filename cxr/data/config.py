@@ -47,10 +47,6 @@ class DataConfig:
     follows train.seed, so one seed varies init, data order and augmentation together; the
     resolved value is what config.yaml records. Set it to keep the data fixed across seeds."""
 
-    shuffle_buffer: int = 1000
-    """Unused by design: training draws a global permutation per epoch (exact, no
-    buffer). Kept so configs that set it stay valid."""
-
     strict: bool = False
     """Training: raise CxrError on a corrupt sample instead of skipping and counting it."""
 
@@ -92,7 +88,6 @@ class DataConfig:
         if self.eval_batch_size is not None:
             _at_least("eval_batch_size", self.eval_batch_size, 1)
         _at_least("num_threads", self.num_threads, 0)
-        _at_least("shuffle_buffer", self.shuffle_buffer, 0)
         if not 0.0 <= self.hflip_p <= 1.0:
             raise CxrError(f"data.hflip_p={self.hflip_p}: must be in [0, 1] — set a probability")
         for name in ("rotate_deg", "brightness", "contrast", "translate", "scale"):
