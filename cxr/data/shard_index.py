@@ -23,14 +23,15 @@ import numpy as np
 
 from shards.dali_index import Sample, header_mismatch, index_mismatch, read_index, scan_tar
 from shards.errors import CxrError
-from shards.image_codec import ljpeg_problem, png_problem
+from shards.image_codec import CODEC_EXT, ljpeg_problem, png_problem
 from shards.labels import META_FIELDS, NUM_LABELS
 from shards.manifest import MANIFEST_NAME, has_checksums, load_manifest
 from shards.records import CRC_FIELD, checksum_problem
 
 log = logging.getLogger("cxr.data")
 
-IMAGE_EXT = {"png": "png", "jpeg": "jpg", "jpg": "jpg", "j2k": "jp2", "jp2": "jp2", "ljpeg": "ljpeg"}
+# codec → image member extension (pack's CODEC_EXT), plus the extensions as aliases of their codec
+IMAGE_EXT = {**CODEC_EXT, "jpg": "jpg", "jp2": "jp2"}
 META_BYTES = 4 * len(META_FIELDS)
 
 
