@@ -110,20 +110,14 @@ def read_index(idx: str | Path) -> list[Sample]:
 
 
 def scan_tar(tar: str | Path) -> list[Sample]:
-    """What :func:`read_index` returns, from a scan of the tar's headers (no index needed)."""
-    samples: list[Sample] = []
+    """What :func:`read_index` returns for the index :func:`index_for_tar` would write, from a
+    scan of the tar's headers (for a shard whose index is absent or does not match it)."""
     try:
-        with tarfile.open(tar, "r:") as archive:
-            for member in archive:
-                if not member.isfile():
-                    continue
-                key, _, ext = Path(member.name).name.partition(".")
-                if not samples or samples[-1][0] != key:
-                    samples.append((key, {}))
-                samples[-1][1][ext] = (member.offset_data, member.size)
+        samples = members_from_tar(tar)
     except tarfile.TarError as err:
         raise CxrError(f"{tar}: not a readable tar ({err}) — re-pack this shard") from err
-    return samples
+    return [(Path(members[0][3]).name.partition(".")[0], {ext: (offset, size) for ext, offset, size, _ in members})
+            for members in samples]
 
 
 def index_mismatch(tar: Path, samples: list[Sample]) -> str | None:

@@ -608,3 +608,22 @@ def test_format_1_png_check_catches_every_flipped_or_missing_byte():
         assert image_problem(bytes(flipped), "png") is not None, pos
     for end in range(len(png)):
         assert image_problem(png[:end], "png") is not None, end
+
+
+def test_index_read_and_tar_scan_agree_with_tarfile(synth):
+    """Both ways the loaders learn member offsets — the .idx pack wrote and the header scan
+    used without one — equal what the standard library's tarfile reports for every shard."""
+    from shards.dali_index import read_index, scan_tar
+
+    tars = sorted(synth["dir"].glob("*.tar")) + sorted(synth["dir"].glob("res*/*.tar"))
+    assert tars
+    for tar in tars:
+        expected: list[tuple[str, dict]] = []
+        with tarfile.open(tar) as archive:
+            for m in archive.getmembers():
+                key, ext = m.name.split(".", 1)
+                if not expected or expected[-1][0] != key:
+                    expected.append((key, {}))
+                expected[-1][1][ext] = (m.offset_data, m.size)
+        assert read_index(tar.with_suffix(".idx")) == expected, tar
+        assert scan_tar(tar) == expected, tar
