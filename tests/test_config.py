@@ -79,6 +79,19 @@ def test_data_section_is_exactly_dataconfig_fields():
     assert list(config_to_dict(Config())["data"]) == [f.name for f in dataclasses.fields(DataConfig)]
 
 
+def test_config_yaml_with_the_removed_shuffle_buffer_is_a_one_line_error(tmp_path):
+    """data.shuffle_buffer never had an effect (training draws a global permutation per epoch)
+    and is gone; a config.yaml that still sets it (any run dir written before) is refused in one
+    line naming the file and the key, not silently read as something else."""
+    path = tmp_path / "config.yaml"
+    path.write_text("data:\n  shuffle_buffer: 1000\n  resolution: 64\n")
+    with pytest.raises(CxrError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert "\n" not in msg and str(path) in msg and "unknown key data.shuffle_buffer" in msg
+    assert "shuffle_buffer" not in [f.name for f in dataclasses.fields(DataConfig)]
+
+
 def test_saved_config_round_trips(tmp_path):
     cfg = load_config(None, ["model.name=cnn", "model.stem_size=64", "optim.betas=[0.5,0.6]", "loss.cap=20"])
     save_config(cfg, tmp_path / "config.yaml")

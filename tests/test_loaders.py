@@ -590,3 +590,40 @@ def test_index_wrong_in_the_middle_is_named_not_reported_as_corrupt(synth, tmp_p
     batch = next(b for b in (6, 5, 4, 3, 2, 1) if n % b == 0)
     with pytest.raises(CxrError, match=rf"{idx}: index does not match .*delete the .idx"):
         _collect(build_loader(_cfg(shards, backend, batch_size=batch), "train"))
+
+
+def test_format_1_png_check_catches_every_flipped_or_missing_byte():
+    """The loaders' pre-decode PNG check (format /1) is pack's check_png: a PNG written by PIL
+    passes; flipping any one byte (CRC-32 detects every burst of ≤ 32 bits in a chunk's type and
+    data; a damaged length or CRC field cannot match either) or cutting the file short fails."""
+    from cxr.data.shard_index import image_problem
+
+    buf = io.BytesIO()
+    PILImage.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8), mode="L").save(buf, format="PNG")
+    png = buf.getvalue()
+    assert image_problem(png, "png") is None
+    for pos in range(len(png)):
+        flipped = bytearray(png)
+        flipped[pos] ^= 0xFF
+        assert image_problem(bytes(flipped), "png") is not None, pos
+    for end in range(len(png)):
+        assert image_problem(png[:end], "png") is not None, end
+
+
+def test_index_read_and_tar_scan_agree_with_tarfile(synth):
+    """Both ways the loaders learn member offsets — the .idx pack wrote and the header scan
+    used without one — equal what the standard library's tarfile reports for every shard."""
+    from shards.dali_index import read_index, scan_tar
+
+    tars = sorted(synth["dir"].glob("*.tar")) + sorted(synth["dir"].glob("res*/*.tar"))
+    assert tars
+    for tar in tars:
+        expected: list[tuple[str, dict]] = []
+        with tarfile.open(tar) as archive:
+            for m in archive.getmembers():
+                key, ext = m.name.split(".", 1)
+                if not expected or expected[-1][0] != key:
+                    expected.append((key, {}))
+                expected[-1][1][ext] = (m.offset_data, m.size)
+        assert read_index(tar.with_suffix(".idx")) == expected, tar
+        assert scan_tar(tar) == expected, tar

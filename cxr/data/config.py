@@ -1,7 +1,7 @@
 """DataConfig: everything that decides which pixels a model sees, in one dataclass."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from shards.errors import CxrError
 
@@ -47,10 +47,6 @@ class DataConfig:
     follows train.seed, so one seed varies init, data order and augmentation together; the
     resolved value is what config.yaml records. Set it to keep the data fixed across seeds."""
 
-    shuffle_buffer: int = 1000
-    """Unused by design: training draws a global permutation per epoch (exact, no
-    buffer). Kept so configs that set it stay valid."""
-
     strict: bool = False
     """Training: raise CxrError on a corrupt sample instead of skipping and counting it."""
 
@@ -92,7 +88,6 @@ class DataConfig:
         if self.eval_batch_size is not None:
             _at_least("eval_batch_size", self.eval_batch_size, 1)
         _at_least("num_threads", self.num_threads, 0)
-        _at_least("shuffle_buffer", self.shuffle_buffer, 0)
         if not 0.0 <= self.hflip_p <= 1.0:
             raise CxrError(f"data.hflip_p={self.hflip_p}: must be in [0, 1] — set a probability")
         for name in ("rotate_deg", "brightness", "contrast", "translate", "scale"):
@@ -121,11 +116,6 @@ class DataConfig:
     def eval_batch(self) -> int:
         """Evaluation batch size per rank (eval_batch_size, else batch_size)."""
         return self.eval_batch_size or self.batch_size
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        """Names of all settings (for CLI/YAML overrides)."""
-        return [f.name for f in fields(cls)]
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
