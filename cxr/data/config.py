@@ -35,10 +35,13 @@ class DataConfig:
 
     source_workers: int = 0
     """DALI back end: processes that read, check and (when resizing) decode samples for the
-    pipeline. 0 (default): the external source runs in the training process, as measured best
-    on 2 cores (bench/RESULTS.md, "DALI parallel external source"). N ≥ 1: DALI's parallel
+    pipeline. 0 (default): the external source runs in the training process (on 2 cores the
+    parallel source gained ≤ 1.2× in steady state and lost over a whole epoch: bench/RESULTS.md,
+    "DALI parallel external source"). N ≥ 1: DALI's parallel
     external source with N spawned workers — same batches, same order, same skips; the
-    pipeline (and its workers) is then built per epoch instead of once per run."""
+    pipeline (and its workers) is then built per epoch instead of once per run. Worth it only
+    when masters are resized on the fly (the source then PIL-decodes every image) on a node
+    with cores to spare; pack derived shards (`pack --resize`) first."""
 
     device: str = "cpu"
     """cpu | gpu. gpu decodes with DALI device "mixed" on device_id = local rank (JPEG and

@@ -38,8 +38,10 @@ the plan and re-reads each missing sample to report it through the same `on_corr
 (so skips, their messages and eval's CxrError are those of the serial source). Because
 the callable and its batch list are pickled into the workers when the pipeline starts,
 such a pipeline cannot be reset into the next epoch: it is built per run (epoch, eval
-pass or restart) and its workers shut down after it. On this 2-core machine the serial
-source is faster (bench/RESULTS.md, "DALI parallel external source"), hence default 0.
+pass or restart) and its workers shut down after it. Workers are spawned, not forked (a
+CUDA context must not be forked), so each re-imports the main script. On the 2-core
+development machine the parallel source gained ≤ 1.2× in steady state and lost over a
+whole epoch (bench/RESULTS.md, "DALI parallel external source"), hence default 0.
 
 `device="gpu"` is the only switch for GPU decoding: decoder device "mixed" and
 device_id = the LOCAL rank (LOCAL_RANK, SLURM_LOCALID, or torch's current device — never
