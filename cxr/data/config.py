@@ -33,6 +33,16 @@ class DataConfig:
     num_threads: int = 2
     """DALI CPU threads, or DataLoader worker processes for wds (0 = main process)."""
 
+    source_workers: int = 0
+    """DALI back end: processes that read, check and (when resizing) decode samples for the
+    pipeline. 0 (default): the external source runs in the training process (on 2 cores the
+    parallel source gained ≤ 1.2× in steady state and lost over a whole epoch: bench/RESULTS.md,
+    "DALI parallel external source"). N ≥ 1: DALI's parallel
+    external source with N spawned workers — same batches, same order, same skips; the
+    pipeline (and its workers) is then built per epoch instead of once per run. Worth it only
+    when masters are resized on the fly (the source then PIL-decodes every image) on a node
+    with cores to spare; pack derived shards (`pack --resize`) first."""
+
     device: str = "cpu"
     """cpu | gpu. gpu decodes with DALI device "mixed" on device_id = local rank (JPEG and
     JPEG 2000 shards decode on the GPU; lossless JPEG is meant to, untested; PNG always
@@ -88,6 +98,7 @@ class DataConfig:
         if self.eval_batch_size is not None:
             _at_least("eval_batch_size", self.eval_batch_size, 1)
         _at_least("num_threads", self.num_threads, 0)
+        _at_least("source_workers", self.source_workers, 0)
         if not 0.0 <= self.hflip_p <= 1.0:
             raise CxrError(f"data.hflip_p={self.hflip_p}: must be in [0, 1] — set a probability")
         for name in ("rotate_deg", "brightness", "contrast", "translate", "scale"):
