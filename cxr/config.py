@@ -241,7 +241,13 @@ UNHASHED = {
     "checkpoint": {"run_dir", "resume", "force_resume", "every_steps"},
     "logging": {"progress", "log_every", "tensorboard"},
     "train": {"threads", "collective_timeout_s", "stop_flag_timeout_s", "cudnn_benchmark"},
-    "data": {"num_threads", "pin_memory"},
+    "data": {"num_threads", "pin_memory", "source_workers"},
+}
+# Keys that earlier versions wrote into every run's config.yaml and that no longer exist, with the
+# value every run had. Reading an old config.yaml accepts (and drops) them, and the hash counts them
+# at that value, so the hashes of existing runs — which resume compares — do not change.
+RETIRED = {
+    "data": {"shuffle_buffer": 1000},  # never had an effect: training draws a global permutation per epoch
 }
 
 
@@ -368,6 +374,8 @@ def _build_section(section: str, cls: type, values: dict) -> Any:
         values = _split_model_options(values, names)
     kwargs = {}
     for key, value in values.items():
+        if key in RETIRED.get(section, {}):
+            continue
         if key not in names:
             raise CxrError(f"unknown key {section}.{key} — valid keys of {section}: {', '.join(names)}")
         kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])
@@ -481,7 +489,8 @@ def save_config(cfg: Config, path: str | Path) -> None:
 def hashed_dict(cfg: Config) -> dict:
     """The part of the config that decides what is trained (input of :func:`config_hash`)."""
     full = config_to_dict(cfg)
-    return {s: {k: v for k, v in keys.items() if k not in UNHASHED.get(s, ())} for s, keys in full.items()}
+    return {s: {**RETIRED.get(s, {}), **{k: v for k, v in keys.items() if k not in UNHASHED.get(s, ())}}
+            for s, keys in full.items()}
 
 
 def config_hash(cfg: Config) -> str:
