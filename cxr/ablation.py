@@ -22,7 +22,7 @@ over the split per distinct resolution), then, on those predictions:
   micro-batch × accumulation and activation checkpointing (config.yaml).
 
 Writes DIR/ablation.md, ablation.csv (variant × label), runs.csv (per run),
-predictions.parquet (cxr.evaluate's format: re-analyse with --from-predictions),
+predictions.parquet (cxr.predictions' format: re-analyse with --from-predictions),
 auroc_vs_<key>.png (one panel per label, the mean first) and delta_vs_<ref>.png.
 The statistics live in ``cxr.metrics`` (paired_delong, paired_bootstrap_delta, holm).
 """

@@ -47,7 +47,7 @@ where the map (upsampled to R×R) is scored:
 Means per label and over all pairs, with percentile-bootstrap CIs over images
 (``cxr.metrics.bootstrap_counts``), go to ``localisation.csv`` and ``localisation.md``;
 the per-pair scores to ``localisation_pairs.csv``; ``runs.json`` lists each run's model
-and resolution with the counts. The report says how many of the split's images were scored. Data, models and ranks are handled with cxr.evaluate's
+and resolution with the counts. The report says how many of the split's images were scored. Data, models and ranks are handled with cxr.inference's
 pieces (run dirs, weights-only checkpoints, the loader config, accelerate's
 ``gather_object``); each rank explains a disjoint, contiguous share of the chosen
 images with the evaluator's own loader.

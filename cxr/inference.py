@@ -66,14 +66,13 @@ def read_run_config(path: Path) -> dict[str, Any]:
     return config
 
 
-
 def read_member(run_dir: str | Path, name: str) -> Member:
     """Read a run dir's config, best-checkpoint meta and label set/resolution (no weights yet)."""
+    from cxr.checkpoint import best_weights, read_meta
+
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise CxrError(f"{run_dir}: run dir not found — pass training run dirs to --runs")
-    from cxr.checkpoint import best_weights, read_meta
-
     config = read_run_config(run_dir / "config.yaml")
     checkpoint = best_weights(run_dir)
     meta = read_meta(checkpoint.parent)
@@ -129,7 +128,6 @@ def check_compatible(members: Sequence[Member], labels: Sequence[str],
         if m.resolution != first.resolution:
             return None  # mixed: each member at its own training resolution (infer_runs)
     return int(first.resolution)
-
 
 
 def build_member_model(member: Member, device: Any) -> Any:
@@ -383,7 +381,6 @@ def with_ensemble(scores: ScoreSet, method: str) -> ScoreSet:
     if not members:
         return scores
     return dataclasses.replace(scores, scores={**members, ENSEMBLE: ensemble_scores(members, method)})
-
 
 
 # ------------------------------------------------------------------ runs ---
