@@ -150,7 +150,7 @@ def build_member_model(member: Member, device: Any) -> Any:
         raise CxrError(f"{member.run_dir}/config.yaml: cannot rebuild model {name!r} ({err}) — "
                        "the config's model: section must match cxr.models.build_model") from err
     load_weights(model, member.checkpoint.parent,
-                 fix=f"was {member.run_dir}/config.yaml edited after training? restore the run's own",
+                 fix=f"was {member.run_dir}/config.yaml edited after training? restore the one it was trained with",
                  corrupt_fix=f"only tensors are loaded, never pickled code; retrain run {member.run_dir} "
                  "or restore its checkpoints/best")
     member.uses_meta = bool(getattr(model, "uses_meta", member.uses_meta))
