@@ -9,8 +9,8 @@
 #   nih         the 130 real NIH images of $CXR_NIH/sample → patient split → pack (+ 64 px copies)
 #   ensemble    two members (2 processes each; different seed, lr, augmentation) → ensemble report
 #   resolution  fine-detail phantoms at 3 resolutions → cxr.ablation report (table, plot, paired tests)
-#   explain     Grad-CAM overlays of a few test phantoms + the pointing game on the planted lesions
-#   gate        OOD autoencoder on the real X-rays → threshold on val → evaluator with the gate
+#   explain     Grad-CAM overlays of the test phantoms with lesions + the pointing game on them
+#   gate        OOD autoencoder on the real X-rays → threshold on val
 #   export      ONNX package of the ensemble + gate, and the browser page
 #   ood         the exported gate's verdicts on held-out real X-rays vs non-X-rays
 #   web         the page in headless Chromium on a few real X-rays (screenshots)
@@ -38,6 +38,11 @@ WEB_IMAGES=${DEMO_WEB_IMAGES:-2}         # real X-rays opened in the browser pag
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions}
 start=$(date +%s)
 mkdir -p "$DEMO"
+# every run starts clean (training would resume finished runs, the index would link stale outputs);
+# only the tour's own outputs are removed, whatever DEMO points at
+for old in synth shards sample shards-sample runs report resolution explain ood package site web index.html; do
+  rm -rf "${DEMO:?}/$old"
+done
 STAGES="$DEMO/stages.tsv"
 : >"$STAGES"
 
@@ -47,9 +52,17 @@ skip() { printf '%s\n' "$*" >"$DEMO/.skip"; echo "SKIPPED: $*"; exit 99; }
 # need STAGE: skip unless an earlier stage succeeded
 need() { grep -q "^$1	ok	" "$STAGES" || skip "needs the '$1' stage, which did not succeed"; }
 # stage NAME FUNCTION: run FUNCTION under `set -e` in a subshell; record status and seconds
+# cpu_s VAR: user+sys seconds of this shell's finished children so far into VAR (bash's `times`,
+# 2nd line; `times` must run in this shell, not in a pipe or $(...), to see them)
+cpu_s() {
+  times >"$DEMO/.times"
+  printf -v "$1" '%s' "$(awk 'NR == 2 { t = 0; for (i = 1; i <= 2; i++) { split($i, a, /[ms]/)
+                                         t += a[1] * 60 + a[2] }; printf "%d", t }' "$DEMO/.times")"
+}
 stage() {
-  local name=$1 fn=$2 t0 rc dt status reason=""
+  local name=$1 fn=$2 t0 c0 c1 rc dt status reason=""
   t0=$(date +%s)
+  cpu_s c0
   rm -f "$DEMO/.skip"
   printf '\n######## stage %s\n' "$name"
   set +e
@@ -57,11 +70,12 @@ stage() {
   rc=$?
   set -e
   dt=$(( $(date +%s) - t0 ))
+  cpu_s c1
   if (( rc == 0 )); then status=ok
   elif (( rc == 99 )) && [ -f "$DEMO/.skip" ]; then status=skipped; reason=$(head -1 "$DEMO/.skip")
   else status=failed; reason="exit status $rc (the demo's output above says why)"; fi
-  printf '%s\t%s\t%s\t%s\n' "$name" "$status" "$dt" "$reason" >>"$STAGES"
-  printf -- '-------- stage %s: %s in %d s%s\n' "$name" "$status" "$dt" "${reason:+ — $reason}"
+  printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$dt" $(( c1 - c0 )) "$reason" >>"$STAGES"
+  printf -- '-------- stage %s: %s in %d s (%d CPU s)%s\n' "$name" "$status" "$dt" $(( c1 - c0 )) "${reason:+ — $reason}"
 }
 
 meta_opt=()
@@ -105,50 +119,39 @@ ensemble() {
   done
   step "evaluate the ensemble on the test split"
   "$PY" -m cxr.evaluate --runs "$DEMO/runs/member1" "$DEMO/runs/member2" \
-    --shards "$DEMO/shards" --split test --thresholds-from val --bootstrap "$BOOTSTRAP" --out "$DEMO/report"
+    --shards "$DEMO/shards" --split test --thresholds-from val --bootstrap "$BOOTSTRAP" --num-threads 0 --out "$DEMO/report"
 }
 
 resolution() {
-  local r runs=() root="$DEMO/resolution"
+  local root="$DEMO/resolution"
   step "synthesize $SWEEP_N phantoms whose Nodule is tiny dots (~2 px at 128 px): only high resolution sees them"
   "$PY" -m shards synth --out "$root/synth" --n "$SWEEP_N" --resolution 128 --seed 5 --fine-detail Nodule
   "$PY" -m shards split --metadata "$root/synth/Data_Entry_2017.csv" --scheme random \
     --fractions 0.55,0.1,0.35 --seed 1 --out "$root/splits.parquet"
   "$PY" -m shards pack --splits "$root/splits.parquet" --images "$root/synth/images" --out "$root/shards" \
     --shard-size-mb 16
-  for r in $SWEEP_RES; do
-    step "train at ${r} px (same model, batch and schedule)"
-    "$PY" -m cxr.train --config cxr/configs/phantom_sweep.yaml data.shards="$root/shards" data.resolution="$r" \
-      train.epochs="$SWEEP_EPOCHS" checkpoint.run_dir="$root/runs/res$r"
-    runs+=("$root/runs/res$r")
-  done
-  step "compare the resolutions on the same test images (paired DeLong + bootstrap, Holm over labels)"
-  "$PY" -m cxr.ablation report --runs "${runs[@]}" --bootstrap "$BOOTSTRAP" --out "$root/report"
+  step "train at each of ${SWEEP_RES// /, } px (same model, batch and schedule), then the comparison report"
+  # --cluster debug: every run and the report in this one process (python -m launch.submit ablate);
+  # the report: paired DeLong + bootstrap on the same test images, Holm over the labels
+  # shellcheck disable=SC2086  # the resolutions are separate words
+  "$PY" -m launch.submit ablate train.epochs="$SWEEP_EPOCHS" data.num_threads=0 --cluster debug \
+    --config cxr/configs/phantom_sweep.yaml --shards "$root/shards" --runs "$root/runs" --report "$root/report" \
+    --no-probe --bootstrap "$BOOTSTRAP" --resolutions $SWEEP_RES
 }
 
 explain() {
   need ensemble
-  local keys
-  keys=$("$PY" scripts/demo_tour.py keys --splits "$DEMO/synth/splits.parquet" --label Mass --n 3)
-  step "Grad-CAM overlays of member 1 on test phantoms $keys (Mass, Cardiomegaly)"
-  "$PY" -m cxr.explain --run "$DEMO/runs/member1" --shards "$DEMO/shards" --split test --keys "$keys" \
-    --labels Mass,Cardiomegaly --method gradcam --out "$DEMO/explain/overlays"
-  step "pointing game: is the Grad-CAM peak inside the box where synth planted the lesion?"
-  "$PY" -m cxr.explain --run "$DEMO/runs/member1" --shards "$DEMO/shards" --split test \
-    --bbox "$DEMO/synth/boxes.csv" --method gradcam --bootstrap "$BOOTSTRAP" --out "$DEMO/explain/localisation"
+  step "Grad-CAM of member 1 on every test phantom with a planted lesion: overlays + the pointing game"
+  "$PY" -m cxr.explain --run "$DEMO/runs/member1" --shards "$DEMO/shards" --split test --num-threads 0 \
+    --bbox "$DEMO/synth/boxes.csv" --method gradcam --overlays --bootstrap "$BOOTSTRAP" --out "$DEMO/explain"
 }
 
 gate() {
   need nih
   step "train the OOD gate (autoencoder, 64 px) on the real NIH train images"
   "$PY" -m cxr.train --config cxr/configs/ood_ae.yaml data.shards="$DEMO/shards-sample" \
-    train.epochs="$GATE_EPOCHS" checkpoint.run_dir="$DEMO/runs/ood"
+    train.epochs="$GATE_EPOCHS" data.num_threads=0 checkpoint.run_dir="$DEMO/runs/ood"
   "$PY" -m cxr.ood threshold --run "$DEMO/runs/ood" --shards "$DEMO/shards-sample" --percentile 95
-  if grep -q "^ensemble	ok	" "$STAGES"; then
-    step "the evaluator with the gate on the held-out real X-rays (phantom-trained members: machinery only)"
-    "$PY" -m cxr.evaluate --runs "$DEMO/runs/member1" "$DEMO/runs/member2" --shards "$DEMO/shards-sample" \
-      --split test --bootstrap 0 --no-figures --ood "$DEMO/runs/ood" --out "$DEMO/ood/report"
-  fi
 }
 
 export_stage() {
@@ -196,9 +199,10 @@ stage web web
 total=$(( $(date +%s) - start ))
 "$PY" scripts/demo_tour.py index --demo "$DEMO" --total-s "$total"
 echo
-echo "per-stage times (s):"
+echo "per-stage times (stage, status, wall s, CPU s of user+sys, reason):"
 column -t -s $'\t' "$STAGES" 2>/dev/null || cat "$STAGES"
 failed=$(grep -c "	failed	" "$STAGES" || true)
 skipped=$(grep -c "	skipped	" "$STAGES" || true)
-echo "demo done in $total s ($failed failed, $skipped skipped) — open $DEMO/index.html"
+cpu_s cpu_total
+echo "demo done in $total s, $cpu_total CPU s ($failed failed, $skipped skipped) — open $DEMO/index.html"
 (( failed == 0 ))

@@ -1,6 +1,5 @@
 """Helpers of `make demo` (scripts/demo.sh) for the steps no cxr command does on its own.
 
-    python scripts/demo_tour.py keys     --splits SPLITS --label L --n N      # test keys positive for L
     python scripts/demo_tour.py outliers --splits SPLITS --images DIR --out DIR --n N
     python scripts/demo_tour.py verdicts --package PKG --images DIR --out DIR
     python scripts/demo_tour.py web      --site SITE --images FILE... --out DIR
@@ -50,17 +49,6 @@ def _write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
-
-
-# ------------------------------------------------------------------ keys ---
-def cmd_keys(args) -> int:
-    splits = pd.read_parquet(args.splits)
-    test = splits[splits["split"] == "test"].sort_values("image")
-    keys = [Path(str(k)).stem for k in test.loc[test[args.label] == 1, "image"]][: args.n]
-    if not keys:
-        raise SystemExit(f"{args.splits}: no test image positive for {args.label} — synthesize more phantoms")
-    print(",".join(keys))
-    return 0
 
 
 # ------------------------------------------------------------------ outliers ---
@@ -206,12 +194,11 @@ OUTPUTS = [
     ("resolution", "resolution/report/auroc_vs_resolution.png", "test AUROC vs resolution with 95 % CIs, one panel "
                                                                 "per label: the fine-detail label (Nodule) gains"),
     ("resolution", "resolution/report/runs.csv", "per run: micro-batch, images/s, s/epoch, peak memory"),
-    ("explain", "explain/overlays/index.html", "Grad-CAM overlays on a few test phantoms, with prediction and truth"),
-    ("explain", "explain/localisation/localisation.md", "the pointing game on the planted lesions: how often the "
-                                                        "heat-map peak falls inside the drawn box, vs chance"),
-    ("explain", "explain/localisation/localisation.csv", "the same scores as a table"),
-    ("gate", "ood/report/ood.csv", "the evaluator with the gate on the held-out real X-rays: rejected count, AUROC "
-                                   "on accepted vs all (phantom-trained members: meaningless as accuracy)"),
+    ("explain", "explain/index.html", "Grad-CAM overlays of member 1 on the test phantoms with a planted lesion, "
+                                      "with the predicted probability and the truth in each caption"),
+    ("explain", "explain/localisation.md", "the pointing game on the planted lesions: how often the heat-map peak "
+                                           "falls inside the box synth drew, against chance (box area / image)"),
+    ("explain", "explain/localisation.csv", "the same scores per label as a table"),
     ("gate", "runs/ood/ood_threshold.json", "the gate's threshold: a percentile of the real val images' scores"),
     ("export", "package/manifest.json", "the exported ONNX package (ensemble as one graph + gate), with sha256s"),
     ("export", "site/index.html", "the static browser page (open it through a local server, see README)"),
@@ -234,8 +221,8 @@ TITLES = {"phantoms": "Phantom data: synthesize, split by patient, pack, verify"
 def _stages(demo: Path) -> list[dict]:
     rows = []
     with open(demo / "stages.tsv", newline="", encoding="utf-8") as fh:
-        for name, status, seconds, reason in csv.reader(fh, delimiter="\t"):
-            rows.append({"name": name, "status": status, "seconds": int(seconds), "reason": reason})
+        for name, status, seconds, cpu, reason in csv.reader(fh, delimiter="\t"):
+            rows.append({"name": name, "status": status, "seconds": int(seconds), "cpu": int(cpu), "reason": reason})
     return rows
 
 
@@ -256,7 +243,7 @@ def cmd_index(args) -> int:
     for st in stages:
         name = st["name"]
         parts.append(f'<h2>{html.escape(TITLES.get(name, name))} <span class="{st["status"]}">'
-                     f'[{st["status"]}, {st["seconds"]} s]</span></h2>')
+                     f'[{st["status"]}, {st["seconds"]} s, {st["cpu"]} CPU s]</span></h2>')
         if st["status"] != "ok":
             parts.append(f'<p class="{st["status"]}">{html.escape(st["status"].capitalize())}: '
                          f'{html.escape(st["reason"])}</p>')
@@ -275,9 +262,10 @@ def cmd_index(args) -> int:
             shots = ["resolution/report/auroc_vs_resolution.png"]
         parts += [f'<a href="{s}"><img src="{s}" alt="{s}"></a>' for s in shots]
     total = sum(s["seconds"] for s in stages) if args.total_s is None else args.total_s
+    cpu = sum(s["cpu"] for s in stages)
     counts = {k: sum(s["status"] == k for s in stages) for k in ("ok", "skipped", "failed")}
     parts.append(f"<p>{counts['ok']} stages ok, {counts['skipped']} skipped, {counts['failed']} failed; "
-                 f"{total} s in all.</p>")
+                 f"{total} s in all ({cpu} CPU s of user + sys).</p>")
     _write_text(demo / "index.html", "\n".join(parts) + "\n")
     print(f"index: {demo}/index.html ({len(stages)} stages: {counts['ok']} ok, {counts['skipped']} skipped, "
           f"{counts['failed']} failed)")
@@ -288,10 +276,6 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="scripts/demo_tour.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    k = sub.add_parser("keys", help="comma-separated test keys positive for a label")
-    k.add_argument("--splits", required=True)
-    k.add_argument("--label", required=True)
-    k.add_argument("--n", type=int, default=3)
     o = sub.add_parser("outliers", help="held-out real X-rays + non-X-rays into one folder (images.csv)")
     o.add_argument("--splits", required=True, help="the real images' splits table (its test split is used)")
     o.add_argument("--images", required=True, help="folder of the real PNGs")
@@ -313,7 +297,7 @@ def main(argv=None) -> int:
     i.add_argument("--demo", required=True)
     i.add_argument("--total-s", type=int, default=None)
     args = p.parse_args(argv)
-    return {"keys": cmd_keys, "outliers": cmd_outliers, "verdicts": cmd_verdicts, "web": cmd_web,
+    return {"outliers": cmd_outliers, "verdicts": cmd_verdicts, "web": cmd_web,
             "index": cmd_index}[args.cmd](args)
 
 
