@@ -31,7 +31,7 @@ EPOCHS=${DEMO_EPOCHS:-4}                 # epochs per ensemble member
 SWEEP_N=${DEMO_SWEEP_N:-700}             # fine-detail phantoms of the resolution study (128 px)
 SWEEP_RES=${DEMO_SWEEP_RES:-"32 64 128"} # its resolutions
 SWEEP_EPOCHS=${DEMO_SWEEP_EPOCHS:-6}
-GATE_EPOCHS=${DEMO_GATE_EPOCHS:-12}      # OOD autoencoder epochs (64 px, ~78 real images)
+GATE_EPOCHS=${DEMO_GATE_EPOCHS:-20}      # OOD autoencoder epochs (64 px, 78 real images; a narrow code)
 BOOTSTRAP=${DEMO_BOOTSTRAP:-1000}        # bootstrap resamples of every CI
 OUTLIERS=${DEMO_OUTLIERS:-20}            # images per category of the OOD verdicts
 WEB_IMAGES=${DEMO_WEB_IMAGES:-2}         # real X-rays opened in the browser page (+ one texture)
@@ -148,9 +148,10 @@ explain() {
 
 gate() {
   need nih
-  step "train the OOD gate (autoencoder, 64 px) on the real NIH train images"
+  step "train the OOD gate (autoencoder, 64 px, 4-channel code) on the 78 real NIH train images"
   "$PY" -m cxr.train --config cxr/configs/ood_ae.yaml data.shards="$DEMO/shards-sample" \
-    train.epochs="$GATE_EPOCHS" data.num_threads=0 checkpoint.run_dir="$DEMO/runs/ood"
+    model.width=8 model.code=4 train.epochs="$GATE_EPOCHS" data.num_threads=0 logging.progress=false \
+    checkpoint.run_dir="$DEMO/runs/ood"
   "$PY" -m cxr.ood threshold --run "$DEMO/runs/ood" --shards "$DEMO/shards-sample" --percentile 95
 }
 

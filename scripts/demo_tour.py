@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from ood_data import digits, textures  # noqa: E402
 
-CATEGORIES = ("real X-ray", "texture", "digits", "inverted X-ray", "X-ray rotated 90°")
+LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis", "Hernia",
+          "Infiltration", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax")
 NOT_ACCURACY = ("A demonstration of the machinery, not of accuracy: every classifier here is a tiny CNN "
                 "trained for a few seconds on synthetic phantoms, so what it says about a real X-ray means "
                 "nothing about disease.")
@@ -226,6 +227,35 @@ def _stages(demo: Path) -> list[dict]:
     return rows
 
 
+def _headline(demo: Path, name: str) -> str | None:
+    """One sentence with the stage's main numbers, read from its tables (None when absent)."""
+    try:
+        if name == "ensemble":
+            a = pd.read_csv(demo / "report" / "aucs.csv")
+            mean = {m: g["auroc"].mean() for m, g in a[a["label"].isin(LABELS)].groupby("member")}
+            return ("Mean test AUROC over the labels: " + ", ".join(f"{m} {v:.3f}" for m, v in mean.items())
+                    + " (phantoms: the signatures are learnable by design).")
+        if name == "resolution":
+            t = pd.read_csv(demo / "resolution" / "report" / "ablation.csv", dtype={"variant": str})
+            nod = t[(t["label"] == "Nodule") & (t["variant"] != "ensemble of all")]
+            top = nod.iloc[-1]
+            return ("Nodule (the fine-detail label) test AUROC by resolution: "
+                    + ", ".join(f"{r.variant} px {r.auroc:.3f}" for r in nod.itertuples())
+                    + f"; Δ at {top['variant']} px vs {top['reference']} px {top['delta']:+.3f}, "
+                    f"Holm-adjusted DeLong p {top['p_holm']:.3g}.")
+        if name == "explain":
+            pairs = pd.read_csv(demo / "explain" / "localisation_pairs.csv")
+            return (f"Pointing game over {len(pairs)} (image, lesion) pairs: the Grad-CAM peak is inside the box "
+                    f"in {pairs['hit'].mean():.1%} of them; a random peak would be in {pairs['chance'].mean():.1%}.")
+        if name == "ood":
+            c = pd.read_csv(demo / "ood" / "summary.csv")
+            return "Accepted / rejected: " + "; ".join(f"{r.category} {r.accepted} / {r.rejected}"
+                                                       for r in c.itertuples()) + "."
+    except (OSError, KeyError, IndexError, ValueError):
+        return None
+    return None
+
+
 def _link(demo: Path, rel: str, text: str) -> str:
     return f'<li><a href="{html.escape(rel)}">{html.escape(rel)}</a> — {html.escape(text)}</li>'
 
@@ -247,6 +277,9 @@ def cmd_index(args) -> int:
         if st["status"] != "ok":
             parts.append(f'<p class="{st["status"]}">{html.escape(st["status"].capitalize())}: '
                          f'{html.escape(st["reason"])}</p>')
+        headline = _headline(demo, name) if st["status"] == "ok" else None
+        if headline:
+            parts.append(f"<p>{html.escape(headline)}</p>")
         items = [_link(demo, rel, text) for stage, rel, text in OUTPUTS
                  if stage == name and (demo / rel).exists()]
         if name == "web" and (demo / "web" / "results.json").is_file():

@@ -26,7 +26,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["phantoms", "nih", "ensemble", "resolution", "explain", "gate", "export", "ood", "web"]
 SMALL = {"DEMO_N": "160", "DEMO_EPOCHS": "1", "DEMO_SWEEP_N": "160", "DEMO_SWEEP_RES": "32 64",
-         "DEMO_SWEEP_EPOCHS": "1", "DEMO_GATE_EPOCHS": "8", "DEMO_BOOTSTRAP": "50", "DEMO_OUTLIERS": "6",
+         "DEMO_SWEEP_EPOCHS": "1", "DEMO_GATE_EPOCHS": "16", "DEMO_BOOTSTRAP": "50", "DEMO_OUTLIERS": "6",
          "DEMO_WEB_IMAGES": "1"}
 
 
