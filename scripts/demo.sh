@@ -19,8 +19,8 @@
 # skipped on the index page, and the rest goes on; a failed stage is marked failed, the rest goes on,
 # and the script exits 1 at the end. Per-stage times are printed and kept in $DEMO/stages.tsv.
 #
-# Variables: BIN (venv bin), DEMO (output dir), CXR_NIH (real data dir), and the sizes below
-# (tests/test_demo.py runs a smaller tour with them).
+# Variables: BIN (venv bin), DEMO (output dir), CXR_NIH (real data dir), the sizes below
+# (tests/test_demo.py runs a smaller tour with them) and DEMO_STAGES (a subset of the stages).
 set -euo pipefail
 BIN=${BIN:-.venv/bin}
 DEMO=${DEMO:-build/demo}
@@ -35,6 +35,7 @@ GATE_EPOCHS=${DEMO_GATE_EPOCHS:-20}      # OOD autoencoder epochs (64 px, 78 rea
 BOOTSTRAP=${DEMO_BOOTSTRAP:-1000}        # bootstrap resamples of every CI
 OUTLIERS=${DEMO_OUTLIERS:-20}            # images per category of the OOD verdicts
 WEB_IMAGES=${DEMO_WEB_IMAGES:-2}         # real X-rays opened in the browser page (+ one texture)
+ONLY=${DEMO_STAGES:-}                    # run only these stages (space-separated names); default all
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions}
 start=$(date +%s)
 mkdir -p "$DEMO"
@@ -61,6 +62,7 @@ cpu_s() {
 }
 stage() {
   local name=$1 fn=$2 t0 c0 c1 rc dt status reason=""
+  [ -z "$ONLY" ] || [[ " $ONLY " == *" $name "* ]] || return 0
   t0=$(date +%s)
   cpu_s c0
   rm -f "$DEMO/.skip"

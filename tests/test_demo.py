@@ -205,3 +205,40 @@ def _check_index(demo):
     for must in ("report/report.md", "resolution/report/ablation.md", "explain/localisation.md",
                  "ood/verdicts.md"):
         assert must in links, must
+
+
+def test_a_stage_that_cannot_run_is_skipped_with_its_reason_and_the_rest_goes_on(tmp_path):
+    """No NIH sample: `nih` says so; `ood` and `web` skip naming the stage they need; exit 0; the index says it."""
+    out = tmp_path / "demo"
+    env = {**os.environ, "DEMO": str(out), "CXR_NIH": str(tmp_path / "no-nih"), "DEMO_STAGES": "nih ood web",
+           "BIN": str(Path(sys.executable).parent), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = [line.split("\t") for line in (out / "stages.tsv").read_text().splitlines()]
+    assert [(r[0], r[1]) for r in rows] == [("nih", "skipped"), ("ood", "skipped"), ("web", "skipped")]
+    reasons = {r[0]: r[4] for r in rows}
+    assert reasons["nih"] == f"real NIH sample not found at {tmp_path / 'no-nih'}/sample (set CXR_NIH)"
+    assert reasons["ood"] == "needs the 'export' stage, which did not succeed"
+    assert reasons["web"] == "needs the 'ood' stage, which did not succeed"
+    assert "SKIPPED: real NIH sample not found" in done.stdout
+    assert re.search(r"demo done in \d+ s, \d+ CPU s \(0 failed, 3 skipped\)", done.stdout)
+    page = (out / "index.html").read_text()
+    for name, reason in reasons.items():
+        assert "[skipped, " in page and f"Skipped: {html.escape(reason)}" in page, name
+    assert not re.findall(r'href="([^"]+)"', page)  # nothing ran, so nothing is linked
+
+
+def test_a_failed_stage_is_marked_failed_the_rest_goes_on_and_the_demo_exits_1(tmp_path):
+    out = tmp_path / "demo"
+    env = {**os.environ, "DEMO": str(out), "DEMO_N": "0", "DEMO_STAGES": "phantoms ensemble",
+           "BIN": str(Path(sys.executable).parent), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = [line.split("\t") for line in (out / "stages.tsv").read_text().splitlines()]
+    assert [(r[0], r[1]) for r in rows] == [("phantoms", "failed"), ("ensemble", "skipped")]
+    assert rows[0][4] == "exit status 2 (the demo's output above says why)"
+    assert "need n ≥ 1" in done.stderr  # shards synth's own one-line error reaches the output
+    assert "(1 failed, 1 skipped)" in done.stdout
+    assert "[failed, " in (out / "index.html").read_text()
