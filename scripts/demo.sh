@@ -52,7 +52,6 @@ step() { printf '\n==> %s\n' "$*"; }
 skip() { printf '%s\n' "$*" >"$DEMO/.skip"; echo "SKIPPED: $*"; exit 99; }
 # need STAGE: skip unless an earlier stage succeeded
 need() { grep -q "^$1	ok	" "$STAGES" || skip "needs the '$1' stage, which did not succeed"; }
-# stage NAME FUNCTION: run FUNCTION under `set -e` in a subshell; record status and seconds
 # cpu_s VAR: user+sys seconds of this shell's finished children so far into VAR (bash's `times`,
 # 2nd line; `times` must run in this shell, not in a pipe or $(...), to see them)
 cpu_s() {
@@ -60,6 +59,8 @@ cpu_s() {
   printf -v "$1" '%s' "$(awk 'NR == 2 { t = 0; for (i = 1; i <= 2; i++) { split($i, a, /[ms]/)
                                          t += a[1] * 60 + a[2] }; printf "%d", t }' "$DEMO/.times")"
 }
+# stage NAME FUNCTION: run FUNCTION under `set -e` in a subshell; record status, wall and CPU seconds
+# (skipped unless DEMO_STAGES is empty or names it)
 stage() {
   local name=$1 fn=$2 t0 c0 c1 rc dt status reason=""
   [ -z "$ONLY" ] || [[ " $ONLY " == *" $name "* ]] || return 0
