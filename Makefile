@@ -25,6 +25,8 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow"
 
+# The product tour (scripts/demo.sh) → $(DEMO)/index.html; sizes via DEMO_N, DEMO_EPOCHS, … in the
+# environment. Its browser stage needs `make web-deps` once (else it is skipped, saying so).
 demo: install
 	CXR_NIH=$(NIH) DEMO=$(DEMO) BIN=$(BIN) bash scripts/demo.sh
 
