@@ -25,7 +25,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cxr.evaluate import main as evaluate_main, predictions_frame, with_ensemble  # noqa: E402
+from cxr.evaluate import main as evaluate_main  # noqa: E402
+from cxr.inference import with_ensemble  # noqa: E402
+from cxr.predictions import write_predictions  # noqa: E402
 from cxr.report import ScoreSet  # noqa: E402
 from shards.labels import LABELS  # noqa: E402
 
@@ -93,7 +95,7 @@ def main() -> None:
                  "val": synthetic_scores(N_VAL, val_prev, args.members, 2, "2")}
     per_split = {k: with_ensemble(v, "mean-prob") for k, v in per_split.items()}
     predictions = work / "predictions.parquet"
-    predictions_frame(per_split).to_parquet(predictions, index=False)
+    write_predictions(work, per_split)
     print(f"predictions: {N_TEST} test + {N_VAL} val images × {len(LABELS)} labels × "
           f"{args.members} members + ensemble; labels at {source}; cpu count {os.cpu_count()}")
 

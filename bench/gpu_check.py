@@ -20,11 +20,27 @@ and channels_last. Rows, in the order they run (later rows are the first to be s
                mid-epoch (exit 75), then resumed; 1 = final weights bitwise equal
   jpeg decode  torchvision.io.decode_jpeg(device=...) on phantom chest X-ray JPEGs
                (shards.synth) at the largest resolution, batched; images/s
+  dali memory  (CUDA only) DALI's own device memory: the loader's mixed pipeline (JPEG shards,
+               nvJPEG decode, augmentation on the GPU) at the largest resolution, built and
+               run for a few batches; a skipped row when DALI is not installed (the usual case)
+  24 GB claim  (CUDA only) "batch 16 at 1024² with checkpointing fits a 24 GB A10G", recomputed
+               from the checkpoint row's device estimate + 2 × the DALI row (train and val
+               pipelines are both kept); see device_budget()
   compile      train.compile=true, with and without checkpointing, at the largest resolution
+
+Memory, four views per training row (CUDA; on CPU only peak_mib, as RSS):
+  peak_mib         torch.cuda.max_memory_allocated: tensors only
+  reserved_mib     torch.cuda.max_memory_reserved: what torch's caching allocator took
+  driver_before/after_mib  used device memory as the driver sees it (mem_get_info: total − free)
+               before and after the row — CUDA context, cuDNN/cuBLAS/nvJPEG/DALI and any other
+               process on the GPU included
+  device_est_mib   reserved peak + (driver after − torch reserved after): the row's peak as
+               the device had to hold it, non-torch memory taken at its after-row level
 
 Data: ``--data memory`` (default) feeds random tensors (pinned on CUDA) so that the rows
 measure the GPU, not the decoder; ``--data wds`` packs phantom shards into a temp dir and
-runs the wds back end (PIL in DataLoader workers) — no DALI, no DeepSpeed on either path.
+runs the wds back end (PIL in DataLoader workers) — no DALI, no DeepSpeed on either path
+(DALI is used only by the "dali memory" row, and only where it is installed).
 Needs only torch, torchvision, timm, accelerate, safetensors, numpy, pandas, pyarrow, pillow
 (+ pyyaml, tqdm, scikit-learn, which those pull in).
 
@@ -62,7 +78,9 @@ sys.path.insert(0, str(ROOT))
 from cxr.config import load_config  # noqa: E402
 from cxr.train import EXIT_REQUEUE, train  # noqa: E402
 
-COLUMNS = ("check", "model", "res", "batch", "ckpt", "compile", "value", "unit", "peak_mib", "seconds", "note")
+COLUMNS = ("check", "model", "res", "batch", "ckpt", "compile", "value", "unit", "peak_mib", "reserved_mib",
+           "driver_before_mib", "driver_after_mib", "device_est_mib", "seconds", "note")
+A10G_MIB = 23028  # total memory nvidia-smi lists for an A10G ("24 GB"); from public listings, not measured here
 
 
 @dataclass
@@ -76,6 +94,10 @@ class Row:
     value: float = math.nan
     unit: str = ""
     peak_mib: float = math.nan
+    reserved_mib: float = math.nan
+    driver_before_mib: float = math.nan
+    driver_after_mib: float = math.nan
+    device_est_mib: float = math.nan
     seconds: float = math.nan
     note: str = ""
 
@@ -118,6 +140,53 @@ def peak_mib(device: str) -> float:
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+
+
+def driver_used_mib(device: str) -> float:
+    """Device memory in use as the driver reports it (total − free), every allocator and process included."""
+    if device != "cuda":
+        return math.nan
+    free, total = torch.cuda.mem_get_info()
+    return (total - free) / 2**20
+
+
+def device_estimate(reserved_peak: float, driver_after: float, reserved_after: float) -> tuple[float, float]:
+    """(non-torch MiB, estimated device peak MiB) of a row, from torch's and the driver's views.
+
+    non-torch = what the driver counts as used beyond torch's caching allocator after the row
+    (CUDA context, libraries' own buffers, DALI, other processes); the peak the device had to
+    hold is torch's reserved peak plus that. All in MiB; nan in, nan out.
+    """
+    other = driver_after - reserved_after
+    return other, reserved_peak + other
+
+
+def record_memory(row: Row, device: str, before: float) -> None:
+    """Fill a row's four memory views (call right after the row's work, before anything is freed)."""
+    row.peak_mib = peak_mib(device)
+    if device != "cuda":
+        return
+    row.reserved_mib = torch.cuda.max_memory_reserved() / 2**20
+    row.driver_before_mib, row.driver_after_mib = before, driver_used_mib(device)
+    _, row.device_est_mib = device_estimate(row.reserved_mib, row.driver_after_mib, torch.cuda.memory_reserved() / 2**20)
+
+
+def device_budget(ckpt_row: Row, dali_mib: float | None, capacity_mib: float = A10G_MIB) -> tuple[float, str]:
+    """(estimated MiB on one training GPU, note) for the checkpoint row plus DALI's own memory.
+
+    dali_mib: DALI's device memory for one pipeline (None: not measured); a run keeps its train
+    and val pipelines, so it counts twice. The verdict compares with capacity_mib.
+    """
+    if ckpt_row is None or math.isnan(ckpt_row.device_est_mib):
+        return math.nan, "no checkpoint-row device estimate (row skipped or failed)"
+    dali = 0.0 if dali_mib is None or math.isnan(dali_mib) else 2 * dali_mib
+    total = ckpt_row.device_est_mib + dali
+    parts = (f"{ckpt_row.model} b{ckpt_row.batch} at {ckpt_row.res}², checkpointing: device est. "
+             f"{ckpt_row.device_est_mib:.0f} MiB + DALI " + (f"2 × {dali_mib:.0f}" if dali else "not measured (0)"))
+    verdict = "fits" if total <= capacity_mib else "does NOT fit"
+    return total, (f"{parts} = {total:.0f} MiB; {verdict} {capacity_mib:.0f} MiB (A10G total) — measured on "
+                   f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'this device'}, "
+                   "whose cuDNN algorithms and context size differ from an A10G's")
 
 
 class Clock:
@@ -245,13 +314,14 @@ def throughput(plan: Plan, tmp: Path, model: str, res: int, batch: int, ckpt: bo
     if compile_:
         torch._dynamo.reset()
     reset_peak(plan.device)
+    before = driver_used_mib(plan.device)
     t0 = time.perf_counter()
     status = run_train(config(plan, run_dir, model, res, batch, ckpt, compile_), loader_fn)
     row.seconds = time.perf_counter() - t0
     if status != 0:
         raise RuntimeError(f"train() exited {status}")
     row.value = plan.steps * batch / (clock.end - clock.start)
-    row.peak_mib = peak_mib(plan.device)
+    record_memory(row, plan.device, before)
     row.note = f"{plan.steps} timed steps after {plan.warmup}; {plan.data} data"
     shutil.rmtree(run_dir, ignore_errors=True)
     return row
@@ -369,16 +439,53 @@ def jpeg_decode(plan: Plan, res: int) -> Row:
     if tuple(decoded[0].shape) != (1, res, res):
         raise RuntimeError(f"decoded shape {tuple(decoded[0].shape)}, want (1, {res}, {res})")
     reset_peak(plan.device)
+    before = driver_used_mib(plan.device)
     sync(plan.device)
     start = time.perf_counter()
     for _ in range(plan.jpeg_repeats):
         decode_jpeg(data, mode=ImageReadMode.GRAY, device=plan.device)
     sync(plan.device)
     row.value = plan.jpeg_repeats * len(data) / (time.perf_counter() - start)
-    row.peak_mib = peak_mib(plan.device)
+    record_memory(row, plan.device, before)
     row.seconds = time.perf_counter() - t0
     row.note = (f"decode_jpeg(device={plan.device!r}), batches of {len(data)}, {plan.jpeg_repeats} repeats, "
                 f"{np.mean([len(b) for b in data]) / 1024:.0f} kB/image (phantoms, q95)")
+    return row
+
+
+def dali_memory(plan: Plan, tmp: Path, res: int) -> Row:
+    """DALI's own device memory: driver-used delta minus torch's reserved delta around a mixed pipeline.
+
+    The loader's own DALI path (data.backend=dali, data.device=gpu, augmentation on) over JPEG
+    phantom shards, so nvJPEG decodes; measured while the pipeline is alive, after a few batches.
+    """
+    import importlib.util
+
+    row = Row("dali memory", "-", res, plan.batch, unit="MiB (DALI's own)")
+    if importlib.util.find_spec("nvidia.dali") is None:
+        row.note = ("skipped: DALI not installed here — DALI's device memory is in none of these numbers "
+                    "(install nvidia-dali-cuda1xx and rerun to measure it)")
+        return row
+    from cxr.data import DataConfig, build_loader
+
+    t0 = time.perf_counter()
+    shards = make_shards(plan, tmp / "dali", codec="jpeg", res=res, batches=4)
+    reset_peak(plan.device)
+    before, reserved_before = driver_used_mib(plan.device), torch.cuda.memory_reserved() / 2**20
+    cfg = DataConfig(shards=str(shards), backend="dali", device="gpu", resolution=res, batch_size=plan.batch,
+                     num_threads=4, augment=True)
+    loader, n = build_loader(cfg, "train"), 0
+    for batch in loader:  # measured inside the loop: an epoch left early drops its pipeline
+        n += 1
+        if n == min(4, len(loader)):
+            sync(plan.device)
+            record_memory(row, plan.device, before)
+            reserved_after = torch.cuda.memory_reserved() / 2**20
+            row.value = (row.driver_after_mib - before) - (reserved_after - reserved_before)
+            break
+    row.seconds = time.perf_counter() - t0
+    row.note = (f"{n} batches of {plan.batch} at {res}² (JPEG q95 phantoms, nvJPEG, augmentation on the GPU); "
+                "value = driver-used delta − torch reserved delta (torch holds the output batches)")
     return row
 
 
@@ -395,6 +502,9 @@ def rows_to_run(plan: Plan):
     items.append(("max batch", plan.estimates["max batch"], "max batch", (plan.models[0], big)))
     items.append(("resume", plan.estimates["resume"], "resume", (plan.models[0],)))
     items.append(("jpeg decode", plan.estimates["jpeg decode"], "jpeg decode", (big,)))
+    if plan.device == "cuda":  # device memory beyond torch's allocator exists only there
+        items.append(("dali memory", plan.estimates["dali memory"], "dali memory", (big,)))
+        items.append(("24 GB claim", 0, "24 GB claim", (plan.models[0], big)))
     for model in plan.models:
         for ckpt in (False, True):
             items.append(("compile", plan.estimates["compile"], "compile", (model, big, ckpt, True)))
@@ -421,6 +531,14 @@ def run_all(plan: Plan, tmp: Path) -> list[Row]:
                 rows.append(max_batch(plan, tmp, *args, deadline=deadline))
             elif check == "resume":
                 rows.append(resume_exact(plan, tmp, *args))
+            elif check == "dali memory":
+                rows.append(dali_memory(plan, tmp, *args))
+            elif check == "24 GB claim":
+                ckpt = next((r for r in rows if r.check == "checkpoint" and r.model == args[0]), None)
+                dali = next((r.value for r in rows if r.check == "dali memory"), None)
+                row = Row(check, args[0], args[1], ckpt.batch if ckpt else "-", "on", "off", unit="MiB on one GPU")
+                row.value, row.note = device_budget(ckpt, dali)
+                rows.append(row)
             else:
                 rows.append(jpeg_decode(plan, *args))
         except Exception as err:  # one failed row must not cost the others; the note says what broke
@@ -431,8 +549,10 @@ def run_all(plan: Plan, tmp: Path) -> list[Row]:
 
 
 def skipped_row(plan: Plan, check: str, args: tuple, note: str) -> Row:
-    if check == "jpeg decode":
+    if check in ("jpeg decode", "dali memory"):
         return Row(check, res=args[0], note=note)
+    if check == "24 GB claim":
+        return Row(check, args[0], args[1], note=note)
     if check == "max batch":
         return Row(check, args[0], args[1], note=note)
     if check == "resume":
@@ -464,18 +584,18 @@ def markdown(rows: list[Row], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def make_shards(plan: Plan, tmp: Path) -> Path:
+def make_shards(plan: Plan, tmp: Path, codec: str = "png", res: int | None = None, batches: int | None = None) -> Path:
     """Phantom shards for --data wds (the real CLI: synth → split → pack) at the largest resolution."""
-    n = max(64, int((plan.warmup + plan.steps) * plan.batch / 0.7) + 16)
+    n = max(64, int((batches or plan.warmup + plan.steps) * plan.batch / 0.7) + 16)
     py = [sys.executable, "-m", "shards"]
-    res = max(plan.resolutions)
+    res = res or max(plan.resolutions)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for args in (["synth", "--out", tmp / "synth", "--n", str(n), "--resolution", str(res), "--seed", "0",
                   "--workers", str(plan.workers or 1)],
                  ["split", "--metadata", tmp / "synth" / "Data_Entry_2017.csv", "--scheme", "stratified",
                   "--fractions", "0.7,0.15,0.15", "--out", tmp / "splits.parquet"],
                  ["pack", "--splits", tmp / "splits.parquet", "--images", tmp / "synth" / "images",
-                  "--out", tmp / "shards", "--workers", str(plan.workers or 1)]):
+                  "--out", tmp / "shards", "--workers", str(plan.workers or 1), "--codec", codec]):
         subprocess.run(py + [str(a) for a in args], check=True, cwd=ROOT, capture_output=True, env=env)
     return tmp / "shards"
 
@@ -487,8 +607,10 @@ def build_plan(args) -> Plan:
                    max_batch_cap=4 if cpu else 1024, jpeg_images=8 if cpu else 64, jpeg_repeats=2 if cpu else 5,
                    resume_res=32 if cpu else 224, compile_backend="eager" if cpu else "inductor")
     # seconds per row on an H200 (CPU smoke: on 2 shared cores); compile rows include the compilation
-    estimates = ({"throughput": 5, "max batch": 30, "resume": 20, "jpeg decode": 5, "compile": 40} if cpu else
-                 {"throughput": 15, "max batch": 90, "resume": 30, "jpeg decode": 15, "compile": 100})
+    estimates = ({"throughput": 5, "max batch": 30, "resume": 20, "jpeg decode": 5, "compile": 40,
+                  "dali memory": 0} if cpu else
+                 {"throughput": 15, "max batch": 90, "resume": 30, "jpeg decode": 15, "compile": 100,
+                  "dali memory": 40})
     for key in default:
         value = getattr(args, key, None)
         if value is not None:

@@ -20,6 +20,15 @@ by PIL / imagecodecs; bytes per image and decoded-equals-source are reported. It
 writes its own section ("## codec decode") with --append.
 
     python bench/loader.py --codecs --images 40 --append bench/RESULTS.md
+
+`--parallel-source` instead compares, on the same packed shards, the DALI loader with its
+external source in the training process (data.source_workers=0) and in DALI's parallel
+mode with 1 and 2 spawned workers, in training (augment on) at 1024 (source: read + crc32
+only) and at 256 resized from the 1024 masters (source: + PIL decode and resize), each
+case interleaved per repeat so that load on the shared machine hits all alike. It writes
+its own section ("## DALI parallel external source") with --append.
+
+    python bench/loader.py --parallel-source --append bench/RESULTS.md
 """
 from __future__ import annotations
 
@@ -152,7 +161,7 @@ def pil_decode_ceiling(data: list[bytes], threads: int):
 
 
 def loader_rates(shards: Path, backend: str, resolution: int, augment: bool, threads: int, batch: int,
-                 repeats: int) -> tuple[float, float]:
+                 repeats: int, **extra) -> tuple[float, float]:
     """Best (images/s over the whole pass, images/s after the first batch) of `repeats` passes.
 
     The first number includes the per-epoch start-up (pipeline build, worker start and
@@ -161,7 +170,7 @@ def loader_rates(shards: Path, backend: str, resolution: int, augment: bool, thr
     from cxr.data import DataConfig, build_loader
 
     cfg = DataConfig(shards=str(shards), backend=backend, resolution=resolution, batch_size=batch,
-                     num_threads=threads, augment=augment)
+                     num_threads=threads, augment=augment, **extra)
     totals, steady = [], []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -229,6 +238,46 @@ def append_results(path: Path, text: str, command: str) -> None:
     section = (f"## loader\n\n`{command}` ({platform.machine()}, {os.cpu_count()} cores, load average {load} — "
                f"shared machine, {date.today()})\n\n```\n{text}\n```\n\n{NOTE}\n")
     replace_section(path, "loader", section)
+
+
+SOURCE_WORKERS = (0, 1, 2)
+PARALLEL_NOTE = ("source_workers=0: DALI's external source runs in the training process (the serial source); 1/2: "
+                 "DALI's parallel external source with that many spawned worker processes, which is built per epoch "
+                 "(its workers hold the epoch's batch list), so its whole-pass rate includes starting the workers. "
+                 "DALI's decode/warp thread pool has --threads threads in every case. Steady = images/s after the "
+                 "first batch.")
+
+
+def parallel_source_rates(shards: Path, masters_only: Path, args) -> list[tuple[int, int, float, float]]:
+    """Rows (resolution, source_workers, best whole-pass img/s, best steady img/s); cases interleaved per repeat."""
+    cases = [(res, w) for res in (1024, 256) for w in SOURCE_WORKERS]
+    best = {case: (0.0, 0.0) for case in cases}
+    for _ in range(args.repeats):
+        for res, w in cases:
+            folder = shards if res == 1024 else masters_only  # 256: resized from the masters in the source
+            tot, st = loader_rates(folder, "dali", res, True, args.threads, args.batch_size, 1, source_workers=w)
+            best[res, w] = (max(best[res, w][0], tot), max(best[res, w][1], st))
+    return [(res, w, *best[res, w]) for res, w in cases]
+
+
+def parallel_source_table(rows: list[tuple[int, int, float, float]], n: int, args) -> str:
+    lines = [f"{n} train images (1024² PNG masters), DALI back end, training (augment on), {args.threads} DALI "
+             f"threads, batch {args.batch_size}, best of {args.repeats} interleaved passes", "",
+             "| resolution | source | source_workers | img/s whole pass | img/s steady | steady / serial |",
+             "|---|---|---|---|---|---|"]
+    serial = {res: st for res, w, _, st in rows if w == 0}
+    for res, w, tot, st in rows:
+        source = "read + crc32" if res == 1024 else "read + crc32 + PIL decode + resize"
+        lines.append(f"| {res} | {source} | {w} | {tot:.1f} | {st:.1f} | {st / serial[res]:.2f}x |")
+    return "\n".join(lines)
+
+
+def append_parallel_section(path: Path, text: str, command: str) -> None:
+    """Replace (or append) the "## DALI parallel external source" section of RESULTS.md."""
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    section = (f"## DALI parallel external source\n\n`{command}` ({platform.machine()}, {os.cpu_count()} cores, "
+               f"load average {load} — shared machine, {date.today()})\n\n{text}\n\n{PARALLEL_NOTE}\n")
+    replace_section(path, "DALI parallel external source", section)
 
 
 CODECS = ("png", "ljpeg", "j2k", "jpeg")
@@ -309,6 +358,8 @@ def main() -> None:
     parser.add_argument("--append", type=Path, default=None, help="write the results into this RESULTS.md")
     parser.add_argument("--codecs", action="store_true",
                         help="only compare decode speed and size of png / ljpeg / j2k / jpeg (see above)")
+    parser.add_argument("--parallel-source", action="store_true",
+                        help="only compare the DALI external source serial vs parallel with 1/2 workers (see above)")
     parser.add_argument("--images", type=int, default=40, help="--codecs: sample images to encode (default 40)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -328,8 +379,14 @@ def main() -> None:
         for f in shards.iterdir():
             if f.is_file() and not (masters_only / f.name).exists():
                 os.symlink(f, masters_only / f.name)
-        rows = measure(shards, masters_only, args)
         n = len(encoded_train_images(shards))
+        if args.parallel_source:
+            text = parallel_source_table(parallel_source_rates(shards, masters_only, args), n, args)
+            print(text)
+            if args.append:
+                append_parallel_section(args.append, text, command)
+            return
+        rows = measure(shards, masters_only, args)
     text = summarize(rows, n, args)
     print(text)
     if args.append:

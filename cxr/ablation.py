@@ -22,7 +22,7 @@ over the split per distinct resolution), then, on those predictions:
   micro-batch × accumulation and activation checkpointing (config.yaml).
 
 Writes DIR/ablation.md, ablation.csv (variant × label), runs.csv (per run),
-predictions.parquet (cxr.evaluate's format: re-analyse with --from-predictions),
+predictions.parquet (cxr.predictions' format: re-analyse with --from-predictions),
 auroc_vs_<key>.png (one panel per label, the mean first) and delta_vs_<ref>.png.
 The statistics live in ``cxr.metrics`` (paired_delong, paired_bootstrap_delta, holm).
 """
@@ -74,11 +74,11 @@ def config_value(config: dict[str, Any], key: str) -> Any:
 
 def read_runs(run_dirs: Sequence[str | Path], by: Sequence[str]) -> list[Run]:
     """The runs' configs and their variant (the values of ``by``) and seed."""
-    from cxr.evaluate import _read_yaml, member_names
+    from cxr.inference import member_names, read_run_config
 
     runs = []
     for run_dir, name in zip(run_dirs, member_names(run_dirs)):
-        config = _read_yaml(Path(run_dir) / "config.yaml")
+        config = read_run_config(Path(run_dir) / "config.yaml")
         values = [config_value(config, key) for key in by]
         missing = [k for k, v in zip(by, values) if v is None]
         if missing:
@@ -388,7 +388,7 @@ def plot_delta(path: Path, result: dict[str, Any]) -> None:
 def infer_predictions(args: argparse.Namespace) -> tuple[ScoreSet | None, list[dict[str, Any]]]:
     """The runs' predictions on ``args.split`` via cxr.evaluate (each member at its own resolution)
     and their members.json entries; None on ranks other than 0."""
-    from cxr.evaluate import _state, infer_runs
+    from cxr.inference import infer_runs, process_state
 
     if args.threads:
         import torch
@@ -397,7 +397,7 @@ def infer_predictions(args: argparse.Namespace) -> tuple[ScoreSet | None, list[d
     eval_args = argparse.Namespace(runs=args.runs, shards=args.shards, resolution=None, backend=args.backend,
                                    batch_size=args.batch_size, num_threads=args.num_threads,
                                    loader_device=None, precision=args.precision, cpu=args.cpu, split=args.split)
-    state = _state(eval_args)
+    state = process_state(eval_args)
     per_split, infos = infer_runs(eval_args, state, [args.split])
     if per_split is None:
         return None, infos
@@ -430,7 +430,8 @@ def write_report(out: Path, result: dict[str, Any], costs: pd.DataFrame, context
 
 
 def report(args: argparse.Namespace) -> int:
-    from cxr.evaluate import read_predictions, with_ensemble, write_predictions
+    from cxr.inference import with_ensemble
+    from cxr.predictions import read_predictions, write_predictions
 
     start = time.perf_counter()
     by = args.by

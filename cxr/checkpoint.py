@@ -16,6 +16,10 @@ then rank 0 writes the rest into ``{name}.tmp`` and swaps it in by renames
 (``name`` → ``name.old``, ``name.tmp`` → ``name``, delete ``name.old``). A crash at
 any point leaves either the old or the new checkpoint complete under ``name`` or,
 between the two renames, under ``name.old`` — which :func:`find_checkpoint` falls back to.
+
+This module is the one owner of the checkpoint folders: finding them (:func:`find_checkpoint`,
+:func:`best_weights`), reading their meta and weights (:func:`read_meta`, :func:`read_weights`,
+:func:`load_weights`) and writing them.
 All ranks must see the run dir (a shared filesystem on multi-node jobs).
 """
 from __future__ import annotations
@@ -80,6 +84,17 @@ def find_checkpoint(run_dir: str | Path, name: str = "last") -> Path | None:
         if (candidate / META).is_file():
             return candidate
     return None
+
+
+def best_weights(run_dir: str | Path) -> Path:
+    """``model.safetensors`` of a run's ``best`` checkpoint (what the evaluator loads); a CxrError
+    naming the file and the fix when the run has none."""
+    found = find_checkpoint(run_dir, "best")
+    if found is None or not (found / WEIGHTS).is_file():
+        best = Path(run_dir) / "checkpoints" / "best"
+        raise CxrError(f"{(found or best) / WEIGHTS}: run {run_dir} has no best checkpoint — "
+                       "train it to completion (or copy checkpoints/last to checkpoints/best)")
+    return found / WEIGHTS
 
 
 def read_meta(ckpt: str | Path) -> dict:
@@ -215,26 +230,38 @@ def _is_deepspeed(accelerator) -> bool:
 
 
 # ---------------------------------------------------------------------------- load
-def load_weights(model: torch.nn.Module, ckpt: str | Path) -> None:
-    """Load ``ckpt/model.safetensors`` into an unwrapped model (strict: every key and shape must match)."""
+# The one reader of a checkpoint's weights (training resume, model.init_from, and through
+# cxr.inference.build_member_model the evaluator, explain, embed, export and ood): safetensors
+# only, so loading never executes pickled code.
+_CORRUPT_FIX = "delete it (or use last.old/best) or start a new run"
+_FITS_FIX = "use the model section the run was trained with (RUN/config.yaml), or a new checkpoint.run_dir"
+
+
+def load_weights(model: torch.nn.Module, ckpt: str | Path, *, fix: str = _FITS_FIX,
+                 corrupt_fix: str = _CORRUPT_FIX) -> None:
+    """Load ``ckpt/model.safetensors`` into an unwrapped model (strict: every key and shape must match).
+
+    ``fix`` / ``corrupt_fix``: what the error tells the user to do when the weights do not fit
+    the model / the file is corrupt."""
     path = Path(ckpt) / WEIGHTS
-    saved = read_weights(path)
-    check_fits(model, saved, path)
+    saved = read_weights(path, corrupt_fix=corrupt_fix)
+    check_fits(model, saved, path, fix=fix)
     model.load_state_dict(saved, strict=True)
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a model.safetensors file; a missing or corrupt file is a CxrError."""
+def read_weights(path: Path, *, corrupt_fix: str = _CORRUPT_FIX) -> dict[str, torch.Tensor]:
+    """The tensors of a model.safetensors file (on CPU); a missing or corrupt file is a CxrError."""
     if not path.is_file():
         raise CxrError(f"{path}: missing — the checkpoint is incomplete; delete it or pick another")
     try:
-        return load_file(str(path))
+        return load_file(str(path), device="cpu")
     except Exception as err:  # safetensors raises its own SafetensorError (and OSError) on a bad file
-        raise CxrError(f"{path}: corrupt checkpoint weights ({str(err).splitlines()[0][:80]}) — delete it "
-                       f"(or use last.old/best) or start a new run") from None
+        raise CxrError(f"{path}: corrupt checkpoint weights ({str(err).splitlines()[0][:80]}) — "
+                       f"{corrupt_fix}") from None
 
 
-def check_fits(model: torch.nn.Module, saved: dict[str, torch.Tensor], path: Path) -> None:
+def check_fits(model: torch.nn.Module, saved: dict[str, torch.Tensor], path: Path, *,
+               fix: str = _FITS_FIX) -> None:
     """CxrError naming the tensors when ``saved`` does not fit ``model`` (missing, unexpected, other shape)."""
     own = model.state_dict()
     missing = [k for k in own if k not in saved]
@@ -244,8 +271,7 @@ def check_fits(model: torch.nn.Module, saved: dict[str, torch.Tensor], path: Pat
     if missing or unexpected or shapes:
         parts = ([f"other shape: {', '.join(shapes[:3])}"] if shapes else []) + \
                 ([f"missing: {missing[:3]}"] if missing else []) + ([f"unexpected: {unexpected[:3]}"] if unexpected else [])
-        raise CxrError(f"{path}: the model differs from the checkpoint ({'; '.join(parts)}) — use the model "
-                       f"section the run was trained with (RUN/config.yaml), or a new checkpoint.run_dir")
+        raise CxrError(f"{path}: the model differs from the checkpoint ({'; '.join(parts)}) — {fix}")
 
 
 def init_weights_from(model: torch.nn.Module, run_dir: str | Path, model_kwargs: dict) -> dict:

@@ -16,6 +16,15 @@ Sections (``section.key=value`` on the command line):
 checks every key and value: an unknown key or a bad value raises ``CxrError``
 naming the key and the valid choices. :func:`config_hash` fingerprints the fields
 that change the trajectory of training (resume refuses a mismatch).
+
+Why the coercion (``_coerce``) and ``--help`` (``field_docs``) are hand-written, not OmegaConf or
+tyro (measured by ``bench/config_libs.py``, bench/RESULTS.md "config libraries"): prototypes of
+both build the same dataclasses and the same hash on every shipped config and test input, and
+would save ~60 lines net, but only 9/19 (OmegaConf) and 11/19 (tyro) of the tested error cases keep
+a one-line message with the valid keys/choices or the fix (OmegaConf: "Did you mean" one key,
+"could not be converted to Float", a tuple-length error naming no key; tyro: argparse's boxed
+text). tyro reads neither YAML nor ``section.key=value``, so that parser stays anyway, and its help
+lists ``--optim.lr FLOAT``, not the ``optim.lr=`` users type. Each adds 0.15–0.18 s to every start.
 """
 from __future__ import annotations
 
@@ -37,9 +46,6 @@ from cxr.data import DataConfig
 from cxr.losses import LossConfig
 from shards.atomic import atomic_write_text
 from shards.errors import CxrError
-
-NO_HASH = {"hash": False}  # field metadata: the field does not change what is trained
-
 
 @dataclass
 class ModelConfig:
@@ -235,7 +241,13 @@ UNHASHED = {
     "checkpoint": {"run_dir", "resume", "force_resume", "every_steps"},
     "logging": {"progress", "log_every", "tensorboard"},
     "train": {"threads", "collective_timeout_s", "stop_flag_timeout_s", "cudnn_benchmark"},
-    "data": {"num_threads", "pin_memory"},
+    "data": {"num_threads", "pin_memory", "source_workers"},
+}
+# Keys that earlier versions wrote into every run's config.yaml and that no longer exist, with the
+# value every run had. Reading an old config.yaml accepts (and drops) them, and the hash counts them
+# at that value, so the hashes of existing runs — which resume compares — do not change.
+RETIRED = {
+    "data": {"shuffle_buffer": 1000},  # never had an effect: training draws a global permutation per epoch
 }
 
 
@@ -316,17 +328,20 @@ def _apply_override(raw: dict, item: str) -> None:
 
 def config_from_dict(raw: dict, where: str = "config") -> Config:
     """Build and validate a :class:`Config` from ``{section: {key: value}}``."""
-    unknown = sorted(set(raw) - set(SECTIONS))
-    if unknown:
-        raise CxrError(f"{where}: unknown section {unknown[0]!r} — valid sections: {', '.join(SECTIONS)}")
-    built = {}
-    for name, cls in SECTIONS.items():
-        section = raw.get(name) or {}
-        if not isinstance(section, dict):
-            raise CxrError(f"{where}: section {name!r} must be a mapping of key: value")
-        built[name] = _build_section(name, cls, dict(section), where)
-    cfg = Config(**built)
-    check_input_size(cfg)
+    try:  # every message names where the config came from: the YAML file, else "config"
+        unknown = sorted(set(raw) - set(SECTIONS))
+        if unknown:
+            raise CxrError(f"unknown section {unknown[0]!r} — valid sections: {', '.join(SECTIONS)}")
+        built = {}
+        for name, cls in SECTIONS.items():
+            section = raw.get(name) or {}
+            if not isinstance(section, dict):
+                raise CxrError(f"section {name!r} must be a mapping of key: value")
+            built[name] = _build_section(name, cls, dict(section))
+        cfg = Config(**built)
+        check_input_size(cfg)
+    except CxrError as err:
+        raise CxrError(f"{where}: {err}") from err
     return cfg
 
 
@@ -352,22 +367,22 @@ def check_input_size(cfg: Config) -> None:
                        f"(it downsamples by {need}) — raise data.resolution or set model.conv_stem=true")
 
 
-def _build_section(section: str, cls: type, values: dict, where: str) -> Any:
+def _build_section(section: str, cls: type, values: dict) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     if cls is ModelConfig:
         values = _split_model_options(values, names)
     kwargs = {}
     for key, value in values.items():
+        if key in RETIRED.get(section, {}):
+            continue
         if key not in names:
-            raise CxrError(f"{where}: unknown key {section}.{key} — valid keys of {section}: {', '.join(names)}")
+            raise CxrError(f"unknown key {section}.{key} — valid keys of {section}: {', '.join(names)}")
         kwargs[key] = _coerce(f"{section}.{key}", value, hints[key])
     try:
         return cls(**kwargs)
-    except CxrError:
-        raise
-    except (TypeError, ValueError) as err:
-        raise CxrError(f"{where}: section {section}: {err} — fix the config") from None
+    except (TypeError, ValueError) as err:  # CxrError (an Exception, not a ValueError) passes through
+        raise CxrError(f"section {section}: {err} — fix the config") from None
 
 
 def _split_model_options(values: dict, names: list[str]) -> dict:
@@ -378,12 +393,11 @@ def _split_model_options(values: dict, names: list[str]) -> dict:
         options[key] = values.pop(key)
     name = values.get("name", ModelConfig.name)
     valid = model_options(name)
-    for key in list(options):
-        if valid is not None and key not in valid:
+    for key in options if valid is not None else ():  # an unregistered name: the model.name check reports it
+        if key not in valid:
             shown = ", ".join([n for n in names if n != "options"] + list(valid))
             raise CxrError(f"unknown key model.{key} for model.name={name} — valid keys of model: {shown}")
-        if valid is not None:
-            options[key] = _coerce(f"model.{key}", options[key], valid[key])
+        options[key] = _coerce(f"model.{key}", options[key], valid[key])
     if options:
         values["options"] = options
     return values
@@ -420,8 +434,13 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise CxrError(f"{key}={value!r}: expected an integer")
         return value
-    if hint is float:
-        return _as_float(key, value)
+    if hint is float:  # YAML 1.1 reads "1e-4" (no dot) as a string: accept it as the number it plainly is
+        try:
+            if not isinstance(value, bool):
+                return float(value)
+        except (TypeError, ValueError):
+            pass
+        raise CxrError(f"{key}={value!r}: expected a number, e.g. 3e-4")
     if hint is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise CxrError(f"{key}={value!r}: expected a string")
@@ -436,16 +455,6 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             raise CxrError(f"{key}={value!r}: expected a mapping")
         return dict(value)
     return value
-
-
-def _as_float(key: str, value: Any) -> float:
-    # YAML 1.1 reads "1e-4" (no dot) as a string; accept it as the number it plainly is.
-    if isinstance(value, bool):
-        raise CxrError(f"{key}={value!r}: expected a number")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise CxrError(f"{key}={value!r}: expected a number, e.g. 3e-4") from None
 
 
 # ---------------------------------------------------------------------------- output
@@ -480,7 +489,8 @@ def save_config(cfg: Config, path: str | Path) -> None:
 def hashed_dict(cfg: Config) -> dict:
     """The part of the config that decides what is trained (input of :func:`config_hash`)."""
     full = config_to_dict(cfg)
-    return {s: {k: v for k, v in keys.items() if k not in UNHASHED.get(s, ())} for s, keys in full.items()}
+    return {s: {**RETIRED.get(s, {}), **{k: v for k, v in keys.items() if k not in UNHASHED.get(s, ())}}
+            for s, keys in full.items()}
 
 
 def config_hash(cfg: Config) -> str:

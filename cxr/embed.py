@@ -47,10 +47,10 @@ def extract(run: str | Path, shards: str | Path, split: str, *, batch_size: int 
     from tqdm import tqdm
 
     from cxr.data import build_loader
-    from cxr.evaluate import _renormaliser, _shards_labels, build_member_model, eval_data_config, read_member
+    from cxr.inference import build_member_model, eval_data_config, read_member, renormaliser, shards_labels
 
     member = read_member(run, Path(run).name)
-    names = _shards_labels(Path(shards))
+    names = shards_labels(Path(shards))
     if list(member.labels) != list(names):
         raise CxrError(f"{shards}/manifest.json: run {run} was trained on labels {member.labels[:3]}… but the "
                        f"shards have {names[:3]}… — embed it on shards with its own label set")
@@ -59,7 +59,7 @@ def extract(run: str | Path, shards: str | Path, split: str, *, batch_size: int 
     args = SimpleNamespace(shards=shards, backend=None, batch_size=batch_size, num_threads=None, loader_device=None)
     cfg = eval_data_config([member], args, member.resolution or 224, on_gpu=dev.type == "cuda")
     loader = build_loader(cfg, split, epoch=0, train=False)
-    renorm = _renormaliser(member, cfg, dev)
+    renorm = renormaliser(member, cfg, dev)
     keys, feats, labels = [], [], []
     with torch.inference_mode():
         for batch in tqdm(loader, desc=f"embed {split}", unit="batch", disable=not progress):

@@ -47,7 +47,7 @@ where the map (upsampled to R×R) is scored:
 Means per label and over all pairs, with percentile-bootstrap CIs over images
 (``cxr.metrics.bootstrap_counts``), go to ``localisation.csv`` and ``localisation.md``;
 the per-pair scores to ``localisation_pairs.csv``; ``runs.json`` lists each run's model
-and resolution with the counts. The report says how many of the split's images were scored. Data, models and ranks are handled with cxr.evaluate's
+and resolution with the counts. The report says how many of the split's images were scored. Data, models and ranks are handled with cxr.inference's
 pieces (run dirs, weights-only checkpoints, the loader config, accelerate's
 ``gather_object``); each rank explains a disjoint, contiguous share of the chosen
 images with the evaluator's own loader.
@@ -73,6 +73,7 @@ import pandas as pd
 from shards.atomic import atomic_write, atomic_write_text
 from shards.errors import CxrError, cli_entry
 from shards.labels import LABELS
+from shards.manifest import load_manifest
 
 METHODS = ("cam", "gradcam", "saliency")
 METHOD_NAMES = {"cam": "CAM", "gradcam": "Grad-CAM", "saliency": "saliency"}
@@ -326,7 +327,7 @@ class Masters:
     def open(cls, shards: Path, split: str) -> "Masters":
         from cxr.data.shard_index import SampleReader, SplitIndex
 
-        manifest = json.loads((shards / "manifest.json").read_text())
+        manifest = load_manifest(shards)
         index = SplitIndex.load(shards, manifest, split)
         return cls(index, SampleReader(index), {k: i for i, k in enumerate(index.keys)},
                    manifest.get("image_sizes") or {})
@@ -411,17 +412,17 @@ def explain_run(args: argparse.Namespace, run_dir: str, name: str, state: Any, j
     """Explain this rank's share of ``job`` with one run: (score rows, overlay entries, run info)."""
     import torch
 
-    from cxr.evaluate import (_renormaliser, _shards_labels, build_member_model, check_compatible,
-                              eval_data_config, read_member)
+    from cxr.inference import (build_member_model, check_compatible, eval_data_config, read_member,
+                               renormaliser, shards_labels)
 
     member = read_member(run_dir, name)
-    resolution = check_compatible([member], _shards_labels(Path(args.shards)), args.resolution)
+    resolution = check_compatible([member], shards_labels(Path(args.shards)), args.resolution)
     model = build_member_model(member, state.device)
     for p in model.parameters():
         p.requires_grad_(False)  # gradients flow to the input and the cam layer only
     loader_cfg = eval_data_config([member], args, resolution, on_gpu=state.device.type == "cuda")
     loader = subset_loader(loader_cfg, args.split, list(job.labels), state.process_index, state.num_processes)
-    renorm = _renormaliser(member, loader_cfg, state.device)
+    renorm = renormaliser(member, loader_cfg, state.device)
     rows: list[dict] = []
     entries: list[dict] = []
     from tqdm import tqdm
@@ -631,13 +632,6 @@ def plan_job(args: argparse.Namespace, masters: Masters) -> tuple[Job, dict]:
     return Job(args.method, labels, boxes, out, overlays, args.threshold, args.bbox_frame), counts
 
 
-def _state(args: argparse.Namespace) -> Any:
-    import torch
-    from accelerate import PartialState
-
-    return PartialState(cpu=args.cpu or not torch.cuda.is_available())
-
-
 def _gather(items: list, state: Any) -> list | None:
     if state.num_processes > 1:
         from accelerate.utils import gather_object
@@ -656,14 +650,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    from cxr.evaluate import member_names
+    from cxr.inference import member_names, process_state
 
     run_dirs = [args.run] if args.run else list(args.runs)
     shards = Path(args.shards)
-    if not (shards / "manifest.json").is_file():
-        raise CxrError(f"{shards / 'manifest.json'}: shards manifest not found — point --shards at a folder "
-                       "written by `python -m shards pack`")
-    state = _state(args)
+    load_manifest(shards)  # a missing or invalid manifest fails before any process group starts
+    state = process_state(args)
     masters = Masters.open(shards, args.split)
     job, counts = plan_job(args, masters)
     rows, entries, runs = [], [], []

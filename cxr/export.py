@@ -155,7 +155,7 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, outputs: S
 
 def load_members(runs: Sequence[str]):
     """[(member record, model in eval mode on CPU)] of classifier runs; metadata models are refused."""
-    from cxr.evaluate import build_member_model, member_names, read_member
+    from cxr.inference import build_member_model, member_names, read_member
 
     out = []
     for run, name in zip(runs, member_names(runs)):

@@ -119,7 +119,7 @@ def build(args, width: int = 16, code: int = 16) -> OodAutoencoder:
 # ----------------------------------------------------------------------------- threshold + scoring
 def load_gate(run: str | Path, device="cpu"):
     """(model in eval mode, member record) of a trained ood_ae run."""
-    from cxr.evaluate import build_member_model, read_member
+    from cxr.inference import build_member_model, read_member
 
     member = read_member(run, Path(run).name)
     if member.config.get("model", {}).get("name") != "ood_ae":

@@ -10,14 +10,13 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import pandas as pd
 from accelerate import Accelerator
 
 from cxr import checkpoint as ckpt
 from cxr.config import Config, config_diff, config_hash, load_config
 from cxr.data import image_source
+from cxr.predictions import write_val_predictions
 from cxr.train_setup import current_lr, label_names
-from shards.atomic import atomic_write
 from shards.errors import CxrError
 
 log = logging.getLogger("cxr.train")
@@ -250,11 +249,5 @@ def save_last(cfg: Config, accelerator: Accelerator, run_dir: Path, model, optim
 def save_best(cfg: Config, accelerator: Accelerator, run_dir: Path, model, st: TrainState, val: dict) -> None:
     """Write ``best`` (weights + meta, collective) and, on rank 0, the val predictions of this epoch."""
     ckpt.save_checkpoint(accelerator, run_dir, "best", model=model, meta=checkpoint_meta(cfg, st, val))
-    if accelerator.is_main_process:
-        names = label_names(cfg)
-        columns = names if val["probs"].shape[1] == len(names) else None  # None: ood_ae's one score
-        frame = pd.DataFrame(val["probs"], columns=columns)
-        frame.columns = [str(c) for c in frame.columns]
-        frame.insert(0, "key", val["keys"])
-        with atomic_write(run_dir / "val_predictions.parquet") as fh:
-            frame.to_parquet(fh, index=False)
+    if accelerator.is_main_process:  # columns "0", "1"... when not one per label: ood_ae's one score
+        write_val_predictions(run_dir, val["keys"], val["probs"], label_names(cfg))

@@ -9,16 +9,27 @@ The offset is that of the member's data (its 512-byte tar header + 512), the
 extension is the text after the first dot of the basename, and a sample is a run
 of consecutive members sharing the basename. `fn.readers.webdataset(paths=...,
 index_paths=...)` then opens shards without scanning them.
+
+This module owns the ``.idx`` files of a shards folder: pack and derive write them
+(:func:`write_index`), verify compares them with :func:`index_for_tar`, and the loaders
+read them (:func:`read_index`), check them against their tar (:func:`index_mismatch`)
+and fall back to :func:`scan_tar` when one is absent or stale.
 """
 from __future__ import annotations
 
+import os
 import tarfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from shards.atomic import atomic_write_text
+from shards.errors import CxrError
+
 INDEX_VERSION = "v1.2"
 # one member: (ext, data offset, size, name)
 Member = tuple[str, int, int, str]
+# what a reader gets per sample: (key, {ext: (data offset, size)}), in tar order
+Sample = tuple[str, dict[str, tuple[int, int]]]
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -69,3 +80,86 @@ def group_samples(members: Iterable[Member]) -> list[list[Member]]:
             last = base
         samples[-1].append(member)
     return samples
+
+
+def write_index(path: str | Path, members: Iterable[Member]) -> Path:
+    """Write the index of a shard whose members (in tar order) are ``members``, atomically."""
+    atomic_write_text(path, index_text(group_samples(members)))
+    return Path(path)
+
+
+def read_index(idx: str | Path) -> list[Sample]:
+    """Parse an index file into [(key, {ext: (offset, size)})]; CxrError naming it if malformed."""
+    idx = Path(idx)
+    lines = idx.read_text().splitlines()
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or not head[0].startswith("v1."):
+        raise CxrError(f"{idx}: not a DALI webdataset index — delete it (it is rebuilt by a scan) or re-pack")
+    samples = []
+    for line in lines[1:]:
+        tok = line.split()
+        if not tok:
+            continue
+        if len(tok) % 4:
+            raise CxrError(f"{idx}: expected 'ext offset size name' groups (index v1.2) — delete the .idx or re-pack")
+        members = {tok[j]: (int(tok[j + 1]), int(tok[j + 2])) for j in range(0, len(tok), 4)}
+        samples.append((Path(tok[3]).name.partition(".")[0], members))
+    if len(samples) != int(head[1]):
+        raise CxrError(f"{idx}: header says {head[1]} samples, found {len(samples)} — re-pack this shard")
+    return samples
+
+
+def scan_tar(tar: str | Path) -> list[Sample]:
+    """What :func:`read_index` returns for the index :func:`index_for_tar` would write, from a
+    scan of the tar's headers (for a shard whose index is absent or does not match it)."""
+    try:
+        samples = members_from_tar(tar)
+    except tarfile.TarError as err:
+        raise CxrError(f"{tar}: not a readable tar ({err}) — re-pack this shard") from err
+    return [(Path(members[0][3]).name.partition(".")[0], {ext: (offset, size) for ext, offset, size, _ in members})
+            for members in samples]
+
+
+def index_mismatch(tar: Path, samples: list[Sample]) -> str | None:
+    """Cheap check of an index against its tar: every member of the first and last sample must
+    sit right after a tar header with its name and size, and the last one be followed by the
+    end-of-archive blocks. None when it matches, else what differs.
+
+    Two samples' headers (a few preads per shard) catch an index shifted, truncated or
+    belonging to another shard; a damaged middle is caught when that sample is read.
+    Members past the end of a truncated tar are not index faults: reading them reports
+    the samples as truncated.
+    """
+    if not samples:
+        return "the index lists no samples"
+    file_size = tar.stat().st_size
+    with open(tar, "rb") as fh:
+        fd = fh.fileno()
+        for key, members in {0: samples[0], len(samples) - 1: samples[-1]}.values():
+            for ext, (offset, size) in members.items():
+                problem = header_mismatch(fd, f"{key}.{ext}", offset, size)
+                if problem:
+                    return problem
+        end = max(o + -(-s // 512) * 512 for o, s in samples[-1][1].values())
+        if end + 1024 <= file_size and os.pread(fd, 1024, end) != bytes(1024):
+            return f"more data after the last indexed sample (offset {end})"
+    return None
+
+
+def header_mismatch(fd: int, name: str, offset: int, size: int) -> str | None:
+    """What is wrong when the 512 bytes before ``offset`` are not the tar header of ``name``
+    with ``size``; None when they are, or when the file ends before them (truncated tar)."""
+    header = os.pread(fd, 512, offset - 512) if offset >= 512 else b"x"
+    if len(header) < 512 and offset >= 512:
+        return None  # the tar is truncated: its samples are reported as such when read
+    try:
+        stored = int(header[148:156].strip(b"\0 ") or b"-1", 8)
+        found_size = int(header[124:136].strip(b"\0 ") or b"-1", 8)
+    except ValueError:
+        stored = found_size = -1
+    if stored != sum(header[:148]) + 8 * 32 + sum(header[156:]):  # the header checksum (chksum field as spaces)
+        return f"{name} at offset {offset}: no tar header before it (data instead)"
+    found = Path(header[:100].rstrip(b"\0").decode("latin-1")).name
+    if found != name or found_size != size:
+        return f"{name} ({size} B) at offset {offset}: the tar has {found!r} ({found_size} B) there"
+    return None

@@ -18,8 +18,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from shards.atomic import atomic_write, atomic_write_text, remove_stale_temps
-from shards.dali_index import group_samples, index_text, split_name
+from shards.atomic import atomic_write, remove_stale_temps
+from shards.dali_index import split_name, write_index
 from shards.errors import CxrError
 from shards.image_codec import CODEC_EXT, resize_encoded
 from shards.manifest import write_manifest
@@ -52,7 +52,7 @@ def derive_shard(master_tar: str, out_dir: str, size: int, codec: str, quality: 
             stream.add(info.name, data)
         sha = stream.finish()
     index = name[:-4] + ".idx"
-    atomic_write_text(Path(out_dir) / index, index_text(group_samples(stream.members)))
+    write_index(Path(out_dir) / index, stream.members)
     return {"name": name, "split": name.rsplit("-", 1)[0], "index": index, "samples": len(keys),
             "bytes": stream.offset, "sha256": sha, "keys": keys, "converted": [],
             "sizes": {f"{size}x{size}": len(keys)}}

@@ -92,6 +92,16 @@ def check_png(data: bytes) -> PngHeader:
         pos = chunk_end
 
 
+def png_problem(data: bytes) -> str | None:
+    """:func:`check_png` as a reason string for the loaders' integrity pass: None when the
+    PNG's structure and every chunk CRC are intact, else what is wrong."""
+    try:
+        check_png(data)
+    except BadImage as err:
+        return str(err)
+    return None
+
+
 def _parse_ihdr(ctype: bytes, body: bytes) -> PngHeader:
     if ctype != b"IHDR" or len(body) != 13:
         raise BadImage("corrupt PNG (first chunk is not a 13-byte IHDR)")

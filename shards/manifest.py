@@ -1,7 +1,9 @@
-"""manifest.json of a shards folder: write, load, validate, and find shard files.
+"""manifest.json of a shards folder: write, load and validate it — its one owner.
 
 The fields are specified in docs/shards-format.md (format ``cxr-shards/2``; ``/1``
-shards, without per-sample checksums, are still read and verified).
+shards, without per-sample checksums, are still read and verified). pack and derive
+write it with :func:`write_manifest`; verify, the loaders (``cxr.data.shard_index``) and
+the evaluator read it with :func:`load_manifest`.
 """
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ from shards.errors import CxrError
 FORMAT = "cxr-shards/2"  # what pack writes: /2 added the per-sample crc32 in each .json
 READ_FORMATS = ("cxr-shards/1", FORMAT)
 MANIFEST_NAME = "manifest.json"
-SPLITS = ("train", "val", "test")
 CODECS = ("png", "jpeg", "j2k", "ljpeg")
 _REQUIRED = {
     "format": str, "package_version": str, "created": str, "codec": str, "derived": bool,
@@ -92,20 +93,3 @@ def validate_manifest(manifest: Any, path: str | Path = MANIFEST_NAME) -> None:
 def has_checksums(manifest: dict[str, Any]) -> bool:
     """Whether every sample's .json carries crc32 checksums of its members (format /2 on)."""
     return manifest.get("format") != "cxr-shards/1"
-
-
-def shard_files(directory: str | Path, split: str) -> list[tuple[Path, Path]]:
-    """(tar, DALI index) paths of one split, in manifest order."""
-    directory = Path(directory)
-    manifest = load_manifest(directory)
-    if split not in manifest["splits"]:
-        raise CxrError(f"{manifest_path(directory)}: no split {split!r} — have {sorted(manifest['splits'])}")
-    return [(directory / s["name"], directory / s["index"]) for s in manifest["shards"] if s["split"] == split]
-
-
-def shards_dir_for(directory: str | Path, resolution: int | None) -> Path:
-    """The folder to read for a resolution: ``DIR/res{R}`` when derived shards exist, else DIR."""
-    directory = Path(directory)
-    if resolution is not None and manifest_path(directory / f"res{resolution}").is_file():
-        return directory / f"res{resolution}"
-    return directory

@@ -23,8 +23,8 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
-from shards.atomic import atomic_write, atomic_write_text, remove_stale_temps
-from shards.dali_index import group_samples, index_text
+from shards.atomic import atomic_write, remove_stale_temps
+from shards.dali_index import write_index
 from shards.errors import CxrError
 from shards.image_codec import CODEC_EXT, Prepared, prepare_image
 from shards.labels import LABELS, META_FIELDS
@@ -168,7 +168,7 @@ class _SplitWriter:
     def _finish(self) -> None:
         sha = self.stream.finish()
         self._stack.close()  # fsync + rename to the final name
-        atomic_write_text(self.out / f"{self.name}.idx", index_text(group_samples(self.stream.members)))
+        write_index(self.out / f"{self.name}.idx", self.stream.members)
         self.journal.add({"name": f"{self.name}.tar", "split": self.split, "index": f"{self.name}.idx",
                           "samples": len(self.keys), "bytes": self.stream.offset, "sha256": sha,
                           "keys": self.keys, "converted": self.converted, "sizes": dict(self.sizes)})

@@ -24,7 +24,6 @@ ID_BYTES = 32
 SPLITS = ("train", "val", "test")
 SEXES = ("M", "F")
 VIEWS = ("PA", "AP")
-REQUIRED_COLUMNS = ("image", "patient", "split", *LABELS, "age", "sex", "view")
 
 
 @dataclass(frozen=True)
@@ -144,6 +143,31 @@ def read_splits(splits: Any) -> tuple[list[Record], str | None, str]:
     records = _records(frame, where)
     check_patients(records, where)
     return records, name, digest
+
+
+def read_table(path: str | Path) -> Any:
+    """Read a splits table (.parquet or .csv) as a DataFrame with its contract dtypes, for
+    `shards stats`; CxrError if malformed. (:func:`read_splits` is pack's reader: Records.)"""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise CxrError(f"{path}: splits table not found — write it with `python -m shards split`")
+    try:
+        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(
+            path, dtype={"image": str, "split": str, "sex": str, "view": str})
+    except Exception as err:  # pyarrow/pandas raise many types for a corrupt file
+        raise CxrError(f"{path}: unreadable splits table ({err}) — re-run `python -m shards split`") from err
+    names = table_labels(table.columns)
+    missing = [c for c in TABLE_FIELDS if c not in table.columns] + ([] if names else ["a label column"])
+    missing += missing_nih_labels(table.columns)
+    if missing:
+        raise CxrError(f"{path}: missing column(s) {missing} — re-run `python -m shards split`")
+    labels = table[names]
+    if labels.isna().any().any() or not labels.isin([0, 1]).all().all():
+        raise CxrError(f"{path}: label columns must be 0/1 — re-run `python -m shards split`")
+    table[names] = labels.astype(np.uint8)
+    return table
 
 
 def _file_sha256(path: Path) -> str:

@@ -25,9 +25,10 @@ import pandas as pd
 
 from shards.atomic import atomic_write
 from shards.errors import CxrError
-from shards.labels import LABELS, NO_FINDING, TABLE_FIELDS, missing_nih_labels, table_labels
+from shards.labels import LABELS, NO_FINDING, TABLE_FIELDS, table_labels
 from shards.metadata import read_image_inventory, read_image_list, read_metadata
-from shards.stats import SPLITS, format_prevalence, label_spread, prevalence_table
+from shards.records import SPLITS
+from shards.stats import format_prevalence, label_spread, prevalence_table
 
 DEFAULT_FRACTIONS = {"stratified": (0.9, 0.05, 0.05), "random": (0.7, 0.1, 0.2)}
 TABLE_COLUMNS = ("image", "patient", "split", *LABELS, "age", "sex", "view")  # an NIH table; a generic one has its own labels
@@ -208,28 +209,6 @@ def write_splits(table: pd.DataFrame, path: Path) -> None:
             table.to_csv(fh, index=False, lineterminator="\n")
     else:
         raise CxrError(f"{path}: unknown table format — name it .parquet or .csv")
-
-
-def read_splits(path: str | Path) -> pd.DataFrame:
-    """Read a splits table (.parquet or .csv) with its contract dtypes; CxrError if malformed."""
-    path = Path(path)
-    if not path.is_file():
-        raise CxrError(f"{path}: splits table not found — write it with `python -m shards split`")
-    try:
-        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(
-            path, dtype={"image": str, "split": str, "sex": str, "view": str})
-    except Exception as err:  # pyarrow/pandas raise many types for a corrupt file
-        raise CxrError(f"{path}: unreadable splits table ({err}) — re-run `python -m shards split`") from err
-    names = table_labels(table.columns)
-    missing = [c for c in TABLE_FIELDS if c not in table.columns] + ([] if names else ["a label column"])
-    missing += missing_nih_labels(table.columns)
-    if missing:
-        raise CxrError(f"{path}: missing column(s) {missing} — re-run `python -m shards split`")
-    labels = table[names]
-    if labels.isna().any().any() or not labels.isin([0, 1]).all().all():
-        raise CxrError(f"{path}: label columns must be 0/1 — re-run `python -m shards split`")
-    table[names] = labels.astype(np.uint8)
-    return table
 
 
 def _load(args) -> tuple[pd.DataFrame, bool]:

@@ -9,8 +9,7 @@ import pandas as pd
 
 from shards.errors import CxrError
 from shards.labels import NO_FINDING, missing_nih_labels, table_labels
-
-SPLITS = ("train", "val", "test")
+from shards.records import SPLITS, read_table
 STATS_COLUMNS = ("split", "label", "positives", "images", "prevalence_pct")
 
 
@@ -109,8 +108,6 @@ def format_prevalence(table: pd.DataFrame, fmt: str = "table") -> str:
 
 def run(args) -> int:
     """CLI: print the prevalence table of `args.splits` in `args.format`."""
-    from shards.splits import read_splits  # splits imports this module
-
-    table = prevalence_table(read_splits(Path(args.splits)))
+    table = prevalence_table(read_table(Path(args.splits)))
     print(format_prevalence(table, args.format))
     return 0

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cxr.config import (SECTIONS, Config, config_diff, config_hash, config_to_dict, describe_config, load_config,
-                        save_config)
+from cxr.config import (SECTIONS, Config, config_diff, config_hash, config_to_dict, describe_config, config_yaml,
+                        load_config, save_config)
 from cxr.data import DataConfig
 from cxr.models import REGISTRY, build_model
 from shards.errors import CxrError
@@ -77,6 +77,33 @@ def test_model_section_is_exactly_build_model_kwargs():
 
 def test_data_section_is_exactly_dataconfig_fields():
     assert list(config_to_dict(Config())["data"]) == [f.name for f in dataclasses.fields(DataConfig)]
+
+
+# Config hashes that cxr 7ce5b70 (the last version with data.shuffle_buffer) wrote for these configs.
+HASHES_BEFORE_SHUFFLE_BUFFER_WENT = {None: "21148f45b4db5a7b", "cxr/configs/tiny.yaml": "304accd7b39a792c",
+                                     "cxr/configs/densenet121.yaml": "59ec097aaf6fed90"}
+
+
+@pytest.mark.parametrize("path", list(HASHES_BEFORE_SHUFFLE_BUFFER_WENT))
+def test_removing_shuffle_buffer_keeps_every_run_hash(path):
+    """data.shuffle_buffer never had an effect and is gone from DataConfig; the hash of a run
+    written before (which resume compares) must not change."""
+    assert "shuffle_buffer" not in [f.name for f in dataclasses.fields(DataConfig)]
+    assert config_hash(load_config(path)) == HASHES_BEFORE_SHUFFLE_BUFFER_WENT[path]
+
+
+def test_an_old_run_config_yaml_with_shuffle_buffer_still_loads(tmp_path):
+    """A run dir's config.yaml written before the key went (here: tiny.yaml as that version wrote
+    it) loads, keeps its hash, and the key is not written back."""
+    old = load_config("cxr/configs/tiny.yaml")
+    text = (config_yaml(old).replace("seed: 0, strict:", "seed: 0, shuffle_buffer: 1000, strict:")
+            .replace("source_workers: 0, ", ""))  # a key that version did not have yet
+    assert "shuffle_buffer: 1000" in text and "source_workers" not in text
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    cfg = load_config(path)
+    assert cfg == old and config_hash(cfg) == HASHES_BEFORE_SHUFFLE_BUFFER_WENT["cxr/configs/tiny.yaml"]
+    assert "shuffle_buffer" not in config_yaml(cfg)
 
 
 def test_saved_config_round_trips(tmp_path):
@@ -170,3 +197,17 @@ def test_cli_in_process_errors_and_print_config(capsys):
     assert main(["--print-config", "optim.lr=0.25"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["optim"]["lr"] == 0.25 and set(printed) == set(SECTIONS)
+
+
+@pytest.mark.parametrize("text, key", [
+    ("optim:\n  lr: fast\n", "optim.lr"),            # a type error of _coerce
+    ("data:\n  backend: tfrecord\n", "data.backend"),  # a section's own __post_init__ check
+    ("train:\n  epoch: 3\n", "train.epoch"),           # an unknown key
+])
+def test_bad_value_in_a_yaml_file_names_the_file(tmp_path, text, key):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(CxrError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: ") and key in msg and "\n" not in msg

@@ -260,14 +260,15 @@ class _Payload:
 
 
 def test_pickled_code_checkpoint_is_refused_not_executed(members, shards_dir, tmp_path):
+    # Only model.safetensors is ever read: a pickled model.pt beside it is not a checkpoint.
     run = copy_member(members[0], tmp_path / "evil")
     best = run / "checkpoints" / "best"
     (best / "model.safetensors").unlink()
     marker = tmp_path / "executed"
     torch.save({"conv.weight": torch.zeros(1), "payload": _Payload(marker)}, best / "model.pt")
-    with pytest.raises(CxrError, match="not weights-only") as err:
+    with pytest.raises(CxrError, match="no best checkpoint") as err:
         evaluate_main(run_args([run], shards_dir, tmp_path / "out"))
-    assert str(best / "model.pt") in str(err.value) and str(run) in str(err.value)
+    assert str(best / "model.safetensors") in str(err.value) and str(run) in str(err.value)
     assert not marker.exists()
     # The file really carries code: a full unpickle would have run it.
     torch.load(best / "model.pt", weights_only=False)
@@ -372,7 +373,7 @@ def test_empty_split_says_no_samples_and_how_to_go_on(members, shards_dir, tmp_p
     shards = tmp_path / "sh_noval"
     shutil.copytree(shards_dir, shards)
     manifest = json.loads((shards / "manifest.json").read_text())
-    manifest["splits"]["val"]["samples"] = 0
+    manifest["splits"]["val"].update(samples=0, shards=0)  # consistent with the shard list (validated)
     manifest["shards"] = [s for s in manifest["shards"] if s.get("split") != "val"]
     (shards / "manifest.json").write_text(json.dumps(manifest))
     out = tmp_path / "out"
@@ -462,7 +463,7 @@ def test_gpu_decoding_member_is_evaluated_on_cpu(members, shards_dir, tmp_path, 
 
 
 def test_coverage_check_catches_missing_and_tolerates_duplicates(shards_dir):
-    from cxr.evaluate import check_coverage
+    from cxr.inference import check_coverage
     from cxr.report import ScoreSet
 
     table = pd.read_parquet(json.loads((shards_dir / "manifest.json").read_text())["splits_file"])

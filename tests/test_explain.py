@@ -237,7 +237,7 @@ def _test_keys(root: Path) -> list[str]:
 def _by_hand_probability(run: Path, image: Path, label: str) -> float:
     """PIL decode → bilinear 64 px → (x/255 − mean)/std → the run's model: independent of the loader."""
     from cxr.data import DataConfig
-    from cxr.evaluate import build_member_model, read_member
+    from cxr.inference import build_member_model, read_member
 
     model = build_member_model(read_member(run, "m"), torch.device("cpu"))
     cfg = DataConfig()

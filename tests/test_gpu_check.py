@@ -70,16 +70,21 @@ def test_cpu_smoke_every_row_finite_without_dali_or_deepspeed(tmp_path):
     assert all(float(r["value"]) > 0 for r in rows)
 
 
-def test_max_batch_search_stops_within_6_percent_of_the_oom_edge(tmp_path, monkeypatch):
-    """The search against a fake loop that runs out of memory above 37 (both ways torch reports it)."""
+def _load_gpu_check(monkeypatch):
     import importlib.util
-
-    import torch
 
     spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
     gpu_check = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "gpu_check", gpu_check)  # dataclasses look their module up there
     spec.loader.exec_module(gpu_check)
+    return gpu_check
+
+
+def test_max_batch_search_stops_within_6_percent_of_the_oom_edge(tmp_path, monkeypatch):
+    """The search against a fake loop that runs out of memory above 37 (both ways torch reports it)."""
+    import torch
+
+    gpu_check = _load_gpu_check(monkeypatch)
     tried = []
 
     def fake_train(cfg, loader_fn):
@@ -98,3 +103,39 @@ def test_max_batch_search_stops_within_6_percent_of_the_oom_edge(tmp_path, monke
     monkeypatch.setattr(gpu_check, "run_train", lambda cfg, fn: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
     with pytest.raises(RuntimeError, match="shape mismatch"):
         gpu_check.fits(plan, tmp_path, "cnn", 32, 4)
+
+
+def test_device_memory_views_combine_torch_and_driver_numbers(monkeypatch):
+    """Fake CUDA numbers (bytes) → the row's four views and the 24 GB verdict, checked by hand."""
+    import torch
+
+    gpu_check = _load_gpu_check(monkeypatch)
+    mib = 2**20
+    # driver: 80 GiB card with 30 000 MiB free after the row → 51 920 MiB used
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (30_000 * mib, 81_920 * mib))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 15_000 * mib)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: 16_500 * mib)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda: 1_200 * mib)  # cache left after the row
+    row = gpu_check.Row("checkpoint", "densenet121", 1024, 16, "on")
+    gpu_check.record_memory(row, "cuda", before=600.0)
+    assert (row.peak_mib, row.reserved_mib, row.driver_before_mib, row.driver_after_mib) == (15_000, 16_500, 600, 51_920)
+    # non-torch after the row = 51 920 − 1 200 = 50 720 MiB; device peak = 16 500 + 50 720 = 67 220 MiB
+    assert row.device_est_mib == 67_220
+    assert gpu_check.device_estimate(16_500, 51_920, 1_200) == (50_720, 67_220)
+
+    row.device_est_mib = 20_000.0  # a smaller card's row: + 2 × 1 300 MiB of DALI = 22 600 ≤ 23 028
+    total, note = gpu_check.device_budget(row, 1_300.0)
+    assert total == 22_600 and " fits 23028 MiB" in note and "2 × 1300" in note
+    total, note = gpu_check.device_budget(row, 1_600.0)  # 20 000 + 3 200 = 23 200 > 23 028
+    assert total == 23_200 and "does NOT fit" in note
+    total, note = gpu_check.device_budget(row, None)  # DALI not installed: said, not silently zero
+    assert total == 20_000 and "DALI not measured" in note
+    assert math.isnan(gpu_check.device_budget(None, 1.0)[0])
+
+
+def test_cpu_rows_have_no_driver_view(monkeypatch):
+    gpu_check = _load_gpu_check(monkeypatch)
+    row = gpu_check.Row("throughput")
+    gpu_check.record_memory(row, "cpu", before=gpu_check.driver_used_mib("cpu"))
+    assert row.peak_mib > 0 and all(math.isnan(v) for v in (row.reserved_mib, row.driver_before_mib,
+                                                             row.driver_after_mib, row.device_est_mib))

@@ -590,3 +590,85 @@ def test_index_wrong_in_the_middle_is_named_not_reported_as_corrupt(synth, tmp_p
     batch = next(b for b in (6, 5, 4, 3, 2, 1) if n % b == 0)
     with pytest.raises(CxrError, match=rf"{idx}: index does not match .*delete the .idx"):
         _collect(build_loader(_cfg(shards, backend, batch_size=batch), "train"))
+
+
+def test_format_1_png_check_catches_every_flipped_or_missing_byte():
+    """The loaders' pre-decode PNG check (format /1) is pack's check_png: a PNG written by PIL
+    passes; flipping any one byte (CRC-32 detects every burst of ≤ 32 bits in a chunk's type and
+    data; a damaged length or CRC field cannot match either) or cutting the file short fails."""
+    from cxr.data.shard_index import image_problem
+
+    buf = io.BytesIO()
+    PILImage.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8), mode="L").save(buf, format="PNG")
+    png = buf.getvalue()
+    assert image_problem(png, "png") is None
+    for pos in range(len(png)):
+        flipped = bytearray(png)
+        flipped[pos] ^= 0xFF
+        assert image_problem(bytes(flipped), "png") is not None, pos
+    for end in range(len(png)):
+        assert image_problem(png[:end], "png") is not None, end
+
+
+def test_index_read_and_tar_scan_agree_with_tarfile(synth):
+    """Both ways the loaders learn member offsets — the .idx pack wrote and the header scan
+    used without one — equal what the standard library's tarfile reports for every shard."""
+    from shards.dali_index import read_index, scan_tar
+
+    tars = sorted(synth["dir"].glob("*.tar")) + sorted(synth["dir"].glob("res*/*.tar"))
+    assert tars
+    for tar in tars:
+        expected: list[tuple[str, dict]] = []
+        with tarfile.open(tar) as archive:
+            for m in archive.getmembers():
+                key, ext = m.name.split(".", 1)
+                if not expected or expected[-1][0] != key:
+                    expected.append((key, {}))
+                expected[-1][1][ext] = (m.offset_data, m.size)
+        assert read_index(tar.with_suffix(".idx")) == expected, tar
+        assert scan_tar(tar) == expected, tar
+
+# ----- DALI parallel external source (data.source_workers) -----
+
+def _assert_same_batches(serial: list[dict], parallel: list[dict]) -> None:
+    assert [b["key"] for b in parallel] == [b["key"] for b in serial]
+    for a, b in zip(serial, parallel):
+        for field in ("image", "labels", "meta"):
+            np.testing.assert_array_equal(a[field], b[field])
+
+
+@pytest.mark.parametrize("case", ["train-augment-rank1-resume", "eval-partial-last", "resize-masters-augment"])
+def test_dali_parallel_source_yields_the_serial_batches(synth, case):
+    """The serial source (source_workers=0) is the reference: same keys, order, labels, meta and pixels."""
+    train = case != "eval-partial-last"
+    kw = dict(batch_size=4, augment=True, resolution=48 if case.startswith("resize") else 64)
+    where = dict(rank=1, world_size=2, epoch=3, skip_batches=1) if case.startswith("train") else {}
+    split = "train" if train else "val"
+    serial = _collect(build_loader(_cfg(synth["dir"], "dali", **kw), split, train=train, **where))
+    workers = 2 if train else 1
+    parallel = _collect(build_loader(_cfg(synth["dir"], "dali", source_workers=workers, **kw), split, train=train,
+                                     **where))
+    assert serial and len({len(b["key"]) for b in serial}) == (1 if train else 2)  # eval: a shorter last batch
+    _assert_same_batches(serial, parallel)
+
+
+@pytest.mark.parametrize("fix_crc", [False, True], ids=["crc-fails", "decode-fails"])
+def test_dali_parallel_source_skips_and_raises_like_serial(synth, tmp_path, fix_crc):
+    shard, key = _corrupt_copy(synth["dir"], tmp_path / "s", "train", fix_crc)
+    n = int((synth["table"]["split"] == "train").sum())
+    batch = next(b for b in (6, 5, 4, 3, 2, 1) if n % b == 0)  # keeps every sample in the plan
+    runs = {}
+    for workers in (0, 2):
+        loader = build_loader(_cfg(tmp_path / "s", "dali", batch_size=batch, source_workers=workers), "train")
+        runs[workers] = (_collect(loader), loader.report())
+    assert runs[2][1] == runs[0][1] == {"samples": n - 1, "skipped": 1, "skipped_keys": [key]}
+    _assert_same_batches(runs[0][0], runs[2][0])
+    with pytest.raises(CxrError, match=rf"{shard}.*{key}"):
+        _collect(build_loader(_cfg(tmp_path / "s", "dali", batch_size=4, source_workers=1), "train", train=False))
+
+
+def test_dali_parallel_source_batch_of_only_corrupt_samples_stops(synth, tmp_path):
+    shard, key = _corrupt_copy(synth["dir"], tmp_path / "s", "train", fix_crc=False)
+    for workers in (0, 1):
+        with pytest.raises(CxrError, match=rf"{shard}: every sample of a batch is corrupt \(\['{key}'\]\)"):
+            _collect(build_loader(_cfg(tmp_path / "s", "dali", batch_size=1, source_workers=workers), "train"))

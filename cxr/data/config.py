@@ -1,7 +1,7 @@
 """DataConfig: everything that decides which pixels a model sees, in one dataclass."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from shards.errors import CxrError
 
@@ -33,6 +33,16 @@ class DataConfig:
     num_threads: int = 2
     """DALI CPU threads, or DataLoader worker processes for wds (0 = main process)."""
 
+    source_workers: int = 0
+    """DALI back end: processes that read, check and (when resizing) decode samples for the
+    pipeline. 0 (default): the external source runs in the training process (on 2 cores the
+    parallel source gained ≤ 1.2× in steady state and lost over a whole epoch: bench/RESULTS.md,
+    "DALI parallel external source"). N ≥ 1: DALI's parallel
+    external source with N spawned workers — same batches, same order, same skips; the
+    pipeline (and its workers) is then built per epoch instead of once per run. Worth it only
+    when masters are resized on the fly (the source then PIL-decodes every image) on a node
+    with cores to spare; pack derived shards (`pack --resize`) first."""
+
     device: str = "cpu"
     """cpu | gpu. gpu decodes with DALI device "mixed" on device_id = local rank (JPEG and
     JPEG 2000 shards decode on the GPU; lossless JPEG is meant to, untested; PNG always
@@ -46,10 +56,6 @@ class DataConfig:
     """Seed of the per-epoch shuffle and of the per-sample augmentation draws. None (default):
     follows train.seed, so one seed varies init, data order and augmentation together; the
     resolved value is what config.yaml records. Set it to keep the data fixed across seeds."""
-
-    shuffle_buffer: int = 1000
-    """Unused by design: training draws a global permutation per epoch (exact, no
-    buffer). Kept so configs that set it stay valid."""
 
     strict: bool = False
     """Training: raise CxrError on a corrupt sample instead of skipping and counting it."""
@@ -92,7 +98,7 @@ class DataConfig:
         if self.eval_batch_size is not None:
             _at_least("eval_batch_size", self.eval_batch_size, 1)
         _at_least("num_threads", self.num_threads, 0)
-        _at_least("shuffle_buffer", self.shuffle_buffer, 0)
+        _at_least("source_workers", self.source_workers, 0)
         if not 0.0 <= self.hflip_p <= 1.0:
             raise CxrError(f"data.hflip_p={self.hflip_p}: must be in [0, 1] — set a probability")
         for name in ("rotate_deg", "brightness", "contrast", "translate", "scale"):
@@ -121,11 +127,6 @@ class DataConfig:
     def eval_batch(self) -> int:
         """Evaluation batch size per rank (eval_batch_size, else batch_size)."""
         return self.eval_batch_size or self.batch_size
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        """Names of all settings (for CLI/YAML overrides)."""
-        return [f.name for f in fields(cls)]
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -29,6 +29,20 @@ calls whichever epoch's feed is current, and the iterator is reset when the next
 epoch starts (a pipeline left mid-epoch — an early break, a decode failure — is
 dropped and rebuilt, never reused with stale prefetched batches).
 
+With `data.source_workers=N ≥ 1` the external source runs in DALI's parallel mode
+(`fn.external_source(parallel=True, batch_info=True)`, N spawned worker processes):
+`_ParallelSource`, a picklable callable holding this run's planned batches, reads and
+checks batch k when DALI asks for BatchInfo.iteration k, drops corrupt samples and
+returns the ids it kept as an extra output. The main process compares those ids with
+the plan and re-reads each missing sample to report it through the same `on_corrupt`
+(so skips, their messages and eval's CxrError are those of the serial source). Because
+the callable and its batch list are pickled into the workers when the pipeline starts,
+such a pipeline cannot be reset into the next epoch: it is built per run (epoch, eval
+pass or restart) and its workers shut down after it. Workers are spawned, not forked (a
+CUDA context must not be forked), so each re-imports the main script. On the 2-core
+development machine the parallel source gained ≤ 1.2× in steady state and lost over a
+whole epoch (bench/RESULTS.md, "DALI parallel external source"), hence default 0.
+
 `device="gpu"` is the only switch for GPU decoding: decoder device "mixed" and
 device_id = the LOCAL rank (LOCAL_RANK, SLURM_LOCALID, or torch's current device — never
 the global rank, which exceeds the GPU count on every node but the first). GPU decode
@@ -145,6 +159,7 @@ class _Feed:
 
     def __init__(self, owner: DaliBatches, batches: list[np.ndarray], bad: set[int], on_corrupt: OnCorrupt):
         self.o, self.batches, self.bad, self.on_corrupt = owner, iter(batches), bad, on_corrupt
+        self._planned = batches
         self.reader = SampleReader(owner.index)
         self.pending: deque[np.ndarray] = deque()  # ids of batches fed to DALI, not yet output
 
@@ -156,30 +171,22 @@ class _Feed:
             if int(i) in self.bad:
                 continue
             try:
-                # crc32 of every member (format /2); for /1 shards libpng checks PNG CRCs inside
-                # DALI's threads and a failure is located by _find_undecodable
-                image, _, _ = self.reader.read(int(i), check_image=False)
-                if self.o.check_size:
-                    _check_size(image, self.o.res, self.reader.index, int(i))
-                if self.o.resize:  # masters resized on the fly: pixels, with pack's filter
-                    pixels = _decode_resize(image, self.o.res, self.reader.index, int(i))
+                data.append(_prepare(self.o, self.reader, int(i)))
             except CorruptSample as corrupt:
                 self.bad.add(int(i))  # a restart must not report it twice
                 self.on_corrupt(corrupt)
                 continue
             keep.append(int(i))
-            data.append(pixels if self.o.resize else np.frombuffer(image, np.uint8))
         if not data:
-            index = self.o.index
-            raise all_corrupt_error([index.shard_paths[index.shard[i]] for i in ids], [index.keys[i] for i in ids])
+            raise _all_corrupt(self.o.index, ids)
         ids = np.asarray(keep, np.int64)
         self.pending.append(ids)
-        if not self.o.augment:
-            return (data,)
-        params = draw_params([self.o.index.keys[i] for i in ids], self.o.cfg, self.o.epoch, self.o.res)
-        return data, list(params.matrix), list(params.brightness[:, None]), list(params.contrast[:, None])
+        return _outputs(self.o, ids, data)
 
     def run(self) -> Iterator[tuple[object, np.ndarray]]:
+        if self.o.cfg.source_workers:
+            yield from self._run_parallel()
+            return
         built = _built_pipeline(self.o)
         built.feed = self  # before reset(): resetting prefetches from the source at once
         if built.exhausted:
@@ -201,18 +208,149 @@ class _Feed:
                 del _BUILT[self.o.key]                # batches must never reach the next epoch
 
 
+    def _run_parallel(self) -> Iterator[tuple[object, np.ndarray]]:
+        """Batches from a pipeline whose source runs in DALI's worker processes (built for this run only)."""
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        planned = [np.asarray([int(i) for i in b if int(i) not in self.bad], np.int64) for b in self._planned]
+        self.pending.extend(planned)  # the next output is always pending[0] (a decode failure names it)
+        pipe = _pipeline(self.o, _ParallelSource(self.o, planned))
+        pin = self.o.cfg.pinned and self.o.cfg.device == "cpu"
+        try:
+            it = DALIGenericIterator(pipe, ["image", "id"], auto_reset=False, prepare_first_batch=False)
+            for out in _worker_errors(it, self):
+                kept = out[0]["id"].numpy().reshape(-1).astype(np.int64)
+                for i in np.setdiff1d(self.pending[0], kept):  # dropped by a worker: name it here
+                    self.bad.add(int(i))
+                    self.on_corrupt(_corruption(self.o, self.reader, int(i)))
+                self.pending.popleft()
+                image = out[0]["image"]
+                yield (image.pin_memory() if pin else image), kept
+        finally:
+            pool = getattr(pipe, "_py_pool", None)  # DALI closes it at garbage collection; stop the workers now
+            if pool is not None:
+                pool.close()
+
+
+class _ParallelSource:
+    """Batch callback for DALI's parallel external source: pickled into each worker process.
+
+    Holds this run's planned batches (ids already reported corrupt removed); batch k is
+    read, checked and prepared exactly as the serial source does, minus its corrupt
+    samples, which the main process re-reads to report (a worker cannot call on_corrupt).
+    """
+
+    def __init__(self, owner: DaliBatches, batches: list[np.ndarray]):
+        self.o, self.batches, self.reader = owner, batches, None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "reader": None}  # file descriptors do not travel
+
+    def __call__(self, info):
+        if info.iteration >= len(self.batches):
+            raise StopIteration
+        if self.reader is None:
+            self.reader = SampleReader(self.o.index)
+        ids, keep, data = self.batches[info.iteration], [], []
+        for i in ids:
+            try:
+                data.append(_prepare(self.o, self.reader, int(i)))
+            except CorruptSample:
+                continue
+            keep.append(int(i))
+        if not data:
+            raise _all_corrupt(self.o.index, ids)
+        keep = np.asarray(keep, np.int64)
+        return (*_outputs(self.o, keep, data), list(keep[:, None]))
+
+
+def _worker_errors(it, feed: "_Feed"):
+    """Iterate `it`; a worker's failure on an all-corrupt batch becomes the serial source's skips + CxrError.
+
+    DALI re-raises a worker's exception as a plain Exception whose cause has lost its type,
+    while up to both prefetch depths of earlier batches are still to be output; those
+    pending batches are checked again here to find the one whose every sample is corrupt.
+    """
+    try:
+        yield from it
+    except Exception as err:
+        if type(err) is not Exception or err.__cause__ is None:
+            raise  # a DALI operator error (RuntimeError): iterate() locates the sample
+        ahead = 2 + max(2, feed.o.cfg.source_workers) + 1  # the pipeline's and the source's prefetch, + 1
+        for ids in list(feed.pending)[:ahead]:
+            found = []
+            for i in ids:
+                try:
+                    _prepare(feed.o, feed.reader, int(i))
+                except CorruptSample as corrupt:
+                    found.append(corrupt)
+            if found and len(found) == len(ids):
+                for corrupt in found:
+                    feed.on_corrupt(corrupt)
+                raise _all_corrupt(feed.o.index, ids) from None
+        raise
+
+
+def _prepare(o: DaliBatches, reader: SampleReader, i: int) -> np.ndarray:
+    """Sample i as the external source hands it to DALI: checked encoded bytes, or resized pixels.
+
+    Raises CorruptSample. crc32 of every member (format /2); for /1 shards libpng checks PNG
+    CRCs inside DALI's threads and a failure is located by _find_undecodable.
+    """
+    image, _, _ = reader.read(i, check_image=False)
+    if o.check_size:
+        _check_size(image, o.res, reader.index, i)
+    if o.resize:  # masters resized on the fly: pixels, with pack's filter
+        return _decode_resize(image, o.res, reader.index, i)
+    return np.frombuffer(image, np.uint8)
+
+
+def _corruption(o: DaliBatches, reader: SampleReader, i: int) -> CorruptSample:
+    """The CorruptSample a worker found for sample i, found again in this process."""
+    try:
+        _prepare(o, reader, i)
+    except CorruptSample as corrupt:
+        return corrupt
+    raise CxrError(f"{reader.index.shard_paths[reader.index.shard[i]]}: sample {reader.index.keys[i]} failed in a "
+                   "DALI source worker but reads fine here — set data.source_workers=0 and report this")
+
+
+def _outputs(o: DaliBatches, ids: np.ndarray, data: list[np.ndarray]) -> tuple:
+    """The external source's outputs for one batch: images (+ per-sample augmentation parameters)."""
+    if not o.augment:
+        return (data,)
+    params = draw_params([o.index.keys[i] for i in ids], o.cfg, o.epoch, o.res)
+    return data, list(params.matrix), list(params.brightness[:, None]), list(params.contrast[:, None])
+
+
+def _all_corrupt(index: SplitIndex, ids) -> CxrError:
+    return all_corrupt_error([index.shard_paths[index.shard[i]] for i in ids], [index.keys[i] for i in ids])
+
+
 def _pipeline(o: DaliBatches, source):
     from nvidia.dali import fn, math as dmath, pipeline_def, types
 
     cfg, res, gpu = o.cfg, o.res, o.cfg.device == "gpu"
+    workers = cfg.source_workers  # ≥ 1: `source` is a _ParallelSource, whose last output is the kept ids
+    # spawn, not fork: a training process has a CUDA context, which a forked worker must not inherit
+    parallel = dict(py_num_workers=workers, py_start_method="spawn") if workers else {}
 
     @pipeline_def(batch_size=max(cfg.batch_size, cfg.eval_batch), num_threads=max(cfg.num_threads, 1),
-                  device_id=o.device_id, seed=cfg.resolved_seed, prefetch_queue_depth=2)
+                  device_id=o.device_id, seed=cfg.resolved_seed, prefetch_queue_depth=2, **parallel)
     def pipe():
         n_out = 4 if o.augment else 1  # augmentation parameters only when augmenting
-        inputs = fn.external_source(source=source, num_outputs=n_out, batch=True,
-                                    dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.FLOAT][:n_out],
-                                    layout=["HWC" if o.resize else "", "", "", ""][:n_out])
+        dtypes = [types.UINT8, types.FLOAT, types.FLOAT, types.FLOAT][:n_out]
+        layouts = ["HWC" if o.resize else "", "", "", ""][:n_out]
+        if workers:  # batches computed ahead: at least one per worker
+            inputs = fn.external_source(source=source, num_outputs=n_out + 1, batch=True, batch_info=True,
+                                        parallel=True, prefetch_queue_depth=max(2, workers),
+                                        dtype=dtypes + [types.INT64], layout=layouts + [""])
+            image = _graph(inputs[:n_out])
+            return image, inputs[n_out]
+        inputs = fn.external_source(source=source, num_outputs=n_out, batch=True, dtype=dtypes, layout=layouts)
+        return _graph(inputs)
+
+    def _graph(inputs):
         if o.resize:
             # Decoded and resized by the source with `pack --resize`'s filter (DALI's own Lanczos
             # differs from PIL's by up to 16 grey levels on NIH images, its linear by up to 48);

@@ -6,32 +6,33 @@ their tar members (from the DALI `.idx` files, or a tar header scan when an inde
 is absent or does not match its tar); `SampleReader` reads those bytes by offset and
 checks their integrity — the per-sample crc32 of format /2, or PNG chunk CRCs and
 JPEG markers for /1 shards — so a corrupt sample is caught before any decoder sees it.
+
+The formats themselves are read through their owners: manifest.json through
+``shards.manifest``, the .idx files through ``shards.dali_index``, PNG checks through
+``shards.image_codec``.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import struct
-import tarfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from shards.dali_index import Sample, header_mismatch, index_mismatch, read_index, scan_tar
 from shards.errors import CxrError
+from shards.image_codec import CODEC_EXT, ljpeg_problem, png_problem
 from shards.labels import META_FIELDS, NUM_LABELS
-from shards.manifest import has_checksums
+from shards.manifest import MANIFEST_NAME, has_checksums, load_manifest
 from shards.records import CRC_FIELD, checksum_problem
 
 log = logging.getLogger("cxr.data")
 
-FORMATS = ("cxr-shards/1", "cxr-shards/2")  # /2: per-sample crc32 in each .json
-IMAGE_EXT = {"png": "png", "jpeg": "jpg", "jpg": "jpg", "j2k": "jp2", "jp2": "jp2", "ljpeg": "ljpeg"}
+# codec → image member extension (pack's CODEC_EXT), plus the extensions as aliases of their codec
+IMAGE_EXT = {**CODEC_EXT, "jpg": "jpg", "jp2": "jp2"}
 META_BYTES = 4 * len(META_FIELDS)
-ID_BYTES = 32
-_PNG_SIG = b"\x89PNG\r\n\x1a\n"
 
 
 def load_shards_manifest(shards_dir: str | os.PathLike, resolution: int) -> tuple[Path, dict]:
@@ -40,15 +41,15 @@ def load_shards_manifest(shards_dir: str | os.PathLike, resolution: int) -> tupl
     Returns (folder used, its parsed manifest.json). Logs which one was chosen.
     """
     root = Path(shards_dir)
-    derived = root / f"res{resolution}" / "manifest.json"
+    derived = root / f"res{resolution}" / MANIFEST_NAME
     if derived.is_file():
         log.info("shards: using derived %dpx shards %s (no resize of masters)", resolution, derived.parent)
-        return derived.parent, _read_manifest(derived)
-    path = root / "manifest.json"
+        return derived.parent, load_manifest(derived)
+    path = root / MANIFEST_NAME
     if not path.is_file():
         raise CxrError(f"{path}: shards manifest not found — pack shards first "
                        f"(python -m shards pack --splits … --images … --out {root})")
-    manifest = _read_manifest(path)
+    manifest = load_manifest(path)
     native = manifest.get("resolution")
     if native != resolution:
         log.info("shards: no %s; resizing %s shards from %s to %dpx", derived.parent.name,
@@ -62,35 +63,22 @@ def image_source(shards_dir: str | os.PathLike, resolution: int) -> dict:
     from shards.image_codec import RESIZE_FILTER
 
     root = Path(shards_dir)
-    if (root / f"res{resolution}" / "manifest.json").is_file():
+    if (root / f"res{resolution}" / MANIFEST_NAME).is_file():
         return {"source": f"derived {root / f'res{resolution}'}", "resize_filter": f"{RESIZE_FILTER}, at pack time"}
     try:
-        native = json.loads((root / "manifest.json").read_text()).get("resolution")
-    except (OSError, ValueError):
-        return {"source": f"unknown (no readable {root / 'manifest.json'})", "resize_filter": None}
+        native = load_manifest(root).get("resolution")
+    except CxrError:
+        return {"source": f"unknown (no readable {root / MANIFEST_NAME})", "resize_filter": None}
     if native == resolution:
         return {"source": f"masters {root} at their native {resolution} px", "resize_filter": None}
     return {"source": f"masters {root} resized on the fly to {resolution} px", "resize_filter": RESIZE_FILTER}
 
 
-def _read_manifest(path: Path) -> dict:
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise CxrError(f"{path}: unreadable manifest ({err}) — re-run python -m shards pack") from err
-    if manifest.get("format") not in FORMATS:
-        raise CxrError(f"{path}: format {manifest.get('format')!r} is not one of {FORMATS} — re-pack with this version")
-    for field in ("shards", "codec", "splits"):
-        if field not in manifest:
-            raise CxrError(f"{path}: manifest lacks {field!r} — re-run python -m shards pack")
-    return manifest
-
-
 def meta_stats(shards_dir: Path, manifest: dict) -> tuple[float, float]:
     """Train-split age mean/std (years) for z-scoring; derived shards fall back to the masters'."""
     stats = manifest.get("meta_stats") or {}
-    if "age_mean" not in stats and (shards_dir.parent / "manifest.json").is_file():
-        stats = _read_manifest(shards_dir.parent / "manifest.json").get("meta_stats") or {}
+    if "age_mean" not in stats and (shards_dir.parent / MANIFEST_NAME).is_file():
+        stats = load_manifest(shards_dir.parent).get("meta_stats") or {}
     if "age_mean" in stats and stats["age_mean"] is None:
         return 0.0, 1.0  # no known age in the train split (a generic table): every age z-scores to 0
     if "age_mean" not in stats or not stats.get("age_std"):
@@ -146,14 +134,14 @@ class SplitIndex:
                    len(manifest.get("labels") or ()) or NUM_LABELS, has_checksums(manifest))
 
 
-def _index_shard(tar: Path, idx: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+def _index_shard(tar: Path, idx: Path) -> list[Sample]:
     """[(key, {ext: (offset, size)})] in tar order, from the DALI index or a header scan.
 
     An index that does not match its tar (stale, edited, another shard's) is replaced
     by the scan, with a warning naming it: only the index is wrong, not the samples.
     """
     if idx.is_file():
-        samples = _parse_idx(idx)
+        samples = read_index(idx)
         problem = index_mismatch(tar, samples)
         if problem is None:
             return samples
@@ -161,83 +149,7 @@ def _index_shard(tar: Path, idx: Path) -> list[tuple[str, dict[str, tuple[int, i
                     "— delete it or re-run `python -m shards verify %s`", idx, tar.name, problem, tar.parent)
     else:
         log.warning("shards: %s has no index %s; scanning tar headers (slower start)", tar, idx.name)
-    samples: list[tuple[str, dict]] = []
-    try:
-        with tarfile.open(tar, "r:") as archive:
-            for member in archive:
-                if not member.isfile():
-                    continue
-                key, _, ext = Path(member.name).name.partition(".")
-                if not samples or samples[-1][0] != key:
-                    samples.append((key, {}))
-                samples[-1][1][ext] = (member.offset_data, member.size)
-    except tarfile.TarError as err:
-        raise CxrError(f"{tar}: not a readable tar ({err}) — re-pack this shard") from err
-    return samples
-
-
-def index_mismatch(tar: Path, samples: list[tuple[str, dict[str, tuple[int, int]]]]) -> str | None:
-    """Cheap check of an index against its tar: every member of the first and last sample must
-    sit right after a tar header with its name and size, and the last one be followed by the
-    end-of-archive blocks. None when it matches, else what differs.
-
-    Two samples' headers (a few preads per shard) catch an index shifted, truncated or
-    belonging to another shard; a damaged middle is caught when that sample is read.
-    Members past the end of a truncated tar are not index faults: reading them reports
-    the samples as truncated.
-    """
-    if not samples:
-        return "the index lists no samples"
-    file_size = tar.stat().st_size
-    with open(tar, "rb") as fh:
-        fd = fh.fileno()
-        for key, members in {0: samples[0], len(samples) - 1: samples[-1]}.values():
-            for ext, (offset, size) in members.items():
-                problem = header_mismatch(fd, f"{key}.{ext}", offset, size)
-                if problem:
-                    return problem
-        end = max(o + -(-s // 512) * 512 for o, s in samples[-1][1].values())
-        if end + 1024 <= file_size and os.pread(fd, 1024, end) != bytes(1024):
-            return f"more data after the last indexed sample (offset {end})"
-    return None
-
-
-def header_mismatch(fd: int, name: str, offset: int, size: int) -> str | None:
-    """What is wrong when the 512 bytes before ``offset`` are not the tar header of ``name``
-    with ``size``; None when they are, or when the file ends before them (truncated tar)."""
-    header = os.pread(fd, 512, offset - 512) if offset >= 512 else b"x"
-    if len(header) < 512 and offset >= 512:
-        return None  # the tar is truncated: its samples are reported as such when read
-    try:
-        stored = int(header[148:156].strip(b"\0 ") or b"-1", 8)
-        found_size = int(header[124:136].strip(b"\0 ") or b"-1", 8)
-    except ValueError:
-        stored = found_size = -1
-    if stored != sum(header[:148]) + 8 * 32 + sum(header[156:]):  # the header checksum (chksum field as spaces)
-        return f"{name} at offset {offset}: no tar header before it (data instead)"
-    found = Path(header[:100].rstrip(b"\0").decode("latin-1")).name
-    if found != name or found_size != size:
-        return f"{name} ({size} B) at offset {offset}: the tar has {found!r} ({found_size} B) there"
-    return None
-
-
-def _parse_idx(idx: Path) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    lines = idx.read_text().splitlines()
-    head = lines[0].split() if lines else []
-    if len(head) != 2 or not head[0].startswith("v1."):
-        raise CxrError(f"{idx}: not a DALI webdataset index — delete it (it is rebuilt by a scan) or re-pack")
-    samples = []
-    for line in lines[1:]:
-        tok = line.split()
-        if not tok:
-            continue
-        if len(tok) % 4:
-            raise CxrError(f"{idx}: expected 'ext offset size name' groups (index v1.2) — delete the .idx or re-pack")
-        members = {tok[j]: (int(tok[j + 1]), int(tok[j + 2])) for j in range(0, len(tok), 4)}
-        samples.append((Path(tok[3]).name.partition(".")[0], members))
-    if len(samples) != int(head[1]):
-        raise CxrError(f"{idx}: header says {head[1]} samples, found {len(samples)} — re-pack this shard")
-    return samples
+    return scan_tar(tar)
 
 
 class CorruptSample(Exception):
@@ -369,10 +281,8 @@ def image_problem(data: bytes, codec: str) -> str | None:
     decoder catches the rest when it can).
     """
     if codec == "png":
-        return _png_problem(data)
+        return png_problem(data)
     if codec == "ljpeg":
-        from shards.image_codec import ljpeg_problem
-
         return ljpeg_problem(data)
     if codec in ("jpeg", "jpg"):
         ok = data[:2] == b"\xff\xd8" and data.rstrip(b"\0")[-2:] == b"\xff\xd9"
@@ -380,21 +290,3 @@ def image_problem(data: bytes, codec: str) -> str | None:
     ok = (data[:4] == b"\x00\x00\x00\x0c" or data[:2] == b"\xff\x4f") and data[-2:] == b"\xff\xd9"
     return None if ok else "JPEG 2000 signature or end-of-codestream missing"
 
-
-def _png_problem(data: bytes) -> str | None:
-    if data[:8] != _PNG_SIG:
-        return "PNG signature missing"
-    pos, n, view = 8, len(data), memoryview(data)
-    while pos + 12 <= n:
-        (length,) = struct.unpack_from(">I", data, pos)
-        end = pos + 8 + length
-        if end + 4 > n:
-            return "PNG chunk runs past the end (truncated)"
-        ctype = data[pos + 4:pos + 8]
-        (crc,) = struct.unpack_from(">I", data, end)
-        if zlib.crc32(view[pos + 4:end]) != crc:
-            return f"PNG {ctype.decode('latin-1')} chunk CRC mismatch"
-        if ctype == b"IEND":
-            return None
-        pos = end + 4
-    return "PNG IEND missing (truncated)"

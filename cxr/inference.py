@@ -1,0 +1,430 @@
+"""Inference of trained members: read a run dir, rebuild its model, score a split, ensemble.
+
+What ``python -m cxr.evaluate`` (and cxr.ablation, cxr.explain, cxr.embed, cxr.export,
+cxr.ood) use to turn training run dirs into scores; the analysis and the report are
+cxr.report's, the prediction tables cxr.predictions'.
+
+A member is rebuilt from its run's ``config.yaml`` (``model:`` → ``build_model``) and loads
+``checkpoints/best/model.safetensors`` through cxr.checkpoint (tensors only, no pickled
+code); it runs in eval mode under ``torch.inference_mode``. The split is read once per
+distinct resolution and every member of that resolution scores each batch; under a
+launcher each rank infers a disjoint part of the split and rank 0 gathers the scores,
+joins the resolution groups by key and checks that every image of the split (per the
+shards manifest, read by shards.manifest) was scored exactly once.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from cxr.report import ENSEMBLE, ScoreSet
+from shards.errors import CxrError
+from shards.labels import LABELS
+from shards.manifest import load_manifest, manifest_path
+
+# ---------------------------------------------------------------- members ----
+
+@dataclass
+class Member:
+    """One trained run to evaluate: its identity, saved config and (once loaded) model."""
+
+    name: str
+    run_dir: Path
+    config: dict[str, Any]
+    meta: dict[str, Any]
+    labels: list[str]
+    resolution: int | None
+    checkpoint: Path
+    model: Any = None
+    mean: Any = None
+    std: Any = None
+    uses_meta: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def read_run_config(path: Path) -> dict[str, Any]:
+    """A run dir's config.yaml as a dict; CxrError when absent, unreadable or without ``model:``."""
+    import yaml
+
+    if not path.is_file():
+        raise CxrError(f"{path}: run config not found — is {path.parent} a training run dir "
+                       "(docs/run-dir.md)?")
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise CxrError(f"{path}: unreadable YAML ({err}) — restore the run's config.yaml") from err
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise CxrError(f"{path}: no `model:` section — the evaluator rebuilds the model from it; "
+                       "restore the run's resolved config.yaml")
+    return config
+
+
+def read_member(run_dir: str | Path, name: str) -> Member:
+    """Read a run dir's config, best-checkpoint meta and label set/resolution (no weights yet)."""
+    from cxr.checkpoint import best_weights, read_meta
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CxrError(f"{run_dir}: run dir not found — pass training run dirs to --runs")
+    config = read_run_config(run_dir / "config.yaml")
+    checkpoint = best_weights(run_dir)
+    meta = read_meta(checkpoint.parent)
+    model_cfg = config["model"]
+    labels = meta.get("labels") or config.get("data", {}).get("labels")
+    if labels is None:
+        num = int(model_cfg.get("num_labels", len(LABELS)))
+        labels = list(LABELS) if num == len(LABELS) else [f"label_{i}" for i in range(num)]
+    resolution = meta.get("resolution") or config.get("data", {}).get("resolution")
+    data_cfg = config.get("data", {})
+    return Member(
+        name=name, run_dir=run_dir, config=config, meta=meta, labels=list(labels),
+        resolution=int(resolution) if resolution else None, checkpoint=checkpoint,
+        mean=data_cfg.get("mean"), std=data_cfg.get("std"),
+        uses_meta=str(model_cfg.get("metadata", "none")) != "none",
+    )
+
+
+def member_names(run_dirs: Sequence[str | Path]) -> list[str]:
+    """Unique, readable member names: the run dir's name, suffixed when two collide."""
+    names: list[str] = []
+    for run_dir in run_dirs:
+        base = Path(run_dir).resolve().name or "run"
+        base = f"{base}_member" if base == ENSEMBLE else base
+        name, n = base, 2
+        while name in names:
+            name, n = f"{base}_{n}", n + 1
+        names.append(name)
+    return names
+
+
+def check_compatible(members: Sequence[Member], labels: Sequence[str],
+                     resolution: int | None) -> int | None:
+    """Refuse members whose label set differs; return the eval resolution (None: each member's own).
+
+    ``labels`` is the shards' label set; ``resolution`` the user's ``--resolution`` (None:
+    the members' shared training resolution, or None when they differ).
+    """
+    for m in members:
+        if list(m.labels) != list(labels):
+            raise CxrError(
+                f"{m.run_dir}: member {m.name} was trained on {len(m.labels)} labels {m.labels[:3]}… "
+                f"but the shards have {len(labels)} labels {list(labels)[:3]}… — an ensemble needs one "
+                "label set; evaluate this run on shards with its labels, or leave it out")
+    if resolution is not None:
+        return int(resolution)
+    first = members[0]
+    if first.resolution is None:
+        raise CxrError(f"{first.run_dir}/config.yaml: no data.resolution — pass --resolution")
+    for m in members[1:]:
+        if m.resolution is None:
+            raise CxrError(f"{m.run_dir}/config.yaml: no data.resolution — pass --resolution")
+        if m.resolution != first.resolution:
+            return None  # mixed: each member at its own training resolution (infer_runs)
+    return int(first.resolution)
+
+
+def build_member_model(member: Member, device: Any) -> Any:
+    """Rebuild a member's model from its config, load its best weights, eval mode on ``device``."""
+    from cxr.checkpoint import load_weights
+    from cxr.models import build_model
+
+    kwargs = dict(member.config["model"])
+    kwargs.pop("init_from", None)  # where training started from: not a build_model argument
+    name = kwargs.pop("name", None)
+    if name is None:
+        raise CxrError(f"{member.run_dir}/config.yaml: model.name missing — restore the run's config")
+    # Evaluation never needs the backbone's pretrained file nor activation checkpointing.
+    kwargs.update(pretrained=None, grad_checkpointing=False)
+    try:
+        model = build_model(name, **kwargs)
+    except CxrError:
+        raise
+    except (TypeError, ValueError, KeyError) as err:
+        raise CxrError(f"{member.run_dir}/config.yaml: cannot rebuild model {name!r} ({err}) — "
+                       "the config's model: section must match cxr.models.build_model") from err
+    load_weights(model, member.checkpoint.parent,
+                 fix=f"was {member.run_dir}/config.yaml edited after training? restore the one it was trained with",
+                 corrupt_fix=f"only tensors are loaded, never pickled code; retrain run {member.run_dir} "
+                 "or restore its checkpoints/best")
+    member.uses_meta = bool(getattr(model, "uses_meta", member.uses_meta))
+    return model.to(device).eval()
+
+
+def member_info(member: Member, eval_resolution: int) -> dict[str, Any]:
+    """The run-config summary of one member for members.json and the report."""
+    cfg = member.config
+    model_cfg = dict(cfg.get("model", {}))
+    loss = cfg.get("loss", {})
+    optim = cfg.get("optim", {})
+    return {
+        "name": member.name,
+        "run_dir": str(member.run_dir),
+        "checkpoint": str(member.checkpoint),
+        "model": model_cfg.get("name"),
+        "model_options": _non_default_options(model_cfg),
+        "loss": loss.get("name", loss.get("kind")) if isinstance(loss, dict) else loss,
+        "lr": optim.get("lr") if isinstance(optim, dict) else None,
+        "seed": (cfg.get("train") or {}).get("seed") if isinstance(cfg.get("train"), dict) else None,
+        "train_resolution": member.resolution,
+        "eval_resolution": eval_resolution,
+        "best_epoch": member.meta.get("epoch"),
+        "best_val": _headline_val(member.meta.get("val")),
+    }
+
+
+def _non_default_options(model_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The model options that differ from build_model's defaults (what tells members apart)."""
+    import inspect
+
+    from cxr.models import build_model
+
+    defaults = {k: p.default for k, p in inspect.signature(build_model).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return {k: v for k, v in model_cfg.items() if k != "name" and (k not in defaults or defaults[k] != v)}
+
+
+def _headline_val(val: Any) -> Any:
+    """The best checkpoint's validation loss and mean AUROC (meta.json keeps every metric)."""
+    if not isinstance(val, dict):
+        return val
+    keep = ("val_loss", "loss", "val_mean_auroc", "mean_auroc")
+    return {k: val[k] for k in keep if k in val} or val
+
+
+# -------------------------------------------------------------- inference ----
+
+def eval_data_config(members: Sequence[Member], args: argparse.Namespace, resolution: int,
+                     on_gpu: bool = False) -> Any:
+    """The loader config: the first member's ``data:`` section, pointed at --shards, eval mode.
+
+    A member trained with GPU decoding is evaluated with CPU decoding when this job has no GPU.
+    """
+    from cxr.data import DataConfig
+
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    kwargs = {k: v for k, v in (members[0].config.get("data") or {}).items() if k in known}
+    kwargs.update(shards=str(args.shards), resolution=resolution, augment=False)
+    if args.backend:
+        kwargs["backend"] = args.backend
+    if args.batch_size:
+        kwargs["eval_batch_size"] = args.batch_size
+        kwargs.setdefault("batch_size", args.batch_size)
+    if args.num_threads:
+        kwargs["num_threads"] = args.num_threads
+    if args.loader_device:
+        kwargs["device"] = args.loader_device
+    elif kwargs.get("device") == "gpu" and not on_gpu:
+        print("note: data.device=gpu in the run config but this job runs on CPU — decoding on CPU",
+              file=sys.stderr)
+        kwargs["device"] = "cpu"
+    return DataConfig(**kwargs)
+
+
+def renormaliser(member: Member, loader_cfg: Any, device: Any):
+    """Map loader-normalised images to this member's training normalisation (identity if equal)."""
+    import torch
+
+    src_mean, src_std = getattr(loader_cfg, "mean", None), getattr(loader_cfg, "std", None)
+    mean = src_mean if member.mean is None else member.mean
+    std = src_std if member.std is None else member.std
+    if src_mean is None or (np.allclose(mean, src_mean) and np.allclose(std, src_std)):
+        return lambda x: x
+
+    def as4d(v: Any) -> Any:
+        return torch.as_tensor(v, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
+
+    a, b = as4d(src_std) / as4d(std), (as4d(src_mean) - as4d(mean)) / as4d(std)
+    return lambda x: x * a + b
+
+
+def infer_split(members: Sequence[Member], loader_cfg: Any, split: str, state: Any,
+                precision: str = "fp32") -> ScoreSet:
+    """Score this rank's share of ``split`` with every member (one read of the data)."""
+    import torch
+    from tqdm import tqdm
+
+    from cxr.data import build_loader
+    device = state.device
+    loader = build_loader(loader_cfg, split, rank=state.process_index,
+                          world_size=state.num_processes, epoch=0, train=False)
+    renorm = {m.name: renormaliser(m, loader_cfg, device) for m in members}
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    keys: list[str] = []
+    truth: list[np.ndarray] = []
+    probs: dict[str, list[np.ndarray]] = {m.name: [] for m in members}
+    try:
+        total = len(loader)
+    except TypeError:
+        total = None
+    bar = tqdm(loader, total=total, desc=f"infer {split}", unit="batch",
+               disable=not state.is_main_process, dynamic_ncols=True)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32,
+                                                enabled=dtype is not None):
+        for batch in bar:
+            image = batch["image"].to(device, non_blocking=True)
+            meta = batch["meta"].to(device, non_blocking=True) if "meta" in batch else None
+            for m in members:
+                logits = m.model(renorm[m.name](image), meta=meta if m.uses_meta else None)
+                # float64 sigmoid keeps logits up to ~37 distinguishable (mean-logit ensembles).
+                probs[m.name].append(torch.sigmoid(logits.double()).cpu().numpy())
+            keys.extend(str(k) for k in batch["key"])
+            truth.append(batch["labels"].cpu().numpy().round().astype(np.uint8))
+    n_labels = len(members[0].labels)
+    return ScoreSet(
+        keys=np.asarray(keys, dtype=object),
+        y_true=np.concatenate(truth) if truth else np.zeros((0, n_labels), np.uint8),
+        scores={k: np.concatenate(v) if v else np.zeros((0, n_labels)) for k, v in probs.items()},
+        labels=tuple(members[0].labels),
+    )
+
+
+def gather_scores(local: ScoreSet, state: Any) -> ScoreSet | None:
+    """Collect every rank's scores on rank 0 (others get None), deduplicated and sorted by key."""
+    if state.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        parts = gather_object([local])
+    else:
+        parts = [local]
+    if not state.is_main_process:
+        return None
+    merged = ScoreSet(
+        keys=np.concatenate([p.keys for p in parts]),
+        y_true=np.concatenate([p.y_true for p in parts]),
+        scores={name: np.concatenate([p.scores[name] for p in parts]) for name in local.scores},
+        labels=local.labels,
+    )
+    return merged.deduplicated()
+
+
+def join_members(parts: Sequence[ScoreSet | None], order: Sequence[str], shards: Path,
+                 split: str) -> ScoreSet | None:
+    """Join per-resolution passes (each sorted by key) into one ScoreSet, members in ``order``."""
+    if parts[0] is None:  # not rank 0
+        return None
+    first = parts[0]
+    for part in parts[1:]:
+        if not np.array_equal(part.keys, first.keys) or not np.array_equal(part.y_true, first.y_true):
+            raise CxrError(f"{shards}: split {split!r} gave different images or labels at two "
+                           "resolutions — the derived resN/ shards must hold the masters' samples; "
+                           "re-run `python -m shards pack --resize`")
+    scores = {k: v for part in parts for k, v in part.scores.items()}
+    return dataclasses.replace(first, scores={name: scores[name] for name in order},
+                               duplicates=max(p.duplicates for p in parts))
+
+
+def expected_keys(shards: Path, split: str, if_empty: str = "use --thresholds-from none"
+                  ) -> tuple[int, set[str] | None]:
+    """The number of samples of ``split`` in the manifest and, if its splits table is at hand, their keys."""
+    manifest = load_manifest(shards)
+    splits = manifest["splits"]
+    if split not in splits:
+        raise CxrError(f"{manifest_path(shards)}: no split {split!r} (has {sorted(splits)}) — choose --split "
+                       "/ --thresholds-from among those")
+    count = int(splits[split].get("samples", 0) or 0)
+    if count == 0:
+        raise CxrError(f"{manifest_path(shards)}: split {split!r} has no samples — {if_empty} "
+                       f"(splits with samples: {sorted(s for s in splits if splits[s].get('samples'))})")
+    table = manifest.get("splits_file")
+    table_path = (shards / table) if table and not Path(table).is_absolute() else Path(table or "")
+    if not table or not table_path.is_file():
+        return count, None
+    frame = pd.read_parquet(table_path) if table_path.suffix == ".parquet" else pd.read_csv(table_path)
+    if not {"image", "split"} <= set(frame.columns):
+        return count, None
+    keys = {Path(str(i)).stem for i in frame.loc[frame["split"] == split, "image"]}
+    dropped = set(manifest["missing"]) | {r.get("image") for r in manifest["rejected"]}
+    return count, {Path(str(k)).stem for k in keys - dropped}
+
+
+def check_coverage(scores: ScoreSet, shards: Path, split: str) -> None:
+    """Every image of the split scored exactly once: else raise naming what is missing/extra."""
+    count, keys = expected_keys(shards, split)
+    got = set(scores.keys.tolist())
+    if keys is not None and got != keys:
+        missing, extra = sorted(keys - got), sorted(got - keys)
+        raise CxrError(f"{shards}/manifest.json: split {split!r} has {len(keys)} images but "
+                       f"{len(got)} were scored (missing {missing[:3]}, unexpected {extra[:3]}) — "
+                       "the loader must deliver each sample once across ranks; re-pack or --debug")
+    if len(got) != count:
+        raise CxrError(f"{shards}/manifest.json: split {split!r} has {count} samples but {len(got)} "
+                       "distinct images were scored — the loader must deliver each sample once "
+                       "across ranks; check the shards with `python -m shards verify`")
+
+
+# ---------------------------------------------------------------- ensemble ---
+
+def ensemble_scores(scores: dict[str, np.ndarray], method: str = "mean-prob") -> np.ndarray:
+    """The ensemble's probabilities [N, L]: mean of member probabilities, or sigmoid of mean logits."""
+    stack = np.stack([np.asarray(s, dtype=np.float64) for s in scores.values()])
+    if method == "mean-prob":
+        return stack.mean(axis=0)
+    if method == "mean-logit":
+        from scipy.special import expit, logit
+
+        # Clip so a saturated member (p == 0 or 1 in float64) stays finite.
+        eps = 1e-15
+        return expit(logit(np.clip(stack, eps, 1 - eps)).mean(axis=0))
+    raise CxrError(f"--ensemble {method}: unknown method — use mean-prob or mean-logit")
+
+
+def with_ensemble(scores: ScoreSet, method: str) -> ScoreSet:
+    """A copy of ``scores`` with the ensemble (of all its members) added last."""
+    members = {k: v for k, v in scores.scores.items() if k != ENSEMBLE}
+    if not members:
+        return scores
+    return dataclasses.replace(scores, scores={**members, ENSEMBLE: ensemble_scores(members, method)})
+
+
+# ------------------------------------------------------------------ runs ---
+
+def shards_labels(shards: Path) -> list[str]:
+    """The label names of a shards folder (its manifest's ``labels``)."""
+    return list(load_manifest(shards)["labels"])
+
+
+def process_state(args: argparse.Namespace) -> Any:
+    """The launcher's process layout (1 process when started without a launcher)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=args.cpu or not torch.cuda.is_available())
+
+
+def infer_runs(args: argparse.Namespace, state: Any, splits: Sequence[str]
+               ) -> tuple[dict[str, ScoreSet] | None, list[dict[str, Any]]]:
+    """Load every member, infer each split once across ranks; rank 0 gets {split: ScoreSet}."""
+    shards = Path(args.shards)
+    members = [read_member(r, n) for r, n in zip(args.runs, member_names(args.runs))]
+    resolution = check_compatible(members, shards_labels(shards), args.resolution)
+    for m in members:
+        m.model = build_member_model(m, state.device)
+    groups: dict[int, list[Member]] = {}  # one pass over the split per distinct resolution
+    for m in members:
+        groups.setdefault(int(resolution or m.resolution), []).append(m)
+    loader_cfgs = {res: eval_data_config(group, args, res, on_gpu=state.device.type == "cuda")
+                   for res, group in groups.items()}
+    per_split: dict[str, ScoreSet] = {}
+    for split in splits:  # fail before any inference if a split does not exist or is empty
+        expected_keys(shards, split, "choose another --split" if split == args.split else "use --thresholds-from none")
+    for split in splits:
+        parts = [gather_scores(infer_split(group, loader_cfgs[res], split, state, args.precision), state)
+                 for res, group in groups.items()]
+        merged = join_members(parts, [m.name for m in members], shards, split)
+        if merged is not None:
+            if merged.duplicates:
+                print(f"note: split {split!r}: {merged.duplicates} duplicated keys across ranks dropped",
+                      file=sys.stderr)
+            check_coverage(merged, shards, split)
+            per_split[split] = merged
+    infos = [member_info(m, resolution or m.resolution) for m in members]
+    return (per_split if state.is_main_process else None), infos
+
+
