@@ -63,14 +63,15 @@ def _timed_alone(config: dict, steps: int, threads: int) -> float:
 
 
 def bench_speed(args: argparse.Namespace) -> None:
-    import pandas as pd
     import yaml
+
+    from cxr.run_log import read_throughput
 
     print("| run | resolution | micro-batch | sweep images/s | alone images/s | sweep / alone |")
     print("|---|---|---|---|---|---|")
     for run in map(Path, args.runs):
         config = yaml.safe_load((run / "config.yaml").read_text())
-        sweep = float(pd.read_csv(run / "throughput.csv")["train_images_per_s"].median())
+        sweep = float(read_throughput(run)["train_images_per_s"].median())
         alone = _timed_alone(config, args.steps, args.threads or int(config["train"].get("threads") or 1))
         print(f"| {run.name} | {config['data']['resolution']} | {config['data']['batch_size']} | {sweep:.1f} | "
               f"{alone:.1f} | {sweep / alone:.2f} |", flush=True)

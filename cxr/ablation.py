@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from cxr.report import MEAN, ScoreSet
+from cxr.run_log import read_throughput
 from shards.atomic import atomic_write_text
 from shards.errors import CxrError, cli_entry
 from shards.labels import LABELS
@@ -190,8 +191,7 @@ def run_costs(runs: Sequence[Run]) -> pd.DataFrame:
                "micro_batch": data.get("batch_size"), "grad_accum": train.get("grad_accum_steps", 1),
                "checkpointing": model.get("grad_checkpointing", False)}
         row["effective_batch"] = (row["micro_batch"] or 0) * (row["grad_accum"] or 1)
-        speed = r.run_dir / "throughput.csv"  # written by cxr.train, one row per epoch
-        frame = pd.read_csv(speed) if speed.is_file() else pd.DataFrame()
+        frame = read_throughput(r.run_dir)  # one row per epoch (cxr.run_log)
         for column, out in (("train_images_per_s", "images_per_s"), ("epoch_seconds", "s_per_epoch"),
                             ("peak_memory_mb", "peak_memory_mb")):
             row[out] = float(frame[column].median()) if column in frame and len(frame) else np.nan

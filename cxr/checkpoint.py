@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object  # gather_object([x]): [x of rank 0, x of rank 1, ...]
 from safetensors.torch import load_file, save_file
 
 from shards.errors import CxrError
@@ -70,15 +71,6 @@ def _as_tuple(value: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------- collectives
-def gather_objects(obj: Any) -> list:
-    """[obj of rank 0, obj of rank 1, ...] on every rank (a collective; [obj] without a process group)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return [obj]
-    out: list = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
 def _barrier(accelerator) -> None:
     accelerator.wait_for_everyone()
 
@@ -124,7 +116,7 @@ def save_checkpoint(accelerator, run_dir: str | Path, name: str, *, model, meta:
     root = Path(run_dir) / "checkpoints"
     final, tmp = root / name, root / f"{name}.tmp"
     full = state is not None
-    ranks = gather_objects({"rng": rng_state(), **(per_rank or {})}) if full else None
+    ranks = gather_object([{"rng": rng_state(), **(per_rank or {})}]) if full else None
     weights = accelerator.get_state_dict(model)  # collective under ZeRO-3; unwrapped names
     failure = None
     if accelerator.is_main_process:
@@ -179,7 +171,7 @@ def _guard_write(tmp: Path, write) -> str | None:
 
 def _raise_if_any(failure: str | None, tmp: Path) -> None:
     """Every rank raises when rank 0 could not write (the others would wait at the next collective)."""
-    failures = [f for f in gather_objects(failure) if f]
+    failures = [f for f in gather_object([failure]) if f]
     if failures:
         raise CxrError(f"{failures[0]} — free space or fix the permissions of {tmp.parent.parent} (or choose "
                        f"another checkpoint.run_dir); the previous checkpoint is intact and the same command resumes")

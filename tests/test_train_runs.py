@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 
 from cxr import checkpoint as ckpt
 from cxr.config import load_config
-from cxr.train import EXIT_REQUEUE, configure_numerics, train
+from cxr.distributed import configure_numerics
+from cxr.train import EXIT_REQUEUE, train
 from shards.errors import CxrError
 from test_train_units import MemoryLoader, _tiny
 
@@ -403,7 +404,7 @@ def test_a_run_dir_that_cannot_be_written_is_a_one_line_error(tmp_path):
 
 
 def test_a_world_size_that_cannot_continue_at_the_same_sample_is_refused_naming_both(tmp_path):
-    from cxr.train import resume_step
+    from cxr.resume import resume_step
 
     cfg = _tiny(tmp_path, "train.grad_accum_steps=1")  # batch 8
     state = {"world_size": 1, "loop": {"epoch": 1, "step_in_epoch": 3}, "loader": {"samples": 24}}

@@ -18,8 +18,11 @@ from safetensors.torch import load_file
 
 from cxr import checkpoint as ckpt
 from cxr.config import load_config
+from cxr.distributed import StopFlag
+from cxr.resume import TrainState, update_best, update_early_stop
+from cxr.train import EXIT_REQUEUE, train
+from cxr.train_setup import build_scheduler
 from shards.errors import CxrError
-from cxr.train import EXIT_REQUEUE, LoopState, StopFlag, build_scheduler, train, update_best, update_early_stop
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +158,7 @@ def test_plateau_follows_spec_defaults():
 
 def test_best_and_early_stopping_by_hand():
     cfg = load_config(None, ["train.early_stop_patience=2", "train.early_stop_min_delta=0.01"])
-    st = LoopState()
+    st = TrainState()
     seq = [1.0, 0.95, 0.945, 0.944, 0.5]
     out = []
     for epoch, loss in enumerate(seq):
@@ -165,7 +168,7 @@ def test_best_and_early_stopping_by_hand():
     assert out == [(True, False), (True, False), (True, False), (True, True), (True, False)]
     assert st.best_epoch == 5
     auroc = load_config(None, ["train.best_metric=val_mean_auroc"])
-    st = LoopState()
+    st = TrainState()
     assert update_best(auroc, st, {"val_mean_auroc": 0.6}) and not update_best(auroc, st, {"val_mean_auroc": 0.5})
     assert not update_best(auroc, st, {"val_mean_auroc": float("nan")})
 
@@ -280,7 +283,7 @@ def test_signal_during_the_stop_flag_all_reduce_is_not_lost(monkeypatch):
 
 
 def test_loopback_warning_only_for_multi_node_runs_on_a_loopback_hostname():
-    from cxr.train import loopback_warning
+    from cxr.distributed import loopback_warning
 
     loop = {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "node-a"}
     table = {"node-a": "10.0.0.5"}

@@ -98,12 +98,13 @@ class CxrClassifier(nn.Module):
         weights = [m.weight for m in self.head.body.modules() if isinstance(m, nn.Linear)]
         return weights, self.l2_lambda
 
-    def l2_penalty(self) -> torch.Tensor:
-        """λ·Σ w² over :meth:`l2_params` (a scalar tensor; 0 when the model has none)."""
+    def l2_penalty(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """λ·Σ w² over :meth:`l2_params` (a scalar tensor; 0 when the model has none), computed in
+        ``dtype`` when given (validation reports it in float32 whatever the weights' precision)."""
         weights, lam = self.l2_params()
         if not weights:
             return self.head.classifier.weight.new_zeros(())
-        return lam * sum(w.pow(2).sum() for w in weights)
+        return lam * sum((w if dtype is None else w.to(dtype)).pow(2).sum() for w in weights)
 
     def _checked(self, image: torch.Tensor) -> torch.Tensor:
         if image.dim() != 4 or image.shape[1] != 1:

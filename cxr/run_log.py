@@ -1,0 +1,232 @@
+"""The run log of a training (docs/run-dir.md): the one module that writes and reads
+``RUN/status.json``, ``RUN/metrics.csv`` and ``RUN/throughput.csv``, and that sets up
+``RUN/train.log`` (with the run dir's lock), TensorBoard, the progress bar and the log lines.
+
+Every writer here is called on rank 0 only (the caller checks); the readers are for the
+launchers, cxr.ablation and bench/, which is why importing this module does not import torch.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import signal
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from cxr.run_lock import RunLock
+from shards.atomic import atomic_write_text
+from shards.errors import CxrError
+
+if TYPE_CHECKING:
+    import torch
+    from accelerate import Accelerator
+
+    from cxr.config import Config
+
+EXIT_REQUEUE = 75  # sysexits.h EX_TEMPFAIL: "temporary failure, try again" — the launchers requeue
+STATUS, METRICS, THROUGHPUT, TRAIN_LOG = "status.json", "metrics.csv", "throughput.csv", "train.log"
+log = logging.getLogger("cxr.train")
+steps_log = logging.getLogger("cxr.train.steps")  # train.log only: step lines and validation notes
+
+
+# ----------------------------------------------------------------------------- train.log
+def setup_logging(run_dir: Path, main: bool) -> None:
+    """Rank 0: INFO to stderr and RUN/train.log, step lines to train.log only; others: warnings."""
+    for logger in (log, steps_log):
+        logger.handlers.clear()
+        logger.propagate = False
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(stream)
+    log.setLevel(logging.INFO if main else logging.WARNING)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(run_dir / TRAIN_LOG)
+        file.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(file)
+        steps_log.addHandler(file)
+    steps_log.setLevel(logging.INFO if main else logging.WARNING)
+
+
+def lock_run_dir(cfg: Config, accelerator: Accelerator) -> RunLock | None:
+    """Rank 0 takes the run dir's lock (held until the run ends); every rank raises when it is
+    taken. Then logging to RUN/train.log starts."""
+    from accelerate.utils import gather_object
+
+    lock, refused = None, None
+    if accelerator.is_main_process:
+        try:
+            lock = RunLock(cfg.checkpoint.run_dir).acquire()
+        except CxrError as err:
+            refused = str(err)
+    refused = next((r for r in gather_object([refused]) if r), None)
+    if refused:
+        raise CxrError(refused)
+    try:
+        setup_logging(Path(cfg.checkpoint.run_dir), accelerator.is_main_process)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    if lock is not None and lock.stale:
+        log.warning("%s", lock.stale)
+    return lock
+
+
+def log_step(bar, st, loss: float, lr: float) -> None:
+    """Progress bar postfix and a train.log line (the marker tests and operators grep for)."""
+    if bar is not None:
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+    steps_log.info("step %d epoch %d step_in_epoch %d loss %.6f lr %.3e",
+                   st.global_step, st.epoch + 1, st.step_in_epoch, loss, lr)
+
+
+def epoch_summary(cfg: Config, st, row: dict, improved: bool, img_s: float, seconds: float) -> str:
+    """The one-line epoch summary."""
+    text = (f"epoch {row['epoch']}/{cfg.train.epochs} step {row['step']} | loss {row['loss']:.4f} | "
+            f"val_loss {row['val_loss']:.4f} | val_auroc {row['val_mean_auroc']:.4f} | lr {row['lr']:.2e} | "
+            f"{img_s:.1f} img/s | {seconds:.1f} s")
+    if row["skipped"]:
+        text += f" | {row['skipped']} skipped"
+    return text + (" | best" if improved else "")
+
+
+def progress_bar(cfg: Config, accelerator: Accelerator, st, steps_per_epoch: int):
+    """tqdm over the optimizer steps of this epoch, rank 0 only (None elsewhere or when disabled)."""
+    if not (accelerator.is_main_process and cfg.logging.progress):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=steps_per_epoch, initial=st.step_in_epoch, desc=f"epoch {st.epoch + 1}/{cfg.train.epochs}",
+                unit="step", dynamic_ncols=True, leave=False)
+
+
+# ----------------------------------------------------------------------------- status.json
+def write_status(run_dir: Path, state: str, st, exit_code: int = 0, error: str | None = None) -> None:
+    """RUN/status.json: running | preempted | finished | failed, for launchers deciding to requeue."""
+    payload = {"state": state, "epoch": st.epoch, "step_in_epoch": st.step_in_epoch,
+               "global_step": st.global_step, "exit_code": exit_code,
+               "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    if error is not None:
+        payload["error"] = error
+    atomic_write_text(run_dir / STATUS, json.dumps(payload, indent=2) + "\n")
+
+
+def read_status(run_dir: str | Path) -> dict | None:
+    """RUN/status.json as written by :func:`write_status`; None when there is none yet."""
+    path = Path(run_dir) / STATUS
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CxrError(f"{path}: unreadable run status ({err}) — delete it; the next training writes it "
+                       f"again") from None
+
+
+def write_failed_status(run_dir: Path, st, err: BaseException) -> None:
+    """status.json ``failed`` with the exit status the CLI will return and the one-line error."""
+    if isinstance(err, SystemExit):
+        if err.code in (0, None, EXIT_REQUEUE):
+            return
+        code = err.code if isinstance(err.code, int) else 1
+    else:
+        code = 2 if isinstance(err, CxrError) else 130 if isinstance(err, KeyboardInterrupt) else 1
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    line = text if isinstance(err, CxrError) else f"{type(err).__name__}: {text}".rstrip(": ")
+    try:
+        write_status(run_dir, "failed", st, exit_code=code, error=line)
+    except OSError:
+        pass  # a read-only or full run dir: the original error is what the user must see
+
+
+def preempted(accelerator: Accelerator, run_dir: Path, st, signum: int) -> int:
+    """After the signal-time save: record it and return the requeue status."""
+    if accelerator.is_main_process:
+        write_status(run_dir, "preempted", st, exit_code=EXIT_REQUEUE)
+    log.info("stopped by %s at epoch %d step %d (global step %d): checkpoint 'last' saved — exit %d "
+             "(requeue: the same command resumes)", signal.Signals(signum).name, st.epoch + 1,
+             st.step_in_epoch, st.global_step, EXIT_REQUEUE)
+    return EXIT_REQUEUE
+
+
+# ----------------------------------------------------------------------------- metrics.csv, throughput.csv
+def metrics_row(st, train_loss: float, lr: float, val: dict, skipped: int) -> dict:
+    """One metrics.csv row: time, epoch (1-based), step, lr, loss, val_* metrics, skipped samples."""
+    row = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "epoch": st.epoch + 1,
+           "step": st.global_step, "lr": lr, "loss": train_loss}
+    row.update({k: v for k, v in val.items() if k.startswith("val_")})
+    row["skipped"] = skipped
+    return row
+
+
+def write_metrics_csv(path: Path, rows: list[dict]) -> None:
+    """Rewrite metrics.csv from all rows (atomic; a resumed run rewrites the same rows)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_metrics(run_dir: str | Path) -> pd.DataFrame:
+    """RUN/metrics.csv, one row per epoch (an empty frame before the first epoch ends)."""
+    path = Path(run_dir) / METRICS
+    return pd.read_csv(path) if path.is_file() else pd.DataFrame()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: torch.cuda.max_memory_allocated on GPU, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def record_throughput(run_dir: Path, epoch: int, images: int, train_s: float, epoch_s: float,
+                      device: torch.device) -> None:
+    """RUN/throughput.csv, one row per epoch (kept out of metrics.csv, whose rows are deterministic):
+    training images/s (loop only, all ranks), seconds, peak memory of rank 0."""
+    path = run_dir / THROUGHPUT
+    rows = [r for r in (list(csv.DictReader(path.open())) if path.is_file() else []) if int(r["epoch"]) < epoch]
+    rows.append({"epoch": epoch, "images": images, "train_seconds": round(train_s, 3),
+                 "epoch_seconds": round(epoch_s, 3), "train_images_per_s": round(images / max(train_s, 1e-9), 3),
+                 "peak_memory_mb": round(peak_memory_mb(device), 1)})
+    write_metrics_csv(path, rows)
+
+
+def read_throughput(run_dir: str | Path) -> pd.DataFrame:
+    """RUN/throughput.csv, one row per epoch (an empty frame when the run has none)."""
+    path = Path(run_dir) / THROUGHPUT
+    return pd.read_csv(path) if path.is_file() else pd.DataFrame()
+
+
+# ----------------------------------------------------------------------------- TensorBoard
+def tensorboard_writer(cfg: Config, run_dir: Path, main: bool):
+    """SummaryWriter on RUN/tensorboard (rank 0, when logging.tensorboard), else None."""
+    if not (cfg.logging.tensorboard and main):
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise CxrError("logging.tensorboard=true needs the tensorboard package — pip install tensorboard, "
+                       "or set logging.tensorboard=false") from None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def log_tensorboard(writer, row: dict, step: int) -> None:
+    if writer is None:
+        return
+    for key, value in row.items():
+        if isinstance(value, (int, float)) and key not in ("epoch", "step"):
+            writer.add_scalar(key, value, step)
+    writer.flush()

@@ -1,0 +1,142 @@
+"""What a training builds before its first step (cxr/train.py): the run's label names and
+train prevalence (from the shards manifest), the optimizer and LR schedule, the number of
+steps per epoch, the val-split check, and loaders opened off the global RNG streams."""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from accelerate.utils import gather_object
+
+from cxr.config import Config
+from cxr.data import load_shards_manifest
+from cxr.data.shard_index import SplitIndex, first_corrupt
+from shards.errors import CxrError
+from shards.labels import LABELS
+
+log = logging.getLogger("cxr.train")
+
+
+# ----------------------------------------------------------------------------- labels
+@functools.lru_cache(maxsize=8)
+def _label_names(shards: str, resolution: int, num_labels: int) -> tuple[str, ...]:
+    if not (Path(shards) / "manifest.json").is_file():  # in-memory loaders of the tests
+        return tuple(LABELS) if num_labels == len(LABELS) else tuple(f"label_{i}" for i in range(num_labels))
+    folder, manifest = load_shards_manifest(shards, resolution)
+    names = tuple(manifest.get("labels") or LABELS)
+    if len(names) != num_labels:
+        raise CxrError(f"{folder}/manifest.json: the shards have {len(names)} label(s) ({', '.join(names[:5])}) "
+                       f"but model.num_labels={num_labels} — set model.num_labels={len(names)}")
+    return names
+
+
+def label_names(cfg: Config) -> list[str]:
+    """The run's label names: the shards manifest's (the 14 NIH ones or a generic table's), which
+    must number model.num_labels; without a manifest, the NIH names or label_0, label_1, ..."""
+    return list(_label_names(str(cfg.data.shards), cfg.data.resolution, cfg.model.num_labels))
+
+
+def train_prevalence(cfg: Config) -> np.ndarray | None:
+    """[num_labels] train-split prevalence from the shards manifest (only weighted_bce needs it)."""
+    if cfg.loss.name != "weighted_bce":
+        return None
+    folder, manifest = load_shards_manifest(cfg.data.shards, cfg.data.resolution)
+    prevalence = manifest.get("splits", {}).get("train", {}).get("prevalence", {})
+    names = label_names(cfg)
+    missing = [name for name in names if name not in prevalence]
+    if missing:
+        raise CxrError(f"{folder}/manifest.json: splits.train.prevalence lacks {missing[:3]} — re-pack the shards")
+    return np.array([prevalence[name] for name in names], dtype=np.float64)
+
+
+# ----------------------------------------------------------------------------- optimizer and schedule
+def build_optimizer(cfg: Config, model: torch.nn.Module, l2_weights: list) -> torch.optim.Optimizer:
+    """Adam/AdamW; weights with the model's own L2 penalty get no weight decay on top."""
+    l2_ids = {id(p) for p in l2_weights}
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in l2_ids],
+               "weight_decay": cfg.optim.weight_decay}]
+    if l2_weights:
+        groups.append({"params": list(l2_weights), "weight_decay": 0.0})
+    cls = torch.optim.Adam if cfg.optim.name == "adam" else torch.optim.AdamW
+    return cls(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    """(scheduler or None, stepped per optimizer step?) — plateau steps per epoch on the monitor."""
+    sc = cfg.schedule
+    if sc.name == "plateau":
+        mode = "min" if sc.monitor == "val_loss" else "max"
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode=mode, factor=sc.factor, patience=sc.patience, threshold=sc.min_delta,
+            threshold_mode="abs", min_lr=sc.min_lr), False
+    if sc.name == "constant":
+        return None, False
+    total = steps_per_epoch * cfg.train.epochs
+    if cfg.train.max_steps:
+        total = min(total, cfg.train.max_steps)
+    warmup = int(round(sc.warmup_epochs * steps_per_epoch))
+    floor = sc.min_lr / cfg.optim.lr
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor), True
+
+
+def current_lr(optimizer) -> float:
+    return float(optimizer.param_groups[0]["lr"])
+
+
+# ----------------------------------------------------------------------------- data
+def train_steps_per_epoch(cfg: Config, loader_fn: Callable, rank: int, world: int) -> int:
+    """Optimizer steps per epoch (every epoch has the same number of train batches per rank)."""
+    with torch.random.fork_rng(devices=[]):
+        batches = len(loader_fn(cfg.data, "train", rank=rank, world_size=world, epoch=0, skip_batches=0))
+    steps = batches // cfg.train.grad_accum_steps
+    if batches % cfg.train.grad_accum_steps:
+        log.warning("train: %d batches per rank per epoch is not a multiple of train.grad_accum_steps=%d — "
+                    "the last %d micro-batches of every epoch are left out", batches, cfg.train.grad_accum_steps,
+                    batches % cfg.train.grad_accum_steps)
+    if steps < 1:
+        raise CxrError(f"train: {batches} batches per rank per epoch < train.grad_accum_steps="
+                       f"{cfg.train.grad_accum_steps} — lower it or data.batch_size")
+    return steps
+
+
+def check_val_split(cfg: Config, loader_fn: Callable, rank: int, world: int) -> None:
+    """Build the val loader once before epoch 1: a missing, empty or corrupt split fails before
+    any training (each rank reads its share of the val samples' bytes with the loaders' checks)."""
+    bad = None
+    try:
+        with torch.random.fork_rng(devices=[]):
+            loader = loader_fn(cfg.data, "val", rank=rank, world_size=world, epoch=0, train=False)
+        batches = len(loader)
+        if isinstance(getattr(loader, "index", None), SplitIndex):  # shards (not in-memory data)
+            found = first_corrupt(loader.index, rank, world)
+            bad = None if found is None else str(found.as_error())
+    except CxrError as err:
+        if "no shards for split 'val'" not in str(err):
+            raise
+        batches = 0
+    counts, errors = zip(*gather_object([(batches, bad)]))
+    if sum(counts) == 0:
+        raise CxrError(f"{cfg.data.shards}: split 'val' has 0 samples — validation needs some: re-split "
+                       f"with a val fraction > 0 (python -m shards split --fractions 0.7,0.15,0.15) and re-pack")
+    if any(errors):
+        raise CxrError(next(e for e in errors if e))
+
+
+def open_loader(loader_fn: Callable, cfg: Config, split: str, rank: int, world: int, **kwargs):
+    """(loader, iterator) built without touching the global RNG streams: a torch DataLoader draws
+    its worker seed from them, which would make a resumed run's dropout masks differ."""
+    with torch.random.fork_rng(devices=[]):
+        loader = loader_fn(cfg.data, split, rank=rank, world_size=world, **kwargs)
+        return loader, iter(loader)
