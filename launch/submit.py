@@ -31,12 +31,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+from cxr.run_log import EXIT_REQUEUE  # no torch import: submitting stays light
 from launch.members import RESUME, RUN_DIR_KEY, SHARDS_KEY, load_ensemble, member_argv
 from launch.profiles import (DEFAULT_PROFILE, Profile, env_exports, eval_mem_gb, get_profile, override_profile,
                              submitit_parameters, use_profile_files)
 from shards.errors import CxrError, cli_entry
 
-EXIT_REQUEUE = 75  # cxr.train.EXIT_REQUEUE; repeated so submitting never imports torch
 RESUME_KEY = RESUME.split("=")[0]
 CLUSTERS = ("slurm", "local", "debug")
 

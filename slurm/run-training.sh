@@ -20,7 +20,7 @@
 #   CXR_ACCELERATE_CONFIG   accelerate config file    (launch/configs/cpu-2proc.yaml)
 #   CXR_PROCS_PER_NODE      training processes per node                         (1)
 #   CXR_THREADS             OMP/MKL threads per process                          (1)
-#   CXR_REQUEUE_STATUS      training's "requeue me" exit status (cxr.train.EXIT_REQUEUE) (75)
+#   CXR_REQUEUE_STATUS      training's "requeue me" exit status (cxr.run_log.EXIT_REQUEUE) (75)
 #   CXR_MAX_REQUEUES        give up after this many restarts                    (20)
 #   CXR_RESIGNAL_SECONDS    repeat the forwarded USR1 this often until training stops (10)
 #   CXR_TRAIN_SCRIPT        the script accelerate launches               (cxr/train.py)
