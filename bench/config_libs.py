@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 import yaml  # noqa: E402
 
 import cxr.config as C  # noqa: E402
-from shards.errors import CxrError  # noqa: E402
+from cxrbase.errors import CxrError  # noqa: E402
 
 # ---------------------------------------------------------------------------- inputs
 # The error contract of tests/test_config.py (read from its parametrize marker, so it stays in sync)

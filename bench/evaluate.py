@@ -29,7 +29,7 @@ from cxr.evaluate import main as evaluate_main  # noqa: E402
 from cxr.inference import with_ensemble  # noqa: E402
 from cxr.predictions import write_predictions  # noqa: E402
 from cxr.report import ScoreSet  # noqa: E402
-from shards.labels import LABELS  # noqa: E402
+from cxrbase.labels import LABELS  # noqa: E402
 
 NIH = Path(os.environ.get("CXR_NIH", ROOT.parent / "shared" / "data" / "nih"))
 N_TEST, N_VAL = 25_596, 8_652

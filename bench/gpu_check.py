@@ -675,7 +675,7 @@ def main(argv=None) -> int:
     text = markdown(rows, header)
     print(text)
     if args.out:
-        from shards.atomic import atomic_write_text
+        from cxrbase.atomic import atomic_write_text
 
         atomic_write_text(args.out, text)
     failed = [r for r in rows if r.note.startswith("FAILED")]

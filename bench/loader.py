@@ -50,7 +50,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from shards.atomic import atomic_write_text  # noqa: E402
+from cxrbase.atomic import atomic_write_text  # noqa: E402
 from shards.cli import main as shards_main  # noqa: E402
 
 NOTE = ("Start-up = pipeline build, worker start and prefetch fill, paid once per epoch (negligible in a "

@@ -115,7 +115,7 @@ def report(args: argparse.Namespace, results: dict[tuple[int, int], list[dict]],
 def append_results(path: Path, command: str, table: str) -> None:
     """Append this run under the "memory" section of RESULTS.md (re-read just before writing)."""
     sys.path.insert(0, str(ROOT))
-    from shards.atomic import atomic_write_text
+    from cxrbase.atomic import atomic_write_text
 
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     entry = f"\n`{command}` ({time.strftime('%Y-%m-%d %H:%M')})\n\n{table}\n"

@@ -26,9 +26,9 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 from cxr import metrics
-from shards.atomic import atomic_write_text
-from shards.errors import cli_entry
-from shards.labels import LABELS
+from cxrbase.atomic import atomic_write_text
+from cxrbase.errors import cli_entry
+from cxrbase.labels import LABELS
 
 # Per-label prevalence of the official test split (measured from Data_Entry_2017_v2020).
 TEST_PREVALENCE = np.array([0.1281, 0.0418, 0.0709, 0.0361, 0.182, 0.0427, 0.017, 0.0034,

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from shards.labels import LABELS
+from cxrbase.labels import LABELS
 from shards.pack import pack
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,7 +156,7 @@ def report(rows: list[tuple], args: argparse.Namespace, cpu_rows: list[tuple] = 
 
 def append_section(path: Path, heading: str, entry: str) -> None:
     """Append ``entry`` at the end of the ``heading`` section (created if absent); other sections untouched."""
-    from shards.atomic import atomic_write_text
+    from cxrbase.atomic import atomic_write_text
 
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     if heading not in text.splitlines():

@@ -37,7 +37,7 @@ import torch
 from accelerate.utils import gather_object  # gather_object([x]): [x of rank 0, x of rank 1, ...]
 from safetensors.torch import load_file, save_file
 
-from shards.errors import CxrError
+from cxrbase.errors import CxrError
 
 WEIGHTS, STATE, META, DEEPSPEED_DIR, DEEPSPEED_TAG = "model.safetensors", "state.pt", "meta.json", "deepspeed", "state"
 

@@ -44,8 +44,8 @@ import yaml
 
 from cxr.data import DataConfig
 from cxr.losses import LossConfig
-from shards.atomic import atomic_write_text
-from shards.errors import CxrError
+from cxrbase.atomic import atomic_write_text
+from cxrbase.errors import CxrError
 
 @dataclass
 class ModelConfig:

@@ -18,7 +18,7 @@ from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.utils import DistributedType, gather_object
 
 from cxr.config import Config
-from shards.errors import CxrError
+from cxrbase.errors import CxrError
 
 log = logging.getLogger("cxr.train")
 

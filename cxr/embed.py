@@ -34,8 +34,8 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from shards.atomic import atomic_write, atomic_write_text
-from shards.errors import CxrError, cli_entry
+from cxrbase.atomic import atomic_write, atomic_write_text
+from cxrbase.errors import CxrError, cli_entry
 
 NO_FINDING = "No Finding"
 

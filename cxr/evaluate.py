@@ -50,7 +50,7 @@ import numpy as np
 from cxr.inference import infer_runs, process_state, with_ensemble
 from cxr.predictions import check_score_sets, read_members, read_predictions, write_predictions
 from cxr.report import ENSEMBLE, ScoreSet
-from shards.errors import CxrError, cli_entry
+from cxrbase.errors import CxrError, cli_entry
 
 
 # ------------------------------------------------------------ orchestration --
@@ -176,7 +176,7 @@ def _summary_line(result: dict[str, Any], args: argparse.Namespace, elapsed: flo
             f"{focus} mean AUROC {row.auroc:.3f}{ci}")
 
 
-@cli_entry  # also tears down the launcher's process group on every exit path (shards.errors)
+@cli_entry  # also tears down the launcher's process group on every exit path (cxrbase.errors)
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

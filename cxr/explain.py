@@ -70,9 +70,9 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from shards.atomic import atomic_write, atomic_write_text
-from shards.errors import CxrError, cli_entry
-from shards.labels import LABELS
+from cxrbase.atomic import atomic_write, atomic_write_text
+from cxrbase.errors import CxrError, cli_entry
+from cxrbase.labels import LABELS
 from shards.manifest import load_manifest
 
 METHODS = ("cam", "gradcam", "saliency")

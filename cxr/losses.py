@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shards.errors import CxrError
+from cxrbase.errors import CxrError
 
 LOSS_NAMES = ("bce", "weighted_bce", "dynamic_weighted_bce", "focal", "ssim_recon")
 WEIGHTINGS = ("linear", "log")

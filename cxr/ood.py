@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from shards.atomic import atomic_write_text
-from shards.errors import CxrError, cli_entry
+from cxrbase.atomic import atomic_write_text
+from cxrbase.errors import CxrError, cli_entry
 
 THRESHOLD_FILE = "ood_threshold.json"
 
@@ -201,7 +201,7 @@ def report_ood(run: str | Path, shards: str | Path, split: str, scores, out: Pat
     (the rejected keys with their scores); return the lines the evaluator prints."""
     import pandas as pd
 
-    from shards.atomic import atomic_write
+    from cxrbase.atomic import atomic_write
 
     rep = ood_report(run, shards, split, scores)
     with atomic_write(out / "ood.csv", "w") as fh:

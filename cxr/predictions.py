@@ -24,9 +24,9 @@ import numpy as np
 import pandas as pd
 
 from cxr.report import ScoreSet
-from shards.atomic import atomic_write, atomic_write_text
-from shards.errors import CxrError
-from shards.labels import LABELS
+from cxrbase.atomic import atomic_write, atomic_write_text
+from cxrbase.errors import CxrError
+from cxrbase.labels import LABELS
 
 PREDICTIONS_FILE, MEMBERS_FILE, VAL_PREDICTIONS_FILE = "predictions.parquet", "members.json", "val_predictions.parquet"
 TRUE_PREFIX = "true_"  # ground-truth columns in predictions.parquet: true_<Label> (0/1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shards.labels import LABELS
+from cxrbase.labels import LABELS
 
 
 @dataclass(frozen=True)

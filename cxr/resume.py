@@ -17,7 +17,7 @@ from cxr.config import Config, config_diff, config_hash, load_config
 from cxr.data import image_source
 from cxr.predictions import write_val_predictions
 from cxr.train_setup import current_lr, label_names
-from shards.errors import CxrError
+from cxrbase.errors import CxrError
 
 log = logging.getLogger("cxr.train")
 # keys whose change still continues a run exactly: a longer (or shorter) run of the same trajectory

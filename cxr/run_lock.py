@@ -19,7 +19,7 @@ import os
 import socket
 from pathlib import Path
 
-from shards.errors import CxrError
+from cxrbase.errors import CxrError
 
 LOCK_NAME = ".train.lock"
 

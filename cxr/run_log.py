@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from cxr.run_lock import RunLock
-from shards.atomic import atomic_write_text
-from shards.errors import CxrError
+from cxrbase.atomic import atomic_write_text
+from cxrbase.errors import CxrError
 
 if TYPE_CHECKING:
     import torch

@@ -51,7 +51,7 @@ from cxr.resume import (TrainState, continue_finished_run, finished_run, restore
 from cxr.run_log import EXIT_REQUEUE, preempted  # noqa: F401 (EXIT_REQUEUE: read by launchers and tests)
 from cxr.train_setup import (build_optimizer, build_scheduler, check_val_split, current_lr, label_names,
                              open_loader, train_prevalence, train_steps_per_epoch)
-from shards.errors import CxrError, cli_entry
+from cxrbase.errors import CxrError, cli_entry
 
 log = logging.getLogger("cxr.train")
 

@@ -16,8 +16,8 @@ from accelerate.utils import gather_object
 from cxr.config import Config
 from cxr.data import load_shards_manifest
 from cxr.data.shard_index import SplitIndex, first_corrupt
-from shards.errors import CxrError
-from shards.labels import LABELS
+from cxrbase.errors import CxrError
+from cxrbase.labels import LABELS
 
 log = logging.getLogger("cxr.train")
 

@@ -2,6 +2,6 @@
 import sys
 
 from launch.submit import main
-from shards.errors import cli_entry
+from cxrbase.errors import cli_entry
 
 sys.exit(cli_entry(main)())

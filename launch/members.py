@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from shards.errors import CxrError, cli_entry
+from cxrbase.errors import CxrError, cli_entry
 
 ENSEMBLES_DIR = Path(__file__).resolve().parent / "ensembles"
 # Keys of the training config (cxr/train.py) the launchers set for every member.

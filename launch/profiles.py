@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from shards.errors import CxrError, cli_entry
+from cxrbase.errors import CxrError, cli_entry
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ import tarfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from shards.atomic import atomic_write_text
-from shards.errors import CxrError
+from cxrbase.atomic import atomic_write_text
+from cxrbase.errors import CxrError
 
 INDEX_VERSION = "v1.2"
 # one member: (ext, data offset, size, name)

@@ -18,9 +18,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from shards.atomic import atomic_write, remove_stale_temps
+from cxrbase.atomic import atomic_write, remove_stale_temps
 from shards.dali_index import split_name, write_index
-from shards.errors import CxrError
+from cxrbase.errors import CxrError
 from shards.image_codec import CODEC_EXT, resize_encoded
 from shards.manifest import write_manifest
 from shards.pack_journal import Journal

@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from shards.atomic import atomic_write_text
-from shards.errors import CxrError
+from cxrbase.atomic import atomic_write_text
+from cxrbase.errors import CxrError
 
 FORMAT = "cxr-shards/2"  # what pack writes: /2 added the per-sample crc32 in each .json
 READ_FORMATS = ("cxr-shards/1", FORMAT)

@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from shards.errors import CxrError
-from shards.labels import LABELS, parse_findings
+from cxrbase.errors import CxrError
+from cxrbase.labels import LABELS, parse_findings
 from shards.records import nih_name_patient
 
 SEX_COLUMNS = ("Patient Gender", "Patient Sex")  # 2017 / newer copies
@@ -93,7 +93,7 @@ def read_metadata(path: str | Path) -> pd.DataFrame:
 
     Returns one row per image, file order: image (str, `NNNNNNNN_NNN.png`),
     patient (int64), age (int64 years), sex ('M'|'F'), view ('PA'|'AP'), then the
-    14 label columns of shards.labels.LABELS (uint8 0/1). "No Finding" is all zeros.
+    14 label columns of cxrbase.labels.LABELS (uint8 0/1). "No Finding" is all zeros.
     Raises CxrError naming the line and image for any unknown label, bad field or
     duplicate image id.
     """

@@ -23,11 +23,11 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
-from shards.atomic import atomic_write, remove_stale_temps
+from cxrbase.atomic import atomic_write, remove_stale_temps
 from shards.dali_index import write_index
-from shards.errors import CxrError
+from cxrbase.errors import CxrError
 from shards.image_codec import CODEC_EXT, Prepared, prepare_image
-from shards.labels import LABELS, META_FIELDS
+from cxrbase.labels import LABELS, META_FIELDS
 from shards.manifest import FORMAT, package_version, write_manifest
 from shards.pack_journal import Journal
 from shards.records import SPLITS, Record, meta_stats, read_splits, sample_members, split_summary

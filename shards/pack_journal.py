@@ -13,9 +13,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from shards.atomic import atomic_write_text
+from cxrbase.atomic import atomic_write_text
 from shards.dali_index import index_for_tar
-from shards.errors import CxrError
+from cxrbase.errors import CxrError
 
 JOURNAL_NAME = ".pack-journal.jsonl"
 

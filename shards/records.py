@@ -17,8 +17,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from shards.errors import CxrError
-from shards.labels import LABELS, TABLE_FIELDS, missing_nih_labels, table_labels
+from cxrbase.errors import CxrError
+from cxrbase.labels import LABELS, TABLE_FIELDS, missing_nih_labels, table_labels
 
 ID_BYTES = 32
 SPLITS = ("train", "val", "test")

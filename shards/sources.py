@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from shards.errors import CxrError
+from cxrbase.errors import CxrError
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from shards.atomic import atomic_write
-from shards.errors import CxrError
-from shards.labels import LABELS, NO_FINDING, TABLE_FIELDS, table_labels
+from cxrbase.atomic import atomic_write
+from cxrbase.errors import CxrError
+from cxrbase.labels import LABELS, NO_FINDING, TABLE_FIELDS, table_labels
 from shards.metadata import read_image_inventory, read_image_list, read_metadata
 from shards.records import SPLITS
 from shards.stats import format_prevalence, label_spread, prevalence_table

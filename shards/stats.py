@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from shards.errors import CxrError
-from shards.labels import NO_FINDING, missing_nih_labels, table_labels
+from cxrbase.errors import CxrError
+from cxrbase.labels import NO_FINDING, missing_nih_labels, table_labels
 from shards.records import SPLITS, read_table
 STATS_COLUMNS = ("split", "label", "positives", "images", "prevalence_pct")
 

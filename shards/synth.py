@@ -35,9 +35,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from shards.atomic import atomic_write, atomic_write_text
-from shards.errors import CxrError
-from shards.labels import LABELS, NUM_LABELS, format_findings
+from cxrbase.atomic import atomic_write, atomic_write_text
+from cxrbase.errors import CxrError
+from cxrbase.labels import LABELS, NUM_LABELS, format_findings
 
 NIH_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
               "View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")

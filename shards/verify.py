@@ -25,9 +25,9 @@ import numpy as np
 from tqdm import tqdm
 
 from shards.dali_index import index_for_tar, split_name
-from shards.errors import CxrError
+from cxrbase.errors import CxrError
 from shards.image_codec import CODEC_EXT, RESAMPLE, BadImage, check_png, decode_grey, grey_policy
-from shards.labels import LABELS
+from cxrbase.labels import LABELS
 from shards.manifest import has_checksums, load_manifest
 from shards.pack_journal import file_sha256
 from shards.records import CRC_FIELD, checksum_problem, id_bytes, labels_bytes, meta_vector

@@ -17,7 +17,7 @@ from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
 from shards.cli import main as shards_main
-from shards.labels import LABELS
+from cxrbase.labels import LABELS
 
 ROOT = Path(__file__).resolve().parents[1]
 RESOLUTIONS = (32, 64, 128)

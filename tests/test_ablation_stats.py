@@ -95,7 +95,7 @@ def test_analyse_sweep_seeds_and_holm_against_references(tmp_path):
     O(m·n) DeLong p-values."""
     from cxr.ablation import ALL, Run, analyse_sweep
     from cxr.report import ScoreSet
-    from shards.labels import LABELS
+    from cxrbase.labels import LABELS
 
     rng = np.random.default_rng(7)
     n = 120

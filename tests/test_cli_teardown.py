@@ -1,4 +1,4 @@
-"""Every CLI tears down the launcher's process group on exit (shards.errors.cli_entry).
+"""Every CLI tears down the launcher's process group on exit (cxrbase.errors.cli_entry).
 
 Left to interpreter shutdown, gloo's threads are destroyed while still joinable and a
 rank that finishes early aborts ("terminate called without an active exception",
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = textwrap.dedent("""
     import os, sys
     import torch.distributed as dist
-    from shards.errors import CxrError, cli_entry
+    from cxrbase.errors import CxrError, cli_entry
 
     @cli_entry
     def main(argv):

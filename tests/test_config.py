@@ -14,7 +14,7 @@ from cxr.config import (SECTIONS, Config, config_diff, config_hash, config_to_di
                         load_config, save_config)
 from cxr.data import DataConfig
 from cxr.models import REGISTRY, build_model
-from shards.errors import CxrError
+from cxrbase.errors import CxrError
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "cxr" / "configs").glob("*.yaml"))

@@ -27,8 +27,8 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from cxr.evaluate import main as evaluate_main
 from shards.cli import main as shards_main
-from shards.errors import CxrError
-from shards.labels import LABELS
+from cxrbase.errors import CxrError
+from cxrbase.labels import LABELS
 from test_train import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

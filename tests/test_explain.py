@@ -29,8 +29,8 @@ from cxr.models.backbones import GlobalAvgPool
 from cxr.models.classifier import CxrClassifier
 from cxr.models.heads import Head
 from shards.cli import main as shards_main
-from shards.errors import CxrError
-from shards.labels import LABELS
+from cxrbase.errors import CxrError
+from cxrbase.labels import LABELS
 from shards.synth import Case, render_with_boxes
 from test_train import free_port
 

@@ -12,7 +12,7 @@ import torch
 
 from cxr.export import EnsembleGraph, export_onnx, main as export_main, write_site
 from cxr.models import build_model
-from shards.errors import CxrError
+from cxrbase.errors import CxrError
 
 ort = pytest.importorskip("onnxruntime")
 # fp32 ONNX kernels vs PyTorch's: sums are reordered; probabilities agree to ~1e-6, logits/CAMs to ~1e-4 relative

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from launch import members, profiles, submit
-from shards.errors import CxrError
+from cxrbase.errors import CxrError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from shards.cli import main as shards_main
-from shards.errors import CxrError
+from cxrbase.errors import CxrError
 from shards.verify import verify
 from test_verify import _rewrite  # one shard-rewriting helper (fixes size, sha256, index)
 

@@ -23,8 +23,8 @@ import pytest
 from PIL import Image as PILImage
 
 from shards.cli import main as shards_main
-from shards.errors import CxrError
-from shards.labels import LABELS
+from cxrbase.errors import CxrError
+from cxrbase.labels import LABELS
 
 from cxr.data import DataConfig, build_loader, load_shards_manifest
 

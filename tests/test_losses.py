@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 
 from cxr import losses
 from cxr.losses import LossConfig, build_loss
-from shards.errors import CxrError
+from cxrbase.errors import CxrError
 
 B, C = 64, 14
 

@@ -12,8 +12,8 @@ from sklearn.metrics import (accuracy_score, average_precision_score, f1_score, 
 
 from cxr import metrics as M
 from cxr.metrics import UndefinedMetricWarning
-from shards.errors import CxrError
-from shards.labels import LABELS
+from cxrbase.errors import CxrError
+from cxrbase.labels import LABELS
 
 L = 14
 

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from cxr.models import MODEL_NAMES, build_model, count_parameters
 from cxr.models.__main__ import main as models_cli
-from shards.errors import CxrError
+from cxrbase.errors import CxrError
 
 TRANSFORMERS = ("beit", "vit")
 FEATURE_CHANNELS = {"densenet121": 1024, "densenet121_cbam": 1024, "resnet50": 2048, "beit": 768, "vit": 768,

@@ -200,7 +200,7 @@ def test_evaluate_ood_reports_rejections_and_accepted_metrics(shards_dir, tmp_pa
     preds = preds[(preds["split"] == "test") & (preds["member"] == "member")].set_index("key")
     table = pd.read_csv(out / "ood.csv").set_index(["member", "images"])
     accepted = [k for k in keys if k not in rejected]
-    from shards.labels import LABELS
+    from cxrbase.labels import LABELS
     truth = preds.loc[accepted]
     aucs = [roc_auc_score(truth[f"true_{c}"], truth[c]) for c in LABELS if 0 < truth[f"true_{c}"].sum() < len(truth)]
     assert table.loc[("member", "accepted"), "n"] == len(accepted)

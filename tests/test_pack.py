@@ -25,8 +25,8 @@ import pytest
 from PIL import Image
 
 from shards.cli import main as cli
-from shards.errors import CxrError
-from shards.labels import LABELS
+from cxrbase.errors import CxrError
+from cxrbase.labels import LABELS
 from shards.manifest import load_manifest
 from shards.pack import pack
 
@@ -593,7 +593,7 @@ def test_read_only_output_is_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_other_os_errors_keep_their_traceback():
-    from shards.errors import cli_entry
+    from cxrbase.errors import cli_entry
 
     def main(argv):
         raise OSError(errno.EIO, "Input/output error")

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from cxr.predictions import write_val_predictions
-from shards.labels import LABELS
+from cxrbase.labels import LABELS
 
 
 def test_val_predictions_have_key_then_one_column_per_label(tmp_path):

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from cxr.models import build_model
-from shards.errors import CxrError
+from cxrbase.errors import CxrError
 
 
 def _write_hub_cache(cache, repo: str, state: dict[str, torch.Tensor]) -> None:

@@ -21,8 +21,8 @@ from cxr.predictions import predictions_frame, read_predictions
 from cxr.metrics import bootstrap_counts
 from cxr.published import CHEXNET_2017, WANG_2017
 from cxr.report import ScoreSet
-from shards.errors import CxrError
-from shards.labels import LABELS
+from cxrbase.errors import CxrError
+from cxrbase.labels import LABELS
 
 SPEC = Path(__file__).resolve().parents[2] / "shared" / "SPEC.md"
 

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 
 from shards.cli import main
-from shards.errors import CxrError
+from cxrbase.errors import CxrError
 from shards.metadata import read_image_inventory, read_metadata
 from shards.splits import check_patient_disjoint, random_assign
 

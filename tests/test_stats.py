@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from shards.cli import main
-from shards.errors import CxrError
+from cxrbase.errors import CxrError
 from shards.stats import label_spread, prevalence_table
 
 SPEC_LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema",

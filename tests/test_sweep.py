@@ -8,7 +8,7 @@ import pytest
 import cxr.probe as probe
 from launch.profiles import get_profile
 from launch.submit import build_parser, parse_grid, plan_ablate
-from shards.errors import CxrError
+from cxrbase.errors import CxrError
 
 CONFIG = "cxr/configs/phantom_sweep.yaml"  # batch 16, accumulation 1
 

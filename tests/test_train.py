@@ -281,7 +281,7 @@ def test_tiny_learns_the_phantoms_in_a_few_cpu_minutes(train_shards, tmp_path_fa
     # and the labels of the split table
     from sklearn.metrics import roc_auc_score
 
-    from shards.labels import LABELS
+    from cxrbase.labels import LABELS
 
     best = min(rows, key=lambda r: float(r["val_loss"]))
     preds = pd.read_parquet(run_dir / "val_predictions.parquet").set_index("key")

@@ -26,7 +26,7 @@ from cxr import checkpoint as ckpt
 from cxr.config import load_config
 from cxr.distributed import configure_numerics
 from cxr.train import EXIT_REQUEUE, train
-from shards.errors import CxrError
+from cxrbase.errors import CxrError
 from test_train_units import MemoryLoader, _tiny
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,7 +22,7 @@ from cxr.distributed import StopFlag
 from cxr.resume import TrainState, update_best, update_early_stop
 from cxr.train import EXIT_REQUEUE, train
 from cxr.train_setup import build_scheduler
-from shards.errors import CxrError
+from cxrbase.errors import CxrError
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +255,7 @@ def test_in_process_signal_mid_epoch_then_resume_is_bitwise_exact(tmp_path):
 
 def test_resume_refuses_a_different_config(tmp_path):
     assert train(_tiny(tmp_path / "r", "train.epochs=1"), loader_fn=MemoryLoader) == 0
-    from shards.errors import CxrError
+    from cxrbase.errors import CxrError
 
     with pytest.raises(CxrError, match=r"optim\.lr.*force_resume"):
         train(_tiny(tmp_path / "r", "train.epochs=1", "optim.lr=0.5"), loader_fn=MemoryLoader)

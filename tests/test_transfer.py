@@ -18,7 +18,7 @@ from cxr.config import load_config
 from cxr.evaluate import main as evaluate_main
 from cxr.train import train
 from shards.cli import main as shards_main
-from shards.errors import CxrError
+from cxrbase.errors import CxrError
 
 ROOT = Path(__file__).resolve().parents[1]
 RES = 64

@@ -20,7 +20,7 @@ from PIL import Image
 
 from shards.cli import main as cli
 from shards.dali_index import index_for_tar
-from shards.labels import LABELS
+from cxrbase.labels import LABELS
 from shards.pack import pack
 from shards.verify import verify
 

@@ -9,9 +9,9 @@ import logging
 import time
 from typing import Sequence
 
-from shards.atomic import atomic_write
-from shards.errors import cli_entry
-from shards.labels import LABELS
+from cxrbase.atomic import atomic_write
+from cxrbase.errors import cli_entry
+from cxrbase.labels import LABELS
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shards.errors import CxrError
+from cxrbase.errors import CxrError
 
 BACKENDS = ("dali", "wds")
 DEVICES = ("cpu", "gpu")

@@ -63,7 +63,7 @@ import numpy as np
 
 from cxr.data.augmentation import draw_params
 from cxr.data.config import DataConfig
-from shards.errors import CxrError
+from cxrbase.errors import CxrError
 from cxr.data.shard_index import CorruptSample, SampleReader, SplitIndex
 
 OnCorrupt = Callable[[CorruptSample], None]  # records a skip, or raises CxrError

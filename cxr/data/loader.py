@@ -2,7 +2,7 @@
 
 A batch is a dict:
   image  float32 [B, 1, R, R]  normalized ((x/255 − mean) / std; augmented in training)
-  labels float32 [B, 14]       canonical order (shards.labels.LABELS)
+  labels float32 [B, 14]       canonical order (cxrbase.labels.LABELS)
   meta   float32 [B, 5]        z-scored age (manifest train stats; unknown age → 0),
                                sex_M, sex_F, view_PA, view_AP
   key    list[str]             NIH image ids

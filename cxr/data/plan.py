@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shards.errors import CxrError
+from cxrbase.errors import CxrError
 
 
 @dataclass(frozen=True)

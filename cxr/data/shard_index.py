@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from shards.dali_index import Sample, header_mismatch, index_mismatch, read_index, scan_tar
-from shards.errors import CxrError
+from cxrbase.errors import CxrError
 from shards.image_codec import CODEC_EXT, ljpeg_problem, png_problem
-from shards.labels import META_FIELDS, NUM_LABELS
+from cxrbase.labels import META_FIELDS, NUM_LABELS
 from shards.manifest import MANIFEST_NAME, has_checksums, load_manifest
 from shards.records import CRC_FIELD, checksum_problem
 

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from shards.errors import CxrError
+from cxrbase.errors import CxrError
 
 from . import cbam, cnn, densenet, resnet, transformer
 from .backbones import BuildArgs

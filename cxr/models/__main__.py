@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import Sequence
 
-from shards.errors import CxrError, cli_entry
+from cxrbase.errors import CxrError, cli_entry
 
 from . import MODEL_NAMES, REGISTRY, build_model, count_parameters
 from .weights import download_imagenet, hub_cache, imagenet_repo

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shards.errors import CxrError
+from cxrbase.errors import CxrError
 
 from .backbones import BuildArgs, GlobalAvgPool, make_stem
 from .classifier import CxrClassifier

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shards.errors import CxrError
+from cxrbase.errors import CxrError
 
 from .heads import Head
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shards.errors import CxrError
+from cxrbase.errors import CxrError
 
 METADATA_MODES = ("none", "concat", "mlp")
 META_HIDDEN = 32

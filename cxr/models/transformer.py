@@ -27,7 +27,7 @@ from timm.models import beit as timm_beit
 from timm.models import vision_transformer as timm_vit
 from torch import nn
 
-from shards.errors import CxrError
+from cxrbase.errors import CxrError
 
 from .backbones import BuildArgs, GlobalAvgPool, timm_backbone
 from .classifier import CxrClassifier

@@ -24,7 +24,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from shards.errors import CxrError
+from cxrbase.errors import CxrError
 
 WEIGHTS_HINT = (
     "put a torchvision/timm state dict (.pth/.pt/.safetensors) at that path — e.g. on a machine "

@@ -1,4 +1,5 @@
-"""The import graph inside shards/ is a DAG, and every shards module imports on its own.
+"""Import structure: the graph inside shards/ is a DAG, every shards module imports on its own, and the
+layers cxrbase ← shards ← cxr ← launch import only downward.
 
 The graph is read from the source with `ast` (every ``import shards.x`` / ``from shards.x
 import`` anywhere in a module, function-level ones included), not from what the modules
@@ -83,3 +84,40 @@ def test_each_module_imports_alone_in_a_fresh_interpreter(module):
     proc = subprocess.run([sys.executable, "-c", f"import shards.{module}"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+# ----- layers: cxrbase ← shards ← cxr ← launch (each imports only the layers before it) -----
+
+LAYERS = ("cxrbase", "shards", "cxr", "launch")
+
+
+def _top_level_imports(path: Path) -> set[str]:
+    """The top-level package names a file imports anywhere in its body (absolute imports only)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+    return found
+
+
+def _upward_imports(root: Path) -> list[str]:
+    bad = []
+    for rank, layer in enumerate(LAYERS):
+        above = set(LAYERS[rank + 1:])
+        for path in sorted((root / layer).rglob("*.py")):
+            bad += [f"{path.relative_to(root)} imports {name}" for name in sorted(_top_level_imports(path) & above)]
+    return bad
+
+
+def test_layer_checker_finds_a_planted_upward_import(tmp_path):
+    for layer in LAYERS:
+        (tmp_path / layer).mkdir()
+        (tmp_path / layer / "m.py").write_text("import os\n")
+    (tmp_path / "shards" / "bad.py").write_text("def f():\n    from cxr.train import main\n")
+    assert _upward_imports(tmp_path) == ["shards/bad.py imports cxr"]
+
+
+def test_no_layer_imports_a_layer_above_it():
+    assert _upward_imports(ROOT) == []
