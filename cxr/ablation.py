@@ -29,7 +29,6 @@ The statistics live in ``cxr.metrics`` (paired_delong, paired_bootstrap_delta, h
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -39,11 +38,12 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from cxr.probe import read_probe
 from cxr.report import MEAN, ScoreSet
 from cxr.run_log import read_throughput
-from shards.atomic import atomic_write_text
-from shards.errors import CxrError, cli_entry
-from shards.labels import LABELS
+from cxrbase.atomic import atomic_write_text
+from cxrbase.errors import CxrError, cli_entry
+from cxrbase.labels import LABELS
 
 ALL = "ensemble of all"
 DEFAULT_BY = "data.resolution"
@@ -199,18 +199,19 @@ def run_costs(runs: Sequence[Run]) -> pd.DataFrame:
             row["peak_memory_mb"] = float(frame["peak_memory_mb"].max())
         row["epochs"] = len(frame)
         row["image_source"] = _image_source(r.run_dir)
-        probe = r.run_dir / "probe.json"
-        row["probe_peak_mb"] = json.loads(probe.read_text()).get("peak_mb") if probe.is_file() else np.nan
+        probe = read_probe(r.run_dir)
+        row["probe_peak_mb"] = probe.peak_mb if probe else np.nan
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def _image_source(run_dir: Path) -> str:
     """The images a run trained on, from its best checkpoint's meta.json (cxr.train)."""
-    meta = run_dir / "checkpoints" / "best" / "meta.json"
+    from cxr.checkpoint import read_meta  # the owner of meta.json (imports torch: only when a report is made)
+
     try:
-        images = json.loads(meta.read_text()).get("images") or {}
-    except (OSError, ValueError):
+        images = read_meta(run_dir / "checkpoints" / "best").get("images") or {}
+    except CxrError:
         return "—"
     return images.get("source", "—") + (f" ({images['resize_filter']})" if images.get("resize_filter") else "")
 

@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from shards.atomic import atomic_write_text
-from shards.errors import CxrError, cli_entry
-from shards.labels import LABELS
+from cxrbase.atomic import atomic_write_text
+from cxrbase.errors import CxrError, cli_entry
+from cxrbase.labels import LABELS
 
 OPSET = 18  # Resize's antialias attribute (the fixed-size stems) needs 18
 CALIBRATION = "f(x) = x/(2o) for x <= o, else 1 - (1-x)/(2(1-o)); o maps to 0.5"
@@ -183,13 +183,13 @@ def operating_points(path: str | None, n_members: int, member_name: str, method:
     if path is None:
         doc["note"] = "no --thresholds given: operating points 0.5 (calibration is the identity)"
         return doc
-    from cxr.report import ENSEMBLE
+    from cxr.report import ENSEMBLE, read_thresholds
 
+    tuned = read_thresholds(path)
+    key = ENSEMBLE if n_members > 1 else member_name
     try:
-        tuned = json.loads(Path(path).read_text())
-        key = ENSEMBLE if n_members > 1 else member_name
         by_label = tuned["members"][key][method]
-    except (OSError, ValueError, KeyError) as err:
+    except (KeyError, TypeError) as err:
         raise CxrError(f"{path}: no {method} thresholds of member {key!r} ({err}) — pass the evaluator's "
                        f"REPORT/thresholds.json of the same runs (python -m cxr.evaluate --runs ...)") from None
     ops = [float(by_label[name]) for name in LABELS]

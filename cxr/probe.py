@@ -23,9 +23,13 @@ import os
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Sequence
 
-from shards.errors import CxrError, cli_entry
+from cxrbase.atomic import atomic_write_text
+from cxrbase.errors import CxrError, cli_entry
+
+PROBE_FILE = "probe.json"  # RUN/probe.json: this module writes and reads it
 
 
 @dataclass
@@ -49,6 +53,25 @@ class ProbeResult:
         """The training overrides this layout means."""
         return [f"data.batch_size={self.micro_batch}", f"train.grad_accum_steps={self.grad_accum}",
                 f"model.grad_checkpointing={str(self.grad_checkpointing).lower()}"]
+
+
+def write_probe(run_dir: str | Path, result: ProbeResult) -> Path:
+    """Write ``RUN/probe.json`` atomically; returns its path."""
+    path = Path(run_dir) / PROBE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(asdict(result), indent=2) + "\n")
+    return path
+
+
+def read_probe(run_dir: str | Path) -> ProbeResult | None:
+    """``RUN/probe.json`` as written by :func:`write_probe`, or None when the run has none."""
+    path = Path(run_dir) / PROBE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return ProbeResult(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as err:
+        raise CxrError(f"{path}: unreadable memory probe ({err}) — delete it and the probe runs again") from None
 
 
 def _step_peak_mb(config: str | None, overrides: Sequence[str], resolution: int, batch: int, device: str) -> float:

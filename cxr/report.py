@@ -27,9 +27,9 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from shards.atomic import atomic_write, atomic_write_text
-from shards.errors import CxrError
-from shards.labels import LABELS
+from cxrbase.atomic import atomic_write, atomic_write_text
+from cxrbase.errors import CxrError
+from cxrbase.labels import LABELS
 
 ENSEMBLE = "ensemble"
 MEAN = "mean"
@@ -207,6 +207,19 @@ def thresholds_document(tuned: dict[str, dict[str, np.ndarray]], split: str, n: 
         "members": {m: {method: dict(zip(labels, map(float, thr))) for method, thr in by.items()}
                     for m, by in tuned.items()},
     }
+
+
+def read_thresholds(path: str | Path) -> dict[str, Any]:
+    """A thresholds.json written by :func:`write_outputs` (the document of :func:`thresholds_document`)."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise CxrError(f"{path}: unreadable thresholds ({err}) — pass the evaluator's REPORT/thresholds.json "
+                       f"(python -m cxr.evaluate --runs ... --out REPORT)") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("members"), dict):
+        raise CxrError(f"{path}: not an evaluator thresholds.json (no \"members\") — pass REPORT/thresholds.json "
+                       f"written by python -m cxr.evaluate")
+    return doc
 
 
 def analyse(scores: ScoreSet, tuning: ScoreSet | None, *, tuning_split: str | None,

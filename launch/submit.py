@@ -35,7 +35,7 @@ from cxr.run_log import EXIT_REQUEUE  # no torch import: submitting stays light
 from launch.members import RESUME, RUN_DIR_KEY, SHARDS_KEY, load_ensemble, member_argv
 from launch.profiles import (DEFAULT_PROFILE, Profile, env_exports, eval_mem_gb, get_profile, override_profile,
                              submitit_parameters, use_profile_files)
-from shards.errors import CxrError, cli_entry
+from cxrbase.errors import CxrError, cli_entry
 
 RESUME_KEY = RESUME.split("=")[0]
 CLUSTERS = ("slurm", "local", "debug")
@@ -159,21 +159,16 @@ class ProbedTrainTask(TrainTask):
 
 def probe_overrides(run_dir: Path, spec: dict[str, Any], rank: int = 0, timeout_s: float = 1800) -> list[str]:
     """The probe's training overrides: measured on rank 0 (RUN/probe.json), read by the others."""
-    import json
     import time
 
-    path = run_dir / "probe.json"
+    from cxr.probe import PROBE_FILE, choose, read_probe, write_probe
+
+    path = run_dir / PROBE_FILE
     if not path.is_file() and rank == 0:
-        from dataclasses import asdict
-
-        from cxr.probe import choose
-        from shards.atomic import atomic_write_text
-
         result = choose(spec.get("config"), spec.get("overrides", []), int(spec["resolution"]),
                         int(spec["effective_batch"]), fraction=float(spec.get("fraction", 0.8)),
                         budget_mb=spec.get("budget_mb"))
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(asdict(result), indent=2) + "\n")
+        write_probe(run_dir, result)
         print(f"probe {run_dir.name}: micro-batch {result.micro_batch} × accumulation {result.grad_accum} "
               f"(checkpointing {result.grad_checkpointing}), predicted peak {result.peak_mb:.0f} of "
               f"{result.budget_mb:.0f} MB on {result.device}", flush=True)
@@ -182,9 +177,7 @@ def probe_overrides(run_dir: Path, spec: dict[str, Any], rank: int = 0, timeout_
         if time.monotonic() > deadline:
             raise CxrError(f"{path}: rank 0's memory probe did not finish in {timeout_s:.0f} s — see its log")
         time.sleep(0.5)
-    result = json.loads(path.read_text())
-    return [f"data.batch_size={result['micro_batch']}", f"train.grad_accum_steps={result['grad_accum']}",
-            f"model.grad_checkpointing={str(result['grad_checkpointing']).lower()}"]
+    return read_probe(run_dir).overrides()
 
 
 @dataclass
