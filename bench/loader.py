@@ -272,12 +272,17 @@ def parallel_source_table(rows: list[tuple[int, int, float, float]], n: int, arg
     return "\n".join(lines)
 
 
+def write_section(path: Path, title: str, command: str, body: str) -> None:
+    """Replace (or append) the "## {title}" section of RESULTS.md: the command, the machine, the load, ``body``."""
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    section = (f"## {title}\n\n`{command}` ({platform.machine()}, {os.cpu_count()} cores, load average "
+               f"{load} — shared machine, {date.today()})\n\n{body}\n")
+    replace_section(path, title, section)
+
+
 def append_parallel_section(path: Path, text: str, command: str) -> None:
     """Replace (or append) the "## DALI parallel external source" section of RESULTS.md."""
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    section = (f"## DALI parallel external source\n\n`{command}` ({platform.machine()}, {os.cpu_count()} cores, "
-               f"load average {load} — shared machine, {date.today()})\n\n{text}\n\n{PARALLEL_NOTE}\n")
-    replace_section(path, "DALI parallel external source", section)
+    write_section(path, "DALI parallel external source", command, f"{text}\n\n{PARALLEL_NOTE}")
 
 
 CODECS = ("png", "ljpeg", "j2k", "jpeg")
@@ -341,10 +346,7 @@ def codec_table(rows: list[tuple], n: int, repeats: int) -> str:
 
 def append_codec_section(path: Path, text: str, command: str) -> None:
     """Replace (or append) the "## codec decode" section of RESULTS.md."""
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    section = (f"## codec decode\n\n`{command}` ({platform.machine()}, {os.cpu_count()} cores, load average "
-               f"{load} — shared machine, {date.today()})\n\n{text}\n")
-    replace_section(path, "codec decode", section)
+    write_section(path, "codec decode", command, text)
 
 
 def main() -> None:
