@@ -18,7 +18,7 @@ from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.utils import DistributedType, gather_object
 
 from cxr.config import Config
-from cxrbase.errors import CxrError
+from cxrbase.errors import CxrError, destroy_process_group  # noqa: F401 (re-used by cxr.train)
 
 log = logging.getLogger("cxr.train")
 
@@ -159,10 +159,6 @@ class StopFlag:
 
 
 # ----------------------------------------------------------------------------- collectives
-def destroy_process_group() -> None:
-    """End the process group, if one was initialised (every exit path of a training)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 def skipped_samples(skipped: int, skipped_keys: list, loader, accelerator: Accelerator) -> int:
