@@ -70,6 +70,23 @@ def loopback_warning(env, resolve: Callable[[str], str] | None = None) -> str | 
             f"(and NCCL_SOCKET_IFNAME; see README 'GPU')")
 
 
+def import_before_process_group() -> None:
+    """Import, before any process group exists, the torch modules that bind ``group.WORLD`` as a default.
+
+    ``torch.distributed.nn.functional`` evaluates ``group=group.WORLD`` for ten functions when it is
+    imported, and it is imported lazily, through ``torch._dynamo``, by whatever first builds a model
+    (``torchvision.ops``). Imported after the group is up (the evaluator and ``cxr.explain`` build
+    their models then), those defaults hold the live group: ``destroy_process_group`` cannot free it,
+    gloo's threads keep running, and the group is torn down during interpreter shutdown, where a rank
+    that exits first sometimes aborts ("terminate called without an active exception", SIGABRT: 3 of
+    59 two-rank ``cxr.explain`` runs here before this, 0 of 100 after). Imported first, the defaults
+    are None, which torch resolves to the default group at call time. Every creator of a process
+    group calls this first (:func:`make_accelerator`, ``cxr.inference.process_state``);
+    tests/test_cli_teardown.py checks that no gloo thread outlives the CLI.
+    """
+    import torch.distributed.nn  # noqa: F401
+
+
 def make_accelerator(cfg: Config) -> Accelerator:
     """Accelerator from the launcher's environment: gloo on CPU, NCCL on GPU, both with the
     collective timeout of the config (a dead peer fails the job instead of hanging it).
@@ -88,6 +105,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or deepspeed
     # a plain single process has no process group to configure (accelerate would look for one)
     handlers = [InitProcessGroupKwargs(backend="gloo" if cpu else "nccl", timeout=timeout)] if launched else []
+    import_before_process_group()
     # cpu=True would turn a DeepSpeed launch into plain CPU DDP; DeepSpeed finds the CPU by itself
     return Accelerator(cpu=cpu and not deepspeed, mixed_precision=precision, kwargs_handlers=handlers,
                        gradient_accumulation_steps=cfg.train.grad_accum_steps, step_scheduler_with_optimizer=False)

@@ -396,6 +396,9 @@ def process_state(args: argparse.Namespace) -> Any:
     import torch
     from accelerate import PartialState
 
+    from cxr.distributed import import_before_process_group
+
+    import_before_process_group()
     return PartialState(cpu=args.cpu or not torch.cuda.is_available())
 
 

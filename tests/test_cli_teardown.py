@@ -1,11 +1,16 @@
-"""Every CLI tears down the launcher's process group on exit (cxrbase.errors.cli_entry).
+"""Every CLI tears down the launcher's process group on exit (cxrbase.errors.cli_entry),
+and nothing keeps the group alive past it (cxr.distributed.import_before_process_group).
 
 Left to interpreter shutdown, gloo's threads are destroyed while still joinable and a
 rank that finishes early aborts ("terminate called without an active exception",
-SIGABRT) — seen on rank 1 of a two-rank ``cxr.evaluate`` / ``cxr.explain``.
+SIGABRT) — seen on rank 1 of a two-rank ``cxr.evaluate`` / ``cxr.explain``. The second
+test reproduces how that happened although the group was destroyed: the model built
+after the group was up imported ``torch.distributed.nn``, whose default arguments kept
+the group, so its threads were still running after ``destroy_process_group``.
 """
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import textwrap
@@ -32,13 +37,54 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _two_ranks(tmp_path: Path, *args: str) -> list[subprocess.CompletedProcess]:
+# The evaluator's and cxr.explain's order: the launcher's group first, then the model.
+LAUNCHED = textwrap.dedent("""
+    import argparse, os, sys
+    from cxrbase.errors import cli_entry
+
+    def gloo_threads():
+        names = []
+        for task in os.listdir("/proc/self/task"):
+            try:
+                names.append(open(f"/proc/self/task/{task}/comm").read().strip())
+            except OSError:
+                pass  # a thread that ended while listed
+        return sorted(n for n in names if "gloo" in n)
+
+    @cli_entry
+    def main(argv):
+        from accelerate.utils import gather_object
+        from cxr.inference import process_state
+
+        state = process_state(argparse.Namespace(cpu=True))
+        from cxr.models import build_model
+
+        build_model("cnn", num_labels=14)
+        gather_object([state.process_index])
+        print("gloo threads with the group:", gloo_threads())
+        return 0
+
+    code = main(sys.argv[3:])
+    print("gloo threads after main:", gloo_threads())
+    sys.exit(code)
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_ranks(tmp_path: Path, *args: str, script_text: str = SCRIPT) -> list[subprocess.CompletedProcess]:
     tmp_path.mkdir(parents=True)
     script = tmp_path / "rank.py"
-    script.write_text(SCRIPT)
+    script.write_text(script_text)
     store = tmp_path / "store"
-    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(script), str(store), str(rank), *args], env=env,
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(store), str(rank), *args],
+                              env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     return [subprocess.CompletedProcess(p.args, p.wait(timeout=120), *p.communicate()) for p in procs]
 
@@ -48,3 +94,11 @@ def test_cli_entry_destroys_the_process_group_on_return_and_on_error(tmp_path):
         for done in _two_ranks(tmp_path / "-".join(args or ("ok",)), *args):
             assert done.returncode == code, done.stderr[-2000:]
             assert "initialised after main: False" in done.stdout
+
+
+def test_no_gloo_thread_outlives_a_cli_that_builds_its_model_after_the_group(tmp_path):
+    for done in _two_ranks(tmp_path / "launched", script_text=LAUNCHED):
+        assert done.returncode == 0, done.stderr[-4000:]
+        with_group, after = [line for line in done.stdout.splitlines() if line.startswith("gloo threads")]
+        assert with_group != "gloo threads with the group: []", "no gloo thread seen: the check would prove nothing"
+        assert after == "gloo threads after main: []", f"{with_group}\n{after}"
