@@ -177,8 +177,6 @@ class StopFlag:
 
 
 # ----------------------------------------------------------------------------- collectives
-
-
 def skipped_samples(skipped: int, skipped_keys: list, loader, accelerator: Accelerator) -> int:
     """Corrupt samples skipped this epoch over all ranks (keys go to train.log); ``skipped`` and
     ``skipped_keys``: this rank's count before ``loader`` (a resumed epoch)."""

@@ -10,11 +10,12 @@ the group, so its threads were still running after ``destroy_process_group``.
 """
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+from test_train import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,19 +71,13 @@ LAUNCHED = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_ranks(tmp_path: Path, *args: str, script_text: str = SCRIPT) -> list[subprocess.CompletedProcess]:
     tmp_path.mkdir(parents=True)
     script = tmp_path / "rank.py"
     script.write_text(script_text)
     store = tmp_path / "store"
     env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
     procs = [subprocess.Popen([sys.executable, str(script), str(store), str(rank), *args],
                               env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
