@@ -33,6 +33,7 @@ import dataclasses
 import hashlib
 import inspect
 import json
+import math
 import textwrap
 import types
 import typing
@@ -275,16 +276,56 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     raw: dict = {}
     if path is not None:
         path = resolve_config_path(path)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise CxrError(f"{path}: not valid YAML ({str(err).splitlines()[0]}) — fix the syntax") from None
+        raw = read_yaml(path)
+        if raw is None:
+            raise CxrError(f"{path}: empty config (no sections) — pass a YAML with at least data.shards "
+                           f"(e.g. a copy of cxr/configs/tiny.yaml), or omit --config for all defaults")
         if not isinstance(raw, dict):
             raise CxrError(f"{path}: top level must be a mapping of sections {', '.join(SECTIONS)}")
     raw = {k: dict(v or {}) if isinstance(v, dict) or v is None else v for k, v in raw.items()}
     for item in overrides:
         _apply_override(raw, item)
     return config_from_dict(raw, where=str(path) if path else "config")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping key given twice (PyYAML keeps the last one silently,
+    so a second ``data:`` section would drop the first, or ``resolution: 128`` override ``64``)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise _DuplicateKey(f"line {key_node.start_mark.line + 1}: duplicate key {key!r} (first at line "
+                                    f"{seen[key]}) — keep one of them")
+            try:
+                seen[key] = key_node.start_mark.line + 1
+            except TypeError:  # an unhashable key: the base class reports it
+                pass
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def read_yaml(path: Path) -> Any:
+    """A config file's YAML (safe: no Python objects), with a one-line CxrError for text that is not
+    UTF-8, not YAML, or has a key twice in one mapping; None for an empty or comment-only file."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise CxrError(f"{path}: not UTF-8 text (byte {err.start}: {err.object[err.start:err.start + 1]!r}) — "
+                       f"save it as UTF-8") from None
+    except OSError as err:
+        raise CxrError(f"{path}: cannot read ({err.strerror}) — check the path and its permissions") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+    except _DuplicateKey as err:
+        raise CxrError(f"{path}: {err}") from None
+    except yaml.YAMLError as err:
+        raise CxrError(f"{path}: not valid YAML ({str(err).splitlines()[0]}) — fix the syntax") from None
 
 
 def shipped_configs() -> dict[str, Path]:
@@ -436,11 +477,14 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         return value
     if hint is float:  # YAML 1.1 reads "1e-4" (no dot) as a string: accept it as the number it plainly is
         try:
-            if not isinstance(value, bool):
-                return float(value)
+            number = None if isinstance(value, bool) else float(value)
         except (TypeError, ValueError):
-            pass
-        raise CxrError(f"{key}={value!r}: expected a number, e.g. 3e-4")
+            number = None
+        if number is None:
+            raise CxrError(f"{key}={value!r}: expected a number, e.g. 3e-4")
+        if not math.isfinite(number):  # `.nan` / `.inf` are YAML floats; nothing here means them
+            raise CxrError(f"{key}={value!r}: must be a finite number, not nan or inf — e.g. 3e-4")
+        return number
     if hint is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise CxrError(f"{key}={value!r}: expected a string")

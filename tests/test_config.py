@@ -211,3 +211,50 @@ def test_bad_value_in_a_yaml_file_names_the_file(tmp_path, text, key):
         load_config(path)
     msg = str(err.value)
     assert msg.startswith(f"{path}: ") and key in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "\n\n---\n"])
+def test_an_empty_config_file_is_refused_not_all_defaults(tmp_path, text):
+    """Battery 2, 8.9: an empty (or comment-only) YAML used to mean every default (DenseNet-121)."""
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    with pytest.raises(CxrError) as err:
+        load_config(path, ["data.resolution=64"])
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: empty config") and "data.shards" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("text, key, line", [
+    ("data:\n  resolution: 64\n  resolution: 128\n", "resolution", 3),        # 8.12: a key twice
+    ("data:\n  shards: a\ntrain:\n  epochs: 2\ndata:\n  resolution: 64\n", "data", 5),  # 8.13: a section twice
+])
+def test_a_duplicate_key_or_section_is_refused_naming_its_line(tmp_path, text, key, line):
+    """PyYAML's own safe_load keeps the last of two equal keys without a word (the reference here)."""
+    assert yaml.safe_load(text)  # loads silently under plain yaml.safe_load
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(CxrError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: line {line}: duplicate key {key!r}") and "\n" not in msg
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf", "nan", "inf"])
+def test_non_finite_numbers_are_refused(tmp_path, value):
+    """8.6: `lr: .nan` reached torch.optim's own ValueError traceback (`<= 0` lets NaN through)."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"optim:\n  lr: {value}\n")
+    with pytest.raises(CxrError, match="optim.lr=.*finite"):
+        load_config(path)
+    with pytest.raises(CxrError, match="loss.cap=.*finite"):
+        load_config(None, [f"loss.cap={value}"])
+
+
+def test_a_non_utf8_config_is_one_line(tmp_path):
+    """8.15: a UTF-16 file (BOM ff fe) was a UnicodeDecodeError traceback."""
+    path = tmp_path / "u16.yaml"
+    path.write_bytes("optim:\n  lr: 0.1\n".encode("utf-16"))
+    with pytest.raises(CxrError) as err:
+        load_config(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: not UTF-8 text") and "save it as UTF-8" in msg and "\n" not in msg
