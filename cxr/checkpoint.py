@@ -309,6 +309,38 @@ def init_weights_from(model: torch.nn.Module, run_dir: str | Path, model_kwargs:
     return {"checkpoint": str(found), "loaded": len(saved) - len(skip), "reinitialised": skip}
 
 
+_STATE_KEYS = ("loop", "lrs", "ranks")  # what every state.pt save_last writes holds (resume reads them)
+
+
+def read_state(path: Path) -> dict:
+    """state.pt, loaded with ``weights_only=True``; anything that is not a cxr checkpoint — damaged,
+    truncated, or holding pickled objects other than tensors and plain containers (a hostile file
+    that would run code under ``weights_only=False``) — is one CxrError line that says not to
+    use the unsafe option that torch's own message suggests."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as err:
+        raise CxrError(f"{path}: unreadable checkpoint ({load_error_line(err)}) — {_CORRUPT_FIX}") from None
+    except Exception as err:  # UnpicklingError, RuntimeError, EOFError, IndexError, ... of a bad pickle
+        raise CxrError(f"{path}: not a cxr checkpoint ({load_error_line(err)}) — it is damaged or holds objects "
+                       f"other than tensors; do not load it with weights_only=False; {_CORRUPT_FIX}") from None
+    missing = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CxrError(f"{path}: not a cxr checkpoint (no {', '.join(missing)}) — do not load it with "
+                       f"weights_only=False; {_CORRUPT_FIX}")
+    return state
+
+
+def load_error_line(err: BaseException) -> str:
+    """The informative line of a load error: torch's weights-only refusal puts the offending global
+    ("Trying to load unsupported GLOBAL posix.system ...") after its advice to disable the check."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):  # the reason is a later line
+        lines = [ln for ln in lines[1:] if "weights_only" not in ln and "torch.load" not in ln] or ["refused"]
+    why = lines[0].replace("WeightsUnpickler error: ", "") if lines else ""
+    return f"{type(err).__name__}: {why}"[:160]
+
+
 def load_checkpoint(accelerator, ckpt: str | Path, *, model, optimizer=None, scheduler=None) -> dict:
     """Restore weights, optimizer, scheduler, scaler and this rank's RNG states from ``ckpt``;
     return the loop state saved with it (``state["rank"]`` is this rank's own entry).
@@ -319,11 +351,7 @@ def load_checkpoint(accelerator, ckpt: str | Path, *, model, optimizer=None, sch
     path = ckpt / STATE
     if not path.is_file():
         raise CxrError(f"{path}: missing — '{ckpt.name}' holds weights only; resume from a 'last' checkpoint")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CxrError(f"{path}: corrupt checkpoint ({str(err).splitlines()[0][:80]}) — delete it "
-                       f"(or use last.old/best) or start a new run") from None
+    state = read_state(path)
     if _is_deepspeed(accelerator):
         if not (ckpt / DEEPSPEED_DIR).is_dir():
             raise CxrError(f"{ckpt}: no deepspeed/ folder — this checkpoint was not written under DeepSpeed; "

@@ -221,9 +221,47 @@ def test_a_truncated_state_file_is_a_one_line_error(tmp_path):
     assert train(_tiny(run, "train.epochs=1"), loader_fn=MemoryLoader) == 0
     state = run / "checkpoints" / "last" / "state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
-    with pytest.raises(CxrError, match=rf"^{state}: corrupt checkpoint \(.*\) — delete it \(or use last.old/best\) "
-                                       rf"or start a new run$"):
+    with pytest.raises(CxrError, match=rf"^{state}: not a cxr checkpoint \(.*\) — .*do not load it with "
+                                       rf"weights_only=False; delete it \(or use last.old/best\) or start a new run$"):
         train(_tiny(run, "train.epochs=2"), loader_fn=MemoryLoader)
+
+
+class _Evil:
+    """A pickled object whose unpickling would run a command (battery 2, 12.5)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("content", ["hostile", "plain_pickle", "deep", "not_a_dict", "no_loop"])
+def test_a_hostile_or_damaged_state_file_is_one_line_that_warns_off_weights_only_false(tmp_path, run_a, content):
+    """12.5/12.6: torch's refusal (UnpicklingError: "... weights_only set to False will likely succeed")
+    and a deeply nested pickle's IndexError were raw tracebacks; nothing in the file runs."""
+    import pickle
+    import shutil
+
+    run = tmp_path / "r"
+    shutil.copytree(run_a, run)
+    state, marker = run / "checkpoints" / "last" / "state.pt", tmp_path / "pwned"
+    if content == "hostile":
+        torch.save({"x": _Evil(marker)}, state)
+    elif content == "plain_pickle":
+        state.write_bytes(pickle.dumps({"x": _Evil(marker)}))
+    elif content == "deep":
+        state.write_bytes(b"(" * 100000)
+    elif content == "not_a_dict":
+        torch.save([torch.zeros(2)], state)
+    else:
+        torch.save({"lrs": [0.1], "ranks": []}, state)
+    with pytest.raises(CxrError) as err:
+        train(_tiny(run, "train.epochs=4"), loader_fn=MemoryLoader)
+    msg = str(err.value)
+    assert msg.startswith(f"{state}: not a cxr checkpoint (") and "\n" not in msg
+    assert "do not load it with weights_only=False" in msg and "will likely succeed" not in msg
+    assert not marker.exists()
 
 
 def test_a_full_disk_at_a_checkpoint_is_a_one_line_error_and_the_run_resumes(tmp_path, run_a, monkeypatch):

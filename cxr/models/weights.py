@@ -51,7 +51,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unreadable or pickled objects beyond tensors
-        raise CxrError(f"{path}: cannot read as a state dict ({type(err).__name__}: {err}) — {WEIGHTS_HINT}") from err
+        from cxr.checkpoint import load_error_line  # torch's message ends in advice to use weights_only=False
+
+        raise CxrError(f"{path}: cannot read as a state dict ({load_error_line(err)}) — do not load it with "
+                       f"weights_only=False; {WEIGHTS_HINT}") from None
     for key in _WRAPPER_KEYS:
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]
