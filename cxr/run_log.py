@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from cxr.run_lock import RunLock
-from cxrbase.atomic import atomic_write_text
+from cxrbase.atomic import atomic_write_text, remove_stale_temps
 from cxrbase.errors import CxrError
 
 if TYPE_CHECKING:
@@ -56,7 +56,8 @@ def setup_logging(run_dir: Path, main: bool) -> None:
 
 def lock_run_dir(cfg: Config, accelerator: Accelerator) -> RunLock | None:
     """Rank 0 takes the run dir's lock (held until the run ends); every rank raises when it is
-    taken. Then logging to RUN/train.log starts."""
+    taken. Then logging to RUN/train.log starts, and rank 0 removes the temp files of an atomic
+    write a killed run left in the run dir (``.val_predictions.parquet.*.tmp`` and the like)."""
     from accelerate.utils import gather_object
 
     lock, refused = None, None
@@ -76,6 +77,10 @@ def lock_run_dir(cfg: Config, accelerator: Accelerator) -> RunLock | None:
         raise
     if lock is not None and lock.stale:
         log.warning("%s", lock.stale)
+    if lock is not None:  # under the lock no other writer uses the folder: a killed run's temp files go
+        removed = remove_stale_temps(cfg.checkpoint.run_dir)
+        if removed:
+            log.info("removed %d temp file(s) a killed run left in %s", removed, cfg.checkpoint.run_dir)
     return lock
 
 

@@ -485,3 +485,18 @@ def test_a_corrupt_val_sample_fails_before_the_first_training_step(tmp_path):
     assert " step_in_epoch " not in (run / "train.log").read_text()  # no training step was taken
     assert not (run / "checkpoints" / "last").exists()
     assert status(run)["state"] == "failed"
+
+
+def test_a_killed_runs_temp_files_are_removed_when_training_starts(tmp_path, run_a):
+    """3.2: `.val_predictions.parquet.XXXX.tmp` of a kill during the write stayed after the resume."""
+    import shutil
+
+    run = tmp_path / "r"
+    shutil.copytree(run_a, run)
+    stray = [run / ".val_predictions.parquet.ott_b9zz.tmp", run / ".status.json.abc123.tmp"]
+    for path in stray:
+        path.write_bytes(b"")
+    assert train(_tiny(run), loader_fn=MemoryLoader) == 0  # finished: nothing to do, but the temps go
+    assert not any(p.exists() for p in stray)
+    assert "removed 2 temp file(s) a killed run left in" in (run / "train.log").read_text()
+    assert (run / "val_predictions.parquet").is_file() and (run / "status.json").is_file()
