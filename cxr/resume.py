@@ -45,10 +45,11 @@ class TrainState:
     batches: int = 0            # this rank's micro-batches this epoch
     skipped: int = 0            # corrupt samples this rank skipped this epoch before the current loader
     skipped_keys: list = field(default_factory=list)
+    accepted: bool = False      # this start passed its checks and wrote status "running" (never saved)
 
     def loop(self) -> dict:
         """The loop state as saved (state.pt ``loop``)."""
-        return {k: v for k, v in asdict(self).items() if k not in SUMS}
+        return {k: v for k, v in asdict(self).items() if k not in SUMS and k != "accepted"}
 
     def sums(self) -> dict:
         return {k: getattr(self, k) for k in SUMS}

@@ -135,8 +135,12 @@ def read_status(run_dir: str | Path) -> dict | None:
                        f"again") from None
 
 
-def write_failed_status(run_dir: Path, st, err: BaseException) -> None:
-    """status.json ``failed`` with the exit status the CLI will return and the one-line error."""
+def write_failed_status(run_dir: Path, st, err: BaseException, accepted: bool = True) -> None:
+    """status.json ``failed`` with the exit status the CLI will return and the one-line error.
+
+    ``accepted`` False (refused before it started: config mismatch, bad data...): the status of
+    the run already there (finished, preempted...) is left as it is and the refusal goes to
+    train.log; only a run dir without a status gets ``failed``."""
     if isinstance(err, SystemExit):
         if err.code in (0, None, EXIT_REQUEUE):
             return
@@ -145,6 +149,13 @@ def write_failed_status(run_dir: Path, st, err: BaseException) -> None:
         code = 2 if isinstance(err, CxrError) else 130 if isinstance(err, KeyboardInterrupt) else 1
     text = str(err).strip().splitlines()[0] if str(err).strip() else ""
     line = text if isinstance(err, CxrError) else f"{type(err).__name__}: {text}".rstrip(": ")
+    if not accepted and (run_dir / STATUS).is_file():
+        try:
+            before = (read_status(run_dir) or {}).get("state", "?")
+        except CxrError:
+            before = "unreadable"
+        steps_log.info("refused to start (exit %d): %s — %s left as it was (%s)", code, line, STATUS, before)
+        return
     try:
         write_status(run_dir, "failed", st, exit_code=code, error=line)
     except OSError:

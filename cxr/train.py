@@ -96,8 +96,8 @@ def train(cfg: Config, loader_fn: Callable = build_loader) -> int:
         lock = run_log.lock_run_dir(cfg, accelerator)  # rank 0 holds it; every rank raises when it is taken
         return _train(cfg, accelerator, loader_fn, stop, st)
     except BaseException as err:
-        if lock is not None:  # only the holder may write the run's status
-            run_log.write_failed_status(Path(cfg.checkpoint.run_dir), st, err)
+        if lock is not None:  # only the holder may write the run's status (a refused start keeps the old one)
+            run_log.write_failed_status(Path(cfg.checkpoint.run_dir), st, err, accepted=st.accepted)
         raise
     finally:
         if lock is not None:
@@ -153,6 +153,7 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
     if accelerator.is_main_process:
         save_config(cfg, run_dir / "config.yaml")
         run_log.write_status(run_dir, "running", st)
+    st.accepted = True
     pids = gather_object([os.getpid()])
     log.info("start: %d rank(s) on %s, pids %s, %s, config hash %s, %d steps/epoch, %s",
              world, device, pids, accelerator.distributed_type.value, config_hash(cfg), steps_per_epoch,

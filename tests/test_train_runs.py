@@ -213,7 +213,35 @@ def test_force_resume_with_another_model_names_the_tensors(tmp_path):
                                        r"\(other shape: head\.\S+ \[14, 512\] in the checkpoint vs \[3, 512\] here"):
         train(_tiny(run, "train.epochs=2", "model.num_labels=3", "checkpoint.force_resume=true"),
               loader_fn=MemoryLoader)
-    assert status(run)["state"] == "failed" and status(run)["exit_code"] == 2
+    assert status(run)["state"] == "finished"  # a refused start leaves the run's own status (13.6)
+
+
+def _bad_val(cfg, split, **kw):
+    if split == "val":
+        raise CxrError("shards/val-000000.tar: unreadable — re-pack")
+    return MemoryLoader(cfg, split, **kw)
+
+
+@pytest.mark.parametrize("refusal", ["config", "data"])
+def test_a_refused_start_leaves_a_finished_or_preempted_status_alone(tmp_path, run_a, refusal):
+    """13.6: a config-hash refusal (or another error before the run starts) rewrote a finished run's
+    status.json as `failed, epoch 0`; a fresh run dir refused still gets `failed`."""
+    import shutil
+
+    run = tmp_path / "r"
+    shutil.copytree(run_a, run)
+    before = (run / "status.json").read_text()
+    with pytest.raises(CxrError):
+        if refusal == "config":
+            train(_tiny(run, "optim.lr=0.5"), loader_fn=MemoryLoader)
+        else:
+            train(_tiny(run, "train.epochs=4"), loader_fn=_bad_val)
+    assert (run / "status.json").read_text() == before and status(run)["state"] == "finished"
+    assert "refused to start (exit 2): " in (run / "train.log").read_text()
+    fresh = tmp_path / "fresh"
+    with pytest.raises(CxrError):
+        train(_tiny(fresh), loader_fn=_bad_val)
+    assert (status(fresh)["state"], status(fresh)["exit_code"], status(fresh)["epoch"]) == ("failed", 2, 0)
 
 
 def test_a_truncated_state_file_is_a_one_line_error(tmp_path):
