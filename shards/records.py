@@ -119,6 +119,12 @@ def checksum_problem(expected: Any, members: dict[str, bytes]) -> str | None:
     return None
 
 
+def named_positives(names: Sequence[str], labels: bytes | Sequence[int]) -> list[str]:
+    """The names of the positive labels of a ``.labels`` member (or list) under the label names
+    ``names``: what the sample's ``.json`` ``findings`` holds when ``names`` is the packed order."""
+    return [name for name, y in zip(names, bytes(labels) if isinstance(labels, bytes) else labels) if y]
+
+
 def read_splits(splits: Any) -> tuple[list[Record], str | None, str]:
     """Load a splits table (path to .parquet/.csv, or a DataFrame) and validate it.
 

@@ -672,3 +672,27 @@ def test_dali_parallel_source_batch_of_only_corrupt_samples_stops(synth, tmp_pat
     for workers in (0, 1):
         with pytest.raises(CxrError, match=rf"{shard}: every sample of a batch is corrupt \(\['{key}'\]\)"):
             _collect(build_loader(_cfg(tmp_path / "s", "dali", batch_size=1, source_workers=workers), "train"))
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+def test_a_reordered_manifest_labels_list_is_refused_when_a_split_is_opened(synth, tmp_path, split):
+    """Battery 2, 7.6: labels[0] and labels[1] swapped in manifest.json trained (and evaluated) every
+    head under the other's name. Reference: the splits table says which samples are positive for the
+    two labels, and the packed order is cxrbase.labels.LABELS."""
+    table = synth["table"]
+    assert table[table["split"] == split][[LABELS[0], LABELS[1]]].to_numpy().any()  # the swap is visible
+    shutil.copytree(synth["dir"], tmp_path / "s")
+    path = tmp_path / "s" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    assert manifest["labels"] == list(LABELS)
+    manifest["labels"][0], manifest["labels"][1] = manifest["labels"][1], manifest["labels"][0]
+    path.write_text(json.dumps(manifest))
+    for backend in BACKENDS:
+        with pytest.raises(CxrError) as err:
+            build_loader(_cfg(tmp_path / "s", backend, batch_size=4), split)
+        msg = str(err.value)
+        assert msg.startswith(f"{path}: its labels list is not the order the samples were packed in")
+        assert f"restore its labels list to {list(LABELS)}" in msg and "re-pack" in msg and "\n" not in msg
+    manifest["labels"] = list(LABELS)  # put back: it opens again (the check is not sticky)
+    path.write_text(json.dumps(manifest))
+    assert len(build_loader(_cfg(tmp_path / "s", "wds", batch_size=4), split)) > 0

@@ -24,9 +24,9 @@ import numpy as np
 from shards.dali_index import Sample, header_mismatch, index_mismatch, read_index, scan_tar
 from cxrbase.errors import CxrError
 from shards.image_codec import CODEC_EXT, ljpeg_problem, png_problem
-from cxrbase.labels import META_FIELDS, NUM_LABELS
+from cxrbase.labels import LABELS, META_FIELDS, NUM_LABELS
 from shards.manifest import MANIFEST_NAME, has_checksums, load_manifest
-from shards.records import CRC_FIELD, checksum_problem
+from shards.records import CRC_FIELD, checksum_problem, named_positives
 
 log = logging.getLogger("cxr.data")
 
@@ -129,9 +129,92 @@ class SplitIndex:
                 keys.append(key)
                 shard_ids.append(i)
             paths.append(tar)
-        return cls(shards_dir, codec, paths, keys, np.asarray(shard_ids, np.int32),
-                   np.asarray(ranges, np.int64).reshape(-1, 4, 2),
-                   len(manifest.get("labels") or ()) or NUM_LABELS, has_checksums(manifest))
+        index = cls(shards_dir, codec, paths, keys, np.asarray(shard_ids, np.int32),
+                    np.asarray(ranges, np.int64).reshape(-1, 4, 2),
+                    len(manifest.get("labels") or ()) or NUM_LABELS, has_checksums(manifest))
+        if manifest.get("labels"):
+            check_label_order(index, list(manifest["labels"]), shards_dir / MANIFEST_NAME)
+        return index
+
+
+# Samples whose .json is read by check_label_order at most (it stops sooner once every label has been
+# seen positive): 2,000 small preads, a few ms per split; the NIH labels all occur in any 2,000 images
+# but for Hernia (0.2 %, ~4 expected).
+LABEL_CHECK_SAMPLES = 2000
+_label_order_checked: set[tuple] = set()  # (manifest, its mtime and size, split names, labels) already checked
+
+
+def check_label_order(index: SplitIndex, names: list[str], manifest: Path) -> None:
+    """CxrError when the manifest's ``labels`` are not the order the samples were packed in.
+
+    The loaders take the label names from manifest.json and the bits from each ``.labels``; a
+    reordered or edited list would train and evaluate every head under another label's name. Each
+    sample's ``.json`` names its positive labels (``findings``, written by pack from the same row):
+    the names of the set ``.labels`` bits under the manifest's order must be exactly those. Samples
+    are read spread over the split until every label was seen positive (or LABEL_CHECK_SAMPLES);
+    a sample whose .json is unreadable, lacks ``findings`` or whose ``.labels`` differ from the
+    .json's ``labels`` (damage, not a manifest edit) is left to the loaders' own checks."""
+    try:
+        stat = manifest.stat()
+        memo = (str(manifest), stat.st_mtime_ns, stat.st_size, tuple(map(str, index.shard_paths)), tuple(names))
+    except OSError:
+        memo = None
+    if memo is not None and memo in _label_order_checked or not len(index):
+        return
+    step = max(1, len(index) // LABEL_CHECK_SAMPLES)
+    order = [i for start in range(step) for i in range(start, len(index), step)][:LABEL_CHECK_SAMPLES]
+    seen: set[int] = set()
+    read: list[tuple[bytes, list]] = []
+    bad = None
+    reader = SampleReader(index)
+    try:
+        for i in order:
+            _, (lo, lsz), _, (jo, jsz) = index.ranges[i]
+            fd = reader._fd(int(index.shard[i]))
+            bits = os.pread(fd, int(lsz), int(lo))
+            try:
+                record = json.loads(os.pread(fd, int(jsz), int(jo)))
+                findings, packed = record.get("findings"), record.get("labels")
+            except (ValueError, AttributeError):
+                continue
+            if not isinstance(findings, list) or len(bits) != len(names) or packed != list(bits):
+                continue  # a damaged sample (.labels not its .json's): the loaders' checks report it
+            read.append((bits, findings))
+            if bad is None and named_positives(names, bits) != findings:
+                bad = (i, named_positives(names, bits), findings)
+            seen.update(p for p, y in enumerate(bits) if y)
+            if bad is None and len(seen) == len(names):
+                break
+    finally:
+        reader.close()
+    if bad is not None:
+        i, named, findings = bad
+        packed = _packed_order(names, read)
+        raise CxrError(f"{manifest}: its labels list is not the order the samples were packed in "
+                       f"({index.shard_paths[index.shard[i]].name}: sample {index.keys[i]}'s .labels name "
+                       f"{named} under it, its .json findings are {findings}) — the manifest was edited: "
+                       f"restore its labels list{f' to {packed}' if packed else ''} or re-pack the shards "
+                       f"(python -m shards pack)")
+    if memo is not None:
+        _label_order_checked.add(memo)
+
+
+def _packed_order(names: list[str], read: list[tuple[bytes, list]]) -> list[str] | None:
+    """The packed label order when the samples read pin it down, else None: pack writes the 14 NIH
+    labels in canonical order; for another table, position p's name is in the findings of every
+    sample with bit p set and in none of those with it unset (one candidate left per position)."""
+    if sorted(names) == sorted(LABELS):
+        return list(LABELS)
+    candidates = [set(names) for _ in names]
+    for bits, findings in read:
+        for p, y in enumerate(bits):
+            candidates[p] = candidates[p] & set(findings) if y else candidates[p] - set(findings)
+    for _ in names:  # a name fixed at one position is no candidate elsewhere
+        fixed = {next(iter(c)) for c in candidates if len(c) == 1}
+        candidates = [c if len(c) == 1 else c - fixed for c in candidates]
+    if all(len(c) == 1 for c in candidates) and len({next(iter(c)) for c in candidates}) == len(names):
+        return [next(iter(c)) for c in candidates]
+    return None
 
 
 def _index_shard(tar: Path, idx: Path) -> list[Sample]:
