@@ -132,6 +132,7 @@ def saved_config_diff(cfg: Config, found: Path, saved_hash: str | None = None) -
 def finished_run(cfg: Config, st: TrainState, run_dir: Path, resume_from: Path | None) -> None:
     """A run whose ``last`` says finished: nothing to do here (logged), or refused when that
     checkpoint belongs to another run dir."""
+    check_has_best(cfg, st, run_dir)
     if resume_from is not None and resume_from.parent.parent.resolve() != run_dir.resolve():
         raise CxrError(f"checkpoint.resume={resume_from}: that run finished at epoch {st.epoch} — nothing "
                        f"to continue; raise train.epochs to continue it, or start from its weights with "
@@ -139,6 +140,18 @@ def finished_run(cfg: Config, st: TrainState, run_dir: Path, resume_from: Path |
     log.info("run %s already finished at epoch %d — nothing to do (raise train.epochs to continue it, or "
              "model.init_from=%s in a new checkpoint.run_dir to start from its weights)", run_dir, st.epoch,
              run_dir)
+
+
+def check_has_best(cfg: Config, st: TrainState, run_dir: Path) -> None:
+    """A run that ends with no epoch ever best (its best metric NaN every epoch) has no
+    ``checkpoints/best`` to evaluate: a CxrError (status ``failed``), never ``finished``."""
+    if st.best_value is not None:
+        return
+    last = st.rows[-1].get(cfg.train.best_metric) if st.rows else None
+    raise CxrError(f"{run_dir}: no epoch of {st.epoch} had a finite {cfg.train.best_metric} (last {last}), so "
+                   f"there is no best checkpoint and the run cannot count as finished — check the val split "
+                   f"(val_mean_auroc needs a label with both classes), or train with train.best_metric=val_loss "
+                   f"in a new checkpoint.run_dir")
 
 
 def continue_finished_run(cfg: Config, st: TrainState, scheduler, optimizer, per_step: bool,

@@ -46,8 +46,8 @@ from cxr.distributed import (StopFlag, configure_deepspeed, configure_numerics, 
 from cxr.losses import build_loss
 from cxr.metrics import epoch_metrics
 from cxr.models import build_model
-from cxr.resume import (TrainState, continue_finished_run, finished_run, restore, resume_checkpoint, save_best,
-                        save_last, update_best, update_early_stop)
+from cxr.resume import (TrainState, check_has_best, continue_finished_run, finished_run, restore, resume_checkpoint,
+                        save_best, save_last, update_best, update_early_stop)
 from cxr.run_log import EXIT_REQUEUE, preempted  # noqa: F401 (EXIT_REQUEUE: read by launchers and tests)
 from cxr.train_setup import (build_optimizer, build_scheduler, check_val_split, current_lr, label_names,
                              open_loader, train_prevalence, train_steps_per_epoch)
@@ -274,6 +274,7 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
     log_replicas(net)  # data-parallel replicas must hold bitwise identical weights
     if writer is not None:
         writer.close()
+    check_has_best(cfg, st, run_dir)  # never "finished" without checkpoints/best
     if accelerator.is_main_process:
         run_log.write_status(run_dir, "finished", st)
     elapsed = time.time() - t_start

@@ -114,7 +114,7 @@ def train_steps_per_epoch(cfg: Config, loader_fn: Callable, rank: int, world: in
 def check_val_split(cfg: Config, loader_fn: Callable, rank: int, world: int) -> None:
     """Build the val loader once before epoch 1: a missing, empty or corrupt split fails before
     any training (each rank reads its share of the val samples' bytes with the loaders' checks)."""
-    bad = None
+    bad, positives = None, None
     try:
         with torch.random.fork_rng(devices=[]):
             loader = loader_fn(cfg.data, "val", rank=rank, world_size=world, epoch=0, train=False)
@@ -122,16 +122,55 @@ def check_val_split(cfg: Config, loader_fn: Callable, rank: int, world: int) -> 
         if isinstance(getattr(loader, "index", None), SplitIndex):  # shards (not in-memory data)
             found = first_corrupt(loader.index, rank, world)
             bad = None if found is None else str(found.as_error())
+            if bad is None and _uses_auroc(cfg):
+                positives = label_counts(loader.index, rank, world)
     except CxrError as err:
         if "no shards for split 'val'" not in str(err):
             raise
         batches = 0
-    counts, errors = zip(*gather_object([(batches, bad)]))
+    counts, errors, shares = zip(*gather_object([(batches, bad, positives)]))
     if sum(counts) == 0:
         raise CxrError(f"{cfg.data.shards}: split 'val' has 0 samples — validation needs some: re-split "
                        f"with a val fraction > 0 (python -m shards split --fractions 0.7,0.15,0.15) and re-pack")
     if any(errors):
         raise CxrError(next(e for e in errors if e))
+    if all(share is not None for share in shares):
+        check_auroc_defined(cfg, np.sum([s[0] for s in shares], axis=0), sum(s[1] for s in shares))
+
+
+def _uses_auroc(cfg: Config) -> bool:
+    return "val_mean_auroc" in (cfg.train.best_metric, cfg.schedule.monitor if cfg.schedule.name == "plateau" else "")
+
+
+def label_counts(index: SplitIndex, rank: int, world: int) -> tuple[np.ndarray, int]:
+    """([num_labels] positives, samples) of this rank's share of a split, from the .labels bytes."""
+    from cxr.data.shard_index import SampleReader
+
+    reader, total, n = SampleReader(index), np.zeros(index.num_labels, np.int64), 0
+    try:
+        for i in range(rank, len(index), world):
+            labels, _ = reader.read_fields(i)
+            if len(labels) == index.num_labels:
+                total += labels.astype(np.int64)
+                n += 1
+    finally:
+        reader.close()
+    return total, n
+
+
+def check_auroc_defined(cfg: Config, positives: np.ndarray, samples: int) -> None:
+    """val_mean_auroc is the mean AUROC over the labels with both classes in the val split: with no
+    such label it is NaN every epoch, no epoch is ever "best", and the run would end with no best
+    checkpoint. Refused before epoch 1 when the best metric (or the plateau monitor) is val_mean_auroc."""
+    both = int(np.sum((positives > 0) & (positives < samples)))
+    if both:
+        return
+    keys = [k for k, v in (("train.best_metric", cfg.train.best_metric), ("schedule.monitor", cfg.schedule.monitor))
+            if v == "val_mean_auroc" and (k != "schedule.monitor" or cfg.schedule.name == "plateau")]
+    raise CxrError(f"{cfg.data.shards}: split 'val' ({samples} samples) has no label with both positive and "
+                   f"negative samples, so val_mean_auroc is undefined and no epoch could be best "
+                   f"({', '.join(keys)}=val_mean_auroc) — re-split with a larger val fraction and re-pack, or set "
+                   f"{' '.join(f'{k}=val_loss' for k in keys)}")
 
 
 def open_loader(loader_fn: Callable, cfg: Config, split: str, rank: int, world: int, **kwargs):

@@ -528,3 +528,75 @@ def test_a_killed_runs_temp_files_are_removed_when_training_starts(tmp_path, run
     assert not any(p.exists() for p in stray)
     assert "removed 2 temp file(s) a killed run left in" in (run / "train.log").read_text()
     assert (run / "val_predictions.parquet").is_file() and (run / "status.json").is_file()
+
+
+# ------------------------------------------------------------------------ battery 2, 10.2: no best checkpoint
+@pytest.fixture(scope="module")
+def val1_shards(tmp_path_factory) -> Path:
+    """Real packer, a val split of one image (so no label has both classes in val)."""
+    import pandas as pd
+
+    from shards.cli import main as shards_main
+
+    root = tmp_path_factory.mktemp("val1")
+    assert shards_main(["synth", "--out", str(root / "synth"), "--n", "40", "--resolution", "32", "--seed", "3",
+                        "--workers", "1"]) == 0
+    assert shards_main(["split", "--metadata", str(root / "synth" / "Data_Entry_2017.csv"), "--scheme", "random",
+                        "--fractions", "0.6,0.2,0.2", "--out", str(root / "splits.parquet")]) == 0
+    table = pd.read_parquet(root / "splits.parquet")
+    alone = table.groupby("patient")["image"].transform("size") == 1
+    one = table.index[alone][0]  # a patient with one image: moving it keeps patients within one split
+    table.loc[table["split"] == "val", "split"] = "train"
+    table.loc[one, "split"] = "val"
+    table.to_parquet(root / "splits1.parquet")
+    assert shards_main(["pack", "--splits", str(root / "splits1.parquet"), "--images", str(root / "synth" / "images"),
+                        "--out", str(root / "shards"), "--workers", "1"]) == 0
+    return root / "shards"
+
+
+def test_best_metric_auroc_with_a_val_split_without_both_classes_is_refused_before_epoch_1(tmp_path, val1_shards):
+    """10.2: the run printed `best val_mean_auroc nan at epoch 0`, exited 0 `finished` and wrote no best."""
+    run = tmp_path / "r"
+    cfg = load_config(ROOT / "cxr" / "configs" / "tiny.yaml", [
+        f"checkpoint.run_dir={run}", f"data.shards={val1_shards}", "data.resolution=32", "data.backend=wds",
+        "data.num_threads=0", "data.batch_size=4", "logging.progress=false", "train.epochs=2", "train.threads=1",
+        "train.best_metric=val_mean_auroc"])
+    with pytest.raises(CxrError) as err:
+        train(cfg)
+    msg = str(err.value)
+    assert msg.startswith(f"{val1_shards}: split 'val' (1 samples) has no label with both positive and negative")
+    assert "train.best_metric=val_loss" in msg and "\n" not in msg
+    assert " step_in_epoch " not in (run / "train.log").read_text()  # refused before any step
+    assert not (run / "checkpoints").exists() and status(run)["state"] == "failed"
+
+
+class _OneClassVal(MemoryLoader):
+    """In-memory data (no shards to check up front) whose val labels are all negative."""
+
+    def __init__(self, cfg, split, **kw):
+        super().__init__(cfg, split, **kw)
+        if split == "val":
+            self.labels.zero_()
+
+
+def test_a_run_with_no_best_epoch_never_says_finished(tmp_path):
+    """The same fault past the up-front check: no epoch has a finite val_mean_auroc (sklearn's
+    roc_auc_score has none for one-class labels: the reference for "undefined")."""
+    from sklearn.metrics import roc_auc_score
+
+    import warnings
+
+    with warnings.catch_warnings():  # recent sklearn: an UndefinedMetricWarning and NaN (older: ValueError)
+        warnings.simplefilter("ignore")
+        try:
+            assert np.isnan(roc_auc_score(np.zeros(4), np.linspace(0, 1, 4)))
+        except ValueError:
+            pass
+    run = tmp_path / "r"
+    cfg = _tiny(run, "train.epochs=2", "train.best_metric=val_mean_auroc")
+    with pytest.raises(CxrError, match=rf"^{run}: no epoch of 2 had a finite val_mean_auroc .* no best checkpoint"):
+        train(cfg, loader_fn=_OneClassVal)
+    assert status(run)["state"] == "failed" and not (run / "checkpoints" / "best").exists()
+    with pytest.raises(CxrError, match="no best checkpoint"):  # the same command again: still not finished
+        train(cfg, loader_fn=_OneClassVal)
+    assert status(run)["state"] == "failed"
