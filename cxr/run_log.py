@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import logging
+import os
 import signal
 import sys
 from datetime import datetime, timezone
@@ -113,11 +114,18 @@ def progress_bar(cfg: Config, accelerator: Accelerator, st, steps_per_epoch: int
 
 
 # ----------------------------------------------------------------------------- status.json
+NONCE_ENV = "CXR_RUN_NONCE"  # set by slurm/run-training.sh: "<job id>.<restart count>" of this start
+
+
 def write_status(run_dir: Path, state: str, st, exit_code: int = 0, error: str | None = None) -> None:
-    """RUN/status.json: running | preempted | finished | failed, for launchers deciding to requeue."""
+    """RUN/status.json: running | preempted | finished | failed, for launchers deciding to requeue.
+
+    ``nonce``: $CXR_RUN_NONCE of the process that wrote it (null without one), so that a launcher
+    can tell a status written by its own start from an older one without comparing file times."""
     payload = {"state": state, "epoch": st.epoch, "step_in_epoch": st.step_in_epoch,
                "global_step": st.global_step, "exit_code": exit_code,
-               "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+               "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "nonce": os.environ.get(NONCE_ENV) or None}
     if error is not None:
         payload["error"] = error
     atomic_write_text(run_dir / STATUS, json.dumps(payload, indent=2) + "\n")
@@ -246,3 +254,32 @@ def log_tensorboard(writer, row: dict, step: int) -> None:
         if isinstance(value, (int, float)) and key not in ("epoch", "step"):
             writer.add_scalar(key, value, step)
     writer.flush()
+
+
+# ----------------------------------------------------------------------------- launcher query
+def stopped_for_requeue(run_dir: str | Path, nonce: str) -> bool:
+    """Whether RUN/status.json says ``preempted`` and was written by the start whose
+    $CXR_RUN_NONCE is ``nonce`` (an older ``preempted`` — a crash after it — does not count)."""
+    try:
+        status = read_status(run_dir)
+    except CxrError:
+        return False
+    return bool(status) and status.get("state") == "preempted" and bool(nonce) and status.get("nonce") == nonce
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cxr.run_log preempted RUN NONCE``: exit 0 when training stopped to be requeued
+    (status.json ``preempted`` with that nonce), 1 otherwise — slurm/run-training.sh's test; no torch."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m cxr.run_log", description=main.__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("preempted", help="exit 0 when RUN/status.json is 'preempted' with this nonce, else 1")
+    q.add_argument("run_dir")
+    q.add_argument("nonce", help="the $CXR_RUN_NONCE training was started with (job id.restart count)")
+    args = p.parse_args(argv)
+    return 0 if stopped_for_requeue(args.run_dir, args.nonce) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

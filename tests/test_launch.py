@@ -1,6 +1,7 @@
 """launch/: cluster profiles, ensemble configs, the submitit task (checkpoint/requeue), debug and local runs."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -299,3 +300,66 @@ def test_site_file_errors_name_the_file(tmp_path):
     bad.write_text("g5.24xlarge:\n  gpus: 3\n")
     with pytest.raises(CxrError, match=r"bad.yaml: profile 'g5.24xlarge': unknown field"):
         profiles.load_profiles([bad])
+
+
+# ------------------------------------------------------- run-training.sh's requeue decision ----
+# srun and scontrol are replaced by stubs on PATH: "training" writes RUN/status.json through the real
+# writer (cxr.run_log.write_status, which records $CXR_RUN_NONCE) and exits 1 as accelerate would.
+_FAKE_SRUN = """#!/usr/bin/env bash
+case $FAKE_TRAINING in
+  preempt) "$CXR_PYTHON" -c 'import os, sys; from pathlib import Path; sys.path.insert(0, os.getcwd())
+from cxr.resume import TrainState; from cxr.run_log import write_status
+write_status(Path(os.environ["FAKE_RUN"]), "preempted", TrainState(epoch=1), exit_code=75)' || exit 9
+           [[ -z ${FAKE_SKEW:-} ]] || touch -d "@$(( $(date +%s) - FAKE_SKEW ))" "$FAKE_RUN/status.json" ;;
+  crash) ;;  # killed (OOM, node lost) before writing anything
+esac
+exit 1
+"""
+_FAKE_SCONTROL = """#!/usr/bin/env bash
+case $1 in
+  show) echo localhost ;;
+  requeue) echo "$2" >> "$FAKE_REQUEUES" ;;
+esac
+"""
+
+
+def _run_training_sh(tmp_path: Path, run: Path, training: str, restart: int, **env) -> tuple[int, list[str], str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, text in (("srun", _FAKE_SRUN), ("scontrol", _FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    requeues = tmp_path / "requeues.txt"
+    requeues.unlink(missing_ok=True)
+    full = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
+            "SLURM_RESTART_COUNT": str(restart), "SLURM_NNODES": "1", "SLURM_NODEID": "0", "CXR_REPO": str(ROOT),
+            "CXR_PYTHON": sys.executable, "FAKE_TRAINING": training, "FAKE_RUN": str(run),
+            "FAKE_REQUEUES": str(requeues), **env}
+    proc = subprocess.run(["bash", str(ROOT / "slurm" / "run-training.sh"), f"checkpoint.run_dir={run}"],
+                          env=full, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    return proc.returncode, requeues.read_text().split() if requeues.is_file() else [], proc.stdout + proc.stderr
+
+
+def test_run_training_requeues_on_its_own_preempted_status_whatever_the_clocks(tmp_path):
+    """Battery 2, 13.7: a status.json whose mtime (file-server clock) is 30 s behind the node's
+    clock counted as stale under the old mtime test, and the preempted job was not requeued."""
+    run = tmp_path / "run"
+    run.mkdir()
+    rc, requeued, out = _run_training_sh(tmp_path, run, "preempt", 2, FAKE_SKEW="30")
+    assert json.loads((run / "status.json").read_text())["nonce"] == "4242.2"
+    assert (rc, requeued) == (0, ["4242"]), out
+    assert "requeueing 4242" in out
+
+
+def test_run_training_does_not_requeue_on_an_older_starts_preempted_status(tmp_path):
+    """13.8: with TMPDIR unwritable the old script's failed mktemp made any old "preempted" count as
+    fresh: a start that crashed before writing its own status was requeued again and again."""
+    run = tmp_path / "run"
+    run.mkdir()
+    assert _run_training_sh(tmp_path, run, "preempt", 0)[:2] == (0, ["4242"])  # restart 0 stopped to requeue
+    unwritable = tmp_path / "no-such-dir"
+    rc, requeued, out = _run_training_sh(tmp_path, run, "crash", 1, TMPDIR=str(unwritable))
+    assert json.loads((run / "status.json").read_text())["nonce"] == "4242.0"  # still restart 0's record
+    assert (rc, requeued) == (1, []), out
+    (run / "status.json").write_text('{"state": "preempted", "epoch": 1}\n')  # written before nonces: not ours
+    assert _run_training_sh(tmp_path, run, "crash", 1)[:2] == (1, [])
