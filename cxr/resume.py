@@ -13,7 +13,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from cxr import checkpoint as ckpt
-from cxr.config import Config, config_diff, config_hash, load_config
+from cxr.config import Config, config_diff, config_hash, hashed_dict, load_config
 from cxr.data import image_source
 from cxr.predictions import write_val_predictions
 from cxr.train_setup import current_lr, label_names
@@ -106,10 +106,16 @@ def resume_checkpoint(cfg: Config, run_dir: Path) -> tuple[Path | None, list[str
     if found is None:
         return None, []
     meta, want = ckpt.read_meta(found), config_hash(cfg)
+    check_same_data(cfg, found, meta)
     if meta.get("config_hash") == want:
         return found, []
     changed = saved_config_diff(cfg, found, meta.get("config_hash"))
-    if changed and set(changed) <= EXTENDABLE or cfg.checkpoint.force_resume:
+    if changed and set(changed) <= EXTENDABLE:
+        return found, changed
+    if cfg.checkpoint.force_resume:
+        log.warning("checkpoint.force_resume: continuing %s (config hash %s) under config hash %s — changed: %s",
+                    found, meta.get("config_hash"), want,
+                    "; ".join(describe_changes(cfg, found, changed)) or "unknown keys (its config.yaml is unreadable)")
         return found, changed
     raise CxrError(f"{found}: written under config hash {meta.get('config_hash')}, this config is {want} "
                    f"(differs in: {', '.join(changed) or 'unknown keys'}) — use a new "
@@ -127,6 +133,62 @@ def saved_config_diff(cfg: Config, found: Path, saved_hash: str | None = None) -
     if saved_hash is not None and config_hash(old) != saved_hash:
         return []
     return config_diff(old, cfg)
+
+
+def describe_changes(cfg: Config, found: Path, changed: list[str]) -> list[str]:
+    """``section.key old → new`` for each changed key (the run's config.yaml against ``cfg``)."""
+    try:
+        old = hashed_dict(load_config(found.parent.parent / "config.yaml"))
+    except CxrError:
+        return []
+    new = hashed_dict(cfg)
+    out = []
+    for key in changed:
+        section, _, name = key.partition(".")
+        out.append(f"{key} {old.get(section, {}).get(name)} → {new.get(section, {}).get(name)}")
+    return out
+
+
+# ----------------------------------------------------------------------------- the data a checkpoint was trained on
+def data_identity(cfg: Config) -> dict | None:
+    """What a checkpoint records of the shards it was trained on: the manifest.json read (derived
+    or masters), its sha256 and the samples per split — None without readable shards (in-memory
+    data). A re-pack (other samples, order or shards) changes the digest."""
+    import hashlib
+
+    from cxr.data import load_shards_manifest
+
+    try:
+        folder, manifest = load_shards_manifest(cfg.data.shards, cfg.data.resolution)
+        digest = hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()
+    except (CxrError, OSError):
+        return None
+    return {"manifest": str(folder / "manifest.json"), "manifest_sha256": digest,
+            "samples": {split: stats.get("samples") for split, stats in sorted(manifest.get("splits", {}).items())}}
+
+
+def check_same_data(cfg: Config, found: Path, meta: dict) -> None:
+    """Refuse to continue a checkpoint whose shards were re-packed or replaced since (its position in
+    the epoch's permutation and its sums would not be those of the data read now) — or, with
+    checkpoint.force_resume, say what changed and continue. Checkpoints before this record: no check."""
+    saved = meta.get("data")
+    if not saved or meta.get("finished"):
+        return
+    now = data_identity(cfg)
+    if now is None or now["manifest_sha256"] == saved.get("manifest_sha256"):
+        return
+    before, after = saved.get("samples") or {}, now["samples"]
+    what = [f"{split} {before.get(split)} → {after.get(split)} samples" for split in sorted(set(before) | set(after))
+            if before.get(split) != after.get(split)]
+    if saved.get("manifest") != now["manifest"]:
+        what.append(f"manifest {saved.get('manifest')} → {now['manifest']}")
+    what = ", ".join(what) or "same sample counts, manifest.json re-written (re-packed)"
+    if cfg.checkpoint.force_resume:
+        log.warning("checkpoint.force_resume: the shards changed since %s (%s) — continuing at its step in the "
+                    "epoch over the new data: the epoch's order and sums are no longer those of one run", found, what)
+        return
+    raise CxrError(f"{now['manifest']}: the shards changed since {found} was saved ({what}) — restore the shards "
+                   f"it was trained on, use a new checkpoint.run_dir, or set checkpoint.force_resume=true")
 
 
 def finished_run(cfg: Config, st: TrainState, run_dir: Path, resume_from: Path | None) -> None:
@@ -194,6 +256,9 @@ def restore(cfg: Config, accelerator: Accelerator, path: Path, model, optimizer,
         for key, value in state["rank"].items():
             if key != "rng":
                 setattr(st, key, value)
+        if not st.validating:
+            remap_position(cfg, state, accelerator.num_processes, steps_per_epoch, st, path, scheduler, optimizer,
+                           per_step_schedule)
         return
     saved_world, world = state.get("world_size"), accelerator.num_processes
     old_step = st.step_in_epoch
@@ -210,6 +275,27 @@ def restore(cfg: Config, accelerator: Accelerator, path: Path, model, optimizer,
                 "%d, was step %d); data order is exact, the per-rank RNG streams (dropout) restart",
                 saved_world, world, st.step_in_epoch * world * cfg.data.batch_size * cfg.train.grad_accum_steps,
                 st.epoch + 1, st.step_in_epoch, steps_per_epoch, old_step)
+
+
+def remap_position(cfg: Config, state: dict, world: int, steps_per_epoch: int, st: TrainState, path: Path,
+                   scheduler, optimizer, per_step_schedule: bool) -> None:
+    """Same world size, but a step now takes another number of samples (checkpoint.force_resume
+    with data.batch_size or train.grad_accum_steps changed): continue at the same sample of the
+    epoch's permutation, as a world-size change does, and say so; a position between two of the
+    new steps goes back to the step before it (those samples are seen again, counted in the line)."""
+    samples = (state.get("loader") or {}).get("samples")
+    per_step = cfg.data.batch_size * cfg.train.grad_accum_steps * world
+    if samples is None or samples == st.step_in_epoch * per_step:
+        return
+    old_step = st.step_in_epoch
+    st.step_in_epoch = min(samples // per_step, steps_per_epoch)
+    again = samples - st.step_in_epoch * per_step
+    if per_step_schedule and scheduler is not None:
+        realign_schedule(scheduler, optimizer, st.epoch * steps_per_epoch + st.step_in_epoch)
+    log.warning("resume: a step now takes %d samples (data.batch_size × train.grad_accum_steps × %d rank(s)), "
+                "%s was saved %d samples into epoch %d at step %d — continuing at step %d of %d (sample %d)%s",
+                per_step, world, path, samples, st.epoch + 1, old_step, st.step_in_epoch, steps_per_epoch,
+                st.step_in_epoch * per_step, f"; {again} samples are seen again" if again else "")
 
 
 def resume_step(cfg: Config, state: dict, world: int, steps_per_epoch: int, path: Path) -> int:
@@ -237,7 +323,7 @@ def checkpoint_meta(cfg: Config, st: TrainState, val: dict | None = None) -> dic
             "config_hash": config_hash(cfg), "labels": label_names(cfg), "resolution": cfg.data.resolution,
             "model": cfg.model.kwargs(), "init_from": cfg.model.init_from,
             "finished": st.finished, "best_epoch": st.best_epoch,
-            "images": image_source(cfg.data.shards, cfg.data.resolution),
+            "images": image_source(cfg.data.shards, cfg.data.resolution), "data": data_identity(cfg),
             "val": {k: v for k, v in (val or {}).items() if k.startswith("val_")},
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 

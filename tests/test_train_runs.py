@@ -600,3 +600,113 @@ def test_a_run_with_no_best_epoch_never_says_finished(tmp_path):
     with pytest.raises(CxrError, match="no best checkpoint"):  # the same command again: still not finished
         train(cfg, loader_fn=_OneClassVal)
     assert status(run)["state"] == "failed"
+
+
+# ------------------------------------------------------------------------ battery 2, 5.5: force_resume remaps
+def test_force_resume_with_another_batch_size_says_so_and_continues_at_the_same_sample(tmp_path):
+    """5.5: with data.batch_size 8 → 4 the run went on at step 2 of the *new* size (sample 16, though
+    32 had been consumed) without a word. Reference: the epoch's permutation as MemoryLoader draws
+    it (numpy), and the samples consumed that state.pt records."""
+    run, seen = tmp_path / "r", []
+    first = {"run": True}
+
+    def loader(cfg, split, **kw):
+        inner = MemoryLoader(cfg, split, kill_at=3 if split == "train" and first["run"] else None, **kw)
+
+        class Recording(MemoryLoader):
+            def __init__(self):
+                vars(self).update(vars(inner))
+
+            def __iter__(self):
+                for batch in inner:
+                    if split == "train" and kw.get("epoch") == 0:
+                        seen.append(list(batch["key"]))
+                    yield batch
+        return Recording()
+
+    assert train(_tiny(run, "train.epochs=1"), loader_fn=loader) == EXIT_REQUEUE
+    consumed = torch.load(run / "checkpoints" / "last" / "state.pt", weights_only=True)["loader"]["samples"]
+    assert consumed == 32  # 2 steps × 2 micro-batches × 8
+    seen.clear()
+    first["run"] = False
+    cfg = _tiny(run, "train.epochs=1", "data.batch_size=4", "checkpoint.force_resume=true")
+    assert train(cfg, loader_fn=loader) == 0
+    order = np.random.default_rng([cfg.data.seed, 0]).permutation(96)
+    assert [k for batch in seen for k in batch] == [f"k{int(i):04d}" for i in order[consumed:]]
+    log = (run / "train.log").read_text()
+    assert "checkpoint.force_resume: continuing" in log and "changed: data.batch_size 8 → 4" in log
+    assert "continuing at step 4 of 12 (sample 32)" in log
+
+
+# ------------------------------------------------------------------------ battery 2, 6.5: shards changed
+@pytest.fixture(scope="module")
+def two_packs(tmp_path_factory) -> tuple[Path, Path]:
+    """The same 40 phantoms packed twice with different splits (a re-pack that changes the train count)."""
+    from shards.cli import main as shards_main
+
+    root = tmp_path_factory.mktemp("repack")
+    assert shards_main(["synth", "--out", str(root / "synth"), "--n", "40", "--resolution", "32", "--seed", "4",
+                        "--workers", "1"]) == 0
+    out = []
+    for name, fractions in (("a", "0.6,0.2,0.2"), ("b", "0.8,0.1,0.1")):
+        assert shards_main(["split", "--metadata", str(root / "synth" / "Data_Entry_2017.csv"), "--scheme", "random",
+                            "--fractions", fractions, "--out", str(root / f"{name}.parquet")]) == 0
+        assert shards_main(["pack", "--splits", str(root / f"{name}.parquet"), "--images", str(root / "synth" / "images"),
+                            "--out", str(root / name), "--workers", "1"]) == 0
+        out.append(root / name)
+    return out[0], out[1]
+
+
+def test_resuming_after_the_shards_were_re_packed_is_refused_or_said(tmp_path, two_packs):
+    """6.5: a preempted run resumed silently mid-epoch over re-packed shards. Reference: the manifests'
+    own per-split sample counts (read here with json)."""
+    import shutil
+
+    from cxr.data import build_loader
+
+    shards, run = tmp_path / "shards", tmp_path / "r"
+    shutil.copytree(two_packs[0], shards)
+    counts = [json.loads((p / "manifest.json").read_text())["splits"]["train"]["samples"] for p in two_packs]
+    assert counts[0] != counts[1]
+    stop = {"armed": True}
+
+    def loader(cfg, split, **kw):
+        inner = build_loader(cfg, split, **kw)
+        if split != "train" or not stop["armed"]:
+            return inner
+
+        class Stopping:
+            def __len__(self):
+                return len(inner)
+
+            def report(self):
+                return inner.report()
+
+            def __iter__(self):
+                for i, batch in enumerate(inner):
+                    if i == 1:
+                        stop["armed"] = False
+                        os.kill(os.getpid(), signal.SIGUSR1)
+                    yield batch
+        return Stopping()
+
+    over = [f"checkpoint.run_dir={run}", f"data.shards={shards}", "data.resolution=32", "data.backend=wds",
+            "data.num_threads=0", "data.batch_size=4", "logging.progress=false", "train.epochs=1", "train.threads=1",
+            "train.grad_accum_steps=1"]
+    cfg = load_config(ROOT / "cxr" / "configs" / "tiny.yaml", over)
+    assert train(cfg, loader_fn=loader) == EXIT_REQUEUE
+    meta = ckpt.read_meta(run / "checkpoints" / "last")
+    assert meta["data"]["samples"]["train"] == counts[0]
+    shutil.rmtree(shards)
+    shutil.copytree(two_packs[1], shards)  # re-packed under the preempted run
+    with pytest.raises(CxrError) as err:
+        train(cfg, loader_fn=loader)
+    msg = str(err.value)
+    assert msg.startswith(f"{shards / 'manifest.json'}: the shards changed since {run / 'checkpoints' / 'last'}")
+    assert f"train {counts[0]} → {counts[1]} samples" in msg and "checkpoint.force_resume=true" in msg
+    assert status(run)["state"] == "preempted"  # refused: the run's own status stays
+    forced = load_config(ROOT / "cxr" / "configs" / "tiny.yaml", [*over, "checkpoint.force_resume=true"])
+    assert train(forced, loader_fn=loader) == 0
+    log = (run / "train.log").read_text()
+    line = next(ln for ln in log.splitlines() if "checkpoint.force_resume: the shards changed since" in ln)
+    assert f"{run / 'checkpoints' / 'last'} (" in line and f"train {counts[0]} → {counts[1]} samples" in line
