@@ -84,10 +84,23 @@ def validate_manifest(manifest: Any, path: str | Path = MANIFEST_NAME) -> None:
     for entry in manifest["shards"]:
         if not isinstance(entry, dict) or any(f not in entry for f in _SHARD_FIELDS):
             raise bad(f"shard entry {entry!r} lacks one of {_SHARD_FIELDS}")
+        for field in ("name", "index"):
+            if not is_plain_name(entry[field]):
+                raise CxrError(f"{path}: shard {field} {entry[field]!r} is not a file name in this folder — the "
+                               "loaders and verify open only files beside manifest.json; restore the manifest "
+                               "or re-run `python -m shards pack`")
     for split, stats in manifest["splits"].items():
         mine = [s for s in manifest["shards"] if s["split"] == split]
         if stats.get("samples") != sum(s["samples"] for s in mine) or stats.get("shards") != len(mine):
             raise bad(f"split {split!r}: samples/shards counts disagree with the shard list")
+
+
+def is_plain_name(name: Any) -> bool:
+    """A file name inside the shards folder: no folder part (``/``, ``\\``), not ``.``/``..``, not
+    hidden, printable. Shard and index names are read from the manifest and joined to the folder;
+    a name like ``../../etc/passwd`` would make the readers open files outside it."""
+    return (isinstance(name, str) and bool(name) and not name.startswith(".") and "/" not in name
+            and "\\" not in name and name.isprintable())
 
 
 def has_checksums(manifest: dict[str, Any]) -> bool:
