@@ -132,6 +132,21 @@ def check_val_split(cfg: Config, loader_fn: Callable, rank: int, world: int) -> 
                        f"with a val fraction > 0 (python -m shards split --fractions 0.7,0.15,0.15) and re-pack")
     if any(errors):
         raise CxrError(next(e for e in errors if e))
+    if rank == 0:
+        warn_small_or_skewed(cfg)
+
+
+def warn_small_or_skewed(cfg: Config) -> None:
+    """Log the data warnings of the shards manifest (shards.manifest.split_warnings): a val split
+    too small for AUROC or lacking a class of some labels, train labels without positives."""
+    from shards.manifest import MANIFEST_NAME, manifest_warnings
+
+    try:
+        folder, manifest = load_shards_manifest(cfg.data.shards, cfg.data.resolution)
+    except CxrError:
+        return  # in-memory data (tests) or a folder the loaders already accepted otherwise
+    for warning in manifest_warnings(manifest, folder / MANIFEST_NAME):
+        log.warning("warning: %s", warning)
 
 
 def open_loader(loader_fn: Callable, cfg: Config, split: str, rank: int, world: int, **kwargs):

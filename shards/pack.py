@@ -29,7 +29,7 @@ from cxrbase.errors import CxrError
 from cxrbase.lock import FolderLock
 from shards.image_codec import CODEC_EXT, Prepared, prepare_image
 from cxrbase.labels import LABELS, META_FIELDS
-from shards.manifest import FORMAT, package_version, write_manifest
+from shards.manifest import FORMAT, manifest_warnings, package_version, write_manifest
 from shards.pack_journal import Journal
 from shards.records import SPLITS, Record, meta_stats, read_splits, sample_members, split_summary
 from shards.sources import Sources, iter_archive, scan_sources
@@ -71,6 +71,8 @@ def pack(splits: Any, images: Sequence[str | Path], out: str | Path, codec: str 
         manifest = _manifest(records, journal, stats, settings, splits_file)
         write_manifest(out, manifest)
         print(stats.summary(out, journal), flush=True)
+        for warning in manifest_warnings(manifest, out / "manifest.json"):
+            print(f"warning: {warning}", file=sys.stderr)
         if resize:
             from shards.derive import derive_resized  # noqa: PLC0415 — only with --resize
 
