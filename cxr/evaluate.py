@@ -48,7 +48,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cxr.inference import infer_runs, process_state, with_ensemble
+from cxr.inference import check_distinct, infer_runs, process_state, with_ensemble
 from cxr.predictions import check_score_sets, read_members, read_predictions, write_predictions
 from cxr.report import ENSEMBLE, ScoreSet
 from cxrbase.atomic import atomic_folder, remove_stale_folders
@@ -305,6 +305,7 @@ def _evaluate(args: argparse.Namespace, out: Path, start: float, stops: _StopSig
                 import torch
 
                 torch.set_num_threads(args.threads)
+            check_distinct(args.runs)
             state = process_state(args)
             if state.is_main_process:  # the writer: refuse a busy --out before any inference
                 lock = _lock_out(out)

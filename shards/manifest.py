@@ -142,9 +142,10 @@ def split_warnings(samples_by_split: dict[str, int], positives_by_split: dict[st
         lacking = [name for name in pos if name in none or name in every]
         if n < MIN_VAL_IMAGES or lacking:
             what = [f"only {n} image(s)"] if n < MIN_VAL_IMAGES else []
+            gaps = [f"no {kind} image of {_names(names, len(pos))}" for kind, names in
+                    (("positive", none), ("negative", every)) if names]
             if lacking:
-                what.append(f"no {'positive' if not every else 'positive or negative'} of "
-                            f"{_names(lacking, len(pos))} (AUROC undefined for {len(lacking)} of {len(pos)} labels)")
+                what.append(f"{'; '.join(gaps)} (AUROC undefined for {len(lacking)} of {len(pos)} labels)")
             out.append(f"{where}: split '{val}' has {'; '.join(what)} — best-checkpoint selection and tuned "
                        f"thresholds rest on it; re-split with a larger {val} fraction (≥ {MIN_VAL_IMAGES} images "
                        "with every label present)")

@@ -595,12 +595,15 @@ def test_threshold_split_lacking_classes_is_warned_naming_the_labels(report, tmp
     frame = pd.read_parquet(report / "predictions.parquet")
     val = frame[(frame["split"] == "val") & (frame["member"] == "ensemble")]
     positives = {label: int(val[f"true_{label}"].sum()) for label in LABELS}
-    lacking = [label for label, n in positives.items() if n in (0, len(val))]
+    none = [label for label, n in positives.items() if n == 0]
+    every = [label for label, n in positives.items() if n == len(val)]
+    lacking = none + every
     assert lacking, "the fixture's 48-image val split should lack positives of rare labels"
     assert evaluate_main(["--from-predictions", str(report / "predictions.parquet"), "--bootstrap", "0",
                           "--no-figures", "--out", str(tmp_path / "out")]) == 0
     err = [line for line in capsys.readouterr().err.splitlines() if "--thresholds-from val" in line]
     assert len(err) == 1 and f"AUROC undefined for {len(lacking)} of 14 labels" in err[0], err
-    named = err[0].split(" of ", 1)[1].split(" (AUROC")[0]
-    assert named.split(", ") == lacking or (named == "every label" and len(lacking) == 14)
+    gaps = "; ".join([f"no positive image of {', '.join(none)}"] * bool(none) +
+                     [f"no negative image of {', '.join(every)}"] * bool(every))
+    assert f"{gaps} (AUROC undefined" in err[0], (gaps, err[0])
     assert "the tuned thresholds rest on it" in (tmp_path / "out" / "report.md").read_text()
