@@ -283,7 +283,8 @@ MAX_FRACTION_GAP = 0.05  # image share of a split vs its requested fraction, bey
 
 def fraction_warnings(table: pd.DataFrame, fractions: np.ndarray | None, where: str,
                       gap: float = MAX_FRACTION_GAP) -> list[str]:
-    """A warning per split whose share of images is more than ``gap`` off its requested fraction.
+    """A warning (one line) naming the splits whose share of images is more than ``gap`` off their
+    requested fraction.
 
     Patient-level splits assign whole patients, so a few patients with many images move the
     image shares (NIH: 1–184 images per patient; battery 2, 10.5: one 500-image patient put
@@ -294,14 +295,15 @@ def fraction_warnings(table: pd.DataFrame, fractions: np.ndarray | None, where: 
     sizes = table.groupby("patient").agg(images=("split", "size"), split=("split", "first"))
     largest = sizes.sort_values("images", ascending=False, kind="stable").head(3)
     who = ", ".join(f"patient {p} has {int(r.images)} images (in {r.split})" for p, r in largest.iterrows())
-    out = []
+    off = []
     for name, frac in zip(SPLITS, fractions):
         share = float((table["split"] == name).mean())
         if abs(share - frac) > gap:
-            out.append(f"{where}: split '{name}' holds {100 * share:.1f}% of the images, {100 * frac:.0f}% "
-                       f"requested — the split is by patient and the largest patients dominate ({who}); "
-                       "check that these patients belong in the data, or leave out or cap the largest")
-    return out
+            off.append(f"'{name}' holds {100 * share:.1f}% of the images ({100 * frac:.0f}% requested)")
+    if not off:
+        return []
+    return [f"{where}: split {', '.join(off)} — the split is by patient and the largest patients dominate "
+            f"({who}); check that these patients belong in the data, or leave out or cap the largest"]
 
 
 def run(args) -> int:
