@@ -40,6 +40,7 @@ orchestration.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -47,10 +48,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cxr.inference import infer_runs, process_state, with_ensemble
+from cxr.inference import check_distinct, infer_runs, process_state, with_ensemble
 from cxr.predictions import check_score_sets, read_members, read_predictions, write_predictions
 from cxr.report import ENSEMBLE, ScoreSet
+from cxrbase.atomic import atomic_folder, remove_stale_folders
 from cxrbase.errors import CxrError, cli_entry
+from cxrbase.lock import FolderLock
 
 
 # ------------------------------------------------------------ orchestration --
@@ -68,8 +71,8 @@ def _splits_needed(args: argparse.Namespace) -> list[str]:
     return [args.split] + ([thr] if thr and thr != args.split else [])
 
 
-def _context(args: argparse.Namespace, source: str) -> dict[str, Any]:
-    notes = []
+def _context(args: argparse.Namespace, source: str, notes: Sequence[str] = ()) -> dict[str, Any]:
+    notes = list(notes)
     if args.thresholds_from == args.split:
         notes.append(f"thresholds were tuned on the evaluated split `{args.split}` itself: "
                      "the threshold metrics are optimistic")
@@ -79,27 +82,119 @@ def _context(args: argparse.Namespace, source: str) -> dict[str, Any]:
 
 
 def analyse_and_write(args: argparse.Namespace, per_split: dict[str, ScoreSet],
-                      infos: list[dict[str, Any]], source: str) -> dict[str, Any]:
-    """Ensemble, write predictions, compute every table and the report; return a summary."""
+                      infos: list[dict[str, Any]], source: str, out: Path | None = None,
+                      stops: "_StopSignals | None" = None) -> dict[str, Any]:
+    """Ensemble, write predictions, compute every table and the report into ``out`` (default
+    --out; main passes the temp folder that replaces --out at the end); return a summary."""
     from cxr.report import analyse, write_outputs
 
-    out = Path(args.out)
+    out = Path(args.out) if out is None else out
     for split in _splits_needed(args):
         if split not in per_split:
             raise CxrError(f"{source}: no predictions for split {split!r} (has {sorted(per_split)}) — "
                            "choose --split/--thresholds-from among those, or --thresholds-from none")
     check_score_sets(per_split, source)  # freshly inferred scores too: nothing is written before this
     per_split = {k: with_ensemble(v, args.ensemble) for k, v in per_split.items()}
-    write_predictions(out, per_split, infos)
     tuning_split = None if args.thresholds_from in (None, "none") else args.thresholds_from
+    notes = data_notes(per_split.get(tuning_split), tuning_split) + member_notes(infos)
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
+    write_predictions(out, per_split, infos)
     scores = per_split[args.split]
+    if stops is not None:
+        stops.phase = f"the analysis ({args.bootstrap} bootstrap resamples)"
     t0 = time.perf_counter()
     analysis = analyse(scores, per_split.get(tuning_split) if tuning_split else None,
                        tuning_split=tuning_split, n_boot=args.bootstrap, seed=args.seed, alpha=args.alpha)
     seconds = {"analysis": time.perf_counter() - t0}
-    seconds.update(write_outputs(out, analysis, scores, split=args.split, context=_context(args, source),
+    if stops is not None:
+        stops.phase = "writing the report"
+    seconds.update(write_outputs(out, analysis, scores, split=args.split, context=_context(args, source, notes),
                                  members=infos, figures=not args.no_figures))
     return {"analysis": analysis, "scores": scores, "seconds": seconds}
+
+
+def data_notes(tuning: ScoreSet | None, split: str | None) -> list[str]:
+    """A warning when the threshold split is too small, or lacks a class of some labels (battery 10.1)."""
+    from shards.manifest import split_warnings
+
+    if tuning is None or split is None:
+        return []
+    positives = {name: int(n) for name, n in zip(tuning.labels, np.asarray(tuning.y_true).sum(axis=0))}
+    return [w.replace("best-checkpoint selection and tuned thresholds rest", "the tuned thresholds rest")
+            for w in split_warnings({split: tuning.n}, {split: positives}, f"--thresholds-from {split}", val=split)]
+
+
+def member_notes(infos: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per member whose training did not finish (members.json ``run_status``)."""
+    out = []
+    for info in infos:
+        status = info.get("run_status") or {}
+        if status.get("state") not in (None, "finished"):
+            out.append(f"member {info['name']} ({info['run_dir']}) is unfinished: its status.json says "
+                       f"{status['state']!r} at epoch {status.get('epoch')} step {status.get('global_step')}; "
+                       f"it is evaluated from its best checkpoint so far (epoch {info.get('best_epoch')}) — "
+                       "finish its training (re-run the same command) for the final model")
+    return out
+
+
+class _Stopped(Exception):
+    """Raised in the main thread by a stop signal (SIGTERM, SIGUSR1) while the evaluation runs."""
+
+    def __init__(self, signum: int, phase: str):
+        super().__init__(signum, phase)
+        self.signum, self.phase = signum, phase
+
+
+class _StopSignals:
+    """SIGTERM / SIGUSR1 (Slurm's preemption warning, ``scancel``) stop the evaluation with a message.
+
+    Unlike training, an evaluation has nothing to checkpoint: the signal raises :class:`_Stopped`
+    wherever the main thread is, the report's temp folder is removed (--out is replaced only
+    at the very end, as a whole), and main exits EXIT_REQUEUE so Slurm wrappers requeue it as
+    they requeue training. ``phase`` says what was interrupted; None once --out is in place,
+    after which a signal no longer stops anything.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.phase: str | None = "start-up (reading the runs)"
+        self.previous: dict = {}
+
+    def _handler(self, signum, frame) -> None:
+        if self.phase is not None:
+            raise _Stopped(signum, self.phase)
+
+    def __enter__(self) -> "_StopSignals":
+        self.previous = {sig: signal.signal(sig, self._handler) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _lock_out(out: Path) -> FolderLock:
+    """Hold ``.OUT.lock`` beside --out (the folder itself is replaced as a whole): two evaluations
+    never write one report. Refuse an --out that exists and is not a report of ours."""
+    if out.exists() and not out.is_dir():
+        raise CxrError(f"{out}: --out is a file — pass a folder for the report")
+    lock = FolderLock(out, out.parent / f".{out.name}.lock",
+                      busy="another evaluation ({who}) is writing this report folder — wait for it or use "
+                      "another --out",
+                      unwritable="cannot create the report's lock ({strerror}) — choose a writable --out").acquire()
+    if out.is_dir():
+        held = sorted(p.name for p in out.iterdir())
+        if held and not {"report.md", "predictions.parquet"} & set(held):
+            lock.release()
+            raise CxrError(f"{out}: --out holds files that are not a cxr.evaluate report ({', '.join(held[:5])}"
+                           f"{', …' if len(held) > 5 else ''}) — an evaluation replaces its --out as a whole; "
+                           "choose a new or empty folder")
+    if lock.stale:
+        print(f"warning: {lock.stale}", file=sys.stderr)
+    remove_stale_folders(out)  # a killed evaluation's temp folders; safe under the lock
+    return lock
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,7 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
         "figures and report.md. Never trains. Under `accelerate launch` each rank infers a "
         "disjoint part of the split and rank 0 writes the report.",
         epilog="Writes OUT/{predictions.parquet, members.json, aucs.csv, thresholds.json, metrics.csv, "
-        "roc.png, pr.png, report.md}. Examples:\n"
+        "roc.png, pr.png, report.md}, replacing an earlier report there as a whole; a second evaluation "
+        "into the same --out is refused while one runs. SIGTERM/SIGUSR1 stop it with nothing written "
+        "and exit 75 (requeue). Examples:\n"
         "  python -m cxr.evaluate --runs runs/m1 runs/m2 --shards shards --split test --out report\n"
         "  accelerate launch --multi_gpu --num_processes 4 -m cxr.evaluate --runs ... --out report\n"
         "  python -m cxr.evaluate --from-predictions report/predictions.parquet --out report2\n"
@@ -182,30 +279,65 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _check_args(parser, args)
     start = time.perf_counter()
-    if args.from_predictions:
-        per_split, infos = load_saved(args)
-        source = f"predictions {args.from_predictions}"
-    else:
-        if args.threads:
-            import torch
+    out = Path(args.out)
+    try:
+        with _StopSignals() as stops:
+            return _evaluate(args, out, start, stops)
+    except _Stopped as stop:
+        from cxr.run_log import EXIT_REQUEUE
 
-            torch.set_num_threads(args.threads)
-        state = process_state(args)
-        per_split, infos = infer_runs(args, state, _splits_needed(args))
-        if per_split is None:  # not rank 0: rank 0 writes everything
-            return 0
-        source = f"runs {' '.join(map(str, args.runs))}; shards {args.shards}"
-    result = analyse_and_write(args, per_split, infos, source)
-    result["ranks"] = None if args.from_predictions else state.num_processes
+        print(f"stopped by {signal.Signals(stop.signum).name} during {stop.phase}: nothing written to {out} "
+              f"(an earlier report there is left as it was) — exit {EXIT_REQUEUE} (requeue: the same command "
+              "evaluates again)", file=sys.stderr)
+        return EXIT_REQUEUE
+
+
+def _evaluate(args: argparse.Namespace, out: Path, start: float, stops: _StopSignals) -> int:
+    lock = None
+    try:
+        if args.from_predictions:
+            lock = _lock_out(out)
+            per_split, infos = load_saved(args)
+            source = f"predictions {args.from_predictions}"
+            state = None
+        else:
+            if args.threads:
+                import torch
+
+                torch.set_num_threads(args.threads)
+            check_distinct(args.runs)
+            state = process_state(args)
+            if state.is_main_process:  # the writer: refuse a busy --out before any inference
+                lock = _lock_out(out)
+            stops.phase = "inference"
+            if state.is_main_process:
+                print(f"evaluating {len(args.runs)} run(s) on split(s) {', '.join(_splits_needed(args))} of "
+                      f"{args.shards} → {out}", file=sys.stderr, flush=True)
+            per_split, infos = infer_runs(args, state, _splits_needed(args))
+            if per_split is None:  # not rank 0: rank 0 writes everything
+                return 0
+            source = f"runs {' '.join(map(str, args.runs))}; shards {args.shards}"
+        with atomic_folder(out) as tmp:
+            result = analyse_and_write(args, per_split, infos, source, tmp, stops)
+            result["ranks"] = None if args.from_predictions else state.num_processes
+            ood = None
+            if args.ood:
+                from cxr.ood import report_ood
+
+                stops.phase = "the OOD gate"
+                ood = report_ood(args.ood, args.shards, args.split, result["scores"], tmp).replace(str(tmp), str(out))
+            stops.phase = "writing the report"
+        stops.phase = None  # --out is complete: a signal from here on stops nothing
+    finally:
+        if lock is not None:
+            lock.release()
     from cxr.report import format_stdout_table
 
     print(format_stdout_table(result["analysis"].aucs))
     print(_summary_line(result, args, time.perf_counter() - start))
-    if args.ood:
-        from cxr.ood import report_ood
-
-        print(report_ood(args.ood, args.shards, args.split, result["scores"], Path(args.out)))
-    print(f"report: {Path(args.out) / 'report.md'}")
+    if ood is not None:
+        print(ood)
+    print(f"report: {out / 'report.md'}")
     return 0
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,7 +177,33 @@ def member_info(member: Member, eval_resolution: int) -> dict[str, Any]:
         "eval_resolution": eval_resolution,
         "best_epoch": member.meta.get("epoch"),
         "best_val": _headline_val(member.meta.get("val")),
+        "run_status": run_status(member.run_dir),
     }
+
+
+def run_status(run_dir: Path) -> dict[str, Any] | None:
+    """The run's state when evaluated (RUN/status.json via cxr.run_log: finished | preempted |
+    failed | running), so an unfinished member is named in members.json and report.md; None
+    for a run dir without one (assembled by hand)."""
+    from cxr.run_log import read_status
+
+    status = read_status(run_dir)
+    if not isinstance(status, dict):
+        return None
+    return {k: status.get(k) for k in ("state", "epoch", "global_step", "time")}
+
+
+def check_distinct(run_dirs: Sequence[str | Path]) -> None:
+    """Refuse a run given twice (by any path: symlinks, ``..``, a trailing slash): the ensemble
+    would count it twice."""
+    seen: dict[str, str] = {}
+    for run_dir in run_dirs:
+        real = os.path.realpath(run_dir)
+        if real in seen:
+            same = f"{seen[real]} and {run_dir}" + (f" are both {real}" if seen[real] != str(run_dir) else " again")
+            raise CxrError(f"{run_dir}: run given twice to --runs ({same}) — an ensemble would count it twice; "
+                           "pass each run once")
+        seen[real] = str(run_dir)
 
 
 def _non_default_options(model_cfg: dict[str, Any]) -> dict[str, Any]:
@@ -406,6 +433,7 @@ def infer_runs(args: argparse.Namespace, state: Any, splits: Sequence[str]
                ) -> tuple[dict[str, ScoreSet] | None, list[dict[str, Any]]]:
     """Load every member, infer each split once across ranks; rank 0 gets {split: ScoreSet}."""
     shards = Path(args.shards)
+    check_distinct(args.runs)
     members = [read_member(r, n) for r, n in zip(args.runs, member_names(args.runs))]
     resolution = check_compatible(members, shards_labels(shards), args.resolution)
     for m in members:

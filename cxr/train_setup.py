@@ -136,6 +136,8 @@ def check_val_split(cfg: Config, loader_fn: Callable, rank: int, world: int) -> 
         raise CxrError(next(e for e in errors if e))
     if all(share is not None for share in shares):
         check_auroc_defined(cfg, np.sum([s[0] for s in shares], axis=0), sum(s[1] for s in shares))
+    if rank == 0:
+        warn_small_or_skewed(cfg)
 
 
 def _uses_auroc(cfg: Config) -> bool:
@@ -144,15 +146,17 @@ def _uses_auroc(cfg: Config) -> bool:
 
 def label_counts(index: SplitIndex, rank: int, world: int) -> tuple[np.ndarray, int]:
     """([num_labels] positives, samples) of this rank's share of a split, from the .labels bytes."""
-    from cxr.data.shard_index import SampleReader
+    from cxr.data.shard_index import CorruptSample, SampleReader
 
     reader, total, n = SampleReader(index), np.zeros(index.num_labels, np.int64), 0
     try:
         for i in range(rank, len(index), world):
-            labels, _ = reader.read_fields(i)
-            if len(labels) == index.num_labels:
-                total += labels.astype(np.int64)
-                n += 1
+            try:  # labels read with their checksum (a corrupt sample is the val check's error already)
+                _, labels, _ = reader.read(i, check_image=False)
+            except CorruptSample:
+                continue
+            total += labels.astype(np.int64)
+            n += 1
     finally:
         reader.close()
     return total, n
@@ -171,6 +175,19 @@ def check_auroc_defined(cfg: Config, positives: np.ndarray, samples: int) -> Non
                    f"negative samples, so val_mean_auroc is undefined and no epoch could be best "
                    f"({', '.join(keys)}=val_mean_auroc) — re-split with a larger val fraction and re-pack, or set "
                    f"{' '.join(f'{k}=val_loss' for k in keys)}")
+
+
+def warn_small_or_skewed(cfg: Config) -> None:
+    """Log the data warnings of the shards manifest (shards.manifest.split_warnings): a val split
+    too small for AUROC or lacking a class of some labels, train labels without positives."""
+    from shards.manifest import MANIFEST_NAME, manifest_warnings
+
+    try:
+        folder, manifest = load_shards_manifest(cfg.data.shards, cfg.data.resolution)
+    except CxrError:
+        return  # in-memory data (tests) or a folder the loaders already accepted otherwise
+    for warning in manifest_warnings(manifest, folder / MANIFEST_NAME):
+        log.warning("warning: %s", warning)
 
 
 def open_loader(loader_fn: Callable, cfg: Config, split: str, rank: int, world: int, **kwargs):

@@ -1,8 +1,9 @@
-"""Atomic file writes: write to a temp file beside the target, fsync, rename."""
+"""Atomic writes: a file (temp file beside the target, fsync, rename) or a whole folder (temp folder, renames)."""
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
@@ -58,4 +59,46 @@ def remove_stale_temps(folder: str | os.PathLike) -> int:
     stale = list(Path(folder).glob(".*.tmp"))
     for path in stale:
         path.unlink(missing_ok=True)
+    return len(stale)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temp folder beside ``path``; on clean exit it replaces ``path`` as a whole.
+
+    For outputs made of several files (an evaluation report): a reader sees the old folder
+    or the new one, never a mix (no file of an older report is left beside a newer one).
+    On an exception the temp folder is removed and ``path`` is left as it was. The swap is
+    two renames (old → ``.NAME.old-*``, temp → NAME) and then the old folder is deleted;
+    a kill between them leaves ``.NAME.*`` folders that :func:`remove_stale_folders` clears.
+    Callers hold the lock of ``path`` (cxrbase.lock) so two writers never swap at once.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp creates 0700; give it the permissions mkdir would
+        yield tmp
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old)  # a directory onto an empty directory: allowed by rename(2)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError) and err.filename is None:
+            err.filename = str(path)
+        raise
+
+
+def remove_stale_folders(path: str | os.PathLike) -> int:
+    """Delete the ``.NAME.tmp-*`` / ``.NAME.old-*`` folders a killed :func:`atomic_folder` left
+    beside ``path``; return how many. Only under the lock of ``path``."""
+    path = Path(path)
+    stale = [p for pattern in (f".{path.name}.tmp-*", f".{path.name}.old-*")
+             for p in path.parent.glob(pattern) if p.is_dir()]
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
     return len(stale)

@@ -202,10 +202,20 @@ class EvaluateTask:
     report: str
 
     def __call__(self) -> dict[str, Any]:
-        status = _call_main("cxr.evaluate", self.argv)
+        with _Preemption() as preemption:  # the preemption signal stops the evaluation (exit 75), nothing written
+            status = _call_main("cxr.evaluate", self.argv)
+        if status == EXIT_REQUEUE and callable(preemption.submitit_handler):
+            preemption.submitit_handler(preemption.signum, None)  # submitit requeues checkpoint(): the same job
+            return {"report": self.report, "status": "requeued"}
         if status != 0:
             raise CxrError(f"{self.report}: evaluation exited with status {status} — see the submitit logs")
         return {"report": self.report, "status": "finished"}
+
+    def checkpoint(self, *args: Any, **kwargs: Any):
+        """The same evaluation again (it wrote nothing when stopped): ``submitit.helpers.DelayedSubmission``."""
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(replace(self))
 
 
 # ------------------------------------------------------------------ submitting ----

@@ -10,8 +10,8 @@ so a killed pack resumes where it stopped and ends with the same shards.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
+import sys
 import time
 from collections import Counter, deque
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -26,9 +26,10 @@ from tqdm import tqdm
 from cxrbase.atomic import atomic_write, remove_stale_temps
 from shards.dali_index import write_index
 from cxrbase.errors import CxrError
+from cxrbase.lock import FolderLock
 from shards.image_codec import CODEC_EXT, Prepared, prepare_image
 from cxrbase.labels import LABELS, META_FIELDS
-from shards.manifest import FORMAT, package_version, write_manifest
+from shards.manifest import FORMAT, manifest_warnings, package_version, write_manifest
 from shards.pack_journal import Journal
 from shards.records import SPLITS, Record, meta_stats, read_splits, sample_members, split_summary
 from shards.sources import Sources, iter_archive, scan_sources
@@ -70,6 +71,8 @@ def pack(splits: Any, images: Sequence[str | Path], out: str | Path, codec: str 
         manifest = _manifest(records, journal, stats, settings, splits_file)
         write_manifest(out, manifest)
         print(stats.summary(out, journal), flush=True)
+        for warning in manifest_warnings(manifest, out / "manifest.json"):
+            print(f"warning: {warning}", file=sys.stderr)
         if resize:
             from shards.derive import derive_resized  # noqa: PLC0415 — only with --resize
 
@@ -94,14 +97,14 @@ def _check_options(codec: str, quality: int, resize: int | None, shard_size_mb: 
 
 @contextlib.contextmanager
 def _exclusive(out: Path) -> Iterator[None]:
-    """Hold OUT/.pack.lock so two packs never write one folder; then clear stale temp files."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / LOCK_NAME, "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CxrError(f"{out}: another pack is writing to this folder — wait for it or use another --out") \
-                from None
+    """Hold OUT/.pack.lock (cxrbase.lock, which names its holder) so two packs never write one
+    folder; then clear stale temp files."""
+    lock = FolderLock(out, out / LOCK_NAME,
+                      busy="another pack ({who}) is writing to this folder — wait for it or use another --out",
+                      unwritable=None)
+    with lock:
+        if lock.stale:
+            print(f"warning: {lock.stale}", file=sys.stderr)
         remove_stale_temps(out)  # a killed run's temp files; safe under the lock
         yield
 

@@ -17,6 +17,7 @@ Stratified methods:
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -277,6 +278,34 @@ def _report(table: pd.DataFrame, args, fractions: np.ndarray | None, meta: pd.Da
     print(line)
 
 
+MAX_FRACTION_GAP = 0.05  # image share of a split vs its requested fraction, beyond which split warns
+
+
+def fraction_warnings(table: pd.DataFrame, fractions: np.ndarray | None, where: str,
+                      gap: float = MAX_FRACTION_GAP) -> list[str]:
+    """A warning (one line) naming the splits whose share of images is more than ``gap`` off their
+    requested fraction.
+
+    Patient-level splits assign whole patients, so a few patients with many images move the
+    image shares (NIH: 1–184 images per patient; battery 2, 10.5: one 500-image patient put
+    84 % of the images in a 20 % test split). The warning names the largest patients.
+    """
+    if fractions is None or not len(table):
+        return []
+    sizes = table.groupby("patient").agg(images=("split", "size"), split=("split", "first"))
+    largest = sizes.sort_values("images", ascending=False, kind="stable").head(3)
+    who = ", ".join(f"patient {p} has {int(r.images)} images (in {r.split})" for p, r in largest.iterrows())
+    off = []
+    for name, frac in zip(SPLITS, fractions):
+        share = float((table["split"] == name).mean())
+        if abs(share - frac) > gap:
+            off.append(f"'{name}' holds {100 * share:.1f}% of the images ({100 * frac:.0f}% requested)")
+    if not off:
+        return []
+    return [f"{where}: split {', '.join(off)} — the split is by patient and the largest patients dominate "
+            f"({who}); check that these patients belong in the data, or leave out or cap the largest"]
+
+
 def run(args) -> int:
     """CLI: read metadata, assign splits per --scheme, check, report and write the table."""
     start = time.perf_counter()
@@ -288,6 +317,8 @@ def run(args) -> int:
     table = build_table(meta, split, args.with_no_finding)
     check_patient_disjoint(table)
     _report(table, args, fractions, meta)
+    for warning in fraction_warnings(table, fractions, str(args.metadata)):
+        print(f"warning: {warning}", file=sys.stderr)
     write_splits(table, out)
     counts = " / ".join(f"{s} {int((table['split'] == s).sum()):,}" for s in SPLITS)
     print(f"split {args.scheme}: {len(table):,} images, {table['patient'].nunique():,} patients "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pandas as pd
 
 from cxrbase.errors import CxrError
 from cxrbase.labels import NO_FINDING, missing_nih_labels, table_labels
+from shards.manifest import split_warnings
 from shards.records import SPLITS, read_table
 STATS_COLUMNS = ("split", "label", "positives", "images", "prevalence_pct")
 
@@ -108,6 +110,12 @@ def format_prevalence(table: pd.DataFrame, fmt: str = "table") -> str:
 
 def run(args) -> int:
     """CLI: print the prevalence table of `args.splits` in `args.format`."""
-    table = prevalence_table(read_table(Path(args.splits)))
-    print(format_prevalence(table, args.format))
+    df = read_table(Path(args.splits))
+    print(format_prevalence(prevalence_table(df), args.format))
+    counts = positives_by_split(df)
+    labels = _labels(df)
+    for warning in split_warnings({s: int(r["images"]) for s, r in counts.iterrows()},
+                                  {s: {n: int(r[n]) for n in labels} for s, r in counts.iterrows()},
+                                  str(args.splits)):
+        print(f"warning: {warning}", file=sys.stderr)
     return 0

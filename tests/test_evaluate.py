@@ -479,3 +479,131 @@ def test_coverage_check_catches_missing_and_tolerates_duplicates(shards_dir):
         check_coverage(scores(keys[:5] + keys[6:]), shards_dir, "test")
     with pytest.raises(CxrError, match="unexpected"):
         check_coverage(scores(keys + ["99999999_000"]), shards_dir, "test")
+
+
+# ------------------------------------------------ battery 2: signals, --out, members, tiny val ---
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+def test_stop_signal_says_what_was_interrupted_writes_nothing_and_exits_requeue(members, shards_dir, tmp_path, sig):
+    """Battery 2, 4.6/4.7: a real signal, sent once the evaluator says it has started; the
+    earlier report in --out is left exactly as it was, and the exit status is the requeue code."""
+    import signal as signals
+
+    from cxr.run_log import EXIT_REQUEUE
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.md").write_text("an earlier report\n")
+    cmd = [sys.executable, "-m", "cxr.evaluate", *run_args(members, shards_dir, out)]
+    cmd[cmd.index("--bootstrap") + 1] = "200000"  # an analysis far longer than the signal's way
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        for line in proc.stderr:  # the event: the evaluator's start line (after its lock, before inference)
+            seen.append(line)
+            if line.startswith("evaluating "):
+                break
+        else:
+            pytest.fail(f"no start line: {''.join(seen)}")
+        proc.send_signal(getattr(signals, sig))
+        rest = proc.stderr.read()
+        rc = proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    last = rest.strip().splitlines()[-1]
+    assert rc == EXIT_REQUEUE == 75, rest
+    assert last.startswith(f"stopped by {sig} during ") and f"nothing written to {out}" in last, last
+    assert "Traceback" not in rest
+    assert sorted(p.name for p in out.iterdir()) == ["report.md"]
+    assert (out / "report.md").read_text() == "an earlier report\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]  # the temp report is gone
+
+
+def test_a_second_report_replaces_the_first_as_a_whole(report, tmp_path):
+    """Battery 2, 6.2: figures of an earlier evaluation must not stay beside a newer report."""
+    out = tmp_path / "stale"
+    shutil.copytree(report, out)
+    assert (out / "roc.png").is_file()
+    assert evaluate_main(["--from-predictions", str(report / "predictions.parquet"), "--split", "val",
+                          "--thresholds-from", "none", "--bootstrap", "0", "--no-figures", "--out", str(out)]) == 0
+    assert not (out / "roc.png").exists() and not (out / "pr.png").exists()
+    assert set(pd.read_csv(out / "aucs.csv")["member"]) >= {"member1", "member2", "ensemble"}
+    assert "split `val`" in (out / "report.md").read_text() or "'val'" in (out / "report.md").read_text()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".stale.") and p.is_dir()]
+
+
+def test_an_out_folder_that_is_not_a_report_is_refused(report, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(CxrError, match=rf"{out}: --out holds files that are not a cxr.evaluate report \(notes.txt\)"):
+        evaluate_main(["--from-predictions", str(report / "predictions.parquet"), "--bootstrap", "0",
+                       "--no-figures", "--debug", "--out", str(out)])
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_second_evaluation_into_a_busy_out_is_refused_naming_the_holder(report, tmp_path):
+    """Battery 2, 6.1: a holder process takes the report lock and says so; the evaluation is refused."""
+    out = tmp_path / "busy"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; from cxr.evaluate import _lock_out; "
+         "_lock_out(Path(sys.argv[1])); print('locked', flush=True); sys.stdin.read()", str(out)],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(CxrError, match=rf"{out}: another evaluation \(pid {holder.pid} on \S+\) is writing "
+                                           "this report folder"):
+            evaluate_main(["--from-predictions", str(report / "predictions.parquet"), "--bootstrap", "0",
+                           "--no-figures", "--debug", "--out", str(out)])
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert not out.exists()
+    assert evaluate_main(["--from-predictions", str(report / "predictions.parquet"), "--bootstrap", "0",
+                          "--no-figures", "--out", str(out)]) == 0  # free again once the holder ended
+
+
+def test_the_same_run_twice_is_refused_by_any_path(members, shards_dir, tmp_path):
+    """Battery 2, 9.6."""
+    link = tmp_path / "link"
+    link.symlink_to(members[0])
+    for twice in ([members[0], members[0]], [members[0], link], [members[0], Path(f"{members[0]}/../{members[0].name}")]):
+        with pytest.raises(CxrError, match="run given twice to --runs .* an ensemble would count it twice"):
+            evaluate_main(run_args([*twice, members[1]], shards_dir, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_unfinished_member_is_named_in_stderr_members_json_and_report(members, shards_dir, tmp_path, capsys):
+    """Battery 2, 9.4: a preempted run (status.json as training writes it, docs/run-dir.md)."""
+    run = copy_member(members[0], tmp_path / "unf")
+    (run / "status.json").write_text(json.dumps({"state": "preempted", "epoch": 1, "step_in_epoch": 0,
+                                                 "global_step": 3, "exit_code": 75, "time": "2026-12-04T21:00:00+00:00"}))
+    out = tmp_path / "out"
+    assert evaluate_main(run_args([run, members[1]], shards_dir, out)) == 0
+    err = capsys.readouterr().err
+    assert "warning: member unf" in err and "is unfinished" in err and "'preempted'" in err
+    infos = {m["name"]: m for m in json.loads((out / "members.json").read_text())}
+    assert infos["unf"]["run_status"]["state"] == "preempted" and infos["member2"]["run_status"] is None
+    assert "member unf" in (out / "report.md").read_text() and "unfinished" in (out / "report.md").read_text()
+
+
+def test_threshold_split_lacking_classes_is_warned_naming_the_labels(report, tmp_path, capsys):
+    """Battery 2, 10.1: the labels named are those with no positive (or no negative) in the
+    threshold split, counted here from predictions.parquet's truth columns by pandas."""
+    frame = pd.read_parquet(report / "predictions.parquet")
+    val = frame[(frame["split"] == "val") & (frame["member"] == "ensemble")]
+    positives = {label: int(val[f"true_{label}"].sum()) for label in LABELS}
+    none = [label for label, n in positives.items() if n == 0]
+    every = [label for label, n in positives.items() if n == len(val)]
+    lacking = none + every
+    assert lacking, "the fixture's 48-image val split should lack positives of rare labels"
+    assert evaluate_main(["--from-predictions", str(report / "predictions.parquet"), "--bootstrap", "0",
+                          "--no-figures", "--out", str(tmp_path / "out")]) == 0
+    err = [line for line in capsys.readouterr().err.splitlines() if "--thresholds-from val" in line]
+    assert len(err) == 1 and f"AUROC undefined for {len(lacking)} of 14 labels" in err[0], err
+    gaps = "; ".join([f"no positive image of {', '.join(none)}"] * bool(none) +
+                     [f"no negative image of {', '.join(every)}"] * bool(every))
+    assert f"{gaps} (AUROC undefined" in err[0], (gaps, err[0])
+    assert "the tuned thresholds rest on it" in (tmp_path / "out" / "report.md").read_text()

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import shutil
 import tarfile
 import zlib
@@ -696,3 +697,54 @@ def test_a_reordered_manifest_labels_list_is_refused_when_a_split_is_opened(synt
     manifest["labels"] = list(LABELS)  # put back: it opens again (the check is not sticky)
     path.write_text(json.dumps(manifest))
     assert len(build_loader(_cfg(tmp_path / "s", "wds", batch_size=4), split)) > 0
+
+
+# ----- a shard cut while a loader is reading it (battery 2, 7.2) -----
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shard_truncated_after_a_read_keeps_that_read_and_skips_the_rest_naming_the_shard(
+        synth, tmp_path, backend, monkeypatch, caplog):
+    """The shard is cut (at the start of the sample just read) right after the loader read a sample
+    of it: that sample's labels/meta are those read with its image; every later sample of the shard
+    is a counted corrupt sample naming the shard. The old loader re-read .labels for the batch and
+    stacked a 0-byte read with 14-byte ones (ValueError: all input arrays must have the same shape)."""
+    from cxr.data import shard_index
+
+    shutil.copytree(synth["dir"], tmp_path / "s")
+    tar_path = sorted((tmp_path / "s").glob("train-*.tar"))[1]
+    with tarfile.open(tar_path) as tar:
+        members = tar.getmembers()
+    in_shard = {m.name.split(".")[0] for m in members}
+    victim = [m for m in members if m.name.endswith(".png")][2]  # the shard's third sample
+    cut = victim.offset  # at its image's tar header: its own bytes and every later sample are lost
+    real_read, state = shard_index.SampleReader.read, {"cut": False}
+
+    def read_then_cut(self, i, check_image=True):
+        out = real_read(self, i, check_image)
+        if not state["cut"] and self.index.keys[i] == victim.name.split(".")[0]:
+            os.truncate(tar_path, cut)  # the bytes of this sample were read whole, before the cut
+            state["cut"] = True
+        return out
+
+    monkeypatch.setattr(shard_index.SampleReader, "read", read_then_cut)
+    table = synth["table"]
+    train_keys = set(table.index[table["split"] == "train"])
+    n = len(train_keys)
+    batch = next(b for b in (6, 5, 4, 3, 2) if n % b == 0)  # every sample in the plan
+    cfg = _cfg(tmp_path / "s", backend, batch_size=batch, num_threads=0 if backend == "wds" else 1)
+    loader = build_loader(cfg, "train")
+    with caplog.at_level(logging.WARNING, logger="cxr.data"):
+        batches = _collect(loader)
+    assert state["cut"]
+    keys = _keys(batches)
+    report = loader.report()
+    skipped = set(report["skipped_keys"])
+    assert report["skipped"] == len(skipped) >= 1 and skipped <= in_shard - {victim.name.split(".")[0]}
+    assert set(keys) == train_keys - skipped and len(keys) == n - len(skipped)
+    for b in batches:  # the truth of every yielded sample: the splits table
+        np.testing.assert_array_equal(b["labels"], table.loc[b["key"], list(LABELS)].to_numpy(np.float32))
+    msgs = [r.getMessage() for r in caplog.records if "skipping corrupt sample" in r.getMessage()]
+    assert len(msgs) == len(skipped) and all(str(tar_path) in m and "truncated" in m for m in msgs)
+    # evaluation stops at the first sample past the cut, naming the shard and the fault
+    with pytest.raises(CxrError, match=rf"{tar_path}: sample \S+ is corrupt \(\.png truncated"):
+        _collect(build_loader(cfg, "train", train=False))

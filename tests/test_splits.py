@@ -300,3 +300,38 @@ def test_non_nih_names_are_not_checked_against_the_patient(tmp_path):
     rows = [r.replace("00000001_000.png", "scan-a.png") for r in ROWS]
     table = read_metadata(_write_csv(tmp_path / "generic.csv", rows))
     assert "scan-a.png" in set(table["image"])
+
+
+def _patients_csv(path: Path, sizes: list[int]) -> Path:
+    """A metadata CSV with patient p (1-based) holding sizes[p-1] images (NIH names, no finding)."""
+    rows = [f"{p:08d}_{f:03d}.png,No Finding,{f},{p},40,M,PA,1,1,1,1"
+            for p, n in enumerate(sizes, start=1) for f in range(n)]
+    return _write_csv(path, rows)
+
+
+@pytest.mark.parametrize("scheme", ["random", "stratified"])
+def test_a_giant_patient_that_moves_the_image_fractions_is_warned_naming_it(tmp_path, capsys, scheme):
+    """Battery 2, 10.5: one 500-image patient among 51 small ones. The shares that are off are
+    computed here from the written table with pandas."""
+    meta = _patients_csv(tmp_path / "p500.csv", [500] + [2] * 51)
+    out = tmp_path / "s.parquet"
+    assert main(["split", "--metadata", str(meta), "--scheme", scheme, "--fractions", "0.7,0.1,0.2",
+                 "--out", str(out)]) == 0
+    table = pd.read_parquet(out)
+    requested = {"train": 0.7, "val": 0.1, "test": 0.2}
+    off = {s for s, f in requested.items() if abs((table["split"] == s).mean() - f) > 0.05}
+    assert off, "a 500-image patient must move some split's share by more than 5 pp"
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and {s for s in requested if f"'{s}' holds " in warnings[0]} == off, warnings
+    for s in off:
+        share = 100 * (table["split"] == s).mean()
+        assert f"'{s}' holds {share:.1f}% of the images ({100 * requested[s]:.0f}% requested)" in warnings[0]
+    home = table.loc[table["patient"] == 1, "split"].iloc[0]
+    assert f"patient 1 has 500 images (in {home})" in warnings[0] and warnings[0].startswith(f"warning: {meta}: ")
+
+
+def test_balanced_patients_give_no_fraction_warning(tmp_path, capsys):
+    meta = _patients_csv(tmp_path / "even.csv", [2] * 100)
+    assert main(["split", "--metadata", str(meta), "--scheme", "random", "--fractions", "0.7,0.1,0.2",
+                 "--out", str(tmp_path / "s.parquet")]) == 0
+    assert "warning" not in capsys.readouterr().err

@@ -120,3 +120,28 @@ def test_official_test_prevalence_equals_raw_count(nih_dir: Path, tmp_path, caps
         row = stats[("test", label)]
         assert (int(row["positives"]), int(row["images"])) == (positives, 25_596), label
         assert float(row["prevalence_pct"]) == round(100 * positives / 25_596, 2)
+
+
+def test_stats_warns_of_train_labels_without_positives_and_a_tiny_val(tmp_path, capsys):
+    """Battery 2, 10.1/10.4: by hand, HAND's train split has positives of Atelectasis and Effusion
+    only, and its val split is 1 image whose only finding is Mass (every label lacks a class)."""
+    path = tmp_path / "splits.parquet"
+    HAND.to_parquet(path, index=False)
+    assert main(["stats", str(path)]) == 0
+    warnings = [w for w in capsys.readouterr().err.splitlines() if w.startswith("warning: ")]
+    no_train = [label for label in SPEC_LABELS if label not in ("Atelectasis", "Effusion")]
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith(f"warning: {path}: split 'train' has no positive image of {', '.join(no_train)} "
+                                  "(12 of 14 labels)")
+    no_val = ", ".join(label for label in SPEC_LABELS if label != "Mass")
+    assert warnings[1].startswith(f"warning: {path}: split 'val' has only 1 image(s); no positive image of {no_val}; "
+                                  "no negative image of Mass (AUROC undefined for 14 of 14 labels)")
+
+
+def test_stats_of_a_healthy_table_warns_nothing(tmp_path, capsys):
+    rows = [(f"{i:08d}_000.png", split, [SPEC_LABELS[i % 14]] if i % 3 else [])
+            for i, split in enumerate(["train"] * 60 + ["val"] * 60, start=1)]
+    path = tmp_path / "splits.parquet"
+    _table(rows).to_parquet(path, index=False)
+    assert main(["stats", str(path)]) == 0
+    assert "warning" not in capsys.readouterr().err

@@ -297,3 +297,46 @@ def test_loopback_warning_only_for_multi_node_runs_on_a_loopback_hostname():
     assert loopback_warning({**loop, "MASTER_ADDR": "127.0.0.1"}, resolve) is None  # all "nodes" here
     assert loopback_warning(loop, lambda name: "10.0.0.7") is None                 # a routable hostname
     assert loopback_warning({}, resolve) is None                                    # a single process
+
+
+def test_training_start_warns_of_a_tiny_val_and_train_labels_without_positives(tmp_path, caplog, capsys):
+    """Battery 2, 10.1/10.4: shards whose val split is one image and whose train split has no
+    positive of some labels; the labels named are counted here from the packed table by pandas."""
+    import logging
+
+    import pandas as pd
+    from PIL import Image
+
+    from cxr.train_setup import warn_small_or_skewed
+    from cxrbase.labels import LABELS
+    from shards.pack import pack
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    rows = []
+    for i in range(9):
+        key = f"{i + 1:08d}_000"
+        Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8)).save(tmp_path / "img" / f"{key}.png")
+        split = "val" if i == 0 else "test" if i < 3 else "train"
+        rows.append({"image": f"{key}.png", "patient": i + 1, "split": split,
+                     **{name: int(name in ("Effusion", "Mass") and i % 2 == 1) for name in LABELS},
+                     "age": 30 + i, "sex": "MF"[i % 2], "view": "PA"})
+    table = pd.DataFrame(rows)
+    pack(table, [tmp_path / "img"], tmp_path / "shards", workers=1)
+    train = table[table["split"] == "train"]
+    none = [label for label in LABELS if train[label].sum() == 0]
+    packed = capsys.readouterr().err  # pack says so too
+    assert f"warning: {tmp_path / 'shards' / 'manifest.json'}: split 'train' has no positive image of {', '.join(none)}" \
+        in packed
+    logger = logging.getLogger("cxr.train")
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="cxr.train"):
+            warn_small_or_skewed(load_config(None, [f"data.shards={tmp_path / 'shards'}", "data.resolution=64"]))
+    finally:
+        logger.removeHandler(caplog.handler)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(f"split 'train' has no positive image of {', '.join(none)} ({len(none)} of 14 labels)" in m
+               for m in lines), lines
+    assert any("split 'val' has only 1 image(s)" in m and "AUROC undefined for 14 of 14 labels" in m
+               for m in lines), lines

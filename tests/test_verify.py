@@ -160,3 +160,28 @@ def test_member_changed_with_a_consistent_json_fails_its_checksum(packed):
     _rewrite(packed, "train-000000.tar", change)
     failures = verify(packed, workers=1).failures
     assert any(f.startswith("train-000000.tar: 00000001_000: .labels checksum mismatch") for f in failures), failures
+
+
+@pytest.mark.parametrize("field", ["name", "index"])
+def test_manifest_names_outside_the_folder_are_refused_where_the_manifest_is_read(packed, tmp_path, capsys, field):
+    """Battery 2, 12.2: a manifest naming ``../x`` made the loader and verify open files outside the
+    shards folder. Here ``../`` points at a real copy of the shard (and its index), which the
+    old readers accepted; now the manifest itself is refused, by verify and by the loader."""
+    import shutil
+
+    from cxr.data import DataConfig, build_loader
+    from cxrbase.errors import CxrError
+
+    manifest = json.loads((packed / "manifest.json").read_text())
+    entry = manifest["shards"][0]
+    shutil.copy(packed / entry[field], tmp_path / entry[field])  # the same bytes, one folder up
+    bad = f"../{entry[field]}"
+    entry[field] = bad
+    (packed / "manifest.json").write_text(json.dumps(manifest))
+    assert cli(["verify", str(packed)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {packed / 'manifest.json'}: shard {field} {bad!r} is not a file name in this folder — "
+                   "the loaders and verify open only files beside manifest.json; restore the manifest or re-run "
+                   "`python -m shards pack`"), err
+    with pytest.raises(CxrError, match=f"shard {field} '../"):
+        build_loader(DataConfig(shards=str(packed), backend="wds", resolution=64, num_threads=0), entry["split"])

@@ -72,7 +72,11 @@ log = logging.getLogger("cxr.data")
 
 
 class DaliBatches:
-    """Runs the plan's batches through a DALI pipeline; yields (images [b,1,R,R], sample ids)."""
+    """Runs the plan's batches through a DALI pipeline; yields (images [b,1,R,R], sample ids, labels, meta).
+
+    Labels (uint8 [b, L]) and meta (float32 [b, 5]) come from the same checked read as the
+    image and travel through the pipeline beside it, so a shard cut or replaced after the read
+    cannot pair an image with other (or missing) label bytes."""
 
     def __init__(self, cfg: DataConfig, index: SplitIndex, resolution: int, epoch: int, augment: bool,
                  native_size: tuple[int, int] | None, size_known: bool, rank: int):
@@ -93,15 +97,15 @@ class DaliBatches:
         self.key = (str(index.shard_paths[0]) if len(index.shard_paths) else "", len(index), repr(cfg),
                     resolution, augment, self.resize, self.device_id)
 
-    def iterate(self, batches: list[np.ndarray], on_corrupt: OnCorrupt) -> Iterator[tuple[object, np.ndarray]]:
+    def iterate(self, batches: list[np.ndarray], on_corrupt: OnCorrupt) -> Iterator[tuple]:
         """Yield every planned batch minus corrupt samples; a decoder failure restarts at that batch."""
         bad: set[int] = set()
         pos = 0
         while pos < len(batches):
             feed = _Feed(self, batches[pos:], bad, on_corrupt)
             try:
-                for images, ids in feed.run():
-                    yield images, ids
+                for batch in feed.run():
+                    yield batch
                     pos += 1
                 return
             except RuntimeError as err:  # DALI decode failure: the integrity check could not see it
@@ -136,9 +140,10 @@ class _Built:
         self.exhausted = False  # the last epoch ran to its end: reset before the next
         self.active = False     # an epoch is being iterated now
         self.pipe = _pipeline(owner, lambda: self.feed.source())
-        self.it = DALIGenericIterator(self.pipe, ["image"], auto_reset=False, prepare_first_batch=False)
+        self.it = DALIGenericIterator(self.pipe, list(OUTPUTS), auto_reset=False, prepare_first_batch=False)
 
 
+OUTPUTS = ("image", "labels", "meta")  # the pipeline's outputs (+ "id" from a parallel source)
 _BUILT: "OrderedDict[tuple, _Built]" = OrderedDict()
 _MAX_BUILT = 4  # train + val of a run, with room for an evaluator in the same process
 
@@ -183,7 +188,7 @@ class _Feed:
         self.pending.append(ids)
         return _outputs(self.o, ids, data)
 
-    def run(self) -> Iterator[tuple[object, np.ndarray]]:
+    def run(self) -> Iterator[tuple]:
         if self.o.cfg.source_workers:
             yield from self._run_parallel()
             return
@@ -198,7 +203,7 @@ class _Feed:
             for out in built.it:
                 image = out[0]["image"]
                 # page-locked, so that the loop's non_blocking copy to the GPU does not block
-                yield (image.pin_memory() if pin else image), self.pending.popleft()
+                yield ((image.pin_memory() if pin else image), self.pending.popleft(), *_fields(out[0]))
             finished = True
         finally:
             built.active = False
@@ -208,7 +213,7 @@ class _Feed:
                 del _BUILT[self.o.key]                # batches must never reach the next epoch
 
 
-    def _run_parallel(self) -> Iterator[tuple[object, np.ndarray]]:
+    def _run_parallel(self) -> Iterator[tuple]:
         """Batches from a pipeline whose source runs in DALI's worker processes (built for this run only)."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
@@ -217,7 +222,7 @@ class _Feed:
         pipe = _pipeline(self.o, _ParallelSource(self.o, planned))
         pin = self.o.cfg.pinned and self.o.cfg.device == "cpu"
         try:
-            it = DALIGenericIterator(pipe, ["image", "id"], auto_reset=False, prepare_first_batch=False)
+            it = DALIGenericIterator(pipe, [*OUTPUTS, "id"], auto_reset=False, prepare_first_batch=False)
             for out in _worker_errors(it, self):
                 kept = out[0]["id"].numpy().reshape(-1).astype(np.int64)
                 for i in np.setdiff1d(self.pending[0], kept):  # dropped by a worker: name it here
@@ -225,7 +230,7 @@ class _Feed:
                     self.on_corrupt(_corruption(self.o, self.reader, int(i)))
                 self.pending.popleft()
                 image = out[0]["image"]
-                yield (image.pin_memory() if pin else image), kept
+                yield ((image.pin_memory() if pin else image), kept, *_fields(out[0]))
         finally:
             pool = getattr(pipe, "_py_pool", None)  # DALI closes it at garbage collection; stop the workers now
             if pool is not None:
@@ -291,18 +296,19 @@ def _worker_errors(it, feed: "_Feed"):
         raise
 
 
-def _prepare(o: DaliBatches, reader: SampleReader, i: int) -> np.ndarray:
-    """Sample i as the external source hands it to DALI: checked encoded bytes, or resized pixels.
+def _prepare(o: DaliBatches, reader: SampleReader, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sample i as the external source hands it to DALI: (checked encoded bytes or resized pixels,
+    labels, meta) — all three from one read.
 
     Raises CorruptSample. crc32 of every member (format /2); for /1 shards libpng checks PNG
     CRCs inside DALI's threads and a failure is located by _find_undecodable.
     """
-    image, _, _ = reader.read(i, check_image=False)
+    image, labels, meta = reader.read(i, check_image=False)
     if o.check_size:
         _check_size(image, o.res, reader.index, i)
     if o.resize:  # masters resized on the fly: pixels, with pack's filter
-        return _decode_resize(image, o.res, reader.index, i)
-    return np.frombuffer(image, np.uint8)
+        return _decode_resize(image, o.res, reader.index, i), labels, meta
+    return np.frombuffer(image, np.uint8), labels, meta
 
 
 def _corruption(o: DaliBatches, reader: SampleReader, i: int) -> CorruptSample:
@@ -315,12 +321,18 @@ def _corruption(o: DaliBatches, reader: SampleReader, i: int) -> CorruptSample:
                    "DALI source worker but reads fine here — set data.source_workers=0 and report this")
 
 
-def _outputs(o: DaliBatches, ids: np.ndarray, data: list[np.ndarray]) -> tuple:
-    """The external source's outputs for one batch: images (+ per-sample augmentation parameters)."""
+def _outputs(o: DaliBatches, ids: np.ndarray, data: list[tuple]) -> tuple:
+    """The external source's outputs for one batch: images (+ per-sample augmentation parameters), labels, meta."""
+    images, labels, meta = (list(x) for x in zip(*data))
     if not o.augment:
-        return (data,)
+        return images, labels, meta
     params = draw_params([o.index.keys[i] for i in ids], o.cfg, o.epoch, o.res)
-    return data, list(params.matrix), list(params.brightness[:, None]), list(params.contrast[:, None])
+    return images, list(params.matrix), list(params.brightness[:, None]), list(params.contrast[:, None]), labels, meta
+
+
+def _fields(out: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(labels uint8 [b, L], meta float32 [b, 5]) of one pipeline output, as numpy on the CPU."""
+    return out["labels"].cpu().numpy(), out["meta"].cpu().numpy()
 
 
 def _all_corrupt(index: SplitIndex, ids) -> CxrError:
@@ -339,16 +351,16 @@ def _pipeline(o: DaliBatches, source):
                   device_id=o.device_id, seed=cfg.resolved_seed, prefetch_queue_depth=2, **parallel)
     def pipe():
         n_out = 4 if o.augment else 1  # augmentation parameters only when augmenting
-        dtypes = [types.UINT8, types.FLOAT, types.FLOAT, types.FLOAT][:n_out]
-        layouts = ["HWC" if o.resize else "", "", "", ""][:n_out]
+        # + labels and meta, passed through untouched (read with the image: _prepare)
+        dtypes = [types.UINT8, types.FLOAT, types.FLOAT, types.FLOAT][:n_out] + [types.UINT8, types.FLOAT]
+        layouts = ["HWC" if o.resize else "", "", "", ""][:n_out] + ["", ""]
         if workers:  # batches computed ahead: at least one per worker
-            inputs = fn.external_source(source=source, num_outputs=n_out + 1, batch=True, batch_info=True,
+            inputs = fn.external_source(source=source, num_outputs=n_out + 3, batch=True, batch_info=True,
                                         parallel=True, prefetch_queue_depth=max(2, workers),
                                         dtype=dtypes + [types.INT64], layout=layouts + [""])
-            image = _graph(inputs[:n_out])
-            return image, inputs[n_out]
-        inputs = fn.external_source(source=source, num_outputs=n_out, batch=True, dtype=dtypes, layout=layouts)
-        return _graph(inputs)
+            return _graph(inputs[:n_out]), inputs[n_out], inputs[n_out + 1], inputs[n_out + 2]
+        inputs = fn.external_source(source=source, num_outputs=n_out + 2, batch=True, dtype=dtypes, layout=layouts)
+        return _graph(inputs[:n_out]), inputs[n_out], inputs[n_out + 1]
 
     def _graph(inputs):
         if o.resize:

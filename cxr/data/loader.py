@@ -72,18 +72,14 @@ class Loader:
         import torch
 
         self._skipped, self._samples = [], 0
-        reader = SampleReader(self.index)
         start = time.perf_counter()
-        try:
-            for images, ids in self._backend.iterate(self.plan.batches, self._on_corrupt):
-                fields = [reader.read_fields(int(i)) for i in ids]  # validated when the image was read
-                labels = np.stack([f[0] for f in fields]).astype(np.float32)
-                meta = self._meta(np.stack([f[1] for f in fields]))
-                self._samples += len(ids)
-                yield {"image": images, "labels": torch.from_numpy(labels), "meta": torch.from_numpy(meta),
-                       "key": [self.index.keys[int(i)] for i in ids]}
-        finally:
-            reader.close()
+        # labels and meta arrive with each image, from the read that checked all three
+        for images, ids, labels, meta in self._backend.iterate(self.plan.batches, self._on_corrupt):
+            labels = np.asarray(labels, np.float32)
+            meta = self._meta(np.asarray(meta))
+            self._samples += len(ids)
+            yield {"image": images, "labels": torch.from_numpy(labels), "meta": torch.from_numpy(meta),
+                   "key": [self.index.keys[int(i)] for i in ids]}
         self._log_summary(time.perf_counter() - start)
 
     def report(self) -> dict:

@@ -280,14 +280,13 @@ class SampleReader:
         (io, isz), (lo, lsz), (mo, msz), (jo, jsz) = self.index.ranges[i]
         fd = self._fd(int(self.index.shard[i]))
         image, labels, meta = os.pread(fd, int(isz), int(io)), os.pread(fd, int(lsz), int(lo)), os.pread(fd, int(msz), int(mo))
-        if len(image) != isz:
-            problem = "image truncated"
-        elif self.index.checksums:
+        problem = _short_read({IMAGE_EXT[self.index.codec]: (image, isz), "labels": (labels, lsz), "meta": (meta, msz)})
+        if problem is None and self.index.checksums:
             record = os.pread(fd, int(jsz), int(jo))
-            problem = ".json truncated" if len(record) != jsz else \
+            problem = _short_read({"json": (record, jsz)}) or \
                 _checksum_problem(record, image, labels, meta, self.index.codec)
-        else:
-            problem = image_problem(image, self.index.codec) if check_image else None
+        elif problem is None and check_image:
+            problem = image_problem(image, self.index.codec)
         if problem is None and (len(labels) != self.index.num_labels or max(labels, default=0) > 1):
             problem = f".labels is not {self.index.num_labels} bytes of 0/1"
         if problem is None and len(meta) != META_BYTES:
@@ -307,13 +306,6 @@ class SampleReader:
 
     def __getstate__(self) -> dict:  # sent to worker processes: descriptors do not travel
         return {"index": self.index, "_fds": {}, "_pid": None}
-
-    def read_fields(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """(labels uint8 [14], meta float32 [5]) of sample i, without touching the image."""
-        _, (lo, lsz), (mo, msz), _ = self.index.ranges[i]
-        fd = self._fd(int(self.index.shard[i]))
-        return (np.frombuffer(os.pread(fd, int(lsz), int(lo)), np.uint8),
-                np.frombuffer(os.pread(fd, int(msz), int(mo)), "<f4"))
 
     def _fd(self, shard: int) -> int:
         if self._pid != os.getpid():  # forked worker: descriptors' file offsets are shared, reopen
@@ -346,6 +338,15 @@ def first_corrupt(index: SplitIndex, rank: int = 0, world_size: int = 1) -> Corr
         return None
     finally:
         reader.close()
+
+
+def _short_read(members: dict[str, tuple[bytes, int]]) -> str | None:
+    """'.EXT truncated (N of M bytes …)' for the first member read short: the shard ends before
+    the bytes its index promises (cut or replaced since the index was read)."""
+    for ext, (data, size) in members.items():
+        if len(data) != size:
+            return f".{ext} truncated ({len(data)} of {size} bytes: the shard is shorter than its index says)"
+    return None
 
 
 def _checksum_problem(record: bytes, image: bytes, labels: bytes, meta: bytes, codec: str) -> str | None:

@@ -31,7 +31,9 @@ log = logging.getLogger("cxr.data")
 
 
 class WdsBatches:
-    """Runs the plan's batches through a torch DataLoader; yields (images [b,1,R,R], sample ids)."""
+    """Runs the plan's batches through a torch DataLoader; yields (images [b,1,R,R], sample ids, labels, meta).
+
+    Labels and meta come from the same checked read as each image (DecodedSamples)."""
 
     def __init__(self, cfg: DataConfig, index: SplitIndex, resolution: int, epoch: int, augment: bool):
         self.dataset = DecodedSamples(cfg, index, resolution, epoch, augment)
@@ -39,7 +41,7 @@ class WdsBatches:
         self.decoder = f"cpu ({'imagecodecs' if index.codec == 'ljpeg' else 'PIL'}, DataLoader workers)"
         log.info("decode: %s shards on %s", index.codec, self.decoder)
 
-    def iterate(self, batches: list[np.ndarray], on_corrupt: OnCorrupt) -> Iterator[tuple[object, np.ndarray]]:
+    def iterate(self, batches: list[np.ndarray], on_corrupt: OnCorrupt) -> Iterator[tuple]:
         """Yield every planned batch minus corrupt samples (reported through on_corrupt)."""
         import torch
 
@@ -52,12 +54,12 @@ class WdsBatches:
             multiprocessing_context=_worker_context() if workers else None)
         batches_iter = iter(loader)
         try:
-            for images, ids, corrupt in batches_iter:
+            for images, ids, labels, meta, corrupt in batches_iter:
                 for c in corrupt:
                     on_corrupt(c)  # raises in eval / strict
                 if not len(ids):
                     raise all_corrupt_error([c.shard for c in corrupt], [c.key for c in corrupt])
-                yield images, ids
+                yield images, ids, labels, meta
         finally:
             # a traceback keeps this frame alive; stop the workers now, not at garbage collection,
             # or the next loader forks while their queue threads hold locks and can deadlock
@@ -67,7 +69,8 @@ class WdsBatches:
 
 
 class DecodedSamples:
-    """Map-style dataset: sample id → (id, (uint8 [1,R,R] after the warp, brightness, contrast)) or the CorruptSample.
+    """Map-style dataset: sample id → (id, (uint8 [1,R,R] after the warp, brightness, contrast, labels, meta))
+    or (id, the CorruptSample).
 
     Workers hand uint8 pixels to the collate step, which writes the normalized batch once
     into shared memory: 4× less inter-process traffic than float images, no extra copies.
@@ -82,11 +85,11 @@ class DecodedSamples:
 
     def __getitem__(self, i: int):
         try:
-            image, _, _ = self.reader.read(i)
+            image, labels, meta = self.reader.read(i)
             pixels = decode_resize(image, self.res, self.index, i)
         except CorruptSample as corrupt:
             return i, corrupt
-        return i, self.warp(pixels, self.index.keys[i])
+        return i, (*self.warp(pixels, self.index.keys[i]), labels, meta)
 
     def warp(self, pixels: np.ndarray, key: str):
         """uint8 [R,R] → (uint8 [1,R,R] flipped/rotated/zoomed/shifted in training, brightness, contrast)."""
@@ -124,16 +127,17 @@ def decode_resize(image: bytes, res: int, index: SplitIndex, i: int) -> np.ndarr
 
 
 def _collate(items, mean: float, std: float, augment: bool):
-    """Stack a batch: (images float32 [b,1,R,R] normalized, ids int64 [b], corrupt samples)."""
+    """Stack a batch: (images float32 [b,1,R,R] normalized, ids int64 [b], labels uint8 [b, L],
+    meta float32 [b, 5], corrupt samples)."""
     import torch
 
     good = [(i, x) for i, x in items if not isinstance(x, CorruptSample)]
     corrupt = [x for _, x in items if isinstance(x, CorruptSample)]
     if not good:
-        return None, np.empty(0, np.int64), corrupt
+        return None, np.empty(0, np.int64), None, None, corrupt
     shape = (len(good), *good[0][1][0].shape)
     out = _batch_buffer(shape)
-    for j, (_, (pixels, _, _)) in enumerate(good):
+    for j, (_, (pixels, *_)) in enumerate(good):
         out[j].copy_(pixels)  # uint8 → float32
     if augment:
         bright = torch.tensor([x[1] for _, x in good]).view(-1, 1, 1, 1)
@@ -143,7 +147,9 @@ def _collate(items, mean: float, std: float, augment: bool):
         out.sub_(mean).div_(std)
     else:
         out.sub_(mean * 255).div_(std * 255)
-    return out, np.asarray([i for i, _ in good], np.int64), corrupt
+    labels = np.stack([x[3] for _, x in good])
+    meta = np.stack([x[4] for _, x in good])
+    return out, np.asarray([i for i, _ in good], np.int64), labels, meta, corrupt
 
 
 def _batch_buffer(shape: tuple[int, ...]):
