@@ -50,6 +50,7 @@ import numpy as np
 from cxr.inference import infer_runs, process_state, with_ensemble
 from cxr.predictions import check_score_sets, read_members, read_predictions, write_predictions
 from cxr.report import ENSEMBLE, ScoreSet
+from cxr.subgroups import attach_meta
 from cxrbase.errors import CxrError, cli_entry
 
 
@@ -78,6 +79,16 @@ def _context(args: argparse.Namespace, source: str) -> dict[str, Any]:
             "notes": notes}
 
 
+def _splits_table(args: argparse.Namespace) -> Path | None:
+    """The splits table whose per-image columns (patient, age, sex, view …) the split gets: --splits,
+    else the shards' own (inference only; --from-predictions uses the columns saved with the scores)."""
+    from cxr.subgroups import packed_table
+
+    if args.splits:
+        return Path(args.splits)
+    return None if args.from_predictions else packed_table(Path(args.shards))
+
+
 def analyse_and_write(args: argparse.Namespace, per_split: dict[str, ScoreSet],
                       infos: list[dict[str, Any]], source: str) -> dict[str, Any]:
     """Ensemble, write predictions, compute every table and the report; return a summary."""
@@ -89,13 +100,15 @@ def analyse_and_write(args: argparse.Namespace, per_split: dict[str, ScoreSet],
             raise CxrError(f"{source}: no predictions for split {split!r} (has {sorted(per_split)}) — "
                            "choose --split/--thresholds-from among those, or --thresholds-from none")
     check_score_sets(per_split, source)  # freshly inferred scores too: nothing is written before this
+    per_split = attach_meta(per_split, _splits_table(args))
     per_split = {k: with_ensemble(v, args.ensemble) for k, v in per_split.items()}
     write_predictions(out, per_split, infos)
     tuning_split = None if args.thresholds_from in (None, "none") else args.thresholds_from
     scores = per_split[args.split]
     t0 = time.perf_counter()
     analysis = analyse(scores, per_split.get(tuning_split) if tuning_split else None,
-                       tuning_split=tuning_split, n_boot=args.bootstrap, seed=args.seed, alpha=args.alpha)
+                       tuning_split=tuning_split, n_boot=args.bootstrap, seed=args.seed, alpha=args.alpha,
+                       resample=args.resample, subgroups=args.subgroups, calibrate=not args.no_calibration)
     seconds = {"analysis": time.perf_counter() - t0}
     seconds.update(write_outputs(out, analysis, scores, split=args.split, context=_context(args, source),
                                  members=infos, figures=not args.no_figures))
@@ -110,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         "figures and report.md. Never trains. Under `accelerate launch` each rank infers a "
         "disjoint part of the split and rank 0 writes the report.",
         epilog="Writes OUT/{predictions.parquet, members.json, aucs.csv, thresholds.json, metrics.csv, "
-        "roc.png, pr.png, report.md}. Examples:\n"
+        "calibration.csv, calibration.json, subgroups.csv, roc.png, pr.png, reliability.png, report.md}. Examples:\n"
         "  python -m cxr.evaluate --runs runs/m1 runs/m2 --shards shards --split test --out report\n"
         "  accelerate launch --multi_gpu --num_processes 4 -m cxr.evaluate --runs ... --out report\n"
         "  python -m cxr.evaluate --from-predictions report/predictions.parquet --out report2\n"
@@ -146,7 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu", action="store_true", help="run on CPU even if CUDA is available")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads per process (default: torch's choice; 1 on shared CPUs)")
-    p.add_argument("--no-figures", action="store_true", help="skip roc.png / pr.png")
+    p.add_argument("--no-figures", action="store_true", help="skip roc.png / pr.png / reliability.png")
+    p.add_argument("--resample", choices=["patient", "image"], default="patient",
+                   help="bootstrap unit: whole patients when the split's table gives them (default), or images")
+    p.add_argument("--subgroups", nargs="*", metavar="GROUPING", default=None,
+                   help="groupings for the subgroup section: columns of the splits table (sex, view, followup, or "
+                   "any column; NIH headers such as \"Patient Gender\" work) or age:20,40,60,80 bands "
+                   "(default: sex age:20,40,60,80 view followup, those the split has; none: no subgroups)")
+    p.add_argument("--splits", metavar="TABLE", help="splits table (python -m shards split) giving each image's "
+                   "patient, age, sex, view (default: the table the shards were packed from, or with "
+                   "--from-predictions the columns saved in predictions.parquet)")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="skip the calibration section (ECE, Brier, temperature/Platt fitted on --thresholds-from)")
     p.add_argument("--ood", metavar="RUN", help="an ood_ae run (cxr/ood.py): reject the split's images the gate "
                    "rejects and report mean AUROC on the accepted ones beside all (OUT/ood.csv; needs --shards)")
     return p
