@@ -337,3 +337,27 @@ def test_unknown_subgroup_column_is_a_clear_error(report, tmp_path, capsys):
                         "--subgroups", "Race", "--no-figures", "--out", str(tmp_path / "x")])
     assert rc != 0
     assert "--subgroups 'Race': no column 'Race'" in capsys.readouterr().err
+
+
+def test_ablation_table_gains_calibration_and_subgroup_columns(tmp_path):
+    from cxr.ablation import Run, analyse_sweep, report_markdown
+
+    base = _with_meta(1200, 9, "1", worse_sex="F")
+    rng = np.random.default_rng(9)
+    runs, scores = [], {}
+    for res in (32, 64):
+        name = f"res{res}"
+        scores[name] = expit((1 if res == 32 else 2) * logit(base.scores["m0"]) + 0.1 * rng.normal(size=base.y_true.shape))
+        runs.append(Run(name, tmp_path / name, res, 0, {}))
+    result = analyse_sweep(ScoreSet(base.keys, base.y_true, scores, meta=base.meta), runs, n_boot=0)
+    rows = result["table"][result["table"]["variant"] == "64"].set_index("label")
+    y, p, sex = base.y_true, scores["res64"], base.meta["sex"].to_numpy()
+    larger, other = ("M", "F") if (sex == "M").sum() >= (sex == "F").sum() else ("F", "M")
+    for c, label in enumerate(LABELS):
+        assert rows.loc[label, "brier"] == pytest.approx(brier_score_loss(y[:, c], p[:, c]), abs=1e-12)
+        gap = roc_auc_score(y[sex == other, c], p[sex == other, c]) - roc_auc_score(y[sex == larger, c],
+                                                                                    p[sex == larger, c])
+        assert rows.loc[label, "gap_sex"] == pytest.approx(gap, abs=1e-12)
+    assert {"ece_width", "ece_mass", "gap_age_bands", "gap_view", "gap_followup"} <= set(rows.columns)
+    text = report_markdown(result, pd.DataFrame(), {"split": "test", "runs": 2, "source": "test"})
+    assert "## Calibration and subgroup gaps per variant" in text
