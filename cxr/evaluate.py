@@ -11,7 +11,11 @@ split is read once and every member scores each batch. Under a launcher each ran
 infers a disjoint part of the split; keys and probabilities are gathered on rank 0,
 which checks that every image of the split was scored exactly once and writes
 (atomically) ``predictions.parquet``, ``aucs.csv``, ``thresholds.json``,
-``metrics.csv``, ``members.json``, ``roc.png``, ``pr.png`` and ``report.md``.
+``metrics.csv``, ``calibration.csv``, ``calibration.json``, ``subgroups.csv``, ``members.json``,
+``roc.png``, ``pr.png``, ``reliability.png`` and ``report.md``. The per-image columns of
+the splits table the shards were packed from (patient, age, sex, view; follow-up from the
+image name) ride along in predictions.parquet: they drive the patient-level bootstrap and
+the subgroups.
 
 predictions.parquet is long: one row per (split, member, key) with one probability column per label
 (the shards' label names: the 14 NIH ones or a generic table's, float64) and the ground-truth columns ``true_<Label>``

@@ -8,10 +8,22 @@ ensemble's probabilities). :func:`analyse` computes, with ``cxr.metrics``:
 - ``thresholds`` — per member and label, the F1- and Youden-optimal thresholds on the
   tuning split (normally ``val``);
 - ``metrics`` — sensitivity, specificity, PPV, NPV, F1 per label and macro/micro,
-  Hamming loss and exact match, at 0.5 and at the tuned thresholds.
+  Hamming loss and exact match, at 0.5, at the tuned thresholds and at the thresholds
+  reaching sensitivity 0.90 / 0.95 and specificity 0.90 on the tuning split, with Wilson
+  intervals (and a bootstrap F1 interval for the ensemble);
+- ``calibration`` — ECE (equal width and equal mass), Brier and its decomposition, before and
+  after temperature / Platt maps fitted on the tuning split (cxr.calibration), with
+  bootstrap CIs for the ensemble;
+- ``subgroups`` — per grouping of the split's table (sex, age bands, view, follow-up, …):
+  AUROC with CIs, gaps to the largest group with CIs and unpaired DeLong + Holm, and the
+  under-diagnosis rate (cxr.subgroups).
 
-:func:`write_outputs` writes aucs.csv, thresholds.json, metrics.csv, roc.png, pr.png
-and report.md atomically. Nothing here loads models.
+Every CI uses the same resamples (``cxr.metrics.Resamples``): whole patients when the split
+knows them (``ScoreSet.meta["patient"]``), else images.
+
+:func:`write_outputs` writes aucs.csv, thresholds.json, metrics.csv, calibration.csv,
+calibration.json, subgroups.csv, roc.png, pr.png, reliability.png and report.md atomically.
+Nothing here loads models.
 """
 from __future__ import annotations
 
@@ -225,7 +237,14 @@ def _with_intervals(table: pd.DataFrame, scores: ScoreSet, tuned: dict[str, dict
     """metrics_table's ``*_low`` / ``*_high`` columns (see there)."""
     from cxr.metrics import wilson_interval
 
-    counts = {k: table[k].astype("float64").to_numpy() for k in ("tp", "fp", "tn", "fn")}
+    counts = {k: table[k].astype("float64").to_numpy().copy() for k in ("tp", "fp", "tn", "fn")}
+    # micro rows: the counts summed over the labels of the same member and threshold set
+    per_label = ~table["label"].isin(["macro", "micro"])
+    sums = table[per_label].groupby(["member", "thresholds"], sort=False)[["tp", "fp", "tn", "fn"]].sum()
+    for i in np.flatnonzero((table["label"] == "micro").to_numpy()):
+        key = (table["member"].iat[i], table["thresholds"].iat[i])
+        for k in counts:
+            counts[k][i] = float(sums.loc[key, k])
     for name, (hit, over) in _PROPORTIONS.items():
         low, high = wilson_interval(counts[hit], counts[over[0]] + counts[over[1]], alpha)
         table[f"{name}_low"], table[f"{name}_high"] = low, high  # NaN on macro rows (no counts)
@@ -544,7 +563,8 @@ def plot_curves(path: Path, scores: ScoreSet, aucs: pd.DataFrame,
     plt.close(fig)
 
 
-def plot_reliability(path: Path, scores: ScoreSet, calibrated: np.ndarray | None, split: str) -> None:
+def plot_reliability(path: Path, scores: ScoreSet, calibrated: np.ndarray | None, split: str,
+                     analysis: Analysis | None = None) -> None:
     """reliability.png: a panel per label of the focus score set's equal-width reliability
     diagram (observed frequency against mean predicted probability per bin, before and after
     post-hoc calibration), with each bin's image count as a bar on a log axis underneath."""
@@ -572,7 +592,7 @@ def plot_reliability(path: Path, scores: ScoreSet, calibrated: np.ndarray | None
         counts.set_ylim(0.8, max(10.0, scores.n) * 30)  # bars in the lower part of the panel
         ax.set_zorder(counts.get_zorder() + 1), ax.patch.set_visible(False)
         ax.set_xlim(0, 1), ax.set_ylim(-0.02, 1.02)
-        ax.set_title(f"{label}  ({int(y.sum())} positives)", fontsize=10)
+        ax.set_title(f"{label}  ({int(y.sum())} positives)" + _ece_title(analysis, focus, label), fontsize=9)
         ax.set_xlabel("mean predicted probability", fontsize=8)
         ax.set_ylabel("observed frequency", fontsize=8)
         ax.tick_params(labelsize=7)
@@ -586,9 +606,21 @@ def plot_reliability(path: Path, scores: ScoreSet, calibrated: np.ndarray | None
     handles += [Patch(color="0.45", alpha=0.25, label="images per bin (right axis, log)"),
                 Line2D([], [], color="0.7", ls="--", label="perfect calibration")]
     axes[len(scores.labels)].legend(handles=handles, loc="upper left", fontsize=10, frameon=False)
-    fig.subplots_adjust(left=0.05, right=0.96, bottom=0.04, top=0.94, wspace=0.38, hspace=0.32)
+    fig.subplots_adjust(left=0.05, right=0.96, bottom=0.04, top=0.93, wspace=0.38, hspace=0.42)
     _save_png(fig, path)
     plt.close(fig)
+
+
+def _ece_title(analysis: Analysis | None, focus: str, label: str) -> str:
+    """"\nECE 0.050 → 0.021 (platt)" for a reliability panel (empty without a calibration table)."""
+    if analysis is None or analysis.calibration is None:
+        return ""
+    t = analysis.calibration
+    rows = t[(t["member"] == focus) & (t["label"] == label)].set_index("variant")
+    text = f"\nECE {_fmt(rows.loc['raw', 'ece_width'])}"
+    if "calibrated" in rows.index:
+        text += f" → {_fmt(rows.loc['calibrated', 'ece_width'])} (map: {rows.loc['calibrated', 'method']})"
+    return text
 
 
 def _legend_panel(axes, styles, tuned, focus: str, kind: str, n_labels: int = len(LABELS)) -> None:
@@ -777,7 +809,9 @@ def _calibration_section(analysis: Analysis, focus: str, split: str, level: int)
             "observed frequency of the finding over 15 bins (0 = a probability of 0.3 comes true 30 % of the time); "
             "Brier is the mean squared error of the probability, = reliability − resolution + uncertainty "
             "(REL / RES / UNC, equal-width bins: lower REL and higher RES are better, UNC is the label's own "
-            f"variance). ECE columns use equal-width bins unless named equal mass; {ci_text}.", ""]
+            f"variance). ECE columns use equal-width bins unless named equal mass; {ci_text}. ECE is biased upward "
+            "on small samples (bin noise), and more so within a resample that repeats images, so on a small split "
+            "its interval can sit above the estimate; read it as the spread, not a bias-corrected range.", ""]
     if not cal.empty:
         text += ["Post-hoc calibration (monotone, so AUROC and the ranking are unchanged): temperature "
                  "σ(logit p / T) and Platt σ(a logit p + b) per label, fitted on the threshold split, the map per "
@@ -930,7 +964,7 @@ def write_outputs(out: Path, analysis: Analysis, scores: ScoreSet, *, split: str
         plot_curves(out / "roc.png", scores, analysis.aucs, analysis.tuned, "roc", split)
         plot_curves(out / "pr.png", scores, analysis.aucs, analysis.tuned, "pr", split)
         if analysis.calibration is not None:
-            plot_reliability(out / "reliability.png", scores, analysis.calibrated, split)
+            plot_reliability(out / "reliability.png", scores, analysis.calibrated, split, analysis)
         seconds["figures"] = time.perf_counter() - t1
     atomic_write_text(out / "report.md", report_markdown(analysis, scores, split=split,
                                                          context=context, members=members))

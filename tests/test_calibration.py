@@ -361,3 +361,16 @@ def test_ablation_table_gains_calibration_and_subgroup_columns(tmp_path):
     assert {"ece_width", "ece_mass", "gap_age_bands", "gap_view", "gap_followup"} <= set(rows.columns)
     text = report_markdown(result, pd.DataFrame(), {"split": "test", "runs": 2, "source": "test"})
     assert "## Calibration and subgroup gaps per variant" in text
+
+
+def test_micro_rows_carry_wilson_intervals_of_the_summed_counts(report):
+    from statsmodels.stats.proportion import proportion_confint
+
+    metrics = pd.read_csv(report / "metrics.csv")
+    for (member, name), part in metrics.groupby(["member", "thresholds"]):
+        labels = part[part["label"].isin(LABELS)]
+        micro = part[part["label"] == "micro"].iloc[0]
+        tp, fn = labels["tp"].sum(), labels["fn"].sum()
+        low, high = proportion_confint(tp, tp + fn, alpha=0.05, method="wilson")
+        assert micro["sensitivity_low"] == pytest.approx(low, abs=1e-12)
+        assert micro["sensitivity_high"] == pytest.approx(high, abs=1e-12)
