@@ -104,7 +104,7 @@ def analyse_and_write(args: argparse.Namespace, per_split: dict[str, ScoreSet],
             raise CxrError(f"{source}: no predictions for split {split!r} (has {sorted(per_split)}) — "
                            "choose --split/--thresholds-from among those, or --thresholds-from none")
     check_score_sets(per_split, source)  # freshly inferred scores too: nothing is written before this
-    per_split = attach_meta(per_split, _splits_table(args))
+    per_split = attach_meta(per_split, _splits_table(args), strict=bool(args.splits))
     per_split = {k: with_ensemble(v, args.ensemble) for k, v in per_split.items()}
     write_predictions(out, per_split, infos)
     tuning_split = None if args.thresholds_from in (None, "none") else args.thresholds_from

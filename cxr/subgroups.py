@@ -209,10 +209,21 @@ def packed_table(shards: str | Path) -> Path | None:
     return path if path.is_file() else None
 
 
-def attach_meta(per_split: dict[str, Any], table: str | Path | None) -> dict[str, Any]:
-    """Each split's ScoreSet with ``meta`` from the splits ``table`` (unchanged when None)."""
+def attach_meta(per_split: dict[str, Any], table: str | Path | None, strict: bool = True) -> dict[str, Any]:
+    """Each split's ScoreSet with ``meta`` from the splits ``table`` (unchanged when None).
+
+    strict=False (the table was found through the shards' manifest, not named by the user): a table
+    that does not list the evaluated images leaves the splits without meta and prints why, instead
+    of failing the evaluation."""
     import dataclasses
+    import sys
 
     if table is None:
         return per_split
-    return {split: dataclasses.replace(s, meta=meta_from_table(s.keys, table)) for split, s in per_split.items()}
+    try:
+        return {split: dataclasses.replace(s, meta=meta_from_table(s.keys, table)) for split, s in per_split.items()}
+    except CxrError as err:
+        if strict:
+            raise
+        print(f"note: no subgroups and image-level bootstrap — {err}", file=sys.stderr)
+        return per_split

@@ -374,3 +374,27 @@ def test_micro_rows_carry_wilson_intervals_of_the_summed_counts(report):
         low, high = proportion_confint(tp, tp + fn, alpha=0.05, method="wilson")
         assert micro["sensitivity_low"] == pytest.approx(low, abs=1e-12)
         assert micro["sensitivity_high"] == pytest.approx(high, abs=1e-12)
+
+
+def test_old_predictions_take_subgroup_columns_from_splits(report, tmp_path, capsys):
+    frame = pd.read_parquet(report / "predictions.parquet")
+    old = frame[[c for c in frame.columns if not c.startswith("meta_")]]  # as written before the columns existed
+    old.to_parquet(tmp_path / "predictions.parquet", index=False)
+    first = frame.drop_duplicates("key")
+    table = pd.DataFrame({"image": first["key"] + ".png", "patient": first["meta_patient"], "split": first["split"],
+                          **{label: first[f"true_{label}"].astype(np.uint8) for label in LABELS},
+                          "age": first["meta_age"], "sex": first["meta_sex"], "view": first["meta_view"]})
+    table.to_parquet(tmp_path / "splits.parquet", index=False)
+    out = tmp_path / "out"
+    assert evaluate_main(["--from-predictions", str(tmp_path / "predictions.parquet"), "--splits",
+                          str(tmp_path / "splits.parquet"), "--bootstrap", "20", "--no-figures", "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "bootstrap over patients" in text and "### followup — AUROC" in text  # follow-up read off the names
+    without = tmp_path / "without"
+    assert evaluate_main(["--from-predictions", str(tmp_path / "predictions.parquet"), "--bootstrap", "20",
+                          "--no-figures", "--out", str(without)]) == 0
+    assert "bootstrap over images" in (without / "report.md").read_text()
+    table.iloc[5:].to_parquet(tmp_path / "partial.parquet", index=False)
+    assert evaluate_main(["--from-predictions", str(tmp_path / "predictions.parquet"), "--splits",
+                          str(tmp_path / "partial.parquet"), "--bootstrap", "0", "--out", str(tmp_path / "x")]) == 2
+    assert "evaluated images are not in this splits table" in capsys.readouterr().err
