@@ -25,6 +25,7 @@ import sys
 import time
 from pathlib import Path
 
+from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +41,7 @@ NIH = Path(os.environ.get("CXR_NIH", ROOT.parent / "shared" / "data" / "nih"))
 N_TEST, N_VAL = 25_596, 8_652
 
 
-def nih_splits() -> tuple[dict[str, tuple[np.ndarray, np.ndarray, "pd.DataFrame | None"]], str]:
+def nih_splits() -> tuple[dict[str, tuple[np.ndarray, np.ndarray, Any]], str]:
     """{"test": (keys, labels [N, 14], meta), "val": …} from the real CSV (official test list; val = whole
     train_val patients up to N_VAL images), or flat-prevalence labels without meta."""
     csv = NIH / "Data_Entry_2017_v2020.csv.gz"
@@ -150,7 +151,7 @@ def ci_widths(patient: Path, image: Path) -> dict[str, float]:
     """How much wider the ensemble's AUROC CIs are with patient-level than with image-level resampling."""
     import pandas as pd
 
-    def width(report: Path) -> "pd.Series":
+    def width(report: Path) -> Any:
         aucs = pd.read_csv(report / "aucs.csv").query("member == 'ensemble'").set_index("label")
         return aucs["ci_high"] - aucs["ci_low"]
 
