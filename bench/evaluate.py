@@ -24,8 +24,8 @@ import shutil
 import sys
 import time
 from pathlib import Path
-
 from typing import Any
+
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
