@@ -105,7 +105,43 @@ def variant_scores(scores: ScoreSet, runs: Sequence[Run], order: Sequence[Any]) 
         members = [scores.scores[r.name] for r in runs if r.variant == v]
         by_variant[str(v)] = np.mean(members, axis=0)
     by_variant[ALL] = np.mean([scores.scores[r.name] for r in runs], axis=0)
-    return ScoreSet(keys=scores.keys, y_true=scores.y_true, scores=by_variant)
+    return ScoreSet(keys=scores.keys, y_true=scores.y_true, scores=by_variant, meta=scores.meta)
+
+
+def calibration_and_gaps(scores: ScoreSet) -> pd.DataFrame:
+    """Per variant and label (+ mean): raw ECE (equal width, equal mass) and Brier (cxr.calibration),
+    and per default subgroup grouping the split has (cxr.subgroups) the AUROC gap ``gap_<grouping>``:
+    the other group − the largest one for two groups, the highest − the lowest group for more.
+    Point estimates; the evaluator's report gives their CIs and tests."""
+    from cxr import calibration as cal
+    from cxr.metrics import per_label_auroc
+    from cxr.subgroups import ALIASES, DEFAULT_GROUPINGS, grouping_column
+
+    groupings = []
+    if scores.meta is not None:
+        for spec in DEFAULT_GROUPINGS:
+            if ALIASES.get(spec.split(":")[0], spec.split(":")[0]) in scores.meta:
+                name, groups = grouping_column(spec, scores.meta)
+                names = sorted(pd.unique(groups[groups.notna()]), key=lambda g: -int((groups == g).sum()))
+                if len(names) >= 2:
+                    groupings.append((name, [(groups == g).to_numpy() for g in names]))
+    y, rows = scores.y_true, []
+    for variant, p in scores.scores.items():
+        values = {"ece_width": cal.ece(y, p, strategy="width"), "ece_mass": cal.ece(y, p, strategy="mass"),
+                  "brier": cal.brier(y, p)}
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a group without positives: NaN
+            for name, masks in groupings:
+                aucs = np.array([per_label_auroc(y[m], p[m]) for m in masks])  # [groups, L]
+                values[f"gap_{name.replace(' ', '_')}"] = (aucs[1] - aucs[0] if len(masks) == 2
+                                                           else np.nanmax(aucs, 0) - np.nanmin(aucs, 0))
+        for c, label in enumerate([*scores.labels, MEAN]):
+            rows.append({"variant": variant, "label": label,
+                         **{k: float(v[c]) if label != MEAN else float(np.nanmean(v)) if np.isfinite(v).any()
+                            else np.nan for k, v in values.items()}})
+    return pd.DataFrame(rows)
 
 
 def _seed_spread(run_aucs: pd.DataFrame, runs: Sequence[Run]) -> pd.DataFrame:
@@ -174,6 +210,7 @@ def analyse_sweep(scores: ScoreSet, runs: Sequence[Run], reference: Any = None, 
     comparison = pd.concat(comparisons, ignore_index=True) if comparisons else pd.DataFrame(
         columns=["variant", "label", "delta"])
     table = table.merge(comparison, on=["variant", "label"], how="left")
+    table = table.merge(calibration_and_gaps(per_variant), on=["variant", "label"], how="left")
     table.insert(0, "by", by)
     table["reference"] = str(reference)
     return {"table": table, "run_aucs": run_aucs, "order": [str(v) for v in order], "reference": str(reference),
@@ -289,6 +326,17 @@ def delta_markdown(table: pd.DataFrame, order: Sequence[str], reference: str) ->
     return _markdown(wide)
 
 
+def extras_markdown(table: pd.DataFrame, order: Sequence[str]) -> str:
+    """Variant × (ECE, Brier, subgroup gaps) on the mean row."""
+    from cxr.report import _markdown
+
+    columns = [c for c in table.columns if c in ("ece_width", "ece_mass", "brier") or c.startswith("gap_")]
+    mean = table[table.label == MEAN].set_index("variant")
+    frame = pd.DataFrame({c: [_fmt(mean.loc[v, c]) for v in [*order, ALL]] for c in columns},
+                         index=pd.Index([*order, ALL], name="variant"))
+    return _markdown(frame)
+
+
 def report_markdown(result: dict[str, Any], costs: pd.DataFrame, context: dict[str, Any]) -> str:
     from cxr.report import _markdown
 
@@ -319,6 +367,15 @@ def report_markdown(result: dict[str, Any], costs: pd.DataFrame, context: dict[s
         "across the 14 labels; ✓: adjusted p < alpha (for the mean: bootstrap CI excludes 0).",
         "",
         delta_markdown(table, order, ref),
+        "",
+        "## Calibration and subgroup gaps per variant (mean over the labels)",
+        "",
+        "ECE (15 bins, equal width / equal mass) and Brier of the raw probabilities (no post-hoc map: the "
+        "sweep has no threshold split), and the AUROC gap between subgroups of the split's table "
+        "(two groups: the other − the largest; more: highest − lowest band). Per label in `ablation.csv`; "
+        "CIs and tests per subgroup: `python -m cxr.evaluate` on a variant.",
+        "",
+        extras_markdown(table, order),
         "",
         "## Training cost per variant",
         "",
@@ -453,6 +510,9 @@ def report(args: argparse.Namespace) -> int:
         scores, infos = infer_predictions(args)
         if scores is None:  # not rank 0
             return 0
+        from cxr.subgroups import attach_meta, packed_table
+
+        scores = attach_meta({args.split: scores}, packed_table(Path(args.shards)), strict=False)[args.split]
         write_predictions(out, {args.split: with_ensemble(scores, "mean-prob")}, infos)
         source = f"runs inferred on shards {args.shards}, each at its own training resolution"
     result = analyse_sweep(scores, runs, args.reference, args.bootstrap, args.seed, args.alpha,

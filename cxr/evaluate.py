@@ -11,7 +11,11 @@ split is read once and every member scores each batch. Under a launcher each ran
 infers a disjoint part of the split; keys and probabilities are gathered on rank 0,
 which checks that every image of the split was scored exactly once and writes
 (atomically) ``predictions.parquet``, ``aucs.csv``, ``thresholds.json``,
-``metrics.csv``, ``members.json``, ``roc.png``, ``pr.png`` and ``report.md``.
+``metrics.csv``, ``calibration.csv``, ``calibration.json``, ``subgroups.csv``, ``members.json``,
+``roc.png``, ``pr.png``, ``reliability.png`` and ``report.md``. The per-image columns of
+the splits table the shards were packed from (patient, age, sex, view; follow-up from the
+image name) ride along in predictions.parquet: they drive the patient-level bootstrap and
+the subgroups.
 
 predictions.parquet is long: one row per (split, member, key) with one probability column per label
 (the shards' label names: the 14 NIH ones or a generic table's, float64) and the ground-truth columns ``true_<Label>``
@@ -51,6 +55,7 @@ import numpy as np
 from cxr.inference import check_distinct, infer_runs, process_state, with_ensemble
 from cxr.predictions import check_score_sets, read_members, read_predictions, write_predictions
 from cxr.report import ENSEMBLE, ScoreSet
+from cxr.subgroups import attach_meta
 from cxrbase.atomic import atomic_folder, remove_stale_folders
 from cxrbase.errors import CxrError, cli_entry
 from cxrbase.lock import FolderLock
@@ -81,6 +86,16 @@ def _context(args: argparse.Namespace, source: str, notes: Sequence[str] = ()) -
             "notes": notes}
 
 
+def _splits_table(args: argparse.Namespace) -> Path | None:
+    """The splits table whose per-image columns (patient, age, sex, view …) the split gets: --splits,
+    else the shards' own (inference only; --from-predictions uses the columns saved with the scores)."""
+    from cxr.subgroups import packed_table
+
+    if args.splits:
+        return Path(args.splits)
+    return None if args.from_predictions else packed_table(Path(args.shards))
+
+
 def analyse_and_write(args: argparse.Namespace, per_split: dict[str, ScoreSet],
                       infos: list[dict[str, Any]], source: str, out: Path | None = None,
                       stops: "_StopSignals | None" = None) -> dict[str, Any]:
@@ -94,6 +109,7 @@ def analyse_and_write(args: argparse.Namespace, per_split: dict[str, ScoreSet],
             raise CxrError(f"{source}: no predictions for split {split!r} (has {sorted(per_split)}) — "
                            "choose --split/--thresholds-from among those, or --thresholds-from none")
     check_score_sets(per_split, source)  # freshly inferred scores too: nothing is written before this
+    per_split = attach_meta(per_split, _splits_table(args), strict=bool(args.splits))
     per_split = {k: with_ensemble(v, args.ensemble) for k, v in per_split.items()}
     tuning_split = None if args.thresholds_from in (None, "none") else args.thresholds_from
     notes = data_notes(per_split.get(tuning_split), tuning_split) + member_notes(infos)
@@ -105,7 +121,8 @@ def analyse_and_write(args: argparse.Namespace, per_split: dict[str, ScoreSet],
         stops.phase = f"the analysis ({args.bootstrap} bootstrap resamples)"
     t0 = time.perf_counter()
     analysis = analyse(scores, per_split.get(tuning_split) if tuning_split else None,
-                       tuning_split=tuning_split, n_boot=args.bootstrap, seed=args.seed, alpha=args.alpha)
+                       tuning_split=tuning_split, n_boot=args.bootstrap, seed=args.seed, alpha=args.alpha,
+                       resample=args.resample, subgroups=args.subgroups, calibrate=not args.no_calibration)
     seconds = {"analysis": time.perf_counter() - t0}
     if stops is not None:
         stops.phase = "writing the report"
@@ -205,9 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
         "figures and report.md. Never trains. Under `accelerate launch` each rank infers a "
         "disjoint part of the split and rank 0 writes the report.",
         epilog="Writes OUT/{predictions.parquet, members.json, aucs.csv, thresholds.json, metrics.csv, "
-        "roc.png, pr.png, report.md}, replacing an earlier report there as a whole; a second evaluation "
-        "into the same --out is refused while one runs. SIGTERM/SIGUSR1 stop it with nothing written "
-        "and exit 75 (requeue). Examples:\n"
+        "calibration.csv, calibration.json, subgroups.csv, roc.png, pr.png, reliability.png, report.md}, "
+        "replacing an earlier report there as a whole; a second evaluation into the same --out is refused "
+        "while one runs. SIGTERM/SIGUSR1 stop it with nothing written and exit 75 (requeue). Examples:\n"
         "  python -m cxr.evaluate --runs runs/m1 runs/m2 --shards shards --split test --out report\n"
         "  accelerate launch --multi_gpu --num_processes 4 -m cxr.evaluate --runs ... --out report\n"
         "  python -m cxr.evaluate --from-predictions report/predictions.parquet --out report2\n"
@@ -243,7 +260,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu", action="store_true", help="run on CPU even if CUDA is available")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads per process (default: torch's choice; 1 on shared CPUs)")
-    p.add_argument("--no-figures", action="store_true", help="skip roc.png / pr.png")
+    p.add_argument("--no-figures", action="store_true", help="skip roc.png / pr.png / reliability.png")
+    p.add_argument("--resample", choices=["patient", "image"], default="patient",
+                   help="bootstrap unit: whole patients when the split's table gives them (default), or images")
+    p.add_argument("--subgroups", nargs="*", metavar="GROUPING", default=None,
+                   help="groupings for the subgroup section: columns of the splits table (sex, view, followup, or "
+                   "any column; NIH headers such as \"Patient Gender\" work) or age:20,40,60,80 bands "
+                   "(default: sex age:20,40,60,80 view followup, those the split has; none: no subgroups)")
+    p.add_argument("--splits", metavar="TABLE", help="splits table (python -m shards split) giving each image's "
+                   "patient, age, sex, view (default: the table the shards were packed from, or with "
+                   "--from-predictions the columns saved in predictions.parquet)")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="skip the calibration section (ECE, Brier, temperature/Platt fitted on --thresholds-from)")
     p.add_argument("--ood", metavar="RUN", help="an ood_ae run (cxr/ood.py): reject the split's images the gate "
                    "rejects and report mean AUROC on the accepted ones beside all (OUT/ood.csv; needs --shards)")
     return p

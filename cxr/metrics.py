@@ -550,3 +550,113 @@ def holm(p_values) -> np.ndarray:
     scaled = np.minimum(1.0, (k - np.arange(k)) * p[order])
     out[order] = np.maximum.accumulate(scaled)
     return out
+
+
+# ------------------------------------------------------------------ operating points, intervals, groups
+def threshold_for_target(y_true, y_score, metric: str, target: float) -> np.ndarray:
+    """Per-label threshold reaching ``target`` sensitivity or specificity on these data (val).
+
+    ``sensitivity``: the highest observed score t with TPR(s >= t) >= target (the most
+    specific such rule); ``specificity``: the lowest t with TNR >= target (the most
+    sensitive such rule). Returns [L]; a label without both classes gets 0.5 (one warning).
+    """
+    if metric not in ("sensitivity", "specificity") or not 0 < target <= 1:
+        raise CxrError(f"threshold_for_target: {metric}={target} — use sensitivity/specificity and a target in (0, 1]")
+    y, s = _as_2d(y_true, y_score)
+    names = _names(y.shape[1])
+    out, undefined = np.full(y.shape[1], 0.5), []
+    for c in range(y.shape[1]):
+        n_pos = int(y[:, c].sum())
+        if n_pos in (0, y.shape[0]):
+            undefined.append(names[c])
+            continue
+        thr, tps, fps = _binary_curve(y[:, c], s[:, c])
+        if metric == "sensitivity":  # tps grows as t falls: the first index reaching the target
+            out[c] = thr[np.argmax(tps / n_pos >= target - 1e-12)]
+        else:  # fps grows as t falls: the last index still meeting the target (there may be none)
+            ok = np.flatnonzero(1 - fps / (y.shape[0] - n_pos) >= target - 1e-12)
+            out[c] = thr[ok[-1]] if ok.size else np.nextafter(thr[0], np.inf)
+    _warn(f"{metric} {target} threshold undefined (0.5 used) for labels without both classes", undefined)
+    return out
+
+
+def wilson_interval(successes, trials, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score interval of a binomial proportion (= statsmodels proportion_confint
+    method="wilson"); any shape; NaN where trials == 0."""
+    from scipy.special import ndtri  # norm.ppf without importing scipy.stats (seconds on a busy machine)
+
+    k = np.asarray(successes, dtype=np.float64)
+    n = np.asarray(trials, dtype=np.float64)
+    z = ndtri(1 - alpha / 2)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = k / n
+        denom = 1 + z**2 / n
+        center = (p + z**2 / (2 * n)) / denom
+        half = z * np.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denom
+    low, high = center - half, center + half
+    return np.where(n > 0, low, np.nan), np.where(n > 0, high, np.nan)
+
+
+def unpaired_delong(y_1, score_1, y_2, score_2) -> dict[str, float]:
+    """DeLong test of two AUROCs on DISJOINT image sets (subgroups): z = (A1 − A2) / sqrt(V1 + V2)
+    with each V the DeLong variance of its own set (the sets are independent, no covariance).
+
+    Returns ``auc_1, auc_2, delta, var, z, p``; NaN everywhere when either AUROC is undefined.
+    """
+    from scipy.special import ndtr
+
+    nan = float("nan")
+    parts = []
+    for y, s in ((y_1, score_1), (y_2, score_2)):
+        y = np.asarray(y).astype(bool).ravel()
+        s = np.asarray(s, dtype=np.float64).ravel()
+        if y.sum() in (0, y.size):
+            return {"auc_1": nan, "auc_2": nan, "delta": nan, "var": nan, "z": nan, "p": nan}
+        v10, v01 = _delong_components(s[y], s[~y])
+        var = (v10.var(ddof=1) / v10.size if v10.size > 1 else 0.0) + (v01.var(ddof=1) / v01.size if v01.size > 1 else 0.0)
+        parts.append((float(v10.mean()), float(var)))
+    (a1, v1), (a2, v2) = parts
+    delta, var = a1 - a2, v1 + v2
+    z = (0.0 if abs(delta) < 1e-12 else float(np.sign(delta) * np.inf)) if var <= 1e-15 else delta / np.sqrt(var)
+    return {"auc_1": a1, "auc_2": a2, "delta": delta, "var": var, "z": float(z), "p": float(2 * ndtr(-abs(z)))}
+
+
+class Resamples:
+    """Bootstrap resamples of images or of whole patients, shared by every analysis of a split.
+
+    ``units`` [n] names the resampling unit of each image (a patient id, or None: each image
+    its own unit). Each resample draws as many units as there are, with replacement;
+    ``unit_counts`` [U, B] holds how often each unit is drawn (:func:`bootstrap_counts` over
+    units) and an image's weight is its unit's count, so a patient's images come and go
+    together. ``counts`` [n, B] (float32) is that image weight matrix (what
+    :func:`bootstrap_auroc` takes); :meth:`sums` gives resample-weighted column sums of any
+    per-image values through the unit totals (one [B, U] × [U, k] product).
+    """
+
+    def __init__(self, n: int, n_boot: int, seed: int = 0, units=None) -> None:
+        if units is None:
+            self.inverse, self.level = np.arange(n), "image"
+        else:
+            units = np.asarray(units)
+            if units.shape != (n,) or pd.isna(units).any():
+                raise CxrError(f"resamples: {units.shape} patient ids for {n} images (or missing ids) — "
+                               "the splits table must give every image a patient")
+            _, self.inverse = np.unique(units, return_inverse=True)
+            self.level = "patient"
+        self.n, self.n_boot, self.n_units = n, n_boot, int(self.inverse.max()) + 1
+        self.unit_counts = bootstrap_counts(self.n_units, n_boot, seed)
+        self._counts: np.ndarray | None = None
+        self._aggregate = None if self.level == "image" else sp.csr_matrix(
+            (np.ones(n, dtype=np.float32), (self.inverse, np.arange(n))), shape=(self.n_units, n))
+
+    @property
+    def counts(self) -> np.ndarray:
+        if self._counts is None:
+            self._counts = self.unit_counts if self.level == "image" else self.unit_counts[self.inverse]
+        return self._counts
+
+    def sums(self, values: np.ndarray) -> np.ndarray:
+        """[B, k] resample-weighted sums of per-image ``values`` [n, k] (float64 out)."""
+        values = np.asarray(values, dtype=np.float64).reshape(self.n, -1)
+        per_unit = values if self._aggregate is None else self._aggregate @ values
+        return (self.unit_counts.T @ per_unit.astype(np.float32)).astype(np.float64)

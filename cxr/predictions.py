@@ -7,7 +7,10 @@ evaluator and of the ablation read through it.
 
 predictions.parquet is long: one row per (split, member, key) with one probability column
 per label (the shards' label names: the 14 NIH ones or a generic table's, float64) and the
-ground-truth columns ``true_<Label>`` (0/1, uint8); the ensemble is member ``ensemble``.
+ground-truth columns ``true_<Label>`` (0/1, uint8); the ensemble is member ``ensemble``; then, when
+the split's splits table was at hand, its per-image columns ``meta_<column>`` (``meta_patient``,
+``meta_age``, ``meta_sex``, ``meta_view``, ``meta_followup`` …: subgroups and patient-level
+resampling, cxr.subgroups).
 members.json beside it holds the members' run-config summaries (a JSON list).
 
 val_predictions.parquet (a training run's best epoch): ``key`` then one float column per
@@ -24,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from cxr.report import ScoreSet
+from cxr.subgroups import META_PREFIX
 from cxrbase.atomic import atomic_write, atomic_write_text
 from cxrbase.errors import CxrError
 from cxrbase.labels import LABELS
@@ -45,13 +49,18 @@ def predictions_frame(per_split: dict[str, ScoreSet]) -> pd.DataFrame:
     frames = []
     for split, s in per_split.items():
         truth = pd.DataFrame(s.y_true.astype(np.uint8), columns=[TRUE_PREFIX + c for c in s.labels])
+        if s.meta is not None:  # the subgroup columns (cxr.subgroups), so a re-analysis needs no table
+            meta = s.meta.reset_index(drop=True).add_prefix(META_PREFIX)
+            truth = pd.concat([truth, meta], axis=1)
         for member, probs in s.scores.items():
             frame = pd.DataFrame(np.asarray(probs, dtype=np.float64), columns=list(s.labels))
             frame.insert(0, "member", member)
             frame.insert(0, "split", split)
             frame.insert(0, "key", s.keys.astype(str))
             frames.append(pd.concat([frame, truth], axis=1))
-    return pd.concat(frames, ignore_index=True)[prediction_columns(next(iter(per_split.values())).labels)]
+    frame = pd.concat(frames, ignore_index=True)
+    meta_columns = [c for c in frame.columns if str(c).startswith(META_PREFIX)]
+    return frame[prediction_columns(next(iter(per_split.values())).labels) + meta_columns]
 
 
 # ---------------------------------------------------------------- validate ---
@@ -127,7 +136,10 @@ def read_predictions(path: Path) -> dict[str, ScoreSet]:
             check_values(str(path), str(split), member, keys,
                          rows[[TRUE_PREFIX + c for c in labels]].to_numpy(dtype=np.float64), "label", labels)
         y_true = first[[TRUE_PREFIX + c for c in labels]].to_numpy(dtype=np.uint8)
-        out[str(split)] = ScoreSet(keys=keys, y_true=y_true, scores=scores, labels=tuple(labels))
+        meta_columns = [c for c in part.columns if str(c).startswith(META_PREFIX) and first[c].notna().any()]
+        meta = (first[meta_columns].rename(columns=lambda c: c[len(META_PREFIX):]).reset_index(drop=True)
+                if meta_columns else None)
+        out[str(split)] = ScoreSet(keys=keys, y_true=y_true, scores=scores, labels=tuple(labels), meta=meta)
     return out
 
 
