@@ -267,6 +267,9 @@ class Config:
     def __post_init__(self) -> None:
         if self.data.seed is None:  # one seed drives init, data order and augmentation
             self.data.seed = self.train.seed
+        # data.device=auto is decided here, so config.yaml and the hash carry gpu or cpu: a run of a
+        # shipped config (which said gpu before auto existed) keeps its hash on a GPU machine
+        self.device_note = self.data.resolve_device()
 
 
 # ---------------------------------------------------------------------------- loading

@@ -85,6 +85,9 @@ def train(cfg: Config, loader_fn: Callable = build_loader) -> int:
     """Run (or resume) training as configured; returns the process exit status (see module doc).
 
     loader_fn: ``build_loader``-compatible factory (benchmarks pass in-memory data)."""
+    if cfg.data.device == "gpu" and not torch.cuda.is_available():  # before any process group or model
+        raise CxrError("data.device=gpu: no CUDA device is visible to this process — set data.device=auto "
+                       "(GPU decode where CUDA is, CPU otherwise) or data.device=cpu")
     configure_numerics(cfg, torch.cuda.is_available())  # before CUDA is initialised
     warning = loopback_warning(os.environ)
     if warning:  # before the process groups: with this problem their creation hangs until the timeout
@@ -154,9 +157,10 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
         save_config(cfg, run_dir / "config.yaml")
         run_log.write_status(run_dir, "running", st)
     pids = gather_object([os.getpid()])
-    log.info("start: %d rank(s) on %s, pids %s, %s, config hash %s, %d steps/epoch, %s",
+    log.info("start: %d rank(s) on %s, pids %s, %s, config hash %s, %d steps/epoch, %s; %s",
              world, device, pids, accelerator.distributed_type.value, config_hash(cfg), steps_per_epoch,
-             f"resumed from {resume_from} at epoch {st.epoch + 1} step {st.step_in_epoch}" if resume_from else "fresh")
+             f"resumed from {resume_from} at epoch {st.epoch + 1} step {st.step_in_epoch}" if resume_from else "fresh",
+             getattr(cfg, "device_note", None) or f"data.device={cfg.data.device}")
     log.info("images: %s; resize filter: %s", *image_source(cfg.data.shards, cfg.data.resolution).values())
     writer = run_log.tensorboard_writer(cfg, run_dir, accelerator.is_main_process)
     accum, log_every = cfg.train.grad_accum_steps, cfg.logging.log_every
