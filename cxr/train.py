@@ -265,8 +265,8 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
             run_log.record_throughput(run_dir, st.epoch, epoch_images * world, t_train, time.time() - t_epoch,
                                       device)
             run_log.log_tensorboard(writer, row, st.global_step)
-        log.info(run_log.epoch_summary(cfg, st, row, improved, epoch_images * world / max(t_train, 1e-9),
-                                       time.time() - t_epoch))
+        log.info(run_log.epoch_summary(cfg, st, row, improved, epoch_images * world, t_train, time.time() - t_epoch,
+                                       run_log.planned_epochs(cfg, steps_per_epoch)))
         if early_stop:
             log.info("early stopping: no %s improvement > %g for %d epochs%s", cfg.train.best_metric,
                      cfg.train.early_stop_min_delta, st.bad_epochs,
@@ -281,10 +281,11 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
         run_log.write_status(run_dir, "finished", st)
     elapsed = time.time() - t_start
     best = st.best_value if st.best_value is not None else float("nan")
-    log.info("done: %d epochs, %d steps, %d images (%d rank(s)) in %.1f s (%.1f img/s incl. validation); "
-             "best %s %.4f at epoch %d; run dir %s", st.epoch, st.global_step, images_trained * world, world,
-             elapsed, images_trained * world / max(elapsed, 1e-9), cfg.train.best_metric, best, st.best_epoch,
-             run_dir)
+    speed = (f"{run_log.rate(images_trained * world, elapsed)} incl. validation" if images_trained
+             else "nothing left to train in this process")
+    log.info("done: %d epochs, %d steps, %d images (%d rank(s)) in %.1f s (%s); best %s %.4f at epoch %d; "
+             "run dir %s", st.epoch, st.global_step, images_trained * world, world, elapsed, speed,
+             cfg.train.best_metric, best, st.best_epoch, run_dir)
     return 0
 
 
