@@ -221,7 +221,8 @@ class LoggingConfig:
     """What rank 0 shows and records while training."""
 
     progress: bool = True
-    """tqdm progress bar on rank 0 (stderr)."""
+    """Progress of each epoch on rank 0 (stderr): a tqdm bar on a terminal, a plain line every 10 % or
+    60 s in a log file or Slurm .out (cxrbase.progress; CXR_PROGRESS_PCT, CXR_PROGRESS_S)."""
     log_every: int = 20
     """Optimizer steps between loss readings (a CPU-GPU sync) for the bar and train.log."""
     tensorboard: bool = False

@@ -108,7 +108,7 @@ def auc_table(scores: ScoreSet, n_boot: int = 1000, seed: int = 0, alpha: float 
     member and the ensemble use the same resamples (``cxr.metrics.bootstrap_counts``
     with ``seed``). ``n_boot=0`` leaves the CI columns NaN.
     """
-    from tqdm import tqdm
+    from cxrbase.progress import progress as progress_bar
 
     from cxr.metrics import bootstrap_auroc, bootstrap_counts, per_label_auprc, per_label_auroc
 
@@ -116,7 +116,7 @@ def auc_table(scores: ScoreSet, n_boot: int = 1000, seed: int = 0, alpha: float 
     y, names = scores.y_true, list(scores.scores)
     counts = bootstrap_counts(scores.n, n_boot, seed) if n_boot > 0 else None
     boots = []
-    for m in tqdm(names, desc=f"AUROC + {n_boot} bootstrap CIs", unit="score set", disable=not progress):
+    for m in progress_bar(names, desc=f"AUROC + {n_boot} bootstrap CIs", unit="score set", disable=not progress):
         if counts is not None:  # one resample matrix for all: paired CIs
             boots.append(notes.run(bootstrap_auroc, y, scores.scores[m], alpha=alpha, counts=counts))
         else:
