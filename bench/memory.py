@@ -79,11 +79,11 @@ def run_one(args: argparse.Namespace, batch: int, ckpt: int) -> dict:
 
 def measure(args: argparse.Namespace) -> dict[tuple[int, int], list[dict]]:
     """Every (batch, ckpt) configuration ``repeats`` times, interleaved."""
-    from tqdm import tqdm
+    from cxrbase.progress import progress
 
     configs = [(b, c) for b in args.batches for c in MODES[: 3 if args.timm_variant else 2]]
     results: dict[tuple[int, int], list[dict]] = {cfg: [] for cfg in configs}
-    with tqdm(total=len(configs) * args.repeats, desc="configurations", unit="run") as bar:
+    with progress(total=len(configs) * args.repeats, desc="configurations", unit="run") as bar:
         for _ in range(args.repeats):
             for batch, ckpt in configs:
                 results[(batch, ckpt)].append(run_one(args, batch, ckpt))

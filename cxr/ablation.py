@@ -463,10 +463,9 @@ def infer_predictions(args: argparse.Namespace) -> tuple[ScoreSet | None, list[d
 
 
 def _default_shards(runs: Sequence[Run]) -> str:
-    shards = config_value(runs[0].config, "data.shards")
-    if not shards:
-        raise CxrError(f"{runs[0].run_dir}/config.yaml: no data.shards — pass --shards")
-    return str(shards)
+    from cxr.config import run_shards
+
+    return run_shards(runs[0].run_dir)
 
 
 def write_report(out: Path, result: dict[str, Any], costs: pd.DataFrame, context: dict[str, Any],

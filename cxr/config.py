@@ -222,7 +222,8 @@ class LoggingConfig:
     """What rank 0 shows and records while training."""
 
     progress: bool = True
-    """tqdm progress bar on rank 0 (stderr)."""
+    """Progress of each epoch on rank 0 (stderr): a tqdm bar on a terminal, a plain line every 10 % or
+    60 s in a log file or Slurm .out (cxrbase.progress; CXR_PROGRESS_PCT, CXR_PROGRESS_S)."""
     log_every: int = 20
     """Optimizer steps between loss readings (a CPU-GPU sync) for the bar and train.log."""
     tensorboard: bool = False
@@ -268,6 +269,9 @@ class Config:
     def __post_init__(self) -> None:
         if self.data.seed is None:  # one seed drives init, data order and augmentation
             self.data.seed = self.train.seed
+        # data.device=auto is decided here, so config.yaml and the hash carry gpu or cpu: a run of a
+        # shipped config (which said gpu before auto existed) keeps its hash on a GPU machine
+        self.device_note = self.data.resolve_device()
 
 
 # ---------------------------------------------------------------------------- loading
@@ -326,6 +330,20 @@ def read_yaml(path: Path) -> Any:
         raise CxrError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise CxrError(f"{path}: not valid YAML ({str(err).splitlines()[0]}) — fix the syntax") from None
+
+
+def run_shards(run_dir: str | Path) -> str:
+    """The shards folder a run trained on (its config.yaml's data.shards): the evaluators' default."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise CxrError(f"{path}: not found — pass a training run directory, or give --shards")
+    try:  # only this key: a config.yaml of an older version need not pass today's checks
+        shards = ((yaml.safe_load(path.read_text()) or {}).get("data") or {}).get("shards")
+    except (yaml.YAMLError, AttributeError):
+        shards = None
+    if not shards:
+        raise CxrError(f"{path}: no data.shards — give --shards")
+    return str(shards)
 
 
 def shipped_configs() -> dict[str, Path]:

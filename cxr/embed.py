@@ -44,7 +44,7 @@ def extract(run: str | Path, shards: str | Path, split: str, *, batch_size: int 
             device: str | None = None, progress: bool = True) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
     """(keys [N], features float32 [N, D], labels uint8 [N, L], label names) of ``split``."""
     import torch
-    from tqdm import tqdm
+    from cxrbase.progress import progress as progress_bar
 
     from cxr.data import build_loader
     from cxr.inference import build_member_model, eval_data_config, read_member, renormaliser, shards_labels
@@ -62,7 +62,7 @@ def extract(run: str | Path, shards: str | Path, split: str, *, batch_size: int 
     renorm = renormaliser(member, cfg, dev)
     keys, feats, labels = [], [], []
     with torch.inference_mode():
-        for batch in tqdm(loader, desc=f"embed {split}", unit="batch", disable=not progress):
+        for batch in progress_bar(loader, desc=f"embed {split}", unit="batch", disable=not progress):
             image = renorm(batch["image"].to(dev))
             meta = batch["meta"].to(dev) if member.uses_meta else None
             feats.append(model.pooled(image, meta).float().cpu().numpy())

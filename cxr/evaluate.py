@@ -232,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="+", metavar="RUN",
                    help="training run dirs (config.yaml + checkpoints/best); each is one member")
-    p.add_argument("--shards", help="shards folder with manifest.json (python -m shards pack)")
+    p.add_argument("--shards", help="shards folder with manifest.json (python -m shards pack); default: the first "
+                   "run's data.shards")
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--out", required=True, help="report folder to write")
     p.add_argument("--thresholds-from", default="val",
@@ -280,8 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.from_predictions and args.runs:
         p.error("give either --runs (infer) or --from-predictions (re-analyse), not both")
-    if not args.from_predictions and not (args.runs and args.shards):
-        p.error("--runs and --shards are required unless --from-predictions is given")
+    if not args.from_predictions and not args.runs:
+        p.error("--runs is required unless --from-predictions is given")
+    if args.runs and not args.shards:  # every run records the shards it trained on
+        from cxr.config import run_shards
+
+        args.shards = run_shards(args.runs[0])
+        print(f"shards: {args.shards} (data.shards of {args.runs[0]}; --shards to choose)", file=sys.stderr)
     if args.bootstrap < 0 or not 0 < args.alpha < 1:
         p.error("--bootstrap must be >= 0 and --alpha in (0, 1)")
     if args.ood and not args.shards:

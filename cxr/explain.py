@@ -425,9 +425,9 @@ def explain_run(args: argparse.Namespace, run_dir: str, name: str, state: Any, j
     renorm = renormaliser(member, loader_cfg, state.device)
     rows: list[dict] = []
     entries: list[dict] = []
-    from tqdm import tqdm
+    from cxrbase.progress import progress
 
-    for batch in tqdm(loader, total=len(loader), desc=f"explain {name}", unit="batch",
+    for batch in progress(loader, total=len(loader), desc=f"explain {name}", unit="batch",
                       disable=not state.is_main_process, dynamic_ncols=True):
         image = renorm(batch["image"].to(state.device))
         meta = batch["meta"].to(state.device) if member.uses_meta else None

@@ -275,7 +275,7 @@ def infer_split(members: Sequence[Member], loader_cfg: Any, split: str, state: A
                 precision: str = "fp32") -> ScoreSet:
     """Score this rank's share of ``split`` with every member (one read of the data)."""
     import torch
-    from tqdm import tqdm
+    from cxrbase.progress import progress
 
     from cxr.data import build_loader
     device = state.device
@@ -290,7 +290,7 @@ def infer_split(members: Sequence[Member], loader_cfg: Any, split: str, state: A
         total = len(loader)
     except TypeError:
         total = None
-    bar = tqdm(loader, total=total, desc=f"infer {split}", unit="batch",
+    bar = progress(loader, total=total, desc=f"infer {split}", unit="batch",
                disable=not state.is_main_process, dynamic_ncols=True)
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32,
                                                 enabled=dtype is not None):

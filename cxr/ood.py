@@ -134,7 +134,7 @@ def load_gate(run: str | Path, device="cpu"):
 @torch.inference_mode()
 def score_split(run: str | Path, shards: str | Path, split: str, batch_size: int = 64):
     """(keys [n] object array, scores [n] float64) of every image of ``split``, at the AE's resolution."""
-    from tqdm import tqdm
+    from cxrbase.progress import progress
 
     from cxr.data import DataConfig, build_loader
 
@@ -144,7 +144,7 @@ def score_split(run: str | Path, shards: str | Path, split: str, batch_size: int
     data.update(shards=str(shards), augment=False, eval_batch_size=batch_size, device="cpu")
     loader = build_loader(DataConfig(**data), split, epoch=0, train=False)
     keys, scores = [], []
-    for batch in tqdm(loader, desc=f"ood {split}", unit="batch", dynamic_ncols=True, leave=False):
+    for batch in progress(loader, desc=f"ood {split}", unit="batch", dynamic_ncols=True, leave=False):
         scores.append(model(batch["image"]).squeeze(1).double().numpy())
         keys.extend(str(k) for k in batch["key"])
     return np.asarray(keys, dtype=object), (np.concatenate(scores) if scores else np.zeros(0))

@@ -133,7 +133,7 @@ def auc_table(scores: ScoreSet, n_boot: int = 1000, seed: int = 0, alpha: float 
     with ``seed``, or the given ``counts`` [N, n_boot], e.g. patient-level
     ``cxr.metrics.Resamples.counts``). ``n_boot=0`` leaves the CI columns NaN.
     """
-    from tqdm import tqdm
+    from cxrbase.progress import progress as progress_bar
 
     from cxr.metrics import bootstrap_auroc, bootstrap_counts, per_label_auprc, per_label_auroc
 
@@ -142,7 +142,7 @@ def auc_table(scores: ScoreSet, n_boot: int = 1000, seed: int = 0, alpha: float 
     if counts is None and n_boot > 0:
         counts = bootstrap_counts(scores.n, n_boot, seed)
     boots = []
-    for m in tqdm(names, desc=f"AUROC + {n_boot} bootstrap CIs", unit="score set", disable=not progress):
+    for m in progress_bar(names, desc=f"AUROC + {n_boot} bootstrap CIs", unit="score set", disable=not progress):
         if counts is not None:  # one resample matrix for all: paired CIs
             boots.append(notes.run(bootstrap_auroc, y, scores.scores[m], alpha=alpha, counts=counts))
         else:

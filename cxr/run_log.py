@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -93,24 +94,46 @@ def log_step(bar, st, loss: float, lr: float) -> None:
                    st.global_step, st.epoch + 1, st.step_in_epoch, loss, lr)
 
 
-def epoch_summary(cfg: Config, st, row: dict, improved: bool, img_s: float, seconds: float) -> str:
-    """The one-line epoch summary."""
-    text = (f"epoch {row['epoch']}/{cfg.train.epochs} step {row['step']} | loss {row['loss']:.4f} | "
-            f"val_loss {row['val_loss']:.4f} | val_auroc {row['val_mean_auroc']:.4f} | lr {row['lr']:.2e} | "
-            f"{img_s:.1f} img/s | {seconds:.1f} s")
+def planned_epochs(cfg: Config, steps_per_epoch: int) -> int:
+    """Epochs the run can reach: train.epochs, or fewer when train.max_steps ends it sooner."""
+    if not cfg.train.max_steps:
+        return cfg.train.epochs
+    return min(cfg.train.epochs, max(1, math.ceil(cfg.train.max_steps / max(1, steps_per_epoch))))
+
+
+def rate(images: float, seconds: float) -> str:
+    """images/s with 3 significant digits (a slow CPU run is 0.0412 img/s, not 0.0)."""
+    return f"{images / max(seconds, 1e-9):.3g} img/s"
+
+
+def epoch_summary(cfg: Config, st, row: dict, improved: bool, images: int, train_s: float, seconds: float,
+                  epochs: int | None = None) -> str:
+    """The one-line epoch summary (``epochs``: :func:`planned_epochs`; default train.epochs)."""
+    auroc = row.get("val_mean_auroc", float("nan"))
+    # the OOD autoencoder has no labels to rank: no AUROC to show (a classifier's nan is shown as n/a)
+    shown = "" if cfg.model.name == "ood_ae" else \
+        f"val_auroc {auroc:.4f} | " if math.isfinite(auroc) else "val_auroc n/a | "
+    text = (f"epoch {row['epoch']}/{epochs or cfg.train.epochs} step {row['step']} | loss {row['loss']:.4f} | "
+            f"val_loss {row['val_loss']:.4f} | {shown}lr {row['lr']:.2e} | "
+            f"{rate(images, train_s)} | {seconds:.1f} s")
     if row["skipped"]:
         text += f" | {row['skipped']} skipped"
     return text + (" | best" if improved else "")
 
 
 def progress_bar(cfg: Config, accelerator: Accelerator, st, steps_per_epoch: int):
-    """tqdm over the optimizer steps of this epoch, rank 0 only (None elsewhere or when disabled)."""
+    """Progress over the optimizer steps of this epoch (cxrbase.progress: tqdm on a terminal, plain
+    lines in a log), rank 0 only (None elsewhere or when disabled). Under train.max_steps the bar
+    ends where the run will, and the epoch count is the one the run can reach."""
     if not (accelerator.is_main_process and cfg.logging.progress):
         return None
-    from tqdm import tqdm
+    from cxrbase.progress import progress
 
-    return tqdm(total=steps_per_epoch, initial=st.step_in_epoch, desc=f"epoch {st.epoch + 1}/{cfg.train.epochs}",
-                unit="step", dynamic_ncols=True, leave=False)
+    total = steps_per_epoch
+    if cfg.train.max_steps:
+        total = min(total, st.step_in_epoch + max(0, cfg.train.max_steps - st.global_step))
+    return progress(total=total, initial=st.step_in_epoch, unit="step", dynamic_ncols=True, leave=False,
+                    desc=f"epoch {st.epoch + 1}/{planned_epochs(cfg, steps_per_epoch)}")
 
 
 # ----------------------------------------------------------------------------- status.json
@@ -120,9 +143,10 @@ NONCE_ENV = "CXR_RUN_NONCE"  # set by slurm/run-training.sh: "<job id>.<restart 
 def write_status(run_dir: Path, state: str, st, exit_code: int = 0, error: str | None = None) -> None:
     """RUN/status.json: running | preempted | finished | failed, for launchers deciding to requeue.
 
+    ``epoch`` counts from 1, as train.log, metrics.csv and the stop line do (the loop's is 0-based).
     ``nonce``: $CXR_RUN_NONCE of the process that wrote it (null without one), so that a launcher
     can tell a status written by its own start from an older one without comparing file times."""
-    payload = {"state": state, "epoch": st.epoch, "step_in_epoch": st.step_in_epoch,
+    payload = {"state": state, "epoch": st.epoch + 1, "step_in_epoch": st.step_in_epoch,
                "global_step": st.global_step, "exit_code": exit_code,
                "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "nonce": os.environ.get(NONCE_ENV) or None}

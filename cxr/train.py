@@ -85,6 +85,9 @@ def train(cfg: Config, loader_fn: Callable = build_loader) -> int:
     """Run (or resume) training as configured; returns the process exit status (see module doc).
 
     loader_fn: ``build_loader``-compatible factory (benchmarks pass in-memory data)."""
+    if cfg.data.device == "gpu" and not torch.cuda.is_available():  # before any process group or model
+        raise CxrError("data.device=gpu: no CUDA device is visible to this process — set data.device=auto "
+                       "(GPU decode where CUDA is, CPU otherwise) or data.device=cpu")
     configure_numerics(cfg, torch.cuda.is_available())  # before CUDA is initialised
     warning = loopback_warning(os.environ)
     if warning:  # before the process groups: with this problem their creation hangs until the timeout
@@ -155,9 +158,10 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
         run_log.write_status(run_dir, "running", st)
     st.accepted = True
     pids = gather_object([os.getpid()])
-    log.info("start: %d rank(s) on %s, pids %s, %s, config hash %s, %d steps/epoch, %s",
+    log.info("start: %d rank(s) on %s, pids %s, %s, config hash %s, %d steps/epoch, %s; %s",
              world, device, pids, accelerator.distributed_type.value, config_hash(cfg), steps_per_epoch,
-             f"resumed from {resume_from} at epoch {st.epoch + 1} step {st.step_in_epoch}" if resume_from else "fresh")
+             f"resumed from {resume_from} at epoch {st.epoch + 1} step {st.step_in_epoch}" if resume_from else "fresh",
+             getattr(cfg, "device_note", None) or f"data.device={cfg.data.device}")
     log.info("images: %s; resize filter: %s", *image_source(cfg.data.shards, cfg.data.resolution).values())
     writer = run_log.tensorboard_writer(cfg, run_dir, accelerator.is_main_process)
     accum, log_every = cfg.train.grad_accum_steps, cfg.logging.log_every
@@ -262,8 +266,8 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
             run_log.record_throughput(run_dir, st.epoch, epoch_images * world, t_train, time.time() - t_epoch,
                                       device)
             run_log.log_tensorboard(writer, row, st.global_step)
-        log.info(run_log.epoch_summary(cfg, st, row, improved, epoch_images * world / max(t_train, 1e-9),
-                                       time.time() - t_epoch))
+        log.info(run_log.epoch_summary(cfg, st, row, improved, epoch_images * world, t_train, time.time() - t_epoch,
+                                       run_log.planned_epochs(cfg, steps_per_epoch)))
         if early_stop:
             log.info("early stopping: no %s improvement > %g for %d epochs%s", cfg.train.best_metric,
                      cfg.train.early_stop_min_delta, st.bad_epochs,
@@ -279,10 +283,11 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
         run_log.write_status(run_dir, "finished", st)
     elapsed = time.time() - t_start
     best = st.best_value if st.best_value is not None else float("nan")
-    log.info("done: %d epochs, %d steps, %d images (%d rank(s)) in %.1f s (%.1f img/s incl. validation); "
-             "best %s %.4f at epoch %d; run dir %s", st.epoch, st.global_step, images_trained * world, world,
-             elapsed, images_trained * world / max(elapsed, 1e-9), cfg.train.best_metric, best, st.best_epoch,
-             run_dir)
+    speed = (f"{run_log.rate(images_trained * world, elapsed)} incl. validation" if images_trained
+             else "nothing left to train in this process")
+    log.info("done: %d epochs, %d steps, %d images (%d rank(s)) in %.1f s (%s); best %s %.4f at epoch %d; "
+             "run dir %s", st.epoch, st.global_step, images_trained * world, world, elapsed, speed,
+             cfg.train.best_metric, best, st.best_epoch, run_dir)
     return 0
 
 

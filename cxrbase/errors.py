@@ -52,8 +52,7 @@ def cli_entry(main: Callable[[Sequence[str] | None], int | None]) -> Callable[[S
         except CxrError as err:
             if debug:
                 raise
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+            return _report(f"error: {err}")
         except BrokenPipeError:
             # output piped into `head` and closed: not an error of ours
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -62,8 +61,7 @@ def cli_entry(main: Callable[[Sequence[str] | None], int | None]) -> Callable[[S
             message = storage_error_message(err)
             if debug or message is None:
                 raise
-            print(f"error: {message}", file=sys.stderr)
-            return 2
+            return _report(f"error: {message}")
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             return 130
@@ -71,6 +69,28 @@ def cli_entry(main: Callable[[Sequence[str] | None], int | None]) -> Callable[[S
             destroy_process_group()
 
     return wrapped
+
+
+def _report(line: str) -> int:
+    """Print the one-line error; under torchrun / ``accelerate launch`` also hand it to the launcher.
+
+    The launcher answers a worker's non-zero exit with a ~40-line ``ChildFailedError`` traceback
+    printed after everything the workers wrote, which buries this line. torchelastic reads the file
+    named by ``TORCHELASTIC_ERROR_FILE`` (its documented error-file protocol, what its ``@record``
+    writes for an exception) and shows its message as the ``traceback :`` field of the root cause,
+    the last field of its report; so the launcher's report ends with this line instead of a link."""
+    print(line, file=sys.stderr, flush=True)
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        import json
+        import time
+
+        try:
+            with open(path, "w") as fh:
+                json.dump({"message": line, "timestamp": int(time.time())}, fh)
+        except OSError:
+            pass  # the line above is printed anyway
+    return 2
 
 
 def destroy_process_group() -> None:

@@ -363,6 +363,14 @@ def parse_grid(items: Sequence[str]) -> list[tuple[str, list[str]]]:
     return grid
 
 
+def _setting(args: argparse.Namespace, key: str, default: Any) -> Any:
+    """A training setting as the runs will see it: the last ``key=value`` override, else the config's."""
+    import yaml
+
+    given = [o.split("=", 1)[1] for o in args.overrides if o.startswith(f"{key}=")]
+    return yaml.safe_load(given[-1]) if given else _config_value(args.config, key, default)
+
+
 def _config_value(config: str | None, key: str, default: Any) -> Any:
     """A value of the training config YAML (without importing torch), or default."""
     if not config:
@@ -408,9 +416,13 @@ def plan_ablate(args: argparse.Namespace, profile: Profile) -> Plan:
     """
     if not args.resolutions and not args.grid:
         args.resolutions = [224, 512, 1024]
-    batch = int(_config_value(args.config, "data.batch_size", 16))
-    accum = int(_config_value(args.config, "train.grad_accum_steps", 1))
+    from cxr.data.shard_index import image_source  # no torch: numpy and the manifest reader
+
+    batch = int(_setting(args, "data.batch_size", 16))
+    accum = int(_setting(args, "train.grad_accum_steps", 1))
     effective = args.effective_batch or batch * accum
+    # a data.batch_size=N override fixes the micro-batch: the job skips the probe (ProbedTrainTask)
+    probe = args.probe and not any(o.startswith("data.batch_size=") for o in args.overrides)
     runs: dict[str, list[str]] = {}
     dirs: dict[str, Path] = {}
     plan = Plan(runs, dirs)
@@ -421,7 +433,7 @@ def plan_ablate(args: argparse.Namespace, profile: Profile) -> Plan:
             *_base_overrides(args, profile), *point]
         resolution = int(next((o.split("=", 1)[1] for o in reversed(base) if o.startswith("data.resolution=")),
                               _config_value(args.config, "data.resolution", 224)))
-        if args.probe:
+        if probe:
             plan.probes[name] = {"config": args.config, "resolution": resolution, "effective_batch": effective,
                                  "overrides": [o for o in base[2 if args.config else 0:] if o.startswith(("model.", "loss."))],
                                  "fraction": args.probe_fraction}
@@ -432,10 +444,10 @@ def plan_ablate(args: argparse.Namespace, profile: Profile) -> Plan:
                                "pick a multiple, or leave the probe on")
             base += [f"train.grad_accum_steps={effective // batch}"]
             layout = f"micro-batch {batch} × accumulation {effective // batch}"
+            if args.probe:
+                layout += f" (data.batch_size={batch} given: no memory probe)"
         runs[name] = base
-        derived = Path(args.shards) / f"res{resolution}" / "manifest.json"
-        source = "derived shards " + str(derived.parent) if derived.is_file() else "masters resized on the fly"
-        print(f"ablate {name}: {source}; {layout}")
+        print(f"ablate {name}: {image_source(args.shards, resolution)['source']}; {layout}")
     by = ["data.resolution"] if args.resolutions else []
     by += [key for key, _ in parse_grid(args.grid)]
     plan.ablation_report = (Path(args.report or Path(args.runs) / "report"),
@@ -492,6 +504,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def debug_layout_note(profile: Profile, processes: int | None = None) -> str | None:
+    """What ``--cluster debug`` changes: every job runs in this process as ONE training process."""
+    per_node = processes or profile.processes_per_node
+    if per_node * profile.nodes == 1:
+        return None
+    return (f"--cluster debug: every job runs in this process as 1 training process, not the {profile.nodes} "
+            f"node(s) × {per_node} of profile {profile.name}; its images/s do not compare with runs of that "
+            "profile (use --cluster local or slurm for its layout)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for item in args.overrides:
@@ -502,6 +524,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         use_profile_files(args.profiles)
     profile = override_profile(get_profile(args.profile), args.profile_set)
     if args.cluster == "debug":
+        note = debug_layout_note(profile, args.processes)
+        if note:  # said, so that the runs' images/s are not compared with the profile's
+            print(note, flush=True)
         args.processes = 1
     plan = {"train": plan_train, "ensemble": plan_ensemble, "ablate": plan_ablate}[args.command](args, profile)
     jobs = submit_plan(plan, args, profile)

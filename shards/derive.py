@@ -16,9 +16,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
 
 from cxrbase.atomic import atomic_write, remove_stale_temps
+from cxrbase.progress import progress
 from shards.dali_index import split_name, write_index
 from cxrbase.errors import CxrError
 from shards.image_codec import CODEC_EXT, resize_encoded
@@ -81,7 +81,7 @@ def derive_resized(out: Path, master: dict[str, Any], size: int, workers: int) -
     todo = [s for s in master["shards"] if s["name"] not in {e["name"] for e in journal.entries}]
     start = time.perf_counter()
     with process_pool(workers) as pool, \
-            tqdm(total=sum(s["samples"] for s in todo), unit="img", desc=f"res{size}", mininterval=0.5) as bar:
+            progress(total=sum(s["samples"] for s in todo), unit="img", desc=f"res{size}", mininterval=0.5) as bar:
         futures = {pool.submit(derive_shard, str(Path(out) / s["name"]), str(res_dir), size, codec, quality): s
                    for s in todo}
         for future in as_completed(futures):

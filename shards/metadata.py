@@ -14,9 +14,9 @@ from typing import Iterable
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from cxrbase.errors import CxrError
+from cxrbase.progress import progress
 from cxrbase.labels import LABELS, parse_findings
 from shards.records import nih_name_patient
 
@@ -201,7 +201,7 @@ def _archive_members(path: Path) -> list[str]:
     """PNG member base names of a tar(.gz), streamed (no extraction, no seeking)."""
     names = []
     try:
-        with tarfile.open(path, mode="r|*") as tar, tqdm(desc=f"listing {path.name}", unit=" files",
+        with tarfile.open(path, mode="r|*") as tar, progress(desc=f"listing {path.name}", unit=" files",
                                                        leave=False) as bar:
             for member in tar:
                 if member.isfile() and member.name.endswith(".png"):

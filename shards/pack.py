@@ -21,12 +21,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from tqdm import tqdm
-
 from cxrbase.atomic import atomic_write, remove_stale_temps
 from shards.dali_index import write_index
 from cxrbase.errors import CxrError
 from cxrbase.lock import FolderLock
+from cxrbase.progress import progress
 from shards.image_codec import CODEC_EXT, Prepared, prepare_image
 from cxrbase.labels import LABELS, META_FIELDS
 from shards.manifest import FORMAT, manifest_warnings, package_version, write_manifest
@@ -202,8 +201,9 @@ class _Packer:
         stats = _RunStats()
         done = self.journal.done_keys()
         stats.skipped = len(done)
-        if not sources.archives:  # folder input: every missing image is known before any write
-            _check_missing([r.key for r in records if r.key not in sources.files], allow_missing, sources)
+        if not allow_missing:  # every missing image is known before any image is read or written
+            present = set(sources.files) | (list_archives(sources) if sources.archives else set())
+            _check_missing([r.key for r in records if r.key not in present], allow_missing, sources)
         by_key = {r.key: r for r in records}
         writers = {split: _SplitWriter(self.out, split, self.journal, self.limit) for split in SPLITS}
         found: dict[str, str] = {}
@@ -212,7 +212,7 @@ class _Packer:
         start = time.perf_counter()
         try:
             with _executor(self.codec, self.workers) as pool, \
-                    tqdm(total=len(by_key.keys() - done), unit="img", desc="pack", mininterval=0.5) as bar:
+                    progress(total=len(by_key.keys() - done), unit="img", desc="pack", mininterval=0.5) as bar:
                 for prepared in _ordered(pool, work, tasks, ahead=4 * self.workers + 4):
                     bar.update(1)
                     stats.images += 1
@@ -235,12 +235,31 @@ class _Packer:
         return stats
 
 
+def list_archives(sources: Sources) -> set[str]:
+    """Keys of the PNG members of the archives: one decompression pass without reading any image
+    (~10-20 s per 4 GB NIH archive), so that a partial download, or an id in two places, fails in
+    seconds rather than after every present image was packed."""
+    seen: dict[str, str] = {}
+    with progress(total=len(sources.archives), unit="archive", desc="pack: listing archives") as bar:
+        for archive in sources.archives:
+            for key, name, _ in iter_archive(archive, lambda key: False):
+                previous = seen.get(key) or (str(sources.files[key]) if key in sources.files else None)
+                if previous:
+                    raise CxrError(f"{archive}:{name}: duplicate image id {key!r}, also at {previous} "
+                                   "— pass each image once (remove the extra copy or source)")
+                seen[key] = f"{archive}:{name}"
+            bar.update(1)
+    return set(seen)
+
+
 def _check_missing(missing: list[str], allow_missing: bool, sources: Sources) -> None:
     if missing and not allow_missing:
-        where = ", ".join(sources.describe())
+        where = " ".join(sources.describe())
         raise CxrError(f"{where}: {len(missing)} images listed in the splits table are absent "
-                       f"(first: {', '.join(missing[:5])}) — add them, or pass --allow-missing to record "
-                       "them in the manifest instead")
+                       f"(first: {', '.join(missing[:5])}) — for a partial download, split only what you have: "
+                       f"`cxr-shards split --metadata CSV --scheme SCHEME --restrict-to {where} --out NEW.parquet`, "
+                       "then pack with --splits NEW.parquet; or add the images, or pass --allow-missing to "
+                       "record them in the manifest (the splits then lose those images' labels)")
 
 
 def _plan(records: list[Record], sources: Sources, done: set[str], found: dict[str, str]) \
@@ -280,7 +299,7 @@ def _executor(codec: str, workers: int) -> Executor:
         # passthrough is file reads + zlib.crc32, both release the GIL: threads share the
         # bytes with the writer, where processes would copy every image through a pipe
         return ThreadPoolExecutor(workers)
-    # re-encoding is CPU-bound Python/PIL work; spawn avoids forking tqdm's thread
+    # re-encoding is CPU-bound Python/PIL work; spawn avoids forking tqdm's monitor thread
     return process_pool(workers)
 
 

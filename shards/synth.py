@@ -33,9 +33,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from cxrbase.atomic import atomic_write, atomic_write_text
+from cxrbase.progress import progress
 from cxrbase.errors import CxrError
 from cxrbase.labels import LABELS, NUM_LABELS, format_findings
 
@@ -529,7 +529,7 @@ def _check_out(out: Path, cases: list[Case]) -> Path:
 def _render_all(cases: list[Case], seed: int, resolution: int, images: Path, workers: int,
                 fine_detail: str | None = None) -> tuple[int, dict[str, list[tuple[str, Box]]]]:
     tasks = [(c, seed, resolution, str(images), fine_detail) for c in cases]
-    bar = tqdm(total=len(tasks), desc="synth", unit=" img")
+    bar = progress(total=len(tasks), desc="synth", unit=" img")
     total, boxes = 0, {}
     if workers <= 1:
         for case, task in zip(cases, tasks):

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-from tqdm import tqdm
 
 from shards.dali_index import index_for_tar, split_name
 from cxrbase.errors import CxrError
+from cxrbase.progress import progress
 from shards.image_codec import CODEC_EXT, RESAMPLE, BadImage, check_png, decode_grey, grey_policy
 from cxrbase.labels import LABELS
 from shards.manifest import has_checksums, load_manifest
@@ -77,7 +77,7 @@ def verify(directory: str | Path, workers: int | None = None, against: list[str 
     report, start = Report(shards=len(manifest["shards"])), time.perf_counter()
     samples: dict[str, list[tuple[str, dict]]] = defaultdict(list)  # key → [(shard, json)]
     with process_pool(workers or os.cpu_count() or 1) as pool, \
-            tqdm(total=sum(s["samples"] for s in manifest["shards"]), unit="img", desc="verify",
+            progress(total=sum(s["samples"] for s in manifest["shards"]), unit="img", desc="verify",
                  mininterval=0.5) as bar:
         futures = {pool.submit(check_shard, str(directory), entry, manifest["codec"], manifest["resolution"],
                                sources, has_checksums(manifest), _labels(manifest)): entry

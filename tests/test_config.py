@@ -8,10 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from cxr.config import (SECTIONS, Config, config_diff, config_hash, config_to_dict, describe_config, config_yaml,
-                        load_config, save_config)
+                        load_config, save_config, shipped_configs)
 from cxr.data import DataConfig
 from cxr.models import REGISTRY, build_model
 from cxrbase.errors import CxrError
@@ -85,9 +86,11 @@ HASHES_BEFORE_SHUFFLE_BUFFER_WENT = {None: "21148f45b4db5a7b", "cxr/configs/tiny
 
 
 @pytest.mark.parametrize("path", list(HASHES_BEFORE_SHUFFLE_BUFFER_WENT))
-def test_removing_shuffle_buffer_keeps_every_run_hash(path):
+def test_removing_shuffle_buffer_keeps_every_run_hash(path, monkeypatch):
     """data.shuffle_buffer never had an effect and is gone from DataConfig; the hash of a run
-    written before (which resume compares) must not change."""
+    written before (which resume compares) must not change. densenet121.yaml said data.device: gpu
+    then and says auto now: on a machine with CUDA (where such runs ran) the hash is the same."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert "shuffle_buffer" not in [f.name for f in dataclasses.fields(DataConfig)]
     assert config_hash(load_config(path)) == HASHES_BEFORE_SHUFFLE_BUFFER_WENT[path]
 
@@ -168,6 +171,7 @@ def test_shipped_config_by_name_from_another_directory(tmp_path, monkeypatch):
     """`--config densenet121` (and the docs' cxr/configs/X.yaml) work outside the repo; the printed
     config carries the values of the YAML file itself (read here with yaml.safe_load)."""
     shipped = yaml.safe_load((ROOT / "cxr/configs/densenet121.yaml").read_text())
+    shipped["data"]["device"] = "gpu" if torch.cuda.is_available() else "cpu"  # auto, resolved when loaded
     for given in ("densenet121", "densenet121.yaml", "cxr/configs/densenet121.yaml"):
         proc = subprocess.run([sys.executable, "-m", "cxr.train", "--config", given, "--print-config"],
                               capture_output=True, text=True, cwd=tmp_path, timeout=300)
@@ -258,3 +262,20 @@ def test_a_non_utf8_config_is_one_line(tmp_path):
         load_config(path)
     msg = str(err.value)
     assert msg.startswith(f"{path}: not UTF-8 text") and "save it as UTF-8" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("cuda, device", [(True, "gpu"), (False, "cpu")])
+def test_shipped_gpu_configs_pick_the_decode_device_at_load(monkeypatch, cuda, device):
+    """data.device=auto in every shipped config that meant gpu: resolved when loaded (config.yaml and
+    the hash carry gpu or cpu) and said; an explicit device is kept as given."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    for name in ("densenet121", "densenet121_cbam", "resnet50_meta", "resnet50_convstem_1024", "beit", "cnn"):
+        raw = yaml.safe_load(shipped_configs()[name].read_text())
+        assert raw["data"]["device"] == "auto", name
+        cfg = load_config(name)
+        assert cfg.data.device == device and f"data.device=auto → {device}" in cfg.device_note, name
+        assert yaml.safe_load(config_yaml(cfg))["data"]["device"] == device
+    explicit = load_config("densenet121", ["data.device=cpu"])
+    assert explicit.data.device == "cpu" and explicit.device_note is None
+    with pytest.raises(CxrError, match=r"data.device='tpu': unknown — choose one of cpu, gpu, auto"):
+        load_config(None, ["data.device=tpu"])

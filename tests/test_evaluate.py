@@ -607,3 +607,17 @@ def test_threshold_split_lacking_classes_is_warned_naming_the_labels(report, tmp
                      [f"no negative image of {', '.join(every)}"] * bool(every))
     assert f"{gaps} (AUROC undefined" in err[0], (gaps, err[0])
     assert "the tuned thresholds rest on it" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_shards_default_to_the_runs_data_shards(report, members, shards_dir, tmp_path, capsys):
+    """Every run records data.shards: without --shards the evaluator reads them, says so, and predicts
+    what it predicted with --shards given."""
+    out = tmp_path / "no-shards"
+    assert evaluate_main(["--runs", *map(str, members), "--split", "test", "--thresholds-from", "val",
+                          "--bootstrap", "0", "--no-figures", "--out", str(out)]) == 0
+    assert f"shards: {shards_dir} (data.shards of {members[0]}" in capsys.readouterr().err
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "predictions.parquet"),
+                                  pd.read_parquet(report / "predictions.parquet"))
+    assert evaluate_main(["--runs", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert f"{tmp_path / 'config.yaml'}: not found — pass a training run directory, or give --shards" in \
+        capsys.readouterr().err

@@ -748,3 +748,19 @@ def test_shard_truncated_after_a_read_keeps_that_read_and_skips_the_rest_naming_
     # evaluation stops at the first sample past the cut, naming the shard and the fault
     with pytest.raises(CxrError, match=rf"{tar_path}: sample \S+ is corrupt \(\.png truncated"):
         _collect(build_loader(cfg, "train", train=False))
+
+
+def test_full_resolution_masters_are_not_said_to_be_resized(real, capsys):
+    """The NIH masters are 1024² (PIL says so of every sample file): a run or `cxr-data inspect` at
+    1024 reads them as they are, and says so; at 256 they are resized with pack's filter."""
+    from cxr.data import image_source
+    from cxr.data.__main__ import main
+
+    assert {PILImage.open(p).size for p in real["images"].glob("*.png")} == {(1024, 1024)}
+    native = image_source(real["dir"], 1024)
+    assert native == {"source": f"masters {real['dir']} at their native 1024 px", "resize_filter": None}
+    assert "resized on the fly to 256 px" in image_source(real["dir"], 256)["source"]
+    assert main(["inspect", "--shards", str(real["dir"]), "--split", "test", "--backend", "wds",
+                 "--resolution", "1024", "--batch-size", "2", "--limit", "1", "--num-threads", "0"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == \
+        f"images: masters {real['dir']} at their native 1024 px; resize filter: None"

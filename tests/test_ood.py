@@ -247,6 +247,8 @@ def test_gate_training_resumes_exactly_through_train_py(shards_dir, tmp_path):
         train(config(tmp_path / "b"), loader_fn=crashing_loader)
     assert train(config(tmp_path / "b")) == 0
     assert "resumed from" in (tmp_path / "b" / "train.log").read_text()
+    epoch_lines = [ln for ln in (tmp_path / "a" / "train.log").read_text().splitlines() if "| val_loss " in ln]
+    assert len(epoch_lines) == 2 and not any("val_auroc" in ln for ln in epoch_lines)  # no labels: no AUROC
     a = load_file(str(tmp_path / "a" / "checkpoints" / "last" / "model.safetensors"))
     b = load_file(str(tmp_path / "b" / "checkpoints" / "last" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

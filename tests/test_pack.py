@@ -658,3 +658,36 @@ def test_console_scripts_point_at_cli_entry_points():
         with pytest.raises(SystemExit) as exit_:  # argparse's --help: each parses its own arguments
             main(["--help"])
         assert exit_.value.code == 0, name
+
+
+def test_partial_download_fails_before_reading_and_names_restrict_to(nih_dir, nih_sample_dir, tmp_path,
+                                                                     monkeypatch, capsys):
+    """README step 1 on a partial download: the official split of the real 112,120-image metadata,
+    two archives in NIH's layout holding 24 of its images. pack fails before reading any image
+    (prepare_image never runs, nothing is written), its error names `split --restrict-to` before
+    --allow-missing, and the command it names then packs exactly the archives' images."""
+    names = sorted(p.name for p in nih_sample_dir.glob("*.png"))[:24]
+    archives = [tmp_path / "images_001.tar.gz", tmp_path / "images_002.tar.gz"]
+    make_archive(archives[0], [nih_sample_dir / n for n in names[:12]])
+    make_archive(archives[1], [nih_sample_dir / n for n in names[12:]])
+    metadata = str(nih_dir / "Data_Entry_2017_v2020.csv.gz")
+    official = tmp_path / "splits-official.parquet"
+    assert cli(["split", "--metadata", metadata, "--scheme", "official", "--out", str(official)]) == 0
+    import shards.pack as pack_module
+
+    calls = []
+    real = pack_module.prepare_image
+    monkeypatch.setattr(pack_module, "prepare_image", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    capsys.readouterr()
+    out = tmp_path / "shards"
+    assert cli(["pack", "--splits", str(official), "--images", *map(str, archives), "--out", str(out)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{112_120 - 24} images listed in the splits table are absent" in error
+    assert error.index("split --metadata CSV --scheme SCHEME --restrict-to") < error.index("--allow-missing")
+    assert f"--restrict-to {archives[0]} {archives[1]}" in error
+    assert calls == [] and not list(out.glob("*.tar")) and not (out / "manifest.json").exists()
+    partial = tmp_path / "splits-partial.parquet"
+    assert cli(["split", "--metadata", metadata, "--scheme", "official", "--restrict-to", *map(str, archives),
+                "--out", str(partial)]) == 0
+    assert cli(["pack", "--splits", str(partial), "--images", *map(str, archives), "--out", str(out)]) == 0
+    assert set(read_shards(out)) == {n[:-4] for n in names} and sorted(calls) == sorted(n[:-4] for n in names)

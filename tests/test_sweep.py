@@ -7,7 +7,7 @@ import pytest
 
 import cxr.probe as probe
 from launch.profiles import get_profile
-from launch.submit import build_parser, parse_grid, plan_ablate
+from launch.submit import build_parser, debug_layout_note, parse_grid, plan_ablate
 from cxrbase.errors import CxrError
 
 CONFIG = "cxr/configs/phantom_sweep.yaml"  # batch 16, accumulation 1
@@ -31,7 +31,22 @@ def test_grid_seeds_resolutions_same_effective_batch(capsys):
     report, extra = plan.ablation_report
     assert report == plan.run_dirs["res32_name-bce_seed0"].parent / "report"
     assert extra[:3] == ["--by", "data.resolution", "loss.name"]
-    assert "masters resized on the fly" in capsys.readouterr().out
+    assert "unknown (no readable /s/manifest.json)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("probe", [[], ["--no-probe"]])
+def test_a_batch_size_override_is_what_the_plan_prints_and_the_runs_use(capsys, probe):
+    """phantom_sweep.yaml says batch 16; with data.batch_size=8 on the command line every run trains
+    8 × 1, with or without --no-probe (the job skips the probe when the batch is given), and the plan
+    says so (it printed 16 × 1 before); --effective-batch 16 makes it 8 × 2."""
+    plan = plan_ablate(_args("data.batch_size=8", *probe, "--resolutions", "32"), get_profile("cpu-local"))
+    argv = plan.runs["res32"]
+    assert argv.index("data.batch_size=8") < argv.index("train.grad_accum_steps=1") and not plan.probes
+    assert "; micro-batch 8 × accumulation 1" in capsys.readouterr().out
+    plan = plan_ablate(_args("data.batch_size=8", *probe, "--effective-batch", "16", "--resolutions", "32"),
+                       get_profile("cpu-local"))
+    assert "train.grad_accum_steps=2" in plan.runs["res32"]
+    assert "; micro-batch 8 × accumulation 2" in capsys.readouterr().out
 
 
 def test_probe_is_planned_per_resolution():
@@ -64,3 +79,13 @@ def test_probe_choice_by_hand(monkeypatch):
     assert (got.micro_batch, got.grad_accum, got.grad_checkpointing) == (2, 8, True)
     with pytest.raises(CxrError, match="even micro-batch 1"):
         probe.choose(None, [], 256, 16, device="cpu", budget_mb=350)
+
+
+def test_debug_cluster_says_it_runs_one_process_whatever_the_profile():
+    """profiles.yaml's cpu-local asks for 1 node × 2 processes; --cluster debug runs 1 and says so."""
+    import yaml
+
+    table = yaml.safe_load(open("launch/profiles.yaml"))["cpu-local"]
+    note = debug_layout_note(get_profile("cpu-local"))
+    assert f"not the {table['nodes']} node(s) × {table['processes_per_node']} of profile cpu-local" in note
+    assert "1 node(s) × 3" in debug_layout_note(get_profile("cpu-local"), processes=3)

@@ -291,3 +291,16 @@ def test_tiny_learns_the_phantoms_in_a_few_cpu_minutes(train_shards, tmp_path_fa
     per_label = [roc_auc_score(truth[c], preds[c]) for c in LABELS if 0 < truth[c].sum() < len(truth)]
     assert abs(sum(per_label) / len(per_label) - float(best["val_mean_auroc"])) < 1e-6
     assert "done: 5 epochs" in proc.stderr
+
+
+def test_gpu_decode_without_cuda_is_refused_first_and_ends_the_launchers_report(train_shards, tmp_path_factory):
+    """data.device=gpu on a CPU machine: refused before the model, the process group or the run dir,
+    and under `accelerate launch` the one-line error is the last field of the launcher's report
+    (the ChildFailedError block ends with it, not with a link to the torchelastic docs)."""
+    run_dir = tmp_path_factory.mktemp("runs") / "gpu_on_cpu"
+    rc = finish(launch(train_shards, run_dir, "data.device=gpu"), timeout=300)
+    assert rc != 0
+    lines = [ln.strip() for ln in output(run_dir).splitlines() if ln.strip().strip("=")]
+    assert lines[-1] == ("traceback : error: data.device=gpu: no CUDA device is visible to this process — set "
+                         "data.device=auto (GPU decode where CUDA is, CPU otherwise) or data.device=cpu"), lines[-12:]
+    assert not run_dir.exists()  # nothing was built: no lock, no train.log, no config.yaml

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -64,14 +65,14 @@ def run_a(tmp_path_factory) -> Path:
 ])
 def test_a_run_that_fails_after_start_says_failed_with_its_exit_code(tmp_path, error, code, line):
     def failing(cfg, split, **kw):
-        if split == "train" and kw.get("epoch") == 1:  # found after epoch 1, status already "running"
+        if split == "train" and kw.get("epoch") == 1:  # epoch 2's loader: status already "running"
             raise error
         return MemoryLoader(cfg, split, **kw)
 
     with pytest.raises(type(error)):
         train(_tiny(tmp_path / "r"), loader_fn=failing)
     got = status(tmp_path / "r")
-    assert (got["state"], got["exit_code"], got["error"], got["epoch"]) == ("failed", code, line, 1)
+    assert (got["state"], got["exit_code"], got["error"], got["epoch"]) == ("failed", code, line, 2)
 
 
 # ------------------------------------------------------------------------ item 4: the run-dir lock
@@ -117,6 +118,9 @@ def test_a_signal_during_validation_stops_there_and_the_resume_repeats_only_the_
     state = torch.load(run / "checkpoints" / "last" / "state.pt", weights_only=True)
     assert state["loop"]["epoch"] == 1 and state["loop"]["step_in_epoch"] == 6 and state["loop"]["validating"]
     assert status(run)["state"] == "preempted"
+    # status.json says where it stopped as train.log does (1-based epoch; it said epoch 1 here before)
+    stop = re.search(r"stopped by \w+ at epoch (\d+) step (\d+)", (run / "train.log").read_text())
+    assert (status(run)["epoch"], status(run)["step_in_epoch"]) == (int(stop[1]), int(stop[2])) == (2, 6)
 
     assert train(_tiny(run), loader_fn=MemoryLoader) == 0
     resumed = (run / "train.log").read_text().split("resumed from")[-1]
@@ -710,3 +714,17 @@ def test_resuming_after_the_shards_were_re_packed_is_refused_or_said(tmp_path, t
     log = (run / "train.log").read_text()
     line = next(ln for ln in log.splitlines() if "checkpoint.force_resume: the shards changed since" in ln)
     assert f"{run / 'checkpoints' / 'last'} (" in line and f"train {counts[0]} → {counts[1]} samples" in line
+
+
+def test_max_steps_progress_and_rates_say_what_the_run_will_do(tmp_path, capsys, monkeypatch):
+    """train.epochs=3 of 6 steps, train.max_steps=4: the progress (plain lines, stderr is no terminal)
+    counts to 4 in "epoch 1/1", not 6 in "epoch 1/3"; the epoch line says 1/1; a slow rate keeps 3
+    significant digits (0.0412 img/s, not 0.0)."""
+    from cxr import run_log
+
+    monkeypatch.setenv("CXR_PROGRESS", "lines")
+    assert train(_tiny(tmp_path / "r", "train.max_steps=4", "logging.progress=true"), loader_fn=MemoryLoader) == 0
+    bar = [ln for ln in capsys.readouterr().err.splitlines() if re.match(r"epoch \d+/\d+: ", ln)]
+    assert bar and bar[-1].startswith("epoch 1/1: 100% 4/4 ") and "\r" not in "".join(bar), bar
+    assert " epoch 1/1 step 4 | " in (tmp_path / "r" / "train.log").read_text()
+    assert run_log.rate(8, 194.0) == "0.0412 img/s" and run_log.rate(1234, 1.0) == "1.23e+03 img/s"

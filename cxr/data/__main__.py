@@ -11,6 +11,7 @@ from typing import Sequence
 
 from cxrbase.atomic import atomic_write
 from cxrbase.errors import cli_entry
+from cxrbase.progress import progress
 from cxrbase.labels import LABELS
 
 
@@ -44,9 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def inspect(args: argparse.Namespace) -> dict:
     """Run the loader once as asked; returns the summary dict (also printed)."""
-    from tqdm import tqdm
-
-    from cxr.data import DataConfig, build_loader
+    from cxr.data import DataConfig, build_loader, image_source
 
     cfg = DataConfig(shards=args.shards, backend=args.backend, resolution=args.resolution,
                      batch_size=args.batch_size, num_threads=args.num_threads, device=args.device,
@@ -56,7 +55,7 @@ def inspect(args: argparse.Namespace) -> dict:
     keys: list[str] = []
     batches, start = 0, time.perf_counter()
     total = len(loader) if args.limit is None else min(args.limit, len(loader))
-    for batch in tqdm(loader, total=total, unit="batch", disable=args.json):
+    for batch in progress(loader, total=total, unit="batch", disable=args.json):
         if batches == 0 and args.save_grid:
             save_grid(batch, cfg, args.save_grid)
         keys += batch["key"]
@@ -69,7 +68,8 @@ def inspect(args: argparse.Namespace) -> dict:
             "planned_batches": len(loader), "unique_keys": len(set(keys)),
             "keys_sha256": hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest(),
             "seconds": round(seconds, 3), "images_per_s": round(len(keys) / seconds, 1) if seconds else None,
-            "skipped": loader.report()["skipped"] if args.limit is None else None}
+            "skipped": loader.report()["skipped"] if args.limit is None else None,
+            "images": image_source(args.shards, args.resolution)}
 
 
 def save_grid(batch: dict, cfg, path: str, max_images: int = 16) -> None:
@@ -111,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{args.backend}, {args.resolution}px): {summary['samples']} samples in {summary['batches']} batches, "
               f"{summary['unique_keys']} unique keys, keys sha256 {summary['keys_sha256'][:16]}…, "
               f"{summary['images_per_s']} images/s")
+        source = summary["images"]
+        print(f"images: {source['source']}; resize filter: {source['resize_filter']}")
     return 0
 
 

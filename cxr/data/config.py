@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from cxrbase.errors import CxrError
 
 BACKENDS = ("dali", "wds")
-DEVICES = ("cpu", "gpu")
+DEVICES = ("cpu", "gpu", "auto")
 
 
 @dataclass
@@ -44,9 +44,11 @@ class DataConfig:
     with cores to spare; pack derived shards (`pack --resize`) first."""
 
     device: str = "cpu"
-    """cpu | gpu. gpu decodes with DALI device "mixed" on device_id = local rank (JPEG and
+    """cpu | gpu | auto. gpu decodes with DALI device "mixed" on device_id = local rank (JPEG and
     JPEG 2000 shards decode on the GPU; lossless JPEG is meant to, untested; PNG always
-    decodes on the CPU). The loader logs the decode device."""
+    decodes on the CPU). auto (the shipped configs): gpu where CUDA is visible, else cpu,
+    decided when the config is loaded (config.yaml records the choice; the start line says it).
+    The loader logs the decode device."""
 
     pin_memory: bool | str = "auto"
     """Page-locked host batches (wds back end, DALI CPU outputs) so the `non_blocking`
@@ -108,6 +110,17 @@ class DataConfig:
                 raise CxrError(f"data.{name}={getattr(self, name)}: must be < 1 — use a small jitter like 0.1")
         if self.std <= 0:
             raise CxrError(f"data.std={self.std}: must be > 0 — use the pixel std of your images")
+
+    def resolve_device(self) -> str | None:
+        """Turn device=auto into gpu (a CUDA device is visible) or cpu; return the sentence the start
+        line prints (None when the device was given)."""
+        if self.device != "auto":
+            return None
+        import torch
+
+        self.device = "gpu" if torch.cuda.is_available() else "cpu"
+        return ("data.device=auto → gpu (CUDA visible: DALI mixed decode)" if self.device == "gpu"
+                else "data.device=auto → cpu (no CUDA device visible)")
 
     @property
     def pinned(self) -> bool:

@@ -66,9 +66,18 @@ def image_source(shards_dir: str | os.PathLike, resolution: int) -> dict:
     if (root / f"res{resolution}" / MANIFEST_NAME).is_file():
         return {"source": f"derived {root / f'res{resolution}'}", "resize_filter": f"{RESIZE_FILTER}, at pack time"}
     try:
-        native = load_manifest(root).get("resolution")
+        manifest = load_manifest(root)
     except CxrError:
         return {"source": f"unknown (no readable {root / MANIFEST_NAME})", "resize_filter": None}
+    native = manifest.get("resolution")  # derived shards; masters (None) say their sizes in image_sizes
+    sizes = manifest.get("image_sizes") or {}
+    if native is None and sizes:
+        total, at = sum(sizes.values()), sizes.get(f"{resolution}x{resolution}", 0)
+        if at == total:
+            native = resolution
+        elif at:  # the loaders resize only the images that are not resolution² already
+            return {"source": f"masters {root}: {at} of {total} at {resolution} px as packed, the other "
+                              f"{total - at} resized on the fly", "resize_filter": RESIZE_FILTER}
     if native == resolution:
         return {"source": f"masters {root} at their native {resolution} px", "resize_filter": None}
     return {"source": f"masters {root} resized on the fly to {resolution} px", "resize_filter": RESIZE_FILTER}
