@@ -781,8 +781,9 @@ def _gather(items: list, state: Any) -> list | None:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.bootstrap < 0 or not 0 < args.alpha < 1 or not 0 < args.threshold <= 1:
-        raise CxrError("--bootstrap must be ≥ 0, --alpha in (0, 1), --threshold in (0, 1] — fix the flags")
+    if args.bootstrap < 0 or not 0 < args.alpha < 1 or not 0 < args.threshold <= 1 or args.min_map < 1:
+        raise CxrError("--bootstrap must be ≥ 0, --alpha in (0, 1), --threshold in (0, 1], --min-map ≥ 1 "
+                       "— fix the flags")
     start = time.perf_counter()
     if args.threads:
         import torch
