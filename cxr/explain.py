@@ -11,8 +11,14 @@ Methods (every map is [B, L, h, w], clipped at 0, for labels L of the batch):
 - ``cam`` — M_c = Σ_k w_{c,k} f_k on ``model.features`` with ``model.classifier_weight``
   (pooled-linear heads only: densenet121, resnet50, cnn, vit; refused for CBAM and BEiT).
 - ``gradcam`` — ReLU(Σ_k α_k f_k), α_k = mean over space of ∂y_c/∂f_k, on the output
-  of ``model.cam_layer``: any CNN of the suite (CBAM: the CBAM output; conv-stem
-  ResNet: layer4 behind the stem). Transformers (vit, beit): Grad-CAM on the last
+  f of one layer: ``--layer NAME``, or by default the deepest of the model's candidate
+  layers (``model.cam_layer_candidates``: the cnn's blocks before and after their pools,
+  DenseNet's dense blocks and transitions, ResNet's layer1–4, then ``model.cam_layer``)
+  whose map has ≥ ``--min-map`` (16) cells a side — the final map when it is that fine
+  (the cnn at 1024 px: 32×32), an earlier one at low resolution (the cnn at 128 px:
+  the 16×16 ReLU of its 4th block, as its final 4×4 map puts every peak on one of 16
+  cell centres). The layer and its map size are printed and kept in runs.json and
+  localisation.md. Transformers (vit, beit): Grad-CAM on the last
   block's patch tokens on their grid (the ``TokenGrid`` cam layer: after ViT's final
   norm, before BEiT's fc_norm). Attention rollout is not offered: it is class-agnostic
   (one map for all 14 labels) and timm's fused attention does not expose the weights.
@@ -40,6 +46,9 @@ boxes.csv: the phantom's resolution) and are scaled to the model's input size R,
 where the map (upsampled to R×R) is scored:
 
 - hit — the map's maximum lies inside the region (pointing game; an all-zero map is a miss);
+- empty — the map is zero everywhere (no positive evidence for the label at that layer):
+  scored as a miss, and counted in its own column (count and rate) so that "no evidence"
+  is not read as "looked elsewhere";
 - IoU — of {map ≥ t · max} (t = --threshold, default 0.5) with the region;
 - energy — the fraction of the map's sum inside the region;
 - chance — region area / image area (a uniformly random peak's hit rate).
@@ -100,12 +109,14 @@ def cam_maps(model: Any, image: Any, labels: Sequence[int], meta: Any = None) ->
         return torch.einsum("bkhw,lk->blhw", model.features(image), weight[list(labels)])
 
 
-def gradcam_maps(model: Any, image: Any, labels: Sequence[int], meta: Any = None, relu: bool = True) -> Any:
-    """Grad-CAM on ``model.cam_layer``: [B,len(labels),h,w]; relu=False keeps the signed sum Σ α_k f_k."""
+def gradcam_maps(model: Any, image: Any, labels: Sequence[int], meta: Any = None, relu: bool = True,
+                 layer: str | None = None) -> Any:
+    """Grad-CAM on the named layer (default ``model.cam_layer``): [B,len(labels),h,w];
+    relu=False keeps the signed sum Σ α_k f_k."""
     import torch
     from captum.attr import LayerGradCam
 
-    method = LayerGradCam(model, model.cam_layer)
+    method = LayerGradCam(model, model.get_submodule(layer) if layer else model.cam_layer)
     with torch.enable_grad():
         maps = [method.attribute(image, target=int(c), additional_forward_args=_extra(meta),
                                  relu_attributions=relu) for c in labels]
@@ -128,21 +139,107 @@ def saliency_map(model: Any, image: Any, labels: Sequence[int], meta: Any = None
     return grad.detach().clamp(min=0)
 
 
-def heat_maps(method: str, model: Any, image: Any, labels: Sequence[int], meta: Any = None) -> Any:
-    """The method's maps [B,len(labels),h,w] at their native size (saliency: the input's), clipped at 0."""
+def heat_maps(method: str, model: Any, image: Any, labels: Sequence[int], meta: Any = None,
+              layer: str | None = None) -> Any:
+    """The method's maps [B,len(labels),h,w] at their native size (saliency: the input's), clipped at 0;
+    ``layer``: Grad-CAM's layer (default: the final map)."""
     import torch
 
     if method == "cam":
         return cam_maps(model, image, labels, meta).clamp(min=0)
     if method == "gradcam":
-        return gradcam_maps(model, image, labels, meta)
+        return gradcam_maps(model, image, labels, meta, layer=layer)
     if method == "saliency":
         return torch.cat([saliency_map(model, image, [c], meta) for c in labels], dim=1)
     raise CxrError(f"--method {method}: unknown — choose one of {', '.join(METHODS)}")
 
 
+EMPTY_MEANING = ("no positive evidence for the label anywhere in the image: every Grad-CAM weight × "
+                 "activation sum, CAM value or input gradient is ≤ 0 before the clip at 0")
+MIN_MAP = 16  # the default layer is the deepest whose map is at least this many cells a side
+
+
+def layer_map_sizes(model: Any, resolution: int, names: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """(h, w) of each named layer's output map for an R×R input: one no-grad forward with hooks.
+
+    A name that is not a module of the model, or whose output is not a map [B,C,h,w], is an error."""
+    import torch
+
+    sizes: dict[str, tuple[int, int]] = {}
+    handles = []
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError as err:
+            raise CxrError(f"--layer {name}: model {model.name} has no such module — choose one of "
+                           f"{', '.join(model.cam_layer_candidates)} (or another module name of the model)") from err
+
+        def hook(_module, _inputs, output, name=name):
+            if isinstance(output, torch.Tensor) and output.dim() == 4:
+                sizes[name] = (int(output.shape[-2]), int(output.shape[-1]))
+
+        handles.append(module.register_forward_hook(hook))
+    param = next(model.parameters())
+    try:
+        with torch.no_grad():
+            model.features(torch.zeros(1, 1, resolution, resolution, dtype=param.dtype, device=param.device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name in names:
+        if name not in sizes:
+            raise CxrError(f"--layer {name}: its output is not a feature map [B,C,h,w] — choose one of "
+                           f"{', '.join(model.cam_layer_candidates)}")
+    return sizes
+
+
+def choose_layer(model: Any, method: str, resolution: int, layer: str | None = None,
+                 min_map: int = MIN_MAP) -> tuple[str | None, tuple[int, int] | None, str]:
+    """The layer a method's maps come from at R×R: (name, (h, w), why), said in the output.
+
+    Grad-CAM, by default: the deepest of ``model.cam_layer_candidates`` whose map has at least
+    ``min_map`` cells a side (deeper maps are more specific to the labels, but a map of a few
+    cells puts every peak on a coarse cell centre — the cnn's final map is 4×4 at 128 px, so the
+    peak cannot fall in a small lesion's box); when none is that fine, the finest one. CAM is
+    defined on the final map only; saliency is on the input (no layer).
+    """
+    if method == "saliency":
+        if layer:
+            raise CxrError(f"--layer {layer}: saliency is the gradient on the input image and has no layer — "
+                           "drop --layer, or use --method gradcam")
+        return None, None, "the gradient on the input image"
+    candidates = model.cam_layer_candidates
+    if method == "cam":
+        if layer and layer != model.cam_layer_name:
+            raise CxrError(f"--layer {layer}: CAM weighs the final map ({model.cam_layer_name}) by the classifier "
+                           "and is undefined on other layers — use --method gradcam for another layer")
+        size = layer_map_sizes(model, resolution, [model.cam_layer_name])[model.cam_layer_name]
+        return model.cam_layer_name, size, "CAM is defined on the final map only"
+    if layer:
+        return layer, layer_map_sizes(model, resolution, [layer])[layer], "chosen with --layer"
+    sizes = layer_map_sizes(model, resolution, candidates)
+    fine = [n for n in candidates if min(sizes[n]) >= min_map]
+    if fine:
+        name = fine[-1]
+        why = (f"the deepest of {len(candidates)} candidate layers with a map ≥ {min_map}×{min_map} "
+               f"(final map {'×'.join(map(str, sizes[candidates[-1]]))})" if len(candidates) > 1
+               else f"the model's only map ({model.name}: the last block's token grid)")
+        if name == candidates[-1] and len(candidates) > 1:
+            why = f"the final map, already ≥ {min_map}×{min_map}"
+        return name, sizes[name], why
+    name = max(candidates, key=lambda n: (min(sizes[n]), -candidates.index(n)))
+    why = (f"no candidate map is ≥ {min_map}×{min_map} at {resolution} px; the finest of {len(candidates)}"
+           if len(candidates) > 1 else f"the model's only map ({model.name}), coarser than {min_map}×{min_map}")
+    return name, sizes[name], why
+
+
 def upsample(maps: Any, size: tuple[int, int]) -> Any:
-    """Bilinear resize of maps [B,L,h,w] to size (H, W) (align_corners=False), float32."""
+    """Bilinear resize of maps [B,L,h,w] to size (H, W), float32, with half-pixel centres
+    (``align_corners=False``): cell (i, j) of an h×w map over an H×W image is centred at pixel
+    position ((i + ½)·H/h, (j + ½)·W/w) — the centre of the block of pixels it pools, as for the
+    stride-s blocks of a CNN — and the map is held constant beyond the outer cell centres.
+    (``align_corners=True`` would pin the outer cells' centres to the image's corner pixels,
+    shifting every peak towards the border by up to half a cell.)"""
     import torch.nn.functional as F
 
     maps = maps.float()
@@ -224,12 +321,12 @@ def localisation(heat: np.ndarray, region: np.ndarray, threshold: float = 0.5) -
     heat = np.asarray(heat, dtype=np.float64)
     peak = heat.max()
     chance = float(region.mean())
-    if not np.isfinite(peak) or peak <= 0:
-        return {"hit": 0.0, "iou": 0.0, "energy": 0.0, "chance": chance, "empty": 1.0}
+    if not np.isfinite(peak) or peak <= 0:  # no evidence anywhere: scored as a miss, and counted as empty
+        return {"hit": 0.0, "iou": 0.0, "energy": 0.0, "chance": chance, "empty": 1}
     hot = heat >= threshold * peak
     i, j = np.unravel_index(int(np.argmax(heat)), heat.shape)
     return {"hit": float(region[i, j]), "iou": float((hot & region).sum() / (hot | region).sum()),
-            "energy": float(heat[region].sum() / heat.sum()), "chance": chance, "empty": 0.0}
+            "energy": float(heat[region].sum() / heat.sum()), "chance": chance, "empty": 0}
 
 
 def summarise(pairs: pd.DataFrame, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> pd.DataFrame:
@@ -249,6 +346,9 @@ def summarise(pairs: pd.DataFrame, n_boot: int = 1000, seed: int = 0, alpha: flo
         for label, group in [*groups, ("all", part)]:
             weights = counts[[position[k] for k in group["key"]]] if counts is not None else None
             row = {"run": run, "label": label, "pairs": len(group), "images": group["key"].nunique()}
+            if "empty" in group:
+                row["empty"] = int(group["empty"].sum())
+                row["empty_rate"] = row["empty"] / len(group)
             for score in (*SCORES, "chance"):
                 values = group[score].to_numpy(dtype=np.float64)
                 row[score] = float(values.mean())
@@ -261,14 +361,24 @@ def summarise(pairs: pd.DataFrame, n_boot: int = 1000, seed: int = 0, alpha: flo
 
 # ------------------------------------------------------------------ overlays ---
 
+def overlay_levels(heat: np.ndarray) -> np.ndarray:
+    """A map's overlay levels in [0, 1]: clipped at 0, then divided by its maximum; all zeros when
+    the map is ≤ 0 everywhere (empty: nothing drawn). The browser page draws the same levels
+    (cxr/web/resize.js ``camLevels``), so both tools show the same evidence."""
+    heat = np.asarray(heat, dtype=np.float32)
+    peak = float(heat.max()) if heat.size else 0.0
+    if not (np.isfinite(peak) and peak > 0):
+        return np.zeros_like(heat)
+    return np.clip(heat / peak, 0.0, 1.0)
+
+
 def overlay(master: Any, heat: np.ndarray, caption: Sequence[str], boxes: np.ndarray | None = None) -> Any:
     """RGB PIL image of the master's size: grey master, jet heat blended where high, caption band, boxes."""
     from matplotlib import colormaps
     from PIL import Image, ImageDraw, ImageFont
 
     grey = np.asarray(master.convert("L"), dtype=np.float32)[..., None] / 255.0
-    peak = float(heat.max())
-    h = np.clip(heat / peak, 0.0, 1.0) if peak > 0 else np.zeros_like(heat)
+    h = overlay_levels(heat)
     colour = colormaps["jet"](h)[..., :3].astype(np.float32)
     alpha = 0.6 * h[..., None]
     rgb = Image.fromarray(np.rint(255 * ((1 - alpha) * grey + alpha * colour)).astype(np.uint8), "RGB")
@@ -423,6 +533,10 @@ def explain_run(args: argparse.Namespace, run_dir: str, name: str, state: Any, j
     loader_cfg = eval_data_config([member], args, resolution, on_gpu=state.device.type == "cuda")
     loader = subset_loader(loader_cfg, args.split, list(job.labels), state.process_index, state.num_processes)
     renorm = renormaliser(member, loader_cfg, state.device)
+    layer, map_size, why = choose_layer(model, job.method, resolution, args.layer, args.min_map)
+    if state.is_main_process:
+        where = f"layer {layer} ({map_size[0]}×{map_size[1]} map at {resolution} px; {why})" if layer else why
+        print(f"{name}: {METHOD_NAMES[job.method]} on {where}", flush=True)
     rows: list[dict] = []
     entries: list[dict] = []
     from cxrbase.progress import progress
@@ -438,7 +552,7 @@ def explain_run(args: argparse.Namespace, run_dir: str, name: str, state: Any, j
         for label in sorted({lab for k in keys for lab in job.labels[k]}, key=LABELS.index):
             rows_b = [b for b, k in enumerate(keys) if label in job.labels[k]]
             c = member.labels.index(label)
-            maps = heat_maps(job.method, model, image[rows_b], [c], None if meta is None else meta[rows_b])
+            maps = heat_maps(job.method, model, image[rows_b], [c], None if meta is None else meta[rows_b], layer)
             for m, b in zip(maps, rows_b):
                 info = {"run": name, "key": keys[b], "label": label, "prob": float(probs[b, c]),
                         "truth": int(truth[b, c])}
@@ -447,7 +561,8 @@ def explain_run(args: argparse.Namespace, run_dir: str, name: str, state: Any, j
                 if job.overlays:
                     entries.append({**info, "file": _write_overlay(job, masters, m, info, name)})
     return rows, entries, {"run": name, "run_dir": str(run_dir), "model": member.config["model"].get("name"),
-                           "resolution": resolution}
+                           "resolution": resolution, "layer": layer,
+                           "map": f"{map_size[0]}×{map_size[1]}" if map_size else "input", "layer_why": why}
 
 
 def _source_frame(job: Job, masters: Masters, key: str) -> tuple[int, int]:
@@ -489,24 +604,37 @@ def localisation_markdown(summary: pd.DataFrame, runs: list[dict], counts: dict,
         return f"{row[score]:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and np.isfinite(lo) else "")
 
     res = {r["run"]: r["resolution"] for r in runs}
+    layer = {r["run"]: _layer_cell(r) for r in runs}
+
+    def empty(row):
+        return f"{int(row['empty'])} ({row['empty_rate']:.3f})"
+
     lines = [f"# Localisation ({METHOD_NAMES[args.method]}) on split `{args.split}`", "",
              f"Boxes: `{args.bbox}`. Scored {counts['scored_images']} of the split's {counts['split_images']} "
              f"images ({counts['scored_pairs']} image-label pairs): those with a box; "
              f"{counts['boxed_elsewhere']} boxed images of the file are not in this split.",
              f"hit: the map's peak inside the label's box(es) (pointing game); IoU: {{map ≥ {args.threshold:g}·max}} "
              "vs the boxes; energy: the map's share inside the boxes; chance: box area / image area "
-             f"(the hit rate of a random peak). 95 % CIs: {args.bootstrap} bootstrap resamples over images.", "",
-             "| run | resolution | pairs | hit | IoU | energy | chance |", "|---|---|---|---|---|---|---|"]
+             f"(the hit rate of a random peak). 95 % CIs: {args.bootstrap} bootstrap resamples over images.",
+             f"empty: maps that are zero everywhere ({EMPTY_MEANING}); they are scored as misses "
+             "(hit, IoU and energy 0), so a high empty rate means the model gave no evidence, "
+             "not that it looked elsewhere.", "",
+             "| run | resolution | layer (map) | pairs | hit | IoU | energy | chance | empty |",
+             "|---|---|---|---|---|---|---|---|---|"]
     overall = summary[summary["label"] == "all"]
     for _, row in overall.iterrows():
-        lines.append(f"| {row['run']} | {res[row['run']]} | {row['pairs']} | {ci(row, 'hit')} | {ci(row, 'iou')} | "
-                     f"{ci(row, 'energy')} | {row['chance']:.3f} |")
-    lines += ["", "## Per label", "", "| run | label | pairs | hit | IoU | energy | chance |",
-              "|---|---|---|---|---|---|---|"]
+        lines.append(f"| {row['run']} | {res[row['run']]} | {layer[row['run']]} | {row['pairs']} | {ci(row, 'hit')} | "
+                     f"{ci(row, 'iou')} | {ci(row, 'energy')} | {row['chance']:.3f} | {empty(row)} |")
+    lines += ["", "## Per label", "", "| run | label | pairs | hit | IoU | energy | chance | empty |",
+              "|---|---|---|---|---|---|---|---|"]
     for _, row in summary[summary["label"] != "all"].iterrows():
         lines.append(f"| {row['run']} | {row['label']} | {row['pairs']} | {ci(row, 'hit')} | {ci(row, 'iou')} | "
-                     f"{ci(row, 'energy')} | {row['chance']:.3f} |")
+                     f"{ci(row, 'energy')} | {row['chance']:.3f} | {empty(row)} |")
     return "\n".join(lines) + "\n"
+
+
+def _layer_cell(run: dict) -> str:
+    return f"{run['layer']} ({run['map']})" if run.get("layer") else str(run.get("map", ""))
 
 
 def format_runs_table(summary: pd.DataFrame, runs: list[dict]) -> str:
@@ -514,12 +642,16 @@ def format_runs_table(summary: pd.DataFrame, runs: list[dict]) -> str:
     res = {r["run"]: r["resolution"] for r in runs}
     overall = summary[summary["label"] == "all"].copy()
     overall["resolution"] = overall["run"].map(res)
-    head = f"{'run':<20} {'res':>5} {'pairs':>6} {'hit':>22} {'IoU':>22} {'energy':>22} {'chance':>7}"
+    maps = {r["run"]: r.get("map", "") for r in runs}
+    head = (f"{'run':<20} {'res':>5} {'map':>7} {'pairs':>6} {'hit':>22} {'IoU':>22} {'energy':>22} {'chance':>7} "
+            f"{'empty':>13}")
     lines = [head]
     for _, r in overall.sort_values("resolution").iterrows():
         cells = [f"{r[s]:.3f} [{r.get(s + '_lo', np.nan):.3f},{r.get(s + '_hi', np.nan):.3f}]" for s in SCORES]
-        lines.append(f"{str(r['run'])[:20]:<20} {r['resolution']:>5} {r['pairs']:>6} "
-                     f"{cells[0]:>22} {cells[1]:>22} {cells[2]:>22} {r['chance']:>7.3f}")
+        empty = f"{int(r['empty'])} ({r['empty_rate']:.3f})"
+        lines.append(f"{str(r['run'])[:20]:<20} {r['resolution']:>5} {maps[r['run']]:>7} {r['pairs']:>6} "
+                     f"{cells[0]:>22} {cells[1]:>22} {cells[2]:>22} {r['chance']:>7.3f} {empty:>13}")
+    lines.append(f"empty: maps zero everywhere ({EMPTY_MEANING}), scored as misses")
     return "\n".join(lines)
 
 
@@ -567,6 +699,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "with --bbox: restrict the scored labels")
     p.add_argument("--method", choices=METHODS, default="gradcam",
                    help="cam (pooled-linear heads), gradcam (any model), saliency (default: gradcam)")
+    p.add_argument("--layer", default=None, metavar="NAME",
+                   help="Grad-CAM's layer, a module name of the model (e.g. trunk.blocks.3.2 for the cnn); "
+                   f"default: the deepest of the model's candidate layers whose map is ≥ --min-map cells a side "
+                   "(the final map when it is that fine), said in the output")
+    p.add_argument("--min-map", type=int, default=MIN_MAP, metavar="N",
+                   help=f"the default layer's smallest map side (default: {MIN_MAP})")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--bbox", default=None, metavar="FILE",
                    help="BBox_List_2017.csv[.gz] layout (NIH, or synth's boxes.csv): score localisation "
@@ -643,8 +781,9 @@ def _gather(items: list, state: Any) -> list | None:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.bootstrap < 0 or not 0 < args.alpha < 1 or not 0 < args.threshold <= 1:
-        raise CxrError("--bootstrap must be ≥ 0, --alpha in (0, 1), --threshold in (0, 1] — fix the flags")
+    if args.bootstrap < 0 or not 0 < args.alpha < 1 or not 0 < args.threshold <= 1 or args.min_map < 1:
+        raise CxrError("--bootstrap must be ≥ 0, --alpha in (0, 1), --threshold in (0, 1], --min-map ≥ 1 "
+                       "— fix the flags")
     start = time.perf_counter()
     if args.threads:
         import torch

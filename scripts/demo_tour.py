@@ -245,8 +245,12 @@ def _headline(demo: Path, name: str) -> str | None:
                     f"Holm-adjusted DeLong p {top['p_holm']:.3g}.")
         if name == "explain":
             pairs = pd.read_csv(demo / "explain" / "localisation_pairs.csv")
-            return (f"Pointing game over {len(pairs)} (image, lesion) pairs: the Grad-CAM peak is inside the box "
-                    f"in {pairs['hit'].mean():.1%} of them; a random peak would be in {pairs['chance'].mean():.1%}.")
+            run = json.loads((demo / "explain" / "runs.json").read_text())["runs"][0]
+            empty = int(pairs["empty"].sum()) if "empty" in pairs else 0
+            return (f"Pointing game over {len(pairs)} (image, lesion) pairs, Grad-CAM on {run.get('layer')} "
+                    f"({run.get('map')} map): the peak is inside the box in {pairs['hit'].mean():.1%} of them; "
+                    f"a random peak would be in {pairs['chance'].mean():.1%}; {empty} map(s) were empty "
+                    "(zero everywhere: no evidence for the label, counted as misses).")
         if name == "ood":
             c = pd.read_csv(demo / "ood" / "summary.csv")
             return "Accepted / rejected: " + "; ".join(f"{r.category} {r.accepted} / {r.rejected}"

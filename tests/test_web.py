@@ -107,8 +107,9 @@ def test_page_probabilities_equal_onnxruntime_and_nothing_else_is_fetched(site, 
     gate = ort.InferenceSession(str(site["dir"] / "ood.onnx"))
     score = gate.run(None, {"image": _loader_pixels(site["dir"] / "phantom.png", o["resolution"], o["mean"], o["std"])})
     assert abs(float(result["ood"]) - float(score[0][0, 0])) < 1e-4
-    probs = ort.InferenceSession(str(site["dir"] / "model.onnx")).run(
-        None, {"image": _loader_pixels(site["dir"] / "phantom.png", m["resolution"], m["mean"], m["std"])})[0][0]
+    outputs = ort.InferenceSession(str(site["dir"] / "model.onnx")).run(
+        None, {"image": _loader_pixels(site["dir"] / "phantom.png", m["resolution"], m["mean"], m["std"])})
+    probs = outputs[0][0]
     page = {r["label"]: float(r["prob"]) for r in result["rows"]}
     assert list(page) != [] and sorted(page) == sorted(pre["labels"])
     np.testing.assert_allclose([page[label] for label in pre["labels"]], probs, atol=1e-4, rtol=0)
@@ -116,6 +117,12 @@ def test_page_probabilities_equal_onnxruntime_and_nothing_else_is_fetched(site, 
     calibrated = calibrate(probs, ops)
     shown = [float(r["calibrated"]) for r in result["rows"]]
     np.testing.assert_allclose(shown, np.sort(calibrated)[::-1], atol=1e-4, rtol=0)
+    # the CAM overlay of the top finding: drawn unless its map is ≤ 0 everywhere (cxr.explain's convention)
+    if len(outputs) > 1:
+        top = pre["labels"].index(result["rows"][0]["label"])
+        empty = not (outputs[1][0, top] > 0).any()
+        assert result["cam"]["empty"] == str(empty).lower(), result["cam"]
+        assert ("no overlay" in result["cam"]["text"]) == empty and "clipped at 0" in result["cam"]["text"]
     # requests: the server saw the page's own files only, each once, and the page asked no other origin
     served = {p.split("?")[0].lstrip("/") for p in site["seen"][before:]}
     expected = {"index.html", "ort.wasm.min.js", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm",
@@ -155,3 +162,40 @@ def test_page_resize_is_pillow_bilinear_exactly(size, out, tmp_path):
     got = np.frombuffer((tmp_path / "out.bin").read_bytes(), np.uint8).reshape(out, out)
     want = np.asarray(Image.fromarray(pixels).resize((out, out), Image.BILINEAR))
     assert np.array_equal(got, want), f"{int((got != want).sum())} pixels differ, max {np.abs(got.astype(int) - want).max()}"
+
+
+def test_page_cam_levels_follow_cxr_explain(tmp_path):
+    """The page's CAM overlay levels (resize.js camLevels, run in node) and cxr.explain's overlay_levels
+    against the convention written out: ReLU, then ÷ max; a map ≤ 0 everywhere is empty (no overlay)."""
+    from cxr.explain import overlay_levels
+
+    if not shutil.which("node"):
+        pytest.skip("node missing: install Node.js")
+    rng = np.random.default_rng(3)
+    maps = {"signed": rng.normal(size=16), "all negative": -rng.random(16) - 0.1, "zero": np.zeros(16),
+            "one positive": np.r_[-rng.random(15), 0.25]}
+    (tmp_path / "in.json").write_text(json.dumps({k: v.tolist() for k, v in maps.items()}))
+    script = f"""
+        globalThis.window = globalThis;
+        require({json.dumps(str(ROOT / "cxr" / "web" / "resize.js"))});
+        const fs = require("fs");
+        const maps = JSON.parse(fs.readFileSync({json.dumps(str(tmp_path / "in.json"))}, "utf8"));
+        const out = {{}};
+        for (const [k, v] of Object.entries(maps)) {{
+          const r = CxrPixels.camLevels(Float32Array.from(v));
+          out[k] = {{ levels: Array.from(r.levels), empty: r.empty }};
+        }}
+        fs.writeFileSync({json.dumps(str(tmp_path / "out.json"))}, JSON.stringify(out));
+    """
+    subprocess.run(["node", "-e", script], check=True, timeout=60)
+    page = json.loads((tmp_path / "out.json").read_text())
+    for name, values in maps.items():
+        x = values.astype(np.float32)
+        empty = not (x.max() > 0)
+        want = np.zeros_like(x) if empty else np.maximum(x, 0) / x.max()
+        assert page[name]["empty"] == empty, name
+        np.testing.assert_allclose(page[name]["levels"], want, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(overlay_levels(x), want, atol=1e-6, err_msg=name)
+    assert page["one positive"]["levels"][-1] == 1.0 and sum(page["one positive"]["levels"]) == 1.0
+    # the min–max scaling the page used before would draw the all-negative map's least negative cell at full heat
+    assert page["all negative"]["empty"] and not any(page["all negative"]["levels"])

@@ -22,7 +22,7 @@ from cxrbase.errors import CxrError
 
 from .backbones import BuildArgs, GlobalAvgPool, make_stem
 from .classifier import CxrClassifier
-from .densenet import NATIVE_SIZE, DenseNetTrunk, densenet121_backbone
+from .densenet import NATIVE_SIZE, DenseNetTrunk, densenet121_backbone, densenet_stages
 from .heads import Head
 
 DESCRIPTION = "DenseNet-121 + CBAM (channel+spatial attention) + dense 128/64 head, L2 1e-3"
@@ -94,4 +94,5 @@ def build(args: BuildArgs, *, head_dropout: float = 0.3, stem_size: int = NATIVE
                 hidden=DENSE, hidden_dropout=head_dropout)
     return CxrClassifier(name="densenet121_cbam", stem=make_stem(args, stem_size), trunk=trunk,
                          cam_layer=trunk.cbam, pool=GlobalAvgPool(), head=head, pooled_linear=False,
+                         cam_layers=(*densenet_stages(backbone), backbone.features.norm5),
                          channels_last=args.channels_last, l2_lambda=L2_LAMBDA)

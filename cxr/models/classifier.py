@@ -3,7 +3,8 @@
 Every model of the registry is a :class:`CxrClassifier` composed of
 
     stem  : image [B,1,H,W] → backbone input (identity, learned conv stem, or fixed resize)
-    trunk : → final feature map [B,C,h,w]; ``cam_layer`` is the module producing it
+    trunk : → final feature map [B,C,h,w]; ``cam_layer`` is the module producing it,
+            ``cam_layers`` the stage outputs before it (finer maps for Grad-CAM)
     pool  : → pooled image features [B,C]
     head  : (+ meta) → pre-logits [B,D] → dropout → linear → logits [B,num_labels]
 
@@ -29,7 +30,8 @@ class CxrClassifier(nn.Module):
     """
 
     def __init__(self, *, name: str, stem: nn.Module, trunk: nn.Module, cam_layer: nn.Module, pool: nn.Module,
-                 head: Head, pooled_linear: bool, channels_last: bool = False, l2_lambda: float = 0.0):
+                 head: Head, pooled_linear: bool, channels_last: bool = False, l2_lambda: float = 0.0,
+                 cam_layers: tuple[nn.Module, ...] = ()):
         super().__init__()
         self.name = name
         self.stem = stem
@@ -41,6 +43,10 @@ class CxrClassifier(nn.Module):
         self.cam_layer_name = next((n for n, m in self.named_modules() if m is cam_layer), None)
         if self.cam_layer_name is None:
             raise ValueError(f"{name}: cam_layer is not a submodule of the model")
+        names = {id(m): n for n, m in self.named_modules()}
+        if any(id(m) not in names for m in cam_layers):
+            raise ValueError(f"{name}: a cam_layers entry is not a submodule of the model")
+        self.cam_layer_names = [*(names[id(m)] for m in cam_layers if m is not cam_layer), self.cam_layer_name]
         self.pooled_linear = pooled_linear
         self.channels_last = channels_last
         self.l2_lambda = float(l2_lambda)
@@ -49,6 +55,13 @@ class CxrClassifier(nn.Module):
     def cam_layer(self) -> nn.Module:
         """The module whose output is the final feature map (hook it for Grad-CAM)."""
         return self.get_submodule(self.cam_layer_name)
+
+    @property
+    def cam_layer_candidates(self) -> list[str]:
+        """Names of the modules whose outputs are feature maps a Grad-CAM may use, shallow → deep:
+        the stage outputs the family declares (``cam_layers``), then ``cam_layer``. Deeper maps are
+        more specific to the labels, shallower ones finer (cxr.explain picks by map size)."""
+        return list(self.cam_layer_names)
 
     @property
     def uses_meta(self) -> bool:

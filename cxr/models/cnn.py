@@ -59,5 +59,8 @@ def build(args: BuildArgs, *, stem_size: int = 224, width: int = 32) -> CxrClass
                        "pass pretrained=None (resume a cxr checkpoint through training instead)")
     trunk = ConvBlocks(args.in_chans, args.grad_checkpointing, widths)
     head = Head(widths[-1], args.num_labels, metadata=args.metadata, meta_dim=args.meta_dim, dropout=args.dropout)
+    # Grad-CAM candidates: each block's ReLU (before its pool) and the block's pooled output
+    stages = tuple(m for block in trunk.blocks for m in (block[2], block))
     return CxrClassifier(name="cnn", stem=make_stem(args, stem_size), trunk=trunk, cam_layer=trunk.blocks[-1],
-                         pool=GlobalAvgPool(), head=head, pooled_linear=True, channels_last=args.channels_last)
+                         pool=GlobalAvgPool(), head=head, pooled_linear=True, channels_last=args.channels_last,
+                         cam_layers=stages)

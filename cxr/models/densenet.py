@@ -64,6 +64,14 @@ def densenet121_backbone(args: BuildArgs) -> nn.Module:
     return timm_backbone("densenet121", args)
 
 
+def densenet_stages(backbone: nn.Module) -> tuple[nn.Module, ...]:
+    """Grad-CAM candidates before ``norm5``, shallow → deep: each dense block's output and its
+    transition's 1×1 conv (same size, before the transition's pool)."""
+    features = backbone.features
+    return tuple(m for i in (1, 2, 3) for m in (getattr(features, f"denseblock{i}"),
+                                                 getattr(features, f"transition{i}").conv)) + (features.denseblock4,)
+
+
 def build(args: BuildArgs, *, stem_size: int = NATIVE_SIZE) -> CxrClassifier:
     """CheXNet DenseNet-121 → GAP → (meta fusion) → dropout → linear."""
     backbone = densenet121_backbone(args)
@@ -72,4 +80,4 @@ def build(args: BuildArgs, *, stem_size: int = NATIVE_SIZE) -> CxrClassifier:
     trunk = DenseNetTrunk(backbone, args.grad_checkpointing)
     return CxrClassifier(name="densenet121", stem=make_stem(args, stem_size), trunk=trunk,
                          cam_layer=backbone.features.norm5, pool=GlobalAvgPool(), head=head,
-                         pooled_linear=True, channels_last=args.channels_last)
+                         pooled_linear=True, channels_last=args.channels_last, cam_layers=densenet_stages(backbone))

@@ -42,4 +42,5 @@ def build(args: BuildArgs, *, stem_size: int = NATIVE_SIZE) -> CxrClassifier:
                 dropout=args.dropout)
     return CxrClassifier(name="resnet50", stem=make_stem(args, stem_size), trunk=ResNetTrunk(backbone, args.grad_checkpointing),
                          cam_layer=backbone.layer4, pool=GlobalAvgPool(), head=head,
-                         pooled_linear=True, channels_last=args.channels_last)
+                         pooled_linear=True, channels_last=args.channels_last,
+                         cam_layers=(backbone.layer1, backbone.layer2, backbone.layer3))

@@ -60,17 +60,18 @@ function drawGrey(canvas, px, res) {
   ctx.putImageData(im, 0, 0);
 }
 
-// Class activation map of one label, normalised to [0, 1], drawn over the image (bilinear upsampling by the canvas).
+// Class activation map of one label drawn over the image (bilinear upsampling by the canvas), at the
+// levels of CxrPixels.camLevels: clipped at 0 and scaled by its maximum, as `python -m cxr.explain`.
+// Returns false, drawing nothing, when the map is zero everywhere after the clip (no positive evidence).
 function drawCam(canvas, cam, dims, label) {
   const [, , h, w] = dims;
+  const { levels, empty } = CxrPixels.camLevels(cam.subarray(label * h * w, (label + 1) * h * w));
+  if (empty) return false;
   const off = new OffscreenCanvas(w, h);
   const ctx = off.getContext("2d");
   const im = ctx.createImageData(w, h);
-  const slice = cam.subarray(label * h * w, (label + 1) * h * w);
-  let lo = Infinity, hi = -Infinity;
-  for (const v of slice) { lo = Math.min(lo, v); hi = Math.max(hi, v); }
   for (let i = 0; i < h * w; i++) {
-    const t = hi > lo ? (slice[i] - lo) / (hi - lo) : 0;
+    const t = levels[i];
     im.data[4 * i] = Math.round(255 * Math.min(1, 2 * t));
     im.data[4 * i + 1] = Math.round(255 * Math.max(0, 2 * t - 1));
     im.data[4 * i + 2] = 0;
@@ -80,6 +81,7 @@ function drawCam(canvas, cam, dims, label) {
   const c = canvas.getContext("2d");
   c.imageSmoothingEnabled = true;
   c.drawImage(off, 0, 0, canvas.width, canvas.height);
+  return true;
 }
 
 function showResults(probs, ops, labels) {
@@ -123,8 +125,12 @@ async function predict(blob, name) {
     const rows = showResults(out.probs.data, state.thr.operating_points, state.pre.labels);
     if (out.cam) {
       const top = state.pre.labels.indexOf(rows[0].name);
-      drawCam($("image"), out.cam.data, out.cam.dims, top);
-      $("camlabel").textContent = `CAM of ${rows[0].name}`;
+      const drawn = drawCam($("image"), out.cam.data, out.cam.dims, top);
+      $("camlabel").dataset.empty = String(!drawn);
+      $("camlabel").textContent = drawn
+        ? `CAM of ${rows[0].name}: positive evidence only (clipped at 0), scaled by its maximum.`
+        : `CAM of ${rows[0].name}: zero everywhere after clipping at 0 — no positive evidence for it `
+          + "anywhere in this image, so no overlay is drawn.";
     }
     setStatus("done", `${name}: 14 findings, calibrated so that 0.5 is each label's operating point.`);
   } catch (err) {

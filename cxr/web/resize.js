@@ -103,4 +103,17 @@ function normalise(pixels, mean, std) {
   return out;
 }
 
-window.CxrPixels = { resizeGrey, toGrey, normalise };
+// CAM overlay levels in [0, 1], the convention of `python -m cxr.explain` (its overlay_levels):
+// ReLU — negative evidence is not drawn — then divided by the map's maximum; a map that is ≤ 0
+// everywhere is empty (no positive evidence for the label): no overlay. (Min–max scaling of the
+// signed map would draw a hot spot wherever the map is least negative, even when it is all negative.)
+function camLevels(values) {
+  let hi = 0;
+  for (const v of values) if (v > hi) hi = v;
+  const levels = new Float32Array(values.length);
+  if (!(hi > 0) || !Number.isFinite(hi)) return { levels, empty: true };
+  for (let i = 0; i < values.length; i++) levels[i] = values[i] > 0 ? values[i] / hi : 0;
+  return { levels, empty: false };
+}
+
+window.CxrPixels = { resizeGrey, toGrey, normalise, camLevels };
