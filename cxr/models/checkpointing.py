@@ -7,6 +7,15 @@ checkpointed run would evaluate differently from a plain one. Here the
 recomputation runs those BatchNorms with momentum 0: it still normalises with
 the batch statistics (same outputs, same gradients) but the running buffers
 keep their values.
+
+Under ``torch.compile`` that context is neither needed nor traceable: Dynamo turns a
+checkpoint into one higher-order op and cannot take a ``context_fn`` other than selective
+checkpointing's (a ``functools.partial`` over modules is "not a Python constant": a graph
+break per segment, and the checkpointed frame recompiled up to the limit and ran eagerly).
+AOTAutograd functionalises the forward — the buffer updates become graph outputs applied
+once — and the partitioner recomputes only what backward needs, so the buffers are
+updated exactly once per step there without it (tests/test_compile_checkpointing.py
+checks both against eager).
 """
 from __future__ import annotations
 
@@ -46,6 +55,8 @@ def _contexts(modules: tuple[nn.Module, ...]):
 
 def checkpointed(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor, modules: tuple[nn.Module, ...]) -> torch.Tensor:
     """``fn(*inputs)`` storing only ``inputs`` for backward; ``modules`` are those ``fn`` runs (for BatchNorm)."""
+    if torch.compiler.is_compiling():
+        return checkpoint(fn, *inputs, use_reentrant=False)
     return checkpoint(fn, *inputs, use_reentrant=False, context_fn=functools.partial(_contexts, modules))
 
 
