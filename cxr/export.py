@@ -8,7 +8,8 @@ DIR gets
                     → probs [B,14] = mean of the members' sigmoid(logits), and, when every member
                     is pooled-linear (GAP + linear head), cam [B,14,h,w] = mean of the members'
                     class activation maps M_c = Σ_k w_ck f_k (gradient-free CAM; h×w = first member's grid)
-  ood.onnx          the gate: image [B,1,r,r] at the autoencoder's resolution → score [B,1] = 1 − SSIM
+  ood.onnx          the gate: image [B,1,r,r] at the autoencoder's resolution → score [B,1], the Mahalanobis
+                    distance of log(1 − SSIM) and the image statistics of cxr.ood.image_features
   thresholds.json   per-label operating points o (the evaluator's tuned thresholds of the ensemble, or 0.5
                     without --thresholds) and the calibration f(x) = x/(2o) for x ≤ o, else 1 − (1−x)/(2(1−o))
   preprocess.json   how the loader makes its input: PIL "L" grey, PIL bilinear resize, (x/255 − mean)/std
@@ -216,8 +217,9 @@ def write_json(path: Path, doc: dict) -> None:
 def export_package(runs: Sequence[str], ood_run: str, out: Path, resolution: int | None = None,
                    thresholds: str | None = None, method: str = "f1") -> dict:
     """Write the package of the module docstring into ``out``; return the manifest."""
-    from cxr.ood import ExportableGate, load_gate, read_threshold
+    from cxr.ood import GateScore, load_gate, read_threshold
 
+    gate_doc = read_threshold(ood_run)  # before any export: an old gate without a feature model fails here
     members = load_members(runs)
     res = int(resolution or members[0][0].resolution or 224)
     with_cam = all(getattr(model, "pooled_linear", False) for _, model in members)
@@ -227,7 +229,8 @@ def export_package(runs: Sequence[str], ood_run: str, out: Path, resolution: int
     export_onnx(graph, torch.zeros(1, 1, res, res), out / "model.onnx", outputs)
     gate, gate_member = load_gate(ood_run)
     ood_res = int(gate_member.resolution or 64)
-    export_onnx(ExportableGate(gate), torch.zeros(1, 1, ood_res, ood_res), out / "ood.onnx", ["score"])
+    export_onnx(GateScore(gate, gate_doc["features"], explicit_ssim=True), torch.zeros(1, 1, ood_res, ood_res),
+                out / "ood.onnx", ["score"])
     ops = operating_points(thresholds, len(members), members[0][0].name, method)
     write_json(out / "thresholds.json", ops)
     mean, std = members[0][0].mean, members[0][0].std
@@ -239,8 +242,10 @@ def export_package(runs: Sequence[str], ood_run: str, out: Path, resolution: int
         "model": {"resolution": res, "mean": 0.5176 if mean is None else mean, "std": 0.2542 if std is None else std,
                   "input": "image", "outputs": outputs},
         "ood": {"resolution": ood_res, "mean": gate_data.get("mean", 0.5176), "std": gate_data.get("std", 0.2542),
-                "threshold": read_threshold(ood_run)["threshold"], "percentile": read_threshold(ood_run)["percentile"],
-                "rule": "reject when score > threshold"},
+                "threshold": gate_doc["threshold"], "percentile": gate_doc["percentile"],
+                "rule": "reject when score > threshold",
+                "score": "Mahalanobis distance of log(1 - SSIM) and image statistics (cxr.ood.FEATURES) "
+                         "from the gate's train images"},
         "labels": list(LABELS)})
     files = ["model.onnx", "ood.onnx", "thresholds.json", "preprocess.json"]
     manifest = {"files": {f: {"sha256": sha256(out / f), "bytes": (out / f).stat().st_size} for f in files},

@@ -1,17 +1,22 @@
-"""Out-of-distribution gate (Chester): a small conv autoencoder; score = 1 − SSIM(image, reconstruction).
+"""Out-of-distribution gate (Chester): a small conv autoencoder's 1 − SSIM(image, reconstruction) and
+simple intensity/shape statistics, scored together as one Mahalanobis distance from the train images.
 
-Train it with the ordinary training loop — the model and the objective are picked by config:
+Train the autoencoder with the ordinary training loop — the model and the objective are picked by
+config — then fit the gate and its threshold:
 
     python -m cxr.train --config cxr/configs/ood_ae.yaml data.shards=SHARDS checkpoint.run_dir=RUN
-    python -m cxr.ood threshold --run RUN --shards SHARDS --percentile 99
+    python -m cxr.ood threshold --run RUN --shards SHARDS --percentile 95
     python -m cxr.evaluate --runs M1 M2 --shards SHARDS --split test --out REPORT --ood RUN
 
-``ood_ae`` (registered in ``cxr.models``) returns the per-image score [B, 1] from ``forward``
+``ood_ae`` (registered in ``cxr.models``) returns the per-image 1 − SSIM [B, 1] from ``forward``
 and ``ssim_recon`` (cxr.losses) is the mean of that score, so train.py's loop, checkpoints
-and resume are used unchanged. The threshold is the stated percentile of the val scores,
-written to ``RUN/ood_threshold.json`` (module :func:`write_threshold` owns that file); an
-image whose score exceeds it is rejected. SSIM is pytorch-msssim's (Gaussian window 11,
-σ 1.5, K1 0.01, K2 0.03, data range 1), tested against scikit-image.
+and resume are used unchanged. ``threshold`` measures :data:`FEATURES` (log(1 − SSIM), 15
+statistics of the 64 px grey image and its 4×4 layout) on the train and val images, fits their mean
+and a shrunk covariance (Ledoit–Wolf), and takes the stated percentile of the same images'
+cross-fitted Mahalanobis distances (each from a model fitted without it) as the threshold; both go to ``RUN/ood_threshold.json`` (:func:`write_threshold` owns that file). An image
+whose distance exceeds the threshold is rejected. 1 − SSIM alone is not enough: a flat plot or a
+page of text is easy to reconstruct (bench/ood_gate.py measures both). SSIM is pytorch-msssim's
+(Gaussian window 11, σ 1.5, K1 0.01, K2 0.03, data range 1), tested against scikit-image.
 """
 from __future__ import annotations
 
@@ -76,17 +81,109 @@ class OodAutoencoder(nn.Module):
         return ssim_score(x01, self.decoder(self.encoder(x01))).unsqueeze(1)
 
 
-class ExportableGate(nn.Module):
-    """The gate with SSIM written out as fixed separable convolutions, for ONNX export.
+# ----------------------------------------------------------------------------- the gate's score
+# 1 − SSIM alone passes flat or simple non-X-rays (a plot, a page of text, a colour blob: easy to
+# reconstruct). The gate therefore scores a small vector of image statistics, measured at the AE's
+# resolution on the [0, 1] grey image, together with log(1 − SSIM): its Mahalanobis distance from
+# the train images' vectors (Ledoit–Wolf shrunk covariance, fitted by `cxr.ood threshold`).
+# Every statistic is a plain tensor expression, so the same code runs in PyTorch (cxr.evaluate
+# --ood) and in the exported ood.onnx (the page). Intensity cut points sit between 8-bit levels,
+# (k + 0.5)/255, so a pixel that arrives as k/255 (the loader's and the page's uint8 input) falls
+# on the same side of a cut in float32 PyTorch and onnxruntime.
+_CUTS = (12, 63, 127, 191, 242)
+_GRID = 4
+FEATURES = ("log_ae", "mean", "std", *(f"frac_below_{k}" for k in _CUTS), "gradient", "fine_detail",
+            "lr_asymmetry", "centre_minus_sides", "bottom_minus_top", "border_minus_mean",
+            *(f"layout_{r}{c}" for r in range(_GRID) for c in range(_GRID)))
 
-    pytorch-msssim builds its Gaussian window inside the call, which the ONNX exporter cannot
-    trace as a convolution kernel; this is the same computation (Gaussian 11, σ 1.5, valid
-    region, population statistics, K1 0.01, K2 0.03) with the window as a buffer. The export
-    test compares onnxruntime's output with :class:`OodAutoencoder` (pytorch-msssim)."""
 
-    def __init__(self, gate: OodAutoencoder, size: int = 11, sigma: float = 1.5):
+def image_features(x01: torch.Tensor, ae_score: torch.Tensor) -> torch.Tensor:
+    """[B, len(FEATURES)] statistics of grey images x01 [B,1,H,W] in [0, 1] and their AE scores [B]
+    (1 − SSIM). Chest X-rays: a broad histogram, smooth at 64 px, nearly left–right symmetric,
+    the spine/mediastinum brighter than the lungs beside it, the abdomen brighter than the neck;
+    ``layout_rc``: the mean intensity of each cell of a 4×4 grid minus the image mean (where the
+    lungs, the mediastinum and the diaphragm lie)."""
+    x = x01[:, 0]
+    h, w = (int(v) for v in x.shape[-2:])  # plain ints: the exported graph has a fixed input size
+    mean = x.mean((1, 2))
+    std = ((x - mean[:, None, None]) ** 2).mean((1, 2)).sqrt()
+    cuts = [(x < (k + 0.5) / 255).float().mean((1, 2)) for k in _CUTS]
+    dx = (x[:, :, 1:] - x[:, :, :-1]).abs().mean((1, 2))
+    dy = (x[:, 1:, :] - x[:, :-1, :]).abs().mean((1, 2))
+    local = nn.functional.avg_pool2d(x01, 3, stride=1)[:, 0]
+    fine = (x[:, 1:-1, 1:-1] - local).abs().mean((1, 2))
+    half = w // 2
+    mirror = torch.arange(w - 1, w - 1 - half, -1)  # the right half read right to left (a Gather in ONNX)
+    asym = (x[:, :, :half] - x.index_select(2, mirror)).abs().mean((1, 2))
+    q = w // 8
+    centre = x[:, :, 3 * q:5 * q].mean((1, 2))
+    sides = 0.5 * (x[:, :, q:3 * q].mean((1, 2)) + x[:, :, 5 * q:7 * q].mean((1, 2)))
+    third = h // 3
+    bottom_top = x[:, h - third:, :].mean((1, 2)) - x[:, :third, :].mean((1, 2))
+    b = max(1, h // 16)
+    inner = x[:, b:h - b, b:w - b]
+    border = (x.sum((1, 2)) - inner.sum((1, 2))) / (h * w - inner.shape[1] * inner.shape[2])
+    log_ae = torch.log(ae_score.clamp_min(1e-6))
+    layout = nn.functional.avg_pool2d(x01, (h // _GRID, w // _GRID))[:, 0].flatten(1) - mean[:, None]
+    stats = torch.stack([log_ae, mean, std, *cuts, dx + dy, fine, asym, centre - sides, bottom_top, border - mean], 1)
+    return torch.cat([stats, layout], 1)
+
+
+def fit_feature_model(feats: np.ndarray, split: str = "train") -> dict:
+    """The feature model of the gate from the [n, F] feature vectors of in-distribution images:
+    centre, scale (standard deviation, floored at 1e-3) and the whitening matrix W of the shrunk
+    covariance of the standardised vectors (W Wᵀ = Σ⁻¹, Ledoit–Wolf): distance = ‖Wᵀ z‖."""
+    from sklearn.covariance import LedoitWolf
+
+    feats = np.asarray(feats, np.float64)
+    if feats.ndim != 2 or feats.shape[1] != len(FEATURES) or len(feats) < 3:
+        raise CxrError(f"ood feature fit: {feats.shape} feature vectors — need ≥ 3 images of the {split} split")
+    centre, scale = feats.mean(0), np.maximum(feats.std(0), 1e-3)
+    cov = LedoitWolf().fit((feats - centre) / scale).covariance_
+    whiten = np.linalg.cholesky(np.linalg.inv(cov))  # lower L, L Lᵀ = Σ⁻¹ → zᵀΣ⁻¹z = ‖Lᵀz‖²
+    return {"names": list(FEATURES), "cuts": list(_CUTS), "split": split, "n_images": int(len(feats)),
+            "centre": centre.tolist(), "scale": scale.tolist(), "whiten": whiten.tolist()}
+
+
+def feature_distance(feats, model: dict) -> np.ndarray:
+    """[n] Mahalanobis distances of [n, F] feature vectors under a :func:`fit_feature_model` model
+    (NumPy, float64: the reference the torch gate and ood.onnx are tested against)."""
+    z = (np.asarray(feats, np.float64) - np.asarray(model["centre"])) / np.asarray(model["scale"])
+    return np.sqrt(((z @ np.asarray(model["whiten"])) ** 2).sum(1))
+
+
+def cross_fitted_distances(feats: np.ndarray, folds: int = 20, seed: int = 0) -> np.ndarray:
+    """[n] distance of every image from a feature model fitted WITHOUT it (K-fold cross-fitting,
+    K = min(n, folds); leave-one-out for n ≤ folds): how far unseen in-distribution images lie.
+
+    In-sample distances are too small (each image pulled the fit towards itself); with ~100 images
+    and 32 features the difference decides the threshold, so the threshold is a percentile of these."""
+    from sklearn.model_selection import KFold
+
+    feats = np.asarray(feats, np.float64)
+    out = np.empty(len(feats))
+    for fit_idx, out_idx in KFold(min(len(feats), folds), shuffle=True, random_state=seed).split(feats):
+        out[out_idx] = feature_distance(feats[out_idx], fit_feature_model(feats[fit_idx]))
+    return out
+
+
+class GateScore(nn.Module):
+    """The gate: image [B,1,H,W] normalised as the loader does → score [B,1], the Mahalanobis
+    distance of :func:`image_features` from the train images (feature model of ood_threshold.json).
+
+    ``explicit_ssim``: SSIM written out as fixed separable convolutions (Gaussian 11, σ 1.5, valid
+    region, population statistics, K1 0.01, K2 0.03), for ONNX export — pytorch-msssim builds its
+    window inside the call, which the exporter cannot trace; the export test compares the two."""
+
+    def __init__(self, ae: OodAutoencoder, feature_model: dict, explicit_ssim: bool = False,
+                 size: int = 11, sigma: float = 1.5):
         super().__init__()
-        self.gate = gate
+        if list(feature_model.get("names", [])) != list(FEATURES):
+            raise CxrError(f"ood feature model: features {feature_model.get('names')} differ from this version's "
+                           f"{list(FEATURES)} — re-run `python -m cxr.ood threshold`")
+        self.ae, self.explicit_ssim = ae, explicit_ssim
+        for name in ("centre", "scale", "whiten"):
+            self.register_buffer(name, torch.tensor(feature_model[name], dtype=torch.float32), persistent=False)
         coords = torch.arange(size, dtype=torch.float32) - size // 2
         g = torch.exp(-(coords ** 2) / (2 * sigma ** 2))
         g = g / g.sum()
@@ -96,16 +193,25 @@ class ExportableGate(nn.Module):
     def _blur(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.conv2d(nn.functional.conv2d(x, self.win_h), self.win_w)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x01 = self.gate.to_unit(x)
-        y01 = self.gate.decoder(self.gate.encoder(x01))
+    def _ssim_explicit(self, x01: torch.Tensor, y01: torch.Tensor) -> torch.Tensor:
         c1, c2 = 0.01 ** 2, 0.03 ** 2
         mu_x, mu_y = self._blur(x01), self._blur(y01)
         var_x = self._blur(x01 * x01) - mu_x * mu_x
         var_y = self._blur(y01 * y01) - mu_y * mu_y
         cov = self._blur(x01 * y01) - mu_x * mu_y
         ssim_map = ((2 * mu_x * mu_y + c1) / (mu_x * mu_x + mu_y * mu_y + c1)) * ((2 * cov + c2) / (var_x + var_y + c2))
-        return 1.0 - ssim_map.flatten(1).mean(1, keepdim=True)
+        return 1.0 - ssim_map.flatten(1).mean(1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, F] feature vectors of normalised images."""
+        x01 = self.ae.to_unit(x)
+        y01 = self.ae.decoder(self.ae.encoder(x01))
+        ae = self._ssim_explicit(x01, y01) if self.explicit_ssim else ssim_score(x01, y01)
+        return image_features(x01, ae)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = (self.features(x) - self.centre) / self.scale
+        return (z @ self.whiten).pow(2).sum(1, keepdim=True).sqrt()
 
 
 def build(args, width: int = 16, code: int = 16) -> OodAutoencoder:
@@ -131,44 +237,70 @@ def load_gate(run: str | Path, device="cpu"):
     return model, member
 
 
+def load_scorer(run: str | Path, device="cpu") -> GateScore:
+    """The fitted gate of a run (its AE + the feature model of RUN/ood_threshold.json), eval mode."""
+    ae, _ = load_gate(run, device)
+    return GateScore(ae, read_threshold(run)["features"]).eval()
+
+
 @torch.inference_mode()
-def score_split(run: str | Path, shards: str | Path, split: str, batch_size: int = 64):
-    """(keys [n] object array, scores [n] float64) of every image of ``split``, at the AE's resolution."""
+def split_features(ae: OodAutoencoder, member, shards: str | Path, split: str, batch_size: int = 64):
+    """(keys [n] object array, feature vectors [n, F] float64) of every image of ``split``, at the AE's
+    resolution, read by the loader as the AE was trained."""
     from cxrbase.progress import progress
 
     from cxr.data import DataConfig, build_loader
 
-    model, member = load_gate(run)
     data = {k: v for k, v in member.config.get("data", {}).items()
             if k in {f for f in DataConfig.__dataclass_fields__}}
     data.update(shards=str(shards), augment=False, eval_batch_size=batch_size, device="cpu")
     loader = build_loader(DataConfig(**data), split, epoch=0, train=False)
-    keys, scores = [], []
+    scorer = GateScore(ae, {"names": list(FEATURES), "centre": [0.0] * len(FEATURES),
+                            "scale": [1.0] * len(FEATURES), "whiten": np.eye(len(FEATURES)).tolist()})
+    keys, feats = [], []
     for batch in progress(loader, desc=f"ood {split}", unit="batch", dynamic_ncols=True, leave=False):
-        scores.append(model(batch["image"]).squeeze(1).double().numpy())
+        feats.append(scorer.features(batch["image"]).double().numpy())
         keys.extend(str(k) for k in batch["key"])
-    return np.asarray(keys, dtype=object), (np.concatenate(scores) if scores else np.zeros(0))
+    return np.asarray(keys, dtype=object), (np.concatenate(feats) if feats else np.zeros((0, len(FEATURES))))
 
 
-def write_threshold(run: str | Path, val_scores: np.ndarray, percentile: float, split: str = "val") -> dict:
-    """RUN/ood_threshold.json: the ``percentile`` of the val scores (numpy's linear interpolation)."""
+def score_split(run: str | Path, shards: str | Path, split: str, batch_size: int = 64):
+    """(keys [n] object array, gate scores [n] float64) of every image of ``split`` under the fitted gate."""
+    ae, member = load_gate(run)
+    keys, feats = split_features(ae, member, shards, split, batch_size)
+    return keys, feature_distance(feats, read_threshold(run)["features"])
+
+
+def write_threshold(run: str | Path, val_scores: np.ndarray, percentile: float, split: str = "val",
+                    features: dict | None = None) -> dict:
+    """RUN/ood_threshold.json: the gate's feature model (:func:`fit_feature_model`) and the
+    ``percentile`` of ``val_scores`` — the cross-fitted distances of the ``split`` images
+    (:func:`cross_fitted_distances`) — as its threshold (numpy's linear interpolation)."""
     if not 0 < percentile <= 100:
         raise CxrError(f"--percentile {percentile}: must lie in (0, 100] — e.g. 99")
     if len(val_scores) == 0:
         raise CxrError(f"{run}: no {split} images scored — the shards need a {split} split")
-    doc = {"threshold": float(np.percentile(val_scores, percentile)), "percentile": float(percentile),
-           "split": split, "n_images": int(len(val_scores)),
-           "rule": "reject when score = 1 - SSIM(image, reconstruction) > threshold",
-           "val_rejected_fraction": float(np.mean(val_scores > np.percentile(val_scores, percentile)))}
+    thr = float(np.percentile(val_scores, percentile))
+    doc = {"threshold": thr, "percentile": float(percentile), "split": split, "n_images": int(len(val_scores)),
+           "rule": "reject when score > threshold; score = Mahalanobis distance of the image's features "
+                   "(log(1 - SSIM(image, reconstruction)), intensity/shape statistics and a 4x4 layout) from "
+                   f"the {(features or {}).get('split', 'train')} images'; threshold = the percentile of the "
+                   "same images' cross-fitted distances (each from a model fitted without it)",
+           "val_rejected_fraction": float(np.mean(val_scores > thr)), "features": features}
     atomic_write_text(Path(run) / THRESHOLD_FILE, json.dumps(doc, indent=2) + "\n")
     return doc
 
 
 def read_threshold(run: str | Path) -> dict:
     path = Path(run) / THRESHOLD_FILE
+    fix = f"run `python -m cxr.ood threshold --run {run} --shards SHARDS`"
     if not path.is_file():
-        raise CxrError(f"{path}: missing — run `python -m cxr.ood threshold --run {run} --shards SHARDS`")
-    return json.loads(path.read_text())
+        raise CxrError(f"{path}: missing — {fix}")
+    doc = json.loads(path.read_text())
+    if not isinstance(doc.get("features"), dict) or list(doc["features"].get("names", [])) != list(FEATURES):
+        raise CxrError(f"{path}: no feature model of this version's gate (1 − SSIM alone passed plots and "
+                       f"text pages) — {fix} again")
+    return doc
 
 
 def ood_report(run: str | Path, shards: str | Path, split: str, scores) -> dict:
@@ -222,12 +354,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cxr.ood", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("threshold", help="score the val split and store the percentile threshold in RUN")
+    t = sub.add_parser("threshold", help="fit the gate's feature model on the train and val images and store it "
+                       "with the percentile threshold of their cross-fitted distances in RUN/ood_threshold.json")
     t.add_argument("--run", required=True, help="run dir of an ood_ae training run")
     t.add_argument("--shards", required=True, help="shards folder (the one it was trained on)")
-    t.add_argument("--split", default="val", help="split the threshold is taken from (default: val)")
-    t.add_argument("--percentile", type=float, default=99.0,
-                   help="percentile of the split's scores used as threshold (default: 99 → ~1%% of val rejected)")
+    t.add_argument("--splits", nargs="+", default=["train", "val"], metavar="SPLIT",
+                   help="in-distribution splits the feature model and the threshold are fitted on (default: train "
+                   "val; never the split you evaluate on)")
+    t.add_argument("--percentile", type=float, default=95.0,
+                   help="percentile of the cross-fitted distances used as threshold (default: 95 → ~5%% of unseen "
+                   "X-rays rejected)")
     t.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
@@ -236,11 +372,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     t0 = time.time()
-    _, scores = score_split(args.run, args.shards, args.split)
-    doc = write_threshold(args.run, scores, args.percentile, args.split)
-    print(f"ood threshold {doc['threshold']:.4f} = p{doc['percentile']:g} of {doc['n_images']} {args.split} "
-          f"scores ({doc['val_rejected_fraction']:.1%} of them rejected) → {Path(args.run) / THRESHOLD_FILE} "
-          f"in {time.time() - t0:.1f} s")
+    ae, member = load_gate(args.run)
+    feats = np.concatenate([split_features(ae, member, args.shards, split)[1] for split in args.splits])
+    names = "+".join(args.splits)
+    model = fit_feature_model(feats, names)
+    doc = write_threshold(args.run, cross_fitted_distances(feats), args.percentile, names, model)
+    print(f"ood gate: feature model fitted on {model['n_images']} {names} images; threshold {doc['threshold']:.4f} "
+          f"= p{doc['percentile']:g} of their cross-fitted distances ({doc['val_rejected_fraction']:.1%} of them "
+          f"rejected) → {Path(args.run) / THRESHOLD_FILE} in {time.time() - t0:.1f} s")
     return 0
 
 

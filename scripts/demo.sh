@@ -171,7 +171,7 @@ export_stage() {
 
 ood() {
   need export
-  step "the exported gate on $OUTLIERS held-out real X-rays and as many textures, digits, inverted and rotated X-rays"
+  step "the exported gate on $OUTLIERS held-out real X-rays and as many non-X-rays of each of 13 kinds (textures … colour blobs)"
   "$PY" scripts/demo_tour.py outliers --splits "$DEMO/sample/splits.parquet" --images "$CXR_NIH/sample" \
     --out "$DEMO/ood/images" --n "$OUTLIERS"
   "$PY" scripts/demo_tour.py verdicts --package "$DEMO/package" --images "$DEMO/ood/images" --out "$DEMO/ood"

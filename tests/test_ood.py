@@ -15,8 +15,10 @@ import torch
 from PIL import Image
 
 from cxr.config import load_config
-from cxr.ood import read_threshold, ssim_score, write_threshold
-from ood_data import MEAN, RES, STD, digits, load_grey, normalise, textures
+from cxr.ood import (FEATURES, GateScore, feature_distance, fit_feature_model, image_features, read_threshold,
+                     ssim_score, write_threshold)
+from cxrbase.errors import CxrError
+from ood_data import MEAN, RES, STD, TEST_KINDS, digits, load_grey, normalise, textures, to_pixels
 from shards.cli import main as shards_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,6 +43,119 @@ def test_ssim_score_equals_scikit_image():
         assert got.shape == (1,)
         # 1e-5: pytorch-msssim builds its Gaussian window in float32 (seen: 2e-6 apart)
         assert abs((1 - float(got[0])) - ref) < 1e-5, (float(got[0]), ref)
+
+
+# ------------------------------------------------------------------ the gate's features and distance ---
+def _features_numpy(x: np.ndarray, ae: np.ndarray) -> np.ndarray:
+    """A second implementation of cxr.ood.image_features in NumPy/SciPy (float64), from its docstring."""
+    from scipy.ndimage import uniform_filter
+
+    n, h, w = x.shape
+    rows = []
+    for img, a in zip(x, ae):
+        cuts = [np.mean(img < (k + 0.5) / 255) for k in (12, 63, 127, 191, 242)]
+        grad = np.abs(np.diff(img, axis=1)).mean() + np.abs(np.diff(img, axis=0)).mean()
+        fine = np.abs(img - uniform_filter(img, 3, mode="constant"))[1:-1, 1:-1].mean()
+        asym = np.abs(img[:, : w // 2] - np.fliplr(img)[:, : w // 2]).mean()
+        q = w // 8
+        centre = img[:, 3 * q:5 * q].mean() - (img[:, q:3 * q].mean() + img[:, 5 * q:7 * q].mean()) / 2
+        t = h // 3
+        b = h // 16
+        frame = np.ones_like(img, bool)
+        frame[b:h - b, b:w - b] = False
+        layout = img.reshape(4, h // 4, 4, w // 4).mean((1, 3)).ravel() - img.mean()
+        rows.append([np.log(a), img.mean(), img.std(), *cuts, grad, fine, asym, centre,
+                     img[h - t:].mean() - img[:t].mean(), img[frame].mean() - img.mean(), *layout])
+    return np.array(rows)
+
+
+def test_image_features_equal_a_numpy_reimplementation():
+    rng = np.random.default_rng(3)
+    pixels = np.concatenate([textures(3, 4), digits(3, 5), rng.integers(0, 256, (2, RES, RES), dtype=np.uint8)])
+    x01 = pixels.astype(np.float64) / 255
+    ae = rng.uniform(0.05, 0.9, len(pixels))
+    got = image_features(torch.tensor(x01[:, None]), torch.tensor(ae)).numpy()
+    assert got.shape == (len(pixels), len(FEATURES))
+    np.testing.assert_allclose(got, _features_numpy(x01, ae), rtol=1e-9, atol=1e-12)
+
+
+def test_feature_distance_is_mahalanobis_under_the_ledoit_wolf_covariance():
+    from scipy.spatial.distance import mahalanobis
+    from sklearn.covariance import ledoit_wolf
+
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(40, len(FEATURES))) * rng.uniform(0.01, 3, len(FEATURES)) + rng.normal(size=len(FEATURES))
+    model = fit_feature_model(train)
+    centre, scale = train.mean(0), train.std(0)
+    cov, _ = ledoit_wolf((train - centre) / scale)
+    test = rng.normal(size=(5, len(FEATURES))) * 2
+    want = [mahalanobis((t - centre) / scale, np.zeros(len(FEATURES)), np.linalg.inv(cov)) for t in test]
+    np.testing.assert_allclose(feature_distance(test, model), want, rtol=1e-9)
+    # the torch gate's whitening gives the same distance (float32)
+    ae = __import__("cxr.ood", fromlist=["OodAutoencoder"]).OodAutoencoder(width=4, code=4)
+    gate = GateScore(ae, model)
+    z = (torch.tensor(test, dtype=torch.float32) - gate.centre) / gate.scale
+    np.testing.assert_allclose((z @ gate.whiten).pow(2).sum(1).sqrt().numpy(), want, rtol=1e-4)
+
+
+def test_cross_fitted_distances_are_leave_one_out_for_small_sets():
+    from cxr.ood import cross_fitted_distances
+
+    rng = np.random.default_rng(4)
+    feats = rng.normal(size=(15, len(FEATURES))) + rng.normal(size=len(FEATURES))
+    loo = [feature_distance(feats[i:i + 1], fit_feature_model(np.delete(feats, i, 0)))[0] for i in range(len(feats))]
+    np.testing.assert_allclose(cross_fitted_distances(feats), loo, rtol=1e-12)
+    # an unseen image lies further out than the images the model was fitted on
+    assert np.median(loo) > np.median(feature_distance(feats, fit_feature_model(feats)))
+
+
+def test_a_threshold_file_without_a_feature_model_is_refused(tmp_path):
+    (tmp_path / "ood_threshold.json").write_text(json.dumps({"threshold": 0.3, "percentile": 99.0}))
+    with pytest.raises(CxrError, match="no feature model .* cxr.ood threshold"):
+        read_threshold(tmp_path)
+
+
+def test_gate_rejects_every_kind_of_non_x_ray_at_a_threshold_fitted_on_real_images(nih_sample_dir):
+    """A small gate on the 130 real images (an AE trained for 30 steps here, features fitted on 70 of
+    them, threshold = the largest distance of 30 others): every generated non-X-ray kind — plots,
+    screenshots, documents, photos, CT slices, limb radiographs, noise, checkerboards, colour blobs —
+    is rejected, while most of the last 30 real images pass. 1 − SSIM alone rejects few of them."""
+    from cxr.ood import OodAutoencoder
+
+    nih = np.stack([load_grey(p) for p in sorted(nih_sample_dir.glob("*.png"))])
+    order = np.random.default_rng(1).permutation(len(nih))
+    train, val, held = nih[order[:70]], nih[order[70:100]], nih[order[100:]]
+    torch.manual_seed(0)
+    ae = OodAutoencoder(width=8, code=8)
+    opt = torch.optim.Adam(ae.parameters(), lr=2e-3)
+    for step in range(30):
+        batch = normalise(train[np.random.default_rng(step).choice(len(train), 16, replace=False)])
+        opt.zero_grad()
+        ae(batch).mean().backward()
+        opt.step()
+    ae.eval()
+    with torch.inference_mode():
+        fit = GateScore(ae, fit_feature_model(GateScore(ae, _identity_model()).features(normalise(train))
+                                              .double().numpy())).eval()
+        score = lambda px: fit(normalise(px)).squeeze(1).double().numpy()  # noqa: E731
+        ae_only = lambda px: ae(normalise(px)).squeeze(1).double().numpy()  # noqa: E731
+        thr, thr_ae = score(val).max(), ae_only(val).max()
+        held_rejected = float(np.mean(score(held) > thr))
+        rates, rates_ae = {}, {}
+        for kind, make in TEST_KINDS.items():
+            px = to_pixels(make(8, 77))
+            rates[kind], rates_ae[kind] = float(np.mean(score(px) > thr)), float(np.mean(ae_only(px) > thr_ae))
+    print("rejected: held-out real", held_rejected, "| gate", rates, "| 1 − SSIM alone", rates_ae)
+    assert held_rejected <= 0.2, held_rejected
+    for kind, rate in rates.items():
+        assert rate >= 0.75, (kind, rates)
+    assert np.mean(list(rates.values())) >= 0.9, rates
+    assert np.mean(list(rates.values())) > np.mean(list(rates_ae.values())) + 0.3, (rates, rates_ae)
+
+
+def _identity_model() -> dict:
+    n = len(FEATURES)
+    return {"names": list(FEATURES), "centre": [0.0] * n, "scale": [1.0] * n, "whiten": np.eye(n).tolist()}
 
 
 # ------------------------------------------------------------------ a gate trained in memory ---
@@ -97,10 +212,14 @@ def gate(tmp_path_factory, nih_sample_dir):
                       ["model.width=8", "model.code=4", "train.epochs=14", f"checkpoint.run_dir={run}",
                        "logging.progress=false", f"data.shards={root}"])
     assert train(cfg, loader_fn=MemoryLoader) == 0
-    model, _ = load_gate(run)
+    ae, _ = load_gate(run)
     with torch.inference_mode():
+        features = fit_feature_model(GateScore(ae, _identity_model()).features(normalise(MemoryLoader.data["train"]))
+                                     .double().numpy())
+        model = GateScore(ae, features).eval()
         val = model(normalise(MemoryLoader.data["val"])).squeeze(1).double().numpy()
-    return {"model": model, "run": run, "val": val, "held_out": {k: v[2] for k, v in parts.items()}}
+    return {"model": model, "run": run, "val": val, "features": features,
+            "held_out": {k: v[2] for k, v in parts.items()}}
 
 
 def _scores(model, pixels: np.ndarray) -> np.ndarray:
@@ -110,7 +229,7 @@ def _scores(model, pixels: np.ndarray) -> np.ndarray:
 
 @pytest.mark.slow
 def test_threshold_percentile_is_honoured_on_val(gate):
-    doc = write_threshold(gate["run"], gate["val"], PERCENTILE)
+    doc = write_threshold(gate["run"], gate["val"], PERCENTILE, features=gate["features"])
     assert read_threshold(gate["run"]) == doc
     v = np.sort(gate["val"])
     # hand computation of the linear-interpolation percentile: rank p/100·(n−1) between order statistics
@@ -168,7 +287,7 @@ def test_evaluate_ood_reports_rejections_and_accepted_metrics(shards_dir, tmp_pa
     from sklearn.metrics import roc_auc_score
 
     from cxr.evaluate import main as evaluate_main
-    from cxr.ood import load_gate, main as ood_main
+    from cxr.ood import load_scorer, main as ood_main
     from cxr.train import train
 
     from test_evaluate import make_member  # noqa: E402 — the evaluator tests' member builder
@@ -180,7 +299,9 @@ def test_evaluate_ood_reports_rejections_and_accepted_metrics(shards_dir, tmp_pa
     assert train(cfg) == 0
     assert ood_main(["threshold", "--run", str(run), "--shards", str(shards_dir), "--percentile", "60"]) == 0
     thr = read_threshold(run)
-    assert thr["percentile"] == 60.0 and thr["n_images"] == len(_split_pixels(shards_dir, "val"))
+    assert thr["percentile"] == 60.0
+    assert thr["n_images"] == len(_split_pixels(shards_dir, "train")) + len(_split_pixels(shards_dir, "val"))
+    assert thr["features"]["n_images"] == thr["n_images"] and thr["split"] == "train+val"
     member = make_member(tmp_path / "member", shards_dir, seed=1)
     out = tmp_path / "report"
     assert evaluate_main(["--runs", str(member), "--shards", str(shards_dir), "--split", "test", "--out", str(out),
@@ -188,7 +309,7 @@ def test_evaluate_ood_reports_rejections_and_accepted_metrics(shards_dir, tmp_pa
     printed = capsys.readouterr().out
     # independent scoring: PIL-decoded tar members, normalised by hand, through the gate
     pixels = _split_pixels(shards_dir, "test")
-    model, _ = load_gate(run)
+    model = load_scorer(run)
     keys = sorted(pixels)
     with torch.inference_mode():
         x = (torch.from_numpy(np.stack([pixels[k] for k in keys])).float() / 255 - MEAN) / STD

@@ -113,12 +113,13 @@ async function predict(blob, name) {
     const gate = tensorAt(img, state.pre.ood);
     const score = (await state.ood.run({ image: gate.tensor })).score.data[0];
     $("ood").dataset.score = score.toPrecision(9);
-    $("ood").textContent = `OOD score 1 − SSIM = ${score.toFixed(4)} (threshold ${state.pre.ood.threshold.toFixed(4)})`;
+    $("ood").textContent = `OOD score ${score.toFixed(4)} (threshold ${state.pre.ood.threshold.toFixed(4)}): distance of `
+      + "the autoencoder's 1 − SSIM and the image's intensity and layout statistics from the training X-rays";
     const view = tensorAt(img, state.pre.model);
     drawGrey($("image"), view.px, state.pre.model.resolution);
     if (score > state.pre.ood.threshold) {
       setStatus("rejected", `Rejected: ${name} does not look like a chest X-ray the models were trained on `
-        + `(reconstruction error ${score.toFixed(3)} > ${state.pre.ood.threshold.toFixed(3)}). No prediction made.`);
+        + `(OOD score ${score.toFixed(3)} > ${state.pre.ood.threshold.toFixed(3)}). No prediction made.`);
       return;
     }
     const out = await state.model.run({ image: view.tensor });
