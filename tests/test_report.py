@@ -175,7 +175,7 @@ def test_report_markdown_has_published_columns_prevalence_and_figures(report):
 
 
 # The papers' own four-digit values: Wang et al. 2017 (ChestX-ray8, Table 4 of the arXiv v5 update on the
-# 14 labels) and Rajpurkar et al. 2017 (CheXNet, Table 1). cxr.published keeps them rounded to 3 digits.
+# 14 labels) and Rajpurkar et al. 2017 (CheXNet, Table 1). cxr.published keeps them rounded half up to 3 digits.
 PAPERS = {
     "Atelectasis": (0.7003, 0.8094), "Cardiomegaly": (0.8100, 0.9248), "Consolidation": (0.7032, 0.7901),
     "Edema": (0.8052, 0.8878), "Effusion": (0.7585, 0.8638), "Emphysema": (0.8330, 0.9371),
@@ -188,8 +188,8 @@ PAPERS = {
 def test_published_columns_are_the_papers_values():
     assert set(PAPERS) == set(LABELS)
     for label, (wang, chexnet) in PAPERS.items():
-        assert WANG_2017.auroc[label] == pytest.approx(wang, abs=5e-4), label
-        assert CHEXNET_2017.auroc[label] == pytest.approx(chexnet, abs=5e-4), label
+        assert WANG_2017.auroc[label] == pytest.approx(wang, abs=5e-4 + 1e-9), label
+        assert CHEXNET_2017.auroc[label] == pytest.approx(chexnet, abs=5e-4 + 1e-9), label
     assert published_mean(CHEXNET_2017) == pytest.approx(0.8414, abs=1e-3)  # CheXNet's reported mean
 
 
