@@ -7,7 +7,7 @@ SHARED ?= ../shared
 NIH    ?= $(SHARED)/data/nih
 DEMO   ?= build/demo
 
-.PHONY: install test test-fast demo bench clean web-deps
+.PHONY: install lint test test-fast demo bench clean web-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,11 +19,17 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-test: install
+# ruff: lint, then the formatter's check (pre-commit runs the same two)
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: install lint
 	$(BIN)/python -m pytest
 
+# the unit tier: no shards, no training, no subprocess (tests/conftest.py assigns the tiers)
 test-fast: install
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m unit
 
 # The product tour (scripts/demo.sh) → $(DEMO)/index.html; sizes via DEMO_N, DEMO_EPOCHS, … in the
 # environment. Its browser stage needs `make web-deps` once (else it is skipped, saying so).

@@ -1,2 +1,2 @@
 """cxr: chest X-ray classifiers on NIH ChestX-ray14 at full resolution."""
-__version__ = "0.1.0"
+from cxrbase.version import __version__  # noqa: F401 — one version for all layers

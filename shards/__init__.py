@@ -1,2 +1,2 @@
 """NIH ChestX-ray14 → patient-level splits → WebDataset shards (no torch here)."""
-__version__ = "0.1.0"
+from cxrbase.version import __version__  # noqa: F401 — one version for all layers

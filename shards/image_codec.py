@@ -2,7 +2,8 @@
 
 Runs inside pack's worker pool, so it imports only PIL, numpy and zlib (and
 imagecodecs, lazily, for lossless JPEG: Pillow cannot write ITU T.81 process 14, and
-whether it can read it depends on the libjpeg-turbo it was built with).
+whether it can read it depends on the libjpeg-turbo it was built with; pydicom, lazily,
+for DICOM sources, which shards.dicom turns into 8-bit masters).
 
 Policy (docs/shards-format.md): 8-bit grey PNGs pass through byte for byte after a
 structural check (signature, IHDR, every chunk CRC, IDAT, IEND) and a full decode. 8-bit RGB/RGBA
@@ -20,6 +21,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from cxrbase.errors import CxrError
+from shards.dicom import has_preamble, read_dicom
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # ljpeg gets its own extension, not .jpg: webdataset's .decode() hands .jpg to PIL and
@@ -217,6 +221,8 @@ def prepare_image(key: str, source: str | Path | bytes, codec: str, quality: int
     decoded grey, re-encoded. A BadImage becomes a Prepared with ``reason`` set.
     """
     data = Path(source).read_bytes() if isinstance(source, (str, Path)) else source
+    if has_preamble(data):
+        return _prepare_dicom(key, data, codec, quality)
     try:
         header = check_png(data)
         if codec == "png" and header.bit_depth == 8 and header.colour_type == 0:
@@ -230,6 +236,16 @@ def prepare_image(key: str, source: str | Path | bytes, codec: str, quality: int
     except BadImage as err:
         return Prepared(key, None, None, reason=str(err), bytes_in=len(data))
     return Prepared(key, CODEC_EXT[codec], out, image.width, image.height, from_mode, bytes_in=len(data))
+
+
+def _prepare_dicom(key: str, data: bytes, codec: str, quality: int) -> Prepared:
+    """A DICOM radiograph → its 8-bit master (shards.dicom: modality LUT, VOI, MONOCHROME1), encoded."""
+    try:
+        image = Image.fromarray(read_dicom(data, name=key).pixels, mode="L")
+    except CxrError as err:
+        return Prepared(key, None, None, reason=str(err).removeprefix(f"{key}: "), bytes_in=len(data))
+    out = encode(image, codec, quality, png_level=1)
+    return Prepared(key, CODEC_EXT[codec], out, image.width, image.height, "DICOM", bytes_in=len(data))
 
 
 def resize_encoded(data: bytes, size: int, codec: str, quality: int = 95) -> bytes:

@@ -151,8 +151,9 @@ def read_labelled_csv(path: str | Path) -> pd.DataFrame:
     if reserved:
         raise CxrError(f"{path}: column(s) {reserved} are table fields, not labels — rename or drop them")
     image = raw["image"].str.strip()
-    _first_bad(path, raw.rename(columns={"image": "Image Index"}), ~image.str.fullmatch(r"[^/\\]+\.png").to_numpy(),
-               "Image Index", "a PNG file name")
+    # a PNG or DICOM file name; DICOM exports are often extensionless (UIDs with dots), so any plain name
+    _first_bad(path, raw.rename(columns={"image": "Image Index"}), ~image.str.fullmatch(r"[^/\\]+").to_numpy(),
+               "Image Index", "a file name without folders (name.png, name.dcm or a DICOM's own name)")
     if "patient" in raw.columns:
         patient = pd.to_numeric(raw["patient"].str.strip(), errors="coerce")
         bad = (patient.isna() | (patient < 0) | (patient % 1 != 0)).to_numpy()

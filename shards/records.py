@@ -41,9 +41,15 @@ class Record:
     names: tuple[str, ...] = LABELS  # the table's label names (the 14 NIH ones, or a generic table's)
 
 
+IMAGE_SUFFIXES = (".png", ".dcm", ".dicom")  # what a table's image name may end with; the key drops it
+
+
 def image_key(image: str) -> str:
-    """NIH file name → shard key (``00000001_000.png`` → ``00000001_000``)."""
-    return image[:-4] if image.lower().endswith(".png") else image
+    """Image file name → shard key (``00000001_000.png`` → ``00000001_000``; ``a.dcm`` → ``a``)."""
+    for suffix in IMAGE_SUFFIXES:
+        if image.lower().endswith(suffix):
+            return image[: -len(suffix)]
+    return image
 
 
 def id_bytes(key: str) -> bytes:

@@ -1,7 +1,8 @@
-"""Where images come from: folders of PNGs and NIH archives `images_0NN.tar.gz`.
+"""Where images come from: folders of PNGs or DICOMs, and NIH archives `images_0NN.tar.gz`.
 
-A folder is scanned recursively for `*.png` (so an extracted NIH download with its
-`images/` sub-folder works as is). An archive is streamed member by member with
+A folder is scanned recursively for `*.png`, `*.dcm` and extensionless files that start like
+DICOM (bytes 128…131 "DICM": PACS exports without names), so an extracted NIH download with its
+`images/` sub-folder works as is. An archive is streamed member by member with
 tarfile's `r|*` mode — never extracted, never seeked — so its members come in
 archive order. An image's key is its file name without extension.
 """
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from cxrbase.errors import CxrError
+from shards.dicom import is_dicom_file
+from shards.records import image_key
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
@@ -44,7 +47,7 @@ def scan_sources(paths: Sequence[str | Path]) -> Sources:
         path = Path(raw).resolve()
         if path.is_dir():
             sources.roots.append(path)
-            for key, file in _walk_pngs(path):
+            for key, file in _walk_images(path):
                 if key in sources.files:
                     raise CxrError(f"{file}: duplicate image id {key!r}, also at {sources.files[key]} "
                                    "— remove one copy or pass only one of the folders")
@@ -54,19 +57,25 @@ def scan_sources(paths: Sequence[str | Path]) -> Sources:
                 raise CxrError(f"{path}: archive given twice — pass each archive once")
             sources.archives.append(path)
         elif path.exists():
-            raise CxrError(f"{path}: not a folder of PNGs nor an archive ({', '.join(ARCHIVE_SUFFIXES)}) "
+            raise CxrError(f"{path}: not a folder of PNGs/DICOMs nor an archive ({', '.join(ARCHIVE_SUFFIXES)}) "
                            "— pass a folder or NIH images_0NN.tar.gz files")
         else:
             raise CxrError(f"{path}: image source does not exist — check the --images path")
     return sources
 
 
-def _walk_pngs(root: Path) -> Iterator[tuple[str, Path]]:
+def _walk_images(root: Path) -> Iterator[tuple[str, Path]]:
+    """(key, path) of every PNG and DICOM file below ``root``, in a stable order."""
     for folder, dirs, names in os.walk(root):
         dirs.sort()
         for name in sorted(names):
-            if name.lower().endswith(".png") and not name.startswith("."):
-                yield name[:-4], Path(folder, name)
+            if name.startswith("."):
+                continue
+            path = Path(folder, name)
+            if name.lower().endswith(".png"):
+                yield name[:-4], path
+            elif is_dicom_file(path):  # .dcm, or a PACS export's own name (often a UID with dots)
+                yield image_key(name), path
 
 
 def iter_archive(path: Path, want: Callable[[str], bool]) -> Iterator[tuple[str, str, bytes | None]]:

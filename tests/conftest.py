@@ -34,3 +34,22 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------------------- test tiers
+# unit (the default): no shards, no training loop, no subprocess — `make test-fast` / `pytest -m unit`;
+# integration: packs shards or trains/evaluates in-process (mark it `integration`);
+# e2e: several processes, launchers, Slurm, the browser, the demo (every `slow` test is one).
+TIERS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Give every test exactly one tier: `slow` implies e2e, an unmarked test is unit."""
+    for item in items:
+        if item.get_closest_marker("slow") is not None and item.get_closest_marker("e2e") is None:
+            item.add_marker(pytest.mark.e2e)
+        tiers = [tier for tier in TIERS if item.get_closest_marker(tier) is not None]
+        if not tiers:
+            item.add_marker(pytest.mark.unit)
+        elif len(tiers) > 1 and "unit" in tiers:
+            raise pytest.UsageError(f"{item.nodeid}: marked unit and {tiers[1]} — a test has one tier")

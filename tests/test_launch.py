@@ -128,10 +128,17 @@ def test_bad_ensemble_configs(tmp_path):
         members.load_ensemble("nope")
 
 
-def test_requeue_status_is_trainings():
-    from cxr import train
+def test_requeue_status_is_ex_tempfail_everywhere():
+    """Training's "requeue me" status is sysexits' EX_TEMPFAIL, and the sbatch wrapper's default matches it."""
+    import re
 
-    assert submit.EXIT_REQUEUE == train.EXIT_REQUEUE
+    from cxr import run_log
+
+    assert run_log.EXIT_REQUEUE == os.EX_TEMPFAIL == 75
+    script = (Path(__file__).resolve().parents[1] / "slurm" / "run-training.sh").read_text()
+    default = re.search(r"CXR_REQUEUE_STATUS=\$\{CXR_REQUEUE_STATUS:-(\d+)\}", script)
+    assert default is not None, "slurm/run-training.sh no longer sets CXR_REQUEUE_STATUS's default"
+    assert int(default.group(1)) == run_log.EXIT_REQUEUE
 
 
 # ------------------------------------------------------- checkpoint / resume ----

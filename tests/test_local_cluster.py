@@ -47,8 +47,14 @@ def test_a_config_written_by_an_earlier_version_is_ours(tmp_path):
     site.parent.mkdir()
     site.write_text(OLD_HEADER)
     proc = run(tmp_path, "check")
-    # (a slurmctld of another checkout on this shared machine would be refused, but not the config)
-    assert proc.returncode == 0 or "configuration" not in proc.stderr, proc.stderr
+    # the config is ours: never named in a refusal. (A slurmctld of another checkout on this shared
+    # machine may still be refused; then the refusal names the daemons, and only them.)
+    assert str(site) not in proc.stderr, proc.stderr
+    if proc.returncode == 0:
+        assert "no other Slurm found" in proc.stderr, proc.stderr
+    else:
+        assert proc.returncode == 3 and "running and not started by local-cluster.sh" in proc.stderr, proc.stderr
+        assert "configuration" not in proc.stderr, proc.stderr
 
 
 def test_a_foreign_slurmctld_process_is_refused(tmp_path):

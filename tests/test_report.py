@@ -19,7 +19,7 @@ from sklearn.metrics import (accuracy_score, f1_score, hamming_loss, precision_s
 from cxr.evaluate import main as evaluate_main
 from cxr.predictions import predictions_frame, read_predictions
 from cxr.metrics import bootstrap_counts
-from cxr.published import CHEXNET_2017, WANG_2017
+from cxr.published import CHEXNET_2017, WANG_2017, published_mean
 from cxr.report import ScoreSet
 from cxrbase.errors import CxrError
 from cxrbase.labels import LABELS
@@ -174,9 +174,28 @@ def test_report_markdown_has_published_columns_prevalence_and_figures(report):
             im.verify()
 
 
+# The papers' own four-digit values: Wang et al. 2017 (ChestX-ray8, Table 4 of the arXiv v5 update on the
+# 14 labels) and Rajpurkar et al. 2017 (CheXNet, Table 1). cxr.published keeps them rounded half up to 3 digits.
+PAPERS = {
+    "Atelectasis": (0.7003, 0.8094), "Cardiomegaly": (0.8100, 0.9248), "Consolidation": (0.7032, 0.7901),
+    "Edema": (0.8052, 0.8878), "Effusion": (0.7585, 0.8638), "Emphysema": (0.8330, 0.9371),
+    "Fibrosis": (0.7859, 0.8047), "Hernia": (0.8717, 0.9164), "Infiltration": (0.6614, 0.7345),
+    "Mass": (0.6933, 0.8676), "Nodule": (0.6687, 0.7802), "Pleural_Thickening": (0.6835, 0.8062),
+    "Pneumonia": (0.6580, 0.7680), "Pneumothorax": (0.7993, 0.8887),
+}
+
+
+def test_published_columns_are_the_papers_values():
+    assert set(PAPERS) == set(LABELS)
+    for label, (wang, chexnet) in PAPERS.items():
+        assert WANG_2017.auroc[label] == pytest.approx(wang, abs=5e-4 + 1e-9), label
+        assert CHEXNET_2017.auroc[label] == pytest.approx(chexnet, abs=5e-4 + 1e-9), label
+    assert published_mean(CHEXNET_2017) == pytest.approx(0.8414, abs=1e-3)  # CheXNet's reported mean
+
+
 def test_published_table_matches_spec():
     if not SPEC.is_file():
-        pytest.skip(f"{SPEC} not found")
+        pytest.skip(f"{SPEC} not found (../shared beside the clone)")
     rows = re.findall(r"^\| (\w+) \| ([0-9.]+) \| ([0-9.]+) \|$", SPEC.read_text(), flags=re.M)
     table = {label: (float(w), float(c)) for label, w, c in rows}
     assert set(table) == set(LABELS)
