@@ -13,6 +13,7 @@
 #   gate        OOD autoencoder on the real X-rays → threshold on val
 #   export      ONNX package of the ensemble + gate, and the browser page
 #   ood         the exported gate's verdicts on held-out real X-rays vs non-X-rays
+#   predict     cxr-predict (the exported package) on DICOMs made from held-out real X-rays + a report
 #   web         the page in headless Chromium on a few real X-rays (screenshots)
 #
 # A stage that cannot run (no NIH sample, no node/Chromium/onnxruntime-web) says why, is marked
@@ -41,7 +42,7 @@ start=$(date +%s)
 mkdir -p "$DEMO"
 # every run starts clean (training would resume finished runs, the index would link stale outputs);
 # only the tour's own outputs are removed, whatever DEMO points at
-for old in synth shards sample shards-sample runs report resolution explain ood package site web index.html; do
+for old in synth shards sample shards-sample runs report resolution explain ood package site predict web index.html; do
   rm -rf "${DEMO:?}/$old"
 done
 STAGES="$DEMO/stages.tsv"
@@ -177,6 +178,15 @@ ood() {
   "$PY" scripts/demo_tour.py verdicts --package "$DEMO/package" --images "$DEMO/ood/images" --out "$DEMO/ood"
 }
 
+predict() {
+  need ood
+  local images=()
+  mapfile -t images < <(ls "$DEMO"/ood/images/real_*.png | head -n 6)
+  step "cxr-predict with the exported package on ${#images[@]} real X-rays sent as DICOM (12-bit, MONOCHROME1/2, JPEG-lossless) and a structured report"
+  "$PY" scripts/demo_tour.py dicoms --images "${images[@]}" --out "$DEMO/predict/studies"
+  "$PY" -m cxr.predict --model "$DEMO/package" "$DEMO/predict/studies" --out "$DEMO/predict" --no-progress
+}
+
 web() {
   need ood
   [ -f "$DEMO/site/index.html" ] || skip "no browser page was exported (onnxruntime-web missing: run \`make web-deps\`)"
@@ -198,6 +208,7 @@ stage explain explain
 stage gate gate
 stage export export_stage
 stage ood ood
+stage predict predict
 stage web web
 
 total=$(( $(date +%s) - start ))

@@ -2,13 +2,15 @@
 
     python scripts/demo_tour.py outliers --splits SPLITS --images DIR --out DIR --n N
     python scripts/demo_tour.py verdicts --package PKG --images DIR --out DIR
+    python scripts/demo_tour.py dicoms   --images FILE... --out DIR
     python scripts/demo_tour.py web      --site SITE --images FILE... --out DIR
     python scripts/demo_tour.py index    --demo DEMO [--total-s S]
 
 They work on the commands' outputs only (splits tables, the exported ONNX package and its
 preprocess.json, report tables), never on cxr internals, so the tour keeps working while those
 change. The non-X-rays are made as tests/ood_data.py makes them for the gate's own test
-(imported from there: one definition of "natural-looking outlier" for the test and the tour).
+(imported from there: one definition of "natural-looking outlier" for the test and the tour), and
+the DICOMs as tests/dicom_data.py writes its fixtures.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+from dicom_data import dicom_bytes, structured_report  # noqa: E402
 from ood_data import TEST_KINDS, digits, textures  # noqa: E402
 
 LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis", "Hernia",
@@ -222,8 +225,34 @@ OUTPUTS = [
     ("ood", "ood/images", "the images judged: held-out real X-rays, textures, digits, inverted and rotated X-rays, "
                           "plots, screenshots, documents, photos, CT slices, limb radiographs, noise, checkerboards, "
                           "colour blobs"),
+    ("predict", "predict/predictions.csv", "cxr-predict's table: calibrated probabilities, decisions at the tuned "
+                                           "operating points, the gate's verdict per DICOM study"),
+    ("predict", "predict/skipped.csv", "the files cxr-predict did not score, with the reason"),
+    ("predict", "predict/studies", "the DICOM files (12-bit, MONOCHROME1/2, JPEG-lossless) made from real X-rays"),
     ("web", "web/results.json", "what the page said for each image (top calibrated findings, gate state)"),
 ]
+# ------------------------------------------------------------------ dicoms ---
+def cmd_dicoms(args) -> int:
+    """Real X-rays as a modality would send them: 12-bit stored values (the 8-bit pixel × 16 plus low bits),
+    a window over the whole range, every other one MONOCHROME1, every third JPEG-lossless compressed, one
+    without a file name extension — and a structured report, which cxr-predict must list, not score."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i, src in enumerate(args.images):
+        with Image.open(src) as im:
+            pixels = np.asarray(im.convert("L"), dtype=np.uint16)
+        mono1 = i % 2 == 1
+        stored = ((255 - pixels) if mono1 else pixels) * 16 + rng.integers(0, 16, pixels.shape, dtype=np.uint16)
+        data = dicom_bytes(stored, bits_stored=12, photometric="MONOCHROME1" if mono1 else "MONOCHROME2",
+                           syntax="jpeg-lossless" if i % 3 == 2 else "explicit", WindowCenter=2048, WindowWidth=4096)
+        name = f"study{i:02d}" + ("" if i == 0 else ".dcm")
+        (out / name).write_bytes(data)
+    (out / "report.dcm").write_bytes(structured_report())
+    print(f"dicoms: {len(args.images)} DICOM images (+ 1 structured report) in {out}")
+    return 0
+
+
 TITLES = {"phantoms": "Phantom data: synthesize, split by patient, pack, verify",
           "nih": "The real NIH sample: split and pack",
           "ensemble": "Ensemble: two members trained with 2 processes each, evaluated together",
@@ -232,6 +261,7 @@ TITLES = {"phantoms": "Phantom data: synthesize, split by patient, pack, verify"
           "gate": "OOD gate: an autoencoder trained on real X-rays, threshold on validation",
           "export": "Export: ONNX package and the browser page",
           "ood": "OOD verdicts on real X-rays vs non-X-rays",
+          "predict": "cxr-predict on DICOM files converted from real X-rays",
           "web": "The browser page in headless Chromium, on real X-rays"}
 
 
@@ -267,6 +297,11 @@ def _headline(demo: Path, name: str) -> str | None:
                     f"({run.get('map')} map): the peak is inside the box in {pairs['hit'].mean():.1%} of them; "
                     f"a random peak would be in {pairs['chance'].mean():.1%}; {empty} map(s) were empty "
                     "(zero everywhere: no evidence for the label, counted as misses).")
+        if name == "predict":
+            got, skipped = pd.read_csv(demo / "predict" / "predictions.csv"), pd.read_csv(demo / "predict" / "skipped.csv")
+            return (f"{len(got)} DICOM studies scored by the exported package ({(got['gate'] == 'rejected').sum()} "
+                    f"rejected by the gate, so no diagnosis); {len(skipped)} file(s) listed as skipped: "
+                    + "; ".join(f"{Path(f).name} ({r})" for f, r in zip(skipped['file'], skipped['reason'])) + ".")
         if name == "ood":
             c = pd.read_csv(demo / "ood" / "summary.csv")
             return "Accepted / rejected: " + "; ".join(f"{r.category} {r.accepted} / {r.rejected}"
@@ -346,11 +381,14 @@ def main(argv=None) -> int:
     w.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
     w.add_argument("--playwright", default=str(ROOT / "build" / "npm" / "node_modules" / "playwright-core"))
     w.add_argument("--timeout", type=float, default=180)
+    d = sub.add_parser("dicoms", help="real X-ray PNGs → DICOM files as a modality writes them (+ a report)")
+    d.add_argument("--images", nargs="+", required=True)
+    d.add_argument("--out", required=True)
     i = sub.add_parser("index", help="write DEMO/index.html from DEMO/stages.tsv")
     i.add_argument("--demo", required=True)
     i.add_argument("--total-s", type=int, default=None)
     args = p.parse_args(argv)
-    return {"outliers": cmd_outliers, "verdicts": cmd_verdicts, "web": cmd_web,
+    return {"outliers": cmd_outliers, "verdicts": cmd_verdicts, "web": cmd_web, "dicoms": cmd_dicoms,
             "index": cmd_index}[args.cmd](args)
 
 

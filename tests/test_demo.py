@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["phantoms", "nih", "ensemble", "resolution", "explain", "gate", "export", "ood", "web"]
+STAGES = ["phantoms", "nih", "ensemble", "resolution", "explain", "gate", "export", "ood", "predict", "web"]
 SMALL = {"DEMO_N": "160", "DEMO_EPOCHS": "1", "DEMO_SWEEP_N": "160", "DEMO_SWEEP_RES": "32 64",
          "DEMO_SWEEP_EPOCHS": "1", "DEMO_GATE_EPOCHS": "16", "DEMO_BOOTSTRAP": "50", "DEMO_OUTLIERS": "6",
          "DEMO_WEB_IMAGES": "1"}
@@ -69,6 +69,7 @@ def test_demo_every_stage(demo):
     _check_resolution(d)
     _check_explain(d)
     _check_ood(d, demo["nih"])
+    _check_predict(d)
     _check_web(demo)
     _check_index(demo)
 
@@ -168,6 +169,21 @@ def _check_ood(d: Path, nih: Path):
     assert counts.loc["texture"].get("rejected", 0) >= 0.6 * n, counts
     non = verdicts[verdicts["category"] != "real X-ray"]
     assert (non["verdict"] == "rejected").mean() > (real["verdict"] == "rejected").mean(), counts
+
+
+def _check_predict(d: Path):
+    """cxr-predict on the DICOM copies of the first real X-rays: every study scored, the report listed as
+    not an image, and each study's gate score that of its source PNG scored by the exported gate (the ood
+    stage's verdicts.csv); 12-bit stored values and MONOCHROME1 come back within a grey level of the PNG."""
+    got = pd.read_csv(d / "predict" / "predictions.csv")
+    skipped = pd.read_csv(d / "predict" / "skipped.csv")
+    sources = sorted(p.name for p in (d / "ood" / "images").glob("real_*.png"))[:6]
+    assert len(got) == len(sources) and len(skipped) == 1
+    assert skipped["file"].iloc[0].endswith("report.dcm") and "not an image" in skipped["reason"].iloc[0]
+    verdicts = pd.read_csv(d / "ood" / "verdicts.csv").set_index("image")["score"]
+    study = got["file"].map(lambda f: int(Path(f).name.removeprefix("study").removesuffix(".dcm")))
+    np.testing.assert_allclose(got["gate_score"], [verdicts[sources[i]] for i in study], atol=0.01)
+    assert set(got["gate"]) <= {"accepted", "rejected"}
 
 
 def _check_web(demo):

@@ -1,0 +1,339 @@
+"""`cxr-predict` — a trained ensemble on a folder of studies: DICOM, PNG or JPEG in, predictions.csv out.
+
+    cxr-predict --model runs/m1 --model runs/m2 --ood runs/ood --thresholds reports/ens/thresholds.json \\
+        studies/ --out predictions/
+    cxr-predict --model build/pkg studies/*.dcm --out predictions/     # an exported ONNX package
+
+``--model`` is one or more training run dirs (an ensemble: the mean of member probabilities, as
+``cxr.evaluate``'s default) or one package written by ``cxr.export`` (onnxruntime; torch is not
+imported). Every image goes through the preprocessing its model was trained or exported with:
+run dirs as the loaders do (grey master, ``shards.image_codec.resize_grey``, the run's mean/std),
+a package as its ``preprocess.json`` says (what the browser page does). So a run dir's
+probabilities equal the evaluator's on the same image packed into shards.
+
+``OUT/predictions.csv``: one row per image — ``file``, the OOD gate's ``gate_score`` and ``gate``
+verdict (accepted / rejected / none without a gate), then per label the calibrated probability
+(the operating-point map of ``cxr.metrics.calibrate``: 0.5 is the tuned threshold; the model's own
+probability without ``--thresholds``), ``<label>_decision`` (1 at or above the operating point;
+empty for a rejected image, which gets no diagnosis) and ``raw_<label>`` (the model's probability).
+Files that are not images or do not decode are counted, listed in ``OUT/skipped.csv`` with the
+reason, and named in the summary; nothing is skipped silently. No DICOM header field but the file
+name reaches an output.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from cxrbase.atomic import atomic_write_text
+from cxrbase.errors import CxrError, cli_entry
+from shards.dicom import has_preamble, is_dicom_file, read_dicom
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+@dataclass
+class Inputs:
+    """The image files to score, in order, and the files passed over with their reasons."""
+
+    images: list[Path] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def collect_inputs(paths: Sequence[str | Path]) -> Inputs:
+    """Files and folders (walked recursively, sorted) → images to read; other files are listed as skipped."""
+    found = Inputs()
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            for file in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+                _add(found, file)
+        elif path.is_file():
+            _add(found, path)
+        else:
+            raise CxrError(f"{path}: no such file or folder — pass DICOM/PNG/JPEG files or folders of them")
+    if not found.images and not found.skipped:
+        raise CxrError(f"{', '.join(map(str, paths))}: no files found — pass DICOM/PNG/JPEG files or folders")
+    return found
+
+
+def _add(found: Inputs, file: Path) -> None:
+    if file.suffix.lower() in IMAGE_SUFFIXES or is_dicom_file(file):
+        found.images.append(file)
+    else:
+        found.skipped.append((file, "not an image (neither DICOM nor PNG/JPEG)"))
+
+
+def read_grey(path: Path) -> np.ndarray:
+    """One file → 8-bit grey pixels [H, W]: DICOM through shards.dicom, PNG/JPEG as PIL's convert('L')."""
+    from PIL import Image
+
+    data = path.read_bytes()
+    if has_preamble(data) or path.suffix.lower() in (".dcm", ".dicom"):
+        return read_dicom(data, name=str(path)).pixels
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return np.asarray(im if im.mode == "L" else im.convert("L"))
+    except Exception as err:  # PIL raises OSError, ValueError, SyntaxError …
+        raise CxrError(f"{path}: does not decode ({type(err).__name__}: {err})") from None
+
+
+# ---------------------------------------------------------------------------------------------- scorers
+@dataclass
+class Scorer:
+    """What a model source provides: labels, operating points, and batch → (probs [B,L], gate [B] or None)."""
+
+    labels: list[str]
+    operating_points: np.ndarray
+    has_gate: bool
+    threshold: float | None
+    score: Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray | None]]
+    description: str
+
+
+def open_package(folder: Path) -> Scorer:
+    """An exported package (cxr.export): onnxruntime sessions and its preprocess.json; no torch."""
+    import onnxruntime as ort
+    from PIL import Image
+
+    pre = _read_json(folder / "preprocess.json")
+    ops = _read_json(folder / "thresholds.json")
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    gate = ort.InferenceSession(str(folder / "ood.onnx"), providers=["CPUExecutionProvider"])
+    model_cfg, ood_cfg = pre["model"], pre["ood"]
+
+    def tensor(images: list[np.ndarray], cfg: dict) -> np.ndarray:
+        size = int(cfg["resolution"])
+        # as preprocess.json says (and the page does): PIL bilinear resize, float32 (x − mean·255)/(std·255)
+        px = np.stack([np.asarray(Image.fromarray(im, "L").resize((size, size), Image.BILINEAR)) for im in images])
+        mean, std = np.float32(cfg["mean"]), np.float32(cfg["std"])
+        return ((px.astype(np.float32) - mean * np.float32(255)) / (std * np.float32(255)))[:, None]
+
+    def score(images: list[np.ndarray]):
+        probs = session.run(["probs"], {"image": tensor(images, model_cfg)})[0]
+        gate_score = gate.run(["score"], {"image": tensor(images, ood_cfg)})[0].reshape(-1)
+        return np.asarray(probs, np.float64), np.asarray(gate_score, np.float64)
+
+    return Scorer(labels=list(pre["labels"]), operating_points=np.asarray(ops["operating_points"], float),
+                  has_gate=True, threshold=float(ood_cfg["threshold"]), score=score,
+                  description=f"package {folder} (onnxruntime)")
+
+
+def open_runs(runs: Sequence[Path], ood: Path | None, thresholds: str | None, method: str,
+              device: str) -> Scorer:
+    """Training run dirs (an ensemble) and an optional gate run, preprocessed as the loaders do."""
+    import torch
+
+    from cxr.export import operating_points
+    from cxr.inference import build_member_model, ensemble_scores, member_names, read_member
+    from shards.image_codec import resize_grey
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    members = [read_member(run, name) for run, name in zip(runs, member_names(runs))]
+    for m in members:
+        if m.uses_meta:
+            raise CxrError(f"{m.run_dir}/config.yaml: member {m.name} fuses metadata (age, sex, view), which "
+                           "files do not reliably carry — predict with members trained without metadata")
+        if m.labels != members[0].labels:
+            raise CxrError(f"{m.run_dir}: member {m.name} has other labels than {members[0].name} — one "
+                           "ensemble needs one label set")
+        if m.resolution is None:
+            raise CxrError(f"{m.run_dir}/config.yaml: no data.resolution — restore the run's config")
+        m.model = build_member_model(m, dev)
+    gate = None
+    if ood is not None:
+        from cxr.ood import load_gate, read_threshold
+
+        gate_model, gate_member = load_gate(ood, device=str(dev))
+        gate = (gate_model, int(gate_member.resolution or 64), read_threshold(ood)["threshold"])
+    labels = list(members[0].labels)
+    points = np.full(len(labels), 0.5)  # no tuned thresholds: calibration is the identity
+    if thresholds is not None:
+        ops = operating_points(thresholds, len(members), members[0].name, method)
+        if ops["labels"] != labels:
+            raise CxrError(f"{thresholds}: thresholds for another label set than the runs' — pass the "
+                           "thresholds.json of these runs' report (python -m cxr.evaluate --runs …)")
+        points = np.asarray(ops["operating_points"], float)
+
+    def tensor(images: list[np.ndarray], size: int, mean: float, std: float):
+        px = np.stack([im if im.shape == (size, size) else
+                       np.asarray(resize_grey(_pil(im), size)) for im in images]).astype(np.float32)
+        x = torch.from_numpy(px)[:, None].to(dev)
+        return x.sub_(mean * 255).div_(std * 255)  # the eval loader's normalisation, in the same order
+
+    @torch.inference_mode()
+    def score(images: list[np.ndarray]):
+        probs = {}
+        for m in members:
+            size = int(m.resolution)
+            x = tensor(images, size, _or(m.mean, 0.5176), _or(m.std, 0.2542))
+            probs[m.name] = torch.sigmoid(m.model(x, meta=None).double()).cpu().numpy()
+        gate_score = None
+        if gate is not None:
+            model, size, _ = gate
+            data = gate_model_data(model)
+            gate_score = model(tensor(images, size, *data)).double().reshape(-1).cpu().numpy()
+        return ensemble_scores(probs), gate_score
+
+    return Scorer(labels=labels, operating_points=points, has_gate=gate is not None, threshold=None if gate is None else float(gate[2]), score=score,
+                  description=f"{len(members)} run(s) on {dev}: {', '.join(m.name for m in members)}")
+
+
+def gate_model_data(model) -> tuple[float, float]:
+    """The gate's own (mean, std): load_gate copies them from its run's data section into ``norm``."""
+    mean, std = (float(v) for v in model.norm.tolist())
+    return mean, std
+
+
+def _or(value: Any, default: float) -> float:
+    return float(default if value is None else value)
+
+
+def _pil(pixels: np.ndarray):
+    from PIL import Image
+
+    return Image.fromarray(pixels, "L")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CxrError(f"{path}: missing — is {path.parent} a package written by python -m cxr.export?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CxrError(f"{path}: unreadable JSON ({err}) — re-export the package") from None
+
+
+def open_model(paths: Sequence[str], ood: str | None, thresholds: str | None, method: str, device: str) -> Scorer:
+    """A package folder (manifest.json + model.onnx) or run dirs (config.yaml) → a Scorer."""
+    folders = [Path(p) for p in paths]
+    for folder in folders:
+        if not folder.is_dir():
+            raise CxrError(f"{folder}: not found — pass training run dirs or a package from cxr.export")
+    if len(folders) == 1 and (folders[0] / "model.onnx").is_file():
+        if ood or thresholds:
+            raise CxrError(f"{folders[0]}: a package carries its own gate and operating points — "
+                           "drop --ood/--thresholds (or re-export with them)")
+        return open_package(folders[0])
+    package = [f for f in folders if (f / "model.onnx").is_file()]
+    if package:
+        raise CxrError(f"{package[0]}: a package cannot be mixed with run dirs — pass one package or run dirs")
+    return open_runs(folders, Path(ood) if ood else None, thresholds, method, device)
+
+
+# ---------------------------------------------------------------------------------------------- predict
+def predict(scorer: Scorer, inputs: Inputs, out: Path, batch_size: int = 16, progress: bool = True) -> dict:
+    """Score every readable image in batches; write predictions.csv and skipped.csv; return the counts."""
+    from tqdm import tqdm
+
+    from cxr.metrics import calibrate
+
+    rows: list[dict[str, Any]] = []
+    skipped = list(inputs.skipped)
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(inputs.images), unit="img", desc="predict", disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(inputs.images), batch_size):
+        batch: list[tuple[Path, np.ndarray]] = []
+        for path in inputs.images[start:start + batch_size]:
+            try:
+                batch.append((path, read_grey(path)))
+            except CxrError as err:
+                skipped.append((path, str(err).removeprefix(f"{path}: ")))
+        if batch:
+            probs, gate = scorer.score([pixels for _, pixels in batch])
+            calibrated = calibrate(probs, scorer.operating_points)
+            for i, (path, _) in enumerate(batch):
+                rows.append(_row(scorer, path, probs[i], calibrated[i], None if gate is None else gate[i]))
+        bar.update(len(inputs.images[start:start + batch_size]))
+    bar.close()
+    seconds = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    _write_csv(out / "predictions.csv", rows, _columns(scorer))
+    _write_csv(out / "skipped.csv", [{"file": str(p), "reason": r} for p, r in skipped], ["file", "reason"])
+    rejected = sum(r["gate"] == "rejected" for r in rows)
+    return {"images": len(inputs.images) + len(inputs.skipped), "scored": len(rows), "rejected": rejected,
+            "skipped": skipped, "seconds": seconds}
+
+
+def _row(scorer: Scorer, path: Path, probs: np.ndarray, calibrated: np.ndarray, gate: float | None) -> dict:
+    verdict = "none" if gate is None else ("rejected" if gate > scorer.threshold else "accepted")
+    row: dict[str, Any] = {"file": str(path), "gate_score": "" if gate is None else f"{gate:.6g}", "gate": verdict}
+    for j, label in enumerate(scorer.labels):
+        row[label] = f"{calibrated[j]:.6f}"
+    for j, label in enumerate(scorer.labels):
+        row[f"{label}_decision"] = "" if verdict == "rejected" else int(probs[j] >= scorer.operating_points[j])
+    for j, label in enumerate(scorer.labels):
+        row[f"raw_{label}"] = f"{probs[j]:.8f}"
+    return row
+
+
+def _columns(scorer: Scorer) -> list[str]:
+    return (["file", "gate_score", "gate", *scorer.labels, *(f"{l}_decision" for l in scorer.labels),
+             *(f"raw_{l}" for l in scorer.labels)])
+
+
+def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cxr-predict",
+        description="Predict the 14 findings for DICOM/PNG/JPEG files with trained runs or an exported package; "
+        "writes OUT/predictions.csv (calibrated probabilities, decisions, the OOD gate's verdict) and "
+        "OUT/skipped.csv (files that are not images or do not decode, with the reason).")
+    p.add_argument("inputs", nargs="+", help="files or folders (walked recursively) of DICOM, PNG or JPEG images")
+    p.add_argument("--model", action="append", required=True, metavar="RUN_OR_PACKAGE",
+                   help="a training run dir (repeat --model for an ensemble: the mean of probabilities) or one "
+                   "package folder written by python -m cxr.export")
+    p.add_argument("--out", default="predictions", help="output folder (default: ./predictions)")
+    p.add_argument("--ood", metavar="RUN", help="with run dirs: the OOD gate's run dir (cxr.ood threshold done); "
+                   "a rejected image gets no decision")
+    p.add_argument("--thresholds", metavar="REPORT/thresholds.json",
+                   help="with run dirs: the evaluator's tuned thresholds (default: operating point 0.5)")
+    p.add_argument("--method", default="f1", choices=("f1", "youden"), help="which tuned thresholds (default f1)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
+    p.add_argument("--device", default="auto", help="run dirs: auto (CUDA when present), cpu or cuda[:N]")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise CxrError(f"--batch-size {args.batch_size}: use a positive number")
+    inputs = collect_inputs(args.inputs)
+    scorer = open_model(args.model, args.ood, args.thresholds, args.method, args.device)
+    out = Path(args.out)
+    done = predict(scorer, inputs, out, args.batch_size, progress=not args.no_progress)
+    for path, reason in done["skipped"]:
+        print(f"skipped: {path}: {reason}", file=sys.stderr)
+    rate = done["scored"] / done["seconds"] if done["seconds"] > 0 else float("nan")
+    gate = f", {done['rejected']} rejected by the gate" if scorer.has_gate else ", no OOD gate"
+    print(f"cxr-predict: {done['images']} files → {out / 'predictions.csv'}: {done['scored']} scored{gate}, "
+          f"{len(done['skipped'])} skipped (listed in {out / 'skipped.csv'}); {rate:.1f} img/s with "
+          f"{scorer.description}")
+    return 0
+
+
+main = cli_entry(main)
+
+if __name__ == "__main__":
+    sys.exit(main())

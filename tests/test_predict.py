@@ -1,0 +1,151 @@
+"""`cxr-predict` through the user's commands: phantoms → pack → `python -m cxr.train` (the shipped tiny
+and ood_ae configs) → `python -m cxr.evaluate` / `cxr.ood threshold` / `cxr.export`; then cxr-predict on
+a folder mixing the test split's PNGs, DICOM copies of them and broken files. References: the
+evaluator's predictions.parquet and the gate's own scoring through the loader (cxr.ood.score_split)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+from dicom_data import IDENTIFYING, dicom_bytes  # noqa: E402
+
+from cxrbase.labels import LABELS  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+
+
+def run(*args: str) -> None:
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**__import__("os").environ, **env})
+    assert proc.returncode == 0, f"{args}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Shards of 64 px phantoms, a tiny classifier run, a gate run, the evaluator's test predictions, a package."""
+    root = tmp_path_factory.mktemp("predict")
+    run("-m", "shards", "synth", "--out", str(root / "synth"), "--n", "160", "--resolution", "64", "--seed", "3",
+        "--workers", "1")
+    run("-m", "shards", "split", "--metadata", str(root / "synth" / "Data_Entry_2017.csv"), "--scheme", "random",
+        "--fractions", "0.6,0.2,0.2", "--seed", "0", "--out", str(root / "splits.parquet"))
+    run("-m", "shards", "pack", "--splits", str(root / "splits.parquet"), "--images", str(root / "synth" / "images"),
+        "--out", str(root / "shards"), "--workers", "1")
+    common = [f"data.shards={root / 'shards'}", "data.num_threads=0", "logging.progress=false", "train.epochs=1"]
+    run("-m", "cxr.train", "--config", "cxr/configs/tiny.yaml", "data.resolution=64", "model.stem_size=64",
+        *common, f"checkpoint.run_dir={root / 'run'}")
+    run("-m", "cxr.train", "--config", "cxr/configs/ood_ae.yaml", "model.width=8", "model.code=4", *common,
+        f"checkpoint.run_dir={root / 'ood'}")
+    run("-m", "cxr.ood", "threshold", "--run", str(root / "ood"), "--shards", str(root / "shards"),
+        "--percentile", "90")
+    run("-m", "cxr.evaluate", "--runs", str(root / "run"), "--shards", str(root / "shards"), "--split", "test",
+        "--thresholds-from", "val", "--bootstrap", "20", "--no-figures", "--out", str(root / "report"))
+    run("-m", "cxr.export", "--run", str(root / "run"), "--ood", str(root / "ood"), "--out", str(root / "pkg"),
+        "--thresholds", str(root / "report" / "thresholds.json"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def studies(trained):
+    """The test split's PNGs, 8-bit DICOM copies of the first 6 (identity window) and two broken files."""
+    folder = trained / "studies"
+    folder.mkdir()
+    pred = pd.read_parquet(trained / "report" / "predictions.parquet")
+    keys = sorted(pred.loc[pred["split"] == "test", "key"].unique())
+    for i, key in enumerate(keys):
+        src = trained / "synth" / "images" / f"{key}.png"
+        (folder / src.name).write_bytes(src.read_bytes())
+        if i < 6:  # stored 8 bit, C=128 W=256 is the identity onto 0…255 (PS3.3 C.11.2.1.2.1)
+            pixels = np.asarray(Image.open(src))
+            photometric = "MONOCHROME1" if i % 2 else "MONOCHROME2"
+            stored = 255 - pixels if photometric == "MONOCHROME1" else pixels
+            (folder / f"dicom_{key}").write_bytes(dicom_bytes(stored, bits_stored=8, photometric=photometric,
+                                                              WindowCenter=128, WindowWidth=256))
+    (folder / "broken.png").write_bytes((folder / f"{keys[0]}.png").read_bytes()[:300])
+    (folder / "readme.txt").write_text("not an image")
+    return folder, keys
+
+
+def evaluator_probs(trained: Path) -> pd.DataFrame:
+    pred = pd.read_parquet(trained / "report" / "predictions.parquet")
+    rows = pred[(pred["split"] == "test") & (pred["member"] == "run")].set_index("key")
+    return rows[[f"p_{label}" if f"p_{label}" in rows else label for label in LABELS]]
+
+
+def predict(*args: str) -> None:
+    run("-m", "cxr.predict", "--no-progress", *args)
+
+
+def key_of(file: str) -> str:
+    name = Path(file).name
+    return name.removeprefix("dicom_").removesuffix(".png")
+
+
+def test_run_dir_predictions_equal_the_evaluators(trained, studies, tmp_path):
+    folder, keys = studies
+    out = tmp_path / "out"
+    predict("--model", str(trained / "run"), "--ood", str(trained / "ood"), str(folder), "--out", str(out))
+    got = pd.read_csv(out / "predictions.csv")
+    assert len(got) == len(keys) + 6  # every PNG and every DICOM; the broken files are not rows
+    skipped = pd.read_csv(out / "skipped.csv")
+    assert sorted(Path(f).name for f in skipped["file"]) == ["broken.png", "readme.txt"]
+    assert skipped["reason"].str.len().min() > 10
+    ref = evaluator_probs(trained)
+    raw = got.set_index(got["file"].map(key_of))[[f"raw_{label}" for label in LABELS]]
+    np.testing.assert_allclose(raw.to_numpy(), ref.loc[raw.index].to_numpy(), atol=1e-4)
+    # the gate: same scores as the gate's own scoring of the packed test split through the loader
+    from cxr.ood import read_threshold, score_split
+
+    gate_keys, gate_scores = score_split(trained / "ood", trained / "shards", "test")
+    by_key = dict(zip(gate_keys, gate_scores))
+    np.testing.assert_allclose(got["gate_score"], [by_key[key_of(f)] for f in got["file"]], rtol=1e-4, atol=1e-6)
+    threshold = read_threshold(trained / "ood")["threshold"]
+    assert ((got["gate"] == "rejected") == (got["gate_score"] > threshold)).all()
+    rejected = got[got["gate"] == "rejected"]
+    assert rejected[[f"{label}_decision" for label in LABELS]].isna().all().all()  # no diagnosis
+    # no identifying header value anywhere in the outputs
+    blob = b"".join(p.read_bytes() for p in out.iterdir())
+    assert not any(marker.encode() in blob for marker in IDENTIFYING.values())
+
+
+def test_package_predictions_equal_the_evaluators(trained, studies, tmp_path):
+    folder, keys = studies
+    out = tmp_path / "out"
+    predict("--model", str(trained / "pkg"), str(folder), "--out", str(out))
+    got = pd.read_csv(out / "predictions.csv")
+    got.index = got["file"].map(key_of)
+    ref = evaluator_probs(trained)
+    raw = got[[f"raw_{label}" for label in LABELS]]
+    np.testing.assert_allclose(raw.to_numpy(), ref.loc[raw.index].to_numpy(), atol=1e-3)
+    # calibrated columns: the operating-point map of the exported thresholds, decisions at the operating point
+    import json
+
+    ops = np.asarray(json.loads((trained / "pkg" / "thresholds.json").read_text())["operating_points"])
+    x = raw.to_numpy()
+    want = np.where(x <= ops, x / (2 * ops), 1 - (1 - x) / (2 * (1 - ops)))  # SPEC's transform, by hand
+    np.testing.assert_allclose(got[list(LABELS)].to_numpy(), want, atol=2e-6)
+    accepted = got["gate"] == "accepted"
+    decisions = got.loc[accepted, [f"{label}_decision" for label in LABELS]].to_numpy()
+    np.testing.assert_array_equal(decisions, (x[accepted.to_numpy()] >= ops).astype(int))
+    from cxr.ood import score_split
+
+    gate_keys, gate_scores = score_split(trained / "ood", trained / "shards", "test")
+    by_key = dict(zip(gate_keys, gate_scores))
+    np.testing.assert_allclose(got["gate_score"], [by_key[k] for k in got.index], rtol=1e-3, atol=1e-5)
+
+
+def test_package_path_never_imports_torch(trained, studies, tmp_path):
+    folder, _ = studies
+    code = ("import sys, runpy; sys.argv = ['cxr-predict', '--no-progress', '--model', sys.argv[1], sys.argv[2], "
+            "'--out', sys.argv[3]]\ntry:\n    runpy.run_module('cxr.predict', run_name='__main__')\n"
+            "except SystemExit as e:\n    assert not e.code, e.code\nassert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code, str(trained / "pkg"), str(folder), str(tmp_path / "o")],
+                   check=True, cwd=ROOT, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
