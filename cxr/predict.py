@@ -154,10 +154,12 @@ def open_runs(runs: Sequence[Path], ood: Path | None, thresholds: str | None, me
         m.model = build_member_model(m, dev)
     gate = None
     if ood is not None:
-        from cxr.ood import load_gate, read_threshold
+        from cxr.ood import GateScore, load_gate, read_threshold
 
-        gate_model, gate_member = load_gate(ood, device=str(dev))
-        gate = (gate_model, int(gate_member.resolution or 64), read_threshold(ood)["threshold"])
+        ae, gate_member = load_gate(ood, device=str(dev))
+        fitted = read_threshold(ood)
+        gate = (GateScore(ae, fitted["features"]).to(dev).eval(), int(gate_member.resolution or 64),
+                fitted["threshold"], gate_model_data(ae))
     labels = list(members[0].labels)
     points = np.full(len(labels), 0.5)  # no tuned thresholds: calibration is the identity
     if thresholds is not None:
@@ -182,9 +184,8 @@ def open_runs(runs: Sequence[Path], ood: Path | None, thresholds: str | None, me
             probs[m.name] = torch.sigmoid(m.model(x, meta=None).double()).cpu().numpy()
         gate_score = None
         if gate is not None:
-            model, size, _ = gate
-            data = gate_model_data(model)
-            gate_score = model(tensor(images, size, *data)).double().reshape(-1).cpu().numpy()
+            model, size, _, (mean, std) = gate
+            gate_score = model(tensor(images, size, mean, std)).double().reshape(-1).cpu().numpy()
         return ensemble_scores(probs), gate_score
 
     return Scorer(labels=labels, operating_points=points, has_gate=gate is not None, threshold=None if gate is None else float(gate[2]), score=score,
@@ -192,7 +193,7 @@ def open_runs(runs: Sequence[Path], ood: Path | None, thresholds: str | None, me
 
 
 def gate_model_data(model) -> tuple[float, float]:
-    """The gate's own (mean, std): load_gate copies them from its run's data section into ``norm``."""
+    """The autoencoder's own (mean, std): load_gate copies them from its run's data section into ``norm``."""
     mean, std = (float(v) for v in model.norm.tolist())
     return mean, std
 
