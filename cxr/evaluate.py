@@ -83,7 +83,7 @@ def _context(args: argparse.Namespace, source: str, notes: Sequence[str] = ()) -
 
 def analyse_and_write(args: argparse.Namespace, per_split: dict[str, ScoreSet],
                       infos: list[dict[str, Any]], source: str, out: Path | None = None,
-                      stops: "_StopSignals | None" = None) -> dict[str, Any]:
+                      stops: _StopSignals | None = None) -> dict[str, Any]:
     """Ensemble, write predictions, compute every table and the report into ``out`` (default
     --out; main passes the temp folder that replaces --out at the end); return a summary."""
     from cxr.report import analyse, write_outputs
@@ -166,7 +166,7 @@ class _StopSignals:
         if self.phase is not None:
             raise _Stopped(signum, self.phase)
 
-    def __enter__(self) -> "_StopSignals":
+    def __enter__(self) -> _StopSignals:
         self.previous = {sig: signal.signal(sig, self._handler) for sig in self.SIGNALS}
         return self
 
