@@ -98,7 +98,7 @@ def _splits_table(args: argparse.Namespace) -> Path | None:
 
 def analyse_and_write(args: argparse.Namespace, per_split: dict[str, ScoreSet],
                       infos: list[dict[str, Any]], source: str, out: Path | None = None,
-                      stops: "_StopSignals | None" = None) -> dict[str, Any]:
+                      stops: _StopSignals | None = None) -> dict[str, Any]:
     """Ensemble, write predictions, compute every table and the report into ``out`` (default
     --out; main passes the temp folder that replaces --out at the end); return a summary."""
     from cxr.report import analyse, write_outputs
@@ -176,14 +176,14 @@ class _StopSignals:
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self):
-        self.phase: str | None = "start-up (reading the runs)"
+        self.phase: str | None = "start-up (loading the members)"
         self.previous: dict = {}
 
     def _handler(self, signum, frame) -> None:
         if self.phase is not None:
             raise _Stopped(signum, self.phase)
 
-    def __enter__(self) -> "_StopSignals":
+    def __enter__(self) -> _StopSignals:
         self.previous = {sig: signal.signal(sig, self._handler) for sig in self.SIGNALS}
         return self
 
@@ -314,6 +314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _check_args(parser, args)
     start = time.perf_counter()
     out = Path(args.out)
+    if out.name in ("", "..") or out.is_symlink():  # `.`, `..`, a link: the folder itself, by its real name
+        out = out.resolve()
     try:
         with _StopSignals() as stops:
             return _evaluate(args, out, start, stops)
@@ -343,11 +345,13 @@ def _evaluate(args: argparse.Namespace, out: Path, start: float, stops: _StopSig
             state = process_state(args)
             if state.is_main_process:  # the writer: refuse a busy --out before any inference
                 lock = _lock_out(out)
-            stops.phase = "inference"
-            if state.is_main_process:
-                print(f"evaluating {len(args.runs)} run(s) on split(s) {', '.join(_splits_needed(args))} of "
-                      f"{args.shards} → {out}", file=sys.stderr, flush=True)
-            per_split, infos = infer_runs(args, state, _splits_needed(args))
+            def ready(members) -> None:
+                stops.phase = "inference"
+                if state.is_main_process:
+                    print(f"evaluating {len(members)} member(s) on split(s) {', '.join(_splits_needed(args))} of "
+                          f"{args.shards} → {out}", file=sys.stderr, flush=True)
+
+            per_split, infos = infer_runs(args, state, _splits_needed(args), on_ready=ready)
             if per_split is None:  # not rank 0: rank 0 writes everything
                 return 0
             source = f"runs {' '.join(map(str, args.runs))}; shards {args.shards}"

@@ -429,9 +429,11 @@ def process_state(args: argparse.Namespace) -> Any:
     return PartialState(cpu=args.cpu or not torch.cuda.is_available())
 
 
-def infer_runs(args: argparse.Namespace, state: Any, splits: Sequence[str]
+def infer_runs(args: argparse.Namespace, state: Any, splits: Sequence[str], on_ready: Any = None
                ) -> tuple[dict[str, ScoreSet] | None, list[dict[str, Any]]]:
-    """Load every member, infer each split once across ranks; rank 0 gets {split: ScoreSet}."""
+    """Load every member, infer each split once across ranks; rank 0 gets {split: ScoreSet}.
+
+    ``on_ready(members)``, if given, is called once every member's model is loaded, before inference."""
     shards = Path(args.shards)
     check_distinct(args.runs)
     members = [read_member(r, n) for r, n in zip(args.runs, member_names(args.runs))]
@@ -446,6 +448,8 @@ def infer_runs(args: argparse.Namespace, state: Any, splits: Sequence[str]
     per_split: dict[str, ScoreSet] = {}
     for split in splits:  # fail before any inference if a split does not exist or is empty
         expected_keys(shards, split, "choose another --split" if split == args.split else "use --thresholds-from none")
+    if on_ready is not None:
+        on_ready(members)
     for split in splits:
         parts = [gather_scores(infer_split(group, loader_cfgs[res], split, state, args.precision), state)
                  for res, group in groups.items()]

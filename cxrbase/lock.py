@@ -58,7 +58,7 @@ class FolderLock:
         self.fd: int | None = None
         self.stale: str | None = None  # a warning to log when a dead holder's file was taken over
 
-    def acquire(self) -> "FolderLock":
+    def acquire(self) -> FolderLock:
         """Take the lock or raise CxrError naming the holder."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,7 +107,7 @@ class FolderLock:
         os.close(self.fd)
         self.fd = None
 
-    def __enter__(self) -> "FolderLock":
+    def __enter__(self) -> FolderLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

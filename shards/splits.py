@@ -302,8 +302,8 @@ def fraction_warnings(table: pd.DataFrame, fractions: np.ndarray | None, where: 
             off.append(f"'{name}' holds {100 * share:.1f}% of the images ({100 * frac:.0f}% requested)")
     if not off:
         return []
-    return [f"{where}: split {', '.join(off)} — the split is by patient and the largest patients dominate "
-            f"({who}); check that these patients belong in the data, or leave out or cap the largest"]
+    return [(f"{where}: split {', '.join(off)} — the split is by patient and the largest patients dominate "
+             f"({who}); check that these patients belong in the data, or leave out or cap the largest")]
 
 
 def run(args) -> int:

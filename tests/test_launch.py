@@ -141,6 +141,28 @@ def test_requeue_status_is_ex_tempfail_everywhere():
     assert int(default.group(1)) == run_log.EXIT_REQUEUE
 
 
+def test_an_evaluation_stopped_for_preemption_is_requeued_by_submitit(monkeypatch):
+    """Battery 2, 4.7: the evaluator exits 75 (nothing written); under submitit the task hands the
+    preemption to submitit's own handler, which requeues checkpoint(): the same evaluation."""
+    import submitit
+
+    usr = submitit.JobEnvironment._usr_sig()
+    calls = []
+    previous = signal.signal(usr, lambda signum, frame: calls.append(signum))  # stands in for submitit's
+    monkeypatch.setattr(submit, "_call_main", lambda module, argv: submit.EXIT_REQUEUE)
+    task = submit.EvaluateTask(argv=["--runs", "r", "--shards", "s", "--out", "o"], report="o")
+    try:
+        assert task() == {"report": "o", "status": "requeued"}
+    finally:
+        signal.signal(usr, previous)
+    assert calls == [usr]
+    again = task.checkpoint()
+    assert isinstance(again, submitit.helpers.DelayedSubmission) and again.function == task
+    monkeypatch.setattr(submit, "_call_main", lambda module, argv: 2)
+    with pytest.raises(CxrError, match="o: evaluation exited with status 2"):
+        task()
+
+
 # ------------------------------------------------------- checkpoint / resume ----
 
 def _tiny_argv(shards: Path, run_dir: Path, *extra: str) -> list[str]:
