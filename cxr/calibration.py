@@ -55,7 +55,9 @@ def _2d(y, p) -> tuple[np.ndarray, np.ndarray]:
                        "[n, L] arrays — pass one row per image, one column per label")
     if not (np.isfinite(p).all() and (p >= 0).all() and (p <= 1).all()):
         raise CxrError("calibration: scores must be probabilities in [0, 1] — check the model outputs")
-    return y, p
+    # column-major: every per-label sum runs over contiguous memory in one order, so the numbers do not
+    # depend on how the caller's array is laid out (fresh inference vs. read back from parquet)
+    return np.asfortranarray(y), np.asfortranarray(p)
 
 
 # ------------------------------------------------------------------- binning ---

@@ -865,7 +865,7 @@ def _subgroup_section(analysis: Analysis, focus: str, split: str, level: int) ->
             "DeLong test, Holm-adjusted over the labels (`p_holm`; * below 0.05). † marks fewer than "
             f"{FEW_POSITIVES} positives in the group (CI rests on very few images). Under-diagnosis "
             "(Seyyed-Kalantari et al. 2021) is the share of sick images (any finding) that the F1-tuned thresholds "
-            "call No Finding (no label above its threshold), with a Wilson CI and a bootstrap CI of its gap. "
+            "(0.5 without a threshold split) call No Finding (no label above its threshold), with a Wilson CI and a bootstrap CI of its gap. "
             "All numbers, with n, positives and patients per group, are in `subgroups.csv`.", ""]
     for grouping, part in table.groupby("grouping", sort=False):
         auc = part[part["metric"] == "auroc"]

@@ -398,3 +398,24 @@ def test_old_predictions_take_subgroup_columns_from_splits(report, tmp_path, cap
     assert evaluate_main(["--from-predictions", str(tmp_path / "predictions.parquet"), "--splits",
                           str(tmp_path / "partial.parquet"), "--bootstrap", "0", "--out", str(tmp_path / "x")]) == 2
     assert "evaluated images are not in this splits table" in capsys.readouterr().err
+
+
+def test_patient_bootstrap_widens_cis_when_a_patients_images_agree():
+    """Patients of 10 images that share their labels and most of their score: the images are not
+    independent, so resampling patients must give clearly wider AUROC intervals than resampling images."""
+    rng = np.random.default_rng(11)
+    patients = np.repeat(np.arange(300), 10)
+    y = np.repeat((rng.random((300, len(LABELS))) < 0.3).astype(np.uint8), 10, axis=0)
+    effect = np.repeat(rng.normal(size=(300, len(LABELS))), 10, axis=0)
+    s = expit(y + effect + 0.2 * rng.normal(size=y.shape))
+    scores = ScoreSet(keys=np.array([f"{p:08d}_{i % 10:03d}" for i, p in enumerate(patients)], dtype=object),
+                      y_true=y, scores={"m0": s}, meta=pd.DataFrame({"patient": patients}))
+    by_patient = analyse(scores, None, tuning_split=None, n_boot=300, subgroups=[], calibrate=False)
+    by_image = analyse(scores, None, tuning_split=None, n_boot=300, subgroups=[], calibrate=False, resample="image")
+    assert by_patient.resampling == "patient" and by_image.resampling == "image"
+
+    def width(a):
+        mean = a.aucs[a.aucs["label"] == "mean"].iloc[0]
+        return mean.ci_high - mean.ci_low
+
+    assert width(by_patient) > 2 * width(by_image)

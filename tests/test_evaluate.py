@@ -226,7 +226,7 @@ def test_from_predictions_reproduces_every_table(report, tmp_path):
     assert evaluate_main(["--from-predictions", str(report / "predictions.parquet"), "--split", "test",
                           "--thresholds-from", "val", "--bootstrap", "200", "--out", str(out),
                           "--no-figures"]) == 0
-    for name in ("aucs.csv", "metrics.csv", "thresholds.json"):
+    for name in ("aucs.csv", "metrics.csv", "thresholds.json", "calibration.csv", "calibration.json", "subgroups.csv"):
         assert (out / name).read_bytes() == (report / name).read_bytes(), name
     assert "member1" in (out / "report.md").read_text()  # run configs come from members.json
 
