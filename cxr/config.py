@@ -305,20 +305,6 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
     return config_from_dict(raw, where=str(path) if path else "config")
 
 
-def run_shards(run_dir: str | Path) -> str:
-    """The shards folder a run trained on (its config.yaml's data.shards): the evaluators' default."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise CxrError(f"{path}: not found — pass a training run directory, or give --shards")
-    try:  # only this key: a config.yaml of an older version need not pass today's checks
-        shards = ((yaml.safe_load(path.read_text()) or {}).get("data") or {}).get("shards")
-    except (yaml.YAMLError, AttributeError):
-        shards = None
-    if not shards:
-        raise CxrError(f"{path}: no data.shards — give --shards")
-    return str(shards)
-
-
 def shipped_configs() -> dict[str, Path]:
     """{name: path} of the configs shipped inside the package (cxr/configs/*.yaml)."""
     from importlib.resources import files
