@@ -11,8 +11,9 @@
 #                          restarted job resumes from `last` (the caller passes
 #                          resume=auto).
 # The requeue happens when training says it stopped to be requeued: exit status
-# 75 or RUN/status.json "preempted" (launchers hide the status) — also after a
-# SIGTERM or a USR1 that reached training some other way.
+# 75 or RUN/status.json "preempted" with this start's nonce $CXR_RUN_NONCE
+# (job id.restart count; launchers hide the status) — also after a SIGTERM or a
+# USR1 that reached training some other way.
 #
 # Environment (set by the callers; defaults for one process):
 #   CXR_REPO                repository root (cwd for training)            ($PWD)
@@ -55,16 +56,17 @@ echo "[run-training] job $SELF restart ${SLURM_RESTART_COUNT:-0}: $NNODES node(s
 
 preempted=0
 child=""
-started=$(mktemp "${TMPDIR:-/tmp}/cxr-run-training.XXXXXX")
-trap 'rm -f "$started"' EXIT
 run_dir=""
 for arg in "$@"; do [[ $arg == checkpoint.run_dir=* ]] && run_dir=${arg#checkpoint.run_dir=}; done
 [[ -z $run_dir || $run_dir == /* ]] || run_dir=$CXR_REPO/$run_dir
+# This start's nonce: training writes it into RUN/status.json (cxr.run_log), so a "preempted"
+# status is known to be this start's own without comparing file times (node and file-server
+# clocks differ) — an older "preempted" left by a start that then crashed carries another one.
+export CXR_RUN_NONCE="$SELF.${SLURM_RESTART_COUNT:-0}"
 
-# Training wrote "preempted" to RUN/status.json after this job started.
+# Training wrote "preempted" to RUN/status.json in this start (cxr.run_log reads it; no torch).
 recorded_preempted() {
-    [[ -n $run_dir && $run_dir/status.json -nt $started ]] &&
-        grep -q '"state": *"preempted"' "$run_dir/status.json"
+    [[ -n $run_dir ]] && "$CXR_PYTHON" -m cxr.run_log preempted "$run_dir" "$CXR_RUN_NONCE"
 }
 
 # A signal that lands while training is still importing (its handler not yet
@@ -104,7 +106,7 @@ done
 echo "[run-training] training exited with status $status at $(date -Is)"
 
 # accelerate/torchrun turn any worker status into 1, so training's own record
-# (RUN/status.json, written after this start) says whether it stopped to be requeued.
+# (RUN/status.json with this start's nonce) says whether it stopped to be requeued.
 stopped_for_requeue() {
     ((status == CXR_REQUEUE_STATUS)) && return 0
     if [[ -n $run_dir ]]; then
