@@ -463,7 +463,7 @@ def infer_predictions(args: argparse.Namespace) -> tuple[ScoreSet | None, list[d
 
 
 def _default_shards(runs: Sequence[Run]) -> str:
-    from cxr.config import run_shards
+    from cxr.inference import run_shards
 
     return run_shards(runs[0].run_dir)
 

@@ -228,10 +228,24 @@ class LoggingConfig:
     """Optimizer steps between loss readings (a CPU-GPU sync) for the bar and train.log."""
     tensorboard: bool = False
     """Also write TensorBoard scalars to RUN/tensorboard (needs the tensorboard package)."""
+    trackers: list[str] = field(default_factory=list)
+    """Experiment trackers through accelerate (cxr/tracking.py): any of tensorboard, mlflow (a local
+    file store, or MLFLOW_TRACKING_URI), wandb (offline unless WANDB_MODE says otherwise); they get
+    the config, every epoch's metrics and the artefact paths. pip install -e '.[tracking]'."""
+    tracking_dir: str | None = None
+    """Where the trackers write (MLflow's file store DIR/mlruns, W&B's offline runs, TensorBoard);
+    null: tracking/ beside the run dir, shared by the runs of that folder."""
+    experiment: str = "cxr"
+    """MLflow experiment / W&B project / TensorBoard folder the run is recorded under."""
 
     def __post_init__(self) -> None:
         if self.log_every < 1:
             raise CxrError("logging.log_every must be ≥ 1 — e.g. 20")
+        unknown = [t for t in self.trackers if t not in ("tensorboard", "mlflow", "wandb")]
+        if unknown:
+            raise CxrError(f"logging.trackers={self.trackers}: unknown {unknown[0]!r} — valid: tensorboard, mlflow, wandb")
+        if len(set(self.trackers)) != len(self.trackers):
+            raise CxrError(f"logging.trackers={self.trackers}: a tracker named twice — name each once")
 
 
 SECTIONS: dict[str, type] = {
@@ -241,7 +255,7 @@ SECTIONS: dict[str, type] = {
 # Settings that do not change what is trained: left out of the config hash.
 UNHASHED = {
     "checkpoint": {"run_dir", "resume", "force_resume", "every_steps"},
-    "logging": {"progress", "log_every", "tensorboard"},
+    "logging": {"progress", "log_every", "tensorboard", "trackers", "tracking_dir", "experiment"},
     "train": {"threads", "collective_timeout_s", "stop_flag_timeout_s", "cudnn_benchmark"},
     "data": {"num_threads", "pin_memory", "source_workers"},
 }
@@ -330,20 +344,6 @@ def read_yaml(path: Path) -> Any:
         raise CxrError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise CxrError(f"{path}: not valid YAML ({str(err).splitlines()[0]}) — fix the syntax") from None
-
-
-def run_shards(run_dir: str | Path) -> str:
-    """The shards folder a run trained on (its config.yaml's data.shards): the evaluators' default."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise CxrError(f"{path}: not found — pass a training run directory, or give --shards")
-    try:  # only this key: a config.yaml of an older version need not pass today's checks
-        shards = ((yaml.safe_load(path.read_text()) or {}).get("data") or {}).get("shards")
-    except (yaml.YAMLError, AttributeError):
-        shards = None
-    if not shards:
-        raise CxrError(f"{path}: no data.shards — give --shards")
-    return str(shards)
 
 
 def shipped_configs() -> dict[str, Path]:

@@ -107,8 +107,11 @@ def make_accelerator(cfg: Config) -> Accelerator:
     handlers = [InitProcessGroupKwargs(backend="gloo" if cpu else "nccl", timeout=timeout)] if launched else []
     import_before_process_group()
     # cpu=True would turn a DeepSpeed launch into plain CPU DDP; DeepSpeed finds the CPU by itself
+    from cxr.tracking import accelerator_kwargs
+
     return Accelerator(cpu=cpu and not deepspeed, mixed_precision=precision, kwargs_handlers=handlers,
-                       gradient_accumulation_steps=cfg.train.grad_accum_steps, step_scheduler_with_optimizer=False)
+                       gradient_accumulation_steps=cfg.train.grad_accum_steps, step_scheduler_with_optimizer=False,
+                       **accelerator_kwargs(cfg))
 
 
 def configure_deepspeed(cfg: Config, accelerator: Accelerator, model: torch.nn.Module) -> None:

@@ -284,7 +284,7 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if not args.from_predictions and not args.runs:
         p.error("--runs is required unless --from-predictions is given")
     if args.runs and not args.shards:  # every run records the shards it trained on
-        from cxr.config import run_shards
+        from cxr.inference import run_shards
 
         args.shards = run_shards(args.runs[0])
         print(f"shards: {args.shards} (data.shards of {args.runs[0]}; --shards to choose)", file=sys.stderr)

@@ -50,6 +50,14 @@ class Member:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def run_shards(run_dir: str | Path) -> str:
+    """The shards folder a run trained on (its config.yaml's data.shards): the evaluators' default."""
+    shards = (read_run_config(Path(run_dir) / "config.yaml").get("data") or {}).get("shards")
+    if not shards:
+        raise CxrError(f"{Path(run_dir) / 'config.yaml'}: no data.shards — give --shards")
+    return str(shards)
+
+
 def read_run_config(path: Path) -> dict[str, Any]:
     """A run dir's config.yaml as a dict; CxrError when absent, unreadable or without ``model:``."""
     import yaml

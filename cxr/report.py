@@ -513,7 +513,10 @@ def _member_styles(members: Sequence[str]) -> dict[str, dict[str, Any]]:
 
     palette = matplotlib.colormaps["tab10"]
     styles = {}
-    for i, m in enumerate(x for x in members if x != ENSEMBLE):
+    singles = [x for x in members if x != ENSEMBLE]
+    if len(singles) == 1 and ENSEMBLE in members:  # an ensemble of one IS its member: one curve, one entry
+        return {ENSEMBLE: {"color": "black", "lw": 2.2, "alpha": 1.0, "label": f"{singles[0]} (= {ENSEMBLE} of 1)"}}
+    for i, m in enumerate(singles):
         styles[m] = {"color": palette(i % 10), "lw": 1.0, "alpha": 0.75, "label": m}
     styles[ENSEMBLE] = {"color": "black", "lw": 2.2, "alpha": 1.0, "label": ENSEMBLE}
     return styles
@@ -543,8 +546,8 @@ def plot_curves(path: Path, scores: ScoreSet, aucs: pd.DataFrame,
             ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
         else:
             ax.axhline(y.mean(), color="0.7", lw=0.8, ls="--")
-        for member, probs in scores.scores.items():
-            tp, fp = _cumulative_counts(y, probs[:, c])
+        for member in styles:
+            tp, fp = _cumulative_counts(y, scores.scores[member][:, c])
             if kind == "roc":
                 ax.plot(*_thin(fp / fp[-1], tp / tp[-1]), **styles[member])
             else:

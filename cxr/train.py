@@ -38,7 +38,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object, set_seed
 
 from cxr import checkpoint as ckpt
-from cxr import run_log
+from cxr import run_log, tracking
 from cxr.config import Config, config_hash, config_yaml, describe_config, load_config, save_config
 from cxr.data import build_loader, image_source
 from cxr.distributed import (StopFlag, configure_deepspeed, configure_numerics, destroy_process_group, log_replicas,
@@ -106,6 +106,7 @@ def train(cfg: Config, loader_fn: Callable = build_loader) -> int:
         if lock is not None:
             lock.release()
         stop.close()
+        tracking.close(accelerator)  # a stopped or failed run: its tracked run is closed, resumed later
         destroy_process_group()
 
 
@@ -164,6 +165,7 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
              getattr(cfg, "device_note", None) or f"data.device={cfg.data.device}")
     log.info("images: %s; resize filter: %s", *image_source(cfg.data.shards, cfg.data.resolution).values())
     writer = run_log.tensorboard_writer(cfg, run_dir, accelerator.is_main_process)
+    tracking.start(accelerator, cfg, run_dir, config_hash(cfg))
     accum, log_every = cfg.train.grad_accum_steps, cfg.logging.log_every
     images_trained = 0
 
@@ -266,6 +268,7 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
             run_log.record_throughput(run_dir, st.epoch, epoch_images * world, t_train, time.time() - t_epoch,
                                       device)
             run_log.log_tensorboard(writer, row, st.global_step)
+        tracking.log_epoch(accelerator, cfg, row, st.global_step)
         log.info(run_log.epoch_summary(cfg, st, row, improved, epoch_images * world, t_train, time.time() - t_epoch,
                                        run_log.planned_epochs(cfg, steps_per_epoch)))
         if early_stop:
@@ -281,6 +284,7 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
     check_has_best(cfg, st, run_dir)  # never "finished" without checkpoints/best
     if accelerator.is_main_process:
         run_log.write_status(run_dir, "finished", st)
+    tracking.finish(accelerator, cfg, run_dir)
     elapsed = time.time() - t_start
     best = st.best_value if st.best_value is not None else float("nan")
     speed = (f"{run_log.rate(images_trained * world, elapsed)} incl. validation" if images_trained

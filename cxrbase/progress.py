@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Any, Iterable, Iterator, TextIO
+from collections.abc import Iterable, Iterator
+from typing import Any, TextIO
 
 
 def _env_float(name: str, default: float) -> float:
@@ -82,7 +83,7 @@ class LineProgress:
     def __enter__(self) -> LineProgress:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def update(self, n: float = 1) -> None:

@@ -100,9 +100,10 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dir", help="shards folder (with manifest.json)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
     p.add_argument("--against", nargs="+", default=None, metavar="SRC",
-                   help="also compare every image's pixels with its source PNG in these folders (the --images "
-                   "of pack, after the grey policy; resized with pack's Lanczos for derived shards): exact for "
-                   "png/ljpeg/j2k, mean |diff| <= 2 grey levels for jpeg")
+                   help="also compare every image's pixels with its source PNG in these folders or NIH archives "
+                   "(the --images of pack; archives are streamed once, not extracted), after the grey policy "
+                   "(resized with pack's Lanczos for derived shards): exact for png/ljpeg/j2k, mean |diff| <= 2 "
+                   "grey levels for jpeg")
 
 
 def _add_synth(sub: argparse._SubParsersAction) -> None:

@@ -6,7 +6,8 @@ grey channel (of the stated resolution for derived shards), `.labels`/`.meta`/`.
 equal what the `.json` says. Across shards: no key twice, no patient in two splits,
 per-split samples/patients/positives and train age statistics equal the manifest,
 no shard key also listed as missing or rejected, no unlisted tar.
-With ``--against SRC`` every decoded image is also compared with its source PNG.
+With ``--against SRC`` every decoded image is also compared with its source PNG (folders or NIH
+archives, as pack reads them).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from cxrbase.labels import LABELS
 from shards.manifest import has_checksums, load_manifest
 from shards.pack_journal import file_sha256
 from shards.records import CRC_FIELD, checksum_problem, id_bytes, labels_bytes, meta_vector
-from shards.sources import scan_sources
+from shards.sources import Sources, iter_archive, scan_sources
 from shards.workers import process_pool
 
 _REPORT_LINES = 50
@@ -73,14 +74,17 @@ def verify(directory: str | Path, workers: int | None = None, against: list[str 
     """
     directory = Path(directory)
     manifest = load_manifest(directory)
-    sources = _source_files(against) if against else None
+    scanned = _scan_against(against) if against else None
+    # folder PNGs are compared inside each shard's check; archive members after it, as they stream
+    sources = None if scanned is None else {key: str(path) for key, path in scanned.files.items()}
+    in_archives = bool(scanned and scanned.archives)
     report, start = Report(shards=len(manifest["shards"])), time.perf_counter()
     samples: dict[str, list[tuple[str, dict]]] = defaultdict(list)  # key → [(shard, json)]
     with process_pool(workers or os.cpu_count() or 1) as pool, \
             progress(total=sum(s["samples"] for s in manifest["shards"]), unit="img", desc="verify",
                  mininterval=0.5) as bar:
         futures = {pool.submit(check_shard, str(directory), entry, manifest["codec"], manifest["resolution"],
-                               sources, has_checksums(manifest), _labels(manifest)): entry
+                               sources, has_checksums(manifest), _labels(manifest), in_archives): entry
                    for entry in manifest["shards"]}
         for future in as_completed(futures):
             failures, records = future.result()
@@ -88,30 +92,71 @@ def verify(directory: str | Path, workers: int | None = None, against: list[str 
             for key, record in records:
                 samples[key].append((futures[future]["name"], record))
             bar.update(futures[future]["samples"])
+        if in_archives:
+            report.failures += _compare_with_archives(directory, manifest, scanned, pool)
     report.samples = len(samples)
     report.failures += _check_totals(directory, manifest, samples)
     report.seconds = time.perf_counter() - start
     return report
 
 
-def _source_files(against: list[str | Path]) -> dict[str, str]:
+def _scan_against(against: list[str | Path]) -> Sources:
     for raw in against:
         if not Path(raw).exists():
-            raise CxrError(f"{raw}: --against source does not exist — pass the folder of PNGs given to pack --images")
-    sources = scan_sources(against)
-    if sources.archives:
-        raise CxrError(f"{sources.archives[0]}: --against reads folders of PNGs, not archives "
-                       "— extract the archives and pass the folder")
-    return {key: str(path) for key, path in sources.files.items()}
+            raise CxrError(f"{raw}: --against source does not exist — pass the folders or archives given to "
+                           "pack --images")
+    return scan_sources(against)
+
+
+def _compare_with_archives(directory: Path, manifest: dict, scanned: Sources, pool: Any) -> list[str]:
+    """Compare the images of keys not in --against's folders with their archive members: each archive
+    is streamed once (as pack reads it), each wanted member compared in the pool with the shard's
+    image, read at its offset in the uncompressed shard tar."""
+    where: dict[str, tuple[str, int, int]] = {}  # key → (shard path, data offset, size)
+    ext = "." + CODEC_EXT[manifest["codec"]]
+    for entry in manifest["shards"]:
+        path = directory / entry["name"]
+        try:
+            with tarfile.open(path) as tar:
+                for member in tar:
+                    if member.name.endswith(ext):
+                        where[member.name[: -len(ext)]] = (str(path), member.offset_data, member.size)
+        except (tarfile.TarError, OSError):
+            continue  # the shard's own check reports it
+    wanted = {key for key in where if key not in scanned.files}
+    failures, found, pending = [], set(), []
+    for archive in scanned.archives:
+        for key, name, raw in iter_archive(archive, lambda k: k in wanted and k not in found):
+            if raw is None:
+                continue
+            found.add(key)
+            pending.append(pool.submit(_compare_member, key, where[key], raw, manifest["codec"],
+                                       manifest["resolution"], f"{archive}:{name}"))
+            if len(pending) >= 64:  # bounded memory: at most 64 source images in flight
+                failures += pending.pop(0).result()
+    for future in pending:
+        failures += future.result()
+    failures += [f"{Path(where[k][0]).name}: {k}: no source PNG of this key in --against" for k in sorted(wanted - found)]
+    return failures
+
+
+def _compare_member(key: str, at: tuple[str, int, int], raw: bytes, codec: str, resolution: int | None,
+                    source: str) -> list[str]:
+    path, offset, size = at
+    with open(path, "rb") as fh:
+        fh.seek(offset)
+        data = fh.read(size)
+    return [f"{Path(path).name}: {key}: {p}" for p in _differs_from_source(key, data, codec, resolution, source, raw)]
 
 
 def check_shard(directory: str, entry: dict[str, Any], codec: str, resolution: int | None,
                 sources: Mapping[str, str] | None = None, checksums: bool = False,
-                labels: tuple[str, ...] = LABELS) -> tuple[list[str], list[tuple[str, dict]]]:
+                labels: tuple[str, ...] = LABELS, more_sources: bool = False) -> tuple[list[str], list[tuple[str, dict]]]:
     """Check one shard; return (failures, [(key, json record)]) of its samples.
 
     ``sources`` (key → source PNG path): also compare each image's pixels with its source.
     ``checksums``: the shard's .json records hold per-member crc32s (format /2).
+    ``more_sources``: keys not in ``sources`` are compared later (archives), not reported here.
     """
     tar_path, name = Path(directory) / entry["name"], entry["name"]
     if not tar_path.is_file():
@@ -130,7 +175,7 @@ def check_shard(directory: str, entry: dict[str, Any], codec: str, resolution: i
     for key, members in groups:
         problems, record = _check_sample(key, members, CODEC_EXT[codec], entry["split"], resolution, codec,
                                          checksums, labels)
-        if sources is not None and not problems:
+        if sources is not None and not problems and (key in sources or not more_sources):
             problems = _differs_from_source(key, members[CODEC_EXT[codec]], codec, resolution, sources.get(key))
         failures += [f"{name}: {key}: {p}" for p in problems]
         if record is not None:
@@ -179,11 +224,12 @@ def _check_sample(key: str, members: dict[str, bytes], image_ext: str, split: st
 
 
 def _differs_from_source(key: str, data: bytes, codec: str, resolution: int | None,
-                         source: str | None) -> list[str]:
-    """[] when the decoded image equals its source PNG's grey pixels (within JPEG_TOLERANCE for jpeg)."""
+                         source: str | None, raw: bytes | None = None) -> list[str]:
+    """[] when the decoded image equals its source PNG's grey pixels (within JPEG_TOLERANCE for jpeg);
+    ``raw``: the source's bytes when it is an archive member (``source`` then names it)."""
     if source is None:
         return ["no source PNG of this key in --against"]
-    raw = Path(source).read_bytes()
+    raw = Path(source).read_bytes() if raw is None else raw
     try:
         expected, _ = grey_policy(raw, check_png(raw))
         image = decode_grey(data, codec)

@@ -59,6 +59,12 @@ CXR_SHARDS=$(abspath "${CXR_SHARDS:-data/shards}")
 CXR_RUNS=$(abspath "${CXR_RUNS:-runs/ablate}")
 CXR_REPORT=$(abspath "${CXR_REPORT:-$CXR_RUNS/report}")
 [[ -d $CXR_SHARDS ]] || echo "ablate.sh: warning: $CXR_SHARDS does not exist yet (CXR_SHARDS)" >&2
+# Under `sbatch` this submit job's output starts in the submit directory (an #SBATCH line cannot
+# name $CXR_RUNS/submitit): move it there, beside the jobs' logs, and write the rest of it there.
+own_out=${SLURM_SUBMIT_DIR:-.}/cxr-ablate-submit-${SLURM_JOB_ID:-}.out
+if [[ -n ${SLURM_JOB_ID:-} && -f $own_out ]]; then
+    mkdir -p "$CXR_RUNS/submitit" && mv -- "$own_out" "$CXR_RUNS/submitit/" && exec >>"$CXR_RUNS/submitit/${own_out##*/}" 2>&1
+fi
 
 read -r -a overrides <<<"${CXR_TRAIN_OVERRIDES:-}"
 read -r -a resolutions <<<"${CXR_RESOLUTIONS:-224 512 1024}"

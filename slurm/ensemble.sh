@@ -21,7 +21,7 @@
 #   CXR_SHARDS             shards directory (python -m shards pack)        [data/shards]
 #   CXR_RUNS               members' run dirs go to CXR_RUNS/<member>  [runs/<ensemble>]
 #   CXR_REPORT             evaluator's report directory             [$CXR_RUNS/report]
-#   CXR_LOGS               Slurm logs                                 [$CXR_RUNS/logs]
+#   CXR_LOGS               Slurm logs (the submit job's own .out too)    [$CXR_RUNS/logs]
 #   CXR_PROFILE            job size from launch/profiles.py (python -m launch.profiles)
 #                          g5.24xlarge | p4d.24xlarge-x2 | cpu-local       [g5.24xlarge]
 #   CXR_ACCELERATE_CONFIG  accelerate config                       [the profile's one]
@@ -102,6 +102,12 @@ CXR_THREADS=${CXR_THREADS:-$CXR_PROFILE_THREADS}
 [[ -f $CXR_REPO/$CXR_ACCELERATE_CONFIG || -f $CXR_ACCELERATE_CONFIG ]] ||
     die "accelerate config $CXR_ACCELERATE_CONFIG not found (CXR_ACCELERATE_CONFIG)"
 mkdir -p "$CXR_RUNS" "$CXR_LOGS"
+# Under `sbatch` this submit job's output starts in the submit directory (an #SBATCH line cannot
+# name $CXR_LOGS): move it there, beside the jobs' logs, and write the rest of it there.
+own_out=${SLURM_SUBMIT_DIR:-.}/cxr-ensemble-submit-${SLURM_JOB_ID:-}.out
+if [[ -n ${SLURM_JOB_ID:-} && -f $own_out ]]; then
+    mkdir -p "$CXR_LOGS" && mv -- "$own_out" "$CXR_LOGS/" && exec >>"$CXR_LOGS/${own_out##*/}" 2>&1
+fi
 
 # Options that come later win, so the profile goes first and the user's last.
 member_opts=($CXR_PROFILE_SBATCH_ARGS)

@@ -619,5 +619,5 @@ def test_shards_default_to_the_runs_data_shards(report, members, shards_dir, tmp
     pd.testing.assert_frame_equal(pd.read_parquet(out / "predictions.parquet"),
                                   pd.read_parquet(report / "predictions.parquet"))
     assert evaluate_main(["--runs", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
-    assert f"{tmp_path / 'config.yaml'}: not found — pass a training run directory, or give --shards" in \
+    assert f"{tmp_path / 'config.yaml'}: run config not found — is {tmp_path} a training run dir" in \
         capsys.readouterr().err

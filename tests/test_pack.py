@@ -691,3 +691,32 @@ def test_partial_download_fails_before_reading_and_names_restrict_to(nih_dir, ni
                 "--out", str(partial)]) == 0
     assert cli(["pack", "--splits", str(partial), "--images", *map(str, archives), "--out", str(out)]) == 0
     assert set(read_shards(out)) == {n[:-4] for n in names} and sorted(calls) == sorted(n[:-4] for n in names)
+
+
+def test_verify_against_the_archives_pack_read(nih_sample_dir, tmp_path, capsys):
+    """`verify --against images_0*.tar.gz`: the archives pack read are accepted (streamed, not extracted);
+    a member whose pixels differ, and a key absent from them, are failures naming the image."""
+    names = sorted(p.name for p in nih_sample_dir.glob("*.png"))[:8]
+    table = sample_splits(nih_sample_dir)
+    table = table[table["image"].isin(names)]
+    archives = [tmp_path / "images_001.tar.gz", tmp_path / "images_002.tar.gz"]
+    make_archive(archives[0], [nih_sample_dir / n for n in names[:4]])
+    make_archive(archives[1], [nih_sample_dir / n for n in names[4:]])
+    pack(table, archives, tmp_path / "out", codec="j2k", workers=1)
+    capsys.readouterr()
+    assert cli(["verify", str(tmp_path / "out"), "--workers", "1", "--against", *map(str, archives)]) == 0
+    assert ": OK — " in capsys.readouterr().out
+    # other sources: names[1] carries names[0]'s pixels, names[7] is not there at all
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / names[1]).write_bytes((nih_sample_dir / names[0]).read_bytes())
+    for name in names[2:7]:
+        (other / name).write_bytes((nih_sample_dir / name).read_bytes())
+    wrong = tmp_path / "wrong" / "images_001.tar.gz"
+    wrong.parent.mkdir()
+    make_archive(wrong, [other / n for n in names[1:7]])
+    assert cli(["verify", str(tmp_path / "out"), "--workers", "1", "--against", str(wrong)]) == 1
+    out = capsys.readouterr().out
+    assert f"{names[1][:-4]}: pixels differ from {wrong}:images/{names[1]}" in out
+    assert f"{names[7][:-4]}: no source PNG of this key in --against" in out
+    assert f"{names[0][:-4]}: no source PNG" in out and f"{names[3][:-4]}:" not in out

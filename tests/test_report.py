@@ -230,3 +230,25 @@ def test_predictions_with_misaligned_members_are_refused(saved, tmp_path):
     frame.drop(drop).to_parquet(path)
     with pytest.raises(CxrError, match="different key set"):
         read_predictions(path)
+
+
+@pytest.mark.parametrize("members, entries", [(1, ["m0 (= ensemble of 1)"]), (2, ["m0", "m1", "ensemble"])])
+def test_roc_legend_lists_only_visible_curves(tmp_path, monkeypatch, members, entries):
+    """A 1-member report draws one ROC curve per panel (the ensemble of one is the member) and its
+    legend lists it once; with 2 members every member and the ensemble are drawn and listed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import cxr.report as report_module
+    from cxr.inference import with_ensemble
+
+    scores = with_ensemble(synthetic(200, 3, "3", members=members), "mean-prob")
+    aucs = report_module.auc_table(scores, n_boot=0)
+    figures = []
+    monkeypatch.setattr(report_module, "_save_png", lambda fig, path: figures.append(fig))
+    report_module.plot_curves(tmp_path / "roc.png", scores, aucs, {}, "roc", "test")
+    axes = figures[0].axes
+    curves = [ln for ln in axes[0].get_lines() if ln.get_linestyle() == "-"]
+    assert len(curves) == len(entries)
+    legend = [t.get_text() for t in axes[len(LABELS)].get_legend().get_texts()]
+    assert legend[:len(entries)] == entries and legend[len(entries)].startswith("ensemble threshold")

@@ -99,9 +99,11 @@ def submit_ensemble(tmp_path: Path, ensemble: Path, shards: Path, overrides: lis
            "CXR_SBATCH_ARGS": "--cpus-per-task=1 --mem=2G", "CXR_TRAIN_OVERRIDES": " ".join(overrides),
            "CXR_RESIGNAL_SECONDS": "3"}
     # The README's way: sbatch the script; its submit stage runs as a small job.
-    out = sh("sbatch", "--parsable", "--wait", f"--output={tmp_path}/submit-%j.out", str(ROOT / "slurm" / "ensemble.sh"),
-             cwd=ROOT, env=env)
-    submit_log = next(tmp_path.glob("submit-*.out")).read_text()
+    out = sh("sbatch", "--parsable", "--wait", str(ROOT / "slurm" / "ensemble.sh"), cwd=ROOT, env=env)
+    job = out.stdout.strip().split(";")[0]
+    # the submit job's own .out ends up beside the other logs, not in the repository root
+    assert not (ROOT / f"cxr-ensemble-submit-{job}.out").exists()
+    submit_log = (runs / "logs" / f"cxr-ensemble-submit-{job}.out").read_text()
     array = submit_log.split("job array ")[1].split()[0]
     evaluator = submit_log.split("evaluator job ")[1].split()[0]
     assert out.stdout.strip()

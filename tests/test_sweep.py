@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -85,7 +86,7 @@ def test_debug_cluster_says_it_runs_one_process_whatever_the_profile():
     """profiles.yaml's cpu-local asks for 1 node × 2 processes; --cluster debug runs 1 and says so."""
     import yaml
 
-    table = yaml.safe_load(open("launch/profiles.yaml"))["cpu-local"]
+    table = yaml.safe_load(Path("launch/profiles.yaml").read_text())["cpu-local"]
     note = debug_layout_note(get_profile("cpu-local"))
     assert f"not the {table['nodes']} node(s) × {table['processes_per_node']} of profile cpu-local" in note
     assert "1 node(s) × 3" in debug_layout_note(get_profile("cpu-local"), processes=3)
