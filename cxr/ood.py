@@ -141,7 +141,7 @@ def fit_feature_model(feats: np.ndarray, split: str = "train") -> dict:
     centre, scale = feats.mean(0), np.maximum(feats.std(0), 1e-3)
     cov = LedoitWolf().fit((feats - centre) / scale).covariance_
     whiten = np.linalg.cholesky(np.linalg.inv(cov))  # lower L, L Lᵀ = Σ⁻¹ → zᵀΣ⁻¹z = ‖Lᵀz‖²
-    return {"names": list(FEATURES), "cuts": list(_CUTS), "split": split, "n_images": int(len(feats)),
+    return {"names": list(FEATURES), "cuts": list(_CUTS), "split": split, "n_images": len(feats),
             "centre": centre.tolist(), "scale": scale.tolist(), "whiten": whiten.tolist()}
 
 
@@ -281,7 +281,7 @@ def write_threshold(run: str | Path, val_scores: np.ndarray, percentile: float, 
     if len(val_scores) == 0:
         raise CxrError(f"{run}: no {split} images scored — the shards need a {split} split")
     thr = float(np.percentile(val_scores, percentile))
-    doc = {"threshold": thr, "percentile": float(percentile), "split": split, "n_images": int(len(val_scores)),
+    doc = {"threshold": thr, "percentile": float(percentile), "split": split, "n_images": len(val_scores),
            "rule": "reject when score > threshold; score = Mahalanobis distance of the image's features "
                    "(log(1 - SSIM(image, reconstruction)), intensity/shape statistics and a 4x4 layout) from "
                    f"the {(features or {}).get('split', 'train')} images'; threshold = the percentile of the "
