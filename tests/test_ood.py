@@ -135,7 +135,7 @@ def test_gate_rejects_every_kind_of_non_x_ray_at_a_threshold_fitted_on_real_imag
         opt.step()
     ae.eval()
     with torch.inference_mode():
-        fit = GateScore(ae, fit_feature_model(GateScore(ae, _identity_model()).features(normalise(train))
+        fit = GateScore(ae, fit_feature_model(GateScore(ae, None).features(normalise(train))
                                               .double().numpy())).eval()
         def score(px):
             return fit(normalise(px)).squeeze(1).double().numpy()
@@ -155,11 +155,6 @@ def test_gate_rejects_every_kind_of_non_x_ray_at_a_threshold_fitted_on_real_imag
         assert rate >= 0.75, (kind, rates)
     assert np.mean(list(rates.values())) >= 0.9, rates
     assert np.mean(list(rates.values())) > np.mean(list(rates_ae.values())) + 0.3, (rates, rates_ae)
-
-
-def _identity_model() -> dict:
-    n = len(FEATURES)
-    return {"names": list(FEATURES), "centre": [0.0] * n, "scale": [1.0] * n, "whiten": np.eye(n).tolist()}
 
 
 # ------------------------------------------------------------------ a gate trained in memory ---
@@ -218,7 +213,7 @@ def gate(tmp_path_factory, nih_sample_dir):
     assert train(cfg, loader_fn=MemoryLoader) == 0
     ae, _ = load_gate(run)
     with torch.inference_mode():
-        features = fit_feature_model(GateScore(ae, _identity_model()).features(normalise(MemoryLoader.data["train"]))
+        features = fit_feature_model(GateScore(ae, None).features(normalise(MemoryLoader.data["train"]))
                                      .double().numpy())
         model = GateScore(ae, features).eval()
         val = model(normalise(MemoryLoader.data["val"])).squeeze(1).double().numpy()
