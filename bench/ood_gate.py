@@ -145,9 +145,9 @@ def variant_scores(train: np.ndarray, val: np.ndarray, feats: dict, percentiles)
 
 def run_fold(f: int, splits: Path, args) -> pd.DataFrame:
     """Rows (fold, group, kind, variant, percentile, score, threshold, rejected) of one fold."""
+    import ood_data
     import torch
 
-    import ood_data
     from cxr.ood import GateScore, load_gate, read_threshold, split_features
 
     t0 = time.time()
@@ -155,7 +155,7 @@ def run_fold(f: int, splits: Path, args) -> pd.DataFrame:
     ae, member = load_gate(run)
     _, train_f = split_features(ae, member, shards, "train")
     _, val_f = split_features(ae, member, shards, "val")
-    test_keys, test_loader_f = split_features(ae, member, shards, "test")
+    _, test_loader_f = split_features(ae, member, shards, "test")
     scorer = GateScore(ae, read_threshold(run)["features"]).eval()
 
     table = pd.read_parquet(splits)
@@ -219,9 +219,8 @@ def markdown(rows: pd.DataFrame, args) -> str:
     for p in args.percentiles:
         agg = summary(rows, list(VARIANTS), p)
         kinds = [(g, k) for g in order for k in agg.loc[agg["group"] == g, "kind"].unique()]
-        lines += [f"Threshold p{p:g} (before: of the val scores; the others: of the train + val images' "
-                  f"cross-fitted scores); rejected / images [Wilson 95 % CI], summed over "
-                  f"{args.folds} folds:", "",
+        lines += [(f"Threshold p{p:g} (before: of the val scores; the others: of the train + val images' "
+                   f"cross-fitted scores); rejected / images [Wilson 95 % CI], summed over {args.folds} folds:"), "",
                   "| group | kind | " + " | ".join(VARIANTS) + " |", "|---|---|" + "---|" * len(VARIANTS)]
         for g, k in kinds:
             vals = []

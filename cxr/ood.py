@@ -141,7 +141,7 @@ def fit_feature_model(feats: np.ndarray, split: str = "train") -> dict:
     centre, scale = feats.mean(0), np.maximum(feats.std(0), 1e-3)
     cov = LedoitWolf().fit((feats - centre) / scale).covariance_
     whiten = np.linalg.cholesky(np.linalg.inv(cov))  # lower L, L Lᵀ = Σ⁻¹ → zᵀΣ⁻¹z = ‖Lᵀz‖²
-    return {"names": list(FEATURES), "cuts": list(_CUTS), "split": split, "n_images": int(len(feats)),
+    return {"names": list(FEATURES), "cuts": list(_CUTS), "split": split, "n_images": len(feats),
             "centre": centre.tolist(), "scale": scale.tolist(), "whiten": whiten.tolist()}
 
 
@@ -175,9 +175,13 @@ class GateScore(nn.Module):
     region, population statistics, K1 0.01, K2 0.03), for ONNX export — pytorch-msssim builds its
     window inside the call, which the exporter cannot trace; the export test compares the two."""
 
-    def __init__(self, ae: OodAutoencoder, feature_model: dict, explicit_ssim: bool = False,
+    def __init__(self, ae: OodAutoencoder, feature_model: dict | None, explicit_ssim: bool = False,
                  size: int = 11, sigma: float = 1.5):
         super().__init__()
+        if feature_model is None:  # not fitted yet: only :meth:`features` is meaningful
+            n = len(FEATURES)
+            feature_model = {"names": list(FEATURES), "centre": [0.0] * n, "scale": [1.0] * n,
+                             "whiten": np.eye(n).tolist()}
         if list(feature_model.get("names", [])) != list(FEATURES):
             raise CxrError(f"ood feature model: features {feature_model.get('names')} differ from this version's "
                            f"{list(FEATURES)} — re-run `python -m cxr.ood threshold`")
@@ -255,8 +259,7 @@ def split_features(ae: OodAutoencoder, member, shards: str | Path, split: str, b
             if k in {f for f in DataConfig.__dataclass_fields__}}
     data.update(shards=str(shards), augment=False, eval_batch_size=batch_size, device="cpu")
     loader = build_loader(DataConfig(**data), split, epoch=0, train=False)
-    scorer = GateScore(ae, {"names": list(FEATURES), "centre": [0.0] * len(FEATURES),
-                            "scale": [1.0] * len(FEATURES), "whiten": np.eye(len(FEATURES)).tolist()})
+    scorer = GateScore(ae, None)
     keys, feats = [], []
     for batch in progress(loader, desc=f"ood {split}", unit="batch", dynamic_ncols=True, leave=False):
         feats.append(scorer.features(batch["image"]).double().numpy())
@@ -281,7 +284,7 @@ def write_threshold(run: str | Path, val_scores: np.ndarray, percentile: float, 
     if len(val_scores) == 0:
         raise CxrError(f"{run}: no {split} images scored — the shards need a {split} split")
     thr = float(np.percentile(val_scores, percentile))
-    doc = {"threshold": thr, "percentile": float(percentile), "split": split, "n_images": int(len(val_scores)),
+    doc = {"threshold": thr, "percentile": float(percentile), "split": split, "n_images": len(val_scores),
            "rule": "reject when score > threshold; score = Mahalanobis distance of the image's features "
                    "(log(1 - SSIM(image, reconstruction)), intensity/shape statistics and a 4x4 layout) from "
                    f"the {(features or {}).get('split', 'train')} images'; threshold = the percentile of the "

@@ -50,7 +50,7 @@ def _features_numpy(x: np.ndarray, ae: np.ndarray) -> np.ndarray:
     """A second implementation of cxr.ood.image_features in NumPy/SciPy (float64), from its docstring."""
     from scipy.ndimage import uniform_filter
 
-    n, h, w = x.shape
+    _, h, w = x.shape
     rows = []
     for img, a in zip(x, ae):
         cuts = [np.mean(img < (k + 0.5) / 255) for k in (12, 63, 127, 191, 242)]
@@ -135,10 +135,14 @@ def test_gate_rejects_every_kind_of_non_x_ray_at_a_threshold_fitted_on_real_imag
         opt.step()
     ae.eval()
     with torch.inference_mode():
-        fit = GateScore(ae, fit_feature_model(GateScore(ae, _identity_model()).features(normalise(train))
+        fit = GateScore(ae, fit_feature_model(GateScore(ae, None).features(normalise(train))
                                               .double().numpy())).eval()
-        score = lambda px: fit(normalise(px)).squeeze(1).double().numpy()  # noqa: E731
-        ae_only = lambda px: ae(normalise(px)).squeeze(1).double().numpy()  # noqa: E731
+        def score(px):
+            return fit(normalise(px)).squeeze(1).double().numpy()
+
+        def ae_only(px):
+            return ae(normalise(px)).squeeze(1).double().numpy()
+
         thr, thr_ae = score(val).max(), ae_only(val).max()
         held_rejected = float(np.mean(score(held) > thr))
         rates, rates_ae = {}, {}
@@ -151,11 +155,6 @@ def test_gate_rejects_every_kind_of_non_x_ray_at_a_threshold_fitted_on_real_imag
         assert rate >= 0.75, (kind, rates)
     assert np.mean(list(rates.values())) >= 0.9, rates
     assert np.mean(list(rates.values())) > np.mean(list(rates_ae.values())) + 0.3, (rates, rates_ae)
-
-
-def _identity_model() -> dict:
-    n = len(FEATURES)
-    return {"names": list(FEATURES), "centre": [0.0] * n, "scale": [1.0] * n, "whiten": np.eye(n).tolist()}
 
 
 # ------------------------------------------------------------------ a gate trained in memory ---
@@ -214,7 +213,7 @@ def gate(tmp_path_factory, nih_sample_dir):
     assert train(cfg, loader_fn=MemoryLoader) == 0
     ae, _ = load_gate(run)
     with torch.inference_mode():
-        features = fit_feature_model(GateScore(ae, _identity_model()).features(normalise(MemoryLoader.data["train"]))
+        features = fit_feature_model(GateScore(ae, None).features(normalise(MemoryLoader.data["train"]))
                                      .double().numpy())
         model = GateScore(ae, features).eval()
         val = model(normalise(MemoryLoader.data["val"])).squeeze(1).double().numpy()
@@ -285,12 +284,12 @@ def _split_pixels(shards: Path, split: str) -> dict[str, np.ndarray]:
 
 def test_evaluate_ood_reports_rejections_and_accepted_metrics(shards_dir, tmp_path, capsys):
     from sklearn.metrics import roc_auc_score
+    from test_evaluate import make_member  # noqa: E402 — the evaluator tests' member builder
 
     from cxr.evaluate import main as evaluate_main
-    from cxr.ood import load_scorer, main as ood_main
+    from cxr.ood import load_scorer
+    from cxr.ood import main as ood_main
     from cxr.train import train
-
-    from test_evaluate import make_member  # noqa: E402 — the evaluator tests' member builder
 
     run = tmp_path / "gate"
     cfg = load_config(ROOT / "cxr" / "configs" / "ood_ae.yaml",

@@ -22,10 +22,11 @@ from PIL import Image
 
 from cxr.export import WEB_VENDOR, main as export_main
 from cxr.metrics import calibrate
-from ood_data import textures
+from ood_data import TEST_KINDS, textures
 from test_export import runs  # noqa: F401 — the module fixture: gate, two members, their report
 
 ROOT = Path(__file__).resolve().parents[1]
+PAGE_KINDS = ("plots", "documents", "colour blobs")
 SHOTS = ROOT / "build" / "web-test"
 ort = pytest.importorskip("onnxruntime")
 
@@ -70,6 +71,8 @@ def site(runs, web_tools, tmp_path_factory):  # noqa: F811
     phantom = sorted((root / "synth" / "images").glob("*.png"))[0]
     shutil.copyfile(phantom, root / "site" / "phantom.png")
     Image.fromarray(textures(1, 7, res=256)[0]).convert("RGB").save(root / "site" / "texture.jpg", quality=95)
+    for kind in PAGE_KINDS:  # non-X-rays of the gate's bench, at their own size and colour
+        TEST_KINDS[kind](1, 11)[0].save(root / "site" / f"{kind.replace(' ', '-')}.png")
     handler = type("Handler", (CountingHandler,), {"seen": []})
     server = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(root / "site")))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -139,6 +142,25 @@ def test_page_rejects_a_texture(site, web_tools):
     assert result["rows"] == [] and "Rejected" in result["text"]
     pre = json.loads((site["dir"] / "preprocess.json").read_text())
     assert float(result["ood"]) > pre["ood"]["threshold"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", PAGE_KINDS)
+def test_page_gate_score_equals_the_python_gate_and_rejects_non_x_rays(site, web_tools, runs, kind):  # noqa: F811
+    """The page's gate (its own decode, grey, resize, ood.onnx in onnxruntime-web) against cxr.ood's PyTorch
+    gate on PIL-made pixels: the same score, and the image is rejected with no findings."""
+    import torch
+
+    from cxr.ood import load_scorer
+
+    name = f"{kind.replace(' ', '-')}.png"
+    result = _open(site, web_tools, name)
+    pre = json.loads((site["dir"] / "preprocess.json").read_text())["ood"]
+    with torch.inference_mode():
+        want = float(load_scorer(runs["gate"])(torch.from_numpy(
+            _loader_pixels(site["dir"] / name, pre["resolution"], pre["mean"], pre["std"]))))
+    assert abs(float(result["ood"]) - want) <= 1e-4 * max(1.0, want), (result["ood"], want)
+    assert result["state"] == "rejected" and result["rows"] == [], result
 
 
 @pytest.mark.parametrize("size,out", [((1000, 913), 224), ((37, 64), 64), ((64, 64), 128), ((1024, 1024), 224)])
