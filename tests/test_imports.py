@@ -121,3 +121,57 @@ def test_layer_checker_finds_a_planted_upward_import(tmp_path):
 
 def test_no_layer_imports_a_layer_above_it():
     assert _upward_imports(ROOT) == []
+
+
+# ----- cxr/: its modules and sub-packages form a DAG (function-level imports included) -----
+
+def _package_modules(root: Path, package: str) -> dict[str, Path]:
+    """{dotted module name: file} of a package and its sub-packages (``a.b`` for a/b/__init__.py)."""
+    modules = {}
+    for path in (root / package).rglob("*.py"):
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def _module_graph(root: Path, package: str) -> dict[str, set[str]]:
+    """Each module's imports of modules of the same package, relative imports resolved, anywhere in its body
+    (``from cxr.models import x`` counts as importing cxr.models.x when that is a module, else cxr.models)."""
+    modules = _package_modules(root, package)
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        here = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = here.split(".")[: len(here.split(".")) - node.level + 1] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                candidates = [f"{target}.{alias.name}" for alias in node.names] + [target]
+            elif isinstance(node, ast.Import):
+                candidates = [alias.name for alias in node.names]
+            else:
+                continue
+            for candidate in candidates:
+                while candidate and candidate not in modules:
+                    candidate = candidate.rpartition(".")[0]
+                if candidate and candidate != name:
+                    found.add(candidate)
+                    break
+        graph[name] = found
+    return graph
+
+
+def test_module_graph_resolves_relative_and_function_level_imports(tmp_path):
+    (tmp_path / "pkg" / "sub").mkdir(parents=True)
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "a.py").write_text("def f():\n    from pkg.sub import b\n")
+    (tmp_path / "pkg" / "sub" / "__init__.py").write_text("from . import b\n")
+    (tmp_path / "pkg" / "sub" / "b.py").write_text("from ..a import f\n")
+    graph = _module_graph(tmp_path, "pkg")
+    assert graph["pkg.a"] == {"pkg.sub.b"} and graph["pkg.sub"] == {"pkg.sub.b"} and graph["pkg.sub.b"] == {"pkg.a"}
+    assert _cycle(graph) == ["pkg.a", "pkg.sub.b", "pkg.a"]
+
+
+def test_cxr_import_graph_is_acyclic():
+    graph = _module_graph(ROOT, "cxr")
+    assert _cycle(graph) is None, f"import cycle inside cxr/: {' → '.join(_cycle(graph))}"

@@ -22,19 +22,11 @@ import torch
 
 from cxrbase.errors import CxrError
 
-from . import cbam, cnn, densenet, resnet, transformer
+from . import cbam, cnn, densenet, ood_ae, resnet, transformer
 from .backbones import BuildArgs
 from .classifier import CxrClassifier
 from .heads import METADATA_MODES
 
-
-def _ood_build(args, **options):
-    from cxr import ood  # lazy: cxr.ood imports cxr.evaluate, which imports this package
-
-    return ood.build(args, **options)
-
-
-_OOD_DESCRIPTION = "OOD gate: conv autoencoder, forward returns 1 - SSIM(x, recon) [B,1] (cxr/ood.py)"
 
 __all__ = ["MODEL_NAMES", "REGISTRY", "build_model", "CxrClassifier", "count_parameters", "ModelSpec"]
 
@@ -55,8 +47,8 @@ REGISTRY: dict[str, ModelSpec] = {
     "beit": ModelSpec(transformer.build_beit, transformer.BEIT_DESCRIPTION, {"arch": str, "img_size": int}),
     "vit": ModelSpec(transformer.build_vit, transformer.VIT_DESCRIPTION, {"arch": str, "stem_size": int}),
     "cnn": ModelSpec(cnn.build, cnn.DESCRIPTION, {"stem_size": int, "width": int}),
-    # not a classifier: the OOD gate's autoencoder (cxr/ood.py), trained with loss.name=ssim_recon
-    "ood_ae": ModelSpec(_ood_build, _OOD_DESCRIPTION, {"width": int, "code": int}),
+    # not a classifier: the OOD gate's autoencoder (ood_ae.py; the gate is cxr/ood.py), trained with loss.name=ssim_recon
+    "ood_ae": ModelSpec(ood_ae.build, ood_ae.DESCRIPTION, {"width": int, "code": int}),
 }
 # the classifier suite (CxrClassifier: logits [B,14]); ood_ae is built by name but is not a classifier
 MODEL_NAMES: tuple[str, ...] = tuple(name for name in REGISTRY if name != "ood_ae")
