@@ -338,7 +338,7 @@ def load_error_line(err: BaseException) -> str:
     if lines and lines[0].startswith("Weights only load failed"):  # the reason is a later line
         lines = [ln for ln in lines[1:] if "weights_only" not in ln and "torch.load" not in ln] or ["refused"]
     why = lines[0].replace("WeightsUnpickler error: ", "") if lines else ""
-    return f"{type(err).__name__}: {why}"[:160]
+    return f"{type(err).__name__}: {why}"[:160] if why else type(err).__name__
 
 
 def load_checkpoint(accelerator, ckpt: str | Path, *, model, optimizer=None, scheduler=None) -> dict:
