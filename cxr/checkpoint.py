@@ -321,7 +321,7 @@ def read_state(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as err:
         raise CxrError(f"{path}: unreadable checkpoint ({load_error_line(err)}) — {_CORRUPT_FIX}") from None
-    except Exception as err:  # UnpicklingError, RuntimeError, EOFError, IndexError, ... of a bad pickle
+    except Exception as err:  # noqa: BLE001 (UnpicklingError, RuntimeError, EOFError, IndexError... of a bad pickle)
         raise CxrError(f"{path}: not a cxr checkpoint ({load_error_line(err)}) — it is damaged or holds objects "
                        f"other than tensors; do not load it with weights_only=False; {_CORRUPT_FIX}") from None
     missing = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
@@ -338,7 +338,7 @@ def load_error_line(err: BaseException) -> str:
     if lines and lines[0].startswith("Weights only load failed"):  # the reason is a later line
         lines = [ln for ln in lines[1:] if "weights_only" not in ln and "torch.load" not in ln] or ["refused"]
     why = lines[0].replace("WeightsUnpickler error: ", "") if lines else ""
-    return f"{type(err).__name__}: {why}"[:160]
+    return f"{type(err).__name__}: {why}"[:160] if why else type(err).__name__
 
 
 def load_checkpoint(accelerator, ckpt: str | Path, *, model, optimizer=None, scheduler=None) -> dict:

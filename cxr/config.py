@@ -339,7 +339,7 @@ def read_yaml(path: Path) -> Any:
     except OSError as err:
         raise CxrError(f"{path}: cannot read ({err.strerror}) — check the path and its permissions") from None
     try:
-        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no Python objects
     except _DuplicateKey as err:
         raise CxrError(f"{path}: {err}") from None
     except yaml.YAMLError as err:

@@ -15,7 +15,7 @@ from accelerate.utils import gather_object
 
 from cxr.config import Config
 from cxr.data import load_shards_manifest
-from cxr.data.shard_index import SplitIndex, first_corrupt
+from cxr.data.shard_index import SampleReader, SplitIndex, first_corrupt
 from cxrbase.errors import CxrError
 from cxrbase.labels import LABELS
 
@@ -113,7 +113,8 @@ def train_steps_per_epoch(cfg: Config, loader_fn: Callable, rank: int, world: in
 
 def check_val_split(cfg: Config, loader_fn: Callable, rank: int, world: int) -> None:
     """Build the val loader once before epoch 1: a missing, empty or corrupt split fails before
-    any training (each rank reads its share of the val samples' bytes with the loaders' checks)."""
+    any training (each rank reads its share of the val samples' bytes with the loaders' checks),
+    and so does one where train.best_metric=val_mean_auroc is undefined (no label with both classes)."""
     bad, positives = None, None
     try:
         with torch.random.fork_rng(devices=[]):
@@ -122,7 +123,7 @@ def check_val_split(cfg: Config, loader_fn: Callable, rank: int, world: int) -> 
         if isinstance(getattr(loader, "index", None), SplitIndex):  # shards (not in-memory data)
             found = first_corrupt(loader.index, rank, world)
             bad = None if found is None else str(found.as_error())
-            if bad is None and _uses_auroc(cfg):
+            if bad is None and cfg.train.best_metric == "val_mean_auroc":
                 positives = label_counts(loader.index, rank, world)
     except CxrError as err:
         if "no shards for split 'val'" not in str(err):
@@ -138,10 +139,6 @@ def check_val_split(cfg: Config, loader_fn: Callable, rank: int, world: int) -> 
         check_auroc_defined(cfg, np.sum([s[0] for s in shares], axis=0), sum(s[1] for s in shares))
     if rank == 0:
         warn_small_or_skewed(cfg)
-
-
-def _uses_auroc(cfg: Config) -> bool:
-    return "val_mean_auroc" in (cfg.train.best_metric, cfg.schedule.monitor if cfg.schedule.name == "plateau" else "")
 
 
 def label_counts(index: SplitIndex, rank: int, world: int) -> tuple[np.ndarray, int]:
@@ -165,16 +162,13 @@ def label_counts(index: SplitIndex, rank: int, world: int) -> tuple[np.ndarray, 
 def check_auroc_defined(cfg: Config, positives: np.ndarray, samples: int) -> None:
     """val_mean_auroc is the mean AUROC over the labels with both classes in the val split: with no
     such label it is NaN every epoch, no epoch is ever "best", and the run would end with no best
-    checkpoint. Refused before epoch 1 when the best metric (or the plateau monitor) is val_mean_auroc."""
-    both = int(np.sum((positives > 0) & (positives < samples)))
-    if both:
+    checkpoint. Refused before epoch 1 when it is train.best_metric."""
+    if np.any((positives > 0) & (positives < samples)):
         return
-    keys = [k for k, v in (("train.best_metric", cfg.train.best_metric), ("schedule.monitor", cfg.schedule.monitor))
-            if v == "val_mean_auroc" and (k != "schedule.monitor" or cfg.schedule.name == "plateau")]
     raise CxrError(f"{cfg.data.shards}: split 'val' ({samples} samples) has no label with both positive and "
                    f"negative samples, so val_mean_auroc is undefined and no epoch could be best "
-                   f"({', '.join(keys)}=val_mean_auroc) — re-split with a larger val fraction and re-pack, or set "
-                   f"{' '.join(f'{k}=val_loss' for k in keys)}")
+                   f"(train.best_metric=val_mean_auroc) — re-split with a larger val fraction and re-pack, or set "
+                   f"train.best_metric=val_loss")
 
 
 def warn_small_or_skewed(cfg: Config) -> None:

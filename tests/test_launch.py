@@ -365,7 +365,7 @@ def _run_training_sh(tmp_path: Path, run: Path, training: str, restart: int, **e
             "CXR_PYTHON": sys.executable, "FAKE_TRAINING": training, "FAKE_RUN": str(run),
             "FAKE_REQUEUES": str(requeues), **env}
     proc = subprocess.run(["bash", str(ROOT / "slurm" / "run-training.sh"), f"checkpoint.run_dir={run}"],
-                          env=full, capture_output=True, text=True, timeout=120, cwd=ROOT)
+                          env=full, capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
     return proc.returncode, requeues.read_text().split() if requeues.is_file() else [], proc.stdout + proc.stderr
 
 

@@ -586,9 +586,9 @@ class _OneClassVal(MemoryLoader):
 def test_a_run_with_no_best_epoch_never_says_finished(tmp_path):
     """The same fault past the up-front check: no epoch has a finite val_mean_auroc (sklearn's
     roc_auc_score has none for one-class labels: the reference for "undefined")."""
-    from sklearn.metrics import roc_auc_score
-
     import warnings
+
+    from sklearn.metrics import roc_auc_score
 
     with warnings.catch_warnings():  # recent sklearn: an UndefinedMetricWarning and NaN (older: ValueError)
         warnings.simplefilter("ignore")

@@ -50,8 +50,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             state = load_file(str(path), device="cpu")
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # unreadable or pickled objects beyond tensors
-        from cxr.checkpoint import load_error_line  # torch's message ends in advice to use weights_only=False
+    except Exception as err:  # noqa: BLE001 (unreadable, or pickled objects beyond tensors)
+        # torch's message ends in advice to use weights_only=False: show its reason only
+        from cxr.checkpoint import load_error_line
 
         raise CxrError(f"{path}: cannot read as a state dict ({load_error_line(err)}) — do not load it with "
                        f"weights_only=False; {WEIGHTS_HINT}") from None
