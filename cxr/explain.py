@@ -227,7 +227,7 @@ def choose_layer(model: Any, method: str, resolution: int, layer: str | None = N
         if name == candidates[-1] and len(candidates) > 1:
             why = f"the final map, already ≥ {min_map}×{min_map}"
         return name, sizes[name], why
-    name = max(candidates, key=lambda n: (min(sizes[n]), -candidates.index(n)))
+    name = max(candidates, key=lambda n: (min(sizes[n]), candidates.index(n)))  # finest, then deepest
     why = (f"no candidate map is ≥ {min_map}×{min_map} at {resolution} px; the finest of {len(candidates)}"
            if len(candidates) > 1 else f"the model's only map ({model.name}), coarser than {min_map}×{min_map}")
     return name, sizes[name], why
