@@ -227,7 +227,7 @@ def choose_layer(model: Any, method: str, resolution: int, layer: str | None = N
         if name == candidates[-1] and len(candidates) > 1:
             why = f"the final map, already ≥ {min_map}×{min_map}"
         return name, sizes[name], why
-    name = max(candidates, key=lambda n: (min(sizes[n]), -candidates.index(n)))
+    name = max(candidates, key=lambda n: (min(sizes[n]), candidates.index(n)))  # finest, then deepest
     why = (f"no candidate map is ≥ {min_map}×{min_map} at {resolution} px; the finest of {len(candidates)}"
            if len(candidates) > 1 else f"the model's only map ({model.name}), coarser than {min_map}×{min_map}")
     return name, sizes[name], why
@@ -616,9 +616,9 @@ def localisation_markdown(summary: pd.DataFrame, runs: list[dict], counts: dict,
              f"hit: the map's peak inside the label's box(es) (pointing game); IoU: {{map ≥ {args.threshold:g}·max}} "
              "vs the boxes; energy: the map's share inside the boxes; chance: box area / image area "
              f"(the hit rate of a random peak). 95 % CIs: {args.bootstrap} bootstrap resamples over images.",
-             f"empty: maps that are zero everywhere ({EMPTY_MEANING}); they are scored as misses "
-             "(hit, IoU and energy 0), so a high empty rate means the model gave no evidence, "
-             "not that it looked elsewhere.", "",
+             (f"empty: maps that are zero everywhere ({EMPTY_MEANING}); they are scored as misses "
+              "(hit, IoU and energy 0), so a high empty rate means the model gave no evidence, "
+              "not that it looked elsewhere."), "",
              "| run | resolution | layer (map) | pairs | hit | IoU | energy | chance | empty |",
              "|---|---|---|---|---|---|---|---|---|"]
     overall = summary[summary["label"] == "all"]
@@ -684,6 +684,9 @@ def build_parser() -> argparse.ArgumentParser:
         "  python -m cxr.explain --run runs/d121 --shards data/shards --bbox "
         "../shared/data/nih/BBox_List_2017.csv.gz --out loc/\n"
         "  python -m cxr.explain --runs runs/r224 runs/r1024 --shards data/shards --bbox FILE --out loc/\n"
+        "  python -m cxr.explain --run runs/tiny --shards data/shards --bbox FILE --layer trunk.blocks.4 --out loc4/\n"
+        "Grad-CAM's layer: the deepest candidate with a map ≥ --min-map cells a side unless --layer is given; "
+        "the output names it.\n"
         "--debug shows the traceback of an error.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     runs = p.add_mutually_exclusive_group(required=True)
@@ -701,7 +704,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cam (pooled-linear heads), gradcam (any model), saliency (default: gradcam)")
     p.add_argument("--layer", default=None, metavar="NAME",
                    help="Grad-CAM's layer, a module name of the model (e.g. trunk.blocks.3.2 for the cnn); "
-                   f"default: the deepest of the model's candidate layers whose map is ≥ --min-map cells a side "
+                   "default: the deepest of the model's candidate layers whose map is ≥ --min-map cells a side "
                    "(the final map when it is that fine), said in the output")
     p.add_argument("--min-map", type=int, default=MIN_MAP, metavar="N",
                    help=f"the default layer's smallest map side (default: {MIN_MAP})")

@@ -143,7 +143,7 @@ def check_val_split(cfg: Config, loader_fn: Callable, rank: int, world: int) -> 
 
 def label_counts(index: SplitIndex, rank: int, world: int) -> tuple[np.ndarray, int]:
     """([num_labels] positives, samples) of this rank's share of a split, from the .labels bytes."""
-    from cxr.data.shard_index import CorruptSample, SampleReader
+    from cxr.data.shard_index import CorruptSample
 
     reader, total, n = SampleReader(index), np.zeros(index.num_labels, np.int64), 0
     try:

@@ -124,6 +124,11 @@ def _check_explain(d: Path):
                                atol=float(((single["w"] + single["h"] + 2) / 256 ** 2).max()))
     summary = pd.read_csv(d / "explain" / "localisation.csv")
     assert summary["hit"].between(0, 1).all() and summary["chance"].between(0, 1).all()
+    # empty maps have their own column; Grad-CAM ran on the cnn's 16×16 layer, not its 4×4 final map at 128 px
+    overall = summary[summary["label"] == "all"].iloc[0]
+    assert overall["empty"] == pairs["empty"].sum() and overall["empty_rate"] == pytest.approx(pairs["empty"].mean())
+    run = json.loads((d / "explain" / "runs.json").read_text())["runs"][0]
+    assert (run["layer"], run["map"]) == ("trunk.blocks.3.2", "16×16") and (pairs["map_h"] == 16).all()
     assert pairs["hit"].isin([0.0, 1.0]).all()
     hit, chance = pairs["hit"].mean(), pairs["chance"].mean()
     assert 0 <= hit <= 1 and 0 < chance < 1

@@ -130,7 +130,7 @@ async function predict(blob, name) {
       $("camlabel").dataset.empty = String(!drawn);
       $("camlabel").textContent = drawn
         ? `CAM of ${rows[0].name}: positive evidence only (clipped at 0), scaled by its maximum.`
-        : `CAM of ${rows[0].name}: zero everywhere after clipping at 0 — no positive evidence for it `
+        : `CAM of ${rows[0].name}: zero everywhere once clipped at 0 — no positive evidence for it `
           + "anywhere in this image, so no overlay is drawn.";
     }
     setStatus("done", `${name}: 14 findings, calibrated so that 0.5 is each label's operating point.`);
