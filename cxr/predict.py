@@ -100,6 +100,10 @@ class Scorer:
     threshold: float | None
     score: Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray | None]]
     description: str
+    # image [H,W] uint8, label indices → maps [k,H,W] ≥ 0 at the image's size (None: no maps for this model)
+    heat: Callable[[np.ndarray, list[int]], np.ndarray] | None = None
+    heat_method: str = ""
+    heat_notes: list[str] = field(default_factory=list)  # which layer each member's maps come from
 
 
 def open_package(folder: Path) -> Scorer:
@@ -125,9 +129,16 @@ def open_package(folder: Path) -> Scorer:
         gate_score = gate.run(["score"], {"image": tensor(images, ood_cfg)})[0].reshape(-1)
         return np.asarray(probs, np.float64), np.asarray(gate_score, np.float64)
 
+    with_cam = "cam" in [o.name for o in session.get_outputs()]
+
+    def heat(image: np.ndarray, labels: list[int]) -> np.ndarray:
+        cam = session.run(["cam"], {"image": tensor([image], model_cfg)})[0][0]  # [L,h,w], members' mean CAM
+        return np.stack([_resize_map(np.maximum(cam[j], 0), image.shape) for j in labels])
+
     return Scorer(labels=list(pre["labels"]), operating_points=np.asarray(ops["operating_points"], float),
                   has_gate=True, threshold=float(ood_cfg["threshold"]), score=score,
-                  description=f"package {folder} (onnxruntime)")
+                  description=f"package {folder} (onnxruntime)", heat=heat if with_cam else None,
+                  heat_method="CAM (the package's ensemble CAM)")
 
 
 def open_runs(runs: Sequence[Path], ood: Path | None, thresholds: str | None, method: str,
@@ -188,7 +199,28 @@ def open_runs(runs: Sequence[Path], ood: Path | None, thresholds: str | None, me
             gate_score = model(tensor(images, size, mean, std)).double().reshape(-1).cpu().numpy()
         return ensemble_scores(probs), gate_score
 
-    return Scorer(labels=labels, operating_points=points, has_gate=gate is not None, threshold=None if gate is None else float(gate[2]), score=score,
+    layers: dict[str, str] = {}
+    notes: list[str] = []
+
+    def heat(image: np.ndarray, label_ids: list[int]) -> np.ndarray:
+        """Grad-CAM of every member on its default layer (cxr.explain.choose_layer), clipped at 0,
+        upsampled with half-pixel centres to the image, averaged over the members."""
+        from cxr.explain import choose_layer, gradcam_maps, upsample
+
+        total = None
+        for m in members:
+            size = int(m.resolution)
+            if m.name not in layers:
+                name, grid, why = choose_layer(m.model, "gradcam", size)
+                layers[m.name] = name
+                notes.append(f"{m.name}: layer {name}, a {grid[0]}×{grid[1]} map at {size} px ({why})")
+            x = tensor([image], size, _or(m.mean, 0.5176), _or(m.std, 0.2542))
+            maps = upsample(gradcam_maps(m.model, x, label_ids, layer=layers[m.name]).clamp(min=0), image.shape)
+            total = maps[0] if total is None else total + maps[0]
+        return (total / len(members)).cpu().numpy()
+
+    return Scorer(labels=labels, operating_points=points, has_gate=gate is not None, heat=heat,
+                  heat_method="Grad-CAM (mean over the members)", heat_notes=notes, threshold=None if gate is None else float(gate[2]), score=score,
                   description=f"{len(members)} run(s) on {dev}: {', '.join(m.name for m in members)}")
 
 
@@ -196,6 +228,15 @@ def gate_model_data(model) -> tuple[float, float]:
     """The autoencoder's own (mean, std): load_gate copies them from its run's data section into ``norm``."""
     mean, std = (float(v) for v in model.norm.tolist())
     return mean, std
+
+
+def _resize_map(heat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A map [h,w] → the image's [H,W]: PIL's bilinear on float32 (pixel centres at half-integers,
+    as cxr.explain.upsample's align_corners=False), without torch."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(np.asarray(heat, np.float32), "F").resize(
+        (int(shape[1]), int(shape[0])), Image.BILINEAR))
 
 
 def _or(value: Any, default: float) -> float:
@@ -235,16 +276,21 @@ def open_model(paths: Sequence[str], ood: str | None, thresholds: str | None, me
 
 
 # ---------------------------------------------------------------------------------------------- predict
-def predict(scorer: Scorer, inputs: Inputs, out: Path, batch_size: int = 16, progress: bool = True) -> dict:
-    """Score every readable image in batches; write predictions.csv and skipped.csv; return the counts."""
-    from tqdm import tqdm
-
+def predict(scorer: Scorer, inputs: Inputs, out: Path, batch_size: int = 16, progress: bool = True,
+            overlays: bool = False) -> dict:
+    """Score every readable image in batches; write predictions.csv and skipped.csv (and, with
+    ``overlays``, a heat-map PNG per accepted image and positive label + index.html); return the counts."""
     from cxr.metrics import calibrate
+    from cxrbase.progress import progress as progress_bar
 
+    if overlays and scorer.heat is None:
+        raise CxrError(f"--overlays: {scorer.description} has no class activation maps (its members are not all "
+                       "pooled-linear) — predict with the run dirs instead, which use Grad-CAM")
     rows: list[dict[str, Any]] = []
+    drawn: list[dict[str, Any]] = []
     skipped = list(inputs.skipped)
     t0 = time.perf_counter()
-    bar = tqdm(total=len(inputs.images), unit="img", desc="predict", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(inputs.images), unit="img", desc="predict", disable=not progress)
     for start in range(0, len(inputs.images), batch_size):
         batch: list[tuple[Path, np.ndarray]] = []
         for path in inputs.images[start:start + batch_size]:
@@ -255,14 +301,18 @@ def predict(scorer: Scorer, inputs: Inputs, out: Path, batch_size: int = 16, pro
         if batch:
             probs, gate = scorer.score([pixels for _, pixels in batch])
             calibrated = calibrate(probs, scorer.operating_points)
-            for i, (path, _) in enumerate(batch):
+            for i, (path, pixels) in enumerate(batch):
                 rows.append(_row(scorer, path, probs[i], calibrated[i], None if gate is None else gate[i]))
+                if overlays:
+                    drawn.append(_draw(scorer, out, len(rows) - 1, rows[-1], pixels, calibrated[i]))
         bar.update(len(inputs.images[start:start + batch_size]))
     bar.close()
     seconds = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(out / "predictions.csv", rows, _columns(scorer))
     _write_csv(out / "skipped.csv", [{"file": str(p), "reason": r} for p, r in skipped], ["file", "reason"])
+    if overlays:
+        _write_overlay_index(out, scorer, drawn)
     rejected = sum(r["gate"] == "rejected" for r in rows)
     return {"images": len(inputs.images) + len(inputs.skipped), "scored": len(rows), "rejected": rejected,
             "skipped": skipped, "seconds": seconds}
@@ -278,6 +328,55 @@ def _row(scorer: Scorer, path: Path, probs: np.ndarray, calibrated: np.ndarray, 
     for j, label in enumerate(scorer.labels):
         row[f"raw_{label}"] = f"{probs[j]:.8f}"
     return row
+
+
+def _draw(scorer: Scorer, out: Path, n: int, row: dict, pixels: np.ndarray, calibrated: np.ndarray) -> dict:
+    """OUT/overlays/<n>_<file stem>_<label>.png for each positive decision of an accepted image."""
+    from PIL import Image
+
+    from cxr.explain import overlay
+
+    positive = [j for j, label in enumerate(scorer.labels) if row[f"{label}_decision"] == 1]
+    entry: dict[str, Any] = {"file": row["file"], "gate": row["gate"], "figures": []}
+    if not positive:
+        return entry
+    maps = scorer.heat(pixels, positive)
+    folder = out / "overlays"
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, j in enumerate(positive):
+        label = scorer.labels[j]
+        name = f"{n:05d}_{Path(row['file']).stem}_{label}.png"
+        empty = not float(maps[k].max()) > 0
+        caption = [f"{Path(row['file']).name}  {label}  ({scorer.heat_method})",
+                   f"calibrated p = {calibrated[j]:.3f} (operating point at 0.5)" + ("   map: all zero" if empty else "")]
+        overlay(Image.fromarray(pixels, "L"), maps[k], caption).save(folder / name)
+        entry["figures"].append({"png": f"overlays/{name}", "label": label, "p": float(calibrated[j]),
+                                 "empty": empty})
+    return entry
+
+
+def _write_overlay_index(out: Path, scorer: Scorer, drawn: list[dict]) -> None:
+    import html
+
+    parts = ["<!doctype html><meta charset=utf-8><title>cxr-predict overlays</title>"
+             "<style>body{font-family:sans-serif}.row{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0}"
+             "figcaption{font-size:13px}</style><h1>cxr-predict: where the model looked</h1>",
+             f"<p>{html.escape(scorer.heat_method)}, clipped at 0 and scaled by its maximum (as cxr.explain and "
+             "the browser page draw it), for every finding at or above its operating point. "
+             + "".join(f"<br>{html.escape(note)}" for note in scorer.heat_notes) + "</p>"]
+    for entry in drawn:
+        parts.append(f"<h2>{html.escape(entry['file'])}</h2>")
+        if entry["gate"] == "rejected":
+            parts.append("<p>Rejected by the OOD gate: no diagnosis, no map.</p>")
+        elif not entry["figures"]:
+            parts.append("<p>No finding at or above its operating point.</p>")
+        figs = "".join(f'<figure><a href="{html.escape(f["png"])}"><img src="{html.escape(f["png"])}" width="320"></a>'
+                       f'<figcaption>{html.escape(f["label"])}: calibrated p = {f["p"]:.3f}'
+                       f'{" (map all zero: no positive evidence)" if f["empty"] else ""}</figcaption></figure>'
+                       for f in entry["figures"])
+        if figs:
+            parts.append(f"<div class=row>{figs}</div>")
+    atomic_write_text(out / "index.html", "\n".join(parts) + "\n")
 
 
 def _columns(scorer: Scorer) -> list[str]:
@@ -312,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="f1", choices=("f1", "youden"), help="which tuned thresholds (default f1)")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
     p.add_argument("--device", default="auto", help="run dirs: auto (CUDA when present), cpu or cuda[:N]")
+    p.add_argument("--overlays", action="store_true",
+                   help="also draw OUT/overlays/*.png — Grad-CAM (run dirs) or the package's CAM for every positive "
+                   "decision of an accepted image — and OUT/index.html")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -323,7 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     inputs = collect_inputs(args.inputs)
     scorer = open_model(args.model, args.ood, args.thresholds, args.method, args.device)
     out = Path(args.out)
-    done = predict(scorer, inputs, out, args.batch_size, progress=not args.no_progress)
+    done = predict(scorer, inputs, out, args.batch_size, progress=not args.no_progress, overlays=args.overlays)
     for path, reason in done["skipped"]:
         print(f"skipped: {path}: {reason}", file=sys.stderr)
     rate = done["scored"] / done["seconds"] if done["seconds"] > 0 else float("nan")

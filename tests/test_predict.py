@@ -89,10 +89,35 @@ def key_of(file: str) -> str:
     return name.removeprefix("dicom_").removesuffix(".png")
 
 
+def check_overlays(got: pd.DataFrame, out: Path, method: str) -> None:
+    """One PNG of the image's size per positive decision of an accepted image, each linked from index.html;
+    where the drawn map is zero the PNG shows the grey image itself (nothing blended in)."""
+    want = []
+    for i, row in got.iterrows():
+        if row["gate"] != "rejected":
+            want += [(i, row["file"], label) for label in LABELS if row[f"{label}_decision"] == 1]
+    pngs = sorted((out / "overlays").glob("*.png")) if (out / "overlays").is_dir() else []
+    assert len(pngs) == len(want) and want, (len(pngs), len(want))
+    page = (out / "index.html").read_text()
+    assert method in page and all(f"overlays/{p.name}" in page for p in pngs)
+    for i, file, label in want[:3]:
+        png = out / "overlays" / f"{i:05d}_{Path(file).stem}_{label}.png"
+        source = np.asarray(Image.open(file).convert("L")) if not Path(file).name.startswith("dicom_") else None
+        with Image.open(png) as im:
+            drawn = np.asarray(im.convert("RGB")).astype(int)
+        if source is not None:
+            assert drawn.shape[:2] == source.shape
+            line = max(6, round(drawn.shape[1] / 48))  # cxr.explain.overlay's caption band: 2 lines of text
+            band = int(1.35 * line * 2 + line * 0.4) + 1  # below it, a grey pixel (R = G = B) is the source's own
+            grey = (drawn[band:, :, 0] == drawn[band:, :, 1]) & (drawn[band:, :, 1] == drawn[band:, :, 2])
+            assert np.abs(drawn[band:, :, 0][grey] - source[band:][grey]).max() <= 1
+
+
 def test_run_dir_predictions_equal_the_evaluators(trained, studies, tmp_path):
     folder, keys = studies
     out = tmp_path / "out"
-    predict("--model", str(trained / "run"), "--ood", str(trained / "ood"), str(folder), "--out", str(out))
+    predict("--model", str(trained / "run"), "--ood", str(trained / "ood"), str(folder), "--out", str(out),
+            "--thresholds", str(trained / "report" / "thresholds.json"), "--overlays")
     got = pd.read_csv(out / "predictions.csv")
     assert len(got) == len(keys) + 6  # every PNG and every DICOM; the broken files are not rows
     skipped = pd.read_csv(out / "skipped.csv")
@@ -111,15 +136,16 @@ def test_run_dir_predictions_equal_the_evaluators(trained, studies, tmp_path):
     assert ((got["gate"] == "rejected") == (got["gate_score"] > threshold)).all()
     rejected = got[got["gate"] == "rejected"]
     assert rejected[[f"{label}_decision" for label in LABELS]].isna().all().all()  # no diagnosis
+    check_overlays(got, out, "Grad-CAM")
     # no identifying header value anywhere in the outputs
-    blob = b"".join(p.read_bytes() for p in out.iterdir())
+    blob = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
     assert not any(marker.encode() in blob for marker in IDENTIFYING.values())
 
 
 def test_package_predictions_equal_the_evaluators(trained, studies, tmp_path):
     folder, keys = studies
     out = tmp_path / "out"
-    predict("--model", str(trained / "pkg"), str(folder), "--out", str(out))
+    predict("--model", str(trained / "pkg"), str(folder), "--out", str(out), "--overlays")
     got = pd.read_csv(out / "predictions.csv")
     got.index = got["file"].map(key_of)
     ref = evaluator_probs(trained)
@@ -132,6 +158,7 @@ def test_package_predictions_equal_the_evaluators(trained, studies, tmp_path):
     x = raw.to_numpy()
     want = np.where(x <= ops, x / (2 * ops), 1 - (1 - x) / (2 * (1 - ops)))  # SPEC's transform, by hand
     np.testing.assert_allclose(got[list(LABELS)].to_numpy(), want, atol=2e-6)
+    check_overlays(got.reset_index(drop=True), out, "CAM")
     accepted = got["gate"] == "accepted"
     decisions = got.loc[accepted, [f"{label}_decision" for label in LABELS]].to_numpy()
     np.testing.assert_array_equal(decisions, (x[accepted.to_numpy()] >= ops).astype(int))
