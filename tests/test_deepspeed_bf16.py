@@ -5,19 +5,15 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from helpers import ROOT, BIN, STEPS_PER_EPOCH, EPOCHS, launch_env, free_port, finish, output, wait_for_line, rank_pids, metrics_rows, weights
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_train import (BIN, EPOCHS, ROOT, STEPS_PER_EPOCH, _env, finish, free_port, metrics_rows,  # noqa: E402
-                        output, rank_pids, train_shards, wait_for_line, weights)
 
 pytestmark = pytest.mark.slow
-__all__ = ["train_shards"]  # the session fixture, shared with test_train.py
 
 
 ZERO2 = ROOT / "launch" / "configs" / "deepspeed_zero2.yaml"
@@ -32,7 +28,7 @@ def launch_bf16(shards: Path, run_dir: Path) -> subprocess.Popen:
            "data.resolution=64", "data.batch_size=16", f"train.epochs={EPOCHS}", "logging.progress=false",
            "logging.log_every=1", "train.mixed_precision=auto"]
     out = open(run_dir.parent / f"{run_dir.name}.out", "ab")
-    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(cmd, cwd=ROOT, env=launch_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def test_deepspeed_zero2_bf16_trains_resumes_and_saves_fp32(train_shards, tmp_path):

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import io
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent))
-from dicom_data import IDENTIFYING, dicom_bytes, ramp, structured_report  # noqa: E402
+from dicom_data import IDENTIFYING, dicom_bytes, ramp, structured_report
 
-from cxrbase.errors import CxrError  # noqa: E402
-from shards.dicom import read_dicom  # noqa: E402
+from cxrbase.errors import CxrError
+from shards.dicom import read_dicom
 
 
 def hand_window(x: np.ndarray, c: float, w: float) -> np.ndarray:

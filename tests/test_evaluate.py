@@ -22,17 +22,16 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from cxr.evaluate import main as evaluate_main
 from shards.cli import main as shards_main
 from cxrbase.errors import CxrError
 from cxrbase.labels import LABELS
-from test_train import free_port
+from helpers import free_port, RES, make_member
 
 ROOT = Path(__file__).resolve().parents[1]
-RES = 64
 
 
 # ------------------------------------------------------------------ fixtures ---
@@ -53,42 +52,6 @@ def shards_dir(tmp_path_factory) -> Path:
                         str(root / "synth" / "images"), "--out", str(root / "shards"),
                         "--workers", "1"]) == 0
     return root / "shards"
-
-
-def member_config(shards: Path, seed: int, resolution: int = RES) -> dict:
-    """A config.yaml per docs/run-dir.md: data == DataConfig fields, model == build_model kwargs."""
-    return {
-        "data": {"shards": str(shards), "backend": "wds", "resolution": resolution, "batch_size": 8,
-                 "eval_batch_size": 16, "num_threads": 0, "augment": False, "seed": seed},
-        "model": {"name": "cnn", "num_labels": 14, "dropout": 0.0},
-        "loss": {"name": "bce"}, "optim": {"name": "sgd", "lr": 0.05},
-        "train": {"epochs": 1, "seed": seed}, "checkpoint": {"run_dir": "unused"},
-    }
-
-
-def make_member(run_dir: Path, shards: Path, seed: int, steps: int = 8) -> Path:
-    """Build the cnn with a seed, take a few SGD steps on the train split, save a best checkpoint."""
-    from cxr.data import DataConfig, build_loader
-    from cxr.models import build_model
-
-    config = member_config(shards, seed)
-    torch.manual_seed(seed)
-    model = build_model("cnn", 14, dropout=0.0)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    loader = build_loader(DataConfig(**config["data"]), "train", epoch=0, train=True)
-    model.train()
-    for step, batch in zip(range(steps), loader):
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(batch["image"]), batch["labels"])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    best = run_dir / "checkpoints" / "best"
-    best.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(best / "model.safetensors"))
-    (best / "meta.json").write_text(json.dumps({"epoch": 0, "global_step": steps, "labels": list(LABELS),
-                                                "resolution": RES, "model": "cnn", "val": {"loss": 0.5}}))
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
-    return run_dir
 
 
 @pytest.fixture(scope="session")

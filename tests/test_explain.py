@@ -33,7 +33,7 @@ from shards.cli import main as shards_main
 from cxrbase.errors import CxrError
 from cxrbase.labels import LABELS
 from shards.synth import Case, render_with_boxes
-from test_train import free_port
+from helpers import free_port, make_member
 
 MASTER = 128  # phantom masters; the runs see them at 64 (the loader resizes)
 
@@ -368,7 +368,6 @@ def phantom_shards(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, phantom_shards) -> list[Path]:
-    from test_evaluate import make_member  # a cnn at 64 px, a few SGD steps, a best checkpoint
 
     root = tmp_path_factory.mktemp("explain-runs")
     return [make_member(root / f"m{s}", phantom_shards / "shards", seed=s) for s in (1, 2)]

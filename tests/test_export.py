@@ -22,6 +22,12 @@ PROB_TOL = 1e-5
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
+@pytest.fixture(scope="module")
+def runs(export_runs):
+    """The gate, two cnn members and their report (tests/conftest.py export_runs, built once per session)."""
+    return export_runs
+
+
 def _session(path: Path):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
@@ -78,35 +84,6 @@ def test_ensemble_graph_is_mean_of_member_probabilities(tmp_path):
 
 
 # ------------------------------------------------------------------ the package from runs ---
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """A trained-for-3-steps ood_ae, two cnn members (the evaluator tests' builder) and their report."""
-    from cxr.config import load_config
-    from cxr.evaluate import main as evaluate_main
-    from cxr.ood import main as ood_main
-    from cxr.train import train
-    from test_evaluate import make_member
-    from shards.cli import main as shards_main
-
-    root = tmp_path_factory.mktemp("export")
-    assert shards_main(["synth", "--out", str(root / "synth"), "--n", "120", "--resolution", "64", "--seed", "3",
-                        "--workers", "1"]) == 0
-    assert shards_main(["split", "--metadata", str(root / "synth" / "Data_Entry_2017.csv"), "--scheme", "random",
-                        "--fractions", "0.5,0.25,0.25", "--seed", "1", "--out", str(root / "splits.parquet")]) == 0
-    assert shards_main(["pack", "--splits", str(root / "splits.parquet"), "--images", str(root / "synth" / "images"),
-                        "--out", str(root / "shards"), "--workers", "1"]) == 0
-    shards = root / "shards"
-    gate = root / "gate"
-    cfg = load_config(Path(__file__).resolve().parents[1] / "cxr" / "configs" / "ood_ae.yaml",
-                      ["train.epochs=1", "train.max_steps=3", f"checkpoint.run_dir={gate}", "logging.progress=false",
-                       f"data.shards={shards}", "data.num_threads=0"])
-    assert train(cfg) == 0
-    assert ood_main(["threshold", "--run", str(gate), "--shards", str(shards), "--percentile", "99"]) == 0
-    members = [make_member(root / f"m{s}", shards, seed=s) for s in (1, 2)]
-    report = root / "report"
-    assert evaluate_main(["--runs", *map(str, members), "--shards", str(shards), "--split", "test", "--out",
-                          str(report), "--bootstrap", "0", "--no-figures"]) == 0
-    return {"shards": shards, "gate": gate, "members": members, "report": report, "root": root}
 
 
 def test_package_files_hashes_and_operating_points(runs, tmp_path):

@@ -175,3 +175,10 @@ def test_module_graph_resolves_relative_and_function_level_imports(tmp_path):
 def test_cxr_import_graph_is_acyclic():
     graph = _module_graph(ROOT, "cxr")
     assert _cycle(graph) is None, f"import cycle inside cxr/: {' → '.join(_cycle(graph))}"
+
+
+def test_no_test_module_imports_another():
+    """Shared builders live in tests/helpers.py and tests/conftest.py, never in a test module."""
+    found = [f"{path.name} imports {name}" for path in sorted((ROOT / "tests").glob("*.py"))
+             for name in sorted(_top_level_imports(path)) if name.startswith("test_")]
+    assert found == []

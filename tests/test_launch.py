@@ -14,26 +14,9 @@ import yaml
 
 from launch import members, profiles, submit
 from cxrbase.errors import CxrError
+from helpers import build_synth_shards
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def build_synth_shards(base: Path) -> Path:
-    """Small synthetic shards (240 phantoms at 64 px, 60/20/20 split), built once per session."""
-    import subprocess
-    import sys
-
-    out = base / "synth-shards"
-    if (out / "shards" / "manifest.json").is_file():
-        return out / "shards"
-    run = lambda *a: subprocess.run([sys.executable, "-m", "shards", *a], check=True, cwd=ROOT,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    run("synth", "--out", str(out / "synth"), "--n", "240", "--resolution", "64", "--seed", "0", "--workers", "1")
-    run("split", "--metadata", str(out / "synth" / "Data_Entry_2017.csv"), "--scheme", "stratified",
-        "--fractions", "0.6,0.2,0.2", "--out", str(out / "splits.parquet"))
-    run("pack", "--splits", str(out / "splits.parquet"), "--images", str(out / "synth" / "images"),
-        "--out", str(out / "shards"))
-    return out / "shards"
 
 
 @pytest.fixture(scope="session")

@@ -24,9 +24,9 @@ from PIL import Image
 from shards.cli import main as shards_main
 from cxrbase.errors import CxrError
 from shards.verify import verify
-from test_verify import _rewrite  # one shard-rewriting helper (fixes size, sha256, index)
 
 from cxr.data import DataConfig, build_loader
+from helpers import rewrite_shard
 
 imagecodecs = pytest.importorskip("imagecodecs")
 BACKENDS = ["dali", "wds"]
@@ -147,7 +147,7 @@ def test_verify_against_catches_one_changed_pixel(packed, tmp_path):
             return json.dumps(record, separators=(",", ":")).encode()
         return data
 
-    _rewrite(out, "train-000000.tar", change)
+    rewrite_shard(out, "train-000000.tar", change)
     assert verify(out, workers=1).ok
     failures = verify(out, workers=1, against=[packed["images"]]).failures
     assert failures == [f"train-000000.tar: {key}: pixels differ from {packed['images'] / (key + '.png')} "
@@ -169,7 +169,7 @@ def truncated(packed, tmp_path_factory) -> tuple[Path, str]:
         (out / "trunc.bytes").write_bytes(data[: len(data) // 2])
         return data[: len(data) // 2]
 
-    _rewrite(out, "train-000000.tar", cut)
+    rewrite_shard(out, "train-000000.tar", cut)
     return out, key
 
 

@@ -20,6 +20,7 @@ from cxr.ood import (FEATURES, GateScore, feature_distance, fit_feature_model, i
 from cxrbase.errors import CxrError
 from ood_data import MEAN, RES, STD, TEST_KINDS, digits, load_grey, normalise, textures, to_pixels
 from shards.cli import main as shards_main
+from helpers import make_member
 
 ROOT = Path(__file__).resolve().parents[1]
 PERCENTILE = 95.0
@@ -284,7 +285,6 @@ def _split_pixels(shards: Path, split: str) -> dict[str, np.ndarray]:
 
 def test_evaluate_ood_reports_rejections_and_accepted_metrics(shards_dir, tmp_path, capsys):
     from sklearn.metrics import roc_auc_score
-    from test_evaluate import make_member  # noqa: E402 — the evaluator tests' member builder
 
     from cxr.evaluate import main as evaluate_main
     from cxr.ood import load_scorer

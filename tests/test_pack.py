@@ -29,6 +29,7 @@ from cxrbase.errors import CxrError
 from cxrbase.labels import LABELS
 from shards.manifest import load_manifest
 from shards.pack import pack
+from helpers import png_bytes, tiny_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,27 +61,6 @@ def read_shards(directory: Path) -> dict[str, dict[str, bytes]]:
 def grey(data_or_path) -> np.ndarray:
     source = io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else data_or_path
     return np.asarray(Image.open(source).convert("L"))
-
-
-def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array, mode).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def tiny_dataset(tmp: Path, n: int = 6, size: int = 64) -> tuple[pd.DataFrame, Path]:
-    """n random grey PNGs + a splits table (patients 1..n, splits train/val/test)."""
-    rng = np.random.default_rng(0)
-    folder = tmp / "images"
-    folder.mkdir(parents=True)
-    rows = []
-    for i in range(n):
-        key = f"{i + 1:08d}_000"
-        (folder / f"{key}.png").write_bytes(png_bytes(rng.integers(0, 256, (size, size), dtype=np.uint8)))
-        labels = {name: int(rng.random() < 0.3) for name in LABELS}
-        rows.append({"image": f"{key}.png", "patient": i + 1, "split": ("train", "val", "test")[i % 3],
-                     **labels, "age": 30 + i, "sex": "MF"[i % 2], "view": ("PA", "AP")[i % 2]})
-    return pd.DataFrame(rows), folder
 
 
 def make_archive(path: Path, files: list[Path]) -> None:

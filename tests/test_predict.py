@@ -13,10 +13,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).parent))
-from dicom_data import IDENTIFYING, dicom_bytes  # noqa: E402
+from dicom_data import IDENTIFYING, dicom_bytes
 
-from cxrbase.labels import LABELS  # noqa: E402
+from cxrbase.labels import LABELS
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]

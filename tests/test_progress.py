@@ -12,6 +12,7 @@ import termios
 from pathlib import Path
 
 from cxrbase.progress import LineProgress, progress
+from helpers import tiny_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +40,6 @@ def test_seconds_bound_and_iteration(monkeypatch):
 
 
 def _pack_cmd(tmp_path: Path) -> list[str]:
-    from test_pack import tiny_dataset
 
     table, folder = tiny_dataset(tmp_path, n=30, size=32)
     table.to_csv(tmp_path / "splits.csv", index=False)

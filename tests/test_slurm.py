@@ -6,18 +6,16 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers import build_synth_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "slurm" / "local-cluster.sh"
-sys.path.insert(0, str(Path(__file__).parent))
-from test_launch import build_synth_shards  # noqa: E402
 
 pytestmark = pytest.mark.slow
 TINY = ["data.resolution=64", "model.stem_size=64", "data.num_threads=0", "logging.progress=false",

@@ -7,11 +7,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from test_train_units import MemoryLoader, _tiny
 
 from cxr.config import load_config
 from cxr.train import train
 from cxrbase.errors import CxrError
+from helpers import MemoryLoader, tiny_config
 
 mlflow = pytest.importorskip("mlflow", reason="the tracking extra (pip install -e '.[tracking]') is not installed")
 
@@ -26,7 +26,7 @@ def fresh_env(monkeypatch):
 def test_mlflow_file_store_gets_config_metrics_artefacts_and_resume(tmp_path, fresh_env):
     run = tmp_path / "runs" / "r1"
     overrides = ("logging.trackers=[mlflow]", "logging.experiment=first-day")
-    assert train(_tiny(run, "train.epochs=2", *overrides), loader_fn=MemoryLoader) == 0
+    assert train(tiny_config(run, "train.epochs=2", *overrides), loader_fn=MemoryLoader) == 0
     store = tmp_path / "runs" / "tracking" / "mlruns"  # the default: tracking/ beside the run dir
     assert store.is_dir()
     client = mlflow.tracking.MlflowClient(f"file:{store}")
@@ -45,7 +45,7 @@ def test_mlflow_file_store_gets_config_metrics_artefacts_and_resume(tmp_path, fr
     assert Path(tags["cxr.artefact.checkpoint_best"]) == (run / "checkpoints" / "best").resolve()
     assert Path(tags["cxr.artefact.metrics_csv"]).is_file()
     # the same command with more epochs resumes the run and continues the same tracked run
-    assert train(_tiny(run, "train.epochs=3", *overrides), loader_fn=MemoryLoader) == 0
+    assert train(tiny_config(run, "train.epochs=3", *overrides), loader_fn=MemoryLoader) == 0
     (again,) = client.search_runs([experiment.experiment_id])
     assert again.info.run_id == found.info.run_id
     metrics = pd.read_csv(run / "metrics.csv")

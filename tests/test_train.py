@@ -6,12 +6,10 @@ the safetensors files on disk, the worker exit status printed by torchrun, wall-
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,98 +19,11 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from helpers import ROOT, BIN, CPU2, STEPS_PER_EPOCH, EPOCHS, launch_env, free_port, launch, finish, output, wait_for_line, rank_pids, metrics_rows, weights
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-CPU2 = ROOT / "launch" / "configs" / "cpu-2proc.yaml"
-STEPS_PER_EPOCH = 13  # 419 train images // (2 ranks × 16)
-EPOCHS = 2
-RUN_TIMEOUT = 600
-
-
 # ------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="session")
-def train_shards(tmp_path_factory) -> Path:
-    """600 phantoms at 64 px → stratified 70/15/15 patient split → shards (via the real CLI)."""
-    root = tmp_path_factory.mktemp("train_data")
-    py = [sys.executable, "-m", "shards"]
-    for args in (["synth", "--out", root / "synth", "--n", "600", "--resolution", "64", "--seed", "0",
-                  "--workers", "1"],
-                 ["split", "--metadata", root / "synth" / "Data_Entry_2017.csv", "--scheme", "stratified",
-                  "--fractions", "0.7,0.15,0.15", "--out", root / "splits.parquet"],
-                 ["pack", "--splits", root / "splits.parquet", "--images", root / "synth" / "images",
-                  "--out", root / "shards", "--shard-size-mb", "2", "--workers", "1"]):
-        subprocess.run(py + [str(a) for a in args], check=True, cwd=ROOT, capture_output=True, timeout=600)
-    return root / "shards"
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(ROOT / ".torch_extensions"))
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def launch(shards: Path, run_dir: Path, *overrides: str, config_file: Path = CPU2,
-           port: int | None = None) -> subprocess.Popen:
-    """`accelerate launch --config_file X cxr/train.py --config tiny ...`, output to run_dir.parent/<name>.out."""
-    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(config_file),
-           "--main_process_port", str(port or free_port()), "cxr/train.py",
-           "--config", "cxr/configs/tiny.yaml", f"data.shards={shards}", f"checkpoint.run_dir={run_dir}",
-           "data.resolution=64", "data.batch_size=16", f"train.epochs={EPOCHS}", "logging.progress=false",
-           "logging.log_every=1", *overrides]
-    out = open(run_dir.parent / f"{run_dir.name}.out", "ab")
-    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def finish(proc: subprocess.Popen, timeout: float = RUN_TIMEOUT) -> int:
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        raise
-
-
-def output(run_dir: Path) -> str:
-    return (run_dir.parent / f"{run_dir.name}.out").read_text(errors="replace")
-
-
-def wait_for_line(run_dir: Path, pattern: str, proc: subprocess.Popen, timeout: float = RUN_TIMEOUT) -> re.Match:
-    """Poll RUN/train.log until a line matches (the training is still running)."""
-    deadline = time.time() + timeout
-    log = run_dir / "train.log"
-    while time.time() < deadline:
-        if log.exists():
-            found = re.search(pattern, log.read_text(errors="replace"), re.M)
-            if found:
-                return found
-        if proc.poll() is not None:
-            raise AssertionError(f"training exited ({proc.returncode}) before {pattern!r}:\n{output(run_dir)[-3000:]}")
-        time.sleep(0.2)
-    raise AssertionError(f"no {pattern!r} in {log} after {timeout} s")
-
-
-def rank_pids(run_dir: Path, proc: subprocess.Popen) -> list[int]:
-    found = wait_for_line(run_dir, r"start: 2 rank\(s\) .* pids \[(\d+), (\d+)\]", proc)
-    return [int(found.group(1)), int(found.group(2))]
-
-
-def metrics_rows(run_dir: Path) -> list[dict]:
-    with open(run_dir / "metrics.csv", newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def weights(run_dir: Path, name: str = "last") -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "checkpoints" / name / "model.safetensors"))
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +165,7 @@ def test_killed_rank_makes_the_launcher_fail_within_timeout(train_shards, tmp_pa
     cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "cxr.train",
            "--config", "cxr/configs/tiny.yaml", f"data.shards={train_shards}", f"checkpoint.run_dir={run_dir}",
            "data.resolution=64", "logging.progress=false", "logging.log_every=1", "train.collective_timeout_s=60"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=open(run_dir.parent / "killed.out", "wb"),
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=launch_env(), stdout=open(run_dir.parent / "killed.out", "wb"),
                             stderr=subprocess.STDOUT, start_new_session=True)
     pids = rank_pids(run_dir, proc)
     wait_for_line(run_dir, r"step 3 epoch 1 ", proc)
@@ -271,7 +182,7 @@ def test_tiny_learns_the_phantoms_in_a_few_cpu_minutes(train_shards, tmp_path_fa
     cmd = [sys.executable, "-m", "cxr.train", "--config", "cxr/configs/tiny.yaml", f"data.shards={train_shards}",
            f"checkpoint.run_dir={run_dir}", "data.resolution=64", "train.epochs=5", "train.threads=2",
            "logging.progress=false"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = metrics_rows(run_dir)
     assert len(rows) == 5

@@ -28,7 +28,7 @@ from cxr.config import load_config
 from cxr.distributed import configure_numerics
 from cxr.train import EXIT_REQUEUE, train
 from cxrbase.errors import CxrError
-from test_train_units import MemoryLoader, _tiny
+from helpers import MemoryLoader, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def status(run: Path) -> dict:
 def run_a(tmp_path_factory) -> Path:
     """Uninterrupted: 3 epochs of 6 steps (plateau schedule)."""
     run = tmp_path_factory.mktemp("a") / "run"
-    assert train(_tiny(run), loader_fn=MemoryLoader) == 0
+    assert train(tiny_config(run), loader_fn=MemoryLoader) == 0
     return run
 
 
@@ -70,7 +70,7 @@ def test_a_run_that_fails_after_start_says_failed_with_its_exit_code(tmp_path, e
         return MemoryLoader(cfg, split, **kw)
 
     with pytest.raises(type(error)):
-        train(_tiny(tmp_path / "r"), loader_fn=failing)
+        train(tiny_config(tmp_path / "r"), loader_fn=failing)
     got = status(tmp_path / "r")
     assert (got["state"], got["exit_code"], got["error"], got["epoch"]) == ("failed", code, line, 2)
 
@@ -87,14 +87,14 @@ def test_a_second_training_on_a_locked_run_dir_refuses_and_a_dead_holders_lock_i
         with pytest.raises(CxrError, match=rf"{run}: another training \(pid {holder.pid} on "
                                            rf"{socket.gethostname()}\) is using this run dir — wait for it "
                                            rf"or use another checkpoint.run_dir"):
-            train(_tiny(run, "train.epochs=1"), loader_fn=MemoryLoader)
+            train(tiny_config(run, "train.epochs=1"), loader_fn=MemoryLoader)
         assert not (run / "status.json").exists() and not (run / "train.log").exists()  # nothing touched
     finally:
         holder.kill()
         holder.wait()
     # the holder died without cleaning up: its file is left, naming it, and must not block
     assert (run / ".train.lock").read_text().split()[0] == str(holder.pid)
-    assert train(_tiny(run, "train.epochs=1"), loader_fn=MemoryLoader) == 0
+    assert train(tiny_config(run, "train.epochs=1"), loader_fn=MemoryLoader) == 0
     log = (run / "train.log").read_text()
     assert f"taking over the lock of pid {holder.pid} on {socket.gethostname()}, which is no longer running" in log
     assert status(run)["state"] == "finished"
@@ -113,7 +113,7 @@ def test_a_signal_during_validation_stops_there_and_the_resume_repeats_only_the_
         return MemoryLoader(cfg, split, kill_at=kill, **kw)
 
     run = tmp_path / "b"
-    assert train(_tiny(run), loader_fn=loader) == EXIT_REQUEUE
+    assert train(tiny_config(run), loader_fn=loader) == EXIT_REQUEUE
     assert len(rows(run)) == 1, "stopped in epoch 2's validation, not at epoch 3's first step"
     state = torch.load(run / "checkpoints" / "last" / "state.pt", weights_only=True)
     assert state["loop"]["epoch"] == 1 and state["loop"]["step_in_epoch"] == 6 and state["loop"]["validating"]
@@ -122,7 +122,7 @@ def test_a_signal_during_validation_stops_there_and_the_resume_repeats_only_the_
     stop = re.search(r"stopped by \w+ at epoch (\d+) step (\d+)", (run / "train.log").read_text())
     assert (status(run)["epoch"], status(run)["step_in_epoch"]) == (int(stop[1]), int(stop[2])) == (2, 6)
 
-    assert train(_tiny(run), loader_fn=MemoryLoader) == 0
+    assert train(tiny_config(run), loader_fn=MemoryLoader) == 0
     resumed = (run / "train.log").read_text().split("resumed from")[-1]
     assert " epoch 2 step_in_epoch" not in resumed, "epoch 2 was not trained again"
     assert rows(run) == rows(run_a)
@@ -141,19 +141,19 @@ def test_a_signal_during_the_epoch_end_save_is_honoured_right_after_it(tmp_path,
 
     monkeypatch.setattr(ckpt, "save_checkpoint", save)
     run = tmp_path / "b"
-    assert train(_tiny(run), loader_fn=MemoryLoader) == EXIT_REQUEUE
+    assert train(tiny_config(run), loader_fn=MemoryLoader) == EXIT_REQUEUE
     meta = ckpt.read_meta(run / "checkpoints" / "last")
     assert (meta["epoch"], meta["step_in_epoch"]) == (1, 0), "no step of epoch 2 was taken"
     monkeypatch.setattr(ckpt, "save_checkpoint", real)
-    assert train(_tiny(run), loader_fn=MemoryLoader) == 0
+    assert train(tiny_config(run), loader_fn=MemoryLoader) == 0
     assert rows(run) == rows(run_a) and same_weights(run, run_a)
 
 
 # ------------------------------------------------------------------------ item 5: continue, init_from
 def test_a_finished_run_continues_with_more_epochs_exactly_as_a_longer_run(tmp_path, run_a):
     run = tmp_path / "b"
-    assert train(_tiny(run, "train.epochs=2"), loader_fn=MemoryLoader) == 0
-    assert train(_tiny(run, "train.epochs=3"), loader_fn=MemoryLoader) == 0
+    assert train(tiny_config(run, "train.epochs=2"), loader_fn=MemoryLoader) == 0
+    assert train(tiny_config(run, "train.epochs=3"), loader_fn=MemoryLoader) == 0
     log = (run / "train.log").read_text()
     assert "continuing the finished run (train.epochs changed) at epoch 3 of 3; LR schedule plateau" in log
     assert rows(run) == rows(run_a) and same_weights(run, run_a) and same_weights(run, run_a, "best")
@@ -163,8 +163,8 @@ def test_a_finished_run_continues_with_more_epochs_exactly_as_a_longer_run(tmp_p
 def test_continuing_a_cosine_run_recomputes_its_schedule_and_says_so(tmp_path):
     run = tmp_path / "c"
     extra = ("schedule.name=cosine", "schedule.min_lr=0", "optim.lr=0.01")
-    assert train(_tiny(run, "train.epochs=1", *extra), loader_fn=MemoryLoader) == 0
-    assert train(_tiny(run, "train.epochs=2", *extra), loader_fn=MemoryLoader) == 0
+    assert train(tiny_config(run, "train.epochs=1", *extra), loader_fn=MemoryLoader) == 0
+    assert train(tiny_config(run, "train.epochs=2", *extra), loader_fn=MemoryLoader) == 0
     log = (run / "train.log").read_text()
     # 6 steps per epoch; after 6 of 12 steps the cosine factor is 0.5(1 + cos(pi/2)) = 0.5
     assert "LR schedule recomputed for the new length: lr 0.000e+00 → 5.000e-03" in log
@@ -173,14 +173,14 @@ def test_continuing_a_cosine_run_recomputes_its_schedule_and_says_so(tmp_path):
 def test_resuming_another_runs_finished_checkpoint_points_to_init_from(tmp_path, run_a):
     with pytest.raises(CxrError, match=rf"checkpoint.resume=.*that run finished at epoch 3 .* "
                                        rf"model.init_from={run_a}"):
-        train(_tiny(tmp_path / "new", f"checkpoint.resume={run_a}/checkpoints/last"), loader_fn=MemoryLoader)
+        train(tiny_config(tmp_path / "new", f"checkpoint.resume={run_a}/checkpoints/last"), loader_fn=MemoryLoader)
 
 
 def test_init_from_loads_weights_only_and_reinitialises_a_head_of_another_size(tmp_path, run_a):
     from cxr.models import build_model
 
     best = load_file(str(run_a / "checkpoints" / "best" / "model.safetensors"))
-    kwargs = _tiny(tmp_path).model.kwargs()
+    kwargs = tiny_config(tmp_path).model.kwargs()
     model = build_model(**kwargs)
     info = ckpt.init_weights_from(model, run_a, kwargs)
     assert info["checkpoint"] == str(run_a / "checkpoints" / "best") and info["reinitialised"] == []
@@ -201,7 +201,7 @@ def test_init_from_loads_weights_only_and_reinitialises_a_head_of_another_size(t
 
 def test_a_run_started_from_another_runs_weights_records_it(tmp_path, run_a):
     run = tmp_path / "ft"
-    assert train(_tiny(run, "train.epochs=1", f"model.init_from={run_a}"), loader_fn=MemoryLoader) == 0
+    assert train(tiny_config(run, "train.epochs=1", f"model.init_from={run_a}"), loader_fn=MemoryLoader) == 0
     assert ckpt.read_meta(run / "checkpoints" / "last")["init_from"] == str(run_a)
     assert load_config(run / "config.yaml").model.init_from == str(run_a)
     assert f"model.init_from: weights of {run_a}/checkpoints/best" in (run / "train.log").read_text()
@@ -212,10 +212,10 @@ def test_a_run_started_from_another_runs_weights_records_it(tmp_path, run_a):
 # ------------------------------------------------------------------------ WEAK cases
 def test_force_resume_with_another_model_names_the_tensors(tmp_path):
     run = tmp_path / "r"
-    assert train(_tiny(run, "train.epochs=1"), loader_fn=MemoryLoader) == 0
+    assert train(tiny_config(run, "train.epochs=1"), loader_fn=MemoryLoader) == 0
     with pytest.raises(CxrError, match=r"model.safetensors: the model differs from the checkpoint "
                                        r"\(other shape: head\.\S+ \[14, 512\] in the checkpoint vs \[3, 512\] here"):
-        train(_tiny(run, "train.epochs=2", "model.num_labels=3", "checkpoint.force_resume=true"),
+        train(tiny_config(run, "train.epochs=2", "model.num_labels=3", "checkpoint.force_resume=true"),
               loader_fn=MemoryLoader)
     assert status(run)["state"] == "finished"  # a refused start leaves the run's own status (13.6)
 
@@ -237,25 +237,25 @@ def test_a_refused_start_leaves_a_finished_or_preempted_status_alone(tmp_path, r
     before = (run / "status.json").read_text()
     with pytest.raises(CxrError):
         if refusal == "config":
-            train(_tiny(run, "optim.lr=0.5"), loader_fn=MemoryLoader)
+            train(tiny_config(run, "optim.lr=0.5"), loader_fn=MemoryLoader)
         else:
-            train(_tiny(run, "train.epochs=4"), loader_fn=_bad_val)
+            train(tiny_config(run, "train.epochs=4"), loader_fn=_bad_val)
     assert (run / "status.json").read_text() == before and status(run)["state"] == "finished"
     assert "refused to start (exit 2): " in (run / "train.log").read_text()
     fresh = tmp_path / "fresh"
     with pytest.raises(CxrError):
-        train(_tiny(fresh), loader_fn=_bad_val)
+        train(tiny_config(fresh), loader_fn=_bad_val)
     assert (status(fresh)["state"], status(fresh)["exit_code"], status(fresh)["epoch"]) == ("failed", 2, 0)
 
 
 def test_a_truncated_state_file_is_a_one_line_error(tmp_path):
     run = tmp_path / "r"
-    assert train(_tiny(run, "train.epochs=1"), loader_fn=MemoryLoader) == 0
+    assert train(tiny_config(run, "train.epochs=1"), loader_fn=MemoryLoader) == 0
     state = run / "checkpoints" / "last" / "state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     with pytest.raises(CxrError, match=rf"^{state}: not a cxr checkpoint \(.*\) — .*do not load it with "
                                        rf"weights_only=False; delete it \(or use last.old/best\) or start a new run$"):
-        train(_tiny(run, "train.epochs=2"), loader_fn=MemoryLoader)
+        train(tiny_config(run, "train.epochs=2"), loader_fn=MemoryLoader)
 
 
 class _Evil:
@@ -289,7 +289,7 @@ def test_a_hostile_or_damaged_state_file_is_one_line_that_warns_off_weights_only
     else:
         torch.save({"lrs": [0.1], "ranks": []}, state)
     with pytest.raises(CxrError) as err:
-        train(_tiny(run, "train.epochs=4"), loader_fn=MemoryLoader)
+        train(tiny_config(run, "train.epochs=4"), loader_fn=MemoryLoader)
     msg = str(err.value)
     assert msg.startswith(f"{state}: not a cxr checkpoint (") and "\n" not in msg
     assert "do not load it with weights_only=False" in msg and "will likely succeed" not in msg
@@ -308,11 +308,11 @@ def test_a_full_disk_at_a_checkpoint_is_a_one_line_error_and_the_run_resumes(tmp
     monkeypatch.setattr(torch, "save", save)
     run = tmp_path / "b"
     with pytest.raises(CxrError, match=r"checkpoints/last\.tmp/state\.pt: no space left writing the checkpoint"):
-        train(_tiny(run), loader_fn=MemoryLoader)
+        train(tiny_config(run), loader_fn=MemoryLoader)
     assert not (run / "checkpoints" / "last.tmp").exists()
     assert ckpt.read_meta(run / "checkpoints" / "last")["epoch"] == 1
     monkeypatch.setattr(torch, "save", real)
-    assert train(_tiny(run), loader_fn=MemoryLoader) == 0
+    assert train(tiny_config(run), loader_fn=MemoryLoader) == 0
     assert rows(run) == rows(run_a) and same_weights(run, run_a)
 
 
@@ -329,7 +329,7 @@ def test_an_empty_val_split_fails_before_the_first_training_step(tmp_path, empty
 
     run = tmp_path / "r"
     with pytest.raises(CxrError, match=r"split 'val' has 0 samples — "):
-        train(_tiny(run), loader_fn=loader)
+        train(tiny_config(run), loader_fn=loader)
     assert " step_in_epoch " not in (run / "train.log").read_text()  # no training step was taken
 
 
@@ -398,7 +398,7 @@ def test_compile_wraps_the_prepared_model_and_trains(tmp_path, monkeypatch):
     monkeypatch.setattr(Accelerator, "prepare", prepare)
     monkeypatch.setattr(torch, "compile", compile_)
     run = tmp_path / "c"
-    assert train(_tiny(run, "train.epochs=1", "train.compile=true"), loader_fn=MemoryLoader) == 0
+    assert train(tiny_config(run, "train.epochs=1", "train.compile=true"), loader_fn=MemoryLoader) == 0
     assert order == ["prepare", "compile"]
     weights = load_file(str(run / "checkpoints" / "last" / "model.safetensors"))
     assert not any("_orig_mod" in k for k in weights) and all(torch.isfinite(v).all() for v in weights.values())
@@ -408,7 +408,6 @@ def test_compile_wraps_the_prepared_model_and_trains(tmp_path, monkeypatch):
 WORLD_SCRIPT = r"""
 import os, sys
 sys.path[:0] = [os.environ["ROOT"], os.path.join(os.environ["ROOT"], "tests")]
-from test_train_units import MemoryLoader, _tiny
 from cxr.train import train
 
 out, run, kill = sys.argv[1], sys.argv[2], sys.argv[3] == "kill"
@@ -428,7 +427,7 @@ def loader(cfg, split, **kw):
                 yield batch
     return Recording()
 
-sys.exit(train(_tiny(run, "train.epochs=2", "train.grad_accum_steps=1", "train.collective_timeout_s=120"),
+sys.exit(train(tiny_config(run, "train.epochs=2", "train.grad_accum_steps=1", "train.collective_timeout_s=120"),
                  loader_fn=loader))
 """
 
@@ -470,13 +469,13 @@ def test_a_run_dir_that_cannot_be_written_is_a_one_line_error(tmp_path):
     blocker.write_text("not a directory")  # root ignores permissions; a file in the path fails for everyone
     with pytest.raises(CxrError, match=rf"{blocker}.*: cannot write the run dir \(.*\) — a training needs a "
                                        rf"writable checkpoint.run_dir"):
-        train(_tiny(blocker / "run", "train.epochs=1"), loader_fn=MemoryLoader)
+        train(tiny_config(blocker / "run", "train.epochs=1"), loader_fn=MemoryLoader)
 
 
 def test_a_world_size_that_cannot_continue_at_the_same_sample_is_refused_naming_both(tmp_path):
     from cxr.resume import resume_step
 
-    cfg = _tiny(tmp_path, "train.grad_accum_steps=1")  # batch 8
+    cfg = tiny_config(tmp_path, "train.grad_accum_steps=1")  # batch 8
     state = {"world_size": 1, "loop": {"epoch": 1, "step_in_epoch": 3}, "loader": {"samples": 24}}
     # 24 samples = 3 global batches of 8 at 1 rank; at 3 ranks a step takes 24: one step done
     assert resume_step(cfg, state, 3, 4, tmp_path) == 1
@@ -528,7 +527,7 @@ def test_a_killed_runs_temp_files_are_removed_when_training_starts(tmp_path, run
     stray = [run / ".val_predictions.parquet.ott_b9zz.tmp", run / ".status.json.abc123.tmp"]
     for path in stray:
         path.write_bytes(b"")
-    assert train(_tiny(run), loader_fn=MemoryLoader) == 0  # finished: nothing to do, but the temps go
+    assert train(tiny_config(run), loader_fn=MemoryLoader) == 0  # finished: nothing to do, but the temps go
     assert not any(p.exists() for p in stray)
     assert "removed 2 temp file(s) a killed run left in" in (run / "train.log").read_text()
     assert (run / "val_predictions.parquet").is_file() and (run / "status.json").is_file()
@@ -597,7 +596,7 @@ def test_a_run_with_no_best_epoch_never_says_finished(tmp_path):
         except ValueError:
             pass
     run = tmp_path / "r"
-    cfg = _tiny(run, "train.epochs=2", "train.best_metric=val_mean_auroc")
+    cfg = tiny_config(run, "train.epochs=2", "train.best_metric=val_mean_auroc")
     with pytest.raises(CxrError, match=rf"^{run}: no epoch of 2 had a finite val_mean_auroc .* no best checkpoint"):
         train(cfg, loader_fn=_OneClassVal)
     assert status(run)["state"] == "failed" and not (run / "checkpoints" / "best").exists()
@@ -628,12 +627,12 @@ def test_force_resume_with_another_batch_size_says_so_and_continues_at_the_same_
                     yield batch
         return Recording()
 
-    assert train(_tiny(run, "train.epochs=1"), loader_fn=loader) == EXIT_REQUEUE
+    assert train(tiny_config(run, "train.epochs=1"), loader_fn=loader) == EXIT_REQUEUE
     consumed = torch.load(run / "checkpoints" / "last" / "state.pt", weights_only=True)["loader"]["samples"]
     assert consumed == 32  # 2 steps × 2 micro-batches × 8
     seen.clear()
     first["run"] = False
-    cfg = _tiny(run, "train.epochs=1", "data.batch_size=4", "checkpoint.force_resume=true")
+    cfg = tiny_config(run, "train.epochs=1", "data.batch_size=4", "checkpoint.force_resume=true")
     assert train(cfg, loader_fn=loader) == 0
     order = np.random.default_rng([cfg.data.seed, 0]).permutation(96)
     assert [k for batch in seen for k in batch] == [f"k{int(i):04d}" for i in order[consumed:]]
@@ -723,7 +722,7 @@ def test_max_steps_progress_and_rates_say_what_the_run_will_do(tmp_path, capsys,
     from cxr import run_log
 
     monkeypatch.setenv("CXR_PROGRESS", "lines")
-    assert train(_tiny(tmp_path / "r", "train.max_steps=4", "logging.progress=true"), loader_fn=MemoryLoader) == 0
+    assert train(tiny_config(tmp_path / "r", "train.max_steps=4", "logging.progress=true"), loader_fn=MemoryLoader) == 0
     bar = [ln for ln in capsys.readouterr().err.splitlines() if re.match(r"epoch \d+/\d+: ", ln)]
     assert bar and bar[-1].startswith("epoch 1/1: 100% 4/4 ") and "\r" not in "".join(bar), bar
     assert " epoch 1/1 step 4 | " in (tmp_path / "r" / "train.log").read_text()

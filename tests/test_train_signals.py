@@ -13,9 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import build_synth_shards
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_launch import build_synth_shards  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,7 +8,6 @@ import math
 import os
 import random
 import signal
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +22,7 @@ from cxr.resume import TrainState, update_best, update_early_stop
 from cxr.train import EXIT_REQUEUE, train
 from cxr.train_setup import build_scheduler
 from cxrbase.errors import CxrError
+from helpers import MemoryLoader, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -174,54 +174,10 @@ def test_best_and_early_stopping_by_hand():
 
 
 # ------------------------------------------------------------------------ in-process exact resume
-class MemoryLoader:
-    """build_loader's contract over in-memory phantoms: per-(seed, epoch) permutation, skip_batches,
-    equal batch counts per rank in training, partial last batch in evaluation."""
-
-    def __init__(self, cfg, split, rank=0, world_size=1, epoch=0, skip_batches=0, train=None, kill_at=None):
-        n = {"train": 96, "val": 40}[split]
-        g = torch.Generator().manual_seed({"train": 1, "val": 2}[split])
-        self.labels = (torch.rand(n, 14, generator=g) < 0.3).float()
-        self.images = torch.randn(n, 1, 32, 32, generator=g) * 0.5
-        for c in range(14):  # label c brightens row band c
-            self.images[:, 0, 2 * c:2 * c + 2, :] += self.labels[:, c, None, None]
-        train = split == "train" if train is None else train
-        bs = cfg.batch_size if train else cfg.eval_batch
-        if train:
-            order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
-            nb = n // (bs * world_size)
-            self.batches = [order[(b * world_size + rank) * bs:(b * world_size + rank + 1) * bs] for b in range(nb)]
-        else:
-            ids = np.arange(n)[rank::world_size]
-            self.batches = [ids[i:i + bs] for i in range(0, len(ids), bs)]
-        self.batches = self.batches[skip_batches:]
-        self.kill_at, self.seen = kill_at, 0
-
-    def __len__(self):
-        return len(self.batches)
-
-    def __iter__(self):
-        for i, ids in enumerate(self.batches):
-            if self.kill_at is not None and i == self.kill_at:
-                os.kill(os.getpid(), signal.SIGUSR1)  # a real signal, delivered mid-epoch
-            self.seen += len(ids)
-            ids = torch.as_tensor(ids)
-            yield {"image": self.images[ids], "labels": self.labels[ids], "meta": torch.zeros(len(ids), 5),
-                   "key": [f"k{int(i):04d}" for i in ids]}
-
-    def report(self):
-        return {"samples": self.seen, "skipped": 0, "skipped_keys": []}
-
-
-def _tiny(run_dir: Path, *extra: str):
-    return load_config(Path(__file__).resolve().parents[1] / "cxr/configs/tiny.yaml", [
-        f"checkpoint.run_dir={run_dir}", "data.batch_size=8", "data.resolution=32", "train.epochs=3",
-        "logging.progress=false", "logging.log_every=1", "schedule.name=plateau", "schedule.warmup_epochs=0",
-        "schedule.patience=0", "train.grad_accum_steps=2", *extra])
 
 
 def test_in_process_signal_mid_epoch_then_resume_is_bitwise_exact(tmp_path):
-    assert train(_tiny(tmp_path / "a"), loader_fn=MemoryLoader) == 0
+    assert train(tiny_config(tmp_path / "a"), loader_fn=MemoryLoader) == 0
 
     state = {"killed": False}
 
@@ -232,11 +188,11 @@ def test_in_process_signal_mid_epoch_then_resume_is_bitwise_exact(tmp_path):
         state["killed"] |= kill
         return loader
 
-    assert train(_tiny(tmp_path / "b"), loader_fn=killing_loader) == EXIT_REQUEUE
+    assert train(tiny_config(tmp_path / "b"), loader_fn=killing_loader) == EXIT_REQUEUE
     meta = ckpt.read_meta(tmp_path / "b" / "checkpoints" / "last")
     assert meta["epoch"] == 1 and 0 < meta["step_in_epoch"] < 6, meta  # 12 micro-batches = 6 steps per epoch
     assert json.loads((tmp_path / "b" / "status.json").read_text())["state"] == "preempted"
-    assert train(_tiny(tmp_path / "b"), loader_fn=MemoryLoader) == 0
+    assert train(tiny_config(tmp_path / "b"), loader_fn=MemoryLoader) == 0
 
     for name in ("last", "best"):
         a = load_file(str(tmp_path / "a" / "checkpoints" / name / "model.safetensors"))
@@ -249,18 +205,18 @@ def test_in_process_signal_mid_epoch_then_resume_is_bitwise_exact(tmp_path):
 
     assert rows("a") == rows("b") and len(rows("a")) == 3
     # a finished run started again does nothing
-    assert train(_tiny(tmp_path / "b"), loader_fn=MemoryLoader) == 0
+    assert train(tiny_config(tmp_path / "b"), loader_fn=MemoryLoader) == 0
     assert len(rows("b")) == 3
 
 
 def test_resume_refuses_a_different_config(tmp_path):
-    assert train(_tiny(tmp_path / "r", "train.epochs=1"), loader_fn=MemoryLoader) == 0
+    assert train(tiny_config(tmp_path / "r", "train.epochs=1"), loader_fn=MemoryLoader) == 0
     from cxrbase.errors import CxrError
 
     with pytest.raises(CxrError, match=r"optim\.lr.*force_resume"):
-        train(_tiny(tmp_path / "r", "train.epochs=1", "optim.lr=0.5"), loader_fn=MemoryLoader)
+        train(tiny_config(tmp_path / "r", "train.epochs=1", "optim.lr=0.5"), loader_fn=MemoryLoader)
     with pytest.raises(CxrError, match="resume=never"):
-        train(_tiny(tmp_path / "r", "train.epochs=1", "checkpoint.resume=never"), loader_fn=MemoryLoader)
+        train(tiny_config(tmp_path / "r", "train.epochs=1", "checkpoint.resume=never"), loader_fn=MemoryLoader)
 
 
 def test_signal_during_the_stop_flag_all_reduce_is_not_lost(monkeypatch):

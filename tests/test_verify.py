@@ -5,10 +5,7 @@ manifest is patched so that only the intended check can fail.
 """
 from __future__ import annotations
 
-import hashlib
-import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +14,13 @@ import pytest
 from PIL import Image
 
 from shards.cli import main as cli
-from shards.dali_index import index_for_tar
 from cxrbase.labels import LABELS
 from shards.pack import pack
 from shards.verify import verify
+from helpers import rewrite_shard
 
 
-def _tiny(tmp: Path, n: int = 6) -> Path:
+def tiny_config(tmp: Path, n: int = 6) -> Path:
     rng = np.random.default_rng(0)
     folder = tmp / "images"
     folder.mkdir()
@@ -41,25 +38,7 @@ def _tiny(tmp: Path, n: int = 6) -> Path:
 
 @pytest.fixture
 def packed(tmp_path) -> Path:
-    return _tiny(tmp_path)
-
-
-def _rewrite(out: Path, shard: str, change) -> None:
-    """Rewrite one shard with ``change(name, data) -> data``; fix its sha/bytes/index so only content differs."""
-    src = out / shard
-    buf = io.BytesIO()
-    with tarfile.open(src) as tar, tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as new:
-        for info in tar.getmembers():
-            data = change(info.name, tar.extractfile(info).read())
-            info.size = len(data)
-            new.addfile(info, io.BytesIO(data))
-    src.write_bytes(buf.getvalue())
-    manifest = json.loads((out / "manifest.json").read_text())
-    for entry in manifest["shards"]:
-        if entry["name"] == shard:
-            entry["bytes"], entry["sha256"] = len(buf.getvalue()), hashlib.sha256(buf.getvalue()).hexdigest()
-            (out / entry["index"]).write_text(index_for_tar(src))
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    return tiny_config(tmp_path)
 
 
 def test_good_shards_pass(packed):
@@ -80,7 +59,7 @@ def test_flipped_byte_fails_checksum(packed, capsys):
 
 
 def test_undecodable_image_named_by_key(packed):
-    _rewrite(packed, "train-000000.tar", lambda name, d: d[: len(d) // 2] if name.endswith(".png") else d)
+    rewrite_shard(packed, "train-000000.tar", lambda name, d: d[: len(d) // 2] if name.endswith(".png") else d)
     failures = verify(packed, workers=1).failures
     assert failures and all(f.startswith("train-000000.tar: 0000000") for f in failures), failures
     assert any("truncated" in f or "undecodable" in f for f in failures)
@@ -88,7 +67,7 @@ def test_undecodable_image_named_by_key(packed):
 
 def test_labels_differing_from_json(packed):
     flip = lambda name, d: bytes([1 - d[0]]) + d[1:] if name == "00000001_000.labels" else d  # noqa: E731
-    _rewrite(packed, "train-000000.tar", flip)
+    rewrite_shard(packed, "train-000000.tar", flip)
     failures = verify(packed, workers=1).failures
     assert any("00000001_000: .labels differ from the .json labels" in f for f in failures), failures
 
@@ -101,7 +80,7 @@ def test_meta_and_id_differing(packed):
             return b"00000009_000".ljust(32, b"\0")
         return data
 
-    _rewrite(packed, "train-000000.tar", change)
+    rewrite_shard(packed, "train-000000.tar", change)
     failures = " | ".join(verify(packed, workers=1).failures)
     assert ".meta differs" in failures and ".id is not the NUL-padded key" in failures
 
@@ -132,7 +111,7 @@ def test_patient_in_two_splits_fails(packed):
 
     manifest = json.loads((packed / "manifest.json").read_text())
     shard = next(s["name"] for s in manifest["shards"] if s["split"] == "test")
-    _rewrite(packed, shard, move)
+    rewrite_shard(packed, shard, move)
     failures = verify(packed, workers=1).failures
     leak = [f for f in failures if f.startswith("patient 100:")]
     assert leak and "test ['00000005_000']" in leak[0] and "train ['00000001_000', '00000002_000'" in leak[0], failures
@@ -150,7 +129,7 @@ def test_member_changed_with_a_consistent_json_fails_its_checksum(packed):
             return json.dumps(record, separators=(",", ":")).encode()
         return data
 
-    _rewrite(packed, "train-000000.tar", change)
+    rewrite_shard(packed, "train-000000.tar", change)
     failures = verify(packed, workers=1).failures
     assert any(f.startswith("train-000000.tar: 00000001_000: .labels checksum mismatch") for f in failures), failures
 

@@ -23,7 +23,12 @@ from PIL import Image
 from cxr.export import WEB_VENDOR, main as export_main
 from cxr.metrics import calibrate
 from ood_data import TEST_KINDS, textures
-from test_export import runs  # noqa: F401 — the module fixture: gate, two members, their report
+
+
+@pytest.fixture(scope="module")
+def runs(export_runs):
+    """The gate, two cnn members and their report (tests/conftest.py export_runs, built once per session)."""
+    return export_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE_KINDS = ("plots", "documents", "colour blobs")

@@ -1,0 +1,263 @@
+"""Builders shared by several test modules (one definition each; test modules never import each other).
+
+Heavy imports (torch, cxr) happen inside the functions that need them, so a torch-free test module can
+import this file.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+from PIL import Image
+
+from cxrbase.labels import LABELS
+
+
+# ------------------------------------------------- launching training runs (accelerate, 2 gloo ranks)
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+CPU2 = ROOT / "launch" / "configs" / "cpu-2proc.yaml"
+STEPS_PER_EPOCH = 13  # 419 train images // (2 ranks × 16)
+EPOCHS = 2
+RUN_TIMEOUT = 600
+
+
+def launch_env() -> dict:
+    env = dict(os.environ)
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(ROOT / ".torch_extensions"))
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(shards: Path, run_dir: Path, *overrides: str, config_file: Path = CPU2,
+           port: int | None = None) -> subprocess.Popen:
+    """`accelerate launch --config_file X cxr/train.py --config tiny ...`, output to run_dir.parent/<name>.out."""
+    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(config_file),
+           "--main_process_port", str(port or free_port()), "cxr/train.py",
+           "--config", "cxr/configs/tiny.yaml", f"data.shards={shards}", f"checkpoint.run_dir={run_dir}",
+           "data.resolution=64", "data.batch_size=16", f"train.epochs={EPOCHS}", "logging.progress=false",
+           "logging.log_every=1", *overrides]
+    out = open(run_dir.parent / f"{run_dir.name}.out", "ab")
+    return subprocess.Popen(cmd, cwd=ROOT, env=launch_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = RUN_TIMEOUT) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+
+
+def output(run_dir: Path) -> str:
+    return (run_dir.parent / f"{run_dir.name}.out").read_text(errors="replace")
+
+
+def wait_for_line(run_dir: Path, pattern: str, proc: subprocess.Popen, timeout: float = RUN_TIMEOUT) -> re.Match:
+    """Poll RUN/train.log until a line matches (the training is still running)."""
+    deadline = time.time() + timeout
+    log = run_dir / "train.log"
+    while time.time() < deadline:
+        if log.exists():
+            found = re.search(pattern, log.read_text(errors="replace"), re.M)
+            if found:
+                return found
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited ({proc.returncode}) before {pattern!r}:\n{output(run_dir)[-3000:]}")
+        time.sleep(0.2)
+    raise AssertionError(f"no {pattern!r} in {log} after {timeout} s")
+
+
+def rank_pids(run_dir: Path, proc: subprocess.Popen) -> list[int]:
+    found = wait_for_line(run_dir, r"start: 2 rank\(s\) .* pids \[(\d+), (\d+)\]", proc)
+    return [int(found.group(1)), int(found.group(2))]
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def weights(run_dir: Path, name: str = "last") -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "checkpoints" / name / "model.safetensors"))
+
+
+# ------------------------------------------------- a trained member without the training loop
+RES = 64
+
+
+def member_config(shards: Path, seed: int, resolution: int = RES) -> dict:
+    """A config.yaml per docs/run-dir.md: data == DataConfig fields, model == build_model kwargs."""
+    return {
+        "data": {"shards": str(shards), "backend": "wds", "resolution": resolution, "batch_size": 8,
+                 "eval_batch_size": 16, "num_threads": 0, "augment": False, "seed": seed},
+        "model": {"name": "cnn", "num_labels": 14, "dropout": 0.0},
+        "loss": {"name": "bce"}, "optim": {"name": "sgd", "lr": 0.05},
+        "train": {"epochs": 1, "seed": seed}, "checkpoint": {"run_dir": "unused"},
+    }
+
+
+def make_member(run_dir: Path, shards: Path, seed: int, steps: int = 8) -> Path:
+    """Build the cnn with a seed, take a few SGD steps on the train split, save a best checkpoint."""
+    import torch
+    from safetensors.torch import save_file
+
+    from cxr.data import DataConfig, build_loader
+    from cxr.models import build_model
+
+    config = member_config(shards, seed)
+    torch.manual_seed(seed)
+    model = build_model("cnn", 14, dropout=0.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    loader = build_loader(DataConfig(**config["data"]), "train", epoch=0, train=True)
+    model.train()
+    for step, batch in zip(range(steps), loader):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(batch["image"]), batch["labels"])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    best = run_dir / "checkpoints" / "best"
+    best.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(best / "model.safetensors"))
+    (best / "meta.json").write_text(json.dumps({"epoch": 0, "global_step": steps, "labels": list(LABELS),
+                                                "resolution": RES, "model": "cnn", "val": {"loss": 0.5}}))
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    return run_dir
+
+
+# ------------------------------------------------- editing packed shards
+def rewrite_shard(out: Path, shard: str, change) -> None:
+    """Rewrite one shard with ``change(name, data) -> data``; fix its sha/bytes/index so only content differs."""
+    from shards.dali_index import index_for_tar
+
+    src = out / shard
+    buf = io.BytesIO()
+    with tarfile.open(src) as tar, tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as new:
+        for info in tar.getmembers():
+            data = change(info.name, tar.extractfile(info).read())
+            info.size = len(data)
+            new.addfile(info, io.BytesIO(data))
+    src.write_bytes(buf.getvalue())
+    manifest = json.loads((out / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        if entry["name"] == shard:
+            entry["bytes"], entry["sha256"] = len(buf.getvalue()), hashlib.sha256(buf.getvalue()).hexdigest()
+            (out / entry["index"]).write_text(index_for_tar(src))
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+
+# ------------------------------------------------- phantom shards through the shards CLI
+def build_synth_shards(base: Path) -> Path:
+    """Small synthetic shards (240 phantoms at 64 px, 60/20/20 split), built once per session."""
+    import subprocess
+    import sys
+
+    out = base / "synth-shards"
+    if (out / "shards" / "manifest.json").is_file():
+        return out / "shards"
+    run = lambda *a: subprocess.run([sys.executable, "-m", "shards", *a], check=True, cwd=ROOT,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run("synth", "--out", str(out / "synth"), "--n", "240", "--resolution", "64", "--seed", "0", "--workers", "1")
+    run("split", "--metadata", str(out / "synth" / "Data_Entry_2017.csv"), "--scheme", "stratified",
+        "--fractions", "0.6,0.2,0.2", "--out", str(out / "splits.parquet"))
+    run("pack", "--splits", str(out / "splits.parquet"), "--images", str(out / "synth" / "images"),
+        "--out", str(out / "shards"))
+    return out / "shards"
+
+
+# ------------------------------------------------- in-memory data for in-process training
+class MemoryLoader:
+    """build_loader's contract over in-memory phantoms: per-(seed, epoch) permutation, skip_batches,
+    equal batch counts per rank in training, partial last batch in evaluation."""
+
+    def __init__(self, cfg, split, rank=0, world_size=1, epoch=0, skip_batches=0, train=None, kill_at=None):
+        import torch
+
+        n = {"train": 96, "val": 40}[split]
+        g = torch.Generator().manual_seed({"train": 1, "val": 2}[split])
+        self.labels = (torch.rand(n, 14, generator=g) < 0.3).float()
+        self.images = torch.randn(n, 1, 32, 32, generator=g) * 0.5
+        for c in range(14):  # label c brightens row band c
+            self.images[:, 0, 2 * c:2 * c + 2, :] += self.labels[:, c, None, None]
+        train = split == "train" if train is None else train
+        bs = cfg.batch_size if train else cfg.eval_batch
+        if train:
+            order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
+            nb = n // (bs * world_size)
+            self.batches = [order[(b * world_size + rank) * bs:(b * world_size + rank + 1) * bs] for b in range(nb)]
+        else:
+            ids = np.arange(n)[rank::world_size]
+            self.batches = [ids[i:i + bs] for i in range(0, len(ids), bs)]
+        self.batches = self.batches[skip_batches:]
+        self.kill_at, self.seen = kill_at, 0
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        import torch
+
+        for i, ids in enumerate(self.batches):
+            if self.kill_at is not None and i == self.kill_at:
+                os.kill(os.getpid(), signal.SIGUSR1)  # a real signal, delivered mid-epoch
+            self.seen += len(ids)
+            ids = torch.as_tensor(ids)
+            yield {"image": self.images[ids], "labels": self.labels[ids], "meta": torch.zeros(len(ids), 5),
+                   "key": [f"k{int(i):04d}" for i in ids]}
+
+    def report(self):
+        return {"samples": self.seen, "skipped": 0, "skipped_keys": []}
+
+
+def tiny_config(run_dir: Path, *extra: str):
+    """The shipped tiny config at 32 px for in-process training on MemoryLoader."""
+    from cxr.config import load_config
+
+    return load_config(Path(__file__).resolve().parents[1] / "cxr/configs/tiny.yaml", [
+        f"checkpoint.run_dir={run_dir}", "data.batch_size=8", "data.resolution=32", "train.epochs=3",
+        "logging.progress=false", "logging.log_every=1", "schedule.name=plateau", "schedule.warmup_epochs=0",
+        "schedule.patience=0", "train.grad_accum_steps=2", *extra])
+
+
+# ------------------------------------------------- tiny PNG data sets
+def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array, mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def tiny_dataset(tmp: Path, n: int = 6, size: int = 64) -> tuple[pd.DataFrame, Path]:
+    """n random grey PNGs + a splits table (patients 1..n, splits train/val/test)."""
+    rng = np.random.default_rng(0)
+    folder = tmp / "images"
+    folder.mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        key = f"{i + 1:08d}_000"
+        (folder / f"{key}.png").write_bytes(png_bytes(rng.integers(0, 256, (size, size), dtype=np.uint8)))
+        labels = {name: int(rng.random() < 0.3) for name in LABELS}
+        rows.append({"image": f"{key}.png", "patient": i + 1, "split": ("train", "val", "test")[i % 3],
+                     **labels, "age": 30 + i, "sex": "MF"[i % 2], "view": ("PA", "AP")[i % 2]})
+    return pd.DataFrame(rows), folder
