@@ -315,22 +315,23 @@ def _corrupt_copy(src: Path, dst: Path, split: str, fix_crc: bool) -> tuple[str,
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fix_crc", [False, True], ids=["crc-fails", "decode-fails"])
-def test_corrupt_sample_train_skipped_eval_raises(synth, tmp_path, backend, fix_crc):
+@pytest.mark.parametrize("resolution", [64, 48], ids=["native", "resized"])  # 48: the masters resized on the fly
+def test_corrupt_sample_train_skipped_eval_raises(synth, tmp_path, backend, fix_crc, resolution):
     shard, key = _corrupt_copy(synth["dir"], tmp_path / "s", "train", fix_crc)
-    cfg = _cfg(tmp_path / "s", backend, batch_size=4)
     train_keys = set(synth["table"].index[synth["table"]["split"] == "train"])
     # world_size 1 with a batch that divides N keeps every sample, so the corrupt one is in the plan
     n = len(train_keys)
-    cfg = _cfg(tmp_path / "s", backend, batch_size=next(b for b in (6, 5, 4, 3, 2, 1) if n % b == 0))
+    cfg = _cfg(tmp_path / "s", backend, batch_size=next(b for b in (6, 5, 4, 3, 2, 1) if n % b == 0),
+               resolution=resolution, num_threads=2)
     loader = build_loader(cfg, "train")
     keys = _keys(_collect(loader))
     assert key not in keys and set(keys) == train_keys - {key}
     assert len(keys) == loader.num_samples - 1
     assert loader.report() == {"samples": n - 1, "skipped": 1, "skipped_keys": [key]}
     with pytest.raises(CxrError, match=rf"{shard}.*{key}"):
-        _collect(build_loader(_cfg(tmp_path / "s", backend, batch_size=4, strict=True), "train"))
+        _collect(build_loader(_cfg(tmp_path / "s", backend, batch_size=4, strict=True, resolution=resolution), "train"))
     with pytest.raises(CxrError, match=rf"{shard}.*{key}"):
-        _collect(build_loader(_cfg(tmp_path / "s", backend, batch_size=4), "train", train=False))
+        _collect(build_loader(_cfg(tmp_path / "s", backend, batch_size=4, resolution=resolution), "train", train=False))
 
 
 def test_missing_manifest_and_shard_name_the_path(synth, tmp_path):

@@ -57,6 +57,7 @@ import io
 import logging
 import os
 from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
 import numpy as np
@@ -69,6 +70,7 @@ from cxr.data.shard_index import CorruptSample, SampleReader, SplitIndex
 OnCorrupt = Callable[[CorruptSample], None]  # records a skip, or raises CxrError
 GPU_DECODABLE = ("jpeg", "ljpeg", "j2k")  # nvJPEG / nvJPEG2000; DALI decodes PNG on the CPU even in "mixed"
 log = logging.getLogger("cxr.data")
+RESIZE_AHEAD = 2  # batches decoded + resized ahead of the one DALI asks for (on-the-fly resizing)
 
 
 class DaliBatches:
@@ -112,7 +114,7 @@ class DaliBatches:
                 on_corrupt(found[1])  # raises in eval / strict
                 bad.add(found[0])
             finally:
-                feed.reader.close()
+                feed.close()
 
 
 def local_device_id() -> int:
@@ -162,9 +164,16 @@ class _Feed:
         self._planned = batches
         self.reader = SampleReader(owner.index)
         self.pending: deque[np.ndarray] = deque()  # ids of batches fed to DALI, not yet output
+        # resizing masters: decode + resize in cfg.num_threads threads (the serial source only;
+        # source_workers decode in their own processes), batches queued in `ahead`
+        self.pool = ThreadPoolExecutor(max(owner.cfg.num_threads, 1), thread_name_prefix="cxr-resize") \
+            if owner.resize and not owner.cfg.source_workers else None
+        self.ahead: deque[tuple[np.ndarray, list]] = deque()
 
     def source(self):
         """External source callback: next batch's encoded images (+ augmentation params)."""
+        if self.pool is not None:
+            return self._source_resized()
         ids = next(self.batches)  # StopIteration ends the epoch
         keep, data = [], []
         for i in ids:
@@ -182,6 +191,55 @@ class _Feed:
         ids = np.asarray(keep, np.int64)
         self.pending.append(ids)
         return _outputs(self.o, ids, data)
+
+    def _source_resized(self):
+        """source() when masters are resized on the fly: decode + resize run in `pool`, batches ahead.
+
+        Reads and checksums stay on this thread (one SampleReader, a few preads per image);
+        each checked image is decoded and resized by a pool thread (imagecodecs / PIL release
+        the GIL), RESIZE_AHEAD batches ahead of the one DALI asks for, so the pool works
+        while DALI and the training step run. Skips and their order are the serial path's.
+        """
+        while len(self.ahead) <= RESIZE_AHEAD:
+            ids = next(self.batches, None)
+            if ids is None:
+                break
+            jobs = []
+            for i in map(int, ids):
+                if i in self.bad:
+                    continue
+                try:
+                    image = _read_checked(self.o, self.reader, i)
+                except CorruptSample as corrupt:
+                    jobs.append((i, corrupt))
+                    continue
+                jobs.append((i, self.pool.submit(_decode_resize, image, self.o.res, self.o.index, i)))
+            self.ahead.append((ids, jobs))
+        if not self.ahead:
+            raise StopIteration  # the epoch's last batch was handed over
+        ids, jobs = self.ahead.popleft()
+        keep, data = [], []
+        for i, job in jobs:
+            try:
+                if isinstance(job, CorruptSample):
+                    raise job
+                data.append(job.result())
+            except CorruptSample as corrupt:
+                self.bad.add(i)
+                self.on_corrupt(corrupt)
+                continue
+            keep.append(i)
+        if not data:
+            raise _all_corrupt(self.o.index, ids)
+        keep = np.asarray(keep, np.int64)
+        self.pending.append(keep)
+        return _outputs(self.o, keep, data)
+
+    def close(self) -> None:
+        """Close the reader and stop the resize pool (queued decodes of an abandoned epoch are dropped)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+        self.reader.close()
 
     def run(self) -> Iterator[tuple[object, np.ndarray]]:
         if self.o.cfg.source_workers:
@@ -297,12 +355,18 @@ def _prepare(o: DaliBatches, reader: SampleReader, i: int) -> np.ndarray:
     Raises CorruptSample. crc32 of every member (format /2); for /1 shards libpng checks PNG
     CRCs inside DALI's threads and a failure is located by _find_undecodable.
     """
-    image, _, _ = reader.read(i, check_image=False)
-    if o.check_size:
-        _check_size(image, o.res, reader.index, i)
+    image = _read_checked(o, reader, i)
     if o.resize:  # masters resized on the fly: pixels, with pack's filter
         return _decode_resize(image, o.res, reader.index, i)
     return np.frombuffer(image, np.uint8)
+
+
+def _read_checked(o: DaliBatches, reader: SampleReader, i: int) -> bytes:
+    """Sample i's encoded image, its members checked (and its size, when sized from one header)."""
+    image, _, _ = reader.read(i, check_image=False)
+    if o.check_size:
+        _check_size(image, o.res, reader.index, i)
+    return image
 
 
 def _corruption(o: DaliBatches, reader: SampleReader, i: int) -> CorruptSample:
