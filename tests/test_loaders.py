@@ -12,7 +12,9 @@ import hashlib
 import io
 import json
 import logging
+import os
 import shutil
+import signal
 import tarfile
 import zlib
 from pathlib import Path
@@ -673,3 +675,47 @@ def test_dali_parallel_source_batch_of_only_corrupt_samples_stops(synth, tmp_pat
     for workers in (0, 1):
         with pytest.raises(CxrError, match=rf"{shard}: every sample of a batch is corrupt \(\['{key}'\]\)"):
             _collect(build_loader(_cfg(tmp_path / "s", "dali", batch_size=1, source_workers=workers), "train"))
+
+
+def _spawned_children() -> dict[int, bytes]:
+    """pid → command line of this process's children started by multiprocessing's spawn (DALI's source
+    workers, multiprocessing's resource tracker)."""
+    out = {}
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        for pid in map(int, (task / "children").read_text().split()):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"multiprocessing" in cmdline:
+                out[pid] = cmdline
+    return out
+
+
+def _pending_signals(pid: int) -> int:
+    """Signals pending for process pid (process-wide | main thread), as the bit mask of /proc/PID/status."""
+    status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                  if ":\t" in line)
+    assert not status["State"].startswith(("Z", "X")), f"worker {pid} died: {status['State']}"
+    return int(status["ShdPnd"], 16) | int(status["SigPnd"], 16)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads worker processes from /proc (Linux)")
+def test_dali_source_workers_survive_the_jobs_stop_signals(synth):
+    """Issue 22 item 7: srun / scancel --signal send SIGUSR1 / SIGTERM to every process of the job.
+
+    The source workers (spawned by DALI) must leave the stop to the training process: both
+    signals stay pending (blocked) in every worker and the epoch goes on to its end — with
+    the default action the workers died and the loader failed.
+    """
+    before = set(_spawned_children())
+    loader = build_loader(_cfg(synth["dir"], "dali", batch_size=2, source_workers=1), "train")
+    batches = iter(loader)
+    keys = list(next(batches)["key"])  # the pipeline is built: its worker is running
+    workers = {pid: cmd for pid, cmd in _spawned_children().items() if pid not in before}
+    assert any(b"spawn_main" in cmd for cmd in workers.values()), workers
+    for pid in workers:
+        os.kill(pid, signal.SIGUSR1)
+        os.kill(pid, signal.SIGTERM)
+    stop = (1 << (signal.SIGUSR1 - 1)) | (1 << (signal.SIGTERM - 1))
+    for pid in workers:  # the kernel marks a blocked signal pending at once; a default action kills instead
+        assert _pending_signals(pid) & stop == stop
+    keys += [k for b in batches for k in b["key"]]
+    assert len(keys) == loader.num_samples

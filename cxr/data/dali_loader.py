@@ -57,6 +57,7 @@ import io
 import logging
 import os
 from collections import OrderedDict, deque
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
@@ -436,13 +437,37 @@ def _pipeline(o: DaliBatches, source):
 
     p = pipe()
     try:
-        p.build()
+        with stop_signals_blocked():  # source workers (spawned by build) must survive the job's stop signals
+            p.build()
     except RuntimeError as err:
         if gpu:
             raise CxrError(f"data.device=gpu: DALI could not build a GPU pipeline on device {o.device_id} "
                            f"({str(err).splitlines()[0]}) — run on a CUDA machine or set data.device=cpu") from err
         raise
     return p
+
+
+STOP_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM")  # srun / scancel --signal / submitit: cxr.distributed.StopFlag
+
+
+@contextmanager
+def stop_signals_blocked():
+    """Start worker processes inside this block: they inherit the job's stop signals blocked.
+
+    srun, `scancel --signal` and submitit signal every process of the job; a loader worker
+    with the default action would die of SIGUSR1 / SIGTERM and crash the loader before the
+    training process saves. A signal mask survives fork and exec (spawn), so the wds fork
+    server, DALI's spawned source workers and multiprocessing's resource tracker leave the
+    stop to the main process, which ends them itself. Blocked, not ignored, here: a signal
+    that arrives meanwhile reaches the main process's handler when the mask is restored.
+    """
+    import signal
+
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {getattr(signal, name) for name in STOP_SIGNALS})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def all_corrupt_error(shards: list, keys: list[str]) -> CxrError:

@@ -24,7 +24,7 @@ import numpy as np
 
 from cxr.data.augmentation import draw_params, warp_affine_torch
 from cxr.data.config import DataConfig
-from cxr.data.dali_loader import OnCorrupt, all_corrupt_error
+from cxr.data.dali_loader import STOP_SIGNALS, OnCorrupt, all_corrupt_error, stop_signals_blocked
 from cxr.data.shard_index import CorruptSample, SampleReader, SplitIndex
 
 log = logging.getLogger("cxr.data")
@@ -158,25 +158,15 @@ def _worker_context():
     by a fork of it instead of re-importing torch.
     """
     import multiprocessing
-    import signal
     from multiprocessing import forkserver
 
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "PIL.PngImagePlugin", "imagecodecs", "cxr.data.wds_loader"])  # no-op once started
-    # The fork server and multiprocessing's resource tracker are started with the job's stop
-    # signals blocked, a mask they (and the workers forked from the server) inherit: a signal to
-    # the whole job then leaves them alone. Blocked, not ignored, in this process: a signal that
-    # arrives meanwhile is delivered to the main process's handler when the mask is restored.
-    stop = {getattr(signal, name) for name in STOP_SIGNALS}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
-    try:
+    # the fork server and multiprocessing's resource tracker start with the job's stop signals
+    # blocked, a mask they and the workers forked from the server inherit (stop_signals_blocked)
+    with stop_signals_blocked():
         forkserver.ensure_running()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     return ctx
-
-
-STOP_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM")
 
 
 def _one_thread(_worker: int) -> None:
