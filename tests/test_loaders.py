@@ -719,3 +719,70 @@ def test_dali_source_workers_survive_the_jobs_stop_signals(synth):
         assert _pending_signals(pid) & stop == stop
     keys += [k for b in batches for k in b["key"]]
     assert len(keys) == loader.num_samples
+
+
+# ----- GPU decoding: silent failures, decoder buffers, DALI's memory (issue 22 items 6 and D) -----
+
+def test_flat_image_from_the_decoder_whose_bytes_hold_pixels_stops_the_run(synth, tmp_path, monkeypatch):
+    """nvJPEG's lossless path returned all-zero images before 13.0.2; here the decode is replaced by
+    one that zeroes its output, as that bug did. The CPU decode of the checked bytes is the reference."""
+    from nvidia.dali import fn, types
+
+    import cxr.data.dali_loader as dali_loader
+
+    shutil.copytree(synth["dir"], tmp_path / "s")  # a new shard path: a pipeline of its own, not a cached one
+    monkeypatch.setattr(dali_loader, "_decode", lambda data, gpu, native: fn.cast(
+        fn.decoders.image(data, device="cpu", output_type=types.GRAY) * 0, dtype=types.UINT8))
+    loader = build_loader(_cfg(tmp_path / "s", "dali", batch_size=4), "val", train=False)
+    first = loader.index.keys[loader.plan.batches[0][0]]
+    with pytest.raises(CxrError, match=rf"val-\d+\.tar: sample {first} came out of DALI .* one flat value.*13\.0\.2"):
+        next(iter(loader))
+
+
+def test_decode_off_the_gpu_is_said_once(synth, monkeypatch, caplog):
+    import cxr.data.dali_loader as dali_loader
+
+    monkeypatch.setattr(dali_loader, "_NOT_ON_GPU_SAID", set())
+    with caplog.at_level(logging.WARNING, logger="cxr.data"):
+        for _ in range(3):
+            dali_loader._warn_if_not_on_gpu(b"not an image", "ljpeg", 0)
+    said = [r for r in caplog.records if "decode on the CPU inside DALI mixed" in r.getMessage()]
+    assert len(said) == 1 and "ljpeg" in said[0].getMessage()
+    # no GPU here: nvImageCodec's GPU-only backends refuse even a valid stream, and say why
+    png = next((synth["dir"]).glob("val-*.tar"))
+    with tarfile.open(png) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".png"))
+        data = tar.extractfile(member).read()
+    assert dali_loader.gpu_decode_refusal(data) is not None
+
+
+def test_mixed_decoder_buffers_are_sized_for_grey_masters(monkeypatch):
+    """DALI's defaults (16 MiB device, 2 × 8 MiB pinned per thread) are for 4k colour photos; a 1024²
+    grey image is 1 MiB (2 MiB as the uint16 of lossless JPEG)."""
+    from nvidia.dali import fn
+
+    import cxr.data.dali_loader as dali_loader
+
+    seen = {}
+    monkeypatch.setattr(fn.decoders, "image", lambda data, **kw: seen.update(kw))
+    dali_loader._decode(None, True, (1024, 1024))
+    assert seen["device"] == "mixed"
+    assert seen["device_memory_padding"] == seen["device_memory_padding_jpeg2k"] == 2 * 1024 * 1024
+    assert seen["host_memory_padding"] == seen["host_memory_padding_jpeg2k"] == 1024 * 1024
+
+
+def test_dali_memory_estimate_g5_profile():
+    """Hand computation for the g5 profile (16 DALI threads), 1024² PNG / lossless JPEG, batch 16, augmentation on."""
+    from cxr.data.dali_loader import dali_memory_estimate
+
+    mib = 1 << 20
+    cfg = DataConfig(device="gpu", num_threads=16, batch_size=16, resolution=1024, augment=True)
+    png = dali_memory_estimate(cfg, "png", (1024, 1024), pipelines=2)
+    # per pipeline: 16 threads × 2 MiB decoder buffers; stages 2 deep × 16 images × (1 MiB decoded + 1 MiB warped
+    # + 3 float32 stages × 4 MiB) = 448 MiB; pinned 2 × 16 × 1 MiB; two pipelines (train + val)
+    assert png["threads"] == 16
+    assert png["device"] == 2 * (16 * 2 * mib + 448 * mib) and png["pinned"] == 2 * 32 * mib
+    ljpeg = dali_memory_estimate(cfg, "ljpeg", (1024, 1024), pipelines=2)
+    assert ljpeg["threads"] == 4 and ljpeg["device"] == 2 * (4 * 2 * mib + 448 * mib)  # GPU decodes: 4 CPU threads
+    cpu = dali_memory_estimate(DataConfig(device="cpu", pin_memory=True, batch_size=16, resolution=1024), pipelines=1)
+    assert cpu["device"] == 0 and cpu["pinned"] == 2 * 16 * 4 * mib
