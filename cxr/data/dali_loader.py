@@ -1,8 +1,13 @@
 """The DALI back end: encoded bytes → decode (CPU, or GPU with device "mixed") → augment → normalize.
 
 Resizing on the fly (masters at another resolution than asked) decodes and resizes in the
-external source with `pack --resize`'s filter (shards.image_codec.resize_grey), so both
-back ends and derived shards give the same pixels; derived `resN/` shards avoid that cost.
+external source with `pack --resize`'s decoder and filter (shards.image_codec.decode_grey,
+resize_grey), so both back ends and derived shards give the same pixels; the serial source
+runs them in data.num_threads threads, batches ahead (both release the GIL). Derived `resN/`
+shards avoid that cost. Why not DALI's own resize, or on the GPU under "mixed": DALI's
+Lanczos differs from PIL's by up to 16 grey levels on NIH images, so derived shards (packed
+on CPU login nodes, where pack imports neither DALI nor torch) would no longer match; the
+decode, not the resize, is most of the cost (PNG decodes on the CPU even in "mixed").
 
 Why `fn.external_source` and not `fn.readers.webdataset`: the reader shards by sample
 count per rank and shuffles with a buffer, so it cannot give the training contract —
@@ -48,8 +53,10 @@ device_id = the LOCAL rank (LOCAL_RANK, SLURM_LOCALID, or torch's current device
 the global rank, which exceeds the GPU count on every node but the first). GPU decode
 helps only JPEG, lossless JPEG (`ljpeg`, nvJPEG since DALI 1.23) and JPEG 2000 shards;
 PNG decodes on the CPU even in "mixed" mode. The chosen decode device is logged when the
-loader is built. The lossless JPEG GPU path is untested in this repository (no GPU on its
-test machines).
+loader is built, and the first batch of each pass checks that a GPU-decodable codec really
+decodes on the GPU and that no image came out flat where its bytes hold pixels
+(DaliBatches._check_first_batch; docs/shards-format.md, "Decoding ljpeg"). The GPU path has
+not run in this repository (no GPU on its test machines).
 """
 from __future__ import annotations
 
