@@ -176,7 +176,7 @@ def decode_grey(data: bytes, codec: str | None = None) -> Image.Image:
     if codec == "ljpeg":
         return Image.fromarray(decode_ljpeg(data), mode="L")
     if codec == "png":
-        import imagecodecs  # noqa: PLC0415
+        import imagecodecs
 
         try:
             pixels = imagecodecs.png_decode(data)

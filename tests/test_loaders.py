@@ -728,7 +728,7 @@ def test_flat_image_from_the_decoder_whose_bytes_hold_pixels_stops_the_run(synth
     one that zeroes its output, as that bug did. The CPU decode of the checked bytes is the reference."""
     from nvidia.dali import fn, types
 
-    import cxr.data.dali_loader as dali_loader
+    from cxr.data import dali_loader
 
     shutil.copytree(synth["dir"], tmp_path / "s")  # a new shard path: a pipeline of its own, not a cached one
     monkeypatch.setattr(dali_loader, "_decode", lambda data, gpu, native: fn.cast(
@@ -740,7 +740,7 @@ def test_flat_image_from_the_decoder_whose_bytes_hold_pixels_stops_the_run(synth
 
 
 def test_decode_off_the_gpu_is_said_once(synth, monkeypatch, caplog):
-    import cxr.data.dali_loader as dali_loader
+    from cxr.data import dali_loader
 
     monkeypatch.setattr(dali_loader, "_NOT_ON_GPU_SAID", set())
     with caplog.at_level(logging.WARNING, logger="cxr.data"):
@@ -761,7 +761,7 @@ def test_mixed_decoder_buffers_are_sized_for_grey_masters(monkeypatch):
     grey image is 1 MiB (2 MiB as the uint16 of lossless JPEG)."""
     from nvidia.dali import fn
 
-    import cxr.data.dali_loader as dali_loader
+    from cxr.data import dali_loader
 
     seen = {}
     monkeypatch.setattr(fn.decoders, "image", lambda data, **kw: seen.update(kw))

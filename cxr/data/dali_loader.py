@@ -184,7 +184,7 @@ def gpu_decode_refusal(sample: bytes, device_id: int = 0) -> str | None:
                                                           nvimgcodec.BackendKind.HYBRID_CPU_GPU,
                                                           nvimgcodec.BackendKind.HW_GPU_ONLY)]
         image = nvimgcodec.Decoder(device_id=device_id, backends=backends).decode(sample)
-    except Exception as err:  # nvImageCodec raises RuntimeError / ValueError on unsupported streams
+    except Exception as err:  # noqa: BLE001 — nvImageCodec raises RuntimeError / ValueError on unsupported streams
         return f"nvImageCodec GPU decoders: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     return None if image is not None else "nvImageCodec's GPU decoders refused the stream"
 

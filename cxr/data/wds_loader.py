@@ -24,7 +24,12 @@ import numpy as np
 
 from cxr.data.augmentation import draw_params, warp_affine_torch
 from cxr.data.config import DataConfig
-from cxr.data.dali_loader import STOP_SIGNALS, OnCorrupt, all_corrupt_error, stop_signals_blocked
+from cxr.data.dali_loader import (
+    STOP_SIGNALS,
+    OnCorrupt,
+    all_corrupt_error,
+    stop_signals_blocked,
+)
 from cxr.data.shard_index import CorruptSample, SampleReader, SplitIndex
 
 log = logging.getLogger("cxr.data")
