@@ -21,6 +21,16 @@ writes its own section ("## codec decode") with --append.
 
     python bench/loader.py --codecs --images 40 --append bench/RESULTS.md
 
+`--masters` instead measures the loader from full-resolution masters against its peers, all
+cases interleaved per repeat: PNG decode ceilings at 1024 (DALI, imagecodecs and PIL in
+--threads threads), the DALI loader at 1024, DALI and wds at 224 resized from the masters
+(eval mode), and MONAI (LoadImage + Resize in a DataLoader with --threads workers) and
+torchxrayvision (skimage imread + its normalize + XRayResizer, same DataLoader) over the same
+PNG files, where installed. Goals: DALI from masters at 224 ≥ 1.2× MONAI; the DALI loader at
+1024 ≥ 0.9× the best PNG decode ceiling. Section "## loader from masters".
+
+    python bench/loader.py --masters --append bench/RESULTS.md
+
 `--parallel-source` instead compares, on the same packed shards, the DALI loader with its
 external source in the training process (data.source_workers=0) and in DALI's parallel
 mode with 1 and 2 spawned workers, in training (augment on) at 1024 (source: read + crc32
@@ -158,6 +168,116 @@ def pil_decode_ceiling(data: list[bytes], threads: int):
             return sum(pool.map(decode, data))
 
     return run
+
+
+def grey_decode_ceiling(data: list[bytes], threads: int):
+    """PNG decode with the loaders' own decoder (shards.image_codec.decode_grey: imagecodecs' libpng) in threads."""
+    from shards.image_codec import decode_grey
+
+    def run() -> int:
+        with ThreadPoolExecutor(threads) as pool:
+            return sum(1 for _ in pool.map(lambda d: decode_grey(d, "png"), data))
+
+    return run
+
+
+def peer_rates(files: list[Path], peer: str, resolution: int, threads: int, batch: int):
+    """A peer library's loader over the same PNG files: run() → images, in a DataLoader of `threads` workers."""
+    import torch
+
+    if peer == "monai":
+        from monai.data import Dataset, PILReader
+        from monai.transforms import Compose, LoadImage, Resize
+
+        # the usual MONAI 2D recipe: PIL reader (grey, as the sample has a few RGBA files), channel
+        # first, area resize (Resize's default mode)
+        reader = PILReader(converter=_grey)
+        transform = Compose([LoadImage(image_only=True, ensure_channel_first=True, reader=reader),
+                             Resize((resolution, resolution))])
+        dataset = Dataset([str(f) for f in files], transform)
+    else:
+        dataset = _XrvFiles(files, resolution)
+
+    def run() -> int:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=threads,
+                                             multiprocessing_context="fork" if threads else None)
+        return sum(len(b) for b in loader)
+
+    return run
+
+
+def _grey(image):
+    return image.convert("L")
+
+
+class _XrvFiles:
+    """torchxrayvision's own preprocessing of one image (its datasets' path): imread, normalize, resize."""
+
+    def __init__(self, files: list[Path], resolution: int):
+        self.files, self.res = files, resolution
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        import skimage.io
+        import torchxrayvision as xrv
+
+        img = xrv.datasets.normalize(skimage.io.imread(self.files[i]), 255)
+        if img.ndim == 3:
+            img = img.mean(2)
+        return xrv.datasets.XRayResizer(self.res, engine="skimage")(img[None]).astype(np.float32)
+
+
+def masters_rates(shards: Path, masters_only: Path, files: list[Path], args) -> list[tuple[str, float, float | None]]:
+    """Rows (name, best img/s whole pass, best steady img/s or None), every case once per repeat, interleaved."""
+    import importlib.util
+
+    data = encoded_train_images(shards)
+    t, b = args.threads, args.batch_size
+    cases = {"ceiling: DALI PNG decode, 1024": (dali_decode_ceiling(data, t, b), False),
+             "ceiling: imagecodecs PNG decode (loaders' decoder), 1024": (grey_decode_ceiling(data, t), False),
+             "ceiling: PIL PNG decode, 1024": (pil_decode_ceiling(data, t), False),
+             "dali 1024 (decode+normalize)": (lambda: loader_rates(shards, "dali", 1024, False, t, b, 1), True),
+             "dali 224 from masters": (lambda: loader_rates(masters_only, "dali", 224, False, t, b, 1), True),
+             "dali 224 from masters, 1 thread": (lambda: loader_rates(masters_only, "dali", 224, False, 1, b, 1), True),
+             "wds 224 from masters": (lambda: loader_rates(masters_only, "wds", 224, False, t, b, 1), True)}
+    for peer in ("monai", "torchxrayvision"):
+        if importlib.util.find_spec(peer) is not None:
+            cases[f"{peer} 224 (DataLoader, {t} workers)"] = (peer_rates(files, peer.replace("torchxrayvision", "xrv"),
+                                                                         224, t, b), False)
+    loader_rates(masters_only, "wds", 224, False, t, b, 1)  # start the worker fork server once, untimed
+    best = {name: (0.0, None) for name in cases}
+    for _ in range(args.repeats):
+        for name, (run, is_loader) in cases.items():
+            if is_loader:
+                tot, st = run()
+            else:
+                start = time.perf_counter()
+                tot, st = run() / (time.perf_counter() - start), None
+            old_tot, old_st = best[name]
+            best[name] = (max(old_tot, tot), None if st is None else max(old_st or 0.0, st))
+    return [(name, *best[name]) for name in cases]
+
+
+def masters_table(rows: list[tuple[str, float, float | None]], n: int, args) -> str:
+    total = {name: tot for name, tot, _ in rows}
+    ceiling = max(v for name, v in total.items() if name.startswith("ceiling"))
+    monai = next((v for name, v in total.items() if name.startswith("monai")), None)
+    lines = [(f"{n} train images (1024² NIH PNG masters), eval mode, {args.threads} threads / workers, batch "
+              f"{args.batch_size}, best of {args.repeats} interleaved passes"), "",
+             "| case | img/s whole pass | img/s steady | whole pass / MONAI | whole pass / best 1024 decode ceiling |",
+             "|---|---|---|---|---|"]
+    for name, tot, st in rows:
+        ratio = f"{tot / monai:.2f}x" if monai else "-"
+        lines.append(f"| {name} | {tot:.1f} | {'' if st is None else f'{st:.1f}'} | {ratio} | {tot / ceiling:.2f}x |")
+    dali224, dali1024 = total["dali 224 from masters"], total["dali 1024 (decode+normalize)"]
+    lines.append("")
+    if monai:
+        lines.append(f"Goals: DALI 224 from masters / MONAI = {dali224 / monai:.2f}x (goal ≥ 1.2)")
+    lines.append(f"DALI 1024 loader / best PNG decode ceiling = {dali1024 / ceiling:.2f}x (goal ≥ 0.9); "
+                 f"DALI 224 from masters / best ceiling = {dali224 / ceiling:.2f}x")
+    return "\n".join(lines)
 
 
 def loader_rates(shards: Path, backend: str, resolution: int, augment: bool, threads: int, batch: int,
@@ -360,6 +480,9 @@ def main() -> None:
     parser.add_argument("--append", type=Path, default=None, help="write the results into this RESULTS.md")
     parser.add_argument("--codecs", action="store_true",
                         help="only compare decode speed and size of png / ljpeg / j2k / jpeg (see above)")
+    parser.add_argument("--masters", action="store_true",
+                        help="only compare the loader from 1024 masters with the decode ceilings and MONAI / "
+                             "torchxrayvision (see above)")
     parser.add_argument("--parallel-source", action="store_true",
                         help="only compare the DALI external source serial vs parallel with 1/2 workers (see above)")
     parser.add_argument("--images", type=int, default=40, help="--codecs: sample images to encode (default 40)")
@@ -382,6 +505,16 @@ def main() -> None:
             if f.is_file() and not (masters_only / f.name).exists():
                 os.symlink(f, masters_only / f.name)
         n = len(encoded_train_images(shards))
+        if args.masters:
+            from cxr.data.shard_index import SplitIndex, load_shards_manifest
+
+            folder, manifest = load_shards_manifest(shards, 1024)
+            files = [work / "images" / f"{key}.png" for key in SplitIndex.load(folder, manifest, "train").keys]
+            text = masters_table(masters_rates(shards, masters_only, files, args), n, args)
+            print(text)
+            if args.append:
+                write_section(args.append, "loader from masters", command, text)
+            return
         if args.parallel_source:
             text = parallel_source_table(parallel_source_rates(shards, masters_only, args), n, args)
             print(text)

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import tarfile
 import zlib
 from pathlib import Path
@@ -316,22 +317,23 @@ def _corrupt_copy(src: Path, dst: Path, split: str, fix_crc: bool) -> tuple[str,
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fix_crc", [False, True], ids=["crc-fails", "decode-fails"])
-def test_corrupt_sample_train_skipped_eval_raises(synth, tmp_path, backend, fix_crc):
+@pytest.mark.parametrize("resolution", [64, 48], ids=["native", "resized"])  # 48: the masters resized on the fly
+def test_corrupt_sample_train_skipped_eval_raises(synth, tmp_path, backend, fix_crc, resolution):
     shard, key = _corrupt_copy(synth["dir"], tmp_path / "s", "train", fix_crc)
-    cfg = _cfg(tmp_path / "s", backend, batch_size=4)
     train_keys = set(synth["table"].index[synth["table"]["split"] == "train"])
     # world_size 1 with a batch that divides N keeps every sample, so the corrupt one is in the plan
     n = len(train_keys)
-    cfg = _cfg(tmp_path / "s", backend, batch_size=next(b for b in (6, 5, 4, 3, 2, 1) if n % b == 0))
+    cfg = _cfg(tmp_path / "s", backend, batch_size=next(b for b in (6, 5, 4, 3, 2, 1) if n % b == 0),
+               resolution=resolution, num_threads=2)
     loader = build_loader(cfg, "train")
     keys = _keys(_collect(loader))
     assert key not in keys and set(keys) == train_keys - {key}
     assert len(keys) == loader.num_samples - 1
     assert loader.report() == {"samples": n - 1, "skipped": 1, "skipped_keys": [key]}
     with pytest.raises(CxrError, match=rf"{shard}.*{key}"):
-        _collect(build_loader(_cfg(tmp_path / "s", backend, batch_size=4, strict=True), "train"))
+        _collect(build_loader(_cfg(tmp_path / "s", backend, batch_size=4, strict=True, resolution=resolution), "train"))
     with pytest.raises(CxrError, match=rf"{shard}.*{key}"):
-        _collect(build_loader(_cfg(tmp_path / "s", backend, batch_size=4), "train", train=False))
+        _collect(build_loader(_cfg(tmp_path / "s", backend, batch_size=4, resolution=resolution), "train", train=False))
 
 
 def test_missing_manifest_and_shard_name_the_path(synth, tmp_path):
@@ -764,3 +766,114 @@ def test_full_resolution_masters_are_not_said_to_be_resized(real, capsys):
                  "--resolution", "1024", "--batch-size", "2", "--limit", "1", "--num-threads", "0"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == \
         f"images: masters {real['dir']} at their native 1024 px; resize filter: None"
+
+
+def _spawned_children() -> dict[int, bytes]:
+    """pid → command line of this process's children started by multiprocessing's spawn (DALI's source
+    workers, multiprocessing's resource tracker)."""
+    out = {}
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        for pid in map(int, (task / "children").read_text().split()):
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"multiprocessing" in cmdline:
+                out[pid] = cmdline
+    return out
+
+
+def _pending_signals(pid: int) -> int:
+    """Signals pending for process pid (process-wide | main thread), as the bit mask of /proc/PID/status."""
+    status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                  if ":\t" in line)
+    assert not status["State"].startswith(("Z", "X")), f"worker {pid} died: {status['State']}"
+    return int(status["ShdPnd"], 16) | int(status["SigPnd"], 16)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads worker processes from /proc (Linux)")
+def test_dali_source_workers_survive_the_jobs_stop_signals(synth):
+    """Issue 22 item 7: srun / scancel --signal send SIGUSR1 / SIGTERM to every process of the job.
+
+    The source workers (spawned by DALI) must leave the stop to the training process: both
+    signals stay pending (blocked) in every worker and the epoch goes on to its end — with
+    the default action the workers died and the loader failed.
+    """
+    before = set(_spawned_children())
+    loader = build_loader(_cfg(synth["dir"], "dali", batch_size=2, source_workers=1), "train")
+    batches = iter(loader)
+    keys = list(next(batches)["key"])  # the pipeline is built: its worker is running
+    workers = {pid: cmd for pid, cmd in _spawned_children().items() if pid not in before}
+    assert any(b"spawn_main" in cmd for cmd in workers.values()), workers
+    for pid in workers:
+        os.kill(pid, signal.SIGUSR1)
+        os.kill(pid, signal.SIGTERM)
+    stop = (1 << (signal.SIGUSR1 - 1)) | (1 << (signal.SIGTERM - 1))
+    for pid in workers:  # the kernel marks a blocked signal pending at once; a default action kills instead
+        assert _pending_signals(pid) & stop == stop
+    keys += [k for b in batches for k in b["key"]]
+    assert len(keys) == loader.num_samples
+
+
+# ----- GPU decoding: silent failures, decoder buffers, DALI's memory (issue 22 items 6 and D) -----
+
+def test_flat_image_from_the_decoder_whose_bytes_hold_pixels_stops_the_run(synth, tmp_path, monkeypatch):
+    """nvJPEG's lossless path returned all-zero images before 13.0.2; here the decode is replaced by
+    one that zeroes its output, as that bug did. The CPU decode of the checked bytes is the reference."""
+    from nvidia.dali import fn, types
+
+    from cxr.data import dali_loader
+
+    shutil.copytree(synth["dir"], tmp_path / "s")  # a new shard path: a pipeline of its own, not a cached one
+    monkeypatch.setattr(dali_loader, "_decode", lambda data, gpu, native: fn.cast(
+        fn.decoders.image(data, device="cpu", output_type=types.GRAY) * 0, dtype=types.UINT8))
+    loader = build_loader(_cfg(tmp_path / "s", "dali", batch_size=4), "val", train=False)
+    first = loader.index.keys[loader.plan.batches[0][0]]
+    with pytest.raises(CxrError, match=rf"val-\d+\.tar: sample {first} came out of DALI .* one flat value.*13\.0\.2"):
+        next(iter(loader))
+
+
+def test_decode_off_the_gpu_is_said_once(synth, monkeypatch, caplog):
+    from cxr.data import dali_loader
+
+    monkeypatch.setattr(dali_loader, "_NOT_ON_GPU_SAID", set())
+    with caplog.at_level(logging.WARNING, logger="cxr.data"):
+        for _ in range(3):
+            dali_loader._warn_if_not_on_gpu(b"not an image", "ljpeg", 0)
+    said = [r for r in caplog.records if "decode on the CPU inside DALI mixed" in r.getMessage()]
+    assert len(said) == 1 and "ljpeg" in said[0].getMessage()
+    # no GPU here: nvImageCodec's GPU-only backends refuse even a valid stream, and say why
+    png = next((synth["dir"]).glob("val-*.tar"))
+    with tarfile.open(png) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".png"))
+        data = tar.extractfile(member).read()
+    assert dali_loader.gpu_decode_refusal(data) is not None
+
+
+def test_mixed_decoder_buffers_are_sized_for_grey_masters(monkeypatch):
+    """DALI's defaults (16 MiB device, 2 × 8 MiB pinned per thread) are for 4k colour photos; a 1024²
+    grey image is 1 MiB (2 MiB as the uint16 of lossless JPEG)."""
+    from nvidia.dali import fn
+
+    from cxr.data import dali_loader
+
+    seen = {}
+    monkeypatch.setattr(fn.decoders, "image", lambda data, **kw: seen.update(kw))
+    dali_loader._decode(None, True, (1024, 1024))
+    assert seen["device"] == "mixed"
+    assert seen["device_memory_padding"] == seen["device_memory_padding_jpeg2k"] == 2 * 1024 * 1024
+    assert seen["host_memory_padding"] == seen["host_memory_padding_jpeg2k"] == 1024 * 1024
+
+
+def test_dali_memory_estimate_g5_profile():
+    """Hand computation for the g5 profile (16 DALI threads), 1024² PNG / lossless JPEG, batch 16, augmentation on."""
+    from cxr.data.dali_loader import dali_memory_estimate
+
+    mib = 1 << 20
+    cfg = DataConfig(device="gpu", num_threads=16, batch_size=16, resolution=1024, augment=True)
+    png = dali_memory_estimate(cfg, "png", (1024, 1024), pipelines=2)
+    # per pipeline: 16 threads × 2 MiB decoder buffers; stages 2 deep × 16 images × (1 MiB decoded + 1 MiB warped
+    # + 3 float32 stages × 4 MiB) = 448 MiB; pinned 2 × 16 × 1 MiB; two pipelines (train + val)
+    assert png["threads"] == 16
+    assert png["device"] == 2 * (16 * 2 * mib + 448 * mib) and png["pinned"] == 2 * 32 * mib
+    ljpeg = dali_memory_estimate(cfg, "ljpeg", (1024, 1024), pipelines=2)
+    assert ljpeg["threads"] == 4 and ljpeg["device"] == 2 * (4 * 2 * mib + 448 * mib)  # GPU decodes: 4 CPU threads
+    cpu = dali_memory_estimate(DataConfig(device="cpu", pin_memory=True, batch_size=16, resolution=1024), pipelines=1)
+    assert cpu["device"] == 0 and cpu["pinned"] == 2 * 16 * 4 * mib

@@ -1,8 +1,13 @@
 """The DALI back end: encoded bytes → decode (CPU, or GPU with device "mixed") → augment → normalize.
 
 Resizing on the fly (masters at another resolution than asked) decodes and resizes in the
-external source with `pack --resize`'s filter (shards.image_codec.resize_grey), so both
-back ends and derived shards give the same pixels; derived `resN/` shards avoid that cost.
+external source with `pack --resize`'s decoder and filter (shards.image_codec.decode_grey,
+resize_grey), so both back ends and derived shards give the same pixels; the serial source
+runs them in data.num_threads threads, batches ahead (both release the GIL). Derived `resN/`
+shards avoid that cost. Why not DALI's own resize, or on the GPU under "mixed": DALI's
+Lanczos differs from PIL's by up to 16 grey levels on NIH images, so derived shards (packed
+on CPU login nodes, where pack imports neither DALI nor torch) would no longer match; the
+decode, not the resize, is most of the cost (PNG decodes on the CPU even in "mixed").
 
 Why `fn.external_source` and not `fn.readers.webdataset`: the reader shards by sample
 count per rank and shuffles with a buffer, so it cannot give the training contract —
@@ -48,8 +53,10 @@ device_id = the LOCAL rank (LOCAL_RANK, SLURM_LOCALID, or torch's current device
 the global rank, which exceeds the GPU count on every node but the first). GPU decode
 helps only JPEG, lossless JPEG (`ljpeg`, nvJPEG since DALI 1.23) and JPEG 2000 shards;
 PNG decodes on the CPU even in "mixed" mode. The chosen decode device is logged when the
-loader is built. The lossless JPEG GPU path is untested in this repository (no GPU on its
-test machines).
+loader is built, and the first batch of each pass checks that a GPU-decodable codec really
+decodes on the GPU and that no image came out flat where its bytes hold pixels
+(DaliBatches._check_first_batch; docs/shards-format.md, "Decoding ljpeg"). The GPU path has
+not run in this repository (no GPU on its test machines).
 """
 from __future__ import annotations
 
@@ -57,6 +64,8 @@ import io
 import logging
 import os
 from collections import OrderedDict, deque
+from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterator
 
 import numpy as np
@@ -69,6 +78,7 @@ from cxr.data.shard_index import CorruptSample, SampleReader, SplitIndex
 OnCorrupt = Callable[[CorruptSample], None]  # records a skip, or raises CxrError
 GPU_DECODABLE = ("jpeg", "ljpeg", "j2k")  # nvJPEG / nvJPEG2000; DALI decodes PNG on the CPU even in "mixed"
 log = logging.getLogger("cxr.data")
+RESIZE_AHEAD = 2  # batches decoded + resized ahead of the one DALI asks for (on-the-fly resizing)
 
 
 class DaliBatches:
@@ -82,6 +92,7 @@ class DaliBatches:
                  native_size: tuple[int, int] | None, size_known: bool, rank: int):
         self.cfg, self.index, self.res, self.epoch, self.augment = cfg, index, resolution, epoch, augment
         self.resize = native_size != (resolution, resolution)
+        self.native_size = native_size  # sizes the mixed decoder's buffers (None: mixed sizes)
         self.check_size = not self.resize and not size_known  # sized from one header: check the others
         self.device_id = None if cfg.device == "cpu" else local_device_id()
         if cfg.device == "cpu":
@@ -89,7 +100,7 @@ class DaliBatches:
         elif index.codec in GPU_DECODABLE:
             self.decoder = f"gpu {self.device_id} (DALI mixed)"
             if index.codec == "ljpeg":  # docs/shards-format.md, "Decoding ljpeg"
-                self.decoder += "; untested for ljpeg: DALI may run its CPU decoder inside mixed"
+                self.decoder += "; GPU use checked on the first batch (DALI may run its CPU decoder inside mixed)"
         else:
             self.decoder = f"cpu (DALI mixed: {index.codec} has no GPU decoder)"
         log.info("decode: %s shards on %s", index.codec, self.decoder)
@@ -105,6 +116,8 @@ class DaliBatches:
             feed = _Feed(self, batches[pos:], bad, on_corrupt)
             try:
                 for batch in feed.run():
+                    if pos == 0:
+                        self._check_first_batch(batch[0], batch[1], feed.reader)
                     yield batch
                     pos += 1
                 return
@@ -116,7 +129,68 @@ class DaliBatches:
                 on_corrupt(found[1])  # raises in eval / strict
                 bad.add(found[0])
             finally:
-                feed.reader.close()
+                feed.close()
+
+
+    def _check_first_batch(self, images, ids: np.ndarray, reader: SampleReader) -> None:
+        """The two silent failures of GPU decoding, looked for on the first batch of each pass.
+
+        1. DALI's "mixed" decoder falls back to its CPU decoder, without a word, for a stream
+           nvJPEG refuses (e.g. lossless JPEG on nvJPEG < 12.2 or compute capability < 6.0):
+           the first sample is tried with nvImageCodec's GPU backends only (the library DALI
+           decodes with), and a refusal is logged once per process.
+        2. nvJPEG's lossless path returned all-zero images before 13.0.2: an image that comes
+           out constant is decoded again on the CPU (pack's decoder), and if its checked bytes
+           hold varying pixels the run stops. Cost: one min/max per image of one batch.
+        """
+        if self.decoder.startswith("gpu") and not self.resize and len(ids):
+            _warn_if_not_on_gpu(reader.read(int(ids[0]))[0], self.index.codec, self.device_id)
+        if self.resize:  # pixels decoded by the source with pack's CPU decoder
+            return
+        flat = images.reshape(images.shape[0], -1)
+        constant = (flat.amax(1) == flat.amin(1)).cpu().numpy()
+        for j in np.flatnonzero(constant):
+            i = int(ids[j])
+            image, _, _ = reader.read(i)  # crc32-checked bytes
+            from shards.image_codec import decode_grey
+
+            pixels = np.asarray(decode_grey(image, self.index.codec))
+            if pixels.min() != pixels.max():
+                raise CxrError(
+                    f"{self.index.shard_paths[self.index.shard[i]]}: sample {self.index.keys[i]} came out of DALI "
+                    f"({self.decoder}) as one flat value, but its bytes pass their checks and decode to pixels "
+                    f"{pixels.min()}..{pixels.max()} on the CPU — nvJPEG's lossless decoder returned all-zero images "
+                    "before CUDA 13.0.2's nvJPEG: upgrade nvJPEG, or set data.device=cpu")
+
+
+_NOT_ON_GPU_SAID: set[str] = set()
+
+
+def _warn_if_not_on_gpu(sample: bytes, codec: str, device_id: int | None) -> None:
+    """Log once per codec when nvImageCodec's GPU backends cannot decode `sample` (DALI mixed then uses its CPU)."""
+    if codec in _NOT_ON_GPU_SAID:
+        return
+    _NOT_ON_GPU_SAID.add(codec)
+    why = gpu_decode_refusal(sample, device_id or 0)
+    if why:
+        log.warning("decode: %s shards decode on the CPU inside DALI mixed, not on GPU %s (%s); each decoder "
+                    "thread is then a CPU decoder — raise data.num_threads or pack jpeg shards", codec, device_id, why)
+
+
+def gpu_decode_refusal(sample: bytes, device_id: int = 0) -> str | None:
+    """None when nvImageCodec's GPU backends (nvJPEG, its hardware decoder, nvJPEG2000) decode `sample`, else why not."""
+    try:
+        from nvidia import nvimgcodec
+    except ImportError:
+        return "nvidia-nvimgcodec is not importable, so whether the GPU decodes cannot be checked"
+    try:
+        backends = [nvimgcodec.Backend(kind) for kind in (nvimgcodec.BackendKind.GPU_ONLY,
+                                                          nvimgcodec.BackendKind.HYBRID_CPU_GPU,
+                                                          nvimgcodec.BackendKind.HW_GPU_ONLY)]
+        image = nvimgcodec.Decoder(device_id=device_id, backends=backends).decode(sample)
+    except Exception as err:  # noqa: BLE001 — nvImageCodec raises RuntimeError / ValueError on unsupported streams
+        return f"nvImageCodec GPU decoders: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return None if image is not None else "nvImageCodec's GPU decoders refused the stream"
 
 
 def local_device_id() -> int:
@@ -167,9 +241,16 @@ class _Feed:
         self._planned = batches
         self.reader = SampleReader(owner.index)
         self.pending: deque[np.ndarray] = deque()  # ids of batches fed to DALI, not yet output
+        # resizing masters: decode + resize in cfg.num_threads threads (the serial source only;
+        # source_workers decode in their own processes), batches queued in `ahead`
+        self.pool = ThreadPoolExecutor(max(owner.cfg.num_threads, 1), thread_name_prefix="cxr-resize") \
+            if owner.resize and not owner.cfg.source_workers else None
+        self.ahead: deque[tuple[np.ndarray, list]] = deque()
 
     def source(self):
         """External source callback: next batch's encoded images (+ augmentation params)."""
+        if self.pool is not None:
+            return self._source_resized()
         ids = next(self.batches)  # StopIteration ends the epoch
         keep, data = [], []
         for i in ids:
@@ -187,6 +268,55 @@ class _Feed:
         ids = np.asarray(keep, np.int64)
         self.pending.append(ids)
         return _outputs(self.o, ids, data)
+
+    def _source_resized(self):
+        """source() when masters are resized on the fly: decode + resize run in `pool`, batches ahead.
+
+        Reads and checksums stay on this thread (one SampleReader, a few preads per image);
+        each checked image is decoded and resized by a pool thread (imagecodecs / PIL release
+        the GIL), RESIZE_AHEAD batches ahead of the one DALI asks for, so the pool works
+        while DALI and the training step run. Skips and their order are the serial path's.
+        """
+        while len(self.ahead) <= RESIZE_AHEAD:
+            ids = next(self.batches, None)
+            if ids is None:
+                break
+            jobs = []
+            for i in map(int, ids):
+                if i in self.bad:
+                    continue
+                try:
+                    image, labels, meta = _read_checked(self.o, self.reader, i)
+                except CorruptSample as corrupt:
+                    jobs.append((i, corrupt, None, None))
+                    continue
+                jobs.append((i, self.pool.submit(_decode_resize, image, self.o.res, self.o.index, i), labels, meta))
+            self.ahead.append((ids, jobs))
+        if not self.ahead:
+            raise StopIteration  # the epoch's last batch was handed over
+        ids, jobs = self.ahead.popleft()
+        keep, data = [], []
+        for i, job, labels, meta in jobs:
+            try:
+                if isinstance(job, CorruptSample):
+                    raise job
+                data.append((job.result(), labels, meta))
+            except CorruptSample as corrupt:
+                self.bad.add(i)
+                self.on_corrupt(corrupt)
+                continue
+            keep.append(i)
+        if not data:
+            raise _all_corrupt(self.o.index, ids)
+        keep = np.asarray(keep, np.int64)
+        self.pending.append(keep)
+        return _outputs(self.o, keep, data)
+
+    def close(self) -> None:
+        """Close the reader and stop the resize pool (queued decodes of an abandoned epoch are dropped)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+        self.reader.close()
 
     def run(self) -> Iterator[tuple]:
         if self.o.cfg.source_workers:
@@ -303,12 +433,19 @@ def _prepare(o: DaliBatches, reader: SampleReader, i: int) -> tuple[np.ndarray, 
     Raises CorruptSample. crc32 of every member (format /2); for /1 shards libpng checks PNG
     CRCs inside DALI's threads and a failure is located by _find_undecodable.
     """
-    image, labels, meta = reader.read(i, check_image=False)
-    if o.check_size:
-        _check_size(image, o.res, reader.index, i)
+    image, labels, meta = _read_checked(o, reader, i)
     if o.resize:  # masters resized on the fly: pixels, with pack's filter
         return _decode_resize(image, o.res, reader.index, i), labels, meta
     return np.frombuffer(image, np.uint8), labels, meta
+
+
+def _read_checked(o: DaliBatches, reader: SampleReader, i: int) -> tuple[bytes, np.ndarray, np.ndarray]:
+    """Sample i's (encoded image, labels, meta), every member checked in one read (and the image's
+    size, when sized from one header)."""
+    image, labels, meta = reader.read(i, check_image=False)
+    if o.check_size:
+        _check_size(image, o.res, reader.index, i)
+    return image, labels, meta
 
 
 def _corruption(o: DaliBatches, reader: SampleReader, i: int) -> CorruptSample:
@@ -347,8 +484,8 @@ def _pipeline(o: DaliBatches, source):
     # spawn, not fork: a training process has a CUDA context, which a forked worker must not inherit
     parallel = dict(py_num_workers=workers, py_start_method="spawn") if workers else {}
 
-    @pipeline_def(batch_size=max(cfg.batch_size, cfg.eval_batch), num_threads=max(cfg.num_threads, 1),
-                  device_id=o.device_id, seed=cfg.resolved_seed, prefetch_queue_depth=2, **parallel)
+    @pipeline_def(batch_size=max(cfg.batch_size, cfg.eval_batch), num_threads=pipeline_threads(cfg, o.index.codec),
+                  device_id=o.device_id, seed=cfg.resolved_seed, prefetch_queue_depth=PREFETCH, **parallel)
     def pipe():
         n_out = 4 if o.augment else 1  # augmentation parameters only when augmenting
         # + labels and meta, passed through untouched (read with the image: _prepare)
@@ -369,7 +506,7 @@ def _pipeline(o: DaliBatches, source):
             # pack derived shards (`--resize R`) to keep this off the training path.
             image = inputs[0].gpu() if gpu else inputs[0]
         else:
-            image = fn.decoders.image(inputs[0], device="mixed" if gpu else "cpu", output_type=types.GRAY)
+            image = _decode(inputs[0], gpu, o.native_size)
         if not o.augment:
             return fn.crop_mirror_normalize(image, dtype=types.FLOAT, output_layout="CHW",
                                             mean=[cfg.mean * 255], std=[cfg.std * 255])
@@ -384,13 +521,121 @@ def _pipeline(o: DaliBatches, source):
 
     p = pipe()
     try:
-        p.build()
+        with stop_signals_blocked():  # source workers (spawned by build) must survive the job's stop signals
+            p.build()
     except RuntimeError as err:
         if gpu:
             raise CxrError(f"data.device=gpu: DALI could not build a GPU pipeline on device {o.device_id} "
                            f"({str(err).splitlines()[0]}) — run on a CUDA machine or set data.device=cpu") from err
         raise
     return p
+
+
+STOP_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM")  # srun / scancel --signal / submitit: cxr.distributed.StopFlag
+
+
+@contextmanager
+def stop_signals_blocked():
+    """Start worker processes inside this block: they inherit the job's stop signals blocked.
+
+    srun, `scancel --signal` and submitit signal every process of the job; a loader worker
+    with the default action would die of SIGUSR1 / SIGTERM and crash the loader before the
+    training process saves. A signal mask survives fork and exec (spawn), so the wds fork
+    server, DALI's spawned source workers and multiprocessing's resource tracker leave the
+    stop to the main process, which ends them itself. Blocked, not ignored, here: a signal
+    that arrives meanwhile reaches the main process's handler when the mask is restored.
+    """
+    import signal
+
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {getattr(signal, name) for name in STOP_SIGNALS})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _decode(data, gpu: bool, native_size: tuple[int, int] | None):
+    """fn.decoders.image to grey; in "mixed", per-thread buffers sized for these images (decoder_padding)."""
+    from nvidia.dali import fn, types
+
+    if not gpu:
+        return fn.decoders.image(data, device="cpu", output_type=types.GRAY)
+    device_pad, host_pad = decoder_padding(native_size)
+    return fn.decoders.image(data, device="mixed", output_type=types.GRAY,
+                             device_memory_padding=device_pad, host_memory_padding=host_pad,
+                             device_memory_padding_jpeg2k=device_pad, host_memory_padding_jpeg2k=host_pad)
+
+
+# ----- DALI's memory outside torch's allocator (issue 22 item 6) -----
+PREFETCH = 2  # the pipeline's prefetch_queue_depth
+MIXED_GPU_CODEC_THREADS = 4  # mixed + a GPU-decoded codec: CPU threads only parse streams and feed nvJPEG
+PNG_DECODE_PER_CORE = 95  # 1024² NIH PNG, images per CPU-second (bench/RESULTS.md, codec decode / loader from masters)
+DEFAULT_PADDING = (16 << 20, 8 << 20)  # DALI's defaults: 16 MiB device per thread, 2 × 8 MiB pinned per thread
+
+
+def decoder_padding(native_size: tuple[int, int] | None) -> tuple[int, int]:
+    """(device_memory_padding, host_memory_padding) in bytes for grey images of native_size.
+
+    DALI preallocates, per decoder thread, one device buffer of device_memory_padding and two
+    pinned host buffers of host_memory_padding (its defaults, 16 MiB and 8 MiB, suit 4k RGB
+    photos). A w×h grey image decodes into w·h bytes, lossless JPEG through uint16 (2 bytes
+    per pixel, converted back: DALI PR 4572), so the device buffer is 2·w·h; the host side
+    holds the encoded stream, at most ~w·h bytes for 8-bit grey. Larger images still decode:
+    the decoder then reallocates. Unknown sizes (mixed masters) keep DALI's defaults.
+    """
+    if native_size is None:
+        return DEFAULT_PADDING
+    pixels = native_size[0] * native_size[1]
+    return 2 * pixels, pixels
+
+
+def pipeline_threads(cfg: DataConfig, codec: str) -> int:
+    """DALI CPU threads: data.num_threads, capped at MIXED_GPU_CODEC_THREADS when the GPU decodes.
+
+    PNG decodes on the CPU even in "mixed" (~95 images per core-second at 1024², ~65 with
+    the resize to 224), so each thread is a decoder there and the profile's count stands;
+    JPEG / lossless JPEG / JPEG 2000 decode on the GPU, where more CPU threads only add
+    per-thread decoder buffers (decoder_padding) without speed.
+    """
+    threads = max(cfg.num_threads, 1)
+    if cfg.device == "gpu" and codec in GPU_DECODABLE:
+        return min(threads, MIXED_GPU_CODEC_THREADS)
+    return threads
+
+
+def dali_memory_estimate(cfg: DataConfig, codec: str = "png", native_size: tuple[int, int] | None = (1024, 1024),
+                         pipelines: int = 2) -> dict:
+    """Bytes DALI holds outside torch's allocator for `pipelines` pipelines (train + val of a run).
+
+    For the probe and the memory claim (cxr/probe.py, bench/gpu_check.py): a model of the
+    pipeline built by _pipeline, not a measurement — gpu_check's "dali memory" row measures
+    it on a GPU. Returns {"device": bytes on the GPU, "pinned": page-locked host bytes,
+    "threads": decoder threads, "detail": {...}}. Zero device bytes for data.device=cpu.
+
+    Per pipeline, with b = max(batch_size, eval batch), R = resolution, N = native pixels,
+    d = PREFETCH: decoder buffers (threads × device padding; 2 × threads × host padding
+    pinned, mixed only) + the GPU stage outputs, each kept d deep — decoded uint8 b·N,
+    warped uint8 b·R², float32 stages 4·b·R² (cast, arithmetic, transpose: 3 with
+    augmentation, crop_mirror_normalize: 1 without) — and, for data.device=cpu, the pinned
+    float32 output handed to torch (d · 4·b·R²).
+    """
+    threads = pipeline_threads(cfg, codec)
+    b, r2 = max(cfg.batch_size, cfg.eval_batch), cfg.resolution ** 2
+    n = native_size[0] * native_size[1] if native_size else r2
+    float_stages = 3 if cfg.augment else 1
+    if cfg.device == "gpu":
+        device_pad, host_pad = decoder_padding(native_size)
+        decoder_device = threads * device_pad
+        decoder_pinned = 2 * threads * host_pad
+        stages = PREFETCH * b * (n + (r2 if cfg.augment else 0) + 4 * r2 * float_stages)
+        detail = {"decoder_device": decoder_device, "decoder_pinned": decoder_pinned, "stage_outputs": stages}
+        device, pinned = decoder_device + stages, decoder_pinned
+    else:
+        outputs = PREFETCH * 4 * b * r2 if cfg.pinned else 0
+        detail = {"pinned_outputs": outputs}
+        device, pinned = 0, outputs
+    return {"device": device * pipelines, "pinned": pinned * pipelines, "threads": threads,
+            "detail": {k: v * pipelines for k, v in detail.items()}}
 
 
 def all_corrupt_error(shards: list, keys: list[str]) -> CxrError:

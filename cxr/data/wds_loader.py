@@ -1,8 +1,9 @@
 """The torch back end (`backend: wds`): the same WebDataset tar shards, decoded in DataLoader workers.
 
-PIL decodes png / jpeg / j2k; lossless JPEG (`ljpeg`) is decoded by the libjpeg-turbo
-inside imagecodecs (`shards.image_codec.decode_ljpeg`), which does not depend on the
-libjpeg Pillow was built with. Decoding is always on the CPU here.
+Images decode with pack's decoder (`shards.image_codec.decode_grey`): png with the libpng
+inside imagecodecs (~1.2x PIL per core), lossless JPEG (`ljpeg`) with its libjpeg-turbo
+(`decode_ljpeg`, independent of the libjpeg Pillow was built with), jpeg / j2k with PIL.
+Decoding is always on the CPU here.
 
 It reads members by the `.idx` offsets as the DALI back end does, rather than
 streaming tars through `webdataset.WebDataset` with `split_by_node` /
@@ -15,7 +16,6 @@ The pixel path and the augmentation parameters are those of cxr/data/augmentatio
 """
 from __future__ import annotations
 
-import io
 import logging
 from functools import partial
 from typing import Iterator
@@ -24,7 +24,12 @@ import numpy as np
 
 from cxr.data.augmentation import draw_params, warp_affine_torch
 from cxr.data.config import DataConfig
-from cxr.data.dali_loader import OnCorrupt, all_corrupt_error
+from cxr.data.dali_loader import (
+    STOP_SIGNALS,
+    OnCorrupt,
+    all_corrupt_error,
+    stop_signals_blocked,
+)
 from cxr.data.shard_index import CorruptSample, SampleReader, SplitIndex
 
 log = logging.getLogger("cxr.data")
@@ -38,7 +43,7 @@ class WdsBatches:
     def __init__(self, cfg: DataConfig, index: SplitIndex, resolution: int, epoch: int, augment: bool):
         self.dataset = DecodedSamples(cfg, index, resolution, epoch, augment)
         self.cfg = cfg
-        self.decoder = f"cpu ({'imagecodecs' if index.codec == 'ljpeg' else 'PIL'}, DataLoader workers)"
+        self.decoder = f"cpu ({'imagecodecs' if index.codec in ('png', 'ljpeg') else 'PIL'}, DataLoader workers)"
         log.info("decode: %s shards on %s", index.codec, self.decoder)
 
     def iterate(self, batches: list[np.ndarray], on_corrupt: OnCorrupt) -> Iterator[tuple]:
@@ -106,16 +111,10 @@ class DecodedSamples:
 def decode_resize(image: bytes, res: int, index: SplitIndex, i: int) -> np.ndarray:
     """Encoded image → grey uint8 [res, res] (resized, when not already res×res, with the filter of
     `pack --resize`: shards.image_codec.resize_grey)."""
-    from PIL import Image
-
-    from shards.image_codec import decode_ljpeg, resize_grey
+    from shards.image_codec import decode_grey, resize_grey
 
     try:
-        if index.codec == "ljpeg":
-            im = Image.fromarray(decode_ljpeg(image), mode="L")
-        else:
-            im = Image.open(io.BytesIO(image))
-            im.load()
+        im = decode_grey(image, index.codec)  # pack's decoder: imagecodecs for png / ljpeg, PIL for the rest
     except Exception as err:  # any decoder failure (BadImage included) marks the sample corrupt
         raise CorruptSample(index.shard_paths[index.shard[i]], index.keys[i],
                             f"{index.codec} does not decode ({err})") from err
@@ -170,25 +169,15 @@ def _worker_context():
     by a fork of it instead of re-importing torch.
     """
     import multiprocessing
-    import signal
     from multiprocessing import forkserver
 
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["torch", "PIL.PngImagePlugin", "imagecodecs", "cxr.data.wds_loader"])  # no-op once started
-    # The fork server and multiprocessing's resource tracker are started with the job's stop
-    # signals blocked, a mask they (and the workers forked from the server) inherit: a signal to
-    # the whole job then leaves them alone. Blocked, not ignored, in this process: a signal that
-    # arrives meanwhile is delivered to the main process's handler when the mask is restored.
-    stop = {getattr(signal, name) for name in STOP_SIGNALS}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stop)
-    try:
+    # the fork server and multiprocessing's resource tracker start with the job's stop signals
+    # blocked, a mask they and the workers forked from the server inherit (stop_signals_blocked)
+    with stop_signals_blocked():
         forkserver.ensure_running()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
     return ctx
-
-
-STOP_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM")
 
 
 def _one_thread(_worker: int) -> None:
