@@ -64,18 +64,17 @@ import io
 import logging
 import os
 from collections import OrderedDict, deque
-from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 
 from cxr.data.augmentation import draw_params
 from cxr.data.config import DataConfig
 from cxrbase.errors import CxrError
-from cxr.data.shard_index import CorruptSample, SampleReader, SplitIndex
+from cxr.data.shard_index import CorruptSample, OnCorrupt, SampleReader, SplitIndex, all_corrupt_error, decode_resize
+from cxr.data.workers import stop_signals_blocked
 
-OnCorrupt = Callable[[CorruptSample], None]  # records a skip, or raises CxrError
 GPU_DECODABLE = ("jpeg", "ljpeg", "j2k")  # nvJPEG / nvJPEG2000; DALI decodes PNG on the CPU even in "mixed"
 log = logging.getLogger("cxr.data")
 RESIZE_AHEAD = 2  # batches decoded + resized ahead of the one DALI asks for (on-the-fly resizing)
@@ -121,7 +120,7 @@ class DaliBatches:
                     yield batch
                     pos += 1
                 return
-            except RuntimeError as err:  # DALI decode failure: the integrity check could not see it
+            except RuntimeError:  # DALI decode failure: the integrity check could not see it
                 ids = feed.pending[0] if feed.pending else np.empty(0, np.int64)
                 found = _find_undecodable(feed.reader, ids, self.index.codec)
                 if found is None:
@@ -531,29 +530,6 @@ def _pipeline(o: DaliBatches, source):
     return p
 
 
-STOP_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM")  # srun / scancel --signal / submitit: cxr.distributed.StopFlag
-
-
-@contextmanager
-def stop_signals_blocked():
-    """Start worker processes inside this block: they inherit the job's stop signals blocked.
-
-    srun, `scancel --signal` and submitit signal every process of the job; a loader worker
-    with the default action would die of SIGUSR1 / SIGTERM and crash the loader before the
-    training process saves. A signal mask survives fork and exec (spawn), so the wds fork
-    server, DALI's spawned source workers and multiprocessing's resource tracker leave the
-    stop to the main process, which ends them itself. Blocked, not ignored, here: a signal
-    that arrives meanwhile reaches the main process's handler when the mask is restored.
-    """
-    import signal
-
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {getattr(signal, name) for name in STOP_SIGNALS})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
 def _decode(data, gpu: bool, native_size: tuple[int, int] | None):
     """fn.decoders.image to grey; in "mixed", per-thread buffers sized for these images (decoder_padding)."""
     from nvidia.dali import fn, types
@@ -638,16 +614,8 @@ def dali_memory_estimate(cfg: DataConfig, codec: str = "png", native_size: tuple
             "detail": {k: v * pipelines for k, v in detail.items()}}
 
 
-def all_corrupt_error(shards: list, keys: list[str]) -> CxrError:
-    """Dropping a whole batch would desynchronise the ranks' batch counts (DDP hangs): stop instead."""
-    return CxrError(f"{', '.join(sorted(set(map(str, shards))))}: every sample of a batch is corrupt ({keys}) — "
-                    "re-pack these shards (python -m shards verify lists all bad samples)")
-
-
 def _decode_resize(image: bytes, res: int, index: SplitIndex, i: int) -> np.ndarray:
     """Encoded image → uint8 [res, res, 1] with the wds back end's decode and pack's filter."""
-    from cxr.data.wds_loader import decode_resize
-
     return decode_resize(image, res, index, i)[..., None]
 
 

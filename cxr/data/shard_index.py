@@ -5,7 +5,9 @@
 their tar members (from the DALI `.idx` files, or a tar header scan when an index
 is absent or does not match its tar); `SampleReader` reads those bytes by offset and
 checks their integrity — the per-sample crc32 of format /2, or PNG chunk CRCs and
-JPEG markers for /1 shards — so a corrupt sample is caught before any decoder sees it.
+JPEG markers for /1 shards — so a corrupt sample is caught before any decoder sees it;
+`decode_resize` then decodes a checked image with pack's decoder and resize filter. Both back ends
+(dali_loader, wds_loader) read samples only through this module, and neither imports the other.
 
 The formats themselves are read through their owners: manifest.json through
 ``shards.manifest``, the .idx files through ``shards.dali_index``, PNG checks through
@@ -18,6 +20,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -257,6 +260,32 @@ class CorruptSample(Exception):
     def as_error(self) -> CxrError:
         return CxrError(f"{self.shard}: sample {self.key} is corrupt ({self.reason}) — "
                         "re-pack this shard (python -m shards verify finds all bad samples)")
+
+
+OnCorrupt = Callable[[CorruptSample], None]  # records a skip, or raises CxrError
+
+
+def all_corrupt_error(shards: list, keys: list[str]) -> CxrError:
+    """Dropping a whole batch would desynchronise the ranks' batch counts (DDP hangs): stop instead."""
+    return CxrError(f"{', '.join(sorted(set(map(str, shards))))}: every sample of a batch is corrupt ({keys}) — "
+                    "re-pack these shards (python -m shards verify lists all bad samples)")
+
+
+def decode_resize(image: bytes, res: int, index: SplitIndex, i: int) -> np.ndarray:
+    """Encoded image → grey uint8 [res, res] (resized, when not already res×res, with the filter of
+    `pack --resize`: shards.image_codec.resize_grey)."""
+    from shards.image_codec import decode_grey, resize_grey
+
+    try:
+        im = decode_grey(image, index.codec)  # pack's decoder: imagecodecs for png / ljpeg, PIL for the rest
+    except Exception as err:  # any decoder failure (BadImage included) marks the sample corrupt
+        raise CorruptSample(index.shard_paths[index.shard[i]], index.keys[i],
+                            f"{index.codec} does not decode ({err})") from err
+    if im.mode != "L":
+        im = im.convert("L")  # RGBA/RGB radiographs have R=G=B (SPEC); I;16 would lose bits here
+    if im.size != (res, res):
+        im = resize_grey(im, res)
+    return np.array(im)  # writable copy for torch.from_numpy
 
 
 class IndexMismatch(CorruptSample):

@@ -24,13 +24,8 @@ import numpy as np
 
 from cxr.data.augmentation import draw_params, warp_affine_torch
 from cxr.data.config import DataConfig
-from cxr.data.dali_loader import (
-    STOP_SIGNALS,
-    OnCorrupt,
-    all_corrupt_error,
-    stop_signals_blocked,
-)
-from cxr.data.shard_index import CorruptSample, SampleReader, SplitIndex
+from cxr.data.shard_index import CorruptSample, OnCorrupt, SampleReader, SplitIndex, all_corrupt_error, decode_resize
+from cxr.data.workers import STOP_SIGNALS, stop_signals_blocked
 
 log = logging.getLogger("cxr.data")
 
@@ -106,23 +101,6 @@ class DecodedSamples:
         p = draw_params([key], self.cfg, self.epoch, self.res)
         warped = warp_affine_torch(x.float(), p.matrix[0]).round_().clamp_(0, 255).to(torch.uint8)
         return warped, float(p.brightness[0]), float(p.contrast[0])
-
-
-def decode_resize(image: bytes, res: int, index: SplitIndex, i: int) -> np.ndarray:
-    """Encoded image → grey uint8 [res, res] (resized, when not already res×res, with the filter of
-    `pack --resize`: shards.image_codec.resize_grey)."""
-    from shards.image_codec import decode_grey, resize_grey
-
-    try:
-        im = decode_grey(image, index.codec)  # pack's decoder: imagecodecs for png / ljpeg, PIL for the rest
-    except Exception as err:  # any decoder failure (BadImage included) marks the sample corrupt
-        raise CorruptSample(index.shard_paths[index.shard[i]], index.keys[i],
-                            f"{index.codec} does not decode ({err})") from err
-    if im.mode != "L":
-        im = im.convert("L")  # RGBA/RGB radiographs have R=G=B (SPEC); I;16 would lose bits here
-    if im.size != (res, res):
-        im = resize_grey(im, res)
-    return np.array(im)  # writable copy for torch.from_numpy
 
 
 def _collate(items, mean: float, std: float, augment: bool):
