@@ -245,7 +245,10 @@ def test_a_refused_start_leaves_a_finished_or_preempted_status_alone(tmp_path, r
     fresh = tmp_path / "fresh"
     with pytest.raises(CxrError):
         train(tiny_config(fresh), loader_fn=_bad_val)
-    assert (status(fresh)["state"], status(fresh)["exit_code"], status(fresh)["epoch"]) == ("failed", 2, 0)
+    # status.json counts epochs from 1, as train.log does: epoch 1, step 0 — refused before any step
+    fresh_status = status(fresh)
+    assert (fresh_status["state"], fresh_status["exit_code"], fresh_status["epoch"], fresh_status["global_step"]) \
+        == ("failed", 2, 1, 0)
 
 
 def test_a_truncated_state_file_is_a_one_line_error(tmp_path):

@@ -104,7 +104,9 @@ def test_a_run_fine_tuned_on_one_label_is_evaluated_with_a_correct_report(tmp_pa
     assert evaluate_main(["--runs", str(run), "--shards", str(shards), "--split", "test", "--thresholds-from",
                           "val", "--bootstrap", "200", "--out", str(out)]) == 0
     preds = pd.read_parquet(out / "predictions.parquet")
-    assert list(preds.columns) == ["key", "split", "member", TASK, f"true_{TASK}"]
+    # the scores and truth of the one label, then the per-image subgroup columns (meta_patient, meta_age, …)
+    assert list(preds.columns)[:5] == ["key", "split", "member", TASK, f"true_{TASK}"]
+    assert all(c.startswith("meta_") for c in preds.columns[5:]) and "meta_patient" in preds.columns
     test = preds[(preds["split"] == "test") & (preds["member"] == "ensemble")]
     truth = task.set_index("key").loc[test["key"], TASK].to_numpy()  # the CSV the test wrote
     assert 0 < truth.sum() < len(truth)
