@@ -46,6 +46,7 @@ from cxr.distributed import (StopFlag, configure_deepspeed, configure_numerics, 
 from cxr.losses import build_loss
 from cxr.metrics import epoch_metrics
 from cxr.models import build_model
+from cxr.probe import read_probe
 from cxr.resume import (TrainState, continue_finished_run, finished_run, restore, resume_checkpoint, save_best,
                         save_last, update_best, update_early_stop)
 from cxr.run_log import EXIT_REQUEUE, preempted  # noqa: F401 (EXIT_REQUEUE: read by launchers and tests)
@@ -158,6 +159,10 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
              world, device, pids, accelerator.distributed_type.value, config_hash(cfg), steps_per_epoch,
              f"resumed from {resume_from} at epoch {st.epoch + 1} step {st.step_in_epoch}" if resume_from else "fresh")
     log.info("images: %s; resize filter: %s", *image_source(cfg.data.shards, cfg.data.resolution).values())
+    probed = read_probe(run_dir)
+    if probed is not None:  # the sweep's memory probe chose this run's batch layout (RUN/probe.json)
+        log.info("batch layout from the memory probe: %s%s", probed.reason,
+                 f" — differs from the config: {probed.differs_from_config()}" if probed.differs_from_config() else "")
     writer = run_log.tensorboard_writer(cfg, run_dir, accelerator.is_main_process)
     accum, log_every = cfg.train.grad_accum_steps, cfg.logging.log_every
     images_trained = 0
