@@ -90,8 +90,12 @@ def import_before_process_group() -> None:
 def make_accelerator(cfg: Config) -> Accelerator:
     """Accelerator from the launcher's environment: gloo on CPU, NCCL on GPU, both with the
     collective timeout of the config (a dead peer fails the job instead of hanging it).
-    Resolves ``train.mixed_precision=auto`` in ``cfg`` (the resolved value is what is saved)."""
+    Resolves ``train.mixed_precision=auto`` in ``cfg`` (the resolved value is what is saved).
+    A job that asked for GPUs on a node without usable CUDA stops here (cxr.cuda_check)."""
+    from cxr.cuda_check import require_cuda_if_requested
+
     cpu = not torch.cuda.is_available()
+    require_cuda_if_requested(available=not cpu)
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     precision = cfg.train.mixed_precision
     if precision == "auto":

@@ -1,0 +1,67 @@
+"""GPU-only paths that a CPU can still check: a job that asked for GPUs on a node without usable
+CUDA stops (with the versions and the fix) instead of training on the CPU; the stop flag's
+timeout during the first (compiled) step; deterministic numerics reset; cached resize matrices."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cxr import cuda_check
+from cxrbase.errors import CxrError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("env, why", [
+    ({"SLURM_GPUS_ON_NODE": "4"}, "SLURM_GPUS_ON_NODE=4"),
+    ({"SLURM_JOB_GPUS": "0,1"}, "SLURM_JOB_GPUS=0,1"),
+    ({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, "CUDA_VISIBLE_DEVICES=0,1,2,3"),
+    ({"CUDA_VISIBLE_DEVICES": "", "SLURM_GPUS_ON_NODE": "4"}, None),  # hidden on purpose
+    ({"ACCELERATE_USE_CPU": "True", "SLURM_GPUS_ON_NODE": "4"}, None),  # accelerate launch --cpu
+    ({"SLURM_GPUS_ON_NODE": "0"}, None),
+    ({}, None),
+])
+def test_gpus_requested_reads_the_launcher_and_scheduler(env, why, tmp_path):
+    assert cuda_check.gpus_requested(env, proc=tmp_path / "absent") == why
+
+
+def test_gpus_requested_by_a_node_with_nvidia_devices(tmp_path):
+    (tmp_path / "0000:00:1e.0").mkdir()
+    assert "NVIDIA devices" in cuda_check.gpus_requested({}, proc=tmp_path)
+
+
+def test_train_stops_when_the_job_asked_for_gpus_and_cuda_is_unusable(tmp_path):
+    """The user's command (python -m cxr.train) on this CPU machine, as Slurm would start it on a GPU
+    node whose CUDA does not work: exit 2 with torch's CUDA build, the driver and the fix; before, it
+    trained on the CPU without a word."""
+    assert not torch.cuda.is_available()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SLURM_GPUS_ON_NODE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    done = subprocess.run([sys.executable, "-m", "cxr.train", "--config", "cxr/configs/tiny.yaml",
+                           f"checkpoint.run_dir={tmp_path / 'run'}", f"data.shards={tmp_path / 'none'}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    message = done.stderr.strip().splitlines()[-1]
+    assert "SLURM_GPUS_ON_NODE=1" in message and "CUDA is unusable" in message
+    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+    assert f"torch {torch.__version__} is {build}" in message
+    assert "NVIDIA driver" in message and "accelerate launch --cpu" in message
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_dali_gpu_advice_on_a_gpu_node_is_the_cuda_fix_not_the_cpu_pipeline(tmp_path):
+    advice = cuda_check.dali_gpu_advice({"SLURM_JOB_GPUS": "0"}, available=False)
+    assert "CUDA is unusable" in advice and "data.device=cpu" not in advice
+    assert "data.device=cpu" in cuda_check.dali_gpu_advice({"CUDA_VISIBLE_DEVICES": ""}, available=False)
+
+
+def test_require_cuda_passes_when_available_or_not_asked():
+    cuda_check.require_cuda_if_requested({"SLURM_GPUS_ON_NODE": "8"}, available=True)
+    cuda_check.require_cuda_if_requested({"CUDA_VISIBLE_DEVICES": ""}, available=False)
+    with pytest.raises(CxrError, match="CUDA_VISIBLE_DEVICES=0"):
+        cuda_check.require_cuda_if_requested({"CUDA_VISIBLE_DEVICES": "0"}, available=False)
