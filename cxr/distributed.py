@@ -147,16 +147,31 @@ class StopFlag:
     """SIGUSR1 / SIGTERM set a flag; :meth:`agreed` all-reduces it so every rank stops at the
     same step boundary, whichever rank (or all) got the signal."""
 
-    def __init__(self, accelerator: Accelerator, timeout_s: float = 90.0):
+    def __init__(self, accelerator: Accelerator, timeout_s: float = 90.0, first_step_timeout_s: float | None = None,
+                 compiled: bool = False):
+        """``timeout_s`` applies from the first completed optimizer step on; until then — and always
+        when ``compiled`` (a recompilation can come at any step) — ``first_step_timeout_s`` (the
+        collective timeout) does: ranks finish the first step minutes apart when they compile it
+        (torch.compile, cuDNN benchmarking, DALI warm-up), and the short timeout would kill a job
+        that is only slow. Both gloo groups are created here, on every rank, in the same order."""
         self.signum = 0
-        self.group = None
+        self.group = self.short_group = None
         self.flag = torch.zeros(1, dtype=torch.int32)
         self.distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        long_s = max(first_step_timeout_s or timeout_s, timeout_s)
         if self.distributed:
             # a CPU side channel: the check costs no GPU synchronisation; its own short timeout
             # makes a dead peer fail the job within it (the others wait at the next step's check)
-            self.group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+            self.group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=long_s))
+            if not compiled and long_s > timeout_s:
+                self.short_group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
         self.previous = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+
+    def step_done(self) -> None:
+        """An optimizer step has completed on every rank (call after :meth:`agreed` following it):
+        from now on the short timeout applies, unless the model is compiled."""
+        if self.short_group is not None:
+            self.group, self.short_group = self.short_group, None
 
     def close(self) -> None:
         """Put back the handlers found at start (training may run inside a longer-lived process)."""

@@ -91,7 +91,8 @@ def train(cfg: Config, loader_fn: Callable = build_loader) -> int:
     if warning:  # before the process groups: with this problem their creation hangs until the timeout
         print(f"cxr.train: warning: {warning}", file=sys.stderr, flush=True)
     accelerator = make_accelerator(cfg)
-    stop = StopFlag(accelerator, cfg.train.stop_flag_timeout_s)  # a signal is honoured at the next step boundary
+    # a signal is honoured at the next step boundary; the collective timeout until the first step is done
+    stop = StopFlag(accelerator, cfg.train.stop_flag_timeout_s, cfg.train.collective_timeout_s, cfg.train.compile)
     lock, st = None, TrainState()
     try:
         lock = run_log.lock_run_dir(cfg, accelerator)  # rank 0 holds it; every rank raises when it is taken
@@ -223,6 +224,7 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
             if stop.agreed():
                 save(loader)
                 return preempted(accelerator, run_dir, st, stop.signum)
+            stop.step_done()  # every rank is past an optimizer step: the short timeout from here on
             if cfg.checkpoint.every_steps and st.global_step % cfg.checkpoint.every_steps == 0:
                 save(loader)
             if cfg.train.max_steps and st.global_step >= cfg.train.max_steps:

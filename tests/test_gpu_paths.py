@@ -65,3 +65,49 @@ def test_require_cuda_passes_when_available_or_not_asked():
     cuda_check.require_cuda_if_requested({"CUDA_VISIBLE_DEVICES": ""}, available=False)
     with pytest.raises(CxrError, match="CUDA_VISIBLE_DEVICES=0"):
         cuda_check.require_cuda_if_requested({"CUDA_VISIBLE_DEVICES": "0"}, available=False)
+
+
+STOP_FLAG_RANK = """
+import os, sys, time, torch, torch.distributed as dist
+sys.path.insert(0, os.environ["ROOT"])
+from cxr.distributed import StopFlag
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
+try:
+    stop = StopFlag(None, 1.0, 60.0, compiled=sys.argv[3] == "1")
+except TypeError:  # the code before the first-step timeout took only the short one
+    stop = StopFlag(None, 1.0)
+if rank == 1:
+    time.sleep(4)  # this rank compiles its first step 4 s longer than rank 0 (> the 1 s timeout)
+try:
+    stop.agreed()
+    getattr(stop, "step_done", lambda: None)()
+    print("first step agreed", flush=True)
+except Exception as err:
+    print("first step failed:", type(err).__name__, flush=True)
+    os._exit(1)
+if rank == 1:
+    time.sleep(4)  # a later step 4 s late: the short timeout applies again (unless compiled)
+try:
+    stop.agreed()
+    print("second step agreed", flush=True)
+except Exception as err:
+    print("second step failed:", type(err).__name__, flush=True)
+os._exit(0)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compiled", [False, True])
+def test_stop_flag_waits_for_a_slow_first_step_but_not_for_later_ones(tmp_path, compiled):
+    """Two gloo ranks, stop-flag timeout 1 s, collective timeout 60 s; rank 1 reaches the first
+    step's check 4 s late (a compile): both go on. Rank 1 is 4 s late again at the next check:
+    rank 0 fails within the short timeout — unless the model is compiled (recompiles may come later)."""
+    env = {**os.environ, "ROOT": str(ROOT), "OMP_NUM_THREADS": "1"}
+    store = tmp_path / "store"
+    procs = [subprocess.Popen([sys.executable, "-c", STOP_FLAG_RANK, str(r), str(store), str(int(compiled))],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    rank0 = outs[0][0]
+    assert "first step agreed" in rank0, outs
+    assert ("second step agreed" in rank0) == compiled, outs
