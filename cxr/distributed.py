@@ -38,8 +38,9 @@ def configure_numerics(cfg: Config, cuda: bool) -> None:
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True, warn_only=False)
-    else:
+    else:  # undo a deterministic run earlier in this process (tests, bench/gpu_check.py, notebooks)
         torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
         if cuda:
             torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
 

@@ -111,3 +111,37 @@ def test_stop_flag_waits_for_a_slow_first_step_but_not_for_later_ones(tmp_path, 
     rank0 = outs[0][0]
     assert "first step agreed" in rank0, outs
     assert ("second step agreed" in rank0) == compiled, outs
+
+
+def test_deterministic_numerics_are_undone_by_the_next_run():
+    """A deterministic run then a normal one in the same process: cuDNN's deterministic flag and
+    torch's deterministic mode are off again (cudnn.deterministic used to stay on)."""
+    from cxr.config import load_config
+    from cxr.distributed import configure_numerics
+
+    before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+              torch.are_deterministic_algorithms_enabled())
+    try:
+        configure_numerics(load_config(None, ["train.deterministic=true"]), cuda=False)
+        assert torch.backends.cudnn.deterministic and torch.are_deterministic_algorithms_enabled()
+        configure_numerics(load_config(None, ["train.deterministic=false"]), cuda=False)
+        assert not torch.backends.cudnn.deterministic
+        assert not torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[:2]
+        torch.use_deterministic_algorithms(before[2])
+
+
+def test_separable_resize_builds_its_matrices_once_and_equals_interpolate():
+    """The matrices are cached per size, dtype and device (the same tensor on the second call), and
+    the product still equals torch's antialiased bilinear interpolate."""
+    import torch.nn.functional as F
+
+    from cxr.models.stem import resize_matrix, separable_resize
+
+    x = torch.randn(2, 3, 40, 40, dtype=torch.float64)
+    first = resize_matrix(40, 24, torch.float64, "cpu")
+    assert resize_matrix(40, 24, torch.float64, "cpu") is first
+    assert resize_matrix(40, 24, torch.float32, "cpu") is not first
+    torch.testing.assert_close(separable_resize(x, 24),
+                               F.interpolate(x, size=(24, 24), mode="bilinear", align_corners=False, antialias=True))
