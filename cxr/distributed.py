@@ -137,10 +137,35 @@ def configure_deepspeed(cfg: Config, accelerator: Accelerator, model: torch.nn.M
     ds["gradient_accumulation_steps"] = cfg.train.grad_accum_steps
     ds["train_batch_size"] = cfg.data.batch_size * cfg.train.grad_accum_steps * accelerator.num_processes
     ds["gradient_clipping"] = cfg.train.clip_grad_norm
+    fill_zero_buckets(ds, model)
     ds.setdefault("zero_allow_untested_optimizer", True)  # our torch Adam, wrapped by ZeRO
     if ds.get("zero_optimization", {}).get("stage", 0) >= 3:
         raise CxrError("DeepSpeed ZeRO-3 is not supported (validation runs the unwrapped model) — use "
                        "launch/configs/deepspeed_zero1.yaml or deepspeed_zero2.yaml")
+
+
+ZERO_BUCKET_CAP = 50_000_000
+"""Largest ZeRO bucket, in elements (200 MB of fp32 gradients): ViT-B/BEiT-B (86 M parameters) use
+two buckets, every CNN of the suite one bucket the size of its whole gradient."""
+
+
+def fill_zero_buckets(ds: dict, model: torch.nn.Module) -> dict:
+    """Size ZeRO-1/2's ``reduce_bucket_size`` / ``allgather_bucket_size`` ("auto" or absent) for the model.
+
+    DeepSpeed's default is 5e8 elements and stage 1/2 allocate the reduce bucket whole (with
+    ``contiguous_gradients``, fp32 here: 2 GB per GPU; two with ``overlap_comm``) — for a
+    DenseNet-121 whose whole gradient is 28 MB. Here: the model's trainable element count, capped at
+    :data:`ZERO_BUCKET_CAP`, so one bucket holds a CNN's whole gradient (one reduction per step, as
+    DDP's buckets) and no buffer is larger than the gradient it carries."""
+    zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage", 0) not in (1, 2):
+        return ds
+    elements = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    bucket = int(min(max(elements, 1), ZERO_BUCKET_CAP))
+    for key in ("reduce_bucket_size", "allgather_bucket_size"):
+        if zero.get(key, "auto") == "auto":
+            zero[key] = bucket
+    return ds
 
 
 # ----------------------------------------------------------------------------- signals

@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 
 from cxr import checkpoint as ckpt
 from cxr import run_log
@@ -138,7 +138,11 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
     model, optimizer = accelerator.prepare(model, optimizer)
     # compiled after the DDP wrap, so that DDP's bucketed all-reduce stays outside the graphs;
     # only the training forward goes through it (checkpoints and accumulation use `model`)
-    forward = torch.compile(model) if cfg.train.compile else model
+    forward = model
+    if cfg.train.compile and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        model.compile()  # DeepSpeed's supported way: compiles the module inside the engine, hooks intact
+    elif cfg.train.compile:
+        forward = torch.compile(model)
     # the plain module (no DDP hooks, no compile wrapper): validation, buffers and restores use it
     net = accelerator.unwrap_model(model, keep_torch_compile=False)
     # Dropout streams differ per rank (a fresh seed per rank after the common init).

@@ -145,3 +145,25 @@ def test_separable_resize_builds_its_matrices_once_and_equals_interpolate():
     assert resize_matrix(40, 24, torch.float32, "cpu") is not first
     torch.testing.assert_close(separable_resize(x, 24),
                                F.interpolate(x, size=(24, 24), mode="bilinear", align_corners=False, antialias=True))
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_buckets_are_sized_for_the_model_not_deepspeeds_2gb_default(stage):
+    """The shipped ZeRO configs leave the buckets to training, which sizes them to the model's
+    gradient: DenseNet-121 (1 channel, 14 labels) has 6.96 M parameters (timm's 7.98 M at 1000 classes
+    less the 1024×1000+1000 classifier, plus 1024×14+14, less 2 of 3 stem input channels
+    (64×7×7×2)); DeepSpeed's default would be 5e8 elements (2 GB of fp32)."""
+    import json
+
+    from cxr.distributed import ZERO_BUCKET_CAP, fill_zero_buckets
+    from cxr.models import build_model
+
+    ds = json.loads((ROOT / f"launch/configs/deepspeed_zero{stage}.json").read_text())
+    assert ds["zero_optimization"].get("reduce_bucket_size") == "auto"
+    fill_zero_buckets(ds, build_model("densenet121"))
+    expected = 7_978_856 - (1024 * 1000 + 1000) + (1024 * 14 + 14) - 64 * 7 * 7 * 2
+    zero = ds["zero_optimization"]
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == expected
+    vit = json.loads((ROOT / f"launch/configs/deepspeed_zero{stage}.json").read_text())
+    fill_zero_buckets(vit, build_model("vit"))  # ViT-B/16: 86 M parameters, capped
+    assert vit["zero_optimization"]["reduce_bucket_size"] == ZERO_BUCKET_CAP
