@@ -167,3 +167,24 @@ def test_zero_buckets_are_sized_for_the_model_not_deepspeeds_2gb_default(stage):
     vit = json.loads((ROOT / f"launch/configs/deepspeed_zero{stage}.json").read_text())
     fill_zero_buckets(vit, build_model("vit"))  # ViT-B/16: 86 M parameters, capped
     assert vit["zero_optimization"]["reduce_bucket_size"] == ZERO_BUCKET_CAP
+
+
+def test_saliency_is_micro_batched_and_equals_the_whole_batch():
+    """saliency over 6 images: the model never sees more than SALIENCY_MICRO_BATCH images at once
+    (one backward at a time), and the maps equal the gradient of each image's own logits, computed
+    here image by image with torch.autograd.grad (eval mode: images are independent)."""
+    from cxr import explain
+    from cxr.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("cnn", width=4).eval()
+    seen = []
+    model.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape[0]))
+    image = torch.randn(6, 1, 32, 32)
+    maps = explain.heat_maps("saliency", model, image, [0, 3])
+    assert max(seen) <= explain.SALIENCY_MICRO_BATCH < 6
+    for i in range(6):
+        for j, c in enumerate((0, 3)):
+            x = image[i:i + 1].clone().requires_grad_(True)
+            (grad,) = torch.autograd.grad(model(x)[0, c], x)
+            torch.testing.assert_close(maps[i, j], grad[0, 0].clamp(min=0), rtol=1e-4, atol=1e-6)
