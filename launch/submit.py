@@ -391,6 +391,10 @@ def sweep_points(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     return points
 
 
+PROBE_KEYS = ("model.", "loss.", "train.mixed_precision=", "train.cudnn_benchmark=", "train.deterministic=")
+"""The overrides the memory probe sees: the model and its training numerics (the profile's bf16)."""
+
+
 def plan_ablate(args: argparse.Namespace, profile: Profile) -> Plan:
     """Resolutions (and --grid values) × seeds, same effective batch and schedule; then one report.
 
@@ -414,7 +418,7 @@ def plan_ablate(args: argparse.Namespace, profile: Profile) -> Plan:
                               _config_value(args.config, "data.resolution", 224)))
         if args.probe:
             plan.probes[name] = {"config": args.config, "resolution": resolution, "effective_batch": effective,
-                                 "overrides": [o for o in base[2 if args.config else 0:] if o.startswith(("model.", "loss."))],
+                                 "overrides": [o for o in base[2 if args.config else 0:] if o.startswith(PROBE_KEYS)],
                                  "fraction": args.probe_fraction, "overhead_mb": args.probe_overhead_mb}
             layout = f"micro-batch × accumulation = {effective} chosen by the probe in the job"
         else:

@@ -39,6 +39,8 @@ def test_probe_is_planned_per_resolution():
     assert {n: (p["resolution"], p["effective_batch"]) for n, p in plan.probes.items()} == {
         "res32": (32, 16), "res128": (128, 16)}
     assert not any(a.startswith("train.grad_accum_steps") for a in plan.runs["res32"])
+    # the probe measures under the run's numerics: the profile's precision reaches it
+    assert any(o.startswith("train.mixed_precision=") for o in plan.probes["res32"]["overrides"])
 
 
 @pytest.mark.parametrize("item", ["loss.name", "loss.name=", "=a,b", "loss.name=a,,b"])
