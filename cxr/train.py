@@ -120,6 +120,12 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
 
     # Model, loss, optimizer, schedule. Same seed on every rank → same initial weights.
     label_names(cfg)  # the shards' labels must number model.num_labels: fail before any work
+    if cfg.train.deterministic and cfg.model.name == "vit" and device.type == "cuda":
+        from cxr.models.transformer import deterministic_input_error
+
+        problem = deterministic_input_error(cfg.model.options, cfg.model.conv_stem, cfg.data.resolution)
+        if problem:  # otherwise the first backward raises deep inside torch
+            raise CxrError(f"train.deterministic: {problem}")
     set_seed(cfg.train.seed)
     model = build_model(**cfg.model.kwargs())
     if cfg.model.init_from and resume_from is None:

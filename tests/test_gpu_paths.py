@@ -206,3 +206,28 @@ def test_train_log_says_the_probed_layout_and_how_it_differs_from_the_config(tmp
     log = (run / "train.log").read_text()
     assert "batch layout from the memory probe: micro-batch 8 × accumulation 2" in log
     assert "differs from the config: micro-batch 8 (config 16" in log
+
+
+def test_vit_built_for_its_input_size_does_not_resample_pos_embed_per_forward(monkeypatch):
+    """ViT at 64 px: built with img_size=64 the forward calls no interpolate (the position
+    embeddings were sized once at build); built for 224 it resamples them in every forward (the
+    bicubic whose CUDA backward is not deterministic) — and the deterministic check says so."""
+    import torch.nn.functional as F
+
+    from cxr.models import build_model
+    from cxr.models.transformer import deterministic_input_error
+
+    calls = []
+    real = F.interpolate
+    monkeypatch.setattr(F, "interpolate", lambda *a, **k: calls.append(k.get("mode")) or real(*a, **k))
+    x = torch.randn(1, 1, 64, 64)
+    sized = build_model("vit", arch="vit_tiny_patch16_224", img_size=64).train()
+    assert sized.trunk.backbone.pos_embed.shape[1] == 1 + (64 // 16) ** 2
+    sized(x).sum().backward()
+    sized(x).sum().backward()
+    assert calls == []
+    build_model("vit", arch="vit_tiny_patch16_224").train()(x).sum().backward()
+    assert calls == ["bicubic"]
+    assert "model.options.img_size=64" in deterministic_input_error({}, False, 64)
+    assert deterministic_input_error({"img_size": 64}, False, 64) is None
+    assert deterministic_input_error({}, True, 1024) is None  # conv stem: the ViT sees stem_size (224)
