@@ -706,7 +706,7 @@ def build_plan(args) -> Plan:
     default = dict(models=["densenet121"], resolutions=[32, 64] if cpu else [512, 1024],
                    batch=2 if cpu else 16, warmup=1 if cpu else 3, steps=2 if cpu else 10,
                    max_batch_cap=4 if cpu else 1024, jpeg_images=8 if cpu else 64, jpeg_repeats=2 if cpu else 5,
-                   resume_res=32 if cpu else 224, compile_backend="eager" if cpu else "inductor")
+                   resume_res=32 if cpu else 224, compile_backend="aot_eager" if cpu else "inductor")
     # seconds per row on an H200 (CPU smoke: on 2 shared cores); compile rows include the compilation
     # (guesses from the step times of DenseNet-121 on smaller GPUs scaled to an H200's bf16 rate, and
     # Inductor's compile time of a 121-layer graph on 16 cores; not yet measured on an H200)
@@ -726,7 +726,7 @@ def build_plan(args) -> Plan:
 
 
 def patch_compile_backend(backend: str) -> None:
-    """Make every torch.compile in the loop use `backend` (the CPU smoke traces with "eager" to stay fast)."""
+    """Make every torch.compile in the loop use `backend` (the CPU smoke uses "aot_eager": AOTAutograd, as inductor, without its C++ build)."""
     if backend == "inductor":
         return
     original = torch.compile
