@@ -47,7 +47,7 @@ def driver_version() -> str:
     if shutil.which("nvidia-smi"):
         try:
             done = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                  capture_output=True, text=True, timeout=20)
+                                  capture_output=True, text=True, timeout=20, check=False)
             if done.returncode == 0 and done.stdout.strip():
                 return done.stdout.strip().splitlines()[0]
             return f"unknown (nvidia-smi failed: {(done.stderr or done.stdout).strip().splitlines()[:1]})"

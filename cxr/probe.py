@@ -250,7 +250,7 @@ def measure(config: str | None, overrides: Sequence[str], resolution: int, batch
             "--device", "cpu" if method == "model" else device, *(["--config", config] if config else []),
             *(["--track"] if method == "model" else []), *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    done = subprocess.run(argv, capture_output=True, text=True, env=env)
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         raise CxrError(f"{config}: memory probe at {resolution} px, batch {batch} failed "
                        f"({(done.stderr.strip().splitlines() or ['?'])[-1]}) — run it alone: {' '.join(argv)}")
@@ -316,7 +316,7 @@ def explain(chosen: Layout, curves: dict[bool, tuple[float, float]], effective_b
     if chosen.checkpointing:
         return head + f"; without checkpointing micro-batch {b} needs {plain:.0f} MB"
     if b < effective_batch:
-        return head + f"; a larger micro-batch does not fit even with checkpointing"
+        return head + "; a larger micro-batch does not fit even with checkpointing"
     return head
 
 

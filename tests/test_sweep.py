@@ -125,5 +125,5 @@ def test_ablation_report_names_runs_whose_probed_layout_differs():
                                                               other.differs_from_config()]})
     lines = _layout_notes(costs)
     assert [ln for ln in lines if ln.startswith("- ")] == [
-        "- b: the memory probe chose micro-batch 4 (config 16: BatchNorm sees 4 images per step instead); "
-        "checkpointing false (config true)"]
+        ("- b: the memory probe chose micro-batch 4 (config 16: BatchNorm sees 4 images per step instead); "
+         "checkpointing false (config true)")]
