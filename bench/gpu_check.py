@@ -1,32 +1,30 @@
-"""One-shot GPU check: throughput, memory, largest batch, exact resume and JPEG decode, through cxr's own loop.
+"""One-shot GPU check: what only a GPU answers, most valuable first, in ≤ 6 minutes on an H200.
 
-Run this first on a new GPU machine (one GPU, ≤ 8 minutes on an H200 by default):
-
-    python bench/gpu_check.py --out gpu_check.md                 # CUDA, defaults below
+    python bench/gpu_check.py --out "$OUT/gpu_check.md"          # CUDA, defaults below (budget 360 s)
     python bench/gpu_check.py --device cpu --out smoke.md        # tiny CPU smoke (the test suite runs it)
 
 Every training row calls ``cxr.train.train(cfg, loader_fn=...)`` — the real loop with
 accelerate, autocast, the stop flag, validation and checkpoint writes — with bf16 autocast
-and channels_last. Rows, in the order they run (later rows are the first to be skipped):
+and channels_last. Rows, in the order they run (a row whose estimate does not fit what is
+left of ``--budget-s`` is skipped with a note; the start prints the run's own estimate):
 
-  throughput   images/s for each --models × --resolutions, eager, no checkpointing,
-               timed from batch --warmup to the end of the epoch (CUDA-synchronised at
-               both ends); peak memory = torch.cuda.max_memory_allocated (CPU: the
-               process's peak RSS, which never goes down, so only its first row means much)
-  checkpoint   the same at the largest resolution with model.grad_checkpointing=true
-  max batch    largest micro-batch at the largest resolution that trains two steps
-               without torch.cuda.OutOfMemoryError (doubling, then bisection to ~6 %)
+  throughput   DenseNet-121 img/s at 512 and 1024, eager, without checkpointing, timed from
+               batch --warmup to the end of the epoch (CUDA-synchronised at both ends)
+  checkpoint   the same with model.grad_checkpointing=true (after each throughput row)
+  compile      train.compile=true without and with checkpointing at 1024 (inductor; without
+               a C compiler aot_eager, said in the header: no fused kernels)
+  probe        cxr.probe's choice at 1024 for effective batch --batch and its predicted peak
+               (reserved + non-torch overhead) against the training row at the same layout
+               (device_est_mib), or the probe's own confirming step
+  png decode   PIL decode of the real NIH sample PNGs on one core: img/s per core, which
+               sizes the CPU decoder threads per GPU (PNG never decodes on the GPU)
   resume       train.deterministic=true: run A uninterrupted; run B stopped by SIGUSR1
-               mid-epoch (exit 75), then resumed; 1 = final weights bitwise equal
-  jpeg decode  torchvision.io.decode_jpeg(device=...) on phantom chest X-ray JPEGs
-               (shards.synth) at the largest resolution, batched; images/s
-  dali memory  (CUDA only) DALI's own device memory: the loader's mixed pipeline (JPEG shards,
-               nvJPEG decode, augmentation on the GPU) at the largest resolution, built and
-               run for a few batches; a skipped row when DALI is not installed (the usual case)
-  24 GB claim  (CUDA only) "batch 16 at 1024² with checkpointing fits a 24 GB A10G", recomputed
-               from the checkpoint row's device estimate + 2 × the DALI row (train and val
-               pipelines are both kept); see device_budget()
-  compile      train.compile=true, with and without checkpointing, at the largest resolution
+               mid-epoch (exit 75), then resumed; 1 = final weights bitwise equal (the next
+               train() resets the deterministic numerics)
+  compile      the compiled rows at the other resolutions (512): first to be skipped
+  --extra      max batch (doubling then bisection to the OOM edge), jpeg decode
+               (torchvision.io.decode_jpeg on the device), dali memory and the 24 GB claim
+               (CUDA, only where DALI is installed)
 
 Memory, four views per training row (CUDA; on CPU only peak_mib, as RSS):
   peak_mib         torch.cuda.max_memory_allocated: tensors only
@@ -121,6 +119,10 @@ class Plan:
     workers: int
     budget_s: float
     estimates: dict = field(default_factory=dict)  # seconds a row of each check is expected to take
+    nih_sample: Path | None = None
+    png_seconds: float = 3.0
+    extra: bool = False
+    compile_note: str = ""
 
 
 # ----------------------------------------------------------------------------- measurement helpers
@@ -491,24 +493,117 @@ def dali_memory(plan: Plan, tmp: Path, res: int) -> Row:
 
 # ----------------------------------------------------------------------------- orchestration
 def rows_to_run(plan: Plan):
-    """(check, estimated seconds, section, thunk) in run order."""
+    """(check, estimated seconds, section, args) in run order: the most valuable first, so that a
+    short budget drops the least; the resume row (deterministic numerics) after every timed row
+    but the optional ones (train() resets the numerics at each start anyway)."""
     big = max(plan.resolutions)
+    others = [r for r in plan.resolutions if r != big]
     items = []
     for model in plan.models:
         for res in plan.resolutions:
             items.append(("throughput", plan.estimates["throughput"], "throughput", (model, res, False, False)))
-    for model in plan.models:
-        items.append(("checkpoint", plan.estimates["throughput"], "throughput", (model, big, True, False)))
-    items.append(("max batch", plan.estimates["max batch"], "max batch", (plan.models[0], big)))
-    items.append(("resume", plan.estimates["resume"], "resume", (plan.models[0],)))
-    items.append(("jpeg decode", plan.estimates["jpeg decode"], "jpeg decode", (big,)))
-    if plan.device == "cuda":  # device memory beyond torch's allocator exists only there
-        items.append(("dali memory", plan.estimates["dali memory"], "dali memory", (big,)))
-        items.append(("24 GB claim", 0, "24 GB claim", (plan.models[0], big)))
+            items.append(("checkpoint", plan.estimates["throughput"], "throughput", (model, res, True, False)))
     for model in plan.models:
         for ckpt in (False, True):
             items.append(("compile", plan.estimates["compile"], "compile", (model, big, ckpt, True)))
+    items.append(("probe", plan.estimates["probe"], "probe", (plan.models[0], big)))
+    items.append(("png decode", plan.estimates["png decode"], "png decode", (1024,)))
+    items.append(("resume", plan.estimates["resume"], "resume", (plan.models[0],)))
+    for model in plan.models:
+        for res in others:
+            for ckpt in (False, True):
+                items.append(("compile", plan.estimates["compile"], "compile", (model, res, ckpt, True)))
+    if plan.extra:  # --extra: the older rows (largest batch, JPEG on the GPU, DALI's memory)
+        items.append(("max batch", plan.estimates["max batch"], "max batch", (plan.models[0], big)))
+        items.append(("jpeg decode", plan.estimates["jpeg decode"], "jpeg decode", (big,)))
+        if plan.device == "cuda":  # device memory beyond torch's allocator exists only there
+            items.append(("dali memory", plan.estimates["dali memory"], "dali memory", (big,)))
+            items.append(("24 GB claim", 0, "24 GB claim", (plan.models[0], big)))
     return items
+
+
+def estimated_seconds(plan: Plan) -> float:
+    """The run's own estimate: the rows' estimates that fit the budget, in order (as run_all skips)."""
+    total = 0.0
+    for _check, estimate, _section, _args in rows_to_run(plan):
+        if total + estimate <= plan.budget_s:
+            total += estimate
+    return total
+
+
+def compile_backend(requested: str) -> tuple[str, str]:
+    """(backend to use, note): inductor needs a C compiler (Triton builds its launcher with one, the
+    CPU wrapper is C++); without one the rows use aot_eager — the graph is captured and partitioned
+    (checkpointing, BatchNorm) but not fused, so its img/s says nothing about inductor's."""
+    if requested != "inductor":
+        return requested, ""
+    if os.environ.get("CC") or any(shutil.which(c) for c in ("cc", "gcc", "clang")):
+        return requested, ""
+    return "aot_eager", "no C compiler on this machine: aot_eager instead of inductor (no fused kernels)"
+
+
+def nih_sample(path: Path | None) -> Path | None:
+    """The real NIH sample PNGs: --nih-sample, $CXR_NIH/sample, or shared/data/nih/sample here or one level up."""
+    candidates = [path] if path else []
+    if os.environ.get("CXR_NIH"):
+        candidates.append(Path(os.environ["CXR_NIH"]) / "sample")
+    candidates += [ROOT / "shared" / "data" / "nih" / "sample", ROOT.parent / "shared" / "data" / "nih" / "sample"]
+    return next((c for c in candidates if c and c.is_dir() and any(c.glob("*.png"))), None)
+
+
+def png_decode(plan: Plan, res: int) -> Row:
+    """PIL decode of the real NIH PNGs, in this process on one core: images/s per core (PNG never
+    decodes on the GPU, so this sets how many CPU threads per GPU a PNG loader needs)."""
+    from PIL import Image
+
+    row = Row("png decode", res=res, unit="img/s per core")
+    sample = nih_sample(plan.nih_sample)
+    if sample is None:
+        row.note = "skipped: no NIH sample PNGs (--nih-sample DIR, or $CXR_NIH/sample)"
+        return row
+    blobs = [f.read_bytes() for f in sorted(sample.glob("*.png"))]
+    t0 = time.perf_counter()
+    done = 0
+    while done < len(blobs) or time.perf_counter() - t0 < plan.png_seconds:
+        with Image.open(io.BytesIO(blobs[done % len(blobs)])) as im:
+            im.convert("L").load()
+        done += 1
+    row.seconds = time.perf_counter() - t0
+    row.value = done / row.seconds
+    sizes = {Image.open(io.BytesIO(b)).size for b in blobs[:10]}
+    row.note = (f"{len(blobs)} real NIH PNGs ({sum(map(len, blobs)) / len(blobs) / 1e3:.0f} kB mean, e.g. "
+                f"{sorted(sizes)[0]}), PIL, {done} decodes; a GPU consuming N img/s needs N / {row.value:.0f} "
+                f"decoder threads")
+    return row
+
+
+def probe_vs_peak(plan: Plan, model: str, res: int, rows: list[Row]) -> Row:
+    """cxr.probe's choice at this resolution (the effective batch = --batch) and its predicted peak,
+    against the training row measured at the same layout (device estimate: reserved peak + memory
+    outside torch) or, without one, the probe's own confirming step."""
+    from cxr.probe import choose
+
+    reset_peak(plan.device)
+    t0 = time.perf_counter()
+    got = choose(None, [f"model.name={model}", "model.channels_last=true", "train.mixed_precision=bf16"], res,
+                 plan.batch, device=plan.device)
+    ckpt = "on" if got.grad_checkpointing else "off"
+    row = Row("probe", model, res, got.micro_batch, ckpt, "off", unit="measured / predicted")
+    row.seconds = time.perf_counter() - t0
+    same = next((r for r in rows if r.check in ("throughput", "checkpoint") and r.model == model and r.res == res
+                 and r.batch == got.micro_batch and r.ckpt == ckpt and not math.isnan(r.value)), None)
+    measured, source = math.nan, "no measurement at this layout"
+    if same is not None and not math.isnan(same.device_est_mib):
+        measured, source = same.device_est_mib, f"the {same.check} row's device estimate"
+    elif got.confirmed_mb is not None:
+        measured, source = got.confirmed_mb, "the probe's confirming step"
+    elif same is not None:
+        measured, source = same.peak_mib, f"the {same.check} row's peak RSS"
+    row.value = measured / got.peak_mb if got.peak_mb else math.nan
+    row.device_est_mib = measured
+    row.note = (f"predicted {got.peak_mb:.0f} MiB (overhead {got.overhead_mb:.0f}) vs {measured:.0f} from {source}; "
+                f"{got.reason}")
+    return row
 
 
 def run_all(plan: Plan, tmp: Path) -> list[Row]:
@@ -516,7 +611,7 @@ def run_all(plan: Plan, tmp: Path) -> list[Row]:
     rows = []
     for check, estimate, _section, args in rows_to_run(plan):
         left = plan.budget_s - (time.perf_counter() - start)
-        label = dict(zip(("model", "res", "ckpt", "compile"), args)) if check != "jpeg decode" else {"res": args[0]}
+        label = dict(zip(("model", "res", "ckpt", "compile"), args)) if len(args) > 1 else {"arg": args[0]}
         if estimate > left:
             rows.append(skipped_row(plan, check, args, f"skipped: needs ~{estimate:.0f} s, {max(left, 0):.0f} s of "
                                                   f"--budget-s left"))
@@ -531,6 +626,10 @@ def run_all(plan: Plan, tmp: Path) -> list[Row]:
                 rows.append(max_batch(plan, tmp, *args, deadline=deadline))
             elif check == "resume":
                 rows.append(resume_exact(plan, tmp, *args))
+            elif check == "probe":
+                rows.append(probe_vs_peak(plan, *args, rows=rows))
+            elif check == "png decode":
+                rows.append(png_decode(plan, *args))
             elif check == "dali memory":
                 rows.append(dali_memory(plan, tmp, *args))
             elif check == "24 GB claim":
@@ -549,8 +648,10 @@ def run_all(plan: Plan, tmp: Path) -> list[Row]:
 
 
 def skipped_row(plan: Plan, check: str, args: tuple, note: str) -> Row:
-    if check in ("jpeg decode", "dali memory"):
+    if check in ("jpeg decode", "dali memory", "png decode"):
         return Row(check, res=args[0], note=note)
+    if check == "probe":
+        return Row(check, args[0], args[1], note=note)
     if check == "24 GB claim":
         return Row(check, args[0], args[1], note=note)
     if check == "max batch":
@@ -602,25 +703,30 @@ def make_shards(plan: Plan, tmp: Path, codec: str = "png", res: int | None = Non
 
 def build_plan(args) -> Plan:
     cpu = args.device == "cpu"
-    default = dict(models=["densenet121", "resnet50"], resolutions=[32, 64] if cpu else [224, 512, 1024],
+    default = dict(models=["densenet121"], resolutions=[32, 64] if cpu else [512, 1024],
                    batch=2 if cpu else 16, warmup=1 if cpu else 3, steps=2 if cpu else 10,
                    max_batch_cap=4 if cpu else 1024, jpeg_images=8 if cpu else 64, jpeg_repeats=2 if cpu else 5,
-                   resume_res=32 if cpu else 224, compile_backend="eager" if cpu else "inductor")
+                   resume_res=32 if cpu else 224, compile_backend="aot_eager" if cpu else "inductor")
     # seconds per row on an H200 (CPU smoke: on 2 shared cores); compile rows include the compilation
+    # (guesses from the step times of DenseNet-121 on smaller GPUs scaled to an H200's bf16 rate, and
+    # Inductor's compile time of a 121-layer graph on 16 cores; not yet measured on an H200)
     estimates = ({"throughput": 5, "max batch": 30, "resume": 20, "jpeg decode": 5, "compile": 40,
-                  "dali memory": 0} if cpu else
-                 {"throughput": 15, "max batch": 90, "resume": 30, "jpeg decode": 15, "compile": 100,
-                  "dali memory": 40})
+                  "dali memory": 0, "probe": 40, "png decode": 2} if cpu else
+                 {"throughput": 15, "max batch": 90, "resume": 30, "jpeg decode": 15, "compile": 75,
+                  "dali memory": 40, "probe": 30, "png decode": 5})
     for key in default:
         value = getattr(args, key, None)
         if value is not None:
             default[key] = value
+    backend, note = compile_backend(default["compile_backend"])
+    default["compile_backend"] = backend
     return Plan(device=args.device, data=args.data, workers=args.workers, budget_s=args.budget_s,
-                estimates=estimates, **default)
+                estimates=estimates, nih_sample=args.nih_sample, png_seconds=1.0 if cpu else 3.0,
+                extra=args.extra, compile_note=note, **default)
 
 
 def patch_compile_backend(backend: str) -> None:
-    """Make every torch.compile in the loop use `backend` (the CPU smoke traces with "eager" to stay fast)."""
+    """Make every torch.compile in the loop use `backend` (the CPU smoke uses "aot_eager": AOTAutograd, as inductor, without its C++ build)."""
     if backend == "inductor":
         return
     original = torch.compile
@@ -638,14 +744,18 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="cuda (default): the real check; cpu: a tiny smoke of every row (32/64 px, 2 steps)")
     p.add_argument("--out", type=Path, help="also write the table as markdown to this file")
-    p.add_argument("--budget-s", type=float, default=450.0,
-                   help="total time budget; rows that would not fit are skipped with a note (default 450)")
+    p.add_argument("--budget-s", type=float, default=360.0,
+                   help="total time budget; rows that would not fit are skipped with a note (default 360)")
+    p.add_argument("--nih-sample", type=Path, default=None,
+                   help="folder of real NIH PNGs for the decode row (default $CXR_NIH/sample or shared/data/nih/sample)")
+    p.add_argument("--extra", action="store_true",
+                   help="also the max-batch, JPEG-on-GPU and DALI-memory rows (not in the 6-minute default)")
     p.add_argument("--data", choices=("memory", "wds"), default="memory",
                    help="memory: random tensors (default); wds: phantom shards through the wds back end")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="wds DataLoader workers")
-    p.add_argument("--models", type=lambda s: s.split(","), help="comma list (default densenet121,resnet50)")
+    p.add_argument("--models", type=lambda s: s.split(","), help="comma list (default densenet121)")
     p.add_argument("--resolutions", type=lambda s: [int(x) for x in s.split(",")],
-                   help="comma list (default 224,512,1024; cpu 32,64)")
+                   help="comma list (default 512,1024; cpu 32,64)")
     p.add_argument("--batch", type=int, help="micro-batch of the throughput rows (default 16; cpu 2)")
     p.add_argument("--steps", type=int, help="timed steps per row (default 10; cpu 2)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 3; cpu 1)")
@@ -664,13 +774,16 @@ def main(argv=None) -> int:
     if plan.device == "cpu":
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     t0 = time.perf_counter()
+    print(f"gpu_check: estimated {estimated_seconds(plan):.0f} s of --budget-s {plan.budget_s:.0f}"
+          + (f"; {plan.compile_note}" if plan.compile_note else ""), file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
         if plan.data == "wds":
             plan.estimates["shards"] = make_shards(plan, Path(tmp))
         with contextlib.redirect_stdout(sys.stderr):
             rows = run_all(plan, Path(tmp))
     elapsed = time.perf_counter() - t0
-    header = (f"gpu_check: {environment(plan)}; {elapsed:.0f} s (budget {plan.budget_s:.0f} s)\n\n"
+    header = (f"gpu_check: {environment(plan)}; {elapsed:.0f} s (own estimate {estimated_seconds(plan):.0f} s, "
+              f"budget {plan.budget_s:.0f} s){'; ' + plan.compile_note if plan.compile_note else ''}\n\n"
               f"`python bench/gpu_check.py {' '.join(sys.argv[1:] if argv is None else argv)}`")
     text = markdown(rows, header)
     print(text)

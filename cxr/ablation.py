@@ -238,8 +238,20 @@ def run_costs(runs: Sequence[Run]) -> pd.DataFrame:
         row["image_source"] = _image_source(r.run_dir)
         probe = read_probe(r.run_dir)
         row["probe_peak_mb"] = probe.peak_mb if probe else np.nan
+        row["layout_note"] = (probe.differs_from_config() or "") if probe else ""
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _layout_notes(costs: pd.DataFrame) -> list[str]:
+    """Lines naming the runs whose probed micro-batch or checkpointing is not their config's."""
+    if not len(costs) or "layout_note" not in costs:
+        return []
+    notes = [f"- {r.run}: the memory probe chose {r.layout_note}" for r in costs.itertuples() if r.layout_note]
+    if not notes:
+        return []
+    return ["**Batch layout differs from the config** (BatchNorm statistics differ between these runs "
+            "and the others; RUN/probe.json says why):", "", *notes, ""]
 
 
 def _image_source(run_dir: Path) -> str:
@@ -385,6 +397,7 @@ def report_markdown(result: dict[str, Any], costs: pd.DataFrame, context: dict[s
         "",
         _markdown(cost_summary(costs), index=False) if len(costs) else "(no runs)",
         "",
+        *_layout_notes(costs),
         "Figures: " + ", ".join(f"`{f}`" for f in context.get("figures", [])) if context.get("figures") else "",
     ]
     return "\n".join(lines) + "\n"

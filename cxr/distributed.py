@@ -38,8 +38,9 @@ def configure_numerics(cfg: Config, cuda: bool) -> None:
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True, warn_only=False)
-    else:
+    else:  # undo a deterministic run earlier in this process (tests, bench/gpu_check.py, notebooks)
         torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
         if cuda:
             torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
 
@@ -90,8 +91,12 @@ def import_before_process_group() -> None:
 def make_accelerator(cfg: Config) -> Accelerator:
     """Accelerator from the launcher's environment: gloo on CPU, NCCL on GPU, both with the
     collective timeout of the config (a dead peer fails the job instead of hanging it).
-    Resolves ``train.mixed_precision=auto`` in ``cfg`` (the resolved value is what is saved)."""
+    Resolves ``train.mixed_precision=auto`` in ``cfg`` (the resolved value is what is saved).
+    A job that asked for GPUs on a node without usable CUDA stops here (cxr.cuda_check)."""
+    from cxr.cuda_check import require_cuda_if_requested
+
     cpu = not torch.cuda.is_available()
+    require_cuda_if_requested(available=not cpu)
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     precision = cfg.train.mixed_precision
     if precision == "auto":
@@ -135,10 +140,35 @@ def configure_deepspeed(cfg: Config, accelerator: Accelerator, model: torch.nn.M
     ds["gradient_accumulation_steps"] = cfg.train.grad_accum_steps
     ds["train_batch_size"] = cfg.data.batch_size * cfg.train.grad_accum_steps * accelerator.num_processes
     ds["gradient_clipping"] = cfg.train.clip_grad_norm
+    fill_zero_buckets(ds, model)
     ds.setdefault("zero_allow_untested_optimizer", True)  # our torch Adam, wrapped by ZeRO
     if ds.get("zero_optimization", {}).get("stage", 0) >= 3:
         raise CxrError("DeepSpeed ZeRO-3 is not supported (validation runs the unwrapped model) — use "
                        "launch/configs/deepspeed_zero1.yaml or deepspeed_zero2.yaml")
+
+
+ZERO_BUCKET_CAP = 50_000_000
+"""Largest ZeRO bucket, in elements (200 MB of fp32 gradients): ViT-B/BEiT-B (86 M parameters) use
+two buckets, every CNN of the suite one bucket the size of its whole gradient."""
+
+
+def fill_zero_buckets(ds: dict, model: torch.nn.Module) -> dict:
+    """Size ZeRO-1/2's ``reduce_bucket_size`` / ``allgather_bucket_size`` ("auto" or absent) for the model.
+
+    DeepSpeed's default is 5e8 elements and stage 1/2 allocate the reduce bucket whole (with
+    ``contiguous_gradients``, fp32 here: 2 GB per GPU; two with ``overlap_comm``) — for a
+    DenseNet-121 whose whole gradient is 28 MB. Here: the model's trainable element count, capped at
+    :data:`ZERO_BUCKET_CAP`, so one bucket holds a CNN's whole gradient (one reduction per step, as
+    DDP's buckets) and no buffer is larger than the gradient it carries."""
+    zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage", 0) not in (1, 2):
+        return ds
+    elements = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    bucket = int(min(max(elements, 1), ZERO_BUCKET_CAP))
+    for key in ("reduce_bucket_size", "allgather_bucket_size"):
+        if zero.get(key, "auto") == "auto":
+            zero[key] = bucket
+    return ds
 
 
 # ----------------------------------------------------------------------------- signals
@@ -146,16 +176,31 @@ class StopFlag:
     """SIGUSR1 / SIGTERM set a flag; :meth:`agreed` all-reduces it so every rank stops at the
     same step boundary, whichever rank (or all) got the signal."""
 
-    def __init__(self, accelerator: Accelerator, timeout_s: float = 90.0):
+    def __init__(self, accelerator: Accelerator, timeout_s: float = 90.0, first_step_timeout_s: float | None = None,
+                 compiled: bool = False):
+        """``timeout_s`` applies from the first completed optimizer step on; until then — and always
+        when ``compiled`` (a recompilation can come at any step) — ``first_step_timeout_s`` (the
+        collective timeout) does: ranks finish the first step minutes apart when they compile it
+        (torch.compile, cuDNN benchmarking, DALI warm-up), and the short timeout would kill a job
+        that is only slow. Both gloo groups are created here, on every rank, in the same order."""
         self.signum = 0
-        self.group = None
+        self.group = self.short_group = None
         self.flag = torch.zeros(1, dtype=torch.int32)
         self.distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        long_s = max(first_step_timeout_s or timeout_s, timeout_s)
         if self.distributed:
             # a CPU side channel: the check costs no GPU synchronisation; its own short timeout
             # makes a dead peer fail the job within it (the others wait at the next step's check)
-            self.group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+            self.group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=long_s))
+            if not compiled and long_s > timeout_s:
+                self.short_group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
         self.previous = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+
+    def step_done(self) -> None:
+        """An optimizer step has completed on every rank (call after :meth:`agreed` following it):
+        from now on the short timeout applies, unless the model is compiled."""
+        if self.short_group is not None:
+            self.group, self.short_group = self.short_group, None
 
     def close(self) -> None:
         """Put back the handlers found at start (training may run inside a longer-lived process)."""

@@ -305,10 +305,13 @@ def infer_split(members: Sequence[Member], loader_cfg: Any, split: str, state: A
         for batch in bar:
             image = batch["image"].to(device, non_blocking=True)
             meta = batch["meta"].to(device, non_blocking=True) if "meta" in batch else None
-            for m in members:
-                logits = m.model(renorm[m.name](image), meta=meta if m.uses_meta else None)
-                # float64 sigmoid keeps logits up to ~37 distinguishable (mean-logit ensembles).
-                probs[m.name].append(torch.sigmoid(logits.double()).cpu().numpy())
+            # float64 sigmoid keeps logits up to ~37 distinguishable (mean-logit ensembles); one
+            # device→host copy per batch for all members (each copy is a sync point)
+            batch_probs = torch.stack([torch.sigmoid(m.model(renorm[m.name](image),
+                                                             meta=meta if m.uses_meta else None).double())
+                                       for m in members]).cpu().numpy()
+            for m, p in zip(members, batch_probs):
+                probs[m.name].append(p)
             keys.extend(str(k) for k in batch["key"])
             truth.append(batch["labels"].cpu().numpy().round().astype(np.uint8))
     n_labels = len(members[0].labels)

@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 
 from cxr import checkpoint as ckpt
 from cxr import run_log, tracking
@@ -46,6 +46,7 @@ from cxr.distributed import (StopFlag, configure_deepspeed, configure_numerics, 
 from cxr.losses import build_loss
 from cxr.metrics import epoch_metrics
 from cxr.models import build_model
+from cxr.probe import read_probe
 from cxr.resume import (TrainState, check_has_best, continue_finished_run, finished_run, restore, resume_checkpoint,
                         save_best, save_last, update_best, update_early_stop)
 from cxr.run_log import EXIT_REQUEUE, preempted  # noqa: F401 (EXIT_REQUEUE: read by launchers and tests)
@@ -93,7 +94,8 @@ def train(cfg: Config, loader_fn: Callable = build_loader) -> int:
     if warning:  # before the process groups: with this problem their creation hangs until the timeout
         print(f"cxr.train: warning: {warning}", file=sys.stderr, flush=True)
     accelerator = make_accelerator(cfg)
-    stop = StopFlag(accelerator, cfg.train.stop_flag_timeout_s)  # a signal is honoured at the next step boundary
+    # a signal is honoured at the next step boundary; the collective timeout until the first step is done
+    stop = StopFlag(accelerator, cfg.train.stop_flag_timeout_s, cfg.train.collective_timeout_s, cfg.train.compile)
     lock, st = None, TrainState()
     try:
         lock = run_log.lock_run_dir(cfg, accelerator)  # rank 0 holds it; every rank raises when it is taken
@@ -122,6 +124,12 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
 
     # Model, loss, optimizer, schedule. Same seed on every rank → same initial weights.
     label_names(cfg)  # the shards' labels must number model.num_labels: fail before any work
+    if cfg.train.deterministic and cfg.model.name == "vit" and device.type == "cuda":
+        from cxr.models.transformer import deterministic_input_error
+
+        problem = deterministic_input_error(cfg.model.options, cfg.model.conv_stem, cfg.data.resolution)
+        if problem:  # otherwise the first backward raises deep inside torch
+            raise CxrError(f"train.deterministic: {problem}")
     set_seed(cfg.train.seed)
     model = build_model(**cfg.model.kwargs())
     if cfg.model.init_from and resume_from is None:
@@ -140,7 +148,11 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
     model, optimizer = accelerator.prepare(model, optimizer)
     # compiled after the DDP wrap, so that DDP's bucketed all-reduce stays outside the graphs;
     # only the training forward goes through it (checkpoints and accumulation use `model`)
-    forward = torch.compile(model) if cfg.train.compile else model
+    forward = model
+    if cfg.train.compile and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        model.compile()  # DeepSpeed's supported way: compiles the module inside the engine, hooks intact
+    elif cfg.train.compile:
+        forward = torch.compile(model)
     # the plain module (no DDP hooks, no compile wrapper): validation, buffers and restores use it
     net = accelerator.unwrap_model(model, keep_torch_compile=False)
     # Dropout streams differ per rank (a fresh seed per rank after the common init).
@@ -164,6 +176,10 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
              f"resumed from {resume_from} at epoch {st.epoch + 1} step {st.step_in_epoch}" if resume_from else "fresh",
              getattr(cfg, "device_note", None) or f"data.device={cfg.data.device}")
     log.info("images: %s; resize filter: %s", *image_source(cfg.data.shards, cfg.data.resolution).values())
+    probed = read_probe(run_dir)
+    if probed is not None:  # the sweep's memory probe chose this run's batch layout (RUN/probe.json)
+        log.info("batch layout from the memory probe: %s%s", probed.reason,
+                 f" — differs from the config: {probed.differs_from_config()}" if probed.differs_from_config() else "")
     writer = run_log.tensorboard_writer(cfg, run_dir, accelerator.is_main_process)
     tracking.start(accelerator, cfg, run_dir, config_hash(cfg))
     accum, log_every = cfg.train.grad_accum_steps, cfg.logging.log_every
@@ -225,6 +241,7 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
             if stop.agreed():
                 save(loader)
                 return preempted(accelerator, run_dir, st, stop.signum)
+            stop.step_done()  # every rank is past an optimizer step: the short timeout from here on
             if cfg.checkpoint.every_steps and st.global_step % cfg.checkpoint.every_steps == 0:
                 save(loader)
             if cfg.train.max_steps and st.global_step >= cfg.train.max_steps:

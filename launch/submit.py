@@ -166,12 +166,13 @@ def probe_overrides(run_dir: Path, spec: dict[str, Any], rank: int = 0, timeout_
     path = run_dir / PROBE_FILE
     if not path.is_file() and rank == 0:
         result = choose(spec.get("config"), spec.get("overrides", []), int(spec["resolution"]),
-                        int(spec["effective_batch"]), fraction=float(spec.get("fraction", 0.8)),
-                        budget_mb=spec.get("budget_mb"))
+                        int(spec["effective_batch"]), fraction=float(spec.get("fraction", 0.9)),
+                        budget_mb=spec.get("budget_mb"), overhead_mb=spec.get("overhead_mb"))
         write_probe(run_dir, result)
-        print(f"probe {run_dir.name}: micro-batch {result.micro_batch} × accumulation {result.grad_accum} "
-              f"(checkpointing {result.grad_checkpointing}), predicted peak {result.peak_mb:.0f} of "
-              f"{result.budget_mb:.0f} MB on {result.device}", flush=True)
+        differs = result.differs_from_config()
+        print(f"probe {run_dir.name} on {result.device}: {result.reason}"
+              + (f"; confirmed by one step: {result.confirmed_mb:.0f} MB" if result.confirmed_mb else "")
+              + (f" — differs from the config: {differs}" if differs else ""), flush=True)
     deadline = time.monotonic() + timeout_s
     while not path.is_file():  # the other ranks wait for rank 0's probe
         if time.monotonic() > deadline:
@@ -408,6 +409,10 @@ def sweep_points(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     return points
 
 
+PROBE_KEYS = ("model.", "loss.", "train.mixed_precision=", "train.cudnn_benchmark=", "train.deterministic=")
+"""The overrides the memory probe sees: the model and its training numerics (the profile's bf16)."""
+
+
 def plan_ablate(args: argparse.Namespace, profile: Profile) -> Plan:
     """Resolutions (and --grid values) × seeds, same effective batch and schedule; then one report.
 
@@ -435,8 +440,8 @@ def plan_ablate(args: argparse.Namespace, profile: Profile) -> Plan:
                               _config_value(args.config, "data.resolution", 224)))
         if probe:
             plan.probes[name] = {"config": args.config, "resolution": resolution, "effective_batch": effective,
-                                 "overrides": [o for o in base[2 if args.config else 0:] if o.startswith(("model.", "loss."))],
-                                 "fraction": args.probe_fraction}
+                                 "overrides": [o for o in base[2 if args.config else 0:] if o.startswith(PROBE_KEYS)],
+                                 "fraction": args.probe_fraction, "overhead_mb": args.probe_overhead_mb}
             layout = f"micro-batch × accumulation = {effective} chosen by the probe in the job"
         else:
             if effective % batch:
@@ -498,7 +503,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="micro-batch × accumulation of every run (default: the config's batch × accumulation)")
     p.add_argument("--no-probe", dest="probe", action="store_false",
                    help="keep the config's micro-batch (accumulation from --effective-batch) instead of probing memory")
-    p.add_argument("--probe-fraction", type=float, default=0.8, help="share of device memory the probe may fill (0.8)")
+    p.add_argument("--probe-fraction", type=float, default=0.9,
+                   help="share of device memory the probe may fill, non-torch overhead included (0.9)")
+    p.add_argument("--probe-overhead-mb", type=float, default=None,
+                   help="device memory outside torch per process: CUDA context, NCCL, DALI's pool "
+                        "(default: cxr.probe.CUDA_OVERHEAD_MB on CUDA)")
     p.add_argument("--reference", default=None, help="variant the report compares against (default: the lowest)")
     p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples of the report (default 1000)")
     return parser

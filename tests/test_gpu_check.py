@@ -27,13 +27,15 @@ runpy.run_path("bench/gpu_check.py", run_name="__main__")
 """
 
 
-def expected_rows(models: list[str], resolutions: list[int]) -> list[tuple[str, str, str]]:
+def expected_rows(models: list[str], resolutions: list[int], extra: bool = False) -> list[tuple[str, str, str]]:
     """(check, model, res) of every row, in the order the module docstring gives."""
     big = str(max(resolutions))
-    rows = [("throughput", m, str(r)) for m in models for r in resolutions]
-    rows += [("checkpoint", m, big) for m in models]
-    rows += [("max batch", models[0], big), ("resume", models[0], "32"), ("jpeg decode", "-", big)]
+    rows = [(c, m, str(r)) for m in models for r in resolutions for c in ("throughput", "checkpoint")]
     rows += [("compile", m, big) for m in models for _ in (0, 1)]
+    rows += [("probe", models[0], big), ("png decode", "-", "1024"), ("resume", models[0], "32")]
+    rows += [("compile", m, str(r)) for m in models for r in resolutions if str(r) != big for _ in (0, 1)]
+    if extra:
+        rows += [("max batch", models[0], big), ("jpeg decode", "-", big)]
     return rows
 
 
@@ -58,16 +60,46 @@ def test_budget_zero_skips_every_row_with_a_note(tmp_path):
 
 @pytest.mark.slow
 def test_cpu_smoke_every_row_finite_without_dali_or_deepspeed(tmp_path):
-    proc, rows = run_check(tmp_path, "--models", "cnn", "--resolutions", "32", "--budget-s", "600", timeout=600)
+    proc, rows = run_check(tmp_path, "--models", "cnn", "--resolutions", "32", "--budget-s", "600", "--extra",
+                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert [(r["check"], r["model"], r["res"]) for r in rows] == expected_rows(["cnn"], [32])
+    assert [(r["check"], r["model"], r["res"]) for r in rows] == expected_rows(["cnn"], [32], extra=True)
     for r in rows:
-        assert math.isfinite(float(r["value"])) and math.isfinite(float(r["peak_mib"])), r
+        assert math.isfinite(float(r["value"])), r
+        assert r["check"] in ("png decode", "probe") or math.isfinite(float(r["peak_mib"])), r
         assert not r["note"].startswith(("FAILED", "skipped")), r
     by_check = {r["check"]: r for r in rows}
     assert float(by_check["resume"]["value"]) == 1.0, by_check["resume"]  # bitwise equal after resume
     assert int(by_check["max batch"]["value"]) == 4  # the CPU cap: nothing runs out of memory on CPU
     assert all(float(r["value"]) > 0 for r in rows)
+    assert "real NIH PNGs" in by_check["png decode"]["note"]
+    assert "predicted" in by_check["probe"]["note"] and "peak RSS" in by_check["probe"]["note"]
+
+
+def test_default_gpu_run_fits_six_minutes_by_its_own_estimate_in_order_of_value(monkeypatch):
+    """DenseNet-121 at 512 and 1024: eager ± checkpointing, then compiled, the probe, PNG decode,
+    resume; the estimate of what runs stays within the default 360 s budget."""
+    gpu_check = _load_gpu_check(monkeypatch)
+    plan = gpu_check.build_plan(gpu_check.parse_args(["--device", "cuda"]))
+    assert plan.budget_s == 360 and gpu_check.estimated_seconds(plan) <= 360
+    order = [(c, a) for c, _e, _s, a in gpu_check.rows_to_run(plan)]
+    assert order[:4] == [("throughput", ("densenet121", 512, False, False)),
+                         ("checkpoint", ("densenet121", 512, True, False)),
+                         ("throughput", ("densenet121", 1024, False, False)),
+                         ("checkpoint", ("densenet121", 1024, True, False))]
+    checks = [c for c, _ in order]
+    assert checks[4:9] == ["compile", "compile", "probe", "png decode", "resume"]
+    assert all(c == "compile" for c in checks[9:])  # optional: the compiled 512 rows, dropped first
+
+
+def test_compile_falls_back_without_a_c_compiler(monkeypatch):
+    gpu_check = _load_gpu_check(monkeypatch)
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda name: None)
+    backend, note = gpu_check.compile_backend("inductor")
+    assert backend == "aot_eager" and "no C compiler" in note
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda name: "/usr/bin/gcc" if name == "gcc" else None)
+    assert gpu_check.compile_backend("inductor") == ("inductor", "")
 
 
 def _load_gpu_check(monkeypatch):

@@ -55,6 +55,8 @@ def test_probe_is_planned_per_resolution():
     assert {n: (p["resolution"], p["effective_batch"]) for n, p in plan.probes.items()} == {
         "res32": (32, 16), "res128": (128, 16)}
     assert not any(a.startswith("train.grad_accum_steps") for a in plan.runs["res32"])
+    # the probe measures under the run's numerics: the profile's precision reaches it
+    assert any(o.startswith("train.mixed_precision=") for o in plan.probes["res32"]["overrides"])
 
 
 @pytest.mark.parametrize("item", ["loss.name", "loss.name=", "=a,b", "loss.name=a,,b"])
@@ -64,18 +66,16 @@ def test_bad_grid_item(item):
 
 
 def test_probe_choice_by_hand(monkeypatch):
-    """peak(b) = 500 + 100 b MB; budget 1000 → largest divisor of 16 with 500 + 100 b ≤ 1000 is 4."""
-    calls = []
-
-    def fake(config, overrides, resolution, batch, device):
-        calls.append(overrides[-1])
+    """peak(b) = 500 + 100 b MB plain, 300 + 100 b checkpointed; budget 1000 → largest divisor of 16
+    that fits either way is 4 (plain 900 fits: no checkpointing at equal micro-batch)."""
+    def fake(config, overrides, resolution, batch, device, method="measure"):
         return (500 if "false" in overrides[-1] else 300) + 100 * batch
 
     monkeypatch.setattr(probe, "measure", fake)
     got = probe.choose(None, [], 256, 16, device="cpu", budget_mb=1000)
     assert (got.micro_batch, got.grad_accum, got.grad_checkpointing, got.peak_mb) == (4, 4, False, 900)
     assert got.overrides() == ["data.batch_size=4", "train.grad_accum_steps=4", "model.grad_checkpointing=false"]
-    # b = 1 does not fit without checkpointing (600 > 550), fits with it (300 + 100 b ≤ 550 → b = 2)
+    # plain: 500 + 100 b ≤ 550 fits nothing; checkpointed: 300 + 100 b ≤ 550 → b = 2
     got = probe.choose(None, [], 256, 16, device="cpu", budget_mb=550)
     assert (got.micro_batch, got.grad_accum, got.grad_checkpointing) == (2, 8, True)
     with pytest.raises(CxrError, match="even micro-batch 1"):
@@ -90,3 +90,66 @@ def test_debug_cluster_says_it_runs_one_process_whatever_the_profile():
     note = debug_layout_note(get_profile("cpu-local"))
     assert f"not the {table['nodes']} node(s) × {table['processes_per_node']} of profile cpu-local" in note
     assert "1 node(s) × 3" in debug_layout_note(get_profile("cpu-local"), processes=3)
+
+
+def test_probe_prefers_the_largest_micro_batch_with_checkpointing(monkeypatch):
+    """plain 1000 + 2000 b, checkpointed 1000 + 500 b, budget 10000 (+ 500 overhead): plain fits
+    b ≤ 4 (9500), checkpointed b ≤ 16 (9500) → 16 × 1 with checkpointing, not 4 × 4 (BatchNorm
+    would see 4 images instead of 16); the overhead counts (without it b = 16 still, with 1000
+    more it is b = 8)."""
+    def fake(config, overrides, resolution, batch, device, method="measure"):
+        return 1000 + (2000 if "false" in overrides[-1] else 500) * batch
+
+    monkeypatch.setattr(probe, "measure", fake)
+    got = probe.choose(None, [], 256, 16, device="cpu", budget_mb=10000, overhead_mb=500)
+    assert (got.micro_batch, got.grad_accum, got.grad_checkpointing, got.peak_mb) == (16, 1, True, 9500)
+    assert "without checkpointing micro-batch 16 needs 33500 MB" in got.reason
+    got = probe.choose(None, [], 256, 16, device="cpu", budget_mb=10000, overhead_mb=1500)
+    assert (got.micro_batch, got.grad_checkpointing) == (8, True)
+    assert got.config_micro_batch == 16 and "config 16" in got.differs_from_config()
+
+
+@pytest.mark.slow
+def test_probe_keeps_densenet121_batch_16_with_checkpointing_on_an_a10g():
+    """The shipped DenseNet-121 config at 1024² on an A10G (23028 MiB listed) in bf16: the memory
+    curve modelled from live tensor bytes of real CPU steps at 128² keeps micro-batch 16 with
+    checkpointing (fp32 without checkpointing, the old probe, chose 4 × 4)."""
+    got = probe.choose("cxr/configs/densenet121.yaml", ["train.mixed_precision=bf16"], 1024, 16, device="cpu",
+                       capacity_mb=23028, method="model")
+    assert (got.micro_batch, got.grad_accum, got.grad_checkpointing) == (16, 1, True), got.reason
+    assert got.numerics == {"autocast": "bfloat16", "channels_last": True, "cudnn_benchmark": False}
+    assert got.differs_from_config() is None
+    # the curve itself: checkpointing keeps much less per image than storing every activation
+    plain, ckpt = got.curves["checkpointing=false"], got.curves["checkpointing=true"]
+    assert ckpt["per_sample_mb"] < 0.25 * plain["per_sample_mb"]
+
+
+def test_live_tensor_peak_counts_a_hand_computed_peak():
+    """Two float32 tensors of 1 MiB alive at once, then one freed and a 2 MiB one made: peak 3 MiB."""
+    import torch
+
+    with probe.LiveTensorPeak() as tracker:
+        a = torch.ones(2**18)  # 1 MiB
+        b = a * 2  # 1 MiB: 2 live
+        del a
+        c = torch.cat([b, b])  # 2 MiB: b + c = 3 MiB live
+        del b, c
+    assert tracker.peak == 3 * 2**20
+    assert tracker.current == 0
+
+
+def test_ablation_report_names_runs_whose_probed_layout_differs():
+    import pandas as pd
+
+    from cxr.ablation import _layout_notes
+
+    same = probe.ProbeResult(1024, "cuda", 16, 16, 1, True, 20000, 100, 40, 2000, {}, config_micro_batch=16,
+                             config_grad_checkpointing=True)
+    other = probe.ProbeResult(1024, "cuda", 16, 4, 4, False, 20000, 100, 40, 2000, {}, config_micro_batch=16,
+                              config_grad_checkpointing=True)
+    costs = pd.DataFrame({"run": ["a", "b"], "layout_note": [same.differs_from_config() or "",
+                                                              other.differs_from_config()]})
+    lines = _layout_notes(costs)
+    assert [ln for ln in lines if ln.startswith("- ")] == [
+        ("- b: the memory probe chose micro-batch 4 (config 16: BatchNorm sees 4 images per step instead); "
+         "checkpointing false (config true)")]

@@ -524,8 +524,10 @@ def _pipeline(o: DaliBatches, source):
             p.build()
     except RuntimeError as err:
         if gpu:
+            from cxr.cuda_check import dali_gpu_advice
+
             raise CxrError(f"data.device=gpu: DALI could not build a GPU pipeline on device {o.device_id} "
-                           f"({str(err).splitlines()[0]}) — run on a CUDA machine or set data.device=cpu") from err
+                           f"({str(err).splitlines()[0]}) — {dali_gpu_advice()}") from err
         raise
     return p
 

@@ -45,7 +45,8 @@ REGISTRY: dict[str, ModelSpec] = {
     "densenet121_cbam": ModelSpec(cbam.build, cbam.DESCRIPTION, {"head_dropout": float, "stem_size": int}),
     "resnet50": ModelSpec(resnet.build, resnet.DESCRIPTION, {"stem_size": int}),
     "beit": ModelSpec(transformer.build_beit, transformer.BEIT_DESCRIPTION, {"arch": str, "img_size": int}),
-    "vit": ModelSpec(transformer.build_vit, transformer.VIT_DESCRIPTION, {"arch": str, "stem_size": int}),
+    "vit": ModelSpec(transformer.build_vit, transformer.VIT_DESCRIPTION,
+                     {"arch": str, "stem_size": int, "img_size": int}),
     "cnn": ModelSpec(cnn.build, cnn.DESCRIPTION, {"stem_size": int, "width": int}),
     # not a classifier: the OOD gate's autoencoder (ood_ae.py; the gate is cxr/ood.py), trained with loss.name=ssim_recon
     "ood_ae": ModelSpec(ood_ae.build, ood_ae.DESCRIPTION, {"width": int, "code": int}),

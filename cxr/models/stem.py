@@ -35,12 +35,25 @@ class Resize(nn.Module):
         return f"size={self.size}"
 
 
+_MATRICES: dict[tuple, torch.Tensor] = {}
+
+
 def resize_matrix(n_in: int, n_out: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """[n_out, n_in]: the 1-D antialiased bilinear resize as a matrix (interpolate applied to the
-    unit vectors, on the CPU, forward only)."""
+    """[n_out, n_in]: the 1-D antialiased bilinear resize as a matrix, built once per size, dtype and
+    device (building it on the CPU and copying it over every forward cost a host sync per step)."""
+    key = (n_in, n_out, dtype, torch.device(device))
+    matrix = _MATRICES.get(key)
+    if matrix is None:
+        with torch.no_grad():
+            matrix = _MATRICES[key] = _build_resize_matrix(n_in, n_out).to(device=device, dtype=dtype)
+    return matrix
+
+
+def _build_resize_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """interpolate applied to the unit vectors, on the CPU in float64, forward only."""
     eye = torch.eye(n_in, dtype=torch.float64).view(n_in, 1, 1, n_in)
     cols = F.interpolate(eye, size=(1, n_out), mode="bilinear", align_corners=False, antialias=True)
-    return cols.reshape(n_in, n_out).t().to(device=device, dtype=dtype)
+    return cols.reshape(n_in, n_out).t().contiguous()
 
 
 def separable_resize(x: torch.Tensor, size: int) -> torch.Tensor:

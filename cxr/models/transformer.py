@@ -4,7 +4,9 @@ Input size (chosen per family, both documented here):
 
 - ``vit``: any size — built with timm's ``dynamic_img_size``, so the learned
   absolute position embeddings (224² grid in the weights) are interpolated
-  bicubically to the input's patch grid on every forward (1024² → 64×64 tokens).
+  bicubically to the input's patch grid on every forward (1024² → 64×64 tokens) —
+  unless built with ``img_size`` = the input size: then they are resampled once, at
+  build/load, and used as they are (needed for ``train.deterministic`` on CUDA).
   ``global_pool='avg'`` with the final LayerNorm *before* pooling (``fc_norm=False``)
   keeps the usual ViT checkpoint names and makes the head pooled-linear:
   ``classifier_weight`` is valid for CAM over the token grid.
@@ -80,11 +82,20 @@ def _check_arch(arch: str, family: str) -> None:
                        f"e.g. {VIT_ARCH if family == 'vit' else BEIT_ARCH}")
 
 
-def build_vit(args: BuildArgs, *, arch: str = VIT_ARCH, stem_size: int = NATIVE_SIZE) -> CxrClassifier:
-    """ViT (dynamic input size) → norm → mean of patch tokens → (meta fusion) → dropout → linear."""
+def build_vit(args: BuildArgs, *, arch: str = VIT_ARCH, stem_size: int = NATIVE_SIZE,
+              img_size: int = NATIVE_SIZE) -> CxrClassifier:
+    """ViT (dynamic input size) → norm → mean of patch tokens → (meta fusion) → dropout → linear.
+
+    ``img_size``: the input size whose patch grid the position embeddings are built for (224 weights
+    are resampled once, on load, by timm's filter). At that size the forward uses them as they are;
+    at any other size they are resampled bicubically in every forward — which has no deterministic
+    CUDA backward, so ``train.deterministic`` needs ``img_size`` = the input size
+    (:func:`deterministic_input_error`)."""
     _check_arch(arch, "vit")
+    if img_size % 16 or img_size < 16:
+        raise CxrError(f"vit: img_size={img_size} — use a multiple of the patch size 16 (e.g. 224, 512, 1024)")
     backbone = timm_backbone(arch, args, convert=timm_vit.checkpoint_filter_fn, dynamic_img_size=True,
-                             global_pool="avg", fc_norm=False)
+                             global_pool="avg", fc_norm=False, img_size=img_size)
     if args.grad_checkpointing:
         backbone.set_grad_checkpointing(True)  # per block; no BatchNorm in a transformer
     trunk = TokenTrunk(backbone, dynamic=True)
@@ -93,6 +104,18 @@ def build_vit(args: BuildArgs, *, arch: str = VIT_ARCH, stem_size: int = NATIVE_
     stem = ConvStem(stem_size) if args.conv_stem else nn.Identity()
     return CxrClassifier(name="vit", stem=stem, trunk=trunk, cam_layer=trunk.to_grid, pool=GlobalAvgPool(),
                          head=head, pooled_linear=True, channels_last=args.channels_last)
+
+
+def deterministic_input_error(options: dict, conv_stem: bool, resolution: int) -> str | None:
+    """For ``vit`` in deterministic mode: the problem and its fix when the input size is not the
+    position embeddings' (bicubic resample every forward, no deterministic CUDA backward), else None."""
+    size = options.get("stem_size", NATIVE_SIZE) if conv_stem else resolution
+    built = options.get("img_size", NATIVE_SIZE)
+    if size == built:
+        return None
+    return (f"vit at input {size} px with position embeddings for {built} px: they would be resampled "
+            f"(bicubic) in every forward, whose CUDA backward is not deterministic — set "
+            f"model.options.img_size={size} (resampled once when the model is built)")
 
 
 def build_beit(args: BuildArgs, *, arch: str = BEIT_ARCH, img_size: int = NATIVE_SIZE) -> CxrClassifier:
