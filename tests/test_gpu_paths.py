@@ -193,8 +193,7 @@ def test_saliency_is_micro_batched_and_equals_the_whole_batch():
 def test_train_log_says_the_probed_layout_and_how_it_differs_from_the_config(tmp_path):
     """A sweep job writes RUN/probe.json before training (launch.submit); train.log then says what
     was chosen, why, and that the micro-batch is not the config's."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from test_train_units import MemoryLoader, _tiny
+    from helpers import MemoryLoader, tiny_config
 
     from cxr.probe import ProbeResult, write_probe
     from cxr.train import train
@@ -202,7 +201,7 @@ def test_train_log_says_the_probed_layout_and_how_it_differs_from_the_config(tmp
     run = tmp_path / "run"
     write_probe(run, ProbeResult(32, "cpu", 16, 8, 2, False, 1000.0, 10.0, 1.0, 18.0, {}, config_micro_batch=16,
                                  config_grad_checkpointing=False, reason="micro-batch 8 × accumulation 2, ..."))
-    assert train(_tiny(run, "train.epochs=1", "train.max_steps=1"), loader_fn=MemoryLoader) == 0
+    assert train(tiny_config(run, "train.epochs=1", "train.max_steps=1"), loader_fn=MemoryLoader) == 0
     log = (run / "train.log").read_text()
     assert "batch layout from the memory probe: micro-batch 8 × accumulation 2" in log
     assert "differs from the config: micro-batch 8 (config 16" in log
