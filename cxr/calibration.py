@@ -30,8 +30,9 @@ chosen map is then refitted on the whole tuning split.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -37,9 +37,10 @@ import math
 import textwrap
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import yaml
 
@@ -47,6 +48,7 @@ from cxr.data import DataConfig
 from cxr.losses import LossConfig
 from cxrbase.atomic import atomic_write_text
 from cxrbase.errors import CxrError
+
 
 @dataclass
 class ModelConfig:

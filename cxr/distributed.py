@@ -10,8 +10,8 @@ import hashlib
 import logging
 import os
 import signal
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Callable
 
 import torch
 from accelerate import Accelerator, InitProcessGroupKwargs

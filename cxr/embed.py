@@ -27,9 +27,10 @@ import io
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -44,10 +45,10 @@ def extract(run: str | Path, shards: str | Path, split: str, *, batch_size: int 
             device: str | None = None, progress: bool = True) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
     """(keys [N], features float32 [N, D], labels uint8 [N, L], label names) of ``split``."""
     import torch
-    from cxrbase.progress import progress as progress_bar
 
     from cxr.data import build_loader
     from cxr.inference import build_member_model, eval_data_config, read_member, renormaliser, shards_labels
+    from cxrbase.progress import progress as progress_bar
 
     member = read_member(run, Path(run).name)
     names = shards_labels(Path(shards))

@@ -47,8 +47,9 @@ import argparse
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -59,7 +60,6 @@ from cxr.subgroups import attach_meta
 from cxrbase.atomic import atomic_folder, remove_stale_folders
 from cxrbase.errors import CxrError, cli_entry
 from cxrbase.lock import FolderLock
-
 
 # ------------------------------------------------------------ orchestration --
 

@@ -72,9 +72,10 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -440,7 +441,7 @@ class Masters:
     sizes: dict[str, int]
 
     @classmethod
-    def open(cls, shards: Path, split: str) -> "Masters":
+    def open(cls, shards: Path, split: str) -> Masters:
         from cxr.data.shard_index import SampleReader, SplitIndex
 
         manifest = load_manifest(shards)
@@ -528,8 +529,14 @@ def explain_run(args: argparse.Namespace, run_dir: str, name: str, state: Any, j
     """Explain this rank's share of ``job`` with one run: (score rows, overlay entries, run info)."""
     import torch
 
-    from cxr.inference import (build_member_model, check_compatible, eval_data_config, read_member,
-                               renormaliser, shards_labels)
+    from cxr.inference import (
+        build_member_model,
+        check_compatible,
+        eval_data_config,
+        read_member,
+        renormaliser,
+        shards_labels,
+    )
 
     member = read_member(run_dir, name)
     resolution = check_compatible([member], shards_labels(Path(args.shards)), args.resolution)

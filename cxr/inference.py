@@ -18,9 +18,10 @@ import argparse
 import dataclasses
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -283,9 +284,9 @@ def infer_split(members: Sequence[Member], loader_cfg: Any, split: str, state: A
                 precision: str = "fp32") -> ScoreSet:
     """Score this rank's share of ``split`` with every member (one read of the data)."""
     import torch
-    from cxrbase.progress import progress
 
     from cxr.data import build_loader
+    from cxrbase.progress import progress
     device = state.device
     loader = build_loader(loader_cfg, split, rank=state.process_index,
                           world_size=state.num_processes, epoch=0, train=False)

@@ -15,8 +15,8 @@ Label smoothing (option of every loss): y <- y (1 - a) + a / 2 before the loss.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch

@@ -24,7 +24,7 @@ Conventions (stated once, tested against scikit-learn):
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd

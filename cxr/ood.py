@@ -24,17 +24,16 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from cxr.models.ood_ae import OodAutoencoder, ssim_score  # noqa: F401 — the gate's model (cxr.models owns it)
 from cxrbase.atomic import atomic_write_text
 from cxrbase.errors import CxrError, cli_entry
-
-from cxr.models.ood_ae import OodAutoencoder, ssim_score  # noqa: F401 — the gate's model (cxr.models owns it)
 
 THRESHOLD_FILE = "ood_threshold.json"
 
@@ -201,9 +200,8 @@ def load_scorer(run: str | Path, device="cpu") -> GateScore:
 def split_features(ae: OodAutoencoder, member, shards: str | Path, split: str, batch_size: int = 64):
     """(keys [n] object array, feature vectors [n, F] float64) of every image of ``split``, at the AE's
     resolution, read by the loader as the AE was trained."""
-    from cxrbase.progress import progress
-
     from cxr.data import DataConfig, build_loader
+    from cxrbase.progress import progress
 
     data = {k: v for k, v in member.config.get("data", {}).items()
             if k in {f for f in DataConfig.__dataclass_fields__}}

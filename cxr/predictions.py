@@ -20,8 +20,9 @@ e.g. an ood_ae run's one score); no ground truth.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd

@@ -38,9 +38,9 @@ import os
 import subprocess
 import sys
 import weakref
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from cxrbase.atomic import atomic_write_text
 from cxrbase.errors import CxrError, cli_entry

@@ -32,9 +32,10 @@ import json
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -69,7 +70,7 @@ class ScoreSet:
         """Number of images."""
         return int(len(self.keys))
 
-    def deduplicated(self) -> "ScoreSet":
+    def deduplicated(self) -> ScoreSet:
         """Sorted by key with repeated keys dropped (first kept), the drop counted in ``duplicates``."""
         keys = np.asarray(self.keys, dtype=object).astype(str)
         order = np.argsort(keys, kind="stable")
@@ -133,9 +134,8 @@ def auc_table(scores: ScoreSet, n_boot: int = 1000, seed: int = 0, alpha: float 
     with ``seed``, or the given ``counts`` [N, n_boot], e.g. patient-level
     ``cxr.metrics.Resamples.counts``). ``n_boot=0`` leaves the CI columns NaN.
     """
-    from cxrbase.progress import progress as progress_bar
-
     from cxr.metrics import bootstrap_auroc, bootstrap_counts, per_label_auprc, per_label_auroc
+    from cxrbase.progress import progress as progress_bar
 
     notes = notes or _Notes()
     y, names = scores.y_true, list(scores.scores)

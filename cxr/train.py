@@ -30,7 +30,7 @@ import logging
 import os
 import time
 import warnings
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -41,17 +41,44 @@ from cxr import checkpoint as ckpt
 from cxr import run_log, tracking
 from cxr.config import Config, config_hash, config_yaml, describe_config, load_config, save_config
 from cxr.data import build_loader, image_source
-from cxr.distributed import (StopFlag, configure_deepspeed, configure_numerics, destroy_process_group, log_replicas,
-                             loopback_warning, make_accelerator, skipped_samples, sync_buffers)
+from cxr.distributed import (
+    StopFlag,
+    configure_deepspeed,
+    configure_numerics,
+    destroy_process_group,
+    log_replicas,
+    loopback_warning,
+    make_accelerator,
+    skipped_samples,
+    sync_buffers,
+)
 from cxr.losses import build_loss
 from cxr.metrics import epoch_metrics
 from cxr.models import build_model
 from cxr.probe import read_probe
-from cxr.resume import (TrainState, check_has_best, continue_finished_run, finished_run, restore, resume_checkpoint,
-                        save_best, save_last, update_best, update_early_stop)
+from cxr.resume import (
+    TrainState,
+    check_has_best,
+    continue_finished_run,
+    finished_run,
+    restore,
+    resume_checkpoint,
+    save_best,
+    save_last,
+    update_best,
+    update_early_stop,
+)
 from cxr.run_log import EXIT_REQUEUE, preempted  # noqa: F401 (EXIT_REQUEUE: read by launchers and tests)
-from cxr.train_setup import (build_optimizer, build_scheduler, check_val_split, current_lr, label_names,
-                             open_loader, train_prevalence, train_steps_per_epoch)
+from cxr.train_setup import (
+    build_optimizer,
+    build_scheduler,
+    check_val_split,
+    current_lr,
+    label_names,
+    open_loader,
+    train_prevalence,
+    train_steps_per_epoch,
+)
 from cxrbase.errors import CxrError, cli_entry
 
 log = logging.getLogger("cxr.train")

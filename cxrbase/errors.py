@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 
 class CxrError(Exception):

@@ -1,7 +1,7 @@
 """`python -m launch ...` is `python -m launch.submit ...`."""
 import sys
 
-from launch.submit import main
 from cxrbase.errors import cli_entry
+from launch.submit import main
 
 sys.exit(cli_entry(main)())

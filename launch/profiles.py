@@ -22,9 +22,10 @@ import dataclasses
 import os
 import shlex
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from cxrbase.errors import CxrError, cli_entry
 
@@ -72,7 +73,7 @@ class Profile:
     def world_size(self) -> int:
         return self.nodes * self.processes_per_node
 
-    def with_site(self, env: dict[str, str] | None = None) -> "Profile":
+    def with_site(self, env: dict[str, str] | None = None) -> Profile:
         """This profile with partition/account/qos/constraint from CXR_* environment variables."""
         env = os.environ if env is None else env
         site = {key: env[f"CXR_{key.upper()}"] for key in ("partition", "account", "qos", "constraint")

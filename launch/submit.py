@@ -27,15 +27,24 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from cxr.run_log import EXIT_REQUEUE  # no torch import: submitting stays light
-from launch.members import RESUME, RUN_DIR_KEY, SHARDS_KEY, load_ensemble, member_argv
-from launch.profiles import (DEFAULT_PROFILE, Profile, env_exports, eval_mem_gb, get_profile, override_profile,
-                             submitit_parameters, use_profile_files)
 from cxrbase.errors import CxrError, cli_entry
+from launch.members import RESUME, RUN_DIR_KEY, SHARDS_KEY, load_ensemble, member_argv
+from launch.profiles import (
+    DEFAULT_PROFILE,
+    Profile,
+    env_exports,
+    eval_mem_gb,
+    get_profile,
+    override_profile,
+    submitit_parameters,
+    use_profile_files,
+)
 
 RESUME_KEY = RESUME.split("=")[0]
 CLUSTERS = ("slurm", "local", "debug")
@@ -60,7 +69,7 @@ class _Preemption:
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._deliver, name="preemption", daemon=True)
 
-    def __enter__(self) -> "_Preemption":
+    def __enter__(self) -> _Preemption:
         signal.signal(self.signum, lambda signum, frame: self.pending.set())
         self.thread.start()
         return self

@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from cxrbase.errors import CxrError, cli_entry
 

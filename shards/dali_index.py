@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import os
 import tarfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from cxrbase.atomic import atomic_write_text
 from cxrbase.errors import CxrError

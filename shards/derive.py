@@ -16,11 +16,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-
 from cxrbase.atomic import atomic_write, remove_stale_temps
+from cxrbase.errors import CxrError
 from cxrbase.progress import progress
 from shards.dali_index import split_name, write_index
-from cxrbase.errors import CxrError
 from shards.image_codec import CODEC_EXT, resize_encoded
 from shards.manifest import write_manifest
 from shards.pack_journal import Journal

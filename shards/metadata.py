@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import gzip
 import tarfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import pandas as pd
 
 from cxrbase.errors import CxrError
-from cxrbase.progress import progress
 from cxrbase.labels import LABELS, parse_findings
+from cxrbase.progress import progress
 from shards.records import nih_name_patient
 
 SEX_COLUMNS = ("Patient Gender", "Patient Sex")  # 2017 / newer copies

@@ -14,20 +14,21 @@ import os
 import sys
 import time
 from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from cxrbase.atomic import atomic_write, remove_stale_temps
-from shards.dali_index import write_index
 from cxrbase.errors import CxrError
+from cxrbase.labels import LABELS, META_FIELDS
 from cxrbase.lock import FolderLock
 from cxrbase.progress import progress
+from shards.dali_index import write_index
 from shards.image_codec import CODEC_EXT, Prepared, prepare_image
-from cxrbase.labels import LABELS, META_FIELDS
 from shards.manifest import FORMAT, manifest_warnings, package_version, write_manifest
 from shards.pack_journal import Journal
 from shards.records import SPLITS, Record, meta_stats, read_splits, sample_members, split_summary

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from cxrbase.atomic import atomic_write_text
-from shards.dali_index import index_for_tar
 from cxrbase.errors import CxrError
+from shards.dali_index import index_for_tar
 
 JOURNAL_NAME = ".pack-journal.jsonl"
 

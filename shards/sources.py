@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import tarfile
 import zlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 from cxrbase.errors import CxrError
 from shards.dicom import is_dicom_file

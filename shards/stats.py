@@ -12,6 +12,7 @@ from cxrbase.errors import CxrError
 from cxrbase.labels import NO_FINDING, missing_nih_labels, table_labels
 from shards.manifest import split_warnings
 from shards.records import SPLITS, read_table
+
 STATS_COLUMNS = ("split", "label", "positives", "images", "prevalence_pct")
 
 

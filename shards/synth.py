@@ -35,9 +35,9 @@ import numpy as np
 from PIL import Image
 
 from cxrbase.atomic import atomic_write, atomic_write_text
-from cxrbase.progress import progress
 from cxrbase.errors import CxrError
 from cxrbase.labels import LABELS, NUM_LABELS, format_findings
+from cxrbase.progress import progress
 
 NIH_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
               "View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")

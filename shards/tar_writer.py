@@ -16,7 +16,8 @@ import os
 import queue
 import tarfile
 import threading
-from typing import IO, Sequence
+from collections.abc import Sequence
+from typing import IO
 
 from shards.dali_index import Member, split_name
 

@@ -17,18 +17,19 @@ import os
 import tarfile
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from concurrent.futures import as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
-from shards.dali_index import index_for_tar, split_name
 from cxrbase.errors import CxrError
-from cxrbase.progress import progress
-from shards.image_codec import CODEC_EXT, RESAMPLE, BadImage, check_png, decode_grey, grey_policy
 from cxrbase.labels import LABELS
+from cxrbase.progress import progress
+from shards.dali_index import index_for_tar, split_name
+from shards.image_codec import CODEC_EXT, RESAMPLE, BadImage, check_png, decode_grey, grey_policy
 from shards.manifest import has_checksums, load_manifest
 from shards.pack_journal import file_sha256
 from shards.records import CRC_FIELD, checksum_problem, id_bytes, labels_bytes, meta_vector

@@ -77,11 +77,12 @@ def train_shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def export_runs(tmp_path_factory):
     """A trained-for-3-steps ood_ae, two cnn members (the evaluator tests' builder) and their report."""
+    from helpers import make_member
+
     from cxr.config import load_config
     from cxr.evaluate import main as evaluate_main
     from cxr.ood import main as ood_main
     from cxr.train import train
-    from helpers import make_member
     from shards.cli import main as shards_main
 
     root = tmp_path_factory.mktemp("export")

@@ -26,7 +26,6 @@ from PIL import Image
 
 from cxrbase.labels import LABELS
 
-
 # ------------------------------------------------- launching training runs (accelerate, 2 gloo ranks)
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

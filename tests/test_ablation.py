@@ -16,8 +16,8 @@ import pytest
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
-from shards.cli import main as shards_main
 from cxrbase.labels import LABELS
+from shards.cli import main as shards_main
 
 ROOT = Path(__file__).resolve().parents[1]
 RESOLUTIONS = (32, 64, 128)

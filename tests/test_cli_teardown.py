@@ -14,8 +14,8 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from helpers import free_port
 
+from helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

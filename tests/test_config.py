@@ -11,8 +11,18 @@ import pytest
 import torch
 import yaml
 
-from cxr.config import (SECTIONS, Config, config_diff, config_hash, config_to_dict, describe_config, config_yaml,
-                        load_config, save_config, shipped_configs)
+from cxr.config import (
+    SECTIONS,
+    Config,
+    config_diff,
+    config_hash,
+    config_to_dict,
+    config_yaml,
+    describe_config,
+    load_config,
+    save_config,
+    shipped_configs,
+)
 from cxr.data import DataConfig
 from cxr.models import REGISTRY, build_model
 from cxrbase.errors import CxrError

@@ -10,8 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import ROOT, BIN, STEPS_PER_EPOCH, EPOCHS, launch_env, free_port, finish, output, wait_for_line, rank_pids, metrics_rows, weights
-
+from helpers import (
+    BIN,
+    EPOCHS,
+    ROOT,
+    STEPS_PER_EPOCH,
+    finish,
+    free_port,
+    launch_env,
+    metrics_rows,
+    output,
+    rank_pids,
+    wait_for_line,
+    weights,
+)
 
 pytestmark = pytest.mark.slow
 

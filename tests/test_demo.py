@@ -144,9 +144,9 @@ def _check_explain(d: Path):
 
 def _check_ood(d: Path, nih: Path):
     import torch
+    from ood_data import MEAN, STD, TEST_KINDS, load_grey
 
     from cxr.ood import load_scorer
-    from ood_data import MEAN, STD, TEST_KINDS, load_grey
 
     verdicts = pd.read_csv(d / "ood" / "verdicts.csv")
     n = int(SMALL["DEMO_OUTLIERS"])

@@ -7,9 +7,8 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from dicom_data import IDENTIFYING, dicom_bytes, ramp, structured_report
+from PIL import Image
 
 from cxrbase.errors import CxrError
 from shards.dicom import read_dicom

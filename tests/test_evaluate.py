@@ -21,15 +21,15 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from helpers import RES, free_port, make_member
 from PIL import Image
 from safetensors.torch import load_file
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from cxr.evaluate import main as evaluate_main
-from shards.cli import main as shards_main
 from cxrbase.errors import CxrError
 from cxrbase.labels import LABELS
-from helpers import free_port, RES, make_member
+from shards.cli import main as shards_main
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,21 +19,33 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import free_port, make_member
 from PIL import Image
 from torch import nn
 
-from cxr.explain import (box_mask, cam_maps, choose_layer, format_runs_table, gradcam_maps, localisation,
-                         localisation_markdown, main as explain_main, read_boxes, saliency_map, scale_boxes,
-                         summarise, upsample)
+from cxr.explain import (
+    box_mask,
+    cam_maps,
+    choose_layer,
+    format_runs_table,
+    gradcam_maps,
+    localisation,
+    localisation_markdown,
+    read_boxes,
+    saliency_map,
+    scale_boxes,
+    summarise,
+    upsample,
+)
+from cxr.explain import main as explain_main
 from cxr.models import build_model
 from cxr.models.backbones import GlobalAvgPool
 from cxr.models.classifier import CxrClassifier
 from cxr.models.heads import Head
-from shards.cli import main as shards_main
 from cxrbase.errors import CxrError
 from cxrbase.labels import LABELS
+from shards.cli import main as shards_main
 from shards.synth import Case, render_with_boxes
-from helpers import free_port, make_member
 
 MASTER = 128  # phantom masters; the runs see them at 64 (the loader resizes)
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from cxr.export import EnsembleGraph, export_onnx, main as export_main, write_site
+from cxr.export import EnsembleGraph, export_onnx, write_site
+from cxr.export import main as export_main
 from cxr.models import build_model
 from cxrbase.errors import CxrError
 
@@ -105,8 +106,9 @@ def test_package_files_hashes_and_operating_points(runs, tmp_path):
 def test_ood_onnx_equals_pytorch_msssim_gate(runs, tmp_path):
     """ood.onnx (SSIM written out) = the Python gate (pytorch-msssim) = the NumPy distance of its features,
     on loader-like inputs (uint8 pixels of X-ray-like phantoms and non-X-rays) and on random ones."""
-    from cxr.ood import feature_distance, load_scorer, read_threshold
     from ood_data import TEST_KINDS, textures, to_pixels
+
+    from cxr.ood import feature_distance, load_scorer, read_threshold
 
     out = tmp_path / "pkg"
     assert export_main(["--run", str(runs["members"][0]), "--ood", str(runs["gate"]), "--out", str(out)]) == 0

@@ -3,18 +3,18 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
-import signal
 import threading
 from pathlib import Path
 
 import pytest
 import yaml
-
-from launch import members, profiles, submit
-from cxrbase.errors import CxrError
 from helpers import build_synth_shards
+
+from cxrbase.errors import CxrError
+from launch import members, profiles, submit
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,14 +19,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import rewrite_shard
 from PIL import Image
 
-from shards.cli import main as shards_main
-from cxrbase.errors import CxrError
-from shards.verify import verify
-
 from cxr.data import DataConfig, build_loader
-from helpers import rewrite_shard
+from cxrbase.errors import CxrError
+from shards.cli import main as shards_main
+from shards.verify import verify
 
 imagecodecs = pytest.importorskip("imagecodecs")
 BACKENDS = ["dali", "wds"]
@@ -101,7 +100,7 @@ def test_derived_shards_are_ljpeg_lanczos_of_the_source(packed):
 def test_verify_against_sources_passes_masters_and_derived(packed, capsys):
     for folder in (packed["dir"], packed["dir"] / "res64"):
         assert shards_main(["verify", str(folder), "--workers", "1", "--against", str(packed["images"])]) == 0
-        assert f"12 samples in 3 shards checked" in capsys.readouterr().out
+        assert "12 samples in 3 shards checked" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -6,8 +6,6 @@ Two ranks are simulated by building rank 0 and rank 1 loaders in one process.
 """
 from __future__ import annotations
 
-import io
-
 import hashlib
 import io
 import json
@@ -24,11 +22,10 @@ import pandas as pd
 import pytest
 from PIL import Image as PILImage
 
-from shards.cli import main as shards_main
+from cxr.data import DataConfig, build_loader, load_shards_manifest
 from cxrbase.errors import CxrError
 from cxrbase.labels import LABELS
-
-from cxr.data import DataConfig, build_loader, load_shards_manifest
+from shards.cli import main as shards_main
 
 BACKENDS = ["dali", "wds"]
 

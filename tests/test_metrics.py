@@ -6,9 +6,17 @@ import warnings
 
 import numpy as np
 import pytest
-from sklearn.metrics import (accuracy_score, average_precision_score, f1_score, hamming_loss,
-                             multilabel_confusion_matrix, precision_score, recall_score, roc_auc_score,
-                             roc_curve)
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    f1_score,
+    hamming_loss,
+    multilabel_confusion_matrix,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+    roc_curve,
+)
 
 from cxr import metrics as M
 from cxr.metrics import UndefinedMetricWarning

@@ -19,7 +19,7 @@ FEATURE_CHANNELS = {"densenet121": 1024, "densenet121_cbam": 1024, "resnet50": 2
                     "cnn": 512}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cached_model(name: str, metadata: str = "none") -> torch.nn.Module:
     """One random-init model per (name, metadata), shared by the read-only tests (eval mode)."""
     torch.manual_seed(0)

@@ -12,15 +12,23 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import make_member
+from ood_data import MEAN, RES, STD, TEST_KINDS, digits, load_grey, normalise, textures, to_pixels
 from PIL import Image
 
 from cxr.config import load_config
-from cxr.ood import (FEATURES, GateScore, feature_distance, fit_feature_model, image_features, read_threshold,
-                     ssim_score, write_threshold)
+from cxr.ood import (
+    FEATURES,
+    GateScore,
+    feature_distance,
+    fit_feature_model,
+    image_features,
+    read_threshold,
+    ssim_score,
+    write_threshold,
+)
 from cxrbase.errors import CxrError
-from ood_data import MEAN, RES, STD, TEST_KINDS, digits, load_grey, normalise, textures, to_pixels
 from shards.cli import main as shards_main
-from helpers import make_member
 
 ROOT = Path(__file__).resolve().parents[1]
 PERCENTILE = 95.0

@@ -22,14 +22,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import png_bytes, tiny_dataset
 from PIL import Image
 
-from shards.cli import main as cli
 from cxrbase.errors import CxrError
 from cxrbase.labels import LABELS
+from shards.cli import main as cli
 from shards.manifest import load_manifest
 from shards.pack import pack
-from helpers import png_bytes, tiny_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -628,6 +628,7 @@ def test_cwd_folder_named_shards_does_not_break_pack(tmp_path):
 
 def test_console_scripts_point_at_cli_entry_points():
     import importlib
+
     import tomllib
 
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]

@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
-
 from dicom_data import IDENTIFYING, dicom_bytes
+from PIL import Image
 
 from cxrbase.labels import LABELS
 

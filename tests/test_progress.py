@@ -11,8 +11,9 @@ import sys
 import termios
 from pathlib import Path
 
-from cxrbase.progress import LineProgress, progress
 from helpers import tiny_dataset
+
+from cxrbase.progress import LineProgress, progress
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,12 +13,19 @@ import pandas as pd
 import pytest
 from PIL import Image
 from scipy.special import expit, logit
-from sklearn.metrics import (accuracy_score, f1_score, hamming_loss, precision_score, recall_score,
-                             roc_auc_score, roc_curve)
+from sklearn.metrics import (
+    accuracy_score,
+    f1_score,
+    hamming_loss,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+    roc_curve,
+)
 
 from cxr.evaluate import main as evaluate_main
-from cxr.predictions import predictions_frame, read_predictions
 from cxr.metrics import bootstrap_counts
+from cxr.predictions import predictions_frame, read_predictions
 from cxr.published import CHEXNET_2017, WANG_2017, published_mean
 from cxr.report import ScoreSet
 from cxrbase.errors import CxrError

@@ -131,8 +131,8 @@ def test_sbatch_ensemble_with_preemption(slurm, synth_shards, tmp_path):
     log_b = (runs / "b" / "train.log").read_text()
     assert "stopped by SIGUSR1" in log_b and f"resumed from {runs / 'b' / 'checkpoints' / 'last'}" in log_b
 
-    from safetensors.torch import load_file
     import torch
+    from safetensors.torch import load_file
 
     wa = load_file(runs / "a" / "checkpoints" / "last" / "model.safetensors")
     wb = load_file(runs / "b" / "checkpoints" / "last" / "model.safetensors")

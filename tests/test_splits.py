@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from shards.cli import main
 from cxrbase.errors import CxrError
+from shards.cli import main
 from shards.metadata import read_image_inventory, read_metadata
 from shards.splits import check_patient_disjoint, random_assign
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from shards.cli import main
 from cxrbase.errors import CxrError
+from shards.cli import main
 from shards.stats import label_spread, prevalence_table
 
 SPEC_LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema",

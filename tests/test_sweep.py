@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 import cxr.probe as probe
+from cxrbase.errors import CxrError
 from launch.profiles import get_profile
 from launch.submit import build_parser, debug_layout_note, parse_grid, plan_ablate
-from cxrbase.errors import CxrError
 
 CONFIG = "cxr/configs/phantom_sweep.yaml"  # batch 16, accumulation 1
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from helpers import MemoryLoader, tiny_config
 
 from cxr.config import load_config
 from cxr.train import train
 from cxrbase.errors import CxrError
-from helpers import MemoryLoader, tiny_config
 
 mlflow = pytest.importorskip("mlflow", reason="the tracking extra (pip install -e '.[tracking]') is not installed")
 

@@ -19,7 +19,22 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from helpers import ROOT, BIN, CPU2, STEPS_PER_EPOCH, EPOCHS, launch_env, free_port, launch, finish, output, wait_for_line, rank_pids, metrics_rows, weights
+from helpers import (
+    BIN,
+    CPU2,
+    EPOCHS,
+    ROOT,
+    STEPS_PER_EPOCH,
+    finish,
+    free_port,
+    launch,
+    launch_env,
+    metrics_rows,
+    output,
+    rank_pids,
+    wait_for_line,
+    weights,
+)
 
 pytestmark = pytest.mark.slow
 

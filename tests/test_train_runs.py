@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import MemoryLoader, tiny_config
 from safetensors.torch import load_file
 
 from cxr import checkpoint as ckpt
@@ -28,7 +29,6 @@ from cxr.config import load_config
 from cxr.distributed import configure_numerics
 from cxr.train import EXIT_REQUEUE, train
 from cxrbase.errors import CxrError
-from helpers import MemoryLoader, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

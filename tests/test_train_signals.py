@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 from helpers import build_synth_shards
 
-
 ROOT = Path(__file__).resolve().parents[1]
 
 

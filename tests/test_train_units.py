@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
+from helpers import MemoryLoader, tiny_config
 from safetensors.torch import load_file
 
 from cxr import checkpoint as ckpt
@@ -22,7 +23,6 @@ from cxr.resume import TrainState, update_best, update_early_stop
 from cxr.train import EXIT_REQUEUE, train
 from cxr.train_setup import build_scheduler
 from cxrbase.errors import CxrError
-from helpers import MemoryLoader, tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ from sklearn.metrics import roc_auc_score
 from cxr.config import load_config
 from cxr.evaluate import main as evaluate_main
 from cxr.train import train
-from shards.cli import main as shards_main
 from cxrbase.errors import CxrError
+from shards.cli import main as shards_main
 
 ROOT = Path(__file__).resolve().parents[1]
 RES = 64
@@ -125,10 +125,11 @@ def test_a_run_fine_tuned_on_one_label_is_evaluated_with_a_correct_report(tmp_pa
 
 # ------------------------------------------------------------------------------ embeddings
 def test_embeddings_equal_the_models_pooled_features(tmp_path, pretrained):
+    from safetensors.torch import load_file
+
     from cxr.data import DataConfig, build_loader
     from cxr.embed import main as embed_main
     from cxr.models import build_model
-    from safetensors.torch import load_file
 
     shards, out = pretrained.parent / "shards", tmp_path / "embed"
     assert embed_main(["--run", str(pretrained), "--shards", str(shards), "--split", "test", "--out", str(out),
@@ -183,7 +184,8 @@ def learned(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_fine_tuning_from_a_phantom_run_beats_random_init_and_its_features_cluster_by_label(tmp_path, learned):
-    from cxr.embed import knn_agreement, main as embed_main
+    from cxr.embed import knn_agreement
+    from cxr.embed import main as embed_main
 
     # The new task on other phantoms, packed through the generic CSV path.
     root = tmp_path / "task"

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import rewrite_shard
 from PIL import Image
 
-from shards.cli import main as cli
 from cxrbase.labels import LABELS
+from shards.cli import main as cli
 from shards.pack import pack
 from shards.verify import verify
-from helpers import rewrite_shard
 
 
 def tiny_config(tmp: Path, n: int = 6) -> Path:

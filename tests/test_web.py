@@ -18,11 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ood_data import TEST_KINDS, textures
 from PIL import Image
 
-from cxr.export import WEB_VENDOR, main as export_main
+from cxr.export import WEB_VENDOR
+from cxr.export import main as export_main
 from cxr.metrics import calibrate
-from ood_data import TEST_KINDS, textures
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,12 @@ import io
 import json
 import logging
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from cxrbase.atomic import atomic_write
 from cxrbase.errors import cli_entry
-from cxrbase.progress import progress
 from cxrbase.labels import LABELS
+from cxrbase.progress import progress
 
 
 def build_parser() -> argparse.ArgumentParser:

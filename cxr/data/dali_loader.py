@@ -64,16 +64,16 @@ import io
 import logging
 import os
 from collections import OrderedDict, deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
 
 import numpy as np
 
 from cxr.data.augmentation import draw_params
 from cxr.data.config import DataConfig
-from cxrbase.errors import CxrError
 from cxr.data.shard_index import CorruptSample, OnCorrupt, SampleReader, SplitIndex, all_corrupt_error, decode_resize
 from cxr.data.workers import stop_signals_blocked
+from cxrbase.errors import CxrError
 
 GPU_DECODABLE = ("jpeg", "ljpeg", "j2k")  # nvJPEG / nvJPEG2000; DALI decodes PNG on the CPU even in "mixed"
 log = logging.getLogger("cxr.data")
@@ -206,7 +206,7 @@ def local_device_id() -> int:
 class _Built:
     """A built pipeline + iterator, fed by the current epoch's _Feed."""
 
-    def __init__(self, owner: "DaliBatches"):
+    def __init__(self, owner: DaliBatches):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         self.feed: _Feed | None = None
@@ -217,11 +217,11 @@ class _Built:
 
 
 OUTPUTS = ("image", "labels", "meta")  # the pipeline's outputs (+ "id" from a parallel source)
-_BUILT: "OrderedDict[tuple, _Built]" = OrderedDict()
+_BUILT: OrderedDict[tuple, _Built] = OrderedDict()
 _MAX_BUILT = 4  # train + val of a run, with room for an evaluator in the same process
 
 
-def _built_pipeline(owner: "DaliBatches") -> _Built:
+def _built_pipeline(owner: DaliBatches) -> _Built:
     """The cached pipeline for owner.key, or a new one (cached unless the cached one is busy)."""
     if owner.key in _BUILT and _BUILT[owner.key].active:
         return _Built(owner)  # two loaders of the same split iterated at once: each needs its own
@@ -398,7 +398,7 @@ class _ParallelSource:
         return (*_outputs(self.o, keep, data), list(keep[:, None]))
 
 
-def _worker_errors(it, feed: "_Feed"):
+def _worker_errors(it, feed: _Feed):
     """Iterate `it`; a worker's failure on an all-corrupt batch becomes the serial source's skips + CxrError.
 
     DALI re-raises a worker's exception as a plain Exception whose cause has lost its type,
@@ -476,7 +476,8 @@ def _all_corrupt(index: SplitIndex, ids) -> CxrError:
 
 
 def _pipeline(o: DaliBatches, source):
-    from nvidia.dali import fn, math as dmath, pipeline_def, types
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import math as dmath
 
     cfg, res, gpu = o.cfg, o.res, o.cfg.device == "gpu"
     workers = cfg.source_workers  # ≥ 1: `source` is a _ParallelSource, whose last output is the kept ids

@@ -15,20 +15,26 @@ from __future__ import annotations
 import io
 import logging
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
 from cxr.data.config import DataConfig
 from cxr.data.plan import epoch_plan
-from cxr.data.shard_index import (CorruptSample, IndexMismatch, SampleReader, SplitIndex, load_shards_manifest,
-                                  meta_stats)
+from cxr.data.shard_index import (
+    CorruptSample,
+    IndexMismatch,
+    SampleReader,
+    SplitIndex,
+    load_shards_manifest,
+    meta_stats,
+)
 
 log = logging.getLogger("cxr.data")
 
 
 def build_loader(cfg: DataConfig, split: str, rank: int = 0, world_size: int = 1, epoch: int = 0,
-                 skip_batches: int = 0, train: bool | None = None) -> "Loader":
+                 skip_batches: int = 0, train: bool | None = None) -> Loader:
     """Loader of `split` for one epoch on `rank` of `world_size` (train defaults to split == "train").
 
     `skip_batches=k` yields exactly batches k.. of the same epoch (mid-epoch resume).

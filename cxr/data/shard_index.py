@@ -18,16 +18,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from shards.dali_index import Sample, header_mismatch, index_mismatch, read_index, scan_tar
 from cxrbase.errors import CxrError
-from shards.image_codec import CODEC_EXT, ljpeg_problem, png_problem
 from cxrbase.labels import LABELS, META_FIELDS, NUM_LABELS
+from shards.dali_index import Sample, header_mismatch, index_mismatch, read_index, scan_tar
+from shards.image_codec import CODEC_EXT, ljpeg_problem, png_problem
 from shards.manifest import MANIFEST_NAME, has_checksums, load_manifest
 from shards.records import CRC_FIELD, checksum_problem, named_positives
 
@@ -115,7 +115,7 @@ class SplitIndex:
         return len(self.keys)
 
     @classmethod
-    def load(cls, shards_dir: Path, manifest: dict, split: str) -> "SplitIndex":
+    def load(cls, shards_dir: Path, manifest: dict, split: str) -> SplitIndex:
         """Index every shard of `split` listed in the manifest (errors name missing files)."""
         entries = sorted((s for s in manifest["shards"] if s.get("split") == split), key=lambda s: s["name"])
         if not entries:

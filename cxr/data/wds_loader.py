@@ -17,8 +17,8 @@ The pixel path and the augmentation parameters are those of cxr/data/augmentatio
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from functools import partial
-from typing import Iterator
 
 import numpy as np
 

@@ -14,9 +14,9 @@ state-dict path (see weights.py). ``python -m cxr.models list`` prints the suite
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -26,7 +26,6 @@ from . import cbam, cnn, densenet, ood_ae, resnet, transformer
 from .backbones import BuildArgs
 from .classifier import CxrClassifier
 from .heads import METADATA_MODES
-
 
 __all__ = ["MODEL_NAMES", "REGISTRY", "build_model", "CxrClassifier", "count_parameters", "ModelSpec"]
 

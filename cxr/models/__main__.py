@@ -9,7 +9,7 @@ compute nodes will see). NAME is a model of the suite or a timm architecture
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from collections.abc import Sequence
 
 from cxrbase.errors import CxrError, cli_entry
 

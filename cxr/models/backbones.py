@@ -1,9 +1,9 @@
 """The build arguments every family shares, and timm backbones built from them (never a download)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import timm
 import torch
