@@ -13,6 +13,7 @@ epochs, training loop only) against the same model, micro-batch and resolution t
 (random inputs, forward + backward + Adam step, no loader): the ratio tells how much
 of the sweep's throughput the loader and the loop's bookkeeping cost.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,9 +35,11 @@ def bench_probe(args: argparse.Namespace) -> None:
         got = choose(args.config, [], res, args.effective_batch, device=args.device, budget_mb=args.budget_mb)
         extra = [f"model.grad_checkpointing={str(got.grad_checkpointing).lower()}"]
         measured = measure(args.config, extra, res, got.micro_batch, got.device)
-        print(f"| {res} | {got.micro_batch} × {got.grad_accum} | {got.grad_checkpointing} | {got.peak_mb:.0f} | "
-              f"{measured:.0f} | {measured / got.peak_mb:.3f} |  <!-- {time.perf_counter() - t0:.0f} s -->",
-              flush=True)
+        print(
+            f"| {res} | {got.micro_batch} × {got.grad_accum} | {got.grad_checkpointing} | {got.peak_mb:.0f} | "
+            f"{measured:.0f} | {measured / got.peak_mb:.3f} |  <!-- {time.perf_counter() - t0:.0f} s -->",
+            flush=True,
+        )
 
 
 def _timed_alone(config: dict, steps: int, threads: int) -> float:
@@ -73,8 +76,11 @@ def bench_speed(args: argparse.Namespace) -> None:
         config = yaml.safe_load((run / "config.yaml").read_text())
         sweep = float(read_throughput(run)["train_images_per_s"].median())
         alone = _timed_alone(config, args.steps, args.threads or int(config["train"].get("threads") or 1))
-        print(f"| {run.name} | {config['data']['resolution']} | {config['data']['batch_size']} | {sweep:.1f} | "
-              f"{alone:.1f} | {sweep / alone:.2f} |", flush=True)
+        print(
+            f"| {run.name} | {config['data']['resolution']} | {config['data']['batch_size']} | {sweep:.1f} | "
+            f"{alone:.1f} | {sweep / alone:.2f} |",
+            flush=True,
+        )
 
 
 def main() -> int:

@@ -21,6 +21,7 @@ import time each library adds after ``import cxr.config`` (``-X importtime``, me
 
 A library that is not installed is skipped and the table says so.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,39 +55,69 @@ import test_config  # noqa: E402
 
 _MARK = next(m for m in test_config.test_bad_key_or_value_names_key_and_choices.pytestmark if m.name == "parametrize")
 ERROR_CASES = [([o], None, words) for o, words in _MARK.args[1]] + [
-    (["optim.nme=adam"], None, ["optim.nme", "lr"]),                          # test_cli_bad_config_is_one_line
-    (["train.best_metric=accuracy"], None, ["val_loss", "val_mean_auroc"]),   # test_cli_in_process_errors
-    ([], "train:\n  epoch: 3\n", ["{file}", "train.epoch", "epochs"]),         # a YAML file: names the file
+    (["optim.nme=adam"], None, ["optim.nme", "lr"]),  # test_cli_bad_config_is_one_line
+    (["train.best_metric=accuracy"], None, ["val_loss", "val_mean_auroc"]),  # test_cli_in_process_errors
+    ([], "train:\n  epoch: 3\n", ["{file}", "train.epoch", "epochs"]),  # a YAML file: names the file
     ([], "optim:\n  lr: fast\n", ["{file}", "optim.lr", "number"]),
 ]
-VALID = [
-    ("defaults", None, []),
-    ("test_defaults_and_typed_overrides", None, [
-        "optim.lr=3e-4", "optim.betas=[0.8, 0.95]", "loss.cap=null", "train.epochs=7", "model.name=cnn",
-        "checkpoint.run_dir=/tmp/x", "train.restore_best=false", "train.mixed_precision=no"]),
-    ("round trip: model options, tuple, Optional", None, [
-        "model.name=cnn", "model.stem_size=64", "optim.betas=[0.5,0.6]", "loss.cap=20"]),
-    ("cbam options + Literal", None, ["model.name=densenet121_cbam", "model.head_dropout=0.25",
-                                      "model.metadata=mlp"]),
-    ("int where float (hash-sensitive)", None, ["optim.lr=1", "schedule.warmup_epochs=0"]),
-    ("bool|str, Optional[int]", None, ["data.pin_memory=false", "data.eval_batch_size=null", "data.seed=3"]),
-    ("bookkeeping keys", None, ["checkpoint.run_dir=elsewhere", "logging.log_every=1", "train.threads=3",
-                                "checkpoint.resume=never", "data.num_threads=7"]),
-] + [(c, None, [c]) for c in ("optim.lr=0.5", "data.resolution=512", "train.seed=1", "model.dropout=0.1",
-                                "loss.name=focal")] + [
-    (f"shipped {p.stem}", p, []) for p in sorted((ROOT / "cxr" / "configs").glob("*.yaml"))]
+VALID = (
+    [
+        ("defaults", None, []),
+        (
+            "test_defaults_and_typed_overrides",
+            None,
+            [
+                "optim.lr=3e-4",
+                "optim.betas=[0.8, 0.95]",
+                "loss.cap=null",
+                "train.epochs=7",
+                "model.name=cnn",
+                "checkpoint.run_dir=/tmp/x",
+                "train.restore_best=false",
+                "train.mixed_precision=no",
+            ],
+        ),
+        (
+            "round trip: model options, tuple, Optional",
+            None,
+            ["model.name=cnn", "model.stem_size=64", "optim.betas=[0.5,0.6]", "loss.cap=20"],
+        ),
+        (
+            "cbam options + Literal",
+            None,
+            ["model.name=densenet121_cbam", "model.head_dropout=0.25", "model.metadata=mlp"],
+        ),
+        ("int where float (hash-sensitive)", None, ["optim.lr=1", "schedule.warmup_epochs=0"]),
+        ("bool|str, Optional[int]", None, ["data.pin_memory=false", "data.eval_batch_size=null", "data.seed=3"]),
+        (
+            "bookkeeping keys",
+            None,
+            [
+                "checkpoint.run_dir=elsewhere",
+                "logging.log_every=1",
+                "train.threads=3",
+                "checkpoint.resume=never",
+                "data.num_threads=7",
+            ],
+        ),
+    ]
+    + [
+        (c, None, [c])
+        for c in ("optim.lr=0.5", "data.resolution=512", "train.seed=1", "model.dropout=0.1", "loss.name=focal")
+    ]
+    + [(f"shipped {p.stem}", p, []) for p in sorted((ROOT / "cxr" / "configs").glob("*.yaml"))]
+)
 # the survival rows of the table: (feature, VALID names that exercise it)
 FEATURES = [
     ("section.key=value overrides", ["test_defaults_and_typed_overrides", "bookkeeping keys"]),
-    ("Optional fields (loss.cap=null, =20)", ["test_defaults_and_typed_overrides",
-                                             "round trip: model options, tuple, Optional"]),
+    (
+        "Optional fields (loss.cap=null, =20)",
+        ["test_defaults_and_typed_overrides", "round trip: model options, tuple, Optional"],
+    ),
     ("tuple fields (optim.betas)", ["round trip: model options, tuple, Optional"]),
-    ("Literal fields (incl. mixed_precision=no)", ["test_defaults_and_typed_overrides",
-                                                  "cbam options + Literal"]),
-    ("nested data config (data.*, seed follows)", ["bool|str, Optional[int]", "data.resolution=512",
-                                                  "train.seed=1"]),
-    ("flat model options (model.stem_size)", ["round trip: model options, tuple, Optional",
-                                             "cbam options + Literal"]),
+    ("Literal fields (incl. mixed_precision=no)", ["test_defaults_and_typed_overrides", "cbam options + Literal"]),
+    ("nested data config (data.*, seed follows)", ["bool|str, Optional[int]", "data.resolution=512", "train.seed=1"]),
+    ("flat model options (model.stem_size)", ["round trip: model options, tuple, Optional", "cbam options + Literal"]),
 ]
 
 
@@ -130,8 +161,10 @@ def _split_options(model: dict) -> tuple[dict, dict, dict]:
     valid = C.model_options(name) or {}
     for key in options:
         if key not in valid:
-            raise CxrError(f"unknown key model.{key} for model.name={name} — valid keys of model: "
-                           f"{', '.join(sorted(names - {'options'}) + list(valid))}")
+            raise CxrError(
+                f"unknown key model.{key} for model.name={name} — valid keys of model: "
+                f"{', '.join(sorted(names - {'options'}) + list(valid))}"
+            )
     return model, options, valid
 
 
@@ -183,8 +216,12 @@ def tyro_load(path: Path | None, overrides: list[str]) -> C.Config:
 def _tyro_cli(cls: type, raw: dict, where: str, prefix: bool = True):
     import tyro
 
-    args = [tok for section, keys in raw.items() for key, value in keys.items()
-            for tok in [f"--{section}.{key}" if prefix else f"--{key}", *_tokens(value)]]
+    args = [
+        tok
+        for section, keys in raw.items()
+        for key, value in keys.items()
+        for tok in [f"--{section}.{key}" if prefix else f"--{key}", *_tokens(value)]
+    ]
     out = io.StringIO()
     try:
         with contextlib.redirect_stderr(out), contextlib.redirect_stdout(out):
@@ -254,9 +291,10 @@ def message_ok(load, tmp: Path) -> tuple[int, int, list[str]]:
         ok = single and all(w in msg for w in need)
         good += ok
         if not ok:
-            examples.append(f"{' '.join(overrides) or text.strip()!r}: missing "
-                            f"{[w for w in need if w not in msg] or 'one line'} in {msg[:150]!r}"
-                            .replace(str(tmp), "TMP"))
+            examples.append(
+                f"{' '.join(overrides) or text.strip()!r}: missing "
+                f"{[w for w in need if w not in msg] or 'one line'} in {msg[:150]!r}".replace(str(tmp), "TMP")
+            )
     return good, one_line, named, examples
 
 
@@ -274,9 +312,12 @@ def same_config(load) -> tuple[int, int, list[str]]:
         same += got == ref
         same_hash += C.config_hash(got) == C.config_hash(ref)
         if got != ref:
-            diff = [f"{s}.{f.name}: {getattr(getattr(got, s), f.name)!r} vs {getattr(getattr(ref, s), f.name)!r}"
-                    for s in C.SECTIONS for f in dataclasses.fields(getattr(ref, s))
-                    if getattr(getattr(got, s), f.name) != getattr(getattr(ref, s), f.name)]
+            diff = [
+                f"{s}.{f.name}: {getattr(getattr(got, s), f.name)!r} vs {getattr(getattr(ref, s), f.name)!r}"
+                for s in C.SECTIONS
+                for f in dataclasses.fields(getattr(ref, s))
+                if getattr(getattr(got, s), f.name) != getattr(getattr(ref, s), f.name)
+            ]
             fails.append(f"{name}: {'; '.join(diff)[:160]}")
     return same, same_hash, fails
 
@@ -301,8 +342,13 @@ def import_ms(module: str | None, repeats: int) -> float:
         return 0.0
     times = []
     for _ in range(repeats):
-        proc = subprocess.run([sys.executable, "-X", "importtime", "-c", f"import cxr.config; import {module}"],
-                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
+        proc = subprocess.run(
+            [sys.executable, "-X", "importtime", "-c", f"import cxr.config; import {module}"],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            check=True,
+        )
         line = next(ln for ln in proc.stderr.splitlines() if ln.rstrip().endswith(f"| {module}"))
         times.append(int(line.split("|")[1]) / 1000)
     return statistics.median(times)
@@ -310,8 +356,10 @@ def import_ms(module: str | None, repeats: int) -> float:
 
 def help_contract(text: str) -> bool:
     """tests/test_config.py::test_describe_config_documents_every_field on a help text."""
-    return all(f"{s}.{f.name}=" in text for s, cls in C.SECTIONS.items() for f in dataclasses.fields(cls)) \
+    return (
+        all(f"{s}.{f.name}=" in text for s, cls in C.SECTIONS.items() for f in dataclasses.fields(cls))
         and "Micro-batches per optimizer step" in text
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,10 +372,20 @@ def main(argv: list[str] | None = None) -> int:
     helpers = [C.describe_config, C.field_docs]
     libs = {
         "hand": dict(load=C.load_config, module=None, replaced=0, added=0, help=help_contract(C.describe_config())),
-        "omegaconf": dict(load=omegaconf_load, module="omegaconf", replaced=loc(*coercion),
-                          added=loc(_read_yaml, _split_options, _literal_no, omegaconf_load), help=None),
-        "tyro": dict(load=tyro_load, module="tyro", replaced=loc(*coercion[1:]) + loc(*helpers),
-                     added=loc(_read_yaml, _split_options, _literal_no, tyro_load, _tyro_cli, _tokens, tyro_help), help="tyro"),
+        "omegaconf": dict(
+            load=omegaconf_load,
+            module="omegaconf",
+            replaced=loc(*coercion),
+            added=loc(_read_yaml, _split_options, _literal_no, omegaconf_load),
+            help=None,
+        ),
+        "tyro": dict(
+            load=tyro_load,
+            module="tyro",
+            replaced=loc(*coercion[1:]) + loc(*helpers),
+            added=loc(_read_yaml, _split_options, _literal_no, tyro_load, _tyro_cli, _tokens, tyro_help),
+            help="tyro",
+        ),
     }
     rows, notes = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -341,20 +399,38 @@ def main(argv: list[str] | None = None) -> int:
             if lib["help"] == "tyro":
                 lib["help"] = help_contract(tyro_help())
             version = __import__(lib["module"]).__version__ if lib["module"] else "-"
-            rows.append((name, version, f"-{lib['replaced']} +{lib['added']}",
-                         f"{good}/{len(ERROR_CASES)} ({single} one line, {named} name key)", f"{same}/{len(VALID)}",
-                         f"{same_hash}/{len(VALID)}",
-                         {True: "yes", False: "no", None: "none (keep field_docs)"}[lib["help"]],
-                         f"{import_ms(lib['module'], args.imports):.0f}",
-                         " ".join("y" if f else "n" for f in feats)))
+            rows.append(
+                (
+                    name,
+                    version,
+                    f"-{lib['replaced']} +{lib['added']}",
+                    f"{good}/{len(ERROR_CASES)} ({single} one line, {named} name key)",
+                    f"{same}/{len(VALID)}",
+                    f"{same_hash}/{len(VALID)}",
+                    {True: "yes", False: "no", None: "none (keep field_docs)"}[lib["help"]],
+                    f"{import_ms(lib['module'], args.imports):.0f}",
+                    " ".join("y" if f else "n" for f in feats),
+                )
+            )
             notes += [f"{name} message: {b}" for b in bad] + [f"{name} config: {f}" for f in fails]
     if installed("docstring_parser"):
         same_docs = sum(docstring_parser_docs(cls) == C.field_docs(cls) for cls in C.SECTIONS.values())
-        notes.append(f"docstring_parser.parse_from_object for field_docs: {same_docs}/{len(C.SECTIONS)} sections "
-                     f"identical, -{loc(C.field_docs)} +{loc(docstring_parser_docs)} lines, "
-                     f"{import_ms('docstring_parser', args.imports):.0f} ms import")
-    head = ("library", "version", "LOC -repl +add", "errors as good", "same Config", "same hash", "--help contract",
-            "import ms", "features")
+        notes.append(
+            f"docstring_parser.parse_from_object for field_docs: {same_docs}/{len(C.SECTIONS)} sections "
+            f"identical, -{loc(C.field_docs)} +{loc(docstring_parser_docs)} lines, "
+            f"{import_ms('docstring_parser', args.imports):.0f} ms import"
+        )
+    head = (
+        "library",
+        "version",
+        "LOC -repl +add",
+        "errors as good",
+        "same Config",
+        "same hash",
+        "--help contract",
+        "import ms",
+        "features",
+    )
     table = [head] + [r if len(r) == len(head) else (r[0], r[1]) + ("",) * (len(head) - 2) for r in rows]
     widths = [max(len(str(r[i])) for r in table) for i in range(len(head))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
@@ -367,9 +443,12 @@ def main(argv: list[str] | None = None) -> int:
 
         load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
         command = "python bench/config_libs.py" + (f" --imports {args.imports}" if args.imports != 10 else "")
-        replace_section(args.append, "config libraries",
-                        f"## config libraries\n\n`{command}` ({platform.machine()}, {os.cpu_count()} cores, "
-                        f"load average {load}, {date.today()})\n\n```\n{text}\n```\n\n{NOTE}")
+        replace_section(
+            args.append,
+            "config libraries",
+            f"## config libraries\n\n`{command}` ({platform.machine()}, {os.cpu_count()} cores, "
+            f"load average {load}, {date.today()})\n\n```\n{text}\n```\n\n{NOTE}",
+        )
     return 0
 
 

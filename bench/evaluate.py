@@ -15,6 +15,7 @@ extrapolated to the same 1,000 × 14 × 6 work.
 
     .venv/bin/python bench/evaluate.py [--members 5] [--bootstrap 1000] [--workdir build/bench-evaluate]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,18 +48,40 @@ def nih_splits() -> tuple[dict[str, tuple[np.ndarray, np.ndarray, Any]], str]:
     csv = NIH / "Data_Entry_2017_v2020.csv.gz"
     if not csv.is_file():
         rng = np.random.default_rng(0)
-        return {split: (np.array([f"{i}{j:07d}_000" for j in range(n)], dtype=object),
-                        (rng.random((n, len(LABELS))) < 0.07).astype(np.uint8), None)
-                for i, (split, n) in enumerate((("test", N_TEST), ("val", N_VAL)), 1)}, "flat 7 % (NIH CSV not found)"
+        return {
+            split: (
+                np.array([f"{i}{j:07d}_000" for j in range(n)], dtype=object),
+                (rng.random((n, len(LABELS))) < 0.07).astype(np.uint8),
+                None,
+            )
+            for i, (split, n) in enumerate((("test", N_TEST), ("val", N_VAL)), 1)
+        }, "flat 7 % (NIH CSV not found)"
     import pandas as pd
 
-    frame = pd.read_csv(csv, usecols=["Image Index", "Finding Labels", "Patient ID", "Patient Age",
-                                      "Patient Gender", "View Position", "Follow-up #"])
+    frame = pd.read_csv(
+        csv,
+        usecols=[
+            "Image Index",
+            "Finding Labels",
+            "Patient ID",
+            "Patient Age",
+            "Patient Gender",
+            "View Position",
+            "Follow-up #",
+        ],
+    )
     test = set(gzip.open(NIH / "test_list.txt.gz", "rt").read().split())
     findings = frame["Finding Labels"].str.split("|")
     onehot = np.array([[label in f for label in LABELS] for f in findings], dtype=np.uint8)
-    meta = pd.DataFrame({"patient": frame["Patient ID"], "age": frame["Patient Age"], "sex": frame["Patient Gender"],
-                         "view": frame["View Position"], "followup": frame["Follow-up #"]})
+    meta = pd.DataFrame(
+        {
+            "patient": frame["Patient ID"],
+            "age": frame["Patient Age"],
+            "sex": frame["Patient Gender"],
+            "view": frame["View Position"],
+            "followup": frame["Follow-up #"],
+        }
+    )
     in_test = frame["Image Index"].isin(test).to_numpy()
     rng = np.random.default_rng(0)
     rest = frame.loc[~in_test, "Patient ID"]
@@ -112,39 +135,55 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     splits, source = nih_splits()
-    per_split = {split: with_ensemble(synthetic_scores(*splits[split], args.members, seed), "mean-prob")
-                 for seed, split in enumerate(("test", "val"), 1)}
+    per_split = {
+        split: with_ensemble(synthetic_scores(*splits[split], args.members, seed), "mean-prob")
+        for seed, split in enumerate(("test", "val"), 1)
+    }
     predictions = work / "predictions.parquet"
     write_predictions(work, per_split)
     test = per_split["test"]
     units = f", {test.meta['patient'].nunique()} patients" if test.meta is not None else ""
-    print(f"predictions: {test.n} test{units} + {per_split['val'].n} val images × {len(LABELS)} labels × "
-          f"{args.members} members + ensemble; {source}; cpu count {os.cpu_count()}")
+    print(
+        f"predictions: {test.n} test{units} + {per_split['val'].n} val images × {len(LABELS)} labels × "
+        f"{args.members} members + ensemble; {source}; cpu count {os.cpu_count()}"
+    )
 
     common = ["--from-predictions", str(predictions), "--bootstrap", str(args.bootstrap)]
     load_before = os.getloadavg()[0]
-    analysis_s, analysis_cpu = timed(lambda: evaluate_main([*common, "--out", str(work / "report-nofig"),
-                                                            "--no-figures"]))
-    image_s, image_cpu = timed(lambda: evaluate_main([*common, "--out", str(work / "report-image"), "--no-figures",
-                                                      "--resample", "image"]))
+    analysis_s, analysis_cpu = timed(
+        lambda: evaluate_main([*common, "--out", str(work / "report-nofig"), "--no-figures"])
+    )
+    image_s, image_cpu = timed(
+        lambda: evaluate_main([*common, "--out", str(work / "report-image"), "--no-figures", "--resample", "image"])
+    )
     full_s, full_cpu = timed(lambda: evaluate_main([*common, "--out", str(work / "report")]))
     load_after = os.getloadavg()[0]
     widths = ci_widths(work / "report-nofig", work / "report-image")
     sk_s = sklearn_bootstrap_seconds(per_split["test"], args.bootstrap)
 
     print()
-    print(f"load average before: {load_before:.1f} on {os.cpu_count()} cores (wall time includes waiting for "
-          "other processes; CPU time is this process's user+sys over all its threads)")
-    print(f"analysis (--from-predictions, no figures): wall {analysis_s:6.2f} s, CPU {analysis_cpu:6.2f} s  "
-          f"(goal ≤ 10 s: {'met' if analysis_s <= 10 else 'missed'} by wall, "
-          f"{'met' if analysis_cpu <= 10 else 'missed'} by CPU)")
+    print(
+        f"load average before: {load_before:.1f} on {os.cpu_count()} cores (wall time includes waiting for "
+        "other processes; CPU time is this process's user+sys over all its threads)"
+    )
+    print(
+        f"analysis (--from-predictions, no figures): wall {analysis_s:6.2f} s, CPU {analysis_cpu:6.2f} s  "
+        f"(goal ≤ 10 s: {'met' if analysis_s <= 10 else 'missed'} by wall, "
+        f"{'met' if analysis_cpu <= 10 else 'missed'} by CPU)"
+    )
     print(f"same, --resample image (no figures):       wall {image_s:6.2f} s, CPU {image_cpu:6.2f} s")
-    print(f"with figures roc + pr + reliability:       wall {full_s:6.2f} s, CPU {full_cpu:6.2f} s  "
-          f"(figures ≈ {full_cpu - analysis_cpu:.2f} s CPU); load average after: {load_after:.1f}")
-    print(f"ensemble AUROC CI width, patient / image resampling: mean row {widths['mean']:.2f}×, "
-          f"labels median {widths['median']:.2f}× (range {widths['min']:.2f}–{widths['max']:.2f}×)")
-    print(f"sklearn per-resample bootstrap (extrap.):  wall {sk_s:6.1f} s  → the whole analysis is "
-          f"{sk_s / analysis_s:.0f}× faster than its bootstrap alone")
+    print(
+        f"with figures roc + pr + reliability:       wall {full_s:6.2f} s, CPU {full_cpu:6.2f} s  "
+        f"(figures ≈ {full_cpu - analysis_cpu:.2f} s CPU); load average after: {load_after:.1f}"
+    )
+    print(
+        f"ensemble AUROC CI width, patient / image resampling: mean row {widths['mean']:.2f}×, "
+        f"labels median {widths['median']:.2f}× (range {widths['min']:.2f}–{widths['max']:.2f}×)"
+    )
+    print(
+        f"sklearn per-resample bootstrap (extrap.):  wall {sk_s:6.1f} s  → the whole analysis is "
+        f"{sk_s / analysis_s:.0f}× faster than its bootstrap alone"
+    )
 
 
 def ci_widths(patient: Path, image: Path) -> dict[str, float]:
@@ -157,8 +196,12 @@ def ci_widths(patient: Path, image: Path) -> dict[str, float]:
 
     ratio = width(patient) / width(image)
     labels = ratio.drop("mean")
-    return {"mean": float(ratio["mean"]), "median": float(labels.median()), "min": float(labels.min()),
-            "max": float(labels.max())}
+    return {
+        "mean": float(ratio["mean"]),
+        "median": float(labels.median()),
+        "min": float(labels.min()),
+        "max": float(labels.max()),
+    }
 
 
 def timed(fn) -> tuple[float, float]:

@@ -8,6 +8,7 @@ the median of ``--repeats`` calls after one warm-up call.
 
     .venv/bin/python bench/explain.py [--model densenet121] [--sizes 224,1024] [--repeats 3] [--threads 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,9 +54,11 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = build_model(args.model, 14).eval()
-    print(f"{args.model}, batch {args.batch}, {args.threads} thread(s), torch {torch.__version__}, "
-          f"{platform.machine()}; median of {args.repeats} after a warm-up; "
-          f"load average {' '.join(f'{v:.1f}' for v in os.getloadavg())} at start")
+    print(
+        f"{args.model}, batch {args.batch}, {args.threads} thread(s), torch {torch.__version__}, "
+        f"{platform.machine()}; median of {args.repeats} after a warm-up; "
+        f"load average {' '.join(f'{v:.1f}' for v in os.getloadavg())} at start"
+    )
     print("| size | method | wall s | explanations/s (wall) | CPU s | cost vs inference (wall / CPU) |")
     print("|---|---|---|---|---|---|")
     for size in (int(s) for s in args.sizes.split(",")):
@@ -66,14 +69,20 @@ def main() -> int:
                 model(image)
 
         base, base_cpu = timed(infer, args.repeats)
-        print(f"| {size} | inference (14 labels) | {base:.3f} | {args.batch / base:.2f} images/s | {base_cpu:.3f} "
-              f"| 1.00× / 1.00× |", flush=True)
+        print(
+            f"| {size} | inference (14 labels) | {base:.3f} | {args.batch / base:.2f} images/s | {base_cpu:.3f} "
+            f"| 1.00× / 1.00× |",
+            flush=True,
+        )
         for method in METHODS:
             if method == "cam" and model.classifier_weight is None:
                 continue
             t, c = timed(lambda: heat_maps(method, model, image, [1]), args.repeats)
-            print(f"| {size} | {method} (1 label) | {t:.3f} | {args.batch / t:.2f} | {c:.3f} | "
-                  f"{t / base:.2f}× / {c / base_cpu:.2f}× |", flush=True)
+            print(
+                f"| {size} | {method} (1 label) | {t:.3f} | {args.batch / t:.2f} | {c:.3f} | "
+                f"{t / base:.2f}× / {c / base_cpu:.2f}× |",
+                flush=True,
+            )
     return 0
 
 

@@ -46,6 +46,7 @@ Needs only torch, torchvision, timm, accelerate, safetensors, numpy, pandas, pya
 is skipped with a note, and the max-batch search stops at 1.5× its own estimate. The table
 is printed and, with ``--out``, written as markdown.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,8 +77,23 @@ sys.path.insert(0, str(ROOT))
 from cxr.config import load_config  # noqa: E402
 from cxr.train import EXIT_REQUEUE, train  # noqa: E402
 
-COLUMNS = ("check", "model", "res", "batch", "ckpt", "compile", "value", "unit", "peak_mib", "reserved_mib",
-           "driver_before_mib", "driver_after_mib", "device_est_mib", "seconds", "note")
+COLUMNS = (
+    "check",
+    "model",
+    "res",
+    "batch",
+    "ckpt",
+    "compile",
+    "value",
+    "unit",
+    "peak_mib",
+    "reserved_mib",
+    "driver_before_mib",
+    "driver_after_mib",
+    "device_est_mib",
+    "seconds",
+    "note",
+)
 A10G_MIB = 23028  # total memory nvidia-smi lists for an A10G ("24 GB"); from public listings, not measured here
 
 
@@ -170,7 +186,9 @@ def record_memory(row: Row, device: str, before: float) -> None:
         return
     row.reserved_mib = torch.cuda.max_memory_reserved() / 2**20
     row.driver_before_mib, row.driver_after_mib = before, driver_used_mib(device)
-    _, row.device_est_mib = device_estimate(row.reserved_mib, row.driver_after_mib, torch.cuda.memory_reserved() / 2**20)
+    _, row.device_est_mib = device_estimate(
+        row.reserved_mib, row.driver_after_mib, torch.cuda.memory_reserved() / 2**20
+    )
 
 
 def device_budget(ckpt_row: Row, dali_mib: float | None, capacity_mib: float = A10G_MIB) -> tuple[float, str]:
@@ -183,12 +201,16 @@ def device_budget(ckpt_row: Row, dali_mib: float | None, capacity_mib: float = A
         return math.nan, "no checkpoint-row device estimate (row skipped or failed)"
     dali = 0.0 if dali_mib is None or math.isnan(dali_mib) else 2 * dali_mib
     total = ckpt_row.device_est_mib + dali
-    parts = (f"{ckpt_row.model} b{ckpt_row.batch} at {ckpt_row.res}², checkpointing: device est. "
-             f"{ckpt_row.device_est_mib:.0f} MiB + DALI " + (f"2 × {dali_mib:.0f}" if dali else "not measured (0)"))
+    parts = (
+        f"{ckpt_row.model} b{ckpt_row.batch} at {ckpt_row.res}², checkpointing: device est. "
+        f"{ckpt_row.device_est_mib:.0f} MiB + DALI " + (f"2 × {dali_mib:.0f}" if dali else "not measured (0)")
+    )
     verdict = "fits" if total <= capacity_mib else "does NOT fit"
-    return total, (f"{parts} = {total:.0f} MiB; {verdict} {capacity_mib:.0f} MiB (A10G total) — measured on "
-                   f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'this device'}, "
-                   "whose cuDNN algorithms and context size differ from an A10G's")
+    return total, (
+        f"{parts} = {total:.0f} MiB; {verdict} {capacity_mib:.0f} MiB (A10G total) — measured on "
+        f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'this device'}, "
+        "whose cuDNN algorithms and context size differ from an A10G's"
+    )
 
 
 class Clock:
@@ -230,8 +252,12 @@ def memory_loader(plan: Plan, clock: Clock | None, stop_at: int | None = None):
             labels = (torch.rand(b, 14, generator=g) < 0.3).float()
             if pin:
                 image, labels = image.pin_memory(), labels.pin_memory()
-            return {"image": image, "labels": labels, "meta": torch.zeros(b, 5),
-                    "key": [f"{self.split}{i:04d}_{j:04d}" for j in range(b)]}
+            return {
+                "image": image,
+                "labels": labels,
+                "meta": torch.zeros(b, 5),
+                "key": [f"{self.split}{i:04d}_{j:04d}" for j in range(b)],
+            }
 
         def __iter__(self):
             cached = None
@@ -286,18 +312,42 @@ class TimedLoader:
         return Timed()
 
 
-def config(plan: Plan, run_dir: Path, model: str, res: int, batch: int, ckpt: bool = False,
-           compile_: bool = False, extra: tuple[str, ...] = ()):
+def config(
+    plan: Plan,
+    run_dir: Path,
+    model: str,
+    res: int,
+    batch: int,
+    ckpt: bool = False,
+    compile_: bool = False,
+    extra: tuple[str, ...] = (),
+):
     """The training config of one row: bf16 autocast, channels_last, one epoch, constant lr."""
-    overrides = [f"model.name={model}", f"data.resolution={res}", f"data.batch_size={batch}",
-                 f"data.eval_batch_size={min(batch, 4)}", f"model.grad_checkpointing={str(ckpt).lower()}",
-                 "model.channels_last=true", f"train.compile={str(compile_).lower()}",
-                 "train.mixed_precision=bf16", "train.epochs=1", "schedule.name=constant", "optim.lr=1e-4",
-                 "train.early_stop_patience=0", "logging.progress=false", "logging.log_every=1000000",
-                 f"checkpoint.run_dir={run_dir}", "data.augment=false"]
+    overrides = [
+        f"model.name={model}",
+        f"data.resolution={res}",
+        f"data.batch_size={batch}",
+        f"data.eval_batch_size={min(batch, 4)}",
+        f"model.grad_checkpointing={str(ckpt).lower()}",
+        "model.channels_last=true",
+        f"train.compile={str(compile_).lower()}",
+        "train.mixed_precision=bf16",
+        "train.epochs=1",
+        "schedule.name=constant",
+        "optim.lr=1e-4",
+        "train.early_stop_patience=0",
+        "logging.progress=false",
+        "logging.log_every=1000000",
+        f"checkpoint.run_dir={run_dir}",
+        "data.augment=false",
+    ]
     if plan.data == "wds":
-        overrides += [f"data.shards={plan.estimates['shards']}", "data.backend=wds",
-                      f"data.num_threads={plan.workers}", f"data.device={'gpu' if plan.device == 'cuda' else 'cpu'}"]
+        overrides += [
+            f"data.shards={plan.estimates['shards']}",
+            "data.backend=wds",
+            f"data.num_threads={plan.workers}",
+            f"data.device={'gpu' if plan.device == 'cuda' else 'cpu'}",
+        ]
     return load_config(None, overrides + list(extra))
 
 
@@ -306,10 +356,10 @@ def run_train(cfg, loader_fn) -> int:
 
 
 # ----------------------------------------------------------------------------- the checks
-def throughput(plan: Plan, tmp: Path, model: str, res: int, batch: int, ckpt: bool, compile_: bool,
-               check: str) -> Row:
-    row = Row(check, model, res, batch, "on" if ckpt else "off", plan.compile_backend if compile_ else "off",
-              unit="img/s")
+def throughput(plan: Plan, tmp: Path, model: str, res: int, batch: int, ckpt: bool, compile_: bool, check: str) -> Row:
+    row = Row(
+        check, model, res, batch, "on" if ckpt else "off", plan.compile_backend if compile_ else "off", unit="img/s"
+    )
     run_dir = tmp / f"{check}-{model}-{res}-{int(ckpt)}{int(compile_)}"
     clock = Clock(plan.warmup, plan.device)
     loader_fn = TimedLoader(plan, clock) if plan.data == "wds" else memory_loader(plan, clock)
@@ -395,13 +445,17 @@ def resume_exact(plan: Plan, tmp: Path, model: str) -> Row:
     reset_peak(plan.device)
     t0 = time.perf_counter()
     a, b = tmp / "resume-a", tmp / "resume-b"
-    status_a = run_train(config(res_plan, a, model, plan.resume_res, plan.batch, extra=extra),
-                         memory_loader(res_plan, None))
+    status_a = run_train(
+        config(res_plan, a, model, plan.resume_res, plan.batch, extra=extra), memory_loader(res_plan, None)
+    )
     stop_at = max(1, (plan.warmup + plan.steps) // 2)
-    status_b1 = run_train(config(res_plan, b, model, plan.resume_res, plan.batch, extra=extra),
-                          memory_loader(res_plan, None, stop_at=stop_at))
-    status_b2 = run_train(config(res_plan, b, model, plan.resume_res, plan.batch, extra=extra),
-                          memory_loader(res_plan, None))
+    status_b1 = run_train(
+        config(res_plan, b, model, plan.resume_res, plan.batch, extra=extra),
+        memory_loader(res_plan, None, stop_at=stop_at),
+    )
+    status_b2 = run_train(
+        config(res_plan, b, model, plan.resume_res, plan.batch, extra=extra), memory_loader(res_plan, None)
+    )
     row.seconds, row.peak_mib = time.perf_counter() - t0, peak_mib(plan.device)
     if (status_a, status_b1, status_b2) != (0, EXIT_REQUEUE, 0):
         raise RuntimeError(f"exit statuses A {status_a}, B {status_b1} then {status_b2} (want 0, 75, 0)")
@@ -409,8 +463,9 @@ def resume_exact(plan: Plan, tmp: Path, model: str) -> Row:
     wb = load_file(str(b / "checkpoints" / "last" / "model.safetensors"))
     differ = [k for k in wa if k not in wb or not torch.equal(wa[k], wb[k])]
     row.value = float(not differ and wa.keys() == wb.keys())
-    row.note = (f"2 epochs × {plan.warmup + plan.steps} steps, stopped at step {stop_at + 1} of epoch 1; "
-                + (f"{len(wa)} tensors equal" if not differ else f"{len(differ)} tensors differ, e.g. {differ[:3]}"))
+    row.note = f"2 epochs × {plan.warmup + plan.steps} steps, stopped at step {stop_at + 1} of epoch 1; " + (
+        f"{len(wa)} tensors equal" if not differ else f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+    )
     shutil.rmtree(a, ignore_errors=True)
     shutil.rmtree(b, ignore_errors=True)
     return row
@@ -450,8 +505,10 @@ def jpeg_decode(plan: Plan, res: int) -> Row:
     row.value = plan.jpeg_repeats * len(data) / (time.perf_counter() - start)
     record_memory(row, plan.device, before)
     row.seconds = time.perf_counter() - t0
-    row.note = (f"decode_jpeg(device={plan.device!r}), batches of {len(data)}, {plan.jpeg_repeats} repeats, "
-                f"{np.mean([len(b) for b in data]) / 1024:.0f} kB/image (phantoms, q95)")
+    row.note = (
+        f"decode_jpeg(device={plan.device!r}), batches of {len(data)}, {plan.jpeg_repeats} repeats, "
+        f"{np.mean([len(b) for b in data]) / 1024:.0f} kB/image (phantoms, q95)"
+    )
     return row
 
 
@@ -465,8 +522,10 @@ def dali_memory(plan: Plan, tmp: Path, res: int) -> Row:
 
     row = Row("dali memory", "-", res, plan.batch, unit="MiB (DALI's own)")
     if importlib.util.find_spec("nvidia.dali") is None:
-        row.note = ("skipped: DALI not installed here — DALI's device memory is in none of these numbers "
-                    "(install nvidia-dali-cuda1xx and rerun to measure it)")
+        row.note = (
+            "skipped: DALI not installed here — DALI's device memory is in none of these numbers "
+            "(install nvidia-dali-cuda1xx and rerun to measure it)"
+        )
         return row
     from cxr.data import DataConfig, build_loader
 
@@ -474,8 +533,15 @@ def dali_memory(plan: Plan, tmp: Path, res: int) -> Row:
     shards = make_shards(plan, tmp / "dali", codec="jpeg", res=res, batches=4)
     reset_peak(plan.device)
     before, reserved_before = driver_used_mib(plan.device), torch.cuda.memory_reserved() / 2**20
-    cfg = DataConfig(shards=str(shards), backend="dali", device="gpu", resolution=res, batch_size=plan.batch,
-                     num_threads=4, augment=True)
+    cfg = DataConfig(
+        shards=str(shards),
+        backend="dali",
+        device="gpu",
+        resolution=res,
+        batch_size=plan.batch,
+        num_threads=4,
+        augment=True,
+    )
     loader, n = build_loader(cfg, "train"), 0
     for batch in loader:  # measured inside the loop: an epoch left early drops its pipeline
         n += 1
@@ -486,8 +552,10 @@ def dali_memory(plan: Plan, tmp: Path, res: int) -> Row:
             row.value = (row.driver_after_mib - before) - (reserved_after - reserved_before)
             break
     row.seconds = time.perf_counter() - t0
-    row.note = (f"{n} batches of {plan.batch} at {res}² (JPEG q95 phantoms, nvJPEG, augmentation on the GPU); "
-                "value = driver-used delta − torch reserved delta (torch holds the output batches)")
+    row.note = (
+        f"{n} batches of {plan.batch} at {res}² (JPEG q95 phantoms, nvJPEG, augmentation on the GPU); "
+        "value = driver-used delta − torch reserved delta (torch holds the output batches)"
+    )
     return row
 
 
@@ -571,9 +639,11 @@ def png_decode(plan: Plan, res: int) -> Row:
     row.seconds = time.perf_counter() - t0
     row.value = done / row.seconds
     sizes = {Image.open(io.BytesIO(b)).size for b in blobs[:10]}
-    row.note = (f"{len(blobs)} real NIH PNGs ({sum(map(len, blobs)) / len(blobs) / 1e3:.0f} kB mean, e.g. "
-                f"{sorted(sizes)[0]}), PIL, {done} decodes; a GPU consuming N img/s needs N / {row.value:.0f} "
-                f"decoder threads")
+    row.note = (
+        f"{len(blobs)} real NIH PNGs ({sum(map(len, blobs)) / len(blobs) / 1e3:.0f} kB mean, e.g. "
+        f"{sorted(sizes)[0]}), PIL, {done} decodes; a GPU consuming N img/s needs N / {row.value:.0f} "
+        f"decoder threads"
+    )
     return row
 
 
@@ -585,13 +655,29 @@ def probe_vs_peak(plan: Plan, model: str, res: int, rows: list[Row]) -> Row:
 
     reset_peak(plan.device)
     t0 = time.perf_counter()
-    got = choose(None, [f"model.name={model}", "model.channels_last=true", "train.mixed_precision=bf16"], res,
-                 plan.batch, device=plan.device)
+    got = choose(
+        None,
+        [f"model.name={model}", "model.channels_last=true", "train.mixed_precision=bf16"],
+        res,
+        plan.batch,
+        device=plan.device,
+    )
     ckpt = "on" if got.grad_checkpointing else "off"
     row = Row("probe", model, res, got.micro_batch, ckpt, "off", unit="measured / predicted")
     row.seconds = time.perf_counter() - t0
-    same = next((r for r in rows if r.check in ("throughput", "checkpoint") and r.model == model and r.res == res
-                 and r.batch == got.micro_batch and r.ckpt == ckpt and not math.isnan(r.value)), None)
+    same = next(
+        (
+            r
+            for r in rows
+            if r.check in ("throughput", "checkpoint")
+            and r.model == model
+            and r.res == res
+            and r.batch == got.micro_batch
+            and r.ckpt == ckpt
+            and not math.isnan(r.value)
+        ),
+        None,
+    )
     measured, source = math.nan, "no measurement at this layout"
     if same is not None and not math.isnan(same.device_est_mib):
         measured, source = same.device_est_mib, f"the {same.check} row's device estimate"
@@ -601,8 +687,10 @@ def probe_vs_peak(plan: Plan, model: str, res: int, rows: list[Row]) -> Row:
         measured, source = same.peak_mib, f"the {same.check} row's peak RSS"
     row.value = measured / got.peak_mb if got.peak_mb else math.nan
     row.device_est_mib = measured
-    row.note = (f"predicted {got.peak_mb:.0f} MiB (overhead {got.overhead_mb:.0f}) vs {measured:.0f} from {source}; "
-                f"{got.reason}")
+    row.note = (
+        f"predicted {got.peak_mb:.0f} MiB (overhead {got.overhead_mb:.0f}) vs {measured:.0f} from {source}; "
+        f"{got.reason}"
+    )
     return row
 
 
@@ -613,8 +701,11 @@ def run_all(plan: Plan, tmp: Path) -> list[Row]:
         left = plan.budget_s - (time.perf_counter() - start)
         label = dict(zip(("model", "res", "ckpt", "compile"), args)) if len(args) > 1 else {"arg": args[0]}
         if estimate > left:
-            rows.append(skipped_row(plan, check, args, f"skipped: needs ~{estimate:.0f} s, {max(left, 0):.0f} s of "
-                                                  f"--budget-s left"))
+            rows.append(
+                skipped_row(
+                    plan, check, args, f"skipped: needs ~{estimate:.0f} s, {max(left, 0):.0f} s of --budget-s left"
+                )
+            )
             continue
         print(f"[gpu_check] {check} {label} ({left:.0f} s of budget left)", file=sys.stderr, flush=True)
         try:
@@ -641,8 +732,16 @@ def run_all(plan: Plan, tmp: Path) -> list[Row]:
             else:
                 rows.append(jpeg_decode(plan, *args))
         except Exception as err:  # one failed row must not cost the others; the note says what broke
-            rows.append(skipped_row(plan, check, args, f"FAILED: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
-                                    if str(err) else f"FAILED: {type(err).__name__}"))
+            rows.append(
+                skipped_row(
+                    plan,
+                    check,
+                    args,
+                    f"FAILED: {type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                    if str(err)
+                    else f"FAILED: {type(err).__name__}",
+                )
+            )
         reset_peak(plan.device)
     return rows
 
@@ -659,8 +758,9 @@ def skipped_row(plan: Plan, check: str, args: tuple, note: str) -> Row:
     if check == "resume":
         return Row(check, args[0], plan.resume_res, note=note)
     model, res, ckpt, compile_ = args
-    return Row(check, model, res, ckpt="on" if ckpt else "off", compile=plan.compile_backend if compile_ else "off",
-               note=note)
+    return Row(
+        check, model, res, ckpt="on" if ckpt else "off", compile=plan.compile_backend if compile_ else "off", note=note
+    )
 
 
 def environment(plan: Plan) -> str:
@@ -670,8 +770,10 @@ def environment(plan: Plan) -> str:
 
     dev = torch.cuda.get_device_name(0) if plan.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     cuda = f", CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}" if plan.device == "cuda" else ""
-    return (f"{dev}; torch {torch.__version__}{cuda}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
-            f"accelerate {accelerate.__version__}; bf16 autocast, channels_last; data {plan.data}")
+    return (
+        f"{dev}; torch {torch.__version__}{cuda}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
+        f"accelerate {accelerate.__version__}; bf16 autocast, channels_last; data {plan.data}"
+    )
 
 
 def markdown(rows: list[Row], header: str) -> str:
@@ -691,38 +793,107 @@ def make_shards(plan: Plan, tmp: Path, codec: str = "png", res: int | None = Non
     py = [sys.executable, "-m", "shards"]
     res = res or max(plan.resolutions)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for args in (["synth", "--out", tmp / "synth", "--n", str(n), "--resolution", str(res), "--seed", "0",
-                  "--workers", str(plan.workers or 1)],
-                 ["split", "--metadata", tmp / "synth" / "Data_Entry_2017.csv", "--scheme", "stratified",
-                  "--fractions", "0.7,0.15,0.15", "--out", tmp / "splits.parquet"],
-                 ["pack", "--splits", tmp / "splits.parquet", "--images", tmp / "synth" / "images",
-                  "--out", tmp / "shards", "--workers", str(plan.workers or 1), "--codec", codec]):
+    for args in (
+        [
+            "synth",
+            "--out",
+            tmp / "synth",
+            "--n",
+            str(n),
+            "--resolution",
+            str(res),
+            "--seed",
+            "0",
+            "--workers",
+            str(plan.workers or 1),
+        ],
+        [
+            "split",
+            "--metadata",
+            tmp / "synth" / "Data_Entry_2017.csv",
+            "--scheme",
+            "stratified",
+            "--fractions",
+            "0.7,0.15,0.15",
+            "--out",
+            tmp / "splits.parquet",
+        ],
+        [
+            "pack",
+            "--splits",
+            tmp / "splits.parquet",
+            "--images",
+            tmp / "synth" / "images",
+            "--out",
+            tmp / "shards",
+            "--workers",
+            str(plan.workers or 1),
+            "--codec",
+            codec,
+        ],
+    ):
         subprocess.run(py + [str(a) for a in args], check=True, cwd=ROOT, capture_output=True, env=env)
     return tmp / "shards"
 
 
 def build_plan(args) -> Plan:
     cpu = args.device == "cpu"
-    default = dict(models=["densenet121"], resolutions=[32, 64] if cpu else [512, 1024],
-                   batch=2 if cpu else 16, warmup=1 if cpu else 3, steps=2 if cpu else 10,
-                   max_batch_cap=4 if cpu else 1024, jpeg_images=8 if cpu else 64, jpeg_repeats=2 if cpu else 5,
-                   resume_res=32 if cpu else 224, compile_backend="aot_eager" if cpu else "inductor")
+    default = dict(
+        models=["densenet121"],
+        resolutions=[32, 64] if cpu else [512, 1024],
+        batch=2 if cpu else 16,
+        warmup=1 if cpu else 3,
+        steps=2 if cpu else 10,
+        max_batch_cap=4 if cpu else 1024,
+        jpeg_images=8 if cpu else 64,
+        jpeg_repeats=2 if cpu else 5,
+        resume_res=32 if cpu else 224,
+        compile_backend="aot_eager" if cpu else "inductor",
+    )
     # seconds per row on an H200 (CPU smoke: on 2 shared cores); compile rows include the compilation
     # (guesses from the step times of DenseNet-121 on smaller GPUs scaled to an H200's bf16 rate, and
     # Inductor's compile time of a 121-layer graph on 16 cores; not yet measured on an H200)
-    estimates = ({"throughput": 5, "max batch": 30, "resume": 20, "jpeg decode": 5, "compile": 40,
-                  "dali memory": 0, "probe": 40, "png decode": 2} if cpu else
-                 {"throughput": 15, "max batch": 90, "resume": 30, "jpeg decode": 15, "compile": 75,
-                  "dali memory": 40, "probe": 30, "png decode": 5})
+    estimates = (
+        {
+            "throughput": 5,
+            "max batch": 30,
+            "resume": 20,
+            "jpeg decode": 5,
+            "compile": 40,
+            "dali memory": 0,
+            "probe": 40,
+            "png decode": 2,
+        }
+        if cpu
+        else {
+            "throughput": 15,
+            "max batch": 90,
+            "resume": 30,
+            "jpeg decode": 15,
+            "compile": 75,
+            "dali memory": 40,
+            "probe": 30,
+            "png decode": 5,
+        }
+    )
     for key in default:
         value = getattr(args, key, None)
         if value is not None:
             default[key] = value
     backend, note = compile_backend(default["compile_backend"])
     default["compile_backend"] = backend
-    return Plan(device=args.device, data=args.data, workers=args.workers, budget_s=args.budget_s,
-                estimates=estimates, nih_sample=args.nih_sample, png_seconds=1.0 if cpu else 3.0,
-                extra=args.extra, compile_note=note, **default)
+    return Plan(
+        device=args.device,
+        data=args.data,
+        workers=args.workers,
+        budget_s=args.budget_s,
+        estimates=estimates,
+        nih_sample=args.nih_sample,
+        png_seconds=1.0 if cpu else 3.0,
+        extra=args.extra,
+        compile_note=note,
+        **default,
+    )
 
 
 def patch_compile_backend(backend: str) -> None:
@@ -739,23 +910,44 @@ def patch_compile_backend(backend: str) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="bench/gpu_check.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
-                   help="cuda (default): the real check; cpu: a tiny smoke of every row (32/64 px, 2 steps)")
+    p = argparse.ArgumentParser(
+        prog="bench/gpu_check.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        default="cuda",
+        help="cuda (default): the real check; cpu: a tiny smoke of every row (32/64 px, 2 steps)",
+    )
     p.add_argument("--out", type=Path, help="also write the table as markdown to this file")
-    p.add_argument("--budget-s", type=float, default=360.0,
-                   help="total time budget; rows that would not fit are skipped with a note (default 360)")
-    p.add_argument("--nih-sample", type=Path, default=None,
-                   help="folder of real NIH PNGs for the decode row (default $CXR_NIH/sample or shared/data/nih/sample)")
-    p.add_argument("--extra", action="store_true",
-                   help="also the max-batch, JPEG-on-GPU and DALI-memory rows (not in the 6-minute default)")
-    p.add_argument("--data", choices=("memory", "wds"), default="memory",
-                   help="memory: random tensors (default); wds: phantom shards through the wds back end")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=360.0,
+        help="total time budget; rows that would not fit are skipped with a note (default 360)",
+    )
+    p.add_argument(
+        "--nih-sample",
+        type=Path,
+        default=None,
+        help="folder of real NIH PNGs for the decode row (default $CXR_NIH/sample or shared/data/nih/sample)",
+    )
+    p.add_argument(
+        "--extra",
+        action="store_true",
+        help="also the max-batch, JPEG-on-GPU and DALI-memory rows (not in the 6-minute default)",
+    )
+    p.add_argument(
+        "--data",
+        choices=("memory", "wds"),
+        default="memory",
+        help="memory: random tensors (default); wds: phantom shards through the wds back end",
+    )
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="wds DataLoader workers")
     p.add_argument("--models", type=lambda s: s.split(","), help="comma list (default densenet121)")
-    p.add_argument("--resolutions", type=lambda s: [int(x) for x in s.split(",")],
-                   help="comma list (default 512,1024; cpu 32,64)")
+    p.add_argument(
+        "--resolutions", type=lambda s: [int(x) for x in s.split(",")], help="comma list (default 512,1024; cpu 32,64)"
+    )
     p.add_argument("--batch", type=int, help="micro-batch of the throughput rows (default 16; cpu 2)")
     p.add_argument("--steps", type=int, help="timed steps per row (default 10; cpu 2)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 3; cpu 1)")
@@ -774,17 +966,23 @@ def main(argv=None) -> int:
     if plan.device == "cpu":
         torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     t0 = time.perf_counter()
-    print(f"gpu_check: estimated {estimated_seconds(plan):.0f} s of --budget-s {plan.budget_s:.0f}"
-          + (f"; {plan.compile_note}" if plan.compile_note else ""), file=sys.stderr, flush=True)
+    print(
+        f"gpu_check: estimated {estimated_seconds(plan):.0f} s of --budget-s {plan.budget_s:.0f}"
+        + (f"; {plan.compile_note}" if plan.compile_note else ""),
+        file=sys.stderr,
+        flush=True,
+    )
     with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
         if plan.data == "wds":
             plan.estimates["shards"] = make_shards(plan, Path(tmp))
         with contextlib.redirect_stdout(sys.stderr):
             rows = run_all(plan, Path(tmp))
     elapsed = time.perf_counter() - t0
-    header = (f"gpu_check: {environment(plan)}; {elapsed:.0f} s (own estimate {estimated_seconds(plan):.0f} s, "
-              f"budget {plan.budget_s:.0f} s){'; ' + plan.compile_note if plan.compile_note else ''}\n\n"
-              f"`python bench/gpu_check.py {' '.join(sys.argv[1:] if argv is None else argv)}`")
+    header = (
+        f"gpu_check: {environment(plan)}; {elapsed:.0f} s (own estimate {estimated_seconds(plan):.0f} s, "
+        f"budget {plan.budget_s:.0f} s){'; ' + plan.compile_note if plan.compile_note else ''}\n\n"
+        f"`python bench/gpu_check.py {' '.join(sys.argv[1:] if argv is None else argv)}`"
+    )
     text = markdown(rows, header)
     print(text)
     if args.out:
@@ -793,7 +991,9 @@ def main(argv=None) -> int:
         atomic_write_text(args.out, text)
     failed = [r for r in rows if r.note.startswith("FAILED")]
     skipped = [r for r in rows if r.note.startswith("skipped")]
-    print(f"gpu_check: {len(rows)} rows, {len(failed)} failed, {len(skipped)} skipped, {elapsed:.0f} s", file=sys.stderr)
+    print(
+        f"gpu_check: {len(rows)} rows, {len(failed)} failed, {len(skipped)} skipped, {elapsed:.0f} s", file=sys.stderr
+    )
     return 1 if failed else 0
 
 

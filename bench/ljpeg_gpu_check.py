@@ -11,6 +11,7 @@ plugin produces 16-bit output only; DALI_LOG / nvimgcodec logging shows which ra
 
     python bench/ljpeg_gpu_check.py --images 64 --batch 16
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,8 +55,9 @@ def decode(data: list[bytes], device: str, batch: int, repeats: int) -> tuple[fl
 
     @pipeline_def(batch_size=batch, num_threads=2, device_id=0, prefetch_queue_depth=1)
     def pipe():
-        return fn.decoders.image(fn.external_source(source=source, batch=True, dtype=types.UINT8),
-                                 device=device, output_type=types.GRAY)
+        return fn.decoders.image(
+            fn.external_source(source=source, batch=True, dtype=types.UINT8), device=device, output_type=types.GRAY
+        )
 
     p = pipe()
     p.build()

@@ -40,6 +40,7 @@ its own section ("## DALI parallel external source") with --append.
 
     python bench/loader.py --parallel-source --append bench/RESULTS.md
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,10 +64,12 @@ sys.path.insert(0, str(ROOT))
 from cxrbase.atomic import atomic_write_text  # noqa: E402
 from shards.cli import main as shards_main  # noqa: E402
 
-NOTE = ("Start-up = pipeline build, worker start and prefetch fill, paid once per epoch (negligible in a "
-        "78k-image epoch, dominant in these 468-image passes at 224). Above the decode ceiling, the DALI loader "
-        "at 1024 pays a float32 normalize pass and the copy into torch (4 MB per image); the wds fallback also "
-        "pays Python per sample and the worker→main transfer. Runs on this shared 2-core machine vary by ~±5 %.")
+NOTE = (
+    "Start-up = pipeline build, worker start and prefetch fill, paid once per epoch (negligible in a "
+    "78k-image epoch, dominant in these 468-image passes at 224). Above the decode ceiling, the DALI loader "
+    "at 1024 pays a float32 normalize pass and the copy into torch (4 MB per image); the wds fallback also "
+    "pays Python per sample and the worker→main transfer. Runs on this shared 2-core machine vary by ~±5 %."
+)
 SAMPLE = ROOT.parent / "shared" / "data" / "nih" / "sample"
 
 
@@ -88,10 +91,23 @@ def build_shards(sample: Path, work: Path, replicate: int) -> Path:
     (work / "train_val_list.txt").write_text("\n".join(table["Image Index"]) + "\n")
     (work / "test_list.txt").write_text("")
     splits, out = work / "splits.parquet", work / "shards"
-    for argv in (["split", "--metadata", str(work / "Data_Entry_2017.csv"), "--scheme", "official", "--out", str(splits)],
-                 ["pack", "--splits", str(splits), "--images", str(images), "--out", str(out), "--shard-size-mb", "64"],
-                 ["pack", "--splits", str(splits), "--images", str(images), "--out", str(out), "--shard-size-mb", "64",
-                  "--resize", "224"]):
+    for argv in (
+        ["split", "--metadata", str(work / "Data_Entry_2017.csv"), "--scheme", "official", "--out", str(splits)],
+        ["pack", "--splits", str(splits), "--images", str(images), "--out", str(out), "--shard-size-mb", "64"],
+        [
+            "pack",
+            "--splits",
+            str(splits),
+            "--images",
+            str(images),
+            "--out",
+            str(out),
+            "--shard-size-mb",
+            "64",
+            "--resize",
+            "224",
+        ],
+    ):
         if shards_main(argv) != 0:
             raise SystemExit(f"shards {argv[0]} failed")
     return out
@@ -135,12 +151,13 @@ def dali_decode_ceiling(data: list[bytes], threads: int, batch: int):
 
         def source():
             i = next(chunks)
-            return arrays[i:i + batch]
+            return arrays[i : i + batch]
 
         @pipeline_def(batch_size=batch, num_threads=threads, device_id=None, prefetch_queue_depth=2)
         def pipe():
-            return fn.decoders.image(fn.external_source(source=source, batch=True, dtype=types.UINT8),
-                                     device="cpu", output_type=types.GRAY)
+            return fn.decoders.image(
+                fn.external_source(source=source, batch=True, dtype=types.UINT8), device="cpu", output_type=types.GRAY
+            )
 
         p = pipe()
         p.build()
@@ -192,15 +209,17 @@ def peer_rates(files: list[Path], peer: str, resolution: int, threads: int, batc
         # the usual MONAI 2D recipe: PIL reader (grey, as the sample has a few RGBA files), channel
         # first, area resize (Resize's default mode)
         reader = PILReader(converter=_grey)
-        transform = Compose([LoadImage(image_only=True, ensure_channel_first=True, reader=reader),
-                             Resize((resolution, resolution))])
+        transform = Compose(
+            [LoadImage(image_only=True, ensure_channel_first=True, reader=reader), Resize((resolution, resolution))]
+        )
         dataset = Dataset([str(f) for f in files], transform)
     else:
         dataset = _XrvFiles(files, resolution)
 
     def run() -> int:
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=threads,
-                                             multiprocessing_context="fork" if threads else None)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch, num_workers=threads, multiprocessing_context="fork" if threads else None
+        )
         return sum(len(b) for b in loader)
 
     return run
@@ -235,17 +254,21 @@ def masters_rates(shards: Path, masters_only: Path, files: list[Path], args) -> 
 
     data = encoded_train_images(shards)
     t, b = args.threads, args.batch_size
-    cases = {"ceiling: DALI PNG decode, 1024": (dali_decode_ceiling(data, t, b), False),
-             "ceiling: imagecodecs PNG decode (loaders' decoder), 1024": (grey_decode_ceiling(data, t), False),
-             "ceiling: PIL PNG decode, 1024": (pil_decode_ceiling(data, t), False),
-             "dali 1024 (decode+normalize)": (lambda: loader_rates(shards, "dali", 1024, False, t, b, 1), True),
-             "dali 224 from masters": (lambda: loader_rates(masters_only, "dali", 224, False, t, b, 1), True),
-             "dali 224 from masters, 1 thread": (lambda: loader_rates(masters_only, "dali", 224, False, 1, b, 1), True),
-             "wds 224 from masters": (lambda: loader_rates(masters_only, "wds", 224, False, t, b, 1), True)}
+    cases = {
+        "ceiling: DALI PNG decode, 1024": (dali_decode_ceiling(data, t, b), False),
+        "ceiling: imagecodecs PNG decode (loaders' decoder), 1024": (grey_decode_ceiling(data, t), False),
+        "ceiling: PIL PNG decode, 1024": (pil_decode_ceiling(data, t), False),
+        "dali 1024 (decode+normalize)": (lambda: loader_rates(shards, "dali", 1024, False, t, b, 1), True),
+        "dali 224 from masters": (lambda: loader_rates(masters_only, "dali", 224, False, t, b, 1), True),
+        "dali 224 from masters, 1 thread": (lambda: loader_rates(masters_only, "dali", 224, False, 1, b, 1), True),
+        "wds 224 from masters": (lambda: loader_rates(masters_only, "wds", 224, False, t, b, 1), True),
+    }
     for peer in ("monai", "torchxrayvision"):
         if importlib.util.find_spec(peer) is not None:
-            cases[f"{peer} 224 (DataLoader, {t} workers)"] = (peer_rates(files, peer.replace("torchxrayvision", "xrv"),
-                                                                         224, t, b), False)
+            cases[f"{peer} 224 (DataLoader, {t} workers)"] = (
+                peer_rates(files, peer.replace("torchxrayvision", "xrv"), 224, t, b),
+                False,
+            )
     loader_rates(masters_only, "wds", 224, False, t, b, 1)  # start the worker fork server once, untimed
     best = {name: (0.0, None) for name in cases}
     for _ in range(args.repeats):
@@ -264,10 +287,15 @@ def masters_table(rows: list[tuple[str, float, float | None]], n: int, args) -> 
     total = {name: tot for name, tot, _ in rows}
     ceiling = max(v for name, v in total.items() if name.startswith("ceiling"))
     monai = next((v for name, v in total.items() if name.startswith("monai")), None)
-    lines = [(f"{n} train images (1024² NIH PNG masters), eval mode, {args.threads} threads / workers, batch "
-              f"{args.batch_size}, best of {args.repeats} interleaved passes"), "",
-             "| case | img/s whole pass | img/s steady | whole pass / MONAI | whole pass / best 1024 decode ceiling |",
-             "|---|---|---|---|---|"]
+    lines = [
+        (
+            f"{n} train images (1024² NIH PNG masters), eval mode, {args.threads} threads / workers, batch "
+            f"{args.batch_size}, best of {args.repeats} interleaved passes"
+        ),
+        "",
+        "| case | img/s whole pass | img/s steady | whole pass / MONAI | whole pass / best 1024 decode ceiling |",
+        "|---|---|---|---|---|",
+    ]
     for name, tot, st in rows:
         ratio = f"{tot / monai:.2f}x" if monai else "-"
         lines.append(f"| {name} | {tot:.1f} | {'' if st is None else f'{st:.1f}'} | {ratio} | {tot / ceiling:.2f}x |")
@@ -275,13 +303,16 @@ def masters_table(rows: list[tuple[str, float, float | None]], n: int, args) -> 
     lines.append("")
     if monai:
         lines.append(f"Goals: DALI 224 from masters / MONAI = {dali224 / monai:.2f}x (goal ≥ 1.2)")
-    lines.append(f"DALI 1024 loader / best PNG decode ceiling = {dali1024 / ceiling:.2f}x (goal ≥ 0.9); "
-                 f"DALI 224 from masters / best ceiling = {dali224 / ceiling:.2f}x")
+    lines.append(
+        f"DALI 1024 loader / best PNG decode ceiling = {dali1024 / ceiling:.2f}x (goal ≥ 0.9); "
+        f"DALI 224 from masters / best ceiling = {dali224 / ceiling:.2f}x"
+    )
     return "\n".join(lines)
 
 
-def loader_rates(shards: Path, backend: str, resolution: int, augment: bool, threads: int, batch: int,
-                 repeats: int, **extra) -> tuple[float, float]:
+def loader_rates(
+    shards: Path, backend: str, resolution: int, augment: bool, threads: int, batch: int, repeats: int, **extra
+) -> tuple[float, float]:
     """Best (images/s over the whole pass, images/s after the first batch) of `repeats` passes.
 
     The first number includes the per-epoch start-up (pipeline build, worker start and
@@ -289,8 +320,15 @@ def loader_rates(shards: Path, backend: str, resolution: int, augment: bool, thr
     """
     from cxr.data import DataConfig, build_loader
 
-    cfg = DataConfig(shards=str(shards), backend=backend, resolution=resolution, batch_size=batch,
-                     num_threads=threads, augment=augment, **extra)
+    cfg = DataConfig(
+        shards=str(shards),
+        backend=backend,
+        resolution=resolution,
+        batch_size=batch,
+        num_threads=threads,
+        augment=augment,
+        **extra,
+    )
     totals, steady = [], []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -311,15 +349,23 @@ def measure(shards: Path, masters_only: Path, args) -> list[tuple[str, float, fl
     data = encoded_train_images(shards)
     r, t, b = args.repeats, args.threads, args.batch_size
     loader_rates(shards, "wds", 224, False, t, b, 1)  # start the worker fork server once, untimed
-    rows = [("ceiling: DALI decode only, 1024", best_rate(dali_decode_ceiling(data, t, b), r), None),
-            ("ceiling: PIL decode, thread pool, 1024", best_rate(pil_decode_ceiling(data, t), r), None)]
+    rows = [
+        ("ceiling: DALI decode only, 1024", best_rate(dali_decode_ceiling(data, t, b), r), None),
+        ("ceiling: PIL decode, thread pool, 1024", best_rate(pil_decode_ceiling(data, t), r), None),
+    ]
     for backend in ("dali", "wds"):
         rows.append((f"{backend} 1024 (decode+normalize)", *loader_rates(shards, backend, 1024, False, t, b, r)))
         for res in (224, 512):
             for aug in (False, True):
-                rows.append((f"{backend} {res} from masters, augment {'on' if aug else 'off'}",
-                             *loader_rates(masters_only, backend, res, aug, t, b, r)))
-        rows.append((f"{backend} 224 from derived res224, augment off", *loader_rates(shards, backend, 224, False, t, b, r)))
+                rows.append(
+                    (
+                        f"{backend} {res} from masters, augment {'on' if aug else 'off'}",
+                        *loader_rates(masters_only, backend, res, aug, t, b, r),
+                    )
+                )
+        rows.append(
+            (f"{backend} 224 from derived res224, augment off", *loader_rates(shards, backend, 224, False, t, b, r))
+        )
     return rows
 
 
@@ -327,16 +373,23 @@ def summarize(rows: list[tuple[str, float, float | None]], n: int, args) -> str:
     total = {name: value for name, value, _ in rows}
     steady = {name: value for name, _, value in rows}
     ceiling = max(total["ceiling: DALI decode only, 1024"], total["ceiling: PIL decode, thread pool, 1024"])
-    lines = [f"{n} train images (1024² PNG), {args.threads} threads/workers, batch {args.batch_size}, best of "
-             f"{args.repeats}; img/s over the whole pass (incl. start-up) | after the first batch"]
+    lines = [
+        f"{n} train images (1024² PNG), {args.threads} threads/workers, batch {args.batch_size}, best of "
+        f"{args.repeats}; img/s over the whole pass (incl. start-up) | after the first batch"
+    ]
     lines += [f"{name:<44} {tot:8.1f}" + (f" | {st:8.1f}" if st else "") for name, tot, st in rows]
-    for backend, own in (("dali", "ceiling: DALI decode only, 1024"), ("wds", "ceiling: PIL decode, thread pool, 1024")):
+    for backend, own in (
+        ("dali", "ceiling: DALI decode only, 1024"),
+        ("wds", "ceiling: PIL decode, thread pool, 1024"),
+    ):
         name = f"{backend} 1024 (decode+normalize)"
         derived, masters = f"{backend} 224 from derived res224, augment off", f"{backend} 224 from masters, augment off"
-        lines.append(f"{backend}: 1024 loader / own decode ceiling = {total[name] / total[own]:.2f}x whole pass, "
-                     f"{steady[name] / total[own]:.2f}x steady; / best ceiling = {total[name] / ceiling:.2f}x | "
-                     f"{steady[name] / ceiling:.2f}x (goal >= 0.9); derived res224 / resize masters = "
-                     f"{total[derived] / total[masters]:.1f}x | {steady[derived] / steady[masters]:.1f}x (goal >= 5)")
+        lines.append(
+            f"{backend}: 1024 loader / own decode ceiling = {total[name] / total[own]:.2f}x whole pass, "
+            f"{steady[name] / total[own]:.2f}x steady; / best ceiling = {total[name] / ceiling:.2f}x | "
+            f"{steady[name] / ceiling:.2f}x (goal >= 0.9); derived res224 / resize masters = "
+            f"{total[derived] / total[masters]:.1f}x | {steady[derived] / steady[masters]:.1f}x (goal >= 5)"
+        )
     return "\n".join(lines)
 
 
@@ -346,7 +399,7 @@ def replace_section(path: Path, title: str, section: str) -> None:
     start = old.find(f"\n## {title}\n")
     if start >= 0:
         end = old.find("\n## ", start + 1)
-        new = old[:start + 1] + section + (old[end + 1:] if end >= 0 else "")
+        new = old[: start + 1] + section + (old[end + 1 :] if end >= 0 else "")
     else:
         new = old.rstrip("\n") + "\n\n" + section
     atomic_write_text(path, new)
@@ -355,17 +408,21 @@ def replace_section(path: Path, title: str, section: str) -> None:
 def append_results(path: Path, text: str, command: str) -> None:
     """Replace this benchmark's own section of RESULTS.md (or append it), leaving other sections alone."""
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    section = (f"## loader\n\n`{command}` ({platform.machine()}, {os.cpu_count()} cores, load average {load} — "
-               f"shared machine, {date.today()})\n\n```\n{text}\n```\n\n{NOTE}\n")
+    section = (
+        f"## loader\n\n`{command}` ({platform.machine()}, {os.cpu_count()} cores, load average {load} — "
+        f"shared machine, {date.today()})\n\n```\n{text}\n```\n\n{NOTE}\n"
+    )
     replace_section(path, "loader", section)
 
 
 SOURCE_WORKERS = (0, 1, 2)
-PARALLEL_NOTE = ("source_workers=0: DALI's external source runs in the training process (the serial source); 1/2: "
-                 "DALI's parallel external source with that many spawned worker processes, which is built per epoch "
-                 "(its workers hold the epoch's batch list), so its whole-pass rate includes starting the workers. "
-                 "DALI's decode/warp thread pool has --threads threads in every case. Steady = images/s after the "
-                 "first batch.")
+PARALLEL_NOTE = (
+    "source_workers=0: DALI's external source runs in the training process (the serial source); 1/2: "
+    "DALI's parallel external source with that many spawned worker processes, which is built per epoch "
+    "(its workers hold the epoch's batch list), so its whole-pass rate includes starting the workers. "
+    "DALI's decode/warp thread pool has --threads threads in every case. Steady = images/s after the "
+    "first batch."
+)
 
 
 def parallel_source_rates(shards: Path, masters_only: Path, args) -> list[tuple[int, int, float, float]]:
@@ -381,10 +438,13 @@ def parallel_source_rates(shards: Path, masters_only: Path, args) -> list[tuple[
 
 
 def parallel_source_table(rows: list[tuple[int, int, float, float]], n: int, args) -> str:
-    lines = [f"{n} train images (1024² PNG masters), DALI back end, training (augment on), {args.threads} DALI "
-             f"threads, batch {args.batch_size}, best of {args.repeats} interleaved passes", "",
-             "| resolution | source | source_workers | img/s whole pass | img/s steady | steady / serial |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"{n} train images (1024² PNG masters), DALI back end, training (augment on), {args.threads} DALI "
+        f"threads, batch {args.batch_size}, best of {args.repeats} interleaved passes",
+        "",
+        "| resolution | source | source_workers | img/s whole pass | img/s steady | steady / serial |",
+        "|---|---|---|---|---|---|",
+    ]
     serial = {res: st for res, w, _, st in rows if w == 0}
     for res, w, tot, st in rows:
         source = "read + crc32" if res == 1024 else "read + crc32 + PIL decode + resize"
@@ -395,8 +455,10 @@ def parallel_source_table(rows: list[tuple[int, int, float, float]], n: int, arg
 def write_section(path: Path, title: str, command: str, body: str) -> None:
     """Replace (or append) the "## {title}" section of RESULTS.md: the command, the machine, the load, ``body``."""
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    section = (f"## {title}\n\n`{command}` ({platform.machine()}, {os.cpu_count()} cores, load average "
-               f"{load} — shared machine, {date.today()})\n\n{body}\n")
+    section = (
+        f"## {title}\n\n`{command}` ({platform.machine()}, {os.cpu_count()} cores, load average "
+        f"{load} — shared machine, {date.today()})\n\n{body}\n"
+    )
     replace_section(path, title, section)
 
 
@@ -437,6 +499,7 @@ def decoder_rates(encoded: dict[str, list], repeats: int) -> list[tuple]:
             for d in data:
                 Image.open(io.BytesIO(d)).load()
             return len(data)
+
         return run
 
     rows = []
@@ -446,21 +509,30 @@ def decoder_rates(encoded: dict[str, list], repeats: int) -> list[tuple]:
         pil_rate = best_cpu_rate(pil(data), repeats)
         ic = None
         if codec == "ljpeg":
-            ic = (best_cpu_rate(lambda: len([decode_ljpeg(d) for d in data]), repeats),
-                  best_cpu_rate(lambda: len([imagecodecs.ljpeg_decode(d) for d in data]), repeats))
-        exact = all(np.array_equal(np.asarray(Image.open(io.BytesIO(d))), src)
-                    for d, src in zip(data, encoded["source"]))
+            ic = (
+                best_cpu_rate(lambda: len([decode_ljpeg(d) for d in data]), repeats),
+                best_cpu_rate(lambda: len([imagecodecs.ljpeg_decode(d) for d in data]), repeats),
+            )
+        exact = all(
+            np.array_equal(np.asarray(Image.open(io.BytesIO(d))), src) for d, src in zip(data, encoded["source"])
+        )
         rows.append((codec, np.mean([len(d) for d in data]) / 1e3, dali, pil_rate, ic, exact))
     return rows
 
 
 def codec_table(rows: list[tuple], n: int, repeats: int) -> str:
-    lines = [f"{n} real NIH 1024² images, one decoder thread, best of {repeats}; images per CPU-second of the process "
-             "(DALI's includes its pipeline build per pass)", "",
-             "| codec | kB/image | DALI cpu decode | PIL decode | imagecodecs decode (loaders' jpeg8 / lj92) | "
-             "PIL decode == source |", "|---|---|---|---|---|---|"]
-    lines += [f"| {c} | {kb:.0f} | {d:.0f} | {p:.0f} | {'' if i is None else f'{i[0]:.0f} / {i[1]:.0f}'} | {e} |"
-              for c, kb, d, p, i, e in rows]
+    lines = [
+        f"{n} real NIH 1024² images, one decoder thread, best of {repeats}; images per CPU-second of the process "
+        "(DALI's includes its pipeline build per pass)",
+        "",
+        "| codec | kB/image | DALI cpu decode | PIL decode | imagecodecs decode (loaders' jpeg8 / lj92) | "
+        "PIL decode == source |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {c} | {kb:.0f} | {d:.0f} | {p:.0f} | {'' if i is None else f'{i[0]:.0f} / {i[1]:.0f}'} | {e} |"
+        for c, kb, d, p, i, e in rows
+    ]
     return "\n".join(lines)
 
 
@@ -478,20 +550,30 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="passes per measurement, best kept (default 3)")
     parser.add_argument("--work", type=Path, default=None, help="folder for the shards (default: a temp dir)")
     parser.add_argument("--append", type=Path, default=None, help="write the results into this RESULTS.md")
-    parser.add_argument("--codecs", action="store_true",
-                        help="only compare decode speed and size of png / ljpeg / j2k / jpeg (see above)")
-    parser.add_argument("--masters", action="store_true",
-                        help="only compare the loader from 1024 masters with the decode ceilings and MONAI / "
-                             "torchxrayvision (see above)")
-    parser.add_argument("--parallel-source", action="store_true",
-                        help="only compare the DALI external source serial vs parallel with 1/2 workers (see above)")
+    parser.add_argument(
+        "--codecs",
+        action="store_true",
+        help="only compare decode speed and size of png / ljpeg / j2k / jpeg (see above)",
+    )
+    parser.add_argument(
+        "--masters",
+        action="store_true",
+        help="only compare the loader from 1024 masters with the decode ceilings and MONAI / "
+        "torchxrayvision (see above)",
+    )
+    parser.add_argument(
+        "--parallel-source",
+        action="store_true",
+        help="only compare the DALI external source serial vs parallel with 1/2 workers (see above)",
+    )
     parser.add_argument("--images", type=int, default=40, help="--codecs: sample images to encode (default 40)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
     if args.codecs:
-        text = codec_table(decoder_rates(encode_sample(args.sample, args.images), args.repeats), args.images,
-                           args.repeats)
+        text = codec_table(
+            decoder_rates(encode_sample(args.sample, args.images), args.repeats), args.images, args.repeats
+        )
         print(text)
         if args.append:
             append_codec_section(args.append, text, command)

@@ -15,6 +15,7 @@ all threads) is reported beside it: it counts the work, not the waiting.
 The "activations" column is peak RSS minus the RSS after building the model
 (before the first step): the memory checkpointing acts on.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,15 +64,40 @@ def child(args: argparse.Namespace) -> None:
         cpu.append(time.process_time() - start_cpu)
     # The first step also pays allocator growth and one-time setup.
     skip = 1 if len(times) > 1 else 0
-    print(json.dumps({"batch": args.batch, "ckpt": args.ckpt, "built_mib": built, "peak_mib": rss_mib(),
-                      "step_s": statistics.median(times[skip:]), "cpu_s": statistics.median(cpu[skip:]),
-                      "times": times, "cpu": cpu}))
+    print(
+        json.dumps(
+            {
+                "batch": args.batch,
+                "ckpt": args.ckpt,
+                "built_mib": built,
+                "peak_mib": rss_mib(),
+                "step_s": statistics.median(times[skip:]),
+                "cpu_s": statistics.median(cpu[skip:]),
+                "times": times,
+                "cpu": cpu,
+            }
+        )
+    )
 
 
 def run_one(args: argparse.Namespace, batch: int, ckpt: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", "--batch", str(batch), "--ckpt", str(ckpt),
-           "--steps", str(args.steps), "--size", str(args.size), "--threads", str(args.threads),
-           "--model", args.model]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        "--batch",
+        str(batch),
+        "--ckpt",
+        str(ckpt),
+        "--steps",
+        str(args.steps),
+        "--size",
+        str(args.size),
+        "--threads",
+        str(args.threads),
+        "--model",
+        args.model,
+    ]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -95,20 +121,29 @@ def report(args: argparse.Namespace, results: dict[tuple[int, int], list[dict]],
     """A markdown table of medians and the ratios checkpointed / plain."""
     keys = ("built_mib", "peak_mib", "step_s", "cpu_s")
     med = {cfg: {k: statistics.median(r[k] for r in runs) for k in keys} for cfg, runs in results.items()}
-    lines = ["| batch | checkpointing | peak RSS MiB | activations MiB | step s (wall) | step CPU s | peak ratio "
-             "| activ. ratio | wall-time ratio | CPU-time ratio |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| batch | checkpointing | peak RSS MiB | activations MiB | step s (wall) | step CPU s | peak ratio "
+        "| activ. ratio | wall-time ratio | CPU-time ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for batch in args.batches:
         plain = med[(batch, 0)]
         for ckpt in sorted(c for b, c in med if b == batch):
             m = med[(batch, ckpt)]
             act, act0 = m["peak_mib"] - m["built_mib"], plain["peak_mib"] - plain["built_mib"]
-            ratios = (f"{m['peak_mib'] / plain['peak_mib']:.2f}× | {act / act0:.2f}× | "
-                      f"{m['step_s'] / plain['step_s']:.2f}× | {m['cpu_s'] / plain['cpu_s']:.2f}×")
-            lines.append(f"| {batch} | {MODE_NAMES[ckpt]} | {m['peak_mib']:.0f} | {act:.0f} | "
-                         f"{m['step_s']:.2f} | {m['cpu_s']:.2f} | {ratios} |")
-    lines.append(f"\n{args.model} fwd+bwd at {args.size}², {args.threads} thread(s), median of {args.repeats} "
-                 f"round(s) × {args.steps - 1} steady step(s); {len(results) * args.repeats} subprocesses in "
-                 f"{seconds:.0f} s. Goal: peak ratio ≤ 0.5× at time ratio ≤ 1.4×.")
+            ratios = (
+                f"{m['peak_mib'] / plain['peak_mib']:.2f}× | {act / act0:.2f}× | "
+                f"{m['step_s'] / plain['step_s']:.2f}× | {m['cpu_s'] / plain['cpu_s']:.2f}×"
+            )
+            lines.append(
+                f"| {batch} | {MODE_NAMES[ckpt]} | {m['peak_mib']:.0f} | {act:.0f} | "
+                f"{m['step_s']:.2f} | {m['cpu_s']:.2f} | {ratios} |"
+            )
+    lines.append(
+        f"\n{args.model} fwd+bwd at {args.size}², {args.threads} thread(s), median of {args.repeats} "
+        f"round(s) × {args.steps - 1} steady step(s); {len(results) * args.repeats} subprocesses in "
+        f"{seconds:.0f} s. Goal: peak ratio ≤ 0.5× at time ratio ≤ 1.4×."
+    )
     return "\n".join(lines)
 
 
@@ -137,8 +172,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=1024, help="image side in pixels (default 1024)")
     p.add_argument("--threads", type=int, default=2, help="torch threads, the same for every run (default 2)")
     p.add_argument("--model", default="densenet121", help="model name of cxr.models (default densenet121)")
-    p.add_argument("--timm-variant", action="store_true",
-                   help="also measure timm's memory-efficient DenseNet (bottleneck-only recompute) for comparison")
+    p.add_argument(
+        "--timm-variant",
+        action="store_true",
+        help="also measure timm's memory-efficient DenseNet (bottleneck-only recompute) for comparison",
+    )
     p.add_argument("--results", type=Path, help="append the table and command to this RESULTS.md")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, help=argparse.SUPPRESS)

@@ -10,6 +10,7 @@ n_boot x score sets. Both use the same resamples and must agree to 1e-12.
 
     python bench/metrics.py [--n-boot 1000] [--loop-resamples 20] [--append bench/RESULTS.md]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,9 @@ from cxrbase.errors import cli_entry
 from cxrbase.labels import LABELS
 
 # Per-label prevalence of the official test split (measured from Data_Entry_2017_v2020).
-TEST_PREVALENCE = np.array([0.1281, 0.0418, 0.0709, 0.0361, 0.182, 0.0427, 0.017, 0.0034,
-                            0.2388, 0.0683, 0.0634, 0.0447, 0.0217, 0.1041])
+TEST_PREVALENCE = np.array(
+    [0.1281, 0.0418, 0.0709, 0.0361, 0.182, 0.0427, 0.017, 0.0034, 0.2388, 0.0683, 0.0634, 0.0447, 0.0217, 0.1041]
+)
 N_TEST = 25_596
 SECTION = "## metrics"
 
@@ -81,8 +83,7 @@ def append_results(path: Path, block: str) -> None:
     atomic_write_text(path, text)
 
 
-def measure(y: np.ndarray, score_sets: list[np.ndarray], n_boot: int, loop_resamples: int, source: str
-            ) -> list[str]:
+def measure(y: np.ndarray, score_sets: list[np.ndarray], n_boot: int, loop_resamples: int, source: str) -> list[str]:
     """Time both bootstraps side by side, check they agree, return the report lines."""
     t0 = time.perf_counter()
     counts = metrics.bootstrap_counts(y.shape[0], n_boot, seed=0)
@@ -112,8 +113,7 @@ def measure(y: np.ndarray, score_sets: list[np.ndarray], n_boot: int, loop_resam
         f"total {fast_total:.2f} s",
         f"sklearn loop: {t_loop:.2f} s for {k} resamples x 1 set -> extrapolated {loop_total:.0f} s "
         f"for {n_boot} x {n_sets} ({t_loop / k * n_boot:.1f} s per score set)",
-        f"speed-up {loop_total / fast_total:.0f}x (goal >= 20x); max |diff| on the {k} common resamples "
-        f"{max_diff:.1e}",
+        f"speed-up {loop_total / fast_total:.0f}x (goal >= 20x); max |diff| on the {k} common resamples {max_diff:.1e}",
         f"DeLong variance: {t_delong:.2f} s for {n_sets} sets; ensemble mean AUROC {ens['mean_auroc']:.4f} "
         f"[{ens['mean_ci_low']:.4f}, {ens['mean_ci_high']:.4f}], Hernia SE bootstrap "
         f"{ens['std'][7]:.4f} vs DeLong {np.sqrt(delong[-1][7]):.4f}",
@@ -124,10 +124,18 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
     parser.add_argument("--members", type=int, default=5, help="ensemble members; +1 ensemble score set")
-    parser.add_argument("--loop-resamples", type=int, default=20,
-                        help="resamples the sklearn loop runs before extrapolating (default 20)")
-    parser.add_argument("--nih", type=Path, default=Path(__file__).resolve().parents[2] / "shared/data/nih",
-                        help="folder with Data_Entry_2017_v2020.csv.gz and test_list.txt.gz")
+    parser.add_argument(
+        "--loop-resamples",
+        type=int,
+        default=20,
+        help="resamples the sklearn loop runs before extrapolating (default 20)",
+    )
+    parser.add_argument(
+        "--nih",
+        type=Path,
+        default=Path(__file__).resolve().parents[2] / "shared/data/nih",
+        help="folder with Data_Entry_2017_v2020.csv.gz and test_list.txt.gz",
+    )
     parser.add_argument("--append", type=Path, default=None, help="write the results section to this RESULTS.md")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
@@ -137,9 +145,11 @@ def main(argv=None) -> int:
     if args.append:
         command = "python bench/metrics.py " + " ".join(argv if argv is not None else sys.argv[1:])
         load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-        block = (f"{SECTION}\n\n`{command.strip()}` ({platform.machine()}, {os.cpu_count()} cores, "
-                 f"load average {load} — shared machine, so wall times are inflated; CPU time is the "
-                 f"process's own, {time.strftime('%Y-%m-%d')})\n\n```\n" + "\n".join(lines) + "\n```\n\n")
+        block = (
+            f"{SECTION}\n\n`{command.strip()}` ({platform.machine()}, {os.cpu_count()} cores, "
+            f"load average {load} — shared machine, so wall times are inflated; CPU time is the "
+            f"process's own, {time.strftime('%Y-%m-%d')})\n\n```\n" + "\n".join(lines) + "\n```\n\n"
+        )
         append_results(args.append, block)
     return 0
 

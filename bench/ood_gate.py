@@ -20,6 +20,7 @@ Every image reaches the gate as the page's does (PIL convert("L"), bilinear resi
 held-out real X-rays are also scored through the loader from the shards (the `cxr.evaluate --ood`
 path), where pack's derived 64 px images were resized with Lanczos.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,9 +58,26 @@ def fold_tables(nih: Path, out: Path, folds: int, seed: int) -> list[Path]:
     from shards.splits import write_splits
 
     base = out / "splits-base.parquet"
-    assert shards_main(["split", "--metadata", str(nih / "Data_Entry_2017_v2020.csv.gz"), "--scheme", "random",
-                        "--fractions", "0.6,0.2,0.2", "--seed", str(seed), "--restrict-to", str(nih / "sample"),
-                        "--out", str(base)]) == 0
+    assert (
+        shards_main(
+            [
+                "split",
+                "--metadata",
+                str(nih / "Data_Entry_2017_v2020.csv.gz"),
+                "--scheme",
+                "random",
+                "--fractions",
+                "0.6,0.2,0.2",
+                "--seed",
+                str(seed),
+                "--restrict-to",
+                str(nih / "sample"),
+                "--out",
+                str(base),
+            ]
+        )
+        == 0
+    )
     table = pd.read_parquet(base)
     patients = np.array(sorted(table["patient"].unique()))
     order = np.random.default_rng(seed).permutation(len(patients))
@@ -83,11 +101,36 @@ def make_gate(splits: Path, nih: Path, percentile: float, overrides: list[str]) 
     from shards.cli import main as shards_main
 
     shards, run = splits.parent / "shards", splits.parent / "gate"
-    assert shards_main(["pack", "--splits", str(splits), "--images", str(nih / "sample"), "--out", str(shards),
-                        "--resize", "64", "--shard-size-mb", "16", "--workers", "1"]) == 0
-    cfg = load_config(ROOT / "cxr" / "configs" / "ood_ae.yaml",
-                      [f"data.shards={shards}", f"checkpoint.run_dir={run}", "logging.progress=false",
-                       "data.num_threads=0", *overrides])
+    assert (
+        shards_main(
+            [
+                "pack",
+                "--splits",
+                str(splits),
+                "--images",
+                str(nih / "sample"),
+                "--out",
+                str(shards),
+                "--resize",
+                "64",
+                "--shard-size-mb",
+                "16",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
+    cfg = load_config(
+        ROOT / "cxr" / "configs" / "ood_ae.yaml",
+        [
+            f"data.shards={shards}",
+            f"checkpoint.run_dir={run}",
+            "logging.progress=false",
+            "data.num_threads=0",
+            *overrides,
+        ],
+    )
     assert train(cfg) == 0
     assert ood_main(["threshold", "--run", str(run), "--shards", str(shards), "--percentile", f"{percentile:g}"]) == 0
     return shards, run
@@ -110,7 +153,9 @@ def _fitters():
             def score(f):
                 z = ((f - centre) / scale)[:, idx]
                 return np.sqrt(np.einsum("ni,ij,nj->n", z, prec, z))
+
             return score
+
         return fit
 
     def max_z(pool):
@@ -120,8 +165,13 @@ def _fitters():
     def shipped(pool):
         model = fit_feature_model(pool)
         return lambda f: feature_distance(f, model)
-    return {"statistics": subset(subsets["statistics"]), "layout": subset(subsets["layout"]), "max |z|": max_z,
-            "after: Mahalanobis": shipped}
+
+    return {
+        "statistics": subset(subsets["statistics"]),
+        "layout": subset(subsets["layout"]),
+        "max |z|": max_z,
+        "after: Mahalanobis": shipped,
+    }
 
 
 def variant_scores(train: np.ndarray, val: np.ndarray, feats: dict, percentiles) -> tuple[dict, dict]:
@@ -162,11 +212,13 @@ def run_fold(f: int, splits: Path, args) -> pd.DataFrame:
     names = sorted(str(k) for k in table.loc[table["split"] == "test", "image"])
     real = ood_data.to_pixels([_open(args.nih / "sample" / (n if n.endswith(".png") else f"{n}.png")) for n in names])
     rng_seed = 1000 * (f + 1)
-    groups = {("real", "held-out real X-rays (page path)"): real,
-              ("tuning", "textures"): ood_data.textures(args.per_kind, rng_seed + 1),
-              ("tuning", "PIL digits"): ood_data.digits(args.per_kind, rng_seed + 2),
-              ("tuning", "inverted X-rays"): 255 - real[: args.per_kind],
-              ("tuning", "rotated X-rays"): np.rot90(real[: args.per_kind], 1, (1, 2)).copy()}
+    groups = {
+        ("real", "held-out real X-rays (page path)"): real,
+        ("tuning", "textures"): ood_data.textures(args.per_kind, rng_seed + 1),
+        ("tuning", "PIL digits"): ood_data.digits(args.per_kind, rng_seed + 2),
+        ("tuning", "inverted X-rays"): 255 - real[: args.per_kind],
+        ("tuning", "rotated X-rays"): np.rot90(real[: args.per_kind], 1, (1, 2)).copy(),
+    }
     for i, (kind, make) in enumerate(ood_data.TEST_KINDS.items()):
         groups[("test", kind)] = ood_data.to_pixels(make(args.per_kind, rng_seed + 10 + i))
     feats = {}
@@ -175,22 +227,36 @@ def run_fold(f: int, splits: Path, args) -> pd.DataFrame:
             feats[key] = scorer.features(ood_data.normalise(px)).double().numpy()
         shipped = scorer(ood_data.normalise(real)).squeeze(1).double().numpy()
     feats[("real", "held-out real X-rays (evaluate path)")] = test_loader_f
-    np.savez(splits.parent / "features.npz", train=train_f, val=val_f,
-             **{f"{g}|{k}": v for (g, k), v in feats.items()})
+    np.savez(splits.parent / "features.npz", train=train_f, val=val_f, **{f"{g}|{k}": v for (g, k), v in feats.items()})
     scores, thresholds = variant_scores(train_f, val_f, feats, args.percentiles)
     doc = read_threshold(run)  # what `cxr.ood threshold` stored: the same model and threshold as computed here
-    np.testing.assert_allclose(shipped, scores["after: Mahalanobis"][("real", "held-out real X-rays (page path)")],
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        shipped, scores["after: Mahalanobis"][("real", "held-out real X-rays (page path)")], rtol=1e-4, atol=1e-4
+    )
     assert abs(thresholds["after: Mahalanobis"][args.percentiles[-1]] - doc["threshold"]) <= 1e-6 * doc["threshold"]
     rows = []
     for variant, by_group in scores.items():
         for p in args.percentiles:
             thr = thresholds[variant][p]
             for (group, kind), s in by_group.items():
-                rows += [{"fold": f, "group": group, "kind": kind, "variant": variant, "percentile": p,
-                          "score": float(v), "threshold": thr, "rejected": bool(v > thr)} for v in s]
-    print(f"fold {f}: {len(names)} held-out real, {len(groups) - 1} non-X-ray kinds × {args.per_kind} "
-          f"in {time.time() - t0:.0f} s", flush=True)
+                rows += [
+                    {
+                        "fold": f,
+                        "group": group,
+                        "kind": kind,
+                        "variant": variant,
+                        "percentile": p,
+                        "score": float(v),
+                        "threshold": thr,
+                        "rejected": bool(v > thr),
+                    }
+                    for v in s
+                ]
+    print(
+        f"fold {f}: {len(names)} held-out real, {len(groups) - 1} non-X-ray kinds × {args.per_kind} "
+        f"in {time.time() - t0:.0f} s",
+        flush=True,
+    )
     return pd.DataFrame(rows)
 
 
@@ -219,9 +285,15 @@ def markdown(rows: pd.DataFrame, args) -> str:
     for p in args.percentiles:
         agg = summary(rows, list(VARIANTS), p)
         kinds = [(g, k) for g in order for k in agg.loc[agg["group"] == g, "kind"].unique()]
-        lines += [(f"Threshold p{p:g} (before: of the val scores; the others: of the train + val images' "
-                   f"cross-fitted scores); rejected / images [Wilson 95 % CI], summed over {args.folds} folds:"), "",
-                  "| group | kind | " + " | ".join(VARIANTS) + " |", "|---|---|" + "---|" * len(VARIANTS)]
+        lines += [
+            (
+                f"Threshold p{p:g} (before: of the val scores; the others: of the train + val images' "
+                f"cross-fitted scores); rejected / images [Wilson 95 % CI], summed over {args.folds} folds:"
+            ),
+            "",
+            "| group | kind | " + " | ".join(VARIANTS) + " |",
+            "|---|---|" + "---|" * len(VARIANTS),
+        ]
         for g, k in kinds:
             vals = []
             for v in VARIANTS:
@@ -241,16 +313,30 @@ def markdown(rows: pd.DataFrame, args) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nih", type=Path, default=ROOT.parent / "shared" / "data" / "nih",
-                   help="folder with Data_Entry_2017_v2020.csv.gz and sample/ (default ../shared/data/nih)")
+    p.add_argument(
+        "--nih",
+        type=Path,
+        default=ROOT.parent / "shared" / "data" / "nih",
+        help="folder with Data_Entry_2017_v2020.csv.gz and sample/ (default ../shared/data/nih)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "build" / "bench-ood", help="work folder (rebuilt)")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--per-kind", type=int, default=8, help="non-X-rays of each kind per fold (default 8)")
-    p.add_argument("--percentiles", type=float, nargs="+", default=[95.0, 97.0, 99.0],
-                   help="threshold percentiles of the val scores (the last is the one cxr.ood threshold stores)")
+    p.add_argument(
+        "--percentiles",
+        type=float,
+        nargs="+",
+        default=[95.0, 97.0, 99.0],
+        help="threshold percentiles of the val scores (the last is the one cxr.ood threshold stores)",
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train", dest="train_overrides", nargs="*", default=[],
-                   help="key=value overrides of cxr/configs/ood_ae.yaml (default: none, the README's gate)")
+    p.add_argument(
+        "--train",
+        dest="train_overrides",
+        nargs="*",
+        default=[],
+        help="key=value overrides of cxr/configs/ood_ae.yaml (default: none, the README's gate)",
+    )
     p.add_argument("--append", type=Path, help="write the table into this RESULTS.md (section 'OOD gate')")
     args = p.parse_args(argv)
     import shutil
@@ -262,8 +348,9 @@ def main(argv=None) -> int:
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True)
     t0 = time.time()
-    rows = pd.concat([run_fold(f, s, args) for f, s in enumerate(fold_tables(args.nih, args.out, args.folds,
-                                                                                args.seed))])
+    rows = pd.concat(
+        [run_fold(f, s, args) for f, s in enumerate(fold_tables(args.nih, args.out, args.folds, args.seed))]
+    )
     rows.to_csv(args.out / "scores.csv", index=False)
     text = markdown(rows, args)
     print(text)
@@ -276,13 +363,15 @@ def main(argv=None) -> int:
     return 0
 
 
-NOTE = ("Folds are patient-level; each fold's gate is trained (cxr/configs/ood_ae.yaml defaults), fitted and "
-        "thresholded on its own train/val images and never sees its held-out fold. Non-X-rays are made per fold with "
-        "their own seeds, so no image is counted twice. How held out the test kinds are: the 15 statistics were "
-        "written before any score was seen; a first development run (an autoencoder trained 2 epochs, one threshold "
-        "rule) printed every kind, after which the 4x4 layout and the cross-fitted threshold were added. The "
-        "variant shipped is the one with the highest rejection of the tuning kinds at p95 and p97; its test-kind "
-        "rate is reported, not optimised.")
+NOTE = (
+    "Folds are patient-level; each fold's gate is trained (cxr/configs/ood_ae.yaml defaults), fitted and "
+    "thresholded on its own train/val images and never sees its held-out fold. Non-X-rays are made per fold with "
+    "their own seeds, so no image is counted twice. How held out the test kinds are: the 15 statistics were "
+    "written before any score was seen; a first development run (an autoencoder trained 2 epochs, one threshold "
+    "rule) printed every kind, after which the 4x4 layout and the cross-fitted threshold were added. The "
+    "variant shipped is the one with the highest rejection of the tuning kinds at p95 and p97; its test-kind "
+    "rate is reported, not optimised."
+)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -16,6 +16,7 @@ a loaded shared machine disturbs far less than wall time. Prints images/s, MB/s
 
     python bench/pack.py --copies 3 --append
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,9 +51,18 @@ def replicate(work: Path, copies: int) -> tuple[pd.DataFrame, list[Path]]:
             shutil.copyfile(SAMPLE / row["Image Index"], target)
             files.append(target)
             findings = row["Finding Labels"].split("|")
-            rows.append({"image": target.name, "patient": 90000000 + i, "split": "train",
-                         **{name: int(name in findings) for name in LABELS}, "age": row["Patient Age"],
-                         "sex": row["Patient Gender"], "view": row["View Position"], "mode": row["png_mode"]})
+            rows.append(
+                {
+                    "image": target.name,
+                    "patient": 90000000 + i,
+                    "split": "train",
+                    **{name: int(name in findings) for name in LABELS},
+                    "age": row["Patient Age"],
+                    "sex": row["Patient Gender"],
+                    "view": row["View Position"],
+                    "mode": row["png_mode"],
+                }
+            )
     return pd.DataFrame(rows), files
 
 
@@ -86,12 +96,17 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=3, help="copies of the 130 sample PNGs (default 3)")
     parser.add_argument("--j2k-images", type=int, default=40, help="images for the slow j2k run (default 40)")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="pack workers (default CPU count)")
-    parser.add_argument("--out", default="/dev/shm" if Path("/dev/shm").is_dir() else None,
-                        help="where shards are written (default /dev/shm)")
+    parser.add_argument(
+        "--out",
+        default="/dev/shm" if Path("/dev/shm").is_dir() else None,
+        help="where shards are written (default /dev/shm)",
+    )
     parser.add_argument("--append", action="store_true", help="append the results to bench/RESULTS.md")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench-pack-") as tmp, \
-            tempfile.TemporaryDirectory(prefix="bench-pack-out-", dir=args.out) as out_root:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-pack-") as tmp,
+        tempfile.TemporaryDirectory(prefix="bench-pack-out-", dir=args.out) as out_root,
+    ):
         table, files = replicate(Path(tmp), args.copies)
         folder, out = Path(tmp) / "images", Path(out_root) / "shards"
         grey = table["mode"] == "L"
@@ -109,9 +124,19 @@ def main() -> None:
             cat_s = time_cat(part_files)
             pack_s, stored, cpu_s = time_pack(part, folder, out, codec, args.workers)
             mb = sum(f.stat().st_size for f in part_files) / 1e6
-            rows.append((name, len(part), mb / cat_s, len(part) / pack_s, mb / pack_s, cat_s / pack_s,
-                         stored / len(part) / 1e3, len(part) / cpu_s))
-        cpu_rows = encode_cpu_rates(files[:len(table) // args.copies], args.j2k_images)
+            rows.append(
+                (
+                    name,
+                    len(part),
+                    mb / cat_s,
+                    len(part) / pack_s,
+                    mb / pack_s,
+                    cat_s / pack_s,
+                    stored / len(part) / 1e3,
+                    len(part) / cpu_s,
+                )
+            )
+        cpu_rows = encode_cpu_rates(files[: len(table) // args.copies], args.j2k_images)
     report(rows, args, cpu_rows)
 
 
@@ -130,27 +155,38 @@ def encode_cpu_rates(files: list[Path], j2k_images: int) -> list[tuple[str, int,
 
 
 def report(rows: list[tuple], args: argparse.Namespace, cpu_rows: list[tuple] = ()) -> None:
-    header = ("| run | images | cat MB/s | pack images/s | pack MB/s | pack / cat | stored kB/image | "
-              "pack images per CPU-second |")
+    header = (
+        "| run | images | cat MB/s | pack images/s | pack MB/s | pack / cat | stored kB/image | "
+        "pack images per CPU-second |"
+    )
     lines = [header, "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {n} | {k} | {c:.0f} | {ips:.1f} | {mbs:.0f} | {r:.3f} | {kb:.0f} | {cps:.1f} |"
-              for n, k, c, ips, mbs, r, kb, cps in rows]
+    lines += [
+        f"| {n} | {k} | {c:.0f} | {ips:.1f} | {mbs:.0f} | {r:.3f} | {kb:.0f} | {cps:.1f} |"
+        for n, k, c, ips, mbs, r, kb, cps in rows
+    ]
     if cpu_rows:
-        lines += ["", "encoder alone, one thread (png: zlib level 6 re-encode — pack passes grey PNGs through and re-encodes only "
-                  "converted RGBA files, at level 1; jpeg q95):",
-                  "", "| codec | images | encode images per CPU-second | kB/image |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "encoder alone, one thread (png: zlib level 6 re-encode — pack passes grey PNGs through and re-encodes only "
+            "converted RGBA files, at level 1; jpeg q95):",
+            "",
+            "| codec | images | encode images per CPU-second | kB/image |",
+            "|---|---|---|---|",
+        ]
         lines += [f"| {c} | {k} | {r:.1f} | {kb:.0f} |" for c, k, r, kb in cpu_rows]
     text = "\n".join(lines)
     print(text)
     if args.append:
         command = "python bench/pack.py " + " ".join(sys.argv[1:])
         load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-        entry = (f"\n### {time.strftime('%Y-%m-%d %H:%M')} — `{command}`\n\n"
-                 f"{os.cpu_count()} CPUs (load average {load}, shared), workers {args.workers}, "
-                 f"shards written to {args.out or 'a temp dir'}; "
-                 "MB/s of input PNG bytes; pack / cat = cat time ÷ pack time on the same files; CPU-seconds "
-                 "count all processes (pool start-up included).\n\n"
-                 f"{text}\n\n")
+        entry = (
+            f"\n### {time.strftime('%Y-%m-%d %H:%M')} — `{command}`\n\n"
+            f"{os.cpu_count()} CPUs (load average {load}, shared), workers {args.workers}, "
+            f"shards written to {args.out or 'a temp dir'}; "
+            "MB/s of input PNG bytes; pack / cat = cat time ÷ pack time on the same files; CPU-seconds "
+            "count all processes (pool start-up included).\n\n"
+            f"{text}\n\n"
+        )
         append_section(ROOT / "bench" / "RESULTS.md", "## pack", entry)
 
 

@@ -6,6 +6,7 @@ method, measured side by side in one run; plus synth throughput at 256 px.
 
     python bench/splits.py [--metadata CSV] [--seeds 3] [--synth-n 200] [--append bench/RESULTS.md]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,25 +62,36 @@ def main() -> None:
     args = parser.parse_args()
     meta = read_metadata(args.metadata)
     ids, counts = patient_counts(meta)
-    lines = [f"{len(meta):,} images, {ids.size:,} patients, fractions 0.9/0.05/0.05, seeds 0..{args.seeds - 1}; "
-             f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", "",
-             "| method | mean spread pp | max spread pp | CPU s per split | mean spread ÷ random |",
-             "|---|---|---|---|---|"]
-    results = {m: np.array([measure(meta, ids, counts, m, s) for s in range(args.seeds)])
-               for m in ("random", "iterstrat", "greedy")}
+    lines = [
+        f"{len(meta):,} images, {ids.size:,} patients, fractions 0.9/0.05/0.05, seeds 0..{args.seeds - 1}; "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
+        "",
+        "| method | mean spread pp | max spread pp | CPU s per split | mean spread ÷ random |",
+        "|---|---|---|---|---|",
+    ]
+    results = {
+        m: np.array([measure(meta, ids, counts, m, s) for s in range(args.seeds)])
+        for m in ("random", "iterstrat", "greedy")
+    }
     base = results["random"][:, 0].mean()
     for method, r in results.items():
-        lines.append(f"| {method} | {r[:, 0].mean():.3f} | {r[:, 1].mean():.3f} | {r[:, 2].mean():.2f} | "
-                     f"{r[:, 0].mean() / base:.3f} |")
-    lines += ["", f"synth: {synth_rate(args.synth_n):.0f} phantoms per CPU second at 256 px "
-              f"({args.synth_n} images, one process, render + PNG + atomic write)"]
+        lines.append(
+            f"| {method} | {r[:, 0].mean():.3f} | {r[:, 1].mean():.3f} | {r[:, 2].mean():.2f} | "
+            f"{r[:, 0].mean() / base:.3f} |"
+        )
+    lines += [
+        "",
+        f"synth: {synth_rate(args.synth_n):.0f} phantoms per CPU second at 256 px "
+        f"({args.synth_n} images, one process, render + PNG + atomic write)",
+    ]
     text = "\n".join(lines)
     print(text)
     if args.append:
         stamp = time.strftime("%Y-%m-%d %H:%M")
         with open(args.append, "a") as fh:
-            fh.write(f"\n## splits and synth\n\n### {stamp} — `python bench/splits.py --append bench/RESULTS.md`\n\n"
-                     f"{text}\n")
+            fh.write(
+                f"\n## splits and synth\n\n### {stamp} — `python bench/splits.py --append bench/RESULTS.md`\n\n{text}\n"
+            )
 
 
 if __name__ == "__main__":

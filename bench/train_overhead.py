@@ -14,6 +14,7 @@ medians are compared.
 
     python bench/train_overhead.py [--model cnn] [--resolution 64] [--batch 16] [--steps 40] [--threads 1]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,9 @@ from cxr.train import train  # noqa: E402
 
 def make_data(n_batches: int, batch: int, res: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    return torch.randn(n_batches, batch, 1, res, res, generator=g), \
-        (torch.rand(n_batches, batch, 14, generator=g) < 0.3).float()
+    return torch.randn(n_batches, batch, 1, res, res, generator=g), (
+        torch.rand(n_batches, batch, 14, generator=g) < 0.3
+    ).float()
 
 
 class Clock:
@@ -83,18 +85,34 @@ def cxr_loop(args, images, labels, clock: Clock, run_dir: Path) -> float:
             for i in range(self.n):
                 if self.split == "train" and i == clock.warmup:
                     clock.tick()
-                yield {"image": images[i], "labels": labels[i], "meta": torch.zeros(len(images[i]), 5),
-                       "key": [f"{self.split}{i:03d}_{j:03d}" for j in range(len(images[i]))]}
+                yield {
+                    "image": images[i],
+                    "labels": labels[i],
+                    "meta": torch.zeros(len(images[i]), 5),
+                    "key": [f"{self.split}{i:03d}_{j:03d}" for j in range(len(images[i]))],
+                }
             if self.split == "train":
                 clock.tock()
 
         def report(self):
             return {"samples": 0, "skipped": 0, "skipped_keys": []}
 
-    cfg = load_config(None, [f"model.name={args.model}", "data.batch_size=%d" % args.batch,
-                             f"data.resolution={args.resolution}", "train.epochs=1", f"train.threads={args.threads}",
-                             "schedule.name=constant", "optim.lr=1e-4", "logging.progress=false",
-                             "logging.log_every=20", f"checkpoint.run_dir={run_dir}", "train.mixed_precision=no"])
+    cfg = load_config(
+        None,
+        [
+            f"model.name={args.model}",
+            "data.batch_size=%d" % args.batch,
+            f"data.resolution={args.resolution}",
+            "train.epochs=1",
+            f"train.threads={args.threads}",
+            "schedule.name=constant",
+            "optim.lr=1e-4",
+            "logging.progress=false",
+            "logging.log_every=20",
+            f"checkpoint.run_dir={run_dir}",
+            "train.mixed_precision=no",
+        ],
+    )
     t0 = time.perf_counter()
     status = train(cfg, loader_fn=MemoryLoader)
     assert status == 0, status
@@ -119,7 +137,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
             # alternate which loop goes first, so warm caches or a drifting load favour neither
-            for which in (("bare", "cxr") if r % 2 == 0 else ("cxr", "bare")):
+            for which in ("bare", "cxr") if r % 2 == 0 else ("cxr", "bare"):
                 clock = Clock(args.warmup)
                 if which == "bare":
                     bare_loop(args, images, labels, clock)
@@ -127,17 +145,26 @@ def main() -> None:
                     wall.append(cxr_loop(args, images, labels, clock, Path(tmp) / f"run{r}"))
                 rates[which].append(timed / (clock.end - clock.start))
                 rates[which + "_cpu"].append(timed / (clock.cpu_end - clock.cpu_start))
-            print(f"repeat {r + 1}: bare {rates['bare'][-1]:.1f} img/s ({rates['bare_cpu'][-1]:.1f} per CPU s), "
-                  f"cxr.train {rates['cxr'][-1]:.1f} img/s ({rates['cxr_cpu'][-1]:.1f} per CPU s)", flush=True)
+            print(
+                f"repeat {r + 1}: bare {rates['bare'][-1]:.1f} img/s ({rates['bare_cpu'][-1]:.1f} per CPU s), "
+                f"cxr.train {rates['cxr'][-1]:.1f} img/s ({rates['cxr_cpu'][-1]:.1f} per CPU s)",
+                flush=True,
+            )
     med = {k: statistics.median(v) for k, v in rates.items()}
-    print(f"model {args.model} {args.resolution}px batch {args.batch}, {args.steps} steps ({args.warmup} warm-up), "
-          f"{args.threads} thread(s), median of {args.repeats}:")
+    print(
+        f"model {args.model} {args.resolution}px batch {args.batch}, {args.steps} steps ({args.warmup} warm-up), "
+        f"{args.threads} thread(s), median of {args.repeats}:"
+    )
     print(f"  bare torch loop : {med['bare']:8.1f} img/s wall   {med['bare_cpu']:8.1f} img per CPU s")
     print(f"  cxr.train loop  : {med['cxr']:8.1f} img/s wall   {med['cxr_cpu']:8.1f} img per CPU s")
-    print(f"  overhead (goal ≤ 5 %): wall {100 * (med['bare'] - med['cxr']) / med['bare']:+.1f} %, "
-          f"CPU time {100 * (med['bare_cpu'] - med['cxr_cpu']) / med['bare_cpu']:+.1f} %")
-    print(f"  cxr.train end-to-end incl. setup, validation, checkpoints: {statistics.median(wall):.1f} s for "
-          f"{args.steps * args.batch} images ({args.steps * args.batch / statistics.median(wall):.1f} img/s)")
+    print(
+        f"  overhead (goal ≤ 5 %): wall {100 * (med['bare'] - med['cxr']) / med['bare']:+.1f} %, "
+        f"CPU time {100 * (med['bare_cpu'] - med['cxr_cpu']) / med['bare_cpu']:+.1f} %"
+    )
+    print(
+        f"  cxr.train end-to-end incl. setup, validation, checkpoints: {statistics.median(wall):.1f} s for "
+        f"{args.steps * args.batch} images ({args.steps * args.batch / statistics.median(wall):.1f} img/s)"
+    )
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ predictions.parquet (cxr.predictions' format: re-analyse with --from-predictions
 auroc_vs_<key>.png (one panel per label, the mean first) and delta_vs_<ref>.png.
 The statistics live in ``cxr.metrics`` (paired_delong, paired_bootstrap_delta, holm).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,6 +52,7 @@ DEFAULT_BY = "data.resolution"
 
 
 # ------------------------------------------------------------------ the sweep's runs ----
+
 
 @dataclass
 class Run:
@@ -99,6 +101,7 @@ def variant_order(runs: Sequence[Run]) -> list[Any]:
 
 # ------------------------------------------------------------------ the analysis ----
 
+
 def variant_scores(scores: ScoreSet, runs: Sequence[Run], order: Sequence[Any]) -> ScoreSet:
     """Score sets per variant (mean probability of its seeds) and the ensemble of all runs."""
     by_variant = {}
@@ -128,20 +131,31 @@ def calibration_and_gaps(scores: ScoreSet) -> pd.DataFrame:
                     groupings.append((name, [(groups == g).to_numpy() for g in names]))
     y, rows = scores.y_true, []
     for variant, p in scores.scores.items():
-        values = {"ece_width": cal.ece(y, p, strategy="width"), "ece_mass": cal.ece(y, p, strategy="mass"),
-                  "brier": cal.brier(y, p)}
+        values = {
+            "ece_width": cal.ece(y, p, strategy="width"),
+            "ece_mass": cal.ece(y, p, strategy="mass"),
+            "brier": cal.brier(y, p),
+        }
         import warnings
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a group without positives: NaN
             for name, masks in groupings:
                 aucs = np.array([per_label_auroc(y[m], p[m]) for m in masks])  # [groups, L]
-                values[f"gap_{name.replace(' ', '_')}"] = (aucs[1] - aucs[0] if len(masks) == 2
-                                                           else np.nanmax(aucs, 0) - np.nanmin(aucs, 0))
+                values[f"gap_{name.replace(' ', '_')}"] = (
+                    aucs[1] - aucs[0] if len(masks) == 2 else np.nanmax(aucs, 0) - np.nanmin(aucs, 0)
+                )
         for c, label in enumerate([*scores.labels, MEAN]):
-            rows.append({"variant": variant, "label": label,
-                         **{k: float(v[c]) if label != MEAN else float(np.nanmean(v)) if np.isfinite(v).any()
-                            else np.nan for k, v in values.items()}})
+            rows.append(
+                {
+                    "variant": variant,
+                    "label": label,
+                    **{
+                        k: float(v[c]) if label != MEAN else float(np.nanmean(v)) if np.isfinite(v).any() else np.nan
+                        for k, v in values.items()
+                    },
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -150,12 +164,14 @@ def _seed_spread(run_aucs: pd.DataFrame, runs: Sequence[Run]) -> pd.DataFrame:
     variant_of = {r.name: str(r.variant) for r in runs}
     frame = run_aucs.assign(variant=run_aucs["member"].map(variant_of))
     grouped = frame.groupby(["variant", "label"], sort=False)["auroc"]
-    return pd.DataFrame({"seeds": grouped.size(), "seeds_mean": grouped.mean(),
-                         "seeds_sd": grouped.std(ddof=1)}).reset_index()
+    return pd.DataFrame(
+        {"seeds": grouped.size(), "seeds_mean": grouped.mean(), "seeds_sd": grouped.std(ddof=1)}
+    ).reset_index()
 
 
-def compare(y: np.ndarray, score: np.ndarray, reference: np.ndarray, n_boot: int, seed: int,
-            alpha: float) -> pd.DataFrame:
+def compare(
+    y: np.ndarray, score: np.ndarray, reference: np.ndarray, n_boot: int, seed: int, alpha: float
+) -> pd.DataFrame:
     """Per label (+ mean): ΔAUROC vs the reference, paired bootstrap CI, DeLong z/p, Holm p."""
     from cxr.metrics import bootstrap_counts, holm, paired_bootstrap_delta, paired_delong
 
@@ -169,22 +185,47 @@ def compare(y: np.ndarray, score: np.ndarray, reference: np.ndarray, n_boot: int
         nan = np.full(y.shape[1], np.nan)
         boot = {"ci_low": nan, "ci_high": nan, "mean_ci_low": np.nan, "mean_ci_high": np.nan}
     rows = []
-    for c, label in enumerate(LABELS[:y.shape[1]]):
-        rows.append({"label": label, "delta": tests[c]["delta"], "delta_ci_low": boot["ci_low"][c],
-                     "delta_ci_high": boot["ci_high"][c], "delong_z": tests[c]["z"], "p": p[c],
-                     "p_holm": p_holm[c], "significant": bool(p_holm[c] < alpha) if np.isfinite(p_holm[c]) else False})
+    for c, label in enumerate(LABELS[: y.shape[1]]):
+        rows.append(
+            {
+                "label": label,
+                "delta": tests[c]["delta"],
+                "delta_ci_low": boot["ci_low"][c],
+                "delta_ci_high": boot["ci_high"][c],
+                "delong_z": tests[c]["z"],
+                "p": p[c],
+                "p_holm": p_holm[c],
+                "significant": bool(p_holm[c] < alpha) if np.isfinite(p_holm[c]) else False,
+            }
+        )
     deltas = np.array([t["delta"] for t in tests])
-    rows.append({"label": MEAN, "delta": float(np.nanmean(deltas)) if np.isfinite(deltas).any() else np.nan,
-                 "delta_ci_low": boot["mean_ci_low"], "delta_ci_high": boot["mean_ci_high"],
-                 "delong_z": np.nan, "p": np.nan, "p_holm": np.nan,
-                 # the mean has no DeLong test; its bootstrap CI excluding 0 is the criterion
-                 "significant": bool(np.isfinite(boot["mean_ci_low"]) and
-                                     (boot["mean_ci_low"] > 0 or boot["mean_ci_high"] < 0))})
+    rows.append(
+        {
+            "label": MEAN,
+            "delta": float(np.nanmean(deltas)) if np.isfinite(deltas).any() else np.nan,
+            "delta_ci_low": boot["mean_ci_low"],
+            "delta_ci_high": boot["mean_ci_high"],
+            "delong_z": np.nan,
+            "p": np.nan,
+            "p_holm": np.nan,
+            # the mean has no DeLong test; its bootstrap CI excluding 0 is the criterion
+            "significant": bool(
+                np.isfinite(boot["mean_ci_low"]) and (boot["mean_ci_low"] > 0 or boot["mean_ci_high"] < 0)
+            ),
+        }
+    )
     return pd.DataFrame(rows)
 
 
-def analyse_sweep(scores: ScoreSet, runs: Sequence[Run], reference: Any = None, n_boot: int = 1000,
-                  seed: int = 0, alpha: float = 0.05, by: str = DEFAULT_BY) -> dict[str, Any]:
+def analyse_sweep(
+    scores: ScoreSet,
+    runs: Sequence[Run],
+    reference: Any = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    by: str = DEFAULT_BY,
+) -> dict[str, Any]:
     """Every table of the report from the runs' predictions (``scores``: one member per run)."""
     from cxr.report import auc_table
 
@@ -197,10 +238,12 @@ def analyse_sweep(scores: ScoreSet, runs: Sequence[Run], reference: Any = None, 
     reference = matches[0]
     per_variant = variant_scores(scores, runs, order)
     variant_aucs = auc_table(per_variant, n_boot=n_boot, seed=seed, alpha=alpha, progress=False)
-    run_aucs = auc_table(ScoreSet(scores.keys, scores.y_true, {r.name: scores.scores[r.name] for r in runs}),
-                         n_boot=0, progress=False)
+    run_aucs = auc_table(
+        ScoreSet(scores.keys, scores.y_true, {r.name: scores.scores[r.name] for r in runs}), n_boot=0, progress=False
+    )
     table = variant_aucs.rename(columns={"member": "variant"}).merge(
-        _seed_spread(run_aucs, runs), on=["variant", "label"], how="left")
+        _seed_spread(run_aucs, runs), on=["variant", "label"], how="left"
+    )
     comparisons = []
     ref_score = per_variant.scores[str(reference)]
     for v in [*map(str, order), ALL]:
@@ -208,30 +251,50 @@ def analyse_sweep(scores: ScoreSet, runs: Sequence[Run], reference: Any = None, 
             continue
         frame = compare(scores.y_true, per_variant.scores[v], ref_score, n_boot, seed, alpha)
         comparisons.append(frame.assign(variant=v))
-    comparison = pd.concat(comparisons, ignore_index=True) if comparisons else pd.DataFrame(
-        columns=["variant", "label", "delta"])
+    comparison = (
+        pd.concat(comparisons, ignore_index=True)
+        if comparisons
+        else pd.DataFrame(columns=["variant", "label", "delta"])
+    )
     table = table.merge(comparison, on=["variant", "label"], how="left")
     table = table.merge(calibration_and_gaps(per_variant), on=["variant", "label"], how="left")
     table.insert(0, "by", by)
     table["reference"] = str(reference)
-    return {"table": table, "run_aucs": run_aucs, "order": [str(v) for v in order], "reference": str(reference),
-            "alpha": alpha, "n_boot": n_boot, "by": by}
+    return {
+        "table": table,
+        "run_aucs": run_aucs,
+        "order": [str(v) for v in order],
+        "reference": str(reference),
+        "alpha": alpha,
+        "n_boot": n_boot,
+        "by": by,
+    }
 
 
 # ------------------------------------------------------------------ training costs ----
+
 
 def run_costs(runs: Sequence[Run]) -> pd.DataFrame:
     """Per run: variant, seed, micro-batch, accumulation, checkpointing, images/s, s/epoch, peak memory."""
     rows = []
     for r in runs:
         data, train, model = (r.config.get(k) or {} for k in ("data", "train", "model"))
-        row = {"run": r.name, "variant": str(r.variant), "seed": r.seed, "resolution": data.get("resolution"),
-               "micro_batch": data.get("batch_size"), "grad_accum": train.get("grad_accum_steps", 1),
-               "checkpointing": model.get("grad_checkpointing", False)}
+        row = {
+            "run": r.name,
+            "variant": str(r.variant),
+            "seed": r.seed,
+            "resolution": data.get("resolution"),
+            "micro_batch": data.get("batch_size"),
+            "grad_accum": train.get("grad_accum_steps", 1),
+            "checkpointing": model.get("grad_checkpointing", False),
+        }
         row["effective_batch"] = (row["micro_batch"] or 0) * (row["grad_accum"] or 1)
         frame = read_throughput(r.run_dir)  # one row per epoch (cxr.run_log)
-        for column, out in (("train_images_per_s", "images_per_s"), ("epoch_seconds", "s_per_epoch"),
-                            ("peak_memory_mb", "peak_memory_mb")):
+        for column, out in (
+            ("train_images_per_s", "images_per_s"),
+            ("epoch_seconds", "s_per_epoch"),
+            ("peak_memory_mb", "peak_memory_mb"),
+        ):
             row[out] = float(frame[column].median()) if column in frame and len(frame) else np.nan
         if "peak_memory_mb" in frame and len(frame):
             row["peak_memory_mb"] = float(frame["peak_memory_mb"].max())
@@ -251,8 +314,13 @@ def _layout_notes(costs: pd.DataFrame) -> list[str]:
     notes = [f"- {r.run}: the memory probe chose {r.layout_note}" for r in costs.itertuples() if r.layout_note]
     if not notes:
         return []
-    return ["**Batch layout differs from the config** (BatchNorm statistics differ between these runs "
-            "and the others; RUN/probe.json says why):", "", *notes, ""]
+    return [
+        "**Batch layout differs from the config** (BatchNorm statistics differ between these runs "
+        "and the others; RUN/probe.json says why):",
+        "",
+        *notes,
+        "",
+    ]
 
 
 def _image_source(run_dir: Path) -> str:
@@ -270,12 +338,15 @@ def cost_summary(costs: pd.DataFrame) -> pd.DataFrame:
     """Per variant: mean ± sd across seeds of images/s, s/epoch, peak memory; the batch layout."""
     out = []
     for variant, part in costs.groupby("variant", sort=False):
-        row = {"variant": variant, "runs": len(part),
-               "micro-batch × accum": ", ".join(sorted({f"{int(a)}×{int(b)}" for a, b in
-                                                        zip(part.micro_batch.fillna(0), part.grad_accum.fillna(1))})),
-               "checkpointing": ", ".join(sorted({str(bool(c)) for c in part.checkpointing}))}
-        for column, title in (("images_per_s", "images/s"), ("s_per_epoch", "s/epoch"),
-                              ("peak_memory_mb", "peak MB")):
+        row = {
+            "variant": variant,
+            "runs": len(part),
+            "micro-batch × accum": ", ".join(
+                sorted({f"{int(a)}×{int(b)}" for a, b in zip(part.micro_batch.fillna(0), part.grad_accum.fillna(1))})
+            ),
+            "checkpointing": ", ".join(sorted({str(bool(c)) for c in part.checkpointing})),
+        }
+        for column, title in (("images_per_s", "images/s"), ("s_per_epoch", "s/epoch"), ("peak_memory_mb", "peak MB")):
             values = part[column].dropna()
             row[title] = _mean_sd(values.to_numpy(), 1 if column != "peak_memory_mb" else 0)
         row["images"] = "; ".join(sorted(set(part.image_source)))
@@ -292,6 +363,7 @@ def _mean_sd(values: np.ndarray, digits: int) -> str:
 
 
 # ------------------------------------------------------------------ report ----
+
 
 def _fmt(x: Any, digits: int = 3) -> str:
     return "—" if x is None or not np.isfinite(float(x)) else f"{float(x):.{digits}f}"
@@ -334,7 +406,8 @@ def delta_markdown(table: pd.DataFrame, order: Sequence[str], reference: str) ->
         wide[f"{v} − {reference}"] = [
             f"{_fmt(r.delta, 3)} [{_fmt(r.delta_ci_low, 3)}, {_fmt(r.delta_ci_high, 3)}] "
             f"p={_p(r.p)} p_Holm={_p(r.p_holm)}{' **✓**' if r.significant else ''}"
-            for r in (part.loc[label] for label in wide.index)]
+            for r in (part.loc[label] for label in wide.index)
+        ]
     wide.index.name = "label"
     return _markdown(wide)
 
@@ -345,8 +418,10 @@ def extras_markdown(table: pd.DataFrame, order: Sequence[str]) -> str:
 
     columns = [c for c in table.columns if c in ("ece_width", "ece_mass", "brier") or c.startswith("gap_")]
     mean = table[table.label == MEAN].set_index("variant")
-    frame = pd.DataFrame({c: [_fmt(mean.loc[v, c]) for v in [*order, ALL]] for c in columns},
-                         index=pd.Index([*order, ALL], name="variant"))
+    frame = pd.DataFrame(
+        {c: [_fmt(mean.loc[v, c]) for v in [*order, ALL]] for c in columns},
+        index=pd.Index([*order, ALL], name="variant"),
+    )
     return _markdown(frame)
 
 
@@ -354,8 +429,7 @@ def report_markdown(result: dict[str, Any], costs: pd.DataFrame, context: dict[s
     from cxr.report import _markdown
 
     table, order, ref = result["table"], result["order"], result["reference"]
-    significant = table[(table.label != MEAN) & table.significant.fillna(False).astype(bool)
-                        & (table.variant != ALL)]
+    significant = table[(table.label != MEAN) & table.significant.fillna(False).astype(bool) & (table.variant != ALL)]
     gains = ", ".join(f"{r.label} at {r.variant} ({r.delta:+.3f})" for r in significant.itertuples()) or "none"
     n = int(table.n.iloc[0]) if len(table) else 0
     lines = [
@@ -414,15 +488,22 @@ def plot_auroc(path: Path, result: dict[str, Any]) -> None:
     for ax, label in zip(axes, [MEAN, *LABELS]):
         part = table[table.label == label].set_index("variant")
         rows = part.loc[order]
-        ax.errorbar(x, rows.auroc, yerr=[rows.auroc - rows.ci_low, rows.ci_high - rows.auroc],
-                    marker="o", capsize=3, color="tab:blue", label="single variant")
+        ax.errorbar(
+            x,
+            rows.auroc,
+            yerr=[rows.auroc - rows.ci_low, rows.ci_high - rows.auroc],
+            marker="o",
+            capsize=3,
+            color="tab:blue",
+            label="single variant",
+        )
         if ALL in part.index:
             ax.axhline(part.loc[ALL, "auroc"], color="black", ls="--", lw=1, label=ALL)
         ax.set_xticks(x, order, fontsize=8)
         ax.set_title(label, fontsize=11, fontweight="bold" if label == MEAN else None)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    for ax in axes[len(LABELS) + 1:]:
+    for ax in axes[len(LABELS) + 1 :]:
         ax.axis("off")
     fig.tight_layout()
     _save_png(fig, path)
@@ -440,15 +521,21 @@ def plot_delta(path: Path, result: dict[str, Any]) -> None:
     for ax, label in zip(axes, [MEAN, *LABELS]):
         rows = table[table.label == label].set_index("variant").loc[others]
         ax.axhline(0, color="grey", lw=1)
-        ax.errorbar(x, rows.delta, yerr=[rows.delta - rows.delta_ci_low, rows.delta_ci_high - rows.delta],
-                    fmt="none", capsize=3, color="tab:red")
+        ax.errorbar(
+            x,
+            rows.delta,
+            yerr=[rows.delta - rows.delta_ci_low, rows.delta_ci_high - rows.delta],
+            fmt="none",
+            capsize=3,
+            color="tab:red",
+        )
         sig = rows.significant.fillna(False).astype(bool).to_numpy()
         ax.scatter(x[sig], rows.delta[sig], color="tab:red", zorder=3)
         ax.scatter(x[~sig], rows.delta[~sig], facecolor="white", edgecolor="tab:red", zorder=3)
         ax.set_xticks(x, others, fontsize=8)
         ax.set_title(label, fontsize=11)
         ax.grid(alpha=0.3)
-    for ax in axes[len(LABELS) + 1:]:
+    for ax in axes[len(LABELS) + 1 :]:
         ax.axis("off")
     fig.tight_layout()
     _save_png(fig, path)
@@ -456,6 +543,7 @@ def plot_delta(path: Path, result: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------ orchestration ----
+
 
 def infer_predictions(args: argparse.Namespace) -> tuple[ScoreSet | None, list[dict[str, Any]]]:
     """The runs' predictions on ``args.split`` via cxr.evaluate (each member at its own resolution)
@@ -466,9 +554,18 @@ def infer_predictions(args: argparse.Namespace) -> tuple[ScoreSet | None, list[d
         import torch
 
         torch.set_num_threads(args.threads)
-    eval_args = argparse.Namespace(runs=args.runs, shards=args.shards, resolution=None, backend=args.backend,
-                                   batch_size=args.batch_size, num_threads=args.num_threads,
-                                   loader_device=None, precision=args.precision, cpu=args.cpu, split=args.split)
+    eval_args = argparse.Namespace(
+        runs=args.runs,
+        shards=args.shards,
+        resolution=None,
+        backend=args.backend,
+        batch_size=args.batch_size,
+        num_threads=args.num_threads,
+        loader_device=None,
+        precision=args.precision,
+        cpu=args.cpu,
+        split=args.split,
+    )
     state = process_state(eval_args)
     per_split, infos = infer_runs(eval_args, state, [args.split])
     if per_split is None:
@@ -482,8 +579,9 @@ def _default_shards(runs: Sequence[Run]) -> str:
     return run_shards(runs[0].run_dir)
 
 
-def write_report(out: Path, result: dict[str, Any], costs: pd.DataFrame, context: dict[str, Any],
-                 figures: bool = True) -> list[Path]:
+def write_report(
+    out: Path, result: dict[str, Any], costs: pd.DataFrame, context: dict[str, Any], figures: bool = True
+) -> list[Path]:
     """ablation.md, ablation.csv, runs.csv and the figures, atomically; returns the paths."""
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "ablation.csv", out / "runs.csv"]
@@ -515,8 +613,9 @@ def report(args: argparse.Namespace) -> int:
         scores = per_split[args.split]
         missing = [r.name for r in runs if r.name not in scores.scores]
         if missing:
-            raise CxrError(f"{args.from_predictions}: no predictions of run(s) {missing} — "
-                           "pass the same --runs that wrote it")
+            raise CxrError(
+                f"{args.from_predictions}: no predictions of run(s) {missing} — pass the same --runs that wrote it"
+            )
         source = f"predictions {args.from_predictions}"
     else:
         args.shards = args.shards or _default_shards(runs)
@@ -528,8 +627,7 @@ def report(args: argparse.Namespace) -> int:
         scores = attach_meta({args.split: scores}, packed_table(Path(args.shards)), strict=False)[args.split]
         write_predictions(out, {args.split: with_ensemble(scores, "mean-prob")}, infos)
         source = f"runs inferred on shards {args.shards}, each at its own training resolution"
-    result = analyse_sweep(scores, runs, args.reference, args.bootstrap, args.seed, args.alpha,
-                           by=",".join(by))
+    result = analyse_sweep(scores, runs, args.reference, args.bootstrap, args.seed, args.alpha, by=",".join(by))
     costs = run_costs(runs)
     context = {"split": args.split, "runs": len(runs), "source": source}
     paths = write_report(out, result, costs, context, figures=not args.no_figures)
@@ -537,27 +635,37 @@ def report(args: argparse.Namespace) -> int:
     sig = table[(table.label != MEAN) & table.significant.fillna(False).astype(bool) & (table.variant != ALL)]
     mean = table[table.label == MEAN].set_index("variant").auroc
     print("mean AUROC: " + ", ".join(f"{v} {mean[v]:.3f}" for v in [*result["order"], ALL]))
-    print(f"ablation: {len(runs)} runs, {len(result['order'])} variants of {result['by']}, {scores.n} images; "
-          f"{len(sig)} significant (label, variant) gains vs {result['reference']} in "
-          f"{time.perf_counter() - start:.1f} s -> {paths[0]}")
+    print(
+        f"ablation: {len(runs)} runs, {len(result['order'])} variants of {result['by']}, {scores.n} images; "
+        f"{len(sig)} significant (label, variant) gains vs {result['reference']} in "
+        f"{time.perf_counter() - start:.1f} s -> {paths[0]}"
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m cxr.ablation", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m cxr.ablation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("report", help="paired comparison report of a sweep's runs",
-                       description="Infer every run on --split (each at its own resolution) and write "
-                       "ablation.md / ablation.csv / runs.csv / figures to --out.")
+    p = sub.add_parser(
+        "report",
+        help="paired comparison report of a sweep's runs",
+        description="Infer every run on --split (each at its own resolution) and write "
+        "ablation.md / ablation.csv / runs.csv / figures to --out.",
+    )
     p.add_argument("--runs", nargs="+", required=True, metavar="RUN", help="the sweep's training run dirs")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--shards", help="shards folder (default: the first run's data.shards)")
     p.add_argument("--split", default="test", help="split to compare on (default: test)")
-    p.add_argument("--by", nargs="+", default=[DEFAULT_BY], metavar="KEY",
-                   help=f"config key(s) whose values are the variants; runs sharing them are seeds "
-                   f"(default: {DEFAULT_BY})")
+    p.add_argument(
+        "--by",
+        nargs="+",
+        default=[DEFAULT_BY],
+        metavar="KEY",
+        help=f"config key(s) whose values are the variants; runs sharing them are seeds (default: {DEFAULT_BY})",
+    )
     p.add_argument("--reference", default=None, help="variant the others are compared with (default: the lowest)")
     p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples; 0: none (default 1000)")
     p.add_argument("--alpha", type=float, default=0.05, help="level of CIs and tests (default 0.05)")

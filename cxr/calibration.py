@@ -27,6 +27,7 @@ maps are strictly increasing and AUROC is unchanged. Which one a label uses is c
 temperature, which is its b = 0 case, so an in-sample choice would always pick it); the
 chosen map is then refitted on the whole tuning split.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,8 +53,10 @@ def _2d(y, p) -> tuple[np.ndarray, np.ndarray]:
     y = y[:, None] if y.ndim == 1 else y
     p = p[:, None] if p.ndim == 1 else p
     if y.shape != p.shape or y.shape[0] == 0:
-        raise CxrError(f"calibration: labels {y.shape} and probabilities {p.shape} must be equal, non-empty "
-                       "[n, L] arrays — pass one row per image, one column per label")
+        raise CxrError(
+            f"calibration: labels {y.shape} and probabilities {p.shape} must be equal, non-empty "
+            "[n, L] arrays — pass one row per image, one column per label"
+        )
     if not (np.isfinite(p).all() and (p >= 0).all() and (p <= 1).all()):
         raise CxrError("calibration: scores must be probabilities in [0, 1] — check the model outputs")
     # column-major: every per-label sum runs over contiguous memory in one order, so the numbers do not
@@ -62,6 +65,7 @@ def _2d(y, p) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ------------------------------------------------------------------- binning ---
+
 
 def bin_edges(p: np.ndarray, n_bins: int = N_BINS, strategy: str = "width") -> np.ndarray:
     """[n_bins + 1] edges of one label's scores ``p`` [n]: equal width on [0, 1] or quantiles."""
@@ -135,6 +139,7 @@ def log_loss(y, p) -> np.ndarray:
 
 
 # ------------------------------------------------------------------- fitting ---
+
 
 def logit(p) -> np.ndarray:
     """log(p / (1 − p)) with p clipped to [EPS, 1 − EPS] (finite for 0 and 1)."""
@@ -232,8 +237,13 @@ def fit_label(y, p, groups: np.ndarray | None = None, k: int = 5, seed: int = 0)
     x = logit(np.ravel(p))
     temp_a, _ = _fit(x, y, False)
     platt_a, platt_b = _fit(x, y, True)
-    entry: dict[str, Any] = {"temperature": 1.0 / temp_a, "a": platt_a, "b": platt_b, "n": int(y.size),
-                             "n_pos": int(y.sum())}
+    entry: dict[str, Any] = {
+        "temperature": 1.0 / temp_a,
+        "a": platt_a,
+        "b": platt_b,
+        "n": int(y.size),
+        "n_pos": int(y.sum()),
+    }
     if y.sum() in (0, y.size):  # one class only: no map can be checked; keep the scores
         entry.update(method="none", cv_logloss=dict.fromkeys(METHODS, float("nan")))
         return entry
@@ -254,15 +264,17 @@ def fit_label(y, p, groups: np.ndarray | None = None, k: int = 5, seed: int = 0)
     return entry
 
 
-def fit_calibration(y, p, labels: Sequence[str], groups: np.ndarray | None = None,
-                    seed: int = 0) -> dict[str, dict[str, Any]]:
+def fit_calibration(
+    y, p, labels: Sequence[str], groups: np.ndarray | None = None, seed: int = 0
+) -> dict[str, dict[str, Any]]:
     """{label: entry} for every column of (y, p) [n, L] (see :func:`fit_label`)."""
     y, p = _2d(y, p)
     return {label: fit_label(y[:, c], p[:, c], groups, seed=seed) for c, label in enumerate(labels)}
 
 
-def apply_calibration(p, maps: dict[str, dict[str, Any]], labels: Sequence[str],
-                      method: str | None = None) -> np.ndarray:
+def apply_calibration(
+    p, maps: dict[str, dict[str, Any]], labels: Sequence[str], method: str | None = None
+) -> np.ndarray:
     """Calibrated probabilities [n, L]: each label's chosen map, or ``method`` for all."""
     p = np.asarray(p, dtype=np.float64)
     out = np.empty_like(p)
@@ -274,12 +286,14 @@ def apply_calibration(p, maps: dict[str, dict[str, Any]], labels: Sequence[str],
 
 # ---------------------------------------------------------- calibration.json ---
 
+
 def calibration_document(maps: dict[str, dict[str, Any]], member: str, split: str, n: int) -> dict[str, Any]:
     """The calibration.json document (fitted maps of one score set)."""
     return {
-        "member": member, "fitted_on": split, "n_images": n,
-        "maps": {"none": "p", "temperature": "sigmoid(logit(p) / temperature)",
-                 "platt": "sigmoid(a * logit(p) + b)"},
+        "member": member,
+        "fitted_on": split,
+        "n_images": n,
+        "maps": {"none": "p", "temperature": "sigmoid(logit(p) / temperature)", "platt": "sigmoid(a * logit(p) + b)"},
         "logit": f"log(p / (1 - p)), p clipped to [{EPS:g}, 1 - {EPS:g}]",
         "choice": "per label, lowest 5-fold cross-validated log-loss on the fitting split",
         "labels": maps,
@@ -299,11 +313,15 @@ def read_calibration(path: str | Path) -> dict[str, Any]:
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise CxrError(f"{path}: unreadable calibration ({err}) — pass REPORT/calibration.json written by "
-                       "python -m cxr.evaluate") from None
+        raise CxrError(
+            f"{path}: unreadable calibration ({err}) — pass REPORT/calibration.json written by python -m cxr.evaluate"
+        ) from None
     maps = doc.get("labels") if isinstance(doc, dict) else None
     if not isinstance(maps, dict) or any(
-            not isinstance(e, dict) or e.get("method") not in METHODS for e in maps.values()):
-        raise CxrError(f"{path}: not an evaluator calibration.json (labels with a method in {METHODS}) — "
-                       "re-run python -m cxr.evaluate")
+        not isinstance(e, dict) or e.get("method") not in METHODS for e in maps.values()
+    ):
+        raise CxrError(
+            f"{path}: not an evaluator calibration.json (labels with a method in {METHODS}) — "
+            "re-run python -m cxr.evaluate"
+        )
     return doc

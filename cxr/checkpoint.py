@@ -22,6 +22,7 @@ This module is the one owner of the checkpoint folders: finding them (:func:`fin
 :func:`load_weights`) and writing them.
 All ranks must see the run dir (a shared filesystem on multi-node jobs).
 """
+
 from __future__ import annotations
 
 import errno
@@ -48,8 +49,12 @@ def rng_state() -> dict:
     _, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(np.array(keys, dtype=np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "keys": torch.from_numpy(np.array(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -59,8 +64,9 @@ def set_rng_state(state: dict) -> None:
     """Restore the states saved by :func:`rng_state` in this process."""
     random.setstate(_as_tuple(state["python"]))
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -92,8 +98,10 @@ def best_weights(run_dir: str | Path) -> Path:
     found = find_checkpoint(run_dir, "best")
     if found is None or not (found / WEIGHTS).is_file():
         best = Path(run_dir) / "checkpoints" / "best"
-        raise CxrError(f"{(found or best) / WEIGHTS}: run {run_dir} has no best checkpoint — "
-                       "train it to completion (or copy checkpoints/last to checkpoints/best)")
+        raise CxrError(
+            f"{(found or best) / WEIGHTS}: run {run_dir} has no best checkpoint — "
+            "train it to completion (or copy checkpoints/last to checkpoints/best)"
+        )
     return found / WEIGHTS
 
 
@@ -107,9 +115,18 @@ def read_meta(ckpt: str | Path) -> dict:
 
 
 # ---------------------------------------------------------------------------- save
-def save_checkpoint(accelerator, run_dir: str | Path, name: str, *, model, meta: dict,
-                    optimizer=None, scheduler=None, state: dict | None = None,
-                    per_rank: dict | None = None) -> Path:
+def save_checkpoint(
+    accelerator,
+    run_dir: str | Path,
+    name: str,
+    *,
+    model,
+    meta: dict,
+    optimizer=None,
+    scheduler=None,
+    state: dict | None = None,
+    per_rank: dict | None = None,
+) -> Path:
     """Write checkpoint ``name`` atomically; every rank must call it (it gathers and, under
     DeepSpeed, writes sharded optimizer states). ``state=None`` writes weights + meta only
     (``best``). ``per_rank``: this rank's entries (e.g. running loss); RNG states are added."""
@@ -128,14 +145,18 @@ def save_checkpoint(accelerator, run_dir: str | Path, name: str, *, model, meta:
         model.save_checkpoint(str(tmp / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, save_latest=False)
         _barrier(accelerator)
     if accelerator.is_main_process:
+
         def write() -> None:
             _write_weights(tmp / WEIGHTS, weights)
             if full:
-                payload = {**state, "ranks": ranks, "world_size": accelerator.num_processes,
-                           "optimizer": None if _is_deepspeed(accelerator) or optimizer is None
-                           else optimizer.state_dict(),
-                           "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                           "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None}
+                payload = {
+                    **state,
+                    "ranks": ranks,
+                    "world_size": accelerator.num_processes,
+                    "optimizer": None if _is_deepspeed(accelerator) or optimizer is None else optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                    "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
+                }
                 torch.save(payload, tmp / STATE)
             (tmp / META).write_text(json.dumps(meta, indent=2, default=_json_default) + "\n")
             _swap(root, name)
@@ -147,8 +168,12 @@ def save_checkpoint(accelerator, run_dir: str | Path, name: str, *, model, meta:
     return final
 
 
-_WRITE_ERRORS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded",
-                 errno.EROFS: "read-only filesystem", errno.EACCES: "permission denied"}
+_WRITE_ERRORS = {
+    errno.ENOSPC: "no space left",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only filesystem",
+    errno.EACCES: "permission denied",
+}
 
 
 def _guard_write(tmp: Path, write) -> str | None:
@@ -173,8 +198,10 @@ def _raise_if_any(failure: str | None, tmp: Path) -> None:
     """Every rank raises when rank 0 could not write (the others would wait at the next collective)."""
     failures = [f for f in gather_object([failure]) if f]
     if failures:
-        raise CxrError(f"{failures[0]} — free space or fix the permissions of {tmp.parent.parent} (or choose "
-                       f"another checkpoint.run_dir); the previous checkpoint is intact and the same command resumes")
+        raise CxrError(
+            f"{failures[0]} — free space or fix the permissions of {tmp.parent.parent} (or choose "
+            f"another checkpoint.run_dir); the previous checkpoint is intact and the same command resumes"
+        )
 
 
 def _write_weights(path: Path, weights: dict) -> None:
@@ -237,8 +264,9 @@ _CORRUPT_FIX = "delete it (or use last.old/best) or start a new run"
 _FITS_FIX = "use the model section the run was trained with (RUN/config.yaml), or a new checkpoint.run_dir"
 
 
-def load_weights(model: torch.nn.Module, ckpt: str | Path, *, fix: str = _FITS_FIX,
-                 corrupt_fix: str = _CORRUPT_FIX) -> None:
+def load_weights(
+    model: torch.nn.Module, ckpt: str | Path, *, fix: str = _FITS_FIX, corrupt_fix: str = _CORRUPT_FIX
+) -> None:
     """Load ``ckpt/model.safetensors`` into an unwrapped model (strict: every key and shape must match).
 
     ``fix`` / ``corrupt_fix``: what the error tells the user to do when the weights do not fit
@@ -256,21 +284,27 @@ def read_weights(path: Path, *, corrupt_fix: str = _CORRUPT_FIX) -> dict[str, to
     try:
         return load_file(str(path), device="cpu")
     except Exception as err:  # safetensors raises its own SafetensorError (and OSError) on a bad file
-        raise CxrError(f"{path}: corrupt checkpoint weights ({str(err).splitlines()[0][:80]}) — "
-                       f"{corrupt_fix}") from None
+        raise CxrError(
+            f"{path}: corrupt checkpoint weights ({str(err).splitlines()[0][:80]}) — {corrupt_fix}"
+        ) from None
 
 
-def check_fits(model: torch.nn.Module, saved: dict[str, torch.Tensor], path: Path, *,
-               fix: str = _FITS_FIX) -> None:
+def check_fits(model: torch.nn.Module, saved: dict[str, torch.Tensor], path: Path, *, fix: str = _FITS_FIX) -> None:
     """CxrError naming the tensors when ``saved`` does not fit ``model`` (missing, unexpected, other shape)."""
     own = model.state_dict()
     missing = [k for k in own if k not in saved]
     unexpected = [k for k in saved if k not in own]
-    shapes = [f"{k} {list(saved[k].shape)} in the checkpoint vs {list(own[k].shape)} here"
-              for k in own if k in saved and saved[k].shape != own[k].shape]
+    shapes = [
+        f"{k} {list(saved[k].shape)} in the checkpoint vs {list(own[k].shape)} here"
+        for k in own
+        if k in saved and saved[k].shape != own[k].shape
+    ]
     if missing or unexpected or shapes:
-        parts = ([f"other shape: {', '.join(shapes[:3])}"] if shapes else []) + \
-                ([f"missing: {missing[:3]}"] if missing else []) + ([f"unexpected: {unexpected[:3]}"] if unexpected else [])
+        parts = (
+            ([f"other shape: {', '.join(shapes[:3])}"] if shapes else [])
+            + ([f"missing: {missing[:3]}"] if missing else [])
+            + ([f"unexpected: {unexpected[:3]}"] if unexpected else [])
+        )
         raise CxrError(f"{path}: the model differs from the checkpoint ({'; '.join(parts)}) — {fix}")
 
 
@@ -284,17 +318,22 @@ def init_weights_from(model: torch.nn.Module, run_dir: str | Path, model_kwargs:
     run_dir = Path(run_dir)
     found = find_checkpoint(run_dir, "best") or find_checkpoint(run_dir, "last")
     if found is None:
-        raise CxrError(f"model.init_from={run_dir}: no checkpoints/best or checkpoints/last there — "
-                       f"give the run dir of a trained run")
+        raise CxrError(
+            f"model.init_from={run_dir}: no checkpoints/best or checkpoints/last there — "
+            f"give the run dir of a trained run"
+        )
     theirs = read_meta(found).get("model", {})
     free = {"num_labels", "dropout", "pretrained", "init_from"}
-    differ = sorted(k for k in set(theirs) | set(model_kwargs)
-                    if k not in free and theirs.get(k) != model_kwargs.get(k))
+    differ = sorted(
+        k for k in set(theirs) | set(model_kwargs) if k not in free and theirs.get(k) != model_kwargs.get(k)
+    )
     if differ:
         mine = {k: model_kwargs.get(k) for k in differ}
-        raise CxrError(f"model.init_from={run_dir}: {found} holds a model {theirs.get('name')} "
-                       f"{ {k: theirs.get(k) for k in differ} }, this config builds {model_kwargs.get('name')} "
-                       f"{mine} — set the model section to the source run's, or drop model.init_from")
+        raise CxrError(
+            f"model.init_from={run_dir}: {found} holds a model {theirs.get('name')} "
+            f"{ {k: theirs.get(k) for k in differ} }, this config builds {model_kwargs.get('name')} "
+            f"{mine} — set the model section to the source run's, or drop model.init_from"
+        )
     path = found / WEIGHTS
     saved = read_weights(path)
     own = model.state_dict()
@@ -302,8 +341,10 @@ def init_weights_from(model: torch.nn.Module, run_dir: str | Path, model_kwargs:
     if theirs.get("num_labels", model_kwargs.get("num_labels")) != model_kwargs.get("num_labels"):
         skip = [k for k in own if k in saved and saved[k].shape != own[k].shape]
         if any(not k.startswith("head.") for k in skip):
-            raise CxrError(f"{path}: tensors outside the head differ in shape ({skip[:3]}) — the model "
-                           f"differs from the checkpoint; use the source run's model section")
+            raise CxrError(
+                f"{path}: tensors outside the head differ in shape ({skip[:3]}) — the model "
+                f"differs from the checkpoint; use the source run's model section"
+            )
     check_fits(model, {**{k: own[k] for k in skip}, **{k: v for k, v in saved.items() if k not in skip}}, path)
     model.load_state_dict({k: v for k, v in saved.items() if k not in skip}, strict=False)
     return {"checkpoint": str(found), "loaded": len(saved) - len(skip), "reinitialised": skip}
@@ -322,12 +363,16 @@ def read_state(path: Path) -> dict:
     except OSError as err:
         raise CxrError(f"{path}: unreadable checkpoint ({load_error_line(err)}) — {_CORRUPT_FIX}") from None
     except Exception as err:  # noqa: BLE001 (UnpicklingError, RuntimeError, EOFError, IndexError... of a bad pickle)
-        raise CxrError(f"{path}: not a cxr checkpoint ({load_error_line(err)}) — it is damaged or holds objects "
-                       f"other than tensors; do not load it with weights_only=False; {_CORRUPT_FIX}") from None
+        raise CxrError(
+            f"{path}: not a cxr checkpoint ({load_error_line(err)}) — it is damaged or holds objects "
+            f"other than tensors; do not load it with weights_only=False; {_CORRUPT_FIX}"
+        ) from None
     missing = [k for k in _STATE_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
-        raise CxrError(f"{path}: not a cxr checkpoint (no {', '.join(missing)}) — do not load it with "
-                       f"weights_only=False; {_CORRUPT_FIX}")
+        raise CxrError(
+            f"{path}: not a cxr checkpoint (no {', '.join(missing)}) — do not load it with "
+            f"weights_only=False; {_CORRUPT_FIX}"
+        )
     return state
 
 
@@ -354,10 +399,13 @@ def load_checkpoint(accelerator, ckpt: str | Path, *, model, optimizer=None, sch
     state = read_state(path)
     if _is_deepspeed(accelerator):
         if not (ckpt / DEEPSPEED_DIR).is_dir():
-            raise CxrError(f"{ckpt}: no deepspeed/ folder — this checkpoint was not written under DeepSpeed; "
-                           f"resume it with the launcher config it was trained with")
-        model.load_checkpoint(str(ckpt / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_optimizer_states=True,
-                              load_lr_scheduler_states=False)
+            raise CxrError(
+                f"{ckpt}: no deepspeed/ folder — this checkpoint was not written under DeepSpeed; "
+                f"resume it with the launcher config it was trained with"
+            )
+        model.load_checkpoint(
+            str(ckpt / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
     else:
         load_weights(accelerator.unwrap_model(model, keep_torch_compile=False), ckpt)
         if optimizer is not None and state.get("optimizer") is not None:

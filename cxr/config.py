@@ -26,6 +26,7 @@ a one-line message with the valid keys/choices or the fix (OmegaConf: "Did you m
 text). tyro reads neither YAML nor ``section.key=value``, so that parser stays anyway, and its help
 lists ``--optim.lr FLOAT``, not the ``optim.lr=`` users type. Each adds 0.15–0.18 s to every start.
 """
+
 from __future__ import annotations
 
 import ast
@@ -89,7 +90,9 @@ class ModelConfig:
 
     def kwargs(self) -> dict:
         """The flat ``build_model(**kwargs)`` dictionary (options merged in)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("options", "init_from")}
+        out = {
+            f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("options", "init_from")
+        }
         return {**out, **self.options}
 
 
@@ -141,8 +144,10 @@ class ScheduleConfig:
         if self.patience < 0 or self.min_delta < 0 or self.min_lr < 0 or self.warmup_epochs < 0:
             raise CxrError("schedule: patience, min_delta, min_lr and warmup_epochs must be ≥ 0 — fix the config")
         if self.warmup_epochs > 0 and self.name != "cosine":
-            raise CxrError(f"schedule.warmup_epochs={self.warmup_epochs}: only schedule.name=cosine warms up "
-                           f"— set schedule.name=cosine or schedule.warmup_epochs=0")
+            raise CxrError(
+                f"schedule.warmup_epochs={self.warmup_epochs}: only schedule.name=cosine warms up "
+                f"— set schedule.name=cosine or schedule.warmup_epochs=0"
+            )
 
 
 @dataclass
@@ -245,14 +250,22 @@ class LoggingConfig:
             raise CxrError("logging.log_every must be ≥ 1 — e.g. 20")
         unknown = [t for t in self.trackers if t not in ("tensorboard", "mlflow", "wandb")]
         if unknown:
-            raise CxrError(f"logging.trackers={self.trackers}: unknown {unknown[0]!r} — valid: tensorboard, mlflow, wandb")
+            raise CxrError(
+                f"logging.trackers={self.trackers}: unknown {unknown[0]!r} — valid: tensorboard, mlflow, wandb"
+            )
         if len(set(self.trackers)) != len(self.trackers):
             raise CxrError(f"logging.trackers={self.trackers}: a tracker named twice — name each once")
 
 
 SECTIONS: dict[str, type] = {
-    "data": DataConfig, "model": ModelConfig, "loss": LossConfig, "optim": OptimConfig,
-    "schedule": ScheduleConfig, "train": TrainConfig, "checkpoint": CheckpointConfig, "logging": LoggingConfig,
+    "data": DataConfig,
+    "model": ModelConfig,
+    "loss": LossConfig,
+    "optim": OptimConfig,
+    "schedule": ScheduleConfig,
+    "train": TrainConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
 }
 # Settings that do not change what is trained: left out of the config hash.
 UNHASHED = {
@@ -298,8 +311,10 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         path = resolve_config_path(path)
         raw = read_yaml(path)
         if raw is None:
-            raise CxrError(f"{path}: empty config (no sections) — pass a YAML with at least data.shards "
-                           f"(e.g. a copy of cxr/configs/tiny.yaml), or omit --config for all defaults")
+            raise CxrError(
+                f"{path}: empty config (no sections) — pass a YAML with at least data.shards "
+                f"(e.g. a copy of cxr/configs/tiny.yaml), or omit --config for all defaults"
+            )
         if not isinstance(raw, dict):
             raise CxrError(f"{path}: top level must be a mapping of sections {', '.join(SECTIONS)}")
     raw = {k: dict(v or {}) if isinstance(v, dict) or v is None else v for k, v in raw.items()}
@@ -317,8 +332,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
             if key in seen:
-                raise _DuplicateKey(f"line {key_node.start_mark.line + 1}: duplicate key {key!r} (first at line "
-                                    f"{seen[key]}) — keep one of them")
+                raise _DuplicateKey(
+                    f"line {key_node.start_mark.line + 1}: duplicate key {key!r} (first at line "
+                    f"{seen[key]}) — keep one of them"
+                )
             try:
                 seen[key] = key_node.start_mark.line + 1
             except TypeError:  # an unhashable key: the base class reports it
@@ -336,8 +353,9 @@ def read_yaml(path: Path) -> Any:
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
-        raise CxrError(f"{path}: not UTF-8 text (byte {err.start}: {err.object[err.start:err.start + 1]!r}) — "
-                       f"save it as UTF-8") from None
+        raise CxrError(
+            f"{path}: not UTF-8 text (byte {err.start}: {err.object[err.start : err.start + 1]!r}) — save it as UTF-8"
+        ) from None
     except OSError as err:
         raise CxrError(f"{path}: cannot read ({err.strerror}) — check the path and its permissions") from None
     try:
@@ -353,8 +371,11 @@ def shipped_configs() -> dict[str, Path]:
     from importlib.resources import files
 
     folder = files("cxr") / "configs"
-    return {Path(entry.name).stem: Path(str(entry)) for entry in folder.iterdir()
-            if entry.name.endswith(".yaml") and entry.is_file()}
+    return {
+        Path(entry.name).stem: Path(str(entry))
+        for entry in folder.iterdir()
+        if entry.name.endswith(".yaml") and entry.is_file()
+    }
 
 
 def resolve_config_path(path: str | Path) -> Path:
@@ -367,16 +388,18 @@ def resolve_config_path(path: str | Path) -> Path:
     # a bare name, or the repo-relative cxr/configs/NAME.yaml of the docs run from another directory
     if given.parent in (Path("."), Path("cxr/configs")) and given.stem in shipped and given.suffix in ("", ".yaml"):
         return shipped[given.stem]
-    raise CxrError(f"{path}: config file not found — pass a YAML file or a shipped config name: "
-                   f"{', '.join(sorted(shipped))}")
+    raise CxrError(
+        f"{path}: config file not found — pass a YAML file or a shipped config name: {', '.join(sorted(shipped))}"
+    )
 
 
 def _apply_override(raw: dict, item: str) -> None:
     key, sep, text = item.partition("=")
     parts = key.strip().split(".")
     if not sep or len(parts) != 2 or not all(parts):
-        raise CxrError(f"override {item!r}: expected section.key=value, e.g. optim.lr=3e-4 "
-                       f"(sections: {', '.join(SECTIONS)})")
+        raise CxrError(
+            f"override {item!r}: expected section.key=value, e.g. optim.lr=3e-4 (sections: {', '.join(SECTIONS)})"
+        )
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
@@ -421,11 +444,15 @@ def check_input_size(cfg: Config) -> None:
     if cfg.model.conv_stem:
         size = cfg.model.options.get("stem_size", 224)
         if size < need:
-            raise CxrError(f"model.stem_size={size}: model.name={cfg.model.name} needs an input of ≥ {need} px "
-                           f"— raise model.stem_size")
+            raise CxrError(
+                f"model.stem_size={size}: model.name={cfg.model.name} needs an input of ≥ {need} px "
+                f"— raise model.stem_size"
+            )
     elif cfg.data.resolution < need:
-        raise CxrError(f"data.resolution={cfg.data.resolution}: model.name={cfg.model.name} needs ≥ {need} px "
-                       f"(it downsamples by {need}) — raise data.resolution or set model.conv_stem=true")
+        raise CxrError(
+            f"data.resolution={cfg.data.resolution}: model.name={cfg.model.name} needs ≥ {need} px "
+            f"(it downsamples by {need}) — raise data.resolution or set model.conv_stem=true"
+        )
 
 
 def _build_section(section: str, cls: type, values: dict) -> Any:
@@ -553,8 +580,10 @@ def save_config(cfg: Config, path: str | Path) -> None:
 def hashed_dict(cfg: Config) -> dict:
     """The part of the config that decides what is trained (input of :func:`config_hash`)."""
     full = config_to_dict(cfg)
-    return {s: {**RETIRED.get(s, {}), **{k: v for k, v in keys.items() if k not in UNHASHED.get(s, ())}}
-            for s, keys in full.items()}
+    return {
+        s: {**RETIRED.get(s, {}), **{k: v for k, v in keys.items() if k not in UNHASHED.get(s, ())}}
+        for s, keys in full.items()
+    }
 
 
 def config_hash(cfg: Config) -> str:
@@ -596,8 +625,12 @@ def field_docs(cls: type) -> dict[str, str]:
     body = tree.body[0].body
     docs = {}
     for stmt, nxt in zip(body, body[1:]):
-        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name)
-                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)):
+        if (
+            isinstance(stmt, ast.AnnAssign)
+            and isinstance(stmt.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
             docs[stmt.target.id] = nxt.value.value
     return docs

@@ -8,6 +8,7 @@ Slurm gave GPUs (``SLURM_GPUS_ON_NODE``, ``SLURM_JOB_GPUS``, ``SLURM_STEP_GPUS``
 NVIDIA devices (``/proc/driver/nvidia/gpus``). A CPU run on purpose says so:
 ``accelerate launch --cpu`` (``ACCELERATE_USE_CPU=true``) or ``CUDA_VISIBLE_DEVICES=``.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,8 +47,13 @@ def driver_version() -> str:
     """The NVIDIA driver version as nvidia-smi (or /proc/driver/nvidia/version) reports it."""
     if shutil.which("nvidia-smi"):
         try:
-            done = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                  capture_output=True, text=True, timeout=20, check=False)
+            done = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+                check=False,
+            )
             if done.returncode == 0 and done.stdout.strip():
                 return done.stdout.strip().splitlines()[0]
             return f"unknown (nvidia-smi failed: {(done.stderr or done.stdout).strip().splitlines()[:1]})"
@@ -75,11 +81,13 @@ def diagnosis(why: str) -> str:
     import torch
 
     build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-    return (f"the job asked for GPUs ({why}) but CUDA is unusable: {cuda_unusable_reason()}; torch "
-            f"{torch.__version__} is {build}, NVIDIA driver {driver_version()} — install the torch wheel for a "
-            f"CUDA the driver supports (pip install torch --index-url https://download.pytorch.org/whl/cuXY; "
-            f"nvidia-smi shows the highest CUDA the driver runs) or update the driver; to train on the CPU on "
-            f"purpose: accelerate launch --cpu, or CUDA_VISIBLE_DEVICES=")
+    return (
+        f"the job asked for GPUs ({why}) but CUDA is unusable: {cuda_unusable_reason()}; torch "
+        f"{torch.__version__} is {build}, NVIDIA driver {driver_version()} — install the torch wheel for a "
+        f"CUDA the driver supports (pip install torch --index-url https://download.pytorch.org/whl/cuXY; "
+        f"nvidia-smi shows the highest CUDA the driver runs) or update the driver; to train on the CPU on "
+        f"purpose: accelerate launch --cpu, or CUDA_VISIBLE_DEVICES="
+    )
 
 
 def require_cuda_if_requested(env: Mapping[str, str] | None = None, available: bool | None = None) -> None:
@@ -106,6 +114,8 @@ def dali_gpu_advice(env: Mapping[str, str] | None = None, available: bool | None
     if why is not None and not available:
         return diagnosis(why)
     if available:
-        return ("torch sees CUDA but DALI does not: check that the nvidia-dali wheel matches the CUDA major "
-                f"version of torch ({torch.version.cuda}), e.g. nvidia-dali-cuda120 for CUDA 12")
+        return (
+            "torch sees CUDA but DALI does not: check that the nvidia-dali wheel matches the CUDA major "
+            f"version of torch ({torch.version.cuda}), e.g. nvidia-dali-cuda120 for CUDA 12"
+        )
     return "run on a CUDA machine or set data.device=cpu"

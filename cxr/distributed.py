@@ -4,6 +4,7 @@ flag every rank agrees on, BatchNorm buffer sync, replica fingerprints and gathe
 Gathers are accelerate's ``gather_object``, which flattens one level: ``gather_object([x])``
 is [x of rank 0, x of rank 1, ...] on every rank, and [x] in a run without a process group.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -66,9 +67,11 @@ def loopback_warning(env, resolve: Callable[[str], str] | None = None) -> str | 
         return None
     if not ipaddress.ip_address(address).is_loopback:
         return None
-    return (f"multi-node run ({world} processes, {local} on this node) but hostname {host} resolves to {address}: "
-            f"the gloo group would hang — export GLOO_SOCKET_IFNAME=<this node's interface, e.g. ens5> "
-            f"(and NCCL_SOCKET_IFNAME; see README 'GPU')")
+    return (
+        f"multi-node run ({world} processes, {local} on this node) but hostname {host} resolves to {address}: "
+        f"the gloo group would hang — export GLOO_SOCKET_IFNAME=<this node's interface, e.g. ens5> "
+        f"(and NCCL_SOCKET_IFNAME; see README 'GPU')"
+    )
 
 
 def import_before_process_group() -> None:
@@ -114,9 +117,14 @@ def make_accelerator(cfg: Config) -> Accelerator:
     # cpu=True would turn a DeepSpeed launch into plain CPU DDP; DeepSpeed finds the CPU by itself
     from cxr.tracking import accelerator_kwargs
 
-    return Accelerator(cpu=cpu and not deepspeed, mixed_precision=precision, kwargs_handlers=handlers,
-                       gradient_accumulation_steps=cfg.train.grad_accum_steps, step_scheduler_with_optimizer=False,
-                       **accelerator_kwargs(cfg))
+    return Accelerator(
+        cpu=cpu and not deepspeed,
+        mixed_precision=precision,
+        kwargs_handlers=handlers,
+        gradient_accumulation_steps=cfg.train.grad_accum_steps,
+        step_scheduler_with_optimizer=False,
+        **accelerator_kwargs(cfg),
+    )
 
 
 def configure_deepspeed(cfg: Config, accelerator: Accelerator, model: torch.nn.Module) -> None:
@@ -135,7 +143,8 @@ def configure_deepspeed(cfg: Config, accelerator: Accelerator, model: torch.nn.M
 
         ds["bf16"] = {"enabled": False}
         model.forward = convert_outputs_to_fp32(
-            torch.autocast(accelerator.device.type, dtype=torch.bfloat16)(model.forward))
+            torch.autocast(accelerator.device.type, dtype=torch.bfloat16)(model.forward)
+        )
     ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
     ds["gradient_accumulation_steps"] = cfg.train.grad_accum_steps
     ds["train_batch_size"] = cfg.data.batch_size * cfg.train.grad_accum_steps * accelerator.num_processes
@@ -143,8 +152,10 @@ def configure_deepspeed(cfg: Config, accelerator: Accelerator, model: torch.nn.M
     fill_zero_buckets(ds, model)
     ds.setdefault("zero_allow_untested_optimizer", True)  # our torch Adam, wrapped by ZeRO
     if ds.get("zero_optimization", {}).get("stage", 0) >= 3:
-        raise CxrError("DeepSpeed ZeRO-3 is not supported (validation runs the unwrapped model) — use "
-                       "launch/configs/deepspeed_zero1.yaml or deepspeed_zero2.yaml")
+        raise CxrError(
+            "DeepSpeed ZeRO-3 is not supported (validation runs the unwrapped model) — use "
+            "launch/configs/deepspeed_zero1.yaml or deepspeed_zero2.yaml"
+        )
 
 
 ZERO_BUCKET_CAP = 50_000_000
@@ -176,8 +187,13 @@ class StopFlag:
     """SIGUSR1 / SIGTERM set a flag; :meth:`agreed` all-reduces it so every rank stops at the
     same step boundary, whichever rank (or all) got the signal."""
 
-    def __init__(self, accelerator: Accelerator, timeout_s: float = 90.0, first_step_timeout_s: float | None = None,
-                 compiled: bool = False):
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        timeout_s: float = 90.0,
+        first_step_timeout_s: float | None = None,
+        compiled: bool = False,
+    ):
         """``timeout_s`` applies from the first completed optimizer step on; until then — and always
         when ``compiled`` (a recompilation can come at any step) — ``first_step_timeout_s`` (the
         collective timeout) does: ranks finish the first step minutes apart when they compile it

@@ -20,6 +20,7 @@ Writes into OUT (atomically):
 
 Uses the run's ``checkpoints/best`` and its data settings, like ``cxr.evaluate``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,15 @@ from cxrbase.errors import CxrError, cli_entry
 NO_FINDING = "No Finding"
 
 
-def extract(run: str | Path, shards: str | Path, split: str, *, batch_size: int | None = None,
-            device: str | None = None, progress: bool = True) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
+def extract(
+    run: str | Path,
+    shards: str | Path,
+    split: str,
+    *,
+    batch_size: int | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
     """(keys [N], features float32 [N, D], labels uint8 [N, L], label names) of ``split``."""
     import torch
 
@@ -53,8 +61,10 @@ def extract(run: str | Path, shards: str | Path, split: str, *, batch_size: int 
     member = read_member(run, Path(run).name)
     names = shards_labels(Path(shards))
     if list(member.labels) != list(names):
-        raise CxrError(f"{shards}/manifest.json: run {run} was trained on labels {member.labels[:3]}… but the "
-                       f"shards have {names[:3]}… — embed it on shards with its own label set")
+        raise CxrError(
+            f"{shards}/manifest.json: run {run} was trained on labels {member.labels[:3]}… but the "
+            f"shards have {names[:3]}… — embed it on shards with its own label set"
+        )
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = build_member_model(member, dev)
     args = SimpleNamespace(shards=shards, backend=None, batch_size=batch_size, num_threads=None, loader_device=None)
@@ -90,14 +100,21 @@ def knn_agreement(features: np.ndarray, labels: np.ndarray, names: Sequence[str]
     y = labels.astype(bool)
     agree = (y[neighbours] == y[:, None, :]).mean(axis=(0, 1))
     p = y.mean(axis=0)
-    chance = p ** 2 + (1 - p) ** 2
+    chance = p**2 + (1 - p) ** 2
     with np.errstate(divide="ignore", invalid="ignore"):
         kappa = np.where(chance < 1, (agree - chance) / (1 - chance), np.nan)
-    per_label = {name: {"agreement": float(a), "chance": float(c), "kappa": float(kp), "prevalence": float(q)}
-                 for name, a, c, kp, q in zip(names, agree, chance, kappa, p)}
-    return {"k": int(k), "n": int(n), "mean_agreement": float(agree.mean()), "mean_chance": float(chance.mean()),
-            "mean_kappa": float(np.nanmean(kappa)) if np.isfinite(kappa).any() else float("nan"),
-            "per_label": per_label}
+    per_label = {
+        name: {"agreement": float(a), "chance": float(c), "kappa": float(kp), "prevalence": float(q)}
+        for name, a, c, kp, q in zip(names, agree, chance, kappa, p)
+    }
+    return {
+        "k": int(k),
+        "n": int(n),
+        "mean_agreement": float(agree.mean()),
+        "mean_chance": float(chance.mean()),
+        "mean_kappa": float(np.nanmean(kappa)) if np.isfinite(kappa).any() else float("nan"),
+        "per_label": per_label,
+    }
 
 
 def most_frequent_finding(labels: np.ndarray, names: Sequence[str]) -> np.ndarray:
@@ -122,8 +139,9 @@ def tsne_map(features: np.ndarray, seed: int = 0) -> np.ndarray:
     return TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(z)
 
 
-def plot_map(path: Path, xy: np.ndarray, labels: np.ndarray, names: Sequence[str], chosen: Sequence[str],
-             title: str) -> None:
+def plot_map(
+    path: Path, xy: np.ndarray, labels: np.ndarray, names: Sequence[str], chosen: Sequence[str], title: str
+) -> None:
     """tsne.png: one panel per chosen label (positive / negative) + one by most frequent finding."""
     import matplotlib
 
@@ -168,12 +186,14 @@ def write_embeddings(path: Path, keys: Sequence[str], split: str, features: np.n
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.table({
-        "key": pa.array(list(keys), pa.string()),
-        "split": pa.array([split] * len(keys), pa.string()),
-        "labels": pa.array([row.tolist() for row in labels.astype(np.uint8)], pa.list_(pa.uint8())),
-        "features": pa.array([row.tolist() for row in features.astype(np.float32)], pa.list_(pa.float32())),
-    })
+    table = pa.table(
+        {
+            "key": pa.array(list(keys), pa.string()),
+            "split": pa.array([split] * len(keys), pa.string()),
+            "labels": pa.array([row.tolist() for row in labels.astype(np.uint8)], pa.list_(pa.uint8())),
+            "features": pa.array([row.tolist() for row in features.astype(np.float32)], pa.list_(pa.float32())),
+        }
+    )
     with atomic_write(path, "wb") as fh:
         pq.write_table(table, fh)
 
@@ -184,13 +204,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Embed a split with a trained run: penultimate features (embeddings.parquet), a t-SNE "
         "map (tsne.png, tsne.csv) with one panel per label plus one by most frequent finding, and k-NN "
         "label agreement in feature space against chance (knn.json). --debug shows tracebacks.",
-        epilog="Example: python -m cxr.embed --run runs/d121 --shards data/shards --split test --out embed/d121")
+        epilog="Example: python -m cxr.embed --run runs/d121 --shards data/shards --split test --out embed/d121",
+    )
     p.add_argument("--run", required=True, help="training run dir (uses checkpoints/best and config.yaml)")
     p.add_argument("--shards", required=True, help="shards folder with manifest.json (the run's label set)")
     p.add_argument("--split", default="test", help="split to embed (default test)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--labels", nargs="+", default=None, metavar="LABEL",
-                   help="labels with a t-SNE panel each (default: all labels of the shards)")
+    p.add_argument(
+        "--labels",
+        nargs="+",
+        default=None,
+        metavar="LABEL",
+        help="labels with a t-SNE panel each (default: all labels of the shards)",
+    )
     p.add_argument("--k", type=int, default=10, help="neighbours for the k-NN agreement (default 10)")
     p.add_argument("--seed", type=int, default=0, help="t-SNE seed (default 0)")
     p.add_argument("--batch-size", type=int, default=None, help="inference batch (default: the run's eval batch)")
@@ -206,8 +232,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.k < 1:
         raise CxrError(f"--k {args.k}: use at least 1 neighbour")
     out = Path(args.out)
-    keys, feats, labels, names = extract(args.run, args.shards, args.split, batch_size=args.batch_size,
-                                         device="cpu" if args.cpu else None, progress=not args.no_progress)
+    keys, feats, labels, names = extract(
+        args.run,
+        args.shards,
+        args.split,
+        batch_size=args.batch_size,
+        device="cpu" if args.cpu else None,
+        progress=not args.no_progress,
+    )
     chosen = args.labels or names
     unknown = [c for c in chosen if c not in names]
     if unknown:
@@ -219,11 +251,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     xy = tsne_map(feats, args.seed)
     with atomic_write(out / "tsne.csv", "w") as fh:
         pd.DataFrame({"key": keys, "x": xy[:, 0], "y": xy[:, 1]}).to_csv(fh, index=False, lineterminator="\n")
-    plot_map(out / "tsne.png", xy, labels, names, chosen,
-             f"t-SNE of {Path(args.run).name} features — split '{args.split}', {len(keys)} images")
-    print(f"embed: {len(keys)} images × {feats.shape[1]} features of {args.run} ({args.split}); "
-          f"{knn['k']}-NN label agreement {knn['mean_agreement']:.3f} vs chance {knn['mean_chance']:.3f} "
-          f"→ {out} in {time.perf_counter() - start:.1f} s")
+    plot_map(
+        out / "tsne.png",
+        xy,
+        labels,
+        names,
+        chosen,
+        f"t-SNE of {Path(args.run).name} features — split '{args.split}', {len(keys)} images",
+    )
+    print(
+        f"embed: {len(keys)} images × {feats.shape[1]} features of {args.run} ({args.split}); "
+        f"{knn['k']}-NN label agreement {knn['mean_agreement']:.3f} vs chance {knn['mean_chance']:.3f} "
+        f"→ {out} in {time.perf_counter() - start:.1f} s"
+    )
     return 0
 
 

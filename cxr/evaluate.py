@@ -41,6 +41,7 @@ cxr.predictions (predictions.parquet and members.json), cxr.report (the analysis
 figures and report.md) and cxr.metrics (the formulas); this module is the CLI and the
 orchestration.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,6 +64,7 @@ from cxrbase.lock import FolderLock
 
 # ------------------------------------------------------------ orchestration --
 
+
 def load_saved(args: argparse.Namespace) -> tuple[dict[str, ScoreSet], list[dict[str, Any]]]:
     """--from-predictions: the saved scores and, if beside them, members.json."""
     path = Path(args.from_predictions)
@@ -79,11 +81,18 @@ def _splits_needed(args: argparse.Namespace) -> list[str]:
 def _context(args: argparse.Namespace, source: str, notes: Sequence[str] = ()) -> dict[str, Any]:
     notes = list(notes)
     if args.thresholds_from == args.split:
-        notes.append(f"thresholds were tuned on the evaluated split `{args.split}` itself: "
-                     "the threshold metrics are optimistic")
-    return {"ensemble": args.ensemble, "bootstrap": args.bootstrap, "seed": args.seed,
-            "alpha": args.alpha, "thresholds_from": args.thresholds_from, "source": source,
-            "notes": notes}
+        notes.append(
+            f"thresholds were tuned on the evaluated split `{args.split}` itself: the threshold metrics are optimistic"
+        )
+    return {
+        "ensemble": args.ensemble,
+        "bootstrap": args.bootstrap,
+        "seed": args.seed,
+        "alpha": args.alpha,
+        "thresholds_from": args.thresholds_from,
+        "source": source,
+        "notes": notes,
+    }
 
 
 def _splits_table(args: argparse.Namespace) -> Path | None:
@@ -96,9 +105,14 @@ def _splits_table(args: argparse.Namespace) -> Path | None:
     return None if args.from_predictions else packed_table(Path(args.shards))
 
 
-def analyse_and_write(args: argparse.Namespace, per_split: dict[str, ScoreSet],
-                      infos: list[dict[str, Any]], source: str, out: Path | None = None,
-                      stops: _StopSignals | None = None) -> dict[str, Any]:
+def analyse_and_write(
+    args: argparse.Namespace,
+    per_split: dict[str, ScoreSet],
+    infos: list[dict[str, Any]],
+    source: str,
+    out: Path | None = None,
+    stops: _StopSignals | None = None,
+) -> dict[str, Any]:
     """Ensemble, write predictions, compute every table and the report into ``out`` (default
     --out; main passes the temp folder that replaces --out at the end); return a summary."""
     from cxr.report import analyse, write_outputs
@@ -106,8 +120,10 @@ def analyse_and_write(args: argparse.Namespace, per_split: dict[str, ScoreSet],
     out = Path(args.out) if out is None else out
     for split in _splits_needed(args):
         if split not in per_split:
-            raise CxrError(f"{source}: no predictions for split {split!r} (has {sorted(per_split)}) — "
-                           "choose --split/--thresholds-from among those, or --thresholds-from none")
+            raise CxrError(
+                f"{source}: no predictions for split {split!r} (has {sorted(per_split)}) — "
+                "choose --split/--thresholds-from among those, or --thresholds-from none"
+            )
     check_score_sets(per_split, source)  # freshly inferred scores too: nothing is written before this
     per_split = attach_meta(per_split, _splits_table(args), strict=bool(args.splits))
     per_split = {k: with_ensemble(v, args.ensemble) for k, v in per_split.items()}
@@ -120,14 +136,31 @@ def analyse_and_write(args: argparse.Namespace, per_split: dict[str, ScoreSet],
     if stops is not None:
         stops.phase = f"the analysis ({args.bootstrap} bootstrap resamples)"
     t0 = time.perf_counter()
-    analysis = analyse(scores, per_split.get(tuning_split) if tuning_split else None,
-                       tuning_split=tuning_split, n_boot=args.bootstrap, seed=args.seed, alpha=args.alpha,
-                       resample=args.resample, subgroups=args.subgroups, calibrate=not args.no_calibration)
+    analysis = analyse(
+        scores,
+        per_split.get(tuning_split) if tuning_split else None,
+        tuning_split=tuning_split,
+        n_boot=args.bootstrap,
+        seed=args.seed,
+        alpha=args.alpha,
+        resample=args.resample,
+        subgroups=args.subgroups,
+        calibrate=not args.no_calibration,
+    )
     seconds = {"analysis": time.perf_counter() - t0}
     if stops is not None:
         stops.phase = "writing the report"
-    seconds.update(write_outputs(out, analysis, scores, split=args.split, context=_context(args, source, notes),
-                                 members=infos, figures=not args.no_figures))
+    seconds.update(
+        write_outputs(
+            out,
+            analysis,
+            scores,
+            split=args.split,
+            context=_context(args, source, notes),
+            members=infos,
+            figures=not args.no_figures,
+        )
+    )
     return {"analysis": analysis, "scores": scores, "seconds": seconds}
 
 
@@ -138,8 +171,10 @@ def data_notes(tuning: ScoreSet | None, split: str | None) -> list[str]:
     if tuning is None or split is None:
         return []
     positives = {name: int(n) for name, n in zip(tuning.labels, np.asarray(tuning.y_true).sum(axis=0))}
-    return [w.replace("best-checkpoint selection and tuned thresholds rest", "the tuned thresholds rest")
-            for w in split_warnings({split: tuning.n}, {split: positives}, f"--thresholds-from {split}", val=split)]
+    return [
+        w.replace("best-checkpoint selection and tuned thresholds rest", "the tuned thresholds rest")
+        for w in split_warnings({split: tuning.n}, {split: positives}, f"--thresholds-from {split}", val=split)
+    ]
 
 
 def member_notes(infos: Sequence[dict[str, Any]]) -> list[str]:
@@ -148,10 +183,12 @@ def member_notes(infos: Sequence[dict[str, Any]]) -> list[str]:
     for info in infos:
         status = info.get("run_status") or {}
         if status.get("state") not in (None, "finished"):
-            out.append(f"member {info['name']} ({info['run_dir']}) is unfinished: its status.json says "
-                       f"{status['state']!r} at epoch {status.get('epoch')} step {status.get('global_step')}; "
-                       f"it is evaluated from its best checkpoint so far (epoch {info.get('best_epoch')}) — "
-                       "finish its training (re-run the same command) for the final model")
+            out.append(
+                f"member {info['name']} ({info['run_dir']}) is unfinished: its status.json says "
+                f"{status['state']!r} at epoch {status.get('epoch')} step {status.get('global_step')}; "
+                f"it is evaluated from its best checkpoint so far (epoch {info.get('best_epoch')}) — "
+                "finish its training (re-run the same command) for the final model"
+            )
     return out
 
 
@@ -197,17 +234,21 @@ def _lock_out(out: Path) -> FolderLock:
     never write one report. Refuse an --out that exists and is not a report of ours."""
     if out.exists() and not out.is_dir():
         raise CxrError(f"{out}: --out is a file — pass a folder for the report")
-    lock = FolderLock(out, out.parent / f".{out.name}.lock",
-                      busy="another evaluation ({who}) is writing this report folder — wait for it or use "
-                      "another --out",
-                      unwritable="cannot create the report's lock ({strerror}) — choose a writable --out").acquire()
+    lock = FolderLock(
+        out,
+        out.parent / f".{out.name}.lock",
+        busy="another evaluation ({who}) is writing this report folder — wait for it or use another --out",
+        unwritable="cannot create the report's lock ({strerror}) — choose a writable --out",
+    ).acquire()
     if out.is_dir():
         held = sorted(p.name for p in out.iterdir())
         if held and not {"report.md", "predictions.parquet"} & set(held):
             lock.release()
-            raise CxrError(f"{out}: --out holds files that are not a cxr.evaluate report ({', '.join(held[:5])}"
-                           f"{', …' if len(held) > 5 else ''}) — an evaluation replaces its --out as a whole; "
-                           "choose a new or empty folder")
+            raise CxrError(
+                f"{out}: --out holds files that are not a cxr.evaluate report ({', '.join(held[:5])}"
+                f"{', …' if len(held) > 5 else ''}) — an evaluation replaces its --out as a whole; "
+                "choose a new or empty folder"
+            )
     if lock.stale:
         print(f"warning: {lock.stale}", file=sys.stderr)
     remove_stale_folders(out)  # a killed evaluation's temp folders; safe under the lock
@@ -229,52 +270,119 @@ def build_parser() -> argparse.ArgumentParser:
         "  accelerate launch --multi_gpu --num_processes 4 -m cxr.evaluate --runs ... --out report\n"
         "  python -m cxr.evaluate --from-predictions report/predictions.parquet --out report2\n"
         "--debug shows the traceback of an error.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", nargs="+", metavar="RUN",
-                   help="training run dirs (config.yaml + checkpoints/best); each is one member")
-    p.add_argument("--shards", help="shards folder with manifest.json (python -m shards pack); default: the first "
-                   "run's data.shards")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--runs",
+        nargs="+",
+        metavar="RUN",
+        help="training run dirs (config.yaml + checkpoints/best); each is one member",
+    )
+    p.add_argument(
+        "--shards",
+        help="shards folder with manifest.json (python -m shards pack); default: the first run's data.shards",
+    )
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--out", required=True, help="report folder to write")
-    p.add_argument("--thresholds-from", default="val",
-                   help="split on which F1/Youden thresholds are tuned (inferred too); 'none': 0.5 only (default: val)")
-    p.add_argument("--bootstrap", type=int, default=1000,
-                   help="bootstrap resamples for the AUROC CIs; 0: no CIs (default: 1000)")
+    p.add_argument(
+        "--thresholds-from",
+        default="val",
+        help="split on which F1/Youden thresholds are tuned (inferred too); 'none': 0.5 only (default: val)",
+    )
+    p.add_argument(
+        "--bootstrap", type=int, default=1000, help="bootstrap resamples for the AUROC CIs; 0: no CIs (default: 1000)"
+    )
     p.add_argument("--alpha", type=float, default=0.05, help="CI level is 1 - alpha (default: 0.05)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples (default: 0)")
-    p.add_argument("--ensemble", choices=["mean-prob", "mean-logit"], default="mean-prob",
-                   help="ensemble = mean of member probabilities (default), or sigmoid of their mean logit")
-    p.add_argument("--from-predictions", metavar="FILE",
-                   help="recompute every output from a saved predictions.parquet (no models, no shards)")
-    p.add_argument("--resolution", type=int, default=None,
-                   help="evaluate every member at R×R even if trained at other resolutions "
-                   "(default: members must share one training resolution, else refused)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per batch per rank "
-                   "(default: the first member's data.eval_batch_size / batch_size)")
-    p.add_argument("--backend", choices=["dali", "wds"], default=None,
-                   help="loader back end (default: the first member's data.backend)")
-    p.add_argument("--num-threads", type=int, default=None, help="loader threads/workers per rank (default: the first member's data.num_threads)")
-    p.add_argument("--loader-device", choices=["cpu", "gpu"], default=None,
-                   help="where the loader decodes (default: the first member's data.device)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="autocast dtype of the forward pass; bf16/fp16 for GPUs (default: fp32)")
+    p.add_argument(
+        "--ensemble",
+        choices=["mean-prob", "mean-logit"],
+        default="mean-prob",
+        help="ensemble = mean of member probabilities (default), or sigmoid of their mean logit",
+    )
+    p.add_argument(
+        "--from-predictions",
+        metavar="FILE",
+        help="recompute every output from a saved predictions.parquet (no models, no shards)",
+    )
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="evaluate every member at R×R even if trained at other resolutions "
+        "(default: members must share one training resolution, else refused)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images per batch per rank (default: the first member's data.eval_batch_size / batch_size)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=["dali", "wds"],
+        default=None,
+        help="loader back end (default: the first member's data.backend)",
+    )
+    p.add_argument(
+        "--num-threads",
+        type=int,
+        default=None,
+        help="loader threads/workers per rank (default: the first member's data.num_threads)",
+    )
+    p.add_argument(
+        "--loader-device",
+        choices=["cpu", "gpu"],
+        default=None,
+        help="where the loader decodes (default: the first member's data.device)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        default="fp32",
+        help="autocast dtype of the forward pass; bf16/fp16 for GPUs (default: fp32)",
+    )
     p.add_argument("--cpu", action="store_true", help="run on CPU even if CUDA is available")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads per process (default: torch's choice; 1 on shared CPUs)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads per process (default: torch's choice; 1 on shared CPUs)",
+    )
     p.add_argument("--no-figures", action="store_true", help="skip roc.png / pr.png / reliability.png")
-    p.add_argument("--resample", choices=["patient", "image"], default="patient",
-                   help="bootstrap unit: whole patients when the split's table gives them (default), or images")
-    p.add_argument("--subgroups", nargs="*", metavar="GROUPING", default=None,
-                   help="groupings for the subgroup section: columns of the splits table (sex, view, followup, or "
-                   "any column; NIH headers such as \"Patient Gender\" work) or age:20,40,60,80 bands "
-                   "(default: sex age:20,40,60,80 view followup, those the split has; none: no subgroups)")
-    p.add_argument("--splits", metavar="TABLE", help="splits table (python -m shards split) giving each image's "
-                   "patient, age, sex, view (default: the table the shards were packed from, or with "
-                   "--from-predictions the columns saved in predictions.parquet)")
-    p.add_argument("--no-calibration", action="store_true",
-                   help="skip the calibration section (ECE, Brier, temperature/Platt fitted on --thresholds-from)")
-    p.add_argument("--ood", metavar="RUN", help="an ood_ae run (cxr/ood.py): reject the split's images the gate "
-                   "rejects and report mean AUROC on the accepted ones beside all (OUT/ood.csv; needs --shards)")
+    p.add_argument(
+        "--resample",
+        choices=["patient", "image"],
+        default="patient",
+        help="bootstrap unit: whole patients when the split's table gives them (default), or images",
+    )
+    p.add_argument(
+        "--subgroups",
+        nargs="*",
+        metavar="GROUPING",
+        default=None,
+        help="groupings for the subgroup section: columns of the splits table (sex, view, followup, or "
+        'any column; NIH headers such as "Patient Gender" work) or age:20,40,60,80 bands '
+        "(default: sex age:20,40,60,80 view followup, those the split has; none: no subgroups)",
+    )
+    p.add_argument(
+        "--splits",
+        metavar="TABLE",
+        help="splits table (python -m shards split) giving each image's "
+        "patient, age, sex, view (default: the table the shards were packed from, or with "
+        "--from-predictions the columns saved in predictions.parquet)",
+    )
+    p.add_argument(
+        "--no-calibration",
+        action="store_true",
+        help="skip the calibration section (ECE, Brier, temperature/Platt fitted on --thresholds-from)",
+    )
+    p.add_argument(
+        "--ood",
+        metavar="RUN",
+        help="an ood_ae run (cxr/ood.py): reject the split's images the gate "
+        "rejects and report mean AUROC on the accepted ones beside all (OUT/ood.csv; needs --shards)",
+    )
     return p
 
 
@@ -302,9 +410,11 @@ def _summary_line(result: dict[str, Any], args: argparse.Namespace, elapsed: flo
     ci = f" [{row.ci_low:.3f}, {row.ci_high:.3f}]" if np.isfinite(row.ci_low) else ""
     n_members = len([m for m in scores.scores if m != ENSEMBLE])
     where = f" on {result['ranks']} rank(s)" if result.get("ranks") else " from saved predictions"
-    return (f"evaluated {n_members} member(s) on {scores.n} images of '{args.split}'{where} in {elapsed:.1f} s "
-            f"({scores.n * n_members / max(elapsed, 1e-9):.0f} member-images/s); "
-            f"{focus} mean AUROC {row.auroc:.3f}{ci}")
+    return (
+        f"evaluated {n_members} member(s) on {scores.n} images of '{args.split}'{where} in {elapsed:.1f} s "
+        f"({scores.n * n_members / max(elapsed, 1e-9):.0f} member-images/s); "
+        f"{focus} mean AUROC {row.auroc:.3f}{ci}"
+    )
 
 
 @cli_entry  # also tears down the launcher's process group on every exit path (cxrbase.errors)
@@ -322,9 +432,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _Stopped as stop:
         from cxr.run_log import EXIT_REQUEUE
 
-        print(f"stopped by {signal.Signals(stop.signum).name} during {stop.phase}: nothing written to {out} "
-              f"(an earlier report there is left as it was) — exit {EXIT_REQUEUE} (requeue: the same command "
-              "evaluates again)", file=sys.stderr)
+        print(
+            f"stopped by {signal.Signals(stop.signum).name} during {stop.phase}: nothing written to {out} "
+            f"(an earlier report there is left as it was) — exit {EXIT_REQUEUE} (requeue: the same command "
+            "evaluates again)",
+            file=sys.stderr,
+        )
         return EXIT_REQUEUE
 
 
@@ -345,11 +458,16 @@ def _evaluate(args: argparse.Namespace, out: Path, start: float, stops: _StopSig
             state = process_state(args)
             if state.is_main_process:  # the writer: refuse a busy --out before any inference
                 lock = _lock_out(out)
+
             def ready(members) -> None:
                 stops.phase = "inference"
                 if state.is_main_process:
-                    print(f"evaluating {len(members)} member(s) on split(s) {', '.join(_splits_needed(args))} of "
-                          f"{args.shards} → {out}", file=sys.stderr, flush=True)
+                    print(
+                        f"evaluating {len(members)} member(s) on split(s) {', '.join(_splits_needed(args))} of "
+                        f"{args.shards} → {out}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
 
             per_split, infos = infer_runs(args, state, _splits_needed(args), on_ready=ready)
             if per_split is None:  # not rank 0: rank 0 writes everything

@@ -61,6 +61,7 @@ pieces (run dirs, weights-only checkpoints, the loader config, accelerate's
 ``gather_object``); each rank explains a disjoint, contiguous share of the chosen
 images with the evaluator's own loader.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -97,6 +98,7 @@ SCORES = ("hit", "iou", "energy")
 
 # ---------------------------------------------------------------- heat maps ---
 
+
 def _extra(meta: Any) -> tuple | None:
     return (meta,) if meta is not None else None
 
@@ -107,14 +109,17 @@ def cam_maps(model: Any, image: Any, labels: Sequence[int], meta: Any = None) ->
 
     weight = model.classifier_weight
     if weight is None:
-        raise CxrError(f"model {model.name}: the head is not pooled-linear, so CAM is undefined — "
-                       "use --method gradcam (works for every model of the suite)")
+        raise CxrError(
+            f"model {model.name}: the head is not pooled-linear, so CAM is undefined — "
+            "use --method gradcam (works for every model of the suite)"
+        )
     with torch.no_grad():
         return torch.einsum("bkhw,lk->blhw", model.features(image), weight[list(labels)])
 
 
-def gradcam_maps(model: Any, image: Any, labels: Sequence[int], meta: Any = None, relu: bool = True,
-                 layer: str | None = None) -> Any:
+def gradcam_maps(
+    model: Any, image: Any, labels: Sequence[int], meta: Any = None, relu: bool = True, layer: str | None = None
+) -> Any:
     """Grad-CAM on the named layer (default ``model.cam_layer``): [B,len(labels),h,w];
     relu=False keeps the signed sum Σ α_k f_k."""
     import torch
@@ -122,8 +127,10 @@ def gradcam_maps(model: Any, image: Any, labels: Sequence[int], meta: Any = None
 
     method = LayerGradCam(model, model.get_submodule(layer) if layer else model.cam_layer)
     with torch.enable_grad():
-        maps = [method.attribute(image, target=int(c), additional_forward_args=_extra(meta),
-                                 relu_attributions=relu) for c in labels]
+        maps = [
+            method.attribute(image, target=int(c), additional_forward_args=_extra(meta), relu_attributions=relu)
+            for c in labels
+        ]
     return torch.cat(maps, dim=1).detach()
 
 
@@ -143,8 +150,9 @@ def saliency_map(model: Any, image: Any, labels: Sequence[int], meta: Any = None
     return grad.detach().clamp(min=0)
 
 
-def heat_maps(method: str, model: Any, image: Any, labels: Sequence[int], meta: Any = None,
-              layer: str | None = None) -> Any:
+def heat_maps(
+    method: str, model: Any, image: Any, labels: Sequence[int], meta: Any = None, layer: str | None = None
+) -> Any:
     """The method's maps [B,len(labels),h,w] at their native size (saliency: the input's), clipped at 0;
     ``layer``: Grad-CAM's layer (default: the final map)."""
     import torch
@@ -155,14 +163,31 @@ def heat_maps(method: str, model: Any, image: Any, labels: Sequence[int], meta: 
         return gradcam_maps(model, image, labels, meta, layer=layer)
     if method == "saliency":  # a full backward per label: micro-batched (32 images at 1024² would need ~85 GB)
         chunks = range(0, image.shape[0], SALIENCY_MICRO_BATCH)
-        return torch.cat([torch.cat([saliency_map(model, image[i:i + SALIENCY_MICRO_BATCH], [c],
-                                                  None if meta is None else meta[i:i + SALIENCY_MICRO_BATCH])
-                                     for c in labels], dim=1) for i in chunks], dim=0)
+        return torch.cat(
+            [
+                torch.cat(
+                    [
+                        saliency_map(
+                            model,
+                            image[i : i + SALIENCY_MICRO_BATCH],
+                            [c],
+                            None if meta is None else meta[i : i + SALIENCY_MICRO_BATCH],
+                        )
+                        for c in labels
+                    ],
+                    dim=1,
+                )
+                for i in chunks
+            ],
+            dim=0,
+        )
     raise CxrError(f"--method {method}: unknown — choose one of {', '.join(METHODS)}")
 
 
-EMPTY_MEANING = ("no positive evidence for the label anywhere in the image: every Grad-CAM weight × "
-                 "activation sum, CAM value or input gradient is ≤ 0 before the clip at 0")
+EMPTY_MEANING = (
+    "no positive evidence for the label anywhere in the image: every Grad-CAM weight × "
+    "activation sum, CAM value or input gradient is ≤ 0 before the clip at 0"
+)
 MIN_MAP = 16  # the default layer is the deepest whose map is at least this many cells a side
 
 
@@ -178,8 +203,10 @@ def layer_map_sizes(model: Any, resolution: int, names: Sequence[str]) -> dict[s
         try:
             module = model.get_submodule(name)
         except AttributeError as err:
-            raise CxrError(f"--layer {name}: model {model.name} has no such module — choose one of "
-                           f"{', '.join(model.cam_layer_candidates)} (or another module name of the model)") from err
+            raise CxrError(
+                f"--layer {name}: model {model.name} has no such module — choose one of "
+                f"{', '.join(model.cam_layer_candidates)} (or another module name of the model)"
+            ) from err
 
         def hook(_module, _inputs, output, name=name):
             if isinstance(output, torch.Tensor) and output.dim() == 4:
@@ -195,13 +222,16 @@ def layer_map_sizes(model: Any, resolution: int, names: Sequence[str]) -> dict[s
             handle.remove()
     for name in names:
         if name not in sizes:
-            raise CxrError(f"--layer {name}: its output is not a feature map [B,C,h,w] — choose one of "
-                           f"{', '.join(model.cam_layer_candidates)}")
+            raise CxrError(
+                f"--layer {name}: its output is not a feature map [B,C,h,w] — choose one of "
+                f"{', '.join(model.cam_layer_candidates)}"
+            )
     return sizes
 
 
-def choose_layer(model: Any, method: str, resolution: int, layer: str | None = None,
-                 min_map: int = MIN_MAP) -> tuple[str | None, tuple[int, int] | None, str]:
+def choose_layer(
+    model: Any, method: str, resolution: int, layer: str | None = None, min_map: int = MIN_MAP
+) -> tuple[str | None, tuple[int, int] | None, str]:
     """The layer a method's maps come from at R×R: (name, (h, w), why), said in the output.
 
     Grad-CAM, by default: the deepest of ``model.cam_layer_candidates`` whose map has at least
@@ -212,14 +242,18 @@ def choose_layer(model: Any, method: str, resolution: int, layer: str | None = N
     """
     if method == "saliency":
         if layer:
-            raise CxrError(f"--layer {layer}: saliency is the gradient on the input image and has no layer — "
-                           "drop --layer, or use --method gradcam")
+            raise CxrError(
+                f"--layer {layer}: saliency is the gradient on the input image and has no layer — "
+                "drop --layer, or use --method gradcam"
+            )
         return None, None, "the gradient on the input image"
     candidates = model.cam_layer_candidates
     if method == "cam":
         if layer and layer != model.cam_layer_name:
-            raise CxrError(f"--layer {layer}: CAM weighs the final map ({model.cam_layer_name}) by the classifier "
-                           "and is undefined on other layers — use --method gradcam for another layer")
+            raise CxrError(
+                f"--layer {layer}: CAM weighs the final map ({model.cam_layer_name}) by the classifier "
+                "and is undefined on other layers — use --method gradcam for another layer"
+            )
         size = layer_map_sizes(model, resolution, [model.cam_layer_name])[model.cam_layer_name]
         return model.cam_layer_name, size, "CAM is defined on the final map only"
     if layer:
@@ -228,15 +262,21 @@ def choose_layer(model: Any, method: str, resolution: int, layer: str | None = N
     fine = [n for n in candidates if min(sizes[n]) >= min_map]
     if fine:
         name = fine[-1]
-        why = (f"the deepest of {len(candidates)} candidate layers with a map ≥ {min_map}×{min_map} "
-               f"(final map {'×'.join(map(str, sizes[candidates[-1]]))})" if len(candidates) > 1
-               else f"the model's only map ({model.name}: the last block's token grid)")
+        why = (
+            f"the deepest of {len(candidates)} candidate layers with a map ≥ {min_map}×{min_map} "
+            f"(final map {'×'.join(map(str, sizes[candidates[-1]]))})"
+            if len(candidates) > 1
+            else f"the model's only map ({model.name}: the last block's token grid)"
+        )
         if name == candidates[-1] and len(candidates) > 1:
             why = f"the final map, already ≥ {min_map}×{min_map}"
         return name, sizes[name], why
     name = max(candidates, key=lambda n: (min(sizes[n]), candidates.index(n)))  # finest, then deepest
-    why = (f"no candidate map is ≥ {min_map}×{min_map} at {resolution} px; the finest of {len(candidates)}"
-           if len(candidates) > 1 else f"the model's only map ({model.name}), coarser than {min_map}×{min_map}")
+    why = (
+        f"no candidate map is ≥ {min_map}×{min_map} at {resolution} px; the finest of {len(candidates)}"
+        if len(candidates) > 1
+        else f"the model's only map ({model.name}), coarser than {min_map}×{min_map}"
+    )
     return name, sizes[name], why
 
 
@@ -257,6 +297,7 @@ def upsample(maps: Any, size: tuple[int, int]) -> Any:
 
 # -------------------------------------------------------------------- boxes ---
 
+
 def read_boxes(path: str | Path) -> pd.DataFrame:
     """A BBox_List_2017-layout CSV → columns key, label, x, y, w, h (source-image pixels).
 
@@ -273,8 +314,10 @@ def read_boxes(path: str | Path) -> pd.DataFrame:
         reader = csv.reader(fh)
         header = next(reader, [])
         if [h.strip() for h in header[:2]] != ["Image Index", "Finding Label"]:
-            raise CxrError(f"{path}: header {','.join(header)[:60]!r} is not the BBox_List_2017 layout "
-                           "(Image Index,Finding Label,Bbox [x,y,w,h]) — pass the NIH box file")
+            raise CxrError(
+                f"{path}: header {','.join(header)[:60]!r} is not the BBox_List_2017 layout "
+                "(Image Index,Finding Label,Bbox [x,y,w,h]) — pass the NIH box file"
+            )
         for line, fields in enumerate(reader, start=2):
             if not any(f.strip() for f in fields):
                 continue
@@ -332,8 +375,13 @@ def localisation(heat: np.ndarray, region: np.ndarray, threshold: float = 0.5) -
         return {"hit": 0.0, "iou": 0.0, "energy": 0.0, "chance": chance, "empty": 1}
     hot = heat >= threshold * peak
     i, j = np.unravel_index(int(np.argmax(heat)), heat.shape)
-    return {"hit": float(region[i, j]), "iou": float((hot & region).sum() / (hot | region).sum()),
-            "energy": float(heat[region].sum() / heat.sum()), "chance": chance, "empty": 0}
+    return {
+        "hit": float(region[i, j]),
+        "iou": float((hot & region).sum() / (hot | region).sum()),
+        "energy": float(heat[region].sum() / heat.sum()),
+        "chance": chance,
+        "empty": 0,
+    }
 
 
 def summarise(pairs: pd.DataFrame, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> pd.DataFrame:
@@ -368,6 +416,7 @@ def summarise(pairs: pd.DataFrame, n_boot: int = 1000, seed: int = 0, alpha: flo
 
 # ------------------------------------------------------------------ overlays ---
 
+
 def overlay_levels(heat: np.ndarray) -> np.ndarray:
     """A map's overlay levels in [0, 1]: clipped at 0, then divided by its maximum; all zeros when
     the map is ≤ 0 everywhere (empty: nothing drawn). The browser page draws the same levels
@@ -392,7 +441,7 @@ def overlay(master: Any, heat: np.ndarray, caption: Sequence[str], boxes: np.nda
     draw = ImageDraw.Draw(rgb, "RGBA")
     width, height = rgb.size
     line = max(6, round(width / 48))
-    for x, y, w, bh in ([] if boxes is None else boxes):
+    for x, y, w, bh in [] if boxes is None else boxes:
         draw.rectangle([x, y, x + w, y + bh], outline=(0, 255, 0, 255), width=max(1, width // 256))
     try:
         font = ImageFont.load_default(size=line)
@@ -406,8 +455,10 @@ def overlay(master: Any, heat: np.ndarray, caption: Sequence[str], boxes: np.nda
 
 
 def _caption(key: str, label: str, method: str, prob: float, truth: int, run: str, empty: bool = False) -> list[str]:
-    return [f"{key}  {label}  ({METHOD_NAMES[method]}, {run})",
-            f"p = {prob:.3f}   truth: {'positive' if truth else 'negative'}" + ("   map: all zero" if empty else "")]
+    return [
+        f"{key}  {label}  ({METHOD_NAMES[method]}, {run})",
+        f"p = {prob:.3f}   truth: {'positive' if truth else 'negative'}" + ("   map: all zero" if empty else ""),
+    ]
 
 
 def write_index(out: Path, entries: list[dict], title: str) -> None:
@@ -419,17 +470,22 @@ def write_index(out: Path, entries: list[dict], title: str) -> None:
     for name, row in by_key.items():
         figs = "".join(
             f'<figure><a href="{html.escape(e["file"])}"><img src="{html.escape(e["file"])}" width="320"></a>'
-            f'<figcaption>{html.escape(e["label"])}: p = {e["prob"]:.3f}, truth '
-            f'{"positive" if e["truth"] else "negative"}</figcaption></figure>' for e in row)
+            f"<figcaption>{html.escape(e['label'])}: p = {e['prob']:.3f}, truth "
+            f"{'positive' if e['truth'] else 'negative'}</figcaption></figure>"
+            for e in row
+        )
         cells.append(f"<h2>{html.escape(name)}</h2><div class=row>{figs}</div>")
-    page = (f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title>"
-            "<style>body{font-family:sans-serif}.row{display:flex;flex-wrap:wrap;gap:8px}"
-            "figure{margin:0}figcaption{font-size:13px}</style>"
-            f"<h1>{html.escape(title)}</h1>{''.join(cells)}\n")
+    page = (
+        f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title>"
+        "<style>body{font-family:sans-serif}.row{display:flex;flex-wrap:wrap;gap:8px}"
+        "figure{margin:0}figcaption{font-size:13px}</style>"
+        f"<h1>{html.escape(title)}</h1>{''.join(cells)}\n"
+    )
     atomic_write_text(out / "index.html", page)
 
 
 # -------------------------------------------------------------- data access ---
+
 
 @dataclass
 class Masters:
@@ -446,8 +502,9 @@ class Masters:
 
         manifest = load_manifest(shards)
         index = SplitIndex.load(shards, manifest, split)
-        return cls(index, SampleReader(index), {k: i for i, k in enumerate(index.keys)},
-                   manifest.get("image_sizes") or {})
+        return cls(
+            index, SampleReader(index), {k: i for i, k in enumerate(index.keys)}, manifest.get("image_sizes") or {}
+        )
 
     def image(self, key: str) -> Any:
         from PIL import Image
@@ -480,8 +537,10 @@ def select_keys(available: Sequence[str], wanted: Sequence[str], shards: Path, s
     keys = [Path(k.strip()).stem for k in wanted if k.strip()]
     missing = [k for k in keys if k not in have]
     if missing:
-        raise CxrError(f"{shards}/manifest.json: split {split!r} has no image {missing[:3]} — "
-                       "pass keys of that split (NIH ids like 00000001_000), or another --split")
+        raise CxrError(
+            f"{shards}/manifest.json: split {split!r} has no image {missing[:3]} — "
+            "pass keys of that split (NIH ids like 00000001_000), or another --split"
+        )
     return list(dict.fromkeys(keys))
 
 
@@ -489,7 +548,7 @@ def rank_share(indices: Sequence[int], rank: int, world: int) -> list[int]:
     """This rank's contiguous, disjoint share of the (sorted) indices."""
     ordered = sorted(indices)
     n = len(ordered)
-    return ordered[rank * n // world:(rank + 1) * n // world]
+    return ordered[rank * n // world : (rank + 1) * n // world]
 
 
 def subset_loader(loader_cfg: Any, split: str, keys: Sequence[str], rank: int = 0, world: int = 1) -> Any:
@@ -504,12 +563,13 @@ def subset_loader(loader_cfg: Any, split: str, keys: Sequence[str], rank: int = 
     position = {k: i for i, k in enumerate(loader.index.keys)}
     ids = np.asarray(rank_share([position[k] for k in keys], rank, world), dtype=np.int64)
     size = loader_cfg.eval_batch
-    batches = [ids[i:i + size] for i in range(0, len(ids), size)]
+    batches = [ids[i : i + size] for i in range(0, len(ids), size)]
     loader.plan = EpochPlan(batches, len(batches))
     return loader
 
 
 # ------------------------------------------------------------------ one run ---
+
 
 @dataclass
 class Job:
@@ -524,8 +584,9 @@ class Job:
     box_frame: int | None
 
 
-def explain_run(args: argparse.Namespace, run_dir: str, name: str, state: Any, job: Job, masters: Masters
-                ) -> tuple[list[dict], list[dict], dict]:
+def explain_run(
+    args: argparse.Namespace, run_dir: str, name: str, state: Any, job: Job, masters: Masters
+) -> tuple[list[dict], list[dict], dict]:
     """Explain this rank's share of ``job`` with one run: (score rows, overlay entries, run info)."""
     import torch
 
@@ -554,8 +615,14 @@ def explain_run(args: argparse.Namespace, run_dir: str, name: str, state: Any, j
     entries: list[dict] = []
     from cxrbase.progress import progress
 
-    for batch in progress(loader, total=len(loader), desc=f"explain {name}", unit="batch",
-                      disable=not state.is_main_process, dynamic_ncols=True):
+    for batch in progress(
+        loader,
+        total=len(loader),
+        desc=f"explain {name}",
+        unit="batch",
+        disable=not state.is_main_process,
+        dynamic_ncols=True,
+    ):
         image = renorm(batch["image"].to(state.device))
         meta = batch["meta"].to(state.device) if member.uses_meta else None
         with torch.no_grad():
@@ -567,15 +634,30 @@ def explain_run(args: argparse.Namespace, run_dir: str, name: str, state: Any, j
             c = member.labels.index(label)
             maps = heat_maps(job.method, model, image[rows_b], [c], None if meta is None else meta[rows_b], layer)
             for m, b in zip(maps, rows_b):
-                info = {"run": name, "key": keys[b], "label": label, "prob": float(probs[b, c]),
-                        "truth": int(truth[b, c])}
+                info = {
+                    "run": name,
+                    "key": keys[b],
+                    "label": label,
+                    "prob": float(probs[b, c]),
+                    "truth": int(truth[b, c]),
+                }
                 if job.boxes:
                     rows.append({**info, **_score(job, masters, m, keys[b], label, resolution)})
                 if job.overlays:
                     entries.append({**info, "file": _write_overlay(job, masters, m, info, name)})
-    return rows, entries, {"run": name, "run_dir": str(run_dir), "model": member.config["model"].get("name"),
-                           "resolution": resolution, "layer": layer,
-                           "map": f"{map_size[0]}×{map_size[1]}" if map_size else "input", "layer_why": why}
+    return (
+        rows,
+        entries,
+        {
+            "run": name,
+            "run_dir": str(run_dir),
+            "model": member.config["model"].get("name"),
+            "resolution": resolution,
+            "layer": layer,
+            "map": f"{map_size[0]}×{map_size[1]}" if map_size else "input",
+            "layer_why": why,
+        },
+    )
 
 
 def _source_frame(job: Job, masters: Masters, key: str) -> tuple[int, int]:
@@ -586,8 +668,7 @@ def _score(job: Job, masters: Masters, heat: Any, key: str, label: str, resoluti
     """Localisation scores of one map [1,h,w] against the (key, label) region, at the model's R×R."""
     boxes = scale_boxes(job.boxes[(key, label)], _source_frame(job, masters, key), (resolution, resolution))
     region = box_mask(boxes, (resolution, resolution))
-    scores = localisation(upsample(heat[None], (resolution, resolution))[0, 0].cpu().numpy(), region,
-                          job.threshold)
+    scores = localisation(upsample(heat[None], (resolution, resolution))[0, 0].cpu().numpy(), region, job.threshold)
     return {**scores, "map_h": int(heat.shape[-2]), "map_w": int(heat.shape[-1])}
 
 
@@ -598,7 +679,9 @@ def _write_overlay(job: Job, masters: Masters, heat: Any, info: dict, run: str) 
     boxes = None
     if (info["key"], info["label"]) in job.boxes:
         src = _source_frame(job, masters, info["key"])
-        boxes = scale_boxes(job.boxes[(info["key"], info["label"])], src, (width, height))[["x", "y", "w", "h"]].to_numpy()
+        boxes = scale_boxes(job.boxes[(info["key"], info["label"])], src, (width, height))[
+            ["x", "y", "w", "h"]
+        ].to_numpy()
     caption = _caption(info["key"], info["label"], job.method, info["prob"], info["truth"], run, not full.max() > 0)
     image = overlay(master, full, caption, boxes)
     name = f"{run}/{info['key']}_{info['label']}_{job.method}.png"
@@ -610,8 +693,10 @@ def _write_overlay(job: Job, masters: Masters, heat: Any, info: dict, run: str) 
 
 # ------------------------------------------------------------------ outputs ---
 
+
 def localisation_markdown(summary: pd.DataFrame, runs: list[dict], counts: dict, args: argparse.Namespace) -> str:
     """localisation.md: what was scored, then the overall table across runs and the per-label table."""
+
     def ci(row, score):
         lo, hi = row.get(f"{score}_lo"), row.get(f"{score}_hi")
         return f"{row[score]:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and np.isfinite(lo) else "")
@@ -622,27 +707,42 @@ def localisation_markdown(summary: pd.DataFrame, runs: list[dict], counts: dict,
     def empty(row):
         return f"{int(row['empty'])} ({row['empty_rate']:.3f})"
 
-    lines = [f"# Localisation ({METHOD_NAMES[args.method]}) on split `{args.split}`", "",
-             f"Boxes: `{args.bbox}`. Scored {counts['scored_images']} of the split's {counts['split_images']} "
-             f"images ({counts['scored_pairs']} image-label pairs): those with a box; "
-             f"{counts['boxed_elsewhere']} boxed images of the file are not in this split.",
-             f"hit: the map's peak inside the label's box(es) (pointing game); IoU: {{map ≥ {args.threshold:g}·max}} "
-             "vs the boxes; energy: the map's share inside the boxes; chance: box area / image area "
-             f"(the hit rate of a random peak). 95 % CIs: {args.bootstrap} bootstrap resamples over images.",
-             (f"empty: maps that are zero everywhere ({EMPTY_MEANING}); they are scored as misses "
-              "(hit, IoU and energy 0), so a high empty rate means the model gave no evidence, "
-              "not that it looked elsewhere."), "",
-             "| run | resolution | layer (map) | pairs | hit | IoU | energy | chance | empty |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Localisation ({METHOD_NAMES[args.method]}) on split `{args.split}`",
+        "",
+        f"Boxes: `{args.bbox}`. Scored {counts['scored_images']} of the split's {counts['split_images']} "
+        f"images ({counts['scored_pairs']} image-label pairs): those with a box; "
+        f"{counts['boxed_elsewhere']} boxed images of the file are not in this split.",
+        f"hit: the map's peak inside the label's box(es) (pointing game); IoU: {{map ≥ {args.threshold:g}·max}} "
+        "vs the boxes; energy: the map's share inside the boxes; chance: box area / image area "
+        f"(the hit rate of a random peak). 95 % CIs: {args.bootstrap} bootstrap resamples over images.",
+        (
+            f"empty: maps that are zero everywhere ({EMPTY_MEANING}); they are scored as misses "
+            "(hit, IoU and energy 0), so a high empty rate means the model gave no evidence, "
+            "not that it looked elsewhere."
+        ),
+        "",
+        "| run | resolution | layer (map) | pairs | hit | IoU | energy | chance | empty |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     overall = summary[summary["label"] == "all"]
     for _, row in overall.iterrows():
-        lines.append(f"| {row['run']} | {res[row['run']]} | {layer[row['run']]} | {row['pairs']} | {ci(row, 'hit')} | "
-                     f"{ci(row, 'iou')} | {ci(row, 'energy')} | {row['chance']:.3f} | {empty(row)} |")
-    lines += ["", "## Per label", "", "| run | label | pairs | hit | IoU | energy | chance | empty |",
-              "|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {row['run']} | {res[row['run']]} | {layer[row['run']]} | {row['pairs']} | {ci(row, 'hit')} | "
+            f"{ci(row, 'iou')} | {ci(row, 'energy')} | {row['chance']:.3f} | {empty(row)} |"
+        )
+    lines += [
+        "",
+        "## Per label",
+        "",
+        "| run | label | pairs | hit | IoU | energy | chance | empty |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for _, row in summary[summary["label"] != "all"].iterrows():
-        lines.append(f"| {row['run']} | {row['label']} | {row['pairs']} | {ci(row, 'hit')} | {ci(row, 'iou')} | "
-                     f"{ci(row, 'energy')} | {row['chance']:.3f} | {empty(row)} |")
+        lines.append(
+            f"| {row['run']} | {row['label']} | {row['pairs']} | {ci(row, 'hit')} | {ci(row, 'iou')} | "
+            f"{ci(row, 'energy')} | {row['chance']:.3f} | {empty(row)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -656,20 +756,25 @@ def format_runs_table(summary: pd.DataFrame, runs: list[dict]) -> str:
     overall = summary[summary["label"] == "all"].copy()
     overall["resolution"] = overall["run"].map(res)
     maps = {r["run"]: r.get("map", "") for r in runs}
-    head = (f"{'run':<20} {'res':>5} {'map':>7} {'pairs':>6} {'hit':>22} {'IoU':>22} {'energy':>22} {'chance':>7} "
-            f"{'empty':>13}")
+    head = (
+        f"{'run':<20} {'res':>5} {'map':>7} {'pairs':>6} {'hit':>22} {'IoU':>22} {'energy':>22} {'chance':>7} "
+        f"{'empty':>13}"
+    )
     lines = [head]
     for _, r in overall.sort_values("resolution").iterrows():
         cells = [f"{r[s]:.3f} [{r.get(s + '_lo', np.nan):.3f},{r.get(s + '_hi', np.nan):.3f}]" for s in SCORES]
         empty = f"{int(r['empty'])} ({r['empty_rate']:.3f})"
-        lines.append(f"{str(r['run'])[:20]:<20} {r['resolution']:>5} {maps[r['run']]:>7} {r['pairs']:>6} "
-                     f"{cells[0]:>22} {cells[1]:>22} {cells[2]:>22} {r['chance']:>7.3f} {empty:>13}")
+        lines.append(
+            f"{str(r['run'])[:20]:<20} {r['resolution']:>5} {maps[r['run']]:>7} {r['pairs']:>6} "
+            f"{cells[0]:>22} {cells[1]:>22} {cells[2]:>22} {r['chance']:>7.3f} {empty:>13}"
+        )
     lines.append(f"empty: maps zero everywhere ({EMPTY_MEANING}), scored as misses")
     return "\n".join(lines)
 
 
-def write_localisation(out: Path, pairs: pd.DataFrame, runs: list[dict], counts: dict,
-                       args: argparse.Namespace) -> pd.DataFrame:
+def write_localisation(
+    out: Path, pairs: pd.DataFrame, runs: list[dict], counts: dict, args: argparse.Namespace
+) -> pd.DataFrame:
     summary = summarise(pairs, args.bootstrap, args.seed, args.alpha)
     summary.insert(1, "resolution", summary["run"].map({r["run"]: r["resolution"] for r in runs}))
     summary.insert(2, "method", args.method)
@@ -682,6 +787,7 @@ def write_localisation(out: Path, pairs: pd.DataFrame, runs: list[dict], counts:
 
 
 # ---------------------------------------------------------------------- CLI ---
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -701,42 +807,82 @@ def build_parser() -> argparse.ArgumentParser:
         "Grad-CAM's layer: the deepest candidate with a map ≥ --min-map cells a side unless --layer is given; "
         "the output names it.\n"
         "--debug shows the traceback of an error.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     runs = p.add_mutually_exclusive_group(required=True)
     runs.add_argument("--run", help="one training run dir (config.yaml + checkpoints/best)")
-    runs.add_argument("--runs", nargs="+", metavar="RUN",
-                      help="several run dirs: each is explained, and with --bbox the table across runs "
-                      "(localisation vs resolution) is printed")
+    runs.add_argument(
+        "--runs",
+        nargs="+",
+        metavar="RUN",
+        help="several run dirs: each is explained, and with --bbox the table across runs "
+        "(localisation vs resolution) is printed",
+    )
     p.add_argument("--shards", required=True, help="shards folder with manifest.json (masters)")
     p.add_argument("--split", default="test", help="split to explain (default: test)")
     p.add_argument("--keys", default=None, help="comma-separated image keys to draw overlays for")
-    p.add_argument("--labels", default=None,
-                   help="comma-separated labels to explain for --keys (default: every label); "
-                   "with --bbox: restrict the scored labels")
-    p.add_argument("--method", choices=METHODS, default="gradcam",
-                   help="cam (pooled-linear heads), gradcam (any model), saliency (default: gradcam)")
-    p.add_argument("--layer", default=None, metavar="NAME",
-                   help="Grad-CAM's layer, a module name of the model (e.g. trunk.blocks.3.2 for the cnn); "
-                   "default: the deepest of the model's candidate layers whose map is ≥ --min-map cells a side "
-                   "(the final map when it is that fine), said in the output")
-    p.add_argument("--min-map", type=int, default=MIN_MAP, metavar="N",
-                   help=f"the default layer's smallest map side (default: {MIN_MAP})")
+    p.add_argument(
+        "--labels",
+        default=None,
+        help="comma-separated labels to explain for --keys (default: every label); "
+        "with --bbox: restrict the scored labels",
+    )
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        default="gradcam",
+        help="cam (pooled-linear heads), gradcam (any model), saliency (default: gradcam)",
+    )
+    p.add_argument(
+        "--layer",
+        default=None,
+        metavar="NAME",
+        help="Grad-CAM's layer, a module name of the model (e.g. trunk.blocks.3.2 for the cnn); "
+        "default: the deepest of the model's candidate layers whose map is ≥ --min-map cells a side "
+        "(the final map when it is that fine), said in the output",
+    )
+    p.add_argument(
+        "--min-map",
+        type=int,
+        default=MIN_MAP,
+        metavar="N",
+        help=f"the default layer's smallest map side (default: {MIN_MAP})",
+    )
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--bbox", default=None, metavar="FILE",
-                   help="BBox_List_2017.csv[.gz] layout (NIH, or synth's boxes.csv): score localisation "
-                   "on every image of the split with a box")
-    p.add_argument("--bbox-frame", type=int, default=None, metavar="N",
-                   help="pixel frame of the box file (N×N); default: each master image's own size "
-                   "(the NIH masters are the 1024² originals the NIH boxes refer to)")
-    p.add_argument("--threshold", type=float, default=0.5,
-                   help="IoU: the map is thresholded at this fraction of its maximum (default: 0.5)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs; 0: none (default: 1000)")
+    p.add_argument(
+        "--bbox",
+        default=None,
+        metavar="FILE",
+        help="BBox_List_2017.csv[.gz] layout (NIH, or synth's boxes.csv): score localisation "
+        "on every image of the split with a box",
+    )
+    p.add_argument(
+        "--bbox-frame",
+        type=int,
+        default=None,
+        metavar="N",
+        help="pixel frame of the box file (N×N); default: each master image's own size "
+        "(the NIH masters are the 1024² originals the NIH boxes refer to)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="IoU: the map is thresholded at this fraction of its maximum (default: 0.5)",
+    )
+    p.add_argument(
+        "--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs; 0: none (default: 1000)"
+    )
     p.add_argument("--alpha", type=float, default=0.05, help="CI level is 1 - alpha (default: 0.05)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
     p.add_argument("--limit", type=int, default=None, help="with --bbox: score at most this many images (quick looks)")
     p.add_argument("--overlays", action="store_true", help="with --bbox: also write an overlay per scored pair")
-    p.add_argument("--resolution", type=int, default=None, help="explain at R×R (default: each run's training resolution)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per batch per rank (default: the run's eval batch)")
+    p.add_argument(
+        "--resolution", type=int, default=None, help="explain at R×R (default: each run's training resolution)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="images per batch per rank (default: the run's eval batch)"
+    )
     p.add_argument("--backend", choices=["dali", "wds"], default=None, help="loader back end (default: the run's)")
     p.add_argument("--num-threads", type=int, default=None, help="loader threads/workers per rank (default: the run's)")
     p.add_argument("--loader-device", choices=["cpu", "gpu"], default=None, help="where the loader decodes")
@@ -767,16 +913,21 @@ def plan_job(args: argparse.Namespace, masters: Masters) -> tuple[Job, dict]:
         in_split = table[table["key"].isin(set(keys)) & table["label"].isin(wanted)]
         chosen = sorted(set(in_split["key"]))
         if args.keys:  # score (and draw) only these
-            chosen = [k for k in select_keys(keys, args.keys.split(","), Path(args.shards), args.split) if k in set(chosen)]
+            chosen = [
+                k for k in select_keys(keys, args.keys.split(","), Path(args.shards), args.split) if k in set(chosen)
+            ]
         chosen = chosen[: args.limit] if args.limit else chosen
         in_split = in_split[in_split["key"].isin(set(chosen))]
         boxes = {kl: g for kl, g in in_split.groupby(["key", "label"])}
         labels = {k: sorted({lab for kk, lab in boxes if kk == k}, key=LABELS.index) for k in chosen}
-        counts.update(scored_images=len(chosen), scored_pairs=len(boxes),
-                      boxed_elsewhere=len(set(table["key"]) - set(keys)))
+        counts.update(
+            scored_images=len(chosen), scored_pairs=len(boxes), boxed_elsewhere=len(set(table["key"]) - set(keys))
+        )
         if not labels:
-            raise CxrError(f"{args.bbox}: no box of {sorted(wanted)} is on an image of split {args.split!r} — "
-                           "NIH boxes are almost all on the official test list; use that split")
+            raise CxrError(
+                f"{args.bbox}: no box of {sorted(wanted)} is on an image of split {args.split!r} — "
+                "NIH boxes are almost all on the official test list; use that split"
+            )
     else:
         if not args.keys:
             raise CxrError("--keys: which images to explain? — pass --keys K1,K2 (or --bbox FILE to score a split)")
@@ -798,8 +949,9 @@ def _gather(items: list, state: Any) -> list | None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.bootstrap < 0 or not 0 < args.alpha < 1 or not 0 < args.threshold <= 1 or args.min_map < 1:
-        raise CxrError("--bootstrap must be ≥ 0, --alpha in (0, 1), --threshold in (0, 1], --min-map ≥ 1 "
-                       "— fix the flags")
+        raise CxrError(
+            "--bootstrap must be ≥ 0, --alpha in (0, 1), --threshold in (0, 1], --min-map ≥ 1 — fix the flags"
+        )
     start = time.perf_counter()
     if args.threads:
         import torch
@@ -827,8 +979,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if entries:
         write_index(out, entries, f"{METHOD_NAMES[args.method]} on split {args.split}")
-    atomic_write_text(out / "runs.json", json.dumps({"runs": runs, "counts": counts, "method": args.method},
-                                                    indent=2) + "\n")
+    atomic_write_text(
+        out / "runs.json", json.dumps({"runs": runs, "counts": counts, "method": args.method}, indent=2) + "\n"
+    )
     took = time.perf_counter() - start
     n_maps = len(rows) if job.boxes else len(entries)
     if job.boxes:
@@ -836,13 +989,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         counts["scored_pairs"] = int(pairs.groupby("run").size().max())
         summary = write_localisation(out, pairs, runs, counts, args)
         print(format_runs_table(summary, runs))
-        print(f"localisation: {counts['scored_images']} of {counts['split_images']} images of '{args.split}' scored "
-              f"({counts['scored_pairs']} pairs) × {len(runs)} run(s) on {state.num_processes} rank(s) in {took:.1f} s; "
-              f"report: {out / 'localisation.md'}")
+        print(
+            f"localisation: {counts['scored_images']} of {counts['split_images']} images of '{args.split}' scored "
+            f"({counts['scored_pairs']} pairs) × {len(runs)} run(s) on {state.num_processes} rank(s) in {took:.1f} s; "
+            f"report: {out / 'localisation.md'}"
+        )
     if entries:
         print(f"overlays: {len(entries)} PNG(s) → {out / 'index.html'}")
-    print(f"explained {n_maps} (image, label) pair(s) with {METHOD_NAMES[args.method]} in {took:.1f} s "
-          f"({n_maps / max(took, 1e-9):.2f}/s)")
+    print(
+        f"explained {n_maps} (image, label) pair(s) with {METHOD_NAMES[args.method]} in {took:.1f} s "
+        f"({n_maps / max(took, 1e-9):.2f}/s)"
+    )
     return 0
 
 

@@ -19,6 +19,7 @@ Members with metadata fusion are refused (the page has no age/sex/view to give t
 TorchScript-based exporter (``dynamo=False``) is used: the dynamo exporter needs onnxscript and
 is not needed for these graphs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,6 +81,7 @@ def _aa_filter(kind: str):
         if x < 1:
             return ((a + 2) * x - (a + 3)) * x * x + 1
         return (((x - 5) * x + 8) * x - 4) * a if x < 2 else 0.0
+
     return cubic, 2.0
 
 
@@ -117,20 +119,36 @@ def _resize_aa(g, x, output_size, align_corners, mode: str):
         ww = aa_resize_matrix(in_hw[1], size[1], mode).astype(np.float32)
         rows = g.op("MatMul", g.op("Constant", value_t=torch.from_numpy(wh)), x)
         return g.op("MatMul", rows, g.op("Constant", value_t=torch.from_numpy(np.ascontiguousarray(ww.T))))
-    nc = g.op("Slice", g.op("Shape", x), g.op("Constant", value_t=torch.tensor([0])),
-              g.op("Constant", value_t=torch.tensor([2])))
+    nc = g.op(
+        "Slice",
+        g.op("Shape", x),
+        g.op("Constant", value_t=torch.tensor([0])),
+        g.op("Constant", value_t=torch.tensor([2])),
+    )
     if sh._is_value(size):
-        hw = g.op("Cast", g.op("Concat", *[sh._unsqueeze_helper(g, v, [0]) for v in sh._unpack_list(size)],
-                               axis_i=0), to_i=7)  # int64
+        hw = g.op(
+            "Cast", g.op("Concat", *[sh._unsqueeze_helper(g, v, [0]) for v in sh._unpack_list(size)], axis_i=0), to_i=7
+        )  # int64
     else:
         hw = g.op("Constant", value_t=torch.tensor(list(size), dtype=torch.int64))
     sizes = g.op("Concat", nc, hw, axis_i=0)
     empty = g.op("Constant", value_t=torch.tensor([], dtype=torch.float32))
     if mode == "cubic":
-        return g.op("Resize", x, empty, empty, sizes, mode_s="cubic", antialias_i=1, cubic_coeff_a_f=-0.5,
-                    exclude_outside_i=1, coordinate_transformation_mode_s="half_pixel")
-    return g.op("Resize", x, empty, empty, sizes, mode_s="linear", antialias_i=1,
-                coordinate_transformation_mode_s="half_pixel")
+        return g.op(
+            "Resize",
+            x,
+            empty,
+            empty,
+            sizes,
+            mode_s="cubic",
+            antialias_i=1,
+            cubic_coeff_a_f=-0.5,
+            exclude_outside_i=1,
+            coordinate_transformation_mode_s="half_pixel",
+        )
+    return g.op(
+        "Resize", x, empty, empty, sizes, mode_s="linear", antialias_i=1, coordinate_transformation_mode_s="half_pixel"
+    )
 
 
 def _upsample_bilinear_aa(g, x, output_size, align_corners, scale_factors):
@@ -149,8 +167,16 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, outputs: S
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with torch.no_grad():
-        torch.onnx.export(module.eval(), (example,), str(tmp), input_names=["image"], output_names=list(outputs),
-                          dynamic_axes=axes, opset_version=OPSET, dynamo=False)
+        torch.onnx.export(
+            module.eval(),
+            (example,),
+            str(tmp),
+            input_names=["image"],
+            output_names=list(outputs),
+            dynamic_axes=axes,
+            opset_version=OPSET,
+            dynamo=False,
+        )
     tmp.replace(path)
 
 
@@ -165,22 +191,31 @@ def load_members(runs: Sequence[str]):
         if model_name == "ood_ae":
             raise CxrError(f"{run}: an ood_ae run given to --run — pass it to --ood, classifier runs to --run")
         if member.uses_meta:
-            raise CxrError(f"{run}/config.yaml: model.metadata={member.config['model'].get('metadata')} — the page "
-                           f"has no patient age/sex/view to feed it; export members trained with metadata=none")
+            raise CxrError(
+                f"{run}/config.yaml: model.metadata={member.config['model'].get('metadata')} — the page "
+                f"has no patient age/sex/view to feed it; export members trained with metadata=none"
+            )
         if list(member.labels) != list(LABELS):
             raise CxrError(f"{run}: labels {member.labels[:3]}… differ from the 14 NIH labels — export NIH classifiers")
         out.append((member, build_member_model(member, torch.device("cpu"))))
     norms = {(m.mean, m.std) for m, _ in out}
     if len(norms) > 1:
-        raise CxrError(f"--run: the members were trained with different data.mean/std {sorted(norms)} — "
-                       f"export members with one normalisation (the page normalises once)")
+        raise CxrError(
+            f"--run: the members were trained with different data.mean/std {sorted(norms)} — "
+            f"export members with one normalisation (the page normalises once)"
+        )
     return out
 
 
 def operating_points(path: str | None, n_members: int, member_name: str, method: str) -> dict:
     """thresholds.json document: the evaluator's tuned thresholds of the ensemble (or the one member)."""
-    doc = {"labels": list(LABELS), "calibration": CALIBRATION, "method": method, "source": None,
-           "operating_points": [0.5] * len(LABELS)}
+    doc = {
+        "labels": list(LABELS),
+        "calibration": CALIBRATION,
+        "method": method,
+        "source": None,
+        "operating_points": [0.5] * len(LABELS),
+    }
     if path is None:
         doc["note"] = "no --thresholds given: operating points 0.5 (calibration is the identity)"
         return doc
@@ -191,13 +226,17 @@ def operating_points(path: str | None, n_members: int, member_name: str, method:
     try:
         by_label = tuned["members"][key][method]
     except (KeyError, TypeError) as err:
-        raise CxrError(f"{path}: no {method} thresholds of member {key!r} ({err}) — pass the evaluator's "
-                       f"REPORT/thresholds.json of the same runs (python -m cxr.evaluate --runs ...)") from None
+        raise CxrError(
+            f"{path}: no {method} thresholds of member {key!r} ({err}) — pass the evaluator's "
+            f"REPORT/thresholds.json of the same runs (python -m cxr.evaluate --runs ...)"
+        ) from None
     ops = [float(by_label[name]) for name in LABELS]
     bad = [n for n, o in zip(LABELS, ops) if not 0 < o < 1]
     if bad:
-        raise CxrError(f"{path}: operating points of {bad[:3]} are not inside (0, 1) — re-tune on a val split "
-                       f"with positives of every label")
+        raise CxrError(
+            f"{path}: operating points of {bad[:3]} are not inside (0, 1) — re-tune on a val split "
+            f"with positives of every label"
+        )
     doc.update(operating_points=ops, source=str(path), tuned_on=tuned.get("tuned_on"))
     return doc
 
@@ -214,8 +253,14 @@ def write_json(path: Path, doc: dict) -> None:
     atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
 
 
-def export_package(runs: Sequence[str], ood_run: str, out: Path, resolution: int | None = None,
-                   thresholds: str | None = None, method: str = "f1") -> dict:
+def export_package(
+    runs: Sequence[str],
+    ood_run: str,
+    out: Path,
+    resolution: int | None = None,
+    thresholds: str | None = None,
+    method: str = "f1",
+) -> dict:
     """Write the package of the module docstring into ``out``; return the manifest."""
     from cxr.ood import GateScore, load_gate, read_threshold
 
@@ -229,31 +274,60 @@ def export_package(runs: Sequence[str], ood_run: str, out: Path, resolution: int
     export_onnx(graph, torch.zeros(1, 1, res, res), out / "model.onnx", outputs)
     gate, gate_member = load_gate(ood_run)
     ood_res = int(gate_member.resolution or 64)
-    export_onnx(GateScore(gate, gate_doc["features"], explicit_ssim=True), torch.zeros(1, 1, ood_res, ood_res),
-                out / "ood.onnx", ["score"])
+    export_onnx(
+        GateScore(gate, gate_doc["features"], explicit_ssim=True),
+        torch.zeros(1, 1, ood_res, ood_res),
+        out / "ood.onnx",
+        ["score"],
+    )
     ops = operating_points(thresholds, len(members), members[0][0].name, method)
     write_json(out / "thresholds.json", ops)
     mean, std = members[0][0].mean, members[0][0].std
     gate_data = gate_member.config.get("data", {})
-    write_json(out / "preprocess.json", {
-        "grey": "PIL Image.convert('L'): L = (R*19595 + G*38470 + B*7471 + 0x8000) >> 16 (R=G=B stays)",
-        "resize": "PIL Image.resize((R, R), Image.BILINEAR): antialiased triangle filter, support × downscale",
-        "normalise": "float32 (x - mean*255) / (std*255), x the uint8 pixel",
-        "model": {"resolution": res, "mean": 0.5176 if mean is None else mean, "std": 0.2542 if std is None else std,
-                  "input": "image", "outputs": outputs},
-        "ood": {"resolution": ood_res, "mean": gate_data.get("mean", 0.5176), "std": gate_data.get("std", 0.2542),
-                "threshold": gate_doc["threshold"], "percentile": gate_doc["percentile"],
+    write_json(
+        out / "preprocess.json",
+        {
+            "grey": "PIL Image.convert('L'): L = (R*19595 + G*38470 + B*7471 + 0x8000) >> 16 (R=G=B stays)",
+            "resize": "PIL Image.resize((R, R), Image.BILINEAR): antialiased triangle filter, support × downscale",
+            "normalise": "float32 (x - mean*255) / (std*255), x the uint8 pixel",
+            "model": {
+                "resolution": res,
+                "mean": 0.5176 if mean is None else mean,
+                "std": 0.2542 if std is None else std,
+                "input": "image",
+                "outputs": outputs,
+            },
+            "ood": {
+                "resolution": ood_res,
+                "mean": gate_data.get("mean", 0.5176),
+                "std": gate_data.get("std", 0.2542),
+                "threshold": gate_doc["threshold"],
+                "percentile": gate_doc["percentile"],
                 "rule": "reject when score > threshold",
                 "score": "Mahalanobis distance of log(1 - SSIM) and image statistics (cxr.ood.FEATURES) "
-                         "from the gate's train images"},
-        "labels": list(LABELS)})
+                "from the gate's train images",
+            },
+            "labels": list(LABELS),
+        },
+    )
     files = ["model.onnx", "ood.onnx", "thresholds.json", "preprocess.json"]
-    manifest = {"files": {f: {"sha256": sha256(out / f), "bytes": (out / f).stat().st_size} for f in files},
-                "ensemble": "one graph, mean of member probabilities" if len(members) > 1 else "one member",
-                "members": [{"name": m.name, "run": str(m.run_dir), "checkpoint": str(m.checkpoint),
-                             "model": m.config.get("model", {}).get("name")} for m, _ in members],
-                "ood_run": str(ood_run), "cam": with_cam, "opset": OPSET,
-                "versions": {"torch": torch.__version__, "onnx": _version("onnx")}}
+    manifest = {
+        "files": {f: {"sha256": sha256(out / f), "bytes": (out / f).stat().st_size} for f in files},
+        "ensemble": "one graph, mean of member probabilities" if len(members) > 1 else "one member",
+        "members": [
+            {
+                "name": m.name,
+                "run": str(m.run_dir),
+                "checkpoint": str(m.checkpoint),
+                "model": m.config.get("model", {}).get("name"),
+            }
+            for m, _ in members
+        ],
+        "ood_run": str(ood_run),
+        "cam": with_cam,
+        "opset": OPSET,
+        "versions": {"torch": torch.__version__, "onnx": _version("onnx")},
+    }
     write_json(out / "manifest.json", manifest)
     return manifest
 
@@ -270,14 +344,17 @@ def write_site(package: Path, site: Path, vendor: Path = WEB_VENDOR) -> list[str
     dist = vendor / "dist"
     missing = [f for f in WEB_FILES if not (dist / f).is_file()]
     if missing:
-        raise CxrError(f"{dist}: onnxruntime-web files {missing} missing — run `make web-deps` "
-                       f"(scripts/web-deps.sh npm: npm install onnxruntime-web into build/npm)")
+        raise CxrError(
+            f"{dist}: onnxruntime-web files {missing} missing — run `make web-deps` "
+            f"(scripts/web-deps.sh npm: npm install onnxruntime-web into build/npm)"
+        )
     site.mkdir(parents=True, exist_ok=True)
     copied = []
-    for src in [*(WEB_SOURCE / f for f in ("index.html", "chester.js", "resize.js")),
-                *(package / f for f in ("model.onnx", "ood.onnx", "thresholds.json", "preprocess.json",
-                                        "manifest.json")),
-                *(dist / f for f in WEB_FILES)]:
+    for src in [
+        *(WEB_SOURCE / f for f in ("index.html", "chester.js", "resize.js")),
+        *(package / f for f in ("model.onnx", "ood.onnx", "thresholds.json", "preprocess.json", "manifest.json")),
+        *(dist / f for f in WEB_FILES),
+    ]:
         shutil.copyfile(src, site / src.name)
         copied.append(src.name)
     version = json.loads((vendor / "package.json").read_text())["version"]
@@ -286,19 +363,36 @@ def write_site(package: Path, site: Path, vendor: Path = WEB_VENDOR) -> list[str
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m cxr.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", action="append", required=True, metavar="RUN",
-                   help="a classifier run dir (repeat for an ensemble member each)")
+    p = argparse.ArgumentParser(
+        prog="python -m cxr.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--run",
+        action="append",
+        required=True,
+        metavar="RUN",
+        help="a classifier run dir (repeat for an ensemble member each)",
+    )
     p.add_argument("--ood", required=True, metavar="RUN", help="the ood_ae run dir (with ood_threshold.json)")
     p.add_argument("--out", required=True, help="package folder to write")
-    p.add_argument("--resolution", type=int, default=None, help="input size R of model.onnx (default: the first "
-                   "member's training resolution)")
-    p.add_argument("--thresholds", metavar="FILE", help="the evaluator's REPORT/thresholds.json of these runs "
-                   "(default: operating points 0.5)")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="input size R of model.onnx (default: the first member's training resolution)",
+    )
+    p.add_argument(
+        "--thresholds",
+        metavar="FILE",
+        help="the evaluator's REPORT/thresholds.json of these runs (default: operating points 0.5)",
+    )
     p.add_argument("--method", choices=["f1", "youden"], default="f1", help="which tuned thresholds (default: f1)")
-    p.add_argument("--web", metavar="SITE", help="also write the static page (index.html, JS, ONNX files, "
-                   "onnxruntime-web) into SITE; needs `make web-deps` once")
+    p.add_argument(
+        "--web",
+        metavar="SITE",
+        help="also write the static page (index.html, JS, ONNX files, "
+        "onnxruntime-web) into SITE; needs `make web-deps` once",
+    )
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
@@ -310,8 +404,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.web and not all((WEB_VENDOR / "dist" / f).is_file() for f in WEB_FILES):
         write_site(Path(args.out), Path(args.web))  # fails before the export, naming the command to run
     manifest = export_package(args.run, args.ood, Path(args.out), args.resolution, args.thresholds, args.method)
-    line = (f"exported {len(manifest['members'])} member(s) + ood gate → {args.out} "
-            f"({', '.join(manifest['files'])}; cam {'yes' if manifest['cam'] else 'no'})")
+    line = (
+        f"exported {len(manifest['members'])} member(s) + ood gate → {args.out} "
+        f"({', '.join(manifest['files'])}; cam {'yes' if manifest['cam'] else 'no'})"
+    )
     if args.web:
         files = write_site(Path(args.out), Path(args.web))
         line += f"; page {args.web}/index.html ({len(files)} files)"

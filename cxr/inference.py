@@ -12,6 +12,7 @@ launcher each rank infers a disjoint part of the split and rank 0 gathers the sc
 joins the resolution groups by key and checks that every image of the split (per the
 shards manifest, read by shards.manifest) was scored exactly once.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,6 +33,7 @@ from shards.manifest import load_manifest, manifest_path
 from shards.records import read_table
 
 # ---------------------------------------------------------------- members ----
+
 
 @dataclass
 class Member:
@@ -64,15 +66,16 @@ def read_run_config(path: Path) -> dict[str, Any]:
     import yaml
 
     if not path.is_file():
-        raise CxrError(f"{path}: run config not found — is {path.parent} a training run dir "
-                       "(docs/run-dir.md)?")
+        raise CxrError(f"{path}: run config not found — is {path.parent} a training run dir (docs/run-dir.md)?")
     try:
         config = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise CxrError(f"{path}: unreadable YAML ({err}) — restore the run's config.yaml") from err
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise CxrError(f"{path}: no `model:` section — the evaluator rebuilds the model from it; "
-                       "restore the run's resolved config.yaml")
+        raise CxrError(
+            f"{path}: no `model:` section — the evaluator rebuilds the model from it; "
+            "restore the run's resolved config.yaml"
+        )
     return config
 
 
@@ -94,9 +97,15 @@ def read_member(run_dir: str | Path, name: str) -> Member:
     resolution = meta.get("resolution") or config.get("data", {}).get("resolution")
     data_cfg = config.get("data", {})
     return Member(
-        name=name, run_dir=run_dir, config=config, meta=meta, labels=list(labels),
-        resolution=int(resolution) if resolution else None, checkpoint=checkpoint,
-        mean=data_cfg.get("mean"), std=data_cfg.get("std"),
+        name=name,
+        run_dir=run_dir,
+        config=config,
+        meta=meta,
+        labels=list(labels),
+        resolution=int(resolution) if resolution else None,
+        checkpoint=checkpoint,
+        mean=data_cfg.get("mean"),
+        std=data_cfg.get("std"),
         uses_meta=str(model_cfg.get("metadata", "none")) != "none",
     )
 
@@ -114,8 +123,7 @@ def member_names(run_dirs: Sequence[str | Path]) -> list[str]:
     return names
 
 
-def check_compatible(members: Sequence[Member], labels: Sequence[str],
-                     resolution: int | None) -> int | None:
+def check_compatible(members: Sequence[Member], labels: Sequence[str], resolution: int | None) -> int | None:
     """Refuse members whose label set differs; return the eval resolution (None: each member's own).
 
     ``labels`` is the shards' label set; ``resolution`` the user's ``--resolution`` (None:
@@ -126,7 +134,8 @@ def check_compatible(members: Sequence[Member], labels: Sequence[str],
             raise CxrError(
                 f"{m.run_dir}: member {m.name} was trained on {len(m.labels)} labels {m.labels[:3]}… "
                 f"but the shards have {len(labels)} labels {list(labels)[:3]}… — an ensemble needs one "
-                "label set; evaluate this run on shards with its labels, or leave it out")
+                "label set; evaluate this run on shards with its labels, or leave it out"
+            )
     if resolution is not None:
         return int(resolution)
     first = members[0]
@@ -157,12 +166,17 @@ def build_member_model(member: Member, device: Any) -> Any:
     except CxrError:
         raise
     except (TypeError, ValueError, KeyError) as err:
-        raise CxrError(f"{member.run_dir}/config.yaml: cannot rebuild model {name!r} ({err}) — "
-                       "the config's model: section must match cxr.models.build_model") from err
-    load_weights(model, member.checkpoint.parent,
-                 fix=f"was {member.run_dir}/config.yaml edited after training? restore the one it was trained with",
-                 corrupt_fix=f"only tensors are loaded, never pickled code; retrain run {member.run_dir} "
-                 "or restore its checkpoints/best")
+        raise CxrError(
+            f"{member.run_dir}/config.yaml: cannot rebuild model {name!r} ({err}) — "
+            "the config's model: section must match cxr.models.build_model"
+        ) from err
+    load_weights(
+        model,
+        member.checkpoint.parent,
+        fix=f"was {member.run_dir}/config.yaml edited after training? restore the one it was trained with",
+        corrupt_fix=f"only tensors are loaded, never pickled code; retrain run {member.run_dir} "
+        "or restore its checkpoints/best",
+    )
     member.uses_meta = bool(getattr(model, "uses_meta", member.uses_meta))
     return model.to(device).eval()
 
@@ -210,8 +224,9 @@ def check_distinct(run_dirs: Sequence[str | Path]) -> None:
         real = os.path.realpath(run_dir)
         if real in seen:
             same = f"{seen[real]} and {run_dir}" + (f" are both {real}" if seen[real] != str(run_dir) else " again")
-            raise CxrError(f"{run_dir}: run given twice to --runs ({same}) — an ensemble would count it twice; "
-                           "pass each run once")
+            raise CxrError(
+                f"{run_dir}: run given twice to --runs ({same}) — an ensemble would count it twice; pass each run once"
+            )
         seen[real] = str(run_dir)
 
 
@@ -221,8 +236,11 @@ def _non_default_options(model_cfg: dict[str, Any]) -> dict[str, Any]:
 
     from cxr.models import build_model
 
-    defaults = {k: p.default for k, p in inspect.signature(build_model).parameters.items()
-                if p.default is not inspect.Parameter.empty}
+    defaults = {
+        k: p.default
+        for k, p in inspect.signature(build_model).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
     return {k: v for k, v in model_cfg.items() if k != "name" and (k not in defaults or defaults[k] != v)}
 
 
@@ -236,8 +254,8 @@ def _headline_val(val: Any) -> Any:
 
 # -------------------------------------------------------------- inference ----
 
-def eval_data_config(members: Sequence[Member], args: argparse.Namespace, resolution: int,
-                     on_gpu: bool = False) -> Any:
+
+def eval_data_config(members: Sequence[Member], args: argparse.Namespace, resolution: int, on_gpu: bool = False) -> Any:
     """The loader config: the first member's ``data:`` section, pointed at --shards, eval mode.
 
     A member trained with GPU decoding is evaluated with CPU decoding when this job has no GPU.
@@ -257,8 +275,7 @@ def eval_data_config(members: Sequence[Member], args: argparse.Namespace, resolu
     if args.loader_device:
         kwargs["device"] = args.loader_device
     elif kwargs.get("device") == "gpu" and not on_gpu:
-        print("note: data.device=gpu in the run config but this job runs on CPU — decoding on CPU",
-              file=sys.stderr)
+        print("note: data.device=gpu in the run config but this job runs on CPU — decoding on CPU", file=sys.stderr)
         kwargs["device"] = "cpu"
     return DataConfig(**kwargs)
 
@@ -280,16 +297,19 @@ def renormaliser(member: Member, loader_cfg: Any, device: Any):
     return lambda x: x * a + b
 
 
-def infer_split(members: Sequence[Member], loader_cfg: Any, split: str, state: Any,
-                precision: str = "fp32") -> ScoreSet:
+def infer_split(
+    members: Sequence[Member], loader_cfg: Any, split: str, state: Any, precision: str = "fp32"
+) -> ScoreSet:
     """Score this rank's share of ``split`` with every member (one read of the data)."""
     import torch
 
     from cxr.data import build_loader
     from cxrbase.progress import progress
+
     device = state.device
-    loader = build_loader(loader_cfg, split, rank=state.process_index,
-                          world_size=state.num_processes, epoch=0, train=False)
+    loader = build_loader(
+        loader_cfg, split, rank=state.process_index, world_size=state.num_processes, epoch=0, train=False
+    )
     renorm = {m.name: renormaliser(m, loader_cfg, device) for m in members}
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     keys: list[str] = []
@@ -299,18 +319,25 @@ def infer_split(members: Sequence[Member], loader_cfg: Any, split: str, state: A
         total = len(loader)
     except TypeError:
         total = None
-    bar = progress(loader, total=total, desc=f"infer {split}", unit="batch",
-               disable=not state.is_main_process, dynamic_ncols=True)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32,
-                                                enabled=dtype is not None):
+    bar = progress(
+        loader, total=total, desc=f"infer {split}", unit="batch", disable=not state.is_main_process, dynamic_ncols=True
+    )
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         for batch in bar:
             image = batch["image"].to(device, non_blocking=True)
             meta = batch["meta"].to(device, non_blocking=True) if "meta" in batch else None
             # float64 sigmoid keeps logits up to ~37 distinguishable (mean-logit ensembles); one
             # device→host copy per batch for all members (each copy is a sync point)
-            batch_probs = torch.stack([torch.sigmoid(m.model(renorm[m.name](image),
-                                                             meta=meta if m.uses_meta else None).double())
-                                       for m in members]).cpu().numpy()
+            batch_probs = (
+                torch.stack(
+                    [
+                        torch.sigmoid(m.model(renorm[m.name](image), meta=meta if m.uses_meta else None).double())
+                        for m in members
+                    ]
+                )
+                .cpu()
+                .numpy()
+            )
             for m, p in zip(members, batch_probs):
                 probs[m.name].append(p)
             keys.extend(str(k) for k in batch["key"])
@@ -343,34 +370,41 @@ def gather_scores(local: ScoreSet, state: Any) -> ScoreSet | None:
     return merged.deduplicated()
 
 
-def join_members(parts: Sequence[ScoreSet | None], order: Sequence[str], shards: Path,
-                 split: str) -> ScoreSet | None:
+def join_members(parts: Sequence[ScoreSet | None], order: Sequence[str], shards: Path, split: str) -> ScoreSet | None:
     """Join per-resolution passes (each sorted by key) into one ScoreSet, members in ``order``."""
     if parts[0] is None:  # not rank 0
         return None
     first = parts[0]
     for part in parts[1:]:
         if not np.array_equal(part.keys, first.keys) or not np.array_equal(part.y_true, first.y_true):
-            raise CxrError(f"{shards}: split {split!r} gave different images or labels at two "
-                           "resolutions — the derived resN/ shards must hold the masters' samples; "
-                           "re-run `python -m shards pack --resize`")
+            raise CxrError(
+                f"{shards}: split {split!r} gave different images or labels at two "
+                "resolutions — the derived resN/ shards must hold the masters' samples; "
+                "re-run `python -m shards pack --resize`"
+            )
     scores = {k: v for part in parts for k, v in part.scores.items()}
-    return dataclasses.replace(first, scores={name: scores[name] for name in order},
-                               duplicates=max(p.duplicates for p in parts))
+    return dataclasses.replace(
+        first, scores={name: scores[name] for name in order}, duplicates=max(p.duplicates for p in parts)
+    )
 
 
-def expected_keys(shards: Path, split: str, if_empty: str = "use --thresholds-from none"
-                  ) -> tuple[int, set[str] | None]:
+def expected_keys(
+    shards: Path, split: str, if_empty: str = "use --thresholds-from none"
+) -> tuple[int, set[str] | None]:
     """The number of samples of ``split`` in the manifest and, if its splits table is at hand, their keys."""
     manifest = load_manifest(shards)
     splits = manifest["splits"]
     if split not in splits:
-        raise CxrError(f"{manifest_path(shards)}: no split {split!r} (has {sorted(splits)}) — choose --split "
-                       "/ --thresholds-from among those")
+        raise CxrError(
+            f"{manifest_path(shards)}: no split {split!r} (has {sorted(splits)}) — choose --split "
+            "/ --thresholds-from among those"
+        )
     count = int(splits[split].get("samples", 0) or 0)
     if count == 0:
-        raise CxrError(f"{manifest_path(shards)}: split {split!r} has no samples — {if_empty} "
-                       f"(splits with samples: {sorted(s for s in splits if splits[s].get('samples'))})")
+        raise CxrError(
+            f"{manifest_path(shards)}: split {split!r} has no samples — {if_empty} "
+            f"(splits with samples: {sorted(s for s in splits if splits[s].get('samples'))})"
+        )
     table = manifest.get("splits_file")
     table_path = (shards / table) if table and not Path(table).is_absolute() else Path(table or "")
     if not table or not table_path.is_file():
@@ -390,16 +424,21 @@ def check_coverage(scores: ScoreSet, shards: Path, split: str) -> None:
     got = set(scores.keys.tolist())
     if keys is not None and got != keys:
         missing, extra = sorted(keys - got), sorted(got - keys)
-        raise CxrError(f"{shards}/manifest.json: split {split!r} has {len(keys)} images but "
-                       f"{len(got)} were scored (missing {missing[:3]}, unexpected {extra[:3]}) — "
-                       "the loader must deliver each sample once across ranks; re-pack or --debug")
+        raise CxrError(
+            f"{shards}/manifest.json: split {split!r} has {len(keys)} images but "
+            f"{len(got)} were scored (missing {missing[:3]}, unexpected {extra[:3]}) — "
+            "the loader must deliver each sample once across ranks; re-pack or --debug"
+        )
     if len(got) != count:
-        raise CxrError(f"{shards}/manifest.json: split {split!r} has {count} samples but {len(got)} "
-                       "distinct images were scored — the loader must deliver each sample once "
-                       "across ranks; check the shards with `python -m shards verify`")
+        raise CxrError(
+            f"{shards}/manifest.json: split {split!r} has {count} samples but {len(got)} "
+            "distinct images were scored — the loader must deliver each sample once "
+            "across ranks; check the shards with `python -m shards verify`"
+        )
 
 
 # ---------------------------------------------------------------- ensemble ---
+
 
 def ensemble_scores(scores: dict[str, np.ndarray], method: str = "mean-prob") -> np.ndarray:
     """The ensemble's probabilities [N, L]: mean of member probabilities, or sigmoid of mean logits."""
@@ -425,6 +464,7 @@ def with_ensemble(scores: ScoreSet, method: str) -> ScoreSet:
 
 # ------------------------------------------------------------------ runs ---
 
+
 def shards_labels(shards: Path) -> list[str]:
     """The label names of a shards folder (its manifest's ``labels``)."""
     return list(load_manifest(shards)["labels"])
@@ -441,8 +481,9 @@ def process_state(args: argparse.Namespace) -> Any:
     return PartialState(cpu=args.cpu or not torch.cuda.is_available())
 
 
-def infer_runs(args: argparse.Namespace, state: Any, splits: Sequence[str], on_ready: Any = None
-               ) -> tuple[dict[str, ScoreSet] | None, list[dict[str, Any]]]:
+def infer_runs(
+    args: argparse.Namespace, state: Any, splits: Sequence[str], on_ready: Any = None
+) -> tuple[dict[str, ScoreSet] | None, list[dict[str, Any]]]:
     """Load every member, infer each split once across ranks; rank 0 gets {split: ScoreSet}.
 
     ``on_ready(members)``, if given, is called once every member's model is loaded, before inference."""
@@ -455,24 +496,26 @@ def infer_runs(args: argparse.Namespace, state: Any, splits: Sequence[str], on_r
     groups: dict[int, list[Member]] = {}  # one pass over the split per distinct resolution
     for m in members:
         groups.setdefault(int(resolution or m.resolution), []).append(m)
-    loader_cfgs = {res: eval_data_config(group, args, res, on_gpu=state.device.type == "cuda")
-                   for res, group in groups.items()}
+    loader_cfgs = {
+        res: eval_data_config(group, args, res, on_gpu=state.device.type == "cuda") for res, group in groups.items()
+    }
     per_split: dict[str, ScoreSet] = {}
     for split in splits:  # fail before any inference if a split does not exist or is empty
         expected_keys(shards, split, "choose another --split" if split == args.split else "use --thresholds-from none")
     if on_ready is not None:
         on_ready(members)
     for split in splits:
-        parts = [gather_scores(infer_split(group, loader_cfgs[res], split, state, args.precision), state)
-                 for res, group in groups.items()]
+        parts = [
+            gather_scores(infer_split(group, loader_cfgs[res], split, state, args.precision), state)
+            for res, group in groups.items()
+        ]
         merged = join_members(parts, [m.name for m in members], shards, split)
         if merged is not None:
             if merged.duplicates:
-                print(f"note: split {split!r}: {merged.duplicates} duplicated keys across ranks dropped",
-                      file=sys.stderr)
+                print(
+                    f"note: split {split!r}: {merged.duplicates} duplicated keys across ranks dropped", file=sys.stderr
+                )
             check_coverage(merged, shards, split)
             per_split[split] = merged
     infos = [member_info(m, resolution or m.resolution) for m in members]
     return (per_split if state.is_main_process else None), infos
-
-

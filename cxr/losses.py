@@ -13,6 +13,7 @@ because the batch statistics and weights need the precision.
 
 Label smoothing (option of every loss): y <- y (1 - a) + a / 2 before the loss.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -32,8 +33,10 @@ BATCH_STATS = ("rank", "global")
 def _prepare(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Check shapes and cast both to a float type of at least float32."""
     if logits.shape != targets.shape:
-        raise CxrError(f"loss: logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ "
-                       f"— the model must output one logit per label")
+        raise CxrError(
+            f"loss: logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ "
+            f"— the model must output one logit per label"
+        )
     dtype = torch.promote_types(logits.dtype, torch.float32)
     return logits.to(dtype), targets.to(dtype)
 
@@ -53,8 +56,9 @@ def bce(logits: torch.Tensor, targets: torch.Tensor, *, label_smoothing: float =
     return F.binary_cross_entropy_with_logits(z, smooth_labels(y, label_smoothing))
 
 
-def weighted_bce(logits: torch.Tensor, targets: torch.Tensor, pos_weight, *,
-                 label_smoothing: float = 0.0) -> torch.Tensor:
+def weighted_bce(
+    logits: torch.Tensor, targets: torch.Tensor, pos_weight, *, label_smoothing: float = 0.0
+) -> torch.Tensor:
     """Class-weighted BCE, mean of -[w_c y log p + (1-y) log(1-p)] over [B, C].
 
     pos_weight: [C] positive weights (tensor or array), e.g. from :func:`positive_weights`.
@@ -76,8 +80,10 @@ def positive_weights(prevalence: np.ndarray, scheme: str = "linear", cap: float 
     if not ((pi >= 0) & (pi <= 1)).all():
         raise CxrError(f"positive_weights: prevalence outside [0, 1]: {pi} — pass positive fractions, not counts")
     if cap is None and (pi == 0).any():
-        raise CxrError(f"positive_weights: labels {np.flatnonzero(pi == 0).tolist()} have no training positives "
-                       f"(infinite weight) — set loss.cap (e.g. 20) or use another loss")
+        raise CxrError(
+            f"positive_weights: labels {np.flatnonzero(pi == 0).tolist()} have no training positives "
+            f"(infinite weight) — set loss.cap (e.g. 20) or use another loss"
+        )
     with np.errstate(divide="ignore"):
         odds = (1.0 - pi) / pi
     w = odds if scheme == "linear" else np.log1p(odds)
@@ -103,9 +109,15 @@ def positive_ratio(targets: torch.Tensor, batch_stats: str = "rank") -> torch.Te
         return stats[:-1] / stats[-1]
 
 
-def dynamic_weighted_bce(logits: torch.Tensor, targets: torch.Tensor, *, smoothing: float = 0.1,
-                         eps: float = 1e-7, batch_stats: str = "rank",
-                         label_smoothing: float = 0.0) -> torch.Tensor:
+def dynamic_weighted_bce(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    smoothing: float = 0.1,
+    eps: float = 1e-7,
+    batch_stats: str = "rank",
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
     """The 2025 analysis' DynamicWeightedBCE_wgt_smooth, in the stable log-sigmoid form.
 
     r_c = batch mean of y; r~ = r (1 - s) + s / 2; w+ = 1 / (r~ + eps);
@@ -128,8 +140,14 @@ def dynamic_weighted_bce(logits: torch.Tensor, targets: torch.Tensor, *, smoothi
     return -(y * w_pos * F.logsigmoid(z) + (1.0 - y) * w_neg * F.logsigmoid(-z)).mean()
 
 
-def focal(logits: torch.Tensor, targets: torch.Tensor, *, gamma: float = 2.0, alpha: float | None = None,
-          label_smoothing: float = 0.0) -> torch.Tensor:
+def focal(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    gamma: float = 2.0,
+    alpha: float | None = None,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
     """Focal loss (Lin et al. 2017), mean over [B, C] of
     -[a y (1-p)^gamma log p + (1-a) (1-y) p^gamma log(1-p)] with a = alpha, or
     both weights 1 when alpha is None.
@@ -189,8 +207,9 @@ class LossConfig:
         check(0.0 <= self.label_smoothing < 1.0, "label_smoothing", "a number in [0, 1), e.g. 0.05")
 
 
-def build_loss(cfg: LossConfig, train_prevalence: np.ndarray | None = None
-               ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def build_loss(
+    cfg: LossConfig, train_prevalence: np.ndarray | None = None
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The loss of ``cfg`` as ``loss(logits, targets) -> scalar``.
 
     train_prevalence: [C] positive fraction per label in the training split
@@ -201,8 +220,10 @@ def build_loss(cfg: LossConfig, train_prevalence: np.ndarray | None = None
         return lambda z, y: bce(z, y, label_smoothing=ls)
     if cfg.name == "weighted_bce":
         if train_prevalence is None:
-            raise CxrError("loss.name=weighted_bce needs the training prevalence — pass train_prevalence "
-                           "(per-label positive fraction of the train split, from the shards manifest)")
+            raise CxrError(
+                "loss.name=weighted_bce needs the training prevalence — pass train_prevalence "
+                "(per-label positive fraction of the train split, from the shards manifest)"
+            )
         w = torch.as_tensor(positive_weights(train_prevalence, cfg.weighting, cfg.cap))
         on_device: dict = {}  # one host-to-device copy per (device, dtype), not one per step
 
@@ -216,6 +237,7 @@ def build_loss(cfg: LossConfig, train_prevalence: np.ndarray | None = None
     if cfg.name == "ssim_recon":
         return lambda score, y: score.mean()
     if cfg.name == "dynamic_weighted_bce":
-        return lambda z, y: dynamic_weighted_bce(z, y, smoothing=cfg.smoothing, eps=cfg.eps,
-                                                 batch_stats=cfg.batch_stats, label_smoothing=ls)
+        return lambda z, y: dynamic_weighted_bce(
+            z, y, smoothing=cfg.smoothing, eps=cfg.eps, batch_stats=cfg.batch_stats, label_smoothing=ls
+        )
     return lambda z, y: focal(z, y, gamma=cfg.gamma, alpha=cfg.alpha, label_smoothing=ls)

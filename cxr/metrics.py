@@ -21,6 +21,7 @@ Conventions (stated once, tested against scikit-learn):
   the counts summed over labels (sklearn ``average="micro"``).
 - Mean AUROC / AUPRC (macro) average the labels where they are defined.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -50,8 +51,10 @@ def _as_2d(y_true, y_score) -> tuple[np.ndarray, np.ndarray]:
     if s.ndim == 1:
         s = s[:, None]
     if y.shape != s.shape or y.ndim != 2 or y.shape[0] == 0:
-        raise CxrError(f"metrics: y_true {y.shape} and y_score {s.shape} must be equal, "
-                       f"non-empty [n, L] arrays — pass one row per image, one column per label")
+        raise CxrError(
+            f"metrics: y_true {y.shape} and y_score {s.shape} must be equal, "
+            f"non-empty [n, L] arrays — pass one row per image, one column per label"
+        )
     if not np.isin(y, (0, 1)).all():
         raise CxrError("metrics: y_true holds values other than 0/1 — binarise the labels first")
     if not np.isfinite(s).all():
@@ -102,8 +105,7 @@ def _undefined_auroc(y: np.ndarray, names: list[str]) -> np.ndarray:
     """Boolean [L] of labels lacking positives or negatives; warns once naming them."""
     n_pos = y.sum(axis=0)
     undefined = (n_pos == 0) | (n_pos == y.shape[0])
-    cases = [f"{names[c]} (no {'positives' if n_pos[c] == 0 else 'negatives'})"
-             for c in np.flatnonzero(undefined)]
+    cases = [f"{names[c]} (no {'positives' if n_pos[c] == 0 else 'negatives'})" for c in np.flatnonzero(undefined)]
     _warn("AUROC undefined (NaN) for labels without both classes", cases)
     return undefined
 
@@ -135,8 +137,7 @@ def per_label_auprc(y_true, y_score) -> np.ndarray:
     y, s = _as_2d(y_true, y_score)
     names = _names(y.shape[1])
     n_pos = y.sum(axis=0)
-    _warn("AUPRC undefined (NaN) for labels without positives",
-          [names[c] for c in np.flatnonzero(n_pos == 0)])
+    _warn("AUPRC undefined (NaN) for labels without positives", [names[c] for c in np.flatnonzero(n_pos == 0)])
     out = np.full(y.shape[1], np.nan)
     for c in np.flatnonzero(n_pos > 0):
         _, tps, fps = _binary_curve(y[:, c], s[:, c])
@@ -235,8 +236,10 @@ def calibrate(x, operating_point) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     o = np.asarray(operating_point, dtype=np.float64)
     if not ((o > 0) & (o < 1)).all():
-        raise CxrError(f"calibrate: operating points must lie strictly in (0, 1), got {o} — "
-                       f"tune them with tune_thresholds on validation data")
+        raise CxrError(
+            f"calibrate: operating points must lie strictly in (0, 1), got {o} — "
+            f"tune them with tune_thresholds on validation data"
+        )
     low = x / (2 * o)
     high = 1 - (1 - x) / (2 * (1 - o))
     return np.where(x <= o, low, high)
@@ -258,7 +261,7 @@ def bootstrap_counts(n: int, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
         k = min(block, n_boot - b0)
         draws = rng.integers(0, n, size=(k, n), dtype=index_type)
         draws += (np.arange(k, dtype=index_type) * n)[:, None]
-        counts[:, b0:b0 + k] = np.bincount(draws.ravel(), minlength=k * n).reshape(k, n).T
+        counts[:, b0 : b0 + k] = np.bincount(draws.ravel(), minlength=k * n).reshape(k, n).T
     return counts
 
 
@@ -286,8 +289,9 @@ def _weighted_auroc(y: np.ndarray, s: np.ndarray, counts: np.ndarray, totals: np
     carry = tied & (t + 1 < m)  # the other half of a tie counts for all higher u_t
     rows = np.concatenate([t[below], t[tied], t[carry] + 1, m + np.searchsorted(u, s[pos])])
     cols = np.concatenate([neg[below], neg[tied], neg[carry], pos])
-    vals = np.concatenate([np.ones(below.sum()), np.full(tied.sum(), 0.5),
-                           np.full(carry.sum(), 0.5), np.ones(pos.size)]).astype(counts.dtype)
+    vals = np.concatenate(
+        [np.ones(below.sum()), np.full(tied.sum(), 0.5), np.full(carry.sum(), 0.5), np.ones(pos.size)]
+    ).astype(counts.dtype)
     stacked = sp.csr_matrix((vals, (rows, cols)), shape=(2 * m, y.size)) @ counts
     below_weight, pos_weight = stacked[:m], stacked[m:]
     # In-place running sum over the m score groups (not over resamples): each step
@@ -336,8 +340,9 @@ def _bootstrap_one(y: np.ndarray, s: np.ndarray, counts: np.ndarray, alpha: floa
     return out
 
 
-def bootstrap_auroc(y_true, y_score, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
-                    counts: np.ndarray | None = None):
+def bootstrap_auroc(
+    y_true, y_score, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05, counts: np.ndarray | None = None
+):
     """Percentile bootstrap CIs (over images) for per-label and mean AUROC.
 
     y_true: [n, L]; y_score: [n, L], or a list of such score sets (ensemble members),
@@ -361,8 +366,10 @@ def bootstrap_auroc(y_true, y_score, n_boot: int = 1000, seed: int = 0, alpha: f
     if counts is None:
         counts = bootstrap_counts(y.shape[0], n_boot, seed)
     elif counts.ndim != 2 or counts.shape[0] != y.shape[0]:
-        raise CxrError(f"bootstrap_auroc: counts {counts.shape} do not match {y.shape[0]} images — "
-                       f"build them with bootstrap_counts(n_images, n_boot)")
+        raise CxrError(
+            f"bootstrap_auroc: counts {counts.shape} do not match {y.shape[0]} images — "
+            f"build them with bootstrap_counts(n_images, n_boot)"
+        )
     elif counts.dtype not in (np.float32, np.float64):
         counts = counts.astype(np.float32)  # integer counts: exact in float32, and the 1/2 of ties fits
     results = [_bootstrap_one(*_as_2d(y, s), counts, alpha) for s in score_sets]
@@ -444,16 +451,25 @@ def summary(y_true, y_score, thresholds, labels: Sequence[str] | None = None) ->
     rows["threshold"] = tm["thresholds"]
     for name in RATIO_METRICS:
         rows[name] = tm[name]
-    macro = {"n_pos": rows["n_pos"].sum(), "prevalence": y.mean(),
-             "auroc": _nanmean(rows["auroc"].to_numpy()), "auprc": _nanmean(rows["auprc"].to_numpy()),
-             **tm["macro"]}
+    macro = {
+        "n_pos": rows["n_pos"].sum(),
+        "prevalence": y.mean(),
+        "auroc": _nanmean(rows["auroc"].to_numpy()),
+        "auprc": _nanmean(rows["auprc"].to_numpy()),
+        **tm["macro"],
+    }
     flat_y, flat_s = y.reshape(-1, 1), s.reshape(-1, 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UndefinedMetricWarning)  # already warned per label
-        micro = {"n_pos": macro["n_pos"], "prevalence": macro["prevalence"],
-                 "auroc": float(per_label_auroc(flat_y, flat_s)[0]),
-                 "auprc": float(per_label_auprc(flat_y, flat_s)[0]), **tm["micro"],
-                 "hamming_loss": tm["hamming_loss"], "exact_match": tm["exact_match"]}
+        micro = {
+            "n_pos": macro["n_pos"],
+            "prevalence": macro["prevalence"],
+            "auroc": float(per_label_auroc(flat_y, flat_s)[0]),
+            "auprc": float(per_label_auprc(flat_y, flat_s)[0]),
+            **tm["micro"],
+            "hamming_loss": tm["hamming_loss"],
+            "exact_match": tm["exact_match"],
+        }
     table = pd.concat([rows, pd.DataFrame([macro, micro], index=["macro", "micro"])])
     table.index.name = "label"
     table.attrs.update(hamming_loss=tm["hamming_loss"], exact_match=tm["exact_match"])
@@ -489,8 +505,9 @@ def paired_delong(y_true, score_1, score_2) -> dict[str, float]:
     y = np.asarray(y_true).astype(bool).ravel()
     s1, s2 = np.asarray(score_1, np.float64).ravel(), np.asarray(score_2, np.float64).ravel()
     if not (y.size == s1.size == s2.size):
-        raise CxrError(f"paired_delong: {y.size} labels vs {s1.size} and {s2.size} scores — "
-                       "both models must score the same images")
+        raise CxrError(
+            f"paired_delong: {y.size} labels vs {s1.size} and {s2.size} scores — both models must score the same images"
+        )
     m, n = int(y.sum()), int((~y).sum())
     nan = float("nan")
     if m == 0 or n == 0:
@@ -506,12 +523,19 @@ def paired_delong(y_true, score_1, score_2) -> dict[str, float]:
         z = 0.0 if abs(delta) < 1e-12 else float(np.sign(delta) * np.inf)
     else:
         z = delta / float(np.sqrt(var))
-    return {"auc_1": auc_1, "auc_2": auc_2, "delta": delta, "var": float(max(var, 0.0)), "z": z,
-            "p": float(2 * norm.sf(abs(z)))}
+    return {
+        "auc_1": auc_1,
+        "auc_2": auc_2,
+        "delta": delta,
+        "var": float(max(var, 0.0)),
+        "z": z,
+        "p": float(2 * norm.sf(abs(z))),
+    }
 
 
-def paired_bootstrap_delta(y_true, score_1, score_2, n_boot: int = 1000, seed: int = 0,
-                           alpha: float = 0.05, counts: np.ndarray | None = None) -> dict:
+def paired_bootstrap_delta(
+    y_true, score_1, score_2, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05, counts: np.ndarray | None = None
+) -> dict:
     """Percentile CI of AUROC(score_1) − AUROC(score_2) per label, both on the SAME resamples.
 
     y_true, score_1, score_2: [N, L]. Each replicate draws the images once
@@ -520,8 +544,7 @@ def paired_bootstrap_delta(y_true, score_1, score_2, n_boot: int = 1000, seed: i
     ``ci_low, ci_high`` [L], ``samples`` [n_boot, L] and ``mean_delta, mean_ci_low,
     mean_ci_high`` for the macro mean.
     """
-    first, second = bootstrap_auroc(y_true, [score_1, score_2], n_boot=n_boot, seed=seed, alpha=alpha,
-                                    counts=counts)
+    first, second = bootstrap_auroc(y_true, [score_1, score_2], n_boot=n_boot, seed=seed, alpha=alpha, counts=counts)
     samples = first["samples"] - second["samples"]
     mean_samples = first["mean_samples"] - second["mean_samples"]
     q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
@@ -529,9 +552,17 @@ def paired_bootstrap_delta(y_true, score_1, score_2, n_boot: int = 1000, seed: i
         warnings.simplefilter("ignore", RuntimeWarning)  # undefined labels: all-NaN columns
         low, high = np.nanpercentile(samples, q, axis=0)
         mean_low, mean_high = np.nanpercentile(mean_samples, q) if np.isfinite(mean_samples).any() else (np.nan,) * 2
-    return {"delta": first["auroc"] - second["auroc"], "ci_low": low, "ci_high": high, "samples": samples,
-            "mean_delta": first["mean_auroc"] - second["mean_auroc"], "mean_ci_low": float(mean_low),
-            "mean_ci_high": float(mean_high), "n_boot": int(samples.shape[0]), "alpha": alpha}
+    return {
+        "delta": first["auroc"] - second["auroc"],
+        "ci_low": low,
+        "ci_high": high,
+        "samples": samples,
+        "mean_delta": first["mean_auroc"] - second["mean_auroc"],
+        "mean_ci_low": float(mean_low),
+        "mean_ci_high": float(mean_high),
+        "n_boot": int(samples.shape[0]),
+        "alpha": alpha,
+    }
 
 
 def holm(p_values) -> np.ndarray:
@@ -613,7 +644,9 @@ def unpaired_delong(y_1, score_1, y_2, score_2) -> dict[str, float]:
         if y.sum() in (0, y.size):
             return {"auc_1": nan, "auc_2": nan, "delta": nan, "var": nan, "z": nan, "p": nan}
         v10, v01 = _delong_components(s[y], s[~y])
-        var = (v10.var(ddof=1) / v10.size if v10.size > 1 else 0.0) + (v01.var(ddof=1) / v01.size if v01.size > 1 else 0.0)
+        var = (v10.var(ddof=1) / v10.size if v10.size > 1 else 0.0) + (
+            v01.var(ddof=1) / v01.size if v01.size > 1 else 0.0
+        )
         parts.append((float(v10.mean()), float(var)))
     (a1, v1), (a2, v2) = parts
     delta, var = a1 - a2, v1 + v2
@@ -639,15 +672,20 @@ class Resamples:
         else:
             units = np.asarray(units)
             if units.shape != (n,) or pd.isna(units).any():
-                raise CxrError(f"resamples: {units.shape} patient ids for {n} images (or missing ids) — "
-                               "the splits table must give every image a patient")
+                raise CxrError(
+                    f"resamples: {units.shape} patient ids for {n} images (or missing ids) — "
+                    "the splits table must give every image a patient"
+                )
             _, self.inverse = np.unique(units, return_inverse=True)
             self.level = "patient"
         self.n, self.n_boot, self.n_units = n, n_boot, int(self.inverse.max()) + 1
         self.unit_counts = bootstrap_counts(self.n_units, n_boot, seed)
         self._counts: np.ndarray | None = None
-        self._aggregate = None if self.level == "image" else sp.csr_matrix(
-            (np.ones(n, dtype=np.float32), (self.inverse, np.arange(n))), shape=(self.n_units, n))
+        self._aggregate = (
+            None
+            if self.level == "image"
+            else sp.csr_matrix((np.ones(n, dtype=np.float32), (self.inverse, np.arange(n))), shape=(self.n_units, n))
+        )
 
     @property
     def counts(self) -> np.ndarray:

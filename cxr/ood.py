@@ -18,6 +18,7 @@ whose distance exceeds the threshold is rejected. 1 − SSIM alone is not enough
 page of text is easy to reconstruct (bench/ood_gate.py measures both). SSIM is pytorch-msssim's
 (Gaussian window 11, σ 1.5, K1 0.01, K2 0.03, data range 1), tested against scikit-image.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,9 +50,19 @@ THRESHOLD_FILE = "ood_threshold.json"
 # on the same side of a cut in float32 PyTorch and onnxruntime.
 _CUTS = (12, 63, 127, 191, 242)
 _GRID = 4
-FEATURES = ("log_ae", "mean", "std", *(f"frac_below_{k}" for k in _CUTS), "gradient", "fine_detail",
-            "lr_asymmetry", "centre_minus_sides", "bottom_minus_top", "border_minus_mean",
-            *(f"layout_{r}{c}" for r in range(_GRID) for c in range(_GRID)))
+FEATURES = (
+    "log_ae",
+    "mean",
+    "std",
+    *(f"frac_below_{k}" for k in _CUTS),
+    "gradient",
+    "fine_detail",
+    "lr_asymmetry",
+    "centre_minus_sides",
+    "bottom_minus_top",
+    "border_minus_mean",
+    *(f"layout_{r}{c}" for r in range(_GRID) for c in range(_GRID)),
+)
 
 
 def image_features(x01: torch.Tensor, ae_score: torch.Tensor) -> torch.Tensor:
@@ -73,12 +84,12 @@ def image_features(x01: torch.Tensor, ae_score: torch.Tensor) -> torch.Tensor:
     mirror = torch.arange(w - 1, w - 1 - half, -1)  # the right half read right to left (a Gather in ONNX)
     asym = (x[:, :, :half] - x.index_select(2, mirror)).abs().mean((1, 2))
     q = w // 8
-    centre = x[:, :, 3 * q:5 * q].mean((1, 2))
-    sides = 0.5 * (x[:, :, q:3 * q].mean((1, 2)) + x[:, :, 5 * q:7 * q].mean((1, 2)))
+    centre = x[:, :, 3 * q : 5 * q].mean((1, 2))
+    sides = 0.5 * (x[:, :, q : 3 * q].mean((1, 2)) + x[:, :, 5 * q : 7 * q].mean((1, 2)))
     third = h // 3
-    bottom_top = x[:, h - third:, :].mean((1, 2)) - x[:, :third, :].mean((1, 2))
+    bottom_top = x[:, h - third :, :].mean((1, 2)) - x[:, :third, :].mean((1, 2))
     b = max(1, h // 16)
-    inner = x[:, b:h - b, b:w - b]
+    inner = x[:, b : h - b, b : w - b]
     border = (x.sum((1, 2)) - inner.sum((1, 2))) / (h * w - inner.shape[1] * inner.shape[2])
     log_ae = torch.log(ae_score.clamp_min(1e-6))
     layout = nn.functional.avg_pool2d(x01, (h // _GRID, w // _GRID))[:, 0].flatten(1) - mean[:, None]
@@ -98,8 +109,15 @@ def fit_feature_model(feats: np.ndarray, split: str = "train") -> dict:
     centre, scale = feats.mean(0), np.maximum(feats.std(0), 1e-3)
     cov = LedoitWolf().fit((feats - centre) / scale).covariance_
     whiten = np.linalg.cholesky(np.linalg.inv(cov))  # lower L, L Lᵀ = Σ⁻¹ → zᵀΣ⁻¹z = ‖Lᵀz‖²
-    return {"names": list(FEATURES), "cuts": list(_CUTS), "split": split, "n_images": len(feats),
-            "centre": centre.tolist(), "scale": scale.tolist(), "whiten": whiten.tolist()}
+    return {
+        "names": list(FEATURES),
+        "cuts": list(_CUTS),
+        "split": split,
+        "n_images": len(feats),
+        "centre": centre.tolist(),
+        "scale": scale.tolist(),
+        "whiten": whiten.tolist(),
+    }
 
 
 def feature_distance(feats, model: dict) -> np.ndarray:
@@ -132,21 +150,33 @@ class GateScore(nn.Module):
     region, population statistics, K1 0.01, K2 0.03), for ONNX export — pytorch-msssim builds its
     window inside the call, which the exporter cannot trace; the export test compares the two."""
 
-    def __init__(self, ae: OodAutoencoder, feature_model: dict | None, explicit_ssim: bool = False,
-                 size: int = 11, sigma: float = 1.5):
+    def __init__(
+        self,
+        ae: OodAutoencoder,
+        feature_model: dict | None,
+        explicit_ssim: bool = False,
+        size: int = 11,
+        sigma: float = 1.5,
+    ):
         super().__init__()
         if feature_model is None:  # not fitted yet: only :meth:`features` is meaningful
             n = len(FEATURES)
-            feature_model = {"names": list(FEATURES), "centre": [0.0] * n, "scale": [1.0] * n,
-                             "whiten": np.eye(n).tolist()}
+            feature_model = {
+                "names": list(FEATURES),
+                "centre": [0.0] * n,
+                "scale": [1.0] * n,
+                "whiten": np.eye(n).tolist(),
+            }
         if list(feature_model.get("names", [])) != list(FEATURES):
-            raise CxrError(f"ood feature model: features {feature_model.get('names')} differ from this version's "
-                           f"{list(FEATURES)} — re-run `python -m cxr.ood threshold`")
+            raise CxrError(
+                f"ood feature model: features {feature_model.get('names')} differ from this version's "
+                f"{list(FEATURES)} — re-run `python -m cxr.ood threshold`"
+            )
         self.ae, self.explicit_ssim = ae, explicit_ssim
         for name in ("centre", "scale", "whiten"):
             self.register_buffer(name, torch.tensor(feature_model[name], dtype=torch.float32), persistent=False)
         coords = torch.arange(size, dtype=torch.float32) - size // 2
-        g = torch.exp(-(coords ** 2) / (2 * sigma ** 2))
+        g = torch.exp(-(coords**2) / (2 * sigma**2))
         g = g / g.sum()
         self.register_buffer("win_h", g.reshape(1, 1, size, 1), persistent=False)
         self.register_buffer("win_w", g.reshape(1, 1, 1, size), persistent=False)
@@ -155,7 +185,7 @@ class GateScore(nn.Module):
         return nn.functional.conv2d(nn.functional.conv2d(x, self.win_h), self.win_w)
 
     def _ssim_explicit(self, x01: torch.Tensor, y01: torch.Tensor) -> torch.Tensor:
-        c1, c2 = 0.01 ** 2, 0.03 ** 2
+        c1, c2 = 0.01**2, 0.03**2
         mu_x, mu_y = self._blur(x01), self._blur(y01)
         var_x = self._blur(x01 * x01) - mu_x * mu_x
         var_y = self._blur(y01 * y01) - mu_y * mu_y
@@ -182,8 +212,10 @@ def load_gate(run: str | Path, device="cpu"):
 
     member = read_member(run, Path(run).name)
     if member.config.get("model", {}).get("name") != "ood_ae":
-        raise CxrError(f"{run}/config.yaml: model.name is {member.config.get('model', {}).get('name')!r}, "
-                       f"not ood_ae — pass the OOD autoencoder's run dir")
+        raise CxrError(
+            f"{run}/config.yaml: model.name is {member.config.get('model', {}).get('name')!r}, "
+            f"not ood_ae — pass the OOD autoencoder's run dir"
+        )
     model = build_member_model(member, torch.device(device))
     data = member.config.get("data", {})
     model.norm.copy_(torch.tensor([data.get("mean", 0.5176), data.get("std", 0.2542)]))
@@ -203,8 +235,7 @@ def split_features(ae: OodAutoencoder, member, shards: str | Path, split: str, b
     from cxr.data import DataConfig, build_loader
     from cxrbase.progress import progress
 
-    data = {k: v for k, v in member.config.get("data", {}).items()
-            if k in {f for f in DataConfig.__dataclass_fields__}}
+    data = {k: v for k, v in member.config.get("data", {}).items() if k in {f for f in DataConfig.__dataclass_fields__}}
     data.update(shards=str(shards), augment=False, eval_batch_size=batch_size, device="cpu")
     loader = build_loader(DataConfig(**data), split, epoch=0, train=False)
     scorer = GateScore(ae, None)
@@ -222,8 +253,9 @@ def score_split(run: str | Path, shards: str | Path, split: str, batch_size: int
     return keys, feature_distance(feats, read_threshold(run)["features"])
 
 
-def write_threshold(run: str | Path, val_scores: np.ndarray, percentile: float, split: str = "val",
-                    features: dict | None = None) -> dict:
+def write_threshold(
+    run: str | Path, val_scores: np.ndarray, percentile: float, split: str = "val", features: dict | None = None
+) -> dict:
     """RUN/ood_threshold.json: the gate's feature model (:func:`fit_feature_model`) and the
     ``percentile`` of ``val_scores`` — the cross-fitted distances of the ``split`` images
     (:func:`cross_fitted_distances`) — as its threshold (numpy's linear interpolation)."""
@@ -232,12 +264,18 @@ def write_threshold(run: str | Path, val_scores: np.ndarray, percentile: float, 
     if len(val_scores) == 0:
         raise CxrError(f"{run}: no {split} images scored — the shards need a {split} split")
     thr = float(np.percentile(val_scores, percentile))
-    doc = {"threshold": thr, "percentile": float(percentile), "split": split, "n_images": len(val_scores),
-           "rule": "reject when score > threshold; score = Mahalanobis distance of the image's features "
-                   "(log(1 - SSIM(image, reconstruction)), intensity/shape statistics and a 4x4 layout) from "
-                   f"the {(features or {}).get('split', 'train')} images'; threshold = the percentile of the "
-                   "same images' cross-fitted distances (each from a model fitted without it)",
-           "val_rejected_fraction": float(np.mean(val_scores > thr)), "features": features}
+    doc = {
+        "threshold": thr,
+        "percentile": float(percentile),
+        "split": split,
+        "n_images": len(val_scores),
+        "rule": "reject when score > threshold; score = Mahalanobis distance of the image's features "
+        "(log(1 - SSIM(image, reconstruction)), intensity/shape statistics and a 4x4 layout) from "
+        f"the {(features or {}).get('split', 'train')} images'; threshold = the percentile of the "
+        "same images' cross-fitted distances (each from a model fitted without it)",
+        "val_rejected_fraction": float(np.mean(val_scores > thr)),
+        "features": features,
+    }
     atomic_write_text(Path(run) / THRESHOLD_FILE, json.dumps(doc, indent=2) + "\n")
     return doc
 
@@ -249,8 +287,10 @@ def read_threshold(run: str | Path) -> dict:
         raise CxrError(f"{path}: missing — {fix}")
     doc = json.loads(path.read_text())
     if not isinstance(doc.get("features"), dict) or list(doc["features"].get("names", [])) != list(FEATURES):
-        raise CxrError(f"{path}: no feature model of this version's gate (1 − SSIM alone passed plots and "
-                       f"text pages) — {fix} again")
+        raise CxrError(
+            f"{path}: no feature model of this version's gate (1 − SSIM alone passed plots and "
+            f"text pages) — {fix} again"
+        )
     return doc
 
 
@@ -273,10 +313,17 @@ def ood_report(run: str | Path, shards: str | Path, split: str, scores) -> dict:
     for member, probs in scores.scores.items():
         for subset, mask in (("all", np.ones_like(accept)), ("accepted", accept)):
             aucs = per_label_auroc(scores.y_true[mask], probs[mask])
-            rows.append({"member": member, "images": subset, "n": int(mask.sum()),
-                         "mean_auroc": float(np.nanmean(aucs))})
-    return {"n": len(accept), "rejected": int((~accept).sum()), "threshold": thr, "table": pd.DataFrame(rows),
-            "accepted": accept, "scores": np.array([by_key[k] for k in scores.keys])}
+            rows.append(
+                {"member": member, "images": subset, "n": int(mask.sum()), "mean_auroc": float(np.nanmean(aucs))}
+            )
+    return {
+        "n": len(accept),
+        "rejected": int((~accept).sum()),
+        "threshold": thr,
+        "table": pd.DataFrame(rows),
+        "accepted": accept,
+        "scores": np.array([by_key[k] for k in scores.keys]),
+    }
 
 
 def report_ood(run: str | Path, shards: str | Path, split: str, scores, out: Path) -> str:
@@ -293,28 +340,43 @@ def report_ood(run: str | Path, shards: str | Path, split: str, scores, out: Pat
     with atomic_write(out / "ood_rejected.csv", "w") as fh:
         rejected.to_csv(fh, index=False)
     table = rep["table"].pivot(index="member", columns="images", values="mean_auroc")
-    lines = [f"ood gate {run}: rejected {rep['rejected']} of {rep['n']} '{split}' images "
-             f"({rep['rejected'] / max(rep['n'], 1):.1%}; score > {rep['threshold']:.4f}) → {out / 'ood.csv'}",
-             "mean AUROC  all  accepted"]
+    lines = [
+        f"ood gate {run}: rejected {rep['rejected']} of {rep['n']} '{split}' images "
+        f"({rep['rejected'] / max(rep['n'], 1):.1%}; score > {rep['threshold']:.4f}) → {out / 'ood.csv'}",
+        "mean AUROC  all  accepted",
+    ]
     lines += [f"  {m}: {row['all']:.4f}  {row['accepted']:.4f}" for m, row in table.iterrows()]
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m cxr.ood", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m cxr.ood", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("threshold", help="fit the gate's feature model on the train and val images and store it "
-                       "with the percentile threshold of their cross-fitted distances in RUN/ood_threshold.json")
+    t = sub.add_parser(
+        "threshold",
+        help="fit the gate's feature model on the train and val images and store it "
+        "with the percentile threshold of their cross-fitted distances in RUN/ood_threshold.json",
+    )
     t.add_argument("--run", required=True, help="run dir of an ood_ae training run")
     t.add_argument("--shards", required=True, help="shards folder (the one it was trained on)")
-    t.add_argument("--splits", nargs="+", default=["train", "val"], metavar="SPLIT",
-                   help="in-distribution splits the feature model and the threshold are fitted on (default: train "
-                   "val; never the split you evaluate on)")
-    t.add_argument("--percentile", type=float, default=95.0,
-                   help="percentile of the cross-fitted distances used as threshold (default: 95 → ~5%% of unseen "
-                   "X-rays rejected)")
+    t.add_argument(
+        "--splits",
+        nargs="+",
+        default=["train", "val"],
+        metavar="SPLIT",
+        help="in-distribution splits the feature model and the threshold are fitted on (default: train "
+        "val; never the split you evaluate on)",
+    )
+    t.add_argument(
+        "--percentile",
+        type=float,
+        default=95.0,
+        help="percentile of the cross-fitted distances used as threshold (default: 95 → ~5%% of unseen "
+        "X-rays rejected)",
+    )
     t.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
@@ -328,9 +390,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = "+".join(args.splits)
     model = fit_feature_model(feats, names)
     doc = write_threshold(args.run, cross_fitted_distances(feats), args.percentile, names, model)
-    print(f"ood gate: feature model fitted on {model['n_images']} {names} images; threshold {doc['threshold']:.4f} "
-          f"= p{doc['percentile']:g} of their cross-fitted distances ({doc['val_rejected_fraction']:.1%} of them "
-          f"rejected) → {Path(args.run) / THRESHOLD_FILE} in {time.time() - t0:.1f} s")
+    print(
+        f"ood gate: feature model fitted on {model['n_images']} {names} images; threshold {doc['threshold']:.4f} "
+        f"= p{doc['percentile']:g} of their cross-fitted distances ({doc['val_rejected_fraction']:.1%} of them "
+        f"rejected) → {Path(args.run) / THRESHOLD_FILE} in {time.time() - t0:.1f} s"
+    )
     return 0
 
 

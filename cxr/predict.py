@@ -20,6 +20,7 @@ Files that are not images or do not decode are counted, listed in ``OUT/skipped.
 reason, and named in the summary; nothing is skipped silently. No DICOM header field but the file
 name reaches an output.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -136,14 +137,19 @@ def open_package(folder: Path) -> Scorer:
         cam = session.run(["cam"], {"image": tensor([image], model_cfg)})[0][0]  # [L,h,w], members' mean CAM
         return np.stack([_resize_map(np.maximum(cam[j], 0), image.shape) for j in labels])
 
-    return Scorer(labels=list(pre["labels"]), operating_points=np.asarray(ops["operating_points"], float),
-                  has_gate=True, threshold=float(ood_cfg["threshold"]), score=score,
-                  description=f"package {folder} (onnxruntime)", heat=heat if with_cam else None,
-                  heat_method="CAM (the package's ensemble CAM)")
+    return Scorer(
+        labels=list(pre["labels"]),
+        operating_points=np.asarray(ops["operating_points"], float),
+        has_gate=True,
+        threshold=float(ood_cfg["threshold"]),
+        score=score,
+        description=f"package {folder} (onnxruntime)",
+        heat=heat if with_cam else None,
+        heat_method="CAM (the package's ensemble CAM)",
+    )
 
 
-def open_runs(runs: Sequence[Path], ood: Path | None, thresholds: str | None, method: str,
-              device: str) -> Scorer:
+def open_runs(runs: Sequence[Path], ood: Path | None, thresholds: str | None, method: str, device: str) -> Scorer:
     """Training run dirs (an ensemble) and an optional gate run, preprocessed as the loaders do."""
     import torch
 
@@ -151,16 +157,21 @@ def open_runs(runs: Sequence[Path], ood: Path | None, thresholds: str | None, me
     from cxr.inference import build_member_model, ensemble_scores, member_names, read_member
     from shards.image_codec import resize_grey
 
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = torch.device(
+        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    )
     members = [read_member(run, name) for run, name in zip(runs, member_names(runs))]
     for m in members:
         if m.uses_meta:
-            raise CxrError(f"{m.run_dir}/config.yaml: member {m.name} fuses metadata (age, sex, view), which "
-                           "files do not reliably carry — predict with members trained without metadata")
+            raise CxrError(
+                f"{m.run_dir}/config.yaml: member {m.name} fuses metadata (age, sex, view), which "
+                "files do not reliably carry — predict with members trained without metadata"
+            )
         if m.labels != members[0].labels:
-            raise CxrError(f"{m.run_dir}: member {m.name} has other labels than {members[0].name} — one "
-                           "ensemble needs one label set")
+            raise CxrError(
+                f"{m.run_dir}: member {m.name} has other labels than {members[0].name} — one "
+                "ensemble needs one label set"
+            )
         if m.resolution is None:
             raise CxrError(f"{m.run_dir}/config.yaml: no data.resolution — restore the run's config")
         m.model = build_member_model(m, dev)
@@ -170,20 +181,27 @@ def open_runs(runs: Sequence[Path], ood: Path | None, thresholds: str | None, me
 
         ae, gate_member = load_gate(ood, device=str(dev))
         fitted = read_threshold(ood)
-        gate = (GateScore(ae, fitted["features"]).to(dev).eval(), int(gate_member.resolution or 64),
-                fitted["threshold"], gate_model_data(ae))
+        gate = (
+            GateScore(ae, fitted["features"]).to(dev).eval(),
+            int(gate_member.resolution or 64),
+            fitted["threshold"],
+            gate_model_data(ae),
+        )
     labels = list(members[0].labels)
     points = np.full(len(labels), 0.5)  # no tuned thresholds: calibration is the identity
     if thresholds is not None:
         ops = operating_points(thresholds, len(members), members[0].name, method)
         if ops["labels"] != labels:
-            raise CxrError(f"{thresholds}: thresholds for another label set than the runs' — pass the "
-                           "thresholds.json of these runs' report (python -m cxr.evaluate --runs …)")
+            raise CxrError(
+                f"{thresholds}: thresholds for another label set than the runs' — pass the "
+                "thresholds.json of these runs' report (python -m cxr.evaluate --runs …)"
+            )
         points = np.asarray(ops["operating_points"], float)
 
     def tensor(images: list[np.ndarray], size: int, mean: float, std: float):
-        px = np.stack([im if im.shape == (size, size) else
-                       np.asarray(resize_grey(_pil(im), size)) for im in images]).astype(np.float32)
+        px = np.stack(
+            [im if im.shape == (size, size) else np.asarray(resize_grey(_pil(im), size)) for im in images]
+        ).astype(np.float32)
         x = torch.from_numpy(px)[:, None].to(dev)
         return x.sub_(mean * 255).div_(std * 255)  # the eval loader's normalisation, in the same order
 
@@ -220,9 +238,17 @@ def open_runs(runs: Sequence[Path], ood: Path | None, thresholds: str | None, me
             total = maps[0] if total is None else total + maps[0]
         return (total / len(members)).cpu().numpy()
 
-    return Scorer(labels=labels, operating_points=points, has_gate=gate is not None, heat=heat,
-                  heat_method="Grad-CAM (mean over the members)", heat_notes=notes, threshold=None if gate is None else float(gate[2]), score=score,
-                  description=f"{len(members)} run(s) on {dev}: {', '.join(m.name for m in members)}")
+    return Scorer(
+        labels=labels,
+        operating_points=points,
+        has_gate=gate is not None,
+        heat=heat,
+        heat_method="Grad-CAM (mean over the members)",
+        heat_notes=notes,
+        threshold=None if gate is None else float(gate[2]),
+        score=score,
+        description=f"{len(members)} run(s) on {dev}: {', '.join(m.name for m in members)}",
+    )
 
 
 def gate_model_data(model) -> tuple[float, float]:
@@ -236,8 +262,9 @@ def _resize_map(heat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     as cxr.explain.upsample's align_corners=False), without torch."""
     from PIL import Image
 
-    return np.asarray(Image.fromarray(np.asarray(heat, np.float32), "F").resize(
-        (int(shape[1]), int(shape[0])), Image.BILINEAR))
+    return np.asarray(
+        Image.fromarray(np.asarray(heat, np.float32), "F").resize((int(shape[1]), int(shape[0])), Image.BILINEAR)
+    )
 
 
 def _or(value: Any, default: float) -> float:
@@ -267,8 +294,10 @@ def open_model(paths: Sequence[str], ood: str | None, thresholds: str | None, me
             raise CxrError(f"{folder}: not found — pass training run dirs or a package from cxr.export")
     if len(folders) == 1 and (folders[0] / "model.onnx").is_file():
         if ood or thresholds:
-            raise CxrError(f"{folders[0]}: a package carries its own gate and operating points — "
-                           "drop --ood/--thresholds (or re-export with them)")
+            raise CxrError(
+                f"{folders[0]}: a package carries its own gate and operating points — "
+                "drop --ood/--thresholds (or re-export with them)"
+            )
         return open_package(folders[0])
     package = [f for f in folders if (f / "model.onnx").is_file()]
     if package:
@@ -277,16 +306,19 @@ def open_model(paths: Sequence[str], ood: str | None, thresholds: str | None, me
 
 
 # ---------------------------------------------------------------------------------------------- predict
-def predict(scorer: Scorer, inputs: Inputs, out: Path, batch_size: int = 16, progress: bool = True,
-            overlays: bool = False) -> dict:
+def predict(
+    scorer: Scorer, inputs: Inputs, out: Path, batch_size: int = 16, progress: bool = True, overlays: bool = False
+) -> dict:
     """Score every readable image in batches; write predictions.csv and skipped.csv (and, with
     ``overlays``, a heat-map PNG per accepted image and positive label + index.html); return the counts."""
     from cxr.metrics import calibrate
     from cxrbase.progress import progress as progress_bar
 
     if overlays and scorer.heat is None:
-        raise CxrError(f"--overlays: {scorer.description} has no class activation maps (its members are not all "
-                       "pooled-linear) — predict with the run dirs instead, which use Grad-CAM")
+        raise CxrError(
+            f"--overlays: {scorer.description} has no class activation maps (its members are not all "
+            "pooled-linear) — predict with the run dirs instead, which use Grad-CAM"
+        )
     rows: list[dict[str, Any]] = []
     drawn: list[dict[str, Any]] = []
     skipped = list(inputs.skipped)
@@ -294,7 +326,7 @@ def predict(scorer: Scorer, inputs: Inputs, out: Path, batch_size: int = 16, pro
     bar = progress_bar(total=len(inputs.images), unit="img", desc="predict", disable=not progress)
     for start in range(0, len(inputs.images), batch_size):
         batch: list[tuple[Path, np.ndarray]] = []
-        for path in inputs.images[start:start + batch_size]:
+        for path in inputs.images[start : start + batch_size]:
             try:
                 batch.append((path, read_grey(path)))
             except CxrError as err:
@@ -306,7 +338,7 @@ def predict(scorer: Scorer, inputs: Inputs, out: Path, batch_size: int = 16, pro
                 rows.append(_row(scorer, path, probs[i], calibrated[i], None if gate is None else gate[i]))
                 if overlays:
                     drawn.append(_draw(scorer, out, len(rows) - 1, rows[-1], pixels, calibrated[i]))
-        bar.update(len(inputs.images[start:start + batch_size]))
+        bar.update(len(inputs.images[start : start + batch_size]))
     bar.close()
     seconds = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
@@ -315,8 +347,13 @@ def predict(scorer: Scorer, inputs: Inputs, out: Path, batch_size: int = 16, pro
     if overlays:
         _write_overlay_index(out, scorer, drawn)
     rejected = sum(r["gate"] == "rejected" for r in rows)
-    return {"images": len(inputs.images) + len(inputs.skipped), "scored": len(rows), "rejected": rejected,
-            "skipped": skipped, "seconds": seconds}
+    return {
+        "images": len(inputs.images) + len(inputs.skipped),
+        "scored": len(rows),
+        "rejected": rejected,
+        "skipped": skipped,
+        "seconds": seconds,
+    }
 
 
 def _row(scorer: Scorer, path: Path, probs: np.ndarray, calibrated: np.ndarray, gate: float | None) -> dict:
@@ -348,41 +385,53 @@ def _draw(scorer: Scorer, out: Path, n: int, row: dict, pixels: np.ndarray, cali
         label = scorer.labels[j]
         name = f"{n:05d}_{Path(row['file']).stem}_{label}.png"
         empty = not float(maps[k].max()) > 0
-        caption = [f"{Path(row['file']).name}  {label}  ({scorer.heat_method})",
-                   f"calibrated p = {calibrated[j]:.3f} (operating point at 0.5)" + ("   map: all zero" if empty else "")]
+        caption = [
+            f"{Path(row['file']).name}  {label}  ({scorer.heat_method})",
+            f"calibrated p = {calibrated[j]:.3f} (operating point at 0.5)" + ("   map: all zero" if empty else ""),
+        ]
         overlay(Image.fromarray(pixels, "L"), maps[k], caption).save(folder / name)
-        entry["figures"].append({"png": f"overlays/{name}", "label": label, "p": float(calibrated[j]),
-                                 "empty": empty})
+        entry["figures"].append({"png": f"overlays/{name}", "label": label, "p": float(calibrated[j]), "empty": empty})
     return entry
 
 
 def _write_overlay_index(out: Path, scorer: Scorer, drawn: list[dict]) -> None:
     import html
 
-    parts = ["<!doctype html><meta charset=utf-8><title>cxr-predict overlays</title>"
-             "<style>body{font-family:sans-serif}.row{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0}"
-             "figcaption{font-size:13px}</style><h1>cxr-predict: where the model looked</h1>",
-             f"<p>{html.escape(scorer.heat_method)}, clipped at 0 and scaled by its maximum (as cxr.explain and "
-             "the browser page draw it), for every finding at or above its operating point. "
-             + "".join(f"<br>{html.escape(note)}" for note in scorer.heat_notes) + "</p>"]
+    parts = [
+        "<!doctype html><meta charset=utf-8><title>cxr-predict overlays</title>"
+        "<style>body{font-family:sans-serif}.row{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0}"
+        "figcaption{font-size:13px}</style><h1>cxr-predict: where the model looked</h1>",
+        f"<p>{html.escape(scorer.heat_method)}, clipped at 0 and scaled by its maximum (as cxr.explain and "
+        "the browser page draw it), for every finding at or above its operating point. "
+        + "".join(f"<br>{html.escape(note)}" for note in scorer.heat_notes)
+        + "</p>",
+    ]
     for entry in drawn:
         parts.append(f"<h2>{html.escape(entry['file'])}</h2>")
         if entry["gate"] == "rejected":
             parts.append("<p>Rejected by the OOD gate: no diagnosis, no map.</p>")
         elif not entry["figures"]:
             parts.append("<p>No finding at or above its operating point.</p>")
-        figs = "".join(f'<figure><a href="{html.escape(f["png"])}"><img src="{html.escape(f["png"])}" width="320"></a>'
-                       f'<figcaption>{html.escape(f["label"])}: calibrated p = {f["p"]:.3f}'
-                       f'{" (map all zero: no positive evidence)" if f["empty"] else ""}</figcaption></figure>'
-                       for f in entry["figures"])
+        figs = "".join(
+            f'<figure><a href="{html.escape(f["png"])}"><img src="{html.escape(f["png"])}" width="320"></a>'
+            f"<figcaption>{html.escape(f['label'])}: calibrated p = {f['p']:.3f}"
+            f"{' (map all zero: no positive evidence)' if f['empty'] else ''}</figcaption></figure>"
+            for f in entry["figures"]
+        )
         if figs:
             parts.append(f"<div class=row>{figs}</div>")
     atomic_write_text(out / "index.html", "\n".join(parts) + "\n")
 
 
 def _columns(scorer: Scorer) -> list[str]:
-    return (["file", "gate_score", "gate", *scorer.labels, *(f"{l}_decision" for l in scorer.labels),
-             *(f"raw_{l}" for l in scorer.labels)])
+    return [
+        "file",
+        "gate_score",
+        "gate",
+        *scorer.labels,
+        *(f"{l}_decision" for l in scorer.labels),
+        *(f"raw_{l}" for l in scorer.labels),
+    ]
 
 
 def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
@@ -399,22 +448,37 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cxr-predict",
         description="Predict the 14 findings for DICOM/PNG/JPEG files with trained runs or an exported package; "
         "writes OUT/predictions.csv (calibrated probabilities, decisions, the OOD gate's verdict) and "
-        "OUT/skipped.csv (files that are not images or do not decode, with the reason).")
+        "OUT/skipped.csv (files that are not images or do not decode, with the reason).",
+    )
     p.add_argument("inputs", nargs="+", help="files or folders (walked recursively) of DICOM, PNG or JPEG images")
-    p.add_argument("--model", action="append", required=True, metavar="RUN_OR_PACKAGE",
-                   help="a training run dir (repeat --model for an ensemble: the mean of probabilities) or one "
-                   "package folder written by python -m cxr.export")
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="RUN_OR_PACKAGE",
+        help="a training run dir (repeat --model for an ensemble: the mean of probabilities) or one "
+        "package folder written by python -m cxr.export",
+    )
     p.add_argument("--out", default="predictions", help="output folder (default: ./predictions)")
-    p.add_argument("--ood", metavar="RUN", help="with run dirs: the OOD gate's run dir (cxr.ood threshold done); "
-                   "a rejected image gets no decision")
-    p.add_argument("--thresholds", metavar="REPORT/thresholds.json",
-                   help="with run dirs: the evaluator's tuned thresholds (default: operating point 0.5)")
+    p.add_argument(
+        "--ood",
+        metavar="RUN",
+        help="with run dirs: the OOD gate's run dir (cxr.ood threshold done); a rejected image gets no decision",
+    )
+    p.add_argument(
+        "--thresholds",
+        metavar="REPORT/thresholds.json",
+        help="with run dirs: the evaluator's tuned thresholds (default: operating point 0.5)",
+    )
     p.add_argument("--method", default="f1", choices=("f1", "youden"), help="which tuned thresholds (default f1)")
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
     p.add_argument("--device", default="auto", help="run dirs: auto (CUDA when present), cpu or cuda[:N]")
-    p.add_argument("--overlays", action="store_true",
-                   help="also draw OUT/overlays/*.png — Grad-CAM (run dirs) or the package's CAM for every positive "
-                   "decision of an accepted image — and OUT/index.html")
+    p.add_argument(
+        "--overlays",
+        action="store_true",
+        help="also draw OUT/overlays/*.png — Grad-CAM (run dirs) or the package's CAM for every positive "
+        "decision of an accepted image — and OUT/index.html",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -431,9 +495,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"skipped: {path}: {reason}", file=sys.stderr)
     rate = done["scored"] / done["seconds"] if done["seconds"] > 0 else float("nan")
     gate = f", {done['rejected']} rejected by the gate" if scorer.has_gate else ", no OOD gate"
-    print(f"cxr-predict: {done['images']} files → {out / 'predictions.csv'}: {done['scored']} scored{gate}, "
-          f"{len(done['skipped'])} skipped (listed in {out / 'skipped.csv'}); {rate:.1f} img/s with "
-          f"{scorer.description}")
+    print(
+        f"cxr-predict: {done['images']} files → {out / 'predictions.csv'}: {done['scored']} scored{gate}, "
+        f"{len(done['skipped'])} skipped (listed in {out / 'skipped.csv'}); {rate:.1f} img/s with "
+        f"{scorer.description}"
+    )
     return 0
 
 

@@ -17,6 +17,7 @@ val_predictions.parquet (a training run's best epoch): ``key`` then one float co
 label, named by the label (or ``"0"``, ``"1"``… when the model's outputs are not labels,
 e.g. an ood_ae run's one score); no ground truth.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,6 +46,7 @@ def prediction_columns(labels: Sequence[str]) -> list[str]:
 
 # ------------------------------------------------------------------- build ---
 
+
 def predictions_frame(per_split: dict[str, ScoreSet]) -> pd.DataFrame:
     """The long table of predictions.parquet: one row per (split, member, key)."""
     frames = []
@@ -66,8 +68,10 @@ def predictions_frame(per_split: dict[str, ScoreSet]) -> pd.DataFrame:
 
 # ---------------------------------------------------------------- validate ---
 
-def check_values(where: str, split: str, member: str, keys: np.ndarray, values: np.ndarray,
-                 kind: str, labels: Sequence[str] = LABELS) -> None:
+
+def check_values(
+    where: str, split: str, member: str, keys: np.ndarray, values: np.ndarray, kind: str, labels: Sequence[str] = LABELS
+) -> None:
     """Raise naming ``where``, split, member, first key and label when ``values`` [N, L] hold a
     NaN/inf or a value outside [0, 1] (kind="score") or other than 0/1 (kind="label")."""
     values = np.asarray(values, dtype=np.float64)
@@ -77,11 +81,16 @@ def check_values(where: str, split: str, member: str, keys: np.ndarray, values: 
     if not bad.any():
         return
     row, col = (int(i) for i in np.argwhere(bad)[0])
-    what = ("scores must be probabilities in [0, 1]" if kind == "score" else "labels must be 0 or 1")
-    fix = ("check the model outputs (a diverged member gives NaN)" if kind == "score"
-           else "the ground truth comes from the shards' labels; re-run the evaluation")
-    raise CxrError(f"{where}: split {split!r}, member {member!r}: {int(bad.sum())} bad values, first at key "
-                   f"{keys[row]!r} label {labels[col]} = {float(values[row, col]):g} ({what}) — {fix}")
+    what = "scores must be probabilities in [0, 1]" if kind == "score" else "labels must be 0 or 1"
+    fix = (
+        "check the model outputs (a diverged member gives NaN)"
+        if kind == "score"
+        else "the ground truth comes from the shards' labels; re-run the evaluation"
+    )
+    raise CxrError(
+        f"{where}: split {split!r}, member {member!r}: {int(bad.sum())} bad values, first at key "
+        f"{keys[row]!r} label {labels[col]} = {float(values[row, col]):g} ({what}) — {fix}"
+    )
 
 
 def check_score_sets(per_split: dict[str, ScoreSet], where: str) -> None:
@@ -93,6 +102,7 @@ def check_score_sets(per_split: dict[str, ScoreSet], where: str) -> None:
 
 
 # ------------------------------------------------------------ write / read ---
+
 
 def write_predictions(out: Path, per_split: dict[str, ScoreSet], infos: list[dict[str, Any]] | None = None) -> None:
     """OUT/predictions.parquet (all splits, members and ensemble) and, given ``infos``, OUT/members.json,
@@ -115,9 +125,10 @@ def read_predictions(path: Path) -> dict[str, ScoreSet]:
     try:
         frame = pd.read_parquet(path)
     except Exception as err:  # noqa: BLE001 — pyarrow raises several types for a bad file
-        raise CxrError(f"{path}: unreadable predictions ({err}) — pass a predictions.parquet "
-                       "written by `python -m cxr.evaluate`") from err
-    labels = [c[len(TRUE_PREFIX):] for c in frame.columns if str(c).startswith(TRUE_PREFIX)]
+        raise CxrError(
+            f"{path}: unreadable predictions ({err}) — pass a predictions.parquet written by `python -m cxr.evaluate`"
+        ) from err
+    labels = [c[len(TRUE_PREFIX) :] for c in frame.columns if str(c).startswith(TRUE_PREFIX)]
     missing = [c for c in prediction_columns(labels or LABELS) if c not in frame.columns]
     if missing:
         raise CxrError(f"{path}: missing columns {missing[:4]} — not a cxr.evaluate predictions file")
@@ -130,16 +141,28 @@ def read_predictions(path: Path) -> dict[str, ScoreSet]:
         for member in members:
             rows = part[part["member"] == member].sort_values("key")
             if not np.array_equal(rows["key"].to_numpy(dtype=object), keys):
-                raise CxrError(f"{path}: split {split!r}: member {member!r} has a different key set "
-                               f"than {members[0]!r} — the file was edited or merged wrongly")
+                raise CxrError(
+                    f"{path}: split {split!r}: member {member!r} has a different key set "
+                    f"than {members[0]!r} — the file was edited or merged wrongly"
+                )
             scores[member] = rows[labels].to_numpy(dtype=np.float64)
             check_values(str(path), str(split), member, keys, scores[member], "score", labels)
-            check_values(str(path), str(split), member, keys,
-                         rows[[TRUE_PREFIX + c for c in labels]].to_numpy(dtype=np.float64), "label", labels)
+            check_values(
+                str(path),
+                str(split),
+                member,
+                keys,
+                rows[[TRUE_PREFIX + c for c in labels]].to_numpy(dtype=np.float64),
+                "label",
+                labels,
+            )
         y_true = first[[TRUE_PREFIX + c for c in labels]].to_numpy(dtype=np.uint8)
         meta_columns = [c for c in part.columns if str(c).startswith(META_PREFIX) and first[c].notna().any()]
-        meta = (first[meta_columns].rename(columns=lambda c: c[len(META_PREFIX):]).reset_index(drop=True)
-                if meta_columns else None)
+        meta = (
+            first[meta_columns].rename(columns=lambda c: c[len(META_PREFIX) :]).reset_index(drop=True)
+            if meta_columns
+            else None
+        )
         out[str(split)] = ScoreSet(keys=keys, y_true=y_true, scores=scores, labels=tuple(labels), meta=meta)
     return out
 

@@ -30,6 +30,7 @@ default 1536 MB on CUDA or when modelling a GPU, 0 on CPU; bench/gpu_check.py me
 confirmed by one real step at the chosen layout; if that does not fit, the next layout
 is tried. RUN/probe.json (and the job's log) say what was chosen and why.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -83,18 +84,25 @@ class ProbeResult:
 
     def overrides(self) -> list[str]:
         """The training overrides this layout means."""
-        return [f"data.batch_size={self.micro_batch}", f"train.grad_accum_steps={self.grad_accum}",
-                f"model.grad_checkpointing={str(self.grad_checkpointing).lower()}"]
+        return [
+            f"data.batch_size={self.micro_batch}",
+            f"train.grad_accum_steps={self.grad_accum}",
+            f"model.grad_checkpointing={str(self.grad_checkpointing).lower()}",
+        ]
 
     def differs_from_config(self) -> str | None:
         """A sentence when the chosen micro-batch or checkpointing is not the config's, else None."""
         parts = []
         if self.config_micro_batch is not None and self.micro_batch != self.config_micro_batch:
-            parts.append(f"micro-batch {self.micro_batch} (config {self.config_micro_batch}: BatchNorm sees "
-                         f"{self.micro_batch} images per step instead)")
+            parts.append(
+                f"micro-batch {self.micro_batch} (config {self.config_micro_batch}: BatchNorm sees "
+                f"{self.micro_batch} images per step instead)"
+            )
         if self.config_grad_checkpointing is not None and self.grad_checkpointing != self.config_grad_checkpointing:
-            parts.append(f"checkpointing {str(self.grad_checkpointing).lower()} "
-                         f"(config {str(self.config_grad_checkpointing).lower()})")
+            parts.append(
+                f"checkpointing {str(self.grad_checkpointing).lower()} "
+                f"(config {str(self.config_grad_checkpointing).lower()})"
+            )
         return "; ".join(parts) or None
 
 
@@ -127,9 +135,13 @@ def training_numerics(cfg, device: str) -> dict:
     autocast = {"bf16": "bfloat16", "fp16": "float16"}.get(precision)
     if autocast == "float16" and not device.startswith("cuda"):
         autocast = None  # training refuses fp16 on CPU; the probe measures what would run
-    return {"autocast": autocast, "channels_last": bool(cfg.model.channels_last),
-            "cudnn_benchmark": bool(device.startswith("cuda") and cfg.train.cudnn_benchmark
-                                    and not cfg.train.deterministic)}
+    return {
+        "autocast": autocast,
+        "channels_last": bool(cfg.model.channels_last),
+        "cudnn_benchmark": bool(
+            device.startswith("cuda") and cfg.train.cudnn_benchmark and not cfg.train.deterministic
+        ),
+    }
 
 
 class LiveTensorPeak:
@@ -184,8 +196,9 @@ class LiveTensorPeak:
         return self.mode.__exit__(*exc)
 
 
-def _step_peak_mb(config: str | None, overrides: Sequence[str], resolution: int, batch: int, device: str,
-                  track: bool = False) -> float:
+def _step_peak_mb(
+    config: str | None, overrides: Sequence[str], resolution: int, batch: int, device: str, track: bool = False
+) -> float:
     """Peak memory (MB) of a training step of the config's model at [batch, 1, R, R] under its
     training numerics, in this process: CUDA reserved; CPU peak RSS, or with ``track`` the live
     tensor bytes of the second step (:class:`LiveTensorPeak`)."""
@@ -240,20 +253,34 @@ def _step_peak_mb(config: str | None, overrides: Sequence[str], resolution: int,
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def measure(config: str | None, overrides: Sequence[str], resolution: int, batch: int, device: str,
-            method: str = "measure") -> float:
+def measure(
+    config: str | None, overrides: Sequence[str], resolution: int, batch: int, device: str, method: str = "measure"
+) -> float:
     """Peak MB of a step at ``batch``: in process on CUDA, in a fresh subprocess on CPU
     (peak RSS, or the live tensor bytes with ``method="model"``)."""
     if device.startswith("cuda") and method == "measure":
         return _step_peak_mb(config, overrides, resolution, batch, device)
-    argv = [sys.executable, "-m", "cxr.probe", "--resolution", str(resolution), "--measure", str(batch),
-            "--device", "cpu" if method == "model" else device, *(["--config", config] if config else []),
-            *(["--track"] if method == "model" else []), *overrides]
+    argv = [
+        sys.executable,
+        "-m",
+        "cxr.probe",
+        "--resolution",
+        str(resolution),
+        "--measure",
+        str(batch),
+        "--device",
+        "cpu" if method == "model" else device,
+        *(["--config", config] if config else []),
+        *(["--track"] if method == "model" else []),
+        *overrides,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
-        raise CxrError(f"{config}: memory probe at {resolution} px, batch {batch} failed "
-                       f"({(done.stderr.strip().splitlines() or ['?'])[-1]}) — run it alone: {' '.join(argv)}")
+        raise CxrError(
+            f"{config}: memory probe at {resolution} px, batch {batch} failed "
+            f"({(done.stderr.strip().splitlines() or ['?'])[-1]}) — run it alone: {' '.join(argv)}"
+        )
     return float(done.stdout.strip().splitlines()[-1])
 
 
@@ -285,8 +312,9 @@ class Layout:
     predicted_mb: float
 
 
-def candidates(curves: dict[bool, tuple[float, float]], effective_batch: int, budget_mb: float,
-               overhead_mb: float) -> list[Layout]:
+def candidates(
+    curves: dict[bool, tuple[float, float]], effective_batch: int, budget_mb: float, overhead_mb: float
+) -> list[Layout]:
     """Layouts that fit, best first: micro-batches dividing ``effective_batch``, largest first; at
     each, without checkpointing when that fits, else with. ``curves``: checkpointing → (base, per sample)."""
     out = []
@@ -304,15 +332,18 @@ def candidates(curves: dict[bool, tuple[float, float]], effective_batch: int, bu
     return out
 
 
-def explain(chosen: Layout, curves: dict[bool, tuple[float, float]], effective_batch: int, budget_mb: float,
-            overhead_mb: float) -> str:
+def explain(
+    chosen: Layout, curves: dict[bool, tuple[float, float]], effective_batch: int, budget_mb: float, overhead_mb: float
+) -> str:
     """Why ``chosen``: one sentence naming the alternative it beat."""
     b = chosen.micro_batch
     plain = curves[False][0] + b * curves[False][1] + overhead_mb if False in curves else float("nan")
-    head = (f"micro-batch {b} × accumulation {effective_batch // b}"
-            f"{' = the effective batch' if b == effective_batch else ''}, checkpointing "
-            f"{str(chosen.checkpointing).lower()}: predicted {chosen.predicted_mb:.0f} MB of {budget_mb:.0f} MB "
-            f"(incl. {overhead_mb:.0f} MB outside torch)")
+    head = (
+        f"micro-batch {b} × accumulation {effective_batch // b}"
+        f"{' = the effective batch' if b == effective_batch else ''}, checkpointing "
+        f"{str(chosen.checkpointing).lower()}: predicted {chosen.predicted_mb:.0f} MB of {budget_mb:.0f} MB "
+        f"(incl. {overhead_mb:.0f} MB outside torch)"
+    )
     if chosen.checkpointing:
         return head + f"; without checkpointing micro-batch {b} needs {plain:.0f} MB"
     if b < effective_batch:
@@ -320,10 +351,19 @@ def explain(chosen: Layout, curves: dict[bool, tuple[float, float]], effective_b
     return head
 
 
-def choose(config: str | None, overrides: Sequence[str], resolution: int, effective_batch: int,
-           device: str | None = None, fraction: float = 0.9, budget_mb: float | None = None,
-           overhead_mb: float | None = None, method: str = "measure", confirm: bool = True,
-           capacity_mb: float | None = None) -> ProbeResult:
+def choose(
+    config: str | None,
+    overrides: Sequence[str],
+    resolution: int,
+    effective_batch: int,
+    device: str | None = None,
+    fraction: float = 0.9,
+    budget_mb: float | None = None,
+    overhead_mb: float | None = None,
+    method: str = "measure",
+    confirm: bool = True,
+    capacity_mb: float | None = None,
+) -> ProbeResult:
     """Measure (or model) the memory curve with and without checkpointing and pick the largest
     micro-batch dividing ``effective_batch`` that fits; on CUDA confirm it with one real step.
 
@@ -380,19 +420,35 @@ def choose(config: str | None, overrides: Sequence[str], resolution: int, effect
                 continue
         base, per = curves[layout.checkpointing]
         b = layout.micro_batch
-        return ProbeResult(resolution, device, effective_batch, b, effective_batch // b, layout.checkpointing,
-                           round(budget, 1), round(base, 1), round(per, 2), round(layout.predicted_mb, 1), measured,
-                           overhead_mb=round(overhead, 1), method=method, numerics=numerics,
-                           curves={f"checkpointing={str(k).lower()}": {"base_mb": round(v[0], 1),
-                                                                       "per_sample_mb": round(v[1], 2)}
-                                   for k, v in curves.items()},
-                           confirmed_mb=None if confirmed is None else round(confirmed, 1),
-                           config_micro_batch=cfg.data.batch_size,
-                           config_grad_checkpointing=cfg.model.grad_checkpointing,
-                           reason=explain(layout, curves, effective_batch, budget, overhead))
+        return ProbeResult(
+            resolution,
+            device,
+            effective_batch,
+            b,
+            effective_batch // b,
+            layout.checkpointing,
+            round(budget, 1),
+            round(base, 1),
+            round(per, 2),
+            round(layout.predicted_mb, 1),
+            measured,
+            overhead_mb=round(overhead, 1),
+            method=method,
+            numerics=numerics,
+            curves={
+                f"checkpointing={str(k).lower()}": {"base_mb": round(v[0], 1), "per_sample_mb": round(v[1], 2)}
+                for k, v in curves.items()
+            },
+            confirmed_mb=None if confirmed is None else round(confirmed, 1),
+            config_micro_batch=cfg.data.batch_size,
+            config_grad_checkpointing=cfg.model.grad_checkpointing,
+            reason=explain(layout, curves, effective_batch, budget, overhead),
+        )
     base, per = curves[True]
-    raise CxrError(f"{config}: even micro-batch 1 with activation checkpointing needs ~{base + per + overhead:.0f} MB "
-                   f"at {resolution} px but the budget is {budget:.0f} MB — lower the resolution or use a larger device")
+    raise CxrError(
+        f"{config}: even micro-batch 1 with activation checkpointing needs ~{base + per + overhead:.0f} MB "
+        f"at {resolution} px but the budget is {budget:.0f} MB — lower the resolution or use a larger device"
+    )
 
 
 def _precision_name(autocast: str | None) -> str:
@@ -409,24 +465,46 @@ def _free_cuda() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cxr.probe", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m cxr.probe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", help="training config (YAML)")
     p.add_argument("--resolution", type=int, required=True)
-    p.add_argument("--effective-batch", type=int, default=None,
-                   help="micro-batch × accumulation to keep (default: the config's batch × accumulation)")
+    p.add_argument(
+        "--effective-batch",
+        type=int,
+        default=None,
+        help="micro-batch × accumulation to keep (default: the config's batch × accumulation)",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--fraction", type=float, default=0.9, help="share of the device memory to fill (default 0.9)")
     p.add_argument("--budget-mb", type=float, default=None, help="memory budget in MB instead of --fraction")
-    p.add_argument("--capacity-mb", type=float, default=None,
-                   help="a target GPU's total memory (with --method model): budget = fraction × this; "
-                        "an A10G ('24 GB') lists 23028")
-    p.add_argument("--overhead-mb", type=float, default=None,
-                   help=f"device memory outside torch per process (default {CUDA_OVERHEAD_MB:.0f} on CUDA, 0 on CPU)")
-    p.add_argument("--method", choices=("measure", "model"), default="measure",
-                   help="measure on this device, or model from a CPU step (no GPU needed)")
-    p.add_argument("--measure", type=int, default=None, metavar="B",
-                   help="only measure one step at batch B in this process and print the peak MB")
+    p.add_argument(
+        "--capacity-mb",
+        type=float,
+        default=None,
+        help="a target GPU's total memory (with --method model): budget = fraction × this; "
+        "an A10G ('24 GB') lists 23028",
+    )
+    p.add_argument(
+        "--overhead-mb",
+        type=float,
+        default=None,
+        help=f"device memory outside torch per process (default {CUDA_OVERHEAD_MB:.0f} on CUDA, 0 on CPU)",
+    )
+    p.add_argument(
+        "--method",
+        choices=("measure", "model"),
+        default="measure",
+        help="measure on this device, or model from a CPU step (no GPU needed)",
+    )
+    p.add_argument(
+        "--measure",
+        type=int,
+        default=None,
+        metavar="B",
+        help="only measure one step at batch B in this process and print the peak MB",
+    )
     p.add_argument("--track", action="store_true", help="with --measure: live tensor bytes instead of RSS")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     args = p.parse_args(argv)
@@ -434,7 +512,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        print(f"{_step_peak_mb(args.config, args.overrides, args.resolution, args.measure, args.device or 'cpu', args.track):.1f}")
+        print(
+            f"{_step_peak_mb(args.config, args.overrides, args.resolution, args.measure, args.device or 'cpu', args.track):.1f}"
+        )
         return 0
     effective = args.effective_batch
     if effective is None:
@@ -442,8 +522,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         cfg = load_config(args.config, args.overrides)
         effective = cfg.data.batch_size * cfg.train.grad_accum_steps
-    result = choose(args.config, args.overrides, args.resolution, effective, args.device,
-                    args.fraction, args.budget_mb, args.overhead_mb, args.method, capacity_mb=args.capacity_mb)
+    result = choose(
+        args.config,
+        args.overrides,
+        args.resolution,
+        effective,
+        args.device,
+        args.fraction,
+        args.budget_mb,
+        args.overhead_mb,
+        args.method,
+        capacity_mb=args.capacity_mb,
+    )
     print(json.dumps(asdict(result), indent=2))
     print(f"chosen: {result.reason}", file=sys.stderr)
     return 0

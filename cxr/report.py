@@ -25,6 +25,7 @@ knows them (``ScoreSet.meta["patient"]``), else images.
 calibration.json, subgroups.csv, roc.png, pr.png, reliability.png and report.md atomically.
 Nothing here loads models.
 """
+
 from __future__ import annotations
 
 import io
@@ -50,8 +51,12 @@ TARGETS = {"sens90": ("sensitivity", 0.90), "sens95": ("sensitivity", 0.95), "sp
 THRESHOLD_SETS = ("0.5", "f1", "youden", *TARGETS)
 METRIC_COLUMNS = ("sensitivity", "specificity", "ppv", "npv", "f1")
 # each proportion's (successes, trials) in confusion counts: its Wilson interval
-_PROPORTIONS = {"sensitivity": ("tp", ("tp", "fn")), "specificity": ("tn", ("tn", "fp")),
-                "ppv": ("tp", ("tp", "fp")), "npv": ("tn", ("tn", "fn"))}
+_PROPORTIONS = {
+    "sensitivity": ("tp", ("tp", "fn")),
+    "specificity": ("tn", ("tn", "fp")),
+    "ppv": ("tp", ("tp", "fp")),
+    "npv": ("tn", ("tn", "fn")),
+}
 
 
 @dataclass
@@ -78,9 +83,11 @@ class ScoreSet:
         first = np.r_[True, sorted_keys[1:] != sorted_keys[:-1]] if keys.size else np.zeros(0, bool)
         keep = order[first]
         return ScoreSet(
-            keys=keys[keep].astype(object), y_true=self.y_true[keep],
+            keys=keys[keep].astype(object),
+            y_true=self.y_true[keep],
             scores={k: v[keep] for k, v in self.scores.items()},
-            duplicates=self.duplicates + int(keys.size - keep.size), labels=self.labels,
+            duplicates=self.duplicates + int(keys.size - keep.size),
+            labels=self.labels,
             meta=None if self.meta is None else self.meta.iloc[keep].reset_index(drop=True),
         )
 
@@ -105,6 +112,7 @@ class Analysis:
 
 # ------------------------------------------------------------------ analysis ---
 
+
 class _Notes:
     """Collect metric warnings (undefined labels, zero denominators) once each, in order."""
 
@@ -125,8 +133,15 @@ class _Notes:
 FEW_POSITIVES = 10  # labels with fewer positives than this are flagged in aucs.csv and report.md
 
 
-def auc_table(scores: ScoreSet, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
-              notes: _Notes | None = None, progress: bool = True, counts: np.ndarray | None = None) -> pd.DataFrame:
+def auc_table(
+    scores: ScoreSet,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    notes: _Notes | None = None,
+    progress: bool = True,
+    counts: np.ndarray | None = None,
+) -> pd.DataFrame:
     """Per member and label (+ ``mean``): auroc, ci_low, ci_high, auprc, prevalence, n_pos, n.
 
     The CIs are percentile-bootstrap intervals at level 1 − alpha over images; every
@@ -153,22 +168,69 @@ def auc_table(scores: ScoreSet, n_boot: int = 1000, seed: int = 0, alpha: float 
         auprc = notes.run(per_label_auprc, y, scores.scores[member])
         valid = boot.get("n_valid_labels", np.zeros(len(scores.labels), int))
         for c, label in enumerate(scores.labels):
-            rows.append((member, label, boot["auroc"][c], boot["ci_low"][c], boot["ci_high"][c],
-                         auprc[c], prevalence[c], int(n_pos[c]), scores.n, int(valid[c]), n_boot,
-                         bool(n_pos[c] < FEW_POSITIVES)))
-        rows.append((member, MEAN, boot["mean_auroc"], boot["mean_ci_low"], boot["mean_ci_high"],
-                     _nanmean(auprc), float(prevalence.mean()), int(n_pos.sum()), scores.n,
-                     int(boot.get("n_valid", 0)), n_boot, bool((n_pos < FEW_POSITIVES).any())))
+            rows.append(
+                (
+                    member,
+                    label,
+                    boot["auroc"][c],
+                    boot["ci_low"][c],
+                    boot["ci_high"][c],
+                    auprc[c],
+                    prevalence[c],
+                    int(n_pos[c]),
+                    scores.n,
+                    int(valid[c]),
+                    n_boot,
+                    bool(n_pos[c] < FEW_POSITIVES),
+                )
+            )
+        rows.append(
+            (
+                member,
+                MEAN,
+                boot["mean_auroc"],
+                boot["mean_ci_low"],
+                boot["mean_ci_high"],
+                _nanmean(auprc),
+                float(prevalence.mean()),
+                int(n_pos.sum()),
+                scores.n,
+                int(boot.get("n_valid", 0)),
+                n_boot,
+                bool((n_pos < FEW_POSITIVES).any()),
+            )
+        )
     # n_valid: resamples (of n_boot) in which the AUROC is defined; few_positives: < FEW_POSITIVES
     # positives in this split (the mean row: any label has), so the CI rests on very few images
-    return pd.DataFrame(rows, columns=["member", "label", "auroc", "ci_low", "ci_high", "auprc",
-                                       "prevalence", "n_pos", "n", "n_valid", "n_boot", "few_positives"])
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "member",
+            "label",
+            "auroc",
+            "ci_low",
+            "ci_high",
+            "auprc",
+            "prevalence",
+            "n_pos",
+            "n",
+            "n_valid",
+            "n_boot",
+            "few_positives",
+        ],
+    )
 
 
 def _point_only(auroc: np.ndarray) -> dict[str, Any]:
     nan = np.full_like(auroc, np.nan)
-    return {"auroc": auroc, "ci_low": nan, "ci_high": nan, "mean_auroc": _nanmean(auroc),
-            "mean_ci_low": math.nan, "mean_ci_high": math.nan}
+    return {
+        "auroc": auroc,
+        "ci_low": nan,
+        "ci_high": nan,
+        "mean_auroc": _nanmean(auroc),
+        "mean_ci_low": math.nan,
+        "mean_ci_high": math.nan,
+    }
 
 
 def _nanmean(x: np.ndarray) -> float:
@@ -177,8 +239,7 @@ def _nanmean(x: np.ndarray) -> float:
     return float(finite.mean()) if finite.size else math.nan
 
 
-def tune_all(tuning: ScoreSet, members: Sequence[str], notes: _Notes | None = None
-             ) -> dict[str, dict[str, np.ndarray]]:
+def tune_all(tuning: ScoreSet, members: Sequence[str], notes: _Notes | None = None) -> dict[str, dict[str, np.ndarray]]:
     """{member: {"f1": [L], "youden": [L], "sens90": [L], "sens95": [L], "spec90": [L]}} thresholds
     tuned on the ``tuning`` split (F1/Youden optima and the fixed sensitivity/specificity targets)."""
     from cxr.metrics import threshold_for_target, tune_thresholds
@@ -186,17 +247,33 @@ def tune_all(tuning: ScoreSet, members: Sequence[str], notes: _Notes | None = No
     notes = notes or _Notes()
     missing = [m for m in members if m not in tuning.scores]
     if missing:
-        raise CxrError(f"thresholds split: no predictions for members {missing} — infer the "
-                       "tuning split with the same members (or pass --thresholds-from none)")
-    return {m: {**{method: notes.run(tune_thresholds, tuning.y_true, tuning.scores[m], method)
-                   for method in ("f1", "youden")},
-                **{name: notes.run(threshold_for_target, tuning.y_true, tuning.scores[m], metric, target)
-                   for name, (metric, target) in TARGETS.items()}} for m in members}
+        raise CxrError(
+            f"thresholds split: no predictions for members {missing} — infer the "
+            "tuning split with the same members (or pass --thresholds-from none)"
+        )
+    return {
+        m: {
+            **{
+                method: notes.run(tune_thresholds, tuning.y_true, tuning.scores[m], method)
+                for method in ("f1", "youden")
+            },
+            **{
+                name: notes.run(threshold_for_target, tuning.y_true, tuning.scores[m], metric, target)
+                for name, (metric, target) in TARGETS.items()
+            },
+        }
+        for m in members
+    }
 
 
-def metrics_table(scores: ScoreSet, tuned: dict[str, dict[str, np.ndarray]] | None,
-                  notes: _Notes | None = None, alpha: float = 0.05, resamples: Any = None,
-                  focus: str | None = None) -> pd.DataFrame:
+def metrics_table(
+    scores: ScoreSet,
+    tuned: dict[str, dict[str, np.ndarray]] | None,
+    notes: _Notes | None = None,
+    alpha: float = 0.05,
+    resamples: Any = None,
+    focus: str | None = None,
+) -> pd.DataFrame:
     """Threshold metrics per member × threshold set (0.5, f1, youden, sens90, sens95, spec90) ×
     label, macro, micro.
 
@@ -218,22 +295,53 @@ def metrics_table(scores: ScoreSet, tuned: dict[str, dict[str, np.ndarray]] | No
         for set_name, thr in sets.items():
             tm = notes.run(threshold_metrics, scores.y_true, probs, thr)
             for c, label in enumerate(scores.labels):
-                rows.append({"member": member, "thresholds": set_name, "label": label,
-                             "threshold": float(thr[c]), **{k: float(tm[k][c]) for k in METRIC_COLUMNS},
-                             **{k: int(tm[k][c]) for k in ("tp", "fp", "tn", "fn")}})
+                rows.append(
+                    {
+                        "member": member,
+                        "thresholds": set_name,
+                        "label": label,
+                        "threshold": float(thr[c]),
+                        **{k: float(tm[k][c]) for k in METRIC_COLUMNS},
+                        **{k: int(tm[k][c]) for k in ("tp", "fp", "tn", "fn")},
+                    }
+                )
             for avg in ("macro", "micro"):
-                rows.append({"member": member, "thresholds": set_name, "label": avg,
-                             **tm[avg], "hamming_loss": tm["hamming_loss"],
-                             "exact_match": tm["exact_match"]})
-    columns = ["member", "thresholds", "label", "threshold", *METRIC_COLUMNS,
-               "tp", "fp", "tn", "fn", "hamming_loss", "exact_match"]
+                rows.append(
+                    {
+                        "member": member,
+                        "thresholds": set_name,
+                        "label": avg,
+                        **tm[avg],
+                        "hamming_loss": tm["hamming_loss"],
+                        "exact_match": tm["exact_match"],
+                    }
+                )
+    columns = [
+        "member",
+        "thresholds",
+        "label",
+        "threshold",
+        *METRIC_COLUMNS,
+        "tp",
+        "fp",
+        "tn",
+        "fn",
+        "hamming_loss",
+        "exact_match",
+    ]
     table = pd.DataFrame(rows).reindex(columns=columns)
     table = table.astype({k: "Int64" for k in ("tp", "fp", "tn", "fn")})
     return _with_intervals(table, scores, tuned, alpha, resamples, focus)
 
 
-def _with_intervals(table: pd.DataFrame, scores: ScoreSet, tuned: dict[str, dict[str, np.ndarray]] | None,
-                    alpha: float, resamples: Any, focus: str | None) -> pd.DataFrame:
+def _with_intervals(
+    table: pd.DataFrame,
+    scores: ScoreSet,
+    tuned: dict[str, dict[str, np.ndarray]] | None,
+    alpha: float,
+    resamples: Any,
+    focus: str | None,
+) -> pd.DataFrame:
     """metrics_table's ``*_low`` / ``*_high`` columns (see there)."""
     from cxr.metrics import wilson_interval
 
@@ -260,7 +368,7 @@ def _with_intervals(table: pd.DataFrame, scores: ScoreSet, tuned: dict[str, dict
         pred = scores.scores[focus] >= thr
         sums = resamples.sums(np.column_stack([pred & y, pred & ~y, ~pred & y]))  # [B, 3L]: tp, fp, fn
         L = len(scores.labels)
-        tp, fp, fn = sums[:, :L], sums[:, L:2 * L], sums[:, 2 * L:]
+        tp, fp, fn = sums[:, :L], sums[:, L : 2 * L], sums[:, 2 * L :]
         with np.errstate(invalid="ignore", divide="ignore"):
             f1 = 2 * tp / (2 * tp + fp + fn)
             micro = 2 * tp.sum(1) / (2 * tp.sum(1) + fp.sum(1) + fn.sum(1))
@@ -272,18 +380,24 @@ def _with_intervals(table: pd.DataFrame, scores: ScoreSet, tuned: dict[str, dict
     return table
 
 
-def thresholds_document(tuned: dict[str, dict[str, np.ndarray]], split: str, n: int,
-                        labels: Sequence[str] = LABELS) -> dict[str, Any]:
+def thresholds_document(
+    tuned: dict[str, dict[str, np.ndarray]], split: str, n: int, labels: Sequence[str] = LABELS
+) -> dict[str, Any]:
     """The thresholds.json document: per member, per method, per label."""
     return {
-        "tuned_on": split, "n_images": n,
+        "tuned_on": split,
+        "n_images": n,
         "rule": "predict positive when probability >= threshold",
-        "methods": {"f1": "maximises F1 per label", "youden": "maximises TPR - FPR per label",
-                    "sens90": "highest threshold with sensitivity >= 0.90",
-                    "sens95": "highest threshold with sensitivity >= 0.95",
-                    "spec90": "lowest threshold with specificity >= 0.90"},
-        "members": {m: {method: dict(zip(labels, map(float, thr))) for method, thr in by.items()}
-                    for m, by in tuned.items()},
+        "methods": {
+            "f1": "maximises F1 per label",
+            "youden": "maximises TPR - FPR per label",
+            "sens90": "highest threshold with sensitivity >= 0.90",
+            "sens95": "highest threshold with sensitivity >= 0.95",
+            "spec90": "lowest threshold with specificity >= 0.90",
+        },
+        "members": {
+            m: {method: dict(zip(labels, map(float, thr))) for method, thr in by.items()} for m, by in tuned.items()
+        },
     }
 
 
@@ -292,11 +406,15 @@ def read_thresholds(path: str | Path) -> dict[str, Any]:
     try:
         doc = json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:
-        raise CxrError(f"{path}: unreadable thresholds ({err}) — pass the evaluator's REPORT/thresholds.json "
-                       f"(python -m cxr.evaluate --runs ... --out REPORT)") from None
+        raise CxrError(
+            f"{path}: unreadable thresholds ({err}) — pass the evaluator's REPORT/thresholds.json "
+            f"(python -m cxr.evaluate --runs ... --out REPORT)"
+        ) from None
     if not isinstance(doc, dict) or not isinstance(doc.get("members"), dict):
-        raise CxrError(f"{path}: not an evaluator thresholds.json (no \"members\") — pass REPORT/thresholds.json "
-                       f"written by python -m cxr.evaluate")
+        raise CxrError(
+            f'{path}: not an evaluator thresholds.json (no "members") — pass REPORT/thresholds.json '
+            f"written by python -m cxr.evaluate"
+        )
     return doc
 
 
@@ -313,8 +431,13 @@ def focus_member(scores: ScoreSet) -> str:
 def _calibration_rows(y: np.ndarray, p: np.ndarray, labels: Sequence[str]) -> dict[str, np.ndarray]:
     from cxr import calibration as cal
 
-    out = {"ece_width": cal.ece(y, p, strategy="width"), "ece_mass": cal.ece(y, p, strategy="mass"),
-           "brier": cal.brier(y, p), **cal.brier_decomposition(y, p), "logloss": cal.log_loss(y, p)}
+    out = {
+        "ece_width": cal.ece(y, p, strategy="width"),
+        "ece_mass": cal.ece(y, p, strategy="mass"),
+        "brier": cal.brier(y, p),
+        **cal.brier_decomposition(y, p),
+        "logloss": cal.log_loss(y, p),
+    }
     return out
 
 
@@ -334,15 +457,24 @@ def _calibration_samples(y: np.ndarray, p: np.ndarray, resamples: Any) -> dict[s
     squared = (p - y) ** 2
     sums = resamples.sums(np.column_stack([*blocks, squared, np.ones(n)]))
     total = sums[:, -1:]
-    gaps = np.abs(sums[:, :2 * L * cal.N_BINS]).reshape(-1, L, 2, cal.N_BINS).sum(axis=3) / total[:, :, None]
-    return {"ece_width": gaps[:, :, 0], "ece_mass": gaps[:, :, 1],
-            "brier": sums[:, 2 * L * cal.N_BINS:2 * L * cal.N_BINS + L] / total}
+    gaps = np.abs(sums[:, : 2 * L * cal.N_BINS]).reshape(-1, L, 2, cal.N_BINS).sum(axis=3) / total[:, :, None]
+    return {
+        "ece_width": gaps[:, :, 0],
+        "ece_mass": gaps[:, :, 1],
+        "brier": sums[:, 2 * L * cal.N_BINS : 2 * L * cal.N_BINS + L] / total,
+    }
 
 
-def calibration_table(scores: ScoreSet, tuning: ScoreSet | None, *, tuning_split: str | None,
-                      resamples: Any = None, alpha: float = 0.05, seed: int = 0,
-                      fitted: Sequence[str] | None = None
-                      ) -> tuple[pd.DataFrame, dict[str, Any] | None, np.ndarray | None]:
+def calibration_table(
+    scores: ScoreSet,
+    tuning: ScoreSet | None,
+    *,
+    tuning_split: str | None,
+    resamples: Any = None,
+    alpha: float = 0.05,
+    seed: int = 0,
+    fitted: Sequence[str] | None = None,
+) -> tuple[pd.DataFrame, dict[str, Any] | None, np.ndarray | None]:
     """Calibration per member × variant × label (+ ``mean``): ECE (equal width, equal mass),
     Brier with reliability/resolution/uncertainty and log-loss; for the focus score set
     ``*_low``/``*_high`` bootstrap CIs of ECE and Brier (raw and calibrated).
@@ -374,8 +506,11 @@ def calibration_table(scores: ScoreSet, tuning: ScoreSet | None, *, tuning_split
                 calibrated = variants["calibrated"]
         for variant, p in variants.items():
             values = _calibration_rows(y, p, labels)
-            samples = (_calibration_samples(y, p, resamples) if resamples is not None and member == focus
-                       and variant in ("raw", "calibrated") else None)
+            samples = (
+                _calibration_samples(y, p, resamples)
+                if resamples is not None and member == focus and variant in ("raw", "calibrated")
+                else None
+            )
             for c, label in enumerate([*labels, MEAN]):
                 row = {"member": member, "variant": variant, "label": label}
                 for k, v in values.items():
@@ -388,8 +523,14 @@ def calibration_table(scores: ScoreSet, tuning: ScoreSet | None, *, tuning_split
                         column = samples[k][:, c] if label != MEAN else np.nanmean(samples[k], axis=1)
                         row[f"{k}_low"], row[f"{k}_high"] = np.nanpercentile(column, q)
                 rows.append(row)
-    columns = ["member", "variant", "label", "method", *CALIBRATION_METRICS,
-               *(f"{k}_{e}" for k in CALIBRATION_CI for e in ("low", "high"))]
+    columns = [
+        "member",
+        "variant",
+        "label",
+        "method",
+        *CALIBRATION_METRICS,
+        *(f"{k}_{e}" for k in CALIBRATION_CI for e in ("low", "high")),
+    ]
     return pd.DataFrame(rows).reindex(columns=columns), document, calibrated
 
 
@@ -400,15 +541,31 @@ def make_resamples(scores: ScoreSet, n_boot: int, seed: int, level: str = "patie
 
     if n_boot <= 0:
         return None
-    patients = scores.meta["patient"].to_numpy() if (
-        level == "patient" and scores.meta is not None and "patient" in scores.meta
-        and scores.meta["patient"].notna().all()) else None
+    patients = (
+        scores.meta["patient"].to_numpy()
+        if (
+            level == "patient"
+            and scores.meta is not None
+            and "patient" in scores.meta
+            and scores.meta["patient"].notna().all()
+        )
+        else None
+    )
     return Resamples(scores.n, n_boot, seed, patients)
 
 
-def analyse(scores: ScoreSet, tuning: ScoreSet | None, *, tuning_split: str | None,
-            n_boot: int = 1000, seed: int = 0, alpha: float = 0.05, resample: str = "patient",
-            subgroups: Sequence[str] | None = None, calibrate: bool = True) -> Analysis:
+def analyse(
+    scores: ScoreSet,
+    tuning: ScoreSet | None,
+    *,
+    tuning_split: str | None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    resample: str = "patient",
+    subgroups: Sequence[str] | None = None,
+    calibrate: bool = True,
+) -> Analysis:
     """All numbers of the report: AUROC/CI/AUPRC table, tuned thresholds, threshold metrics with
     intervals, calibration (before/after post-hoc maps fitted on the tuning split) and subgroups.
 
@@ -421,10 +578,18 @@ def analyse(scores: ScoreSet, tuning: ScoreSet | None, *, tuning_split: str | No
     t0 = time.perf_counter()
     resamples = make_resamples(scores, n_boot, seed, resample)
     if resample == "patient" and n_boot > 0 and resamples.level == "image":
-        notes.items.append("the split has no patient column: the bootstrap resamples images, which "
-                           "understates the CIs when patients have several images")
-    aucs = auc_table(scores, n_boot=n_boot, seed=seed, alpha=alpha, notes=notes,
-                     counts=None if resamples is None else resamples.counts)
+        notes.items.append(
+            "the split has no patient column: the bootstrap resamples images, which "
+            "understates the CIs when patients have several images"
+        )
+    aucs = auc_table(
+        scores,
+        n_boot=n_boot,
+        seed=seed,
+        alpha=alpha,
+        notes=notes,
+        counts=None if resamples is None else resamples.counts,
+    )
     seconds["aucs"] = time.perf_counter() - t0
     tuned: dict[str, dict[str, np.ndarray]] = {}
     if tuning is not None:
@@ -433,15 +598,22 @@ def analyse(scores: ScoreSet, tuning: ScoreSet | None, *, tuning_split: str | No
     focus = focus_member(scores)
     metrics = metrics_table(scores, tuned, notes, alpha=alpha, resamples=resamples, focus=focus)
     seconds["thresholds+metrics"] = time.perf_counter() - t1
-    doc = thresholds_document(tuned, tuning_split or "", tuning.n if tuning is not None else 0,
-                              scores.labels)
-    analysis = Analysis(aucs=aucs, metrics=metrics, thresholds=doc, tuned=tuned, notes=notes.items,
-                        seconds=seconds, resampling=resamples.level if resamples is not None else "none",
-                        n_units=resamples.n_units if resamples is not None else 0)
+    doc = thresholds_document(tuned, tuning_split or "", tuning.n if tuning is not None else 0, scores.labels)
+    analysis = Analysis(
+        aucs=aucs,
+        metrics=metrics,
+        thresholds=doc,
+        tuned=tuned,
+        notes=notes.items,
+        seconds=seconds,
+        resampling=resamples.level if resamples is not None else "none",
+        n_units=resamples.n_units if resamples is not None else 0,
+    )
     if calibrate:
         t2 = time.perf_counter()
         analysis.calibration, analysis.calibration_doc, analysis.calibrated = calibration_table(
-            scores, tuning, tuning_split=tuning_split, resamples=resamples, alpha=alpha, seed=seed)
+            scores, tuning, tuning_split=tuning_split, resamples=resamples, alpha=alpha, seed=seed
+        )
         seconds["calibration"] = time.perf_counter() - t2
     if subgroups is not None and [g.lower() for g in subgroups] == ["none"]:
         subgroups = []
@@ -453,27 +625,44 @@ def analyse(scores: ScoreSet, tuning: ScoreSet | None, *, tuning_split: str | No
             from cxr.subgroups import ALIASES
 
             specs = [g for g in specs if ALIASES.get(g.split(":")[0], g.split(":")[0]) in scores.meta]
-        analysis.subgroups = subgroup_table(scores.y_true, scores.scores[focus], scores.labels, scores.meta,
-                                            specs, resamples, threshold, alpha, FEW_POSITIVES, notes)
+        analysis.subgroups = subgroup_table(
+            scores.y_true,
+            scores.scores[focus],
+            scores.labels,
+            scores.meta,
+            specs,
+            resamples,
+            threshold,
+            alpha,
+            FEW_POSITIVES,
+            notes,
+        )
         seconds["subgroups"] = time.perf_counter() - t3
     elif subgroups:
-        raise CxrError(f"--subgroups {' '.join(subgroups)}: the split has no per-image columns — evaluate "
-                       "shards packed from a splits table, or pass --splits TABLE")
+        raise CxrError(
+            f"--subgroups {' '.join(subgroups)}: the split has no per-image columns — evaluate "
+            "shards packed from a splits table, or pass --splits TABLE"
+        )
     return analysis
 
 
 # ------------------------------------------------------------------- figures ---
 
-def _operating_points(y: np.ndarray, s: np.ndarray, tuned: dict[str, np.ndarray], c: int
-                      ) -> dict[str, tuple[float, float, float]]:
+
+def _operating_points(
+    y: np.ndarray, s: np.ndarray, tuned: dict[str, np.ndarray], c: int
+) -> dict[str, tuple[float, float, float]]:
     """(FPR, TPR, precision) on this split at 0.5 and each tuned threshold of label c."""
     points = {}
     for name, thr in {"0.5": 0.5, **{k: v[c] for k, v in tuned.items() if k in _MARKERS}}.items():
         pred = s >= thr
         tp, fp = float((pred & y).sum()), float((pred & ~y).sum())
         n_pos, n_neg = float(y.sum()), float((~y).sum())
-        points[name] = (fp / n_neg if n_neg else math.nan, tp / n_pos if n_pos else math.nan,
-                        tp / (tp + fp) if tp + fp else math.nan)
+        points[name] = (
+            fp / n_neg if n_neg else math.nan,
+            tp / n_pos if n_pos else math.nan,
+            tp / (tp + fp) if tp + fp else math.nan,
+        )
     return points
 
 
@@ -522,8 +711,9 @@ def _member_styles(members: Sequence[str]) -> dict[str, dict[str, Any]]:
     return styles
 
 
-def plot_curves(path: Path, scores: ScoreSet, aucs: pd.DataFrame,
-                tuned: dict[str, dict[str, np.ndarray]], kind: str, split: str) -> None:
+def plot_curves(
+    path: Path, scores: ScoreSet, aucs: pd.DataFrame, tuned: dict[str, dict[str, np.ndarray]], kind: str, split: str
+) -> None:
     """Write roc.png (kind="roc") or pr.png (kind="pr"): 14 panels, members + ensemble,
     the ensemble's operating points (0.5, F1- and Youden-tuned thresholds) marked."""
     title = {"roc": "ROC", "pr": "Precision–recall"}[kind]
@@ -551,14 +741,12 @@ def plot_curves(path: Path, scores: ScoreSet, aucs: pd.DataFrame,
             if kind == "roc":
                 ax.plot(*_thin(fp / fp[-1], tp / tp[-1]), **styles[member])
             else:
-                ax.plot(*_thin(tp[1:] / tp[-1], tp[1:] / (tp[1:] + fp[1:])), drawstyle="steps-pre",
-                        **styles[member])
+                ax.plot(*_thin(tp[1:] / tp[-1], tp[1:] / (tp[1:] + fp[1:])), drawstyle="steps-pre", **styles[member])
         points = _operating_points(y, scores.scores[focus][:, c], tuned.get(focus, {}), c)
         for name, (fpr, tpr, ppv) in points.items():
             marker, text = _MARKERS[name]
             xy = (fpr, tpr) if kind == "roc" else (tpr, ppv)
-            ax.plot(*xy, marker=marker, ms=8, mfc="none", mec="red", mew=1.6, ls="none",
-                    label=f"{focus} @ {text}")
+            ax.plot(*xy, marker=marker, ms=8, mfc="none", mec="red", mew=1.6, ls="none", label=f"{focus} @ {text}")
     _legend_panel(axes, styles, tuned, focus, kind, len(scores.labels))
     # fixed margins: tight_layout would cost a second full draw
     fig.subplots_adjust(left=0.05, right=0.98, bottom=0.04, top=0.94, wspace=0.28, hspace=0.32)
@@ -566,16 +754,18 @@ def plot_curves(path: Path, scores: ScoreSet, aucs: pd.DataFrame,
     plt.close(fig)
 
 
-def plot_reliability(path: Path, scores: ScoreSet, calibrated: np.ndarray | None, split: str,
-                     analysis: Analysis | None = None) -> None:
+def plot_reliability(
+    path: Path, scores: ScoreSet, calibrated: np.ndarray | None, split: str, analysis: Analysis | None = None
+) -> None:
     """reliability.png: a panel per label of the focus score set's equal-width reliability
     diagram (observed frequency against mean predicted probability per bin, before and after
     post-hoc calibration), with each bin's image count as a bar on a log axis underneath."""
     from cxr.calibration import N_BINS, reliability_bins
 
     focus = focus_member(scores)
-    plt, fig, axes = _panel_grid(f"Reliability ({N_BINS} equal-width bins) — `{focus}` on split '{split}', "
-                                 f"{scores.n} images")
+    plt, fig, axes = _panel_grid(
+        f"Reliability ({N_BINS} equal-width bins) — `{focus}` on split '{split}', {scores.n} images"
+    )
     series = {"raw": (scores.scores[focus], "0.45", "o")}
     if calibrated is not None:
         series["calibrated"] = (calibrated, "tab:blue", "s")
@@ -599,15 +789,19 @@ def plot_reliability(path: Path, scores: ScoreSet, calibrated: np.ndarray | None
         ax.set_xlabel("mean predicted probability", fontsize=8)
         ax.set_ylabel("observed frequency", fontsize=8)
         ax.tick_params(labelsize=7)
-    for ax in axes[len(scores.labels):]:
+    for ax in axes[len(scores.labels) :]:
         ax.axis("off")
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    handles = [Line2D([], [], color=color, marker=marker, label=f"{focus} {name}")
-               for name, (_, color, marker) in series.items()]
-    handles += [Patch(color="0.45", alpha=0.25, label="images per bin (right axis, log)"),
-                Line2D([], [], color="0.7", ls="--", label="perfect calibration")]
+    handles = [
+        Line2D([], [], color=color, marker=marker, label=f"{focus} {name}")
+        for name, (_, color, marker) in series.items()
+    ]
+    handles += [
+        Patch(color="0.45", alpha=0.25, label="images per bin (right axis, log)"),
+        Line2D([], [], color="0.7", ls="--", label="perfect calibration"),
+    ]
     axes[len(scores.labels)].legend(handles=handles, loc="upper left", fontsize=10, frameon=False)
     fig.subplots_adjust(left=0.05, right=0.96, bottom=0.04, top=0.93, wspace=0.38, hspace=0.42)
     _save_png(fig, path)
@@ -615,7 +809,7 @@ def plot_reliability(path: Path, scores: ScoreSet, calibrated: np.ndarray | None
 
 
 def _ece_title(analysis: Analysis | None, focus: str, label: str) -> str:
-    """"\nECE 0.050 → 0.021 (platt)" for a reliability panel (empty without a calibration table)."""
+    """ "\nECE 0.050 → 0.021 (platt)" for a reliability panel (empty without a calibration table)."""
     if analysis is None or analysis.calibration is None:
         return ""
     t = analysis.calibration
@@ -634,8 +828,19 @@ def _legend_panel(axes, styles, tuned, focus: str, kind: str, n_labels: int = le
     handles = [Line2D([], [], color=st["color"], lw=st["lw"], label=st["label"]) for st in styles.values()]
     for name in ("0.5", *(k for k in tuned.get(focus, {}) if k in _MARKERS)):
         marker, text = _MARKERS[name]
-        handles.append(Line2D([], [], marker=marker, ms=8, mfc="none", mec="red", mew=1.6, ls="none",
-                              label=f"{focus} threshold: {text}"))
+        handles.append(
+            Line2D(
+                [],
+                [],
+                marker=marker,
+                ms=8,
+                mfc="none",
+                mec="red",
+                mew=1.6,
+                ls="none",
+                label=f"{focus} threshold: {text}",
+            )
+        )
     chance = "chance (diagonal)" if kind == "roc" else "chance (prevalence)"
     handles.append(Line2D([], [], color="0.7", lw=0.8, ls="--", label=chance))
     axes[n_labels].legend(handles=handles, loc="upper left", fontsize=10, frameon=False)
@@ -650,6 +855,7 @@ def _save_png(fig, path: Path) -> None:
 
 # ------------------------------------------------------------------- tables ----
 
+
 def _fmt(x: float, digits: int = 3) -> str:
     return "—" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
 
@@ -663,9 +869,10 @@ def auroc_wide(aucs: pd.DataFrame, with_ci: bool = True) -> pd.DataFrame:
     for member in members:
         rows = aucs[aucs["member"] == member].set_index("label")
         table[member] = [
-            _fmt(r.auroc) + (f" [{_fmt(r.ci_low, 2)}, {_fmt(r.ci_high, 2)}]"
-                             if with_ci and np.isfinite(r.ci_low) else "")
-            for r in (rows.loc[label] for label in table.index)]
+            _fmt(r.auroc)
+            + (f" [{_fmt(r.ci_low, 2)}, {_fmt(r.ci_high, 2)}]" if with_ci and np.isfinite(r.ci_low) else "")
+            for r in (rows.loc[label] for label in table.index)
+        ]
     table.index.name = "label"
     return table
 
@@ -695,8 +902,10 @@ def _published_columns(table: pd.DataFrame) -> pd.DataFrame:
         return table  # published numbers exist only for the 14 NIH labels
     for column in PUBLISHED:
         name = column.name + ("" if column.comparable else " †")
-        table[name] = [_fmt(column.auroc[label]) if label in column.auroc else _fmt(published_mean(column))
-                       for label in table.index]
+        table[name] = [
+            _fmt(column.auroc[label]) if label in column.auroc else _fmt(published_mean(column))
+            for label in table.index
+        ]
     return table
 
 
@@ -712,28 +921,42 @@ def _auprc_wide(aucs: pd.DataFrame) -> pd.DataFrame:
 
 def _threshold_summary(metrics: pd.DataFrame, member: str) -> pd.DataFrame:
     rows = metrics[(metrics["member"] == member) & metrics["label"].isin(["macro", "micro"])]
-    out = pd.DataFrame({
-        "thresholds": rows["thresholds"], "average": rows["label"],
-        **{name: rows[name].map(_fmt) for name in METRIC_COLUMNS},
-        "Hamming loss": rows["hamming_loss"].map(_fmt), "exact match": rows["exact_match"].map(_fmt),
-    })
+    out = pd.DataFrame(
+        {
+            "thresholds": rows["thresholds"],
+            "average": rows["label"],
+            **{name: rows[name].map(_fmt) for name in METRIC_COLUMNS},
+            "Hamming loss": rows["hamming_loss"].map(_fmt),
+            "exact match": rows["exact_match"].map(_fmt),
+        }
+    )
     return out
 
 
 def _members_table(members: Sequence[dict[str, Any]]) -> pd.DataFrame:
     rows = []
     for m in members:
-        options = ", ".join(f"{k}={v}" for k, v in (m.get("model_options") or {}).items()
-                            if v not in (None, False, "none", 0, 0.0))
+        options = ", ".join(
+            f"{k}={v}" for k, v in (m.get("model_options") or {}).items() if v not in (None, False, "none", 0, 0.0)
+        )
         best_val = m.get("best_val")
         if isinstance(best_val, dict):
             best_val = ", ".join(f"{k} {_fmt(v) if isinstance(v, float) else v}" for k, v in best_val.items())
-        rows.append({"member": m.get("name"), "model": m.get("model"), "options": options or "—",
-                     "loss": m.get("loss") or "—", "lr": m.get("lr") if m.get("lr") is not None else "—",
-                     "seed": m.get("seed") if m.get("seed") is not None else "—",
-                     "train px": m.get("train_resolution") or "—", "eval px": m.get("eval_resolution") or "—",
-                     "best epoch": m.get("best_epoch") if m.get("best_epoch") is not None else "—",
-                     "best val": best_val or "—", "run dir": f"`{m.get('run_dir')}`"})
+        rows.append(
+            {
+                "member": m.get("name"),
+                "model": m.get("model"),
+                "options": options or "—",
+                "loss": m.get("loss") or "—",
+                "lr": m.get("lr") if m.get("lr") is not None else "—",
+                "seed": m.get("seed") if m.get("seed") is not None else "—",
+                "train px": m.get("train_resolution") or "—",
+                "eval px": m.get("eval_resolution") or "—",
+                "best epoch": m.get("best_epoch") if m.get("best_epoch") is not None else "—",
+                "best val": best_val or "—",
+                "run dir": f"`{m.get('run_dir')}`",
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -741,11 +964,16 @@ def _validity_note(aucs: pd.DataFrame, focus: str) -> str:
     """How many resamples each CI rests on, and which labels have too few positives (report.md)."""
     rows = aucs[aucs["member"] == focus].set_index("label")
     n_boot = int(rows["n_boot"].iloc[0])
-    text = (f"the mean-AUROC CI is a per-label-mean bootstrap (each resample's mean over the labels "
-            f"with both classes in it): `{focus}` mean from {int(rows.loc[MEAN, 'n_valid'])} of {n_boot} "
-            f"valid resamples")
-    partial = [f"{label} {int(rows.loc[label, 'n_valid'])}/{n_boot}" for label in rows.index
-               if label != MEAN and 0 < rows.loc[label, "n_valid"] < n_boot]
+    text = (
+        f"the mean-AUROC CI is a per-label-mean bootstrap (each resample's mean over the labels "
+        f"with both classes in it): `{focus}` mean from {int(rows.loc[MEAN, 'n_valid'])} of {n_boot} "
+        f"valid resamples"
+    )
+    partial = [
+        f"{label} {int(rows.loc[label, 'n_valid'])}/{n_boot}"
+        for label in rows.index
+        if label != MEAN and 0 < rows.loc[label, "n_valid"] < n_boot
+    ]
     if partial:
         text += "; labels defined in fewer resamples: " + ", ".join(partial)
     return text
@@ -754,20 +982,27 @@ def _validity_note(aucs: pd.DataFrame, focus: str) -> str:
 def _unit_text(analysis: Analysis) -> str:
     """What the bootstrap resampled, for report.md."""
     if analysis.resampling == "patient":
-        return (f"patients ({analysis.n_units} patients: each resample draws whole patients, all their "
-                f"images with them; --resample image draws images)")
+        return (
+            f"patients ({analysis.n_units} patients: each resample draws whole patients, all their "
+            f"images with them; --resample image draws images)"
+        )
     return "images (each image drawn independently)"
 
 
 def _few_positives_note(aucs: pd.DataFrame) -> list[str]:
     """A report.md bullet naming the labels with fewer than FEW_POSITIVES positives (or nothing)."""
     rows = aucs[aucs["member"] == aucs["member"].iloc[0]].set_index("label")
-    few = [f"{label} ({int(rows.loc[label, 'n_pos'])})" for label in rows.index
-           if label != MEAN and rows.loc[label, "few_positives"]]
+    few = [
+        f"{label} ({int(rows.loc[label, 'n_pos'])})"
+        for label in rows.index
+        if label != MEAN and rows.loc[label, "few_positives"]
+    ]
     if not few:
         return []
-    return [f"- **labels with fewer than {FEW_POSITIVES} positives** (their AUROC and CI rest on very few "
-            f"images; `few_positives` in aucs.csv): " + ", ".join(few)]
+    return [
+        f"- **labels with fewer than {FEW_POSITIVES} positives** (their AUROC and CI rest on very few "
+        f"images; `few_positives` in aucs.csv): " + ", ".join(few)
+    ]
 
 
 def _ci(value: float, low: float, high: float, digits: int = 3) -> str:
@@ -794,41 +1029,68 @@ def _calibration_section(analysis: Analysis, focus: str, split: str, level: int)
     out = []
     for label in raw.index:
         r = raw.loc[label]
-        line = {"label": label, "ECE raw": _ci(r.ece_width, r.ece_width_low, r.ece_width_high),
-                "ECE (equal mass) raw": _fmt(r.ece_mass), "Brier raw": _ci(r.brier, r.brier_low, r.brier_high),
-                "REL / RES / UNC": f"{_fmt(r.reliability, 4)} / {_fmt(r.resolution, 4)} / {_fmt(r.uncertainty, 4)}"}
+        line = {
+            "label": label,
+            "ECE raw": _ci(r.ece_width, r.ece_width_low, r.ece_width_high),
+            "ECE (equal mass) raw": _fmt(r.ece_mass),
+            "Brier raw": _ci(r.brier, r.brier_low, r.brier_high),
+            "REL / RES / UNC": f"{_fmt(r.reliability, 4)} / {_fmt(r.resolution, 4)} / {_fmt(r.uncertainty, 4)}",
+        }
         if label in cal.index:
             c = cal.loc[label]
-            line.update({"ECE calibrated": _ci(c.ece_width, c.ece_width_low, c.ece_width_high),
-                         "ECE (equal mass) calibrated": _fmt(c.ece_mass),
-                         "Brier calibrated": _ci(c.brier, c.brier_low, c.brier_high),
-                         "map (fitted on " + str((analysis.calibration_doc or {}).get("fitted_on")) + ")":
-                         _map_text(maps[label]) if label in maps else "mean of the labels"})
+            line.update(
+                {
+                    "ECE calibrated": _ci(c.ece_width, c.ece_width_low, c.ece_width_high),
+                    "ECE (equal mass) calibrated": _fmt(c.ece_mass),
+                    "Brier calibrated": _ci(c.brier, c.brier_low, c.brier_high),
+                    "map (fitted on " + str((analysis.calibration_doc or {}).get("fitted_on")) + ")": _map_text(
+                        maps[label]
+                    )
+                    if label in maps
+                    else "mean of the labels",
+                }
+            )
         out.append(line)
-    ci_text = (f"{level} % CIs from the same {analysis.resampling}-level bootstrap as the AUROCs (equal-mass bin "
-               "edges fixed at the full split's)" if analysis.resampling != "none" else "no CIs (--bootstrap 0)")
-    text = [f"## Calibration of `{focus}` on `{split}`", "",
-            "ECE (expected calibration error) is the image-weighted mean gap between the predicted probability and the "
-            "observed frequency of the finding over 15 bins (0 = a probability of 0.3 comes true 30 % of the time); "
-            "Brier is the mean squared error of the probability, = reliability − resolution + uncertainty "
-            "(REL / RES / UNC, equal-width bins: lower REL and higher RES are better, UNC is the label's own "
-            f"variance). ECE columns use equal-width bins unless named equal mass; {ci_text}. ECE is biased upward "
-            "on small samples (bin noise), and more so within a resample that repeats images, so on a small split "
-            "its interval can sit above the estimate; read it as the spread, not a bias-corrected range.", ""]
+    ci_text = (
+        f"{level} % CIs from the same {analysis.resampling}-level bootstrap as the AUROCs (equal-mass bin "
+        "edges fixed at the full split's)"
+        if analysis.resampling != "none"
+        else "no CIs (--bootstrap 0)"
+    )
+    text = [
+        f"## Calibration of `{focus}` on `{split}`",
+        "",
+        "ECE (expected calibration error) is the image-weighted mean gap between the predicted probability and the "
+        "observed frequency of the finding over 15 bins (0 = a probability of 0.3 comes true 30 % of the time); "
+        "Brier is the mean squared error of the probability, = reliability − resolution + uncertainty "
+        "(REL / RES / UNC, equal-width bins: lower REL and higher RES are better, UNC is the label's own "
+        f"variance). ECE columns use equal-width bins unless named equal mass; {ci_text}. ECE is biased upward "
+        "on small samples (bin noise), and more so within a resample that repeats images, so on a small split "
+        "its interval can sit above the estimate; read it as the spread, not a bias-corrected range.",
+        "",
+    ]
     if not cal.empty:
-        text += ["Post-hoc calibration (monotone, so AUROC and the ranking are unchanged): temperature "
-                 "σ(logit p / T) and Platt σ(a logit p + b) per label, fitted on the threshold split, the map per "
-                 "label chosen by 5-fold cross-validated log-loss there (none when neither helps) and applied here. "
-                 "The fitted parameters are in `calibration.json` (for `cxr.export`); every member and variant in "
-                 "`calibration.csv`; the diagrams in `reliability.png`.", ""]
+        text += [
+            "Post-hoc calibration (monotone, so AUROC and the ranking are unchanged): temperature "
+            "σ(logit p / T) and Platt σ(a logit p + b) per label, fitted on the threshold split, the map per "
+            "label chosen by 5-fold cross-validated log-loss there (none when neither helps) and applied here. "
+            "The fitted parameters are in `calibration.json` (for `cxr.export`); every member and variant in "
+            "`calibration.csv`; the diagrams in `reliability.png`.",
+            "",
+        ]
     return text + [_markdown(pd.DataFrame(out), index=False), "", "![Reliability diagrams](reliability.png)", ""]
 
 
 def _operating_section(analysis: Analysis, focus: str, split: str, level: int) -> list[str]:
     if not analysis.tuned:
         return []
-    names = {"f1": "F1-optimal", "youden": "Youden-optimal", "sens90": "sensitivity ≥ 0.90",
-             "sens95": "sensitivity ≥ 0.95", "spec90": "specificity ≥ 0.90"}
+    names = {
+        "f1": "F1-optimal",
+        "youden": "Youden-optimal",
+        "sens90": "sensitivity ≥ 0.90",
+        "sens95": "sensitivity ≥ 0.95",
+        "spec90": "specificity ≥ 0.90",
+    }
     m = analysis.metrics
     rows = m[(m["member"] == focus) & m["thresholds"].isin(["f1", "sens90", "spec90"])]
     out = []
@@ -838,18 +1100,30 @@ def _operating_section(analysis: Analysis, focus: str, split: str, level: int) -
             if r.empty:
                 continue
             r = r.iloc[0]
-            out.append({"label": label, "threshold (chosen on val)": f"{names[set_name]}" + (
-                f" = {r.threshold:.3f}" if label != "micro" else ""),
-                **{k: _ci(r[k], r[f"{k}_low"], r[f"{k}_high"], 2)
-                   for k in ("sensitivity", "specificity", "ppv", "npv", "f1")}})
-    return [f"## Operating points of `{focus}` on `{split}` ({level} % CIs)", "",
-            "Each threshold is chosen on the threshold split — the F1 optimum, the highest threshold still reaching "
-            "90 % sensitivity there, the lowest reaching 90 % specificity — and applied unchanged here, so the "
-            "sensitivity a target promised can come out lower on this split. Sensitivity, specificity, PPV and NPV "
-            "carry Wilson score intervals (images as independent trials: narrower than a patient-level interval); "
-            f"F1 a percentile-bootstrap interval ({analysis.resampling} level). Youden, sensitivity ≥ 0.95 and 0.5 "
-            "are in `metrics.csv` with the same columns, for every member.", "",
-            _markdown(pd.DataFrame(out), index=False), ""]
+            out.append(
+                {
+                    "label": label,
+                    "threshold (chosen on val)": f"{names[set_name]}"
+                    + (f" = {r.threshold:.3f}" if label != "micro" else ""),
+                    **{
+                        k: _ci(r[k], r[f"{k}_low"], r[f"{k}_high"], 2)
+                        for k in ("sensitivity", "specificity", "ppv", "npv", "f1")
+                    },
+                }
+            )
+    return [
+        f"## Operating points of `{focus}` on `{split}` ({level} % CIs)",
+        "",
+        "Each threshold is chosen on the threshold split — the F1 optimum, the highest threshold still reaching "
+        "90 % sensitivity there, the lowest reaching 90 % specificity — and applied unchanged here, so the "
+        "sensitivity a target promised can come out lower on this split. Sensitivity, specificity, PPV and NPV "
+        "carry Wilson score intervals (images as independent trials: narrower than a patient-level interval); "
+        f"F1 a percentile-bootstrap interval ({analysis.resampling} level). Youden, sensitivity ≥ 0.95 and 0.5 "
+        "are in `metrics.csv` with the same columns, for every member.",
+        "",
+        _markdown(pd.DataFrame(out), index=False),
+        "",
+    ]
 
 
 def scores_labels(metrics: pd.DataFrame, member: str) -> list[str]:
@@ -862,14 +1136,18 @@ def _subgroup_section(analysis: Analysis, focus: str, split: str, level: int) ->
     table = analysis.subgroups
     if table is None or table.empty:
         return []
-    text = [f"## Subgroups of `{focus}` on `{split}` ({level} % CIs)", "",
-            "AUROC per group with its bootstrap CI; each group is compared with the largest group of its grouping "
-            "(the reference): the gap (group − reference) with a bootstrap CI over the same resamples and an unpaired "
-            "DeLong test, Holm-adjusted over the labels (`p_holm`; * below 0.05). † marks fewer than "
-            f"{FEW_POSITIVES} positives in the group (CI rests on very few images). Under-diagnosis "
-            "(Seyyed-Kalantari et al. 2021) is the share of sick images (any finding) that the F1-tuned thresholds "
-            "(0.5 without a threshold split) call No Finding (no label above its threshold), with a Wilson CI and a bootstrap CI of its gap. "
-            "All numbers, with n, positives and patients per group, are in `subgroups.csv`.", ""]
+    text = [
+        f"## Subgroups of `{focus}` on `{split}` ({level} % CIs)",
+        "",
+        "AUROC per group with its bootstrap CI; each group is compared with the largest group of its grouping "
+        "(the reference): the gap (group − reference) with a bootstrap CI over the same resamples and an unpaired "
+        "DeLong test, Holm-adjusted over the labels (`p_holm`; * below 0.05). † marks fewer than "
+        f"{FEW_POSITIVES} positives in the group (CI rests on very few images). Under-diagnosis "
+        "(Seyyed-Kalantari et al. 2021) is the share of sick images (any finding) that the F1-tuned thresholds "
+        "(0.5 without a threshold split) call No Finding (no label above its threshold), with a Wilson CI and a bootstrap CI of its gap. "
+        "All numbers, with n, positives and patients per group, are in `subgroups.csv`.",
+        "",
+    ]
     for grouping, part in table.groupby("grouping", sort=False):
         auc = part[part["metric"] == "auroc"]
         groups = list(dict.fromkeys(auc["group"]))
@@ -883,20 +1161,28 @@ def _subgroup_section(analysis: Analysis, focus: str, split: str, level: int) ->
             for g in groups[1:]:
                 r = auc[(auc["label"] == label) & (auc["group"] == g)].iloc[0]
                 star = " *" if np.isfinite(r.p_holm) and r.p_holm < 0.05 else ""
-                line[f"{g} − {reference}"] = (_ci(r.gap, r.gap_low, r.gap_high, 3) +
-                                              f", p_holm {_fmt(r.p_holm, 3)}{star}")
+                line[f"{g} − {reference}"] = (
+                    _ci(r.gap, r.gap_low, r.gap_high, 3) + f", p_holm {_fmt(r.p_holm, 3)}{star}"
+                )
             rows.append(line)
         text += [f"### {grouping} — AUROC", "", _markdown(pd.DataFrame(rows), index=False), ""]
     under = table[table["metric"] == "underdiagnosis"]
-    rows = [{"grouping": r.grouping, "group": r.group, "sick images": r.n_pos,
-             "under-diagnosis rate": _ci(r.value, r.ci_low, r.ci_high, 3),
-             "gap vs reference": "reference" if r.group == r.reference else _ci(r.gap, r.gap_low, r.gap_high, 3)}
-            for r in under.itertuples()]
+    rows = [
+        {
+            "grouping": r.grouping,
+            "group": r.group,
+            "sick images": r.n_pos,
+            "under-diagnosis rate": _ci(r.value, r.ci_low, r.ci_high, 3),
+            "gap vs reference": "reference" if r.group == r.reference else _ci(r.gap, r.gap_low, r.gap_high, 3),
+        }
+        for r in under.itertuples()
+    ]
     return text + ["### Under-diagnosis (sick called No Finding)", "", _markdown(pd.DataFrame(rows), index=False), ""]
 
 
-def report_markdown(analysis: Analysis, scores: ScoreSet, *, split: str, context: dict[str, Any],
-                    members: Sequence[dict[str, Any]]) -> str:
+def report_markdown(
+    analysis: Analysis, scores: ScoreSet, *, split: str, context: dict[str, Any], members: Sequence[dict[str, Any]]
+) -> str:
     """report.md: per-label AUROC of members vs ensemble with published columns, AUPRC,
     threshold metrics, run configs and figures. ``context``: split-level facts
     (ensemble method, bootstrap, seed, alpha, thresholds split, shards, source)."""
@@ -906,33 +1192,53 @@ def report_markdown(analysis: Analysis, scores: ScoreSet, *, split: str, context
     focus = ENSEMBLE if ENSEMBLE in scores.scores else list(scores.scores)[-1]
     boot = context.get("bootstrap", 0)
     lines = [
-        f"# Evaluation report — split `{split}`", "",
+        f"# Evaluation report — split `{split}`",
+        "",
         f"- images: {scores.n}; members: {len([m for m in scores.scores if m != ENSEMBLE])}; "
         f"ensemble: {context.get('ensemble', 'mean-prob')} of the members' outputs",
         f"- AUROC CI: {level} % percentile bootstrap over {_unit_text(analysis)}, {boot} resamples shared by all "
         f"members and the ensemble (seed {context.get('seed', 0)}); {_validity_note(analysis.aucs, focus)}"
-        if boot else "- AUROC CI: none (--bootstrap 0)",
+        if boot
+        else "- AUROC CI: none (--bootstrap 0)",
         *_few_positives_note(analysis.aucs),
         f"- thresholds tuned on split `{context.get('thresholds_from')}` "
-        f"({analysis.thresholds.get('n_images', 0)} images)" if analysis.tuned else "- thresholds: 0.5 only",
+        f"({analysis.thresholds.get('n_images', 0)} images)"
+        if analysis.tuned
+        else "- thresholds: 0.5 only",
         f"- source: {context.get('source', '')}",
-        f"- written: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}", "",
-        f"## Per-label AUROC ({level} % CI) — members vs ensemble", "",
-        _markdown(_published_columns(auroc_wide(analysis.aucs))), "",
+        f"- written: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}",
+        "",
+        f"## Per-label AUROC ({level} % CI) — members vs ensemble",
+        "",
+        _markdown(_published_columns(auroc_wide(analysis.aucs))),
+        "",
         f"Prevalence is that of this split (`{split}`). Published columns: {WANG_2017.note}; "
         f"comparable only if this split is that official test list (25,596 images; this one has "
         f"{scores.n}). † {CHEXNET_2017.note}. Their mean rows are the unweighted means of the 14 labels.",
         "",
-        "## AUPRC (chance level = prevalence)", "", _markdown(_auprc_wide(analysis.aucs)), "",
-        f"## Threshold metrics of `{focus}` on `{split}`", "",
-        _markdown(_threshold_summary(analysis.metrics, focus), index=False), "",
-        "Per-label values for every member are in `metrics.csv`; thresholds in `thresholds.json`.", "",
+        "## AUPRC (chance level = prevalence)",
+        "",
+        _markdown(_auprc_wide(analysis.aucs)),
+        "",
+        f"## Threshold metrics of `{focus}` on `{split}`",
+        "",
+        _markdown(_threshold_summary(analysis.metrics, focus), index=False),
+        "",
+        "Per-label values for every member are in `metrics.csv`; thresholds in `thresholds.json`.",
+        "",
         *_operating_section(analysis, focus, split, level),
         *_calibration_section(analysis, focus, split, level),
         *_subgroup_section(analysis, focus, split, level),
-        "## Members (run configs)", "",
-        _markdown(_members_table(members), index=False) if members else "(not recorded)", "",
-        "## Figures", "", "![ROC curves](roc.png)", "", "![Precision-recall curves](pr.png)", "",
+        "## Members (run configs)",
+        "",
+        _markdown(_members_table(members), index=False) if members else "(not recorded)",
+        "",
+        "## Figures",
+        "",
+        "![ROC curves](roc.png)",
+        "",
+        "![Precision-recall curves](pr.png)",
+        "",
     ]
     notes = list(analysis.notes) + list(context.get("notes", []))
     if notes:
@@ -940,9 +1246,16 @@ def report_markdown(analysis: Analysis, scores: ScoreSet, *, split: str, context
     return "\n".join(lines)
 
 
-def write_outputs(out: Path, analysis: Analysis, scores: ScoreSet, *, split: str,
-                  context: dict[str, Any], members: Sequence[dict[str, Any]],
-                  figures: bool = True) -> dict[str, float]:
+def write_outputs(
+    out: Path,
+    analysis: Analysis,
+    scores: ScoreSet,
+    *,
+    split: str,
+    context: dict[str, Any],
+    members: Sequence[dict[str, Any]],
+    figures: bool = True,
+) -> dict[str, float]:
     """Write aucs.csv, thresholds.json, metrics.csv, calibration.csv, calibration.json,
     subgroups.csv, roc.png, pr.png, reliability.png, report.md (atomic; each when computed).
 
@@ -969,6 +1282,7 @@ def write_outputs(out: Path, analysis: Analysis, scores: ScoreSet, *, split: str
         if analysis.calibration is not None:
             plot_reliability(out / "reliability.png", scores, analysis.calibrated, split, analysis)
         seconds["figures"] = time.perf_counter() - t1
-    atomic_write_text(out / "report.md", report_markdown(analysis, scores, split=split,
-                                                         context=context, members=members))
+    atomic_write_text(
+        out / "report.md", report_markdown(analysis, scores, split=split, context=context, members=members)
+    )
     return seconds

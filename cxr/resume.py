@@ -2,6 +2,7 @@
 "Resume and requeue"): which checkpoint a run continues from, restoring it (also at another
 world size), continuing a finished run, and saving ``last`` / ``best``. The checkpoint files
 themselves are cxr/checkpoint.py's."""
+
 from __future__ import annotations
 
 import logging
@@ -31,21 +32,21 @@ class TrainState:
     checkpoint (state.pt ``loop``); the SUMS are this rank's own for the current epoch (state.pt
     ``ranks[rank]``). Restored on resume; the caller reports it when the run fails."""
 
-    epoch: int = 0              # current epoch, 0-based
-    step_in_epoch: int = 0      # optimizer steps already taken in this epoch
-    global_step: int = 0        # optimizer steps since the start of the run
-    best_value: float | None = None   # best train.best_metric so far
-    best_epoch: int = 0         # 1-based epoch of best_value
-    early_best: float | None = None   # the value early stopping compares against (moves by > min_delta)
-    bad_epochs: int = 0         # epochs since early_best last moved
+    epoch: int = 0  # current epoch, 0-based
+    step_in_epoch: int = 0  # optimizer steps already taken in this epoch
+    global_step: int = 0  # optimizer steps since the start of the run
+    best_value: float | None = None  # best train.best_metric so far
+    best_epoch: int = 0  # 1-based epoch of best_value
+    early_best: float | None = None  # the value early stopping compares against (moves by > min_delta)
+    bad_epochs: int = 0  # epochs since early_best last moved
     finished: bool = False
-    validating: bool = False    # this epoch's training is done; `last` was saved before its validation
-    rows: list = field(default_factory=list)   # metrics.csv rows so far
-    loss_sum: float = 0.0       # this rank's summed micro-batch loss this epoch, as of the last save
-    batches: int = 0            # this rank's micro-batches this epoch
-    skipped: int = 0            # corrupt samples this rank skipped this epoch before the current loader
+    validating: bool = False  # this epoch's training is done; `last` was saved before its validation
+    rows: list = field(default_factory=list)  # metrics.csv rows so far
+    loss_sum: float = 0.0  # this rank's summed micro-batch loss this epoch, as of the last save
+    batches: int = 0  # this rank's micro-batches this epoch
+    skipped: int = 0  # corrupt samples this rank skipped this epoch before the current loader
     skipped_keys: list = field(default_factory=list)
-    accepted: bool = False      # this start passed its checks and wrote status "running" (never saved)
+    accepted: bool = False  # this start passed its checks and wrote status "running" (never saved)
 
     def loop(self) -> dict:
         """The loop state as saved (state.pt ``loop``)."""
@@ -95,14 +96,18 @@ def resume_checkpoint(cfg: Config, run_dir: Path) -> tuple[Path | None, list[str
     found = ckpt.find_checkpoint(run_dir, "last")
     if policy == "never":
         if found is not None:
-            raise CxrError(f"{found}: the run dir already holds a checkpoint and checkpoint.resume=never — "
-                           f"choose a new checkpoint.run_dir or set checkpoint.resume=auto")
+            raise CxrError(
+                f"{found}: the run dir already holds a checkpoint and checkpoint.resume=never — "
+                f"choose a new checkpoint.run_dir or set checkpoint.resume=auto"
+            )
         return None, []
     if policy != "auto":
         found = Path(policy)
         if not (found / ckpt.META).is_file():
-            raise CxrError(f"checkpoint.resume={policy}: no checkpoint there (no {ckpt.META}) — "
-                           f"use auto, never, or a path like RUN/checkpoints/last")
+            raise CxrError(
+                f"checkpoint.resume={policy}: no checkpoint there (no {ckpt.META}) — "
+                f"use auto, never, or a path like RUN/checkpoints/last"
+            )
     if found is None:
         return None, []
     meta, want = ckpt.read_meta(found), config_hash(cfg)
@@ -113,13 +118,19 @@ def resume_checkpoint(cfg: Config, run_dir: Path) -> tuple[Path | None, list[str
     if changed and set(changed) <= EXTENDABLE:
         return found, changed
     if cfg.checkpoint.force_resume:
-        log.warning("checkpoint.force_resume: continuing %s (config hash %s) under config hash %s — changed: %s",
-                    found, meta.get("config_hash"), want,
-                    "; ".join(describe_changes(cfg, found, changed)) or "unknown keys (its config.yaml is unreadable)")
+        log.warning(
+            "checkpoint.force_resume: continuing %s (config hash %s) under config hash %s — changed: %s",
+            found,
+            meta.get("config_hash"),
+            want,
+            "; ".join(describe_changes(cfg, found, changed)) or "unknown keys (its config.yaml is unreadable)",
+        )
         return found, changed
-    raise CxrError(f"{found}: written under config hash {meta.get('config_hash')}, this config is {want} "
-                   f"(differs in: {', '.join(changed) or 'unknown keys'}) — use a new "
-                   f"checkpoint.run_dir, restore the old values, or set checkpoint.force_resume=true")
+    raise CxrError(
+        f"{found}: written under config hash {meta.get('config_hash')}, this config is {want} "
+        f"(differs in: {', '.join(changed) or 'unknown keys'}) — use a new "
+        f"checkpoint.run_dir, restore the old values, or set checkpoint.force_resume=true"
+    )
 
 
 def saved_config_diff(cfg: Config, found: Path, saved_hash: str | None = None) -> list[str]:
@@ -163,8 +174,11 @@ def data_identity(cfg: Config) -> dict | None:
         digest = hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()
     except (CxrError, OSError):
         return None
-    return {"manifest": str(folder / "manifest.json"), "manifest_sha256": digest,
-            "samples": {split: stats.get("samples") for split, stats in sorted(manifest.get("splits", {}).items())}}
+    return {
+        "manifest": str(folder / "manifest.json"),
+        "manifest_sha256": digest,
+        "samples": {split: stats.get("samples") for split, stats in sorted(manifest.get("splits", {}).items())},
+    }
 
 
 def check_same_data(cfg: Config, found: Path, meta: dict) -> None:
@@ -178,17 +192,26 @@ def check_same_data(cfg: Config, found: Path, meta: dict) -> None:
     if now is None or now["manifest_sha256"] == saved.get("manifest_sha256"):
         return
     before, after = saved.get("samples") or {}, now["samples"]
-    what = [f"{split} {before.get(split)} → {after.get(split)} samples" for split in sorted(set(before) | set(after))
-            if before.get(split) != after.get(split)]
+    what = [
+        f"{split} {before.get(split)} → {after.get(split)} samples"
+        for split in sorted(set(before) | set(after))
+        if before.get(split) != after.get(split)
+    ]
     if saved.get("manifest") != now["manifest"]:
         what.append(f"manifest {saved.get('manifest')} → {now['manifest']}")
     what = ", ".join(what) or "same sample counts, manifest.json re-written (re-packed)"
     if cfg.checkpoint.force_resume:
-        log.warning("checkpoint.force_resume: the shards changed since %s (%s) — continuing at its step in the "
-                    "epoch over the new data: the epoch's order and sums are no longer those of one run", found, what)
+        log.warning(
+            "checkpoint.force_resume: the shards changed since %s (%s) — continuing at its step in the "
+            "epoch over the new data: the epoch's order and sums are no longer those of one run",
+            found,
+            what,
+        )
         return
-    raise CxrError(f"{now['manifest']}: the shards changed since {found} was saved ({what}) — restore the shards "
-                   f"it was trained on, use a new checkpoint.run_dir, or set checkpoint.force_resume=true")
+    raise CxrError(
+        f"{now['manifest']}: the shards changed since {found} was saved ({what}) — restore the shards "
+        f"it was trained on, use a new checkpoint.run_dir, or set checkpoint.force_resume=true"
+    )
 
 
 def finished_run(cfg: Config, st: TrainState, run_dir: Path, resume_from: Path | None) -> None:
@@ -196,12 +219,18 @@ def finished_run(cfg: Config, st: TrainState, run_dir: Path, resume_from: Path |
     checkpoint belongs to another run dir."""
     check_has_best(cfg, st, run_dir)
     if resume_from is not None and resume_from.parent.parent.resolve() != run_dir.resolve():
-        raise CxrError(f"checkpoint.resume={resume_from}: that run finished at epoch {st.epoch} — nothing "
-                       f"to continue; raise train.epochs to continue it, or start from its weights with "
-                       f"model.init_from={resume_from.parent.parent} (fresh optimizer and schedule)")
-    log.info("run %s already finished at epoch %d — nothing to do (raise train.epochs to continue it, or "
-             "model.init_from=%s in a new checkpoint.run_dir to start from its weights)", run_dir, st.epoch,
-             run_dir)
+        raise CxrError(
+            f"checkpoint.resume={resume_from}: that run finished at epoch {st.epoch} — nothing "
+            f"to continue; raise train.epochs to continue it, or start from its weights with "
+            f"model.init_from={resume_from.parent.parent} (fresh optimizer and schedule)"
+        )
+    log.info(
+        "run %s already finished at epoch %d — nothing to do (raise train.epochs to continue it, or "
+        "model.init_from=%s in a new checkpoint.run_dir to start from its weights)",
+        run_dir,
+        st.epoch,
+        run_dir,
+    )
 
 
 def check_has_best(cfg: Config, st: TrainState, run_dir: Path) -> None:
@@ -210,14 +239,17 @@ def check_has_best(cfg: Config, st: TrainState, run_dir: Path) -> None:
     if st.best_value is not None:
         return
     last = st.rows[-1].get(cfg.train.best_metric) if st.rows else None
-    raise CxrError(f"{run_dir}: no epoch of {st.epoch} had a finite {cfg.train.best_metric} (last {last}), so "
-                   f"there is no best checkpoint and the run cannot count as finished — check the val split "
-                   f"(val_mean_auroc needs a label with both classes), or train with train.best_metric=val_loss "
-                   f"in a new checkpoint.run_dir")
+    raise CxrError(
+        f"{run_dir}: no epoch of {st.epoch} had a finite {cfg.train.best_metric} (last {last}), so "
+        f"there is no best checkpoint and the run cannot count as finished — check the val split "
+        f"(val_mean_auroc needs a label with both classes), or train with train.best_metric=val_loss "
+        f"in a new checkpoint.run_dir"
+    )
 
 
-def continue_finished_run(cfg: Config, st: TrainState, scheduler, optimizer, per_step: bool,
-                          changed: list[str]) -> None:
+def continue_finished_run(
+    cfg: Config, st: TrainState, scheduler, optimizer, per_step: bool, changed: list[str]
+) -> None:
     """A finished run resumed with more epochs (or steps): un-finish it when there is work left."""
     out_of_steps = bool(cfg.train.max_steps and st.global_step >= cfg.train.max_steps)
     if st.epoch >= cfg.train.epochs or out_of_steps:
@@ -228,8 +260,13 @@ def continue_finished_run(cfg: Config, st: TrainState, scheduler, optimizer, per
         before = current_lr(optimizer)
         realign_schedule(scheduler, optimizer, scheduler.last_epoch)
         how = f"recomputed for the new length: lr {before:.3e} → {current_lr(optimizer):.3e}"
-    log.info("continuing the finished run (%s changed) at epoch %d of %d; LR schedule %s",
-             ", ".join(changed), st.epoch + 1, cfg.train.epochs, how)
+    log.info(
+        "continuing the finished run (%s changed) at epoch %d of %d; LR schedule %s",
+        ", ".join(changed),
+        st.epoch + 1,
+        cfg.train.epochs,
+        how,
+    )
 
 
 def realign_schedule(scheduler, optimizer, position: int) -> None:
@@ -241,8 +278,17 @@ def realign_schedule(scheduler, optimizer, position: int) -> None:
 
 
 # ----------------------------------------------------------------------------- restore
-def restore(cfg: Config, accelerator: Accelerator, path: Path, model, optimizer, scheduler, st: TrainState,
-            steps_per_epoch: int, per_step_schedule: bool) -> None:
+def restore(
+    cfg: Config,
+    accelerator: Accelerator,
+    path: Path,
+    model,
+    optimizer,
+    scheduler,
+    st: TrainState,
+    steps_per_epoch: int,
+    per_step_schedule: bool,
+) -> None:
     """Load ``path`` into the prepared objects and ``st`` (loop state and this rank's sums).
 
     With another world size the position in the epoch's permutation (samples consumed) is kept:
@@ -257,8 +303,17 @@ def restore(cfg: Config, accelerator: Accelerator, path: Path, model, optimizer,
             if key != "rng":
                 setattr(st, key, value)
         if not st.validating:
-            remap_position(cfg, state, accelerator.num_processes, steps_per_epoch, st, path, scheduler, optimizer,
-                           per_step_schedule)
+            remap_position(
+                cfg,
+                state,
+                accelerator.num_processes,
+                steps_per_epoch,
+                st,
+                path,
+                scheduler,
+                optimizer,
+                per_step_schedule,
+            )
         return
     saved_world, world = state.get("world_size"), accelerator.num_processes
     old_step = st.step_in_epoch
@@ -271,14 +326,30 @@ def restore(cfg: Config, accelerator: Accelerator, path: Path, model, optimizer,
         st.batches = sum(r.get("batches", 0) for r in ranks)
         st.skipped = sum(r.get("skipped", 0) for r in ranks)
         st.skipped_keys = [k for r in ranks for k in r.get("skipped_keys", [])]
-    log.warning("resume: world size %s → %d — continuing at sample %d of epoch %d's permutation (step %d of "
-                "%d, was step %d); data order is exact, the per-rank RNG streams (dropout) restart",
-                saved_world, world, st.step_in_epoch * world * cfg.data.batch_size * cfg.train.grad_accum_steps,
-                st.epoch + 1, st.step_in_epoch, steps_per_epoch, old_step)
+    log.warning(
+        "resume: world size %s → %d — continuing at sample %d of epoch %d's permutation (step %d of "
+        "%d, was step %d); data order is exact, the per-rank RNG streams (dropout) restart",
+        saved_world,
+        world,
+        st.step_in_epoch * world * cfg.data.batch_size * cfg.train.grad_accum_steps,
+        st.epoch + 1,
+        st.step_in_epoch,
+        steps_per_epoch,
+        old_step,
+    )
 
 
-def remap_position(cfg: Config, state: dict, world: int, steps_per_epoch: int, st: TrainState, path: Path,
-                   scheduler, optimizer, per_step_schedule: bool) -> None:
+def remap_position(
+    cfg: Config,
+    state: dict,
+    world: int,
+    steps_per_epoch: int,
+    st: TrainState,
+    path: Path,
+    scheduler,
+    optimizer,
+    per_step_schedule: bool,
+) -> None:
     """Same world size, but a step now takes another number of samples (checkpoint.force_resume
     with data.batch_size or train.grad_accum_steps changed): continue at the same sample of the
     epoch's permutation, as a world-size change does, and say so; a position between two of the
@@ -292,10 +363,20 @@ def remap_position(cfg: Config, state: dict, world: int, steps_per_epoch: int, s
     again = samples - st.step_in_epoch * per_step
     if per_step_schedule and scheduler is not None:
         realign_schedule(scheduler, optimizer, st.epoch * steps_per_epoch + st.step_in_epoch)
-    log.warning("resume: a step now takes %d samples (data.batch_size × train.grad_accum_steps × %d rank(s)), "
-                "%s was saved %d samples into epoch %d at step %d — continuing at step %d of %d (sample %d)%s",
-                per_step, world, path, samples, st.epoch + 1, old_step, st.step_in_epoch, steps_per_epoch,
-                st.step_in_epoch * per_step, f"; {again} samples are seen again" if again else "")
+    log.warning(
+        "resume: a step now takes %d samples (data.batch_size × train.grad_accum_steps × %d rank(s)), "
+        "%s was saved %d samples into epoch %d at step %d — continuing at step %d of %d (sample %d)%s",
+        per_step,
+        world,
+        path,
+        samples,
+        st.epoch + 1,
+        old_step,
+        st.step_in_epoch,
+        steps_per_epoch,
+        st.step_in_epoch * per_step,
+        f"; {again} samples are seen again" if again else "",
+    )
 
 
 def resume_step(cfg: Config, state: dict, world: int, steps_per_epoch: int, path: Path) -> int:
@@ -305,45 +386,75 @@ def resume_step(cfg: Config, state: dict, world: int, steps_per_epoch: int, path
     st = state["loop"]
     samples = loader.get("samples")
     if samples is None:  # checkpoints before samples were stored: micro-batches × batch × ranks
-        samples = loader.get("skip_batches", st["step_in_epoch"] * cfg.train.grad_accum_steps) \
-            * cfg.data.batch_size * saved_world
+        samples = (
+            loader.get("skip_batches", st["step_in_epoch"] * cfg.train.grad_accum_steps)
+            * cfg.data.batch_size
+            * saved_world
+        )
     per_step = cfg.data.batch_size * cfg.train.grad_accum_steps * world
     if samples % per_step:
-        raise CxrError(f"{path}: saved by {saved_world} rank(s) {samples} samples into epoch {st['epoch'] + 1}; "
-                       f"with {world} rank(s) a step takes {per_step} samples (data.batch_size × "
-                       f"train.grad_accum_steps × ranks), which does not divide {samples} — resume with "
-                       f"{saved_world} rank(s), or with a number of ranks for which it does")
+        raise CxrError(
+            f"{path}: saved by {saved_world} rank(s) {samples} samples into epoch {st['epoch'] + 1}; "
+            f"with {world} rank(s) a step takes {per_step} samples (data.batch_size × "
+            f"train.grad_accum_steps × ranks), which does not divide {samples} — resume with "
+            f"{saved_world} rank(s), or with a number of ranks for which it does"
+        )
     return min(samples // per_step, steps_per_epoch)
 
 
 # ----------------------------------------------------------------------------- save
 def checkpoint_meta(cfg: Config, st: TrainState, val: dict | None = None) -> dict:
     """meta.json of a checkpoint (docs/run-dir.md)."""
-    return {"epoch": st.epoch, "step_in_epoch": st.step_in_epoch, "global_step": st.global_step,
-            "config_hash": config_hash(cfg), "labels": label_names(cfg), "resolution": cfg.data.resolution,
-            "model": cfg.model.kwargs(), "init_from": cfg.model.init_from,
-            "finished": st.finished, "best_epoch": st.best_epoch,
-            "images": image_source(cfg.data.shards, cfg.data.resolution), "data": data_identity(cfg),
-            "val": {k: v for k, v in (val or {}).items() if k.startswith("val_")},
-            "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "epoch": st.epoch,
+        "step_in_epoch": st.step_in_epoch,
+        "global_step": st.global_step,
+        "config_hash": config_hash(cfg),
+        "labels": label_names(cfg),
+        "resolution": cfg.data.resolution,
+        "model": cfg.model.kwargs(),
+        "init_from": cfg.model.init_from,
+        "finished": st.finished,
+        "best_epoch": st.best_epoch,
+        "images": image_source(cfg.data.shards, cfg.data.resolution),
+        "data": data_identity(cfg),
+        "val": {k: v for k, v in (val or {}).items() if k.startswith("val_")},
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
-def save_last(cfg: Config, accelerator: Accelerator, run_dir: Path, model, optimizer, scheduler,
-              st: TrainState, loader) -> None:
+def save_last(
+    cfg: Config, accelerator: Accelerator, run_dir: Path, model, optimizer, scheduler, st: TrainState, loader
+) -> None:
     """Write ``last`` (collective). ``loader``: the train loader when saving mid-epoch."""
     per_rank = st.sums()
     if loader is not None:
         report = loader.report()
-        per_rank.update(skipped=st.skipped + report["skipped"],
-                        skipped_keys=st.skipped_keys + list(report["skipped_keys"]))
-    state = {"loop": st.loop(), "lrs": [g["lr"] for g in optimizer.param_groups],
-             "loader": {"epoch": st.epoch, "skip_batches": st.step_in_epoch * cfg.train.grad_accum_steps,
-                        # the position in the epoch's permutation: what a resume at any world size continues
-                        "samples": st.step_in_epoch * cfg.train.grad_accum_steps * cfg.data.batch_size
-                        * accelerator.num_processes}}
+        per_rank.update(
+            skipped=st.skipped + report["skipped"], skipped_keys=st.skipped_keys + list(report["skipped_keys"])
+        )
+    state = {
+        "loop": st.loop(),
+        "lrs": [g["lr"] for g in optimizer.param_groups],
+        "loader": {
+            "epoch": st.epoch,
+            "skip_batches": st.step_in_epoch * cfg.train.grad_accum_steps,
+            # the position in the epoch's permutation: what a resume at any world size continues
+            "samples": st.step_in_epoch * cfg.train.grad_accum_steps * cfg.data.batch_size * accelerator.num_processes,
+        },
+    }
     last_val = {f"val_{k[4:]}": v for k, v in (st.rows[-1] if st.rows else {}).items() if k.startswith("val_")}
-    ckpt.save_checkpoint(accelerator, run_dir, "last", model=model, optimizer=optimizer, scheduler=scheduler,
-                         state=state, per_rank=per_rank, meta=checkpoint_meta(cfg, st, last_val))
+    ckpt.save_checkpoint(
+        accelerator,
+        run_dir,
+        "last",
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        state=state,
+        per_rank=per_rank,
+        meta=checkpoint_meta(cfg, st, last_val),
+    )
 
 
 def save_best(cfg: Config, accelerator: Accelerator, run_dir: Path, model, st: TrainState, val: dict) -> None:

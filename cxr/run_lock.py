@@ -5,6 +5,7 @@ evaluation take on their outputs too) before anything is written to the run dir 
 it until the run ends; the file says who holds it (``pid host``). A file left behind by a
 killed training never blocks: the next start takes it over and warns.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,8 +20,10 @@ class RunLock(FolderLock):
 
     def __init__(self, run_dir: str | Path):
         super().__init__(
-            run_dir, Path(run_dir) / LOCK_NAME,
+            run_dir,
+            Path(run_dir) / LOCK_NAME,
             busy="another training ({who}) is using this run dir — wait for it or use another checkpoint.run_dir",
             unwritable="cannot write the run dir ({strerror}) — a training needs a writable checkpoint.run_dir; "
-            "free space, fix its permissions or choose another")
+            "free space, fix its permissions or choose another",
+        )
         self.run_dir = Path(run_dir)

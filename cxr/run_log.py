@@ -5,6 +5,7 @@
 Every writer here is called on rank 0 only (the caller checks); the readers are for the
 launchers, cxr.ablation and bench/, which is why importing this module does not import torch.
 """
+
 from __future__ import annotations
 
 import csv
@@ -90,8 +91,9 @@ def log_step(bar, st, loss: float, lr: float) -> None:
     """Progress bar postfix and a train.log line (the marker tests and operators grep for)."""
     if bar is not None:
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-    steps_log.info("step %d epoch %d step_in_epoch %d loss %.6f lr %.3e",
-                   st.global_step, st.epoch + 1, st.step_in_epoch, loss, lr)
+    steps_log.info(
+        "step %d epoch %d step_in_epoch %d loss %.6f lr %.3e", st.global_step, st.epoch + 1, st.step_in_epoch, loss, lr
+    )
 
 
 def planned_epochs(cfg: Config, steps_per_epoch: int) -> int:
@@ -106,16 +108,24 @@ def rate(images: float, seconds: float) -> str:
     return f"{images / max(seconds, 1e-9):.3g} img/s"
 
 
-def epoch_summary(cfg: Config, st, row: dict, improved: bool, images: int, train_s: float, seconds: float,
-                  epochs: int | None = None) -> str:
+def epoch_summary(
+    cfg: Config, st, row: dict, improved: bool, images: int, train_s: float, seconds: float, epochs: int | None = None
+) -> str:
     """The one-line epoch summary (``epochs``: :func:`planned_epochs`; default train.epochs)."""
     auroc = row.get("val_mean_auroc", float("nan"))
     # the OOD autoencoder has no labels to rank: no AUROC to show (a classifier's nan is shown as n/a)
-    shown = "" if cfg.model.name == "ood_ae" else \
-        f"val_auroc {auroc:.4f} | " if math.isfinite(auroc) else "val_auroc n/a | "
-    text = (f"epoch {row['epoch']}/{epochs or cfg.train.epochs} step {row['step']} | loss {row['loss']:.4f} | "
-            f"val_loss {row['val_loss']:.4f} | {shown}lr {row['lr']:.2e} | "
-            f"{rate(images, train_s)} | {seconds:.1f} s")
+    shown = (
+        ""
+        if cfg.model.name == "ood_ae"
+        else f"val_auroc {auroc:.4f} | "
+        if math.isfinite(auroc)
+        else "val_auroc n/a | "
+    )
+    text = (
+        f"epoch {row['epoch']}/{epochs or cfg.train.epochs} step {row['step']} | loss {row['loss']:.4f} | "
+        f"val_loss {row['val_loss']:.4f} | {shown}lr {row['lr']:.2e} | "
+        f"{rate(images, train_s)} | {seconds:.1f} s"
+    )
     if row["skipped"]:
         text += f" | {row['skipped']} skipped"
     return text + (" | best" if improved else "")
@@ -132,8 +142,14 @@ def progress_bar(cfg: Config, accelerator: Accelerator, st, steps_per_epoch: int
     total = steps_per_epoch
     if cfg.train.max_steps:
         total = min(total, st.step_in_epoch + max(0, cfg.train.max_steps - st.global_step))
-    return progress(total=total, initial=st.step_in_epoch, unit="step", dynamic_ncols=True, leave=False,
-                    desc=f"epoch {st.epoch + 1}/{planned_epochs(cfg, steps_per_epoch)}")
+    return progress(
+        total=total,
+        initial=st.step_in_epoch,
+        unit="step",
+        dynamic_ncols=True,
+        leave=False,
+        desc=f"epoch {st.epoch + 1}/{planned_epochs(cfg, steps_per_epoch)}",
+    )
 
 
 # ----------------------------------------------------------------------------- status.json
@@ -146,10 +162,15 @@ def write_status(run_dir: Path, state: str, st, exit_code: int = 0, error: str |
     ``epoch`` counts from 1, as train.log, metrics.csv and the stop line do (the loop's is 0-based).
     ``nonce``: $CXR_RUN_NONCE of the process that wrote it (null without one), so that a launcher
     can tell a status written by its own start from an older one without comparing file times."""
-    payload = {"state": state, "epoch": st.epoch + 1, "step_in_epoch": st.step_in_epoch,
-               "global_step": st.global_step, "exit_code": exit_code,
-               "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "nonce": os.environ.get(NONCE_ENV) or None}
+    payload = {
+        "state": state,
+        "epoch": st.epoch + 1,
+        "step_in_epoch": st.step_in_epoch,
+        "global_step": st.global_step,
+        "exit_code": exit_code,
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "nonce": os.environ.get(NONCE_ENV) or None,
+    }
     if error is not None:
         payload["error"] = error
     atomic_write_text(run_dir / STATUS, json.dumps(payload, indent=2) + "\n")
@@ -163,8 +184,9 @@ def read_status(run_dir: str | Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise CxrError(f"{path}: unreadable run status ({err}) — delete it; the next training writes it "
-                       f"again") from None
+        raise CxrError(
+            f"{path}: unreadable run status ({err}) — delete it; the next training writes it again"
+        ) from None
 
 
 def write_failed_status(run_dir: Path, st, err: BaseException, accepted: bool = True) -> None:
@@ -198,17 +220,28 @@ def preempted(accelerator: Accelerator, run_dir: Path, st, signum: int) -> int:
     """After the signal-time save: record it and return the requeue status."""
     if accelerator.is_main_process:
         write_status(run_dir, "preempted", st, exit_code=EXIT_REQUEUE)
-    log.info("stopped by %s at epoch %d step %d (global step %d): checkpoint 'last' saved — exit %d "
-             "(requeue: the same command resumes)", signal.Signals(signum).name, st.epoch + 1,
-             st.step_in_epoch, st.global_step, EXIT_REQUEUE)
+    log.info(
+        "stopped by %s at epoch %d step %d (global step %d): checkpoint 'last' saved — exit %d "
+        "(requeue: the same command resumes)",
+        signal.Signals(signum).name,
+        st.epoch + 1,
+        st.step_in_epoch,
+        st.global_step,
+        EXIT_REQUEUE,
+    )
     return EXIT_REQUEUE
 
 
 # ----------------------------------------------------------------------------- metrics.csv, throughput.csv
 def metrics_row(st, train_loss: float, lr: float, val: dict, skipped: int) -> dict:
     """One metrics.csv row: time, epoch (1-based), step, lr, loss, val_* metrics, skipped samples."""
-    row = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "epoch": st.epoch + 1,
-           "step": st.global_step, "lr": lr, "loss": train_loss}
+    row = {
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "epoch": st.epoch + 1,
+        "step": st.global_step,
+        "lr": lr,
+        "loss": train_loss,
+    }
     row.update({k: v for k, v in val.items() if k.startswith("val_")})
     row["skipped"] = skipped
     return row
@@ -240,15 +273,23 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def record_throughput(run_dir: Path, epoch: int, images: int, train_s: float, epoch_s: float,
-                      device: torch.device) -> None:
+def record_throughput(
+    run_dir: Path, epoch: int, images: int, train_s: float, epoch_s: float, device: torch.device
+) -> None:
     """RUN/throughput.csv, one row per epoch (kept out of metrics.csv, whose rows are deterministic):
     training images/s (loop only, all ranks), seconds, peak memory of rank 0."""
     path = run_dir / THROUGHPUT
     rows = [r for r in (list(csv.DictReader(path.open())) if path.is_file() else []) if int(r["epoch"]) < epoch]
-    rows.append({"epoch": epoch, "images": images, "train_seconds": round(train_s, 3),
-                 "epoch_seconds": round(epoch_s, 3), "train_images_per_s": round(images / max(train_s, 1e-9), 3),
-                 "peak_memory_mb": round(peak_memory_mb(device), 1)})
+    rows.append(
+        {
+            "epoch": epoch,
+            "images": images,
+            "train_seconds": round(train_s, 3),
+            "epoch_seconds": round(epoch_s, 3),
+            "train_images_per_s": round(images / max(train_s, 1e-9), 3),
+            "peak_memory_mb": round(peak_memory_mb(device), 1),
+        }
+    )
     write_metrics_csv(path, rows)
 
 
@@ -266,8 +307,10 @@ def tensorboard_writer(cfg: Config, run_dir: Path, main: bool):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise CxrError("logging.tensorboard=true needs the tensorboard package — pip install tensorboard, "
-                       "or set logging.tensorboard=false") from None
+        raise CxrError(
+            "logging.tensorboard=true needs the tensorboard package — pip install tensorboard, "
+            "or set logging.tensorboard=false"
+        ) from None
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 

@@ -16,6 +16,7 @@ of their grouping (the reference): the AUROC gap with a percentile-bootstrap CI 
 evaluation's resamples (patients where known) and an unpaired DeLong test, Holm-adjusted
 over the labels of that comparison.
 """
+
 from __future__ import annotations
 
 import re
@@ -29,13 +30,21 @@ import pandas as pd
 from cxrbase.errors import CxrError
 
 DEFAULT_GROUPINGS = ("sex", "age:20,40,60,80", "view", "followup")
-ALIASES = {"patient gender": "sex", "patient sex": "sex", "view position": "view", "follow-up #": "followup",
-           "follow-up": "followup", "patient age": "age", "patient id": "patient"}
+ALIASES = {
+    "patient gender": "sex",
+    "patient sex": "sex",
+    "view position": "view",
+    "follow-up #": "followup",
+    "follow-up": "followup",
+    "patient age": "age",
+    "patient id": "patient",
+}
 META_PREFIX = "meta_"  # the per-image columns in predictions.parquet
 _NIH_KEY = re.compile(r"^\d{8}_(\d{3})$")
 
 
 # --------------------------------------------------------------- per-image columns ---
+
 
 def followup(keys: Sequence[str]) -> pd.Series:
     """Follow-up number of NIH image keys (``00000001_002`` → 2); NaN for other names."""
@@ -53,8 +62,10 @@ def meta_from_table(keys: np.ndarray, table_path: str | Path) -> pd.DataFrame:
     table.index = [Path(str(i)).stem for i in table["image"]]
     missing = [k for k in map(str, keys) if k not in table.index]
     if missing:
-        raise CxrError(f"{table_path}: {len(missing)} evaluated images are not in this splits table (first "
-                       f"{missing[:3]}) — pass the table the shards were packed from (--splits)")
+        raise CxrError(
+            f"{table_path}: {len(missing)} evaluated images are not in this splits table (first "
+            f"{missing[:3]}) — pass the table the shards were packed from (--splits)"
+        )
     drop = {"image", "split", *table_labels(table.columns), "No Finding"}
     meta = table.loc[[str(k) for k in keys], [c for c in table.columns if c not in drop]].reset_index(drop=True)
     meta["followup"] = followup(keys).to_numpy()
@@ -63,13 +74,16 @@ def meta_from_table(keys: np.ndarray, table_path: str | Path) -> pd.DataFrame:
 
 # ---------------------------------------------------------------------- groupings ---
 
+
 def grouping_column(spec: str, meta: pd.DataFrame) -> tuple[str, pd.Series]:
     """(name, group of each image as str, NaN where unknown) for one grouping spec."""
     name, _, bands = spec.partition(":")
     column = ALIASES.get(name.strip().lower(), name.strip())
     if column not in meta.columns:
-        raise CxrError(f"--subgroups {spec!r}: no column {column!r} in the split's table (has "
-                       f"{sorted(meta.columns)}) — name one of those, or age:20,40,60,80")
+        raise CxrError(
+            f"--subgroups {spec!r}: no column {column!r} in the split's table (has "
+            f"{sorted(meta.columns)}) — name one of those, or age:20,40,60,80"
+        )
     values = meta[column]
     if bands or column == "age":
         try:
@@ -80,8 +94,11 @@ def grouping_column(spec: str, meta: pd.DataFrame) -> tuple[str, pd.Series]:
             raise CxrError(f"--subgroups {spec!r}: band edges must increase — e.g. age:20,40,60,80")
         numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
         full = [-np.inf, *edges, np.inf]
-        names = [f"<{_num(edges[0])}", *(f"{_num(a)}–{_num(b)}" for a, b in zip(edges, edges[1:])),
-                 f"≥{_num(edges[-1])}"]
+        names = [
+            f"<{_num(edges[0])}",
+            *(f"{_num(a)}–{_num(b)}" for a, b in zip(edges, edges[1:])),
+            f"≥{_num(edges[-1])}",
+        ]
         index = np.searchsorted(full, numbers, side="right") - 1
         groups = pd.Series([names[i] if np.isfinite(x) else np.nan for i, x in zip(index, numbers)])
         return f"{column} bands", groups
@@ -98,9 +115,19 @@ def _num(x: float) -> str:
 
 # ---------------------------------------------------------------------- analysis ---
 
-def subgroup_table(y: np.ndarray, s: np.ndarray, labels: Sequence[str], meta: pd.DataFrame,
-                   specs: Sequence[str], resamples: Any, threshold: np.ndarray, alpha: float = 0.05,
-                   few: int = 10, notes: Any = None) -> pd.DataFrame:
+
+def subgroup_table(
+    y: np.ndarray,
+    s: np.ndarray,
+    labels: Sequence[str],
+    meta: pd.DataFrame,
+    specs: Sequence[str],
+    resamples: Any,
+    threshold: np.ndarray,
+    alpha: float = 0.05,
+    few: int = 10,
+    notes: Any = None,
+) -> pd.DataFrame:
     """Per grouping, group and label: AUROC with CI, gap to the reference group with CI, unpaired
     DeLong p and Holm-adjusted p; plus one ``underdiagnosis`` row per group (sick images — any
     label positive — with no label at or above ``threshold`` [L], i.e. called "No Finding").
@@ -135,12 +162,17 @@ def subgroup_table(y: np.ndarray, s: np.ndarray, labels: Sequence[str], meta: pd
             else:
                 with _quiet():
                     boot[g] = {"auroc": per_label_auroc(y[m], s[m])}
-        under = resamples.sums(np.column_stack([np.column_stack([missed & masks[g], sick & masks[g]])
-                                                for g in names])) if resamples is not None else None
+        under = (
+            resamples.sums(np.column_stack([np.column_stack([missed & masks[g], sick & masks[g]]) for g in names]))
+            if resamples is not None
+            else None
+        )
         comparisons = {}
         for g in names[1:]:
-            tests = [unpaired_delong(y[masks[g], c], s[masks[g], c], y[masks[reference], c], s[masks[reference], c])
-                     for c in range(len(labels))]
+            tests = [
+                unpaired_delong(y[masks[g], c], s[masks[g], c], y[masks[reference], c], s[masks[reference], c])
+                for c in range(len(labels))
+            ]
             p = np.array([t["p"] for t in tests])
             comparisons[g] = (p, holm(p))
         for gi, g in enumerate(names):
@@ -149,26 +181,46 @@ def subgroup_table(y: np.ndarray, s: np.ndarray, labels: Sequence[str], meta: pd
             b = boot[g]
             patients = int(pd.unique(meta.loc[m, "patient"]).size) if "patient" in meta else None
             for c, label in enumerate(labels):
-                row = {"grouping": name, "group": g, "metric": "auroc", "label": label, "n": int(m.sum()),
-                       "n_patients": patients, "n_pos": int(n_pos[c]), "value": b["auroc"][c],
-                       "ci_low": b.get("ci_low", np.full(len(labels), np.nan))[c],
-                       "ci_high": b.get("ci_high", np.full(len(labels), np.nan))[c],
-                       "few_positives": bool(n_pos[c] < few), "reference": reference}
+                row = {
+                    "grouping": name,
+                    "group": g,
+                    "metric": "auroc",
+                    "label": label,
+                    "n": int(m.sum()),
+                    "n_patients": patients,
+                    "n_pos": int(n_pos[c]),
+                    "value": b["auroc"][c],
+                    "ci_low": b.get("ci_low", np.full(len(labels), np.nan))[c],
+                    "ci_high": b.get("ci_high", np.full(len(labels), np.nan))[c],
+                    "few_positives": bool(n_pos[c] < few),
+                    "reference": reference,
+                }
                 if g != reference:
                     row["gap"] = b["auroc"][c] - boot[reference]["auroc"][c]
                     if resamples is not None:
                         with _quiet():
                             diff = b["samples"][:, c] - boot[reference]["samples"][:, c]
-                            row["gap_low"], row["gap_high"] = (np.nanpercentile(diff, q)
-                                                               if np.isfinite(diff).any() else (np.nan, np.nan))
+                            row["gap_low"], row["gap_high"] = (
+                                np.nanpercentile(diff, q) if np.isfinite(diff).any() else (np.nan, np.nan)
+                            )
                     row["p"], row["p_holm"] = comparisons[g][0][c], comparisons[g][1][c]
                 rows.append(row)
             k, n = int(missed[m].sum()), int(sick[m].sum())
             low, high = wilson_interval(k, n, alpha)
-            row = {"grouping": name, "group": g, "metric": "underdiagnosis", "label": "No Finding (FPR)",
-                   "n": int(m.sum()), "n_patients": patients, "n_pos": n, "value": k / n if n else np.nan,
-                   "ci_low": float(low), "ci_high": float(high), "few_positives": bool(n < few),
-                   "reference": reference}
+            row = {
+                "grouping": name,
+                "group": g,
+                "metric": "underdiagnosis",
+                "label": "No Finding (FPR)",
+                "n": int(m.sum()),
+                "n_patients": patients,
+                "n_pos": n,
+                "value": k / n if n else np.nan,
+                "ci_low": float(low),
+                "ci_high": float(high),
+                "few_positives": bool(n < few),
+                "reference": reference,
+            }
             if g != reference and under is not None:
                 ref = names.index(reference)
                 with np.errstate(invalid="ignore", divide="ignore"):
@@ -177,11 +229,29 @@ def subgroup_table(y: np.ndarray, s: np.ndarray, labels: Sequence[str], meta: pd
                 ref_n = int(sick[masks[reference]].sum())
                 row["gap"] = row["value"] - (missed[masks[reference]].sum() / ref_n if ref_n else np.nan)
                 diff = rate - ref_rate
-                row["gap_low"], row["gap_high"] = (np.nanpercentile(diff, q) if np.isfinite(diff).any()
-                                                   else (np.nan, np.nan))
+                row["gap_low"], row["gap_high"] = (
+                    np.nanpercentile(diff, q) if np.isfinite(diff).any() else (np.nan, np.nan)
+                )
             rows.append(row)
-    columns = ["grouping", "group", "metric", "label", "n", "n_patients", "n_pos", "value", "ci_low", "ci_high",
-               "few_positives", "reference", "gap", "gap_low", "gap_high", "p", "p_holm"]
+    columns = [
+        "grouping",
+        "group",
+        "metric",
+        "label",
+        "n",
+        "n_patients",
+        "n_pos",
+        "value",
+        "ci_low",
+        "ci_high",
+        "few_positives",
+        "reference",
+        "gap",
+        "gap_low",
+        "gap_high",
+        "p",
+        "p_holm",
+    ]
     return pd.DataFrame(rows).reindex(columns=columns)
 
 

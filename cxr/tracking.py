@@ -19,6 +19,7 @@ continues its tracked run:
 
 Every tracker call happens on rank 0 only (accelerate's ``on_main_process``).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -54,9 +55,11 @@ def accelerator_kwargs(cfg: Config) -> dict[str, Any]:
         return {}
     missing = [n for n in names if importlib.util.find_spec(TRACKERS[n]) is None]
     if missing:
-        raise CxrError(f"logging.trackers={names}: the {', '.join(missing)} package is not installed — "
-                       f"pip install -e '.[tracking]' (or pip install {' '.join(missing)}), or drop it from "
-                       "logging.trackers")
+        raise CxrError(
+            f"logging.trackers={names}: the {', '.join(missing)} package is not installed — "
+            f"pip install -e '.[tracking]' (or pip install {' '.join(missing)}), or drop it from "
+            "logging.trackers"
+        )
     where = tracking_dir(cfg)
     if "mlflow" in names and "MLFLOW_TRACKING_URI" not in os.environ:
         os.environ["MLFLOW_TRACKING_URI"] = f"file:{where / 'mlruns'}"
@@ -74,8 +77,9 @@ def flat_config(cfg: Config) -> dict[str, Any]:
     flat = {}
     for section, values in config_to_dict(cfg).items():
         for key, value in values.items():
-            flat[f"{section}.{key}"] = value if isinstance(value, (int, float, str, bool)) or value is None \
-                else json.dumps(value)
+            flat[f"{section}.{key}"] = (
+                value if isinstance(value, (int, float, str, bool)) or value is None else json.dumps(value)
+            )
     return flat
 
 
@@ -88,16 +92,21 @@ def start(accelerator: Accelerator, cfg: Config, run_dir: Path, config_hash: str
         where.mkdir(parents=True, exist_ok=True)
     previous = read_tracking(run_dir)
     init: dict[str, dict[str, Any]] = {
-        "mlflow": {"run_name": run_dir.name, "run_id": previous.get("mlflow_run_id"),
-                   "tags": {"cxr.run_dir": str(run_dir.resolve()), "cxr.config_hash": config_hash}},
-        "wandb": {"name": run_dir.name, "dir": str(where), "id": previous.get("wandb_run_id"),
-                  "resume": "allow"},
+        "mlflow": {
+            "run_name": run_dir.name,
+            "run_id": previous.get("mlflow_run_id"),
+            "tags": {"cxr.run_dir": str(run_dir.resolve()), "cxr.config_hash": config_hash},
+        },
+        "wandb": {"name": run_dir.name, "dir": str(where), "id": previous.get("wandb_run_id"), "resume": "allow"},
     }
     config = {**flat_config(cfg), "config_hash": config_hash, "run_dir": str(run_dir.resolve())}
     if previous.get("mlflow_run_id"):
         config = {}  # MLflow refuses to log a parameter twice; the resumed run has them already
-    accelerator.init_trackers(cfg.logging.experiment, config=config or None,
-                              init_kwargs={k: v for k, v in init.items() if k in cfg.logging.trackers})
+    accelerator.init_trackers(
+        cfg.logging.experiment,
+        config=config or None,
+        init_kwargs={k: v for k, v in init.items() if k in cfg.logging.trackers},
+    )
     if accelerator.is_main_process:
         ids = dict(previous)
         if "mlflow" in cfg.logging.trackers:
@@ -122,16 +131,28 @@ def read_tracking(run_dir: Path) -> dict[str, Any]:
 def log_epoch(accelerator: Accelerator, cfg: Config, row: dict[str, Any], step: int) -> None:
     """One metrics.csv row (its numbers) at the global step."""
     if cfg.logging.trackers:
-        accelerator.log({k: float(v) for k, v in row.items()
-                         if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}, step=step)
+        accelerator.log(
+            {
+                k: float(v)
+                for k, v in row.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"
+            },
+            step=step,
+        )
 
 
 def artefact_paths(run_dir: Path) -> dict[str, str]:
     """The run's files a tracker points at (those that exist)."""
     run_dir = run_dir.resolve()
-    names = {"run_dir": ".", "checkpoint_best": "checkpoints/best", "checkpoint_last": "checkpoints/last",
-             "metrics_csv": "metrics.csv", "train_log": "train.log", "config_yaml": "config.yaml",
-             "val_predictions": "val_predictions.parquet"}
+    names = {
+        "run_dir": ".",
+        "checkpoint_best": "checkpoints/best",
+        "checkpoint_last": "checkpoints/last",
+        "metrics_csv": "metrics.csv",
+        "train_log": "train.log",
+        "config_yaml": "config.yaml",
+        "val_predictions": "val_predictions.parquet",
+    }
     return {k: str(run_dir / v) for k, v in names.items() if (run_dir / v).exists()}
 
 

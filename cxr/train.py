@@ -17,6 +17,7 @@ any non-zero worker status into 1):
   75  stopped by SIGUSR1 or SIGTERM after saving ``last`` — requeue me (EX_TEMPFAIL)
   other: a crash; a dead peer makes the others fail within train.collective_timeout_s
 """
+
 from __future__ import annotations
 
 import sys
@@ -87,13 +88,18 @@ log = logging.getLogger("cxr.train")
 # ----------------------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="cxr.train", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="cxr.train",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__,
-        epilog="config keys (section.key=default):\n" + describe_config())
+        epilog="config keys (section.key=default):\n" + describe_config(),
+    )
     p.add_argument("--config", help="YAML config (cxr/configs/*.yaml); omitted: all defaults")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value",
-                   help="override a config value, parsed as YAML "
-                   "(optim.lr=3e-4, loss.cap=null, optim.betas=[0.9,0.99])")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="override a config value, parsed as YAML (optim.lr=3e-4, loss.cap=null, optim.betas=[0.9,0.99])",
+    )
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error (also CXR_DEBUG=1)")
     return p
@@ -114,8 +120,10 @@ def train(cfg: Config, loader_fn: Callable = build_loader) -> int:
 
     loader_fn: ``build_loader``-compatible factory (benchmarks pass in-memory data)."""
     if cfg.data.device == "gpu" and not torch.cuda.is_available():  # before any process group or model
-        raise CxrError("data.device=gpu: no CUDA device is visible to this process — set data.device=auto "
-                       "(GPU decode where CUDA is, CPU otherwise) or data.device=cpu")
+        raise CxrError(
+            "data.device=gpu: no CUDA device is visible to this process — set data.device=auto "
+            "(GPU decode where CUDA is, CPU otherwise) or data.device=cpu"
+        )
     configure_numerics(cfg, torch.cuda.is_available())  # before CUDA is initialised
     warning = loopback_warning(os.environ)
     if warning:  # before the process groups: with this problem their creation hangs until the timeout
@@ -161,8 +169,12 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
     model = build_model(**cfg.model.kwargs())
     if cfg.model.init_from and resume_from is None:
         init = ckpt.init_weights_from(model, cfg.model.init_from, cfg.model.kwargs())
-        log.info("model.init_from: weights of %s (%d tensors; re-initialised: %s); fresh optimizer and schedule",
-                 init["checkpoint"], init["loaded"], ", ".join(init["reinitialised"]) or "none")
+        log.info(
+            "model.init_from: weights of %s (%d tensors; re-initialised: %s); fresh optimizer and schedule",
+            init["checkpoint"],
+            init["loaded"],
+            ", ".join(init["reinitialised"]) or "none",
+        )
     uses_meta = cfg.model.metadata != "none"
     # Keras-style L2 penalty on the model's own group (CBAM head): added to the loss, no weight decay
     l2_weights = model.l2_params()[0] if hasattr(model, "l2_params") else []
@@ -186,8 +198,9 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
     set_seed(cfg.train.seed * 1000 + rank)
 
     if resume_from is not None:
-        restore(cfg, accelerator, resume_from, model, optimizer, scheduler, st, steps_per_epoch,
-                step_scheduler_each_step)
+        restore(
+            cfg, accelerator, resume_from, model, optimizer, scheduler, st, steps_per_epoch, step_scheduler_each_step
+        )
         if st.finished and changed:
             continue_finished_run(cfg, st, scheduler, optimizer, step_scheduler_each_step, changed)
     if st.finished:
@@ -198,15 +211,25 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
         run_log.write_status(run_dir, "running", st)
     st.accepted = True
     pids = gather_object([os.getpid()])
-    log.info("start: %d rank(s) on %s, pids %s, %s, config hash %s, %d steps/epoch, %s; %s",
-             world, device, pids, accelerator.distributed_type.value, config_hash(cfg), steps_per_epoch,
-             f"resumed from {resume_from} at epoch {st.epoch + 1} step {st.step_in_epoch}" if resume_from else "fresh",
-             getattr(cfg, "device_note", None) or f"data.device={cfg.data.device}")
+    log.info(
+        "start: %d rank(s) on %s, pids %s, %s, config hash %s, %d steps/epoch, %s; %s",
+        world,
+        device,
+        pids,
+        accelerator.distributed_type.value,
+        config_hash(cfg),
+        steps_per_epoch,
+        f"resumed from {resume_from} at epoch {st.epoch + 1} step {st.step_in_epoch}" if resume_from else "fresh",
+        getattr(cfg, "device_note", None) or f"data.device={cfg.data.device}",
+    )
     log.info("images: %s; resize filter: %s", *image_source(cfg.data.shards, cfg.data.resolution).values())
     probed = read_probe(run_dir)
     if probed is not None:  # the sweep's memory probe chose this run's batch layout (RUN/probe.json)
-        log.info("batch layout from the memory probe: %s%s", probed.reason,
-                 f" — differs from the config: {probed.differs_from_config()}" if probed.differs_from_config() else "")
+        log.info(
+            "batch layout from the memory probe: %s%s",
+            probed.reason,
+            f" — differs from the config: {probed.differs_from_config()}" if probed.differs_from_config() else "",
+        )
     writer = run_log.tensorboard_writer(cfg, run_dir, accelerator.is_main_process)
     tracking.start(accelerator, cfg, run_dir, config_hash(cfg))
     accum, log_every = cfg.train.grad_accum_steps, cfg.logging.log_every
@@ -309,16 +332,29 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
         save_last(cfg, accelerator, run_dir, model, optimizer, scheduler, st, None)
         if accelerator.is_main_process:
             run_log.write_metrics_csv(run_dir / run_log.METRICS, st.rows)
-            run_log.record_throughput(run_dir, st.epoch, epoch_images * world, t_train, time.time() - t_epoch,
-                                      device)
+            run_log.record_throughput(run_dir, st.epoch, epoch_images * world, t_train, time.time() - t_epoch, device)
             run_log.log_tensorboard(writer, row, st.global_step)
         tracking.log_epoch(accelerator, cfg, row, st.global_step)
-        log.info(run_log.epoch_summary(cfg, st, row, improved, epoch_images * world, t_train, time.time() - t_epoch,
-                                       run_log.planned_epochs(cfg, steps_per_epoch)))
+        log.info(
+            run_log.epoch_summary(
+                cfg,
+                st,
+                row,
+                improved,
+                epoch_images * world,
+                t_train,
+                time.time() - t_epoch,
+                run_log.planned_epochs(cfg, steps_per_epoch),
+            )
+        )
         if early_stop:
-            log.info("early stopping: no %s improvement > %g for %d epochs%s", cfg.train.best_metric,
-                     cfg.train.early_stop_min_delta, st.bad_epochs,
-                     "; best weights restored" if cfg.train.restore_best else "")
+            log.info(
+                "early stopping: no %s improvement > %g for %d epochs%s",
+                cfg.train.best_metric,
+                cfg.train.early_stop_min_delta,
+                st.bad_epochs,
+                "; best weights restored" if cfg.train.restore_best else "",
+            )
         if not st.finished and stop.agreed():  # a signal during the epoch-end work: `last` is complete
             return preempted(accelerator, run_dir, st, stop.signum)
 
@@ -331,18 +367,38 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
     tracking.finish(accelerator, cfg, run_dir)
     elapsed = time.time() - t_start
     best = st.best_value if st.best_value is not None else float("nan")
-    speed = (f"{run_log.rate(images_trained * world, elapsed)} incl. validation" if images_trained
-             else "nothing left to train in this process")
-    log.info("done: %d epochs, %d steps, %d images (%d rank(s)) in %.1f s (%s); best %s %.4f at epoch %d; "
-             "run dir %s", st.epoch, st.global_step, images_trained * world, world, elapsed, speed,
-             cfg.train.best_metric, best, st.best_epoch, run_dir)
+    speed = (
+        f"{run_log.rate(images_trained * world, elapsed)} incl. validation"
+        if images_trained
+        else "nothing left to train in this process"
+    )
+    log.info(
+        "done: %d epochs, %d steps, %d images (%d rank(s)) in %.1f s (%s); best %s %.4f at epoch %d; run dir %s",
+        st.epoch,
+        st.global_step,
+        images_trained * world,
+        world,
+        elapsed,
+        speed,
+        cfg.train.best_metric,
+        best,
+        st.best_epoch,
+        run_dir,
+    )
     return 0
 
 
 # ----------------------------------------------------------------------------- validation
 @torch.no_grad()
-def validate(cfg: Config, accelerator: Accelerator, net: torch.nn.Module, loader_fn: Callable, loss_fn,
-             l2: bool = False, stop: StopFlag | None = None) -> dict | None:
+def validate(
+    cfg: Config,
+    accelerator: Accelerator,
+    net: torch.nn.Module,
+    loader_fn: Callable,
+    loss_fn,
+    l2: bool = False,
+    stop: StopFlag | None = None,
+) -> dict | None:
     """Predict the val split (each image on exactly one rank), gather all predictions to every
     rank, and compute the loss (with the model's L2 penalty when ``l2``) and SPEC metrics on
     the whole set there (identical on all ranks).
@@ -352,8 +408,9 @@ def validate(cfg: Config, accelerator: Accelerator, net: torch.nn.Module, loader
     None when ``stop`` is agreed: checked after each of the first k batches, k the fewest
     batches of any rank (ranks may hold one batch more than others), and once at the end."""
     device = accelerator.device
-    loader, batches = open_loader(loader_fn, cfg, "val", accelerator.process_index, accelerator.num_processes,
-                                  epoch=0, train=False)
+    loader, batches = open_loader(
+        loader_fn, cfg, "val", accelerator.process_index, accelerator.num_processes, epoch=0, train=False
+    )
     checks = min(gather_object([len(loader)])) if stop is not None else 0
     net.eval()
     keys, logits, labels = [], [], []
@@ -374,13 +431,18 @@ def validate(cfg: Config, accelerator: Accelerator, net: torch.nn.Module, loader
         return None
     n = cfg.model.num_labels
     # .cpu(): a sync point, once per validation
-    local = (keys, torch.cat(logits).cpu().numpy() if logits else np.zeros((0, n), np.float32),
-             torch.cat(labels).numpy() if labels else np.zeros((0, n), np.float32))
+    local = (
+        keys,
+        torch.cat(logits).cpu().numpy() if logits else np.zeros((0, n), np.float32),
+        torch.cat(labels).numpy() if labels else np.zeros((0, n), np.float32),
+    )
     parts = gather_object([local])
     all_keys = [k for part in parts for k in part[0]]
     if len(set(all_keys)) != len(all_keys) or not all_keys:
-        raise CxrError(f"validation: {len(all_keys)} predictions for {len(set(all_keys))} distinct images — "
-                       f"the val loader must deliver every image exactly once across ranks")
+        raise CxrError(
+            f"validation: {len(all_keys)} predictions for {len(set(all_keys))} distinct images — "
+            f"the val loader must deliver every image exactly once across ranks"
+        )
     order = np.argsort(np.array(all_keys))
     z = np.concatenate([part[1] for part in parts])[order]
     y = np.concatenate([part[2] for part in parts])[order]

@@ -1,6 +1,7 @@
 """What a training builds before its first step (cxr/train.py): the run's label names and
 train prevalence (from the shards manifest), the optimizer and LR schedule, the number of
 steps per epoch, the val-split check, and loaders opened off the global RNG streams."""
+
 from __future__ import annotations
 
 import functools
@@ -30,8 +31,10 @@ def _label_names(shards: str, resolution: int, num_labels: int) -> tuple[str, ..
     folder, manifest = load_shards_manifest(shards, resolution)
     names = tuple(manifest.get("labels") or LABELS)
     if len(names) != num_labels:
-        raise CxrError(f"{folder}/manifest.json: the shards have {len(names)} label(s) ({', '.join(names[:5])}) "
-                       f"but model.num_labels={num_labels} — set model.num_labels={len(names)}")
+        raise CxrError(
+            f"{folder}/manifest.json: the shards have {len(names)} label(s) ({', '.join(names[:5])}) "
+            f"but model.num_labels={num_labels} — set model.num_labels={len(names)}"
+        )
     return names
 
 
@@ -58,8 +61,12 @@ def train_prevalence(cfg: Config) -> np.ndarray | None:
 def build_optimizer(cfg: Config, model: torch.nn.Module, l2_weights: list) -> torch.optim.Optimizer:
     """Adam/AdamW; weights with the model's own L2 penalty get no weight decay on top."""
     l2_ids = {id(p) for p in l2_weights}
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in l2_ids],
-               "weight_decay": cfg.optim.weight_decay}]
+    groups = [
+        {
+            "params": [p for p in model.parameters() if p.requires_grad and id(p) not in l2_ids],
+            "weight_decay": cfg.optim.weight_decay,
+        }
+    ]
     if l2_weights:
         groups.append({"params": list(l2_weights), "weight_decay": 0.0})
     cls = torch.optim.Adam if cfg.optim.name == "adam" else torch.optim.AdamW
@@ -72,8 +79,14 @@ def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epo
     if sc.name == "plateau":
         mode = "min" if sc.monitor == "val_loss" else "max"
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode=mode, factor=sc.factor, patience=sc.patience, threshold=sc.min_delta,
-            threshold_mode="abs", min_lr=sc.min_lr), False
+            optimizer,
+            mode=mode,
+            factor=sc.factor,
+            patience=sc.patience,
+            threshold=sc.min_delta,
+            threshold_mode="abs",
+            min_lr=sc.min_lr,
+        ), False
     if sc.name == "constant":
         return None, False
     total = steps_per_epoch * cfg.train.epochs
@@ -102,12 +115,18 @@ def train_steps_per_epoch(cfg: Config, loader_fn: Callable, rank: int, world: in
         batches = len(loader_fn(cfg.data, "train", rank=rank, world_size=world, epoch=0, skip_batches=0))
     steps = batches // cfg.train.grad_accum_steps
     if batches % cfg.train.grad_accum_steps:
-        log.warning("train: %d batches per rank per epoch is not a multiple of train.grad_accum_steps=%d — "
-                    "the last %d micro-batches of every epoch are left out", batches, cfg.train.grad_accum_steps,
-                    batches % cfg.train.grad_accum_steps)
+        log.warning(
+            "train: %d batches per rank per epoch is not a multiple of train.grad_accum_steps=%d — "
+            "the last %d micro-batches of every epoch are left out",
+            batches,
+            cfg.train.grad_accum_steps,
+            batches % cfg.train.grad_accum_steps,
+        )
     if steps < 1:
-        raise CxrError(f"train: {batches} batches per rank per epoch < train.grad_accum_steps="
-                       f"{cfg.train.grad_accum_steps} — lower it or data.batch_size")
+        raise CxrError(
+            f"train: {batches} batches per rank per epoch < train.grad_accum_steps="
+            f"{cfg.train.grad_accum_steps} — lower it or data.batch_size"
+        )
     return steps
 
 
@@ -131,8 +150,10 @@ def check_val_split(cfg: Config, loader_fn: Callable, rank: int, world: int) -> 
         batches = 0
     counts, errors, shares = zip(*gather_object([(batches, bad, positives)]))
     if sum(counts) == 0:
-        raise CxrError(f"{cfg.data.shards}: split 'val' has 0 samples — validation needs some: re-split "
-                       f"with a val fraction > 0 (python -m shards split --fractions 0.7,0.15,0.15) and re-pack")
+        raise CxrError(
+            f"{cfg.data.shards}: split 'val' has 0 samples — validation needs some: re-split "
+            f"with a val fraction > 0 (python -m shards split --fractions 0.7,0.15,0.15) and re-pack"
+        )
     if any(errors):
         raise CxrError(next(e for e in errors if e))
     if all(share is not None for share in shares):
@@ -165,10 +186,12 @@ def check_auroc_defined(cfg: Config, positives: np.ndarray, samples: int) -> Non
     checkpoint. Refused before epoch 1 when it is train.best_metric."""
     if np.any((positives > 0) & (positives < samples)):
         return
-    raise CxrError(f"{cfg.data.shards}: split 'val' ({samples} samples) has no label with both positive and "
-                   f"negative samples, so val_mean_auroc is undefined and no epoch could be best "
-                   f"(train.best_metric=val_mean_auroc) — re-split with a larger val fraction and re-pack, or set "
-                   f"train.best_metric=val_loss")
+    raise CxrError(
+        f"{cfg.data.shards}: split 'val' ({samples} samples) has no label with both positive and "
+        f"negative samples, so val_mean_auroc is undefined and no epoch could be best "
+        f"(train.best_metric=val_mean_auroc) — re-split with a larger val fraction and re-pack, or set "
+        f"train.best_metric=val_loss"
+    )
 
 
 def warn_small_or_skewed(cfg: Config) -> None:

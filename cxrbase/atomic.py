@@ -1,4 +1,5 @@
 """Atomic writes: a file (temp file beside the target, fsync, rename) or a whole folder (temp folder, renames)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -98,8 +99,9 @@ def remove_stale_folders(path: str | os.PathLike) -> int:
     """Delete the ``.NAME.tmp-*`` / ``.NAME.old-*`` folders a killed :func:`atomic_folder` left
     beside ``path``; return how many. Only under the lock of ``path``."""
     path = Path(path)
-    stale = [p for pattern in (f".{path.name}.tmp-*", f".{path.name}.old-*")
-             for p in path.parent.glob(pattern) if p.is_dir()]
+    stale = [
+        p for pattern in (f".{path.name}.tmp-*", f".{path.name}.old-*") for p in path.parent.glob(pattern) if p.is_dir()
+    ]
     for folder in stale:
         shutil.rmtree(folder, ignore_errors=True)
     return len(stale)

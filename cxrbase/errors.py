@@ -8,6 +8,7 @@ same way, once for every CLI (shards and training), naming the file. On every ex
 path it also tears down a torch.distributed process group that the command's
 launcher set up (see :func:`destroy_process_group`).
 """
+
 from __future__ import annotations
 
 import errno

@@ -1,4 +1,5 @@
 """The 14 ChestX-ray14 labels in canonical order (SPEC.md) and exact parsing."""
+
 from __future__ import annotations
 
 LABELS: tuple[str, ...] = (
@@ -62,8 +63,9 @@ def parse_findings(text: str) -> list[int]:
             raise ValueError(f"'{NO_FINDING}' combined with other labels in '{text}'")
         index = _INDEX.get(name)
         if index is None:
-            raise ValueError(f"unknown label '{name}' in '{text}' (expected one of "
-                             f"{', '.join(LABELS)} or '{NO_FINDING}')")
+            raise ValueError(
+                f"unknown label '{name}' in '{text}' (expected one of {', '.join(LABELS)} or '{NO_FINDING}')"
+            )
         if vector[index]:
             raise ValueError(f"label '{name}' repeated in '{text}'")
         vector[index] = 1

@@ -13,6 +13,7 @@ filesystem without lock support the start fails with a message saying so.
 Hand-written (a dozen lines around fcntl) because the alternatives (``filelock``,
 ``fasteners``) do not store and report the holder, which the error must name.
 """
+
 from __future__ import annotations
 
 import errno
@@ -50,9 +51,14 @@ class FolderLock:
     reports in one line naming the file).
     """
 
-    def __init__(self, folder: str | os.PathLike, lock_path: str | os.PathLike, *,
-                 busy: str = "another process ({who}) is writing to this folder — wait for it or use another one",
-                 unwritable: str | None = "cannot create the lock file ({strerror}) — choose a writable folder"):
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        lock_path: str | os.PathLike,
+        *,
+        busy: str = "another process ({who}) is writing to this folder — wait for it or use another one",
+        unwritable: str | None = "cannot create the lock file ({strerror}) — choose a writable folder",
+    ):
         self.folder, self.path = Path(folder), Path(lock_path)
         self.busy, self.unwritable = busy, unwritable
         self.fd: int | None = None
@@ -74,8 +80,10 @@ class FolderLock:
             text = os.pread(fd, 256, 0).decode(errors="replace")
             os.close(fd)
             if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise CxrError(f"{self.path}: cannot lock {self.folder} ({err.strerror}) — the filesystem must "
-                               f"support flock (NFSv4, Lustre with -o flock), or use another folder") from None
+                raise CxrError(
+                    f"{self.path}: cannot lock {self.folder} ({err.strerror}) — the filesystem must "
+                    f"support flock (NFSv4, Lustre with -o flock), or use another folder"
+                ) from None
             pid, host = _holder(text)
             who = f"pid {pid} on {host}" if pid is not None else "a process that is starting up"
             raise CxrError(f"{self.folder}: " + self.busy.format(who=who)) from None
@@ -83,8 +91,9 @@ class FolderLock:
         if pid is not None and pid != os.getpid():
             here = socket.gethostname()
             dead = host == here and not _alive(pid)
-            self.stale = (f"{self.path}: taking over the lock of pid {pid} on {host}, "
-                          + ("which is no longer running" if dead else "which ended without a clean exit"))
+            self.stale = f"{self.path}: taking over the lock of pid {pid} on {host}, " + (
+                "which is no longer running" if dead else "which ended without a clean exit"
+            )
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)

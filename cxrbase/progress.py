@@ -10,6 +10,7 @@ count, rate and ETA as the bar). ``CXR_PROGRESS=bar`` / ``lines`` forces either 
 tqdm itself has no line mode (its ``mininterval`` only thins the carriage-return refreshes), hence
 this small class.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,26 +34,43 @@ def is_terminal(stream: TextIO) -> bool:
         return False
 
 
-def progress(iterable: Iterable | None = None, *, total: float | None = None, desc: str = "",
-             unit: str = "it", disable: bool = False, file: TextIO | None = None, initial: float = 0,
-             **tqdm_kwargs: Any):
+def progress(
+    iterable: Iterable | None = None,
+    *,
+    total: float | None = None,
+    desc: str = "",
+    unit: str = "it",
+    disable: bool = False,
+    file: TextIO | None = None,
+    initial: float = 0,
+    **tqdm_kwargs: Any,
+):
     """A tqdm bar on a terminal; :class:`LineProgress` (same methods used here) otherwise."""
     stream = file if file is not None else sys.stderr
     mode = os.environ.get("CXR_PROGRESS", "auto")
     if mode == "bar" or (mode != "lines" and is_terminal(stream)):
         from tqdm import tqdm
 
-        return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, file=stream,
-                    initial=initial, **tqdm_kwargs)
-    return LineProgress(iterable, total=total, desc=desc, unit=unit, disable=disable, file=stream,
-                        initial=initial)
+        return tqdm(
+            iterable, total=total, desc=desc, unit=unit, disable=disable, file=stream, initial=initial, **tqdm_kwargs
+        )
+    return LineProgress(iterable, total=total, desc=desc, unit=unit, disable=disable, file=stream, initial=initial)
 
 
 class LineProgress:
     """Progress as plain lines: ``desc: 40%|... 400/1000 [00:10<00:15, 40.0img/s, loss=0.3]``."""
 
-    def __init__(self, iterable: Iterable | None = None, *, total: float | None = None, desc: str = "",
-                 unit: str = "it", disable: bool = False, file: TextIO | None = None, initial: float = 0):
+    def __init__(
+        self,
+        iterable: Iterable | None = None,
+        *,
+        total: float | None = None,
+        desc: str = "",
+        unit: str = "it",
+        disable: bool = False,
+        file: TextIO | None = None,
+        initial: float = 0,
+    ):
         if total is None and iterable is not None:
             try:
                 total = len(iterable)  # type: ignore[arg-type]
@@ -123,9 +141,17 @@ class LineProgress:
 
         elapsed = (time.monotonic() if now is None else now) - self.start
         done = self.n - self.initial
-        return tqdm.format_meter(self.n, self.total, elapsed, ncols=0, prefix=self.desc, unit=self.unit,
-                                 rate=done / elapsed if elapsed > 0 and done else None,
-                                 postfix=self.postfix or None, initial=self.initial)
+        return tqdm.format_meter(
+            self.n,
+            self.total,
+            elapsed,
+            ncols=0,
+            prefix=self.desc,
+            unit=self.unit,
+            rate=done / elapsed if elapsed > 0 and done else None,
+            postfix=self.postfix or None,
+            initial=self.initial,
+        )
 
     def _write(self, now: float) -> None:
         self._last_t, self._last_n = now, self.n

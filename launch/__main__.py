@@ -1,4 +1,5 @@
 """`python -m launch ...` is `python -m launch.submit ...`."""
+
 import sys
 
 from cxrbase.errors import cli_entry

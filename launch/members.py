@@ -15,6 +15,7 @@ over the common one. Both launchers read members through :func:`load_ensemble`
 and :func:`member_argv`; the sbatch script asks for one member's argument list
 by array index with ``python -m launch.members CONFIG --argv I --runs DIR``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -93,8 +94,11 @@ def load_ensemble(name_or_path: str | Path) -> Ensemble:
     if len(set(names)) != len(names):
         raise CxrError(f"{path}: member names repeat ({names}) — each names its own run dir")
     return Ensemble(
-        name=str(raw.get("name", path.stem)), path=path, config=str(raw["config"]),
-        overrides=_mapping(raw.get("overrides"), str(path)), members=members,
+        name=str(raw.get("name", path.stem)),
+        path=path,
+        config=str(raw["config"]),
+        overrides=_mapping(raw.get("overrides"), str(path)),
+        members=members,
         evaluate=[str(a) for a in raw.get("evaluate") or []],
     )
 
@@ -110,8 +114,9 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def member_argv(ensemble: Ensemble, index: int, runs: str | Path,
-                shards: str | Path | None = None, extra: Sequence[str] = ()) -> list[str]:
+def member_argv(
+    ensemble: Ensemble, index: int, runs: str | Path, shards: str | Path | None = None, extra: Sequence[str] = ()
+) -> list[str]:
     """The training argv of member ``index``: ``--config X key=value ...``.
 
     Order of precedence (last wins): common overrides, the member's, shards and run
@@ -130,8 +135,9 @@ def member_argv(ensemble: Ensemble, index: int, runs: str | Path,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.members", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.members", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("ensemble", help="ensemble config: a YAML path or a name in launch/ensembles/")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--count", action="store_true", help="print the number of members")
@@ -141,8 +147,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     what.add_argument("--evaluate-args", action="store_true", help="print the evaluator's extra options, one per line")
     parser.add_argument("--runs", default="runs", help="folder of the members' run dirs (default: runs)")
     parser.add_argument("--shards", help="shards directory passed to training as data.shards")
-    parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra training override for every member (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="extra",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra training override for every member (repeatable)",
+    )
     args = parser.parse_args(argv)
     ensemble = load_ensemble(args.ensemble)
     if args.count:

@@ -15,6 +15,7 @@ overridden without any file: ``CXR_PARTITION``, ``CXR_ACCOUNT``,
 ``CXR_QOS``, ``CXR_CONSTRAINT`` in the environment, or ``--profile-set key=value``
 on ``python -m launch.submit``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,8 +67,10 @@ class Profile:
 
     def __post_init__(self) -> None:
         if self.mem_gb_per_node == 0 and self.eval_mem_gb == 0:
-            raise CxrError(f"profile {self.name!r}: mem_gb_per_node 0 (the whole node) needs eval_mem_gb "
-                           "for the evaluator — set it in the profile table")
+            raise CxrError(
+                f"profile {self.name!r}: mem_gb_per_node 0 (the whole node) needs eval_mem_gb "
+                "for the evaluator — set it in the profile table"
+            )
 
     @property
     def world_size(self) -> int:
@@ -76,8 +79,11 @@ class Profile:
     def with_site(self, env: dict[str, str] | None = None) -> Profile:
         """This profile with partition/account/qos/constraint from CXR_* environment variables."""
         env = os.environ if env is None else env
-        site = {key: env[f"CXR_{key.upper()}"] for key in ("partition", "account", "qos", "constraint")
-                if env.get(f"CXR_{key.upper()}")}
+        site = {
+            key: env[f"CXR_{key.upper()}"]
+            for key in ("partition", "account", "qos", "constraint")
+            if env.get(f"CXR_{key.upper()}")
+        }
         return dataclasses.replace(self, **site)
 
 
@@ -96,8 +102,9 @@ def load_profiles(files: Sequence[str | Path] = ()) -> dict[str, Profile]:
             entry = dict(entry)
             base = entry.pop("base", None)
             if base is not None and base not in raw:
-                raise CxrError(f"{path}: profile {name!r}: base {base!r} is not defined before it — "
-                               f"use one of {', '.join(raw)}")
+                raise CxrError(
+                    f"{path}: profile {name!r}: base {base!r} is not defined before it — use one of {', '.join(raw)}"
+                )
             start = dict(raw[base] if base is not None else raw.get(name, {}))
             env = {**start.get("env", {}), **entry.pop("env", {})}
             raw[name] = {**start, **entry, "env": env, "_file": str(path)}
@@ -110,8 +117,9 @@ def _read_table(path: Path) -> dict:
     try:
         table = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as err:
-        raise CxrError(f"{path}: cannot read the profile table ({str(err).splitlines()[0]}) — "
-                       f"fix the file or {SITE_ENV}") from None
+        raise CxrError(
+            f"{path}: cannot read the profile table ({str(err).splitlines()[0]}) — fix the file or {SITE_ENV}"
+        ) from None
     if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
         raise CxrError(f"{path}: expected a mapping of profile name → fields — see launch/profiles.yaml")
     return table
@@ -123,13 +131,24 @@ def _profile(name: str, entry: dict) -> Profile:
     unknown = sorted(set(entry) - set(fields))
     if unknown:
         raise CxrError(f"{path}: profile {name!r}: unknown field(s) {unknown} — valid: {', '.join(fields)}")
-    missing = [k for k, f in fields.items() if k not in entry and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
+    missing = [
+        k
+        for k, f in fields.items()
+        if k not in entry and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise CxrError(f"{path}: profile {name!r} lacks {missing} — give them or start from `base: NAME`")
     try:
-        values = {k: (int(v) if fields[k].type in ("int", int) else
-                      {str(a): str(b) for a, b in v.items()} if k == "env" else str(v)) for k, v in entry.items()}
+        values = {
+            k: (
+                int(v)
+                if fields[k].type in ("int", int)
+                else {str(a): str(b) for a, b in v.items()}
+                if k == "env"
+                else str(v)
+            )
+            for k, v in entry.items()
+        }
     except (TypeError, ValueError, AttributeError) as err:
         raise CxrError(f"{path}: profile {name!r}: {err} — integers for sizes, a mapping for env") from None
     return Profile(name=name, **values)
@@ -152,8 +171,10 @@ DEFAULT_PROFILE = "cpu-local"
 def get_profile(name: str) -> Profile:
     """The profile called ``name``, with site overrides from the environment applied."""
     if name not in PROFILES:
-        raise CxrError(f"profile {name!r}: unknown — choose one of {', '.join(PROFILES)} "
-                       f"(launch/profiles.yaml, or add it in a site file: {SITE_ENV} / --profiles)")
+        raise CxrError(
+            f"profile {name!r}: unknown — choose one of {', '.join(PROFILES)} "
+            f"(launch/profiles.yaml, or add it in a site file: {SITE_ENV} / --profiles)"
+        )
     return PROFILES[name].with_site()
 
 
@@ -167,8 +188,10 @@ def override_profile(profile: Profile, assignments: Sequence[str]) -> Profile:
             changes["env"] = {**changes.get("env", profile.env), key[4:]: value}
             continue
         if not sep or key not in fields or key in ("name", "env"):
-            raise CxrError(f"--profile-set {item!r}: expected key=value with key one of "
-                           f"{', '.join(k for k in fields if k not in ('name', 'env'))}, or env.VARIABLE")
+            raise CxrError(
+                f"--profile-set {item!r}: expected key=value with key one of "
+                f"{', '.join(k for k in fields if k not in ('name', 'env'))}, or env.VARIABLE"
+            )
         changes[key] = int(value) if fields[key].type in ("int", int) else value
     return dataclasses.replace(profile, **changes)
 
@@ -209,20 +232,30 @@ def sbatch_args(profile: Profile) -> list[str]:
     ]
     if profile.gpus_per_node:
         args.append(f"--gpus-per-node={profile.gpus_per_node}")
-    args += [f"--{key}={getattr(profile, key)}" for key in ("partition", "account", "qos", "constraint")
-             if getattr(profile, key)]
+    args += [
+        f"--{key}={getattr(profile, key)}"
+        for key in ("partition", "account", "qos", "constraint")
+        if getattr(profile, key)
+    ]
     return args
 
 
 def evaluate_sbatch_args(profile: Profile) -> list[str]:
     """sbatch options for the evaluator: one process on one GPU (or CPU) of the same partition."""
-    args = ["--nodes=1", "--ntasks=1", f"--cpus-per-task={profile.cpus_per_process}",
-            f"--mem={eval_mem_gb(profile)}G",
-            f"--time={min(profile.time_min, 4 * 60)}"]
+    args = [
+        "--nodes=1",
+        "--ntasks=1",
+        f"--cpus-per-task={profile.cpus_per_process}",
+        f"--mem={eval_mem_gb(profile)}G",
+        f"--time={min(profile.time_min, 4 * 60)}",
+    ]
     if profile.gpus_per_node:
         args.append("--gpus-per-node=1")
-    args += [f"--{key}={getattr(profile, key)}" for key in ("partition", "account", "qos", "constraint")
-             if getattr(profile, key)]
+    args += [
+        f"--{key}={getattr(profile, key)}"
+        for key in ("partition", "account", "qos", "constraint")
+        if getattr(profile, key)
+    ]
     return args
 
 
@@ -251,16 +284,21 @@ def shell_exports(profile: Profile) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.profiles", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.profiles", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("name", nargs="?", help="profile to show; omit to list all")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--sbatch", action="store_true", help="print its sbatch options on one line")
     group.add_argument("--shell", action="store_true", help="print KEY=value lines for the sbatch scripts")
-    group.add_argument("--env", action="store_true",
-                       help="print the profile's export lines (eval them before sbatch)")
-    parser.add_argument("--profiles", action="append", default=[], metavar="FILE",
-                        help=f"site profile file read after launch/profiles.yaml (also {SITE_ENV}; repeatable)")
+    group.add_argument("--env", action="store_true", help="print the profile's export lines (eval them before sbatch)")
+    parser.add_argument(
+        "--profiles",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help=f"site profile file read after launch/profiles.yaml (also {SITE_ENV}; repeatable)",
+    )
     args = parser.parse_args(argv)
     if args.profiles:
         use_profile_files(args.profiles)

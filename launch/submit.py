@@ -20,6 +20,7 @@ submitit calls :meth:`TrainTask.checkpoint`, which returns the same task resumin
 from the ``last`` checkpoint training wrote (found with ``cxr.checkpoint``), and
 requeues the job.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,6 +52,7 @@ CLUSTERS = ("slurm", "local", "debug")
 
 
 # ------------------------------------------------------------------ in the job ----
+
 
 class _Preemption:
     """Routes submitit's preemption signal into training's own stop request (SIGUSR1).
@@ -130,11 +132,18 @@ class TrainTask:
         with _Preemption() as preemption:
             status = _call_main("cxr.train", self.argv)
         if status == 0:
-            return {"run_dir": self.run_dir, "status": "finished", "rank": rank, "world_size": world,
-                    "requeues": self.requeues}
+            return {
+                "run_dir": self.run_dir,
+                "status": "finished",
+                "rank": rank,
+                "world_size": world,
+                "requeues": self.requeues,
+            }
         if status != EXIT_REQUEUE:
-            raise CxrError(f"{self.run_dir}: training exited with status {status} on rank {rank} — "
-                           f"see {self.run_dir}/train.log and the submitit logs")
+            raise CxrError(
+                f"{self.run_dir}: training exited with status {status} on rank {rank} — "
+                f"see {self.run_dir}/train.log and the submitit logs"
+            )
         if callable(preemption.submitit_handler):
             # submitit's own path: rank 0 calls checkpoint(), dumps it, requeues, exits.
             preemption.submitit_handler(preemption.signum, None)
@@ -174,14 +183,23 @@ def probe_overrides(run_dir: Path, spec: dict[str, Any], rank: int = 0, timeout_
 
     path = run_dir / PROBE_FILE
     if not path.is_file() and rank == 0:
-        result = choose(spec.get("config"), spec.get("overrides", []), int(spec["resolution"]),
-                        int(spec["effective_batch"]), fraction=float(spec.get("fraction", 0.9)),
-                        budget_mb=spec.get("budget_mb"), overhead_mb=spec.get("overhead_mb"))
+        result = choose(
+            spec.get("config"),
+            spec.get("overrides", []),
+            int(spec["resolution"]),
+            int(spec["effective_batch"]),
+            fraction=float(spec.get("fraction", 0.9)),
+            budget_mb=spec.get("budget_mb"),
+            overhead_mb=spec.get("overhead_mb"),
+        )
         write_probe(run_dir, result)
         differs = result.differs_from_config()
-        print(f"probe {run_dir.name} on {result.device}: {result.reason}"
-              + (f"; confirmed by one step: {result.confirmed_mb:.0f} MB" if result.confirmed_mb else "")
-              + (f" — differs from the config: {differs}" if differs else ""), flush=True)
+        print(
+            f"probe {run_dir.name} on {result.device}: {result.reason}"
+            + (f"; confirmed by one step: {result.confirmed_mb:.0f} MB" if result.confirmed_mb else "")
+            + (f" — differs from the config: {differs}" if differs else ""),
+            flush=True,
+        )
     deadline = time.monotonic() + timeout_s
     while not path.is_file():  # the other ranks wait for rank 0's probe
         if time.monotonic() > deadline:
@@ -230,6 +248,7 @@ class EvaluateTask:
 
 # ------------------------------------------------------------------ submitting ----
 
+
 @dataclass
 class Plan:
     """What to submit: training runs (name → argv) and evaluations (report → runs)."""
@@ -244,8 +263,9 @@ class Plan:
     """(report dir, extra `cxr.ablation report` options) after every run (ablate)."""
 
 
-def make_executor(cluster: str, folder: Path, profile: Profile, processes: int | None = None,
-                  name: str = "cxr", **extra: Any):
+def make_executor(
+    cluster: str, folder: Path, profile: Profile, processes: int | None = None, name: str = "cxr", **extra: Any
+):
     """A submitit executor sized by ``profile`` (debug: one in-process task)."""
     import submitit
 
@@ -265,8 +285,13 @@ def make_executor(cluster: str, folder: Path, profile: Profile, processes: int |
 
 
 def _eval_profile(profile: Profile) -> Profile:
-    return replace(profile, nodes=1, processes_per_node=1, gpus_per_node=min(profile.gpus_per_node, 1),
-                   mem_gb_per_node=eval_mem_gb(profile))
+    return replace(
+        profile,
+        nodes=1,
+        processes_per_node=1,
+        gpus_per_node=min(profile.gpus_per_node, 1),
+        mem_gb_per_node=eval_mem_gb(profile),
+    )
 
 
 def submit_plan(plan: Plan, args: argparse.Namespace, profile: Profile) -> list[Any]:
@@ -274,6 +299,7 @@ def submit_plan(plan: Plan, args: argparse.Namespace, profile: Profile) -> list[
     logs = Path(args.logs or Path(args.runs) / "submitit")
     train_ex = make_executor(args.cluster, logs / "%j", profile, args.processes, name=f"cxr-{args.name}")
     names = list(plan.runs)
+
     def task(n: str) -> TrainTask:
         if n in plan.probes:
             return ProbedTrainTask(plan.runs[n], str(plan.run_dirs[n]), probe=plan.probes[n])
@@ -289,19 +315,31 @@ def submit_plan(plan: Plan, args: argparse.Namespace, profile: Profile) -> list[
         print(f"train {name}: job {job.job_id} -> {plan.run_dirs[name]}")
     eval_jobs = []
     for report, needs, extra in plan.evaluations:
-        eval_argv = ["--runs", *(str(plan.run_dirs[n]) for n in needs), "--shards", str(args.shards),
-                     "--split", args.split, "--out", str(report), *extra]
+        eval_argv = [
+            "--runs",
+            *(str(plan.run_dirs[n]) for n in needs),
+            "--shards",
+            str(args.shards),
+            "--split",
+            args.split,
+            "--out",
+            str(report),
+            *extra,
+        ]
         dependency = {}
         if args.cluster == "slurm":
-            ids = sorted({by_name[n].job_id.split("_")[0] if len(needs) == len(names) else by_name[n].job_id
-                          for n in needs})
-            dependency = {"slurm_additional_parameters": {"dependency": "afterok:" + ":".join(ids),
-                                                          "kill_on_invalid_dep": "yes"}}
+            ids = sorted(
+                {by_name[n].job_id.split("_")[0] if len(needs) == len(names) else by_name[n].job_id for n in needs}
+            )
+            dependency = {
+                "slurm_additional_parameters": {"dependency": "afterok:" + ":".join(ids), "kill_on_invalid_dep": "yes"}
+            }
         else:  # no scheduler to hold the evaluator: wait here for its members
             for n in needs:
                 by_name[n].results()
-        ex = make_executor(args.cluster, logs / "%j", _eval_profile(profile), name=f"cxr-{args.name}-evaluate",
-                           **dependency)
+        ex = make_executor(
+            args.cluster, logs / "%j", _eval_profile(profile), name=f"cxr-{args.name}-evaluate", **dependency
+        )
         job = ex.submit(EvaluateTask(eval_argv, str(report)))
         print(f"evaluate {report.name}: job {job.job_id} after {', '.join(needs)} -> {report}")
         eval_jobs.append(job)
@@ -314,18 +352,30 @@ def submit_plan(plan: Plan, args: argparse.Namespace, profile: Profile) -> list[
 def _submit_ablation_report(plan: Plan, args: argparse.Namespace, profile: Profile, logs: Path, jobs: list) -> Any:
     """The sweep's report after all its runs (Slurm: afterok dependency; else: wait here)."""
     report, extra = plan.ablation_report
-    argv = ["report", "--runs", *(str(plan.run_dirs[n]) for n in plan.runs), "--shards", str(args.shards),
-            "--split", args.split, "--out", str(report), *extra]
+    argv = [
+        "report",
+        "--runs",
+        *(str(plan.run_dirs[n]) for n in plan.runs),
+        "--shards",
+        str(args.shards),
+        "--split",
+        args.split,
+        "--out",
+        str(report),
+        *extra,
+    ]
     dependency = {}
     if args.cluster == "slurm":
         ids = sorted({j.job_id.split("_")[0] for j in jobs})
-        dependency = {"slurm_additional_parameters": {"dependency": "afterok:" + ":".join(ids),
-                                                      "kill_on_invalid_dep": "yes"}}
+        dependency = {
+            "slurm_additional_parameters": {"dependency": "afterok:" + ":".join(ids), "kill_on_invalid_dep": "yes"}
+        }
     else:
         for job in jobs:
             job.results()
-    ex = make_executor(args.cluster, logs / "%j", _eval_profile(profile), name=f"cxr-{args.name}-ablation",
-                       **dependency)
+    ex = make_executor(
+        args.cluster, logs / "%j", _eval_profile(profile), name=f"cxr-{args.name}-ablation", **dependency
+    )
     job = ex.submit(AblationReportTask(argv, str(report)))
     print(f"ablation report: job {job.job_id} after {len(jobs)} run(s) -> {report / 'ablation.md'}")
     if args.cluster == "debug":  # debug jobs run when their result is asked for
@@ -335,15 +385,22 @@ def _submit_ablation_report(plan: Plan, args: argparse.Namespace, profile: Profi
 
 def _base_overrides(args: argparse.Namespace, profile: Profile) -> list[str]:
     """Overrides every run gets: the profile's loader/thread sizes, then the user's key=value."""
-    extra = [f"data.num_threads={profile.workers_per_process}", f"train.threads={profile.threads_per_process}",
-             f"train.mixed_precision={profile.mixed_precision}"]
+    extra = [
+        f"data.num_threads={profile.workers_per_process}",
+        f"train.threads={profile.threads_per_process}",
+        f"train.mixed_precision={profile.mixed_precision}",
+    ]
     return extra + list(args.overrides)
 
 
 def plan_train(args: argparse.Namespace, profile: Profile) -> Plan:
     run_dir = Path(args.runs) / args.name
     argv = (["--config", args.config] if args.config else []) + [
-        f"{SHARDS_KEY}={args.shards}", f"{RUN_DIR_KEY}={run_dir}", RESUME, *_base_overrides(args, profile)]
+        f"{SHARDS_KEY}={args.shards}",
+        f"{RUN_DIR_KEY}={run_dir}",
+        RESUME,
+        *_base_overrides(args, profile),
+    ]
     plan = Plan({args.name: argv}, {args.name: run_dir})
     if args.evaluate:
         plan.evaluations.append((Path(args.report or run_dir / "report"), [args.name], []))
@@ -443,19 +500,34 @@ def plan_ablate(args: argparse.Namespace, profile: Profile) -> Plan:
     for name, point in sweep_points(args):
         dirs[name] = Path(args.runs) / name
         base = (["--config", args.config] if args.config else []) + [
-            f"{SHARDS_KEY}={args.shards}", f"{RUN_DIR_KEY}={dirs[name]}", RESUME,
-            *_base_overrides(args, profile), *point]
-        resolution = int(next((o.split("=", 1)[1] for o in reversed(base) if o.startswith("data.resolution=")),
-                              _config_value(args.config, "data.resolution", 224)))
+            f"{SHARDS_KEY}={args.shards}",
+            f"{RUN_DIR_KEY}={dirs[name]}",
+            RESUME,
+            *_base_overrides(args, profile),
+            *point,
+        ]
+        resolution = int(
+            next(
+                (o.split("=", 1)[1] for o in reversed(base) if o.startswith("data.resolution=")),
+                _config_value(args.config, "data.resolution", 224),
+            )
+        )
         if probe:
-            plan.probes[name] = {"config": args.config, "resolution": resolution, "effective_batch": effective,
-                                 "overrides": [o for o in base[2 if args.config else 0:] if o.startswith(PROBE_KEYS)],
-                                 "fraction": args.probe_fraction, "overhead_mb": args.probe_overhead_mb}
+            plan.probes[name] = {
+                "config": args.config,
+                "resolution": resolution,
+                "effective_batch": effective,
+                "overrides": [o for o in base[2 if args.config else 0 :] if o.startswith(PROBE_KEYS)],
+                "fraction": args.probe_fraction,
+                "overhead_mb": args.probe_overhead_mb,
+            }
             layout = f"micro-batch × accumulation = {effective} chosen by the probe in the job"
         else:
             if effective % batch:
-                raise CxrError(f"--effective-batch {effective}: not a multiple of data.batch_size {batch} — "
-                               "pick a multiple, or leave the probe on")
+                raise CxrError(
+                    f"--effective-batch {effective}: not a multiple of data.batch_size {batch} — "
+                    "pick a multiple, or leave the probe on"
+                )
             base += [f"train.grad_accum_steps={effective // batch}"]
             layout = f"micro-batch {batch} × accumulation {effective // batch}"
             if args.probe:
@@ -464,26 +536,45 @@ def plan_ablate(args: argparse.Namespace, profile: Profile) -> Plan:
         print(f"ablate {name}: {image_source(args.shards, resolution)['source']}; {layout}")
     by = ["data.resolution"] if args.resolutions else []
     by += [key for key, _ in parse_grid(args.grid)]
-    plan.ablation_report = (Path(args.report or Path(args.runs) / "report"),
-                            ["--by", *by, "--bootstrap", str(args.bootstrap),
-                             *(["--reference", args.reference] if args.reference else [])])
+    plan.ablation_report = (
+        Path(args.report or Path(args.runs) / "report"),
+        ["--by", *by, "--bootstrap", str(args.bootstrap), *(["--reference", args.reference] if args.reference else [])],
+    )
     return plan
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m launch.submit", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m launch.submit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--cluster", choices=CLUSTERS, default="slurm",
-                        help="slurm: sbatch; local: local processes; debug: in this process (default: slurm)")
-    common.add_argument("--profile", default=DEFAULT_PROFILE,
-                        help=f"job size from launch/profiles.yaml or a site file (default: {DEFAULT_PROFILE}; "
-                        "list: python -m launch.profiles)")
-    common.add_argument("--profiles", action="append", default=[], metavar="FILE",
-                        help="site profile file read after launch/profiles.yaml (also CXR_PROFILES; repeatable)")
-    common.add_argument("--profile-set", action="append", default=[], metavar="KEY=VALUE",
-                        help="change one profile field, e.g. nodes=2, partition=gpu, time_min=600 (repeatable)")
+    common.add_argument(
+        "--cluster",
+        choices=CLUSTERS,
+        default="slurm",
+        help="slurm: sbatch; local: local processes; debug: in this process (default: slurm)",
+    )
+    common.add_argument(
+        "--profile",
+        default=DEFAULT_PROFILE,
+        help=f"job size from launch/profiles.yaml or a site file (default: {DEFAULT_PROFILE}; "
+        "list: python -m launch.profiles)",
+    )
+    common.add_argument(
+        "--profiles",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="site profile file read after launch/profiles.yaml (also CXR_PROFILES; repeatable)",
+    )
+    common.add_argument(
+        "--profile-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change one profile field, e.g. nodes=2, partition=gpu, time_min=600 (repeatable)",
+    )
     common.add_argument("--processes", type=int, help="training processes per node (default: the profile's)")
     common.add_argument("--shards", required=True, help="shards directory (python -m shards pack)")
     common.add_argument("--runs", required=True, help="folder of the run directories")
@@ -498,27 +589,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evaluate", action="store_true", help="also evaluate the run after it finishes")
     p = sub.add_parser("ensemble", parents=[common], help="ensemble members as an array, then the evaluator")
     p.add_argument("--ensemble", default="default", help="ensemble config: name in launch/ensembles/ or a path")
-    p = sub.add_parser("ablate", parents=[common], help="a sweep (resolutions, --grid, seeds), then one comparison report",
-                       description="Train one run per resolution × --grid value × seed with the same effective "
-                       "batch and schedule, then write RUNS/report/ablation.md (python -m cxr.ablation report). "
-                       "Put key=value overrides before --grid.")
+    p = sub.add_parser(
+        "ablate",
+        parents=[common],
+        help="a sweep (resolutions, --grid, seeds), then one comparison report",
+        description="Train one run per resolution × --grid value × seed with the same effective "
+        "batch and schedule, then write RUNS/report/ablation.md (python -m cxr.ablation report). "
+        "Put key=value overrides before --grid.",
+    )
     p.add_argument("--config", help="training config (cxr/configs/*.yaml)")
-    p.add_argument("--resolutions", type=int, nargs="+", default=None,
-                   help="training resolutions (default: 224 512 1024, or none when --grid is given)")
+    p.add_argument(
+        "--resolutions",
+        type=int,
+        nargs="+",
+        default=None,
+        help="training resolutions (default: 224 512 1024, or none when --grid is given)",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds per point (default: the config's)")
-    p.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2",
-                   help="also sweep config keys, e.g. loss.name=bce,focal model.name=densenet121,resnet50")
-    p.add_argument("--effective-batch", type=int, default=None,
-                   help="micro-batch × accumulation of every run (default: the config's batch × accumulation)")
-    p.add_argument("--no-probe", dest="probe", action="store_false",
-                   help="keep the config's micro-batch (accumulation from --effective-batch) instead of probing memory")
-    p.add_argument("--probe-fraction", type=float, default=0.9,
-                   help="share of device memory the probe may fill, non-torch overhead included (0.9)")
-    p.add_argument("--probe-overhead-mb", type=float, default=None,
-                   help="device memory outside torch per process: CUDA context, NCCL, DALI's pool "
-                        "(default: cxr.probe.CUDA_OVERHEAD_MB on CUDA)")
+    p.add_argument(
+        "--grid",
+        nargs="+",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="also sweep config keys, e.g. loss.name=bce,focal model.name=densenet121,resnet50",
+    )
+    p.add_argument(
+        "--effective-batch",
+        type=int,
+        default=None,
+        help="micro-batch × accumulation of every run (default: the config's batch × accumulation)",
+    )
+    p.add_argument(
+        "--no-probe",
+        dest="probe",
+        action="store_false",
+        help="keep the config's micro-batch (accumulation from --effective-batch) instead of probing memory",
+    )
+    p.add_argument(
+        "--probe-fraction",
+        type=float,
+        default=0.9,
+        help="share of device memory the probe may fill, non-torch overhead included (0.9)",
+    )
+    p.add_argument(
+        "--probe-overhead-mb",
+        type=float,
+        default=None,
+        help="device memory outside torch per process: CUDA context, NCCL, DALI's pool "
+        "(default: cxr.probe.CUDA_OVERHEAD_MB on CUDA)",
+    )
     p.add_argument("--reference", default=None, help="variant the report compares against (default: the lowest)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples of the report (default 1000)")
+    p.add_argument(
+        "--bootstrap", type=int, default=1000, help="paired bootstrap resamples of the report (default 1000)"
+    )
     return parser
 
 
@@ -527,9 +650,11 @@ def debug_layout_note(profile: Profile, processes: int | None = None) -> str | N
     per_node = processes or profile.processes_per_node
     if per_node * profile.nodes == 1:
         return None
-    return (f"--cluster debug: every job runs in this process as 1 training process, not the {profile.nodes} "
-            f"node(s) × {per_node} of profile {profile.name}; its images/s do not compare with runs of that "
-            "profile (use --cluster local or slurm for its layout)")
+    return (
+        f"--cluster debug: every job runs in this process as 1 training process, not the {profile.nodes} "
+        f"node(s) × {per_node} of profile {profile.name}; its images/s do not compare with runs of that "
+        "profile (use --cluster local or slurm for its layout)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

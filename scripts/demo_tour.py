@@ -12,6 +12,7 @@ change. The non-X-rays are made as tests/ood_data.py makes them for the gate's o
 (imported from there: one definition of "natural-looking outlier" for the test and the tour), and
 the DICOMs as tests/dicom_data.py writes its fixtures.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,11 +37,27 @@ sys.path.insert(0, str(ROOT / "tests"))
 from dicom_data import dicom_bytes, structured_report  # noqa: E402
 from ood_data import TEST_KINDS, digits, textures  # noqa: E402
 
-LABELS = ("Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis", "Hernia",
-          "Infiltration", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax")
-NOT_ACCURACY = ("A demonstration of the machinery, not of accuracy: every classifier here is a tiny CNN "
-                "trained for a few seconds on synthetic phantoms, so what it says about a real X-ray means "
-                "nothing about disease.")
+LABELS = (
+    "Atelectasis",
+    "Cardiomegaly",
+    "Consolidation",
+    "Edema",
+    "Effusion",
+    "Emphysema",
+    "Fibrosis",
+    "Hernia",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pleural_Thickening",
+    "Pneumonia",
+    "Pneumothorax",
+)
+NOT_ACCURACY = (
+    "A demonstration of the machinery, not of accuracy: every classifier here is a tiny CNN "
+    "trained for a few seconds on synthetic phantoms, so what it says about a real X-ray means "
+    "nothing about disease."
+)
 
 
 def _write_csv(path: Path, frame: pd.DataFrame) -> None:
@@ -78,8 +95,12 @@ def cmd_outliers(args) -> int:
         rows.append((f"real_{src.name}", "real X-ray"))
         xrays.append(_grey(src, res))
     n = len(test)
-    made = {"texture": textures(n, 1, res=res), "digits": digits(n, 2, res=res),
-            "inverted X-ray": 255 - np.stack(xrays), "X-ray rotated 90°": np.rot90(np.stack(xrays), 1, (1, 2))}
+    made = {
+        "texture": textures(n, 1, res=res),
+        "digits": digits(n, 2, res=res),
+        "inverted X-ray": 255 - np.stack(xrays),
+        "X-ray rotated 90°": np.rot90(np.stack(xrays), 1, (1, 2)),
+    }
     for category, stack in made.items():
         slug = category.split()[0].lower()
         for i, px in enumerate(stack):
@@ -115,36 +136,57 @@ def cmd_verdicts(args) -> int:
     gate_cfg = json.loads((package / "preprocess.json").read_text())["ood"]
     session = ort.InferenceSession(str(package / "ood.onnx"), providers=["CPUExecutionProvider"])
     table = pd.read_csv(images / "images.csv")
-    scores = [float(session.run(None, {"image": _pixels(images / name, gate_cfg["resolution"], gate_cfg["mean"],
-                                                         gate_cfg["std"])})[0][0, 0]) for name in table["image"]]
+    scores = [
+        float(
+            session.run(
+                None, {"image": _pixels(images / name, gate_cfg["resolution"], gate_cfg["mean"], gate_cfg["std"])}
+            )[0][0, 0]
+        )
+        for name in table["image"]
+    ]
     table["score"] = scores
     table["threshold"] = gate_cfg["threshold"]
     table["verdict"] = np.where(table["score"] > gate_cfg["threshold"], "rejected", "accepted")
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(out / "verdicts.csv", table)
-    summary = (table.groupby("category", sort=False)["verdict"].value_counts().unstack(fill_value=0)
-               .reindex(columns=["accepted", "rejected"], fill_value=0).reset_index())
+    summary = (
+        table.groupby("category", sort=False)["verdict"]
+        .value_counts()
+        .unstack(fill_value=0)
+        .reindex(columns=["accepted", "rejected"], fill_value=0)
+        .reset_index()
+    )
     summary.insert(1, "images", summary["accepted"] + summary["rejected"])
     summary["rejected %"] = (100 * summary["rejected"] / summary["images"]).round(0).astype(int)
     _write_csv(out / "summary.csv", summary)
-    lines = ["# OOD gate verdicts: real X-rays vs non-X-rays", "",
-             f"Gate: `{package}/ood.onnx` (score = Mahalanobis distance of the autoencoder's 1 − SSIM and the "
-             f"image's intensity and layout statistics at {gate_cfg['resolution']} px from the real NIH train "
-             f"images); an image is rejected when its score exceeds {gate_cfg['threshold']:.4f} (a percentile of "
-             f"the real train + val images' cross-fitted scores).", "",
-             "| images | n | accepted | rejected | rejected % |", "|---|---|---|---|---|"]
+    lines = [
+        "# OOD gate verdicts: real X-rays vs non-X-rays",
+        "",
+        f"Gate: `{package}/ood.onnx` (score = Mahalanobis distance of the autoencoder's 1 − SSIM and the "
+        f"image's intensity and layout statistics at {gate_cfg['resolution']} px from the real NIH train "
+        f"images); an image is rejected when its score exceeds {gate_cfg['threshold']:.4f} (a percentile of "
+        f"the real train + val images' cross-fitted scores).",
+        "",
+        "| images | n | accepted | rejected | rejected % |",
+        "|---|---|---|---|---|",
+    ]
     lines += [f"| {r.category} | {r.images} | {r.accepted} | {r.rejected} | {r[-1]} |" for r in summary.itertuples()]
-    lines += ["", "The real X-rays are the NIH sample's held-out test images (the gate never saw them). "
-              "The non-X-rays are made as tests/ood_data.py makes them: textures, digits, inverted and rotated "
-              "X-rays (the kinds the gate's design was tuned on), then the kinds bench/ood_gate.py holds out "
-              "(plots, screenshots, documents, photos, CT slices, limb radiographs, noise, checkerboards, "
-              "colour blobs)."]
+    lines += [
+        "",
+        "The real X-rays are the NIH sample's held-out test images (the gate never saw them). "
+        "The non-X-rays are made as tests/ood_data.py makes them: textures, digits, inverted and rotated "
+        "X-rays (the kinds the gate's design was tuned on), then the kinds bench/ood_gate.py holds out "
+        "(plots, screenshots, documents, photos, CT slices, limb radiographs, noise, checkerboards, "
+        "colour blobs).",
+    ]
     _write_text(out / "verdicts.md", "\n".join(lines) + "\n")
-    print("\n".join(lines[4:4 + len(summary) + 2]))
+    print("\n".join(lines[4 : 4 + len(summary) + 2]))
     real = summary.set_index("category").loc["real X-ray"]
     others = summary[summary["category"] != "real X-ray"]
-    print(f"ood verdicts: {real.accepted} of {real.images} real X-rays accepted, "
-          f"{others['rejected'].sum()} of {others['images'].sum()} non-X-rays rejected → {out}/verdicts.md")
+    print(
+        f"ood verdicts: {real.accepted} of {real.images} real X-rays accepted, "
+        f"{others['rejected'].sum()} of {others['images'].sum()} non-X-rays rejected → {out}/verdicts.md"
+    )
     return 0
 
 
@@ -170,16 +212,29 @@ def cmd_web(args) -> int:
         for image in args.images:
             name = Path(image).name
             shot = out / f"{Path(name).stem}.png"
-            done = subprocess.run(["node", str(ROOT / "tests" / "web_driver.cjs"), f"{url}?image={name}", str(shot)],
-                                  capture_output=True, text=True, env=env, timeout=args.timeout)
+            done = subprocess.run(
+                ["node", str(ROOT / "tests" / "web_driver.cjs"), f"{url}?image={name}", str(shot)],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=args.timeout,
+            )
             if done.returncode != 0:
                 raise SystemExit(f"{image}: the page did not finish in Chromium — {done.stderr.strip()[-600:]}")
             page = json.loads(done.stdout.strip().splitlines()[-1])
             top = sorted(page["rows"], key=lambda r: -float(r["calibrated"]))[:3]
-            results.append({"image": name, "screenshot": shot.name, "state": page["state"],
-                            "ood_score": float(page["ood"]) if page.get("ood") else None,
-                            "top": [{"label": r["label"], "prob": float(r["prob"]),
-                                     "calibrated": float(r["calibrated"])} for r in top]})
+            results.append(
+                {
+                    "image": name,
+                    "screenshot": shot.name,
+                    "state": page["state"],
+                    "ood_score": float(page["ood"]) if page.get("ood") else None,
+                    "top": [
+                        {"label": r["label"], "prob": float(r["prob"]), "calibrated": float(r["calibrated"])}
+                        for r in top
+                    ],
+                }
+            )
             said = ", ".join(f"{r['label']} {r['calibrated']:.2f}" for r in results[-1]["top"]) or page["text"]
             print(f"page: {name}: {page['state']} — {said}")
     finally:
@@ -199,38 +254,66 @@ OUTPUTS = [
     ("phantoms", "shards/manifest.json", "the packed, verified WebDataset shards: counts, prevalence, sha256"),
     ("nih", "sample/splits.parquet", "the 130 real NIH images split by patient (60/20/20)"),
     ("nih", "shards-sample/manifest.json", "the real images packed as shards (originals + 64 px derived copies)"),
-    ("ensemble", "report/report.md", "the ensemble report: per-label test AUROC of each member and of the ensemble, "
-                                     "with bootstrap CIs"),
+    (
+        "ensemble",
+        "report/report.md",
+        "the ensemble report: per-label test AUROC of each member and of the ensemble, with bootstrap CIs",
+    ),
     ("ensemble", "report/aucs.csv", "the same AUROCs as a table"),
     ("ensemble", "report/roc.png", "ROC curves of the ensemble per label"),
     ("ensemble", "report/thresholds.json", "per-label thresholds tuned on validation (exported with the model)"),
     ("ensemble", "runs/member1/metrics.csv", "member 1's per-epoch training log (2 processes, gloo)"),
     ("ensemble", "runs/member2/metrics.csv", "member 2's (other seed, learning rate and augmentation)"),
-    ("resolution", "resolution/report/ablation.md", "the resolution study: AUROC per label at each resolution, "
-                                                    "ΔAUROC vs the lowest with DeLong's paired test (Holm-adjusted)"),
+    (
+        "resolution",
+        "resolution/report/ablation.md",
+        "the resolution study: AUROC per label at each resolution, "
+        "ΔAUROC vs the lowest with DeLong's paired test (Holm-adjusted)",
+    ),
     ("resolution", "resolution/report/ablation.csv", "the same comparison as a table (variant × label)"),
-    ("resolution", "resolution/report/auroc_vs_resolution.png", "test AUROC vs resolution with 95 % CIs, one panel "
-                                                                "per label: the fine-detail label (Nodule) gains"),
+    (
+        "resolution",
+        "resolution/report/auroc_vs_resolution.png",
+        "test AUROC vs resolution with 95 % CIs, one panel per label: the fine-detail label (Nodule) gains",
+    ),
     ("resolution", "resolution/report/runs.csv", "per run: micro-batch, images/s, s/epoch, peak memory"),
-    ("explain", "explain/index.html", "Grad-CAM overlays of member 1 on the test phantoms with a planted lesion, "
-                                      "with the predicted probability and the truth in each caption"),
-    ("explain", "explain/localisation.md", "the pointing game on the planted lesions: how often the heat-map peak "
-                                           "falls inside the box synth drew, against chance (box area / image)"),
+    (
+        "explain",
+        "explain/index.html",
+        "Grad-CAM overlays of member 1 on the test phantoms with a planted lesion, "
+        "with the predicted probability and the truth in each caption",
+    ),
+    (
+        "explain",
+        "explain/localisation.md",
+        "the pointing game on the planted lesions: how often the heat-map peak "
+        "falls inside the box synth drew, against chance (box area / image)",
+    ),
     ("explain", "explain/localisation.csv", "the same scores per label as a table"),
     ("gate", "runs/ood/ood_threshold.json", "the gate's threshold: a percentile of the real val images' scores"),
     ("export", "package/manifest.json", "the exported ONNX package (ensemble as one graph + gate), with sha256s"),
     ("export", "site/index.html", "the static browser page (open it through a local server, see README)"),
     ("ood", "ood/verdicts.md", "the exported gate's verdicts: real X-rays accepted, non-X-rays rejected (counts)"),
     ("ood", "ood/verdicts.csv", "every image's gate score and verdict"),
-    ("ood", "ood/images", "the images judged: held-out real X-rays, textures, digits, inverted and rotated X-rays, "
-                          "plots, screenshots, documents, photos, CT slices, limb radiographs, noise, checkerboards, "
-                          "colour blobs"),
-    ("predict", "predict/predictions.csv", "cxr-predict's table: calibrated probabilities, decisions at the tuned "
-                                           "operating points, the gate's verdict per DICOM study"),
+    (
+        "ood",
+        "ood/images",
+        "the images judged: held-out real X-rays, textures, digits, inverted and rotated X-rays, "
+        "plots, screenshots, documents, photos, CT slices, limb radiographs, noise, checkerboards, "
+        "colour blobs",
+    ),
+    (
+        "predict",
+        "predict/predictions.csv",
+        "cxr-predict's table: calibrated probabilities, decisions at the tuned "
+        "operating points, the gate's verdict per DICOM study",
+    ),
     ("predict", "predict/skipped.csv", "the files cxr-predict did not score, with the reason"),
     ("predict", "predict/studies", "the DICOM files (12-bit, MONOCHROME1/2, JPEG-lossless) made from real X-rays"),
     ("web", "web/results.json", "what the page said for each image (top calibrated findings, gate state)"),
 ]
+
+
 # ------------------------------------------------------------------ dicoms ---
 def cmd_dicoms(args) -> int:
     """Real X-rays as a modality would send them: 12-bit stored values (the 8-bit pixel × 16 plus low bits),
@@ -244,8 +327,14 @@ def cmd_dicoms(args) -> int:
             pixels = np.asarray(im.convert("L"), dtype=np.uint16)
         mono1 = i % 2 == 1
         stored = ((255 - pixels) if mono1 else pixels) * 16 + rng.integers(0, 16, pixels.shape, dtype=np.uint16)
-        data = dicom_bytes(stored, bits_stored=12, photometric="MONOCHROME1" if mono1 else "MONOCHROME2",
-                           syntax="jpeg-lossless" if i % 3 == 2 else "explicit", WindowCenter=2048, WindowWidth=4096)
+        data = dicom_bytes(
+            stored,
+            bits_stored=12,
+            photometric="MONOCHROME1" if mono1 else "MONOCHROME2",
+            syntax="jpeg-lossless" if i % 3 == 2 else "explicit",
+            WindowCenter=2048,
+            WindowWidth=4096,
+        )
         name = f"study{i:02d}" + ("" if i == 0 else ".dcm")
         (out / name).write_bytes(data)
     (out / "report.dcm").write_bytes(structured_report())
@@ -253,16 +342,18 @@ def cmd_dicoms(args) -> int:
     return 0
 
 
-TITLES = {"phantoms": "Phantom data: synthesize, split by patient, pack, verify",
-          "nih": "The real NIH sample: split and pack",
-          "ensemble": "Ensemble: two members trained with 2 processes each, evaluated together",
-          "resolution": "Resolution study on fine-detail phantoms",
-          "explain": "Explanations: Grad-CAM overlays and the pointing game",
-          "gate": "OOD gate: an autoencoder trained on real X-rays, threshold on validation",
-          "export": "Export: ONNX package and the browser page",
-          "ood": "OOD verdicts on real X-rays vs non-X-rays",
-          "predict": "cxr-predict on DICOM files converted from real X-rays",
-          "web": "The browser page in headless Chromium, on real X-rays"}
+TITLES = {
+    "phantoms": "Phantom data: synthesize, split by patient, pack, verify",
+    "nih": "The real NIH sample: split and pack",
+    "ensemble": "Ensemble: two members trained with 2 processes each, evaluated together",
+    "resolution": "Resolution study on fine-detail phantoms",
+    "explain": "Explanations: Grad-CAM overlays and the pointing game",
+    "gate": "OOD gate: an autoencoder trained on real X-rays, threshold on validation",
+    "export": "Export: ONNX package and the browser page",
+    "ood": "OOD verdicts on real X-rays vs non-X-rays",
+    "predict": "cxr-predict on DICOM files converted from real X-rays",
+    "web": "The browser page in headless Chromium, on real X-rays",
+}
 
 
 def _stages(demo: Path) -> list[dict]:
@@ -279,33 +370,49 @@ def _headline(demo: Path, name: str) -> str | None:
         if name == "ensemble":
             a = pd.read_csv(demo / "report" / "aucs.csv")
             mean = {m: g["auroc"].mean() for m, g in a[a["label"].isin(LABELS)].groupby("member")}
-            return ("Mean test AUROC over the labels: " + ", ".join(f"{m} {v:.3f}" for m, v in mean.items())
-                    + " (phantoms: the signatures are learnable by design).")
+            return (
+                "Mean test AUROC over the labels: "
+                + ", ".join(f"{m} {v:.3f}" for m, v in mean.items())
+                + " (phantoms: the signatures are learnable by design)."
+            )
         if name == "resolution":
             t = pd.read_csv(demo / "resolution" / "report" / "ablation.csv", dtype={"variant": str})
             nod = t[(t["label"] == "Nodule") & (t["variant"] != "ensemble of all")]
             top = nod.iloc[-1]
-            return ("Nodule (the fine-detail label) test AUROC by resolution: "
-                    + ", ".join(f"{r.variant} px {r.auroc:.3f}" for r in nod.itertuples())
-                    + f"; Δ at {top['variant']} px vs {top['reference']} px {top['delta']:+.3f}, "
-                    f"Holm-adjusted DeLong p {top['p_holm']:.3g}.")
+            return (
+                "Nodule (the fine-detail label) test AUROC by resolution: "
+                + ", ".join(f"{r.variant} px {r.auroc:.3f}" for r in nod.itertuples())
+                + f"; Δ at {top['variant']} px vs {top['reference']} px {top['delta']:+.3f}, "
+                f"Holm-adjusted DeLong p {top['p_holm']:.3g}."
+            )
         if name == "explain":
             pairs = pd.read_csv(demo / "explain" / "localisation_pairs.csv")
             run = json.loads((demo / "explain" / "runs.json").read_text())["runs"][0]
             empty = int(pairs["empty"].sum()) if "empty" in pairs else 0
-            return (f"Pointing game over {len(pairs)} (image, lesion) pairs, Grad-CAM on {run.get('layer')} "
-                    f"({run.get('map')} map): the peak is inside the box in {pairs['hit'].mean():.1%} of them; "
-                    f"a random peak would be in {pairs['chance'].mean():.1%}; {empty} map(s) were empty "
-                    "(zero everywhere: no evidence for the label, counted as misses).")
+            return (
+                f"Pointing game over {len(pairs)} (image, lesion) pairs, Grad-CAM on {run.get('layer')} "
+                f"({run.get('map')} map): the peak is inside the box in {pairs['hit'].mean():.1%} of them; "
+                f"a random peak would be in {pairs['chance'].mean():.1%}; {empty} map(s) were empty "
+                "(zero everywhere: no evidence for the label, counted as misses)."
+            )
         if name == "predict":
-            got, skipped = pd.read_csv(demo / "predict" / "predictions.csv"), pd.read_csv(demo / "predict" / "skipped.csv")
-            return (f"{len(got)} DICOM studies scored by the exported package ({(got['gate'] == 'rejected').sum()} "
-                    f"rejected by the gate, so no diagnosis); {len(skipped)} file(s) listed as skipped: "
-                    + "; ".join(f"{Path(f).name} ({r})" for f, r in zip(skipped['file'], skipped['reason'])) + ".")
+            got, skipped = (
+                pd.read_csv(demo / "predict" / "predictions.csv"),
+                pd.read_csv(demo / "predict" / "skipped.csv"),
+            )
+            return (
+                f"{len(got)} DICOM studies scored by the exported package ({(got['gate'] == 'rejected').sum()} "
+                f"rejected by the gate, so no diagnosis); {len(skipped)} file(s) listed as skipped: "
+                + "; ".join(f"{Path(f).name} ({r})" for f, r in zip(skipped["file"], skipped["reason"]))
+                + "."
+            )
         if name == "ood":
             c = pd.read_csv(demo / "ood" / "summary.csv")
-            return "Accepted / rejected: " + "; ".join(f"{r.category} {r.accepted} / {r.rejected}"
-                                                       for r in c.itertuples()) + "."
+            return (
+                "Accepted / rejected: "
+                + "; ".join(f"{r.category} {r.accepted} / {r.rejected}" for r in c.itertuples())
+                + "."
+            )
     except (OSError, KeyError, IndexError, ValueError):
         return None
     return None
@@ -318,51 +425,62 @@ def _link(demo: Path, rel: str, text: str) -> str:
 def cmd_index(args) -> int:
     demo = Path(args.demo)
     stages = _stages(demo)
-    parts = ["<!doctype html><meta charset=utf-8><title>cxr demo</title>",
-             "<style>body{font:15px/1.45 system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em}"
-             ".ok{color:#176b2c}.skipped{color:#8a6100}.failed{color:#b00020}.note{background:#fff4d6;"
-             "padding:.6em 1em;border-left:4px solid #e0a800}img{max-width:300px;margin:4px;border:1px solid #ccc}"
-             "</style>",
-             "<h1>cxr — the product tour (<code>make demo</code>)</h1>",
-             f'<p class="note">{html.escape(NOT_ACCURACY)}</p>']
+    parts = [
+        "<!doctype html><meta charset=utf-8><title>cxr demo</title>",
+        "<style>body{font:15px/1.45 system-ui,sans-serif;max-width:980px;margin:2em auto;padding:0 1em}"
+        ".ok{color:#176b2c}.skipped{color:#8a6100}.failed{color:#b00020}.note{background:#fff4d6;"
+        "padding:.6em 1em;border-left:4px solid #e0a800}img{max-width:300px;margin:4px;border:1px solid #ccc}"
+        "</style>",
+        "<h1>cxr — the product tour (<code>make demo</code>)</h1>",
+        f'<p class="note">{html.escape(NOT_ACCURACY)}</p>',
+    ]
     for st in stages:
         name = st["name"]
-        parts.append(f'<h2>{html.escape(TITLES.get(name, name))} <span class="{st["status"]}">'
-                     f'[{st["status"]}, {st["seconds"]} s, {st["cpu"]} CPU s]</span></h2>')
+        parts.append(
+            f'<h2>{html.escape(TITLES.get(name, name))} <span class="{st["status"]}">'
+            f"[{st['status']}, {st['seconds']} s, {st['cpu']} CPU s]</span></h2>"
+        )
         if st["status"] != "ok":
-            parts.append(f'<p class="{st["status"]}">{html.escape(st["status"].capitalize())}: '
-                         f'{html.escape(st["reason"])}</p>')
+            parts.append(
+                f'<p class="{st["status"]}">{html.escape(st["status"].capitalize())}: {html.escape(st["reason"])}</p>'
+            )
         headline = _headline(demo, name) if st["status"] == "ok" else None
         if headline:
             parts.append(f"<p>{html.escape(headline)}</p>")
-        items = [_link(demo, rel, text) for stage, rel, text in OUTPUTS
-                 if stage == name and (demo / rel).exists()]
+        items = [_link(demo, rel, text) for stage, rel, text in OUTPUTS if stage == name and (demo / rel).exists()]
         if name == "web" and (demo / "web" / "results.json").is_file():
             for r in json.loads((demo / "web" / "results.json").read_text())["results"]:
                 said = ", ".join(f"{t['label']} {t['calibrated']:.2f}" for t in r["top"]) or "no finding shown"
-                items.append(_link(demo, f"web/{r['screenshot']}",
-                                   f"the page on {r['image']}: {r['state']} ({said})"))
+                items.append(_link(demo, f"web/{r['screenshot']}", f"the page on {r['image']}: {r['state']} ({said})"))
         if items:
             parts.append("<ul>" + "".join(items) + "</ul>")
-        shots = [f"web/{r['screenshot']}" for r in json.loads((demo / "web" / "results.json").read_text())["results"]] \
-            if name == "web" and (demo / "web" / "results.json").is_file() else []
+        shots = (
+            [f"web/{r['screenshot']}" for r in json.loads((demo / "web" / "results.json").read_text())["results"]]
+            if name == "web" and (demo / "web" / "results.json").is_file()
+            else []
+        )
         if name == "resolution" and (demo / "resolution/report/auroc_vs_resolution.png").is_file():
             shots = ["resolution/report/auroc_vs_resolution.png"]
         parts += [f'<a href="{s}"><img src="{s}" alt="{s}"></a>' for s in shots]
     total = sum(s["seconds"] for s in stages) if args.total_s is None else args.total_s
     cpu = sum(s["cpu"] for s in stages)
     counts = {k: sum(s["status"] == k for s in stages) for k in ("ok", "skipped", "failed")}
-    parts.append(f"<p>{counts['ok']} stages ok, {counts['skipped']} skipped, {counts['failed']} failed; "
-                 f"{total} s in all ({cpu} CPU s of user + sys).</p>")
+    parts.append(
+        f"<p>{counts['ok']} stages ok, {counts['skipped']} skipped, {counts['failed']} failed; "
+        f"{total} s in all ({cpu} CPU s of user + sys).</p>"
+    )
     _write_text(demo / "index.html", "\n".join(parts) + "\n")
-    print(f"index: {demo}/index.html ({len(stages)} stages: {counts['ok']} ok, {counts['skipped']} skipped, "
-          f"{counts['failed']} failed)")
+    print(
+        f"index: {demo}/index.html ({len(stages)} stages: {counts['ok']} ok, {counts['skipped']} skipped, "
+        f"{counts['failed']} failed)"
+    )
     return 0
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="scripts/demo_tour.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="scripts/demo_tour.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     o = sub.add_parser("outliers", help="held-out real X-rays + non-X-rays into one folder (images.csv)")
     o.add_argument("--splits", required=True, help="the real images' splits table (its test split is used)")
@@ -388,8 +506,13 @@ def main(argv=None) -> int:
     i.add_argument("--demo", required=True)
     i.add_argument("--total-s", type=int, default=None)
     args = p.parse_args(argv)
-    return {"outliers": cmd_outliers, "verdicts": cmd_verdicts, "web": cmd_web, "dicoms": cmd_dicoms,
-            "index": cmd_index}[args.cmd](args)
+    return {
+        "outliers": cmd_outliers,
+        "verdicts": cmd_verdicts,
+        "web": cmd_web,
+        "dicoms": cmd_dicoms,
+        "index": cmd_index,
+    }[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 Each subcommand's implementation lives in its own module and is imported only
 when that subcommand runs (packing on a login node never imports torch).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,35 +35,59 @@ def _add_split(sub: argparse._SubParsersAction) -> None:
         "the 14 labels as 0/1, age, sex, view. No patient is ever in two splits.",
     )
     p.add_argument("--metadata", required=True, help="Data_Entry_2017[_v2020].csv[.gz]")
-    p.add_argument("--scheme", required=True, choices=["official", "stratified", "random"],
-                   help="official: NIH lists, val carved out of train_val by patient; "
-                   "stratified: label prevalence balanced over patients; random: seeded patient split")
+    p.add_argument(
+        "--scheme",
+        required=True,
+        choices=["official", "stratified", "random"],
+        help="official: NIH lists, val carved out of train_val by patient; "
+        "stratified: label prevalence balanced over patients; random: seeded patient split",
+    )
     p.add_argument("--out", required=True, help="output table, .parquet or .csv")
     p.add_argument("--train-val-list", help="train_val_list.txt[.gz] (official; default: beside --metadata)")
     p.add_argument("--test-list", help="test_list.txt[.gz] (official; default: beside --metadata)")
-    p.add_argument("--val-fraction", type=float, default=0.1,
-                   help="official: fraction of train_val patients moved to val (default 0.1)")
-    p.add_argument("--fractions", default=None,
-                   help="train,val,test fractions (stratified default 0.9,0.05,0.05; random 0.7,0.1,0.2)")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="official: fraction of train_val patients moved to val (default 0.1)",
+    )
+    p.add_argument(
+        "--fractions",
+        default=None,
+        help="train,val,test fractions (stratified default 0.9,0.05,0.05; random 0.7,0.1,0.2)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--with-no-finding", action="store_true",
-                   help="add a 'No Finding' column (1 when all 14 labels are 0)")
-    p.add_argument("--method", choices=["greedy", "iterstrat"], default="greedy",
-                   help="stratified only. greedy (default): largest patients first into the split whose "
-                   "per-label positive IMAGE counts fall furthest below target — near-equal image-level "
-                   "prevalence (≈0.01 pp mean per-label spread on NIH 90/5/5); iterstrat: iterative "
-                   "stratification (iterative-stratification package) of any-positive patient labels, which "
-                   "ignores how many images a patient has (1–184 on NIH) and so stays near a random split "
-                   "(≈0.46 vs 0.71 pp)")
-    p.add_argument("--restrict-to", nargs="+", default=None, metavar="SRC",
-                   help="keep only images present in these folders of PNGs (searched recursively), list "
-                   "files (one name per line) or NIH archives images_0NN.tar.gz (e.g. the 130-image "
-                   "sample); the split stays patient-level")
+    p.add_argument(
+        "--with-no-finding", action="store_true", help="add a 'No Finding' column (1 when all 14 labels are 0)"
+    )
+    p.add_argument(
+        "--method",
+        choices=["greedy", "iterstrat"],
+        default="greedy",
+        help="stratified only. greedy (default): largest patients first into the split whose "
+        "per-label positive IMAGE counts fall furthest below target — near-equal image-level "
+        "prevalence (≈0.01 pp mean per-label spread on NIH 90/5/5); iterstrat: iterative "
+        "stratification (iterative-stratification package) of any-positive patient labels, which "
+        "ignores how many images a patient has (1–184 on NIH) and so stays near a random split "
+        "(≈0.46 vs 0.71 pp)",
+    )
+    p.add_argument(
+        "--restrict-to",
+        nargs="+",
+        default=None,
+        metavar="SRC",
+        help="keep only images present in these folders of PNGs (searched recursively), list "
+        "files (one name per line) or NIH archives images_0NN.tar.gz (e.g. the 130-image "
+        "sample); the split stays patient-level",
+    )
 
 
 def _add_stats(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("stats", help="prevalence per label per split",
-                       description="Print positives, images and prevalence (%%) per label per split.")
+    p = sub.add_parser(
+        "stats",
+        help="prevalence per label per split",
+        description="Print positives, images and prevalence (%%) per label per split.",
+    )
     p.add_argument("splits", help="splits table written by `split` (.parquet or .csv)")
     p.add_argument("--format", choices=["table", "csv", "markdown"], default="table")
 
@@ -75,35 +100,61 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
         "Atomic writes; re-running resumes, skipping shards already complete.",
     )
     p.add_argument("--splits", required=True, help="splits table from `split`")
-    p.add_argument("--images", required=True, nargs="+",
-                   help="a folder of PNGs and/or NIH archives images_0NN.tar.gz (streamed, not extracted)")
+    p.add_argument(
+        "--images",
+        required=True,
+        nargs="+",
+        help="a folder of PNGs and/or NIH archives images_0NN.tar.gz (streamed, not extracted)",
+    )
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--codec", choices=["png", "jpeg", "j2k", "ljpeg"], default="png",
-                   help="png: original bytes, lossless (default), CPU decode only; ljpeg: lossless JPEG "
-                   "(members .ljpeg), meant for DALI GPU decode (untested on GPU), fast to pack; j2k: lossless JPEG 2000, "
-                   "GPU-decodable, slower to pack; jpeg: lossy (--quality). See the codec guide in README.md")
+    p.add_argument(
+        "--codec",
+        choices=["png", "jpeg", "j2k", "ljpeg"],
+        default="png",
+        help="png: original bytes, lossless (default), CPU decode only; ljpeg: lossless JPEG "
+        "(members .ljpeg), meant for DALI GPU decode (untested on GPU), fast to pack; j2k: lossless JPEG 2000, "
+        "GPU-decodable, slower to pack; jpeg: lossy (--quality). See the codec guide in README.md",
+    )
     p.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
-    p.add_argument("--resize", type=int, default=None,
-                   help="write derived N×N shards into OUT/resN/ (for lower-resolution training)")
+    p.add_argument(
+        "--resize",
+        type=int,
+        default=None,
+        help="write derived N×N shards into OUT/resN/ (for lower-resolution training)",
+    )
     p.add_argument("--shard-size-mb", type=float, default=1000.0, help="target shard size (default 1000)")
     p.add_argument("--workers", type=int, default=None, help="encode/read processes (default: CPU count)")
-    p.add_argument("--allow-missing", action="store_true",
-                   help="record images listed in the splits but absent in the manifest instead of failing")
-    p.add_argument("--allow-rejects", action="store_true",
-                   help="exit 0 even if some images were undecodable (they are recorded in the manifest)")
+    p.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="record images listed in the splits but absent in the manifest instead of failing",
+    )
+    p.add_argument(
+        "--allow-rejects",
+        action="store_true",
+        help="exit 0 even if some images were undecodable (they are recorded in the manifest)",
+    )
 
 
 def _add_verify(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("verify", help="re-read shards: checksums, counts, decode, labels",
-                       description="Exit 0 only if every shard matches the manifest, every image decodes "
-                       "and every label field matches its json.")
+    p = sub.add_parser(
+        "verify",
+        help="re-read shards: checksums, counts, decode, labels",
+        description="Exit 0 only if every shard matches the manifest, every image decodes "
+        "and every label field matches its json.",
+    )
     p.add_argument("dir", help="shards folder (with manifest.json)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
-    p.add_argument("--against", nargs="+", default=None, metavar="SRC",
-                   help="also compare every image's pixels with its source PNG in these folders or NIH archives "
-                   "(the --images of pack; archives are streamed once, not extracted), after the grey policy "
-                   "(resized with pack's Lanczos for derived shards): exact for png/ljpeg/j2k, mean |diff| <= 2 "
-                   "grey levels for jpeg")
+    p.add_argument(
+        "--against",
+        nargs="+",
+        default=None,
+        metavar="SRC",
+        help="also compare every image's pixels with its source PNG in these folders or NIH archives "
+        "(the --images of pack; archives are streamed once, not extracted), after the grey policy "
+        "(resized with pack's Lanczos for derived shards): exact for png/ljpeg/j2k, mean |diff| <= 2 "
+        "grey levels for jpeg",
+    )
 
 
 def _add_synth(sub: argparse._SubParsersAction) -> None:
@@ -118,16 +169,24 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, required=True, help="number of images")
     p.add_argument("--resolution", type=int, default=256, help="image side in pixels (default 256)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--metadata", default=None,
-                   help="real NIH metadata CSV: sample real images' label sets (keeping the NIH "
-                   "co-occurrence), reweighted so every label has ≥5%% prevalence; without it labels are "
-                   "independent draws with the same floor")
-    p.add_argument("--workers", type=int, default=None,
-                   help="processes (default: CPU count); the output bytes do not depend on it")
-    p.add_argument("--fine-detail", default=None, metavar="LABEL",
-                   help="draw LABEL as tiny bright nodules ~2 px wide at this resolution, which only "
-                   "survive at high resolution (for resolution studies); default: every label's "
-                   "usual signature")
+    p.add_argument(
+        "--metadata",
+        default=None,
+        help="real NIH metadata CSV: sample real images' label sets (keeping the NIH "
+        "co-occurrence), reweighted so every label has ≥5%% prevalence; without it labels are "
+        "independent draws with the same floor",
+    )
+    p.add_argument(
+        "--workers", type=int, default=None, help="processes (default: CPU count); the output bytes do not depend on it"
+    )
+    p.add_argument(
+        "--fine-detail",
+        default=None,
+        metavar="LABEL",
+        help="draw LABEL as tiny bright nodules ~2 px wide at this resolution, which only "
+        "survive at high resolution (for resolution studies); default: every label's "
+        "usual signature",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,8 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     _warn_if_shadowed()
     module = importlib.import_module(_COMMANDS[args.command])
     if Path(module.__file__).resolve().parent != _HERE:
-        raise CxrError(f"{module.__file__}: `{module.__name__}` is not cxr's ({_HERE}) — a folder named "
-                       "'shards' on the path shadows the package; run from another directory or use `cxr-shards`")
+        raise CxrError(
+            f"{module.__file__}: `{module.__name__}` is not cxr's ({_HERE}) — a folder named "
+            "'shards' on the path shadows the package; run from another directory or use `cxr-shards`"
+        )
     return module.run(args)
 
 
@@ -162,6 +223,9 @@ def _warn_if_shadowed() -> None:
     where = getattr(top, "__file__", None)
     if top is not None and (where is None or Path(where).resolve().parent != _HERE):
         shadow = next(iter(getattr(top, "__path__", [])), where)
-        print(f"warning: {shadow}: this folder shadows the cxr package 'shards' (from {_HERE}) in `python -m "
-              "shards`; it works, but use the `cxr-shards` command or another working directory",
-              file=sys.stderr, flush=True)
+        print(
+            f"warning: {shadow}: this folder shadows the cxr package 'shards' (from {_HERE}) in `python -m "
+            "shards`; it works, but use the `cxr-shards` command or another working directory",
+            file=sys.stderr,
+            flush=True,
+        )

@@ -15,6 +15,7 @@ This module owns the ``.idx`` files of a shards folder: pack and derive write th
 read them (:func:`read_index`), check them against their tar (:func:`index_mismatch`)
 and fall back to :func:`scan_tar` when one is absent or stale.
 """
+
 from __future__ import annotations
 
 import os
@@ -116,8 +117,10 @@ def scan_tar(tar: str | Path) -> list[Sample]:
         samples = members_from_tar(tar)
     except tarfile.TarError as err:
         raise CxrError(f"{tar}: not a readable tar ({err}) — re-pack this shard") from err
-    return [(Path(members[0][3]).name.partition(".")[0], {ext: (offset, size) for ext, offset, size, _ in members})
-            for members in samples]
+    return [
+        (Path(members[0][3]).name.partition(".")[0], {ext: (offset, size) for ext, offset, size, _ in members})
+        for members in samples
+    ]
 
 
 def index_mismatch(tar: Path, samples: list[Sample]) -> str | None:

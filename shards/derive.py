@@ -6,6 +6,7 @@ master, resized with Lanczos (antialiased) and re-encoded in the master's codec;
 the other members are copied, except that the .json's crc32 of the image is updated
 (format /2). A journal per folder makes this resumable too.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,9 +53,17 @@ def derive_shard(master_tar: str, out_dir: str, size: int, codec: str, quality: 
         sha = stream.finish()
     index = name[:-4] + ".idx"
     write_index(Path(out_dir) / index, stream.members)
-    return {"name": name, "split": name.rsplit("-", 1)[0], "index": index, "samples": len(keys),
-            "bytes": stream.offset, "sha256": sha, "keys": keys, "converted": [],
-            "sizes": {f"{size}x{size}": len(keys)}}
+    return {
+        "name": name,
+        "split": name.rsplit("-", 1)[0],
+        "index": index,
+        "samples": len(keys),
+        "bytes": stream.offset,
+        "sha256": sha,
+        "keys": keys,
+        "converted": [],
+        "sizes": {f"{size}x{size}": len(keys)},
+    }
 
 
 def _with_image_crc(data: bytes, image_ext: str, crc: int | None, where: str) -> bytes:
@@ -79,10 +88,13 @@ def derive_resized(out: Path, master: dict[str, Any], size: int, workers: int) -
     journal.entries = [e for e in journal.entries if sources.get(e["name"]) == e.get("source_sha256")]
     todo = [s for s in master["shards"] if s["name"] not in {e["name"] for e in journal.entries}]
     start = time.perf_counter()
-    with process_pool(workers) as pool, \
-            progress(total=sum(s["samples"] for s in todo), unit="img", desc=f"res{size}", mininterval=0.5) as bar:
-        futures = {pool.submit(derive_shard, str(Path(out) / s["name"]), str(res_dir), size, codec, quality): s
-                   for s in todo}
+    with (
+        process_pool(workers) as pool,
+        progress(total=sum(s["samples"] for s in todo), unit="img", desc=f"res{size}", mininterval=0.5) as bar,
+    ):
+        futures = {
+            pool.submit(derive_shard, str(Path(out) / s["name"]), str(res_dir), size, codec, quality): s for s in todo
+        }
         for future in as_completed(futures):
             entry = future.result()
             entry["source_sha256"] = futures[future]["sha256"]
@@ -92,18 +104,28 @@ def derive_resized(out: Path, master: dict[str, Any], size: int, workers: int) -
     write_manifest(res_dir, manifest)
     seconds = time.perf_counter() - start
     images = sum(s["samples"] for s in todo)
-    print(f"res{size}: {images} images in {seconds:.1f} s ({images / max(seconds, 1e-9):.0f} images/s), "
-          f"{len(master['shards']) - len(todo)} shards already derived; {len(manifest['shards'])} shards, "
-          f"{sum(s['bytes'] for s in manifest['shards']) / 1e9:.2f} GB → {res_dir}", flush=True)
+    print(
+        f"res{size}: {images} images in {seconds:.1f} s ({images / max(seconds, 1e-9):.0f} images/s), "
+        f"{len(master['shards']) - len(todo)} shards already derived; {len(manifest['shards'])} shards, "
+        f"{sum(s['bytes'] for s in manifest['shards']) / 1e9:.2f} GB → {res_dir}",
+        flush=True,
+    )
     return manifest
 
 
 def _derived_manifest(master: dict[str, Any], journal: Journal, size: int) -> dict[str, Any]:
     by_name = {e["name"]: e for e in journal.entries}
-    shards = [{**s, "bytes": by_name[s["name"]]["bytes"], "sha256": by_name[s["name"]]["sha256"]}
-              for s in master["shards"]]
+    shards = [
+        {**s, "bytes": by_name[s["name"]]["bytes"], "sha256": by_name[s["name"]]["sha256"]} for s in master["shards"]
+    ]
     sizes = Counter()
     for entry in journal.entries:
         sizes.update(entry["sizes"])
-    return {**master, "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "resolution": size, "derived": True, "shards": shards, "image_sizes": dict(sizes)}
+    return {
+        **master,
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "resolution": size,
+        "derived": True,
+        "shards": shards,
+        "image_sizes": dict(sizes),
+    }

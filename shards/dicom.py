@@ -24,6 +24,7 @@ the same loss a radiologist's 8-bit display makes, and the one NIH's PNGs alread
 De-identification: only ``ViewPosition``, ``PatientSex``, ``PatientAge`` and the pixel spacing
 are read as metadata (:class:`DicomImage`); no name, ID, date or institution leaves this module.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -74,8 +75,10 @@ def read_dicom(source: str | Path | bytes, name: str | None = None) -> DicomImag
     where = name or (str(source) if not isinstance(source, bytes) else "DICOM bytes")
     data = Path(source).read_bytes() if not isinstance(source, bytes) else source
     if not has_preamble(data):
-        raise CxrError(f"{where}: no DICOM preamble ('DICM' at byte 128) — not a DICOM Part 10 file; "
-                       "export it from the PACS as a DICOM file (or convert it to PNG)")
+        raise CxrError(
+            f"{where}: no DICOM preamble ('DICM' at byte 128) — not a DICOM Part 10 file; "
+            "export it from the PACS as a DICOM file (or convert it to PNG)"
+        )
     try:
         ds = pydicom.dcmread(BytesIO(data))
     except (InvalidDicomError, ValueError, EOFError, OSError) as err:
@@ -86,12 +89,20 @@ def read_dicom(source: str | Path | bytes, name: str | None = None) -> DicomImag
     except Exception as err:  # a missing decoder plugin, a damaged fragment …
         syntax = getattr(ds.file_meta, "TransferSyntaxUID", None)
         name_ = getattr(syntax, "name", syntax)
-        raise CxrError(f"{where}: pixel data do not decode ({type(err).__name__}: {err}; transfer syntax "
-                       f"{name_}) — install pydicom's decoder plugins (pip install pylibjpeg pylibjpeg-libjpeg) or re-export "
-                       "uncompressed") from None
+        raise CxrError(
+            f"{where}: pixel data do not decode ({type(err).__name__}: {err}; transfer syntax "
+            f"{name_}) — install pydicom's decoder plugins (pip install pylibjpeg pylibjpeg-libjpeg) or re-export "
+            "uncompressed"
+        ) from None
     pixels = voi_to_8bit(ds, stored)
-    return DicomImage(pixels=pixels, view=_text(ds, "ViewPosition"), sex=_text(ds, "PatientSex"),
-                      age=_age_years(ds), spacing_mm=_spacing(ds), voi=_voi_name(ds))
+    return DicomImage(
+        pixels=pixels,
+        view=_text(ds, "ViewPosition"),
+        sex=_text(ds, "PatientSex"),
+        age=_age_years(ds),
+        spacing_mm=_spacing(ds),
+        voi=_voi_name(ds),
+    )
 
 
 def _check_is_grey_radiograph(ds, where: str) -> None:
@@ -99,17 +110,23 @@ def _check_is_grey_radiograph(ds, where: str) -> None:
     if "PixelData" not in ds:
         kind = getattr(ds, "Modality", "?")
         sop = getattr(ds.get("SOPClassUID"), "name", ds.get("SOPClassUID", "?"))
-        raise CxrError(f"{where}: not an image (modality {kind}, {sop}: no pixel data) — pass the study's "
-                       "radiograph files, not its reports or presentation states")
+        raise CxrError(
+            f"{where}: not an image (modality {kind}, {sop}: no pixel data) — pass the study's "
+            "radiograph files, not its reports or presentation states"
+        )
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
-        raise CxrError(f"{where}: a multi-frame object ({frames} frames) — cxr reads single radiographs; "
-                       "export the frame you want as its own file")
+        raise CxrError(
+            f"{where}: a multi-frame object ({frames} frames) — cxr reads single radiographs; "
+            "export the frame you want as its own file"
+        )
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     if int(ds.get("SamplesPerPixel", 1)) != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise CxrError(f"{where}: photometric interpretation {photometric or '?'} with "
-                       f"{ds.get('SamplesPerPixel', '?')} samples per pixel — cxr reads grey radiographs "
-                       "(MONOCHROME1/2)")
+        raise CxrError(
+            f"{where}: photometric interpretation {photometric or '?'} with "
+            f"{ds.get('SamplesPerPixel', '?')} samples per pixel — cxr reads grey radiographs "
+            "(MONOCHROME1/2)"
+        )
 
 
 def voi_to_8bit(ds, stored: np.ndarray) -> np.ndarray:
@@ -166,8 +183,10 @@ def _voi_name(ds) -> str:
     if ds.get("VOILUTSequence"):
         return "VOI LUT sequence (first item)"
     if "WindowCenter" in ds and "WindowWidth" in ds:
-        return (f"window C={_first(ds.WindowCenter):g} W={_first(ds.WindowWidth):g} "
-                f"{str(ds.get('VOILUTFunction', 'LINEAR')).upper()}")
+        return (
+            f"window C={_first(ds.WindowCenter):g} W={_first(ds.WindowWidth):g} "
+            f"{str(ds.get('VOILUTFunction', 'LINEAR')).upper()}"
+        )
     return "min–max of the image (no window in the header)"
 
 

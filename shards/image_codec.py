@@ -11,6 +11,7 @@ whose three channels are equal and whose alpha is 255 everywhere are re-encoded
 as 8-bit grey with identical pixels. Everything else (unequal channels,
 transparency, 16-bit, 1/2/4-bit, palette, grey+alpha) is rejected with a reason.
 """
+
 from __future__ import annotations
 
 import io

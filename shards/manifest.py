@@ -5,6 +5,7 @@ shards, without per-sample checksums, are still read and verified). pack and der
 write it with :func:`write_manifest`; verify, the loaders (``cxr.data.shard_index``) and
 the evaluator read it with :func:`load_manifest`.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,20 @@ READ_FORMATS = ("cxr-shards/1", FORMAT)
 MANIFEST_NAME = "manifest.json"
 CODECS = ("png", "jpeg", "j2k", "ljpeg")
 _REQUIRED = {
-    "format": str, "package_version": str, "created": str, "codec": str, "derived": bool,
-    "source": list, "labels": list, "meta_fields": list, "meta_stats": dict,
-    "splits": dict, "shards": list, "missing": list, "rejected": list, "converted": list,
+    "format": str,
+    "package_version": str,
+    "created": str,
+    "codec": str,
+    "derived": bool,
+    "source": list,
+    "labels": list,
+    "meta_fields": list,
+    "meta_stats": dict,
+    "splits": dict,
+    "shards": list,
+    "missing": list,
+    "rejected": list,
+    "converted": list,
 }
 _SHARD_FIELDS = ("name", "split", "samples", "bytes", "sha256", "index")
 
@@ -66,6 +78,7 @@ def load_manifest(directory: str | Path) -> dict[str, Any]:
 
 def validate_manifest(manifest: Any, path: str | Path = MANIFEST_NAME) -> None:
     """Check fields, types and internal consistency (per-split counts add up to the shard list)."""
+
     def bad(what: str) -> CxrError:
         return CxrError(f"{path}: invalid shards manifest: {what} — re-run `python -m shards pack`")
 
@@ -86,9 +99,11 @@ def validate_manifest(manifest: Any, path: str | Path = MANIFEST_NAME) -> None:
             raise bad(f"shard entry {entry!r} lacks one of {_SHARD_FIELDS}")
         for field in ("name", "index"):
             if not is_plain_name(entry[field]):
-                raise CxrError(f"{path}: shard {field} {entry[field]!r} is not a file name in this folder — the "
-                               "loaders and verify open only files beside manifest.json; restore the manifest "
-                               "or re-run `python -m shards pack`")
+                raise CxrError(
+                    f"{path}: shard {field} {entry[field]!r} is not a file name in this folder — the "
+                    "loaders and verify open only files beside manifest.json; restore the manifest "
+                    "or re-run `python -m shards pack`"
+                )
     for split, stats in manifest["splits"].items():
         mine = [s for s in manifest["shards"] if s["split"] == split]
         if stats.get("samples") != sum(s["samples"] for s in mine) or stats.get("shards") != len(mine):
@@ -99,8 +114,14 @@ def is_plain_name(name: Any) -> bool:
     """A file name inside the shards folder: no folder part (``/``, ``\\``), not ``.``/``..``, not
     hidden, printable. Shard and index names are read from the manifest and joined to the folder;
     a name like ``../../etc/passwd`` would make the readers open files outside it."""
-    return (isinstance(name, str) and bool(name) and not name.startswith(".") and "/" not in name
-            and "\\" not in name and name.isprintable())
+    return (
+        isinstance(name, str)
+        and bool(name)
+        and not name.startswith(".")
+        and "/" not in name
+        and "\\" not in name
+        and name.isprintable()
+    )
 
 
 def has_checksums(manifest: dict[str, Any]) -> bool:
@@ -122,8 +143,9 @@ def _names(labels: list[str], total: int) -> str:
     return "every label" if len(labels) == total else ", ".join(labels)
 
 
-def split_warnings(samples_by_split: dict[str, int], positives_by_split: dict[str, dict[str, int]],
-                   where: str, val: str = "val") -> list[str]:
+def split_warnings(
+    samples_by_split: dict[str, int], positives_by_split: dict[str, dict[str, int]], where: str, val: str = "val"
+) -> list[str]:
     """Warnings about data too small or skewed for what it feeds, each ``"{where}: …"``:
     a train label without positives (its head only ever learns "absent"), and a validation
     split (``val``) smaller than MIN_VAL_IMAGES or with labels lacking a class (their AUROC is
@@ -133,28 +155,37 @@ def split_warnings(samples_by_split: dict[str, int], positives_by_split: dict[st
     if train and samples_by_split.get("train"):
         none, _ = label_gaps(samples_by_split["train"], train)
         if none:
-            out.append(f"{where}: split 'train' has no positive image of {_names(none, len(train))} "
-                       f"({len(none)} of {len(train)} labels) — those heads only learn 'absent' and their "
-                       "AUROC means nothing; add images with these findings or leave the labels out")
+            out.append(
+                f"{where}: split 'train' has no positive image of {_names(none, len(train))} "
+                f"({len(none)} of {len(train)} labels) — those heads only learn 'absent' and their "
+                "AUROC means nothing; add images with these findings or leave the labels out"
+            )
     pos, n = positives_by_split.get(val), samples_by_split.get(val)
     if pos is not None and n:
         none, every = label_gaps(n, pos)
         lacking = [name for name in pos if name in none or name in every]
         if n < MIN_VAL_IMAGES or lacking:
             what = [f"only {n} image(s)"] if n < MIN_VAL_IMAGES else []
-            gaps = [f"no {kind} image of {_names(names, len(pos))}" for kind, names in
-                    (("positive", none), ("negative", every)) if names]
+            gaps = [
+                f"no {kind} image of {_names(names, len(pos))}"
+                for kind, names in (("positive", none), ("negative", every))
+                if names
+            ]
             if lacking:
                 what.append(f"{'; '.join(gaps)} (AUROC undefined for {len(lacking)} of {len(pos)} labels)")
-            out.append(f"{where}: split '{val}' has {'; '.join(what)} — best-checkpoint selection and tuned "
-                       f"thresholds rest on it; re-split with a larger {val} fraction (≥ {MIN_VAL_IMAGES} images "
-                       "with every label present)")
+            out.append(
+                f"{where}: split '{val}' has {'; '.join(what)} — best-checkpoint selection and tuned "
+                f"thresholds rest on it; re-split with a larger {val} fraction (≥ {MIN_VAL_IMAGES} images "
+                "with every label present)"
+            )
     return out
 
 
 def manifest_warnings(manifest: dict[str, Any], path: str | Path) -> list[str]:
     """:func:`split_warnings` from a manifest's per-split counts."""
     splits = manifest.get("splits") or {}
-    return split_warnings({s: int(v.get("samples") or 0) for s, v in splits.items()},
-                          {s: dict(v.get("positives") or {}) for s, v in splits.items() if v.get("positives")},
-                          str(path))
+    return split_warnings(
+        {s: int(v.get("samples") or 0) for s, v in splits.items()},
+        {s: dict(v.get("positives") or {}) for s, v in splits.items() if v.get("positives")},
+        str(path),
+    )

@@ -5,6 +5,7 @@ image; everything downstream (splits, stats, pack) trusts that table. A generic
 labelled CSV (`image,label1[,label2...]`, optional `patient` column) is read by
 `read_labelled_csv` into the same table, with its own label names.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -52,7 +53,8 @@ def _first_bad(path: Path, raw: pd.DataFrame, bad: np.ndarray, column: str, expe
         i = int(np.flatnonzero(bad)[0])
         raise CxrError(
             f"{path}: line {_line(i)} ({raw['Image Index'].iloc[i]}): {column} "
-            f"'{raw[column].iloc[i]}' is not {expected} ({int(bad.sum())} such row(s)) — fix the CSV")
+            f"'{raw[column].iloc[i]}' is not {expected} ({int(bad.sum())} such row(s)) — fix the CSV"
+        )
 
 
 def _parse_labels(path: Path, raw: pd.DataFrame) -> np.ndarray:
@@ -63,29 +65,34 @@ def _parse_labels(path: Path, raw: pd.DataFrame) -> np.ndarray:
             out[i] = parse_findings(text)
         except ValueError as err:
             image = raw["Image Index"].iloc[i]
-            raise CxrError(f"{path}: line {_line(i)} ({image}): {err} — fix the label names "
-                           "(exact spelling of SPEC.md)") from err
+            raise CxrError(
+                f"{path}: line {_line(i)} ({image}): {err} — fix the label names (exact spelling of SPEC.md)"
+            ) from err
     return out
 
 
 def _parse_columns(path: Path, raw: pd.DataFrame) -> pd.DataFrame:
     image = raw["Image Index"].str.strip()
-    _first_bad(path, raw, ~image.str.fullmatch(r"[^/\\]+\.png").to_numpy(), "Image Index",
-               "a PNG file name")
+    _first_bad(path, raw, ~image.str.fullmatch(r"[^/\\]+\.png").to_numpy(), "Image Index", "a PNG file name")
     patient = pd.to_numeric(raw["Patient ID"].str.strip(), errors="coerce")
-    _first_bad(path, raw, (patient.isna() | (patient < 0) | (patient % 1 != 0)).to_numpy(),
-               "Patient ID", "a non-negative integer")
+    _first_bad(
+        path,
+        raw,
+        (patient.isna() | (patient < 0) | (patient % 1 != 0)).to_numpy(),
+        "Patient ID",
+        "a non-negative integer",
+    )
     # The first 2017 release wrote ages as '058Y'; later copies write plain years.
     age = pd.to_numeric(raw["Patient Age"].str.strip().str.removesuffix("Y"), errors="coerce")
-    _first_bad(path, raw, (age.isna() | (age < 0) | (age % 1 != 0)).to_numpy(),
-               "Patient Age", "whole years")
+    _first_bad(path, raw, (age.isna() | (age < 0) | (age % 1 != 0)).to_numpy(), "Patient Age", "whole years")
     sex_col = next(c for c in SEX_COLUMNS if c in raw.columns)
     sex = raw[sex_col].str.strip().str.upper()
     _first_bad(path, raw, ~sex.isin(["M", "F"]).to_numpy(), sex_col, "M or F")
     view = raw["View Position"].str.strip().str.upper()
     _first_bad(path, raw, ~view.isin(["PA", "AP"]).to_numpy(), "View Position", "PA or AP")
-    return pd.DataFrame({"image": image, "patient": patient.astype(np.int64),
-                         "age": age.astype(np.int64), "sex": sex, "view": view})
+    return pd.DataFrame(
+        {"image": image, "patient": patient.astype(np.int64), "age": age.astype(np.int64), "sex": sex, "view": view}
+    )
 
 
 def read_metadata(path: str | Path) -> pd.DataFrame:
@@ -109,14 +116,21 @@ def read_metadata(path: str | Path) -> pd.DataFrame:
         rows = np.flatnonzero(dup)
         first = table["image"].iloc[rows[0]]
         lines = [_line(i) for i in rows if table["image"].iloc[i] == first]
-        raise CxrError(f"{path}: image {first} appears on lines {lines} ({int(dup.sum())} rows "
-                       "share an id) — keep one row per image")
+        raise CxrError(
+            f"{path}: image {first} appears on lines {lines} ({int(dup.sum())} rows "
+            "share an id) — keep one row per image"
+        )
     # NIH names are PATIENT_FOLLOWUP.png and NIH guarantees PATIENT == Patient ID; a row that
     # disagrees (an edited CSV) would put one patient's images into two splits. Names of
     # another scheme are not checked.
     implied = nih_name_patient(table["image"].str.removesuffix(".png"))
-    _first_bad(path, raw, (implied.notna() & (implied != table["patient"])).to_numpy(), "Patient ID",
-               "the patient of its NIH image name (the name's first 8 digits)")
+    _first_bad(
+        path,
+        raw,
+        (implied.notna() & (implied != table["patient"])).to_numpy(),
+        "Patient ID",
+        "the patient of its NIH image name (the name's first 8 digits)",
+    )
     return table
 
 
@@ -152,27 +166,39 @@ def read_labelled_csv(path: str | Path) -> pd.DataFrame:
         raise CxrError(f"{path}: column(s) {reserved} are table fields, not labels — rename or drop them")
     image = raw["image"].str.strip()
     # a PNG or DICOM file name; DICOM exports are often extensionless (UIDs with dots), so any plain name
-    _first_bad(path, raw.rename(columns={"image": "Image Index"}), ~image.str.fullmatch(r"[^/\\]+").to_numpy(),
-               "Image Index", "a file name without folders (name.png, name.dcm or a DICOM's own name)")
+    _first_bad(
+        path,
+        raw.rename(columns={"image": "Image Index"}),
+        ~image.str.fullmatch(r"[^/\\]+").to_numpy(),
+        "Image Index",
+        "a file name without folders (name.png, name.dcm or a DICOM's own name)",
+    )
     if "patient" in raw.columns:
         patient = pd.to_numeric(raw["patient"].str.strip(), errors="coerce")
         bad = (patient.isna() | (patient < 0) | (patient % 1 != 0)).to_numpy()
         _first_bad(path, raw.rename(columns={"image": "Image Index"}), bad, "patient", "a non-negative integer")
     else:
         patient = pd.Series(np.arange(len(raw)))
-    table = pd.DataFrame({"image": image, "patient": patient.astype(np.int64),
-                          "age": pd.Series([None] * len(raw), dtype=object),
-                          "sex": pd.Series([None] * len(raw), dtype=object),
-                          "view": pd.Series([None] * len(raw), dtype=object)})
+    table = pd.DataFrame(
+        {
+            "image": image,
+            "patient": patient.astype(np.int64),
+            "age": pd.Series([None] * len(raw), dtype=object),
+            "sex": pd.Series([None] * len(raw), dtype=object),
+            "view": pd.Series([None] * len(raw), dtype=object),
+        }
+    )
     for name in names:
         value = raw[name].str.strip()
-        _first_bad(path, raw.rename(columns={"image": "Image Index"}), ~value.isin(["0", "1"]).to_numpy(),
-                   name, "0 or 1")
+        _first_bad(
+            path, raw.rename(columns={"image": "Image Index"}), ~value.isin(["0", "1"]).to_numpy(), name, "0 or 1"
+        )
         table[name] = value.astype(np.uint8)
     dup = table["image"].duplicated().to_numpy()
     if dup.any():
-        raise CxrError(f"{path}: image {table['image'].iloc[int(np.argmax(dup))]} appears twice "
-                       "— keep one row per image")
+        raise CxrError(
+            f"{path}: image {table['image'].iloc[int(np.argmax(dup))]} appears twice — keep one row per image"
+        )
     return table
 
 
@@ -189,8 +215,9 @@ def read_image_list(path: str | Path) -> list[str]:
         raise CxrError(f"{path}: unreadable list file ({err}) — pass a text file, one name per line") from err
     dup = pd.Series(names).duplicated()
     if dup.any():
-        raise CxrError(f"{path}: {int(dup.sum())} duplicate name(s), first {names[int(np.argmax(dup))]} "
-                       "— list each image once")
+        raise CxrError(
+            f"{path}: {int(dup.sum())} duplicate name(s), first {names[int(np.argmax(dup))]} — list each image once"
+        )
     return names
 
 
@@ -202,8 +229,10 @@ def _archive_members(path: Path) -> list[str]:
     """PNG member base names of a tar(.gz), streamed (no extraction, no seeking)."""
     names = []
     try:
-        with tarfile.open(path, mode="r|*") as tar, progress(desc=f"listing {path.name}", unit=" files",
-                                                       leave=False) as bar:
+        with (
+            tarfile.open(path, mode="r|*") as tar,
+            progress(desc=f"listing {path.name}", unit=" files", leave=False) as bar,
+        ):
             for member in tar:
                 if member.isfile() and member.name.endswith(".png"):
                     names.append(Path(member.name).name)

@@ -7,6 +7,7 @@ current shard in that order and rolls over at ``--shard-size-mb``. Each finished
 shard is renamed into place, gets its DALI index, and is recorded in the journal,
 so a killed pack resumes where it stopped and ends with the same shards.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,15 +42,33 @@ LOCK_NAME = ".pack.lock"
 
 def run(args: Any) -> int:
     """CLI entry: pack, print the summary; non-zero (via CxrError) on missing/rejected images."""
-    pack(args.splits, args.images, args.out, codec=args.codec, quality=args.quality, resize=args.resize,
-         shard_size_mb=args.shard_size_mb, workers=args.workers, allow_missing=args.allow_missing,
-         allow_rejects=args.allow_rejects)
+    pack(
+        args.splits,
+        args.images,
+        args.out,
+        codec=args.codec,
+        quality=args.quality,
+        resize=args.resize,
+        shard_size_mb=args.shard_size_mb,
+        workers=args.workers,
+        allow_missing=args.allow_missing,
+        allow_rejects=args.allow_rejects,
+    )
     return 0
 
 
-def pack(splits: Any, images: Sequence[str | Path], out: str | Path, codec: str = "png", quality: int = 95,
-         resize: int | None = None, shard_size_mb: float = 1000, workers: int | None = None,
-         allow_missing: bool = False, allow_rejects: bool = False) -> dict[str, Any]:
+def pack(
+    splits: Any,
+    images: Sequence[str | Path],
+    out: str | Path,
+    codec: str = "png",
+    quality: int = 95,
+    resize: int | None = None,
+    shard_size_mb: float = 1000,
+    workers: int | None = None,
+    allow_missing: bool = False,
+    allow_rejects: bool = False,
+) -> dict[str, Any]:
     """Pack the images listed in ``splits`` (path or DataFrame) into shards under ``out``.
 
     Returns the manifest (docs/shards-format.md). Raises CxrError on missing images
@@ -60,9 +79,14 @@ def pack(splits: Any, images: Sequence[str | Path], out: str | Path, codec: str 
     records, splits_file, splits_sha = read_splits(splits)
     sources = scan_sources(images)
     out = Path(out)
-    settings = {"format": FORMAT, "splits_sha256": splits_sha, "codec": codec,
-                "quality": quality if codec == "jpeg" else None, "shard_size_mb": shard_size_mb,
-                "source": sources.describe()}
+    settings = {
+        "format": FORMAT,
+        "splits_sha256": splits_sha,
+        "codec": codec,
+        "quality": quality if codec == "jpeg" else None,
+        "shard_size_mb": shard_size_mb,
+        "source": sources.describe(),
+    }
     workers = workers or os.cpu_count() or 1
     with _exclusive(out):
         journal = Journal(out, settings)
@@ -79,8 +103,10 @@ def pack(splits: Any, images: Sequence[str | Path], out: str | Path, codec: str 
             derive_resized(out, manifest, resize, workers)
     if manifest["rejected"] and not allow_rejects:
         first = "; ".join(f"{r['image']}: {r['reason']}" for r in manifest["rejected"][:3])
-        raise CxrError(f"{out / 'manifest.json'}: {len(manifest['rejected'])} images rejected ({first}) "
-                       "— they are listed under 'rejected'; fix them or pass --allow-rejects")
+        raise CxrError(
+            f"{out / 'manifest.json'}: {len(manifest['rejected'])} images rejected ({first}) "
+            "— they are listed under 'rejected'; fix them or pass --allow-rejects"
+        )
     return manifest
 
 
@@ -99,9 +125,12 @@ def _check_options(codec: str, quality: int, resize: int | None, shard_size_mb: 
 def _exclusive(out: Path) -> Iterator[None]:
     """Hold OUT/.pack.lock (cxrbase.lock, which names its holder) so two packs never write one
     folder; then clear stale temp files."""
-    lock = FolderLock(out, out / LOCK_NAME,
-                      busy="another pack ({who}) is writing to this folder — wait for it or use another --out",
-                      unwritable=None)
+    lock = FolderLock(
+        out,
+        out / LOCK_NAME,
+        busy="another pack ({who}) is writing to this folder — wait for it or use another --out",
+        unwritable=None,
+    )
     with lock:
         if lock.stale:
             print(f"warning: {lock.stale}", file=sys.stderr)
@@ -123,10 +152,12 @@ class _RunStats:
         total_bytes = sum(e["bytes"] for e in journal.entries)
         converted = sum(len(e["converted"]) for e in journal.entries)
         rate = max(self.seconds, 1e-9)
-        return (f"pack: {self.images} images in {self.seconds:.1f} s ({self.images / rate:.0f} images/s, "
-                f"{self.bytes_in / rate / 1e6:.0f} MB/s read), {self.skipped} already packed; "
-                f"{len(journal.entries)} shards, {total_bytes / 1e9:.2f} GB; rejected {len(self.rejected)}, "
-                f"missing {len(self.missing)}, converted {converted} → {out}")
+        return (
+            f"pack: {self.images} images in {self.seconds:.1f} s ({self.images / rate:.0f} images/s, "
+            f"{self.bytes_in / rate / 1e6:.0f} MB/s read), {self.skipped} already packed; "
+            f"{len(journal.entries)} shards, {total_bytes / 1e9:.2f} GB; rejected {len(self.rejected)}, "
+            f"missing {len(self.missing)}, converted {converted} → {out}"
+        )
 
 
 class _SplitWriter:
@@ -172,9 +203,19 @@ class _SplitWriter:
         sha = self.stream.finish()
         self._stack.close()  # fsync + rename to the final name
         write_index(self.out / f"{self.name}.idx", self.stream.members)
-        self.journal.add({"name": f"{self.name}.tar", "split": self.split, "index": f"{self.name}.idx",
-                          "samples": len(self.keys), "bytes": self.stream.offset, "sha256": sha,
-                          "keys": self.keys, "converted": self.converted, "sizes": dict(self.sizes)})
+        self.journal.add(
+            {
+                "name": f"{self.name}.tar",
+                "split": self.split,
+                "index": f"{self.name}.idx",
+                "samples": len(self.keys),
+                "bytes": self.stream.offset,
+                "sha256": sha,
+                "keys": self.keys,
+                "converted": self.converted,
+                "sizes": dict(self.sizes),
+            }
+        )
         self.index += 1
         self._stack = None
         self._reset()
@@ -212,8 +253,10 @@ class _Packer:
         work = partial(prepare_image, codec=self.codec, quality=self.quality)
         start = time.perf_counter()
         try:
-            with _executor(self.codec, self.workers) as pool, \
-                    progress(total=len(by_key.keys() - done), unit="img", desc="pack", mininterval=0.5) as bar:
+            with (
+                _executor(self.codec, self.workers) as pool,
+                progress(total=len(by_key.keys() - done), unit="img", desc="pack", mininterval=0.5) as bar,
+            ):
                 for prepared in _ordered(pool, work, tasks, ahead=4 * self.workers + 4):
                     bar.update(1)
                     stats.images += 1
@@ -246,8 +289,10 @@ def list_archives(sources: Sources) -> set[str]:
             for key, name, _ in iter_archive(archive, lambda key: False):
                 previous = seen.get(key) or (str(sources.files[key]) if key in sources.files else None)
                 if previous:
-                    raise CxrError(f"{archive}:{name}: duplicate image id {key!r}, also at {previous} "
-                                   "— pass each image once (remove the extra copy or source)")
+                    raise CxrError(
+                        f"{archive}:{name}: duplicate image id {key!r}, also at {previous} "
+                        "— pass each image once (remove the extra copy or source)"
+                    )
                 seen[key] = f"{archive}:{name}"
             bar.update(1)
     return set(seen)
@@ -256,15 +301,18 @@ def list_archives(sources: Sources) -> set[str]:
 def _check_missing(missing: list[str], allow_missing: bool, sources: Sources) -> None:
     if missing and not allow_missing:
         where = " ".join(sources.describe())
-        raise CxrError(f"{where}: {len(missing)} images listed in the splits table are absent "
-                       f"(first: {', '.join(missing[:5])}) — for a partial download, split only what you have: "
-                       f"`cxr-shards split --metadata CSV --scheme SCHEME --restrict-to {where} --out NEW.parquet`, "
-                       "then pack with --splits NEW.parquet; or add the images, or pass --allow-missing to "
-                       "record them in the manifest (the splits then lose those images' labels)")
+        raise CxrError(
+            f"{where}: {len(missing)} images listed in the splits table are absent "
+            f"(first: {', '.join(missing[:5])}) — for a partial download, split only what you have: "
+            f"`cxr-shards split --metadata CSV --scheme SCHEME --restrict-to {where} --out NEW.parquet`, "
+            "then pack with --splits NEW.parquet; or add the images, or pass --allow-missing to "
+            "record them in the manifest (the splits then lose those images' labels)"
+        )
 
 
-def _plan(records: list[Record], sources: Sources, done: set[str], found: dict[str, str]) \
-        -> Iterator[tuple[str, Path | bytes]]:
+def _plan(
+    records: list[Record], sources: Sources, done: set[str], found: dict[str, str]
+) -> Iterator[tuple[str, Path | bytes]]:
     """(key, path or bytes) in packing order; fills ``found`` (key → where) as it goes.
 
     Folder images come first in splits-table order, then archive members in archive
@@ -279,6 +327,7 @@ def _plan(records: list[Record], sources: Sources, done: set[str], found: dict[s
     wanted = {r.key for r in records}
     seen: dict[str, str] = {}
     for archive in sources.archives:
+
         def want(key: str) -> bool:
             return key in wanted and key not in done and key not in sources.files and key not in seen
 
@@ -286,8 +335,10 @@ def _plan(records: list[Record], sources: Sources, done: set[str], found: dict[s
             where = f"{archive}:{name}"
             previous = seen.get(key) or (str(sources.files[key]) if key in sources.files else None)
             if previous:
-                raise CxrError(f"{where}: duplicate image id {key!r}, also at {previous} "
-                               "— pass each image once (remove the extra copy or source)")
+                raise CxrError(
+                    f"{where}: duplicate image id {key!r}, also at {previous} "
+                    "— pass each image once (remove the extra copy or source)"
+                )
             seen[key] = where
             if key in wanted:
                 found[key] = where
@@ -319,8 +370,9 @@ def _ordered(pool: Executor, fn: Callable[..., Prepared], tasks: Iterable[tuple]
             future.cancel()
 
 
-def _manifest(records: list[Record], journal: Journal, stats: _RunStats, settings: dict[str, Any],
-              splits_file: str | None) -> dict[str, Any]:
+def _manifest(
+    records: list[Record], journal: Journal, stats: _RunStats, settings: dict[str, Any], splits_file: str | None
+) -> dict[str, Any]:
     entries = sorted(journal.entries, key=lambda e: (SPLITS.index(e["split"]), e["name"]))
     packed = journal.done_keys()
     packed_records = [r for r in records if r.key in packed]
@@ -328,11 +380,19 @@ def _manifest(records: list[Record], journal: Journal, stats: _RunStats, setting
     for entry in entries:
         sizes.update(entry["sizes"])
     return {
-        "format": FORMAT, "package_version": package_version(),
+        "format": FORMAT,
+        "package_version": package_version(),
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "codec": settings["codec"], "quality": settings["quality"], "resolution": None, "derived": False,
-        "source": settings["source"], "splits_file": splits_file, "splits_sha256": settings["splits_sha256"],
-        "labels": list(records[0].names if records else LABELS), "meta_fields": list(META_FIELDS), "meta_stats": meta_stats(packed_records),
+        "codec": settings["codec"],
+        "quality": settings["quality"],
+        "resolution": None,
+        "derived": False,
+        "source": settings["source"],
+        "splits_file": splits_file,
+        "splits_sha256": settings["splits_sha256"],
+        "labels": list(records[0].names if records else LABELS),
+        "meta_fields": list(META_FIELDS),
+        "meta_stats": meta_stats(packed_records),
         "splits": split_summary(packed_records, Counter(e["split"] for e in entries)),
         "shards": [{k: e[k] for k in ("name", "split", "samples", "bytes", "sha256", "index")} for e in entries],
         "image_sizes": dict(sorted(sizes.items())),

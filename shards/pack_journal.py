@@ -6,6 +6,7 @@ converted, sizes). It is rewritten atomically after every shard. A re-run with t
 same settings keeps the entries whose file still has the recorded size and sha256
 and skips their images entirely.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,8 +52,10 @@ class Journal:
         except (IndexError, json.JSONDecodeError):
             raise CxrError(f"{self.path}: unreadable pack journal — delete it to re-pack from scratch") from None
         if head.get("settings") != self.settings:
-            raise CxrError(f"{self.path}: this folder was packed with other settings ({head.get('settings')}) "
-                           "— use a new --out folder, or delete the folder to re-pack")
+            raise CxrError(
+                f"{self.path}: this folder was packed with other settings ({head.get('settings')}) "
+                "— use a new --out folder, or delete the folder to re-pack"
+            )
         kept, broken = [], set()
         for entry in entries:
             split = entry["split"]

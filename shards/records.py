@@ -4,6 +4,7 @@
 `.id` the key NUL-padded to 32 bytes, `.json` the readable record — see
 docs/shards-format.md. Also the per-split statistics that go into the manifest.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -67,15 +68,21 @@ def labels_bytes(labels: Iterable[int]) -> bytes:
 
 def meta_vector(age: float | None, sex: str | None, view: str | None) -> np.ndarray:
     """[age (NaN when unknown), sex_M, sex_F, view_PA, view_AP] as float32 (labels.META_FIELDS order)."""
-    return np.array([np.nan if age is None else age, sex == "M", sex == "F", view == "PA", view == "AP"],
-                    dtype="<f4")
+    return np.array([np.nan if age is None else age, sex == "M", sex == "F", view == "PA", view == "AP"], dtype="<f4")
 
 
 def record_json(rec: Record) -> dict[str, Any]:
     age = None if rec.age is None else (int(rec.age) if float(rec.age).is_integer() else rec.age)
-    return {"image": rec.image, "patient": rec.patient, "split": rec.split, "labels": list(rec.labels),
-            "findings": [name for name, y in zip(rec.names, rec.labels) if y], "age": age,
-            "sex": rec.sex, "view": rec.view}
+    return {
+        "image": rec.image,
+        "patient": rec.patient,
+        "split": rec.split,
+        "labels": list(rec.labels),
+        "findings": [name for name, y in zip(rec.names, rec.labels) if y],
+        "age": age,
+        "sex": rec.sex,
+        "view": rec.view,
+    }
 
 
 def sample_members(rec: Record, ext: str, image: bytes) -> list[tuple[str, bytes]]:
@@ -150,8 +157,10 @@ def read_splits(splits: Any) -> tuple[list[Record], str | None, str]:
         try:
             frame = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
         except Exception as err:  # pyarrow/pandas raise many types for a corrupt or empty file
-            raise CxrError(f"{path}: unreadable splits table ({type(err).__name__}: {err}) "
-                           "— re-write it with `python -m shards split`") from None
+            raise CxrError(
+                f"{path}: unreadable splits table ({type(err).__name__}: {err}) "
+                "— re-write it with `python -m shards split`"
+            ) from None
         name, digest, where = str(path.resolve()), _file_sha256(path), str(path)
     records = _records(frame, where)
     check_patients(records, where)
@@ -167,8 +176,11 @@ def read_table(path: str | Path) -> Any:
     if not path.is_file():
         raise CxrError(f"{path}: splits table not found — write it with `python -m shards split`")
     try:
-        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(
-            path, dtype={"image": str, "split": str, "sex": str, "view": str})
+        table = (
+            pd.read_parquet(path)
+            if path.suffix == ".parquet"
+            else pd.read_csv(path, dtype={"image": str, "split": str, "sex": str, "view": str})
+        )
     except Exception as err:  # pyarrow/pandas raise many types for a corrupt file
         raise CxrError(f"{path}: unreadable splits table ({err}) — re-run `python -m shards split`") from err
     names = table_labels(table.columns)
@@ -202,14 +214,17 @@ def _records(frame: Any, where: str) -> list[Record]:
         if mask.any():
             rows = list(frame.index[mask][:5])
             names = list(frame.loc[mask, "image"].astype(str)[:5])
-            raise CxrError(f"{where}: {int(mask.sum())} rows with {what} (first rows {rows}: {names}) "
-                           "— fix the splits table")
+            raise CxrError(
+                f"{where}: {int(mask.sum())} rows with {what} (first rows {rows}: {names}) — fix the splits table"
+            )
 
     images = frame["image"].astype(str)
     keys = images.map(image_key)
     fail(keys.duplicated(keep=False), "a duplicate image id")
-    fail(keys.map(lambda k: not k.isascii() or len(k) > ID_BYTES or "/" in k or "." in k),
-         f"an image id that is not ASCII, contains '/' or '.', or is longer than {ID_BYTES} bytes")
+    fail(
+        keys.map(lambda k: not k.isascii() or len(k) > ID_BYTES or "/" in k or "." in k),
+        f"an image id that is not ASCII, contains '/' or '.', or is longer than {ID_BYTES} bytes",
+    )
     fail(~frame["split"].isin(SPLITS), f"a split not in {SPLITS}")
     labels = frame[names].apply(pd.to_numeric, errors="coerce")
     fail(~labels.isin([0, 1]).all(axis=1), "a label value other than 0/1")
@@ -221,10 +236,20 @@ def _records(frame: Any, where: str) -> list[Record]:
     fail(~(frame["view"].isin(VIEWS) | frame["view"].isna()), f"a view not in {VIEWS}")
     label_rows = labels.astype(int).to_numpy()
     return [
-        Record(k, img, int(p), s, tuple(int(v) for v in lab), None if math.isnan(a) else float(a),
-               sx if isinstance(sx, str) else None, vw if isinstance(vw, str) else None, tuple(names))
-        for k, img, p, s, lab, a, sx, vw in zip(keys, images, patient, frame["split"], label_rows,
-                                                 age.astype(float), frame["sex"], frame["view"])
+        Record(
+            k,
+            img,
+            int(p),
+            s,
+            tuple(int(v) for v in lab),
+            None if math.isnan(a) else float(a),
+            sx if isinstance(sx, str) else None,
+            vw if isinstance(vw, str) else None,
+            tuple(names),
+        )
+        for k, img, p, s, lab, a, sx, vw in zip(
+            keys, images, patient, frame["split"], label_rows, age.astype(float), frame["sex"], frame["view"]
+        )
     ]
 
 
@@ -266,18 +291,24 @@ def check_patients(records: Sequence[Record], where: str) -> None:
 
     leaks = patient_leaks(records)
     if leaks:
-        raise CxrError(f"{where}: {len(leaks)} patient(s) have images in more than one split "
-                       f"({describe_leaks(leaks)}) — every image of a patient must be in one split; "
-                       "re-split with `python -m shards split`")
+        raise CxrError(
+            f"{where}: {len(leaks)} patient(s) have images in more than one split "
+            f"({describe_leaks(leaks)}) — every image of a patient must be in one split; "
+            "re-split with `python -m shards split`"
+        )
     keys = pd.Series([r.key for r in records], dtype=object)
     implied = nih_name_patient(keys)
     patients = pd.Series([r.patient for r in records])
     odd = (implied.notna() & (implied != patients)).to_numpy()
     if odd.any():
         first = [f"{keys[i]} (patient {patients[i]})" for i in np.flatnonzero(odd)[:5]]
-        print(f"warning: {where}: {int(odd.sum())} NIH-named image(s) whose patient differs from the name's "
-              f"first 8 digits, first {first} — NIH names are PATIENT_FOLLOWUP; the split is only "
-              "patient-level if the patient column is right", file=sys.stderr, flush=True)
+        print(
+            f"warning: {where}: {int(odd.sum())} NIH-named image(s) whose patient differs from the name's "
+            f"first 8 digits, first {first} — NIH names are PATIENT_FOLLOWUP; the split is only "
+            "patient-level if the patient column is right",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def split_summary(records: Sequence[Record], shards_per_split: dict[str, int]) -> dict[str, Any]:
@@ -292,8 +323,9 @@ def split_summary(records: Sequence[Record], shards_per_split: dict[str, int]) -
             "patients": len({r.patient for r in mine}),
             "shards": shards_per_split.get(split, 0),
             "positives": {name: int(n) for name, n in zip(names, positives)},
-            "prevalence": {name: (round(float(n) / len(mine), 6) if mine else None)
-                           for name, n in zip(names, positives)},
+            "prevalence": {
+                name: (round(float(n) / len(mine), 6) if mine else None) for name, n in zip(names, positives)
+            },
         }
     return summary
 
@@ -304,4 +336,3 @@ def meta_stats(records: Iterable[Record]) -> dict[str, float | None]:
     if ages.size == 0:
         return {"age_mean": None, "age_std": None}
     return {"age_mean": round(float(ages.mean()), 6), "age_std": round(float(ages.std()), 6)}
-

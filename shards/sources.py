@@ -6,6 +6,7 @@ DICOM (bytes 128…131 "DICM": PACS exports without names), so an extracted NIH 
 tarfile's `r|*` mode — never extracted, never seeked — so its members come in
 archive order. An image's key is its file name without extension.
 """
+
 from __future__ import annotations
 
 import os
@@ -49,16 +50,20 @@ def scan_sources(paths: Sequence[str | Path]) -> Sources:
             sources.roots.append(path)
             for key, file in _walk_images(path):
                 if key in sources.files:
-                    raise CxrError(f"{file}: duplicate image id {key!r}, also at {sources.files[key]} "
-                                   "— remove one copy or pass only one of the folders")
+                    raise CxrError(
+                        f"{file}: duplicate image id {key!r}, also at {sources.files[key]} "
+                        "— remove one copy or pass only one of the folders"
+                    )
                 sources.files[key] = file
         elif path.is_file() and is_archive(path):
             if path in sources.archives:
                 raise CxrError(f"{path}: archive given twice — pass each archive once")
             sources.archives.append(path)
         elif path.exists():
-            raise CxrError(f"{path}: not a folder of PNGs/DICOMs nor an archive ({', '.join(ARCHIVE_SUFFIXES)}) "
-                           "— pass a folder or NIH images_0NN.tar.gz files")
+            raise CxrError(
+                f"{path}: not a folder of PNGs/DICOMs nor an archive ({', '.join(ARCHIVE_SUFFIXES)}) "
+                "— pass a folder or NIH images_0NN.tar.gz files"
+            )
         else:
             raise CxrError(f"{path}: image source does not exist — check the --images path")
     return sources
@@ -95,5 +100,7 @@ def iter_archive(path: Path, want: Callable[[str], bool]) -> Iterator[tuple[str,
                 data = tar.extractfile(member).read() if want(key) else None
                 yield key, name, data
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
-        raise CxrError(f"{path}: corrupt or truncated archive ({type(err).__name__}: {err}) "
-                       "— re-download it or check it with `gzip -t`") from None
+        raise CxrError(
+            f"{path}: corrupt or truncated archive ({type(err).__name__}: {err}) "
+            "— re-download it or check it with `gzip -t`"
+        ) from None

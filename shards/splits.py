@@ -15,6 +15,7 @@ Stratified methods:
 - `iterstrat`: multi-label iterative stratification (iterative-stratification
   package) over patients with any-positive patient labels; kept for comparison.
 """
+
 from __future__ import annotations
 
 import sys
@@ -32,7 +33,15 @@ from shards.records import SPLITS
 from shards.stats import format_prevalence, label_spread, prevalence_table
 
 DEFAULT_FRACTIONS = {"stratified": (0.9, 0.05, 0.05), "random": (0.7, 0.1, 0.2)}
-TABLE_COLUMNS = ("image", "patient", "split", *LABELS, "age", "sex", "view")  # an NIH table; a generic one has its own labels
+TABLE_COLUMNS = (
+    "image",
+    "patient",
+    "split",
+    *LABELS,
+    "age",
+    "sex",
+    "view",
+)  # an NIH table; a generic one has its own labels
 
 
 def parse_fractions(text: str | None, default: tuple[float, float, float]) -> np.ndarray:
@@ -44,8 +53,10 @@ def parse_fractions(text: str | None, default: tuple[float, float, float]) -> np
     except ValueError as err:
         raise CxrError(f"--fractions '{text}': not numbers — write e.g. 0.9,0.05,0.05") from err
     if values.size != 3 or (values < 0).any() or abs(values.sum() - 1) > 1e-6 or values[0] <= 0:
-        raise CxrError(f"--fractions '{text}': need three train,val,test fractions ≥ 0 summing to 1 "
-                       "with train > 0 — e.g. 0.9,0.05,0.05")
+        raise CxrError(
+            f"--fractions '{text}': need three train,val,test fractions ≥ 0 summing to 1 "
+            "with train > 0 — e.g. 0.9,0.05,0.05"
+        )
     return values
 
 
@@ -119,9 +130,15 @@ def _names_error(where: str, names: list[str], fix: str) -> CxrError:
     return CxrError(f"{where}: {len(names):,} image(s), first {names[:5]} — {fix}")
 
 
-def official_split(meta: pd.DataFrame, train_val: list[str], test: list[str], val_fraction: float,
-                   seed: int, restricted: bool, lists: tuple[str, str] = ("train_val list", "test list")) \
-        -> np.ndarray:
+def official_split(
+    meta: pd.DataFrame,
+    train_val: list[str],
+    test: list[str],
+    val_fraction: float,
+    seed: int,
+    restricted: bool,
+    lists: tuple[str, str] = ("train_val list", "test list"),
+) -> np.ndarray:
     """Split name per image from the NIH lists; val = seeded `val_fraction` of train_val patients.
 
     Unless `restricted`, every list name must be in the metadata; always, every
@@ -157,11 +174,15 @@ def _check_lists_patient_level(meta: pd.DataFrame, is_test: np.ndarray, lists: t
         shown = []
         for p in both[:3]:
             mine = meta["patient"].to_numpy() == p
-            shown.append(f"patient {p}: {lists[0]} {meta['image'][mine & ~is_test].tolist()[:4]}, "
-                         f"{lists[1]} {meta['image'][mine & is_test].tolist()[:4]}")
-        raise CxrError(f"{lists[0]} and {lists[1]}: {both.size:,} patient(s) have images in both lists "
-                       f"({'; '.join(shown)}) — the lists are not patient-level; use the official NIH lists "
-                       "of the same release or move each patient's images into one list")
+            shown.append(
+                f"patient {p}: {lists[0]} {meta['image'][mine & ~is_test].tolist()[:4]}, "
+                f"{lists[1]} {meta['image'][mine & is_test].tolist()[:4]}"
+            )
+        raise CxrError(
+            f"{lists[0]} and {lists[1]}: {both.size:,} patient(s) have images in both lists "
+            f"({'; '.join(shown)}) — the lists are not patient-level; use the official NIH lists "
+            "of the same release or move each patient's images into one list"
+        )
 
 
 def check_patient_disjoint(table: pd.DataFrame) -> None:
@@ -169,12 +190,15 @@ def check_patient_disjoint(table: pd.DataFrame) -> None:
     per_patient = table.groupby("patient")["split"].nunique()
     leaked = per_patient.index[per_patient > 1].tolist()
     if leaked:
-        raise CxrError(f"{len(leaked):,} patient(s) in more than one split, first {leaked[:5]} "
-                       "— splits must be patient-level; this is a bug, please report it")
+        raise CxrError(
+            f"{len(leaked):,} patient(s) in more than one split, first {leaked[:5]} "
+            "— splits must be patient-level; this is a bug, please report it"
+        )
 
 
-def assign_by_patient(meta: pd.DataFrame, scheme: str, fractions: np.ndarray, seed: int,
-                      method: str = "greedy") -> np.ndarray:
+def assign_by_patient(
+    meta: pd.DataFrame, scheme: str, fractions: np.ndarray, seed: int, method: str = "greedy"
+) -> np.ndarray:
     """Split name per image for the patient-level `stratified` / `random` schemes."""
     ids, counts = patient_counts(meta)
     if scheme == "random":
@@ -219,11 +243,14 @@ def _load(args) -> tuple[pd.DataFrame, bool]:
     available = read_image_inventory(args.restrict_to)
     keep = meta["image"].isin(available)
     if not keep.any():
-        raise CxrError(f"{args.restrict_to}: none of its {len(available):,} images is in "
-                       f"{args.metadata} — check the names")
+        raise CxrError(
+            f"{args.restrict_to}: none of its {len(available):,} images is in {args.metadata} — check the names"
+        )
     extra = len(available - set(meta["image"]))
-    print(f"restricted to {int(keep.sum()):,} of {len(meta):,} images"
-          + (f"; {extra:,} inventory image(s) are not in the metadata and were ignored" if extra else ""))
+    print(
+        f"restricted to {int(keep.sum()):,} of {len(meta):,} images"
+        + (f"; {extra:,} inventory image(s) are not in the metadata and were ignored" if extra else "")
+    )
     return meta[keep].reset_index(drop=True), True
 
 
@@ -246,19 +273,24 @@ def _official_lists(args) -> tuple[tuple[Path, list[str]], tuple[Path, list[str]
 def _split_names(args, meta: pd.DataFrame, restricted: bool) -> tuple[np.ndarray, np.ndarray | None]:
     if args.scheme == "official":
         if args.fractions is not None:
-            raise CxrError("--fractions applies to stratified/random — official takes its test set from "
-                           "the lists and val from --val-fraction")
+            raise CxrError(
+                "--fractions applies to stratified/random — official takes its test set from "
+                "the lists and val from --val-fraction"
+            )
         if not 0 <= args.val_fraction < 1:
             raise CxrError(f"--val-fraction {args.val_fraction}: must be in [0, 1)")
         (tv_path, train_val), (test_path, test) = _official_lists(args)
-        return official_split(meta, train_val, test, args.val_fraction, args.seed, restricted,
-                              lists=(str(tv_path), str(test_path))), None
+        return official_split(
+            meta, train_val, test, args.val_fraction, args.seed, restricted, lists=(str(tv_path), str(test_path))
+        ), None
     fractions = parse_fractions(args.fractions, DEFAULT_FRACTIONS[args.scheme])
     split = assign_by_patient(meta, args.scheme, fractions, args.seed, getattr(args, "method", "greedy"))
     for name, frac in zip(SPLITS, fractions):
         if frac > 0 and not (split == name).any():
-            raise CxrError(f"{args.metadata}: split '{name}' got no patient ({meta['patient'].nunique()} "
-                           "patients in all) — use more data or larger fractions")
+            raise CxrError(
+                f"{args.metadata}: split '{name}' got no patient ({meta['patient'].nunique()} "
+                "patients in all) — use more data or larger fractions"
+            )
     return split, fractions
 
 
@@ -266,23 +298,28 @@ def _report(table: pd.DataFrame, args, fractions: np.ndarray | None, meta: pd.Da
     for name in SPLITS:
         part = table[table["split"] == name]
         if len(part):
-            print(f"{name:>5}: {len(part):>7,} images {part['patient'].nunique():>7,} patients "
-                  f"({100 * len(part) / len(table):.1f}% of images)")
+            print(
+                f"{name:>5}: {len(part):>7,} images {part['patient'].nunique():>7,} patients "
+                f"({100 * len(part) / len(table):.1f}% of images)"
+            )
     print(format_prevalence(prevalence_table(table), "table"))
     spread = label_spread(table).mean()
     line = f"mean per-label prevalence spread (max−min across splits): {spread:.3f} pp"
     if args.scheme == "stratified":
         reference = build_table(meta, assign_by_patient(meta, "random", fractions, args.seed))
-        line += (f" ({getattr(args, 'method', 'greedy')}) vs {label_spread(reference).mean():.3f} pp for a "
-                 f"random patient split of the same fractions (seed {args.seed})")
+        line += (
+            f" ({getattr(args, 'method', 'greedy')}) vs {label_spread(reference).mean():.3f} pp for a "
+            f"random patient split of the same fractions (seed {args.seed})"
+        )
     print(line)
 
 
 MAX_FRACTION_GAP = 0.05  # image share of a split vs its requested fraction, beyond which split warns
 
 
-def fraction_warnings(table: pd.DataFrame, fractions: np.ndarray | None, where: str,
-                      gap: float = MAX_FRACTION_GAP) -> list[str]:
+def fraction_warnings(
+    table: pd.DataFrame, fractions: np.ndarray | None, where: str, gap: float = MAX_FRACTION_GAP
+) -> list[str]:
     """A warning (one line) naming the splits whose share of images is more than ``gap`` off their
     requested fraction.
 
@@ -302,8 +339,12 @@ def fraction_warnings(table: pd.DataFrame, fractions: np.ndarray | None, where: 
             off.append(f"'{name}' holds {100 * share:.1f}% of the images ({100 * frac:.0f}% requested)")
     if not off:
         return []
-    return [(f"{where}: split {', '.join(off)} — the split is by patient and the largest patients dominate "
-             f"({who}); check that these patients belong in the data, or leave out or cap the largest")]
+    return [
+        (
+            f"{where}: split {', '.join(off)} — the split is by patient and the largest patients dominate "
+            f"({who}); check that these patients belong in the data, or leave out or cap the largest"
+        )
+    ]
 
 
 def run(args) -> int:
@@ -321,6 +362,8 @@ def run(args) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     write_splits(table, out)
     counts = " / ".join(f"{s} {int((table['split'] == s).sum()):,}" for s in SPLITS)
-    print(f"split {args.scheme}: {len(table):,} images, {table['patient'].nunique():,} patients "
-          f"({counts}) → {out} in {time.perf_counter() - start:.1f} s")
+    print(
+        f"split {args.scheme}: {len(table):,} images, {table['patient'].nunique():,} patients "
+        f"({counts}) → {out} in {time.perf_counter() - start:.1f} s"
+    )
     return 0

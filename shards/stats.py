@@ -1,4 +1,5 @@
 """`python -m shards stats`: label prevalence per split of a splits table."""
+
 from __future__ import annotations
 
 import io
@@ -83,8 +84,7 @@ def _wide_cells(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     body = []
     for label in dict.fromkeys(table["label"]):
         sub = table[table["label"] == label].set_index("split")
-        body.append([label, *[f"{sub.at[s, 'positives']:,} ({sub.at[s, 'prevalence_pct']:.2f}%)"
-                              for s in splits]])
+        body.append([label, *[f"{sub.at[s, 'positives']:,} ({sub.at[s, 'prevalence_pct']:.2f}%)" for s in splits]])
     return header, body
 
 
@@ -115,8 +115,10 @@ def run(args) -> int:
     print(format_prevalence(prevalence_table(df), args.format))
     counts = positives_by_split(df)
     labels = _labels(df)
-    for warning in split_warnings({s: int(r["images"]) for s, r in counts.iterrows()},
-                                  {s: {n: int(r[n]) for n in labels} for s, r in counts.iterrows()},
-                                  str(args.splits)):
+    for warning in split_warnings(
+        {s: int(r["images"]) for s, r in counts.iterrows()},
+        {s: {n: int(r[n]) for n in labels} for s, r in counts.iterrows()},
+        str(args.splits),
+    ):
         print(f"warning: {warning}", file=sys.stderr)
     return 0

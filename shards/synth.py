@@ -22,6 +22,7 @@ blobs: ≈ 2.1 σ); Emphysema (whole lungs) has none, Cardiomegaly gets the hear
 Every image is drawn from its own RNG stream seeded by (seed, patient, follow-up),
 so the bytes depend only on --seed, never on --workers.
 """
+
 from __future__ import annotations
 
 import io
@@ -39,16 +40,30 @@ from cxrbase.errors import CxrError
 from cxrbase.labels import LABELS, NUM_LABELS, format_findings
 from cxrbase.progress import progress
 
-NIH_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
-              "View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")
+NIH_HEADER = (
+    "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
+    "View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]"
+)
 # Every label gets at least this image-level prevalence, so that rare labels (NIH Hernia 0.2 %)
 # have enough positives for a per-label AUROC on a few hundred images.
 PREVALENCE_FLOOR = 0.05
 # Independent priors used without --metadata (roughly NIH's order, floored).
-_PRIORS = {"Atelectasis": 0.10, "Cardiomegaly": 0.06, "Consolidation": 0.06, "Edema": 0.05,
-           "Effusion": 0.12, "Emphysema": 0.05, "Fibrosis": 0.05, "Hernia": 0.05,
-           "Infiltration": 0.15, "Mass": 0.06, "Nodule": 0.07, "Pleural_Thickening": 0.05,
-           "Pneumonia": 0.05, "Pneumothorax": 0.06}
+_PRIORS = {
+    "Atelectasis": 0.10,
+    "Cardiomegaly": 0.06,
+    "Consolidation": 0.06,
+    "Edema": 0.05,
+    "Effusion": 0.12,
+    "Emphysema": 0.05,
+    "Fibrosis": 0.05,
+    "Hernia": 0.05,
+    "Infiltration": 0.15,
+    "Mass": 0.06,
+    "Nodule": 0.07,
+    "Pleural_Thickening": 0.05,
+    "Pneumonia": 0.05,
+    "Pneumothorax": 0.06,
+}
 TEST_FRACTION = 0.2
 BOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"  # the NIH file's header, trailing columns included
 BOX_LEVEL = 0.1  # a box covers the pixels where an element's footprint is ≥ 10 % of its peak
@@ -72,6 +87,7 @@ class Case:
 
 
 # ---------------------------------------------------------------- label sets and cases
+
 
 def floored_row_weights(y: np.ndarray, floor: float = PREVALENCE_FLOOR, rounds: int = 50) -> np.ndarray:
     """Sampling weights over real label rows [N, 14] so every label's weighted prevalence ≥ floor.
@@ -139,6 +155,7 @@ def test_patients(cases: list[Case], seed: int) -> set[int]:
 
 # ---------------------------------------------------------------- drawing primitives
 
+
 class Canvas:
     """Normalised coordinates on an R×R grid (x right, y down, both in [0, 1]) and soft shapes."""
 
@@ -157,8 +174,7 @@ class Canvas:
             dx, dy = c * dx + s * dy, -s * dx + c * dy
         return np.sqrt((dx / rx) ** 2 + (dy / ry) ** 2)
 
-    def ellipse(self, cx: float, cy: float, rx: float, ry: float, edge: float = 0.01,
-                angle: float = 0.0) -> np.ndarray:
+    def ellipse(self, cx: float, cy: float, rx: float, ry: float, edge: float = 0.01, angle: float = 0.0) -> np.ndarray:
         """Soft ellipse mask in [0, 1]; `edge` is the ramp width in image units."""
         ramp = max(edge / min(rx, ry), 1.0 / (self.size * min(rx, ry)))
         return np.clip((1.0 - self.radius(cx, cy, rx, ry, angle)) / ramp, 0.0, 1.0)
@@ -215,6 +231,7 @@ class Anatomy:
 
 # ---------------------------------------------------------------- anatomy
 
+
 def _anatomy(case: Case, rng_patient: np.random.Generator, rng: np.random.Generator) -> Anatomy:
     """Geometry of one image: the patient's build, jittered per visit, reshaped by some labels."""
     y = dict(zip(LABELS, case.labels))
@@ -236,8 +253,15 @@ def _anatomy(case: Case, rng_patient: np.random.Generator, rng: np.random.Genera
         lung_level, markings = lung_level - 0.07, 0.35
     if y["Atelectasis"]:  # volume loss: one hemidiaphragm rises
         lungs[int(rng.integers(2))].ry *= 0.87
-    return Anatomy((dx, dy), (cx, cy + 0.12, 0.43 * scale, 0.62), tuple(lungs), tuple(heart),
-                  lung_level, rng_patient.uniform(0.42, 0.5), markings)
+    return Anatomy(
+        (dx, dy),
+        (cx, cy + 0.12, 0.43 * scale, 0.62),
+        tuple(lungs),
+        tuple(heart),
+        lung_level,
+        rng_patient.uniform(0.42, 0.5),
+        markings,
+    )
 
 
 def _base(cv: Canvas, a: Anatomy, rng: np.random.Generator) -> np.ndarray:
@@ -273,6 +297,7 @@ def _finish(cv: Canvas, img: np.ndarray, rng: np.random.Generator) -> np.ndarray
 # and Emphysema act through the geometry (`_anatomy`); Atelectasis both there (volume
 # loss) and here (plate band).
 
+
 def footprint_box(footprint: np.ndarray, level: float = BOX_LEVEL) -> list[Box]:
     """[(x, y, w, h)] bounding the pixels where footprint ≥ level × its peak; [] if it is empty."""
     peak = float(footprint.max()) if footprint.size else 0.0
@@ -281,6 +306,7 @@ def footprint_box(footprint: np.ndarray, level: float = BOX_LEVEL) -> list[Box]:
     rows = np.flatnonzero((footprint >= level * peak).any(axis=1))
     cols = np.flatnonzero((footprint >= level * peak).any(axis=0))
     return [(int(cols[0]), int(rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1))]
+
 
 def _side(a: Anatomy, rng: np.random.Generator) -> Lung:
     return a.lungs[int(rng.integers(2))]
@@ -297,8 +323,9 @@ def _atelectasis(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Generat
 def _consolidation(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Generator) -> list[Box]:
     lung = _side(a, rng)
     x, y = lung.point(rng, (-0.6, 0.2))
-    patch = cv.ellipse(x, y, rng.uniform(0.06, 0.085), rng.uniform(0.05, 0.075), edge=0.008,
-                       angle=rng.uniform(-0.5, 0.5))
+    patch = cv.ellipse(
+        x, y, rng.uniform(0.06, 0.085), rng.uniform(0.05, 0.075), edge=0.008, angle=rng.uniform(-0.5, 0.5)
+    )
     mask = lung.mask(cv)
     img += 0.27 * patch * mask * (1.0 + 0.1 * cv.noise(rng, 16))
     return footprint_box(patch * mask)
@@ -308,7 +335,10 @@ def _edema(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Generator) ->
     # bilateral perihilar "bat-wing" haze
     boxes = []
     for lung in a.lungs:
-        haze, mask = cv.blob(lung.cx - lung.lateral * 0.35 * lung.rx, lung.cy + 0.04, rng.uniform(0.065, 0.08)), lung.mask(cv)
+        haze, mask = (
+            cv.blob(lung.cx - lung.lateral * 0.35 * lung.rx, lung.cy + 0.04, rng.uniform(0.065, 0.08)),
+            lung.mask(cv),
+        )
         img += 0.3 * haze * mask
         boxes += footprint_box(haze * mask)
     return boxes
@@ -335,7 +365,7 @@ def _fibrosis(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Generator)
     boxes = []
     for lung in a.lungs:
         upper, mask = np.clip((lung.cy + 0.2 * lung.ry - cv.y) / (0.3 * lung.ry), 0.0, 1.0), lung.mask(cv)
-        img += (0.06 + 0.14 * net ** 3) * upper * mask
+        img += (0.06 + 0.14 * net**3) * upper * mask
         boxes += footprint_box(upper * mask)
     return boxes
 
@@ -362,8 +392,9 @@ def _infiltration(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Genera
     return boxes
 
 
-def _round_lesion(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Generator,
-                  radius: tuple[float, float], level: float) -> list[Box]:
+def _round_lesion(
+    cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Generator, radius: tuple[float, float], level: float
+) -> list[Box]:
     lung = _side(a, rng)
     x, y = lung.point(rng)
     r = rng.uniform(*radius)
@@ -443,10 +474,18 @@ def _fine_detail(cv: Canvas, a: Anatomy, img: np.ndarray, rng: np.random.Generat
 
 
 _SIGNATURES = {
-    "Atelectasis": _atelectasis, "Consolidation": _consolidation, "Edema": _edema,
-    "Effusion": _effusion, "Fibrosis": _fibrosis, "Hernia": _hernia, "Infiltration": _infiltration,
-    "Mass": _mass, "Nodule": _nodule, "Pleural_Thickening": _pleural_thickening,
-    "Pneumonia": _pneumonia, "Pneumothorax": _pneumothorax,
+    "Atelectasis": _atelectasis,
+    "Consolidation": _consolidation,
+    "Edema": _edema,
+    "Effusion": _effusion,
+    "Fibrosis": _fibrosis,
+    "Hernia": _hernia,
+    "Infiltration": _infiltration,
+    "Mass": _mass,
+    "Nodule": _nodule,
+    "Pleural_Thickening": _pleural_thickening,
+    "Pneumonia": _pneumonia,
+    "Pneumothorax": _pneumothorax,
 }  # Cardiomegaly, Emphysema: geometry only (see _anatomy)
 
 
@@ -459,8 +498,9 @@ def render(case: Case, seed: int, resolution: int, fine_detail: str | None = Non
     return render_with_boxes(case, seed, resolution, fine_detail)[0]
 
 
-def render_with_boxes(case: Case, seed: int, resolution: int, fine_detail: str | None = None
-                      ) -> tuple[np.ndarray, list[tuple[str, Box]]]:
+def render_with_boxes(
+    case: Case, seed: int, resolution: int, fine_detail: str | None = None
+) -> tuple[np.ndarray, list[tuple[str, Box]]]:
     """One phantom and where its findings were drawn: (uint8 [R, R], [(label, (x, y, w, h))])."""
     rng_patient = np.random.default_rng([seed, case.patient])
     rng = np.random.default_rng([seed, case.patient, case.follow_up + 1])
@@ -479,6 +519,7 @@ def render_with_boxes(case: Case, seed: int, resolution: int, fine_detail: str |
 
 
 # ---------------------------------------------------------------- writing
+
 
 def _png_bytes(pixels: np.ndarray) -> bytes:
     buf = io.BytesIO()
@@ -509,8 +550,10 @@ def metadata_csv(cases: list[Case], resolution: int) -> str:
     spacing = round(0.143 * 2500 / resolution, 6)  # NIH originals: ~2500 px at 0.143 mm
     lines = [NIH_HEADER]
     for c in cases:
-        lines.append(f"{c.image},{format_findings(c.labels)},{c.follow_up},{c.patient},{c.age},{c.sex},"
-                     f"{c.view},{resolution},{resolution},{spacing},{spacing}")
+        lines.append(
+            f"{c.image},{format_findings(c.labels)},{c.follow_up},{c.patient},{c.age},{c.sex},"
+            f"{c.view},{resolution},{resolution},{spacing},{spacing}"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -520,14 +563,17 @@ def _check_out(out: Path, cases: list[Case]) -> Path:
         expected = {c.image for c in cases}
         stale = sorted(p.name for p in images.glob("*.png") if p.name not in expected)
         if stale:
-            raise CxrError(f"{images}: holds {len(stale):,} PNG(s) that this run would not write "
-                           f"(first {stale[:3]}) — use an empty or new --out folder")
+            raise CxrError(
+                f"{images}: holds {len(stale):,} PNG(s) that this run would not write "
+                f"(first {stale[:3]}) — use an empty or new --out folder"
+            )
     images.mkdir(parents=True, exist_ok=True)
     return images
 
 
-def _render_all(cases: list[Case], seed: int, resolution: int, images: Path, workers: int,
-                fine_detail: str | None = None) -> tuple[int, dict[str, list[tuple[str, Box]]]]:
+def _render_all(
+    cases: list[Case], seed: int, resolution: int, images: Path, workers: int, fine_detail: str | None = None
+) -> tuple[int, dict[str, list[tuple[str, Box]]]]:
     tasks = [(c, seed, resolution, str(images), fine_detail) for c in cases]
     bar = progress(total=len(tasks), desc="synth", unit=" img")
     total, boxes = 0, {}
@@ -539,7 +585,9 @@ def _render_all(cases: list[Case], seed: int, resolution: int, images: Path, wor
     else:
         with get_context("fork" if os.name == "posix" else "spawn").Pool(workers) as pool:
             # imap (ordered): results come back in case order, so boxes pair with their case.
-            for case, (size, drawn) in zip(cases, pool.imap(_write_one, tasks, chunksize=max(1, min(16, len(tasks) // (4 * workers))))):
+            for case, (size, drawn) in zip(
+                cases, pool.imap(_write_one, tasks, chunksize=max(1, min(16, len(tasks) // (4 * workers))))
+            ):
                 total += size
                 boxes[case.image] = drawn
                 bar.update()
@@ -568,8 +616,10 @@ def run(args) -> int:
     positives = np.array([c.labels for c in cases]).sum(axis=0)
     rarest = int(np.argmin(positives))
     took = time.perf_counter() - start
-    print(f"synth: {len(cases):,} images of {cases[-1].patient:,} patients, {args.resolution} px, seed {args.seed}, "
-          f"{nbytes / 1e6:.1f} MB → {out} in {took:.1f} s ({len(cases) / took:.0f} img/s); "
-          f"fewest positives: {LABELS[rarest]} {int(positives[rarest])}"
-          + (f"; {fine_detail} drawn as fine detail (~2 px nodules)" if fine_detail else ""))
+    print(
+        f"synth: {len(cases):,} images of {cases[-1].patient:,} patients, {args.resolution} px, seed {args.seed}, "
+        f"{nbytes / 1e6:.1f} MB → {out} in {took:.1f} s ({len(cases) / took:.0f} img/s); "
+        f"fewest positives: {LABELS[rarest]} {int(positives[rarest])}"
+        + (f"; {fine_detail} drawn as fine detail (~2 px nodules)" if fine_detail else "")
+    )
     return 0

@@ -8,6 +8,7 @@ The sha256 of a shard is one sequential stream (~1 GB/s on one core), the slowes
 step of a passthrough pack; it runs on its own thread (hashlib releases the GIL on
 large buffers) so it overlaps the writes and the next images' reads and CRC checks.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -166,4 +167,4 @@ def _writev_all(fd: int, buffers: list[bytes | memoryview]) -> None:
         return
     rest = memoryview(b"".join(buffers))[written:]  # rare path: no need to avoid the copy
     while rest:
-        rest = rest[os.write(fd, rest):]
+        rest = rest[os.write(fd, rest) :]

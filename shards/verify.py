@@ -9,6 +9,7 @@ no shard key also listed as missing or rejected, no unlisted tar.
 With ``--against SRC`` every decoded image is also compared with its source PNG (folders or NIH
 archives, as pack reads them).
 """
+
 from __future__ import annotations
 
 import json
@@ -62,8 +63,11 @@ def run(args: Any) -> int:
     if len(report.failures) > _REPORT_LINES:
         print(f"… and {len(report.failures) - _REPORT_LINES} more failures")
     status = "OK" if report.ok else f"FAILED ({len(report.failures)} problems)"
-    print(f"verify: {report.samples} samples in {report.shards} shards checked in {report.seconds:.1f} s "
-          f"({report.samples / max(report.seconds, 1e-9):.0f} samples/s): {status} — {args.dir}", flush=True)
+    print(
+        f"verify: {report.samples} samples in {report.shards} shards checked in {report.seconds:.1f} s "
+        f"({report.samples / max(report.seconds, 1e-9):.0f} samples/s): {status} — {args.dir}",
+        flush=True,
+    )
     return 0 if report.ok else 1
 
 
@@ -81,12 +85,26 @@ def verify(directory: str | Path, workers: int | None = None, against: list[str 
     in_archives = bool(scanned and scanned.archives)
     report, start = Report(shards=len(manifest["shards"])), time.perf_counter()
     samples: dict[str, list[tuple[str, dict]]] = defaultdict(list)  # key → [(shard, json)]
-    with process_pool(workers or os.cpu_count() or 1) as pool, \
-            progress(total=sum(s["samples"] for s in manifest["shards"]), unit="img", desc="verify",
-                 mininterval=0.5) as bar:
-        futures = {pool.submit(check_shard, str(directory), entry, manifest["codec"], manifest["resolution"],
-                               sources, has_checksums(manifest), _labels(manifest), in_archives): entry
-                   for entry in manifest["shards"]}
+    with (
+        process_pool(workers or os.cpu_count() or 1) as pool,
+        progress(
+            total=sum(s["samples"] for s in manifest["shards"]), unit="img", desc="verify", mininterval=0.5
+        ) as bar,
+    ):
+        futures = {
+            pool.submit(
+                check_shard,
+                str(directory),
+                entry,
+                manifest["codec"],
+                manifest["resolution"],
+                sources,
+                has_checksums(manifest),
+                _labels(manifest),
+                in_archives,
+            ): entry
+            for entry in manifest["shards"]
+        }
         for future in as_completed(futures):
             failures, records = future.result()
             report.failures += failures
@@ -104,8 +122,9 @@ def verify(directory: str | Path, workers: int | None = None, against: list[str 
 def _scan_against(against: list[str | Path]) -> Sources:
     for raw in against:
         if not Path(raw).exists():
-            raise CxrError(f"{raw}: --against source does not exist — pass the folders or archives given to "
-                           "pack --images")
+            raise CxrError(
+                f"{raw}: --against source does not exist — pass the folders or archives given to pack --images"
+            )
     return scan_sources(against)
 
 
@@ -131,18 +150,30 @@ def _compare_with_archives(directory: Path, manifest: dict, scanned: Sources, po
             if raw is None:
                 continue
             found.add(key)
-            pending.append(pool.submit(_compare_member, key, where[key], raw, manifest["codec"],
-                                       manifest["resolution"], f"{archive}:{name}"))
+            pending.append(
+                pool.submit(
+                    _compare_member,
+                    key,
+                    where[key],
+                    raw,
+                    manifest["codec"],
+                    manifest["resolution"],
+                    f"{archive}:{name}",
+                )
+            )
             if len(pending) >= 64:  # bounded memory: at most 64 source images in flight
                 failures += pending.pop(0).result()
     for future in pending:
         failures += future.result()
-    failures += [f"{Path(where[k][0]).name}: {k}: no source PNG of this key in --against" for k in sorted(wanted - found)]
+    failures += [
+        f"{Path(where[k][0]).name}: {k}: no source PNG of this key in --against" for k in sorted(wanted - found)
+    ]
     return failures
 
 
-def _compare_member(key: str, at: tuple[str, int, int], raw: bytes, codec: str, resolution: int | None,
-                    source: str) -> list[str]:
+def _compare_member(
+    key: str, at: tuple[str, int, int], raw: bytes, codec: str, resolution: int | None, source: str
+) -> list[str]:
     path, offset, size = at
     with open(path, "rb") as fh:
         fh.seek(offset)
@@ -150,9 +181,16 @@ def _compare_member(key: str, at: tuple[str, int, int], raw: bytes, codec: str, 
     return [f"{Path(path).name}: {key}: {p}" for p in _differs_from_source(key, data, codec, resolution, source, raw)]
 
 
-def check_shard(directory: str, entry: dict[str, Any], codec: str, resolution: int | None,
-                sources: Mapping[str, str] | None = None, checksums: bool = False,
-                labels: tuple[str, ...] = LABELS, more_sources: bool = False) -> tuple[list[str], list[tuple[str, dict]]]:
+def check_shard(
+    directory: str,
+    entry: dict[str, Any],
+    codec: str,
+    resolution: int | None,
+    sources: Mapping[str, str] | None = None,
+    checksums: bool = False,
+    labels: tuple[str, ...] = LABELS,
+    more_sources: bool = False,
+) -> tuple[list[str], list[tuple[str, dict]]]:
     """Check one shard; return (failures, [(key, json record)]) of its samples.
 
     ``sources`` (key → source PNG path): also compare each image's pixels with its source.
@@ -174,8 +212,9 @@ def check_shard(directory: str, entry: dict[str, Any], codec: str, resolution: i
         return failures + [f"{name}: unreadable tar ({err})"], []
     records = []
     for key, members in groups:
-        problems, record = _check_sample(key, members, CODEC_EXT[codec], entry["split"], resolution, codec,
-                                         checksums, labels)
+        problems, record = _check_sample(
+            key, members, CODEC_EXT[codec], entry["split"], resolution, codec, checksums, labels
+        )
         if sources is not None and not problems and (key in sources or not more_sources):
             problems = _differs_from_source(key, members[CODEC_EXT[codec]], codec, resolution, sources.get(key))
         failures += [f"{name}: {key}: {p}" for p in problems]
@@ -198,9 +237,16 @@ def _read_samples(tar_path: Path) -> list[tuple[str, dict[str, bytes]]]:
     return groups
 
 
-def _check_sample(key: str, members: dict[str, bytes], image_ext: str, split: str,
-                  resolution: int | None, codec: str | None = None, checksums: bool = False,
-                  labels: tuple[str, ...] = LABELS) -> tuple[list[str], dict | None]:
+def _check_sample(
+    key: str,
+    members: dict[str, bytes],
+    image_ext: str,
+    split: str,
+    resolution: int | None,
+    codec: str | None = None,
+    checksums: bool = False,
+    labels: tuple[str, ...] = LABELS,
+) -> tuple[list[str], dict | None]:
     expected = {image_ext, "labels", "meta", "id", "json"}
     if set(members) != expected:
         return [f"members {sorted(members)}, expected {sorted(expected)}"], None
@@ -224,8 +270,9 @@ def _check_sample(key: str, members: dict[str, bytes], image_ext: str, split: st
     return problems, record
 
 
-def _differs_from_source(key: str, data: bytes, codec: str, resolution: int | None,
-                         source: str | None, raw: bytes | None = None) -> list[str]:
+def _differs_from_source(
+    key: str, data: bytes, codec: str, resolution: int | None, source: str | None, raw: bytes | None = None
+) -> list[str]:
     """[] when the decoded image equals its source PNG's grey pixels (within JPEG_TOLERANCE for jpeg);
     ``raw``: the source's bytes when it is an archive member (``source`` then names it)."""
     if source is None:
@@ -244,8 +291,10 @@ def _differs_from_source(key: str, data: bytes, codec: str, resolution: int | No
     diff = np.abs(got - want)
     if (diff.mean() <= JPEG_TOLERANCE) if codec == "jpeg" else not diff.any():
         return []
-    return [f"pixels differ from {source} ({np.count_nonzero(diff)} pixels, max |diff| {diff.max()}, "
-            f"mean {diff.mean():.3f})"]
+    return [
+        f"pixels differ from {source} ({np.count_nonzero(diff)} pixels, max |diff| {diff.max()}, "
+        f"mean {diff.mean():.3f})"
+    ]
 
 
 def _labels(manifest: dict) -> tuple[str, ...]:
@@ -253,8 +302,9 @@ def _labels(manifest: dict) -> tuple[str, ...]:
     return tuple(manifest.get("labels") or LABELS)
 
 
-def _json_mismatches(key: str, record: dict, members: dict[str, bytes], split: str,
-                     labels: tuple[str, ...] = LABELS) -> list[str]:
+def _json_mismatches(
+    key: str, record: dict, members: dict[str, bytes], split: str, labels: tuple[str, ...] = LABELS
+) -> list[str]:
     problems = []
     if Path(record["image"]).stem != key and record["image"] != key:
         problems.append(f".json image {record['image']!r} is not this key")
@@ -276,23 +326,27 @@ def _patient_leaks(records: dict[str, dict]) -> list[str]:
     by_patient: dict[Any, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     for key, record in sorted(records.items()):
         by_patient[record.get("patient")][record.get("split")].append(key)
-    return [f"patient {patient}: images in several splits ("
-            + ", ".join(f"{split} {keys[:5]}" for split, keys in sorted(splits.items()))
-            + ") — patient leakage; re-split with `python -m shards split` and re-pack"
-            for patient, splits in sorted(by_patient.items(), key=lambda kv: str(kv[0])) if len(splits) > 1]
+    return [
+        f"patient {patient}: images in several splits ("
+        + ", ".join(f"{split} {keys[:5]}" for split, keys in sorted(splits.items()))
+        + ") — patient leakage; re-split with `python -m shards split` and re-pack"
+        for patient, splits in sorted(by_patient.items(), key=lambda kv: str(kv[0]))
+        if len(splits) > 1
+    ]
 
 
 def _check_totals(directory: Path, manifest: dict, samples: dict[str, list[tuple[str, dict]]]) -> list[str]:
-    failures = [f"{key}: in several shards {[s for s, _ in where]}" for key, where in samples.items()
-                if len(where) > 1]
+    failures = [f"{key}: in several shards {[s for s, _ in where]}" for key, where in samples.items() if len(where) > 1]
     records = {key: where[0][1] for key, where in samples.items()}
     failures += _patient_leaks(records)
     for split, stats in manifest["splits"].items():
         mine = [r for r in records.values() if r["split"] == split]
         positives = {n: sum(r["labels"][i] for r in mine) for i, n in enumerate(_labels(manifest))}
         if len(mine) != stats["samples"] or len({r["patient"] for r in mine}) != stats["patients"]:
-            failures.append(f"split {split}: {len(mine)} samples / {len({r['patient'] for r in mine})} patients "
-                            f"in shards, manifest says {stats['samples']} / {stats['patients']}")
+            failures.append(
+                f"split {split}: {len(mine)} samples / {len({r['patient'] for r in mine})} patients "
+                f"in shards, manifest says {stats['samples']} / {stats['patients']}"
+            )
         if positives != stats["positives"]:
             failures.append(f"split {split}: positives per label differ from the manifest")
     ages = [r["age"] for r in records.values() if r["split"] == "train" and r["age"] is not None]
@@ -302,6 +356,9 @@ def _check_totals(directory: Path, manifest: dict, samples: dict[str, list[tuple
     elsewhere = set(manifest["missing"]) | {r["image"] for r in manifest["rejected"]}
     failures += [f"{key}: in a shard but also listed as missing/rejected" for key in sorted(elsewhere & set(records))]
     listed = {s["name"] for s in manifest["shards"]}
-    failures += [f"{p.name}: tar file not listed in the manifest" for p in sorted(directory.glob("*.tar"))
-                 if p.name not in listed]
+    failures += [
+        f"{p.name}: tar file not listed in the manifest"
+        for p in sorted(directory.glob("*.tar"))
+        if p.name not in listed
+    ]
     return failures

@@ -8,6 +8,7 @@ The kernel sends that signal when the *thread* that started the worker ends; the
 pools here start their workers from the main thread (on submit), so it means the
 process.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -24,8 +25,9 @@ _POLL_S = 1.0
 
 def process_pool(workers: int) -> ProcessPoolExecutor:
     """A spawn ProcessPoolExecutor of ``workers`` processes that die with this process."""
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=die_with_parent, initargs=(os.getpid(),))
+    return ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=die_with_parent, initargs=(os.getpid(),)
+    )
 
 
 def die_with_parent(parent: int) -> None:

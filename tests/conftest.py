@@ -64,12 +64,33 @@ def train_shards(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("train_data")
     py = [sys.executable, "-m", "shards"]
-    for args in (["synth", "--out", root / "synth", "--n", "600", "--resolution", "64", "--seed", "0",
-                  "--workers", "1"],
-                 ["split", "--metadata", root / "synth" / "Data_Entry_2017.csv", "--scheme", "stratified",
-                  "--fractions", "0.7,0.15,0.15", "--out", root / "splits.parquet"],
-                 ["pack", "--splits", root / "splits.parquet", "--images", root / "synth" / "images",
-                  "--out", root / "shards", "--shard-size-mb", "2", "--workers", "1"]):
+    for args in (
+        ["synth", "--out", root / "synth", "--n", "600", "--resolution", "64", "--seed", "0", "--workers", "1"],
+        [
+            "split",
+            "--metadata",
+            root / "synth" / "Data_Entry_2017.csv",
+            "--scheme",
+            "stratified",
+            "--fractions",
+            "0.7,0.15,0.15",
+            "--out",
+            root / "splits.parquet",
+        ],
+        [
+            "pack",
+            "--splits",
+            root / "splits.parquet",
+            "--images",
+            root / "synth" / "images",
+            "--out",
+            root / "shards",
+            "--shard-size-mb",
+            "2",
+            "--workers",
+            "1",
+        ],
+    ):
         subprocess.run(py + [str(a) for a in args], check=True, cwd=ROOT, capture_output=True, timeout=600)
     return root / "shards"
 
@@ -86,21 +107,79 @@ def export_runs(tmp_path_factory):
     from shards.cli import main as shards_main
 
     root = tmp_path_factory.mktemp("export")
-    assert shards_main(["synth", "--out", str(root / "synth"), "--n", "120", "--resolution", "64", "--seed", "3",
-                        "--workers", "1"]) == 0
-    assert shards_main(["split", "--metadata", str(root / "synth" / "Data_Entry_2017.csv"), "--scheme", "random",
-                        "--fractions", "0.5,0.25,0.25", "--seed", "1", "--out", str(root / "splits.parquet")]) == 0
-    assert shards_main(["pack", "--splits", str(root / "splits.parquet"), "--images", str(root / "synth" / "images"),
-                        "--out", str(root / "shards"), "--workers", "1"]) == 0
+    assert (
+        shards_main(
+            ["synth", "--out", str(root / "synth"), "--n", "120", "--resolution", "64", "--seed", "3", "--workers", "1"]
+        )
+        == 0
+    )
+    assert (
+        shards_main(
+            [
+                "split",
+                "--metadata",
+                str(root / "synth" / "Data_Entry_2017.csv"),
+                "--scheme",
+                "random",
+                "--fractions",
+                "0.5,0.25,0.25",
+                "--seed",
+                "1",
+                "--out",
+                str(root / "splits.parquet"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        shards_main(
+            [
+                "pack",
+                "--splits",
+                str(root / "splits.parquet"),
+                "--images",
+                str(root / "synth" / "images"),
+                "--out",
+                str(root / "shards"),
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     shards = root / "shards"
     gate = root / "gate"
-    cfg = load_config(ROOT / "cxr" / "configs" / "ood_ae.yaml",
-                      ["train.epochs=1", "train.max_steps=3", f"checkpoint.run_dir={gate}", "logging.progress=false",
-                       f"data.shards={shards}", "data.num_threads=0"])
+    cfg = load_config(
+        ROOT / "cxr" / "configs" / "ood_ae.yaml",
+        [
+            "train.epochs=1",
+            "train.max_steps=3",
+            f"checkpoint.run_dir={gate}",
+            "logging.progress=false",
+            f"data.shards={shards}",
+            "data.num_threads=0",
+        ],
+    )
     assert train(cfg) == 0
     assert ood_main(["threshold", "--run", str(gate), "--shards", str(shards), "--percentile", "99"]) == 0
     members = [make_member(root / f"m{s}", shards, seed=s) for s in (1, 2)]
     report = root / "report"
-    assert evaluate_main(["--runs", *map(str, members), "--shards", str(shards), "--split", "test", "--out",
-                          str(report), "--bootstrap", "0", "--no-figures"]) == 0
+    assert (
+        evaluate_main(
+            [
+                "--runs",
+                *map(str, members),
+                "--shards",
+                str(shards),
+                "--split",
+                "test",
+                "--out",
+                str(report),
+                "--bootstrap",
+                "0",
+                "--no-figures",
+            ]
+        )
+        == 0
+    )
     return {"shards": shards, "gate": gate, "members": members, "report": report, "root": root}

@@ -3,19 +3,33 @@
 Identifying fields carry the marker strings of :data:`IDENTIFYING` so a test can grep every
 output for them.
 """
+
 from __future__ import annotations
 
 from io import BytesIO
 
 import numpy as np
 
-IDENTIFYING = {"PatientName": "Doe^Jane^ZZMARKNAME", "PatientID": "ZZMARKID-4711",
-               "PatientBirthDate": "19230405", "InstitutionName": "ZZMARK General Hospital",
-               "StudyDate": "20240229", "AccessionNumber": "ZZMARKACC99"}
+IDENTIFYING = {
+    "PatientName": "Doe^Jane^ZZMARKNAME",
+    "PatientID": "ZZMARKID-4711",
+    "PatientBirthDate": "19230405",
+    "InstitutionName": "ZZMARK General Hospital",
+    "StudyDate": "20240229",
+    "AccessionNumber": "ZZMARKACC99",
+}
 
 
-def dicom_bytes(stored: np.ndarray, *, bits_stored: int = 12, photometric: str = "MONOCHROME2",
-                syntax: str = "explicit", preamble: bool = True, frames: int = 1, **elements) -> bytes:
+def dicom_bytes(
+    stored: np.ndarray,
+    *,
+    bits_stored: int = 12,
+    photometric: str = "MONOCHROME2",
+    syntax: str = "explicit",
+    preamble: bool = True,
+    frames: int = 1,
+    **elements,
+) -> bytes:
     """A single- (or multi-) frame grey DX image; ``elements`` set header keywords (WindowCenter=…)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, JPEGLosslessSV1, RLELossless, generate_uid

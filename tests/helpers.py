@@ -3,6 +3,7 @@
 Heavy imports (torch, cxr) happen inside the functions that need them, so a torch-free test module can
 import this file.
 """
+
 from __future__ import annotations
 
 import csv
@@ -47,16 +48,33 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(shards: Path, run_dir: Path, *overrides: str, config_file: Path = CPU2,
-           port: int | None = None) -> subprocess.Popen:
+def launch(
+    shards: Path, run_dir: Path, *overrides: str, config_file: Path = CPU2, port: int | None = None
+) -> subprocess.Popen:
     """`accelerate launch --config_file X cxr/train.py --config tiny ...`, output to run_dir.parent/<name>.out."""
-    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(config_file),
-           "--main_process_port", str(port or free_port()), "cxr/train.py",
-           "--config", "cxr/configs/tiny.yaml", f"data.shards={shards}", f"checkpoint.run_dir={run_dir}",
-           "data.resolution=64", "data.batch_size=16", f"train.epochs={EPOCHS}", "logging.progress=false",
-           "logging.log_every=1", *overrides]
+    cmd = [
+        str(BIN / "accelerate"),
+        "launch",
+        "--config_file",
+        str(config_file),
+        "--main_process_port",
+        str(port or free_port()),
+        "cxr/train.py",
+        "--config",
+        "cxr/configs/tiny.yaml",
+        f"data.shards={shards}",
+        f"checkpoint.run_dir={run_dir}",
+        "data.resolution=64",
+        "data.batch_size=16",
+        f"train.epochs={EPOCHS}",
+        "logging.progress=false",
+        "logging.log_every=1",
+        *overrides,
+    ]
     out = open(run_dir.parent / f"{run_dir.name}.out", "ab")
-    return subprocess.Popen(cmd, cwd=ROOT, env=launch_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=launch_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float = RUN_TIMEOUT) -> int:
@@ -110,11 +128,21 @@ RES = 64
 def member_config(shards: Path, seed: int, resolution: int = RES) -> dict:
     """A config.yaml per docs/run-dir.md: data == DataConfig fields, model == build_model kwargs."""
     return {
-        "data": {"shards": str(shards), "backend": "wds", "resolution": resolution, "batch_size": 8,
-                 "eval_batch_size": 16, "num_threads": 0, "augment": False, "seed": seed},
+        "data": {
+            "shards": str(shards),
+            "backend": "wds",
+            "resolution": resolution,
+            "batch_size": 8,
+            "eval_batch_size": 16,
+            "num_threads": 0,
+            "augment": False,
+            "seed": seed,
+        },
         "model": {"name": "cnn", "num_labels": 14, "dropout": 0.0},
-        "loss": {"name": "bce"}, "optim": {"name": "sgd", "lr": 0.05},
-        "train": {"epochs": 1, "seed": seed}, "checkpoint": {"run_dir": "unused"},
+        "loss": {"name": "bce"},
+        "optim": {"name": "sgd", "lr": 0.05},
+        "train": {"epochs": 1, "seed": seed},
+        "checkpoint": {"run_dir": "unused"},
     }
 
 
@@ -140,8 +168,18 @@ def make_member(run_dir: Path, shards: Path, seed: int, steps: int = 8) -> Path:
     best = run_dir / "checkpoints" / "best"
     best.mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(best / "model.safetensors"))
-    (best / "meta.json").write_text(json.dumps({"epoch": 0, "global_step": steps, "labels": list(LABELS),
-                                                "resolution": RES, "model": "cnn", "val": {"loss": 0.5}}))
+    (best / "meta.json").write_text(
+        json.dumps(
+            {
+                "epoch": 0,
+                "global_step": steps,
+                "labels": list(LABELS),
+                "resolution": RES,
+                "model": "cnn",
+                "val": {"loss": 0.5},
+            }
+        )
+    )
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     return run_dir
 
@@ -176,13 +214,30 @@ def build_synth_shards(base: Path) -> Path:
     out = base / "synth-shards"
     if (out / "shards" / "manifest.json").is_file():
         return out / "shards"
-    run = lambda *a: subprocess.run([sys.executable, "-m", "shards", *a], check=True, cwd=ROOT,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = lambda *a: subprocess.run(
+        [sys.executable, "-m", "shards", *a], check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     run("synth", "--out", str(out / "synth"), "--n", "240", "--resolution", "64", "--seed", "0", "--workers", "1")
-    run("split", "--metadata", str(out / "synth" / "Data_Entry_2017.csv"), "--scheme", "stratified",
-        "--fractions", "0.6,0.2,0.2", "--out", str(out / "splits.parquet"))
-    run("pack", "--splits", str(out / "splits.parquet"), "--images", str(out / "synth" / "images"),
-        "--out", str(out / "shards"))
+    run(
+        "split",
+        "--metadata",
+        str(out / "synth" / "Data_Entry_2017.csv"),
+        "--scheme",
+        "stratified",
+        "--fractions",
+        "0.6,0.2,0.2",
+        "--out",
+        str(out / "splits.parquet"),
+    )
+    run(
+        "pack",
+        "--splits",
+        str(out / "splits.parquet"),
+        "--images",
+        str(out / "synth" / "images"),
+        "--out",
+        str(out / "shards"),
+    )
     return out / "shards"
 
 
@@ -199,16 +254,16 @@ class MemoryLoader:
         self.labels = (torch.rand(n, 14, generator=g) < 0.3).float()
         self.images = torch.randn(n, 1, 32, 32, generator=g) * 0.5
         for c in range(14):  # label c brightens row band c
-            self.images[:, 0, 2 * c:2 * c + 2, :] += self.labels[:, c, None, None]
+            self.images[:, 0, 2 * c : 2 * c + 2, :] += self.labels[:, c, None, None]
         train = split == "train" if train is None else train
         bs = cfg.batch_size if train else cfg.eval_batch
         if train:
             order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
             nb = n // (bs * world_size)
-            self.batches = [order[(b * world_size + rank) * bs:(b * world_size + rank + 1) * bs] for b in range(nb)]
+            self.batches = [order[(b * world_size + rank) * bs : (b * world_size + rank + 1) * bs] for b in range(nb)]
         else:
             ids = np.arange(n)[rank::world_size]
-            self.batches = [ids[i:i + bs] for i in range(0, len(ids), bs)]
+            self.batches = [ids[i : i + bs] for i in range(0, len(ids), bs)]
         self.batches = self.batches[skip_batches:]
         self.kill_at, self.seen = kill_at, 0
 
@@ -223,8 +278,12 @@ class MemoryLoader:
                 os.kill(os.getpid(), signal.SIGUSR1)  # a real signal, delivered mid-epoch
             self.seen += len(ids)
             ids = torch.as_tensor(ids)
-            yield {"image": self.images[ids], "labels": self.labels[ids], "meta": torch.zeros(len(ids), 5),
-                   "key": [f"k{int(i):04d}" for i in ids]}
+            yield {
+                "image": self.images[ids],
+                "labels": self.labels[ids],
+                "meta": torch.zeros(len(ids), 5),
+                "key": [f"k{int(i):04d}" for i in ids],
+            }
 
     def report(self):
         return {"samples": self.seen, "skipped": 0, "skipped_keys": []}
@@ -234,10 +293,22 @@ def tiny_config(run_dir: Path, *extra: str):
     """The shipped tiny config at 32 px for in-process training on MemoryLoader."""
     from cxr.config import load_config
 
-    return load_config(Path(__file__).resolve().parents[1] / "cxr/configs/tiny.yaml", [
-        f"checkpoint.run_dir={run_dir}", "data.batch_size=8", "data.resolution=32", "train.epochs=3",
-        "logging.progress=false", "logging.log_every=1", "schedule.name=plateau", "schedule.warmup_epochs=0",
-        "schedule.patience=0", "train.grad_accum_steps=2", *extra])
+    return load_config(
+        Path(__file__).resolve().parents[1] / "cxr/configs/tiny.yaml",
+        [
+            f"checkpoint.run_dir={run_dir}",
+            "data.batch_size=8",
+            "data.resolution=32",
+            "train.epochs=3",
+            "logging.progress=false",
+            "logging.log_every=1",
+            "schedule.name=plateau",
+            "schedule.warmup_epochs=0",
+            "schedule.patience=0",
+            "train.grad_accum_steps=2",
+            *extra,
+        ],
+    )
 
 
 # ------------------------------------------------- tiny PNG data sets
@@ -257,6 +328,15 @@ def tiny_dataset(tmp: Path, n: int = 6, size: int = 64) -> tuple[pd.DataFrame, P
         key = f"{i + 1:08d}_000"
         (folder / f"{key}.png").write_bytes(png_bytes(rng.integers(0, 256, (size, size), dtype=np.uint8)))
         labels = {name: int(rng.random() < 0.3) for name in LABELS}
-        rows.append({"image": f"{key}.png", "patient": i + 1, "split": ("train", "val", "test")[i % 3],
-                     **labels, "age": 30 + i, "sex": "MF"[i % 2], "view": ("PA", "AP")[i % 2]})
+        rows.append(
+            {
+                "image": f"{key}.png",
+                "patient": i + 1,
+                "split": ("train", "val", "test")[i % 3],
+                **labels,
+                "age": 30 + i,
+                "sex": "MF"[i % 2],
+                "view": ("PA", "AP")[i % 2],
+            }
+        )
     return pd.DataFrame(rows), folder

@@ -1,6 +1,7 @@
 """Test data of the OOD gate at 64 px: in-distribution images (phantoms + the real NIH sample) and
 natural-looking outliers (textures, PIL digits, inverted and rotated X-rays), all made the way the
 loader makes its pixels (PIL convert L, bilinear resize) so the autoencoder sees loader-like input."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -41,8 +42,12 @@ def digits(n: int, seed: int, res: int = RES) -> np.ndarray:
         fg = (bg + int(rng.integers(80, 176))) % 256  # always a visible digit
         size = int(rng.integers(res // 2, res))
         im = Image.new("L", (res, res), bg)
-        ImageDraw.Draw(im).text((int(rng.integers(0, res // 4)), int(rng.integers(-res // 8, res // 8))),
-                                str(rng.integers(0, 100)), fill=fg, font=ImageFont.load_default(size))
+        ImageDraw.Draw(im).text(
+            (int(rng.integers(0, res // 4)), int(rng.integers(-res // 8, res // 8))),
+            str(rng.integers(0, 100)),
+            fill=fg,
+            font=ImageFont.load_default(size),
+        )
         out.append(np.asarray(im))
     return np.stack(out)
 
@@ -71,8 +76,7 @@ def _words(rng, n: int) -> str:
     letters = "etaoinshrdlucmfwypvbgkqjxz"
     weights = np.linspace(2, 0.2, len(letters))
     weights /= weights.sum()
-    return " ".join("".join(rng.choice(list(letters), size=int(rng.integers(1, 10)), p=weights))
-                    for _ in range(n))
+    return " ".join("".join(rng.choice(list(letters), size=int(rng.integers(1, 10)), p=weights)) for _ in range(n))
 
 
 def plots(n: int, seed: int) -> list:
@@ -86,8 +90,9 @@ def plots(n: int, seed: int) -> list:
     out = []
     for _ in range(n):
         cols = int(rng.integers(1, 3))
-        fig, axes = plt.subplots(1, cols, figsize=(rng.uniform(4, 7), rng.uniform(3, 5)), dpi=int(rng.integers(60, 110)),
-                                 squeeze=False)
+        fig, axes = plt.subplots(
+            1, cols, figsize=(rng.uniform(4, 7), rng.uniform(3, 5)), dpi=int(rng.integers(60, 110)), squeeze=False
+        )
         for ax in axes[0]:
             kind = rng.integers(0, 5)
             x = np.linspace(0, rng.uniform(1, 20), 100)
@@ -139,8 +144,9 @@ def screenshots(n: int, seed: int) -> list:
             x = side + 10
             for _ in range(rng.integers(1, 5)):
                 bw = int(rng.integers(50, 120))
-                d.rounded_rectangle([x, y, x + bw, y + 24], radius=5, fill=accent if rng.random() < 0.3 else bg,
-                                    outline=fg)
+                d.rounded_rectangle(
+                    [x, y, x + bw, y + 24], radius=5, fill=accent if rng.random() < 0.3 else bg, outline=fg
+                )
                 d.text((x + 6, y + 5), _words(rng, 1)[:8], fill=fg, font=ImageFont.load_default(12))
                 x += bw + 10
             y += 34
@@ -186,8 +192,21 @@ def photos(n: int, seed: int) -> list:
     """Crops of scikit-image's bundled photographs (people, animals, objects, sky, microscopy, a retina)."""
     from skimage import data
 
-    names = ("astronaut", "camera", "cat", "coffee", "rocket", "hubble_deep_field", "moon", "coins", "clock",
-             "immunohistochemistry", "retina", "horse", "cell")
+    names = (
+        "astronaut",
+        "camera",
+        "cat",
+        "coffee",
+        "rocket",
+        "hubble_deep_field",
+        "moon",
+        "coins",
+        "clock",
+        "immunohistochemistry",
+        "retina",
+        "horse",
+        "cell",
+    )
     pool = [np.asarray(getattr(data, name)()) for name in names]
     rng = np.random.default_rng(seed)
     out = []
@@ -198,7 +217,7 @@ def photos(n: int, seed: int) -> list:
         h, w = a.shape[:2]
         ch, cw = int(h * rng.uniform(0.6, 1.0)), int(w * rng.uniform(0.6, 1.0))
         y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-        crop = a[y:y + ch, x:x + cw]
+        crop = a[y : y + ch, x : x + cw]
         if rng.random() < 0.5:
             crop = crop[:, ::-1]
         out.append(Image.fromarray(np.ascontiguousarray(crop)))
@@ -289,13 +308,23 @@ def colour_blobs(n: int, seed: int) -> list:
         for _ in range(rng.integers(2, 9)):
             x, y = rng.integers(0, size, 2)
             r = rng.integers(size // 12, size // 3, 2)
-            d.ellipse([int(x - r[0]), int(y - r[1]), int(x + r[0]), int(y + r[1])],
-                      fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+            d.ellipse(
+                [int(x - r[0]), int(y - r[1]), int(x + r[0]), int(y + r[1])],
+                fill=tuple(int(v) for v in rng.integers(0, 256, 3)),
+            )
         out.append(im.filter(ImageFilter.GaussianBlur(float(rng.uniform(0, size / 20)))))
     return out
 
 
 # the kinds the bench and the tests hold out from the gate's tuning
-TEST_KINDS = {"plots": plots, "screenshots": screenshots, "documents": documents, "photos": photos,
-              "CT slices": ct_slices, "limb radiographs": limb_radiographs, "noise": noise,
-              "checkerboards": checkerboards, "colour blobs": colour_blobs}
+TEST_KINDS = {
+    "plots": plots,
+    "screenshots": screenshots,
+    "documents": documents,
+    "photos": photos,
+    "CT slices": ct_slices,
+    "limb radiographs": limb_radiographs,
+    "noise": noise,
+    "checkerboards": checkerboards,
+    "colour blobs": colour_blobs,
+}

@@ -5,6 +5,7 @@ Phantoms at 128 px carry the fine-detail signature (`synth --fine-detail Nodule`
 scikit-learn's roc_auc_score on the runs' saved predictions, and a straightforward
 O(m·n) DeLong written here (not cxr.metrics).
 """
+
 from __future__ import annotations
 
 import json
@@ -42,20 +43,90 @@ def sweep(tmp_path_factory) -> dict:
     from launch.submit import main as submit_main
 
     root = tmp_path_factory.mktemp("sweep")
-    assert shards_main(["synth", "--out", str(root / "synth"), "--n", "700", "--resolution", "128", "--seed", "5",
-                        "--fine-detail", "Nodule", "--workers", "2"]) == 0
-    assert shards_main(["split", "--metadata", str(root / "synth" / "Data_Entry_2017.csv"), "--scheme", "random",
-                        "--fractions", "0.55,0.1,0.35", "--seed", "1", "--out", str(root / "splits.parquet")]) == 0
-    assert shards_main(["pack", "--splits", str(root / "splits.parquet"), "--images", str(root / "synth" / "images"),
-                        "--out", str(root / "shards"), "--workers", "1"]) == 0
+    assert (
+        shards_main(
+            [
+                "synth",
+                "--out",
+                str(root / "synth"),
+                "--n",
+                "700",
+                "--resolution",
+                "128",
+                "--seed",
+                "5",
+                "--fine-detail",
+                "Nodule",
+                "--workers",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert (
+        shards_main(
+            [
+                "split",
+                "--metadata",
+                str(root / "synth" / "Data_Entry_2017.csv"),
+                "--scheme",
+                "random",
+                "--fractions",
+                "0.55,0.1,0.35",
+                "--seed",
+                "1",
+                "--out",
+                str(root / "splits.parquet"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        shards_main(
+            [
+                "pack",
+                "--splits",
+                str(root / "splits.parquet"),
+                "--images",
+                str(root / "synth" / "images"),
+                "--out",
+                str(root / "shards"),
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     runs = root / "runs"
-    assert submit_main(["ablate", "--cluster", "debug", "--config", str(ROOT / "cxr/configs/phantom_sweep.yaml"),
-                        "--shards", str(root / "shards"), "--runs", str(runs), "--no-probe",
-                        "--resolutions", *map(str, RESOLUTIONS)]) == 0
+    assert (
+        submit_main(
+            [
+                "ablate",
+                "--cluster",
+                "debug",
+                "--config",
+                str(ROOT / "cxr/configs/phantom_sweep.yaml"),
+                "--shards",
+                str(root / "shards"),
+                "--runs",
+                str(runs),
+                "--no-probe",
+                "--resolutions",
+                *map(str, RESOLUTIONS),
+            ]
+        )
+        == 0
+    )
     report = runs / "report"
     preds = pd.read_parquet(report / "predictions.parquet")
-    return {"root": root, "runs": runs, "report": report, "table": pd.read_csv(report / "ablation.csv"),
-            "preds": preds[preds.split == "test"], "members": json.loads((report / "members.json").read_text())}
+    return {
+        "root": root,
+        "runs": runs,
+        "report": report,
+        "table": pd.read_csv(report / "ablation.csv"),
+        "preds": preds[preds.split == "test"],
+        "members": json.loads((report / "members.json").read_text()),
+    }
 
 
 def _auc(table, variant, label):
@@ -101,17 +172,40 @@ def test_multi_resolution_ensemble_each_member_at_its_own(sweep, tmp_path):
 
     members = {m["name"]: m for m in sweep["members"]}
     assert {n: (m["train_resolution"], m["eval_resolution"]) for n, m in members.items()} == {
-        f"res{r}": (r, r) for r in RESOLUTIONS}
+        f"res{r}": (r, r) for r in RESOLUTIONS
+    }
     preds = sweep["preds"]
     wide = {m: g.sort_values("key")[list(LABELS)].to_numpy() for m, g in preds.groupby("member")}
     np.testing.assert_allclose(wide["ensemble"], np.mean([wide[f"res{r}"] for r in RESOLUTIONS], axis=0))
-    assert _auc(sweep["table"], "ensemble of all", "mean") == pytest.approx(np.nanmean(
-        [roc_auc_score(preds[preds.member == "ensemble"][f"true_{c}"], preds[preds.member == "ensemble"][c])
-         for c in LABELS]), abs=1e-12)
+    assert _auc(sweep["table"], "ensemble of all", "mean") == pytest.approx(
+        np.nanmean(
+            [
+                roc_auc_score(preds[preds.member == "ensemble"][f"true_{c}"], preds[preds.member == "ensemble"][c])
+                for c in LABELS
+            ]
+        ),
+        abs=1e-12,
+    )
     # the 32 px member alone, in its own evaluator run at 32 px, scores the same
     out = tmp_path / "alone"
-    assert evaluate_main(["--runs", str(sweep["runs"] / "res32"), "--shards", str(sweep["root"] / "shards"),
-                          "--out", str(out), "--thresholds-from", "none", "--bootstrap", "0", "--no-figures"]) == 0
+    assert (
+        evaluate_main(
+            [
+                "--runs",
+                str(sweep["runs"] / "res32"),
+                "--shards",
+                str(sweep["root"] / "shards"),
+                "--out",
+                str(out),
+                "--thresholds-from",
+                "none",
+                "--bootstrap",
+                "0",
+                "--no-figures",
+            ]
+        )
+        == 0
+    )
     alone = pd.read_parquet(out / "predictions.parquet")
     alone = alone[alone.member == "res32"].sort_values("key")[list(LABELS)].to_numpy()
     np.testing.assert_allclose(wide["res32"], alone, atol=1e-6)

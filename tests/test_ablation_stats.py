@@ -4,6 +4,7 @@ References: SPEC.md's O(m·n) ψ definition of DeLong's paired test written out 
 scikit-learn's roc_auc_score; Holm's procedure computed by hand (and statsmodels'
 multipletests when it is installed).
 """
+
 import numpy as np
 import pytest
 from scipy.stats import norm
@@ -133,4 +134,5 @@ def test_analyse_sweep_seeds_and_holm_against_references(tmp_path):
     everything = np.mean(list(scores.values()), axis=0)
     all_rows = table[table.variant == ALL].set_index("label")
     assert all_rows.loc["Edema", "auroc"] == pytest.approx(
-        roc_auc_score(y[:, LABELS.index("Edema")], everything[:, LABELS.index("Edema")]), abs=1e-12)
+        roc_auc_score(y[:, LABELS.index("Edema")], everything[:, LABELS.index("Edema")]), abs=1e-12
+    )

@@ -1,6 +1,7 @@
 """Calibration, operating points with intervals, patient-level resampling and subgroups of the
 evaluator, each against an independent reference: torchmetrics, scikit-learn, statsmodels, a scipy
 fit written here, the O(m·n) DeLong definition, hand computations — and planted effects."""
+
 from __future__ import annotations
 
 import json
@@ -32,6 +33,7 @@ def _probs(rng, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 # ------------------------------------------------------------------ ECE, bins, Brier ---
 
+
 def test_ece_equal_width_equals_torchmetrics_and_a_hand_computation():
     import torch
     from torchmetrics.classification import BinaryCalibrationError
@@ -60,7 +62,7 @@ def test_reliability_bins_equal_sklearn_calibration_curve(strategy, sk):
     np.testing.assert_allclose(bins["freq"][full], prob_true, atol=1e-12)
     np.testing.assert_allclose(bins["mean_p"][full], prob_pred, atol=1e-12)
     # ECE on the same bins, from sklearn's means and the bin sizes counted here by hand
-    edges = (np.linspace(0, 1, 16) if strategy == "width" else np.percentile(p, np.linspace(0, 100, 16)))
+    edges = np.linspace(0, 1, 16) if strategy == "width" else np.percentile(p, np.linspace(0, 100, 16))
     counts = np.bincount(np.searchsorted(edges[1:-1], p), minlength=15)
     hand = np.sum(counts[counts > 0] * np.abs(prob_true - prob_pred)) / p.size
     assert cal.ece(y, p, 15, strategy)[0] == pytest.approx(hand, abs=1e-12)
@@ -81,6 +83,7 @@ def test_brier_equals_sklearn_and_decomposes_exactly_on_binned_scores():
 
 # ------------------------------------------------------------------ temperature and Platt ---
 
+
 def test_temperature_and_platt_equal_an_independent_scipy_fit():
     from scipy.optimize import minimize, minimize_scalar
 
@@ -92,10 +95,13 @@ def test_temperature_and_platt_equal_an_independent_scipy_fit():
     def nll(z):
         return np.mean(np.logaddexp(0, z) - y * z)
 
-    t_ref = minimize_scalar(lambda t: nll(x / t), bounds=(0.05, 20), method="bounded",
-                            options={"xatol": 1e-10}).x
-    ab_ref = minimize(lambda ab: nll(ab[0] * x + ab[1]), [0.5, 0.0], method="Nelder-Mead",
-                      options={"xatol": 1e-10, "fatol": 1e-14, "maxiter": 4000}).x
+    t_ref = minimize_scalar(lambda t: nll(x / t), bounds=(0.05, 20), method="bounded", options={"xatol": 1e-10}).x
+    ab_ref = minimize(
+        lambda ab: nll(ab[0] * x + ab[1]),
+        [0.5, 0.0],
+        method="Nelder-Mead",
+        options={"xatol": 1e-10, "fatol": 1e-14, "maxiter": 4000},
+    ).x
     assert cal.fit_temperature(y, p) == pytest.approx(t_ref, rel=1e-5)
     np.testing.assert_allclose(cal.fit_platt(y, p), ab_ref, rtol=1e-4, atol=1e-5)
 
@@ -105,8 +111,11 @@ def _miscalibrated(n: int, seed: int, temperature: float) -> ScoreSet:
     rng = np.random.default_rng(seed)
     q = expit(rng.normal(-1.5, 1.2, (n, len(LABELS))))
     y = (rng.random(q.shape) < q).astype(np.uint8)
-    return ScoreSet(keys=np.array([f"{seed}{i:07d}_000" for i in range(n)], dtype=object), y_true=y,
-                    scores={"m0": expit(temperature * logit(q))})
+    return ScoreSet(
+        keys=np.array([f"{seed}{i:07d}_000" for i in range(n)], dtype=object),
+        y_true=y,
+        scores={"m0": expit(temperature * logit(q))},
+    )
 
 
 def test_known_temperature_is_recovered_and_ece_more_than_halved():
@@ -124,7 +133,8 @@ def test_known_temperature_is_recovered_and_ece_more_than_halved():
     # a monotone map: AUROC unchanged for every label
     for c in range(len(LABELS)):
         assert roc_auc_score(test.y_true[:, c], analysis.calibrated[:, c]) == pytest.approx(
-            roc_auc_score(test.y_true[:, c], test.scores["m0"][:, c]), abs=1e-12)
+            roc_auc_score(test.y_true[:, c], test.scores["m0"][:, c]), abs=1e-12
+        )
 
 
 def test_well_calibrated_scores_keep_the_identity_map():
@@ -136,8 +146,9 @@ def test_well_calibrated_scores_keep_the_identity_map():
 
 
 def test_calibration_json_round_trips_and_bad_files_are_refused(tmp_path):
-    doc = cal.calibration_document({"A": {"method": "platt", "a": 0.5, "b": -1.0, "temperature": 2.0}},
-                                   "ensemble", "val", 10)
+    doc = cal.calibration_document(
+        {"A": {"method": "platt", "a": 0.5, "b": -1.0, "temperature": 2.0}}, "ensemble", "val", 10
+    )
     path = cal.write_calibration(tmp_path, doc)
     back = cal.read_calibration(path)
     p = np.array([0.1, 0.5, 0.9])
@@ -148,6 +159,7 @@ def test_calibration_json_round_trips_and_bad_files_are_refused(tmp_path):
 
 
 # ------------------------------------------------------------------ operating points ---
+
 
 def test_wilson_interval_equals_statsmodels():
     from statsmodels.stats.proportion import proportion_confint
@@ -195,6 +207,7 @@ def test_unpaired_delong_equals_the_mn_definition():
 
 # ------------------------------------------------------------------ patients, subgroups ---
 
+
 def _with_meta(n: int, seed: int, prefix: str, worse_sex: str | None = None, worse_label: int = 3) -> ScoreSet:
     """Patients with 1–6 images, age, sex, view, follow-up; the ensemble sees a signal of 1.5 logits,
     except for ``worse_sex`` on ``worse_label`` where it is pure noise."""
@@ -210,8 +223,15 @@ def _with_meta(n: int, seed: int, prefix: str, worse_sex: str | None = None, wor
     scores = {"m0": expit(signal + rng.normal(size=y.shape) - 1.8)}
     scores[ENSEMBLE] = scores["m0"]
     keys = np.array([f"{prefix}{p:07d}_{f:03d}" for p, f in zip(patient, followup)], dtype=object)
-    meta = pd.DataFrame({"patient": patient, "age": rng.integers(1, 95, n), "sex": sex,
-                         "view": rng.choice(["PA", "AP"], n), "followup": followup})
+    meta = pd.DataFrame(
+        {
+            "patient": patient,
+            "age": rng.integers(1, 95, n),
+            "sex": sex,
+            "view": rng.choice(["PA", "AP"], n),
+            "followup": followup,
+        }
+    )
     return ScoreSet(keys=keys, y_true=y, scores=scores, meta=meta)
 
 
@@ -243,13 +263,23 @@ def test_planted_sex_gap_is_significant_on_that_label_only():
 
 def test_subgroup_aurocs_and_underdiagnosis_equal_sklearn_on_hand_filtered_rows():
     test, val = _with_meta(3000, 3, "1"), _with_meta(2000, 4, "2")
-    analysis = analyse(test, val, tuning_split="val", n_boot=50, calibrate=False,
-                       subgroups=["sex", "age:20,40,60,80", "view", "followup"])
+    analysis = analyse(
+        test,
+        val,
+        tuning_split="val",
+        n_boot=50,
+        calibrate=False,
+        subgroups=["sex", "age:20,40,60,80", "view", "followup"],
+    )
     table = analysis.subgroups
     age, s, y = test.meta["age"].to_numpy(), test.scores[ENSEMBLE], test.y_true
-    masks = {("sex", "F"): test.meta["sex"].to_numpy() == "F", ("age bands", "40–60"): (age >= 40) & (age < 60),
-             ("age bands", "≥80"): age >= 80, ("view", "AP"): test.meta["view"].to_numpy() == "AP",
-             ("followup", "first study"): test.meta["followup"].to_numpy() == 0}
+    masks = {
+        ("sex", "F"): test.meta["sex"].to_numpy() == "F",
+        ("age bands", "40–60"): (age >= 40) & (age < 60),
+        ("age bands", "≥80"): age >= 80,
+        ("view", "AP"): test.meta["view"].to_numpy() == "AP",
+        ("followup", "first study"): test.meta["followup"].to_numpy() == 0,
+    }
     threshold = analysis.tuned[ENSEMBLE]["f1"]
     for (grouping, group), m in masks.items():
         rows = table[(table["grouping"] == grouping) & (table["group"] == group)].set_index("label")
@@ -263,10 +293,17 @@ def test_subgroup_aurocs_and_underdiagnosis_equal_sklearn_on_hand_filtered_rows(
 
 
 def test_meta_comes_from_the_splits_table_with_followup_from_the_name(tmp_path):
-    table = pd.DataFrame({"image": ["00000001_000.png", "00000001_001.png", "00000002_000.png"],
-                          "patient": [1, 1, 2], "split": ["test"] * 3,
-                          **{label: [0, 1, 0] for label in LABELS}, "age": [30, 31, 70],
-                          "sex": ["M", "M", "F"], "view": ["PA", "AP", "PA"]})
+    table = pd.DataFrame(
+        {
+            "image": ["00000001_000.png", "00000001_001.png", "00000002_000.png"],
+            "patient": [1, 1, 2],
+            "split": ["test"] * 3,
+            **{label: [0, 1, 0] for label in LABELS},
+            "age": [30, 31, 70],
+            "sex": ["M", "M", "F"],
+            "view": ["PA", "AP", "PA"],
+        }
+    )
     table.to_parquet(tmp_path / "splits.parquet", index=False)
     meta = meta_from_table(np.array(["00000002_000", "00000001_001"], dtype=object), tmp_path / "splits.parquet")
     assert meta["patient"].tolist() == [2, 1] and meta["sex"].tolist() == ["F", "M"]
@@ -277,6 +314,7 @@ def test_meta_comes_from_the_splits_table_with_followup_from_the_name(tmp_path):
 
 # ------------------------------------------------------------------ the CLI, end to end ---
 
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("calib")
@@ -285,15 +323,37 @@ def report(tmp_path_factory) -> Path:
     test.scores["m1"], val.scores["m1"] = expit(2 * logit(test.scores["m0"])), expit(2 * logit(val.scores["m0"]))
     predictions_frame({"test": test, "val": val}).to_parquet(root / "predictions.parquet", index=False)
     out = root / "out"
-    assert evaluate_main(["--from-predictions", str(root / "predictions.parquet"), "--bootstrap", "100",
-                          "--subgroups", "Patient Gender", "View Position", "age:40,60", "--out", str(out)]) == 0
+    assert (
+        evaluate_main(
+            [
+                "--from-predictions",
+                str(root / "predictions.parquet"),
+                "--bootstrap",
+                "100",
+                "--subgroups",
+                "Patient Gender",
+                "View Position",
+                "age:40,60",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
 def test_report_has_calibration_operating_points_and_subgroups(report):
     text = (report / "report.md").read_text()
-    for heading in ("## Operating points of `ensemble`", "## Calibration of `ensemble`", "## Subgroups of `ensemble`",
-                    "### sex — AUROC", "### view — AUROC", "### age bands — AUROC", "### Under-diagnosis"):
+    for heading in (
+        "## Operating points of `ensemble`",
+        "## Calibration of `ensemble`",
+        "## Subgroups of `ensemble`",
+        "### sex — AUROC",
+        "### view — AUROC",
+        "### age bands — AUROC",
+        "### Under-diagnosis",
+    ):
         assert heading in text, heading
     assert "bootstrap over patients" in text
     assert (report / "reliability.png").stat().st_size > 10_000
@@ -310,8 +370,12 @@ def test_metrics_csv_intervals_equal_statsmodels(report):
     metrics = pd.read_csv(report / "metrics.csv")
     assert {"sens90", "sens95", "spec90"} <= set(metrics["thresholds"])
     rows = metrics[metrics["label"].isin(LABELS)]
-    for metric, (hit, miss) in {"sensitivity": ("tp", "fn"), "specificity": ("tn", "fp"),
-                                "ppv": ("tp", "fp"), "npv": ("tn", "fn")}.items():
+    for metric, (hit, miss) in {
+        "sensitivity": ("tp", "fn"),
+        "specificity": ("tn", "fp"),
+        "ppv": ("tp", "fp"),
+        "npv": ("tn", "fn"),
+    }.items():
         n = rows[hit] + rows[miss]
         ok = n > 0
         low, high = proportion_confint(rows.loc[ok, hit], n[ok], alpha=0.05, method="wilson")
@@ -323,8 +387,24 @@ def test_metrics_csv_intervals_equal_statsmodels(report):
 
 def test_image_resampling_is_an_option_and_says_so(report, tmp_path):
     out = tmp_path / "image"
-    assert evaluate_main(["--from-predictions", str(report / "predictions.parquet"), "--bootstrap", "30",
-                          "--resample", "image", "--subgroups", "none", "--no-figures", "--out", str(out)]) == 0
+    assert (
+        evaluate_main(
+            [
+                "--from-predictions",
+                str(report / "predictions.parquet"),
+                "--bootstrap",
+                "30",
+                "--resample",
+                "image",
+                "--subgroups",
+                "none",
+                "--no-figures",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = (out / "report.md").read_text()
     assert "bootstrap over images" in text and "## Subgroups" not in text
     patient = pd.read_csv(report / "aucs.csv").query("member == 'ensemble' and label == 'mean'").iloc[0]
@@ -333,8 +413,19 @@ def test_image_resampling_is_an_option_and_says_so(report, tmp_path):
 
 
 def test_unknown_subgroup_column_is_a_clear_error(report, tmp_path, capsys):
-    rc = evaluate_main(["--from-predictions", str(report / "predictions.parquet"), "--bootstrap", "0",
-                        "--subgroups", "Race", "--no-figures", "--out", str(tmp_path / "x")])
+    rc = evaluate_main(
+        [
+            "--from-predictions",
+            str(report / "predictions.parquet"),
+            "--bootstrap",
+            "0",
+            "--subgroups",
+            "Race",
+            "--no-figures",
+            "--out",
+            str(tmp_path / "x"),
+        ]
+    )
     assert rc != 0
     assert "--subgroups 'Race': no column 'Race'" in capsys.readouterr().err
 
@@ -347,7 +438,9 @@ def test_ablation_table_gains_calibration_and_subgroup_columns(tmp_path):
     runs, scores = [], {}
     for res in (32, 64):
         name = f"res{res}"
-        scores[name] = expit((1 if res == 32 else 2) * logit(base.scores["m0"]) + 0.1 * rng.normal(size=base.y_true.shape))
+        scores[name] = expit(
+            (1 if res == 32 else 2) * logit(base.scores["m0"]) + 0.1 * rng.normal(size=base.y_true.shape)
+        )
         runs.append(Run(name, tmp_path / name, res, 0, {}))
     result = analyse_sweep(ScoreSet(base.keys, base.y_true, scores, meta=base.meta), runs, n_boot=0)
     rows = result["table"][result["table"]["variant"] == "64"].set_index("label")
@@ -355,8 +448,9 @@ def test_ablation_table_gains_calibration_and_subgroup_columns(tmp_path):
     larger, other = ("M", "F") if (sex == "M").sum() >= (sex == "F").sum() else ("F", "M")
     for c, label in enumerate(LABELS):
         assert rows.loc[label, "brier"] == pytest.approx(brier_score_loss(y[:, c], p[:, c]), abs=1e-12)
-        gap = roc_auc_score(y[sex == other, c], p[sex == other, c]) - roc_auc_score(y[sex == larger, c],
-                                                                                    p[sex == larger, c])
+        gap = roc_auc_score(y[sex == other, c], p[sex == other, c]) - roc_auc_score(
+            y[sex == larger, c], p[sex == larger, c]
+        )
         assert rows.loc[label, "gap_sex"] == pytest.approx(gap, abs=1e-12)
     assert {"ece_width", "ece_mass", "gap_age_bands", "gap_view", "gap_followup"} <= set(rows.columns)
     text = report_markdown(result, pd.DataFrame(), {"split": "test", "runs": 2, "source": "test"})
@@ -381,22 +475,69 @@ def test_old_predictions_take_subgroup_columns_from_splits(report, tmp_path, cap
     old = frame[[c for c in frame.columns if not c.startswith("meta_")]]  # as written before the columns existed
     old.to_parquet(tmp_path / "predictions.parquet", index=False)
     first = frame.drop_duplicates("key")
-    table = pd.DataFrame({"image": first["key"] + ".png", "patient": first["meta_patient"], "split": first["split"],
-                          **{label: first[f"true_{label}"].astype(np.uint8) for label in LABELS},
-                          "age": first["meta_age"], "sex": first["meta_sex"], "view": first["meta_view"]})
+    table = pd.DataFrame(
+        {
+            "image": first["key"] + ".png",
+            "patient": first["meta_patient"],
+            "split": first["split"],
+            **{label: first[f"true_{label}"].astype(np.uint8) for label in LABELS},
+            "age": first["meta_age"],
+            "sex": first["meta_sex"],
+            "view": first["meta_view"],
+        }
+    )
     table.to_parquet(tmp_path / "splits.parquet", index=False)
     out = tmp_path / "out"
-    assert evaluate_main(["--from-predictions", str(tmp_path / "predictions.parquet"), "--splits",
-                          str(tmp_path / "splits.parquet"), "--bootstrap", "20", "--no-figures", "--out", str(out)]) == 0
+    assert (
+        evaluate_main(
+            [
+                "--from-predictions",
+                str(tmp_path / "predictions.parquet"),
+                "--splits",
+                str(tmp_path / "splits.parquet"),
+                "--bootstrap",
+                "20",
+                "--no-figures",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = (out / "report.md").read_text()
     assert "bootstrap over patients" in text and "### followup — AUROC" in text  # follow-up read off the names
     without = tmp_path / "without"
-    assert evaluate_main(["--from-predictions", str(tmp_path / "predictions.parquet"), "--bootstrap", "20",
-                          "--no-figures", "--out", str(without)]) == 0
+    assert (
+        evaluate_main(
+            [
+                "--from-predictions",
+                str(tmp_path / "predictions.parquet"),
+                "--bootstrap",
+                "20",
+                "--no-figures",
+                "--out",
+                str(without),
+            ]
+        )
+        == 0
+    )
     assert "bootstrap over images" in (without / "report.md").read_text()
     table.iloc[5:].to_parquet(tmp_path / "partial.parquet", index=False)
-    assert evaluate_main(["--from-predictions", str(tmp_path / "predictions.parquet"), "--splits",
-                          str(tmp_path / "partial.parquet"), "--bootstrap", "0", "--out", str(tmp_path / "x")]) == 2
+    assert (
+        evaluate_main(
+            [
+                "--from-predictions",
+                str(tmp_path / "predictions.parquet"),
+                "--splits",
+                str(tmp_path / "partial.parquet"),
+                "--bootstrap",
+                "0",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 2
+    )
     assert "evaluated images are not in this splits table" in capsys.readouterr().err
 
 
@@ -408,8 +549,12 @@ def test_patient_bootstrap_widens_cis_when_a_patients_images_agree():
     y = np.repeat((rng.random((300, len(LABELS))) < 0.3).astype(np.uint8), 10, axis=0)
     effect = np.repeat(rng.normal(size=(300, len(LABELS))), 10, axis=0)
     s = expit(y + effect + 0.2 * rng.normal(size=y.shape))
-    scores = ScoreSet(keys=np.array([f"{p:08d}_{i % 10:03d}" for i, p in enumerate(patients)], dtype=object),
-                      y_true=y, scores={"m0": s}, meta=pd.DataFrame({"patient": patients}))
+    scores = ScoreSet(
+        keys=np.array([f"{p:08d}_{i % 10:03d}" for i, p in enumerate(patients)], dtype=object),
+        y_true=y,
+        scores={"m0": s},
+        meta=pd.DataFrame({"patient": patients}),
+    )
     by_patient = analyse(scores, None, tuning_split=None, n_boot=300, subgroups=[], calibrate=False)
     by_image = analyse(scores, None, tuning_split=None, n_boot=300, subgroups=[], calibrate=False, resample="image")
     assert by_patient.resampling == "patient" and by_image.resampling == "image"

@@ -1,4 +1,5 @@
 """The supported floor of Python (3.10): no 3.11-only standard-library call on the pack path."""
+
 from __future__ import annotations
 
 import hashlib

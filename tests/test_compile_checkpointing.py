@@ -6,6 +6,7 @@ is the plain (not checkpointed) model. Small inputs keep tracing cheap on CPU; t
 depend on the resolution. Backend ``aot_eager``: AOTAutograd's functionalisation and partitioning
 (where a recomputed BatchNorm could update its buffers a second time) without a C compiler.
 """
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """cxr.config: YAML + dotted overrides, validation messages, hashing, shipped configs."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,9 +33,19 @@ SHIPPED = sorted((ROOT / "cxr" / "configs").glob("*.yaml"))
 
 
 def test_defaults_and_typed_overrides():
-    cfg = load_config(None, ["optim.lr=3e-4", "optim.betas=[0.8, 0.95]", "loss.cap=null", "train.epochs=7",
-                             "model.name=cnn", "checkpoint.run_dir=/tmp/x", "train.restore_best=false",
-                             "train.mixed_precision=no"])
+    cfg = load_config(
+        None,
+        [
+            "optim.lr=3e-4",
+            "optim.betas=[0.8, 0.95]",
+            "loss.cap=null",
+            "train.epochs=7",
+            "model.name=cnn",
+            "checkpoint.run_dir=/tmp/x",
+            "train.restore_best=false",
+            "train.mixed_precision=no",
+        ],
+    )
     assert cfg.optim.lr == 3e-4 and isinstance(cfg.optim.lr, float)  # "3e-4" is a string to YAML 1.1
     assert cfg.optim.betas == (0.8, 0.95)
     assert cfg.loss.cap is None and cfg.train.epochs == 7 and cfg.train.restore_best is False
@@ -50,23 +61,26 @@ def test_yaml_file_then_overrides_win(tmp_path):
     assert cfg.optim.lr == 0.5 and cfg.train.epochs == 3
 
 
-@pytest.mark.parametrize("override, must_mention", [
-    ("train.epoch=3", ["train.epoch", "epochs", "grad_accum_steps"]),          # unknown key → valid keys listed
-    ("optim.name=sgd", ["optim.name", "adam", "adamw"]),                       # bad choice → choices listed
-    ("schedule.name=step", ["schedule.name", "plateau", "cosine"]),
-    ("train.mixed_precision=fp8", ["mixed_precision", "bf16", "fp16"]),
-    ("optim.lr=fast", ["optim.lr", "number"]),                                 # bad type
-    ("train.epochs=2.5", ["train.epochs", "integer"]),
-    ("train.compile=maybe", ["train.compile", "true or false"]),
-    ("optim.betas=[0.9]", ["optim.betas"]),
-    ("trian.epochs=3", ["trian", "train", "checkpoint"]),                       # unknown section
-    ("epochs=3", ["section.key=value"]),                                       # malformed override
-    ("data.backend=tfrecord", ["data.backend", "dali", "wds"]),                # DataConfig's own check
-    ("loss.name=mse", ["loss.name", "bce", "focal"]),                          # LossConfig's own check
-    ("model.width=3", ["model.width", "stem_size", "dropout"]),                # not an option of cnn/densenet
-    ("model.stem_size=big", ["model.stem_size", "integer"]),
-    ("schedule.warmup_epochs=1", ["warmup_epochs", "cosine"]),                 # cross-field check
-])
+@pytest.mark.parametrize(
+    "override, must_mention",
+    [
+        ("train.epoch=3", ["train.epoch", "epochs", "grad_accum_steps"]),  # unknown key → valid keys listed
+        ("optim.name=sgd", ["optim.name", "adam", "adamw"]),  # bad choice → choices listed
+        ("schedule.name=step", ["schedule.name", "plateau", "cosine"]),
+        ("train.mixed_precision=fp8", ["mixed_precision", "bf16", "fp16"]),
+        ("optim.lr=fast", ["optim.lr", "number"]),  # bad type
+        ("train.epochs=2.5", ["train.epochs", "integer"]),
+        ("train.compile=maybe", ["train.compile", "true or false"]),
+        ("optim.betas=[0.9]", ["optim.betas"]),
+        ("trian.epochs=3", ["trian", "train", "checkpoint"]),  # unknown section
+        ("epochs=3", ["section.key=value"]),  # malformed override
+        ("data.backend=tfrecord", ["data.backend", "dali", "wds"]),  # DataConfig's own check
+        ("loss.name=mse", ["loss.name", "bce", "focal"]),  # LossConfig's own check
+        ("model.width=3", ["model.width", "stem_size", "dropout"]),  # not an option of cnn/densenet
+        ("model.stem_size=big", ["model.stem_size", "integer"]),
+        ("schedule.warmup_epochs=1", ["warmup_epochs", "cosine"]),  # cross-field check
+    ],
+)
 def test_bad_key_or_value_names_key_and_choices(override, must_mention):
     with pytest.raises(CxrError) as err:
         load_config(None, [override])
@@ -91,8 +105,11 @@ def test_data_section_is_exactly_dataconfig_fields():
 
 
 # Config hashes that cxr 7ce5b70 (the last version with data.shuffle_buffer) wrote for these configs.
-HASHES_BEFORE_SHUFFLE_BUFFER_WENT = {None: "21148f45b4db5a7b", "cxr/configs/tiny.yaml": "304accd7b39a792c",
-                                     "cxr/configs/densenet121.yaml": "59ec097aaf6fed90"}
+HASHES_BEFORE_SHUFFLE_BUFFER_WENT = {
+    None: "21148f45b4db5a7b",
+    "cxr/configs/tiny.yaml": "304accd7b39a792c",
+    "cxr/configs/densenet121.yaml": "59ec097aaf6fed90",
+}
 
 
 @pytest.mark.parametrize("path", list(HASHES_BEFORE_SHUFFLE_BUFFER_WENT))
@@ -109,8 +126,11 @@ def test_an_old_run_config_yaml_with_shuffle_buffer_still_loads(tmp_path):
     """A run dir's config.yaml written before the key went (here: tiny.yaml as that version wrote
     it) loads, keeps its hash, and the key is not written back."""
     old = load_config("cxr/configs/tiny.yaml")
-    text = (config_yaml(old).replace("seed: 0, strict:", "seed: 0, shuffle_buffer: 1000, strict:")
-            .replace("source_workers: 0, ", ""))  # a key that version did not have yet
+    text = (
+        config_yaml(old)
+        .replace("seed: 0, strict:", "seed: 0, shuffle_buffer: 1000, strict:")
+        .replace("source_workers: 0, ", "")
+    )  # a key that version did not have yet
     assert "shuffle_buffer: 1000" in text and "source_workers" not in text
     path = tmp_path / "config.yaml"
     path.write_text(text)
@@ -133,8 +153,16 @@ def test_config_hash_tracks_what_is_trained():
     assert config_hash(base) == config_hash(load_config(None))
     assert len(config_hash(base)) == 16
     # bookkeeping settings do not change what is trained
-    same = load_config(None, ["checkpoint.run_dir=elsewhere", "logging.log_every=1", "train.threads=3",
-                              "checkpoint.resume=never", "data.num_threads=7"])
+    same = load_config(
+        None,
+        [
+            "checkpoint.run_dir=elsewhere",
+            "logging.log_every=1",
+            "train.threads=3",
+            "checkpoint.resume=never",
+            "data.num_threads=7",
+        ],
+    )
     assert config_hash(same) == config_hash(base)
     for change in ("optim.lr=0.5", "data.resolution=512", "train.seed=1", "model.dropout=0.1", "loss.name=focal"):
         other = load_config(None, [change])
@@ -163,14 +191,26 @@ def test_shipped_configs_load_and_build(path):
 
 def test_suite_configs_are_shipped():
     names = {p.stem for p in SHIPPED}
-    assert {"densenet121", "densenet121_cbam", "resnet50_meta", "resnet50_convstem_1024", "beit", "cnn",
-            "tiny"} <= names
+    assert {
+        "densenet121",
+        "densenet121_cbam",
+        "resnet50_meta",
+        "resnet50_convstem_1024",
+        "beit",
+        "cnn",
+        "tiny",
+    } <= names
 
 
 def test_cli_bad_config_is_one_line_without_traceback(tmp_path):
     """The real command line: exit 2, one line naming the key, no traceback."""
-    proc = subprocess.run([sys.executable, "-m", "cxr.train", "--config", str(ROOT / "cxr/configs/tiny.yaml"),
-                           "optim.nme=adam"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cxr.train", "--config", str(ROOT / "cxr/configs/tiny.yaml"), "optim.nme=adam"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 2
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "[WARNING]" not in ln]
     assert len(lines) == 1, proc.stderr
@@ -183,15 +223,25 @@ def test_shipped_config_by_name_from_another_directory(tmp_path, monkeypatch):
     shipped = yaml.safe_load((ROOT / "cxr/configs/densenet121.yaml").read_text())
     shipped["data"]["device"] = "gpu" if torch.cuda.is_available() else "cpu"  # auto, resolved when loaded
     for given in ("densenet121", "densenet121.yaml", "cxr/configs/densenet121.yaml"):
-        proc = subprocess.run([sys.executable, "-m", "cxr.train", "--config", given, "--print-config"],
-                              capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-m", "cxr.train", "--config", given, "--print-config"],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr
         printed = yaml.safe_load(proc.stdout)
         for section, values in shipped.items():
             for key, value in values.items():
                 assert printed[section][key] == (list(value) if isinstance(value, tuple) else value), (given, key)
-    proc = subprocess.run([sys.executable, "-m", "cxr.train", "--config", "densenet999", "--print-config"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cxr.train", "--config", "densenet999", "--print-config"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert "densenet999" in proc.stderr and all(p.stem in proc.stderr for p in SHIPPED)
     # a file in the working directory wins over a shipped name
@@ -213,11 +263,14 @@ def test_cli_in_process_errors_and_print_config(capsys):
     assert printed["optim"]["lr"] == 0.25 and set(printed) == set(SECTIONS)
 
 
-@pytest.mark.parametrize("text, key", [
-    ("optim:\n  lr: fast\n", "optim.lr"),            # a type error of _coerce
-    ("data:\n  backend: tfrecord\n", "data.backend"),  # a section's own __post_init__ check
-    ("train:\n  epoch: 3\n", "train.epoch"),           # an unknown key
-])
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("optim:\n  lr: fast\n", "optim.lr"),  # a type error of _coerce
+        ("data:\n  backend: tfrecord\n", "data.backend"),  # a section's own __post_init__ check
+        ("train:\n  epoch: 3\n", "train.epoch"),  # an unknown key
+    ],
+)
 def test_bad_value_in_a_yaml_file_names_the_file(tmp_path, text, key):
     path = tmp_path / "run.yaml"
     path.write_text(text)
@@ -238,10 +291,13 @@ def test_an_empty_config_file_is_refused_not_all_defaults(tmp_path, text):
     assert msg.startswith(f"{path}: empty config") and "data.shards" in msg and "\n" not in msg
 
 
-@pytest.mark.parametrize("text, key, line", [
-    ("data:\n  resolution: 64\n  resolution: 128\n", "resolution", 3),        # 8.12: a key twice
-    ("data:\n  shards: a\ntrain:\n  epochs: 2\ndata:\n  resolution: 64\n", "data", 5),  # 8.13: a section twice
-])
+@pytest.mark.parametrize(
+    "text, key, line",
+    [
+        ("data:\n  resolution: 64\n  resolution: 128\n", "resolution", 3),  # 8.12: a key twice
+        ("data:\n  shards: a\ntrain:\n  epochs: 2\ndata:\n  resolution: 64\n", "data", 5),  # 8.13: a section twice
+    ],
+)
 def test_a_duplicate_key_or_section_is_refused_naming_its_line(tmp_path, text, key, line):
     """PyYAML's own safe_load keeps the last of two equal keys without a word (the reference here)."""
     assert yaml.safe_load(text)  # loads silently under plain yaml.safe_load

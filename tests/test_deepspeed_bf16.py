@@ -1,5 +1,6 @@
 """DeepSpeed ZeRO-2 with bf16 (the GPU recipe of the docs), on CPU: trains, is preempted,
 resumes, and writes fp32 master weights to model.safetensors."""
+
 from __future__ import annotations
 
 import os
@@ -34,13 +35,31 @@ ZERO2 = ROOT / "launch" / "configs" / "deepspeed_zero2.yaml"
 def launch_bf16(shards: Path, run_dir: Path) -> subprocess.Popen:
     """The documented GPU command, on CPU: `accelerate launch --config_file deepspeed_zero2.yaml
     --mixed_precision bf16 cxr/train.py ... train.mixed_precision=auto`."""
-    cmd = [str(BIN / "accelerate"), "launch", "--config_file", str(ZERO2), "--mixed_precision", "bf16",
-           "--main_process_port", str(free_port()), "cxr/train.py",
-           "--config", "cxr/configs/tiny.yaml", f"data.shards={shards}", f"checkpoint.run_dir={run_dir}",
-           "data.resolution=64", "data.batch_size=16", f"train.epochs={EPOCHS}", "logging.progress=false",
-           "logging.log_every=1", "train.mixed_precision=auto"]
+    cmd = [
+        str(BIN / "accelerate"),
+        "launch",
+        "--config_file",
+        str(ZERO2),
+        "--mixed_precision",
+        "bf16",
+        "--main_process_port",
+        str(free_port()),
+        "cxr/train.py",
+        "--config",
+        "cxr/configs/tiny.yaml",
+        f"data.shards={shards}",
+        f"checkpoint.run_dir={run_dir}",
+        "data.resolution=64",
+        "data.batch_size=16",
+        f"train.epochs={EPOCHS}",
+        "logging.progress=false",
+        "logging.log_every=1",
+        "train.mixed_precision=auto",
+    ]
     out = open(run_dir.parent / f"{run_dir.name}.out", "ab")
-    return subprocess.Popen(cmd, cwd=ROOT, env=launch_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=launch_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
 
 
 def test_deepspeed_zero2_bf16_trains_resumes_and_saves_fp32(train_shards, tmp_path):
@@ -57,8 +76,7 @@ def test_deepspeed_zero2_bf16_trains_resumes_and_saves_fp32(train_shards, tmp_pa
     assert "DEEPSPEED" in (run_dir / "train.log").read_text()
     rows_before = metrics_rows(run_dir)
 
-    assert finish(launch_bf16(train_shards, run_dir)) == 0, \
-        output(run_dir)[-3000:]
+    assert finish(launch_bf16(train_shards, run_dir)) == 0, output(run_dir)[-3000:]
     log = (run_dir / "train.log").read_text()
     assert "resumed from" in log
     rows = metrics_rows(run_dir)

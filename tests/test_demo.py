@@ -7,6 +7,7 @@ pixels made as tests/ood_data.py makes them) against the tour's onnxruntime verd
 index's links against the files on disk. A stage that cannot run here (no NIH sample, no Chromium)
 must say "skipped" with a reason on the index page; nothing may fail.
 """
+
 from __future__ import annotations
 
 import html
@@ -25,23 +26,39 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["phantoms", "nih", "ensemble", "resolution", "explain", "gate", "export", "ood", "predict", "web"]
-SMALL = {"DEMO_N": "160", "DEMO_EPOCHS": "1", "DEMO_SWEEP_N": "160", "DEMO_SWEEP_RES": "32 64",
-         "DEMO_SWEEP_EPOCHS": "1", "DEMO_GATE_EPOCHS": "16", "DEMO_BOOTSTRAP": "50", "DEMO_OUTLIERS": "6",
-         "DEMO_WEB_IMAGES": "1"}
+SMALL = {
+    "DEMO_N": "160",
+    "DEMO_EPOCHS": "1",
+    "DEMO_SWEEP_N": "160",
+    "DEMO_SWEEP_RES": "32 64",
+    "DEMO_SWEEP_EPOCHS": "1",
+    "DEMO_GATE_EPOCHS": "16",
+    "DEMO_BOOTSTRAP": "50",
+    "DEMO_OUTLIERS": "6",
+    "DEMO_WEB_IMAGES": "1",
+}
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory, nih_sample_dir) -> dict:
     out = tmp_path_factory.mktemp("demo") / "demo"
-    env = {**os.environ, **SMALL, "DEMO": str(out), "CXR_NIH": str(nih_sample_dir.parent),
-           "BIN": str(Path(sys.executable).parent), "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh")], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=1800)
+    env = {
+        **os.environ,
+        **SMALL,
+        "DEMO": str(out),
+        "CXR_NIH": str(nih_sample_dir.parent),
+        "BIN": str(Path(sys.executable).parent),
+        "PYTHONPATH": str(ROOT),
+    }
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "demo.sh")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800
+    )
     log = done.stdout + done.stderr
     (out / "demo.log").write_text(log)
     assert done.returncode == 0, log[-4000:]
-    stages = pd.read_csv(out / "stages.tsv", sep="\t", header=None, names=["stage", "status", "s", "cpu", "why"],
-                         keep_default_na=False).set_index("stage")
+    stages = pd.read_csv(
+        out / "stages.tsv", sep="\t", header=None, names=["stage", "status", "s", "cpu", "why"], keep_default_na=False
+    ).set_index("stage")
     return {"dir": out, "log": log, "stages": stages, "nih": nih_sample_dir}
 
 
@@ -84,8 +101,9 @@ def _check_ensemble(d: Path):
     test = preds[preds["split"] == "test"]
     wide = {m: g.set_index("key").sort_index() for m, g in test.groupby("member")}
     # the ensemble is the mean of the members' probabilities
-    np.testing.assert_allclose(wide["ensemble"]["Effusion"], (wide["member1"]["Effusion"]
-                                                              + wide["member2"]["Effusion"]) / 2, atol=1e-6)
+    np.testing.assert_allclose(
+        wide["ensemble"]["Effusion"], (wide["member1"]["Effusion"] + wide["member2"]["Effusion"]) / 2, atol=1e-6
+    )
     # the members really differ (seed, learning rate, augmentation)
     assert not np.allclose(wide["member1"]["Effusion"], wide["member2"]["Effusion"], atol=1e-4)
     row = aucs[(aucs["member"] == "ensemble") & (aucs["label"] == "Effusion")].iloc[0]
@@ -120,8 +138,9 @@ def _check_explain(d: Path):
     single = boxes.groupby(["key", "label"]).filter(lambda g: len(g) == 1).set_index(["key", "label"])
     got = pairs.set_index(["key", "label"]).loc[single.index, "chance"]
     # (the map's pixel grid rounds the box edges: at most a pixel row/column of the box)
-    np.testing.assert_allclose(got, single["w"] * single["h"] / 256 ** 2,
-                               atol=float(((single["w"] + single["h"] + 2) / 256 ** 2).max()))
+    np.testing.assert_allclose(
+        got, single["w"] * single["h"] / 256**2, atol=float(((single["w"] + single["h"] + 2) / 256**2).max())
+    )
     summary = pd.read_csv(d / "explain" / "localisation.csv")
     assert summary["hit"].between(0, 1).all() and summary["chance"].between(0, 1).all()
     # empty maps have their own column; Grad-CAM ran on the cnn's 16×16 layer, not its 4×4 final map at 128 px
@@ -151,8 +170,9 @@ def _check_ood(d: Path, nih: Path):
     verdicts = pd.read_csv(d / "ood" / "verdicts.csv")
     n = int(SMALL["DEMO_OUTLIERS"])
     counts = verdicts.groupby("category")["verdict"].value_counts().unstack(fill_value=0)
-    assert counts.sum(axis=1).to_dict() == {c: n for c in ["real X-ray", "texture", "digits", "inverted X-ray",
-                                                           "X-ray rotated 90°", *TEST_KINDS]}
+    assert counts.sum(axis=1).to_dict() == {
+        c: n for c in ["real X-ray", "texture", "digits", "inverted X-ray", "X-ray rotated 90°", *TEST_KINDS]
+    }
     # the real X-rays are held out: the NIH sample's test split, never seen by the gate
     splits = pd.read_parquet(d / "sample" / "splits.parquet")
     held_out = {str(k) for k in splits.loc[splits["split"] == "test", "image"]}
@@ -194,8 +214,11 @@ def _check_predict(d: Path):
 def _check_web(demo):
     d = demo["dir"]
     if not _ran(demo, "web"):
-        assert not shutil.which("chromium") or not shutil.which("node") \
-            or not (ROOT / "build" / "npm" / "node_modules" / "playwright-core").is_dir(), demo["stages"]
+        assert (
+            not shutil.which("chromium")
+            or not shutil.which("node")
+            or not (ROOT / "build" / "npm" / "node_modules" / "playwright-core").is_dir()
+        ), demo["stages"]
         return
     results = json.loads((d / "web" / "results.json").read_text())["results"]
     by_state = {r["image"]: r["state"] for r in results}
@@ -223,18 +246,24 @@ def _check_index(demo):
         assert f"[{row['status']}, {row['s']} s" in page, name
         if row["status"] == "skipped":
             assert "Skipped: " in page and html.escape(row["why"]) in page
-    for must in ("report/report.md", "resolution/report/ablation.md", "explain/localisation.md",
-                 "ood/verdicts.md"):
+    for must in ("report/report.md", "resolution/report/ablation.md", "explain/localisation.md", "ood/verdicts.md"):
         assert must in links, must
 
 
 def test_a_stage_that_cannot_run_is_skipped_with_its_reason_and_the_rest_goes_on(tmp_path):
     """No NIH sample: `nih` says so; `ood` and `web` skip naming the stage they need; exit 0; the index says it."""
     out = tmp_path / "demo"
-    env = {**os.environ, "DEMO": str(out), "CXR_NIH": str(tmp_path / "no-nih"), "DEMO_STAGES": "nih ood web",
-           "BIN": str(Path(sys.executable).parent), "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh")], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    env = {
+        **os.environ,
+        "DEMO": str(out),
+        "CXR_NIH": str(tmp_path / "no-nih"),
+        "DEMO_STAGES": "nih ood web",
+        "BIN": str(Path(sys.executable).parent),
+        "PYTHONPATH": str(ROOT),
+    }
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "demo.sh")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     rows = [line.split("\t") for line in (out / "stages.tsv").read_text().splitlines()]
     assert [(r[0], r[1]) for r in rows] == [("nih", "skipped"), ("ood", "skipped"), ("web", "skipped")]
@@ -252,10 +281,17 @@ def test_a_stage_that_cannot_run_is_skipped_with_its_reason_and_the_rest_goes_on
 
 def test_a_failed_stage_is_marked_failed_the_rest_goes_on_and_the_demo_exits_1(tmp_path):
     out = tmp_path / "demo"
-    env = {**os.environ, "DEMO": str(out), "DEMO_N": "0", "DEMO_STAGES": "phantoms ensemble",
-           "BIN": str(Path(sys.executable).parent), "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh")], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    env = {
+        **os.environ,
+        "DEMO": str(out),
+        "DEMO_N": "0",
+        "DEMO_STAGES": "phantoms ensemble",
+        "BIN": str(Path(sys.executable).parent),
+        "PYTHONPATH": str(ROOT),
+    }
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "demo.sh")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
     rows = [line.split("\t") for line in (out / "stages.tsv").read_text().splitlines()]
     assert [(r[0], r[1]) for r in rows] == [("phantoms", "failed"), ("ensemble", "skipped")]

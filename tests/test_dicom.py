@@ -1,5 +1,6 @@
 """DICOM → 8-bit master (shards.dicom) against hand computations of PS3.3's transforms,
 and pack reading DICOM folders without letting an identifying header field into any output."""
+
 from __future__ import annotations
 
 import io
@@ -56,8 +57,9 @@ def test_monochrome1_is_inverted():
 
 def test_rescale_slope_and_intercept_come_before_the_window():
     stored = ramp(bits=12, seed=2)
-    got = read_dicom(dicom_bytes(stored, RescaleSlope=2, RescaleIntercept=-1024,
-                                 WindowCenter=500, WindowWidth=3000)).pixels
+    got = read_dicom(
+        dicom_bytes(stored, RescaleSlope=2, RescaleIntercept=-1024, WindowCenter=500, WindowWidth=3000)
+    ).pixels
     want = hand_window(stored.astype(np.float64) * 2 - 1024, 500, 3000)
     assert np.abs(got.astype(int) - want).max() <= 1
 
@@ -92,12 +94,15 @@ def test_metadata_is_the_non_identifying_fields():
     assert not any(marker in text for marker in IDENTIFYING.values())
 
 
-@pytest.mark.parametrize("case, data, message", [
-    ("multiframe", lambda: dicom_bytes(ramp(), frames=3), "multi-frame object (3 frames)"),
-    ("report", structured_report, "not an image (modality SR"),
-    ("nopreamble", lambda: dicom_bytes(ramp(), preamble=False), "no DICOM preamble"),
-    ("rgb", lambda: dicom_bytes(ramp(), photometric="RGB"), "photometric interpretation RGB"),
-])
+@pytest.mark.parametrize(
+    "case, data, message",
+    [
+        ("multiframe", lambda: dicom_bytes(ramp(), frames=3), "multi-frame object (3 frames)"),
+        ("report", structured_report, "not an image (modality SR"),
+        ("nopreamble", lambda: dicom_bytes(ramp(), preamble=False), "no DICOM preamble"),
+        ("rgb", lambda: dicom_bytes(ramp(), photometric="RGB"), "photometric interpretation RGB"),
+    ],
+)
 def test_refused_objects_get_one_line_errors(case, data, message):
     with pytest.raises(CxrError) as err:
         read_dicom(data(), name=f"study/{case}.dcm")
@@ -118,8 +123,9 @@ def test_pack_reads_a_dicom_folder_and_writes_no_identifying_field(tmp_path):
     for i in range(12):
         stored = ramp(64, 64, seed=i)
         mono = "MONOCHROME1" if i % 3 == 0 else "MONOCHROME2"
-        data = dicom_bytes(stored, photometric=mono, syntax=("rle" if i % 2 else "explicit"),
-                           WindowCenter=2048, WindowWidth=3000)
+        data = dicom_bytes(
+            stored, photometric=mono, syntax=("rle" if i % 2 else "explicit"), WindowCenter=2048, WindowWidth=3000
+        )
         name = f"img{i:02d}" + (".dcm" if i % 4 else "")  # every 4th without extension (PACS export)
         (images / "series" / name).write_bytes(data)
         want[f"img{i:02d}"] = read_dicom(data).pixels
@@ -128,10 +134,28 @@ def test_pack_reads_a_dicom_folder_and_writes_no_identifying_field(tmp_path):
     csv = tmp_path / "task.csv"
     csv.write_text("\n".join(rows) + "\n")
     splits, out = tmp_path / "splits.parquet", tmp_path / "shards"
-    assert shards_main(["split", "--metadata", str(csv), "--scheme", "random", "--seed", "0",
-                        "--fractions", "0.5,0.25,0.25", "--out", str(splits)]) == 0
-    assert shards_main(["pack", "--splits", str(splits), "--images", str(images), "--out", str(out),
-                        "--workers", "1"]) == 0
+    assert (
+        shards_main(
+            [
+                "split",
+                "--metadata",
+                str(csv),
+                "--scheme",
+                "random",
+                "--seed",
+                "0",
+                "--fractions",
+                "0.5,0.25,0.25",
+                "--out",
+                str(splits),
+            ]
+        )
+        == 0
+    )
+    assert (
+        shards_main(["pack", "--splits", str(splits), "--images", str(images), "--out", str(out), "--workers", "1"])
+        == 0
+    )
     assert shards_main(["verify", str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     import tarfile

@@ -4,6 +4,7 @@ References are independent of the evaluator: scikit-learn for every AUROC/AUPRC,
 numpy for the ensemble mean, PIL + tarfile + the model itself for the probabilities,
 the splits table for the key set.
 """
+
 from __future__ import annotations
 
 import io
@@ -43,14 +44,58 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 def shards_dir(tmp_path_factory) -> Path:
     """160 synthetic 64 px phantoms, random patient split 40/30/30, packed."""
     root = tmp_path_factory.mktemp("eval-shards")
-    assert shards_main(["synth", "--out", str(root / "synth"), "--n", "160", "--resolution", str(RES),
-                        "--seed", "3", "--workers", "1"]) == 0
-    assert shards_main(["split", "--metadata", str(root / "synth" / "Data_Entry_2017.csv"),
-                        "--scheme", "random", "--fractions", "0.4,0.3,0.3", "--seed", "1",
-                        "--out", str(root / "splits.parquet")]) == 0
-    assert shards_main(["pack", "--splits", str(root / "splits.parquet"), "--images",
-                        str(root / "synth" / "images"), "--out", str(root / "shards"),
-                        "--workers", "1"]) == 0
+    assert (
+        shards_main(
+            [
+                "synth",
+                "--out",
+                str(root / "synth"),
+                "--n",
+                "160",
+                "--resolution",
+                str(RES),
+                "--seed",
+                "3",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
+    assert (
+        shards_main(
+            [
+                "split",
+                "--metadata",
+                str(root / "synth" / "Data_Entry_2017.csv"),
+                "--scheme",
+                "random",
+                "--fractions",
+                "0.4,0.3,0.3",
+                "--seed",
+                "1",
+                "--out",
+                str(root / "splits.parquet"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        shards_main(
+            [
+                "pack",
+                "--splits",
+                str(root / "splits.parquet"),
+                "--images",
+                str(root / "synth" / "images"),
+                "--out",
+                str(root / "shards"),
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     return root / "shards"
 
 
@@ -63,8 +108,22 @@ def members(tmp_path_factory, shards_dir) -> list[Path]:
 @pytest.fixture(scope="session")
 def report(tmp_path_factory, shards_dir, members) -> Path:
     out = tmp_path_factory.mktemp("eval-report") / "report"
-    code = evaluate_main(["--runs", *map(str, members), "--shards", str(shards_dir), "--split", "test",
-                          "--thresholds-from", "val", "--bootstrap", "200", "--out", str(out)])
+    code = evaluate_main(
+        [
+            "--runs",
+            *map(str, members),
+            "--shards",
+            str(shards_dir),
+            "--split",
+            "test",
+            "--thresholds-from",
+            "val",
+            "--bootstrap",
+            "200",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     return out
 
@@ -75,15 +134,35 @@ def copy_member(src: Path, dst: Path) -> Path:
 
 
 def run_args(runs, shards, out, *extra) -> list[str]:
-    return ["--runs", *map(str, runs), "--shards", str(shards), "--out", str(out),
-            "--bootstrap", "0", "--no-figures", "--debug", *extra]
+    return [
+        "--runs",
+        *map(str, runs),
+        "--shards",
+        str(shards),
+        "--out",
+        str(out),
+        "--bootstrap",
+        "0",
+        "--no-figures",
+        "--debug",
+        *extra,
+    ]
 
 
 # ------------------------------------------------------------ the outputs ------
 
+
 def test_report_files_exist_and_stdout_table(report, capsys):
-    for name in ("predictions.parquet", "aucs.csv", "thresholds.json", "metrics.csv", "members.json",
-                 "roc.png", "pr.png", "report.md"):
+    for name in (
+        "predictions.parquet",
+        "aucs.csv",
+        "thresholds.json",
+        "metrics.csv",
+        "members.json",
+        "roc.png",
+        "pr.png",
+        "report.md",
+    ):
         assert (report / name).stat().st_size > 0, name
     text = (report / "report.md").read_text()
     assert "member1" in text and "member2" in text and "ensemble" in text
@@ -138,7 +217,8 @@ def test_ensemble_is_mean_of_member_probabilities(report):
     for c, label in enumerate(LABELS):
         if 0 < truth[:, c].sum() < len(truth):
             assert aucs.loc[("ensemble", label), "auroc"] == pytest.approx(
-                roc_auc_score(truth[:, c], mean[:, c]), abs=1e-12)
+                roc_auc_score(truth[:, c], mean[:, c]), abs=1e-12
+            )
 
 
 def test_keys_are_the_split_exactly_once(report, shards_dir):
@@ -186,9 +266,24 @@ def test_probabilities_equal_direct_inference(report, members, shards_dir):
 
 def test_from_predictions_reproduces_every_table(report, tmp_path):
     out = tmp_path / "again"
-    assert evaluate_main(["--from-predictions", str(report / "predictions.parquet"), "--split", "test",
-                          "--thresholds-from", "val", "--bootstrap", "200", "--out", str(out),
-                          "--no-figures"]) == 0
+    assert (
+        evaluate_main(
+            [
+                "--from-predictions",
+                str(report / "predictions.parquet"),
+                "--split",
+                "test",
+                "--thresholds-from",
+                "val",
+                "--bootstrap",
+                "200",
+                "--out",
+                str(out),
+                "--no-figures",
+            ]
+        )
+        == 0
+    )
     for name in ("aucs.csv", "metrics.csv", "thresholds.json", "calibration.csv", "calibration.json", "subgroups.csv"):
         assert (out / name).read_bytes() == (report / name).read_bytes(), name
     assert "member1" in (out / "report.md").read_text()  # run configs come from members.json
@@ -211,6 +306,7 @@ def test_thresholds_are_tuned_on_val(report):
 
 
 # ------------------------------------------------------- refusals and errors ---
+
 
 class _Payload:
     """Unpickling this runs Path.touch — proof that code would have executed."""
@@ -288,8 +384,12 @@ def test_mixed_resolutions_each_member_at_its_own(members, shards_dir, tmp_path)
     # Reference: each member evaluated alone, in its own evaluator run, at its resolution.
     alone = {}
     for name, r, res in (("a", members[0], RES), ("b", run, 32)):
-        assert evaluate_main(run_args([r], shards_dir, tmp_path / name, "--thresholds-from", "none",
-                                      "--resolution", str(res))) == 0
+        assert (
+            evaluate_main(
+                run_args([r], shards_dir, tmp_path / name, "--thresholds-from", "none", "--resolution", str(res))
+            )
+            == 0
+        )
         frame = pd.read_parquet(tmp_path / name / "predictions.parquet")
         alone[Path(r).name] = frame[frame.member != "ensemble"].sort_values("key")
     frame = pd.read_parquet(mixed / "predictions.parquet")
@@ -297,8 +397,12 @@ def test_mixed_resolutions_each_member_at_its_own(members, shards_dir, tmp_path)
         got = frame[frame.member == member].sort_values("key")
         np.testing.assert_allclose(got[list(LABELS)].to_numpy(), ref[list(LABELS)].to_numpy(), atol=1e-6)
     out = tmp_path / "resized"
-    assert evaluate_main(run_args([members[0], run], shards_dir, out, "--thresholds-from", "none",
-                                  "--resolution", str(RES))) == 0
+    assert (
+        evaluate_main(
+            run_args([members[0], run], shards_dir, out, "--thresholds-from", "none", "--resolution", str(RES))
+        )
+        == 0
+    )
     infos = json.loads((out / "members.json").read_text())
     assert [(i["train_resolution"], i["eval_resolution"]) for i in infos] == [(RES, RES), (32, RES)]
 
@@ -311,8 +415,9 @@ def test_from_predictions_needs_the_thresholds_split(report, tmp_path):
         evaluate_main(["--from-predictions", str(only_test), "--out", str(tmp_path / "o"), "--debug"])
 
 
-@pytest.mark.parametrize("column, value, what", [
-    ("Hernia", np.nan, "nan"), ("true_Effusion", 3, "3"), ("Mass", 7.5, "7.5")])
+@pytest.mark.parametrize(
+    "column, value, what", [("Hernia", np.nan, "nan"), ("true_Effusion", 3, "3"), ("Mass", 7.5, "7.5")]
+)
 def test_bad_values_in_predictions_are_refused_before_writing(report, tmp_path, capsys, column, value, what):
     """NaN scores, non-0/1 labels, probabilities outside [0, 1]: one line naming file, split, member,
     key and label; nothing written to --out."""
@@ -340,8 +445,25 @@ def test_empty_split_says_no_samples_and_how_to_go_on(members, shards_dir, tmp_p
     manifest["shards"] = [s for s in manifest["shards"] if s.get("split") != "val"]
     (shards / "manifest.json").write_text(json.dumps(manifest))
     out = tmp_path / "out"
-    assert evaluate_main(["--runs", *map(str, members), "--shards", str(shards), "--split", "test",
-                          "--thresholds-from", "val", "--bootstrap", "0", "--out", str(out)]) == 2
+    assert (
+        evaluate_main(
+            [
+                "--runs",
+                *map(str, members),
+                "--shards",
+                str(shards),
+                "--split",
+                "test",
+                "--thresholds-from",
+                "val",
+                "--bootstrap",
+                "0",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "split 'val' has no samples — use --thresholds-from none" in err and "no shards" not in err
     assert not out.exists() or not any(out.iterdir())
@@ -368,16 +490,44 @@ def test_report_counts_valid_resamples_and_flags_few_positives(report):
 
 # --------------------------------------------------------------- distributed ---
 
+
 @pytest.mark.slow
 def test_two_ranks_give_the_same_predictions_as_one(report, members, shards_dir, tmp_path):
     out = tmp_path / "two-ranks"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", str(free_port()),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "cxr.evaluate", "--runs", *map(str, members), "--shards", str(shards_dir),
-           "--split", "test", "--thresholds-from", "val", "--bootstrap", "200", "--out", str(out),
-           "--no-figures", "--cpu", "--threads", "1"]
+    cmd = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(free_port()),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "cxr.evaluate",
+        "--runs",
+        *map(str, members),
+        "--shards",
+        str(shards_dir),
+        "--split",
+        "test",
+        "--thresholds-from",
+        "val",
+        "--bootstrap",
+        "200",
+        "--out",
+        str(out),
+        "--no-figures",
+        "--cpu",
+        "--threads",
+        "1",
+    ]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "on 2 rank(s)" in proc.stdout  # really two processes, not a silent single one
@@ -397,17 +547,44 @@ def test_members_trained_by_train_py(shards_dir, tmp_path):
     runs = []
     for seed in (1, 2):
         run = tmp_path / f"trained{seed}"
-        cmd = [sys.executable, "-m", "cxr.train", "--config", str(ROOT / "cxr" / "configs" / "tiny.yaml"),
-               f"data.shards={shards_dir}", f"data.resolution={RES}", f"model.stem_size={RES}",
-               "data.backend=wds", "data.num_threads=0", "train.epochs=1", "train.threads=1",
-               f"train.seed={seed}", f"checkpoint.run_dir={run}"]
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+        cmd = [
+            sys.executable,
+            "-m",
+            "cxr.train",
+            "--config",
+            str(ROOT / "cxr" / "configs" / "tiny.yaml"),
+            f"data.shards={shards_dir}",
+            f"data.resolution={RES}",
+            f"model.stem_size={RES}",
+            "data.backend=wds",
+            "data.num_threads=0",
+            "train.epochs=1",
+            "train.threads=1",
+            f"train.seed={seed}",
+            f"checkpoint.run_dir={run}",
+        ]
+        proc = subprocess.run(
+            cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)}
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs.append(run)
     out = tmp_path / "report"
-    assert evaluate_main(["--runs", *map(str, runs), "--shards", str(shards_dir), "--bootstrap", "100",
-                          "--out", str(out), "--no-figures"]) == 0
+    assert (
+        evaluate_main(
+            [
+                "--runs",
+                *map(str, runs),
+                "--shards",
+                str(shards_dir),
+                "--bootstrap",
+                "100",
+                "--out",
+                str(out),
+                "--no-figures",
+            ]
+        )
+        == 0
+    )
     assert _assert_aucs_match_sklearn(out, {"trained1", "trained2", "ensemble"}) >= 3 * 8
     preds = _split_frame(out, "test")
     probs = {m: g.sort_values("key")[list(LABELS)].to_numpy() for m, g in preds.groupby("member")}
@@ -434,8 +611,9 @@ def test_coverage_check_catches_missing_and_tolerates_duplicates(shards_dir):
 
     def scores(ks):
         n = len(ks)
-        return ScoreSet(keys=np.array(ks, dtype=object), y_true=np.zeros((n, 14), np.uint8),
-                        scores={"m": np.zeros((n, 14))})
+        return ScoreSet(
+            keys=np.array(ks, dtype=object), y_true=np.zeros((n, 14), np.uint8), scores={"m": np.zeros((n, 14))}
+        )
 
     check_coverage(scores(keys + keys[:3]).deduplicated(), shards_dir, "test")  # a padded rank
     with pytest.raises(CxrError, match=keys[5]):
@@ -445,6 +623,7 @@ def test_coverage_check_catches_missing_and_tolerates_duplicates(shards_dir):
 
 
 # ------------------------------------------------ battery 2: signals, --out, members, tiny val ---
+
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
 def test_stop_signal_says_what_was_interrupted_writes_nothing_and_exits_requeue(members, shards_dir, tmp_path, sig):
@@ -488,8 +667,24 @@ def test_a_second_report_replaces_the_first_as_a_whole(report, tmp_path):
     out = tmp_path / "stale"
     shutil.copytree(report, out)
     assert (out / "roc.png").is_file()
-    assert evaluate_main(["--from-predictions", str(report / "predictions.parquet"), "--split", "val",
-                          "--thresholds-from", "none", "--bootstrap", "0", "--no-figures", "--out", str(out)]) == 0
+    assert (
+        evaluate_main(
+            [
+                "--from-predictions",
+                str(report / "predictions.parquet"),
+                "--split",
+                "val",
+                "--thresholds-from",
+                "none",
+                "--bootstrap",
+                "0",
+                "--no-figures",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert not (out / "roc.png").exists() and not (out / "pr.png").exists()
     assert set(pd.read_csv(out / "aucs.csv")["member"]) >= {"member1", "member2", "ensemble"}
     assert "split `val`" in (out / "report.md").read_text() or "'val'" in (out / "report.md").read_text()
@@ -501,8 +696,18 @@ def test_an_out_folder_that_is_not_a_report_is_refused(report, tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     with pytest.raises(CxrError, match=rf"{out}: --out holds files that are not a cxr.evaluate report \(notes.txt\)"):
-        evaluate_main(["--from-predictions", str(report / "predictions.parquet"), "--bootstrap", "0",
-                       "--no-figures", "--debug", "--out", str(out)])
+        evaluate_main(
+            [
+                "--from-predictions",
+                str(report / "predictions.parquet"),
+                "--bootstrap",
+                "0",
+                "--no-figures",
+                "--debug",
+                "--out",
+                str(out),
+            ]
+        )
     assert (out / "notes.txt").read_text() == "keep me"
 
 
@@ -510,29 +715,67 @@ def test_second_evaluation_into_a_busy_out_is_refused_naming_the_holder(report, 
     """Battery 2, 6.1: a holder process takes the report lock and says so; the evaluation is refused."""
     out = tmp_path / "busy"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from pathlib import Path; from cxr.evaluate import _lock_out; "
-         "_lock_out(Path(sys.argv[1])); print('locked', flush=True); sys.stdin.read()", str(out)],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; from cxr.evaluate import _lock_out; "
+            "_lock_out(Path(sys.argv[1])); print('locked', flush=True); sys.stdin.read()",
+            str(out),
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(CxrError, match=rf"{out}: another evaluation \(pid {holder.pid} on \S+\) is writing "
-                                           "this report folder"):
-            evaluate_main(["--from-predictions", str(report / "predictions.parquet"), "--bootstrap", "0",
-                           "--no-figures", "--debug", "--out", str(out)])
+        with pytest.raises(
+            CxrError,
+            match=rf"{out}: another evaluation \(pid {holder.pid} on \S+\) is writing "
+            "this report folder",
+        ):
+            evaluate_main(
+                [
+                    "--from-predictions",
+                    str(report / "predictions.parquet"),
+                    "--bootstrap",
+                    "0",
+                    "--no-figures",
+                    "--debug",
+                    "--out",
+                    str(out),
+                ]
+            )
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
     assert not out.exists()
-    assert evaluate_main(["--from-predictions", str(report / "predictions.parquet"), "--bootstrap", "0",
-                          "--no-figures", "--out", str(out)]) == 0  # free again once the holder ended
+    assert (
+        evaluate_main(
+            [
+                "--from-predictions",
+                str(report / "predictions.parquet"),
+                "--bootstrap",
+                "0",
+                "--no-figures",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )  # free again once the holder ended
 
 
 def test_the_same_run_twice_is_refused_by_any_path(members, shards_dir, tmp_path):
     """Battery 2, 9.6."""
     link = tmp_path / "link"
     link.symlink_to(members[0])
-    for twice in ([members[0], members[0]], [members[0], link], [members[0], Path(f"{members[0]}/../{members[0].name}")]):
+    for twice in (
+        [members[0], members[0]],
+        [members[0], link],
+        [members[0], Path(f"{members[0]}/../{members[0].name}")],
+    ):
         with pytest.raises(CxrError, match="run given twice to --runs .* an ensemble would count it twice"):
             evaluate_main(run_args([*twice, members[1]], shards_dir, tmp_path / "out"))
     assert not (tmp_path / "out").exists()
@@ -541,8 +784,18 @@ def test_the_same_run_twice_is_refused_by_any_path(members, shards_dir, tmp_path
 def test_unfinished_member_is_named_in_stderr_members_json_and_report(members, shards_dir, tmp_path, capsys):
     """Battery 2, 9.4: a preempted run (status.json as training writes it, docs/run-dir.md)."""
     run = copy_member(members[0], tmp_path / "unf")
-    (run / "status.json").write_text(json.dumps({"state": "preempted", "epoch": 1, "step_in_epoch": 0,
-                                                 "global_step": 3, "exit_code": 75, "time": "2026-12-04T21:00:00+00:00"}))
+    (run / "status.json").write_text(
+        json.dumps(
+            {
+                "state": "preempted",
+                "epoch": 1,
+                "step_in_epoch": 0,
+                "global_step": 3,
+                "exit_code": 75,
+                "time": "2026-12-04T21:00:00+00:00",
+            }
+        )
+    )
     out = tmp_path / "out"
     assert evaluate_main(run_args([run, members[1]], shards_dir, out)) == 0
     err = capsys.readouterr().err
@@ -562,12 +815,26 @@ def test_threshold_split_lacking_classes_is_warned_naming_the_labels(report, tmp
     every = [label for label, n in positives.items() if n == len(val)]
     lacking = none + every
     assert lacking, "the fixture's 48-image val split should lack positives of rare labels"
-    assert evaluate_main(["--from-predictions", str(report / "predictions.parquet"), "--bootstrap", "0",
-                          "--no-figures", "--out", str(tmp_path / "out")]) == 0
+    assert (
+        evaluate_main(
+            [
+                "--from-predictions",
+                str(report / "predictions.parquet"),
+                "--bootstrap",
+                "0",
+                "--no-figures",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     err = [line for line in capsys.readouterr().err.splitlines() if "--thresholds-from val" in line]
     assert len(err) == 1 and f"AUROC undefined for {len(lacking)} of 14 labels" in err[0], err
-    gaps = "; ".join([f"no positive image of {', '.join(none)}"] * bool(none) +
-                     [f"no negative image of {', '.join(every)}"] * bool(every))
+    gaps = "; ".join(
+        [f"no positive image of {', '.join(none)}"] * bool(none)
+        + [f"no negative image of {', '.join(every)}"] * bool(every)
+    )
     assert f"{gaps} (AUROC undefined" in err[0], (gaps, err[0])
     assert "the tuned thresholds rest on it" in (tmp_path / "out" / "report.md").read_text()
 
@@ -576,11 +843,30 @@ def test_shards_default_to_the_runs_data_shards(report, members, shards_dir, tmp
     """Every run records data.shards: without --shards the evaluator reads them, says so, and predicts
     what it predicted with --shards given."""
     out = tmp_path / "no-shards"
-    assert evaluate_main(["--runs", *map(str, members), "--split", "test", "--thresholds-from", "val",
-                          "--bootstrap", "0", "--no-figures", "--out", str(out)]) == 0
+    assert (
+        evaluate_main(
+            [
+                "--runs",
+                *map(str, members),
+                "--split",
+                "test",
+                "--thresholds-from",
+                "val",
+                "--bootstrap",
+                "0",
+                "--no-figures",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert f"shards: {shards_dir} (data.shards of {members[0]}" in capsys.readouterr().err
-    pd.testing.assert_frame_equal(pd.read_parquet(out / "predictions.parquet"),
-                                  pd.read_parquet(report / "predictions.parquet"))
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(out / "predictions.parquet"), pd.read_parquet(report / "predictions.parquet")
+    )
     assert evaluate_main(["--runs", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
-    assert f"{tmp_path / 'config.yaml'}: run config not found — is {tmp_path} a training run dir" in \
-        capsys.readouterr().err
+    assert (
+        f"{tmp_path / 'config.yaml'}: run config not found — is {tmp_path} a training run dir"
+        in capsys.readouterr().err
+    )

@@ -6,6 +6,7 @@ real NIH box file, where `shards synth` planted each lesion (its pixels), PIL fo
 image sizes, and a hand-built input (PIL decode + resize + normalise) for the
 probabilities in the captions.
 """
+
 from __future__ import annotations
 
 import csv
@@ -55,12 +56,16 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 # ------------------------------------------------------------ method identities ---
 
-@pytest.mark.parametrize("name, kwargs, res", [
-    ("cnn", {}, 128),
-    ("resnet50", {"metadata": "concat"}, 96),
-    ("resnet50", {"conv_stem": True, "stem_size": 64}, 128),   # the learned stem in front of layer4's map
-    ("vit", {"arch": "vit_tiny_patch16_224"}, 64),             # Grad-CAM on the last block's token grid
-])
+
+@pytest.mark.parametrize(
+    "name, kwargs, res",
+    [
+        ("cnn", {}, 128),
+        ("resnet50", {"metadata": "concat"}, 96),
+        ("resnet50", {"conv_stem": True, "stem_size": 64}, 128),  # the learned stem in front of layer4's map
+        ("vit", {"arch": "vit_tiny_patch16_224"}, 64),  # Grad-CAM on the last block's token grid
+    ],
+)
 def test_cam_equals_gradcam_up_to_positive_scale(name, kwargs, res):
     """GAP + linear: ∂y_c/∂f_k(i,j) = w_ck/(h·w), so Σ_k α_k f_k = CAM/(h·w) exactly (and after ReLU)."""
     torch.manual_seed(0)
@@ -72,8 +77,9 @@ def test_cam_equals_gradcam_up_to_positive_scale(name, kwargs, res):
     h, w = cam.shape[-2:]
     signed = gradcam_maps(model, image, labels, meta, relu=False)
     torch.testing.assert_close(signed * (h * w), cam, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(gradcam_maps(model, image, labels, meta) * (h * w), cam.clamp(min=0),
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        gradcam_maps(model, image, labels, meta) * (h * w), cam.clamp(min=0), rtol=1e-4, atol=1e-5
+    )
     assert (cam > 0).any() and (cam < 0).any()  # the identity is not trivially about zeros
 
 
@@ -137,13 +143,16 @@ def test_gradcam_on_an_earlier_layer_by_hand():
         assert (want > 0).any() and (want == 0).any()
 
 
-@pytest.mark.parametrize("name, kwargs, res, want, side", [
-    ("cnn", {}, 128, "trunk.blocks.3.2", 16),   # block k's ReLU is R/2^(k-1) a side: block 4 → 128/8
-    ("cnn", {"width": 8}, 64, "trunk.blocks.2.2", 16),
-    ("cnn", {"width": 4}, 1024, "trunk.blocks.4", 32),  # the final map (1024/32) is already fine enough
-    ("resnet50", {}, 224, "trunk.backbone.layer2", 28),  # layer k at stride 2^(k+1): 224/8
-    ("densenet121", {}, 224, "trunk.backbone.features.transition2.conv", 28),  # before transition 2's pool
-])
+@pytest.mark.parametrize(
+    "name, kwargs, res, want, side",
+    [
+        ("cnn", {}, 128, "trunk.blocks.3.2", 16),  # block k's ReLU is R/2^(k-1) a side: block 4 → 128/8
+        ("cnn", {"width": 8}, 64, "trunk.blocks.2.2", 16),
+        ("cnn", {"width": 4}, 1024, "trunk.blocks.4", 32),  # the final map (1024/32) is already fine enough
+        ("resnet50", {}, 224, "trunk.backbone.layer2", 28),  # layer k at stride 2^(k+1): 224/8
+        ("densenet121", {}, 224, "trunk.backbone.features.transition2.conv", 28),  # before transition 2's pool
+    ],
+)
 def test_default_layer_is_the_deepest_map_of_at_least_16(name, kwargs, res, want, side):
     model = build_model(name, 14, **kwargs).eval()
     layer, size, why = choose_layer(model, "gradcam", res)
@@ -202,7 +211,9 @@ def test_upsample_puts_each_cell_on_the_centre_of_its_pixel_block():
             if 0 < k < h - 1:
                 assert abs((peak.mean() + 0.5) - (k + 0.5) * stride) < 1e-9
             else:
-                assert sorted(set(peak)) == (list(range(stride // 2)) if k == 0 else list(range(res - stride // 2, res)))
+                assert sorted(set(peak)) == (
+                    list(range(stride // 2)) if k == 0 else list(range(res - stride // 2, res))
+                )
     corners = torch.nn.functional.interpolate(cell.float(), size=(res, res), mode="bilinear", align_corners=True)
     assert not np.allclose(corners[0, 0].numpy(), got, atol=1e-3)  # the other convention differs here
 
@@ -235,11 +246,18 @@ def test_empty_maps_have_their_own_column():
     rates in the summary, localisation.md and the printed table, and the meaning said next to them."""
     import argparse
 
-    pairs = pd.DataFrame({
-        "run": ["a"] * 4 + ["b"] * 4, "key": ["k1", "k2", "k3", "k4"] * 2, "label": ["Mass"] * 8,
-        "hit": [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0], "iou": [0.5, 0.0, 0.0, 0.1, 0.4, 0.3, 0.0, 0.2],
-        "energy": [0.6, 0.0, 0.0, 0.2, 0.5, 0.5, 0.1, 0.4], "chance": [0.01] * 8,
-        "empty": [0, 1, 1, 0, 0, 0, 0, 0]})
+    pairs = pd.DataFrame(
+        {
+            "run": ["a"] * 4 + ["b"] * 4,
+            "key": ["k1", "k2", "k3", "k4"] * 2,
+            "label": ["Mass"] * 8,
+            "hit": [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0],
+            "iou": [0.5, 0.0, 0.0, 0.1, 0.4, 0.3, 0.0, 0.2],
+            "energy": [0.6, 0.0, 0.0, 0.2, 0.5, 0.5, 0.1, 0.4],
+            "chance": [0.01] * 8,
+            "empty": [0, 1, 1, 0, 0, 0, 0, 0],
+        }
+    )
     summary = summarise(pairs, n_boot=0)
     summary.insert(1, "resolution", 128)
     a = summary[(summary["run"] == "a") & (summary["label"] == "all")].iloc[0]
@@ -257,6 +275,7 @@ def test_empty_maps_have_their_own_column():
 
 
 # -------------------------------------------------------------- the NIH box file ---
+
 
 def test_bbox_parser_on_the_real_file(nih_dir):
     path = nih_dir / "BBox_List_2017.csv.gz"
@@ -298,6 +317,7 @@ def test_localisation_scores_by_hand():
 
 # ------------------------------------------------- planted lesions, trained model ---
 
+
 def _mass_phantoms(n: int, seed: int, res: int):
     """n phantoms, every other one with only a Mass; its box from synth's record."""
     mass = LABELS.index("Mass")
@@ -318,8 +338,15 @@ def _tiny_cnn() -> CxrClassifier:
         return [nn.Conv2d(a, b, 3, padding=1, bias=False), nn.BatchNorm2d(b), nn.ReLU()]
 
     trunk = nn.Sequential(*block(1, 16), nn.MaxPool2d(2), *block(16, 32), nn.MaxPool2d(2), *block(32, 32))
-    return CxrClassifier(name="tiny", stem=nn.Identity(), trunk=trunk, cam_layer=trunk[-1], pool=GlobalAvgPool(),
-                         head=Head(32, 1), pooled_linear=True)
+    return CxrClassifier(
+        name="tiny",
+        stem=nn.Identity(),
+        trunk=trunk,
+        cam_layer=trunk[-1],
+        pool=GlobalAvgPool(),
+        head=Head(32, 1),
+        pooled_linear=True,
+    )
 
 
 def _hit_rate(model, x, boxes, res) -> tuple[float, float]:
@@ -329,7 +356,7 @@ def _hit_rate(model, x, boxes, res) -> tuple[float, float]:
     for heat, [(bx, by, bw, bh)] in zip(maps, boxes):
         r, c = np.unravel_index(np.argmax(heat), heat.shape)
         hits.append(heat.max() > 0 and bx <= c < bx + bw and by <= r < by + bh)
-        chance.append(bw * bh / res ** 2)
+        chance.append(bw * bh / res**2)
     return float(np.mean(hits)), float(np.mean(chance))
 
 
@@ -365,16 +392,63 @@ def test_gradcam_peak_falls_on_the_planted_mass():
 
 # ---------------------------------------------------------------------- the CLI ---
 
+
 @pytest.fixture(scope="module")
 def phantom_shards(tmp_path_factory) -> Path:
     """80 phantoms with 128 px masters (and boxes.csv), random patient split, packed."""
     root = tmp_path_factory.mktemp("explain-shards")
-    assert shards_main(["synth", "--out", str(root / "synth"), "--n", "80", "--resolution", str(MASTER),
-                        "--seed", "4", "--workers", "1"]) == 0
-    assert shards_main(["split", "--metadata", str(root / "synth" / "Data_Entry_2017.csv"), "--scheme", "random",
-                        "--fractions", "0.4,0.2,0.4", "--seed", "1", "--out", str(root / "splits.parquet")]) == 0
-    assert shards_main(["pack", "--splits", str(root / "splits.parquet"), "--images", str(root / "synth" / "images"),
-                        "--out", str(root / "shards"), "--workers", "1"]) == 0
+    assert (
+        shards_main(
+            [
+                "synth",
+                "--out",
+                str(root / "synth"),
+                "--n",
+                "80",
+                "--resolution",
+                str(MASTER),
+                "--seed",
+                "4",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
+    assert (
+        shards_main(
+            [
+                "split",
+                "--metadata",
+                str(root / "synth" / "Data_Entry_2017.csv"),
+                "--scheme",
+                "random",
+                "--fractions",
+                "0.4,0.2,0.4",
+                "--seed",
+                "1",
+                "--out",
+                str(root / "splits.parquet"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        shards_main(
+            [
+                "pack",
+                "--splits",
+                str(root / "splits.parquet"),
+                "--images",
+                str(root / "synth" / "images"),
+                "--out",
+                str(root / "shards"),
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     return root
 
 
@@ -406,9 +480,28 @@ def _by_hand_probability(run: Path, image: Path, label: str) -> float:
 def test_overlays_at_master_size_with_captions(phantom_shards, runs, tmp_path):
     keys = _test_keys(phantom_shards)[:2]
     out = tmp_path / "overlays"
-    assert explain_main(["--run", str(runs[0]), "--shards", str(phantom_shards / "shards"), "--split", "test",
-                         "--keys", ",".join(keys), "--labels", "Cardiomegaly,Effusion", "--method", "gradcam",
-                         "--out", str(out), "--debug"]) == 0
+    assert (
+        explain_main(
+            [
+                "--run",
+                str(runs[0]),
+                "--shards",
+                str(phantom_shards / "shards"),
+                "--split",
+                "test",
+                "--keys",
+                ",".join(keys),
+                "--labels",
+                "Cardiomegaly,Effusion",
+                "--method",
+                "gradcam",
+                "--out",
+                str(out),
+                "--debug",
+            ]
+        )
+        == 0
+    )
     pngs = sorted((out / runs[0].name).glob("*.png"))
     assert len(pngs) == 4
     for png in pngs:
@@ -417,7 +510,9 @@ def test_overlays_at_master_size_with_captions(phantom_shards, runs, tmp_path):
             assert im.size == src.size == (MASTER, MASTER) and im.mode == "RGB"
     page = (out / "index.html").read_text()
     assert sorted(re.findall(r'<img src="([^"]+)"', page)) == sorted(f"{runs[0].name}/{p.name}" for p in pngs)
-    shown = {(m[0], m[1]): float(m[2]) for m in re.findall(r"/(\d{8}_\d{3})_(\w+?)_gradcam\.png.*?: p = ([\d.]+)", page)}
+    shown = {
+        (m[0], m[1]): float(m[2]) for m in re.findall(r"/(\d{8}_\d{3})_(\w+?)_gradcam\.png.*?: p = ([\d.]+)", page)
+    }
     assert len(shown) == 4
     for (key, label), p in shown.items():
         want = _by_hand_probability(runs[0], phantom_shards / "synth" / "images" / f"{key}.png", label)
@@ -427,15 +522,36 @@ def test_overlays_at_master_size_with_captions(phantom_shards, runs, tmp_path):
 def _box_rows(root: Path) -> list[dict]:
     with open(root / "synth" / "boxes.csv", newline="") as fh:
         rows = list(csv.reader(fh))[1:]
-    return [{"key": r[0][:-4], "label": r[1], "x": float(r[2]), "y": float(r[3]), "w": float(r[4]),
-             "h": float(r[5])} for r in rows]
+    return [
+        {"key": r[0][:-4], "label": r[1], "x": float(r[2]), "y": float(r[3]), "w": float(r[4]), "h": float(r[5])}
+        for r in rows
+    ]
 
 
 def test_bbox_mode_scores_every_boxed_test_image(phantom_shards, runs, tmp_path, capsys):
     out = tmp_path / "loc"
-    assert explain_main(["--runs", *map(str, runs), "--shards", str(phantom_shards / "shards"), "--split", "test",
-                         "--bbox", str(phantom_shards / "synth" / "boxes.csv"), "--bootstrap", "200",
-                         "--method", "cam", "--out", str(out), "--debug"]) == 0
+    assert (
+        explain_main(
+            [
+                "--runs",
+                *map(str, runs),
+                "--shards",
+                str(phantom_shards / "shards"),
+                "--split",
+                "test",
+                "--bbox",
+                str(phantom_shards / "synth" / "boxes.csv"),
+                "--bootstrap",
+                "200",
+                "--method",
+                "cam",
+                "--out",
+                str(out),
+                "--debug",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     test_keys = set(_test_keys(phantom_shards))
     boxed = [b for b in _box_rows(phantom_shards) if b["key"] in test_keys]
@@ -446,12 +562,15 @@ def test_bbox_mode_scores_every_boxed_test_image(phantom_shards, runs, tmp_path,
     for run in runs:
         assert set(zip(*pairs[pairs["run"] == run.name][["key", "label"]].T.values)) == pairs_expected
     # chance of single-box pairs: box area / image area (64 px map vs 128 px boxes: pixel-centre rounding)
-    single = {(b["key"], b["label"]): b for b in boxed
-              if sum((c["key"], c["label"]) == (b["key"], b["label"]) for c in boxed) == 1}
+    single = {
+        (b["key"], b["label"]): b
+        for b in boxed
+        if sum((c["key"], c["label"]) == (b["key"], b["label"]) for c in boxed) == 1
+    }
     for _, row in pairs[pairs["run"] == runs[0].name].iterrows():
         b = single.get((row["key"], row["label"]))
         if b is not None:
-            area = b["w"] * b["h"] / MASTER ** 2
+            area = b["w"] * b["h"] / MASTER**2
             assert row["chance"] == pytest.approx(area, abs=(b["w"] + b["h"] + 2) / (2 * MASTER * 64) + 1e-9)
     table = pd.read_csv(out / "localisation.csv")
     overall = table[(table["label"] == "all") & (table["run"] == runs[0].name)].iloc[0]
@@ -477,13 +596,40 @@ def test_unknown_key_and_label_are_one_line_errors(phantom_shards, runs, tmp_pat
 
 @pytest.mark.slow
 def test_two_ranks_score_the_same_pairs_as_one(phantom_shards, runs, tmp_path):
-    args = ["--run", str(runs[0]), "--shards", str(phantom_shards / "shards"), "--bbox",
-            str(phantom_shards / "synth" / "boxes.csv"), "--bootstrap", "0", "--threads", "1"]
+    args = [
+        "--run",
+        str(runs[0]),
+        "--shards",
+        str(phantom_shards / "shards"),
+        "--bbox",
+        str(phantom_shards / "synth" / "boxes.csv"),
+        "--bootstrap",
+        "0",
+        "--threads",
+        "1",
+    ]
     assert explain_main([*args, "--out", str(tmp_path / "one")]) == 0
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-           "--main_process_port", str(free_port()),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "cxr.explain",
-           *args, "--cpu", "--out", str(tmp_path / "two")]
+    cmd = [
+        str(Path(sys.executable).parent / "accelerate"),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(free_port()),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "cxr.explain",
+        *args,
+        "--cpu",
+        "--out",
+        str(tmp_path / "two"),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-12000:]  # rank 1's own lines come before the launcher's traceback
     assert "on 2 rank(s)" in done.stdout
@@ -508,28 +654,91 @@ def test_planted_lesions_are_found_through_the_commands(tmp_path):
     root = tmp_path
 
     def run(*cmd: str) -> str:
-        done = subprocess.run([py, *cmd], capture_output=True, text=True, timeout=1800, check=False,
-                              cwd=Path(__file__).parents[1])
+        done = subprocess.run(
+            [py, *cmd], capture_output=True, text=True, timeout=1800, check=False, cwd=Path(__file__).parents[1]
+        )
         assert done.returncode == 0, (cmd, done.stderr[-4000:])
         return done.stdout
 
-    run("-m", "shards", "synth", "--out", str(root / "synth"), "--n", "600", "--resolution", "256", "--seed", "0",
-        "--workers", "1")
-    run("-m", "shards", "split", "--metadata", str(root / "synth" / "Data_Entry_2017.csv"), "--scheme", "stratified",
-        "--fractions", "0.6,0.15,0.25", "--out", str(root / "splits.parquet"))
-    run("-m", "shards", "pack", "--splits", str(root / "splits.parquet"), "--images", str(root / "synth" / "images"),
-        "--out", str(root / "shards"), "--shard-size-mb", "8", "--resize", "128", "--workers", "1")
-    run("-m", "cxr.train", "--config", "cxr/configs/tiny.yaml", f"data.shards={root / 'shards'}",
-        f"checkpoint.run_dir={root / 'run'}", "logging.progress=false")
-    explain = ["-m", "cxr.explain", "--run", str(root / "run"), "--shards", str(root / "shards"), "--split", "test",
-               "--bbox", str(root / "synth" / "boxes.csv"), "--bootstrap", "100", "--num-threads", "0"]
+    run(
+        "-m",
+        "shards",
+        "synth",
+        "--out",
+        str(root / "synth"),
+        "--n",
+        "600",
+        "--resolution",
+        "256",
+        "--seed",
+        "0",
+        "--workers",
+        "1",
+    )
+    run(
+        "-m",
+        "shards",
+        "split",
+        "--metadata",
+        str(root / "synth" / "Data_Entry_2017.csv"),
+        "--scheme",
+        "stratified",
+        "--fractions",
+        "0.6,0.15,0.25",
+        "--out",
+        str(root / "splits.parquet"),
+    )
+    run(
+        "-m",
+        "shards",
+        "pack",
+        "--splits",
+        str(root / "splits.parquet"),
+        "--images",
+        str(root / "synth" / "images"),
+        "--out",
+        str(root / "shards"),
+        "--shard-size-mb",
+        "8",
+        "--resize",
+        "128",
+        "--workers",
+        "1",
+    )
+    run(
+        "-m",
+        "cxr.train",
+        "--config",
+        "cxr/configs/tiny.yaml",
+        f"data.shards={root / 'shards'}",
+        f"checkpoint.run_dir={root / 'run'}",
+        "logging.progress=false",
+    )
+    explain = [
+        "-m",
+        "cxr.explain",
+        "--run",
+        str(root / "run"),
+        "--shards",
+        str(root / "shards"),
+        "--split",
+        "test",
+        "--bbox",
+        str(root / "synth" / "boxes.csv"),
+        "--bootstrap",
+        "100",
+        "--num-threads",
+        "0",
+    ]
     printed = run(*explain, "--out", str(root / "loc"))
     assert "Grad-CAM on layer trunk.blocks.3.2 (16×16 map at 128 px; the deepest" in printed, printed
     pairs = pd.read_csv(root / "loc" / "localisation_pairs.csv", dtype={"key": str})
     # the scored pairs are exactly synth's boxed (test image, label) pairs
     boxes = pd.DataFrame(_box_rows(root))
     test_keys = set(_test_keys(root))
-    assert set(zip(pairs["key"], pairs["label"])) == {(b.key, b.label) for b in boxes.itertuples() if b.key in test_keys}
+    assert set(zip(pairs["key"], pairs["label"])) == {
+        (b.key, b.label) for b in boxes.itertuples() if b.key in test_keys
+    }
     focal = pairs[pairs["label"].isin(FOCAL)]
     hit, chance = focal["hit"].mean(), focal["chance"].mean()
     assert len(focal) >= 20 and hit >= 0.5 and hit >= 3 * chance, (len(focal), hit, chance)

@@ -1,5 +1,6 @@
 """cxr/export.py: onnxruntime equals PyTorch for every exportable family (224 and one 1024 forward),
 the ensemble graph, the package files (sha256, operating points) and the web-vendor error."""
+
 from __future__ import annotations
 
 import hashlib
@@ -38,8 +39,9 @@ def _session(path: Path):
 def _compare(model: torch.nn.Module, res: int, tmp_path: Path) -> None:
     torch.manual_seed(0)
     graph = EnsembleGraph([model.eval()], with_cam=bool(model.pooled_linear))
-    export_onnx(graph, torch.zeros(1, 1, res, res), tmp_path / "m.onnx",
-                ["probs", "cam"] if graph.with_cam else ["probs"])
+    export_onnx(
+        graph, torch.zeros(1, 1, res, res), tmp_path / "m.onnx", ["probs", "cam"] if graph.with_cam else ["probs"]
+    )
     x = torch.randn(2, 1, res, res)
     with torch.no_grad():
         logits = model(x)
@@ -54,12 +56,21 @@ def _compare(model: torch.nn.Module, res: int, tmp_path: Path) -> None:
 
 # Exportable families (metadata fusion is refused by the exporter: the page has no age/sex/view).
 FAST = [("cnn", {})]
-SLOW = [("densenet121", {}), ("densenet121_cbam", {}), ("resnet50", {}), ("resnet50", {"conv_stem": True}),
-        ("vit", {}), ("beit", {})]
+SLOW = [
+    ("densenet121", {}),
+    ("densenet121_cbam", {}),
+    ("resnet50", {}),
+    ("resnet50", {"conv_stem": True}),
+    ("vit", {}),
+    ("beit", {}),
+]
 
 
-@pytest.mark.parametrize("name,kwargs", FAST + [pytest.param(*c, marks=pytest.mark.slow) for c in SLOW],
-                         ids=lambda v: v if isinstance(v, str) else "-".join(v) or "plain")
+@pytest.mark.parametrize(
+    "name,kwargs",
+    FAST + [pytest.param(*c, marks=pytest.mark.slow) for c in SLOW],
+    ids=lambda v: v if isinstance(v, str) else "-".join(v) or "plain",
+)
 def test_onnxruntime_equals_pytorch_at_224(name, kwargs, tmp_path):
     _compare(build_model(name, 14, **kwargs), 224, tmp_path)
 
@@ -89,8 +100,23 @@ def test_ensemble_graph_is_mean_of_member_probabilities(tmp_path):
 
 def test_package_files_hashes_and_operating_points(runs, tmp_path):
     out = tmp_path / "pkg"
-    assert export_main(["--run", str(runs["members"][0]), "--run", str(runs["members"][1]), "--ood", str(runs["gate"]),
-                        "--out", str(out), "--thresholds", str(runs["report"] / "thresholds.json")]) == 0
+    assert (
+        export_main(
+            [
+                "--run",
+                str(runs["members"][0]),
+                "--run",
+                str(runs["members"][1]),
+                "--ood",
+                str(runs["gate"]),
+                "--out",
+                str(out),
+                "--thresholds",
+                str(runs["report"] / "thresholds.json"),
+            ]
+        )
+        == 0
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     assert set(manifest["files"]) == {"model.onnx", "ood.onnx", "thresholds.json", "preprocess.json"}
     for name, entry in manifest["files"].items():
@@ -125,8 +151,9 @@ def test_ood_onnx_equals_pytorch_msssim_gate(runs, tmp_path):
     got = _session(out / "ood.onnx").run(None, {"image": x.numpy()})[0]
     assert np.ptp(want) > 1.0  # distinct scores, so the comparison means something
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(want[:, 0], feature_distance(feats, read_threshold(runs["gate"])["features"]),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        want[:, 0], feature_distance(feats, read_threshold(runs["gate"])["features"]), rtol=1e-4, atol=1e-4
+    )
     assert pre["threshold"] == read_threshold(runs["gate"])["threshold"]
 
 

@@ -4,6 +4,7 @@ The references are independent of the script's own arithmetic: the row list is w
 here by hand from the script's documented order, and the smoke runs in a subprocess that
 refuses to import DALI, DeepSpeed, webdataset or submitit (the GPU machine has none of them).
 """
+
 from __future__ import annotations
 
 import math
@@ -41,9 +42,14 @@ def expected_rows(models: list[str], resolutions: list[int], extra: bool = False
 
 def run_check(tmp_path: Path, *args: str, timeout: float) -> tuple[subprocess.CompletedProcess, list[dict]]:
     out = tmp_path / "table.md"
-    proc = subprocess.run([sys.executable, "-c", BLOCK, "--device", "cpu", "--out", str(out), *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", BLOCK, "--device", "cpu", "--out", str(out), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+    )
     assert out.exists(), proc.stderr[-3000:]
     lines = [ln for ln in out.read_text().splitlines() if ln.startswith("| ")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
@@ -60,8 +66,9 @@ def test_budget_zero_skips_every_row_with_a_note(tmp_path):
 
 @pytest.mark.slow
 def test_cpu_smoke_every_row_finite_without_dali_or_deepspeed(tmp_path):
-    proc, rows = run_check(tmp_path, "--models", "cnn", "--resolutions", "32", "--budget-s", "600", "--extra",
-                           timeout=600)
+    proc, rows = run_check(
+        tmp_path, "--models", "cnn", "--resolutions", "32", "--budget-s", "600", "--extra", timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [(r["check"], r["model"], r["res"]) for r in rows] == expected_rows(["cnn"], [32], extra=True)
     for r in rows:
@@ -83,10 +90,12 @@ def test_default_gpu_run_fits_six_minutes_by_its_own_estimate_in_order_of_value(
     plan = gpu_check.build_plan(gpu_check.parse_args(["--device", "cuda"]))
     assert plan.budget_s == 360 and gpu_check.estimated_seconds(plan) <= 360
     order = [(c, a) for c, _e, _s, a in gpu_check.rows_to_run(plan)]
-    assert order[:4] == [("throughput", ("densenet121", 512, False, False)),
-                         ("checkpoint", ("densenet121", 512, True, False)),
-                         ("throughput", ("densenet121", 1024, False, False)),
-                         ("checkpoint", ("densenet121", 1024, True, False))]
+    assert order[:4] == [
+        ("throughput", ("densenet121", 512, False, False)),
+        ("checkpoint", ("densenet121", 512, True, False)),
+        ("throughput", ("densenet121", 1024, False, False)),
+        ("checkpoint", ("densenet121", 1024, True, False)),
+    ]
     checks = [c for c, _ in order]
     assert checks[4:9] == ["compile", "compile", "probe", "png decode", "resume"]
     assert all(c == "compile" for c in checks[9:])  # optional: the compiled 512 rows, dropped first
@@ -150,7 +159,12 @@ def test_device_memory_views_combine_torch_and_driver_numbers(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda: 1_200 * mib)  # cache left after the row
     row = gpu_check.Row("checkpoint", "densenet121", 1024, 16, "on")
     gpu_check.record_memory(row, "cuda", before=600.0)
-    assert (row.peak_mib, row.reserved_mib, row.driver_before_mib, row.driver_after_mib) == (15_000, 16_500, 600, 51_920)
+    assert (row.peak_mib, row.reserved_mib, row.driver_before_mib, row.driver_after_mib) == (
+        15_000,
+        16_500,
+        600,
+        51_920,
+    )
     # non-torch after the row = 51 920 − 1 200 = 50 720 MiB; device peak = 16 500 + 50 720 = 67 220 MiB
     assert row.device_est_mib == 67_220
     assert gpu_check.device_estimate(16_500, 51_920, 1_200) == (50_720, 67_220)
@@ -169,5 +183,6 @@ def test_cpu_rows_have_no_driver_view(monkeypatch):
     gpu_check = _load_gpu_check(monkeypatch)
     row = gpu_check.Row("throughput")
     gpu_check.record_memory(row, "cpu", before=gpu_check.driver_used_mib("cpu"))
-    assert row.peak_mib > 0 and all(math.isnan(v) for v in (row.reserved_mib, row.driver_before_mib,
-                                                             row.driver_after_mib, row.device_est_mib))
+    assert row.peak_mib > 0 and all(
+        math.isnan(v) for v in (row.reserved_mib, row.driver_before_mib, row.driver_after_mib, row.device_est_mib)
+    )

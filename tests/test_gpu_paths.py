@@ -1,6 +1,7 @@
 """GPU-only paths that a CPU can still check: a job that asked for GPUs on a node without usable
 CUDA stops (with the versions and the fix) instead of training on the CPU; the stop flag's
 timeout during the first (compiled) step; deterministic numerics reset; cached resize matrices."""
+
 from __future__ import annotations
 
 import os
@@ -17,15 +18,18 @@ from cxrbase.errors import CxrError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("env, why", [
-    ({"SLURM_GPUS_ON_NODE": "4"}, "SLURM_GPUS_ON_NODE=4"),
-    ({"SLURM_JOB_GPUS": "0,1"}, "SLURM_JOB_GPUS=0,1"),
-    ({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, "CUDA_VISIBLE_DEVICES=0,1,2,3"),
-    ({"CUDA_VISIBLE_DEVICES": "", "SLURM_GPUS_ON_NODE": "4"}, None),  # hidden on purpose
-    ({"ACCELERATE_USE_CPU": "True", "SLURM_GPUS_ON_NODE": "4"}, None),  # accelerate launch --cpu
-    ({"SLURM_GPUS_ON_NODE": "0"}, None),
-    ({}, None),
-])
+@pytest.mark.parametrize(
+    "env, why",
+    [
+        ({"SLURM_GPUS_ON_NODE": "4"}, "SLURM_GPUS_ON_NODE=4"),
+        ({"SLURM_JOB_GPUS": "0,1"}, "SLURM_JOB_GPUS=0,1"),
+        ({"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, "CUDA_VISIBLE_DEVICES=0,1,2,3"),
+        ({"CUDA_VISIBLE_DEVICES": "", "SLURM_GPUS_ON_NODE": "4"}, None),  # hidden on purpose
+        ({"ACCELERATE_USE_CPU": "True", "SLURM_GPUS_ON_NODE": "4"}, None),  # accelerate launch --cpu
+        ({"SLURM_GPUS_ON_NODE": "0"}, None),
+        ({}, None),
+    ],
+)
 def test_gpus_requested_reads_the_launcher_and_scheduler(env, why, tmp_path):
     assert cuda_check.gpus_requested(env, proc=tmp_path / "absent") == why
 
@@ -42,9 +46,23 @@ def test_train_stops_when_the_job_asked_for_gpus_and_cuda_is_unusable(tmp_path):
     assert not torch.cuda.is_available()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SLURM_GPUS_ON_NODE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("CUDA_VISIBLE_DEVICES", None)
-    done = subprocess.run([sys.executable, "-m", "cxr.train", "--config", "cxr/configs/tiny.yaml",
-                           f"checkpoint.run_dir={tmp_path / 'run'}", f"data.shards={tmp_path / 'none'}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cxr.train",
+            "--config",
+            "cxr/configs/tiny.yaml",
+            f"checkpoint.run_dir={tmp_path / 'run'}",
+            f"data.shards={tmp_path / 'none'}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     message = done.stderr.strip().splitlines()[-1]
     assert "SLURM_GPUS_ON_NODE=1" in message and "CUDA is unusable" in message
@@ -105,8 +123,16 @@ def test_stop_flag_waits_for_a_slow_first_step_but_not_for_later_ones(tmp_path, 
     rank 0 fails within the short timeout — unless the model is compiled (recompiles may come later)."""
     env = {**os.environ, "ROOT": str(ROOT), "OMP_NUM_THREADS": "1"}
     store = tmp_path / "store"
-    procs = [subprocess.Popen([sys.executable, "-c", STOP_FLAG_RANK, str(r), str(store), str(int(compiled))],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", STOP_FLAG_RANK, str(r), str(store), str(int(compiled))],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     outs = [p.communicate(timeout=240) for p in procs]
     rank0 = outs[0][0]
     assert "first step agreed" in rank0, outs
@@ -119,8 +145,11 @@ def test_deterministic_numerics_are_undone_by_the_next_run():
     from cxr.config import load_config
     from cxr.distributed import configure_numerics
 
-    before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
-              torch.are_deterministic_algorithms_enabled())
+    before = (
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+        torch.are_deterministic_algorithms_enabled(),
+    )
     try:
         configure_numerics(load_config(None, ["train.deterministic=true"]), cuda=False)
         assert torch.backends.cudnn.deterministic and torch.are_deterministic_algorithms_enabled()
@@ -143,8 +172,9 @@ def test_separable_resize_builds_its_matrices_once_and_equals_interpolate():
     first = resize_matrix(40, 24, torch.float64, "cpu")
     assert resize_matrix(40, 24, torch.float64, "cpu") is first
     assert resize_matrix(40, 24, torch.float32, "cpu") is not first
-    torch.testing.assert_close(separable_resize(x, 24),
-                               F.interpolate(x, size=(24, 24), mode="bilinear", align_corners=False, antialias=True))
+    torch.testing.assert_close(
+        separable_resize(x, 24), F.interpolate(x, size=(24, 24), mode="bilinear", align_corners=False, antialias=True)
+    )
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -185,7 +215,7 @@ def test_saliency_is_micro_batched_and_equals_the_whole_batch():
     assert max(seen) <= explain.SALIENCY_MICRO_BATCH < 6
     for i in range(6):
         for j, c in enumerate((0, 3)):
-            x = image[i:i + 1].clone().requires_grad_(True)
+            x = image[i : i + 1].clone().requires_grad_(True)
             (grad,) = torch.autograd.grad(model(x)[0, c], x)
             torch.testing.assert_close(maps[i, j], grad[0, 0].clamp(min=0), rtol=1e-4, atol=1e-6)
 
@@ -199,8 +229,25 @@ def test_train_log_says_the_probed_layout_and_how_it_differs_from_the_config(tmp
     from cxr.train import train
 
     run = tmp_path / "run"
-    write_probe(run, ProbeResult(32, "cpu", 16, 8, 2, False, 1000.0, 10.0, 1.0, 18.0, {}, config_micro_batch=16,
-                                 config_grad_checkpointing=False, reason="micro-batch 8 × accumulation 2, ..."))
+    write_probe(
+        run,
+        ProbeResult(
+            32,
+            "cpu",
+            16,
+            8,
+            2,
+            False,
+            1000.0,
+            10.0,
+            1.0,
+            18.0,
+            {},
+            config_micro_batch=16,
+            config_grad_checkpointing=False,
+            reason="micro-batch 8 × accumulation 2, ...",
+        ),
+    )
     assert train(tiny_config(run, "train.epochs=1", "train.max_steps=1"), loader_fn=MemoryLoader) == 0
     log = (run / "train.log").read_text()
     assert "batch layout from the memory probe: micro-batch 8 × accumulation 2" in log

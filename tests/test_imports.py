@@ -5,6 +5,7 @@ The graph is read from the source with `ast` (every ``import shards.x`` / ``from
 import`` anywhere in a module, function-level ones included), not from what the modules
 report about themselves; each module is then imported alone in a fresh interpreter.
 """
+
 from __future__ import annotations
 
 import ast
@@ -48,7 +49,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (found := visit(nxt)):
                 return found
         path.pop()
@@ -81,8 +82,9 @@ def test_shards_import_graph_is_acyclic():
 
 @pytest.mark.parametrize("module", [m for m in MODULES if m != "__main__"])  # __main__ runs the CLI
 def test_each_module_imports_alone_in_a_fresh_interpreter(module):
-    proc = subprocess.run([sys.executable, "-c", f"import shards.{module}"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", f"import shards.{module}"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -105,7 +107,7 @@ def _top_level_imports(path: Path) -> set[str]:
 def _upward_imports(root: Path) -> list[str]:
     bad = []
     for rank, layer in enumerate(LAYERS):
-        above = set(LAYERS[rank + 1:])
+        above = set(LAYERS[rank + 1 :])
         for path in sorted((root / layer).rglob("*.py")):
             bad += [f"{path.relative_to(root)} imports {name}" for name in sorted(_top_level_imports(path) & above)]
     return bad
@@ -124,6 +126,7 @@ def test_no_layer_imports_a_layer_above_it():
 
 
 # ----- cxr/: its modules and sub-packages form a DAG (function-level imports included) -----
+
 
 def _package_modules(root: Path, package: str) -> dict[str, Path]:
     """{dotted module name: file} of a package and its sub-packages (``a.b`` for a/b/__init__.py)."""
@@ -179,6 +182,10 @@ def test_cxr_import_graph_is_acyclic():
 
 def test_no_test_module_imports_another():
     """Shared builders live in tests/helpers.py and tests/conftest.py, never in a test module."""
-    found = [f"{path.name} imports {name}" for path in sorted((ROOT / "tests").glob("*.py"))
-             for name in sorted(_top_level_imports(path)) if name.startswith("test_")]
+    found = [
+        f"{path.name} imports {name}"
+        for path in sorted((ROOT / "tests").glob("*.py"))
+        for name in sorted(_top_level_imports(path))
+        if name.startswith("test_")
+    ]
     assert found == []

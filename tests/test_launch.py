@@ -1,4 +1,5 @@
 """launch/: cluster profiles, ensemble configs, the submitit task (checkpoint/requeue), debug and local runs."""
+
 from __future__ import annotations
 
 import json
@@ -25,6 +26,7 @@ def synth_shards(tmp_path_factory) -> Path:
 
 
 # ---------------------------------------------------------------- profiles ----
+
 
 def test_profiles_table_matches_the_machines():
     g5 = profiles.get_profile("g5.24xlarge")
@@ -65,6 +67,7 @@ def test_profile_site_overrides(monkeypatch):
 
 
 # ---------------------------------------------------------------- ensembles ----
+
 
 def test_default_ensemble_is_the_five_member_recipe():
     ens = members.load_ensemble("default")
@@ -148,10 +151,21 @@ def test_an_evaluation_stopped_for_preemption_is_requeued_by_submitit(monkeypatc
 
 # ------------------------------------------------------- checkpoint / resume ----
 
+
 def _tiny_argv(shards: Path, run_dir: Path, *extra: str) -> list[str]:
-    return ["--config", "cxr/configs/tiny.yaml", f"data.shards={shards}", f"checkpoint.run_dir={run_dir}",
-            "checkpoint.resume=auto", "data.resolution=64", "model.stem_size=64", "data.num_threads=0",
-            "logging.progress=false", "logging.log_every=1", *extra]
+    return [
+        "--config",
+        "cxr/configs/tiny.yaml",
+        f"data.shards={shards}",
+        f"checkpoint.run_dir={run_dir}",
+        "checkpoint.resume=auto",
+        "data.resolution=64",
+        "model.stem_size=64",
+        "data.num_threads=0",
+        "logging.progress=false",
+        "logging.log_every=1",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -164,8 +178,7 @@ def test_checkpoint_resumes_from_the_checkpoint_training_wrote(synth_shards, tmp
     must say it resumed from there."""
     monkeypatch.chdir(ROOT)
     run_dir = tmp_path / "run"
-    task = submit.TrainTask(_tiny_argv(synth_shards, run_dir, "train.epochs=3", "train.max_steps=8"),
-                            str(run_dir))
+    task = submit.TrainTask(_tiny_argv(synth_shards, run_dir, "train.epochs=3", "train.max_steps=8"), str(run_dir))
     log = run_dir / "train.log"
     import logging
 
@@ -229,10 +242,29 @@ def test_submit_local_two_processes(synth_shards, tmp_path, monkeypatch):
     """`--cluster local`: submitit's LocalExecutor starts 2 tasks that form one 2-rank run."""
     monkeypatch.chdir(ROOT)
     runs = tmp_path / "runs"
-    rc = submit.main(["train", "--cluster", "local", "--profile", "cpu-local", "--shards", str(synth_shards),
-                      "--runs", str(runs), "--config", "cxr/configs/tiny.yaml", "--name", "two", "--wait",
-                      "data.resolution=64", "model.stem_size=64", "logging.progress=false",
-                      "train.epochs=1", "train.max_steps=2"])
+    rc = submit.main(
+        [
+            "train",
+            "--cluster",
+            "local",
+            "--profile",
+            "cpu-local",
+            "--shards",
+            str(synth_shards),
+            "--runs",
+            str(runs),
+            "--config",
+            "cxr/configs/tiny.yaml",
+            "--name",
+            "two",
+            "--wait",
+            "data.resolution=64",
+            "model.stem_size=64",
+            "logging.progress=false",
+            "train.epochs=1",
+            "train.max_steps=2",
+        ]
+    )
     assert rc == 0
     text = (runs / "two" / "train.log").read_text()
     assert "start: 2 rank(s)" in text and "done:" in text
@@ -243,15 +275,45 @@ def test_submit_local_two_processes(synth_shards, tmp_path, monkeypatch):
 # The table as it stood in launch/profiles.py before it became launch/profiles.yaml
 # (copied by hand); g5.24xlarge's memory and CPUs changed on purpose (schedulable).
 OLD_TABLE = {
-    "g5.24xlarge": dict(nodes=1, processes_per_node=4, gpus_per_node=4, cpus_per_process=24, mem_gb_per_node=360,
-                        time_min=1440, accelerate_config="launch/configs/g5.24xlarge.yaml", workers_per_process=16,
-                        threads_per_process=4, mixed_precision="bf16", signal_seconds=300),
-    "p4d.24xlarge-x2": dict(nodes=2, processes_per_node=8, gpus_per_node=8, cpus_per_process=12, mem_gb_per_node=1000,
-                            time_min=1440, accelerate_config="launch/configs/multinode.yaml", workers_per_process=8,
-                            threads_per_process=2, mixed_precision="bf16", signal_seconds=300),
-    "cpu-local": dict(nodes=1, processes_per_node=2, gpus_per_node=0, cpus_per_process=1, mem_gb_per_node=4,
-                      time_min=60, accelerate_config="launch/configs/cpu-2proc.yaml", workers_per_process=0,
-                      threads_per_process=1, mixed_precision="no", signal_seconds=60),
+    "g5.24xlarge": dict(
+        nodes=1,
+        processes_per_node=4,
+        gpus_per_node=4,
+        cpus_per_process=24,
+        mem_gb_per_node=360,
+        time_min=1440,
+        accelerate_config="launch/configs/g5.24xlarge.yaml",
+        workers_per_process=16,
+        threads_per_process=4,
+        mixed_precision="bf16",
+        signal_seconds=300,
+    ),
+    "p4d.24xlarge-x2": dict(
+        nodes=2,
+        processes_per_node=8,
+        gpus_per_node=8,
+        cpus_per_process=12,
+        mem_gb_per_node=1000,
+        time_min=1440,
+        accelerate_config="launch/configs/multinode.yaml",
+        workers_per_process=8,
+        threads_per_process=2,
+        mixed_precision="bf16",
+        signal_seconds=300,
+    ),
+    "cpu-local": dict(
+        nodes=1,
+        processes_per_node=2,
+        gpus_per_node=0,
+        cpus_per_process=1,
+        mem_gb_per_node=4,
+        time_min=60,
+        accelerate_config="launch/configs/cpu-2proc.yaml",
+        workers_per_process=0,
+        threads_per_process=1,
+        mixed_precision="no",
+        signal_seconds=60,
+    ),
 }
 CHANGED = {"g5.24xlarge": {"cpus_per_process": 22, "mem_gb_per_node": 0}}
 
@@ -286,8 +348,10 @@ def test_single_node_8gpu_profile():
 
 def test_site_file_adds_and_overrides_profiles(tmp_path, monkeypatch):
     site = tmp_path / "site.yaml"
-    site.write_text("g5.24xlarge:\n  partition: gpu-a10g\n  time_min: 600\n  env: {GLOO_SOCKET_IFNAME: ens5}\n"
-                    "mine:\n  base: p4d.24xlarge-x2\n  nodes: 4\n  env: {NCCL_DEBUG: INFO}\n")
+    site.write_text(
+        "g5.24xlarge:\n  partition: gpu-a10g\n  time_min: 600\n  env: {GLOO_SOCKET_IFNAME: ens5}\n"
+        "mine:\n  base: p4d.24xlarge-x2\n  nodes: 4\n  env: {NCCL_DEBUG: INFO}\n"
+    )
     monkeypatch.setenv("CXR_PROFILES", str(site))
     table = profiles.load_profiles([site])
     g5 = table["g5.24xlarge"]
@@ -297,10 +361,19 @@ def test_site_file_adds_and_overrides_profiles(tmp_path, monkeypatch):
     assert (mine.nodes, mine.gpus_per_node, mine.mem_gb_per_node) == (4, 8, 1000)
     assert mine.env["NCCL_DEBUG"] == "INFO" and mine.env["FI_PROVIDER"] == "efa"  # merged over the base's env
     # through the CLI's --profiles, and the variables a site already exports win over the profile's
-    exports = subprocess.run([sys.executable, "-m", "launch.profiles", "mine", "--env", "--profiles", str(site)],
-                             cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    out = subprocess.run(["bash", "-c", exports + "\necho $NCCL_DEBUG $FI_PROVIDER"], capture_output=True, text=True,
-                         env={"FI_PROVIDER": "tcp", "PATH": "/usr/bin:/bin"}).stdout.split()
+    exports = subprocess.run(
+        [sys.executable, "-m", "launch.profiles", "mine", "--env", "--profiles", str(site)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    out = subprocess.run(
+        ["bash", "-c", exports + "\necho $NCCL_DEBUG $FI_PROVIDER"],
+        capture_output=True,
+        text=True,
+        env={"FI_PROVIDER": "tcp", "PATH": "/usr/bin:/bin"},
+    ).stdout.split()
     assert out == ["INFO", "tcp"]
 
 
@@ -343,12 +416,29 @@ def _run_training_sh(tmp_path: Path, run: Path, training: str, restart: int, **e
         (bin_dir / name).chmod(0o755)
     requeues = tmp_path / "requeues.txt"
     requeues.unlink(missing_ok=True)
-    full = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
-            "SLURM_RESTART_COUNT": str(restart), "SLURM_NNODES": "1", "SLURM_NODEID": "0", "CXR_REPO": str(ROOT),
-            "CXR_PYTHON": sys.executable, "FAKE_TRAINING": training, "FAKE_RUN": str(run),
-            "FAKE_REQUEUES": str(requeues), **env}
-    proc = subprocess.run(["bash", str(ROOT / "slurm" / "run-training.sh"), f"checkpoint.run_dir={run}"],
-                          env=full, capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
+    full = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_RESTART_COUNT": str(restart),
+        "SLURM_NNODES": "1",
+        "SLURM_NODEID": "0",
+        "CXR_REPO": str(ROOT),
+        "CXR_PYTHON": sys.executable,
+        "FAKE_TRAINING": training,
+        "FAKE_RUN": str(run),
+        "FAKE_REQUEUES": str(requeues),
+        **env,
+    }
+    proc = subprocess.run(
+        ["bash", str(ROOT / "slurm" / "run-training.sh"), f"checkpoint.run_dir={run}"],
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        check=False,
+    )
     return proc.returncode, requeues.read_text().split() if requeues.is_file() else [], proc.stdout + proc.stderr
 
 

@@ -6,6 +6,7 @@ RGBA ones and 6 grey ones) keep it fast. The per-sample crc32 checksum test come
 with the checksum work; here a truncated member is caught by the marker check and
 the decoders.
 """
+
 from __future__ import annotations
 
 import io
@@ -54,10 +55,36 @@ def packed(nih_dir, nih_sample_dir, tmp_path_factory) -> dict:
     for name in chosen["Image Index"]:
         (images / name).symlink_to(nih_sample_dir / name)
     splits, out = root / "splits.parquet", root / "shards"
-    _run(["split", "--metadata", str(nih_dir / "Data_Entry_2017_v2020.csv.gz"), "--scheme", "official",
-          "--out", str(splits), "--restrict-to", str(images)])
-    _run(["pack", "--splits", str(splits), "--images", str(images), "--out", str(out), "--codec", "ljpeg",
-          "--workers", "1", "--resize", "64"])
+    _run(
+        [
+            "split",
+            "--metadata",
+            str(nih_dir / "Data_Entry_2017_v2020.csv.gz"),
+            "--scheme",
+            "official",
+            "--out",
+            str(splits),
+            "--restrict-to",
+            str(images),
+        ]
+    )
+    _run(
+        [
+            "pack",
+            "--splits",
+            str(splits),
+            "--images",
+            str(images),
+            "--out",
+            str(out),
+            "--codec",
+            "ljpeg",
+            "--workers",
+            "1",
+            "--resize",
+            "64",
+        ]
+    )
     rgba = {n[:-4] for n in chosen.loc[chosen["png_mode"] == "RGBA", "Image Index"]}
     return {"dir": out, "images": images, "keys": {n[:-4] for n in chosen["Image Index"]}, "rgba": rgba}
 
@@ -67,8 +94,13 @@ def _members(directory: Path) -> dict[str, bytes]:
     out = {}
     for tar_path in sorted(directory.glob("*.tar")):
         with tarfile.open(tar_path) as tar:
-            out.update({m.name: tar.extractfile(m).read() for m in tar if not m.name.endswith(
-                (".labels", ".meta", ".id", ".json"))})
+            out.update(
+                {
+                    m.name: tar.extractfile(m).read()
+                    for m in tar
+                    if not m.name.endswith((".labels", ".meta", ".id", ".json"))
+                }
+            )
     return out
 
 
@@ -93,8 +125,9 @@ def test_derived_shards_are_ljpeg_lanczos_of_the_source(packed):
     assert manifest["codec"] == "ljpeg" and manifest["resolution"] == 64
     for name, data in _members(packed["dir"] / "res64").items():
         assert name.endswith(".ljpeg")
-        np.testing.assert_array_equal(imagecodecs.ljpeg_decode(data),
-                                      _reference(packed["images"], name.split(".")[0], 64))
+        np.testing.assert_array_equal(
+            imagecodecs.ljpeg_decode(data), _reference(packed["images"], name.split(".")[0], 64)
+        )
 
 
 def test_verify_against_sources_passes_masters_and_derived(packed, capsys):
@@ -109,8 +142,7 @@ def test_loaders_decode_ljpeg_pixel_exact(packed, backend, caplog):
     seen = set()
     with caplog.at_level(logging.INFO, logger="cxr.data"):
         for split in ("train", "val", "test"):
-            cfg = DataConfig(shards=str(packed["dir"]), backend=backend, resolution=1024, batch_size=4,
-                             num_threads=1)
+            cfg = DataConfig(shards=str(packed["dir"]), backend=backend, resolution=1024, batch_size=4, num_threads=1)
             for batch in build_loader(cfg, split, train=False):
                 for key, img in zip(batch["key"], batch["image"].numpy()):
                     grey = np.rint((img[0] * cfg.std + cfg.mean) * 255)
@@ -149,8 +181,10 @@ def test_verify_against_catches_one_changed_pixel(packed, tmp_path):
     rewrite_shard(out, "train-000000.tar", change)
     assert verify(out, workers=1).ok
     failures = verify(out, workers=1, against=[packed["images"]]).failures
-    assert failures == [f"train-000000.tar: {key}: pixels differ from {packed['images'] / (key + '.png')} "
-                        "(1 pixels, max |diff| 1, mean 0.000)"]
+    assert failures == [
+        f"train-000000.tar: {key}: pixels differ from {packed['images'] / (key + '.png')} "
+        "(1 pixels, max |diff| 1, mean 0.000)"
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -176,10 +210,14 @@ def test_verify_rejects_truncated_ljpeg(truncated):
     out, key = truncated
     failures = verify(out, workers=1).failures
     # the decoder's check names the truncation; the per-sample crc32 (format /2) flags the changed bytes too
-    assert sorted(failures) == sorted([f"train-000000.tar: {key}: lossless JPEG end-of-image marker missing (truncated)",
-                                       f"train-000000.tar: {key}: .ljpeg checksum mismatch (crc32 "
-                                       f"{zlib.crc32((out / 'trunc.bytes').read_bytes()):08x}, packed "
-                                       f"{zlib.crc32((out / 'orig.bytes').read_bytes()):08x}): bytes changed"])
+    assert sorted(failures) == sorted(
+        [
+            f"train-000000.tar: {key}: lossless JPEG end-of-image marker missing (truncated)",
+            f"train-000000.tar: {key}: .ljpeg checksum mismatch (crc32 "
+            f"{zlib.crc32((out / 'trunc.bytes').read_bytes()):08x}, packed "
+            f"{zlib.crc32((out / 'orig.bytes').read_bytes()):08x}): bytes changed",
+        ]
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -205,15 +243,17 @@ def test_flipped_ljpeg_byte_caught_by_verify_and_both_loaders(packed, tmp_path, 
     with tarfile.open(tar_path) as tar:
         member = tar.getmember(f"{key}.ljpeg")
     data = bytearray(tar_path.read_bytes())
-    original = bytes(data[member.offset_data: member.offset_data + member.size])
+    original = bytes(data[member.offset_data : member.offset_data + member.size])
     data[member.offset_data + member.size // 2] ^= 0x10
     tar_path.write_bytes(bytes(data))
-    member_bytes = bytes(data[member.offset_data: member.offset_data + member.size])
+    member_bytes = bytes(data[member.offset_data : member.offset_data + member.size])
     assert imagecodecs.jpeg8_decode(member_bytes).shape == (1024, 1024)  # still decodes
     failures = verify(out, workers=1).failures
     assert failures[0] == "train-000000.tar: size/sha256 differ from the manifest (corrupt or replaced shard)"
-    assert failures[1:] == [f"train-000000.tar: {key}: .ljpeg checksum mismatch (crc32 "
-                            f"{zlib.crc32(member_bytes):08x}, packed {zlib.crc32(original):08x}): bytes changed"]
+    assert failures[1:] == [
+        f"train-000000.tar: {key}: .ljpeg checksum mismatch (crc32 "
+        f"{zlib.crc32(member_bytes):08x}, packed {zlib.crc32(original):08x}): bytes changed"
+    ]
     cfg = DataConfig(shards=str(out), backend=backend, resolution=128, batch_size=4, num_threads=1)
     with pytest.raises(CxrError, match=rf"train-000000.tar: sample {key} is corrupt \(.ljpeg checksum mismatch"):
         list(build_loader(cfg, "train", train=False))

@@ -4,6 +4,7 @@ References are independent of the loader: the splits table (parquet) for keys, l
 and meta; PIL for pixels; tarfile for member offsets; hashlib for the key hash.
 Two ranks are simulated by building rank 0 and rank 1 loaders in one process.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,10 +43,38 @@ def synth(tmp_path_factory) -> dict:
     splits = root / "splits.parquet"
     _run(["split", "--metadata", str(root / "Data_Entry_2017.csv"), "--scheme", "official", "--out", str(splits)])
     out = root / "shards"
-    _run(["pack", "--splits", str(splits), "--images", str(root / "images"), "--out", str(out),
-          "--shard-size-mb", "0.05", "--workers", "1"])
-    _run(["pack", "--splits", str(splits), "--images", str(root / "images"), "--out", str(out),
-          "--shard-size-mb", "0.05", "--workers", "1", "--resize", "32"])
+    _run(
+        [
+            "pack",
+            "--splits",
+            str(splits),
+            "--images",
+            str(root / "images"),
+            "--out",
+            str(out),
+            "--shard-size-mb",
+            "0.05",
+            "--workers",
+            "1",
+        ]
+    )
+    _run(
+        [
+            "pack",
+            "--splits",
+            str(splits),
+            "--images",
+            str(root / "images"),
+            "--out",
+            str(out),
+            "--shard-size-mb",
+            "0.05",
+            "--workers",
+            "1",
+            "--resize",
+            "32",
+        ]
+    )
     return {"dir": out, "table": _table(splits), "images": root / "images"}
 
 
@@ -54,11 +83,35 @@ def real(tmp_path_factory, nih_dir: Path, nih_sample_dir: Path) -> dict:
     """The 130 real NIH sample PNGs (1024², 6 of them RGBA) packed with the official split."""
     root = tmp_path_factory.mktemp("real")
     splits = root / "splits.parquet"
-    _run(["split", "--metadata", str(nih_dir / "Data_Entry_2017_v2020.csv.gz"), "--scheme", "official",
-          "--out", str(splits), "--restrict-to", str(nih_sample_dir)])
+    _run(
+        [
+            "split",
+            "--metadata",
+            str(nih_dir / "Data_Entry_2017_v2020.csv.gz"),
+            "--scheme",
+            "official",
+            "--out",
+            str(splits),
+            "--restrict-to",
+            str(nih_sample_dir),
+        ]
+    )
     out = root / "shards"
-    _run(["pack", "--splits", str(splits), "--images", str(nih_sample_dir), "--out", str(out),
-          "--shard-size-mb", "8", "--workers", "1"])
+    _run(
+        [
+            "pack",
+            "--splits",
+            str(splits),
+            "--images",
+            str(nih_sample_dir),
+            "--out",
+            str(out),
+            "--shard-size-mb",
+            "8",
+            "--workers",
+            "1",
+        ]
+    )
     return {"dir": out, "table": _table(splits), "images": nih_sample_dir}
 
 
@@ -84,6 +137,7 @@ def _keys(batches: list[dict]) -> list[str]:
 
 # ----- config -----
 
+
 def test_config_rejects_bad_values_naming_field_and_choices():
     with pytest.raises(CxrError, match=r"backend.*dali, wds"):
         DataConfig(backend="tfrecord")
@@ -97,6 +151,7 @@ def test_config_rejects_bad_values_naming_field_and_choices():
 
 
 # ----- evaluation: exactly once -----
+
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("split", ["train", "test"])
@@ -123,6 +178,7 @@ def test_eval_partial_last_batch_shape(synth):
 
 # ----- training: shuffle, equal counts, resume -----
 
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_train_two_ranks_equal_full_batches_disjoint(synth, backend):
     n = int((synth["table"]["split"] == "train").sum())
@@ -144,8 +200,17 @@ def test_train_shuffle_reproducible_and_changes_per_epoch(synth):
     again = _keys(_collect(build_loader(cfg, "train", rank=0, world_size=2, epoch=1)))
     assert again == orders[1]
     assert orders[0] != orders[1] and orders[1] != orders[2]
-    other_seed = _keys(_collect(build_loader(_cfg(synth["dir"], "wds", batch_size=4, augment=False, num_threads=0,
-                                                  seed=1), "train", rank=0, world_size=2, epoch=1)))
+    other_seed = _keys(
+        _collect(
+            build_loader(
+                _cfg(synth["dir"], "wds", batch_size=4, augment=False, num_threads=0, seed=1),
+                "train",
+                rank=0,
+                world_size=2,
+                epoch=1,
+            )
+        )
+    )
     assert other_seed != orders[1]
     # dropped remainder differs between epochs (both ranks together)
     dropped = []
@@ -171,8 +236,11 @@ def test_skip_batches_yields_exact_tail_including_augmentation(synth, backend):
 
 def test_augmentation_changes_images_and_eval_does_not(synth):
     on = _collect(build_loader(_cfg(synth["dir"], "dali", batch_size=4), "train", epoch=0))
-    off = {k: img for b in _collect(build_loader(_cfg(synth["dir"], "dali", batch_size=4, augment=False), "train",
-                                                 epoch=0)) for k, img in zip(b["key"], b["image"])}
+    off = {
+        k: img
+        for b in _collect(build_loader(_cfg(synth["dir"], "dali", batch_size=4, augment=False), "train", epoch=0))
+        for k, img in zip(b["key"], b["image"])
+    }
     diffs = [np.abs(img - off[k]).mean() for b in on for k, img in zip(b["key"], b["image"])]
     assert np.mean(diffs) > 0.05
     ev = _collect(build_loader(_cfg(synth["dir"], "dali", batch_size=4), "train", train=False))
@@ -187,6 +255,7 @@ def test_augmentation_changes_images_and_eval_does_not(synth):
 
 # ----- labels, meta and pixels against independent references -----
 
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_labels_and_meta_match_splits_table(synth, backend):
     table = synth["table"]
@@ -199,9 +268,16 @@ def test_labels_and_meta_match_splits_table(synth, backend):
         for b in build_loader(_cfg(synth["dir"], backend, batch_size=8), split, train=False):
             rows = table.loc[b["key"]]
             np.testing.assert_array_equal(b["labels"].numpy(), rows[list(LABELS)].to_numpy(np.float32))
-            expect = np.stack([(rows["age"] - stats["age_mean"]) / stats["age_std"],
-                               rows["sex"] == "M", rows["sex"] == "F", rows["view"] == "PA", rows["view"] == "AP"],
-                              axis=1).astype(np.float32)
+            expect = np.stack(
+                [
+                    (rows["age"] - stats["age_mean"]) / stats["age_std"],
+                    rows["sex"] == "M",
+                    rows["sex"] == "F",
+                    rows["view"] == "PA",
+                    rows["view"] == "AP",
+                ],
+                axis=1,
+            ).astype(np.float32)
             np.testing.assert_allclose(b["meta"].numpy(), expect, atol=1e-5)
             assert b["labels"].dtype == b["meta"].dtype == b["image"].dtype
 
@@ -232,10 +308,12 @@ def test_backends_agree_on_real_images(real, train):
     assert _keys(out["dali"]) == _keys(out["wds"])
     dali = np.concatenate([b["image"] for b in out["dali"]])
     wds = np.concatenate([b["image"] for b in out["wds"]])
-    np.testing.assert_array_equal(np.concatenate([b["labels"] for b in out["dali"]]),
-                                  np.concatenate([b["labels"] for b in out["wds"]]))
-    np.testing.assert_array_equal(np.concatenate([b["meta"] for b in out["dali"]]),
-                                  np.concatenate([b["meta"] for b in out["wds"]]))
+    np.testing.assert_array_equal(
+        np.concatenate([b["labels"] for b in out["dali"]]), np.concatenate([b["labels"] for b in out["wds"]])
+    )
+    np.testing.assert_array_equal(
+        np.concatenate([b["meta"] for b in out["dali"]]), np.concatenate([b["meta"] for b in out["wds"]])
+    )
     grey = np.abs(dali - wds) * cfg.std * 255
     assert grey.mean() <= 0.5 and np.percentile(grey, 99) <= 2.0, (grey.mean(), np.percentile(grey, 99))
 
@@ -263,6 +341,7 @@ def test_on_the_fly_resize_equals_pack_resize(real, backend):
 
 # ----- resolution and derived shards -----
 
+
 def test_derived_shards_preferred_and_logged(synth, caplog):
     with caplog.at_level(logging.INFO, logger="cxr.data"):
         used, manifest = load_shards_manifest(synth["dir"], 32)
@@ -277,7 +356,9 @@ def test_derived_shards_preferred_and_logged(synth, caplog):
         # derived pixels are the res32 shard's bytes decoded, not the 64 px master resized by the loader
         with tarfile.open(next((synth["dir"] / "res32").glob("test-000000.tar"))) as tar:
             ref = np.asarray(PILImage.open(tar.extractfile(f"{key}.png")).convert("L"), np.float32)
-        np.testing.assert_allclose(batch["image"][0, 0].numpy(), (ref / 255 - DataConfig.mean) / DataConfig.std, atol=1e-5)
+        np.testing.assert_allclose(
+            batch["image"][0, 0].numpy(), (ref / 255 - DataConfig.mean) / DataConfig.std, atol=1e-5
+        )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -291,6 +372,7 @@ def test_any_resolution_shape(synth, backend, resolution):
 
 # ----- corrupt samples, missing files -----
 
+
 def _corrupt_copy(src: Path, dst: Path, split: str, fix_crc: bool) -> tuple[str, str]:
     """Copy the shards and damage one image in the middle of a `split` shard; returns (shard, key)."""
     shutil.copytree(src, dst)
@@ -298,16 +380,16 @@ def _corrupt_copy(src: Path, dst: Path, split: str, fix_crc: bool) -> tuple[str,
     with tarfile.open(tar_path) as tar:
         member = [m for m in tar.getmembers() if m.name.endswith(".png")][1]
     data = bytearray(tar_path.read_bytes())
-    png = data[member.offset_data: member.offset_data + member.size]
+    png = data[member.offset_data : member.offset_data + member.size]
     # first IDAT chunk: flip bytes inside the compressed stream
     pos = png.index(b"IDAT") - 4
-    length = int.from_bytes(png[pos:pos + 4], "big")
+    length = int.from_bytes(png[pos : pos + 4], "big")
     for j in range(8, min(length, 40)):
         png[pos + 8 + j] ^= 0xFF
     if fix_crc:  # keep the chunk CRC valid so only the decoder can notice
-        crc = zlib.crc32(bytes(png[pos + 4: pos + 8 + length]))
-        png[pos + 8 + length: pos + 12 + length] = crc.to_bytes(4, "big")
-    data[member.offset_data: member.offset_data + member.size] = png
+        crc = zlib.crc32(bytes(png[pos + 4 : pos + 8 + length]))
+        png[pos + 8 + length : pos + 12 + length] = crc.to_bytes(4, "big")
+    data[member.offset_data : member.offset_data + member.size] = png
     tar_path.write_bytes(bytes(data))
     return tar_path.name, member.name.split(".")[0]
 
@@ -320,8 +402,13 @@ def test_corrupt_sample_train_skipped_eval_raises(synth, tmp_path, backend, fix_
     train_keys = set(synth["table"].index[synth["table"]["split"] == "train"])
     # world_size 1 with a batch that divides N keeps every sample, so the corrupt one is in the plan
     n = len(train_keys)
-    cfg = _cfg(tmp_path / "s", backend, batch_size=next(b for b in (6, 5, 4, 3, 2, 1) if n % b == 0),
-               resolution=resolution, num_threads=2)
+    cfg = _cfg(
+        tmp_path / "s",
+        backend,
+        batch_size=next(b for b in (6, 5, 4, 3, 2, 1) if n % b == 0),
+        resolution=resolution,
+        num_threads=2,
+    )
     loader = build_loader(cfg, "train")
     keys = _keys(_collect(loader))
     assert key not in keys and set(keys) == train_keys - {key}
@@ -360,20 +447,42 @@ def test_gpu_device_is_a_switch_with_a_clear_error_without_cuda(synth):
 
 # ----- CLI -----
 
+
 def test_inspect_cli_counts_and_key_hash(synth, tmp_path, capsys):
     from cxr.data.__main__ import main
 
     grid = tmp_path / "grid.png"
-    assert main(["inspect", "--shards", str(synth["dir"]), "--split", "test", "--backend", "wds",
-                 "--resolution", "64", "--batch-size", "4", "--world-size", "1", "--json",
-                 "--save-grid", str(grid), "--num-threads", "0"]) == 0
+    assert (
+        main(
+            [
+                "inspect",
+                "--shards",
+                str(synth["dir"]),
+                "--split",
+                "test",
+                "--backend",
+                "wds",
+                "--resolution",
+                "64",
+                "--batch-size",
+                "4",
+                "--world-size",
+                "1",
+                "--json",
+                "--save-grid",
+                str(grid),
+                "--num-threads",
+                "0",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     keys = sorted(synth["table"].index[synth["table"]["split"] == "test"])
     assert out["samples"] == out["unique_keys"] == len(keys)
     assert out["keys_sha256"] == hashlib.sha256("\n".join(keys).encode()).hexdigest()
     assert PILImage.open(grid).size[0] > 200
     assert main(["inspect", "--shards", str(tmp_path / "none"), "--split", "test"]) == 2
-
 
 
 def test_dali_pipeline_built_once_per_split_across_epochs(synth, monkeypatch):
@@ -402,8 +511,10 @@ def test_dali_pipeline_built_once_per_split_across_epochs(synth, monkeypatch):
             np.testing.assert_array_equal(a["image"], b["image"])
     # the epoch after the early exit is exact (no stale prefetched batch leaked into it)
     dali_loader._BUILT.clear()
-    np.testing.assert_array_equal(np.concatenate([b["image"] for b in full]),
-                                  np.concatenate([b["image"] for b in _collect(build_loader(cfg, "train", epoch=2))]))
+    np.testing.assert_array_equal(
+        np.concatenate([b["image"] for b in full]),
+        np.concatenate([b["image"] for b in _collect(build_loader(cfg, "train", epoch=2))]),
+    )
 
 
 def test_dali_device_id_is_the_local_rank(monkeypatch):
@@ -439,7 +550,9 @@ def test_pin_memory_auto_follows_cuda_and_cpu_default_is_off(synth, monkeypatch)
             batch = next(iter(build_loader(_cfg(synth["dir"], backend, batch_size=4), "val", train=False)))
             assert not batch["image"].is_pinned()
 
+
 # ----- per-sample checksums (format cxr-shards/2), old shards, wrong indexes -----
+
 
 def _member(tar_path: Path, name: str) -> tarfile.TarInfo:
     with tarfile.open(tar_path) as tar:
@@ -450,9 +563,9 @@ def _edit_in_place(tar_path: Path, name: str, change) -> None:
     """Replace member `name`'s bytes by change(bytes) of the same length (headers and .idx stay valid)."""
     info = _member(tar_path, name)
     data = bytearray(tar_path.read_bytes())
-    new = change(bytes(data[info.offset_data: info.offset_data + info.size]))
+    new = change(bytes(data[info.offset_data : info.offset_data + info.size]))
     assert len(new) == info.size
-    data[info.offset_data: info.offset_data + info.size] = new
+    data[info.offset_data : info.offset_data + info.size] = new
     tar_path.write_bytes(bytes(data))
 
 
@@ -469,8 +582,23 @@ def _train_and_eval_see_one_corrupt(shards: Path, backend: str, key: str, shard:
 @pytest.fixture(scope="session")
 def synth_jpeg(synth, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth_jpeg") / "shards"
-    _run(["pack", "--splits", str(synth["dir"].parent / "splits.parquet"), "--images", str(synth["images"]),
-          "--out", str(out), "--codec", "jpeg", "--shard-size-mb", "0.05", "--workers", "1"])
+    _run(
+        [
+            "pack",
+            "--splits",
+            str(synth["dir"].parent / "splits.parquet"),
+            "--images",
+            str(synth["images"]),
+            "--out",
+            str(out),
+            "--codec",
+            "jpeg",
+            "--shard-size-mb",
+            "0.05",
+            "--workers",
+            "1",
+        ]
+    )
     return out
 
 
@@ -484,9 +612,9 @@ def test_jpeg_with_flipped_entropy_bytes_is_skipped_in_train_and_raises_in_eval(
         name = [m.name for m in tar.getmembers() if m.name.endswith(".jpg")][0]
 
     def flip(jpg: bytes) -> bytes:
-        start = jpg.index(b"\xff\xda") + 2 + int.from_bytes(jpg[jpg.index(b"\xff\xda") + 2:][:2], "big")
+        start = jpg.index(b"\xff\xda") + 2 + int.from_bytes(jpg[jpg.index(b"\xff\xda") + 2 :][:2], "big")
         mid = start + (len(jpg) - 2 - start) // 2
-        return jpg[:mid] + bytes(b ^ 0x01 for b in jpg[mid:mid + 40]) + jpg[mid + 40:]
+        return jpg[:mid] + bytes(b ^ 0x01 for b in jpg[mid : mid + 40]) + jpg[mid + 40 :]
 
     _edit_in_place(tar_path, name, flip)
     n = int((synth["table"]["split"] == "train").sum())
@@ -550,8 +678,9 @@ def test_format_1_shards_without_checksums_still_load(synth, tmp_path, backend):
     table = synth["table"]
     for b in build_loader(_cfg(tmp_path / "v1", backend, batch_size=8), "val", train=False):
         np.testing.assert_array_equal(b["labels"].numpy(), table.loc[b["key"]][list(LABELS)].to_numpy(np.float32))
-    assert sorted(_keys(_collect(build_loader(_cfg(tmp_path / "v1", backend, batch_size=8), "val", train=False)))) \
-        == sorted(table.index[table["split"] == "val"])
+    assert sorted(
+        _keys(_collect(build_loader(_cfg(tmp_path / "v1", backend, batch_size=8), "val", train=False)))
+    ) == sorted(table.index[table["split"] == "val"])
 
 
 def _shift_index(idx: Path, by: int, lines: slice = slice(1, None)) -> None:
@@ -628,7 +757,9 @@ def test_index_read_and_tar_scan_agree_with_tarfile(synth):
         assert read_index(tar.with_suffix(".idx")) == expected, tar
         assert scan_tar(tar) == expected, tar
 
+
 # ----- DALI parallel external source (data.source_workers) -----
+
 
 def _assert_same_batches(serial: list[dict], parallel: list[dict]) -> None:
     assert [b["key"] for b in parallel] == [b["key"] for b in serial]
@@ -646,8 +777,9 @@ def test_dali_parallel_source_yields_the_serial_batches(synth, case):
     split = "train" if train else "val"
     serial = _collect(build_loader(_cfg(synth["dir"], "dali", **kw), split, train=train, **where))
     workers = 2 if train else 1
-    parallel = _collect(build_loader(_cfg(synth["dir"], "dali", source_workers=workers, **kw), split, train=train,
-                                     **where))
+    parallel = _collect(
+        build_loader(_cfg(synth["dir"], "dali", source_workers=workers, **kw), split, train=train, **where)
+    )
     assert serial and len({len(b["key"]) for b in serial}) == (1 if train else 2)  # eval: a shorter last batch
     _assert_same_batches(serial, parallel)
 
@@ -700,9 +832,11 @@ def test_a_reordered_manifest_labels_list_is_refused_when_a_split_is_opened(synt
 
 # ----- a shard cut while a loader is reading it (battery 2, 7.2) -----
 
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_shard_truncated_after_a_read_keeps_that_read_and_skips_the_rest_naming_the_shard(
-        synth, tmp_path, backend, monkeypatch, caplog):
+    synth, tmp_path, backend, monkeypatch, caplog
+):
     """The shard is cut (at the start of the sample just read) right after the loader read a sample
     of it: that sample's labels/meta are those read with its image; every later sample of the shard
     is a counted corrupt sample naming the shard. The old loader re-read .labels for the batch and
@@ -759,10 +893,32 @@ def test_full_resolution_masters_are_not_said_to_be_resized(real, capsys):
     native = image_source(real["dir"], 1024)
     assert native == {"source": f"masters {real['dir']} at their native 1024 px", "resize_filter": None}
     assert "resized on the fly to 256 px" in image_source(real["dir"], 256)["source"]
-    assert main(["inspect", "--shards", str(real["dir"]), "--split", "test", "--backend", "wds",
-                 "--resolution", "1024", "--batch-size", "2", "--limit", "1", "--num-threads", "0"]) == 0
-    assert capsys.readouterr().out.strip().splitlines()[-1] == \
-        f"images: masters {real['dir']} at their native 1024 px; resize filter: None"
+    assert (
+        main(
+            [
+                "inspect",
+                "--shards",
+                str(real["dir"]),
+                "--split",
+                "test",
+                "--backend",
+                "wds",
+                "--resolution",
+                "1024",
+                "--batch-size",
+                "2",
+                "--limit",
+                "1",
+                "--num-threads",
+                "0",
+            ]
+        )
+        == 0
+    )
+    assert (
+        capsys.readouterr().out.strip().splitlines()[-1]
+        == f"images: masters {real['dir']} at their native 1024 px; resize filter: None"
+    )
 
 
 def _spawned_children() -> dict[int, bytes]:
@@ -779,8 +935,9 @@ def _spawned_children() -> dict[int, bytes]:
 
 def _pending_signals(pid: int) -> int:
     """Signals pending for process pid (process-wide | main thread), as the bit mask of /proc/PID/status."""
-    status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                  if ":\t" in line)
+    status = dict(
+        line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line
+    )
     assert not status["State"].startswith(("Z", "X")), f"worker {pid} died: {status['State']}"
     return int(status["ShdPnd"], 16) | int(status["SigPnd"], 16)
 
@@ -811,6 +968,7 @@ def test_dali_source_workers_survive_the_jobs_stop_signals(synth):
 
 # ----- GPU decoding: silent failures, decoder buffers, DALI's memory (issue 22 items 6 and D) -----
 
+
 def test_flat_image_from_the_decoder_whose_bytes_hold_pixels_stops_the_run(synth, tmp_path, monkeypatch):
     """nvJPEG's lossless path returned all-zero images before 13.0.2; here the decode is replaced by
     one that zeroes its output, as that bug did. The CPU decode of the checked bytes is the reference."""
@@ -819,8 +977,13 @@ def test_flat_image_from_the_decoder_whose_bytes_hold_pixels_stops_the_run(synth
     from cxr.data import dali_loader
 
     shutil.copytree(synth["dir"], tmp_path / "s")  # a new shard path: a pipeline of its own, not a cached one
-    monkeypatch.setattr(dali_loader, "_decode", lambda data, gpu, native: fn.cast(
-        fn.decoders.image(data, device="cpu", output_type=types.GRAY) * 0, dtype=types.UINT8))
+    monkeypatch.setattr(
+        dali_loader,
+        "_decode",
+        lambda data, gpu, native: fn.cast(
+            fn.decoders.image(data, device="cpu", output_type=types.GRAY) * 0, dtype=types.UINT8
+        ),
+    )
     loader = build_loader(_cfg(tmp_path / "s", "dali", batch_size=4), "val", train=False)
     first = loader.index.keys[loader.plan.batches[0][0]]
     with pytest.raises(CxrError, match=rf"val-\d+\.tar: sample {first} came out of DALI .* one flat value.*13\.0\.2"):

@@ -1,5 +1,6 @@
 """slurm/local-cluster.sh keeps to CXR_SLURM_HOME and refuses where another Slurm is configured
 or running (fast: only the safety checks run, no Slurm needed)."""
+
 from __future__ import annotations
 
 import os
@@ -14,8 +15,9 @@ OLD_HEADER = "# Written by slurm/local-cluster.sh: a single-node Slurm for tryin
 
 def run(tmp_path: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}
-    full.update(CXR_SLURM_HOME=str(tmp_path / "home"),
-                CXR_SLURM_SYSTEM_CONF=str(tmp_path / "etc-slurm" / "slurm.conf"), **env)
+    full.update(
+        CXR_SLURM_HOME=str(tmp_path / "home"), CXR_SLURM_SYSTEM_CONF=str(tmp_path / "etc-slurm" / "slurm.conf"), **env
+    )
     return subprocess.run(["bash", str(CLUSTER), *args], capture_output=True, text=True, env=full, timeout=60)
 
 

@@ -1,4 +1,5 @@
 """cxr.losses against direct float64 numpy transcriptions of the SPEC.md formulas."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -60,7 +61,7 @@ def np_dynamic(z, y, s=0.1, eps=1e-7, a=0.0, clip=False):
 def np_focal(z, y, gamma=2.0, alpha=None, a=0.0):
     y, p = np_smooth(y, a), np_p(z)
     ap, an = (1.0, 1.0) if alpha is None else (alpha, 1 - alpha)
-    return -np.mean(ap * y * (1 - p) ** gamma * np.log(p) + an * (1 - y) * p ** gamma * np.log(1 - p))
+    return -np.mean(ap * y * (1 - p) ** gamma * np.log(p) + an * (1 - y) * p**gamma * np.log(1 - p))
 
 
 @pytest.mark.parametrize("a", [0.0, 0.1])
@@ -191,8 +192,7 @@ def test_shape_mismatch_is_a_clear_error():
 def test_build_loss_each_name(batch, name):
     z, y = batch
     pi = np.linspace(0.01, 0.3, C)
-    cfg = LossConfig(name=name, weighting="log", cap=5.0, smoothing=0.2, gamma=1.5, alpha=0.3,
-                     label_smoothing=0.05)
+    cfg = LossConfig(name=name, weighting="log", cap=5.0, smoothing=0.2, gamma=1.5, alpha=0.3, label_smoothing=0.05)
     got = build_loss(cfg, pi)(t(z), t(y)).item()
     w = np.minimum(np.log(1 + (1 - pi) / pi), 5.0)
     expected = {
@@ -209,10 +209,20 @@ def test_weighted_bce_needs_prevalence():
         build_loss(LossConfig(name="weighted_bce"), None)
 
 
-@pytest.mark.parametrize("field,value", [
-    ("name", "hinge"), ("weighting", "sqrt"), ("cap", 0.0), ("smoothing", 1.5), ("eps", 0.0),
-    ("batch_stats", "node"), ("gamma", -1.0), ("alpha", 1.2), ("label_smoothing", 1.0),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("name", "hinge"),
+        ("weighting", "sqrt"),
+        ("cap", 0.0),
+        ("smoothing", 1.5),
+        ("eps", 0.0),
+        ("batch_stats", "node"),
+        ("gamma", -1.0),
+        ("alpha", 1.2),
+        ("label_smoothing", 1.0),
+    ],
+)
 def test_loss_config_validation_names_field(field, value):
     with pytest.raises(CxrError, match=rf"loss\.{field}=.*valid"):
         LossConfig(**{field: value})
@@ -233,16 +243,23 @@ def _rank_worker(rank: int, world: int, init_file: str, out_dir: str, z: np.ndar
     try:
         for sizes in SIZES:
             lo = sum(sizes[:rank])
-            zr = torch.tensor(z[lo:lo + sizes[rank]], requires_grad=True)
-            yr = torch.tensor(y[lo:lo + sizes[rank]])
-            out = {"r_global": losses.positive_ratio(yr, "global"), "r_rank": losses.positive_ratio(yr, "rank"),
-                   "r_grad": losses.positive_ratio(yr.clone().requires_grad_(True), "global").requires_grad}
+            zr = torch.tensor(z[lo : lo + sizes[rank]], requires_grad=True)
+            yr = torch.tensor(y[lo : lo + sizes[rank]])
+            out = {
+                "r_global": losses.positive_ratio(yr, "global"),
+                "r_rank": losses.positive_ratio(yr, "rank"),
+                "r_grad": losses.positive_ratio(yr.clone().requires_grad_(True), "global").requires_grad,
+            }
             loss = losses.dynamic_weighted_bce(zr, yr, batch_stats="global")
             loss.backward()
             averaged = loss.detach().clone()
             dist.all_reduce(averaged)  # what DDP's gradient averaging optimises
-            out.update(loss=loss.detach(), averaged=averaged / world, grad=zr.grad,
-                       rank_loss=losses.dynamic_weighted_bce(zr.detach(), yr, batch_stats="rank"))
+            out.update(
+                loss=loss.detach(),
+                averaged=averaged / world,
+                grad=zr.grad,
+                rank_loss=losses.dynamic_weighted_bce(zr.detach(), yr, batch_stats="rank"),
+            )
             torch.save(out, f"{out_dir}/rank{rank}-{sizes[0]}.pt")
     finally:
         dist.destroy_process_group()

@@ -1,4 +1,5 @@
 """cxr.metrics against scikit-learn, brute force and hand computations."""
+
 from __future__ import annotations
 
 import math
@@ -72,8 +73,9 @@ def test_all_constant_scores():
     y, _ = random_data()
     s = np.full(y.shape, 0.3)
     np.testing.assert_allclose(M.per_label_auroc(y, s), 0.5)
-    np.testing.assert_allclose(M.per_label_auprc(y, s), [average_precision_score(y[:, c], s[:, c])
-                                                         for c in range(L)], rtol=1e-12)
+    np.testing.assert_allclose(
+        M.per_label_auprc(y, s), [average_precision_score(y[:, c], s[:, c]) for c in range(L)], rtol=1e-12
+    )
     np.testing.assert_allclose(M.delong_auroc_variance(y, s), 0.0, atol=1e-15)
 
 
@@ -321,8 +323,9 @@ def delong_by_definition(y, s):
 
 def test_delong_equals_definition_with_ties():
     y, s = random_data(n=400, seed=13)
-    np.testing.assert_allclose(M.delong_auroc_variance(y, s),
-                               [delong_by_definition(y[:, c], s[:, c]) for c in range(L)], rtol=1e-10)
+    np.testing.assert_allclose(
+        M.delong_auroc_variance(y, s), [delong_by_definition(y[:, c], s[:, c]) for c in range(L)], rtol=1e-10
+    )
 
 
 def test_delong_matches_bootstrap_variance_on_large_sample():

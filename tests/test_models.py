@@ -1,4 +1,5 @@
 """The model suite against independent references: torchvision models, numpy transcriptions of SPEC formulas."""
+
 from __future__ import annotations
 
 import functools
@@ -15,8 +16,14 @@ from cxr.models.__main__ import main as models_cli
 from cxrbase.errors import CxrError
 
 TRANSFORMERS = ("beit", "vit")
-FEATURE_CHANNELS = {"densenet121": 1024, "densenet121_cbam": 1024, "resnet50": 2048, "beit": 768, "vit": 768,
-                    "cnn": 512}
+FEATURE_CHANNELS = {
+    "densenet121": 1024,
+    "densenet121_cbam": 1024,
+    "resnet50": 2048,
+    "beit": 768,
+    "vit": 768,
+    "cnn": 512,
+}
 
 
 @functools.cache
@@ -89,8 +96,7 @@ def test_features_pooled_cam_layer(name):
         assert weight.shape == (14, channels)
 
 
-@pytest.mark.parametrize("name,metadata", [("densenet121", "none"), ("cnn", "concat"),
-                                           ("vit", "none")])
+@pytest.mark.parametrize("name,metadata", [("densenet121", "none"), ("cnn", "concat"), ("vit", "none")])
 def test_cam_identity(name, metadata):
     """logits = mean over space of Σ_k w_{c,k} f_k + b (+ w_meta·meta): what CAM relies on."""
     model = cached_model(name, metadata)
@@ -105,7 +111,7 @@ def test_cam_identity(name, metadata):
     cams = np.einsum("ck,bkhw->bchw", w, fmap)
     expected = cams.mean(axis=(2, 3)) + bias
     if meta is not None:
-        expected += meta.numpy() @ full_w[:, w.shape[1]:].T
+        expected += meta.numpy() @ full_w[:, w.shape[1] :].T
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
 
 
@@ -156,7 +162,7 @@ def _numpy_conv2d_same(maps: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     out = np.zeros((maps.shape[0], h, w))
     for dy in range(k):
         for dx in range(k):
-            out += np.einsum("bchw,c->bhw", pad[:, :, dy:dy + h, dx:dx + w], kernel[0, :, dy, dx])
+            out += np.einsum("bchw,c->bhw", pad[:, :, dy : dy + h, dx : dx + w], kernel[0, :, dy, dx])
     return out
 
 
@@ -168,8 +174,9 @@ def test_cbam_equals_spec_formula():
     with torch.no_grad():
         got = cbam(x).numpy()
     f = x.numpy().astype(np.float64)
-    (w1, b1), (w2, b2) = [(l.weight.detach().numpy(), l.bias.detach().numpy())
-                          for l in cbam.channel.mlp if isinstance(l, torch.nn.Linear)]
+    (w1, b1), (w2, b2) = [
+        (l.weight.detach().numpy(), l.bias.detach().numpy()) for l in cbam.channel.mlp if isinstance(l, torch.nn.Linear)
+    ]
     assert w1.shape == (512, 1024) and w2.shape == (1024, 512)
     sigmoid = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
     mlp = lambda v: np.maximum(v @ w1.T + b1, 0) @ w2.T + b2  # noqa: E731
@@ -240,16 +247,18 @@ def test_pretrained_torchvision_densenet_loads_with_summed_first_conv(tmp_path):
 def test_pretrained_safetensors_resnet50_and_vit(tmp_path):
     import timm
 
-    for name, arch, conv_key, options in (("resnet50", "resnet50", "conv1.weight", {}),
-                                          ("vit", "vit_tiny_patch16_224", "patch_embed.proj.weight",
-                                           {"arch": "vit_tiny_patch16_224"})):
+    for name, arch, conv_key, options in (
+        ("resnet50", "resnet50", "conv1.weight", {}),
+        ("vit", "vit_tiny_patch16_224", "patch_embed.proj.weight", {"arch": "vit_tiny_patch16_224"}),
+    ):
         source = timm.create_model(arch, pretrained=False)  # 3-channel, with its ImageNet head
         saved = _perturbed(source.state_dict())
         path = tmp_path / f"{name}.safetensors"
         save_file({k: v.contiguous() for k, v in saved.items()}, str(path))
         loaded = build_model(name, pretrained=path, **options).trunk.backbone.state_dict()
-        np.testing.assert_allclose(loaded[conv_key].numpy(), saved[conv_key].numpy().sum(axis=1, keepdims=True),
-                                   rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(
+            loaded[conv_key].numpy(), saved[conv_key].numpy().sum(axis=1, keepdims=True), rtol=1e-6, atol=1e-6
+        )
         for key, value in saved.items():
             if key != conv_key and not key.startswith(("fc.", "head.")):
                 torch.testing.assert_close(loaded[key], value, rtol=0, atol=0, msg=f"{name}: {key}")
@@ -281,7 +290,9 @@ def test_pretrained_errors(tmp_path):
 
 
 def test_build_errors_list_valid_choices():
-    with pytest.raises(CxrError, match="unknown — choose one of densenet121, densenet121_cbam, resnet50, beit, vit, cnn"):
+    with pytest.raises(
+        CxrError, match="unknown — choose one of densenet121, densenet121_cbam, resnet50, beit, vit, cnn"
+    ):
         build_model("densenet")
     with pytest.raises(CxrError, match="metadata='both' — choose one of none, concat, mlp"):
         build_model("resnet50", metadata="both")
@@ -324,10 +335,14 @@ def test_channels_last_same_output():
 
 def test_parameter_counts_match_torchvision_and_hand_count():
     rgb_extra = 2 * 64 * 7 * 7  # torchvision's first conv (7×7, 64 filters) has two more input channels
-    assert count_parameters(cached_model("densenet121")) == count_parameters(
-        torchvision.models.densenet121(weights=None, num_classes=14)) - rgb_extra
-    assert count_parameters(cached_model("resnet50")) == count_parameters(
-        torchvision.models.resnet50(weights=None, num_classes=14)) - rgb_extra
+    assert (
+        count_parameters(cached_model("densenet121"))
+        == count_parameters(torchvision.models.densenet121(weights=None, num_classes=14)) - rgb_extra
+    )
+    assert (
+        count_parameters(cached_model("resnet50"))
+        == count_parameters(torchvision.models.resnet50(weights=None, num_classes=14)) - rgb_extra
+    )
     widths = [1, 32, 64, 128, 256, 512]
     convs = sum(9 * a * b + 2 * b for a, b in zip(widths[:-1], widths[1:]))  # conv (no bias) + BN affine
     assert count_parameters(cached_model("cnn")) == convs + 512 * 14 + 14

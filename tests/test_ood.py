@@ -1,5 +1,6 @@
 """The OOD gate (cxr/ood.py): SSIM against scikit-image, the val-percentile threshold, rejection
 rates of natural-looking outliers vs held-out phantoms and real NIH images, and evaluate --ood."""
+
 from __future__ import annotations
 
 import io
@@ -46,8 +47,7 @@ def test_ssim_score_equals_scikit_image():
     pairs = [(a, np.clip(a + rng.normal(0, s, a.shape), 0, 1)) for s in (0.01, 0.1, 0.3)] + [(a, 1 - a)]
     for x, y in pairs:
         # Wang et al.'s Gaussian window (σ 1.5, 11×11), population covariance, valid region only
-        ref = structural_similarity(x, y, data_range=1.0, gaussian_weights=True, sigma=1.5,
-                                    use_sample_covariance=False)
+        ref = structural_similarity(x, y, data_range=1.0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
         got = ssim_score(torch.tensor(x[None, None]), torch.tensor(y[None, None]))
         assert got.shape == (1,)
         # 1e-5: pytorch-msssim builds its Gaussian window in float32 (seen: 2e-6 apart)
@@ -67,14 +67,27 @@ def _features_numpy(x: np.ndarray, ae: np.ndarray) -> np.ndarray:
         fine = np.abs(img - uniform_filter(img, 3, mode="constant"))[1:-1, 1:-1].mean()
         asym = np.abs(img[:, : w // 2] - np.fliplr(img)[:, : w // 2]).mean()
         q = w // 8
-        centre = img[:, 3 * q:5 * q].mean() - (img[:, q:3 * q].mean() + img[:, 5 * q:7 * q].mean()) / 2
+        centre = img[:, 3 * q : 5 * q].mean() - (img[:, q : 3 * q].mean() + img[:, 5 * q : 7 * q].mean()) / 2
         t = h // 3
         b = h // 16
         frame = np.ones_like(img, bool)
-        frame[b:h - b, b:w - b] = False
+        frame[b : h - b, b : w - b] = False
         layout = img.reshape(4, h // 4, 4, w // 4).mean((1, 3)).ravel() - img.mean()
-        rows.append([np.log(a), img.mean(), img.std(), *cuts, grad, fine, asym, centre,
-                     img[h - t:].mean() - img[:t].mean(), img[frame].mean() - img.mean(), *layout])
+        rows.append(
+            [
+                np.log(a),
+                img.mean(),
+                img.std(),
+                *cuts,
+                grad,
+                fine,
+                asym,
+                centre,
+                img[h - t :].mean() - img[:t].mean(),
+                img[frame].mean() - img.mean(),
+                *layout,
+            ]
+        )
     return np.array(rows)
 
 
@@ -112,7 +125,7 @@ def test_cross_fitted_distances_are_leave_one_out_for_small_sets():
 
     rng = np.random.default_rng(4)
     feats = rng.normal(size=(15, len(FEATURES))) + rng.normal(size=len(FEATURES))
-    loo = [feature_distance(feats[i:i + 1], fit_feature_model(np.delete(feats, i, 0)))[0] for i in range(len(feats))]
+    loo = [feature_distance(feats[i : i + 1], fit_feature_model(np.delete(feats, i, 0)))[0] for i in range(len(feats))]
     np.testing.assert_allclose(cross_fitted_distances(feats), loo, rtol=1e-12)
     # an unseen image lies further out than the images the model was fitted on
     assert np.median(loo) > np.median(feature_distance(feats, fit_feature_model(feats)))
@@ -144,8 +157,8 @@ def test_gate_rejects_every_kind_of_non_x_ray_at_a_threshold_fitted_on_real_imag
         opt.step()
     ae.eval()
     with torch.inference_mode():
-        fit = GateScore(ae, fit_feature_model(GateScore(ae, None).features(normalise(train))
-                                              .double().numpy())).eval()
+        fit = GateScore(ae, fit_feature_model(GateScore(ae, None).features(normalise(train)).double().numpy())).eval()
+
         def score(px):
             return fit(normalise(px)).squeeze(1).double().numpy()
 
@@ -184,12 +197,16 @@ class MemoryLoader:
         rng = np.random.default_rng(self.epoch)
         order = rng.permutation(len(self.px)) if self.split == "train" else np.arange(len(self.px))
         for b in range(self.n):
-            sel = order[b * self.batch:(b + 1) * self.batch]
+            sel = order[b * self.batch : (b + 1) * self.batch]
             x = normalise(self.px[sel])
             if self.split == "train" and rng.random() < 0.5:
                 x = torch.flip(x, [3])
-            yield {"image": x, "labels": torch.zeros(len(sel), 14), "meta": torch.zeros(len(sel), 5),
-                   "key": [f"{self.split}{i:04d}" for i in sel]}
+            yield {
+                "image": x,
+                "labels": torch.zeros(len(sel), 14),
+                "meta": torch.zeros(len(sel), 5),
+                "key": [f"{self.split}{i:04d}" for i in sel],
+            }
 
     def report(self):
         return {"samples": 0, "skipped": 0, "skipped_keys": []}
@@ -203,8 +220,24 @@ def gate(tmp_path_factory, nih_sample_dir):
     from cxr.train import train
 
     root = tmp_path_factory.mktemp("ood")
-    assert shards_main(["synth", "--out", str(root / "synth"), "--n", "200", "--resolution", str(RES),
-                        "--seed", "5", "--workers", "1"]) == 0
+    assert (
+        shards_main(
+            [
+                "synth",
+                "--out",
+                str(root / "synth"),
+                "--n",
+                "200",
+                "--resolution",
+                str(RES),
+                "--seed",
+                "5",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     phantoms = np.stack([load_grey(p) for p in sorted((root / "synth" / "images").glob("*.png"))])
     nih = np.stack([load_grey(p) for p in sorted(nih_sample_dir.glob("*.png"))])
     rng = np.random.default_rng(0)
@@ -213,21 +246,37 @@ def gate(tmp_path_factory, nih_sample_dir):
         order = rng.permutation(len(px))
         a, b = int(0.7 * len(px)), int(0.85 * len(px))
         parts[name] = (px[order[:a]], px[order[a:b]], px[order[b:]])
-    MemoryLoader.data = {"train": np.concatenate([parts["phantom"][0], parts["nih"][0]]),
-                         "val": np.concatenate([parts["phantom"][1], parts["nih"][1]])}
+    MemoryLoader.data = {
+        "train": np.concatenate([parts["phantom"][0], parts["nih"][0]]),
+        "val": np.concatenate([parts["phantom"][1], parts["nih"][1]]),
+    }
     run = root / "run"
-    cfg = load_config(ROOT / "cxr" / "configs" / "ood_ae.yaml",
-                      ["model.width=8", "model.code=4", "train.epochs=14", f"checkpoint.run_dir={run}",
-                       "logging.progress=false", f"data.shards={root}"])
+    cfg = load_config(
+        ROOT / "cxr" / "configs" / "ood_ae.yaml",
+        [
+            "model.width=8",
+            "model.code=4",
+            "train.epochs=14",
+            f"checkpoint.run_dir={run}",
+            "logging.progress=false",
+            f"data.shards={root}",
+        ],
+    )
     assert train(cfg, loader_fn=MemoryLoader) == 0
     ae, _ = load_gate(run)
     with torch.inference_mode():
-        features = fit_feature_model(GateScore(ae, None).features(normalise(MemoryLoader.data["train"]))
-                                     .double().numpy())
+        features = fit_feature_model(
+            GateScore(ae, None).features(normalise(MemoryLoader.data["train"])).double().numpy()
+        )
         model = GateScore(ae, features).eval()
         val = model(normalise(MemoryLoader.data["val"])).squeeze(1).double().numpy()
-    return {"model": model, "run": run, "val": val, "features": features,
-            "held_out": {k: v[2] for k, v in parts.items()}}
+    return {
+        "model": model,
+        "run": run,
+        "val": val,
+        "features": features,
+        "held_out": {k: v[2] for k, v in parts.items()},
+    }
 
 
 def _scores(model, pixels: np.ndarray) -> np.ndarray:
@@ -255,9 +304,14 @@ def test_gate_rejects_outliers_far_more_often_than_held_out_x_rays(gate):
     thr = float(np.percentile(gate["val"], PERCENTILE))
     nih, phantoms = gate["held_out"]["nih"], gate["held_out"]["phantom"]
     inliers = {"held-out phantoms": phantoms, "held-out NIH sample": nih}
-    outliers = {"textures": textures(60, 1), "PIL digits": digits(60, 2), "inverted X-rays": 255 - nih,
-                "X-rays rotated 90°": np.rot90(nih, 1, (1, 2)).copy(), "inverted phantoms": 255 - phantoms,
-                "rotated phantoms": np.rot90(phantoms, 1, (1, 2)).copy()}
+    outliers = {
+        "textures": textures(60, 1),
+        "PIL digits": digits(60, 2),
+        "inverted X-rays": 255 - nih,
+        "X-rays rotated 90°": np.rot90(nih, 1, (1, 2)).copy(),
+        "inverted phantoms": 255 - phantoms,
+        "rotated phantoms": np.rot90(phantoms, 1, (1, 2)).copy(),
+    }
     rate = {k: float(np.mean(_scores(gate["model"], v) > thr)) for k, v in {**inliers, **outliers}.items()}
     print("rejection rates at p%g of val:" % PERCENTILE, json.dumps(rate, ensure_ascii=False))
     worst_inlier = max(rate[k] for k in inliers)
@@ -270,12 +324,58 @@ def test_gate_rejects_outliers_far_more_often_than_held_out_x_rays(gate):
 @pytest.fixture(scope="module")
 def shards_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ood-shards")
-    assert shards_main(["synth", "--out", str(root / "synth"), "--n", "120", "--resolution", str(RES),
-                        "--seed", "3", "--workers", "1"]) == 0
-    assert shards_main(["split", "--metadata", str(root / "synth" / "Data_Entry_2017.csv"), "--scheme", "random",
-                        "--fractions", "0.5,0.25,0.25", "--seed", "1", "--out", str(root / "splits.parquet")]) == 0
-    assert shards_main(["pack", "--splits", str(root / "splits.parquet"), "--images", str(root / "synth" / "images"),
-                        "--out", str(root / "shards"), "--workers", "1"]) == 0
+    assert (
+        shards_main(
+            [
+                "synth",
+                "--out",
+                str(root / "synth"),
+                "--n",
+                "120",
+                "--resolution",
+                str(RES),
+                "--seed",
+                "3",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
+    assert (
+        shards_main(
+            [
+                "split",
+                "--metadata",
+                str(root / "synth" / "Data_Entry_2017.csv"),
+                "--scheme",
+                "random",
+                "--fractions",
+                "0.5,0.25,0.25",
+                "--seed",
+                "1",
+                "--out",
+                str(root / "splits.parquet"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        shards_main(
+            [
+                "pack",
+                "--splits",
+                str(root / "splits.parquet"),
+                "--images",
+                str(root / "synth" / "images"),
+                "--out",
+                str(root / "shards"),
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     return root / "shards"
 
 
@@ -300,9 +400,17 @@ def test_evaluate_ood_reports_rejections_and_accepted_metrics(shards_dir, tmp_pa
     from cxr.train import train
 
     run = tmp_path / "gate"
-    cfg = load_config(ROOT / "cxr" / "configs" / "ood_ae.yaml",
-                      ["train.epochs=1", "train.max_steps=3", f"checkpoint.run_dir={run}", "logging.progress=false",
-                       f"data.shards={shards_dir}", "data.num_threads=0"])
+    cfg = load_config(
+        ROOT / "cxr" / "configs" / "ood_ae.yaml",
+        [
+            "train.epochs=1",
+            "train.max_steps=3",
+            f"checkpoint.run_dir={run}",
+            "logging.progress=false",
+            f"data.shards={shards_dir}",
+            "data.num_threads=0",
+        ],
+    )
     assert train(cfg) == 0
     assert ood_main(["threshold", "--run", str(run), "--shards", str(shards_dir), "--percentile", "60"]) == 0
     thr = read_threshold(run)
@@ -311,8 +419,26 @@ def test_evaluate_ood_reports_rejections_and_accepted_metrics(shards_dir, tmp_pa
     assert thr["features"]["n_images"] == thr["n_images"] and thr["split"] == "train+val"
     member = make_member(tmp_path / "member", shards_dir, seed=1)
     out = tmp_path / "report"
-    assert evaluate_main(["--runs", str(member), "--shards", str(shards_dir), "--split", "test", "--out", str(out),
-                          "--bootstrap", "0", "--no-figures", "--ood", str(run)]) == 0
+    assert (
+        evaluate_main(
+            [
+                "--runs",
+                str(member),
+                "--shards",
+                str(shards_dir),
+                "--split",
+                "test",
+                "--out",
+                str(out),
+                "--bootstrap",
+                "0",
+                "--no-figures",
+                "--ood",
+                str(run),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     # independent scoring: PIL-decoded tar members, normalised by hand, through the gate
     pixels = _split_pixels(shards_dir, "test")
@@ -329,6 +455,7 @@ def test_evaluate_ood_reports_rejections_and_accepted_metrics(shards_dir, tmp_pa
     table = pd.read_csv(out / "ood.csv").set_index(["member", "images"])
     accepted = [k for k in keys if k not in rejected]
     from cxrbase.labels import LABELS
+
     truth = preds.loc[accepted]
     aucs = [roc_auc_score(truth[f"true_{c}"], truth[c]) for c in LABELS if 0 < truth[f"true_{c}"].sum() < len(truth)]
     assert table.loc[("member", "accepted"), "n"] == len(accepted)
@@ -343,10 +470,18 @@ def test_gate_training_resumes_exactly_through_train_py(shards_dir, tmp_path):
     from cxr.train import train
 
     def config(run: Path):
-        return load_config(ROOT / "cxr" / "configs" / "ood_ae.yaml",
-                           ["train.epochs=2", "checkpoint.every_steps=1", f"checkpoint.run_dir={run}",
-                            "logging.progress=false", f"data.shards={shards_dir}", "data.num_threads=0",
-                            "data.batch_size=8"])
+        return load_config(
+            ROOT / "cxr" / "configs" / "ood_ae.yaml",
+            [
+                "train.epochs=2",
+                "checkpoint.every_steps=1",
+                f"checkpoint.run_dir={run}",
+                "logging.progress=false",
+                f"data.shards={shards_dir}",
+                "data.num_threads=0",
+                "data.batch_size=8",
+            ],
+        )
 
     class Crash(RuntimeError):
         pass
@@ -368,6 +503,7 @@ def test_gate_training_resumes_exactly_through_train_py(shards_dir, tmp_path):
 
             def report(self):
                 return loader.report()
+
         return Wrapped()
 
     assert train(config(tmp_path / "a")) == 0

@@ -4,6 +4,7 @@ References are independent of the packer: PIL's decode of the original files,
 the sample's labels.csv (labels, age, sex, view, file sha256, PNG mode), DALI's
 own `wds2idx` tool and webdataset reader, Python's tarfile.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,8 +40,10 @@ def sample_splits(sample_dir: Path) -> pd.DataFrame:
     """A splits table written directly from the sample's labels.csv (not by shards.splits)."""
     csv = pd.read_csv(sample_dir / "labels.csv")
     table = pd.DataFrame({"image": csv["Image Index"], "patient": csv["Patient ID"]})
-    table["split"] = ["test" if s == "test" else ("val" if p % 5 == 0 else "train")
-                      for s, p in zip(csv["official_split"], csv["Patient ID"])]
+    table["split"] = [
+        "test" if s == "test" else ("val" if p % 5 == 0 else "train")
+        for s, p in zip(csv["official_split"], csv["Patient ID"])
+    ]
     for label in LABELS:
         table[label] = csv["Finding Labels"].map(lambda f, label=label: int(label in f.split("|")))
     table["age"], table["sex"], table["view"] = csv["Patient Age"], csv["Patient Gender"], csv["View Position"]
@@ -111,8 +114,13 @@ def test_labels_meta_json_match_the_table(packed_sample, nih_sample_dir):
         findings = set(row["Finding Labels"].split("|")) - {"No Finding"}
         assert list(members["labels"]) == [int(name in findings) for name in LABELS], key
         meta = np.frombuffer(members["meta"], dtype="<f4")
-        expected = [row["Patient Age"], row["Patient Gender"] == "M", row["Patient Gender"] == "F",
-                    row["View Position"] == "PA", row["View Position"] == "AP"]
+        expected = [
+            row["Patient Age"],
+            row["Patient Gender"] == "M",
+            row["Patient Gender"] == "F",
+            row["View Position"] == "PA",
+            row["View Position"] == "AP",
+        ]
         np.testing.assert_array_equal(meta, np.array(expected, dtype=np.float32), err_msg=key)
         assert members["id"] == key.encode().ljust(32, b"\0")
         record = json.loads(members["json"])
@@ -163,8 +171,9 @@ def test_dali_index_matches_wds2idx_and_dali_reads_shards(packed_sample, tmp_pat
 
     @pipeline_def(batch_size=13, num_threads=1, device_id=None)
     def reader():
-        ids, labels = fn.readers.webdataset(paths=tars, index_paths=indexes, ext=["id", "labels"],
-                                            missing_component_behavior="error", name="r")
+        ids, labels = fn.readers.webdataset(
+            paths=tars, index_paths=indexes, ext=["id", "labels"], missing_component_behavior="error", name="r"
+        )
         return ids, labels
 
     pipe = reader()
@@ -273,9 +282,13 @@ def _bad_images(folder: Path) -> dict[str, str]:
     see_through = np.full((64, 64, 4), 90, np.uint8)
     (folder / "00000004_000.png").write_bytes(png_bytes(see_through, "RGBA"))
     (folder / "00000005_000.png").write_bytes(png_bytes(np.full((64, 64), 40000, np.uint16)))
-    return {"00000001_000": "truncated PNG", "00000002_000": "CRC mismatch in IDAT",
-            "00000003_000": "unequal colour channels", "00000004_000": "transparent pixels",
-            "00000005_000": "16-bit grey"}
+    return {
+        "00000001_000": "truncated PNG",
+        "00000002_000": "CRC mismatch in IDAT",
+        "00000003_000": "unequal colour channels",
+        "00000004_000": "transparent pixels",
+        "00000005_000": "16-bit grey",
+    }
 
 
 def test_rejects_recorded_with_reason_and_exit_code(tmp_path):
@@ -302,11 +315,11 @@ def _undecodable_with_valid_crcs(png: bytes) -> bytes:
     import zlib
 
     pos = png.index(b"IDAT") - 4
-    (length,) = struct.unpack(">I", png[pos:pos + 4])
-    body = bytearray(png[pos + 8:pos + 8 + length])
+    (length,) = struct.unpack(">I", png[pos : pos + 4])
+    body = bytearray(png[pos + 8 : pos + 8 + length])
     body[2:length] = bytes(b ^ 0x5A for b in body[2:length])
     crc = zlib.crc32(b"IDAT" + bytes(body)).to_bytes(4, "big")
-    return png[:pos + 8] + bytes(body) + crc + png[pos + 12 + length:]
+    return png[: pos + 8] + bytes(body) + crc + png[pos + 12 + length :]
 
 
 def test_structurally_valid_but_undecodable_png_is_rejected(tmp_path):
@@ -336,8 +349,11 @@ def test_grey_rgb_is_converted_with_identical_pixels(tmp_path):
 def test_duplicate_ids_are_errors_naming_both_places(tmp_path):
     table, folder = tiny_dataset(tmp_path, n=3)
     make_archive(tmp_path / "images_001.tar.gz", [folder / "00000002_000.png"])
-    with pytest.raises(CxrError, match=r"images_001.tar.gz:images/00000002_000.png: duplicate .*"
-                                       r"images/00000002_000.png"):
+    with pytest.raises(
+        CxrError,
+        match=r"images_001.tar.gz:images/00000002_000.png: duplicate .*"
+        r"images/00000002_000.png",
+    ):
         pack(table, [folder, tmp_path / "images_001.tar.gz"], tmp_path / "a")
     other = tmp_path / "more"
     other.mkdir()
@@ -428,12 +444,27 @@ def test_killed_pack_leaves_no_partial_file_and_resumes_identically(nih_sample_d
     """SIGKILL after the first shard completes; the re-run's manifest equals an uninterrupted run's."""
     splits = tmp_path / "splits.csv"
     sample_splits(nih_sample_dir).iloc[:60].to_csv(splits, index=False)
-    args = [sys.executable, "-m", "shards", "pack", "--splits", str(splits), "--images", str(nih_sample_dir),
-            "--codec", "jpeg", "--shard-size-mb", "0.6", "--workers", "1"]
+    args = [
+        sys.executable,
+        "-m",
+        "shards",
+        "pack",
+        "--splits",
+        str(splits),
+        "--images",
+        str(nih_sample_dir),
+        "--codec",
+        "jpeg",
+        "--shard-size-mb",
+        "0.6",
+        "--workers",
+        "1",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(args + ["--out", str(killed)], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        args + ["--out", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     journal = killed / ".pack-journal.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -462,8 +493,10 @@ def test_killed_pack_leaves_no_partial_file_and_resumes_identically(nih_sample_d
 
 # ---------------------------------------------------------------- misc
 def test_shards_never_imports_torch():
-    code = ("import sys, shards.pack, shards.verify, shards.derive, shards.sources, shards.cli; "
-            "assert 'torch' not in sys.modules, 'torch imported'")
+    code = (
+        "import sys, shards.pack, shards.verify, shards.derive, shards.sources, shards.cli; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
@@ -482,8 +515,18 @@ def test_pack_help_lists_every_option(capsys):
     with pytest.raises(SystemExit):
         cli(["pack", "--help"])
     text = capsys.readouterr().out
-    for option in ("--splits", "--images", "--out", "--codec", "--quality", "--resize", "--shard-size-mb",
-                   "--workers", "--allow-missing", "--allow-rejects"):
+    for option in (
+        "--splits",
+        "--images",
+        "--out",
+        "--codec",
+        "--quality",
+        "--resize",
+        "--shard-size-mb",
+        "--workers",
+        "--allow-missing",
+        "--allow-rejects",
+    ):
         assert option in text
 
 
@@ -500,14 +543,20 @@ def test_tar_headers_equal_tarfiles():
 def test_pool_workers_exit_when_the_parent_is_killed(tmp_path):
     """Battery 3.3: after kill -9 of the parent, its spawn workers must not stay behind."""
     parent = subprocess.Popen(
-        [sys.executable, "-c",
-         "import multiprocessing, os, sys, threading\n"
-         "from shards.pack import _executor\n"
-         "pool = _executor('jpeg', 2)\n"
-         "[f.result() for f in [pool.submit(os.getpid), pool.submit(os.getpid)]]\n"  # workers started
-         "print(' '.join(str(p.pid) for p in multiprocessing.active_children()), flush=True)\n"
-         "threading.Event().wait()\n"],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        [
+            sys.executable,
+            "-c",
+            "import multiprocessing, os, sys, threading\n"
+            "from shards.pack import _executor\n"
+            "pool = _executor('jpeg', 2)\n"
+            "[f.result() for f in [pool.submit(os.getpid), pool.submit(os.getpid)]]\n"  # workers started
+            "print(' '.join(str(p.pid) for p in multiprocessing.active_children()), flush=True)\n"
+            "threading.Event().wait()\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     workers: list[int] = []
     try:
         workers = [int(p) for p in parent.stdout.readline().split()]
@@ -615,11 +664,30 @@ def test_cwd_folder_named_shards_does_not_break_pack(tmp_path):
     (tmp_path / "shards").mkdir()  # e.g. the packed shards of an earlier run
     (tmp_path / "launch.py").write_text(_EDITABLE_LIKE)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    check = subprocess.run([sys.executable, "launch.py", str(ROOT), "-c", "pass"], cwd=tmp_path, env=env,
-                           capture_output=True, text=True)
-    done = subprocess.run([sys.executable, "-I", "launch.py", str(ROOT), "pack", "--splits", "splits.csv",
-                           "--images", str(folder), "--out", "out", "--workers", "1"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True)
+    check = subprocess.run(
+        [sys.executable, "launch.py", str(ROOT), "-c", "pass"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-I",
+            "launch.py",
+            str(ROOT),
+            "pack",
+            "--splits",
+            "splits.csv",
+            "--images",
+            str(folder),
+            "--out",
+            "out",
+            "--workers",
+            "1",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert check.returncode != 0  # the launcher runs shards' CLI (which rejects `-c`), nothing else
     assert done.returncode == 0, done.stderr
     assert f"warning: {tmp_path / 'shards'}: this folder shadows the cxr package" in done.stderr
@@ -641,8 +709,9 @@ def test_console_scripts_point_at_cli_entry_points():
         assert exit_.value.code == 0, name
 
 
-def test_partial_download_fails_before_reading_and_names_restrict_to(nih_dir, nih_sample_dir, tmp_path,
-                                                                     monkeypatch, capsys):
+def test_partial_download_fails_before_reading_and_names_restrict_to(
+    nih_dir, nih_sample_dir, tmp_path, monkeypatch, capsys
+):
     """README step 1 on a partial download: the official split of the real 112,120-image metadata,
     two archives in NIH's layout holding 24 of its images. pack fails before reading any image
     (prepare_image never runs, nothing is written), its error names `split --restrict-to` before
@@ -668,8 +737,22 @@ def test_partial_download_fails_before_reading_and_names_restrict_to(nih_dir, ni
     assert f"--restrict-to {archives[0]} {archives[1]}" in error
     assert calls == [] and not list(out.glob("*.tar")) and not (out / "manifest.json").exists()
     partial = tmp_path / "splits-partial.parquet"
-    assert cli(["split", "--metadata", metadata, "--scheme", "official", "--restrict-to", *map(str, archives),
-                "--out", str(partial)]) == 0
+    assert (
+        cli(
+            [
+                "split",
+                "--metadata",
+                metadata,
+                "--scheme",
+                "official",
+                "--restrict-to",
+                *map(str, archives),
+                "--out",
+                str(partial),
+            ]
+        )
+        == 0
+    )
     assert cli(["pack", "--splits", str(partial), "--images", *map(str, archives), "--out", str(out)]) == 0
     assert set(read_shards(out)) == {n[:-4] for n in names} and sorted(calls) == sorted(n[:-4] for n in names)
 

@@ -2,6 +2,7 @@
 and ood_ae configs) → `python -m cxr.evaluate` / `cxr.ood threshold` / `cxr.export`; then cxr-predict on
 a folder mixing the test split's PNGs, DICOM copies of them and broken files. References: the
 evaluator's predictions.parquet and the gate's own scoring through the loader (cxr.ood.score_split)."""
+
 from __future__ import annotations
 
 import subprocess
@@ -22,8 +23,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 def run(*args: str) -> None:
     env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env={**__import__("os").environ, **env})
+    proc = subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**__import__("os").environ, **env},
+    )
     assert proc.returncode == 0, f"{args}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
 
 
@@ -31,23 +38,102 @@ def run(*args: str) -> None:
 def trained(tmp_path_factory):
     """Shards of 64 px phantoms, a tiny classifier run, a gate run, the evaluator's test predictions, a package."""
     root = tmp_path_factory.mktemp("predict")
-    run("-m", "shards", "synth", "--out", str(root / "synth"), "--n", "160", "--resolution", "64", "--seed", "3",
-        "--workers", "1")
-    run("-m", "shards", "split", "--metadata", str(root / "synth" / "Data_Entry_2017.csv"), "--scheme", "random",
-        "--fractions", "0.6,0.2,0.2", "--seed", "0", "--out", str(root / "splits.parquet"))
-    run("-m", "shards", "pack", "--splits", str(root / "splits.parquet"), "--images", str(root / "synth" / "images"),
-        "--out", str(root / "shards"), "--workers", "1")
+    run(
+        "-m",
+        "shards",
+        "synth",
+        "--out",
+        str(root / "synth"),
+        "--n",
+        "160",
+        "--resolution",
+        "64",
+        "--seed",
+        "3",
+        "--workers",
+        "1",
+    )
+    run(
+        "-m",
+        "shards",
+        "split",
+        "--metadata",
+        str(root / "synth" / "Data_Entry_2017.csv"),
+        "--scheme",
+        "random",
+        "--fractions",
+        "0.6,0.2,0.2",
+        "--seed",
+        "0",
+        "--out",
+        str(root / "splits.parquet"),
+    )
+    run(
+        "-m",
+        "shards",
+        "pack",
+        "--splits",
+        str(root / "splits.parquet"),
+        "--images",
+        str(root / "synth" / "images"),
+        "--out",
+        str(root / "shards"),
+        "--workers",
+        "1",
+    )
     common = [f"data.shards={root / 'shards'}", "data.num_threads=0", "logging.progress=false", "train.epochs=1"]
-    run("-m", "cxr.train", "--config", "cxr/configs/tiny.yaml", "data.resolution=64", "model.stem_size=64",
-        *common, f"checkpoint.run_dir={root / 'run'}")
-    run("-m", "cxr.train", "--config", "cxr/configs/ood_ae.yaml", "model.width=8", "model.code=4", *common,
-        f"checkpoint.run_dir={root / 'ood'}")
-    run("-m", "cxr.ood", "threshold", "--run", str(root / "ood"), "--shards", str(root / "shards"),
-        "--percentile", "90")
-    run("-m", "cxr.evaluate", "--runs", str(root / "run"), "--shards", str(root / "shards"), "--split", "test",
-        "--thresholds-from", "val", "--bootstrap", "20", "--no-figures", "--out", str(root / "report"))
-    run("-m", "cxr.export", "--run", str(root / "run"), "--ood", str(root / "ood"), "--out", str(root / "pkg"),
-        "--thresholds", str(root / "report" / "thresholds.json"))
+    run(
+        "-m",
+        "cxr.train",
+        "--config",
+        "cxr/configs/tiny.yaml",
+        "data.resolution=64",
+        "model.stem_size=64",
+        *common,
+        f"checkpoint.run_dir={root / 'run'}",
+    )
+    run(
+        "-m",
+        "cxr.train",
+        "--config",
+        "cxr/configs/ood_ae.yaml",
+        "model.width=8",
+        "model.code=4",
+        *common,
+        f"checkpoint.run_dir={root / 'ood'}",
+    )
+    run(
+        "-m", "cxr.ood", "threshold", "--run", str(root / "ood"), "--shards", str(root / "shards"), "--percentile", "90"
+    )
+    run(
+        "-m",
+        "cxr.evaluate",
+        "--runs",
+        str(root / "run"),
+        "--shards",
+        str(root / "shards"),
+        "--split",
+        "test",
+        "--thresholds-from",
+        "val",
+        "--bootstrap",
+        "20",
+        "--no-figures",
+        "--out",
+        str(root / "report"),
+    )
+    run(
+        "-m",
+        "cxr.export",
+        "--run",
+        str(root / "run"),
+        "--ood",
+        str(root / "ood"),
+        "--out",
+        str(root / "pkg"),
+        "--thresholds",
+        str(root / "report" / "thresholds.json"),
+    )
     return root
 
 
@@ -65,8 +151,9 @@ def studies(trained):
             pixels = np.asarray(Image.open(src))
             photometric = "MONOCHROME1" if i % 2 else "MONOCHROME2"
             stored = 255 - pixels if photometric == "MONOCHROME1" else pixels
-            (folder / f"dicom_{key}").write_bytes(dicom_bytes(stored, bits_stored=8, photometric=photometric,
-                                                              WindowCenter=128, WindowWidth=256))
+            (folder / f"dicom_{key}").write_bytes(
+                dicom_bytes(stored, bits_stored=8, photometric=photometric, WindowCenter=128, WindowWidth=256)
+            )
     (folder / "broken.png").write_bytes((folder / f"{keys[0]}.png").read_bytes()[:300])
     (folder / "readme.txt").write_text("not an image")
     return folder, keys
@@ -114,8 +201,18 @@ def check_overlays(got: pd.DataFrame, out: Path, method: str) -> None:
 def test_run_dir_predictions_equal_the_evaluators(trained, studies, tmp_path):
     folder, keys = studies
     out = tmp_path / "out"
-    predict("--model", str(trained / "run"), "--ood", str(trained / "ood"), str(folder), "--out", str(out),
-            "--thresholds", str(trained / "report" / "thresholds.json"), "--overlays")
+    predict(
+        "--model",
+        str(trained / "run"),
+        "--ood",
+        str(trained / "ood"),
+        str(folder),
+        "--out",
+        str(out),
+        "--thresholds",
+        str(trained / "report" / "thresholds.json"),
+        "--overlays",
+    )
     got = pd.read_csv(out / "predictions.csv")
     assert len(got) == len(keys) + 6  # every PNG and every DICOM; the broken files are not rows
     skipped = pd.read_csv(out / "skipped.csv")
@@ -169,8 +266,14 @@ def test_package_predictions_equal_the_evaluators(trained, studies, tmp_path):
 
 def test_package_path_never_imports_torch(trained, studies, tmp_path):
     folder, _ = studies
-    code = ("import sys, runpy; sys.argv = ['cxr-predict', '--no-progress', '--model', sys.argv[1], sys.argv[2], "
-            "'--out', sys.argv[3]]\ntry:\n    runpy.run_module('cxr.predict', run_name='__main__')\n"
-            "except SystemExit as e:\n    assert not e.code, e.code\nassert 'torch' not in sys.modules, 'torch imported'")
-    subprocess.run([sys.executable, "-c", code, str(trained / "pkg"), str(folder), str(tmp_path / "o")],
-                   check=True, cwd=ROOT, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    code = (
+        "import sys, runpy; sys.argv = ['cxr-predict', '--no-progress', '--model', sys.argv[1], sys.argv[2], "
+        "'--out', sys.argv[3]]\ntry:\n    runpy.run_module('cxr.predict', run_name='__main__')\n"
+        "except SystemExit as e:\n    assert not e.code, e.code\nassert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, str(trained / "pkg"), str(folder), str(tmp_path / "o")],
+        check=True,
+        cwd=ROOT,
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+    )

@@ -1,5 +1,6 @@
 """cxr.predictions.write_val_predictions: the RUN/val_predictions.parquet of docs/run-dir.md,
 checked against a frame built by hand with pandas."""
+
 from __future__ import annotations
 
 import numpy as np

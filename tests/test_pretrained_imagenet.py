@@ -4,6 +4,7 @@ The cache is written the way ``huggingface_hub`` writes it (blob named by its
 hash, ``snapshots/REV/model.safetensors`` a relative link to it, ``refs/main``
 holding REV); the weights are random, with timm's own state-dict keys.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,8 +38,12 @@ def test_imagenet_weights_found_in_hub_cache_and_first_conv_summed(tmp_path, mon
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
     source = timm.create_model("densenet121", pretrained=False)  # 3 channels, ImageNet head
-    state = {k: (torch.rand_like(v) + 0.5 if k.endswith("running_var") else torch.randn_like(v) * 0.1)
-             if v.is_floating_point() else v for k, v in source.state_dict().items()}
+    state = {
+        k: (torch.rand_like(v) + 0.5 if k.endswith("running_var") else torch.randn_like(v) * 0.1)
+        if v.is_floating_point()
+        else v
+        for k, v in source.state_dict().items()
+    }
     _write_hub_cache(tmp_path / "hub", "timm/densenet121.tv_in1k", state)
 
     loaded = build_model("densenet121", 2, pretrained="imagenet").trunk.backbone.state_dict()
@@ -57,14 +62,17 @@ def test_imagenet_weights_found_in_hub_cache_and_first_conv_summed(tmp_path, mon
     grey = build_model("densenet121", 2, pretrained="imagenet").eval()
     source.eval()
     image = torch.rand(2, 1, 64, 64)
-    torch.testing.assert_close(grey.features(image), source.forward_features(image.expand(-1, 3, -1, -1)),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        grey.features(image), source.forward_features(image.expand(-1, 3, -1, -1)), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_imagenet_weights_missing_names_the_download_command(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
-    expected = (f"{tmp_path}/empty/models--timm--resnet50.a1_in1k/snapshots/<rev>/model.safetensors: "
-                "ImageNet weights of resnet50 .* run `python -m cxr.models download resnet50`")
+    expected = (
+        f"{tmp_path}/empty/models--timm--resnet50.a1_in1k/snapshots/<rev>/model.safetensors: "
+        "ImageNet weights of resnet50 .* run `python -m cxr.models download resnet50`"
+    )
     with pytest.raises(CxrError, match=expected) as err:
         build_model("resnet50", pretrained="imagenet")
     assert "\n" not in str(err.value)

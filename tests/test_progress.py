@@ -1,4 +1,5 @@
 """cxrbase.progress: tqdm on a terminal, plain lines (no carriage returns) in a log file."""
+
 from __future__ import annotations
 
 import fcntl
@@ -44,8 +45,20 @@ def _pack_cmd(tmp_path: Path) -> list[str]:
 
     table, folder = tiny_dataset(tmp_path, n=30, size=32)
     table.to_csv(tmp_path / "splits.csv", index=False)
-    return [sys.executable, "-m", "shards", "pack", "--splits", str(tmp_path / "splits.csv"), "--images",
-            str(folder), "--out", str(tmp_path / "out"), "--workers", "1"]
+    return [
+        sys.executable,
+        "-m",
+        "shards",
+        "pack",
+        "--splits",
+        str(tmp_path / "splits.csv"),
+        "--images",
+        str(folder),
+        "--out",
+        str(tmp_path / "out"),
+        "--workers",
+        "1",
+    ]
 
 
 def test_pack_into_a_log_file_writes_lines_and_on_a_terminal_a_bar(tmp_path):
@@ -61,8 +74,15 @@ def test_pack_into_a_log_file_writes_lines_and_on_a_terminal_a_bar(tmp_path):
     assert len(lines) == 10 and lines[-1].startswith("pack: 100% 30/30 ["), text
     leader, follower = pty.openpty()
     fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
-    proc = subprocess.run(cmd[:-3] + [str(tmp_path / "again"), "--workers", "1"], cwd=tmp_path, env=env,
-                          stderr=follower, stdout=subprocess.DEVNULL, timeout=300, check=False)
+    proc = subprocess.run(
+        cmd[:-3] + [str(tmp_path / "again"), "--workers", "1"],
+        cwd=tmp_path,
+        env=env,
+        stderr=follower,
+        stdout=subprocess.DEVNULL,
+        timeout=300,
+        check=False,
+    )
     os.close(follower)
     seen = b""
     try:

@@ -2,6 +2,7 @@
 
 Every number is checked against scikit-learn or a direct numpy computation in the test.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,23 +46,22 @@ def synthetic(n: int, seed: int, prefix: str, members: int = 2, empty_label: int
     scores = {f"m{i}": expit(1.3 * y + shared + rng.normal(size=y.shape) - 1.5) for i in range(members)}
     # a few exact ties, as float32 model outputs produce
     scores["m0"] = np.round(scores["m0"], 3)
-    return ScoreSet(keys=np.array([f"{prefix}{i:06d}_000" for i in range(n)], dtype=object),
-                    y_true=y, scores=scores)
+    return ScoreSet(keys=np.array([f"{prefix}{i:06d}_000" for i in range(n)], dtype=object), y_true=y, scores=scores)
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("report")
     predictions_frame({"test": synthetic(400, 1, "1"), "val": synthetic(300, 2, "2")}).to_parquet(
-        root / "predictions.parquet", index=False)
+        root / "predictions.parquet", index=False
+    )
     return root / "predictions.parquet"
 
 
 @pytest.fixture(scope="module")
 def report(saved) -> Path:
     out = saved.parent / "out"
-    assert evaluate_main(["--from-predictions", str(saved), "--bootstrap", "40", "--seed", "7",
-                          "--out", str(out)]) == 0
+    assert evaluate_main(["--from-predictions", str(saved), "--bootstrap", "40", "--seed", "7", "--out", str(out)]) == 0
     return out
 
 
@@ -79,8 +79,12 @@ def test_cis_are_recomputable_with_sklearn_on_the_same_resamples(report):
     counts = bootstrap_counts(len(y), 40, seed=7)
     aucs = pd.read_csv(report / "aucs.csv").set_index(["member", "label"])
     for member in ("m0", "ensemble"):
-        per_resample = np.array([[roc_auc_score(y[:, c], probs[member][:, c], sample_weight=counts[:, b])
-                                  for c in range(len(LABELS))] for b in range(counts.shape[1])])
+        per_resample = np.array(
+            [
+                [roc_auc_score(y[:, c], probs[member][:, c], sample_weight=counts[:, b]) for c in range(len(LABELS))]
+                for b in range(counts.shape[1])
+            ]
+        )
         for c, label in enumerate(LABELS):
             row = aucs.loc[(member, label)]
             low, high = np.percentile(per_resample[:, c], [2.5, 97.5])
@@ -114,8 +118,10 @@ def test_metrics_csv_equals_sklearn_at_05_and_tuned(report):
     metrics = pd.read_csv(report / "metrics.csv")
     doc = json.loads((report / "thresholds.json").read_text())
     for member in ("m0", "m1", "ensemble"):
-        sets = {"0.5": np.full(len(LABELS), 0.5),
-                **{k: np.array([doc["members"][member][k][c] for c in LABELS]) for k in ("f1", "youden")}}
+        sets = {
+            "0.5": np.full(len(LABELS), 0.5),
+            **{k: np.array([doc["members"][member][k][c] for c in LABELS]) for k in ("f1", "youden")},
+        }
         for name, thr in sets.items():
             ref = _sklearn_threshold_row(y, probs[member], thr)
             rows = metrics[(metrics["member"] == member) & (metrics["thresholds"] == name)].set_index("label")
@@ -141,8 +147,22 @@ def test_youden_thresholds_maximise_tpr_minus_fpr_on_val(report):
 
 def test_mean_logit_ensemble(saved, tmp_path):
     out = tmp_path / "logit"
-    assert evaluate_main(["--from-predictions", str(saved), "--bootstrap", "0", "--ensemble", "mean-logit",
-                          "--no-figures", "--out", str(out)]) == 0
+    assert (
+        evaluate_main(
+            [
+                "--from-predictions",
+                str(saved),
+                "--bootstrap",
+                "0",
+                "--ensemble",
+                "mean-logit",
+                "--no-figures",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     y, probs = _scores(out, "test")
     expected = expit((logit(np.clip(probs["m0"], 1e-15, 1 - 1e-15)) + logit(probs["m1"])) / 2)
     np.testing.assert_allclose(probs["ensemble"], expected, rtol=1e-12)
@@ -153,11 +173,11 @@ def test_mean_logit_ensemble(saved, tmp_path):
 
 def test_label_without_positives_is_nan_and_left_out_of_the_mean(tmp_path):
     path = tmp_path / "predictions.parquet"
-    predictions_frame({"test": synthetic(200, 3, "1", empty_label=7),
-                       "val": synthetic(200, 4, "2")}).to_parquet(path, index=False)
+    predictions_frame({"test": synthetic(200, 3, "1", empty_label=7), "val": synthetic(200, 4, "2")}).to_parquet(
+        path, index=False
+    )
     out = tmp_path / "out"
-    assert evaluate_main(["--from-predictions", str(path), "--bootstrap", "20", "--no-figures",
-                          "--out", str(out)]) == 0
+    assert evaluate_main(["--from-predictions", str(path), "--bootstrap", "20", "--no-figures", "--out", str(out)]) == 0
     aucs = pd.read_csv(out / "aucs.csv").set_index(["member", "label"])
     y, probs = _scores(out, "test")
     assert np.isnan(aucs.loc[("m0", "Hernia"), "auroc"]) and np.isnan(aucs.loc[("m0", "Hernia"), "auprc"])
@@ -184,11 +204,20 @@ def test_report_markdown_has_published_columns_prevalence_and_figures(report):
 # The papers' own four-digit values: Wang et al. 2017 (ChestX-ray8, Table 4 of the arXiv v5 update on the
 # 14 labels) and Rajpurkar et al. 2017 (CheXNet, Table 1). cxr.published keeps them rounded half up to 3 digits.
 PAPERS = {
-    "Atelectasis": (0.7003, 0.8094), "Cardiomegaly": (0.8100, 0.9248), "Consolidation": (0.7032, 0.7901),
-    "Edema": (0.8052, 0.8878), "Effusion": (0.7585, 0.8638), "Emphysema": (0.8330, 0.9371),
-    "Fibrosis": (0.7859, 0.8047), "Hernia": (0.8717, 0.9164), "Infiltration": (0.6614, 0.7345),
-    "Mass": (0.6933, 0.8676), "Nodule": (0.6687, 0.7802), "Pleural_Thickening": (0.6835, 0.8062),
-    "Pneumonia": (0.6580, 0.7680), "Pneumothorax": (0.7993, 0.8887),
+    "Atelectasis": (0.7003, 0.8094),
+    "Cardiomegaly": (0.8100, 0.9248),
+    "Consolidation": (0.7032, 0.7901),
+    "Edema": (0.8052, 0.8878),
+    "Effusion": (0.7585, 0.8638),
+    "Emphysema": (0.8330, 0.9371),
+    "Fibrosis": (0.7859, 0.8047),
+    "Hernia": (0.8717, 0.9164),
+    "Infiltration": (0.6614, 0.7345),
+    "Mass": (0.6933, 0.8676),
+    "Nodule": (0.6687, 0.7802),
+    "Pleural_Thickening": (0.6835, 0.8062),
+    "Pneumonia": (0.6580, 0.7680),
+    "Pneumothorax": (0.7993, 0.8887),
 }
 
 
@@ -223,8 +252,11 @@ def test_plotted_curves_equal_sklearn_roc_curve():
 
 
 def test_deduplicated_drops_repeats_and_sorts():
-    s = ScoreSet(keys=np.array(["b", "a", "b", "c"], dtype=object), y_true=np.arange(4)[:, None],
-                 scores={"m": np.arange(4.0)[:, None]})
+    s = ScoreSet(
+        keys=np.array(["b", "a", "b", "c"], dtype=object),
+        y_true=np.arange(4)[:, None],
+        scores={"m": np.arange(4.0)[:, None]},
+    )
     d = s.deduplicated()
     assert list(d.keys) == ["a", "b", "c"] and d.duplicates == 1
     assert d.scores["m"][:, 0].tolist() == [1.0, 0.0, 3.0]
@@ -258,4 +290,4 @@ def test_roc_legend_lists_only_visible_curves(tmp_path, monkeypatch, members, en
     curves = [ln for ln in axes[0].get_lines() if ln.get_linestyle() == "-"]
     assert len(curves) == len(entries)
     legend = [t.get_text() for t in axes[len(LABELS)].get_legend().get_texts()]
-    assert legend[:len(entries)] == entries and legend[len(entries)].startswith("ensemble threshold")
+    assert legend[: len(entries)] == entries and legend[len(entries)].startswith("ensemble threshold")

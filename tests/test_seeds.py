@@ -1,5 +1,6 @@
 """One seed per ensemble member drives init, data order and augmentation (data.seed follows
 train.seed unless set), and the shipped ensembles vary hyper-parameters, not only the seed."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,17 +22,52 @@ ROOT = Path(__file__).resolve().parents[1]
 def shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("seeds")
     assert shards_main(["synth", "--out", str(root), "--n", "60", "--resolution", "32", "--workers", "1"]) == 0
-    assert shards_main(["split", "--metadata", str(root / "Data_Entry_2017.csv"), "--scheme", "random",
-                        "--fractions", "0.7,0.15,0.15", "--seed", "0", "--out", str(root / "splits.parquet")]) == 0
-    assert shards_main(["pack", "--splits", str(root / "splits.parquet"), "--images", str(root / "images"),
-                        "--out", str(root / "shards"), "--workers", "1"]) == 0
+    assert (
+        shards_main(
+            [
+                "split",
+                "--metadata",
+                str(root / "Data_Entry_2017.csv"),
+                "--scheme",
+                "random",
+                "--fractions",
+                "0.7,0.15,0.15",
+                "--seed",
+                "0",
+                "--out",
+                str(root / "splits.parquet"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        shards_main(
+            [
+                "pack",
+                "--splits",
+                str(root / "splits.parquet"),
+                "--images",
+                str(root / "images"),
+                "--out",
+                str(root / "shards"),
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     return root / "shards"
 
 
 def member_config(name: str, index: int, shards: Path, tmp_path: Path):
     ens = members.load_ensemble(name)
-    argv = members.member_argv(ens, index, tmp_path / "runs", shards,
-                               ["data.backend=wds", "data.num_threads=0", "data.resolution=32", "data.batch_size=4"])
+    argv = members.member_argv(
+        ens,
+        index,
+        tmp_path / "runs",
+        shards,
+        ["data.backend=wds", "data.num_threads=0", "data.resolution=32", "data.batch_size=4"],
+    )
     return load_config(ROOT / ens.config, argv[2:])
 
 

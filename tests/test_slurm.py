@@ -1,5 +1,6 @@
 """The Slurm workflow on a real single-node Slurm (slurm/local-cluster.sh): `sbatch slurm/ensemble.sh`,
 preemption -> requeue -> exact resume, a failing member, and the submitit launcher."""
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "slurm" / "local-cluster.sh"
 
 pytestmark = pytest.mark.slow
-TINY = ["data.resolution=64", "model.stem_size=64", "data.num_threads=0", "logging.progress=false",
-        "logging.log_every=1"]
+TINY = [
+    "data.resolution=64",
+    "model.stem_size=64",
+    "data.num_threads=0",
+    "logging.progress=false",
+    "logging.log_every=1",
+]
 
 
 def sh(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
@@ -92,10 +98,18 @@ def wait_for_text(path: Path, text: str, timeout: float) -> None:
 
 def submit_ensemble(tmp_path: Path, ensemble: Path, shards: Path, overrides: list[str]) -> tuple[str, str, Path]:
     runs = tmp_path / "runs"
-    env = {**os.environ, "CXR_ENSEMBLE": str(ensemble), "CXR_SHARDS": str(shards), "CXR_RUNS": str(runs),
-           "CXR_PROFILE": "cpu-local", "CXR_PROCS_PER_NODE": "1", "CXR_THREADS": "1",
-           "CXR_SBATCH_ARGS": "--cpus-per-task=1 --mem=2G", "CXR_TRAIN_OVERRIDES": " ".join(overrides),
-           "CXR_RESIGNAL_SECONDS": "3"}
+    env = {
+        **os.environ,
+        "CXR_ENSEMBLE": str(ensemble),
+        "CXR_SHARDS": str(shards),
+        "CXR_RUNS": str(runs),
+        "CXR_PROFILE": "cpu-local",
+        "CXR_PROCS_PER_NODE": "1",
+        "CXR_THREADS": "1",
+        "CXR_SBATCH_ARGS": "--cpus-per-task=1 --mem=2G",
+        "CXR_TRAIN_OVERRIDES": " ".join(overrides),
+        "CXR_RESIGNAL_SECONDS": "3",
+    }
     # The README's way: sbatch the script; its submit stage runs as a small job.
     out = sh("sbatch", "--parsable", "--wait", str(ROOT / "slurm" / "ensemble.sh"), cwd=ROOT, env=env)
     job = out.stdout.strip().split(";")[0]
@@ -115,12 +129,16 @@ def test_sbatch_ensemble_with_preemption(slurm, synth_shards, tmp_path):
     AUROCs for both members and the ensemble."""
     tiny = yaml.safe_load((ROOT / "launch" / "ensembles" / "tiny.yaml").read_text())
     seed = tiny["members"][0]["overrides"]["train.seed"]
-    twins = {**tiny, "name": "twins", "members": [{"name": "a", "overrides": {"train.seed": seed}},
-                                                  {"name": "b", "overrides": {"train.seed": seed}}]}
+    twins = {
+        **tiny,
+        "name": "twins",
+        "members": [{"name": "a", "overrides": {"train.seed": seed}}, {"name": "b", "overrides": {"train.seed": seed}}],
+    }
     ensemble = tmp_path / "twins.yaml"
     ensemble.write_text(yaml.safe_dump(twins))
-    array, evaluator, runs = submit_ensemble(tmp_path, ensemble, synth_shards,
-                                             [*TINY, "train.epochs=4", "train.max_steps=24"])
+    array, evaluator, runs = submit_ensemble(
+        tmp_path, ensemble, synth_shards, [*TINY, "train.epochs=4", "train.max_steps=24"]
+    )
     wait_for_text(runs / "b" / "train.log", " step 3 ", timeout=240)
     sh("scancel", "--batch", "--signal=USR1", f"{array}_1")
     wait_jobs([array, evaluator], timeout=420)
@@ -150,8 +168,15 @@ def test_sbatch_ensemble_with_preemption(slurm, synth_shards, tmp_path):
 
 def test_failing_member_blocks_the_evaluator(slurm, synth_shards, tmp_path):
     ensemble = tmp_path / "bad.yaml"
-    ensemble.write_text(yaml.safe_dump({"name": "bad", "config": "cxr/configs/tiny.yaml",
-                                        "members": [{"name": "broken", "overrides": {"model.name": "no_such_model"}}]}))
+    ensemble.write_text(
+        yaml.safe_dump(
+            {
+                "name": "bad",
+                "config": "cxr/configs/tiny.yaml",
+                "members": [{"name": "broken", "overrides": {"model.name": "no_such_model"}}],
+            }
+        )
+    )
     array, evaluator, runs = submit_ensemble(tmp_path, ensemble, synth_shards, TINY)
     wait_jobs([array, evaluator], timeout=240)
     [member] = sacct(f"{array}_0")
@@ -170,10 +195,26 @@ def test_submitit_slurm_two_tasks_preempted(slurm, synth_shards, tmp_path, monke
 
     monkeypatch.chdir(ROOT)
     runs = tmp_path / "runs"
-    args = submit.build_parser().parse_args([
-        "train", "--cluster", "slurm", "--profile", "cpu-local", "--shards", str(synth_shards),
-        "--runs", str(runs), "--config", "cxr/configs/tiny.yaml", "--name", "two",
-        *TINY, "train.epochs=4", "train.max_steps=16"])
+    args = submit.build_parser().parse_args(
+        [
+            "train",
+            "--cluster",
+            "slurm",
+            "--profile",
+            "cpu-local",
+            "--shards",
+            str(synth_shards),
+            "--runs",
+            str(runs),
+            "--config",
+            "cxr/configs/tiny.yaml",
+            "--name",
+            "two",
+            *TINY,
+            "train.epochs=4",
+            "train.max_steps=16",
+        ]
+    )
     profile = submit.get_profile("cpu-local")
     [job] = submit.submit_plan(submit.plan_train(args, profile), args, profile)
     log = runs / "two" / "train.log"

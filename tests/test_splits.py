@@ -3,6 +3,7 @@
 References are independent of the code under test: the raw CSV and list files read
 with plain csv/gzip, the NIH facts of SPEC.md, and labels.csv of the real sample.
 """
+
 from __future__ import annotations
 
 import csv
@@ -21,9 +22,22 @@ from shards.metadata import read_image_inventory, read_metadata
 from shards.splits import check_patient_disjoint, random_assign
 
 # SPEC.md canonical order, written out here rather than imported.
-SPEC_LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema",
-               "Fibrosis", "Hernia", "Infiltration", "Mass", "Nodule", "Pleural_Thickening",
-               "Pneumonia", "Pneumothorax"]
+SPEC_LABELS = [
+    "Atelectasis",
+    "Cardiomegaly",
+    "Consolidation",
+    "Edema",
+    "Effusion",
+    "Emphysema",
+    "Fibrosis",
+    "Hernia",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pleural_Thickening",
+    "Pneumonia",
+    "Pneumothorax",
+]
 CONTRACT_COLUMNS = ["image", "patient", "split", *SPEC_LABELS, "age", "sex", "view"]
 # Stratified (greedy) tolerance on the real CSV, 90/5/5, seed 0: measured 0.009 pp mean and
 # 0.018 pp max spread, vs ≈0.71 pp mean for a random patient split.
@@ -48,9 +62,13 @@ def real_splits(nih_dir: Path, tmp_path_factory) -> dict[str, pd.DataFrame]:
     """Each scheme run once through the CLI on the full CSV; tables read back with plain pandas."""
     out = tmp_path_factory.mktemp("real_splits")
     meta = str(nih_dir / "Data_Entry_2017_v2020.csv.gz")
-    runs = {"official": [], "stratified": [], "random": [],
-            "random_905": ["--scheme", "random", "--fractions", "0.9,0.05,0.05"],
-            "iterstrat": ["--scheme", "stratified", "--method", "iterstrat"]}
+    runs = {
+        "official": [],
+        "stratified": [],
+        "random": [],
+        "random_905": ["--scheme", "random", "--fractions", "0.9,0.05,0.05"],
+        "iterstrat": ["--scheme", "stratified", "--method", "iterstrat"],
+    }
     tables = {}
     for name, extra in runs.items():
         scheme = extra or ["--scheme", name]
@@ -108,7 +126,11 @@ def test_demographics_copied(real_splits, raw_rows):
     for row in raw_rows[::997]:
         got = table.loc[row["Image Index"]]
         assert (got["patient"], got["age"], got["sex"], got["view"]) == (
-            int(row["Patient ID"]), int(row["Patient Age"]), row["Patient Gender"], row["View Position"])
+            int(row["Patient ID"]),
+            int(row["Patient Age"]),
+            row["Patient Gender"],
+            row["View Position"],
+        )
 
 
 def test_stratified_spread_within_tolerance(real_splits):
@@ -142,8 +164,22 @@ def test_restrict_to_sample_follows_official_lists(nih_sample_dir, nih_dir, tmp_
     with open(nih_sample_dir / "labels.csv", newline="") as fh:
         official = {r["Image Index"]: r["official_split"] for r in csv.DictReader(fh)}
     out = tmp_path / "sample.csv"
-    assert main(["split", "--metadata", str(nih_dir / "Data_Entry_2017_v2020.csv.gz"), "--scheme",
-                 "official", "--restrict-to", str(nih_sample_dir), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "split",
+                "--metadata",
+                str(nih_dir / "Data_Entry_2017_v2020.csv.gz"),
+                "--scheme",
+                "official",
+                "--restrict-to",
+                str(nih_sample_dir),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     table = pd.read_csv(out)
     assert len(table) == len(official) == 130
     for image, split in zip(table["image"], table["split"]):
@@ -167,8 +203,10 @@ def test_inventory_from_list_and_archive(nih_sample_dir, tmp_path):
 
 # ---------------------------------------------------------------- hand-made CSVs
 
-HEADER_2017 = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
-               "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")
+HEADER_2017 = (
+    "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+    "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]"
+)
 ROWS = [
     "00000001_000.png,Cardiomegaly,0,1,57,M,PA,2682,2749,0.143,0.143",
     "00000001_001.png,Cardiomegaly|Emphysema,1,1,58,M,PA,2894,2729,0.143,0.143",
@@ -192,13 +230,16 @@ def test_both_sex_headers_give_the_same_table(tmp_path):
     assert a.loc[3, "Hernia"] == 1 and a.loc[3, "Pleural_Thickening"] == 1
 
 
-@pytest.mark.parametrize("findings, message", [
-    ("Cardiomegally", "unknown label 'Cardiomegally'"),
-    ("Infiltrate", "unknown label 'Infiltrate'"),
-    ("Mass|No Finding", "combined"),
-    ("Mass|", "unknown label ''"),
-    ("mass", "unknown label 'mass'"),
-])
+@pytest.mark.parametrize(
+    "findings, message",
+    [
+        ("Cardiomegally", "unknown label 'Cardiomegally'"),
+        ("Infiltrate", "unknown label 'Infiltrate'"),
+        ("Mass|No Finding", "combined"),
+        ("Mass|", "unknown label ''"),
+        ("mass", "unknown label 'mass'"),
+    ],
+)
 def test_bad_label_names_the_row(tmp_path, findings, message):
     rows = list(ROWS)
     rows[2] = rows[2].replace("No Finding", findings)
@@ -217,13 +258,16 @@ def test_bad_label_cli_prints_one_line(tmp_path, capsys):
     assert not (tmp_path / "s.csv").exists()
 
 
-@pytest.mark.parametrize("row, message", [
-    ("00000001_000.png,Mass,0,4,40,M,PA,1,1,1,1", "appears on lines [2, 6]"),
-    ("00000009_000.png,Mass,0,9,40,X,PA,1,1,1,1", "line 6"),
-    ("00000009_000.png,Mass,0,9,40,M,LL,1,1,1,1", "View Position"),
-    ("00000009_000.png,Mass,0,nine,40,M,PA,1,1,1,1", "Patient ID"),
-    ("00000009_000.png,Mass,0,9,forty,M,PA,1,1,1,1", "Patient Age"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ("00000001_000.png,Mass,0,4,40,M,PA,1,1,1,1", "appears on lines [2, 6]"),
+        ("00000009_000.png,Mass,0,9,40,X,PA,1,1,1,1", "line 6"),
+        ("00000009_000.png,Mass,0,9,40,M,LL,1,1,1,1", "View Position"),
+        ("00000009_000.png,Mass,0,nine,40,M,PA,1,1,1,1", "Patient ID"),
+        ("00000009_000.png,Mass,0,9,forty,M,PA,1,1,1,1", "Patient Age"),
+    ],
+)
 def test_bad_rows_are_errors(tmp_path, row, message):
     with pytest.raises(CxrError, match=None) as err:
         read_metadata(_write_csv(tmp_path / "bad.csv", [*ROWS, row]))
@@ -269,8 +313,23 @@ def test_official_lists_must_cover_metadata(tmp_path, capsys):
 def test_with_no_finding_and_csv_parquet_agree(tmp_path):
     meta = _write_csv(tmp_path / "meta.csv", ROWS)
     for ext in ("csv", "parquet"):
-        assert main(["split", "--metadata", str(meta), "--scheme", "random", "--fractions", "0.5,0.25,0.25",
-                     "--with-no-finding", "--out", str(tmp_path / f"s.{ext}")]) == 0
+        assert (
+            main(
+                [
+                    "split",
+                    "--metadata",
+                    str(meta),
+                    "--scheme",
+                    "random",
+                    "--fractions",
+                    "0.5,0.25,0.25",
+                    "--with-no-finding",
+                    "--out",
+                    str(tmp_path / f"s.{ext}"),
+                ]
+            )
+            == 0
+        )
     a, b = pd.read_csv(tmp_path / "s.csv"), pd.read_parquet(tmp_path / "s.parquet")
     assert list(b.columns) == [*CONTRACT_COLUMNS, "No Finding"]
     assert a["No Finding"].tolist() == b["No Finding"].tolist() == [0, 0, 1, 0]
@@ -304,8 +363,11 @@ def test_non_nih_names_are_not_checked_against_the_patient(tmp_path):
 
 def _patients_csv(path: Path, sizes: list[int]) -> Path:
     """A metadata CSV with patient p (1-based) holding sizes[p-1] images (NIH names, no finding)."""
-    rows = [f"{p:08d}_{f:03d}.png,No Finding,{f},{p},40,M,PA,1,1,1,1"
-            for p, n in enumerate(sizes, start=1) for f in range(n)]
+    rows = [
+        f"{p:08d}_{f:03d}.png,No Finding,{f},{p},40,M,PA,1,1,1,1"
+        for p, n in enumerate(sizes, start=1)
+        for f in range(n)
+    ]
     return _write_csv(path, rows)
 
 
@@ -315,8 +377,10 @@ def test_a_giant_patient_that_moves_the_image_fractions_is_warned_naming_it(tmp_
     computed here from the written table with pandas."""
     meta = _patients_csv(tmp_path / "p500.csv", [500] + [2] * 51)
     out = tmp_path / "s.parquet"
-    assert main(["split", "--metadata", str(meta), "--scheme", scheme, "--fractions", "0.7,0.1,0.2",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["split", "--metadata", str(meta), "--scheme", scheme, "--fractions", "0.7,0.1,0.2", "--out", str(out)])
+        == 0
+    )
     table = pd.read_parquet(out)
     requested = {"train": 0.7, "val": 0.1, "test": 0.2}
     off = {s for s, f in requested.items() if abs((table["split"] == s).mean() - f) > 0.05}
@@ -332,6 +396,20 @@ def test_a_giant_patient_that_moves_the_image_fractions_is_warned_naming_it(tmp_
 
 def test_balanced_patients_give_no_fraction_warning(tmp_path, capsys):
     meta = _patients_csv(tmp_path / "even.csv", [2] * 100)
-    assert main(["split", "--metadata", str(meta), "--scheme", "random", "--fractions", "0.7,0.1,0.2",
-                 "--out", str(tmp_path / "s.parquet")]) == 0
+    assert (
+        main(
+            [
+                "split",
+                "--metadata",
+                str(meta),
+                "--scheme",
+                "random",
+                "--fractions",
+                "0.7,0.1,0.2",
+                "--out",
+                str(tmp_path / "s.parquet"),
+            ]
+        )
+        == 0
+    )
     assert "warning" not in capsys.readouterr().err

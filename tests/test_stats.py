@@ -1,4 +1,5 @@
 """`python -m shards stats` / prevalence_table against hand counts and the raw NIH files."""
+
 from __future__ import annotations
 
 import csv
@@ -13,9 +14,22 @@ from cxrbase.errors import CxrError
 from shards.cli import main
 from shards.stats import label_spread, prevalence_table
 
-SPEC_LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema",
-               "Fibrosis", "Hernia", "Infiltration", "Mass", "Nodule", "Pleural_Thickening",
-               "Pneumonia", "Pneumothorax"]
+SPEC_LABELS = [
+    "Atelectasis",
+    "Cardiomegaly",
+    "Consolidation",
+    "Edema",
+    "Effusion",
+    "Emphysema",
+    "Fibrosis",
+    "Hernia",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pleural_Thickening",
+    "Pneumonia",
+    "Pneumothorax",
+]
 
 
 def _table(rows: list[tuple[str, str, list[str]]]) -> pd.DataFrame:
@@ -30,27 +44,35 @@ def _table(rows: list[tuple[str, str, list[str]]]) -> pd.DataFrame:
 
 
 # Written in val, test, train order on purpose: the output must still be train, val, test.
-HAND = _table([
-    ("00000005_000.png", "val", ["Mass"]),
-    ("00000004_000.png", "test", ["Hernia"]),
-    ("00000006_000.png", "test", []),
-    ("00000001_000.png", "train", ["Atelectasis", "Effusion"]),
-    ("00000002_000.png", "train", []),
-    ("00000003_000.png", "train", ["Effusion"]),
-])
+HAND = _table(
+    [
+        ("00000005_000.png", "val", ["Mass"]),
+        ("00000004_000.png", "test", ["Hernia"]),
+        ("00000006_000.png", "test", []),
+        ("00000001_000.png", "train", ["Atelectasis", "Effusion"]),
+        ("00000002_000.png", "train", []),
+        ("00000003_000.png", "train", ["Effusion"]),
+    ]
+)
 # Hand counts: (split, label) → (positives, images, prevalence %); all other labels 0.
 HAND_EXPECTED = {
-    ("train", "Atelectasis"): (1, 3, 33.33), ("train", "Effusion"): (2, 3, 66.67),
-    ("train", "No Finding"): (1, 3, 33.33), ("val", "Mass"): (1, 1, 100.0),
-    ("val", "No Finding"): (0, 1, 0.0), ("test", "Hernia"): (1, 2, 50.0),
+    ("train", "Atelectasis"): (1, 3, 33.33),
+    ("train", "Effusion"): (2, 3, 66.67),
+    ("train", "No Finding"): (1, 3, 33.33),
+    ("val", "Mass"): (1, 1, 100.0),
+    ("val", "No Finding"): (0, 1, 0.0),
+    ("test", "Hernia"): (1, 2, 50.0),
     ("test", "No Finding"): (1, 2, 50.0),
 }
 
 
 def _expected_rows() -> list[tuple]:
     sizes = {"train": 3, "val": 1, "test": 2}
-    return [(split, label, *HAND_EXPECTED.get((split, label), (0, sizes[split], 0.0)))
-            for split in ("train", "val", "test") for label in (*SPEC_LABELS, "No Finding")]
+    return [
+        (split, label, *HAND_EXPECTED.get((split, label), (0, sizes[split], 0.0)))
+        for split in ("train", "val", "test")
+        for label in (*SPEC_LABELS, "No Finding")
+    ]
 
 
 def test_prevalence_table_equals_hand_count():
@@ -105,8 +127,20 @@ def test_bad_tables_are_errors(tmp_path, capsys):
 
 def test_official_test_prevalence_equals_raw_count(nih_dir: Path, tmp_path, capsys):
     out = tmp_path / "official.parquet"
-    assert main(["split", "--metadata", str(nih_dir / "Data_Entry_2017_v2020.csv.gz"),
-                 "--scheme", "official", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "split",
+                "--metadata",
+                str(nih_dir / "Data_Entry_2017_v2020.csv.gz"),
+                "--scheme",
+                "official",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["stats", str(out), "--format", "csv"]) == 0
     stats = {(r["split"], r["label"]): r for r in csv.DictReader(io.StringIO(capsys.readouterr().out))}
@@ -131,16 +165,21 @@ def test_stats_warns_of_train_labels_without_positives_and_a_tiny_val(tmp_path, 
     warnings = [w for w in capsys.readouterr().err.splitlines() if w.startswith("warning: ")]
     no_train = [label for label in SPEC_LABELS if label not in ("Atelectasis", "Effusion")]
     assert len(warnings) == 2, warnings
-    assert warnings[0].startswith(f"warning: {path}: split 'train' has no positive image of {', '.join(no_train)} "
-                                  "(12 of 14 labels)")
+    assert warnings[0].startswith(
+        f"warning: {path}: split 'train' has no positive image of {', '.join(no_train)} (12 of 14 labels)"
+    )
     no_val = ", ".join(label for label in SPEC_LABELS if label != "Mass")
-    assert warnings[1].startswith(f"warning: {path}: split 'val' has only 1 image(s); no positive image of {no_val}; "
-                                  "no negative image of Mass (AUROC undefined for 14 of 14 labels)")
+    assert warnings[1].startswith(
+        f"warning: {path}: split 'val' has only 1 image(s); no positive image of {no_val}; "
+        "no negative image of Mass (AUROC undefined for 14 of 14 labels)"
+    )
 
 
 def test_stats_of_a_healthy_table_warns_nothing(tmp_path, capsys):
-    rows = [(f"{i:08d}_000.png", split, [SPEC_LABELS[i % 14]] if i % 3 else [])
-            for i, split in enumerate(["train"] * 60 + ["val"] * 60, start=1)]
+    rows = [
+        (f"{i:08d}_000.png", split, [SPEC_LABELS[i % 14]] if i % 3 else [])
+        for i, split in enumerate(["train"] * 60 + ["val"] * 60, start=1)
+    ]
     path = tmp_path / "splits.parquet"
     _table(rows).to_parquet(path, index=False)
     assert main(["stats", str(path)]) == 0

@@ -1,4 +1,5 @@
 """Sweep planning (launch.submit ablate) and the memory probe's choice, without training."""
+
 from __future__ import annotations
 
 import argparse
@@ -21,13 +22,30 @@ def _args(*argv: str) -> argparse.Namespace:
 
 
 def test_grid_seeds_resolutions_same_effective_batch(capsys):
-    args = _args("train.epochs=2", "--no-probe", "--effective-batch", "32", "--resolutions", "32", "64",
-                 "--seeds", "0", "1", "--grid", "loss.name=bce,focal")
+    args = _args(
+        "train.epochs=2",
+        "--no-probe",
+        "--effective-batch",
+        "32",
+        "--resolutions",
+        "32",
+        "64",
+        "--seeds",
+        "0",
+        "1",
+        "--grid",
+        "loss.name=bce,focal",
+    )
     plan = plan_ablate(args, get_profile("cpu-local"))
     assert len(plan.runs) == 2 * 2 * 2
     argv = plan.runs["res64_name-focal_seed1"]
-    assert {"data.resolution=64", "loss.name=focal", "train.seed=1", "train.epochs=2",
-            "train.grad_accum_steps=2"} <= set(argv)
+    assert {
+        "data.resolution=64",
+        "loss.name=focal",
+        "train.seed=1",
+        "train.epochs=2",
+        "train.grad_accum_steps=2",
+    } <= set(argv)
     assert all("train.grad_accum_steps=2" in a for a in plan.runs.values())
     report, extra = plan.ablation_report
     assert report == plan.run_dirs["res32_name-bce_seed0"].parent / "report"
@@ -44,8 +62,9 @@ def test_a_batch_size_override_is_what_the_plan_prints_and_the_runs_use(capsys, 
     argv = plan.runs["res32"]
     assert argv.index("data.batch_size=8") < argv.index("train.grad_accum_steps=1") and not plan.probes
     assert "; micro-batch 8 × accumulation 1" in capsys.readouterr().out
-    plan = plan_ablate(_args("data.batch_size=8", *probe, "--effective-batch", "16", "--resolutions", "32"),
-                       get_profile("cpu-local"))
+    plan = plan_ablate(
+        _args("data.batch_size=8", *probe, "--effective-batch", "16", "--resolutions", "32"), get_profile("cpu-local")
+    )
     assert "train.grad_accum_steps=2" in plan.runs["res32"]
     assert "; micro-batch 8 × accumulation 2" in capsys.readouterr().out
 
@@ -53,7 +72,9 @@ def test_a_batch_size_override_is_what_the_plan_prints_and_the_runs_use(capsys, 
 def test_probe_is_planned_per_resolution():
     plan = plan_ablate(_args("--resolutions", "32", "128"), get_profile("cpu-local"))
     assert {n: (p["resolution"], p["effective_batch"]) for n, p in plan.probes.items()} == {
-        "res32": (32, 16), "res128": (128, 16)}
+        "res32": (32, 16),
+        "res128": (128, 16),
+    }
     assert not any(a.startswith("train.grad_accum_steps") for a in plan.runs["res32"])
     # the probe measures under the run's numerics: the profile's precision reaches it
     assert any(o.startswith("train.mixed_precision=") for o in plan.probes["res32"]["overrides"])
@@ -68,6 +89,7 @@ def test_bad_grid_item(item):
 def test_probe_choice_by_hand(monkeypatch):
     """peak(b) = 500 + 100 b MB plain, 300 + 100 b checkpointed; budget 1000 → largest divisor of 16
     that fits either way is 4 (plain 900 fits: no checkpointing at equal micro-batch)."""
+
     def fake(config, overrides, resolution, batch, device, method="measure"):
         return (500 if "false" in overrides[-1] else 300) + 100 * batch
 
@@ -97,6 +119,7 @@ def test_probe_prefers_the_largest_micro_batch_with_checkpointing(monkeypatch):
     b ≤ 4 (9500), checkpointed b ≤ 16 (9500) → 16 × 1 with checkpointing, not 4 × 4 (BatchNorm
     would see 4 images instead of 16); the overhead counts (without it b = 16 still, with 1000
     more it is b = 8)."""
+
     def fake(config, overrides, resolution, batch, device, method="measure"):
         return 1000 + (2000 if "false" in overrides[-1] else 500) * batch
 
@@ -114,8 +137,15 @@ def test_probe_keeps_densenet121_batch_16_with_checkpointing_on_an_a10g():
     """The shipped DenseNet-121 config at 1024² on an A10G (23028 MiB listed) in bf16: the memory
     curve modelled from live tensor bytes of real CPU steps at 128² keeps micro-batch 16 with
     checkpointing (fp32 without checkpointing, the old probe, chose 4 × 4)."""
-    got = probe.choose("cxr/configs/densenet121.yaml", ["train.mixed_precision=bf16"], 1024, 16, device="cpu",
-                       capacity_mb=23028, method="model")
+    got = probe.choose(
+        "cxr/configs/densenet121.yaml",
+        ["train.mixed_precision=bf16"],
+        1024,
+        16,
+        device="cpu",
+        capacity_mb=23028,
+        method="model",
+    )
     assert (got.micro_batch, got.grad_accum, got.grad_checkpointing) == (16, 1, True), got.reason
     assert got.numerics == {"autocast": "bfloat16", "channels_last": True, "cudnn_benchmark": False}
     assert got.differs_from_config() is None
@@ -143,13 +173,19 @@ def test_ablation_report_names_runs_whose_probed_layout_differs():
 
     from cxr.ablation import _layout_notes
 
-    same = probe.ProbeResult(1024, "cuda", 16, 16, 1, True, 20000, 100, 40, 2000, {}, config_micro_batch=16,
-                             config_grad_checkpointing=True)
-    other = probe.ProbeResult(1024, "cuda", 16, 4, 4, False, 20000, 100, 40, 2000, {}, config_micro_batch=16,
-                              config_grad_checkpointing=True)
-    costs = pd.DataFrame({"run": ["a", "b"], "layout_note": [same.differs_from_config() or "",
-                                                              other.differs_from_config()]})
+    same = probe.ProbeResult(
+        1024, "cuda", 16, 16, 1, True, 20000, 100, 40, 2000, {}, config_micro_batch=16, config_grad_checkpointing=True
+    )
+    other = probe.ProbeResult(
+        1024, "cuda", 16, 4, 4, False, 20000, 100, 40, 2000, {}, config_micro_batch=16, config_grad_checkpointing=True
+    )
+    costs = pd.DataFrame(
+        {"run": ["a", "b"], "layout_note": [same.differs_from_config() or "", other.differs_from_config()]}
+    )
     lines = _layout_notes(costs)
     assert [ln for ln in lines if ln.startswith("- ")] == [
-        ("- b: the memory probe chose micro-batch 4 (config 16: BatchNorm sees 4 images per step instead); "
-         "checkpointing false (config true)")]
+        (
+            "- b: the memory probe chose micro-batch 4 (config 16: BatchNorm sees 4 images per step instead); "
+            "checkpointing false (config true)"
+        )
+    ]

@@ -3,6 +3,7 @@
 Outputs are read back with csv and PIL only; signature checks compare plain pixel means in
 fixed regions between images with and without the label (AUROC by scikit-learn).
 """
+
 from __future__ import annotations
 
 import csv
@@ -19,16 +20,33 @@ from sklearn.metrics import roc_auc_score
 from shards.cli import main
 from shards.synth import floored_row_weights
 
-SPEC_LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema",
-               "Fibrosis", "Hernia", "Infiltration", "Mass", "Nodule", "Pleural_Thickening",
-               "Pneumonia", "Pneumothorax"]
-NIH_V2020_HEADER = ("Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
-                    "View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]")
+SPEC_LABELS = [
+    "Atelectasis",
+    "Cardiomegaly",
+    "Consolidation",
+    "Edema",
+    "Effusion",
+    "Emphysema",
+    "Fibrosis",
+    "Hernia",
+    "Infiltration",
+    "Mass",
+    "Nodule",
+    "Pleural_Thickening",
+    "Pneumonia",
+    "Pneumothorax",
+]
+NIH_V2020_HEADER = (
+    "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,"
+    "View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]"
+)
 
 
 def _synth(out: Path, n: int, *extra: str, resolution: int = 64, seed: int = 0) -> Path:
-    assert main(["synth", "--out", str(out), "--n", str(n), "--resolution", str(resolution),
-                 "--seed", str(seed), *extra]) == 0
+    assert (
+        main(["synth", "--out", str(out), "--n", str(n), "--resolution", str(resolution), "--seed", str(seed), *extra])
+        == 0
+    )
     return out
 
 
@@ -51,8 +69,7 @@ def signatures(tmp_path_factory) -> tuple[np.ndarray, np.ndarray]:
     """300 phantoms at 64 px: pixels [N, 64, 64] float and labels [N, 14] from the CSV text."""
     out = _synth(tmp_path_factory.mktemp("synth") / "sig", 300, "--workers", "2", seed=3)
     rows = _rows(out)
-    pixels = np.stack([np.asarray(Image.open(out / "images" / r["Image Index"]), dtype=np.float64)
-                       for r in rows])
+    pixels = np.stack([np.asarray(Image.open(out / "images" / r["Image Index"]), dtype=np.float64) for r in rows])
     labels = np.array([[int(lab in r["Finding Labels"].split("|")) for lab in SPEC_LABELS] for r in rows])
     return pixels, labels
 
@@ -108,8 +125,10 @@ def test_lists_are_patient_disjoint(small):
 
 def test_split_official_runs_on_synth(small, tmp_path):
     out = tmp_path / "splits.parquet"
-    assert main(["split", "--metadata", str(small / "Data_Entry_2017.csv"), "--scheme", "official",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["split", "--metadata", str(small / "Data_Entry_2017.csv"), "--scheme", "official", "--out", str(out)])
+        == 0
+    )
     table = pd.read_parquet(out)
     assert len(table) == 40
     assert set(table.loc[table["split"] == "test", "image"]) == set((small / "test_list.txt").read_text().split())
@@ -118,7 +137,7 @@ def test_split_official_runs_on_synth(small, tmp_path):
 
 def _region(pixels: np.ndarray, x0: float, x1: float, y0: float, y1: float) -> np.ndarray:
     n = pixels.shape[1]
-    return pixels[:, int(y0 * n):int(y1 * n), int(x0 * n):int(x1 * n)].mean(axis=(1, 2))
+    return pixels[:, int(y0 * n) : int(y1 * n), int(x0 * n) : int(x1 * n)].mean(axis=(1, 2))
 
 
 def test_cardiomegaly_brightens_the_left_heart_border(signatures):
@@ -205,12 +224,13 @@ def test_nodule_boxes_hold_the_bright_lesion(tmp_path):
             continue
         x, y, w, h = map(int, xywh)
         px = np.asarray(Image.open(out / "images" / image), dtype=np.float64)
-        inner = px[y:y + h, x:x + w].mean()
-        ring = px[max(y - h, 0):y + 2 * h, max(x - w, 0):x + 2 * w]
-        outer = (ring.sum() - px[y:y + h, x:x + w].sum()) / (ring.size - w * h)
+        inner = px[y : y + h, x : x + w].mean()
+        ring = px[max(y - h, 0) : y + 2 * h, max(x - w, 0) : x + 2 * w]
+        outer = (ring.sum() - px[y : y + h, x : x + w].sum()) / (ring.size - w * h)
         brighter += inner > outer
         total += 1
     assert total >= 5 and brighter >= 0.9 * total, (brighter, total)
+
 
 def test_fine_detail_survives_only_at_high_resolution(tmp_path):
     """--fine-detail: other images byte-identical to the default; the label's tiny nodules are
@@ -234,7 +254,7 @@ def test_fine_detail_survives_only_at_high_resolution(tmp_path):
                 im = im.resize((size, size), Image.LANCZOS)
             a = np.asarray(im, dtype=np.float64)
             c = size // 4
-            peaks.append((a - median_filter(a, size=5))[c:3 * c, size // 8:7 * size // 8].max())
+            peaks.append((a - median_filter(a, size=5))[c : 3 * c, size // 8 : 7 * size // 8].max())
         return roc_auc_score(y, peaks)
 
     assert tophat_auroc(128) > 0.95

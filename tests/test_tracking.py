@@ -1,5 +1,6 @@
 """logging.trackers: a training recorded in a real local MLflow file store, read back with MLflow's
 own client and compared with the run's config.yaml and metrics.csv (read with yaml and pandas)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,7 +36,9 @@ def test_mlflow_file_store_gets_config_metrics_artefacts_and_resume(tmp_path, fr
     assert found.info.run_name == "r1" and found.info.status == "FINISHED"
     saved = yaml.safe_load((run / "config.yaml").read_text())
     params = found.data.params
-    assert params["optim.lr"] == str(saved["optim"]["lr"]) and params["data.resolution"] == str(saved["data"]["resolution"])
+    assert params["optim.lr"] == str(saved["optim"]["lr"]) and params["data.resolution"] == str(
+        saved["data"]["resolution"]
+    )
     assert params["model.name"] == saved["model"]["name"] and params["run_dir"] == str(run.resolve())
     metrics = pd.read_csv(run / "metrics.csv")
     history = client.get_metric_history(found.info.run_id, "val_loss")
@@ -58,7 +61,10 @@ def test_mlflow_file_store_gets_config_metrics_artefacts_and_resume(tmp_path, fr
 def test_tracker_choices_are_checked_and_leave_the_hash_alone():
     from cxr.config import config_hash
 
-    assert config_hash(load_config("tiny", ["logging.trackers=[mlflow, tensorboard]"])) == \
-        config_hash(load_config("tiny"))
-    with pytest.raises(CxrError, match=r"logging.trackers=\['neptune'\]: unknown 'neptune' — valid: tensorboard, mlflow, wandb"):
+    assert config_hash(load_config("tiny", ["logging.trackers=[mlflow, tensorboard]"])) == config_hash(
+        load_config("tiny")
+    )
+    with pytest.raises(
+        CxrError, match=r"logging.trackers=\['neptune'\]: unknown 'neptune' — valid: tensorboard, mlflow, wandb"
+    ):
         load_config("tiny", ["logging.trackers=[neptune]"])

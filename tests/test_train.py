@@ -4,6 +4,7 @@ Every run: the `tiny` config at 64 px, 2 processes through `accelerate launch` (
 References are independent of the training code: the split table written by `shards split`,
 the safetensors files on disk, the worker exit status printed by torchrun, wall-clock time.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -110,18 +111,22 @@ def test_sigusr1_mid_epoch_then_resume_is_bitwise_exact(run_a, train_shards, tmp
 
     rc = finish(launch(train_shards, run_b))  # the same command again: resume=auto
     assert rc == 0, output(run_b)[-3000:]
-    assert f"resumed from {run_b}/checkpoints/last at epoch 2 step {meta['step_in_epoch']}" in \
-        (run_b / "train.log").read_text()
+    assert (
+        f"resumed from {run_b}/checkpoints/last at epoch 2 step {meta['step_in_epoch']}"
+        in (run_b / "train.log").read_text()
+    )
     for name in ("last", "best"):
         a, b = weights(run_a, name), weights(run_b, name)
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), f"{name}/{key} differs"
     rows_a, rows_b = metrics_rows(run_a), metrics_rows(run_b)
-    assert [{k: v for k, v in r.items() if k != "time"} for r in rows_a] == \
-           [{k: v for k, v in r.items() if k != "time"} for r in rows_b]
-    pd.testing.assert_frame_equal(pd.read_parquet(run_a / "val_predictions.parquet"),
-                                  pd.read_parquet(run_b / "val_predictions.parquet"))
+    assert [{k: v for k, v in r.items() if k != "time"} for r in rows_a] == [
+        {k: v for k, v in r.items() if k != "time"} for r in rows_b
+    ]
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(run_a / "val_predictions.parquet"), pd.read_parquet(run_b / "val_predictions.parquet")
+    )
 
 
 def test_two_nodes_on_localhost_match_one_node_bitwise(run_a, train_shards, tmp_path_factory):
@@ -131,8 +136,15 @@ def test_two_nodes_on_localhost_match_one_node_bitwise(run_a, train_shards, tmp_
     port = free_port()
     configs = []
     for rank in (0, 1):
-        cfg = {**base, "num_machines": 2, "num_processes": 2, "machine_rank": rank,
-               "main_process_ip": "127.0.0.1", "main_process_port": port, "same_network": True}
+        cfg = {
+            **base,
+            "num_machines": 2,
+            "num_processes": 2,
+            "machine_rank": rank,
+            "main_process_ip": "127.0.0.1",
+            "main_process_port": port,
+            "same_network": True,
+        }
         configs.append(tmp / f"machine{rank}.yaml")
         configs[-1].write_text(yaml.safe_dump(cfg))
     run_dir = tmp / "run"
@@ -177,11 +189,31 @@ def test_deepspeed_zero2_trains_checkpoints_and_resumes(train_shards, tmp_path_f
 def test_killed_rank_makes_the_launcher_fail_within_timeout(train_shards, tmp_path_factory):
     """Started with torchrun (`-m cxr.train`) this time: the other launch path."""
     run_dir = tmp_path_factory.mktemp("runs") / "killed"
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "cxr.train",
-           "--config", "cxr/configs/tiny.yaml", f"data.shards={train_shards}", f"checkpoint.run_dir={run_dir}",
-           "data.resolution=64", "logging.progress=false", "logging.log_every=1", "train.collective_timeout_s=60"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=launch_env(), stdout=open(run_dir.parent / "killed.out", "wb"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    cmd = [
+        str(BIN / "torchrun"),
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "cxr.train",
+        "--config",
+        "cxr/configs/tiny.yaml",
+        f"data.shards={train_shards}",
+        f"checkpoint.run_dir={run_dir}",
+        "data.resolution=64",
+        "logging.progress=false",
+        "logging.log_every=1",
+        "train.collective_timeout_s=60",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=launch_env(),
+        stdout=open(run_dir.parent / "killed.out", "wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     pids = rank_pids(run_dir, proc)
     wait_for_line(run_dir, r"step 3 epoch 1 ", proc)
     os.kill(pids[1], signal.SIGKILL)
@@ -194,9 +226,19 @@ def test_killed_rank_makes_the_launcher_fail_within_timeout(train_shards, tmp_pa
 def test_tiny_learns_the_phantoms_in_a_few_cpu_minutes(train_shards, tmp_path_factory):
     """Plain single process (`python -m cxr.train`), tiny at 64 px: val mean AUROC ≥ 0.85 at the end."""
     run_dir = tmp_path_factory.mktemp("runs") / "learn"
-    cmd = [sys.executable, "-m", "cxr.train", "--config", "cxr/configs/tiny.yaml", f"data.shards={train_shards}",
-           f"checkpoint.run_dir={run_dir}", "data.resolution=64", "train.epochs=5", "train.threads=2",
-           "logging.progress=false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cxr.train",
+        "--config",
+        "cxr/configs/tiny.yaml",
+        f"data.shards={train_shards}",
+        f"checkpoint.run_dir={run_dir}",
+        "data.resolution=64",
+        "train.epochs=5",
+        "train.threads=2",
+        "logging.progress=false",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = metrics_rows(run_dir)
@@ -227,6 +269,8 @@ def test_gpu_decode_without_cuda_is_refused_first_and_ends_the_launchers_report(
     rc = finish(launch(train_shards, run_dir, "data.device=gpu"), timeout=300)
     assert rc != 0
     lines = [ln.strip() for ln in output(run_dir).splitlines() if ln.strip().strip("=")]
-    assert lines[-1] == ("traceback : error: data.device=gpu: no CUDA device is visible to this process — set "
-                         "data.device=auto (GPU decode where CUDA is, CPU otherwise) or data.device=cpu"), lines[-12:]
+    assert lines[-1] == (
+        "traceback : error: data.device=gpu: no CUDA device is visible to this process — set "
+        "data.device=auto (GPU decode where CUDA is, CPU otherwise) or data.device=cpu"
+    ), lines[-12:]
     assert not run_dir.exists()  # nothing was built: no lock, no train.log, no config.yaml

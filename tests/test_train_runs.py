@@ -5,6 +5,7 @@ resuming at another world size, and the one-line errors of bad checkpoints and c
 In-process trainings on the in-memory phantoms of test_train_units (fast) unless marked slow.
 References: an uninterrupted run (bitwise), the safetensors files on disk, the plan's
 permutation recomputed here with numpy, F.interpolate, and real second processes."""
+
 from __future__ import annotations
 
 import csv
@@ -57,12 +58,18 @@ def run_a(tmp_path_factory) -> Path:
 
 
 # ------------------------------------------------------------------------ item 3: failed status
-@pytest.mark.parametrize("error, code, line", [
-    (CxrError("data.device=gpu: no GPU on this node — use data.device=cpu"), 2,
-     "data.device=gpu: no GPU on this node — use data.device=cpu"),
-    (RuntimeError("boom in a kernel\nsecond line"), 1, "RuntimeError: boom in a kernel"),
-    (KeyboardInterrupt(), 130, "KeyboardInterrupt"),
-])
+@pytest.mark.parametrize(
+    "error, code, line",
+    [
+        (
+            CxrError("data.device=gpu: no GPU on this node — use data.device=cpu"),
+            2,
+            "data.device=gpu: no GPU on this node — use data.device=cpu",
+        ),
+        (RuntimeError("boom in a kernel\nsecond line"), 1, "RuntimeError: boom in a kernel"),
+        (KeyboardInterrupt(), 130, "KeyboardInterrupt"),
+    ],
+)
 def test_a_run_that_fails_after_start_says_failed_with_its_exit_code(tmp_path, error, code, line):
     def failing(cfg, split, **kw):
         if split == "train" and kw.get("epoch") == 1:  # epoch 2's loader: status already "running"
@@ -79,14 +86,26 @@ def test_a_run_that_fails_after_start_says_failed_with_its_exit_code(tmp_path, e
 def test_a_second_training_on_a_locked_run_dir_refuses_and_a_dead_holders_lock_is_taken_over(tmp_path):
     run = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from cxr.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); "
-         "print('locked', flush=True); sys.stdin.read()", str(run)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        [
+            sys.executable,
+            "-c",
+            "import sys; from cxr.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); "
+            "print('locked', flush=True); sys.stdin.read()",
+            str(run),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"  # the event: the other process holds it
-        with pytest.raises(CxrError, match=rf"{run}: another training \(pid {holder.pid} on "
-                                           rf"{socket.gethostname()}\) is using this run dir — wait for it "
-                                           rf"or use another checkpoint.run_dir"):
+        with pytest.raises(
+            CxrError,
+            match=rf"{run}: another training \(pid {holder.pid} on "
+            rf"{socket.gethostname()}\) is using this run dir — wait for it "
+            rf"or use another checkpoint.run_dir",
+        ):
             train(tiny_config(run, "train.epochs=1"), loader_fn=MemoryLoader)
         assert not (run / "status.json").exists() and not (run / "train.log").exists()  # nothing touched
     finally:
@@ -171,8 +190,11 @@ def test_continuing_a_cosine_run_recomputes_its_schedule_and_says_so(tmp_path):
 
 
 def test_resuming_another_runs_finished_checkpoint_points_to_init_from(tmp_path, run_a):
-    with pytest.raises(CxrError, match=rf"checkpoint.resume=.*that run finished at epoch 3 .* "
-                                       rf"model.init_from={run_a}"):
+    with pytest.raises(
+        CxrError,
+        match=rf"checkpoint.resume=.*that run finished at epoch 3 .* "
+        rf"model.init_from={run_a}",
+    ):
         train(tiny_config(tmp_path / "new", f"checkpoint.resume={run_a}/checkpoints/last"), loader_fn=MemoryLoader)
 
 
@@ -213,10 +235,15 @@ def test_a_run_started_from_another_runs_weights_records_it(tmp_path, run_a):
 def test_force_resume_with_another_model_names_the_tensors(tmp_path):
     run = tmp_path / "r"
     assert train(tiny_config(run, "train.epochs=1"), loader_fn=MemoryLoader) == 0
-    with pytest.raises(CxrError, match=r"model.safetensors: the model differs from the checkpoint "
-                                       r"\(other shape: head\.\S+ \[14, 512\] in the checkpoint vs \[3, 512\] here"):
-        train(tiny_config(run, "train.epochs=2", "model.num_labels=3", "checkpoint.force_resume=true"),
-              loader_fn=MemoryLoader)
+    with pytest.raises(
+        CxrError,
+        match=r"model.safetensors: the model differs from the checkpoint "
+        r"\(other shape: head\.\S+ \[14, 512\] in the checkpoint vs \[3, 512\] here",
+    ):
+        train(
+            tiny_config(run, "train.epochs=2", "model.num_labels=3", "checkpoint.force_resume=true"),
+            loader_fn=MemoryLoader,
+        )
     assert status(run)["state"] == "finished"  # a refused start leaves the run's own status (13.6)
 
 
@@ -247,8 +274,12 @@ def test_a_refused_start_leaves_a_finished_or_preempted_status_alone(tmp_path, r
         train(tiny_config(fresh), loader_fn=_bad_val)
     # status.json counts epochs from 1, as train.log does: epoch 1, step 0 — refused before any step
     fresh_status = status(fresh)
-    assert (fresh_status["state"], fresh_status["exit_code"], fresh_status["epoch"], fresh_status["global_step"]) \
-        == ("failed", 2, 1, 0)
+    assert (fresh_status["state"], fresh_status["exit_code"], fresh_status["epoch"], fresh_status["global_step"]) == (
+        "failed",
+        2,
+        1,
+        0,
+    )
 
 
 def test_a_truncated_state_file_is_a_one_line_error(tmp_path):
@@ -256,8 +287,11 @@ def test_a_truncated_state_file_is_a_one_line_error(tmp_path):
     assert train(tiny_config(run, "train.epochs=1"), loader_fn=MemoryLoader) == 0
     state = run / "checkpoints" / "last" / "state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
-    with pytest.raises(CxrError, match=rf"^{state}: not a cxr checkpoint \(.*\) — .*do not load it with "
-                                       rf"weights_only=False; delete it \(or use last.old/best\) or start a new run$"):
+    with pytest.raises(
+        CxrError,
+        match=rf"^{state}: not a cxr checkpoint \(.*\) — .*do not load it with "
+        rf"weights_only=False; delete it \(or use last.old/best\) or start a new run$",
+    ):
         train(tiny_config(run, "train.epochs=2"), loader_fn=MemoryLoader)
 
 
@@ -352,12 +386,17 @@ def test_a_resolution_too_small_for_the_model_is_rejected_at_config_time():
 # ------------------------------------------------------------------------ items 9, 10, 16
 def test_deterministic_sets_the_cuda_workspace_and_the_strict_flags(monkeypatch):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
-             torch.backends.cudnn.benchmark)
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
     try:
         configure_numerics(load_config(None, ["train.deterministic=true"]), cuda=True)
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
-        assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert (
+            torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
+        )
         assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
         configure_numerics(load_config(None), cuda=True)
         assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
@@ -445,18 +484,38 @@ def test_two_ranks_stopped_mid_epoch_resume_on_one_rank_at_the_same_sample(tmp_p
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    two = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port",
-                          str(port), str(script), str(seen), str(run), "kill"],
-                         env=env, capture_output=True, text=True, timeout=300)
+    two = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "torchrun"),
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(port),
+            str(script),
+            str(seen),
+            str(run),
+            "kill",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert "exitcode  : 75" in two.stderr + two.stdout or two.returncode != 0, two.stderr[-3000:]
     assert status(run)["state"] == "preempted", two.stderr[-3000:]
     first = sorted(seen.glob("seen-*-1.txt"))
     assert len(first) == 2  # two ranks read part of epoch 2
-    one = subprocess.run([sys.executable, str(script), str(seen), str(run), "resume"], env=env,
-                         capture_output=True, text=True, timeout=300)
+    one = subprocess.run(
+        [sys.executable, str(script), str(seen), str(run), "resume"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
-    assert "resume: world size 2 → 1 — continuing at sample 48 of epoch 2's permutation" in \
-        (run / "train.log").read_text()
+    assert (
+        "resume: world size 2 → 1 — continuing at sample 48 of epoch 2's permutation" in (run / "train.log").read_text()
+    )
 
     # epoch 2 (index 1) of the plan, recomputed here: permutation of 96 by PCG64 seeded (data.seed, epoch)
     perm = [f"k{int(i):04d}" for i in np.random.default_rng([0, 1]).permutation(96)]
@@ -470,8 +529,11 @@ def test_two_ranks_stopped_mid_epoch_resume_on_one_rank_at_the_same_sample(tmp_p
 def test_a_run_dir_that_cannot_be_written_is_a_one_line_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")  # root ignores permissions; a file in the path fails for everyone
-    with pytest.raises(CxrError, match=rf"{blocker}.*: cannot write the run dir \(.*\) — a training needs a "
-                                       rf"writable checkpoint.run_dir"):
+    with pytest.raises(
+        CxrError,
+        match=rf"{blocker}.*: cannot write the run dir \(.*\) — a training needs a "
+        rf"writable checkpoint.run_dir",
+    ):
         train(tiny_config(blocker / "run", "train.epochs=1"), loader_fn=MemoryLoader)
 
 
@@ -482,8 +544,11 @@ def test_a_world_size_that_cannot_continue_at_the_same_sample_is_refused_naming_
     state = {"world_size": 1, "loop": {"epoch": 1, "step_in_epoch": 3}, "loader": {"samples": 24}}
     # 24 samples = 3 global batches of 8 at 1 rank; at 3 ranks a step takes 24: one step done
     assert resume_step(cfg, state, 3, 4, tmp_path) == 1
-    with pytest.raises(CxrError, match=r"saved by 1 rank\(s\) 24 samples into epoch 2; with 2 rank\(s\) a step "
-                                       r"takes 16 samples .* resume with 1 rank\(s\)"):
+    with pytest.raises(
+        CxrError,
+        match=r"saved by 1 rank\(s\) 24 samples into epoch 2; with 2 rank\(s\) a step "
+        r"takes 16 samples .* resume with 1 rank\(s\)",
+    ):
         resume_step(cfg, state, 2, 6, tmp_path)
     old = {"world_size": 2, "loop": {"epoch": 0, "step_in_epoch": 3}, "loader": {"skip_batches": 3}}
     assert resume_step(cfg, old, 1, 12, tmp_path) == 6  # a checkpoint without "samples": 3 × 8 × 2
@@ -496,12 +561,44 @@ def test_a_corrupt_val_sample_fails_before_the_first_training_step(tmp_path):
     from shards.cli import main as shards_main
 
     root = tmp_path / "data"
-    assert shards_main(["synth", "--out", str(root / "synth"), "--n", "40", "--resolution", "32", "--seed", "2",
-                        "--workers", "1"]) == 0
-    assert shards_main(["split", "--metadata", str(root / "synth" / "Data_Entry_2017.csv"), "--scheme", "random",
-                        "--fractions", "0.6,0.2,0.2", "--out", str(root / "splits.parquet")]) == 0
-    assert shards_main(["pack", "--splits", str(root / "splits.parquet"), "--images", str(root / "synth" / "images"),
-                        "--out", str(root / "shards"), "--workers", "1"]) == 0
+    assert (
+        shards_main(
+            ["synth", "--out", str(root / "synth"), "--n", "40", "--resolution", "32", "--seed", "2", "--workers", "1"]
+        )
+        == 0
+    )
+    assert (
+        shards_main(
+            [
+                "split",
+                "--metadata",
+                str(root / "synth" / "Data_Entry_2017.csv"),
+                "--scheme",
+                "random",
+                "--fractions",
+                "0.6,0.2,0.2",
+                "--out",
+                str(root / "splits.parquet"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        shards_main(
+            [
+                "pack",
+                "--splits",
+                str(root / "splits.parquet"),
+                "--images",
+                str(root / "synth" / "images"),
+                "--out",
+                str(root / "shards"),
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     tar_path = sorted((root / "shards").glob("val-*.tar"))[0]
     with tarfile.open(tar_path) as tar:
         member = next(m for m in tar.getmembers() if m.name.endswith(".png"))
@@ -510,9 +607,20 @@ def test_a_corrupt_val_sample_fails_before_the_first_training_step(tmp_path):
     tar_path.write_bytes(bytes(data))
 
     run = tmp_path / "r"
-    cfg = load_config(ROOT / "cxr" / "configs" / "tiny.yaml", [
-        f"checkpoint.run_dir={run}", f"data.shards={root / 'shards'}", "data.resolution=32", "data.backend=wds",
-        "data.num_threads=0", "data.batch_size=4", "logging.progress=false", "train.epochs=1", "train.threads=1"])
+    cfg = load_config(
+        ROOT / "cxr" / "configs" / "tiny.yaml",
+        [
+            f"checkpoint.run_dir={run}",
+            f"data.shards={root / 'shards'}",
+            "data.resolution=32",
+            "data.backend=wds",
+            "data.num_threads=0",
+            "data.batch_size=4",
+            "logging.progress=false",
+            "train.epochs=1",
+            "train.threads=1",
+        ],
+    )
     key = member.name.split(".")[0]
     with pytest.raises(CxrError, match=rf"{tar_path.name}: sample {key} is corrupt \(.png checksum mismatch"):
         train(cfg)
@@ -545,28 +653,71 @@ def val1_shards(tmp_path_factory) -> Path:
     from shards.cli import main as shards_main
 
     root = tmp_path_factory.mktemp("val1")
-    assert shards_main(["synth", "--out", str(root / "synth"), "--n", "40", "--resolution", "32", "--seed", "3",
-                        "--workers", "1"]) == 0
-    assert shards_main(["split", "--metadata", str(root / "synth" / "Data_Entry_2017.csv"), "--scheme", "random",
-                        "--fractions", "0.6,0.2,0.2", "--out", str(root / "splits.parquet")]) == 0
+    assert (
+        shards_main(
+            ["synth", "--out", str(root / "synth"), "--n", "40", "--resolution", "32", "--seed", "3", "--workers", "1"]
+        )
+        == 0
+    )
+    assert (
+        shards_main(
+            [
+                "split",
+                "--metadata",
+                str(root / "synth" / "Data_Entry_2017.csv"),
+                "--scheme",
+                "random",
+                "--fractions",
+                "0.6,0.2,0.2",
+                "--out",
+                str(root / "splits.parquet"),
+            ]
+        )
+        == 0
+    )
     table = pd.read_parquet(root / "splits.parquet")
     alone = table.groupby("patient")["image"].transform("size") == 1
     one = table.index[alone][0]  # a patient with one image: moving it keeps patients within one split
     table.loc[table["split"] == "val", "split"] = "train"
     table.loc[one, "split"] = "val"
     table.to_parquet(root / "splits1.parquet")
-    assert shards_main(["pack", "--splits", str(root / "splits1.parquet"), "--images", str(root / "synth" / "images"),
-                        "--out", str(root / "shards"), "--workers", "1"]) == 0
+    assert (
+        shards_main(
+            [
+                "pack",
+                "--splits",
+                str(root / "splits1.parquet"),
+                "--images",
+                str(root / "synth" / "images"),
+                "--out",
+                str(root / "shards"),
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     return root / "shards"
 
 
 def test_best_metric_auroc_with_a_val_split_without_both_classes_is_refused_before_epoch_1(tmp_path, val1_shards):
     """10.2: the run printed `best val_mean_auroc nan at epoch 0`, exited 0 `finished` and wrote no best."""
     run = tmp_path / "r"
-    cfg = load_config(ROOT / "cxr" / "configs" / "tiny.yaml", [
-        f"checkpoint.run_dir={run}", f"data.shards={val1_shards}", "data.resolution=32", "data.backend=wds",
-        "data.num_threads=0", "data.batch_size=4", "logging.progress=false", "train.epochs=2", "train.threads=1",
-        "train.best_metric=val_mean_auroc"])
+    cfg = load_config(
+        ROOT / "cxr" / "configs" / "tiny.yaml",
+        [
+            f"checkpoint.run_dir={run}",
+            f"data.shards={val1_shards}",
+            "data.resolution=32",
+            "data.backend=wds",
+            "data.num_threads=0",
+            "data.batch_size=4",
+            "logging.progress=false",
+            "train.epochs=2",
+            "train.threads=1",
+            "train.best_metric=val_mean_auroc",
+        ],
+    )
     with pytest.raises(CxrError) as err:
         train(cfg)
     msg = str(err.value)
@@ -628,6 +779,7 @@ def test_force_resume_with_another_batch_size_says_so_and_continues_at_the_same_
                     if split == "train" and kw.get("epoch") == 0:
                         seen.append(list(batch["key"]))
                     yield batch
+
         return Recording()
 
     assert train(tiny_config(run, "train.epochs=1"), loader_fn=loader) == EXIT_REQUEUE
@@ -651,14 +803,46 @@ def two_packs(tmp_path_factory) -> tuple[Path, Path]:
     from shards.cli import main as shards_main
 
     root = tmp_path_factory.mktemp("repack")
-    assert shards_main(["synth", "--out", str(root / "synth"), "--n", "40", "--resolution", "32", "--seed", "4",
-                        "--workers", "1"]) == 0
+    assert (
+        shards_main(
+            ["synth", "--out", str(root / "synth"), "--n", "40", "--resolution", "32", "--seed", "4", "--workers", "1"]
+        )
+        == 0
+    )
     out = []
     for name, fractions in (("a", "0.6,0.2,0.2"), ("b", "0.8,0.1,0.1")):
-        assert shards_main(["split", "--metadata", str(root / "synth" / "Data_Entry_2017.csv"), "--scheme", "random",
-                            "--fractions", fractions, "--out", str(root / f"{name}.parquet")]) == 0
-        assert shards_main(["pack", "--splits", str(root / f"{name}.parquet"), "--images", str(root / "synth" / "images"),
-                            "--out", str(root / name), "--workers", "1"]) == 0
+        assert (
+            shards_main(
+                [
+                    "split",
+                    "--metadata",
+                    str(root / "synth" / "Data_Entry_2017.csv"),
+                    "--scheme",
+                    "random",
+                    "--fractions",
+                    fractions,
+                    "--out",
+                    str(root / f"{name}.parquet"),
+                ]
+            )
+            == 0
+        )
+        assert (
+            shards_main(
+                [
+                    "pack",
+                    "--splits",
+                    str(root / f"{name}.parquet"),
+                    "--images",
+                    str(root / "synth" / "images"),
+                    "--out",
+                    str(root / name),
+                    "--workers",
+                    "1",
+                ]
+            )
+            == 0
+        )
         out.append(root / name)
     return out[0], out[1]
 
@@ -694,11 +878,21 @@ def test_resuming_after_the_shards_were_re_packed_is_refused_or_said(tmp_path, t
                         stop["armed"] = False
                         os.kill(os.getpid(), signal.SIGUSR1)
                     yield batch
+
         return Stopping()
 
-    over = [f"checkpoint.run_dir={run}", f"data.shards={shards}", "data.resolution=32", "data.backend=wds",
-            "data.num_threads=0", "data.batch_size=4", "logging.progress=false", "train.epochs=1", "train.threads=1",
-            "train.grad_accum_steps=1"]
+    over = [
+        f"checkpoint.run_dir={run}",
+        f"data.shards={shards}",
+        "data.resolution=32",
+        "data.backend=wds",
+        "data.num_threads=0",
+        "data.batch_size=4",
+        "logging.progress=false",
+        "train.epochs=1",
+        "train.threads=1",
+        "train.grad_accum_steps=1",
+    ]
     cfg = load_config(ROOT / "cxr" / "configs" / "tiny.yaml", over)
     assert train(cfg, loader_fn=loader) == EXIT_REQUEUE
     meta = ckpt.read_meta(run / "checkpoints" / "last")

@@ -1,6 +1,7 @@
 """Preemption signals with the wds back end's DataLoader workers: srun, `scancel --signal` and
 submitit signal every process of the job, workers included; the workers must ignore them and the
 main process must stop at a step boundary with `last` saved and exit 75."""
+
 from __future__ import annotations
 
 import json
@@ -37,10 +38,23 @@ def _wait_for(log: Path, pattern: str, proc: subprocess.Popen, timeout: float = 
 @pytest.mark.parametrize("sig", [signal.SIGUSR1])  # SIGTERM, SIGUSR2: the same mask and handler
 def test_wds_workers_ignore_the_job_signal_and_training_saves_and_exits_75(synth_shards, tmp_path, sig):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "cxr.train", "--config", "cxr/configs/tiny.yaml", f"data.shards={synth_shards}",
-           f"checkpoint.run_dir={run_dir}", "data.backend=wds", "data.num_threads=2", "data.resolution=64",
-           "model.stem_size=64", "data.batch_size=4", "train.epochs=100", "logging.progress=false",
-           "logging.log_every=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cxr.train",
+        "--config",
+        "cxr/configs/tiny.yaml",
+        f"data.shards={synth_shards}",
+        f"checkpoint.run_dir={run_dir}",
+        "data.backend=wds",
+        "data.num_threads=2",
+        "data.resolution=64",
+        "model.stem_size=64",
+        "data.batch_size=4",
+        "train.epochs=100",
+        "logging.progress=false",
+        "logging.log_every=1",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     out = open(tmp_path / "train.out", "wb")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

@@ -1,5 +1,6 @@
 """Single-process pieces of training: checkpoints, RNG, signals, schedules, early stopping, and an
 in-process exact resume after a real SIGUSR1 (fast; the multi-process versions are in test_train.py)."""
+
 from __future__ import annotations
 
 import csv
@@ -64,8 +65,17 @@ def test_save_then_load_restores_weights_optimizer_scheduler(tmp_path, accelerat
         _step(model, optimizer)
         scheduler.step()
     state = {"loop": {"epoch": 2}, "lrs": [g["lr"] for g in optimizer.param_groups]}
-    ckpt.save_checkpoint(accelerator, tmp_path, "last", model=model, optimizer=optimizer, scheduler=scheduler,
-                         state=state, per_rank={"loss_sum": 1.5}, meta={"epoch": 2, "config_hash": "abc"})
+    ckpt.save_checkpoint(
+        accelerator,
+        tmp_path,
+        "last",
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        state=state,
+        per_rank={"loss_sum": 1.5},
+        meta={"epoch": 2, "config_hash": "abc"},
+    )
     folder = tmp_path / "checkpoints" / "last"
     assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "model.safetensors", "state.pt"]
     assert not list((tmp_path / "checkpoints").glob("*.tmp")) and not list((tmp_path / "checkpoints").glob("*.old"))
@@ -127,8 +137,16 @@ def test_stop_flag_is_set_by_a_real_signal_and_handlers_are_restored(accelerator
 
 
 def test_cosine_with_warmup_matches_the_formula():
-    cfg = load_config(None, ["schedule.name=cosine", "schedule.warmup_epochs=0.5", "schedule.min_lr=1e-4",
-                             "optim.lr=0.01", "train.epochs=3"])
+    cfg = load_config(
+        None,
+        [
+            "schedule.name=cosine",
+            "schedule.warmup_epochs=0.5",
+            "schedule.min_lr=1e-4",
+            "optim.lr=0.01",
+            "train.epochs=3",
+        ],
+    )
     opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr)
     sched, per_step = build_scheduler(cfg, opt, steps_per_epoch=10)
     assert per_step
@@ -138,8 +156,12 @@ def test_cosine_with_warmup_matches_the_formula():
         opt.step()
         sched.step()
     lr, floor, warm, total = 0.01, 1e-4, 5, 30  # hand transcription: linear warm-up, then cosine to floor
-    want = [lr * (s + 1) / warm if s < warm else
-            floor + (lr - floor) * 0.5 * (1 + math.cos(math.pi * (s - warm) / (total - warm))) for s in range(30)]
+    want = [
+        lr * (s + 1) / warm
+        if s < warm
+        else floor + (lr - floor) * 0.5 * (1 + math.cos(math.pi * (s - warm) / (total - warm)))
+        for s in range(30)
+    ]
     np.testing.assert_allclose(lrs, want, rtol=1e-12)
 
 
@@ -232,7 +254,7 @@ def test_signal_during_the_stop_flag_all_reduce_is_not_lost(monkeypatch):
         stop.distributed = True
         monkeypatch.setattr(dist, "all_reduce", all_reduce_then_signal)
         assert stop.agreed() is False  # this step's agreement was taken before the signal
-        assert stop.agreed() is True   # ...and the next step carries it
+        assert stop.agreed() is True  # ...and the next step carries it
         assert stop.signum == signal.SIGUSR1
     finally:
         stop.close()
@@ -249,10 +271,10 @@ def test_loopback_warning_only_for_multi_node_runs_on_a_loopback_hostname():
 
     assert "GLOO_SOCKET_IFNAME" in loopback_warning(loop, resolve)
     assert loopback_warning({**loop, "GLOO_SOCKET_IFNAME": "ens5"}, resolve) is None
-    assert loopback_warning({**loop, "LOCAL_WORLD_SIZE": "16"}, resolve) is None   # one node
+    assert loopback_warning({**loop, "LOCAL_WORLD_SIZE": "16"}, resolve) is None  # one node
     assert loopback_warning({**loop, "MASTER_ADDR": "127.0.0.1"}, resolve) is None  # all "nodes" here
-    assert loopback_warning(loop, lambda name: "10.0.0.7") is None                 # a routable hostname
-    assert loopback_warning({}, resolve) is None                                    # a single process
+    assert loopback_warning(loop, lambda name: "10.0.0.7") is None  # a routable hostname
+    assert loopback_warning({}, resolve) is None  # a single process
 
 
 def test_training_start_warns_of_a_tiny_val_and_train_labels_without_positives(tmp_path, caplog, capsys):
@@ -274,16 +296,26 @@ def test_training_start_warns_of_a_tiny_val_and_train_labels_without_positives(t
         key = f"{i + 1:08d}_000"
         Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8)).save(tmp_path / "img" / f"{key}.png")
         split = "val" if i == 0 else "test" if i < 3 else "train"
-        rows.append({"image": f"{key}.png", "patient": i + 1, "split": split,
-                     **{name: int(name in ("Effusion", "Mass") and i % 2 == 1) for name in LABELS},
-                     "age": 30 + i, "sex": "MF"[i % 2], "view": "PA"})
+        rows.append(
+            {
+                "image": f"{key}.png",
+                "patient": i + 1,
+                "split": split,
+                **{name: int(name in ("Effusion", "Mass") and i % 2 == 1) for name in LABELS},
+                "age": 30 + i,
+                "sex": "MF"[i % 2],
+                "view": "PA",
+            }
+        )
     table = pd.DataFrame(rows)
     pack(table, [tmp_path / "img"], tmp_path / "shards", workers=1)
     train = table[table["split"] == "train"]
     none = [label for label in LABELS if train[label].sum() == 0]
     packed = capsys.readouterr().err  # pack says so too
-    assert f"warning: {tmp_path / 'shards' / 'manifest.json'}: split 'train' has no positive image of {', '.join(none)}" \
+    assert (
+        f"warning: {tmp_path / 'shards' / 'manifest.json'}: split 'train' has no positive image of {', '.join(none)}"
         in packed
+    )
     logger = logging.getLogger("cxr.train")
     logger.addHandler(caplog.handler)
     try:
@@ -292,7 +324,9 @@ def test_training_start_warns_of_a_tiny_val_and_train_labels_without_positives(t
     finally:
         logger.removeHandler(caplog.handler)
     lines = [r.getMessage() for r in caplog.records]
-    assert any(f"split 'train' has no positive image of {', '.join(none)} ({len(none)} of 14 labels)" in m
-               for m in lines), lines
-    assert any("split 'val' has only 1 image(s)" in m and "AUROC undefined for 14 of 14 labels" in m
-               for m in lines), lines
+    assert any(
+        f"split 'train' has no positive image of {', '.join(none)} ({len(none)} of 14 labels)" in m for m in lines
+    ), lines
+    assert any("split 'val' has only 1 image(s)" in m and "AUROC undefined for 14 of 14 labels" in m for m in lines), (
+        lines
+    )

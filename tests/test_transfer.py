@@ -3,6 +3,7 @@ from another run's weights (``model.init_from``), evaluated by cxr.evaluate with
 
 References: the labels the test itself wrote into the CSV (by key) and sklearn's roc_auc_score.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,36 +30,142 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def _pack_nih(root: Path, n: int, seed: int) -> Path:
-    assert shards_main(["synth", "--out", str(root / "synth"), "--n", str(n), "--resolution", str(RES),
-                        "--seed", str(seed), "--workers", "1"]) == 0
-    assert shards_main(["split", "--metadata", str(root / "synth" / "Data_Entry_2017.csv"), "--scheme", "random",
-                        "--fractions", "0.6,0.2,0.2", "--out", str(root / "splits.parquet")]) == 0
-    assert shards_main(["pack", "--splits", str(root / "splits.parquet"), "--images", str(root / "synth" / "images"),
-                        "--out", str(root / "shards"), "--workers", "1"]) == 0
+    assert (
+        shards_main(
+            [
+                "synth",
+                "--out",
+                str(root / "synth"),
+                "--n",
+                str(n),
+                "--resolution",
+                str(RES),
+                "--seed",
+                str(seed),
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
+    assert (
+        shards_main(
+            [
+                "split",
+                "--metadata",
+                str(root / "synth" / "Data_Entry_2017.csv"),
+                "--scheme",
+                "random",
+                "--fractions",
+                "0.6,0.2,0.2",
+                "--out",
+                str(root / "splits.parquet"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        shards_main(
+            [
+                "pack",
+                "--splits",
+                str(root / "splits.parquet"),
+                "--images",
+                str(root / "synth" / "images"),
+                "--out",
+                str(root / "shards"),
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     return root / "shards"
 
 
 def _pack_binary(root: Path, n: int, seed: int) -> tuple[Path, pd.DataFrame]:
     """Phantoms → a generic CSV `image,<TASK>,patient` → split → pack (the generic path)."""
-    assert shards_main(["synth", "--out", str(root / "synth"), "--n", str(n), "--resolution", str(RES),
-                        "--seed", str(seed), "--workers", "1"]) == 0
+    assert (
+        shards_main(
+            [
+                "synth",
+                "--out",
+                str(root / "synth"),
+                "--n",
+                str(n),
+                "--resolution",
+                str(RES),
+                "--seed",
+                str(seed),
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     entry = pd.read_csv(root / "synth" / "Data_Entry_2017.csv")
-    task = pd.DataFrame({"image": entry["Image Index"],
-                         TASK: entry["Finding Labels"].str.split("|").map(lambda names: int(TASK in names)),
-                         "patient": entry["Patient ID"]})
+    task = pd.DataFrame(
+        {
+            "image": entry["Image Index"],
+            TASK: entry["Finding Labels"].str.split("|").map(lambda names: int(TASK in names)),
+            "patient": entry["Patient ID"],
+        }
+    )
     task.to_csv(root / "task.csv", index=False)
-    assert shards_main(["split", "--metadata", str(root / "task.csv"), "--scheme", "random",
-                        "--fractions", "0.5,0.2,0.3", "--seed", "2", "--out", str(root / "splits.csv")]) == 0
-    assert shards_main(["pack", "--splits", str(root / "splits.csv"), "--images", str(root / "synth" / "images"),
-                        "--out", str(root / "shards"), "--workers", "1"]) == 0
+    assert (
+        shards_main(
+            [
+                "split",
+                "--metadata",
+                str(root / "task.csv"),
+                "--scheme",
+                "random",
+                "--fractions",
+                "0.5,0.2,0.3",
+                "--seed",
+                "2",
+                "--out",
+                str(root / "splits.csv"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        shards_main(
+            [
+                "pack",
+                "--splits",
+                str(root / "splits.csv"),
+                "--images",
+                str(root / "synth" / "images"),
+                "--out",
+                str(root / "shards"),
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     return root / "shards", task.assign(key=task["image"].str.removesuffix(".png"))
 
 
 def _cfg(run: Path, shards: Path, *extra: str):
-    return load_config(ROOT / "cxr" / "configs" / "tiny.yaml", [
-        f"checkpoint.run_dir={run}", f"data.shards={shards}", f"data.resolution={RES}", "data.backend=wds",
-        "data.num_threads=0", "data.augment=false", "data.batch_size=16", "logging.progress=false",
-        "train.threads=1", "schedule.warmup_epochs=0", *extra])
+    return load_config(
+        ROOT / "cxr" / "configs" / "tiny.yaml",
+        [
+            f"checkpoint.run_dir={run}",
+            f"data.shards={shards}",
+            f"data.resolution={RES}",
+            "data.backend=wds",
+            "data.num_threads=0",
+            "data.augment=false",
+            "data.batch_size=16",
+            "logging.progress=false",
+            "train.threads=1",
+            "schedule.warmup_epochs=0",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +208,25 @@ def test_a_run_fine_tuned_on_one_label_is_evaluated_with_a_correct_report(tmp_pa
     assert meta["labels"] == [TASK] and meta["init_from"] == str(pretrained)
 
     out = tmp_path / "report"
-    assert evaluate_main(["--runs", str(run), "--shards", str(shards), "--split", "test", "--thresholds-from",
-                          "val", "--bootstrap", "200", "--out", str(out)]) == 0
+    assert (
+        evaluate_main(
+            [
+                "--runs",
+                str(run),
+                "--shards",
+                str(shards),
+                "--split",
+                "test",
+                "--thresholds-from",
+                "val",
+                "--bootstrap",
+                "200",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     preds = pd.read_parquet(out / "predictions.parquet")
     # the scores and truth of the one label, then the per-image subgroup columns (meta_patient, meta_age, …)
     assert list(preds.columns)[:5] == ["key", "split", "member", TASK, f"true_{TASK}"]
@@ -132,16 +256,36 @@ def test_embeddings_equal_the_models_pooled_features(tmp_path, pretrained):
     from cxr.models import build_model
 
     shards, out = pretrained.parent / "shards", tmp_path / "embed"
-    assert embed_main(["--run", str(pretrained), "--shards", str(shards), "--split", "test", "--out", str(out),
-                       "--labels", TASK, "Effusion", "--k", "5", "--no-progress"]) == 0
+    assert (
+        embed_main(
+            [
+                "--run",
+                str(pretrained),
+                "--shards",
+                str(shards),
+                "--split",
+                "test",
+                "--out",
+                str(out),
+                "--labels",
+                TASK,
+                "Effusion",
+                "--k",
+                "5",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     frame = pd.read_parquet(out / "embeddings.parquet")
     assert list(frame.columns) == ["key", "split", "labels", "features"] and set(frame["split"]) == {"test"}
 
     # Independent forward: the run's weights in a fresh model, GAP of model.features by hand.
     model = build_model("cnn", 14, dropout=0.2).eval()
     model.load_state_dict(load_file(str(pretrained / "checkpoints" / "best" / "model.safetensors")))
-    loader = build_loader(DataConfig(shards=str(shards), resolution=RES, backend="wds", num_threads=0,
-                                     augment=False), "test", train=False)
+    loader = build_loader(
+        DataConfig(shards=str(shards), resolution=RES, backend="wds", num_threads=0, augment=False), "test", train=False
+    )
     expected, truth = {}, {}
     with torch.inference_mode():
         for batch in loader:
@@ -157,9 +301,12 @@ def test_embeddings_equal_the_models_pooled_features(tmp_path, pretrained):
     # Chance by hand from the labels: two random images of prevalence p agree with probability p² + (1 − p)².
     y = np.stack(list(truth.values()))
     p = y.mean(axis=0)
-    assert knn["mean_chance"] == pytest.approx(float(np.mean(p ** 2 + (1 - p) ** 2)))
-    assert knn["k"] == 5 and knn["n"] == len(frame) and set(knn["per_label"]) == set(json.loads(
-        (shards / "manifest.json").read_text())["labels"])
+    assert knn["mean_chance"] == pytest.approx(float(np.mean(p**2 + (1 - p) ** 2)))
+    assert (
+        knn["k"] == 5
+        and knn["n"] == len(frame)
+        and set(knn["per_label"]) == set(json.loads((shards / "manifest.json").read_text())["labels"])
+    )
     assert (out / "tsne.png").stat().st_size > 10_000 and len(pd.read_csv(out / "tsne.csv")) == len(frame)
 
 
@@ -171,12 +318,56 @@ UNION = ("Cardiomegaly", "Effusion", "Pneumothorax")  # the new binary task: any
 def learned(tmp_path_factory) -> Path:
     """A 14-label tiny run that has learned the phantoms (5 epochs on 336 images)."""
     root = tmp_path_factory.mktemp("learned")
-    assert shards_main(["synth", "--out", str(root / "synth"), "--n", "480", "--resolution", str(RES),
-                        "--seed", "21", "--workers", "1"]) == 0
-    assert shards_main(["split", "--metadata", str(root / "synth" / "Data_Entry_2017.csv"), "--scheme", "random",
-                        "--fractions", "0.7,0.15,0.15", "--out", str(root / "splits.parquet")]) == 0
-    assert shards_main(["pack", "--splits", str(root / "splits.parquet"), "--images", str(root / "synth" / "images"),
-                        "--out", str(root / "shards"), "--workers", "1"]) == 0
+    assert (
+        shards_main(
+            [
+                "synth",
+                "--out",
+                str(root / "synth"),
+                "--n",
+                "480",
+                "--resolution",
+                str(RES),
+                "--seed",
+                "21",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
+    assert (
+        shards_main(
+            [
+                "split",
+                "--metadata",
+                str(root / "synth" / "Data_Entry_2017.csv"),
+                "--scheme",
+                "random",
+                "--fractions",
+                "0.7,0.15,0.15",
+                "--out",
+                str(root / "splits.parquet"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        shards_main(
+            [
+                "pack",
+                "--splits",
+                str(root / "splits.parquet"),
+                "--images",
+                str(root / "synth" / "images"),
+                "--out",
+                str(root / "shards"),
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     run = root / "run"
     assert train(_cfg(run, root / "shards", "train.epochs=5", "optim.lr=3e-3", "model.dropout=0.0")) == 0
     return run
@@ -189,44 +380,142 @@ def test_fine_tuning_from_a_phantom_run_beats_random_init_and_its_features_clust
 
     # The new task on other phantoms, packed through the generic CSV path.
     root = tmp_path / "task"
-    assert shards_main(["synth", "--out", str(root / "synth"), "--n", "240", "--resolution", str(RES),
-                        "--seed", "31", "--workers", "1"]) == 0
+    assert (
+        shards_main(
+            [
+                "synth",
+                "--out",
+                str(root / "synth"),
+                "--n",
+                "240",
+                "--resolution",
+                str(RES),
+                "--seed",
+                "31",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     entry = pd.read_csv(root / "synth" / "Data_Entry_2017.csv")
     label = "_or_".join(UNION)
-    pd.DataFrame({"image": entry["Image Index"], "patient": entry["Patient ID"],
-                  label: entry["Finding Labels"].str.split("|").map(lambda n: int(bool(set(n) & set(UNION))))}
-                 ).to_csv(root / "task.csv", index=False)
-    assert shards_main(["split", "--metadata", str(root / "task.csv"), "--scheme", "random", "--fractions",
-                        "0.4,0.1,0.5", "--out", str(root / "splits.csv")]) == 0
-    assert shards_main(["pack", "--splits", str(root / "splits.csv"), "--images", str(root / "synth" / "images"),
-                        "--out", str(root / "shards"), "--workers", "1"]) == 0
+    pd.DataFrame(
+        {
+            "image": entry["Image Index"],
+            "patient": entry["Patient ID"],
+            label: entry["Finding Labels"].str.split("|").map(lambda n: int(bool(set(n) & set(UNION)))),
+        }
+    ).to_csv(root / "task.csv", index=False)
+    assert (
+        shards_main(
+            [
+                "split",
+                "--metadata",
+                str(root / "task.csv"),
+                "--scheme",
+                "random",
+                "--fractions",
+                "0.4,0.1,0.5",
+                "--out",
+                str(root / "splits.csv"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        shards_main(
+            [
+                "pack",
+                "--splits",
+                str(root / "splits.csv"),
+                "--images",
+                str(root / "synth" / "images"),
+                "--out",
+                str(root / "shards"),
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     aurocs = {}
     for name, extra in (("transfer", [f"model.init_from={learned}"]), ("random", [])):
         run = tmp_path / name
-        assert train(_cfg(run, root / "shards", "train.epochs=2", "model.num_labels=1", "train.seed=0",
-                          "optim.lr=1e-3", "model.dropout=0.0", *extra)) == 0  # 12 steps each
+        assert (
+            train(
+                _cfg(
+                    run,
+                    root / "shards",
+                    "train.epochs=2",
+                    "model.num_labels=1",
+                    "train.seed=0",
+                    "optim.lr=1e-3",
+                    "model.dropout=0.0",
+                    *extra,
+                )
+            )
+            == 0
+        )  # 12 steps each
         out = tmp_path / f"report-{name}"
-        assert evaluate_main(["--runs", str(run), "--shards", str(root / "shards"), "--split", "test",
-                              "--thresholds-from", "none", "--bootstrap", "0", "--no-figures",
-                              "--out", str(out)]) == 0
+        assert (
+            evaluate_main(
+                [
+                    "--runs",
+                    str(run),
+                    "--shards",
+                    str(root / "shards"),
+                    "--split",
+                    "test",
+                    "--thresholds-from",
+                    "none",
+                    "--bootstrap",
+                    "0",
+                    "--no-figures",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         test = pd.read_parquet(out / "predictions.parquet").query("member == 'ensemble'")
         aurocs[name] = roc_auc_score(test[f"true_{label}"], test[label])
-    print(f"transfer test AUROC {aurocs['transfer']:.3f} vs random init {aurocs['random']:.3f} "
-          f"(margin {aurocs['transfer'] - aurocs['random']:+.3f})")
+    print(
+        f"transfer test AUROC {aurocs['transfer']:.3f} vs random init {aurocs['random']:.3f} "
+        f"(margin {aurocs['transfer'] - aurocs['random']:+.3f})"
+    )
     # Measured (seed 0, CPU): 0.703 vs 0.566, margin +0.137.
     assert aurocs["transfer"] > aurocs["random"] + 0.05, aurocs
 
     # The learned features group images by label far above chance.
     out = tmp_path / "embed"
-    assert embed_main(["--run", str(learned), "--shards", str(learned.parent / "shards"), "--split", "test",
-                       "--out", str(out), "--no-progress"]) == 0
+    assert (
+        embed_main(
+            [
+                "--run",
+                str(learned),
+                "--shards",
+                str(learned.parent / "shards"),
+                "--split",
+                "test",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     knn = json.loads((out / "knn.json").read_text())
     # The null: the same features with the labels shuffled over images (chance agreement).
     frame = pd.read_parquet(out / "embeddings.parquet")
     feats, labels = np.stack(frame["features"]), np.stack(frame["labels"])
     rng = np.random.default_rng(0)
-    null = [knn_agreement(feats, labels[rng.permutation(len(labels))], knn["per_label"], 10)["mean_kappa"]
-            for _ in range(20)]
-    print(f"10-NN agreement {knn['mean_agreement']:.3f} vs chance {knn['mean_chance']:.3f}, kappa "
-          f"{knn['mean_kappa']:.3f} vs shuffled labels {np.mean(null):.3f} ± {np.std(null):.3f}")
+    null = [
+        knn_agreement(feats, labels[rng.permutation(len(labels))], knn["per_label"], 10)["mean_kappa"]
+        for _ in range(20)
+    ]
+    print(
+        f"10-NN agreement {knn['mean_agreement']:.3f} vs chance {knn['mean_chance']:.3f}, kappa "
+        f"{knn['mean_kappa']:.3f} vs shuffled labels {np.mean(null):.3f} ± {np.std(null):.3f}"
+    )
     assert knn["mean_agreement"] > knn["mean_chance"] and knn["mean_kappa"] > np.mean(null) + 4 * np.std(null), knn

@@ -3,6 +3,7 @@
 Damage is made with Python's tarfile and hashlib (not the packer's writer), and the
 manifest is patched so that only the intended check can fail.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,9 +29,17 @@ def tiny_config(tmp: Path, n: int = 6) -> Path:
     for i in range(n):
         key = f"{i + 1:08d}_000"
         Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8)).save(folder / f"{key}.png")
-        rows.append({"image": f"{key}.png", "patient": 100 + i // 2, "split": ("train", "test")[i // 4],
-                     **{name: int(rng.random() < 0.4) for name in LABELS},
-                     "age": 20 + 7 * i, "sex": "MF"[i % 2], "view": "PA"})
+        rows.append(
+            {
+                "image": f"{key}.png",
+                "patient": 100 + i // 2,
+                "split": ("train", "test")[i // 4],
+                **{name: int(rng.random() < 0.4) for name in LABELS},
+                "age": 20 + 7 * i,
+                "sex": "MF"[i % 2],
+                "view": "PA",
+            }
+        )
     out = tmp / "shards"
     pack(pd.DataFrame(rows), [folder], out, shard_size_mb=0.03, workers=1)
     return out
@@ -152,8 +161,10 @@ def test_manifest_names_outside_the_folder_are_refused_where_the_manifest_is_rea
     (packed / "manifest.json").write_text(json.dumps(manifest))
     assert cli(["verify", str(packed)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == (f"error: {packed / 'manifest.json'}: shard {field} {bad!r} is not a file name in this folder — "
-                   "the loaders and verify open only files beside manifest.json; restore the manifest or re-run "
-                   "`python -m shards pack`"), err
+    assert err == (
+        f"error: {packed / 'manifest.json'}: shard {field} {bad!r} is not a file name in this folder — "
+        "the loaders and verify open only files beside manifest.json; restore the manifest or re-run "
+        "`python -m shards pack`"
+    ), err
     with pytest.raises(CxrError, match=f"shard {field} '../"):
         build_loader(DataConfig(shards=str(packed), backend="wds", resolution=64, num_threads=0), entry["split"])

@@ -5,6 +5,7 @@ a screenshot in build/web-test/, and the server's request log (nothing but the p
 
 Needs chromium (apt) and the npm packages (onnxruntime-web, playwright-core): `make web-deps`;
 as root with apt-get the test installs them itself, as tests/test_slurm.py does for Slurm."""
+
 from __future__ import annotations
 
 import json
@@ -31,6 +32,7 @@ def runs(export_runs):
     """The gate, two cnn members and their report (tests/conftest.py export_runs, built once per session)."""
     return export_runs
 
+
 ROOT = Path(__file__).resolve().parents[1]
 PAGE_KINDS = ("plots", "documents", "colour blobs")
 SHOTS = ROOT / "build" / "web-test"
@@ -40,8 +42,11 @@ ort = pytest.importorskip("onnxruntime")
 @pytest.fixture(scope="module")
 def web_tools() -> dict:
     """Chromium + node + the vendored npm packages; installed by scripts/web-deps.sh when missing."""
-    missing = not shutil.which("chromium") or not (WEB_VENDOR / "package.json").is_file() \
+    missing = (
+        not shutil.which("chromium")
+        or not (WEB_VENDOR / "package.json").is_file()
         or not (WEB_VENDOR.parent / "playwright-core" / "package.json").is_file()
+    )
     if missing:
         if not shutil.which("node") or not shutil.which("npm"):
             pytest.skip("node/npm missing: install Node.js, then run `make web-deps`")
@@ -67,13 +72,31 @@ def site(runs, web_tools, tmp_path_factory):  # noqa: F811
     """The page exported from the two members + gate, with test images, served on 127.0.0.1."""
     root = tmp_path_factory.mktemp("web")
     member_args = [arg for m in runs["members"] for arg in ("--run", str(m))]
-    assert export_main([*member_args, "--ood",
-                        str(runs["gate"]), "--out", str(root / "pkg"), "--thresholds",
-                        str(runs["report"] / "thresholds.json"), "--web", str(root / "site")]) == 0
+    assert (
+        export_main(
+            [
+                *member_args,
+                "--ood",
+                str(runs["gate"]),
+                "--out",
+                str(root / "pkg"),
+                "--thresholds",
+                str(runs["report"] / "thresholds.json"),
+                "--web",
+                str(root / "site"),
+            ]
+        )
+        == 0
+    )
     # an in-distribution image that the page must resize: a phantom of the same generator at 256 px
     from shards.cli import main as shards_main
-    assert shards_main(["synth", "--out", str(root / "synth"), "--n", "4", "--resolution", "256", "--seed", "9",
-                        "--workers", "1"]) == 0
+
+    assert (
+        shards_main(
+            ["synth", "--out", str(root / "synth"), "--n", "4", "--resolution", "256", "--seed", "9", "--workers", "1"]
+        )
+        == 0
+    )
     phantom = sorted((root / "synth" / "images").glob("*.png"))[0]
     shutil.copyfile(phantom, root / "site" / "phantom.png")
     Image.fromarray(textures(1, 7, res=256)[0]).convert("RGB").save(root / "site" / "texture.jpg", quality=95)
@@ -117,7 +140,8 @@ def test_page_probabilities_equal_onnxruntime_and_nothing_else_is_fetched(site, 
     score = gate.run(None, {"image": _loader_pixels(site["dir"] / "phantom.png", o["resolution"], o["mean"], o["std"])})
     assert abs(float(result["ood"]) - float(score[0][0, 0])) < 1e-4
     outputs = ort.InferenceSession(str(site["dir"] / "model.onnx")).run(
-        None, {"image": _loader_pixels(site["dir"] / "phantom.png", m["resolution"], m["mean"], m["std"])})
+        None, {"image": _loader_pixels(site["dir"] / "phantom.png", m["resolution"], m["mean"], m["std"])}
+    )
     probs = outputs[0][0]
     page = {r["label"]: float(r["prob"]) for r in result["rows"]}
     assert list(page) != [] and sorted(page) == sorted(pre["labels"])
@@ -134,8 +158,19 @@ def test_page_probabilities_equal_onnxruntime_and_nothing_else_is_fetched(site, 
         assert ("no overlay" in result["cam"]["text"]) == empty and "clipped at 0" in result["cam"]["text"]
     # requests: the server saw the page's own files only, each once, and the page asked no other origin
     served = {p.split("?")[0].lstrip("/") for p in site["seen"][before:]}
-    expected = {"index.html", "ort.wasm.min.js", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm",
-                "resize.js", "chester.js", "preprocess.json", "thresholds.json", "model.onnx", "ood.onnx", "phantom.png"}
+    expected = {
+        "index.html",
+        "ort.wasm.min.js",
+        "ort-wasm-simd-threaded.mjs",
+        "ort-wasm-simd-threaded.wasm",
+        "resize.js",
+        "chester.js",
+        "preprocess.json",
+        "thresholds.json",
+        "model.onnx",
+        "ood.onnx",
+        "phantom.png",
+    }
     assert served == expected, served ^ expected
     assert len(site["seen"]) - before == len(expected)
     assert all(u.startswith(site["url"] + "/") for u in result["requests"]), result["requests"]
@@ -163,8 +198,11 @@ def test_page_gate_score_equals_the_python_gate_and_rejects_non_x_rays(site, web
     result = _open(site, web_tools, name)
     pre = json.loads((site["dir"] / "preprocess.json").read_text())["ood"]
     with torch.inference_mode():
-        want = float(load_scorer(runs["gate"])(torch.from_numpy(
-            _loader_pixels(site["dir"] / name, pre["resolution"], pre["mean"], pre["std"]))))
+        want = float(
+            load_scorer(runs["gate"])(
+                torch.from_numpy(_loader_pixels(site["dir"] / name, pre["resolution"], pre["mean"], pre["std"]))
+            )
+        )
     assert abs(float(result["ood"]) - want) <= 1e-4 * max(1.0, want), (result["ood"], want)
     assert result["state"] == "rejected" and result["rows"] == [], result
 
@@ -189,7 +227,9 @@ def test_page_resize_is_pillow_bilinear_exactly(size, out, tmp_path):
     subprocess.run(["node", "-e", script], check=True, timeout=60)
     got = np.frombuffer((tmp_path / "out.bin").read_bytes(), np.uint8).reshape(out, out)
     want = np.asarray(Image.fromarray(pixels).resize((out, out), Image.BILINEAR))
-    assert np.array_equal(got, want), f"{int((got != want).sum())} pixels differ, max {np.abs(got.astype(int) - want).max()}"
+    assert np.array_equal(got, want), (
+        f"{int((got != want).sum())} pixels differ, max {np.abs(got.astype(int) - want).max()}"
+    )
 
 
 def test_page_cam_levels_follow_cxr_explain(tmp_path):
@@ -200,8 +240,12 @@ def test_page_cam_levels_follow_cxr_explain(tmp_path):
     if not shutil.which("node"):
         pytest.skip("node missing: install Node.js")
     rng = np.random.default_rng(3)
-    maps = {"signed": rng.normal(size=16), "all negative": -rng.random(16) - 0.1, "zero": np.zeros(16),
-            "one positive": np.r_[-rng.random(15), 0.25]}
+    maps = {
+        "signed": rng.normal(size=16),
+        "all negative": -rng.random(16) - 0.1,
+        "zero": np.zeros(16),
+        "one positive": np.r_[-rng.random(15), 0.25],
+    }
     (tmp_path / "in.json").write_text(json.dumps({k: v.tolist() for k, v in maps.items()}))
     script = f"""
         globalThis.window = globalThis;

@@ -8,6 +8,7 @@
 See loader.py for the batch contract, plan.py for sharding/shuffling/resume,
 augmentation.py for the pixel path.
 """
+
 from cxr.data.config import DataConfig
 from cxr.data.loader import Loader, build_loader
 from cxr.data.shard_index import image_source, load_shards_manifest

@@ -1,4 +1,5 @@
 """`python -m cxr.data inspect`: iterate a loader once and say what came out (and how fast)."""
+
 from __future__ import annotations
 
 import argparse
@@ -19,9 +20,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cxr.data", description="Inspect what the loaders deliver.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("inspect", help="iterate one epoch of a split and print counts, key hash, images/s",
-                       description="Iterate one epoch (or --limit batches) of SPLIT for one rank and print "
-                       "samples, batches, unique keys, sha256 of the sorted keys (joined by newlines), images/s.")
+    p = sub.add_parser(
+        "inspect",
+        help="iterate one epoch of a split and print counts, key hash, images/s",
+        description="Iterate one epoch (or --limit batches) of SPLIT for one rank and print "
+        "samples, batches, unique keys, sha256 of the sorted keys (joined by newlines), images/s.",
+    )
     p.add_argument("--shards", required=True, help="shards folder with manifest.json")
     p.add_argument("--split", required=True, help="split to read (train, val, test)")
     p.add_argument("--backend", choices=["dali", "wds"], default="dali", help="loader back end (default dali)")
@@ -31,15 +35,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, default=1, help="number of ranks to simulate (default 1)")
     p.add_argument("--epoch", type=int, default=0, help="epoch (changes the training shuffle; default 0)")
     p.add_argument("--seed", type=int, default=0, help="shuffle/augmentation seed (default 0)")
-    p.add_argument("--mode", choices=["auto", "train", "eval"], default="auto",
-                   help="train: shuffled, full batches, augmented; eval: every sample once (auto: train iff split is train)")
+    p.add_argument(
+        "--mode",
+        choices=["auto", "train", "eval"],
+        default="auto",
+        help="train: shuffled, full batches, augmented; eval: every sample once (auto: train iff split is train)",
+    )
     p.add_argument("--no-augment", action="store_true", help="turn training augmentation off")
     p.add_argument("--num-threads", type=int, default=2, help="DALI threads / DataLoader workers (default 2)")
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="gpu: DALI mixed decode (default cpu)")
     p.add_argument("--limit", type=int, default=None, help="stop after this many batches")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    p.add_argument("--save-grid", default=None, metavar="PNG",
-                   help="write a grid of up to 16 images of the first batch, titled with their findings")
+    p.add_argument(
+        "--save-grid",
+        default=None,
+        metavar="PNG",
+        help="write a grid of up to 16 images of the first batch, titled with their findings",
+    )
     return parser
 
 
@@ -47,9 +59,16 @@ def inspect(args: argparse.Namespace) -> dict:
     """Run the loader once as asked; returns the summary dict (also printed)."""
     from cxr.data import DataConfig, build_loader, image_source
 
-    cfg = DataConfig(shards=args.shards, backend=args.backend, resolution=args.resolution,
-                     batch_size=args.batch_size, num_threads=args.num_threads, device=args.device,
-                     seed=args.seed, augment=not args.no_augment)
+    cfg = DataConfig(
+        shards=args.shards,
+        backend=args.backend,
+        resolution=args.resolution,
+        batch_size=args.batch_size,
+        num_threads=args.num_threads,
+        device=args.device,
+        seed=args.seed,
+        augment=not args.no_augment,
+    )
     train = None if args.mode == "auto" else args.mode == "train"
     loader = build_loader(cfg, args.split, rank=args.rank, world_size=args.world_size, epoch=args.epoch, train=train)
     keys: list[str] = []
@@ -63,13 +82,23 @@ def inspect(args: argparse.Namespace) -> dict:
         if args.limit is not None and batches >= args.limit:
             break
     seconds = time.perf_counter() - start
-    return {"split": args.split, "backend": args.backend, "resolution": args.resolution, "rank": args.rank,
-            "world_size": args.world_size, "train": loader.train, "samples": len(keys), "batches": batches,
-            "planned_batches": len(loader), "unique_keys": len(set(keys)),
-            "keys_sha256": hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest(),
-            "seconds": round(seconds, 3), "images_per_s": round(len(keys) / seconds, 1) if seconds else None,
-            "skipped": loader.report()["skipped"] if args.limit is None else None,
-            "images": image_source(args.shards, args.resolution)}
+    return {
+        "split": args.split,
+        "backend": args.backend,
+        "resolution": args.resolution,
+        "rank": args.rank,
+        "world_size": args.world_size,
+        "train": loader.train,
+        "samples": len(keys),
+        "batches": batches,
+        "planned_batches": len(loader),
+        "unique_keys": len(set(keys)),
+        "keys_sha256": hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest(),
+        "seconds": round(seconds, 3),
+        "images_per_s": round(len(keys) / seconds, 1) if seconds else None,
+        "skipped": loader.report()["skipped"] if args.limit is None else None,
+        "images": image_source(args.shards, args.resolution),
+    }
 
 
 def save_grid(batch: dict, cfg, path: str, max_images: int = 16) -> None:
@@ -107,10 +136,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"{summary['split']} ({'train' if summary['train'] else 'eval'}, rank {args.rank}/{args.world_size}, "
-              f"{args.backend}, {args.resolution}px): {summary['samples']} samples in {summary['batches']} batches, "
-              f"{summary['unique_keys']} unique keys, keys sha256 {summary['keys_sha256'][:16]}…, "
-              f"{summary['images_per_s']} images/s")
+        print(
+            f"{summary['split']} ({'train' if summary['train'] else 'eval'}, rank {args.rank}/{args.world_size}, "
+            f"{args.backend}, {args.resolution}px): {summary['samples']} samples in {summary['batches']} batches, "
+            f"{summary['unique_keys']} unique keys, keys sha256 {summary['keys_sha256'][:16]}…, "
+            f"{summary['images_per_s']} images/s"
+        )
         source = summary["images"]
         print(f"images: {source['source']}; resize filter: {source['resize_filter']}")
     return 0

@@ -16,6 +16,7 @@ timing, and the two back ends apply the *same* parameters (DALI receives them as
 per-sample inputs of `fn.warp_affine`). Their outputs differ only by interpolation
 details (see tests/test_loaders.py for the measured tolerance).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,9 +32,9 @@ from cxr.data.config import DataConfig
 class AugParams:
     """Per-sample augmentation, vectorised over n samples."""
 
-    matrix: np.ndarray      # float32 [n, 2, 3]: destination → source pixel coords (centres at +0.5)
+    matrix: np.ndarray  # float32 [n, 2, 3]: destination → source pixel coords (centres at +0.5)
     brightness: np.ndarray  # float32 [n]
-    contrast: np.ndarray    # float32 [n]
+    contrast: np.ndarray  # float32 [n]
 
 
 def key_seed(key: str) -> int:
@@ -75,14 +76,16 @@ def affine_matrix(size: int, flip: bool, angle_deg: float, zoom: float, shift: n
 
 # ----- torch implementation (wds back end) -----
 
+
 def warp_affine_torch(image, matrix: np.ndarray):
     """Apply a 2×3 inverse map to a float tensor [1, H, W] (bilinear, zero fill), like DALI warp_affine."""
     import torch
     import torch.nn.functional as F
 
     _, h, w = image.shape
-    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32) + 0.5,
-                            torch.arange(w, dtype=torch.float32) + 0.5, indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(h, dtype=torch.float32) + 0.5, torch.arange(w, dtype=torch.float32) + 0.5, indexing="ij"
+    )
     m = torch.from_numpy(np.asarray(matrix, np.float32))
     src_x = m[0, 0] * xs + m[0, 1] * ys + m[0, 2]
     src_y = m[1, 0] * xs + m[1, 1] * ys + m[1, 2]
@@ -90,4 +93,3 @@ def warp_affine_torch(image, matrix: np.ndarray):
     grid = torch.stack([2 * src_x / w - 1, 2 * src_y / h - 1], dim=-1)[None]
     out = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return out[0]
-

@@ -1,4 +1,5 @@
 """DataConfig: everything that decides which pixels a model sees, in one dataclass."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -121,8 +122,11 @@ class DataConfig:
         import torch
 
         self.device = "gpu" if torch.cuda.is_available() else "cpu"
-        return ("data.device=auto → gpu (CUDA visible: DALI mixed decode)" if self.device == "gpu"
-                else "data.device=auto → cpu (no CUDA device visible)")
+        return (
+            "data.device=auto → gpu (CUDA visible: DALI mixed decode)"
+            if self.device == "gpu"
+            else "data.device=auto → cpu (no CUDA device visible)"
+        )
 
     @property
     def pinned(self) -> bool:

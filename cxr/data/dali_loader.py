@@ -58,6 +58,7 @@ decodes on the GPU and that no image came out flat where its bytes hold pixels
 (DaliBatches._check_first_batch; docs/shards-format.md, "Decoding ljpeg"). The GPU path has
 not run in this repository (no GPU on its test machines).
 """
+
 from __future__ import annotations
 
 import io
@@ -87,8 +88,17 @@ class DaliBatches:
     image and travel through the pipeline beside it, so a shard cut or replaced after the read
     cannot pair an image with other (or missing) label bytes."""
 
-    def __init__(self, cfg: DataConfig, index: SplitIndex, resolution: int, epoch: int, augment: bool,
-                 native_size: tuple[int, int] | None, size_known: bool, rank: int):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        index: SplitIndex,
+        resolution: int,
+        epoch: int,
+        augment: bool,
+        native_size: tuple[int, int] | None,
+        size_known: bool,
+        rank: int,
+    ):
         self.cfg, self.index, self.res, self.epoch, self.augment = cfg, index, resolution, epoch, augment
         self.resize = native_size != (resolution, resolution)
         self.native_size = native_size  # sizes the mixed decoder's buffers (None: mixed sizes)
@@ -104,8 +114,15 @@ class DaliBatches:
             self.decoder = f"cpu (DALI mixed: {index.codec} has no GPU decoder)"
         log.info("decode: %s shards on %s", index.codec, self.decoder)
         # what the pipeline graph bakes in: equal keys may share one built pipeline
-        self.key = (str(index.shard_paths[0]) if len(index.shard_paths) else "", len(index), repr(cfg),
-                    resolution, augment, self.resize, self.device_id)
+        self.key = (
+            str(index.shard_paths[0]) if len(index.shard_paths) else "",
+            len(index),
+            repr(cfg),
+            resolution,
+            augment,
+            self.resize,
+            self.device_id,
+        )
 
     def iterate(self, batches: list[np.ndarray], on_corrupt: OnCorrupt) -> Iterator[tuple]:
         """Yield every planned batch minus corrupt samples; a decoder failure restarts at that batch."""
@@ -129,7 +146,6 @@ class DaliBatches:
                 bad.add(found[0])
             finally:
                 feed.close()
-
 
     def _check_first_batch(self, images, ids: np.ndarray, reader: SampleReader) -> None:
         """The two silent failures of GPU decoding, looked for on the first batch of each pass.
@@ -159,7 +175,8 @@ class DaliBatches:
                     f"{self.index.shard_paths[self.index.shard[i]]}: sample {self.index.keys[i]} came out of DALI "
                     f"({self.decoder}) as one flat value, but its bytes pass their checks and decode to pixels "
                     f"{pixels.min()}..{pixels.max()} on the CPU — nvJPEG's lossless decoder returned all-zero images "
-                    "before CUDA 13.0.2's nvJPEG: upgrade nvJPEG, or set data.device=cpu")
+                    "before CUDA 13.0.2's nvJPEG: upgrade nvJPEG, or set data.device=cpu"
+                )
 
 
 _NOT_ON_GPU_SAID: set[str] = set()
@@ -172,8 +189,13 @@ def _warn_if_not_on_gpu(sample: bytes, codec: str, device_id: int | None) -> Non
     _NOT_ON_GPU_SAID.add(codec)
     why = gpu_decode_refusal(sample, device_id or 0)
     if why:
-        log.warning("decode: %s shards decode on the CPU inside DALI mixed, not on GPU %s (%s); each decoder "
-                    "thread is then a CPU decoder — raise data.num_threads or pack jpeg shards", codec, device_id, why)
+        log.warning(
+            "decode: %s shards decode on the CPU inside DALI mixed, not on GPU %s (%s); each decoder "
+            "thread is then a CPU decoder — raise data.num_threads or pack jpeg shards",
+            codec,
+            device_id,
+            why,
+        )
 
 
 def gpu_decode_refusal(sample: bytes, device_id: int = 0) -> str | None:
@@ -183,9 +205,14 @@ def gpu_decode_refusal(sample: bytes, device_id: int = 0) -> str | None:
     except ImportError:
         return "nvidia-nvimgcodec is not importable, so whether the GPU decodes cannot be checked"
     try:
-        backends = [nvimgcodec.Backend(kind) for kind in (nvimgcodec.BackendKind.GPU_ONLY,
-                                                          nvimgcodec.BackendKind.HYBRID_CPU_GPU,
-                                                          nvimgcodec.BackendKind.HW_GPU_ONLY)]
+        backends = [
+            nvimgcodec.Backend(kind)
+            for kind in (
+                nvimgcodec.BackendKind.GPU_ONLY,
+                nvimgcodec.BackendKind.HYBRID_CPU_GPU,
+                nvimgcodec.BackendKind.HW_GPU_ONLY,
+            )
+        ]
         image = nvimgcodec.Decoder(device_id=device_id, backends=backends).decode(sample)
     except Exception as err:  # noqa: BLE001 — nvImageCodec raises RuntimeError / ValueError on unsupported streams
         return f"nvImageCodec GPU decoders: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
@@ -211,7 +238,7 @@ class _Built:
 
         self.feed: _Feed | None = None
         self.exhausted = False  # the last epoch ran to its end: reset before the next
-        self.active = False     # an epoch is being iterated now
+        self.active = False  # an epoch is being iterated now
         self.pipe = _pipeline(owner, lambda: self.feed.source())
         self.it = DALIGenericIterator(self.pipe, list(OUTPUTS), auto_reset=False, prepare_first_batch=False)
 
@@ -242,8 +269,11 @@ class _Feed:
         self.pending: deque[np.ndarray] = deque()  # ids of batches fed to DALI, not yet output
         # resizing masters: decode + resize in cfg.num_threads threads (the serial source only;
         # source_workers decode in their own processes), batches queued in `ahead`
-        self.pool = ThreadPoolExecutor(max(owner.cfg.num_threads, 1), thread_name_prefix="cxr-resize") \
-            if owner.resize and not owner.cfg.source_workers else None
+        self.pool = (
+            ThreadPoolExecutor(max(owner.cfg.num_threads, 1), thread_name_prefix="cxr-resize")
+            if owner.resize and not owner.cfg.source_workers
+            else None
+        )
         self.ahead: deque[tuple[np.ndarray, list]] = deque()
 
     def source(self):
@@ -339,8 +369,7 @@ class _Feed:
             if finished:
                 built.exhausted = True
             elif _BUILT.get(self.o.key) is built:  # left mid-epoch (break, error): its prefetched
-                del _BUILT[self.o.key]                # batches must never reach the next epoch
-
+                del _BUILT[self.o.key]  # batches must never reach the next epoch
 
     def _run_parallel(self) -> Iterator[tuple]:
         """Batches from a pipeline whose source runs in DALI's worker processes (built for this run only)."""
@@ -453,8 +482,10 @@ def _corruption(o: DaliBatches, reader: SampleReader, i: int) -> CorruptSample:
         _prepare(o, reader, i)
     except CorruptSample as corrupt:
         return corrupt
-    raise CxrError(f"{reader.index.shard_paths[reader.index.shard[i]]}: sample {reader.index.keys[i]} failed in a "
-                   "DALI source worker but reads fine here — set data.source_workers=0 and report this")
+    raise CxrError(
+        f"{reader.index.shard_paths[reader.index.shard[i]]}: sample {reader.index.keys[i]} failed in a "
+        "DALI source worker but reads fine here — set data.source_workers=0 and report this"
+    )
 
 
 def _outputs(o: DaliBatches, ids: np.ndarray, data: list[tuple]) -> tuple:
@@ -484,17 +515,30 @@ def _pipeline(o: DaliBatches, source):
     # spawn, not fork: a training process has a CUDA context, which a forked worker must not inherit
     parallel = dict(py_num_workers=workers, py_start_method="spawn") if workers else {}
 
-    @pipeline_def(batch_size=max(cfg.batch_size, cfg.eval_batch), num_threads=pipeline_threads(cfg, o.index.codec),
-                  device_id=o.device_id, seed=cfg.resolved_seed, prefetch_queue_depth=PREFETCH, **parallel)
+    @pipeline_def(
+        batch_size=max(cfg.batch_size, cfg.eval_batch),
+        num_threads=pipeline_threads(cfg, o.index.codec),
+        device_id=o.device_id,
+        seed=cfg.resolved_seed,
+        prefetch_queue_depth=PREFETCH,
+        **parallel,
+    )
     def pipe():
         n_out = 4 if o.augment else 1  # augmentation parameters only when augmenting
         # + labels and meta, passed through untouched (read with the image: _prepare)
         dtypes = [types.UINT8, types.FLOAT, types.FLOAT, types.FLOAT][:n_out] + [types.UINT8, types.FLOAT]
         layouts = ["HWC" if o.resize else "", "", "", ""][:n_out] + ["", ""]
         if workers:  # batches computed ahead: at least one per worker
-            inputs = fn.external_source(source=source, num_outputs=n_out + 3, batch=True, batch_info=True,
-                                        parallel=True, prefetch_queue_depth=max(2, workers),
-                                        dtype=dtypes + [types.INT64], layout=layouts + [""])
+            inputs = fn.external_source(
+                source=source,
+                num_outputs=n_out + 3,
+                batch=True,
+                batch_info=True,
+                parallel=True,
+                prefetch_queue_depth=max(2, workers),
+                dtype=dtypes + [types.INT64],
+                layout=layouts + [""],
+            )
             return _graph(inputs[:n_out]), inputs[n_out], inputs[n_out + 1], inputs[n_out + 2]
         inputs = fn.external_source(source=source, num_outputs=n_out + 2, batch=True, dtype=dtypes, layout=layouts)
         return _graph(inputs[:n_out]), inputs[n_out], inputs[n_out + 1]
@@ -508,11 +552,13 @@ def _pipeline(o: DaliBatches, source):
         else:
             image = _decode(inputs[0], gpu, o.native_size)
         if not o.augment:
-            return fn.crop_mirror_normalize(image, dtype=types.FLOAT, output_layout="CHW",
-                                            mean=[cfg.mean * 255], std=[cfg.std * 255])
+            return fn.crop_mirror_normalize(
+                image, dtype=types.FLOAT, output_layout="CHW", mean=[cfg.mean * 255], std=[cfg.std * 255]
+            )
         matrix, bright, contrast = inputs[1:]
-        image = fn.warp_affine(image, matrix=matrix, size=[res, res], fill_value=0,
-                               interp_type=types.INTERP_LINEAR, inverse_map=True)
+        image = fn.warp_affine(
+            image, matrix=matrix, size=[res, res], fill_value=0, interp_type=types.INTERP_LINEAR, inverse_map=True
+        )
         x = fn.cast(image, dtype=types.FLOAT) / 255.0
         if gpu:
             bright, contrast = bright.gpu(), contrast.gpu()
@@ -527,8 +573,10 @@ def _pipeline(o: DaliBatches, source):
         if gpu:
             from cxr.cuda_check import dali_gpu_advice
 
-            raise CxrError(f"data.device=gpu: DALI could not build a GPU pipeline on device {o.device_id} "
-                           f"({str(err).splitlines()[0]}) — {dali_gpu_advice()}") from err
+            raise CxrError(
+                f"data.device=gpu: DALI could not build a GPU pipeline on device {o.device_id} "
+                f"({str(err).splitlines()[0]}) — {dali_gpu_advice()}"
+            ) from err
         raise
     return p
 
@@ -540,9 +588,15 @@ def _decode(data, gpu: bool, native_size: tuple[int, int] | None):
     if not gpu:
         return fn.decoders.image(data, device="cpu", output_type=types.GRAY)
     device_pad, host_pad = decoder_padding(native_size)
-    return fn.decoders.image(data, device="mixed", output_type=types.GRAY,
-                             device_memory_padding=device_pad, host_memory_padding=host_pad,
-                             device_memory_padding_jpeg2k=device_pad, host_memory_padding_jpeg2k=host_pad)
+    return fn.decoders.image(
+        data,
+        device="mixed",
+        output_type=types.GRAY,
+        device_memory_padding=device_pad,
+        host_memory_padding=host_pad,
+        device_memory_padding_jpeg2k=device_pad,
+        host_memory_padding_jpeg2k=host_pad,
+    )
 
 
 # ----- DALI's memory outside torch's allocator (issue 22 item 6) -----
@@ -582,8 +636,9 @@ def pipeline_threads(cfg: DataConfig, codec: str) -> int:
     return threads
 
 
-def dali_memory_estimate(cfg: DataConfig, codec: str = "png", native_size: tuple[int, int] | None = (1024, 1024),
-                         pipelines: int = 2) -> dict:
+def dali_memory_estimate(
+    cfg: DataConfig, codec: str = "png", native_size: tuple[int, int] | None = (1024, 1024), pipelines: int = 2
+) -> dict:
     """Bytes DALI holds outside torch's allocator for `pipelines` pipelines (train + val of a run).
 
     For the probe and the memory claim (cxr/probe.py, bench/gpu_check.py): a model of the
@@ -599,7 +654,7 @@ def dali_memory_estimate(cfg: DataConfig, codec: str = "png", native_size: tuple
     float32 output handed to torch (d · 4·b·R²).
     """
     threads = pipeline_threads(cfg, codec)
-    b, r2 = max(cfg.batch_size, cfg.eval_batch), cfg.resolution ** 2
+    b, r2 = max(cfg.batch_size, cfg.eval_batch), cfg.resolution**2
     n = native_size[0] * native_size[1] if native_size else r2
     float_stages = 3 if cfg.augment else 1
     if cfg.device == "gpu":
@@ -613,8 +668,12 @@ def dali_memory_estimate(cfg: DataConfig, codec: str = "png", native_size: tuple
         outputs = PREFETCH * 4 * b * r2 if cfg.pinned else 0
         detail = {"pinned_outputs": outputs}
         device, pinned = 0, outputs
-    return {"device": device * pipelines, "pinned": pinned * pipelines, "threads": threads,
-            "detail": {k: v * pipelines for k, v in detail.items()}}
+    return {
+        "device": device * pipelines,
+        "pinned": pinned * pipelines,
+        "threads": threads,
+        "detail": {k: v * pipelines for k, v in detail.items()},
+    }
 
 
 def _decode_resize(image: bytes, res: int, index: SplitIndex, i: int) -> np.ndarray:
@@ -627,9 +686,12 @@ def _check_size(image: bytes, res: int, index: SplitIndex, i: int) -> None:
 
     size = Image.open(io.BytesIO(image)).size  # header only
     if size != (res, res):
-        raise CorruptSample(index.shard_paths[index.shard[i]], index.keys[i],
-                            f"is {size[0]}×{size[1]} but the shards' first sample is {res}×{res} "
-                            "(mixed sizes: pack derived shards with --resize)")
+        raise CorruptSample(
+            index.shard_paths[index.shard[i]],
+            index.keys[i],
+            f"is {size[0]}×{size[1]} but the shards' first sample is {res}×{res} "
+            "(mixed sizes: pack derived shards with --resize)",
+        )
 
 
 def _find_undecodable(reader: SampleReader, ids: np.ndarray, codec: str) -> tuple[int, CorruptSample] | None:
@@ -649,6 +711,9 @@ def _find_undecodable(reader: SampleReader, ids: np.ndarray, codec: str) -> tupl
             else:
                 Image.open(io.BytesIO(image)).load()
         except Exception as err:  # any decoder failure marks the sample (BadImage included)
-            return int(i), CorruptSample(reader.index.shard_paths[reader.index.shard[i]], reader.index.keys[i],
-                                         f"{codec} does not decode ({err})")
+            return int(i), CorruptSample(
+                reader.index.shard_paths[reader.index.shard[i]],
+                reader.index.keys[i],
+                f"{codec} does not decode ({err})",
+            )
     return None

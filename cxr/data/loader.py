@@ -10,6 +10,7 @@ B is the batch size except for the last eval batch, and minus any corrupt sample
 skipped in training (the number of batches never changes, so ranks stay in step; a
 batch whose every sample is corrupt raises CxrError rather than desynchronise them).
 """
+
 from __future__ import annotations
 
 import io
@@ -33,8 +34,15 @@ from cxr.data.shard_index import (
 log = logging.getLogger("cxr.data")
 
 
-def build_loader(cfg: DataConfig, split: str, rank: int = 0, world_size: int = 1, epoch: int = 0,
-                 skip_batches: int = 0, train: bool | None = None) -> Loader:
+def build_loader(
+    cfg: DataConfig,
+    split: str,
+    rank: int = 0,
+    world_size: int = 1,
+    epoch: int = 0,
+    skip_batches: int = 0,
+    train: bool | None = None,
+) -> Loader:
     """Loader of `split` for one epoch on `rank` of `world_size` (train defaults to split == "train").
 
     `skip_batches=k` yields exactly batches k.. of the same epoch (mid-epoch resume).
@@ -45,8 +53,9 @@ def build_loader(cfg: DataConfig, split: str, rank: int = 0, world_size: int = 1
 class Loader:
     """Iterable of batch dicts for one epoch; `len()` and `num_samples` are known before iterating."""
 
-    def __init__(self, cfg: DataConfig, split: str, rank: int, world_size: int, epoch: int,
-                 skip_batches: int, train: bool):
+    def __init__(
+        self, cfg: DataConfig, split: str, rank: int, world_size: int, epoch: int, skip_batches: int, train: bool
+    ):
         self.cfg, self.split, self.train, self.epoch = cfg, split, train, epoch
         self.shards_dir, manifest = load_shards_manifest(cfg.shards, cfg.resolution)
         self.index = SplitIndex.load(self.shards_dir, manifest, split)
@@ -59,10 +68,12 @@ class Loader:
         augment = train and cfg.augment
         if cfg.backend == "dali":
             from cxr.data.dali_loader import DaliBatches
+
             native, known = _native_size(self.index, manifest)
             self._backend = DaliBatches(cfg, self.index, cfg.resolution, epoch, augment, native, known, rank)
         else:
             from cxr.data.wds_loader import WdsBatches
+
             self._backend = WdsBatches(cfg, self.index, cfg.resolution, epoch, augment)
 
     def __len__(self) -> int:
@@ -84,8 +95,12 @@ class Loader:
             labels = np.asarray(labels, np.float32)
             meta = self._meta(np.asarray(meta))
             self._samples += len(ids)
-            yield {"image": images, "labels": torch.from_numpy(labels), "meta": torch.from_numpy(meta),
-                   "key": [self.index.keys[int(i)] for i in ids]}
+            yield {
+                "image": images,
+                "labels": torch.from_numpy(labels),
+                "meta": torch.from_numpy(meta),
+                "key": [self.index.keys[int(i)] for i in ids],
+            }
         self._log_summary(time.perf_counter() - start)
 
     def report(self) -> dict:
@@ -106,10 +121,14 @@ class Loader:
 
     def _log_summary(self, seconds: float) -> None:
         rate = self._samples / seconds if seconds > 0 else 0.0
-        msg = (f"{self.split} epoch {self.epoch}: {self._samples} samples, {len(self._skipped)} corrupt skipped, "
-               f"{seconds:.1f} s, {rate:.0f} images/s ({self.cfg.backend}, decode on "
-               f"{getattr(self._backend, 'decoder', '?')})")
-        (log.warning if self._skipped else log.info)(msg + (f"; skipped: {self._skipped[:10]}" if self._skipped else ""))
+        msg = (
+            f"{self.split} epoch {self.epoch}: {self._samples} samples, {len(self._skipped)} corrupt skipped, "
+            f"{seconds:.1f} s, {rate:.0f} images/s ({self.cfg.backend}, decode on "
+            f"{getattr(self._backend, 'decoder', '?')})"
+        )
+        (log.warning if self._skipped else log.info)(
+            msg + (f"; skipped: {self._skipped[:10]}" if self._skipped else "")
+        )
 
 
 def _native_size(index: SplitIndex, manifest: dict) -> tuple[tuple[int, int] | None, bool]:

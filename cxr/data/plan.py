@@ -17,6 +17,7 @@ with the same back end and device the images are bit-identical too (tested). The
 depends on world_size: resuming with a different number of ranks keeps the epoch's
 permutation but regroups it into batches.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,9 @@ class EpochPlan:
         return int(sum(len(b) for b in self.batches))
 
 
-def epoch_plan(n: int, batch_size: int, rank: int, world_size: int, epoch: int, seed: int,
-               train: bool, skip_batches: int = 0) -> EpochPlan:
+def epoch_plan(
+    n: int, batch_size: int, rank: int, world_size: int, epoch: int, seed: int, train: bool, skip_batches: int = 0
+) -> EpochPlan:
     """Plan one epoch of `n` samples for `rank` of `world_size` (see module docstring)."""
     if not 0 <= rank < world_size:
         raise CxrError(f"rank={rank}, world_size={world_size}: need 0 ≤ rank < world_size — check the launcher")
@@ -48,8 +50,10 @@ def epoch_plan(n: int, batch_size: int, rank: int, world_size: int, epoch: int, 
         per_global = world_size * batch_size
         n_batches = n // per_global
         if n_batches == 0:
-            raise CxrError(f"train split has {n} samples < world_size × batch_size = {per_global}: "
-                           "no full batch per rank — lower batch_size or use more data")
+            raise CxrError(
+                f"train split has {n} samples < world_size × batch_size = {per_global}: "
+                "no full batch per rank — lower batch_size or use more data"
+            )
         perm = np.random.default_rng([seed, epoch]).permutation(n)[: n_batches * per_global]
         rows = perm.reshape(n_batches, world_size, batch_size)[:, rank, :]
         batches = list(rows)
@@ -57,8 +61,10 @@ def epoch_plan(n: int, batch_size: int, rank: int, world_size: int, epoch: int, 
         start, stop = rank * n // world_size, (rank + 1) * n // world_size
         ids = np.arange(start, stop, dtype=np.int64)
         n_batches = math.ceil(len(ids) / batch_size)
-        batches = [ids[i * batch_size:(i + 1) * batch_size] for i in range(n_batches)]
+        batches = [ids[i * batch_size : (i + 1) * batch_size] for i in range(n_batches)]
     if not 0 <= skip_batches <= n_batches:
-        raise CxrError(f"skip_batches={skip_batches}: must be in [0, {n_batches}] (batches this epoch) — "
-                       "check the resumed loader position")
+        raise CxrError(
+            f"skip_batches={skip_batches}: must be in [0, {n_batches}] (batches this epoch) — "
+            "check the resumed loader position"
+        )
     return EpochPlan(batches[skip_batches:], n_batches)

@@ -13,6 +13,7 @@ The formats themselves are read through their owners: manifest.json through
 ``shards.manifest``, the .idx files through ``shards.dali_index``, PNG checks through
 ``shards.image_codec``.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,13 +51,20 @@ def load_shards_manifest(shards_dir: str | os.PathLike, resolution: int) -> tupl
         return derived.parent, load_manifest(derived)
     path = root / MANIFEST_NAME
     if not path.is_file():
-        raise CxrError(f"{path}: shards manifest not found — pack shards first "
-                       f"(python -m shards pack --splits … --images … --out {root})")
+        raise CxrError(
+            f"{path}: shards manifest not found — pack shards first "
+            f"(python -m shards pack --splits … --images … --out {root})"
+        )
     manifest = load_manifest(path)
     native = manifest.get("resolution")
     if native != resolution:
-        log.info("shards: no %s; resizing %s shards from %s to %dpx", derived.parent.name,
-                 f"{native}px" if native else "native", root, resolution)
+        log.info(
+            "shards: no %s; resizing %s shards from %s to %dpx",
+            derived.parent.name,
+            f"{native}px" if native else "native",
+            root,
+            resolution,
+        )
     return root, manifest
 
 
@@ -79,8 +87,11 @@ def image_source(shards_dir: str | os.PathLike, resolution: int) -> dict:
         if at == total:
             native = resolution
         elif at:  # the loaders resize only the images that are not resolution² already
-            return {"source": f"masters {root}: {at} of {total} at {resolution} px as packed, the other "
-                              f"{total - at} resized on the fly", "resize_filter": RESIZE_FILTER}
+            return {
+                "source": f"masters {root}: {at} of {total} at {resolution} px as packed, the other "
+                f"{total - at} resized on the fly",
+                "resize_filter": RESIZE_FILTER,
+            }
     if native == resolution:
         return {"source": f"masters {root} at their native {resolution} px", "resize_filter": None}
     return {"source": f"masters {root} resized on the fly to {resolution} px", "resize_filter": RESIZE_FILTER}
@@ -106,8 +117,8 @@ class SplitIndex:
     codec: str
     shard_paths: list[Path]
     keys: list[str]
-    shard: np.ndarray    # int32 [N] index into shard_paths
-    ranges: np.ndarray   # int64 [N, 4, 2] (offset, size) of image, labels, meta, json
+    shard: np.ndarray  # int32 [N] index into shard_paths
+    ranges: np.ndarray  # int64 [N, 4, 2] (offset, size) of image, labels, meta, json
     num_labels: int = NUM_LABELS  # len(manifest["labels"]): 14 for NIH, any count for a generic table
     checksums: bool = False  # each .json holds the crc32 of the other members (format /2)
 
@@ -123,7 +134,9 @@ class SplitIndex:
             raise CxrError(f"{shards_dir / 'manifest.json'}: no shards for split {split!r} — choose one of {known}")
         codec = manifest["codec"]
         if codec not in IMAGE_EXT:
-            raise CxrError(f"{shards_dir / 'manifest.json'}: unknown codec {codec!r} — expected one of {sorted(IMAGE_EXT)}")
+            raise CxrError(
+                f"{shards_dir / 'manifest.json'}: unknown codec {codec!r} — expected one of {sorted(IMAGE_EXT)}"
+            )
         image_ext = IMAGE_EXT[codec]
         paths, keys, shard_ids, ranges = [], [], [], []
         for i, entry in enumerate(entries):
@@ -141,9 +154,16 @@ class SplitIndex:
                 keys.append(key)
                 shard_ids.append(i)
             paths.append(tar)
-        index = cls(shards_dir, codec, paths, keys, np.asarray(shard_ids, np.int32),
-                    np.asarray(ranges, np.int64).reshape(-1, 4, 2),
-                    len(manifest.get("labels") or ()) or NUM_LABELS, has_checksums(manifest))
+        index = cls(
+            shards_dir,
+            codec,
+            paths,
+            keys,
+            np.asarray(shard_ids, np.int32),
+            np.asarray(ranges, np.int64).reshape(-1, 4, 2),
+            len(manifest.get("labels") or ()) or NUM_LABELS,
+            has_checksums(manifest),
+        )
         if manifest.get("labels"):
             check_label_order(index, list(manifest["labels"]), shards_dir / MANIFEST_NAME)
         return index
@@ -202,11 +222,13 @@ def check_label_order(index: SplitIndex, names: list[str], manifest: Path) -> No
     if bad is not None:
         i, named, findings = bad
         packed = _packed_order(names, read)
-        raise CxrError(f"{manifest}: its labels list is not the order the samples were packed in "
-                       f"({index.shard_paths[index.shard[i]].name}: sample {index.keys[i]}'s .labels name "
-                       f"{named} under it, its .json findings are {findings}) — the manifest was edited: "
-                       f"restore its labels list{f' to {packed}' if packed else ''} or re-pack the shards "
-                       f"(python -m shards pack)")
+        raise CxrError(
+            f"{manifest}: its labels list is not the order the samples were packed in "
+            f"({index.shard_paths[index.shard[i]].name}: sample {index.keys[i]}'s .labels name "
+            f"{named} under it, its .json findings are {findings}) — the manifest was edited: "
+            f"restore its labels list{f' to {packed}' if packed else ''} or re-pack the shards "
+            f"(python -m shards pack)"
+        )
     if memo is not None:
         _label_order_checked.add(memo)
 
@@ -240,8 +262,14 @@ def _index_shard(tar: Path, idx: Path) -> list[Sample]:
         problem = index_mismatch(tar, samples)
         if problem is None:
             return samples
-        log.warning("shards: %s does not match %s (%s); rebuilding the index in memory by a tar header scan "
-                    "— delete it or re-run `python -m shards verify %s`", idx, tar.name, problem, tar.parent)
+        log.warning(
+            "shards: %s does not match %s (%s); rebuilding the index in memory by a tar header scan "
+            "— delete it or re-run `python -m shards verify %s`",
+            idx,
+            tar.name,
+            problem,
+            tar.parent,
+        )
     else:
         log.warning("shards: %s has no index %s; scanning tar headers (slower start)", tar, idx.name)
     return scan_tar(tar)
@@ -258,8 +286,10 @@ class CorruptSample(Exception):
         return CorruptSample, (self.shard, self.key, self.reason)
 
     def as_error(self) -> CxrError:
-        return CxrError(f"{self.shard}: sample {self.key} is corrupt ({self.reason}) — "
-                        "re-pack this shard (python -m shards verify finds all bad samples)")
+        return CxrError(
+            f"{self.shard}: sample {self.key} is corrupt ({self.reason}) — "
+            "re-pack this shard (python -m shards verify finds all bad samples)"
+        )
 
 
 OnCorrupt = Callable[[CorruptSample], None]  # records a skip, or raises CxrError
@@ -267,8 +297,10 @@ OnCorrupt = Callable[[CorruptSample], None]  # records a skip, or raises CxrErro
 
 def all_corrupt_error(shards: list, keys: list[str]) -> CxrError:
     """Dropping a whole batch would desynchronise the ranks' batch counts (DDP hangs): stop instead."""
-    return CxrError(f"{', '.join(sorted(set(map(str, shards))))}: every sample of a batch is corrupt ({keys}) — "
-                    "re-pack these shards (python -m shards verify lists all bad samples)")
+    return CxrError(
+        f"{', '.join(sorted(set(map(str, shards))))}: every sample of a batch is corrupt ({keys}) — "
+        "re-pack these shards (python -m shards verify lists all bad samples)"
+    )
 
 
 def decode_resize(image: bytes, res: int, index: SplitIndex, i: int) -> np.ndarray:
@@ -279,8 +311,9 @@ def decode_resize(image: bytes, res: int, index: SplitIndex, i: int) -> np.ndarr
     try:
         im = decode_grey(image, index.codec)  # pack's decoder: imagecodecs for png / ljpeg, PIL for the rest
     except Exception as err:  # any decoder failure (BadImage included) marks the sample corrupt
-        raise CorruptSample(index.shard_paths[index.shard[i]], index.keys[i],
-                            f"{index.codec} does not decode ({err})") from err
+        raise CorruptSample(
+            index.shard_paths[index.shard[i]], index.keys[i], f"{index.codec} does not decode ({err})"
+        ) from err
     if im.mode != "L":
         im = im.convert("L")  # RGBA/RGB radiographs have R=G=B (SPEC); I;16 would lose bits here
     if im.size != (res, res):
@@ -295,9 +328,11 @@ class IndexMismatch(CorruptSample):
         return IndexMismatch, (self.shard, self.key, self.reason)
 
     def as_error(self) -> CxrError:
-        return CxrError(f"{self.shard.with_suffix('.idx')}: index does not match {self.shard.name} at sample "
-                        f"{self.key} ({self.reason}); the samples may be intact — delete the .idx (the loader "
-                        "then scans the tar) or re-run `python -m shards verify`")
+        return CxrError(
+            f"{self.shard.with_suffix('.idx')}: index does not match {self.shard.name} at sample "
+            f"{self.key} ({self.reason}); the samples may be intact — delete the .idx (the loader "
+            "then scans the tar) or re-run `python -m shards verify`"
+        )
 
 
 class SampleReader:
@@ -317,12 +352,17 @@ class SampleReader:
         """
         (io, isz), (lo, lsz), (mo, msz), (jo, jsz) = self.index.ranges[i]
         fd = self._fd(int(self.index.shard[i]))
-        image, labels, meta = os.pread(fd, int(isz), int(io)), os.pread(fd, int(lsz), int(lo)), os.pread(fd, int(msz), int(mo))
+        image, labels, meta = (
+            os.pread(fd, int(isz), int(io)),
+            os.pread(fd, int(lsz), int(lo)),
+            os.pread(fd, int(msz), int(mo)),
+        )
         problem = _short_read({IMAGE_EXT[self.index.codec]: (image, isz), "labels": (labels, lsz), "meta": (meta, msz)})
         if problem is None and self.index.checksums:
             record = os.pread(fd, int(jsz), int(jo))
-            problem = _short_read({"json": (record, jsz)}) or \
-                _checksum_problem(record, image, labels, meta, self.index.codec)
+            problem = _short_read({"json": (record, jsz)}) or _checksum_problem(
+                record, image, labels, meta, self.index.codec
+            )
         elif problem is None and check_image:
             problem = image_problem(image, self.index.codec)
         if problem is None and (len(labels) != self.index.num_labels or max(labels, default=0) > 1):
@@ -411,4 +451,3 @@ def image_problem(data: bytes, codec: str) -> str | None:
         return None if ok else "JPEG start/end marker missing"
     ok = (data[:4] == b"\x00\x00\x00\x0c" or data[:2] == b"\xff\x4f") and data[-2:] == b"\xff\xd9"
     return None if ok else "JPEG 2000 signature or end-of-codestream missing"
-

@@ -14,6 +14,7 @@ resume mid-epoch only by replaying the stream. Following the shared `EpochPlan`
 instead gives both back ends identical batches: the same keys in the same order.
 The pixel path and the augmentation parameters are those of cxr/data/augmentation.py.
 """
+
 from __future__ import annotations
 
 import logging
@@ -47,11 +48,15 @@ class WdsBatches:
 
         workers = self.cfg.num_threads
         loader = torch.utils.data.DataLoader(
-            self.dataset, batch_sampler=[b.tolist() for b in batches], num_workers=workers,
+            self.dataset,
+            batch_sampler=[b.tolist() for b in batches],
+            num_workers=workers,
             collate_fn=partial(_collate, mean=self.cfg.mean, std=self.cfg.std, augment=self.dataset.augment),
             pin_memory=self.cfg.pinned,
-            worker_init_fn=_one_thread if workers else None, persistent_workers=False,
-            multiprocessing_context=_worker_context() if workers else None)
+            worker_init_fn=_one_thread if workers else None,
+            persistent_workers=False,
+            multiprocessing_context=_worker_context() if workers else None,
+        )
         batches_iter = iter(loader)
         try:
             for images, ids, labels, meta, corrupt in batches_iter:
@@ -150,7 +155,9 @@ def _worker_context():
     from multiprocessing import forkserver
 
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "PIL.PngImagePlugin", "imagecodecs", "cxr.data.wds_loader"])  # no-op once started
+    ctx.set_forkserver_preload(
+        ["torch", "PIL.PngImagePlugin", "imagecodecs", "cxr.data.wds_loader"]
+    )  # no-op once started
     # the fork server and multiprocessing's resource tracker start with the job's stop signals
     # blocked, a mask they and the workers forked from the server inherit (stop_signals_blocked)
     with stop_signals_blocked():

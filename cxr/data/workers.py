@@ -1,5 +1,6 @@
 """Loader worker processes and the job's stop signals (both back ends: the wds fork server, DALI's
 spawned external-source workers)."""
+
 from __future__ import annotations
 
 from contextlib import contextmanager

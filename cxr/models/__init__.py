@@ -12,6 +12,7 @@ live in densenet.py, cbam.py, resnet.py, transformer.py and cnn.py. Nothing is
 downloaded: backbones are built with random init and ``pretrained`` is a local
 state-dict path (see weights.py). ``python -m cxr.models list`` prints the suite.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -44,8 +45,9 @@ REGISTRY: dict[str, ModelSpec] = {
     "densenet121_cbam": ModelSpec(cbam.build, cbam.DESCRIPTION, {"head_dropout": float, "stem_size": int}),
     "resnet50": ModelSpec(resnet.build, resnet.DESCRIPTION, {"stem_size": int}),
     "beit": ModelSpec(transformer.build_beit, transformer.BEIT_DESCRIPTION, {"arch": str, "img_size": int}),
-    "vit": ModelSpec(transformer.build_vit, transformer.VIT_DESCRIPTION,
-                     {"arch": str, "stem_size": int, "img_size": int}),
+    "vit": ModelSpec(
+        transformer.build_vit, transformer.VIT_DESCRIPTION, {"arch": str, "stem_size": int, "img_size": int}
+    ),
     "cnn": ModelSpec(cnn.build, cnn.DESCRIPTION, {"stem_size": int, "width": int}),
     # not a classifier: the OOD gate's autoencoder (ood_ae.py; the gate is cxr/ood.py), trained with loss.name=ssim_recon
     "ood_ae": ModelSpec(ood_ae.build, ood_ae.DESCRIPTION, {"width": int, "code": int}),
@@ -80,9 +82,16 @@ def build_model(
     spec = REGISTRY.get(name)
     if spec is None:
         raise CxrError(f"model {name!r}: unknown — choose one of {', '.join(MODEL_NAMES)}")
-    args = BuildArgs(num_labels=num_labels, pretrained=pretrained, metadata=metadata, meta_dim=meta_dim,
-                     conv_stem=conv_stem, grad_checkpointing=grad_checkpointing, channels_last=channels_last,
-                     dropout=dropout)
+    args = BuildArgs(
+        num_labels=num_labels,
+        pretrained=pretrained,
+        metadata=metadata,
+        meta_dim=meta_dim,
+        conv_stem=conv_stem,
+        grad_checkpointing=grad_checkpointing,
+        channels_last=channels_last,
+        dropout=dropout,
+    )
     _check_common(name, args)
     _check_options(name, spec, options)
     model = spec.builder(args, **options)

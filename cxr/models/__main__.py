@@ -6,6 +6,7 @@ machine with internet, e.g. a login node, with the HF_HOME/HF_HUB_CACHE the
 compute nodes will see). NAME is a model of the suite or a timm architecture
 (e.g. ``vit_small_patch16_224`` for ``vit arch=...``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,15 +19,19 @@ from .weights import download_imagenet, hub_cache, imagenet_repo
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m cxr.models",
-                                     description="The cxr model suite (--debug shows tracebacks of errors).")
+    parser = argparse.ArgumentParser(
+        prog="python -m cxr.models", description="The cxr model suite (--debug shows tracebacks of errors)."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     listing = sub.add_parser("list", help="print name, parameter count and description of every model")
     listing.add_argument("--num-labels", type=int, default=14, help="outputs of the head (default 14)")
-    fetch = sub.add_parser("download", help="fetch ImageNet weights for model.pretrained=imagenet into the HF cache",
-                           description="Fetch the timm ImageNet weights of each NAME (a suite model or a timm "
-                                       "architecture) into the Hugging Face cache (HF_HUB_CACHE, else HF_HOME/hub); "
-                                       "training then finds them offline with model.pretrained=imagenet.")
+    fetch = sub.add_parser(
+        "download",
+        help="fetch ImageNet weights for model.pretrained=imagenet into the HF cache",
+        description="Fetch the timm ImageNet weights of each NAME (a suite model or a timm "
+        "architecture) into the Hugging Face cache (HF_HUB_CACHE, else HF_HOME/hub); "
+        "training then finds them offline with model.pretrained=imagenet.",
+    )
     fetch.add_argument("names", nargs="+", metavar="NAME", help=f"one of {', '.join(MODEL_NAMES)} or a timm arch")
     return parser.parse_args(argv)
 
@@ -37,15 +42,22 @@ def backbone_arch(name: str) -> str:
 
     from .transformer import BEIT_ARCH, VIT_ARCH
 
-    archs = {"densenet121": "densenet121", "densenet121_cbam": "densenet121", "resnet50": "resnet50",
-             "beit": BEIT_ARCH, "vit": VIT_ARCH}
+    archs = {
+        "densenet121": "densenet121",
+        "densenet121_cbam": "densenet121",
+        "resnet50": "resnet50",
+        "beit": BEIT_ARCH,
+        "vit": VIT_ARCH,
+    }
     if name in archs:
         return archs[name]
     if name == "cnn":
         raise CxrError("cnn: trained from scratch, it has no ImageNet weights — nothing to download")
     if not timm.list_models(name):
-        raise CxrError(f"{name}: neither a model of the suite nor a timm architecture — use one of "
-                       f"{', '.join(MODEL_NAMES)} or a timm name such as vit_small_patch16_224")
+        raise CxrError(
+            f"{name}: neither a model of the suite nor a timm architecture — use one of "
+            f"{', '.join(MODEL_NAMES)} or a timm name such as vit_small_patch16_224"
+        )
     return name
 
 

@@ -1,4 +1,5 @@
 """The build arguments every family shares, and timm backbones built from them (never a download)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -55,8 +56,13 @@ def timm_backbone(
         cfg = model.pretrained_cfg
         heads = cfg.get("classifier") or ()
         path = imagenet_weights_path(arch) if args.pretrained == IMAGENET else args.pretrained
-        load_backbone_weights(model, path, first_conv=cfg["first_conv"],
-                              head_prefixes=(heads,) if isinstance(heads, str) else tuple(heads), convert=convert)
+        load_backbone_weights(
+            model,
+            path,
+            first_conv=cfg["first_conv"],
+            head_prefixes=(heads,) if isinstance(heads, str) else tuple(heads),
+            convert=convert,
+        )
     return model
 
 
@@ -65,4 +71,3 @@ class GlobalAvgPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(dim=(2, 3))
-

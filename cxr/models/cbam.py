@@ -13,6 +13,7 @@ argument would add a third one and is refused for this model.
 Because of the MLP the head is not pooled-linear: ``classifier_weight`` is None
 (use Grad-CAM on ``cam_layer``, the CBAM output F'').
 """
+
 from __future__ import annotations
 
 import torch
@@ -84,15 +85,31 @@ class CbamTrunk(nn.Module):
 def build(args: BuildArgs, *, head_dropout: float = 0.3, stem_size: int = NATIVE_SIZE) -> CxrClassifier:
     """DenseNet-121 → CBAM → GAP → (meta fusion) → dense 128 → dense 64 → linear."""
     if args.dropout:
-        raise CxrError(f"densenet121_cbam: dropout={args.dropout} — this head has the SPEC's two dropouts "
-                       "(0.3 after each dense layer); set head_dropout=… instead and leave dropout=0")
+        raise CxrError(
+            f"densenet121_cbam: dropout={args.dropout} — this head has the SPEC's two dropouts "
+            "(0.3 after each dense layer); set head_dropout=… instead and leave dropout=0"
+        )
     if not 0.0 <= head_dropout < 1.0:
         raise CxrError(f"densenet121_cbam: head_dropout={head_dropout} — use a value in [0, 1)")
     backbone = densenet121_backbone(args)
     trunk = CbamTrunk(backbone, args.grad_checkpointing)
-    head = Head(backbone.num_features, args.num_labels, metadata=args.metadata, meta_dim=args.meta_dim,
-                hidden=DENSE, hidden_dropout=head_dropout)
-    return CxrClassifier(name="densenet121_cbam", stem=make_stem(args, stem_size), trunk=trunk,
-                         cam_layer=trunk.cbam, pool=GlobalAvgPool(), head=head, pooled_linear=False,
-                         cam_layers=(*densenet_stages(backbone), backbone.features.norm5),
-                         channels_last=args.channels_last, l2_lambda=L2_LAMBDA)
+    head = Head(
+        backbone.num_features,
+        args.num_labels,
+        metadata=args.metadata,
+        meta_dim=args.meta_dim,
+        hidden=DENSE,
+        hidden_dropout=head_dropout,
+    )
+    return CxrClassifier(
+        name="densenet121_cbam",
+        stem=make_stem(args, stem_size),
+        trunk=trunk,
+        cam_layer=trunk.cbam,
+        pool=GlobalAvgPool(),
+        head=head,
+        pooled_linear=False,
+        cam_layers=(*densenet_stages(backbone), backbone.features.norm5),
+        channels_last=args.channels_last,
+        l2_lambda=L2_LAMBDA,
+    )

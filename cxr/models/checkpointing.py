@@ -17,6 +17,7 @@ once — and the partitioner recomputes only what backward needs, so the buffers
 updated exactly once per step there without it (tests/test_compile_checkpointing.py
 checks both against eager).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -53,7 +54,9 @@ def _contexts(modules: tuple[nn.Module, ...]):
     return contextlib.nullcontext(), frozen_batchnorm_stats(modules)
 
 
-def checkpointed(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor, modules: tuple[nn.Module, ...]) -> torch.Tensor:
+def checkpointed(
+    fn: Callable[..., torch.Tensor], *inputs: torch.Tensor, modules: tuple[nn.Module, ...]
+) -> torch.Tensor:
     """``fn(*inputs)`` storing only ``inputs`` for backward; ``modules`` are those ``fn`` runs (for BatchNorm)."""
     if torch.compiler.is_compiling():
         return checkpoint(fn, *inputs, use_reentrant=False)

@@ -12,6 +12,7 @@ so training, evaluation, CAM/Grad-CAM and embeddings use the same five calls
 on any model: ``model(image, meta)``, ``model.features(image)``,
 ``model.pooled(image, meta)``, ``model.cam_layer``, ``model.classifier_weight``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,9 +30,20 @@ class CxrClassifier(nn.Module):
     applies); ``l2_lambda`` > 0 marks the head's hidden dense kernels for an L2 penalty.
     """
 
-    def __init__(self, *, name: str, stem: nn.Module, trunk: nn.Module, cam_layer: nn.Module, pool: nn.Module,
-                 head: Head, pooled_linear: bool, channels_last: bool = False, l2_lambda: float = 0.0,
-                 cam_layers: tuple[nn.Module, ...] = ()):
+    def __init__(
+        self,
+        *,
+        name: str,
+        stem: nn.Module,
+        trunk: nn.Module,
+        cam_layer: nn.Module,
+        pool: nn.Module,
+        head: Head,
+        pooled_linear: bool,
+        channels_last: bool = False,
+        l2_lambda: float = 0.0,
+        cam_layers: tuple[nn.Module, ...] = (),
+    ):
         super().__init__()
         self.name = name
         self.stem = stem
@@ -121,8 +133,10 @@ class CxrClassifier(nn.Module):
 
     def _checked(self, image: torch.Tensor) -> torch.Tensor:
         if image.dim() != 4 or image.shape[1] != 1:
-            raise CxrError(f"model input: image has shape {tuple(image.shape)}, expected [B,1,H,W] — "
-                           "the suite takes one grey channel")
+            raise CxrError(
+                f"model input: image has shape {tuple(image.shape)}, expected [B,1,H,W] — "
+                "the suite takes one grey channel"
+            )
         if self.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
         return image

@@ -7,6 +7,7 @@ Each block is conv3×3 → BatchNorm → ReLU → max pool 2×2, with widths
 model. No pretrained weights exist for it; grad checkpointing recomputes each
 block in backward (BatchNorm statistics updated once).
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,8 +26,9 @@ DESCRIPTION = "from-scratch baseline: 5 conv-BN-ReLU-maxpool blocks 32→512, GA
 
 def conv_block(c_in: int, c_out: int) -> nn.Sequential:
     """conv3×3 (no bias: BN follows) → BN → ReLU → max pool 2×2; halves H and W."""
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
-                         nn.ReLU(inplace=True), nn.MaxPool2d(2))
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True), nn.MaxPool2d(2)
+    )
 
 
 class ConvBlocks(nn.Module):
@@ -55,12 +57,22 @@ def build(args: BuildArgs, *, stem_size: int = 224, width: int = 32) -> CxrClass
         raise CxrError(f"model.width={width}: must be ≥ 1 (default 32)")
     widths = tuple(width * 2**i for i in range(len(WIDTHS)))
     if args.pretrained is not None:
-        raise CxrError(f"{args.pretrained}: cnn is trained from scratch and has no pretrained weights — "
-                       "pass pretrained=None (resume a cxr checkpoint through training instead)")
+        raise CxrError(
+            f"{args.pretrained}: cnn is trained from scratch and has no pretrained weights — "
+            "pass pretrained=None (resume a cxr checkpoint through training instead)"
+        )
     trunk = ConvBlocks(args.in_chans, args.grad_checkpointing, widths)
     head = Head(widths[-1], args.num_labels, metadata=args.metadata, meta_dim=args.meta_dim, dropout=args.dropout)
     # Grad-CAM candidates: each block's ReLU (before its pool) and the block's pooled output
     stages = tuple(m for block in trunk.blocks for m in (block[2], block))
-    return CxrClassifier(name="cnn", stem=make_stem(args, stem_size), trunk=trunk, cam_layer=trunk.blocks[-1],
-                         pool=GlobalAvgPool(), head=head, pooled_linear=True, channels_last=args.channels_last,
-                         cam_layers=stages)
+    return CxrClassifier(
+        name="cnn",
+        stem=make_stem(args, stem_size),
+        trunk=trunk,
+        cam_layer=trunk.blocks[-1],
+        pool=GlobalAvgPool(),
+        head=head,
+        pooled_linear=True,
+        channels_last=args.channels_last,
+        cam_layers=stages,
+    )

@@ -12,6 +12,7 @@ concat + BN + ReLU + 1×1 bottleneck recomputed) measured 0.71× peak memory at
 bench/RESULTS.md). BatchNorm running statistics are updated once per step, as
 without checkpointing.
 """
+
 from __future__ import annotations
 
 import torch
@@ -68,16 +69,26 @@ def densenet_stages(backbone: nn.Module) -> tuple[nn.Module, ...]:
     """Grad-CAM candidates before ``norm5``, shallow → deep: each dense block's output and its
     transition's 1×1 conv (same size, before the transition's pool)."""
     features = backbone.features
-    return tuple(m for i in (1, 2, 3) for m in (getattr(features, f"denseblock{i}"),
-                                                 getattr(features, f"transition{i}").conv)) + (features.denseblock4,)
+    return tuple(
+        m for i in (1, 2, 3) for m in (getattr(features, f"denseblock{i}"), getattr(features, f"transition{i}").conv)
+    ) + (features.denseblock4,)
 
 
 def build(args: BuildArgs, *, stem_size: int = NATIVE_SIZE) -> CxrClassifier:
     """CheXNet DenseNet-121 → GAP → (meta fusion) → dropout → linear."""
     backbone = densenet121_backbone(args)
-    head = Head(backbone.num_features, args.num_labels, metadata=args.metadata, meta_dim=args.meta_dim,
-                dropout=args.dropout)
+    head = Head(
+        backbone.num_features, args.num_labels, metadata=args.metadata, meta_dim=args.meta_dim, dropout=args.dropout
+    )
     trunk = DenseNetTrunk(backbone, args.grad_checkpointing)
-    return CxrClassifier(name="densenet121", stem=make_stem(args, stem_size), trunk=trunk,
-                         cam_layer=backbone.features.norm5, pool=GlobalAvgPool(), head=head,
-                         pooled_linear=True, channels_last=args.channels_last, cam_layers=densenet_stages(backbone))
+    return CxrClassifier(
+        name="densenet121",
+        stem=make_stem(args, stem_size),
+        trunk=trunk,
+        cam_layer=backbone.features.norm5,
+        pool=GlobalAvgPool(),
+        head=head,
+        pooled_linear=True,
+        channels_last=args.channels_last,
+        cam_layers=densenet_stages(backbone),
+    )

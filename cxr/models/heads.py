@@ -12,6 +12,7 @@ Fusing *before* a linear classifier keeps the image part linear, so CAM
 (M_c = Σ_k w_{c,k} f_k) still holds with the image columns of the weight; the
 metadata then only adds a per-sample constant to each logit.
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,8 +31,9 @@ class MetaFusion(nn.Module):
         super().__init__()
         self.mode = mode
         if mode == "mlp":
-            self.net = nn.Sequential(nn.Linear(meta_dim, hidden), nn.ReLU(inplace=True),
-                                     nn.Linear(hidden, hidden), nn.ReLU(inplace=True))
+            self.net = nn.Sequential(
+                nn.Linear(meta_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, hidden), nn.ReLU(inplace=True)
+            )
             self.out_features = hidden
         else:
             self.net = nn.Identity()
@@ -49,8 +51,17 @@ class Head(nn.Module):
     acts on the input of the final linear layer.
     """
 
-    def __init__(self, in_features: int, num_labels: int, *, metadata: str = "none", meta_dim: int = 5,
-                 dropout: float = 0.0, hidden: tuple[int, ...] = (), hidden_dropout: float = 0.0):
+    def __init__(
+        self,
+        in_features: int,
+        num_labels: int,
+        *,
+        metadata: str = "none",
+        meta_dim: int = 5,
+        dropout: float = 0.0,
+        hidden: tuple[int, ...] = (),
+        hidden_dropout: float = 0.0,
+    ):
         super().__init__()
         self.in_features = in_features
         self.meta_dim = meta_dim
@@ -79,9 +90,13 @@ class Head(nn.Module):
 
     def _checked(self, meta: torch.Tensor | None, batch: int) -> torch.Tensor:
         if meta is None:
-            raise CxrError(f"model input: this model fuses metadata ({self.fusion.mode}) but meta=None — "
-                           f"pass meta [B,{self.meta_dim}] or build it with metadata='none'")
+            raise CxrError(
+                f"model input: this model fuses metadata ({self.fusion.mode}) but meta=None — "
+                f"pass meta [B,{self.meta_dim}] or build it with metadata='none'"
+            )
         if meta.dim() != 2 or tuple(meta.shape) != (batch, self.meta_dim):
-            raise CxrError(f"model input: meta has shape {tuple(meta.shape)}, expected ({batch}, {self.meta_dim}) — "
-                           "check meta_dim against the loader's metadata fields")
+            raise CxrError(
+                f"model input: meta has shape {tuple(meta.shape)}, expected ({batch}, {self.meta_dim}) — "
+                "check meta_dim against the loader's metadata fields"
+            )
         return meta.to(self.classifier.weight.dtype)

@@ -8,6 +8,7 @@ channels at 1/32 of the backbone input. Grad checkpointing (:class:`ResNetTrunk`
 recomputes the stem and every bottleneck block in backward, storing only block
 inputs; BatchNorm running statistics are updated once per step.
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,9 +39,17 @@ class ResNetTrunk(BackboneTrunk):
 def build(args: BuildArgs, *, stem_size: int = NATIVE_SIZE) -> CxrClassifier:
     """ResNet-50 → GAP → (meta fusion) → dropout → linear."""
     backbone = timm_backbone("resnet50", args)
-    head = Head(backbone.num_features, args.num_labels, metadata=args.metadata, meta_dim=args.meta_dim,
-                dropout=args.dropout)
-    return CxrClassifier(name="resnet50", stem=make_stem(args, stem_size), trunk=ResNetTrunk(backbone, args.grad_checkpointing),
-                         cam_layer=backbone.layer4, pool=GlobalAvgPool(), head=head,
-                         pooled_linear=True, channels_last=args.channels_last,
-                         cam_layers=(backbone.layer1, backbone.layer2, backbone.layer3))
+    head = Head(
+        backbone.num_features, args.num_labels, metadata=args.metadata, meta_dim=args.meta_dim, dropout=args.dropout
+    )
+    return CxrClassifier(
+        name="resnet50",
+        stem=make_stem(args, stem_size),
+        trunk=ResNetTrunk(backbone, args.grad_checkpointing),
+        cam_layer=backbone.layer4,
+        pool=GlobalAvgPool(),
+        head=head,
+        pooled_linear=True,
+        channels_last=args.channels_last,
+        cam_layers=(backbone.layer1, backbone.layer2, backbone.layer3),
+    )

@@ -7,6 +7,7 @@
 - ``Resize``: a fixed-size bilinear (antialiased) resize, used by BEiT whose
   relative position bias tables are tied to one input size.
 """
+
 from __future__ import annotations
 
 import torch

@@ -22,6 +22,7 @@ for BEiT, as in each model's pooling) reshaped to [B,D,h,w]; ``cam_layer`` is th
 :class:`TokenGrid` producing it. Option ``arch`` selects another timm variant of
 the same family (e.g. ``vit_small_patch16_224`` for quick experiments).
 """
+
 from __future__ import annotations
 
 import torch
@@ -51,11 +52,13 @@ class TokenGrid(nn.Module):
         self.num_prefix_tokens = num_prefix_tokens
 
     def forward(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        patches = tokens[:, self.num_prefix_tokens:]
+        patches = tokens[:, self.num_prefix_tokens :]
         b, n, d = patches.shape
         if n != grid[0] * grid[1]:
-            raise CxrError(f"model input: {n} patch tokens do not fill a {grid[0]}×{grid[1]} grid — "
-                           "use an input size that is a multiple of the patch size")
+            raise CxrError(
+                f"model input: {n} patch tokens do not fill a {grid[0]}×{grid[1]} grid — "
+                "use an input size that is a multiple of the patch size"
+            )
         return patches.transpose(1, 2).reshape(b, d, grid[0], grid[1])
 
 
@@ -78,12 +81,15 @@ def _check_arch(arch: str, family: str) -> None:
     import timm
 
     if not arch.startswith(family) or arch not in timm.list_models(f"{family}*"):
-        raise CxrError(f"{family}: unknown arch {arch!r} — use a timm {family}_* model name, "
-                       f"e.g. {VIT_ARCH if family == 'vit' else BEIT_ARCH}")
+        raise CxrError(
+            f"{family}: unknown arch {arch!r} — use a timm {family}_* model name, "
+            f"e.g. {VIT_ARCH if family == 'vit' else BEIT_ARCH}"
+        )
 
 
-def build_vit(args: BuildArgs, *, arch: str = VIT_ARCH, stem_size: int = NATIVE_SIZE,
-              img_size: int = NATIVE_SIZE) -> CxrClassifier:
+def build_vit(
+    args: BuildArgs, *, arch: str = VIT_ARCH, stem_size: int = NATIVE_SIZE, img_size: int = NATIVE_SIZE
+) -> CxrClassifier:
     """ViT (dynamic input size) → norm → mean of patch tokens → (meta fusion) → dropout → linear.
 
     ``img_size``: the input size whose patch grid the position embeddings are built for (224 weights
@@ -94,16 +100,32 @@ def build_vit(args: BuildArgs, *, arch: str = VIT_ARCH, stem_size: int = NATIVE_
     _check_arch(arch, "vit")
     if img_size % 16 or img_size < 16:
         raise CxrError(f"vit: img_size={img_size} — use a multiple of the patch size 16 (e.g. 224, 512, 1024)")
-    backbone = timm_backbone(arch, args, convert=timm_vit.checkpoint_filter_fn, dynamic_img_size=True,
-                             global_pool="avg", fc_norm=False, img_size=img_size)
+    backbone = timm_backbone(
+        arch,
+        args,
+        convert=timm_vit.checkpoint_filter_fn,
+        dynamic_img_size=True,
+        global_pool="avg",
+        fc_norm=False,
+        img_size=img_size,
+    )
     if args.grad_checkpointing:
         backbone.set_grad_checkpointing(True)  # per block; no BatchNorm in a transformer
     trunk = TokenTrunk(backbone, dynamic=True)
-    head = Head(backbone.num_features, args.num_labels, metadata=args.metadata, meta_dim=args.meta_dim,
-                dropout=args.dropout)
+    head = Head(
+        backbone.num_features, args.num_labels, metadata=args.metadata, meta_dim=args.meta_dim, dropout=args.dropout
+    )
     stem = ConvStem(stem_size) if args.conv_stem else nn.Identity()
-    return CxrClassifier(name="vit", stem=stem, trunk=trunk, cam_layer=trunk.to_grid, pool=GlobalAvgPool(),
-                         head=head, pooled_linear=True, channels_last=args.channels_last)
+    return CxrClassifier(
+        name="vit",
+        stem=stem,
+        trunk=trunk,
+        cam_layer=trunk.to_grid,
+        pool=GlobalAvgPool(),
+        head=head,
+        pooled_linear=True,
+        channels_last=args.channels_last,
+    )
 
 
 def deterministic_input_error(options: dict, conv_stem: bool, resolution: int) -> str | None:
@@ -113,9 +135,11 @@ def deterministic_input_error(options: dict, conv_stem: bool, resolution: int) -
     built = options.get("img_size", NATIVE_SIZE)
     if size == built:
         return None
-    return (f"vit at input {size} px with position embeddings for {built} px: they would be resampled "
-            f"(bicubic) in every forward, whose CUDA backward is not deterministic — set "
-            f"model.options.img_size={size} (resampled once when the model is built)")
+    return (
+        f"vit at input {size} px with position embeddings for {built} px: they would be resampled "
+        f"(bicubic) in every forward, whose CUDA backward is not deterministic — set "
+        f"model.options.img_size={size} (resampled once when the model is built)"
+    )
 
 
 def build_beit(args: BuildArgs, *, arch: str = BEIT_ARCH, img_size: int = NATIVE_SIZE) -> CxrClassifier:
@@ -123,8 +147,7 @@ def build_beit(args: BuildArgs, *, arch: str = BEIT_ARCH, img_size: int = NATIVE
     _check_arch(arch, "beit")
     if img_size % 16 or img_size < 32:
         raise CxrError(f"beit: img_size={img_size} — use a multiple of the patch size 16 (e.g. 224, 512)")
-    backbone = timm_backbone(arch, args, convert=timm_beit.checkpoint_filter_fn, img_size=img_size,
-                             global_pool="avg")
+    backbone = timm_backbone(arch, args, convert=timm_beit.checkpoint_filter_fn, img_size=img_size, global_pool="avg")
     # Pooling then fc_norm is this model's pooling; moving the (already loaded)
     # norm out of the backbone lets features() stop at the token grid.
     pool = nn.Sequential(GlobalAvgPool(), backbone.fc_norm)
@@ -132,8 +155,17 @@ def build_beit(args: BuildArgs, *, arch: str = BEIT_ARCH, img_size: int = NATIVE
     if args.grad_checkpointing:
         backbone.set_grad_checkpointing(True)
     trunk = TokenTrunk(backbone, dynamic=False)
-    head = Head(backbone.num_features, args.num_labels, metadata=args.metadata, meta_dim=args.meta_dim,
-                dropout=args.dropout)
+    head = Head(
+        backbone.num_features, args.num_labels, metadata=args.metadata, meta_dim=args.meta_dim, dropout=args.dropout
+    )
     stem = nn.Sequential(ConvStem(img_size) if args.conv_stem else nn.Identity(), Resize(img_size))
-    return CxrClassifier(name="beit", stem=stem, trunk=trunk, cam_layer=trunk.to_grid, pool=pool, head=head,
-                         pooled_linear=False, channels_last=args.channels_last)
+    return CxrClassifier(
+        name="beit",
+        stem=stem,
+        trunk=trunk,
+        cam_layer=trunk.to_grid,
+        pool=pool,
+        head=head,
+        pooled_linear=False,
+        channels_last=args.channels_last,
+    )

@@ -14,6 +14,7 @@ timm's default tag of that arch); cnn has none. The 3-channel first convolution 
 adapted to a grey input by summing its weights over the input channels, which
 gives the same output for a grey image replicated to RGB.
 """
+
 from __future__ import annotations
 
 import os
@@ -33,7 +34,9 @@ WEIGHTS_HINT = (
     "for random init"
 )
 # Old torchvision DenseNet checkpoints name layers "norm.1", "conv.2", ...
-_OLD_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$")
+_OLD_DENSENET_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
+)
 _WRAPPER_KEYS = ("state_dict", "model", "module", "model_state")
 _SHOW = 5
 
@@ -54,8 +57,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         # torch's message ends in advice to use weights_only=False: show its reason only
         from cxr.checkpoint import load_error_line
 
-        raise CxrError(f"{path}: cannot read as a state dict ({load_error_line(err)}) — do not load it with "
-                       f"weights_only=False; {WEIGHTS_HINT}") from None
+        raise CxrError(
+            f"{path}: cannot read as a state dict ({load_error_line(err)}) — do not load it with "
+            f"weights_only=False; {WEIGHTS_HINT}"
+        ) from None
     for key in _WRAPPER_KEYS:
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
             state = state[key]
@@ -69,7 +74,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 def _strip_prefix(key: str) -> str:
     # DataParallel/DDP checkpoints carry a "module." prefix.
-    return key[len("module."):] if key.startswith("module.") else key
+    return key[len("module.") :] if key.startswith("module.") else key
 
 
 def adapt_first_conv(weight: torch.Tensor, in_chans: int, *, where: str) -> torch.Tensor:
@@ -79,7 +84,9 @@ def adapt_first_conv(weight: torch.Tensor, in_chans: int, *, where: str) -> torc
         return weight
     if in_chans == 1:
         return weight.sum(dim=1, keepdim=True)
-    raise CxrError(f"{where}: first conv has {have} input channels, model needs {in_chans} — use a 1- or {in_chans}-channel checkpoint")
+    raise CxrError(
+        f"{where}: first conv has {have} input channels, model needs {in_chans} — use a 1- or {in_chans}-channel checkpoint"
+    )
 
 
 def load_backbone_weights(
@@ -116,8 +123,11 @@ def _check_keys(path: str | Path, state: Mapping[str, torch.Tensor], target: Map
     # BatchNorm recreates num_batches_tracked when a pre-2018 checkpoint lacks it.
     missing = [k for k in target if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in target]
-    shapes = [f"{k} {tuple(v.shape)}≠{tuple(target[k].shape)}" for k, v in state.items()
-              if k in target and v.shape != target[k].shape]
+    shapes = [
+        f"{k} {tuple(v.shape)}≠{tuple(target[k].shape)}"
+        for k, v in state.items()
+        if k in target and v.shape != target[k].shape
+    ]
     problems = []
     for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
         if keys:
@@ -146,8 +156,10 @@ def imagenet_tag(arch: str) -> str:
         return IMAGENET_TAGS[arch]
     cfg = timm.models.get_pretrained_cfg(arch)
     if cfg is None or not cfg.hf_hub_id:
-        raise CxrError(f"{arch}: timm has no ImageNet weights on the Hugging Face hub for it — "
-                       "pass model.pretrained=/path/to/weights or null")
+        raise CxrError(
+            f"{arch}: timm has no ImageNet weights on the Hugging Face hub for it — "
+            "pass model.pretrained=/path/to/weights or null"
+        )
     return cfg.hf_hub_id.split("/", 1)[1]
 
 
@@ -180,9 +192,11 @@ def imagenet_weights_path(arch: str) -> Path:
     if isinstance(found, str) and Path(found).is_file():
         return Path(found)
     where = cache / f"models--{repo.replace('/', '--')}" / "snapshots" / "<rev>" / WEIGHTS_FILE
-    raise CxrError(f"{where}: ImageNet weights of {arch} ({repo}) are not cached and training never downloads — "
-                   f"on a machine with internet and the same HF_HOME/HF_HUB_CACHE run "
-                   f"`python -m cxr.models download {arch}`, or pass model.pretrained=/path/to/weights or null")
+    raise CxrError(
+        f"{where}: ImageNet weights of {arch} ({repo}) are not cached and training never downloads — "
+        f"on a machine with internet and the same HF_HOME/HF_HUB_CACHE run "
+        f"`python -m cxr.models download {arch}`, or pass model.pretrained=/path/to/weights or null"
+    )
 
 
 def download_imagenet(arch: str) -> Path:
