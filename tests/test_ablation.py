@@ -20,6 +20,8 @@ from sklearn.metrics import roc_auc_score
 from cxrbase.labels import LABELS
 from shards.cli import main as shards_main
 
+pytestmark = pytest.mark.integration  # shards, training or subprocesses (CONTRIBUTING.md)
+
 ROOT = Path(__file__).resolve().parents[1]
 RESOLUTIONS = (32, 64, 128)
 

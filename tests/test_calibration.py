@@ -34,6 +34,7 @@ def _probs(rng, n: int) -> tuple[np.ndarray, np.ndarray]:
 # ------------------------------------------------------------------ ECE, bins, Brier ---
 
 
+@pytest.mark.integration
 def test_ece_equal_width_equals_torchmetrics_and_a_hand_computation():
     import torch
     from torchmetrics.classification import BinaryCalibrationError
@@ -118,6 +119,7 @@ def _miscalibrated(n: int, seed: int, temperature: float) -> ScoreSet:
     )
 
 
+@pytest.mark.integration
 def test_known_temperature_is_recovered_and_ece_more_than_halved():
     val, test = _miscalibrated(8000, 1, 2.5), _miscalibrated(8000, 2, 2.5)
     analysis = analyse(test, val, tuning_split="val", n_boot=50, subgroups=[])
@@ -247,6 +249,7 @@ def test_patient_resamples_move_a_patients_images_together():
     np.testing.assert_allclose(r.sums(values), counts.T.astype(np.float64) @ values, rtol=1e-6)
 
 
+@pytest.mark.integration
 def test_planted_sex_gap_is_significant_on_that_label_only():
     test = _with_meta(9000, 1, "1", worse_sex="F", worse_label=3)
     val = _with_meta(3000, 2, "2")
@@ -261,6 +264,7 @@ def test_planted_sex_gap_is_significant_on_that_label_only():
     assert gap.gap_low > 0 or gap.gap_high < 0  # its bootstrap CI excludes 0
 
 
+@pytest.mark.integration
 def test_subgroup_aurocs_and_underdiagnosis_equal_sklearn_on_hand_filtered_rows():
     test, val = _with_meta(3000, 3, "1"), _with_meta(2000, 4, "2")
     analysis = analyse(
@@ -343,6 +347,7 @@ def report(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.integration
 def test_report_has_calibration_operating_points_and_subgroups(report):
     text = (report / "report.md").read_text()
     for heading in (
@@ -385,6 +390,7 @@ def test_metrics_csv_intervals_equal_statsmodels(report):
     assert (focus["f1_low"] <= focus["f1"] + 1e-12).all() and (focus["f1"] <= focus["f1_high"] + 1e-12).all()
 
 
+@pytest.mark.integration
 def test_image_resampling_is_an_option_and_says_so(report, tmp_path):
     out = tmp_path / "image"
     assert (
@@ -470,6 +476,7 @@ def test_micro_rows_carry_wilson_intervals_of_the_summed_counts(report):
         assert micro["sensitivity_high"] == pytest.approx(high, abs=1e-12)
 
 
+@pytest.mark.integration
 def test_old_predictions_take_subgroup_columns_from_splits(report, tmp_path, capsys):
     frame = pd.read_parquet(report / "predictions.parquet")
     old = frame[[c for c in frame.columns if not c.startswith("meta_")]]  # as written before the columns existed

@@ -16,7 +16,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from helpers import free_port
+
+pytestmark = pytest.mark.integration  # shards, training or subprocesses (CONTRIBUTING.md)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,6 +16,8 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from cxr.models import MODEL_NAMES, build_model
 
+pytestmark = pytest.mark.integration  # shards, training or subprocesses (CONTRIBUTING.md)
+
 FAST = {"cnn", "densenet121"}  # the others are slow: tracing a ViT/ResNet-50 takes ~10-25 s on a CPU core
 SIZE = {"vit": 224}  # timm's ViT at its native size (other sizes: see test_models' pos_embed tests)
 

@@ -202,6 +202,7 @@ def test_suite_configs_are_shipped():
     } <= names
 
 
+@pytest.mark.integration
 def test_cli_bad_config_is_one_line_without_traceback(tmp_path):
     """The real command line: exit 2, one line naming the key, no traceback."""
     proc = subprocess.run(
@@ -217,6 +218,7 @@ def test_cli_bad_config_is_one_line_without_traceback(tmp_path):
     assert "optim.nme" in lines[0] and "lr" in lines[0] and "Traceback" not in proc.stderr
 
 
+@pytest.mark.integration
 def test_shipped_config_by_name_from_another_directory(tmp_path, monkeypatch):
     """`--config densenet121` (and the docs' cxr/configs/X.yaml) work outside the repo; the printed
     config carries the values of the YAML file itself (read here with yaml.safe_load)."""
@@ -250,6 +252,7 @@ def test_shipped_config_by_name_from_another_directory(tmp_path, monkeypatch):
     assert load_config("tiny.yaml").optim.lr == 0.125
 
 
+@pytest.mark.integration
 def test_cli_in_process_errors_and_print_config(capsys):
     from cxr.train import main
 

@@ -24,6 +24,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.integration  # shards, training or subprocesses (CONTRIBUTING.md)
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["phantoms", "nih", "ensemble", "resolution", "explain", "gate", "export", "ood", "predict", "web"]
 SMALL = {

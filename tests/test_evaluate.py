@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # ------------------------------------------------------------------ fixtures ---
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.integration]  # conftest.py
 
 
 @pytest.fixture(scope="session")

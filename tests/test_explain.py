@@ -51,7 +51,7 @@ from shards.synth import Case, render_with_boxes
 MASTER = 128  # phantom masters; the runs see them at 64 (the loader resizes)
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.integration]  # conftest.py
 
 
 # ------------------------------------------------------------ method identities ---

@@ -21,7 +21,7 @@ ort = pytest.importorskip("onnxruntime")
 PROB_TOL = 1e-5
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.integration]  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,8 @@ import torch
 from cxr import cuda_check
 from cxrbase.errors import CxrError
 
+pytestmark = pytest.mark.integration  # shards, training or subprocesses (CONTRIBUTING.md)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

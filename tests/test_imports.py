@@ -80,6 +80,7 @@ def test_shards_import_graph_is_acyclic():
     assert _cycle(graph) is None, f"import cycle inside shards/: {' → '.join(_cycle(graph))}"
 
 
+@pytest.mark.integration  # a fresh interpreter per module
 @pytest.mark.parametrize("module", [m for m in MODULES if m != "__main__"])  # __main__ runs the CLI
 def test_each_module_imports_alone_in_a_fresh_interpreter(module):
     proc = subprocess.run(

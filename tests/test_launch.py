@@ -17,6 +17,8 @@ from helpers import build_synth_shards
 from cxrbase.errors import CxrError
 from launch import members, profiles, submit
 
+pytestmark = pytest.mark.integration  # shards, training or subprocesses (CONTRIBUTING.md)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

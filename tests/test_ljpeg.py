@@ -28,6 +28,8 @@ from cxrbase.errors import CxrError
 from shards.cli import main as shards_main
 from shards.verify import verify
 
+pytestmark = pytest.mark.integration  # shards, training or subprocesses (CONTRIBUTING.md)
+
 imagecodecs = pytest.importorskip("imagecodecs")
 BACKENDS = ["dali", "wds"]
 

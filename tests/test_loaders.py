@@ -28,6 +28,8 @@ from cxrbase.errors import CxrError
 from cxrbase.labels import LABELS
 from shards.cli import main as shards_main
 
+pytestmark = pytest.mark.integration  # shards, training or subprocesses (CONTRIBUTING.md)
+
 BACKENDS = ["dali", "wds"]
 
 

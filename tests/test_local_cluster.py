@@ -8,6 +8,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.integration  # shards, training or subprocesses (CONTRIBUTING.md)
+
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "slurm" / "local-cluster.sh"
 OLD_HEADER = "# Written by slurm/local-cluster.sh: a single-node Slurm for trying the workflow.\nClusterName=cxrlocal\n"

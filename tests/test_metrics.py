@@ -153,6 +153,7 @@ def test_scalar_threshold_is_inclusive():
 
 
 # ---------------------------------------------------------------- tuned thresholds
+@pytest.mark.integration
 def test_f1_threshold_beats_every_candidate_by_brute_force():
     y, s = random_data(n=300, seed=4)
     tuned = M.tune_thresholds(y, s, "f1")
@@ -256,6 +257,7 @@ def test_bootstrap_undefined_label_and_empty_resamples():
     assert res["mean_auroc"] == pytest.approx(np.mean([roc_auc_score(y[:, c], s[:, c]) for c in (1, 2)]))
 
 
+@pytest.mark.integration
 def test_mean_auroc_ci_is_per_label_mean_over_resamples_checked_with_sklearn():
     """A label with 1 positive misses it in ~37 % of resamples; the mean CI still uses every
     resample (mean over the labels defined in it). Reference: sklearn on each resample."""

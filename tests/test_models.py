@@ -40,6 +40,7 @@ def _shape_cases():
                 yield pytest.param(name, size, metadata, id=f"{name}-{size}-{metadata}")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name,size,metadata", list(_shape_cases()))
 def test_output_shape(name, size, metadata):
     model = cached_model(name, metadata)
@@ -51,6 +52,7 @@ def test_output_shape(name, size, metadata):
     assert model.uses_meta == (metadata != "none")
 
 
+@pytest.mark.integration
 def test_densenet121_at_1024():
     model = cached_model("densenet121")
     with torch.no_grad():
@@ -60,6 +62,7 @@ def test_densenet121_at_1024():
     assert logits.shape == (1, 14)
 
 
+@pytest.mark.integration
 def test_resnet50_conv_stem_takes_1024_to_backbone_size():
     model = build_model("resnet50", conv_stem=True, metadata="mlp").eval()
     convs = [m for m in model.stem.modules() if isinstance(m, torch.nn.Conv2d)]
@@ -72,6 +75,7 @@ def test_resnet50_conv_stem_takes_1024_to_backbone_size():
         assert model(image, torch.randn(1, 5)).shape == (1, 14)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_features_pooled_cam_layer(name):
     """features/pooled/classifier_weight shapes, and a hook on cam_layer sees exactly features()."""
@@ -96,6 +100,7 @@ def test_features_pooled_cam_layer(name):
         assert weight.shape == (14, channels)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name,metadata", [("densenet121", "none"), ("cnn", "concat"), ("vit", "none")])
 def test_cam_identity(name, metadata):
     """logits = mean over space of Σ_k w_{c,k} f_k + b (+ w_meta·meta): what CAM relies on."""
@@ -124,6 +129,7 @@ CHECKPOINTED = {  # a module inside a checkpointed segment: its forward runs aga
 }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", list(CHECKPOINTED))
 def test_grad_checkpointing_same_loss_and_gradients(name):
     options = {"arch": "vit_tiny_patch16_224"} if name == "vit" else {}
@@ -216,6 +222,7 @@ def _perturbed(state: dict) -> dict:
     return out
 
 
+@pytest.mark.integration
 def test_pretrained_torchvision_densenet_loads_with_summed_first_conv(tmp_path):
     """A torchvision DenseNet-121 state dict (old "norm.1" names, 3-channel) loads; grey image = RGB replicate."""
     source = torchvision.models.densenet121(weights=None).eval()
@@ -244,6 +251,7 @@ def test_pretrained_torchvision_densenet_loads_with_summed_first_conv(tmp_path):
         torch.testing.assert_close(model.double().pooled(grey), reference, rtol=1e-9, atol=0)
 
 
+@pytest.mark.integration
 def test_pretrained_safetensors_resnet50_and_vit(tmp_path):
     import timm
 
@@ -264,6 +272,7 @@ def test_pretrained_safetensors_resnet50_and_vit(tmp_path):
                 torch.testing.assert_close(loaded[key], value, rtol=0, atol=0, msg=f"{name}: {key}")
 
 
+@pytest.mark.integration
 def test_pretrained_conv_stem_keeps_three_channel_conv(tmp_path):
     source = torchvision.models.resnet50(weights=None)
     saved = _perturbed(source.state_dict())
@@ -273,6 +282,7 @@ def test_pretrained_conv_stem_keeps_three_channel_conv(tmp_path):
     torch.testing.assert_close(model.trunk.backbone.conv1.weight.detach(), saved["conv1.weight"], rtol=0, atol=0)
 
 
+@pytest.mark.integration
 def test_pretrained_errors(tmp_path):
     missing = tmp_path / "nope" / "densenet121.pth"
     with pytest.raises(CxrError, match="nope/densenet121.pth.*not found.*put a torchvision/timm state dict"):
@@ -306,6 +316,7 @@ def test_build_errors_list_valid_choices():
         build_model("vit", arch="resnet18")
 
 
+@pytest.mark.integration
 def test_metadata_is_used_or_ignored():
     with_meta = cached_model("cnn", "mlp")
     image = torch.randn(2, 1, 64, 64)
@@ -323,6 +334,7 @@ def test_metadata_is_used_or_ignored():
         with_meta(torch.randn(2, 3, 64, 64), torch.zeros(2, 5))
 
 
+@pytest.mark.integration
 def test_channels_last_same_output():
     plain = cached_model("cnn")
     fast = build_model("cnn", channels_last=True).eval()
@@ -348,6 +360,7 @@ def test_parameter_counts_match_torchvision_and_hand_count():
     assert count_parameters(cached_model("cnn")) == convs + 512 * 14 + 14
 
 
+@pytest.mark.integration
 def test_list_cli(capsys):
     assert models_cli(["list"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PERCENTILE = 95.0
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.integration]  # conftest.py
 
 
 # ------------------------------------------------------------------ SSIM ---

@@ -32,6 +32,8 @@ from shards.cli import main as cli
 from shards.manifest import load_manifest
 from shards.pack import pack
 
+pytestmark = pytest.mark.integration  # shards, training or subprocesses (CONTRIBUTING.md)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

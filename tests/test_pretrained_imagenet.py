@@ -18,6 +18,8 @@ from safetensors.torch import save_file
 from cxr.models import build_model
 from cxrbase.errors import CxrError
 
+pytestmark = pytest.mark.integration  # shards, training or subprocesses (CONTRIBUTING.md)
+
 
 def _write_hub_cache(cache, repo: str, state: dict[str, torch.Tensor]) -> None:
     folder = cache / f"models--{repo.replace('/', '--')}"

@@ -12,9 +12,12 @@ import sys
 import termios
 from pathlib import Path
 
+import pytest
 from helpers import tiny_dataset
 
 from cxrbase.progress import LineProgress, progress
+
+pytestmark = pytest.mark.integration  # shards, training or subprocesses (CONTRIBUTING.md)
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -32,6 +32,8 @@ from cxr.report import ScoreSet
 from cxrbase.errors import CxrError
 from cxrbase.labels import LABELS
 
+pytestmark = pytest.mark.integration  # shards, training or subprocesses (CONTRIBUTING.md)
+
 SPEC = Path(__file__).resolve().parents[2] / "shared" / "SPEC.md"
 
 

@@ -15,6 +15,8 @@ from cxr.data.augmentation import draw_params
 from launch import members
 from shards.cli import main as shards_main
 
+pytestmark = pytest.mark.integration  # shards, training or subprocesses (CONTRIBUTING.md)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -21,6 +21,8 @@ from shards.cli import main
 from shards.metadata import read_image_inventory, read_metadata
 from shards.splits import check_patient_disjoint, random_assign
 
+pytestmark = pytest.mark.integration  # shards, training or subprocesses (CONTRIBUTING.md)
+
 # SPEC.md canonical order, written out here rather than imported.
 SPEC_LABELS = [
     "Atelectasis",

@@ -14,6 +14,8 @@ from cxrbase.errors import CxrError
 from shards.cli import main
 from shards.stats import label_spread, prevalence_table
 
+pytestmark = pytest.mark.integration  # shards, training or subprocesses (CONTRIBUTING.md)
+
 SPEC_LABELS = [
     "Atelectasis",
     "Cardiomegaly",

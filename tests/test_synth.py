@@ -20,6 +20,8 @@ from sklearn.metrics import roc_auc_score
 from shards.cli import main
 from shards.synth import floored_row_weights
 
+pytestmark = pytest.mark.integration  # shards, training or subprocesses (CONTRIBUTING.md)
+
 SPEC_LABELS = [
     "Atelectasis",
     "Cardiomegaly",

@@ -14,6 +14,8 @@ from cxr.config import load_config
 from cxr.train import train
 from cxrbase.errors import CxrError
 
+pytestmark = pytest.mark.integration  # shards, training or subprocesses (CONTRIBUTING.md)
+
 mlflow = pytest.importorskip("mlflow", reason="the tracking extra (pip install -e '.[tracking]') is not installed")
 
 

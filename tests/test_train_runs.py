@@ -31,6 +31,8 @@ from cxr.distributed import configure_numerics
 from cxr.train import EXIT_REQUEUE, train
 from cxrbase.errors import CxrError
 
+pytestmark = pytest.mark.integration  # shards, training or subprocesses (CONTRIBUTING.md)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

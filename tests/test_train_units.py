@@ -25,6 +25,8 @@ from cxr.train import EXIT_REQUEUE, train
 from cxr.train_setup import build_scheduler
 from cxrbase.errors import CxrError
 
+pytestmark = pytest.mark.integration  # shards, training or subprocesses (CONTRIBUTING.md)
+
 
 @pytest.fixture(scope="module")
 def accelerator():

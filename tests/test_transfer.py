@@ -26,7 +26,7 @@ RES = 64
 TASK = "Cardiomegaly"  # a coarse phantom signature (a large heart), visible at 64 px
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.integration]  # conftest.py
 
 
 def _pack_nih(root: Path, n: int, seed: int) -> Path:

@@ -20,6 +20,8 @@ from shards.cli import main as cli
 from shards.pack import pack
 from shards.verify import verify
 
+pytestmark = pytest.mark.integration  # shards, training or subprocesses (CONTRIBUTING.md)
+
 
 def tiny_config(tmp: Path, n: int = 6) -> Path:
     rng = np.random.default_rng(0)

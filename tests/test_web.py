@@ -26,6 +26,8 @@ from cxr.export import WEB_VENDOR
 from cxr.export import main as export_main
 from cxr.metrics import calibrate
 
+pytestmark = pytest.mark.integration  # node and Chromium subprocesses (CONTRIBUTING.md)
+
 
 @pytest.fixture(scope="module")
 def runs(export_runs):
