@@ -209,7 +209,8 @@ def _check_predict(d: Path):
     assert skipped["file"].iloc[0].endswith("report.dcm") and "not an image" in skipped["reason"].iloc[0]
     verdicts = pd.read_csv(d / "ood" / "verdicts.csv").set_index("image")["score"]
     study = got["file"].map(lambda f: int(Path(f).name.removeprefix("study").removesuffix(".dcm")))
-    np.testing.assert_allclose(got["gate_score"], [verdicts[sources[i]] for i in study], atol=0.01)
+    # the 12-bit round trip moves a pixel by at most one grey level: the gate's distance by under 2 %
+    np.testing.assert_allclose(got["gate_score"], [verdicts[sources[i]] for i in study], rtol=0.02)
     assert set(got["gate"]) <= {"accepted", "rejected"}
 
 
