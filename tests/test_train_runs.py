@@ -452,6 +452,7 @@ def test_compile_wraps_the_prepared_model_and_trains(tmp_path, monkeypatch):
 WORLD_SCRIPT = r"""
 import os, sys
 sys.path[:0] = [os.environ["ROOT"], os.path.join(os.environ["ROOT"], "tests")]
+from helpers import MemoryLoader, tiny_config
 from cxr.train import train
 
 out, run, kill = sys.argv[1], sys.argv[2], sys.argv[3] == "kill"
