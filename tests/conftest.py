@@ -183,3 +183,13 @@ def export_runs(tmp_path_factory):
         == 0
     )
     return {"shards": shards, "gate": gate, "members": members, "report": report, "root": root}
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3 server (moto) on 127.0.0.1 with this process's AWS environment pointed at it."""
+    pytest.importorskip("moto.server", reason="moto[server] is a dev dependency (pip install -e .[dev])")
+    from s3_server import running_s3_server
+
+    with running_s3_server() as server:
+        yield server
