@@ -29,20 +29,50 @@ _COMMANDS = {
 def _add_split(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "split",
-        help="NIH metadata → patient-level train/val/test splits table",
-        description="Read the NIH metadata CSV (2017 or v2020 header) and write a splits "
-        "table (parquet, or csv by extension): one row per image with patient, split, "
-        "the 14 labels as 0/1, age, sex, view. No patient is ever in two splits.",
+        help="metadata → patient-level train/val/test splits table (NIH, CheXpert, MIMIC, PadChest, VinDr)",
+        description="Read a data set's metadata and write a splits table (parquet, or csv by "
+        "extension): one row per image with patient, split, the 14 NIH labels, age, sex, view. "
+        "No patient is ever in two splits. NIH: --metadata CSV (2017 or v2020 header), labels 0/1. "
+        "Other data sets: --dataset NAME --root FOLDER reads the download's own files; their "
+        "findings are mapped onto the NIH labels by the shipped harmonisation table (labels a data "
+        "set lacks are unknown, left blank; -1 = uncertain), a 'dataset' column is added, and "
+        "images are named by their path under ROOT (docs/datasets.md).",
     )
-    p.add_argument("--metadata", required=True, help="Data_Entry_2017[_v2020].csv[.gz]")
+    p.add_argument(
+        "--dataset",
+        choices=["nih", "chexpert", "mimic", "padchest", "vindr"],
+        default="nih",
+        help="which data set's layout to read (default nih)",
+    )
+    p.add_argument("--root", help="other data sets: the folder of the download (docs/datasets.md says which)")
+    p.add_argument("--metadata", help="NIH: Data_Entry_2017[_v2020].csv[.gz]")
     p.add_argument(
         "--scheme",
-        required=True,
         choices=["official", "stratified", "random"],
-        help="official: NIH lists, val carved out of train_val by patient; "
-        "stratified: label prevalence balanced over patients; random: seeded patient split",
+        default=None,
+        help="official: the published split (NIH lists; CheXpert train/valid; MIMIC -split.csv; VinDr "
+        "train/test), val carved out of train by patient where none is published; stratified: label "
+        "prevalence balanced over patients; random: seeded patient split. Required for NIH; other data "
+        "sets default to official where published, else stratified",
     )
     p.add_argument("--out", required=True, help="output table, .parquet or .csv")
+    p.add_argument(
+        "--all-views",
+        action="store_true",
+        help="other data sets: keep lateral and other non-frontal images (default: frontal only; their "
+        "view column is left blank, as the shards' view field knows PA/AP only)",
+    )
+    p.add_argument(
+        "--labeler",
+        choices=["chexpert", "negbio"],
+        default="chexpert",
+        help="mimic: which label file, mimic-cxr-2.0.0-chexpert.csv (default) or -negbio.csv",
+    )
+    p.add_argument(
+        "--patients",
+        default=None,
+        help="mimic: MIMIC-IV hosp/patients.csv[.gz] for sex and age (MIMIC-CXR-JPG carries neither)",
+    )
     p.add_argument("--train-val-list", help="train_val_list.txt[.gz] (official; default: beside --metadata)")
     p.add_argument("--test-list", help="test_list.txt[.gz] (official; default: beside --metadata)")
     p.add_argument(
@@ -133,6 +163,13 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
         "--allow-rejects",
         action="store_true",
         help="exit 0 even if some images were undecodable (they are recorded in the manifest)",
+    )
+    p.add_argument(
+        "--grey16",
+        choices=["reject", "minmax"],
+        default=None,
+        help="16-bit grey PNGs: reject (default), or minmax: each image's [min, max] mapped linearly "
+        "to 0..255 (the default for a PadChest table; docs/datasets.md)",
     )
 
 

@@ -9,7 +9,10 @@ Policy (docs/shards-format.md): 8-bit grey PNGs pass through byte for byte after
 structural check (signature, IHDR, every chunk CRC, IDAT, IEND) and a full decode. 8-bit RGB/RGBA
 whose three channels are equal and whose alpha is 255 everywhere are re-encoded
 as 8-bit grey with identical pixels. Everything else (unequal channels,
-transparency, 16-bit, 1/2/4-bit, palette, grey+alpha) is rejected with a reason.
+transparency, 16-bit, 1/2/4-bit, palette, grey+alpha) is rejected with a reason — except
+16-bit grey under ``grey16="minmax"`` (PadChest, see :func:`window_16bit`).
+JPEG sources (CheXpert, MIMIC-CXR-JPG) are decoded to grey: kept byte for byte when packing with
+``--codec jpeg`` (no second lossy generation), else re-encoded losslessly from their pixels.
 """
 
 from __future__ import annotations
@@ -116,9 +119,31 @@ def _parse_ihdr(ctype: bytes, body: bytes) -> PngHeader:
     return PngHeader(width, height, depth, colour)
 
 
-def grey_policy(data: bytes, header: PngHeader) -> tuple[Image.Image, str | None]:
+GREY16 = ("reject", "minmax")  # what pack does with a 16-bit grey PNG (--grey16)
+
+
+def window_16bit(pixels: np.ndarray) -> np.ndarray:
+    """16-bit grey pixels → uint8 by a linear map of the image's own [min, max] onto [0, 255].
+
+    PadChest ships its radiographs as 16-bit PNGs whose used range differs per image (12-bit
+    detectors, differing DICOM rescales), so a fixed ÷257 would leave many images nearly black.
+    The PNGs already hold presentation values (the DICOM VOI applied upstream), so the only step
+    left is this per-image linear rescale to 8 bits (docs/datasets.md, PadChest, says why and
+    what the alternatives are). A flat image maps to 0.
+    """
+    lo, hi = int(pixels.min()), int(pixels.max())
+    if hi == lo:
+        return np.zeros(pixels.shape, np.uint8)
+    scaled = (pixels.astype(np.float64) - lo) * (255.0 / (hi - lo))
+    return np.rint(scaled).astype(np.uint8)
+
+
+def grey_policy(data: bytes, header: PngHeader, grey16: str = "reject") -> tuple[Image.Image, str | None]:
     """Decode a checked PNG to an 8-bit grey PIL image; return (image, converted-from mode or None)."""
     kind = _COLOUR_TYPES[header.colour_type]
+    if header.bit_depth == 16 and header.colour_type == 0 and grey16 == "minmax":
+        pixels = np.asarray(_decode(data))
+        return Image.fromarray(window_16bit(pixels), mode="L"), "16-bit grey, min-max"
     if header.bit_depth != 8:
         raise BadImage(f"unsupported PNG: {header.bit_depth}-bit {kind} (only 8-bit is accepted)")
     if header.colour_type not in (0, 2, 6):
@@ -227,7 +252,9 @@ def ljpeg_problem(data: bytes) -> str | None:
     return None
 
 
-def prepare_image(key: str, source: str | Path | bytes, codec: str, quality: int = 95) -> Prepared:
+def prepare_image(
+    key: str, source: str | Path | bytes, codec: str, quality: int = 95, grey16: str = "reject"
+) -> Prepared:
     """Read (when given a path), check and encode one image for a shard.
 
     png: original bytes when already 8-bit grey, else the grey re-encode; jpeg/j2k/ljpeg:
@@ -236,6 +263,8 @@ def prepare_image(key: str, source: str | Path | bytes, codec: str, quality: int
     data = Path(source).read_bytes() if isinstance(source, (str, Path)) else source
     if has_preamble(data):
         return _prepare_dicom(key, data, codec, quality)
+    if data[:3] == b"\xff\xd8\xff":
+        return _prepare_jpeg(key, data, codec, quality)
     try:
         header = check_png(data)
         if codec == "png" and header.bit_depth == 8 and header.colour_type == 0:
@@ -243,12 +272,35 @@ def prepare_image(key: str, source: str | Path | bytes, codec: str, quality: int
             # decoder releases the GIL, so the pack threads still overlap) and keep the bytes
             _decode(data)
             return Prepared(key, "png", data, header.width, header.height, bytes_in=len(data))
-        image, from_mode = grey_policy(data, header)
+        image, from_mode = grey_policy(data, header, grey16)
         # zlib level 1: ~5x faster than 6 on 1024² for ~15 % more bytes, on the few converted files
         out = encode(image, codec, quality, png_level=1)
     except BadImage as err:
         return Prepared(key, None, None, reason=str(err), bytes_in=len(data))
     return Prepared(key, CODEC_EXT[codec], out, image.width, image.height, from_mode, bytes_in=len(data))
+
+
+def _prepare_jpeg(key: str, data: bytes, codec: str, quality: int) -> Prepared:
+    """A JPEG source (CheXpert, MIMIC-CXR-JPG): 8-bit grey (or RGB with equal channels) only.
+
+    ``--codec jpeg`` keeps a grey source's bytes (re-encoding would add a second lossy
+    generation); other codecs encode its decoded pixels, recorded as converted from "JPEG".
+    """
+    try:
+        image = _decode(data)
+        if image.mode != "L":
+            if image.mode != "RGB":
+                raise BadImage(f"unsupported JPEG: mode {image.mode} (only grey or R=G=B colour is accepted)")
+            pixels = np.asarray(image)
+            if not ((pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all()):
+                raise BadImage("RGB JPEG with unequal colour channels (not a grey image)")
+            image = Image.fromarray(np.ascontiguousarray(pixels[..., 0]), mode="L")
+        elif codec == "jpeg":
+            return Prepared(key, "jpg", data, image.width, image.height, bytes_in=len(data))
+        out = encode(image, codec, quality, png_level=1)
+    except BadImage as err:
+        return Prepared(key, None, None, reason=str(err), bytes_in=len(data))
+    return Prepared(key, CODEC_EXT[codec], out, image.width, image.height, "JPEG", bytes_in=len(data))
 
 
 def _prepare_dicom(key: str, data: bytes, codec: str, quality: int) -> Prepared:

@@ -29,7 +29,8 @@ from cxrbase.labels import LABELS, META_FIELDS
 from cxrbase.lock import FolderLock
 from cxrbase.progress import progress
 from shards.dali_index import write_index
-from shards.image_codec import CODEC_EXT, Prepared, prepare_image
+from shards.datasets.harmonise import label_mapping
+from shards.image_codec import CODEC_EXT, GREY16, Prepared, prepare_image
 from shards.manifest import FORMAT, manifest_warnings, package_version, write_manifest
 from shards.pack_journal import Journal
 from shards.records import SPLITS, Record, meta_stats, read_splits, sample_members, split_summary
@@ -53,6 +54,7 @@ def run(args: Any) -> int:
         workers=args.workers,
         allow_missing=args.allow_missing,
         allow_rejects=args.allow_rejects,
+        grey16=args.grey16,
     )
     return 0
 
@@ -68,16 +70,21 @@ def pack(
     workers: int | None = None,
     allow_missing: bool = False,
     allow_rejects: bool = False,
+    grey16: str | None = None,
 ) -> dict[str, Any]:
     """Pack the images listed in ``splits`` (path or DataFrame) into shards under ``out``.
 
     Returns the manifest (docs/shards-format.md). Raises CxrError on missing images
     (unless allow_missing), duplicate ids, or — after writing the manifest — on
     rejected images (unless allow_rejects). ``resize`` also writes ``out/res{N}``.
+    ``grey16``: "reject" or "minmax" for 16-bit grey PNGs (None: minmax for a PadChest table).
     """
-    _check_options(codec, quality, resize, shard_size_mb)
+    _check_options(codec, quality, resize, shard_size_mb, grey16)
     records, splits_file, splits_sha = read_splits(splits)
-    sources = scan_sources(images)
+    mapping = label_mapping(splits)  # the harmonisation rows of a shards.datasets table, else None
+    grey16 = grey16 or ("minmax" if mapping and "padchest" in mapping["datasets"] else "reject")
+    relative = [r.image for r in records if "/" in r.image]
+    sources = scan_sources(images, relative, walk=len(relative) < len(records))
     out = Path(out)
     settings = {
         "format": FORMAT,
@@ -86,13 +93,18 @@ def pack(
         "quality": quality if codec == "jpeg" else None,
         "shard_size_mb": shard_size_mb,
         "source": sources.describe(),
+        **({"grey16": grey16} if grey16 != "reject" else {}),  # old journals resume unchanged
     }
     workers = workers or os.cpu_count() or 1
     with _exclusive(out):
         journal = Journal(out, settings)
-        packer = _Packer(out, journal, codec, quality, int(shard_size_mb * 1e6), workers)
+        packer = _Packer(out, journal, codec, quality, int(shard_size_mb * 1e6), workers, grey16)
         stats = packer.run(records, sources, allow_missing)
         manifest = _manifest(records, journal, stats, settings, splits_file)
+        if mapping:
+            manifest["label_mapping"] = mapping
+        if grey16 != "reject":
+            manifest["grey16"] = grey16
         write_manifest(out, manifest)
         print(stats.summary(out, journal), flush=True)
         for warning in manifest_warnings(manifest, out / "manifest.json"):
@@ -110,7 +122,11 @@ def pack(
     return manifest
 
 
-def _check_options(codec: str, quality: int, resize: int | None, shard_size_mb: float) -> None:
+def _check_options(
+    codec: str, quality: int, resize: int | None, shard_size_mb: float, grey16: str | None = None
+) -> None:
+    if grey16 not in (None, *GREY16):
+        raise CxrError(f"--grey16 {grey16}: unknown — choose one of {list(GREY16)}")
     if codec not in CODEC_EXT:
         raise CxrError(f"--codec {codec}: unknown — choose one of {sorted(CODEC_EXT)}")
     if not 1 <= quality <= 100:
@@ -235,9 +251,11 @@ class _SplitWriter:
 
 
 class _Packer:
-    def __init__(self, out: Path, journal: Journal, codec: str, quality: int, limit: int, workers: int):
+    def __init__(
+        self, out: Path, journal: Journal, codec: str, quality: int, limit: int, workers: int, grey16: str = "reject"
+    ):
         self.out, self.journal, self.codec, self.quality = out, journal, codec, quality
-        self.limit, self.workers = limit, workers
+        self.limit, self.workers, self.grey16 = limit, workers, grey16
 
     def run(self, records: list[Record], sources: Sources, allow_missing: bool) -> _RunStats:
         stats = _RunStats()
@@ -250,7 +268,7 @@ class _Packer:
         writers = {split: _SplitWriter(self.out, split, self.journal, self.limit) for split in SPLITS}
         found: dict[str, str] = {}
         tasks = _plan(records, sources, done, found)
-        work = partial(prepare_image, codec=self.codec, quality=self.quality)
+        work = partial(prepare_image, codec=self.codec, quality=self.quality, grey16=self.grey16)
         start = time.perf_counter()
         try:
             with (

@@ -43,11 +43,19 @@ class Record:
     names: tuple[str, ...] = LABELS  # the table's label names (the 14 NIH ones, or a generic table's)
 
 
-IMAGE_SUFFIXES = (".png", ".dcm", ".dicom")  # what a table's image name may end with; the key drops it
+IMAGE_SUFFIXES = (".png", ".dcm", ".dicom", ".jpg", ".jpeg")  # what a table's image name may end with; the key drops it
 
 
 def image_key(image: str) -> str:
-    """Image file name → shard key (``00000001_000.png`` → ``00000001_000``; ``a.dcm`` → ``a``)."""
+    """Image file name → shard key (``00000001_000.png`` → ``00000001_000``; ``a.dcm`` → ``a``).
+
+    A path relative to a data set's root (``CheXpert-v1.0/train/patient00001/study1/view1_frontal.jpg``:
+    stems repeat across studies, and MIMIC's 44-character DICOM ids exceed the 32-byte `.id`) keys as
+    the 32 hex digits of its BLAKE2b-128 digest: unique per path, fixed length, the same on every
+    machine; the sample's ``.json`` keeps the path itself.
+    """
+    if "/" in image:
+        return hashlib.blake2b(image.encode(), digest_size=16).hexdigest()
     for suffix in IMAGE_SUFFIXES:
         if image.lower().endswith(suffix):
             return image[: -len(suffix)]

@@ -5,6 +5,11 @@ DICOM (bytes 128…131 "DICM": PACS exports without names), so an extracted NIH 
 `images/` sub-folder works as is. An archive is streamed member by member with
 tarfile's `r|*` mode — never extracted, never seeked — so its members come in
 archive order. An image's key is its file name without extension.
+
+Tables of the other data sets (shards.datasets) name images by their path relative to the data
+set's root, whose file names repeat (CheXpert's ``view1_frontal.jpg`` in every study): those are
+looked up as ROOT/PATH under each folder given, never by a walk, and keyed by
+:func:`shards.records.image_key` of the path.
 """
 
 from __future__ import annotations
@@ -41,14 +46,25 @@ def is_archive(path: Path) -> bool:
     return path.name.lower().endswith(ARCHIVE_SUFFIXES)
 
 
-def scan_sources(paths: Sequence[str | Path]) -> Sources:
-    """Index the folders' PNGs and check the archives exist; CxrError on a duplicate key."""
+def scan_sources(paths: Sequence[str | Path], relative: Sequence[str] = (), walk: bool = True) -> Sources:
+    """Index the folders' PNGs and check the archives exist; CxrError on a duplicate key.
+
+    ``relative``: image paths relative to a folder (a data set's root), found as FOLDER/PATH;
+    ``walk=False`` skips the recursive scan (a table that names every image by such a path).
+    """
     sources = Sources()
     for raw in paths:
         path = Path(raw).resolve()
         if path.is_dir():
             sources.roots.append(path)
-            for key, file in _walk_images(path):
+            for key, file in _relative_images(path, relative) if relative else ():
+                if key in sources.files:
+                    raise CxrError(
+                        f"{file}: image also at {sources.files[key]} "
+                        "— pass only one of the folders (each data set root once)"
+                    )
+                sources.files[key] = file
+            for key, file in _walk_images(path) if walk else ():
                 if key in sources.files:
                     raise CxrError(
                         f"{file}: duplicate image id {key!r}, also at {sources.files[key]} "
@@ -69,6 +85,14 @@ def scan_sources(paths: Sequence[str | Path]) -> Sources:
     return sources
 
 
+def _relative_images(root: Path, relative: Sequence[str]) -> Iterator[tuple[str, Path]]:
+    """(key, ROOT/PATH) for each relative path that is a file under ``root``."""
+    for rel in relative:
+        file = root / rel
+        if file.is_file():
+            yield image_key(rel), file
+
+
 def _walk_images(root: Path) -> Iterator[tuple[str, Path]]:
     """(key, path) of every PNG and DICOM file below ``root``, in a stable order."""
     for folder, dirs, names in os.walk(root):
@@ -77,8 +101,8 @@ def _walk_images(root: Path) -> Iterator[tuple[str, Path]]:
             if name.startswith("."):
                 continue
             path = Path(folder, name)
-            if name.lower().endswith(".png"):
-                yield name[:-4], path
+            if name.lower().endswith((".png", ".jpg", ".jpeg")):
+                yield image_key(name), path
             elif is_dicom_file(path):  # .dcm, or a PACS export's own name (often a UID with dots)
                 yield image_key(name), path
 

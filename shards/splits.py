@@ -349,6 +349,12 @@ def fraction_warnings(
 
 def run(args) -> int:
     """CLI: read metadata, assign splits per --scheme, check, report and write the table."""
+    if getattr(args, "dataset", "nih") != "nih":
+        from shards.datasets.common import run_split  # noqa: PLC0415 — the other data sets' adapters
+
+        return run_split(args)
+    if not args.metadata or not args.scheme:
+        raise CxrError("split (NIH): pass --metadata Data_Entry_2017.csv and --scheme — or --dataset NAME --root FOLDER")
     start = time.perf_counter()
     out = Path(args.out)
     if out.suffix not in (".parquet", ".csv"):

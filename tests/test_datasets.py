@@ -1,0 +1,198 @@
+"""shards.datasets: CheXpert, MIMIC-CXR-JPG, PadChest and VinDr-CXR layouts → splits tables.
+
+Fixtures are written in each data set's published layout (tests/dataset_layouts.py); every
+expectation below is written out by hand from those rows and the data sets' documentation.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+from pathlib import Path
+
+import pandas as pd
+from dataset_layouts import write_chexpert, write_mimic
+
+from shards.cli import main
+
+NA = None
+# NIH order, written out: Atelectasis, Cardiomegaly, Consolidation, Edema, Effusion, Emphysema, Fibrosis,
+# Hernia, Infiltration, Mass, Nodule, Pleural_Thickening, Pneumonia, Pneumothorax
+NIH = [
+    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis", "Hernia",
+    "Infiltration", "Mass", "Nodule", "Pleural_Thickening", "Pneumonia", "Pneumothorax",
+]  # fmt: skip
+
+
+def expect(**values) -> list:
+    """A 14-label row: NA (unknown) unless given; keys are NIH names."""
+    return [values.get(name, NA) for name in NIH]
+
+
+def split_table(tmp_path: Path, *args: str) -> pd.DataFrame:
+    out = tmp_path / "table.csv"
+    assert main(["split", *args, "--out", str(out)]) == 0
+    return pd.read_csv(out, dtype={"sex": str, "view": str})
+
+
+def labels_of(table: pd.DataFrame, image: str) -> list:
+    row = table.loc[table["image"] == image, NIH]
+    assert len(row) == 1, image
+    return [None if pd.isna(v) else int(v) for v in row.iloc[0]]
+
+
+def one_error(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+def assert_patient_level(table: pd.DataFrame) -> None:
+    assert (table.groupby("patient")["split"].nunique() == 1).all()
+
+
+# ------------------------------------------------------------------------------------------- CheXpert
+
+CHEXPERT_EXPECTED = {
+    # No Finding = 1: every label CheXpert maps is 0; the 7 it lacks stay unknown
+    "train/patient00001/study1/view1_frontal.jpg": expect(
+        Atelectasis=0, Cardiomegaly=0, Consolidation=0, Edema=0, Effusion=0, Pneumonia=0, Pneumothorax=0
+    ),
+    # Lung Lesion = 1 is merged Mass/Nodule: neither is set
+    "train/patient00002/study2/view1_frontal.jpg": expect(Cardiomegaly=-1, Effusion=1),
+    "train/patient00002/study1/view1_frontal.jpg": expect(Effusion=0, Edema=-1),
+    "train/patient00003/study1/view1_frontal.jpg": expect(Atelectasis=1, Pneumothorax=0, Consolidation=-1),
+    "train/patient00004/study1/view1_frontal.jpg": expect(Pneumonia=1, Effusion=-1),
+    "valid/patient64541/study1/view1_frontal.jpg": expect(
+        Cardiomegaly=1, Edema=0, Effusion=0, Atelectasis=0, Consolidation=0, Pneumonia=0, Pneumothorax=0
+    ),
+    "valid/patient64542/study1/view1_frontal.jpg": expect(
+        Cardiomegaly=0, Edema=0, Effusion=1, Atelectasis=1, Consolidation=0, Pneumonia=0, Pneumothorax=0
+    ),
+}
+
+
+def test_chexpert_labels_row_by_row(tmp_path):
+    root = write_chexpert(tmp_path)
+    table = split_table(tmp_path, "--dataset", "chexpert", "--root", str(root))
+    for image, labels in CHEXPERT_EXPECTED.items():
+        assert labels_of(table, image) == labels, image
+    assert set(table["dataset"]) == {"chexpert"}
+    assert list(table.columns[:3]) == ["image", "patient", "split"]
+    row = table.set_index("image").loc["train/patient00004/study1/view1_frontal.jpg"]
+    assert (row["patient"], row["age"], pd.isna(row["sex"]), row["view"]) == (4, 20, True, "PA")  # Sex Unknown
+    row = table.set_index("image").loc["train/patient00002/study2/view1_frontal.jpg"]
+    assert (row["patient"], row["age"], row["sex"], row["view"]) == (2, 87, "F", "AP")
+
+
+def test_chexpert_official_split_frontal_and_patients(tmp_path):
+    root = write_chexpert(tmp_path)
+    table = split_table(tmp_path, "--dataset", "chexpert", "--root", str(root), "--val-fraction", "0.25")
+    assert_patient_level(table)
+    assert not table["image"].str.contains("lateral").any()  # frontal only by default
+    assert len(table) == 11
+    # valid.csv is the test split; train.csv's 8 patients give 2 (25 %) to val
+    assert set(table.loc[table["split"] == "test", "patient"]) == {64541, 64542}
+    assert table.loc[table["split"] == "val", "patient"].nunique() == 2
+    assert set(table.loc[table["split"] != "test", "image"].str[:6]) == {"train/"}
+    everything = split_table(tmp_path, "--dataset", "chexpert", "--root", str(root), "--all-views")
+    lateral = everything.set_index("image").loc["train/patient00002/study1/view2_lateral.jpg"]
+    assert len(everything) == 13 and pd.isna(lateral["view"])
+    assert labels_of(everything, "train/patient00002/study1/view2_lateral.jpg") == expect(Effusion=0, Edema=-1)
+
+
+def test_chexpert_small_layout_and_random_scheme(tmp_path):
+    root = write_chexpert(tmp_path, top="CheXpert-v1.0-small")
+    table = split_table(tmp_path, "--dataset", "chexpert", "--root", str(root), "--scheme", "random", "--seed", "3")
+    assert_patient_level(table)
+    assert set(table["split"]) <= {"train", "val", "test"} and len(table) == 11
+    assert table["image"].str.startswith(("train/", "valid/")).all()
+
+
+def test_chexpert_errors_name_file_line_and_fix(tmp_path, capsys):
+    root = write_chexpert(tmp_path)
+    args = ["split", "--dataset", "chexpert", "--root", str(root), "--out", str(tmp_path / "t.csv")]
+    train = root / "train.csv"
+    lines = train.read_text().splitlines()
+    lines[3] = lines[3].replace(",-1.0,", ",2.0,", 1)  # line 4: a label value CheXpert does not use
+    train.write_text("\n".join(lines) + "\n")
+    err = one_error(capsys, args)
+    assert f"{train}: line 4" in err and "not 1, 0, -1 or blank" in err and "=2.0" in err
+    lines[3] = lines[3].replace(",2.0,", ",-1.0,", 1).replace("patient00002", "patientXX")
+    train.write_text("\n".join(lines) + "\n")
+    err = one_error(capsys, args)
+    assert f"{train}: line 4 Path=" in err and "patientXX" in err
+    (root / "valid.csv").unlink()
+    err = one_error(capsys, args)
+    assert "valid.csv: CheXpert valid.csv not found" in err and "--root" in err
+    err = one_error(capsys, ["split", "--dataset", "chexpert", "--root", str(tmp_path / "nope"), "--out", "x.csv"])
+    assert "nope: --root is not a folder" in err
+
+
+# ------------------------------------------------------------------------------------------- MIMIC
+
+MIMIC_EXPECTED = {  # per dicom_id; labels are per study in mimic-cxr-2.0.0-chexpert.csv
+    "02aa804e-bde0afdd-112c0b34-7bc16630-4e384014": ("train", expect(
+        Atelectasis=0, Cardiomegaly=0, Consolidation=0, Edema=0, Effusion=0, Pneumonia=0, Pneumothorax=0)),
+    "2a2277a9-b0ded155-c0de8eb9-c124d10e-82c5caab": ("train", expect(Effusion=-1, Atelectasis=0)),
+    "68b5c4b1-227d0485-9cc38c3f-7b84ab51-4b472714": ("train", expect(Consolidation=1, Pneumonia=-1)),
+    "096052b7-d256dc40-453a102b-fa7d01c6-1b22c6b4": ("train", expect(Cardiomegaly=1, Edema=1, Effusion=0)),
+    "9a5c1a95-25d4bd1b-6b8d6ad6-3c8a4a3d-0c9e5f01": ("val", expect(Pneumothorax=1)),
+    "b1c3e9d2-9f1e0a44-5a3f7d21-77e0c3b5-aa51e0c2": ("test", expect(Atelectasis=1, Effusion=1)),
+    "c7e81d0a-63b4f2a1-0e4d9c77-1f2a3b4c-5d6e7f80": ("test", expect(
+        Atelectasis=0, Cardiomegaly=0, Consolidation=0, Edema=0, Effusion=0, Pneumonia=0, Pneumothorax=0)),
+}  # fmt: skip
+
+
+def test_mimic_labels_official_split_and_skips(tmp_path, capsys):
+    root = write_mimic(tmp_path)
+    table = split_table(tmp_path, "--dataset", "mimic", "--root", str(root))
+    out = capsys.readouterr().out
+    assert "skipped 1 row(s): study has no row in mimic-cxr-2.0.0-chexpert.csv" in out  # counted, named
+    assert "skipped 1 row(s): not frontal" in out
+    assert len(table) == len(MIMIC_EXPECTED)
+    assert_patient_level(table)
+    by_id = table.assign(dicom=table["image"].str.rsplit("/", n=1).str[-1].str[:-4]).set_index("dicom")
+    for dicom, (split, labels) in MIMIC_EXPECTED.items():
+        assert by_id.loc[dicom, "split"] == split, dicom
+        assert labels_of(table, by_id.loc[dicom, "image"]) == labels, dicom
+    image = by_id.loc["68b5c4b1-227d0485-9cc38c3f-7b84ab51-4b472714"]
+    assert image["image"] == "files/p10/p10000764/s57375967/68b5c4b1-227d0485-9cc38c3f-7b84ab51-4b472714.jpg"
+    assert (image["patient"], image["view"]) == (10000764, "AP")
+    assert (root / image["image"]).is_file()
+
+
+def test_mimic_patients_file_gives_sex_and_age(tmp_path):
+    root = write_mimic(tmp_path)
+    patients = tmp_path / "patients.csv.gz"
+    rows = "subject_id,gender,anchor_age,anchor_year,anchor_year_group,dod\n10000764,M,76,2132,2014 - 2016,\n"
+    patients.write_bytes(gzip.compress(rows.encode()))
+    table = split_table(tmp_path, "--dataset", "mimic", "--root", str(root), "--patients", str(patients))
+    row = table[table["patient"] == 10000764].iloc[0]
+    assert (row["sex"], row["age"]) == ("M", 76 + (2180 - 2132))  # StudyDate 21800506 in the fixture
+    assert table.loc[table["patient"] != 10000764, "age"].isna().all()
+
+
+def test_mimic_errors(tmp_path, capsys):
+    root = write_mimic(tmp_path)
+    args = ["split", "--dataset", "mimic", "--root", str(root), "--out", str(tmp_path / "t.csv")]
+    split = root / "mimic-cxr-2.0.0-split.csv"
+    split.write_text(split.read_text().replace(",validate\n", ",valid\n"))
+    err = one_error(capsys, args)
+    assert f"{split}: line 7 split='valid': split is not train, validate or test" in err
+    split.write_text(split.read_text().replace(",valid\n", ",validate\n").replace(",test\n", ",train\n", 1))
+    err = one_error(capsys, args)  # 10001176 now has images in train and test
+    assert "1 patient(s) in more than one official split" in err and "10001176" in err
+    split.unlink()
+    err = one_error(capsys, args)
+    assert "mimic-cxr-2.0.0-split.csv: MIMIC-CXR-JPG split file not found" in err
+
+
+def test_relative_paths_key_by_digest():
+    from shards.records import image_key
+
+    path = "train/patient00001/study1/view1_frontal.jpg"
+    assert image_key(path) == hashlib.blake2b(path.encode(), digest_size=16).hexdigest()
+    assert image_key("train/patient00002/study1/view1_frontal.jpg") != image_key(path)
+    assert image_key("00000001_000.png") == "00000001_000" and image_key("a.jpg") == "a"
