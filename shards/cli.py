@@ -73,6 +73,12 @@ def _add_split(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="mimic: MIMIC-IV hosp/patients.csv[.gz] for sex and age (MIMIC-CXR-JPG carries neither)",
     )
+    p.add_argument(
+        "--boxes-out",
+        default=None,
+        help="vindr: also write annotations_train.csv's boxes here in the BBox_List_2017 layout "
+        "(for `python -m cxr.explain --bbox`)",
+    )
     p.add_argument("--train-val-list", help="train_val_list.txt[.gz] (official; default: beside --metadata)")
     p.add_argument("--test-list", help="test_list.txt[.gz] (official; default: beside --metadata)")
     p.add_argument(

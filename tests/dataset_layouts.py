@@ -129,12 +129,114 @@ def write_mimic(root: Path) -> Path:
     return base
 
 
+# PadChest: (ImageID, ImageDir, PatientID, sex, birth year, StudyDate_DICOM, Projection, Labels as written)
+PADCHEST_ROWS = [
+    ("20536686640136348236148679891455886468_k6ga29.png", 0, "10000007", "M", "1950", "20150101", "PA", "['normal']"),
+    ("20536686640136348236148679891455886468_k6ga30.png", 0, "10000007", "M", "1950", "20150101", "L", "['cardiomegaly']"),
+    ("135803415504923515076821959678074435083_fzis7b.png", 0, "136219810812436271786373307389306097112", "F", "1970.0", "20140505", "AP_horizontal", "['pleural effusion', 'cardiomegaly', 'lobar atelectasis']"),
+    ("113855343774216031107737439268243531979_3k951l.png", 1, "232387753838738339711526121280969069469", "F", "1980", "20150303", "PA", "['nodule', 'pulmonary mass', 'hiatal hernia']"),
+    ("216840111366964012989926673512011074122523403_00-163-058.png", 1, "216840111366964012989926673512011074122523403", "M", "", "20120101", "PA", "['infiltrates', 'apical pleural thickening', 'pulmonary fibrosis', 'emphysema']"),
+    ("216840111366964013076187734852011291090445391_00-196-188.png", 1, "216840111366964013076187734852011291090445391", "M", "1960", "20130101", "PA", ""),
+    ("p7.png", 1, "p7", "F", "1945", "20160101", "PA", "['pneumonia', 'consolidation']"),
+    ("p8.png", 2, "p8", "M", "1955", "20160101", "AP", "['pneumothorax']"),
+    ("p9.png", 2, "p9", "F", "1965", "20160101", "PA", "['pulmonary edema', 'cardiomegaly']"),
+    ("p10.png", 2, "p10", "M", "1975", "20160101", "PA", "['normal']"),
+    ("p11.png", 2, "p11", "F", "1985", "20160101", "PA", "['COPD signs']"),
+]  # fmt: skip
+PADCHEST_HEADER = [
+    "ImageID", "ImageDir", "StudyDate_DICOM", "StudyID", "PatientID", "PatientBirth", "PatientSex_DICOM",
+    "ViewPosition_DICOM", "Projection", "MethodProjection", "Pediatric", "Modality_DICOM", "BitsStored_DICOM",
+    "WindowCenter_DICOM", "WindowWidth_DICOM", "Rows_DICOM", "Columns_DICOM", "ReportID", "Report",
+    "MethodLabel", "Labels", "Localizations", "LabelsLocalizationsBySentence", "labelCUIS", "LocalizationsCUIS",
+]  # fmt: skip
+
+
+def padchest_pixels(seed: int, size: int = 32) -> np.ndarray:
+    """16-bit grey with a 12-bit-like used range that differs per image (what min-max windowing is for)."""
+    rng = np.random.default_rng(seed)
+    low = int(rng.integers(0, 2000))
+    return rng.integers(low, low + 3000, (size, size)).astype(np.uint16)
+
+
+def write_padchest(root: Path) -> Path:
+    """ROOT/PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv + ROOT/N/*.png (16-bit); returns ROOT."""
+    rows = []
+    for image, folder, patient, sex, birth, date, projection, labels in PADCHEST_ROWS:
+        values = dict(ImageID=image, ImageDir=folder, StudyDate_DICOM=date, StudyID=f"s-{image[:8]}", PatientID=patient,
+                      PatientBirth=birth, PatientSex_DICOM=sex, ViewPosition_DICOM="POSTEROANTERIOR", Projection=projection,
+                      MethodProjection="Manual review of DICOM fields", Pediatric="No", Modality_DICOM="CR",
+                      BitsStored_DICOM=12, WindowCenter_DICOM="", WindowWidth_DICOM="", Rows_DICOM=32, Columns_DICOM=32,
+                      ReportID=1, Report="", MethodLabel="Physician", Labels=labels, Localizations="[]",
+                      LabelsLocalizationsBySentence="[]", labelCUIS="[]", LocalizationsCUIS="[]")  # fmt: skip
+        rows.append([values[h] for h in PADCHEST_HEADER])
+    _write_csv(root / "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv", PADCHEST_HEADER, rows)
+    for i, (image, folder, *_rest) in enumerate(PADCHEST_ROWS):
+        (root / str(folder)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(padchest_pixels(i)).save(root / str(folder) / image)
+    return root
+
+
+VINDR_FINDINGS = [
+    "Aortic enlargement", "Atelectasis", "Calcification", "Cardiomegaly", "Clavicle fracture", "Consolidation",
+    "Edema", "Emphysema", "Enlarged PA", "ILD", "Infiltration", "Lung Opacity", "Lung cavity", "Lung cyst",
+    "Mediastinal shift", "Nodule/Mass", "Pleural effusion", "Pleural thickening", "Pneumothorax",
+    "Pulmonary fibrosis", "Rib fracture", "Other lesion", "COPD", "Lung tumor", "Pneumonia", "Tuberculosis",
+    "Other diseases", "No finding",
+]  # fmt: skip
+# train: image_id → per radiologist (rad_id, [findings marked]); test: image_id → consensus findings
+VINDR_TRAIN = {
+    "000434271f63a053c4128a0ba6352c7f": [("R1", ["Atelectasis", "Cardiomegaly"]), ("R2", ["Atelectasis"]), ("R3", ["No finding"])],
+    "00053190460d56c53cc3e57321387478": [("R8", ["No finding"]), ("R9", ["No finding"]), ("R10", ["No finding"])],
+    "0005e8e3701dfb1dd93d53e2ff537b6e": [("R1", ["Pleural effusion", "Nodule/Mass", "Pulmonary fibrosis"]), ("R4", ["Pleural effusion", "Nodule/Mass"]), ("R5", ["Nodule/Mass"])],
+    "0006e0a85696f6bb578e84fafa9a5607": [("R2", ["Pneumothorax", "Infiltration"]), ("R3", ["Pneumothorax", "Infiltration"]), ("R6", ["Pneumothorax"])],
+    "0007d316f756b3fa0baea2ff514ce945": [("R1", ["Emphysema"]), ("R2", ["Emphysema", "Edema"]), ("R3", ["Consolidation"])],
+}  # fmt: skip
+VINDR_TEST = {
+    "002a34c58c5b758217ed1f584ccbcfe9": ["Pleural thickening"],
+    "004f33259ee4aef671c2b95d54e4be68": ["No finding"],
+}
+VINDR_BOXES = [  # image_id, rad_id, class_name, x_min, y_min, x_max, y_max
+    ("000434271f63a053c4128a0ba6352c7f", "R1", "Atelectasis", 2.0, 3.0, 12.0, 15.0),
+    ("000434271f63a053c4128a0ba6352c7f", "R2", "Atelectasis", 4.0, 3.0, 14.0, 13.0),
+    ("0005e8e3701dfb1dd93d53e2ff537b6e", "R1", "Nodule/Mass", 3.0, 3.0, 8.0, 8.0),
+    ("00053190460d56c53cc3e57321387478", "R8", "No finding", "", "", "", ""),
+]
+VINDR_HEADERS = {"000434271f63a053c4128a0ba6352c7f": ("M", "045Y"), "00053190460d56c53cc3e57321387478": ("F", "")}
+
+
+def write_vindr(root: Path) -> Path:
+    """ROOT/annotations/{image_labels_train,image_labels_test,annotations_train}.csv + ROOT/{train,test}/*.dicom."""
+    from dicom_data import dicom_bytes
+
+    def marks(found: list[str]) -> list[int]:
+        return [int(name in found) for name in VINDR_FINDINGS]
+
+    ann = root / "annotations"
+    _write_csv(ann / "image_labels_train.csv", ["image_id", "rad_id", *VINDR_FINDINGS],
+               [[i, r, *marks(f)] for i, reads in VINDR_TRAIN.items() for r, f in reads])  # fmt: skip
+    _write_csv(ann / "image_labels_test.csv", ["image_id", *VINDR_FINDINGS], [[i, *marks(f)] for i, f in VINDR_TEST.items()])
+    _write_csv(ann / "annotations_train.csv", ["image_id", "rad_id", "class_name", "x_min", "y_min", "x_max", "y_max"],
+               [list(b) for b in VINDR_BOXES])  # fmt: skip
+    for n, (split, image_id) in enumerate([("train", i) for i in VINDR_TRAIN] + [("test", i) for i in VINDR_TEST]):
+        sex, age = VINDR_HEADERS.get(image_id, ("F", "067Y"))
+        stored = np.random.default_rng(200 + n).integers(0, 4096, (32, 32))
+        (root / split).mkdir(parents=True, exist_ok=True)
+        (root / split / f"{image_id}.dicom").write_bytes(dicom_bytes(stored, PatientSex=sex, PatientAge=age))
+    return root
+
+
 def write_all(out: Path) -> dict[str, Path]:
     """Every layout under OUT; returns data set → the --root to pass."""
-    return {"chexpert": write_chexpert(out / "chexpert"), "mimic": write_mimic(out / "mimic")}
+    return {
+        "chexpert": write_chexpert(out / "chexpert"),
+        "mimic": write_mimic(out / "mimic"),
+        "padchest": write_padchest(out / "padchest"),
+        "vindr": write_vindr(out / "vindr"),
+    }
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # dicom_data, beside this file
     if len(sys.argv) != 2:
         sys.exit("usage: python tests/dataset_layouts.py OUT")
     for name, root in write_all(Path(sys.argv[1])).items():

@@ -196,3 +196,101 @@ def test_relative_paths_key_by_digest():
     assert image_key(path) == hashlib.blake2b(path.encode(), digest_size=16).hexdigest()
     assert image_key("train/patient00002/study1/view1_frontal.jpg") != image_key(path)
     assert image_key("00000001_000.png") == "00000001_000" and image_key("a.jpg") == "a"
+
+
+# ------------------------------------------------------------------------------------------- PadChest
+
+PADCHEST_EXPECTED = {  # every NIH label PadChest maps is known: listed → 1, else 0
+    "0/20536686640136348236148679891455886468_k6ga29.png": [0] * 14,  # ['normal']
+    "0/135803415504923515076821959678074435083_fzis7b.png": [1, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    "1/113855343774216031107737439268243531979_3k951l.png": [0, 0, 0, 0, 0, 0, 0, 1, 0, 1, 1, 0, 0, 0],
+    "1/216840111366964012989926673512011074122523403_00-163-058.png": [0, 0, 0, 0, 0, 1, 1, 0, 1, 0, 0, 1, 0, 0],
+    "1/p7.png": [0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+    "2/p8.png": [0] * 13 + [1],
+    "2/p9.png": [0, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    "2/p11.png": [0] * 14,  # 'COPD signs' has no NIH label
+}
+PADCHEST_FRACTIONS = ["--fractions", "0.5,0.25,0.25"]
+
+
+def test_padchest_labels_demographics_and_skips(tmp_path, capsys):
+    from dataset_layouts import write_padchest
+
+    root = write_padchest(tmp_path / "padchest")
+    table = split_table(tmp_path, "--dataset", "padchest", "--root", str(root), *PADCHEST_FRACTIONS)
+    out = capsys.readouterr().out
+    assert "skipped 1 row(s): no Labels" in out and "line 7" in out  # the empty Labels cell, counted
+    assert "split padchest stratified" in out  # no official split
+    for image, labels in PADCHEST_EXPECTED.items():
+        assert labels_of(table, image) == labels, image
+    assert_patient_level(table)
+    assert set(table["split"]) == {"train", "val", "test"}
+    rows = table.set_index("image")
+    assert (rows.loc["0/135803415504923515076821959678074435083_fzis7b.png", ["age", "sex", "view"]].tolist()
+            == [44.0, "F", "AP"])  # 2014 − 1970; AP_horizontal is AP  # fmt: skip
+    assert pd.isna(rows.loc["1/216840111366964012989926673512011074122523403_00-163-058.png", "age"])
+    assert "0/20536686640136348236148679891455886468_k6ga30.png" not in rows.index  # lateral (L)
+    assert len(set(table["patient"])) == len(table)  # the fixture's patients each have one frontal image
+
+
+def test_padchest_malformed_labels_cell(tmp_path, capsys):
+    from dataset_layouts import write_padchest
+
+    root = write_padchest(tmp_path / "padchest")
+    csv_path = root / "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv"
+    csv_path.write_text(csv_path.read_text().replace(",['pneumothorax'],", ",pneumothorax,"))
+    err = one_error(capsys, ["split", "--dataset", "padchest", "--root", str(root), "--out", str(tmp_path / "t.csv")])
+    assert f"{csv_path}: line 9 Labels='pneumothorax': Labels is not a list" in err
+
+
+# ------------------------------------------------------------------------------------------- VinDr-CXR
+
+VINDR_EXPECTED = {  # majority of three readers; Hernia and the merged Nodule/Mass unknown
+    "train/000434271f63a053c4128a0ba6352c7f.dicom": [1, 0, 0, 0, 0, 0, 0, NA, 0, NA, NA, 0, 0, 0],
+    "train/00053190460d56c53cc3e57321387478.dicom": [0, 0, 0, 0, 0, 0, 0, NA, 0, NA, NA, 0, 0, 0],
+    "train/0005e8e3701dfb1dd93d53e2ff537b6e.dicom": [0, 0, 0, 0, 1, 0, 0, NA, 0, NA, NA, 0, 0, 0],
+    "train/0006e0a85696f6bb578e84fafa9a5607.dicom": [0, 0, 0, 0, 0, 0, 0, NA, 1, NA, NA, 0, 0, 1],
+    "train/0007d316f756b3fa0baea2ff514ce945.dicom": [0, 0, 0, 0, 0, 1, 0, NA, 0, NA, NA, 0, 0, 0],
+    "test/002a34c58c5b758217ed1f584ccbcfe9.dicom": [0, 0, 0, 0, 0, 0, 0, NA, 0, NA, NA, 1, 0, 0],
+    "test/004f33259ee4aef671c2b95d54e4be68.dicom": [0, 0, 0, 0, 0, 0, 0, NA, 0, NA, NA, 0, 0, 0],
+}
+
+
+def test_vindr_majority_labels_split_headers_and_boxes(tmp_path):
+    from dataset_layouts import write_vindr
+
+    from shards.records import image_key
+
+    root = write_vindr(tmp_path / "vindr")
+    boxes = tmp_path / "boxes.csv"
+    table = split_table(tmp_path, "--dataset", "vindr", "--root", str(root), "--val-fraction", "0.4",
+                        "--boxes-out", str(boxes))  # fmt: skip
+    for image, labels in VINDR_EXPECTED.items():
+        assert labels_of(table, image) == labels, image
+    by_split = table.groupby("split")["image"].apply(set)
+    assert by_split["test"] == {i for i in VINDR_EXPECTED if i.startswith("test/")}
+    assert len(by_split["val"]) == 2 and len(by_split["train"]) == 3  # 40 % of 5 train images
+    rows = table.set_index("image")
+    assert rows.loc["train/000434271f63a053c4128a0ba6352c7f.dicom", ["age", "sex", "view"]].tolist() == [45.0, "M", "PA"]
+    assert pd.isna(rows.loc["train/00053190460d56c53cc3e57321387478.dicom", "age"])  # empty PatientAge
+    from cxr.explain import read_boxes
+
+    read = read_boxes(boxes)
+    key = image_key("train/000434271f63a053c4128a0ba6352c7f.dicom")
+    assert read.values.tolist() == [[key, "Atelectasis", 2.0, 3.0, 10.0, 12.0], [key, "Atelectasis", 4.0, 3.0, 10.0, 10.0]]
+
+
+def test_vindr_bad_value_and_missing_file(tmp_path, capsys):
+    from dataset_layouts import write_vindr
+
+    root = write_vindr(tmp_path / "vindr")
+    args = ["split", "--dataset", "vindr", "--root", str(root), "--out", str(tmp_path / "t.csv")]
+    labels = root / "annotations" / "image_labels_test.csv"
+    lines = labels.read_text().splitlines()
+    lines[2] = lines[2].replace(",1", ",-1")
+    labels.write_text("\n".join(lines) + "\n")
+    err = one_error(capsys, args)
+    assert f"{labels}: line 3" in err and "label value not 0 or 1" in err
+    labels.unlink()
+    err = one_error(capsys, args)
+    assert "VinDr-CXR image labels (test) not found" in err and "annotations/" in err

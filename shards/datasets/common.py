@@ -40,6 +40,7 @@ class Loaded:
     read: list[str]  # files read, for the summary
     skipped: dict[str, list[str]] = field(default_factory=dict)  # reason → examples ("file line N: …")
     skipped_counts: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # other one-line facts for the summary
 
     def skip(self, reason: str, examples: Sequence[str], count: int) -> None:
         if count:
@@ -142,6 +143,12 @@ def assign(frame: pd.DataFrame, labels: pd.DataFrame, args: Any, scheme: str) ->
     meta = pd.DataFrame(positives, columns=list(LABELS))
     meta.insert(0, "patient", frame["patient"].to_numpy())
     split = assign_by_patient(meta, scheme, fractions, args.seed, getattr(args, "method", "greedy"))
+    for name, frac in zip(SPLITS, fractions):
+        if frac > 0 and not (split == name).any():
+            raise CxrError(
+                f"{args.root}: split '{name}' got no patient ({frame['patient'].nunique()} patients in all) "
+                "— use more data or larger --fractions"
+            )
     return split, fractions
 
 
@@ -210,6 +217,8 @@ def _summary(table: pd.DataFrame, loaded: Loaded, args: Any, out: Path, seconds:
             print(f"{name:>5}: {len(part):>8,} images {part['patient'].nunique():>8,} patients")
     for reason, count in loaded.skipped_counts.items():
         print(f"skipped {count:,} row(s): {reason} (e.g. {'; '.join(map(str, loaded.skipped[reason]))})")
+    for note in loaded.notes:
+        print(note)
     print(f"labels ({args.dataset} → NIH 14, shards/datasets/labelmap.csv):")
     known = table[list(LABELS)]
     for line, label in zip(describe(args.dataset), LABELS):
