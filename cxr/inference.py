@@ -30,7 +30,7 @@ from cxr.report import ENSEMBLE, ScoreSet
 from cxrbase.errors import CxrError
 from cxrbase.labels import LABELS
 from shards.manifest import load_manifest, manifest_path
-from shards.records import read_table
+from shards.records import image_key, read_table
 
 # ---------------------------------------------------------------- members ----
 
@@ -413,7 +413,7 @@ def expected_keys(
         frame = read_table(table_path)  # shards' reader of the splits table
     except CxrError:  # a table that is not the one packed: the count check alone
         return count, None
-    keys = {Path(str(i)).stem for i in frame.loc[frame["split"] == split, "image"]}
+    keys = {image_key(str(i)) for i in frame.loc[frame["split"] == split, "image"]}
     dropped = set(manifest["missing"]) | {r.get("image") for r in manifest["rejected"]}
     return count, {Path(str(k)).stem for k in keys - dropped}
 

@@ -56,10 +56,10 @@ def meta_from_table(keys: np.ndarray, table_path: str | Path) -> pd.DataFrame:
     """The splits table's columns (but ``image``, ``split`` and the labels) for ``keys`` [N], in
     key order, plus ``followup``. A key missing from the table is an error."""
     from cxrbase.labels import table_labels
-    from shards.records import read_table
+    from shards.records import image_key, read_table
 
     table = read_table(table_path)
-    table.index = [Path(str(i)).stem for i in table["image"]]
+    table.index = [image_key(str(i)) for i in table["image"]]  # the shard keys (a path → its digest)
     missing = [k for k in map(str, keys) if k not in table.index]
     if missing:
         raise CxrError(

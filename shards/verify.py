@@ -33,7 +33,7 @@ from shards.dali_index import index_for_tar, split_name
 from shards.image_codec import CODEC_EXT, RESAMPLE, BadImage, check_png, decode_grey, grey_policy
 from shards.manifest import has_checksums, load_manifest
 from shards.pack_journal import file_sha256
-from shards.records import CRC_FIELD, checksum_problem, id_bytes, labels_bytes, meta_vector
+from shards.records import CRC_FIELD, checksum_problem, id_bytes, image_key, labels_bytes, meta_vector
 from shards.sources import Sources, iter_archive, scan_sources
 from shards.workers import process_pool
 
@@ -306,7 +306,7 @@ def _json_mismatches(
     key: str, record: dict, members: dict[str, bytes], split: str, labels: tuple[str, ...] = LABELS
 ) -> list[str]:
     problems = []
-    if Path(record["image"]).stem != key and record["image"] != key:
+    if image_key(str(record["image"])) != key and Path(record["image"]).stem != key and record["image"] != key:
         problems.append(f".json image {record['image']!r} is not this key")
     if record["split"] != split:
         problems.append(f".json split {record['split']!r} in a {split} shard")

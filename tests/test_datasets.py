@@ -10,7 +10,9 @@ import gzip
 import hashlib
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pytest
 from dataset_layouts import write_chexpert, write_mimic
 
 from shards.cli import main
@@ -294,3 +296,88 @@ def test_vindr_bad_value_and_missing_file(tmp_path, capsys):
     labels.unlink()
     err = one_error(capsys, args)
     assert "VinDr-CXR image labels (test) not found" in err and "annotations/" in err
+
+
+# ------------------------------------------------------------------------------------------- pack
+
+
+def shard_members(folder: Path) -> dict[str, bytes]:
+    import tarfile
+
+    members = {}
+    for shard in sorted(folder.glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for m in tar.getmembers():
+                members[m.name] = tar.extractfile(m).read()
+    return members
+
+
+@pytest.mark.integration
+def test_pack_padchest_windows_16bit_and_records_mapping(tmp_path):
+    import csv
+    import io
+    import json
+
+    from dataset_layouts import write_padchest
+    from PIL import Image
+
+    root = write_padchest(tmp_path / "padchest")
+    table = tmp_path / "pc.parquet"
+    assert main(["split", "--dataset", "padchest", "--root", str(root), *PADCHEST_FRACTIONS, "--out", str(table)]) == 0
+    out = tmp_path / "shards"
+    assert main(["pack", "--splits", str(table), "--images", str(root), "--out", str(out), "--workers", "1"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["grey16"] == "minmax" and manifest["rejected"] == [] and manifest["missing"] == []
+    shipped = Path(__file__).resolve().parents[1] / "shards" / "datasets" / "labelmap.csv"
+    with shipped.open() as fh:
+        rows = [r for r in csv.DictReader(fh) if r["dataset"] == "padchest"]
+    assert manifest["label_mapping"]["datasets"] == ["padchest"] and manifest["label_mapping"]["rows"] == rows
+    members = shard_members(out)
+    image = "1/113855343774216031107737439268243531979_3k951l.png"
+    key = hashlib.blake2b(image.encode(), digest_size=16).hexdigest()
+    source = np.asarray(Image.open(root / image)).astype(np.float64)
+    expected = np.round((source - source.min()) / (source.max() - source.min()) * 255)
+    packed = np.asarray(Image.open(io.BytesIO(members[f"{key}.png"])))
+    assert packed.dtype == np.uint8 and np.array_equal(packed, expected)
+    record = json.loads(members[f"{key}.json"])
+    assert record["image"] == image and record["findings"] == ["Hernia", "Mass", "Nodule"]
+    assert main(["verify", str(out), "--workers", "1"]) == 0
+    strict = tmp_path / "strict"
+    assert main(["pack", "--splits", str(table), "--images", str(root), "--out", str(strict), "--grey16", "reject",
+                 "--workers", "1", "--allow-rejects"]) == 0  # fmt: skip
+    reasons = {r["reason"] for r in json.loads((strict / "manifest.json").read_text())["rejected"]}
+    assert reasons == {"unsupported PNG: 16-bit grey (only 8-bit is accepted)"}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("codec", ["jpeg", "png"])
+def test_pack_chexpert_jpegs_with_repeated_file_names(tmp_path, codec):
+    """Every study has its view1_frontal.jpg: keys come from the relative path, not the stem."""
+    import io
+    import json
+
+    from PIL import Image
+
+    root = write_chexpert(tmp_path)
+    table = split_table(tmp_path, "--dataset", "chexpert", "--root", str(root))
+    labels = table[NIH]
+    table[NIH] = labels.where(labels == 1, 0).fillna(0).astype(int)  # fully known rows until pack takes NA/−1
+    splits = tmp_path / "known.csv"
+    table.to_csv(splits, index=False)
+    out = tmp_path / "shards"
+    args = ["pack", "--splits", str(splits), "--images", str(root), "--out", str(out), "--codec", codec]
+    assert main([*args, "--workers", "1"]) == 0
+    members = shard_members(out)
+    assert len([m for m in members if m.endswith(".json")]) == len(table) == 11
+    for image in table["image"]:
+        key = hashlib.blake2b(image.encode(), digest_size=16).hexdigest()
+        source = (root / image).read_bytes()
+        if codec == "jpeg":
+            assert members[f"{key}.jpg"] == source  # kept byte for byte: no second lossy generation
+        else:
+            decoded = np.asarray(Image.open(io.BytesIO(source)).convert("L"))
+            assert np.array_equal(np.asarray(Image.open(io.BytesIO(members[f"{key}.png"]))), decoded)
+        assert json.loads(members[f"{key}.json"])["image"] == image
+    assert main(["verify", str(out), "--workers", "1"]) == 0
+    (root / "train/patient00003/study1/view1_frontal.jpg").unlink()
+    assert main([*args[:-4], "--out", str(tmp_path / "again"), "--workers", "1"]) == 2  # missing image: an error
