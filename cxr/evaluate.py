@@ -92,7 +92,20 @@ def _context(args: argparse.Namespace, source: str, notes: Sequence[str] = ()) -
         "thresholds_from": args.thresholds_from,
         "source": source,
         "notes": notes,
+        "label_mapping": _label_mapping(args),
     }
+
+
+def _label_mapping(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The shards manifest's ``label_mapping`` (tables of shards.datasets), for report.md; None otherwise."""
+    from shards.manifest import load_manifest
+
+    if not getattr(args, "shards", None):
+        return None
+    try:
+        return load_manifest(Path(args.shards)).get("label_mapping")
+    except CxrError:  # no manifest there: inference has already said so, or scores came from files
+        return None
 
 
 def _splits_table(args: argparse.Namespace) -> Path | None:

@@ -1180,6 +1180,31 @@ def _subgroup_section(analysis: Analysis, focus: str, split: str, level: int) ->
     return text + ["### Under-diagnosis (sick called No Finding)", "", _markdown(pd.DataFrame(rows), index=False), ""]
 
 
+def label_mapping_section(mapping: dict[str, Any] | None) -> list[str]:
+    """report.md lines: which harmonisation rows (shards/datasets/labelmap.csv) made the shards'
+    labels from each data set's findings — nothing for shards packed from an NIH or generic table."""
+    if not mapping:
+        return []
+    rows = [
+        {
+            "dataset": r["dataset"],
+            "source finding": r["source"],
+            "label": r["target"] or "—",
+            "relation": r["relation"],
+        }
+        for r in mapping.get("rows", [])
+    ]
+    return [
+        f"## Label mapping ({', '.join(mapping.get('datasets', []))} → NIH 14)",
+        "",
+        f"From `{mapping.get('table')}` (sha256 {str(mapping.get('sha256', ''))[:12]}…). A label no row feeds is "
+        "unknown for that data set (not negative); a `merged` finding is never split into its labels.",
+        "",
+        _markdown(pd.DataFrame(rows), index=False),
+        "",
+    ]
+
+
 def report_markdown(
     analysis: Analysis, scores: ScoreSet, *, split: str, context: dict[str, Any], members: Sequence[dict[str, Any]]
 ) -> str:
@@ -1229,6 +1254,7 @@ def report_markdown(
         *_operating_section(analysis, focus, split, level),
         *_calibration_section(analysis, focus, split, level),
         *_subgroup_section(analysis, focus, split, level),
+        *label_mapping_section(context.get("label_mapping")),
         "## Members (run configs)",
         "",
         _markdown(_members_table(members), index=False) if members else "(not recorded)",

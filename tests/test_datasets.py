@@ -342,6 +342,18 @@ def test_pack_padchest_windows_16bit_and_records_mapping(tmp_path):
     record = json.loads(members[f"{key}.json"])
     assert record["image"] == image and record["findings"] == ["Hernia", "Mass", "Nodule"]
     assert main(["verify", str(out), "--workers", "1"]) == 0
+    from argparse import Namespace
+
+    from cxr.evaluate import _context
+    from cxr.report import label_mapping_section
+
+    context = _context(Namespace(shards=str(out), thresholds_from="val", split="test", ensemble="mean-prob",
+                                 bootstrap=0, seed=0, alpha=0.05), "runs")  # fmt: skip
+    section = "\n".join(label_mapping_section(context["label_mapping"]))
+    assert section.startswith("## Label mapping (padchest → NIH 14)")
+    for row in rows:  # every shipped row, as a markdown table row
+        assert f"| {row['dataset']} | {row['source']} | {row['target']} | {row['relation']} |" in section.replace("  ", " ")
+    assert label_mapping_section(None) == []
     strict = tmp_path / "strict"
     assert main(["pack", "--splits", str(table), "--images", str(root), "--out", str(strict), "--grey16", "reject",
                  "--workers", "1", "--allow-rejects"]) == 0  # fmt: skip
