@@ -393,3 +393,39 @@ def test_pack_chexpert_jpegs_with_repeated_file_names(tmp_path, codec):
     assert main(["verify", str(out), "--workers", "1"]) == 0
     (root / "train/patient00003/study1/view1_frontal.jpg").unlink()
     assert main([*args[:-4], "--out", str(tmp_path / "again"), "--workers", "1"]) == 2  # missing image: an error
+
+
+def test_docs_list_every_row_of_the_shipped_mapping():
+    """docs/datasets.md shows the harmonisation table as shipped (the docs cannot drift from the data)."""
+    import csv
+
+    repo = Path(__file__).resolve().parents[1]
+    docs = (repo / "docs" / "datasets.md").read_text()
+    with (repo / "shards" / "datasets" / "labelmap.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["dataset"] for r in rows} == {"nih", "chexpert", "mimic", "padchest", "vindr"}
+    for r in rows:
+        assert f"| {r['source']} | {r['target'] or '—'} | {r['relation']} | {r['source_doc']} |" in docs, r
+    from shards.datasets.harmonise import mapping_rows
+
+    assert mapping_rows() == rows  # the package reads the same file
+
+
+def test_harmonise_combines_sources_by_rule():
+    """Several findings of one label: any 1 → 1, else any −1 → −1, else any 0 → 0, else unknown."""
+    from shards.datasets.harmonise import harmonise
+
+    src = pd.DataFrame(
+        {
+            "atelectasis": [1.0, 0.0, 0.0, np.nan],
+            "lobar atelectasis": [0.0, 1.0, 0.0, np.nan],
+            "round atelectasis": [np.nan, np.nan, 0.0, np.nan],
+        }
+    )
+    out = harmonise(src, "padchest")
+    assert [None if pd.isna(v) else int(v) for v in out["Atelectasis"]] == [1, 1, 0, None]
+    assert out["Effusion"].isna().all()  # its source column is absent here: unknown
+    chexpert = pd.DataFrame({"Pleural Effusion": [-1.0, 0.0, np.nan, np.nan], "No Finding": [np.nan, np.nan, 1.0, np.nan]})
+    out = harmonise(chexpert, "chexpert")
+    assert [None if pd.isna(v) else int(v) for v in out["Effusion"]] == [-1, 0, 0, None]  # No Finding → 0
+    assert out["Emphysema"].isna().all()  # CheXpert has no Emphysema, No Finding or not

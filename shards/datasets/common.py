@@ -202,14 +202,15 @@ def run_split(args: Any) -> int:
     if out.suffix not in (".parquet", ".csv"):
         raise CxrError(f"{out}: unknown table format — name it .parquet or .csv")
     loaded = importlib.import_module(ADAPTERS[args.dataset]).load(root, args)
+    n_read = len(loaded.frame) + sum(loaded.skipped_counts.values())
     table = build(loaded, args.dataset, args)
     check_patient_disjoint(table)
     write_splits(table, out)
-    _summary(table, loaded, args, out, time.perf_counter() - start)
+    _summary(table, loaded, args, out, time.perf_counter() - start, n_read)
     return 0
 
 
-def _summary(table: pd.DataFrame, loaded: Loaded, args: Any, out: Path, seconds: float) -> None:
+def _summary(table: pd.DataFrame, loaded: Loaded, args: Any, out: Path, seconds: float, n_read: int) -> None:
     print(f"read {', '.join(loaded.read)}")
     for name in SPLITS:
         part = table[table["split"] == name]
@@ -229,7 +230,8 @@ def _summary(table: pd.DataFrame, loaded: Loaded, args: Any, out: Path, seconds:
         counts += f", unknown: {int(column.isna().sum()):,}"
         print(f"  {line}  [{counts}]")
     print(
-        f"split {args.dataset} {args.scheme_used}: {len(table):,} images, {table['patient'].nunique():,} patients, "
-        f"{sum(loaded.skipped_counts.values()):,} skipped → {out} in {seconds:.1f} s"
+        f"split {args.dataset} {args.scheme_used}: {len(table):,} images of {n_read:,} rows read, "
+        f"{table['patient'].nunique():,} patients, {sum(loaded.skipped_counts.values()):,} skipped → {out} "
+        f"in {seconds:.1f} s"
     )
     sys.stdout.flush()
