@@ -177,6 +177,14 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
         help="16-bit grey PNGs: reject (default), or minmax: each image's [min, max] mapped linearly "
         "to 0..255 (the default for a PadChest table; docs/datasets.md)",
     )
+    p.add_argument(
+        "--uncertain",
+        choices=["ignore", "zeros", "ones"],
+        default="ignore",
+        help="what an uncertain label (-1 in the splits table, as CheXpert/MIMIC write it) becomes: "
+        "ignore = masked like an unknown (empty) cell, skipped by losses and metrics (default; the "
+        "CheXpert paper's U-Ignore), zeros = negative, ones = positive. Recorded in the manifest",
+    )
 
 
 def _add_verify(sub: argparse._SubParsersAction) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 from cxrbase.atomic import atomic_write, remove_stale_temps
 from cxrbase.errors import CxrError
-from cxrbase.labels import LABELS, META_FIELDS
+from cxrbase.labels import LABELS, META_FIELDS, UNKNOWN
 from cxrbase.lock import FolderLock
 from cxrbase.progress import progress
 from shards.dali_index import write_index
@@ -33,7 +33,15 @@ from shards.datasets.harmonise import label_mapping
 from shards.image_codec import CODEC_EXT, GREY16, Prepared, prepare_image
 from shards.manifest import FORMAT, manifest_warnings, package_version, write_manifest
 from shards.pack_journal import Journal
-from shards.records import SPLITS, Record, meta_stats, read_splits, sample_members, split_summary
+from shards.records import (
+    SPLITS,
+    Record,
+    meta_stats,
+    read_splits,
+    resolve_uncertain,
+    sample_members,
+    split_summary,
+)
 from shards.sources import Sources, iter_archive, scan_sources
 from shards.tar_writer import TarStream, end_bytes, member_bytes
 from shards.workers import process_pool
@@ -55,6 +63,7 @@ def run(args: Any) -> int:
         allow_missing=args.allow_missing,
         allow_rejects=args.allow_rejects,
         grey16=args.grey16,
+        uncertain=getattr(args, "uncertain", "ignore"),
     )
     return 0
 
@@ -71,6 +80,7 @@ def pack(
     allow_missing: bool = False,
     allow_rejects: bool = False,
     grey16: str | None = None,
+    uncertain: str = "ignore",
 ) -> dict[str, Any]:
     """Pack the images listed in ``splits`` (path or DataFrame) into shards under ``out``.
 
@@ -78,6 +88,8 @@ def pack(
     (unless allow_missing), duplicate ids, or — after writing the manifest — on
     rejected images (unless allow_rejects). ``resize`` also writes ``out/res{N}``.
     ``grey16``: "reject" or "minmax" for 16-bit grey PNGs (None: minmax for a PadChest table).
+    ``uncertain`` resolves the table's -1 labels: ignore (masked, `.labels` 255), zeros or ones;
+    missing table cells are unknown (masked) whatever the policy. Recorded in the manifest.
     """
     _check_options(codec, quality, resize, shard_size_mb, grey16)
     records, splits_file, splits_sha = read_splits(splits)
@@ -85,6 +97,7 @@ def pack(
     grey16 = grey16 or ("minmax" if mapping and "padchest" in mapping["datasets"] else "reject")
     relative = [r.image for r in records if "/" in r.image]
     sources = scan_sources(images, relative, walk=len(relative) < len(records))
+    records = resolve_uncertain(records, uncertain)
     out = Path(out)
     settings = {
         "format": FORMAT,
@@ -94,6 +107,7 @@ def pack(
         "shard_size_mb": shard_size_mb,
         "source": sources.describe(),
         **({"grey16": grey16} if grey16 != "reject" else {}),  # old journals resume unchanged
+        "uncertain": uncertain,
     }
     workers = workers or os.cpu_count() or 1
     with _exclusive(out):
@@ -409,6 +423,8 @@ def _manifest(
         "splits_file": splits_file,
         "splits_sha256": settings["splits_sha256"],
         "labels": list(records[0].names if records else LABELS),
+        "uncertain": settings["uncertain"],
+        "unknown_labels": sum(y == UNKNOWN for r in packed_records for y in r.labels),
         "meta_fields": list(META_FIELDS),
         "meta_stats": meta_stats(packed_records),
         "splits": split_summary(packed_records, Counter(e["split"] for e in entries)),
