@@ -364,18 +364,17 @@ def test_pack_padchest_windows_16bit_and_records_mapping(tmp_path):
 @pytest.mark.integration
 @pytest.mark.parametrize("codec", ["jpeg", "png"])
 def test_pack_chexpert_jpegs_with_repeated_file_names(tmp_path, codec):
-    """Every study has its view1_frontal.jpg: keys come from the relative path, not the stem."""
+    """Every study has its view1_frontal.jpg: keys come from the relative path, not the stem; the
+    table's unknown and uncertain labels reach .labels as 255 (masked) under --uncertain ignore."""
     import io
     import json
 
     from PIL import Image
 
     root = write_chexpert(tmp_path)
-    table = split_table(tmp_path, "--dataset", "chexpert", "--root", str(root))
-    labels = table[NIH]
-    table[NIH] = labels.where(labels == 1, 0).fillna(0).astype(int)  # fully known rows until pack takes NA/−1
-    splits = tmp_path / "known.csv"
-    table.to_csv(splits, index=False)
+    splits = tmp_path / "chexpert.parquet"
+    assert main(["split", "--dataset", "chexpert", "--root", str(root), "--out", str(splits)]) == 0
+    table = pd.read_parquet(splits)
     out = tmp_path / "shards"
     args = ["pack", "--splits", str(splits), "--images", str(root), "--out", str(out), "--codec", codec]
     assert main([*args, "--workers", "1"]) == 0
@@ -390,9 +389,33 @@ def test_pack_chexpert_jpegs_with_repeated_file_names(tmp_path, codec):
             decoded = np.asarray(Image.open(io.BytesIO(source)).convert("L"))
             assert np.array_equal(np.asarray(Image.open(io.BytesIO(members[f"{key}.png"]))), decoded)
         assert json.loads(members[f"{key}.json"])["image"] == image
+        if image in CHEXPERT_EXPECTED:  # unknown and uncertain (ignore) → 255
+            want = [255 if v in (None, -1) else v for v in CHEXPERT_EXPECTED[image]]
+            assert list(members[f"{key}.labels"]) == want, image
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["label_mapping"]["datasets"] == ["chexpert"]
     assert main(["verify", str(out), "--workers", "1"]) == 0
     (root / "train/patient00003/study1/view1_frontal.jpg").unlink()
-    assert main([*args[:-4], "--out", str(tmp_path / "again"), "--workers", "1"]) == 2  # missing image: an error
+    assert main([*args[:-2], "--out", str(tmp_path / "again"), "--workers", "1"]) == 2  # missing image: an error
+
+
+@pytest.mark.integration
+def test_pack_vindr_dicoms(tmp_path):
+    import json
+
+    from dataset_layouts import write_vindr
+
+    root = write_vindr(tmp_path / "vindr")
+    splits = tmp_path / "vindr.csv"
+    assert main(["split", "--dataset", "vindr", "--root", str(root), "--out", str(splits)]) == 0
+    out = tmp_path / "shards"
+    assert main(["pack", "--splits", str(splits), "--images", str(root), "--out", str(out), "--workers", "1"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sum(s["samples"] for s in manifest["splits"].values()) == 7 and manifest["rejected"] == []
+    members = shard_members(out)
+    for image, labels in VINDR_EXPECTED.items():
+        key = hashlib.blake2b(image.encode(), digest_size=16).hexdigest()
+        assert list(members[f"{key}.labels"]) == [255 if v is None else v for v in labels], image
 
 
 def test_docs_list_every_row_of_the_shipped_mapping():
