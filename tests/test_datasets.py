@@ -412,6 +412,7 @@ def test_pack_vindr_dicoms(tmp_path):
     assert main(["pack", "--splits", str(splits), "--images", str(root), "--out", str(out), "--workers", "1"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert sum(s["samples"] for s in manifest["splits"].values()) == 7 and manifest["rejected"] == []
+    assert manifest["label_mapping"]["datasets"] == ["vindr"]  # read from a CSV table's dataset column
     members = shard_members(out)
     for image, labels in VINDR_EXPECTED.items():
         key = hashlib.blake2b(image.encode(), digest_size=16).hexdigest()
