@@ -24,7 +24,13 @@ What is measured how (said again in the output):
 - 1M: each time and memory column extrapolated from the two sizes by the log-log slope
   (time ∝ N^b); b > 1.15 is flagged superlinear.
 
-    python bench/scale.py [--sizes 10000,112120] [--world 8] [--boot 200] [--append bench/RESULTS.md]
+    python bench/scale.py [--sizes 10000,112120] [--world 8] [--boot 200] [--keep] [--append bench/RESULTS.md]
+
+With --compare CHECKOUT (after a --keep run) it runs the stages a scaling fix changed (the train
+loader built afresh for 3 epochs; the evaluate analysis) under another checkout of cxr and this
+one, on the same data, and prints them side by side:
+
+    python bench/scale.py --compare /path/to/other/checkout
 """
 
 from __future__ import annotations
@@ -45,7 +51,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+CODE = os.environ.get("CXR_SCALE_CODE")  # --compare: a stage process importing another checkout of cxr
+sys.path.insert(0, CODE or str(ROOT))
 
 NIH_CSV = ROOT.parent / "shared/data/nih/Data_Entry_2017_v2020.csv.gz"
 if not NIH_CSV.is_file():
@@ -110,7 +117,9 @@ def _index_bytes(index) -> int:
     """Bytes held by one rank's SplitIndex: key strings and list, sample arrays, shard paths."""
     keys = index.keys
     key_bytes = keys.nbytes if isinstance(keys, np.ndarray) else sys.getsizeof(keys) + sum(map(sys.getsizeof, keys))
-    return int(key_bytes + index.shard.nbytes + index.ranges.nbytes + sum(sys.getsizeof(str(p)) for p in index.shard_paths))
+    return int(
+        key_bytes + index.shard.nbytes + index.ranges.nbytes + sum(sys.getsizeof(str(p)) for p in index.shard_paths)
+    )
 
 
 def stage(name: str, work: Path, world: int, boot: int) -> dict:
@@ -156,6 +165,14 @@ def stage(name: str, work: Path, world: int, boot: int) -> dict:
             opt.step()
             images += len(batch["key"])
         out["epoch_images"] = images
+    elif name == "epochs":  # the train loader as training builds it: afresh for each of 3 epochs
+        from cxr.data import DataConfig, build_loader
+
+        cfg = DataConfig(shards=str(shards), backend="wds", resolution=RES, batch_size=32, num_threads=1)
+        for epoch in range(3):
+            t1 = time.perf_counter()
+            build_loader(cfg, "train", rank=0, world_size=world, epoch=epoch)
+            out[f"epoch{epoch}_build_s"] = time.perf_counter() - t1
     elif name == "evaluate":
         import pandas as pd
 
@@ -183,8 +200,8 @@ def stage(name: str, work: Path, world: int, boot: int) -> dict:
 STAGES = ["split", "pack", "verify", "index-dali", "index-wds", "epoch", "evaluate"]
 
 
-def run_stage(name: str, work: Path, args) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+def run_stage(name: str, work: Path, args, code: Path = ROOT) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(code), "CXR_SCALE_CODE": str(code), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, __file__, "--stage", name, "--work", str(work), "--world", str(args.world),
            "--boot", str(args.boot)]  # fmt: skip
     t0 = time.perf_counter()
@@ -246,12 +263,16 @@ def report(results: dict[int, dict], args, notes: dict) -> str:
         x, y = a[name], b[name]
         rows = [(name, "wall_s", "rss_mb")]
         if name.startswith("index"):
-            rows = [(f"{name}: index build", "index_s", "index_rss_mb"), (f"{name}: first batch", "first_batch_s", None)]
+            rows = [
+                (f"{name}: index build", "index_s", "index_rss_mb"),
+                (f"{name}: first batch", "first_batch_s", None),
+            ]
         for label, tkey, mkey in rows:
             bb = slope(n1, x[tkey], n2, y[tkey])
             flag = " **superlinear**" if bb > 1.15 else ""
             mem = "| | |"
             if mkey:
+
                 def kid(r: dict, mkey: str = mkey) -> str:
                     return f" ({r['child_rss_mb']:.0f})" if r["child_rss_mb"] > 1 and mkey == "rss_mb" else ""
 
@@ -291,8 +312,30 @@ def report(results: dict[int, dict], args, notes: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compare(other: Path, work: Path, args) -> str:
+    """The stages a fix changed, with another checkout and with this one, on the same data."""
+    if not (work / "shards" / "manifest.json").is_file():
+        raise SystemExit(f"{work}: no shards — run with --keep first")
+    rows = [
+        "| stage @{:,} images | {} | this checkout | ratio |".format(
+            len(open(work / "metadata.csv").readlines()) - 1, other
+        ),
+        "|---|---|---|---|",
+    ]
+    for name, keys in [
+        ("epochs", ["epoch0_build_s", "epoch1_build_s", "epoch2_build_s"]),
+        ("evaluate", ["wall_s", "rss_mb"]),
+    ]:
+        before, after = run_stage(name, work, args, other), run_stage(name, work, args, ROOT)
+        for key in keys:
+            rows.append(
+                f"| {name}: {key} | {before[key]:.2f} | {after[key]:.2f} | {before[key] / max(after[key], 1e-3):.1f}× |"
+            )
+    return "\n".join(rows) + "\n"
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="10000,112120", help="two image counts (default 10000,112120)")
     p.add_argument("--world", type=int, default=8, help="ranks the loader and epoch stages plan for (default 8)")
     p.add_argument("--boot", type=int, default=200, help="bootstrap resamples in the evaluate stage (default 200)")
@@ -301,6 +344,12 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the scratch folder")
     p.add_argument("--stage-timeout", type=int, default=900)
     p.add_argument("--append", help="append the section to this markdown file (e.g. bench/RESULTS.md)")
+    p.add_argument(
+        "--compare",
+        metavar="CHECKOUT",
+        help="instead: run the loader-per-epoch and evaluate stages on the data of a --keep run "
+        "(--workdir/nN, N the larger size) with this checkout of cxr and with this one, side by side",
+    )
     p.add_argument("--stage", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -310,6 +359,9 @@ def main() -> None:
     sizes = sorted(int(s) for s in args.sizes.split(","))
     if len(sizes) != 2:
         raise SystemExit("--sizes: give two image counts, e.g. 10000,112120")
+    if args.compare:
+        print(compare(Path(args.compare), Path(args.workdir) / f"n{sizes[1]}", args))
+        return
     base = Path(args.workdir)
     results: dict[int, dict] = {}
     try:
