@@ -16,9 +16,10 @@ from accelerate.utils import gather_object
 
 from cxr.config import Config
 from cxr.data import load_shards_manifest
-from cxr.data.shard_index import SampleReader, SplitIndex, first_corrupt
+from cxr.data.shard_index import CorruptSample, SampleReader, SplitIndex, first_corrupt
 from cxrbase.errors import CxrError
 from cxrbase.labels import LABELS
+from shards.manifest import load_manifest
 
 log = logging.getLogger("cxr.train")
 
@@ -133,17 +134,28 @@ def train_steps_per_epoch(cfg: Config, loader_fn: Callable, rank: int, world: in
 def check_val_split(cfg: Config, loader_fn: Callable, rank: int, world: int) -> None:
     """Build the val loader once before epoch 1: a missing, empty or corrupt split fails before
     any training (each rank reads its share of the val samples' bytes with the loaders' checks),
-    and so does one where train.best_metric=val_mean_auroc is undefined (no label with both classes)."""
-    bad, positives = None, None
+    and so does one where train.best_metric=val_mean_auroc is undefined (no label with both classes).
+
+    The val bytes are read once: the class counts come from the manifest's per-split statistics
+    (``splits.val.positives``, written by pack), or, for a manifest without them, from the same
+    pass that checks the bytes (label_counts)."""
+    bad, positives, known = None, None, None
     try:
         with torch.random.fork_rng(devices=[]):
             loader = loader_fn(cfg.data, "val", rank=rank, world_size=world, epoch=0, train=False)
         batches = len(loader)
-        if isinstance(getattr(loader, "index", None), SplitIndex):  # shards (not in-memory data)
-            found = first_corrupt(loader.index, rank, world)
-            bad = None if found is None else str(found.as_error())
-            if bad is None and cfg.train.best_metric == "val_mean_auroc":
-                positives = label_counts(loader.index, rank, world)
+        index = getattr(loader, "index", None)
+        if isinstance(index, SplitIndex):  # shards (not in-memory data)
+            need = cfg.train.best_metric == "val_mean_auroc"
+            known = manifest_label_counts(index, "val") if need else None
+            try:
+                if need and known is None:
+                    positives = label_counts(index, rank, world)  # checks and counts in one pass
+                else:
+                    found = first_corrupt(index, rank, world)
+                    bad = None if found is None else str(found.as_error())
+            except CorruptSample as corrupt:
+                bad = str(corrupt.as_error())
     except CxrError as err:
         if "no shards for split 'val'" not in str(err):
             raise
@@ -156,23 +168,36 @@ def check_val_split(cfg: Config, loader_fn: Callable, rank: int, world: int) -> 
         )
     if any(errors):
         raise CxrError(next(e for e in errors if e))
-    if all(share is not None for share in shares):
+    if known is not None:
+        check_auroc_defined(cfg, *known)
+    elif all(share is not None for share in shares):
         check_auroc_defined(cfg, np.sum([s[0] for s in shares], axis=0), sum(s[1] for s in shares))
     if rank == 0:
         warn_small_or_skewed(cfg)
 
 
-def label_counts(index: SplitIndex, rank: int, world: int) -> tuple[np.ndarray, int]:
-    """([num_labels] positives, samples) of this rank's share of a split, from the .labels bytes."""
-    from cxr.data.shard_index import CorruptSample
+def manifest_label_counts(index: SplitIndex, split: str) -> tuple[np.ndarray, int] | None:
+    """([num_labels] positives, samples) of a whole split from its manifest's statistics (pack's
+    shards.records.split_summary), without reading a sample; None when the manifest lacks them or
+    they do not describe the indexed samples (then label_counts reads them)."""
+    try:
+        manifest = load_manifest(index.shards_dir)
+    except CxrError:
+        return None
+    stats = manifest.get("splits", {}).get(split, {})
+    names, positives = manifest.get("labels") or [], stats.get("positives") or {}
+    if len(names) != index.num_labels or stats.get("samples") != len(index) or any(n not in positives for n in names):
+        return None
+    return np.array([positives[n] for n in names], np.int64), len(index)
 
+
+def label_counts(index: SplitIndex, rank: int, world: int) -> tuple[np.ndarray, int]:
+    """([num_labels] positives, samples) of this rank's share of a split, from the .labels bytes,
+    read with the loaders' integrity checks (CorruptSample on the first bad sample)."""
     reader, total, n = SampleReader(index), np.zeros(index.num_labels, np.int64), 0
     try:
         for i in range(rank, len(index), world):
-            try:  # labels read with their checksum (a corrupt sample is the val check's error already)
-                _, labels, _ = reader.read(i, check_image=False)
-            except CorruptSample:
-                continue
+            _, labels, _ = reader.read(i)
             total += labels.astype(np.int64)
             n += 1
     finally:
