@@ -12,7 +12,7 @@ DIR gets
                     distance of log(1 − SSIM) and the image statistics of cxr.ood.image_features
   thresholds.json   per-label operating points o (the evaluator's tuned thresholds of the ensemble, or 0.5
                     without --thresholds) and the calibration f(x) = x/(2o) for x ≤ o, else 1 − (1−x)/(2(1−o))
-  preprocess.json   how the loader makes its input: PIL "L" grey, PIL bilinear resize, (x/255 − mean)/std
+  preprocess.json   how the loader makes its input: PIL "L" grey, PIL Lanczos resize, (x/255 − mean)/std
   manifest.json     every file with its sha256 and size, the runs, versions
 
 Members with metadata fusion are refused (the page has no age/sex/view to give them). The legacy
@@ -282,25 +282,30 @@ def export_package(
     )
     ops = operating_points(thresholds, len(members), members[0][0].name, method)
     write_json(out / "thresholds.json", ops)
-    mean, std = members[0][0].mean, members[0][0].std
-    gate_data = gate_member.config.get("data", {})
+    from cxr.data import DataConfig
+    from shards.image_codec import RESIZE_FILTER
+
+    # the mean/std the evaluator normalises with: the runs' data sections, else the loader's defaults
+    model_data = DataConfig.from_run(members[0][0].config.get("data"))
+    gate_data = DataConfig.from_run(gate_member.config.get("data"))
     write_json(
         out / "preprocess.json",
         {
             "grey": "PIL Image.convert('L'): L = (R*19595 + G*38470 + B*7471 + 0x8000) >> 16 (R=G=B stays)",
-            "resize": "PIL Image.resize((R, R), Image.BILINEAR): antialiased triangle filter, support × downscale",
+            "resize": f"as the loader (cxr.data.shard_index.to_resolution): {RESIZE_FILTER} to R×R, when not R×R",
+            "resize_filter": "lanczos",
             "normalise": "float32 (x - mean*255) / (std*255), x the uint8 pixel",
             "model": {
                 "resolution": res,
-                "mean": 0.5176 if mean is None else mean,
-                "std": 0.2542 if std is None else std,
+                "mean": model_data.mean,
+                "std": model_data.std,
                 "input": "image",
                 "outputs": outputs,
             },
             "ood": {
                 "resolution": ood_res,
-                "mean": gate_data.get("mean", 0.5176),
-                "std": gate_data.get("std", 0.2542),
+                "mean": gate_data.mean,
+                "std": gate_data.std,
                 "threshold": gate_doc["threshold"],
                 "percentile": gate_doc["percentile"],
                 "rule": "reject when score > threshold",

@@ -38,9 +38,8 @@ import numpy as np
 
 from cxrbase.atomic import atomic_write_text
 from cxrbase.errors import CxrError, cli_entry
-from shards.dicom import has_preamble, is_dicom_file, read_dicom
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+from shards.dicom import is_dicom_file
+from shards.image_codec import RASTER_SUFFIXES, BadImage, source_grey
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -70,25 +69,21 @@ def collect_inputs(paths: Sequence[str | Path]) -> Inputs:
 
 
 def _add(found: Inputs, file: Path) -> None:
-    if file.suffix.lower() in IMAGE_SUFFIXES or is_dicom_file(file):
+    if file.suffix.lower() in RASTER_SUFFIXES or is_dicom_file(file):
         found.images.append(file)
     else:
         found.skipped.append((file, "not an image (neither DICOM nor PNG/JPEG)"))
 
 
 def read_grey(path: Path) -> np.ndarray:
-    """One file → 8-bit grey pixels [H, W]: DICOM through shards.dicom, PNG/JPEG as PIL's convert('L')."""
-    from PIL import Image
-
-    data = path.read_bytes()
-    if has_preamble(data) or path.suffix.lower() in (".dcm", ".dicom"):
-        return read_dicom(data, name=str(path)).pixels
+    """One file → the 8-bit grey master [H, W] pack would store for it (shards.image_codec.source_grey:
+    DICOM through shards.dicom, PNG by pack's grey policy, JPEG as PIL's convert('L'))."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return np.asarray(im if im.mode == "L" else im.convert("L"))
-    except Exception as err:  # PIL raises OSError, ValueError, SyntaxError …
-        raise CxrError(f"{path}: does not decode ({type(err).__name__}: {err})") from None
+        return source_grey(path.read_bytes(), str(path))
+    except BadImage as err:
+        raise CxrError(f"{path}: {err}") from None
+    except OSError as err:
+        raise CxrError(f"{path}: unreadable ({err.strerror or err})") from None
 
 
 # ---------------------------------------------------------------------------------------------- scorers
@@ -111,7 +106,6 @@ class Scorer:
 def open_package(folder: Path) -> Scorer:
     """An exported package (cxr.export): onnxruntime sessions and its preprocess.json; no torch."""
     import onnxruntime as ort
-    from PIL import Image
 
     pre = _read_json(folder / "preprocess.json")
     ops = _read_json(folder / "thresholds.json")
@@ -119,12 +113,10 @@ def open_package(folder: Path) -> Scorer:
     gate = ort.InferenceSession(str(folder / "ood.onnx"), providers=["CPUExecutionProvider"])
     model_cfg, ood_cfg = pre["model"], pre["ood"]
 
+    resize = package_resize(pre, folder)
+
     def tensor(images: list[np.ndarray], cfg: dict) -> np.ndarray:
-        size = int(cfg["resolution"])
-        # as preprocess.json says (and the page does): PIL bilinear resize, float32 (x − mean·255)/(std·255)
-        px = np.stack([np.asarray(Image.fromarray(im, "L").resize((size, size), Image.BILINEAR)) for im in images])
-        mean, std = np.float32(cfg["mean"]), np.float32(cfg["std"])
-        return ((px.astype(np.float32) - mean * np.float32(255)) / (std * np.float32(255)))[:, None]
+        return model_input(images, int(cfg["resolution"]), float(cfg["mean"]), float(cfg["std"]), resize)
 
     def score(images: list[np.ndarray]):
         probs = session.run(["probs"], {"image": tensor(images, model_cfg)})[0]
@@ -153,9 +145,9 @@ def open_runs(runs: Sequence[Path], ood: Path | None, thresholds: str | None, me
     """Training run dirs (an ensemble) and an optional gate run, preprocessed as the loaders do."""
     import torch
 
+    from cxr.data import DataConfig
     from cxr.export import operating_points
     from cxr.inference import build_member_model, ensemble_scores, member_names, read_member
-    from shards.image_codec import resize_grey
 
     dev = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
@@ -175,6 +167,8 @@ def open_runs(runs: Sequence[Path], ood: Path | None, thresholds: str | None, me
         if m.resolution is None:
             raise CxrError(f"{m.run_dir}/config.yaml: no data.resolution — restore the run's config")
         m.model = build_member_model(m, dev)
+    # each member's mean/std as the evaluator normalises for it: its run's data section, else the defaults
+    norm = {m.name: DataConfig.from_run(m.config.get("data")) for m in members}
     gate = None
     if ood is not None:
         from cxr.ood import GateScore, load_gate, read_threshold
@@ -199,18 +193,14 @@ def open_runs(runs: Sequence[Path], ood: Path | None, thresholds: str | None, me
         points = np.asarray(ops["operating_points"], float)
 
     def tensor(images: list[np.ndarray], size: int, mean: float, std: float):
-        px = np.stack(
-            [im if im.shape == (size, size) else np.asarray(resize_grey(_pil(im), size)) for im in images]
-        ).astype(np.float32)
-        x = torch.from_numpy(px)[:, None].to(dev)
-        return x.sub_(mean * 255).div_(std * 255)  # the eval loader's normalisation, in the same order
+        return torch.from_numpy(model_input(images, size, mean, std)).to(dev)
 
     @torch.inference_mode()
     def score(images: list[np.ndarray]):
         probs = {}
         for m in members:
             size = int(m.resolution)
-            x = tensor(images, size, _or(m.mean, 0.5176), _or(m.std, 0.2542))
+            x = tensor(images, size, norm[m.name].mean, norm[m.name].std)
             probs[m.name] = torch.sigmoid(m.model(x, meta=None).double()).cpu().numpy()
         gate_score = None
         if gate is not None:
@@ -233,7 +223,7 @@ def open_runs(runs: Sequence[Path], ood: Path | None, thresholds: str | None, me
                 name, grid, why = choose_layer(m.model, "gradcam", size)
                 layers[m.name] = name
                 notes.append(f"{m.name}: layer {name}, a {grid[0]}×{grid[1]} map at {size} px ({why})")
-            x = tensor([image], size, _or(m.mean, 0.5176), _or(m.std, 0.2542))
+            x = tensor([image], size, norm[m.name].mean, norm[m.name].std)
             maps = upsample(gradcam_maps(m.model, x, label_ids, layer=layers[m.name]).clamp(min=0), image.shape)
             total = maps[0] if total is None else total + maps[0]
         return (total / len(members)).cpu().numpy()
@@ -251,6 +241,30 @@ def open_runs(runs: Sequence[Path], ood: Path | None, thresholds: str | None, me
     )
 
 
+def model_input(images: list[np.ndarray], size: int, mean: float, std: float, resize=None) -> np.ndarray:
+    """Grey masters [H, W] → float32 [B, 1, size, size] as the evaluation loader makes them: resized by
+    cxr.data.shard_index.to_resolution (``resize``: another resize, for a package exported with one),
+    normalised by cxr.data.config.normalise_."""
+    from cxr.data.config import normalise_
+    from cxr.data.shard_index import to_resolution
+
+    px = np.stack([(resize or to_resolution)(im, size) for im in images]).astype(np.float32)
+    return normalise_(px, mean, std)[:, None]
+
+
+def package_resize(pre: dict, folder: Path):
+    """The resize a package's preprocess.json names: the loader's (``resize_filter`` "lanczos", packages
+    from this version on) or PIL bilinear (packages exported before it, whose page resized so)."""
+    name = pre.get("resize_filter", "bilinear")
+    if name == "lanczos":
+        return None  # model_input's default: the loader's own
+    if name == "bilinear":
+        from PIL import Image
+
+        return lambda im, size: np.asarray(Image.fromarray(im, "L").resize((size, size), Image.BILINEAR))
+    raise CxrError(f"{folder / 'preprocess.json'}: resize_filter {name!r} unknown — re-export the package")
+
+
 def gate_model_data(model) -> tuple[float, float]:
     """The autoencoder's own (mean, std): load_gate copies them from its run's data section into ``norm``."""
     mean, std = (float(v) for v in model.norm.tolist())
@@ -265,16 +279,6 @@ def _resize_map(heat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return np.asarray(
         Image.fromarray(np.asarray(heat, np.float32), "F").resize((int(shape[1]), int(shape[0])), Image.BILINEAR)
     )
-
-
-def _or(value: Any, default: float) -> float:
-    return float(default if value is None else value)
-
-
-def _pil(pixels: np.ndarray):
-    from PIL import Image
-
-    return Image.fromarray(pixels, "L")
 
 
 def _read_json(path: Path) -> dict:

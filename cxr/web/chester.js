@@ -44,7 +44,9 @@ async function decodeGrey(blob) {
 }
 
 function tensorAt(img, spec) {
-  const px = CxrPixels.resizeGrey(img.grey, img.w, img.h, spec.resolution, spec.resolution);
+  // preprocess.json's resize_filter: lanczos (the loader's); packages exported before it named one: bilinear
+  const filter = state.pre.resize_filter || "bilinear";
+  const px = CxrPixels.resizeGrey(img.grey, img.w, img.h, spec.resolution, spec.resolution, filter);
   const data = CxrPixels.normalise(px, spec.mean, spec.std);
   return { px, tensor: new ort.Tensor("float32", data, [1, 1, spec.resolution, spec.resolution]) };
 }
