@@ -43,12 +43,12 @@ class Record:
     names: tuple[str, ...] = LABELS  # the table's label names (the 14 NIH ones, or a generic table's)
 
 
-IMAGE_SUFFIXES = (".png", ".dcm", ".dicom")  # what a table's image name may end with; the key drops it
+KEY_SUFFIXES = (".png", ".dcm", ".dicom")  # what a table's image name may end with; image_key drops it
 
 
 def image_key(image: str) -> str:
     """Image file name → shard key (``00000001_000.png`` → ``00000001_000``; ``a.dcm`` → ``a``)."""
-    for suffix in IMAGE_SUFFIXES:
+    for suffix in KEY_SUFFIXES:
         if image.lower().endswith(suffix):
             return image[: -len(suffix)]
     return image
