@@ -30,6 +30,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,13 +90,15 @@ def read_grey(path: Path) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- scorers
 @dataclass
 class Scorer:
-    """What a model source provides: labels, operating points, and batch → (probs [B,L], gate [B] or None)."""
+    """What a model source provides: labels, operating points, grey masters → model inputs (``prepare``, run
+    on a worker thread a batch ahead) and those inputs → (probs [B,L], gate [B] or None) (``score``)."""
 
     labels: list[str]
     operating_points: np.ndarray
     has_gate: bool
     threshold: float | None
-    score: Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray | None]]
+    prepare: Callable[[list[np.ndarray]], Any]
+    score: Callable[[Any], tuple[np.ndarray, np.ndarray | None]]
     description: str
     # image [H,W] uint8, label indices → maps [k,H,W] ≥ 0 at the image's size (None: no maps for this model)
     heat: Callable[[np.ndarray, list[int]], np.ndarray] | None = None
@@ -118,9 +121,13 @@ def open_package(folder: Path) -> Scorer:
     def tensor(images: list[np.ndarray], cfg: dict) -> np.ndarray:
         return model_input(images, int(cfg["resolution"]), float(cfg["mean"]), float(cfg["std"]), resize)
 
-    def score(images: list[np.ndarray]):
-        probs = session.run(["probs"], {"image": tensor(images, model_cfg)})[0]
-        gate_score = gate.run(["score"], {"image": tensor(images, ood_cfg)})[0].reshape(-1)
+    def prepare(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        return tensor(images, model_cfg), tensor(images, ood_cfg)
+
+    def score(prepared: tuple[np.ndarray, np.ndarray]):
+        x, g = prepared
+        probs = session.run(["probs"], {"image": x})[0]
+        gate_score = gate.run(["score"], {"image": g})[0].reshape(-1)
         return np.asarray(probs, np.float64), np.asarray(gate_score, np.float64)
 
     with_cam = "cam" in [o.name for o in session.get_outputs()]
@@ -134,6 +141,7 @@ def open_package(folder: Path) -> Scorer:
         operating_points=np.asarray(ops["operating_points"], float),
         has_gate=True,
         threshold=float(ood_cfg["threshold"]),
+        prepare=prepare,
         score=score,
         description=f"package {folder} (onnxruntime)",
         heat=heat if with_cam else None,
@@ -195,17 +203,24 @@ def open_runs(runs: Sequence[Path], ood: Path | None, thresholds: str | None, me
     def tensor(images: list[np.ndarray], size: int, mean: float, std: float):
         return torch.from_numpy(model_input(images, size, mean, std)).to(dev)
 
+    def spec(m) -> tuple[int, float, float]:  # (size, mean, std) of a member's input
+        return int(m.resolution), norm[m.name].mean, norm[m.name].std
+
+    specs = {spec(m) for m in members} | ({(gate[1], *gate[3])} if gate is not None else set())
+
+    def prepare(images: list[np.ndarray]) -> dict:
+        return {s: model_input(images, *s) for s in specs}
+
     @torch.inference_mode()
-    def score(images: list[np.ndarray]):
+    def score(prepared: dict):
         probs = {}
         for m in members:
-            size = int(m.resolution)
-            x = tensor(images, size, norm[m.name].mean, norm[m.name].std)
+            x = torch.from_numpy(prepared[spec(m)]).to(dev)
             probs[m.name] = torch.sigmoid(m.model(x, meta=None).double()).cpu().numpy()
         gate_score = None
         if gate is not None:
-            model, size, _, (mean, std) = gate
-            gate_score = model(tensor(images, size, mean, std)).double().reshape(-1).cpu().numpy()
+            x = torch.from_numpy(prepared[(gate[1], *gate[3])]).to(dev)
+            gate_score = gate[0](x).double().reshape(-1).cpu().numpy()
         return ensemble_scores(probs), gate_score
 
     layers: dict[str, str] = {}
@@ -236,6 +251,7 @@ def open_runs(runs: Sequence[Path], ood: Path | None, thresholds: str | None, me
         heat_method="Grad-CAM (mean over the members)",
         heat_notes=notes,
         threshold=None if gate is None else float(gate[2]),
+        prepare=prepare,
         score=score,
         description=f"{len(members)} run(s) on {dev}: {', '.join(m.name for m in members)}",
     )
@@ -328,21 +344,25 @@ def predict(
     skipped = list(inputs.skipped)
     t0 = time.perf_counter()
     bar = progress_bar(total=len(inputs.images), unit="img", desc="predict", disable=not progress)
-    for start in range(0, len(inputs.images), batch_size):
-        batch: list[tuple[Path, np.ndarray]] = []
-        for path in inputs.images[start : start + batch_size]:
-            try:
-                batch.append((path, read_grey(path)))
-            except CxrError as err:
-                skipped.append((path, str(err).removeprefix(f"{path}: ")))
-        if batch:
-            probs, gate = scorer.score([pixels for _, pixels in batch])
+    chunks = [inputs.images[s : s + batch_size] for s in range(0, len(inputs.images), batch_size)]
+    with ThreadPoolExecutor(1, thread_name_prefix="cxr-predict-read") as reader:
+        # the next batch is read and preprocessed (decoders and resize release the GIL) while this one is scored
+        ahead = [reader.submit(_load, scorer, chunk) for chunk in chunks[:1]]
+        for k in range(len(chunks)):
+            batch, unreadable, prepared = ahead.pop().result()
+            if k + 1 < len(chunks):
+                ahead.append(reader.submit(_load, scorer, chunks[k + 1]))
+            skipped.extend(unreadable)
+            if not batch:
+                bar.update(len(chunks[k]))
+                continue
+            probs, gate = scorer.score(prepared)
             calibrated = calibrate(probs, scorer.operating_points)
             for i, (path, pixels) in enumerate(batch):
                 rows.append(_row(scorer, path, probs[i], calibrated[i], None if gate is None else gate[i]))
                 if overlays:
                     drawn.append(_draw(scorer, out, len(rows) - 1, rows[-1], pixels, calibrated[i]))
-        bar.update(len(inputs.images[start : start + batch_size]))
+            bar.update(len(chunks[k]))
     bar.close()
     seconds = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
@@ -358,6 +378,18 @@ def predict(
         "skipped": skipped,
         "seconds": seconds,
     }
+
+
+def _load(scorer: Scorer, paths: list[Path]) -> tuple[list[tuple[Path, np.ndarray]], list[tuple[Path, str]], Any]:
+    """One batch: (readable files with their grey masters, unreadable files with the reason, model inputs)."""
+    batch: list[tuple[Path, np.ndarray]] = []
+    unreadable: list[tuple[Path, str]] = []
+    for path in paths:
+        try:
+            batch.append((path, read_grey(path)))
+        except CxrError as err:
+            unreadable.append((path, str(err).removeprefix(f"{path}: ")))
+    return batch, unreadable, scorer.prepare([pixels for _, pixels in batch]) if batch else None
 
 
 def _row(scorer: Scorer, path: Path, probs: np.ndarray, calibrated: np.ndarray, gate: float | None) -> dict:

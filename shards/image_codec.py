@@ -269,7 +269,10 @@ def source_grey(data: bytes, name: str) -> np.ndarray:
         except CxrError as err:
             raise BadImage(str(err).removeprefix(f"{name}: ")) from None
     if data[:8] == PNG_SIGNATURE:
-        image, _ = grey_policy(data, check_png(data))
+        header = check_png(data)
+        if header.bit_depth == 8 and header.colour_type == 0:  # pack keeps these bytes; the loader decodes so
+            return np.asarray(decode_grey(data, "png"))
+        image, _ = grey_policy(data, header)
         return np.asarray(image)
     image = _decode(data)
     return np.asarray(image if image.mode == "L" else image.convert("L"))
