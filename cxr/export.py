@@ -44,6 +44,9 @@ CALIBRATION = "f(x) = x/(2o) for x <= o, else 1 - (1-x)/(2(1-o)); o maps to 0.5"
 WEB_VENDOR = Path(__file__).resolve().parents[1] / "build" / "npm" / "node_modules" / "onnxruntime-web"
 WEB_FILES = ("ort.wasm.min.js", "ort-wasm-simd-threaded.wasm", "ort-wasm-simd-threaded.mjs")
 WEB_SOURCE = Path(__file__).resolve().parent / "web"
+# dicom-parser (npm, installed beside onnxruntime-web by scripts/web-deps.sh): the page's DICOM header parser
+DICOM_VENDOR = WEB_VENDOR.parent / "dicom-parser"
+DICOM_FILES = ("dicomParser.min.js",)
 
 
 class EnsembleGraph(nn.Module):
@@ -344,26 +347,30 @@ def _version(module: str) -> str | None:
         return None
 
 
-def write_site(package: Path, site: Path, vendor: Path = WEB_VENDOR) -> list[str]:
-    """Copy the page, the package files and onnxruntime-web's wasm build into ``site``; list the files."""
+def write_site(package: Path, site: Path, vendor: Path = WEB_VENDOR, dicom_vendor: Path = DICOM_VENDOR) -> list[str]:
+    """Copy the page, the package files, onnxruntime-web's wasm build and dicom-parser into ``site``; list the files."""
     dist = vendor / "dist"
-    missing = [f for f in WEB_FILES if not (dist / f).is_file()]
+    missing = [str(dist / f) for f in WEB_FILES if not (dist / f).is_file()]
+    missing += [str(dicom_vendor / "dist" / f) for f in DICOM_FILES if not (dicom_vendor / "dist" / f).is_file()]
     if missing:
         raise CxrError(
-            f"{dist}: onnxruntime-web files {missing} missing — run `make web-deps` "
-            f"(scripts/web-deps.sh npm: npm install onnxruntime-web into build/npm)"
+            f"{missing[0]}: the page's npm files {missing} missing — run `make web-deps` "
+            f"(scripts/web-deps.sh npm: npm install onnxruntime-web dicom-parser into build/npm)"
         )
     site.mkdir(parents=True, exist_ok=True)
     copied = []
     for src in [
-        *(WEB_SOURCE / f for f in ("index.html", "chester.js", "resize.js")),
+        *(WEB_SOURCE / f for f in ("index.html", "chester.js", "resize.js", "dicom.js")),
         *(package / f for f in ("model.onnx", "ood.onnx", "thresholds.json", "preprocess.json", "manifest.json")),
         *(dist / f for f in WEB_FILES),
+        *(dicom_vendor / "dist" / f for f in DICOM_FILES),
     ]:
         shutil.copyfile(src, site / src.name)
         copied.append(src.name)
     version = json.loads((vendor / "package.json").read_text())["version"]
-    write_json(site / "site.json", {"onnxruntime-web": version, "files": {f: sha256(site / f) for f in copied}})
+    dicom_version = json.loads((dicom_vendor / "package.json").read_text())["version"]
+    files = {f: sha256(site / f) for f in copied}
+    write_json(site / "site.json", {"onnxruntime-web": version, "dicom-parser": dicom_version, "files": files})
     return copied + ["site.json"]
 
 
@@ -406,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     t0 = time.time()
-    if args.web and not all((WEB_VENDOR / "dist" / f).is_file() for f in WEB_FILES):
+    vendored = [WEB_VENDOR / "dist" / f for f in WEB_FILES] + [DICOM_VENDOR / "dist" / f for f in DICOM_FILES]
+    if args.web and not all(f.is_file() for f in vendored):
         write_site(Path(args.out), Path(args.web))  # fails before the export, naming the command to run
     manifest = export_package(args.run, args.ood, Path(args.out), args.resolution, args.thresholds, args.method)
     line = (

@@ -48,6 +48,7 @@ def web_tools() -> dict:
         not shutil.which("chromium")
         or not (WEB_VENDOR / "package.json").is_file()
         or not (WEB_VENDOR.parent / "playwright-core" / "package.json").is_file()
+        or not (WEB_VENDOR.parent / "dicom-parser" / "package.json").is_file()
     )
     if missing:
         if not shutil.which("node") or not shutil.which("npm"):
@@ -167,6 +168,8 @@ def test_page_probabilities_equal_onnxruntime_and_nothing_else_is_fetched(site, 
         "ort-wasm-simd-threaded.mjs",
         "ort-wasm-simd-threaded.wasm",
         "resize.js",
+        "dicomParser.min.js",
+        "dicom.js",
         "chester.js",
         "preprocess.json",
         "thresholds.json",
