@@ -12,7 +12,7 @@ DIR gets
                     distance of log(1 − SSIM) and the image statistics of cxr.ood.image_features
   thresholds.json   per-label operating points o (the evaluator's tuned thresholds of the ensemble, or 0.5
                     without --thresholds) and the calibration f(x) = x/(2o) for x ≤ o, else 1 − (1−x)/(2(1−o))
-  preprocess.json   how the loader makes its input: PIL "L" grey, PIL bilinear resize, (x/255 − mean)/std
+  preprocess.json   how the loader makes its input: PIL "L" grey, PIL Lanczos resize, (x/255 − mean)/std
   manifest.json     every file with its sha256 and size, the runs, versions
 
 Members with metadata fusion are refused (the page has no age/sex/view to give them). The legacy
@@ -44,6 +44,9 @@ CALIBRATION = "f(x) = x/(2o) for x <= o, else 1 - (1-x)/(2(1-o)); o maps to 0.5"
 WEB_VENDOR = Path(__file__).resolve().parents[1] / "build" / "npm" / "node_modules" / "onnxruntime-web"
 WEB_FILES = ("ort.wasm.min.js", "ort-wasm-simd-threaded.wasm", "ort-wasm-simd-threaded.mjs")
 WEB_SOURCE = Path(__file__).resolve().parent / "web"
+# dicom-parser (npm, installed beside onnxruntime-web by scripts/web-deps.sh): the page's DICOM header parser
+DICOM_VENDOR = WEB_VENDOR.parent / "dicom-parser"
+DICOM_FILES = ("dicomParser.min.js",)
 
 
 class EnsembleGraph(nn.Module):
@@ -282,25 +285,30 @@ def export_package(
     )
     ops = operating_points(thresholds, len(members), members[0][0].name, method)
     write_json(out / "thresholds.json", ops)
-    mean, std = members[0][0].mean, members[0][0].std
-    gate_data = gate_member.config.get("data", {})
+    from cxr.data import DataConfig
+    from shards.image_codec import RESIZE_FILTER
+
+    # the mean/std the evaluator normalises with: the runs' data sections, else the loader's defaults
+    model_data = DataConfig.from_run(members[0][0].config.get("data"))
+    gate_data = DataConfig.from_run(gate_member.config.get("data"))
     write_json(
         out / "preprocess.json",
         {
             "grey": "PIL Image.convert('L'): L = (R*19595 + G*38470 + B*7471 + 0x8000) >> 16 (R=G=B stays)",
-            "resize": "PIL Image.resize((R, R), Image.BILINEAR): antialiased triangle filter, support × downscale",
+            "resize": f"as the loader (cxr.data.shard_index.to_resolution): {RESIZE_FILTER} to R×R, when not R×R",
+            "resize_filter": "lanczos",
             "normalise": "float32 (x - mean*255) / (std*255), x the uint8 pixel",
             "model": {
                 "resolution": res,
-                "mean": 0.5176 if mean is None else mean,
-                "std": 0.2542 if std is None else std,
+                "mean": model_data.mean,
+                "std": model_data.std,
                 "input": "image",
                 "outputs": outputs,
             },
             "ood": {
                 "resolution": ood_res,
-                "mean": gate_data.get("mean", 0.5176),
-                "std": gate_data.get("std", 0.2542),
+                "mean": gate_data.mean,
+                "std": gate_data.std,
                 "threshold": gate_doc["threshold"],
                 "percentile": gate_doc["percentile"],
                 "rule": "reject when score > threshold",
@@ -339,26 +347,30 @@ def _version(module: str) -> str | None:
         return None
 
 
-def write_site(package: Path, site: Path, vendor: Path = WEB_VENDOR) -> list[str]:
-    """Copy the page, the package files and onnxruntime-web's wasm build into ``site``; list the files."""
+def write_site(package: Path, site: Path, vendor: Path = WEB_VENDOR, dicom_vendor: Path = DICOM_VENDOR) -> list[str]:
+    """Copy the page, the package files, onnxruntime-web's wasm build and dicom-parser into ``site``; list the files."""
     dist = vendor / "dist"
-    missing = [f for f in WEB_FILES if not (dist / f).is_file()]
+    missing = [str(dist / f) for f in WEB_FILES if not (dist / f).is_file()]
+    missing += [str(dicom_vendor / "dist" / f) for f in DICOM_FILES if not (dicom_vendor / "dist" / f).is_file()]
     if missing:
         raise CxrError(
-            f"{dist}: onnxruntime-web files {missing} missing — run `make web-deps` "
-            f"(scripts/web-deps.sh npm: npm install onnxruntime-web into build/npm)"
+            f"{missing[0]}: the page's npm files {missing} missing — run `make web-deps` "
+            f"(scripts/web-deps.sh npm: npm install onnxruntime-web dicom-parser into build/npm)"
         )
     site.mkdir(parents=True, exist_ok=True)
     copied = []
     for src in [
-        *(WEB_SOURCE / f for f in ("index.html", "chester.js", "resize.js")),
+        *(WEB_SOURCE / f for f in ("index.html", "chester.js", "resize.js", "dicom.js")),
         *(package / f for f in ("model.onnx", "ood.onnx", "thresholds.json", "preprocess.json", "manifest.json")),
         *(dist / f for f in WEB_FILES),
+        *(dicom_vendor / "dist" / f for f in DICOM_FILES),
     ]:
         shutil.copyfile(src, site / src.name)
         copied.append(src.name)
     version = json.loads((vendor / "package.json").read_text())["version"]
-    write_json(site / "site.json", {"onnxruntime-web": version, "files": {f: sha256(site / f) for f in copied}})
+    dicom_version = json.loads((dicom_vendor / "package.json").read_text())["version"]
+    files = {f: sha256(site / f) for f in copied}
+    write_json(site / "site.json", {"onnxruntime-web": version, "dicom-parser": dicom_version, "files": files})
     return copied + ["site.json"]
 
 
@@ -401,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     t0 = time.time()
-    if args.web and not all((WEB_VENDOR / "dist" / f).is_file() for f in WEB_FILES):
+    vendored = [WEB_VENDOR / "dist" / f for f in WEB_FILES] + [DICOM_VENDOR / "dist" / f for f in DICOM_FILES]
+    if args.web and not all(f.is_file() for f in vendored):
         write_site(Path(args.out), Path(args.web))  # fails before the export, naming the command to run
     manifest = export_package(args.run, args.ood, Path(args.out), args.resolution, args.thresholds, args.method)
     line = (

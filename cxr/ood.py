@@ -217,8 +217,10 @@ def load_gate(run: str | Path, device="cpu"):
             f"not ood_ae — pass the OOD autoencoder's run dir"
         )
     model = build_member_model(member, torch.device(device))
-    data = member.config.get("data", {})
-    model.norm.copy_(torch.tensor([data.get("mean", 0.5176), data.get("std", 0.2542)]))
+    from cxr.data import DataConfig
+
+    data = DataConfig.from_run(member.config.get("data"))  # the run's mean/std, else the loader's defaults
+    model.norm.copy_(torch.tensor([data.mean, data.std]))
     return model, member
 
 

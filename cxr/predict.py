@@ -30,6 +30,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,9 +39,8 @@ import numpy as np
 
 from cxrbase.atomic import atomic_write_text
 from cxrbase.errors import CxrError, cli_entry
-from shards.dicom import has_preamble, is_dicom_file, read_dicom
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+from shards.dicom import is_dicom_file
+from shards.image_codec import RASTER_SUFFIXES, BadImage, source_grey
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -70,37 +70,35 @@ def collect_inputs(paths: Sequence[str | Path]) -> Inputs:
 
 
 def _add(found: Inputs, file: Path) -> None:
-    if file.suffix.lower() in IMAGE_SUFFIXES or is_dicom_file(file):
+    if file.suffix.lower() in RASTER_SUFFIXES or is_dicom_file(file):
         found.images.append(file)
     else:
         found.skipped.append((file, "not an image (neither DICOM nor PNG/JPEG)"))
 
 
 def read_grey(path: Path) -> np.ndarray:
-    """One file → 8-bit grey pixels [H, W]: DICOM through shards.dicom, PNG/JPEG as PIL's convert('L')."""
-    from PIL import Image
-
-    data = path.read_bytes()
-    if has_preamble(data) or path.suffix.lower() in (".dcm", ".dicom"):
-        return read_dicom(data, name=str(path)).pixels
+    """One file → the 8-bit grey master [H, W] pack would store for it (shards.image_codec.source_grey:
+    DICOM through shards.dicom, PNG by pack's grey policy, JPEG as PIL's convert('L'))."""
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            return np.asarray(im if im.mode == "L" else im.convert("L"))
-    except Exception as err:  # PIL raises OSError, ValueError, SyntaxError …
-        raise CxrError(f"{path}: does not decode ({type(err).__name__}: {err})") from None
+        return source_grey(path.read_bytes(), str(path))
+    except BadImage as err:
+        raise CxrError(f"{path}: {err}") from None
+    except OSError as err:
+        raise CxrError(f"{path}: unreadable ({err.strerror or err})") from None
 
 
 # ---------------------------------------------------------------------------------------------- scorers
 @dataclass
 class Scorer:
-    """What a model source provides: labels, operating points, and batch → (probs [B,L], gate [B] or None)."""
+    """What a model source provides: labels, operating points, grey masters → model inputs (``prepare``, run
+    on a worker thread a batch ahead) and those inputs → (probs [B,L], gate [B] or None) (``score``)."""
 
     labels: list[str]
     operating_points: np.ndarray
     has_gate: bool
     threshold: float | None
-    score: Callable[[list[np.ndarray]], tuple[np.ndarray, np.ndarray | None]]
+    prepare: Callable[[list[np.ndarray]], Any]
+    score: Callable[[Any], tuple[np.ndarray, np.ndarray | None]]
     description: str
     # image [H,W] uint8, label indices → maps [k,H,W] ≥ 0 at the image's size (None: no maps for this model)
     heat: Callable[[np.ndarray, list[int]], np.ndarray] | None = None
@@ -111,7 +109,6 @@ class Scorer:
 def open_package(folder: Path) -> Scorer:
     """An exported package (cxr.export): onnxruntime sessions and its preprocess.json; no torch."""
     import onnxruntime as ort
-    from PIL import Image
 
     pre = _read_json(folder / "preprocess.json")
     ops = _read_json(folder / "thresholds.json")
@@ -119,16 +116,18 @@ def open_package(folder: Path) -> Scorer:
     gate = ort.InferenceSession(str(folder / "ood.onnx"), providers=["CPUExecutionProvider"])
     model_cfg, ood_cfg = pre["model"], pre["ood"]
 
-    def tensor(images: list[np.ndarray], cfg: dict) -> np.ndarray:
-        size = int(cfg["resolution"])
-        # as preprocess.json says (and the page does): PIL bilinear resize, float32 (x − mean·255)/(std·255)
-        px = np.stack([np.asarray(Image.fromarray(im, "L").resize((size, size), Image.BILINEAR)) for im in images])
-        mean, std = np.float32(cfg["mean"]), np.float32(cfg["std"])
-        return ((px.astype(np.float32) - mean * np.float32(255)) / (std * np.float32(255)))[:, None]
+    resize = package_resize(pre, folder)
 
-    def score(images: list[np.ndarray]):
-        probs = session.run(["probs"], {"image": tensor(images, model_cfg)})[0]
-        gate_score = gate.run(["score"], {"image": tensor(images, ood_cfg)})[0].reshape(-1)
+    def tensor(images: list[np.ndarray], cfg: dict) -> np.ndarray:
+        return model_input(images, int(cfg["resolution"]), float(cfg["mean"]), float(cfg["std"]), resize)
+
+    def prepare(images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        return tensor(images, model_cfg), tensor(images, ood_cfg)
+
+    def score(prepared: tuple[np.ndarray, np.ndarray]):
+        x, g = prepared
+        probs = session.run(["probs"], {"image": x})[0]
+        gate_score = gate.run(["score"], {"image": g})[0].reshape(-1)
         return np.asarray(probs, np.float64), np.asarray(gate_score, np.float64)
 
     with_cam = "cam" in [o.name for o in session.get_outputs()]
@@ -142,6 +141,7 @@ def open_package(folder: Path) -> Scorer:
         operating_points=np.asarray(ops["operating_points"], float),
         has_gate=True,
         threshold=float(ood_cfg["threshold"]),
+        prepare=prepare,
         score=score,
         description=f"package {folder} (onnxruntime)",
         heat=heat if with_cam else None,
@@ -153,9 +153,9 @@ def open_runs(runs: Sequence[Path], ood: Path | None, thresholds: str | None, me
     """Training run dirs (an ensemble) and an optional gate run, preprocessed as the loaders do."""
     import torch
 
+    from cxr.data import DataConfig
     from cxr.export import operating_points
     from cxr.inference import build_member_model, ensemble_scores, member_names, read_member
-    from shards.image_codec import resize_grey
 
     dev = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
@@ -175,6 +175,8 @@ def open_runs(runs: Sequence[Path], ood: Path | None, thresholds: str | None, me
         if m.resolution is None:
             raise CxrError(f"{m.run_dir}/config.yaml: no data.resolution — restore the run's config")
         m.model = build_member_model(m, dev)
+    # each member's mean/std as the evaluator normalises for it: its run's data section, else the defaults
+    norm = {m.name: DataConfig.from_run(m.config.get("data")) for m in members}
     gate = None
     if ood is not None:
         from cxr.ood import GateScore, load_gate, read_threshold
@@ -199,23 +201,26 @@ def open_runs(runs: Sequence[Path], ood: Path | None, thresholds: str | None, me
         points = np.asarray(ops["operating_points"], float)
 
     def tensor(images: list[np.ndarray], size: int, mean: float, std: float):
-        px = np.stack(
-            [im if im.shape == (size, size) else np.asarray(resize_grey(_pil(im), size)) for im in images]
-        ).astype(np.float32)
-        x = torch.from_numpy(px)[:, None].to(dev)
-        return x.sub_(mean * 255).div_(std * 255)  # the eval loader's normalisation, in the same order
+        return torch.from_numpy(model_input(images, size, mean, std)).to(dev)
+
+    def spec(m) -> tuple[int, float, float]:  # (size, mean, std) of a member's input
+        return int(m.resolution), norm[m.name].mean, norm[m.name].std
+
+    specs = {spec(m) for m in members} | ({(gate[1], *gate[3])} if gate is not None else set())
+
+    def prepare(images: list[np.ndarray]) -> dict:
+        return {s: model_input(images, *s) for s in specs}
 
     @torch.inference_mode()
-    def score(images: list[np.ndarray]):
+    def score(prepared: dict):
         probs = {}
         for m in members:
-            size = int(m.resolution)
-            x = tensor(images, size, _or(m.mean, 0.5176), _or(m.std, 0.2542))
+            x = torch.from_numpy(prepared[spec(m)]).to(dev)
             probs[m.name] = torch.sigmoid(m.model(x, meta=None).double()).cpu().numpy()
         gate_score = None
         if gate is not None:
-            model, size, _, (mean, std) = gate
-            gate_score = model(tensor(images, size, mean, std)).double().reshape(-1).cpu().numpy()
+            x = torch.from_numpy(prepared[(gate[1], *gate[3])]).to(dev)
+            gate_score = gate[0](x).double().reshape(-1).cpu().numpy()
         return ensemble_scores(probs), gate_score
 
     layers: dict[str, str] = {}
@@ -233,7 +238,7 @@ def open_runs(runs: Sequence[Path], ood: Path | None, thresholds: str | None, me
                 name, grid, why = choose_layer(m.model, "gradcam", size)
                 layers[m.name] = name
                 notes.append(f"{m.name}: layer {name}, a {grid[0]}×{grid[1]} map at {size} px ({why})")
-            x = tensor([image], size, _or(m.mean, 0.5176), _or(m.std, 0.2542))
+            x = tensor([image], size, norm[m.name].mean, norm[m.name].std)
             maps = upsample(gradcam_maps(m.model, x, label_ids, layer=layers[m.name]).clamp(min=0), image.shape)
             total = maps[0] if total is None else total + maps[0]
         return (total / len(members)).cpu().numpy()
@@ -246,9 +251,34 @@ def open_runs(runs: Sequence[Path], ood: Path | None, thresholds: str | None, me
         heat_method="Grad-CAM (mean over the members)",
         heat_notes=notes,
         threshold=None if gate is None else float(gate[2]),
+        prepare=prepare,
         score=score,
         description=f"{len(members)} run(s) on {dev}: {', '.join(m.name for m in members)}",
     )
+
+
+def model_input(images: list[np.ndarray], size: int, mean: float, std: float, resize=None) -> np.ndarray:
+    """Grey masters [H, W] → float32 [B, 1, size, size] as the evaluation loader makes them: resized by
+    cxr.data.shard_index.to_resolution (``resize``: another resize, for a package exported with one),
+    normalised by cxr.data.config.normalise_."""
+    from cxr.data.config import normalise_
+    from cxr.data.shard_index import to_resolution
+
+    px = np.stack([(resize or to_resolution)(im, size) for im in images]).astype(np.float32)
+    return normalise_(px, mean, std)[:, None]
+
+
+def package_resize(pre: dict, folder: Path):
+    """The resize a package's preprocess.json names: the loader's (``resize_filter`` "lanczos", packages
+    from this version on) or PIL bilinear (packages exported before it, whose page resized so)."""
+    name = pre.get("resize_filter", "bilinear")
+    if name == "lanczos":
+        return None  # model_input's default: the loader's own
+    if name == "bilinear":
+        from PIL import Image
+
+        return lambda im, size: np.asarray(Image.fromarray(im, "L").resize((size, size), Image.BILINEAR))
+    raise CxrError(f"{folder / 'preprocess.json'}: resize_filter {name!r} unknown — re-export the package")
 
 
 def gate_model_data(model) -> tuple[float, float]:
@@ -265,16 +295,6 @@ def _resize_map(heat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return np.asarray(
         Image.fromarray(np.asarray(heat, np.float32), "F").resize((int(shape[1]), int(shape[0])), Image.BILINEAR)
     )
-
-
-def _or(value: Any, default: float) -> float:
-    return float(default if value is None else value)
-
-
-def _pil(pixels: np.ndarray):
-    from PIL import Image
-
-    return Image.fromarray(pixels, "L")
 
 
 def _read_json(path: Path) -> dict:
@@ -324,21 +344,25 @@ def predict(
     skipped = list(inputs.skipped)
     t0 = time.perf_counter()
     bar = progress_bar(total=len(inputs.images), unit="img", desc="predict", disable=not progress)
-    for start in range(0, len(inputs.images), batch_size):
-        batch: list[tuple[Path, np.ndarray]] = []
-        for path in inputs.images[start : start + batch_size]:
-            try:
-                batch.append((path, read_grey(path)))
-            except CxrError as err:
-                skipped.append((path, str(err).removeprefix(f"{path}: ")))
-        if batch:
-            probs, gate = scorer.score([pixels for _, pixels in batch])
+    chunks = [inputs.images[s : s + batch_size] for s in range(0, len(inputs.images), batch_size)]
+    with ThreadPoolExecutor(1, thread_name_prefix="cxr-predict-read") as reader:
+        # the next batch is read and preprocessed (decoders and resize release the GIL) while this one is scored
+        ahead = [reader.submit(_load, scorer, chunk) for chunk in chunks[:1]]
+        for k in range(len(chunks)):
+            batch, unreadable, prepared = ahead.pop().result()
+            if k + 1 < len(chunks):
+                ahead.append(reader.submit(_load, scorer, chunks[k + 1]))
+            skipped.extend(unreadable)
+            if not batch:
+                bar.update(len(chunks[k]))
+                continue
+            probs, gate = scorer.score(prepared)
             calibrated = calibrate(probs, scorer.operating_points)
             for i, (path, pixels) in enumerate(batch):
                 rows.append(_row(scorer, path, probs[i], calibrated[i], None if gate is None else gate[i]))
                 if overlays:
                     drawn.append(_draw(scorer, out, len(rows) - 1, rows[-1], pixels, calibrated[i]))
-        bar.update(len(inputs.images[start : start + batch_size]))
+            bar.update(len(chunks[k]))
     bar.close()
     seconds = time.perf_counter() - t0
     out.mkdir(parents=True, exist_ok=True)
@@ -354,6 +378,18 @@ def predict(
         "skipped": skipped,
         "seconds": seconds,
     }
+
+
+def _load(scorer: Scorer, paths: list[Path]) -> tuple[list[tuple[Path, np.ndarray]], list[tuple[Path, str]], Any]:
+    """One batch: (readable files with their grey masters, unreadable files with the reason, model inputs)."""
+    batch: list[tuple[Path, np.ndarray]] = []
+    unreadable: list[tuple[Path, str]] = []
+    for path in paths:
+        try:
+            batch.append((path, read_grey(path)))
+        except CxrError as err:
+            unreadable.append((path, str(err).removeprefix(f"{path}: ")))
+    return batch, unreadable, scorer.prepare([pixels for _, pixels in batch]) if batch else None
 
 
 def _row(scorer: Scorer, path: Path, probs: np.ndarray, calibrated: np.ndarray, gate: float | None) -> dict:

@@ -163,8 +163,9 @@ export_stage() {
   need ensemble
   need gate
   local web=()
-  if [ -f build/npm/node_modules/onnxruntime-web/package.json ]; then web=(--web "$DEMO/site")
-  else echo "(onnxruntime-web not in build/npm: the package only, no page — run \`make web-deps\`)"; fi
+  if [ -f build/npm/node_modules/onnxruntime-web/package.json ] && [ -f build/npm/node_modules/dicom-parser/package.json ]; then
+    web=(--web "$DEMO/site")
+  else echo "(onnxruntime-web or dicom-parser not in build/npm: the package only, no page — run \`make web-deps\`)"; fi
   step "export the ensemble + gate as one ONNX package${web:+ and the browser page}"
   "$PY" -m cxr.export --run "$DEMO/runs/member1" --run "$DEMO/runs/member2" --ood "$DEMO/runs/ood" \
     --thresholds "$DEMO/report/thresholds.json" --out "$DEMO/package" "${web[@]}"

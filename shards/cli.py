@@ -116,6 +116,26 @@ def _add_split(sub: argparse._SubParsersAction) -> None:
         "files (one name per line) or NIH archives images_0NN.tar.gz (e.g. the 130-image "
         "sample); the split stays patient-level",
     )
+    _add_split_patients(p)
+
+
+def _add_split_patients(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--patients-from-dicom",
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="folders of the table's DICOM images: each image's patient is its header's PatientID, written "
+        "only as a salted hash (HMAC-SHA256 with --patient-salt-file), so the split stays patient-level "
+        "and no ID reaches the table, the shards or a log; replaces the table's patient column",
+    )
+    p.add_argument(
+        "--patient-salt-file",
+        default=None,
+        metavar="FILE",
+        help="secret salt for --patients-from-dicom (≥ 16 bytes; default: $CXR_PATIENT_SALT); keep it out of "
+        "the outputs and reuse it, so a patient gets the same key in every table; never stored by cxr",
+    )
 
 
 def _add_stats(sub: argparse._SubParsersAction) -> None:

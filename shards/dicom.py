@@ -23,10 +23,16 @@ the same loss a radiologist's 8-bit display makes, and the one NIH's PNGs alread
 
 De-identification: only ``ViewPosition``, ``PatientSex``, ``PatientAge`` and the pixel spacing
 are read as metadata (:class:`DicomImage`); no name, ID, date or institution leaves this module.
+``PatientID`` is read by :func:`patient_keys` alone, and leaves only as a keyed hash (HMAC-SHA256
+with a secret salt the user keeps): the patient key that keeps splits patient-level.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -209,3 +215,66 @@ def _spacing(ds) -> tuple[float, float] | None:
         if value is not None and len(value) == 2:
             return float(value[0]), float(value[1])
     return None
+
+
+# ---------------------------------------------------------------------------------------------- patients
+MIN_SALT_BYTES = 16
+SALT_ENV = "CXR_PATIENT_SALT"
+
+
+def read_salt(path: str | Path | None) -> bytes:
+    """The secret salt of the patient keys: the bytes of ``path`` (surrounding whitespace dropped), else
+    the environment variable CXR_PATIENT_SALT. Never written anywhere by cxr: with the salt, anyone
+    holding the outputs could hash candidate IDs (hospital IDs are few and guessable) and match them."""
+    if path is not None:
+        try:
+            salt = Path(path).read_bytes().strip()
+        except OSError as err:
+            raise CxrError(f"{path}: salt file unreadable ({err.strerror or err}) — pass a file of random bytes") from None
+        where = str(path)
+    else:
+        salt, where = os.environ.get(SALT_ENV, "").strip().encode(), f"${SALT_ENV}"
+        if not salt:
+            raise CxrError(
+                f"{where}: no salt for the patient keys — pass --patient-salt-file FILE (e.g. made once with "
+                f"`head -c 32 /dev/urandom | base64 > FILE`, kept secret and reused for every table) or set {SALT_ENV}"
+            )
+    if len(salt) < MIN_SALT_BYTES:
+        raise CxrError(
+            f"{where}: salt of {len(salt)} bytes is too short to keep patient IDs from being guessed — use at "
+            f"least {MIN_SALT_BYTES} random bytes (`head -c 32 /dev/urandom | base64`)"
+        )
+    return salt
+
+
+def patient_key(patient_id: str, salt: bytes) -> int:
+    """A PatientID → a non-negative 63-bit integer: the first 8 bytes of HMAC-SHA256(salt, ID), big-endian."""
+    digest = hmac.new(salt, patient_id.strip().encode("utf-8"), hashlib.sha256).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+def patient_keys(files: Mapping[str, Path], salt: bytes) -> dict[str, int]:
+    """Image key → salted patient key of each DICOM's ``PatientID`` (headers only, no pixel data read).
+
+    A file that is not DICOM or has no PatientID is an error naming it (an image without a patient
+    would have to guess its split, and a guess can leak a patient across splits)."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    out: dict[str, int] = {}
+    for key, path in files.items():
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
+        except (InvalidDicomError, ValueError, EOFError, OSError) as err:
+            raise CxrError(
+                f"{path}: not a readable DICOM ({type(err).__name__}) — patient keys come from DICOM headers; "
+                "give a table with a patient column for other images"
+            ) from None
+        value = str(ds.get("PatientID", "") or "").strip()
+        if not value:
+            raise CxrError(
+                f"{path}: no PatientID in the header — cannot keep this image's patient in one split; "
+                "add it in the PACS export or give a table with a patient column"
+            )
+        out[key] = patient_key(value, salt)
+    return out

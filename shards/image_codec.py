@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from cxrbase.errors import CxrError
-from shards.dicom import has_preamble, read_dicom
+from shards.dicom import DICOM_SUFFIXES, has_preamble, read_dicom
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # ljpeg gets its own extension, not .jpg: webdataset's .decode() hands .jpg to PIL and
@@ -303,12 +303,39 @@ def _prepare_jpeg(key: str, data: bytes, codec: str, quality: int) -> Prepared:
     return Prepared(key, CODEC_EXT[codec], out, image.width, image.height, "JPEG", bytes_in=len(data))
 
 
+RASTER_SUFFIXES = (".png", ".jpg", ".jpeg")  # file suffixes source_grey reads besides DICOM (by content)
+
+
+def source_grey(data: bytes, name: str) -> np.ndarray:
+    """A source file's bytes → the 8-bit grey master pixels [H, W] that ``pack`` stores for it.
+
+    The one place a source image becomes grey: ``prepare_image`` (pack) and ``cxr-predict`` both
+    call it, so a file scored directly sees the pixels its packed copy gives the loaders. DICOM
+    (by its preamble): shards.dicom. PNG: the grey policy (8-bit grey as is, RGB/RGBA with R=G=B
+    and opaque alpha to grey; everything else refused). Any other raster (JPEG:
+    pack's ``_prepare_jpeg`` takes grey or R=G=B ones): PIL's ``convert("L")`` (ITU-R 601-2 luma; R=G=B stays). Raises BadImage.
+    """
+    if has_preamble(data) or name.lower().endswith(DICOM_SUFFIXES):  # a .dcm without preamble: say so
+        try:
+            return read_dicom(data, name=name).pixels
+        except CxrError as err:
+            raise BadImage(str(err).removeprefix(f"{name}: ")) from None
+    if data[:8] == PNG_SIGNATURE:
+        header = check_png(data)
+        if header.bit_depth == 8 and header.colour_type == 0:  # pack keeps these bytes; the loader decodes so
+            return np.asarray(decode_grey(data, "png"))
+        image, _ = grey_policy(data, header)
+        return np.asarray(image)
+    image = _decode(data)
+    return np.asarray(image if image.mode == "L" else image.convert("L"))
+
+
 def _prepare_dicom(key: str, data: bytes, codec: str, quality: int) -> Prepared:
     """A DICOM radiograph → its 8-bit master (shards.dicom: modality LUT, VOI, MONOCHROME1), encoded."""
     try:
-        image = Image.fromarray(read_dicom(data, name=key).pixels, mode="L")
-    except CxrError as err:
-        return Prepared(key, None, None, reason=str(err).removeprefix(f"{key}: "), bytes_in=len(data))
+        image = Image.fromarray(source_grey(data, key), mode="L")
+    except BadImage as err:
+        return Prepared(key, None, None, reason=str(err), bytes_in=len(data))
     out = encode(image, codec, quality, png_level=1)
     return Prepared(key, CODEC_EXT[codec], out, image.width, image.height, "DICOM", bytes_in=len(data))
 

@@ -51,7 +51,7 @@ class Record:
     names: tuple[str, ...] = LABELS  # the table's label names (the 14 NIH ones, or a generic table's)
 
 
-IMAGE_SUFFIXES = (".png", ".dcm", ".dicom", ".jpg", ".jpeg")  # what a table's image name may end with; the key drops it
+KEY_SUFFIXES = (".png", ".dcm", ".dicom", ".jpg", ".jpeg")  # what a table's image name may end with; image_key drops it
 
 
 def image_key(image: str) -> str:
@@ -64,7 +64,7 @@ def image_key(image: str) -> str:
     """
     if "/" in image:
         return hashlib.blake2b(image.encode(), digest_size=16).hexdigest()
-    for suffix in IMAGE_SUFFIXES:
+    for suffix in KEY_SUFFIXES:
         if image.lower().endswith(suffix):
             return image[: -len(suffix)]
     return image

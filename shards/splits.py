@@ -239,6 +239,10 @@ def write_splits(table: pd.DataFrame, path: Path) -> None:
 
 def _load(args) -> tuple[pd.DataFrame, bool]:
     meta = read_metadata(args.metadata)
+    if getattr(args, "patients_from_dicom", None):
+        meta = dicom_patients(meta, args.patients_from_dicom, args.patient_salt_file, str(args.metadata))
+    elif getattr(args, "patient_salt_file", None):
+        raise CxrError("--patient-salt-file: only used with --patients-from-dicom — add it, or drop the salt")
     if not args.restrict_to:
         return meta, False
     available = read_image_inventory(args.restrict_to)
@@ -253,6 +257,31 @@ def _load(args) -> tuple[pd.DataFrame, bool]:
         + (f"; {extra:,} inventory image(s) are not in the metadata and were ignored" if extra else "")
     )
     return meta[keep].reset_index(drop=True), True
+
+
+def dicom_patients(meta: pd.DataFrame, folders, salt_file: str | None, where: str) -> pd.DataFrame:
+    """The table with its ``patient`` column replaced by the salted hash of each image's DICOM PatientID
+    (shards.dicom.patient_keys); every image of the table must be a DICOM in ``folders``."""
+    from shards.dicom import patient_keys, read_salt
+    from shards.records import image_key
+    from shards.sources import scan_sources
+
+    salt = read_salt(salt_file)
+    sources = scan_sources(folders)
+    keys = meta["image"].map(image_key)
+    missing = sorted(set(keys) - set(sources.files))
+    if missing:
+        raise CxrError(
+            f"{where}: {len(missing)} image(s) of the table are not in {', '.join(map(str, folders))} "
+            f"(first {missing[:3]}) — pass the folders that hold every image, or drop those rows"
+        )
+    found = patient_keys({k: sources.files[k] for k in keys}, salt)
+    out = meta.assign(patient=keys.map(found).astype(np.int64))
+    print(
+        f"patients from DICOM headers: {len(out):,} images, {out['patient'].nunique():,} patients "
+        "(PatientID hashed with the salt; no ID written)"
+    )
+    return out
 
 
 def _official_lists(args) -> tuple[tuple[Path, list[str]], tuple[Path, list[str]]]:

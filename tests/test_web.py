@@ -48,6 +48,7 @@ def web_tools() -> dict:
         not shutil.which("chromium")
         or not (WEB_VENDOR / "package.json").is_file()
         or not (WEB_VENDOR.parent / "playwright-core" / "package.json").is_file()
+        or not (WEB_VENDOR.parent / "dicom-parser" / "package.json").is_file()
     )
     if missing:
         if not shutil.which("node") or not shutil.which("npm"):
@@ -122,9 +123,10 @@ def _open(site, web_tools, image: str, shot: Path | None = None) -> dict:
 
 
 def _loader_pixels(path: Path, res: int, mean: float, std: float) -> np.ndarray:
-    """[1,1,res,res] float32 as cxr/data/wds_loader.py makes it (PIL L, bilinear, float32 normalise)."""
+    """[1,1,res,res] float32 as the loader makes it (PIL L, Lanczos when not res×res, float32 normalise)."""
     with Image.open(path) as im:
-        grey = im.convert("L").resize((res, res), Image.BILINEAR)
+        grey = im.convert("L")
+        grey = grey if grey.size == (res, res) else grey.resize((res, res), Image.LANCZOS)
     x = (np.asarray(grey, np.float32) - np.float32(mean * 255)) / np.float32(std * 255)
     return x[None, None].astype(np.float32)
 
@@ -166,6 +168,8 @@ def test_page_probabilities_equal_onnxruntime_and_nothing_else_is_fetched(site, 
         "ort-wasm-simd-threaded.mjs",
         "ort-wasm-simd-threaded.wasm",
         "resize.js",
+        "dicomParser.min.js",
+        "dicom.js",
         "chester.js",
         "preprocess.json",
         "thresholds.json",
@@ -209,9 +213,11 @@ def test_page_gate_score_equals_the_python_gate_and_rejects_non_x_rays(site, web
     assert result["state"] == "rejected" and result["rows"] == [], result
 
 
+@pytest.mark.parametrize("filter_", ["lanczos", "bilinear"])
 @pytest.mark.parametrize("size,out", [((1000, 913), 224), ((37, 64), 64), ((64, 64), 128), ((1024, 1024), 224)])
-def test_page_resize_is_pillow_bilinear_exactly(size, out, tmp_path):
-    """cxr/web/resize.js (run in node) against PIL Image.resize BILINEAR: every pixel equal."""
+def test_page_resize_is_pillows(size, out, filter_, tmp_path):
+    """cxr/web/resize.js (run in node) against PIL Image.resize LANCZOS (the loader's filter) and BILINEAR
+    (packages exported before preprocess.json named resize_filter): every pixel equal."""
     if not shutil.which("node"):
         pytest.skip("node missing: install Node.js")
     rng = np.random.default_rng(size[0])
@@ -224,11 +230,11 @@ def test_page_resize_is_pillow_bilinear_exactly(size, out, tmp_path):
         require({json.dumps(str(ROOT / "cxr" / "web" / "resize.js"))});
         const fs = require("fs");
         const grey = new Uint8Array(fs.readFileSync({json.dumps(str(tmp_path / "in.bin"))}));
-        fs.writeFileSync({json.dumps(str(tmp_path / "out.bin"))}, CxrPixels.resizeGrey(grey, {w}, {h}, {out}, {out}));
+        fs.writeFileSync({json.dumps(str(tmp_path / "out.bin"))}, CxrPixels.resizeGrey(grey, {w}, {h}, {out}, {out}, "{filter_}"));
     """
     subprocess.run(["node", "-e", script], check=True, timeout=60)
     got = np.frombuffer((tmp_path / "out.bin").read_bytes(), np.uint8).reshape(out, out)
-    want = np.asarray(Image.fromarray(pixels).resize((out, out), Image.BILINEAR))
+    want = np.asarray(Image.fromarray(pixels).resize((out, out), getattr(Image, filter_.upper())))
     assert np.array_equal(got, want), (
         f"{int((got != want).sum())} pixels differ, max {np.abs(got.astype(int) - want).max()}"
     )

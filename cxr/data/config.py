@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from cxrbase.errors import CxrError
 
@@ -146,6 +146,26 @@ class DataConfig:
     def eval_batch(self) -> int:
         """Evaluation batch size per rank (eval_batch_size, else batch_size)."""
         return self.eval_batch_size or self.batch_size
+
+    def normalise_(self, x):
+        """In place on float32 pixels 0…255: this config's :func:`normalise_`; returns x."""
+        return normalise_(x, self.mean, self.std)
+
+    @classmethod
+    def from_run(cls, data: dict | None, **override) -> DataConfig:
+        """A run's saved ``data:`` section (config.yaml) → its DataConfig: the keys this version knows,
+        the defaults for the rest (a run saved before a field existed trained with its default)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{**{k: v for k, v in (data or {}).items() if k in known}, **override})
+
+
+def normalise_(x, mean: float, std: float):
+    """In place on float32 pixels 0…255 (a torch tensor or a numpy array): (x − mean·255) / (std·255),
+    the evaluation normalisation (the wds collate step calls it; DALI's crop_mirror_normalize takes the
+    same mean·255 and std·255), float32 arithmetic with the scalars rounded to float32; returns x."""
+    x -= mean * 255
+    x /= std * 255
+    return x
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:

@@ -357,7 +357,7 @@ def all_corrupt_error(shards: list, keys: list[str]) -> CxrError:
 def decode_resize(image: bytes, res: int, index: SplitIndex, i: int) -> np.ndarray:
     """Encoded image → grey uint8 [res, res] (resized, when not already res×res, with the filter of
     `pack --resize`: shards.image_codec.resize_grey)."""
-    from shards.image_codec import decode_grey, resize_grey
+    from shards.image_codec import decode_grey
 
     try:
         im = decode_grey(image, index.codec)  # pack's decoder: imagecodecs for png / ljpeg, PIL for the rest
@@ -367,6 +367,18 @@ def decode_resize(image: bytes, res: int, index: SplitIndex, i: int) -> np.ndarr
         ) from err
     if im.mode != "L":
         im = im.convert("L")  # RGBA/RGB radiographs have R=G=B (SPEC); I;16 would lose bits here
+    return to_resolution(im, res)
+
+
+def to_resolution(image, res: int) -> np.ndarray:
+    """A grey master (PIL "L" image or uint8 [H, W]) → uint8 [res, res], resized when not already
+    res×res with the filter of `pack --resize` (shards.image_codec.resize_grey). The loaders' step
+    after decoding, and cxr-predict's on files, so both hand a model the same pixels."""
+    from PIL import Image
+
+    from shards.image_codec import resize_grey
+
+    im = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8), "L")
     if im.size != (res, res):
         im = resize_grey(im, res)
     return np.array(im)  # writable copy for torch.from_numpy

@@ -24,7 +24,7 @@ from functools import partial
 import numpy as np
 
 from cxr.data.augmentation import draw_params, warp_affine_torch
-from cxr.data.config import DataConfig
+from cxr.data.config import DataConfig, normalise_
 from cxr.data.shard_index import CorruptSample, OnCorrupt, SampleReader, SplitIndex, all_corrupt_error, decode_resize
 from cxr.data.workers import STOP_SIGNALS, stop_signals_blocked
 
@@ -128,7 +128,7 @@ def _collate(items, mean: float, std: float, augment: bool):
         out.mul_(1 / 255).sub_(0.5).mul_(contrast).add_(0.5).mul_(bright).clamp_(0.0, 1.0)
         out.sub_(mean).div_(std)
     else:
-        out.sub_(mean * 255).div_(std * 255)
+        normalise_(out, mean, std)
     labels = np.stack([x[3] for _, x in good])
     meta = np.stack([x[4] for _, x in good])
     return out, np.asarray([i for i, _ in good], np.int64), labels, meta, corrupt

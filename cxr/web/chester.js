@@ -26,7 +26,7 @@ async function init() {
   const opts = { executionProviders: ["wasm"] };
   [state.model, state.ood] = await Promise.all([ort.InferenceSession.create("model.onnx", opts),
                                                ort.InferenceSession.create("ood.onnx", opts)]);
-  setStatus("ready", "Ready: choose or drop a PNG/JPEG chest X-ray. Nothing leaves this computer.");
+  setStatus("ready", "Ready: choose or drop a PNG/JPEG or DICOM chest X-ray. Nothing leaves this computer.");
 }
 
 // SPEC's operating-point calibration: o maps to 0.5.
@@ -43,8 +43,18 @@ async function decodeGrey(blob) {
   return { grey: CxrPixels.toGrey(data, bitmap.width * bitmap.height), w: bitmap.width, h: bitmap.height };
 }
 
+// A dropped or fetched file → { grey, w, h }: a DICOM (preamble or .dcm name) through dicom.js (shards/dicom.py's
+// VOI and MONOCHROME1 steps), any other image through the browser's decoder and PIL's grey conversion.
+async function decodeFile(blob, name) {
+  const bytes = new Uint8Array(await blob.arrayBuffer());
+  if (CxrDicom.isDicom(bytes, name)) return CxrDicom.toGrey(bytes, name);
+  return decodeGrey(blob);
+}
+
 function tensorAt(img, spec) {
-  const px = CxrPixels.resizeGrey(img.grey, img.w, img.h, spec.resolution, spec.resolution);
+  // preprocess.json's resize_filter: lanczos (the loader's); packages exported before it named one: bilinear
+  const filter = state.pre.resize_filter || "bilinear";
+  const px = CxrPixels.resizeGrey(img.grey, img.w, img.h, spec.resolution, spec.resolution, filter);
   const data = CxrPixels.normalise(px, spec.mean, spec.std);
   return { px, tensor: new ort.Tensor("float32", data, [1, 1, spec.resolution, spec.resolution]) };
 }
@@ -109,7 +119,7 @@ async function predict(blob, name) {
   try {
     setStatus("busy", `Reading ${name} …`);
     $("results").innerHTML = "";
-    const img = await decodeGrey(blob);
+    const img = await decodeFile(blob, name);
     const gate = tensorAt(img, state.pre.ood);
     const score = (await state.ood.run({ image: gate.tensor })).score.data[0];
     $("ood").dataset.score = score.toPrecision(9);

@@ -1,8 +1,11 @@
-// Pixels exactly as cxr's loader makes them (cxr/data/wds_loader.py decode_resize):
-//   PIL Image.convert("L") then Image.resize((R, R), Image.BILINEAR), then (x - mean*255) / (std*255).
-// A port of Pillow's 8-bit resampling (libImaging/Resample.c): triangle filter whose support grows
+// Pixels exactly as cxr's loader makes them (cxr/data/shard_index.py to_resolution):
+//   PIL Image.convert("L") then Image.resize((R, R), Image.LANCZOS), then (x - mean*255) / (std*255).
+// A port of Pillow's 8-bit resampling (libImaging/Resample.c): Lanczos (a=3; packages exported
+// before preprocess.json named resize_filter: the triangle filter) whose support grows
 // with the downscale factor (antialiasing), coefficients in fixed point with 22 fractional bits,
-// a horizontal pass into an 8-bit image, then a vertical pass. Integer-exact with Pillow.
+// a horizontal pass into an 8-bit image, then a vertical pass. Integer-exact with Pillow's bilinear;
+// Lanczos's sin() may differ from the C library's in the last bit, which can move a coefficient by
+// one fixed-point step (the tests compare pixels within one grey level).
 "use strict";
 
 const PRECISION_BITS = 32 - 8 - 2;
@@ -12,12 +15,26 @@ function bilinearFilter(x) {
   return x < 1 ? 1 - x : 0;
 }
 
+function sincFilter(x) {
+  if (x === 0.0) return 1.0;
+  x = x * Math.PI;
+  return Math.sin(x) / x;
+}
+
+function lanczosFilter(x) {
+  return -3.0 <= x && x < 3.0 ? sincFilter(x) * sincFilter(x / 3) : 0.0;
+}
+
+// Pillow's filters: (function, support)
+const FILTERS = { bilinear: [bilinearFilter, 1.0], lanczos: [lanczosFilter, 3.0] };
+
 // Per output pixel: first input index, count, and fixed-point weights (Pillow's precompute_coeffs
 // followed by normalize_coeffs_8bpc).
-function coefficients(inSize, outSize) {
+function coefficients(inSize, outSize, filter) {
+  const [fn, filterSupport] = FILTERS[filter];
   const scale = inSize / outSize;
   const filterscale = Math.max(scale, 1.0);
-  const support = 1.0 * filterscale;
+  const support = filterSupport * filterscale;
   const ksize = Math.ceil(support) * 2 + 1;
   const bounds = new Int32Array(outSize * 2);
   const kk = new Int32Array(outSize * ksize);
@@ -32,7 +49,7 @@ function coefficients(inSize, outSize) {
     xmax -= xmin;
     let ww = 0.0;
     for (let x = 0; x < xmax; x++) {
-      const w = bilinearFilter((x + xmin - center + 0.5) * ss);
+      const w = fn((x + xmin - center + 0.5) * ss);
       k[x] = w;
       ww += w;
     }
@@ -53,11 +70,12 @@ function clip8(v) {
   return Math.floor(v / (1 << PRECISION_BITS));
 }
 
-// grey: Uint8Array [h*w] → Uint8Array [outH*outW]
-function resizeGrey(grey, w, h, outW, outH) {
+// grey: Uint8Array [h*w] → Uint8Array [outH*outW]; filter "lanczos" (the loader's) or "bilinear"
+function resizeGrey(grey, w, h, outW, outH, filter = "lanczos") {
+  if (!(filter in FILTERS)) throw new Error(`resize filter ${filter}: unknown (lanczos or bilinear)`);
   let src = grey, sw = w;
   if (outW !== w) {
-    const c = coefficients(w, outW);
+    const c = coefficients(w, outW, filter);
     const dst = new Uint8Array(outW * h);
     for (let y = 0; y < h; y++) {
       for (let xx = 0; xx < outW; xx++) {
@@ -70,7 +88,7 @@ function resizeGrey(grey, w, h, outW, outH) {
     src = dst; sw = outW;
   }
   if (outH !== h) {
-    const c = coefficients(h, outH);
+    const c = coefficients(h, outH, filter);
     const dst = new Uint8Array(sw * outH);
     for (let yy = 0; yy < outH; yy++) {
       const ymin = c.bounds[yy * 2], n = c.bounds[yy * 2 + 1];
