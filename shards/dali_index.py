@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import tarfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from cxrbase.atomic import atomic_write_text
@@ -49,19 +49,27 @@ def index_text(samples: Sequence[Sequence[Member]]) -> str:
 
 def members_from_tar(tar_path: str | Path) -> list[list[Member]]:
     """Read a tar's headers (no data) and group its regular files into samples."""
+    with tarfile.open(tar_path, "r:") as tar:
+        return group_members(tar)
+
+
+def group_members(infos: Iterable[tarfile.TarInfo], each: Callable[[tarfile.TarInfo], None] | None = None):
+    """Group the regular files among ``infos`` (tar order) into samples of Members; ``each`` is
+    called on every member as it passes (to read its data from a stream)."""
     samples: list[list[Member]] = []
     last = None
-    with tarfile.open(tar_path, "r:") as tar:
-        for info in tar:
-            if not info.isreg():
-                continue
-            base, ext = split_name(info.name)
-            if not base or base.endswith("/"):
-                continue
-            if base != last:
-                samples.append([])
-                last = base
-            samples[-1].append((ext, info.offset_data, info.size, info.name))
+    for info in infos:
+        if each is not None:
+            each(info)
+        if not info.isreg():
+            continue
+        base, ext = split_name(info.name)
+        if not base or base.endswith("/"):
+            continue
+        if base != last:
+            samples.append([])
+            last = base
+        samples[-1].append((ext, info.offset_data, info.size, info.name))
     return samples
 
 
