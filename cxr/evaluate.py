@@ -102,7 +102,7 @@ def _splits_table(args: argparse.Namespace) -> Path | None:
 
     if args.splits:
         return Path(args.splits)
-    return None if args.from_predictions else packed_table(Path(args.shards))
+    return None if args.from_predictions else packed_table(args.shards)
 
 
 def analyse_and_write(
