@@ -24,6 +24,7 @@ API (``loc`` is what :func:`location` returns, or a str/Path it is applied to):
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -135,7 +136,10 @@ def is_file(loc: Any) -> bool:
     if not is_url(loc):
         return loc.is_file()
     with errors(loc):
-        return loc.fs.isfile(loc.path)
+        if loc.fs.isfile(loc.path):
+            return True
+    list_sizes(loc.parent)  # a missing bucket (or rejected credentials) is said as such, not as a missing file
+    return False
 
 
 def read_bytes(loc: Any, missing: str | None = None) -> bytes:
@@ -216,6 +220,20 @@ def remove(loc: Any) -> None:
         loc.fs.rm_file(loc.path)
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_no_ranges(loc: Any) -> None:
+    host = str(loc).partition("://")[2].partition("/")[0]
+    if host not in _WARNED:
+        _WARNED.add(host)
+        logging.getLogger("cxr.data").warning(
+            "%s: the server ignores HTTP Range requests, so every sample read downloads its whole shard "
+            "— serve the shards from a server that supports ranges (nginx, S3, any CDN) for speed",
+            host,
+        )
+
+
 class RangeReader:
     """``pread(size, offset)`` on a local file (``os.pread``) or a URL (one ranged GET per call).
 
@@ -234,7 +252,11 @@ class RangeReader:
             with errors(self.loc):
                 fs = self.loc.fs
                 try:
-                    return fs.cat_file(self.loc.path, start=offset, end=offset + size)
+                    data = fs.cat_file(self.loc.path, start=offset, end=offset + size)
+                    if len(data) > size:  # an HTTP server that ignores Range sent the whole file
+                        _warn_no_ranges(self.loc)
+                        data = data[offset : offset + size]
+                    return data
                 except OSError as err:  # a range past the end of the object: a short read, as os.pread
                     if "not satisfiable" in str(err).lower() or "InvalidRange" in str(err) or "416" in str(err):
                         return b""
