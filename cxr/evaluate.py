@@ -280,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--shards",
-        help="shards folder with manifest.json (python -m shards pack); default: the first run's data.shards",
+        help="shards folder with manifest.json (python -m shards pack), or its URL (s3://…, https://…); "
+        "default: the first run's data.shards",
     )
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--out", required=True, help="report folder to write")

@@ -193,6 +193,20 @@ def test_the_wds_loader_yields_the_same_batches_from_the_bucket_as_from_the_fold
         assert torch.equal(a["meta"], b["meta"])
 
 
+def test_cxr_data_inspect_reads_the_bucket_as_the_folder(bucket_shards, train_shards, capsys):
+    from cxr.data.__main__ import main as data_main
+
+    def inspect(shards) -> dict:
+        capsys.readouterr()
+        argv = ["inspect", "--shards", str(shards), "--split", "val", "--backend", "wds", "--resolution", "64"]
+        assert data_main([*argv, "--num-threads", "0", "--json"]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    local, remote = inspect(train_shards), inspect(bucket_shards)
+    assert remote["samples"] == local["samples"] > 0
+    assert remote["keys_sha256"] == local["keys_sha256"]
+
+
 @pytest.fixture(scope="module")
 def member(train_shards, tmp_path_factory) -> Path:
     return make_member(tmp_path_factory.mktemp("s3-member") / "m1", train_shards, seed=1)
