@@ -63,6 +63,7 @@ def test_pack_into_a_bucket_writes_the_same_shards_as_a_local_pack_and_verifies(
         assert objects[entry["name"]] == (train_shards / entry["name"]).read_bytes()
         assert objects[entry["index"]] == (train_shards / entry["index"]).read_bytes()
     assert ".pack-journal.jsonl" in objects  # the resume journal lives beside the shards
+    assert not [k for k, data in objects.items() if FAKE_SECRET.encode() in data]  # no credential in any object
     capsys.readouterr()
     assert shards_main(["verify", bucket_shards, "--workers", "1"]) == 0
     assert f"OK — {bucket_shards}" in capsys.readouterr().out
