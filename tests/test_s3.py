@@ -233,6 +233,20 @@ def test_evaluate_from_the_bucket_equals_evaluate_from_the_folder(member, bucket
     assert not any(FAKE_SECRET in p.read_text(errors="replace") for p in (tmp_path / "bucket").rglob("*") if p.is_file())
 
 
+def test_explain_from_the_bucket_draws_the_same_overlays_as_from_the_folder(member, bucket_shards, train_shards, tmp_path):
+    from cxr.explain import main as explain_main
+
+    keys = [line.split()[3].partition(".")[0] for line in (train_shards / "test-000000.idx").read_text().splitlines()[1:3]]
+
+    def overlays(shards: str, out: Path) -> dict[str, bytes]:
+        argv = ["--run", str(member), "--shards", shards, "--split", "test", "--keys", ",".join(keys)]
+        assert explain_main([*argv, "--labels", "Effusion", "--method", "gradcam", "--out", str(out), "--debug"]) == 0
+        return {p.name: p.read_bytes() for p in sorted(out.rglob("*.png"))}
+
+    local, remote = overlays(str(train_shards), tmp_path / "local"), overlays(bucket_shards, tmp_path / "bucket")
+    assert len(local) == 2 and local == remote
+
+
 # ------------------------------------------------------------------------------ plain HTTP (read-only)
 @pytest.fixture(scope="module")
 def http_shards(train_shards) -> str:
@@ -262,6 +276,23 @@ def test_verify_and_evaluate_over_plain_http(http_shards, member, train_shards, 
 
 # ------------------------------------------------------------------------------ training (2 gloo ranks)
 WDS = ("data.backend=wds", "data.num_threads=1")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_the_wds_loader_leaves_the_global_rng_alone(train_shards, workers):
+    """The DataLoader iterator starts at the first batch, outside open_loader's fork_rng: a draw from
+    torch's global stream there (its workers' base seed) shifted a resumed run's dropout masks."""
+    import torch
+
+    from cxr.data import DataConfig, build_loader
+
+    cfg = DataConfig(shards=str(train_shards), backend="wds", resolution=64, batch_size=16, num_threads=workers)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    batches = iter(build_loader(cfg, "train", epoch=1))
+    next(batches)
+    assert torch.equal(torch.get_rng_state(), before)
+    batches.close()
 
 
 @pytest.mark.slow
