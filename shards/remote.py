@@ -10,7 +10,7 @@ module never takes, logs or stores one.
 
 API (``loc`` is what :func:`location` returns, or a str/Path it is applied to):
 
-- :func:`is_url`, :func:`location`, :func:`display` (a location as text, for messages);
+- :func:`is_url`, :func:`location`;
 - :func:`is_file`, :func:`read_bytes`, :func:`read_text`, :func:`open_read` (a sequential stream),
   :class:`RangeReader` (``pread(size, offset)``: one ranged GET per call on a URL);
 - :func:`list_sizes` (``{name: bytes}`` of the files directly in a folder);
@@ -65,10 +65,6 @@ def location(path: Any) -> Any:
         loc = UPath(str(path).rstrip("/"))
         loc.fs  # noqa: B018 — instantiates the back end: a missing one fails here, named
     return loc
-
-
-def display(loc: Any) -> str:
-    return str(loc)
 
 
 def scheme(path: Any) -> str:
@@ -208,16 +204,6 @@ def write_bytes(loc: Any, data: bytes) -> None:
 
 def write_text(loc: Any, text: str) -> None:
     write_bytes(loc, text.encode())
-
-
-def remove(loc: Any) -> None:
-    """Delete a file or object if it exists."""
-    loc = location(loc)
-    if not is_url(loc):
-        Path(loc).unlink(missing_ok=True)
-        return
-    with errors(loc), contextlib.suppress(FileNotFoundError):
-        loc.fs.rm_file(loc.path)
 
 
 _WARNED: set[str] = set()
