@@ -624,7 +624,7 @@ def report(args: argparse.Namespace) -> int:
             return 0
         from cxr.subgroups import attach_meta, packed_table
 
-        scores = attach_meta({args.split: scores}, packed_table(Path(args.shards)), strict=False)[args.split]
+        scores = attach_meta({args.split: scores}, packed_table(args.shards), strict=False)[args.split]
         write_predictions(out, {args.split: with_ensemble(scores, "mean-prob")}, infos)
         source = f"runs inferred on shards {args.shards}, each at its own training resolution"
     result = analyse_sweep(scores, runs, args.reference, args.bootstrap, args.seed, args.alpha, by=",".join(by))

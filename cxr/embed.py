@@ -59,7 +59,7 @@ def extract(
     from cxrbase.progress import progress as progress_bar
 
     member = read_member(run, Path(run).name)
-    names = shards_labels(Path(shards))
+    names = shards_labels(shards)
     if list(member.labels) != list(names):
         raise CxrError(
             f"{shards}/manifest.json: run {run} was trained on labels {member.labels[:3]}… but the "

@@ -115,7 +115,7 @@ def _splits_table(args: argparse.Namespace) -> Path | None:
 
     if args.splits:
         return Path(args.splits)
-    return None if args.from_predictions else packed_table(Path(args.shards))
+    return None if args.from_predictions else packed_table(args.shards)
 
 
 def analyse_and_write(
@@ -293,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--shards",
-        help="shards folder with manifest.json (python -m shards pack); default: the first run's data.shards",
+        help="shards folder with manifest.json (python -m shards pack), or its URL (s3://…, https://…); "
+        "default: the first run's data.shards",
     )
     p.add_argument("--split", default="test", help="split to evaluate (default: test)")
     p.add_argument("--out", required=True, help="report folder to write")

@@ -84,6 +84,7 @@ import pandas as pd
 from cxrbase.atomic import atomic_write, atomic_write_text
 from cxrbase.errors import CxrError, cli_entry
 from cxrbase.labels import LABELS
+from shards import remote
 from shards.manifest import load_manifest
 
 METHODS = ("cam", "gradcam", "saliency")
@@ -600,7 +601,7 @@ def explain_run(
     )
 
     member = read_member(run_dir, name)
-    resolution = check_compatible([member], shards_labels(Path(args.shards)), args.resolution)
+    resolution = check_compatible([member], shards_labels(remote.location(args.shards)), args.resolution)
     model = build_member_model(member, state.device)
     for p in model.parameters():
         p.requires_grad_(False)  # gradients flow to the input and the cam layer only
@@ -914,7 +915,7 @@ def plan_job(args: argparse.Namespace, masters: Masters) -> tuple[Job, dict]:
         chosen = sorted(set(in_split["key"]))
         if args.keys:  # score (and draw) only these
             chosen = [
-                k for k in select_keys(keys, args.keys.split(","), Path(args.shards), args.split) if k in set(chosen)
+                k for k in select_keys(keys, args.keys.split(","), remote.location(args.shards), args.split) if k in set(chosen)
             ]
         chosen = chosen[: args.limit] if args.limit else chosen
         in_split = in_split[in_split["key"].isin(set(chosen))]
@@ -931,7 +932,7 @@ def plan_job(args: argparse.Namespace, masters: Masters) -> tuple[Job, dict]:
     else:
         if not args.keys:
             raise CxrError("--keys: which images to explain? — pass --keys K1,K2 (or --bbox FILE to score a split)")
-        chosen = select_keys(keys, args.keys.split(","), Path(args.shards), args.split)
+        chosen = select_keys(keys, args.keys.split(","), remote.location(args.shards), args.split)
         labels = {k: _parse_labels(args.labels, LABELS) for k in chosen}
     overlays = bool(args.keys) or args.overlays
     return Job(args.method, labels, boxes, out, overlays, args.threshold, args.bbox_frame), counts
@@ -960,7 +961,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from cxr.inference import member_names, process_state
 
     run_dirs = [args.run] if args.run else list(args.runs)
-    shards = Path(args.shards)
+    shards = remote.location(args.shards)
     load_manifest(shards)  # a missing or invalid manifest fails before any process group starts
     state = process_state(args)
     masters = Masters.open(shards, args.split)

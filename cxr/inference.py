@@ -29,6 +29,7 @@ import numpy as np
 from cxr.report import ENSEMBLE, ScoreSet
 from cxrbase.errors import CxrError
 from cxrbase.labels import LABELS
+from shards import remote
 from shards.manifest import load_manifest, manifest_path
 from shards.records import image_key, read_table
 
@@ -406,7 +407,9 @@ def expected_keys(
             f"(splits with samples: {sorted(s for s in splits if splits[s].get('samples'))})"
         )
     table = manifest.get("splits_file")
-    table_path = (shards / table) if table and not Path(table).is_absolute() else Path(table or "")
+    if table and not Path(table).is_absolute() and remote.is_url(shards):
+        return count, None  # a table beside shards at a URL: the count check alone
+    table_path = (Path(shards) / table) if table and not Path(table).is_absolute() else Path(table or "")
     if not table or not table_path.is_file():
         return count, None
     try:
@@ -487,7 +490,7 @@ def infer_runs(
     """Load every member, infer each split once across ranks; rank 0 gets {split: ScoreSet}.
 
     ``on_ready(members)``, if given, is called once every member's model is loaded, before inference."""
-    shards = Path(args.shards)
+    shards = remote.location(args.shards)
     check_distinct(args.runs)
     members = [read_member(r, n) for r, n in zip(args.runs, member_names(args.runs))]
     resolution = check_compatible(members, shards_labels(shards), args.resolution)

@@ -171,7 +171,9 @@ def data_identity(cfg: Config) -> dict | None:
 
     try:
         folder, manifest = load_shards_manifest(cfg.data.shards, cfg.data.resolution)
-        digest = hashlib.sha256((folder / "manifest.json").read_bytes()).hexdigest()
+        from shards import remote
+
+        digest = hashlib.sha256(remote.read_bytes(folder / "manifest.json")).hexdigest()
     except (CxrError, OSError):
         return None
     return {

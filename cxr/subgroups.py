@@ -271,11 +271,12 @@ class _quiet:
 
 def packed_table(shards: str | Path) -> Path | None:
     """The splits table a shards folder was packed from (its manifest's ``splits_file``), if it is at hand."""
+    from shards import remote
     from shards.manifest import load_manifest
 
-    table = load_manifest(Path(shards)).get("splits_file")
-    if not table:
-        return None
+    table = load_manifest(shards).get("splits_file")
+    if not table or not Path(table).is_absolute() and remote.is_url(shards):
+        return None  # a table beside shards at a URL: not read from there (pass --splits)
     path = Path(table) if Path(table).is_absolute() else Path(shards) / table
     return path if path.is_file() else None
 

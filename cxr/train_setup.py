@@ -8,7 +8,6 @@ import functools
 import logging
 import math
 from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,7 +26,10 @@ log = logging.getLogger("cxr.train")
 # ----------------------------------------------------------------------------- labels
 @functools.lru_cache(maxsize=8)
 def _label_names(shards: str, resolution: int, num_labels: int) -> tuple[str, ...]:
-    if not (Path(shards) / "manifest.json").is_file():  # in-memory loaders of the tests
+    from shards import remote
+    from shards.manifest import manifest_path
+
+    if not remote.is_file(manifest_path(shards)):  # in-memory loaders of the tests
         return tuple(LABELS) if num_labels == len(LABELS) else tuple(f"label_{i}" for i in range(num_labels))
     folder, manifest = load_shards_manifest(shards, resolution)
     names = tuple(manifest.get("labels") or LABELS)

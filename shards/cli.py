@@ -162,7 +162,12 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         help="a folder of PNGs and/or NIH archives images_0NN.tar.gz (streamed, not extracted)",
     )
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--out",
+        required=True,
+        help="output folder, or a URL (s3://bucket/prefix, gs://…): each shard and index is uploaded as a "
+        "whole object, manifest.json last; credentials from the standard chain (AWS_PROFILE, env, instance role)",
+    )
     p.add_argument(
         "--codec",
         choices=["png", "jpeg", "j2k", "ljpeg"],
@@ -214,7 +219,9 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
         description="Exit 0 only if every shard matches the manifest, every image decodes "
         "and every label field matches its json.",
     )
-    p.add_argument("dir", help="shards folder (with manifest.json)")
+    p.add_argument(
+        "dir", help="shards folder (with manifest.json), or its URL (s3://…, gs://…, https://…: each object streamed once)"
+    )
     p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
     p.add_argument(
         "--against",

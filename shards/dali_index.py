@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import os
 import tarfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from cxrbase.atomic import atomic_write_text
 from cxrbase.errors import CxrError
@@ -49,19 +50,27 @@ def index_text(samples: Sequence[Sequence[Member]]) -> str:
 
 def members_from_tar(tar_path: str | Path) -> list[list[Member]]:
     """Read a tar's headers (no data) and group its regular files into samples."""
+    with tarfile.open(tar_path, "r:") as tar:
+        return group_members(tar)
+
+
+def group_members(infos: Iterable[tarfile.TarInfo], each: Callable[[tarfile.TarInfo], None] | None = None):
+    """Group the regular files among ``infos`` (tar order) into samples of Members; ``each`` is
+    called on every member as it passes (to read its data from a stream)."""
     samples: list[list[Member]] = []
     last = None
-    with tarfile.open(tar_path, "r:") as tar:
-        for info in tar:
-            if not info.isreg():
-                continue
-            base, ext = split_name(info.name)
-            if not base or base.endswith("/"):
-                continue
-            if base != last:
-                samples.append([])
-                last = base
-            samples[-1].append((ext, info.offset_data, info.size, info.name))
+    for info in infos:
+        if each is not None:
+            each(info)
+        if not info.isreg():
+            continue
+        base, ext = split_name(info.name)
+        if not base or base.endswith("/"):
+            continue
+        if base != last:
+            samples.append([])
+            last = base
+        samples[-1].append((ext, info.offset_data, info.size, info.name))
     return samples
 
 
@@ -91,8 +100,10 @@ def write_index(path: str | Path, members: Iterable[Member]) -> Path:
 
 def read_index(idx: str | Path) -> list[Sample]:
     """Parse an index file into [(key, {ext: (offset, size)})]; CxrError naming it if malformed."""
-    idx = Path(idx)
-    lines = idx.read_text().splitlines()
+    from shards import remote  # noqa: PLC0415 — remote imports cxrbase only; kept out of import time
+
+    idx = remote.location(idx)
+    lines = remote.read_text(idx).splitlines()
     head = lines[0].split() if lines else []
     if len(head) != 2 or not head[0].startswith("v1."):
         raise CxrError(f"{idx}: not a DALI webdataset index — delete it (it is rebuilt by a scan) or re-pack")
@@ -113,8 +124,14 @@ def read_index(idx: str | Path) -> list[Sample]:
 def scan_tar(tar: str | Path) -> list[Sample]:
     """What :func:`read_index` returns for the index :func:`index_for_tar` would write, from a
     scan of the tar's headers (for a shard whose index is absent or does not match it)."""
+    from shards import remote  # noqa: PLC0415
+
     try:
-        samples = members_from_tar(tar)
+        if remote.is_url(tar):  # a header scan of an object streams it whole (once)
+            with remote.open_read(tar) as fh, tarfile.open(fileobj=fh, mode="r|") as stream:
+                samples = group_members(stream)
+        else:
+            samples = members_from_tar(tar)
     except tarfile.TarError as err:
         raise CxrError(f"{tar}: not a readable tar ({err}) — re-pack this shard") from err
     return [
@@ -133,26 +150,32 @@ def index_mismatch(tar: Path, samples: list[Sample]) -> str | None:
     Members past the end of a truncated tar are not index faults: reading them reports
     the samples as truncated.
     """
+    from shards import remote  # noqa: PLC0415
+
     if not samples:
         return "the index lists no samples"
-    file_size = tar.stat().st_size
-    with open(tar, "rb") as fh:
-        fd = fh.fileno()
+    reader = remote.RangeReader(tar)
+    try:
+        file_size = reader.size()
         for key, members in {0: samples[0], len(samples) - 1: samples[-1]}.values():
             for ext, (offset, size) in members.items():
-                problem = header_mismatch(fd, f"{key}.{ext}", offset, size)
+                problem = header_mismatch(reader, f"{key}.{ext}", offset, size)
                 if problem:
                     return problem
         end = max(o + -(-s // 512) * 512 for o, s in samples[-1][1].values())
-        if end + 1024 <= file_size and os.pread(fd, 1024, end) != bytes(1024):
+        if end + 1024 <= file_size and reader.pread(1024, end) != bytes(1024):
             return f"more data after the last indexed sample (offset {end})"
+    finally:
+        reader.close()
     return None
 
 
-def header_mismatch(fd: int, name: str, offset: int, size: int) -> str | None:
+def header_mismatch(fd: Any, name: str, offset: int, size: int) -> str | None:
     """What is wrong when the 512 bytes before ``offset`` are not the tar header of ``name``
-    with ``size``; None when they are, or when the file ends before them (truncated tar)."""
-    header = os.pread(fd, 512, offset - 512) if offset >= 512 else b"x"
+    with ``size``; None when they are, or when the file ends before them (truncated tar).
+    ``fd``: a descriptor, or a reader with ``pread(size, offset)`` (shards.remote.RangeReader)."""
+    pread = (lambda n, at: os.pread(fd, n, at)) if isinstance(fd, int) else fd.pread
+    header = pread(512, offset - 512) if offset >= 512 else b"x"
     if len(header) < 512 and offset >= 512:
         return None  # the tar is truncated: its samples are reported as such when read
     try:

@@ -6,13 +6,23 @@ reads/checks/encodes images while this process appends samples to each split's
 current shard in that order and rolls over at ``--shard-size-mb``. Each finished
 shard is renamed into place, gets its DALI index, and is recorded in the journal,
 so a killed pack resumes where it stopped and ends with the same shards.
+
+``--out`` may be a URL (``s3://bucket/prefix``, through shards.remote): each shard is then
+written to a local staging folder, uploaded with its index (one PUT each: an object appears
+whole or not at all) and deleted locally; the journal is an object beside them
+(shards.pack_journal) and manifest.json is put last. The staging folder
+(``$TMPDIR/cxr-pack-<hash of the URL>``) holds at most one shard per split at a time, and
+its lock keeps two packs on one machine from writing one URL (nothing locks across machines:
+run one pack per URL).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import sys
+import tempfile
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -28,6 +38,7 @@ from cxrbase.errors import CxrError
 from cxrbase.labels import LABELS, META_FIELDS, UNKNOWN
 from cxrbase.lock import FolderLock
 from cxrbase.progress import progress
+from shards import remote
 from shards.dali_index import write_index
 from shards.datasets.harmonise import label_mapping
 from shards.image_codec import CODEC_EXT, GREY16, Prepared, prepare_image
@@ -92,13 +103,18 @@ def pack(
     missing table cells are unknown (masked) whatever the policy. Recorded in the manifest.
     """
     _check_options(codec, quality, resize, shard_size_mb, grey16)
+    if resize and remote.is_url(out):
+        raise CxrError(
+            f"--resize with --out {out}: derived shards are not yet written to a URL — pack "
+            "--resize into a local folder and copy its resN/ folder up (aws s3 sync), or pack without --resize"
+        )
     records, splits_file, splits_sha = read_splits(splits)
     mapping = label_mapping(splits)  # the harmonisation rows of a shards.datasets table, else None
     grey16 = grey16 or ("minmax" if mapping and "padchest" in mapping["datasets"] else "reject")
     relative = [r.image for r in records if "/" in r.image]
     sources = scan_sources(images, relative, walk=len(relative) < len(records))
     records = resolve_uncertain(records, uncertain)
-    out = Path(out)
+    out = remote.location(out)
     settings = {
         "format": FORMAT,
         "splits_sha256": splits_sha,
@@ -110,9 +126,9 @@ def pack(
         "uncertain": uncertain,
     }
     workers = workers or os.cpu_count() or 1
-    with _exclusive(out):
+    with _exclusive(out) as stage:
         journal = Journal(out, settings)
-        packer = _Packer(out, journal, codec, quality, int(shard_size_mb * 1e6), workers, grey16)
+        packer = _Packer(out, stage, journal, codec, quality, int(shard_size_mb * 1e6), workers, grey16)
         stats = packer.run(records, sources, allow_missing)
         manifest = _manifest(records, journal, stats, settings, splits_file)
         if mapping:
@@ -151,21 +167,33 @@ def _check_options(
         raise CxrError(f"--shard-size-mb {shard_size_mb}: must be positive")
 
 
+def staging_dir(out: Any) -> Path:
+    """Where shards are written before upload: OUT itself for a local folder; for a URL a local folder
+    named by the URL's hash (the same on every re-run, so its lock and clean-up apply)."""
+    if not remote.is_url(out):
+        return Path(out)
+    tag = hashlib.sha256(str(out).encode()).hexdigest()[:16]
+    return Path(os.environ.get("CXR_PACK_STAGING") or tempfile.gettempdir()) / f"cxr-pack-{tag}"
+
+
 @contextlib.contextmanager
-def _exclusive(out: Path) -> Iterator[None]:
-    """Hold OUT/.pack.lock (cxrbase.lock, which names its holder) so two packs never write one
-    folder; then clear stale temp files."""
+def _exclusive(out: Any) -> Iterator[Path]:
+    """Hold STAGE/.pack.lock (cxrbase.lock, which names its holder) so two packs never write one
+    folder (or, on one machine, one URL); then clear stale temp files. Yields the staging folder."""
+    stage = staging_dir(out)
+    if remote.is_url(out):
+        stage.mkdir(parents=True, exist_ok=True)
     lock = FolderLock(
-        out,
-        out / LOCK_NAME,
+        stage,
+        stage / LOCK_NAME,
         busy="another pack ({who}) is writing to this folder — wait for it or use another --out",
         unwritable=None,
     )
     with lock:
         if lock.stale:
             print(f"warning: {lock.stale}", file=sys.stderr)
-        remove_stale_temps(out)  # a killed run's temp files; safe under the lock
-        yield
+        remove_stale_temps(stage)  # a killed run's temp files; safe under the lock
+        yield stage
 
 
 @dataclass
@@ -193,8 +221,8 @@ class _RunStats:
 class _SplitWriter:
     """Appends one split's samples to its current shard; rolls over at the size limit."""
 
-    def __init__(self, out: Path, split: str, journal: Journal, limit: int):
-        self.out, self.split, self.journal, self.limit = out, split, journal, limit
+    def __init__(self, out: Any, stage: Path, split: str, journal: Journal, limit: int):
+        self.out, self.stage, self.split, self.journal, self.limit = out, stage, split, journal, limit
         self.index = journal.shard_count(split)
         self._stack: contextlib.ExitStack | None = None
         self._reset()
@@ -216,12 +244,12 @@ class _SplitWriter:
             self._finish()
         if self.stream is None:
             self._stack = contextlib.ExitStack()
-            self.stream = TarStream(self._stack.enter_context(atomic_write(self.out / f"{self.name}.tar")))
+            self.stream = TarStream(self._stack.enter_context(atomic_write(self.stage / f"{self.name}.tar")))
         try:
             self.stream.add_sample(members)
         except OSError as err:  # ENOSPC from writev names no file: name the shard for the CLI
             if err.filename is None:
-                err.filename = str(self.out / f"{self.name}.tar")
+                err.filename = str(self.stage / f"{self.name}.tar")
             raise
         self.keys.append(prepared.key)
         self.sizes[f"{prepared.width}x{prepared.height}"] += 1
@@ -232,7 +260,11 @@ class _SplitWriter:
     def _finish(self) -> None:
         sha = self.stream.finish()
         self._stack.close()  # fsync + rename to the final name
-        write_index(self.out / f"{self.name}.idx", self.stream.members)
+        write_index(self.stage / f"{self.name}.idx", self.stream.members)
+        if self.stage != self.out:  # a URL: upload (one PUT per object), then free the staging space
+            for name in (f"{self.name}.tar", f"{self.name}.idx"):
+                remote.put_file(self.stage / name, self.out / name)
+                (self.stage / name).unlink()
         self.journal.add(
             {
                 "name": f"{self.name}.tar",
@@ -266,9 +298,17 @@ class _SplitWriter:
 
 class _Packer:
     def __init__(
-        self, out: Path, journal: Journal, codec: str, quality: int, limit: int, workers: int, grey16: str = "reject"
+        self,
+        out: Any,
+        stage: Path,
+        journal: Journal,
+        codec: str,
+        quality: int,
+        limit: int,
+        workers: int,
+        grey16: str = "reject",
     ):
-        self.out, self.journal, self.codec, self.quality = out, journal, codec, quality
+        self.out, self.stage, self.journal, self.codec, self.quality = out, stage, journal, codec, quality
         self.limit, self.workers, self.grey16 = limit, workers, grey16
 
     def run(self, records: list[Record], sources: Sources, allow_missing: bool) -> _RunStats:
@@ -279,7 +319,7 @@ class _Packer:
             present = set(sources.files) | (list_archives(sources) if sources.archives else set())
             _check_missing([r.key for r in records if r.key not in present], allow_missing, sources)
         by_key = {r.key: r for r in records}
-        writers = {split: _SplitWriter(self.out, split, self.journal, self.limit) for split in SPLITS}
+        writers = {split: _SplitWriter(self.out, self.stage, split, self.journal, self.limit) for split in SPLITS}
         found: dict[str, str] = {}
         tasks = _plan(records, sources, done, found)
         work = partial(prepare_image, codec=self.codec, quality=self.quality, grey16=self.grey16)

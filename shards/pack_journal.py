@@ -5,20 +5,59 @@ line per completed shard (name, split, index, samples, bytes, sha256, keys,
 converted, sizes). It is rewritten atomically after every shard. A re-run with the
 same settings keeps the entries whose file still has the recorded size and sha256
 and skips their images entirely.
+
+For a URL ``--out`` (``s3://bucket/prefix``) the journal is an object beside the shards,
+``prefix/.pack-journal.jsonl``, rewritten by one PUT after each shard's objects are up: a pack
+killed on one machine resumes from any other. On resume the objects are listed once (sizes) and
+each journaled shard is streamed once to check its sha256 and rebuild its expected index.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import tarfile
 from pathlib import Path
 from typing import Any
 
-from cxrbase.atomic import atomic_write_text
 from cxrbase.errors import CxrError
-from shards.dali_index import index_for_tar
+from shards import remote
+from shards.dali_index import group_members, index_text
 
 JOURNAL_NAME = ".pack-journal.jsonl"
+
+
+class HashingReader:
+    """A read-only stream that hashes (sha256) and counts the bytes read through it, so one pass over
+    a shard (a local file or a URL's object) gives its size, sha256 and tar members together."""
+
+    def __init__(self, raw: Any):
+        self.raw, self.digest, self.size = raw, hashlib.sha256(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.digest.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self, chunk: int = 1 << 20) -> tuple[int, str]:
+        """Read to the end; (bytes, sha256 hex) of the whole stream."""
+        while self.read(chunk):
+            pass
+        return self.size, self.digest.hexdigest()
+
+
+def scan_shard(loc: Any) -> tuple[int, str, str | None]:
+    """(bytes, sha256, DALI index text — None when not a readable tar) of a shard, in one streamed pass."""
+    with remote.open_read(loc) as fh:
+        reader = HashingReader(fh)
+        try:
+            with tarfile.open(fileobj=reader, mode="r|") as tar:
+                index = index_text(group_members(tar))
+        except (tarfile.TarError, OSError):
+            index = None
+        size, sha = reader.drain()
+    return size, sha, index
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -39,14 +78,15 @@ class Journal:
     """
 
     def __init__(self, out: Path, settings: dict[str, Any], prefix: bool = True):
-        self.path = Path(out) / JOURNAL_NAME
+        self.path = remote.location(out) / JOURNAL_NAME
         self.settings = settings
         self.entries: list[dict[str, Any]] = []
-        if self.path.exists():
+        self._sizes = remote.list_sizes(self.path.parent)  # one listing (for a URL: no HEAD per shard)
+        if JOURNAL_NAME in self._sizes:
             self._load(prefix)
 
     def _load(self, prefix: bool) -> None:
-        lines = self.path.read_text().splitlines()
+        lines = remote.read_text(self.path).splitlines()
         try:
             head, entries = json.loads(lines[0]), [json.loads(line) for line in lines[1:]]
         except (IndexError, json.JSONDecodeError):
@@ -73,17 +113,19 @@ class Journal:
 
     def _still_valid(self, entry: dict[str, Any]) -> bool:
         tar = self.path.parent / entry["name"]
-        if not tar.is_file() or tar.stat().st_size != entry["bytes"] or file_sha256(tar) != entry["sha256"]:
+        if self._sizes.get(entry["name"]) != entry["bytes"]:
+            return False
+        size, sha, expected = scan_shard(tar)
+        if size != entry["bytes"] or sha != entry["sha256"] or expected is None:
             return False
         index = self.path.parent / entry["index"]
-        expected = index_for_tar(tar)
-        if not index.is_file() or index.read_text() != expected:
-            atomic_write_text(index, expected)
+        if entry["index"] not in self._sizes or remote.read_text(index) != expected:
+            remote.write_text(index, expected)
         return True
 
     def _save(self) -> None:
         lines = [json.dumps({"settings": self.settings})] + [json.dumps(e) for e in self.entries]
-        atomic_write_text(self.path, "\n".join(lines) + "\n")
+        remote.write_text(self.path, "\n".join(lines) + "\n")
 
     def add(self, entry: dict[str, Any]) -> None:
         """Record a completed shard (its tar and index are already under their final names)."""

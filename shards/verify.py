@@ -8,6 +8,9 @@ per-split samples/patients/positives and train age statistics equal the manifest
 no shard key also listed as missing or rejected, no unlisted tar.
 With ``--against SRC`` every decoded image is also compared with its source PNG (folders or NIH
 archives, as pack reads them).
+
+DIR may be a URL (``s3://bucket/prefix``, ``https://host/prefix``; shards.remote): each shard is
+streamed once — hashed, indexed and its samples checked in the same pass — and nothing is kept on disk.
 """
 
 from __future__ import annotations
@@ -29,10 +32,11 @@ import numpy as np
 from cxrbase.errors import CxrError
 from cxrbase.labels import LABELS
 from cxrbase.progress import progress
-from shards.dali_index import index_for_tar, split_name
+from shards import remote
+from shards.dali_index import Member, group_members, index_text, split_name
 from shards.image_codec import CODEC_EXT, RESAMPLE, BadImage, check_png, decode_grey, grey_policy
 from shards.manifest import has_checksums, load_manifest
-from shards.pack_journal import file_sha256
+from shards.pack_journal import HashingReader
 from shards.records import CRC_FIELD, checksum_problem, id_bytes, image_key, labels_bytes, meta_vector
 from shards.sources import Sources, iter_archive, scan_sources
 from shards.workers import process_pool
@@ -77,7 +81,7 @@ def verify(directory: str | Path, workers: int | None = None, against: list[str 
     ``against``: folders of the source PNGs; every image must then equal its source's
     pixels (after the grey policy, and the Lanczos resize for derived shards).
     """
-    directory = Path(directory)
+    directory = remote.location(directory)
     manifest = load_manifest(directory)
     scanned = _scan_against(against) if against else None
     # folder PNGs are compared inside each shard's check; archive members after it, as they stream
@@ -128,7 +132,7 @@ def _scan_against(against: list[str | Path]) -> Sources:
     return scan_sources(against)
 
 
-def _compare_with_archives(directory: Path, manifest: dict, scanned: Sources, pool: Any) -> list[str]:
+def _compare_with_archives(directory: Any, manifest: dict, scanned: Sources, pool: Any) -> list[str]:
     """Compare the images of keys not in --against's folders with their archive members: each archive
     is streamed once (as pack reads it), each wanted member compared in the pool with the shard's
     image, read at its offset in the uncompressed shard tar."""
@@ -137,7 +141,7 @@ def _compare_with_archives(directory: Path, manifest: dict, scanned: Sources, po
     for entry in manifest["shards"]:
         path = directory / entry["name"]
         try:
-            with tarfile.open(path) as tar:
+            with remote.open_read(path) as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
                 for member in tar:
                     if member.name.endswith(ext):
                         where[member.name[: -len(ext)]] = (str(path), member.offset_data, member.size)
@@ -166,7 +170,7 @@ def _compare_with_archives(directory: Path, manifest: dict, scanned: Sources, po
     for future in pending:
         failures += future.result()
     failures += [
-        f"{Path(where[k][0]).name}: {k}: no source PNG of this key in --against" for k in sorted(wanted - found)
+        f"{remote.location(where[k][0]).name}: {k}: no source PNG of this key in --against" for k in sorted(wanted - found)
     ]
     return failures
 
@@ -175,10 +179,13 @@ def _compare_member(
     key: str, at: tuple[str, int, int], raw: bytes, codec: str, resolution: int | None, source: str
 ) -> list[str]:
     path, offset, size = at
-    with open(path, "rb") as fh:
-        fh.seek(offset)
-        data = fh.read(size)
-    return [f"{Path(path).name}: {key}: {p}" for p in _differs_from_source(key, data, codec, resolution, source, raw)]
+    reader = remote.RangeReader(path)
+    try:
+        data = reader.pread(size, offset)
+    finally:
+        reader.close()
+    name = remote.location(path).name
+    return [f"{name}: {key}: {p}" for p in _differs_from_source(key, data, codec, resolution, source, raw)]
 
 
 def check_shard(
@@ -197,19 +204,25 @@ def check_shard(
     ``checksums``: the shard's .json records hold per-member crc32s (format /2).
     ``more_sources``: keys not in ``sources`` are compared later (archives), not reported here.
     """
-    tar_path, name = Path(directory) / entry["name"], entry["name"]
-    if not tar_path.is_file():
+    folder = remote.location(directory)
+    tar_path, name = folder / entry["name"], entry["name"]
+    if not remote.is_file(tar_path):
         return [f"{name}: shard file is missing"], []
     failures = []
-    if tar_path.stat().st_size != entry["bytes"] or file_sha256(tar_path) != entry["sha256"]:
+    with remote.open_read(tar_path) as fh:
+        stream = HashingReader(fh)
+        try:
+            groups, members = _read_samples(stream)
+        except (tarfile.TarError, OSError) as err:
+            groups, unreadable = None, f"{name}: unreadable tar ({err})"
+        size, sha = stream.drain()
+    if size != entry["bytes"] or sha != entry["sha256"]:
         failures.append(f"{name}: size/sha256 differ from the manifest (corrupt or replaced shard)")
-    index_path = Path(directory) / entry["index"]
-    try:
-        if not index_path.is_file() or index_path.read_text() != index_for_tar(tar_path):
-            failures.append(f"{entry['index']}: DALI index missing or not matching {name}")
-        groups = _read_samples(tar_path)
-    except (tarfile.TarError, OSError) as err:
-        return failures + [f"{name}: unreadable tar ({err})"], []
+    index_path = folder / entry["index"]
+    if groups is None:
+        return failures + [unreadable], []
+    if not remote.is_file(index_path) or remote.read_text(index_path) != index_text(members):
+        failures.append(f"{entry['index']}: DALI index missing or not matching {name}")
     records = []
     for key, members in groups:
         problems, record = _check_sample(
@@ -225,16 +238,20 @@ def check_shard(
     return failures, records
 
 
-def _read_samples(tar_path: Path) -> list[tuple[str, dict[str, bytes]]]:
-    """[(key, {ext: data})] in tar order; a key seen again later becomes its own group."""
+def _read_samples(stream: Any) -> tuple[list[tuple[str, dict[str, bytes]]], list[list[Member]]]:
+    """([(key, {ext: data})] in tar order — a key seen again later becomes its own group —, the
+    members grouped as the DALI index lists them), from one sequential pass over a tar stream."""
     groups: list[tuple[str, dict[str, bytes]]] = []
-    with tarfile.open(tar_path, "r:") as tar:
-        for info in tar:
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+
+        def take(info: tarfile.TarInfo) -> None:
             base, ext = split_name(info.name)
             if not groups or groups[-1][0] != base:
                 groups.append((base, {}))
             groups[-1][1][ext] = tar.extractfile(info).read() if info.isreg() else b""
-    return groups
+
+        members = group_members(tar, take)
+    return groups, members
 
 
 def _check_sample(
@@ -335,7 +352,7 @@ def _patient_leaks(records: dict[str, dict]) -> list[str]:
     ]
 
 
-def _check_totals(directory: Path, manifest: dict, samples: dict[str, list[tuple[str, dict]]]) -> list[str]:
+def _check_totals(directory: Any, manifest: dict, samples: dict[str, list[tuple[str, dict]]]) -> list[str]:
     failures = [f"{key}: in several shards {[s for s, _ in where]}" for key, where in samples.items() if len(where) > 1]
     records = {key: where[0][1] for key, where in samples.items()}
     failures += _patient_leaks(records)
@@ -360,8 +377,8 @@ def _check_totals(directory: Path, manifest: dict, samples: dict[str, list[tuple
     failures += [f"{key}: in a shard but also listed as missing/rejected" for key in sorted(elsewhere & set(records))]
     listed = {s["name"] for s in manifest["shards"]}
     failures += [
-        f"{p.name}: tar file not listed in the manifest"
-        for p in sorted(directory.glob("*.tar"))
-        if p.name not in listed
+        f"{name}: tar file not listed in the manifest"
+        for name in sorted(remote.list_sizes(directory))
+        if name.endswith(".tar") and name not in listed
     ]
     return failures

@@ -15,8 +15,9 @@ class DataConfig:
     """Loader settings shared by both back ends (`cxr.data.build_loader`)."""
 
     shards: str = "build/demo/shards"
-    """Shards folder with manifest.json (written by `python -m shards pack`). Derived
-    shards DIR/res{R}/ are used instead of resizing masters when they exist."""
+    """Shards folder with manifest.json (written by `python -m shards pack`), or its URL
+    (``s3://bucket/prefix``, ``gs://…``, ``https://…``: read by the wds back end through fsspec,
+    shards.remote). Derived shards DIR/res{R}/ are used instead of resizing masters when they exist."""
 
     backend: str = "dali"
     """dali: NVIDIA DALI pipeline (C++ thread pool; GPU decode with device=gpu).

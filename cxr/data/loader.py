@@ -30,6 +30,7 @@ from cxr.data.shard_index import (
     load_shards_manifest,
     meta_stats,
 )
+from cxrbase.errors import CxrError
 
 log = logging.getLogger("cxr.data")
 
@@ -68,6 +69,14 @@ class Loader:
         augment = train and cfg.augment
         if cfg.backend == "dali":
             from cxr.data.dali_loader import DaliBatches
+            from shards import remote
+
+            if remote.is_url(self.shards_dir):
+                raise CxrError(
+                    f"{self.shards_dir}: the DALI back end reads local files, not a URL — stream the "
+                    "shards with data.backend=wds, or copy them to a node-local folder (data.cache_dir) "
+                    "and set data.shards to it"
+                )
 
             native, known = _native_size(self.index, manifest)
             self._backend = DaliBatches(cfg, self.index, cfg.resolution, epoch, augment, native, known, rank)

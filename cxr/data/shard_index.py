@@ -28,6 +28,7 @@ import numpy as np
 
 from cxrbase.errors import CxrError
 from cxrbase.labels import LABELS, META_FIELDS, NUM_LABELS
+from shards import remote
 from shards.dali_index import Sample, header_mismatch, index_mismatch, read_index, scan_tar
 from shards.image_codec import CODEC_EXT, ljpeg_problem, png_problem
 from shards.manifest import MANIFEST_NAME, has_checksums, load_manifest
@@ -43,15 +44,17 @@ META_BYTES = 4 * len(META_FIELDS)
 def load_shards_manifest(shards_dir: str | os.PathLike, resolution: int) -> tuple[Path, dict]:
     """Resolve the shards to read at `resolution`: DIR/res{R}/ when packed, else DIR.
 
-    Returns (folder used, its parsed manifest.json). Logs which one was chosen.
+    Returns (folder used, its parsed manifest.json). Logs which one was chosen. ``shards_dir`` may be
+    a URL (``s3://…``, ``https://…``): the folder is then a UPath and every read goes through
+    shards.remote.
     """
-    root = Path(shards_dir)
+    root = remote.location(shards_dir)
     derived = root / f"res{resolution}" / MANIFEST_NAME
-    if derived.is_file():
+    if remote.is_file(derived):
         log.info("shards: using derived %dpx shards %s (no resize of masters)", resolution, derived.parent)
         return derived.parent, load_manifest(derived)
     path = root / MANIFEST_NAME
-    if not path.is_file():
+    if not remote.is_file(path):
         raise CxrError(
             f"{path}: shards manifest not found — pack shards first "
             f"(python -m shards pack --splits … --images … --out {root})"
@@ -74,8 +77,8 @@ def image_source(shards_dir: str | os.PathLike, resolution: int) -> dict:
     masters at their native size, or masters resized on the fly — with the resize filter."""
     from shards.image_codec import RESIZE_FILTER
 
-    root = Path(shards_dir)
-    if (root / f"res{resolution}" / MANIFEST_NAME).is_file():
+    root = remote.location(shards_dir)
+    if remote.is_file(root / f"res{resolution}" / MANIFEST_NAME):
         return {"source": f"derived {root / f'res{resolution}'}", "resize_filter": f"{RESIZE_FILTER}, at pack time"}
     try:
         manifest = load_manifest(root)
@@ -101,7 +104,7 @@ def image_source(shards_dir: str | os.PathLike, resolution: int) -> dict:
 def meta_stats(shards_dir: Path, manifest: dict) -> tuple[float, float]:
     """Train-split age mean/std (years) for z-scoring; derived shards fall back to the masters'."""
     stats = manifest.get("meta_stats") or {}
-    if "age_mean" not in stats and (shards_dir.parent / MANIFEST_NAME).is_file():
+    if "age_mean" not in stats and remote.is_file(shards_dir.parent / MANIFEST_NAME):
         stats = load_manifest(shards_dir.parent).get("meta_stats") or {}
     if "age_mean" in stats and stats["age_mean"] is None:
         return 0.0, 1.0  # no known age in the train split (a generic table): every age z-scores to 0
@@ -144,11 +147,13 @@ class SplitIndex:
             return _loaded[memo]
         image_ext = IMAGE_EXT[codec]
         paths, keys, shard_ids, ranges = [], [], [], []
+        present = remote.list_sizes(shards_dir)  # one listing, not a stat (or HEAD) per shard
         for i, entry in enumerate(entries):
             tar = shards_dir / entry["name"]
-            if not tar.is_file():
+            if entry["name"] not in present:
                 raise CxrError(f"{tar}: shard listed in the manifest is missing — copy it back or re-pack")
-            samples = _index_shard(tar, shards_dir / entry.get("index", tar.with_suffix(".idx").name))
+            idx = shards_dir / entry.get("index", tar.with_suffix(".idx").name)
+            samples = _index_shard(tar, idx if idx.name in present else None)
             if "samples" in entry and len(samples) != entry["samples"]:
                 raise CxrError(f"{tar}: holds {len(samples)} samples, manifest says {entry['samples']} — re-pack it")
             rows = []  # this shard's Python tuples only: a split-wide list of them would peak at ~0.6 kB a sample
@@ -238,8 +243,8 @@ def check_label_order(index: SplitIndex, names: list[str], manifest: Path) -> No
     a sample whose .json is unreadable, lacks ``findings`` or whose ``.labels`` differ from the
     .json's ``labels`` (damage, not a manifest edit) is left to the loaders' own checks."""
     try:
-        stat = manifest.stat()
-        memo = (str(manifest), stat.st_mtime_ns, stat.st_size, tuple(map(str, index.shard_paths)), tuple(names))
+        stat = (None, None) if remote.is_url(manifest) else (manifest.stat().st_mtime_ns, manifest.stat().st_size)
+        memo = (str(manifest), *stat, tuple(map(str, index.shard_paths)), tuple(names))
     except OSError:
         memo = None
     if memo is not None and memo in _label_order_checked or not len(index):
@@ -253,10 +258,10 @@ def check_label_order(index: SplitIndex, names: list[str], manifest: Path) -> No
     try:
         for i in order:
             _, (lo, lsz), _, (jo, jsz) = index.ranges[i]
-            fd = reader._fd(int(index.shard[i]))
-            bits = os.pread(fd, int(lsz), int(lo))
+            shard = reader.shard(int(index.shard[i]))
+            bits = shard.pread(int(lsz), int(lo))
             try:
-                record = json.loads(os.pread(fd, int(jsz), int(jo)))
+                record = json.loads(shard.pread(int(jsz), int(jo)))
                 findings, packed = record.get("findings"), record.get("labels")
             except (ValueError, AttributeError):
                 continue
@@ -302,13 +307,13 @@ def _packed_order(names: list[str], read: list[tuple[bytes, list]]) -> list[str]
     return None
 
 
-def _index_shard(tar: Path, idx: Path) -> list[Sample]:
-    """[(key, {ext: (offset, size)})] in tar order, from the DALI index or a header scan.
+def _index_shard(tar: Path, idx: Path | None) -> list[Sample]:
+    """[(key, {ext: (offset, size)})] in tar order, from the DALI index (None: absent) or a header scan.
 
     An index that does not match its tar (stale, edited, another shard's) is replaced
     by the scan, with a warning naming it: only the index is wrong, not the samples.
     """
-    if idx.is_file():
+    if idx is not None:
         samples = read_index(idx)
         problem = index_mismatch(tar, samples)
         if problem is None:
@@ -322,7 +327,7 @@ def _index_shard(tar: Path, idx: Path) -> list[Sample]:
             tar.parent,
         )
     else:
-        log.warning("shards: %s has no index %s; scanning tar headers (slower start)", tar, idx.name)
+        log.warning("shards: %s has no index %s; scanning tar headers (slower start)", tar, tar.with_suffix(".idx").name)
     return scan_tar(tar)
 
 
@@ -399,11 +404,13 @@ class IndexMismatch(CorruptSample):
 
 
 class SampleReader:
-    """Reads a sample's raw members by offset; one open file per shard per process."""
+    """Reads a sample's raw members by offset; one reader per shard per process (shards.remote.RangeReader:
+    a descriptor for a local file, ranged GETs for a URL). The four members of a sample lie together in
+    the tar, so one read (one GET) fetches them all."""
 
     def __init__(self, index: SplitIndex):
         self.index = index
-        self._fds: dict[int, int] = {}
+        self._readers: dict[int, remote.RangeReader] = {}
         self._pid = os.getpid()
 
     def read(self, i: int, check_image: bool = True) -> tuple[bytes, np.ndarray, np.ndarray]:
@@ -413,16 +420,17 @@ class SampleReader:
         recorded at pack time (any codec, any flipped byte). /1 shards: check_image=False
         skips the PNG CRC / JPEG marker pass (for a decoder that verifies it itself).
         """
-        (io, isz), (lo, lsz), (mo, msz), (jo, jsz) = self.index.ranges[i]
-        fd = self._fd(int(self.index.shard[i]))
-        image, labels, meta = (
-            os.pread(fd, int(isz), int(io)),
-            os.pread(fd, int(lsz), int(lo)),
-            os.pread(fd, int(msz), int(mo)),
-        )
+        ranges = self.index.ranges[i]
+        shard = self.shard(int(self.index.shard[i]))
+        start = int(ranges[:, 0].min())
+        span = shard.pread(int((ranges[:, 0] + ranges[:, 1]).max()) - start, start)
+        (io, isz), (lo, lsz), (mo, msz), (jo, jsz) = (
+            (int(o) - start, int(n)) for o, n in ranges
+        )  # offsets within the span
+        image, labels, meta = span[io : io + isz], span[lo : lo + lsz], span[mo : mo + msz]
         problem = _short_read({IMAGE_EXT[self.index.codec]: (image, isz), "labels": (labels, lsz), "meta": (meta, msz)})
         if problem is None and self.index.checksums:
-            record = os.pread(fd, int(jsz), int(jo))
+            record = span[jo : jo + jsz]
             problem = _short_read({"json": (record, jsz)}) or _checksum_problem(
                 record, image, labels, meta, self.index.codec
             )
@@ -433,11 +441,11 @@ class SampleReader:
         if problem is None and len(meta) != META_BYTES:
             problem = f".meta is not {META_BYTES} bytes"
         if problem:
-            self._check_index(fd, i)
+            self._check_index(shard, i)
             raise CorruptSample(self.index.shard_paths[self.index.shard[i]], self.index.keys[i], problem)
         return image, np.frombuffer(labels, np.uint8), np.frombuffer(meta, "<f4")
 
-    def _check_index(self, fd: int, i: int) -> None:
+    def _check_index(self, fd: remote.RangeReader, i: int) -> None:
         """A sample that fails its checks because the index points elsewhere is an index fault."""
         key, tar = self.index.keys[i], self.index.shard_paths[self.index.shard[i]]
         for ext, (offset, size) in zip((IMAGE_EXT[self.index.codec], "labels", "meta", "json"), self.index.ranges[i]):
@@ -446,19 +454,19 @@ class SampleReader:
                 raise IndexMismatch(tar, key, problem)
 
     def __getstate__(self) -> dict:  # sent to worker processes: descriptors do not travel
-        return {"index": self.index, "_fds": {}, "_pid": None}
+        return {"index": self.index, "_readers": {}, "_pid": None}
 
-    def _fd(self, shard: int) -> int:
+    def shard(self, shard: int) -> remote.RangeReader:
         if self._pid != os.getpid():  # forked worker: descriptors' file offsets are shared, reopen
-            self._fds, self._pid = {}, os.getpid()
-        if shard not in self._fds:
-            self._fds[shard] = os.open(self.index.shard_paths[shard], os.O_RDONLY)
-        return self._fds[shard]
+            self._readers, self._pid = {}, os.getpid()
+        if shard not in self._readers:
+            self._readers[shard] = remote.RangeReader(self.index.shard_paths[shard])
+        return self._readers[shard]
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds = {}
+        for reader in self._readers.values():
+            reader.close()
+        self._readers = {}
 
 
 def first_corrupt(index: SplitIndex, rank: int = 0, world_size: int = 1) -> CorruptSample | None:

@@ -17,7 +17,9 @@ The pixel path and the augmentation parameters are those of cxr/data/augmentatio
 
 from __future__ import annotations
 
+import atexit
 import logging
+import weakref
 from collections.abc import Iterator
 from functools import partial
 
@@ -47,9 +49,15 @@ class WdsBatches:
         import torch
 
         workers = self.cfg.num_threads
+        # The iterator draws its workers' base seed from this generator, not from torch's global one:
+        # it is created at the first batch, outside train_setup.open_loader's fork_rng, and a draw from
+        # the global stream there would shift a resumed run's dropout masks (augmentation is keyed by
+        # sample and epoch, so the workers' seed itself changes nothing).
+        generator = torch.Generator().manual_seed(self.cfg.resolved_seed * 1000 + self.dataset.epoch)
         loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_sampler=[b.tolist() for b in batches],
+            generator=generator,
             num_workers=workers,
             collate_fn=partial(_collate, mean=self.cfg.mean, std=self.cfg.std, augment=self.dataset.augment),
             pin_memory=self.cfg.pinned,
@@ -58,6 +66,7 @@ class WdsBatches:
             multiprocessing_context=_worker_context() if workers else None,
         )
         batches_iter = iter(loader)
+        _stop_at_exit(batches_iter)
         try:
             for images, ids, labels, meta, corrupt in batches_iter:
                 for c in corrupt:
@@ -143,6 +152,30 @@ def _batch_buffer(shape: tuple[int, ...]):
     ref = torch.empty(0)
     storage = ref._typed_storage()._new_shared(int(np.prod(shape)), device=ref.device)
     return ref.new(storage).resize_(shape)
+
+
+_OPEN_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _stop_at_exit(batches_iter) -> None:
+    """Stop this iterator's workers at interpreter exit if it is still open then.
+
+    The workers ignore SIGTERM (the job's stop signal, see _one_thread), so multiprocessing's exit
+    handler, which terminates and then joins every child, would wait for them forever; and torch's own
+    clean-up does nothing once its exit flag is set. An iterator that outlives the training loop (a
+    generator left suspended by a stop, freed only at exit) is shut down here instead, before both:
+    atexit runs this handler, registered after torch was imported, first."""
+    if not _OPEN_ITERATORS and not getattr(_stop_at_exit, "registered", False):
+        atexit.register(_shutdown_open_iterators)
+        _stop_at_exit.registered = True
+    _OPEN_ITERATORS.add(batches_iter)
+
+
+def _shutdown_open_iterators() -> None:
+    for batches_iter in list(_OPEN_ITERATORS):
+        shutdown = getattr(batches_iter, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def _worker_context():
