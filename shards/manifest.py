@@ -3,7 +3,8 @@
 The fields are specified in docs/shards-format.md (format ``cxr-shards/2``; ``/1``
 shards, without per-sample checksums, are still read and verified). pack and derive
 write it with :func:`write_manifest`; verify, the loaders (``cxr.data.shard_index``) and
-the evaluator read it with :func:`load_manifest`.
+the evaluator read it with :func:`load_manifest`. A folder may be a URL (``s3://bucket/prefix``,
+``https://…``): the I/O goes through ``shards.remote``.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cxrbase.atomic import atomic_write_text
 from cxrbase.errors import CxrError
+from shards import remote
 
 FORMAT = "cxr-shards/2"  # what pack writes: /2 added the per-sample crc32 in each .json
 READ_FORMATS = ("cxr-shards/1", FORMAT)
@@ -50,26 +51,26 @@ def package_version() -> str:
 
 
 def manifest_path(directory: str | Path) -> Path:
-    """``DIR/manifest.json`` (a path that already names a .json file is kept)."""
-    path = Path(directory)
+    """``DIR/manifest.json`` (a path that already names a .json file is kept); a URL gives a UPath."""
+    path = remote.location(directory)
     return path if path.suffix == ".json" else path / MANIFEST_NAME
 
 
 def write_manifest(directory: str | Path, manifest: dict[str, Any]) -> Path:
-    """Validate and write ``DIR/manifest.json`` atomically; return its path."""
+    """Validate and write ``DIR/manifest.json`` atomically (one upload for a URL); return its path."""
     path = manifest_path(directory)
     validate_manifest(manifest, path)
-    atomic_write_text(path, json.dumps(manifest, indent=1) + "\n")
+    remote.write_text(path, json.dumps(manifest, indent=1) + "\n")
     return path
 
 
 def load_manifest(directory: str | Path) -> dict[str, Any]:
     """Read and validate ``DIR/manifest.json``; CxrError naming the path if absent or invalid."""
     path = manifest_path(directory)
-    if not path.is_file():
+    if not remote.is_file(path):
         raise CxrError(f"{path}: no shards manifest here — run `python -m shards pack --out {path.parent}` first")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(remote.read_text(path))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CxrError(f"{path}: unreadable manifest ({err}) — re-run `python -m shards pack`") from None
     validate_manifest(manifest, path)
