@@ -46,6 +46,7 @@ from pathlib import Path
 
 from cxrbase.atomic import atomic_write_text, remove_stale_temps
 from cxrbase.errors import CxrError
+from shards import remote
 from shards.manifest import MANIFEST_NAME, validate_manifest
 from shards.pack_journal import file_sha256
 
@@ -53,19 +54,6 @@ log = logging.getLogger("cxr.data")
 INDEX_NAME = "index.json"
 LOCK_NAME = ".lock"
 GB = 1e9
-
-
-def is_url(location: str | os.PathLike) -> bool:
-    """Whether ``location`` names remote storage (``scheme://…``, not ``file://``)."""
-    text = str(location)
-    return "://" in text and not text.startswith("file://")
-
-
-def url_to_fs(url: str):
-    """(fsspec filesystem, path) for ``url``: credentials from the standard provider chains."""
-    import fsspec
-
-    return fsspec.core.url_to_fs(url)
 
 
 def default_cache_dir() -> Path:
@@ -147,13 +135,13 @@ class ShardCache:
 
     # ------------------------------------------------------------------ under the lock
     def _ensure(self, url: str, splits: list[str] | None, resolution: int | None) -> Fetched:
-        fs, base = url_to_fs(url)
+        loc = remote.location(url)
         folder = self.root / mirror_name(url)
-        manifest = self._manifest(fs, base, url, "", folder)
+        manifest = self._manifest(loc, "", folder)
         sub = ""
-        if resolution is not None and fs.exists(f"{base}/res{resolution}/{MANIFEST_NAME}"):
+        if resolution is not None and remote.is_file(loc / f"res{resolution}" / MANIFEST_NAME):
             sub = f"res{resolution}/"
-            manifest = self._manifest(fs, base, url, sub, folder)
+            manifest = self._manifest(loc / f"res{resolution}", sub, folder)
         for stale in {folder, folder / sub}:  # temps of a fetch killed mid-way (we hold the lock)
             if stale.is_dir():
                 remove_stale_temps(stale)
@@ -175,8 +163,9 @@ class ShardCache:
         t0 = time.perf_counter()
         try:
             for key, entry in missing:
-                self._fetch(fs, f"{base}/{sub}{entry['name']}", f"{url}/{sub}{entry['name']}", self.root / key, entry)
-                self._fetch_index(fs, f"{base}/{sub}{entry['index']}", folder / sub / entry["index"])
+                shards = loc / sub.rstrip("/") if sub else loc
+                self._fetch(shards / entry["name"], self.root / key, entry)
+                self._fetch_index(shards / entry["index"], folder / sub / entry["index"])
                 stat = (self.root / key).stat()
                 index[key] = {
                     "sha256": entry["sha256"],
@@ -195,20 +184,16 @@ class ShardCache:
     def _key(self, folder: Path, name: str) -> str:
         return f"{folder.name}/{name}"
 
-    def _manifest(self, fs, base: str, url: str, sub: str, folder: Path) -> dict:
+    def _manifest(self, shards, sub: str, folder: Path) -> dict:
         """Read the remote manifest (always: it is small and says whether the shards were re-packed)."""
-        where = f"{url}/{sub}{MANIFEST_NAME}"
-        try:
-            text = fs.cat_file(f"{base}/{sub}{MANIFEST_NAME}").decode()
-        except FileNotFoundError:
-            raise CxrError(
-                f"{where}: no shards manifest at this URL — pack into it first (cxr-shards pack --out {url}) "
-                "or check the bucket and prefix"
-            ) from None
+        where = shards / MANIFEST_NAME
+        text = remote.read_text(
+            where, missing=f"no shards manifest here: pack into it first (cxr-shards pack --out {shards}) or fix the URL"
+        )
         try:
             manifest = json.loads(text)
         except json.JSONDecodeError as err:
-            raise CxrError(f"{where}: unreadable manifest ({err}) — re-run cxr-shards pack --out {url}") from None
+            raise CxrError(f"{where}: unreadable manifest ({err}) — re-run cxr-shards pack --out {shards}") from None
         validate_manifest(manifest, where)
         target = folder / sub / MANIFEST_NAME
         if not target.is_file() or target.read_text() != text:
@@ -270,9 +255,10 @@ class ShardCache:
                 "free space there or set data.cache_dir to a larger node-local disk"
             )
 
-    def _fetch(self, fs, rpath: str, url: str, target: Path, entry: dict) -> None:
+    def _fetch(self, obj, target: Path, entry: dict) -> None:
         """One GET into a temp file beside ``target``, checked against the manifest, renamed into place."""
-        tmp = self._get(fs, rpath, url, target)
+        url = str(obj)
+        tmp = self._get(obj, target)
         try:
             size = tmp.stat().st_size
             sha = file_sha256(tmp) if size == entry["bytes"] else None
@@ -288,22 +274,22 @@ class ShardCache:
         finally:
             tmp.unlink(missing_ok=True)
 
-    def _fetch_index(self, fs, rpath: str, target: Path) -> None:
-        tmp = self._get(fs, rpath, rpath, target)
+    def _fetch_index(self, obj, target: Path) -> None:
+        tmp = self._get(obj, target)
         os.replace(tmp, target)  # the loaders check an .idx against its tar (and rescan the tar if it differs)
 
     @staticmethod
-    def _get(fs, rpath: str, url: str, target: Path) -> Path:
+    def _get(obj, target: Path) -> Path:
+        """One GET of ``obj`` (fsspec's get_file: a single streamed request) into a temp file."""
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        missing = (
+            f"listed in the manifest but missing — re-run cxr-shards pack --out {obj.parent} with the same "
+            "settings (it resumes and uploads what is missing)"
+        )
         try:
-            fs.get_file(rpath, str(tmp))
-        except FileNotFoundError:
-            tmp.unlink(missing_ok=True)
-            raise CxrError(
-                f"{url}: listed in the manifest but missing from the bucket — re-run cxr-shards pack --out "
-                "with the same settings (it resumes and uploads what is missing)"
-            ) from None
+            with remote.errors(obj, missing):
+                obj.fs.get_file(obj.path, str(tmp))
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

@@ -302,8 +302,23 @@ def test_a_url_without_manifest_names_it(s3, tmp_path):
     from shards.cache import ShardCache
 
     boto3.client("s3", endpoint_url=s3.endpoint).create_bucket(Bucket="empty-one")
-    with pytest.raises(CxrError, match=r"^s3://empty-one/nothing/manifest.json: no shards manifest .*pack --out"):
+    with pytest.raises(CxrError, match=r"^s3://empty-one/nothing/manifest.json: .*no shards manifest.*pack --out"):
         ShardCache(tmp_path / "c").ensure("s3://empty-one/nothing", ["train"])
+    with pytest.raises(CxrError, match=r"^s3://no-such-bucket/x/manifest.json: bucket 'no-such-bucket' does not exist"):
+        ShardCache(tmp_path / "c").ensure("s3://no-such-bucket/x", ["train"])
+
+
+def test_a_shard_missing_from_the_bucket_names_it(s3, bucket_url, local_shards, tmp_path):
+    import boto3
+
+    from shards.cache import ShardCache
+
+    entry = _split_entries(local_shards, "test")[0]
+    bucket, prefix = bucket_url[5:].split("/", 1)
+    boto3.client("s3", endpoint_url=s3.endpoint).delete_object(Bucket=bucket, Key=f"{prefix}/{entry['name']}")
+    with pytest.raises(CxrError, match=rf"^{bucket_url}/{entry['name']}: .*missing.*pack --out {bucket_url} "):
+        ShardCache(tmp_path / "c").ensure(bucket_url, ["test"])
+    assert not list((tmp_path / "c").rglob("*.tmp"))
 
 
 def test_cache_settings_are_validated():

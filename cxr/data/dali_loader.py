@@ -222,7 +222,8 @@ def gpu_decode_refusal(sample: bytes, device_id: int = 0) -> str | None:
 def cached_shards(cfg: DataConfig, split: str) -> tuple[str, float]:
     """(local folder to read, seconds spent) for data.shards: itself when local; for a URL, its
     node-local mirror in data.cache_dir holding `split`'s shards (shards.cache: DALI reads files)."""
-    from shards.cache import ShardCache, is_url
+    from shards.cache import ShardCache
+    from shards.remote import is_url
 
     if not is_url(cfg.shards):
         return cfg.shards, 0.0
