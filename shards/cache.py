@@ -50,7 +50,7 @@ from shards import remote
 from shards.manifest import MANIFEST_NAME, validate_manifest
 from shards.pack_journal import file_sha256
 
-log = logging.getLogger("cxr.data")
+log = logging.getLogger("cxr.data.cache")  # cxr.run_log puts it in train.log
 INDEX_NAME = "index.json"
 LOCK_NAME = ".lock"
 GB = 1e9
@@ -80,6 +80,7 @@ class Fetched:
     reused: list[str] = field(default_factory=list)
     evicted: list[str] = field(default_factory=list)
     evicted_bytes: int = 0
+    by_other: int = 0  # of the reused: fetched by another process of the node while this one waited
     waited_s: float = 0.0  # waiting for the node lock (another rank fetching)
     fetch_s: float = 0.0  # GETs + sha256 checks of this call
     seconds: float = 0.0  # the whole call
@@ -89,9 +90,13 @@ class Fetched:
         return (
             f"shard cache {self.folder}: fetched {len(self.fetched)} shard(s) "
             f"({self.fetched_bytes / GB:.2f} GB in {self.fetch_s:.1f} s{rate}) from {self.url}, "
-            f"reused {len(self.reused)}, evicted {len(self.evicted)} ({self.evicted_bytes / GB:.2f} GB); "
+            f"reused {len(self.reused)}{self._by_other()}, evicted {len(self.evicted)} ({self.evicted_bytes / GB:.2f} GB); "
             f"waited {self.waited_s:.1f} s for the node lock"
         )
+
+
+    def _by_other(self) -> str:
+        return f" ({self.by_other} fetched by another rank of this node meanwhile)" if self.by_other else ""
 
 
 class ShardCache:
@@ -128,13 +133,13 @@ class ShardCache:
         start = time.perf_counter()
         with self._locked():
             waited = time.perf_counter() - start
-            done = self._ensure(url, splits, resolution)
+            done = self._ensure(url, splits, resolution, since=time.time() - waited)
         done.waited_s, done.seconds = waited, time.perf_counter() - start
         log.info("%s", done.line())
         return done
 
     # ------------------------------------------------------------------ under the lock
-    def _ensure(self, url: str, splits: list[str] | None, resolution: int | None) -> Fetched:
+    def _ensure(self, url: str, splits: list[str] | None, resolution: int | None, since: float) -> Fetched:
         loc = remote.location(url)
         folder = self.root / mirror_name(url)
         manifest = self._manifest(loc, "", folder)
@@ -153,6 +158,7 @@ class ShardCache:
         for key, entry in needed.items():
             if self._valid(index, key, entry):
                 done.reused.append(entry["name"])
+                done.by_other += index[key].get("fetched", 0) >= since
             else:
                 missing.append((key, entry))
         now = time.time()
@@ -173,6 +179,7 @@ class ShardCache:
                     "mtime_ns": stat.st_mtime_ns,
                     "index": entry["index"],
                     "used": now,
+                    "fetched": time.time(),
                 }
                 done.fetched.append(entry["name"])
                 done.fetched_bytes += entry["bytes"]

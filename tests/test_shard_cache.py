@@ -205,18 +205,28 @@ def test_two_ranks_on_one_node_fetch_each_shard_once(s3, bucket_url, local_shard
 
 
 # ------------------------------------------------------------------ reuse, damage, bound
-def test_reuse_across_jobs_without_a_get(s3, bucket_url, local_shards, tmp_path, caplog):
+def test_reuse_across_jobs_without_a_get(s3, bucket_url, local_shards, tmp_path):
     from shards.cache import ShardCache
 
     cache = tmp_path / "c"
     first = ShardCache(cache).ensure(bucket_url, ["val"])
     before = s3.tar_gets()
-    caplog.set_level("INFO", logger="cxr.data")
-    second = ShardCache(cache).ensure(bucket_url, ["val"])  # a new job: a new object, index read from disk
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("cxr.data.cache")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        second = ShardCache(cache).ensure(bucket_url, ["val"])  # a new job: a new object, index read from disk
+    finally:
+        logger.removeHandler(handler)
     assert s3.tar_gets() == before
     names = sorted(e["name"] for e in _split_entries(local_shards, "val"))
     assert sorted(first.fetched) == names and second.fetched == [] and sorted(second.reused) == names
-    line = [r.getMessage() for r in caplog.records if r.getMessage().startswith("shard cache")][-1]
+    line = [r.getMessage() for r in records if r.getMessage().startswith("shard cache")][-1]
     assert "fetched 0 shard(s)" in line and f"reused {len(names)}" in line and "evicted 0" in line
 
 
@@ -360,3 +370,38 @@ def test_dali_through_the_cache_gives_the_samples_of_local_files(s3, bucket_url,
         assert gk == wk
         np.testing.assert_array_equal(gi, wi)
         np.testing.assert_array_equal(gl, wl)
+
+
+# ------------------------------------------------------------------ the user's command
+def _train(bucket_url: str, cache: Path, run_dir: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "cxr.train", "--config", "cxr/configs/tiny.yaml", f"data.shards={bucket_url}",
+           f"data.cache_dir={cache}", f"checkpoint.run_dir={run_dir}", "data.resolution=64", "data.device=cpu",
+           "train.epochs=1", "logging.progress=false"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_training_from_a_bucket_caches_once_and_logs_fetch_time_apart(s3, bucket_url, local_shards, tmp_path):
+    pytest.importorskip("nvidia.dali")
+    import pandas as pd
+
+    cache = tmp_path / "nvme"
+    for job in ("job1", "job2"):  # two jobs on one node: the second fetches nothing
+        before = s3.tar_gets()
+        done = _train(bucket_url, cache, tmp_path / job)
+        assert done.returncode == 0, done.stderr[-3000:]
+        log = (tmp_path / job / "train.log").read_text()
+        got = {n: k - before.get(n, 0) for n, k in s3.tar_gets().items() if k != before.get(n, 0)}
+        train = {e["name"] for e in _split_entries(local_shards, "train")}
+        val = {e["name"] for e in _split_entries(local_shards, "val")}
+        if job == "job1":
+            assert got == {n: 1 for n in train | val}  # each train and val shard fetched once, test never
+            assert f"fetched {len(train)} shard(s)" in log and f"fetched {len(val)} shard(s)" in log
+        else:
+            assert got == {}
+            assert "fetched 0 shard(s)" in log and f"reused {len(train)}" in log
+        row = pd.read_csv(tmp_path / job / "throughput.csv").iloc[-1]
+        assert row["fetch_seconds"] > 0 and row["data_wait_seconds"] > 0 and row["step_seconds"] > 0
+        assert row["fetch_seconds"] + row["data_wait_seconds"] + row["step_seconds"] <= row["train_seconds"] + 1e-3
+        assert "(fetch " in log and "data wait " in log
