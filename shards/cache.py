@@ -57,7 +57,11 @@ GB = 1e9
 
 
 def default_cache_dir() -> Path:
-    """``$SLURM_TMPDIR/cxr-cache`` inside a Slurm job that has one, else ``/tmp/cxr-cache-$USER``."""
+    """Where the cache lives when data.cache_dir is unset: ``$CXR_CACHE_DIR`` (a launch profile's
+    env, e.g. the instance NVMe), else ``$SLURM_TMPDIR/cxr-cache`` inside a Slurm job that has
+    one, else ``/tmp/cxr-cache-$USER``."""
+    if os.environ.get("CXR_CACHE_DIR"):
+        return Path(os.environ["CXR_CACHE_DIR"])
     if os.environ.get("SLURM_TMPDIR"):
         return Path(os.environ["SLURM_TMPDIR"]) / "cxr-cache"
     return Path("/tmp") / f"cxr-cache-{os.environ.get('USER') or os.getuid()}"

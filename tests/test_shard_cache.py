@@ -341,9 +341,18 @@ def test_cache_settings_are_validated():
         DataConfig(cache_dir="  ")
 
 
+def test_the_g5_profile_puts_the_cache_on_the_instance_nvme():
+    from launch.profiles import load_profiles
+
+    assert load_profiles()["g5.24xlarge"].env["CXR_CACHE_DIR"] == "/scratch/cxr-cache"
+
+
 def test_default_cache_dir_is_node_local(monkeypatch):
     from shards.cache import default_cache_dir
 
+    monkeypatch.setenv("CXR_CACHE_DIR", "/nvme/c")
+    assert default_cache_dir() == Path("/nvme/c")
+    monkeypatch.delenv("CXR_CACHE_DIR")
     monkeypatch.setenv("SLURM_TMPDIR", "/scratch/job42")
     assert default_cache_dir() == Path("/scratch/job42/cxr-cache")
     monkeypatch.delenv("SLURM_TMPDIR")

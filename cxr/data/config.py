@@ -50,8 +50,9 @@ class DataConfig:
     """DALI back end with data.shards a URL (s3://, gs://, https://): node-local folder the shards
     are copied into before DALI reads them (shards.cache: the first rank of each node fetches and
     checks each shard's sha256, the others wait; verified shards are reused by later epochs,
-    requeues and jobs). None: $SLURM_TMPDIR/cxr-cache inside a Slurm job, else
-    /tmp/cxr-cache-$USER. Point it at the instance NVMe (g5: /opt/dlami/nvme) so jobs share it."""
+    requeues and jobs). None: $CXR_CACHE_DIR (the g5 launch profile sets it to the instance
+    NVMe), else $SLURM_TMPDIR/cxr-cache inside a Slurm job, else /tmp/cxr-cache-$USER. A folder
+    that outlives the job (the NVMe, not a per-job $SLURM_TMPDIR) lets later jobs reuse it."""
 
     cache_max_gb: float | None = None
     """Size bound of data.cache_dir in GB (10⁹ bytes): least recently used shards not needed by
