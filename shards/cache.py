@@ -236,6 +236,10 @@ class ShardCache:
         held = {k: r for k, r in index.items() if (self.root / k).is_file()}
         for k in set(index) - set(held):
             del index[k]
+        for path in self.root.glob("*/**/*.tar"):  # not in the index (it was lost): counted, and oldest
+            key = path.relative_to(self.root).as_posix()
+            if key not in held and key not in needed:
+                held[key] = index[key] = {"size": path.stat().st_size, "used": 0, "sha256": None, "mtime_ns": 0}
         need_total = sum(e["bytes"] for e in needed.values())
         free = shutil.disk_usage(self.root).free
         bound = self.max_bytes

@@ -277,6 +277,17 @@ def test_eviction_keeps_the_bound_and_drops_the_least_recently_used(s3, bucket_u
     }
 
 
+def test_a_lost_index_still_counts_cached_files_against_the_bound(s3, bucket_url, local_shards, tmp_path):
+    from shards.cache import ShardCache
+
+    cache = tmp_path / "c"
+    ShardCache(cache).ensure(bucket_url, ["train"])
+    (cache / "index.json").unlink()
+    val = sum(e["bytes"] for e in _split_entries(local_shards, "val"))
+    ShardCache(cache, max_gb=(val + 1000) / 1e9).ensure(bucket_url, ["val"])
+    assert _tar_bytes_on_disk(cache) == val
+
+
 def test_a_split_larger_than_the_bound_is_a_clear_error(s3, bucket_url, tmp_path):
     from shards.cache import ShardCache
 
