@@ -73,6 +73,10 @@ def mirror_name(url: str) -> str:
     return f"{stem}-{hashlib.sha256(url.rstrip('/').encode()).hexdigest()[:10]}"
 
 
+def _size(n: int) -> str:
+    return f"{n / GB:.2f} GB" if n >= GB else f"{n / 1e6:.1f} MB"
+
+
 @dataclass
 class Fetched:
     """What one :meth:`ShardCache.ensure` did."""
@@ -93,8 +97,8 @@ class Fetched:
         rate = f", {self.fetched_bytes / max(self.fetch_s, 1e-9) / 1e6:.0f} MB/s" if self.fetched else ""
         return (
             f"shard cache {self.folder}: fetched {len(self.fetched)} shard(s) "
-            f"({self.fetched_bytes / GB:.2f} GB in {self.fetch_s:.1f} s{rate}) from {self.url}, "
-            f"reused {len(self.reused)}{self._by_other()}, evicted {len(self.evicted)} ({self.evicted_bytes / GB:.2f} GB); "
+            f"({_size(self.fetched_bytes)} in {self.fetch_s:.1f} s{rate}) from {self.url}, "
+            f"reused {len(self.reused)}{self._by_other()}, evicted {len(self.evicted)} ({_size(self.evicted_bytes)}); "
             f"waited {self.waited_s:.1f} s for the node lock"
         )
 
