@@ -425,3 +425,20 @@ def test_training_from_a_bucket_caches_once_and_logs_fetch_time_apart(s3, bucket
         assert row["fetch_seconds"] > 0 and row["data_wait_seconds"] > 0 and row["step_seconds"] > 0
         assert row["fetch_seconds"] + row["data_wait_seconds"] + row["step_seconds"] <= row["train_seconds"] + 1e-3
         assert "(fetch " in log and "data wait " in log
+
+
+def test_throughput_csv_of_an_older_run_gains_the_timing_columns(tmp_path):
+    import csv
+
+    import torch
+
+    from cxr import run_log
+
+    old = "epoch,images,train_seconds,epoch_seconds,train_images_per_s,peak_memory_mb\n1,64,2.0,3.0,32.0,100.0\n"
+    (tmp_path / "throughput.csv").write_text(old)
+    run_log.record_throughput(tmp_path, 2, 64, 4.0, 5.0, torch.device("cpu"), fetch_s=1.5, data_wait_s=0.5)
+    rows = list(csv.DictReader((tmp_path / "throughput.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert (rows[0]["fetch_seconds"], rows[0]["step_seconds"]) == ("", "")  # unknown for the old epoch, not 0
+    assert (float(rows[1]["fetch_seconds"]), float(rows[1]["data_wait_seconds"])) == (1.5, 0.5)
+    assert float(rows[1]["step_seconds"]) == 4.0 - 1.5 - 0.5
