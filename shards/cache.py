@@ -102,7 +102,6 @@ class Fetched:
             f"waited {self.waited_s:.1f} s for the node lock"
         )
 
-
     def _by_other(self) -> str:
         return f" ({self.by_other} fetched by another rank of this node meanwhile)" if self.by_other else ""
 
@@ -203,7 +202,8 @@ class ShardCache:
         """Read the remote manifest (always: it is small and says whether the shards were re-packed)."""
         where = shards / MANIFEST_NAME
         text = remote.read_text(
-            where, missing=f"no shards manifest here: pack into it first (cxr-shards pack --out {shards}) or fix the URL"
+            where,
+            missing=f"no shards manifest here: pack into it first (cxr-shards pack --out {shards}) or fix the URL",
         )
         try:
             manifest = json.loads(text)

@@ -117,9 +117,12 @@ class DataConfig:
         _at_least("num_threads", self.num_threads, 0)
         _at_least("source_workers", self.source_workers, 0)
         if self.cache_dir is not None and (not isinstance(self.cache_dir, str) or not self.cache_dir.strip()):
-            raise CxrError(f"data.cache_dir={self.cache_dir!r}: not a folder — give a node-local path or leave it unset")
+            raise CxrError(
+                f"data.cache_dir={self.cache_dir!r}: not a folder — give a node-local path or leave it unset"
+            )
         if self.cache_max_gb is not None and not (
-            isinstance(self.cache_max_gb, (int, float)) and not isinstance(self.cache_max_gb, bool)
+            isinstance(self.cache_max_gb, (int, float))
+            and not isinstance(self.cache_max_gb, bool)
             and self.cache_max_gb > 0
         ):
             raise CxrError(
