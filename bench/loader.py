@@ -556,7 +556,7 @@ S3_NOTE = (
     "cache: data.shards is the URL and data.cache_dir already holds the verified shards, so each pass "
     "pays the manifest GET and a stat per shard, then DALI reads local files. Streaming: data.backend=wds "
     "reads each sample with a ranged GET. Cold fetch: shards.cache into an empty cache dir (one GET per "
-    "shard and per .idx, then sha256 of each) against s3fs alone copying the same objects "
+    "shard and per .idx, 8 at once, then sha256 of each) against s3fs alone copying the same objects "
     "(fs.get, the `aws s3 cp --recursive` equivalent: concurrent GETs, no checks)."
 )
 
