@@ -39,6 +39,15 @@ case interleaved per repeat so that load on the shared machine hits all alike. I
 its own section ("## DALI parallel external source") with --append.
 
     python bench/loader.py --parallel-source --append bench/RESULTS.md
+
+`--s3` instead serves the same shards from a local S3 server (moto on 127.0.0.1) and compares,
+interleaved per repeat at 224 from the derived res224 shards: the DALI back end on local files
+and through its warm node-local cache (data.shards a URL, shards/cache.py), the wds back end on
+local files and streaming from the bucket; then the cache's cold fetch of the train masters
+against s3fs alone copying the same objects. Goal: the warm cache within 5 % of local files.
+Section "## loader from S3".
+
+    python bench/loader.py --s3 --append bench/RESULTS.md
 """
 
 from __future__ import annotations
@@ -541,6 +550,105 @@ def append_codec_section(path: Path, text: str, command: str) -> None:
     write_section(path, "codec decode", command, text)
 
 
+S3_NOTE = (
+    "The bucket is a moto S3 server on 127.0.0.1 in this process (tests/s3_server.py), so 'network' "
+    "here is loopback plus moto's Python request handling on the same 2 cores as the loaders. Warm "
+    "cache: data.shards is the URL and data.cache_dir already holds the verified shards, so each pass "
+    "pays the manifest GET and a stat per shard, then DALI reads local files. Streaming: data.backend=wds "
+    "reads each sample with a ranged GET. Cold fetch: shards.cache into an empty cache dir (one GET per "
+    "shard and per .idx, 8 at once, then sha256 of each) against s3fs alone copying the same objects "
+    "(fs.get, the `aws s3 cp --recursive` equivalent: concurrent GETs, no checks)."
+)
+
+
+def s3_rates(shards: Path, work: Path, args) -> tuple[list[tuple[str, float, float]], list[tuple[str, float, float]]]:
+    """Loader rows (name, whole-pass img/s, steady img/s) interleaved per repeat, and cold-fetch rows
+    (name, MB/s, seconds): local files vs the warm cache vs streaming, and cache vs s3fs alone."""
+    import shutil
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from s3_server import running_s3_server
+
+    from shards.cache import ShardCache
+    from shards.remote import location
+
+    r, t, b = args.repeats, args.threads, args.batch_size
+    with running_s3_server() as server:
+        client = server.client()
+        client.create_bucket(Bucket="bench-shards")
+        for path in sorted(shards.rglob("*")):
+            if path.is_file() and not path.name.startswith("."):
+                client.upload_file(str(path), "bench-shards", f"nih/{path.relative_to(shards)}")
+        url = "s3://bench-shards/nih"
+        warm = work / "warm-cache"
+        ShardCache(warm).ensure(url, ["train"], 224)  # fill it once, untimed
+        cases = {
+            "dali 224 res224, local files": dict(shards=shards, backend="dali"),
+            "dali 224 res224, warm cache (URL)": dict(shards=url, backend="dali", cache_dir=str(warm)),
+            "wds 224 res224, local files": dict(shards=shards, backend="wds"),
+            "wds 224 res224, streaming from S3 (URL)": dict(shards=url, backend="wds"),
+        }
+        loader_rates(shards, "wds", 224, False, t, b, 1)  # start the worker fork server once, untimed
+        best = {name: (0.0, 0.0) for name in cases}
+        for _ in range(r):
+            for name, case in cases.items():
+                extra = {k: v for k, v in case.items() if k not in ("shards", "backend")}
+                tot, st = loader_rates(case["shards"], case["backend"], 224, False, t, b, 1, **extra)
+                best[name] = (max(best[name][0], tot), max(best[name][1], st))
+        rows = [(name, *best[name]) for name in cases]
+
+        # cold fetch of the train masters (the larger objects): the cache vs s3fs alone, interleaved
+        manifest = __import__("json").loads((shards / "manifest.json").read_text())
+        train = [e for e in manifest["shards"] if e["split"] == "train"]
+        total = sum(e["bytes"] for e in train) + sum((shards / e["index"]).stat().st_size for e in train)
+        loc = location(url)
+        objects = [str(loc / name).split("://", 1)[1] for e in train for name in (e["name"], e["index"])]
+        fetch: dict[str, float] = {"shards.cache, cold (GET + sha256 + rename)": 1e9, "s3fs alone (fs.get)": 1e9}
+        for _ in range(r):
+            for name in fetch:
+                target = work / "cold"
+                shutil.rmtree(target, ignore_errors=True)
+                start = time.perf_counter()
+                if name.startswith("shards.cache"):
+                    ShardCache(target).ensure(url, ["train"])
+                else:
+                    target.mkdir()
+                    loc.fs.get(objects, [str(target / o.rsplit("/", 1)[1]) for o in objects])
+                fetch[name] = min(fetch[name], time.perf_counter() - start)
+        cold = [(name, total / sec / 1e6, sec) for name, sec in fetch.items()]
+    return rows, cold + [("bytes", total / 1e6, 0.0)]
+
+
+def s3_table(rows, cold, n: int, args) -> str:
+    total = {name: tot for name, tot, _ in rows}
+    steady = {name: st for name, _, st in rows}
+    lines = [
+        f"{n} train images, derived res224 shards, eval mode (no augment), {args.threads} threads/workers, "
+        f"batch {args.batch_size}, best of {args.repeats} interleaved passes",
+        "",
+        "| case | img/s whole pass | img/s steady | whole pass / local files, same back end |",
+        "|---|---|---|---|",
+    ]
+    for name, tot, st in rows:
+        local = f"{name.split(',')[0]}, local files"
+        lines.append(f"| {name} | {tot:.1f} | {st:.1f} | {tot / total[local]:.2f}x |")
+    mb = dict((name, rate) for name, rate, _ in cold)
+    lines += [
+        "",
+        f"cold fetch of the train masters ({mb.pop('bytes'):.1f} MB: shards + .idx), best of {args.repeats}:",
+        "",
+        "| copy | MB/s | seconds |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {name} | {rate:.1f} | {sec:.2f} |" for name, rate, sec in cold if name != "bytes"]
+    names = [name for name, _, _ in cold if name != "bytes"]
+    lines.append(f"\ncold fetch / s3fs alone = {mb[names[0]] / mb[names[1]]:.2f}x; warm cache / local files "
+                 f"(DALI) = {total['dali 224 res224, warm cache (URL)'] / total['dali 224 res224, local files']:.2f}x "
+                 f"whole pass, {steady['dali 224 res224, warm cache (URL)'] / steady['dali 224 res224, local files']:.2f}x "
+                 "steady (goal: within 5 %)")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sample", type=Path, default=SAMPLE, help="folder of NIH PNGs with labels.csv")
@@ -565,6 +673,12 @@ def main() -> None:
         "--parallel-source",
         action="store_true",
         help="only compare the DALI external source serial vs parallel with 1/2 workers (see above)",
+    )
+    parser.add_argument(
+        "--s3",
+        action="store_true",
+        help="only compare local files with a local S3 server: DALI through the warm node cache, wds "
+        "streaming, and the cache's cold fetch against s3fs alone (see above)",
     )
     parser.add_argument("--images", type=int, default=40, help="--codecs: sample images to encode (default 40)")
     args = parser.parse_args()
@@ -596,6 +710,12 @@ def main() -> None:
             print(text)
             if args.append:
                 write_section(args.append, "loader from masters", command, text)
+            return
+        if args.s3:
+            text = s3_table(*s3_rates(shards, work, args), n, args)
+            print(text)
+            if args.append:
+                write_section(args.append, "loader from S3", command, f"{text}\n\n{S3_NOTE}")
             return
         if args.parallel_source:
             text = parallel_source_table(parallel_source_rates(shards, masters_only, args), n, args)

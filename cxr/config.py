@@ -272,7 +272,7 @@ UNHASHED = {
     "checkpoint": {"run_dir", "resume", "force_resume", "every_steps"},
     "logging": {"progress", "log_every", "tensorboard", "trackers", "tracking_dir", "experiment"},
     "train": {"threads", "collective_timeout_s", "stop_flag_timeout_s", "cudnn_benchmark"},
-    "data": {"num_threads", "pin_memory", "source_workers"},
+    "data": {"num_threads", "pin_memory", "source_workers", "cache_dir", "cache_max_gb"},
 }
 # Keys that earlier versions wrote into every run's config.yaml and that no longer exist, with the
 # value every run had. Reading an old config.yaml accepts (and drops) them, and the hash counts them

@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,24 +37,27 @@ EXIT_REQUEUE = 75  # sysexits.h EX_TEMPFAIL: "temporary failure, try again" — 
 STATUS, METRICS, THROUGHPUT, TRAIN_LOG = "status.json", "metrics.csv", "throughput.csv", "train.log"
 log = logging.getLogger("cxr.train")
 steps_log = logging.getLogger("cxr.train.steps")  # train.log only: step lines and validation notes
+cache_log = logging.getLogger("cxr.data.cache")  # the node-local shard cache's line (shards.cache), as `log`
 
 
 # ----------------------------------------------------------------------------- train.log
 def setup_logging(run_dir: Path, main: bool) -> None:
     """Rank 0: INFO to stderr and RUN/train.log, step lines to train.log only; others: warnings."""
-    for logger in (log, steps_log):
+    for logger in (log, steps_log, cache_log):
         logger.handlers.clear()
         logger.propagate = False
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(stream)
-    log.setLevel(logging.INFO if main else logging.WARNING)
+    for logger in (log, cache_log):
+        logger.addHandler(stream)
+        logger.setLevel(logging.INFO if main else logging.WARNING)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         file = logging.FileHandler(run_dir / TRAIN_LOG)
         file.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(file)
         steps_log.addHandler(file)
+        cache_log.addHandler(file)
     steps_log.setLevel(logging.INFO if main else logging.WARNING)
 
 
@@ -109,9 +113,18 @@ def rate(images: float, seconds: float) -> str:
 
 
 def epoch_summary(
-    cfg: Config, st, row: dict, improved: bool, images: int, train_s: float, seconds: float, epochs: int | None = None
+    cfg: Config,
+    st,
+    row: dict,
+    improved: bool,
+    images: int,
+    train_s: float,
+    seconds: float,
+    epochs: int | None = None,
+    timing: dict | None = None,
 ) -> str:
-    """The one-line epoch summary (``epochs``: :func:`planned_epochs`; default train.epochs)."""
+    """The one-line epoch summary (``epochs``: :func:`planned_epochs`; default train.epochs;
+    ``timing``: rank 0's {"fetch", "data wait", "step"} seconds, as in throughput.csv)."""
     auroc = row.get("val_mean_auroc", float("nan"))
     # the OOD autoencoder has no labels to rank: no AUROC to show (a classifier's nan is shown as n/a)
     shown = (
@@ -126,6 +139,8 @@ def epoch_summary(
         f"val_loss {row['val_loss']:.4f} | {shown}lr {row['lr']:.2e} | "
         f"{rate(images, train_s)} | {seconds:.1f} s"
     )
+    if timing:
+        text += " (" + ", ".join(f"{k} {v:.1f} s" for k, v in timing.items()) + ")"
     if row["skipped"]:
         text += f" | {row['skipped']} skipped"
     return text + (" | best" if improved else "")
@@ -273,11 +288,41 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+class DataWait:
+    """Wraps a batch iterator and sums the seconds spent inside ``next()``: the time the training
+    loop waited for the loader (reading + decoding not hidden by its prefetch)."""
+
+    def __init__(self, batches):
+        self.batches, self.seconds = iter(batches), 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        try:
+            return next(self.batches)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
 def record_throughput(
-    run_dir: Path, epoch: int, images: int, train_s: float, epoch_s: float, device: torch.device
+    run_dir: Path,
+    epoch: int,
+    images: int,
+    train_s: float,
+    epoch_s: float,
+    device: torch.device,
+    fetch_s: float = 0.0,
+    data_wait_s: float = 0.0,
+    step_s: float | None = None,
 ) -> None:
     """RUN/throughput.csv, one row per epoch (kept out of metrics.csv, whose rows are deterministic):
-    training images/s (loop only, all ranks), seconds, peak memory of rank 0."""
+    training images/s (loop only, all ranks), seconds, peak memory of rank 0, and where rank 0's
+    training time went: ``fetch_seconds`` (shards copied into the node-local cache, or waiting for
+    the node's rank that copies them: shards.cache), ``data_wait_seconds`` (the loop waiting for the
+    next batch: read + decode not hidden by prefetch), ``step_seconds`` (the rest of the loop:
+    forward, backward, optimizer, bookkeeping)."""
     path = run_dir / THROUGHPUT
     rows = [r for r in (list(csv.DictReader(path.open())) if path.is_file() else []) if int(r["epoch"]) < epoch]
     rows.append(
@@ -288,8 +333,14 @@ def record_throughput(
             "epoch_seconds": round(epoch_s, 3),
             "train_images_per_s": round(images / max(train_s, 1e-9), 3),
             "peak_memory_mb": round(peak_memory_mb(device), 1),
+            "fetch_seconds": round(fetch_s, 3),
+            "data_wait_seconds": round(data_wait_s, 3),
+            "step_seconds": round(train_s - fetch_s - data_wait_s if step_s is None else step_s, 3),
         }
     )
+    for row in rows:  # rows of a run started before these columns existed: unknown, not zero
+        for key in ("fetch_seconds", "data_wait_seconds", "step_seconds"):
+            row.setdefault(key, "")
     write_metrics_csv(path, rows)
 
 

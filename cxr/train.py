@@ -253,6 +253,8 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
         bar = run_log.progress_bar(cfg, accelerator, st, steps_per_epoch)
         model.train()
         accelerator.step = 0  # accumulation restarts at each epoch (and resume) boundary
+        batches = run_log.DataWait(batches)  # the loop's wait for the loader, apart from step time
+        t_loop = time.time()
         for i, batch in enumerate(batches):
             if skip + i >= micro_total:
                 break
@@ -299,6 +301,8 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
         if bar is not None:
             bar.close()
         t_train = time.time() - t_epoch
+        fetch_s = getattr(loader, "fetch_seconds", 0.0)  # node-local shard cache (DALI from a URL)
+        step_s = time.time() - t_loop - batches.seconds
         images_trained += epoch_images
 
         # ---- end of epoch (or of max_steps): `last` before validation, so that a stop or a failure
@@ -332,7 +336,17 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
         save_last(cfg, accelerator, run_dir, model, optimizer, scheduler, st, None)
         if accelerator.is_main_process:
             run_log.write_metrics_csv(run_dir / run_log.METRICS, st.rows)
-            run_log.record_throughput(run_dir, st.epoch, epoch_images * world, t_train, time.time() - t_epoch, device)
+            run_log.record_throughput(
+                run_dir,
+                st.epoch,
+                epoch_images * world,
+                t_train,
+                time.time() - t_epoch,
+                device,
+                fetch_s=fetch_s,
+                data_wait_s=batches.seconds,
+                step_s=step_s,
+            )
             run_log.log_tensorboard(writer, row, st.global_step)
         tracking.log_epoch(accelerator, cfg, row, st.global_step)
         log.info(
@@ -345,6 +359,7 @@ def _train(cfg: Config, accelerator: Accelerator, loader_fn: Callable, stop: Sto
                 t_train,
                 time.time() - t_epoch,
                 run_log.planned_epochs(cfg, steps_per_epoch),
+                {"fetch": fetch_s, "data wait": batches.seconds, "step": step_s},
             )
         )
         if early_stop:

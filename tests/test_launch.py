@@ -358,7 +358,7 @@ def test_site_file_adds_and_overrides_profiles(tmp_path, monkeypatch):
     table = profiles.load_profiles([site])
     g5 = table["g5.24xlarge"]
     assert (g5.partition, g5.time_min, g5.cpus_per_process) == ("gpu-a10g", 600, 22)
-    assert g5.env == {"GLOO_SOCKET_IFNAME": "ens5"}
+    assert g5.env == {"CXR_CACHE_DIR": "/scratch/cxr-cache", "GLOO_SOCKET_IFNAME": "ens5"}  # merged key by key
     mine = table["mine"]
     assert (mine.nodes, mine.gpus_per_node, mine.mem_gb_per_node) == (4, 8, 1000)
     assert mine.env["NCCL_DEBUG"] == "INFO" and mine.env["FI_PROVIDER"] == "efa"  # merged over the base's env

@@ -168,14 +168,6 @@ def test_a_shard_missing_from_the_bucket_is_named(s3_server, bucket_shards):
         build_loader(cfg, "val")
 
 
-def test_the_dali_back_end_refuses_a_url_naming_the_wds_back_end(bucket_shards):
-    from cxr.data import DataConfig, build_loader
-
-    cfg = DataConfig(shards=bucket_shards, backend="dali", resolution=64, num_threads=1)
-    with pytest.raises(CxrError, match=r"DALI back end reads local files, not a URL — .*data.backend=wds"):
-        build_loader(cfg, "val")
-
-
 # ------------------------------------------------------------------------------ reading: loaders, evaluate
 def test_the_wds_loader_yields_the_same_batches_from_the_bucket_as_from_the_folder(bucket_shards, train_shards):
     import torch

@@ -47,6 +47,18 @@ class DataConfig:
     when masters are resized on the fly (the source then PIL-decodes every image) on a node
     with cores to spare; pack derived shards (`pack --resize`) first."""
 
+    cache_dir: str | None = None
+    """DALI back end with data.shards a URL (s3://, gs://, https://): node-local folder the shards
+    are copied into before DALI reads them (shards.cache: the first rank of each node fetches and
+    checks each shard's sha256, the others wait; verified shards are reused by later epochs,
+    requeues and jobs). None: $CXR_CACHE_DIR (the g5 launch profile sets it to the instance
+    NVMe), else $SLURM_TMPDIR/cxr-cache inside a Slurm job, else /tmp/cxr-cache-$USER. A folder
+    that outlives the job (the NVMe, not a per-job $SLURM_TMPDIR) lets later jobs reuse it."""
+
+    cache_max_gb: float | None = None
+    """Size bound of data.cache_dir in GB (10⁹ bytes): least recently used shards not needed by
+    this run are deleted to make room. None: bounded only by the disk's free space."""
+
     device: str = "cpu"
     """cpu | gpu | auto. gpu decodes with DALI device "mixed" on device_id = local rank (JPEG, lossless
     JPEG and JPEG 2000 shards decode on the GPU, with at most 4 DALI CPU threads; PNG always
@@ -105,6 +117,18 @@ class DataConfig:
             _at_least("eval_batch_size", self.eval_batch_size, 1)
         _at_least("num_threads", self.num_threads, 0)
         _at_least("source_workers", self.source_workers, 0)
+        if self.cache_dir is not None and (not isinstance(self.cache_dir, str) or not self.cache_dir.strip()):
+            raise CxrError(
+                f"data.cache_dir={self.cache_dir!r}: not a folder — give a node-local path or leave it unset"
+            )
+        if self.cache_max_gb is not None and not (
+            isinstance(self.cache_max_gb, (int, float))
+            and not isinstance(self.cache_max_gb, bool)
+            and self.cache_max_gb > 0
+        ):
+            raise CxrError(
+                f"data.cache_max_gb={self.cache_max_gb!r}: must be a positive number of GB — e.g. 500, or unset"
+            )
         if not 0.0 <= self.hflip_p <= 1.0:
             raise CxrError(f"data.hflip_p={self.hflip_p}: must be in [0, 1] — set a probability")
         for name in ("rotate_deg", "brightness", "contrast", "translate", "scale"):

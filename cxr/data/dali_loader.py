@@ -219,6 +219,18 @@ def gpu_decode_refusal(sample: bytes, device_id: int = 0) -> str | None:
     return None if image is not None else "nvImageCodec's GPU decoders refused the stream"
 
 
+def cached_shards(cfg: DataConfig, split: str) -> tuple[str, float]:
+    """(local folder to read, seconds spent) for data.shards: itself when local; for a URL, its
+    node-local mirror in data.cache_dir holding `split`'s shards (shards.cache: DALI reads files)."""
+    from shards.cache import ShardCache
+    from shards.remote import is_url
+
+    if not is_url(cfg.shards):
+        return cfg.shards, 0.0
+    done = ShardCache(cfg.cache_dir, cfg.cache_max_gb).ensure(cfg.shards, [split], cfg.resolution)
+    return str(done.folder), done.seconds
+
+
 def local_device_id() -> int:
     """CUDA device of this process on its node: LOCAL_RANK (torchrun/accelerate/submitit),
     SLURM_LOCALID (srun), else the device torch uses (accelerate has set it)."""

@@ -30,7 +30,6 @@ from cxr.data.shard_index import (
     load_shards_manifest,
     meta_stats,
 )
-from cxrbase.errors import CxrError
 
 log = logging.getLogger("cxr.data")
 
@@ -58,7 +57,12 @@ class Loader:
         self, cfg: DataConfig, split: str, rank: int, world_size: int, epoch: int, skip_batches: int, train: bool
     ):
         self.cfg, self.split, self.train, self.epoch = cfg, split, train, epoch
-        self.shards_dir, manifest = load_shards_manifest(cfg.shards, cfg.resolution)
+        shards, self.fetch_seconds = cfg.shards, 0.0  # fetch_seconds: node-local cache (run log, throughput.csv)
+        if cfg.backend == "dali":
+            from cxr.data.dali_loader import cached_shards
+
+            shards, self.fetch_seconds = cached_shards(cfg, split)
+        self.shards_dir, manifest = load_shards_manifest(shards, cfg.resolution)
         self.index = SplitIndex.load(self.shards_dir, manifest, split)
         self.age_mean, self.age_std = meta_stats(self.shards_dir, manifest)
         batch = cfg.batch_size if train else cfg.eval_batch
@@ -69,14 +73,6 @@ class Loader:
         augment = train and cfg.augment
         if cfg.backend == "dali":
             from cxr.data.dali_loader import DaliBatches
-            from shards import remote
-
-            if remote.is_url(self.shards_dir):
-                raise CxrError(
-                    f"{self.shards_dir}: the DALI back end reads local files, not a URL — stream the "
-                    "shards with data.backend=wds, or copy them to a node-local folder (data.cache_dir) "
-                    "and set data.shards to it"
-                )
 
             native, known = _native_size(self.index, manifest)
             self._backend = DaliBatches(cfg, self.index, cfg.resolution, epoch, augment, native, known, rank)
