@@ -22,6 +22,14 @@ NO_FINDING = "No Finding"
 NUM_LABELS = len(LABELS)
 _INDEX = {name: i for i, name in enumerate(LABELS)}
 
+# Unknown and uncertain labels (docs/shards-format.md). A splits table's label cell is 1, 0, -1
+# (uncertain, as CheXpert/MIMIC write it) or missing (unknown: the data set does not say). Pack
+# resolves -1 by the --uncertain policy; on disk `.labels` stays uint8 with UNKNOWN = 255 for a
+# masked entry, and the loaders give NaN there. Losses and metrics skip masked entries.
+UNKNOWN = 255
+UNCERTAIN = -1
+UNCERTAIN_POLICIES: tuple[str, ...] = ("ignore", "zeros", "ones")  # -1 → masked / 0 / 1 (CheXpert paper's U-Ignore, U-Zeros, U-Ones)
+
 # The non-label columns of a splits table; every other column of a generic table is a label.
 TABLE_FIELDS: tuple[str, ...] = ("image", "patient", "split", "age", "sex", "view")
 

@@ -134,6 +134,14 @@ def _add_pack(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="exit 0 even if some images were undecodable (they are recorded in the manifest)",
     )
+    p.add_argument(
+        "--uncertain",
+        choices=["ignore", "zeros", "ones"],
+        default="ignore",
+        help="what an uncertain label (-1 in the splits table, as CheXpert/MIMIC write it) becomes: "
+        "ignore = masked like an unknown (empty) cell, skipped by losses and metrics (default; the "
+        "CheXpert paper's U-Ignore), zeros = negative, ones = positive. Recorded in the manifest",
+    )
 
 
 def _add_verify(sub: argparse._SubParsersAction) -> None:

@@ -132,10 +132,14 @@ def has_checksums(manifest: dict[str, Any]) -> bool:
 MIN_VAL_IMAGES = 20  # below this a validation split's AUROC and tuned thresholds rest on too few images
 
 
-def label_gaps(samples: int, positives: dict[str, int]) -> tuple[list[str], list[str]]:
-    """(labels with no positive image, labels with no negative image) among ``samples`` images."""
+def label_gaps(
+    samples: int, positives: dict[str, int], known: dict[str, int] | None = None
+) -> tuple[list[str], list[str]]:
+    """(labels with no positive image, labels with no negative image) among ``samples`` images;
+    ``known``: per label the images whose label is not unknown (default: all ``samples``)."""
+    known = known or {}
     none = [name for name, n in positives.items() if int(n) == 0]
-    every = [name for name, n in positives.items() if samples and int(n) >= samples]
+    every = [name for name, n in positives.items() if samples and int(n) >= int(known.get(name, samples))]
     return none, every
 
 
@@ -144,7 +148,11 @@ def _names(labels: list[str], total: int) -> str:
 
 
 def split_warnings(
-    samples_by_split: dict[str, int], positives_by_split: dict[str, dict[str, int]], where: str, val: str = "val"
+    samples_by_split: dict[str, int],
+    positives_by_split: dict[str, dict[str, int]],
+    where: str,
+    val: str = "val",
+    known_by_split: dict[str, dict[str, int]] | None = None,
 ) -> list[str]:
     """Warnings about data too small or skewed for what it feeds, each ``"{where}: …"``:
     a train label without positives (its head only ever learns "absent"), and a validation
@@ -162,7 +170,7 @@ def split_warnings(
             )
     pos, n = positives_by_split.get(val), samples_by_split.get(val)
     if pos is not None and n:
-        none, every = label_gaps(n, pos)
+        none, every = label_gaps(n, pos, (known_by_split or {}).get(val))
         lacking = [name for name in pos if name in none or name in every]
         if n < MIN_VAL_IMAGES or lacking:
             what = [f"only {n} image(s)"] if n < MIN_VAL_IMAGES else []
@@ -188,4 +196,5 @@ def manifest_warnings(manifest: dict[str, Any], path: str | Path) -> list[str]:
         {s: int(v.get("samples") or 0) for s, v in splits.items()},
         {s: dict(v.get("positives") or {}) for s, v in splits.items() if v.get("positives")},
         str(path),
+        known_by_split={s: dict(v["known"]) for s, v in splits.items() if v.get("known")},
     )

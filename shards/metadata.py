@@ -146,13 +146,18 @@ def _is_labelled_csv(path: Path) -> bool:
 def read_labelled_csv(path: str | Path) -> pd.DataFrame:
     """Read a generic labelled CSV: `image,label1[,label2...]` (+ optional `patient`).
 
-    Every column but `image` and `patient` is a 0/1 label named by its header.
+    Every column but `image` and `patient` is a label named by its header: 1, 0, -1 (uncertain:
+    pack's --uncertain policy decides) or an empty cell (unknown: masked, skipped by losses and
+    metrics — e.g. a label this data set does not have).
     Without `patient` every image is its own patient (a patient-level split is then
     an image-level one). Returns the columns of `read_metadata`: image, patient,
-    age/sex/view unknown (None), then the labels (uint8).
+    age/sex/view unknown (None), then the labels (uint8 when fully known, else float: NaN unknown).
     """
     path = Path(path)
-    fix = "write `image,label1[,label2...]` with 0/1 labels (optional integer `patient` column)"
+    fix = (
+        "write `image,label1[,label2...]` with labels 1, 0, -1 (uncertain) or empty (unknown) "
+        "(optional integer `patient` column)"
+    )
     try:
         raw = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError, OSError) as err:
@@ -191,9 +196,15 @@ def read_labelled_csv(path: str | Path) -> pd.DataFrame:
     for name in names:
         value = raw[name].str.strip()
         _first_bad(
-            path, raw.rename(columns={"image": "Image Index"}), ~value.isin(["0", "1"]).to_numpy(), name, "0 or 1"
+            path,
+            raw.rename(columns={"image": "Image Index"}),
+            ~value.isin(["0", "1", "-1", ""]).to_numpy(),
+            name,
+            "1, 0, -1 (uncertain) or empty (unknown)",
         )
-        table[name] = value.astype(np.uint8)
+        # a fully known column stays uint8; one with unknown/uncertain cells is float (NaN = unknown)
+        known = value.isin(["0", "1"]).all()
+        table[name] = value.astype(np.uint8) if known else pd.to_numeric(value.replace("", np.nan)).astype(np.float64)
     dup = table["image"].duplicated().to_numpy()
     if dup.any():
         raise CxrError(

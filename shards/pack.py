@@ -25,14 +25,22 @@ from typing import Any
 
 from cxrbase.atomic import atomic_write, remove_stale_temps
 from cxrbase.errors import CxrError
-from cxrbase.labels import LABELS, META_FIELDS
+from cxrbase.labels import LABELS, META_FIELDS, UNKNOWN
 from cxrbase.lock import FolderLock
 from cxrbase.progress import progress
 from shards.dali_index import write_index
 from shards.image_codec import CODEC_EXT, Prepared, prepare_image
 from shards.manifest import FORMAT, manifest_warnings, package_version, write_manifest
 from shards.pack_journal import Journal
-from shards.records import SPLITS, Record, meta_stats, read_splits, sample_members, split_summary
+from shards.records import (
+    SPLITS,
+    Record,
+    meta_stats,
+    read_splits,
+    resolve_uncertain,
+    sample_members,
+    split_summary,
+)
 from shards.sources import Sources, iter_archive, scan_sources
 from shards.tar_writer import TarStream, end_bytes, member_bytes
 from shards.workers import process_pool
@@ -53,6 +61,7 @@ def run(args: Any) -> int:
         workers=args.workers,
         allow_missing=args.allow_missing,
         allow_rejects=args.allow_rejects,
+        uncertain=getattr(args, "uncertain", "ignore"),
     )
     return 0
 
@@ -68,15 +77,19 @@ def pack(
     workers: int | None = None,
     allow_missing: bool = False,
     allow_rejects: bool = False,
+    uncertain: str = "ignore",
 ) -> dict[str, Any]:
     """Pack the images listed in ``splits`` (path or DataFrame) into shards under ``out``.
 
     Returns the manifest (docs/shards-format.md). Raises CxrError on missing images
     (unless allow_missing), duplicate ids, or — after writing the manifest — on
     rejected images (unless allow_rejects). ``resize`` also writes ``out/res{N}``.
+    ``uncertain`` resolves the table's -1 labels: ignore (masked, `.labels` 255), zeros or ones;
+    missing table cells are unknown (masked) whatever the policy. Recorded in the manifest.
     """
     _check_options(codec, quality, resize, shard_size_mb)
     records, splits_file, splits_sha = read_splits(splits)
+    records = resolve_uncertain(records, uncertain)
     sources = scan_sources(images)
     out = Path(out)
     settings = {
@@ -86,6 +99,7 @@ def pack(
         "quality": quality if codec == "jpeg" else None,
         "shard_size_mb": shard_size_mb,
         "source": sources.describe(),
+        "uncertain": uncertain,
     }
     workers = workers or os.cpu_count() or 1
     with _exclusive(out):
@@ -391,6 +405,8 @@ def _manifest(
         "splits_file": splits_file,
         "splits_sha256": settings["splits_sha256"],
         "labels": list(records[0].names if records else LABELS),
+        "uncertain": settings["uncertain"],
+        "unknown_labels": sum(y == UNKNOWN for r in packed_records for y in r.labels),
         "meta_fields": list(META_FIELDS),
         "meta_stats": meta_stats(packed_records),
         "splits": split_summary(packed_records, Counter(e["split"] for e in entries)),

@@ -1,6 +1,6 @@
 """The non-image members of a sample, built from one row of the splits table.
 
-`.labels` 14 uint8, `.meta` 5 float32 LE (age, sex_M, sex_F, view_PA, view_AP),
+`.labels` one uint8 per label (1, 0, or UNKNOWN = 255 for a masked entry), `.meta` 5 float32 LE (age, sex_M, sex_F, view_PA, view_AP),
 `.id` the key NUL-padded to 32 bytes, `.json` the readable record — see
 docs/shards-format.md. Also the per-split statistics that go into the manifest.
 """
@@ -13,14 +13,22 @@ import math
 import sys
 import zlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cxrbase.errors import CxrError
-from cxrbase.labels import LABELS, TABLE_FIELDS, missing_nih_labels, table_labels
+from cxrbase.labels import (
+    LABELS,
+    TABLE_FIELDS,
+    UNCERTAIN,
+    UNCERTAIN_POLICIES,
+    UNKNOWN,
+    missing_nih_labels,
+    table_labels,
+)
 
 ID_BYTES = 32
 SPLITS = ("train", "val", "test")
@@ -36,7 +44,7 @@ class Record:
     image: str
     patient: int
     split: str
-    labels: tuple[int, ...]
+    labels: tuple[int, ...]  # 1, 0, UNCERTAIN (-1, before pack's policy) or UNKNOWN (255)
     age: float | None
     sex: str | None
     view: str | None
@@ -62,8 +70,42 @@ def id_bytes(key: str) -> bytes:
     return raw.ljust(ID_BYTES, b"\0")
 
 
-def labels_bytes(labels: Iterable[int]) -> bytes:
-    return bytes(np.asarray(list(labels), dtype=np.uint8))
+def labels_bytes(labels: Iterable[int | None]) -> bytes:
+    """The `.labels` member: one uint8 per label, 1/0 or UNKNOWN (255; also for a None, the .json's
+    unknown). An uncertain -1 must have been resolved by :func:`resolve_uncertain` first."""
+    values = [UNKNOWN if y is None else int(y) for y in labels]
+    if any(y not in (0, 1, UNKNOWN) for y in values):
+        raise ValueError(f"labels {values}: only 0, 1 or {UNKNOWN} (unknown) go into .labels")
+    return bytes(values)
+
+
+def table_label_values(frame: Any, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """A table's label columns → (int16 [N, L] of 1/0/UNCERTAIN/UNKNOWN, bool [N] rows with a value
+    that is none of 1, 0, -1 or missing). Missing (NaN/None, an empty CSV cell) is UNKNOWN."""
+    import pandas as pd
+
+    raw = frame[list(names)]
+    numeric = raw.apply(pd.to_numeric, errors="coerce")
+    missing = raw.isna().to_numpy()
+    for c, name in enumerate(names):  # text columns: a blank cell is missing too
+        if raw[name].dtype == object:
+            missing[:, c] |= raw[name].map(lambda v: isinstance(v, str) and not v.strip()).to_numpy(dtype=bool)
+    values = numeric.to_numpy(dtype=np.float64)
+    bad = (~missing & ~np.isin(values, (0.0, 1.0, float(UNCERTAIN)))).any(axis=1)
+    out = np.where(missing | bad[:, None], UNKNOWN, np.nan_to_num(values, nan=UNKNOWN)).astype(np.int16)
+    return out, bad
+
+
+def resolve_uncertain(records: Sequence[Record], policy: str) -> list[Record]:
+    """Records with every uncertain (-1) label resolved by ``policy``: ``ignore`` → UNKNOWN (masked,
+    the CheXpert paper's U-Ignore), ``zeros`` → 0, ``ones`` → 1. Unknown entries stay unknown."""
+    if policy not in UNCERTAIN_POLICIES:
+        raise CxrError(f"--uncertain {policy!r}: unknown policy — use one of {', '.join(UNCERTAIN_POLICIES)}")
+    to = {"ignore": UNKNOWN, "zeros": 0, "ones": 1}[policy]
+    return [
+        replace(r, labels=tuple(to if y == UNCERTAIN else y for y in r.labels)) if UNCERTAIN in r.labels else r
+        for r in records
+    ]
 
 
 def meta_vector(age: float | None, sex: str | None, view: str | None) -> np.ndarray:
@@ -77,8 +119,8 @@ def record_json(rec: Record) -> dict[str, Any]:
         "image": rec.image,
         "patient": rec.patient,
         "split": rec.split,
-        "labels": list(rec.labels),
-        "findings": [name for name, y in zip(rec.names, rec.labels) if y],
+        "labels": [None if y == UNKNOWN else y for y in rec.labels],  # null: unknown (masked)
+        "findings": [name for name, y in zip(rec.names, rec.labels) if y == 1],
         "age": age,
         "sex": rec.sex,
         "view": rec.view,
@@ -135,8 +177,9 @@ def checksum_problem(expected: Any, members: dict[str, bytes]) -> str | None:
 
 def named_positives(names: Sequence[str], labels: bytes | Sequence[int]) -> list[str]:
     """The names of the positive labels of a ``.labels`` member (or list) under the label names
-    ``names``: what the sample's ``.json`` ``findings`` holds when ``names`` is the packed order."""
-    return [name for name, y in zip(names, bytes(labels) if isinstance(labels, bytes) else labels) if y]
+    ``names``: what the sample's ``.json`` ``findings`` holds when ``names`` is the packed order
+    (unknown entries are not positives)."""
+    return [name for name, y in zip(names, bytes(labels) if isinstance(labels, bytes) else labels) if y == 1]
 
 
 def read_splits(splits: Any) -> tuple[list[Record], str | None, str]:
@@ -188,10 +231,21 @@ def read_table(path: str | Path) -> Any:
     missing += missing_nih_labels(table.columns)
     if missing:
         raise CxrError(f"{path}: missing column(s) {missing} — re-run `python -m shards split`")
-    labels = table[names]
-    if labels.isna().any().any() or not labels.isin([0, 1]).all().all():
-        raise CxrError(f"{path}: label columns must be 0/1 — re-run `python -m shards split`")
-    table[names] = labels.astype(np.uint8)
+    values, bad = table_label_values(table, names)
+    if bad.any():
+        raise CxrError(
+            f"{path}: label columns must be 1, 0, -1 (uncertain) or empty (unknown); row {int(np.argmax(bad))} "
+            f"({table['image'].iloc[int(np.argmax(bad))]}) is not — re-run `python -m shards split`"
+        )
+    # fully known columns keep their uint8 dtype; one with unknown/uncertain entries is float
+    # (NaN = unknown, -1 = uncertain), the way pandas reads an empty CSV cell
+    for c, name in enumerate(names):
+        col = values[:, c]
+        table[name] = (
+            col.astype(np.uint8)
+            if np.isin(col, (0, 1)).all()
+            else np.where(col == UNKNOWN, np.nan, col).astype(np.float64)
+        )
     return table
 
 
@@ -226,15 +280,14 @@ def _records(frame: Any, where: str) -> list[Record]:
         f"an image id that is not ASCII, contains '/' or '.', or is longer than {ID_BYTES} bytes",
     )
     fail(~frame["split"].isin(SPLITS), f"a split not in {SPLITS}")
-    labels = frame[names].apply(pd.to_numeric, errors="coerce")
-    fail(~labels.isin([0, 1]).all(axis=1), "a label value other than 0/1")
+    label_rows, bad_labels = table_label_values(frame, names)
+    fail(bad_labels, "a label value other than 1, 0, -1 (uncertain) or empty (unknown)")
     patient = pd.to_numeric(frame["patient"], errors="coerce")
     fail(patient.isna() | (patient != patient.round()), "a patient id that is not an integer")
     age = pd.to_numeric(frame["age"], errors="coerce")
     fail(age.isna() & frame["age"].notna(), "a non-numeric age")
     fail(~(frame["sex"].isin(SEXES) | frame["sex"].isna()), f"a sex not in {SEXES}")
     fail(~(frame["view"].isin(VIEWS) | frame["view"].isna()), f"a view not in {VIEWS}")
-    label_rows = labels.astype(int).to_numpy()
     return [
         Record(
             k,
@@ -312,19 +365,23 @@ def check_patients(records: Sequence[Record], where: str) -> None:
 
 
 def split_summary(records: Sequence[Record], shards_per_split: dict[str, int]) -> dict[str, Any]:
-    """Per split: samples, patients, shards, positives and prevalence per label."""
+    """Per split: samples, patients, shards, and per label positives, known (samples whose label is
+    not UNKNOWN) and prevalence = positives / known (None when no sample knows the label).
+    Records come after :func:`resolve_uncertain` (no -1 left)."""
     summary = {}
+    names = records[0].names if records else LABELS
     for split in SPLITS:
         mine = [r for r in records if r.split == split]
-        names = records[0].names if records else LABELS
-        positives = np.sum([r.labels for r in mine], axis=0, dtype=np.int64) if mine else np.zeros(len(names))
+        y = np.array([r.labels for r in mine], dtype=np.int64).reshape(len(mine), len(names))
+        positives, known = (y == 1).sum(axis=0), (y != UNKNOWN).sum(axis=0)
         summary[split] = {
             "samples": len(mine),
             "patients": len({r.patient for r in mine}),
             "shards": shards_per_split.get(split, 0),
             "positives": {name: int(n) for name, n in zip(names, positives)},
+            "known": {name: int(k) for name, k in zip(names, known)},
             "prevalence": {
-                name: (round(float(n) / len(mine), 6) if mine else None) for name, n in zip(names, positives)
+                name: (round(float(n) / k, 6) if k else None) for name, n, k in zip(names, positives, known)
             },
         }
     return summary

@@ -62,7 +62,8 @@ def parse_fractions(text: str | None, default: tuple[float, float, float]) -> np
 
 def patient_counts(meta: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """Per-patient image counts: (patient ids [P], counts [P, 16] = 14 labels, No Finding, images)."""
-    y = meta[table_labels(meta.columns)].to_numpy(dtype=np.int64)
+    # positives only: an unknown (NaN) or uncertain (-1) label is not a positive image
+    y = (meta[table_labels(meta.columns)].to_numpy(dtype=np.float64) == 1).astype(np.int64)
     per_image = np.column_stack([y, y.sum(axis=1) == 0, np.ones(len(meta), dtype=np.int64)])
     ids, inverse = np.unique(meta["patient"].to_numpy(), return_inverse=True)
     counts = np.zeros((ids.size, per_image.shape[1]), dtype=np.float64)
@@ -219,7 +220,7 @@ def build_table(meta: pd.DataFrame, split: np.ndarray, with_no_finding: bool = F
     columns = [*TABLE_FIELDS[:3], *names, *TABLE_FIELDS[3:]]
     table = meta.assign(split=split)[columns].reset_index(drop=True)
     if with_no_finding:
-        table[NO_FINDING] = (table[names].sum(axis=1) == 0).astype(np.uint8)
+        table[NO_FINDING] = ((table[names] == 1).sum(axis=1) == 0).astype(np.uint8)
     return table
 
 

@@ -41,7 +41,7 @@ def positives_by_split(df: pd.DataFrame) -> pd.DataFrame:
     plus an `images` column."""
     _check_columns(df)
     splits = _present_splits(df)
-    y = df[_labels(df)].to_numpy(dtype=np.int64)
+    y = (df[_labels(df)].to_numpy(dtype=np.float64) == 1).astype(np.int64)  # unknown/uncertain: not positive
     frame = pd.DataFrame(y, columns=_labels(df))
     frame[NO_FINDING] = (y.sum(axis=1) == 0).astype(np.int64)
     frame["images"] = 1
@@ -49,10 +49,23 @@ def positives_by_split(df: pd.DataFrame) -> pd.DataFrame:
     return frame.groupby("split").sum().loc[splits]
 
 
+def known_by_split(df: pd.DataFrame) -> pd.DataFrame:
+    """Per split and label the images whose label is known (not empty/NaN, not uncertain -1), plus
+    No Finding (= images): the denominators of the prevalences. Index and columns as positives_by_split."""
+    splits = _present_splits(df)
+    y = df[_labels(df)].to_numpy(dtype=np.float64)
+    frame = pd.DataFrame(np.isin(y, (0.0, 1.0)).astype(np.int64), columns=_labels(df))
+    frame[NO_FINDING] = 1
+    frame["split"] = df["split"].to_numpy()
+    return frame.groupby("split").sum().loc[splits]
+
+
 def prevalence_matrix(df: pd.DataFrame) -> pd.DataFrame:
-    """Unrounded prevalence in percent: index = splits, columns = 14 labels + No Finding."""
+    """Unrounded prevalence in percent over the images that know the label: index = splits,
+    columns = 14 labels + No Finding."""
     counts = positives_by_split(df)
-    return counts[[*_labels(df), NO_FINDING]].div(counts["images"], axis=0) * 100.0
+    columns = [*_labels(df), NO_FINDING]
+    return counts[columns].div(known_by_split(df)[columns]) * 100.0
 
 
 def label_spread(df: pd.DataFrame) -> pd.Series:
@@ -66,20 +79,22 @@ def prevalence_table(df: pd.DataFrame) -> pd.DataFrame:
 
     Columns exactly split,label,positives,images,prevalence_pct; one row per split
     (train, val, test order, present ones only) × label (canonical order, then
-    "No Finding" = images with all 14 labels 0); prevalence in percent, 2 decimals.
+    "No Finding" = images with all 14 labels 0); prevalence in percent, 2 decimals. `images` is
+    the images that know the label (all of the split's unless the table has unknown or uncertain
+    cells); prevalence is NaN for a label no image of the split knows.
     """
-    counts = positives_by_split(df)
+    counts, known = positives_by_split(df), known_by_split(df)
     rows = []
     for split, row in counts.iterrows():
         for label in (*_labels(df), NO_FINDING):
-            pos, n = int(row[label]), int(row["images"])
-            rows.append((split, label, pos, n, round(100.0 * pos / n, 2)))
+            pos, n = int(row[label]), int(known.at[split, label])
+            rows.append((split, label, pos, n, round(100.0 * pos / n, 2) if n else float("nan")))
     return pd.DataFrame(rows, columns=list(STATS_COLUMNS))
 
 
 def _wide_cells(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
     splits = list(dict.fromkeys(table["split"]))
-    images = table.groupby("split", sort=False)["images"].first()
+    images = table.groupby("split", sort=False)["images"].max()  # No Finding's row: every image
     header = ["label", *[f"{s} (n={images[s]:,})" for s in splits]]
     body = []
     for label in dict.fromkeys(table["label"]):
@@ -119,6 +134,7 @@ def run(args) -> int:
         {s: int(r["images"]) for s, r in counts.iterrows()},
         {s: {n: int(r[n]) for n in labels} for s, r in counts.iterrows()},
         str(args.splits),
+        known_by_split={s: {n: int(r[n]) for n in labels} for s, r in known_by_split(df).iterrows()},
     ):
         print(f"warning: {warning}", file=sys.stderr)
     return 0

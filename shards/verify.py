@@ -312,7 +312,7 @@ def _json_mismatches(
         problems.append(f".json split {record['split']!r} in a {split} shard")
     if members["labels"] != labels_bytes(record["labels"]) or len(record["labels"]) != len(labels):
         problems.append(".labels differ from the .json labels")
-    if record["findings"] != [n for n, y in zip(labels, record["labels"]) if y]:
+    if record["findings"] != [n for n, y in zip(labels, record["labels"]) if y == 1]:
         problems.append(".json findings differ from its labels")
     if members["meta"] != meta_vector(record["age"], record["sex"], record["view"]).tobytes():
         problems.append(".meta differs from the .json age/sex/view")
@@ -341,7 +341,7 @@ def _check_totals(directory: Path, manifest: dict, samples: dict[str, list[tuple
     failures += _patient_leaks(records)
     for split, stats in manifest["splits"].items():
         mine = [r for r in records.values() if r["split"] == split]
-        positives = {n: sum(r["labels"][i] for r in mine) for i, n in enumerate(_labels(manifest))}
+        positives = {n: sum(r["labels"][i] == 1 for r in mine) for i, n in enumerate(_labels(manifest))}
         if len(mine) != stats["samples"] or len({r["patient"] for r in mine}) != stats["patients"]:
             failures.append(
                 f"split {split}: {len(mine)} samples / {len({r['patient'] for r in mine})} patients "
@@ -349,6 +349,9 @@ def _check_totals(directory: Path, manifest: dict, samples: dict[str, list[tuple
             )
         if positives != stats["positives"]:
             failures.append(f"split {split}: positives per label differ from the manifest")
+        known = {n: sum(r["labels"][i] is not None for r in mine) for i, n in enumerate(_labels(manifest))}
+        if "known" in stats and known != stats["known"]:  # older manifests: every label known
+            failures.append(f"split {split}: known (unmasked) labels per label differ from the manifest")
     ages = [r["age"] for r in records.values() if r["split"] == "train" and r["age"] is not None]
     mean = manifest["meta_stats"]["age_mean"]
     if ages and (mean is None or not math.isclose(sum(ages) / len(ages), mean, abs_tol=1e-4)):

@@ -372,7 +372,7 @@ def test_bad_table_and_options_are_clear_errors(tmp_path):
     table, folder = tiny_dataset(tmp_path, n=3)
     bad = table.copy()
     bad.loc[1, "Mass"] = 2
-    with pytest.raises(CxrError, match="label value other than 0/1"):
+    with pytest.raises(CxrError, match=r"label value other than 1, 0, -1 \(uncertain\) or empty \(unknown\)"):
         pack(bad, [folder], tmp_path / "a")
     with pytest.raises(CxrError, match="duplicate image id"):
         pack(pd.concat([table, table.iloc[:1]]), [folder], tmp_path / "b")
