@@ -18,7 +18,7 @@ from cxr.config import Config
 from cxr.data import load_shards_manifest
 from cxr.data.shard_index import SampleReader, SplitIndex, first_corrupt
 from cxrbase.errors import CxrError
-from cxrbase.labels import LABELS
+from cxrbase.labels import LABELS, UNKNOWN
 
 log = logging.getLogger("cxr.train")
 
@@ -54,6 +54,13 @@ def train_prevalence(cfg: Config) -> np.ndarray | None:
     missing = [name for name in names if name not in prevalence]
     if missing:
         raise CxrError(f"{folder}/manifest.json: splits.train.prevalence lacks {missing[:3]} — re-pack the shards")
+    unknown = [name for name in names if prevalence[name] is None]
+    if unknown:
+        raise CxrError(
+            f"{folder}/manifest.json: no train image knows label(s) {unknown[:3]} (all unknown), so "
+            "weighted_bce has no prevalence for them — use loss.name=bce or dynamic_weighted_bce, or pack "
+            "train images that have those labels"
+        )
     return np.array([prevalence[name] for name in names], dtype=np.float64)
 
 
@@ -162,29 +169,33 @@ def check_val_split(cfg: Config, loader_fn: Callable, rank: int, world: int) -> 
         warn_small_or_skewed(cfg)
 
 
-def label_counts(index: SplitIndex, rank: int, world: int) -> tuple[np.ndarray, int]:
-    """([num_labels] positives, samples) of this rank's share of a split, from the .labels bytes."""
+def label_counts(index: SplitIndex, rank: int, world: int) -> tuple[np.ndarray, np.ndarray]:
+    """([num_labels] positives, [num_labels] known samples) of this rank's share of a split, from the
+    .labels bytes; an unknown entry (byte 255) counts in neither."""
     from cxr.data.shard_index import CorruptSample
 
-    reader, total, n = SampleReader(index), np.zeros(index.num_labels, np.int64), 0
+    reader = SampleReader(index)
+    total, known = np.zeros(index.num_labels, np.int64), np.zeros(index.num_labels, np.int64)
     try:
         for i in range(rank, len(index), world):
             try:  # labels read with their checksum (a corrupt sample is the val check's error already)
                 _, labels, _ = reader.read(i, check_image=False)
             except CorruptSample:
                 continue
-            total += labels.astype(np.int64)
-            n += 1
+            total += labels == 1
+            known += labels != UNKNOWN
     finally:
         reader.close()
-    return total, n
+    return total, known
 
 
-def check_auroc_defined(cfg: Config, positives: np.ndarray, samples: int) -> None:
+def check_auroc_defined(cfg: Config, positives: np.ndarray, known: np.ndarray | int) -> None:
     """val_mean_auroc is the mean AUROC over the labels with both classes in the val split: with no
     such label it is NaN every epoch, no epoch is ever "best", and the run would end with no best
-    checkpoint. Refused before epoch 1 when it is train.best_metric."""
-    if np.any((positives > 0) & (positives < samples)):
+    checkpoint. Refused before epoch 1 when it is train.best_metric. ``known``: per label the
+    samples that know it (or one count for all)."""
+    samples = int(np.max(known)) if np.size(known) else 0
+    if np.any((positives > 0) & (positives < known)):
         return
     raise CxrError(
         f"{cfg.data.shards}: split 'val' ({samples} samples) has no label with both positive and "

@@ -153,3 +153,109 @@ def test_a_label_value_outside_1_0_minus1_blank_is_a_one_line_error(tmp_path, ca
     args = ["pack", "--splits", str(tmp_path / "bad.csv"), "--images", str(tmp_path / "images")]
     assert shards_main([*args, "--out", str(tmp_path / "o"), "--workers", "1"]) != 0
     assert "a label value other than 1, 0, -1 (uncertain) or empty" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ read side: losses and metrics
+def _masked_batch(seed: int = 0, n: int = 24, c: int = 4):
+    """Logits, 0/1 targets, and the same targets with ~30 % of entries NaN (unknown)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, c, generator=g, dtype=torch.float64) * 2
+    y = (torch.rand(n, c, generator=g) < 0.4).double()
+    unknown = torch.rand(n, c, generator=g) < 0.3
+    unknown[0] = False  # every label keeps some known entries
+    return z, y, torch.where(unknown, torch.full_like(y, float("nan")), y), ~unknown
+
+
+def _log_sigmoid(x: np.ndarray) -> np.ndarray:
+    return -np.logaddexp(0.0, -x)
+
+
+def test_masked_bce_equals_a_hand_computation_with_the_masked_terms_removed():
+    from cxr.losses import bce
+
+    z, y, masked, known = _masked_batch()
+    zn, yn, k = z.numpy(), y.numpy(), known.numpy()
+    terms = -(yn * _log_sigmoid(zn) + (1 - yn) * _log_sigmoid(-zn))
+    want = terms[k].sum() / k.sum()  # hand: mean over the known (image, label) pairs only
+    assert float(bce(z, masked)) == pytest.approx(want, rel=1e-12)
+    assert float(bce(z, masked)) != pytest.approx(float(terms.mean()), rel=1e-6)  # the mask changes it
+    assert float(bce(z, y)) == pytest.approx(float(terms.mean()), rel=1e-12)  # without NaN: unchanged
+
+
+def test_every_loss_skips_masked_entries_hand_computed():
+    from cxr.losses import dynamic_weighted_bce, focal, weighted_bce
+
+    z, y, masked, known = _masked_batch(seed=1)
+    zn, yn, k = z.numpy(), y.numpy(), known.numpy()
+    lp, lq = _log_sigmoid(zn), _log_sigmoid(-zn)
+    w = np.array([1.5, 3.0, 0.7, 2.0])
+    terms = -(w * yn * lp + (1 - yn) * lq)
+    assert float(weighted_bce(z, masked, w)) == pytest.approx(terms[k].sum() / k.sum(), rel=1e-12)
+    gamma, alpha = 2.0, 0.25
+    p = 1 / (1 + np.exp(-zn))
+    terms = -(alpha * yn * (1 - p) ** gamma * lp + (1 - alpha) * (1 - yn) * p**gamma * lq)
+    got = float(focal(z, masked, gamma=gamma, alpha=alpha))
+    assert got == pytest.approx(terms[k].sum() / k.sum(), rel=1e-10)
+    # dynamic weights: r_c = positives / images that KNOW label c (SPEC's batch ratio over known entries)
+    s, eps = 0.1, 1e-7
+    r = np.array([yn[k[:, c], c].mean() for c in range(yn.shape[1])])
+    rs = r * (1 - s) + 0.5 * s
+    terms = -(yn / (rs + eps) * lp + (1 - yn) / (1 - rs + eps) * lq)
+    got = float(dynamic_weighted_bce(z, masked, smoothing=s, eps=eps))
+    assert got == pytest.approx(terms[k].sum() / k.sum(), rel=1e-10)
+
+
+def test_masked_losses_have_zero_gradient_on_masked_logits_and_no_nan():
+    import torch
+
+    from cxr.losses import LossConfig, build_loss
+
+    z, _, masked, known = _masked_batch(seed=2)
+    prevalence = np.full(z.shape[1], 0.3)
+    for name in ("bce", "weighted_bce", "dynamic_weighted_bce", "focal"):
+        logits = z.clone().requires_grad_(True)
+        loss = build_loss(LossConfig(name=name), prevalence)(logits, masked)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(logits.grad).all(), name
+        assert (logits.grad[~known] == 0).all() and (logits.grad[known] != 0).any(), name
+
+
+def test_per_label_metrics_skip_unknown_entries_as_sklearn_on_the_known_rows():
+    from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score
+
+    from cxr.metrics import (
+        bootstrap_auroc,
+        bootstrap_counts,
+        per_label_auprc,
+        per_label_auroc,
+        summary,
+        threshold_metrics,
+        tune_thresholds,
+    )
+
+    rng = np.random.default_rng(3)
+    n, c = 200, 3
+    y = (rng.random((n, c)) < 0.35).astype(np.float64)
+    s = np.clip(0.3 * y + rng.random((n, c)) * 0.7, 0, 1)
+    y[rng.random((n, c)) < 0.4] = np.nan
+    k = ~np.isnan(y)
+    want_auc = [roc_auc_score(y[k[:, j], j], s[k[:, j], j]) for j in range(c)]
+    np.testing.assert_allclose(per_label_auroc(y, s), want_auc, rtol=1e-12)
+    want_ap = [average_precision_score(y[k[:, j], j], s[k[:, j], j]) for j in range(c)]
+    np.testing.assert_allclose(per_label_auprc(y, s), want_ap, rtol=1e-12)
+    tm = threshold_metrics(y, s, 0.5)
+    for j in range(c):
+        tn, fp, fn, tp = confusion_matrix(y[k[:, j], j], s[k[:, j], j] >= 0.5, labels=[0, 1]).ravel()
+        assert (tm["tp"][j], tm["fp"][j], tm["tn"][j], tm["fn"][j]) == (tp, fp, tn, fn)
+    table = summary(y, s, tune_thresholds(y, s))
+    np.testing.assert_allclose(table["prevalence"].to_numpy()[:c], np.nanmean(y, axis=0), rtol=1e-12)
+    # bootstrap: each resample's AUROC of a masked label = sklearn's weighted AUROC on its known rows
+    counts = bootstrap_counts(n, 5, seed=1)
+    boot = bootstrap_auroc(y, s, counts=counts)
+    for b in range(5):
+        for j in range(c):
+            rows = k[:, j]
+            want = roc_auc_score(y[rows, j], s[rows, j], sample_weight=counts[rows, b])
+            assert boot["samples"][b, j] == pytest.approx(want, rel=1e-9)
