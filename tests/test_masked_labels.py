@@ -259,3 +259,121 @@ def test_per_label_metrics_skip_unknown_entries_as_sklearn_on_the_known_rows():
             rows = k[:, j]
             want = roc_auc_score(y[rows, j], s[rows, j], sample_weight=counts[rows, b])
             assert boot["samples"][b, j] == pytest.approx(want, rel=1e-9)
+
+
+# ------------------------------------------------ two data sets with disjoint labels, trained as one
+SITE_A = ("Cardiomegaly", "Effusion")  # labels only site A's images know
+SITE_B = ("Mass", "Nodule")  # labels only site B's images know
+
+
+@pytest.fixture(scope="module")
+def union(tmp_path_factory):
+    """Phantoms of two "sites" in ONE labelled CSV: site A's rows leave B's labels blank and vice
+    versa (unknown, not negative), split and packed into one shard set."""
+    import sites
+
+    root = tmp_path_factory.mktemp("union")
+    phantoms = sites.synth(root, 160, seed=9)
+    table = phantoms.copy().astype({name: float for name in (*SITE_A, *SITE_B)})
+    site_b = np.arange(len(table)) % 2 == 1  # alternate patients between the sites
+    table.loc[site_b, list(SITE_A)] = np.nan
+    table.loc[~site_b, list(SITE_B)] = np.nan
+    packed = sites.pack_site(root, table, {name: name for name in (*SITE_A, *SITE_B)}, root / "synth" / "images")
+    return packed, site_b
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("backend", ["wds", "dali"])
+def test_both_loaders_give_nan_exactly_where_the_csv_was_blank(union, backend):
+    from cxr.data import build_loader
+    from cxr.data.config import DataConfig
+
+    site, _ = union
+    cfg = DataConfig(shards=str(site.shards), backend=backend, resolution=64, num_threads=1)
+    seen = 0
+    for split in ("train", "val", "test"):
+        for batch in build_loader(cfg, split, train=False):
+            labels = batch["labels"].numpy()
+            assert labels.dtype == np.float32 and labels.shape[1] == len(SITE_A) + len(SITE_B)
+            want = site.truth.loc[batch["key"], [*SITE_A, *SITE_B]].to_numpy()
+            np.testing.assert_array_equal(labels, want.astype(np.float32))  # NaN where blank (equal_nan)
+            seen += len(batch["key"])
+    assert seen == len(site.truth)
+
+
+class _KillAt:
+    """build_loader's loader that sends this process SIGUSR1 before its ``at``-th batch."""
+
+    def __init__(self, loader, at: int):
+        self.loader, self.at = loader, at
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+    def __iter__(self):
+        # iter() of the wrapped loader now, not at the first batch: the trainer builds the iterator
+        # inside torch.random.fork_rng (a torch DataLoader draws its seed from the global RNG then)
+        return self._batches(iter(self.loader))
+
+    def _batches(self, batches):
+        import os
+        import signal
+
+        for i, batch in enumerate(batches):
+            if i == self.at:
+                os.kill(os.getpid(), signal.SIGUSR1)  # a real signal, delivered mid-epoch
+            yield batch
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.parametrize("loss", ["bce", "dynamic_weighted_bce"])
+def test_a_model_trained_on_two_sites_with_disjoint_labels_resumes_bitwise_and_evaluates(tmp_path, union, loss):
+    import torch
+    from safetensors.torch import load_file
+    from sites import train_config
+    from sklearn.metrics import roc_auc_score
+
+    from cxr.data import build_loader
+    from cxr.evaluate import main as evaluate_main
+    from cxr.train import EXIT_REQUEUE, train
+
+    site, _ = union
+    # the shipped back end (DALI, CPU here) with one thread: its mid-epoch resume is bitwise in-process
+    extra = ("train.epochs=2", "model.num_labels=4", f"loss.name={loss}", "data.backend=dali", "data.num_threads=1")
+    assert train(train_config(tmp_path / "a", site.shards, *extra)) == 0
+    state = {"killed": False}
+
+    def killing_loader(cfg, split, **kw):
+        loader = build_loader(cfg, split, **kw)
+        kill = split == "train" and kw.get("epoch") == 1 and kw.get("skip_batches") == 0 and not state["killed"]
+        state["killed"] |= kill
+        return _KillAt(loader, 2) if kill else loader
+
+    assert train(train_config(tmp_path / "b", site.shards, *extra), loader_fn=killing_loader) == EXIT_REQUEUE
+    assert train(train_config(tmp_path / "b", site.shards, *extra)) == 0
+    for name in ("last", "best"):
+        a = load_file(str(tmp_path / "a" / "checkpoints" / name / "model.safetensors"))
+        b = load_file(str(tmp_path / "b" / "checkpoints" / name / "model.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+        assert all(torch.isfinite(v).all() for v in a.values() if v.is_floating_point()), name
+    metrics = pd.read_csv(tmp_path / "a" / "metrics.csv")
+    assert np.isfinite(metrics["val_loss"]).all() and np.isfinite(metrics["val_mean_auroc"]).all()
+
+    out = tmp_path / "report"
+    args = ["--runs", str(tmp_path / "a"), "--shards", str(site.shards), "--bootstrap", "50", "--no-figures"]
+    assert evaluate_main([*args, "--out", str(out)]) == 0
+    preds = pd.read_parquet(out / "predictions.parquet")
+    test = preds[(preds["split"] == "test") & (preds["member"] == "ensemble")]
+    aucs = pd.read_csv(out / "aucs.csv")
+    ens = aucs[aucs["member"] == "ensemble"].set_index("label")
+    for label in (*SITE_A, *SITE_B):
+        truth = site.truth.loc[test["key"], label].to_numpy()  # the CSV: NaN for the other site's images
+        known = ~np.isnan(truth)
+        assert 0 < known.sum() < len(truth)
+        np.testing.assert_array_equal(test[f"true_{label}"].to_numpy(), truth)
+        assert ens.loc[label, "auroc"] == pytest.approx(roc_auc_score(truth[known], test[label][known]), abs=1e-12)
+        assert ens.loc[label, "n"] == known.sum() and ens.loc[label, "n_pos"] == truth[known].sum()
