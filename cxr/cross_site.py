@@ -79,9 +79,12 @@ def label_plan(model: Sequence[str], shards: Sequence[str], where: str) -> Label
     return LabelPlan(tuple(model), tuple(shards), shared)
 
 
-def drop_undefined(per_split: dict[str, Any], split: str) -> tuple[dict[str, Any], dict[str, str]]:
-    """Leave out of every split's ScoreSet the labels that are all-unknown or single-class on
-    ``split`` (the evaluated one); returns (the score sets, {label: reason})."""
+def drop_undefined(
+    per_split: dict[str, Any], split: str, single_class: bool = True
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Leave out of every split's ScoreSet the labels that are all-unknown (or, with
+    ``single_class``, single-class) on ``split`` (the evaluated one); returns (the score sets,
+    {label: reason})."""
     scores = per_split[split]
     y = np.asarray(scores.y_true, dtype=np.float64)
     known, positives = (~np.isnan(y)).sum(axis=0), (y == 1).sum(axis=0)
@@ -89,7 +92,7 @@ def drop_undefined(per_split: dict[str, Any], split: str) -> tuple[dict[str, Any
     for c, name in enumerate(scores.labels):
         if known[c] == 0:
             reasons[name] = ALL_UNKNOWN
-        elif positives[c] in (0, known[c]):
+        elif single_class and positives[c] in (0, known[c]):
             reasons[name] = SINGLE_CLASS
     if len(reasons) == len(scores.labels):
         raise CxrError(
@@ -139,10 +142,12 @@ def focus_rows(aucs: pd.DataFrame) -> pd.DataFrame:
     return rows.set_index("label")
 
 
-def comparison(external: pd.DataFrame, internal: pd.DataFrame | None) -> pd.DataFrame:
+def comparison(
+    external: pd.DataFrame, internal: pd.DataFrame | None, dropped: dict[str, str] | None = None
+) -> pd.DataFrame:
     """Per shared label: the external AUROC (this evaluation) [with CI], and given ``internal``
-    the internal one and delta = external − internal; a last ``mean`` row over the labels that
-    have both (paired by label)."""
+    the internal one and delta = external − internal; a ``mean`` row over the labels that have
+    both (paired by label); then one row per dropped label with its reason (column ``dropped``)."""
     ext = focus_rows(external)
     table = pd.DataFrame(
         {
@@ -153,8 +158,10 @@ def comparison(external: pd.DataFrame, internal: pd.DataFrame | None) -> pd.Data
             "external_n": ext.get("n", pd.Series(np.nan, index=ext.index)).to_numpy(dtype=np.float64),
         }
     )
+    table["dropped"] = ""
+    tail = pd.DataFrame({"label": list(dropped or {}), "dropped": list((dropped or {}).values())})
     if internal is None:
-        return table
+        return pd.concat([table, tail], ignore_index=True)
     inner = focus_rows(internal)
     table["internal_auroc"] = [float(inner["auroc"].get(name, np.nan)) for name in table["label"]]
     table["delta"] = table["external_auroc"] - table["internal_auroc"]
@@ -165,7 +172,7 @@ def comparison(external: pd.DataFrame, internal: pd.DataFrame | None) -> pd.Data
         "internal_auroc": float(table.loc[paired, "internal_auroc"].mean()) if paired.any() else np.nan,
         "delta": float(table.loc[paired, "delta"].mean()) if paired.any() else np.nan,
     }
-    return pd.concat([table, pd.DataFrame([mean])], ignore_index=True)
+    return pd.concat([table, pd.DataFrame([{**mean, "dropped": ""}]), tail], ignore_index=True)
 
 
 def write_comparison(out: Path, table: pd.DataFrame) -> Path:
@@ -186,7 +193,7 @@ def section(
     lines = [f"## External validation — split `{split}`", ""]
     if plan is not None:
         lines.append(
-            f"- evaluated on the {len(table[table['label'] != 'mean'])} label(s) the model and the shards "
+            f"- evaluated on the {int(((table['label'] != 'mean') & (table['dropped'].fillna('') == '')).sum())} label(s) the model and the shards "
             "share by name (after packing's label mapping)"
         )
     if dropped:
@@ -200,7 +207,7 @@ def section(
     header = {"internal_auroc": "internal AUROC", "external_auroc": "external AUROC", "delta": "Δ (ext − int)"}
     lines.append("| " + " | ".join(header.get(c, c) for c in columns) + " |")
     lines.append("|" + "---|" * len(columns))
-    for _, row in table.iterrows():
+    for _, row in table[table["dropped"].fillna("") == ""].iterrows():
         cells = [str(row["label"])] + [fmt(row.get(c)) for c in columns[1:]]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"All numbers are in `{CROSS_SITE_CSV}`.", ""]
@@ -209,7 +216,7 @@ def section(
 
 def format_table(table: pd.DataFrame, dropped: dict[str, str]) -> str:
     """The stdout lines: the comparison and the dropped labels."""
-    shown = table.copy()
+    shown = table[table["dropped"].fillna("") == ""].drop(columns="dropped")
     text = shown.to_string(index=False, float_format=lambda v: f"{v:.3f}", na_rep="")
     if dropped:
         text += "\ndropped: " + "; ".join(f"{name} ({why})" for name, why in dropped.items())

@@ -124,10 +124,14 @@ def analyse_and_write(
 
     out = Path(args.out) if out is None else out
     dropped: dict[str, str] = {}
-    if plan is not None and plan.cross_site and args.split in per_split:
-        dropped = plan.dropped()
-        per_split, undefined = cross_site.drop_undefined(per_split, args.split)
+    is_external = (plan is not None and plan.cross_site) or bool(args.compare_to)
+    if args.split in per_split:
+        dropped = plan.dropped() if plan is not None else {}
+        # all-unknown labels (the shards have the column, no image of the split knows it) always;
+        # single-class ones too when evaluating on another data set (their AUROC is undefined)
+        per_split, undefined = cross_site.drop_undefined(per_split, args.split, single_class=is_external)
         dropped.update(undefined)
+    if dropped:
         print(
             f"cross-site: {len(per_split[args.split].labels)} shared label(s) evaluated"
             + (f"; dropped {'; '.join(f'{k} ({v})' for k, v in dropped.items())}" if dropped else ""),
@@ -168,8 +172,8 @@ def analyse_and_write(
         stops.phase = "writing the report"
     context = _context(args, source, notes)
     external = None
-    if dropped or internal is not None or (plan is not None and plan.cross_site):
-        external = cross_site.comparison(analysis.aucs, internal)
+    if dropped or is_external:
+        external = cross_site.comparison(analysis.aucs, internal, dropped)
         cross_site.write_comparison(out, external)
         context["sections"] = cross_site.section(plan, dropped, external, args.compare_to, args.split)
     seconds.update(
@@ -183,7 +187,12 @@ def analyse_and_write(
             figures=not args.no_figures,
         )
     )
-    return {"analysis": analysis, "scores": scores, "seconds": seconds, "cross_site": (external, dropped)}
+    return {
+        "analysis": analysis,
+        "scores": scores,
+        "seconds": seconds,
+        "cross_site": (external, dropped),
+    }
 
 
 def data_notes(tuning: ScoreSet | None, split: str | None) -> list[str]:

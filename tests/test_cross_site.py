@@ -80,8 +80,9 @@ def test_external_aurocs_on_the_shared_labels_equal_sklearn_and_dropped_labels_a
     # internal vs external side by side, paired by label
     internal_aucs = pd.read_csv(internal / "aucs.csv")
     inner = internal_aucs[internal_aucs["member"] == "ensemble"].set_index("label")
-    table = pd.read_csv(out / "cross_site.csv").set_index("label")
-    assert list(table.index) == [*shared, "mean"]
+    table = pd.read_csv(out / "cross_site.csv", keep_default_na=False, na_values=[""]).set_index("label")
+    assert list(table.index) == [*shared, "mean", *dropped]
+    assert table.loc[list(dropped), "dropped"].tolist() == list(dropped.values())
     for label in shared:
         assert table.loc[label, "internal_auroc"] == pytest.approx(inner.loc[label, "auroc"], abs=1e-6)
         assert table.loc[label, "external_auroc"] == pytest.approx(ext.loc[label, "auroc"], abs=1e-6)
