@@ -253,8 +253,15 @@ def fit_label(y, p, groups: np.ndarray | None = None, k: int = 5, seed: int = 0)
         groups = None if groups is None else np.asarray(groups)[known]
     if y.size == 0:
         nan = float("nan")
-        return {"temperature": 1.0, "a": 1.0, "b": 0.0, "n": 0, "n_pos": 0, "method": "none",
-                "cv_logloss": dict.fromkeys(METHODS, nan)}
+        return {
+            "temperature": 1.0,
+            "a": 1.0,
+            "b": 0.0,
+            "n": 0,
+            "n_pos": 0,
+            "method": "none",
+            "cv_logloss": dict.fromkeys(METHODS, nan),
+        }
     temp_a, _ = _fit(x, y, False)
     platt_a, platt_b = _fit(x, y, True)
     entry: dict[str, Any] = {

@@ -207,7 +207,9 @@ def data_notes(tuning: ScoreSet | None, split: str | None) -> list[str]:
     warnings = split_warnings(
         {split: tuning.n}, {split: positives}, f"--thresholds-from {split}", val=split, known_by_split={split: known}
     )
-    return [w.replace("best-checkpoint selection and tuned thresholds rest", "the tuned thresholds rest") for w in warnings]
+    return [
+        w.replace("best-checkpoint selection and tuned thresholds rest", "the tuned thresholds rest") for w in warnings
+    ]
 
 
 def member_notes(infos: Sequence[dict[str, Any]]) -> list[str]:

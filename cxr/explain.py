@@ -458,7 +458,9 @@ def _truth_text(truth: int | None) -> str:
     return "unknown" if truth is None else "positive" if truth else "negative"
 
 
-def _caption(key: str, label: str, method: str, prob: float, truth: int | None, run: str, empty: bool = False) -> list[str]:
+def _caption(
+    key: str, label: str, method: str, prob: float, truth: int | None, run: str, empty: bool = False
+) -> list[str]:
     return [
         f"{key}  {label}  ({METHOD_NAMES[method]}, {run})",
         f"p = {prob:.3f}   truth: {_truth_text(truth)}" + ("   map: all zero" if empty else ""),

@@ -52,7 +52,6 @@ def build_loader(
     return Loader(cfg, split, rank, world_size, epoch, skip_batches, split == "train" if train is None else train)
 
 
-
 def unmask(labels) -> np.ndarray:
     """``.labels`` bytes [B, L] (uint8, 255 = unknown) → float32 with NaN for unknown; both back
     ends' batches pass through here, so the mask reaches every loss and metric the same way."""
@@ -60,6 +59,7 @@ def unmask(labels) -> np.ndarray:
     out = raw.astype(np.float32)
     out[raw == UNKNOWN] = np.nan
     return out
+
 
 class Loader:
     """Iterable of batch dicts for one epoch; `len()` and `num_samples` are known before iterating."""

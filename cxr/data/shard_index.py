@@ -367,9 +367,7 @@ class SampleReader:
             )
         elif problem is None and check_image:
             problem = image_problem(image, self.index.codec)
-        if problem is None and (
-            len(labels) != self.index.num_labels or any(y > 1 and y != UNKNOWN for y in labels)
-        ):
+        if problem is None and (len(labels) != self.index.num_labels or any(y > 1 and y != UNKNOWN for y in labels)):
             problem = f".labels is not {self.index.num_labels} bytes of 0/1/{UNKNOWN} (unknown)"
         if problem is None and len(meta) != META_BYTES:
             problem = f".meta is not {META_BYTES} bytes"
