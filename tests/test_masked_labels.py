@@ -76,6 +76,7 @@ def _members(shards: Path) -> dict[str, dict[str, bytes]]:
     return out
 
 
+@pytest.mark.integration  # splits and packs shards (CONTRIBUTING.md)
 @pytest.mark.parametrize("policy", [None, "ignore", "zeros", "ones"])
 def test_pack_writes_255_for_unknown_and_resolves_uncertain_by_policy(tmp_path, policy):
     shards = _split_and_pack(tmp_path, policy)
@@ -109,6 +110,7 @@ def test_pack_writes_255_for_unknown_and_resolves_uncertain_by_policy(tmp_path, 
     assert report.ok, report.failures
 
 
+@pytest.mark.integration  # splits and packs shards (CONTRIBUTING.md)
 def test_split_table_keeps_unknown_and_uncertain_cells(tmp_path):
     _split_and_pack(tmp_path, "ignore")
     table = pd.read_csv(tmp_path / "splits.csv", dtype={"image": str}).set_index("image")
@@ -118,6 +120,7 @@ def test_split_table_keeps_unknown_and_uncertain_cells(tmp_path):
             assert np.isnan(value) if cell == "" else value == int(cell), (name, label, value)
 
 
+@pytest.mark.integration  # splits and packs shards (CONTRIBUTING.md)
 def test_stats_counts_prevalence_over_known_images(tmp_path, capsys):
     _split_and_pack(tmp_path, "ignore")
     capsys.readouterr()
@@ -133,6 +136,7 @@ def test_stats_counts_prevalence_over_known_images(tmp_path, capsys):
             assert line["positives"] == known.count("1")
 
 
+@pytest.mark.integration  # splits and packs shards (CONTRIBUTING.md)
 def test_a_label_value_outside_1_0_minus1_blank_is_a_one_line_error(tmp_path, capsys):
     csv = _write_csv(tmp_path)
     csv.write_text(csv.read_text().replace("p03.png,0,,1", "p03.png,0,2,1"))
