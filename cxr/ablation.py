@@ -109,7 +109,7 @@ def variant_scores(scores: ScoreSet, runs: Sequence[Run], order: Sequence[Any]) 
         members = [scores.scores[r.name] for r in runs if r.variant == v]
         by_variant[str(v)] = np.mean(members, axis=0)
     by_variant[ALL] = np.mean([scores.scores[r.name] for r in runs], axis=0)
-    return ScoreSet(keys=scores.keys, y_true=scores.y_true, scores=by_variant, meta=scores.meta)
+    return ScoreSet(keys=scores.keys, y_true=scores.y_true, scores=by_variant, labels=scores.labels, meta=scores.meta)
 
 
 def calibration_and_gaps(scores: ScoreSet) -> pd.DataFrame:
@@ -170,7 +170,13 @@ def _seed_spread(run_aucs: pd.DataFrame, runs: Sequence[Run]) -> pd.DataFrame:
 
 
 def compare(
-    y: np.ndarray, score: np.ndarray, reference: np.ndarray, n_boot: int, seed: int, alpha: float
+    y: np.ndarray,
+    score: np.ndarray,
+    reference: np.ndarray,
+    n_boot: int,
+    seed: int,
+    alpha: float,
+    labels: Sequence[str] = LABELS,
 ) -> pd.DataFrame:
     """Per label (+ mean): ΔAUROC vs the reference, paired bootstrap CI, DeLong z/p, Holm p."""
     from cxr.metrics import bootstrap_counts, holm, paired_bootstrap_delta, paired_delong
@@ -185,7 +191,7 @@ def compare(
         nan = np.full(y.shape[1], np.nan)
         boot = {"ci_low": nan, "ci_high": nan, "mean_ci_low": np.nan, "mean_ci_high": np.nan}
     rows = []
-    for c, label in enumerate(LABELS[: y.shape[1]]):
+    for c, label in enumerate(labels):  # the shards' label names (any data set's)
         rows.append(
             {
                 "label": label,
@@ -239,7 +245,9 @@ def analyse_sweep(
     per_variant = variant_scores(scores, runs, order)
     variant_aucs = auc_table(per_variant, n_boot=n_boot, seed=seed, alpha=alpha, progress=False)
     run_aucs = auc_table(
-        ScoreSet(scores.keys, scores.y_true, {r.name: scores.scores[r.name] for r in runs}), n_boot=0, progress=False
+        ScoreSet(scores.keys, scores.y_true, {r.name: scores.scores[r.name] for r in runs}, labels=scores.labels),
+        n_boot=0,
+        progress=False,
     )
     table = variant_aucs.rename(columns={"member": "variant"}).merge(
         _seed_spread(run_aucs, runs), on=["variant", "label"], how="left"
@@ -249,7 +257,7 @@ def analyse_sweep(
     for v in [*map(str, order), ALL]:
         if v == str(reference):
             continue
-        frame = compare(scores.y_true, per_variant.scores[v], ref_score, n_boot, seed, alpha)
+        frame = compare(scores.y_true, per_variant.scores[v], ref_score, n_boot, seed, alpha, scores.labels)
         comparisons.append(frame.assign(variant=v))
     comparison = (
         pd.concat(comparisons, ignore_index=True)
@@ -375,11 +383,17 @@ def _p(x: Any) -> str:
     return f"{x:.2g}" if x >= 1e-4 else "<1e-4"
 
 
+def _labels(table: pd.DataFrame) -> list[str]:
+    """The per-label rows' names of a result table, in table order (the shards' labels: the 14 NIH
+    ones or any data set's), without the mean."""
+    return [label for label in dict.fromkeys(table["label"]) if label != MEAN]
+
+
 def auroc_markdown(table: pd.DataFrame, order: Sequence[str]) -> str:
     """Label × variant AUROC [95 % CI] (and mean ± sd across seeds when > 1)."""
     from cxr.report import _markdown
 
-    wide = pd.DataFrame(index=[MEAN, *LABELS])
+    wide = pd.DataFrame(index=[MEAN, *_labels(table)])
     for v in [*order, ALL]:
         part = table[table.variant == v].set_index("label")
         cells = []
@@ -398,7 +412,7 @@ def delta_markdown(table: pd.DataFrame, order: Sequence[str], reference: str) ->
     """Label × variant: ΔAUROC vs the reference [paired bootstrap CI], Holm p, significance mark."""
     from cxr.report import _markdown
 
-    wide = pd.DataFrame(index=[MEAN, *LABELS])
+    wide = pd.DataFrame(index=[MEAN, *_labels(table)])
     for v in [*order, ALL]:
         if v == reference:
             continue
@@ -451,7 +465,7 @@ def report_markdown(result: dict[str, Any], costs: pd.DataFrame, context: dict[s
         f"## Difference against `{ref}` (paired, same images)",
         "",
         "ΔAUROC [paired bootstrap 95 % CI] with DeLong's two-sided p and the Holm-adjusted p "
-        "across the 14 labels; ✓: adjusted p < alpha (for the mean: bootstrap CI excludes 0).",
+        "across the labels; ✓: adjusted p < alpha (for the mean: bootstrap CI excludes 0).",
         "",
         delta_markdown(table, order, ref),
         "",
@@ -483,9 +497,9 @@ def plot_auroc(path: Path, result: dict[str, Any]) -> None:
     from cxr.report import _panel_grid, _save_png
 
     table, order = result["table"], result["order"]
-    plt, fig, axes = _panel_grid(f"test AUROC vs {result['by']} (95 % bootstrap CI)")
+    plt, fig, axes = _panel_grid(f"test AUROC vs {result['by']} (95 % bootstrap CI)", len(_labels(table)) + 1)
     x = np.arange(len(order))
-    for ax, label in zip(axes, [MEAN, *LABELS]):
+    for ax, label in zip(axes, [MEAN, *_labels(table)]):
         part = table[table.label == label].set_index("variant")
         rows = part.loc[order]
         ax.errorbar(
@@ -503,7 +517,7 @@ def plot_auroc(path: Path, result: dict[str, Any]) -> None:
         ax.set_title(label, fontsize=11, fontweight="bold" if label == MEAN else None)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    for ax in axes[len(LABELS) + 1 :]:
+    for ax in axes[len(_labels(table)) + 1 :]:
         ax.axis("off")
     fig.tight_layout()
     _save_png(fig, path)
@@ -516,9 +530,11 @@ def plot_delta(path: Path, result: dict[str, Any]) -> None:
 
     table, ref = result["table"], result["reference"]
     others = [v for v in [*result["order"], ALL] if v != ref]
-    plt, fig, axes = _panel_grid(f"ΔAUROC vs {ref} (paired bootstrap 95 % CI; filled: Holm-significant)")
+    plt, fig, axes = _panel_grid(
+        f"ΔAUROC vs {ref} (paired bootstrap 95 % CI; filled: Holm-significant)", len(_labels(table)) + 1
+    )
     x = np.arange(len(others))
-    for ax, label in zip(axes, [MEAN, *LABELS]):
+    for ax, label in zip(axes, [MEAN, *_labels(table)]):
         rows = table[table.label == label].set_index("variant").loc[others]
         ax.axhline(0, color="grey", lw=1)
         ax.errorbar(
@@ -535,7 +551,7 @@ def plot_delta(path: Path, result: dict[str, Any]) -> None:
         ax.set_xticks(x, others, fontsize=8)
         ax.set_title(label, fontsize=11)
         ax.grid(alpha=0.3)
-    for ax in axes[len(LABELS) + 1 :]:
+    for ax in axes[len(_labels(table)) + 1 :]:
         ax.axis("off")
     fig.tight_layout()
     _save_png(fig, path)

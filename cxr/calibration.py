@@ -31,6 +31,7 @@ chosen map is then refitted on the whole tuning split.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,8 @@ def reliability_bins(y, p, n_bins: int = N_BINS, strategy: str = "width") -> dic
     each [n_bins] (NaN means for empty bins), and ``edges`` [n_bins + 1]."""
     y, p = _2d(y, p)
     y, p = y[:, 0], p[:, 0]
+    known = ~np.isnan(y)  # unknown labels (masked) are left out
+    y, p = y[known], p[known]
     edges = bin_edges(p, n_bins, strategy)
     idx = bin_index(p, edges, strategy)
     count = np.bincount(idx, minlength=n_bins).astype(np.float64)
@@ -103,28 +106,35 @@ def ece(y, p, n_bins: int = N_BINS, strategy: str = "width") -> np.ndarray:
     y, p = _2d(y, p)
     out = np.empty(y.shape[1])
     for c in range(y.shape[1]):
-        edges = bin_edges(p[:, c], n_bins, strategy)
-        idx = bin_index(p[:, c], edges, strategy)
-        gap = np.bincount(idx, y[:, c] - p[:, c], minlength=n_bins)
-        out[c] = np.abs(gap).sum() / y.shape[0]
+        k = ~np.isnan(y[:, c])  # unknown labels (masked) are left out
+        yc, pc = (y[:, c], p[:, c]) if k.all() else (y[k, c], p[k, c])
+        if yc.size == 0:
+            out[c] = np.nan
+            continue
+        edges = bin_edges(pc, n_bins, strategy)
+        idx = bin_index(pc, edges, strategy)
+        gap = np.bincount(idx, yc - pc, minlength=n_bins)
+        out[c] = np.abs(gap).sum() / yc.size
     return out
 
 
 def brier(y, p) -> np.ndarray:
     """Brier score per label [L]: mean (p − y)² (= sklearn brier_score_loss)."""
     y, p = _2d(y, p)
-    return ((p - y) ** 2).mean(axis=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a label no image knows: NaN
+        return np.nanmean((p - y) ** 2, axis=0)  # unknown (NaN) labels left out
 
 
 def brier_decomposition(y, p, n_bins: int = N_BINS) -> dict[str, np.ndarray]:
     """Murphy's reliability, resolution and uncertainty per label [L] on equal-width bins."""
     y, p = _2d(y, p)
     out = {k: np.empty(y.shape[1]) for k in ("reliability", "resolution", "uncertainty")}
-    n = y.shape[0]
     for c in range(y.shape[1]):
-        b = reliability_bins(y[:, c], p[:, c], n_bins, "width")
+        b = reliability_bins(y[:, c], p[:, c], n_bins, "width")  # known entries only
+        n = max(b["count"].sum(), 1.0)
         full = b["count"] > 0
-        base = y[:, c].mean()
+        base = np.nanmean(y[:, c]) if full.any() else np.nan
         out["reliability"][c] = np.sum(b["count"][full] * (b["mean_p"][full] - b["freq"][full]) ** 2) / n
         out["resolution"][c] = np.sum(b["count"][full] * (b["freq"][full] - base) ** 2) / n
         out["uncertainty"][c] = base * (1 - base)
@@ -135,7 +145,9 @@ def log_loss(y, p) -> np.ndarray:
     """Mean binary cross-entropy per label [L], p clipped to [EPS, 1 − EPS]."""
     y, p = _2d(y, p)
     p = np.clip(p, EPS, 1 - EPS)
-    return -(y * np.log(p) + (1 - y) * np.log1p(-p)).mean(axis=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a label no image knows: NaN
+        return -np.nanmean(y * np.log(p) + (1 - y) * np.log1p(-p), axis=0)  # unknown (NaN) left out
 
 
 # ------------------------------------------------------------------- fitting ---
@@ -235,6 +247,21 @@ def fit_label(y, p, groups: np.ndarray | None = None, k: int = 5, seed: int = 0)
     calibration.json label entry."""
     y = np.ravel(np.asarray(y, dtype=np.float64))
     x = logit(np.ravel(p))
+    known = ~np.isnan(y)  # unknown labels (masked) take no part in the fit
+    if not known.all():
+        y, x = y[known], x[known]
+        groups = None if groups is None else np.asarray(groups)[known]
+    if y.size == 0:
+        nan = float("nan")
+        return {
+            "temperature": 1.0,
+            "a": 1.0,
+            "b": 0.0,
+            "n": 0,
+            "n_pos": 0,
+            "method": "none",
+            "cv_logloss": dict.fromkeys(METHODS, nan),
+        }
     temp_a, _ = _fit(x, y, False)
     platt_a, platt_b = _fit(x, y, True)
     entry: dict[str, Any] = {

@@ -38,6 +38,7 @@ import pandas as pd
 
 from cxrbase.atomic import atomic_write, atomic_write_text
 from cxrbase.errors import CxrError, cli_entry
+from cxrbase.labels import UNKNOWN
 
 NO_FINDING = "No Finding"
 
@@ -77,7 +78,8 @@ def extract(
             image = renorm(batch["image"].to(dev))
             meta = batch["meta"].to(dev) if member.uses_meta else None
             feats.append(model.pooled(image, meta).float().cpu().numpy())
-            labels.append(batch["labels"].numpy().round().astype(np.uint8))
+            y = batch["labels"].numpy()
+            labels.append(np.where(np.isnan(y), UNKNOWN, y.round()).astype(np.uint8))  # 255: unknown, as on disk
             keys.extend(str(k) for k in batch["key"])
     if not keys:
         raise CxrError(f"{shards}: split {split!r} has no images — choose another --split")
@@ -97,9 +99,11 @@ def knn_agreement(features: np.ndarray, labels: np.ndarray, names: Sequence[str]
     _, idx = NearestNeighbors(n_neighbors=k + 1).fit(z).kneighbors(z)
     # Drop each image itself (the first neighbour at distance 0, unless duplicates tie with it).
     neighbours = np.array([[j for j in row if j != i][:k] for i, row in enumerate(idx)])
-    y = labels.astype(bool)
-    agree = (y[neighbours] == y[:, None, :]).mean(axis=(0, 1))
-    p = y.mean(axis=0)
+    y, known = labels == 1, labels != UNKNOWN  # pairs where either image does not know a label are left out
+    pair = known[neighbours] & known[:, None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        agree = ((y[neighbours] == y[:, None, :]) & pair).sum(axis=(0, 1)) / pair.sum(axis=(0, 1))
+        p = y.sum(axis=0) / known.sum(axis=0)
     chance = p**2 + (1 - p) ** 2
     with np.errstate(divide="ignore", invalid="ignore"):
         kappa = np.where(chance < 1, (agree - chance) / (1 - chance), np.nan)
@@ -110,8 +114,8 @@ def knn_agreement(features: np.ndarray, labels: np.ndarray, names: Sequence[str]
     return {
         "k": int(k),
         "n": int(n),
-        "mean_agreement": float(agree.mean()),
-        "mean_chance": float(chance.mean()),
+        "mean_agreement": float(np.nanmean(agree)) if np.isfinite(agree).any() else float("nan"),
+        "mean_chance": float(np.nanmean(chance)) if np.isfinite(chance).any() else float("nan"),
         "mean_kappa": float(np.nanmean(kappa)) if np.isfinite(kappa).any() else float("nan"),
         "per_label": per_label,
     }
@@ -119,10 +123,10 @@ def knn_agreement(features: np.ndarray, labels: np.ndarray, names: Sequence[str]
 
 def most_frequent_finding(labels: np.ndarray, names: Sequence[str]) -> np.ndarray:
     """Per image, its positive label that is most frequent in the set ("No Finding" if none)."""
-    order = np.argsort(-labels.sum(axis=0), kind="stable")  # most frequent first
+    order = np.argsort(-(labels == 1).sum(axis=0), kind="stable")  # most frequent first
     out = np.full(len(labels), NO_FINDING, dtype=object)
     for c in order[::-1]:  # later (more frequent) labels overwrite rarer ones
-        out[labels[:, c] > 0] = names[c]
+        out[labels[:, c] == 1] = names[c]
     return out
 
 
@@ -154,7 +158,7 @@ def plot_map(
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 4 * rows), squeeze=False)
     axes = axes.ravel()
     for ax, name in zip(axes, chosen):
-        pos = labels[:, list(names).index(name)] > 0
+        pos = labels[:, list(names).index(name)] == 1
         ax.scatter(*xy[~pos].T, s=6, c="0.75", label=f"negative ({int((~pos).sum())})")
         ax.scatter(*xy[pos].T, s=8, c="tab:red", label=f"positive ({int(pos.sum())})")
         ax.set_title(name, fontsize=10)

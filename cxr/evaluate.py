@@ -125,12 +125,32 @@ def analyse_and_write(
     source: str,
     out: Path | None = None,
     stops: _StopSignals | None = None,
+    plan: Any = None,
 ) -> dict[str, Any]:
     """Ensemble, write predictions, compute every table and the report into ``out`` (default
-    --out; main passes the temp folder that replaces --out at the end); return a summary."""
+    --out; main passes the temp folder that replaces --out at the end); return a summary.
+    ``plan`` (cxr.cross_site.LabelPlan): runs scored on another data set's shards — labels that
+    only one side has, or that are all-unknown or single-class on the split, are left out and
+    named; with --compare-to the report puts internal and external AUROCs side by side."""
+    from cxr import cross_site
     from cxr.report import analyse, write_outputs
 
     out = Path(args.out) if out is None else out
+    dropped: dict[str, str] = {}
+    is_external = (plan is not None and plan.cross_site) or bool(args.compare_to)
+    if args.split in per_split:
+        dropped = plan.dropped() if plan is not None else {}
+        # all-unknown labels (the shards have the column, no image of the split knows it) always;
+        # single-class ones too when evaluating on another data set (their AUROC is undefined)
+        per_split, undefined = cross_site.drop_undefined(per_split, args.split, single_class=is_external)
+        dropped.update(undefined)
+    if dropped:
+        print(
+            f"cross-site: {len(per_split[args.split].labels)} shared label(s) evaluated"
+            + (f"; dropped {'; '.join(f'{k} ({v})' for k, v in dropped.items())}" if dropped else ""),
+            file=sys.stderr,
+        )
+    internal = cross_site.read_internal(args.compare_to) if args.compare_to else None
     for split in _splits_needed(args):
         if split not in per_split:
             raise CxrError(
@@ -163,18 +183,29 @@ def analyse_and_write(
     seconds = {"analysis": time.perf_counter() - t0}
     if stops is not None:
         stops.phase = "writing the report"
+    context = _context(args, source, notes)
+    external = None
+    if dropped or is_external:
+        external = cross_site.comparison(analysis.aucs, internal, dropped)
+        cross_site.write_comparison(out, external)
+        context["sections"] = cross_site.section(plan, dropped, external, args.compare_to, args.split)
     seconds.update(
         write_outputs(
             out,
             analysis,
             scores,
             split=args.split,
-            context=_context(args, source, notes),
+            context=context,
             members=infos,
             figures=not args.no_figures,
         )
     )
-    return {"analysis": analysis, "scores": scores, "seconds": seconds}
+    return {
+        "analysis": analysis,
+        "scores": scores,
+        "seconds": seconds,
+        "cross_site": (external, dropped),
+    }
 
 
 def data_notes(tuning: ScoreSet | None, split: str | None) -> list[str]:
@@ -183,10 +214,14 @@ def data_notes(tuning: ScoreSet | None, split: str | None) -> list[str]:
 
     if tuning is None or split is None:
         return []
-    positives = {name: int(n) for name, n in zip(tuning.labels, np.asarray(tuning.y_true).sum(axis=0))}
+    y = np.asarray(tuning.y_true, dtype=np.float64)
+    positives = {name: int(n) for name, n in zip(tuning.labels, (y == 1).sum(axis=0))}
+    known = {name: int(n) for name, n in zip(tuning.labels, (~np.isnan(y)).sum(axis=0))}
+    warnings = split_warnings(
+        {split: tuning.n}, {split: positives}, f"--thresholds-from {split}", val=split, known_by_split={split: known}
+    )
     return [
-        w.replace("best-checkpoint selection and tuned thresholds rest", "the tuned thresholds rest")
-        for w in split_warnings({split: tuning.n}, {split: positives}, f"--thresholds-from {split}", val=split)
+        w.replace("best-checkpoint selection and tuned thresholds rest", "the tuned thresholds rest") for w in warnings
     ]
 
 
@@ -392,6 +427,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the calibration section (ECE, Brier, temperature/Platt fitted on --thresholds-from)",
     )
     p.add_argument(
+        "--compare-to",
+        metavar="REPORT",
+        help="an earlier report folder (or its aucs.csv), e.g. the same runs on their own data set's test "
+        "split: report.md and cross_site.csv put its (internal) AUROCs beside this evaluation's (external) "
+        "ones, paired by label, with delta = external − internal. Runs scored on another data set's shards "
+        "are evaluated on the labels both share by name; the others are dropped and named with the reason",
+    )
+    p.add_argument(
         "--ood",
         metavar="RUN",
         help="an ood_ae run (cxr/ood.py): reject the split's images the gate "
@@ -455,8 +498,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_REQUEUE
 
 
+def run_label_plan(args: argparse.Namespace) -> Any:
+    """The labels the runs (their first member) share with --shards (cxr.cross_site.LabelPlan)."""
+    from cxr.inference import member_label_plan, member_names, read_member
+
+    return member_label_plan([read_member(args.runs[0], member_names(args.runs[:1])[0])], Path(args.shards))
+
+
 def _evaluate(args: argparse.Namespace, out: Path, start: float, stops: _StopSignals) -> int:
-    lock = None
+    lock, plan = None, None
     try:
         if args.from_predictions:
             lock = _lock_out(out)
@@ -487,8 +537,9 @@ def _evaluate(args: argparse.Namespace, out: Path, start: float, stops: _StopSig
             if per_split is None:  # not rank 0: rank 0 writes everything
                 return 0
             source = f"runs {' '.join(map(str, args.runs))}; shards {args.shards}"
+            plan = run_label_plan(args)
         with atomic_folder(out) as tmp:
-            result = analyse_and_write(args, per_split, infos, source, tmp, stops)
+            result = analyse_and_write(args, per_split, infos, source, tmp, stops, plan=plan)
             result["ranks"] = None if args.from_predictions else state.num_processes
             ood = None
             if args.ood:
@@ -504,6 +555,11 @@ def _evaluate(args: argparse.Namespace, out: Path, start: float, stops: _StopSig
     from cxr.report import format_stdout_table
 
     print(format_stdout_table(result["analysis"].aucs))
+    external, dropped = result["cross_site"]
+    if external is not None:
+        from cxr.cross_site import format_table
+
+        print(f"external validation ({out / 'cross_site.csv'}):\n{format_table(external, dropped)}")
     print(_summary_line(result, args, time.perf_counter() - start))
     if ood is not None:
         print(ood)

@@ -398,7 +398,7 @@ def summarise(pairs: pd.DataFrame, n_boot: int = 1000, seed: int = 0, alpha: flo
         keys = sorted(set(part["key"]))
         position = {k: i for i, k in enumerate(keys)}
         counts = bootstrap_counts(len(keys), n_boot, seed) if n_boot else None
-        groups = [(label, part[part["label"] == label]) for label in LABELS if (part["label"] == label).any()]
+        groups = [(label, part[part["label"] == label]) for label in sorted(set(part["label"]), key=_label_rank)]
         for label, group in [*groups, ("all", part)]:
             weights = counts[[position[k] for k in group["key"]]] if counts is not None else None
             row = {"run": run, "label": label, "pairs": len(group), "images": group["key"].nunique()}
@@ -455,24 +455,30 @@ def overlay(master: Any, heat: np.ndarray, caption: Sequence[str], boxes: np.nda
     return rgb
 
 
-def _caption(key: str, label: str, method: str, prob: float, truth: int, run: str, empty: bool = False) -> list[str]:
+def _truth_text(truth: int | None) -> str:
+    return "unknown" if truth is None else "positive" if truth else "negative"
+
+
+def _caption(
+    key: str, label: str, method: str, prob: float, truth: int | None, run: str, empty: bool = False
+) -> list[str]:
     return [
         f"{key}  {label}  ({METHOD_NAMES[method]}, {run})",
-        f"p = {prob:.3f}   truth: {'positive' if truth else 'negative'}" + ("   map: all zero" if empty else ""),
+        f"p = {prob:.3f}   truth: {_truth_text(truth)}" + ("   map: all zero" if empty else ""),
     ]
 
 
 def write_index(out: Path, entries: list[dict], title: str) -> None:
     """index.html: one row per image, one captioned overlay per label."""
     by_key: dict[str, list[dict]] = {}
-    for e in sorted(entries, key=lambda e: (e["run"], e["key"], LABELS.index(e["label"]))):
+    for e in sorted(entries, key=lambda e: (e["run"], e["key"], _label_rank(e["label"]))):
         by_key.setdefault(f"{e['run']} · {e['key']}", []).append(e)
     cells = []
     for name, row in by_key.items():
         figs = "".join(
             f'<figure><a href="{html.escape(e["file"])}"><img src="{html.escape(e["file"])}" width="320"></a>'
             f"<figcaption>{html.escape(e['label'])}: p = {e['prob']:.3f}, truth "
-            f"{'positive' if e['truth'] else 'negative'}</figcaption></figure>"
+            f"{_truth_text(e['truth'])}</figcaption></figure>"
             for e in row
         )
         cells.append(f"<h2>{html.escape(name)}</h2><div class=row>{figs}</div>")
@@ -583,6 +589,7 @@ class Job:
     overlays: bool
     threshold: float
     box_frame: int | None
+    names: tuple[str, ...] = ()  # the model's labels (every run must have them); () = each run's own
 
 
 def explain_run(
@@ -601,7 +608,8 @@ def explain_run(
     )
 
     member = read_member(run_dir, name)
-    resolution = check_compatible([member], shards_labels(remote.location(args.shards)), args.resolution)
+    resolution = check_compatible([member], job.names or member.labels, args.resolution)
+    shard_names = shards_labels(remote.location(args.shards))  # any data set's: truth is read by label name
     model = build_member_model(member, state.device)
     for p in model.parameters():
         p.requires_grad_(False)  # gradients flow to the input and the cam layer only
@@ -628,9 +636,9 @@ def explain_run(
         meta = batch["meta"].to(state.device) if member.uses_meta else None
         with torch.no_grad():
             probs = torch.sigmoid(model(image, meta).double()).cpu().numpy()
-        truth = batch["labels"].numpy().round().astype(int)
+        truth = batch["labels"].numpy().round()  # NaN: unknown
         keys = list(batch["key"])
-        for label in sorted({lab for k in keys for lab in job.labels[k]}, key=LABELS.index):
+        for label in sorted({lab for k in keys for lab in job.labels[k]}, key=member.labels.index):
             rows_b = [b for b, k in enumerate(keys) if label in job.labels[k]]
             c = member.labels.index(label)
             maps = heat_maps(job.method, model, image[rows_b], [c], None if meta is None else meta[rows_b], layer)
@@ -640,7 +648,7 @@ def explain_run(
                     "key": keys[b],
                     "label": label,
                     "prob": float(probs[b, c]),
-                    "truth": int(truth[b, c]),
+                    "truth": _truth(truth[b], shard_names, label),
                 }
                 if job.boxes:
                     rows.append({**info, **_score(job, masters, m, keys[b], label, resolution)})
@@ -659,6 +667,19 @@ def explain_run(
             "layer_why": why,
         },
     )
+
+
+def _truth(row: np.ndarray, names: Sequence[str], label: str) -> int | None:
+    """One image's ground truth of ``label`` by name in the shards' labels: 1, 0, or None when the
+    shards do not have the label or do not know it for this image (masked)."""
+    if label not in names or np.isnan(row[list(names).index(label)]):
+        return None
+    return int(row[list(names).index(label)])
+
+
+def _label_rank(label: str) -> tuple[int, str]:
+    """Sort key: the NIH labels in canonical order, then any other data set's labels by name."""
+    return (LABELS.index(label), "") if label in LABELS else (len(LABELS), label)
 
 
 def _source_frame(job: Job, masters: Masters, key: str) -> tuple[int, int]:
@@ -893,24 +914,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _parse_labels(text: str | None, default: Sequence[str]) -> list[str]:
+    """--labels (comma-separated) checked against ``default``, the model's labels (any data set's)."""
     if text is None:
         return list(default)
     labels = [BOX_SPELLINGS.get(t.strip(), t.strip()) for t in text.split(",") if t.strip()]
-    unknown = [t for t in labels if t not in LABELS]
+    unknown = [t for t in labels if t not in default]
     if unknown:
-        raise CxrError(f"--labels {text}: unknown {unknown} — labels are {', '.join(LABELS)}")
+        raise CxrError(f"--labels {text}: unknown {unknown} — the model's labels are {', '.join(default)}")
     return labels
 
 
-def plan_job(args: argparse.Namespace, masters: Masters) -> tuple[Job, dict]:
-    """Which (key, label) pairs to explain, their boxes, and the counts the report states."""
+def plan_job(args: argparse.Namespace, masters: Masters, names: Sequence[str] = LABELS) -> tuple[Job, dict]:
+    """Which (key, label) pairs to explain, their boxes, and the counts the report states.
+    ``names``: the model's labels (the first run's; the 14 NIH ones or any data set's)."""
     out = Path(args.out)
     keys = masters.index.keys
     boxes: dict[tuple[str, str], pd.DataFrame] = {}
     counts = {"split_images": len(keys)}
     if args.bbox:
         table = read_boxes(args.bbox)
-        wanted = set(_parse_labels(args.labels, LABELS))
+        wanted = set(_parse_labels(args.labels, names))
         in_split = table[table["key"].isin(set(keys)) & table["label"].isin(wanted)]
         chosen = sorted(set(in_split["key"]))
         if args.keys:  # score (and draw) only these
@@ -920,7 +943,7 @@ def plan_job(args: argparse.Namespace, masters: Masters) -> tuple[Job, dict]:
         chosen = chosen[: args.limit] if args.limit else chosen
         in_split = in_split[in_split["key"].isin(set(chosen))]
         boxes = {kl: g for kl, g in in_split.groupby(["key", "label"])}
-        labels = {k: sorted({lab for kk, lab in boxes if kk == k}, key=LABELS.index) for k in chosen}
+        labels = {k: sorted({lab for kk, lab in boxes if kk == k}, key=list(names).index) for k in chosen}
         counts.update(
             scored_images=len(chosen), scored_pairs=len(boxes), boxed_elsewhere=len(set(table["key"]) - set(keys))
         )
@@ -933,9 +956,9 @@ def plan_job(args: argparse.Namespace, masters: Masters) -> tuple[Job, dict]:
         if not args.keys:
             raise CxrError("--keys: which images to explain? — pass --keys K1,K2 (or --bbox FILE to score a split)")
         chosen = select_keys(keys, args.keys.split(","), remote.location(args.shards), args.split)
-        labels = {k: _parse_labels(args.labels, LABELS) for k in chosen}
+        labels = {k: _parse_labels(args.labels, names) for k in chosen}
     overlays = bool(args.keys) or args.overlays
-    return Job(args.method, labels, boxes, out, overlays, args.threshold, args.bbox_frame), counts
+    return Job(args.method, labels, boxes, out, overlays, args.threshold, args.bbox_frame, tuple(names)), counts
 
 
 def _gather(items: list, state: Any) -> list | None:
@@ -958,14 +981,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    from cxr.inference import member_names, process_state
+    from cxr.inference import member_names, process_state, read_member
 
     run_dirs = [args.run] if args.run else list(args.runs)
     shards = remote.location(args.shards)
     load_manifest(shards)  # a missing or invalid manifest fails before any process group starts
     state = process_state(args)
     masters = Masters.open(shards, args.split)
-    job, counts = plan_job(args, masters)
+    names = read_member(run_dirs[0], member_names(run_dirs[:1])[0]).labels  # the model's labels
+    job, counts = plan_job(args, masters, names)
     rows, entries, runs = [], [], []
     for run_dir, name in zip(run_dirs, member_names(run_dirs)):
         r, e, info = explain_run(args, run_dir, name, state, job, masters)

@@ -124,18 +124,28 @@ def member_names(run_dirs: Sequence[str | Path]) -> list[str]:
     return names
 
 
-def check_compatible(members: Sequence[Member], labels: Sequence[str], resolution: int | None) -> int | None:
-    """Refuse members whose label set differs; return the eval resolution (None: each member's own).
+def member_label_plan(members: Sequence[Member], shards: Path) -> Any:
+    """The labels the members (the first one's: check_compatible makes them one set) share with
+    the shards by name (cxr.cross_site.label_plan); CxrError when none."""
+    from cxr.cross_site import label_plan
 
-    ``labels`` is the shards' label set; ``resolution`` the user's ``--resolution`` (None:
-    the members' shared training resolution, or None when they differ).
+    return label_plan(members[0].labels, shards_labels(shards), f"{Path(shards) / 'manifest.json'}")
+
+
+def check_compatible(members: Sequence[Member], labels: Sequence[str], resolution: int | None) -> int | None:
+    """Refuse members whose label set differs from ``labels`` (the first member's: an ensemble
+    needs one label set; the shards may hold another set, see cxr.cross_site); return the eval
+    resolution (None: each member's own).
+
+    ``resolution`` is the user's ``--resolution`` (None: the members' shared training
+    resolution, or None when they differ).
     """
     for m in members:
         if list(m.labels) != list(labels):
             raise CxrError(
                 f"{m.run_dir}: member {m.name} was trained on {len(m.labels)} labels {m.labels[:3]}… "
-                f"but the shards have {len(labels)} labels {list(labels)[:3]}… — an ensemble needs one "
-                "label set; evaluate this run on shards with its labels, or leave it out"
+                f"but another member on {len(labels)} labels {list(labels)[:3]}… — an ensemble needs one "
+                "label set; evaluate runs trained on the same labels together, or leave this one out"
             )
     if resolution is not None:
         return int(resolution)
@@ -299,9 +309,11 @@ def renormaliser(member: Member, loader_cfg: Any, device: Any):
 
 
 def infer_split(
-    members: Sequence[Member], loader_cfg: Any, split: str, state: Any, precision: str = "fp32"
+    members: Sequence[Member], loader_cfg: Any, split: str, state: Any, precision: str = "fp32", plan: Any = None
 ) -> ScoreSet:
-    """Score this rank's share of ``split`` with every member (one read of the data)."""
+    """Score this rank's share of ``split`` with every member (one read of the data). ``plan``
+    (cxr.cross_site.LabelPlan): keep only the labels the members and the shards share, each
+    side's columns picked by name (default: the members' labels are the shards')."""
     import torch
 
     from cxr.data import build_loader
@@ -340,15 +352,17 @@ def infer_split(
                 .numpy()
             )
             for m, p in zip(members, batch_probs):
-                probs[m.name].append(p)
+                probs[m.name].append(p if plan is None else p[:, plan.model_index])
             keys.extend(str(k) for k in batch["key"])
-            truth.append(batch["labels"].cpu().numpy().round().astype(np.uint8))
-    n_labels = len(members[0].labels)
+            y = batch["labels"].cpu().numpy().round()  # NaN (unknown) stays NaN
+            truth.append(y if plan is None else y[:, plan.shards_index])
+    labels = tuple(members[0].labels) if plan is None else plan.shared
+    n_labels = len(labels)
     return ScoreSet(
         keys=np.asarray(keys, dtype=object),
-        y_true=np.concatenate(truth) if truth else np.zeros((0, n_labels), np.uint8),
+        y_true=truth_array(truth, n_labels),
         scores={k: np.concatenate(v) if v else np.zeros((0, n_labels)) for k, v in probs.items()},
-        labels=tuple(members[0].labels),
+        labels=labels,
     )
 
 
@@ -371,13 +385,22 @@ def gather_scores(local: ScoreSet, state: Any) -> ScoreSet | None:
     return merged.deduplicated()
 
 
+def truth_array(batches: Sequence[np.ndarray], n_labels: int) -> np.ndarray:
+    """The ground truth [N, L] of a split from the loaders' label batches: uint8 0/1 when every
+    label is known (as before masks existed), else float32 with NaN for the unknown entries."""
+    y = np.concatenate(batches) if batches else np.zeros((0, n_labels), np.float32)
+    return y.astype(np.uint8) if not np.isnan(y).any() else y.astype(np.float32)
+
+
 def join_members(parts: Sequence[ScoreSet | None], order: Sequence[str], shards: Path, split: str) -> ScoreSet | None:
     """Join per-resolution passes (each sorted by key) into one ScoreSet, members in ``order``."""
     if parts[0] is None:  # not rank 0
         return None
     first = parts[0]
     for part in parts[1:]:
-        if not np.array_equal(part.keys, first.keys) or not np.array_equal(part.y_true, first.y_true):
+        if not np.array_equal(part.keys, first.keys) or not np.array_equal(
+            np.asarray(part.y_true, np.float64), np.asarray(first.y_true, np.float64), equal_nan=True
+        ):
             raise CxrError(
                 f"{shards}: split {split!r} gave different images or labels at two "
                 "resolutions — the derived resN/ shards must hold the masters' samples; "
@@ -493,7 +516,8 @@ def infer_runs(
     shards = remote.location(args.shards)
     check_distinct(args.runs)
     members = [read_member(r, n) for r, n in zip(args.runs, member_names(args.runs))]
-    resolution = check_compatible(members, shards_labels(shards), args.resolution)
+    plan = member_label_plan(members, shards)
+    resolution = check_compatible(members, members[0].labels, args.resolution)
     for m in members:
         m.model = build_member_model(m, state.device)
     groups: dict[int, list[Member]] = {}  # one pass over the split per distinct resolution
@@ -509,7 +533,7 @@ def infer_runs(
         on_ready(members)
     for split in splits:
         parts = [
-            gather_scores(infer_split(group, loader_cfgs[res], split, state, args.precision), state)
+            gather_scores(infer_split(group, loader_cfgs[res], split, state, args.precision, plan), state)
             for res, group in groups.items()
         ]
         merged = join_members(parts, [m.name for m in members], shards, split)

@@ -12,6 +12,12 @@ Losses run in at least float32 even when the logits are bf16/fp16 (autocast),
 because the batch statistics and weights need the precision.
 
 Label smoothing (option of every loss): y <- y (1 - a) + a / 2 before the loss.
+
+Unknown labels: a NaN target (the loaders' unknown, `.labels` byte 255) is masked. Every loss
+then averages over the known entries only (the mean over [B, C] becomes the sum of the known
+terms over their count; 0 with a zero gradient when a batch knows none), and the dynamic
+weights' batch positive ratio r_c counts only the images that know label c. A batch without
+NaN gives exactly the unmasked losses.
 """
 
 from __future__ import annotations
@@ -30,15 +36,30 @@ WEIGHTINGS = ("linear", "log")
 BATCH_STATS = ("rank", "global")
 
 
-def _prepare(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Check shapes and cast both to a float type of at least float32."""
+def _prepare(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Check shapes and cast both to a float type of at least float32; split off the mask.
+
+    Returns (logits, targets with unknown (NaN) entries set to 0, known mask or None when every
+    entry is known)."""
     if logits.shape != targets.shape:
         raise CxrError(
             f"loss: logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ "
             f"— the model must output one logit per label"
         )
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    return logits.to(dtype), targets.to(dtype)
+    z, y = logits.to(dtype), targets.to(dtype)
+    unknown = torch.isnan(y)
+    if not bool(unknown.any()):
+        return z, y, None
+    return z, torch.where(unknown, torch.zeros_like(y), y), ~unknown
+
+
+def _mean(terms: torch.Tensor, known: torch.Tensor | None) -> torch.Tensor:
+    """Mean of the per-entry loss terms over the known entries (all of them when known is None)."""
+    if known is None:
+        return terms.mean()
+    kept = torch.where(known, terms, torch.zeros_like(terms))  # where, not *: a masked inf/NaN term stays out
+    return kept.sum() / known.sum().clamp(min=1).to(terms.dtype)
 
 
 def smooth_labels(targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -52,8 +73,10 @@ def smooth_labels(targets: torch.Tensor, label_smoothing: float) -> torch.Tensor
 
 def bce(logits: torch.Tensor, targets: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
     """Binary cross-entropy, mean of -[y log p + (1-y) log(1-p)] over [B, C]."""
-    z, y = _prepare(logits, targets)
-    return F.binary_cross_entropy_with_logits(z, smooth_labels(y, label_smoothing))
+    z, y, known = _prepare(logits, targets)
+    if known is None:
+        return F.binary_cross_entropy_with_logits(z, smooth_labels(y, label_smoothing))
+    return _mean(F.binary_cross_entropy_with_logits(z, smooth_labels(y, label_smoothing), reduction="none"), known)
 
 
 def weighted_bce(
@@ -63,9 +86,12 @@ def weighted_bce(
 
     pos_weight: [C] positive weights (tensor or array), e.g. from :func:`positive_weights`.
     """
-    z, y = _prepare(logits, targets)
+    z, y, known = _prepare(logits, targets)
     w = torch.as_tensor(pos_weight, dtype=z.dtype, device=z.device)
-    return F.binary_cross_entropy_with_logits(z, smooth_labels(y, label_smoothing), pos_weight=w)
+    if known is None:
+        return F.binary_cross_entropy_with_logits(z, smooth_labels(y, label_smoothing), pos_weight=w)
+    terms = F.binary_cross_entropy_with_logits(z, smooth_labels(y, label_smoothing), pos_weight=w, reduction="none")
+    return _mean(terms, known)
 
 
 def positive_weights(prevalence: np.ndarray, scheme: str = "linear", cap: float | None = None) -> np.ndarray:
@@ -96,17 +122,21 @@ def positive_ratio(targets: torch.Tensor, batch_stats: str = "rank") -> torch.Te
     ``rank``: this process's batch. ``global``: positives and row counts summed over
     all ranks with torch.distributed (when initialised; else the same as ``rank``),
     i.e. the r of the concatenated global batch, also for unequal per-rank sizes.
-    A statistic of the targets: computed without gradient.
+    Unknown (NaN) targets are left out: r_c = positives / images that know label c (0.5,
+    a neutral weight that no term uses, when none does). A statistic of the targets:
+    computed without gradient.
     """
     if batch_stats not in BATCH_STATS:
         raise CxrError(f"loss.batch_stats={batch_stats!r} — choose one of {', '.join(BATCH_STATS)}")
     with torch.no_grad():
         y = targets.detach().to(torch.promote_types(targets.dtype, torch.float32))
-        stats = torch.cat([y.sum(dim=0), y.new_full((1,), y.shape[0])])
+        known = ~torch.isnan(y)
+        stats = torch.cat([torch.where(known, y, torch.zeros_like(y)).sum(dim=0), known.sum(dim=0).to(y.dtype)])
         if batch_stats == "global" and torch.distributed.is_available() and torch.distributed.is_initialized():
             # One small collective per step; a sync point shared with DDP's own all-reduce.
             torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.SUM)
-        return stats[:-1] / stats[-1]
+        positives, counts = stats.chunk(2)
+        return torch.where(counts > 0, positives / counts.clamp(min=1), torch.full_like(positives, 0.5))
 
 
 def dynamic_weighted_bce(
@@ -131,13 +161,14 @@ def dynamic_weighted_bce(
     observed label frequency, already smoothed towards 0.5 by s; label smoothing
     only changes the targets inside the log terms.
     """
-    z, y = _prepare(logits, targets)
-    r = positive_ratio(y, batch_stats).to(z.dtype)
+    r = positive_ratio(targets, batch_stats)
+    z, y, known = _prepare(logits, targets)
+    r = r.to(z.dtype)
     r_smooth = r * (1.0 - smoothing) + 0.5 * smoothing
     w_pos = 1.0 / (r_smooth + eps)
     w_neg = 1.0 / (1.0 - r_smooth + eps)
     y = smooth_labels(y, label_smoothing)
-    return -(y * w_pos * F.logsigmoid(z) + (1.0 - y) * w_neg * F.logsigmoid(-z)).mean()
+    return _mean(-(y * w_pos * F.logsigmoid(z) + (1.0 - y) * w_neg * F.logsigmoid(-z)), known)
 
 
 def focal(
@@ -156,14 +187,14 @@ def focal(
     smoothed (soft) targets; for 0/1 targets it is the usual FL(p_t). The factors
     (1-p)^gamma = exp(gamma logsigmoid(-z)) are taken in log space for stability.
     """
-    z, y = _prepare(logits, targets)
+    z, y, known = _prepare(logits, targets)
     y = smooth_labels(y, label_smoothing)
     log_p, log_not_p = F.logsigmoid(z), F.logsigmoid(-z)
     pos = y * torch.exp(gamma * log_not_p) * log_p
     neg = (1.0 - y) * torch.exp(gamma * log_p) * log_not_p
     if alpha is not None:
         pos, neg = alpha * pos, (1.0 - alpha) * neg
-    return -(pos + neg).mean()
+    return _mean(-(pos + neg), known)
 
 
 @dataclass

@@ -20,6 +20,10 @@ Conventions (stated once, tested against scikit-learn):
   ``average="macro"``, zero-division zeros included); micro = the formula on
   the counts summed over labels (sklearn ``average="micro"``).
 - Mean AUROC / AUPRC (macro) average the labels where they are defined.
+- Unknown labels: ``y_true`` may hold NaN (the loaders' unknown, a masked `.labels` entry). Every
+  per-label metric then uses, for label c, only the images that know c (sklearn on those rows);
+  micro numbers pool the known (image, label) pairs, Hamming loss is over known pairs and an
+  image's exact match asks only its known labels. Without NaN nothing changes.
 """
 
 from __future__ import annotations
@@ -42,8 +46,9 @@ class UndefinedMetricWarning(UserWarning):
 
 
 # --------------------------------------------------------------------------- inputs
-def _as_2d(y_true, y_score) -> tuple[np.ndarray, np.ndarray]:
-    """Validate and return (bool [n, L], float64 [n, L]); 1-D inputs become L = 1."""
+def _as_2d(y_true, y_score) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validate and return (bool [n, L] (False where unknown), float64 [n, L], known bool [n, L]);
+    1-D inputs become L = 1. NaN in y_true is an unknown (masked) label."""
     y = np.asarray(y_true)
     s = np.asarray(y_score, dtype=np.float64)
     if y.ndim == 1:
@@ -55,12 +60,13 @@ def _as_2d(y_true, y_score) -> tuple[np.ndarray, np.ndarray]:
             f"metrics: y_true {y.shape} and y_score {s.shape} must be equal, "
             f"non-empty [n, L] arrays — pass one row per image, one column per label"
         )
-    if not np.isin(y, (0, 1)).all():
-        raise CxrError("metrics: y_true holds values other than 0/1 — binarise the labels first")
+    known = ~np.isnan(y) if y.dtype.kind == "f" else np.ones(y.shape, bool)
+    if not np.isin(y[known], (0, 1)).all():
+        raise CxrError("metrics: y_true holds values other than 0/1 (or NaN = unknown) — binarise the labels first")
     if not np.isfinite(s).all():
         bad = int((~np.isfinite(s)).sum())
         raise CxrError(f"metrics: y_score holds {bad} NaN/inf values — check the model outputs")
-    return y.astype(bool), s
+    return np.where(known, y, 0).astype(bool), s, known
 
 
 def _names(n_labels: int, labels: Sequence[str] | None = None) -> list[str]:
@@ -101,11 +107,14 @@ def _binary_curve(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     return s_sorted[last], tps, fps
 
 
-def _undefined_auroc(y: np.ndarray, names: list[str]) -> np.ndarray:
-    """Boolean [L] of labels lacking positives or negatives; warns once naming them."""
-    n_pos = y.sum(axis=0)
-    undefined = (n_pos == 0) | (n_pos == y.shape[0])
-    cases = [f"{names[c]} (no {'positives' if n_pos[c] == 0 else 'negatives'})" for c in np.flatnonzero(undefined)]
+def _undefined_auroc(y: np.ndarray, known: np.ndarray, names: list[str]) -> np.ndarray:
+    """Boolean [L] of labels lacking known positives or negatives; warns once naming them."""
+    n_pos, n_known = y.sum(axis=0), known.sum(axis=0)
+    undefined = (n_pos == 0) | (n_pos == n_known)
+    cases = [
+        f"{names[c]} (no {'known label' if n_known[c] == 0 else 'positives' if n_pos[c] == 0 else 'negatives'})"
+        for c in np.flatnonzero(undefined)
+    ]
     _warn("AUROC undefined (NaN) for labels without both classes", cases)
     return undefined
 
@@ -116,11 +125,12 @@ def per_label_auroc(y_true, y_score) -> np.ndarray:
     y_true, y_score: [n, L]. Returns [L] float64; NaN (with one warning) for a label
     without positives or without negatives.
     """
-    y, s = _as_2d(y_true, y_score)
-    undefined = _undefined_auroc(y, _names(y.shape[1]))
+    y, s, known = _as_2d(y_true, y_score)
+    undefined = _undefined_auroc(y, known, _names(y.shape[1]))
     out = np.full(y.shape[1], np.nan)
     for c in np.flatnonzero(~undefined):
-        _, tps, fps = _binary_curve(y[:, c], s[:, c])
+        k = known[:, c]
+        _, tps, fps = _binary_curve(y[k, c], s[k, c])
         tps, fps = np.r_[0.0, tps], np.r_[0.0, fps]
         # Trapezoids on the ROC step curve give exactly the Mann-Whitney U with ties as 1/2.
         area = np.sum(np.diff(fps) * (tps[1:] + tps[:-1])) / 2.0
@@ -134,13 +144,14 @@ def per_label_auprc(y_true, y_score) -> np.ndarray:
     y_true, y_score: [n, L]. Returns [L] float64; NaN (with one warning) for a label
     without positives.
     """
-    y, s = _as_2d(y_true, y_score)
+    y, s, known = _as_2d(y_true, y_score)
     names = _names(y.shape[1])
     n_pos = y.sum(axis=0)
     _warn("AUPRC undefined (NaN) for labels without positives", [names[c] for c in np.flatnonzero(n_pos == 0)])
     out = np.full(y.shape[1], np.nan)
     for c in np.flatnonzero(n_pos > 0):
-        _, tps, fps = _binary_curve(y[:, c], s[:, c])
+        k = known[:, c]
+        _, tps, fps = _binary_curve(y[k, c], s[k, c])
         precision = tps / (tps + fps)
         recall = tps / tps[-1]
         out[c] = np.sum(np.diff(np.r_[0.0, recall]) * precision)
@@ -175,14 +186,14 @@ def threshold_metrics(y_true, y_score, thresholds) -> dict:
     ``hamming_loss`` (fraction of wrong label decisions) and ``exact_match`` (fraction
     of images with all L decisions right). Zero denominators give 0.0 (see module doc).
     """
-    y, s = _as_2d(y_true, y_score)
+    y, s, known = _as_2d(y_true, y_score)
     names = _names(y.shape[1])
     t = _thresholds(thresholds, y.shape[1])
     pred = s >= t
     tp = (pred & y).sum(axis=0)
-    fp = (pred & ~y).sum(axis=0)
+    fp = (pred & ~y & known).sum(axis=0)
     fn = (~pred & y).sum(axis=0)
-    tn = y.shape[0] - tp - fp - fn
+    tn = known.sum(axis=0) - tp - fp - fn
     out: dict = {"thresholds": t, "tp": tp, "fp": fp, "tn": tn, "fn": fn}
     out["macro"], out["micro"] = {}, {}
     cases = []
@@ -193,8 +204,8 @@ def threshold_metrics(y_true, y_score, thresholds) -> dict:
         out["micro"][name] = float(micro[name][0])
         cases += [f"{name} of {names[c]}" for c in np.flatnonzero(zero)]
     _warn("zero denominator, metric set to 0.0", cases)
-    wrong = pred != y
-    out["hamming_loss"] = float(wrong.mean())
+    wrong = (pred != y) & known
+    out["hamming_loss"] = float(wrong.sum() / max(int(known.sum()), 1))
     out["exact_match"] = float((~wrong.any(axis=1)).mean())
     return out
 
@@ -208,20 +219,21 @@ def tune_thresholds(y_true, y_score, method: str = "f1") -> np.ndarray:
     """
     if method not in ("f1", "youden"):
         raise CxrError(f"tune_thresholds: method={method!r} — choose 'f1' or 'youden'")
-    y, s = _as_2d(y_true, y_score)
+    y, s, known = _as_2d(y_true, y_score)
     names = _names(y.shape[1])
     out = np.full(y.shape[1], 0.5)
     undefined = []
     for c in range(y.shape[1]):
-        n_pos = int(y[:, c].sum())
-        if n_pos in (0, y.shape[0]):
+        k = known[:, c]
+        n_pos, n = int(y[:, c].sum()), int(k.sum())
+        if n_pos in (0, n):
             undefined.append(names[c])
             continue
-        thr, tps, fps = _binary_curve(y[:, c], s[:, c])
+        thr, tps, fps = _binary_curve(y[k, c], s[k, c])
         if method == "f1":
             criterion = 2 * tps / (tps + fps + n_pos)
         else:
-            criterion = tps / n_pos - fps / (y.shape[0] - n_pos)
+            criterion = tps / n_pos - fps / (n - n_pos)
         out[c] = thr[np.argmax(criterion)]
     _warn(f"{method} threshold undefined (0.5 used) for labels without both classes", undefined)
     return out
@@ -305,16 +317,22 @@ def _weighted_auroc(y: np.ndarray, s: np.ndarray, counts: np.ndarray, totals: np
         return np.where((w_pos > 0) & (w_neg > 0), numerator / (w_pos * w_neg), np.nan)
 
 
-def _bootstrap_one(y: np.ndarray, s: np.ndarray, counts: np.ndarray, alpha: float) -> dict:
-    """Bootstrap AUROC CIs of one score set against shared resample counts."""
+def _bootstrap_one(y: np.ndarray, s: np.ndarray, known: np.ndarray, counts: np.ndarray, alpha: float) -> dict:
+    """Bootstrap AUROC CIs of one score set against shared resample counts (a label with unknown
+    entries: the resample weights of the images that know it)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UndefinedMetricWarning)  # warned once by the caller
-        auroc = per_label_auroc(y, s)
+        auroc = per_label_auroc(np.where(known, y, np.nan), s)
     defined = ~np.isnan(auroc)
     samples = np.full((counts.shape[1], y.shape[1]), np.nan)
     totals = counts.sum(axis=0, dtype=np.float64)
     for c in np.flatnonzero(defined):
-        samples[:, c] = _weighted_auroc(y[:, c], s[:, c], counts, totals)
+        k = known[:, c]
+        if k.all():
+            samples[:, c] = _weighted_auroc(y[:, c], s[:, c], counts, totals)
+        else:
+            mine = counts[k]
+            samples[:, c] = _weighted_auroc(y[k, c], s[k, c], mine, mine.sum(axis=0, dtype=np.float64))
     q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
     out = {"auroc": auroc, "n_boot": counts.shape[1], "alpha": alpha, "samples": samples}
     with warnings.catch_warnings():
@@ -361,8 +379,8 @@ def bootstrap_auroc(
     score_sets = list(y_score) if many else [y_score]
     if not 0 < alpha < 1:
         raise CxrError(f"bootstrap_auroc: alpha={alpha} — use a value in (0, 1), e.g. 0.05 for 95 % CIs")
-    y, _ = _as_2d(y_true, score_sets[0])
-    _undefined_auroc(y, _names(y.shape[1]))
+    y, _, known = _as_2d(y_true, score_sets[0])
+    _undefined_auroc(y, known, _names(y.shape[1]))
     if counts is None:
         counts = bootstrap_counts(y.shape[0], n_boot, seed)
     elif counts.ndim != 2 or counts.shape[0] != y.shape[0]:
@@ -372,7 +390,7 @@ def bootstrap_auroc(
         )
     elif counts.dtype not in (np.float32, np.float64):
         counts = counts.astype(np.float32)  # integer counts: exact in float32, and the 1/2 of ties fits
-    results = [_bootstrap_one(*_as_2d(y, s), counts, alpha) for s in score_sets]
+    results = [_bootstrap_one(*_as_2d(y_true, s), counts, alpha) for s in score_sets]
     return results if many else results[0]
 
 
@@ -390,11 +408,11 @@ def delong_auroc_variance(y_true, y_score) -> np.ndarray:
     O(n log n) per label. var = var(V10)/m + var(V01)/k with the structural
     components V10 (m positives) and V01 (k negatives), sample variances (ddof 1).
     """
-    y, s = _as_2d(y_true, y_score)
-    undefined = _undefined_auroc(y, _names(y.shape[1]))
+    y, s, known = _as_2d(y_true, y_score)
+    undefined = _undefined_auroc(y, known, _names(y.shape[1]))
     out = np.full(y.shape[1], np.nan)
     for c in np.flatnonzero(~undefined):
-        pos, neg = s[y[:, c], c], s[~y[:, c], c]
+        pos, neg = s[y[:, c], c], s[~y[:, c] & known[:, c], c]
         m, k = pos.size, neg.size
         combined = _midranks(np.r_[pos, neg])
         v10 = (combined[:m] - _midranks(pos)) / k
@@ -413,12 +431,13 @@ def epoch_metrics(y_true, y_score, threshold=0.5, labels: Sequence[str] | None =
     or [L]. Keys: ``mean_auroc``, ``auroc_<Label>`` per label, and macro
     ``recall, specificity, f1, ppv, npv`` plus ``hamming`` and ``exact_match``.
     """
-    y, s = _as_2d(y_true, y_score)
+    y, s, known = _as_2d(y_true, y_score)
     names = _names(y.shape[1], labels)
-    auroc = per_label_auroc(y, s)
+    masked = np.where(known, y, np.nan)
+    auroc = per_label_auroc(masked, s)
     out = {"mean_auroc": _nanmean(auroc)}
     out.update({f"auroc_{name}": float(v) for name, v in zip(names, auroc)})
-    tm = threshold_metrics(y, s, threshold)
+    tm = threshold_metrics(masked, s, threshold)
     out["recall"] = tm["macro"]["sensitivity"]
     for name in ("specificity", "f1", "ppv", "npv"):
         out[name] = tm["macro"][name]
@@ -440,25 +459,27 @@ def summary(y_true, y_score, thresholds, labels: Sequence[str] | None = None) ->
     label) pairs (sklearn ``average="micro"``); Hamming loss and exact match are
     whole-matrix numbers, reported on the micro row and in ``df.attrs``.
     """
-    y, s = _as_2d(y_true, y_score)
+    y, s, known = _as_2d(y_true, y_score)
     names = _names(y.shape[1], labels)
-    tm = threshold_metrics(y, s, thresholds)
+    masked = np.where(known, y, np.nan)
+    tm = threshold_metrics(masked, s, thresholds)
     rows = pd.DataFrame(index=pd.Index(names, name="label"))
     rows["n_pos"] = y.sum(axis=0)
-    rows["prevalence"] = y.mean(axis=0)
-    rows["auroc"] = per_label_auroc(y, s)
-    rows["auprc"] = per_label_auprc(y, s)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rows["prevalence"] = y.sum(axis=0) / known.sum(axis=0)  # over the images that know the label
+    rows["auroc"] = per_label_auroc(masked, s)
+    rows["auprc"] = per_label_auprc(masked, s)
     rows["threshold"] = tm["thresholds"]
     for name in RATIO_METRICS:
         rows[name] = tm[name]
     macro = {
         "n_pos": rows["n_pos"].sum(),
-        "prevalence": y.mean(),
+        "prevalence": y.sum() / max(int(known.sum()), 1),
         "auroc": _nanmean(rows["auroc"].to_numpy()),
         "auprc": _nanmean(rows["auprc"].to_numpy()),
         **tm["macro"],
     }
-    flat_y, flat_s = y.reshape(-1, 1), s.reshape(-1, 1)
+    flat_y, flat_s = y[known].reshape(-1, 1), s[known].reshape(-1, 1)  # the known (image, label) pairs
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UndefinedMetricWarning)  # already warned per label
         micro = {
@@ -502,12 +523,14 @@ def paired_delong(y_true, score_1, score_2) -> dict[str, float]:
     """
     from scipy.stats import norm
 
-    y = np.asarray(y_true).astype(bool).ravel()
+    raw = np.asarray(y_true, np.float64).ravel()
     s1, s2 = np.asarray(score_1, np.float64).ravel(), np.asarray(score_2, np.float64).ravel()
-    if not (y.size == s1.size == s2.size):
+    if not (raw.size == s1.size == s2.size):
         raise CxrError(
-            f"paired_delong: {y.size} labels vs {s1.size} and {s2.size} scores — both models must score the same images"
+            f"paired_delong: {raw.size} labels vs {s1.size} and {s2.size} scores — both models must score the same images"
         )
+    keep = ~np.isnan(raw)  # unknown labels: left out
+    y, s1, s2 = raw[keep].astype(bool), s1[keep], s2[keep]
     m, n = int(y.sum()), int((~y).sum())
     nan = float("nan")
     if m == 0 or n == 0:
@@ -593,19 +616,20 @@ def threshold_for_target(y_true, y_score, metric: str, target: float) -> np.ndar
     """
     if metric not in ("sensitivity", "specificity") or not 0 < target <= 1:
         raise CxrError(f"threshold_for_target: {metric}={target} — use sensitivity/specificity and a target in (0, 1]")
-    y, s = _as_2d(y_true, y_score)
+    y, s, known = _as_2d(y_true, y_score)
     names = _names(y.shape[1])
     out, undefined = np.full(y.shape[1], 0.5), []
     for c in range(y.shape[1]):
-        n_pos = int(y[:, c].sum())
-        if n_pos in (0, y.shape[0]):
+        k = known[:, c]
+        n_pos, n = int(y[:, c].sum()), int(k.sum())
+        if n_pos in (0, n):
             undefined.append(names[c])
             continue
-        thr, tps, fps = _binary_curve(y[:, c], s[:, c])
+        thr, tps, fps = _binary_curve(y[k, c], s[k, c])
         if metric == "sensitivity":  # tps grows as t falls: the first index reaching the target
             out[c] = thr[np.argmax(tps / n_pos >= target - 1e-12)]
         else:  # fps grows as t falls: the last index still meeting the target (there may be none)
-            ok = np.flatnonzero(1 - fps / (y.shape[0] - n_pos) >= target - 1e-12)
+            ok = np.flatnonzero(1 - fps / (n - n_pos) >= target - 1e-12)
             out[c] = thr[ok[-1]] if ok.size else np.nextafter(thr[0], np.inf)
     _warn(f"{metric} {target} threshold undefined (0.5 used) for labels without both classes", undefined)
     return out
@@ -639,8 +663,10 @@ def unpaired_delong(y_1, score_1, y_2, score_2) -> dict[str, float]:
     nan = float("nan")
     parts = []
     for y, s in ((y_1, score_1), (y_2, score_2)):
-        y = np.asarray(y).astype(bool).ravel()
-        s = np.asarray(s, dtype=np.float64).ravel()
+        raw = np.asarray(y, dtype=np.float64).ravel()
+        keep = ~np.isnan(raw)  # unknown labels: left out
+        y = raw[keep].astype(bool)
+        s = np.asarray(s, dtype=np.float64).ravel()[keep]
         if y.sum() in (0, y.size):
             return {"auc_1": nan, "auc_2": nan, "delta": nan, "var": nan, "z": nan, "p": nan}
         v10, v01 = _delong_components(s[y], s[~y])

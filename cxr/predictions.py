@@ -7,7 +7,7 @@ evaluator and of the ablation read through it.
 
 predictions.parquet is long: one row per (split, member, key) with one probability column
 per label (the shards' label names: the 14 NIH ones or a generic table's, float64) and the
-ground-truth columns ``true_<Label>`` (0/1, uint8); the ensemble is member ``ensemble``; then, when
+ground-truth columns ``true_<Label>`` (0/1, uint8; float with NaN where the shards do not know a label); the ensemble is member ``ensemble``; then, when
 the split's splits table was at hand, its per-image columns ``meta_<column>`` (``meta_patient``,
 ``meta_age``, ``meta_sex``, ``meta_view``, ``meta_followup`` …: subgroups and patient-level
 resampling, cxr.subgroups).
@@ -51,7 +51,10 @@ def predictions_frame(per_split: dict[str, ScoreSet]) -> pd.DataFrame:
     """The long table of predictions.parquet: one row per (split, member, key)."""
     frames = []
     for split, s in per_split.items():
-        truth = pd.DataFrame(s.y_true.astype(np.uint8), columns=[TRUE_PREFIX + c for c in s.labels])
+        y = np.asarray(s.y_true)
+        # uint8 0/1; float with NaN (= unknown, masked) only when the shards hold unknown labels
+        y = y.astype(np.float32) if y.dtype.kind == "f" and np.isnan(y).any() else y.astype(np.uint8)
+        truth = pd.DataFrame(y, columns=[TRUE_PREFIX + c for c in s.labels])
         if s.meta is not None:  # the subgroup columns (cxr.subgroups), so a re-analysis needs no table
             meta = s.meta.reset_index(drop=True).add_prefix(META_PREFIX)
             truth = pd.concat([truth, meta], axis=1)
@@ -76,8 +79,8 @@ def check_values(
     NaN/inf or a value outside [0, 1] (kind="score") or other than 0/1 (kind="label")."""
     values = np.asarray(values, dtype=np.float64)
     bad = ~np.isfinite(values) | (values < 0) | (values > 1)
-    if kind == "label":
-        bad |= (values != 0) & (values != 1)
+    if kind == "label":  # 0/1, or NaN for an unknown (masked) label
+        bad = ~np.isnan(values) & (values != 0) & (values != 1)
     if not bad.any():
         return
     row, col = (int(i) for i in np.argwhere(bad)[0])
@@ -156,7 +159,8 @@ def read_predictions(path: Path) -> dict[str, ScoreSet]:
                 "label",
                 labels,
             )
-        y_true = first[[TRUE_PREFIX + c for c in labels]].to_numpy(dtype=np.uint8)
+        y_true = first[[TRUE_PREFIX + c for c in labels]].to_numpy(dtype=np.float64)
+        y_true = y_true.astype(np.float32) if np.isnan(y_true).any() else y_true.astype(np.uint8)  # NaN: unknown
         meta_columns = [c for c in part.columns if str(c).startswith(META_PREFIX) and first[c].notna().any()]
         meta = (
             first[meta_columns].rename(columns=lambda c: c[len(META_PREFIX) :]).reset_index(drop=True)

@@ -61,7 +61,8 @@ _PROPORTIONS = {
 
 @dataclass
 class ScoreSet:
-    """Scores of one split: keys [N], truth y_true [N, L] 0/1, scores {member: [N, L] probabilities}."""
+    """Scores of one split: keys [N], truth y_true [N, L] 0/1 (float NaN where a label is unknown:
+    every analysis uses, per label, the images that know it), scores {member: [N, L] probabilities}."""
 
     keys: np.ndarray
     y_true: np.ndarray
@@ -162,7 +163,10 @@ def auc_table(
             boots.append(notes.run(bootstrap_auroc, y, scores.scores[m], alpha=alpha, counts=counts))
         else:
             boots.append(_point_only(notes.run(per_label_auroc, y, scores.scores[m])))
-    prevalence, n_pos = y.mean(axis=0), y.sum(axis=0)
+    known = ~np.isnan(np.asarray(y, dtype=np.float64))
+    n_pos, n_known = np.nansum(y, axis=0).astype(np.int64), known.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        prevalence = n_pos / n_known  # over the images that know the label
     rows = []
     for member, boot in zip(names, boots):
         auprc = notes.run(per_label_auprc, y, scores.scores[member])
@@ -178,7 +182,7 @@ def auc_table(
                     auprc[c],
                     prevalence[c],
                     int(n_pos[c]),
-                    scores.n,
+                    int(n_known[c]),
                     int(valid[c]),
                     n_boot,
                     bool(n_pos[c] < FEW_POSITIVES),
@@ -192,7 +196,7 @@ def auc_table(
                 boot["mean_ci_low"],
                 boot["mean_ci_high"],
                 _nanmean(auprc),
-                float(prevalence.mean()),
+                _nanmean(prevalence),
                 int(n_pos.sum()),
                 scores.n,
                 int(boot.get("n_valid", 0)),
@@ -359,14 +363,15 @@ def _with_intervals(
     table["f1_low"] = table["f1_high"] = np.nan
     if resamples is None or focus not in scores.scores:
         return table
-    y = scores.y_true.astype(bool)
+    known = ~np.isnan(np.asarray(scores.y_true, dtype=np.float64))
+    y = np.asarray(scores.y_true, dtype=np.float64) == 1
     q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
     sets = {"0.5": np.full(len(scores.labels), 0.5), **((tuned or {}).get(focus) or {})}
     where = {key: i for i, key in enumerate(zip(table["member"], table["thresholds"], table["label"]))}
     interval = np.full((len(table), 2), np.nan)
     for set_name, thr in sets.items():
         pred = scores.scores[focus] >= thr
-        sums = resamples.sums(np.column_stack([pred & y, pred & ~y, ~pred & y]))  # [B, 3L]: tp, fp, fn
+        sums = resamples.sums(np.column_stack([pred & y, pred & ~y & known, ~pred & y]))  # [B, 3L]: tp, fp, fn
         L = len(scores.labels)
         tp, fp, fn = sums[:, :L], sums[:, L : 2 * L], sums[:, 2 * L :]
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -447,17 +452,24 @@ def _calibration_samples(y: np.ndarray, p: np.ndarray, resamples: Any) -> dict[s
     from cxr import calibration as cal
 
     n, L = y.shape
-    total = resamples.sums(np.ones(n))  # [B, 1] images drawn per resample
+    known = ~np.isnan(y)  # unknown labels: weight 0, and each label's total counts its known images
+    total = resamples.sums(known.astype(np.float64))  # [B, L] known images drawn per resample
     gaps = np.empty((total.shape[0], L, 2))
     # one label × binning at a time: [n, N_BINS] of scratch, not all 2·L·N_BINS columns at once
     # (~2.4 kB an image in float64, 1 GB at NIH size — bench/scale.py)
     for c in range(L):
-        for k, strategy in enumerate(("width", "mass")):
-            idx = cal.bin_index(p[:, c], cal.bin_edges(p[:, c], cal.N_BINS, strategy), strategy)
+        k = known[:, c]
+        for s, strategy in enumerate(("width", "mass")):
             block = np.zeros((n, cal.N_BINS))
-            block[np.arange(n), idx] = y[:, c] - p[:, c]
-            gaps[:, c, k] = np.abs(resamples.sums(block)).sum(axis=1) / total[:, 0]
-    return {"ece_width": gaps[:, :, 0], "ece_mass": gaps[:, :, 1], "brier": resamples.sums((p - y) ** 2) / total}
+            if k.any():
+                idx = cal.bin_index(p[k, c], cal.bin_edges(p[k, c], cal.N_BINS, strategy), strategy)
+                block[np.flatnonzero(k), idx] = y[k, c] - p[k, c]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                gaps[:, c, s] = np.abs(resamples.sums(block)).sum(axis=1) / total[:, c]
+    squared = np.where(known, (p - np.nan_to_num(y)) ** 2, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        brier = resamples.sums(squared) / total
+    return {"ece_width": gaps[:, :, 0], "ece_mass": gaps[:, :, 1], "brier": brier}
 
 
 def calibration_table(
@@ -681,13 +693,15 @@ def _thin(x: np.ndarray, y: np.ndarray, limit: int = 1000) -> tuple[np.ndarray, 
     return x[keep], y[keep]
 
 
-def _panel_grid(title: str):
+def _panel_grid(title: str, panels: int = 16):
+    """A square grid of at least ``panels`` panels (4 × 4 for the 14 NIH labels + legend)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(4, 4, figsize=(15, 15), dpi=100)
+    side = max(4, math.ceil(math.sqrt(panels)))
+    fig, axes = plt.subplots(side, side, figsize=(15 * side / 4, 15 * side / 4), dpi=100)
     fig.suptitle(title, fontsize=15)
     return plt, fig, axes.ravel()
 
@@ -712,13 +726,14 @@ def plot_curves(
     """Write roc.png (kind="roc") or pr.png (kind="pr"): 14 panels, members + ensemble,
     the ensemble's operating points (0.5, F1- and Youden-tuned thresholds) marked."""
     title = {"roc": "ROC", "pr": "Precision–recall"}[kind]
-    plt, fig, axes = _panel_grid(f"{title} curves — split '{split}', {scores.n} images")
+    plt, fig, axes = _panel_grid(f"{title} curves — split '{split}', {scores.n} images", len(scores.labels) + 1)
     styles = _member_styles(list(scores.scores))
     metric = "auroc" if kind == "roc" else "auprc"
     lookup = aucs.set_index(["member", "label"])[metric]
     focus = ENSEMBLE if ENSEMBLE in scores.scores else list(scores.scores)[-1]
     for c, (ax, label) in enumerate(zip(axes, scores.labels)):
-        y = scores.y_true[:, c].astype(bool)
+        rows = ~np.isnan(np.asarray(scores.y_true[:, c], dtype=np.float64))  # the images that know the label
+        y = scores.y_true[rows, c].astype(bool)
         ax.set_title(f"{label}  ({metric.upper()} {lookup.get((focus, label), math.nan):.3f})", fontsize=10)
         ax.set_xlim(-0.02, 1.02), ax.set_ylim(-0.02, 1.03)  # room for markers on the edges
         ax.set_xlabel("1 − specificity" if kind == "roc" else "recall", fontsize=8)
@@ -732,12 +747,12 @@ def plot_curves(
         else:
             ax.axhline(y.mean(), color="0.7", lw=0.8, ls="--")
         for member in styles:
-            tp, fp = _cumulative_counts(y, scores.scores[member][:, c])
+            tp, fp = _cumulative_counts(y, scores.scores[member][rows, c])
             if kind == "roc":
                 ax.plot(*_thin(fp / fp[-1], tp / tp[-1]), **styles[member])
             else:
                 ax.plot(*_thin(tp[1:] / tp[-1], tp[1:] / (tp[1:] + fp[1:])), drawstyle="steps-pre", **styles[member])
-        points = _operating_points(y, scores.scores[focus][:, c], tuned.get(focus, {}), c)
+        points = _operating_points(y, scores.scores[focus][rows, c], tuned.get(focus, {}), c)
         for name, (fpr, tpr, ppv) in points.items():
             marker, text = _MARKERS[name]
             xy = (fpr, tpr) if kind == "roc" else (tpr, ppv)
@@ -759,20 +774,22 @@ def plot_reliability(
 
     focus = focus_member(scores)
     plt, fig, axes = _panel_grid(
-        f"Reliability ({N_BINS} equal-width bins) — `{focus}` on split '{split}', {scores.n} images"
+        f"Reliability ({N_BINS} equal-width bins) — `{focus}` on split '{split}', {scores.n} images",
+        len(scores.labels) + 1,
     )
     series = {"raw": (scores.scores[focus], "0.45", "o")}
     if calibrated is not None:
         series["calibrated"] = (calibrated, "tab:blue", "s")
     for c, (ax, label) in enumerate(zip(axes, scores.labels)):
-        y = scores.y_true[:, c]
+        rows = ~np.isnan(np.asarray(scores.y_true[:, c], dtype=np.float64))  # the images that know the label
+        y = scores.y_true[rows, c]
         ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
         counts = ax.twinx()
         counts.set_yscale("log")
         counts.tick_params(labelsize=6, colors="0.5")
         width = 1.0 / N_BINS
         for i, (name, (probs, color, marker)) in enumerate(series.items()):
-            b = reliability_bins(y, probs[:, c], N_BINS, "width")
+            b = reliability_bins(y, probs[rows, c], N_BINS, "width")
             full = b["count"] > 0
             ax.plot(b["mean_p"][full], b["freq"][full], marker=marker, ms=4, color=color, lw=1.2, label=name)
             left = b["edges"][:-1] + i * width / 2
@@ -1246,6 +1263,7 @@ def report_markdown(
         "",
         "Per-label values for every member are in `metrics.csv`; thresholds in `thresholds.json`.",
         "",
+        *context.get("sections", []),  # sections of other modules (cxr.cross_site's external validation)
         *_operating_section(analysis, focus, split, level),
         *_calibration_section(analysis, focus, split, level),
         *_subgroup_section(analysis, focus, split, level),

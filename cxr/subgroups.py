@@ -137,8 +137,8 @@ def subgroup_table(
     from cxr.metrics import bootstrap_auroc, holm, per_label_auroc, unpaired_delong, wilson_interval
 
     q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
-    y = np.asarray(y).astype(bool)
-    sick = y.any(axis=1)
+    y = np.asarray(y, dtype=np.float64)  # NaN: unknown label, left out of each label's AUROC
+    sick = (y == 1).any(axis=1)  # a known positive
     called_healthy = ~(s >= threshold).any(axis=1)
     missed = sick & called_healthy
     rows: list[dict[str, Any]] = []
@@ -177,7 +177,7 @@ def subgroup_table(
             comparisons[g] = (p, holm(p))
         for gi, g in enumerate(names):
             m = masks[g]
-            n_pos = y[m].sum(axis=0)
+            n_pos = (y[m] == 1).sum(axis=0)
             b = boot[g]
             patients = int(pd.unique(meta.loc[m, "patient"]).size) if "patient" in meta else None
             for c, label in enumerate(labels):

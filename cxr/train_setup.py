@@ -17,7 +17,7 @@ from cxr.config import Config
 from cxr.data import load_shards_manifest
 from cxr.data.shard_index import CorruptSample, SampleReader, SplitIndex, first_corrupt
 from cxrbase.errors import CxrError
-from cxrbase.labels import LABELS
+from cxrbase.labels import LABELS, UNKNOWN
 from shards.manifest import load_manifest
 
 log = logging.getLogger("cxr.train")
@@ -57,6 +57,13 @@ def train_prevalence(cfg: Config) -> np.ndarray | None:
     missing = [name for name in names if name not in prevalence]
     if missing:
         raise CxrError(f"{folder}/manifest.json: splits.train.prevalence lacks {missing[:3]} — re-pack the shards")
+    unknown = [name for name in names if prevalence[name] is None]
+    if unknown:
+        raise CxrError(
+            f"{folder}/manifest.json: no train image knows label(s) {unknown[:3]} (all unknown), so "
+            "weighted_bce has no prevalence for them — use loss.name=bce or dynamic_weighted_bce, or pack "
+            "train images that have those labels"
+        )
     return np.array([prevalence[name] for name in names], dtype=np.float64)
 
 
@@ -178,10 +185,11 @@ def check_val_split(cfg: Config, loader_fn: Callable, rank: int, world: int) -> 
         warn_small_or_skewed(cfg)
 
 
-def manifest_label_counts(index: SplitIndex, split: str) -> tuple[np.ndarray, int] | None:
-    """([num_labels] positives, samples) of a whole split from its manifest's statistics (pack's
-    shards.records.split_summary), without reading a sample; None when the manifest lacks them or
-    they do not describe the indexed samples (then label_counts reads them)."""
+def manifest_label_counts(index: SplitIndex, split: str) -> tuple[np.ndarray, np.ndarray | int] | None:
+    """([num_labels] positives, [num_labels] known samples or one count for all) of a whole split from
+    its manifest's statistics (pack's shards.records.split_summary), without reading a sample; None
+    when the manifest lacks them or they do not describe the indexed samples (then label_counts
+    reads them). Manifests from before masked labels have no ``known``: every label is known."""
     try:
         manifest = load_manifest(index.shards_dir)
     except CxrError:
@@ -190,28 +198,35 @@ def manifest_label_counts(index: SplitIndex, split: str) -> tuple[np.ndarray, in
     names, positives = manifest.get("labels") or [], stats.get("positives") or {}
     if len(names) != index.num_labels or stats.get("samples") != len(index) or any(n not in positives for n in names):
         return None
+    known = stats.get("known")
+    if isinstance(known, dict) and all(n in known for n in names):
+        return np.array([positives[n] for n in names], np.int64), np.array([known[n] for n in names], np.int64)
     return np.array([positives[n] for n in names], np.int64), len(index)
 
 
-def label_counts(index: SplitIndex, rank: int, world: int) -> tuple[np.ndarray, int]:
-    """([num_labels] positives, samples) of this rank's share of a split, from the .labels bytes,
-    read with the loaders' integrity checks (CorruptSample on the first bad sample)."""
-    reader, total, n = SampleReader(index), np.zeros(index.num_labels, np.int64), 0
+def label_counts(index: SplitIndex, rank: int, world: int) -> tuple[np.ndarray, np.ndarray]:
+    """([num_labels] positives, [num_labels] known samples) of this rank's share of a split, from the
+    .labels bytes read with the loaders' integrity checks (CorruptSample on the first bad sample);
+    an unknown entry (byte 255) counts in neither."""
+    reader = SampleReader(index)
+    total, known = np.zeros(index.num_labels, np.int64), np.zeros(index.num_labels, np.int64)
     try:
         for i in range(rank, len(index), world):
             _, labels, _ = reader.read(i)
-            total += labels.astype(np.int64)
-            n += 1
+            total += labels == 1
+            known += labels != UNKNOWN
     finally:
         reader.close()
-    return total, n
+    return total, known
 
 
-def check_auroc_defined(cfg: Config, positives: np.ndarray, samples: int) -> None:
+def check_auroc_defined(cfg: Config, positives: np.ndarray, known: np.ndarray | int) -> None:
     """val_mean_auroc is the mean AUROC over the labels with both classes in the val split: with no
     such label it is NaN every epoch, no epoch is ever "best", and the run would end with no best
-    checkpoint. Refused before epoch 1 when it is train.best_metric."""
-    if np.any((positives > 0) & (positives < samples)):
+    checkpoint. Refused before epoch 1 when it is train.best_metric. ``known``: per label the
+    samples that know it (or one count for all)."""
+    samples = int(np.max(known)) if np.size(known) else 0
+    if np.any((positives > 0) & (positives < known)):
         return
     raise CxrError(
         f"{cfg.data.shards}: split 'val' ({samples} samples) has no label with both positive and "

@@ -28,7 +28,8 @@ _INDEX = {name: i for i, name in enumerate(LABELS)}
 # masked entry, and the loaders give NaN there. Losses and metrics skip masked entries.
 UNKNOWN = 255
 UNCERTAIN = -1
-UNCERTAIN_POLICIES: tuple[str, ...] = ("ignore", "zeros", "ones")  # -1 → masked / 0 / 1 (CheXpert paper's U-Ignore, U-Zeros, U-Ones)
+# pack --uncertain: -1 → masked / 0 / 1 (the CheXpert paper's U-Ignore, U-Zeros, U-Ones)
+UNCERTAIN_POLICIES: tuple[str, ...] = ("ignore", "zeros", "ones")
 
 # The non-label columns of a splits table; every other column of a generic table is a label.
 TABLE_FIELDS: tuple[str, ...] = ("image", "patient", "split", "age", "sex", "view")

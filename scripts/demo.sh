@@ -8,6 +8,7 @@
 #   phantoms    synthesize phantoms (with their lesion boxes) → patient split → pack → verify
 #   nih         the 130 real NIH images of $CXR_NIH/sample → patient split → pack (+ 64 px copies)
 #   ensemble    two members (2 processes each; different seed, lr, augmentation) → ensemble report
+#   external    a second phantom site (its own name for Effusion, no Hernia) → external-validation table
 #   resolution  fine-detail phantoms at 3 resolutions → cxr.ablation report (table, plot, paired tests)
 #   explain     Grad-CAM overlays of the test phantoms with lesions + the pointing game on them
 #   gate        OOD autoencoder on the real X-rays → threshold on val
@@ -34,6 +35,7 @@ SWEEP_RES=${DEMO_SWEEP_RES:-"32 64 128"} # its resolutions
 SWEEP_EPOCHS=${DEMO_SWEEP_EPOCHS:-6}
 GATE_EPOCHS=${DEMO_GATE_EPOCHS:-20}      # OOD autoencoder epochs (64 px, 78 real images; a narrow code)
 BOOTSTRAP=${DEMO_BOOTSTRAP:-1000}        # bootstrap resamples of every CI
+SITE_N=${DEMO_SITE_N:-120}               # phantoms of the second site (external validation)
 OUTLIERS=${DEMO_OUTLIERS:-20}            # images per category of the OOD verdicts
 WEB_IMAGES=${DEMO_WEB_IMAGES:-2}         # real X-rays opened in the browser page (+ one texture)
 ONLY=${DEMO_STAGES:-}                    # run only these stages (space-separated names); default all
@@ -42,7 +44,7 @@ start=$(date +%s)
 mkdir -p "$DEMO"
 # every run starts clean (training would resume finished runs, the index would link stale outputs);
 # only the tour's own outputs are removed, whatever DEMO points at
-for old in synth shards sample shards-sample runs report resolution explain ood package site predict web index.html; do
+for old in synth shards sample shards-sample runs report external resolution explain ood package site predict web index.html; do
   rm -rf "${DEMO:?}/$old"
 done
 STAGES="$DEMO/stages.tsv"
@@ -126,6 +128,21 @@ ensemble() {
     --shards "$DEMO/shards" --split test --thresholds-from val --bootstrap "$BOOTSTRAP" --num-threads 0 --out "$DEMO/report"
 }
 
+external() {
+  need ensemble
+  local root="$DEMO/external"
+  step "a second phantom site: $SITE_N other phantoms whose labels call Effusion 'Pleural Effusion' and lack Hernia"
+  "$PY" -m shards synth --out "$root/synth" --n "$SITE_N" --resolution 128 --seed 11 --workers 2
+  "$PY" scripts/demo_tour.py site --entry "$root/synth/Data_Entry_2017.csv" --out "$root"
+  "$PY" -m shards split --metadata "$root/labels.csv" --scheme random --fractions 0.1,0.1,0.8 --seed 0 \
+    --out "$root/splits.csv"
+  "$PY" -m shards pack --splits "$root/splits.csv" --images "$root/synth/images" --out "$root/shards" --workers 2
+  step "external validation: the ensemble on the site's test split, beside its internal test AUROCs"
+  "$PY" -m cxr.evaluate --runs "$DEMO/runs/member1" "$DEMO/runs/member2" --shards "$root/shards" --split test \
+    --thresholds-from none --bootstrap "$BOOTSTRAP" --num-threads 0 --no-figures --compare-to "$DEMO/report" \
+    --out "$root/report"
+}
+
 resolution() {
   local root="$DEMO/resolution"
   step "synthesize $SWEEP_N phantoms whose Nodule is tiny dots (~2 px at 128 px): only high resolution sees them"
@@ -204,6 +221,7 @@ web() {
 stage phantoms phantoms
 stage nih nih
 stage ensemble ensemble
+stage external external
 stage resolution resolution
 stage explain explain
 stage gate gate

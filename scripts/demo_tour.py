@@ -3,6 +3,7 @@
     python scripts/demo_tour.py outliers --splits SPLITS --images DIR --out DIR --n N
     python scripts/demo_tour.py verdicts --package PKG --images DIR --out DIR
     python scripts/demo_tour.py dicoms   --images FILE... --out DIR
+    python scripts/demo_tour.py site     --entry SYNTH/Data_Entry_2017.csv --out DIR
     python scripts/demo_tour.py web      --site SITE --images FILE... --out DIR
     python scripts/demo_tour.py index    --demo DEMO [--total-s S]
 
@@ -246,6 +247,36 @@ def cmd_web(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ a second site ---
+# A second phantom "site" as another hospital's data set would write its labels: its own name for
+# one finding, and one finding it does not record at all. Mapping its names onto the model's is
+# the harmonisation step: a label the site lacks becomes an empty column (unknown, never negative).
+SITE_NAMES = {"Effusion": "Pleural Effusion"}  # canonical name → the site's own name
+SITE_MISSING = ("Hernia",)  # findings the site does not record
+
+
+def cmd_site(args) -> int:
+    entry = pd.read_csv(args.entry)
+    findings = entry["Finding Labels"].str.split("|")
+    own = pd.DataFrame({"image": entry["Image Index"]})
+    for label in LABELS:
+        if label not in SITE_MISSING:
+            own[SITE_NAMES.get(label, label)] = findings.map(lambda names, label=label: int(label in names))
+    own["patient"] = entry["Patient ID"]
+    out = Path(args.out)
+    _write_csv(out / "site_labels.csv", own)  # the site's own naming
+    mapped = own.rename(columns={v: k for k, v in SITE_NAMES.items()})
+    for label in SITE_MISSING:
+        mapped.insert(len(mapped.columns) - 1, label, "")  # unknown for every image
+    _write_csv(out / "labels.csv", mapped)  # mapped onto the canonical names: what split/pack read
+    renamed = ", ".join(f"{theirs} → {ours}" for ours, theirs in SITE_NAMES.items())
+    print(
+        f"site: {len(own)} images; label mapping {renamed}; not recorded by the site (unknown): "
+        f"{', '.join(SITE_MISSING)} → {out / 'labels.csv'}"
+    )
+    return 0
+
+
 # ------------------------------------------------------------------ index ---
 # (stage, path relative to DEMO, what it shows)
 OUTPUTS = [
@@ -260,6 +291,13 @@ OUTPUTS = [
         "the ensemble report: per-label test AUROC of each member and of the ensemble, with bootstrap CIs",
     ),
     ("ensemble", "report/aucs.csv", "the same AUROCs as a table"),
+    ("external", "external/site_labels.csv", "the second site's labels as it names them (Pleural Effusion, no Hernia)"),
+    (
+        "external",
+        "external/report/report.md",
+        "external validation: the ensemble on the second site, internal and external AUROC side by side",
+    ),
+    ("external", "external/report/cross_site.csv", "the same comparison as a table, with the dropped labels"),
     ("ensemble", "report/roc.png", "ROC curves of the ensemble per label"),
     ("ensemble", "report/thresholds.json", "per-label thresholds tuned on validation (exported with the model)"),
     ("ensemble", "runs/member1/metrics.csv", "member 1's per-epoch training log (2 processes, gloo)"),
@@ -346,6 +384,7 @@ TITLES = {
     "phantoms": "Phantom data: synthesize, split by patient, pack, verify",
     "nih": "The real NIH sample: split and pack",
     "ensemble": "Ensemble: two members trained with 2 processes each, evaluated together",
+    "external": "External validation: the ensemble on a second site with other label names",
     "resolution": "Resolution study on fine-detail phantoms",
     "explain": "Explanations: Grad-CAM overlays and the pointing game",
     "gate": "OOD gate: an autoencoder trained on real X-rays, threshold on validation",
@@ -374,6 +413,17 @@ def _headline(demo: Path, name: str) -> str | None:
                 "Mean test AUROC over the labels: "
                 + ", ".join(f"{m} {v:.3f}" for m, v in mean.items())
                 + " (phantoms: the signatures are learnable by design)."
+            )
+        if name == "external":
+            t = pd.read_csv(demo / "external" / "report" / "cross_site.csv", keep_default_na=False, na_values=[""])
+            kept, gone = t[t["dropped"].isna() & (t["label"] != "mean")], t[t["dropped"].notna()]
+            mean = t[t["label"] == "mean"].iloc[0]
+            return (
+                f"Ensemble on the second site's test images, {len(kept)} shared labels: mean AUROC "
+                f"{mean['external_auroc']:.3f} external vs {mean['internal_auroc']:.3f} internal "
+                f"(Δ {mean['delta']:+.3f}, paired by label); dropped: "
+                + ("; ".join(f"{r.label} ({r.dropped})" for r in gone.itertuples()) or "none")
+                + "."
             )
         if name == "resolution":
             t = pd.read_csv(demo / "resolution" / "report" / "ablation.csv", dtype={"variant": str})
@@ -502,6 +552,9 @@ def main(argv=None) -> int:
     d = sub.add_parser("dicoms", help="real X-ray PNGs → DICOM files as a modality writes them (+ a report)")
     d.add_argument("--images", nargs="+", required=True)
     d.add_argument("--out", required=True)
+    st = sub.add_parser("site", help="a second phantom site's label CSV: its own names, then mapped (labels.csv)")
+    st.add_argument("--entry", required=True, help="the site's phantoms' Data_Entry_2017.csv (shards synth)")
+    st.add_argument("--out", required=True)
     i = sub.add_parser("index", help="write DEMO/index.html from DEMO/stages.tsv")
     i.add_argument("--demo", required=True)
     i.add_argument("--total-s", type=int, default=None)
@@ -511,6 +564,7 @@ def main(argv=None) -> int:
         "verdicts": cmd_verdicts,
         "web": cmd_web,
         "dicoms": cmd_dicoms,
+        "site": cmd_site,
         "index": cmd_index,
     }[args.cmd](args)
 

@@ -27,7 +27,7 @@ from PIL import Image
 pytestmark = pytest.mark.integration  # shards, training or subprocesses (CONTRIBUTING.md)
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["phantoms", "nih", "ensemble", "resolution", "explain", "gate", "export", "ood", "predict", "web"]
+STAGES = ["phantoms", "nih", "ensemble", "external", "resolution", "explain", "gate", "export", "ood", "predict", "web"]
 SMALL = {
     "DEMO_N": "160",
     "DEMO_EPOCHS": "1",
@@ -85,12 +85,37 @@ def test_demo_every_stage(demo):
     assert _ran(demo, "phantoms") and _ran(demo, "ensemble") and _ran(demo, "resolution") and _ran(demo, "explain")
 
     _check_ensemble(d)
+    _check_external(d)
     _check_resolution(d)
     _check_explain(d)
     _check_ood(d, demo["nih"])
     _check_predict(d)
     _check_web(demo)
     _check_index(demo)
+
+
+def _check_external(d: Path):
+    """The second site: AUROCs on its test split equal sklearn's against the labels as the site wrote
+    them (Pleural Effusion read as Effusion); Hernia, which the site lacks (unknown), is dropped and named; the
+    internal column is the ensemble report's own test AUROC."""
+    from sklearn.metrics import roc_auc_score
+
+    own = pd.read_csv(d / "external" / "site_labels.csv")
+    assert "Pleural Effusion" in own and "Effusion" not in own and "Hernia" not in own
+    truth = own.assign(key=own["image"].str.removesuffix(".png")).set_index("key")
+    preds = pd.read_parquet(d / "external" / "report" / "predictions.parquet")
+    test = preds[(preds["split"] == "test") & (preds["member"] == "ensemble")]
+    table = pd.read_csv(d / "external" / "report" / "cross_site.csv", keep_default_na=False, na_values=[""])
+    table = table.set_index("label")
+    assert table.loc["Hernia", "dropped"] == "all-unknown"  # the site does not record it: an empty column
+    internal = pd.read_csv(d / "report" / "aucs.csv").query("member == 'ensemble'").set_index("label")
+    kept = [x for x in table.index if x != "mean" and pd.isna(table.loc[x, "dropped"])]
+    assert "Effusion" in kept or table.loc["Effusion", "dropped"] == "single class"
+    for label in kept:
+        y = truth.loc[test["key"], {"Effusion": "Pleural Effusion"}.get(label, label)].to_numpy()
+        assert table.loc[label, "external_auroc"] == pytest.approx(roc_auc_score(y, test[label]), abs=1e-6)
+        assert table.loc[label, "internal_auroc"] == pytest.approx(internal.loc[label, "auroc"], abs=1e-6)
+    assert "## External validation" in (d / "external" / "report" / "report.md").read_text()
 
 
 def _check_ensemble(d: Path):

@@ -68,7 +68,7 @@ def test_val_split_read_once_counts_from_manifest(shards, monkeypatch):
     positives, samples = _val_reference(shards)
     reads, seen = _run_check(_config(shards), monkeypatch)
     assert len(reads) == samples and set(reads.values()) == {1}  # each val sample read exactly once
-    assert len(seen) == 1 and seen[0][1] == samples
+    assert len(seen) == 1 and np.all(np.asarray(seen[0][1]) == samples)
     np.testing.assert_array_equal(seen[0][0], positives)
 
 
@@ -83,7 +83,7 @@ def test_manifest_without_counts_uses_the_one_pass(shards, tmp_path, monkeypatch
     positives, samples = _val_reference(shards)
     reads, seen = _run_check(_config(copy), monkeypatch)
     assert len(reads) == samples and set(reads.values()) == {1}
-    assert len(seen) == 1 and seen[0][1] == samples
+    assert len(seen) == 1 and np.all(np.asarray(seen[0][1]) == samples)
     np.testing.assert_array_equal(seen[0][0], positives)
 
 

@@ -2,7 +2,8 @@
 
 A batch is a dict:
   image  float32 [B, 1, R, R]  normalized ((x/255 − mean) / std; augmented in training)
-  labels float32 [B, 14]       canonical order (cxrbase.labels.LABELS)
+  labels float32 [B, L]        1/0, NaN where unknown (`.labels` byte 255, masked: losses and
+                               metrics skip it); the manifest's label order (NIH: cxrbase.labels.LABELS)
   meta   float32 [B, 5]        z-scored age (manifest train stats; unknown age → 0),
                                sex_M, sex_F, view_PA, view_AP
   key    list[str]             NIH image ids
@@ -30,6 +31,7 @@ from cxr.data.shard_index import (
     load_shards_manifest,
     meta_stats,
 )
+from cxrbase.labels import UNKNOWN
 
 log = logging.getLogger("cxr.data")
 
@@ -48,6 +50,15 @@ def build_loader(
     `skip_batches=k` yields exactly batches k.. of the same epoch (mid-epoch resume).
     """
     return Loader(cfg, split, rank, world_size, epoch, skip_batches, split == "train" if train is None else train)
+
+
+def unmask(labels) -> np.ndarray:
+    """``.labels`` bytes [B, L] (uint8, 255 = unknown) → float32 with NaN for unknown; both back
+    ends' batches pass through here, so the mask reaches every loss and metric the same way."""
+    raw = np.asarray(labels)
+    out = raw.astype(np.float32)
+    out[raw == UNKNOWN] = np.nan
+    return out
 
 
 class Loader:
@@ -97,7 +108,7 @@ class Loader:
         start = time.perf_counter()
         # labels and meta arrive with each image, from the read that checked all three
         for images, ids, labels, meta in self._backend.iterate(self.plan.batches, self._on_corrupt):
-            labels = np.asarray(labels, np.float32)
+            labels = unmask(labels)
             meta = self._meta(np.asarray(meta))
             self._samples += len(ids)
             yield {

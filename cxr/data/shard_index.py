@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from cxrbase.errors import CxrError
-from cxrbase.labels import LABELS, META_FIELDS, NUM_LABELS
+from cxrbase.labels import LABELS, META_FIELDS, NUM_LABELS, UNKNOWN
 from shards import remote
 from shards.dali_index import Sample, header_mismatch, index_mismatch, read_index, scan_tar
 from shards.image_codec import CODEC_EXT, ljpeg_problem, png_problem
@@ -270,7 +270,7 @@ def check_label_order(index: SplitIndex, names: list[str], manifest: Path) -> No
             read.append((bits, findings))
             if bad is None and named_positives(names, bits) != findings:
                 bad = (i, named_positives(names, bits), findings)
-            seen.update(p for p, y in enumerate(bits) if y)
+            seen.update(p for p, y in enumerate(bits) if y == 1)
             if bad is None and len(seen) == len(names):
                 break
     finally:
@@ -298,7 +298,9 @@ def _packed_order(names: list[str], read: list[tuple[bytes, list]]) -> list[str]
     candidates = [set(names) for _ in names]
     for bits, findings in read:
         for p, y in enumerate(bits):
-            candidates[p] = candidates[p] & set(findings) if y else candidates[p] - set(findings)
+            if y == UNKNOWN:  # a masked label says nothing about the name at p
+                continue
+            candidates[p] = candidates[p] & set(findings) if y == 1 else candidates[p] - set(findings)
     for _ in names:  # a name fixed at one position is no candidate elsewhere
         fixed = {next(iter(c)) for c in candidates if len(c) == 1}
         candidates = [c if len(c) == 1 else c - fixed for c in candidates]
@@ -436,8 +438,8 @@ class SampleReader:
             )
         elif problem is None and check_image:
             problem = image_problem(image, self.index.codec)
-        if problem is None and (len(labels) != self.index.num_labels or max(labels, default=0) > 1):
-            problem = f".labels is not {self.index.num_labels} bytes of 0/1"
+        if problem is None and (len(labels) != self.index.num_labels or any(y > 1 and y != UNKNOWN for y in labels)):
+            problem = f".labels is not {self.index.num_labels} bytes of 0/1/{UNKNOWN} (unknown)"
         if problem is None and len(meta) != META_BYTES:
             problem = f".meta is not {META_BYTES} bytes"
         if problem:
