@@ -295,6 +295,8 @@ def calibration_document(maps: dict[str, dict[str, Any]], member: str, split: st
         "n_images": n,
         "maps": {"none": "p", "temperature": "sigmoid(logit(p) / temperature)", "platt": "sigmoid(a * logit(p) + b)"},
         "logit": f"log(p / (1 - p)), p clipped to [{EPS:g}, 1 - {EPS:g}]",
+        "clip": EPS,
+        "fitted_by": "python -m cxr.evaluate (maximum likelihood on the fitting split's labels)",
         "choice": "per label, lowest 5-fold cross-validated log-loss on the fitting split",
         "labels": maps,
     }
@@ -325,3 +327,47 @@ def read_calibration(path: str | Path) -> dict[str, Any]:
             "re-run python -m cxr.evaluate"
         )
     return doc
+
+
+# ------------------------------------------------------- deployment (export, page, cxr-predict) ---
+
+
+def beside(thresholds: str | Path | None) -> Path | None:
+    """The calibration.json the evaluator wrote next to ``thresholds`` (its report folder), if any:
+    what cxr.export and cxr-predict use by default with ``--thresholds``."""
+    if thresholds is None:
+        return None
+    path = Path(thresholds).parent / CALIBRATION_FILE
+    return path if path.is_file() else None
+
+
+def calibration_for(path: str | Path, member: str | None, labels: Sequence[str]) -> dict[str, Any]:
+    """read_calibration(path), checked to be the maps of score set ``member`` (``ensemble`` or the
+    one run's name, as thresholds.json's key; None: any) with an entry for every one of ``labels``."""
+    doc = read_calibration(path)
+    if member is not None and doc.get("member") != member:
+        raise CxrError(
+            f"{path}: maps fitted for score set {doc.get('member')!r}, not {member!r} — pass the calibration.json "
+            "of these runs' report (python -m cxr.evaluate --runs … --thresholds-from val)"
+        )
+    missing = [label for label in labels if label not in doc["labels"]]
+    if missing:
+        raise CxrError(f"{path}: no map for {missing[:3]} — pass the calibration.json of these runs' report")
+    return doc
+
+
+def calibrated(p, doc: dict[str, Any], labels: Sequence[str]) -> np.ndarray:
+    """Probabilities [n, L] through each label's chosen map of a calibration.json document."""
+    return apply_calibration(np.atleast_2d(np.asarray(p, dtype=np.float64)), doc["labels"], labels)
+
+
+def describe(doc: dict[str, Any]) -> str:
+    """One line: which maps, fitted on which split, for which score set (legend, summaries, metadata)."""
+    counts: dict[str, int] = {}
+    for entry in doc["labels"].values():
+        counts[entry["method"]] = counts.get(entry["method"], 0) + 1
+    used = ", ".join(f"{m} {counts[m]}" for m in METHODS if m in counts)
+    return (
+        f"calibrated by the evaluator's maps ({used} of {len(doc['labels'])} labels) fitted on "
+        f"'{doc.get('fitted_on') or '?'}' ({doc.get('n_images', '?')} images) for score set '{doc.get('member')}'"
+    )
