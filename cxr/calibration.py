@@ -302,10 +302,22 @@ def calibration_document(maps: dict[str, dict[str, Any]], member: str, split: st
     }
 
 
+def _strict(value: Any) -> Any:
+    """NaN/±inf → None, recursively: the file is read by browsers (JSON.parse has no NaN)."""
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
 def write_calibration(out: Path, document: dict[str, Any]) -> Path:
-    """OUT/calibration.json, atomically."""
+    """OUT/calibration.json, atomically, as strict JSON (an undefined number, e.g. the cross-validated
+    log-loss of a label with one class only, is written as null)."""
     path = Path(out) / CALIBRATION_FILE
-    atomic_write_text(path, json.dumps(document, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(_strict(document), indent=2, allow_nan=False) + "\n")
     return path
 
 
@@ -341,14 +353,15 @@ def beside(thresholds: str | Path | None) -> Path | None:
     return path if path.is_file() else None
 
 
-def calibration_for(path: str | Path, member: str | None, labels: Sequence[str]) -> dict[str, Any]:
-    """read_calibration(path), checked to be the maps of score set ``member`` (``ensemble`` or the
-    one run's name, as thresholds.json's key; None: any) with an entry for every one of ``labels``."""
+def calibration_for(path: str | Path, members: Sequence[str] | None, labels: Sequence[str]) -> dict[str, Any]:
+    """read_calibration(path), checked to be the maps of one of the score sets ``members`` (None: any)
+    with an entry for every one of ``labels``. For several runs that is ``ensemble``; for one run its
+    name or ``ensemble`` (the evaluator's ensemble of one run is that run's probabilities)."""
     doc = read_calibration(path)
-    if member is not None and doc.get("member") != member:
+    if members is not None and doc.get("member") not in members:
         raise CxrError(
-            f"{path}: maps fitted for score set {doc.get('member')!r}, not {member!r} — pass the calibration.json "
-            "of these runs' report (python -m cxr.evaluate --runs … --thresholds-from val)"
+            f"{path}: maps fitted for score set {doc.get('member')!r}, not {' or '.join(map(repr, members))} — pass "
+            "the calibration.json of these runs' report (python -m cxr.evaluate --runs … --thresholds-from val)"
         )
     missing = [label for label in labels if label not in doc["labels"]]
     if missing:

@@ -277,7 +277,7 @@ def probability_mapping(
             if thresholds
             else f"the model's probability ({why}; no --thresholds: operating points 0.5, f is the identity)",
         }
-    doc = calibration_for(path, ENSEMBLE if n_members > 1 else member_name, LABELS)
+    doc = calibration_for(path, (ENSEMBLE,) if n_members > 1 else (member_name, ENSEMBLE), LABELS)
     write_calibration(out, {**doc, "source": str(path)})
     return {"probabilities": "calibrated", "probabilities_note": describe(doc)}
 

@@ -351,8 +351,8 @@ def attach_mapping(
         from cxr.inference import member_names
         from cxr.report import ENSEMBLE
 
-        member = ENSEMBLE if len(runs) > 1 else member_names(list(runs))[0]
-        scorer.calibration = calibration_for(calibration, member, scorer.labels)
+        members = (ENSEMBLE,) if len(runs) > 1 else (member_names(list(runs))[0], ENSEMBLE)
+        scorer.calibration = calibration_for(calibration, members, scorer.labels)
     return scorer
 
 

@@ -165,9 +165,10 @@ export_stage() {
   local web=()
   if [ -f build/npm/node_modules/onnxruntime-web/package.json ]; then web=(--web "$DEMO/site")
   else echo "(onnxruntime-web not in build/npm: the package only, no page — run \`make web-deps\`)"; fi
-  step "export the ensemble + gate as one ONNX package${web:+ and the browser page}"
+  step "export the ensemble + gate as one ONNX package${web:+ and the browser page} (calibrated probabilities: the maps fitted on val)"
   "$PY" -m cxr.export --run "$DEMO/runs/member1" --run "$DEMO/runs/member2" --ood "$DEMO/runs/ood" \
-    --thresholds "$DEMO/report/thresholds.json" --out "$DEMO/package" "${web[@]}"
+    --thresholds "$DEMO/report/thresholds.json" --calibration "$DEMO/report/calibration.json" \
+    --out "$DEMO/package" "${web[@]}"
 }
 
 ood() {

@@ -229,6 +229,7 @@ def cmd_web(args) -> int:
                     "screenshot": shot.name,
                     "state": page["state"],
                     "ood_score": float(page["ood"]) if page.get("ood") else None,
+                    "mapping": (page.get("legend") or {}).get("mapping"),
                     "top": [
                         {"label": r["label"], "prob": float(r["prob"]), "calibrated": float(r["calibrated"])}
                         for r in top
@@ -236,7 +237,7 @@ def cmd_web(args) -> int:
                 }
             )
             said = ", ".join(f"{r['label']} {r['calibrated']:.2f}" for r in results[-1]["top"]) or page["text"]
-            print(f"page: {name}: {page['state']} — {said}")
+            print(f"page: {name}: {page['state']} — {said} ({(page.get('legend') or {}).get('mapping')} scale)")
     finally:
         server.shutdown()
         thread.join()
@@ -402,7 +403,9 @@ def _headline(demo: Path, name: str) -> str | None:
             )
             return (
                 f"{len(got)} DICOM studies scored by the exported package ({(got['gate'] == 'rejected').sum()} "
-                f"rejected by the gate, so no diagnosis); {len(skipped)} file(s) listed as skipped: "
+                f"rejected by the gate, so no diagnosis; label columns: "
+                f"{', '.join(sorted(got['probabilities'].astype(str).unique()))} "
+                f"probabilities); {len(skipped)} file(s) listed as skipped: "
                 + "; ".join(f"{Path(f).name} ({r})" for f, r in zip(skipped["file"], skipped["reason"]))
                 + "."
             )

@@ -155,14 +155,31 @@ def test_page_refuses_a_calibrated_package_without_its_maps(tmp_path):
 def test_calibration_for_checks_member_and_labels(tmp_path):
     cal.write_calibration(tmp_path, hand_document("m1"))
     path = tmp_path / cal.CALIBRATION_FILE
-    assert cal.calibration_for(path, "m1", LABELS)["member"] == "m1"
+    assert cal.calibration_for(path, ("m1", "ensemble"), LABELS)["member"] == "m1"
     with pytest.raises(CxrError, match=r"calibration.json: maps fitted for score set 'm1', not 'ensemble'"):
-        cal.calibration_for(path, "ensemble", LABELS)
+        cal.calibration_for(path, ("ensemble",), LABELS)
     with pytest.raises(CxrError, match="no map for"):
-        cal.calibration_for(path, "m1", [*LABELS, "Fracture"])
+        cal.calibration_for(path, ("m1",), [*LABELS, "Fracture"])
     text = cal.describe(hand_document())
     assert "'val' (40 images)" in text and "none 5, temperature 5, platt 4 of 14" in text
     assert cal.beside(tmp_path / "thresholds.json") == path and cal.beside(tmp_path / "x" / "t.json") is None
+
+
+def test_calibration_json_is_strict_json_for_the_page(tmp_path):
+    """A label with one class in the fitting split has no cross-validated log-loss: written as null, not
+    NaN (which the browser's JSON.parse rejects), and read back as a valid map."""
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0.05, 0.95, (60, 2))
+    y = np.c_[(rng.uniform(size=60) < p[:, 0]), np.zeros(60)]
+    maps = cal.fit_calibration(y, p, ["A", "B"])
+    path = cal.write_calibration(tmp_path, cal.calibration_document(maps, "ensemble", "val", 60))
+
+    def no_constants(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    strict = json.loads(path.read_text(), parse_constant=no_constants)
+    assert strict["labels"]["B"]["method"] == "none" and strict["labels"]["B"]["cv_logloss"]["platt"] is None
+    assert cal.read_calibration(path)["labels"]["A"]["method"] in cal.METHODS
 
 
 # ------------------------------------------------------------------ export and cxr-predict on runs ---
@@ -170,17 +187,11 @@ def test_calibration_for_checks_member_and_labels(tmp_path):
 
 @pytest.fixture(scope="module")
 def calibrated(export_runs, tmp_path_factory):
-    """export_runs' two members evaluated with thresholds and calibration fitted on val (the user's
-    command), a hand-made calibration.json of the ensemble, and a few phantom PNGs to predict."""
-    from cxr.evaluate import main as evaluate_main
-
+    """export_runs' two members and their report (python -m cxr.evaluate: thresholds and calibration
+    fitted on val, its default), a hand-made calibration.json of the ensemble, a few phantom PNGs."""
     root = tmp_path_factory.mktemp("calibrated")
-    report = root / "report"
-    members = [str(m) for m in export_runs["members"]]
-    argv = ["--runs", *members, "--shards", str(export_runs["shards"]), "--split", "test"]
-    argv += ["--thresholds-from", "val", "--bootstrap", "0", "--no-figures", "--num-threads", "0", "--out", str(report)]
-    assert evaluate_main(argv) == 0
-    assert (report / "calibration.json").is_file()
+    report = export_runs["report"]
+    assert json.loads((report / "calibration.json").read_text())["fitted_on"] == "val"
     (root / "hand").mkdir()
     cal.write_calibration(root / "hand", hand_document())
     images = root / "images"

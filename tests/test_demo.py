@@ -112,6 +112,12 @@ def _check_ensemble(d: Path):
     ens = wide["ensemble"]
     assert row["auroc"] == pytest.approx(roc_auc_score(ens["true_Effusion"], ens["Effusion"]), abs=1e-9)
     assert (d / "report" / "report.md").is_file() and (d / "report" / "thresholds.json").is_file()
+    # issue 25's sections on the phantoms, and the maps the export packs (fitted on val)
+    report = (d / "report" / "report.md").read_text()
+    for heading in ("## Calibration of `ensemble` on `test`", "## Operating points of `ensemble`", "## Subgroups of"):
+        assert heading in report, heading
+    fitted = json.loads((d / "report" / "calibration.json").read_text())
+    assert fitted["member"] == "ensemble" and fitted["fitted_on"] == "val"
 
 
 def _check_resolution(d: Path):
@@ -212,6 +218,17 @@ def _check_predict(d: Path):
     # the 12-bit round trip moves a pixel by at most one grey level: the gate's distance by under 2 %
     np.testing.assert_allclose(got["gate_score"], [verdicts[sources[i]] for i in study], rtol=0.02)
     assert set(got["gate"]) <= {"accepted", "rejected"}
+    # the label columns are the report's calibrated probabilities: its maps written out on the raw columns
+    from cxrbase.labels import LABELS
+
+    maps = json.loads((d / "report" / "calibration.json").read_text())["labels"]
+    assert json.loads((d / "package" / "calibration.json").read_text())["labels"] == maps
+    assert (got["probabilities"] == "calibrated").all()
+    for label in LABELS:
+        p, e = got[f"raw_{label}"].to_numpy(), maps[label]
+        x = np.log(np.clip(p, 1e-7, 1 - 1e-7) / (1 - np.clip(p, 1e-7, 1 - 1e-7)))
+        z = {"none": None, "temperature": x / e["temperature"], "platt": e["a"] * x + e["b"]}[e["method"]]
+        np.testing.assert_allclose(got[label], p if z is None else 1 / (1 + np.exp(-z)), atol=2e-6, err_msg=label)
 
 
 def _check_web(demo):
@@ -232,6 +249,7 @@ def _check_web(demo):
         assert (r["state"] == "rejected") == (verdict[r["image"]] == "rejected"), r
         if r["state"] == "done":
             assert len(r["top"]) == 3 and all(0 <= t["prob"] <= 1 for t in r["top"])
+            assert r["mapping"] == "calibrated", r  # the page shows the report's calibrated probabilities
         with Image.open(d / "web" / r["screenshot"]) as im:
             px = np.asarray(im.convert("L"), np.float64)
         assert px.shape[0] > 300 and px.shape[1] > 300 and px.std() > 5, (r["screenshot"], px.std())

@@ -246,12 +246,21 @@ def test_package_predictions_equal_the_evaluators(trained, studies, tmp_path):
     ref = evaluator_probs(trained)
     raw = got[[f"raw_{label}" for label in LABELS]]
     np.testing.assert_allclose(raw.to_numpy(), ref.loc[raw.index].to_numpy(), atol=1e-3)
-    # calibrated columns: the operating-point map of the exported thresholds, decisions at the operating point
+    # label columns: the report's calibration (evaluated with --thresholds-from val, so the export packed
+    # its calibration.json) written out by hand from the stored parameters; decisions at the operating point
     import json
 
     ops = np.asarray(json.loads((trained / "pkg" / "thresholds.json").read_text())["operating_points"])
+    maps = json.loads((trained / "pkg" / "calibration.json").read_text())["labels"]
     x = raw.to_numpy()
-    want = np.where(x <= ops, x / (2 * ops), 1 - (1 - x) / (2 * (1 - ops)))  # SPEC's transform, by hand
+    logit = np.log(np.clip(x, 1e-7, 1 - 1e-7) / (1 - np.clip(x, 1e-7, 1 - 1e-7)))
+    z = {
+        "none": lambda j, e: x[:, j],
+        "temperature": lambda j, e: 1 / (1 + np.exp(-logit[:, j] / e["temperature"])),
+        "platt": lambda j, e: 1 / (1 + np.exp(-(e["a"] * logit[:, j] + e["b"]))),
+    }
+    want = np.column_stack([z[maps[label]["method"]](j, maps[label]) for j, label in enumerate(LABELS)])
+    assert (got["probabilities"] == "calibrated").all()
     np.testing.assert_allclose(got[list(LABELS)].to_numpy(), want, atol=2e-6)
     check_overlays(got.reset_index(drop=True), out, "CAM")
     accepted = got["gate"] == "accepted"
