@@ -322,15 +322,29 @@ def calibration_document(maps: dict[str, dict[str, Any]], member: str, split: st
         "n_images": n,
         "maps": {"none": "p", "temperature": "sigmoid(logit(p) / temperature)", "platt": "sigmoid(a * logit(p) + b)"},
         "logit": f"log(p / (1 - p)), p clipped to [{EPS:g}, 1 - {EPS:g}]",
+        "clip": EPS,
+        "fitted_by": "python -m cxr.evaluate (maximum likelihood on the fitting split's labels)",
         "choice": "per label, lowest 5-fold cross-validated log-loss on the fitting split",
         "labels": maps,
     }
 
 
+def _strict(value: Any) -> Any:
+    """NaN/±inf → None, recursively: the file is read by browsers (JSON.parse has no NaN)."""
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
 def write_calibration(out: Path, document: dict[str, Any]) -> Path:
-    """OUT/calibration.json, atomically."""
+    """OUT/calibration.json, atomically, as strict JSON (an undefined number, e.g. the cross-validated
+    log-loss of a label with one class only, is written as null)."""
     path = Path(out) / CALIBRATION_FILE
-    atomic_write_text(path, json.dumps(document, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(_strict(document), indent=2, allow_nan=False) + "\n")
     return path
 
 
@@ -352,3 +366,48 @@ def read_calibration(path: str | Path) -> dict[str, Any]:
             "re-run python -m cxr.evaluate"
         )
     return doc
+
+
+# ------------------------------------------------------- deployment (export, page, cxr-predict) ---
+
+
+def beside(thresholds: str | Path | None) -> Path | None:
+    """The calibration.json the evaluator wrote next to ``thresholds`` (its report folder), if any:
+    what cxr.export and cxr-predict use by default with ``--thresholds``."""
+    if thresholds is None:
+        return None
+    path = Path(thresholds).parent / CALIBRATION_FILE
+    return path if path.is_file() else None
+
+
+def calibration_for(path: str | Path, members: Sequence[str] | None, labels: Sequence[str]) -> dict[str, Any]:
+    """read_calibration(path), checked to be the maps of one of the score sets ``members`` (None: any)
+    with an entry for every one of ``labels``. For several runs that is ``ensemble``; for one run its
+    name or ``ensemble`` (the evaluator's ensemble of one run is that run's probabilities)."""
+    doc = read_calibration(path)
+    if members is not None and doc.get("member") not in members:
+        raise CxrError(
+            f"{path}: maps fitted for score set {doc.get('member')!r}, not {' or '.join(map(repr, members))} — pass "
+            "the calibration.json of these runs' report (python -m cxr.evaluate --runs … --thresholds-from val)"
+        )
+    missing = [label for label in labels if label not in doc["labels"]]
+    if missing:
+        raise CxrError(f"{path}: no map for {missing[:3]} — pass the calibration.json of these runs' report")
+    return doc
+
+
+def calibrated(p, doc: dict[str, Any], labels: Sequence[str]) -> np.ndarray:
+    """Probabilities [n, L] through each label's chosen map of a calibration.json document."""
+    return apply_calibration(np.atleast_2d(np.asarray(p, dtype=np.float64)), doc["labels"], labels)
+
+
+def describe(doc: dict[str, Any]) -> str:
+    """One line: which maps, fitted on which split, for which score set (legend, summaries, metadata)."""
+    counts: dict[str, int] = {}
+    for entry in doc["labels"].values():
+        counts[entry["method"]] = counts.get(entry["method"], 0) + 1
+    used = ", ".join(f"{m} {counts[m]}" for m in METHODS if m in counts)
+    return (
+        f"calibrated by the evaluator's maps ({used} of {len(doc['labels'])} labels) fitted on "
+        f"'{doc.get('fitted_on') or '?'}' ({doc.get('n_images', '?')} images) for score set '{doc.get('member')}'"
+    )

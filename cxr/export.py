@@ -1,7 +1,8 @@
 """Export trained runs as an ONNX model package (and, with --web, a static page that predicts in the browser).
 
     python -m cxr.export --run RUN [--run RUN2 ...] --ood OOD_RUN --out DIR
-                         [--thresholds REPORT/thresholds.json] [--resolution R] [--web SITE]
+                         [--thresholds REPORT/thresholds.json] [--calibration REPORT/calibration.json |
+                          --no-calibration] [--resolution R] [--web SITE]
 
 DIR gets
   model.onnx        the ensemble as ONE graph: image [B,1,R,R] (normalised as the loader does)
@@ -11,7 +12,12 @@ DIR gets
   ood.onnx          the gate: image [B,1,r,r] at the autoencoder's resolution → score [B,1], the Mahalanobis
                     distance of log(1 − SSIM) and the image statistics of cxr.ood.image_features
   thresholds.json   per-label operating points o (the evaluator's tuned thresholds of the ensemble, or 0.5
-                    without --thresholds) and the calibration f(x) = x/(2o) for x ≤ o, else 1 − (1−x)/(2(1−o))
+                    without --thresholds), the operating-point scale f(x) = x/(2o) for x ≤ o, else
+                    1 − (1−x)/(2(1−o)), and ``probabilities``: which numbers the page and cxr-predict show —
+                    "calibrated" (calibration.json's maps) or "operating-point" (f, as before calibration)
+  calibration.json  with "calibrated": the evaluator's post-hoc maps (temperature / Platt per label, fitted
+                    on its threshold split; the format of cxr.calibration), from --calibration or, by default,
+                    the calibration.json next to --thresholds; --no-calibration keeps the operating-point scale
   preprocess.json   how the loader makes its input: PIL "L" grey, PIL Lanczos resize, (x/255 − mean)/std
   manifest.json     every file with its sha256 and size, the runs, versions
 
@@ -35,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cxr.calibration import CALIBRATION_FILE
 from cxrbase.atomic import atomic_write_text
 from cxrbase.errors import CxrError, cli_entry
 from cxrbase.labels import LABELS
@@ -244,6 +251,40 @@ def operating_points(path: str | None, n_members: int, member_name: str, method:
     return doc
 
 
+def probability_mapping(
+    out: Path,
+    thresholds: str | None,
+    calibration: str | None,
+    keep_mapping: bool,
+    n_members: int,
+    member_name: str,
+) -> dict:
+    """Which probabilities the package shows (thresholds.json's ``probabilities`` and a note); with
+    calibration, write its maps to OUT/calibration.json (cxr.calibration's format and writer)."""
+    from cxr.calibration import beside, calibration_for, describe, write_calibration
+    from cxr.report import ENSEMBLE
+
+    if keep_mapping and calibration:
+        raise CxrError(
+            f"--calibration {calibration} with --no-calibration: choose one (calibrated maps or the "
+            "operating-point scale)"
+        )
+    (out / CALIBRATION_FILE).unlink(missing_ok=True)  # a re-export into the same folder starts clean
+    path = None if keep_mapping else (calibration or beside(thresholds))
+    if path is None:
+        why = "--no-calibration" if keep_mapping else "no calibration.json given or next to --thresholds"
+        return {
+            "probabilities": "operating-point",
+            "probabilities_note": f"operating-point scale f ({why}): 0.5 is each label's operating point; "
+            "not a calibrated probability"
+            if thresholds
+            else f"the model's probability ({why}; no --thresholds: operating points 0.5, f is the identity)",
+        }
+    doc = calibration_for(path, (ENSEMBLE,) if n_members > 1 else (member_name, ENSEMBLE), LABELS)
+    write_calibration(out, {**doc, "source": str(path)})
+    return {"probabilities": "calibrated", "probabilities_note": describe(doc)}
+
+
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -263,6 +304,8 @@ def export_package(
     resolution: int | None = None,
     thresholds: str | None = None,
     method: str = "f1",
+    calibration: str | None = None,
+    keep_mapping: bool = False,
 ) -> dict:
     """Write the package of the module docstring into ``out``; return the manifest."""
     from cxr.ood import GateScore, load_gate, read_threshold
@@ -284,6 +327,8 @@ def export_package(
         ["score"],
     )
     ops = operating_points(thresholds, len(members), members[0][0].name, method)
+    shown = probability_mapping(out, thresholds, calibration, keep_mapping, len(members), members[0][0].name)
+    ops.update(shown)
     write_json(out / "thresholds.json", ops)
     from cxr.data import DataConfig
     from shards.image_codec import RESIZE_FILTER
@@ -319,6 +364,7 @@ def export_package(
         },
     )
     files = ["model.onnx", "ood.onnx", "thresholds.json", "preprocess.json"]
+    files += [CALIBRATION_FILE] if shown["probabilities"] == "calibrated" else []
     manifest = {
         "files": {f: {"sha256": sha256(out / f), "bytes": (out / f).stat().st_size} for f in files},
         "ensemble": "one graph, mean of member probabilities" if len(members) > 1 else "one member",
@@ -333,6 +379,7 @@ def export_package(
         ],
         "ood_run": str(ood_run),
         "cam": with_cam,
+        "probabilities": shown["probabilities_note"],
         "opset": OPSET,
         "versions": {"torch": torch.__version__, "onnx": _version("onnx")},
     }
@@ -358,10 +405,12 @@ def write_site(package: Path, site: Path, vendor: Path = WEB_VENDOR, dicom_vendo
             f"(scripts/web-deps.sh npm: npm install onnxruntime-web dicom-parser into build/npm)"
         )
     site.mkdir(parents=True, exist_ok=True)
+    (site / CALIBRATION_FILE).unlink(missing_ok=True)  # the page must not show a stale package's maps
     copied = []
     for src in [
-        *(WEB_SOURCE / f for f in ("index.html", "chester.js", "resize.js", "dicom.js")),
+        *(WEB_SOURCE / f for f in ("index.html", "chester.js", "resize.js", "dicom.js", "calibrate.js")),
         *(package / f for f in ("model.onnx", "ood.onnx", "thresholds.json", "preprocess.json", "manifest.json")),
+        *([package / CALIBRATION_FILE] if (package / CALIBRATION_FILE).is_file() else []),
         *(dist / f for f in WEB_FILES),
         *(dicom_vendor / "dist" / f for f in DICOM_FILES),
     ]:
@@ -400,6 +449,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--method", choices=["f1", "youden"], default="f1", help="which tuned thresholds (default: f1)")
     p.add_argument(
+        "--calibration",
+        metavar="FILE",
+        help="the evaluator's REPORT/calibration.json of these runs: the page and cxr-predict show calibrated "
+        "probabilities (default: the calibration.json next to --thresholds, when there is one)",
+    )
+    p.add_argument(
+        "--no-calibration",
+        action="store_true",
+        help="keep the operating-point scale x/(2o) (0.5 = the tuned threshold) instead of calibrated probabilities",
+    )
+    p.add_argument(
         "--web",
         metavar="SITE",
         help="also write the static page (index.html, JS, ONNX files, "
@@ -416,10 +476,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     vendored = [WEB_VENDOR / "dist" / f for f in WEB_FILES] + [DICOM_VENDOR / "dist" / f for f in DICOM_FILES]
     if args.web and not all(f.is_file() for f in vendored):
         write_site(Path(args.out), Path(args.web))  # fails before the export, naming the command to run
-    manifest = export_package(args.run, args.ood, Path(args.out), args.resolution, args.thresholds, args.method)
+    manifest = export_package(
+        args.run,
+        args.ood,
+        Path(args.out),
+        args.resolution,
+        args.thresholds,
+        args.method,
+        calibration=args.calibration,
+        keep_mapping=args.no_calibration,
+    )
     line = (
         f"exported {len(manifest['members'])} member(s) + ood gate → {args.out} "
-        f"({', '.join(manifest['files'])}; cam {'yes' if manifest['cam'] else 'no'})"
+        f"({', '.join(manifest['files'])}; cam {'yes' if manifest['cam'] else 'no'}; shows "
+        f"{manifest['probabilities']})"
     )
     if args.web:
         files = write_site(Path(args.out), Path(args.web))

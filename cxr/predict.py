@@ -12,10 +12,18 @@ a package as its ``preprocess.json`` says (what the browser page does). So a run
 probabilities equal the evaluator's on the same image packed into shards.
 
 ``OUT/predictions.csv``: one row per image — ``file``, the OOD gate's ``gate_score`` and ``gate``
-verdict (accepted / rejected / none without a gate), then per label the calibrated probability
-(the operating-point map of ``cxr.metrics.calibrate``: 0.5 is the tuned threshold; the model's own
-probability without ``--thresholds``), ``<label>_decision`` (1 at or above the operating point;
-empty for a rejected image, which gets no diagnosis) and ``raw_<label>`` (the model's probability).
+verdict (accepted / rejected / none without a gate), ``probabilities`` (which numbers the label
+columns hold), then per label the shown probability, ``<label>_decision`` (1 when the model's
+probability is at or above the operating point; empty for a rejected image, which gets no
+diagnosis) and ``raw_<label>`` (the model's probability). The shown probability is
+
+- ``calibrated``: the evaluator's post-hoc map of the label (``calibration.json``: temperature or
+  Platt scaling fitted on its threshold split; ``cxr.calibration.apply_map``) — the default when
+  the package has one, or for run dirs with ``--calibration`` or a calibration.json next to
+  ``--thresholds``;
+- ``operating-point``: the scale of ``cxr.metrics.calibrate`` (0.5 is the tuned threshold; not a
+  calibrated probability) — with ``--no-calibration`` or when no calibration.json is found;
+- ``raw``: the model's probability (operating points 0.5, no calibration).
 Files that are not images or do not decode are counted, listed in ``OUT/skipped.csv`` with the
 reason, and named in the summary; nothing is skipped silently. No DICOM header field but the file
 name reaches an output.
@@ -104,6 +112,7 @@ class Scorer:
     heat: Callable[[np.ndarray, list[int]], np.ndarray] | None = None
     heat_method: str = ""
     heat_notes: list[str] = field(default_factory=list)  # which layer each member's maps come from
+    calibration: dict | None = None  # a calibration.json document (cxr.calibration): its maps are shown
 
 
 def open_package(folder: Path) -> Scorer:
@@ -306,23 +315,105 @@ def _read_json(path: Path) -> dict:
         raise CxrError(f"{path}: unreadable JSON ({err}) — re-export the package") from None
 
 
-def open_model(paths: Sequence[str], ood: str | None, thresholds: str | None, method: str, device: str) -> Scorer:
-    """A package folder (manifest.json + model.onnx) or run dirs (config.yaml) → a Scorer."""
+def open_model(
+    paths: Sequence[str],
+    ood: str | None,
+    thresholds: str | None,
+    method: str,
+    device: str,
+    calibration: str | None = None,
+    keep_mapping: bool = False,
+) -> Scorer:
+    """A package folder (manifest.json + model.onnx) or run dirs (config.yaml) → a Scorer, with the
+    probability mapping it shows (see :func:`attach_mapping`)."""
     folders = [Path(p) for p in paths]
     for folder in folders:
         if not folder.is_dir():
             raise CxrError(f"{folder}: not found — pass training run dirs or a package from cxr.export")
     if len(folders) == 1 and (folders[0] / "model.onnx").is_file():
-        if ood or thresholds:
+        if ood or thresholds or calibration:
             raise CxrError(
-                f"{folders[0]}: a package carries its own gate and operating points — "
-                "drop --ood/--thresholds (or re-export with them)"
+                f"{folders[0]}: a package carries its own gate, operating points and calibration — "
+                "drop --ood/--thresholds/--calibration (or re-export with them)"
             )
-        return open_package(folders[0])
+        scorer = open_package(folders[0])
+        return attach_mapping(scorer, folders[0], None, None, keep_mapping)
     package = [f for f in folders if (f / "model.onnx").is_file()]
     if package:
         raise CxrError(f"{package[0]}: a package cannot be mixed with run dirs — pass one package or run dirs")
-    return open_runs(folders, Path(ood) if ood else None, thresholds, method, device)
+    scorer = open_runs(folders, Path(ood) if ood else None, thresholds, method, device)
+    source = calibration or (_beside(thresholds) if thresholds else None)
+    return attach_mapping(scorer, None, folders, source, keep_mapping)
+
+
+# ------------------------------------------------------------------------------- shown probabilities
+def _beside(thresholds: str) -> Path | None:
+    from cxr.calibration import beside
+
+    return beside(thresholds)
+
+
+def attach_mapping(
+    scorer: Scorer, package: Path | None, runs: Sequence[Path] | None, calibration: Any, keep_mapping: bool
+) -> Scorer:
+    """Which probabilities ``scorer`` shows: a package's calibration.json when its thresholds.json
+    says "calibrated"; for run dirs the ``calibration`` file (checked to be these runs' score set:
+    ``ensemble`` for several, else the run's name); none of it with ``keep_mapping``."""
+    from cxr.calibration import CALIBRATION_FILE, calibration_for
+
+    if keep_mapping:
+        return scorer
+    if package is not None:
+        if _read_json(package / "thresholds.json").get("probabilities") == "calibrated":
+            scorer.calibration = calibration_for(package / CALIBRATION_FILE, None, scorer.labels)
+        return scorer
+    if calibration:
+        from cxr.inference import member_names
+        from cxr.report import ENSEMBLE
+
+        members = (ENSEMBLE,) if len(runs) > 1 else (member_names(list(runs))[0], ENSEMBLE)
+        scorer.calibration = calibration_for(calibration, members, scorer.labels)
+    return scorer
+
+
+def mapping_kind(scorer: Scorer) -> str:
+    """``calibrated``, ``operating-point`` (tuned thresholds, today's scale) or ``raw`` (neither)."""
+    if scorer.calibration is not None:
+        return "calibrated"
+    return "raw" if np.all(scorer.operating_points == 0.5) else "operating-point"
+
+
+def mapping_note(scorer: Scorer) -> str:
+    """One line for the summary: what the label columns of predictions.csv hold."""
+    from cxr.calibration import describe
+
+    kind = mapping_kind(scorer)
+    if kind == "calibrated":
+        return describe(scorer.calibration)
+    if kind == "operating-point":
+        return "operating-point scale x/(2o): 0.5 is each label's tuned threshold, not a calibrated probability"
+    return "the model's probability (no tuned thresholds, no calibration)"
+
+
+def shown_probabilities(scorer: Scorer, probs: np.ndarray) -> np.ndarray:
+    """[B, L] the numbers predictions.csv shows: calibrated (cxr.calibration's maps) or today's
+    operating-point scale (cxr.metrics.calibrate; the identity at operating points 0.5)."""
+    if scorer.calibration is not None:
+        from cxr.calibration import calibrated
+
+        return calibrated(probs, scorer.calibration, scorer.labels)
+    from cxr.metrics import calibrate
+
+    return calibrate(probs, scorer.operating_points)
+
+
+def _caption(scorer: Scorer, value: float) -> str:
+    kind = mapping_kind(scorer)
+    if kind == "calibrated":
+        return f"calibrated p = {value:.3f}"
+    if kind == "operating-point":
+        return f"{value:.3f} on the operating-point scale (0.5 = operating point)"
+    return f"p = {value:.3f}"
 
 
 # ---------------------------------------------------------------------------------------------- predict
@@ -331,7 +422,6 @@ def predict(
 ) -> dict:
     """Score every readable image in batches; write predictions.csv and skipped.csv (and, with
     ``overlays``, a heat-map PNG per accepted image and positive label + index.html); return the counts."""
-    from cxr.metrics import calibrate
     from cxrbase.progress import progress as progress_bar
 
     if overlays and scorer.heat is None:
@@ -357,7 +447,7 @@ def predict(
                 bar.update(len(chunks[k]))
                 continue
             probs, gate = scorer.score(prepared)
-            calibrated = calibrate(probs, scorer.operating_points)
+            calibrated = shown_probabilities(scorer, probs)
             for i, (path, pixels) in enumerate(batch):
                 rows.append(_row(scorer, path, probs[i], calibrated[i], None if gate is None else gate[i]))
                 if overlays:
@@ -394,7 +484,12 @@ def _load(scorer: Scorer, paths: list[Path]) -> tuple[list[tuple[Path, np.ndarra
 
 def _row(scorer: Scorer, path: Path, probs: np.ndarray, calibrated: np.ndarray, gate: float | None) -> dict:
     verdict = "none" if gate is None else ("rejected" if gate > scorer.threshold else "accepted")
-    row: dict[str, Any] = {"file": str(path), "gate_score": "" if gate is None else f"{gate:.6g}", "gate": verdict}
+    row: dict[str, Any] = {
+        "file": str(path),
+        "gate_score": "" if gate is None else f"{gate:.6g}",
+        "gate": verdict,
+        "probabilities": mapping_kind(scorer),
+    }
     for j, label in enumerate(scorer.labels):
         row[label] = f"{calibrated[j]:.6f}"
     for j, label in enumerate(scorer.labels):
@@ -423,7 +518,7 @@ def _draw(scorer: Scorer, out: Path, n: int, row: dict, pixels: np.ndarray, cali
         empty = not float(maps[k].max()) > 0
         caption = [
             f"{Path(row['file']).name}  {label}  ({scorer.heat_method})",
-            f"calibrated p = {calibrated[j]:.3f} (operating point at 0.5)" + ("   map: all zero" if empty else ""),
+            _caption(scorer, calibrated[j]) + ("   map: all zero" if empty else ""),
         ]
         overlay(Image.fromarray(pixels, "L"), maps[k], caption).save(folder / name)
         entry["figures"].append({"png": f"overlays/{name}", "label": label, "p": float(calibrated[j]), "empty": empty})
@@ -450,7 +545,7 @@ def _write_overlay_index(out: Path, scorer: Scorer, drawn: list[dict]) -> None:
             parts.append("<p>No finding at or above its operating point.</p>")
         figs = "".join(
             f'<figure><a href="{html.escape(f["png"])}"><img src="{html.escape(f["png"])}" width="320"></a>'
-            f"<figcaption>{html.escape(f['label'])}: calibrated p = {f['p']:.3f}"
+            f"<figcaption>{html.escape(f['label'])}: {html.escape(_caption(scorer, f['p']))}"
             f"{' (map all zero: no positive evidence)' if f['empty'] else ''}</figcaption></figure>"
             for f in entry["figures"]
         )
@@ -464,6 +559,7 @@ def _columns(scorer: Scorer) -> list[str]:
         "file",
         "gate_score",
         "gate",
+        "probabilities",
         *scorer.labels,
         *(f"{l}_decision" for l in scorer.labels),
         *(f"raw_{l}" for l in scorer.labels),
@@ -507,6 +603,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="with run dirs: the evaluator's tuned thresholds (default: operating point 0.5)",
     )
     p.add_argument("--method", default="f1", choices=("f1", "youden"), help="which tuned thresholds (default f1)")
+    p.add_argument(
+        "--calibration",
+        metavar="REPORT/calibration.json",
+        help="with run dirs: the evaluator's post-hoc maps, so the label columns are calibrated probabilities "
+        "(default: the calibration.json next to --thresholds, when there is one; a package carries its own)",
+    )
+    p.add_argument(
+        "--no-calibration",
+        action="store_true",
+        help="keep the uncalibrated scale: the operating-point map x/(2o) with tuned thresholds (0.5 = the "
+        "threshold), else the model's probability; the 'probabilities' column says which",
+    )
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
     p.add_argument("--device", default="auto", help="run dirs: auto (CUDA when present), cpu or cuda[:N]")
     p.add_argument(
@@ -524,7 +632,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch_size < 1:
         raise CxrError(f"--batch-size {args.batch_size}: use a positive number")
     inputs = collect_inputs(args.inputs)
-    scorer = open_model(args.model, args.ood, args.thresholds, args.method, args.device)
+    if args.calibration and args.no_calibration:
+        raise CxrError(f"--calibration {args.calibration} with --no-calibration: choose one")
+    scorer = open_model(
+        args.model,
+        args.ood,
+        args.thresholds,
+        args.method,
+        args.device,
+        calibration=args.calibration,
+        keep_mapping=args.no_calibration,
+    )
     out = Path(args.out)
     done = predict(scorer, inputs, out, args.batch_size, progress=not args.no_progress, overlays=args.overlays)
     for path, reason in done["skipped"]:
@@ -534,7 +652,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"cxr-predict: {done['images']} files → {out / 'predictions.csv'}: {done['scored']} scored{gate}, "
         f"{len(done['skipped'])} skipped (listed in {out / 'skipped.csv'}); {rate:.1f} img/s with "
-        f"{scorer.description}"
+        f"{scorer.description}; label columns: {mapping_note(scorer)}"
     )
     return 0
 

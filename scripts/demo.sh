@@ -9,6 +9,7 @@
 #   nih         the 130 real NIH images of $CXR_NIH/sample → patient split → pack (+ 64 px copies)
 #   ensemble    two members (2 processes each; different seed, lr, augmentation) → ensemble report
 #   external    a second phantom site (its own name for Effusion, no Hernia) → external-validation table
+#   sample      the same ensemble evaluated on the real NIH sample (calibration, subgroups, operating points)
 #   resolution  fine-detail phantoms at 3 resolutions → cxr.ablation report (table, plot, paired tests)
 #   explain     Grad-CAM overlays of the test phantoms with lesions + the pointing game on them
 #   gate        OOD autoencoder on the real X-rays → threshold on val
@@ -143,6 +144,15 @@ external() {
     --out "$root/report"
 }
 
+sample() {
+  need ensemble
+  need nih
+  step "evaluate the phantom-trained ensemble on the real NIH sample's test split (thresholds and calibration fitted on its val split; real sex, age and view subgroups)"
+  "$PY" -m cxr.evaluate --runs "$DEMO/runs/member1" "$DEMO/runs/member2" \
+    --shards "$DEMO/shards-sample" --split test --thresholds-from val --bootstrap "$BOOTSTRAP" --num-threads 0 \
+    --out "$DEMO/sample/report"
+}
+
 resolution() {
   local root="$DEMO/resolution"
   step "synthesize $SWEEP_N phantoms whose Nodule is tiny dots (~2 px at 128 px): only high resolution sees them"
@@ -183,9 +193,10 @@ export_stage() {
   if [ -f build/npm/node_modules/onnxruntime-web/package.json ] && [ -f build/npm/node_modules/dicom-parser/package.json ]; then
     web=(--web "$DEMO/site")
   else echo "(onnxruntime-web or dicom-parser not in build/npm: the package only, no page — run \`make web-deps\`)"; fi
-  step "export the ensemble + gate as one ONNX package${web:+ and the browser page}"
+  step "export the ensemble + gate as one ONNX package${web:+ and the browser page} (calibrated probabilities: the maps fitted on val)"
   "$PY" -m cxr.export --run "$DEMO/runs/member1" --run "$DEMO/runs/member2" --ood "$DEMO/runs/ood" \
-    --thresholds "$DEMO/report/thresholds.json" --out "$DEMO/package" "${web[@]}"
+    --thresholds "$DEMO/report/thresholds.json" --calibration "$DEMO/report/calibration.json" \
+    --out "$DEMO/package" "${web[@]}"
 }
 
 ood() {
@@ -222,6 +233,7 @@ stage phantoms phantoms
 stage nih nih
 stage ensemble ensemble
 stage external external
+stage sample sample
 stage resolution resolution
 stage explain explain
 stage gate gate

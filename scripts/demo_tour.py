@@ -230,6 +230,7 @@ def cmd_web(args) -> int:
                     "screenshot": shot.name,
                     "state": page["state"],
                     "ood_score": float(page["ood"]) if page.get("ood") else None,
+                    "mapping": (page.get("legend") or {}).get("mapping"),
                     "top": [
                         {"label": r["label"], "prob": float(r["prob"]), "calibrated": float(r["calibrated"])}
                         for r in top
@@ -237,7 +238,7 @@ def cmd_web(args) -> int:
                 }
             )
             said = ", ".join(f"{r['label']} {r['calibrated']:.2f}" for r in results[-1]["top"]) or page["text"]
-            print(f"page: {name}: {page['state']} — {said}")
+            print(f"page: {name}: {page['state']} — {said} ({(page.get('legend') or {}).get('mapping')} scale)")
     finally:
         server.shutdown()
         thread.join()
@@ -300,6 +301,13 @@ OUTPUTS = [
     ("external", "external/report/cross_site.csv", "the same comparison as a table, with the dropped labels"),
     ("ensemble", "report/roc.png", "ROC curves of the ensemble per label"),
     ("ensemble", "report/thresholds.json", "per-label thresholds tuned on validation (exported with the model)"),
+    (
+        "sample",
+        "sample/report/report.md",
+        "the phantom-trained ensemble on the real test X-rays: calibration (maps fitted on the sample's val split), "
+        "subgroups by sex, age and view, operating points — the sections work on real data; the numbers mean little",
+    ),
+    ("sample", "sample/report/reliability.png", "reliability diagrams on the real sample, before and after"),
     ("ensemble", "runs/member1/metrics.csv", "member 1's per-epoch training log (2 processes, gloo)"),
     ("ensemble", "runs/member2/metrics.csv", "member 2's (other seed, learning rate and augmentation)"),
     (
@@ -385,6 +393,9 @@ TITLES = {
     "nih": "The real NIH sample: split and pack",
     "ensemble": "Ensemble: two members trained with 2 processes each, evaluated together",
     "external": "External validation: the ensemble on a second site with other label names",
+
+
+    "sample": "The ensemble on the real NIH sample: calibration, subgroups, operating points",
     "resolution": "Resolution study on fine-detail phantoms",
     "explain": "Explanations: Grad-CAM overlays and the pointing game",
     "gate": "OOD gate: an autoencoder trained on real X-rays, threshold on validation",
@@ -452,7 +463,9 @@ def _headline(demo: Path, name: str) -> str | None:
             )
             return (
                 f"{len(got)} DICOM studies scored by the exported package ({(got['gate'] == 'rejected').sum()} "
-                f"rejected by the gate, so no diagnosis); {len(skipped)} file(s) listed as skipped: "
+                f"rejected by the gate, so no diagnosis; label columns: "
+                f"{', '.join(sorted(got['probabilities'].astype(str).unique()))} "
+                f"probabilities); {len(skipped)} file(s) listed as skipped: "
                 + "; ".join(f"{Path(f).name} ({r})" for f, r in zip(skipped["file"], skipped["reason"]))
                 + "."
             )

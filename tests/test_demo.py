@@ -27,7 +27,20 @@ from PIL import Image
 pytestmark = pytest.mark.integration  # shards, training or subprocesses (CONTRIBUTING.md)
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["phantoms", "nih", "ensemble", "external", "resolution", "explain", "gate", "export", "ood", "predict", "web"]
+STAGES = [
+    "phantoms",
+    "nih",
+    "ensemble",
+    "external",
+    "sample",
+    "resolution",
+    "explain",
+    "gate",
+    "export",
+    "ood",
+    "predict",
+    "web",
+]
 SMALL = {
     "DEMO_N": "160",
     "DEMO_EPOCHS": "1",
@@ -86,6 +99,7 @@ def test_demo_every_stage(demo):
 
     _check_ensemble(d)
     _check_external(d)
+    _check_sample(d)
     _check_resolution(d)
     _check_explain(d)
     _check_ood(d, demo["nih"])
@@ -137,6 +151,23 @@ def _check_ensemble(d: Path):
     ens = wide["ensemble"]
     assert row["auroc"] == pytest.approx(roc_auc_score(ens["true_Effusion"], ens["Effusion"]), abs=1e-9)
     assert (d / "report" / "report.md").is_file() and (d / "report" / "thresholds.json").is_file()
+    # issue 25's sections on the phantoms, and the maps the export packs (fitted on val)
+    report = (d / "report" / "report.md").read_text()
+    for heading in ("## Calibration of `ensemble` on `test`", "## Operating points of `ensemble`", "## Subgroups of"):
+        assert heading in report, heading
+    fitted = json.loads((d / "report" / "calibration.json").read_text())
+    assert fitted["member"] == "ensemble" and fitted["fitted_on"] == "val"
+
+
+def _check_sample(d: Path):
+    """The ensemble on the real sample: issue 25's sections, calibration fitted on the sample's val images
+    (counted from the splits table), subgroups from the real metadata."""
+    report = (d / "sample" / "report" / "report.md").read_text()
+    for heading in ("## Calibration of `ensemble` on `test`", "## Operating points of", "### sex", "### view"):
+        assert heading in report, heading
+    splits = pd.read_parquet(d / "sample" / "splits.parquet")
+    fitted = json.loads((d / "sample" / "report" / "calibration.json").read_text())
+    assert fitted["fitted_on"] == "val" and fitted["n_images"] == int((splits["split"] == "val").sum())
 
 
 def _check_resolution(d: Path):
@@ -237,6 +268,22 @@ def _check_predict(d: Path):
     # the 12-bit round trip moves a pixel by at most one grey level: the gate's distance by under 2 %
     np.testing.assert_allclose(got["gate_score"], [verdicts[sources[i]] for i in study], rtol=0.02)
     assert set(got["gate"]) <= {"accepted", "rejected"}
+    # the label columns are the report's calibrated probabilities: its maps written out on the raw columns
+    from cxrbase.labels import LABELS
+
+    maps = json.loads((d / "report" / "calibration.json").read_text())["labels"]
+    assert json.loads((d / "package" / "calibration.json").read_text())["labels"] == maps
+    assert (got["probabilities"] == "calibrated").all()
+
+    def by_hand(p, e):
+        x = np.log(np.clip(p, 1e-7, 1 - 1e-7) / (1 - np.clip(p, 1e-7, 1 - 1e-7)))
+        z = {"none": None, "temperature": x / e["temperature"], "platt": e["a"] * x + e["b"]}[e["method"]]
+        return p if z is None else 1 / (1 + np.exp(-z))
+
+    for label in LABELS:  # raw printed to 8 decimals, the label to 6: within the map of that rounding interval
+        p, shown = got[f"raw_{label}"].to_numpy(), got[label].to_numpy()
+        lo, hi = by_hand(np.clip(p - 5e-9, 0, 1), maps[label]), by_hand(np.clip(p + 5e-9, 0, 1), maps[label])
+        assert ((shown >= lo - 5.1e-7) & (shown <= hi + 5.1e-7)).all(), (label, shown, lo, hi)
 
 
 def _check_web(demo):
@@ -257,6 +304,7 @@ def _check_web(demo):
         assert (r["state"] == "rejected") == (verdict[r["image"]] == "rejected"), r
         if r["state"] == "done":
             assert len(r["top"]) == 3 and all(0 <= t["prob"] <= 1 for t in r["top"])
+            assert r["mapping"] == "calibrated", r  # the page shows the report's calibrated probabilities
         with Image.open(d / "web" / r["screenshot"]) as im:
             px = np.asarray(im.convert("L"), np.float64)
         assert px.shape[0] > 300 and px.shape[1] > 300 and px.std() > 5, (r["screenshot"], px.std())

@@ -118,7 +118,9 @@ def test_package_files_hashes_and_operating_points(runs, tmp_path):
         == 0
     )
     manifest = json.loads((out / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"model.onnx", "ood.onnx", "thresholds.json", "preprocess.json"}
+    # the report's calibration.json (fitted on val) is packed by default (tests/test_calibrated_deploy.py)
+    packed = {"model.onnx", "ood.onnx", "thresholds.json", "preprocess.json", "calibration.json"}
+    assert set(manifest["files"]) == packed
     for name, entry in manifest["files"].items():
         assert hashlib.sha256((out / name).read_bytes()).hexdigest() == entry["sha256"]
     tuned = json.loads((runs["report"] / "thresholds.json").read_text())["members"]["ensemble"]["f1"]

@@ -246,13 +246,30 @@ def test_package_predictions_equal_the_evaluators(trained, studies, tmp_path):
     ref = evaluator_probs(trained)
     raw = got[[f"raw_{label}" for label in LABELS]]
     np.testing.assert_allclose(raw.to_numpy(), ref.loc[raw.index].to_numpy(), atol=1e-3)
-    # calibrated columns: the operating-point map of the exported thresholds, decisions at the operating point
+    # label columns: the report's calibration (evaluated with --thresholds-from val, so the export packed
+    # its calibration.json) written out by hand from the stored parameters; decisions at the operating point
     import json
 
     ops = np.asarray(json.loads((trained / "pkg" / "thresholds.json").read_text())["operating_points"])
+    maps = json.loads((trained / "pkg" / "calibration.json").read_text())["labels"]
     x = raw.to_numpy()
-    want = np.where(x <= ops, x / (2 * ops), 1 - (1 - x) / (2 * (1 - ops)))  # SPEC's transform, by hand
-    np.testing.assert_allclose(got[list(LABELS)].to_numpy(), want, atol=2e-6)
+
+    def by_hand(p: np.ndarray) -> np.ndarray:
+        q = np.clip(p, 1e-7, 1 - 1e-7)
+        logit = np.log(q / (1 - q))
+        z = {
+            "none": lambda j, e: p[:, j],
+            "temperature": lambda j, e: 1 / (1 + np.exp(-logit[:, j] / e["temperature"])),
+            "platt": lambda j, e: 1 / (1 + np.exp(-(e["a"] * logit[:, j] + e["b"]))),
+        }
+        return np.column_stack([z[maps[label]["method"]](j, maps[label]) for j, label in enumerate(LABELS)])
+
+    assert (got["probabilities"] == "calibrated").all()
+    # raw_ is printed to 8 decimals, the label to 6: the shown value lies in the (increasing) map's image
+    # of the raw value's rounding interval
+    shown = got[list(LABELS)].to_numpy()
+    lo, hi = by_hand(np.clip(x - 5e-9, 0, 1)) - 5.1e-7, by_hand(np.clip(x + 5e-9, 0, 1)) + 5.1e-7
+    assert ((shown >= lo) & (shown <= hi)).all(), (shown, lo, hi)
     check_overlays(got.reset_index(drop=True), out, "CAM")
     accepted = got["gate"] == "accepted"
     decisions = got.loc[accepted, [f"{label}_decision" for label in LABELS]].to_numpy()

@@ -24,7 +24,6 @@ from PIL import Image
 
 from cxr.export import WEB_VENDOR
 from cxr.export import main as export_main
-from cxr.metrics import calibrate
 
 pytestmark = pytest.mark.integration  # node and Chromium subprocesses (CONTRIBUTING.md)
 
@@ -150,10 +149,21 @@ def test_page_probabilities_equal_onnxruntime_and_nothing_else_is_fetched(site, 
     page = {r["label"]: float(r["prob"]) for r in result["rows"]}
     assert list(page) != [] and sorted(page) == sorted(pre["labels"])
     np.testing.assert_allclose([page[label] for label in pre["labels"]], probs, atol=1e-4, rtol=0)
-    # the calibrated values, and their order, against cxr.metrics.calibrate (Python, independent of the JS)
-    calibrated = calibrate(probs, ops)
+    # the report's calibration.json was packed (export's default): the page shows calibrated probabilities,
+    # each label's map written out here from its stored parameters (independent of the JS), in that order
+    maps = json.loads((site["dir"] / "calibration.json").read_text())["labels"]
+    assert result["legend"]["mapping"] == "calibrated" and {r["mapping"] for r in result["rows"]} == {"calibrated"}
+    logit = np.log(np.clip(probs.astype(np.float64), 1e-7, 1 - 1e-7) / (1 - np.clip(probs, 1e-7, 1 - 1e-7)))
+    z = [
+        {"none": None, "temperature": logit[j] / e["temperature"], "platt": e["a"] * logit[j] + e["b"]}[e["method"]]
+        for j, e in enumerate(maps[label] for label in pre["labels"])
+    ]
+    calibrated = np.array([probs[j] if zj is None else 1 / (1 + np.exp(-zj)) for j, zj in enumerate(z)])
     shown = [float(r["calibrated"]) for r in result["rows"]]
     np.testing.assert_allclose(shown, np.sort(calibrated)[::-1], atol=1e-4, rtol=0)
+    assert [r["positive"] == "true" for r in result["rows"]] == [  # at the operating point, as the evaluator
+        float(r["prob"]) >= ops[pre["labels"].index(r["label"])] for r in result["rows"]
+    ]
     # the CAM overlay of the top finding: drawn unless its map is ≤ 0 everywhere (cxr.explain's convention)
     if len(outputs) > 1:
         top = pre["labels"].index(result["rows"][0]["label"])
@@ -170,9 +180,11 @@ def test_page_probabilities_equal_onnxruntime_and_nothing_else_is_fetched(site, 
         "resize.js",
         "dicomParser.min.js",
         "dicom.js",
+        "calibrate.js",
         "chester.js",
         "preprocess.json",
         "thresholds.json",
+        "calibration.json",
         "model.onnx",
         "ood.onnx",
         "phantom.png",

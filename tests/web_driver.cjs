@@ -32,6 +32,8 @@ const FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", 
       text: document.getElementById("status").textContent,
       ood: document.getElementById("ood").dataset.score,
       rows: [...document.querySelectorAll("#results li")].map((li) => ({ ...li.dataset })),
+      legend: { mapping: document.getElementById("legend")?.dataset.mapping,
+                text: document.getElementById("legend")?.textContent },
       cam: { empty: document.getElementById("camlabel").dataset.empty,
              text: document.getElementById("camlabel").textContent },
     }));

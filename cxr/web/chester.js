@@ -5,7 +5,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { pre: null, thr: null, model: null, ood: null };
+const state = { pre: null, thr: null, cal: null, model: null, ood: null };
 
 function setStatus(kind, text) {
   const el = $("status");
@@ -23,15 +23,29 @@ async function init() {
   ort.env.wasm.numThreads = 1;           // no SharedArrayBuffer needed (no cross-origin isolation)
   ort.env.wasm.wasmPaths = "./";          // the vendored wasm next to this page, never a CDN
   [state.pre, state.thr] = await Promise.all([loadJson("preprocess.json"), loadJson("thresholds.json")]);
+  state.cal = await loadMapping(state.thr);
   const opts = { executionProviders: ["wasm"] };
   [state.model, state.ood] = await Promise.all([ort.InferenceSession.create("model.onnx", opts),
                                                ort.InferenceSession.create("ood.onnx", opts)]);
   setStatus("ready", "Ready: choose or drop a PNG/JPEG or DICOM chest X-ray. Nothing leaves this computer.");
 }
 
-// SPEC's operating-point calibration: o maps to 0.5.
-function calibrate(x, o) {
-  return x <= o ? x / (2 * o) : 1 - (1 - x) / (2 * (1 - o));
+// The package's calibration.json when its thresholds.json says the page shows calibrated probabilities
+// (calibrate.js applies the maps); the legend says which numbers the bars are.
+async function loadMapping(thr) {
+  const cal = thr.probabilities === "calibrated" ? await loadJson("calibration.json") : null;
+  showLegend(CxrCalibration.mapping(thr, cal));
+  return cal;
+}
+
+function showLegend(mapping) {
+  const el = $("legend");
+  el.dataset.mapping = mapping.kind;
+  el.textContent = mapping.kind === "calibrated"
+    ? `Bars: calibrated probability of each finding (${mapping.note}). The black mark is the label's `
+      + "operating point (its tuned threshold, mapped the same way); bold = at or above it."
+    : `Bars: the operating-point scale, not a calibrated probability (${mapping.note}). The black mark is `
+      + "the operating point (0.5); bold = at or above it.";
 }
 
 async function decodeGrey(blob) {
@@ -94,22 +108,26 @@ function drawCam(canvas, cam, dims, label) {
   return true;
 }
 
-function showResults(probs, ops, labels) {
-  const rows = labels.map((name, i) => ({ name, p: probs[i], o: ops[i], c: calibrate(probs[i], ops[i]) }));
-  rows.sort((a, b) => b.c - a.c);
+// data-prob: the model's probability; data-calibrated: the number shown (data-mapping says which kind).
+function showResults(probs, labels) {
+  const rows = CxrCalibration.rows(probs, labels, state.thr, state.cal);
+  rows.sort((a, b) => b.shown - a.shown);
   const list = $("results");
   list.innerHTML = "";
   for (const r of rows) {
     const li = document.createElement("li");
-    li.className = "row" + (r.c >= 0.5 ? " positive" : "");
+    li.className = "row" + (r.positive ? " positive" : "");
     li.dataset.label = r.name;
     li.dataset.prob = r.p.toPrecision(9);
-    li.dataset.calibrated = r.c.toPrecision(9);
+    li.dataset.calibrated = r.shown.toPrecision(9);
+    li.dataset.mapping = r.kind;
     li.dataset.operatingPoint = String(r.o);
+    li.dataset.mark = r.mark.toPrecision(9);
+    li.dataset.positive = String(r.positive);
     li.innerHTML = `<span class="name">${r.name}</span>
-      <span class="bar"><span class="fill" style="width:${(100 * r.c).toFixed(1)}%"></span>
-      <span class="op" title="operating point (0.5 after calibration)"></span></span>
-      <span class="value">${(100 * r.c).toFixed(1)}%</span>`;
+      <span class="bar"><span class="fill" style="width:${(100 * r.shown).toFixed(1)}%"></span>
+      <span class="op" style="left:${(100 * r.mark).toFixed(1)}%" title="operating point"></span></span>
+      <span class="value">${(100 * r.shown).toFixed(1)}%</span>`;
     list.appendChild(li);
   }
   return rows;
@@ -133,7 +151,7 @@ async function predict(blob, name) {
       return;
     }
     const out = await state.model.run({ image: view.tensor });
-    const rows = showResults(out.probs.data, state.thr.operating_points, state.pre.labels);
+    const rows = showResults(out.probs.data, state.pre.labels);
     if (out.cam) {
       const top = state.pre.labels.indexOf(rows[0].name);
       const drawn = drawCam($("image"), out.cam.data, out.cam.dims, top);
@@ -143,7 +161,9 @@ async function predict(blob, name) {
         : `CAM of ${rows[0].name}: zero everywhere once clipped at 0 — no positive evidence for it `
           + "anywhere in this image, so no overlay is drawn.";
     }
-    setStatus("done", `${name}: 14 findings, calibrated so that 0.5 is each label's operating point.`);
+    setStatus("done", `${name}: 14 findings, ` + (state.thr.probabilities === "calibrated"
+      ? "as calibrated probabilities (the mark is each label's operating point)."
+      : "on the operating-point scale (0.5 is each label's operating point)."));
   } catch (err) {
     setStatus("error", `Error: ${err.message || err}`);
   }
