@@ -14,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import test_web
 from dicom_data import dicom_bytes, ramp
-from test_web import runs, site, web_tools  # noqa: F401 — the page test's fixtures (export, server, Chromium)
+from web_page import open_page, runs, site, web_tools  # noqa: F401 — the page's fixtures (export, server, Chromium)
 
 from cxr.export import DICOM_VENDOR
 
@@ -155,7 +154,7 @@ def test_page_scores_a_dicom_as_python_does(site, web_tools, tmp_path):  # noqa:
     stored = np.clip((255 - phantom) * 16 + rng.integers(0, 16, phantom.shape), 0, 4095).astype(np.uint16)
     data = dicom_bytes(stored, photometric="MONOCHROME1", WindowCenter=2048, WindowWidth=4096)
     (site["dir"] / "study.dcm").write_bytes(data)
-    result = test_web._open(site, web_tools, "study.dcm")
+    result = open_page(site, web_tools, "study.dcm")
     assert result["state"] in ("done", "rejected"), result
     grey = Image.fromarray(read_dicom(data).pixels, "L")
     pre = json.loads((site["dir"] / "preprocess.json").read_text())
