@@ -21,6 +21,7 @@ from cxr.config import load_config
 from cxr.ood import (
     FEATURES,
     GateScore,
+    cross_fitted_distances,
     feature_distance,
     fit_feature_model,
     image_features,
@@ -107,7 +108,7 @@ def test_feature_distance_is_mahalanobis_under_the_ledoit_wolf_covariance():
     from sklearn.covariance import ledoit_wolf
 
     rng = np.random.default_rng(0)
-    train = rng.normal(size=(40, len(FEATURES))) * rng.uniform(0.01, 3, len(FEATURES)) + rng.normal(size=len(FEATURES))
+    train = rng.normal(size=(40, len(FEATURES))) * rng.uniform(1, 3, len(FEATURES)) + rng.normal(size=len(FEATURES))
     model = fit_feature_model(train)
     centre, scale = train.mean(0), train.std(0)
     cov, _ = ledoit_wolf((train - centre) / scale)
@@ -119,6 +120,25 @@ def test_feature_distance_is_mahalanobis_under_the_ledoit_wolf_covariance():
     gate = GateScore(ae, model)
     z = (torch.tensor(test, dtype=torch.float32) - gate.centre) / gate.scale
     np.testing.assert_allclose((z @ gate.whiten).pow(2).sum(1).sqrt().numpy(), want, rtol=1e-4)
+
+
+def test_one_pixel_past_a_cut_no_fit_image_crosses_is_no_outlier():
+    """No fit image has a pixel brighter than 242/255; an image like them with one such pixel lies
+    among them, and one with a fifth of its pixels that bright beyond them all. (Without a floor on the
+    log-odds' spread the one pixel put the image ~1400 standard deviations out; a gate fitted on the
+    test phantoms then had a threshold in the thousands and the page accepted plots and documents.)"""
+    rng = np.random.default_rng(5)
+    px = np.clip(textures(41, 6).astype(np.int64), 20, 230).astype(np.float64) / 255
+    one, many = px[40].copy(), px[40].copy()
+    one[10, 10] = 250 / 255
+    many[: RES // 5] = 250 / 255
+    feats = image_features(torch.tensor(np.stack([*px[:40], one, many])[:, None]), torch.tensor(rng.uniform(0.1, 0.2, 42)))
+    feats = feats.numpy()
+    model = fit_feature_model(feats[:40])
+    fit_images = np.sort(cross_fitted_distances(feats[:40]))
+    near, far = feature_distance(feats[40:], model)
+    assert near <= fit_images[-1], (near, fit_images[-5:])
+    assert far > fit_images[-1], (far, fit_images[-5:])
 
 
 def test_cross_fitted_distances_are_leave_one_out_for_small_sets():
