@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import make_member
+from helpers import make_member, phantom_shards
 from ood_data import MEAN, RES, STD, TEST_KINDS, digits, load_grey, normalise, textures, to_pixels
 from PIL import Image
 
@@ -30,7 +30,6 @@ from cxr.ood import (
     write_threshold,
 )
 from cxrbase.errors import CxrError
-from shards.cli import main as shards_main
 
 ROOT = Path(__file__).resolve().parents[1]
 PERCENTILE = 95.0
@@ -241,24 +240,7 @@ def gate(tmp_path_factory, nih_sample_dir):
     from cxr.train import train
 
     root = tmp_path_factory.mktemp("ood")
-    assert (
-        shards_main(
-            [
-                "synth",
-                "--out",
-                str(root / "synth"),
-                "--n",
-                "200",
-                "--resolution",
-                str(RES),
-                "--seed",
-                "5",
-                "--workers",
-                "1",
-            ]
-        )
-        == 0
-    )
+    phantom_shards(root, 200, RES, 5, upto="synth")
     phantoms = np.stack([load_grey(p) for p in sorted((root / "synth" / "images").glob("*.png"))])
     nih = np.stack([load_grey(p) for p in sorted(nih_sample_dir.glob("*.png"))])
     rng = np.random.default_rng(0)
@@ -345,58 +327,7 @@ def test_gate_rejects_outliers_far_more_often_than_held_out_x_rays(gate):
 @pytest.fixture(scope="module")
 def shards_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ood-shards")
-    assert (
-        shards_main(
-            [
-                "synth",
-                "--out",
-                str(root / "synth"),
-                "--n",
-                "120",
-                "--resolution",
-                str(RES),
-                "--seed",
-                "3",
-                "--workers",
-                "1",
-            ]
-        )
-        == 0
-    )
-    assert (
-        shards_main(
-            [
-                "split",
-                "--metadata",
-                str(root / "synth" / "Data_Entry_2017.csv"),
-                "--scheme",
-                "random",
-                "--fractions",
-                "0.5,0.25,0.25",
-                "--seed",
-                "1",
-                "--out",
-                str(root / "splits.parquet"),
-            ]
-        )
-        == 0
-    )
-    assert (
-        shards_main(
-            [
-                "pack",
-                "--splits",
-                str(root / "splits.parquet"),
-                "--images",
-                str(root / "synth" / "images"),
-                "--out",
-                str(root / "shards"),
-                "--workers",
-                "1",
-            ]
-        )
-        == 0
-    )
+    phantom_shards(root, 120, RES, 3, fractions="0.5,0.25,0.25", split_seed=1)
     return root / "shards"
 
 
