@@ -226,7 +226,7 @@ web() {
   mapfile -t images < <(ls "$DEMO"/ood/images/real_*.png | head -n "$WEB_IMAGES")
   images+=("$DEMO/ood/images/texture_000.png")
   step "open ${#images[@]} images through the page in headless Chromium (real X-rays, and a texture it must reject)"
-  "$PY" scripts/demo_tour.py web --site "$DEMO/site" --images "${images[@]}" --out "$DEMO/web"
+  "$PY" scripts/demo_tour.py web --site "$DEMO/site" --images "${images[@]}" --out "$DEMO/web" --demo-note
 }
 
 stage phantoms phantoms

@@ -200,9 +200,21 @@ class _QuietHandler(SimpleHTTPRequestHandler):
 def cmd_web(args) -> int:
     """Serve SITE on 127.0.0.1, open each image through the page (?image=NAME) in headless Chromium."""
     site, out = Path(args.site), Path(args.out)
+    if not (site / "index.html").is_file():
+        raise SystemExit(f"{site}: no index.html — export the page first (python -m cxr.export ... --web {site})")
+    for image in args.images:
+        if not Path(image).is_file():
+            raise SystemExit(f"{image}: no such file — pass PNG or JPEG files")
+    if not shutil.which("node"):
+        raise SystemExit("node not found — install Node.js, then `make web-deps`")
+    if not Path(args.chromium).is_file():
+        raise SystemExit(f"{args.chromium}: no chromium — `make web-deps` installs it (root), or pass --chromium")
+    if not (Path(args.playwright) / "package.json").is_file():
+        raise SystemExit(f"{args.playwright}: playwright-core missing — run `make web-deps`")
     out.mkdir(parents=True, exist_ok=True)
     for image in args.images:
-        shutil.copyfile(image, site / Path(image).name)
+        if Path(image).resolve() != (site / Path(image).name).resolve():
+            shutil.copyfile(image, site / Path(image).name)
     server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(site)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -242,7 +254,7 @@ def cmd_web(args) -> int:
     finally:
         server.shutdown()
         thread.join()
-    doc = {"note": NOT_ACCURACY, "results": results}
+    doc = {"note": NOT_ACCURACY, "results": results} if args.demo_note else {"site": str(site), "results": results}
     _write_text(out / "results.json", json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
     print(f"web: {len(results)} image(s) through the page, screenshots → {out}")
     return 0
@@ -555,13 +567,18 @@ def main(argv=None) -> int:
     v.add_argument("--package", required=True)
     v.add_argument("--images", required=True)
     v.add_argument("--out", required=True)
-    w = sub.add_parser("web", help="open images through the exported page in headless Chromium")
-    w.add_argument("--site", required=True)
-    w.add_argument("--images", nargs="+", required=True)
-    w.add_argument("--out", required=True)
+    w = sub.add_parser(
+        "web",
+        help="open images through an exported page (cxr.export --web) in headless Chromium: a screenshot "
+        "each, what the page said in OUT/results.json",
+    )
+    w.add_argument("--site", required=True, help="the page's folder (cxr.export --web SITE); images are copied in")
+    w.add_argument("--images", nargs="+", required=True, help="PNG/JPEG files to open through the page")
+    w.add_argument("--out", required=True, help="folder for the screenshots and results.json")
     w.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
     w.add_argument("--playwright", default=str(ROOT / "build" / "npm" / "node_modules" / "playwright-core"))
-    w.add_argument("--timeout", type=float, default=180)
+    w.add_argument("--timeout", type=float, default=180, help="seconds one image may take in Chromium")
+    w.add_argument("--demo-note", action="store_true", help="results.json says the models are the demo's toys")
     d = sub.add_parser("dicoms", help="real X-ray PNGs → DICOM files as a modality writes them (+ a report)")
     d.add_argument("--images", nargs="+", required=True)
     d.add_argument("--out", required=True)

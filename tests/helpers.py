@@ -7,6 +7,7 @@ import this file.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -206,39 +208,78 @@ def rewrite_shard(out: Path, shard: str, change) -> None:
 
 
 # ------------------------------------------------- phantom shards through the shards CLI
+@dataclasses.dataclass(frozen=True)
+class Phantoms:
+    """Where :func:`phantom_shards` put things: ROOT/synth (images/, Data_Entry_2017.csv, boxes.csv),
+    the splits table and ROOT/shards."""
+
+    root: Path
+    synth: Path
+    splits: Path
+    shards: Path
+
+
+def phantom_shards(
+    root: Path,
+    n: int,
+    resolution: int,
+    seed: int | None = None,
+    *,
+    scheme: str = "random",
+    fractions: str | None = None,
+    split_seed: int | None = None,
+    workers: int | None = 1,
+    synth_args: Sequence[str] = (),
+    metadata=None,
+    splits: str = "splits.parquet",
+    pack_args: Sequence[str] = (),
+    pack_workers: int | None | str = "as synth",
+    upto: str = "pack",
+    subprocess_cli: bool = False,
+) -> Phantoms:
+    """`shards synth` → `shards split` → `shards pack` into ROOT, as a user runs them.
+
+    synth: ``--n N --resolution R [--seed S] [--workers W] SYNTH_ARGS``; split of ``metadata(synth dir)``
+    (a function writing another labels CSV from the phantoms, default their Data_Entry_2017.csv):
+    ``--scheme S [--fractions F] [--seed SPLIT_SEED]`` into ROOT/SPLITS; pack: ``PACK_ARGS [--workers
+    PACK_WORKERS, default: W as for synth]``. ``None`` leaves an option out (the command's default). ``upto`` stops
+    after "synth" or "split". ``subprocess_cli``: ``python -m shards`` in a child process (as
+    conftest's train_shards) instead of shards.cli.main in this one."""
+    synth, table, shards = root / "synth", root / splits, root / "shards"
+    pack_workers = workers if pack_workers == "as synth" else pack_workers
+
+    def opt(name: str, value) -> list[str]:
+        return [] if value is None else [name, str(value)]
+
+    def run(*argv) -> None:
+        argv = [str(a) for a in argv]
+        if subprocess_cli:
+            done = subprocess.run(
+                [sys.executable, "-m", "shards", *argv], cwd=ROOT, capture_output=True, text=True, timeout=600
+            )
+            assert done.returncode == 0, (argv, done.stderr[-3000:])
+        else:
+            from shards.cli import main as shards_main
+
+            assert shards_main(argv) == 0, argv
+
+    run("synth", "--out", synth, "--n", n, "--resolution", resolution, *opt("--seed", seed), *opt("--workers", workers), *synth_args)
+    if upto != "synth":
+        labels = synth / "Data_Entry_2017.csv" if metadata is None else metadata(synth)
+        run("split", "--metadata", labels, "--scheme", scheme, *opt("--fractions", fractions), *opt("--seed", split_seed), "--out", table)
+        if upto != "split":
+            run("pack", "--splits", table, "--images", synth / "images", "--out", shards, *pack_args, *opt("--workers", pack_workers))
+    return Phantoms(root, synth, table, shards)
+
+
 def build_synth_shards(base: Path) -> Path:
     """Small synthetic shards (240 phantoms at 64 px, 60/20/20 split), built once per session."""
-    import subprocess
-    import sys
-
     out = base / "synth-shards"
     if (out / "shards" / "manifest.json").is_file():
         return out / "shards"
-    run = lambda *a: subprocess.run(
-        [sys.executable, "-m", "shards", *a], check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    run("synth", "--out", str(out / "synth"), "--n", "240", "--resolution", "64", "--seed", "0", "--workers", "1")
-    run(
-        "split",
-        "--metadata",
-        str(out / "synth" / "Data_Entry_2017.csv"),
-        "--scheme",
-        "stratified",
-        "--fractions",
-        "0.6,0.2,0.2",
-        "--out",
-        str(out / "splits.parquet"),
-    )
-    run(
-        "pack",
-        "--splits",
-        str(out / "splits.parquet"),
-        "--images",
-        str(out / "synth" / "images"),
-        "--out",
-        str(out / "shards"),
-    )
-    return out / "shards"
+    return phantom_shards(
+        out, 240, 64, 0, scheme="stratified", fractions="0.6,0.2,0.2", pack_workers=None, subprocess_cli=True
+    ).shards
 
 
 # ------------------------------------------------- in-memory data for in-process training

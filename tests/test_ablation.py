@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import phantom_shards
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
 from cxrbase.labels import LABELS
-from shards.cli import main as shards_main
 
 pytestmark = pytest.mark.integration  # shards, training or subprocesses (CONTRIBUTING.md)
 
@@ -45,59 +45,16 @@ def sweep(tmp_path_factory) -> dict:
     from launch.submit import main as submit_main
 
     root = tmp_path_factory.mktemp("sweep")
-    assert (
-        shards_main(
-            [
-                "synth",
-                "--out",
-                str(root / "synth"),
-                "--n",
-                "700",
-                "--resolution",
-                "128",
-                "--seed",
-                "5",
-                "--fine-detail",
-                "Nodule",
-                "--workers",
-                "2",
-            ]
-        )
-        == 0
-    )
-    assert (
-        shards_main(
-            [
-                "split",
-                "--metadata",
-                str(root / "synth" / "Data_Entry_2017.csv"),
-                "--scheme",
-                "random",
-                "--fractions",
-                "0.55,0.1,0.35",
-                "--seed",
-                "1",
-                "--out",
-                str(root / "splits.parquet"),
-            ]
-        )
-        == 0
-    )
-    assert (
-        shards_main(
-            [
-                "pack",
-                "--splits",
-                str(root / "splits.parquet"),
-                "--images",
-                str(root / "synth" / "images"),
-                "--out",
-                str(root / "shards"),
-                "--workers",
-                "1",
-            ]
-        )
-        == 0
+    phantom_shards(
+        root,
+        700,
+        128,
+        5,
+        workers=2,
+        synth_args=("--fine-detail", "Nodule"),
+        fractions="0.55,0.1,0.35",
+        split_seed=1,
+        pack_workers=1,
     )
     runs = root / "runs"
     assert (

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pandas as pd
 import pytest
@@ -45,7 +46,6 @@ from cxr.models.classifier import CxrClassifier
 from cxr.models.heads import Head
 from cxrbase.errors import CxrError
 from cxrbase.labels import LABELS
-from shards.cli import main as shards_main
 from shards.synth import Case, render_with_boxes
 
 MASTER = 128  # phantom masters; the runs see them at 64 (the loader resizes)
@@ -397,58 +397,7 @@ def test_gradcam_peak_falls_on_the_planted_mass():
 def phantom_shards(tmp_path_factory) -> Path:
     """80 phantoms with 128 px masters (and boxes.csv), random patient split, packed."""
     root = tmp_path_factory.mktemp("explain-shards")
-    assert (
-        shards_main(
-            [
-                "synth",
-                "--out",
-                str(root / "synth"),
-                "--n",
-                "80",
-                "--resolution",
-                str(MASTER),
-                "--seed",
-                "4",
-                "--workers",
-                "1",
-            ]
-        )
-        == 0
-    )
-    assert (
-        shards_main(
-            [
-                "split",
-                "--metadata",
-                str(root / "synth" / "Data_Entry_2017.csv"),
-                "--scheme",
-                "random",
-                "--fractions",
-                "0.4,0.2,0.4",
-                "--seed",
-                "1",
-                "--out",
-                str(root / "splits.parquet"),
-            ]
-        )
-        == 0
-    )
-    assert (
-        shards_main(
-            [
-                "pack",
-                "--splits",
-                str(root / "splits.parquet"),
-                "--images",
-                str(root / "synth" / "images"),
-                "--out",
-                str(root / "shards"),
-                "--workers",
-                "1",
-            ]
-        )
-        == 0
-    )
+    helpers.phantom_shards(root, 80, MASTER, 4, fractions="0.4,0.2,0.4", split_seed=1)
     return root
 
 
@@ -660,50 +609,15 @@ def test_planted_lesions_are_found_through_the_commands(tmp_path):
         assert done.returncode == 0, (cmd, done.stderr[-4000:])
         return done.stdout
 
-    run(
-        "-m",
-        "shards",
-        "synth",
-        "--out",
-        str(root / "synth"),
-        "--n",
-        "600",
-        "--resolution",
-        "256",
-        "--seed",
-        "0",
-        "--workers",
-        "1",
-    )
-    run(
-        "-m",
-        "shards",
-        "split",
-        "--metadata",
-        str(root / "synth" / "Data_Entry_2017.csv"),
-        "--scheme",
-        "stratified",
-        "--fractions",
-        "0.6,0.15,0.25",
-        "--out",
-        str(root / "splits.parquet"),
-    )
-    run(
-        "-m",
-        "shards",
-        "pack",
-        "--splits",
-        str(root / "splits.parquet"),
-        "--images",
-        str(root / "synth" / "images"),
-        "--out",
-        str(root / "shards"),
-        "--shard-size-mb",
-        "8",
-        "--resize",
-        "128",
-        "--workers",
-        "1",
+    helpers.phantom_shards(
+        root,
+        600,
+        256,
+        0,
+        scheme="stratified",
+        fractions="0.6,0.15,0.25",
+        pack_args=("--shard-size-mb", "8", "--resize", "128"),
+        subprocess_cli=True,
     )
     run(
         "-m",

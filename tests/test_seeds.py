@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from helpers import phantom_shards
 
 from cxr.config import config_hash, config_yaml, load_config
 from cxr.data import build_loader
 from cxr.data.augmentation import draw_params
 from launch import members
-from shards.cli import main as shards_main
 
 pytestmark = pytest.mark.integration  # shards, training or subprocesses (CONTRIBUTING.md)
 
@@ -22,43 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("seeds")
-    assert shards_main(["synth", "--out", str(root), "--n", "60", "--resolution", "32", "--workers", "1"]) == 0
-    assert (
-        shards_main(
-            [
-                "split",
-                "--metadata",
-                str(root / "Data_Entry_2017.csv"),
-                "--scheme",
-                "random",
-                "--fractions",
-                "0.7,0.15,0.15",
-                "--seed",
-                "0",
-                "--out",
-                str(root / "splits.parquet"),
-            ]
-        )
-        == 0
-    )
-    assert (
-        shards_main(
-            [
-                "pack",
-                "--splits",
-                str(root / "splits.parquet"),
-                "--images",
-                str(root / "images"),
-                "--out",
-                str(root / "shards"),
-                "--workers",
-                "1",
-            ]
-        )
-        == 0
-    )
-    return root / "shards"
+    return phantom_shards(tmp_path_factory.mktemp("seeds"), 60, 32, fractions="0.7,0.15,0.15", split_seed=0).shards
+
 
 
 def member_config(name: str, index: int, shards: Path, tmp_path: Path):

@@ -13,13 +13,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import phantom_shards
 from sklearn.metrics import roc_auc_score
 
 from cxr.config import load_config
 from cxr.evaluate import main as evaluate_main
 from cxr.train import train
 from cxrbase.errors import CxrError
-from shards.cli import main as shards_main
 
 ROOT = Path(__file__).resolve().parents[1]
 RES = 64
@@ -30,122 +30,26 @@ pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.integrati
 
 
 def _pack_nih(root: Path, n: int, seed: int) -> Path:
-    assert (
-        shards_main(
-            [
-                "synth",
-                "--out",
-                str(root / "synth"),
-                "--n",
-                str(n),
-                "--resolution",
-                str(RES),
-                "--seed",
-                str(seed),
-                "--workers",
-                "1",
-            ]
-        )
-        == 0
-    )
-    assert (
-        shards_main(
-            [
-                "split",
-                "--metadata",
-                str(root / "synth" / "Data_Entry_2017.csv"),
-                "--scheme",
-                "random",
-                "--fractions",
-                "0.6,0.2,0.2",
-                "--out",
-                str(root / "splits.parquet"),
-            ]
-        )
-        == 0
-    )
-    assert (
-        shards_main(
-            [
-                "pack",
-                "--splits",
-                str(root / "splits.parquet"),
-                "--images",
-                str(root / "synth" / "images"),
-                "--out",
-                str(root / "shards"),
-                "--workers",
-                "1",
-            ]
-        )
-        == 0
-    )
-    return root / "shards"
+    return phantom_shards(root, n, RES, seed, fractions="0.6,0.2,0.2").shards
 
 
 def _pack_binary(root: Path, n: int, seed: int) -> tuple[Path, pd.DataFrame]:
     """Phantoms → a generic CSV `image,<TASK>,patient` → split → pack (the generic path)."""
-    assert (
-        shards_main(
-            [
-                "synth",
-                "--out",
-                str(root / "synth"),
-                "--n",
-                str(n),
-                "--resolution",
-                str(RES),
-                "--seed",
-                str(seed),
-                "--workers",
-                "1",
-            ]
+
+    def task_csv(synth: Path) -> Path:
+        entry = pd.read_csv(synth / "Data_Entry_2017.csv")
+        task = pd.DataFrame(
+            {
+                "image": entry["Image Index"],
+                TASK: entry["Finding Labels"].str.split("|").map(lambda names: int(TASK in names)),
+                "patient": entry["Patient ID"],
+            }
         )
-        == 0
-    )
-    entry = pd.read_csv(root / "synth" / "Data_Entry_2017.csv")
-    task = pd.DataFrame(
-        {
-            "image": entry["Image Index"],
-            TASK: entry["Finding Labels"].str.split("|").map(lambda names: int(TASK in names)),
-            "patient": entry["Patient ID"],
-        }
-    )
-    task.to_csv(root / "task.csv", index=False)
-    assert (
-        shards_main(
-            [
-                "split",
-                "--metadata",
-                str(root / "task.csv"),
-                "--scheme",
-                "random",
-                "--fractions",
-                "0.5,0.2,0.3",
-                "--seed",
-                "2",
-                "--out",
-                str(root / "splits.csv"),
-            ]
-        )
-        == 0
-    )
-    assert (
-        shards_main(
-            [
-                "pack",
-                "--splits",
-                str(root / "splits.csv"),
-                "--images",
-                str(root / "synth" / "images"),
-                "--out",
-                str(root / "shards"),
-                "--workers",
-                "1",
-            ]
-        )
-        == 0
-    )
+        task.to_csv(root / "task.csv", index=False)
+        return root / "task.csv"
+
+    phantom_shards(root, n, RES, seed, metadata=task_csv, fractions="0.5,0.2,0.3", split_seed=2, splits="splits.csv")
+    task = pd.read_csv(root / "task.csv")
     return root / "shards", task.assign(key=task["image"].str.removesuffix(".png"))
 
 
@@ -318,56 +222,7 @@ UNION = ("Cardiomegaly", "Effusion", "Pneumothorax")  # the new binary task: any
 def learned(tmp_path_factory) -> Path:
     """A 14-label tiny run that has learned the phantoms (5 epochs on 336 images)."""
     root = tmp_path_factory.mktemp("learned")
-    assert (
-        shards_main(
-            [
-                "synth",
-                "--out",
-                str(root / "synth"),
-                "--n",
-                "480",
-                "--resolution",
-                str(RES),
-                "--seed",
-                "21",
-                "--workers",
-                "1",
-            ]
-        )
-        == 0
-    )
-    assert (
-        shards_main(
-            [
-                "split",
-                "--metadata",
-                str(root / "synth" / "Data_Entry_2017.csv"),
-                "--scheme",
-                "random",
-                "--fractions",
-                "0.7,0.15,0.15",
-                "--out",
-                str(root / "splits.parquet"),
-            ]
-        )
-        == 0
-    )
-    assert (
-        shards_main(
-            [
-                "pack",
-                "--splits",
-                str(root / "splits.parquet"),
-                "--images",
-                str(root / "synth" / "images"),
-                "--out",
-                str(root / "shards"),
-                "--workers",
-                "1",
-            ]
-        )
-        == 0
-    )
+    phantom_shards(root, 480, RES, 21, fractions="0.7,0.15,0.15")
     run = root / "run"
     assert train(_cfg(run, root / "shards", "train.epochs=5", "optim.lr=3e-3", "model.dropout=0.0")) == 0
     return run
@@ -380,65 +235,20 @@ def test_fine_tuning_from_a_phantom_run_beats_random_init_and_its_features_clust
 
     # The new task on other phantoms, packed through the generic CSV path.
     root = tmp_path / "task"
-    assert (
-        shards_main(
-            [
-                "synth",
-                "--out",
-                str(root / "synth"),
-                "--n",
-                "240",
-                "--resolution",
-                str(RES),
-                "--seed",
-                "31",
-                "--workers",
-                "1",
-            ]
-        )
-        == 0
-    )
-    entry = pd.read_csv(root / "synth" / "Data_Entry_2017.csv")
     label = "_or_".join(UNION)
-    pd.DataFrame(
-        {
-            "image": entry["Image Index"],
-            "patient": entry["Patient ID"],
-            label: entry["Finding Labels"].str.split("|").map(lambda n: int(bool(set(n) & set(UNION)))),
-        }
-    ).to_csv(root / "task.csv", index=False)
-    assert (
-        shards_main(
-            [
-                "split",
-                "--metadata",
-                str(root / "task.csv"),
-                "--scheme",
-                "random",
-                "--fractions",
-                "0.4,0.1,0.5",
-                "--out",
-                str(root / "splits.csv"),
-            ]
-        )
-        == 0
-    )
-    assert (
-        shards_main(
-            [
-                "pack",
-                "--splits",
-                str(root / "splits.csv"),
-                "--images",
-                str(root / "synth" / "images"),
-                "--out",
-                str(root / "shards"),
-                "--workers",
-                "1",
-            ]
-        )
-        == 0
-    )
+
+    def task_csv(synth: Path) -> Path:
+        entry = pd.read_csv(synth / "Data_Entry_2017.csv")
+        pd.DataFrame(
+            {
+                "image": entry["Image Index"],
+                "patient": entry["Patient ID"],
+                label: entry["Finding Labels"].str.split("|").map(lambda n: int(bool(set(n) & set(UNION)))),
+            }
+        ).to_csv(root / "task.csv", index=False)
+        return root / "task.csv"
+
+    phantom_shards(root, 240, RES, 31, metadata=task_csv, fractions="0.4,0.1,0.5", splits="splits.csv")
     aurocs = {}
     for name, extra in (("transfer", [f"model.init_from={learned}"]), ("random", [])):
         run = tmp_path / name
