@@ -345,8 +345,10 @@ def markdown(rows: pd.DataFrame, args) -> str:
     for e in SMOOTHING:
         v = "after: Mahalanobis" if e == SMOOTHING[0] else f"smoothing {e:.2g}"
         sel = rows[(rows["percentile"] == p) & (rows["variant"] == v)]
-        real = [sel[sel["kind"] == k]["rejected"] for k in ("held-out real X-rays (page path)",
-                                                             "held-out real X-rays (evaluate path)")]
+        real = [
+            sel[sel["kind"] == k]["rejected"]
+            for k in ("held-out real X-rays (page path)", "held-out real X-rays (evaluate path)")
+        ]
         groups = [sel[sel["group"] == g]["rejected"] for g in ("tuning", "test")]
         lines.append(f"| {e:.2g} | " + " | ".join(cell(int(r.sum()), len(r)) for r in real + groups) + " |")
     return "\n".join(lines)

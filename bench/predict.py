@@ -138,8 +138,12 @@ def main(argv=None) -> int:
     # the whole command once: process start, imports, opening the package, the images, the files
     t0 = time.perf_counter()
     cmd = [sys.executable, "-m", "cxr.predict", "--no-progress", "--model", str(pkg), *map(str, files)]
-    subprocess.run([*cmd, "--out", str(args.out / "cli")], check=True, capture_output=True,
-                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+    subprocess.run(
+        [*cmd, "--out", str(args.out / "cli")],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     cli_s = time.perf_counter() - t0
     (a, ca), (b, cb) = np.median(ours, axis=0), np.median(theirs, axis=0)
     overhead, cpu_overhead = a / b - 1, ca / cb - 1

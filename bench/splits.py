@@ -130,7 +130,10 @@ def write_chexpert_like(root: Path, n_train: int = 223_414, n_valid: int = 234, 
         view = np.arange(n) % 3 + 1
         lateral = view == 3
         side = np.where(lateral, "lateral", "frontal")
-        path = [f"CheXpert-v1.0/{name}/patient{p:05d}/study{s}/view{v}_{f}.jpg" for p, s, v, f in zip(patient, study, view, side)]
+        path = [
+            f"CheXpert-v1.0/{name}/patient{p:05d}/study{s}/view{v}_{f}.jpg"
+            for p, s, v, f in zip(patient, study, view, side)
+        ]
         frame = pd.DataFrame(
             {
                 "Path": path,
@@ -159,11 +162,15 @@ def write_mimic_like(root: Path, n: int = 377_110, seed: int = 0) -> None:
                          "Rows": 3056, "Columns": 2544, "StudyDate": 21800506, "StudyTime": 213014.531})  # fmt: skip
     meta.to_csv(root / "mimic-cxr-2.0.0-metadata.csv.gz", index=False)
     by_subject = rng.choice(["train", "validate", "test"], subject.max() + 1 - subject.min(), p=[0.98, 0.008, 0.012])
-    split = pd.DataFrame({"dicom_id": dicom, "study_id": study, "subject_id": subject, "split": by_subject[subject - subject.min()]})
+    split = pd.DataFrame(
+        {"dicom_id": dicom, "study_id": study, "subject_id": subject, "split": by_subject[subject - subject.min()]}
+    )
     split.to_csv(root / "mimic-cxr-2.0.0-split.csv.gz", index=False)
     studies = meta.drop_duplicates("study_id")[["subject_id", "study_id"]].reset_index(drop=True)
     studies = studies.iloc[rng.random(len(studies)) < 0.99].reset_index(drop=True)  # a few unlabelled studies
-    pd.concat([studies, _findings(rng, len(studies))], axis=1).to_csv(root / "mimic-cxr-2.0.0-chexpert.csv.gz", index=False)
+    pd.concat([studies, _findings(rng, len(studies))], axis=1).to_csv(
+        root / "mimic-cxr-2.0.0-chexpert.csv.gz", index=False
+    )
 
 
 def _timed_split(argv: list[str]) -> tuple[float, str]:
@@ -186,11 +193,31 @@ def dataset_main(args) -> None:
         write_chexpert_like(tmp / "chexpert")
         write_mimic_like(tmp / "mimic")
         runs = [
-            ("NIH official (real CSV)", ["--metadata", args.metadata, "--scheme", "official", "--out", str(tmp / "nih.parquet")]),
-            ("CheXpert official", ["--dataset", "chexpert", "--root", str(tmp / "chexpert"), "--out", str(tmp / "c.parquet")]),
-            ("MIMIC-CXR-JPG official", ["--dataset", "mimic", "--root", str(tmp / "mimic"), "--out", str(tmp / "m.parquet")]),
-            ("CheXpert stratified", ["--dataset", "chexpert", "--root", str(tmp / "chexpert"), "--scheme", "stratified",
-                                     "--out", str(tmp / "cs.parquet")]),  # fmt: skip
+            (
+                "NIH official (real CSV)",
+                ["--metadata", args.metadata, "--scheme", "official", "--out", str(tmp / "nih.parquet")],
+            ),
+            (
+                "CheXpert official",
+                ["--dataset", "chexpert", "--root", str(tmp / "chexpert"), "--out", str(tmp / "c.parquet")],
+            ),
+            (
+                "MIMIC-CXR-JPG official",
+                ["--dataset", "mimic", "--root", str(tmp / "mimic"), "--out", str(tmp / "m.parquet")],
+            ),
+            (
+                "CheXpert stratified",
+                [
+                    "--dataset",
+                    "chexpert",
+                    "--root",
+                    str(tmp / "chexpert"),
+                    "--scheme",
+                    "stratified",
+                    "--out",
+                    str(tmp / "cs.parquet"),
+                ],
+            ),  # fmt: skip
         ]
         lines = [
             f"generated layouts of the real size; wall clock of `cxr-shards split` (one process, interpreter "

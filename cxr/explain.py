@@ -938,7 +938,9 @@ def plan_job(args: argparse.Namespace, masters: Masters, names: Sequence[str] = 
         chosen = sorted(set(in_split["key"]))
         if args.keys:  # score (and draw) only these
             chosen = [
-                k for k in select_keys(keys, args.keys.split(","), remote.location(args.shards), args.split) if k in set(chosen)
+                k
+                for k in select_keys(keys, args.keys.split(","), remote.location(args.shards), args.split)
+                if k in set(chosen)
             ]
         chosen = chosen[: args.limit] if args.limit else chosen
         in_split = in_split[in_split["key"].isin(set(chosen))]

@@ -405,8 +405,6 @@ TITLES = {
     "nih": "The real NIH sample: split and pack",
     "ensemble": "Ensemble: two members trained with 2 processes each, evaluated together",
     "external": "External validation: the ensemble on a second site with other label names",
-
-
     "sample": "The ensemble on the real NIH sample: calibration, subgroups, operating points",
     "resolution": "Resolution study on fine-detail phantoms",
     "explain": "Explanations: Grad-CAM overlays and the pointing game",

@@ -220,7 +220,8 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
         "and every label field matches its json.",
     )
     p.add_argument(
-        "dir", help="shards folder (with manifest.json), or its URL (s3://…, gs://…, https://…: each object streamed once)"
+        "dir",
+        help="shards folder (with manifest.json), or its URL (s3://…, gs://…, https://…: each object streamed once)",
     )
     p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
     p.add_argument(

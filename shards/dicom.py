@@ -230,7 +230,9 @@ def read_salt(path: str | Path | None) -> bytes:
         try:
             salt = Path(path).read_bytes().strip()
         except OSError as err:
-            raise CxrError(f"{path}: salt file unreadable ({err.strerror or err}) — pass a file of random bytes") from None
+            raise CxrError(
+                f"{path}: salt file unreadable ({err.strerror or err}) — pass a file of random bytes"
+            ) from None
         where = str(path)
     else:
         salt, where = os.environ.get(SALT_ENV, "").strip().encode(), f"${SALT_ENV}"

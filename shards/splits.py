@@ -384,7 +384,9 @@ def run(args) -> int:
 
         return run_split(args)
     if not args.metadata or not args.scheme:
-        raise CxrError("split (NIH): pass --metadata Data_Entry_2017.csv and --scheme — or --dataset NAME --root FOLDER")
+        raise CxrError(
+            "split (NIH): pass --metadata Data_Entry_2017.csv and --scheme — or --dataset NAME --root FOLDER"
+        )
     start = time.perf_counter()
     out = Path(args.out)
     if out.suffix not in (".parquet", ".csv"):

@@ -170,7 +170,8 @@ def _compare_with_archives(directory: Any, manifest: dict, scanned: Sources, poo
     for future in pending:
         failures += future.result()
     failures += [
-        f"{remote.location(where[k][0]).name}: {k}: no source PNG of this key in --against" for k in sorted(wanted - found)
+        f"{remote.location(where[k][0]).name}: {k}: no source PNG of this key in --against"
+        for k in sorted(wanted - found)
     ]
     return failures
 

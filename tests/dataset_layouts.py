@@ -114,9 +114,28 @@ def write_mimic(root: Path) -> Path:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(meta_header)
     for d, subject, study, view, _ in MIMIC_IMAGES:
-        writer.writerow([d, subject, study, "CHEST (PA AND LAT)", view, 32, 32, 21800506, 213014.531, "CHEST (PA AND LAT)", "postero-anterior", "Erect"])
+        writer.writerow(
+            [
+                d,
+                subject,
+                study,
+                "CHEST (PA AND LAT)",
+                view,
+                32,
+                32,
+                21800506,
+                213014.531,
+                "CHEST (PA AND LAT)",
+                "postero-anterior",
+                "Erect",
+            ]
+        )
     (base / "mimic-cxr-2.0.0-metadata.csv.gz").write_bytes(gzip.compress(buf.getvalue().encode(), mtime=0))
-    _write_csv(base / "mimic-cxr-2.0.0-split.csv", ["dicom_id", "study_id", "subject_id", "split"], [[d, st, su, sp] for d, su, st, _, sp in MIMIC_IMAGES])
+    _write_csv(
+        base / "mimic-cxr-2.0.0-split.csv",
+        ["dicom_id", "study_id", "subject_id", "split"],
+        [[d, st, su, sp] for d, su, st, _, sp in MIMIC_IMAGES],
+    )
     _write_csv(
         base / "mimic-cxr-2.0.0-chexpert.csv",
         ["subject_id", "study_id", *CHEXPERT_FINDINGS],
@@ -214,7 +233,9 @@ def write_vindr(root: Path) -> Path:
     ann = root / "annotations"
     _write_csv(ann / "image_labels_train.csv", ["image_id", "rad_id", *VINDR_FINDINGS],
                [[i, r, *marks(f)] for i, reads in VINDR_TRAIN.items() for r, f in reads])  # fmt: skip
-    _write_csv(ann / "image_labels_test.csv", ["image_id", *VINDR_FINDINGS], [[i, *marks(f)] for i, f in VINDR_TEST.items()])
+    _write_csv(
+        ann / "image_labels_test.csv", ["image_id", *VINDR_FINDINGS], [[i, *marks(f)] for i, f in VINDR_TEST.items()]
+    )
     _write_csv(ann / "annotations_train.csv", ["image_id", "rad_id", "class_name", "x_min", "y_min", "x_max", "y_max"],
                [list(b) for b in VINDR_BOXES])  # fmt: skip
     for n, (split, image_id) in enumerate([("train", i) for i in VINDR_TRAIN] + [("test", i) for i in VINDR_TEST]):

@@ -263,12 +263,43 @@ def phantom_shards(
 
             assert shards_main(argv) == 0, argv
 
-    run("synth", "--out", synth, "--n", n, "--resolution", resolution, *opt("--seed", seed), *opt("--workers", workers), *synth_args)
+    run(
+        "synth",
+        "--out",
+        synth,
+        "--n",
+        n,
+        "--resolution",
+        resolution,
+        *opt("--seed", seed),
+        *opt("--workers", workers),
+        *synth_args,
+    )
     if upto != "synth":
         labels = synth / "Data_Entry_2017.csv" if metadata is None else metadata(synth)
-        run("split", "--metadata", labels, "--scheme", scheme, *opt("--fractions", fractions), *opt("--seed", split_seed), "--out", table)
+        run(
+            "split",
+            "--metadata",
+            labels,
+            "--scheme",
+            scheme,
+            *opt("--fractions", fractions),
+            *opt("--seed", split_seed),
+            "--out",
+            table,
+        )
         if upto != "split":
-            run("pack", "--splits", table, "--images", synth / "images", "--out", shards, *pack_args, *opt("--workers", pack_workers))
+            run(
+                "pack",
+                "--splits",
+                table,
+                "--images",
+                synth / "images",
+                "--out",
+                shards,
+                *pack_args,
+                *opt("--workers", pack_workers),
+            )
     return Phantoms(root, synth, table, shards)
 
 

@@ -273,13 +273,20 @@ def test_vindr_majority_labels_split_headers_and_boxes(tmp_path):
     assert by_split["test"] == {i for i in VINDR_EXPECTED if i.startswith("test/")}
     assert len(by_split["val"]) == 2 and len(by_split["train"]) == 3  # 40 % of 5 train images
     rows = table.set_index("image")
-    assert rows.loc["train/000434271f63a053c4128a0ba6352c7f.dicom", ["age", "sex", "view"]].tolist() == [45.0, "M", "PA"]
+    assert rows.loc["train/000434271f63a053c4128a0ba6352c7f.dicom", ["age", "sex", "view"]].tolist() == [
+        45.0,
+        "M",
+        "PA",
+    ]
     assert pd.isna(rows.loc["train/00053190460d56c53cc3e57321387478.dicom", "age"])  # empty PatientAge
     from cxr.explain import read_boxes
 
     read = read_boxes(boxes)
     key = image_key("train/000434271f63a053c4128a0ba6352c7f.dicom")
-    assert read.values.tolist() == [[key, "Atelectasis", 2.0, 3.0, 10.0, 12.0], [key, "Atelectasis", 4.0, 3.0, 10.0, 10.0]]
+    assert read.values.tolist() == [
+        [key, "Atelectasis", 2.0, 3.0, 10.0, 12.0],
+        [key, "Atelectasis", 4.0, 3.0, 10.0, 10.0],
+    ]
 
 
 def test_vindr_bad_value_and_missing_file(tmp_path, capsys):
@@ -352,7 +359,9 @@ def test_pack_padchest_windows_16bit_and_records_mapping(tmp_path):
     section = "\n".join(label_mapping_section(context["label_mapping"]))
     assert section.startswith("## Label mapping (padchest → NIH 14)")
     for row in rows:  # every shipped row, as a markdown table row
-        assert f"| {row['dataset']} | {row['source']} | {row['target']} | {row['relation']} |" in section.replace("  ", " ")
+        assert f"| {row['dataset']} | {row['source']} | {row['target']} | {row['relation']} |" in section.replace(
+            "  ", " "
+        )
     assert label_mapping_section(None) == []
     strict = tmp_path / "strict"
     assert main(["pack", "--splits", str(table), "--images", str(root), "--out", str(strict), "--grey16", "reject",
@@ -449,7 +458,9 @@ def test_harmonise_combines_sources_by_rule():
     out = harmonise(src, "padchest")
     assert [None if pd.isna(v) else int(v) for v in out["Atelectasis"]] == [1, 1, 0, None]
     assert out["Effusion"].isna().all()  # its source column is absent here: unknown
-    chexpert = pd.DataFrame({"Pleural Effusion": [-1.0, 0.0, np.nan, np.nan], "No Finding": [np.nan, np.nan, 1.0, np.nan]})
+    chexpert = pd.DataFrame(
+        {"Pleural Effusion": [-1.0, 0.0, np.nan, np.nan], "No Finding": [np.nan, np.nan, 1.0, np.nan]}
+    )
     out = harmonise(chexpert, "chexpert")
     assert [None if pd.isna(v) else int(v) for v in out["Effusion"]] == [-1, 0, 0, None]  # No Finding → 0
     assert out["Emphysema"].isna().all()  # CheXpert has no Emphysema, No Finding or not

@@ -68,7 +68,9 @@ def test_patient_keys_are_the_salted_hash_and_splits_keep_patients_whole(studies
     assert _split(root, folder, "--patient-salt-file", str(other), out="splits2.parquet") == 0
     table2 = pd.read_parquet(root / "splits2.parquet")
     assert not set(table2["patient"]) & set(table["patient"])
-    assert (table2["patient"] == table2["image"].map(lambda n: _hmac_key(who[n], b"another-salt-of-enough-bytes"))).all()
+    assert (
+        table2["patient"] == table2["image"].map(lambda n: _hmac_key(who[n], b"another-salt-of-enough-bytes"))
+    ).all()
 
     from shards.cli import main as shards_main
 

@@ -63,7 +63,9 @@ def _features_numpy(x: np.ndarray, ae: np.ndarray) -> np.ndarray:
     rows = []
     for img, a in zip(x, ae):
         e = 1 / (h * w)  # one pixel's share
-        cuts = [np.log((p + e) / (1 - p + e)) for p in (np.mean(img < (k + 0.5) / 255) for k in (12, 63, 127, 191, 242))]
+        cuts = [
+            np.log((p + e) / (1 - p + e)) for p in (np.mean(img < (k + 0.5) / 255) for k in (12, 63, 127, 191, 242))
+        ]
         grad = np.abs(np.diff(img, axis=1)).mean() + np.abs(np.diff(img, axis=0)).mean()
         fine = np.abs(img - uniform_filter(img, 3, mode="constant"))[1:-1, 1:-1].mean()
         asym = np.abs(img[:, : w // 2] - np.fliplr(img)[:, : w // 2]).mean()
@@ -131,7 +133,9 @@ def test_one_pixel_past_a_cut_no_fit_image_crosses_is_no_outlier():
     one, many = px[40].copy(), px[40].copy()
     one[10, 10] = 250 / 255
     many[: RES // 5] = 250 / 255
-    feats = image_features(torch.tensor(np.stack([*px[:40], one, many])[:, None]), torch.tensor(rng.uniform(0.1, 0.2, 42)))
+    feats = image_features(
+        torch.tensor(np.stack([*px[:40], one, many])[:, None]), torch.tensor(rng.uniform(0.1, 0.2, 42))
+    )
     feats = feats.numpy()
     model = fit_feature_model(feats[:40])
     fit_images = np.sort(cross_fitted_distances(feats[:40]))

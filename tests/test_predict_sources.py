@@ -98,8 +98,13 @@ def _predict(tmp_path, *args: str) -> pd.DataFrame:
 
 def test_run_dirs_equal_the_evaluator_on_packed_copies(export_runs, packed, tmp_path):
     members = export_runs["members"]
-    got = _predict(tmp_path, *[a for m in members for a in ("--model", str(m))], "--ood", str(export_runs["gate"]),
-                   str(packed["src"]))
+    got = _predict(
+        tmp_path,
+        *[a for m in members for a in ("--model", str(m))],
+        "--ood",
+        str(export_runs["gate"]),
+        str(packed["src"]),
+    )
     ref = _reference(packed["pred"], members)
     assert sorted(got.index) == sorted(ref.index)
     raw = got[[f"raw_{label}" for label in LABELS]].to_numpy()

@@ -213,7 +213,9 @@ def _evaluate(member: Path, shards: str, out: Path) -> None:
 
 
 def _same_report(a: Path, b: Path) -> None:
-    pd.testing.assert_frame_equal(pd.read_parquet(a / "predictions.parquet"), pd.read_parquet(b / "predictions.parquet"))
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(a / "predictions.parquet"), pd.read_parquet(b / "predictions.parquet")
+    )
     pd.testing.assert_frame_equal(pd.read_csv(a / "aucs.csv"), pd.read_csv(b / "aucs.csv"))
 
 
@@ -222,13 +224,19 @@ def test_evaluate_from_the_bucket_equals_evaluate_from_the_folder(member, bucket
     _evaluate(member, bucket_shards, tmp_path / "bucket")
     _same_report(tmp_path / "local", tmp_path / "bucket")
     assert bucket_shards in (tmp_path / "bucket" / "report.md").read_text()
-    assert not any(FAKE_SECRET in p.read_text(errors="replace") for p in (tmp_path / "bucket").rglob("*") if p.is_file())
+    assert not any(
+        FAKE_SECRET in p.read_text(errors="replace") for p in (tmp_path / "bucket").rglob("*") if p.is_file()
+    )
 
 
-def test_explain_from_the_bucket_draws_the_same_overlays_as_from_the_folder(member, bucket_shards, train_shards, tmp_path):
+def test_explain_from_the_bucket_draws_the_same_overlays_as_from_the_folder(
+    member, bucket_shards, train_shards, tmp_path
+):
     from cxr.explain import main as explain_main
 
-    keys = [line.split()[3].partition(".")[0] for line in (train_shards / "test-000000.idx").read_text().splitlines()[1:3]]
+    keys = [
+        line.split()[3].partition(".")[0] for line in (train_shards / "test-000000.idx").read_text().splitlines()[1:3]
+    ]
 
     def overlays(shards: str, out: Path) -> dict[str, bytes]:
         argv = ["--run", str(member), "--shards", shards, "--split", "test", "--keys", ",".join(keys)]

@@ -25,7 +25,6 @@ def shards(tmp_path_factory) -> Path:
     return phantom_shards(tmp_path_factory.mktemp("seeds"), 60, 32, fractions="0.7,0.15,0.15", split_seed=0).shards
 
 
-
 def member_config(name: str, index: int, shards: Path, tmp_path: Path):
     ens = members.load_ensemble(name)
     argv = members.member_argv(

@@ -62,8 +62,12 @@ def _node_grey(parser: Path, files: list[Path], tmp_path: Path) -> list[dict]:
 CASES = {
     "mono2_window_12bit": dict(stored=ramp(), WindowCenter=2000, WindowWidth=3000),
     "mono1_window_rescale": dict(
-        stored=ramp(seed=1), photometric="MONOCHROME1", RescaleSlope=2, RescaleIntercept=-100,
-        WindowCenter=4000, WindowWidth=6001,
+        stored=ramp(seed=1),
+        photometric="MONOCHROME1",
+        RescaleSlope=2,
+        RescaleIntercept=-100,
+        WindowCenter=4000,
+        WindowWidth=6001,
     ),
     "linear_exact": dict(stored=ramp(seed=2), WindowCenter=1500, WindowWidth=2500, VOILUTFunction="LINEAR_EXACT"),
     "sigmoid": dict(stored=ramp(seed=3), WindowCenter=2048, WindowWidth=1800, VOILUTFunction="SIGMOID"),

@@ -18,14 +18,22 @@ TOUR = [sys.executable, str(ROOT / "scripts" / "demo_tour.py"), "web"]
 def test_web_tour_refuses_what_it_cannot_open_in_one_line(tmp_path):
     site_dir = tmp_path / "site"
     site_dir.mkdir()
-    done = subprocess.run([*TOUR, "--site", str(site_dir), "--images", "x.png", "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [*TOUR, "--site", str(site_dir), "--images", "x.png", "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 1 and done.stderr.strip().splitlines() == [
         f"{site_dir}: no index.html — export the page first (python -m cxr.export ... --web {site_dir})"
     ]
     (site_dir / "index.html").write_text("<html></html>")
-    done = subprocess.run([*TOUR, "--site", str(site_dir), "--images", str(tmp_path / "missing.png"), "--out",
-                           str(tmp_path / "o")], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [*TOUR, "--site", str(site_dir), "--images", str(tmp_path / "missing.png"), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 1 and done.stderr.strip().splitlines() == [
         f"{tmp_path / 'missing.png'}: no such file — pass PNG or JPEG files"
     ]
@@ -40,9 +48,22 @@ def test_web_tour_opens_user_files_through_the_page(site, web_tools, tmp_path): 
     images = [shutil.copyfile(site["dir"] / name, mine / name) for name in ("phantom.png", "texture.jpg")]
     out = tmp_path / "web"
     done = subprocess.run(
-        [*TOUR, "--site", str(site["dir"]), "--images", *map(str, images), "--out", str(out),
-         "--chromium", web_tools["chromium"], "--playwright", web_tools["playwright"]],
-        capture_output=True, text=True, timeout=600,
+        [
+            *TOUR,
+            "--site",
+            str(site["dir"]),
+            "--images",
+            *map(str, images),
+            "--out",
+            str(out),
+            "--chromium",
+            web_tools["chromium"],
+            "--playwright",
+            web_tools["playwright"],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     doc = json.loads((out / "results.json").read_text())

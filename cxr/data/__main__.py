@@ -27,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
         "samples, batches, unique keys, sha256 of the sorted keys (joined by newlines), images/s.",
     )
     p.add_argument(
-        "--shards", required=True, help="shards folder with manifest.json, or its URL (s3://…, https://…; --backend wds)"
+        "--shards",
+        required=True,
+        help="shards folder with manifest.json, or its URL (s3://…, https://…; --backend wds)",
     )
     p.add_argument("--split", required=True, help="split to read (train, val, test)")
     p.add_argument("--backend", choices=["dali", "wds"], default="dali", help="loader back end (default dali)")

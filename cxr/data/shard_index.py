@@ -329,7 +329,9 @@ def _index_shard(tar: Path, idx: Path | None) -> list[Sample]:
             tar.parent,
         )
     else:
-        log.warning("shards: %s has no index %s; scanning tar headers (slower start)", tar, tar.with_suffix(".idx").name)
+        log.warning(
+            "shards: %s has no index %s; scanning tar headers (slower start)", tar, tar.with_suffix(".idx").name
+        )
     return scan_tar(tar)
 
 

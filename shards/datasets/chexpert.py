@@ -44,9 +44,23 @@ FIX = "use train.csv/valid.csv as downloaded from Stanford AIMI (CheXpert-v1.0)"
 def read_one(path: Path, official: str) -> pd.DataFrame:
     raw = read_csv(path, COLUMNS, FIX, dtype={"Path": str, "Sex": str, "Frontal/Lateral": str, "AP/PA": str})
     parts = raw["Path"].str.extract(PATH)
-    fail_rows(path, raw, parts[0].isna(), "Path is not CheXpert-v1.0/{train,valid}/patientN/studyN/viewN_{frontal,lateral}.jpg", FIX, "Path")
+    fail_rows(
+        path,
+        raw,
+        parts[0].isna(),
+        "Path is not CheXpert-v1.0/{train,valid}/patientN/studyN/viewN_{frontal,lateral}.jpg",
+        FIX,
+        "Path",
+    )
     side = raw["Frontal/Lateral"]
-    fail_rows(path, raw, ~side.isin(["Frontal", "Lateral"]), "Frontal/Lateral is not Frontal or Lateral", FIX, "Frontal/Lateral")
+    fail_rows(
+        path,
+        raw,
+        ~side.isin(["Frontal", "Lateral"]),
+        "Frontal/Lateral is not Frontal or Lateral",
+        FIX,
+        "Frontal/Lateral",
+    )
     age = pd.to_numeric(raw["Age"], errors="coerce")
     fail_rows(path, raw, age.isna() & raw["Age"].notna(), "Age is not a number", FIX, "Age")
     frame = pd.DataFrame(

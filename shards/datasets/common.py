@@ -67,9 +67,7 @@ def read_csv(path: Path, columns: Sequence[str], fix: str, **kwargs: Any) -> pd.
         raise CxrError(f"{path}: unreadable CSV ({type(err).__name__}: {err}) — {fix}") from None
     absent = [c for c in columns if c not in frame.columns]
     if absent:
-        raise CxrError(
-            f"{path}: missing column(s) {absent} (has {list(frame.columns)[:8]}…) — {fix}"
-        )
+        raise CxrError(f"{path}: missing column(s) {absent} (has {list(frame.columns)[:8]}…) — {fix}")
     return frame
 
 

@@ -123,7 +123,9 @@ def label_mapping(splits: Any) -> dict[str, Any] | None:
                     return None
                 names = names["dataset"]
         except Exception as err:  # read_splits has already read this file; this is belt and braces
-            raise CxrError(f"{path}: unreadable 'dataset' column ({err}) — re-write it with `cxr-shards split`") from None
+            raise CxrError(
+                f"{path}: unreadable 'dataset' column ({err}) — re-write it with `cxr-shards split`"
+            ) from None
     datasets = sorted(names.dropna().astype(str).unique())
     known = {r["dataset"] for r in mapping_rows()}
     unknown = [d for d in datasets if d not in known]

@@ -42,10 +42,19 @@ def load(root: Path, args: Any) -> Loaded:
     split_path = find_file(root, [f"{PREFIX}-split.csv"], "MIMIC-CXR-JPG split file", f"{where}; {FIX}")
     labeler = getattr(args, "labeler", "chexpert")
     label_path = find_file(root, [f"{PREFIX}-{labeler}.csv"], f"MIMIC-CXR-JPG {labeler} labels", f"{where}; {FIX}")
-    meta = read_csv(meta_path, ["dicom_id", "subject_id", "study_id", "ViewPosition"], FIX, dtype={"dicom_id": str, "ViewPosition": str})
+    meta = read_csv(
+        meta_path,
+        ["dicom_id", "subject_id", "study_id", "ViewPosition"],
+        FIX,
+        dtype={"dicom_id": str, "ViewPosition": str},
+    )
     _ids(meta_path, meta, ["subject_id", "study_id"])
-    split = read_csv(split_path, ["dicom_id", "study_id", "subject_id", "split"], FIX, dtype={"dicom_id": str, "split": str})
-    fail_rows(split_path, split, ~split["split"].isin(list(OFFICIAL)), "split is not train, validate or test", FIX, "split")
+    split = read_csv(
+        split_path, ["dicom_id", "study_id", "subject_id", "split"], FIX, dtype={"dicom_id": str, "split": str}
+    )
+    fail_rows(
+        split_path, split, ~split["split"].isin(list(OFFICIAL)), "split is not train, validate or test", FIX, "split"
+    )
     labels = read_csv(label_path, ["subject_id", "study_id", *FINDINGS], FIX)
     _ids(label_path, labels, ["subject_id", "study_id"])
     values = label_values(label_path, labels, FINDINGS, FIX)
@@ -60,7 +69,17 @@ def load(root: Path, args: Any) -> Loaded:
     study_labels = pd.concat([labels[["subject_id", "study_id"]], values], axis=1)
     merged = meta.merge(study_labels, on=["subject_id", "study_id"], how="left", indicator=True)
     subject = merged["subject_id"].astype(str)
-    image = "files/p" + subject.str[:2] + "/p" + subject + "/s" + merged["study_id"].astype(str) + "/" + merged["dicom_id"] + ".jpg"
+    image = (
+        "files/p"
+        + subject.str[:2]
+        + "/p"
+        + subject
+        + "/s"
+        + merged["study_id"].astype(str)
+        + "/"
+        + merged["dicom_id"]
+        + ".jpg"
+    )
     view = merged["ViewPosition"]
     age, sex = _demographics(merged, getattr(args, "patients", None))
     frame = pd.DataFrame(
@@ -77,7 +96,9 @@ def load(root: Path, args: Any) -> Loaded:
     frame = pd.concat([frame, merged[FINDINGS]], axis=1)
     loaded = Loaded(frame, FINDINGS, official=True, read=[str(meta_path), str(split_path), str(label_path)])
     unlabelled = (merged["_merge"] == "left_only").to_numpy()
-    examples = [f"{meta_path.name} line {i + 2}: study {merged['study_id'].iloc[i]}" for i in np.flatnonzero(unlabelled)[:3]]
+    examples = [
+        f"{meta_path.name} line {i + 2}: study {merged['study_id'].iloc[i]}" for i in np.flatnonzero(unlabelled)[:3]
+    ]
     loaded.skip(f"study has no row in {label_path.name}", examples, unlabelled.sum())
     loaded.frame = frame[~unlabelled].reset_index(drop=True)
     check_official_patient_level(loaded.frame, str(split_path))

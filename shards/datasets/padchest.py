@@ -26,7 +26,16 @@ from shards.datasets.common import Loaded, fail_rows, read_csv, stable_ids
 from shards.datasets.harmonise import mapping_rows
 
 CSV_NAME = "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv"
-COLUMNS = ["ImageID", "ImageDir", "PatientID", "PatientSex_DICOM", "PatientBirth", "StudyDate_DICOM", "Projection", "Labels"]
+COLUMNS = [
+    "ImageID",
+    "ImageDir",
+    "PatientID",
+    "PatientSex_DICOM",
+    "PatientBirth",
+    "StudyDate_DICOM",
+    "Projection",
+    "Labels",
+]
 FIX = f"use {CSV_NAME} as downloaded from BIMCV, unchanged"
 VIEW = {"PA": "PA", "AP": "AP", "AP_horizontal": "AP"}
 _ITEM = re.compile(r"'([^']*)'")
@@ -39,7 +48,9 @@ def find_csv(root: Path) -> Path:
     found = sorted(root.glob("PADCHEST_chest_x_ray_images_labels_*.csv*"))
     if found:
         return found[0]
-    raise CxrError(f"{root / CSV_NAME}: PadChest labels CSV not found — pass --root the folder that holds it and the image folders")
+    raise CxrError(
+        f"{root / CSV_NAME}: PadChest labels CSV not found — pass --root the folder that holds it and the image folders"
+    )
 
 
 def parse_labels(path: Path, raw: pd.DataFrame) -> pd.Series:
@@ -52,8 +63,16 @@ def parse_labels(path: Path, raw: pd.DataFrame) -> pd.Series:
 
 def load(root: Path, args: Any) -> Loaded:
     path = find_csv(root)
-    raw = read_csv(path, COLUMNS, FIX, dtype={"ImageID": str, "PatientID": str, "Projection": str, "Labels": str, "PatientSex_DICOM": str}, low_memory=False)
-    fail_rows(path, raw, raw["ImageID"].isna() | raw["PatientID"].isna(), "ImageID or PatientID is empty", FIX, "ImageID")
+    raw = read_csv(
+        path,
+        COLUMNS,
+        FIX,
+        dtype={"ImageID": str, "PatientID": str, "Projection": str, "Labels": str, "PatientSex_DICOM": str},
+        low_memory=False,
+    )
+    fail_rows(
+        path, raw, raw["ImageID"].isna() | raw["PatientID"].isna(), "ImageID or PatientID is empty", FIX, "ImageID"
+    )
     folder = pd.to_numeric(raw["ImageDir"], errors="coerce")
     fail_rows(path, raw, folder.isna(), "ImageDir is not a folder number", FIX, "ImageDir")
     names = parse_labels(path, raw)

@@ -89,7 +89,9 @@ def load(root: Path, args: Any) -> Loaded:
         loaded.notes.append(f"{missing:,} DICOM(s) not under {root}: no sex/age/view read for them (pack names them)")
     boxes_out = getattr(args, "boxes_out", None)
     if boxes_out:
-        boxes = find_file(root, ["annotations/annotations_train.csv", "annotations_train.csv"], "VinDr-CXR boxes", where)
+        boxes = find_file(
+            root, ["annotations/annotations_train.csv", "annotations_train.csv"], "VinDr-CXR boxes", where
+        )
         loaded.notes.append(write_boxes(boxes, Path(boxes_out)))
     return loaded
 
