@@ -383,6 +383,29 @@ def tiny_config(run_dir: Path, *extra: str):
     )
 
 
+def shards_config(run_dir: Path, shards: Path, resolution: int, *extra: str):
+    """The shipped tiny config on phantom shards, in-process and deterministic (wds, no workers, no
+    augmentation, one thread): the training of tests/test_transfer.py and the two-site tests."""
+    from cxr.config import load_config
+
+    return load_config(
+        Path(__file__).resolve().parents[1] / "cxr/configs/tiny.yaml",
+        [
+            f"checkpoint.run_dir={run_dir}",
+            f"data.shards={shards}",
+            f"data.resolution={resolution}",
+            "data.backend=wds",
+            "data.num_threads=0",
+            "data.augment=false",
+            "data.batch_size=16",
+            "logging.progress=false",
+            "train.threads=1",
+            "schedule.warmup_epochs=0",
+            *extra,
+        ],
+    )
+
+
 # ------------------------------------------------- tiny PNG data sets
 def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
     buf = io.BytesIO()

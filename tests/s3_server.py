@@ -46,6 +46,16 @@ def running_s3_server() -> Iterator[S3Server]:
     server.start()  # returns once the socket is bound and serving
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
+    try:
+        with aws_env(endpoint) as env:
+            yield S3Server(endpoint, env)
+    finally:
+        server.stop()
+
+
+@contextmanager
+def aws_env(endpoint: str) -> Iterator[dict[str, str]]:
+    """This process's standard AWS variables pointed at ``endpoint`` with the fake credentials; restored after."""
     env = {
         "AWS_ENDPOINT_URL": endpoint,
         "AWS_ACCESS_KEY_ID": FAKE_KEY_ID,
@@ -56,11 +66,10 @@ def running_s3_server() -> Iterator[S3Server]:
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        yield S3Server(endpoint, env)
+        yield env
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        server.stop()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from helpers import shards_config
 
 from shards.cli import main as shards_main
 
@@ -55,21 +56,4 @@ def pack_site(root: Path, table: pd.DataFrame, columns: dict[str, str], images: 
 
 
 def train_config(run: Path, shards: Path, *extra: str):
-    from cxr.config import load_config
-
-    return load_config(
-        Path(__file__).resolve().parents[1] / "cxr" / "configs" / "tiny.yaml",
-        [
-            f"checkpoint.run_dir={run}",
-            f"data.shards={shards}",
-            f"data.resolution={RES}",
-            "data.backend=wds",
-            "data.num_threads=0",
-            "data.augment=false",
-            "data.batch_size=16",
-            "logging.progress=false",
-            "train.threads=1",
-            "schedule.warmup_epochs=0",
-            *extra,
-        ],
-    )
+    return shards_config(run, shards, RES, *extra)

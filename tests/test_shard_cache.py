@@ -67,29 +67,18 @@ def _clear_fs_cache():
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    from s3_server import FAKE_KEY_ID, FAKE_SECRET
+    from s3_server import aws_env
 
     server = CountingS3()
-    env = {
-        "AWS_ENDPOINT_URL": server.endpoint,
-        "AWS_ACCESS_KEY_ID": FAKE_KEY_ID,
-        "AWS_SECRET_ACCESS_KEY": FAKE_SECRET,
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    _clear_fs_cache()
-    server.env = env
     try:
-        yield server
+        with aws_env(server.endpoint) as env:
+            _clear_fs_cache()
+            server.env = env
+            try:
+                yield server
+            finally:
+                _clear_fs_cache()
     finally:
-        _clear_fs_cache()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         server.server.shutdown()
 
 

@@ -13,10 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import phantom_shards
+from helpers import phantom_shards, shards_config
 from sklearn.metrics import roc_auc_score
 
-from cxr.config import load_config
 from cxr.evaluate import main as evaluate_main
 from cxr.train import train
 from cxrbase.errors import CxrError
@@ -54,22 +53,7 @@ def _pack_binary(root: Path, n: int, seed: int) -> tuple[Path, pd.DataFrame]:
 
 
 def _cfg(run: Path, shards: Path, *extra: str):
-    return load_config(
-        ROOT / "cxr" / "configs" / "tiny.yaml",
-        [
-            f"checkpoint.run_dir={run}",
-            f"data.shards={shards}",
-            f"data.resolution={RES}",
-            "data.backend=wds",
-            "data.num_threads=0",
-            "data.augment=false",
-            "data.batch_size=16",
-            "logging.progress=false",
-            "train.threads=1",
-            "schedule.warmup_epochs=0",
-            *extra,
-        ],
-    )
+    return shards_config(run, shards, RES, *extra)
 
 
 @pytest.fixture(scope="module")
