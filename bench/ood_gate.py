@@ -158,14 +158,14 @@ def _fitters():
     """variant → fit(pool [n, F]) → score(f [m, F]) → [m]; the shipped one is cxr.ood's own model."""
     from sklearn.covariance import LedoitWolf
 
-    from cxr.ood import FEATURES, SCALE_FLOOR, feature_distance, fit_feature_model
+    from cxr.ood import FEATURES, feature_distance, fit_feature_model
 
     layout = [i for i, name in enumerate(FEATURES) if name.startswith("layout_")]
     subsets = {"statistics": [i for i in range(len(FEATURES)) if i not in layout], "layout": [0, *layout]}
 
     def subset(idx):
         def fit(pool):
-            centre, scale = pool.mean(0), np.maximum(pool.std(0), SCALE_FLOOR)
+            centre, scale = pool.mean(0), np.maximum(pool.std(0), 1e-3)
             prec = np.linalg.inv(LedoitWolf().fit(((pool - centre) / scale)[:, idx]).covariance_)
 
             def score(f):
@@ -177,7 +177,7 @@ def _fitters():
         return fit
 
     def max_z(pool):
-        centre, scale = pool.mean(0), np.maximum(pool.std(0), SCALE_FLOOR)
+        centre, scale = pool.mean(0), np.maximum(pool.std(0), 1e-3)
         return lambda f: np.abs((f - centre) / scale).max(1)
 
     def shipped(pool):
@@ -185,8 +185,8 @@ def _fitters():
         return lambda f: feature_distance(f, model)
 
     def transformed(e_to):
-        def fit(pool):  # fractions on a linear scale were floored at 1e-3, as every feature then
-            model = fit_feature_model(relogit(pool, e_to), floor=SCALE_FLOOR if e_to else 1e-3)
+        def fit(pool):
+            model = fit_feature_model(relogit(pool, e_to))
             return lambda f: feature_distance(relogit(f, e_to), model)
 
         return fit

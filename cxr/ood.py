@@ -64,12 +64,6 @@ FEATURES = (
     *(f"layout_{r}{c}" for r in range(_GRID) for c in range(_GRID)),
 )
 
-# The smallest spread a feature is scaled by (its standard deviation over the fit images is floored
-# here). One pixel below a cut more or less moves a log-odds fraction at the end of its range by
-# ~log 2, so a cut that no fit image crosses (no train X-ray with a pixel above 242/255, say) must
-# not make an image with one such pixel thousands of standard deviations out.
-SCALE_FLOOR = tuple(float(np.log(2)) if name.startswith("logodds_") else 1e-3 for name in FEATURES)
-
 
 def image_features(x01: torch.Tensor, ae_score: torch.Tensor) -> torch.Tensor:
     """[B, len(FEATURES)] statistics of grey images x01 [B,1,H,W] in [0, 1] and their AE scores [B]
@@ -109,16 +103,16 @@ def image_features(x01: torch.Tensor, ae_score: torch.Tensor) -> torch.Tensor:
     return torch.cat([stats, layout], 1)
 
 
-def fit_feature_model(feats: np.ndarray, split: str = "train", floor=SCALE_FLOOR) -> dict:
+def fit_feature_model(feats: np.ndarray, split: str = "train") -> dict:
     """The feature model of the gate from the [n, F] feature vectors of in-distribution images:
-    centre, scale (standard deviation, floored at :data:`SCALE_FLOOR`) and the whitening matrix W of the shrunk
+    centre, scale (standard deviation, floored at 1e-3) and the whitening matrix W of the shrunk
     covariance of the standardised vectors (W Wᵀ = Σ⁻¹, Ledoit–Wolf): distance = ‖Wᵀ z‖."""
     from sklearn.covariance import LedoitWolf
 
     feats = np.asarray(feats, np.float64)
     if feats.ndim != 2 or feats.shape[1] != len(FEATURES) or len(feats) < 3:
         raise CxrError(f"ood feature fit: {feats.shape} feature vectors — need ≥ 3 images of the {split} split")
-    centre, scale = feats.mean(0), np.maximum(feats.std(0), floor)
+    centre, scale = feats.mean(0), np.maximum(feats.std(0), 1e-3)
     cov = LedoitWolf().fit((feats - centre) / scale).covariance_
     whiten = np.linalg.cholesky(np.linalg.inv(cov))  # lower L, L Lᵀ = Σ⁻¹ → zᵀΣ⁻¹z = ‖Lᵀz‖²
     return {

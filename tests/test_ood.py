@@ -21,7 +21,6 @@ from cxr.config import load_config
 from cxr.ood import (
     FEATURES,
     GateScore,
-    cross_fitted_distances,
     feature_distance,
     fit_feature_model,
     image_features,
@@ -109,7 +108,7 @@ def test_feature_distance_is_mahalanobis_under_the_ledoit_wolf_covariance():
     from sklearn.covariance import ledoit_wolf
 
     rng = np.random.default_rng(0)
-    train = rng.normal(size=(40, len(FEATURES))) * rng.uniform(1, 3, len(FEATURES)) + rng.normal(size=len(FEATURES))
+    train = rng.normal(size=(40, len(FEATURES))) * rng.uniform(0.01, 3, len(FEATURES)) + rng.normal(size=len(FEATURES))
     model = fit_feature_model(train)
     centre, scale = train.mean(0), train.std(0)
     cov, _ = ledoit_wolf((train - centre) / scale)
