@@ -75,8 +75,11 @@ def _write_text(path: Path, text: str) -> None:
 
 # ------------------------------------------------------------------ outliers ---
 def _grey(path: Path, res: int) -> np.ndarray:
+    """uint8 [res, res] as the page makes it: PIL "L", then the loader's resize (cxr.data.shard_index)."""
+    from cxr.data.shard_index import to_resolution
+
     with Image.open(path) as im:
-        return np.asarray(im.convert("L").resize((res, res), Image.BILINEAR))
+        return to_resolution(im.convert("L"), res)
 
 
 def cmd_outliers(args) -> int:
@@ -109,7 +112,7 @@ def cmd_outliers(args) -> int:
             Image.fromarray(np.ascontiguousarray(px)).save(out / name)
             rows.append((name, category))
     # the bench's held-out kinds (bench/ood_gate.py), saved at their own size and colour: the gate
-    # sees them through the page's path (grey, bilinear resize)
+    # sees them through the page's path (grey, the loader's Lanczos resize)
     for j, (category, make) in enumerate(TEST_KINDS.items()):
         slug = category.replace(" ", "-").lower()
         for i, im in enumerate(make(n, 100 + j)):
@@ -124,7 +127,7 @@ def cmd_outliers(args) -> int:
 
 # ------------------------------------------------------------------ verdicts ---
 def _pixels(path: Path, res: int, mean: float, std: float) -> np.ndarray:
-    """[1,1,res,res] float32 as the loader and the page make it (PIL L, bilinear, (x/255 − mean)/std)."""
+    """[1,1,res,res] float32 as the loader and the page make it (PIL L, Lanczos, (x/255 − mean)/std)."""
     x = (_grey(path, res).astype(np.float32) - np.float32(mean * 255)) / np.float32(std * 255)
     return x[None, None]
 

@@ -14,7 +14,8 @@ MEAN, STD = 0.5176, 0.2542  # DataConfig defaults: what the loader normalises wi
 
 
 def load_grey(path: Path, res: int = RES) -> np.ndarray:
-    """uint8 [res, res], as cxr/data/shard_index.decode_resize makes it."""
+    """uint8 [res, res]: PIL "L", bilinear to ``res`` (the gate bench's recorded preprocessing; the loader
+    and the page resize with Lanczos, cxr.data.shard_index.to_resolution)."""
     with Image.open(path) as im:
         im = im.convert("L") if im.mode != "L" else im.copy()
     return np.array(im.resize((res, res), Image.BILINEAR) if im.size != (res, res) else im)
@@ -64,7 +65,7 @@ def normalise(pixels: np.ndarray):
 # them as the loader and the page do: PIL convert("L"), bilinear resize (to_pixels). bench/ood_gate.py
 # keeps the tuning kinds (textures, digits, inverted / rotated X-rays above) apart from these test kinds.
 def to_pixels(images, res: int = RES) -> np.ndarray:
-    """PIL images → uint8 [n, res, res] as cxr/data/shard_index.decode_resize makes them."""
+    """PIL images → uint8 [n, res, res]: grey, bilinear (as load_grey; not the loader's Lanczos)."""
     out = []
     for im in images:
         im = im.convert("L") if im.mode != "L" else im

@@ -221,9 +221,14 @@ def _check_explain(d: Path):
 
 def _check_ood(d: Path, nih: Path):
     import torch
-    from ood_data import MEAN, STD, TEST_KINDS, load_grey
+    from ood_data import MEAN, STD, TEST_KINDS
 
     from cxr.ood import load_scorer
+
+    def page_grey(path: Path, res: int) -> np.ndarray:  # the page's path: PIL "L", then Pillow's Lanczos
+        with Image.open(path) as im:
+            grey = im.convert("L")
+        return np.asarray(grey if grey.size == (res, res) else grey.resize((res, res), Image.LANCZOS))
 
     verdicts = pd.read_csv(d / "ood" / "verdicts.csv")
     n = int(SMALL["DEMO_OUTLIERS"])
@@ -236,10 +241,10 @@ def _check_ood(d: Path, nih: Path):
     held_out = {str(k) for k in splits.loc[splits["split"] == "test", "image"]}
     real = verdicts[verdicts["category"] == "real X-ray"]
     assert {i.removeprefix("real_") for i in real["image"]} <= held_out
-    # the same gate in PyTorch on loader-made pixels gives the same scores as the exported ONNX one
+    # the same gate in PyTorch on the page's pixels gives the same scores as the exported ONNX one
     model = load_scorer(d / "runs" / "ood")
     res = json.loads((d / "package" / "preprocess.json").read_text())["ood"]["resolution"]
-    pixels = np.stack([load_grey(d / "ood" / "images" / name, res) for name in verdicts["image"]])
+    pixels = np.stack([page_grey(d / "ood" / "images" / name, res) for name in verdicts["image"]])
     with torch.inference_mode():
         x = ((torch.from_numpy(pixels).float() / 255 - MEAN) / STD).unsqueeze(1)
         scores = model(x).squeeze(1).double().numpy()
