@@ -11,7 +11,7 @@ config — then fit the gate and its threshold:
 ``ood_ae`` (cxr/models/ood_ae.py, registered in ``cxr.models``) returns the per-image 1 − SSIM [B, 1] from ``forward``
 and ``ssim_recon`` (cxr.losses) is the mean of that score, so train.py's loop, checkpoints
 and resume are used unchanged. ``threshold`` measures :data:`FEATURES` (log(1 − SSIM), 15
-statistics of the 64 px grey image and its 4×4 layout) on the train and val images, fits their mean
+statistics of the 64 px grey image — its histogram as log-odds — and its 4×4 layout) on the train and val images, fits their mean
 and a shrunk covariance (Ledoit–Wolf), and takes the stated percentile of the same images'
 cross-fitted Mahalanobis distances (each from a model fitted without it) as the threshold; both go to ``RUN/ood_threshold.json`` (:func:`write_threshold` owns that file). An image
 whose distance exceeds the threshold is rejected. 1 − SSIM alone is not enough: a flat plot or a
@@ -54,7 +54,7 @@ FEATURES = (
     "log_ae",
     "mean",
     "std",
-    *(f"frac_below_{k}" for k in _CUTS),
+    *(f"logodds_below_{k}" for k in _CUTS),
     "gradient",
     "fine_detail",
     "lr_asymmetry",
@@ -64,18 +64,30 @@ FEATURES = (
     *(f"layout_{r}{c}" for r in range(_GRID) for c in range(_GRID)),
 )
 
+# The smallest spread a feature is scaled by (its standard deviation over the fit images is floored
+# here). One pixel below a cut more or less moves a log-odds fraction at the end of its range by
+# ~log 2, so a cut that no fit image crosses (no train X-ray with a pixel above 242/255, say) must
+# not make an image with one such pixel thousands of standard deviations out.
+SCALE_FLOOR = tuple(float(np.log(2)) if name.startswith("logodds_") else 1e-3 for name in FEATURES)
+
 
 def image_features(x01: torch.Tensor, ae_score: torch.Tensor) -> torch.Tensor:
     """[B, len(FEATURES)] statistics of grey images x01 [B,1,H,W] in [0, 1] and their AE scores [B]
     (1 − SSIM). Chest X-rays: a broad histogram, smooth at 64 px, nearly left–right symmetric,
     the spine/mediastinum brighter than the lungs beside it, the abdomen brighter than the neck;
-    ``layout_rc``: the mean intensity of each cell of a 4×4 grid minus the image mean (where the
+    ``logodds_below_k``: log((p + e)/(1 − p + e)) of the fraction p of pixels darker than (k + 0.5)/255,
+    e = 1/(H·W); ``layout_rc``: the mean intensity of each cell of a 4×4 grid minus the image mean (where the
     lungs, the mediastinum and the diaphragm lie)."""
     x = x01[:, 0]
     h, w = (int(v) for v in x.shape[-2:])  # plain ints: the exported graph has a fixed input size
     mean = x.mean((1, 2))
     std = ((x - mean[:, None, None]) ** 2).mean((1, 2)).sqrt()
-    cuts = [(x < (k + 0.5) / 255).float().mean((1, 2)) for k in _CUTS]
+    # histogram fractions as log-odds, smoothed by one pixel's share e = 1/(h·w): the fractions of
+    # X-rays crowd against 0 or 1 (few black or white pixels), where a linear scale makes a
+    # plainly normal image (many bright pixels) an extreme outlier and a grey field without a single
+    # dark pixel (noise at 64 px) an ordinary one; measured in bench/ood_gate.py ("linear fractions")
+    e = 1.0 / (h * w)
+    cuts = [torch.log((p + e) / (1.0 - p + e)) for p in ((x < (k + 0.5) / 255).to(x.dtype).mean((1, 2)) for k in _CUTS)]
     dx = (x[:, :, 1:] - x[:, :, :-1]).abs().mean((1, 2))
     dy = (x[:, 1:, :] - x[:, :-1, :]).abs().mean((1, 2))
     local = nn.functional.avg_pool2d(x01, 3, stride=1)[:, 0]
@@ -97,16 +109,16 @@ def image_features(x01: torch.Tensor, ae_score: torch.Tensor) -> torch.Tensor:
     return torch.cat([stats, layout], 1)
 
 
-def fit_feature_model(feats: np.ndarray, split: str = "train") -> dict:
+def fit_feature_model(feats: np.ndarray, split: str = "train", floor=SCALE_FLOOR) -> dict:
     """The feature model of the gate from the [n, F] feature vectors of in-distribution images:
-    centre, scale (standard deviation, floored at 1e-3) and the whitening matrix W of the shrunk
+    centre, scale (standard deviation, floored at :data:`SCALE_FLOOR`) and the whitening matrix W of the shrunk
     covariance of the standardised vectors (W Wᵀ = Σ⁻¹, Ledoit–Wolf): distance = ‖Wᵀ z‖."""
     from sklearn.covariance import LedoitWolf
 
     feats = np.asarray(feats, np.float64)
     if feats.ndim != 2 or feats.shape[1] != len(FEATURES) or len(feats) < 3:
         raise CxrError(f"ood feature fit: {feats.shape} feature vectors — need ≥ 3 images of the {split} split")
-    centre, scale = feats.mean(0), np.maximum(feats.std(0), 1e-3)
+    centre, scale = feats.mean(0), np.maximum(feats.std(0), floor)
     cov = LedoitWolf().fit((feats - centre) / scale).covariance_
     whiten = np.linalg.cholesky(np.linalg.inv(cov))  # lower L, L Lᵀ = Σ⁻¹ → zᵀΣ⁻¹z = ‖Lᵀz‖²
     return {
