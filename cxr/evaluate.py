@@ -61,6 +61,7 @@ from cxr.subgroups import attach_meta
 from cxrbase.atomic import atomic_folder, remove_stale_folders
 from cxrbase.errors import CxrError, cli_entry
 from cxrbase.lock import FolderLock
+from shards import remote
 
 # ------------------------------------------------------------ orchestration --
 
@@ -103,7 +104,7 @@ def _label_mapping(args: argparse.Namespace) -> dict[str, Any] | None:
     if not getattr(args, "shards", None):
         return None
     try:
-        return load_manifest(Path(args.shards)).get("label_mapping")
+        return load_manifest(remote.location(args.shards)).get("label_mapping")
     except CxrError:  # no manifest there: inference has already said so, or scores came from files
         return None
 
@@ -502,7 +503,7 @@ def run_label_plan(args: argparse.Namespace) -> Any:
     """The labels the runs (their first member) share with --shards (cxr.cross_site.LabelPlan)."""
     from cxr.inference import member_label_plan, member_names, read_member
 
-    return member_label_plan([read_member(args.runs[0], member_names(args.runs[:1])[0])], Path(args.shards))
+    return member_label_plan([read_member(args.runs[0], member_names(args.runs[:1])[0])], remote.location(args.shards))
 
 
 def _evaluate(args: argparse.Namespace, out: Path, start: float, stops: _StopSignals) -> int:

@@ -129,7 +129,7 @@ def member_label_plan(members: Sequence[Member], shards: Path) -> Any:
     the shards by name (cxr.cross_site.label_plan); CxrError when none."""
     from cxr.cross_site import label_plan
 
-    return label_plan(members[0].labels, shards_labels(shards), f"{Path(shards) / 'manifest.json'}")
+    return label_plan(members[0].labels, shards_labels(shards), f"{remote.location(shards) / 'manifest.json'}")
 
 
 def check_compatible(members: Sequence[Member], labels: Sequence[str], resolution: int | None) -> int | None:

@@ -198,7 +198,10 @@ _loaded: OrderedDict[tuple, SplitIndex] = OrderedDict()
 
 def _files_memo(shards_dir: Path, manifest: dict, split: str, entries: list[dict]) -> tuple | None:
     """What identifies a split's index: the entries and the stat of every file it is read from
-    (None when a shard is missing: load then names it)."""
+    (None when a shard is missing: load then names it; None at a URL, whose objects have no cheap
+    stat: its index is built again from one listing and the .idx objects)."""
+    if remote.is_url(shards_dir):
+        return None
     stats = []
     for entry in entries:
         tar = shards_dir / entry["name"]
