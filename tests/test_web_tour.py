@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_web import runs, site, web_tools  # noqa: F401 — the exported page of tests/test_web.py
+from web_page import runs, site, web_tools  # noqa: F401 — the exported page (tests/web_page.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 TOUR = [sys.executable, str(ROOT / "scripts" / "demo_tour.py"), "web"]
