@@ -65,6 +65,7 @@ def aws_env(endpoint: str) -> Iterator[dict[str, str]]:
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
+    _restart_fork_server()
     try:
         yield env
     finally:
@@ -73,3 +74,16 @@ def aws_env(endpoint: str) -> Iterator[dict[str, str]]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        _restart_fork_server()
+
+
+def _restart_fork_server() -> None:
+    """The wds loader's workers fork from multiprocessing's fork server, which keeps the environment it
+    was started with: an earlier test's loader started it without these variables, and its workers then
+    find no credentials. Stop it, so the next loader starts one with this environment (a job sets its
+    credentials before it starts, so only a test session needs this)."""
+    from multiprocessing import forkserver
+
+    stop = getattr(forkserver._forkserver, "_stop", None)  # CPython 3.8+: the module's own shutdown
+    if stop is not None:
+        stop()
