@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from web_page import web_tools  # noqa: F401 — Chromium + the page's npm files (tests/web_page.py)
 
 from cxr import calibration as cal
 from cxrbase.errors import CxrError
@@ -331,13 +332,13 @@ class _Handler(SimpleHTTPRequestHandler):
         pass
 
 
-def _page(site: Path, image: str, web_tools: dict) -> tuple[dict, list[str]]:
+def _page(site: Path, image: str, tools: dict) -> tuple[dict, list[str]]:
     handler = type("H", (_Handler,), {"seen": []})
     server = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(site)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        env = {**os.environ, "PLAYWRIGHT_CORE": web_tools["playwright"], "CHROMIUM": web_tools["chromium"]}
+        env = {**os.environ, "PLAYWRIGHT_CORE": tools["playwright"], "CHROMIUM": tools["chromium"]}
         url = f"http://127.0.0.1:{server.server_address[1]}/index.html?image={image}"
         cmd = ["node", str(ROOT / "tests" / "web_driver.cjs"), url]
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
@@ -350,17 +351,8 @@ def _page(site: Path, image: str, web_tools: dict) -> tuple[dict, list[str]]:
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_torch_thread")
-def test_page_shows_calibrated_probabilities_and_says_so(calibrated, tmp_path):
-    from cxr.export import WEB_FILES, WEB_VENDOR
-
-    if not shutil.which("node") or not shutil.which("chromium"):
-        pytest.skip("node/chromium missing: `make web-deps`")
-    if (
-        not all((WEB_VENDOR / "dist" / f).is_file() for f in WEB_FILES)
-        or not (WEB_VENDOR.parent / "playwright-core" / "package.json").is_file()
-    ):
-        pytest.skip("onnxruntime-web / playwright-core not in build/npm: `make web-deps`")
-    tools = {"chromium": shutil.which("chromium"), "playwright": str(WEB_VENDOR.parent / "playwright-core")}
+def test_page_shows_calibrated_probabilities_and_says_so(calibrated, tmp_path, web_tools):  # noqa: F811
+    tools = web_tools  # Chromium, node and build/npm (installed by scripts/web-deps.sh when missing)
     thresholds = str(calibrated["cal_report"] / "thresholds.json")
     image = sorted(calibrated["images"].glob("*.png"))[0]
     for kind, extra in (("calibrated", ["--calibration", str(calibrated["hand"])]), ("operating-point", [])):
