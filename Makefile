@@ -36,7 +36,7 @@ test-fast: install
 demo: install
 	CXR_NIH=$(NIH) DEMO=$(DEMO) BIN=$(BIN) bash scripts/demo.sh
 
-# onnxruntime-web (npm, into build/npm) for `cxr.export --web`, and Debian's chromium for tests/test_web.py
+# onnxruntime-web (npm, into build/npm) for `cxr.tools.export --web`, and Debian's chromium for tests/test_web.py
 web-deps:
 	bash scripts/web-deps.sh all
 

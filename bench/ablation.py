@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def bench_probe(args: argparse.Namespace) -> None:
-    from cxr.probe import choose, measure
+    from cxr.training.probe import choose, measure
 
     print("| resolution | micro-batch × accum | checkpointing | predicted MB | measured MB | measured / predicted |")
     print("|---|---|---|---|---|---|")
@@ -68,7 +68,7 @@ def _timed_alone(config: dict, steps: int, threads: int) -> float:
 def bench_speed(args: argparse.Namespace) -> None:
     import yaml
 
-    from cxr.run_log import read_throughput
+    from cxr.runs.run_log import read_throughput
 
     print("| run | resolution | micro-batch | sweep images/s | alone images/s | sweep / alone |")
     print("|---|---|---|---|---|---|")

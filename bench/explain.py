@@ -1,6 +1,6 @@
 """Benchmark: explanations per second (CAM, Grad-CAM, saliency) at 224² and 1024², vs plain inference.
 
-One explanation = one (image, label) heat map from ``cxr.explain.heat_maps``;
+One explanation = one (image, label) heat map from ``cxr.tools.explain.heat_maps``;
 plain inference = one ``torch.inference_mode`` forward of the same batch (all 14
 labels). Random-init DenseNet-121 (the CheXNet model; weights do not change the
 cost), grey input, batch 1 by default, CPU, torch threads as given. Each timing is
@@ -24,8 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cxr.explain import METHODS, heat_maps  # noqa: E402
 from cxr.models import build_model  # noqa: E402
+from cxr.tools.explain import METHODS, heat_maps  # noqa: E402
 
 
 def timed(fn, repeats: int) -> tuple[float, float]:

@@ -13,7 +13,7 @@ left of ``--budget-s`` is skipped with a note; the start prints the run's own es
   checkpoint   the same with model.grad_checkpointing=true (after each throughput row)
   compile      train.compile=true without and with checkpointing at 1024 (inductor; without
                a C compiler aot_eager, said in the header: no fused kernels)
-  probe        cxr.probe's choice at 1024 for effective batch --batch and its predicted peak
+  probe        cxr.training.probe's choice at 1024 for effective batch --batch and its predicted peak
                (reserved + non-torch overhead) against the training row at the same layout
                (device_est_mib), or the probe's own confirming step
   png decode   PIL decode of the real NIH sample PNGs on one core: img/s per core, which
@@ -648,10 +648,10 @@ def png_decode(plan: Plan, res: int) -> Row:
 
 
 def probe_vs_peak(plan: Plan, model: str, res: int, rows: list[Row]) -> Row:
-    """cxr.probe's choice at this resolution (the effective batch = --batch) and its predicted peak,
+    """cxr.training.probe's choice at this resolution (the effective batch = --batch) and its predicted peak,
     against the training row measured at the same layout (device estimate: reserved peak + memory
     outside torch) or, without one, the probe's own confirming step."""
-    from cxr.probe import choose
+    from cxr.training.probe import choose
 
     reset_peak(plan.device)
     t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Bootstrap AUROC CIs at NIH test size: cxr.metrics.bootstrap_auroc vs a plain sklearn loop.
+"""Bootstrap AUROC CIs at NIH test size: cxr.evaluation.metrics.bootstrap_auroc vs a plain sklearn loop.
 
 Labels are the real official test split (25,596 x 14) when the NIH CSV is found,
 else random labels at its prevalence; scores are random float32 probabilities of
@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from cxr import metrics
+from cxr.evaluation import metrics
 from cxrbase.atomic import atomic_write_text
 from cxrbase.errors import cli_entry
 from cxrbase.labels import LABELS

@@ -1,6 +1,6 @@
 """OOD gate: rejection of non-X-rays vs held-out real X-rays, before (1 − SSIM alone; then the
 histogram as linear fractions) and after (the Mahalanobis distance of log(1 − SSIM) and image
-statistics with the histogram as log-odds, cxr/ood.py), with Wilson intervals.
+statistics with the histogram as log-odds, cxr/tools/ood.py), with Wilson intervals.
 
     python bench/ood_gate.py --nih ../shared/data/nih --out build/bench-ood [--folds 5] [--per-kind 8]
                              [--percentiles 95 99] [--append bench/RESULTS.md]
@@ -9,7 +9,7 @@ The 130 real images of NIH's sample are too few for one honest train/val/test sp
 split by patient into ``--folds`` folds; fold f is held out (test), fold f+1 is val and the rest
 train, so every real image is held out exactly once. Per fold the gate is made with the commands
 the README gives: ``shards pack --resize 64``, ``cxr.train --config cxr/configs/ood_ae.yaml``
-(its defaults), ``cxr.ood threshold`` (feature model on train + val, threshold = a percentile of
+(its defaults), ``cxr.tools.ood threshold`` (feature model on train + val, threshold = a percentile of
 their cross-fitted distances).
 
 Non-X-rays come in two groups, each made per fold with its own seeds (tests/ood_data.py):
@@ -45,7 +45,7 @@ VARIANTS = {
     "max |z|": "largest standardised feature (per-feature bounds), all features",
     "previous: linear fractions": "all features as shipped before, the 5 histogram fractions on a linear scale",
     "after: Mahalanobis": "Mahalanobis distance of log(1 − SSIM) + statistics (histogram as log-odds) + layout "
-    "(cxr/ood.py, shipped)",
+    "(cxr/tools/ood.py, shipped)",
 }
 # the log-odds' smoothing e (shipped: one pixel's share, 1/4096 at 64 px) against the others tried
 SMOOTHING = (1 / 4096, 1 / 1024, 1 / 256, 0.02)
@@ -54,7 +54,7 @@ SMOOTHING = (1 / 4096, 1 / 1024, 1 / 256, 0.02)
 def relogit(feats: np.ndarray, e_to: float | None, e_from: float = 1 / 4096) -> np.ndarray:
     """Features with the shipped log-odds fractions (smoothing e_from) turned back into fractions
     (e_to None) or into log-odds with another smoothing e_to."""
-    from cxr.ood import FEATURES
+    from cxr.tools.ood import FEATURES
 
     idx = [i for i, name in enumerate(FEATURES) if name.startswith("logodds_below_")]
     out = np.array(feats, np.float64, copy=True)
@@ -112,9 +112,9 @@ def fold_tables(nih: Path, out: Path, folds: int, seed: int) -> list[Path]:
 
 
 def make_gate(splits: Path, nih: Path, percentile: float, overrides: list[str]) -> tuple[Path, Path]:
-    """pack + cxr.train + cxr.ood threshold, as the README says; (shards, run)."""
+    """pack + cxr.train + cxr.tools.ood threshold, as the README says; (shards, run)."""
     from cxr.config import load_config
-    from cxr.ood import main as ood_main
+    from cxr.tools.ood import main as ood_main
     from cxr.train import train
     from shards.cli import main as shards_main
 
@@ -155,10 +155,10 @@ def make_gate(splits: Path, nih: Path, percentile: float, overrides: list[str]) 
 
 
 def _fitters():
-    """variant → fit(pool [n, F]) → score(f [m, F]) → [m]; the shipped one is cxr.ood's own model."""
+    """variant → fit(pool [n, F]) → score(f [m, F]) → [m]; the shipped one is cxr.tools.ood's own model."""
     from sklearn.covariance import LedoitWolf
 
-    from cxr.ood import FEATURES, SCALE_FLOOR, feature_distance, fit_feature_model
+    from cxr.tools.ood import FEATURES, SCALE_FLOOR, feature_distance, fit_feature_model
 
     layout = [i for i, name in enumerate(FEATURES) if name.startswith("layout_")]
     subsets = {"statistics": [i for i in range(len(FEATURES)) if i not in layout], "layout": [0, *layout]}
@@ -204,7 +204,7 @@ def _fitters():
 def variant_scores(train: np.ndarray, val: np.ndarray, feats: dict, percentiles) -> tuple[dict, dict]:
     """(variant → {group: [n] scores}, variant → {percentile: threshold}). Before: 1 − SSIM, threshold =
     percentile of the val scores (the old rule); the others: fitted on train + val, threshold = percentile
-    of the cross-fitted scores of those images (20-fold, as cxr.ood.cross_fitted_distances)."""
+    of the cross-fitted scores of those images (20-fold, as cxr.tools.ood.cross_fitted_distances)."""
     from sklearn.model_selection import KFold
 
     scores = {"before: 1 − SSIM": {g: np.exp(f[:, 0]) for g, f in feats.items()}}
@@ -225,7 +225,7 @@ def run_fold(f: int, splits: Path, args) -> pd.DataFrame:
     import ood_data
     import torch
 
-    from cxr.ood import GateScore, load_gate, read_threshold, split_features
+    from cxr.tools.ood import GateScore, load_gate, read_threshold, split_features
 
     t0 = time.time()
     shards, run = make_gate(splits, args.nih, args.percentiles[-1], args.train_overrides)
@@ -256,7 +256,7 @@ def run_fold(f: int, splits: Path, args) -> pd.DataFrame:
     feats[("real", "held-out real X-rays (evaluate path)")] = test_loader_f
     np.savez(splits.parent / "features.npz", train=train_f, val=val_f, **{f"{g}|{k}": v for (g, k), v in feats.items()})
     scores, thresholds = variant_scores(train_f, val_f, feats, args.percentiles)
-    doc = read_threshold(run)  # what `cxr.ood threshold` stored: the same model and threshold as computed here
+    doc = read_threshold(run)  # what `cxr.tools.ood threshold` stored: the same model and threshold as computed here
     np.testing.assert_allclose(
         shipped, scores["after: Mahalanobis"][("real", "held-out real X-rays (page path)")], rtol=1e-4, atol=1e-4
     )
@@ -370,7 +370,7 @@ def main(argv=None) -> int:
         type=float,
         nargs="+",
         default=[95.0, 97.0, 99.0],
-        help="threshold percentiles of the val scores (the last is the one cxr.ood threshold stores)",
+        help="threshold percentiles of the val scores (the last is the one cxr.tools.ood threshold stores)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(

@@ -4,7 +4,7 @@
                             [--resolution 224] [--batch-size 16] [--repeats 3] [--append bench/RESULTS.md]
 
 What is compared, in one process, passes interleaved (predict, bare, predict, bare …), medians reported:
-  cxr-predict  cxr.predict.predict() on the first ``--n`` real 1024² PNGs of the NIH sample: read each file,
+  cxr-predict  cxr.tools.predict.predict() on the first ``--n`` real 1024² PNGs of the NIH sample: read each file,
                the grey master (shards.image_codec.source_grey), the loader's resize and normalisation, the
                package's model.onnx and ood.onnx, calibration, predictions.csv + skipped.csv written;
   bare         the same two onnxruntime sessions' ``run`` on tensors made beforehand from the same images,
@@ -14,7 +14,7 @@ creation) happens once per command and is reported apart; so is a whole `cxr-pre
 
 The package: one member of ``--arch`` with its initial weights (speed does not depend on the weights) written as
 a run dir, the OOD gate trained for a few steps on the sample's train split (``shards split/pack``,
-``cxr.train --config cxr/configs/ood_ae.yaml``, ``cxr.ood threshold``), exported by ``cxr.export``.
+``cxr.train --config cxr/configs/ood_ae.yaml``, ``cxr.tools.ood threshold``), exported by ``cxr.tools.export``.
 """
 
 from __future__ import annotations
@@ -36,14 +36,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 
 def build_package(nih: Path, work: Path, arch: str, resolution: int) -> Path:
-    """A member run dir (initial weights), a gate, and their package (cxr.export) under ``work``."""
+    """A member run dir (initial weights), a gate, and their package (cxr.tools.export) under ``work``."""
     import torch
     import yaml
     from ood_gate import make_gate
     from safetensors.torch import save_file
 
-    from cxr.export import main as export_main
     from cxr.models import build_model
+    from cxr.tools.export import main as export_main
     from cxrbase.labels import LABELS
     from shards.cli import main as shards_main
 
@@ -79,7 +79,7 @@ def bare_runner(pkg: Path, files: list[Path], batch: int):
     """(tensors made outside the timing, a function running both sessions over them in ``batch``es)."""
     import onnxruntime as ort
 
-    from cxr.predict import model_input, read_grey
+    from cxr.tools.predict import model_input, read_grey
 
     pre = json.loads((pkg / "preprocess.json").read_text())
     m, o = pre["model"], pre["ood"]
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     p.add_argument("--append", type=Path, help="append the markdown table to this file")
     args = p.parse_args(argv)
 
-    from cxr.predict import collect_inputs, open_package, predict
+    from cxr.tools.predict import collect_inputs, open_package, predict
 
     args.out.mkdir(parents=True, exist_ok=True)
     pkg = build_package(args.nih, args.out, args.arch, args.resolution)
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
             assert done["scored"] == args.n, done
     # the whole command once: process start, imports, opening the package, the images, the files
     t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "cxr.predict", "--no-progress", "--model", str(pkg), *map(str, files)]
+    cmd = [sys.executable, "-m", "cxr.tools.predict", "--no-progress", "--model", str(pkg), *map(str, files)]
     subprocess.run(
         [*cmd, "--out", str(args.out / "cli")],
         check=True,

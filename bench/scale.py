@@ -19,7 +19,7 @@ What is measured how (said again in the output):
 - epoch: rank 0's share of one training epoch (N_train / world images) through the default
   (DALI) loader with a trivial model (global average pool + one linear layer, Adam) — what a
   real model's step time adds to is this;
-- evaluate: cxr.report.analyse (AUROC/AUPRC table, CIs, thresholds, calibration, subgroups
+- evaluate: cxr.evaluation.report.analyse (AUROC/AUPRC table, CIs, thresholds, calibration, subgroups
   off) on N synthetic predictions with real labels and patients, --boot patient-level resamples;
 - 1M: each time and memory column extrapolated from the two sizes by the log-log slope
   (time ∝ N^b); b > 1.15 is flagged superlinear.
@@ -176,7 +176,7 @@ def stage(name: str, work: Path, world: int, boot: int) -> dict:
     elif name == "evaluate":
         import pandas as pd
 
-        from cxr.report import ScoreSet, analyse
+        from cxr.evaluation.report import ScoreSet, analyse
         from cxrbase.labels import LABELS
         from shards.metadata import read_metadata
 
@@ -250,7 +250,7 @@ def report(results: dict[int, dict], args, notes: dict) -> str:
         f"({notes['pool_bytes'] / args.pool / 1e3:.1f} kB each) hard-linked under every image name; "
         f"split 70/10/20 stratified; pack --workers 2 --shard-size-mb 16; loader = rank 0 of {args.world}; "
         f"epoch = rank 0's share through the DALI loader with a trivial model (pool + linear); "
-        f"evaluate = cxr.report.analyse on N predictions, {args.boot} patient resamples, no subgroups. "
+        f"evaluate = cxr.evaluation.report.analyse on N predictions, {args.boot} patient resamples, no subgroups. "
         "Each stage is a fresh process: wall = the stage's own work (imports excluded), peak RSS = the "
         "process (largest child in brackets). 1M = extrapolated: time by the log-log slope b of the two "
         "points, memory linearly (baseline + per-image slope).",

@@ -4,7 +4,7 @@ Sections (``section.key=value`` on the command line):
 
 - ``data``       :class:`cxr.data.DataConfig`   — shards, resolution, batch, augmentation
 - ``model``      :class:`ModelConfig`           — exactly the keyword arguments of ``cxr.models.build_model``
-- ``loss``       :class:`cxr.losses.LossConfig` — loss and its options
+- ``loss``       :class:`cxr.models.losses.LossConfig` — loss and its options
 - ``optim``      :class:`OptimConfig`           — Adam / AdamW
 - ``schedule``   :class:`ScheduleConfig`        — ReduceLROnPlateau or cosine with linear warm-up
 - ``train``      :class:`TrainConfig`           — epochs, precision, accumulation, early stopping, ...
@@ -46,7 +46,7 @@ from typing import Any, Literal
 import yaml
 
 from cxr.data import DataConfig
-from cxr.losses import LossConfig
+from cxr.models.losses import LossConfig
 from cxrbase.atomic import atomic_write_text
 from cxrbase.errors import CxrError
 
@@ -236,7 +236,7 @@ class LoggingConfig:
     tensorboard: bool = False
     """Also write TensorBoard scalars to RUN/tensorboard (needs the tensorboard package)."""
     trackers: list[str] = field(default_factory=list)
-    """Experiment trackers through accelerate (cxr/tracking.py): any of tensorboard, mlflow (a local
+    """Experiment trackers through accelerate (cxr/runs/tracking.py): any of tensorboard, mlflow (a local
     file store, or MLFLOW_TRACKING_URI), wandb (offline unless WANDB_MODE says otherwise); they get
     the config, every epoch's metrics and the artefact paths. pip install -e '.[tracking]'."""
     tracking_dir: str | None = None

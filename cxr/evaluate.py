@@ -36,9 +36,9 @@ cost a few passes at the lower resolutions, which are the cheap ones. ``--resolu
 instead evaluates every member at R×R (the suite's models take any input size); the
 report lists each member's training resolution next to it.
 
-Where the parts live: cxr.inference (members, their models, inference, ensemble),
-cxr.predictions (predictions.parquet and members.json), cxr.report (the analysis, tables,
-figures and report.md) and cxr.metrics (the formulas); this module is the CLI and the
+Where the parts live: cxr.evaluation.inference (members, their models, inference, ensemble),
+cxr.evaluation.predictions (predictions.parquet and members.json), cxr.evaluation.report (the analysis, tables,
+figures and report.md) and cxr.evaluation.metrics (the formulas); this module is the CLI and the
 orchestration.
 """
 
@@ -54,10 +54,10 @@ from typing import Any
 
 import numpy as np
 
-from cxr.inference import check_distinct, infer_runs, process_state, with_ensemble
-from cxr.predictions import check_score_sets, read_members, read_predictions, write_predictions
-from cxr.report import ENSEMBLE, ScoreSet
-from cxr.subgroups import attach_meta
+from cxr.evaluation.inference import check_distinct, infer_runs, process_state, with_ensemble
+from cxr.evaluation.predictions import check_score_sets, read_members, read_predictions, write_predictions
+from cxr.evaluation.report import ENSEMBLE, ScoreSet
+from cxr.evaluation.subgroups import attach_meta
 from cxrbase.atomic import atomic_folder, remove_stale_folders
 from cxrbase.errors import CxrError, cli_entry
 from cxrbase.lock import FolderLock
@@ -112,7 +112,7 @@ def _label_mapping(args: argparse.Namespace) -> dict[str, Any] | None:
 def _splits_table(args: argparse.Namespace) -> Path | None:
     """The splits table whose per-image columns (patient, age, sex, view …) the split gets: --splits,
     else the shards' own (inference only; --from-predictions uses the columns saved with the scores)."""
-    from cxr.subgroups import packed_table
+    from cxr.evaluation.subgroups import packed_table
 
     if args.splits:
         return Path(args.splits)
@@ -130,11 +130,11 @@ def analyse_and_write(
 ) -> dict[str, Any]:
     """Ensemble, write predictions, compute every table and the report into ``out`` (default
     --out; main passes the temp folder that replaces --out at the end); return a summary.
-    ``plan`` (cxr.cross_site.LabelPlan): runs scored on another data set's shards — labels that
+    ``plan`` (cxr.evaluation.cross_site.LabelPlan): runs scored on another data set's shards — labels that
     only one side has, or that are all-unknown or single-class on the split, are left out and
     named; with --compare-to the report puts internal and external AUROCs side by side."""
-    from cxr import cross_site
-    from cxr.report import analyse, write_outputs
+    from cxr.evaluation import cross_site
+    from cxr.evaluation.report import analyse, write_outputs
 
     out = Path(args.out) if out is None else out
     dropped: dict[str, str] = {}
@@ -438,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ood",
         metavar="RUN",
-        help="an ood_ae run (cxr/ood.py): reject the split's images the gate "
+        help="an ood_ae run (cxr/tools/ood.py): reject the split's images the gate "
         "rejects and report mean AUROC on the accepted ones beside all (OUT/ood.csv; needs --shards)",
     )
     return p
@@ -450,7 +450,7 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if not args.from_predictions and not args.runs:
         p.error("--runs is required unless --from-predictions is given")
     if args.runs and not args.shards:  # every run records the shards it trained on
-        from cxr.inference import run_shards
+        from cxr.evaluation.inference import run_shards
 
         args.shards = run_shards(args.runs[0])
         print(f"shards: {args.shards} (data.shards of {args.runs[0]}; --shards to choose)", file=sys.stderr)
@@ -488,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _StopSignals() as stops:
             return _evaluate(args, out, start, stops)
     except _Stopped as stop:
-        from cxr.run_log import EXIT_REQUEUE
+        from cxr.runs.run_log import EXIT_REQUEUE
 
         print(
             f"stopped by {signal.Signals(stop.signum).name} during {stop.phase}: nothing written to {out} "
@@ -500,8 +500,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_label_plan(args: argparse.Namespace) -> Any:
-    """The labels the runs (their first member) share with --shards (cxr.cross_site.LabelPlan)."""
-    from cxr.inference import member_label_plan, member_names, read_member
+    """The labels the runs (their first member) share with --shards (cxr.evaluation.cross_site.LabelPlan)."""
+    from cxr.evaluation.inference import member_label_plan, member_names, read_member
 
     return member_label_plan([read_member(args.runs[0], member_names(args.runs[:1])[0])], remote.location(args.shards))
 
@@ -544,7 +544,7 @@ def _evaluate(args: argparse.Namespace, out: Path, start: float, stops: _StopSig
             result["ranks"] = None if args.from_predictions else state.num_processes
             ood = None
             if args.ood:
-                from cxr.ood import report_ood
+                from cxr.tools.ood import report_ood
 
                 stops.phase = "the OOD gate"
                 ood = report_ood(args.ood, args.shards, args.split, result["scores"], tmp).replace(str(tmp), str(out))
@@ -553,12 +553,12 @@ def _evaluate(args: argparse.Namespace, out: Path, start: float, stops: _StopSig
     finally:
         if lock is not None:
             lock.release()
-    from cxr.report import format_stdout_table
+    from cxr.evaluation.report import format_stdout_table
 
     print(format_stdout_table(result["analysis"].aucs))
     external, dropped = result["cross_site"]
     if external is not None:
-        from cxr.cross_site import format_table
+        from cxr.evaluation.cross_site import format_table
 
         print(f"external validation ({out / 'cross_site.csv'}):\n{format_table(external, dropped)}")
     print(_summary_line(result, args, time.perf_counter() - start))

@@ -38,11 +38,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, gather_object, set_seed
 
-from cxr import checkpoint as ckpt
-from cxr import run_log, tracking
 from cxr.config import Config, config_hash, config_yaml, describe_config, load_config, save_config
 from cxr.data import build_loader, image_source
-from cxr.distributed import (
+from cxr.evaluation.metrics import epoch_metrics
+from cxr.models import build_model
+from cxr.models.losses import build_loss
+from cxr.runs import checkpoint as ckpt
+from cxr.runs import run_log, tracking
+from cxr.runs.distributed import (
     StopFlag,
     configure_deepspeed,
     configure_numerics,
@@ -53,11 +56,9 @@ from cxr.distributed import (
     skipped_samples,
     sync_buffers,
 )
-from cxr.losses import build_loss
-from cxr.metrics import epoch_metrics
-from cxr.models import build_model
-from cxr.probe import read_probe
-from cxr.resume import (
+from cxr.runs.run_log import EXIT_REQUEUE, preempted  # noqa: F401 (EXIT_REQUEUE: read by launchers and tests)
+from cxr.training.probe import read_probe
+from cxr.training.resume import (
     TrainState,
     check_has_best,
     continue_finished_run,
@@ -69,8 +70,7 @@ from cxr.resume import (
     update_best,
     update_early_stop,
 )
-from cxr.run_log import EXIT_REQUEUE, preempted  # noqa: F401 (EXIT_REQUEUE: read by launchers and tests)
-from cxr.train_setup import (
+from cxr.training.setup import (
     build_optimizer,
     build_scheduler,
     check_val_split,
@@ -470,7 +470,7 @@ def validate(
         warnings.simplefilter("always")
         if z.shape[1] == y.shape[1]:
             out.update({f"val_{k}": float(v) for k, v in epoch_metrics(y, probs, labels=label_names(cfg)).items()})
-        else:  # not a classifier (cxr/ood.py's autoencoder outputs one score per image): loss only
+        else:  # not a classifier (cxr/tools/ood.py's autoencoder outputs one score per image): loss only
             out["val_mean_auroc"] = float("nan")
     for w in caught:
         run_log.steps_log.info("validation: %s", w.message)

@@ -99,10 +99,10 @@ def destroy_process_group() -> None:
 
     Left to interpreter shutdown, gloo's threads are destroyed while still joinable: a rank
     that finishes first (under ``accelerate launch``, every rank but 0 returns right after
-    the gather of ``cxr.evaluate`` / ``cxr.explain``) then aborts with "terminate called
+    the gather of ``cxr.evaluate`` / ``cxr.tools.explain``) then aborts with "terminate called
     without an active exception" (SIGABRT). This frees the group only if nothing else holds
     it: a module imported after the group was created can keep it in its default arguments
-    (see ``cxr.distributed.import_before_process_group``). torch is looked up, never
+    (see ``cxr.runs.distributed.import_before_process_group``). torch is looked up, never
     imported: shards/ runs without it.
     """
     torch = sys.modules.get("torch")

@@ -1,5 +1,5 @@
 """One exclusive lock per output folder that says who holds it: a training's run dir
-(``RUN/.train.lock``, cxr.run_lock), a pack's ``--out`` (``OUT/.pack.lock``) and an
+(``RUN/.train.lock``, cxr.runs.run_lock), a pack's ``--out`` (``OUT/.pack.lock``) and an
 evaluation's ``--out`` (``.OUT.lock`` beside it, since the report folder itself is replaced).
 
 The holder takes ``fcntl.flock(LOCK_EX | LOCK_NB)`` on the lock file before it writes, and

@@ -17,7 +17,7 @@ submitit's signal (USR2, ``signal_seconds`` before the time limit or from
 ``job._interrupt()``) is handed to training as SIGUSR1; every rank saves
 ``checkpoints/last`` at the next step and returns the requeue status (75); then
 submitit calls :meth:`TrainTask.checkpoint`, which returns the same task resuming
-from the ``last`` checkpoint training wrote (found with ``cxr.checkpoint``), and
+from the ``last`` checkpoint training wrote (found with ``cxr.runs.checkpoint``), and
 requeues the job.
 """
 
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from cxr.run_log import EXIT_REQUEUE  # no torch import: submitting stays light
+from cxr.runs.run_log import EXIT_REQUEUE  # no torch import: submitting stays light
 from cxrbase.errors import CxrError, cli_entry
 from launch.members import RESUME, RUN_DIR_KEY, SHARDS_KEY, load_ensemble, member_argv
 from launch.profiles import (
@@ -113,8 +113,8 @@ def _call_main(module: str, argv: list[str]) -> int:
 
 
 def last_checkpoint(run_dir: str | Path) -> Path | None:
-    """The ``last`` checkpoint folder training wrote in ``run_dir`` (cxr.checkpoint decides the name)."""
-    from cxr.checkpoint import find_checkpoint
+    """The ``last`` checkpoint folder training wrote in ``run_dir`` (cxr.runs.checkpoint decides the name)."""
+    from cxr.runs.checkpoint import find_checkpoint
 
     return find_checkpoint(run_dir, "last")
 
@@ -162,7 +162,7 @@ class TrainTask:
 
 @dataclass
 class ProbedTrainTask(TrainTask):
-    """A sweep run: before training, the memory probe (cxr.probe) picks micro-batch × accumulation
+    """A sweep run: before training, the memory probe (cxr.training.probe) picks micro-batch × accumulation
     for this resolution on the job's own device; rank 0 writes RUN/probe.json, a requeued job
     reuses it (same config, so resume finds its checkpoint)."""
 
@@ -179,7 +179,7 @@ def probe_overrides(run_dir: Path, spec: dict[str, Any], rank: int = 0, timeout_
     """The probe's training overrides: measured on rank 0 (RUN/probe.json), read by the others."""
     import time
 
-    from cxr.probe import PROBE_FILE, choose, read_probe, write_probe
+    from cxr.training.probe import PROBE_FILE, choose, read_probe, write_probe
 
     path = run_dir / PROBE_FILE
     if not path.is_file() and rank == 0:
@@ -210,13 +210,13 @@ def probe_overrides(run_dir: Path, spec: dict[str, Any], rank: int = 0, timeout_
 
 @dataclass
 class AblationReportTask:
-    """``python -m cxr.ablation report`` (argv) as a submitit callable."""
+    """``python -m cxr.tools.ablation report`` (argv) as a submitit callable."""
 
     argv: list[str]
     report: str
 
     def __call__(self) -> dict[str, Any]:
-        status = _call_main("cxr.ablation", self.argv)
+        status = _call_main("cxr.tools.ablation", self.argv)
         if status != 0:
             raise CxrError(f"{self.report}: ablation report exited with status {status} — see the submitit logs")
         return {"report": self.report, "status": "finished"}
@@ -260,7 +260,7 @@ class Plan:
     probes: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Run name → memory-probe spec (ablate): micro-batch × accumulation chosen in the job."""
     ablation_report: tuple[Path, list[str]] | None = None
-    """(report dir, extra `cxr.ablation report` options) after every run (ablate)."""
+    """(report dir, extra `cxr.tools.ablation report` options) after every run (ablate)."""
 
 
 def make_executor(
@@ -594,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="a sweep (resolutions, --grid, seeds), then one comparison report",
         description="Train one run per resolution × --grid value × seed with the same effective "
-        "batch and schedule, then write RUNS/report/ablation.md (python -m cxr.ablation report). "
+        "batch and schedule, then write RUNS/report/ablation.md (python -m cxr.tools.ablation report). "
         "Put key=value overrides before --grid.",
     )
     p.add_argument("--config", help="training config (cxr/configs/*.yaml)")
@@ -636,7 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="device memory outside torch per process: CUDA context, NCCL, DALI's pool "
-        "(default: cxr.probe.CUDA_OVERHEAD_MB on CUDA)",
+        "(default: cxr.training.probe.CUDA_OVERHEAD_MB on CUDA)",
     )
     p.add_argument("--reference", default=None, help="variant the report compares against (default: the lowest)")
     p.add_argument(

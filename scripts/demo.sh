@@ -10,7 +10,7 @@
 #   ensemble    two members (2 processes each; different seed, lr, augmentation) → ensemble report
 #   external    a second phantom site (its own name for Effusion, no Hernia) → external-validation table
 #   sample      the same ensemble evaluated on the real NIH sample (calibration, subgroups, operating points)
-#   resolution  fine-detail phantoms at 3 resolutions → cxr.ablation report (table, plot, paired tests)
+#   resolution  fine-detail phantoms at 3 resolutions → cxr.tools.ablation report (table, plot, paired tests)
 #   explain     Grad-CAM overlays of the test phantoms with lesions + the pointing game on them
 #   gate        OOD autoencoder on the real X-rays → threshold on val
 #   export      ONNX package of the ensemble + gate, and the browser page
@@ -173,7 +173,7 @@ resolution() {
 explain() {
   need ensemble
   step "Grad-CAM of member 1 on every test phantom with a planted lesion: overlays + the pointing game"
-  "$PY" -m cxr.explain --run "$DEMO/runs/member1" --shards "$DEMO/shards" --split test --num-threads 0 \
+  "$PY" -m cxr.tools.explain --run "$DEMO/runs/member1" --shards "$DEMO/shards" --split test --num-threads 0 \
     --bbox "$DEMO/synth/boxes.csv" --method gradcam --overlays --bootstrap "$BOOTSTRAP" --out "$DEMO/explain"
 }
 
@@ -183,7 +183,7 @@ gate() {
   "$PY" -m cxr.train --config cxr/configs/ood_ae.yaml data.shards="$DEMO/shards-sample" \
     model.width=8 model.code=4 train.epochs="$GATE_EPOCHS" data.num_threads=0 logging.progress=false \
     checkpoint.run_dir="$DEMO/runs/ood"
-  "$PY" -m cxr.ood threshold --run "$DEMO/runs/ood" --shards "$DEMO/shards-sample" --percentile 95
+  "$PY" -m cxr.tools.ood threshold --run "$DEMO/runs/ood" --shards "$DEMO/shards-sample" --percentile 95
 }
 
 export_stage() {
@@ -194,7 +194,7 @@ export_stage() {
     web=(--web "$DEMO/site")
   else echo "(onnxruntime-web or dicom-parser not in build/npm: the package only, no page — run \`make web-deps\`)"; fi
   step "export the ensemble + gate as one ONNX package${web:+ and the browser page} (calibrated probabilities: the maps fitted on val)"
-  "$PY" -m cxr.export --run "$DEMO/runs/member1" --run "$DEMO/runs/member2" --ood "$DEMO/runs/ood" \
+  "$PY" -m cxr.tools.export --run "$DEMO/runs/member1" --run "$DEMO/runs/member2" --ood "$DEMO/runs/ood" \
     --thresholds "$DEMO/report/thresholds.json" --calibration "$DEMO/report/calibration.json" \
     --out "$DEMO/package" "${web[@]}"
 }
@@ -213,7 +213,7 @@ predict() {
   mapfile -t images < <(ls "$DEMO"/ood/images/real_*.png | head -n 6)
   step "cxr-predict with the exported package on ${#images[@]} real X-rays sent as DICOM (12-bit, MONOCHROME1/2, JPEG-lossless) and a structured report"
   "$PY" scripts/demo_tour.py dicoms --images "${images[@]}" --out "$DEMO/predict/studies"
-  "$PY" -m cxr.predict --model "$DEMO/package" "$DEMO/predict/studies" --out "$DEMO/predict" --no-progress
+  "$PY" -m cxr.tools.predict --model "$DEMO/package" "$DEMO/predict/studies" --out "$DEMO/predict" --no-progress
 }
 
 web() {

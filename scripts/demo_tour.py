@@ -204,7 +204,7 @@ def cmd_web(args) -> int:
     """Serve SITE on 127.0.0.1, open each image through the page (?image=NAME) in headless Chromium."""
     site, out = Path(args.site), Path(args.out)
     if not (site / "index.html").is_file():
-        raise SystemExit(f"{site}: no index.html — export the page first (python -m cxr.export ... --web {site})")
+        raise SystemExit(f"{site}: no index.html — export the page first (python -m cxr.tools.export ... --web {site})")
     for image in args.images:
         if not Path(image).is_file():
             raise SystemExit(f"{image}: no such file — pass PNG or JPEG files")
@@ -570,10 +570,12 @@ def main(argv=None) -> int:
     v.add_argument("--out", required=True)
     w = sub.add_parser(
         "web",
-        help="open images through an exported page (cxr.export --web) in headless Chromium: a screenshot "
+        help="open images through an exported page (cxr.tools.export --web) in headless Chromium: a screenshot "
         "each, what the page said in OUT/results.json",
     )
-    w.add_argument("--site", required=True, help="the page's folder (cxr.export --web SITE); images are copied in")
+    w.add_argument(
+        "--site", required=True, help="the page's folder (cxr.tools.export --web SITE); images are copied in"
+    )
     w.add_argument("--images", nargs="+", required=True, help="PNG/JPEG files to open through the page")
     w.add_argument("--out", required=True, help="folder for the screenshots and results.json")
     w.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install what `python -m cxr.export --web` and tests/test_web.py need outside PyPI:
+# Install what `python -m cxr.tools.export --web` and tests/test_web.py need outside PyPI:
 #   onnxruntime-web (npm) into $CXR_WEB_VENDOR (default build/npm) — export copies its dist/ files
 #   dicom-parser (npm, same folder) — export copies its dist/dicomParser.min.js: the page's DICOM header parser
 #   playwright-core (npm, same folder; drives the system chromium, downloads no browser) — the page test

@@ -51,7 +51,7 @@ from shards import remote
 from shards.manifest import MANIFEST_NAME, validate_manifest
 from shards.pack_journal import file_sha256
 
-log = logging.getLogger("cxr.data.cache")  # cxr.run_log puts it in train.log
+log = logging.getLogger("cxr.data.cache")  # cxr.runs.run_log puts it in train.log
 INDEX_NAME = "index.json"
 LOCK_NAME = ".lock"
 GB = 1e9

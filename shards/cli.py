@@ -77,7 +77,7 @@ def _add_split(sub: argparse._SubParsersAction) -> None:
         "--boxes-out",
         default=None,
         help="vindr: also write annotations_train.csv's boxes here in the BBox_List_2017 layout "
-        "(for `python -m cxr.explain --bbox`)",
+        "(for `python -m cxr.tools.explain --bbox`)",
     )
     p.add_argument("--train-val-list", help="train_val_list.txt[.gz] (official; default: beside --metadata)")
     p.add_argument("--test-list", help="test_list.txt[.gz] (official; default: beside --metadata)")
@@ -242,7 +242,7 @@ def _add_synth(sub: argparse._SubParsersAction) -> None:
         help="synthetic phantom chest X-rays with learnable per-label signatures",
         description="Write OUT/images/*.png, OUT/Data_Entry_2017.csv (NIH format) and "
         "OUT/train_val_list.txt / OUT/test_list.txt so `split` and `pack` run unchanged, and "
-        "OUT/boxes.csv (BBox_List_2017 layout: where each finding was drawn) for `python -m cxr.explain --bbox`.",
+        "OUT/boxes.csv (BBox_List_2017 layout: where each finding was drawn) for `python -m cxr.tools.explain --bbox`.",
     )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--n", type=int, required=True, help="number of images")

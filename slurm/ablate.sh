@@ -8,7 +8,7 @@
 # `python -m launch.submit ablate --cluster slurm`, which submits one job per run
 # (resolution × grid value × seed; all with the same effective batch and schedule, the
 # micro-batch × accumulation chosen in each job by the memory probe on its own GPU) and
-# the `python -m cxr.ablation report` job with --dependency=afterok on all of them.
+# the `python -m cxr.tools.ablation report` job with --dependency=afterok on all of them.
 # Preemption and requeue work as for `launch.submit train` (USR2 → checkpoint → requeue).
 #
 # Environment (defaults in brackets; relative paths are taken from the cwd):

@@ -21,7 +21,7 @@
 #   CXR_ACCELERATE_CONFIG   accelerate config file    (launch/configs/cpu-2proc.yaml)
 #   CXR_PROCS_PER_NODE      training processes per node                         (1)
 #   CXR_THREADS             OMP/MKL threads per process                          (1)
-#   CXR_REQUEUE_STATUS      training's "requeue me" exit status (cxr.run_log.EXIT_REQUEUE) (75)
+#   CXR_REQUEUE_STATUS      training's "requeue me" exit status (cxr.runs.run_log.EXIT_REQUEUE) (75)
 #   CXR_MAX_REQUEUES        give up after this many restarts                    (20)
 #   CXR_RESIGNAL_SECONDS    repeat the forwarded USR1 this often until training stops (10)
 #   CXR_TRAIN_SCRIPT        the script accelerate launches               (cxr/train.py)
@@ -59,14 +59,14 @@ child=""
 run_dir=""
 for arg in "$@"; do [[ $arg == checkpoint.run_dir=* ]] && run_dir=${arg#checkpoint.run_dir=}; done
 [[ -z $run_dir || $run_dir == /* ]] || run_dir=$CXR_REPO/$run_dir
-# This start's nonce: training writes it into RUN/status.json (cxr.run_log), so a "preempted"
+# This start's nonce: training writes it into RUN/status.json (cxr.runs.run_log), so a "preempted"
 # status is known to be this start's own without comparing file times (node and file-server
 # clocks differ) — an older "preempted" left by a start that then crashed carries another one.
 export CXR_RUN_NONCE="$SELF.${SLURM_RESTART_COUNT:-0}"
 
-# Training wrote "preempted" to RUN/status.json in this start (cxr.run_log reads it; no torch).
+# Training wrote "preempted" to RUN/status.json in this start (cxr.runs.run_log reads it; no torch).
 recorded_preempted() {
-    [[ -n $run_dir ]] && "$CXR_PYTHON" -m cxr.run_log preempted "$run_dir" "$CXR_RUN_NONCE"
+    [[ -n $run_dir ]] && "$CXR_PYTHON" -m cxr.runs.run_log preempted "$run_dir" "$CXR_RUN_NONCE"
 }
 
 # A signal that lands while training is still importing (its handler not yet

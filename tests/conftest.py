@@ -102,7 +102,7 @@ def export_runs(tmp_path_factory):
 
     from cxr.config import load_config
     from cxr.evaluate import main as evaluate_main
-    from cxr.ood import main as ood_main
+    from cxr.tools.ood import main as ood_main
     from cxr.train import train
     from shards.cli import main as shards_main
 

@@ -3,7 +3,7 @@
 Phantoms at 128 px carry the fine-detail signature (`synth --fine-detail Nodule`: dots
 ~2 px wide) next to the coarse ones (Edema: a wide perihilar haze). References:
 scikit-learn's roc_auc_score on the runs' saved predictions, and a straightforward
-O(m·n) DeLong written here (not cxr.metrics).
+O(m·n) DeLong written here (not cxr.evaluation.metrics).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Paired comparison statistics (cxr.metrics) against independent references.
+"""Paired comparison statistics (cxr.evaluation.metrics) against independent references.
 
 References: SPEC.md's O(m·n) ψ definition of DeLong's paired test written out here;
 scikit-learn's roc_auc_score; Holm's procedure computed by hand (and statsmodels'
@@ -10,7 +10,7 @@ import pytest
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
-from cxr.metrics import bootstrap_counts, holm, paired_bootstrap_delta, paired_delong
+from cxr.evaluation.metrics import bootstrap_counts, holm, paired_bootstrap_delta, paired_delong
 
 
 def delong_definition(y, s1, s2):
@@ -94,8 +94,8 @@ def test_analyse_sweep_seeds_and_holm_against_references(tmp_path):
     """Two resolutions × two seeds on random scores: variant AUROC = sklearn on the seeds' mean
     probability, mean ± sd across seeds = numpy on sklearn AUROCs, Holm p = hand Holm of the
     O(m·n) DeLong p-values."""
-    from cxr.ablation import ALL, Run, analyse_sweep
-    from cxr.report import ScoreSet
+    from cxr.evaluation.report import ScoreSet
+    from cxr.tools.ablation import ALL, Run, analyse_sweep
     from cxrbase.labels import LABELS
 
     rng = np.random.default_rng(7)

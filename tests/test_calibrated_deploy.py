@@ -1,4 +1,4 @@
-"""Calibrated probabilities where users meet them: `python -m cxr.export` packs the evaluator's
+"""Calibrated probabilities where users meet them: `python -m cxr.tools.export` packs the evaluator's
 calibration.json (by default the one next to --thresholds), the page (cxr/web/calibrate.js) and
 `cxr-predict` show the calibrated probability and say so, and --no-calibration keeps the
 operating-point scale.
@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 from web_page import web_tools  # noqa: F401 — Chromium + the page's npm files (tests/web_page.py)
 
-from cxr import calibration as cal
+from cxr.evaluation import calibration as cal
 from cxrbase.errors import CxrError
 from cxrbase.labels import LABELS
 
@@ -35,7 +35,7 @@ CLIP = 1e-7
 
 
 def hand_map(p, entry: dict) -> np.ndarray:
-    """One label's map from its stored parameters, written out (not cxr.calibration.apply_map)."""
+    """One label's map from its stored parameters, written out (not cxr.evaluation.calibration.apply_map)."""
     p = np.asarray(p, dtype=np.float64)
     q = np.minimum(np.maximum(p, CLIP), 1 - CLIP)
     x = np.log(q / (1 - q))
@@ -101,7 +101,7 @@ def _node(script: str) -> None:
 
 
 def test_page_maps_equal_apply_map_and_the_formulas(tmp_path):
-    """calibrate.js (the page's mapping, run in node) = cxr.calibration.apply_map = the formulas by hand,
+    """calibrate.js (the page's mapping, run in node) = cxr.evaluation.calibration.apply_map = the formulas by hand,
     per method on probabilities at and beyond the clip; the rows' marks are the operating points mapped the
     same way, and a finding is positive exactly when the model's probability reaches its operating point."""
     doc = hand_document()
@@ -217,7 +217,7 @@ def calibrated(export_runs, tmp_path_factory):
 
 
 def _export(runs: dict, out: Path, *extra: str) -> int:
-    from cxr.export import main as export_main
+    from cxr.tools.export import main as export_main
 
     member_args = [a for m in runs["members"] for a in ("--run", str(m))]
     return export_main([*member_args, "--ood", str(runs["gate"]), "--out", str(out), *extra])
@@ -250,7 +250,7 @@ def test_export_packs_the_reports_calibration_by_default(calibrated, tmp_path, c
 
 
 def _predict(*argv: str) -> pd.DataFrame:
-    from cxr.predict import main as predict_main
+    from cxr.tools.predict import main as predict_main
 
     out = Path(argv[argv.index("--out") + 1])
     assert predict_main(["--no-progress", *argv]) == 0
@@ -302,7 +302,7 @@ def test_predict_on_runs_uses_the_calibration_next_to_thresholds(calibrated, tmp
     assert_mapped(hand[list(LABELS)].to_numpy(), raw, mapped(hand_document()))
     capsys.readouterr()
     cal.write_calibration(tmp_path, hand_document("m1"))
-    from cxr.predict import main as predict_main
+    from cxr.tools.predict import main as predict_main
 
     rc = predict_main(
         [

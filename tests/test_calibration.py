@@ -14,12 +14,12 @@ from scipy.special import expit, logit
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss, roc_auc_score, roc_curve
 
-from cxr import calibration as cal
 from cxr.evaluate import main as evaluate_main
-from cxr.metrics import Resamples, threshold_for_target, unpaired_delong, wilson_interval
-from cxr.predictions import predictions_frame, read_predictions
-from cxr.report import ENSEMBLE, ScoreSet, analyse
-from cxr.subgroups import meta_from_table
+from cxr.evaluation import calibration as cal
+from cxr.evaluation.metrics import Resamples, threshold_for_target, unpaired_delong, wilson_interval
+from cxr.evaluation.predictions import predictions_frame, read_predictions
+from cxr.evaluation.report import ENSEMBLE, ScoreSet, analyse
+from cxr.evaluation.subgroups import meta_from_table
 from cxrbase.labels import LABELS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
@@ -437,7 +437,7 @@ def test_unknown_subgroup_column_is_a_clear_error(report, tmp_path, capsys):
 
 
 def test_ablation_table_gains_calibration_and_subgroup_columns(tmp_path):
-    from cxr.ablation import Run, analyse_sweep, report_markdown
+    from cxr.tools.ablation import Run, analyse_sweep, report_markdown
 
     base = _with_meta(1200, 9, "1", worse_sex="F")
     rng = np.random.default_rng(9)

@@ -1,9 +1,9 @@
 """Every CLI tears down the launcher's process group on exit (cxrbase.errors.cli_entry),
-and nothing keeps the group alive past it (cxr.distributed.import_before_process_group).
+and nothing keeps the group alive past it (cxr.runs.distributed.import_before_process_group).
 
 Left to interpreter shutdown, gloo's threads are destroyed while still joinable and a
 rank that finishes early aborts ("terminate called without an active exception",
-SIGABRT) — seen on rank 1 of a two-rank ``cxr.evaluate`` / ``cxr.explain``. The second
+SIGABRT) — seen on rank 1 of a two-rank ``cxr.evaluate`` / ``cxr.tools.explain``. The second
 test reproduces how that happened although the group was destroyed: the model built
 after the group was up imported ``torch.distributed.nn``, whose default arguments kept
 the group, so its threads were still running after ``destroy_process_group``.
@@ -42,7 +42,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-# The evaluator's and cxr.explain's order: the launcher's group first, then the model.
+# The evaluator's and cxr.tools.explain's order: the launcher's group first, then the model.
 LAUNCHED = textwrap.dedent("""
     import argparse, os, sys
     from cxrbase.errors import cli_entry
@@ -59,7 +59,7 @@ LAUNCHED = textwrap.dedent("""
     @cli_entry
     def main(argv):
         from accelerate.utils import gather_object
-        from cxr.inference import process_state
+        from cxr.evaluation.inference import process_state
 
         state = process_state(argparse.Namespace(cpu=True))
         from cxr.models import build_model

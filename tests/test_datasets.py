@@ -279,7 +279,7 @@ def test_vindr_majority_labels_split_headers_and_boxes(tmp_path):
         "PA",
     ]
     assert pd.isna(rows.loc["train/00053190460d56c53cc3e57321387478.dicom", "age"])  # empty PatientAge
-    from cxr.explain import read_boxes
+    from cxr.tools.explain import read_boxes
 
     read = read_boxes(boxes)
     key = image_key("train/000434271f63a053c4128a0ba6352c7f.dicom")
@@ -352,7 +352,7 @@ def test_pack_padchest_windows_16bit_and_records_mapping(tmp_path):
     from argparse import Namespace
 
     from cxr.evaluate import _context
-    from cxr.report import label_mapping_section
+    from cxr.evaluation.report import label_mapping_section
 
     context = _context(Namespace(shards=str(out), thresholds_from="val", split="test", ensemble="mean-prob",
                                  bootstrap=0, seed=0, alpha=0.05), "runs")  # fmt: skip

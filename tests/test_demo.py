@@ -2,7 +2,7 @@
 
 Independent references: sklearn's roc_auc_score on the report's own predictions (ensemble = mean of
 the members), the pointing-game pair count from synth's boxes.csv and the splits table, box area /
-image area for chance, PIL for image sizes, the OOD gate re-run in PyTorch (cxr.ood.load_gate on
+image area for chance, PIL for image sizes, the OOD gate re-run in PyTorch (cxr.tools.ood.load_gate on
 pixels made as tests/ood_data.py makes them) against the tour's onnxruntime verdicts, and the
 index's links against the files on disk. A stage that cannot run here (no NIH sample, no Chromium)
 must say "skipped" with a reason on the index page; nothing may fail.
@@ -223,7 +223,7 @@ def _check_ood(d: Path, nih: Path):
     import torch
     from ood_data import MEAN, STD, TEST_KINDS
 
-    from cxr.ood import load_scorer
+    from cxr.tools.ood import load_scorer
 
     def page_grey(path: Path, res: int) -> np.ndarray:  # the page's path: PIL "L", then Pillow's Lanczos
         with Image.open(path) as im:

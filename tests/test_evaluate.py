@@ -603,8 +603,8 @@ def test_gpu_decoding_member_is_evaluated_on_cpu(members, shards_dir, tmp_path, 
 
 
 def test_coverage_check_catches_missing_and_tolerates_duplicates(shards_dir):
-    from cxr.inference import check_coverage
-    from cxr.report import ScoreSet
+    from cxr.evaluation.inference import check_coverage
+    from cxr.evaluation.report import ScoreSet
 
     table = pd.read_parquet(json.loads((shards_dir / "manifest.json").read_text())["splits_file"])
     keys = sorted(Path(i).stem for i in table.loc[table["split"] == "test", "image"])
@@ -631,7 +631,7 @@ def test_stop_signal_says_what_was_interrupted_writes_nothing_and_exits_requeue(
     earlier report in --out is left exactly as it was, and the exit status is the requeue code."""
     import signal as signals
 
-    from cxr.run_log import EXIT_REQUEUE
+    from cxr.runs.run_log import EXIT_REQUEUE
 
     out = tmp_path / "out"
     out.mkdir()

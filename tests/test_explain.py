@@ -1,4 +1,4 @@
-"""`cxr.explain`: heat-map methods, the box parser, localisation scores, overlays and the CLI.
+"""`cxr.tools.explain`: heat-map methods, the box parser, localisation scores, overlays and the CLI.
 
 Independent references: the definitions themselves (CAM = Grad-CAM / (h·w) for a
 GAP + linear head), central finite differences for saliency, the raw text of the
@@ -25,7 +25,11 @@ from helpers import free_port, make_member
 from PIL import Image
 from torch import nn
 
-from cxr.explain import (
+from cxr.models import build_model
+from cxr.models.backbones import GlobalAvgPool
+from cxr.models.classifier import CxrClassifier
+from cxr.models.heads import Head
+from cxr.tools.explain import (
     box_mask,
     cam_maps,
     choose_layer,
@@ -39,11 +43,7 @@ from cxr.explain import (
     summarise,
     upsample,
 )
-from cxr.explain import main as explain_main
-from cxr.models import build_model
-from cxr.models.backbones import GlobalAvgPool
-from cxr.models.classifier import CxrClassifier
-from cxr.models.heads import Head
+from cxr.tools.explain import main as explain_main
 from cxrbase.errors import CxrError
 from cxrbase.labels import LABELS
 from shards.synth import Case, render_with_boxes
@@ -416,7 +416,7 @@ def _test_keys(root: Path) -> list[str]:
 def _by_hand_probability(run: Path, image: Path, label: str) -> float:
     """PIL decode → bilinear 64 px → (x/255 − mean)/std → the run's model: independent of the loader."""
     from cxr.data import DataConfig
-    from cxr.inference import build_member_model, read_member
+    from cxr.evaluation.inference import build_member_model, read_member
 
     model = build_member_model(read_member(run, "m"), torch.device("cpu"))
     cfg = DataConfig()
@@ -573,7 +573,7 @@ def test_two_ranks_score_the_same_pairs_as_one(phantom_shards, runs, tmp_path):
         "--dynamo_backend",
         "no",
         "-m",
-        "cxr.explain",
+        "cxr.tools.explain",
         *args,
         "--cpu",
         "--out",
@@ -595,7 +595,7 @@ FOCAL = ("Mass", "Nodule", "Hernia")  # synth's bounded lesions: a bright disc, 
 @pytest.mark.slow
 def test_planted_lesions_are_found_through_the_commands(tmp_path):
     """synth (boxes.csv) → split → pack → `python -m cxr.train --config cxr/configs/tiny.yaml` (the shipped
-    config, unchanged: the cnn at 128 px) → `python -m cxr.explain --bbox`. The default Grad-CAM layer
+    config, unchanged: the cnn at 128 px) → `python -m cxr.tools.explain --bbox`. The default Grad-CAM layer
     (16×16, not the final 4×4 map) puts the peak on the planted lesion: scored from the pairs file against
     synth's own boxes. Measured (this seed, 2 CPU cores): Mass+Nodule+Hernia hit 0.66 (19 of 29) vs chance
     0.009; every boxed label 0.38 vs 0.057; the final 4×4 map on the focal lesions 0 of 29 (12 empty)."""
@@ -630,7 +630,7 @@ def test_planted_lesions_are_found_through_the_commands(tmp_path):
     )
     explain = [
         "-m",
-        "cxr.explain",
+        "cxr.tools.explain",
         "--run",
         str(root / "run"),
         "--shards",

@@ -1,4 +1,4 @@
-"""cxr/export.py: onnxruntime equals PyTorch for every exportable family (224 and one 1024 forward),
+"""cxr/tools/export.py: onnxruntime equals PyTorch for every exportable family (224 and one 1024 forward),
 the ensemble graph, the package files (sha256, operating points) and the web-vendor error."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from cxr.export import EnsembleGraph, export_onnx, write_site
-from cxr.export import main as export_main
 from cxr.models import build_model
+from cxr.tools.export import EnsembleGraph, export_onnx, write_site
+from cxr.tools.export import main as export_main
 from cxrbase.errors import CxrError
 
 ort = pytest.importorskip("onnxruntime")
@@ -136,7 +136,7 @@ def test_ood_onnx_equals_pytorch_msssim_gate(runs, tmp_path):
     on loader-like inputs (uint8 pixels of X-ray-like phantoms and non-X-rays) and on random ones."""
     from ood_data import TEST_KINDS, textures, to_pixels
 
-    from cxr.ood import feature_distance, load_scorer, read_threshold
+    from cxr.tools.ood import feature_distance, load_scorer, read_threshold
 
     out = tmp_path / "pkg"
     assert export_main(["--run", str(runs["members"][0]), "--ood", str(runs["gate"]), "--out", str(out)]) == 0

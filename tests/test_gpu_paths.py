@@ -90,7 +90,7 @@ def test_require_cuda_passes_when_available_or_not_asked():
 STOP_FLAG_RANK = """
 import os, sys, time, torch, torch.distributed as dist
 sys.path.insert(0, os.environ["ROOT"])
-from cxr.distributed import StopFlag
+from cxr.runs.distributed import StopFlag
 rank = int(sys.argv[1])
 dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
 try:
@@ -145,7 +145,7 @@ def test_deterministic_numerics_are_undone_by_the_next_run():
     """A deterministic run then a normal one in the same process: cuDNN's deterministic flag and
     torch's deterministic mode are off again (cudnn.deterministic used to stay on)."""
     from cxr.config import load_config
-    from cxr.distributed import configure_numerics
+    from cxr.runs.distributed import configure_numerics
 
     before = (
         torch.backends.cudnn.deterministic,
@@ -187,8 +187,8 @@ def test_zero_buckets_are_sized_for_the_model_not_deepspeeds_2gb_default(stage):
     (64×7×7×2)); DeepSpeed's default would be 5e8 elements (2 GB of fp32)."""
     import json
 
-    from cxr.distributed import ZERO_BUCKET_CAP, fill_zero_buckets
     from cxr.models import build_model
+    from cxr.runs.distributed import ZERO_BUCKET_CAP, fill_zero_buckets
 
     ds = json.loads((ROOT / f"launch/configs/deepspeed_zero{stage}.json").read_text())
     assert ds["zero_optimization"].get("reduce_bucket_size") == "auto"
@@ -205,8 +205,8 @@ def test_saliency_is_micro_batched_and_equals_the_whole_batch():
     """saliency over 6 images: the model never sees more than SALIENCY_MICRO_BATCH images at once
     (one backward at a time), and the maps equal the gradient of each image's own logits, computed
     here image by image with torch.autograd.grad (eval mode: images are independent)."""
-    from cxr import explain
     from cxr.models import build_model
+    from cxr.tools import explain
 
     torch.manual_seed(0)
     model = build_model("cnn", width=4).eval()
@@ -227,8 +227,8 @@ def test_train_log_says_the_probed_layout_and_how_it_differs_from_the_config(tmp
     was chosen, why, and that the micro-batch is not the config's."""
     from helpers import MemoryLoader, tiny_config
 
-    from cxr.probe import ProbeResult, write_probe
     from cxr.train import train
+    from cxr.training.probe import ProbeResult, write_probe
 
     run = tmp_path / "run"
     write_probe(

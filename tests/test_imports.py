@@ -190,3 +190,37 @@ def test_no_test_module_imports_another():
         if name.startswith("test_")
     ]
     assert found == []
+
+
+# ----- cxr/'s rooms: each imports only itself and the rooms below it -----
+
+# bottom to top; a room is a sub-package of cxr/ or one of its root modules
+ROOMS = ("cuda_check", "data", "models", "config", "runs", "evaluation", "training", "tools", "train", "evaluate")
+
+
+def _room(module: str) -> str:
+    return module.split(".")[1] if "." in module else module
+
+
+def _upward_room_imports(graph: dict[str, set[str]]) -> list[str]:
+    rank = {room: i for i, room in enumerate(ROOMS)}
+    bad = []
+    for module, targets in sorted(graph.items()):
+        if module == "cxr":
+            continue
+        for target in sorted(targets):
+            if rank[_room(target)] > rank[_room(module)]:
+                bad.append(f"{module} imports {target} (room {_room(target)} is above {_room(module)})")
+    return bad
+
+
+def test_room_checker_finds_a_planted_upward_import():
+    graph = {"cxr.models.a": {"cxr.data.b"}, "cxr.data.b": {"cxr.tools.c"}, "cxr.tools.c": set()}
+    assert _upward_room_imports(graph) == ["cxr.data.b imports cxr.tools.c (room tools is above data)"]
+
+
+def test_every_cxr_module_is_in_a_named_room_and_imports_only_downward():
+    graph = _module_graph(ROOT, "cxr")
+    unplaced = sorted({_room(m) for m in graph if m != "cxr"} - set(ROOMS))
+    assert unplaced == [], f"cxr/ modules outside the rooms of tests/test_imports.ROOMS: {unplaced}"
+    assert _upward_room_imports(graph) == []

@@ -120,7 +120,7 @@ def test_requeue_status_is_ex_tempfail_everywhere():
     """Training's "requeue me" status is sysexits' EX_TEMPFAIL, and the sbatch wrapper's default matches it."""
     import re
 
-    from cxr import run_log
+    from cxr.runs import run_log
 
     assert run_log.EXIT_REQUEUE == os.EX_TEMPFAIL == 75
     script = (Path(__file__).resolve().parents[1] / "slurm" / "run-training.sh").read_text()
@@ -391,11 +391,11 @@ def test_site_file_errors_name_the_file(tmp_path):
 
 # ------------------------------------------------------- run-training.sh's requeue decision ----
 # srun and scontrol are replaced by stubs on PATH: "training" writes RUN/status.json through the real
-# writer (cxr.run_log.write_status, which records $CXR_RUN_NONCE) and exits 1 as accelerate would.
+# writer (cxr.runs.run_log.write_status, which records $CXR_RUN_NONCE) and exits 1 as accelerate would.
 _FAKE_SRUN = """#!/usr/bin/env bash
 case $FAKE_TRAINING in
   preempt) "$CXR_PYTHON" -c 'import os, sys; from pathlib import Path; sys.path.insert(0, os.getcwd())
-from cxr.resume import TrainState; from cxr.run_log import write_status
+from cxr.training.resume import TrainState; from cxr.runs.run_log import write_status
 write_status(Path(os.environ["FAKE_RUN"]), "preempted", TrainState(epoch=1), exit_code=75)' || exit 9
            [[ -z ${FAKE_SKEW:-} ]] || touch -d "@$(( $(date +%s) - FAKE_SKEW ))" "$FAKE_RUN/status.json" ;;
   crash) ;;  # killed (OOM, node lost) before writing anything

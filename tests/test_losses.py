@@ -1,4 +1,4 @@
-"""cxr.losses against direct float64 numpy transcriptions of the SPEC.md formulas."""
+"""cxr.models.losses against direct float64 numpy transcriptions of the SPEC.md formulas."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cxr import losses
-from cxr.losses import LossConfig, build_loss
+from cxr.models import losses
+from cxr.models.losses import LossConfig, build_loss
 from cxrbase.errors import CxrError
 
 B, C = 64, 14

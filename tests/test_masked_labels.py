@@ -177,7 +177,7 @@ def _log_sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def test_masked_bce_equals_a_hand_computation_with_the_masked_terms_removed():
-    from cxr.losses import bce
+    from cxr.models.losses import bce
 
     z, y, masked, known = _masked_batch()
     zn, yn, k = z.numpy(), y.numpy(), known.numpy()
@@ -189,7 +189,7 @@ def test_masked_bce_equals_a_hand_computation_with_the_masked_terms_removed():
 
 
 def test_every_loss_skips_masked_entries_hand_computed():
-    from cxr.losses import dynamic_weighted_bce, focal, weighted_bce
+    from cxr.models.losses import dynamic_weighted_bce, focal, weighted_bce
 
     z, y, masked, known = _masked_batch(seed=1)
     zn, yn, k = z.numpy(), y.numpy(), known.numpy()
@@ -214,7 +214,7 @@ def test_every_loss_skips_masked_entries_hand_computed():
 def test_masked_losses_have_zero_gradient_on_masked_logits_and_no_nan():
     import torch
 
-    from cxr.losses import LossConfig, build_loss
+    from cxr.models.losses import LossConfig, build_loss
 
     z, _, masked, known = _masked_batch(seed=2)
     prevalence = np.full(z.shape[1], 0.3)
@@ -229,7 +229,7 @@ def test_masked_losses_have_zero_gradient_on_masked_logits_and_no_nan():
 def test_per_label_metrics_skip_unknown_entries_as_sklearn_on_the_known_rows():
     from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score
 
-    from cxr.metrics import (
+    from cxr.evaluation.metrics import (
         bootstrap_auroc,
         bootstrap_counts,
         per_label_auprc,

@@ -1,4 +1,4 @@
-"""cxr.metrics against scikit-learn, brute force and hand computations."""
+"""cxr.evaluation.metrics against scikit-learn, brute force and hand computations."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from cxr import metrics as M
-from cxr.metrics import UndefinedMetricWarning
+from cxr.evaluation import metrics as M
+from cxr.evaluation.metrics import UndefinedMetricWarning
 from cxrbase.errors import CxrError
 from cxrbase.labels import LABELS
 

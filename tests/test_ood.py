@@ -1,4 +1,4 @@
-"""The OOD gate (cxr/ood.py): SSIM against scikit-image, the val-percentile threshold, rejection
+"""The OOD gate (cxr/tools/ood.py): SSIM against scikit-image, the val-percentile threshold, rejection
 rates of natural-looking outliers vs held-out phantoms and real NIH images, and evaluate --ood."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from ood_data import MEAN, RES, STD, TEST_KINDS, digits, load_grey, normalise, t
 from PIL import Image
 
 from cxr.config import load_config
-from cxr.ood import (
+from cxr.tools.ood import (
     FEATURES,
     GateScore,
     cross_fitted_distances,
@@ -56,7 +56,7 @@ def test_ssim_score_equals_scikit_image():
 
 # ------------------------------------------------------------------ the gate's features and distance ---
 def _features_numpy(x: np.ndarray, ae: np.ndarray) -> np.ndarray:
-    """A second implementation of cxr.ood.image_features in NumPy/SciPy (float64), from its docstring."""
+    """A second implementation of cxr.tools.ood.image_features in NumPy/SciPy (float64), from its docstring."""
     from scipy.ndimage import uniform_filter
 
     _, h, w = x.shape
@@ -117,7 +117,7 @@ def test_feature_distance_is_mahalanobis_under_the_ledoit_wolf_covariance():
     want = [mahalanobis((t - centre) / scale, np.zeros(len(FEATURES)), np.linalg.inv(cov)) for t in test]
     np.testing.assert_allclose(feature_distance(test, model), want, rtol=1e-9)
     # the torch gate's whitening gives the same distance (float32)
-    ae = __import__("cxr.ood", fromlist=["OodAutoencoder"]).OodAutoencoder(width=4, code=4)
+    ae = __import__("cxr.tools.ood", fromlist=["OodAutoencoder"]).OodAutoencoder(width=4, code=4)
     gate = GateScore(ae, model)
     z = (torch.tensor(test, dtype=torch.float32) - gate.centre) / gate.scale
     np.testing.assert_allclose((z @ gate.whiten).pow(2).sum(1).sqrt().numpy(), want, rtol=1e-4)
@@ -145,7 +145,7 @@ def test_one_pixel_past_a_cut_no_fit_image_crosses_is_no_outlier():
 
 
 def test_cross_fitted_distances_are_leave_one_out_for_small_sets():
-    from cxr.ood import cross_fitted_distances
+    from cxr.tools.ood import cross_fitted_distances
 
     rng = np.random.default_rng(4)
     feats = rng.normal(size=(15, len(FEATURES))) + rng.normal(size=len(FEATURES))
@@ -157,7 +157,7 @@ def test_cross_fitted_distances_are_leave_one_out_for_small_sets():
 
 def test_a_threshold_file_without_a_feature_model_is_refused(tmp_path):
     (tmp_path / "ood_threshold.json").write_text(json.dumps({"threshold": 0.3, "percentile": 99.0}))
-    with pytest.raises(CxrError, match="no feature model .* cxr.ood threshold"):
+    with pytest.raises(CxrError, match="no feature model .* cxr.tools.ood threshold"):
         read_threshold(tmp_path)
 
 
@@ -166,7 +166,7 @@ def test_gate_rejects_every_kind_of_non_x_ray_at_a_threshold_fitted_on_real_imag
     them, threshold = the largest distance of 30 others): every generated non-X-ray kind — plots,
     screenshots, documents, photos, CT slices, limb radiographs, noise, checkerboards, colour blobs —
     is rejected, while most of the last 30 real images pass. 1 − SSIM alone rejects few of them."""
-    from cxr.ood import OodAutoencoder
+    from cxr.tools.ood import OodAutoencoder
 
     nih = np.stack([load_grey(p) for p in sorted(nih_sample_dir.glob("*.png"))])
     order = np.random.default_rng(1).permutation(len(nih))
@@ -240,7 +240,7 @@ class MemoryLoader:
 def gate(tmp_path_factory, nih_sample_dir):
     """An ood_ae trained by cxr.train.train on 70 % of 200 phantoms + 70 % of the 130 NIH sample
     images (64 px); val = 15 % of each, held out = the other 15 %."""
-    from cxr.ood import load_gate
+    from cxr.tools.ood import load_gate
     from cxr.train import train
 
     root = tmp_path_factory.mktemp("ood")
@@ -351,8 +351,8 @@ def test_evaluate_ood_reports_rejections_and_accepted_metrics(shards_dir, tmp_pa
     from sklearn.metrics import roc_auc_score
 
     from cxr.evaluate import main as evaluate_main
-    from cxr.ood import load_scorer
-    from cxr.ood import main as ood_main
+    from cxr.tools.ood import load_scorer
+    from cxr.tools.ood import main as ood_main
     from cxr.train import train
 
     run = tmp_path / "gate"

@@ -1,6 +1,6 @@
 """The gate's rates on real X-rays through the commands (bench/ood_gate.py's folds): the 130 NIH sample
 images in 5 patient-level folds, a gate made per fold by `shards pack`, `cxr.train --config
-cxr/configs/ood_ae.yaml` and `cxr.ood threshold`, each fold's real images held out once.
+cxr/configs/ood_ae.yaml` and `cxr.tools.ood threshold`, each fold's real images held out once.
 
 Issue 28's aim: at the default percentile (95) at most 5 % of held-out real X-rays rejected and at least
 95 % of non-X-rays, of the kinds kept out of the score's design (plots, screenshots, documents, photos,

@@ -1,7 +1,7 @@
 """`cxr-predict` through the user's commands: phantoms → pack → `python -m cxr.train` (the shipped tiny
-and ood_ae configs) → `python -m cxr.evaluate` / `cxr.ood threshold` / `cxr.export`; then cxr-predict on
+and ood_ae configs) → `python -m cxr.evaluate` / `cxr.tools.ood threshold` / `cxr.tools.export`; then cxr-predict on
 a folder mixing the test split's PNGs, DICOM copies of them and broken files. References: the
-evaluator's predictions.parquet and the gate's own scoring through the loader (cxr.ood.score_split)."""
+evaluator's predictions.parquet and the gate's own scoring through the loader (cxr.tools.ood.score_split)."""
 
 from __future__ import annotations
 
@@ -103,7 +103,15 @@ def trained(tmp_path_factory):
         f"checkpoint.run_dir={root / 'ood'}",
     )
     run(
-        "-m", "cxr.ood", "threshold", "--run", str(root / "ood"), "--shards", str(root / "shards"), "--percentile", "90"
+        "-m",
+        "cxr.tools.ood",
+        "threshold",
+        "--run",
+        str(root / "ood"),
+        "--shards",
+        str(root / "shards"),
+        "--percentile",
+        "90",
     )
     run(
         "-m",
@@ -124,7 +132,7 @@ def trained(tmp_path_factory):
     )
     run(
         "-m",
-        "cxr.export",
+        "cxr.tools.export",
         "--run",
         str(root / "run"),
         "--ood",
@@ -166,7 +174,7 @@ def evaluator_probs(trained: Path) -> pd.DataFrame:
 
 
 def predict(*args: str) -> None:
-    run("-m", "cxr.predict", "--no-progress", *args)
+    run("-m", "cxr.tools.predict", "--no-progress", *args)
 
 
 def key_of(file: str) -> str:
@@ -192,7 +200,7 @@ def check_overlays(got: pd.DataFrame, out: Path, method: str) -> None:
             drawn = np.asarray(im.convert("RGB")).astype(int)
         if source is not None:
             assert drawn.shape[:2] == source.shape
-            line = max(6, round(drawn.shape[1] / 48))  # cxr.explain.overlay's caption band: 2 lines of text
+            line = max(6, round(drawn.shape[1] / 48))  # cxr.tools.explain.overlay's caption band: 2 lines of text
             band = int(1.35 * line * 2 + line * 0.4) + 1  # below it, a grey pixel (R = G = B) is the source's own
             grey = (drawn[band:, :, 0] == drawn[band:, :, 1]) & (drawn[band:, :, 1] == drawn[band:, :, 2])
             assert np.abs(drawn[band:, :, 0][grey] - source[band:][grey]).max() <= 1
@@ -222,7 +230,7 @@ def test_run_dir_predictions_equal_the_evaluators(trained, studies, tmp_path):
     raw = got.set_index(got["file"].map(key_of))[[f"raw_{label}" for label in LABELS]]
     np.testing.assert_allclose(raw.to_numpy(), ref.loc[raw.index].to_numpy(), atol=1e-4)
     # the gate: same scores as the gate's own scoring of the packed test split through the loader
-    from cxr.ood import read_threshold, score_split
+    from cxr.tools.ood import read_threshold, score_split
 
     gate_keys, gate_scores = score_split(trained / "ood", trained / "shards", "test")
     by_key = dict(zip(gate_keys, gate_scores))
@@ -274,7 +282,7 @@ def test_package_predictions_equal_the_evaluators(trained, studies, tmp_path):
     accepted = got["gate"] == "accepted"
     decisions = got.loc[accepted, [f"{label}_decision" for label in LABELS]].to_numpy()
     np.testing.assert_array_equal(decisions, (x[accepted.to_numpy()] >= ops).astype(int))
-    from cxr.ood import score_split
+    from cxr.tools.ood import score_split
 
     gate_keys, gate_scores = score_split(trained / "ood", trained / "shards", "test")
     by_key = dict(zip(gate_keys, gate_scores))
@@ -285,7 +293,7 @@ def test_package_path_never_imports_torch(trained, studies, tmp_path):
     folder, _ = studies
     code = (
         "import sys, runpy; sys.argv = ['cxr-predict', '--no-progress', '--model', sys.argv[1], sys.argv[2], "
-        "'--out', sys.argv[3]]\ntry:\n    runpy.run_module('cxr.predict', run_name='__main__')\n"
+        "'--out', sys.argv[3]]\ntry:\n    runpy.run_module('cxr.tools.predict', run_name='__main__')\n"
         "except SystemExit as e:\n    assert not e.code, e.code\nassert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run(

@@ -2,7 +2,7 @@
 an RGBA PNG, grey PNGs of other sizes than the model's — against the evaluator on the same files packed into
 shards (`shards pack` → `cxr.evaluate`), to 1e-5 for run dirs. Neither reference goes through cxr-predict's
 code: pack + the loader decide the pixels there. Also the package (its ONNX graphs and preprocess.json) and the
-gate's own scoring of the packed split (cxr.ood.score_split)."""
+gate's own scoring of the packed split (cxr.tools.ood.score_split)."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def packed(export_runs, tmp_path_factory):
 
 def _reference(pred: pd.DataFrame, members) -> pd.DataFrame:
     """Mean of the members' probabilities per key (cxr.evaluate's default ensemble), from predictions.parquet."""
-    rows = pred[pred["member"].isin([m.name for m in members])]  # run dir names (cxr.inference.member_names)
+    rows = pred[pred["member"].isin([m.name for m in members])]  # run dir names (cxr.evaluation.inference.member_names)
     assert rows["member"].nunique() == len(members)
     cols = [f"p_{label}" if f"p_{label}" in rows else label for label in LABELS]
     return rows.groupby("key")[cols].mean()
@@ -89,7 +89,7 @@ def _key(file: str) -> str:
 
 
 def _predict(tmp_path, *args: str) -> pd.DataFrame:
-    from cxr.predict import main as predict_main
+    from cxr.tools.predict import main as predict_main
 
     assert predict_main(["--no-progress", "--out", str(tmp_path / "out"), *args]) == 0
     got = pd.read_csv(tmp_path / "out" / "predictions.csv")
@@ -109,7 +109,7 @@ def test_run_dirs_equal_the_evaluator_on_packed_copies(export_runs, packed, tmp_
     assert sorted(got.index) == sorted(ref.index)
     raw = got[[f"raw_{label}" for label in LABELS]].to_numpy()
     np.testing.assert_allclose(raw, ref.loc[got.index].to_numpy(), atol=1e-5, rtol=0)
-    from cxr.ood import score_split
+    from cxr.tools.ood import score_split
 
     keys, scores = score_split(export_runs["gate"], packed["shards"], "test")
     np.testing.assert_allclose(got.loc[keys, "gate_score"], scores, rtol=1e-5, atol=1e-6)
@@ -118,7 +118,7 @@ def test_run_dirs_equal_the_evaluator_on_packed_copies(export_runs, packed, tmp_
 
 
 def test_package_equals_the_evaluator_on_packed_copies(export_runs, packed, tmp_path):
-    from cxr.export import main as export_main
+    from cxr.tools.export import main as export_main
 
     members = export_runs["members"]
     pkg = tmp_path / "pkg"
@@ -128,7 +128,7 @@ def test_package_equals_the_evaluator_on_packed_copies(export_runs, packed, tmp_
     ref = _reference(packed["pred"], members)
     raw = got[[f"raw_{label}" for label in LABELS]].to_numpy()
     np.testing.assert_allclose(raw, ref.loc[got.index].to_numpy(), atol=1e-5, rtol=0)
-    from cxr.ood import score_split
+    from cxr.tools.ood import score_split
 
     keys, scores = score_split(export_runs["gate"], packed["shards"], "test")
     np.testing.assert_allclose(got.loc[keys, "gate_score"], scores, rtol=1e-4, atol=1e-5)

@@ -1,4 +1,4 @@
-"""cxr.predictions.write_val_predictions: the RUN/val_predictions.parquet of docs/run-dir.md,
+"""cxr.evaluation.predictions.write_val_predictions: the RUN/val_predictions.parquet of docs/run-dir.md,
 checked against a frame built by hand with pandas."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from cxr.predictions import write_val_predictions
+from cxr.evaluation.predictions import write_val_predictions
 from cxrbase.labels import LABELS
 
 

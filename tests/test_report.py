@@ -25,10 +25,10 @@ from sklearn.metrics import (
 )
 
 from cxr.evaluate import main as evaluate_main
-from cxr.metrics import bootstrap_counts
-from cxr.predictions import predictions_frame, read_predictions
-from cxr.published import CHEXNET_2017, WANG_2017, published_mean
-from cxr.report import ScoreSet
+from cxr.evaluation.metrics import bootstrap_counts
+from cxr.evaluation.predictions import predictions_frame, read_predictions
+from cxr.evaluation.published import CHEXNET_2017, WANG_2017, published_mean
+from cxr.evaluation.report import ScoreSet
 from cxrbase.errors import CxrError
 from cxrbase.labels import LABELS
 
@@ -204,7 +204,7 @@ def test_report_markdown_has_published_columns_prevalence_and_figures(report):
 
 
 # The papers' own four-digit values: Wang et al. 2017 (ChestX-ray8, Table 4 of the arXiv v5 update on the
-# 14 labels) and Rajpurkar et al. 2017 (CheXNet, Table 1). cxr.published keeps them rounded half up to 3 digits.
+# 14 labels) and Rajpurkar et al. 2017 (CheXNet, Table 1). cxr.evaluation.published keeps them rounded half up to 3 digits.
 PAPERS = {
     "Atelectasis": (0.7003, 0.8094),
     "Cardiomegaly": (0.8100, 0.9248),
@@ -242,7 +242,7 @@ def test_published_table_matches_spec():
 
 
 def test_plotted_curves_equal_sklearn_roc_curve():
-    from cxr.report import _cumulative_counts
+    from cxr.evaluation.report import _cumulative_counts
 
     rng = np.random.default_rng(5)
     y = rng.random(300) < 0.2
@@ -280,8 +280,8 @@ def test_roc_legend_lists_only_visible_curves(tmp_path, monkeypatch, members, en
     import matplotlib
 
     matplotlib.use("Agg")
-    import cxr.report as report_module
-    from cxr.inference import with_ensemble
+    from cxr.evaluation import report as report_module
+    from cxr.evaluation.inference import with_ensemble
 
     scores = with_ensemble(synthetic(200, 3, "3", members=members), "mean-prob")
     aucs = report_module.auc_table(scores, n_boot=0)

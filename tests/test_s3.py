@@ -232,7 +232,7 @@ def test_evaluate_from_the_bucket_equals_evaluate_from_the_folder(member, bucket
 def test_explain_from_the_bucket_draws_the_same_overlays_as_from_the_folder(
     member, bucket_shards, train_shards, tmp_path
 ):
-    from cxr.explain import main as explain_main
+    from cxr.tools.explain import main as explain_main
 
     keys = [
         line.split()[3].partition(".")[0] for line in (train_shards / "test-000000.idx").read_text().splitlines()[1:3]

@@ -45,7 +45,7 @@ def _val_reference(shards: Path) -> tuple[np.ndarray, int]:
 def _run_check(cfg, monkeypatch) -> tuple[Counter, list]:
     """check_val_split on one rank, counting SampleReader.read per sample and capturing the counts
     handed to the AUROC check."""
-    from cxr import train_setup
+    from cxr.training import setup as train_setup
 
     reads, seen = Counter(), []
     real_read, real_check = shard_index.SampleReader.read, train_setup.check_auroc_defined
@@ -172,7 +172,7 @@ def test_a_rewritten_shard_is_indexed_again(shards, tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ calibration CIs at scale
 def _calibration_inputs(n: int, n_boot: int):
-    from cxr.metrics import Resamples
+    from cxr.evaluation.metrics import Resamples
 
     rng = np.random.default_rng(3)
     y = (rng.random((n, len(LABELS))) < 0.15).astype(np.float64)
@@ -184,8 +184,8 @@ def _calibration_inputs(n: int, n_boot: int):
 def test_calibration_bootstrap_equals_a_per_resample_weighted_computation():
     """ECE (both binnings) and Brier of each patient resample equal a direct weighted computation
     on that resample's image weights (bins of the full split, as documented)."""
-    from cxr import calibration as cal
-    from cxr.report import _calibration_samples
+    from cxr.evaluation import calibration as cal
+    from cxr.evaluation.report import _calibration_samples
 
     y, p, resamples = _calibration_inputs(600, 12)
     got = _calibration_samples(y, p, resamples)
@@ -205,7 +205,7 @@ def test_calibration_bootstrap_scratch_does_not_grow_with_labels_times_bins():
     labels the old all-columns matrix alone took 2·14·15+15 float64 columns (47 MB, twice over)."""
     import tracemalloc
 
-    from cxr.report import _calibration_samples
+    from cxr.evaluation.report import _calibration_samples
 
     y, p, resamples = _calibration_inputs(20_000, 20)
     tracemalloc.start()

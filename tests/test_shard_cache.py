@@ -421,7 +421,7 @@ def test_throughput_csv_of_an_older_run_gains_the_timing_columns(tmp_path):
 
     import torch
 
-    from cxr import run_log
+    from cxr.runs import run_log
 
     old = "epoch,images,train_seconds,epoch_seconds,train_images_per_s,peak_memory_mb\n1,64,2.0,3.0,32.0,100.0\n"
     (tmp_path / "throughput.csv").write_text(old)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import cxr.probe as probe
+from cxr.training import probe as probe
 from cxrbase.errors import CxrError
 from launch.profiles import get_profile
 from launch.submit import build_parser, debug_layout_note, parse_grid, plan_ablate
@@ -171,7 +171,7 @@ def test_live_tensor_peak_counts_a_hand_computed_peak():
 def test_ablation_report_names_runs_whose_probed_layout_differs():
     import pandas as pd
 
-    from cxr.ablation import _layout_notes
+    from cxr.tools.ablation import _layout_notes
 
     same = probe.ProbeResult(
         1024, "cuda", 16, 16, 1, True, 20000, 100, 40, 2000, {}, config_micro_batch=16, config_grad_checkpointing=True

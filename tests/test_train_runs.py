@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from helpers import MemoryLoader, tiny_config
 from safetensors.torch import load_file
 
-from cxr import checkpoint as ckpt
 from cxr.config import load_config
-from cxr.distributed import configure_numerics
+from cxr.runs import checkpoint as ckpt
+from cxr.runs.distributed import configure_numerics
 from cxr.train import EXIT_REQUEUE, train
 from cxrbase.errors import CxrError
 
@@ -91,7 +91,7 @@ def test_a_second_training_on_a_locked_run_dir_refuses_and_a_dead_holders_lock_i
         [
             sys.executable,
             "-c",
-            "import sys; from cxr.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); "
+            "import sys; from cxr.runs.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); "
             "print('locked', flush=True); sys.stdin.read()",
             str(run),
         ],
@@ -541,7 +541,7 @@ def test_a_run_dir_that_cannot_be_written_is_a_one_line_error(tmp_path):
 
 
 def test_a_world_size_that_cannot_continue_at_the_same_sample_is_refused_naming_both(tmp_path):
-    from cxr.resume import resume_step
+    from cxr.training.resume import resume_step
 
     cfg = tiny_config(tmp_path, "train.grad_accum_steps=1")  # batch 8
     state = {"world_size": 1, "loop": {"epoch": 1, "step_in_epoch": 3}, "loader": {"samples": 24}}
@@ -919,7 +919,7 @@ def test_max_steps_progress_and_rates_say_what_the_run_will_do(tmp_path, capsys,
     """train.epochs=3 of 6 steps, train.max_steps=4: the progress (plain lines, stderr is no terminal)
     counts to 4 in "epoch 1/1", not 6 in "epoch 1/3"; the epoch line says 1/1; a slow rate keeps 3
     significant digits (0.0412 img/s, not 0.0)."""
-    from cxr import run_log
+    from cxr.runs import run_log
 
     monkeypatch.setenv("CXR_PROGRESS", "lines")
     assert train(tiny_config(tmp_path / "r", "train.max_steps=4", "logging.progress=true"), loader_fn=MemoryLoader) == 0

@@ -17,12 +17,12 @@ from accelerate import Accelerator
 from helpers import MemoryLoader, tiny_config
 from safetensors.torch import load_file
 
-from cxr import checkpoint as ckpt
 from cxr.config import load_config
-from cxr.distributed import StopFlag
-from cxr.resume import TrainState, update_best, update_early_stop
+from cxr.runs import checkpoint as ckpt
+from cxr.runs.distributed import StopFlag
 from cxr.train import EXIT_REQUEUE, train
-from cxr.train_setup import build_scheduler
+from cxr.training.resume import TrainState, update_best, update_early_stop
+from cxr.training.setup import build_scheduler
 from cxrbase.errors import CxrError
 
 pytestmark = pytest.mark.integration  # shards, training or subprocesses (CONTRIBUTING.md)
@@ -263,7 +263,7 @@ def test_signal_during_the_stop_flag_all_reduce_is_not_lost(monkeypatch):
 
 
 def test_loopback_warning_only_for_multi_node_runs_on_a_loopback_hostname():
-    from cxr.distributed import loopback_warning
+    from cxr.runs.distributed import loopback_warning
 
     loop = {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "node-a"}
     table = {"node-a": "10.0.0.5"}
@@ -287,7 +287,7 @@ def test_training_start_warns_of_a_tiny_val_and_train_labels_without_positives(t
     import pandas as pd
     from PIL import Image
 
-    from cxr.train_setup import warn_small_or_skewed
+    from cxr.training.setup import warn_small_or_skewed
     from cxrbase.labels import LABELS
     from shards.pack import pack
 

@@ -140,8 +140,8 @@ def test_embeddings_equal_the_models_pooled_features(tmp_path, pretrained):
     from safetensors.torch import load_file
 
     from cxr.data import DataConfig, build_loader
-    from cxr.embed import main as embed_main
     from cxr.models import build_model
+    from cxr.tools.embed import main as embed_main
 
     shards, out = pretrained.parent / "shards", tmp_path / "embed"
     assert (
@@ -214,8 +214,8 @@ def learned(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_fine_tuning_from_a_phantom_run_beats_random_init_and_its_features_cluster_by_label(tmp_path, learned):
-    from cxr.embed import knn_agreement
-    from cxr.embed import main as embed_main
+    from cxr.tools.embed import knn_agreement
+    from cxr.tools.embed import main as embed_main
 
     # The new task on other phantoms, packed through the generic CSV path.
     root = tmp_path / "task"

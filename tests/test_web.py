@@ -68,7 +68,7 @@ def test_page_probabilities_equal_onnxruntime_and_nothing_else_is_fetched(site, 
     assert [r["positive"] == "true" for r in result["rows"]] == [  # at the operating point, as the evaluator
         float(r["prob"]) >= ops[pre["labels"].index(r["label"])] for r in result["rows"]
     ]
-    # the CAM overlay of the top finding: drawn unless its map is ≤ 0 everywhere (cxr.explain's convention)
+    # the CAM overlay of the top finding: drawn unless its map is ≤ 0 everywhere (cxr.tools.explain's convention)
     if len(outputs) > 1:
         top = pre["labels"].index(result["rows"][0]["label"])
         empty = not (outputs[1][0, top] > 0).any()
@@ -110,11 +110,11 @@ def test_page_rejects_a_texture(site, web_tools):  # noqa: F811
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", PAGE_KINDS)
 def test_page_gate_score_equals_the_python_gate_and_rejects_non_x_rays(site, web_tools, runs, kind):  # noqa: F811
-    """The page's gate (its own decode, grey, resize, ood.onnx in onnxruntime-web) against cxr.ood's PyTorch
+    """The page's gate (its own decode, grey, resize, ood.onnx in onnxruntime-web) against cxr.tools.ood's PyTorch
     gate on PIL-made pixels: the same score, and the image is rejected with no findings."""
     import torch
 
-    from cxr.ood import load_scorer
+    from cxr.tools.ood import load_scorer
 
     name = f"{kind.replace(' ', '-')}.png"
     result = _open(site, web_tools, name)
@@ -157,9 +157,9 @@ def test_page_resize_is_pillows(size, out, filter_, tmp_path):
 
 
 def test_page_cam_levels_follow_cxr_explain(tmp_path):
-    """The page's CAM overlay levels (resize.js camLevels, run in node) and cxr.explain's overlay_levels
+    """The page's CAM overlay levels (resize.js camLevels, run in node) and cxr.tools.explain's overlay_levels
     against the convention written out: ReLU, then ÷ max; a map ≤ 0 everywhere is empty (no overlay)."""
-    from cxr.explain import overlay_levels
+    from cxr.tools.explain import overlay_levels
 
     if not shutil.which("node"):
         pytest.skip("node missing: install Node.js")

@@ -17,7 +17,7 @@ import pytest
 from dicom_data import dicom_bytes, ramp
 from web_page import open_page, runs, site, web_tools  # noqa: F401 — the page's fixtures (export, server, Chromium)
 
-from cxr.export import DICOM_VENDOR
+from cxr.tools.export import DICOM_VENDOR
 
 pytestmark = pytest.mark.integration  # node and Chromium subprocesses
 

@@ -25,7 +25,7 @@ def test_web_tour_refuses_what_it_cannot_open_in_one_line(tmp_path):
         timeout=60,
     )
     assert done.returncode == 1 and done.stderr.strip().splitlines() == [
-        f"{site_dir}: no index.html — export the page first (python -m cxr.export ... --web {site_dir})"
+        f"{site_dir}: no index.html — export the page first (python -m cxr.tools.export ... --web {site_dir})"
     ]
     (site_dir / "index.html").write_text("<html></html>")
     done = subprocess.run(

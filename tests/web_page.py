@@ -16,8 +16,8 @@ import pytest
 from ood_data import TEST_KINDS, textures
 from PIL import Image
 
-from cxr.export import WEB_VENDOR
-from cxr.export import main as export_main
+from cxr.tools.export import WEB_VENDOR
+from cxr.tools.export import main as export_main
 
 
 @pytest.fixture(scope="module")

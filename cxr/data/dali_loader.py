@@ -653,7 +653,7 @@ def dali_memory_estimate(
 ) -> dict:
     """Bytes DALI holds outside torch's allocator for `pipelines` pipelines (train + val of a run).
 
-    For the probe and the memory claim (cxr/probe.py, bench/gpu_check.py): a model of the
+    For the probe and the memory claim (cxr/training/probe.py, bench/gpu_check.py): a model of the
     pipeline built by _pipeline, not a measurement — gpu_check's "dali memory" row measures
     it on a GPU. Returns {"device": bytes on the GPU, "pinned": page-locked host bytes,
     "threads": decoder threads, "detail": {...}}. Zero device bytes for data.device=cpu.

@@ -206,6 +206,6 @@ def _one_thread(_worker: int) -> None:
     torch.set_num_threads(1)  # workers are the parallelism; intra-op threads would oversubscribe
     # srun / scancel --signal / submitit signal every process of the job: a worker that died of
     # SIGUSR1 would crash the loader before the main process saves. The main process handles
-    # the stop (cxr.distributed.StopFlag) and ends the workers itself.
+    # the stop (cxr.runs.distributed.StopFlag) and ends the workers itself.
     for name in STOP_SIGNALS:
         signal.signal(getattr(signal, name), signal.SIG_IGN)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-STOP_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM")  # srun / scancel --signal / submitit: cxr.distributed.StopFlag
+STOP_SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM")  # srun / scancel --signal / submitit: cxr.runs.distributed.StopFlag
 
 
 @contextmanager

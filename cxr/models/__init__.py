@@ -49,7 +49,7 @@ REGISTRY: dict[str, ModelSpec] = {
         transformer.build_vit, transformer.VIT_DESCRIPTION, {"arch": str, "stem_size": int, "img_size": int}
     ),
     "cnn": ModelSpec(cnn.build, cnn.DESCRIPTION, {"stem_size": int, "width": int}),
-    # not a classifier: the OOD gate's autoencoder (ood_ae.py; the gate is cxr/ood.py), trained with loss.name=ssim_recon
+    # not a classifier: the OOD gate's autoencoder (ood_ae.py; the gate is cxr/tools/ood.py), trained with loss.name=ssim_recon
     "ood_ae": ModelSpec(ood_ae.build, ood_ae.DESCRIPTION, {"width": int, "code": int}),
 }
 # the classifier suite (CxrClassifier: logits [B,14]); ood_ae is built by name but is not a classifier

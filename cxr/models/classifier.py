@@ -72,7 +72,7 @@ class CxrClassifier(nn.Module):
     def cam_layer_candidates(self) -> list[str]:
         """Names of the modules whose outputs are feature maps a Grad-CAM may use, shallow → deep:
         the stage outputs the family declares (``cam_layers``), then ``cam_layer``. Deeper maps are
-        more specific to the labels, shallower ones finer (cxr.explain picks by map size)."""
+        more specific to the labels, shallower ones finer (cxr.tools.explain picks by map size)."""
         return list(self.cam_layer_names)
 
     @property

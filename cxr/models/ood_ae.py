@@ -1,7 +1,7 @@
 """The OOD gate's autoencoder (model.name=ood_ae): a small conv autoencoder whose ``forward`` returns
 the per-image 1 − SSIM(image, reconstruction) [B, 1], so the ordinary training loop trains it with
 loss.name=ssim_recon. It lives with the other models (cxr.models builds it by name); the gate that
-scores images with it — features, feature model, threshold, CLI — is cxr.ood.
+scores images with it — features, feature model, threshold, CLI — is cxr.tools.ood.
 """
 
 from __future__ import annotations

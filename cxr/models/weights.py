@@ -55,8 +55,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 (unreadable, or pickled objects beyond tensors)
         # torch's message ends in advice to use weights_only=False: show its reason only
-        from cxr.checkpoint import load_error_line
-
         raise CxrError(
             f"{path}: cannot read as a state dict ({load_error_line(err)}) — do not load it with "
             f"weights_only=False; {WEIGHTS_HINT}"
@@ -204,3 +202,13 @@ def download_imagenet(arch: str) -> Path:
     from huggingface_hub import hf_hub_download
 
     return Path(hf_hub_download(imagenet_repo(arch), WEIGHTS_FILE, cache_dir=hub_cache()))
+
+
+def load_error_line(err: BaseException) -> str:
+    """The informative line of a load error: torch's weights-only refusal puts the offending global
+    ("Trying to load unsupported GLOBAL posix.system ...") after its advice to disable the check."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    if lines and lines[0].startswith("Weights only load failed"):  # the reason is a later line
+        lines = [ln for ln in lines[1:] if "weights_only" not in ln and "torch.load" not in ln] or ["refused"]
+    why = lines[0].replace("WeightsUnpickler error: ", "") if lines else ""
+    return f"{type(err).__name__}: {why}"[:160] if why else type(err).__name__

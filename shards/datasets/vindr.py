@@ -9,7 +9,7 @@ used as published. Official split: train → train (val carved by --val-fraction
 VinDr-CXR publishes no patient identifier, so each image is its own patient. Sex, age and view come
 from the DICOM header (PatientSex, PatientAge ``052Y``, ViewPosition) when the file is there.
 ``--boxes-out FILE`` also writes ``annotations_train.csv``'s boxes in the BBox_List_2017 layout
-(Image Index = the shard key, NIH label, x, y, w, h in DICOM pixels) for ``cxr.explain --bbox``;
+(Image Index = the shard key, NIH label, x, y, w, h in DICOM pixels) for ``cxr.tools.explain --bbox``;
 boxes of findings with no direct NIH label (Nodule/Mass among them) are counted and left out.
 """
 

@@ -6,7 +6,7 @@ from (``shards.records.read_table``, found through the manifest's ``splits_file`
 with ``--splits``) joined by image key: ``patient``, ``age``, ``sex``, ``view`` and any
 other column of the table, plus ``followup`` read off NIH image names
 (``PPPPPPPP_FFF`` → FFF, 0 = the patient's first study). predictions.parquet carries them
-(``cxr.predictions``), so ``--from-predictions`` needs no table.
+(``cxr.evaluation.predictions``), so ``--from-predictions`` needs no table.
 
 A grouping is named by a column (``sex``, ``view``, or any column; NIH CSV headers
 ``Patient Gender``, ``View Position``, ``Follow-up #``, ``Patient Age``, ``Patient ID`` are
@@ -132,9 +132,9 @@ def subgroup_table(
     DeLong p and Holm-adjusted p; plus one ``underdiagnosis`` row per group (sick images — any
     label positive — with no label at or above ``threshold`` [L], i.e. called "No Finding").
 
-    resamples: a :class:`cxr.metrics.Resamples` of the split (or None: no CIs).
+    resamples: a :class:`cxr.evaluation.metrics.Resamples` of the split (or None: no CIs).
     """
-    from cxr.metrics import bootstrap_auroc, holm, per_label_auroc, unpaired_delong, wilson_interval
+    from cxr.evaluation.metrics import bootstrap_auroc, holm, per_label_auroc, unpaired_delong, wilson_interval
 
     q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
     y = np.asarray(y, dtype=np.float64)  # NaN: unknown label, left out of each label's AUROC

@@ -1,7 +1,7 @@
-"""``python -m cxr.embed``: a trained run's penultimate features of a split, a 2-D t-SNE map and
+"""``python -m cxr.tools.embed``: a trained run's penultimate features of a split, a 2-D t-SNE map and
 k-NN label agreement in feature space.
 
-    python -m cxr.embed --run runs/d121 --shards data/shards --split test --out embed/d121
+    python -m cxr.tools.embed --run runs/d121 --shards data/shards --split test --out embed/d121
 
 Writes into OUT (atomically):
 
@@ -56,7 +56,7 @@ def extract(
     import torch
 
     from cxr.data import build_loader
-    from cxr.inference import build_member_model, eval_data_config, read_member, renormaliser, shards_labels
+    from cxr.evaluation.inference import build_member_model, eval_data_config, read_member, renormaliser, shards_labels
     from cxrbase.progress import progress as progress_bar
 
     member = read_member(run, Path(run).name)
@@ -204,11 +204,11 @@ def write_embeddings(path: Path, keys: Sequence[str], split: str, features: np.n
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m cxr.embed",
+        prog="python -m cxr.tools.embed",
         description="Embed a split with a trained run: penultimate features (embeddings.parquet), a t-SNE "
         "map (tsne.png, tsne.csv) with one panel per label plus one by most frequent finding, and k-NN "
         "label agreement in feature space against chance (knn.json). --debug shows tracebacks.",
-        epilog="Example: python -m cxr.embed --run runs/d121 --shards data/shards --split test --out embed/d121",
+        epilog="Example: python -m cxr.tools.embed --run runs/d121 --shards data/shards --split test --out embed/d121",
     )
     p.add_argument("--run", required=True, help="training run dir (uses checkpoints/best and config.yaml)")
     p.add_argument("--shards", required=True, help="shards folder with manifest.json (the run's label set)")

@@ -1,6 +1,6 @@
 """Export trained runs as an ONNX model package (and, with --web, a static page that predicts in the browser).
 
-    python -m cxr.export --run RUN [--run RUN2 ...] --ood OOD_RUN --out DIR
+    python -m cxr.tools.export --run RUN [--run RUN2 ...] --ood OOD_RUN --out DIR
                          [--thresholds REPORT/thresholds.json] [--calibration REPORT/calibration.json |
                           --no-calibration] [--resolution R] [--web SITE]
 
@@ -10,13 +10,13 @@ DIR gets
                     is pooled-linear (GAP + linear head), cam [B,14,h,w] = mean of the members'
                     class activation maps M_c = Σ_k w_ck f_k (gradient-free CAM; h×w = first member's grid)
   ood.onnx          the gate: image [B,1,r,r] at the autoencoder's resolution → score [B,1], the Mahalanobis
-                    distance of log(1 − SSIM) and the image statistics of cxr.ood.image_features
+                    distance of log(1 − SSIM) and the image statistics of cxr.tools.ood.image_features
   thresholds.json   per-label operating points o (the evaluator's tuned thresholds of the ensemble, or 0.5
                     without --thresholds), the operating-point scale f(x) = x/(2o) for x ≤ o, else
                     1 − (1−x)/(2(1−o)), and ``probabilities``: which numbers the page and cxr-predict show —
                     "calibrated" (calibration.json's maps) or "operating-point" (f, as before calibration)
   calibration.json  with "calibrated": the evaluator's post-hoc maps (temperature / Platt per label, fitted
-                    on its threshold split; the format of cxr.calibration), from --calibration or, by default,
+                    on its threshold split; the format of cxr.evaluation.calibration), from --calibration or, by default,
                     the calibration.json next to --thresholds; --no-calibration keeps the operating-point scale
   preprocess.json   how the loader makes its input: PIL "L" grey, PIL Lanczos resize, (x/255 − mean)/std
   manifest.json     every file with its sha256 and size, the runs, versions
@@ -41,16 +41,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from cxr.calibration import CALIBRATION_FILE
+from cxr.evaluation.calibration import CALIBRATION_FILE
 from cxrbase.atomic import atomic_write_text
 from cxrbase.errors import CxrError, cli_entry
 from cxrbase.labels import LABELS
 
 OPSET = 18  # Resize's antialias attribute (the fixed-size stems) needs 18
 CALIBRATION = "f(x) = x/(2o) for x <= o, else 1 - (1-x)/(2(1-o)); o maps to 0.5"
-WEB_VENDOR = Path(__file__).resolve().parents[1] / "build" / "npm" / "node_modules" / "onnxruntime-web"
+WEB_VENDOR = Path(__file__).resolve().parents[2] / "build" / "npm" / "node_modules" / "onnxruntime-web"
 WEB_FILES = ("ort.wasm.min.js", "ort-wasm-simd-threaded.wasm", "ort-wasm-simd-threaded.mjs")
-WEB_SOURCE = Path(__file__).resolve().parent / "web"
+WEB_SOURCE = Path(__file__).resolve().parents[1] / "web"
 # dicom-parser (npm, installed beside onnxruntime-web by scripts/web-deps.sh): the page's DICOM header parser
 DICOM_VENDOR = WEB_VENDOR.parent / "dicom-parser"
 DICOM_FILES = ("dicomParser.min.js",)
@@ -192,7 +192,7 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, outputs: S
 
 def load_members(runs: Sequence[str]):
     """[(member record, model in eval mode on CPU)] of classifier runs; metadata models are refused."""
-    from cxr.inference import build_member_model, member_names, read_member
+    from cxr.evaluation.inference import build_member_model, member_names, read_member
 
     out = []
     for run, name in zip(runs, member_names(runs)):
@@ -229,7 +229,7 @@ def operating_points(path: str | None, n_members: int, member_name: str, method:
     if path is None:
         doc["note"] = "no --thresholds given: operating points 0.5 (calibration is the identity)"
         return doc
-    from cxr.report import ENSEMBLE, read_thresholds
+    from cxr.evaluation.report import ENSEMBLE, read_thresholds
 
     tuned = read_thresholds(path)
     key = ENSEMBLE if n_members > 1 else member_name
@@ -260,9 +260,9 @@ def probability_mapping(
     member_name: str,
 ) -> dict:
     """Which probabilities the package shows (thresholds.json's ``probabilities`` and a note); with
-    calibration, write its maps to OUT/calibration.json (cxr.calibration's format and writer)."""
-    from cxr.calibration import beside, calibration_for, describe, write_calibration
-    from cxr.report import ENSEMBLE
+    calibration, write its maps to OUT/calibration.json (cxr.evaluation.calibration's format and writer)."""
+    from cxr.evaluation.calibration import beside, calibration_for, describe, write_calibration
+    from cxr.evaluation.report import ENSEMBLE
 
     if keep_mapping and calibration:
         raise CxrError(
@@ -308,7 +308,7 @@ def export_package(
     keep_mapping: bool = False,
 ) -> dict:
     """Write the package of the module docstring into ``out``; return the manifest."""
-    from cxr.ood import GateScore, load_gate, read_threshold
+    from cxr.tools.ood import GateScore, load_gate, read_threshold
 
     gate_doc = read_threshold(ood_run)  # before any export: an old gate without a feature model fails here
     members = load_members(runs)
@@ -357,7 +357,7 @@ def export_package(
                 "threshold": gate_doc["threshold"],
                 "percentile": gate_doc["percentile"],
                 "rule": "reject when score > threshold",
-                "score": "Mahalanobis distance of log(1 - SSIM) and image statistics (cxr.ood.FEATURES) "
+                "score": "Mahalanobis distance of log(1 - SSIM) and image statistics (cxr.tools.ood.FEATURES) "
                 "from the gate's train images",
             },
             "labels": list(LABELS),
@@ -425,7 +425,7 @@ def write_site(package: Path, site: Path, vendor: Path = WEB_VENDOR, dicom_vendo
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m cxr.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m cxr.tools.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
         "--run",

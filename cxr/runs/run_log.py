@@ -3,7 +3,7 @@
 ``RUN/train.log`` (with the run dir's lock), TensorBoard, the progress bar and the log lines.
 
 Every writer here is called on rank 0 only (the caller checks); the readers are for the
-launchers, cxr.ablation and bench/, which is why importing this module does not import torch.
+launchers, cxr.tools.ablation and bench/, which is why importing this module does not import torch.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from cxr.run_lock import RunLock
+from cxr.runs.run_lock import RunLock
 from cxrbase.atomic import atomic_write_text, remove_stale_temps
 from cxrbase.errors import CxrError
 
@@ -386,11 +386,11 @@ def stopped_for_requeue(run_dir: str | Path, nonce: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m cxr.run_log preempted RUN NONCE``: exit 0 when training stopped to be requeued
+    """``python -m cxr.runs.run_log preempted RUN NONCE``: exit 0 when training stopped to be requeued
     (status.json ``preempted`` with that nonce), 1 otherwise — slurm/run-training.sh's test; no torch."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m cxr.run_log", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m cxr.runs.run_log", description=main.__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     q = sub.add_parser("preempted", help="exit 0 when RUN/status.json is 'preempted' with this nonce, else 1")
     q.add_argument("run_dir")

@@ -1,7 +1,7 @@
 """Calibration: ECE, reliability bins, Brier score and its decomposition, temperature and
 Platt scaling — and the report folder's ``calibration.json`` (this module is its one owner).
 
-Numpy in, numbers out; no plotting. Shapes as in :mod:`cxr.metrics`: ``y`` [n, L] 0/1,
+Numpy in, numbers out; no plotting. Shapes as in :mod:`cxr.evaluation.metrics`: ``y`` [n, L] 0/1,
 ``p`` [n, L] probabilities (a 1-D input is one label).
 
 Binning (``n_bins`` = 15 by default):
@@ -373,7 +373,7 @@ def read_calibration(path: str | Path) -> dict[str, Any]:
 
 def beside(thresholds: str | Path | None) -> Path | None:
     """The calibration.json the evaluator wrote next to ``thresholds`` (its report folder), if any:
-    what cxr.export and cxr-predict use by default with ``--thresholds``."""
+    what cxr.tools.export and cxr-predict use by default with ``--thresholds``."""
     if thresholds is None:
         return None
     path = Path(thresholds).parent / CALIBRATION_FILE

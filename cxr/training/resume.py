@@ -1,7 +1,7 @@
 """A training's state and its way in and out of checkpoints (cxr/train.py; docs/run-dir.md
 "Resume and requeue"): which checkpoint a run continues from, restoring it (also at another
 world size), continuing a finished run, and saving ``last`` / ``best``. The checkpoint files
-themselves are cxr/checkpoint.py's."""
+themselves are cxr/runs/checkpoint.py's."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from cxr import checkpoint as ckpt
 from cxr.config import Config, config_diff, config_hash, hashed_dict, load_config
 from cxr.data import image_source
-from cxr.predictions import write_val_predictions
-from cxr.train_setup import current_lr, label_names
+from cxr.evaluation.predictions import write_val_predictions
+from cxr.runs import checkpoint as ckpt
+from cxr.training.setup import current_lr, label_names
 from cxrbase.errors import CxrError
 
 log = logging.getLogger("cxr.train")

@@ -1,7 +1,7 @@
 """The evaluation's numbers, tables, figures and report.md, from scores already inferred.
 
 Input: a :class:`ScoreSet` per split (keys, 0/1 truth and each member's and the
-ensemble's probabilities). :func:`analyse` computes, with ``cxr.metrics``:
+ensemble's probabilities). :func:`analyse` computes, with ``cxr.evaluation.metrics``:
 
 - ``aucs`` — per member and label (+ ``mean``): AUROC with a percentile-bootstrap CI
   (all score sets share the same resamples), AUPRC, prevalence, positives, images;
@@ -12,13 +12,13 @@ ensemble's probabilities). :func:`analyse` computes, with ``cxr.metrics``:
   reaching sensitivity 0.90 / 0.95 and specificity 0.90 on the tuning split, with Wilson
   intervals (and a bootstrap F1 interval for the ensemble);
 - ``calibration`` — ECE (equal width and equal mass), Brier and its decomposition, before and
-  after temperature / Platt maps fitted on the tuning split (cxr.calibration), with
+  after temperature / Platt maps fitted on the tuning split (cxr.evaluation.calibration), with
   bootstrap CIs for the ensemble;
 - ``subgroups`` — per grouping of the split's table (sex, age bands, view, follow-up, …):
   AUROC with CIs, gaps to the largest group with CIs and unpaired DeLong + Holm, and the
-  under-diagnosis rate (cxr.subgroups).
+  under-diagnosis rate (cxr.evaluation.subgroups).
 
-Every CI uses the same resamples (``cxr.metrics.Resamples``): whole patients when the split
+Every CI uses the same resamples (``cxr.evaluation.metrics.Resamples``): whole patients when the split
 knows them (``ScoreSet.meta["patient"]``), else images.
 
 :func:`write_outputs` writes aucs.csv, thresholds.json, metrics.csv, calibration.csv,
@@ -69,7 +69,9 @@ class ScoreSet:
     scores: dict[str, np.ndarray]
     duplicates: int = 0
     labels: tuple[str, ...] = LABELS  # the L column names (the shards' labels)
-    meta: pd.DataFrame | None = None  # per-image columns for subgroups and patient resampling (cxr.subgroups)
+    meta: pd.DataFrame | None = (
+        None  # per-image columns for subgroups and patient resampling (cxr.evaluation.subgroups)
+    )
 
     @property
     def n(self) -> int:
@@ -105,7 +107,7 @@ class Analysis:
     seconds: dict[str, float] = field(default_factory=dict)
     calibration: pd.DataFrame | None = None  # calibration.csv (see calibration_table)
     calibration_doc: dict[str, Any] | None = None  # calibration.json of the focus score set
-    subgroups: pd.DataFrame | None = None  # subgroups.csv (see cxr.subgroups.subgroup_table)
+    subgroups: pd.DataFrame | None = None  # subgroups.csv (see cxr.evaluation.subgroups.subgroup_table)
     resampling: str = "image"  # the bootstrap's unit: "patient" or "image"
     n_units: int = 0  # patients (or images) the bootstrap draws from
     calibrated: np.ndarray | None = None  # the focus score set's calibrated probabilities [N, L]
@@ -146,11 +148,11 @@ def auc_table(
     """Per member and label (+ ``mean``): auroc, ci_low, ci_high, auprc, prevalence, n_pos, n.
 
     The CIs are percentile-bootstrap intervals at level 1 − alpha over images; every
-    member and the ensemble use the same resamples (``cxr.metrics.bootstrap_counts``
+    member and the ensemble use the same resamples (``cxr.evaluation.metrics.bootstrap_counts``
     with ``seed``, or the given ``counts`` [N, n_boot], e.g. patient-level
-    ``cxr.metrics.Resamples.counts``). ``n_boot=0`` leaves the CI columns NaN.
+    ``cxr.evaluation.metrics.Resamples.counts``). ``n_boot=0`` leaves the CI columns NaN.
     """
-    from cxr.metrics import bootstrap_auroc, bootstrap_counts, per_label_auprc, per_label_auroc
+    from cxr.evaluation.metrics import bootstrap_auroc, bootstrap_counts, per_label_auprc, per_label_auroc
     from cxrbase.progress import progress as progress_bar
 
     notes = notes or _Notes()
@@ -246,7 +248,7 @@ def _nanmean(x: np.ndarray) -> float:
 def tune_all(tuning: ScoreSet, members: Sequence[str], notes: _Notes | None = None) -> dict[str, dict[str, np.ndarray]]:
     """{member: {"f1": [L], "youden": [L], "sens90": [L], "sens95": [L], "spec90": [L]}} thresholds
     tuned on the ``tuning`` split (F1/Youden optima and the fixed sensitivity/specificity targets)."""
-    from cxr.metrics import threshold_for_target, tune_thresholds
+    from cxr.evaluation.metrics import threshold_for_target, tune_thresholds
 
     notes = notes or _Notes()
     missing = [m for m in members if m not in tuning.scores]
@@ -288,7 +290,7 @@ def metrics_table(
     per-label and micro counts, and for ``focus`` (given ``resamples``) a percentile-bootstrap
     interval of F1 on the same resamples as the AUROC CIs (F1 is not a binomial proportion).
     """
-    from cxr.metrics import threshold_metrics
+    from cxr.evaluation.metrics import threshold_metrics
 
     notes = notes or _Notes()
     rows = []
@@ -347,7 +349,7 @@ def _with_intervals(
     focus: str | None,
 ) -> pd.DataFrame:
     """metrics_table's ``*_low`` / ``*_high`` columns (see there)."""
-    from cxr.metrics import wilson_interval
+    from cxr.evaluation.metrics import wilson_interval
 
     counts = {k: table[k].astype("float64").to_numpy().copy() for k in ("tp", "fp", "tn", "fn")}
     # micro rows: the counts summed over the labels of the same member and threshold set
@@ -434,7 +436,7 @@ def focus_member(scores: ScoreSet) -> str:
 
 
 def _calibration_rows(y: np.ndarray, p: np.ndarray, labels: Sequence[str]) -> dict[str, np.ndarray]:
-    from cxr import calibration as cal
+    from cxr.evaluation import calibration as cal
 
     out = {
         "ece_width": cal.ece(y, p, strategy="width"),
@@ -449,7 +451,7 @@ def _calibration_rows(y: np.ndarray, p: np.ndarray, labels: Sequence[str]) -> di
 def _calibration_samples(y: np.ndarray, p: np.ndarray, resamples: Any) -> dict[str, np.ndarray]:
     """[B, L] bootstrap samples of ECE (both binnings) and Brier on ``resamples``; the bins' edges
     are those of the full split (equal-mass edges are not re-estimated per resample)."""
-    from cxr import calibration as cal
+    from cxr.evaluation import calibration as cal
 
     n, L = y.shape
     known = ~np.isnan(y)  # unknown labels: weight 0, and each label's total counts its known images
@@ -488,11 +490,11 @@ def calibration_table(
 
     Variants: ``raw`` for every score set; for the ``fitted`` ones (default: the focus) with a
     tuning split also ``temperature`` and ``platt`` (every label scaled so) and ``calibrated``
-    (each label's map chosen on the tuning split, cxr.calibration). AUROC is the same for every
+    (each label's map chosen on the tuning split, cxr.evaluation.calibration). AUROC is the same for every
     variant (the maps are strictly increasing), so it is not repeated here. Returns (table, the
     focus's calibration.json document or None, the focus's calibrated probabilities or None).
     """
-    from cxr import calibration as cal
+    from cxr.evaluation import calibration as cal
 
     focus = focus_member(scores)
     labels = list(scores.labels)
@@ -544,7 +546,7 @@ def calibration_table(
 def make_resamples(scores: ScoreSet, n_boot: int, seed: int, level: str = "patient") -> Any:
     """The split's bootstrap resamples: over patients when ``level`` is "patient" and the split
     knows its patients (``meta["patient"]``), else over images; None for n_boot = 0."""
-    from cxr.metrics import Resamples
+    from cxr.evaluation.metrics import Resamples
 
     if n_boot <= 0:
         return None
@@ -577,9 +579,9 @@ def analyse(
     intervals, calibration (before/after post-hoc maps fitted on the tuning split) and subgroups.
 
     resample: "patient" (the default; falls back to images when the split has no patient
-    column) or "image". subgroups: grouping specs (cxr.subgroups; None: the defaults, [] none).
+    column) or "image". subgroups: grouping specs (cxr.evaluation.subgroups; None: the defaults, [] none).
     """
-    from cxr.subgroups import DEFAULT_GROUPINGS, subgroup_table
+    from cxr.evaluation.subgroups import DEFAULT_GROUPINGS, subgroup_table
 
     notes, seconds = _Notes(), {}
     t0 = time.perf_counter()
@@ -629,7 +631,7 @@ def analyse(
         t3 = time.perf_counter()
         threshold = tuned.get(focus, {}).get("f1", np.full(len(scores.labels), 0.5))
         if subgroups is None:  # the defaults: only those the split has columns for
-            from cxr.subgroups import ALIASES
+            from cxr.evaluation.subgroups import ALIASES
 
             specs = [g for g in specs if ALIASES.get(g.split(":")[0], g.split(":")[0]) in scores.meta]
         analysis.subgroups = subgroup_table(
@@ -770,7 +772,7 @@ def plot_reliability(
     """reliability.png: a panel per label of the focus score set's equal-width reliability
     diagram (observed frequency against mean predicted probability per bin, before and after
     post-hoc calibration), with each bin's image count as a bar on a log axis underneath."""
-    from cxr.calibration import N_BINS, reliability_bins
+    from cxr.evaluation.calibration import N_BINS, reliability_bins
 
     focus = focus_member(scores)
     plt, fig, axes = _panel_grid(
@@ -908,7 +910,7 @@ def _markdown(frame: pd.DataFrame, index: bool = True) -> str:
 
 
 def _published_columns(table: pd.DataFrame) -> pd.DataFrame:
-    from cxr.published import PUBLISHED, published_mean
+    from cxr.evaluation.published import PUBLISHED, published_mean
 
     if [label for label in table.index if label != MEAN] != list(LABELS):
         return table  # published numbers exist only for the 14 NIH labels
@@ -1086,7 +1088,7 @@ def _calibration_section(analysis: Analysis, focus: str, split: str, level: int)
             "Post-hoc calibration (monotone, so AUROC and the ranking are unchanged): temperature "
             "σ(logit p / T) and Platt σ(a logit p + b) per label, fitted on the threshold split, the map per "
             "label chosen by 5-fold cross-validated log-loss there (none when neither helps) and applied here. "
-            "The fitted parameters are in `calibration.json` (for `cxr.export`); every member and variant in "
+            "The fitted parameters are in `calibration.json` (for `cxr.tools.export`); every member and variant in "
             "`calibration.csv`; the diagrams in `reliability.png`.",
             "",
         ]
@@ -1223,7 +1225,7 @@ def report_markdown(
     """report.md: per-label AUROC of members vs ensemble with published columns, AUPRC,
     threshold metrics, run configs and figures. ``context``: split-level facts
     (ensemble method, bootstrap, seed, alpha, thresholds split, shards, source)."""
-    from cxr.published import CHEXNET_2017, WANG_2017
+    from cxr.evaluation.published import CHEXNET_2017, WANG_2017
 
     level = round(100 * (1 - context.get("alpha", 0.05)))
     focus = ENSEMBLE if ENSEMBLE in scores.scores else list(scores.scores)[-1]
@@ -1263,7 +1265,7 @@ def report_markdown(
         "",
         "Per-label values for every member are in `metrics.csv`; thresholds in `thresholds.json`.",
         "",
-        *context.get("sections", []),  # sections of other modules (cxr.cross_site's external validation)
+        *context.get("sections", []),  # sections of other modules (cxr.evaluation.cross_site's external validation)
         *_operating_section(analysis, focus, split, level),
         *_calibration_section(analysis, focus, split, level),
         *_subgroup_section(analysis, focus, split, level),
@@ -1308,7 +1310,7 @@ def write_outputs(
     if analysis.calibration is not None:
         atomic_write_text(out / "calibration.csv", analysis.calibration.to_csv(index=False))
     if analysis.calibration_doc is not None:
-        from cxr.calibration import write_calibration
+        from cxr.evaluation.calibration import write_calibration
 
         write_calibration(out, analysis.calibration_doc)
     if analysis.subgroups is not None:

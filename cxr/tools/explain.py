@@ -1,10 +1,10 @@
-"""`python -m cxr.explain` — CAM, Grad-CAM and saliency overlays, and localisation against boxes.
+"""`python -m cxr.tools.explain` — CAM, Grad-CAM and saliency overlays, and localisation against boxes.
 
-    python -m cxr.explain --run RUN --shards DIR --split test --keys K1,K2 \\
+    python -m cxr.tools.explain --run RUN --shards DIR --split test --keys K1,K2 \\
         --labels Cardiomegaly,Effusion --method gradcam --out DIR          # overlays + index.html
-    python -m cxr.explain --run RUN --shards DIR --bbox BBox_List_2017.csv.gz --out DIR   # localisation
-    python -m cxr.explain --runs R224 R512 R1024 --shards DIR --bbox FILE --out DIR      # across runs
-    accelerate launch [--multi_gpu --num_processes N] -m cxr.explain ...   # each rank a disjoint share
+    python -m cxr.tools.explain --run RUN --shards DIR --bbox BBox_List_2017.csv.gz --out DIR   # localisation
+    python -m cxr.tools.explain --runs R224 R512 R1024 --shards DIR --bbox FILE --out DIR      # across runs
+    accelerate launch [--multi_gpu --num_processes N] -m cxr.tools.explain ...   # each rank a disjoint share
 
 Methods (every map is [B, L, h, w], clipped at 0, for labels L of the batch):
 
@@ -54,9 +54,9 @@ where the map (upsampled to R×R) is scored:
 - chance — region area / image area (a uniformly random peak's hit rate).
 
 Means per label and over all pairs, with percentile-bootstrap CIs over images
-(``cxr.metrics.bootstrap_counts``), go to ``localisation.csv`` and ``localisation.md``;
+(``cxr.evaluation.metrics.bootstrap_counts``), go to ``localisation.csv`` and ``localisation.md``;
 the per-pair scores to ``localisation_pairs.csv``; ``runs.json`` lists each run's model
-and resolution with the counts. The report says how many of the split's images were scored. Data, models and ranks are handled with cxr.inference's
+and resolution with the counts. The report says how many of the split's images were scored. Data, models and ranks are handled with cxr.evaluation.inference's
 pieces (run dirs, weights-only checkpoints, the loader config, accelerate's
 ``gather_object``); each rank explains a disjoint, contiguous share of the chosen
 images with the evaluator's own loader.
@@ -389,9 +389,9 @@ def summarise(pairs: pd.DataFrame, n_boot: int = 1000, seed: int = 0, alpha: flo
     """Per run and label (+ ``all``): n, mean hit/IoU/energy with bootstrap CIs over images, chance rate.
 
     ``pairs``: one row per (run, key, label) with the SCORES and ``chance``; every run's
-    images are resampled with the same draws per label set (``cxr.metrics.bootstrap_counts``).
+    images are resampled with the same draws per label set (``cxr.evaluation.metrics.bootstrap_counts``).
     """
-    from cxr.metrics import bootstrap_counts
+    from cxr.evaluation.metrics import bootstrap_counts
 
     rows = []
     for run, part in pairs.groupby("run", sort=False):
@@ -598,7 +598,7 @@ def explain_run(
     """Explain this rank's share of ``job`` with one run: (score rows, overlay entries, run info)."""
     import torch
 
-    from cxr.inference import (
+    from cxr.evaluation.inference import (
         build_member_model,
         check_compatible,
         eval_data_config,
@@ -813,19 +813,19 @@ def write_localisation(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m cxr.explain",
+        prog="python -m cxr.tools.explain",
         description="Explain trained runs' predictions: CAM / Grad-CAM / saliency overlays on the full-"
         "resolution master images (PNG per image and label + index.html), and with --bbox the "
         "localisation scores against ground-truth boxes (pointing-game hit, IoU at a threshold, "
         "energy inside the box, chance rate) per label and overall with bootstrap CIs. Under "
         "`accelerate launch` each rank explains a disjoint share; rank 0 writes the tables.",
         epilog="Examples:\n"
-        "  python -m cxr.explain --run runs/d121 --shards data/shards --split test --keys 00000001_000 \\\n"
+        "  python -m cxr.tools.explain --run runs/d121 --shards data/shards --split test --keys 00000001_000 \\\n"
         "      --labels Cardiomegaly,Effusion --method gradcam --out explain/\n"
-        "  python -m cxr.explain --run runs/d121 --shards data/shards --bbox "
+        "  python -m cxr.tools.explain --run runs/d121 --shards data/shards --bbox "
         "../shared/data/nih/BBox_List_2017.csv.gz --out loc/\n"
-        "  python -m cxr.explain --runs runs/r224 runs/r1024 --shards data/shards --bbox FILE --out loc/\n"
-        "  python -m cxr.explain --run runs/tiny --shards data/shards --bbox FILE --layer trunk.blocks.4 --out loc4/\n"
+        "  python -m cxr.tools.explain --runs runs/r224 runs/r1024 --shards data/shards --bbox FILE --out loc/\n"
+        "  python -m cxr.tools.explain --run runs/tiny --shards data/shards --bbox FILE --layer trunk.blocks.4 --out loc4/\n"
         "Grad-CAM's layer: the deepest candidate with a map ≥ --min-map cells a side unless --layer is given; "
         "the output names it.\n"
         "--debug shows the traceback of an error.",
@@ -983,7 +983,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    from cxr.inference import member_names, process_state, read_member
+    from cxr.evaluation.inference import member_names, process_state, read_member
 
     run_dirs = [args.run] if args.run else list(args.runs)
     shards = remote.location(args.shards)

@@ -5,7 +5,7 @@
     cxr-predict --model build/pkg studies/*.dcm --out predictions/     # an exported ONNX package
 
 ``--model`` is one or more training run dirs (an ensemble: the mean of member probabilities, as
-``cxr.evaluate``'s default) or one package written by ``cxr.export`` (onnxruntime; torch is not
+``cxr.evaluate``'s default) or one package written by ``cxr.tools.export`` (onnxruntime; torch is not
 imported). Every image goes through the preprocessing its model was trained or exported with:
 run dirs as the loaders do (grey master, ``shards.image_codec.resize_grey``, the run's mean/std),
 a package as its ``preprocess.json`` says (what the browser page does). So a run dir's
@@ -18,10 +18,10 @@ probability is at or above the operating point; empty for a rejected image, whic
 diagnosis) and ``raw_<label>`` (the model's probability). The shown probability is
 
 - ``calibrated``: the evaluator's post-hoc map of the label (``calibration.json``: temperature or
-  Platt scaling fitted on its threshold split; ``cxr.calibration.apply_map``) — the default when
+  Platt scaling fitted on its threshold split; ``cxr.evaluation.calibration.apply_map``) — the default when
   the package has one, or for run dirs with ``--calibration`` or a calibration.json next to
   ``--thresholds``;
-- ``operating-point``: the scale of ``cxr.metrics.calibrate`` (0.5 is the tuned threshold; not a
+- ``operating-point``: the scale of ``cxr.evaluation.metrics.calibrate`` (0.5 is the tuned threshold; not a
   calibrated probability) — with ``--no-calibration`` or when no calibration.json is found;
 - ``raw``: the model's probability (operating points 0.5, no calibration).
 Files that are not images or do not decode are counted, listed in ``OUT/skipped.csv`` with the
@@ -112,11 +112,11 @@ class Scorer:
     heat: Callable[[np.ndarray, list[int]], np.ndarray] | None = None
     heat_method: str = ""
     heat_notes: list[str] = field(default_factory=list)  # which layer each member's maps come from
-    calibration: dict | None = None  # a calibration.json document (cxr.calibration): its maps are shown
+    calibration: dict | None = None  # a calibration.json document (cxr.evaluation.calibration): its maps are shown
 
 
 def open_package(folder: Path) -> Scorer:
-    """An exported package (cxr.export): onnxruntime sessions and its preprocess.json; no torch."""
+    """An exported package (cxr.tools.export): onnxruntime sessions and its preprocess.json; no torch."""
     import onnxruntime as ort
 
     pre = _read_json(folder / "preprocess.json")
@@ -163,8 +163,8 @@ def open_runs(runs: Sequence[Path], ood: Path | None, thresholds: str | None, me
     import torch
 
     from cxr.data import DataConfig
-    from cxr.export import operating_points
-    from cxr.inference import build_member_model, ensemble_scores, member_names, read_member
+    from cxr.evaluation.inference import build_member_model, ensemble_scores, member_names, read_member
+    from cxr.tools.export import operating_points
 
     dev = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
@@ -188,7 +188,7 @@ def open_runs(runs: Sequence[Path], ood: Path | None, thresholds: str | None, me
     norm = {m.name: DataConfig.from_run(m.config.get("data")) for m in members}
     gate = None
     if ood is not None:
-        from cxr.ood import GateScore, load_gate, read_threshold
+        from cxr.tools.ood import GateScore, load_gate, read_threshold
 
         ae, gate_member = load_gate(ood, device=str(dev))
         fitted = read_threshold(ood)
@@ -236,9 +236,9 @@ def open_runs(runs: Sequence[Path], ood: Path | None, thresholds: str | None, me
     notes: list[str] = []
 
     def heat(image: np.ndarray, label_ids: list[int]) -> np.ndarray:
-        """Grad-CAM of every member on its default layer (cxr.explain.choose_layer), clipped at 0,
+        """Grad-CAM of every member on its default layer (cxr.tools.explain.choose_layer), clipped at 0,
         upsampled with half-pixel centres to the image, averaged over the members."""
-        from cxr.explain import choose_layer, gradcam_maps, upsample
+        from cxr.tools.explain import choose_layer, gradcam_maps, upsample
 
         total = None
         for m in members:
@@ -298,7 +298,7 @@ def gate_model_data(model) -> tuple[float, float]:
 
 def _resize_map(heat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """A map [h,w] → the image's [H,W]: PIL's bilinear on float32 (pixel centres at half-integers,
-    as cxr.explain.upsample's align_corners=False), without torch."""
+    as cxr.tools.explain.upsample's align_corners=False), without torch."""
     from PIL import Image
 
     return np.asarray(
@@ -310,7 +310,7 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise CxrError(f"{path}: missing — is {path.parent} a package written by python -m cxr.export?") from None
+        raise CxrError(f"{path}: missing — is {path.parent} a package written by python -m cxr.tools.export?") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CxrError(f"{path}: unreadable JSON ({err}) — re-export the package") from None
 
@@ -329,7 +329,7 @@ def open_model(
     folders = [Path(p) for p in paths]
     for folder in folders:
         if not folder.is_dir():
-            raise CxrError(f"{folder}: not found — pass training run dirs or a package from cxr.export")
+            raise CxrError(f"{folder}: not found — pass training run dirs or a package from cxr.tools.export")
     if len(folders) == 1 and (folders[0] / "model.onnx").is_file():
         if ood or thresholds or calibration:
             raise CxrError(
@@ -348,7 +348,7 @@ def open_model(
 
 # ------------------------------------------------------------------------------- shown probabilities
 def _beside(thresholds: str) -> Path | None:
-    from cxr.calibration import beside
+    from cxr.evaluation.calibration import beside
 
     return beside(thresholds)
 
@@ -359,7 +359,7 @@ def attach_mapping(
     """Which probabilities ``scorer`` shows: a package's calibration.json when its thresholds.json
     says "calibrated"; for run dirs the ``calibration`` file (checked to be these runs' score set:
     ``ensemble`` for several, else the run's name); none of it with ``keep_mapping``."""
-    from cxr.calibration import CALIBRATION_FILE, calibration_for
+    from cxr.evaluation.calibration import CALIBRATION_FILE, calibration_for
 
     if keep_mapping:
         return scorer
@@ -368,8 +368,8 @@ def attach_mapping(
             scorer.calibration = calibration_for(package / CALIBRATION_FILE, None, scorer.labels)
         return scorer
     if calibration:
-        from cxr.inference import member_names
-        from cxr.report import ENSEMBLE
+        from cxr.evaluation.inference import member_names
+        from cxr.evaluation.report import ENSEMBLE
 
         members = (ENSEMBLE,) if len(runs) > 1 else (member_names(list(runs))[0], ENSEMBLE)
         scorer.calibration = calibration_for(calibration, members, scorer.labels)
@@ -385,7 +385,7 @@ def mapping_kind(scorer: Scorer) -> str:
 
 def mapping_note(scorer: Scorer) -> str:
     """One line for the summary: what the label columns of predictions.csv hold."""
-    from cxr.calibration import describe
+    from cxr.evaluation.calibration import describe
 
     kind = mapping_kind(scorer)
     if kind == "calibrated":
@@ -396,13 +396,13 @@ def mapping_note(scorer: Scorer) -> str:
 
 
 def shown_probabilities(scorer: Scorer, probs: np.ndarray) -> np.ndarray:
-    """[B, L] the numbers predictions.csv shows: calibrated (cxr.calibration's maps) or today's
-    operating-point scale (cxr.metrics.calibrate; the identity at operating points 0.5)."""
+    """[B, L] the numbers predictions.csv shows: calibrated (cxr.evaluation.calibration's maps) or today's
+    operating-point scale (cxr.evaluation.metrics.calibrate; the identity at operating points 0.5)."""
     if scorer.calibration is not None:
-        from cxr.calibration import calibrated
+        from cxr.evaluation.calibration import calibrated
 
         return calibrated(probs, scorer.calibration, scorer.labels)
-    from cxr.metrics import calibrate
+    from cxr.evaluation.metrics import calibrate
 
     return calibrate(probs, scorer.operating_points)
 
@@ -503,7 +503,7 @@ def _draw(scorer: Scorer, out: Path, n: int, row: dict, pixels: np.ndarray, cali
     """OUT/overlays/<n>_<file stem>_<label>.png for each positive decision of an accepted image."""
     from PIL import Image
 
-    from cxr.explain import overlay
+    from cxr.tools.explain import overlay
 
     positive = [j for j, label in enumerate(scorer.labels) if row[f"{label}_decision"] == 1]
     entry: dict[str, Any] = {"file": row["file"], "gate": row["gate"], "figures": []}
@@ -532,7 +532,7 @@ def _write_overlay_index(out: Path, scorer: Scorer, drawn: list[dict]) -> None:
         "<!doctype html><meta charset=utf-8><title>cxr-predict overlays</title>"
         "<style>body{font-family:sans-serif}.row{display:flex;flex-wrap:wrap;gap:8px}figure{margin:0}"
         "figcaption{font-size:13px}</style><h1>cxr-predict: where the model looked</h1>",
-        f"<p>{html.escape(scorer.heat_method)}, clipped at 0 and scaled by its maximum (as cxr.explain and "
+        f"<p>{html.escape(scorer.heat_method)}, clipped at 0 and scaled by its maximum (as cxr.tools.explain and "
         "the browser page draw it), for every finding at or above its operating point. "
         + "".join(f"<br>{html.escape(note)}" for note in scorer.heat_notes)
         + "</p>",
@@ -589,13 +589,13 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         metavar="RUN_OR_PACKAGE",
         help="a training run dir (repeat --model for an ensemble: the mean of probabilities) or one "
-        "package folder written by python -m cxr.export",
+        "package folder written by python -m cxr.tools.export",
     )
     p.add_argument("--out", default="predictions", help="output folder (default: ./predictions)")
     p.add_argument(
         "--ood",
         metavar="RUN",
-        help="with run dirs: the OOD gate's run dir (cxr.ood threshold done); a rejected image gets no decision",
+        help="with run dirs: the OOD gate's run dir (cxr.tools.ood threshold done); a rejected image gets no decision",
     )
     p.add_argument(
         "--thresholds",

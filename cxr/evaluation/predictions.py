@@ -1,7 +1,7 @@
 """The prediction tables: ``REPORT/predictions.parquet`` (+ ``members.json``) and ``RUN/val_predictions.parquet``.
 
 This module is their one owner: the columns, building the frame, writing (atomically),
-reading back and validating the values. ``python -m cxr.evaluate``, ``cxr.ablation``,
+reading back and validating the values. ``python -m cxr.evaluate``, ``cxr.tools.ablation``,
 ``bench/evaluate.py`` and ``cxr/train.py`` write through it; ``--from-predictions`` of the
 evaluator and of the ablation read through it.
 
@@ -10,7 +10,7 @@ per label (the shards' label names: the 14 NIH ones or a generic table's, float6
 ground-truth columns ``true_<Label>`` (0/1, uint8; float with NaN where the shards do not know a label); the ensemble is member ``ensemble``; then, when
 the split's splits table was at hand, its per-image columns ``meta_<column>`` (``meta_patient``,
 ``meta_age``, ``meta_sex``, ``meta_view``, ``meta_followup`` …: subgroups and patient-level
-resampling, cxr.subgroups).
+resampling, cxr.evaluation.subgroups).
 members.json beside it holds the members' run-config summaries (a JSON list).
 
 val_predictions.parquet (a training run's best epoch): ``key`` then one float column per
@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxr.report import ScoreSet
-from cxr.subgroups import META_PREFIX
+from cxr.evaluation.report import ScoreSet
+from cxr.evaluation.subgroups import META_PREFIX
 from cxrbase.atomic import atomic_write, atomic_write_text
 from cxrbase.errors import CxrError
 from cxrbase.labels import LABELS
@@ -55,7 +55,7 @@ def predictions_frame(per_split: dict[str, ScoreSet]) -> pd.DataFrame:
         # uint8 0/1; float with NaN (= unknown, masked) only when the shards hold unknown labels
         y = y.astype(np.float32) if y.dtype.kind == "f" and np.isnan(y).any() else y.astype(np.uint8)
         truth = pd.DataFrame(y, columns=[TRUE_PREFIX + c for c in s.labels])
-        if s.meta is not None:  # the subgroup columns (cxr.subgroups), so a re-analysis needs no table
+        if s.meta is not None:  # the subgroup columns (cxr.evaluation.subgroups), so a re-analysis needs no table
             meta = s.meta.reset_index(drop=True).add_prefix(META_PREFIX)
             truth = pd.concat([truth, meta], axis=1)
         for member, probs in s.scores.items():

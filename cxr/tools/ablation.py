@@ -1,8 +1,8 @@
-"""`python -m cxr.ablation report` — compare the runs of a sweep on the same test images.
+"""`python -m cxr.tools.ablation report` — compare the runs of a sweep on the same test images.
 
-    python -m cxr.ablation report --runs RUN [RUN ...] --out DIR [--shards DIR] [--split test]
+    python -m cxr.tools.ablation report --runs RUN [RUN ...] --out DIR [--shards DIR] [--split test]
                                   [--by data.resolution] [--reference R] [--bootstrap 1000]
-    python -m cxr.ablation report --from-predictions DIR/predictions.parquet --runs RUN ... --out DIR2
+    python -m cxr.tools.ablation report --from-predictions DIR/predictions.parquet --runs RUN ... --out DIR2
 
 The question it answers: what does a setting (by default the training resolution)
 buy, per label, and is the difference real? Each run is inferred on the split with
@@ -22,9 +22,9 @@ over the split per distinct resolution), then, on those predictions:
   micro-batch × accumulation and activation checkpointing (config.yaml).
 
 Writes DIR/ablation.md, ablation.csv (variant × label), runs.csv (per run),
-predictions.parquet (cxr.predictions' format: re-analyse with --from-predictions),
+predictions.parquet (cxr.evaluation.predictions' format: re-analyse with --from-predictions),
 auroc_vs_<key>.png (one panel per label, the mean first) and delta_vs_<ref>.png.
-The statistics live in ``cxr.metrics`` (paired_delong, paired_bootstrap_delta, holm).
+The statistics live in ``cxr.evaluation.metrics`` (paired_delong, paired_bootstrap_delta, holm).
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxr.probe import read_probe
-from cxr.report import MEAN, ScoreSet
-from cxr.run_log import read_throughput
+from cxr.evaluation.report import MEAN, ScoreSet
+from cxr.runs.run_log import read_throughput
+from cxr.training.probe import read_probe
 from cxrbase.atomic import atomic_write_text
 from cxrbase.errors import CxrError, cli_entry
 from cxrbase.labels import LABELS
@@ -77,7 +77,7 @@ def config_value(config: dict[str, Any], key: str) -> Any:
 
 def read_runs(run_dirs: Sequence[str | Path], by: Sequence[str]) -> list[Run]:
     """The runs' configs and their variant (the values of ``by``) and seed."""
-    from cxr.inference import member_names, read_run_config
+    from cxr.evaluation.inference import member_names, read_run_config
 
     runs = []
     for run_dir, name in zip(run_dirs, member_names(run_dirs)):
@@ -113,13 +113,13 @@ def variant_scores(scores: ScoreSet, runs: Sequence[Run], order: Sequence[Any]) 
 
 
 def calibration_and_gaps(scores: ScoreSet) -> pd.DataFrame:
-    """Per variant and label (+ mean): raw ECE (equal width, equal mass) and Brier (cxr.calibration),
-    and per default subgroup grouping the split has (cxr.subgroups) the AUROC gap ``gap_<grouping>``:
+    """Per variant and label (+ mean): raw ECE (equal width, equal mass) and Brier (cxr.evaluation.calibration),
+    and per default subgroup grouping the split has (cxr.evaluation.subgroups) the AUROC gap ``gap_<grouping>``:
     the other group − the largest one for two groups, the highest − the lowest group for more.
     Point estimates; the evaluator's report gives their CIs and tests."""
-    from cxr import calibration as cal
-    from cxr.metrics import per_label_auroc
-    from cxr.subgroups import ALIASES, DEFAULT_GROUPINGS, grouping_column
+    from cxr.evaluation import calibration as cal
+    from cxr.evaluation.metrics import per_label_auroc
+    from cxr.evaluation.subgroups import ALIASES, DEFAULT_GROUPINGS, grouping_column
 
     groupings = []
     if scores.meta is not None:
@@ -179,7 +179,7 @@ def compare(
     labels: Sequence[str] = LABELS,
 ) -> pd.DataFrame:
     """Per label (+ mean): ΔAUROC vs the reference, paired bootstrap CI, DeLong z/p, Holm p."""
-    from cxr.metrics import bootstrap_counts, holm, paired_bootstrap_delta, paired_delong
+    from cxr.evaluation.metrics import bootstrap_counts, holm, paired_bootstrap_delta, paired_delong
 
     tests = [paired_delong(y[:, c], score[:, c], reference[:, c]) for c in range(y.shape[1])]
     p = np.array([t["p"] for t in tests])
@@ -233,7 +233,7 @@ def analyse_sweep(
     by: str = DEFAULT_BY,
 ) -> dict[str, Any]:
     """Every table of the report from the runs' predictions (``scores``: one member per run)."""
-    from cxr.report import auc_table
+    from cxr.evaluation.report import auc_table
 
     order = variant_order(runs)
     if reference is None:
@@ -297,7 +297,7 @@ def run_costs(runs: Sequence[Run]) -> pd.DataFrame:
             "checkpointing": model.get("grad_checkpointing", False),
         }
         row["effective_batch"] = (row["micro_batch"] or 0) * (row["grad_accum"] or 1)
-        frame = read_throughput(r.run_dir)  # one row per epoch (cxr.run_log)
+        frame = read_throughput(r.run_dir)  # one row per epoch (cxr.runs.run_log)
         for column, out in (
             ("train_images_per_s", "images_per_s"),
             ("epoch_seconds", "s_per_epoch"),
@@ -333,7 +333,7 @@ def _layout_notes(costs: pd.DataFrame) -> list[str]:
 
 def _image_source(run_dir: Path) -> str:
     """The images a run trained on, from its best checkpoint's meta.json (cxr.train)."""
-    from cxr.checkpoint import read_meta  # the owner of meta.json (imports torch: only when a report is made)
+    from cxr.runs.checkpoint import read_meta  # the owner of meta.json (imports torch: only when a report is made)
 
     try:
         images = read_meta(run_dir / "checkpoints" / "best").get("images") or {}
@@ -391,7 +391,7 @@ def _labels(table: pd.DataFrame) -> list[str]:
 
 def auroc_markdown(table: pd.DataFrame, order: Sequence[str]) -> str:
     """Label × variant AUROC [95 % CI] (and mean ± sd across seeds when > 1)."""
-    from cxr.report import _markdown
+    from cxr.evaluation.report import _markdown
 
     wide = pd.DataFrame(index=[MEAN, *_labels(table)])
     for v in [*order, ALL]:
@@ -410,7 +410,7 @@ def auroc_markdown(table: pd.DataFrame, order: Sequence[str]) -> str:
 
 def delta_markdown(table: pd.DataFrame, order: Sequence[str], reference: str) -> str:
     """Label × variant: ΔAUROC vs the reference [paired bootstrap CI], Holm p, significance mark."""
-    from cxr.report import _markdown
+    from cxr.evaluation.report import _markdown
 
     wide = pd.DataFrame(index=[MEAN, *_labels(table)])
     for v in [*order, ALL]:
@@ -428,7 +428,7 @@ def delta_markdown(table: pd.DataFrame, order: Sequence[str], reference: str) ->
 
 def extras_markdown(table: pd.DataFrame, order: Sequence[str]) -> str:
     """Variant × (ECE, Brier, subgroup gaps) on the mean row."""
-    from cxr.report import _markdown
+    from cxr.evaluation.report import _markdown
 
     columns = [c for c in table.columns if c in ("ece_width", "ece_mass", "brier") or c.startswith("gap_")]
     mean = table[table.label == MEAN].set_index("variant")
@@ -440,7 +440,7 @@ def extras_markdown(table: pd.DataFrame, order: Sequence[str]) -> str:
 
 
 def report_markdown(result: dict[str, Any], costs: pd.DataFrame, context: dict[str, Any]) -> str:
-    from cxr.report import _markdown
+    from cxr.evaluation.report import _markdown
 
     table, order, ref = result["table"], result["order"], result["reference"]
     significant = table[(table.label != MEAN) & table.significant.fillna(False).astype(bool) & (table.variant != ALL)]
@@ -494,7 +494,7 @@ def report_markdown(result: dict[str, Any], costs: pd.DataFrame, context: dict[s
 
 def plot_auroc(path: Path, result: dict[str, Any]) -> None:
     """One panel per label (the mean first): AUROC with 95 % CI against the variant."""
-    from cxr.report import _panel_grid, _save_png
+    from cxr.evaluation.report import _panel_grid, _save_png
 
     table, order = result["table"], result["order"]
     plt, fig, axes = _panel_grid(f"test AUROC vs {result['by']} (95 % bootstrap CI)", len(_labels(table)) + 1)
@@ -526,7 +526,7 @@ def plot_auroc(path: Path, result: dict[str, Any]) -> None:
 
 def plot_delta(path: Path, result: dict[str, Any]) -> None:
     """One panel per label (the mean first): ΔAUROC vs the reference, paired CI, significant filled."""
-    from cxr.report import _panel_grid, _save_png
+    from cxr.evaluation.report import _panel_grid, _save_png
 
     table, ref = result["table"], result["reference"]
     others = [v for v in [*result["order"], ALL] if v != ref]
@@ -564,7 +564,7 @@ def plot_delta(path: Path, result: dict[str, Any]) -> None:
 def infer_predictions(args: argparse.Namespace) -> tuple[ScoreSet | None, list[dict[str, Any]]]:
     """The runs' predictions on ``args.split`` via cxr.evaluate (each member at its own resolution)
     and their members.json entries; None on ranks other than 0."""
-    from cxr.inference import infer_runs, process_state
+    from cxr.evaluation.inference import infer_runs, process_state
 
     if args.threads:
         import torch
@@ -590,7 +590,7 @@ def infer_predictions(args: argparse.Namespace) -> tuple[ScoreSet | None, list[d
 
 
 def _default_shards(runs: Sequence[Run]) -> str:
-    from cxr.inference import run_shards
+    from cxr.evaluation.inference import run_shards
 
     return run_shards(runs[0].run_dir)
 
@@ -615,8 +615,8 @@ def write_report(
 
 
 def report(args: argparse.Namespace) -> int:
-    from cxr.inference import with_ensemble
-    from cxr.predictions import read_predictions, write_predictions
+    from cxr.evaluation.inference import with_ensemble
+    from cxr.evaluation.predictions import read_predictions, write_predictions
 
     start = time.perf_counter()
     by = args.by
@@ -638,7 +638,7 @@ def report(args: argparse.Namespace) -> int:
         scores, infos = infer_predictions(args)
         if scores is None:  # not rank 0
             return 0
-        from cxr.subgroups import attach_meta, packed_table
+        from cxr.evaluation.subgroups import attach_meta, packed_table
 
         scores = attach_meta({args.split: scores}, packed_table(args.shards), strict=False)[args.split]
         write_predictions(out, {args.split: with_ensemble(scores, "mean-prob")}, infos)
@@ -661,7 +661,7 @@ def report(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m cxr.ablation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m cxr.tools.ablation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -5,11 +5,11 @@ Train the autoencoder with the ordinary training loop — the model and the obje
 config — then fit the gate and its threshold:
 
     python -m cxr.train --config cxr/configs/ood_ae.yaml data.shards=SHARDS checkpoint.run_dir=RUN
-    python -m cxr.ood threshold --run RUN --shards SHARDS --percentile 95
+    python -m cxr.tools.ood threshold --run RUN --shards SHARDS --percentile 95
     python -m cxr.evaluate --runs M1 M2 --shards SHARDS --split test --out REPORT --ood RUN
 
 ``ood_ae`` (cxr/models/ood_ae.py, registered in ``cxr.models``) returns the per-image 1 − SSIM [B, 1] from ``forward``
-and ``ssim_recon`` (cxr.losses) is the mean of that score, so train.py's loop, checkpoints
+and ``ssim_recon`` (cxr.models.losses) is the mean of that score, so train.py's loop, checkpoints
 and resume are used unchanged. ``threshold`` measures :data:`FEATURES` (log(1 − SSIM), 15
 statistics of the 64 px grey image — its histogram as log-odds — and its 4×4 layout) on the train and val images, fits their mean
 and a shrunk covariance (Ledoit–Wolf), and takes the stated percentile of the same images'
@@ -43,7 +43,7 @@ THRESHOLD_FILE = "ood_threshold.json"
 # 1 − SSIM alone passes flat or simple non-X-rays (a plot, a page of text, a colour blob: easy to
 # reconstruct). The gate therefore scores a small vector of image statistics, measured at the AE's
 # resolution on the [0, 1] grey image, together with log(1 − SSIM): its Mahalanobis distance from
-# the train images' vectors (Ledoit–Wolf shrunk covariance, fitted by `cxr.ood threshold`).
+# the train images' vectors (Ledoit–Wolf shrunk covariance, fitted by `cxr.tools.ood threshold`).
 # Every statistic is a plain tensor expression, so the same code runs in PyTorch (cxr.evaluate
 # --ood) and in the exported ood.onnx (the page). Intensity cut points sit between 8-bit levels,
 # (k + 0.5)/255, so a pixel that arrives as k/255 (the loader's and the page's uint8 input) falls
@@ -182,7 +182,7 @@ class GateScore(nn.Module):
         if list(feature_model.get("names", [])) != list(FEATURES):
             raise CxrError(
                 f"ood feature model: features {feature_model.get('names')} differ from this version's "
-                f"{list(FEATURES)} — re-run `python -m cxr.ood threshold`"
+                f"{list(FEATURES)} — re-run `python -m cxr.tools.ood threshold`"
             )
         self.ae, self.explicit_ssim = ae, explicit_ssim
         for name in ("centre", "scale", "whiten"):
@@ -220,7 +220,7 @@ class GateScore(nn.Module):
 # ----------------------------------------------------------------------------- threshold + scoring
 def load_gate(run: str | Path, device="cpu"):
     """(model in eval mode, member record) of a trained ood_ae run."""
-    from cxr.inference import build_member_model, read_member
+    from cxr.evaluation.inference import build_member_model, read_member
 
     member = read_member(run, Path(run).name)
     if member.config.get("model", {}).get("name") != "ood_ae":
@@ -296,7 +296,7 @@ def write_threshold(
 
 def read_threshold(run: str | Path) -> dict:
     path = Path(run) / THRESHOLD_FILE
-    fix = f"run `python -m cxr.ood threshold --run {run} --shards SHARDS`"
+    fix = f"run `python -m cxr.tools.ood threshold --run {run} --shards SHARDS`"
     if not path.is_file():
         raise CxrError(f"{path}: missing — {fix}")
     doc = json.loads(path.read_text())
@@ -314,7 +314,7 @@ def ood_report(run: str | Path, shards: str | Path, split: str, scores) -> dict:
     scores: the evaluator's ScoreSet of ``split``. Returns {"n", "rejected", "threshold", "table"}."""
     import pandas as pd
 
-    from cxr.metrics import per_label_auroc
+    from cxr.evaluation.metrics import per_label_auroc
 
     keys, ood = score_split(run, shards, split)
     thr = read_threshold(run)["threshold"]
@@ -366,7 +366,7 @@ def report_ood(run: str | Path, shards: str | Path, split: str, scores, out: Pat
 # ----------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m cxr.ood", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m cxr.tools.ood", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser(

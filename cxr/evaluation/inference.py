@@ -1,11 +1,11 @@
 """Inference of trained members: read a run dir, rebuild its model, score a split, ensemble.
 
-What ``python -m cxr.evaluate`` (and cxr.ablation, cxr.explain, cxr.embed, cxr.export,
-cxr.ood) use to turn training run dirs into scores; the analysis and the report are
-cxr.report's, the prediction tables cxr.predictions'.
+What ``python -m cxr.evaluate`` (and cxr.tools.ablation, cxr.tools.explain, cxr.tools.embed, cxr.tools.export,
+cxr.tools.ood) use to turn training run dirs into scores; the analysis and the report are
+cxr.evaluation.report's, the prediction tables cxr.evaluation.predictions'.
 
 A member is rebuilt from its run's ``config.yaml`` (``model:`` → ``build_model``) and loads
-``checkpoints/best/model.safetensors`` through cxr.checkpoint (tensors only, no pickled
+``checkpoints/best/model.safetensors`` through cxr.runs.checkpoint (tensors only, no pickled
 code); it runs in eval mode under ``torch.inference_mode``. The split is read once per
 distinct resolution and every member of that resolution scores each batch; under a
 launcher each rank infers a disjoint part of the split and rank 0 gathers the scores,
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from cxr.report import ENSEMBLE, ScoreSet
+from cxr.evaluation.report import ENSEMBLE, ScoreSet
 from cxrbase.errors import CxrError
 from cxrbase.labels import LABELS
 from shards import remote
@@ -82,7 +82,7 @@ def read_run_config(path: Path) -> dict[str, Any]:
 
 def read_member(run_dir: str | Path, name: str) -> Member:
     """Read a run dir's config, best-checkpoint meta and label set/resolution (no weights yet)."""
-    from cxr.checkpoint import best_weights, read_meta
+    from cxr.runs.checkpoint import best_weights, read_meta
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -126,15 +126,15 @@ def member_names(run_dirs: Sequence[str | Path]) -> list[str]:
 
 def member_label_plan(members: Sequence[Member], shards: Path) -> Any:
     """The labels the members (the first one's: check_compatible makes them one set) share with
-    the shards by name (cxr.cross_site.label_plan); CxrError when none."""
-    from cxr.cross_site import label_plan
+    the shards by name (cxr.evaluation.cross_site.label_plan); CxrError when none."""
+    from cxr.evaluation.cross_site import label_plan
 
     return label_plan(members[0].labels, shards_labels(shards), f"{remote.location(shards) / 'manifest.json'}")
 
 
 def check_compatible(members: Sequence[Member], labels: Sequence[str], resolution: int | None) -> int | None:
     """Refuse members whose label set differs from ``labels`` (the first member's: an ensemble
-    needs one label set; the shards may hold another set, see cxr.cross_site); return the eval
+    needs one label set; the shards may hold another set, see cxr.evaluation.cross_site); return the eval
     resolution (None: each member's own).
 
     ``resolution`` is the user's ``--resolution`` (None: the members' shared training
@@ -162,8 +162,8 @@ def check_compatible(members: Sequence[Member], labels: Sequence[str], resolutio
 
 def build_member_model(member: Member, device: Any) -> Any:
     """Rebuild a member's model from its config, load its best weights, eval mode on ``device``."""
-    from cxr.checkpoint import load_weights
     from cxr.models import build_model
+    from cxr.runs.checkpoint import load_weights
 
     kwargs = dict(member.config["model"])
     kwargs.pop("init_from", None)  # where training started from: not a build_model argument
@@ -216,10 +216,10 @@ def member_info(member: Member, eval_resolution: int) -> dict[str, Any]:
 
 
 def run_status(run_dir: Path) -> dict[str, Any] | None:
-    """The run's state when evaluated (RUN/status.json via cxr.run_log: finished | preempted |
+    """The run's state when evaluated (RUN/status.json via cxr.runs.run_log: finished | preempted |
     failed | running), so an unfinished member is named in members.json and report.md; None
     for a run dir without one (assembled by hand)."""
-    from cxr.run_log import read_status
+    from cxr.runs.run_log import read_status
 
     status = read_status(run_dir)
     if not isinstance(status, dict):
@@ -312,7 +312,7 @@ def infer_split(
     members: Sequence[Member], loader_cfg: Any, split: str, state: Any, precision: str = "fp32", plan: Any = None
 ) -> ScoreSet:
     """Score this rank's share of ``split`` with every member (one read of the data). ``plan``
-    (cxr.cross_site.LabelPlan): keep only the labels the members and the shards share, each
+    (cxr.evaluation.cross_site.LabelPlan): keep only the labels the members and the shards share, each
     side's columns picked by name (default: the members' labels are the shards')."""
     import torch
 
@@ -501,7 +501,7 @@ def process_state(args: argparse.Namespace) -> Any:
     import torch
     from accelerate import PartialState
 
-    from cxr.distributed import import_before_process_group
+    from cxr.runs.distributed import import_before_process_group
 
     import_before_process_group()
     return PartialState(cpu=args.cpu or not torch.cuda.is_available())

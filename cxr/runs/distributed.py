@@ -79,13 +79,13 @@ def import_before_process_group() -> None:
 
     ``torch.distributed.nn.functional`` evaluates ``group=group.WORLD`` for ten functions when it is
     imported, and it is imported lazily, through ``torch._dynamo``, by whatever first builds a model
-    (``torchvision.ops``). Imported after the group is up (the evaluator and ``cxr.explain`` build
+    (``torchvision.ops``). Imported after the group is up (the evaluator and ``cxr.tools.explain`` build
     their models then), those defaults hold the live group: ``destroy_process_group`` cannot free it,
     gloo's threads keep running, and the group is torn down during interpreter shutdown, where a rank
     that exits first sometimes aborts ("terminate called without an active exception", SIGABRT: 3 of
-    59 two-rank ``cxr.explain`` runs here before this, 0 of 100 after). Imported first, the defaults
+    59 two-rank ``cxr.tools.explain`` runs here before this, 0 of 100 after). Imported first, the defaults
     are None, which torch resolves to the default group at call time. Every creator of a process
-    group calls this first (:func:`make_accelerator`, ``cxr.inference.process_state``);
+    group calls this first (:func:`make_accelerator`, ``cxr.evaluation.inference.process_state``);
     tests/test_cli_teardown.py checks that no gloo thread outlives the CLI.
     """
     import torch.distributed.nn  # noqa: F401
@@ -115,7 +115,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
     handlers = [InitProcessGroupKwargs(backend="gloo" if cpu else "nccl", timeout=timeout)] if launched else []
     import_before_process_group()
     # cpu=True would turn a DeepSpeed launch into plain CPU DDP; DeepSpeed finds the CPU by itself
-    from cxr.tracking import accelerator_kwargs
+    from cxr.runs.tracking import accelerator_kwargs
 
     return Accelerator(
         cpu=cpu and not deepspeed,

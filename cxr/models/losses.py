@@ -203,7 +203,7 @@ class LossConfig:
 
     name: str = "bce"
     """One of bce | weighted_bce | dynamic_weighted_bce | focal | ssim_recon (the OOD autoencoder's
-    objective: its output is already the per-image 1 − SSIM, the loss is their mean; see cxr/ood.py)."""
+    objective: its output is already the per-image 1 − SSIM, the loss is their mean; see cxr/tools/ood.py)."""
     weighting: str = "linear"
     """weighted_bce: positive weight from train prevalence pi, linear (1-pi)/pi or log log(1+(1-pi)/pi)."""
     cap: float | None = None

@@ -38,6 +38,7 @@ import torch
 from accelerate.utils import gather_object  # gather_object([x]): [x of rank 0, x of rank 1, ...]
 from safetensors.torch import load_file, save_file
 
+from cxr.models.weights import load_error_line  # one owner of the "why a load failed" line (also for weights files)
 from cxrbase.errors import CxrError
 
 WEIGHTS, STATE, META, DEEPSPEED_DIR, DEEPSPEED_TAG = "model.safetensors", "state.pt", "meta.json", "deepspeed", "state"
@@ -258,7 +259,7 @@ def _is_deepspeed(accelerator) -> bool:
 
 # ---------------------------------------------------------------------------- load
 # The one reader of a checkpoint's weights (training resume, model.init_from, and through
-# cxr.inference.build_member_model the evaluator, explain, embed, export and ood): safetensors
+# cxr.evaluation.inference.build_member_model the evaluator, explain, embed, export and ood): safetensors
 # only, so loading never executes pickled code.
 _CORRUPT_FIX = "delete it (or use last.old/best) or start a new run"
 _FITS_FIX = "use the model section the run was trained with (RUN/config.yaml), or a new checkpoint.run_dir"
@@ -374,16 +375,6 @@ def read_state(path: Path) -> dict:
             f"weights_only=False; {_CORRUPT_FIX}"
         )
     return state
-
-
-def load_error_line(err: BaseException) -> str:
-    """The informative line of a load error: torch's weights-only refusal puts the offending global
-    ("Trying to load unsupported GLOBAL posix.system ...") after its advice to disable the check."""
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    if lines and lines[0].startswith("Weights only load failed"):  # the reason is a later line
-        lines = [ln for ln in lines[1:] if "weights_only" not in ln and "torch.load" not in ln] or ["refused"]
-    why = lines[0].replace("WeightsUnpickler error: ", "") if lines else ""
-    return f"{type(err).__name__}: {why}"[:160] if why else type(err).__name__
 
 
 def load_checkpoint(accelerator, ckpt: str | Path, *, model, optimizer=None, scheduler=None) -> dict:

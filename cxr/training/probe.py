@@ -1,8 +1,8 @@
 """Memory probe: the micro-batch × accumulation that fits a resolution on this device.
 
-    python -m cxr.probe --config cxr/configs/densenet121.yaml --resolution 1024 --effective-batch 16
-    python -m cxr.probe --config C --resolution 1024 --capacity-mb 23028 --method model   # an A10G, no GPU needed
-    python -m cxr.probe --config C --resolution 512 --measure 4      # one measurement, prints MB
+    python -m cxr.training.probe --config cxr/configs/densenet121.yaml --resolution 1024 --effective-batch 16
+    python -m cxr.training.probe --config C --resolution 1024 --capacity-mb 23028 --method model   # an A10G, no GPU needed
+    python -m cxr.training.probe --config C --resolution 512 --measure 4      # one measurement, prints MB
 
 A sweep keeps the effective batch (micro-batch × accumulation) and the schedule equal
 across resolutions; only the micro-batch changes, chosen here. BatchNorm normalises over
@@ -128,7 +128,7 @@ def read_probe(run_dir: str | Path) -> ProbeResult | None:
 # ----------------------------------------------------------------------------- numerics
 def training_numerics(cfg, device: str) -> dict:
     """The numerics training would use: autocast dtype (None, "bfloat16", "float16"), channels_last,
-    cudnn.benchmark — as cxr.distributed.make_accelerator / configure_numerics resolve them."""
+    cudnn.benchmark — as cxr.runs.distributed.make_accelerator / configure_numerics resolve them."""
     precision = cfg.train.mixed_precision
     if precision == "auto":
         precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no") or "no"
@@ -205,8 +205,8 @@ def _step_peak_mb(
     import torch
 
     from cxr.config import load_config
-    from cxr.losses import build_loss
     from cxr.models import build_model
+    from cxr.models.losses import build_loss
 
     cfg = load_config(config, [*overrides, f"data.resolution={resolution}"])
     num = training_numerics(cfg, device)
@@ -263,7 +263,7 @@ def measure(
     argv = [
         sys.executable,
         "-m",
-        "cxr.probe",
+        "cxr.training.probe",
         "--resolution",
         str(resolution),
         "--measure",
@@ -466,7 +466,7 @@ def _free_cuda() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m cxr.probe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m cxr.training.probe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--config", help="training config (YAML)")
     p.add_argument("--resolution", type=int, required=True)

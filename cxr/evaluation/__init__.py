@@ -1,0 +1,1 @@
+"""Scoring finished runs: inference, predictions, metrics, calibration, subgroups, reports."""

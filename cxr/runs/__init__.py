@@ -1,0 +1,1 @@
+"""The run directory: checkpoints, run log, lock, process setup and trackers."""

@@ -1,0 +1,1 @@
+"""Tools over finished runs: explanations, embeddings, the OOD gate, export, predict, ablation."""

@@ -1,0 +1,1 @@
+"""The training loop's parts: setup, resume and the memory probe."""
