@@ -18,7 +18,7 @@ naming the key and the valid choices. :func:`config_hash` fingerprints the field
 that change the trajectory of training (resume refuses a mismatch).
 
 Why the coercion (``_coerce``) and ``--help`` (``field_docs``) are hand-written, not OmegaConf or
-tyro (measured by ``bench/config_libs.py``, bench/RESULTS.md "config libraries"): prototypes of
+tyro (measured by the retired ``bench/config_libs.py``, bench/RESULTS.md "config libraries"): prototypes of
 both build the same dataclasses and the same hash on every shipped config and test input, and
 would save ~60 lines net, but only 9/19 (OmegaConf) and 11/19 (tyro) of the tested error cases keep
 a one-line message with the valid keys/choices or the fix (OmegaConf: "Did you mean" one key,
