@@ -33,7 +33,7 @@ _STORAGE_ERRORS = {
 
 def storage_error_message(err: OSError) -> str | None:
     """One line for a full, read-only or forbidden output (names the file), else None."""
-    known = _STORAGE_ERRORS.get(err.errno)
+    known = _STORAGE_ERRORS.get(err.errno) if err.errno is not None else None
     if known is None:
         return None
     where = err.filename if err.filename is not None else "output"

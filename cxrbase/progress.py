@@ -89,7 +89,7 @@ class LineProgress:
     # -- tqdm's interface, as far as cxr uses it
     def __iter__(self) -> Iterator:
         try:
-            for item in self.iterable:
+            for item in self.iterable or ():
                 yield item
                 self.update(1)
         finally:

@@ -1,3 +1,3 @@
 from shards.cli import main
 
-raise SystemExit(main())
+raise SystemExit(main(None))

@@ -286,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _warn_if_shadowed()
     module = importlib.import_module(_COMMANDS[args.command])
-    if Path(module.__file__).resolve().parent != _HERE:
+    if Path(module.__file__ or "").resolve().parent != _HERE:
         raise CxrError(
             f"{module.__file__}: `{module.__name__}` is not cxr's ({_HERE}) — a folder named "
             "'shards' on the path shadows the package; run from another directory or use `cxr-shards`"

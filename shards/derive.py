@@ -9,6 +9,7 @@ the other members are copied, except that the .json's crc32 of the image is upda
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from collections import Counter
@@ -39,7 +40,7 @@ def derive_shard(master_tar: str, out_dir: str, size: int, codec: str, quality: 
     with atomic_write(Path(out_dir) / name) as fh, tarfile.open(master_tar, "r:") as tar:
         stream = TarStream(fh)
         for info in tar:
-            data = tar.extractfile(info).read()
+            data = (tar.extractfile(info) or io.BytesIO()).read()  # a regular member: never None
             base, ext = split_name(info.name)
             if ext == image_ext:
                 data = resize_encoded(data, size, codec, quality)
@@ -118,7 +119,7 @@ def _derived_manifest(master: dict[str, Any], journal: Journal, size: int) -> di
     shards = [
         {**s, "bytes": by_name[s["name"]]["bytes"], "sha256": by_name[s["name"]]["sha256"]} for s in master["shards"]
     ]
-    sizes = Counter()
+    sizes: Counter[str] = Counter()
     for entry in journal.entries:
         sizes.update(entry["sizes"])
     return {

@@ -115,7 +115,7 @@ def read_metadata(path: str | Path) -> pd.DataFrame:
     if dup.any():
         rows = np.flatnonzero(dup)
         first = table["image"].iloc[rows[0]]
-        lines = [_line(i) for i in rows if table["image"].iloc[i] == first]
+        lines = [_line(int(i)) for i in rows if table["image"].iloc[i] == first]
         raise CxrError(
             f"{path}: image {first} appears on lines {lines} ({int(dup.sum())} rows "
             "share an id) — keep one row per image"

@@ -14,6 +14,7 @@ looked up as ROOT/PATH under each folder given, never by a walk, and keyed by
 
 from __future__ import annotations
 
+import io
 import os
 import tarfile
 import zlib
@@ -121,7 +122,7 @@ def iter_archive(path: Path, want: Callable[[str], bool]) -> Iterator[tuple[str,
                 if not member.isreg() or not base.lower().endswith(".png") or base.startswith("."):
                     continue
                 key = base[:-4]
-                data = tar.extractfile(member).read() if want(key) else None
+                data = (tar.extractfile(member) or io.BytesIO()).read() if want(key) else None
                 yield key, name, data
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
         raise CxrError(

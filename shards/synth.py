@@ -187,7 +187,7 @@ class Canvas:
     def noise(self, rng: np.random.Generator, cells: int) -> np.ndarray:
         """Smooth noise, roughly N(0, 1): a cells×cells grid upsampled bicubically."""
         grid = rng.standard_normal((cells, cells)).astype(np.float32)
-        up = Image.fromarray(grid, mode="F").resize((self.size, self.size), Image.BICUBIC)
+        up = Image.fromarray(grid, mode="F").resize((self.size, self.size), Image.Resampling.BICUBIC)
         return np.asarray(up, dtype=np.float32)
 
 
@@ -256,8 +256,8 @@ def _anatomy(case: Case, rng_patient: np.random.Generator, rng: np.random.Genera
     return Anatomy(
         (dx, dy),
         (cx, cy + 0.12, 0.43 * scale, 0.62),
-        tuple(lungs),
-        tuple(heart),
+        (lungs[0], lungs[1]),
+        (heart[0], heart[1], heart[2], heart[3]),
         lung_level,
         rng_patient.uniform(0.42, 0.5),
         markings,

@@ -15,6 +15,7 @@ streamed once — hashed, indexed and its samples checked in the same pass — a
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -115,7 +116,7 @@ def verify(directory: str | Path, workers: int | None = None, against: list[str 
             for key, record in records:
                 samples[key].append((futures[future]["name"], record))
             bar.update(futures[future]["samples"])
-        if in_archives:
+        if in_archives and scanned is not None:
             report.failures += _compare_with_archives(directory, manifest, scanned, pool)
     report.samples = len(samples)
     report.failures += _check_totals(directory, manifest, samples)
@@ -213,7 +214,7 @@ def check_shard(
     with remote.open_read(tar_path) as fh:
         stream = HashingReader(fh)
         try:
-            groups, members = _read_samples(stream)
+            groups, index_members = _read_samples(stream)
         except (tarfile.TarError, OSError) as err:
             groups, unreadable = None, f"{name}: unreadable tar ({err})"
         size, sha = stream.drain()
@@ -222,7 +223,7 @@ def check_shard(
     index_path = folder / entry["index"]
     if groups is None:
         return failures + [unreadable], []
-    if not remote.is_file(index_path) or remote.read_text(index_path) != index_text(members):
+    if not remote.is_file(index_path) or remote.read_text(index_path) != index_text(index_members):
         failures.append(f"{entry['index']}: DALI index missing or not matching {name}")
     records = []
     for key, members in groups:
@@ -249,7 +250,7 @@ def _read_samples(stream: Any) -> tuple[list[tuple[str, dict[str, bytes]]], list
             base, ext = split_name(info.name)
             if not groups or groups[-1][0] != base:
                 groups.append((base, {}))
-            groups[-1][1][ext] = tar.extractfile(info).read() if info.isreg() else b""
+            groups[-1][1][ext] = (tar.extractfile(info) or io.BytesIO()).read() if info.isreg() else b""
 
         members = group_members(tar, take)
     return groups, members
@@ -341,7 +342,7 @@ def _json_mismatches(
 
 def _patient_leaks(records: dict[str, dict]) -> list[str]:
     """One failure per patient whose samples sit in more than one split (train/val/test leakage)."""
-    by_patient: dict[Any, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    by_patient: dict[Any, dict[Any, list[str]]] = defaultdict(lambda: defaultdict(list))
     for key, record in sorted(records.items()):
         by_patient[record.get("patient")][record.get("split")].append(key)
     return [
