@@ -234,6 +234,13 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
         "(resized with pack's Lanczos for derived shards): exact for png/ljpeg/j2k, mean |diff| <= 2 "
         "grey levels for jpeg",
     )
+    p.add_argument(
+        "--splits",
+        default=None,
+        metavar="TABLE",
+        help="with --against ROOT: the split table pack read (e.g. from `split --dataset`); its image paths "
+        "relative to ROOT name the sources (JPEG, DICOM, 16-bit PNG: compared with the grey pixels pack made)",
+    )
 
 
 def _add_synth(sub: argparse._SubParsersAction) -> None:

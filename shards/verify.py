@@ -6,8 +6,9 @@ grey channel (of the stated resolution for derived shards), `.labels`/`.meta`/`.
 equal what the `.json` says. Across shards: no key twice, no patient in two splits,
 per-split samples/patients/positives and train age statistics equal the manifest,
 no shard key also listed as missing or rejected, no unlisted tar.
-With ``--against SRC`` every decoded image is also compared with its source PNG (folders or NIH
-archives, as pack reads them).
+With ``--against SRC`` every decoded image is also compared with its source (folders or NIH
+archives, as pack reads them); with ``--splits TABLE`` too, the sources are the table's paths relative
+to SRC (the layouts of ``split --dataset``: JPEG, DICOM and 16-bit PNG sources, as pack made them grey).
 
 DIR may be a URL (``s3://bucket/prefix``, ``https://host/prefix``; shards.remote): each shard is
 streamed once — hashed, indexed and its samples checked in the same pass — and nothing is kept on disk.
@@ -29,16 +30,26 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from cxrbase.errors import CxrError
 from cxrbase.labels import LABELS
 from cxrbase.progress import progress
 from shards import remote
 from shards.dali_index import Member, group_members, index_text, split_name
-from shards.image_codec import CODEC_EXT, RESAMPLE, BadImage, check_png, decode_grey, grey_policy
+from shards.image_codec import (
+    CODEC_EXT,
+    PNG_SIGNATURE,
+    RESAMPLE,
+    BadImage,
+    check_png,
+    decode_grey,
+    grey_policy,
+    source_grey,
+)
 from shards.manifest import has_checksums, load_manifest
 from shards.pack_journal import HashingReader
-from shards.records import CRC_FIELD, checksum_problem, id_bytes, image_key, labels_bytes, meta_vector
+from shards.records import CRC_FIELD, checksum_problem, id_bytes, image_key, labels_bytes, meta_vector, read_splits
 from shards.sources import Sources, iter_archive, scan_sources
 from shards.workers import process_pool
 
@@ -62,7 +73,9 @@ class Report:
 
 def run(args: Any) -> int:
     """CLI entry: 0 when every check holds, else print the failures and return 1."""
-    report = verify(args.dir, workers=args.workers, against=getattr(args, "against", None))
+    report = verify(
+        args.dir, workers=args.workers, against=getattr(args, "against", None), splits=getattr(args, "splits", None)
+    )
     for line in report.failures[:_REPORT_LINES]:
         print(f"FAIL {line}")
     if len(report.failures) > _REPORT_LINES:
@@ -76,15 +89,30 @@ def run(args: Any) -> int:
     return 0 if report.ok else 1
 
 
-def verify(directory: str | Path, workers: int | None = None, against: list[str | Path] | None = None) -> Report:
+def verify(
+    directory: str | Path,
+    workers: int | None = None,
+    against: list[str | Path] | None = None,
+    splits: str | Path | None = None,
+) -> Report:
     """Check every shard of ``directory`` against its manifest; return the Report.
 
-    ``against``: folders of the source PNGs; every image must then equal its source's
+    ``against``: folders of the sources; every image must then equal its source's
     pixels (after the grey policy, and the Lanczos resize for derived shards).
+    ``splits``: the split table pack read; its image paths relative to ``against``'s folders name
+    the sources (as pack finds them), else sources are found by file name.
     """
     directory = remote.location(directory)
     manifest = load_manifest(directory)
-    scanned = _scan_against(against) if against else None
+    if splits is not None and not against:
+        raise CxrError(f"--splits {splits}: only used with --against — add --against ROOT (pack's --images)")
+    if against and splits is None and manifest.get("label_mapping"):  # keys are digests of relative paths
+        raise CxrError(
+            f"{directory}: packed from a `split --dataset` table, whose sources are found by their paths — "
+            "add --splits TABLE (the table given to pack --splits)"
+        )
+    scanned = _scan_against(against, splits) if against else None
+    grey16 = manifest.get("grey16", "reject")
     # folder PNGs are compared inside each shard's check; archive members after it, as they stream
     sources = None if scanned is None else {key: str(path) for key, path in scanned.files.items()}
     in_archives = bool(scanned and scanned.archives)
@@ -107,6 +135,7 @@ def verify(directory: str | Path, workers: int | None = None, against: list[str 
                 has_checksums(manifest),
                 _labels(manifest),
                 in_archives,
+                grey16,
             ): entry
             for entry in manifest["shards"]
         }
@@ -124,13 +153,17 @@ def verify(directory: str | Path, workers: int | None = None, against: list[str 
     return report
 
 
-def _scan_against(against: list[str | Path]) -> Sources:
+def _scan_against(against: list[str | Path], splits: str | Path | None = None) -> Sources:
     for raw in against:
         if not Path(raw).exists():
             raise CxrError(
                 f"{raw}: --against source does not exist — pass the folders or archives given to pack --images"
             )
-    return scan_sources(against)
+    if splits is None:
+        return scan_sources(against)
+    records, _, _ = read_splits(splits)
+    relative = [r.image for r in records if "/" in r.image]  # as pack finds them
+    return scan_sources(against, relative, walk=len(relative) < len(records))
 
 
 def _compare_with_archives(directory: Any, manifest: dict, scanned: Sources, pool: Any) -> list[str]:
@@ -171,7 +204,7 @@ def _compare_with_archives(directory: Any, manifest: dict, scanned: Sources, poo
     for future in pending:
         failures += future.result()
     failures += [
-        f"{remote.location(where[k][0]).name}: {k}: no source PNG of this key in --against"
+        f"{remote.location(where[k][0]).name}: {k}: no source image of this key in --against"
         for k in sorted(wanted - found)
     ]
     return failures
@@ -199,6 +232,7 @@ def check_shard(
     checksums: bool = False,
     labels: tuple[str, ...] = LABELS,
     more_sources: bool = False,
+    grey16: str = "reject",
 ) -> tuple[list[str], list[tuple[str, dict]]]:
     """Check one shard; return (failures, [(key, json record)]) of its samples.
 
@@ -231,7 +265,9 @@ def check_shard(
             key, members, CODEC_EXT[codec], entry["split"], resolution, codec, checksums, labels
         )
         if sources is not None and not problems and (key in sources or not more_sources):
-            problems = _differs_from_source(key, members[CODEC_EXT[codec]], codec, resolution, sources.get(key))
+            problems = _differs_from_source(
+                key, members[CODEC_EXT[codec]], codec, resolution, sources.get(key), grey16=grey16
+            )
         failures += [f"{name}: {key}: {p}" for p in problems]
         if record is not None:
             records.append((key, record))
@@ -290,15 +326,26 @@ def _check_sample(
 
 
 def _differs_from_source(
-    key: str, data: bytes, codec: str, resolution: int | None, source: str | None, raw: bytes | None = None
+    key: str,
+    data: bytes,
+    codec: str,
+    resolution: int | None,
+    source: str | None,
+    raw: bytes | None = None,
+    grey16: str = "reject",
 ) -> list[str]:
-    """[] when the decoded image equals its source PNG's grey pixels (within JPEG_TOLERANCE for jpeg);
-    ``raw``: the source's bytes when it is an archive member (``source`` then names it)."""
+    """[] when the decoded image equals its source's grey pixels (within JPEG_TOLERANCE for jpeg);
+    ``raw``: the source's bytes when it is an archive member (``source`` then names it). A PNG goes
+    through the grey policy (``grey16`` as the manifest records it); JPEG and DICOM through
+    image_codec.source_grey, the one place pack makes them grey."""
     if source is None:
-        return ["no source PNG of this key in --against"]
+        return ["no source image of this key in --against"]
     raw = Path(source).read_bytes() if raw is None else raw
     try:
-        expected, _ = grey_policy(raw, check_png(raw))
+        if raw[:8] == PNG_SIGNATURE:
+            expected, _ = grey_policy(raw, check_png(raw), grey16)
+        else:
+            expected = Image.fromarray(source_grey(raw, Path(source).name))
         image = decode_grey(data, codec)
     except BadImage as err:
         return [f"source {source}: {err}"]

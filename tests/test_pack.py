@@ -784,5 +784,5 @@ def test_verify_against_the_archives_pack_read(nih_sample_dir, tmp_path, capsys)
     assert cli(["verify", str(tmp_path / "out"), "--workers", "1", "--against", str(wrong)]) == 1
     out = capsys.readouterr().out
     assert f"{names[1][:-4]}: pixels differ from {wrong}:images/{names[1]}" in out
-    assert f"{names[7][:-4]}: no source PNG of this key in --against" in out
-    assert f"{names[0][:-4]}: no source PNG" in out and f"{names[3][:-4]}:" not in out
+    assert f"{names[7][:-4]}: no source image of this key in --against" in out
+    assert f"{names[0][:-4]}: no source image" in out and f"{names[3][:-4]}:" not in out
