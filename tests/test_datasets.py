@@ -86,7 +86,8 @@ def test_chexpert_labels_row_by_row(tmp_path):
     assert set(table["dataset"]) == {"chexpert"}
     assert list(table.columns[:3]) == ["image", "patient", "split"]
     row = table.set_index("image").loc["train/patient00004/study1/view1_frontal.jpg"]
-    assert (row["patient"], row["age"], pd.isna(row["sex"]), row["view"]) == (CHEXPERT + 4, 20, True, "PA")  # Sex Unknown
+    # Sex Unknown → blank
+    assert (row["patient"], row["age"], pd.isna(row["sex"]), row["view"]) == (CHEXPERT + 4, 20, True, "PA")
     row = table.set_index("image").loc["train/patient00002/study2/view1_frontal.jpg"]
     assert (row["patient"], row["age"], row["sex"], row["view"]) == (CHEXPERT + 2, 87, "F", "AP")
 

@@ -134,7 +134,11 @@ def test_resume_keeps_checked_shards_and_drops_a_torn_or_altered_one(tmp_path, w
     final = Journal(folder, SETTINGS)
     assert [e["name"] for e in final.entries] == ["train-000000.tar", "train-000001.tar"]
     if where == "url":
-        assert sorted(remote.list_sizes(f"{folder}/.pack-journal")) == ["00000000.json", "00000003.json", "settings.json"]
+        assert sorted(remote.list_sizes(f"{folder}/.pack-journal")) == [
+            "00000000.json",
+            "00000003.json",
+            "settings.json",
+        ]
 
 
 def test_an_older_single_object_journal_in_a_bucket_is_read_and_converted():

@@ -166,7 +166,9 @@ def assign(frame: pd.DataFrame, labels: pd.DataFrame, args: Any, scheme: str) ->
     positives = (labels.fillna(0).to_numpy(dtype=np.int64) == 1).astype(np.int64)  # −1 and unknown: not positive
     meta = pd.DataFrame(positives, columns=list(LABELS))
     meta.insert(0, "patient", frame["patient"].to_numpy())
-    split = assign_by_patient(meta, scheme, fractions, args.seed, getattr(args, "method", "greedy"), where=str(args.root))
+    split = assign_by_patient(
+        meta, scheme, fractions, args.seed, getattr(args, "method", "greedy"), where=str(args.root)
+    )
     return split, fractions
 
 
