@@ -56,7 +56,7 @@ def synth_rate(n: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.process_time()
         for case in cases:
-            _write_one((case, 0, 256, tmp))
+            _write_one((case, 0, 256, tmp, None))  # no fine-detail label
         return n / (time.process_time() - start)
 
 
@@ -94,14 +94,16 @@ def main() -> None:
         f"synth: {synth_rate(args.synth_n):.0f} phantoms per CPU second at 256 px "
         f"({args.synth_n} images, one process, render + PNG + atomic write)",
     ]
-    text = "\n".join(lines)
+    _append(args.append, "splits and synth", "python bench/splits.py --append bench/RESULTS.md", "\n".join(lines))
+
+
+def _append(path: str | None, title: str, command: str, text: str) -> None:
+    """Print the result and, with ``--append``, add it to the markdown file under a stamped heading."""
     print(text)
-    if args.append:
+    if path:
         stamp = time.strftime("%Y-%m-%d %H:%M")
-        with open(args.append, "a") as fh:
-            fh.write(
-                f"\n## splits and synth\n\n### {stamp} — `python bench/splits.py --append bench/RESULTS.md`\n\n{text}\n"
-            )
+        with open(path, "a") as fh:
+            fh.write(f"\n## {title}\n\n### {stamp} — `{command}`\n\n{text}\n")
 
 
 CHEXPERT_FINDINGS = [
@@ -230,15 +232,12 @@ def dataset_main(args) -> None:
             took, summary = _timed_split(argv)
             goal = "" if name.startswith("NIH") else ("< 30 s: met" if took < 30 else "< 30 s: NOT met")
             lines.append(f"| {name} | {took:.1f} | {summary.split(' → ')[0]} | {goal} |")
-    text = "\n".join(lines)
-    print(text)
-    if args.append:
-        stamp = time.strftime("%Y-%m-%d %H:%M")
-        with open(args.append, "a") as fh:
-            fh.write(
-                f"\n## split of other data sets (issue 26)\n\n### {stamp} — "
-                f"`python bench/splits.py --datasets --append bench/RESULTS.md`\n\n{text}\n"
-            )
+    _append(
+        args.append,
+        "split of other data sets (issue 26)",
+        "python bench/splits.py --datasets --append bench/RESULTS.md",
+        "\n".join(lines),
+    )
 
 
 if __name__ == "__main__":

@@ -206,6 +206,19 @@ def write_text(loc: Any, text: str) -> None:
     write_bytes(loc, text.encode())
 
 
+def remove(loc: Any) -> None:
+    """Delete a file or object (nothing when it is already gone)."""
+    loc = location(loc)
+    if not is_url(loc):
+        loc.unlink(missing_ok=True)
+        return
+    with errors(loc):
+        try:
+            loc.fs.rm_file(loc.path)
+        except FileNotFoundError:
+            pass
+
+
 _WARNED: set[str] = set()
 
 

@@ -198,9 +198,19 @@ def check_patient_disjoint(table: pd.DataFrame) -> None:
 
 
 def assign_by_patient(
-    meta: pd.DataFrame, scheme: str, fractions: np.ndarray, seed: int, method: str = "greedy"
+    meta: pd.DataFrame,
+    scheme: str,
+    fractions: np.ndarray,
+    seed: int,
+    method: str = "greedy",
+    where: str | None = None,
 ) -> np.ndarray:
-    """Split name per image for the patient-level `stratified` / `random` schemes."""
+    """Split name per image for the patient-level `stratified` / `random` schemes.
+
+    With ``where`` (the file the rows came from, for the message), every split requested with a
+    fraction > 0 must get at least one patient, else CxrError; without it (a comparison split that
+    is only reported) an empty split is allowed.
+    """
     ids, counts = patient_counts(meta)
     if scheme == "random":
         per_patient = random_assign(ids.size, fractions, seed)
@@ -210,6 +220,13 @@ def assign_by_patient(
         per_patient = iterstrat_assign(counts, fractions, seed)
     else:
         raise CxrError(f"--method '{method}': unknown — use greedy or iterstrat")
+    if where is not None:
+        for index, (name, frac) in enumerate(zip(SPLITS, fractions)):
+            if frac > 0 and not (per_patient == index).any():
+                raise CxrError(
+                    f"{where}: split '{name}' got no patient ({ids.size:,} patients in all, fractions "
+                    f"{','.join(f'{f:g}' for f in fractions)}) — use more data or larger --fractions"
+                )
     names = np.asarray(SPLITS, dtype=object)
     return names[per_patient[np.searchsorted(ids, meta["patient"].to_numpy())]]
 
@@ -314,13 +331,9 @@ def _split_names(args, meta: pd.DataFrame, restricted: bool) -> tuple[np.ndarray
             meta, train_val, test, args.val_fraction, args.seed, restricted, lists=(str(tv_path), str(test_path))
         ), None
     fractions = parse_fractions(args.fractions, DEFAULT_FRACTIONS[args.scheme])
-    split = assign_by_patient(meta, args.scheme, fractions, args.seed, getattr(args, "method", "greedy"))
-    for name, frac in zip(SPLITS, fractions):
-        if frac > 0 and not (split == name).any():
-            raise CxrError(
-                f"{args.metadata}: split '{name}' got no patient ({meta['patient'].nunique()} "
-                "patients in all) — use more data or larger fractions"
-            )
+    split = assign_by_patient(
+        meta, args.scheme, fractions, args.seed, getattr(args, "method", "greedy"), where=str(args.metadata)
+    )
     return split, fractions
 
 

@@ -58,41 +58,15 @@ def pytest_collection_modifyitems(config, items):
 # ------------------------------------------------------------------------------ shared fixtures
 @pytest.fixture(scope="session")
 def train_shards(tmp_path_factory) -> Path:
-    """600 phantoms at 64 px → stratified 70/15/15 patient split → shards (via the real CLI)."""
-    import subprocess
-    import sys
+    """600 phantoms at 64 px → stratified 70/15/15 patient split → shards in 2 MB shards (the real CLI,
+    in child processes). tests/test_s3.py packs the same synth/ and splits.parquet into a bucket."""
+    from helpers import phantom_shards
 
     root = tmp_path_factory.mktemp("train_data")
-    py = [sys.executable, "-m", "shards"]
-    for args in (
-        ["synth", "--out", root / "synth", "--n", "600", "--resolution", "64", "--seed", "0", "--workers", "1"],
-        [
-            "split",
-            "--metadata",
-            root / "synth" / "Data_Entry_2017.csv",
-            "--scheme",
-            "stratified",
-            "--fractions",
-            "0.7,0.15,0.15",
-            "--out",
-            root / "splits.parquet",
-        ],
-        [
-            "pack",
-            "--splits",
-            root / "splits.parquet",
-            "--images",
-            root / "synth" / "images",
-            "--out",
-            root / "shards",
-            "--shard-size-mb",
-            "2",
-            "--workers",
-            "1",
-        ],
-    ):
-        subprocess.run(py + [str(a) for a in args], check=True, cwd=ROOT, capture_output=True, timeout=600)
-    return root / "shards"
+    return phantom_shards(
+        root, 600, 64, 0, scheme="stratified", fractions="0.7,0.15,0.15", pack_args=["--shard-size-mb", "2"],
+        subprocess_cli=True,
+    ).shards  # fmt: skip
 
 
 @pytest.fixture(scope="session")

@@ -50,6 +50,9 @@ def one_error(capsys, argv: list[str]) -> str:
     return err
 
 
+CHEXPERT, MIMIC = 10**17, 2 * 10**17  # patient namespaces: docs/datasets.md "patient"
+
+
 def assert_patient_level(table: pd.DataFrame) -> None:
     assert (table.groupby("patient")["split"].nunique() == 1).all()
 
@@ -83,9 +86,10 @@ def test_chexpert_labels_row_by_row(tmp_path):
     assert set(table["dataset"]) == {"chexpert"}
     assert list(table.columns[:3]) == ["image", "patient", "split"]
     row = table.set_index("image").loc["train/patient00004/study1/view1_frontal.jpg"]
-    assert (row["patient"], row["age"], pd.isna(row["sex"]), row["view"]) == (4, 20, True, "PA")  # Sex Unknown
+    # Sex Unknown → blank
+    assert (row["patient"], row["age"], pd.isna(row["sex"]), row["view"]) == (CHEXPERT + 4, 20, True, "PA")
     row = table.set_index("image").loc["train/patient00002/study2/view1_frontal.jpg"]
-    assert (row["patient"], row["age"], row["sex"], row["view"]) == (2, 87, "F", "AP")
+    assert (row["patient"], row["age"], row["sex"], row["view"]) == (CHEXPERT + 2, 87, "F", "AP")
 
 
 def test_chexpert_official_split_frontal_and_patients(tmp_path):
@@ -95,7 +99,7 @@ def test_chexpert_official_split_frontal_and_patients(tmp_path):
     assert not table["image"].str.contains("lateral").any()  # frontal only by default
     assert len(table) == 11
     # valid.csv is the test split; train.csv's 8 patients give 2 (25 %) to val
-    assert set(table.loc[table["split"] == "test", "patient"]) == {64541, 64542}
+    assert set(table.loc[table["split"] == "test", "patient"]) == {CHEXPERT + 64541, CHEXPERT + 64542}
     assert table.loc[table["split"] == "val", "patient"].nunique() == 2
     assert set(table.loc[table["split"] != "test", "image"].str[:6]) == {"train/"}
     everything = split_table(tmp_path, "--dataset", "chexpert", "--root", str(root), "--all-views")
@@ -161,7 +165,7 @@ def test_mimic_labels_official_split_and_skips(tmp_path, capsys):
         assert labels_of(table, by_id.loc[dicom, "image"]) == labels, dicom
     image = by_id.loc["68b5c4b1-227d0485-9cc38c3f-7b84ab51-4b472714"]
     assert image["image"] == "files/p10/p10000764/s57375967/68b5c4b1-227d0485-9cc38c3f-7b84ab51-4b472714.jpg"
-    assert (image["patient"], image["view"]) == (10000764, "AP")
+    assert (image["patient"], image["view"]) == (MIMIC + 10000764, "AP")
     assert (root / image["image"]).is_file()
 
 
@@ -171,9 +175,9 @@ def test_mimic_patients_file_gives_sex_and_age(tmp_path):
     rows = "subject_id,gender,anchor_age,anchor_year,anchor_year_group,dod\n10000764,M,76,2132,2014 - 2016,\n"
     patients.write_bytes(gzip.compress(rows.encode()))
     table = split_table(tmp_path, "--dataset", "mimic", "--root", str(root), "--patients", str(patients))
-    row = table[table["patient"] == 10000764].iloc[0]
+    row = table[table["patient"] == MIMIC + 10000764].iloc[0]
     assert (row["sex"], row["age"]) == ("M", 76 + (2180 - 2132))  # StudyDate 21800506 in the fixture
-    assert table.loc[table["patient"] != 10000764, "age"].isna().all()
+    assert table.loc[table["patient"] != MIMIC + 10000764, "age"].isna().all()
 
 
 def test_mimic_errors(tmp_path, capsys):

@@ -62,7 +62,10 @@ def test_pack_into_a_bucket_writes_the_same_shards_as_a_local_pack_and_verifies(
     for entry in local["shards"]:  # every shard and index is an object, byte for byte the local file
         assert objects[entry["name"]] == (train_shards / entry["name"]).read_bytes()
         assert objects[entry["index"]] == (train_shards / entry["index"]).read_bytes()
-    assert ".pack-journal.jsonl" in objects  # the resume journal lives beside the shards
+    # the resume journal lives beside the shards: its settings and one object per shard
+    assert {k for k in objects if k.startswith(".pack-journal/")} == {".pack-journal/settings.json"} | {
+        f".pack-journal/{i:08d}.json" for i in range(len(local["shards"]))
+    }
     assert not [k for k, data in objects.items() if FAKE_SECRET.encode() in data]  # no credential in any object
     capsys.readouterr()
     assert shards_main(["verify", bucket_shards, "--workers", "1"]) == 0
@@ -116,12 +119,13 @@ def test_a_pack_killed_after_an_upload_resumes_to_the_same_objects(s3_server, bu
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     partial = _objects(s3_server, "train", "killed")
     assert "manifest.json" not in partial and sum(k.endswith(".tar") for k in partial) == 2, sorted(partial)
-    journal = partial[".pack-journal.jsonl"].decode().splitlines()
-    assert len(journal) == 2  # settings + the one shard whose index was up before the kill
+    journal = sorted(k for k in partial if k.startswith(".pack-journal/"))
+    # settings + the one shard whose index was up before the kill
+    assert journal == [".pack-journal/00000000.json", ".pack-journal/settings.json"], journal
     capsys.readouterr()
     assert shards_main(args) == 0
     summary = capsys.readouterr().out
-    done = json.loads(journal[1])["samples"]
+    done = json.loads(partial[".pack-journal/00000000.json"])["samples"]
     assert f"{done} already packed" in summary, summary
     assert _objects(s3_server, "train", "killed").keys() == _objects(s3_server, "train", "shards").keys()
     whole = json.loads(_objects(s3_server, "train", "shards")["manifest.json"])["shards"]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import phantom_shards
 
 from cxrbase.errors import CxrError
 
@@ -85,17 +86,10 @@ def s3(tmp_path_factory):
 @pytest.fixture(scope="module")
 def local_shards(tmp_path_factory) -> Path:
     """120 phantoms at 64 px in ~20 kB shards (several per split), through the shards CLI."""
-    root = tmp_path_factory.mktemp("cache_shards")
-    py = [sys.executable, "-m", "shards"]
-    for args in (
-        ["synth", "--out", root / "synth", "--n", "120", "--resolution", "64", "--seed", "3", "--workers", "1"],
-        ["split", "--metadata", root / "synth" / "Data_Entry_2017.csv", "--scheme", "stratified",
-         "--fractions", "0.6,0.2,0.2", "--out", root / "splits.parquet"],
-        ["pack", "--splits", root / "splits.parquet", "--images", root / "synth" / "images", "--out",
-         root / "shards", "--shard-size-mb", "0.05", "--workers", "1"],
-    ):  # fmt: skip
-        subprocess.run(py + [str(a) for a in args], check=True, cwd=ROOT, capture_output=True, timeout=600)
-    return root / "shards"
+    return phantom_shards(
+        tmp_path_factory.mktemp("cache_shards"), 120, 64, 3, scheme="stratified", fractions="0.6,0.2,0.2",
+        pack_args=["--shard-size-mb", "0.05"], subprocess_cli=True,
+    ).shards  # fmt: skip
 
 
 _BUCKETS = iter(range(10**6))

@@ -2,9 +2,13 @@
 assign patient-level splits, write the table (`cxr-shards split --dataset NAME --root ROOT`).
 
 An adapter module has ``load(root, args) -> Loaded``: one row per image with the columns
-``image`` (path relative to ROOT), ``patient`` (int64), ``age`` (float, NaN unknown), ``sex``
+``image`` (path relative to ROOT), ``patient`` (int64, the data set's own id), ``age`` (float, NaN unknown), ``sex``
 (M/F/None), ``view`` (PA/AP/None), ``frontal`` (bool), ``official`` (train/val/test, or None
 when the data set has no official split) and the data set's own finding columns (1, 0, −1, NA).
+
+The table :func:`build` writes puts each data set's patients in a namespace of their own
+(:func:`namespaced_patients`), so the tables of two data sets can be concatenated and split as a
+union without one data set's patient 17 meeting another's.
 """
 
 from __future__ import annotations
@@ -28,6 +32,15 @@ from shards.datasets.harmonise import describe, harmonise
 from shards.records import SPLITS
 
 BASE_COLUMNS = ("image", "patient", "age", "sex", "view", "frontal", "official")
+
+# Patient namespaces: the table's patient = NAMESPACES[dataset] · PATIENT_SPAN + the data set's own id.
+# Integers, not "chexpert:00001" strings, because the splits table, the shards' records and every
+# reader of them (the evaluator's patient bootstrap included) carry the patient as an int64; the
+# decimal offset keeps the data set's own id readable in the last 17 digits. 10¹⁷ holds the largest
+# own id an adapter makes (stable_ids: < 2⁵⁶ ≈ 7.2·10¹⁶), and int64 holds namespaces up to 91.
+# NIH (shards.splits) and generic labelled CSVs keep their ids as they are: namespace 0.
+PATIENT_SPAN = 10**17
+NAMESPACES = {"chexpert": 1, "mimic": 2, "padchest": 3, "vindr": 4}
 
 
 @dataclass
@@ -102,6 +115,19 @@ def stable_ids(values: Sequence[str]) -> np.ndarray:
     )
 
 
+def namespaced_patients(dataset: str, patients: Any, where: str) -> np.ndarray:
+    """The data set's own patient ids (int, 0 ≤ id < PATIENT_SPAN) → ids unique across data sets:
+    ``NAMESPACES[dataset] · PATIENT_SPAN + id``; ``id = patient % PATIENT_SPAN`` gives them back."""
+    own = np.asarray(patients, dtype=np.int64)
+    bad = (own < 0) | (own >= PATIENT_SPAN)
+    if bad.any():
+        raise CxrError(
+            f"{where}: {int(bad.sum()):,} {dataset} patient id(s) outside 0…10¹⁷ (first {int(own[bad][0])}) "
+            "— the adapter must give non-negative ids below 10¹⁷ (hash longer ids with stable_ids)"
+        )
+    return NAMESPACES[dataset] * PATIENT_SPAN + own
+
+
 def check_official_patient_level(frame: pd.DataFrame, where: str) -> None:
     """An official split that puts one patient in two splits is refused, naming the files."""
     per = frame.groupby("patient")["official"].nunique()
@@ -140,13 +166,9 @@ def assign(frame: pd.DataFrame, labels: pd.DataFrame, args: Any, scheme: str) ->
     positives = (labels.fillna(0).to_numpy(dtype=np.int64) == 1).astype(np.int64)  # −1 and unknown: not positive
     meta = pd.DataFrame(positives, columns=list(LABELS))
     meta.insert(0, "patient", frame["patient"].to_numpy())
-    split = assign_by_patient(meta, scheme, fractions, args.seed, getattr(args, "method", "greedy"))
-    for name, frac in zip(SPLITS, fractions):
-        if frac > 0 and not (split == name).any():
-            raise CxrError(
-                f"{args.root}: split '{name}' got no patient ({frame['patient'].nunique()} patients in all) "
-                "— use more data or larger --fractions"
-            )
+    split = assign_by_patient(
+        meta, scheme, fractions, args.seed, getattr(args, "method", "greedy"), where=str(args.root)
+    )
     return split, fractions
 
 
@@ -160,6 +182,7 @@ def build(loaded: Loaded, dataset: str, args: Any) -> pd.DataFrame:
     if frame.empty:
         raise CxrError(f"{args.root}: no {dataset} image left to split — check --root and the view filter")
     frame = frame.reset_index(drop=True)
+    frame["patient"] = namespaced_patients(dataset, frame["patient"], str(args.root))
     dup = frame["image"].duplicated(keep=False).to_numpy()
     if dup.any():
         raise CxrError(
@@ -172,7 +195,7 @@ def build(loaded: Loaded, dataset: str, args: Any) -> pd.DataFrame:
         raise CxrError(f"--scheme official: {dataset} publishes no split — use --scheme stratified or random")
     split, fractions = assign(frame, labels, args, scheme)
     args.scheme_used, args.fractions_used = scheme, fractions
-    table = pd.DataFrame({"image": frame["image"], "patient": frame["patient"].astype(np.int64), "split": split})
+    table = pd.DataFrame({"image": frame["image"], "patient": frame["patient"], "split": split})
     table = pd.concat([table, labels], axis=1)
     table["age"] = frame["age"].astype(np.float64)
     table["sex"] = frame["sex"].astype(object).where(frame["sex"].isin(["M", "F"]), None)
