@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from cxrbase.atomic import atomic_write, remove_stale_temps
 from cxrbase.errors import CxrError
@@ -114,7 +114,7 @@ def pack(
     relative = [r.image for r in records if "/" in r.image]
     sources = scan_sources(images, relative, walk=len(relative) < len(records))
     records = resolve_uncertain(records, uncertain)
-    out = remote.location(out)
+    out = cast(Path, remote.location(out))  # a Path, or a UPath (same interface) for a URL
     settings = {
         "format": FORMAT,
         "splits_sha256": splits_sha,
@@ -258,6 +258,7 @@ class _SplitWriter:
         return size
 
     def _finish(self) -> None:
+        assert self.stream is not None and self._stack is not None  # a shard is open
         sha = self.stream.finish()
         self._stack.close()  # fsync + rename to the final name
         write_index(self.stage / f"{self.name}.idx", self.stream.members)
@@ -336,6 +337,7 @@ class _Packer:
                     if prepared.reason is not None:
                         stats.rejected.append({"image": prepared.key, "reason": prepared.reason})
                         continue
+                    assert prepared.ext is not None and prepared.data is not None  # not rejected
                     members = sample_members(by_key[prepared.key], prepared.ext, prepared.data)
                     stats.bytes_out += writers[by_key[prepared.key].split].add(prepared, members)
             stats.images -= len(stats.rejected)

@@ -63,7 +63,7 @@ def scan_shard(loc: Any) -> tuple[int, str, str | None]:
     with remote.open_read(loc) as fh:
         reader = HashingReader(fh)
         try:
-            with tarfile.open(fileobj=reader, mode="r|") as tar:
+            with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]  # a read()-only stream
                 index = index_text(group_members(tar))
         except (tarfile.TarError, OSError):
             index = None
@@ -138,7 +138,9 @@ class Journal:
                 f"{where}: this folder was packed with other settings ({head.get('settings')}) "
                 "— use a new --out folder, or delete the folder to re-pack"
             )
-        kept, kept_names, broken = [], [], set()
+        kept: list[dict[str, Any]] = []
+        kept_names: list[str] = []
+        broken: set[str] = set()
         for i, entry in enumerate(entries):
             split = entry["split"]
             position = sum(e["split"] == split for e in kept)

@@ -348,7 +348,7 @@ def _report(table: pd.DataFrame, args, fractions: np.ndarray | None, meta: pd.Da
     print(format_prevalence(prevalence_table(table), "table"))
     spread = label_spread(table).mean()
     line = f"mean per-label prevalence spread (max−min across splits): {spread:.3f} pp"
-    if args.scheme == "stratified":
+    if args.scheme == "stratified" and fractions is not None:
         reference = build_table(meta, assign_by_patient(meta, "random", fractions, args.seed))
         line += (
             f" ({getattr(args, 'method', 'greedy')}) vs {label_spread(reference).mean():.3f} pp for a "
