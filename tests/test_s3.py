@@ -173,16 +173,21 @@ def test_a_shard_missing_from_the_bucket_is_named(s3_server, bucket_shards):
 
 
 # ------------------------------------------------------------------------------ reading: loaders, evaluate
-def test_the_wds_loader_yields_the_same_batches_from_the_bucket_as_from_the_folder(bucket_shards, train_shards):
+@pytest.mark.parametrize("source", ["bucket_shards", "http_shards"])
+def test_the_wds_loader_yields_the_same_batches_from_a_url_as_from_the_folder(request, source, train_shards):
+    """Training's reader (per-rank order, skip_batches, augmentation) streams from s3:// and plain http://."""
     import torch
 
     from cxr.data import DataConfig, build_loader
+
+    url = request.getfixturevalue(source)
+    assert url.startswith(("s3://", "http://"))
 
     def batches(shards):
         cfg = DataConfig(shards=str(shards), backend="wds", resolution=64, batch_size=16, num_threads=2, seed=3)
         return list(build_loader(cfg, "train", rank=1, world_size=2, epoch=1, skip_batches=2))
 
-    local, remote = batches(train_shards), batches(bucket_shards)
+    local, remote = batches(train_shards), batches(url)
     assert len(local) == len(remote) > 0
     for a, b in zip(local, remote):
         assert a["key"] == b["key"]
