@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from helpers import RES, free_port, make_member
+from helpers import RES, free_port, make_member, phantom_shards
 from PIL import Image
 from safetensors.torch import load_file
 from sklearn.metrics import average_precision_score, roc_auc_score
@@ -30,7 +30,6 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from cxr.evaluate import main as evaluate_main
 from cxrbase.errors import CxrError
 from cxrbase.labels import LABELS
-from shards.cli import main as shards_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,59 +43,7 @@ pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.integrati
 def shards_dir(tmp_path_factory) -> Path:
     """160 synthetic 64 px phantoms, random patient split 40/30/30, packed."""
     root = tmp_path_factory.mktemp("eval-shards")
-    assert (
-        shards_main(
-            [
-                "synth",
-                "--out",
-                str(root / "synth"),
-                "--n",
-                "160",
-                "--resolution",
-                str(RES),
-                "--seed",
-                "3",
-                "--workers",
-                "1",
-            ]
-        )
-        == 0
-    )
-    assert (
-        shards_main(
-            [
-                "split",
-                "--metadata",
-                str(root / "synth" / "Data_Entry_2017.csv"),
-                "--scheme",
-                "random",
-                "--fractions",
-                "0.4,0.3,0.3",
-                "--seed",
-                "1",
-                "--out",
-                str(root / "splits.parquet"),
-            ]
-        )
-        == 0
-    )
-    assert (
-        shards_main(
-            [
-                "pack",
-                "--splits",
-                str(root / "splits.parquet"),
-                "--images",
-                str(root / "synth" / "images"),
-                "--out",
-                str(root / "shards"),
-                "--workers",
-                "1",
-            ]
-        )
-        == 0
-    )
-    return root / "shards"
+    return phantom_shards(root, 160, RES, 3, fractions="0.4,0.3,0.3", split_seed=1).shards
 
 
 @pytest.fixture(scope="session")
