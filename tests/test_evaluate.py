@@ -491,30 +491,45 @@ def test_two_ranks_give_the_same_predictions_as_one(report, members, shards_dir,
 @pytest.mark.slow
 def test_members_trained_by_train_py(shards_dir, tmp_path):
     """Two tiny members written by cxr/train.py itself (real run dirs) evaluate end to end."""
-    runs = []
-    for seed in (1, 2):
-        run = tmp_path / f"trained{seed}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "cxr.train",
-            "--config",
-            str(ROOT / "cxr" / "configs" / "tiny.yaml"),
-            f"data.shards={shards_dir}",
-            f"data.resolution={RES}",
-            f"model.stem_size={RES}",
-            "data.backend=wds",
-            "data.num_threads=0",
-            "train.epochs=1",
-            "train.threads=1",
-            f"train.seed={seed}",
-            f"checkpoint.run_dir={run}",
-        ]
-        proc = subprocess.run(
-            cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)}
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        runs.append(run)
+    runs, procs = [], []
+    try:
+        for seed in (1, 2):  # both trainings at once: one thread each, 2 cores
+            run = tmp_path / f"trained{seed}"
+            cmd = [
+                sys.executable,
+                "-m",
+                "cxr.train",
+                "--config",
+                str(ROOT / "cxr" / "configs" / "tiny.yaml"),
+                f"data.shards={shards_dir}",
+                f"data.resolution={RES}",
+                f"model.stem_size={RES}",
+                "data.backend=wds",
+                "data.num_threads=0",
+                "train.epochs=1",
+                "train.threads=1",
+                f"train.seed={seed}",
+                f"checkpoint.run_dir={run}",
+            ]
+            with open(tmp_path / f"trained{seed}.err", "wb") as err:  # a file: a full pipe would stall it
+                procs.append(
+                    subprocess.Popen(
+                        cmd,
+                        cwd=ROOT,
+                        stdout=subprocess.DEVNULL,
+                        stderr=err,
+                        env={**os.environ, "PYTHONPATH": str(ROOT)},
+                    )
+                )
+            runs.append(run)
+        for seed, proc in zip((1, 2), procs):
+            proc.wait(timeout=300)
+            assert proc.returncode == 0, (tmp_path / f"trained{seed}.err").read_text()[-3000:]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     out = tmp_path / "report"
     assert (
         evaluate_main(
