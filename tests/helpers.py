@@ -210,6 +210,8 @@ def rewrite_shard(out: Path, shard: str, change) -> None:
 
 # ------------------------------------------------- phantom shards through the shards CLI
 PHANTOM_CACHE: Path | None = None  # set for the test run by conftest.py (phantom_cache); None: always build
+
+
 @dataclasses.dataclass(frozen=True)
 class Phantoms:
     """Where :func:`phantom_shards` put things: ROOT/synth (images/, Data_Entry_2017.csv, boxes.csv),
