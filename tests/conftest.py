@@ -56,6 +56,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 # ------------------------------------------------------------------------------ shared fixtures
+@pytest.fixture(scope="session", autouse=True)
+def phantom_cache(tmp_path_factory):
+    """helpers.phantom_shards builds each set of arguments once per test run and copies it after that."""
+    import helpers
+
+    helpers.PHANTOM_CACHE = tmp_path_factory.mktemp("phantom-cache")
+    yield helpers.PHANTOM_CACHE
+    helpers.PHANTOM_CACHE = None
+
+
 @pytest.fixture(scope="session")
 def train_shards(tmp_path_factory) -> Path:
     """600 phantoms at 64 px → stratified 70/15/15 patient split → shards in 2 MB shards (the real CLI,
@@ -72,55 +82,15 @@ def train_shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def export_runs(tmp_path_factory):
     """A trained-for-3-steps ood_ae, two cnn members (the evaluator tests' builder) and their report."""
-    from helpers import make_member
+    from helpers import make_member, phantom_shards
 
     from cxr.config import load_config
     from cxr.evaluate import main as evaluate_main
     from cxr.tools.ood import main as ood_main
     from cxr.train import train
-    from shards.cli import main as shards_main
 
     root = tmp_path_factory.mktemp("export")
-    assert (
-        shards_main(
-            ["synth", "--out", str(root / "synth"), "--n", "120", "--resolution", "64", "--seed", "3", "--workers", "1"]
-        )
-        == 0
-    )
-    assert (
-        shards_main(
-            [
-                "split",
-                "--metadata",
-                str(root / "synth" / "Data_Entry_2017.csv"),
-                "--scheme",
-                "random",
-                "--fractions",
-                "0.5,0.25,0.25",
-                "--seed",
-                "1",
-                "--out",
-                str(root / "splits.parquet"),
-            ]
-        )
-        == 0
-    )
-    assert (
-        shards_main(
-            [
-                "pack",
-                "--splits",
-                str(root / "splits.parquet"),
-                "--images",
-                str(root / "synth" / "images"),
-                "--out",
-                str(root / "shards"),
-                "--workers",
-                "1",
-            ]
-        )
-        == 0
-    )
+    phantom_shards(root, 120, 64, 3, fractions="0.5,0.25,0.25", split_seed=1)  # test_ood's shards_dir too
     shards = root / "shards"
     gate = root / "gate"
     cfg = load_config(

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -208,6 +209,9 @@ def rewrite_shard(out: Path, shard: str, change) -> None:
 
 
 # ------------------------------------------------- phantom shards through the shards CLI
+PHANTOM_CACHE: Path | None = None  # set for the test run by conftest.py (phantom_cache); None: always build
+
+
 @dataclasses.dataclass(frozen=True)
 class Phantoms:
     """Where :func:`phantom_shards` put things: ROOT/synth (images/, Data_Entry_2017.csv, boxes.csv),
@@ -244,9 +248,32 @@ def phantom_shards(
     ``--scheme S [--fractions F] [--seed SPLIT_SEED]`` into ROOT/SPLITS; pack: ``PACK_ARGS [--workers
     PACK_WORKERS, default: W as for synth]``. ``None`` leaves an option out (the command's default). ``upto`` stops
     after "synth" or "split". ``subprocess_cli``: ``python -m shards`` in a child process (as
-    conftest's train_shards) instead of shards.cli.main in this one."""
+    conftest's train_shards) instead of shards.cli.main in this one.
+
+    Built once per set of arguments in a test run (conftest.py points PHANTOM_CACHE at a session folder):
+    a second call copies that build into ROOT, its manifest naming ROOT's paths as a build there would."""
     synth, table, shards = root / "synth", root / splits, root / "shards"
     pack_workers = workers if pack_workers == "as synth" else pack_workers
+    # one build per set of arguments for the whole test run, copied into ROOT (tests may edit their copy);
+    # a custom metadata writer may leave files anywhere under ROOT, so those calls always build
+    key = None
+    if PHANTOM_CACHE is not None and metadata is None:
+        argv = [n, resolution, seed, scheme, fractions, split_seed, workers, list(synth_args), splits]
+        argv += [list(pack_args), pack_workers, upto, subprocess_cli]
+        key = hashlib.sha256(json.dumps([str(a) for a in argv]).encode()).hexdigest()[:16]
+        cached = PHANTOM_CACHE / key
+        if cached.is_dir():
+            root.mkdir(parents=True, exist_ok=True)
+            built_in = (cached / "ROOT").read_text()
+            for made in cached.iterdir():
+                if made.is_dir():
+                    shutil.copytree(made, root / made.name, symlinks=True)
+                elif made.name != "ROOT":
+                    shutil.copy2(made, root / made.name)
+            # the manifest and pack journal name the splits and image paths: make them this ROOT's, as a build here
+            for text in shards.glob("*.json*") if shards.is_dir() else ():
+                text.write_text(text.read_text().replace(json.dumps(built_in)[1:-1], json.dumps(str(root))[1:-1]))
+            return Phantoms(root, synth, table, shards)
 
     def opt(name: str, value) -> list[str]:
         return [] if value is None else [name, str(value)]
@@ -300,6 +327,17 @@ def phantom_shards(
                 *pack_args,
                 *opt("--workers", pack_workers),
             )
+    if key is not None:
+        building = PHANTOM_CACHE / f"{key}.partial"
+        shutil.rmtree(building, ignore_errors=True)
+        building.mkdir(parents=True)
+        (building / "ROOT").write_text(str(root))
+        for made in (synth, table, shards):
+            if made.is_dir():
+                shutil.copytree(made, building / made.name, symlinks=True)
+            elif made.is_file():
+                shutil.copy2(made, building / made.name)
+        building.rename(PHANTOM_CACHE / key)
     return Phantoms(root, synth, table, shards)
 
 

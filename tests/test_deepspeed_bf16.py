@@ -1,9 +1,12 @@
-"""DeepSpeed ZeRO-2 with bf16 (the GPU recipe of the docs), on CPU: trains, is preempted,
-resumes, and writes fp32 master weights to model.safetensors."""
+"""DeepSpeed ZeRO-2 with bf16 (the GPU recipe of the docs), on CPU: trains, is preempted, checkpoints one
+optimizer partition per rank, resumes with identical replicas, and writes fp32 master weights to
+model.safetensors. One training checked every way (it used to be two: this one and an fp32 twin in
+test_train.py that checked the partitions and the replicas; each DeepSpeed start costs ~30 s on 2 cores)."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -74,11 +77,15 @@ def test_deepspeed_zero2_bf16_trains_resumes_and_saves_fp32(train_shards, tmp_pa
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["train"]["mixed_precision"] == "bf16"  # resolved from the launcher
     assert "DEEPSPEED" in (run_dir / "train.log").read_text()
+    last = run_dir / "checkpoints" / "last"
+    partitions = sorted(p.name for p in (last / "deepspeed" / "state").glob("*optim_states.pt"))
+    assert len(partitions) == 2, partitions  # ZeRO: one optimizer partition per rank
+    assert yaml.safe_load((last / "meta.json").read_text())["epoch"] == 1
     rows_before = metrics_rows(run_dir)
 
     assert finish(launch_bf16(train_shards, run_dir)) == 0, output(run_dir)[-3000:]
     log = (run_dir / "train.log").read_text()
-    assert "resumed from" in log
+    assert "resumed from" in log and re.search(r"replicas: .* — identical", log)
     rows = metrics_rows(run_dir)
     assert [int(r["epoch"]) for r in rows] == [1, 2] and rows[0] == rows_before[0]
     assert float(rows[1]["loss"]) < float(rows[0]["loss"])

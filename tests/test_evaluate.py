@@ -22,7 +22,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from helpers import RES, free_port, make_member
+from helpers import RES, free_port, make_member, phantom_shards
 from PIL import Image
 from safetensors.torch import load_file
 from sklearn.metrics import average_precision_score, roc_auc_score
@@ -30,7 +30,6 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from cxr.evaluate import main as evaluate_main
 from cxrbase.errors import CxrError
 from cxrbase.labels import LABELS
-from shards.cli import main as shards_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,59 +43,7 @@ pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.integrati
 def shards_dir(tmp_path_factory) -> Path:
     """160 synthetic 64 px phantoms, random patient split 40/30/30, packed."""
     root = tmp_path_factory.mktemp("eval-shards")
-    assert (
-        shards_main(
-            [
-                "synth",
-                "--out",
-                str(root / "synth"),
-                "--n",
-                "160",
-                "--resolution",
-                str(RES),
-                "--seed",
-                "3",
-                "--workers",
-                "1",
-            ]
-        )
-        == 0
-    )
-    assert (
-        shards_main(
-            [
-                "split",
-                "--metadata",
-                str(root / "synth" / "Data_Entry_2017.csv"),
-                "--scheme",
-                "random",
-                "--fractions",
-                "0.4,0.3,0.3",
-                "--seed",
-                "1",
-                "--out",
-                str(root / "splits.parquet"),
-            ]
-        )
-        == 0
-    )
-    assert (
-        shards_main(
-            [
-                "pack",
-                "--splits",
-                str(root / "splits.parquet"),
-                "--images",
-                str(root / "synth" / "images"),
-                "--out",
-                str(root / "shards"),
-                "--workers",
-                "1",
-            ]
-        )
-        == 0
-    )
-    return root / "shards"
+    return phantom_shards(root, 160, RES, 3, fractions="0.4,0.3,0.3", split_seed=1).shards
 
 
 @pytest.fixture(scope="session")
@@ -544,30 +491,45 @@ def test_two_ranks_give_the_same_predictions_as_one(report, members, shards_dir,
 @pytest.mark.slow
 def test_members_trained_by_train_py(shards_dir, tmp_path):
     """Two tiny members written by cxr/train.py itself (real run dirs) evaluate end to end."""
-    runs = []
-    for seed in (1, 2):
-        run = tmp_path / f"trained{seed}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "cxr.train",
-            "--config",
-            str(ROOT / "cxr" / "configs" / "tiny.yaml"),
-            f"data.shards={shards_dir}",
-            f"data.resolution={RES}",
-            f"model.stem_size={RES}",
-            "data.backend=wds",
-            "data.num_threads=0",
-            "train.epochs=1",
-            "train.threads=1",
-            f"train.seed={seed}",
-            f"checkpoint.run_dir={run}",
-        ]
-        proc = subprocess.run(
-            cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)}
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        runs.append(run)
+    runs, procs = [], []
+    try:
+        for seed in (1, 2):  # both trainings at once: one thread each, 2 cores
+            run = tmp_path / f"trained{seed}"
+            cmd = [
+                sys.executable,
+                "-m",
+                "cxr.train",
+                "--config",
+                str(ROOT / "cxr" / "configs" / "tiny.yaml"),
+                f"data.shards={shards_dir}",
+                f"data.resolution={RES}",
+                f"model.stem_size={RES}",
+                "data.backend=wds",
+                "data.num_threads=0",
+                "train.epochs=1",
+                "train.threads=1",
+                f"train.seed={seed}",
+                f"checkpoint.run_dir={run}",
+            ]
+            with open(tmp_path / f"trained{seed}.err", "wb") as err:  # a file: a full pipe would stall it
+                procs.append(
+                    subprocess.Popen(
+                        cmd,
+                        cwd=ROOT,
+                        stdout=subprocess.DEVNULL,
+                        stderr=err,
+                        env={**os.environ, "PYTHONPATH": str(ROOT)},
+                    )
+                )
+            runs.append(run)
+        for seed, proc in zip((1, 2), procs):
+            proc.wait(timeout=300)
+            assert proc.returncode == 0, (tmp_path / f"trained{seed}.err").read_text()[-3000:]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     out = tmp_path / "report"
     assert (
         evaluate_main(

@@ -80,13 +80,40 @@ def test_shards_import_graph_is_acyclic():
     assert _cycle(graph) is None, f"import cycle inside shards/: {' → '.join(_cycle(graph))}"
 
 
+ALONE = [m for m in MODULES if m != "__main__"]  # __main__ runs the CLI
+
+
+@pytest.fixture(scope="module")
+def imported_alone():
+    """One fresh interpreter per module, all started at once (each spends most of its time importing)."""
+    procs = {
+        module: subprocess.Popen(
+            [sys.executable, "-c", f"import shards.{module}"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for module in ALONE
+    }
+    done = {}
+    try:
+        for module, proc in procs.items():
+            _, err = proc.communicate(timeout=120)
+            done[module] = (proc.returncode, err)
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return done
+
+
 @pytest.mark.integration  # a fresh interpreter per module
-@pytest.mark.parametrize("module", [m for m in MODULES if m != "__main__"])  # __main__ runs the CLI
-def test_each_module_imports_alone_in_a_fresh_interpreter(module):
-    proc = subprocess.run(
-        [sys.executable, "-c", f"import shards.{module}"], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr
+@pytest.mark.parametrize("module", ALONE)
+def test_each_module_imports_alone_in_a_fresh_interpreter(module, imported_alone):
+    returncode, stderr = imported_alone[module]
+    assert returncode == 0, stderr
 
 
 # ----- layers: cxrbase ← shards ← cxr ← launch (each imports only the layers before it) -----
