@@ -75,4 +75,3 @@ def test_img_size_follows_the_size_the_transformer_sees(overrides, img_size):
     cfg = load_config(SHIPPED, overrides)
     assert cfg.model.options.get("img_size") == img_size
     assert config_to_dict(cfg)["model"].get("img_size") == img_size
-
