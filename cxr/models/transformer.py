@@ -6,7 +6,8 @@ Input size (chosen per family, both documented here):
   absolute position embeddings (224² grid in the weights) are interpolated
   bicubically to the input's patch grid on every forward (1024² → 64×64 tokens) —
   unless built with ``img_size`` = the input size: then they are resampled once, at
-  build/load, and used as they are (needed for ``train.deterministic`` on CUDA).
+  build/load, and used as they are (needed for ``train.deterministic`` on CUDA). A config
+  sets ``img_size`` from ``data.resolution`` (:func:`input_size_options`).
   ``global_pool='avg'`` with the final LayerNorm *before* pooling (``fc_norm=False``)
   keeps the usual ViT checkpoint names and makes the head pooled-linear:
   ``classifier_weight`` is valid for CAM over the token grid.
@@ -14,7 +15,8 @@ Input size (chosen per family, both documented here):
   position bias tables are tied to one window, so other inputs are resized
   (bilinear, antialiased) to it inside the model. To train at 512², build with
   ``img_size=512``: the tables are sized for it and a 224 checkpoint's tables are
-  resized on load by timm's filter. BEiT normalises *after* pooling (its
+  resized on load by timm's filter (a config sets ``img_size`` from ``data.resolution``,
+  :func:`input_size_options`). BEiT normalises *after* pooling (its
   ``fc_norm``), so its head is not pooled-linear and ``classifier_weight`` is None.
 
 ``features`` returns the patch tokens (after the final norm for ViT, before it
@@ -140,6 +142,30 @@ def deterministic_input_error(options: dict, conv_stem: bool, resolution: int) -
         f"(bicubic) in every forward, whose CUDA backward is not deterministic — set "
         f"model.options.img_size={size} (resampled once when the model is built)"
     )
+
+
+def input_size_options(name: str, options: dict, conv_stem: bool, resolution: int) -> dict:
+    """``options`` with ``img_size`` set to the size the transformer sees, when the config leaves it out.
+
+    The config knows ``data.resolution``; the builder only its options. A ViT/BEiT whose ``img_size``
+    follows the input size gets its position embeddings (ViT) or relative position tables (BEiT)
+    resampled once, when built or loaded — never per forward (no bicubic interpolate, whose CUDA
+    backward is not deterministic) — and BEiT sees the pixels instead of a resize to 224. Kept as
+    they were: an explicit ``img_size``; an input of 224 (the builders' default, so configs and
+    hashes of 224 runs do not change); a size that is not a multiple of the patch size 16 (ViT then
+    reports it at the first batch, BEiT resizes to 224); BEiT with ``conv_stem`` (the stem's output
+    size *is* its ``img_size``); ViT with ``conv_stem`` follows ``stem_size``."""
+    if name not in ("vit", "beit") or "img_size" in options:
+        return options
+    if conv_stem:
+        if name == "beit":
+            return options
+        size = options.get("stem_size", NATIVE_SIZE)
+    else:
+        size = resolution
+    if size == NATIVE_SIZE or size % 16 or size < 32:
+        return options
+    return {**options, "img_size": int(size)}
 
 
 def build_beit(args: BuildArgs, *, arch: str = BEIT_ARCH, img_size: int = NATIVE_SIZE) -> CxrClassifier:
