@@ -301,8 +301,8 @@ class Config:
         # data.device=auto is decided here, so config.yaml and the hash carry gpu or cpu: a run of a
         # shipped config (which said gpu before auto existed) keeps its hash on a GPU machine
         self.device_note = self.data.resolve_device()
-        # a ViT/BEiT is built for the data's resolution (position embeddings resampled once, at
-        # build); written into options so config.yaml rebuilds the same model for evaluation
+        # a ViT is built for the data's resolution (position embeddings resampled once, at build);
+        # written into options so config.yaml rebuilds the same model for evaluation
         from cxr.models.transformer import input_size_options
 
         self.model.options = input_size_options(

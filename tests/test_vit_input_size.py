@@ -1,7 +1,8 @@
-"""A ViT/BEiT built from a shipped config follows data.resolution: position embeddings resampled once at
+"""A ViT built from a shipped config follows data.resolution: position embeddings resampled once at
 build (compared with timm's own resample_abs_pos_embed of the pretrained ones), no interpolate in the
 forward (the bicubic whose CUDA backward is not deterministic), and config.yaml carries img_size so
-evaluation rebuilds the same model."""
+evaluation rebuilds the same model. BEiT keeps its 224 window (input resized inside the model) unless
+model.img_size says otherwise."""
 
 from __future__ import annotations
 
@@ -48,8 +49,12 @@ def test_vit_from_the_shipped_config_at_512_resamples_pretrained_pos_embed_once(
 
 
 @pytest.mark.slow
-def test_beit_from_the_shipped_config_at_512_is_built_for_512(monkeypatch):
+def test_beit_keeps_its_window_at_512_unless_img_size_is_set(monkeypatch):
     cfg = load_config(SHIPPED, ["data.resolution=512"])
+    assert "img_size" not in cfg.model.options
+    backbone = build_model(**cfg.model.kwargs()).trunk.backbone
+    assert tuple(backbone.patch_embed.grid_size) == (14, 14)  # 512² input resized to 224² inside: same tokens
+    cfg = load_config(SHIPPED, ["data.resolution=512", "model.img_size=512"])
     model = build_model(**cfg.model.kwargs()).eval()
     backbone = model.trunk.backbone
     assert tuple(backbone.patch_embed.grid_size) == (32, 32)
@@ -64,10 +69,13 @@ def test_beit_from_the_shipped_config_at_512_is_built_for_512(monkeypatch):
     "overrides, img_size",
     [
         ([], None),  # 224: the builder's default, nothing written (hash of 224 runs unchanged)
-        (["data.resolution=1024"], 1024),
-        (["data.resolution=1024", "model.img_size=224"], 224),  # explicit wins
+        (["data.resolution=1024"], None),  # BEiT: resized to its window inside the model
+        (["model.name=vit", "data.resolution=1024"], 1024),
+        (["model.name=vit", "data.resolution=1024", "model.img_size=224"], 224),  # explicit wins
+        (["data.resolution=1024", "model.img_size=512"], 512),
         (["model.name=vit", "data.resolution=1024", "model.conv_stem=true", "model.stem_size=384"], 384),
         (["data.resolution=1024", "model.conv_stem=true"], None),  # BEiT's stem output is its img_size
+        (["model.name=vit", "data.resolution=1000"], None),  # not a multiple of 16: reported at the first batch
         (["model.name=densenet121", "data.resolution=512"], None),
     ],
 )

@@ -7,7 +7,7 @@ Input size (chosen per family, both documented here):
   bicubically to the input's patch grid on every forward (1024² → 64×64 tokens) —
   unless built with ``img_size`` = the input size: then they are resampled once, at
   build/load, and used as they are (needed for ``train.deterministic`` on CUDA). A config
-  sets ``img_size`` from ``data.resolution`` (:func:`input_size_options`).
+  sets a ViT's ``img_size`` from ``data.resolution`` (:func:`input_size_options`).
   ``global_pool='avg'`` with the final LayerNorm *before* pooling (``fc_norm=False``)
   keeps the usual ViT checkpoint names and makes the head pooled-linear:
   ``classifier_weight`` is valid for CAM over the token grid.
@@ -15,8 +15,8 @@ Input size (chosen per family, both documented here):
   position bias tables are tied to one window, so other inputs are resized
   (bilinear, antialiased) to it inside the model. To train at 512², build with
   ``img_size=512``: the tables are sized for it and a 224 checkpoint's tables are
-  resized on load by timm's filter (a config sets ``img_size`` from ``data.resolution``,
-  :func:`input_size_options`). BEiT normalises *after* pooling (its
+  resized on load by timm's filter (only an explicit ``model.img_size`` does this: the
+  tokens, and attention's memory, grow with it). BEiT normalises *after* pooling (its
   ``fc_norm``), so its head is not pooled-linear and ``classifier_weight`` is None.
 
 ``features`` returns the patch tokens (after the final norm for ViT, before it
@@ -145,21 +145,20 @@ def deterministic_input_error(options: dict, conv_stem: bool, resolution: int) -
 
 
 def input_size_options(name: str, options: dict, conv_stem: bool, resolution: int) -> dict:
-    """``options`` with ``img_size`` set to the size the transformer sees, when the config leaves it out.
+    """``options`` with a ViT's ``img_size`` set to the size it sees, when the config leaves it out.
 
-    The config knows ``data.resolution``; the builder only its options. A ViT/BEiT whose ``img_size``
-    follows the input size gets its position embeddings (ViT) or relative position tables (BEiT)
-    resampled once, when built or loaded — never per forward (no bicubic interpolate, whose CUDA
-    backward is not deterministic) — and BEiT sees the pixels instead of a resize to 224. Kept as
-    they were: an explicit ``img_size``; an input of 224 (the builders' default, so configs and
-    hashes of 224 runs do not change); a size that is not a multiple of the patch size 16 (ViT then
-    reports it at the first batch, BEiT resizes to 224); BEiT with ``conv_stem`` (the stem's output
-    size *is* its ``img_size``); ViT with ``conv_stem`` follows ``stem_size``."""
-    if name not in ("vit", "beit") or "img_size" in options:
+    The config knows ``data.resolution``; the builder only its options. A ViT whose ``img_size``
+    follows the input size gets its position embeddings resampled once, when built or loaded — never
+    per forward (no bicubic interpolate, whose CUDA backward is not deterministic); it sees the same
+    tokens either way. BEiT is left as it is: it resizes its input to its window (224) inside the
+    model, so following the resolution would multiply its tokens (16× at 896, attention 256×) — a
+    different model, chosen only by an explicit ``model.img_size``. Kept as they were: an explicit
+    ``img_size``; an input of 224 (the builder's default, so configs and hashes of 224 runs do not
+    change); a size that is not a multiple of the patch size 16 (reported at the first batch);
+    with ``conv_stem`` the size is ``stem_size``."""
+    if name != "vit" or "img_size" in options:
         return options
     if conv_stem:
-        if name == "beit":
-            return options
         size = options.get("stem_size", NATIVE_SIZE)
     else:
         size = resolution
