@@ -83,3 +83,23 @@ def test_img_size_follows_the_size_the_transformer_sees(overrides, img_size):
     cfg = load_config(SHIPPED, overrides)
     assert cfg.model.options.get("img_size") == img_size
     assert config_to_dict(cfg)["model"].get("img_size") == img_size
+
+
+def test_weights_of_a_vit_built_before_img_size_followed_the_resolution_load_and_compute_the_same(tmp_path):
+    """An older run's ViT at 64 px (224 grid, resampled in every forward) evaluates as it did: its
+    weights load into the model built for 64 now and give its outputs (the reference: the old model)."""
+    from safetensors.torch import save_file
+
+    from cxr.runs.checkpoint import load_weights
+
+    torch.manual_seed(0)
+    kwargs = dict(name="vit", num_labels=14, arch="vit_tiny_patch16_224", pretrained=None)
+    old = build_model(**kwargs).eval()  # img_size 224: pos_embed of 197 tokens, resampled per forward
+    (tmp_path / "best").mkdir()
+    save_file({k: v.contiguous() for k, v in old.state_dict().items()}, str(tmp_path / "best" / "model.safetensors"))
+    new = build_model(**kwargs, img_size=64).eval()
+    assert new.trunk.backbone.pos_embed.shape[1] == 1 + 4 * 4 != old.trunk.backbone.pos_embed.shape[1]
+    load_weights(new, tmp_path / "best")
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(new(x), old(x), rtol=1e-5, atol=1e-5)

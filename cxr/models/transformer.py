@@ -27,6 +27,8 @@ the same family (e.g. ``vit_small_patch16_224`` for quick experiments).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from timm.models import beit as timm_beit
 from timm.models import vision_transformer as timm_vit
@@ -194,3 +196,26 @@ def build_beit(args: BuildArgs, *, arch: str = BEIT_ARCH, img_size: int = NATIVE
         pooled_linear=False,
         channels_last=args.channels_last,
     )
+
+
+def fit_position_embeddings(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``saved`` with a ViT's position embeddings resampled to ``model``'s grid where only their token
+    count differs: the weights of a ViT built before its ``img_size`` followed ``data.resolution``
+    (224 grid, resampled in every forward) load into the model built for the input size now. timm's
+    per-forward path and this call are the same ``resample_abs_pos_embed`` (bicubic, antialiased),
+    so the loaded model computes what the saved one did."""
+    from timm.layers import resample_abs_pos_embed
+
+    own, out = model.state_dict(), dict(saved)
+    for key, value in saved.items():
+        mine = own.get(key)
+        if not key.endswith("pos_embed") or mine is None or value.ndim != 3 or mine.shape == value.shape:
+            continue
+        if mine.ndim != 3 or mine.shape[2] != value.shape[2]:  # another width: a different model
+            continue
+        for prefix in (1, 0):  # a class token, or none
+            new, old = math.isqrt(mine.shape[1] - prefix), math.isqrt(value.shape[1] - prefix)
+            if new * new == mine.shape[1] - prefix and old * old == value.shape[1] - prefix:
+                out[key] = resample_abs_pos_embed(value, new_size=[new, new], num_prefix_tokens=prefix)
+                break
+    return out

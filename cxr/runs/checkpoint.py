@@ -38,6 +38,7 @@ import torch
 from accelerate.utils import gather_object  # gather_object([x]): [x of rank 0, x of rank 1, ...]
 from safetensors.torch import load_file, save_file
 
+from cxr.models.transformer import fit_position_embeddings
 from cxr.models.weights import load_error_line  # one owner of the "why a load failed" line (also for weights files)
 from cxrbase.errors import CxrError
 
@@ -273,7 +274,7 @@ def load_weights(
     ``fix`` / ``corrupt_fix``: what the error tells the user to do when the weights do not fit
     the model / the file is corrupt."""
     path = Path(ckpt) / WEIGHTS
-    saved = read_weights(path, corrupt_fix=corrupt_fix)
+    saved = fit_position_embeddings(model, read_weights(path, corrupt_fix=corrupt_fix))  # an older ViT's 224 grid
     check_fits(model, saved, path, fix=fix)
     model.load_state_dict(saved, strict=True)
 
@@ -324,7 +325,7 @@ def init_weights_from(model: torch.nn.Module, run_dir: str | Path, model_kwargs:
             f"give the run dir of a trained run"
         )
     theirs = read_meta(found).get("model", {})
-    free = {"num_labels", "dropout", "pretrained", "init_from"}
+    free = {"num_labels", "dropout", "pretrained", "init_from", "img_size"}  # a ViT grid is resampled below
     differ = sorted(
         k for k in set(theirs) | set(model_kwargs) if k not in free and theirs.get(k) != model_kwargs.get(k)
     )
@@ -336,7 +337,7 @@ def init_weights_from(model: torch.nn.Module, run_dir: str | Path, model_kwargs:
             f"{mine} — set the model section to the source run's, or drop model.init_from"
         )
     path = found / WEIGHTS
-    saved = read_weights(path)
+    saved = fit_position_embeddings(model, read_weights(path))
     own = model.state_dict()
     skip = []
     if theirs.get("num_labels", model_kwargs.get("num_labels")) != model_kwargs.get("num_labels"):
