@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxr.evaluation.report import MEAN, ScoreSet
+from cxr.evaluation.scores import MEAN, ScoreSet
 from cxr.runs.run_log import read_throughput
 from cxr.training.probe import read_probe
 from cxrbase.atomic import atomic_write_text
@@ -233,7 +233,7 @@ def analyse_sweep(
     by: str = DEFAULT_BY,
 ) -> dict[str, Any]:
     """Every table of the report from the runs' predictions (``scores``: one member per run)."""
-    from cxr.evaluation.report import auc_table
+    from cxr.evaluation.analysis import auc_table
 
     order = variant_order(runs)
     if reference is None:
@@ -391,7 +391,7 @@ def _labels(table: pd.DataFrame) -> list[str]:
 
 def auroc_markdown(table: pd.DataFrame, order: Sequence[str]) -> str:
     """Label × variant AUROC [95 % CI] (and mean ± sd across seeds when > 1)."""
-    from cxr.evaluation.report import _markdown
+    from cxr.evaluation.tables import markdown_table
 
     wide = pd.DataFrame(index=[MEAN, *_labels(table)])
     for v in [*order, ALL]:
@@ -405,12 +405,12 @@ def auroc_markdown(table: pd.DataFrame, order: Sequence[str]) -> str:
             cells.append(cell)
         wide[v] = cells
     wide.index.name = "label"
-    return _markdown(wide)
+    return markdown_table(wide)
 
 
 def delta_markdown(table: pd.DataFrame, order: Sequence[str], reference: str) -> str:
     """Label × variant: ΔAUROC vs the reference [paired bootstrap CI], Holm p, significance mark."""
-    from cxr.evaluation.report import _markdown
+    from cxr.evaluation.tables import markdown_table
 
     wide = pd.DataFrame(index=[MEAN, *_labels(table)])
     for v in [*order, ALL]:
@@ -423,12 +423,12 @@ def delta_markdown(table: pd.DataFrame, order: Sequence[str], reference: str) ->
             for r in (part.loc[label] for label in wide.index)
         ]
     wide.index.name = "label"
-    return _markdown(wide)
+    return markdown_table(wide)
 
 
 def extras_markdown(table: pd.DataFrame, order: Sequence[str]) -> str:
     """Variant × (ECE, Brier, subgroup gaps) on the mean row."""
-    from cxr.evaluation.report import _markdown
+    from cxr.evaluation.tables import markdown_table
 
     columns = [c for c in table.columns if c in ("ece_width", "ece_mass", "brier") or c.startswith("gap_")]
     mean = table[table.label == MEAN].set_index("variant")
@@ -436,11 +436,11 @@ def extras_markdown(table: pd.DataFrame, order: Sequence[str]) -> str:
         {c: [_fmt(mean.loc[v, c]) for v in [*order, ALL]] for c in columns},
         index=pd.Index([*order, ALL], name="variant"),
     )
-    return _markdown(frame)
+    return markdown_table(frame)
 
 
 def report_markdown(result: dict[str, Any], costs: pd.DataFrame, context: dict[str, Any]) -> str:
-    from cxr.evaluation.report import _markdown
+    from cxr.evaluation.tables import markdown_table
 
     table, order, ref = result["table"], result["order"], result["reference"]
     significant = table[(table.label != MEAN) & table.significant.fillna(False).astype(bool) & (table.variant != ALL)]
@@ -484,7 +484,7 @@ def report_markdown(result: dict[str, Any], costs: pd.DataFrame, context: dict[s
         "epochs; peak memory is torch.cuda.max_memory_allocated on GPU, peak RSS on CPU; "
         "mean ± sd across seeds.",
         "",
-        _markdown(cost_summary(costs), index=False) if len(costs) else "(no runs)",
+        markdown_table(cost_summary(costs), index=False) if len(costs) else "(no runs)",
         "",
         *_layout_notes(costs),
         "Figures: " + ", ".join(f"`{f}`" for f in context.get("figures", [])) if context.get("figures") else "",
@@ -494,10 +494,10 @@ def report_markdown(result: dict[str, Any], costs: pd.DataFrame, context: dict[s
 
 def plot_auroc(path: Path, result: dict[str, Any]) -> None:
     """One panel per label (the mean first): AUROC with 95 % CI against the variant."""
-    from cxr.evaluation.report import _panel_grid, _save_png
+    from cxr.evaluation.figures import panel_grid, save_png
 
     table, order = result["table"], result["order"]
-    plt, fig, axes = _panel_grid(f"test AUROC vs {result['by']} (95 % bootstrap CI)", len(_labels(table)) + 1)
+    plt, fig, axes = panel_grid(f"test AUROC vs {result['by']} (95 % bootstrap CI)", len(_labels(table)) + 1)
     x = np.arange(len(order))
     for ax, label in zip(axes, [MEAN, *_labels(table)]):
         part = table[table.label == label].set_index("variant")
@@ -520,17 +520,17 @@ def plot_auroc(path: Path, result: dict[str, Any]) -> None:
     for ax in axes[len(_labels(table)) + 1 :]:
         ax.axis("off")
     fig.tight_layout()
-    _save_png(fig, path)
+    save_png(fig, path)
     plt.close(fig)
 
 
 def plot_delta(path: Path, result: dict[str, Any]) -> None:
     """One panel per label (the mean first): ΔAUROC vs the reference, paired CI, significant filled."""
-    from cxr.evaluation.report import _panel_grid, _save_png
+    from cxr.evaluation.figures import panel_grid, save_png
 
     table, ref = result["table"], result["reference"]
     others = [v for v in [*result["order"], ALL] if v != ref]
-    plt, fig, axes = _panel_grid(
+    plt, fig, axes = panel_grid(
         f"ΔAUROC vs {ref} (paired bootstrap 95 % CI; filled: Holm-significant)", len(_labels(table)) + 1
     )
     x = np.arange(len(others))
@@ -554,7 +554,7 @@ def plot_delta(path: Path, result: dict[str, Any]) -> None:
     for ax in axes[len(_labels(table)) + 1 :]:
         ax.axis("off")
     fig.tight_layout()
-    _save_png(fig, path)
+    save_png(fig, path)
     plt.close(fig)
 
 
