@@ -59,6 +59,20 @@ class Analysis:
 
 
 FEW_POSITIVES = 10  # labels with fewer positives than this are flagged in aucs.csv and report.md
+AUC_COLUMNS = (
+    "member",
+    "label",
+    "auroc",
+    "ci_low",
+    "ci_high",
+    "auprc",
+    "prevalence",
+    "n_pos",
+    "n",
+    "n_valid",
+    "n_boot",
+    "few_positives",
+)  # aucs.csv
 
 
 def auc_table(
@@ -133,23 +147,7 @@ def auc_table(
         )
     # n_valid: resamples (of n_boot) in which the AUROC is defined; few_positives: < FEW_POSITIVES
     # positives in this split (the mean row: any label has), so the CI rests on very few images
-    return pd.DataFrame(
-        rows,
-        columns=[
-            "member",
-            "label",
-            "auroc",
-            "ci_low",
-            "ci_high",
-            "auprc",
-            "prevalence",
-            "n_pos",
-            "n",
-            "n_valid",
-            "n_boot",
-            "few_positives",
-        ],
-    )
+    return pd.DataFrame(rows, columns=list(AUC_COLUMNS))
 
 
 def _point_only(auroc: np.ndarray) -> dict[str, Any]:
@@ -321,7 +319,6 @@ def analyse(
     resample: "patient" (the default; falls back to images when the split has no patient
     column) or "image". subgroups: grouping specs (cxr.evaluation.subgroups; None: the defaults, [] none).
     """
-    from cxr.evaluation.subgroups import DEFAULT_GROUPINGS, subgroup_table
 
     notes, seconds = Notes(), {}
     t0 = time.perf_counter()
@@ -364,17 +361,36 @@ def analyse(
             scores, tuning, tuning_split=tuning_split, resamples=resamples, alpha=alpha, seed=seed
         )
         seconds["calibration"] = time.perf_counter() - t2
+    t3 = time.perf_counter()
+    analysis.subgroups = _subgroup_analysis(scores, subgroups, tuned, focus, resamples, alpha, notes)
+    if analysis.subgroups is not None:
+        seconds["subgroups"] = time.perf_counter() - t3
+    return analysis
+
+
+def _subgroup_analysis(
+    scores: ScoreSet,
+    subgroups: Sequence[str] | None,
+    tuned: dict[str, dict[str, np.ndarray]],
+    focus: str,
+    resamples: Any,
+    alpha: float,
+    notes: Notes,
+) -> pd.DataFrame | None:
+    """analyse's subgroups.csv table (cxr.evaluation.subgroups) of the focus score set at its
+    F1-tuned thresholds; None when there are no groupings to compute."""
+    from cxr.evaluation.subgroups import DEFAULT_GROUPINGS, subgroup_table
+
     if subgroups is not None and [g.lower() for g in subgroups] == ["none"]:
         subgroups = []
     specs = list(DEFAULT_GROUPINGS if subgroups is None else subgroups)
     if specs and scores.meta is not None:
-        t3 = time.perf_counter()
         threshold = tuned.get(focus, {}).get("f1", np.full(len(scores.labels), 0.5))
         if subgroups is None:  # the defaults: only those the split has columns for
             from cxr.evaluation.subgroups import ALIASES
 
             specs = [g for g in specs if ALIASES.get(g.split(":")[0], g.split(":")[0]) in scores.meta]
-        analysis.subgroups = subgroup_table(
+        return subgroup_table(
             scores.y_true,
             scores.scores[focus],
             scores.labels,
@@ -386,10 +402,9 @@ def analyse(
             FEW_POSITIVES,
             notes,
         )
-        seconds["subgroups"] = time.perf_counter() - t3
     elif subgroups:
         raise CxrError(
             f"--subgroups {' '.join(subgroups)}: the split has no per-image columns — evaluate "
             "shards packed from a splits table, or pass --splits TABLE"
         )
-    return analysis
+    return None
