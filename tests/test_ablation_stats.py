@@ -10,7 +10,7 @@ import pytest
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
-from cxr.evaluation.metrics import bootstrap_counts, holm, paired_bootstrap_delta, paired_delong
+from cxr.evaluation.stats import bootstrap_counts, holm, paired_bootstrap_delta, paired_delong
 
 
 def delong_definition(y, s1, s2):

@@ -25,10 +25,10 @@ from sklearn.metrics import (
 )
 
 from cxr.evaluate import main as evaluate_main
-from cxr.evaluation.metrics import bootstrap_counts
 from cxr.evaluation.predictions import predictions_frame, read_predictions
 from cxr.evaluation.published import CHEXNET_2017, WANG_2017, published_mean
 from cxr.evaluation.scores import ScoreSet
+from cxr.evaluation.stats import bootstrap_counts
 from cxrbase.errors import CxrError
 from cxrbase.labels import LABELS
 

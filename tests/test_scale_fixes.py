@@ -172,7 +172,7 @@ def test_a_rewritten_shard_is_indexed_again(shards, tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ calibration CIs at scale
 def _calibration_inputs(n: int, n_boot: int):
-    from cxr.evaluation.metrics import Resamples
+    from cxr.evaluation.stats import Resamples
 
     rng = np.random.default_rng(3)
     y = (rng.random((n, len(LABELS))) < 0.15).astype(np.float64)

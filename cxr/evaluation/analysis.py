@@ -18,7 +18,7 @@ ensemble's probabilities). :func:`analyse` computes, with ``cxr.evaluation.metri
   AUROC with CIs, gaps to the largest group with CIs and unpaired DeLong + Holm, and the
   under-diagnosis rate (cxr.evaluation.subgroups).
 
-Every CI uses the same resamples (``cxr.evaluation.metrics.Resamples``): whole patients when the split
+Every CI uses the same resamples (``cxr.evaluation.stats.Resamples``): whole patients when the split
 knows them (``ScoreSet.meta["patient"]``), else images.
 
 Threshold tuning and metrics.csv live in cxr.evaluation.thresholds; the markdown in
@@ -87,11 +87,12 @@ def auc_table(
     """Per member and label (+ ``mean``): auroc, ci_low, ci_high, auprc, prevalence, n_pos, n.
 
     The CIs are percentile-bootstrap intervals at level 1 − alpha over images; every
-    member and the ensemble use the same resamples (``cxr.evaluation.metrics.bootstrap_counts``
+    member and the ensemble use the same resamples (``cxr.evaluation.stats.bootstrap_counts``
     with ``seed``, or the given ``counts`` [N, n_boot], e.g. patient-level
-    ``cxr.evaluation.metrics.Resamples.counts``). ``n_boot=0`` leaves the CI columns NaN.
+    ``cxr.evaluation.stats.Resamples.counts``). ``n_boot=0`` leaves the CI columns NaN.
     """
-    from cxr.evaluation.metrics import bootstrap_auroc, bootstrap_counts, per_label_auprc, per_label_auroc
+    from cxr.evaluation.metrics import per_label_auprc, per_label_auroc
+    from cxr.evaluation.stats import bootstrap_auroc, bootstrap_counts
     from cxrbase.progress import progress as progress_bar
 
     notes = notes or Notes()
@@ -284,7 +285,7 @@ def calibration_table(
 def make_resamples(scores: ScoreSet, n_boot: int, seed: int, level: str = "patient") -> Any:
     """The split's bootstrap resamples: over patients when ``level`` is "patient" and the split
     knows its patients (``meta["patient"]``), else over images; None for n_boot = 0."""
-    from cxr.evaluation.metrics import Resamples
+    from cxr.evaluation.stats import Resamples
 
     if n_boot <= 0:
         return None

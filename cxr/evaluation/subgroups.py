@@ -132,9 +132,10 @@ def subgroup_table(
     DeLong p and Holm-adjusted p; plus one ``underdiagnosis`` row per group (sick images — any
     label positive — with no label at or above ``threshold`` [L], i.e. called "No Finding").
 
-    resamples: a :class:`cxr.evaluation.metrics.Resamples` of the split (or None: no CIs).
+    resamples: a :class:`cxr.evaluation.stats.Resamples` of the split (or None: no CIs).
     """
-    from cxr.evaluation.metrics import bootstrap_auroc, holm, per_label_auroc, unpaired_delong, wilson_interval
+    from cxr.evaluation.metrics import per_label_auroc, wilson_interval
+    from cxr.evaluation.stats import bootstrap_auroc, holm, unpaired_delong
 
     q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
     y = np.asarray(y, dtype=np.float64)  # NaN: unknown label, left out of each label's AUROC

@@ -179,7 +179,7 @@ def compare(
     labels: Sequence[str] = LABELS,
 ) -> pd.DataFrame:
     """Per label (+ mean): ΔAUROC vs the reference, paired bootstrap CI, DeLong z/p, Holm p."""
-    from cxr.evaluation.metrics import bootstrap_counts, holm, paired_bootstrap_delta, paired_delong
+    from cxr.evaluation.stats import bootstrap_counts, holm, paired_bootstrap_delta, paired_delong
 
     tests = [paired_delong(y[:, c], score[:, c], reference[:, c]) for c in range(y.shape[1])]
     p = np.array([t["p"] for t in tests])

@@ -54,7 +54,7 @@ where the map (upsampled to R×R) is scored:
 - chance — region area / image area (a uniformly random peak's hit rate).
 
 Means per label and over all pairs, with percentile-bootstrap CIs over images
-(``cxr.evaluation.metrics.bootstrap_counts``), go to ``localisation.csv`` and ``localisation.md``;
+(``cxr.evaluation.stats.bootstrap_counts``), go to ``localisation.csv`` and ``localisation.md``;
 the per-pair scores to ``localisation_pairs.csv``; ``runs.json`` lists each run's model
 and resolution with the counts. The report says how many of the split's images were scored. Data, models and ranks are handled with cxr.evaluation.inference's
 pieces (run dirs, weights-only checkpoints, the loader config, accelerate's

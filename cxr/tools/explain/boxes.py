@@ -119,9 +119,9 @@ def summarise(pairs: pd.DataFrame, n_boot: int = 1000, seed: int = 0, alpha: flo
     """Per run and label (+ ``all``): n, mean hit/IoU/energy with bootstrap CIs over images, chance rate.
 
     ``pairs``: one row per (run, key, label) with the SCORES and ``chance``; every run's
-    images are resampled with the same draws per label set (``cxr.evaluation.metrics.bootstrap_counts``).
+    images are resampled with the same draws per label set (``cxr.evaluation.stats.bootstrap_counts``).
     """
-    from cxr.evaluation.metrics import bootstrap_counts
+    from cxr.evaluation.stats import bootstrap_counts
 
     rows = []
     for run, part in pairs.groupby("run", sort=False):
