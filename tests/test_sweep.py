@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from cxr.training import memory
 from cxr.training import probe as probe
 from cxrbase.errors import CxrError
 from launch.profiles import get_profile
@@ -158,7 +159,7 @@ def test_live_tensor_peak_counts_a_hand_computed_peak():
     """Two float32 tensors of 1 MiB alive at once, then one freed and a 2 MiB one made: peak 3 MiB."""
     import torch
 
-    with probe.LiveTensorPeak() as tracker:
+    with memory.LiveTensorPeak() as tracker:
         a = torch.ones(2**18)  # 1 MiB
         b = a * 2  # 1 MiB: 2 live
         del a
