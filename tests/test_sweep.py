@@ -10,8 +10,9 @@ import pytest
 from cxr.training import memory
 from cxr.training import probe as probe
 from cxrbase.errors import CxrError
+from launch.plans import parse_grid, plan_ablate
 from launch.profiles import get_profile
-from launch.submit import build_parser, debug_layout_note, parse_grid, plan_ablate
+from launch.submit import build_parser, debug_layout_note
 
 CONFIG = "cxr/configs/phantom_sweep.yaml"  # batch 16, accumulation 1
 
