@@ -173,7 +173,7 @@ def test_live_tensor_peak_counts_a_hand_computed_peak():
 def test_ablation_report_names_runs_whose_probed_layout_differs():
     import pandas as pd
 
-    from cxr.tools.ablation import _layout_notes
+    from cxr.tools.ablation_report import _layout_notes
 
     same = probe.ProbeResult(
         1024, "cuda", 16, 16, 1, True, 20000, 100, 40, 2000, {}, config_micro_batch=16, config_grad_checkpointing=True
