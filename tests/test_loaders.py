@@ -976,11 +976,11 @@ def test_flat_image_from_the_decoder_whose_bytes_hold_pixels_stops_the_run(synth
     one that zeroes its output, as that bug did. The CPU decode of the checked bytes is the reference."""
     from nvidia.dali import fn, types
 
-    from cxr.data import dali_loader
+    from cxr.data import dali_pipeline
 
     shutil.copytree(synth["dir"], tmp_path / "s")  # a new shard path: a pipeline of its own, not a cached one
     monkeypatch.setattr(
-        dali_loader,
+        dali_pipeline,
         "_decode",
         lambda data, gpu, native: fn.cast(
             fn.decoders.image(data, device="cpu", output_type=types.GRAY) * 0, dtype=types.UINT8
