@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from cxr.evaluate import main as evaluate_main  # noqa: E402
 from cxr.evaluation.inference import with_ensemble  # noqa: E402
 from cxr.evaluation.predictions import write_predictions  # noqa: E402
-from cxr.evaluation.report import ScoreSet  # noqa: E402
+from cxr.evaluation.scores import ScoreSet  # noqa: E402
 from cxrbase.labels import LABELS  # noqa: E402
 
 NIH = Path(os.environ.get("CXR_NIH", ROOT.parent / "shared" / "data" / "nih"))

@@ -1,4 +1,4 @@
-"""Bootstrap AUROC CIs at NIH test size: cxr.evaluation.metrics.bootstrap_auroc vs a plain sklearn loop.
+"""Bootstrap AUROC CIs at NIH test size: cxr.evaluation.stats.bootstrap_auroc vs a plain sklearn loop.
 
 Labels are the real official test split (25,596 x 14) when the NIH CSV is found,
 else random labels at its prevalence; scores are random float32 probabilities of
@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from cxr.evaluation import metrics
+from cxr.evaluation import stats
 from cxrbase.atomic import atomic_write_text
 from cxrbase.errors import cli_entry
 from cxrbase.labels import LABELS
@@ -86,13 +86,13 @@ def append_results(path: Path, block: str) -> None:
 def measure(y: np.ndarray, score_sets: list[np.ndarray], n_boot: int, loop_resamples: int, source: str) -> list[str]:
     """Time both bootstraps side by side, check they agree, return the report lines."""
     t0 = time.perf_counter()
-    counts = metrics.bootstrap_counts(y.shape[0], n_boot, seed=0)
+    counts = stats.bootstrap_counts(y.shape[0], n_boot, seed=0)
     t_counts = time.perf_counter() - t0
     t0, c0 = time.perf_counter(), time.process_time()
-    results = metrics.bootstrap_auroc(y, score_sets, counts=counts)
+    results = stats.bootstrap_auroc(y, score_sets, counts=counts)
     t_fast, cpu_fast = time.perf_counter() - t0, time.process_time() - c0
     t0 = time.perf_counter()
-    delong = [metrics.delong_auroc_variance(y, s) for s in score_sets]
+    delong = [stats.delong_auroc_variance(y, s) for s in score_sets]
     t_delong = time.perf_counter() - t0
 
     k = min(loop_resamples, n_boot)

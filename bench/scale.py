@@ -176,7 +176,8 @@ def stage(name: str, work: Path, world: int, boot: int) -> dict:
     elif name == "evaluate":
         import pandas as pd
 
-        from cxr.evaluation.report import ScoreSet, analyse
+        from cxr.evaluation.analysis import analyse
+        from cxr.evaluation.scores import ScoreSet
         from cxrbase.labels import LABELS
         from shards.metadata import read_metadata
 

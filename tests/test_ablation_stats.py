@@ -10,7 +10,7 @@ import pytest
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
 
-from cxr.evaluation.metrics import bootstrap_counts, holm, paired_bootstrap_delta, paired_delong
+from cxr.evaluation.stats import bootstrap_counts, holm, paired_bootstrap_delta, paired_delong
 
 
 def delong_definition(y, s1, s2):
@@ -94,7 +94,7 @@ def test_analyse_sweep_seeds_and_holm_against_references(tmp_path):
     """Two resolutions × two seeds on random scores: variant AUROC = sklearn on the seeds' mean
     probability, mean ± sd across seeds = numpy on sklearn AUROCs, Holm p = hand Holm of the
     O(m·n) DeLong p-values."""
-    from cxr.evaluation.report import ScoreSet
+    from cxr.evaluation.scores import ScoreSet
     from cxr.tools.ablation import ALL, Run, analyse_sweep
     from cxrbase.labels import LABELS
 

@@ -16,9 +16,10 @@ from sklearn.metrics import brier_score_loss, roc_auc_score, roc_curve
 
 from cxr.evaluate import main as evaluate_main
 from cxr.evaluation import calibration as cal
-from cxr.evaluation.metrics import Resamples, threshold_for_target, unpaired_delong, wilson_interval
+from cxr.evaluation.metrics import threshold_for_target, wilson_interval
 from cxr.evaluation.predictions import predictions_frame, read_predictions
 from cxr.evaluation.report import ENSEMBLE, ScoreSet, analyse
+from cxr.evaluation.stats import Resamples, unpaired_delong
 from cxr.evaluation.subgroups import meta_from_table
 from cxrbase.labels import LABELS
 

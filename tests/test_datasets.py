@@ -356,7 +356,7 @@ def test_pack_padchest_windows_16bit_and_records_mapping(tmp_path):
     from argparse import Namespace
 
     from cxr.evaluate import _context
-    from cxr.evaluation.report import label_mapping_section
+    from cxr.evaluation.tables import label_mapping_section
 
     context = _context(Namespace(shards=str(out), thresholds_from="val", split="test", ensemble="mean-prob",
                                  bootstrap=0, seed=0, alpha=0.05), "runs")  # fmt: skip

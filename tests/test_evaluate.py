@@ -566,7 +566,7 @@ def test_gpu_decoding_member_is_evaluated_on_cpu(members, shards_dir, tmp_path, 
 
 def test_coverage_check_catches_missing_and_tolerates_duplicates(shards_dir):
     from cxr.evaluation.inference import check_coverage
-    from cxr.evaluation.report import ScoreSet
+    from cxr.evaluation.scores import ScoreSet
 
     table = pd.read_parquet(json.loads((shards_dir / "manifest.json").read_text())["splits_file"])
     keys = sorted(Path(i).stem for i in table.loc[table["split"] == "test", "image"])

@@ -15,7 +15,7 @@ import yaml
 from helpers import build_synth_shards
 
 from cxrbase.errors import CxrError
-from launch import members, profiles, submit
+from launch import members, profiles, submit, tasks
 
 pytestmark = pytest.mark.integration  # shards, training or subprocesses (CONTRIBUTING.md)
 
@@ -137,8 +137,8 @@ def test_an_evaluation_stopped_for_preemption_is_requeued_by_submitit(monkeypatc
     usr = submitit.JobEnvironment._usr_sig()
     calls = []
     previous = signal.signal(usr, lambda signum, frame: calls.append(signum))  # stands in for submitit's
-    monkeypatch.setattr(submit, "_call_main", lambda module, argv: submit.EXIT_REQUEUE)
-    task = submit.EvaluateTask(argv=["--runs", "r", "--shards", "s", "--out", "o"], report="o")
+    monkeypatch.setattr(tasks, "_call_main", lambda module, argv: tasks.EXIT_REQUEUE)
+    task = tasks.EvaluateTask(argv=["--runs", "r", "--shards", "s", "--out", "o"], report="o")
     try:
         assert task() == {"report": "o", "status": "requeued"}
     finally:
@@ -146,7 +146,7 @@ def test_an_evaluation_stopped_for_preemption_is_requeued_by_submitit(monkeypatc
     assert calls == [usr]
     again = task.checkpoint()
     assert isinstance(again, submitit.helpers.DelayedSubmission) and again.function == task
-    monkeypatch.setattr(submit, "_call_main", lambda module, argv: 2)
+    monkeypatch.setattr(tasks, "_call_main", lambda module, argv: 2)
     with pytest.raises(CxrError, match="o: evaluation exited with status 2"):
         task()
 
@@ -180,7 +180,7 @@ def test_checkpoint_resumes_from_the_checkpoint_training_wrote(synth_shards, tmp
     must say it resumed from there."""
     monkeypatch.chdir(ROOT)
     run_dir = tmp_path / "run"
-    task = submit.TrainTask(_tiny_argv(synth_shards, run_dir, "train.epochs=3", "train.max_steps=8"), str(run_dir))
+    task = tasks.TrainTask(_tiny_argv(synth_shards, run_dir, "train.epochs=3", "train.max_steps=8"), str(run_dir))
     log = run_dir / "train.log"
     import logging
 
@@ -233,7 +233,7 @@ def test_checkpoint_resumes_from_the_checkpoint_training_wrote(synth_shards, tmp
 
 
 def test_checkpoint_without_a_saved_checkpoint_starts_over(tmp_path):
-    task = submit.TrainTask(["checkpoint.resume=auto", "x=1"], str(tmp_path / "none"))
+    task = tasks.TrainTask(["checkpoint.resume=auto", "x=1"], str(tmp_path / "none"))
     delayed = task.checkpoint()
     assert delayed.function.argv == ["x=1", "checkpoint.resume=auto"]
     assert delayed.function.requeues == 1

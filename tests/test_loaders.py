@@ -488,12 +488,12 @@ def test_inspect_cli_counts_and_key_hash(synth, tmp_path, capsys):
 
 
 def test_dali_pipeline_built_once_per_split_across_epochs(synth, monkeypatch):
-    from cxr.data import dali_loader
+    from cxr.data import dali_feed
 
     built = []
-    original = dali_loader._pipeline
-    monkeypatch.setattr(dali_loader, "_pipeline", lambda o, source: built.append(o.augment) or original(o, source))
-    monkeypatch.setattr(dali_loader, "_BUILT", dali_loader.OrderedDict())
+    original = dali_feed._pipeline
+    monkeypatch.setattr(dali_feed, "_pipeline", lambda o, source: built.append(o.augment) or original(o, source))
+    monkeypatch.setattr(dali_feed, "_BUILT", dali_feed.OrderedDict())
     cfg = _cfg(synth["dir"], "dali", batch_size=4, augment=True)
     runs = {}
     for epoch in (0, 1):
@@ -506,13 +506,13 @@ def test_dali_pipeline_built_once_per_split_across_epochs(synth, monkeypatch):
     assert built == [True, False, True]
     # reference: every epoch on a newly built pipeline (empty cache) gives the same batches
     for (split, epoch), batches in runs.items():
-        dali_loader._BUILT.clear()
+        dali_feed._BUILT.clear()
         fresh = _collect(build_loader(cfg, split, epoch=epoch, train=split == "train"))
         assert _keys(fresh) == _keys(batches)
         for a, b in zip(fresh, batches):
             np.testing.assert_array_equal(a["image"], b["image"])
     # the epoch after the early exit is exact (no stale prefetched batch leaked into it)
-    dali_loader._BUILT.clear()
+    dali_feed._BUILT.clear()
     np.testing.assert_array_equal(
         np.concatenate([b["image"] for b in full]),
         np.concatenate([b["image"] for b in _collect(build_loader(cfg, "train", epoch=2))]),
@@ -976,11 +976,11 @@ def test_flat_image_from_the_decoder_whose_bytes_hold_pixels_stops_the_run(synth
     one that zeroes its output, as that bug did. The CPU decode of the checked bytes is the reference."""
     from nvidia.dali import fn, types
 
-    from cxr.data import dali_loader
+    from cxr.data import dali_pipeline
 
     shutil.copytree(synth["dir"], tmp_path / "s")  # a new shard path: a pipeline of its own, not a cached one
     monkeypatch.setattr(
-        dali_loader,
+        dali_pipeline,
         "_decode",
         lambda data, gpu, native: fn.cast(
             fn.decoders.image(data, device="cpu", output_type=types.GRAY) * 0, dtype=types.UINT8
@@ -1014,11 +1014,11 @@ def test_mixed_decoder_buffers_are_sized_for_grey_masters(monkeypatch):
     grey image is 1 MiB (2 MiB as the uint16 of lossless JPEG)."""
     from nvidia.dali import fn
 
-    from cxr.data import dali_loader
+    from cxr.data import dali_pipeline
 
     seen = {}
     monkeypatch.setattr(fn.decoders, "image", lambda data, **kw: seen.update(kw))
-    dali_loader._decode(None, True, (1024, 1024))
+    dali_pipeline._decode(None, True, (1024, 1024))
     assert seen["device"] == "mixed"
     assert seen["device_memory_padding"] == seen["device_memory_padding_jpeg2k"] == 2 * 1024 * 1024
     assert seen["host_memory_padding"] == seen["host_memory_padding_jpeg2k"] == 1024 * 1024
@@ -1026,7 +1026,7 @@ def test_mixed_decoder_buffers_are_sized_for_grey_masters(monkeypatch):
 
 def test_dali_memory_estimate_g5_profile():
     """Hand computation for the g5 profile (16 DALI threads), 1024² PNG / lossless JPEG, batch 16, augmentation on."""
-    from cxr.data.dali_loader import dali_memory_estimate
+    from cxr.data.dali_pipeline import dali_memory_estimate
 
     mib = 1 << 20
     cfg = DataConfig(device="gpu", num_threads=16, batch_size=16, resolution=1024, augment=True)

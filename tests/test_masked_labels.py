@@ -230,14 +230,13 @@ def test_per_label_metrics_skip_unknown_entries_as_sklearn_on_the_known_rows():
     from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score
 
     from cxr.evaluation.metrics import (
-        bootstrap_auroc,
-        bootstrap_counts,
         per_label_auprc,
         per_label_auroc,
         summary,
         threshold_metrics,
         tune_thresholds,
     )
+    from cxr.evaluation.stats import bootstrap_auroc, bootstrap_counts
 
     rng = np.random.default_rng(3)
     n, c = 200, 3

@@ -20,6 +20,7 @@ from sklearn.metrics import (
 )
 
 from cxr.evaluation import metrics as M
+from cxr.evaluation import stats as S
 from cxr.evaluation.metrics import UndefinedMetricWarning
 from cxrbase.errors import CxrError
 from cxrbase.labels import LABELS
@@ -76,7 +77,7 @@ def test_all_constant_scores():
     np.testing.assert_allclose(
         M.per_label_auprc(y, s), [average_precision_score(y[:, c], s[:, c]) for c in range(L)], rtol=1e-12
     )
-    np.testing.assert_allclose(M.delong_auroc_variance(y, s), 0.0, atol=1e-15)
+    np.testing.assert_allclose(S.delong_auroc_variance(y, s), 0.0, atol=1e-15)
 
 
 def test_bad_inputs_are_clear_errors():
@@ -202,20 +203,20 @@ def test_calibration_against_hand_computation():
 
 # ---------------------------------------------------------------- bootstrap
 def test_bootstrap_counts_are_resamples():
-    counts = M.bootstrap_counts(1000, 300, seed=7)
+    counts = S.bootstrap_counts(1000, 300, seed=7)
     assert counts.shape == (1000, 300) and counts.dtype == np.float32
     np.testing.assert_array_equal(counts.sum(axis=0), 1000)
     assert counts.min() >= 0 and np.array_equal(counts, np.round(counts))
     # Poisson(1)-like: a fraction 1 - 1/e of the images is drawn at least once per resample.
     assert (counts > 0).mean() == pytest.approx(1 - math.exp(-1), abs=0.01)
-    np.testing.assert_array_equal(counts, M.bootstrap_counts(1000, 300, seed=7))
+    np.testing.assert_array_equal(counts, S.bootstrap_counts(1000, 300, seed=7))
 
 
 def test_bootstrap_resample_equals_sklearn_weighted_auroc():
     y, s = random_data(n=500, seed=8)
     s2 = np.clip(s + np.random.default_rng(1).normal(0, 0.1, s.shape), 0, 1).round(2)
-    counts = M.bootstrap_counts(500, 40, seed=3)
-    results = M.bootstrap_auroc(y, [s, s2], counts=counts)
+    counts = S.bootstrap_counts(500, 40, seed=3)
+    results = S.bootstrap_auroc(y, [s, s2], counts=counts)
     for scores, res in zip([s, s2], results):
         for b in (0, 17, 39):
             w = counts[:, b]
@@ -234,7 +235,7 @@ def test_bootstrap_with_arbitrary_weights_and_float_ties():
     y = rng.random((300, 2)) < 0.3
     s = rng.integers(0, 5, size=(300, 2)) / 7.0  # heavy ties, non-round floats
     counts = rng.integers(0, 4, size=(300, 3))  # int64 weights are accepted too
-    res = M.bootstrap_auroc(y, s, counts=counts)
+    res = S.bootstrap_auroc(y, s, counts=counts)
     for b in range(3):
         expected = [roc_auc_score(y[:, c], s[:, c], sample_weight=counts[:, b]) for c in range(2)]
         np.testing.assert_allclose(res["samples"][b], expected, rtol=1e-13)
@@ -248,9 +249,9 @@ def test_bootstrap_undefined_label_and_empty_resamples():
     y[5, 1] = 1  # one positive: many resamples miss it
     s = rng.random((60, 3))
     with pytest.warns(UndefinedMetricWarning, match="label_0"):
-        res = M.bootstrap_auroc(y, s, n_boot=200, seed=1)
+        res = S.bootstrap_auroc(y, s, n_boot=200, seed=1)
     assert np.isnan(res["samples"][:, 0]).all() and np.isnan(res["ci_low"][0])
-    missed = M.bootstrap_counts(60, 200, seed=1)[5] == 0
+    missed = S.bootstrap_counts(60, 200, seed=1)[5] == 0
     assert missed.any() and np.array_equal(np.isnan(res["samples"][:, 1]), missed)
     assert res["n_valid_labels"][1] == (~missed).sum() and res["n_valid_all"] == (~missed).sum()
     assert res["n_valid"] == 200  # per-label mean: a resample without label 1's positive keeps label 2
@@ -267,8 +268,8 @@ def test_mean_auroc_ci_is_per_label_mean_over_resamples_checked_with_sklearn():
     y[:, 0] = 0
     y[7, 0] = 1  # one positive
     s = np.clip(0.3 * y + rng.random((n, 3)), 0, 1)
-    counts = M.bootstrap_counts(n, 300, seed=2)
-    res = M.bootstrap_auroc(y, s, counts=counts)
+    counts = S.bootstrap_counts(n, 300, seed=2)
+    res = S.bootstrap_auroc(y, s, counts=counts)
     means, valid_labels = [], np.zeros(3, int)
     for b in range(counts.shape[1]):
         rows = np.repeat(np.arange(n), counts[:, b].astype(int))
@@ -294,12 +295,12 @@ def test_bootstrap_ci_coverage_on_binormal_scores(n_datasets):
     d = np.array([0.5, 1.0, 1.5])
     truth = norm.cdf(d / math.sqrt(2))
     n, prevalence = 400, 0.3
-    counts = M.bootstrap_counts(n, 500, seed=12)
+    counts = S.bootstrap_counts(n, 500, seed=12)
     covered, mean_covered = [], []
     for _ in range(n_datasets):
         y = rng.random((n, 3)) < prevalence
         s = rng.normal(size=(n, 3)) + d * y
-        res = M.bootstrap_auroc(y, s, counts=counts)
+        res = S.bootstrap_auroc(y, s, counts=counts)
         covered.append((res["ci_low"] <= truth) & (truth <= res["ci_high"]))
         mean_covered.append(res["mean_ci_low"] <= truth.mean() <= res["mean_ci_high"])
     coverage = np.mean(covered)
@@ -311,7 +312,7 @@ def test_bootstrap_ci_coverage_on_binormal_scores(n_datasets):
 def test_bootstrap_rejects_mismatched_counts():
     y, s = random_data(n=50)
     with pytest.raises(CxrError, match="bootstrap_counts"):
-        M.bootstrap_auroc(y, s, counts=np.ones((49, 10), np.float32))
+        S.bootstrap_auroc(y, s, counts=np.ones((49, 10), np.float32))
 
 
 # ---------------------------------------------------------------- DeLong
@@ -326,7 +327,7 @@ def delong_by_definition(y, s):
 def test_delong_equals_definition_with_ties():
     y, s = random_data(n=400, seed=13)
     np.testing.assert_allclose(
-        M.delong_auroc_variance(y, s), [delong_by_definition(y[:, c], s[:, c]) for c in range(L)], rtol=1e-10
+        S.delong_auroc_variance(y, s), [delong_by_definition(y[:, c], s[:, c]) for c in range(L)], rtol=1e-10
     )
 
 
@@ -335,8 +336,8 @@ def test_delong_matches_bootstrap_variance_on_large_sample():
     n = 4000
     y = rng.random((n, 3)) < np.array([0.05, 0.2, 0.4])
     s = rng.normal(size=(n, 3)) + np.array([0.8, 1.2, 0.5]) * y
-    delong = M.delong_auroc_variance(y, s)
-    boot = M.bootstrap_auroc(y, s, n_boot=2000, seed=15)["std"] ** 2
+    delong = S.delong_auroc_variance(y, s)
+    boot = S.bootstrap_auroc(y, s, n_boot=2000, seed=15)["std"] ** 2
     # 2000 resamples estimate a variance to ~ +-3 % (1 SE); allow 15 %.
     np.testing.assert_allclose(boot / delong, 1.0, atol=0.15)
 

@@ -25,10 +25,10 @@ from sklearn.metrics import (
 )
 
 from cxr.evaluate import main as evaluate_main
-from cxr.evaluation.metrics import bootstrap_counts
 from cxr.evaluation.predictions import predictions_frame, read_predictions
 from cxr.evaluation.published import CHEXNET_2017, WANG_2017, published_mean
-from cxr.evaluation.report import ScoreSet
+from cxr.evaluation.scores import ScoreSet
+from cxr.evaluation.stats import bootstrap_counts
 from cxrbase.errors import CxrError
 from cxrbase.labels import LABELS
 
@@ -242,7 +242,7 @@ def test_published_table_matches_spec():
 
 
 def test_plotted_curves_equal_sklearn_roc_curve():
-    from cxr.evaluation.report import _cumulative_counts
+    from cxr.evaluation.figures import _cumulative_counts
 
     rng = np.random.default_rng(5)
     y = rng.random(300) < 0.2
@@ -280,13 +280,14 @@ def test_roc_legend_lists_only_visible_curves(tmp_path, monkeypatch, members, en
     import matplotlib
 
     matplotlib.use("Agg")
-    from cxr.evaluation import report as report_module
+    from cxr.evaluation import figures as report_module
+    from cxr.evaluation.analysis import auc_table
     from cxr.evaluation.inference import with_ensemble
 
     scores = with_ensemble(synthetic(200, 3, "3", members=members), "mean-prob")
-    aucs = report_module.auc_table(scores, n_boot=0)
+    aucs = auc_table(scores, n_boot=0)
     figures = []
-    monkeypatch.setattr(report_module, "_save_png", lambda fig, path: figures.append(fig))
+    monkeypatch.setattr(report_module, "save_png", lambda fig, path: figures.append(fig))
     report_module.plot_curves(tmp_path / "roc.png", scores, aucs, {}, "roc", "test")
     axes = figures[0].axes
     curves = [ln for ln in axes[0].get_lines() if ln.get_linestyle() == "-"]

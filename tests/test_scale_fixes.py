@@ -172,7 +172,7 @@ def test_a_rewritten_shard_is_indexed_again(shards, tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ calibration CIs at scale
 def _calibration_inputs(n: int, n_boot: int):
-    from cxr.evaluation.metrics import Resamples
+    from cxr.evaluation.stats import Resamples
 
     rng = np.random.default_rng(3)
     y = (rng.random((n, len(LABELS))) < 0.15).astype(np.float64)
@@ -185,7 +185,7 @@ def test_calibration_bootstrap_equals_a_per_resample_weighted_computation():
     """ECE (both binnings) and Brier of each patient resample equal a direct weighted computation
     on that resample's image weights (bins of the full split, as documented)."""
     from cxr.evaluation import calibration as cal
-    from cxr.evaluation.report import _calibration_samples
+    from cxr.evaluation.analysis import _calibration_samples
 
     y, p, resamples = _calibration_inputs(600, 12)
     got = _calibration_samples(y, p, resamples)
@@ -205,7 +205,7 @@ def test_calibration_bootstrap_scratch_does_not_grow_with_labels_times_bins():
     labels the old all-columns matrix alone took 2·14·15+15 float64 columns (47 MB, twice over)."""
     import tracemalloc
 
-    from cxr.evaluation.report import _calibration_samples
+    from cxr.evaluation.analysis import _calibration_samples
 
     y, p, resamples = _calibration_inputs(20_000, 20)
     tracemalloc.start()

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from cxr.training import memory
 from cxr.training import probe as probe
 from cxrbase.errors import CxrError
+from launch.plans import parse_grid, plan_ablate
 from launch.profiles import get_profile
-from launch.submit import build_parser, debug_layout_note, parse_grid, plan_ablate
+from launch.submit import build_parser, debug_layout_note
 
 CONFIG = "cxr/configs/phantom_sweep.yaml"  # batch 16, accumulation 1
 
@@ -158,7 +160,7 @@ def test_live_tensor_peak_counts_a_hand_computed_peak():
     """Two float32 tensors of 1 MiB alive at once, then one freed and a 2 MiB one made: peak 3 MiB."""
     import torch
 
-    with probe.LiveTensorPeak() as tracker:
+    with memory.LiveTensorPeak() as tracker:
         a = torch.ones(2**18)  # 1 MiB
         b = a * 2  # 1 MiB: 2 live
         del a
@@ -171,7 +173,7 @@ def test_live_tensor_peak_counts_a_hand_computed_peak():
 def test_ablation_report_names_runs_whose_probed_layout_differs():
     import pandas as pd
 
-    from cxr.tools.ablation import _layout_notes
+    from cxr.tools.ablation_report import _layout_notes
 
     same = probe.ProbeResult(
         1024, "cuda", 16, 16, 1, True, 20000, 100, 40, 2000, {}, config_micro_batch=16, config_grad_checkpointing=True

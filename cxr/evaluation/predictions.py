@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxr.evaluation.report import ScoreSet
+from cxr.evaluation.scores import ScoreSet
 from cxr.evaluation.subgroups import META_PREFIX
 from cxrbase.atomic import atomic_write, atomic_write_text
 from cxrbase.errors import CxrError

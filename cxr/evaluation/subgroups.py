@@ -116,6 +116,27 @@ def _num(x: float) -> str:
 # ---------------------------------------------------------------------- analysis ---
 
 
+SUBGROUP_COLUMNS = (
+    "grouping",
+    "group",
+    "metric",
+    "label",
+    "n",
+    "n_patients",
+    "n_pos",
+    "value",
+    "ci_low",
+    "ci_high",
+    "few_positives",
+    "reference",
+    "gap",
+    "gap_low",
+    "gap_high",
+    "p",
+    "p_holm",
+)  # subgroups.csv
+
+
 def subgroup_table(
     y: np.ndarray,
     s: np.ndarray,
@@ -132,11 +153,8 @@ def subgroup_table(
     DeLong p and Holm-adjusted p; plus one ``underdiagnosis`` row per group (sick images — any
     label positive — with no label at or above ``threshold`` [L], i.e. called "No Finding").
 
-    resamples: a :class:`cxr.evaluation.metrics.Resamples` of the split (or None: no CIs).
+    resamples: a :class:`cxr.evaluation.stats.Resamples` of the split (or None: no CIs).
     """
-    from cxr.evaluation.metrics import bootstrap_auroc, holm, per_label_auroc, unpaired_delong, wilson_interval
-
-    q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
     y = np.asarray(y, dtype=np.float64)  # NaN: unknown label, left out of each label's AUROC
     sick = (y == 1).any(axis=1)  # a known positive
     called_healthy = ~(s >= threshold).any(axis=1)
@@ -151,108 +169,135 @@ def subgroup_table(
             if notes is not None:
                 notes.items.append(f"subgroups {spec!r}: fewer than two groups on this split — skipped")
             continue
-        reference = names[0]
-        masks = {g: (groups == g).to_numpy() for g in names}
-        boot: dict[str, dict[str, Any]] = {}
-        for g in names:
-            m = masks[g]
-            if resamples is not None:
-                with _quiet():
-                    boot[g] = bootstrap_auroc(y[m], s[m], counts=resamples.counts[m], alpha=alpha)
-            else:
-                with _quiet():
-                    boot[g] = {"auroc": per_label_auroc(y[m], s[m])}
-        under = (
-            resamples.sums(np.column_stack([np.column_stack([missed & masks[g], sick & masks[g]]) for g in names]))
-            if resamples is not None
-            else None
-        )
-        comparisons = {}
-        for g in names[1:]:
-            tests = [
-                unpaired_delong(y[masks[g], c], s[masks[g], c], y[masks[reference], c], s[masks[reference], c])
-                for c in range(len(labels))
-            ]
-            p = np.array([t["p"] for t in tests])
-            comparisons[g] = (p, holm(p))
-        for gi, g in enumerate(names):
-            m = masks[g]
-            n_pos = (y[m] == 1).sum(axis=0)
-            b = boot[g]
-            patients = int(pd.unique(meta.loc[m, "patient"]).size) if "patient" in meta else None
-            for c, label in enumerate(labels):
-                row = {
-                    "grouping": name,
-                    "group": g,
-                    "metric": "auroc",
-                    "label": label,
-                    "n": int(m.sum()),
-                    "n_patients": patients,
-                    "n_pos": int(n_pos[c]),
-                    "value": b["auroc"][c],
-                    "ci_low": b.get("ci_low", np.full(len(labels), np.nan))[c],
-                    "ci_high": b.get("ci_high", np.full(len(labels), np.nan))[c],
-                    "few_positives": bool(n_pos[c] < few),
-                    "reference": reference,
-                }
-                if g != reference:
-                    row["gap"] = b["auroc"][c] - boot[reference]["auroc"][c]
-                    if resamples is not None:
-                        with _quiet():
-                            diff = b["samples"][:, c] - boot[reference]["samples"][:, c]
-                            row["gap_low"], row["gap_high"] = (
-                                np.nanpercentile(diff, q) if np.isfinite(diff).any() else (np.nan, np.nan)
-                            )
-                    row["p"], row["p_holm"] = comparisons[g][0][c], comparisons[g][1][c]
-                rows.append(row)
-            k, n = int(missed[m].sum()), int(sick[m].sum())
-            low, high = wilson_interval(k, n, alpha)
+        rows += _grouping_rows(name, groups, names, y, s, labels, meta, resamples, missed, sick, alpha, few)
+    return pd.DataFrame(rows).reindex(columns=list(SUBGROUP_COLUMNS))
+
+
+def _grouping_rows(
+    name: str,
+    groups: pd.Series,
+    names: list,
+    y: np.ndarray,
+    s: np.ndarray,
+    labels: Sequence[str],
+    meta: pd.DataFrame,
+    resamples: Any,
+    missed: np.ndarray,
+    sick: np.ndarray,
+    alpha: float,
+    few: int,
+) -> list[dict[str, Any]]:
+    """subgroup_table's rows of one grouping (its groups ``names``, the largest first: the reference)."""
+    from cxr.evaluation.metrics import per_label_auroc
+    from cxr.evaluation.stats import bootstrap_auroc, holm, unpaired_delong
+
+    q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
+    rows: list[dict[str, Any]] = []
+    reference = names[0]
+    masks = {g: (groups == g).to_numpy() for g in names}
+    boot: dict[str, dict[str, Any]] = {}
+    for g in names:
+        m = masks[g]
+        if resamples is not None:
+            with _quiet():
+                boot[g] = bootstrap_auroc(y[m], s[m], counts=resamples.counts[m], alpha=alpha)
+        else:
+            with _quiet():
+                boot[g] = {"auroc": per_label_auroc(y[m], s[m])}
+    under = (
+        resamples.sums(np.column_stack([np.column_stack([missed & masks[g], sick & masks[g]]) for g in names]))
+        if resamples is not None
+        else None
+    )
+    comparisons = {}
+    for g in names[1:]:
+        tests = [
+            unpaired_delong(y[masks[g], c], s[masks[g], c], y[masks[reference], c], s[masks[reference], c])
+            for c in range(len(labels))
+        ]
+        p = np.array([t["p"] for t in tests])
+        comparisons[g] = (p, holm(p))
+    for g in names:
+        m = masks[g]
+        n_pos = (y[m] == 1).sum(axis=0)
+        b = boot[g]
+        patients = int(pd.unique(meta.loc[m, "patient"]).size) if "patient" in meta else None
+        for c, label in enumerate(labels):
             row = {
                 "grouping": name,
                 "group": g,
-                "metric": "underdiagnosis",
-                "label": "No Finding (FPR)",
+                "metric": "auroc",
+                "label": label,
                 "n": int(m.sum()),
                 "n_patients": patients,
-                "n_pos": n,
-                "value": k / n if n else np.nan,
-                "ci_low": float(low),
-                "ci_high": float(high),
-                "few_positives": bool(n < few),
+                "n_pos": int(n_pos[c]),
+                "value": b["auroc"][c],
+                "ci_low": b.get("ci_low", np.full(len(labels), np.nan))[c],
+                "ci_high": b.get("ci_high", np.full(len(labels), np.nan))[c],
+                "few_positives": bool(n_pos[c] < few),
                 "reference": reference,
             }
-            if g != reference and under is not None:
-                ref = names.index(reference)
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    rate = under[:, 2 * gi] / under[:, 2 * gi + 1]
-                    ref_rate = under[:, 2 * ref] / under[:, 2 * ref + 1]
-                ref_n = int(sick[masks[reference]].sum())
-                row["gap"] = row["value"] - (missed[masks[reference]].sum() / ref_n if ref_n else np.nan)
-                diff = rate - ref_rate
-                row["gap_low"], row["gap_high"] = (
-                    np.nanpercentile(diff, q) if np.isfinite(diff).any() else (np.nan, np.nan)
-                )
+            if g != reference:
+                row["gap"] = b["auroc"][c] - boot[reference]["auroc"][c]
+                if resamples is not None:
+                    with _quiet():
+                        diff = b["samples"][:, c] - boot[reference]["samples"][:, c]
+                        row["gap_low"], row["gap_high"] = (
+                            np.nanpercentile(diff, q) if np.isfinite(diff).any() else (np.nan, np.nan)
+                        )
+                row["p"], row["p_holm"] = comparisons[g][0][c], comparisons[g][1][c]
             rows.append(row)
-    columns = [
-        "grouping",
-        "group",
-        "metric",
-        "label",
-        "n",
-        "n_patients",
-        "n_pos",
-        "value",
-        "ci_low",
-        "ci_high",
-        "few_positives",
-        "reference",
-        "gap",
-        "gap_low",
-        "gap_high",
-        "p",
-        "p_holm",
-    ]
-    return pd.DataFrame(rows).reindex(columns=columns)
+        rows.append(_underdiagnosis_row(name, g, names, masks, patients, missed, sick, under, alpha, few))
+    return rows
+
+
+
+def _underdiagnosis_row(
+    name: str,
+    g: Any,
+    names: list,
+    masks: dict[Any, np.ndarray],
+    patients: int | None,
+    missed: np.ndarray,
+    sick: np.ndarray,
+    under: np.ndarray | None,
+    alpha: float,
+    few: int,
+) -> dict[str, Any]:
+    """The ``underdiagnosis`` row of group ``g`` with its Wilson interval and, beside the reference
+    group ``names[0]``, the gap with its bootstrap CI (``under``: per resample, missed and sick counts)."""
+    from cxr.evaluation.metrics import wilson_interval
+
+    q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
+    reference, gi, m = names[0], names.index(g), masks[g]
+    k, n = int(missed[m].sum()), int(sick[m].sum())
+    low, high = wilson_interval(k, n, alpha)
+    row = {
+        "grouping": name,
+        "group": g,
+        "metric": "underdiagnosis",
+        "label": "No Finding (FPR)",
+        "n": int(m.sum()),
+        "n_patients": patients,
+        "n_pos": n,
+        "value": k / n if n else np.nan,
+        "ci_low": float(low),
+        "ci_high": float(high),
+        "few_positives": bool(n < few),
+        "reference": reference,
+    }
+    if g != reference and under is not None:
+        ref = names.index(reference)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            rate = under[:, 2 * gi] / under[:, 2 * gi + 1]
+            ref_rate = under[:, 2 * ref] / under[:, 2 * ref + 1]
+        ref_n = int(sick[masks[reference]].sum())
+        row["gap"] = row["value"] - (missed[masks[reference]].sum() / ref_n if ref_n else np.nan)
+        diff = rate - ref_rate
+        row["gap_low"], row["gap_high"] = (
+            np.nanpercentile(diff, q) if np.isfinite(diff).any() else (np.nan, np.nan)
+        )
+    return row
 
 
 class _quiet:

@@ -38,11 +38,19 @@ import json
 import os
 import subprocess
 import sys
-import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+# a step's memory is measured by cxr.training.memory; this module chooses the layout and owns probe.json
+from cxr.training.memory import (
+    device_budget_mb,
+    free_cuda,
+    non_torch_mb,
+    precision_name,
+    step_peak_mb,
+    training_numerics,
+)
 from cxrbase.atomic import atomic_write_text
 from cxrbase.errors import CxrError, cli_entry
 
@@ -125,141 +133,13 @@ def read_probe(run_dir: str | Path) -> ProbeResult | None:
         raise CxrError(f"{path}: unreadable memory probe ({err}) — delete it and the probe runs again") from None
 
 
-# ----------------------------------------------------------------------------- numerics
-def training_numerics(cfg, device: str) -> dict:
-    """The numerics training would use: autocast dtype (None, "bfloat16", "float16"), channels_last,
-    cudnn.benchmark — as cxr.runs.distributed.make_accelerator / configure_numerics resolve them."""
-    precision = cfg.train.mixed_precision
-    if precision == "auto":
-        precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no") or "no"
-    autocast = {"bf16": "bfloat16", "fp16": "float16"}.get(precision)
-    if autocast == "float16" and not device.startswith("cuda"):
-        autocast = None  # training refuses fp16 on CPU; the probe measures what would run
-    return {
-        "autocast": autocast,
-        "channels_last": bool(cfg.model.channels_last),
-        "cudnn_benchmark": bool(
-            device.startswith("cuda") and cfg.train.cudnn_benchmark and not cfg.train.deterministic
-        ),
-    }
-
-
-class LiveTensorPeak:
-    """Peak bytes of live tensor storages while active (a ``TorchDispatchMode``), starting from ``tensors``.
-
-    Written here because torch's own tracker (``torch.distributed._tools.mem_tracker``) hooks every
-    module and refuses a module run twice in one step — which activation checkpointing does — and
-    is ~15× slower; this one only follows storages: counted when an op returns one, freed when
-    the storage object is collected."""
-
-    def __init__(self, tensors: Sequence = ()):
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils._pytree import tree_flatten
-
-        tracker = self
-        self.live: dict[int, int] = {}
-        self.current = self.peak = 0
-
-        class _Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                for t in tree_flatten(out)[0]:
-                    tracker.add(t)
-                return out
-
-        self.mode = _Mode()
-        for t in tensors:
-            self.add(t)
-
-    def add(self, t) -> None:
-        import torch
-
-        if not isinstance(t, torch.Tensor):
-            return
-        storage = t.untyped_storage()
-        key, size = storage.data_ptr(), storage.nbytes()
-        if size == 0 or key in self.live:
-            return
-        self.live[key] = size
-        self.current += size
-        self.peak = max(self.peak, self.current)
-        weakref.finalize(storage, self._free, key)
-
-    def _free(self, key: int) -> None:
-        self.current -= self.live.pop(key, 0)
-
-    def __enter__(self):
-        self.mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.mode.__exit__(*exc)
-
-
-def _step_peak_mb(
-    config: str | None, overrides: Sequence[str], resolution: int, batch: int, device: str, track: bool = False
-) -> float:
-    """Peak memory (MB) of a training step of the config's model at [batch, 1, R, R] under its
-    training numerics, in this process: CUDA reserved; CPU peak RSS, or with ``track`` the live
-    tensor bytes of the second step (:class:`LiveTensorPeak`)."""
-    import torch
-
-    from cxr.config import load_config
-    from cxr.models import build_model
-    from cxr.models.losses import build_loss
-
-    cfg = load_config(config, [*overrides, f"data.resolution={resolution}"])
-    num = training_numerics(cfg, device)
-    if device.startswith("cuda"):
-        torch.backends.cudnn.benchmark = num["cudnn_benchmark"]
-    kwargs = cfg.model.kwargs()
-    kwargs["pretrained"] = None  # the probe needs shapes, not weights
-    model = build_model(**kwargs).to(device).train()
-    loss_fn = build_loss(cfg.loss, None) if cfg.loss.name != "weighted_bce" else torch.nn.BCEWithLogitsLoss()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    x = torch.randn(batch, 1, resolution, resolution, device=device)
-    if num["channels_last"]:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = (torch.rand(batch, kwargs.get("num_labels", 14), device=device) < 0.2).float()
-    meta = torch.zeros(batch, kwargs.get("meta_dim", 5), device=device)
-    dtype = getattr(torch, num["autocast"]) if num["autocast"] else None
-
-    def step():
-        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None):
-            loss = loss_fn(model(x, meta).float(), y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-    if track:
-        step()  # the first step creates the optimizer state, counted from the start of the second
-        state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-        with LiveTensorPeak([*model.parameters(), *model.buffers(), *state, x, y, meta]) as tracker:
-            step()
-        return tracker.peak / 2**20
-    for _ in range(2):  # the second step holds the optimizer state too
-        step()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_reserved(device) / 2**20
-        del model, optimizer, x, y
-        torch.cuda.empty_cache()
-        return peak
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def measure(
     config: str | None, overrides: Sequence[str], resolution: int, batch: int, device: str, method: str = "measure"
 ) -> float:
     """Peak MB of a step at ``batch``: in process on CUDA, in a fresh subprocess on CPU
     (peak RSS, or the live tensor bytes with ``method="model"``)."""
     if device.startswith("cuda") and method == "measure":
-        return _step_peak_mb(config, overrides, resolution, batch, device)
+        return step_peak_mb(config, overrides, resolution, batch, device)
     argv = [
         sys.executable,
         "-m",
@@ -284,24 +164,6 @@ def measure(
     return float(done.stdout.strip().splitlines()[-1])
 
 
-def device_budget_mb(device: str, fraction: float) -> float:
-    """``fraction`` of the device's memory: GPU total, or the CPU's available memory."""
-    if device.startswith("cuda"):
-        import torch
-
-        return fraction * torch.cuda.get_device_properties(device).total_memory / 2**20
-    pages, size = os.sysconf("SC_AVPHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
-    return fraction * pages * size / 2**20
-
-
-def non_torch_mb(device: str) -> float:
-    """Device memory in use outside torch's allocator now (CUDA: driver's used − torch reserved)."""
-    if not device.startswith("cuda"):
-        return 0.0
-    import torch
-
-    free, total = torch.cuda.mem_get_info(device)
-    return max(0.0, ((total - free) - torch.cuda.memory_reserved(device)) / 2**20)
 
 
 # ----------------------------------------------------------------------------- the choice
@@ -388,19 +250,8 @@ def choose(
     else:
         budget = device_budget_mb(device, fraction)
     gpu_target = device.startswith("cuda") or capacity_mb is not None
-    measured: dict[str, float] = {}
-    curves: dict[bool, tuple[float, float]] = {}
-    at = min(resolution, MODEL_RESOLUTION) if method == "model" else resolution
-    scale = (resolution / at) ** 2
+    curves, measured = _curves(config, overrides, resolution, device, method, numerics)
     extra_non_torch = 0.0
-    for ckpt in (False, True):
-        extra = [*overrides, f"model.grad_checkpointing={str(ckpt).lower()}"]
-        if method == "model":
-            extra.append(f"train.mixed_precision={_precision_name(numerics['autocast'])}")
-        peaks = {b: measure(config, extra, at, b, device, method) for b in (1, 2)}
-        per_sample = max(peaks[2] - peaks[1], 1e-3)
-        curves[ckpt] = (peaks[1] - per_sample, per_sample * scale)
-        measured.update({f"checkpointing={str(ckpt).lower()},b={b}": round(v, 1) for b, v in peaks.items()})
     if device.startswith("cuda") and method == "measure":
         extra_non_torch = non_torch_mb(device)  # context + cuDNN/cuBLAS handles, now that they exist
     overhead = overhead_mb if overhead_mb is not None else (CUDA_OVERHEAD_MB if gpu_target else 0.0)
@@ -408,14 +259,7 @@ def choose(
     confirmed = None
     for layout in candidates(curves, effective_batch, budget, overhead):
         if confirm and device.startswith("cuda") and method == "measure":
-            extra = [*overrides, f"model.grad_checkpointing={str(layout.checkpointing).lower()}"]
-            try:
-                confirmed = measure(config, extra, resolution, layout.micro_batch, device) + overhead
-            except Exception as err:  # torch.cuda.OutOfMemoryError: the next layout
-                if "out of memory" not in str(err).lower():
-                    raise
-                _free_cuda()
-                confirmed = float("inf")
+            confirmed = _confirm(config, overrides, resolution, layout, device, overhead)
             if confirmed > budget:
                 continue
         base, per = curves[layout.checkpointing]
@@ -451,17 +295,40 @@ def choose(
     )
 
 
-def _precision_name(autocast: str | None) -> str:
-    return {"bfloat16": "bf16", "float16": "fp16"}.get(autocast or "", "no")
+
+def _curves(
+    config: str | None, overrides: Sequence[str], resolution: int, device: str, method: str, numerics: dict
+) -> tuple[dict[bool, tuple[float, float]], dict[str, float]]:
+    """choose's memory curves {checkpointing: (base, per_sample)} at ``resolution`` from steps at
+    b = 1 and 2 (``method="model"``: at MODEL_RESOLUTION, the per-sample part scaled by the pixel
+    count), and the measured peaks by name."""
+    measured: dict[str, float] = {}
+    curves: dict[bool, tuple[float, float]] = {}
+    at = min(resolution, MODEL_RESOLUTION) if method == "model" else resolution
+    scale = (resolution / at) ** 2
+    for ckpt in (False, True):
+        extra = [*overrides, f"model.grad_checkpointing={str(ckpt).lower()}"]
+        if method == "model":
+            extra.append(f"train.mixed_precision={precision_name(numerics['autocast'])}")
+        peaks = {b: measure(config, extra, at, b, device, method) for b in (1, 2)}
+        per_sample = max(peaks[2] - peaks[1], 1e-3)
+        curves[ckpt] = (peaks[1] - per_sample, per_sample * scale)
+        measured.update({f"checkpointing={str(ckpt).lower()},b={b}": round(v, 1) for b, v in peaks.items()})
+    return curves, measured
 
 
-def _free_cuda() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    torch.cuda.empty_cache()
+def _confirm(
+    config: str | None, overrides: Sequence[str], resolution: int, layout: Layout, device: str, overhead: float
+) -> float:
+    """One real step at ``layout`` on CUDA: its peak + overhead MB, or inf when it runs out of memory."""
+    extra = [*overrides, f"model.grad_checkpointing={str(layout.checkpointing).lower()}"]
+    try:
+        return measure(config, extra, resolution, layout.micro_batch, device) + overhead
+    except Exception as err:  # torch.cuda.OutOfMemoryError: the next layout
+        if "out of memory" not in str(err).lower():
+            raise
+        free_cuda()
+        return float("inf")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -513,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
         print(
-            f"{_step_peak_mb(args.config, args.overrides, args.resolution, args.measure, args.device or 'cpu', args.track):.1f}"
+            f"{step_peak_mb(args.config, args.overrides, args.resolution, args.measure, args.device or 'cpu', args.track):.1f}"
         )
         return 0
     effective = args.effective_batch
