@@ -296,8 +296,6 @@ def _all_corrupt(index: SplitIndex, ids) -> CxrError:
     return all_corrupt_error([index.shard_paths[index.shard[i]] for i in ids], [index.keys[i] for i in ids])
 
 
-
-
 def _decode_resize(image: bytes, res: int, index: SplitIndex, i: int) -> np.ndarray:
     """Encoded image → uint8 [res, res, 1] with the wds back end's decode and pack's filter."""
     return decode_resize(image, res, index, i)[..., None]

@@ -48,6 +48,7 @@ from shards.records import named_positives
 
 log = logging.getLogger("cxr.data")
 
+
 def load_shards_manifest(shards_dir: str | os.PathLike, resolution: int) -> tuple[Path, dict]:
     """Resolve the shards to read at `resolution`: DIR/res{R}/ when packed, else DIR.
 

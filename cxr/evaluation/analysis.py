@@ -24,6 +24,7 @@ knows them (``ScoreSet.meta["patient"]``), else images.
 Threshold tuning and metrics.csv live in cxr.evaluation.thresholds; the markdown in
 cxr.evaluation.tables, the figures in cxr.evaluation.figures. Nothing here loads models.
 """
+
 from __future__ import annotations
 
 import math

@@ -1,5 +1,6 @@
 """The evaluation's figures: ROC/PR curves (roc.png, pr.png) and reliability diagrams
 (reliability.png), one panel per label; matplotlib is imported only when a figure is drawn."""
+
 from __future__ import annotations
 
 import io

@@ -12,7 +12,6 @@ names callers use (``from cxr.evaluation.report import analyse, write_outputs``)
 - cxr.evaluation.figures — roc.png, pr.png, reliability.png.
 """
 
-
 from __future__ import annotations
 
 import json

@@ -2,6 +2,7 @@
 
 The
 names of the ensemble's score set and of the labels' mean row live here too."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from cxrbase.labels import LABELS
 
 ENSEMBLE = "ensemble"
 MEAN = "mean"
+
 
 @dataclass
 class ScoreSet:

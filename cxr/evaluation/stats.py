@@ -184,7 +184,6 @@ def delong_auroc_variance(y_true, y_score) -> np.ndarray:
     return out
 
 
-
 # ------------------------------------------------------------------ comparing two models
 def _delong_components(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Structural components of one model: V10 [m] over positives, V01 [n] over negatives.
@@ -292,7 +291,6 @@ def holm(p_values) -> np.ndarray:
     scaled = np.minimum(1.0, (k - np.arange(k)) * p[order])
     out[order] = np.maximum.accumulate(scaled)
     return out
-
 
 
 def unpaired_delong(y_1, score_1, y_2, score_2) -> dict[str, float]:

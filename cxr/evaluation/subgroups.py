@@ -251,7 +251,6 @@ def _grouping_rows(
     return rows
 
 
-
 def _underdiagnosis_row(
     name: str,
     g: Any,
@@ -294,9 +293,7 @@ def _underdiagnosis_row(
         ref_n = int(sick[masks[reference]].sum())
         row["gap"] = row["value"] - (missed[masks[reference]].sum() / ref_n if ref_n else np.nan)
         diff = rate - ref_rate
-        row["gap_low"], row["gap_high"] = (
-            np.nanpercentile(diff, q) if np.isfinite(diff).any() else (np.nan, np.nan)
-        )
+        row["gap_low"], row["gap_high"] = np.nanpercentile(diff, q) if np.isfinite(diff).any() else (np.nan, np.nan)
     return row
 
 

@@ -1,5 +1,6 @@
 """The evaluation's markdown: number formatting, the wide AUROC/AUPRC tables and
 report.md's sections (threshold metrics, operating points, calibration, subgroups, label mapping)."""
+
 from __future__ import annotations
 
 import time
@@ -28,8 +29,7 @@ def auroc_wide(aucs: pd.DataFrame, with_ci: bool = True) -> pd.DataFrame:
     for member in members:
         rows = aucs[aucs["member"] == member].set_index("label")
         table[member] = [
-            fmt(r.auroc)
-            + (f" [{fmt(r.ci_low, 2)}, {fmt(r.ci_high, 2)}]" if with_ci and np.isfinite(r.ci_low) else "")
+            fmt(r.auroc) + (f" [{fmt(r.ci_low, 2)}, {fmt(r.ci_high, 2)}]" if with_ci and np.isfinite(r.ci_low) else "")
             for r in (rows.loc[label] for label in table.index)
         ]
     table.index.name = "label"
@@ -62,8 +62,7 @@ def _published_columns(table: pd.DataFrame) -> pd.DataFrame:
     for column in PUBLISHED:
         name = column.name + ("" if column.comparable else " †")
         table[name] = [
-            fmt(column.auroc[label]) if label in column.auroc else fmt(published_mean(column))
-            for label in table.index
+            fmt(column.auroc[label]) if label in column.auroc else fmt(published_mean(column)) for label in table.index
         ]
     return table
 
@@ -320,9 +319,7 @@ def _subgroup_section(analysis: Analysis, focus: str, split: str, level: int) ->
             for g in groups[1:]:
                 r = auc[(auc["label"] == label) & (auc["group"] == g)].iloc[0]
                 star = " *" if np.isfinite(r.p_holm) and r.p_holm < 0.05 else ""
-                line[f"{g} − {reference}"] = (
-                    _ci(r.gap, r.gap_low, r.gap_high, 3) + f", p_holm {fmt(r.p_holm, 3)}{star}"
-                )
+                line[f"{g} − {reference}"] = _ci(r.gap, r.gap_low, r.gap_high, 3) + f", p_holm {fmt(r.p_holm, 3)}{star}"
             rows.append(line)
         text += [f"### {grouping} — AUROC", "", markdown_table(pd.DataFrame(rows), index=False), ""]
     under = table[table["metric"] == "underdiagnosis"]
@@ -336,7 +333,12 @@ def _subgroup_section(analysis: Analysis, focus: str, split: str, level: int) ->
         }
         for r in under.itertuples()
     ]
-    return text + ["### Under-diagnosis (sick called No Finding)", "", markdown_table(pd.DataFrame(rows), index=False), ""]
+    return text + [
+        "### Under-diagnosis (sick called No Finding)",
+        "",
+        markdown_table(pd.DataFrame(rows), index=False),
+        "",
+    ]
 
 
 def label_mapping_section(mapping: dict[str, Any] | None) -> list[str]:

@@ -2,6 +2,7 @@
 
 Thresholds are tuned on the tuning split (F1/Youden optima and fixed sensitivity/specificity
 targets); every proportion gets a Wilson interval, the focus score set's F1 a bootstrap one."""
+
 from __future__ import annotations
 
 import json

@@ -107,7 +107,6 @@ def _mean_sd(values: np.ndarray, digits: int) -> str:
     return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
 
 
-
 def _fmt(x: Any, digits: int = 3) -> str:
     return "—" if x is None or not np.isfinite(float(x)) else f"{float(x):.{digits}f}"
 

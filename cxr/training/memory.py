@@ -2,7 +2,6 @@
 training would use, the peak of a step (CUDA's reserved memory, a CPU step's RSS, or the live
 tensor bytes of :class:`LiveTensorPeak`), the device's budget and the memory outside torch."""
 
-
 from __future__ import annotations
 
 import os
@@ -137,7 +136,6 @@ def step_peak_mb(
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-
 def device_budget_mb(device: str, fraction: float) -> float:
     """``fraction`` of the device's memory: GPU total, or the CPU's available memory."""
     if device.startswith("cuda"):
@@ -156,7 +154,6 @@ def non_torch_mb(device: str) -> float:
 
     free, total = torch.cuda.mem_get_info(device)
     return max(0.0, ((total - free) - torch.cuda.memory_reserved(device)) / 2**20)
-
 
 
 def precision_name(autocast: str | None) -> str:

@@ -164,8 +164,6 @@ def measure(
     return float(done.stdout.strip().splitlines()[-1])
 
 
-
-
 # ----------------------------------------------------------------------------- the choice
 @dataclass
 class Layout:
@@ -293,7 +291,6 @@ def choose(
         f"{config}: even micro-batch 1 with activation checkpointing needs ~{base + per + overhead:.0f} MB "
         f"at {resolution} px but the budget is {budget:.0f} MB — lower the resolution or use a larger device"
     )
-
 
 
 def _curves(

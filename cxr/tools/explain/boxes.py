@@ -145,7 +145,6 @@ def summarise(pairs: pd.DataFrame, n_boot: int = 1000, seed: int = 0, alpha: flo
     return pd.DataFrame(rows)
 
 
-
 def localisation_markdown(summary: pd.DataFrame, runs: list[dict], counts: dict, args: argparse.Namespace) -> str:
     """localisation.md: what was scored, then the overall table across runs and the per-label table."""
 

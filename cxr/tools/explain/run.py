@@ -58,7 +58,6 @@ def subset_loader(loader_cfg: Any, split: str, keys: Sequence[str], rank: int = 
     return loader
 
 
-
 @dataclass
 class Job:
     """What to explain: method, labels per key, boxes per (key, label) in source pixels, outputs."""
