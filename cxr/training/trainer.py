@@ -115,7 +115,7 @@ class Trainer:
         if self.cfg.train.threads:
             torch.set_num_threads(self.cfg.train.threads)
         resume_from, changed = resume.resume_checkpoint(self.cfg, self.run_dir)
-        self._build(init_from=resume_from is None)
+        self._build(fresh=resume_from is None)
         st = self.state
         if resume_from is not None:
             self.restore(resume_from)
@@ -135,9 +135,9 @@ class Trainer:
         self._finish(t_start)
         return 0
 
-    def _build(self, init_from: bool) -> None:
+    def _build(self, fresh: bool) -> None:
         """Model, loss, optimizer, schedule, prepared for the accelerator. Same seed on every rank →
-        same initial weights. ``init_from``: load model.init_from's weights (a fresh run)."""
+        same initial weights. ``fresh`` (not a resume): model.init_from's weights are loaded when set."""
         cfg, accelerator = self.cfg, self.accelerator
         label_names(cfg)  # the shards' labels must number model.num_labels: fail before any work
         if cfg.train.deterministic and cfg.model.name == "vit" and accelerator.device.type == "cuda":
@@ -148,7 +148,7 @@ class Trainer:
                 raise CxrError(f"train.deterministic: {problem}")
         set_seed(cfg.train.seed)
         model = build_model(**cfg.model.kwargs())
-        if cfg.model.init_from and init_from:
+        if cfg.model.init_from and fresh:
             init = ckpt.init_weights_from(model, cfg.model.init_from, cfg.model.kwargs())
             log.info(
                 "model.init_from: weights of %s (%d tensors; re-initialised: %s); fresh optimizer and schedule",
