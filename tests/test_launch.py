@@ -395,7 +395,7 @@ def test_site_file_errors_name_the_file(tmp_path):
 _FAKE_SRUN = """#!/usr/bin/env bash
 case $FAKE_TRAINING in
   preempt) "$CXR_PYTHON" -c 'import os, sys; from pathlib import Path; sys.path.insert(0, os.getcwd())
-from cxr.training.resume import TrainState; from cxr.runs.run_log import write_status
+from cxr.training.state import TrainState; from cxr.runs.run_log import write_status
 write_status(Path(os.environ["FAKE_RUN"]), "preempted", TrainState(epoch=1), exit_code=75)' || exit 9
            [[ -z ${FAKE_SKEW:-} ]] || touch -d "@$(( $(date +%s) - FAKE_SKEW ))" "$FAKE_RUN/status.json" ;;
   crash) ;;  # killed (OOM, node lost) before writing anything

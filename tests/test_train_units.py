@@ -21,8 +21,8 @@ from cxr.config import load_config
 from cxr.runs import checkpoint as ckpt
 from cxr.runs.distributed import StopFlag
 from cxr.train import EXIT_REQUEUE, train
-from cxr.training.resume import TrainState, update_best, update_early_stop
 from cxr.training.setup import build_scheduler
+from cxr.training.state import TrainState, update_best, update_early_stop
 from cxrbase.errors import CxrError
 
 pytestmark = pytest.mark.integration  # shards, training or subprocesses (CONTRIBUTING.md)

@@ -1,6 +1,6 @@
 """The run log of a training (docs/run-dir.md): the one module that writes and reads
 ``RUN/status.json``, ``RUN/metrics.csv`` and ``RUN/throughput.csv``, and that sets up
-``RUN/train.log`` (with the run dir's lock), TensorBoard, the progress bar and the log lines.
+``RUN/train.log`` (with the run dir's lock), TensorBoard and the step lines.
 
 Every writer here is called on rank 0 only (the caller checks); the readers are for the
 launchers, cxr.tools.ablation and bench/, which is why importing this module does not import torch.
@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
 import time
 from datetime import datetime, timezone
@@ -112,61 +111,6 @@ def rate(images: float, seconds: float) -> str:
     return f"{images / max(seconds, 1e-9):.3g} img/s"
 
 
-def epoch_summary(
-    cfg: Config,
-    st,
-    row: dict,
-    improved: bool,
-    images: int,
-    train_s: float,
-    seconds: float,
-    epochs: int | None = None,
-    timing: dict | None = None,
-) -> str:
-    """The one-line epoch summary (``epochs``: :func:`planned_epochs`; default train.epochs;
-    ``timing``: rank 0's {"fetch", "data wait", "step"} seconds, as in throughput.csv)."""
-    auroc = row.get("val_mean_auroc", float("nan"))
-    # the OOD autoencoder has no labels to rank: no AUROC to show (a classifier's nan is shown as n/a)
-    shown = (
-        ""
-        if cfg.model.name == "ood_ae"
-        else f"val_auroc {auroc:.4f} | "
-        if math.isfinite(auroc)
-        else "val_auroc n/a | "
-    )
-    text = (
-        f"epoch {row['epoch']}/{epochs or cfg.train.epochs} step {row['step']} | loss {row['loss']:.4f} | "
-        f"val_loss {row['val_loss']:.4f} | {shown}lr {row['lr']:.2e} | "
-        f"{rate(images, train_s)} | {seconds:.1f} s"
-    )
-    if timing:
-        text += " (" + ", ".join(f"{k} {v:.1f} s" for k, v in timing.items()) + ")"
-    if row["skipped"]:
-        text += f" | {row['skipped']} skipped"
-    return text + (" | best" if improved else "")
-
-
-def progress_bar(cfg: Config, accelerator: Accelerator, st, steps_per_epoch: int):
-    """Progress over the optimizer steps of this epoch (cxrbase.progress: tqdm on a terminal, plain
-    lines in a log), rank 0 only (None elsewhere or when disabled). Under train.max_steps the bar
-    ends where the run will, and the epoch count is the one the run can reach."""
-    if not (accelerator.is_main_process and cfg.logging.progress):
-        return None
-    from cxrbase.progress import progress
-
-    total = steps_per_epoch
-    if cfg.train.max_steps:
-        total = min(total, st.step_in_epoch + max(0, cfg.train.max_steps - st.global_step))
-    return progress(
-        total=total,
-        initial=st.step_in_epoch,
-        unit="step",
-        dynamic_ncols=True,
-        leave=False,
-        desc=f"epoch {st.epoch + 1}/{planned_epochs(cfg, steps_per_epoch)}",
-    )
-
-
 # ----------------------------------------------------------------------------- status.json
 NONCE_ENV = "CXR_RUN_NONCE"  # set by slurm/run-training.sh: "<job id>.<restart count>" of this start
 
@@ -229,22 +173,6 @@ def write_failed_status(run_dir: Path, st, err: BaseException, accepted: bool = 
         write_status(run_dir, "failed", st, exit_code=code, error=line)
     except OSError:
         pass  # a read-only or full run dir: the original error is what the user must see
-
-
-def preempted(accelerator: Accelerator, run_dir: Path, st, signum: int) -> int:
-    """After the signal-time save: record it and return the requeue status."""
-    if accelerator.is_main_process:
-        write_status(run_dir, "preempted", st, exit_code=EXIT_REQUEUE)
-    log.info(
-        "stopped by %s at epoch %d step %d (global step %d): checkpoint 'last' saved — exit %d "
-        "(requeue: the same command resumes)",
-        signal.Signals(signum).name,
-        st.epoch + 1,
-        st.step_in_epoch,
-        st.global_step,
-        EXIT_REQUEUE,
-    )
-    return EXIT_REQUEUE
 
 
 # ----------------------------------------------------------------------------- metrics.csv, throughput.csv

@@ -1,91 +1,26 @@
-"""A training's state and its way in and out of checkpoints (cxr/train.py; docs/run-dir.md
-"Resume and requeue"): which checkpoint a run continues from, restoring it (also at another
-world size), continuing a finished run, and saving ``last`` / ``best``. The checkpoint files
-themselves are cxr/runs/checkpoint.py's."""
+"""A training's way in and out of checkpoints (cxr/training/trainer.py; docs/run-dir.md
+"Resume and requeue"): which checkpoint a run continues from, restoring it into a
+:class:`~cxr.training.trainer.Trainer` (also at another world size), continuing a finished run,
+and saving its ``last`` / ``best``. The loop state is cxr/training/state.py's; the checkpoint
+files themselves are cxr/runs/checkpoint.py's."""
 
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-
-from accelerate import Accelerator
 
 from cxr.config import Config, config_diff, config_hash, hashed_dict, load_config
 from cxr.data import image_source
 from cxr.evaluation.predictions import write_val_predictions
 from cxr.runs import checkpoint as ckpt
 from cxr.training.setup import current_lr, label_names
+from cxr.training.state import TrainerLike, TrainState
 from cxrbase.errors import CxrError
 
 log = logging.getLogger("cxr.train")
 # keys whose change still continues a run exactly: a longer (or shorter) run of the same trajectory
 EXTENDABLE = {"train.epochs", "train.max_steps"}
-SUMS = ("loss_sum", "batches", "skipped", "skipped_keys")  # this rank's, saved per rank in state.pt
-
-
-@dataclass
-class TrainState:
-    """Where the run is. All but the SUMS fields are the loop state saved in every ``last``
-    checkpoint (state.pt ``loop``); the SUMS are this rank's own for the current epoch (state.pt
-    ``ranks[rank]``). Restored on resume; the caller reports it when the run fails."""
-
-    epoch: int = 0  # current epoch, 0-based
-    step_in_epoch: int = 0  # optimizer steps already taken in this epoch
-    global_step: int = 0  # optimizer steps since the start of the run
-    best_value: float | None = None  # best train.best_metric so far
-    best_epoch: int = 0  # 1-based epoch of best_value
-    early_best: float | None = None  # the value early stopping compares against (moves by > min_delta)
-    bad_epochs: int = 0  # epochs since early_best last moved
-    finished: bool = False
-    validating: bool = False  # this epoch's training is done; `last` was saved before its validation
-    rows: list = field(default_factory=list)  # metrics.csv rows so far
-    loss_sum: float = 0.0  # this rank's summed micro-batch loss this epoch, as of the last save
-    batches: int = 0  # this rank's micro-batches this epoch
-    skipped: int = 0  # corrupt samples this rank skipped this epoch before the current loader
-    skipped_keys: list = field(default_factory=list)
-    accepted: bool = False  # this start passed its checks and wrote status "running" (never saved)
-
-    def loop(self) -> dict:
-        """The loop state as saved (state.pt ``loop``)."""
-        return {k: v for k, v in asdict(self).items() if k not in SUMS and k != "accepted"}
-
-    def sums(self) -> dict:
-        return {k: getattr(self, k) for k in SUMS}
-
-    def new_epoch(self) -> None:
-        self.epoch, self.step_in_epoch, self.validating = self.epoch + 1, 0, False
-        self.loss_sum, self.batches, self.skipped, self.skipped_keys = 0.0, 0, 0, []
-
-
-# ----------------------------------------------------------------------------- best epoch, early stopping
-def _better(cfg: Config, value: float, than: float | None, delta: float = 0.0) -> bool:
-    if not math.isfinite(value):
-        return False
-    if than is None:
-        return True
-    return value < than - delta if cfg.train.best_metric == "val_loss" else value > than + delta
-
-
-def update_best(cfg: Config, st: TrainState, val: dict) -> bool:
-    """Record a new best train.best_metric; True when this epoch is the new best."""
-    value = val[cfg.train.best_metric]
-    if not _better(cfg, value, st.best_value):
-        return False
-    st.best_value, st.best_epoch = value, st.epoch + 1
-    return True
-
-
-def update_early_stop(cfg: Config, st: TrainState, val: dict) -> bool:
-    """Count epochs without an improvement > early_stop_min_delta; True when patience runs out."""
-    value = val[cfg.train.best_metric]
-    if _better(cfg, value, st.early_best, cfg.train.early_stop_min_delta):
-        st.early_best, st.bad_epochs = value, 0
-    else:
-        st.bad_epochs += 1
-    return 0 < cfg.train.early_stop_patience <= st.bad_epochs
 
 
 # ----------------------------------------------------------------------------- which checkpoint
@@ -249,14 +184,13 @@ def check_has_best(cfg: Config, st: TrainState, run_dir: Path) -> None:
     )
 
 
-def continue_finished_run(
-    cfg: Config, st: TrainState, scheduler, optimizer, per_step: bool, changed: list[str]
-) -> None:
+def continue_finished_run(trainer: TrainerLike, changed: list[str]) -> None:
     """A finished run resumed with more epochs (or steps): un-finish it when there is work left."""
-    out_of_steps = bool(cfg.train.max_steps and st.global_step >= cfg.train.max_steps)
-    if st.epoch >= cfg.train.epochs or out_of_steps:
+    cfg, st, scheduler, optimizer = trainer.cfg, trainer.state, trainer.scheduler, trainer.optimizer
+    if st.epoch >= cfg.train.epochs or st.out_of_steps(cfg):
         return
     st.finished = False
+    per_step = trainer.per_step_schedule
     how = "plateau: continues from its saved state" if scheduler is not None and not per_step else "constant"
     if per_step and scheduler is not None:
         before = current_lr(optimizer)
@@ -280,50 +214,35 @@ def realign_schedule(scheduler, optimizer, position: int) -> None:
 
 
 # ----------------------------------------------------------------------------- restore
-def restore(
-    cfg: Config,
-    accelerator: Accelerator,
-    path: Path,
-    model,
-    optimizer,
-    scheduler,
-    st: TrainState,
-    steps_per_epoch: int,
-    per_step_schedule: bool,
-) -> None:
-    """Load ``path`` into the prepared objects and ``st`` (loop state and this rank's sums).
+def restore(trainer: TrainerLike, path: Path) -> None:
+    """Load ``path`` into the trainer's prepared model, optimizer and scheduler and its state
+    (loop state and this rank's sums).
 
     With another world size the position in the epoch's permutation (samples consumed) is kept:
     the step in the epoch is recomputed for the new global batch, and the running sums of all
     saved ranks go to rank 0 (the epoch's mean loss stays that of the same samples)."""
-    state = ckpt.load_checkpoint(accelerator, path, model=model, optimizer=optimizer, scheduler=scheduler)
-    for group, lr in zip(optimizer.param_groups, state["lrs"]):
+    cfg, accelerator, optimizer, st = trainer.cfg, trainer.accelerator, trainer.optimizer, trainer.state
+    saved = ckpt.load_checkpoint(
+        accelerator, path, model=trainer.model, optimizer=optimizer, scheduler=trainer.scheduler
+    )
+    for group, lr in zip(optimizer.param_groups, saved["lrs"]):
         group["lr"] = lr
-    vars(st).update(TrainState(**state["loop"]).loop())
-    if state["rank"] is not None:
-        for key, value in state["rank"].items():
+    vars(st).update(TrainState.from_loop(saved["loop"]).loop_fields())
+    if saved["rank"] is not None:
+        for key, value in saved["rank"].items():
             if key != "rng":
                 setattr(st, key, value)
-        if not st.validating:
-            remap_position(
-                cfg,
-                state,
-                accelerator.num_processes,
-                steps_per_epoch,
-                st,
-                path,
-                scheduler,
-                optimizer,
-                per_step_schedule,
-            )
+        if not st.awaiting_validation:
+            remap_position(trainer, saved, path)
         return
-    saved_world, world = state.get("world_size"), accelerator.num_processes
+    saved_world, world, steps_per_epoch = saved.get("world_size"), accelerator.num_processes, trainer.steps_per_epoch
     old_step = st.step_in_epoch
-    st.step_in_epoch = steps_per_epoch if st.validating else resume_step(cfg, state, world, steps_per_epoch, path)
-    if per_step_schedule and scheduler is not None:
-        realign_schedule(scheduler, optimizer, st.epoch * steps_per_epoch + st.step_in_epoch)
+    st.step_in_epoch = (
+        steps_per_epoch if st.awaiting_validation else resume_step(cfg, saved, world, steps_per_epoch, path)
+    )
+    realign_per_step_schedule(trainer)
     if accelerator.is_main_process:
-        ranks = state["ranks"]
+        ranks = saved["ranks"]
         st.loss_sum = sum(r.get("loss_sum", 0.0) for r in ranks)
         st.batches = sum(r.get("batches", 0) for r in ranks)
         st.skipped = sum(r.get("skipped", 0) for r in ranks)
@@ -341,30 +260,27 @@ def restore(
     )
 
 
-def remap_position(
-    cfg: Config,
-    state: dict,
-    world: int,
-    steps_per_epoch: int,
-    st: TrainState,
-    path: Path,
-    scheduler,
-    optimizer,
-    per_step_schedule: bool,
-) -> None:
+def realign_per_step_schedule(trainer: TrainerLike) -> None:
+    """A per-step schedule to the trainer's position (after the step in the epoch was recomputed)."""
+    if trainer.per_step_schedule and trainer.scheduler is not None:
+        st = trainer.state
+        realign_schedule(trainer.scheduler, trainer.optimizer, st.epoch * trainer.steps_per_epoch + st.step_in_epoch)
+
+
+def remap_position(trainer: TrainerLike, saved: dict, path: Path) -> None:
     """Same world size, but a step now takes another number of samples (checkpoint.force_resume
     with data.batch_size or train.grad_accum_steps changed): continue at the same sample of the
     epoch's permutation, as a world-size change does, and say so; a position between two of the
     new steps goes back to the step before it (those samples are seen again, counted in the line)."""
-    samples = (state.get("loader") or {}).get("samples")
+    cfg, st, world, steps_per_epoch = trainer.cfg, trainer.state, trainer.world, trainer.steps_per_epoch
+    samples = (saved.get("loader") or {}).get("samples")
     per_step = cfg.data.batch_size * cfg.train.grad_accum_steps * world
     if samples is None or samples == st.step_in_epoch * per_step:
         return
     old_step = st.step_in_epoch
     st.step_in_epoch = min(samples // per_step, steps_per_epoch)
     again = samples - st.step_in_epoch * per_step
-    if per_step_schedule and scheduler is not None:
-        realign_schedule(scheduler, optimizer, st.epoch * steps_per_epoch + st.step_in_epoch)
+    realign_per_step_schedule(trainer)
     log.warning(
         "resume: a step now takes %d samples (data.batch_size × train.grad_accum_steps × %d rank(s)), "
         "%s was saved %d samples into epoch %d at step %d — continuing at step %d of %d (sample %d)%s",
@@ -425,10 +341,10 @@ def checkpoint_meta(cfg: Config, st: TrainState, val: dict | None = None) -> dic
     }
 
 
-def save_last(
-    cfg: Config, accelerator: Accelerator, run_dir: Path, model, optimizer, scheduler, st: TrainState, loader
-) -> None:
-    """Write ``last`` (collective). ``loader``: the train loader when saving mid-epoch."""
+def save_last(trainer: TrainerLike, loader=None) -> None:
+    """Write the trainer's ``last`` (collective) with its state as it is. ``loader``: the train
+    loader when saving mid-epoch (its skipped samples so far go into this rank's sums)."""
+    cfg, st, optimizer = trainer.cfg, trainer.state, trainer.optimizer
     per_rank = st.sums()
     if loader is not None:
         report = loader.report()
@@ -442,25 +358,28 @@ def save_last(
             "epoch": st.epoch,
             "skip_batches": st.step_in_epoch * cfg.train.grad_accum_steps,
             # the position in the epoch's permutation: what a resume at any world size continues
-            "samples": st.step_in_epoch * cfg.train.grad_accum_steps * cfg.data.batch_size * accelerator.num_processes,
+            "samples": st.step_in_epoch * cfg.train.grad_accum_steps * cfg.data.batch_size * trainer.world,
         },
     }
     last_val = {f"val_{k[4:]}": v for k, v in (st.rows[-1] if st.rows else {}).items() if k.startswith("val_")}
     ckpt.save_checkpoint(
-        accelerator,
-        run_dir,
+        trainer.accelerator,
+        trainer.run_dir,
         "last",
-        model=model,
+        model=trainer.model,
         optimizer=optimizer,
-        scheduler=scheduler,
+        scheduler=trainer.scheduler,
         state=state,
         per_rank=per_rank,
         meta=checkpoint_meta(cfg, st, last_val),
     )
 
 
-def save_best(cfg: Config, accelerator: Accelerator, run_dir: Path, model, st: TrainState, val: dict) -> None:
-    """Write ``best`` (weights + meta, collective) and, on rank 0, the val predictions of this epoch."""
-    ckpt.save_checkpoint(accelerator, run_dir, "best", model=model, meta=checkpoint_meta(cfg, st, val))
+def save_best(trainer: TrainerLike, val: dict) -> None:
+    """Write the trainer's ``best`` (weights + meta, collective) and, on rank 0, the val
+    predictions of this epoch."""
+    cfg, accelerator = trainer.cfg, trainer.accelerator
+    meta = checkpoint_meta(cfg, trainer.state, val)
+    ckpt.save_checkpoint(accelerator, trainer.run_dir, "best", model=trainer.model, meta=meta)
     if accelerator.is_main_process:  # columns "0", "1"... when not one per label: ood_ae's one score
-        write_val_predictions(run_dir, val["keys"], val["probs"], label_names(cfg))
+        write_val_predictions(trainer.run_dir, val["keys"], val["probs"], label_names(cfg))
