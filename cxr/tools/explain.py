@@ -76,7 +76,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -84,6 +84,9 @@ import pandas as pd
 from cxrbase.atomic import atomic_write, atomic_write_text
 from cxrbase.errors import CxrError, cli_entry
 from cxrbase.labels import LABELS
+
+if TYPE_CHECKING:
+    from cxr.runs.open import EvalOptions
 from shards import remote
 from shards.manifest import load_manifest
 
@@ -593,30 +596,33 @@ class Job:
 
 
 def explain_run(
-    args: argparse.Namespace, run_dir: str, name: str, state: Any, job: Job, masters: Masters
+    run_dir: str,
+    name: str,
+    opts: EvalOptions,
+    split: str,
+    state: Any,
+    job: Job,
+    masters: Masters,
+    layer: str | None = None,
+    min_map: int = MIN_MAP,
 ) -> tuple[list[dict], list[dict], dict]:
-    """Explain this rank's share of ``job`` with one run: (score rows, overlay entries, run info)."""
+    """Explain this rank's share of ``job`` on ``split`` with one run: (score rows, overlay entries, run
+    info); ``layer``/``min_map``: as :func:`choose_layer`."""
     import torch
 
-    from cxr.evaluation.inference import (
-        build_member_model,
-        check_compatible,
-        eval_data_config,
-        read_member,
-        renormaliser,
-        shards_labels,
-    )
+    from cxr.evaluation.inference import check_compatible, shards_labels
+    from cxr.runs.open import on_device, open_member, renormaliser, takes_meta
 
-    member = read_member(run_dir, name)
-    resolution = check_compatible([member], job.names or member.labels, args.resolution)
-    shard_names = shards_labels(remote.location(args.shards))  # any data set's: truth is read by label name
-    model = build_member_model(member, state.device)
+    member = open_member(run_dir, name, state.device)
+    model = member.model
+    resolution = check_compatible([member], job.names or member.labels, opts.resolution)
+    shard_names = shards_labels(remote.location(opts.shards))  # any data set's: truth is read by label name
     for p in model.parameters():
         p.requires_grad_(False)  # gradients flow to the input and the cam layer only
-    loader_cfg = eval_data_config([member], args, resolution, on_gpu=state.device.type == "cuda")
-    loader = subset_loader(loader_cfg, args.split, list(job.labels), state.process_index, state.num_processes)
+    loader_cfg = member.loader_config(opts, resolution, on_gpu=state.device.type == "cuda")
+    loader = subset_loader(loader_cfg, split, list(job.labels), state.process_index, state.num_processes)
     renorm = renormaliser(member, loader_cfg, state.device)
-    layer, map_size, why = choose_layer(model, job.method, resolution, args.layer, args.min_map)
+    layer, map_size, why = choose_layer(model, job.method, resolution, layer, min_map)
     if state.is_main_process:
         where = f"layer {layer} ({map_size[0]}×{map_size[1]} map at {resolution} px; {why})" if layer else why
         print(f"{name}: {METHOD_NAMES[job.method]} on {where}", flush=True)
@@ -632,8 +638,8 @@ def explain_run(
         disable=not state.is_main_process,
         dynamic_ncols=True,
     ):
-        image = renorm(batch["image"].to(state.device))
-        meta = batch["meta"].to(state.device) if member.uses_meta else None
+        image, meta = on_device(batch, state.device)
+        image, meta = renorm(image), meta if takes_meta(model) else None  # heat_maps feeds the model itself
         with torch.no_grad():
             probs = torch.sigmoid(model(image, meta).double()).cpu().numpy()
         truth = batch["labels"].numpy().round()  # NaN: unknown
@@ -660,7 +666,7 @@ def explain_run(
         {
             "run": name,
             "run_dir": str(run_dir),
-            "model": member.config["model"].get("name"),
+            "model": member.config.model.name,
             "resolution": resolution,
             "layer": layer,
             "map": f"{map_size[0]}×{map_size[1]}" if map_size else "input",
@@ -983,18 +989,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    from cxr.evaluation.inference import member_names, process_state, read_member
+    from cxr.evaluation.inference import member_names, process_state
+    from cxr.runs.open import EvalOptions, read_member
 
     run_dirs = [args.run] if args.run else list(args.runs)
     shards = remote.location(args.shards)
     load_manifest(shards)  # a missing or invalid manifest fails before any process group starts
-    state = process_state(args)
+    state = process_state(args.cpu)
     masters = Masters.open(shards, args.split)
     names = read_member(run_dirs[0], member_names(run_dirs[:1])[0]).labels  # the model's labels
     job, counts = plan_job(args, masters, names)
+    opts = EvalOptions(
+        shards=str(args.shards),
+        resolution=args.resolution,
+        backend=args.backend,
+        batch_size=args.batch_size,
+        num_threads=args.num_threads,
+        loader_device=args.loader_device,
+        cpu=args.cpu,
+    )
     rows, entries, runs = [], [], []
     for run_dir, name in zip(run_dirs, member_names(run_dirs)):
-        r, e, info = explain_run(args, run_dir, name, state, job, masters)
+        r, e, info = explain_run(run_dir, name, opts, args.split, state, job, masters, args.layer, args.min_map)
         rows += r
         entries += e
         runs.append(info)
