@@ -14,7 +14,7 @@ import dataclasses
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,6 @@ class Member:
     resolution: int | None
     checkpoint: Path
     model: Any = None
-    info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def uses_meta(self) -> bool:

@@ -335,7 +335,8 @@ def export_package(
     write_json(out / "thresholds.json", ops)
     from shards.image_codec import RESIZE_FILTER
 
-    # the mean/std the evaluator normalises with: the runs' data sections, else the loader's defaults
+    # the mean/std the evaluator normalises with: the runs' typed data sections (an old config.yaml
+    # without them: the defaults those runs trained with)
     model_data = members[0][0].config.data
     gate_data = gate_member.config.data
     write_json(
