@@ -309,6 +309,11 @@ class Config:
             self.model.name, self.model.options, self.model.conv_stem, self.data.resolution
         )
 
+    @classmethod
+    def load(cls, run: str | Path) -> Config:
+        """A finished run's config: ``RUN/config.yaml`` (or that file given itself), see :func:`load_run_config`."""
+        return load_run_config(run)
+
 
 # ---------------------------------------------------------------------------- loading
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
@@ -324,10 +329,35 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
             )
         if not isinstance(raw, dict):
             raise CxrError(f"{path}: top level must be a mapping of sections {', '.join(SECTIONS)}")
-    raw = {k: dict(v or {}) if isinstance(v, dict) or v is None else v for k, v in raw.items()}
+    raw = _sections(raw)
     for item in overrides:
         _apply_override(raw, item)
     return config_from_dict(raw, where=str(path) if path else "config")
+
+
+def load_run_config(run: str | Path) -> Config:
+    """The typed config a run was trained with: ``RUN/config.yaml`` (``run`` a run dir or that file).
+
+    The one reader of a run's config.yaml (the evaluator and every tool open runs through it). A
+    config.yaml of an earlier version loads: retired keys are dropped (:data:`RETIRED`), keys it
+    lacks take the defaults they trained with. CxrError when absent, not YAML, or without ``model:``.
+    """
+    path = Path(run)
+    path = path / "config.yaml" if path.is_dir() else path
+    if not path.is_file():
+        raise CxrError(f"{path}: run config not found — is {path.parent} a training run dir (docs/run-dir.md)?")
+    raw = read_yaml(path)
+    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict) or "name" not in raw["model"]:
+        raise CxrError(
+            f"{path}: no `model:` section with a name — the evaluator rebuilds the model from it; "
+            "restore the run's resolved config.yaml"
+        )
+    return config_from_dict(_sections(raw), str(path))
+
+
+def _sections(raw: dict) -> dict:
+    """A copy of ``{section: {key: value}}`` whose sections can be edited (an empty section: {})."""
+    return {k: dict(v or {}) if isinstance(v, dict) or v is None else v for k, v in raw.items()}
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

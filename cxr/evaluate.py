@@ -54,10 +54,11 @@ from typing import Any
 
 import numpy as np
 
-from cxr.evaluation.inference import check_distinct, infer_runs, process_state, with_ensemble
+from cxr.evaluation.inference import infer_runs, process_state, with_ensemble
 from cxr.evaluation.predictions import check_score_sets, read_members, read_predictions, write_predictions
 from cxr.evaluation.report import ENSEMBLE, ScoreSet
 from cxr.evaluation.subgroups import attach_meta
+from cxr.runs.open import EvalOptions, check_distinct
 from cxrbase.atomic import atomic_folder, remove_stale_folders
 from cxrbase.errors import CxrError, cli_entry
 from cxrbase.lock import FolderLock
@@ -450,7 +451,7 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if not args.from_predictions and not args.runs:
         p.error("--runs is required unless --from-predictions is given")
     if args.runs and not args.shards:  # every run records the shards it trained on
-        from cxr.evaluation.inference import run_shards
+        from cxr.runs.open import run_shards
 
         args.shards = run_shards(args.runs[0])
         print(f"shards: {args.shards} (data.shards of {args.runs[0]}; --shards to choose)", file=sys.stderr)
@@ -499,9 +500,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_REQUEUE
 
 
+def eval_options(args: argparse.Namespace) -> EvalOptions:
+    """The flags that say how to read the split (cxr.runs.open.EvalOptions)."""
+    return EvalOptions(
+        shards=str(args.shards),
+        resolution=args.resolution,
+        backend=args.backend,
+        batch_size=args.batch_size,
+        num_threads=args.num_threads,
+        loader_device=args.loader_device,
+        precision=args.precision,
+        cpu=args.cpu,
+    )
+
+
 def run_label_plan(args: argparse.Namespace) -> Any:
     """The labels the runs (their first member) share with --shards (cxr.evaluation.cross_site.LabelPlan)."""
-    from cxr.evaluation.inference import member_label_plan, member_names, read_member
+    from cxr.evaluation.inference import member_label_plan, member_names
+    from cxr.runs.open import read_member
 
     return member_label_plan([read_member(args.runs[0], member_names(args.runs[:1])[0])], remote.location(args.shards))
 
@@ -520,7 +536,7 @@ def _evaluate(args: argparse.Namespace, out: Path, start: float, stops: _StopSig
 
                 torch.set_num_threads(args.threads)
             check_distinct(args.runs)
-            state = process_state(args)
+            state = process_state(args.cpu)
             if state.is_main_process:  # the writer: refuse a busy --out before any inference
                 lock = _lock_out(out)
 
@@ -534,7 +550,7 @@ def _evaluate(args: argparse.Namespace, out: Path, start: float, stops: _StopSig
                         flush=True,
                     )
 
-            per_split, infos = infer_runs(args, state, _splits_needed(args), on_ready=ready)
+            per_split, infos = infer_runs(args.runs, eval_options(args), state, _splits_needed(args), on_ready=ready)
             if per_split is None:  # not rank 0: rank 0 writes everything
                 return 0
             source = f"runs {' '.join(map(str, args.runs))}; shards {args.shards}"

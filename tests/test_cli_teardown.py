@@ -61,7 +61,7 @@ LAUNCHED = textwrap.dedent("""
         from accelerate.utils import gather_object
         from cxr.evaluation.inference import process_state
 
-        state = process_state(argparse.Namespace(cpu=True))
+        state = process_state(cpu=True)
         from cxr.models import build_model
 
         build_model("cnn", num_labels=14)

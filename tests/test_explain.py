@@ -416,9 +416,9 @@ def _test_keys(root: Path) -> list[str]:
 def _by_hand_probability(run: Path, image: Path, label: str) -> float:
     """PIL decode → bilinear 64 px → (x/255 − mean)/std → the run's model: independent of the loader."""
     from cxr.data import DataConfig
-    from cxr.evaluation.inference import build_member_model, read_member
+    from cxr.runs.open import open_member
 
-    model = build_member_model(read_member(run, "m"), torch.device("cpu"))
+    model = open_member(run, "m").model
     cfg = DataConfig()
     pixels = np.asarray(Image.open(image).convert("L").resize((64, 64), Image.BILINEAR), dtype=np.float32)
     x = torch.from_numpy((pixels / 255 - cfg.mean) / cfg.std)[None, None]

@@ -1,12 +1,10 @@
-"""Inference of trained members: read a run dir, rebuild its model, score a split, ensemble.
+"""Inference of trained members: score a split with every member, gather across ranks, ensemble.
 
-What ``python -m cxr.evaluate`` (and cxr.tools.ablation, cxr.tools.explain, cxr.tools.embed, cxr.tools.export,
-cxr.tools.ood) use to turn training run dirs into scores; the analysis and the report are
-cxr.evaluation.report's, the prediction tables cxr.evaluation.predictions'.
+What ``python -m cxr.evaluate`` and cxr.tools.ablation use to turn training run dirs into scores;
+the run dirs are opened by cxr.runs.open (typed config, best weights, model, loader config), the
+analysis and the report are cxr.evaluation.report's, the prediction tables cxr.evaluation.predictions'.
 
-A member is rebuilt from its run's ``config.yaml`` (``model:`` → ``build_model``) and loads
-``checkpoints/best/model.safetensors`` through cxr.runs.checkpoint (tensors only, no pickled
-code); it runs in eval mode under ``torch.inference_mode``. The split is read once per
+Members run in eval mode under ``torch.inference_mode``. The split is read once per
 distinct resolution and every member of that resolution scores each batch; under a
 launcher each rank infers a disjoint part of the split and rank 0 gathers the scores,
 joins the resolution groups by key and checks that every image of the split (per the
@@ -15,100 +13,32 @@ shards manifest, read by shards.manifest) was scored exactly once.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from cxr.evaluation.report import ENSEMBLE, ScoreSet
+from cxr.runs.open import (
+    EvalOptions,
+    Member,
+    build_member_model,
+    check_distinct,
+    feed,
+    member_info,
+    on_device,
+    read_member,
+    renormaliser,
+)
 from cxrbase.errors import CxrError
-from cxrbase.labels import LABELS
 from shards import remote
 from shards.manifest import load_manifest, manifest_path
 from shards.records import image_key, read_table
 
 # ---------------------------------------------------------------- members ----
-
-
-@dataclass
-class Member:
-    """One trained run to evaluate: its identity, saved config and (once loaded) model."""
-
-    name: str
-    run_dir: Path
-    config: dict[str, Any]
-    meta: dict[str, Any]
-    labels: list[str]
-    resolution: int | None
-    checkpoint: Path
-    model: Any = None
-    mean: Any = None
-    std: Any = None
-    uses_meta: bool = False
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-def run_shards(run_dir: str | Path) -> str:
-    """The shards folder a run trained on (its config.yaml's data.shards): the evaluators' default."""
-    shards = (read_run_config(Path(run_dir) / "config.yaml").get("data") or {}).get("shards")
-    if not shards:
-        raise CxrError(f"{Path(run_dir) / 'config.yaml'}: no data.shards — give --shards")
-    return str(shards)
-
-
-def read_run_config(path: Path) -> dict[str, Any]:
-    """A run dir's config.yaml as a dict; CxrError when absent, unreadable or without ``model:``."""
-    import yaml
-
-    if not path.is_file():
-        raise CxrError(f"{path}: run config not found — is {path.parent} a training run dir (docs/run-dir.md)?")
-    try:
-        config = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise CxrError(f"{path}: unreadable YAML ({err}) — restore the run's config.yaml") from err
-    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise CxrError(
-            f"{path}: no `model:` section — the evaluator rebuilds the model from it; "
-            "restore the run's resolved config.yaml"
-        )
-    return config
-
-
-def read_member(run_dir: str | Path, name: str) -> Member:
-    """Read a run dir's config, best-checkpoint meta and label set/resolution (no weights yet)."""
-    from cxr.runs.checkpoint import best_weights, read_meta
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CxrError(f"{run_dir}: run dir not found — pass training run dirs to --runs")
-    config = read_run_config(run_dir / "config.yaml")
-    checkpoint = best_weights(run_dir)
-    meta = read_meta(checkpoint.parent)
-    model_cfg = config["model"]
-    labels = meta.get("labels") or config.get("data", {}).get("labels")
-    if labels is None:
-        num = int(model_cfg.get("num_labels", len(LABELS)))
-        labels = list(LABELS) if num == len(LABELS) else [f"label_{i}" for i in range(num)]
-    resolution = meta.get("resolution") or config.get("data", {}).get("resolution")
-    data_cfg = config.get("data", {})
-    return Member(
-        name=name,
-        run_dir=run_dir,
-        config=config,
-        meta=meta,
-        labels=list(labels),
-        resolution=int(resolution) if resolution else None,
-        checkpoint=checkpoint,
-        mean=data_cfg.get("mean"),
-        std=data_cfg.get("std"),
-        uses_meta=str(model_cfg.get("metadata", "none")) != "none",
-    )
 
 
 def member_names(run_dirs: Sequence[str | Path]) -> list[str]:
@@ -160,152 +90,7 @@ def check_compatible(members: Sequence[Member], labels: Sequence[str], resolutio
     return int(first.resolution)
 
 
-def build_member_model(member: Member, device: Any) -> Any:
-    """Rebuild a member's model from its config, load its best weights, eval mode on ``device``."""
-    from cxr.models import build_model
-    from cxr.runs.checkpoint import load_weights
-
-    kwargs = dict(member.config["model"])
-    kwargs.pop("init_from", None)  # where training started from: not a build_model argument
-    name = kwargs.pop("name", None)
-    if name is None:
-        raise CxrError(f"{member.run_dir}/config.yaml: model.name missing — restore the run's config")
-    # Evaluation never needs the backbone's pretrained file nor activation checkpointing.
-    kwargs.update(pretrained=None, grad_checkpointing=False)
-    try:
-        model = build_model(name, **kwargs)
-    except CxrError:
-        raise
-    except (TypeError, ValueError, KeyError) as err:
-        raise CxrError(
-            f"{member.run_dir}/config.yaml: cannot rebuild model {name!r} ({err}) — "
-            "the config's model: section must match cxr.models.build_model"
-        ) from err
-    load_weights(
-        model,
-        member.checkpoint.parent,
-        fix=f"was {member.run_dir}/config.yaml edited after training? restore the one it was trained with",
-        corrupt_fix=f"only tensors are loaded, never pickled code; retrain run {member.run_dir} "
-        "or restore its checkpoints/best",
-    )
-    member.uses_meta = bool(getattr(model, "uses_meta", member.uses_meta))
-    return model.to(device).eval()
-
-
-def member_info(member: Member, eval_resolution: int) -> dict[str, Any]:
-    """The run-config summary of one member for members.json and the report."""
-    cfg = member.config
-    model_cfg = dict(cfg.get("model", {}))
-    loss = cfg.get("loss", {})
-    optim = cfg.get("optim", {})
-    return {
-        "name": member.name,
-        "run_dir": str(member.run_dir),
-        "checkpoint": str(member.checkpoint),
-        "model": model_cfg.get("name"),
-        "model_options": _non_default_options(model_cfg),
-        "loss": loss.get("name", loss.get("kind")) if isinstance(loss, dict) else loss,
-        "lr": optim.get("lr") if isinstance(optim, dict) else None,
-        "seed": (cfg.get("train") or {}).get("seed") if isinstance(cfg.get("train"), dict) else None,
-        "train_resolution": member.resolution,
-        "eval_resolution": eval_resolution,
-        "best_epoch": member.meta.get("epoch"),
-        "best_val": _headline_val(member.meta.get("val")),
-        "run_status": run_status(member.run_dir),
-    }
-
-
-def run_status(run_dir: Path) -> dict[str, Any] | None:
-    """The run's state when evaluated (RUN/status.json via cxr.runs.run_log: finished | preempted |
-    failed | running), so an unfinished member is named in members.json and report.md; None
-    for a run dir without one (assembled by hand)."""
-    from cxr.runs.run_log import read_status
-
-    status = read_status(run_dir)
-    if not isinstance(status, dict):
-        return None
-    return {k: status.get(k) for k in ("state", "epoch", "global_step", "time")}
-
-
-def check_distinct(run_dirs: Sequence[str | Path]) -> None:
-    """Refuse a run given twice (by any path: symlinks, ``..``, a trailing slash): the ensemble
-    would count it twice."""
-    seen: dict[str, str] = {}
-    for run_dir in run_dirs:
-        real = os.path.realpath(run_dir)
-        if real in seen:
-            same = f"{seen[real]} and {run_dir}" + (f" are both {real}" if seen[real] != str(run_dir) else " again")
-            raise CxrError(
-                f"{run_dir}: run given twice to --runs ({same}) — an ensemble would count it twice; pass each run once"
-            )
-        seen[real] = str(run_dir)
-
-
-def _non_default_options(model_cfg: dict[str, Any]) -> dict[str, Any]:
-    """The model options that differ from build_model's defaults (what tells members apart)."""
-    import inspect
-
-    from cxr.models import build_model
-
-    defaults = {
-        k: p.default
-        for k, p in inspect.signature(build_model).parameters.items()
-        if p.default is not inspect.Parameter.empty
-    }
-    return {k: v for k, v in model_cfg.items() if k != "name" and (k not in defaults or defaults[k] != v)}
-
-
-def _headline_val(val: Any) -> Any:
-    """The best checkpoint's validation loss and mean AUROC (meta.json keeps every metric)."""
-    if not isinstance(val, dict):
-        return val
-    keep = ("val_loss", "loss", "val_mean_auroc", "mean_auroc")
-    return {k: val[k] for k in keep if k in val} or val
-
-
 # -------------------------------------------------------------- inference ----
-
-
-def eval_data_config(members: Sequence[Member], args: argparse.Namespace, resolution: int, on_gpu: bool = False) -> Any:
-    """The loader config: the first member's ``data:`` section, pointed at --shards, eval mode.
-
-    A member trained with GPU decoding is evaluated with CPU decoding when this job has no GPU.
-    """
-    from cxr.data import DataConfig
-
-    known = {f.name for f in dataclasses.fields(DataConfig)}
-    kwargs = {k: v for k, v in (members[0].config.get("data") or {}).items() if k in known}
-    kwargs.update(shards=str(args.shards), resolution=resolution, augment=False)
-    if args.backend:
-        kwargs["backend"] = args.backend
-    if args.batch_size:
-        kwargs["eval_batch_size"] = args.batch_size
-        kwargs.setdefault("batch_size", args.batch_size)
-    if args.num_threads:
-        kwargs["num_threads"] = args.num_threads
-    if args.loader_device:
-        kwargs["device"] = args.loader_device
-    elif kwargs.get("device") == "gpu" and not on_gpu:
-        print("note: data.device=gpu in the run config but this job runs on CPU — decoding on CPU", file=sys.stderr)
-        kwargs["device"] = "cpu"
-    return DataConfig(**kwargs)
-
-
-def renormaliser(member: Member, loader_cfg: Any, device: Any):
-    """Map loader-normalised images to this member's training normalisation (identity if equal)."""
-    import torch
-
-    src_mean, src_std = getattr(loader_cfg, "mean", None), getattr(loader_cfg, "std", None)
-    mean = src_mean if member.mean is None else member.mean
-    std = src_std if member.std is None else member.std
-    if src_mean is None or (np.allclose(mean, src_mean) and np.allclose(std, src_std)):
-        return lambda x: x
-
-    def as4d(v: Any) -> Any:
-        return torch.as_tensor(v, dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
-
-    a, b = as4d(src_std) / as4d(std), (as4d(src_mean) - as4d(mean)) / as4d(std)
-    return lambda x: x * a + b
 
 
 def infer_split(
@@ -337,17 +122,11 @@ def infer_split(
     )
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         for batch in bar:
-            image = batch["image"].to(device, non_blocking=True)
-            meta = batch["meta"].to(device, non_blocking=True) if "meta" in batch else None
+            image, meta = on_device(batch, device)
             # float64 sigmoid keeps logits up to ~37 distinguishable (mean-logit ensembles); one
             # device→host copy per batch for all members (each copy is a sync point)
             batch_probs = (
-                torch.stack(
-                    [
-                        torch.sigmoid(m.model(renorm[m.name](image), meta=meta if m.uses_meta else None).double())
-                        for m in members
-                    ]
-                )
+                torch.stack([torch.sigmoid(feed(m.model, image, meta, renorm[m.name]).double()) for m in members])
                 .cpu()
                 .numpy()
             )
@@ -496,44 +275,44 @@ def shards_labels(shards: Path) -> list[str]:
     return list(load_manifest(shards)["labels"])
 
 
-def process_state(args: argparse.Namespace) -> Any:
-    """The launcher's process layout (1 process when started without a launcher)."""
+def process_state(cpu: bool = False) -> Any:
+    """The launcher's process layout (1 process when started without a launcher); ``cpu``: even with a GPU."""
     import torch
     from accelerate import PartialState
 
     from cxr.runs.distributed import import_before_process_group
 
     import_before_process_group()
-    return PartialState(cpu=args.cpu or not torch.cuda.is_available())
+    return PartialState(cpu=cpu or not torch.cuda.is_available())
 
 
 def infer_runs(
-    args: argparse.Namespace, state: Any, splits: Sequence[str], on_ready: Any = None
+    runs: Sequence[str | Path], opts: EvalOptions, state: Any, splits: Sequence[str], on_ready: Any = None
 ) -> tuple[dict[str, ScoreSet] | None, list[dict[str, Any]]]:
-    """Load every member, infer each split once across ranks; rank 0 gets {split: ScoreSet}.
+    """Open every member, infer each split once across ranks; rank 0 gets {split: ScoreSet}.
 
-    ``on_ready(members)``, if given, is called once every member's model is loaded, before inference."""
-    shards = remote.location(args.shards)
-    check_distinct(args.runs)
-    members = [read_member(r, n) for r, n in zip(args.runs, member_names(args.runs))]
+    ``splits[0]`` is the split evaluated (the others: where thresholds are chosen). ``on_ready(members)``,
+    if given, is called once every member's model is loaded, before inference."""
+    shards = remote.location(opts.shards)
+    check_distinct(runs)
+    members = [read_member(r, n) for r, n in zip(runs, member_names(runs))]
     plan = member_label_plan(members, shards)
-    resolution = check_compatible(members, members[0].labels, args.resolution)
-    for m in members:
+    resolution = check_compatible(members, members[0].labels, opts.resolution)
+    for m in members:  # opened (cxr.runs.open.open_member) once all agree on labels and resolution
         m.model = build_member_model(m, state.device)
     groups: dict[int, list[Member]] = {}  # one pass over the split per distinct resolution
     for m in members:
         groups.setdefault(int(resolution or m.resolution), []).append(m)
-    loader_cfgs = {
-        res: eval_data_config(group, args, res, on_gpu=state.device.type == "cuda") for res, group in groups.items()
-    }
+    on_gpu = state.device.type == "cuda"
+    loader_cfgs = {res: group[0].loader_config(opts, res, on_gpu) for res, group in groups.items()}
     per_split: dict[str, ScoreSet] = {}
     for split in splits:  # fail before any inference if a split does not exist or is empty
-        expected_keys(shards, split, "choose another --split" if split == args.split else "use --thresholds-from none")
+        expected_keys(shards, split, "choose another --split" if split == splits[0] else "use --thresholds-from none")
     if on_ready is not None:
         on_ready(members)
     for split in splits:
         parts = [
-            gather_scores(infer_split(group, loader_cfgs[res], split, state, args.precision, plan), state)
+            gather_scores(infer_split(group, loader_cfgs[res], split, state, opts.precision, plan), state)
             for res, group in groups.items()
         ]
         merged = join_members(parts, [m.name for m in members], shards, split)

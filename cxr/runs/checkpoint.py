@@ -260,7 +260,7 @@ def _is_deepspeed(accelerator) -> bool:
 
 # ---------------------------------------------------------------------------- load
 # The one reader of a checkpoint's weights (training resume, model.init_from, and through
-# cxr.evaluation.inference.build_member_model the evaluator, explain, embed, export and ood): safetensors
+# cxr.runs.open.open_member the evaluator, explain, embed, export and ood): safetensors
 # only, so loading never executes pickled code.
 _CORRUPT_FIX = "delete it (or use last.old/best) or start a new run"
 _FITS_FIX = "use the model section the run was trained with (RUN/config.yaml), or a new checkpoint.run_dir"

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cxr.config import Config, config_to_dict
 from cxr.evaluation.scores import MEAN, ScoreSet
 from cxr.tools.ablation_report import ALL, plot_auroc, plot_delta, report_markdown, run_costs
 from cxrbase.atomic import atomic_write_text
@@ -60,12 +61,12 @@ class Run:
     run_dir: Path
     variant: Any
     seed: Any
-    config: dict[str, Any]
+    config: Config
 
 
-def config_value(config: dict[str, Any], key: str) -> Any:
-    """``config['a']['b']`` for key ``a.b`` (None when absent)."""
-    node: Any = config
+def config_value(config: Config, key: str) -> Any:
+    """The value of ``a.b`` in the run's config (as written in config.yaml; None when no such key)."""
+    node: Any = config_to_dict(config)
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
             return None
@@ -75,11 +76,11 @@ def config_value(config: dict[str, Any], key: str) -> Any:
 
 def read_runs(run_dirs: Sequence[str | Path], by: Sequence[str]) -> list[Run]:
     """The runs' configs and their variant (the values of ``by``) and seed."""
-    from cxr.evaluation.inference import member_names, read_run_config
+    from cxr.evaluation.inference import member_names
 
     runs = []
     for run_dir, name in zip(run_dirs, member_names(run_dirs)):
-        config = read_run_config(Path(run_dir) / "config.yaml")
+        config = Config.load(run_dir)
         values = [config_value(config, key) for key in by]
         missing = [k for k, v in zip(by, values) if v is None]
         if missing:
@@ -284,32 +285,29 @@ def infer_predictions(args: argparse.Namespace) -> tuple[ScoreSet | None, list[d
     """The runs' predictions on ``args.split`` via cxr.evaluate (each member at its own resolution)
     and their members.json entries; None on ranks other than 0."""
     from cxr.evaluation.inference import infer_runs, process_state
+    from cxr.runs.open import EvalOptions
 
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    eval_args = argparse.Namespace(
-        runs=args.runs,
-        shards=args.shards,
-        resolution=None,
+    opts = EvalOptions(
+        shards=str(args.shards),
         backend=args.backend,
         batch_size=args.batch_size,
         num_threads=args.num_threads,
-        loader_device=None,
         precision=args.precision,
         cpu=args.cpu,
-        split=args.split,
     )
-    state = process_state(eval_args)
-    per_split, infos = infer_runs(eval_args, state, [args.split])
+    state = process_state(args.cpu)
+    per_split, infos = infer_runs(args.runs, opts, state, [args.split])
     if per_split is None:
         return None, infos
     return per_split[args.split], infos
 
 
 def _default_shards(runs: Sequence[Run]) -> str:
-    from cxr.evaluation.inference import run_shards
+    from cxr.runs.open import run_shards
 
     return run_shards(runs[0].run_dir)
 

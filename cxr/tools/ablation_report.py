@@ -23,15 +23,15 @@ def run_costs(runs: Sequence[Any]) -> pd.DataFrame:  # runs: cxr.tools.ablation.
     """Per run: variant, seed, micro-batch, accumulation, checkpointing, images/s, s/epoch, peak memory."""
     rows = []
     for r in runs:
-        data, train, model = (r.config.get(k) or {} for k in ("data", "train", "model"))
+        data, train, model = r.config.data, r.config.train, r.config.model
         row = {
             "run": r.name,
             "variant": str(r.variant),
             "seed": r.seed,
-            "resolution": data.get("resolution"),
-            "micro_batch": data.get("batch_size"),
-            "grad_accum": train.get("grad_accum_steps", 1),
-            "checkpointing": model.get("grad_checkpointing", False),
+            "resolution": data.resolution,
+            "micro_batch": data.batch_size,
+            "grad_accum": train.grad_accum_steps,
+            "checkpointing": model.grad_checkpointing,
         }
         row["effective_batch"] = (row["micro_batch"] or 0) * (row["grad_accum"] or 1)
         frame = read_throughput(r.run_dir)  # one row per epoch (cxr.runs.run_log)

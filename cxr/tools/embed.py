@@ -30,7 +30,6 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -56,28 +55,29 @@ def extract(
     import torch
 
     from cxr.data import build_loader
-    from cxr.evaluation.inference import build_member_model, eval_data_config, read_member, renormaliser, shards_labels
+    from cxr.evaluation.inference import shards_labels
+    from cxr.runs.open import EvalOptions, feed, on_device, open_member, renormaliser
     from cxrbase.progress import progress as progress_bar
 
-    member = read_member(run, Path(run).name)
-    names = shards_labels(shards)
-    if list(member.labels) != list(names):
-        raise CxrError(
-            f"{shards}/manifest.json: run {run} was trained on labels {member.labels[:3]}… but the "
-            f"shards have {names[:3]}… — embed it on shards with its own label set"
-        )
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = build_member_model(member, dev)
-    args = SimpleNamespace(shards=shards, backend=None, batch_size=batch_size, num_threads=None, loader_device=None)
-    cfg = eval_data_config([member], args, member.resolution or 224, on_gpu=dev.type == "cuda")
+    names = shards_labels(shards)
+
+    def check(member) -> None:
+        if list(member.labels) != list(names):
+            raise CxrError(
+                f"{shards}/manifest.json: run {run} was trained on labels {member.labels[:3]}… but the "
+                f"shards have {names[:3]}… — embed it on shards with its own label set"
+            )
+
+    member = open_member(run, Path(run).name, dev, check)
+    opts = EvalOptions(shards=str(shards), batch_size=batch_size)
+    cfg = member.loader_config(opts, member.resolution or 224, on_gpu=dev.type == "cuda")
     loader = build_loader(cfg, split, epoch=0, train=False)
     renorm = renormaliser(member, cfg, dev)
     keys, feats, labels = [], [], []
     with torch.inference_mode():
         for batch in progress_bar(loader, desc=f"embed {split}", unit="batch", disable=not progress):
-            image = renorm(batch["image"].to(dev))
-            meta = batch["meta"].to(dev) if member.uses_meta else None
-            feats.append(model.pooled(image, meta).float().cpu().numpy())
+            feats.append(feed(member.model, *on_device(batch, dev), renorm, call="pooled").float().cpu().numpy())
             y = batch["labels"].numpy()
             labels.append(np.where(np.isnan(y), UNKNOWN, y.round()).astype(np.uint8))  # 255: unknown, as on disk
             keys.extend(str(k) for k in batch["key"])

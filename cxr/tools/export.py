@@ -192,23 +192,26 @@ def export_onnx(module: nn.Module, example: torch.Tensor, path: Path, outputs: S
 
 def load_members(runs: Sequence[str]):
     """[(member record, model in eval mode on CPU)] of classifier runs; metadata models are refused."""
-    from cxr.evaluation.inference import build_member_model, member_names, read_member
+    from cxr.evaluation.inference import member_names
+    from cxr.runs.open import open_member
 
-    out = []
-    for run, name in zip(runs, member_names(runs)):
-        member = read_member(run, name)
-        model_name = member.config.get("model", {}).get("name")
-        if model_name == "ood_ae":
+    def check(member) -> None:
+        run = member.run_dir
+        if member.config.model.name == "ood_ae":
             raise CxrError(f"{run}: an ood_ae run given to --run — pass it to --ood, classifier runs to --run")
         if member.uses_meta:
             raise CxrError(
-                f"{run}/config.yaml: model.metadata={member.config['model'].get('metadata')} — the page "
+                f"{run}/config.yaml: model.metadata={member.config.model.metadata} — the page "
                 f"has no patient age/sex/view to feed it; export members trained with metadata=none"
             )
         if list(member.labels) != list(LABELS):
             raise CxrError(f"{run}: labels {member.labels[:3]}… differ from the 14 NIH labels — export NIH classifiers")
-        out.append((member, build_member_model(member, torch.device("cpu"))))
-    norms = {(m.mean, m.std) for m, _ in out}
+
+    out = []
+    for run, name in zip(runs, member_names(runs)):
+        member = open_member(run, name, "cpu", check)
+        out.append((member, member.model))
+    norms = {(m.config.data.mean, m.config.data.std) for m, _ in out}
     if len(norms) > 1:
         raise CxrError(
             f"--run: the members were trained with different data.mean/std {sorted(norms)} — "
@@ -330,12 +333,12 @@ def export_package(
     shown = probability_mapping(out, thresholds, calibration, keep_mapping, len(members), members[0][0].name)
     ops.update(shown)
     write_json(out / "thresholds.json", ops)
-    from cxr.data import DataConfig
     from shards.image_codec import RESIZE_FILTER
 
-    # the mean/std the evaluator normalises with: the runs' data sections, else the loader's defaults
-    model_data = DataConfig.from_run(members[0][0].config.get("data"))
-    gate_data = DataConfig.from_run(gate_member.config.get("data"))
+    # the mean/std the evaluator normalises with: the runs' typed data sections (an old config.yaml
+    # without them: the defaults those runs trained with)
+    model_data = members[0][0].config.data
+    gate_data = gate_member.config.data
     write_json(
         out / "preprocess.json",
         {
@@ -373,7 +376,7 @@ def export_package(
                 "name": m.name,
                 "run": str(m.run_dir),
                 "checkpoint": str(m.checkpoint),
-                "model": m.config.get("model", {}).get("name"),
+                "model": m.config.model.name,
             }
             for m, _ in members
         ],

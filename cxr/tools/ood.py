@@ -220,18 +220,18 @@ class GateScore(nn.Module):
 # ----------------------------------------------------------------------------- threshold + scoring
 def load_gate(run: str | Path, device="cpu"):
     """(model in eval mode, member record) of a trained ood_ae run."""
-    from cxr.evaluation.inference import build_member_model, read_member
+    from cxr.runs.open import open_member
 
-    member = read_member(run, Path(run).name)
-    if member.config.get("model", {}).get("name") != "ood_ae":
-        raise CxrError(
-            f"{run}/config.yaml: model.name is {member.config.get('model', {}).get('name')!r}, "
-            f"not ood_ae — pass the OOD autoencoder's run dir"
-        )
-    model = build_member_model(member, torch.device(device))
-    from cxr.data import DataConfig
+    def check(member) -> None:
+        if member.config.model.name != "ood_ae":
+            raise CxrError(
+                f"{run}/config.yaml: model.name is {member.config.model.name!r}, "
+                f"not ood_ae — pass the OOD autoencoder's run dir"
+            )
 
-    data = DataConfig.from_run(member.config.get("data"))  # the run's mean/std, else the loader's defaults
+    member = open_member(run, Path(run).name, device, check)
+    model = member.model
+    data = member.config.data  # the run's mean/std (a run saved before they existed: the defaults it used)
     model.norm.copy_(torch.tensor([data.mean, data.std]))
     return model, member
 
@@ -246,12 +246,12 @@ def load_scorer(run: str | Path, device="cpu") -> GateScore:
 def split_features(ae: OodAutoencoder, member, shards: str | Path, split: str, batch_size: int = 64):
     """(keys [n] object array, feature vectors [n, F] float64) of every image of ``split``, at the AE's
     resolution, read by the loader as the AE was trained."""
-    from cxr.data import DataConfig, build_loader
+    from cxr.data import build_loader
+    from cxr.runs.open import EvalOptions
     from cxrbase.progress import progress
 
-    data = {k: v for k, v in member.config.get("data", {}).items() if k in {f for f in DataConfig.__dataclass_fields__}}
-    data.update(shards=str(shards), augment=False, eval_batch_size=batch_size, device="cpu")
-    loader = build_loader(DataConfig(**data), split, epoch=0, train=False)
+    opts = EvalOptions(shards=str(shards), batch_size=batch_size, loader_device="cpu")
+    loader = build_loader(member.loader_config(opts, member.config.data.resolution), split, epoch=0, train=False)
     scorer = GateScore(ae, None)
     keys, feats = [], []
     for batch in progress(loader, desc=f"ood {split}", unit="batch", dynamic_ncols=True, leave=False):

@@ -162,8 +162,8 @@ def open_runs(runs: Sequence[Path], ood: Path | None, thresholds: str | None, me
     """Training run dirs (an ensemble) and an optional gate run, preprocessed as the loaders do."""
     import torch
 
-    from cxr.data import DataConfig
-    from cxr.evaluation.inference import build_member_model, ensemble_scores, member_names, read_member
+    from cxr.evaluation.inference import ensemble_scores, member_names
+    from cxr.runs.open import build_member_model, read_member
     from cxr.tools.export import operating_points
 
     dev = torch.device(
@@ -184,8 +184,8 @@ def open_runs(runs: Sequence[Path], ood: Path | None, thresholds: str | None, me
         if m.resolution is None:
             raise CxrError(f"{m.run_dir}/config.yaml: no data.resolution — restore the run's config")
         m.model = build_member_model(m, dev)
-    # each member's mean/std as the evaluator normalises for it: its run's data section, else the defaults
-    norm = {m.name: DataConfig.from_run(m.config.get("data")) for m in members}
+    # each member's mean/std as the evaluator normalises for it: its run's data section
+    norm = {m.name: m.config.data for m in members}
     gate = None
     if ood is not None:
         from cxr.tools.ood import GateScore, load_gate, read_threshold

@@ -206,18 +206,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    from cxr.evaluation.inference import member_names, process_state, read_member
+    from cxr.evaluation.inference import member_names, process_state
+    from cxr.runs.open import EvalOptions, read_member
 
     run_dirs = [args.run] if args.run else list(args.runs)
     shards = remote.location(args.shards)
     load_manifest(shards)  # a missing or invalid manifest fails before any process group starts
-    state = process_state(args)
+    state = process_state(args.cpu)
     masters = Masters.open(shards, args.split)
     names = read_member(run_dirs[0], member_names(run_dirs[:1])[0]).labels  # the model's labels
     job, counts = plan_job(args, masters, names)
+    opts = EvalOptions(
+        shards=str(args.shards),
+        resolution=args.resolution,
+        backend=args.backend,
+        batch_size=args.batch_size,
+        num_threads=args.num_threads,
+        loader_device=args.loader_device,
+        cpu=args.cpu,
+    )
     rows, entries, runs = [], [], []
     for run_dir, name in zip(run_dirs, member_names(run_dirs)):
-        r, e, info = explain_run(args, run_dir, name, state, job, masters)
+        r, e, info = explain_run(run_dir, name, opts, args.split, state, job, masters, args.layer, args.min_map)
         rows += r
         entries += e
         runs.append(info)

@@ -3,22 +3,24 @@ opened, and each (image, label) map scored against its boxes or drawn as an over
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from cxr.tools.explain.boxes import box_mask, localisation, scale_boxes
-from cxr.tools.explain.maps import METHOD_NAMES, choose_layer, heat_maps, upsample
+from cxr.tools.explain.maps import METHOD_NAMES, MIN_MAP, choose_layer, heat_maps, upsample
 from cxr.tools.explain.masters import Masters
 from cxr.tools.explain.overlays import _caption, overlay
 from cxrbase.atomic import atomic_write
 from cxrbase.errors import CxrError
 from shards import remote
+
+if TYPE_CHECKING:
+    from cxr.runs.open import EvalOptions
 
 
 def select_keys(available: Sequence[str], wanted: Sequence[str], shards: Path, split: str) -> list[str]:
@@ -73,30 +75,33 @@ class Job:
 
 
 def explain_run(
-    args: argparse.Namespace, run_dir: str, name: str, state: Any, job: Job, masters: Masters
+    run_dir: str,
+    name: str,
+    opts: EvalOptions,
+    split: str,
+    state: Any,
+    job: Job,
+    masters: Masters,
+    layer: str | None = None,
+    min_map: int = MIN_MAP,
 ) -> tuple[list[dict], list[dict], dict]:
-    """Explain this rank's share of ``job`` with one run: (score rows, overlay entries, run info)."""
+    """Explain this rank's share of ``job`` on ``split`` with one run: (score rows, overlay entries, run
+    info); ``layer``/``min_map``: as :func:`choose_layer`."""
     import torch
 
-    from cxr.evaluation.inference import (
-        build_member_model,
-        check_compatible,
-        eval_data_config,
-        read_member,
-        renormaliser,
-        shards_labels,
-    )
+    from cxr.evaluation.inference import check_compatible, shards_labels
+    from cxr.runs.open import on_device, open_member, renormaliser, takes_meta
 
-    member = read_member(run_dir, name)
-    resolution = check_compatible([member], job.names or member.labels, args.resolution)
-    shard_names = shards_labels(remote.location(args.shards))  # any data set's: truth is read by label name
-    model = build_member_model(member, state.device)
+    member = open_member(run_dir, name, state.device)
+    model = member.model
+    resolution = check_compatible([member], job.names or member.labels, opts.resolution)
+    shard_names = shards_labels(remote.location(opts.shards))  # any data set's: truth is read by label name
     for p in model.parameters():
         p.requires_grad_(False)  # gradients flow to the input and the cam layer only
-    loader_cfg = eval_data_config([member], args, resolution, on_gpu=state.device.type == "cuda")
-    loader = subset_loader(loader_cfg, args.split, list(job.labels), state.process_index, state.num_processes)
+    loader_cfg = member.loader_config(opts, resolution, on_gpu=state.device.type == "cuda")
+    loader = subset_loader(loader_cfg, split, list(job.labels), state.process_index, state.num_processes)
     renorm = renormaliser(member, loader_cfg, state.device)
-    layer, map_size, why = choose_layer(model, job.method, resolution, args.layer, args.min_map)
+    layer, map_size, why = choose_layer(model, job.method, resolution, layer, min_map)
     if state.is_main_process:
         where = f"layer {layer} ({map_size[0]}×{map_size[1]} map at {resolution} px; {why})" if layer else why
         print(f"{name}: {METHOD_NAMES[job.method]} on {where}", flush=True)
@@ -112,8 +117,8 @@ def explain_run(
         disable=not state.is_main_process,
         dynamic_ncols=True,
     ):
-        image = renorm(batch["image"].to(state.device))
-        meta = batch["meta"].to(state.device) if member.uses_meta else None
+        image, meta = on_device(batch, state.device)
+        image, meta = renorm(image), meta if takes_meta(model) else None  # heat_maps feeds the model itself
         with torch.no_grad():
             probs = torch.sigmoid(model(image, meta).double()).cpu().numpy()
         truth = batch["labels"].numpy().round()  # NaN: unknown
@@ -140,7 +145,7 @@ def explain_run(
         {
             "run": name,
             "run_dir": str(run_dir),
-            "model": member.config["model"].get("name"),
+            "model": member.config.model.name,
             "resolution": resolution,
             "layer": layer,
             "map": f"{map_size[0]}×{map_size[1]}" if map_size else "input",
