@@ -220,10 +220,20 @@ def tune_thresholds(y_true, y_score, method: str = "f1") -> np.ndarray:
     """
     if method not in ("f1", "youden"):
         raise CxrError(f"tune_thresholds: method={method!r} — choose 'f1' or 'youden'")
+
+    def pick(thr: np.ndarray, tps: np.ndarray, fps: np.ndarray, n_pos: int, n_neg: int) -> float:
+        criterion = 2 * tps / (tps + fps + n_pos) if method == "f1" else tps / n_pos - fps / n_neg
+        return thr[np.argmax(criterion)]
+
+    return _per_label_threshold(y_true, y_score, pick, f"{method} threshold")
+
+
+def _per_label_threshold(y_true, y_score, pick, what: str) -> np.ndarray:
+    """[L] thresholds: ``pick(thresholds, tps, fps, n_pos, n_neg)`` on each label's ROC steps over its
+    known rows; 0.5 for a label without both classes (one warning naming them, ``what`` undefined)."""
     y, s, known = _as_2d(y_true, y_score)
     names = _names(y.shape[1])
-    out = np.full(y.shape[1], 0.5)
-    undefined = []
+    out, undefined = np.full(y.shape[1], 0.5), []
     for c in range(y.shape[1]):
         k = known[:, c]
         n_pos, n = int(y[:, c].sum()), int(k.sum())
@@ -231,12 +241,8 @@ def tune_thresholds(y_true, y_score, method: str = "f1") -> np.ndarray:
             undefined.append(names[c])
             continue
         thr, tps, fps = _binary_curve(y[k, c], s[k, c])
-        if method == "f1":
-            criterion = 2 * tps / (tps + fps + n_pos)
-        else:
-            criterion = tps / n_pos - fps / (n - n_pos)
-        out[c] = thr[np.argmax(criterion)]
-    _warn(f"{method} threshold undefined (0.5 used) for labels without both classes", undefined)
+        out[c] = pick(thr, tps, fps, n_pos, n - n_pos)
+    _warn(f"{what} undefined (0.5 used) for labels without both classes", undefined)
     return out
 
 
@@ -342,23 +348,14 @@ def threshold_for_target(y_true, y_score, metric: str, target: float) -> np.ndar
     """
     if metric not in ("sensitivity", "specificity") or not 0 < target <= 1:
         raise CxrError(f"threshold_for_target: {metric}={target} — use sensitivity/specificity and a target in (0, 1]")
-    y, s, known = _as_2d(y_true, y_score)
-    names = _names(y.shape[1])
-    out, undefined = np.full(y.shape[1], 0.5), []
-    for c in range(y.shape[1]):
-        k = known[:, c]
-        n_pos, n = int(y[:, c].sum()), int(k.sum())
-        if n_pos in (0, n):
-            undefined.append(names[c])
-            continue
-        thr, tps, fps = _binary_curve(y[k, c], s[k, c])
+
+    def pick(thr: np.ndarray, tps: np.ndarray, fps: np.ndarray, n_pos: int, n_neg: int) -> float:
         if metric == "sensitivity":  # tps grows as t falls: the first index reaching the target
-            out[c] = thr[np.argmax(tps / n_pos >= target - 1e-12)]
-        else:  # fps grows as t falls: the last index still meeting the target (there may be none)
-            ok = np.flatnonzero(1 - fps / (n - n_pos) >= target - 1e-12)
-            out[c] = thr[ok[-1]] if ok.size else np.nextafter(thr[0], np.inf)
-    _warn(f"{metric} {target} threshold undefined (0.5 used) for labels without both classes", undefined)
-    return out
+            return thr[np.argmax(tps / n_pos >= target - 1e-12)]
+        ok = np.flatnonzero(1 - fps / n_neg >= target - 1e-12)  # fps grows as t falls: the last index
+        return thr[ok[-1]] if ok.size else np.nextafter(thr[0], np.inf)  # still meeting it (maybe none)
+
+    return _per_label_threshold(y_true, y_score, pick, f"{metric} {target} threshold")
 
 
 def wilson_interval(successes, trials, alpha: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
