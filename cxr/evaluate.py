@@ -54,7 +54,9 @@ from typing import Any
 
 import numpy as np
 
+from cxr.evaluation.cli_args import build_parser
 from cxr.evaluation.inference import infer_runs, process_state, with_ensemble
+from cxr.evaluation.notes import data_notes, member_notes
 from cxr.evaluation.predictions import check_score_sets, read_members, read_predictions, write_predictions
 from cxr.evaluation.report import ENSEMBLE, ScoreSet
 from cxr.evaluation.subgroups import attach_meta
@@ -120,24 +122,14 @@ def _splits_table(args: argparse.Namespace) -> Path | None:
     return None if args.from_predictions else packed_table(args.shards)
 
 
-def analyse_and_write(
-    args: argparse.Namespace,
-    per_split: dict[str, ScoreSet],
-    infos: list[dict[str, Any]],
-    source: str,
-    out: Path | None = None,
-    stops: _StopSignals | None = None,
-    plan: Any = None,
-) -> dict[str, Any]:
-    """Ensemble, write predictions, compute every table and the report into ``out`` (default
-    --out; main passes the temp folder that replaces --out at the end); return a summary.
-    ``plan`` (cxr.evaluation.cross_site.LabelPlan): runs scored on another data set's shards — labels that
-    only one side has, or that are all-unknown or single-class on the split, are left out and
-    named; with --compare-to the report puts internal and external AUROCs side by side."""
+def _checked_scores(
+    args: argparse.Namespace, per_split: dict[str, ScoreSet], source: str, plan: Any
+) -> tuple[dict[str, ScoreSet], dict[str, str], bool, Any]:
+    """The scores analyse_and_write analyses: undefined labels dropped (and named), the needed splits
+    checked, the splits table's columns attached, the ensemble recomputed. Returns them with the
+    dropped labels, whether this is an external evaluation, and the --compare-to AUROCs (or None)."""
     from cxr.evaluation import cross_site
-    from cxr.evaluation.report import analyse, write_outputs
 
-    out = Path(args.out) if out is None else out
     dropped: dict[str, str] = {}
     is_external = (plan is not None and plan.cross_site) or bool(args.compare_to)
     if args.split in per_split:
@@ -162,6 +154,28 @@ def analyse_and_write(
     check_score_sets(per_split, source)  # freshly inferred scores too: nothing is written before this
     per_split = attach_meta(per_split, _splits_table(args), strict=bool(args.splits))
     per_split = {k: with_ensemble(v, args.ensemble) for k, v in per_split.items()}
+    return per_split, dropped, is_external, internal
+
+
+def analyse_and_write(
+    args: argparse.Namespace,
+    per_split: dict[str, ScoreSet],
+    infos: list[dict[str, Any]],
+    source: str,
+    out: Path | None = None,
+    stops: _StopSignals | None = None,
+    plan: Any = None,
+) -> dict[str, Any]:
+    """Ensemble, write predictions, compute every table and the report into ``out`` (default
+    --out; main passes the temp folder that replaces --out at the end); return a summary.
+    ``plan`` (cxr.evaluation.cross_site.LabelPlan): runs scored on another data set's shards — labels that
+    only one side has, or that are all-unknown or single-class on the split, are left out and
+    named; with --compare-to the report puts internal and external AUROCs side by side."""
+    from cxr.evaluation import cross_site
+    from cxr.evaluation.report import analyse, write_outputs
+
+    out = Path(args.out) if out is None else out
+    per_split, dropped, is_external, internal = _checked_scores(args, per_split, source, plan)
     tuning_split = None if args.thresholds_from in (None, "none") else args.thresholds_from
     notes = data_notes(per_split.get(tuning_split), tuning_split) + member_notes(infos)
     for note in notes:
@@ -208,38 +222,6 @@ def analyse_and_write(
         "seconds": seconds,
         "cross_site": (external, dropped),
     }
-
-
-def data_notes(tuning: ScoreSet | None, split: str | None) -> list[str]:
-    """A warning when the threshold split is too small, or lacks a class of some labels (battery 10.1)."""
-    from shards.manifest import split_warnings
-
-    if tuning is None or split is None:
-        return []
-    y = np.asarray(tuning.y_true, dtype=np.float64)
-    positives = {name: int(n) for name, n in zip(tuning.labels, (y == 1).sum(axis=0))}
-    known = {name: int(n) for name, n in zip(tuning.labels, (~np.isnan(y)).sum(axis=0))}
-    warnings = split_warnings(
-        {split: tuning.n}, {split: positives}, f"--thresholds-from {split}", val=split, known_by_split={split: known}
-    )
-    return [
-        w.replace("best-checkpoint selection and tuned thresholds rest", "the tuned thresholds rest") for w in warnings
-    ]
-
-
-def member_notes(infos: Sequence[dict[str, Any]]) -> list[str]:
-    """One line per member whose training did not finish (members.json ``run_status``)."""
-    out = []
-    for info in infos:
-        status = info.get("run_status") or {}
-        if status.get("state") not in (None, "finished"):
-            out.append(
-                f"member {info['name']} ({info['run_dir']}) is unfinished: its status.json says "
-                f"{status['state']!r} at epoch {status.get('epoch')} step {status.get('global_step')}; "
-                f"it is evaluated from its best checkpoint so far (epoch {info.get('best_epoch')}) — "
-                "finish its training (re-run the same command) for the final model"
-            )
-    return out
 
 
 class _Stopped(Exception):
@@ -303,146 +285,6 @@ def _lock_out(out: Path) -> FolderLock:
         print(f"warning: {lock.stale}", file=sys.stderr)
     remove_stale_folders(out)  # a killed evaluation's temp folders; safe under the lock
     return lock
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m cxr.evaluate",
-        description="Evaluate trained runs (an ensemble of members) on a split of packed shards: "
-        "per-label AUROC with bootstrap CIs, AUPRC, tuned thresholds, threshold metrics, ROC/PR "
-        "figures and report.md. Never trains. Under `accelerate launch` each rank infers a "
-        "disjoint part of the split and rank 0 writes the report.",
-        epilog="Writes OUT/{predictions.parquet, members.json, aucs.csv, thresholds.json, metrics.csv, "
-        "calibration.csv, calibration.json, subgroups.csv, roc.png, pr.png, reliability.png, report.md}, "
-        "replacing an earlier report there as a whole; a second evaluation into the same --out is refused "
-        "while one runs. SIGTERM/SIGUSR1 stop it with nothing written and exit 75 (requeue). Examples:\n"
-        "  python -m cxr.evaluate --runs runs/m1 runs/m2 --shards shards --split test --out report\n"
-        "  accelerate launch --multi_gpu --num_processes 4 -m cxr.evaluate --runs ... --out report\n"
-        "  python -m cxr.evaluate --from-predictions report/predictions.parquet --out report2\n"
-        "--debug shows the traceback of an error.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "--runs",
-        nargs="+",
-        metavar="RUN",
-        help="training run dirs (config.yaml + checkpoints/best); each is one member",
-    )
-    p.add_argument(
-        "--shards",
-        help="shards folder with manifest.json (python -m shards pack), or its URL (s3://…, https://…); "
-        "default: the first run's data.shards",
-    )
-    p.add_argument("--split", default="test", help="split to evaluate (default: test)")
-    p.add_argument("--out", required=True, help="report folder to write")
-    p.add_argument(
-        "--thresholds-from",
-        default="val",
-        help="split on which F1/Youden thresholds are tuned (inferred too); 'none': 0.5 only (default: val)",
-    )
-    p.add_argument(
-        "--bootstrap", type=int, default=1000, help="bootstrap resamples for the AUROC CIs; 0: no CIs (default: 1000)"
-    )
-    p.add_argument("--alpha", type=float, default=0.05, help="CI level is 1 - alpha (default: 0.05)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples (default: 0)")
-    p.add_argument(
-        "--ensemble",
-        choices=["mean-prob", "mean-logit"],
-        default="mean-prob",
-        help="ensemble = mean of member probabilities (default), or sigmoid of their mean logit",
-    )
-    p.add_argument(
-        "--from-predictions",
-        metavar="FILE",
-        help="recompute every output from a saved predictions.parquet (no models, no shards)",
-    )
-    p.add_argument(
-        "--resolution",
-        type=int,
-        default=None,
-        help="evaluate every member at R×R even if trained at other resolutions "
-        "(default: members must share one training resolution, else refused)",
-    )
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help="images per batch per rank (default: the first member's data.eval_batch_size / batch_size)",
-    )
-    p.add_argument(
-        "--backend",
-        choices=["dali", "wds"],
-        default=None,
-        help="loader back end (default: the first member's data.backend)",
-    )
-    p.add_argument(
-        "--num-threads",
-        type=int,
-        default=None,
-        help="loader threads/workers per rank (default: the first member's data.num_threads)",
-    )
-    p.add_argument(
-        "--loader-device",
-        choices=["cpu", "gpu"],
-        default=None,
-        help="where the loader decodes (default: the first member's data.device)",
-    )
-    p.add_argument(
-        "--precision",
-        choices=["fp32", "bf16", "fp16"],
-        default="fp32",
-        help="autocast dtype of the forward pass; bf16/fp16 for GPUs (default: fp32)",
-    )
-    p.add_argument("--cpu", action="store_true", help="run on CPU even if CUDA is available")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch intra-op threads per process (default: torch's choice; 1 on shared CPUs)",
-    )
-    p.add_argument("--no-figures", action="store_true", help="skip roc.png / pr.png / reliability.png")
-    p.add_argument(
-        "--resample",
-        choices=["patient", "image"],
-        default="patient",
-        help="bootstrap unit: whole patients when the split's table gives them (default), or images",
-    )
-    p.add_argument(
-        "--subgroups",
-        nargs="*",
-        metavar="GROUPING",
-        default=None,
-        help="groupings for the subgroup section: columns of the splits table (sex, view, followup, or "
-        'any column; NIH headers such as "Patient Gender" work) or age:20,40,60,80 bands '
-        "(default: sex age:20,40,60,80 view followup, those the split has; none: no subgroups)",
-    )
-    p.add_argument(
-        "--splits",
-        metavar="TABLE",
-        help="splits table (python -m shards split) giving each image's "
-        "patient, age, sex, view (default: the table the shards were packed from, or with "
-        "--from-predictions the columns saved in predictions.parquet)",
-    )
-    p.add_argument(
-        "--no-calibration",
-        action="store_true",
-        help="skip the calibration section (ECE, Brier, temperature/Platt fitted on --thresholds-from)",
-    )
-    p.add_argument(
-        "--compare-to",
-        metavar="REPORT",
-        help="an earlier report folder (or its aucs.csv), e.g. the same runs on their own data set's test "
-        "split: report.md and cross_site.csv put its (internal) AUROCs beside this evaluation's (external) "
-        "ones, paired by label, with delta = external − internal. Runs scored on another data set's shards "
-        "are evaluated on the labels both share by name; the others are dropped and named with the reason",
-    )
-    p.add_argument(
-        "--ood",
-        metavar="RUN",
-        help="an ood_ae run (cxr/tools/ood.py): reject the split's images the gate "
-        "rejects and report mean AUROC on the accepted ones beside all (OUT/ood.csv; needs --shards)",
-    )
-    return p
 
 
 def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
