@@ -344,16 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def eval_options(args: argparse.Namespace) -> EvalOptions:
     """The flags that say how to read the split (cxr.runs.open.EvalOptions)."""
-    return EvalOptions(
-        shards=str(args.shards),
-        resolution=args.resolution,
-        backend=args.backend,
-        batch_size=args.batch_size,
-        num_threads=args.num_threads,
-        loader_device=args.loader_device,
-        precision=args.precision,
-        cpu=args.cpu,
-    )
+    return EvalOptions.from_flags(args)
 
 
 def run_label_plan(args: argparse.Namespace) -> Any:

@@ -196,3 +196,40 @@ def test_feed_gives_metadata_only_to_models_that_take_it_and_renormalises(tmp_pa
     np.testing.assert_allclose(renorm(loaded).numpy(), (pixels - 0.4) / 0.3, rtol=0, atol=1e-5)
     same = renormaliser(read_member(tmp_path / "run"), member.config.data, torch.device("cpu"))
     assert same(loaded) is loaded  # identity when the loader already normalises as the run did
+
+
+def test_eval_options_from_each_commands_flags_take_only_the_flags_it_has():
+    """evaluate, ablation and explain build their EvalOptions from their own parsers: each field is the
+    flag's value where the command has the flag, else the dataclass default (hand-listed per command)."""
+    from cxr.evaluation.cli_args import build_parser as evaluate_parser
+    from cxr.runs.open import EvalOptions
+    from cxr.tools.ablation import build_parser as ablation_parser
+    from cxr.tools.explain.cli import build_parser as explain_parser
+
+    argv = [
+        "--out",
+        "o",
+        "--shards",
+        "s3://b/p",
+        "--batch-size",
+        "7",
+        "--backend",
+        "wds",
+        "--num-threads",
+        "3",
+        "--cpu",
+    ]
+    evaluate = evaluate_parser().parse_args(["--runs", "r", *argv, "--resolution", "96", "--loader-device", "cpu",
+                                             "--precision", "bf16"])  # fmt: skip
+    assert EvalOptions.from_flags(evaluate) == EvalOptions(
+        shards="s3://b/p", resolution=96, backend="wds", batch_size=7, num_threads=3, loader_device="cpu",
+        precision="bf16", cpu=True,
+    )  # fmt: skip
+    explain = explain_parser().parse_args(["--run", "r", *argv, "--resolution", "64", "--loader-device", "gpu"])
+    assert EvalOptions.from_flags(explain) == EvalOptions(
+        shards="s3://b/p", resolution=64, backend="wds", batch_size=7, num_threads=3, loader_device="gpu", cpu=True
+    )  # no --precision: fp32
+    ablation = ablation_parser().parse_args(["report", "--runs", "r", "--by", "data.resolution", *argv])
+    assert EvalOptions.from_flags(ablation) == EvalOptions(
+        shards="s3://b/p", backend="wds", batch_size=7, num_threads=3, cpu=True
+    )  # no --resolution / --loader-device: each run's own

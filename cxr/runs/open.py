@@ -14,7 +14,7 @@ import dataclasses
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,13 @@ class EvalOptions:
     loader_device: str | None = None
     precision: str = "fp32"
     cpu: bool = False
+
+    @classmethod
+    def from_flags(cls, flags: Any) -> EvalOptions:
+        """From a command's parsed flags (``--shards``, ``--resolution``, ``--backend``, …): each field
+        its flag's value where the command has that flag, else the field's default."""
+        values = {f.name: getattr(flags, f.name) for f in fields(cls) if hasattr(flags, f.name)}
+        return cls(**{**values, "shards": str(flags.shards)})
 
 
 @dataclass

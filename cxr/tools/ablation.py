@@ -291,14 +291,7 @@ def infer_predictions(args: argparse.Namespace) -> tuple[ScoreSet | None, list[d
         import torch
 
         torch.set_num_threads(args.threads)
-    opts = EvalOptions(
-        shards=str(args.shards),
-        backend=args.backend,
-        batch_size=args.batch_size,
-        num_threads=args.num_threads,
-        precision=args.precision,
-        cpu=args.cpu,
-    )
+    opts = EvalOptions.from_flags(args)
     state = process_state(args.cpu)
     per_split, infos = infer_runs(args.runs, opts, state, [args.split])
     if per_split is None:

@@ -216,15 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     masters = Masters.open(shards, args.split)
     names = read_member(run_dirs[0], member_names(run_dirs[:1])[0]).labels  # the model's labels
     job, counts = plan_job(args, masters, names)
-    opts = EvalOptions(
-        shards=str(args.shards),
-        resolution=args.resolution,
-        backend=args.backend,
-        batch_size=args.batch_size,
-        num_threads=args.num_threads,
-        loader_device=args.loader_device,
-        cpu=args.cpu,
-    )
+    opts = EvalOptions.from_flags(args)
     rows, entries, runs = [], [], []
     for run_dir, name in zip(run_dirs, member_names(run_dirs)):
         r, e, info = explain_run(run_dir, name, opts, args.split, state, job, masters, args.layer, args.min_map)
