@@ -1,0 +1,46 @@
+"""``--help`` text of the config: every key, its default and the docstring written under its field."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+
+from cxr.config.hashing import _plain
+from cxr.config.sections import SECTIONS
+
+
+def describe_config() -> str:
+    """Every key with its default and the docstring under its field (for ``--help``)."""
+    lines = []
+    for name, cls in SECTIONS.items():
+        docs = field_docs(cls)
+        lines.append(f"{name}:")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            doc = " ".join(docs.get(f.name, "").split())
+            lines.append(f"  {name}.{f.name}={_plain(default)!r}")
+            if doc:
+                lines.extend("      " + ln for ln in textwrap.wrap(doc, 84))
+    return "\n".join(lines)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """{field: docstring} from the string literals written under dataclass fields."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for stmt, nxt in zip(body, body[1:]):
+        if (
+            isinstance(stmt, ast.AnnAssign)
+            and isinstance(stmt.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[stmt.target.id] = nxt.value.value
+    return docs
