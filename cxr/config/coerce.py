@@ -38,11 +38,12 @@ def _split_model_options(values: dict, names: list[str]) -> dict:
         options[key] = values.pop(key)
     name = values.get("name", ModelConfig.name)
     valid = model_options(name)
-    for key in options if valid is not None else ():  # an unregistered name: the model.name check reports it
-        if key not in valid:
-            shown = ", ".join([n for n in names if n != "options"] + list(valid))
-            raise CxrError(f"unknown key model.{key} for model.name={name} — valid keys of model: {shown}")
-        options[key] = _coerce(f"model.{key}", options[key], valid[key])
+    if valid is not None:  # an unregistered name: the model.name check reports it
+        for key in options:
+            if key not in valid:
+                shown = ", ".join([n for n in names if n != "options"] + list(valid))
+                raise CxrError(f"unknown key model.{key} for model.name={name} — valid keys of model: {shown}")
+            options[key] = _coerce(f"model.{key}", options[key], valid[key])
     if options:
         values["options"] = options
     return values
@@ -96,8 +97,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)) or (origin is tuple and len(value) != len(args)):
             raise CxrError(f"{key}={value!r}: expected a list of {len(args) or 'some'} values, e.g. [0.9, 0.999]")
-        inner = args if origin is tuple else (args[0],) * len(value) if args else (Any,) * len(value)
-        return origin(_coerce(key, v, h) for v, h in zip(value, inner))
+        hints = args if origin is tuple else (args[0],) * len(value) if args else (Any,) * len(value)
+        return origin(_coerce(key, v, h) for v, h in zip(value, hints))
     if hint is dict or origin is dict:
         if not isinstance(value, dict):
             raise CxrError(f"{key}={value!r}: expected a mapping")

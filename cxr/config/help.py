@@ -6,6 +6,7 @@ import ast
 import dataclasses
 import inspect
 import textwrap
+from typing import Any
 
 from cxr.config.hashing import _plain
 from cxr.config.sections import SECTIONS
@@ -18,7 +19,7 @@ def describe_config() -> str:
         docs = field_docs(cls)
         lines.append(f"{name}:")
         for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            default = _default(f)
             doc = " ".join(docs.get(f.name, "").split())
             lines.append(f"  {name}.{f.name}={_plain(default)!r}")
             if doc:
@@ -32,7 +33,10 @@ def field_docs(cls: type) -> dict[str, str]:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError, SyntaxError):
         return {}
-    body = tree.body[0].body
+    node = tree.body[0]
+    if not isinstance(node, ast.ClassDef):  # getsource of a class is its class statement
+        return {}
+    body = node.body
     docs = {}
     for stmt, nxt in zip(body, body[1:]):
         if (
@@ -44,3 +48,12 @@ def field_docs(cls: type) -> dict[str, str]:
         ):
             docs[stmt.target.id] = nxt.value.value
     return docs
+
+
+def _default(f: dataclasses.Field) -> Any:
+    """A field's default value (every config field has one: a value or a factory)."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    raise TypeError(f"config field {f.name!r} has no default — give it one")
