@@ -19,10 +19,11 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-# ruff: lint, then the formatter's check (pre-commit runs the same two)
+# ruff: lint, then the formatter's check (pre-commit runs the same two); mypy: the typed modules ([tool.mypy] files)
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 test: install lint
 	$(BIN)/python -m pytest
