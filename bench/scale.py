@@ -150,7 +150,7 @@ def stage(name: str, work: Path, world: int, boot: int) -> dict:
     elif name == "epoch":
         import torch
 
-        from cxr.data import DataConfig, build_loader
+        from cxr.data import DataConfig, build_loader, to_device
 
         torch.set_num_threads(1)
         cfg = DataConfig(shards=str(shards), backend="dali", resolution=RES, batch_size=32, num_threads=1)
@@ -159,7 +159,7 @@ def stage(name: str, work: Path, world: int, boot: int) -> dict:
         opt = torch.optim.Adam(model.parameters(), 1e-3)
         loss_fn, images = torch.nn.BCEWithLogitsLoss(), 0
         for batch in loader:
-            loss = loss_fn(model(batch["image"]), batch["labels"].float())
+            loss = loss_fn(model(to_device(batch, "cpu")), batch["labels"].float())
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -154,7 +154,7 @@ def make_member(run_dir: Path, shards: Path, seed: int, steps: int = 8) -> Path:
     import torch
     from safetensors.torch import save_file
 
-    from cxr.data import DataConfig, build_loader
+    from cxr.data import DataConfig, build_loader, to_device
     from cxr.models import build_model
 
     config = member_config(shards, seed)
@@ -164,7 +164,7 @@ def make_member(run_dir: Path, shards: Path, seed: int, steps: int = 8) -> Path:
     loader = build_loader(DataConfig(**config["data"]), "train", epoch=0, train=True)
     model.train()
     for step, batch in zip(range(steps), loader):
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(batch["image"]), batch["labels"])
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(model(to_device(batch, "cpu")), batch["labels"])
         opt.zero_grad()
         loss.backward()
         opt.step()

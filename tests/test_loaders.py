@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 from PIL import Image as PILImage
 
-from cxr.data import DataConfig, build_loader, load_shards_manifest
+from cxr.data import DataConfig, build_loader, load_shards_manifest, to_device
 from cxrbase.errors import CxrError
 from cxrbase.labels import LABELS
 from shards.cli import main as shards_main
@@ -130,7 +130,13 @@ def _cfg(shards: Path, backend: str, **kw) -> DataConfig:
 
 
 def _collect(loader) -> list[dict]:
-    return [{k: (v.numpy().copy() if hasattr(v, "numpy") else list(v)) for k, v in b.items()} for b in loader]
+    """Each batch as numpy: "image" the model's input (cxr.data.to_device on the CPU), "pixels" the uint8 handed over."""
+    out = []
+    for b in loader:
+        row = {k: (v.numpy().copy() if hasattr(v, "numpy") else list(v)) for k, v in b.items()}
+        row["pixels"], row["image"] = row["image"], to_device(b, "cpu").numpy()
+        out.append(row)
+    return out
 
 
 def _keys(batches: list[dict]) -> list[str]:
@@ -260,6 +266,8 @@ def test_augmentation_changes_images_and_eval_does_not(synth):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_labels_and_meta_match_splits_table(synth, backend):
+    import torch
+
     table = synth["table"]
     manifest = json.loads((synth["dir"] / "manifest.json").read_text())
     train_age = table.loc[table["split"] == "train", "age"].astype(float)
@@ -281,7 +289,7 @@ def test_labels_and_meta_match_splits_table(synth, backend):
                 axis=1,
             ).astype(np.float32)
             np.testing.assert_allclose(b["meta"].numpy(), expect, atol=1e-5)
-            assert b["labels"].dtype == b["meta"].dtype == b["image"].dtype
+            assert b["labels"].dtype == b["meta"].dtype == torch.float32 and b["image"].dtype == torch.uint8
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -290,7 +298,7 @@ def test_native_pixels_equal_pil_decode_normalized(real, backend):
     cfg = _cfg(real["dir"], backend, resolution=1024, batch_size=4)
     batch = next(iter(build_loader(cfg, "test")))
     assert batch["image"].shape == (4, 1, 1024, 1024)
-    for key, img in zip(batch["key"], batch["image"].numpy()):
+    for key, img in zip(batch["key"], to_device(batch, "cpu").numpy()):
         ref = np.asarray(PILImage.open(real["images"] / f"{key}.png").convert("L"), np.float32)
         np.testing.assert_allclose(img[0], (ref / 255 - cfg.mean) / cfg.std, atol=1e-5)
 
@@ -359,7 +367,7 @@ def test_derived_shards_preferred_and_logged(synth, caplog):
         with tarfile.open(next((synth["dir"] / "res32").glob("test-000000.tar"))) as tar:
             ref = np.asarray(PILImage.open(tar.extractfile(f"{key}.png")).convert("L"), np.float32)
         np.testing.assert_allclose(
-            batch["image"][0, 0].numpy(), (ref / 255 - DataConfig.mean) / DataConfig.std, atol=1e-5
+            to_device(batch, "cpu")[0, 0].numpy(), (ref / 255 - DataConfig.mean) / DataConfig.std, atol=1e-5
         )
 
 
@@ -1038,4 +1046,4 @@ def test_dali_memory_estimate_g5_profile():
     ljpeg = dali_memory_estimate(cfg, "ljpeg", (1024, 1024), pipelines=2)
     assert ljpeg["threads"] == 4 and ljpeg["device"] == 2 * (4 * 2 * mib + 448 * mib)  # GPU decodes: 4 CPU threads
     cpu = dali_memory_estimate(DataConfig(device="cpu", pin_memory=True, batch_size=16, resolution=1024), pipelines=1)
-    assert cpu["device"] == 0 and cpu["pinned"] == 2 * 16 * 4 * mib
+    assert cpu["device"] == 0 and cpu["pinned"] == 2 * 16 * mib  # uint8 handed over: 1 byte per pixel

@@ -358,7 +358,7 @@ def test_default_cache_dir_is_node_local(monkeypatch):
 @pytest.mark.parametrize("split,train", [("val", False), ("train", True)])
 def test_dali_through_the_cache_gives_the_samples_of_local_files(s3, bucket_url, local_shards, tmp_path, split, train):
     pytest.importorskip("nvidia.dali")
-    from cxr.data import DataConfig, build_loader
+    from cxr.data import DataConfig, build_loader, to_device
 
     common = dict(backend="dali", device="cpu", resolution=64, batch_size=8, num_threads=1, seed=5, pin_memory=False)
     local = build_loader(DataConfig(shards=str(local_shards), **common), split, epoch=1, train=train)
@@ -366,8 +366,8 @@ def test_dali_through_the_cache_gives_the_samples_of_local_files(s3, bucket_url,
         DataConfig(shards=bucket_url, cache_dir=str(tmp_path / "c"), **common), split, epoch=1, train=train
     )
     assert remote.fetch_seconds > 0 and local.fetch_seconds == 0
-    got = [(b["key"], b["image"].numpy(), b["labels"].numpy()) for b in remote]
-    want = [(b["key"], b["image"].numpy(), b["labels"].numpy()) for b in local]
+    got = [(b["key"], to_device(b, "cpu").numpy(), b["labels"].numpy()) for b in remote]
+    want = [(b["key"], to_device(b, "cpu").numpy(), b["labels"].numpy()) for b in local]
     assert len(got) == len(want) > 0
     for (gk, gi, gl), (wk, wi, wl) in zip(got, want, strict=True):
         assert gk == wk

@@ -139,7 +139,7 @@ def test_a_run_fine_tuned_on_one_label_is_evaluated_with_a_correct_report(tmp_pa
 def test_embeddings_equal_the_models_pooled_features(tmp_path, pretrained):
     from safetensors.torch import load_file
 
-    from cxr.data import DataConfig, build_loader
+    from cxr.data import DataConfig, build_loader, to_device
     from cxr.models import build_model
     from cxr.tools.embed import main as embed_main
 
@@ -177,7 +177,7 @@ def test_embeddings_equal_the_models_pooled_features(tmp_path, pretrained):
     expected, truth = {}, {}
     with torch.inference_mode():
         for batch in loader:
-            pooled = model.features(batch["image"]).mean(dim=(2, 3))
+            pooled = model.features(to_device(batch, "cpu")).mean(dim=(2, 3))
             for key, row, y in zip(batch["key"], pooled.numpy(), batch["labels"].numpy()):
                 expected[str(key)], truth[str(key)] = row, y
     assert sorted(frame["key"]) == sorted(expected)

@@ -118,8 +118,11 @@ def save_grid(batch: dict, cfg, path: str, max_images: int = 16) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.3 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
+    from cxr.data.batch import to_device
+
+    images = to_device(batch, "cpu")  # the model's input, as training sees it
     for j in range(n):
-        img = (batch["image"][j, 0].float().cpu() * cfg.std + cfg.mean).clamp(0, 1).numpy()
+        img = (images[j, 0] * cfg.std + cfg.mean).clamp(0, 1).numpy()
         found = [LABELS[c] for c in range(len(LABELS)) if batch["labels"][j, c] > 0.5] or ["No Finding"]
         ax = axes.flat[j]
         ax.imshow(img, cmap="gray", vmin=0, vmax=1)

@@ -6,7 +6,9 @@ Pipeline order (both back ends):
   `pack --resize`: PIL Lanczos, antialiased; skipped when already R×R)
   → [train & augment] one affine warp combining h-flip, rotation, zoom, shift
     (bilinear, black fill, rounded back to uint8)
-  → x = pixel / 255 → [train & augment] y = clip(b · (0.5 + c · (x − 0.5)), 0, 1)
+  → handed over as uint8 (with b, c when augmenting; DALI "mixed" does the rest in its graph)
+  → on the training device (cxr.data.batch.to_device):
+    x = pixel / 255 → [train & augment] y = clip(b · (0.5 + c · (x − 0.5)), 0, 1)
   → (y − mean) / std → float32 [1, R, R]
 
 Parameters are drawn here, in Python, from a PCG64 stream seeded by

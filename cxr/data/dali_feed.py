@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from cxr.data.augmentation import draw_params
-from cxr.data.dali_pipeline import Loader, _pipeline
+from cxr.data.dali_pipeline import Loader, _pipeline, output_names
 from cxr.data.shard_index import CorruptSample, OnCorrupt, SampleReader, SplitIndex, all_corrupt_error, decode_resize
 from cxrbase.errors import CxrError
 
@@ -30,10 +30,9 @@ class _Built:
         self.exhausted = False  # the last epoch ran to its end: reset before the next
         self.active = False  # an epoch is being iterated now
         self.pipe = _pipeline(owner, lambda: self.feed.source())
-        self.it = DALIGenericIterator(self.pipe, list(OUTPUTS), auto_reset=False, prepare_first_batch=False)
+        self.it = DALIGenericIterator(self.pipe, output_names(owner), auto_reset=False, prepare_first_batch=False)
 
 
-OUTPUTS = ("image", "labels", "meta")  # the pipeline's outputs (+ "id" from a parallel source)
 _BUILT: OrderedDict[tuple, _Built] = OrderedDict()
 _MAX_BUILT = 4  # train + val of a run, with room for an evaluator in the same process
 
@@ -147,12 +146,9 @@ class _Feed:
             built.it.reset()
             built.exhausted = False
         finished, built.active = False, True
-        pin = self.o.cfg.pinned and self.o.cfg.device == "cpu"  # "mixed" outputs are already on the GPU
         try:
             for out in built.it:
-                image = out[0]["image"]
-                # page-locked, so that the loop's non_blocking copy to the GPU does not block
-                yield ((image.pin_memory() if pin else image), self.pending.popleft(), *_fields(out[0]))
+                yield self._handed_over(out[0], self.pending.popleft())
             finished = True
         finally:
             built.active = False
@@ -161,6 +157,22 @@ class _Feed:
             elif _BUILT.get(self.o.key) is built:  # left mid-epoch (break, error): its prefetched
                 del _BUILT[self.o.key]  # batches must never reach the next epoch
 
+    def _handed_over(self, out: dict, ids: np.ndarray) -> tuple:
+        """One pipeline output as the loader's backend tuple (images, ids, labels, meta, intensity).
+
+        data.device=cpu: the image is uint8 HWC, viewed as [b,1,R,R] and — pinned batches — page-locked
+        (1 byte per pixel) so that the consumer's non_blocking copy to the GPU does not block; intensity
+        is (brightness, contrast) float32 [b] when augmenting (cxr.data.batch.to_device applies both).
+        "mixed": the image is the normalised float32 [b,1,R,R] already on the GPU, intensity None."""
+        image, intensity = out["image"], None
+        if self.o.cfg.device != "gpu":
+            image = image.permute(0, 3, 1, 2)
+            if self.o.cfg.pinned:
+                image = image.pin_memory()
+            if self.o.augment:
+                intensity = (out["brightness"].reshape(-1), out["contrast"].reshape(-1))
+        return image, ids, *_fields(out), intensity
+
     def _run_parallel(self) -> Iterator[tuple]:
         """Batches from a pipeline whose source runs in DALI's worker processes (built for this run only)."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
@@ -168,17 +180,15 @@ class _Feed:
         planned = [np.asarray([int(i) for i in b if int(i) not in self.bad], np.int64) for b in self._planned]
         self.pending.extend(planned)  # the next output is always pending[0] (a decode failure names it)
         pipe = _pipeline(self.o, _ParallelSource(self.o, planned))
-        pin = self.o.cfg.pinned and self.o.cfg.device == "cpu"
         try:
-            it = DALIGenericIterator(pipe, [*OUTPUTS, "id"], auto_reset=False, prepare_first_batch=False)
+            it = DALIGenericIterator(pipe, output_names(self.o), auto_reset=False, prepare_first_batch=False)
             for out in _worker_errors(it, self):
                 kept = out[0]["id"].numpy().reshape(-1).astype(np.int64)
                 for i in np.setdiff1d(self.pending[0], kept):  # dropped by a worker: name it here
                     self.bad.add(int(i))
                     self.on_corrupt(_corruption(self.o, self.reader, int(i)))
                 self.pending.popleft()
-                image = out[0]["image"]
-                yield ((image.pin_memory() if pin else image), kept, *_fields(out[0]))
+                yield self._handed_over(out[0], kept)
         finally:
             pool = getattr(pipe, "_py_pool", None)  # DALI closes it at garbage collection; stop the workers now
             if pool is not None:

@@ -1,4 +1,5 @@
-"""The DALI back end: encoded bytes → decode (CPU, or GPU with device "mixed") → augment → normalize.
+"""The DALI back end: encoded bytes → decode (CPU, or GPU with device "mixed") → augment → uint8 out
+(data.device=cpu; cxr.data.batch.to_device makes it float on the training device), or normalised on the GPU ("mixed").
 
 Resizing on the fly (masters at another resolution than asked) decodes and resizes in the
 external source with `pack --resize`'s decoder and filter (shards.image_codec.decode_grey,
@@ -80,7 +81,9 @@ log = logging.getLogger("cxr.data")
 
 
 class DaliBatches:
-    """Runs the plan's batches through a DALI pipeline; yields (images [b,1,R,R], sample ids, labels, meta).
+    """Runs the plan's batches through a DALI pipeline; yields (images [b,1,R,R], sample ids, labels, meta,
+    intensity): uint8 images with (brightness, contrast) float32 [b] when augmenting for data.device=cpu,
+    the normalised float32 images on the GPU and None for "mixed" (cxr.data.batch).
 
     Labels (uint8 [b, L]) and meta (float32 [b, 5]) come from the same checked read as the
     image and travel through the pipeline beside it, so a shard cut or replaced after the read

@@ -1,4 +1,4 @@
-"""The DALI graph of the loader (decode on the CPU or the GPU, resize, augment, normalise) and
+"""The DALI graph of the loader (decode on the CPU or the GPU, resize, augment; normalise under mixed) and
 DALI's memory outside torch's allocator (issue 22 item 6): the pipeline's threads, the decoders'
 padding and an estimate of a pipeline's device and pinned memory (docs/cluster.md)."""
 
@@ -47,9 +47,14 @@ def _pipeline(o: Loader, source):
                 dtype=dtypes + [types.INT64],
                 layout=layouts + [""],
             )
-            return _graph(inputs[:n_out]), inputs[n_out], inputs[n_out + 1], inputs[n_out + 2]
+            return _graph(inputs[:n_out]), inputs[n_out], inputs[n_out + 1], *_intensity(inputs), inputs[n_out + 2]
         inputs = fn.external_source(source=source, num_outputs=n_out + 2, batch=True, dtype=dtypes, layout=layouts)
-        return _graph(inputs[:n_out]), inputs[n_out], inputs[n_out + 1]
+        return _graph(inputs[:n_out]), inputs[n_out], inputs[n_out + 1], *_intensity(inputs)
+
+    def _intensity(inputs) -> tuple:
+        # uint8 out (data.device=cpu): the per-sample brightness and contrast travel beside the image
+        # to cxr.data.batch.to_device, which applies them on the training device
+        return (inputs[2], inputs[3]) if o.augment and not gpu else ()
 
     def _graph(inputs):
         if o.resize:
@@ -59,17 +64,21 @@ def _pipeline(o: Loader, source):
             image = inputs[0].gpu() if gpu else inputs[0]
         else:
             image = _decode(inputs[0], gpu, o.native_size)
+        if o.augment:
+            matrix = inputs[1]
+            image = fn.warp_affine(
+                image, matrix=matrix, size=[res, res], fill_value=0, interp_type=types.INTERP_LINEAR, inverse_map=True
+            )
+        if not gpu:  # uint8 HWC out: pinned and copied as bytes, made float on the device (cxr.data.batch)
+            return image
+        # mixed: the output is in device memory already, so the float steps stay in the graph here
         if not o.augment:
             return fn.crop_mirror_normalize(
                 image, dtype=types.FLOAT, output_layout="CHW", mean=[cfg.mean * 255], std=[cfg.std * 255]
             )
-        matrix, bright, contrast = inputs[1:]
-        image = fn.warp_affine(
-            image, matrix=matrix, size=[res, res], fill_value=0, interp_type=types.INTERP_LINEAR, inverse_map=True
-        )
+        bright, contrast = inputs[2:]
         x = fn.cast(image, dtype=types.FLOAT) / 255.0
-        if gpu:
-            bright, contrast = bright.gpu(), contrast.gpu()
+        bright, contrast = bright.gpu(), contrast.gpu()
         y = dmath.clamp(bright * (0.5 + contrast * (x - 0.5)), 0.0, 1.0)
         return fn.transpose((y - cfg.mean) / cfg.std, perm=[2, 0, 1])
 
@@ -87,6 +96,15 @@ def _pipeline(o: Loader, source):
             ) from err
         raise
     return p
+
+
+def output_names(o: Loader) -> list[str]:
+    """Names of the pipeline's outputs, in order: image, labels, meta, then — data.device=cpu and
+    augmenting — brightness and contrast (to_device applies them), then "id" from a parallel source."""
+    names = ["image", "labels", "meta"]
+    if o.augment and o.cfg.device != "gpu":
+        names += ["brightness", "contrast"]
+    return names + (["id"] if o.cfg.source_workers else [])
 
 
 def _decode(data, gpu: bool, native_size: tuple[int, int] | None):
@@ -159,7 +177,7 @@ def dali_memory_estimate(
     pinned, mixed only) + the GPU stage outputs, each kept d deep — decoded uint8 b·N,
     warped uint8 b·R², float32 stages 4·b·R² (cast, arithmetic, transpose: 3 with
     augmentation, crop_mirror_normalize: 1 without) — and, for data.device=cpu, the pinned
-    float32 output handed to torch (d · 4·b·R²).
+    uint8 output handed to torch (d · b·R²; cxr.data.batch.to_device makes it float on the device).
     """
     threads = pipeline_threads(cfg, codec)
     b, r2 = max(cfg.batch_size, cfg.eval_batch), cfg.resolution**2
@@ -173,7 +191,7 @@ def dali_memory_estimate(
         detail = {"decoder_device": decoder_device, "decoder_pinned": decoder_pinned, "stage_outputs": stages}
         device, pinned = decoder_device + stages, decoder_pinned
     else:
-        outputs = PREFETCH * 4 * b * r2 if cfg.pinned else 0
+        outputs = PREFETCH * b * r2 if cfg.pinned else 0
         detail = {"pinned_outputs": outputs}
         device, pinned = 0, outputs
     return {

@@ -1,7 +1,13 @@
 """`build_loader`: one contract over the two back ends (DALI, torch/PIL).
 
 A batch is a dict:
-  image  float32 [B, 1, R, R]  normalized ((x/255 − mean) / std; augmented in training)
+  image  uint8 [B, 1, R, R]    pixels 0…255 (warped in augmented training); the model's input is
+                               cxr.data.batch.to_device(batch, device): float32 on the device,
+                               normalized ((x/255 − mean) / std; intensity-augmented in training).
+                               DALI "mixed" (data.device=gpu) hands over that float32 on the GPU already.
+  norm   (mean, std)           data.mean / data.std, which to_device applies
+  brightness, contrast
+         float32 [B]           the intensity step's per-sample parameters (augmented training only)
   labels float32 [B, L]        1/0, NaN where unknown (`.labels` byte 255, masked: losses and
                                metrics skip it); the manifest's label order (NIH: cxrbase.labels.LABELS)
   meta   float32 [B, 5]        z-scored age (manifest train stats; unknown age → 0),
@@ -107,16 +113,21 @@ class Loader:
         self._skipped, self._samples = [], 0
         start = time.perf_counter()
         # labels and meta arrive with each image, from the read that checked all three
-        for images, ids, labels, meta in self._backend.iterate(self.plan.batches, self._on_corrupt):
+        norm = (self.cfg.mean, self.cfg.std)
+        for images, ids, labels, meta, intensity in self._backend.iterate(self.plan.batches, self._on_corrupt):
             labels = unmask(labels)
             meta = self._meta(np.asarray(meta))
             self._samples += len(ids)
-            yield {
+            batch = {
                 "image": images,
                 "labels": torch.from_numpy(labels),
                 "meta": torch.from_numpy(meta),
                 "key": [self.index.keys[int(i)] for i in ids],
+                "norm": norm,
             }
+            if intensity is not None:
+                batch["brightness"], batch["contrast"] = intensity
+            yield batch
         self._log_summary(time.perf_counter() - start)
 
     def report(self) -> dict:

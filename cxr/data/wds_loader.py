@@ -26,7 +26,7 @@ from functools import partial
 import numpy as np
 
 from cxr.data.augmentation import draw_params, warp_affine_torch
-from cxr.data.config import DataConfig, normalise_
+from cxr.data.config import DataConfig
 from cxr.data.shard_index import CorruptSample, OnCorrupt, SampleReader, SplitIndex, all_corrupt_error, decode_resize
 from cxr.data.workers import STOP_SIGNALS, stop_signals_blocked
 
@@ -34,7 +34,8 @@ log = logging.getLogger("cxr.data")
 
 
 class WdsBatches:
-    """Runs the plan's batches through a torch DataLoader; yields (images [b,1,R,R], sample ids, labels, meta).
+    """Runs the plan's batches through a torch DataLoader; yields (images uint8 [b,1,R,R], sample ids, labels,
+    meta, intensity: (brightness, contrast) float32 [b] when augmenting, else None).
 
     Labels and meta come from the same checked read as each image (DecodedSamples)."""
 
@@ -59,7 +60,7 @@ class WdsBatches:
             batch_sampler=[b.tolist() for b in batches],
             generator=generator,
             num_workers=workers,
-            collate_fn=partial(_collate, mean=self.cfg.mean, std=self.cfg.std, augment=self.dataset.augment),
+            collate_fn=partial(_collate, augment=self.dataset.augment),
             pin_memory=self.cfg.pinned,
             worker_init_fn=_one_thread if workers else None,
             persistent_workers=False,
@@ -68,12 +69,12 @@ class WdsBatches:
         batches_iter = iter(loader)
         _stop_at_exit(batches_iter)
         try:
-            for images, ids, labels, meta, corrupt in batches_iter:
+            for images, ids, labels, meta, intensity, corrupt in batches_iter:
                 for c in corrupt:
                     on_corrupt(c)  # raises in eval / strict
                 if not len(ids):
                     raise all_corrupt_error([c.shard for c in corrupt], [c.key for c in corrupt])
-                yield images, ids, labels, meta
+                yield images, ids, labels, meta, intensity
         finally:
             # a traceback keeps this frame alive; stop the workers now, not at garbage collection,
             # or the next loader forks while their queue threads hold locks and can deadlock
@@ -86,8 +87,9 @@ class DecodedSamples:
     """Map-style dataset: sample id → (id, (uint8 [1,R,R] after the warp, brightness, contrast, labels, meta))
     or (id, the CorruptSample).
 
-    Workers hand uint8 pixels to the collate step, which writes the normalized batch once
-    into shared memory: 4× less inter-process traffic than float images, no extra copies.
+    Workers hand uint8 pixels to the collate step, which writes the uint8 batch once into
+    shared memory; it stays uint8 through pinning and the copy to the device, where
+    cxr.data.batch.to_device applies the intensity step and the normalisation.
     """
 
     def __init__(self, cfg: DataConfig, index: SplitIndex, resolution: int, epoch: int, augment: bool):
@@ -117,39 +119,38 @@ class DecodedSamples:
         return warped, float(p.brightness[0]), float(p.contrast[0])
 
 
-def _collate(items, mean: float, std: float, augment: bool):
-    """Stack a batch: (images float32 [b,1,R,R] normalized, ids int64 [b], labels uint8 [b, L],
-    meta float32 [b, 5], corrupt samples)."""
+def _collate(items, augment: bool):
+    """Stack a batch: (images uint8 [b,1,R,R], ids int64 [b], labels uint8 [b, L], meta float32 [b, 5],
+    intensity: (brightness, contrast) float32 [b] when augmenting else None, corrupt samples).
+
+    The pixels stay bytes: the float steps (intensity, normalisation) run on the training device
+    (cxr.data.batch.to_device), so the batch pinned and copied there is 1 byte per pixel."""
     import torch
 
     good = [(i, x) for i, x in items if not isinstance(x, CorruptSample)]
     corrupt = [x for _, x in items if isinstance(x, CorruptSample)]
     if not good:
-        return None, np.empty(0, np.int64), None, None, corrupt
+        return None, np.empty(0, np.int64), None, None, None, corrupt
     shape = (len(good), *good[0][1][0].shape)
     out = _batch_buffer(shape)
     for j, (_, (pixels, *_)) in enumerate(good):
-        out[j].copy_(pixels)  # uint8 → float32
+        out[j].copy_(pixels)
+    intensity = None
     if augment:
-        bright = torch.tensor([x[1] for _, x in good]).view(-1, 1, 1, 1)
-        contrast = torch.tensor([x[2] for _, x in good]).view(-1, 1, 1, 1)
-        # the intensity step of augmentation.py, in place on the whole batch: clip(b · (0.5 + c · (x/255 − 0.5)), 0, 1)
-        out.mul_(1 / 255).sub_(0.5).mul_(contrast).add_(0.5).mul_(bright).clamp_(0.0, 1.0)
-        out.sub_(mean).div_(std)
-    else:
-        normalise_(out, mean, std)
+        bright = torch.tensor([x[1] for _, x in good], dtype=torch.float32)
+        intensity = (bright, torch.tensor([x[2] for _, x in good], dtype=torch.float32))
     labels = np.stack([x[3] for _, x in good])
     meta = np.stack([x[4] for _, x in good])
-    return out, np.asarray([i for i, _ in good], np.int64), labels, meta, corrupt
+    return out, np.asarray([i for i, _ in good], np.int64), labels, meta, intensity, corrupt
 
 
 def _batch_buffer(shape: tuple[int, ...]):
-    """float32 tensor of `shape`; in a worker, allocated in shared memory as torch's default_collate does."""
+    """uint8 tensor of `shape`; in a worker, allocated in shared memory as torch's default_collate does."""
     import torch
 
     if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape)
-    ref = torch.empty(0)
+        return torch.empty(shape, dtype=torch.uint8)
+    ref = torch.empty(0, dtype=torch.uint8)
     storage = ref._typed_storage()._new_shared(int(np.prod(shape)), device=ref.device)
     return ref.new(storage).resize_(shape)
 

@@ -184,8 +184,11 @@ def takes_meta(model: Any) -> bool:
 
 
 def on_device(batch: Mapping[str, Any], device: Any) -> tuple[Any, Any]:
-    """(image, meta or None) of a loader batch on ``device`` (non_blocking: overlaps the previous step on GPU)."""
-    image = batch["image"].to(device, non_blocking=True)
+    """(image, meta or None) of a loader batch on ``device`` (non_blocking: overlaps the previous step on GPU);
+    the image normalised float32 by :func:`cxr.data.batch.to_device` from the uint8 the loader handed over."""
+    from cxr.data.batch import to_device
+
+    image = to_device(batch, device)
     meta = batch["meta"].to(device, non_blocking=True) if "meta" in batch else None
     return image, meta
 

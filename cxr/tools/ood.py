@@ -246,7 +246,7 @@ def load_scorer(run: str | Path, device="cpu") -> GateScore:
 def split_features(ae: OodAutoencoder, member, shards: str | Path, split: str, batch_size: int = 64):
     """(keys [n] object array, feature vectors [n, F] float64) of every image of ``split``, at the AE's
     resolution, read by the loader as the AE was trained."""
-    from cxr.data import build_loader
+    from cxr.data import build_loader, to_device
     from cxr.runs.open import EvalOptions
     from cxrbase.progress import progress
 
@@ -255,7 +255,7 @@ def split_features(ae: OodAutoencoder, member, shards: str | Path, split: str, b
     scorer = GateScore(ae, None)
     keys, feats = [], []
     for batch in progress(loader, desc=f"ood {split}", unit="batch", dynamic_ncols=True, leave=False):
-        feats.append(scorer.features(batch["image"]).double().numpy())
+        feats.append(scorer.features(to_device(batch, "cpu")).double().numpy())
         keys.extend(str(k) for k in batch["key"])
     return np.asarray(keys, dtype=object), (np.concatenate(feats) if feats else np.zeros((0, len(FEATURES))))
 

@@ -20,7 +20,7 @@ import torch
 from accelerate.utils import DistributedType, gather_object, set_seed
 
 from cxr.config import Config, config_hash, save_config
-from cxr.data import build_loader, image_source
+from cxr.data import build_loader, image_source, to_device
 from cxr.models import build_model
 from cxr.models.losses import build_loss
 from cxr.runs import checkpoint as ckpt
@@ -252,8 +252,8 @@ class Trainer:
     def _micro_step(self, batch: dict) -> torch.Tensor:
         """Forward and backward of one micro-batch (the optimizer steps when accumulation is done)."""
         cfg, accelerator, device = self.cfg, self.accelerator, self.accelerator.device
-        # non_blocking: the host→device copy overlaps the previous step's kernels on GPU
-        image = batch["image"].to(device, non_blocking=True)
+        # non_blocking: the host→device copy (uint8) overlaps the previous step's kernels on GPU
+        image = to_device(batch, device)
         labels = batch["labels"].to(device, non_blocking=True)
         meta = batch["meta"].to(device, non_blocking=True) if cfg.model.metadata != "none" else None
         if cfg.model.channels_last:

@@ -13,6 +13,7 @@ import torch
 from accelerate.utils import gather_object
 
 from cxr.config import Config
+from cxr.data import to_device
 from cxr.evaluation.metrics import epoch_metrics
 from cxr.runs.run_log import steps_log
 from cxr.training.setup import label_names, open_loader
@@ -39,7 +40,7 @@ def gather_predictions(trainer: TrainerLike) -> tuple[list, np.ndarray, np.ndarr
         if i < checks and stop.agreed():
             net.train()
             return None
-        image = batch["image"].to(device, non_blocking=True)
+        image = to_device(batch, device)
         meta = batch["meta"].to(device, non_blocking=True) if cfg.model.metadata != "none" else None
         if cfg.model.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
