@@ -10,16 +10,17 @@ written; that remote.py passes none is shown for S3 in tests/test_s3.py.
 
 from __future__ import annotations
 
+import http.server
 import json
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import ROOT, launch_env, make_member, weights
-from test_s3 import PACK, _evaluate, _one_line_error, _pack_args, _same_report
+from helpers import ROOT, evaluate_to, launch_env, make_member, one_line_error, same_report, url_pack_args, weights
 
 from cxrbase.errors import CxrError
 from shards.cli import main as shards_main
@@ -32,7 +33,7 @@ BUCKET = "cxr-gcs"
 def gcs_shards(gcs_server, train_shards) -> str:
     """train_shards' images packed straight into gs://cxr-gcs/shards with the same settings."""
     url = gcs_server.make_bucket(BUCKET) + "/shards"
-    assert shards_main(_pack_args(train_shards, url) + PACK) == 0
+    assert shards_main(url_pack_args(train_shards, url)) == 0
     return url
 
 
@@ -139,9 +140,9 @@ def test_training_from_gs_ends_with_the_weights_of_training_from_the_folder(gcs_
 
 def test_evaluate_from_gs_equals_evaluate_from_the_folder(gcs_shards, train_shards, tmp_path):
     member = make_member(tmp_path / "m1", train_shards, seed=1)
-    _evaluate(member, str(train_shards), tmp_path / "local")
-    _evaluate(member, gcs_shards, tmp_path / "gs")
-    _same_report(tmp_path / "local", tmp_path / "gs")
+    evaluate_to(member, str(train_shards), tmp_path / "local")
+    evaluate_to(member, gcs_shards, tmp_path / "gs")
+    same_report(tmp_path / "local", tmp_path / "gs")
     assert gcs_shards in (tmp_path / "gs" / "report.md").read_text()
 
 
@@ -149,10 +150,42 @@ def test_evaluate_from_gs_equals_evaluate_from_the_folder(gcs_shards, train_shar
 def test_a_missing_gcs_bucket_or_manifest_is_a_one_line_error_naming_the_url(gcs_shards, capsys):
     """gcsfs reports a missing bucket as a bare 404 (FileNotFoundError of the path), so the error names the
     URL without saying whether the bucket or the prefix is wrong."""
-    err = _one_line_error(capsys, ["verify", "gs://no-such-bucket/shards"])
+    err = one_line_error(capsys, ["verify", "gs://no-such-bucket/shards"])
     assert re.match(r"error: gs://no-such-bucket/shards\S*: no such object — check the URL", err), err
-    err = _one_line_error(capsys, ["verify", gcs_shards.replace("/shards", "/nothing")])
+    err = one_line_error(capsys, ["verify", gcs_shards.replace("/shards", "/nothing")])
     assert "gs://cxr-gcs/nothing/manifest.json: no shards manifest here — run `python -m shards pack" in err
+
+
+class _Refusing(http.server.BaseHTTPRequestHandler):
+    """Answers every request as GCS answers a caller without access: 403 with its JSON error body (the
+    emulator checks no credentials, so it cannot refuse)."""
+
+    def _refuse(self) -> None:
+        body = json.dumps({"error": {"code": 403, "message": "caller does not have storage.objects.list access"}})
+        self.send_response(403)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    do_GET = do_POST = do_PUT = _refuse
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_gcs_refusal_is_a_one_line_access_denied_error(gcs_server, monkeypatch, capsys):
+    """gcsfs raises a 403 as OSError("Forbidden: path\\nreason"): said as access denied, on one line."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{server.server_address[1]}")
+        err = one_line_error(capsys, ["verify", "gs://refused-bucket/shards"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert re.match(r"error: gs://refused-bucket/shards\S*: access denied \(the credentials were rejected", err), err
+    assert "GOOGLE_APPLICATION_CREDENTIALS" in err
 
 
 def test_a_gs_url_without_gcsfs_installed_is_a_one_line_error_naming_the_extra():
