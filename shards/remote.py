@@ -93,11 +93,7 @@ def errors(url: Any, missing: str | None = None) -> Iterator[None]:
     except PermissionError:
         if not is_url(url):
             raise  # a local EACCES: the CLI boundary reports it (cxrbase.errors)
-        raise CxrError(
-            f"{url}: access denied (the credentials were rejected or may not use this bucket) — set "
-            "valid ones the standard way (for S3: AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
-            "or the instance role) with read (and for pack, write) access to it"
-        ) from None
+        raise _denied(url) from None
     except FileNotFoundError as err:
         if not is_url(url):
             raise
@@ -112,7 +108,10 @@ def errors(url: Any, missing: str | None = None) -> Iterator[None]:
         name = type(err).__name__
         if not is_url(url) or err.errno is not None:
             raise
-        raise CxrError(f"{url}: {name} ({err}) — check the URL, the network and the credentials") from None
+        if str(err).startswith("Forbidden"):  # gcsfs says an HTTP 403 as OSError("Forbidden: path\nreason")
+            raise _denied(url) from None
+        what = " ".join(str(err).split())  # one line: a back end's message may hold the server's reply
+        raise CxrError(f"{url}: {name} ({what}) — check the URL, the network and the credentials") from None
     except Exception as err:  # botocore's NoCredentialsError and kin are no OSError
         if type(err).__name__ in ("NoCredentialsError", "PartialCredentialsError", "ClientError"):
             raise CxrError(
@@ -120,6 +119,15 @@ def errors(url: Any, missing: str | None = None) -> Iterator[None]:
                 "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or the instance role)"
             ) from None
         raise
+
+
+def _denied(url: Any) -> CxrError:
+    return CxrError(
+        f"{url}: access denied (the credentials were rejected or may not use this bucket) — set "
+        "valid ones the standard way (for S3: AWS_PROFILE, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+        "or the instance role; for GCS: GOOGLE_APPLICATION_CREDENTIALS, `gcloud auth application-default "
+        "login`, or the VM's service account) with read (and for pack, write) access to it"
+    )
 
 
 def _fs_path(loc: Any) -> tuple[Any, str]:

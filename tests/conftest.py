@@ -137,3 +137,16 @@ def s3_server():
 
     with running_s3_server() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """A local GCS JSON-API server (gcp-storage-emulator) on 127.0.0.1 with this process's GCS environment
+    pointed at it."""
+    why = "is a dev dependency (pip install -e .[dev])"
+    pytest.importorskip("gcp_storage_emulator", reason=f"gcp-storage-emulator {why}")
+    pytest.importorskip("gcsfs", reason=f"gcsfs (the gcs extra) {why}")
+    from gcs_server import running_gcs_server
+
+    with running_gcs_server() as server:
+        yield server

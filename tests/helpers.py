@@ -351,6 +351,42 @@ def build_synth_shards(base: Path) -> Path:
     ).shards
 
 
+# ------------------------------------------------- shards at a URL (tests/test_s3.py, tests/test_gcs.py)
+def url_pack_args(train_shards: Path, out: str) -> list[str]:
+    """`cxr-shards pack` argv: conftest.train_shards' images and splits into ``out`` with its settings."""
+    base = train_shards.parent
+    splits, images = str(base / "splits.parquet"), str(base / "synth" / "images")
+    return ["pack", "--splits", splits, "--images", images, "--out", out, "--shard-size-mb", "2", "--workers", "1"]
+
+
+def evaluate_to(member: Path, shards: str, out: Path) -> None:
+    """`cxr.evaluate` of one member on the test split of ``shards`` (a folder or URL) into ``out``."""
+    from cxr.evaluate import main as evaluate_main
+
+    argv = ["--runs", str(member), "--shards", shards, "--split", "test", "--out", str(out)]
+    assert evaluate_main([*argv, "--bootstrap", "0", "--no-figures", "--debug"]) == 0
+
+
+def same_report(a: Path, b: Path) -> None:
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(a / "predictions.parquet"), pd.read_parquet(b / "predictions.parquet")
+    )
+    pd.testing.assert_frame_equal(pd.read_csv(a / "aucs.csv"), pd.read_csv(b / "aucs.csv"))
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    """`cxr-shards ARGV` fails with exit 2 and one line on stderr (no traceback, no test secret); that line."""
+    from s3_server import FAKE_SECRET
+
+    from shards.cli import main as shards_main
+
+    capsys.readouterr()
+    assert shards_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err and FAKE_SECRET not in err, err
+    return err
+
+
 # ------------------------------------------------- in-memory data for in-process training
 class MemoryLoader:
     """build_loader's contract over in-memory phantoms: per-(seed, epoch) permutation, skip_batches,
