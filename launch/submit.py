@@ -10,15 +10,8 @@
 ``--profile`` from launch/profiles.py); ``local`` runs the same tasks as local
 processes (submitit's LocalExecutor); ``debug`` runs them in this process.
 
-Every task calls ``cxr.train.main(argv)`` with RANK / WORLD_SIZE / MASTER_ADDR /
-MASTER_PORT / LOCAL_RANK exported from submitit's environment; training sets up
-its process group from them and never knows how it was started. Preemption:
-submitit's signal (USR2, ``signal_seconds`` before the time limit or from
-``job._interrupt()``) is handed to training as SIGUSR1; every rank saves
-``checkpoints/last`` at the next step and returns the requeue status (75); then
-submitit calls :meth:`TrainTask.checkpoint`, which returns the same task resuming
-from the ``last`` checkpoint training wrote (found with ``cxr.runs.checkpoint``), and
-requeues the job.
+Inside the job every task runs training through ``cxr.train.main``; how it gets its
+distributed environment and how preemption saves and requeues: launch/tasks.py.
 """
 
 from __future__ import annotations
