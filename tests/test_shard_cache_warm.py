@@ -1,6 +1,6 @@
 """A warm node cache (shards.cache) costs a run's later epochs no request and no hashing.
 
-Requests are counted by the S3 server itself (tests/test_shard_cache.py's CountingS3, a WSGI
+Requests are counted by the S3 server itself (tests/s3_server.py's CountingS3, a WSGI
 wrapper around moto's app); hashing is counted at shards.cache.file_sha256, the cache's only hasher.
 """
 
@@ -15,10 +15,16 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import phantom_shards
-from test_shard_cache import ROOT, CountingS3, _clear_fs_cache
+from helpers import ROOT, phantom_shards
+from s3_server import CountingS3
 
 pytestmark = pytest.mark.integration
+
+
+def _clear_fs_cache():
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture(scope="module")
