@@ -12,11 +12,13 @@ from typing import IO
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+def atomic_write(path: str | os.PathLike, mode: str = "wb", fsync: bool = True) -> Iterator[IO]:
     """Open a temp file next to ``path``; on clean exit fsync and rename over it.
 
     On an exception the temp file is removed and ``path`` is left untouched, so a
-    reader never sees a partial file under the final name.
+    reader never sees a partial file under the final name. ``fsync=False`` skips the
+    fsync (still atomic for readers, but a power cut may leave an empty file): only for
+    files that are a rebuildable hint rewritten often, such as the shard cache's index.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -27,7 +29,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         with os.fdopen(fd, mode) as fh:
             yield fh
             fh.flush()
-            os.fsync(fh.fileno())
+            if fsync:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
@@ -48,9 +51,9 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    with atomic_write(path, "w") as fh:
+def atomic_write_text(path: str | os.PathLike, text: str, fsync: bool = True) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (``fsync``: see :func:`atomic_write`)."""
+    with atomic_write(path, "w", fsync=fsync) as fh:
         fh.write(text)
 
 

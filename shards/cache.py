@@ -15,6 +15,11 @@ their ``.idx``) of the splits asked for into ``data.cache_dir`` and returns that
   same sha256 and whose file still has that size and mtime reuses it without reading it. A file
   whose stat changed (rewritten, truncated, damaged by a write) is hashed again, and fetched again
   when it no longer matches.
+- **No request in a run's later epochs.** The loaders are built afresh every epoch, and each call
+  reads the remote manifests (small; how a re-pack is noticed by the next job or requeue). Within
+  one process the manifests read by its first call for a URL are reused while their mirrored copies
+  in the cache are unchanged (same stat), so a warm epoch makes no request and hashes nothing it
+  verified before: it takes the lock, stats each shard and records the use (bench/loader.py --s3).
 - **A size bound with LRU eviction.** Before fetching, the least recently used shards that the
   current call does not need are deleted until the needed bytes fit under ``max_bytes`` (and the
   disk's free space). A split larger than the bound is a clear error, not a thrashing cache.
@@ -52,6 +57,9 @@ from shards.manifest import MANIFEST_NAME, validate_manifest
 from shards.pack_journal import file_sha256
 
 log = logging.getLogger("cxr.data.cache")  # cxr.runs.run_log puts it in train.log
+# (cache root, URL, resolution) → (sub-folder, manifest, stat of its mirrored manifests) read by this
+# process: see "No request in a run's later epochs" above.
+_READ: dict[tuple[str, str, int | None], tuple[str, dict, tuple | None]] = {}
 INDEX_NAME = "index.json"
 LOCK_NAME = ".lock"
 GB = 1e9
@@ -110,6 +118,18 @@ class Fetched:
         return f" ({self.by_other} fetched by another rank of this node meanwhile)" if self.by_other else ""
 
 
+def _mirrored(folder: Path, sub: str) -> tuple | None:
+    """The stat of the mirrored manifests (masters', and ``sub``'s when derived); None for a missing one."""
+    stats = []
+    for path in {folder / MANIFEST_NAME, folder / sub / MANIFEST_NAME}:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        stats.append((str(path), st.st_size, st.st_mtime_ns, st.st_ino))
+    return tuple(sorted(stats))
+
+
 class ShardCache:
     """``ShardCache(cache_dir, max_gb).ensure(url, splits, resolution)`` → :class:`Fetched`."""
 
@@ -153,11 +173,16 @@ class ShardCache:
     def _ensure(self, url: str, splits: list[str] | None, resolution: int | None, since: float) -> Fetched:
         loc = remote.location(url)
         folder = self.root / mirror_name(url)
-        manifest = self._manifest(loc, "", folder)
-        sub = ""
-        if resolution is not None and remote.is_file(loc / f"res{resolution}" / MANIFEST_NAME):
-            sub = f"res{resolution}/"
-            manifest = self._manifest(loc / f"res{resolution}", sub, folder)
+        read_before = _READ.get((str(self.root), url, resolution))
+        if read_before and read_before[2] is not None and _mirrored(folder, read_before[0]) == read_before[2]:
+            sub, manifest = read_before[0], read_before[1]
+        else:
+            manifest = self._manifest(loc, "", folder)
+            sub = ""
+            if resolution is not None and remote.is_file(loc / f"res{resolution}" / MANIFEST_NAME):
+                sub = f"res{resolution}/"
+                manifest = self._manifest(loc / f"res{resolution}", sub, folder)
+            _READ[(str(self.root), url, resolution)] = (sub, manifest, _mirrored(folder, sub))
         for stale in {folder, folder / sub}:  # temps of a fetch killed mid-way (we hold the lock)
             if stale.is_dir():
                 remove_stale_temps(stale)
@@ -340,4 +365,8 @@ class ShardCache:
             return {}
 
     def _write_index(self, index: dict) -> None:
-        atomic_write_text(self.root / INDEX_NAME, json.dumps({"version": 1, "entries": index}, indent=1) + "\n")
+        """Atomic but not fsync'd: it is rewritten by every call (the use times of LRU), and a copy lost
+        to a power cut is read as unreadable and rebuilt by hashing the cached files again — while an
+        fsync per epoch and rank costs milliseconds to tens of them on a busy disk."""
+        text = json.dumps({"version": 1, "entries": index}, indent=1) + "\n"
+        atomic_write_text(self.root / INDEX_NAME, text, fsync=False)

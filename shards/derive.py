@@ -5,6 +5,12 @@ derived shards are smaller than --shard-size-mb). Images are decoded from the
 master, resized with Lanczos (antialiased) and re-encoded in the master's codec;
 the other members are copied, except that the .json's crc32 of the image is updated
 (format /2). A journal per folder makes this resumable too.
+
+When OUT is a URL (``s3://bucket/prefix``, shards.remote) each master is streamed from its object,
+the derived shard and its index are written to the pack's local staging folder (``STAGE/resN/``),
+uploaded one PUT per object (whole or not at all) and deleted locally, then journaled as an object
+under ``OUT/resN/.pack-journal/`` (shards.pack_journal); the manifest is put last — the same
+guarantees, and the same resume, as the masters of a URL pack.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 from cxrbase.atomic import atomic_write, remove_stale_temps
 from cxrbase.errors import CxrError
 from cxrbase.progress import progress
+from shards import remote
 from shards.dali_index import split_name, write_index
 from shards.image_codec import CODEC_EXT, resize_encoded
 from shards.manifest import write_manifest
@@ -29,15 +36,23 @@ from shards.records import CRC_FIELD, json_bytes, member_crcs
 from shards.workers import process_pool
 
 
-def derive_shard(master_tar: str, out_dir: str, size: int, codec: str, quality: int) -> dict[str, Any]:
-    """Write ``out_dir/<same name>`` from one master shard; return its journal entry."""
+def derive_shard(
+    master_tar: str, out_dir: str, size: int, codec: str, quality: int, upload_to: str | None = None
+) -> dict[str, Any]:
+    """Write ``out_dir/<same name>`` from one master shard (a file or a URL's object, streamed once);
+    with ``upload_to`` (a URL folder) then put the shard and its index there and delete them locally.
+    Return its journal entry."""
     import tarfile  # noqa: PLC0415
 
     from shards.tar_writer import TarStream  # noqa: PLC0415
 
-    name = Path(master_tar).name
+    name = remote.location(master_tar).name
     image_ext, keys, image_crc = CODEC_EXT[codec], [], None
-    with atomic_write(Path(out_dir) / name) as fh, tarfile.open(master_tar, "r:") as tar:
+    with (
+        atomic_write(Path(out_dir) / name) as fh,
+        remote.open_read(master_tar) as src,
+        tarfile.open(fileobj=src, mode="r|") as tar,
+    ):
         stream = TarStream(fh)
         for info in tar:
             data = (tar.extractfile(info) or io.BytesIO()).read()  # a regular member: never None
@@ -54,6 +69,10 @@ def derive_shard(master_tar: str, out_dir: str, size: int, codec: str, quality: 
         sha = stream.finish()
     index = name[:-4] + ".idx"
     write_index(Path(out_dir) / index, stream.members)
+    if upload_to is not None:  # the tar first: an index never names a shard that is not up
+        for member in (name, index):
+            remote.put_file(Path(out_dir) / member, remote.location(upload_to) / member)
+            (Path(out_dir) / member).unlink()
     return {
         "name": name,
         "split": name.rsplit("-", 1)[0],
@@ -78,11 +97,21 @@ def _with_image_crc(data: bytes, image_ext: str, crc: int | None, where: str) ->
     return json_bytes(record)
 
 
-def derive_resized(out: Path, master: dict[str, Any], size: int, workers: int) -> dict[str, Any]:
-    """Write OUT/res{size}/ (shards, indexes, manifest) from the master shards; return its manifest."""
-    res_dir = Path(out) / f"res{size}"
-    res_dir.mkdir(exist_ok=True)
-    remove_stale_temps(res_dir)
+def derive_resized(
+    out: Any, master: dict[str, Any], size: int, workers: int, stage: Path | None = None
+) -> dict[str, Any]:
+    """Write OUT/res{size}/ (shards, indexes, manifest) from the master shards; return its manifest.
+
+    ``out`` is a folder or a URL; for a URL ``stage`` (the pack's locked staging folder,
+    shards.pack.staging_dir) holds each derived shard until it is uploaded."""
+    out = remote.location(out)
+    res_dir = out / f"res{size}"
+    url = remote.is_url(out)
+    if url and stage is None:
+        raise ValueError(f"{out}: derived shards for a URL need the pack's staging folder (stage=)")
+    local_dir = Path(stage) / f"res{size}" if url and stage is not None else Path(res_dir)
+    local_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(local_dir)
     codec, quality = master["codec"], master["quality"] or 95
     journal = Journal(res_dir, {"resolution": size, "codec": codec, "quality": quality}, prefix=False)
     sources = {s["name"]: s["sha256"] for s in master["shards"]}
@@ -93,8 +122,10 @@ def derive_resized(out: Path, master: dict[str, Any], size: int, workers: int) -
         process_pool(workers) as pool,
         progress(total=sum(s["samples"] for s in todo), unit="img", desc=f"res{size}", mininterval=0.5) as bar,
     ):
+        upload_to = str(res_dir) if url else None
         futures = {
-            pool.submit(derive_shard, str(Path(out) / s["name"]), str(res_dir), size, codec, quality): s for s in todo
+            pool.submit(derive_shard, str(out / s["name"]), str(local_dir), size, codec, quality, upload_to): s
+            for s in todo
         }
         for future in as_completed(futures):
             entry = future.result()

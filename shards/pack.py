@@ -13,7 +13,8 @@ whole or not at all) and deleted locally; the journal is an object beside them
 (shards.pack_journal) and manifest.json is put last. The staging folder
 (``$TMPDIR/cxr-pack-<hash of the URL>``) holds at most one shard per split at a time, and
 its lock keeps two packs on one machine from writing one URL (nothing locks across machines:
-run one pack per URL).
+run one pack per URL). ``--resize N`` then derives ``OUT/resN/`` the same way (shards.derive), staged
+in ``STAGE/resN/``.
 """
 
 from __future__ import annotations
@@ -103,11 +104,6 @@ def pack(
     missing table cells are unknown (masked) whatever the policy. Recorded in the manifest.
     """
     _check_options(codec, quality, resize, shard_size_mb, grey16)
-    if resize and remote.is_url(out):
-        raise CxrError(
-            f"--resize with --out {out}: derived shards are not yet written to a URL — pack "
-            "--resize into a local folder and copy its resN/ folder up (aws s3 sync), or pack without --resize"
-        )
     records, splits_file, splits_sha = read_splits(splits)
     mapping = label_mapping(splits)  # the harmonisation rows of a shards.datasets table, else None
     grey16 = grey16 or ("minmax" if mapping and "padchest" in mapping["datasets"] else "reject")
@@ -142,7 +138,7 @@ def pack(
         if resize:
             from shards.derive import derive_resized  # noqa: PLC0415 — only with --resize
 
-            derive_resized(out, manifest, resize, workers)
+            derive_resized(out, manifest, resize, workers, stage)
     if manifest["rejected"] and not allow_rejects:
         first = "; ".join(f"{r['image']}: {r['reason']}" for r in manifest["rejected"][:3])
         raise CxrError(

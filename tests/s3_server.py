@@ -8,7 +8,9 @@ provider chain — nothing in cxr knows it talks to a test server. Nothing leave
 
 from __future__ import annotations
 
+import collections
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -87,3 +89,36 @@ def _restart_fork_server() -> None:
     stop = getattr(forkserver._forkserver, "_stop", None)  # CPython 3.8+: the module's own shutdown
     if stop is not None:
         stop()
+
+
+class CountingS3:
+    """moto's S3 server on a free loopback port, counting (method, path) of every request (the cache
+    tests see "fetched once" and "no request" from the bucket's side)."""
+
+    def __init__(self):
+        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+        from werkzeug.serving import make_server
+
+        app = DomainDispatcherApplication(create_backend_app)
+        self.requests: collections.Counter = collections.Counter()
+        lock = threading.Lock()
+
+        def counting(environ, start_response):
+            with lock:
+                self.requests[(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""))] += 1
+            return app(environ, start_response)
+
+        self.server = make_server("127.0.0.1", 0, counting, True, request_handler=MotoRequestHandler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.endpoint = "http://127.0.0.1:%d" % self.server.server_address[1]
+
+    def gets(self, key_suffix: str) -> int:
+        return sum(n for (m, p), n in self.requests.items() if m == "GET" and p.endswith(key_suffix))
+
+    def tar_gets(self) -> dict[str, int]:
+        out: collections.Counter = collections.Counter()
+        for (m, p), n in self.requests.items():
+            if m == "GET" and p.endswith(".tar"):
+                out[p.rsplit("/", 1)[-1]] += n
+        return dict(out)

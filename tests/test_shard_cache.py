@@ -7,57 +7,24 @@ the sha256 that pack wrote into the manifest, with hashlib.
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import json
 import os
 import subprocess
 import sys
 import textwrap
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from helpers import phantom_shards
+from s3_server import CountingS3
 
 from cxrbase.errors import CxrError
 
 ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("moto.server", reason="moto[server] is a dev dependency (pip install -e .[dev])")
 pytest.importorskip("s3fs", reason="s3fs is the s3 extra (pip install -e .[s3])")
-
-
-class CountingS3:
-    """moto's S3 server on a free loopback port, counting (method, path) of every request."""
-
-    def __init__(self):
-        from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
-        from werkzeug.serving import make_server
-
-        app = DomainDispatcherApplication(create_backend_app)
-        self.requests: collections.Counter = collections.Counter()
-        lock = threading.Lock()
-
-        def counting(environ, start_response):
-            with lock:
-                self.requests[(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""))] += 1
-            return app(environ, start_response)
-
-        self.server = make_server("127.0.0.1", 0, counting, True, request_handler=MotoRequestHandler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-        self.endpoint = "http://127.0.0.1:%d" % self.server.server_address[1]
-
-    def gets(self, key_suffix: str) -> int:
-        return sum(n for (m, p), n in self.requests.items() if m == "GET" and p.endswith(key_suffix))
-
-    def tar_gets(self) -> dict[str, int]:
-        out: collections.Counter = collections.Counter()
-        for (m, p), n in self.requests.items():
-            if m == "GET" and p.endswith(".tar"):
-                out[p.rsplit("/", 1)[-1]] += n
-        return dict(out)
 
 
 def _clear_fs_cache():
