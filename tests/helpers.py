@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import fcntl
 import hashlib
 import io
 import json
@@ -43,6 +44,34 @@ def launch_env() -> dict:
     env = dict(os.environ)
     env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=str(ROOT / ".torch_extensions"))
     return env
+
+
+def install_web_deps() -> str | None:
+    """Chromium, node and build/npm for the browser tests and the demo's page stage, installed by
+    scripts/web-deps.sh when missing; None when present, else why they cannot be (the caller skips, saying so).
+
+    The suite runs in several processes (`make test`: pytest-xdist) that share build/npm and apt: the check
+    and the install hold one lock (build/.web-deps.lock, blocking), so nobody reads build/npm half installed."""
+    from cxr.tools.export import WEB_VENDOR
+
+    lock = ROOT / "build" / ".web-deps.lock"
+    lock.parent.mkdir(exist_ok=True)
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # released when the file closes, or by the kernel if this process dies
+        missing = (
+            not shutil.which("chromium")
+            or not (WEB_VENDOR / "package.json").is_file()
+            or not (WEB_VENDOR.parent / "playwright-core" / "package.json").is_file()
+            or not (WEB_VENDOR.parent / "dicom-parser" / "package.json").is_file()
+        )
+        if not missing:
+            return None
+        if not shutil.which("node") or not shutil.which("npm"):
+            return "node/npm missing: install Node.js, then run `make web-deps`"
+        if not shutil.which("chromium") and (os.geteuid() != 0 or not shutil.which("apt-get")):
+            return "chromium is not installed and cannot be (needs root and apt-get): run `make web-deps`"
+        subprocess.run(["bash", str(ROOT / "scripts" / "web-deps.sh"), "all"], check=True, timeout=900)
+        return None
 
 
 def free_port() -> int:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import install_web_deps
 from PIL import Image
 
 pytestmark = pytest.mark.integration  # shards, training or subprocesses (CONTRIBUTING.md)
@@ -57,6 +58,7 @@ SMALL = {
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory, nih_sample_dir) -> dict:
     out = tmp_path_factory.mktemp("demo") / "demo"
+    install_web_deps()  # where it can: the page stage then runs (else the demo skips it, saying why)
     env = {
         **os.environ,
         **SMALL,

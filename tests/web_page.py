@@ -13,6 +13,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from helpers import install_web_deps
 from ood_data import TEST_KINDS, textures
 from PIL import Image
 
@@ -34,18 +35,9 @@ SHOTS = ROOT / "build" / "web-test"
 @pytest.fixture(scope="module")
 def web_tools() -> dict:
     """Chromium + node + the vendored npm packages; installed by scripts/web-deps.sh when missing."""
-    missing = (
-        not shutil.which("chromium")
-        or not (WEB_VENDOR / "package.json").is_file()
-        or not (WEB_VENDOR.parent / "playwright-core" / "package.json").is_file()
-        or not (WEB_VENDOR.parent / "dicom-parser" / "package.json").is_file()
-    )
-    if missing:
-        if not shutil.which("node") or not shutil.which("npm"):
-            pytest.skip("node/npm missing: install Node.js, then run `make web-deps`")
-        if not shutil.which("chromium") and (os.geteuid() != 0 or not shutil.which("apt-get")):
-            pytest.skip("chromium is not installed and cannot be (needs root and apt-get): run `make web-deps`")
-        subprocess.run(["bash", str(ROOT / "scripts" / "web-deps.sh"), "all"], check=True, timeout=900)
+    reason = install_web_deps()
+    if reason:
+        pytest.skip(reason)
     return {"chromium": shutil.which("chromium"), "playwright": str(WEB_VENDOR.parent / "playwright-core")}
 
 
