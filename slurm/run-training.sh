@@ -69,10 +69,12 @@ recorded_preempted() {
     [[ -n $run_dir ]] && "$CXR_PYTHON" -m cxr.runs.run_log preempted "$run_dir" "$CXR_RUN_NONCE"
 }
 
-# A signal that lands while training is still importing (its handler not yet
-# installed, USR1 still ignored) would be lost, so repeat it until training
-# records that it stopped (its handler only sets a flag; but a repeat during
-# interpreter shutdown, handlers reset, would kill it — hence the stop).
+# Forwarded at once (the grace time is short, and asking python whether training
+# stopped takes a second or more on a busy node). A signal that lands while training
+# is still importing (its handler not yet installed, USR1 still ignored) would be
+# lost, so repeat it until training records that it stopped (its handler only sets
+# a flag; but a repeat during interpreter shutdown, handlers reset, would kill it —
+# hence the check before each repeat).
 forward_usr1() {
     ((preempted)) && return
     preempted=1
@@ -80,7 +82,10 @@ forward_usr1() {
     [[ -n $child ]] || return
     (
         trap - USR1
-        while ! recorded_preempted && kill -USR1 "$child" 2>/dev/null; do sleep "$CXR_RESIGNAL_SECONDS"; done
+        while kill -USR1 "$child" 2>/dev/null; do
+            sleep "$CXR_RESIGNAL_SECONDS"
+            recorded_preempted && break
+        done
     ) &
 }
 trap forward_usr1 USR1

@@ -137,7 +137,7 @@ def test_sbatch_ensemble_with_preemption(slurm, synth_shards, tmp_path):
     ensemble = tmp_path / "twins.yaml"
     ensemble.write_text(yaml.safe_dump(twins))
     array, evaluator, runs = submit_ensemble(
-        tmp_path, ensemble, synth_shards, [*TINY, "train.epochs=4", "train.max_steps=24"]
+        tmp_path, ensemble, synth_shards, [*TINY, "train.epochs=4", "train.max_steps=48"]
     )
     wait_for_text(runs / "b" / "train.log", " step 3 ", timeout=240)
     sh("scancel", "--batch", "--signal=USR1", f"{array}_1")
