@@ -15,6 +15,7 @@ state-dict path (see weights.py). ``python -m cxr.models list`` prints the suite
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,6 @@ import torch
 
 from cxrbase.errors import CxrError
 
-from . import cbam, cnn, densenet, ood_ae, resnet, transformer
 from .backbones import BuildArgs
 from .classifier import CxrClassifier
 from .heads import METADATA_MODES
@@ -33,24 +33,36 @@ __all__ = ["MODEL_NAMES", "REGISTRY", "build_model", "CxrClassifier", "count_par
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A registry entry: the family builder, a one-line description and its own options with their types."""
+    """A registry entry: the family module and its builder, the module's description constant, and the
+    family's own options with their types.
 
-    builder: Callable[..., CxrClassifier]
-    description: str
+    The family module is imported when a model of it is first built, not with the package: timm (and
+    torchvision and torch._dynamo with it) is ~1.6 s of import per process here, which a ``cnn`` or
+    ``ood_ae`` run, and every command that builds no model, never needs."""
+
+    module: str
+    function: str
+    description_name: str
     options: dict[str, type]
+
+    @property
+    def builder(self) -> Callable[..., CxrClassifier]:
+        return getattr(importlib.import_module(f"{__name__}.{self.module}"), self.function)
+
+    @property
+    def description(self) -> str:
+        return getattr(importlib.import_module(f"{__name__}.{self.module}"), self.description_name)
 
 
 REGISTRY: dict[str, ModelSpec] = {
-    "densenet121": ModelSpec(densenet.build, densenet.DESCRIPTION, {"stem_size": int}),
-    "densenet121_cbam": ModelSpec(cbam.build, cbam.DESCRIPTION, {"head_dropout": float, "stem_size": int}),
-    "resnet50": ModelSpec(resnet.build, resnet.DESCRIPTION, {"stem_size": int}),
-    "beit": ModelSpec(transformer.build_beit, transformer.BEIT_DESCRIPTION, {"arch": str, "img_size": int}),
-    "vit": ModelSpec(
-        transformer.build_vit, transformer.VIT_DESCRIPTION, {"arch": str, "stem_size": int, "img_size": int}
-    ),
-    "cnn": ModelSpec(cnn.build, cnn.DESCRIPTION, {"stem_size": int, "width": int}),
+    "densenet121": ModelSpec("densenet", "build", "DESCRIPTION", {"stem_size": int}),
+    "densenet121_cbam": ModelSpec("cbam", "build", "DESCRIPTION", {"head_dropout": float, "stem_size": int}),
+    "resnet50": ModelSpec("resnet", "build", "DESCRIPTION", {"stem_size": int}),
+    "beit": ModelSpec("transformer", "build_beit", "BEIT_DESCRIPTION", {"arch": str, "img_size": int}),
+    "vit": ModelSpec("transformer", "build_vit", "VIT_DESCRIPTION", {"arch": str, "stem_size": int, "img_size": int}),
+    "cnn": ModelSpec("cnn", "build", "DESCRIPTION", {"stem_size": int, "width": int}),
     # not a classifier: the OOD gate's autoencoder (ood_ae.py; the gate is cxr/tools/ood.py), trained with loss.name=ssim_recon
-    "ood_ae": ModelSpec(ood_ae.build, ood_ae.DESCRIPTION, {"width": int, "code": int}),
+    "ood_ae": ModelSpec("ood_ae", "build", "DESCRIPTION", {"width": int, "code": int}),
 }
 # the classifier suite (CxrClassifier: logits [B,14]); ood_ae is built by name but is not a classifier
 MODEL_NAMES: tuple[str, ...] = tuple(name for name in REGISTRY if name != "ood_ae")

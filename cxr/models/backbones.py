@@ -6,7 +6,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import timm
 import torch
 from torch import nn
 
@@ -51,6 +50,8 @@ def timm_backbone(
     backbone output. Checkpointing is left to the family (CNN trunks do their own,
     BatchNorm-safe; transformers call timm's ``set_grad_checkpointing``).
     """
+    import timm  # here, not at the top: cnn and ood_ae runs never load it (cxr/models/__init__.py)
+
     model = timm.create_model(arch, pretrained=False, num_classes=0, in_chans=args.in_chans, **kwargs)
     if args.pretrained is not None:
         cfg = model.pretrained_cfg

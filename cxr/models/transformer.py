@@ -30,8 +30,6 @@ from __future__ import annotations
 import math
 
 import torch
-from timm.models import beit as timm_beit
-from timm.models import vision_transformer as timm_vit
 from torch import nn
 
 from cxrbase.errors import CxrError
@@ -101,6 +99,8 @@ def build_vit(
     at any other size they are resampled bicubically in every forward — which has no deterministic
     CUDA backward, so ``train.deterministic`` needs ``img_size`` = the input size
     (:func:`deterministic_input_error`)."""
+    from timm.models import vision_transformer as timm_vit  # timm on first build (cxr/models/__init__.py)
+
     _check_arch(arch, "vit")
     if img_size % 16 or img_size < 16:
         raise CxrError(f"vit: img_size={img_size} — use a multiple of the patch size 16 (e.g. 224, 512, 1024)")
@@ -171,6 +171,8 @@ def input_size_options(name: str, options: dict, conv_stem: bool, resolution: in
 
 def build_beit(args: BuildArgs, *, arch: str = BEIT_ARCH, img_size: int = NATIVE_SIZE) -> CxrClassifier:
     """BEiT (fixed img_size; inputs resized) → mean of patch tokens → fc_norm → (meta fusion) → dropout → linear."""
+    from timm.models import beit as timm_beit  # timm on first build (cxr/models/__init__.py)
+
     _check_arch(arch, "beit")
     if img_size % 16 or img_size < 32:
         raise CxrError(f"beit: img_size={img_size} — use a multiple of the patch size 16 (e.g. 224, 512)")

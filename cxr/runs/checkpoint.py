@@ -40,6 +40,7 @@ from safetensors.torch import load_file, save_file
 
 from cxr.models.transformer import fit_position_embeddings
 from cxr.models.weights import load_error_line  # one owner of the "why a load failed" line (also for weights files)
+from cxr.runs.distributed import unwrap_model
 from cxrbase.errors import CxrError
 
 WEIGHTS, STATE, META, DEEPSPEED_DIR, DEEPSPEED_TAG = "model.safetensors", "state.pt", "meta.json", "deepspeed", "state"
@@ -136,7 +137,10 @@ def save_checkpoint(
     final, tmp = root / name, root / f"{name}.tmp"
     full = state is not None
     ranks = gather_object([{"rng": rng_state(), **(per_rank or {})}]) if full else None
-    weights = accelerator.get_state_dict(model)  # collective under ZeRO-3; unwrapped names
+    if _is_deepspeed(accelerator):
+        weights = accelerator.get_state_dict(model)  # collective under ZeRO-3; unwrapped names
+    else:  # the same state dict, without accelerate's import of deepspeed (cxr.runs.distributed.unwrap_model)
+        weights = unwrap_model(accelerator, model).state_dict()
     failure = None
     if accelerator.is_main_process:
         _recover(root, name)
@@ -399,7 +403,7 @@ def load_checkpoint(accelerator, ckpt: str | Path, *, model, optimizer=None, sch
             str(ckpt / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
         )
     else:
-        load_weights(accelerator.unwrap_model(model, keep_torch_compile=False), ckpt)
+        load_weights(unwrap_model(accelerator, model), ckpt)
         if optimizer is not None and state.get("optimizer") is not None:
             optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state.get("scheduler") is not None:

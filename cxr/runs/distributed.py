@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import signal
+import sys
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -38,12 +39,35 @@ def configure_numerics(cfg: Config, cuda: bool) -> None:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
-        torch.use_deterministic_algorithms(True, warn_only=False)
+        _use_deterministic_algorithms(True, compiles=cfg.train.compile)
     else:  # undo a deterministic run earlier in this process (tests, bench/gpu_check.py, notebooks)
-        torch.use_deterministic_algorithms(False)
+        _use_deterministic_algorithms(False, compiles=cfg.train.compile)
         torch.backends.cudnn.deterministic = False
         if cuda:
             torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+
+
+def _use_deterministic_algorithms(mode: bool, *, compiles: bool) -> None:
+    """``torch.use_deterministic_algorithms(mode)`` (warn_only=False), which also sets inductor's
+    ``deterministic`` flag and so imports torch._inductor and torch._dynamo: ~1 s of CPU per process
+    here, for a flag only torch.compile reads. The full call when this run compiles or inductor is
+    already loaded; otherwise only the global flag (the same ``torch._C`` call torch makes)."""
+    if compiles or "torch._inductor.config" in sys.modules:
+        torch.use_deterministic_algorithms(mode, warn_only=False)
+    else:
+        torch._C._set_deterministic_algorithms(mode, warn_only=False)
+
+
+def unwrap_model(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside the accelerator's wrapper: ``accelerator.unwrap_model(model, keep_torch_compile=False)``.
+
+    Only under DeepSpeed is accelerate's own call made: it imports deepspeed whenever deepspeed is
+    installed (1.4 s of CPU per process here, each rank of every run) just to add its engine to the
+    isinstance test. Any other run's model is what ``prepare`` returned: DDP around the module, or
+    the module itself (cxr compiles a separate forward, never ``model``)."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.unwrap_model(model, keep_torch_compile=False)
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def loopback_warning(env, resolve: Callable[[str], str] | None = None) -> str | None:

@@ -35,6 +35,7 @@ from cxr.runs.distributed import (
     make_accelerator,
     skipped_samples,
     sync_buffers,
+    unwrap_model,
 )
 from cxr.runs.run_log import EXIT_REQUEUE
 from cxr.training import resume
@@ -172,7 +173,7 @@ class Trainer:
             self.model.compile()  # DeepSpeed's supported way: compiles the module inside the engine, hooks intact
         elif cfg.train.compile:
             self.train_forward = torch.compile(self.model)
-        self.unwrapped_model = accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        self.unwrapped_model = unwrap_model(accelerator, self.model)
         # Dropout streams differ per rank (a fresh seed per rank after the common init).
         set_seed(cfg.train.seed * 1000 + self.rank)
 
