@@ -12,7 +12,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -197,44 +196,6 @@ def test_killed_rank_makes_the_launcher_fail_within_timeout(train_shards, tmp_pa
     rc = finish(proc, timeout=300)
     assert rc != 0
     assert time.time() - t0 < 120, f"the job took {time.time() - t0:.0f} s to fail"
-
-
-def test_tiny_learns_the_phantoms_in_a_few_cpu_minutes(train_shards, tmp_path_factory):
-    """Plain single process (`python -m cxr.train`), tiny at 64 px: val mean AUROC ≥ 0.85 at the end."""
-    run_dir = tmp_path_factory.mktemp("runs") / "learn"
-    cmd = [
-        sys.executable,
-        "-m",
-        "cxr.train",
-        "--config",
-        "cxr/configs/tiny.yaml",
-        f"data.shards={train_shards}",
-        f"checkpoint.run_dir={run_dir}",
-        "data.resolution=64",
-        "train.epochs=5",
-        "train.threads=2",
-        "logging.progress=false",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = metrics_rows(run_dir)
-    assert len(rows) == 5
-    aurocs = [float(r["val_mean_auroc"]) for r in rows]
-    assert aurocs[-1] >= 0.85, aurocs
-    # the logged AUROCs of the best epoch, recomputed with sklearn from the saved val predictions
-    # and the labels of the split table
-    from sklearn.metrics import roc_auc_score
-
-    from cxrbase.labels import LABELS
-
-    best = min(rows, key=lambda r: float(r["val_loss"]))
-    preds = pd.read_parquet(run_dir / "val_predictions.parquet").set_index("key")
-    splits = pd.read_parquet(train_shards.parent / "splits.parquet")
-    splits.index = [Path(x).stem for x in splits["image"]]
-    truth = splits.loc[preds.index, list(LABELS)]
-    per_label = [roc_auc_score(truth[c], preds[c]) for c in LABELS if 0 < truth[c].sum() < len(truth)]
-    assert abs(sum(per_label) / len(per_label) - float(best["val_mean_auroc"])) < 1e-6
-    assert "done: 5 epochs" in proc.stderr
 
 
 def test_gpu_decode_without_cuda_is_refused_first_and_ends_the_launchers_report(train_shards, tmp_path_factory):
