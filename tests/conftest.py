@@ -4,6 +4,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# `make test` runs pytest-xdist workers (TEST_WORKERS, one per core here): each gets its share of the
+# cores as intra-op threads, for in-process torch and the children that inherit the environment. More
+# threads than cores only contend, and libgomp's spin-waits burn what the other worker needs: test_models,
+# test_vit_input_size and test_gpu_check under `-n 2` took 174 CPU s with 2 threads per worker, 91 with 1.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault(
+        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    )
 NIH = Path(os.environ.get("CXR_NIH", ROOT.parent / "shared" / "data" / "nih"))
 
 
@@ -58,10 +66,15 @@ def pytest_collection_modifyitems(config, items):
 # ------------------------------------------------------------------------------ shared fixtures
 @pytest.fixture(scope="session", autouse=True)
 def phantom_cache(tmp_path_factory):
-    """helpers.phantom_shards builds each set of arguments once per test run and copies it after that."""
+    """helpers.phantom_shards builds each set of arguments once per test run and copies it after that.
+
+    Under pytest-xdist (`make test`) the folder is shared by the run's worker processes: the workers'
+    base folders (…/pytest-N/popen-gwK) sit in one folder of that run."""
     import helpers
 
-    helpers.PHANTOM_CACHE = tmp_path_factory.mktemp("phantom-cache")
+    base = tmp_path_factory.getbasetemp()
+    shared = os.environ.get("PYTEST_XDIST_WORKER") is not None
+    helpers.PHANTOM_CACHE = base.parent / "phantom-cache" if shared else tmp_path_factory.mktemp("phantom-cache")
     yield helpers.PHANTOM_CACHE
     helpers.PHANTOM_CACHE = None
 

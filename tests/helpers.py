@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import io
 import json
@@ -279,30 +280,61 @@ def phantom_shards(
     after "synth" or "split". ``subprocess_cli``: ``python -m shards`` in a child process (as
     conftest's train_shards) instead of shards.cli.main in this one.
 
-    Built once per set of arguments in a test run (conftest.py points PHANTOM_CACHE at a session folder):
-    a second call copies that build into ROOT, its manifest naming ROOT's paths as a build there would."""
+    Built once per set of arguments in a test run (conftest.py points PHANTOM_CACHE at a folder all the
+    run's processes share): a second call, in any of them, copies that build into ROOT, its manifest naming
+    ROOT's paths as a build there would. One lock per set of arguments: a call waits while another builds it."""
     synth, table, shards = root / "synth", root / splits, root / "shards"
     pack_workers = workers if pack_workers == "as synth" else pack_workers
-    # one build per set of arguments for the whole test run, copied into ROOT (tests may edit their copy);
+    build = functools.partial(
+        _build_phantoms, root, n, resolution, seed, scheme, fractions, split_seed, workers, synth_args, metadata,
+        splits, pack_args, pack_workers, upto, subprocess_cli,
+    )  # fmt: skip
+    found = Phantoms(root, synth, table, shards)
     # a custom metadata writer may leave files anywhere under ROOT, so those calls always build
-    key = None
-    if PHANTOM_CACHE is not None and metadata is None:
-        argv = [n, resolution, seed, scheme, fractions, split_seed, workers, list(synth_args), splits]
-        argv += [list(pack_args), pack_workers, upto, subprocess_cli]
-        key = hashlib.sha256(json.dumps([str(a) for a in argv]).encode()).hexdigest()[:16]
-        cached = PHANTOM_CACHE / key
-        if cached.is_dir():
-            root.mkdir(parents=True, exist_ok=True)
-            built_in = (cached / "ROOT").read_text()
-            for made in cached.iterdir():
+    if PHANTOM_CACHE is None or metadata is not None:
+        build()
+        return found
+    argv = [n, resolution, seed, scheme, fractions, split_seed, workers, list(synth_args), splits]
+    argv += [list(pack_args), pack_workers, upto, subprocess_cli]
+    key = hashlib.sha256(json.dumps([str(a) for a in argv]).encode()).hexdigest()[:16]
+    cached = PHANTOM_CACHE / key
+    locks = PHANTOM_CACHE.with_name(PHANTOM_CACHE.name + ".locks")
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / key, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # released when the file closes, or by the kernel if this process dies
+        if not cached.is_dir():
+            build()
+            building = PHANTOM_CACHE / f"{key}.partial"
+            shutil.rmtree(building, ignore_errors=True)
+            building.mkdir(parents=True)
+            (building / "ROOT").write_text(str(root))
+            for made in (synth, table, shards):
                 if made.is_dir():
-                    shutil.copytree(made, root / made.name, symlinks=True)
-                elif made.name != "ROOT":
-                    shutil.copy2(made, root / made.name)
-            # the manifest and pack journal name the splits and image paths: make them this ROOT's, as a build here
-            for text in shards.glob("*.json*") if shards.is_dir() else ():
-                text.write_text(text.read_text().replace(json.dumps(built_in)[1:-1], json.dumps(str(root))[1:-1]))
-            return Phantoms(root, synth, table, shards)
+                    shutil.copytree(made, building / made.name, symlinks=True)
+                elif made.is_file():
+                    shutil.copy2(made, building / made.name)
+            building.rename(cached)
+            return found
+    # a finished build is never changed again: copied into ROOT (tests may edit their copy) without the lock
+    root.mkdir(parents=True, exist_ok=True)
+    built_in = (cached / "ROOT").read_text()
+    for made in cached.iterdir():
+        if made.is_dir():
+            shutil.copytree(made, root / made.name, symlinks=True)
+        elif made.name != "ROOT":
+            shutil.copy2(made, root / made.name)
+    # the manifest and pack journal name the splits and image paths: make them this ROOT's, as a build here
+    for text in shards.glob("*.json*") if shards.is_dir() else ():
+        text.write_text(text.read_text().replace(json.dumps(built_in)[1:-1], json.dumps(str(root))[1:-1]))
+    return found
+
+
+def _build_phantoms(
+    root, n, resolution, seed, scheme, fractions, split_seed, workers, synth_args, metadata, splits, pack_args,
+    pack_workers, upto, subprocess_cli,
+) -> None:  # fmt: skip
+    """The three commands of :func:`phantom_shards`, into ROOT."""
+    synth, table, shards = root / "synth", root / splits, root / "shards"
 
     def opt(name: str, value) -> list[str]:
         return [] if value is None else [name, str(value)]
@@ -331,43 +363,32 @@ def phantom_shards(
         *opt("--workers", workers),
         *synth_args,
     )
-    if upto != "synth":
-        labels = synth / "Data_Entry_2017.csv" if metadata is None else metadata(synth)
+    if upto == "synth":
+        return
+    labels = synth / "Data_Entry_2017.csv" if metadata is None else metadata(synth)
+    run(
+        "split",
+        "--metadata",
+        labels,
+        "--scheme",
+        scheme,
+        *opt("--fractions", fractions),
+        *opt("--seed", split_seed),
+        "--out",
+        table,
+    )
+    if upto != "split":
         run(
-            "split",
-            "--metadata",
-            labels,
-            "--scheme",
-            scheme,
-            *opt("--fractions", fractions),
-            *opt("--seed", split_seed),
-            "--out",
+            "pack",
+            "--splits",
             table,
+            "--images",
+            synth / "images",
+            "--out",
+            shards,
+            *pack_args,
+            *opt("--workers", pack_workers),
         )
-        if upto != "split":
-            run(
-                "pack",
-                "--splits",
-                table,
-                "--images",
-                synth / "images",
-                "--out",
-                shards,
-                *pack_args,
-                *opt("--workers", pack_workers),
-            )
-    if key is not None:
-        building = PHANTOM_CACHE / f"{key}.partial"
-        shutil.rmtree(building, ignore_errors=True)
-        building.mkdir(parents=True)
-        (building / "ROOT").write_text(str(root))
-        for made in (synth, table, shards):
-            if made.is_dir():
-                shutil.copytree(made, building / made.name, symlinks=True)
-            elif made.is_file():
-                shutil.copy2(made, building / made.name)
-        building.rename(PHANTOM_CACHE / key)
-    return Phantoms(root, synth, table, shards)
 
 
 def build_synth_shards(base: Path) -> Path:
