@@ -84,10 +84,15 @@ def free_port() -> int:
 def launch(
     shards: Path, run_dir: Path, *overrides: str, config_file: Path = CPU2, port: int | None = None
 ) -> subprocess.Popen:
-    """`accelerate launch --config_file X cxr/train.py --config tiny ...`, output to run_dir.parent/<name>.out."""
+    """`python -m accelerate.commands.launch --config_file X cxr/train.py --config tiny ...` (accelerate's launch
+    command without the CLI's import of every other subcommand, ~2 CPU s less; slurm/run-training.sh starts it
+    so too; scripts/demo.sh and test_deepspeed_bf16 run `accelerate launch` as the README writes it), with
+    the cnn 8 channels wide (model.width=8: half the CPU of the default 32, which these runs' claims about
+    ranks, resumes and storage do not depend on). Output to run_dir.parent/<name>.out."""
     cmd = [
-        str(BIN / "accelerate"),
-        "launch",
+        str(BIN / "python"),
+        "-m",
+        "accelerate.commands.launch",
         "--config_file",
         str(config_file),
         "--main_process_port",
@@ -99,6 +104,7 @@ def launch(
         f"checkpoint.run_dir={run_dir}",
         "data.resolution=64",
         "data.batch_size=16",
+        "model.width=8",
         f"train.epochs={EPOCHS}",
         "logging.progress=false",
         "logging.log_every=1",
@@ -134,7 +140,7 @@ def wait_for_line(run_dir: Path, pattern: str, proc: subprocess.Popen, timeout: 
                 return found
         if proc.poll() is not None:
             raise AssertionError(f"training exited ({proc.returncode}) before {pattern!r}:\n{output(run_dir)[-3000:]}")
-        time.sleep(0.2)
+        time.sleep(0.05)  # launch()'s steps take ~50 ms: a signal sent on a line lands a step or two later
     raise AssertionError(f"no {pattern!r} in {log} after {timeout} s")
 
 

@@ -54,6 +54,7 @@ def launch_bf16(shards: Path, run_dir: Path) -> subprocess.Popen:
         f"checkpoint.run_dir={run_dir}",
         "data.resolution=64",
         "data.batch_size=16",
+        "model.width=8",  # the cnn 8 channels wide, as helpers.launch: half the CPU
         f"train.epochs={EPOCHS}",
         "logging.progress=false",
         "logging.log_every=1",

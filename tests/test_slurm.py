@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow
 TINY = [
     "data.resolution=64",
     "model.stem_size=64",
+    "model.width=8",  # the cnn 8 channels wide (as tests/helpers.launch): half the CPU of the default
     "data.num_threads=0",
     "logging.progress=false",
     "logging.log_every=1",
