@@ -116,6 +116,41 @@ def test_each_module_imports_alone_in_a_fresh_interpreter(module, imported_alone
     assert returncode == 0, stderr
 
 
+LIGHT_START = """
+import sys
+import cxr.evaluate, cxr.train
+from accelerate import Accelerator
+from cxr.config import load_config
+from cxr.models import REGISTRY, build_model
+from cxr.runs.distributed import configure_numerics, unwrap_model
+import torch
+cnn = build_model("cnn")
+build_model("ood_ae")
+configure_numerics(load_config(None, ["train.deterministic=true"]), cuda=False)
+assert torch.are_deterministic_algorithms_enabled()
+accelerator = Accelerator(cpu=True)
+assert unwrap_model(accelerator, accelerator.prepare(cnn)) is cnn
+print(sorted(m for m in ("timm", "torchvision", "torch._inductor", "deepspeed") if m in sys.modules))
+print(REGISTRY["vit"].description)
+build_model("densenet121")
+print("timm" in sys.modules)
+"""
+
+
+@pytest.mark.integration  # a fresh interpreter
+def test_a_cnn_process_never_imports_timm_inductor_or_deepspeed():
+    """cxr/models/__init__.py imports a family when it is first built, configure_numerics leaves torch._inductor
+    alone when nothing compiles, and unwrap_model does not import deepspeed (each ~1-1.6 CPU s per process):
+    a process that trains or evaluates a cnn never loads them; a timm family still does, on its build."""
+    done = subprocess.run([sys.executable, "-c", LIGHT_START], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines() == [
+        "[]",
+        "ViT-B/16, any input size (interpolated position embeddings), mean-pooled tokens",
+        "True",
+    ], done.stdout
+
+
 # ----- layers: cxrbase ← shards ← cxr ← launch (each imports only the layers before it) -----
 
 LAYERS = ("cxrbase", "shards", "cxr", "launch")
