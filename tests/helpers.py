@@ -6,10 +6,10 @@ import this file.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import fcntl
-import functools
 import hashlib
 import io
 import json
@@ -47,6 +47,16 @@ def launch_env() -> dict:
     return env
 
 
+@contextlib.contextmanager
+def exclusive(lock: Path):
+    """Hold an exclusive flock on LOCK (created with its folder), waiting while another process holds it; the
+    kernel releases it when the file closes or its holder dies. For what the suite's processes share."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        yield
+
+
 def install_web_deps() -> str | None:
     """Chromium, node and build/npm for the browser tests and the demo's page stage, installed by
     scripts/web-deps.sh when missing; None when present, else why they cannot be (the caller skips, saying so).
@@ -55,10 +65,7 @@ def install_web_deps() -> str | None:
     and the install hold one lock (build/.web-deps.lock, blocking), so nobody reads build/npm half installed."""
     from cxr.tools.export import WEB_VENDOR
 
-    lock = ROOT / "build" / ".web-deps.lock"
-    lock.parent.mkdir(exist_ok=True)
-    with open(lock, "w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)  # released when the file closes, or by the kernel if this process dies
+    with exclusive(ROOT / "build" / ".web-deps.lock"):
         missing = (
             not shutil.which("chromium")
             or not (WEB_VENDOR / "package.json").is_file()
@@ -291,26 +298,83 @@ def phantom_shards(
     ROOT's paths as a build there would. One lock per set of arguments: a call waits while another builds it."""
     synth, table, shards = root / "synth", root / splits, root / "shards"
     pack_workers = workers if pack_workers == "as synth" else pack_workers
-    build = functools.partial(
-        _build_phantoms, root, n, resolution, seed, scheme, fractions, split_seed, workers, synth_args, metadata,
-        splits, pack_args, pack_workers, upto, subprocess_cli,
-    )  # fmt: skip
-    found = Phantoms(root, synth, table, shards)
+    # one build per set of arguments for the whole test run, copied into ROOT (tests may edit their copy);
     # a custom metadata writer may leave files anywhere under ROOT, so those calls always build
-    if PHANTOM_CACHE is None or metadata is not None:
-        build()
-        return found
-    argv = [n, resolution, seed, scheme, fractions, split_seed, workers, list(synth_args), splits]
-    argv += [list(pack_args), pack_workers, upto, subprocess_cli]
-    key = hashlib.sha256(json.dumps([str(a) for a in argv]).encode()).hexdigest()[:16]
-    cached = PHANTOM_CACHE / key
-    locks = PHANTOM_CACHE.with_name(PHANTOM_CACHE.name + ".locks")
-    locks.mkdir(parents=True, exist_ok=True)
-    with open(locks / key, "w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)  # released when the file closes, or by the kernel if this process dies
-        if not cached.is_dir():
-            build()
-            building = PHANTOM_CACHE / f"{key}.partial"
+    cached, lock = None, contextlib.nullcontext()
+    if PHANTOM_CACHE is not None and metadata is None:
+        argv = [n, resolution, seed, scheme, fractions, split_seed, workers, list(synth_args), splits]
+        argv += [list(pack_args), pack_workers, upto, subprocess_cli]
+        key = hashlib.sha256(json.dumps([str(a) for a in argv]).encode()).hexdigest()[:16]
+        cached = PHANTOM_CACHE / key
+        lock = exclusive(PHANTOM_CACHE.with_name(PHANTOM_CACHE.name + ".locks") / key)  # beside the cache, not in it
+    with lock:
+        if cached is not None and cached.is_dir():
+            root.mkdir(parents=True, exist_ok=True)
+            built_in = (cached / "ROOT").read_text()
+            for made in cached.iterdir():
+                if made.is_dir():
+                    shutil.copytree(made, root / made.name, symlinks=True)
+                elif made.name != "ROOT":
+                    shutil.copy2(made, root / made.name)
+            # the manifest and pack journal name the splits and image paths: make them this ROOT's, as a build here
+            for text in shards.glob("*.json*") if shards.is_dir() else ():
+                text.write_text(text.read_text().replace(json.dumps(built_in)[1:-1], json.dumps(str(root))[1:-1]))
+            return Phantoms(root, synth, table, shards)
+
+        def opt(name: str, value) -> list[str]:
+            return [] if value is None else [name, str(value)]
+
+        def run(*argv) -> None:
+            argv = [str(a) for a in argv]
+            if subprocess_cli:
+                done = subprocess.run(
+                    [sys.executable, "-m", "shards", *argv], cwd=ROOT, capture_output=True, text=True, timeout=600
+                )
+                assert done.returncode == 0, (argv, done.stderr[-3000:])
+            else:
+                from shards.cli import main as shards_main
+
+                assert shards_main(argv) == 0, argv
+
+        run(
+            "synth",
+            "--out",
+            synth,
+            "--n",
+            n,
+            "--resolution",
+            resolution,
+            *opt("--seed", seed),
+            *opt("--workers", workers),
+            *synth_args,
+        )
+        if upto != "synth":
+            labels = synth / "Data_Entry_2017.csv" if metadata is None else metadata(synth)
+            run(
+                "split",
+                "--metadata",
+                labels,
+                "--scheme",
+                scheme,
+                *opt("--fractions", fractions),
+                *opt("--seed", split_seed),
+                "--out",
+                table,
+            )
+            if upto != "split":
+                run(
+                    "pack",
+                    "--splits",
+                    table,
+                    "--images",
+                    synth / "images",
+                    "--out",
+                    shards,
+                    *pack_args,
+                    *opt("--workers", pack_workers),
+                )
+        if cached is not None:
+            building = cached.with_name(f"{cached.name}.partial")
             shutil.rmtree(building, ignore_errors=True)
             building.mkdir(parents=True)
             (building / "ROOT").write_text(str(root))
@@ -320,81 +384,7 @@ def phantom_shards(
                 elif made.is_file():
                     shutil.copy2(made, building / made.name)
             building.rename(cached)
-            return found
-    # a finished build is never changed again: copied into ROOT (tests may edit their copy) without the lock
-    root.mkdir(parents=True, exist_ok=True)
-    built_in = (cached / "ROOT").read_text()
-    for made in cached.iterdir():
-        if made.is_dir():
-            shutil.copytree(made, root / made.name, symlinks=True)
-        elif made.name != "ROOT":
-            shutil.copy2(made, root / made.name)
-    # the manifest and pack journal name the splits and image paths: make them this ROOT's, as a build here
-    for text in shards.glob("*.json*") if shards.is_dir() else ():
-        text.write_text(text.read_text().replace(json.dumps(built_in)[1:-1], json.dumps(str(root))[1:-1]))
-    return found
-
-
-def _build_phantoms(
-    root, n, resolution, seed, scheme, fractions, split_seed, workers, synth_args, metadata, splits, pack_args,
-    pack_workers, upto, subprocess_cli,
-) -> None:  # fmt: skip
-    """The three commands of :func:`phantom_shards`, into ROOT."""
-    synth, table, shards = root / "synth", root / splits, root / "shards"
-
-    def opt(name: str, value) -> list[str]:
-        return [] if value is None else [name, str(value)]
-
-    def run(*argv) -> None:
-        argv = [str(a) for a in argv]
-        if subprocess_cli:
-            done = subprocess.run(
-                [sys.executable, "-m", "shards", *argv], cwd=ROOT, capture_output=True, text=True, timeout=600
-            )
-            assert done.returncode == 0, (argv, done.stderr[-3000:])
-        else:
-            from shards.cli import main as shards_main
-
-            assert shards_main(argv) == 0, argv
-
-    run(
-        "synth",
-        "--out",
-        synth,
-        "--n",
-        n,
-        "--resolution",
-        resolution,
-        *opt("--seed", seed),
-        *opt("--workers", workers),
-        *synth_args,
-    )
-    if upto == "synth":
-        return
-    labels = synth / "Data_Entry_2017.csv" if metadata is None else metadata(synth)
-    run(
-        "split",
-        "--metadata",
-        labels,
-        "--scheme",
-        scheme,
-        *opt("--fractions", fractions),
-        *opt("--seed", split_seed),
-        "--out",
-        table,
-    )
-    if upto != "split":
-        run(
-            "pack",
-            "--splits",
-            table,
-            "--images",
-            synth / "images",
-            "--out",
-            shards,
-            *pack_args,
-            *opt("--workers", pack_workers),
-        )
+    return Phantoms(root, synth, table, shards)
 
 
 def build_synth_shards(base: Path) -> Path:
