@@ -20,8 +20,8 @@ launcher's), ``model.channels_last`` and, on CUDA, ``train.cudnn_benchmark`` —
   measure (default)  CUDA: ``torch.cuda.max_memory_reserved`` (what the caching allocator
                      holds, fragmentation included); CPU: peak RSS of a fresh subprocess
   model              any device, no GPU: the live tensor bytes of a CPU step (a dispatch-mode
-                     tracker) at a small resolution, the per-sample part scaled by the pixel
-                     count (a convolutional trunk's activations grow with H·W)
+                     tracker, in this process) at a small resolution, the per-sample part scaled
+                     by the pixel count (a convolutional trunk's activations grow with H·W)
 
 To the curve it adds ``overhead_mb``, the device memory outside torch's allocator: the
 CUDA context, cuDNN/cuBLAS workspaces (measured on CUDA as the driver's used memory minus
@@ -136,10 +136,16 @@ def read_probe(run_dir: str | Path) -> ProbeResult | None:
 def measure(
     config: str | None, overrides: Sequence[str], resolution: int, batch: int, device: str, method: str = "measure"
 ) -> float:
-    """Peak MB of a step at ``batch``: in process on CUDA, in a fresh subprocess on CPU
-    (peak RSS, or the live tensor bytes with ``method="model"``)."""
+    """Peak MB of a step at ``batch``: in this process on CUDA (the allocator's peak, reset per step) and
+    with ``method="model"`` (the live tensor bytes made inside the tracker, on the CPU; the caller's random
+    streams untouched), in a fresh subprocess for the peak RSS of a CPU step."""
     if device.startswith("cuda") and method == "measure":
         return step_peak_mb(config, overrides, resolution, batch, device)
+    if method == "model":
+        import torch
+
+        with torch.random.fork_rng(devices=[]):  # to 0.1 MB, as the subprocess prints it
+            return float(f"{step_peak_mb(config, overrides, resolution, batch, 'cpu', track=True):.1f}")
     argv = [
         sys.executable,
         "-m",
@@ -149,9 +155,8 @@ def measure(
         "--measure",
         str(batch),
         "--device",
-        "cpu" if method == "model" else device,
+        device,
         *(["--config", config] if config else []),
-        *(["--track"] if method == "model" else []),
         *overrides,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
