@@ -1,5 +1,5 @@
-"""`cxr-predict` through the user's commands: phantoms → pack → `python -m cxr.train` (the shipped tiny
-and ood_ae configs) → `python -m cxr.evaluate` / `cxr.tools.ood threshold` / `cxr.tools.export`; then cxr-predict on
+"""`cxr-predict` through the user's commands: phantoms → pack → `cxr.train` (the shipped tiny and ood_ae
+configs) → `cxr.evaluate` / `cxr.tools.ood threshold` / `cxr.tools.export`; then cxr-predict on
 a folder mixing the test split's PNGs, DICOM copies of them and broken files. References: the
 evaluator's predictions.parquet and the gate's own scoring through the loader (cxr.tools.ood.score_split)."""
 
@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from dicom_data import IDENTIFYING, dicom_bytes
+from helpers import phantom_shards
 from PIL import Image
 
 from cxrbase.labels import LABELS
@@ -36,112 +37,27 @@ def run(*args: str) -> None:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Shards of 64 px phantoms, a tiny classifier run, a gate run, the evaluator's test predictions, a package."""
+    """Shards of 64 px phantoms, a tiny classifier run, a gate run, the evaluator's test predictions, a package:
+    each command's own ``main`` (shards, cxr.train, cxr.tools.ood, cxr.evaluate, cxr.tools.export) in this
+    process, with the arguments a user types."""
+    from cxr.evaluate import main as evaluate
+    from cxr.tools.export import main as export
+    from cxr.tools.ood import main as ood
+    from cxr.train import main as train
+
     root = tmp_path_factory.mktemp("predict")
-    run(
-        "-m",
-        "shards",
-        "synth",
-        "--out",
-        str(root / "synth"),
-        "--n",
-        "160",
-        "--resolution",
-        "64",
-        "--seed",
-        "3",
-        "--workers",
-        "1",
-    )
-    run(
-        "-m",
-        "shards",
-        "split",
-        "--metadata",
-        str(root / "synth" / "Data_Entry_2017.csv"),
-        "--scheme",
-        "random",
-        "--fractions",
-        "0.6,0.2,0.2",
-        "--seed",
-        "0",
-        "--out",
-        str(root / "splits.parquet"),
-    )
-    run(
-        "-m",
-        "shards",
-        "pack",
-        "--splits",
-        str(root / "splits.parquet"),
-        "--images",
-        str(root / "synth" / "images"),
-        "--out",
-        str(root / "shards"),
-        "--workers",
-        "1",
-    )
-    common = [f"data.shards={root / 'shards'}", "data.num_threads=0", "logging.progress=false", "train.epochs=1"]
-    run(
-        "-m",
-        "cxr.train",
-        "--config",
-        "cxr/configs/tiny.yaml",
-        "data.resolution=64",
-        "model.stem_size=64",
-        *common,
-        f"checkpoint.run_dir={root / 'run'}",
-    )
-    run(
-        "-m",
-        "cxr.train",
-        "--config",
-        "cxr/configs/ood_ae.yaml",
-        "model.width=8",
-        "model.code=4",
-        *common,
-        f"checkpoint.run_dir={root / 'ood'}",
-    )
-    run(
-        "-m",
-        "cxr.tools.ood",
-        "threshold",
-        "--run",
-        str(root / "ood"),
-        "--shards",
-        str(root / "shards"),
-        "--percentile",
-        "90",
-    )
-    run(
-        "-m",
-        "cxr.evaluate",
-        "--runs",
-        str(root / "run"),
-        "--shards",
-        str(root / "shards"),
-        "--split",
-        "test",
-        "--thresholds-from",
-        "val",
-        "--bootstrap",
-        "20",
-        "--no-figures",
-        "--out",
-        str(root / "report"),
-    )
-    run(
-        "-m",
-        "cxr.tools.export",
-        "--run",
-        str(root / "run"),
-        "--ood",
-        str(root / "ood"),
-        "--out",
-        str(root / "pkg"),
-        "--thresholds",
-        str(root / "report" / "thresholds.json"),
-    )
+    shards = phantom_shards(root, 160, 64, 3, fractions="0.6,0.2,0.2", split_seed=0).shards
+    common = [f"data.shards={shards}", "data.num_threads=0", "logging.progress=false", "train.epochs=1"]
+    tiny, gate = ROOT / "cxr" / "configs" / "tiny.yaml", ROOT / "cxr" / "configs" / "ood_ae.yaml"
+    assert train(["--config", str(tiny), "data.resolution=64", "model.stem_size=64", *common,
+                  f"checkpoint.run_dir={root / 'run'}"]) == 0  # fmt: skip
+    assert train(["--config", str(gate), "model.width=8", "model.code=4", *common,
+                  f"checkpoint.run_dir={root / 'ood'}"]) == 0  # fmt: skip
+    assert ood(["threshold", "--run", str(root / "ood"), "--shards", str(shards), "--percentile", "90"]) == 0
+    assert evaluate(["--runs", str(root / "run"), "--shards", str(shards), "--split", "test", "--thresholds-from",
+                     "val", "--bootstrap", "20", "--no-figures", "--out", str(root / "report")]) == 0  # fmt: skip
+    assert export(["--run", str(root / "run"), "--ood", str(root / "ood"), "--out", str(root / "pkg"),
+                   "--thresholds", str(root / "report" / "thresholds.json")]) == 0  # fmt: skip
     return root
 
 
