@@ -6,7 +6,8 @@ STAMP  := $(VENV)/.installed-stamp
 SHARED ?= ../shared
 NIH    ?= $(SHARED)/data/nih
 DEMO   ?= build/demo
-# the suite's processes (pytest-xdist; each test file runs whole in one of them)
+# the suite's processes (pytest-xdist; each test file runs whole in one of them, handed out in the order
+# tests/conftest.py gives: end-to-end files first)
 TEST_WORKERS ?= 2
 
 .PHONY: install lint test test-fast demo bench clean web-deps
@@ -28,7 +29,7 @@ lint: install
 	$(BIN)/mypy
 
 test: install lint
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # the unit tier: no shards, no training, no subprocess (tests/conftest.py assigns the tiers)
 test-fast: install

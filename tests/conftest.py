@@ -61,6 +61,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.unit)
         elif len(tiers) > 1 and "unit" in tiers:
             raise pytest.UsageError(f"{item.nodeid}: marked unit and {tiers[1]} — a test has one tier")
+    # Files whose tests start processes go first, unit files last, each file's tests kept together and in
+    # order: `make test` hands files to its workers in this order (--no-loadscope-reorder), so the long
+    # files start early and both workers end on short ones. By test count, xdist's default, the
+    # one-test end-to-end files came last: one worker ran them alone for ~45 s at the end of the run.
+    rank = {}
+    for item in items:
+        tier = max(TIERS.index(t) for t in TIERS if item.get_closest_marker(t) is not None)
+        rank[item.path] = max(rank.get(item.path, 0), tier)
+    items.sort(key=lambda item: -rank[item.path])
 
 
 # ------------------------------------------------------------------------------ shared fixtures
