@@ -89,19 +89,28 @@ def free_port() -> int:
 
 
 def launch(
-    shards: Path, run_dir: Path, *overrides: str, config_file: Path = CPU2, port: int | None = None
+    shards: Path,
+    run_dir: Path,
+    *overrides: str,
+    config_file: Path = CPU2,
+    port: int | None = None,
+    readme_cli: bool = False,
+    launcher_args: Sequence[str] = (),
 ) -> subprocess.Popen:
-    """`python -m accelerate.commands.launch --config_file X cxr/train.py --config tiny ...` (accelerate's launch
-    command without the CLI's import of every other subcommand, ~2 CPU s less; slurm/run-training.sh starts it
-    so too; scripts/demo.sh and test_deepspeed_bf16 run `accelerate launch` as the README writes it), with
+    """`python -m accelerate.commands.launch --config_file X LAUNCHER_ARGS cxr/train.py --config tiny ...`
+    (accelerate's launch command without the CLI's import of every other subcommand, ~2 CPU s less;
+    slurm/run-training.sh starts it so too; ``readme_cli``: `accelerate launch` as the README writes it), with
     the cnn 8 channels wide (model.width=8: half the CPU of the default 32, which these runs' claims about
     ranks, resumes and storage do not depend on). Output to run_dir.parent/<name>.out."""
     cmd = [
-        str(BIN / "python"),
-        "-m",
-        "accelerate.commands.launch",
+        *(
+            [str(BIN / "accelerate"), "launch"]
+            if readme_cli
+            else [str(BIN / "python"), "-m", "accelerate.commands.launch"]
+        ),
         "--config_file",
         str(config_file),
+        *launcher_args,
         "--main_process_port",
         str(port or free_port()),
         "cxr/train.py",

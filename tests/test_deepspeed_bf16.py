@@ -15,13 +15,10 @@ import pytest
 import torch
 import yaml
 from helpers import (
-    BIN,
-    EPOCHS,
     ROOT,
     STEPS_PER_EPOCH,
     finish,
-    free_port,
-    launch_env,
+    launch,
     metrics_rows,
     output,
     rank_pids,
@@ -38,31 +35,13 @@ ZERO2 = ROOT / "launch" / "configs" / "deepspeed_zero2.yaml"
 def launch_bf16(shards: Path, run_dir: Path) -> subprocess.Popen:
     """The documented GPU command, on CPU: `accelerate launch --config_file deepspeed_zero2.yaml
     --mixed_precision bf16 cxr/train.py ... train.mixed_precision=auto`."""
-    cmd = [
-        str(BIN / "accelerate"),
-        "launch",
-        "--config_file",
-        str(ZERO2),
-        "--mixed_precision",
-        "bf16",
-        "--main_process_port",
-        str(free_port()),
-        "cxr/train.py",
-        "--config",
-        "cxr/configs/tiny.yaml",
-        f"data.shards={shards}",
-        f"checkpoint.run_dir={run_dir}",
-        "data.resolution=64",
-        "data.batch_size=16",
-        "model.width=8",  # the cnn 8 channels wide, as helpers.launch: half the CPU
-        f"train.epochs={EPOCHS}",
-        "logging.progress=false",
-        "logging.log_every=1",
+    return launch(
+        shards,
+        run_dir,
         "train.mixed_precision=auto",
-    ]
-    out = open(run_dir.parent / f"{run_dir.name}.out", "ab")
-    return subprocess.Popen(
-        cmd, cwd=ROOT, env=launch_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        config_file=ZERO2,
+        readme_cli=True,
+        launcher_args=("--mixed_precision", "bf16"),
     )
 
 
