@@ -63,6 +63,19 @@ class _Preemption:
                 os.kill(os.getpid(), signal.SIGUSR1)
 
 
+# A job's rendezvous port comes from its id, so every task computes the same one without talking, and lies
+# below Linux's default ephemeral range (32768–60999, /proc/sys/net/ipv4/ip_local_port_range), where any outgoing
+# connection on the node may be holding it at that moment. submitit's own choice (20000–60000 from the id) falls
+# there three times in four: a 2-task job failed with EADDRINUSE while another job's gloo ranks were connecting.
+# slurm/run-training.sh computes the same port (tests/test_launch.py compares the two).
+RENDEZVOUS_PORTS = range(20000, 32768)
+
+
+def rendezvous_port(job_id: int) -> int:
+    """The MASTER_PORT of Slurm job ``job_id`` (its SLURM_JOB_ID; an array task has its own)."""
+    return RENDEZVOUS_PORTS[job_id % len(RENDEZVOUS_PORTS)]
+
+
 def export_distributed_env() -> tuple[int, int]:
     """Export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT from submitit; returns (rank, world)."""
     import submitit
@@ -72,6 +85,8 @@ def export_distributed_env() -> tuple[int, int]:
     except RuntimeError:  # not inside a submitit job (e.g. called directly)
         return 0, 1
     if job.num_tasks > 1:
+        # one port per job, replacing any MASTER_PORT the submitting shell passed on (two jobs on a node would share it)
+        os.environ["MASTER_PORT"] = str(rendezvous_port(int(job.raw_job_id)))
         # Training and accelerate pick the device from LOCAL_RANK; keep every GPU visible.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     return job.global_rank, job.num_tasks

@@ -49,7 +49,8 @@ else
 fi
 NNODES=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
 export MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-$(hostname -s)}" | head -n 1)
-export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+# the job's port, below the ephemeral range (launch/tasks.py rendezvous_port says why; the same formula)
+export MASTER_PORT=$((20000 + SLURM_JOB_ID % 12768))
 export CXR_NPROC=$((NNODES * CXR_PROCS_PER_NODE))
 echo "[run-training] job $SELF restart ${SLURM_RESTART_COUNT:-0}: $NNODES node(s) x $CXR_PROCS_PER_NODE process(es)," \
     "rendezvous $MASTER_ADDR:$MASTER_PORT, config $CXR_ACCELERATE_CONFIG, $(date -Is)"

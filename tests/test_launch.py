@@ -129,6 +129,44 @@ def test_requeue_status_is_ex_tempfail_everywhere():
     assert int(default.group(1)) == run_log.EXIT_REQUEUE
 
 
+def test_a_jobs_rendezvous_port_is_below_the_ephemeral_range_and_the_same_in_both_launchers(monkeypatch):
+    """A 2-task submitit job failed with EADDRINUSE: submitit's port (20000–60000 from the job id) lay in Linux's
+    ephemeral range (32768–60999), where another job's outgoing connection held it. launch.tasks and
+    slurm/run-training.sh now give a job the same port below that range; a MASTER_PORT the submitting shell
+    passed on is replaced (two jobs on one node would share it)."""
+    import re
+
+    script = (ROOT / "slurm" / "run-training.sh").read_text()
+    [formula] = re.findall(r"^export MASTER_PORT=\$\(\((.+)\)\)$", script, re.M)
+    ids = [1, 236, 12767, 12768, 32767, 45000, 9876543]
+    by_bash = subprocess.run(
+        ["bash", "-c", f"for SLURM_JOB_ID in {' '.join(map(str, ids))}; do echo $(({formula})); done"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert [int(p) for p in by_bash] == [tasks.rendezvous_port(i) for i in ids]
+    # by hand: 20000 + id mod 12768, i.e. 20000 ≤ port < 32768
+    assert [tasks.rendezvous_port(i) for i in ids] == [20001, 20236, 32767, 20000, 27231, 26696, 26879]
+    env = {
+        "SLURM_JOB_ID": "45000",
+        "SLURM_NTASKS": "2",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_NODEID": "0",
+        "SLURM_JOB_NODELIST": "node7",
+        "SLURM_PROCID": "1",
+        "SLURM_LOCALID": "1",
+        "SUBMITIT_EXECUTOR": "slurm",
+        "MASTER_PORT": "29500",  # from the submitting shell
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.setenv(key, "stale")  # so that monkeypatch removes what the export writes
+    assert tasks.export_distributed_env() == (1, 2)
+    assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], os.environ["RANK"]) == ("node7", "26696", "1")
+
+
 def test_an_evaluation_stopped_for_preemption_is_requeued_by_submitit(monkeypatch):
     """Battery 2, 4.7: the evaluator exits 75 (nothing written); under submitit the task hands the
     preemption to submitit's own handler, which requeues checkpoint(): the same evaluation."""
