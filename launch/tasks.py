@@ -66,7 +66,8 @@ class _Preemption:
 # A job's rendezvous port comes from its id, so every task computes the same one without talking, and lies
 # below Linux's default ephemeral range (32768–60999, /proc/sys/net/ipv4/ip_local_port_range), where any outgoing
 # connection on the node may be holding it at that moment. submitit's own choice (20000–60000 from the id) falls
-# there three times in four: a 2-task job failed with EADDRINUSE while another job's gloo ranks were connecting.
+# there about two times in three: a 2-task job failed with EADDRINUSE while other processes on the node had
+# connections open.
 # slurm/run-training.sh computes the same port (tests/test_launch.py compares the two).
 RENDEZVOUS_PORTS = range(20000, 32768)
 
