@@ -33,7 +33,14 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: install lint
+# DeepSpeed's CPU comm op, built once before the suite rather than by its first DeepSpeed test
+# (scripts/build_deepspeed_ops.py says why); where the tests and the demo look for it
+OPS_STAMP := .torch_extensions/.ops-stamp
+$(OPS_STAMP): $(STAMP)
+	TORCH_EXTENSIONS_DIR=$(CURDIR)/.torch_extensions $(BIN)/python scripts/build_deepspeed_ops.py
+	touch $(OPS_STAMP)
+
+test: install lint $(OPS_STAMP)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # the unit tier: no shards, no training, no subprocess (tests/conftest.py assigns the tiers)
