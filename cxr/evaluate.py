@@ -224,8 +224,11 @@ def analyse_and_write(
     }
 
 
-class _Stopped(Exception):
-    """Raised in the main thread by a stop signal (SIGTERM, SIGUSR1) while the evaluation runs."""
+class _Stopped(BaseException):
+    """Raised in the main thread by a stop signal (SIGTERM, SIGUSR1) while the evaluation runs.
+
+    A BaseException, as KeyboardInterrupt is: it can surface inside any ``except Exception`` on the way (an
+    image decoder's, which then called the sample corrupt and the evaluation failed with exit 1, not 75)."""
 
     def __init__(self, signum: int, phase: str):
         super().__init__(signum, phase)

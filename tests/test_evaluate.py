@@ -587,6 +587,32 @@ def test_coverage_check_catches_missing_and_tolerates_duplicates(shards_dir):
 # ------------------------------------------------ battery 2: signals, --out, members, tiny val ---
 
 
+def test_a_stop_signal_during_an_image_decode_stops_the_evaluation_not_marks_the_sample_corrupt(monkeypatch):
+    """Seen in a CI run: SIGUSR1 landed while the loader decoded a PNG, the decoder's `except Exception` took the
+    stop for a decode failure, and the evaluation exited 1 with "sample … is corrupt" instead of 75. A real
+    signal, delivered inside the decode call, must come out as the evaluation's stop."""
+    import signal as signals
+    from types import SimpleNamespace
+
+    import shards.image_codec
+    from cxr import evaluate
+    from cxr.data.sample_reader import decode_resize
+
+    def decode_while_signalled(data, codec):
+        os.kill(os.getpid(), signals.SIGUSR1)  # Python runs the handler at the next bytecode, inside this call
+        for _ in range(1000):
+            pass
+        raise AssertionError("the stop signal's handler did not run")
+
+    monkeypatch.setattr(shards.image_codec, "decode_grey", decode_while_signalled)
+    index = SimpleNamespace(codec="png", shard_paths=["test-000000.tar"], shard=[0], keys=["00000003_000"])
+    with evaluate._StopSignals() as stops:
+        stops.phase = "inference"
+        with pytest.raises(evaluate._Stopped) as stopped:
+            decode_resize(b"png bytes", 64, index, 0)
+    assert (stopped.value.signum, stopped.value.phase) == (signals.SIGUSR1, "inference")
+
+
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
 def test_stop_signal_says_what_was_interrupted_writes_nothing_and_exits_requeue(members, shards_dir, tmp_path, sig):
     """Battery 2, 4.6/4.7: a real signal, sent once the evaluator says it has started; the
