@@ -131,7 +131,7 @@ def test_requeue_status_is_ex_tempfail_everywhere():
 
 def test_a_jobs_rendezvous_port_is_below_the_ephemeral_range_and_the_same_in_both_launchers(monkeypatch):
     """A 2-task submitit job failed with EADDRINUSE: submitit's port (20000–60000 from the job id) lay in Linux's
-    ephemeral range (32768–60999), where another job's outgoing connection held it. launch.tasks and
+    ephemeral range (32768–60999), where any outgoing connection on the node may hold it. launch.tasks and
     slurm/run-training.sh now give a job the same port below that range; a MASTER_PORT the submitting shell
     passed on is replaced (two jobs on one node would share it)."""
     import re
