@@ -133,6 +133,8 @@ def plot_reliability(
     """reliability.png: a panel per label of the focus score set's equal-width reliability
     diagram (observed frequency against mean predicted probability per bin, before and after
     post-hoc calibration), with each bin's image count as a bar on a log axis underneath."""
+    from matplotlib.ticker import NullLocator
+
     from cxr.evaluation.calibration import N_BINS, reliability_bins
 
     focus = focus_member(scores)
@@ -149,6 +151,9 @@ def plot_reliability(
         ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
         counts = ax.twinx()
         counts.set_yscale("log")
+        # decades only: the log axis' unlabelled minor ticks (up to 8 a decade, 14 panels) took ~40 %
+        # of this figure's drawing (1.30 → 0.79 s for the 4×4 grid here)
+        counts.yaxis.set_minor_locator(NullLocator())
         counts.tick_params(labelsize=6, colors="0.5")
         width = 1.0 / N_BINS
         for i, (name, (probs, color, marker)) in enumerate(series.items()):
