@@ -196,17 +196,18 @@ def _fit(x: np.ndarray, y: np.ndarray, with_bias: bool) -> tuple[float, float]:
             break
         step = np.zeros(k)
         step[free] = np.linalg.solve(hess[np.ix_(free, free)], grad[free])
+        rounding = 1e-12 * max(1.0, abs(value))
         t = 1.0
         while True:
             candidate = theta - t * step
             candidate[0] = np.clip(candidate[0], low, high)
             new = loss(candidate)
-            if new <= value + 1e-12 * max(1.0, abs(value)) or t < 1e-8:
+            if new <= value + rounding or t < 1e-8:
                 break
             t /= 2
-        if new > value + 1e-12 * max(1.0, abs(value)):
+        if new > value + rounding:
             break  # no decrease along the step: theta is the optimum to rounding
-        converged = abs(value - new) <= 1e-12 * max(1.0, abs(value))
+        converged = abs(value - new) <= rounding
         theta, value = candidate, min(new, value)
         if converged:
             break
