@@ -21,7 +21,7 @@ def main() -> int:
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     if builder is None:
-        print(f"DeepSpeed's {get_accelerator()._name} accelerator has no shared-memory comm op to build")
+        print(f"DeepSpeed's {get_accelerator().device_name()} accelerator has no shared-memory comm op to build")
         return 0
     builder.load()  # compiles into TORCH_EXTENSIONS_DIR, or finds the current build there
     print(f"DeepSpeed {builder.NAME} op ready in {os.environ['TORCH_EXTENSIONS_DIR']}")
